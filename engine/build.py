@@ -1,0 +1,325 @@
+"""Build the real architecture with the training options applied, for traces and live runs.
+
+One place decides what "bf16-mixed + LoRA r=16 + full checkpointing" means in
+code, so the tracer (fake tensors, CPU) and the live worker (real tensors, CUDA
+or CPU) train exactly the same thing, and the estimator models exactly that:
+
+- the model comes from transformers' own class for the family, built from the
+  preset's config.json (no weights are downloaded);
+- precision: `-true` builds the model in that dtype; `-mixed` keeps fp32
+  weights and runs forward and loss under autocast; `16-mixed` adds a GradScaler;
+- attention: "flash" is transformers' `sdpa` implementation, "eager" its eager one;
+- checkpointing: "full" is transformers' activation checkpointing of every
+  decoder layer (non-reentrant); "selective" checkpoints only the attention
+  core (Megatron's selective recomputation);
+- LoRA: peft, dropout 0, every other weight frozen;
+- quant: bitsandbytes on CUDA; elsewhere memtui's replicas (engine.replicas)
+  that allocate exactly what bitsandbytes allocates;
+- the training step drops the model output before backward (as HF's Trainer does),
+  so the logits are not kept alive through backward.
+
+torch and transformers are imported inside functions: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from engine.architectures import ModelSpec
+from engine.specs import TrainingConfig
+from engine.validation import resolve_lora_targets
+
+if TYPE_CHECKING:
+    import torch
+
+PhaseHook = Callable[[str], None]
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def compute_dtype(config: TrainingConfig):
+    """The dtype matmuls run in."""
+    import torch
+
+    if config.precision == "32-true":
+        return torch.float32
+    return torch.float16 if config.precision.startswith("16") else torch.bfloat16
+
+
+def parameter_dtype(config: TrainingConfig):
+    """The dtype the (unquantized) weights are stored in."""
+    import torch
+
+    if config.precision in ("16-true", "bf16-true"):
+        return compute_dtype(config)
+    return torch.float32
+
+
+def hf_config(spec: ModelSpec, config: TrainingConfig | None = None, **overrides: Any):
+    """The transformers config object for a spec, with our training choices set."""
+    from transformers import AutoConfig
+
+    values = spec.hf_config()
+    values.update(overrides)
+    values.pop("architectures", None)
+    values["use_cache"] = False
+    model_type = values.pop("model_type")
+    hf = AutoConfig.for_model(model_type, **values)
+    attention = "sdpa" if config is not None and config.attention == "flash" else "eager"
+    if spec.family in _SOFTCAP_FAMILIES:
+        attention = "eager"  # transformers refuses SDPA here; see _use_fused_attention
+    hf._attn_implementation = attention
+    return hf
+
+
+# Families whose attention applies a logit softcap, which SDPA cannot; on CUDA they train
+# with FlashAttention-2, which applies the softcap inside the fused kernel.
+_SOFTCAP_FAMILIES = {"gemma2"}
+
+
+def _use_fused_attention(model) -> None:
+    """Run a softcap family through SDPA: the memory of FlashAttention-2's fused kernel.
+
+    The softcap itself is skipped (FlashAttention-2 applies it inside the kernel, at no
+    memory cost); the memory of the step is what a FlashAttention-2 run allocates.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def fused(module, query, key, value, attention_mask, **kwargs):
+        kwargs.pop("softcap", None)
+        kwargs.pop("sliding_window", None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["memtui_fused"] = fused
+    for submodule in model.modules():
+        sub_config = getattr(submodule, "config", None)
+        if sub_config is not None and hasattr(sub_config, "_attn_implementation"):
+            sub_config._attn_implementation = "memtui_fused"
+
+
+def _causal_lm_class(spec: ModelSpec):
+    import transformers
+
+    return getattr(transformers, spec.architecture)
+
+
+def hf_model_on_meta(spec: ModelSpec, **overrides: Any):
+    """The architecture on the meta device: shapes only, instant, for counting."""
+    import torch
+
+    with torch.device("meta"):
+        return _causal_lm_class(spec)(hf_config(spec, **overrides))
+
+
+def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.device = "cpu", quant_backend: str = "auto"):
+    """The model, on `device`, with precision, attention, checkpointing, quantization and LoRA applied.
+
+    quant_backend: "bitsandbytes" (CUDA), "replica" (memtui's allocation-exact stand-in)
+    or "auto" (bitsandbytes when the device is CUDA).
+    """
+    import torch
+
+    cls = _causal_lm_class(spec)
+    hf = hf_config(spec, config)
+    dtype = parameter_dtype(config)
+    if config.quant != "none" and config.precision != "32-true":
+        # The frozen, unquantized parts of a quantized base (embeddings, norms, head) are 16-bit.
+        dtype = compute_dtype(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(hf)
+    finally:
+        torch.set_default_dtype(previous)
+    model.train()
+    if config.attention == "flash" and spec.family in _SOFTCAP_FAMILIES:
+        _use_fused_attention(model)
+
+    if config.checkpointing == "full":
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    elif config.checkpointing == "selective":
+        _checkpoint_attention_core(model)
+
+    if config.quant != "none":
+        from engine.replicas import quantize_linears
+
+        backend = quant_backend
+        if backend == "auto":
+            backend = "bitsandbytes" if torch.device(device).type == "cuda" else "replica"
+        quantize_linears(model, spec, quant=config.quant, compute_dtype=compute_dtype(config), backend=backend)
+
+    if config.uses_lora:
+        model = apply_lora(model, spec, config)
+    return model
+
+
+def apply_lora(model, spec: ModelSpec, config: TrainingConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(resolve_lora_targets(config, model=spec))
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=2 * config.lora_rank,
+        lora_dropout=0.0,
+        target_modules=targets,
+        bias="none",
+        fan_in_fan_out=spec.family == "gpt2",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    if config.precision in ("16-true", "bf16-true"):
+        # peft creates adapters in the base layer's dtype already; keep them there.
+        pass
+    return peft_model
+
+
+def _checkpoint_attention_core(model) -> None:
+    """Selective recomputation: recompute softmax(QK^T)V in backward, keep everything else."""
+    import torch.utils.checkpoint
+    from transformers import modeling_utils
+
+    interface = modeling_utils.ALL_ATTENTION_FUNCTIONS
+    name = model.config._attn_implementation
+    core = interface.get(name)
+    if core is None:  # eager is looked up as a module-level function by each model
+        from importlib import import_module
+
+        module = import_module(type(model).__module__)
+        core = module.eager_attention_forward
+        owner, attribute = module, "eager_attention_forward"
+    else:
+        owner, attribute = None, name
+
+    @functools.wraps(core)
+    def recomputed(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(core, *args, use_reentrant=False, **kwargs)
+
+    if owner is not None:
+        setattr(owner, attribute, recomputed)
+    else:
+        # Register a distinct implementation name so other models in this process are unaffected.
+        interface["memtui_selective"] = recomputed
+        model.config._attn_implementation = "memtui_selective"
+        for submodule in model.modules():
+            config = getattr(submodule, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                config._attn_implementation = "memtui_selective"
+
+
+def trainable_parameters(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(model, config: TrainingConfig, *, device_type: str = "cuda"):
+    """The optimizer over the trainable parameters, with the implementation asked for."""
+    import torch
+
+    params = trainable_parameters(model)
+    impl = config.optimizer_impl
+    flags: dict[str, Any] = {"foreach": impl == "foreach"}
+    if impl == "fused":
+        flags = {"fused": True}
+    name = config.optimizer
+    if name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **flags)
+    elif name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=1e-3, **flags)
+    elif name == "sgd-momentum":
+        optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, **flags)
+    elif name == "adafactor":
+        optimizer = torch.optim.Adafactor(params, lr=1e-2, foreach=impl == "foreach")
+    elif name == "lion":
+        from engine.optim import Lion
+
+        optimizer = Lion(params, lr=1e-4, weight_decay=0.01, foreach=impl == "foreach")
+    elif name == "galore-adamw":
+        from engine.optim import galore_adamw
+
+        optimizer = galore_adamw(model, rank=config.galore_rank, foreach=impl == "foreach", fused=impl == "fused")
+    elif name == "adamw-8bit":
+        from engine.replicas import adamw_8bit
+
+        optimizer = adamw_8bit(params, device_type=device_type)
+    else:  # pragma: no cover - TrainingConfig validates the name
+        raise ValueError(name)
+    if config.master_weights:
+        from engine.optim import MasterWeights
+
+        optimizer = MasterWeights(optimizer)
+    return optimizer
+
+
+@contextlib.contextmanager
+def autocast_for(config: TrainingConfig, device_type: str) -> Iterator[None]:
+    """torch.autocast for the -mixed precisions, nothing otherwise."""
+    import torch
+
+    if not config.autocast:
+        yield
+        return
+    with torch.autocast(device_type=device_type, dtype=compute_dtype(config)):
+        yield
+
+
+def synthetic_batch(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.device = "cpu", seed: int = 0):
+    """Random token ids (the content does not change memory) and labels equal to them."""
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, spec.vocab_size, (config.batch_size, config.seq_len), generator=generator)
+    ids = ids.to(device)
+    return ids, ids
+
+
+def training_step(
+    model,
+    optimizer,
+    input_ids,
+    labels,
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    scaler=None,
+    phase: PhaseHook | None = None,
+) -> float | None:
+    """One step: forward with loss, backward, optimizer step, zero_grad(set_to_none=True).
+
+    Returns the loss as a float when the tensors are real, None under fake tensors.
+    """
+    mark = phase or (lambda _name: None)
+    mark("forward")
+    with autocast():
+        loss = model(input_ids=input_ids, labels=labels).loss
+    mark("backward")
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    value = _loss_value(loss)
+    del loss
+    mark("optimizer")
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mark("end")
+    return value
+
+
+def _loss_value(loss) -> float | None:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(loss, FakeTensor):
+        return None
+    return float(loss.detach())

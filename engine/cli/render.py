@@ -1,0 +1,55 @@
+"""Readable terminal output for budgets (Rich), shared by estimate, trace and fit."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from engine.specs import COMPONENT_NAMES, Budget
+from engine.units import format_count, format_gib
+
+COMPONENT_LABELS = {
+    "weights": "Weights",
+    "gradients": "Gradients",
+    "optimizer_states": "Optimizer states",
+    "activations": "Activations",
+    "temporary": "Temporaries",
+    "overhead": "CUDA overhead",
+}
+
+
+def budget_table(budget: Budget, title: str | None = None) -> Table:
+    config = budget.config
+    heading = title or (
+        f"{budget.model.id} on {config['gpus']}x {budget.gpu.id} · {config['precision']} · "
+        f"batch {config['batch_size']} x {config['seq_len']} tokens"
+    )
+    table = Table(title=heading, title_justify="left", show_footer=True, expand=False)
+    table.add_column("Per GPU, at the peak", footer="Device peak (NVML)")
+    table.add_column("GiB", justify="right", footer=format_gib(budget.device_peak_bytes).removesuffix(" GiB"))
+    table.add_column("%", justify="right", footer="100")
+    total = max(budget.device_peak_bytes, 1)
+    for name in COMPONENT_NAMES:
+        value = getattr(budget.per_gpu, name)
+        table.add_row(COMPONENT_LABELS[name], f"{value / 2**30:,.2f}", f"{100 * value / total:.1f}")
+    return table
+
+
+def print_budget(budget: Budget, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(budget_table(budget))
+    verdict = "[bold green]fits[/]" if budget.fits else "[bold red]does not fit[/]"
+    headroom = budget.headroom_bytes
+    side = "headroom" if headroom >= 0 else "over by"
+    console.print(
+        f"{verdict} on {budget.gpu.id} ({format_gib(budget.gpu.memory_bytes)}): "
+        f"{side} {format_gib(abs(headroom))}; tensor peak {format_gib(budget.tensor_peak_bytes)} "
+        f"during {budget.peak_phase}"
+    )
+    states = budget.model_states
+    console.print(
+        f"{format_count(budget.model.params)} params ({format_count(budget.model.trainable_params)} trainable); "
+        f"model states {format_gib(states.total)} per GPU = {budget.bytes_per_param:.2f} bytes/param"
+    )
+    for note in budget.notes:
+        console.print(f"[dim]note: {note}[/]")

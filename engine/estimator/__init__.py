@@ -1,0 +1,209 @@
+"""The analytic estimator: TrainingConfig in, Budget out, in microseconds, no torch.
+
+It walks one steady-state training step (the second: optimizer states exist,
+gradients were set to None by zero_grad) through its phases and takes the
+largest moment:
+
+    start      weights + optimizer states
+    forward    + saved activations of every layer (+ autocast's 16-bit weight copies)
+    loss       + the logits, their fp32 upcast and the log-softmax over the vocab
+    backward   activations are released layer by layer while gradients accumulate
+    optimizer  weights + gradients + states + the implementation's temporaries
+"""
+
+from __future__ import annotations
+
+from engine.architectures import ModelSpec
+from engine.estimator.activations import activation_cost
+from engine.estimator.layout import (
+    INT8_BYTES_PER_PARAM,
+    NF4_BYTES_PER_PARAM,
+    ParamLayout,
+    param_layout,
+    trainable_params_total,
+)
+from engine.estimator.optimizers import (
+    adafactor_state_params,
+    galore_state_params,
+    state_bytes_per_param,
+    step_temp_bytes,
+)
+from engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
+from engine.presets import resolve_gpu, resolve_model
+from engine.specs import (
+    Budget,
+    Components,
+    GpuSpec,
+    GpuSummary,
+    ModelStates,
+    ModelSummary,
+    TimelinePoint,
+    TrainingConfig,
+)
+from engine.validation import check_config
+
+__all__ = ["estimate"]
+
+
+def _round512(n: float) -> int:
+    """The CUDA caching allocator hands out blocks in multiples of 512 bytes."""
+    n = int(n)
+    return (n + 511) // 512 * 512
+
+
+def _weights_bytes(config: TrainingConfig, layout: ParamLayout) -> tuple[int, int]:
+    """(base weight bytes, adapter bytes) on this GPU before ZeRO sharding."""
+    param_bytes = config.weight_bytes
+    if config.quant == "nf4":
+        linear = layout.linear_weight_params * NF4_BYTES_PER_PARAM
+        other = layout.other_params * 2
+    elif config.quant == "int8":
+        linear = layout.linear_weight_params * INT8_BYTES_PER_PARAM + layout.linear_rows * 4
+        other = layout.other_params * 2
+    else:
+        linear = layout.linear_weight_params * param_bytes
+        other = layout.other_params * param_bytes
+    adapters = layout.lora_params * param_bytes
+    return int(linear + other), int(adapters)
+
+
+def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: ParamLayout) -> tuple[int, int]:
+    """(state bytes on this GPU before sharding, one state over the largest group for temporaries)."""
+    param_bytes = config.weight_bytes
+    trainable = layout.trainable_params
+    if config.optimizer == "adafactor" and not config.uses_lora:
+        shapes = [(lin.out_features * lin.experts, lin.in_features) for lin in model.linears] * layout.layers
+        shapes.append((model.vocab_size, model.hidden_size))
+        if not model.tie_word_embeddings:
+            shapes.append((model.vocab_size, model.hidden_size))
+        matrix_params = sum(r * c for r, c in shapes)
+        state_values = adafactor_state_params(shapes, max(trainable - matrix_params, 0))
+        dtype = 4 if config.master_weights else param_bytes
+        master = 4 * trainable if config.master_weights else 0
+        return state_values * dtype + master, state_values * dtype
+    if config.optimizer == "galore-adamw":
+        shapes = [(lin.out_features * lin.experts, lin.in_features) for lin in model.linears] * layout.layers
+        projected = sum(r * c for r, c in shapes)
+        states, projectors = galore_state_params(shapes, config.galore_rank)
+        dtype = 4 if config.master_weights else param_bytes
+        rest = max(trainable - projected, 0)
+        total = (states + 2 * rest) * dtype + projectors * param_bytes
+        if config.master_weights:
+            total += 4 * trainable
+        return total, (states // 2 + rest) * dtype
+    per_param = state_bytes_per_param(config, param_bytes)
+    one_state = (4 if config.master_weights else param_bytes) * trainable
+    return int(per_param * trainable), one_state
+
+
+def estimate(
+    config: TrainingConfig, *, model: ModelSpec | None = None, gpu: GpuSpec | None = None
+) -> Budget:
+    """Predict one training step's memory per GPU for `config`."""
+    model = model or resolve_model(config.model)
+    gpu = gpu or resolve_gpu(config.gpu)
+    notes = check_config(config, model, gpu)
+    layout = param_layout(config, model)
+    dp = config.dp
+    zero = config.zero if dp > 1 else 0
+    param_bytes = config.weight_bytes
+
+    # ---- model states ----------------------------------------------------
+    base_weights, adapters = _weights_bytes(config, layout)
+    weights_full = base_weights + adapters
+    grads_full = layout.trainable_params * param_bytes
+    states_full, one_state_group = _optimizer_state_bytes(config, model, layout)
+
+    layer_weight_bytes = layout.largest_layer_params * (param_bytes if config.quant == "none" else 1)
+    weights = weights_full
+    gathered = 0  # ZeRO-3: the layer being computed and the one prefetched, unsharded
+    if zero >= 3:
+        weights = weights_full // dp
+        gathered = 2 * layer_weight_bytes
+    if config.offload == "optimizer+params":
+        weights = 0
+    gradients = grads_full
+    grads_in_flight = layout.largest_layer_params * param_bytes if not config.uses_lora else 0
+    if zero >= 2:
+        gradients = grads_full // dp
+    optimizer_states = states_full
+    if zero >= 1:
+        optimizer_states = states_full // dp
+    if config.offload != "none":
+        optimizer_states = 0
+        if zero >= 2:
+            gradients = 0  # ZeRO-Offload streams gradients to the CPU as they are reduced
+    states = ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer_states)
+
+    # ---- activations -----------------------------------------------------
+    cost = activation_cost(config, model, layers=layout.layers, linear_weight_params=layout.linear_weight_params)
+    microbatches_in_flight = config.pp  # 1F1B: the first stage holds pp micro-batches
+    saved_layers = layout.layers * cost.per_layer_saved * microbatches_in_flight
+    saved_all = saved_layers + cost.embedding_saved + cost.head_saved
+    workspace = cublas_workspace_bytes(gpu)
+    autocast_copies = cost.autocast_weight_copies
+    if zero >= 3 or config.quant != "none":
+        autocast_copies = min(autocast_copies, 2 * layer_weight_bytes)
+
+    # ---- the step's moments ---------------------------------------------
+    step_temp = step_temp_bytes(
+        config,
+        group_state_bytes=one_state_group // (dp if zero >= 1 else 1),
+        largest_tensor_state_bytes=layout.largest_tensor_params * (4 if config.master_weights else param_bytes),
+    )
+    if config.master_weights:
+        step_temp += grads_full * 2 // (dp if zero >= 1 else 1)  # fp32 copies of the 16-bit grads
+    if config.offload != "none":
+        step_temp = 0
+    moments: dict[str, Components] = {}
+    states_steady = weights
+    weights = weights + gathered
+    moments["forward"] = Components(
+        weights=weights, gradients=0, optimizer_states=optimizer_states,
+        activations=saved_all + autocast_copies, temporary=cost.loss_forward_transient + workspace, overhead=0,
+    )
+    head_grads = min(grads_full, model.vocab_size * model.hidden_size * param_bytes // config.tp) if not config.uses_lora else 0
+    moments["loss"] = Components(
+        weights=weights, gradients=head_grads if zero < 2 else head_grads // dp, optimizer_states=optimizer_states,
+        activations=saved_all + autocast_copies, temporary=cost.loss_backward_transient + workspace, overhead=0,
+    )
+    moments["backward"] = Components(
+        weights=weights, gradients=gradients + (grads_in_flight if zero >= 2 else 0), optimizer_states=optimizer_states,
+        activations=cost.embedding_saved + cost.per_layer_saved * microbatches_in_flight,
+        temporary=cost.layer_backward_transient + workspace, overhead=0,
+    )
+    moments["optimizer"] = Components(
+        weights=weights, gradients=gradients, optimizer_states=optimizer_states,
+        activations=0, temporary=step_temp + workspace, overhead=0,
+    )
+    peak_phase = max(moments, key=lambda name: moments[name].total)
+    at_peak = moments[peak_phase]
+    tensor_peak = _round512(at_peak.total)
+
+    largest_block = max(cost.loss_backward_transient, cost.layer_backward_transient, step_temp)
+    reserved = reserved_from_allocated(tensor_peak, largest_block)
+    context = cuda_context_bytes(gpu)
+    overhead = context + (reserved - tensor_peak)
+    per_gpu = at_peak.model_copy(update={"overhead": overhead})
+    device_peak = tensor_peak + overhead
+
+    timeline = [TimelinePoint(phase="start", bytes=states_steady + optimizer_states)]
+    timeline += [TimelinePoint(phase=name, bytes=moments[name].total) for name in ("forward", "loss", "backward", "optimizer")]
+    timeline.append(TimelinePoint(phase="end", bytes=states_steady + optimizer_states))
+
+    total_params = model.params
+    return Budget(
+        model=ModelSummary(id=model.id, params=total_params, trainable_params=trainable_params_total(config, model)),
+        gpu=GpuSummary(id=gpu.id, memory_bytes=gpu.memory_bytes),
+        config=config.model_dump(),
+        model_states=states,
+        per_gpu=per_gpu,
+        tensor_peak_bytes=tensor_peak,
+        device_peak_bytes=device_peak,
+        fits=device_peak <= gpu.memory_bytes,
+        headroom_bytes=gpu.memory_bytes - device_peak,
+        bytes_per_param=states.total / total_params,
+        peak_phase=peak_phase,
+        timeline=timeline,
+        notes=notes,
+    )

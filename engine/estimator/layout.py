@@ -1,0 +1,115 @@
+"""Where the parameters live: how many of each kind one GPU holds, and in which dtype.
+
+This is the bookkeeping every other part of the estimator starts from: the
+pipeline stage a GPU serves, what tensor parallelism splits, which weights are
+frozen, quantized or trained, and what ZeRO shards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from engine.architectures import LinearLayer, ModelSpec
+from engine.specs import TrainingConfig
+from engine.validation import resolve_lora_targets
+
+# bitsandbytes NF4 with double quantization: 4 bits per weight, one 8-bit absmax per
+# 64-weight block, and one fp32 absmax per 256 blocks (QLoRA: 0.127 bits of constants).
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# LLM.int8: one byte per weight plus an fp32 scale per output row (SCB).
+INT8_BYTES_PER_PARAM = 1.0
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Parameter counts on one GPU (the first pipeline stage), before ZeRO sharding."""
+
+    layers: int  # decoder layers on this GPU
+    linear_weight_params: int  # weights of the decoder layers' linear layers (quantizable)
+    linear_rows: int  # output rows of those linears (int8 keeps a scale per row)
+    other_params: int  # embeddings, norms, biases, router, head
+    lora_params: int  # adapter parameters (0 without LoRA)
+    trainable_params: int
+    largest_layer_params: int  # one decoder layer, for ZeRO-3's gathered layer in flight
+    largest_tensor_params: int  # the biggest single parameter tensor
+    tensor_count: int  # parameter tensors on this GPU (per-tensor allocator rounding)
+    trainable_tensor_count: int
+
+    @property
+    def base_params(self) -> int:
+        return self.linear_weight_params + self.other_params
+
+
+def _linear_shard(linear: LinearLayer, tp: int) -> tuple[int, int]:
+    """(weight params, output rows) of one linear after tensor parallelism."""
+    return linear.weight_params // tp, linear.out_features * linear.experts // tp
+
+
+def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
+    tp, pp = config.tp, config.pp
+    layers = math.ceil(model.num_layers / pp)
+    first_stage, last_stage = True, pp == 1
+
+    linear_weights = 0
+    linear_rows = 0
+    biases = 0
+    for linear in model.linears:
+        weights, rows = _linear_shard(linear, tp)
+        linear_weights += weights
+        linear_rows += rows
+        if linear.bias:
+            biases += linear.out_features * linear.experts // tp
+    layer_other = biases + model.norms_per_layer * model.norm_params + model.qk_norm_params + model.router_params
+    layer_params = linear_weights + layer_other
+
+    embedding = model.embedding_params // tp if first_stage else 0
+    head = 0
+    if last_stage:
+        head = model.head_params // tp + model.norm_params
+    elif model.tie_word_embeddings:
+        head = 0
+    other = layers * layer_other + embedding + head
+
+    targets = resolve_lora_targets(config, model)
+    lora_per_layer = sum(
+        config.lora_rank * (model.linear(name).in_features + model.linear(name).out_features) // tp for name in targets
+    )
+    lora = layers * lora_per_layer
+    total_linear = layers * linear_weights
+    trainable = lora if config.uses_lora else total_linear + other
+
+    tensors_per_layer = len(model.linears) + sum(1 for linear in model.linears if linear.bias)
+    tensors_per_layer += model.norms_per_layer * (2 if model.norm == "layer" else 1)
+    tensors_per_layer += (2 if model.qk_norm else 0) + (1 if model.is_moe else 0)
+    lora_tensors = 2 * len(targets)
+    extra_tensors = (2 if model.positions == "learned" else 1) + (0 if model.tie_word_embeddings else 1)
+    extra_tensors += 2 if model.norm == "layer" else 1
+    tensor_count = layers * (tensors_per_layer + lora_tensors) + extra_tensors
+    trainable_tensors = layers * lora_tensors if config.uses_lora else layers * tensors_per_layer + extra_tensors
+
+    largest = max(
+        [linear.weight_params // tp for linear in model.linears]
+        + [model.vocab_size * model.hidden_size // tp]
+    )
+    return ParamLayout(
+        layers=layers,
+        linear_weight_params=total_linear,
+        linear_rows=layers * linear_rows,
+        other_params=other,
+        lora_params=lora,
+        trainable_params=trainable,
+        largest_layer_params=layer_params + lora_per_layer,
+        largest_tensor_params=largest,
+        tensor_count=tensor_count,
+        trainable_tensor_count=trainable_tensors,
+    )
+
+
+def trainable_params_total(config: TrainingConfig, model: ModelSpec) -> int:
+    """Trainable parameters of the whole model (all GPUs), for the summary."""
+    if not config.uses_lora:
+        return model.params
+    targets = resolve_lora_targets(config, model)
+    per_layer = sum(config.lora_rank * (model.linear(n).in_features + model.linear(n).out_features) for n in targets)
+    return model.num_layers * per_layer

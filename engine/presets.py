@@ -1,0 +1,173 @@
+"""Load and validate the preset data: models (config.json), GPUs and recipes.
+
+Presets are data, not code. A broken file raises PresetError naming the file
+and the field; nothing is loaded half-way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine.architectures import ModelSpec, load_config_file
+from engine.errors import InputError, PresetError
+from engine.specs import GpuSpec, Recipe, TrainingConfig
+
+
+def presets_dir() -> Path:
+    """The presets folder: MEMTUI_PRESETS, the source tree's presets/, or the wheel's copy."""
+    override = os.environ.get("MEMTUI_PRESETS")
+    if override:
+        return Path(override)
+    here = Path(__file__).resolve().parent
+    source_tree = here.parent / "presets"
+    if source_tree.is_dir():
+        return source_tree
+    return here / "_presets"
+
+
+def _first_error(error: ValidationError) -> tuple[str, str]:
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(root)"
+    return field, first["msg"]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PresetError(str(path), "file is missing") from None
+    except json.JSONDecodeError as error:
+        raise PresetError(str(path), f"malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+
+
+@lru_cache(maxsize=4)
+def _load_models(root: Path) -> dict[str, ModelSpec]:
+    models: dict[str, ModelSpec] = {}
+    for path in sorted((root / "models").glob("*.json")):
+        try:
+            spec = load_config_file(path)
+        except InputError as error:
+            raise PresetError(error.field, error.message, error.allowed) from None
+        models[spec.id] = spec
+    if not models:
+        raise PresetError(str(root / "models"), "no model presets found")
+    return models
+
+
+@lru_cache(maxsize=4)
+def _load_gpus(root: Path) -> dict[str, GpuSpec]:
+    path = root / "gpus.json"
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("gpus"), list):
+        raise PresetError(f"{path}: gpus", "must be a list of GPU objects")
+    gpus: dict[str, GpuSpec] = {}
+    for index, entry in enumerate(data["gpus"]):
+        try:
+            gpu = GpuSpec.model_validate(entry)
+        except ValidationError as error:
+            field, message = _first_error(error)
+            raise PresetError(f"{path}: gpus[{index}].{field}", message) from None
+        if gpu.id in gpus:
+            raise PresetError(f"{path}: gpus[{index}].id", f"duplicate id {gpu.id!r}")
+        gpus[gpu.id] = gpu
+    return gpus
+
+
+@lru_cache(maxsize=4)
+def _load_recipes(root: Path) -> dict[str, Recipe]:
+    path = root / "recipes.json"
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("recipes"), list):
+        raise PresetError(f"{path}: recipes", "must be a list of recipe objects")
+    recipes: dict[str, Recipe] = {}
+    known_options = set(TrainingConfig.model_fields)
+    for index, entry in enumerate(data["recipes"]):
+        try:
+            recipe = Recipe.model_validate(entry)
+        except ValidationError as error:
+            field, message = _first_error(error)
+            raise PresetError(f"{path}: recipes[{index}].{field}", message) from None
+        unknown = set(recipe.options) - known_options
+        if unknown:
+            raise PresetError(
+                f"{path}: recipes[{index}].options.{sorted(unknown)[0]}",
+                "unknown option",
+                ", ".join(sorted(known_options)),
+            )
+        try:
+            TrainingConfig.model_validate(recipe.options)
+        except ValidationError as error:
+            field, message = _first_error(error)
+            raise PresetError(f"{path}: recipes[{index}].options.{field}", message) from None
+        recipes[recipe.id] = recipe
+    return recipes
+
+
+def models() -> dict[str, ModelSpec]:
+    return _load_models(presets_dir())
+
+
+def gpus() -> dict[str, GpuSpec]:
+    return _load_gpus(presets_dir())
+
+
+def recipes() -> dict[str, Recipe]:
+    return _load_recipes(presets_dir())
+
+
+def validate_all() -> None:
+    """Load every preset; raises PresetError on the first broken one."""
+    models()
+    gpu_ids = gpus()
+    model_ids = models()
+    for recipe in recipes().values():
+        if "gpu" in recipe.options and recipe.options["gpu"] not in gpu_ids:
+            raise PresetError(f"recipes.json: {recipe.id}.options.gpu", f"unknown GPU {recipe.options['gpu']!r}")
+        if "model" in recipe.options and recipe.options["model"] not in model_ids:
+            raise PresetError(f"recipes.json: {recipe.id}.options.model", f"unknown model {recipe.options['model']!r}")
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """A preset id or a path to a config.json (or a folder holding one)."""
+    presets = models()
+    if name in presets:
+        return presets[name]
+    path = Path(name).expanduser()
+    looks_like_path = os.sep in name or name.endswith(".json") or path.exists()
+    if looks_like_path:
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise InputError("--model", f"no such file {str(path)!r}")
+        return load_config_file(path)
+    raise InputError(
+        "--model",
+        f"unknown model {name!r}{_suggest(name, list(presets))}",
+        ", ".join(presets) + ", or a path to a config.json",
+    )
+
+
+def resolve_gpu(name: str) -> GpuSpec:
+    presets = gpus()
+    if name in presets:
+        return presets[name]
+    raise InputError("--gpu", f"unknown GPU {name!r}{_suggest(name, list(presets))}", ", ".join(presets))
+
+
+def resolve_recipe(name: str) -> Recipe:
+    presets = recipes()
+    if name in presets:
+        return presets[name]
+    raise InputError("--recipe", f"unknown recipe {name!r}{_suggest(name, list(presets))}", ", ".join(presets))

@@ -1,0 +1,166 @@
+"""The pydantic models every front end goes through: one per concept.
+
+ModelSpec lives in engine.architectures (it is derived from a Hugging Face
+config.json); this module holds the GPU, the training options, recipes and the
+Budget an estimate or a trace returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Precision = Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
+Optimizer = Literal["adamw", "adamw-8bit", "sgd", "sgd-momentum", "adafactor", "lion", "galore-adamw"]
+OptimizerImpl = Literal["foreach", "fused", "for-loop"]
+Checkpointing = Literal["none", "selective", "full"]
+Attention = Literal["eager", "flash"]
+Offload = Literal["none", "optimizer", "optimizer+params"]
+Quant = Literal["none", "int8", "nf4"]
+
+PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
+OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
+OPTIMIZER_IMPLS: tuple[str, ...] = OptimizerImpl.__args__  # type: ignore[attr-defined]
+CHECKPOINTING: tuple[str, ...] = Checkpointing.__args__  # type: ignore[attr-defined]
+ATTENTIONS: tuple[str, ...] = Attention.__args__  # type: ignore[attr-defined]
+OFFLOADS: tuple[str, ...] = Offload.__args__  # type: ignore[attr-defined]
+QUANTS: tuple[str, ...] = Quant.__args__  # type: ignore[attr-defined]
+
+
+class GpuSpec(BaseModel):
+    """One GPU model: its memory as the driver reports it (NVML memory.total)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]*$")
+    name: str
+    memory_bytes: int = Field(gt=0)
+    bf16: bool
+    fp8: bool
+    compute_capability: str = Field(pattern=r"^\d+\.\d+$")
+    note: str = ""
+
+
+class TrainingConfig(BaseModel):
+    """Everything that decides one training step's memory, exactly as the CLI flags name it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = "llama-3.1-8b"
+    gpu: str = "h100-80gb"
+    gpus: int = Field(1, ge=1, le=65536, description="total GPUs; data-parallel ranks = gpus / (tp * pp)")
+    batch_size: int = Field(1, ge=1, le=65536, description="micro-batch per data-parallel rank")
+    seq_len: int = Field(2048, ge=1, le=10_485_760)
+    precision: Precision = "bf16-mixed"
+    master_weights: bool = False
+    optimizer: Optimizer = "adamw"
+    optimizer_impl: OptimizerImpl = "foreach"
+    galore_rank: int = Field(128, ge=1)
+    checkpointing: Checkpointing = "none"
+    attention: Attention = "flash"
+    zero: int = Field(0, ge=0, le=3)
+    offload: Offload = "none"
+    tp: int = Field(1, ge=1, le=1024)
+    pp: int = Field(1, ge=1, le=1024)
+    lora_rank: int = Field(0, ge=0, description="0 trains every weight; R > 0 trains LoRA adapters only")
+    lora_targets: str = "q_proj,v_proj"
+    quant: Quant = "none"
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // (self.tp * self.pp)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_rank > 0
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per element of activations and matmul operands."""
+        return 4 if self.precision == "32-true" else 2
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per element of the stored (unquantized) weights."""
+        return 2 if self.precision in ("16-true", "bf16-true") else 4
+
+    @property
+    def autocast(self) -> bool:
+        return self.precision in ("16-mixed", "bf16-mixed")
+
+
+class Recipe(BaseModel):
+    """A named option set people reach for; applying it overrides only what it names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]*$")
+    name: str
+    description: str
+    options: dict[str, Any]
+
+
+class ModelSummary(BaseModel):
+    id: str
+    params: int
+    trainable_params: int
+
+
+class GpuSummary(BaseModel):
+    id: str
+    memory_bytes: int
+
+
+class ModelStates(BaseModel):
+    """Steady-state bytes per GPU of what lives across steps."""
+
+    weights: int
+    gradients: int
+    optimizer_states: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states
+
+
+class Components(BaseModel):
+    """Bytes per GPU by component, at the peak moment of the step."""
+
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    temporary: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.model_dump().values())
+
+
+COMPONENT_NAMES: tuple[str, ...] = tuple(Components.model_fields)
+
+
+class TimelinePoint(BaseModel):
+    phase: str
+    bytes: int
+
+
+class Budget(BaseModel):
+    """What one training step needs on each GPU; the schema of `memtui estimate --json`."""
+
+    model: ModelSummary
+    gpu: GpuSummary
+    config: dict[str, Any]
+    model_states: ModelStates
+    per_gpu: Components
+    tensor_peak_bytes: int = Field(description="what torch.cuda.max_memory_allocated reports after two steps")
+    device_peak_bytes: int = Field(description="what NVML / nvidia-smi would show at the peak")
+    fits: bool
+    headroom_bytes: int
+    bytes_per_param: float = Field(description="model states per GPU divided by the model's parameters")
+    peak_phase: str
+    timeline: list[TimelinePoint]
+    notes: list[str] = []
+    method: Literal["estimate", "trace"] = "estimate"

@@ -1,0 +1,132 @@
+"""From a traced allocation log to a Budget with the same schema as the estimator's."""
+
+from __future__ import annotations
+
+from engine.architectures import ModelSpec
+from engine.estimator import estimate
+from engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
+from engine.specs import Budget, Components, GpuSpec, GpuSummary, ModelStates, ModelSummary, TimelinePoint, TrainingConfig
+from engine.trace.analysis import summarize
+from engine.trace.fake_step import StepExtras
+from engine.trace.runner import TraceResult
+from engine.trace.tracker import MemoryLog
+
+_PHASE_ORDER = ("forward", "loss", "backward", "optimizer")
+
+
+def _steady_states(log: MemoryLog, step: int) -> ModelStates:
+    """Weights, gradients and optimizer states live at the start of `step` (gradients: at their peak)."""
+    weights = optimizer = gradients = 0
+    for alloc in log.allocations.values():
+        if alloc.host:
+            continue
+        if alloc.category == "weights":
+            weights += alloc.nbytes
+        elif alloc.category == "optimizer_states":
+            optimizer += alloc.nbytes
+        elif alloc.category == "gradients" and alloc.step == step:
+            gradients += alloc.nbytes
+    return ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer)
+
+
+def assemble(
+    config: TrainingConfig,
+    local: TrainingConfig,
+    spec: ModelSpec,
+    gpu: GpuSpec,
+    log: MemoryLog,
+    extras: StepExtras,
+    *,
+    notes: list[str],
+) -> TraceResult:
+    summary = summarize(log)
+    traced = [
+        f"{spec.architecture} ({spec.num_layers} layers), 2 training steps on fake tensors",
+        f"precision {config.precision}" + (" (autocast with CUDA's op policy)" if config.autocast else ""),
+        f"attention {config.attention} ({'SDPA' if config.attention == 'flash' else 'eager'}), checkpointing {config.checkpointing}",
+        f"optimizer {config.optimizer} ({config.optimizer_impl})",
+    ]
+    if config.uses_lora:
+        traced.append(f"LoRA r={config.lora_rank} on {config.lora_targets} (peft)")
+    modelled = ["CUDA context, cuBLAS workspaces and allocator slack (not tensors the step creates)"]
+    if config.quant != "none":
+        modelled.append(f"{config.quant} weights: bitsandbytes replaced by allocation-exact replicas")
+    if config.optimizer == "adamw-8bit":
+        modelled.append("8-bit AdamW: bitsandbytes replaced by an allocation-exact replica")
+    distributed = config != local
+    if distributed:
+        modelled.append("ZeRO / tensor / pipeline parallel sharding: estimator, applied to the single-GPU trace")
+
+    breakdown = dict(summary.breakdown)
+    traced_peak = summary.peak_bytes
+    phase_peak = summary.peak_phase
+
+    if distributed:
+        sharded = estimate(config, model=spec, gpu=gpu)
+        unsharded = estimate(local, model=spec, gpu=gpu)
+        for name in ("weights", "gradients", "optimizer_states"):
+            breakdown[name] = getattr(sharded.per_gpu, name)
+        if config.tp > 1 or config.pp > 1:
+            scale_activations = sharded.per_gpu.activations / max(unsharded.per_gpu.activations, 1)
+            breakdown["activations"] = int(breakdown["activations"] * scale_activations)
+        traced_peak = sum(breakdown.values())
+
+    workspace = cublas_workspace_bytes(gpu)
+    tensor_peak = traced_peak + workspace
+    reserved = reserved_from_allocated(tensor_peak, summary.largest_allocation)
+    overhead = cuda_context_bytes(gpu) + (reserved - tensor_peak) + workspace
+    per_gpu = Components(overhead=overhead, **breakdown)
+    device_peak = traced_peak + overhead
+
+    states = _steady_states(log, step=2)
+    if distributed:
+        states = sharded.model_states
+
+    steady = [phase for phase in summary.phases if phase.step == 2]
+    timeline = []
+    if steady:
+        timeline.append(TimelinePoint(phase="start", bytes=steady[0].start_bytes))
+        for name in _PHASE_ORDER:
+            peaks = [phase.peak_bytes for phase in steady if phase.phase == name]
+            if peaks:
+                timeline.append(TimelinePoint(phase=name, bytes=max(peaks)))
+        timeline.append(TimelinePoint(phase="end", bytes=steady[-1].peak_bytes if steady[-1].phase == "end" else steady[-1].start_bytes))
+
+    budget = Budget(
+        model=ModelSummary(id=spec.id, params=spec.params, trainable_params=extras.trainable_params),
+        gpu=GpuSummary(id=gpu.id, memory_bytes=gpu.memory_bytes),
+        config=config.model_dump(),
+        model_states=states,
+        per_gpu=per_gpu,
+        tensor_peak_bytes=tensor_peak,
+        device_peak_bytes=device_peak,
+        fits=device_peak <= gpu.memory_bytes,
+        headroom_bytes=gpu.memory_bytes - device_peak,
+        bytes_per_param=states.total / spec.params,
+        peak_phase=phase_peak,
+        timeline=timeline,
+        notes=notes,
+        method="trace",
+    )
+    top = [
+        {"bytes": a.nbytes, "category": a.category, "op": a.op, "shape": list(a.shape), "dtype": a.dtype,
+         "phase": a.phase, "step": a.step}
+        for a in summary.top_at_peak
+    ]
+    phases = [
+        {"step": p.step, "phase": p.phase, "start_bytes": p.start_bytes, "peak_bytes": p.peak_bytes}
+        for p in summary.phases
+    ]
+    samples = [{"event": i, "bytes": b, "phase": ph} for i, b, ph in summary.samples]
+    return TraceResult(
+        budget=budget,
+        traced=traced,
+        modelled=modelled,
+        seconds=0.0,
+        peak_step=summary.peak_step,
+        peak_phase=summary.peak_phase,
+        phase_peaks=phases,
+        top_allocations=top,
+        samples=samples,
+        traced_tensor_peak_bytes=traced_peak,
+    )

@@ -1,0 +1,124 @@
+"""Run two training steps under FakeTensorMode with the MemoryTracker watching."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from engine.architectures import ModelSpec
+from engine.build import build_model, build_optimizer, compute_dtype, training_step
+from engine.specs import TrainingConfig
+from engine.trace.cuda_autocast import cuda_like_autocast
+from engine.trace.cuda_sdpa import cuda_sdpa
+from engine.trace.tracker import MemoryLog, MemoryTracker, classify
+
+STEPS = 2
+
+
+@dataclass
+class StepExtras:
+    params: int = 0
+    trainable_params: int = 0
+    weights_replaced: list[str] = field(default_factory=list)
+
+
+def optimizer_state_tensors(optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(device state tensors, host-side step counters) of an optimizer or a wrapper of one."""
+    device_states: list[torch.Tensor] = []
+    host_states: list[torch.Tensor] = []
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    capturable = any(group.get("capturable") for group in optimizer.param_groups)
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            # torch.optim keeps `step` on the CPU unless the optimizer is fused or capturable.
+            if key == "step" and value.dim() == 0 and not (fused or capturable):
+                host_states.append(value)
+            else:
+                device_states.append(value)
+    extra = getattr(optimizer, "memtui_state_tensors", None)
+    if extra is not None:
+        inner_device, inner_host = extra()
+        device_states += inner_device
+        host_states += inner_host
+    return device_states, host_states
+
+
+@contextlib.contextmanager
+def _quiet():
+    previous = logging.getLogger("transformers").level
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.getLogger("transformers").setLevel(previous)
+
+
+def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake: bool = True) -> tuple[MemoryLog, StepExtras]:
+    """Build the model and run two steps; `fake=False` runs real CPU tensors (for tests)."""
+    report = report or (lambda _stage, _fraction: None)
+    extras = StepExtras()
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    tracker = MemoryTracker()
+    gradients: set[int] = set()
+    with _quiet(), mode:
+        report("building the model", 0.05)
+        model = build_model(spec, config, device="cpu", quant_backend="replica")
+        for parameter in model.parameters():
+            tracker.track(parameter, "parameter")
+        for buffer in model.buffers():
+            tracker.track(buffer, "buffer")
+        extras.params = sum(p.numel() for p in model.parameters())
+        extras.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        weight_ids = {alloc_id for alloc_id in tracker.log.allocations}
+
+        def grad_ready(parameter: torch.Tensor) -> None:
+            alloc_id = tracker.alloc_id_of(parameter.grad)
+            if alloc_id is not None:
+                gradients.add(alloc_id)
+
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.register_post_accumulate_grad_hook(grad_ready)
+        head = model.get_output_embeddings()
+        head.register_forward_hook(lambda *_: tracker.mark("loss"))
+
+        optimizer = build_optimizer(model, config, device_type="cuda")
+        scaler = None
+        if config.precision == "16-mixed":
+            scaler = torch.amp.GradScaler("cpu")
+
+        autocast_dtype = compute_dtype(config)
+
+        def autocast():
+            return cuda_like_autocast(autocast_dtype) if config.autocast else contextlib.nullcontext()
+
+        tracker.mark("inputs")
+        attention = cuda_sdpa() if config.attention == "flash" else contextlib.nullcontext()
+        with attention, tracker:
+            input_ids = torch.randint(0, spec.vocab_size, (config.batch_size, config.seq_len))
+            labels = input_ids
+            for step in range(1, STEPS + 1):
+                tracker.step = step
+                report(f"step {step} of {STEPS}", 0.1 + 0.85 * (step - 1) / STEPS)
+                training_step(model, optimizer, input_ids, labels, autocast=autocast, scaler=scaler, phase=tracker.mark)
+
+        device_states, host_states = optimizer_state_tensors(optimizer)
+        optimizer_ids = {tracker.alloc_id_of(t) for t in device_states} - {None}
+        host_ids = {tracker.alloc_id_of(t) for t in host_states} - {None}
+        if scaler is not None:
+            # GradScaler's scale and growth tracker live on the device; count them with the optimizer.
+            optimizer_ids |= {tracker.alloc_id_of(t) for t in (scaler._scale, scaler._growth_tracker) if t is not None} - {None}
+        extras.weights_replaced = list(getattr(model, "memtui_replaced", []))
+        tracker.detach_finalizers()
+        del input_ids, labels
+    classify(tracker.log, weights=weight_ids, gradients=gradients, optimizer=optimizer_ids, host=host_ids)
+    return tracker.log, extras

@@ -1,0 +1,103 @@
+"""Trace two real training steps of the real architecture on fake tensors.
+
+Under torch's FakeTensorMode every tensor has a shape, a dtype and a device but
+no data, so a step of Llama-3.1-70B runs on a laptop in seconds and allocates
+nothing. The MemoryTracker logs every storage the step creates and frees; the
+log is the ground truth the analytic estimator is held to.
+
+What the trace runs for real: the transformers model of the family, autocast
+(with CUDA's op policy), transformers' activation checkpointing, SDPA or eager
+attention, peft LoRA, and torch.optim's foreach / fused / for-loop code.
+What it cannot run on a CPU it replaces or models, and says so in the result:
+bitsandbytes kernels (allocation-exact replicas), ZeRO / tensor / pipeline
+parallel sharding (modelled by the estimator), CUDA context and workspaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.architectures import ModelSpec
+from engine.presets import resolve_gpu, resolve_model
+from engine.specs import Budget, GpuSpec, TrainingConfig
+from engine.validation import check_config
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class TraceResult:
+    budget: Budget
+    traced: list[str]
+    modelled: list[str]
+    seconds: float
+    peak_step: int
+    peak_phase: str
+    phase_peaks: list[dict] = field(default_factory=list)
+    top_allocations: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    traced_tensor_peak_bytes: int = 0  # tensors the step itself allocated, before modelled additions
+
+    def as_json(self) -> dict:
+        data = self.budget.model_dump(mode="json")
+        data.update(
+            method="trace",
+            traced=self.traced,
+            modelled=self.modelled,
+            seconds=round(self.seconds, 3),
+            traced_tensor_peak_bytes=self.traced_tensor_peak_bytes,
+            peak_step=self.peak_step,
+            phase_peaks=self.phase_peaks,
+            top_allocations=self.top_allocations,
+        )
+        return data
+
+
+def _single_gpu(config: TrainingConfig) -> TrainingConfig:
+    return config.model_copy(update={"gpus": 1, "tp": 1, "pp": 1, "zero": 0, "offload": "none"})
+
+
+def trace(
+    config: TrainingConfig,
+    *,
+    model: ModelSpec | None = None,
+    gpu: GpuSpec | None = None,
+    progress: Progress | None = None,
+) -> TraceResult:
+    """Trace `config`; distributed options are modelled on top of a single-GPU trace."""
+    started = time.perf_counter()
+    report = progress or (lambda _stage, _fraction: None)
+    spec = model or resolve_model(config.model)
+    gpu = gpu or resolve_gpu(config.gpu)
+    notes = check_config(config, spec, gpu)
+
+    report("importing torch", 0.0)
+    from engine.trace.fake_step import run_fake_steps
+
+    local = _single_gpu(config)
+    log, extras = run_fake_steps(spec, local, report)
+    from engine.trace.assemble import assemble
+
+    result = assemble(config, local, spec, gpu, log, extras, notes=notes)
+    result.seconds = time.perf_counter() - started
+    report("done", 1.0)
+    return result
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers and peft warn about things that are intended here."""
+    import logging
+    import warnings
+
+    previous = logging.getLogger("transformers").level
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.getLogger("transformers").setLevel(previous)

@@ -1,0 +1,136 @@
+"""Watch every allocation and free of a training step, with fake or real tensors.
+
+A TorchDispatchMode sees every op's outputs; a new storage is an allocation
+(rounded to 512 bytes, as CUDA's caching allocator does) and a weakref
+finalizer on the storage is its free. Events are logged with the phase and op
+that made them; categories are assigned afterwards by ownership (parameters,
+their .grad, optimizer state) so a gradient allocated in backward is counted
+as a gradient for its whole life.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+BLOCK = 512  # CUDA caching allocator: every block is a multiple of 512 bytes
+
+
+def rounded(n_bytes: int) -> int:
+    return max(BLOCK, (n_bytes + BLOCK - 1) // BLOCK * BLOCK) if n_bytes else 0
+
+
+@dataclass
+class Allocation:
+    alloc_id: int
+    nbytes: int  # rounded to the allocator's block size
+    raw_bytes: int
+    phase: str
+    step: int
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    module: str
+    category: str = ""  # set by ownership or by phase when the log is analysed
+    host: bool = False  # a CPU-side tensor in a real CUDA run (e.g. optimizer step counters)
+
+
+@dataclass
+class Event:
+    alloc_id: int
+    delta: int  # +nbytes on allocation, -nbytes on free
+
+
+@dataclass
+class MemoryLog:
+    allocations: dict[int, Allocation] = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    phase_marks: list[tuple[int, int, str]] = field(default_factory=list)  # (event index, step, phase)
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Log allocations; `track()` registers tensors created before the mode was entered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log = MemoryLog()
+        self._by_storage: dict[int, int] = {}  # id(storage) -> alloc id, while alive
+        self._next_id = 0
+        self.phase = "setup"
+        self.step = 0
+        self.module = ""
+        self._finalizers: list[weakref.finalize] = []
+
+    # ---- phases -------------------------------------------------------------
+    def mark(self, phase: str) -> None:
+        self.phase = phase
+        self.log.phase_marks.append((len(self.log.events), self.step, phase))
+
+    # ---- allocations ----------------------------------------------------------
+    def track(self, tensor: torch.Tensor, op: str = "external") -> int | None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return None
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        existing = self._by_storage.get(key)
+        if existing is not None:
+            return existing
+        raw = storage.nbytes()
+        if raw == 0:
+            return None
+        alloc_id = self._next_id
+        self._next_id += 1
+        nbytes = rounded(raw)
+        self.log.allocations[alloc_id] = Allocation(
+            alloc_id=alloc_id, nbytes=nbytes, raw_bytes=raw, phase=self.phase, step=self.step, op=op,
+            shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."), module=self.module,
+        )
+        self.log.events.append(Event(alloc_id, nbytes))
+        self._by_storage[key] = alloc_id
+        self._finalizers.append(weakref.finalize(storage, self._freed, key, alloc_id, nbytes))
+        return alloc_id
+
+    def _freed(self, key: int, alloc_id: int, nbytes: int) -> None:
+        if self._by_storage.get(key) == alloc_id:
+            del self._by_storage[key]
+        self.log.events.append(Event(alloc_id, -nbytes))
+
+    def alloc_id_of(self, tensor: torch.Tensor) -> int | None:
+        return self._by_storage.get(id(tensor.untyped_storage()))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__ if hasattr(func, "__name__") else str(func)
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.track(value, op=name)
+        return out
+
+    def detach_finalizers(self) -> None:
+        """Stop recording frees (tensors that outlive the trace are not events of it)."""
+        for finalizer in self._finalizers:
+            finalizer.detach()
+        self._finalizers.clear()
+
+
+def classify(log: MemoryLog, *, weights: set[int], gradients: set[int], optimizer: set[int], host: set[int]) -> None:
+    """Assign each allocation its category: ownership first, then the phase it was made in."""
+    for alloc in log.allocations.values():
+        if alloc.alloc_id in host:
+            alloc.host = True
+        if alloc.alloc_id in weights:
+            alloc.category = "weights"
+        elif alloc.alloc_id in gradients:
+            alloc.category = "gradients"
+        elif alloc.alloc_id in optimizer:
+            alloc.category = "optimizer_states"
+        elif alloc.phase in ("forward", "loss", "inputs"):
+            alloc.category = "activations"
+        elif alloc.phase == "setup":
+            alloc.category = "weights"
+        else:
+            alloc.category = "temporary"

@@ -1,0 +1,1 @@
+"""memtui's Textual front end. Imports no torch, transformers or NVML at import time."""
