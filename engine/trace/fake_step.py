@@ -15,6 +15,7 @@ from engine.build import build_model, build_optimizer, compute_dtype, training_s
 from engine.specs import TrainingConfig
 from engine.trace.cuda_autocast import cuda_like_autocast
 from engine.trace.cuda_sdpa import cuda_sdpa
+from engine.trace.hf_patches import real_run_decisions
 from engine.trace.tracker import MemoryLog, MemoryTracker, classify
 
 STEPS = 2
@@ -103,7 +104,7 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
 
         tracker.mark("inputs")
         attention = cuda_sdpa() if config.attention == "flash" else contextlib.nullcontext()
-        with attention, tracker:
+        with attention, real_run_decisions(), tracker:
             input_ids = torch.randint(0, spec.vocab_size, (config.batch_size, config.seq_len))
             labels = input_ids
             for step in range(1, STEPS + 1):

@@ -1,0 +1,70 @@
+"""`memtui trace`: two real training steps on fake tensors, the exact tensor peak."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.cli.options import add_training_flags, config_from_args
+
+HELP = "trace one training step of the real architecture on fake tensors (exact, no GPU)"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "trace", help=HELP, description=HELP + ". Takes the same flags as `memtui estimate`.",
+        epilog="example: memtui trace --model llama-3.1-8b --precision bf16-mixed --checkpointing full --json",
+    )
+    add_training_flags(parser)
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object (estimate's schema + trace fields)")
+    parser.add_argument("--top", type=int, default=8, help="largest live tensors at the peak to list (default 8)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.presets import resolve_gpu, resolve_model
+    from engine.validation import check_config
+
+    config = config_from_args(args)
+    # Validate before importing torch, so bad input fails in milliseconds.
+    check_config(config, resolve_model(config.model), resolve_gpu(config.gpu))
+
+    from engine.trace import trace
+
+    if args.json:
+        result = trace(config, progress=_stderr_progress() if sys.stderr.isatty() else None)
+        print(json.dumps(result.as_json(), indent=2))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from engine.cli.render import print_budget
+    from engine.units import format_bytes
+
+    console = Console()
+    with console.status("tracing…") as status:
+        result = trace(config, progress=lambda stage, _fraction: status.update(f"tracing: {stage}"))
+    print_budget(result.budget, console)
+    console.print(f"[dim]traced in {result.seconds:.1f} s; peak in step {result.peak_step}, {result.peak_phase}[/]")
+    console.print("[bold]traced:[/] " + "; ".join(result.traced))
+    console.print("[bold]modelled:[/] " + "; ".join(result.modelled))
+    if args.top > 0 and result.top_allocations:
+        table = Table(title="Largest live tensors at the peak", title_justify="left")
+        for column in ("size", "category", "made by", "shape", "dtype", "when"):
+            table.add_column(column, justify="right" if column == "size" else "left")
+        for alloc in result.top_allocations[: args.top]:
+            table.add_row(format_bytes(alloc["bytes"]), alloc["category"], alloc["op"], "x".join(map(str, alloc["shape"])),
+                          alloc["dtype"], f"step {alloc['step']} {alloc['phase']}")
+        console.print(table)
+    return 0
+
+
+def _stderr_progress():
+    def report(stage: str, fraction: float) -> None:
+        print(f"\r[{fraction:4.0%}] {stage:<30}", end="", file=sys.stderr, flush=True)
+        if fraction >= 1.0:
+            print(file=sys.stderr)
+
+    return report
