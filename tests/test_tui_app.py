@@ -1,0 +1,436 @@
+"""The planner screen, driven the way a person drives it: keys, the palette, the mouse, at explicit sizes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from textual import events
+from textual.widgets import Checkbox, Input, OptionList, Select
+
+from engine.estimator import estimate
+from engine.export import budget_json
+from engine.local_gpu import local_gpu_from_reading
+from engine.presets import presets_dir
+from engine.specs import TrainingConfig
+from tui.app import MemtuiApp
+from tui.planner import LOCAL_GPU
+from tui.screens.explain_screen import ExplainScreen
+from tui.widgets.budget import ComponentTable, PinSummary, TimelineChart, VerdictBanner
+from tui.widgets.ladder_view import LadderView
+from tui.widgets.memory_bar import MemoryBar
+from tui.widgets.options_panel import OptionRow
+
+pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (asyncio backend)
+
+WIDE = (120, 40)
+NARROW = (80, 24)
+
+
+def make_app(**kwargs) -> MemtuiApp:
+    kwargs.setdefault("gpu_detector", None)  # deterministic: never ask this machine's NVML
+    return MemtuiApp(**kwargs)
+
+
+async def ready(pilot) -> None:
+    """Wait until the lazily mounted inputs are there and focused."""
+    for _ in range(100):
+        if pilot.app.query("#opt-model") and pilot.app.focused is not None:
+            break
+        await pilot.pause()
+    await pilot.pause()
+
+
+def rendered(widget) -> str:
+    return widget.render().plain
+
+
+def row(app, key) -> OptionRow:
+    return app.query_one(f"#row-{key}", OptionRow)
+
+
+def note(app, key) -> str:
+    return str(row(app, key).query_one(".option-note").render())
+
+
+async def type_into(pilot, key: str, text: str) -> None:
+    field = pilot.app.query_one(f"#opt-{key}", Input)
+    field.focus()
+    await pilot.pause()
+    await pilot.press("ctrl+a", "ctrl+k", *text)
+    await pilot.pause()
+
+
+async def paste_into(pilot, key: str, text: str) -> None:
+    """Paste into a field (what a person does with a long path), then Enter."""
+    field = pilot.app.query_one(f"#opt-{key}", Input)
+    field.focus()
+    await pilot.press("ctrl+a", "ctrl+k")
+    field.post_message(events.Paste(text))
+    await pilot.pause()
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+async def set_select(pilot, key: str, value: str) -> None:
+    """Change a picker's value the quick way (the widget posts the same Changed a person's pick does)."""
+    pilot.app.query_one(f"#opt-{key}", Select).value = value
+    await pilot.pause()
+
+
+async def choose(pilot, key: str, value: str) -> None:
+    """Pick a value from a Select with the keyboard: open it, walk to the value, Enter."""
+    select = pilot.app.query_one(f"#opt-{key}", Select)
+    select.focus()
+    await pilot.press("enter")
+    overlay = select.query_one(OptionList)
+    target = next(index for index, option in enumerate(overlay.options) if option.id == value or
+                  str(select._options[index][1]) == value)
+    step = "down" if target > (overlay.highlighted or 0) else "up"
+    for _ in range(abs(target - (overlay.highlighted or 0))):
+        await pilot.press(step)
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+async def test_opens_with_verdict_bar_table_timeline_and_ladder():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        expected = estimate(TrainingConfig())
+        assert app.result.budget == expected
+        verdict = app.query_one(VerdictBanner)
+        assert verdict.has_class("-over") and "DOES NOT FIT" in rendered(verdict)
+        assert f"over by {-expected.headroom_bytes / 2**30:.2f} GiB" in rendered(verdict)
+        bar = rendered(app.query_one(MemoryBar))
+        assert "GPU 79.65 GiB ▼" in bar and "optimizer 59.8" in bar
+        table = rendered(app.query_one(ComponentTable))
+        assert "Optimizer states" in table and f"{expected.per_gpu.optimizer_states / 2**30:.2f}" in table
+        assert "Bytes per parameter" in table and "16.00" in table
+        timeline = rendered(app.query_one(TimelineChart))
+        assert all(point.phase in timeline for point in expected.timeline) and "◀" in timeline
+        ladder = app.query_one(LadderView)
+        assert ladder.option_list.option_count == len(app.result.ladder.steps) == 3
+        assert app.focused is app.query_one("#opt-model")
+        assert app.screen.has_class("-wide")
+
+
+async def test_choosing_an_option_with_the_keyboard_changes_the_budget():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        before = app.result.budget
+        bar_before = rendered(app.query_one(MemoryBar))
+        await choose(pilot, "precision", "bf16-true")
+        assert app.planner.options["precision"] == "bf16-true"
+        after = app.result.budget
+        assert after == estimate(TrainingConfig(precision="bf16-true"))
+        assert after.device_peak_bytes < before.device_peak_bytes
+        assert after.bytes_per_param == 8.0
+        assert rendered(app.query_one(MemoryBar)) != bar_before
+        assert "8.00" in rendered(app.query_one(ComponentTable))
+
+
+async def test_an_invalid_number_is_refused_inline_and_the_last_budget_stays():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        good = app.result.budget
+        await type_into(pilot, "batch_size", "0")
+        assert row(app, "batch_size").has_class("-invalid")
+        assert "must be at least 1, got 0" in note(app, "batch_size")
+        assert app.query_one(VerdictBanner).has_class("-stale")
+        assert "STALE" in rendered(app.query_one(VerdictBanner))
+        assert app.result.budget == good  # the last good budget is still drawn
+        await type_into(pilot, "batch_size", "8")
+        assert not row(app, "batch_size").has_class("-invalid")
+        assert note(app, "batch_size") == row(app, "batch_size").spec.summary
+        assert app.result.budget.per_gpu.activations > good.per_gpu.activations or (
+            app.result.budget.device_peak_bytes > good.device_peak_bytes)
+
+
+async def test_an_impossible_combination_is_named_beside_its_field():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await paste_into(pilot, "lora_targets", "all-linear")
+        await type_into(pilot, "lora_rank", "99999")
+        assert row(app, "lora_rank").has_class("-invalid")
+        assert "exceeds the smallest adapted dimension" in note(app, "lora_rank")
+        await type_into(pilot, "lora_rank", "16")
+        assert not row(app, "lora_rank").has_class("-invalid")
+        await type_into(pilot, "gpus", "3")
+        await type_into(pilot, "tp", "3")
+        assert "attention heads" in note(app, "tp")
+        assert not app.query(".option-row.-invalid").exclude("#row-tp")
+
+
+async def test_palette_switches_the_model_and_the_gpu():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"3.1 70B")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.planner.options["model"] == "llama-3.1-70b"
+        assert app.query_one("#opt-model", Select).value == "llama-3.1-70b"
+        assert app.result.budget.model.id == "llama-3.1-70b"
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"4090")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.query_one("#opt-gpu", Select).value == "rtx-4090"
+        assert app.result.budget.gpu.memory_bytes == 25757220864
+        assert "GeForce RTX 4090" in app.sub_title
+
+
+async def test_palette_applies_a_recipe_and_the_inputs_follow():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"qlora 24")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.query_one("#opt-quant", Select).value == "nf4"
+        assert app.query_one("#opt-lora_rank", Input).value == "16"
+        assert app.query_one("#opt-checkpointing", Select).value == "full"
+        assert app.result.config.quant == "nf4" and app.result.config.gpu == "rtx-4090"
+        assert not app.result.stale
+
+
+async def test_explain_the_focused_option_with_question_mark_or_f1():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        app.query_one("#opt-precision").focus()
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, ExplainScreen)
+        assert app.screen.markdown.startswith("# Precision")
+        assert "## What it costs" in app.screen.markdown and "## When to use it" in app.screen.markdown
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, ExplainScreen)
+        # A number field lets "?" through to the binding (it is not a digit).
+        app.query_one("#opt-seq_len").focus()
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert app.screen.markdown.startswith("# Sequence length")
+        await pilot.press("escape")
+        # In a text field "?" is text, so F1 is the way.
+        app.query_one("#opt-lora_targets").focus()
+        await pilot.press("f1")
+        await pilot.pause()
+        assert app.screen.markdown.startswith("# LoRA targets")
+
+
+async def test_ladder_rows_say_why_each_step_helped():
+    app = make_app(options={"model": "llama-3.1-8b"})
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        app.apply_preset("recipe", "qlora-24gb")
+        await pilot.pause()
+        ladder = app.query_one(LadderView)
+        keys = [step.keys[0] for step in ladder.ladder.steps]
+        assert keys == ["baseline", "precision", "lora_rank", "quant", "attention", "checkpointing"]
+        ladder.option_list.focus()
+        ladder.option_list.highlighted = keys.index("quant")
+        await pilot.pause()
+        why = str(app.query_one("#ladder-why").render())
+        assert why.startswith("NF4 4-bit base weights (QLoRA):") and "weights −" in why
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert app.screen.markdown.startswith("# Quantized base")
+        assert "NF4" in str(app.screen.query_one("#explain-footer").render())
+
+
+async def test_pin_then_change_shows_each_components_delta():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await pilot.press("p")
+        await pilot.pause()
+        pin = app.query_one(PinSummary)
+        assert pin.display and app.planner.pinned is not None
+        pinned = app.planner.pinned.budget
+        await set_select(pilot, "checkpointing", "full")
+        await set_select(pilot, "optimizer_impl", "fused")
+        table = rendered(app.query_one(ComponentTable))
+        assert "Δ pin" in table
+        change = app.result.budget.per_gpu.temporary - pinned.per_gpu.temporary
+        assert change < 0 and f"−{abs(change) / 2**30:.2f}" in table
+        assert "checkpointing none→full" in str(pin.render())
+        await pilot.press("p")
+        await pilot.pause()
+        assert not app.query_one(PinSummary).display
+        assert "Δ pin" not in rendered(app.query_one(ComponentTable))
+
+
+async def test_export_writes_markdown_and_the_estimate_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMTUI_EXPORT_DIR", str(tmp_path))
+    app = make_app(options={"model": "gpt2", "gpu": "t4", "seq_len": 1024})
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await pilot.press("e")
+        await pilot.pause()
+        paths = app.last_export
+        assert paths is not None and paths.json.parent == tmp_path
+        assert paths.json.read_text() == budget_json(estimate(TrainingConfig(model="gpt2", gpu="t4", seq_len=1024)))
+        assert paths.markdown.read_text().startswith("# memtui budget: GPT-2 (124M) on 1x Tesla T4")
+        assert any(str(paths.markdown) in notification.message for notification in app._notifications)
+
+
+async def test_export_is_refused_while_an_input_is_invalid(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMTUI_EXPORT_DIR", str(tmp_path))
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await type_into(pilot, "tp", "5")
+        app.action_export()
+        await pilot.pause()
+        assert app.last_export is None and list(tmp_path.iterdir()) == []
+
+
+async def test_model_path_loads_a_config_json_or_says_why(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(presets_dir() / "models" / "qwen2.5-0.5b.json", folder / "config.json")
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await paste_into(pilot, "model_path", str(tmp_path / "nope.json"))
+        assert row(app, "model_path").has_class("-invalid") and "no such file" in note(app, "model_path")
+        await paste_into(pilot, "model_path", str(folder / "config.json"))
+        assert not row(app, "model_path").has_class("-invalid")
+        assert app.query_one("#opt-model", Select).value == str(folder / "config.json")
+        assert app.result.budget.model.params == 494032768
+
+
+async def test_theme_toggles_between_dark_and_light():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        assert app.theme == "textual-dark"
+        await pilot.press("t")
+        assert app.theme == "textual-light" and not app.current_theme.dark
+        await pilot.press("t")
+        assert app.theme == "textual-dark"
+
+
+async def test_no_color_runs_and_keeps_segments_apart_with_glyphs(monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        assert app.no_color
+        bar = rendered(app.query_one(MemoryBar))
+        # weights █, gradients ▓, optimizer states ▒: told apart without colour.
+        assert "█" in bar and "▓" in bar and "▒" in bar
+        await set_select(pilot, "checkpointing", "full")
+        assert app.result.config.checkpointing == "full"
+
+
+async def test_80x24_is_usable_with_the_keyboard_alone():
+    app = make_app()
+    async with app.run_test(size=NARROW) as pilot:
+        await ready(pilot)
+        assert app.screen.has_class("-narrow")
+        assert "DOES NOT FIT" in rendered(app.query_one(VerdictBanner))
+        # Every input is in the focus chain, in reading order, and the ladder after them.
+        chain = [widget.id for widget in app.screen.focus_chain if widget.id]
+        option_ids = [f"opt-{key}" for key in ("model", "model_path", "gpu", "gpus", "batch_size", "seq_len",
+                      "precision", "master_weights", "optimizer", "optimizer_impl", "galore_rank", "checkpointing",
+                      "attention", "offload", "zero", "tp", "pp", "lora_rank", "lora_targets", "quant")]
+        assert chain[: len(option_ids)] == option_ids and "ladder-list" in chain[len(option_ids):]
+        # Tab walks it.
+        for expected in option_ids[1:5]:
+            await pilot.press("tab")
+            assert app.focused.id == expected
+        # And a change made by keys alone shows up in the budget.
+        before = app.result.budget.device_peak_bytes
+        await choose(pilot, "optimizer", "adamw-8bit")
+        assert app.result.budget.device_peak_bytes < before
+
+
+async def test_the_mouse_works_and_bad_combinations_stay_inline():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        assert await pilot.click("#opt-master_weights")
+        await pilot.pause()
+        assert app.query_one("#opt-master_weights", Checkbox).value is True
+        assert "needs 16-bit weights" in note(app, "master_weights")
+        await set_select(pilot, "precision", "bf16-true")
+        assert not app.result.stale
+        assert app.result.budget.bytes_per_param == 16.0  # the fp32 master copy brings it back
+
+
+async def test_the_local_gpu_is_chosen_with_its_real_capacity():
+    reading = local_gpu_from_reading("NVIDIA GeForce RTX 4090", 25757220864 - 2**27)
+    app = make_app(gpu_detector=lambda: reading)
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        for _ in range(50):
+            if app.planner.use_local_gpu:
+                break
+            await pilot.pause()
+        assert app.query_one("#opt-gpu", Select).value == LOCAL_GPU
+        assert app.result.budget.gpu.memory_bytes == 25757220864 - 2**27
+        assert any("NVIDIA GeForce RTX 4090" in n.message for n in app._notifications)
+
+
+async def test_q_quits():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await pilot.press("q")
+        await pilot.pause()
+        assert app._exit
+
+
+async def test_newcomer_goes_from_does_not_fit_to_fits_and_exports(tmp_path, monkeypatch):
+    """The issue's acceptance path, keys only and at 80x24: palette to 70B on a 4090, savers until it fits, export."""
+    monkeypatch.setenv("MEMTUI_EXPORT_DIR", str(tmp_path))
+    app = make_app()
+    async with app.run_test(size=NARROW) as pilot:
+        await ready(pilot)
+        for query in ("3.1 70B", "4090"):
+            await pilot.press("ctrl+p")
+            await pilot.pause()
+            await pilot.press(*query)
+            await pilot.pause(0.3)
+            await pilot.press("enter")
+            await pilot.pause()
+        assert not app.result.budget.fits
+        ladder_sizes = [len(app.result.ladder.steps)]
+        await paste_into(pilot, "lora_targets", "all-linear")
+        await type_into(pilot, "lora_rank", "16")
+        await choose(pilot, "quant", "nf4")
+        await choose(pilot, "checkpointing", "full")
+        ladder_sizes.append(len(app.result.ladder.steps))
+        assert app.result.budget.bytes_per_param < 1
+        # A 70B model's 4-bit weights alone (~33 GiB) exceed 24 GB: the weights must leave the GPU.
+        await choose(pilot, "zero", "3")
+        await choose(pilot, "offload", "optimizer+params")
+        assert app.result.budget.fits and not app.result.stale
+        assert "FITS" in rendered(app.query_one(VerdictBanner))
+        ladder_sizes.append(len(app.result.ladder.steps))
+        assert ladder_sizes == sorted(ladder_sizes) and ladder_sizes[-1] > ladder_sizes[0]
+        # Why did the weights leave? The highlighted (newest) ladder step explains itself.
+        app.query_one("#ladder-list").focus()
+        await pilot.press("question_mark")
+        assert app.screen.markdown.startswith("# CPU offload")
+        await pilot.press("escape")
+        await pilot.press("e")
+        await pilot.pause()
+        exported = json.loads(app.last_export.json.read_text())
+        assert exported["fits"] is True and exported["config"]["offload"] == "optimizer+params"

@@ -1,0 +1,116 @@
+"""The planner's rules without widgets: every edit gives a budget, or a field-named error and the last good one."""
+
+from __future__ import annotations
+
+import shutil
+
+from engine.estimator import estimate
+from engine.local_gpu import local_gpu_from_reading
+from engine.presets import presets_dir, resolve_recipe
+from engine.specs import TrainingConfig
+from tui.planner import LOCAL_GPU, Planner, config_differences, field_key
+
+
+def test_defaults_give_the_default_budget():
+    result = Planner().compute()
+    assert not result.stale
+    assert result.budget == estimate(TrainingConfig())
+    assert result.ladder is not None and result.ladder.final.budget == result.budget
+
+
+def test_a_bad_number_is_refused_with_the_field_and_the_last_budget_kept():
+    planner = Planner()
+    good = planner.compute()
+    planner.set_int_text("batch_size", "0")
+    result = planner.compute()
+    assert result.stale and result.error_field == "batch_size"
+    assert "at least 1" in result.error.message
+    assert result.budget == good.budget
+    assert planner.options["batch_size"] == 1  # refused, not stored
+    planner.set_int_text("batch_size", "")
+    assert planner.compute().error.message == "is empty"
+    planner.set_int_text("batch_size", "4")
+    fixed = planner.compute()
+    assert not fixed.stale and fixed.config.batch_size == 4
+    assert fixed.budget.per_gpu.activations > good.budget.per_gpu.activations
+
+
+def test_an_impossible_combination_names_its_flag():
+    planner = Planner()
+    planner.set_int_text("tp", "3")
+    planner.set_int_text("gpus", "3")
+    result = planner.compute()
+    assert result.error_field == "tp"
+    assert "attention heads" in result.error.message
+    planner.set_int_text("lora_rank", "16")
+    planner.set_int_text("tp", "1")
+    planner.set_option("optimizer", "galore-adamw")
+    assert planner.compute().error.field == "--optimizer"
+
+
+def test_field_key_maps_flags_and_config_files():
+    assert field_key("--lora-rank") == "lora_rank"
+    assert field_key("/tmp/x/config.json: hidden_size") == "model_path"
+
+
+def test_a_config_json_path_loads_or_says_why(tmp_path):
+    planner = Planner()
+    planner.set_model_path(str(tmp_path / "missing" / "config.json"))
+    result = planner.compute()
+    assert result.error_field == "model_path" and "no such file" in result.error.message
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    shutil.copy(presets_dir() / "models" / "gpt2.json", folder / "config.json")
+    notes = planner.set_model_path(str(folder))
+    result = planner.compute()
+    assert not result.stale
+    assert result.budget.model.params == 124439808
+    assert planner.options["model"] == str(folder)
+    assert notes and "1024" in notes[0]  # GPT-2's learned positions clamp the default 2048
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model_type": "bert"}')
+    planner.set_model_path(str(broken))
+    result = planner.compute()
+    assert result.error_field == "model_path" and "unsupported architecture" in result.error.message
+
+
+def test_switching_to_gpt2_clamps_the_sequence_length():
+    planner = Planner()
+    notes = planner.set_option("model", "gpt2")
+    assert planner.options["seq_len"] == 1024
+    assert notes and "learned positions" in notes[0]
+    assert not planner.compute().stale
+
+
+def test_a_recipe_applies_over_the_current_options():
+    planner = Planner({"model": "llama-3.1-70b", "batch_size": 2})
+    planner.set_int_text("seq_len", "abc")
+    planner.apply_recipe(resolve_recipe("qlora-24gb"))
+    result = planner.compute()
+    assert not result.stale  # a recipe resets refused fields
+    assert result.config.quant == "nf4" and result.config.gpu == "rtx-4090"
+    assert result.config.model == "llama-3.1-70b" and result.config.batch_size == 2
+
+
+def test_the_local_gpu_brings_its_real_capacity():
+    local = local_gpu_from_reading("NVIDIA GeForce RTX 4090", 25757220864 - 2**28)
+    planner = Planner()
+    planner.set_local_gpu(local, select=True)
+    assert planner.gpu_choice == LOCAL_GPU
+    result = planner.compute()
+    assert result.budget.gpu.memory_bytes == 25757220864 - 2**28
+    assert result.config.gpu == "rtx-4090"
+    planner.set_option("gpu", "rtx-4090")  # the preset, not this machine
+    assert planner.compute().budget.gpu.memory_bytes == 25757220864
+    planner.set_option("gpu", LOCAL_GPU)
+    assert planner.compute().budget.gpu.memory_bytes == 25757220864 - 2**28
+
+
+def test_pin_and_differences():
+    planner = Planner()
+    planner.compute()
+    assert planner.toggle_pin() is True
+    planner.set_option("checkpointing", "full")
+    result = planner.compute()
+    assert config_differences(planner.pinned.config, result.config) == [("checkpointing", "none", "full")]
+    assert planner.toggle_pin() is False and planner.pinned is None

@@ -1,0 +1,40 @@
+"""SVG snapshots of the planner screen. Regenerate (after looking at the diff report): 
+`uv run pytest tests/test_tui_snapshots.py --snapshot-update`."""
+
+from __future__ import annotations
+
+from tui.app import MemtuiApp
+
+
+def make_app() -> MemtuiApp:
+    return MemtuiApp(gpu_detector=None)  # never this machine's GPU: the picture must not depend on it
+
+
+async def inputs_ready(pilot) -> None:
+    for _ in range(100):
+        if pilot.app.query("#opt-model") and pilot.app.focused is not None:
+            break
+        await pilot.pause()
+    await pilot.pause()
+
+
+async def qlora_70b_on_a_4090(pilot) -> None:
+    await inputs_ready(pilot)
+    pilot.app.apply_preset("model", "llama-3.1-70b")
+    pilot.app.apply_preset("recipe", "qlora-24gb")
+    await pilot.pause()
+    pilot.app.clear_notifications()
+    await pilot.pause()
+
+
+def test_main_screen_120x40(snap_compare):
+    assert snap_compare(make_app(), terminal_size=(120, 40), run_before=inputs_ready)
+
+
+def test_main_screen_80x24(snap_compare):
+    assert snap_compare(make_app(), terminal_size=(80, 24), run_before=inputs_ready)
+
+
+def test_workshop_story_120x40(snap_compare):
+    """70B with QLoRA on a 24 GB card: the ladder from 16 to 0.6 bytes/param, still over the line."""
+    assert snap_compare(make_app(), terminal_size=(120, 40), run_before=qlora_70b_on_a_4090)

@@ -1,0 +1,347 @@
+"""What each option does, what it costs and when to reach for it: the planner's teaching text.
+
+`summary` is the one line shown beside the option; the rest is the longer
+explainer behind `?` / F1. Numbers come from the lecture notes and papers
+collected in shared/reference/facts.md; the wording is ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Explainer:
+    key: str
+    title: str
+    summary: str
+    what: str
+    cost: str
+    when: str
+
+    def markdown(self) -> str:
+        return (
+            f"# {self.title}\n\n*{self.summary}*\n\n"
+            f"## What it does\n\n{self.what}\n\n"
+            f"## What it costs\n\n{self.cost}\n\n"
+            f"## When to use it\n\n{self.when}\n"
+        )
+
+
+_EXPLAINERS = [
+    # ---- model & hardware -------------------------------------------------
+    Explainer(
+        "model", "Model",
+        "What you train; its size N drives all.",
+        "Picks the architecture: layers, hidden size, vocabulary, attention heads. Every "
+        "parameter costs memory several times over during training: once as a weight, once "
+        "as a gradient and once or twice more inside the optimizer. Without any optimization "
+        "that is 16 bytes per parameter (N) before a single activation is stored, so an 8B "
+        "model needs about 128 GB just for its model states, more than an 80 GB GPU holds.\n\n"
+        "Pick a preset, type in the list to search it, or give the path to a Hugging Face "
+        "`config.json` (or the folder holding one) to plan for your own checkpoint.",
+        "Bigger models are measurably better but grow memory linearly in N; the vocabulary "
+        "size also matters, because the logits over a 128k-token vocabulary are often the "
+        "single largest activation.",
+        "Start from the model you want to train, then pick the optimizations that make it fit. "
+        "If nothing does, a smaller sibling of the same family is the honest answer.",
+    ),
+    Explainer(
+        "gpu", "GPU",
+        "The card; its memory is the budget.",
+        "Sets the capacity the budget is checked against: the total memory the driver reports "
+        "(what nvidia-smi shows, a little less than the marketing number). When memtui finds a "
+        "GPU on this machine it starts with that one and its real capacity. The card also decides "
+        "whether bf16 is available (Ampere, compute capability 8.0, and newer).",
+        "None in itself; cards without bf16 fall back to fp16, which needs loss scaling.",
+        "Choose the card you have, or compare cards to see which one a job needs.",
+    ),
+    Explainer(
+        "gpus", "GPU count",
+        "Total GPUs; DP ranks = GPUs / (TP×PP).",
+        "How many GPUs share the job. GPUs not used for tensor or pipeline parallelism become "
+        "data-parallel ranks: each processes its own micro-batch with a full copy of the model. "
+        "Plain data parallelism does not reduce memory per GPU at all; it is ZeRO/FSDP that turns "
+        "extra ranks into memory savings by sharding the model states across them.",
+        "More GPUs cost money, and sharding adds communication: gathering weights and reducing "
+        "gradients every step.",
+        "Raise it together with ZeRO, tensor or pipeline parallelism when one card is not enough.",
+    ),
+    # ---- workload ---------------------------------------------------------
+    Explainer(
+        "batch_size", "Batch size",
+        "Sequences per GPU in each step.",
+        "The micro-batch each GPU processes in one forward and backward pass. Activations grow "
+        "linearly with it; weights, gradients and optimizer states do not change.",
+        "Smaller micro-batches use the GPU less efficiently. Gradient accumulation over several "
+        "micro-batches gives the same effective batch without the memory.",
+        "Use the largest micro-batch that fits, and reach a larger effective batch by accumulating "
+        "gradients.",
+    ),
+    Explainer(
+        "seq_len", "Sequence length",
+        "Tokens per sequence; grows activations.",
+        "How many tokens each sequence holds. Most activations grow linearly with it; with eager "
+        "attention the scores grow with its square (s x s per head), which is what long contexts "
+        "run into first.",
+        "Shorter sequences train on less context. Models with learned position embeddings "
+        "(GPT-2) cannot go past the length they were built for.",
+        "Match your data. For long contexts, combine flash attention and checkpointing.",
+    ),
+    # ---- precision & optimizer --------------------------------------------
+    Explainer(
+        "precision", "Precision",
+        "Number format of weights and math.",
+        "- **32-true**: everything in fp32, 4 bytes per number. With AdamW that is the 16 bytes per "
+        "parameter baseline.\n"
+        "- **16-mixed / bf16-mixed** (autocast): weights, gradients and optimizer states stay in fp32; "
+        "the math and the saved activations run in 16 bits, so activations halve, but autocast keeps "
+        "16-bit copies of the weights while the forward needs them. Model states stay at 16 bytes/param.\n"
+        "- **16-true / bf16-true**: weights and gradients stored in 16 bits too: 2 + 2 bytes, and "
+        "AdamW's two states in 16 bits, 8 bytes per parameter in all.\n\n"
+        "fp16 has a small range (about +/-65,504) and needs loss scaling; bf16 keeps fp32's range "
+        "with less precision and needs an Ampere or newer GPU.",
+        "16-bit math is faster on tensor cores. Pure 16-bit weights lose small updates to rounding "
+        "over long runs; an fp32 master copy (next option) fixes that for 12 more bytes per parameter.",
+        "bf16-mixed is the safe default for fine-tuning; bf16-true when memory is tight; "
+        "bf16-true with master weights for large pre-training runs, as Megatron and DeepSpeed do.",
+    ),
+    Explainer(
+        "master_weights", "Master weights",
+        "fp32 weight copy inside the optimizer.",
+        "With 16-true or bf16-true, the optimizer keeps its own fp32 copy of every weight and "
+        "fp32 moments, applies the update there and copies the result back to the 16-bit "
+        "weights. This is the classic mixed-precision recipe: 2 (weights) + 2 (gradients) + "
+        "4 (master) + 4 + 4 (Adam moments) = 16 bytes per parameter.",
+        "Back to 16 bytes/param of model states, plus fp32 copies of the gradients during the step. "
+        "In exchange, updates too small for 16 bits are not lost.",
+        "Long pre-training runs, combined with ZeRO so the 12 bytes of fp32 state are sharded.",
+    ),
+    Explainer(
+        "optimizer", "Optimizer",
+        "Update rule; sets the state per param.",
+        "- **adamw**: two moments per parameter (8 bytes in fp32).\n"
+        "- **adamw-8bit**: the same two moments stored block-wise in 8 bits, about 2 bytes "
+        "per parameter instead of 8 (bitsandbytes).\n"
+        "- **sgd**: no state. **sgd-momentum**, **lion**: one state.\n"
+        "- **adafactor**: factors the second moment of each matrix into a row and a column vector, "
+        "almost no state.\n"
+        "- **galore-adamw**: projects each gradient matrix to a low rank and keeps Adam's moments "
+        "in that small space (see GaLore rank).",
+        "8-bit states track 32-bit Adam closely in published results; SGD and Adafactor can converge "
+        "differently and may need tuning; GaLore spends time on periodic projections.",
+        "adamw-8bit is the easy win for fine-tuning; Adafactor or GaLore when optimizer state is "
+        "the wall and you can afford to tune.",
+    ),
+    Explainer(
+        "optimizer_impl", "Optimizer implementation",
+        "How the step runs: foreach/fused/loop.",
+        "The same math, three implementations. **foreach** batches each operation over all "
+        "tensors of a group and materialises temporaries the size of a whole state group; "
+        "**fused** does the update in one kernel without temporaries; **for-loop** walks the "
+        "tensors one by one with temporaries the size of the largest one.",
+        "for-loop is the slowest; fused and foreach are fast. Only the step's transient peak "
+        "differs, not the steady state.",
+        "fused when your optimizer supports it; it removes a spike that often sets the peak.",
+    ),
+    Explainer(
+        "galore_rank", "GaLore rank",
+        "Gradient projection rank (GaLore).",
+        "GaLore keeps each weight matrix full-rank but projects its gradient onto r directions "
+        "before the optimizer sees it, so Adam's moments are max(m, n) x r instead of m x n. "
+        "The projection is refreshed every few hundred steps.",
+        "Lower ranks save more and approximate the gradient more coarsely; refreshing the projection "
+        "costs an SVD per matrix now and then.",
+        "Pre-training or full fine-tuning on a small card: the paper trains a 7B model on one 24 GB "
+        "GPU with 8-bit GaLore. It does not combine with LoRA.",
+    ),
+    # ---- memory savers ----------------------------------------------------
+    Explainer(
+        "checkpointing", "Activation checkpointing",
+        "Recompute activations, don't store.",
+        "Normally every layer stores what its backward pass needs. With **full** checkpointing "
+        "each layer stores only its input and recomputes the rest during backward; **selective** "
+        "drops only the cheap-to-recompute attention internals.",
+        "Full recomputation adds roughly one extra forward pass, about a third more compute per step. "
+        "Selective costs a few percent.",
+        "Whenever activations dominate the bar: long sequences, big micro-batches. Often the "
+        "single biggest switch for fine-tuning on one card.",
+    ),
+    Explainer(
+        "attention", "Attention kernel",
+        "flash: no s×s score matrix to keep.",
+        "**eager** attention computes and keeps the full s x s score matrix per head for the "
+        "backward pass. **flash** (PyTorch SDPA's fused kernel, FlashAttention) works in tiles "
+        "and recomputes scores in backward, so its memory grows linearly with the sequence.",
+        "None in practice: flash is also faster. Some exotic attention variants need eager.",
+        "Always, unless your model needs eager. The longer the sequence, the more it saves.",
+    ),
+    Explainer(
+        "offload", "CPU offload",
+        "Keep states (and weights) on the CPU.",
+        "ZeRO-Offload moves the optimizer states, and the step itself, to the CPU; gradients are "
+        "streamed out as they are reduced. **optimizer+params** (ZeRO-Infinity style, needs ZeRO-3) "
+        "also keeps the weights on the CPU and brings each layer in only while it computes.",
+        "PCIe transfers every step and a CPU-side optimizer step: much slower. Needs plenty of "
+        "host RAM.",
+        "When a model is just too large for the GPUs you have and speed matters less than fitting.",
+    ),
+    # ---- parallelism ------------------------------------------------------
+    Explainer(
+        "zero", "ZeRO stage",
+        "Shard states across data-parallel GPUs.",
+        "Data parallelism keeps a full copy of everything on every GPU. ZeRO removes the "
+        "redundancy: **1** shards the optimizer states, **2** also the gradients, **3** (FSDP) "
+        "also the weights, gathering each layer only while it is used. With N_d ranks, "
+        "mixed-precision Adam's 16 bytes per parameter become 4 + 12/N_d, 2 + 14/N_d and 16/N_d.",
+        "More communication, growing with the stage; ZeRO-3 gathers weights in every forward and "
+        "backward. With a single GPU it changes nothing.",
+        "Any multi-GPU job whose model states do not fit: stage 1 or 2 first, 3 when weights alone "
+        "are too big.",
+    ),
+    Explainer(
+        "tp", "Tensor parallel",
+        "Split each layer's matrices on GPUs.",
+        "Each GPU holds a slice of every weight matrix and computes its part of each matmul; "
+        "with sequence parallelism the activations are split too. Weights, gradients, states and "
+        "activations all divide by the TP degree.",
+        "Two all-reduces (or all-gather + reduce-scatter) per layer in both directions; it needs "
+        "fast links, so keep it inside a node. The degree must divide the attention heads.",
+        "Large models whose layers are too big for one card, typically TP 8 within an 8-GPU node.",
+    ),
+    Explainer(
+        "pp", "Pipeline parallel",
+        "Split the layers into GPU stages.",
+        "Each GPU holds a contiguous block of layers; micro-batches flow through the stages. With "
+        "the 1F1B schedule the first stage holds activations for up to PP micro-batches at once.",
+        "Idle time at the start and end of each step (the pipeline bubble), reduced by more "
+        "micro-batches; uneven stages waste memory on the largest one.",
+        "Across nodes, when tensor parallelism alone is not enough.",
+    ),
+    # ---- adapters & quantization ------------------------------------------
+    Explainer(
+        "lora_rank", "LoRA rank",
+        "Train adapters only (0 = all weights).",
+        "LoRA freezes the pretrained weights and learns a low-rank update B x A beside chosen "
+        "matrices: r x (d_in + d_out) parameters each, usually well under 1% of the model. The "
+        "frozen base needs no gradients and no optimizer state, so model states fall from 16 to "
+        "about 4 bytes per parameter in fp32, 2 in 16 bits.",
+        "Adapters are less expressive than full fine-tuning; quality depends on the rank and the "
+        "targets. Activations are still needed for the backward through the base.",
+        "Most fine-tuning on limited hardware. Ranks 8-64 are typical.",
+    ),
+    Explainer(
+        "lora_targets", "LoRA targets",
+        "Linear layers that get adapters.",
+        "A comma list of layer names (q_proj, v_proj, ...) or all-linear for every linear layer "
+        "in the decoder blocks. More targets mean more trainable parameters and more adapter "
+        "activations, usually better quality.",
+        "More targets: more adapter memory and compute, still small next to the base.",
+        "all-linear is the common modern choice (QLoRA's paper uses it); q_proj,v_proj was the "
+        "original LoRA setting.",
+    ),
+    Explainer(
+        "quant", "Quantized base",
+        "Frozen base in 8 or 4 bits (QLoRA).",
+        "The frozen base weights are stored in **int8** (1 byte) or **nf4** (4-bit NormalFloat, "
+        "about half a byte with double-quantized scales) and dequantized layer by layer for the "
+        "math, which runs in 16 bits. Only LoRA adapters train. QLoRA fine-tunes a 65B model on one "
+        "48 GB GPU, against more than 780 GB for 16-bit full fine-tuning.",
+        "Dequantization slows each step; 4-bit storage loses a little precision in the base, which "
+        "adapters largely recover in published results. Needs LoRA and 16-bit compute.",
+        "Fine-tuning a model whose 16-bit weights alone do not fit the card.",
+    ),
+    # ---- budget components ------------------------------------------------
+    Explainer(
+        "weights", "Weights",
+        "The parameters as stored on this GPU.",
+        "N parameters times the bytes of their format: 4 in fp32, 2 in 16 bits, 1 in int8, about "
+        "0.5 in nf4, divided by tensor/pipeline/ZeRO-3 sharding. Autocast's temporary 16-bit "
+        "copies are counted with the activations.",
+        "-", "Shrink with 16-bit precision, quantization (with LoRA), ZeRO-3 or offload.",
+    ),
+    Explainer(
+        "gradients", "Gradients",
+        "One per trainable parameter.",
+        "Backward produces a gradient for every trainable parameter. Frozen parameters (LoRA, "
+        "quantized bases) have none.",
+        "-", "Shrink with 16-bit precision, LoRA, ZeRO-2/3.",
+    ),
+    Explainer(
+        "optimizer_states", "Optimizer states",
+        "What the optimizer keeps between steps.",
+        "AdamW keeps two moments per trainable parameter (8 bytes in fp32), plus a 4-byte "
+        "master copy when master weights are on. Usually the largest model state.",
+        "-", "Shrink with 8-bit or factored optimizers, GaLore, LoRA, ZeRO-1+ or offload.",
+    ),
+    Explainer(
+        "activations", "Activations",
+        "Saved by the forward for the backward.",
+        "Every layer saves inputs and intermediate results the backward needs: they scale with "
+        "batch x sequence x hidden size x layers, and eager attention adds s x s scores per head. "
+        "The logits over a large vocabulary are often the single biggest one.",
+        "-", "Shrink with checkpointing, flash attention, a smaller micro-batch or sequence, TP/SP.",
+    ),
+    Explainer(
+        "temporary", "Temporaries",
+        "Short-lived buffers at the peak moment.",
+        "Transient tensors that exist for milliseconds: the loss's fp32 logits and softmax, a "
+        "layer's backward workspace, the optimizer implementation's temporaries, cuBLAS workspace. "
+        "They set the peak because they come on top of everything else.",
+        "-", "A fused optimizer removes the step's temporaries; checkpointing does not help here.",
+    ),
+    Explainer(
+        "overhead", "CUDA overhead",
+        "CUDA context + allocator slack.",
+        "The CUDA context and kernels (about 300-500 MB with lazy loading), plus memory PyTorch's "
+        "caching allocator reserved but is not using at the peak (fragmentation, rounding to "
+        "blocks). This is why nvidia-smi shows more than torch.cuda.max_memory_allocated.",
+        "-", "Leave headroom for it; it is not optional.",
+    ),
+]
+
+EXPLAINERS: dict[str, Explainer] = {explainer.key: explainer for explainer in _EXPLAINERS}
+
+OPTION_KEYS: tuple[str, ...] = (
+    "model", "gpu", "gpus", "batch_size", "seq_len", "precision", "master_weights", "optimizer",
+    "optimizer_impl", "galore_rank", "checkpointing", "attention", "zero", "offload", "tp", "pp",
+    "lora_rank", "lora_targets", "quant",
+)
+
+
+def explainer_for(key: str) -> Explainer | None:
+    return EXPLAINERS.get(key)
+
+
+def summary(key: str) -> str:
+    explainer = EXPLAINERS.get(key)
+    return explainer.summary if explainer else ""
+
+
+LADDER_INTRO = (
+    "# The savings ladder\n\n"
+    "Without any optimization, training with AdamW keeps 16 bytes per parameter before a single "
+    "activation: a 4-byte weight, a 4-byte gradient and two 4-byte optimizer moments. The ladder "
+    "starts there, with the current model, GPU, batch and sequence, and switches on the "
+    "optimizations you chose one at a time, in a fixed order: precision and optimizer, then "
+    "adapters and quantization, then parallelism and sharding, then what shrinks activations. "
+    "Each row says what that step removed from the device peak. With everything combined, "
+    "model states can reach 1-2 bytes per parameter.\n"
+)
+
+OVERVIEW = (
+    "# Reading memtui\n\n"
+    "memtui predicts what one training step needs on each GPU, component by component, and "
+    "whether it fits.\n\n"
+    "- **Left**: the model, the GPU and every option. Each has a one-line description; focus one "
+    "and press `?` (or F1) for the full story. Bad values are refused in place, with the reason.\n"
+    "- **Verdict and bar**: the device peak (what nvidia-smi would show) split into weights, "
+    "gradients, optimizer states, activations, temporaries and CUDA overhead, against the GPU's "
+    "capacity (the marker).\n"
+    "- **Table and timeline**: GiB and share per component at the peak, and memory through the "
+    "step: forward, loss, backward, optimizer.\n"
+    "- **Savings ladder**: from the unoptimized 16 bytes per parameter to your configuration, one "
+    "optimization at a time, with what each removed. Highlight a row and press `?` to read why.\n\n"
+    "Keys: `ctrl+p` presets (models, GPUs, recipes), `p` pin and compare, `e` export Markdown and "
+    "JSON, `t` light/dark theme, `q` quit. Tab moves between fields; the mouse works too.\n"
+)

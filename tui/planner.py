@@ -1,0 +1,226 @@
+"""The planner's state, without any widgets: options in, budget and ladder out.
+
+The app keeps one Planner. Every input change goes through it; it answers
+with a PlanResult holding either a fresh budget or the error that names the
+offending field, plus the last good budget so the screen never goes blank.
+Keeping this free of Textual makes the rules testable in microseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.architectures import ModelSpec
+from engine.errors import InputError
+from engine.ladder import SavingsLadder, savings_ladder
+from engine.local_gpu import LocalGpu
+from engine.specs import Budget, GpuSpec, Recipe, TrainingConfig
+
+LOCAL_GPU = "@local"  # the GPU picker's value for "the GPU in this machine"
+
+# Integer options and their smallest allowed value (what the CLI's flag parsers enforce).
+INT_MINIMUMS: dict[str, int] = {
+    "gpus": 1, "batch_size": 1, "seq_len": 1, "galore_rank": 1, "tp": 1, "pp": 1, "lora_rank": 0,
+}
+
+
+def field_key(flag: str) -> str:
+    """'--lora-rank' -> 'lora_rank'; a config-file error ('/x/config.json: hidden_size') -> 'model_path'."""
+    if flag.startswith("--"):
+        return flag[2:].replace("-", "_")
+    if ".json" in flag or "config" in flag:
+        return "model_path"
+    return flag
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What the screen shows: the budget for the current options, or why there is none."""
+
+    budget: Budget | None  # the budget to draw: current if error is None, else the last good one
+    ladder: SavingsLadder | None
+    config: TrainingConfig | None
+    error: InputError | None = None
+    gpu: GpuSpec | None = None
+    model: ModelSpec | None = None
+    error_field: str | None = None  # the option key the error belongs to ("lora_rank", "model_path")
+
+    @property
+    def stale(self) -> bool:
+        return self.error is not None
+
+
+class Planner:
+    """Options (as TrainingConfig fields) plus the bits a flag cannot say: the local GPU, the pin."""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        self.options: dict[str, Any] = TrainingConfig().model_dump()
+        if options:
+            self.options.update(options)
+        self.local_gpu: LocalGpu | None = None
+        self.use_local_gpu = False
+        self.field_errors: dict[str, InputError] = {}
+        self.last_good: PlanResult | None = None
+        self.pinned: PlanResult | None = None
+        self._models: dict[str, ModelSpec] = {}
+
+    # ---- lookups -----------------------------------------------------------
+    def model_spec(self, name: str) -> ModelSpec:
+        if name not in self._models:
+            from engine.presets import resolve_model
+
+            self._models[name] = resolve_model(name)
+        return self._models[name]
+
+    def gpu_spec(self) -> GpuSpec:
+        if self.use_local_gpu and self.local_gpu is not None and self.options["gpu"] == self.local_gpu.spec.id:
+            return self.local_gpu.spec
+        from engine.presets import resolve_gpu
+
+        return resolve_gpu(self.options["gpu"])
+
+    @property
+    def gpu_choice(self) -> str:
+        """The GPU picker's value: a preset id or LOCAL_GPU."""
+        return LOCAL_GPU if self.use_local_gpu and self.local_gpu is not None else self.options["gpu"]
+
+    # ---- changes -----------------------------------------------------------
+    def set_option(self, key: str, value: Any) -> list[str]:
+        """Set one option (already the right type). Returns notes about automatic adjustments."""
+        self.field_errors.pop(key, None)
+        notes: list[str] = []
+        if key == "gpu":
+            if value == LOCAL_GPU and self.local_gpu is not None:
+                self.use_local_gpu = True
+                self.options["gpu"] = self.local_gpu.spec.id
+            else:
+                self.use_local_gpu = False
+                self.options["gpu"] = value
+            return notes
+        if key == "model":
+            self.field_errors.pop("model_path", None)
+            self.options["model"] = value
+            notes += self._fit_seq_len_to_model()
+            return notes
+        self.options[key] = value
+        return notes
+
+    def set_int_text(self, key: str, text: str) -> None:
+        """An integer typed into a field: accepted, or recorded as that field's error."""
+        flag = "--" + key.replace("_", "-")
+        text = text.strip()
+        minimum = INT_MINIMUMS.get(key, 0)
+        try:
+            value = int(text)
+        except ValueError:
+            message = "is empty" if not text else f"{text!r} is not a whole number"
+            self.field_errors[key] = InputError(flag, message, f"whole numbers from {minimum}")
+            return
+        if value < minimum:
+            self.field_errors[key] = InputError(flag, f"must be at least {minimum}, got {value}")
+            return
+        self.set_option(key, value)
+
+    def set_model_path(self, text: str) -> list[str]:
+        """A path to a config.json (or a folder holding one): load it or record why not."""
+        text = text.strip()
+        if not text:
+            self.field_errors["model_path"] = InputError("--model", "type a path to a config.json")
+            return []
+        try:
+            spec = self.model_spec(text)
+        except InputError as error:
+            self.field_errors["model_path"] = error
+            return []
+        self.field_errors.pop("model_path", None)
+        self.options["model"] = text
+        self._models[text] = spec
+        return self._fit_seq_len_to_model()
+
+    def apply_options(self, options: dict[str, Any]) -> list[str]:
+        """A recipe's option set (or any partial dict) over the current options."""
+        notes: list[str] = []
+        self.field_errors.clear()
+        for key, value in options.items():
+            if key == "gpu":
+                self.use_local_gpu = False
+            self.options[key] = value
+        if "model" in options:
+            notes += self._fit_seq_len_to_model()
+        return notes
+
+    def apply_recipe(self, recipe: Recipe) -> list[str]:
+        return self.apply_options(dict(recipe.options))
+
+    def set_local_gpu(self, local: LocalGpu | None, *, select: bool) -> None:
+        """Record the detected GPU; `select` makes it the current choice."""
+        self.local_gpu = local
+        if local is not None and select:
+            self.use_local_gpu = True
+            self.options["gpu"] = local.spec.id
+
+    def _fit_seq_len_to_model(self) -> list[str]:
+        """Models with learned positions (GPT-2) cannot take longer sequences: clamp, and say so."""
+        try:
+            spec = self.model_spec(self.options["model"])
+        except InputError:
+            return []
+        if spec.positions == "learned" and self.options["seq_len"] > spec.max_position_embeddings:
+            self.options["seq_len"] = spec.max_position_embeddings
+            self.field_errors.pop("seq_len", None)
+            return [f"Sequence length set to {spec.max_position_embeddings}: {spec.name} has that many learned positions."]
+        return []
+
+    # ---- results -----------------------------------------------------------
+    def compute(self) -> PlanResult:
+        """The budget and ladder for the current options; on bad input, the error and the last good budget."""
+        from engine.estimator import estimate
+        from engine.validation import config_from_options
+
+        error: InputError | None = None
+        error_field: str | None = None
+        if self.field_errors:
+            error_field, error = next(iter(self.field_errors.items()))
+        else:
+            try:
+                config = config_from_options(self.options)
+                model = self.model_spec(config.model)
+                gpu = self.gpu_spec()
+                budget = estimate(config, model=model, gpu=gpu)
+                ladder = savings_ladder(config, model=model, gpu=gpu)
+            except InputError as raised:
+                error, error_field = raised, field_key(raised.field)
+            else:
+                result = PlanResult(budget=budget, ladder=ladder, config=config, gpu=gpu, model=model)
+                self.last_good = result
+                return result
+        last = self.last_good
+        return PlanResult(
+            budget=last.budget if last else None,
+            ladder=last.ladder if last else None,
+            config=last.config if last else None,
+            error=error,
+            gpu=last.gpu if last else None,
+            model=last.model if last else None,
+            error_field=error_field,
+        )
+
+    def toggle_pin(self) -> bool:
+        """Pin the last good result for comparison, or unpin. Returns whether a pin is now set."""
+        if self.pinned is not None:
+            self.pinned = None
+            return False
+        if self.last_good is None:
+            return False
+        self.pinned = self.last_good
+        return True
+
+
+def config_differences(pinned: TrainingConfig, current: TrainingConfig) -> list[tuple[str, Any, Any]]:
+    """(field, pinned value, current value) for every option that differs."""
+    before, after = pinned.model_dump(), current.model_dump()
+    return [(key, before[key], after[key]) for key in after if before[key] != after[key]]
+
+
+__all__ = ["LOCAL_GPU", "Planner", "PlanResult", "config_differences", "field_key"]

@@ -1,0 +1,240 @@
+"""The budget's read-outs: verdict banner, component table (with deltas against a pin), step timeline."""
+
+from __future__ import annotations
+
+from textual.content import Content
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from engine.specs import COMPONENT_NAMES, Budget
+from engine.units import GiB, format_count
+from tui.planner import PlanResult, config_differences
+from tui.widgets.palette import COMPONENT_LABELS, swatch
+from tui.widgets.text import Text
+
+
+def gib(n_bytes: float, digits: int = 2) -> str:
+    return f"{n_bytes / GiB:,.{digits}f}"
+
+
+def table_gib(n_bytes: float) -> str:
+    """Two decimals, one from 1000 GiB up, so a column stays 7 cells wide for any model we ship."""
+    value = n_bytes / GiB
+    return f"{value:.2f}" if abs(value) < 1000 else f"{value:.1f}"
+
+
+def signed_gib(n_bytes: float, digits: int = 2) -> str:
+    """'+1.25' / '−3.50' (a real minus sign reads better in tables); '0.00' for no change."""
+    value = n_bytes / GiB
+    if round(value, digits) == 0:
+        return f"{0:.{digits}f}"
+    return f"{'+' if value > 0 else '−'}{abs(value):,.{digits}f}"
+
+
+class VerdictBanner(Widget):
+    """FITS / DOES NOT FIT with the headroom, in the colour of the verdict; shorter when narrow."""
+
+    DEFAULT_CSS = """
+    VerdictBanner { height: 1; }
+    """
+
+    result: reactive[PlanResult | None] = reactive(None)
+
+    def show(self, result: PlanResult) -> None:
+        fits = result.budget is not None and result.budget.fits
+        self.set_class(result.stale, "-stale")
+        self.set_class(result.budget is not None and fits, "-fits")
+        self.set_class(result.budget is not None and not fits, "-over")
+        self.result = result
+
+    def render(self) -> Content:
+        result = self.result
+        if result is None:
+            return Content("")
+        budget = result.budget
+        if budget is None:
+            return Content("No valid budget yet: fix the highlighted input.")
+        capacity = budget.gpu.memory_bytes
+        share = 100 * budget.device_peak_bytes / capacity
+        wide = self.content_region.width >= 60
+        if budget.fits:
+            detail = f"{gib(budget.device_peak_bytes)} of {gib(capacity)} GiB ({share:.0f}%) · " if wide else ""
+            verdict = Content.assemble(("✔ FITS", "bold"), f"  {detail}headroom {gib(budget.headroom_bytes)} GiB")
+        else:
+            detail = f"needs {gib(budget.device_peak_bytes)} of {gib(capacity)} GiB · " if wide else ""
+            verdict = Content.assemble(("✘ DOES NOT FIT", "bold"), f"  {detail}over by {gib(-budget.headroom_bytes)} GiB")
+        if result.stale:
+            verdict = Content.assemble(("STALE ", "bold"), verdict)
+        return verdict
+
+
+class ErrorLine(Text):
+    """Why the budget is stale, next to the banner (the field itself shows it too)."""
+
+    def show(self, result: PlanResult) -> None:
+        self.display = result.error is not None
+        if result.error is not None:
+            self.set(Content.assemble(("⚠ ", "bold"), str(result.error), " — showing the last valid budget"))
+
+
+class SummaryLine(Text):
+    """Model, parameters, GPU and workload in one line."""
+
+    def show(self, result: PlanResult) -> None:
+        budget, config, model, gpu = result.budget, result.config, result.model, result.gpu
+        if budget is None or config is None:
+            self.set("")
+            return
+        model_name = model.name if model else budget.model.id
+        gpu_name = gpu.name if gpu else budget.gpu.id
+        trainable = budget.model.trainable_params
+        trained = "all trainable" if trainable == budget.model.params else f"{format_count(trainable)} trainable"
+        self.set(
+            Content.assemble(
+                (model_name, "bold"),
+                f" · {format_count(budget.model.params)} params, {trained} · ",
+                (f"{config.gpus}x {gpu_name}", "bold"),
+                f" · batch {config.batch_size} x {config.seq_len} tokens",
+            )
+        )
+
+
+class ComponentTable(Widget):
+    """GiB and % per component at the peak; a delta column against the pin when one is set."""
+
+    DEFAULT_CSS = """
+    ComponentTable { height: 11; }
+    """
+
+    # Fixed height (heading, six components, a rule, three totals): redraw without a layout pass.
+    result: reactive[PlanResult | None] = reactive(None)
+    pinned: reactive[PlanResult | None] = reactive(None)
+
+    def render(self) -> Content:
+        result = self.result
+        if result is None or result.budget is None:
+            return Content("")
+        budget = result.budget
+        pinned = self.pinned.budget if self.pinned is not None else None
+        no_color = self.app.no_color
+        width = max(self.content_region.width, 30)
+        number_width, percent_width = 8, 6
+        delta_width = 9 if pinned is not None else 0
+        name_width = max(width - 2 - number_width - percent_width - delta_width, 10)
+        total = max(budget.device_peak_bytes, 1)
+        components = budget.per_gpu.model_dump()
+        before = pinned.per_gpu.model_dump() if pinned is not None else {}
+
+        def row(label: Content | str, value: str, percent: str, delta: Content | str = "", style: str = "") -> Content:
+            cells = [
+                label if isinstance(label, Content) else Content.styled(label, style),
+                Content(value.rjust(number_width)),
+                Content(percent.rjust(percent_width)),
+            ]
+            if pinned is not None:
+                delta_content = delta if isinstance(delta, Content) else Content(delta)
+                cells.append(delta_content.right(delta_width))
+            return Content.assemble(*cells)
+
+        def delta_cell(now: int, then: int) -> Content:
+            change = now - then
+            style = "$text-success" if change < 0 else "$text-error" if change > 0 else "$text-muted"
+            return Content.styled(signed_gib(change, 2 if abs(change) < 1000 * GiB else 1), style)
+
+        heading = f"At the {budget.peak_phase} peak"
+        lines = [
+            row(Content.styled(heading[: name_width + 2].ljust(name_width + 2), "bold"), "GiB", "%",
+                "Δ pin" if pinned is not None else "", style="bold").stylize("bold"),
+        ]
+        for name in COMPONENT_NAMES:
+            value = components[name]
+            label = Content.assemble(swatch(name, no_color), " ", COMPONENT_LABELS[name][:name_width].ljust(name_width))
+            lines.append(
+                row(label, table_gib(value), f"{100 * value / total:.1f}",
+                    delta_cell(value, before[name]) if pinned is not None else "")
+            )
+        lines.append(Content.styled("─" * width, "$foreground-darken-3"))
+        peak_label = "Device peak (NVML)"[: name_width + 2].ljust(name_width + 2)
+        lines.append(
+            row(Content.styled(peak_label, "bold"), table_gib(budget.device_peak_bytes), "100.0",
+                delta_cell(budget.device_peak_bytes, pinned.device_peak_bytes) if pinned is not None else "")
+        )
+        tensor_label = "Tensor peak (PyTorch)"[: name_width + 2].ljust(name_width + 2)
+        lines.append(
+            row(tensor_label, table_gib(budget.tensor_peak_bytes), f"{100 * budget.tensor_peak_bytes / total:.1f}",
+                delta_cell(budget.tensor_peak_bytes, pinned.tensor_peak_bytes) if pinned is not None else "")
+        )
+        states_label = "Bytes per parameter"[: name_width + 2].ljust(name_width + 2)
+        bpp_delta: Content | str = ""
+        if pinned is not None:
+            change = budget.bytes_per_param - pinned.bytes_per_param
+            style = "$text-success" if change < 0 else "$text-error" if change > 0 else "$text-muted"
+            bpp_delta = Content.styled(f"{change:+.2f}" if abs(change) >= 0.005 else "0.00", style)
+        lines.append(row(states_label, f"{budget.bytes_per_param:.2f}", "", bpp_delta))
+        return Content("\n").join(lines)
+
+
+class TimelineChart(Widget):
+    """Memory through one step (start, forward, loss, backward, optimizer, end), as horizontal bars."""
+
+    DEFAULT_CSS = """
+    TimelineChart { height: 7; }
+    """
+
+    budget: reactive[Budget | None] = reactive(None)
+
+    def render(self) -> Content:
+        budget = self.budget
+        if budget is None:
+            return Content("")
+        width = max(self.content_region.width, 24)
+        label_width = 10
+        value_width = 7
+        marker_width = 2  # " ◀" on the peak
+        bar_width = max(width - label_width - value_width - marker_width, 4)
+        capacity = budget.gpu.memory_bytes
+        scale = max(capacity, *(point.bytes for point in budget.timeline))
+        capacity_column = min(max(round(capacity / scale * bar_width) - 1, 0), bar_width - 1)
+        peak_value = max(point.bytes for point in budget.timeline)
+        lines = [Content.styled("Through one step, GiB", "bold").truncate(width)]
+        for point in budget.timeline:
+            filled = round(point.bytes / scale * bar_width)
+            cells: list[tuple[str, str]] = [("█", "$primary")] * filled + [(" ", "")] * (bar_width - filled)
+            under = cells[capacity_column][0] == "█"
+            cells[capacity_column] = ("┊", "bold $error" if under and point.bytes > capacity else "$text-muted")
+            is_peak = point.bytes == peak_value and point.phase == budget.peak_phase
+            lines.append(
+                Content.assemble(
+                    point.phase[:label_width].ljust(label_width),
+                    *cells,
+                    table_gib(point.bytes).rjust(value_width),
+                    (" ◀" if is_peak else "", "bold $text-warning"),
+                )
+            )
+        return Content("\n").join(lines)
+
+
+class PinSummary(Text):
+    """What the pin was and what changed since: the compare view's headline."""
+
+    def show(self, result: PlanResult, pinned: PlanResult | None) -> None:
+        self.display = pinned is not None and pinned.budget is not None
+        if pinned is None or pinned.budget is None or result.budget is None:
+            return
+        then, now = pinned.budget, result.budget
+        change = now.device_peak_bytes - then.device_peak_bytes
+        style = "$text-success" if change < 0 else "$text-error" if change > 0 else "$text-muted"
+        verdict = "fits" if then.fits else "does not fit"
+        parts: list[Content | str | tuple[str, str]] = [
+            ("Pinned: ", "bold"),
+            f"{gib(then.device_peak_bytes)} GiB ({verdict}) → now ",
+            (f"{signed_gib(change)} GiB", f"bold {style}"),
+        ]
+        if pinned.config is not None and result.config is not None:
+            differences = config_differences(pinned.config, result.config)
+            if differences:
+                changed = ", ".join(f"{key} {before}→{after}" for key, before, after in differences)
+                parts.append(f" · changed: {changed}")
+            else:
+                parts.append(" · same options")
+        self.set(Content.assemble(*parts))

@@ -1,0 +1,177 @@
+"""The savings ladder on screen: one row per optimization, what it removed, and why (for the highlighted row)."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.content import Content
+from textual.events import Resize
+from textual.widgets import OptionList
+from textual.widgets.option_list import Option
+
+from engine.ladder import LadderStep, SavingsLadder
+from engine.specs import COMPONENT_NAMES
+from engine.units import GiB
+from tui.explain import summary
+from tui.widgets.budget import gib, signed_gib
+from tui.widgets.palette import SHORT_LABELS
+from tui.widgets.text import Text
+
+STEP_EXPLAINERS = {"baseline": "optimizer_states"}  # what to explain for the baseline row
+# Options that belong to another option's rung.
+RUNG_OF = {"master_weights": "precision", "lora_targets": "lora_rank", "galore_rank": "optimizer"}
+
+
+def step_explainer_key(step: LadderStep) -> str:
+    """The option whose explainer tells why this rung helped (the first one applied)."""
+    key = step.keys[0]
+    return STEP_EXPLAINERS.get(key, key)
+
+
+class LadderView(Vertical):
+    """Title, column headings, the rungs (keyboard and mouse navigable), and the highlighted rung's story."""
+
+    DEFAULT_CSS = """
+    LadderView { height: auto; }
+    LadderView > OptionList { height: auto; max-height: 14; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.ladder: SavingsLadder | None = None
+        self._prompts: list[Content] = []
+
+    def compose(self) -> ComposeResult:
+        yield Text("", id="ladder-title", classes="section-title")
+        yield Text("", id="ladder-head", classes="ladder-head")
+        yield OptionList(id="ladder-list")
+        yield Text("", id="ladder-why", classes="ladder-why")
+
+    @property
+    def option_list(self) -> OptionList:
+        return self.query_one("#ladder-list", OptionList)
+
+    def highlighted_step(self) -> LadderStep | None:
+        index = self.option_list.highlighted
+        if self.ladder is None or index is None or not 0 <= index < len(self.ladder.steps):
+            return None
+        return self.ladder.steps[index]
+
+    def show(self, ladder: SavingsLadder | None, *, changed_key: str | None = None) -> None:
+        """Draw `ladder`; highlight the step of the option just changed, so its 'why' shows at once."""
+        self.ladder = ladder
+        self._rebuild()
+        if ladder is not None and changed_key is not None:
+            rung = RUNG_OF.get(changed_key, changed_key)
+            for index, step in enumerate(ladder.steps):
+                if rung in step.keys:
+                    self.option_list.highlighted = index
+                    break
+
+    def _on_resize(self, event: Resize) -> None:
+        self._rebuild()
+
+    def _columns(self, width: int) -> tuple[int, int]:
+        """(label width, mini-bar width) for this width: the bar goes first when space is short."""
+        numbers = 9 + 9 + 6 + 2  # removes, peak, B/param, fits
+        bar = 12 if width >= 70 else 0
+        label = max(width - numbers - (bar + 1 if bar else 0) - 2, 12)
+        return label, bar
+
+    def _rebuild(self) -> None:
+        option_list = self.option_list
+        ladder = self.ladder
+        title = self.query_one("#ladder-title", Text)
+        head = self.query_one("#ladder-head", Text)
+        if ladder is None:
+            title.set("Savings ladder")
+            head.set("")
+            option_list.clear_options()
+            self._prompts = []
+            return
+        baseline, final = ladder.baseline.budget, ladder.final.budget
+        title.set(
+            Content.assemble(
+                ("Savings ladder", "bold"),
+                f"  {baseline.bytes_per_param:.0f} → {final.bytes_per_param:.2f} bytes/param, "
+                f"device peak {gib(baseline.device_peak_bytes, 1)} → {gib(final.device_peak_bytes, 1)} GiB",
+            )
+        )
+        width = max(option_list.content_region.width or self.content_region.width or 60, 40)
+        label_width, bar_width = self._columns(width)
+        heading = "step".ljust(label_width) + "Δ GiB".rjust(9)
+        if bar_width:
+            heading += " " + "peak vs GPU".ljust(bar_width)
+        heading += "peak".rjust(9) + "B/par".rjust(6) + " fits"
+        head.set(Content.styled(heading, "$text-muted"), layout=False)
+        capacity = final.gpu.memory_bytes
+        scale = max(capacity, *(step.budget.device_peak_bytes for step in ladder.steps))
+        highlighted = option_list.highlighted
+        keep_highlight = option_list.option_count == len(ladder.steps)
+        prompts = [self._row(step, label_width, bar_width, scale, capacity) for step in ladder.steps]
+        if prompts != self._prompts:
+            self._prompts = prompts
+            option_list.set_options(Option(prompt, id=f"step-{index}") for index, prompt in enumerate(prompts))
+            if highlighted is None or not keep_highlight:
+                highlighted = len(prompts) - 1  # a different ladder: start from the result
+            option_list.highlighted = highlighted
+        self._show_why()
+
+    def _row(self, step: LadderStep, label_width: int, bar_width: int, scale: int, capacity: int) -> Content:
+        budget = step.budget
+        label = step.label if len(step.label) <= label_width else step.label[: label_width - 1] + "…"
+        if step.is_baseline:
+            removed = Content("".rjust(9))
+        else:
+            change = -step.removed_total
+            style = "$text-success" if change < 0 else "$text-error" if change > 0 else "$text-muted"
+            removed = Content.styled(signed_gib(change, 1), style).right(9)
+        parts: list[Content | str | tuple[str, str]] = [label.ljust(label_width), removed]
+        if bar_width:
+            filled = round(budget.device_peak_bytes / scale * bar_width)
+            capacity_column = min(max(round(capacity / scale * bar_width) - 1, 0), bar_width - 1)
+            cells = [("█", "$primary")] * filled + [("·", "$foreground-darken-3")] * (bar_width - filled)
+            cells[capacity_column] = ("┃", "$error" if budget.device_peak_bytes > capacity else "$text")
+            parts += [" ", *cells]
+        parts += [
+            gib(budget.device_peak_bytes, 1).rjust(9),
+            f"{budget.bytes_per_param:.2f}".rjust(6),
+            ("  ✔" if budget.fits else "  ✘", "$text-success" if budget.fits else "$text-error"),
+        ]
+        return Content.assemble(*parts)
+
+    @on(OptionList.OptionHighlighted, "#ladder-list")
+    def _highlighted(self, event: OptionList.OptionHighlighted) -> None:
+        event.stop()
+        self._show_why()
+
+    def _show_why(self) -> None:
+        why = self.query_one("#ladder-why", Text)
+        step = self.highlighted_step()
+        if step is None:
+            why.set("")
+            return
+        if step.is_baseline:
+            why.set(
+                Content.assemble(
+                    ("Baseline: ", "bold"),
+                    "fp32 weights + fp32 gradients + two fp32 AdamW moments = 16 bytes per parameter, "
+                    "before activations. ",
+                    ("? explains", "$text-muted"),
+                )
+            )
+            return
+        removed = sorted(
+            ((name, step.removed[name]) for name in COMPONENT_NAMES if abs(step.removed[name]) >= GiB // 100),
+            key=lambda item: -abs(item[1]),
+        )
+        changes = ", ".join(f"{SHORT_LABELS[name]} {signed_gib(-value, 1)}" for name, value in removed[:4])
+        why.set(
+            Content.assemble(
+                (f"{step.label}: ", "bold"),
+                summary(step_explainer_key(step)),
+                f" At the peak: {changes} GiB. " if changes else " No change at the peak. ",
+                ("? explains", "$text-muted"),
+            )
+        )

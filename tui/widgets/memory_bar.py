@@ -1,0 +1,93 @@
+"""The stacked bar: each component's share of the device peak, against the GPU's capacity."""
+
+from __future__ import annotations
+
+from textual.content import Content
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from engine.specs import COMPONENT_NAMES, Budget
+from engine.units import GiB
+from tui.widgets.palette import COMPONENT_STYLES, SHORT_LABELS, glyph, swatch
+
+
+def segment_widths(values: list[int], scale: float, width: int) -> list[int]:
+    """Cells per value so the cells add up to round(sum / scale * width) (largest remainder)."""
+    if scale <= 0 or width <= 0:
+        return [0] * len(values)
+    exact = [max(value, 0) / scale * width for value in values]
+    cells = [int(x) for x in exact]
+    target = min(width, round(sum(exact)))
+    order = sorted(range(len(values)), key=lambda i: exact[i] - cells[i], reverse=True)
+    for index in order[: max(target - sum(cells), 0)]:
+        cells[index] += 1
+    return cells
+
+
+class MemoryBar(Widget):
+    """Three lines: the capacity marker, the stacked bar, and a legend (which wraps when narrow)."""
+
+    DEFAULT_CSS = """
+    MemoryBar { height: 4; }
+    """
+
+    # The height follows the width (legend columns), not the numbers: redraws need no layout pass.
+    budget: reactive[Budget | None] = reactive(None)
+
+    @staticmethod
+    def legend_columns(width: int) -> int:
+        return max(1, min(3, width // 20))
+
+    def on_resize(self) -> None:
+        width = self.content_region.width
+        if width:
+            height = 2 + -(-len(COMPONENT_NAMES) // self.legend_columns(width))
+            if self.styles.height is None or self.styles.height.value != height:
+                self.styles.height = height
+
+    def render(self) -> Content:
+        budget = self.budget
+        if budget is None:
+            return Content("")
+        no_color = self.app.no_color
+        width = max(self.content_region.width or self.size.width, 10)
+        capacity = budget.gpu.memory_bytes
+        peak = budget.device_peak_bytes
+        scale = max(capacity, peak)
+        components = budget.per_gpu.model_dump()
+        values = [components[name] for name in COMPONENT_NAMES]
+        cells = segment_widths(values, scale, width)
+        capacity_column = min(max(round(capacity / scale * width) - 1, 0), width - 1)
+
+        # Line 1: where the card ends.
+        over = peak > capacity
+        marker_text = f"GPU {capacity / GiB:,.2f} GiB ▼"
+        start = max(capacity_column - len(marker_text) + 1, 0)
+        marker_style = "bold $error" if over else "bold $text"
+        top = Content.assemble(" " * start, (marker_text, marker_style))
+
+        # Line 2: the segments, free space, and the capacity line drawn over them.
+        bar_cells: list[tuple[str, str]] = []
+        for name, count in zip(COMPONENT_NAMES, cells):
+            bar_cells += [(glyph(name, no_color), COMPONENT_STYLES[name])] * count
+        free_glyph = "·" if no_color else "░"
+        bar_cells += [(free_glyph, "$foreground-darken-3")] * (width - len(bar_cells))
+        character, _ = bar_cells[capacity_column]
+        if over:
+            bar_cells[capacity_column] = ("┃", "bold $error")
+        else:
+            bar_cells[capacity_column] = ("▕" if character == free_glyph else "┃", "bold $text")
+        bar = Content.assemble(*bar_cells)
+
+        # Then the legend, GiB per component, in columns; the column count depends on the width only.
+        columns = self.legend_columns(width)
+        column_width = width // columns
+        entries = [
+            Content.assemble(swatch(name, no_color), f" {SHORT_LABELS[name]} {components[name] / GiB:,.1f}")
+            .truncate(column_width - 1, pad=True)
+            for name in COMPONENT_NAMES
+        ]
+        legend_lines = [
+            Content.assemble(*entries[start : start + columns]) for start in range(0, len(entries), columns)
+        ]
+        return Content("\n").join([top, bar, *legend_lines])

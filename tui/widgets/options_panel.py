@@ -1,0 +1,216 @@
+"""The planner's inputs, grouped, each with its one-line description and room for an inline error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual import events, on
+from textual.app import ComposeResult
+from textual.containers import Container, VerticalScroll
+from textual.message import Message
+from textual.widget import Widget
+from textual.widgets import Checkbox, Input, Label, Select, Static
+
+from engine.architectures import ModelSpec
+from engine.local_gpu import LocalGpu
+from engine.specs import GpuSpec
+from engine.units import GiB
+from tui.option_specs import GROUPS, OptionSpec
+from tui.planner import LOCAL_GPU, Planner
+
+
+class IntInput(Input):
+    """A whole-number field that lets non-digit keys through, so `p`, `e`, `?` still work while it has focus."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(type="integer", compact=True, **kwargs)
+
+    DIGITS = "0123456789-"
+
+    def check_consume_key(self, key: str, character: str | None) -> bool:
+        return character is not None and character in self.DIGITS
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.is_printable and event.character is not None and event.character not in self.DIGITS:
+            event.prevent_default()  # not for us: skip Input's insert and let the key bubble to the bindings
+
+
+def model_choices(models: dict[str, ModelSpec], custom: list[str]) -> list[tuple[str, str]]:
+    choices = [(f"{spec.name} ({spec.id})", spec.id) for spec in models.values()]
+    choices += [(f"file: {path}", path) for path in custom]
+    return choices
+
+
+def gpu_choices(gpus: dict[str, GpuSpec], local: LocalGpu | None) -> list[tuple[str, str]]:
+    choices = []
+    if local is not None:
+        choices.append((f"This machine: {local.nvml_name} ({local.memory_total / GiB:.1f} GiB)", LOCAL_GPU))
+    # "GeForce" adds width, not information, in a narrow picker.
+    choices += [(f"{gpu.name.removeprefix('GeForce ')} ({gpu.memory_bytes / GiB:.1f} GiB)", gpu.id)
+                for gpu in gpus.values()]
+    return choices
+
+
+class OptionRow(Container):
+    """Label and control on one line; under them the one-line description, or the error when refused."""
+
+    def __init__(self, spec: OptionSpec, control: Widget) -> None:
+        super().__init__(id=f"row-{spec.key}", classes="option-row")
+        self.spec = spec
+        self.control = control
+        self.error: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.spec.label, classes="option-label")
+        yield self.control
+        yield Static(self.spec.summary, classes="option-note", markup=False)
+
+    def set_error(self, message: str | None) -> None:
+        if message == self.error:
+            return
+        self.error = message
+        self.set_class(message is not None, "-invalid")
+        note = self.query_one(".option-note", Static)
+        note.update(f"✘ {message}" if message else self.spec.summary)
+
+
+class OptionsPanel(VerticalScroll, can_focus=False):
+    """Every estimator option as a control. Posts `OptionsPanel.Changed` for each edit the user makes."""
+
+    class Changed(Message):
+        """An option edited: `value` is typed for pickers and switches, the raw text for typed fields."""
+
+        def __init__(self, key: str, value: Any) -> None:
+            super().__init__()
+            self.key = key
+            self.value = value
+
+    class Ready(Message):
+        """The panel has mounted (it mounts lazily, after the first frame)."""
+
+    def __init__(self, planner: Planner, models: dict[str, ModelSpec], gpus: dict[str, GpuSpec], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.planner = planner
+        self.models = models
+        self.gpus = gpus
+        self.custom_models: list[str] = []
+        self.rows: dict[str, OptionRow] = {}
+
+    def compose(self) -> ComposeResult:
+        for title, specs in GROUPS:
+            yield Static(title, classes="group-title")
+            for spec in specs:
+                yield OptionRow(spec, self._control(spec))
+
+    def _control(self, spec: OptionSpec) -> Widget:
+        options = self.planner.options
+        tooltip = spec.summary
+        control_id = f"opt-{spec.key}"
+        if spec.kind == "model":
+            return Select(model_choices(self.models, self.custom_models), value=options["model"], allow_blank=False,
+                          compact=True, id=control_id, tooltip="Type to search the presets")
+        if spec.kind == "gpu":
+            return Select(gpu_choices(self.gpus, self.planner.local_gpu), value=self.planner.gpu_choice,
+                          allow_blank=False, compact=True, id=control_id, tooltip=tooltip)
+        if spec.kind == "path":
+            return Input(placeholder="path to config.json", compact=True, id=control_id,
+                         tooltip="A Hugging Face config.json (or its folder); Enter loads it")
+        if spec.kind == "int":
+            return IntInput(value=str(options[spec.key]), id=control_id, tooltip=tooltip)
+        if spec.kind == "switch":
+            return Checkbox("on", value=bool(options[spec.key]), compact=True, id=control_id, tooltip=tooltip)
+        if spec.kind == "text":
+            return Input(value=str(options[spec.key]), compact=True, id=control_id, tooltip=tooltip)
+        value = str(options[spec.key])
+        return Select([(choice, choice) for choice in spec.choices], value=value, allow_blank=False,
+                      compact=True, id=control_id, tooltip=tooltip)
+
+    def on_mount(self) -> None:
+        self.rows = {row.spec.key: row for row in self.query(OptionRow)}
+        self.post_message(self.Ready())
+
+    # ---- user edits ----------------------------------------------------------
+    @staticmethod
+    def _key(widget: Widget) -> str | None:
+        return widget.id[4:] if widget.id and widget.id.startswith("opt-") else None
+
+    @on(Select.Changed)
+    def _select_changed(self, event: Select.Changed) -> None:
+        event.stop()
+        key = self._key(event.select)
+        if key is None or event.value is Select.NULL:
+            return
+        value: Any = int(event.value) if key == "zero" else event.value
+        current = self.planner.gpu_choice if key == "gpu" else self.planner.options.get(key)
+        if value != current:
+            self.post_message(self.Changed(key, value))
+
+    @on(Checkbox.Changed)
+    def _checkbox_changed(self, event: Checkbox.Changed) -> None:
+        event.stop()
+        key = self._key(event.checkbox)
+        if key is not None and event.value != self.planner.options.get(key):
+            self.post_message(self.Changed(key, event.value))
+
+    @on(Input.Changed)
+    def _input_changed(self, event: Input.Changed) -> None:
+        event.stop()
+        key = self._key(event.input)
+        if key is None or key == "model_path":
+            return  # a path loads on Enter, not on every keystroke
+        if key not in self.planner.field_errors and event.value == str(self.planner.options.get(key)):
+            return  # the app set this value itself
+        self.post_message(self.Changed(key, event.value))
+
+    @on(Input.Submitted, "#opt-model_path")
+    def _path_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.post_message(self.Changed("model_path", event.value))
+
+    # ---- the app's view of the state -------------------------------------------
+    def sync(self) -> None:
+        """Make every control show the planner's options (after a recipe, a palette pick, the local GPU)."""
+        # Programmatic changes must not come back as user edits.
+        with self.prevent(Select.Changed, Input.Changed, Checkbox.Changed):
+            self._sync()
+
+    def _sync(self) -> None:
+        options = self.planner.options
+        model_select = self.query_one("#opt-model", Select)
+        model = options["model"]
+        if model not in self.models and model not in self.custom_models:
+            self.custom_models.append(model)
+            model_select.set_options(model_choices(self.models, self.custom_models))
+        model_select.value = model
+        gpu_select = self.query_one("#opt-gpu", Select)
+        gpu_select.set_options(gpu_choices(self.gpus, self.planner.local_gpu))
+        gpu_select.value = self.planner.gpu_choice
+        for _, specs in GROUPS:
+            for spec in specs:
+                if spec.kind in ("int", "text"):
+                    field = self.query_one(f"#opt-{spec.key}", Input)
+                    text = str(options[spec.key])
+                    if field.value != text:
+                        field.value = text
+                elif spec.kind == "switch":
+                    self.query_one(f"#opt-{spec.key}", Checkbox).value = bool(options[spec.key])
+                elif spec.kind == "select":
+                    self.query_one(f"#opt-{spec.key}", Select).value = str(options[spec.key])
+
+    def show_errors(self, errors: dict[str, str]) -> None:
+        """Mark the fields named in `errors` (key -> message); clear every other one."""
+        for key, row in self.rows.items():
+            row.set_error(errors.get(key))
+
+    def scroll_to_field(self, key: str) -> None:
+        rows = self.query(f"#row-{key}")
+        if rows:
+            self.scroll_to_widget(rows.first(), animate=False)
+
+    def row_for(self, widget: Widget | None) -> OptionRow | None:
+        """The option row a (focused) widget belongs to, if any."""
+        while widget is not None:
+            if isinstance(widget, OptionRow):
+                return widget
+            widget = widget.parent if isinstance(widget.parent, Widget) else None
+        return None
