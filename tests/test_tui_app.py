@@ -150,6 +150,21 @@ async def test_an_invalid_number_is_refused_inline_and_the_last_budget_stays():
             app.result.budget.device_peak_bytes > good.device_peak_bytes)
 
 
+async def test_a_burst_of_keys_stays_in_order():
+    """Over SSH several keys arrive in one packet: a backspace must not be overtaken by the digits after it."""
+    app = make_app()
+    async with app.run_test(size=NARROW) as pilot:
+        await ready(pilot)
+        field = app.query_one("#opt-lora_rank", Input)
+        field.focus()
+        await pilot.pause()
+        for key, character in (("end", None), ("backspace", None), ("1", "1"), ("6", "6"), ("left", None),
+                               ("backspace", None), ("3", "3")):
+            app.post_message(events.Key(key, character))  # what the driver does, without waiting in between
+        await pilot.pause()
+        assert field.value == "36" and app.planner.options["lora_rank"] == 36
+
+
 async def test_an_impossible_combination_is_named_beside_its_field():
     app = make_app()
     async with app.run_test(size=WIDE) as pilot:
@@ -251,6 +266,11 @@ async def test_ladder_rows_say_why_each_step_helped():
         await pilot.pause()
         assert app.screen.markdown.startswith("# Quantized base")
         assert "NF4" in str(app.screen.query_one("#explain-footer").render())
+        await pilot.press("escape")
+        # Enter on a step (or a click) explains it too; the baseline explains the 16 bytes.
+        ladder.option_list.highlighted = 0
+        await pilot.press("enter")
+        assert app.screen.markdown.startswith("# The savings ladder")
 
 
 async def test_pin_then_change_shows_each_components_delta():

@@ -193,7 +193,7 @@ class MemtuiApp(App[None]):
             name = recipe.name
         self._sync_inputs()
         self.refresh_plan()
-        self.notify(" ".join([f"Applied {name}.", *notes]), title=kind.capitalize(), markup=False)
+        self.notify(" ".join([f"Applied {name}.", *notes]), title={"model": "Model", "gpu": "GPU"}.get(kind, "Recipe"), markup=False)
 
     # ---- drawing -----------------------------------------------------------------
     def _sync_inputs(self) -> None:
@@ -236,17 +236,24 @@ class MemtuiApp(App[None]):
             self.sub_title = f"{result.model.name} on {result.config.gpus if result.config else 1}x {result.gpu.name}"
 
     # ---- actions -----------------------------------------------------------------
+    @on(OptionList.OptionSelected, "#ladder-list")
+    def explain_ladder_step(self) -> None:
+        """Enter or a click on a ladder step (or ? while the ladder has focus): why that step helped."""
+        from tui.screens.explain_screen import ExplainScreen
+
+        step = self.query_one(LadderView).highlighted_step()
+        if step is not None and not step.is_baseline:
+            explainer = EXPLAINERS[step_explainer_key(step)]
+            self.push_screen(ExplainScreen(explainer.markdown(), footer=f"Ladder step: {step.label}"))
+        else:
+            self.push_screen(ExplainScreen(LADDER_INTRO))
+
     def action_explain(self) -> None:
         from tui.screens.explain_screen import ExplainScreen  # Markdown is only needed once asked
 
         focused = self.focused
         if isinstance(focused, OptionList) and focused.id == "ladder-list":
-            step = self.query_one(LadderView).highlighted_step()
-            if step is not None and not step.is_baseline:
-                explainer = EXPLAINERS[step_explainer_key(step)]
-                self.push_screen(ExplainScreen(explainer.markdown(), footer=f"Ladder step: {step.label}"))
-            else:
-                self.push_screen(ExplainScreen(LADDER_INTRO))
+            self.explain_ladder_step()
             return
         panel = self.options_panel
         row = panel.row_for(focused) if panel is not None else None

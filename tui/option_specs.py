@@ -57,12 +57,12 @@ GROUPS: tuple[tuple[str, tuple[OptionSpec, ...]], ...] = (
     ("Parallelism", (
         OptionSpec("zero", "ZeRO stage", "select", ("0", "1", "2", "3")),
         OptionSpec("tp", "Tensor par.", "int"),
-        OptionSpec("pp", "Pipeline par.", "int"),
+        OptionSpec("pp", "Pipe. par.", "int"),
     )),
     ("Adapters & quantization", (
         OptionSpec("lora_rank", "LoRA rank", "int"),
-        OptionSpec("lora_targets", "LoRA targets", "text"),
-        OptionSpec("quant", "Quantize base", "select", QUANTS),
+        OptionSpec("lora_targets", "LoRA layers", "text"),
+        OptionSpec("quant", "Quantize", "select", QUANTS),
     )),
 )
 

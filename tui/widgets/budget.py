@@ -56,13 +56,17 @@ class VerdictBanner(Widget):
             return Content("No valid budget yet: fix the highlighted input.")
         capacity = budget.gpu.memory_bytes
         share = 100 * budget.device_peak_bytes / capacity
-        wide = self.content_region.width >= 60
+        prefix = "STALE " if result.stale else ""
         if budget.fits:
-            detail = f"{gib(budget.device_peak_bytes)} of {gib(capacity)} GiB ({share:.0f}%) · " if wide else ""
-            verdict = Content.assemble(("✔ FITS", "bold"), f"  {detail}headroom {gib(budget.headroom_bytes)} GiB")
+            label, short = "✔ FITS", f"  headroom {gib(budget.headroom_bytes)} GiB"
+            detail = f"  {gib(budget.device_peak_bytes)} of {gib(capacity)} GiB ({share:.0f}%) ·" + short[1:]
         else:
-            detail = f"needs {gib(budget.device_peak_bytes)} of {gib(capacity)} GiB · " if wide else ""
-            verdict = Content.assemble(("✘ DOES NOT FIT", "bold"), f"  {detail}over by {gib(-budget.headroom_bytes)} GiB")
+            label, short = "✘ DOES NOT FIT", f"  over by {gib(-budget.headroom_bytes)} GiB"
+            detail = f"  needs {gib(budget.device_peak_bytes)} of {gib(capacity)} GiB ·" + short[1:]
+        # One line always: the long form where it fits, else the headroom alone (the bar shows the rest).
+        width = self.content_region.width
+        text = detail if len(prefix + label + detail) <= width else short
+        verdict = Content.assemble((label, "bold"), text)
         if result.stale:
             verdict = Content.assemble(("STALE ", "bold"), verdict)
         return verdict

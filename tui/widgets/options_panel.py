@@ -19,13 +19,37 @@ from tui.option_specs import GROUPS, OptionSpec
 from tui.planner import LOCAL_GPU, Planner
 
 
-class IntInput(Input):
+class EditingInput(Input):
+    """An Input that runs its editing keys itself instead of through the binding chain.
+
+    A bound key (backspace, arrows...) bubbles through every ancestor before its binding
+    runs, while printable keys are inserted at once; in a burst of keys (fast typing,
+    or SSH delivering several in one packet) "⌫ 1 6" then becomes "1 6 ⌫". Handling
+    the editing keys here keeps them in order.
+    """
+
+    EDIT_ACTIONS = {
+        "backspace": "delete_left", "delete": "delete_right", "left": "cursor_left", "right": "cursor_right",
+        "home": "home", "end": "end", "ctrl+a": "home", "ctrl+e": "end", "ctrl+k": "delete_right_all",
+        "ctrl+u": "delete_left_all", "ctrl+w": "delete_left_word",
+    }
+
+    # Textual calls each class's _on_key in MRO order until one calls prevent_default().
+    async def _on_key(self, event: events.Key) -> None:
+        action = self.EDIT_ACTIONS.get(event.key)
+        if action is not None:
+            event.stop()
+            event.prevent_default()
+            await self.run_action(action)
+
+
+class IntInput(EditingInput):
     """A whole-number field that lets non-digit keys through, so `p`, `e`, `?` still work while it has focus."""
+
+    DIGITS = "0123456789-"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(type="integer", compact=True, **kwargs)
-
-    DIGITS = "0123456789-"
 
     def check_consume_key(self, key: str, character: str | None) -> bool:
         return character is not None and character in self.DIGITS
@@ -113,14 +137,14 @@ class OptionsPanel(VerticalScroll, can_focus=False):
             return Select(gpu_choices(self.gpus, self.planner.local_gpu), value=self.planner.gpu_choice,
                           allow_blank=False, compact=True, id=control_id, tooltip=tooltip)
         if spec.kind == "path":
-            return Input(placeholder="path to config.json", compact=True, id=control_id,
+            return EditingInput(placeholder="path to config.json", compact=True, id=control_id,
                          tooltip="A Hugging Face config.json (or its folder); Enter loads it")
         if spec.kind == "int":
             return IntInput(value=str(options[spec.key]), id=control_id, tooltip=tooltip)
         if spec.kind == "switch":
             return Checkbox("on", value=bool(options[spec.key]), compact=True, id=control_id, tooltip=tooltip)
         if spec.kind == "text":
-            return Input(value=str(options[spec.key]), compact=True, id=control_id, tooltip=tooltip)
+            return EditingInput(value=str(options[spec.key]), compact=True, id=control_id, tooltip=tooltip)
         value = str(options[spec.key])
         return Select([(choice, choice) for choice in spec.choices], value=value, allow_blank=False,
                       compact=True, id=control_id, tooltip=tooltip)
