@@ -176,44 +176,77 @@ def apply_lora(model, spec: ModelSpec, config: TrainingConfig):
         fan_in_fan_out=spec.family == "gpt2",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, lora)
-    if config.precision in ("16-true", "bf16-true"):
-        # peft creates adapters in the base layer's dtype already; keep them there.
-        pass
+    if config.quant != "none":
+        from engine.replicas import lora_wrappers
+
+        wrappers = lora_wrappers()
+        if wrappers and any(type(module) in wrappers for module in model.modules()):
+            lora._register_custom_module(wrappers)
+    with swappable_fake_parameters():
+        peft_model = get_peft_model(model, lora)
     return peft_model
 
 
+@contextlib.contextmanager
+def swappable_fake_parameters() -> Iterator[None]:
+    """Let Module.to() work on fake parameters (peft moves every adapter it creates).
+
+    Module._apply swaps fake parameters in place, and torch refuses to swap a
+    tensor something holds a weak reference to; the fake mode's own conversion
+    memo holds one. We drop that memo entry just before the swap: it only
+    caches real-to-fake conversions, which a trace never reuses.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    original = torch.utils.swap_tensors
+
+    def swap(first, second):
+        for tensor in (first, second):
+            if isinstance(tensor, FakeTensor):
+                memo = tensor.fake_mode.fake_tensor_converter.meta_converter.tensor_memo
+                for key in [key for key, value in list(memo.items()) if value is tensor]:
+                    del memo[key]
+        return original(first, second)
+
+    torch.utils.swap_tensors = swap
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = original
+
+
 def _checkpoint_attention_core(model) -> None:
-    """Selective recomputation: recompute softmax(QK^T)V in backward, keep everything else."""
+    """Selective recomputation: recompute softmax(QK^T)V in backward, keep everything else.
+
+    The wrapped core is registered under its own implementation name, so nothing global
+    changes: other models built in this process keep their own attention.
+    """
     import torch.utils.checkpoint
-    from transformers import modeling_utils
+    from transformers import masking_utils, modeling_utils
 
     interface = modeling_utils.ALL_ATTENTION_FUNCTIONS
-    name = model.config._attn_implementation
-    core = interface.get(name)
+    implementation = model.config._attn_implementation
+    core = interface.get(implementation)
+    name = "memtui_selective"
     if core is None:  # eager is looked up as a module-level function by each model
         from importlib import import_module
 
         module = import_module(type(model).__module__)
         core = module.eager_attention_forward
-        owner, attribute = module, "eager_attention_forward"
-    else:
-        owner, attribute = None, name
+        name = f"memtui_selective_eager_{module.__name__.rsplit('.', 1)[-1]}"
+        # An unknown implementation name gets no mask at all; eager needs its additive mask.
+        masking_utils.AttentionMaskInterface.register(name, masking_utils.eager_mask)
 
     @functools.wraps(core)
     def recomputed(*args, **kwargs):
         return torch.utils.checkpoint.checkpoint(core, *args, use_reentrant=False, **kwargs)
 
-    if owner is not None:
-        setattr(owner, attribute, recomputed)
-    else:
-        # Register a distinct implementation name so other models in this process are unaffected.
-        interface["memtui_selective"] = recomputed
-        model.config._attn_implementation = "memtui_selective"
-        for submodule in model.modules():
-            config = getattr(submodule, "config", None)
-            if config is not None and hasattr(config, "_attn_implementation"):
-                config._attn_implementation = "memtui_selective"
+    interface[name] = recomputed
+    for submodule in model.modules():
+        config = getattr(submodule, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = name
 
 
 def trainable_parameters(model) -> list:

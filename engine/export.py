@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from engine.cli.render import COMPONENT_LABELS
 from engine.ladder import SavingsLadder
-from engine.specs import COMPONENT_NAMES, Budget
+from engine.specs import COMPONENT_LABELS, COMPONENT_NAMES, Budget
 from engine.units import GiB, format_count, format_gib
 
 EXPORT_DIR_ENV = "MEMTUI_EXPORT_DIR"

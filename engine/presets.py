@@ -22,7 +22,12 @@ from engine.specs import GpuSpec, Recipe, TrainingConfig
 
 def presets_dir() -> Path:
     """The presets folder: MEMTUI_PRESETS, the source tree's presets/, or the wheel's copy."""
-    override = os.environ.get("MEMTUI_PRESETS")
+    return _presets_dir(os.environ.get("MEMTUI_PRESETS") or "")
+
+
+@lru_cache(maxsize=8)
+def _presets_dir(override: str) -> Path:
+    # Cached: every estimate resolves its presets, and the file system checks cost more than the estimate.
     if override:
         return Path(override)
     here = Path(__file__).resolve().parent

@@ -136,10 +136,19 @@ class Components(BaseModel):
 
     @property
     def total(self) -> int:
-        return sum(self.model_dump().values())
+        return (self.weights + self.gradients + self.optimizer_states + self.activations + self.temporary
+                + self.overhead)
 
 
 COMPONENT_NAMES: tuple[str, ...] = tuple(Components.model_fields)
+COMPONENT_LABELS: dict[str, str] = {
+    "weights": "Weights",
+    "gradients": "Gradients",
+    "optimizer_states": "Optimizer states",
+    "activations": "Activations",
+    "temporary": "Temporaries",
+    "overhead": "CUDA overhead",
+}
 
 
 class TimelinePoint(BaseModel):

@@ -125,5 +125,9 @@ def check_config(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> list
     if config.tp > 1 and config.attention == "eager":
         notes.append("eager attention under tensor parallelism keeps s x s scores per head shard.")
     if model.is_moe:
-        notes.append("MoE routing assumed balanced: every expert gets tokens x top-k / experts.")
+        notes.append("MoE: transformers' grouped_mm experts process tokens x top-k rows whatever the routing, "
+                     "so the step's memory does not depend on which experts the router picks.")
+        if config.quant != "none":
+            notes.append(f"{config.quant}: bitsandbytes quantizes nn.Linear layers only; the experts' stacked "
+                         "weights stay 16-bit (as transformers loads them).")
     return notes

@@ -25,30 +25,32 @@ from engine.validation import config_from_options
 _DEFAULTS = TrainingConfig()
 
 
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
+def _number(flag: str, kind: type, allowed, rule: str):
+    """An argparse type: `kind(text)` for which `allowed(value)` holds, else a one-line error naming the flag."""
+    noun = "whole number" if kind is int else "number"
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a whole number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{flag}: must be at least 1, got {value}")
+            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a {noun}") from None
+        if not allowed(value):
+            raise argparse.ArgumentTypeError(f"{flag}: must be {rule}, got {text}")
         return value
 
     return parse
+
+
+def _positive_int(flag: str):
+    return _number(flag, int, lambda value: value >= 1, "at least 1")
 
 
 def _non_negative_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag}: {text!r} is not a whole number") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{flag}: must be 0 or more, got {value}")
-        return value
+    return _number(flag, int, lambda value: value >= 0, "0 or more")
 
-    return parse
+
+def _positive_float(flag: str):
+    return _number(flag, float, lambda value: value > 0, "more than 0")  # NaN fails too
 
 
 def _choice(flag: str, choices: tuple[str, ...]):

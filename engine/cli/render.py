@@ -5,17 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from engine.specs import COMPONENT_NAMES, Budget
+from engine.specs import COMPONENT_LABELS, COMPONENT_NAMES, Budget
 from engine.units import format_count, format_gib
-
-COMPONENT_LABELS = {
-    "weights": "Weights",
-    "gradients": "Gradients",
-    "optimizer_states": "Optimizer states",
-    "activations": "Activations",
-    "temporary": "Temporaries",
-    "overhead": "CUDA overhead",
-}
 
 
 def budget_table(budget: Budget, title: str | None = None) -> Table:

@@ -18,6 +18,9 @@ def add_parser(subparsers) -> None:
     )
     add_training_flags(parser)
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object (estimate's schema + trace fields)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: fake tensors only (default); cuda: also run the two steps for real on the GPU and "
+                             "report torch.cuda.max_memory_allocated beside the trace")
     parser.add_argument("--top", type=int, default=8, help="largest live tensors at the peak to list (default 8)")
     parser.set_defaults(handler=run)
 
@@ -32,9 +35,21 @@ def run(args: argparse.Namespace) -> int:
 
     from engine.trace import trace
 
+    measured = None
+    if args.device == "cuda":
+        from engine.trace.cuda_check import cuda_available
+
+        if not cuda_available():
+            from engine.errors import InputError
+
+            raise InputError("--device", "cuda was asked for but torch sees no CUDA device", "cpu, or cuda on a GPU machine")
+
     if args.json:
         result = trace(config, progress=_stderr_progress() if sys.stderr.isatty() else None)
-        print(json.dumps(result.as_json(), indent=2))
+        data = result.as_json()
+        if args.device == "cuda":
+            data["cuda"] = _measure(config)
+        print(json.dumps(data, indent=2))
         return 0
 
     from rich.console import Console
@@ -46,10 +61,21 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     with console.status("tracing…") as status:
         result = trace(config, progress=lambda stage, _fraction: status.update(f"tracing: {stage}"))
+    if args.device == "cuda":
+        with console.status("running the two steps on the GPU…"):
+            measured = _measure(config)
     print_budget(result.budget, console)
     console.print(f"[dim]traced in {result.seconds:.1f} s; peak in step {result.peak_step}, {result.peak_phase}[/]")
     console.print("[bold]traced:[/] " + "; ".join(result.traced))
     console.print("[bold]modelled:[/] " + "; ".join(result.modelled))
+    if measured is not None:
+        traced = result.traced_tensor_peak_bytes
+        real = measured["max_memory_allocated"]
+        line = (f"[bold]{measured['device']}:[/] torch.cuda.max_memory_allocated {format_bytes(real)} vs traced "
+                f"{format_bytes(traced)} ({100 * (traced - real) / max(real, 1):+.2f}%)")
+        if measured.get("oom"):
+            line += f"; out of memory: {measured['oom']}"
+        console.print(line)
     if args.top > 0 and result.top_allocations:
         table = Table(title="Largest live tensors at the peak", title_justify="left")
         for column in ("size", "category", "made by", "shape", "dtype", "when"):
@@ -59,6 +85,13 @@ def run(args: argparse.Namespace) -> int:
                           alloc["dtype"], f"step {alloc['step']} {alloc['phase']}")
         console.print(table)
     return 0
+
+
+def _measure(config) -> dict:
+    from engine.presets import resolve_model
+    from engine.trace.cuda_check import measure_on_cuda
+
+    return measure_on_cuda(resolve_model(config.model), config)
 
 
 def _stderr_progress():

@@ -14,7 +14,7 @@ largest moment:
 from __future__ import annotations
 
 from engine.architectures import ModelSpec
-from engine.estimator.activations import activation_cost
+from engine.estimator.moments import activation_moments
 from engine.estimator.layout import (
     INT8_BYTES_PER_PARAM,
     NF4_BYTES_PER_PARAM,
@@ -45,6 +45,31 @@ from engine.validation import check_config
 __all__ = ["estimate"]
 
 
+_LAYOUTS: dict[tuple, tuple[ModelSpec, ParamLayout]] = {}
+
+
+def _layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
+    """param_layout, memoised: the app and the fit solver ask for the same model many times."""
+    key = (id(model), config.tp, config.pp, config.lora_rank, config.lora_targets)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    if len(_LAYOUTS) > 256:
+        _LAYOUTS.clear()
+    layout = param_layout(config, model)
+    _LAYOUTS[key] = (model, layout)  # holding the model keeps its id from being reused
+    return layout
+
+
+# peft keeps adapters in fp32 even on a 16-bit base (autocast_adapter_dtype=True): so are their grads and states.
+ADAPTER_BYTES = 4
+
+
+def trainable_bytes(config: TrainingConfig) -> int:
+    """Bytes per element of what trains: LoRA adapters are fp32, full fine-tuning trains the stored weights."""
+    return ADAPTER_BYTES if config.uses_lora else config.weight_bytes
+
+
 def _round512(n: float) -> int:
     """The CUDA caching allocator hands out blocks in multiples of 512 bytes."""
     n = int(n)
@@ -54,16 +79,17 @@ def _round512(n: float) -> int:
 def _weights_bytes(config: TrainingConfig, layout: ParamLayout) -> tuple[int, int]:
     """(base weight bytes, adapter bytes) on this GPU before ZeRO sharding."""
     param_bytes = config.weight_bytes
+    quantizable = layout.linear_weight_params - layout.expert_params
     if config.quant == "nf4":
-        linear = layout.linear_weight_params * NF4_BYTES_PER_PARAM
+        linear = quantizable * NF4_BYTES_PER_PARAM + layout.expert_params * 2
         other = layout.other_params * 2
     elif config.quant == "int8":
-        linear = layout.linear_weight_params * INT8_BYTES_PER_PARAM + layout.linear_rows * 4
+        linear = quantizable * INT8_BYTES_PER_PARAM + layout.linear_rows * 4 + layout.expert_params * 2
         other = layout.other_params * 2
     else:
         linear = layout.linear_weight_params * param_bytes
         other = layout.other_params * param_bytes
-    adapters = layout.lora_params * param_bytes
+    adapters = layout.lora_params * ADAPTER_BYTES
     return int(linear + other), int(adapters)
 
 
@@ -91,8 +117,9 @@ def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: Par
         if config.master_weights:
             total += 4 * trainable
         return total, (states // 2 + rest) * dtype
-    per_param = state_bytes_per_param(config, param_bytes)
-    one_state = (4 if config.master_weights else param_bytes) * trainable
+    trained_bytes = trainable_bytes(config)
+    per_param = state_bytes_per_param(config, trained_bytes)
+    one_state = (4 if config.master_weights else trained_bytes) * trainable
     return int(per_param * trainable), one_state
 
 
@@ -103,7 +130,7 @@ def estimate(
     model = model or resolve_model(config.model)
     gpu = gpu or resolve_gpu(config.gpu)
     notes = check_config(config, model, gpu)
-    layout = param_layout(config, model)
+    layout = _layout(config, model)
     dp = config.dp
     zero = config.zero if dp > 1 else 0
     param_bytes = config.weight_bytes
@@ -111,7 +138,8 @@ def estimate(
     # ---- model states ----------------------------------------------------
     base_weights, adapters = _weights_bytes(config, layout)
     weights_full = base_weights + adapters
-    grads_full = layout.trainable_params * param_bytes
+    trained_bytes = trainable_bytes(config)
+    grads_full = layout.trainable_params * trained_bytes
     states_full, one_state_group = _optimizer_state_bytes(config, model, layout)
 
     layer_weight_bytes = layout.largest_layer_params * (param_bytes if config.quant == "none" else 1)
@@ -123,7 +151,6 @@ def estimate(
     if config.offload == "optimizer+params":
         weights = 0
     gradients = grads_full
-    grads_in_flight = layout.largest_layer_params * param_bytes if not config.uses_lora else 0
     if zero >= 2:
         gradients = grads_full // dp
     optimizer_states = states_full
@@ -135,62 +162,62 @@ def estimate(
             gradients = 0  # ZeRO-Offload streams gradients to the CPU as they are reduced
     states = ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer_states)
 
-    # ---- activations -----------------------------------------------------
-    cost = activation_cost(config, model, layers=layout.layers, linear_weight_params=layout.linear_weight_params)
-    microbatches_in_flight = config.pp  # 1F1B: the first stage holds pp micro-batches
-    saved_layers = layout.layers * cost.per_layer_saved * microbatches_in_flight
-    saved_all = saved_layers + cost.embedding_saved + cost.head_saved
-    workspace = cublas_workspace_bytes(gpu)
-    autocast_copies = cost.autocast_weight_copies
-    if zero >= 3 or config.quant != "none":
-        autocast_copies = min(autocast_copies, 2 * layer_weight_bytes)
-
     # ---- the step's moments ---------------------------------------------
+    workspace = cublas_workspace_bytes(gpu)
     step_temp = step_temp_bytes(
         config,
         group_state_bytes=one_state_group // (dp if zero >= 1 else 1),
-        largest_tensor_state_bytes=layout.largest_tensor_params * (4 if config.master_weights else param_bytes),
+        largest_tensor_state_bytes=layout.largest_tensor_params * (4 if config.master_weights else trained_bytes),
     )
     if config.master_weights:
         step_temp += grads_full * 2 // (dp if zero >= 1 else 1)  # fp32 copies of the 16-bit grads
     if config.offload != "none":
         step_temp = 0
-    moments: dict[str, Components] = {}
     states_steady = weights
     weights = weights + gathered
-    moments["forward"] = Components(
-        weights=weights, gradients=0, optimizer_states=optimizer_states,
-        activations=saved_all + autocast_copies, temporary=cost.loss_forward_transient + workspace, overhead=0,
-    )
-    head_grads = min(grads_full, model.vocab_size * model.hidden_size * param_bytes // config.tp) if not config.uses_lora else 0
-    moments["loss"] = Components(
-        weights=weights, gradients=head_grads if zero < 2 else head_grads // dp, optimizer_states=optimizer_states,
-        activations=saved_all + autocast_copies, temporary=cost.loss_backward_transient + workspace, overhead=0,
-    )
-    moments["backward"] = Components(
-        weights=weights, gradients=gradients + (grads_in_flight if zero >= 2 else 0), optimizer_states=optimizer_states,
-        activations=cost.embedding_saved + cost.per_layer_saved * microbatches_in_flight,
-        temporary=cost.layer_backward_transient + workspace, overhead=0,
-    )
-    moments["optimizer"] = Components(
-        weights=weights, gradients=gradients, optimizer_states=optimizer_states,
-        activations=0, temporary=step_temp + workspace, overhead=0,
-    )
-    peak_phase = max(moments, key=lambda name: moments[name].total)
-    at_peak = moments[peak_phase]
-    tensor_peak = _round512(at_peak.total)
+    layer_grads = layout.largest_layer_params * param_bytes if not config.uses_lora else 0
 
-    largest_block = max(cost.loss_backward_transient, cost.layer_backward_transient, step_temp)
+    def gradients_on_gpu(unsharded: int) -> int:
+        """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced."""
+        if unsharded < 0:
+            unsharded = grads_full
+        if zero >= 2:
+            return 0 if config.offload != "none" else unsharded // dp + min(unsharded, layer_grads)
+        return unsharded
+
+    # (phase, weights, gradients, activations, temporary) per candidate moment; the largest is the peak.
+    moments: list[tuple[str, int, int, int, int]] = []
+    for moment in activation_moments(
+        config, model, layers=layout.layers, linear_weight_params=layout.linear_weight_params
+    ):
+        copies = moment.autocast_weights
+        if not moment.is_simulated and (zero >= 3 or config.quant != "none"):
+            copies = min(copies, 2 * layer_weight_bytes)
+        moments.append((moment.phase, weights, gradients_on_gpu(moment.gradients), moment.activations + copies,
+                        moment.temporary + workspace))
+    moments.append(("optimizer", weights, gradients, 0, step_temp + workspace))
+    phase_peaks: dict[str, int] = {}
+    best, best_total = moments[0], -1
+    for moment in moments:
+        total = moment[1] + moment[2] + moment[3] + moment[4] + optimizer_states
+        if total > phase_peaks.get(moment[0], -1):
+            phase_peaks[moment[0]] = total
+        if total > best_total:
+            best, best_total = moment, total
+    peak_phase = best[0]
+    tensor_peak = _round512(best_total)
+
+    largest_block = max(max(moment[4] for moment in moments) - workspace, 0)
     reserved = reserved_from_allocated(tensor_peak, largest_block)
     context = cuda_context_bytes(gpu)
-    overhead = context + (reserved - tensor_peak)
-    per_gpu = at_peak.model_copy(update={"overhead": overhead})
-    device_peak = tensor_peak + overhead
+    overhead = context + (reserved - best_total)  # so that the components add up to the device peak
+    per_gpu = Components(weights=best[1], gradients=best[2], optimizer_states=optimizer_states,
+                         activations=best[3], temporary=best[4], overhead=overhead)
+    device_peak = best_total + overhead
 
     timeline = [TimelinePoint(phase="start", bytes=states_steady + optimizer_states)]
-    timeline += [TimelinePoint(phase=name, bytes=moments[name].total) for name in ("forward", "loss", "backward", "optimizer")]
+    timeline += [TimelinePoint(phase=name, bytes=phase_peaks[name]) for name in ("forward", "loss", "backward", "optimizer") if name in phase_peaks]
     timeline.append(TimelinePoint(phase="end", bytes=states_steady + optimizer_states))
-
     total_params = model.params
     return Budget(
         model=ModelSummary(id=model.id, params=total_params, trainable_params=trainable_params_total(config, model)),

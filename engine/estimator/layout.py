@@ -28,11 +28,12 @@ class ParamLayout:
     layers: int  # decoder layers on this GPU
     linear_weight_params: int  # weights of the decoder layers' linear layers (quantizable)
     linear_rows: int  # output rows of those linears (int8 keeps a scale per row)
+    expert_params: int  # MoE experts' stacked 3D weights: bitsandbytes leaves them unquantized
     other_params: int  # embeddings, norms, biases, router, head
     lora_params: int  # adapter parameters (0 without LoRA)
     trainable_params: int
     largest_layer_params: int  # one decoder layer, for ZeRO-3's gathered layer in flight
-    largest_tensor_params: int  # the biggest single parameter tensor
+    largest_tensor_params: int  # the biggest single trainable parameter tensor
     tensor_count: int  # parameter tensors on this GPU (per-tensor allocator rounding)
     trainable_tensor_count: int
 
@@ -54,10 +55,14 @@ def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
     linear_weights = 0
     linear_rows = 0
     biases = 0
+    expert_weights = 0
     for linear in model.linears:
         weights, rows = _linear_shard(linear, tp)
         linear_weights += weights
-        linear_rows += rows
+        if linear.experts > 1:
+            expert_weights += weights  # not an nn.Linear: bitsandbytes does not quantize it
+        else:
+            linear_rows += rows
         if linear.bias:
             biases += linear.out_features * linear.experts // tp
     layer_other = biases + model.norms_per_layer * model.norm_params + model.qk_norm_params + model.router_params
@@ -92,10 +97,17 @@ def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
         [linear.weight_params // tp for linear in model.linears]
         + [model.vocab_size * model.hidden_size // tp]
     )
+    if config.uses_lora and targets:
+        # Only adapters train: the largest trainable tensor is an A (r x in) or B (out x r) matrix.
+        largest = max(
+            config.lora_rank * max(model.linear(name).in_features, model.linear(name).out_features) // tp
+            for name in targets
+        )
     return ParamLayout(
         layers=layers,
         linear_weight_params=total_linear,
         linear_rows=layers * linear_rows,
+        expert_params=layers * expert_weights,
         other_params=other,
         lora_params=lora,
         trainable_params=trainable,

@@ -51,6 +51,8 @@ def assemble(
     modelled = ["CUDA context, cuBLAS workspaces and allocator slack (not tensors the step creates)"]
     if config.quant != "none":
         modelled.append(f"{config.quant} weights: bitsandbytes replaced by allocation-exact replicas")
+    if config.optimizer in ("sgd", "sgd-momentum") and config.optimizer_impl == "fused":
+        modelled.append("fused SGD: traced as its foreach twin, which allocates the same (fused SGD has no fake kernel)")
     if config.optimizer == "adamw-8bit":
         modelled.append("8-bit AdamW: bitsandbytes replaced by an allocation-exact replica")
     distributed = config != local

@@ -74,9 +74,24 @@ _DTYPE_POSITION = {
 }
 
 
+_policy_depth = 0
+
+
 @contextlib.contextmanager
 def cuda_autocast_policy() -> Iterator[None]:
-    """Register CUDA's fp32 autocast policy on the CPU autocast key for the duration."""
+    """Register CUDA's fp32 autocast policy on the CPU autocast key for the duration (re-entrant).
+
+    The trace keeps it registered through backward too: a checkpointed region's recompute re-enters
+    autocast there, and must cast as the forward did."""
+    global _policy_depth
+    if _policy_depth:
+        _policy_depth += 1
+        try:
+            yield
+        finally:
+            _policy_depth -= 1
+        return
+    _policy_depth = 1
     library = torch.library.Library("aten", "IMPL")
     try:
         with warnings.catch_warnings():
@@ -88,11 +103,30 @@ def cuda_autocast_policy() -> Iterator[None]:
                 library.impl(qualified, _opt_dtype_kernel(_op(qualified), _DTYPE_POSITION[qualified]), "AutocastCPU")
         yield
     finally:
+        _policy_depth = 0
         library._destroy()
+
+
+@contextlib.contextmanager
+def cuda_autocast_queries() -> Iterator[None]:
+    """`torch.is_autocast_enabled()` asks about CUDA; here CUDA autocast is the CPU one.
+
+    peft's bitsandbytes LoRA layers skip their dtype conversions when autocast is on.
+    """
+    original = torch.is_autocast_enabled
+
+    def is_enabled(device_type: str | None = None) -> bool:
+        return original("cpu" if device_type in (None, "cuda") else device_type)
+
+    torch.is_autocast_enabled = is_enabled
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled = original
 
 
 @contextlib.contextmanager
 def cuda_like_autocast(dtype: torch.dtype) -> Iterator[None]:
     """CPU autocast to `dtype` with CUDA's op policy."""
-    with cuda_autocast_policy(), torch.autocast("cpu", dtype=dtype):
+    with cuda_autocast_policy(), torch.autocast("cpu", dtype=dtype), cuda_autocast_queries():
         yield

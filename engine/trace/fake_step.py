@@ -13,7 +13,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from engine.architectures import ModelSpec
 from engine.build import build_model, build_optimizer, compute_dtype, training_step
 from engine.specs import TrainingConfig
-from engine.trace.cuda_autocast import cuda_like_autocast
+from engine.trace.cuda_autocast import cuda_autocast_policy, cuda_like_autocast
+from engine.trace.cuda_dropout import cuda_dropout
 from engine.trace.cuda_sdpa import cuda_sdpa
 from engine.trace.hf_patches import real_run_decisions
 from engine.trace.tracker import MemoryLog, MemoryTracker, classify
@@ -92,10 +93,19 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
         head = model.get_output_embeddings()
         head.register_forward_hook(lambda *_: tracker.mark("loss"))
 
-        optimizer = build_optimizer(model, config, device_type="cuda")
+        optimizer_config = config
+        if fake and config.optimizer in ("sgd", "sgd-momentum") and config.optimizer_impl == "fused":
+            # Fused SGD has no fake kernel: FakeTensorMode would run it on real zero-filled copies of every
+            # parameter. Its foreach twin updates in place too, allocating exactly the same (nothing).
+            optimizer_config = config.model_copy(update={"optimizer_impl": "foreach"})
+        optimizer = build_optimizer(model, optimizer_config, device_type="cuda")
         scaler = None
         if config.precision == "16-mixed":
             scaler = torch.amp.GradScaler("cpu")
+            if fake:
+                # Whether to skip the step depends on found_inf's value, which fake tensors do not have;
+                # a healthy step (no inf) is the one that allocates, so always take it.
+                scaler._maybe_opt_step = lambda optimizer, _state, *args, **kwargs: optimizer.step(*args, **kwargs)
 
         autocast_dtype = compute_dtype(config)
 
@@ -104,7 +114,8 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
 
         tracker.mark("inputs")
         attention = cuda_sdpa() if config.attention == "flash" else contextlib.nullcontext()
-        with attention, real_run_decisions(), tracker:
+        policy = cuda_autocast_policy() if config.autocast else contextlib.nullcontext()
+        with attention, policy, cuda_dropout(), real_run_decisions(), tracker:
             input_ids = torch.randint(0, spec.vocab_size, (config.batch_size, config.seq_len))
             labels = input_ids
             for step in range(1, STEPS + 1):

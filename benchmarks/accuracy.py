@@ -1,0 +1,251 @@
+"""How close `memtui estimate` is to `memtui trace`: the tensor peak of one training step.
+
+    uv run python benchmarks/accuracy.py [--only SUBSTRING] [--limit N] [--no-write]
+
+For every configuration of the matrix below, trace two real training steps of
+the real architecture on fake tensors (engine.trace) and compare the traced
+tensor peak with the estimator's. Both sides exclude what the trace cannot see
+(CUDA context, allocator slack); the estimator's modelled cuBLAS workspace is
+taken off its figure so that like is compared with like. Writes the table to
+docs/accuracy.md and prints the median and max |error|. Prints numbers; asserts
+nothing (tests/test_accuracy.py holds a fast subset to a bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from engine.estimator import estimate  # noqa: E402
+from engine.estimator.moments import simulated  # noqa: E402
+from engine.estimator.overhead import cublas_workspace_bytes  # noqa: E402
+from engine.presets import resolve_gpu, resolve_model  # noqa: E402
+from engine.specs import TrainingConfig  # noqa: E402
+
+# Each row: flags as `memtui estimate` takes them (gpu does not change the tensor peak but the workspace).
+MATRIX: list[dict] = [
+    # small models, every precision
+    {"model": "qwen2.5-0.5b", "precision": "32-true", "batch_size": 4, "seq_len": 512},
+    {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 8, "seq_len": 1024},
+    {"model": "qwen2.5-0.5b", "precision": "16-mixed", "batch_size": 2, "seq_len": 2048},
+    {"model": "qwen2.5-0.5b", "precision": "bf16-true", "batch_size": 16, "seq_len": 256},
+    {"model": "qwen2.5-0.5b", "precision": "16-true", "batch_size": 1, "seq_len": 4096},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 4, "seq_len": 2048},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 4, "seq_len": 2048, "optimizer_impl": "fused"},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 4, "seq_len": 2048, "optimizer_impl": "for-loop"},
+    {"model": "llama-3.2-1b", "precision": "32-true", "batch_size": 2, "seq_len": 1024, "optimizer": "sgd"},
+    {"model": "llama-3.2-1b", "precision": "32-true", "batch_size": 2, "seq_len": 1024, "optimizer": "sgd-momentum"},
+    {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 8, "seq_len": 1024, "attention": "eager"},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 8, "seq_len": 1024, "checkpointing": "full"},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192, "checkpointing": "full"},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "checkpointing": "selective", "attention": "eager"},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 4, "seq_len": 2048, "lora_rank": 16},
+    {"model": "llama-3.2-3b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048},
+    {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 4, "seq_len": 4096, "checkpointing": "full"},
+    {"model": "llama-3.2-3b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 4096, "attention": "eager", "checkpointing": "full"},
+    {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 4, "seq_len": 2048, "lora_rank": 64, "lora_targets": "all-linear"},
+    {"model": "phi-3-mini", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048},
+    {"model": "phi-3-mini", "precision": "bf16-true", "batch_size": 4, "seq_len": 1024, "lora_rank": 16, "lora_targets": "all-linear"},
+    # activation-heavy: long sequences and big batches without checkpointing
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 16, "seq_len": 4096},
+    {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 8, "seq_len": 4096, "attention": "eager"},
+    {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 8, "seq_len": 8192, "lora_rank": 16},
+    {"model": "phi-3-mini", "precision": "bf16-mixed", "batch_size": 8, "seq_len": 4096, "lora_rank": 32, "lora_targets": "qkv_proj,o_proj", "quant": "nf4"},
+    # 7-9B
+    {"model": "llama-3.1-8b", "precision": "32-true"},
+    {"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 2048},
+    {"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 4, "seq_len": 4096, "checkpointing": "full"},
+    {"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "optimizer_impl": "fused"},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 1, "seq_len": 8192, "checkpointing": "full", "optimizer_impl": "fused"},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 8, "seq_len": 2048, "checkpointing": "selective"},
+    {"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 2048, "attention": "eager"},
+    {"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 4, "seq_len": 2048, "lora_rank": 16},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "lora_rank": 8, "lora_targets": "q_proj,k_proj,v_proj,o_proj"},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 4, "seq_len": 2048, "lora_rank": 16, "quant": "nf4", "checkpointing": "full"},
+    {"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "lora_rank": 32, "quant": "int8"},
+    {"model": "llama-3.1-8b", "precision": "32-true", "batch_size": 1, "seq_len": 1024, "optimizer": "sgd-momentum", "optimizer_impl": "for-loop"},
+    {"model": "mistral-7b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 4096, "checkpointing": "full"},
+    {"model": "mistral-7b", "precision": "bf16-true", "batch_size": 1, "seq_len": 2048, "lora_rank": 16, "lora_targets": "all-linear"},
+    {"model": "qwen2.5-7b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048},
+    {"model": "qwen2.5-7b", "precision": "bf16-true", "batch_size": 4, "seq_len": 1024, "lora_rank": 16, "quant": "nf4"},
+    {"model": "qwen2.5-7b", "precision": "16-mixed", "batch_size": 1, "seq_len": 4096, "checkpointing": "full"},
+    # 70B
+    {"model": "llama-3.1-70b", "precision": "bf16-true", "batch_size": 1, "seq_len": 2048, "lora_rank": 16, "quant": "nf4", "checkpointing": "full"},
+    {"model": "llama-3.1-70b", "precision": "bf16-true", "batch_size": 1, "seq_len": 4096, "lora_rank": 16},
+    {"model": "qwen2.5-72b", "precision": "bf16-true", "batch_size": 1, "seq_len": 2048, "lora_rank": 8, "quant": "nf4", "checkpointing": "full"},
+    # GPT-2 (dropout, LayerNorm, learned positions), Gemma-2 (soft-capping, four norms), Mixtral (MoE)
+    {"model": "gpt2", "precision": "32-true", "batch_size": 8, "seq_len": 1024},
+    {"model": "gpt2", "precision": "bf16-mixed", "batch_size": 16, "seq_len": 1024},
+    {"model": "gpt2", "precision": "bf16-mixed", "batch_size": 8, "seq_len": 1024, "attention": "eager", "checkpointing": "full"},
+    {"model": "gemma-2-9b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 2048, "checkpointing": "full"},
+    {"model": "gemma-2-9b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "lora_rank": 16},
+    {"model": "gemma-2-9b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 2048, "attention": "eager", "lora_rank": 8},
+    {"model": "mixtral-8x7b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "checkpointing": "full"},
+    {"model": "mixtral-8x7b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 4096, "lora_rank": 8},
+]
+
+
+_ACTIVATION_PHASES = ("forward", "loss", "backward")
+
+
+RANDOM_CHOICES = {
+    "model": ["gpt2", "qwen2.5-0.5b", "llama-3.2-1b", "llama-3.2-3b", "phi-3-mini", "qwen2.5-7b", "mistral-7b", "llama-3.1-8b"],
+    "precision": ["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"],
+    "optimizer": ["adamw", "adamw", "sgd", "sgd-momentum", "lion", "adamw-8bit"],
+    "optimizer_impl": ["foreach", "fused", "for-loop"],
+    "checkpointing": ["none", "selective", "full"],
+    "attention": ["eager", "flash"],
+    "batch_size": [1, 2, 3, 4, 8, 16],
+    "seq_len": [256, 384, 512, 1000, 1024, 2048, 3000, 4096, 8192],
+    "lora": [0, 0, 8, 16, 64],
+    "quant": ["none", "none", "nf4", "int8"],
+}
+
+
+def random_rows(count: int, seed: int) -> list[dict]:
+    """Configurations drawn at random (seeded), kept to a size a laptop traces in seconds."""
+    import random
+
+    from engine.errors import InputError
+    from engine.validation import check_config
+
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    while len(rows) < count:
+        row = {key: rng.choice(values) for key, values in RANDOM_CHOICES.items() if key not in ("lora", "quant")}
+        if row["model"] == "gpt2":
+            row["seq_len"] = min(row["seq_len"], 1024)
+        big = row["model"] in ("qwen2.5-7b", "mistral-7b", "llama-3.1-8b")
+        if big and row["attention"] == "eager":
+            row["seq_len"] = min(row["seq_len"], 2048)
+        if row["batch_size"] * row["seq_len"] > 32768:
+            continue
+        lora = rng.choice(RANDOM_CHOICES["lora"])
+        if lora:
+            row["lora_rank"] = lora
+            row["lora_targets"] = rng.choice(["all-linear", "default"])
+            if row["lora_targets"] == "default":
+                del row["lora_targets"]
+            if row["precision"] != "32-true":
+                row["quant"] = rng.choice(RANDOM_CHOICES["quant"])
+        try:
+            config = TrainingConfig(gpu="h100-80gb", **row)
+            check_config(config, resolve_model(config.model), resolve_gpu(config.gpu))
+        except (InputError, ValueError):
+            continue
+        rows.append(row)
+    return rows
+
+
+def label(row: dict) -> str:
+    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in row.items())
+
+
+def measure(row: dict) -> dict:
+    config = TrainingConfig(gpu="h100-80gb", **row)
+    spec, gpu = resolve_model(config.model), resolve_gpu(config.gpu)
+    from engine.trace.runner import trace
+
+    started = time.perf_counter()
+    traced = trace(config, model=spec, gpu=gpu)
+    seconds = time.perf_counter() - started
+    budget = estimate(config, model=spec, gpu=gpu)
+    workspace = cublas_workspace_bytes(gpu)
+    estimated = budget.tensor_peak_bytes - workspace
+    actual = traced.traced_tensor_peak_bytes
+    # The forward/backward peak alone (steady step), where activations and temporaries decide it.
+    traced_fb = max(p["peak_bytes"] for p in traced.phase_peaks if p["step"] == 2 and p["phase"] in _ACTIVATION_PHASES)
+    estimated_fb = max(point.bytes for point in budget.timeline if point.phase in _ACTIVATION_PHASES) - workspace
+    return {
+        "fb_error": (estimated_fb - traced_fb) / traced_fb,
+        "config": label(row),
+        "traced": actual,
+        "estimated": estimated,
+        "error": (estimated - actual) / actual,
+        "traced_phase": traced.peak_phase,
+        "estimated_phase": budget.peak_phase,
+        "method": "simulated" if simulated(spec) else "closed form",
+        "seconds": seconds,
+    }
+
+
+def write_markdown(results: list[dict], path: Path, command: str) -> None:
+    errors = [abs(r["error"]) for r in results]
+    fb_errors = [abs(r["fb_error"]) for r in results]
+    sim = [abs(r["error"]) for r in results if r["method"] == "simulated"]
+    lines = [
+        "# Estimator accuracy: `memtui estimate` vs `memtui trace`",
+        "",
+        f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with `{command}`.",
+        "Traced = tensor peak of two real training steps of the real transformers architecture on fake tensors "
+        "(`memtui trace`); estimated = `memtui estimate`'s tensor peak less its modelled cuBLAS workspace.",
+        "",
+        f"- all {len(errors)} configurations, step peak: median |error| {100 * statistics.median(errors):.3f}%, "
+        f"max {100 * max(errors):.3f}%",
+        f"- forward/backward peak alone (where activations decide it): median |error| "
+        f"{100 * statistics.median(fb_errors):.3f}%, max {100 * max(fb_errors):.3f}%",
+    ]
+    if sim:
+        lines.append(
+            f"- {len(sim)} configurations of simulated families (every preset's family): median "
+            f"{100 * statistics.median(sim):.3f}%, max {100 * max(sim):.3f}%"
+        )
+    lines += [
+        "",
+        "| configuration | traced GiB | estimated GiB | error | fwd/bwd peak error | peak (trace / estimate) | method | trace s |",
+        "|---|---:|---:|---:|---:|---|---|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| `{r['config']}` | {r['traced'] / 2**30:.3f} | {r['estimated'] / 2**30:.3f} | {100 * r['error']:+.3f}% "
+            f"| {100 * r['fb_error']:+.3f}% | {r['traced_phase']} / {r['estimated_phase']} | {r['method']} | {r['seconds']:.1f} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run the rows whose flags contain this text")
+    parser.add_argument("--limit", type=int, default=0, help="run at most N rows")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/accuracy.md alone")
+    parser.add_argument("--random", type=int, default=0, metavar="N",
+                        help="N random configurations drawn outside the matrix instead (written to docs/accuracy-random.md)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
+    args = parser.parse_args(argv)
+    rows = [row for row in MATRIX if args.only in label(row)]
+    if args.random:
+        rows = random_rows(args.random, args.seed)
+    if args.limit:
+        rows = rows[: args.limit]
+    results = []
+    for index, row in enumerate(rows, 1):
+        result = measure(row)
+        results.append(result)
+        print(
+            f"[{index:2d}/{len(rows)}] {100 * result['error']:+7.3f}% (fwd/bwd {100 * result['fb_error']:+7.3f}%)  traced {result['traced'] / 2**30:8.3f} GiB  "
+            f"estimated {result['estimated'] / 2**30:8.3f} GiB  {result['seconds']:5.1f}s  {result['config']}",
+            flush=True,
+        )
+    errors = [abs(r["error"]) for r in results]
+    fb_errors = [abs(r["fb_error"]) for r in results]
+    print(f"\n{len(errors)} configurations: median |error| {100 * statistics.median(errors):.3f}%, max {100 * max(errors):.3f}%;"
+          f" forward/backward peak: median {100 * statistics.median(fb_errors):.3f}%, max {100 * max(fb_errors):.3f}%")
+    if not args.no_write and not args.only and not args.limit:
+        name = "accuracy-random.md" if args.random else "accuracy.md"
+        command = "uv run python benchmarks/accuracy.py" + (f" --random {args.random} --seed {args.seed}" if args.random else "")
+        path = Path(__file__).resolve().parent.parent / "docs" / name
+        path.parent.mkdir(exist_ok=True)
+        write_markdown(results, path, command)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

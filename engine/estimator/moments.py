@@ -1,0 +1,87 @@
+"""The forward and backward moments of a step: what is live beyond the model states.
+
+For every family memtui knows (engine.estimator.sim: Llama, Mistral, Qwen2,
+Qwen3, Phi-3, GPT-2, Gemma, Gemma-2, Mixtral) every candidate peak of the
+replayed step is evaluated at this batch size and sequence length. The closed
+forms of engine.estimator.activations remain as the fallback for a family the
+simulator does not know; docs/accuracy.md shows how close each is to a trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from engine.architectures import ModelSpec
+from engine.estimator.activations import activation_cost
+from engine.estimator.sim.core import lf_eval
+from engine.estimator.sim.families import Dims, Options
+from engine.estimator.sim.program import compile_step, dims_for, options_for
+from engine.specs import TrainingConfig
+
+SIMULATED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma", "gemma2", "mixtral"})
+
+
+@dataclass(frozen=True)
+class Moment:
+    """Bytes live at one candidate peak, beyond weights and optimizer states."""
+
+    phase: str  # forward | loss | backward
+    autocast_weights: int  # 16-bit weight copies autocast caches (or gathers) for the forward
+    gradients: int  # parameter gradients accumulated so far (unsharded)
+    activations: int
+    temporary: int
+    is_simulated: bool = True
+
+
+def simulated(model: ModelSpec) -> bool:
+    return model.family in SIMULATED_FAMILIES
+
+
+def activation_moments(config: TrainingConfig, model: ModelSpec, *, layers: int, linear_weight_params: int) -> list[Moment]:
+    if simulated(model):
+        return _simulated_moments(config, model, layers)
+    return _closed_form_moments(config, model, layers, linear_weight_params)
+
+
+def _simulated_moments(config: TrainingConfig, model: ModelSpec, layers: int) -> list[Moment]:
+    dims, options = dims_for(model, config.tp), options_for(config, model)
+    return list(_evaluate(dims, options, layers, config.batch_size, config.seq_len, config.pp))
+
+
+@lru_cache(maxsize=4096)
+def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_len: int, pp: int) -> tuple[Moment, ...]:
+    program = compile_step(dims, options, layers)
+    tokens = batch_size * seq_len
+    values = (1.0, float(tokens), float(tokens * seq_len), float(seq_len), float(seq_len * seq_len))
+    # 1F1B: the first pipeline stage holds the saved activations of pp micro-batches.
+    in_flight = (pp - 1) * layers * lf_eval(program.layer_saved, values)
+    moments = []
+    for candidate in program.candidates:
+        live = candidate.live
+        extra = in_flight if candidate.phase != "forward" else 0.0
+        moments.append(
+            Moment(
+                phase=candidate.phase,
+                autocast_weights=int(lf_eval(live["weights"], values)),
+                gradients=int(lf_eval(live["gradients"], values)),
+                activations=int(lf_eval(live["activations"], values) + extra),
+                temporary=int(lf_eval(live["temporary"], values)),
+            )
+        )
+    return tuple(moments)
+
+
+def _closed_form_moments(config: TrainingConfig, model: ModelSpec, layers: int, linear_weight_params: int) -> list[Moment]:
+    cost = activation_cost(config, model, layers=layers, linear_weight_params=linear_weight_params)
+    in_flight = config.pp
+    saved = layers * cost.per_layer_saved * in_flight + cost.embedding_saved + cost.head_saved
+    copies = cost.autocast_weight_copies
+    head_grads = 0 if config.uses_lora else model.vocab_size * model.hidden_size * config.weight_bytes // config.tp
+    return [
+        Moment("forward", copies, 0, saved, cost.loss_forward_transient, False),
+        Moment("loss", copies, head_grads, saved, cost.loss_backward_transient, False),
+        # Under full checkpointing the layer being recomputed owns its checkpoint: counted in the transient.
+        Moment("backward", 0, -1, cost.embedding_saved + (0 if config.checkpointing == "full" else cost.per_layer_saved * in_flight),
+               cost.layer_backward_transient, False),  # gradients -1: all of them by then
+    ]

@@ -1,0 +1,424 @@
+"""A symbolic replay of what PyTorch allocates in a training step, in pure Python.
+
+The estimator does not guess activation memory from a rule of thumb: it replays
+the step's tensor program the way PyTorch runs it. Every tensor is allocated
+and freed with its real lifetime: Python references, tensors autograd saves for
+backward, autocast's cache of 16-bit weights, gradient buffers, checkpointed
+regions that drop their saved tensors and recompute them in backward. Backward
+runs nodes in reverse creation order (what the autograd engine does for these
+graphs), casts gradients to their input's dtype, accumulates multi-use
+gradients out of place and hands parameter gradients to AccumulateGrad.
+
+Sizes are symbolic: a tensor's bytes are a linear form over the monomials
+(1, B, B*s, s, s*s) where B = batch * seq_len tokens and s = seq_len. One
+replay therefore serves every batch size and sequence length; an estimate
+evaluates a handful of linear forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+# ---- symbolic sizes ------------------------------------------------------------
+# Basis: constant, per token (B), per token x s (B*s), per position (s), s*s.
+LF = tuple  # 5 floats
+ZERO: LF = (0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def lf_add(a: LF, b: LF) -> LF:
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4])
+
+
+def lf_sub(a: LF, b: LF) -> LF:
+    return (a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3], a[4] - b[4])
+
+
+def lf_scale(a: LF, k: float) -> LF:
+    return (a[0] * k, a[1] * k, a[2] * k, a[3] * k, a[4] * k)
+
+
+def lf_eval(a: LF, values: LF) -> float:
+    return a[0] * values[0] + a[1] * values[1] + a[2] * values[2] + a[3] * values[3] + a[4] * values[4]
+
+
+def const(n: float) -> LF:
+    return (float(n), 0.0, 0.0, 0.0, 0.0)
+
+
+def per_token(n: float) -> LF:
+    return (0.0, float(n), 0.0, 0.0, 0.0)
+
+
+def per_token_seq(n: float) -> LF:
+    return (0.0, 0.0, float(n), 0.0, 0.0)
+
+
+def per_position(n: float) -> LF:
+    return (0.0, 0.0, 0.0, float(n), 0.0)
+
+
+def per_position_sq(n: float) -> LF:
+    return (0.0, 0.0, 0.0, 0.0, float(n))
+
+
+DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "bool": 1, "u8": 1, "i8": 1}
+FLOATS = ("f32", "bf16", "f16")
+
+CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "temporary")
+
+
+# ---- tensors and autograd nodes ------------------------------------------------------
+@dataclass(eq=False)
+class Tensor:
+    elems: LF  # element count as a linear form
+    dtype: str
+    requires_grad: bool = False
+    name: str = ""
+    param: bool = False  # a leaf parameter (its storage is counted with the weights, outside the replay)
+    refs: int = 0
+    saved_refs: int = 0  # how many of `refs` are autograd's saved-tensor references
+    alive: bool = True
+    category: str = "activations"
+    segment: str = ""
+    freed_in: str = ""
+    grad: Tensor | None = None  # gradient buffer (non-leaf) or .grad (parameter)
+    grad_dtype: str = ""  # parameters: the dtype .grad must have
+    cached: bool = False  # held by autocast's weight cache
+    view_of: Tensor | None = None  # a view: no storage of its own, keeps its base alive
+    view_refs: int = 0  # how many of `refs` are held by live views of this tensor
+    collected: list | None = None  # chunk's source: its parts' gradients, gathered for one SplitBackward
+
+    @property
+    def nbytes(self) -> LF:
+        return lf_scale(self.elems, DTYPE_BYTES[self.dtype])
+
+
+@dataclass(eq=False)
+class Node:
+    """One autograd node: gradient of `output` to `inputs`, with what it saved."""
+
+    seq: int
+    output: Tensor
+    inputs: list[Tensor]
+    saved: list[Tensor]
+    backward: Callable[[Sim, Node, Tensor], list[tuple[Tensor, Tensor]]]
+    name: str = ""
+    segment: str = ""  # where the forward created it
+    deferred: int = 0  # saved tensors dropped by a checkpointed forward, to recompute
+    region: CheckpointRegion | None = None
+
+
+@dataclass(eq=False)
+class CheckpointRegion:
+    """A non-reentrant torch.utils.checkpoint region: forward drops saved tensors, backward recomputes them."""
+
+    function: Callable[..., object]
+    inputs: tuple
+    nodes: list[Node] = field(default_factory=list)
+    remaining: int = 0
+    recomputed: bool = False
+
+
+class StopRecompute(Exception):
+    """torch.utils.checkpoint stops recomputing once every saved tensor exists again."""
+
+
+@dataclass
+class Candidate:
+    """Live bytes by category at a local maximum of the timeline."""
+
+    segment: str
+    live: dict[str, LF]
+
+
+class Sim:
+    def __init__(self, *, autocast_dtype: str | None = None) -> None:
+        self.seq = 0
+        self.nodes: list[Node] = []
+        self.live: dict[str, LF] = {category: ZERO for category in CATEGORIES}
+        self.segment = "setup"
+        self.candidates: list[Candidate] = []
+        self._rising = False
+        self.autocast_dtype = autocast_dtype  # None: autocast off
+        self.autocast_cache: dict[int, Tensor] = {}
+        self.phase = "forward"  # forward | backward
+        self.region: CheckpointRegion | None = None  # set while a checkpointed forward runs
+        self._recompute_stop = -1
+        # While a checkpoint recomputes: net references taken on each tensor, and saved references added.
+        self._frame: dict[int, list] | None = None
+        self.tensors: list[Tensor] = []
+        self.views: list[Tensor] = []
+        self.segment_of_node: dict[str, str] = {}  # backward segment named after the forward segment of each node
+        self.log: list[tuple[str, Tensor]] | None = None  # set to [] to record events (debugging aid)
+
+    # ---- allocation bookkeeping -------------------------------------------------------
+    def set_segment(self, name: str) -> None:
+        self._mark_peak()
+        self.segment = name
+
+    def _mark_peak(self) -> None:
+        if self._rising:
+            self.candidates.append(Candidate(self.segment, dict(self.live)))
+            self._rising = False
+
+    def new(self, elems: LF, dtype: str, *, name: str = "", requires_grad: bool = False, category: str | None = None) -> Tensor:
+        """Allocate a tensor held by one Python reference."""
+        tensor = Tensor(elems=elems, dtype=dtype, requires_grad=requires_grad, name=name, refs=1, segment=self.segment)
+        tensor.category = category or ("activations" if self.phase == "forward" else "temporary")
+        self.live[tensor.category] = lf_add(self.live[tensor.category], tensor.nbytes)
+        self._rising = True
+        self.tensors.append(tensor)
+        if self.log is not None:
+            self.log.append(("+", tensor))
+        return tensor
+
+    def parameter(self, elems: LF, dtype: str, *, name: str, trainable: bool, grad_dtype: str | None = None) -> Tensor:
+        """A leaf parameter; its storage is counted with the model states, not here."""
+        tensor = Tensor(elems=elems, dtype=dtype, requires_grad=trainable, name=name, param=True, refs=1, category="weights")
+        tensor.grad_dtype = grad_dtype or dtype
+        return tensor
+
+    def alias(self, base: Tensor, elems: LF | None = None) -> Tensor:
+        """A view of `base` (no allocation); it keeps the base alive."""
+        self.ref(base)
+        base.view_refs += 1
+        view = Tensor(elems=elems if elems is not None else base.elems, dtype=base.dtype, refs=1,
+                      segment=self.segment, alive=False, view_of=base)
+        self.views.append(view)
+        return view
+
+    def ref(self, tensor: Tensor) -> Tensor:
+        tensor.refs += 1
+        if self._frame is not None:
+            self._frame.setdefault(id(tensor), [tensor, 0, 0])[1] += 1
+        return tensor
+
+    def drop(self, *tensors: Tensor | None) -> None:
+        """A Python reference goes away."""
+        for tensor in tensors:
+            if tensor is None:
+                continue
+            tensor.refs -= 1
+            if self._frame is not None and id(tensor) in self._frame:
+                self._frame[id(tensor)][1] -= 1
+            if tensor.refs == 0:
+                if tensor.view_of is not None:
+                    base, tensor.view_of = tensor.view_of, None
+                    base.view_refs -= 1
+                    self.drop(base)
+                elif tensor.alive and not tensor.param:
+                    self._free(tensor)
+
+    def _unsave(self, tensor: Tensor) -> None:
+        tensor.saved_refs -= 1
+        self.drop(tensor)
+
+    def _free(self, tensor: Tensor) -> None:
+        self._mark_peak()
+        tensor.alive = False
+        tensor.freed_in = self.segment
+        self.live[tensor.category] = lf_sub(self.live[tensor.category], tensor.nbytes)
+        if self.log is not None:
+            self.log.append(("-", tensor))
+
+    def recategorize(self, tensor: Tensor, category: str) -> None:
+        if tensor.category == category or not tensor.alive:
+            tensor.category = category
+            return
+        self.live[tensor.category] = lf_sub(self.live[tensor.category], tensor.nbytes)
+        tensor.category = category
+        self.live[category] = lf_add(self.live[category], tensor.nbytes)
+
+    # ---- autograd -------------------------------------------------------------------------------
+    def record(self, name: str, output: Tensor, inputs: list[Tensor], saved: list[Tensor], backward) -> None:
+        """Attach a grad_fn to `output` if any input requires grad; keep saved tensors alive."""
+        if not any(tensor.requires_grad for tensor in inputs):
+            return
+        output.requires_grad = True
+        node = Node(seq=self.seq, output=output, inputs=inputs, saved=[], backward=backward, name=name, segment=self.segment)
+        self.seq += 1
+        if self.region is not None:
+            node.deferred = len(saved)
+            node.region = self.region
+            self.region.nodes.append(node)
+        else:
+            for tensor in saved:
+                self.ref(tensor)
+                tensor.saved_refs += 1
+                if self._frame is not None:
+                    self._frame.setdefault(id(tensor), [tensor, 0, 0])[2] += 1
+            node.saved = list(saved)
+        self.nodes.append(node)
+        if self._recompute_stop >= 0 and len(self.nodes) - 1 == self._recompute_stop:
+            raise StopRecompute
+
+    def run_backward(self, loss: Tensor) -> None:
+        """loss.backward(): seed a scalar gradient and run nodes in reverse creation order."""
+        self.phase = "backward"
+        seed = self.new(const(1), loss.dtype, name="ones_like")
+        loss.grad = seed
+        while self.nodes:
+            self._run_node(self.nodes.pop())
+
+    def _run_node(self, node: Node) -> None:
+        mapping = self.segment_of_node
+        if mapping and node.segment in mapping and mapping[node.segment] != self.segment:
+            self.set_segment(mapping[node.segment])
+        if node.deferred and not node.region.recomputed:
+            self._recompute(node.region)
+        grad_out = node.output.grad
+        if grad_out is None:
+            self._release_saved(node)
+            return
+        node.output.grad = None
+        results = node.backward(self, node, grad_out)
+        # The engine moves the incoming gradient into the node, so it dies when the node returns,
+        # before validate_outputs casts the results. Saved tensors are released after the cast,
+        # except under checkpointing: the unpacked recomputed tensors die with the node's frame.
+        self.drop(grad_out)
+        if node.region is not None:
+            self._release_saved(node)
+        # The engine casts each gradient to its input's dtype (validate_outputs).
+        casted = []
+        for target, grad in results:
+            if target.collected is not None:
+                casted.append((target, grad))
+                continue
+            if grad.elems != target.elems and not target.param:
+                reduced = self.new(target.elems, grad.dtype, name="sum_to")  # broadcast operand: sum_to its shape
+                self.drop(grad)
+                grad = reduced
+            elif grad.elems != target.elems and target.param:
+                reduced = self.new(target.elems, grad.dtype, name="sum_to")
+                self.drop(grad)
+                grad = reduced
+            if grad.dtype != target.dtype and target.dtype in FLOATS and not target.param:
+                converted = self.new(grad.elems, target.dtype, name="grad cast")
+                self.drop(grad)
+                grad = converted
+            casted.append((target, grad))
+        if node.region is None:
+            self._release_saved(node)
+        for target, grad in casted:
+            self.accumulate(target, grad)
+
+    def _release_saved(self, node: Node) -> None:
+        for tensor in node.saved:
+            self._unsave(tensor)
+        node.saved = []
+        region = node.region
+        if region is not None:
+            region.remaining -= 1
+            if region.remaining == 0:
+                # The checkpoint frame (and the inputs it kept) dies with the region's last node.
+                for value in region.inputs:
+                    if isinstance(value, Tensor):
+                        self.drop(value)
+
+    def accumulate(self, target: Tensor, grad: Tensor) -> None:
+        """Route a gradient: AccumulateGrad for parameters, an input buffer otherwise."""
+        if not target.requires_grad:
+            self.drop(grad)
+            return
+        if target.param:
+            if grad.dtype != target.grad_dtype:
+                converted = self.new(grad.elems, target.grad_dtype, name="grad cast")
+                self.drop(grad)
+                grad = converted
+            if target.grad is None:
+                target.grad = grad
+                self.recategorize(grad, "gradients")
+            else:
+                # A parameter used twice (tied embeddings): AccumulateGrad runs once, after the engine's
+                # input buffer has summed both gradients, out of place (what a traced step does).
+                total = self.new(target.grad.elems, target.grad.dtype, name="grad sum", category="gradients")
+                self.drop(target.grad, grad)
+                target.grad = total
+            return
+        if target.collected is not None:
+            target.collected.append(grad)
+            target.grad = target.grad or grad
+            return
+        if target.grad is None:
+            target.grad = grad
+        else:
+            total = self.new(target.grad.elems, target.grad.dtype, name="grad sum")
+            self.drop(target.grad, grad)
+            target.grad = total
+
+    # ---- checkpointing -------------------------------------------------------------------------
+    def checkpoint(self, function: Callable[..., object], *inputs):
+        """Run `function` as a non-reentrant checkpointed region (transformers' default)."""
+        region = CheckpointRegion(function=function, inputs=inputs)
+        for value in inputs:
+            if isinstance(value, Tensor):
+                self.ref(value)  # the checkpoint frame keeps its inputs
+        outer, self.region = self.region, region
+        try:
+            output = function(*inputs)
+        finally:
+            self.region = outer
+        region.remaining = len(region.nodes)
+        if not region.nodes:
+            for value in inputs:
+                if isinstance(value, Tensor):
+                    self.drop(value)
+        return output
+
+    def _recompute(self, region: CheckpointRegion) -> None:
+        """Re-run the region's forward to recreate its saved tensors, stopping after the last one."""
+        region.recomputed = True
+        targets = region.nodes
+        last = max((index for index, node in enumerate(targets) if node.deferred), default=-1)
+        outer_nodes, self.nodes = self.nodes, []
+        outer_cache, self.autocast_cache = self.autocast_cache, {}
+        phase, self.phase = self.phase, "backward"
+        first_tensor = len(self.tensors)
+        first_view = len(self.views)
+        self._recompute_stop = last
+        self._frame = {}
+        try:
+            region.function(*region.inputs)
+        except StopRecompute:
+            pass
+        finally:
+            self._recompute_stop = -1
+            frame, self._frame = self._frame, None
+        recomputed, self.nodes = self.nodes, outer_nodes
+        # The recomputed forward's frame unwinds: only saved tensors survive, with the bases of saved views.
+        for view in reversed(self.views[first_view:]):
+            while view.view_of is not None and view.refs > view.saved_refs + view.view_refs:
+                self.drop(view)
+        new_tensors = self.tensors[first_tensor:]
+        for tensor in new_tensors:
+            while tensor.alive and tensor.refs > tensor.saved_refs + (1 if tensor.cached else 0) + tensor.view_refs:
+                self.drop(tensor)
+        # Tensors from before the recompute (the region's inputs): the frame's own references to them go too;
+        # what the recompute saved, and views of them it saved, stay.
+        fresh = {id(tensor) for tensor in new_tensors} | {id(view) for view in self.views[first_view:]}
+        held_by_views: dict[int, int] = {}
+        for view in self.views[first_view:]:
+            if view.view_of is not None:
+                held_by_views[id(view.view_of)] = held_by_views.get(id(view.view_of), 0) + 1
+        for key, (tensor, net, saved) in frame.items():
+            if key in fresh:
+                continue
+            for _ in range(max(net - saved - held_by_views.get(key, 0), 0)):
+                self.drop(tensor)
+        self.clear_autocast_cache()  # checkpoint re-entered autocast; leaving it clears the cache
+        self.autocast_cache = outer_cache
+        self.phase = phase
+        for original, replay in zip(targets, recomputed):
+            original.saved = replay.saved
+
+    # ---- autocast -----------------------------------------------------------------------------
+    def clear_autocast_cache(self) -> None:
+        cached = list(self.autocast_cache.values())
+        self.autocast_cache = {}
+        for tensor in cached:
+            self.drop(tensor)
+
+    def finish(self) -> list[Candidate]:
+        self._mark_peak()
+        return self.candidates

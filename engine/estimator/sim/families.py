@@ -1,0 +1,621 @@
+"""transformers' decoder-only models as tensor programs for the replay.
+
+Each function mirrors the model's forward in transformers, line by line where
+it matters for memory: which tensors are created, in which dtype, and how long
+Python variables keep them alive (for example LlamaDecoderLayer keeps the
+normalised input alive until self-attention returns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.estimator.sim import ops
+from engine.estimator.sim.core import Sim, Tensor, const, lf_scale, per_position, per_token
+
+
+@dataclass(frozen=True)
+class Dims:
+    hidden: int
+    q_dim: int
+    kv_dim: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    experts: int = 0
+    top_k: int = 0
+    positions: int = 0  # learned position embeddings (GPT-2)
+
+
+@dataclass(frozen=True)
+class Options:
+    family: str
+    compute: str  # dtype of matmuls: f32, bf16, f16
+    params: str  # dtype of trainable (and unquantized) weights
+    base: str  # dtype of frozen, unquantized base weights
+    autocast: bool
+    attention: str  # flash | eager
+    checkpointing: str  # none | selective | full
+    lora_rank: int
+    lora_targets: tuple[str, ...]
+    lora_dtype: str
+    quant: str  # none | int8 | nf4
+    tied: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    embedding_dropout: float = 0.0
+    batched: bool = False  # batch > 1: some layouts stop being contiguous (see phi3_attention)
+    window_mask: bool = False  # SDPA gets an explicit sliding-window mask (sequence longer than the window)
+    attention_softcap: bool = False  # Gemma-2: tanh soft-capping of the attention scores (eager)
+    logit_softcap: bool = False  # Gemma-2: tanh soft-capping of the logits
+
+
+@dataclass
+class LayerParams:
+    linears: dict[str, Tensor] = field(default_factory=dict)
+    biases: dict[str, Tensor] = field(default_factory=dict)
+    lora: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    norms: list[Tensor] = field(default_factory=list)
+
+
+# ---- parameters -------------------------------------------------------------------------------
+def make_linear(sim: Sim, params: LayerParams, name: str, d_in: int, d_out: int, opts: Options, bias: bool) -> None:
+    frozen_base = opts.lora_rank > 0
+    quantized = opts.quant != "none"
+    dtype = opts.base if frozen_base else opts.params
+    params.linears[name] = sim.parameter(const(d_in * d_out), dtype, name=name, trainable=not frozen_base)
+    if quantized:
+        params.linears[name].quantized = True  # type: ignore[attr-defined]
+    params.linears[name].shape = (d_out, d_in)  # type: ignore[attr-defined]
+    if bias:
+        params.biases[name] = sim.parameter(const(d_out), dtype, name=name + ".bias", trainable=not frozen_base)
+    if name in opts.lora_targets:
+        a = sim.parameter(const(d_in * opts.lora_rank), opts.lora_dtype, name=name + ".lora_A", trainable=True)
+        b = sim.parameter(const(opts.lora_rank * d_out), opts.lora_dtype, name=name + ".lora_B", trainable=True)
+        params.lora[name] = (a, b)
+
+
+def norm_weight(sim: Sim, width: int, opts: Options, name: str) -> Tensor:
+    frozen = opts.lora_rank > 0
+    return sim.parameter(const(width), opts.base if frozen else opts.params, name=name, trainable=not frozen)
+
+
+# ---- building blocks ---------------------------------------------------------------------------
+def apply_linear(sim: Sim, x: Tensor, params: LayerParams, name: str, d_in: int, d_out: int, opts: Options) -> Tensor:
+    """nn.Linear, or peft's LoRA Linear around it, or a bitsandbytes quantized base."""
+    weight = params.linears[name]
+    bias = params.biases.get(name)
+    if getattr(weight, "quantized", False):
+        result = quantized_linear(sim, x, weight, d_in, d_out, opts, bias)
+    else:
+        result = ops.linear(sim, x, weight, d_out, d_in, bias)
+    if name not in params.lora:
+        return result
+    if getattr(weight, "quantized", False):
+        return lora_branch_bnb(sim, x, result, params.lora[name], d_in, d_out, opts)
+    return lora_branch(sim, x, result, params.lora[name], d_in, d_out, opts)
+
+
+def lora_branch_bnb(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor, Tensor], d_in: int, d_out: int, opts: Options) -> Tensor:
+    """peft's bitsandbytes LoRA layers: clone the 4-bit result; convert dtypes only without autocast."""
+    lora_a, lora_b = adapters
+    if opts.quant == "nf4":
+        cloned = ops.contiguous_copy(sim, result)  # "defensively clone" (peft, for 4-bit)
+        sim.drop(result)
+        result = cloned
+    convert = not opts.autocast
+    x_in = ops.cast(sim, x, lora_a.dtype) if convert else sim.ref(x)
+    hidden = ops.linear(sim, x_in, lora_a, opts.lora_rank, d_in)
+    sim.drop(x_in)
+    delta = ops.linear(sim, hidden, lora_b, d_out, opts.lora_rank)
+    sim.drop(hidden)
+    if opts.quant == "nf4":
+        output = ops.mul_scalar(sim, delta)
+        sim.drop(delta)
+        if convert:
+            converted = ops.cast(sim, output, result.dtype)
+            sim.drop(output)
+            output = converted
+    else:
+        if convert:
+            converted = ops.cast(sim, delta, result.dtype)
+            sim.drop(delta)
+            delta = converted
+        output = ops.mul_scalar(sim, delta)
+        sim.drop(delta)
+    total = ops.add(sim, result, output)
+    sim.drop(result, output)
+    return total
+
+
+def lora_branch(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor, Tensor], d_in: int, d_out: int, opts: Options) -> Tensor:
+    """peft's lora.Linear.forward: result + lora_B(lora_A(dropout(x))) * scaling, dropout = identity."""
+    lora_a, lora_b = adapters
+    rank = opts.lora_rank
+    x_in = ops.cast(sim, x, lora_a.dtype)  # peft casts the input to the adapter's dtype
+    hidden = ops.linear(sim, x_in, lora_a, rank, d_in)
+    sim.drop(x_in)
+    delta = ops.linear(sim, hidden, lora_b, d_out, rank)
+    sim.drop(hidden)
+    scaled = ops.mul_scalar(sim, delta)
+    sim.drop(delta)
+    total = ops.add(sim, result, scaled)
+    sim.drop(result, scaled)
+    if total.dtype != result.dtype:
+        converted = ops.cast(sim, total, result.dtype)  # peft returns the base layer's dtype
+        sim.drop(total)
+        return converted
+    return total
+
+
+def quantized_linear(sim: Sim, x: Tensor, weight: Tensor, d_in: int, d_out: int, opts: Options, bias: Tensor | None) -> Tensor:
+    """bitsandbytes Linear4bit / Linear8bitLt around a frozen quantized weight; only the quantized state is saved."""
+    n = d_in * d_out
+    if opts.quant == "nf4":
+        x_c = ops.cast(sim, x, opts.compute)  # Linear4bit casts its input to compute_dtype
+        absmax_dq = sim.new(const(4 * -(-n // 64) / 4), "f32", name="absmax dequantized")
+        absmax = sim.new(const(4 * -(-n // 64) / 4), "f32", name="absmax + offset")
+        dequantized = sim.new(const(n), opts.compute, name="dequantized weight")
+        out = sim.new(lf_scale(x_c.elems, d_out / d_in), opts.compute, name="quantized linear")
+        sim.drop(dequantized, absmax, absmax_dq)
+
+        def backward(sim: Sim, node, grad):
+            source = node.inputs[0]
+            nested = sim.new(const(-(-n // 64)), "f32", name="absmax (backward)")
+            again = sim.new(const(n), grad.dtype, name="dequantized weight (backward)")
+            grad_input = sim.new(source.elems, grad.dtype, name="quantized linear grad input")
+            sim.drop(again, nested)
+            return [(source, grad_input)]
+    else:
+        x_c = sim.ref(x)
+        a16 = ops.cast(sim, x, "f16")
+        quantized = sim.new(a16.elems, "i8", name="int8 input")
+        row_scale = sim.new(lf_scale(a16.elems, 1 / d_in), "f32", name="int8 row scale")
+        product = sim.new(lf_scale(a16.elems, d_out / d_in), "i32", name="int32 product")
+        sim.drop(a16, quantized)
+        out = sim.new(lf_scale(x.elems, d_out / d_in), "f16", name="quantized linear")
+        sim.drop(product, row_scale)
+
+        def backward(sim: Sim, node, grad):
+            source = node.inputs[0]
+            dequantized = sim.new(const(n), source.dtype, name="dequantized weight (backward)")
+            scale = sim.new(const(d_out), "f32", name="weight scale")
+            grad_c = ops.cast(sim, grad, source.dtype)
+            grad_input = sim.new(source.elems, source.dtype, name="quantized linear grad input")
+            sim.drop(grad_c, dequantized, scale)
+            return [(source, grad_input)]
+
+    sim.record("quantized_linear", out, [x_c], [], backward)
+    sim.drop(x_c)
+    if bias is not None:
+        biased = ops.add(sim, out, bias)
+        sim.drop(out)
+        out = biased
+    if out.dtype != x.dtype:
+        converted = ops.cast(sim, out, x.dtype)  # .to(inp_dtype)
+        sim.drop(out)
+        out = converted
+    return out
+
+
+def rms_norm(sim: Sim, x: Tensor, weight: Tensor, width: int, *, gemma: bool = False) -> Tensor:
+    """LlamaRMSNorm (and GemmaRMSNorm, which scales by 1 + weight in fp32)."""
+    input_dtype = x.dtype
+    x32 = ops.cast(sim, x, "f32")
+    squared = ops.pow_(sim, x32)
+    variance = ops.mean_last(sim, squared, width)
+    sim.drop(squared)
+    shifted = ops.add_scalar(sim, variance)
+    inverse = ops.rsqrt(sim, shifted)
+    sim.drop(shifted)
+    normed = ops.mul(sim, x32, inverse)
+    sim.drop(inverse, x32, variance)
+    if gemma:
+        weight32 = ops.cast(sim, weight, "f32")
+        one_plus = ops.add_scalar(sim, weight32)
+        sim.drop(weight32)
+        scaled = ops.mul(sim, normed, one_plus)
+        sim.drop(one_plus, normed)
+        out = ops.cast(sim, scaled, input_dtype)
+        sim.drop(scaled)
+        return out
+    normed_cast = ops.cast(sim, normed, input_dtype)
+    sim.drop(normed)
+    out = ops.mul(sim, weight, normed_cast)
+    sim.drop(normed_cast)
+    return out
+
+
+def rotate_half(sim: Sim, x: Tensor) -> Tensor:
+    first = ops.slice_view(sim, x, 0.5)
+    second = ops.slice_view(sim, x, 0.5)
+    negated = ops.neg(sim, second)
+    out = ops.cat(sim, [negated, first], x.elems)
+    sim.drop(negated, first, second)
+    return out
+
+
+def apply_rope(sim: Sim, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """(x * cos) + (rotate_half(x) * sin)."""
+    with_cos = ops.mul(sim, x, cos)
+    rotated = rotate_half(sim, x)
+    with_sin = ops.mul(sim, rotated, sin)
+    sim.drop(rotated)
+    out = ops.add(sim, with_cos, with_sin)
+    sim.drop(with_cos, with_sin)
+    return out
+
+
+# ---- Llama family (Llama, Mistral, Qwen2, Qwen3, Mixtral's attention) ----------------------------------
+def llama_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: Tensor, sin: Tensor) -> Tensor:
+    """LlamaAttention.forward with transformers' SDPA (native GQA, is_causal) or eager attention."""
+    h = d.hidden
+    q_lin = apply_linear(sim, x, p, "q_proj", h, d.q_dim, opts)
+    q = ops.view_needing_copy_in_backward(sim, q_lin)
+    sim.drop(q_lin)
+    k_lin = apply_linear(sim, x, p, "k_proj", h, d.kv_dim, opts)
+    k = ops.view_needing_copy_in_backward(sim, k_lin)
+    sim.drop(k_lin)
+    v_lin = apply_linear(sim, x, p, "v_proj", h, d.kv_dim, opts)
+    v = ops.view(sim, v_lin)
+    sim.drop(v_lin)
+    if opts.family == "qwen3":
+        q_normed = rms_norm(sim, q, p.norms[2], d.head_dim)
+        k_normed = rms_norm(sim, k, p.norms[3], d.head_dim)
+        sim.drop(q, k)
+        q, k = q_normed, k_normed
+    q_rope = apply_rope(sim, q, cos, sin)
+    k_rope = apply_rope(sim, k, cos, sin)
+    sim.drop(q, k)
+    return attend_and_project(sim, q_rope, k_rope, v, p, d, opts)
+
+
+def _mask_arguments(sim: Sim) -> list[Tensor]:
+    """The eager mask is an argument of the checkpointed attention: each region's frame keeps it."""
+    mask = getattr(sim, "causal_mask", None)
+    return [mask] if mask is not None else []
+
+
+def attend_and_project(
+    sim: Sim, q: Tensor, k: Tensor, v: Tensor, p: LayerParams, d: Dims, opts: Options, *, copy_output: bool = False
+) -> Tensor:
+    """The attention core (recomputed in backward under selective checkpointing), then o_proj."""
+
+    def core(qq: Tensor, kk: Tensor, vv: Tensor, *_mask: Tensor) -> Tensor:
+        out = attention_core(sim, qq, kk, vv, d, opts)
+        if copy_output and opts.attention == "flash":
+            copied = ops.contiguous_copy(sim, out)
+            sim.drop(out)
+            out = copied
+        return out
+
+    if opts.checkpointing == "selective":
+        attn = sim.checkpoint(core, q, k, v, *_mask_arguments(sim))
+    else:
+        attn = core(q, k, v)
+    out = apply_linear(sim, attn, p, "o_proj", d.q_dim, d.hidden, opts)
+    sim.drop(attn, q, k, v)
+    return out
+
+
+def attention_core(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options) -> Tensor:
+    if opts.attention == "flash":
+        mask = getattr(sim, "window_mask", None) if opts.window_mask else None
+        return ops.flash_attention(sim, q, k, v, d.heads, d.head_dim, mask)
+    return eager_attention(sim, q, k, v, d, opts)
+
+
+def eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options) -> Tensor:
+    """transformers' eager_attention_forward: repeat_kv, QK^T, mask, fp32 softmax, dropout, PV.
+
+    RoPE's outputs keep the token-major layout of the projections, so bmm's reshape
+    copies q (and k and v when no repeat_kv made them contiguous).
+    """
+    groups = d.heads // d.kv_heads
+    k_full = ops.contiguous_copy(sim, k, q.elems) if groups > 1 else sim.ref(k)
+    v_full = ops.contiguous_copy(sim, v, q.elems) if groups > 1 else sim.ref(v)
+    scores_elems = (0.0, 0.0, float(d.heads), 0.0, 0.0)  # b * heads * s * s
+    k_operand = _bmm_operand(sim, k_full, needs_copy=groups == 1)
+    q_operand = _bmm_operand(sim, q, needs_copy=True)
+    scores = ops.matmul(sim, q_operand, k_operand, scores_elems)
+    sim.drop(q_operand, k_operand)
+    scaled = ops.mul_scalar(sim, scores)
+    sim.drop(scores)
+    if opts.attention_softcap:
+        scaled = softcap(sim, scaled)
+    masked = ops.add(sim, scaled, sim.causal_mask)  # type: ignore[attr-defined]
+    sim.drop(scaled)
+    probs = ops.softmax(sim, masked, "f32")
+    sim.drop(masked)
+    probs_c = ops.cast(sim, probs, q.dtype)  # .to(query.dtype)
+    sim.drop(probs)
+    dropped = ops.dropout(sim, probs_c, opts.attention_dropout)
+    sim.drop(probs_c)
+    p_operand = _bmm_operand(sim, dropped, needs_copy=False)
+    v_operand = _bmm_operand(sim, v_full, needs_copy=groups == 1)
+    out = ops.matmul(sim, p_operand, v_operand, q.elems)
+    sim.drop(p_operand, v_operand, dropped)
+    transposed = ops.contiguous_copy(sim, out)  # attn_output.transpose(1, 2).contiguous()
+    sim.drop(out, k_full, v_full)
+    return transposed
+
+
+def _bmm_operand(sim: Sim, x: Tensor, *, needs_copy: bool) -> Tensor:
+    """matmul's operand: autocast's cast (layout kept), then a copy if bmm's reshape needs one."""
+    cast = ops.autocast_operand(sim, x)
+    if not needs_copy:
+        return cast
+    copy = ops.contiguous_copy(sim, cast)
+    sim.drop(cast)
+    return copy
+
+
+def chain(sim: Sim, x: Tensor, *unary_ops) -> Tensor:
+    """Apply unary ops in turn, each result rebinding the same Python variable (the input is consumed)."""
+    for op in unary_ops:
+        out = op(sim, x)
+        sim.drop(x)
+        x = out
+    return x
+
+
+def softcap(sim: Sim, x: Tensor) -> Tensor:
+    """Gemma-2's soft-capping: x / cap, tanh, * cap (the input reference is consumed)."""
+    return chain(sim, x, ops.mul_scalar, ops.tanh, ops.mul_scalar)
+
+
+def moe_block(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
+    """MixtralSparseMoeBlock with transformers' grouped_mm experts: every token's top-k copies are sorted
+    by expert, run through two grouped matmuls, weighted, put back in order and summed. The sizes do not
+    depend on the routing (tokens x top_k rows in all), so the replay is exact whatever the router picks.
+    The router's own tensors (tokens x experts) are small and left out."""
+    routed = lf_scale(x.elems, d.top_k)  # (tokens * top_k, hidden)
+    rows = lf_scale(x.elems, d.top_k / d.hidden)  # tokens * top_k
+    router_logits = apply_linear(sim, x, p, "gate", d.hidden, d.experts, opts)
+    weights = ops.softmax(sim, router_logits, "f32")  # top-k weights: small, but they carry gradients
+    sim.drop(router_logits)
+    sample_weights = ops.gather_rows(sim, weights, rows, rows)
+    sim.drop(weights)
+    selected = ops.gather_rows(sim, x, routed, rows)
+    gate_up = ops.grouped_mm(sim, selected, p.linears["experts.gate_up_proj"], 2 * d.intermediate, d.hidden)
+    sim.drop(selected)
+    gate, up = ops.chunk(sim, gate_up, 2)
+    sim.drop(gate_up)
+    act = ops.silu(sim, gate)
+    product = ops.mul(sim, act, up)
+    sim.drop(act, gate, up)
+    down = ops.grouped_mm(sim, product, p.linears["experts.down_proj"], d.hidden, d.intermediate)
+    sim.drop(product)
+    weighted = ops.mul(sim, down, sample_weights)
+    sim.drop(down, sample_weights)
+    ordered = ops.gather_rows(sim, weighted, routed, rows)
+    sim.drop(weighted)
+    out = ops.sum_groups(sim, ordered, d.top_k)
+    sim.drop(ordered)
+    return chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
+
+
+def llama_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
+    """LlamaMLP (SiLU) and GemmaMLP (GELU, tanh approximation): down(act(gate(x)) * up(x))."""
+    gate = apply_linear(sim, x, p, "gate_proj", d.hidden, d.intermediate, opts)
+    act = ops.gelu_tanh(sim, gate) if opts.family in ("gemma", "gemma2") else ops.silu(sim, gate)
+    sim.drop(gate)
+    up = apply_linear(sim, x, p, "up_proj", d.hidden, d.intermediate, opts)
+    product = ops.mul(sim, act, up)
+    sim.drop(act, up)
+    down = apply_linear(sim, product, p, "down_proj", d.intermediate, d.hidden, opts)
+    sim.drop(product)
+    return down
+
+
+# ---- Phi-3: fused qkv and gate_up projections ------------------------------------------------------
+def phi3_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: Tensor, sin: Tensor) -> Tensor:
+    """Phi3Attention.forward: one qkv projection sliced into q, k, v; RoPE on a rotary slice, then cat."""
+    h = d.hidden
+    width = d.q_dim + 2 * d.kv_dim
+    qkv = apply_linear(sim, x, p, "qkv_proj", h, width, opts)
+    heads = []
+    for dim, copy_in_backward in ((d.q_dim, True), (d.kv_dim, True), (d.kv_dim, False)):
+        sliced = ops.slice_view(sim, qkv, dim / width)
+        shaped = ops.view_needing_copy_in_backward(sim, sliced) if copy_in_backward else ops.view(sim, sliced)
+        sim.drop(sliced)
+        heads.append(shaped)
+    sim.drop(qkv)
+    q, k, v = heads
+    q_rope = _phi3_rope(sim, q, cos, sin)
+    k_rope = _phi3_rope(sim, k, cos, sin)
+    sim.drop(q, k)
+    # Traced: with more than one sequence, or with an explicit (sliding-window) mask, SDPA's output from these
+    # (b, h, s, d)-contiguous inputs is not contiguous after transpose(1, 2), so .contiguous() copies it.
+    return attend_and_project(sim, q_rope, k_rope, v, p, d, opts, copy_output=opts.batched or opts.window_mask)
+
+
+def _phi3_rope(sim: Sim, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """cat([(x_rot * cos) + (rotate_half(x_rot) * sin), x_pass]) with x_rot the whole head (factor 1)."""
+    rotary_part = ops.slice_view(sim, x, 1.0)
+    passed = ops.slice_view(sim, x, 0.0)
+    rotated = apply_rope(sim, rotary_part, cos, sin)
+    out = ops.cat(sim, [rotated, passed], x.elems)
+    sim.drop(rotated, rotary_part, passed)
+    return out
+
+
+def phi3_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
+    """Phi3MLP.forward: gate_up projection, chunk, up * silu(gate), down."""
+    gate_up = apply_linear(sim, x, p, "gate_up_proj", d.hidden, 2 * d.intermediate, opts)
+    gate, up = ops.chunk(sim, gate_up, 2)
+    sim.drop(gate_up)
+    act = ops.silu(sim, gate)
+    product = ops.mul(sim, up, act)
+    sim.drop(act, gate, up)
+    down = apply_linear(sim, product, p, "down_proj", d.intermediate, d.hidden, opts)
+    sim.drop(product)
+    return down
+
+
+def gemma_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: Tensor, sin: Tensor) -> Tensor:
+    """GemmaDecoderLayer and Gemma2DecoderLayer (which adds post-attention and post-MLP norms)."""
+    gemma2 = opts.family == "gemma2"
+    normed = rms_norm(sim, x, p.norms[0], d.hidden, gemma=True)
+    attn = llama_attention(sim, normed, p, d, opts, cos, sin)
+    sim.drop(normed)
+    if gemma2:
+        post = rms_norm(sim, attn, p.norms[1], d.hidden, gemma=True)
+        sim.drop(attn)
+        attn = post
+    residual = ops.add(sim, x, attn)
+    sim.drop(attn)
+    normed = rms_norm(sim, residual, p.norms[2 if gemma2 else 1], d.hidden, gemma=True)
+    mlp_out = llama_mlp(sim, normed, p, d, opts)
+    sim.drop(normed)
+    if gemma2:
+        post = rms_norm(sim, mlp_out, p.norms[3], d.hidden, gemma=True)
+        sim.drop(mlp_out)
+        mlp_out = post
+    out = ops.add(sim, residual, mlp_out)
+    sim.drop(mlp_out, residual)
+    return out
+
+
+def llama_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: Tensor, sin: Tensor) -> Tensor:
+    """LlamaDecoderLayer.forward (Phi3DecoderLayer has the same shape)."""
+    if opts.family in ("gemma", "gemma2"):
+        return gemma_layer(sim, x, p, d, opts, cos, sin)
+    phi3 = opts.family == "phi3"
+    normed = rms_norm(sim, x, p.norms[0], d.hidden)
+    attn = (phi3_attention if phi3 else llama_attention)(sim, normed, p, d, opts, cos, sin)
+    sim.drop(normed)  # `hidden_states` is rebound only when self_attn returns
+    residual = ops.add(sim, x, attn)
+    sim.drop(attn)
+    normed = rms_norm(sim, residual, p.norms[1], d.hidden)
+    mlp = moe_block if opts.family == "mixtral" else phi3_mlp if phi3 else llama_mlp
+    mlp_out = mlp(sim, normed, p, d, opts)
+    sim.drop(normed)
+    out = ops.add(sim, residual, mlp_out)
+    sim.drop(mlp_out, residual)
+    return out
+
+
+def llama_layer_params(sim: Sim, d: Dims, opts: Options) -> LayerParams:
+    p = LayerParams()
+    h = d.hidden
+    if opts.family == "phi3":
+        make_linear(sim, p, "qkv_proj", h, d.q_dim + 2 * d.kv_dim, opts, opts.qkv_bias)
+        make_linear(sim, p, "o_proj", d.q_dim, h, opts, opts.o_bias)
+        make_linear(sim, p, "gate_up_proj", h, 2 * d.intermediate, opts, opts.mlp_bias)
+        make_linear(sim, p, "down_proj", d.intermediate, h, opts, opts.mlp_bias)
+        p.norms = [norm_weight(sim, h, opts, "input_layernorm"), norm_weight(sim, h, opts, "post_attention_layernorm")]
+        return p
+    make_linear(sim, p, "q_proj", h, d.q_dim, opts, opts.qkv_bias)
+    make_linear(sim, p, "k_proj", h, d.kv_dim, opts, opts.qkv_bias)
+    make_linear(sim, p, "v_proj", h, d.kv_dim, opts, opts.qkv_bias)
+    make_linear(sim, p, "o_proj", d.q_dim, h, opts, opts.o_bias)
+    if opts.family == "mixtral":
+        make_linear(sim, p, "gate", h, d.experts, opts, False)  # the router
+        for name, d_in, d_out in (("experts.gate_up_proj", h, 2 * d.intermediate), ("experts.down_proj", d.intermediate, h)):
+            make_linear(sim, p, name, d_in, d_out * d.experts, opts, False)
+        p.norms = [norm_weight(sim, h, opts, "input_layernorm"), norm_weight(sim, h, opts, "post_attention_layernorm")]
+        return p
+    make_linear(sim, p, "gate_proj", h, d.intermediate, opts, opts.mlp_bias)
+    make_linear(sim, p, "up_proj", h, d.intermediate, opts, opts.mlp_bias)
+    make_linear(sim, p, "down_proj", d.intermediate, h, opts, opts.mlp_bias)
+    p.norms = [norm_weight(sim, h, opts, "input_layernorm"), norm_weight(sim, h, opts, "post_attention_layernorm")]
+    if opts.family == "gemma2":
+        p.norms += [norm_weight(sim, h, opts, "pre_feedforward_layernorm"), norm_weight(sim, h, opts, "post_feedforward_layernorm")]
+    if opts.family == "qwen3":
+        p.norms += [norm_weight(sim, d.head_dim, opts, "q_norm"), norm_weight(sim, d.head_dim, opts, "k_norm")]
+    return p
+
+
+def rotary(sim: Sim, d: Dims, dtype: str) -> tuple[Tensor, Tensor]:
+    """LlamaRotaryEmbedding under no_grad: (1, s, head_dim) cos and sin in the hidden states' dtype."""
+    grad_off = sim.new(per_position(d.head_dim), "f32", name="rope freqs")
+    cos = sim.new(per_position(d.head_dim), "f32", name="rope cos")
+    sin = sim.new(per_position(d.head_dim), "f32", name="rope sin")
+    sim.drop(grad_off)
+    if dtype != "f32":
+        cos16 = sim.new(per_position(d.head_dim), dtype, name="rope cos cast")
+        sin16 = sim.new(per_position(d.head_dim), dtype, name="rope sin cast")
+        sim.drop(cos, sin)
+        cos, sin = cos16, sin16
+    return cos, sin
+
+
+# ---- GPT-2: Conv1D projections with biases, LayerNorm, dropouts, learned positions, gelu_new ------------
+def gpt2_layer_params(sim: Sim, d: Dims, opts: Options) -> LayerParams:
+    p = LayerParams()
+    h = d.hidden
+    make_linear(sim, p, "c_attn", h, 3 * h, opts, True)
+    make_linear(sim, p, "attn.c_proj", h, h, opts, True)
+    make_linear(sim, p, "c_fc", h, d.intermediate, opts, True)
+    make_linear(sim, p, "mlp.c_proj", d.intermediate, h, opts, True)
+    # ln_1 and ln_2: weight and bias each
+    p.norms = [norm_weight(sim, h, opts, name) for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias")]
+    return p
+
+
+def gpt2_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
+    """GPT2Attention.forward: c_attn, split into q, k, v (one SplitBackward), attention, c_proj, dropout."""
+    h = d.hidden
+    qkv = apply_linear(sim, x, p, "c_attn", h, 3 * h, opts)
+    parts = ops.chunk(sim, qkv, 3)
+    sim.drop(qkv)
+    q = ops.view_needing_copy_in_backward(sim, parts[0])
+    k = ops.view_needing_copy_in_backward(sim, parts[1])
+    v = ops.view(sim, parts[2])
+    sim.drop(*parts)
+    if opts.checkpointing == "selective":
+        attn = sim.checkpoint(lambda qq, kk, vv, *_mask: attention_core(sim, qq, kk, vv, d, opts), q, k, v,
+                              *_mask_arguments(sim))
+    else:
+        attn = attention_core(sim, q, k, v, d, opts)
+    projected = apply_linear(sim, attn, p, "attn.c_proj", h, h, opts)
+    sim.drop(attn, q, k, v)
+    out = ops.dropout(sim, projected, opts.residual_dropout)
+    sim.drop(projected)
+    return out
+
+
+def gelu_new(sim: Sim, x: Tensor) -> Tensor:
+    """NewGELUActivation in Python ops: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))."""
+    half = ops.mul_scalar(sim, x)
+    cubed = ops.pow_(sim, x)
+    scaled = ops.mul_scalar(sim, cubed)
+    sim.drop(cubed)
+    inner = ops.add(sim, x, scaled)
+    sim.drop(scaled)
+    one_plus = chain(sim, inner, ops.mul_scalar, ops.tanh, ops.add_scalar)
+    out = ops.mul(sim, half, one_plus)
+    sim.drop(half, one_plus)
+    return out
+
+
+def gpt2_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
+    hidden = apply_linear(sim, x, p, "c_fc", d.hidden, d.intermediate, opts)
+    activated = gelu_new(sim, hidden)
+    sim.drop(hidden)
+    projected = apply_linear(sim, activated, p, "mlp.c_proj", d.intermediate, d.hidden, opts)
+    sim.drop(activated)
+    out = ops.dropout(sim, projected, opts.residual_dropout)
+    sim.drop(projected)
+    return out
+
+
+def gpt2_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
+    """GPT2Block.forward."""
+    normed = ops.layer_norm(sim, x, p.norms[0], p.norms[1], d.hidden)
+    attn = gpt2_attention(sim, normed, p, d, opts)
+    sim.drop(normed)
+    residual = ops.add(sim, attn, x)
+    sim.drop(attn)
+    normed = ops.layer_norm(sim, residual, p.norms[2], p.norms[3], d.hidden)
+    mlp_out = gpt2_mlp(sim, normed, p, d, opts)
+    sim.drop(normed)
+    out = ops.add(sim, residual, mlp_out)
+    sim.drop(mlp_out, residual)
+    return out

@@ -1,0 +1,491 @@
+"""The ops transformer layers are made of, with PyTorch's allocation behaviour.
+
+For each op: what the forward allocates, what autograd saves (PyTorch saves
+one operand of a product only if the other needs a gradient), and what the
+backward formula allocates, in order. Sizes are element counts as linear forms
+(see core.py); dtypes follow type promotion and autocast's policy.
+"""
+
+from __future__ import annotations
+
+from engine.estimator.sim.core import LF, Sim, Tensor, lf_scale
+
+_PROMOTION = {"f32": 3, "bf16": 2, "f16": 2, "i64": 1, "i32": 1, "bool": 0, "u8": 0, "i8": 0}
+
+
+def promote(a: str, b: str) -> str:
+    if a == b:
+        return a
+    if "f32" in (a, b):
+        return "f32"
+    return a if _PROMOTION[a] >= _PROMOTION[b] else b
+
+
+def _bigger(a: Tensor, b: Tensor) -> LF:
+    """Broadcast result size: the operand with more elements (shapes here broadcast one way)."""
+    return a.elems if sum(a.elems[1:]) + a.elems[0] * 1e-9 >= sum(b.elems[1:]) + b.elems[0] * 1e-9 else b.elems
+
+
+# ---- casts ----------------------------------------------------------------------------------
+def _cast_backward(sim: Sim, node, grad):
+    return [(node.inputs[0], sim.ref(grad))]  # the engine casts it back to the input's dtype
+
+
+def cast(sim: Sim, x: Tensor, dtype: str) -> Tensor:
+    """x.to(dtype): the same tensor when the dtype already matches."""
+    if x.dtype == dtype:
+        return sim.ref(x)
+    out = sim.new(x.elems, dtype, name="to_copy")
+    sim.record("to_copy", out, [x], [], _cast_backward)
+    return out
+
+
+def autocast_operand(sim: Sim, x: Tensor) -> Tensor:
+    """Autocast's cast of a matmul operand; leaf weights that need gradients are cached."""
+    dtype = sim.autocast_dtype
+    if dtype is None or x.dtype == dtype or x.dtype not in ("f32", "f16", "bf16"):
+        return sim.ref(x)
+    cacheable = x.param and x.requires_grad
+    if cacheable and id(x) in sim.autocast_cache:
+        return sim.ref(sim.autocast_cache[id(x)])
+    out = cast(sim, x, dtype)
+    if cacheable:
+        sim.autocast_cache[id(x)] = sim.ref(out)
+        out.cached = True
+    return out
+
+
+def fp32_policy(sim: Sim, x: Tensor) -> Tensor:
+    """CUDA autocast runs some ops (pow, softmax, ...) in fp32: their 16-bit inputs are cast first."""
+    if sim.autocast_dtype is not None and x.dtype in ("bf16", "f16"):
+        return cast(sim, x, "f32")
+    return sim.ref(x)
+
+
+# ---- matmuls ---------------------------------------------------------------------------------
+def _linear_backward(sim: Sim, node, grad):
+    x, weight = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    results = []
+    grad_weight = grad_input = grad_bias = None
+    if weight.requires_grad:
+        grad_weight = sim.new(weight.elems, grad.dtype, name="mm grad weight")
+    if x.requires_grad:
+        grad_input = sim.new(x.elems, grad.dtype, name="mm grad input")
+    if bias is not None and bias.requires_grad:
+        grad_bias = sim.new(bias.elems, grad.dtype, name="bias grad")
+    if grad_input is not None:
+        results.append((x, grad_input))
+    if grad_weight is not None:
+        results.append((weight, grad_weight))
+    if grad_bias is not None:
+        results.append((bias, grad_bias))
+    return results
+
+
+def linear(sim: Sim, x: Tensor, weight: Tensor, out_features: int, in_features: int, bias: Tensor | None = None) -> Tensor:
+    """F.linear / addmm. Autocast casts bias, weight, then input (C++ evaluates arguments right to left)."""
+    bias_c = autocast_operand(sim, bias) if bias is not None else None
+    weight_c = autocast_operand(sim, weight)
+    x_c = autocast_operand(sim, x)
+    return _weight_matmul(sim, x_c, weight_c, bias_c, out_features, in_features)
+
+
+def _weight_matmul(sim: Sim, x_c: Tensor, weight_c: Tensor, bias_c: Tensor | None, out_features: int, in_features: int) -> Tensor:
+    """x @ W (+ b) on operands already cast; consumes their references."""
+    out = sim.new(lf_scale(x_c.elems, out_features / in_features), x_c.dtype, name="linear")
+    saved = []
+    if weight_c.requires_grad:
+        saved.append(x_c)
+    if x_c.requires_grad:
+        saved.append(weight_c)
+    inputs = [x_c, weight_c] + ([bias_c] if bias_c is not None else [])
+    sim.record("linear", out, inputs, saved, _linear_backward)
+    sim.drop(bias_c, weight_c, x_c)
+    return out
+
+
+def matmul(sim: Sim, a: Tensor, b: Tensor, out_elems: LF) -> Tensor:
+    """bmm of two activations already cast and laid out for it; each saved if the other needs a grad."""
+    out = sim.new(out_elems, a.dtype, name="bmm")
+    saved = []
+    if b.requires_grad:
+        saved.append(a)
+    if a.requires_grad:
+        saved.append(b)
+    sim.record("bmm", out, [a, b], saved, _bmm_backward)
+    return out
+
+
+def _bmm_backward(sim: Sim, node, grad):
+    a, b = node.inputs
+    results = []
+    grad_b = sim.new(b.elems, grad.dtype, name="bmm grad b") if b.requires_grad else None
+    grad_a = sim.new(a.elems, grad.dtype, name="bmm grad a") if a.requires_grad else None
+    if grad_a is not None:
+        results.append((a, grad_a))
+    if grad_b is not None:
+        results.append((b, grad_b))
+    return results
+
+
+# ---- elementwise -------------------------------------------------------------------------------
+def _mul_backward(sim: Sim, node, grad):
+    a, b = node.inputs
+    # The generated MulBackward0 computes the second operand's gradient first.
+    grad_b = sim.new(_bigger(a, b), promote(grad.dtype, a.dtype), name="mul grad other") if b.requires_grad else None
+    grad_a = sim.new(_bigger(a, b), promote(grad.dtype, b.dtype), name="mul grad self") if a.requires_grad else None
+    results = []
+    if grad_a is not None:
+        results.append((a, grad_a))
+    if grad_b is not None:
+        results.append((b, grad_b))
+    return results
+
+
+def mul(sim: Sim, a: Tensor, b: Tensor) -> Tensor:
+    out = sim.new(_bigger(a, b), promote(a.dtype, b.dtype), name="mul")
+    saved = []
+    if a.requires_grad:
+        saved.append(b)
+    if b.requires_grad:
+        saved.append(a)
+    sim.record("mul", out, [a, b], saved, _mul_backward)
+    return out
+
+
+def _scale_backward(sim: Sim, node, grad):
+    return [(node.inputs[0], sim.new(grad.elems, grad.dtype, name="mul scalar grad"))]
+
+
+def mul_scalar(sim: Sim, x: Tensor) -> Tensor:
+    out = sim.new(x.elems, x.dtype, name="mul scalar")
+    sim.record("mul_scalar", out, [x], [], _scale_backward)
+    return out
+
+
+def _add_backward(sim: Sim, node, grad):
+    return [(tensor, sim.ref(grad)) for tensor in node.inputs if tensor.requires_grad]
+
+
+def add(sim: Sim, a: Tensor, b: Tensor) -> Tensor:
+    out = sim.new(_bigger(a, b), promote(a.dtype, b.dtype), name="add")
+    sim.record("add", out, [a, b], [], _add_backward)
+    return out
+
+
+def add_scalar(sim: Sim, x: Tensor) -> Tensor:
+    out = sim.new(x.elems, x.dtype, name="add scalar")
+    sim.record("add_scalar", out, [x], [], _add_backward)
+    return out
+
+
+def _pow_backward(sim: Sim, node, grad):
+    x = node.inputs[0]
+    base = sim.new(x.elems, x.dtype, name="pow backward pow")
+    scaled = sim.new(x.elems, x.dtype, name="pow backward mul")
+    result = sim.new(x.elems, promote(grad.dtype, x.dtype), name="pow backward grad")
+    sim.drop(scaled, base)
+    return [(x, result)]
+
+
+def pow_(sim: Sim, x: Tensor) -> Tensor:
+    """x.pow(n) (CUDA autocast: in fp32)."""
+    x_c = fp32_policy(sim, x)
+    out = sim.new(x_c.elems, x_c.dtype, name="pow")
+    sim.record("pow", out, [x_c], [x_c], _pow_backward)
+    sim.drop(x_c)
+    return out
+
+
+def _mean_backward(sim: Sim, node, grad):
+    return [(node.inputs[0], sim.new(node.inputs[0].elems, grad.dtype, name="mean backward"))]
+
+
+def mean_last(sim: Sim, x: Tensor, width: int) -> Tensor:
+    out = sim.new(lf_scale(x.elems, 1 / width), x.dtype, name="mean")
+    sim.record("mean", out, [x], [], _mean_backward)
+    return out
+
+
+def _rsqrt_backward(sim: Sim, node, grad):
+    result = node.saved[0] if node.saved else node.output
+    cube = sim.new(result.elems, result.dtype, name="rsqrt backward pow")
+    scaled = sim.new(result.elems, result.dtype, name="rsqrt backward mul")
+    out = sim.new(result.elems, result.dtype, name="rsqrt backward grad")
+    sim.drop(scaled, cube)
+    return [(node.inputs[0], out)]
+
+
+def rsqrt(sim: Sim, x: Tensor) -> Tensor:
+    x_c = fp32_policy(sim, x)
+    out = sim.new(x_c.elems, x_c.dtype, name="rsqrt")
+    sim.record("rsqrt", out, [x_c], [out], _rsqrt_backward)
+    sim.drop(x_c)
+    return out
+
+
+def _unary_saved_input_backward(name: str):
+    def backward(sim: Sim, node, grad):
+        x = node.inputs[0]
+        return [(x, sim.new(x.elems, grad.dtype, name=name))]
+
+    return backward
+
+
+def silu(sim: Sim, x: Tensor) -> Tensor:
+    out = sim.new(x.elems, x.dtype, name="silu")
+    sim.record("silu", out, [x], [x], _unary_saved_input_backward("silu_backward"))
+    return out
+
+
+def gelu_tanh(sim: Sim, x: Tensor) -> Tensor:
+    """F.gelu(approximate='tanh'), Gemma's activation."""
+    out = sim.new(x.elems, x.dtype, name="gelu")
+    sim.record("gelu", out, [x], [x], _unary_saved_input_backward("gelu_backward"))
+    return out
+
+
+def tanh(sim: Sim, x: Tensor) -> Tensor:
+    out = sim.new(x.elems, x.dtype, name="tanh")
+    sim.record("tanh", out, [x], [out], _unary_saved_input_backward("tanh_backward"))
+    return out
+
+
+def neg(sim: Sim, x: Tensor) -> Tensor:
+    out = sim.new(x.elems, x.dtype, name="neg")
+    sim.record("neg", out, [x], [], _scale_backward)
+    return out
+
+
+def _slice_backward(full: LF):
+    def backward(sim: Sim, node, grad):
+        return [(node.inputs[0], sim.new(full, grad.dtype, name="slice_backward"))]
+
+    return backward
+
+
+def slice_view(sim: Sim, x: Tensor, fraction: float) -> Tensor:
+    """x[..., a:b]: a view (no allocation); its gradient is a zero-filled full-size tensor."""
+    view = sim.alias(x, lf_scale(x.elems, fraction))
+    sim.record("slice", view, [x], [], _slice_backward(x.elems))
+    return view
+
+
+def _split_backward(sim: Sim, node, grad):
+    """SplitBackward: the parts' gradients are concatenated into one full-size tensor."""
+    source = node.inputs[0]
+    pseudo = node.output
+    full = sim.new(source.elems, grad.dtype, name="split_backward")
+    for part_grad in pseudo.collected:
+        if part_grad is not grad:
+            sim.drop(part_grad)
+    pseudo.collected = []
+    return [(source, full)]
+
+
+def chunk(sim: Sim, x: Tensor, parts: int) -> list[Tensor]:
+    """x.chunk(parts, dim=-1): views; one SplitBackward node gathers every part's gradient."""
+    pseudo = sim.alias(x)
+    pseudo.collected = []
+    sim.record("split", pseudo, [x], [], _split_backward)
+    views = []
+    for _ in range(parts):
+        part = sim.alias(pseudo, lf_scale(x.elems, 1 / parts))
+        sim.record("view", part, [pseudo], [], _identity_backward)
+        views.append(part)
+    sim.drop(pseudo)
+    return views
+
+
+def _gather_backward(sim: Sim, node, grad):
+    """IndexBackward: the gradient is scattered into a zero-filled tensor of the source's size."""
+    return [(node.inputs[0], sim.new(node.inputs[0].elems, grad.dtype, name="index_backward"))]
+
+
+def gather_rows(sim: Sim, x: Tensor, elems: LF, rows: LF) -> Tensor:
+    """x[indices] along the first dimension: a new tensor; the int64 indices are saved for backward,
+    which scatters into zeros. (Saving them also keeps a checkpoint's recompute going this far.)"""
+    indices = sim.new(rows, "i64", name="indices")
+    out = sim.new(elems, x.dtype, name="index")
+    sim.record("index", out, [x], [indices], _gather_backward)
+    sim.drop(indices)
+    return out
+
+
+def grouped_mm(sim: Sim, x: Tensor, weight: Tensor, out_features: int, in_features: int) -> Tensor:
+    """torch._grouped_mm over experts' stacked weights: no autocast cast (it is not on autocast's lists)."""
+    return _weight_matmul(sim, sim.ref(x), sim.ref(weight), None, out_features, in_features)
+
+
+def _sum_backward(sim: Sim, node, grad):
+    """SumBackward expands the gradient; the view back to the input's shape copies it."""
+    return [(node.inputs[0], sim.new(node.inputs[0].elems, grad.dtype, name="sum backward"))]
+
+
+def sum_groups(sim: Sim, x: Tensor, groups: int) -> Tensor:
+    """x.view(n, groups, d).sum(dim=1)."""
+    out = sim.new(lf_scale(x.elems, 1 / groups), x.dtype, name="sum")
+    sim.record("sum", out, [x], [], _sum_backward)
+    return out
+
+
+def _cat_backward(sim: Sim, node, grad):
+    return [(tensor, sim.ref(grad)) for tensor in node.inputs if tensor.requires_grad]
+
+
+def cat(sim: Sim, parts: list[Tensor], elems: LF) -> Tensor:
+    out = sim.new(elems, parts[0].dtype, name="cat")
+    sim.record("cat", out, parts, [], _cat_backward)
+    return out
+
+
+def _reshape_copy_backward(sim: Sim, node, grad):
+    """View backward on a non-contiguous gradient: reshape copies it."""
+    return [(node.inputs[0], sim.new(grad.elems, grad.dtype, name="reshape copy"))]
+
+
+def view_needing_copy_in_backward(sim: Sim, x: Tensor) -> Tensor:
+    """`linear(x).view(...).transpose(1, 2)`: free in forward; backward reshapes a transposed gradient."""
+    view = sim.alias(x)
+    sim.record("view", view, [x], [], _reshape_copy_backward)
+    return view
+
+
+def _identity_backward(sim: Sim, node, grad):
+    return [(node.inputs[0], sim.ref(grad))]
+
+
+def _expand_backward(sim: Sim, node, grad):
+    """Gradient of an expand: summed back to the source's size."""
+    source = node.inputs[0]
+    if grad.elems == source.elems:
+        return [(source, sim.ref(grad))]
+    return [(source, sim.new(source.elems, grad.dtype, name="expand sum"))]
+
+
+def view(sim: Sim, x: Tensor) -> Tensor:
+    """A view whose backward is free (the gradient is reshaped without a copy)."""
+    alias = sim.alias(x)
+    sim.record("view", alias, [x], [], _identity_backward)
+    return alias
+
+
+def contiguous_copy(sim: Sim, x: Tensor, elems: LF | None = None) -> Tensor:
+    """.contiguous() / .clone() that allocates (repeat_kv's expand + reshape: `elems` larger than x)."""
+    out = sim.new(elems if elems is not None else x.elems, x.dtype, name="clone")
+    sim.record("clone", out, [x], [], _expand_backward)
+    return out
+
+
+# ---- attention ----------------------------------------------------------------------------------
+def _flash_backward(sim: Sim, node, grad):
+    q, k, v = node.inputs
+    grads = [sim.new(t.elems, t.dtype, name="flash grad") for t in (q, k, v)]
+    return [(t, g) for t, g in zip((q, k, v), grads) if t.requires_grad] + [
+        (t, g) for t, g in zip((q, k, v), grads) if not t.requires_grad
+    ]
+
+
+def flash_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, heads: int, head_dim: int, mask: Tensor | None = None) -> Tensor:
+    """SDPA's fused kernel (FlashAttention / memory-efficient): saves q, k, v, out, a logsumexp (and a mask)."""
+    q_c, k_c, v_c = (autocast_operand(sim, t) for t in (q, k, v))
+    out = sim.new(q_c.elems, q_c.dtype, name="sdpa out")
+    logsumexp = sim.new(lf_scale(q_c.elems, 1 / head_dim), "f32", name="sdpa logsumexp")
+    saved = [q_c, k_c, v_c, out, logsumexp] + ([mask] if mask is not None else [])
+    sim.record("flash", out, [q_c, k_c, v_c], saved, _flash_backward)
+    sim.drop(q_c, k_c, v_c, logsumexp)
+    return out
+
+
+def _softmax_backward(sim: Sim, node, grad):
+    x = node.inputs[0]
+    return [(x, sim.new(x.elems, grad.dtype, name="softmax backward"))]
+
+
+def softmax(sim: Sim, x: Tensor, dtype: str | None) -> Tensor:
+    """softmax(x, dtype=...) saves its output; CUDA autocast runs it in fp32 without a dtype."""
+    if dtype is None and sim.autocast_dtype is not None and x.dtype in ("bf16", "f16"):
+        dtype = "f32"
+    out_dtype = dtype or x.dtype
+    out = sim.new(x.elems, out_dtype, name="softmax")
+    sim.record("softmax", out, [x], [out], _softmax_backward)
+    return out
+
+
+def _dropout_backward(sim: Sim, node, grad):
+    x = node.inputs[0]
+    return [(x, sim.new(x.elems, grad.dtype, name="dropout backward"))]
+
+
+def dropout(sim: Sim, x: Tensor, p: float) -> Tensor:
+    """nn.Dropout in training: output plus a bool mask saved for backward (identity when p == 0)."""
+    if p == 0:
+        return sim.ref(x)
+    out = sim.new(x.elems, x.dtype, name="dropout")
+    mask = sim.new(x.elems, "bool", name="dropout mask")
+    sim.record("dropout", out, [x], [mask], _dropout_backward)
+    sim.drop(mask)
+    return out
+
+
+# ---- embeddings and losses ------------------------------------------------------------------------
+def _embedding_backward(sim: Sim, node, grad):
+    weight = node.inputs[0]
+    return [(weight, sim.new(weight.elems, grad.dtype, name="embedding_dense_backward"))]
+
+
+def embedding(sim: Sim, weight: Tensor, ids: Tensor, width: int) -> Tensor:
+    out = sim.new(lf_scale(ids.elems, width), weight.dtype, name="embedding")
+    sim.record("embedding", out, [weight], [ids], _embedding_backward)
+    return out
+
+
+def _log_softmax_backward(sim: Sim, node, grad):
+    x = node.inputs[0]
+    return [(x, sim.new(x.elems, grad.dtype, name="log_softmax backward"))]
+
+
+def log_softmax(sim: Sim, x: Tensor) -> Tensor:
+    x_c = fp32_policy(sim, x)
+    out = sim.new(x_c.elems, x_c.dtype, name="log_softmax")
+    sim.record("log_softmax", out, [x_c], [out], _log_softmax_backward)
+    sim.drop(x_c)
+    return out
+
+
+def _nll_backward(sim: Sim, node, grad):
+    logprobs = node.inputs[0]
+    return [(logprobs, sim.new(logprobs.elems, logprobs.dtype, name="nll_loss_backward"))]
+
+
+def nll_loss(sim: Sim, logprobs: Tensor, target: Tensor) -> Tensor:
+    out = sim.new((1.0, 0.0, 0.0, 0.0, 0.0), logprobs.dtype, name="nll_loss")
+    total_weight = sim.new((1.0, 0.0, 0.0, 0.0, 0.0), logprobs.dtype, name="nll total weight")
+    sim.record("nll_loss", out, [logprobs], [target, total_weight], _nll_backward)
+    sim.drop(total_weight)
+    return out
+
+
+def layer_norm(sim: Sim, x: Tensor, weight: Tensor, bias: Tensor, width: int) -> Tensor:
+    """nn.LayerNorm: output plus per-row mean and rstd (fp32), all saved with the input."""
+    x_c = fp32_policy(sim, x)
+    out = sim.new(x_c.elems, x_c.dtype, name="layer_norm")
+    rows = lf_scale(x_c.elems, 1 / width)
+    mean = sim.new(rows, "f32", name="layer_norm mean")
+    rstd = sim.new(rows, "f32", name="layer_norm rstd")
+    sim.record("layer_norm", out, [x_c, weight, bias], [x_c, weight, bias, mean, rstd], _layer_norm_backward)
+    sim.drop(mean, rstd, x_c)
+    return out
+
+
+def _layer_norm_backward(sim: Sim, node, grad):
+    x, weight, bias = node.inputs
+    results = []
+    grad_x = sim.new(x.elems, x.dtype, name="layer_norm grad input") if x.requires_grad else None
+    grad_w = sim.new(weight.elems, weight.dtype, name="layer_norm grad weight") if weight.requires_grad else None
+    grad_b = sim.new(bias.elems, bias.dtype, name="layer_norm grad bias") if bias.requires_grad else None
+    for target, value in ((x, grad_x), (weight, grad_w), (bias, grad_b)):
+        if value is not None:
+            results.append((target, value))
+    return results

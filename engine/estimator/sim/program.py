@@ -1,0 +1,340 @@
+"""Replay one training step of a model and extend it from one decoder layer to L.
+
+We replay embedding, one decoder layer, the head and the loss, then backward,
+and tag every tensor with the segment that made it and the segment that freed
+it. Decoder layers are identical, so the other L-1 layers follow exactly:
+while layer k runs forward, layers 0..k-1 hold what they keep past their own
+forward; after the forward, what they keep until backward; a layer done with
+backward leaves its parameter gradients behind. Each candidate peak of the
+replay becomes a candidate of the L-layer step; the largest wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from engine.architectures import ModelSpec
+from engine.estimator.sim import ops
+from engine.estimator.sim.core import (
+    CATEGORIES,
+    LF,
+    ZERO,
+    Sim,
+    Tensor,
+    const,
+    lf_add,
+    lf_scale,
+    per_position,
+    per_position_sq,
+    per_token,
+    per_token_seq,
+)
+from engine.estimator.sim.families import (
+    Dims,
+    Options,
+    gpt2_layer,
+    gpt2_layer_params,
+    llama_layer,
+    llama_layer_params,
+    norm_weight,
+    rms_norm,
+    rotary,
+    softcap,
+)
+from engine.specs import TrainingConfig
+from engine.validation import resolve_lora_targets
+
+FORWARD_SEGMENTS = ("inputs", "embed_fwd", "layer_fwd", "head_fwd")
+_BACKWARD_OF = {
+    "embed_fwd": "embed_bwd", "first_fwd": "first_bwd", "mid_fwd": "mid_bwd", "last_fwd": "last_bwd", "head_fwd": "head_bwd",
+}
+
+
+@dataclass(frozen=True)
+class StepCandidate:
+    phase: str  # forward | loss | backward
+    live: dict[str, LF]  # by category, for the whole L-layer model on this GPU
+
+
+@dataclass(frozen=True)
+class StepProgram:
+    candidates: tuple[StepCandidate, ...]
+    gradients_end: LF  # parameter gradients after backward (all layers)
+    layer_saved: LF  # activations one layer keeps for backward
+    layer_gradients: LF  # parameter gradients one layer leaves
+    logits_bytes: LF
+
+
+def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
+    compute = {"32-true": "f32", "16-mixed": "f16", "bf16-mixed": "bf16", "16-true": "f16", "bf16-true": "bf16"}[config.precision]
+    params = compute if config.precision in ("16-true", "bf16-true") else "f32"
+    base = compute if config.quant != "none" and config.precision != "32-true" else params
+    gpt2 = spec.family == "gpt2"
+    return Options(
+        family=spec.family,
+        compute=compute,
+        params=params,
+        base=base,
+        autocast=config.autocast,
+        attention=config.attention,
+        checkpointing=config.checkpointing,
+        lora_rank=config.lora_rank,
+        lora_targets=resolve_lora_targets(config, spec),
+        lora_dtype="f32",  # peft upcasts 16-bit adapters to fp32 (autocast_adapter_dtype=True)
+        quant=config.quant,
+        tied=spec.tie_word_embeddings,
+        qkv_bias=spec.linears[0].bias,
+        o_bias=any(linear.name == "o_proj" and linear.bias for linear in spec.linears),
+        mlp_bias=any(linear.name in ("gate_proj", "down_proj") and linear.bias for linear in spec.linears),
+        attention_dropout=float(spec.config.get("attn_pdrop", spec.config.get("attention_dropout", 0.0)) or 0.0) if gpt2 else 0.0,
+        residual_dropout=float(spec.config.get("resid_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
+        embedding_dropout=float(spec.config.get("embd_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
+        batched=config.batch_size > 1 and spec.family == "phi3",  # only Phi-3 depends on it (keeps the cache small)
+        window_mask=_window_mask(config, spec),
+        attention_softcap=spec.family == "gemma2" and spec.config.get("attn_logit_softcapping") is not None,
+        logit_softcap=spec.family == "gemma2" and spec.config.get("final_logit_softcapping") is not None,
+    )
+
+
+def _window_mask(config: TrainingConfig, spec: ModelSpec) -> bool:
+    """Phi-3 with SDPA past its sliding window: transformers builds an explicit (b, 1, s, s) boolean mask."""
+    window = spec.config.get("sliding_window")
+    return spec.family == "phi3" and config.attention == "flash" and bool(window) and config.seq_len > int(window)
+
+
+def dims_for(spec: ModelSpec, tp: int = 1) -> Dims:
+    return Dims(
+        hidden=spec.hidden_size,
+        q_dim=spec.q_dim // tp,
+        kv_dim=max(spec.kv_dim // tp, spec.head_dim),
+        heads=spec.num_heads // tp,
+        kv_heads=max(spec.num_kv_heads // tp, 1),
+        head_dim=spec.head_dim,
+        intermediate=spec.intermediate_size // tp,
+        vocab=spec.vocab_size // tp,
+        experts=spec.num_experts,
+        positions=int(spec.config.get("n_positions", 0) or 0) if spec.family == "gpt2" else 0,
+        top_k=spec.experts_per_token,
+    )
+
+
+def _layer_segments(layers: int) -> list[str]:
+    """Replay the first layer, one middle layer standing for all of them, and the last layer."""
+    if layers == 1:
+        return ["first"]
+    if layers == 2:
+        return ["first", "last"]
+    return ["first", "mid", "last"]
+
+
+def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Sim:
+    sim = Sim(autocast_dtype=opts.compute if opts.autocast else None)
+    if log:
+        sim.log = []
+    frozen = opts.lora_rank > 0
+    embed_dtype = opts.base if frozen else opts.params
+    embed = sim.parameter((float(d.vocab * d.hidden), 0, 0, 0, 0), embed_dtype, name="embed_tokens", trainable=not frozen)
+    segments = _layer_segments(layers)
+    gpt2 = opts.family == "gpt2"
+    make_params = gpt2_layer_params if gpt2 else llama_layer_params
+    layer_params = [make_params(sim, d, opts) for _ in segments]
+    final_norm = norm_weight(sim, d.hidden, opts, "norm")
+    final_norm_bias = norm_weight(sim, d.hidden, opts, "norm.bias") if gpt2 else None
+    positions = sim.parameter(const(d.positions * d.hidden), embed_dtype, name="wpe", trainable=not frozen) if gpt2 else None
+    if opts.tied:
+        head = embed
+    else:
+        head = sim.parameter((float(d.vocab * d.hidden), 0, 0, 0, 0), embed_dtype, name="lm_head", trainable=not frozen)
+
+    sim.set_segment("inputs")
+    ids = sim.new(per_token(1), "i64", name="input_ids")  # labels are the same tensor
+
+    sim.set_segment("embed_fwd")
+    x = ops.embedding(sim, embed, ids, d.hidden)
+    if gpt2:
+        # GPT2Model: wte(ids) + wpe(arange(s)), then the embedding dropout.
+        position_ids = sim.new(per_position(1), "i64", name="position_ids")
+        position_embeds = ops.embedding(sim, positions, position_ids, d.hidden)
+        summed = ops.add(sim, x, position_embeds)
+        sim.drop(x, position_embeds, position_ids)
+        x = ops.dropout(sim, summed, opts.embedding_dropout)
+        sim.drop(summed)
+    if opts.family in ("gemma", "gemma2"):
+        scaled = ops.mul_scalar(sim, x)  # embeddings * sqrt(hidden)
+        sim.drop(x)
+        x = scaled
+    mask = causal_mask(sim, opts, x.dtype)
+    if opts.window_mask:
+        mask = sliding_window_mask(sim)
+        sim.window_mask = mask  # type: ignore[attr-defined]
+    # Gemma-2 alternates full and sliding-window layers: eager attention gets a mask for each kind.
+    second_mask = causal_mask(sim, opts, x.dtype) if opts.family == "gemma2" and mask is not None else None
+    if second_mask is not None:
+        sim.causal_mask = mask  # type: ignore[attr-defined]
+    cos, sin = (None, None) if gpt2 else rotary(sim, d, x.dtype)
+
+    def run_layer(hidden: Tensor, layer) -> Tensor:
+        if gpt2:
+            return gpt2_layer(sim, hidden, layer, d, opts)
+        return llama_layer(sim, hidden, layer, d, opts, cos, sin)
+
+    # Layer 0 differs (with a frozen embedding its input needs no gradient); the last layer's
+    # output feeds the head, not a layer; the middle one stands for every other layer.
+    out = x
+    for segment, layer in zip(segments, layer_params):
+        sim.set_segment(f"{segment}_fwd")
+        previous = out
+        if opts.checkpointing == "full":
+            # transformers passes position embeddings and the mask as kwargs: the checkpoint frame keeps them.
+            kept = [tensor for tensor in (cos, sin, mask) if tensor is not None]
+            out = sim.checkpoint(lambda h, *_kept, layer=layer: run_layer(h, layer), previous, *kept)
+        else:
+            out = run_layer(previous, layer)
+        sim.drop(previous)
+
+    sim.set_segment("head_fwd")
+    if gpt2:
+        normed = ops.layer_norm(sim, out, final_norm, final_norm_bias, d.hidden)
+    else:
+        normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in ("gemma", "gemma2"))
+    sim.drop(out, mask, second_mask)  # LlamaModel.forward returns: its causal masks go
+    logits = ops.linear(sim, normed, head, d.vocab, d.hidden)
+    if opts.logit_softcap:
+        logits = softcap(sim, logits)
+    loss = causal_lm_loss(sim, logits, ids)
+    sim.drop(logits, normed)  # the model output is dropped once .loss is read
+
+    sim.set_segment("forward_end")
+    sim.clear_autocast_cache()  # leaving autocast
+    sim.drop(cos, sin)  # the model forward's references; layers' saved copies keep them (None for GPT-2)
+
+    sim.phase = "backward"
+    sim.segment_of_node = _BACKWARD_OF
+    sim.run_backward(loss)
+    sim.drop(loss)
+    sim.set_segment("end")
+    sim.finish()
+    return sim
+
+
+def causal_mask(sim: Sim, opts: Options, dtype: str) -> Tensor | None:
+    """Eager attention gets a (b, 1, s, s) additive mask in the embeddings' dtype; SDPA uses is_causal."""
+    if opts.attention != "eager":
+        sim.causal_mask = None  # type: ignore[attr-defined]
+        return None
+    allowed = sim.new(per_position_sq(1), "bool", name="mask le")
+    mask = sim.new(per_token_seq(1), dtype, name="causal mask")
+    sim.drop(allowed)
+    sim.causal_mask = mask  # type: ignore[attr-defined]
+    return mask
+
+
+def sliding_window_mask(sim: Sim) -> Tensor:
+    """sdpa_mask with a window: (q > kv - window) & causal, built from two boolean (b, 1, s, s) passes."""
+    outside = sim.new(per_token_seq(1), "bool", name="window gt")
+    windowed = sim.new(per_token_seq(1), "bool", name="window and")
+    sim.drop(outside)
+    causal = sim.new(per_token_seq(1), "bool", name="causal le")
+    mask = sim.new(per_token_seq(1), "bool", name="window mask")
+    sim.drop(causal, windowed)
+    return mask
+
+
+def causal_lm_loss(sim: Sim, logits: Tensor, ids: Tensor) -> Tensor:
+    """transformers' ForCausalLMLoss: upcast, shift labels, cross-entropy (log_softmax + nll_loss)."""
+    upcast = ops.cast(sim, logits, "f32")
+    padded = sim.new(per_token(1), "i64", name="labels padded")
+    shifted = sim.new(per_token(1), "i64", name="shift_labels")
+    sim.drop(padded)
+    logprobs = ops.log_softmax(sim, upcast)
+    loss = ops.nll_loss(sim, logprobs, shifted)
+    sim.drop(logprobs, shifted, upcast)
+    return loss
+
+
+def _bucket(sim: Sim, allocated_in: str, freed_in: tuple[str, ...]) -> dict[str, LF]:
+    total = {category: ZERO for category in CATEGORIES}
+    for tensor in sim.tensors:
+        if tensor.segment == allocated_in and tensor.freed_in in freed_in:
+            total[tensor.category] = lf_add(total[tensor.category], tensor.nbytes)
+    return total
+
+
+def _plus(live: dict[str, LF], extra: dict[str, LF], times: float) -> dict[str, LF]:
+    return {category: lf_add(live[category], lf_scale(extra[category], times)) for category in CATEGORIES}
+
+
+_PHASE_OF_SEGMENT = {
+    "inputs": "forward", "embed_fwd": "forward", "first_fwd": "forward", "mid_fwd": "forward", "last_fwd": "forward",
+    "head_fwd": "loss", "forward_end": "loss", "head_bwd": "backward", "last_bwd": "backward", "mid_bwd": "backward",
+    "first_bwd": "backward", "embed_bwd": "backward", "end": "backward",
+}
+_AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", "")
+
+
+@lru_cache(maxsize=256)
+def compile_step(d: Dims, opts: Options, layers: int) -> StepProgram:
+    """The step's candidate peaks for `layers` decoder layers.
+
+    The other L-3 layers sit between the replayed middle and last layers. Each keeps
+    R_fwd past the next layer's forward, R_post past the forward, and leaves G once
+    its backward is done.
+    """
+    sim = _replay(d, opts, layers=layers)
+    extra = max(layers - 3, 0)
+    kept_forward = _bucket(sim, "mid_fwd", ("forward_end", "head_fwd", "head_bwd") + _AFTER_FORWARD)
+    kept_backward = _bucket(sim, "mid_fwd", _AFTER_FORWARD)
+    left_by_backward = _bucket(sim, "mid_bwd", ("",))
+    candidates: list[StepCandidate] = []
+    for candidate in sim.candidates:
+        segment = candidate.segment
+        phase = _PHASE_OF_SEGMENT.get(segment, "forward")
+        if segment in ("last_fwd", "head_fwd"):
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_forward, extra)))
+        elif segment in ("forward_end", "head_bwd", "last_bwd"):
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra)))
+        elif segment == "mid_bwd":
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra)))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra)))
+        elif segment in ("first_bwd", "embed_bwd", "end"):
+            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra)))
+        else:
+            candidates.append(StepCandidate(phase, dict(candidate.live)))
+    gradients_end = lf_add(sim.live["gradients"], lf_scale(left_by_backward["gradients"], extra))
+    layer_saved = ZERO
+    for category in CATEGORIES:
+        layer_saved = lf_add(layer_saved, kept_backward[category])
+    logits = per_token(d.vocab * {"f32": 4, "bf16": 2, "f16": 2}[opts.compute])
+    return StepProgram(
+        candidates=tuple(_prune(candidates)),
+        gradients_end=gradients_end,
+        layer_saved=layer_saved,
+        layer_gradients=left_by_backward["gradients"],
+        logits_bytes=logits,
+    )
+
+
+def _total(live: dict[str, LF]) -> LF:
+    total = ZERO
+    for value in live.values():
+        total = lf_add(total, value)
+    return total
+
+
+def _prune(candidates: list[StepCandidate]) -> list[StepCandidate]:
+    """Drop candidates another one dominates for every batch size and sequence length."""
+    totals = [_total(candidate.live) for candidate in candidates]
+    kept = []
+    for index, total in enumerate(totals):
+        dominated = False
+        for other_index, other in enumerate(totals):
+            # Only within a phase: every phase keeps its own peak for the timeline.
+            if other_index == index or candidates[other_index].phase != candidates[index].phase:
+                continue
+            if all(o >= t for o, t in zip(other, total)) and (other != total or other_index < index):
+                dominated = True
+                break
+        if not dominated:
+            kept.append(candidates[index])
+    return kept

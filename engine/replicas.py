@@ -1,0 +1,219 @@
+"""Allocation-exact stand-ins for bitsandbytes, for places its CUDA kernels cannot run.
+
+A fake-tensor trace on a CPU cannot run bitsandbytes' CUDA kernels, so the
+tracer swaps in these replicas. They store exactly what bitsandbytes stores
+(packed 4-bit weights, double-quantized absmax, fp32 second-level absmax, the
+NF4 code, the offset; int8 weights with a per-row scale; 8-bit optimizer
+states with block-wise absmax) and allocate what its training path allocates:
+
+- NF4 (bitsandbytes 0.50, MatMul4Bit): training-sized matmuls (more than 1536
+  tokens) take the dequantize + F.linear path: the nested absmax is
+  dequantized to fp32, the offset added, the weight dequantized to the compute
+  dtype, multiplied, and freed. Backward dequantizes again for grad_input.
+  Only the quantized weight is saved.
+- LLM.int8 (MatMul8bitLt): the input is cast to fp16 and quantized row-wise
+  (int8 + fp32 row scales), multiplied into an int32 product, dequantized to
+  fp16; backward dequantizes the weight to the input dtype.
+On CUDA with bitsandbytes installed, the real modules are used instead.
+The numbers the replicas compute are not meaningful; they exist to be traced.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engine.architectures import ModelSpec
+
+NF4_BLOCK = 64
+NESTED_BLOCK = 256
+ADAM8BIT_BLOCK = 256
+ADAM8BIT_MIN_NUMEL = 4096
+
+
+class _Nf4MatMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return module.dequantized_linear(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight = ctx.module.dequantize(grad_output.dtype)
+        return grad_output @ weight, None
+
+
+class Nf4LinearReplica(nn.Linear):
+    """bitsandbytes Linear4bit (nf4, double quantization), allocation for allocation.
+
+    An nn.Linear subclass (as bitsandbytes' is) so peft wraps it; see lora_wrappers().
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype, device=None):
+        nn.Module.__init__(self)
+        n = in_features * out_features
+        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
+        self.weight = nn.Parameter(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device), requires_grad=False)
+        blocks = math.ceil(n / NF4_BLOCK)
+        self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax2", torch.empty(math.ceil(blocks / NESTED_BLOCK), dtype=torch.float32, device=device))
+        self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=device))
+        self.register_buffer("offset", torch.empty((), dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), requires_grad=False) if bias else None
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        absmax = torch.empty(self.absmax.shape, dtype=torch.float32, device=self.absmax.device)  # dequantize_blockwise
+        absmax = absmax + self.offset
+        return torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)
+
+    def dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
+        absmax_dq = torch.empty(self.absmax.shape, dtype=torch.float32, device=self.absmax.device)
+        absmax = absmax_dq + self.offset  # noqa: F841 - held like bitsandbytes' local until the matmul returns
+        weight = torch.empty(self.out_features, self.in_features, dtype=x.dtype, device=x.device)
+        return nn.functional.linear(x, weight, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        out = _Nf4MatMul.apply(x, self)
+        if bias is not None:
+            out = out + bias
+        return out.to(input_dtype)
+
+
+class _Int8MatMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        ctx.input_dtype = x.dtype
+        a16 = x.to(torch.float16)
+        quantized = torch.empty(a16.shape, dtype=torch.int8, device=x.device)
+        row_scale = torch.empty(a16.shape[:-1], dtype=torch.float32, device=x.device)
+        product = torch.empty(*a16.shape[:-1], module.out_features, dtype=torch.int32, device=x.device)
+        del a16, quantized
+        out = torch.empty(*x.shape[:-1], module.out_features, dtype=torch.float16, device=x.device)
+        del product, row_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        module = ctx.module
+        weight = torch.empty(module.out_features, module.in_features, dtype=ctx.input_dtype, device=grad_output.device)
+        scale = torch.empty(module.out_features, 1, dtype=torch.float32, device=grad_output.device)
+        grad_input = grad_output.to(ctx.input_dtype) @ weight
+        del weight, scale
+        return grad_input, None
+
+
+class Int8LinearReplica(nn.Linear):
+    """bitsandbytes Linear8bitLt (LLM.int8), allocation for allocation (outlier columns not modelled)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype, device=None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False)
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _Int8MatMul.apply(x, self)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype)
+
+
+def lora_wrappers() -> dict[type[nn.Module], type[nn.Module]]:
+    """peft's bitsandbytes LoRA layers, for the replicas (what a CUDA run with bitsandbytes gets)."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
+    except ImportError:  # no bitsandbytes on this platform: peft's plain Linear wraps them
+        return {}
+    return {Nf4LinearReplica: Linear4bit, Int8LinearReplica: Linear8bitLt}
+
+
+def _decoder_linears(model, spec: ModelSpec):
+    """(parent module, attribute, nn.Linear) for every linear inside the decoder layers."""
+    names = {name.split(".")[-1] for name in spec.linear_names}
+    for module_name, module in model.named_modules():
+        if ".layers." not in f".{module_name}." and ".h." not in f".{module_name}.":
+            continue
+        for child_name, child in module.named_children():
+            if child_name in names and isinstance(child, nn.Linear):
+                yield module, child_name, child
+
+
+def quantize_linears(model, spec: ModelSpec, *, quant: str, compute_dtype: torch.dtype, backend: str) -> None:
+    """Replace the decoder layers' linear layers by quantized ones (the frozen base of QLoRA)."""
+    replaced = []
+    for parent, name, linear in list(_decoder_linears(model, spec)):
+        if backend == "bitsandbytes":
+            module = _bitsandbytes_linear(linear, quant, compute_dtype)
+        else:
+            cls = Nf4LinearReplica if quant == "nf4" else Int8LinearReplica
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
+                         device=linear.weight.device)
+        setattr(parent, name, module)
+        replaced.append(name)
+    model.memtui_replaced = replaced
+
+
+def _bitsandbytes_linear(linear: nn.Linear, quant: str, compute_dtype: torch.dtype):
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    if quant == "nf4":
+        module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                   compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+        module.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu"), requires_grad=False, quant_type="nf4",
+                                          compress_statistics=True)
+    else:
+        module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                     has_fp16_weights=False, threshold=6.0)
+        module.weight = bnb.nn.Int8Params(linear.weight.data.to("cpu"), requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    return module.to(device)  # quantizes on the move to CUDA
+
+
+class AdamW8bitReplica(torch.optim.Optimizer):
+    """bitsandbytes AdamW8bit's state layout: uint8 moments with fp32 absmax per 256 values.
+
+    Tensors under 4096 values keep fp32 states, as bitsandbytes does. The update is
+    applied in place, as bitsandbytes' fused kernel does; it is not numerically 8-bit Adam.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    if param.numel() < ADAM8BIT_MIN_NUMEL:
+                        state["state1"] = torch.zeros_like(param, dtype=torch.float32)
+                        state["state2"] = torch.zeros_like(param, dtype=torch.float32)
+                    else:
+                        blocks = math.ceil(param.numel() / ADAM8BIT_BLOCK)
+                        state["state1"] = torch.zeros_like(param, dtype=torch.uint8)
+                        state["state2"] = torch.zeros_like(param, dtype=torch.uint8)
+                        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+                        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(param.grad, alpha=-group["lr"])
+        return None
+
+
+def adamw_8bit(params, *, device_type: str):
+    """bitsandbytes' AdamW8bit on CUDA; the allocation-exact replica elsewhere."""
+    if device_type == "cuda" and torch.cuda.is_available():
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-4, weight_decay=0.01)
+    return AdamW8bitReplica(params)

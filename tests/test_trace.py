@@ -1,0 +1,89 @@
+"""The tracer: fake tensors give the same allocations as real ones, and the estimator matches the trace."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from engine.architectures import model_spec_from_config
+from engine.cli import main
+from engine.estimator import estimate
+from engine.estimator.overhead import cublas_workspace_bytes
+from engine.presets import resolve_gpu, resolve_model
+from engine.specs import TrainingConfig
+
+
+def tiny_llama(layers: int = 2):
+    """Llama-3 with every dimension shrunk: the same code paths in milliseconds."""
+    config = copy.deepcopy(resolve_model("llama-3.2-1b").hf_config())
+    config.update(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  num_hidden_layers=layers, vocab_size=512, tie_word_embeddings=True)
+    return model_spec_from_config(config, model_id="tiny-llama", source="test")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(precision="32-true"),
+        dict(precision="bf16-mixed", checkpointing="full"),
+        dict(precision="bf16-true", attention="eager", lora_rank=4, lora_targets="all-linear"),
+    ],
+    ids=["fp32", "bf16-mixed-ckpt", "bf16-true-eager-lora"],
+)
+def test_fake_trace_equals_a_real_cpu_run(options):
+    from engine.trace.analysis import summarize
+    from engine.trace.fake_step import run_fake_steps
+
+    spec = tiny_llama()
+    config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=32, **options)
+    fake_log, _ = run_fake_steps(spec, config, fake=True)
+    real_log, _ = run_fake_steps(spec, config, fake=False)
+    fake, real = summarize(fake_log), summarize(real_log)
+    assert fake.peak_bytes == real.peak_bytes
+    assert fake.breakdown == real.breakdown
+    assert [(p.step, p.phase, p.peak_bytes) for p in fake.phases] == [(p.step, p.phase, p.peak_bytes) for p in real.phases]
+
+
+# A fast subset of benchmarks/accuracy.py: real presets, real dimensions, exact or nearly.
+ESTIMATE_VS_TRACE = [
+    dict(model="qwen2.5-0.5b", precision="bf16-mixed", batch_size=2, seq_len=512),
+    dict(model="qwen2.5-0.5b", precision="bf16-true", batch_size=4, seq_len=256, checkpointing="full", attention="eager"),
+    dict(model="llama-3.2-1b", precision="bf16-true", batch_size=1, seq_len=512, lora_rank=8, quant="nf4"),
+    dict(model="llama-3.2-1b", precision="32-true", batch_size=1, seq_len=256, optimizer="sgd-momentum", optimizer_impl="for-loop"),
+]
+
+
+@pytest.mark.parametrize("options", ESTIMATE_VS_TRACE, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_estimate_matches_trace(options):
+    from engine.trace.runner import trace
+
+    config = TrainingConfig(gpu="h100-80gb", **options)
+    traced = trace(config).traced_tensor_peak_bytes
+    estimated = estimate(config).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
+    assert abs(estimated - traced) / traced < 0.005, (estimated, traced)
+
+
+def test_trace_cli_json_has_the_estimate_schema_and_says_what_it_traced(capsys):
+    code = main(["trace", "--model", "qwen2.5-0.5b", "--seq-len", "128", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert data["method"] == "trace"
+    assert set(data["per_gpu"]) == {"weights", "gradients", "optimizer_states", "activations", "temporary", "overhead"}
+    assert data["model"]["params"] == resolve_model("qwen2.5-0.5b").params
+    assert any("fake tensors" in line for line in data["traced"])
+    assert any("CUDA context" in line for line in data["modelled"])
+    assert data["seconds"] > 0
+    assert data["tensor_peak_bytes"] >= data["traced_tensor_peak_bytes"] > 0
+
+
+def test_trace_cuda_without_a_gpu_is_a_one_line_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main(["trace", "--model", "gpt2", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "--device" in err and "Traceback" not in err
