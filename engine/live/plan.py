@@ -1,0 +1,306 @@
+"""What a live run will train, what the estimator predicts for it, and whether it may start.
+
+Pure Python (no torch): the parent calls `make_plan` with NVML/psutil's view of
+the device to refuse early, and the worker calls it again with torch's view
+(free memory after its own CUDA context, the runtime it actually loaded) and
+runs exactly that plan. The prediction is for the scaled configuration as run,
+so predicted and measured compare like for like.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from engine.architectures import ModelSpec
+from engine.errors import InputError
+from engine.estimator import estimate
+from engine.estimator.overhead import cublas_workspace_bytes
+from engine.live import sizing
+from engine.live.devices import LocalDevice
+from engine.presets import resolve_model
+from engine.specs import Budget, TrainingConfig
+from engine.units import GiB, format_gib
+
+UNSUPPORTED_CHOICES = ("refuse", "skip")
+DEFAULT_MAX_FRACTION = 0.25
+# Before the worker has measured its own runtime: Python + torch + transformers resident on the CPU.
+ASSUMED_CPU_RUNTIME_BYTES = 1 * GiB
+MAX_CPU_RANKS = 4
+# On CPU, a run is stopped (as an OOM) before tensors pass this share of the RAM available.
+CPU_SAFETY_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class LiveOptions:
+    """The live run's own knobs; everything else comes from the TrainingConfig."""
+
+    device: str = "auto"  # auto, cpu, cuda
+    steps: int | None = None  # None: 3 on CPU, 10 on CUDA
+    layers: int | None = None
+    width: int | None = None  # target hidden size
+    vocab: int | None = None
+    seq_len: int | None = None  # None: the config's, capped on CPU
+    batch_size: int | None = None  # None: the config's, capped on CPU
+    max_fraction: float = DEFAULT_MAX_FRACTION
+    force: bool = False
+    if_unsupported: str = "refuse"  # refuse or skip an option this device cannot run
+    capacity_bytes: int | None = None  # pretend the device holds only this much (OOM demos); CPU: tensors only
+    hz: float = 20.0
+    record_nvml: str | None = None
+    breakdown: bool = True  # track every tensor for a per-component measurement (always on for CPU)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LiveOptions:
+        return cls(**{key: value for key, value in data.items() if key in cls.__dataclass_fields__})
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InputError("--device", f"{self.device!r} is not a valid choice", "auto, cpu, cuda")
+        if self.if_unsupported not in UNSUPPORTED_CHOICES:
+            raise InputError("--if-unsupported", f"{self.if_unsupported!r} is not a valid choice", "refuse, skip")
+        if not 0.0 < self.max_fraction <= 1.0:
+            raise InputError("--max-fraction", f"must be in (0, 1], got {self.max_fraction}", "0.01..1")
+        for name in ("steps", "layers", "width", "vocab", "seq_len", "batch_size", "capacity_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError("--" + name.replace("_", "-"), f"must be at least 1, got {value}")
+        if self.hz < 1 or self.hz > 1000:
+            raise InputError("--hz", f"must be between 1 and 1000, got {self.hz}", "1..1000")
+
+
+@dataclass
+class RunPlan:
+    full_spec: ModelSpec
+    spec: ModelSpec  # the scaled model
+    requested: TrainingConfig
+    config: TrainingConfig  # as run: scaled seq/batch, unsupported options dropped
+    shape: sizing.Shape
+    steps: int
+    ranks: int
+    device: LocalDevice
+    budget: Budget
+    predicted_tensor_peak: int
+    predicted_device_peak: int
+    predicted_components: dict[str, int]
+    adjustments: dict[str, int]
+    runtime_bytes: int
+    target_bytes: int
+    estimated_seconds: float
+    changes: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    refusal: str = ""  # why the run may not start; "" when it may
+    capacity_set: bool = False
+
+    @property
+    def fit_bytes(self) -> int:
+        """What is held against the target: the device peak, or on a CPU with --capacity the tensor peak."""
+        if self.device.kind == "cpu" and self.capacity_set:
+            return self.predicted_tensor_peak
+        return self.predicted_device_peak
+
+    @property
+    def fits(self) -> bool:
+        return self.fit_bytes <= self.target_bytes
+
+    def set_cpu_runtime(self, runtime_bytes: int) -> None:
+        """The CPU runtime as measured once the model is built (RSS less tensor bytes), before step 1.
+
+        Like the CUDA context on a GPU, it is measured before the first training
+        allocation: transformers' modelling code and the model's Python objects are
+        only loaded by the build, after the first (pre-plan) measurement.
+        """
+        if self.device.kind != "cpu":
+            return
+        self.runtime_bytes = runtime_bytes
+        self.predicted_device_peak = self.predicted_tensor_peak + runtime_bytes
+        self.predicted_components["overhead"] = runtime_bytes
+        self.adjustments["cpu_runtime_bytes"] = runtime_bytes
+
+    def scaled_model_json(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "id": spec.id, "name": spec.name, "family": spec.family, "scaled_from": self.full_spec.id,
+            "layers": spec.num_layers, "full_layers": self.full_spec.num_layers, "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.intermediate_size, "num_heads": spec.num_heads,
+            "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "vocab_size": spec.vocab_size,
+            "params": spec.params, "seq_len": self.config.seq_len, "batch_size": self.config.batch_size,
+            "ranks": self.ranks, "changes": self.changes, "config": self.config.model_dump(mode="json"),
+        }
+
+    def predicted_json(self) -> dict[str, Any]:
+        return {
+            "tensor_peak_bytes": self.predicted_tensor_peak,
+            "device_peak_bytes": self.predicted_device_peak,
+            "components": self.predicted_components,
+            "peak_phase": self.budget.peak_phase,
+            "estimator_tensor_peak_bytes": self.budget.tensor_peak_bytes,
+            "estimator_device_peak_bytes": self.budget.device_peak_bytes,
+            "adjustments": self.adjustments,
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "type": "plan", "scaled_model": self.scaled_model_json(), "steps": self.steps,
+            "predicted": self.predicted_json(), "target_bytes": self.target_bytes, "fits": self.fits,
+            "estimated_seconds": round(self.estimated_seconds, 2), "device": self.device.as_json(),
+            "notices": self.notices, "refusal": self.refusal,
+        }
+
+
+def _cuda_only(config: TrainingConfig) -> list[tuple[str, dict[str, Any], str]]:
+    """(flag, replacement, reason) for each option that needs CUDA."""
+    found = []
+    if config.quant != "none":
+        found.append(("--quant", {"quant": "none"}, f"{config.quant} weights need CUDA (bitsandbytes)"))
+    if config.optimizer == "adamw-8bit":
+        found.append(("--optimizer", {"optimizer": "adamw"}, "adamw-8bit needs CUDA (bitsandbytes)"))
+    return found
+
+
+def _not_built(config: TrainingConfig) -> list[tuple[str, dict[str, Any], str]]:
+    """Options whose implementation module is absent from this installation."""
+    found = []
+    needs = {"lion": "engine.optim", "galore-adamw": "engine.optim", "adamw-8bit": "engine.replicas"}
+    module = needs.get(config.optimizer)
+    if module and importlib.util.find_spec(module) is None:
+        found.append(("--optimizer", {"optimizer": "adamw"}, f"{config.optimizer} is not available in this build ({module} missing)"))
+    if config.master_weights and importlib.util.find_spec("engine.optim") is None:
+        found.append(("--master-weights", {"master_weights": False}, "master weights are not available in this build"))
+    if config.quant != "none" and importlib.util.find_spec("engine.replicas") is None:
+        found.append(("--quant", {"quant": "none"}, f"{config.quant} is not available in this build (engine.replicas missing)"))
+    return found
+
+
+def _not_live(config: TrainingConfig, device: LocalDevice, available_ranks: int) -> list[tuple[str, dict[str, Any], str]]:
+    found = []
+    if config.tp > 1 or config.pp > 1:
+        found.append(("--tp", {"tp": 1, "pp": 1, "gpus": config.dp},
+                      "tensor and pipeline parallelism are not run live (data-parallel ranks are)"))
+    if config.offload != "none":
+        found.append(("--offload", {"offload": "none"}, "offloading is not run live"))
+    if config.dp > available_ranks:
+        unit = "GPUs" if device.kind == "cuda" else "CPU processes"
+        found.append(("--gpus", {"gpus": available_ranks * config.tp * config.pp},
+                      f"{config.dp} data-parallel ranks asked, {available_ranks} local {unit} available"))
+    return found
+
+
+def _apply_policy(config: TrainingConfig, device: LocalDevice, options: LiveOptions, available_ranks: int
+                  ) -> tuple[TrainingConfig, list[str], str]:
+    problems = []
+    if device.kind == "cpu":
+        problems += _cuda_only(config)
+    problems += _not_built(config)
+    problems += _not_live(config, device, available_ranks)
+    if not problems:
+        return config, [], ""
+    if options.if_unsupported == "refuse":
+        flag, _, reason = problems[0]
+        return config, [], f"{flag}: {reason}; add --if-unsupported skip to run without it"
+    update: dict[str, Any] = {}
+    notices = []
+    for _flag, replacement, reason in problems:
+        update.update(replacement)
+        notices.append(f"{reason}: the live run goes on without it (the prediction is for what runs)")
+    data = config.model_dump()
+    data.update(update)
+    return TrainingConfig.model_validate(data), notices, ""
+
+
+def _predicted(budget: Budget, device: LocalDevice, runtime_bytes: int) -> tuple[int, int, dict[str, int], dict[str, int]]:
+    """(tensor peak, device peak, components, adjustments) comparable with what this device measures."""
+    components = budget.per_gpu.model_dump()
+    if device.kind == "cuda":
+        return budget.tensor_peak_bytes, budget.device_peak_bytes, components, {}
+    # The estimator models a CUDA step; a CPU run allocates no cuBLAS workspace and has no CUDA context.
+    workspace = cublas_workspace_bytes(device.gpu_spec())
+    tensor_peak = budget.tensor_peak_bytes - workspace
+    components["temporary"] = max(0, components["temporary"] - workspace)
+    components["overhead"] = runtime_bytes
+    adjustments = {"cublas_workspace_bytes": -workspace, "cuda_overhead_bytes": -budget.per_gpu.overhead,
+                   "cpu_runtime_bytes": runtime_bytes}
+    return tensor_peak, tensor_peak + runtime_bytes, components, adjustments
+
+
+def available_ranks(device: LocalDevice, device_count: int | None) -> int:
+    if device.kind == "cpu":
+        return MAX_CPU_RANKS
+    return max(1, device_count or 1)
+
+
+def make_plan(
+    requested: TrainingConfig, options: LiveOptions, device: LocalDevice, *, device_count: int | None = None,
+    runtime_bytes: int | None = None, spec: ModelSpec | None = None,
+) -> RunPlan:
+    """Size, predict and check one live run; InputError for options that make no sense."""
+    options.validate()
+    full = spec or resolve_model(requested.model)
+    runtime = runtime_bytes if runtime_bytes is not None else (ASSUMED_CPU_RUNTIME_BYTES if device.kind == "cpu" else 0)
+    config, notices, refusal = _apply_policy(requested, device, options, available_ranks(device, device_count))
+    defaults = sizing.CPU_DEFAULTS if device.kind == "cpu" else sizing.CUDA_DEFAULTS
+    seq_len = options.seq_len or config.seq_len
+    batch_size = options.batch_size or config.batch_size
+    shape = sizing.initial_shape(
+        full, seq_len, batch_size, defaults, layers=options.layers, width=options.width, vocab=options.vocab,
+        fixed_seq_len=options.seq_len is not None, fixed_batch_size=options.batch_size is not None,
+    )
+    steps = options.steps or (3 if device.kind == "cpu" else 10)
+    ranks = config.dp
+    gpu = device.gpu_spec()
+    if options.capacity_bytes is not None:
+        target = options.capacity_bytes
+    else:
+        target = int(options.max_fraction * device.free_bytes)
+    rate = defaults.flops_per_second * (1 if device.kind == "cuda" else max(1, _cpu_count() // 2))
+
+    while True:
+        scaled = sizing.scaled_spec(full, shape)
+        run_config = config.model_copy(update={"seq_len": shape.seq_len, "batch_size": shape.batch_size})
+        budget = estimate(run_config, model=scaled, gpu=gpu)
+        tensor_peak, device_peak, components, adjustments = _predicted(budget, device, runtime)
+        seconds = steps * sizing.step_flops(scaled, shape.seq_len, shape.batch_size) / rate
+        held = tensor_peak if device.kind == "cpu" and options.capacity_bytes is not None else device_peak
+        if held <= target and seconds <= defaults.time_budget_s:
+            break
+        next_shape = sizing.smaller(shape)
+        if next_shape is None:
+            break
+        shape = next_shape
+
+    plan = RunPlan(
+        full_spec=full, spec=scaled, requested=requested, config=run_config, shape=shape, steps=steps, ranks=ranks,
+        device=device, budget=budget, predicted_tensor_peak=tensor_peak, predicted_device_peak=device_peak,
+        predicted_components=components, adjustments=adjustments, runtime_bytes=runtime, target_bytes=target,
+        estimated_seconds=seconds, changes=sizing.describe_changes(full, scaled, seq_len, batch_size, shape),
+        notices=notices, refusal=refusal, capacity_set=options.capacity_bytes is not None,
+    )
+    if not plan.refusal and not plan.fits and not options.force:
+        where = (f"the {format_gib(target)} capacity set" if options.capacity_bytes is not None
+                 else f"{options.max_fraction:.0%} of the {format_gib(device.free_bytes)} free on {device.name}")
+        plan.refusal = (f"the scaled run is predicted to need {format_gib(plan.fit_bytes)}, more than "
+                        f"{where}; add --force to try anyway (an OOM is reported, not a crash)")
+    return plan
+
+
+def cpu_oom_limit(options: LiveOptions, available_now: int) -> int:
+    """Tensor bytes at which a CPU run stops as an OOM.
+
+    The capacity set (tensors only: the Python/torch runtime is not counted on a CPU),
+    and never more than a safe share of the RAM available now, so a forced run cannot
+    push the machine into swap.
+    """
+    safe = int(CPU_SAFETY_FRACTION * available_now)
+    if options.capacity_bytes is not None:
+        return min(options.capacity_bytes, safe)
+    return safe
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 1
