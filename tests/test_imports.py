@@ -6,8 +6,9 @@ import ast
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "pynvml")
@@ -67,8 +68,55 @@ def test_no_engine_source_imports_textual_anywhere():
     assert offenders == []
 
 
+def _children_cpu_s() -> float:
+    resource = pytest.importorskip("resource")  # POSIX only
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def test_tui_import_is_fast():
-    """`memtui` opens well under a second on a laptop; a generous bound here still catches a torch import."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import tui.app"], cwd=ROOT, check=True, timeout=60)
-    assert time.perf_counter() - start < 4.0
+    """`memtui` opens well under a second on a laptop; a generous bound here still catches a torch import.
+    CPU seconds, not wall-clock ones: a machine busy with other tests must not fail this."""
+    start = _children_cpu_s()
+    subprocess.run([sys.executable, "-c", "import tui.app"], cwd=ROOT, check=True, timeout=120)
+    assert _children_cpu_s() - start < 2.5
+
+
+FIRST_FRAME_PROBE = """
+import json, sys, time
+start = time.perf_counter()
+from tui.app import MemtuiApp
+from tui.widgets.budget import VerdictBanner
+
+report = {}
+
+async def probe(pilot):
+    report["first_frame_s"] = time.perf_counter() - start
+    report["first_frame_cpu_s"] = time.process_time()  # CPU since the interpreter started
+    report["verdict"] = pilot.app.query_one(VerdictBanner).render().plain
+    for _ in range(400):
+        if pilot.app.query("#opt-model") and pilot.app.focused is not None:
+            break
+        await pilot.pause()
+    report["inputs_s"] = time.perf_counter() - start
+    report["inputs_cpu_s"] = time.process_time()
+    report["heavy"] = [name for name in HEAVY if name in sys.modules]
+    pilot.app.exit()
+
+MemtuiApp(gpu_detector=None).run(headless=True, size=(120, 40), auto_pilot=probe)
+print(json.dumps(report))
+"""
+
+
+def test_the_planner_draws_its_first_frame_fast_and_stays_light():
+    """`memtui` with no arguments: the budget is on screen well under a second on a laptop, and mounting every
+    input imports nothing heavy either. The bounds are CPU seconds (a busy machine must not fail this), generous
+    for slow CI machines without bytecode caches; importing torch alone would break them."""
+    probe = f"HEAVY = {HEAVY!r}\n" + FIRST_FRAME_PROBE
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "FIT" in report["verdict"]  # the first frame already shows the verdict
+    assert report["heavy"] == []
+    assert report["first_frame_cpu_s"] < 2.5
+    assert report["inputs_cpu_s"] < 4.0

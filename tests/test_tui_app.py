@@ -9,15 +9,20 @@ import pytest
 from textual import events
 from textual.widgets import Checkbox, Input, OptionList, Select
 
+from engine.cli import main
 from engine.estimator import estimate
 from engine.export import budget_json
+from engine.fit import suggest
 from engine.local_gpu import local_gpu_from_reading
+from engine import presets
 from engine.presets import presets_dir
 from engine.specs import TrainingConfig
 from tui.app import MemtuiApp
+from tui.explain import EXPLAINERS, OVERVIEW
+from tui.option_specs import OPTION_SPECS
 from tui.planner import LOCAL_GPU
 from tui.screens.explain_screen import ExplainScreen
-from tui.widgets.budget import ComponentTable, PinSummary, TimelineChart, VerdictBanner
+from tui.widgets.budget import ComponentTable, FitHint, PinSummary, TimelineChart, VerdictBanner
 from tui.widgets.ladder_view import LadderView
 from tui.widgets.memory_bar import MemoryBar
 from tui.widgets.options_panel import OptionRow
@@ -34,11 +39,21 @@ def make_app(**kwargs) -> MemtuiApp:
 
 
 async def ready(pilot) -> None:
-    """Wait until the lazily mounted inputs are there and focused."""
+    """Wait until the lazily mounted inputs are there and focused, and the ladder is built."""
     for _ in range(100):
         if pilot.app.query("#opt-model") and pilot.app.focused is not None:
             break
         await pilot.pause()
+    await settled(pilot)
+
+
+async def settled(pilot) -> None:
+    """Wait for the ladder of the current options (built in a worker when it is new)."""
+    for _ in range(500):
+        result = pilot.app.result
+        if result.stale or result.ladder is not None:
+            break
+        await pilot.pause(0.01)
     await pilot.pause()
 
 
@@ -59,7 +74,7 @@ async def type_into(pilot, key: str, text: str) -> None:
     field.focus()
     await pilot.pause()
     await pilot.press("ctrl+a", "ctrl+k", *text)
-    await pilot.pause()
+    await settled(pilot)
 
 
 async def paste_into(pilot, key: str, text: str) -> None:
@@ -70,13 +85,13 @@ async def paste_into(pilot, key: str, text: str) -> None:
     field.post_message(events.Paste(text))
     await pilot.pause()
     await pilot.press("enter")
-    await pilot.pause()
+    await settled(pilot)
 
 
 async def set_select(pilot, key: str, value: str) -> None:
     """Change a picker's value the quick way (the widget posts the same Changed a person's pick does)."""
     pilot.app.query_one(f"#opt-{key}", Select).value = value
-    await pilot.pause()
+    await settled(pilot)
 
 
 async def choose(pilot, key: str, value: str) -> None:
@@ -91,7 +106,7 @@ async def choose(pilot, key: str, value: str) -> None:
     for _ in range(abs(target - (overlay.highlighted or 0))):
         await pilot.press(step)
     await pilot.press("enter")
-    await pilot.pause()
+    await settled(pilot)
 
 
 async def test_opens_with_verdict_bar_table_timeline_and_ladder():
@@ -130,6 +145,30 @@ async def test_choosing_an_option_with_the_keyboard_changes_the_budget():
         assert after.bytes_per_param == 8.0
         assert rendered(app.query_one(MemoryBar)) != bar_before
         assert "8.00" in rendered(app.query_one(ComponentTable))
+
+
+async def test_every_choice_of_every_picker_gives_a_budget_or_an_inline_reason():
+    """Nothing crashes: each value of each picker (and each GPU) is either estimated or refused beside a field."""
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        defaults = dict(app.planner.options)
+        pickers = [(spec.key, spec.choices) for spec in OPTION_SPECS.values() if spec.kind == "select"]
+        pickers.append(("gpu", tuple(presets.gpus())))
+        for key, choices in pickers:
+            for choice in choices:
+                await set_select(pilot, key, choice)
+                assert str(app.planner.options[key]) == choice, (key, choice)
+                result = app.result
+                if result.stale:
+                    invalid = app.query(".option-row.-invalid")
+                    assert invalid, (key, choice)
+                    assert any(result.error.message in note(app, row.spec.key) for row in invalid), (key, choice)
+                else:
+                    assert result.config.model_dump()[key] == app.planner.options[key]
+                    assert result.budget == estimate(result.config, gpu=result.gpu)
+            await set_select(pilot, key, str(defaults[key]))
+            assert not app.result.stale, key
 
 
 async def test_an_invalid_number_is_refused_inline_and_the_last_budget_stays():
@@ -248,12 +287,86 @@ async def test_explain_the_focused_option_with_question_mark_or_f1():
         assert app.screen.markdown.startswith("# LoRA targets")
 
 
+async def test_every_option_explains_itself_on_f1():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        for spec in OPTION_SPECS.values():
+            app.query_one(f"#opt-{spec.key}").focus()
+            await pilot.press("f1")
+            await pilot.pause()
+            assert isinstance(app.screen, ExplainScreen), spec.key
+            assert app.screen.markdown == EXPLAINERS[spec.explainer].markdown()
+            await pilot.press("escape")
+            await pilot.pause()
+            assert not isinstance(app.screen, ExplainScreen)
+        # Nothing focused that has an explainer: the overview of the screen and its keys.
+        app.set_focus(None)
+        await pilot.press("question_mark")
+        assert app.screen.markdown == OVERVIEW
+
+
+async def test_the_model_picker_searches_as_you_type():
+    app = make_app()
+    async with app.run_test(size=NARROW) as pilot:
+        await ready(pilot)
+        assert app.focused is app.query_one("#opt-model", Select)
+        await pilot.press("enter", *"mistral")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.planner.options["model"] == "mistral-7b" == app.result.budget.model.id
+
+
+async def test_the_budget_draws_at_once_and_a_new_ladder_follows_from_a_worker(monkeypatch, tmp_path):
+    import threading
+
+    import engine.ladder
+
+    release = threading.Event()
+    real = engine.ladder.savings_ladder
+
+    def slow(config, **kwargs):
+        release.wait(10)
+        return real(config, **kwargs)
+
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        view = app.query_one(LadderView)
+        before = [str(option.prompt) for option in view.option_list.options]
+        monkeypatch.setattr(engine.ladder, "savings_ladder", slow)
+        app.query_one("#opt-precision", Select).value = "bf16-true"
+        await pilot.pause()
+        result = app.result
+        assert result.budget == estimate(TrainingConfig(precision="bf16-true")) and result.ladder is None
+        assert view.has_class("-pending") and [str(o.prompt) for o in view.option_list.options] == before
+        release.set()
+        await settled(pilot)
+        assert app.result.ladder == real(app.result.config) and not view.has_class("-pending")
+        assert view.highlighted_step().keys == ("precision",)  # the rung of the option just changed
+        # Back to a configuration seen before: its ladder is known, no worker needed.
+        release.clear()
+        app.query_one("#opt-precision", Select).value = "bf16-mixed"
+        await pilot.pause()
+        assert app.result.ladder is not None and not view.has_class("-pending")
+        assert [str(option.prompt) for option in view.option_list.options] == before
+        # An export that comes before the worker builds the ladder itself.
+        monkeypatch.setenv("MEMTUI_EXPORT_DIR", str(tmp_path))
+        app.query_one("#opt-checkpointing", Select).value = "full"
+        await pilot.pause()
+        assert app.result.ladder is None
+        await pilot.press("e")
+        await pilot.pause()
+        assert "full activation checkpointing" in app.last_export.markdown.read_text()
+        release.set()
+
+
 async def test_ladder_rows_say_why_each_step_helped():
     app = make_app(options={"model": "llama-3.1-8b"})
     async with app.run_test(size=WIDE) as pilot:
         await ready(pilot)
         app.apply_preset("recipe", "qlora-24gb")
-        await pilot.pause()
+        await settled(pilot)
         ladder = app.query_one(LadderView)
         keys = [step.keys[0] for step in ladder.ladder.steps]
         assert keys == ["baseline", "precision", "lora_rank", "quant", "attention", "checkpointing"]
@@ -273,6 +386,98 @@ async def test_ladder_rows_say_why_each_step_helped():
         assert app.screen.markdown.startswith("# The savings ladder")
 
 
+async def fit_found(pilot) -> None:
+    """Wait for the fit search (a worker) to answer for the current options."""
+    for _ in range(200):
+        found = pilot.app.fit_suggestion
+        if found is not None and found[0] == pilot.app.result.config:
+            break
+        await pilot.pause(0.02)
+    await pilot.pause()
+
+
+async def test_does_not_fit_says_what_would_fit_and_f_applies_it():
+    app = make_app(options={"model": "llama-3.1-70b", "gpu": "rtx-4090"})
+    async with app.run_test(size=NARROW) as pilot:
+        await ready(pilot)
+        await fit_found(pilot)
+        result = app.result
+        expected = suggest(result.config, model=result.model, gpu=result.gpu)
+        assert not result.budget.fits and expected.plan is not None
+        hint = app.query_one(FitHint)
+        assert hint.display and not hint.has_class("-pending")
+        text = " ".join(str(hint.render()).split())
+        assert text.startswith(f"To fit: {expected.plan.summary}") and text.endswith("f applies")
+        await pilot.press("f")
+        await pilot.pause()
+        assert app.result.config == expected.plan.config
+        assert app.result.budget.fits and "FITS" in rendered(app.query_one(VerdictBanner))
+        assert app.query_one("#opt-gpus", Input).value == str(expected.plan.config.gpus)
+        assert not hint.display and app.fit_suggestion is None
+        assert any(expected.plan.summary in str(n.title) for n in app._notifications)
+        await pilot.press("f")  # nothing left to do
+        await pilot.pause()
+        assert any("fits already" in n.message for n in app._notifications)
+
+
+async def test_the_fit_hint_follows_the_options_and_hides_when_it_fits():
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await fit_found(pilot)
+        hint = app.query_one(FitHint)
+        first = str(hint.render())
+        assert hint.display
+        await type_into(pilot, "batch_size", "4")
+        await fit_found(pilot)
+        assert hint.display and str(hint.render()) != first
+        await type_into(pilot, "batch_size", "0")  # invalid: no hint for a stale budget
+        assert app.result.stale and not hint.display
+        app.apply_preset("model", "gpt2")
+        await type_into(pilot, "batch_size", "1")
+        assert app.result.budget.fits and not hint.display
+
+
+async def test_a_burst_of_edits_starts_one_fit_search(monkeypatch):
+    import engine.fit
+
+    searched = []
+    real = engine.fit.suggest
+    monkeypatch.setattr(engine.fit, "suggest", lambda config, **kw: searched.append(config) or real(config, **kw))
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await fit_found(pilot)
+        assert len(searched) == 1
+        field = app.query_one("#opt-batch_size", Input)
+        field.focus()
+        await pilot.pause()
+        for key in ("end", "2", "3", "4"):
+            app.post_message(events.Key(key, None if key == "end" else key))
+        await pilot.pause()
+        await fit_found(pilot)
+        assert app.planner.options["batch_size"] == 1234
+        assert [config.batch_size for config in searched] == [1, 1234]
+
+
+async def test_a_failed_fit_search_only_hides_the_hint(monkeypatch):
+    import engine.fit
+
+    def broken(config, **kwargs):
+        raise RuntimeError("search failed")
+
+    monkeypatch.setattr(engine.fit, "suggest", broken)
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await fit_found(pilot)
+        assert app.fit_suggestion == (app.result.config, None)
+        assert not app.query_one(FitHint).display and not app.result.budget.fits
+        await pilot.press("f")
+        await pilot.pause()
+        assert any("No change found" in n.message for n in app._notifications)
+
+
 async def test_pin_then_change_shows_each_components_delta():
     app = make_app()
     async with app.run_test(size=WIDE) as pilot:
@@ -286,6 +491,9 @@ async def test_pin_then_change_shows_each_components_delta():
         await set_select(pilot, "optimizer_impl", "fused")
         table = rendered(app.query_one(ComponentTable))
         assert "Δ pin" in table
+        # The table widens for the delta column: no label is cut.
+        assert all(label in table for label in ("Optimizer states", "Device peak (NVML)", "Tensor peak (PyTorch)",
+                                                "Bytes per parameter"))
         change = app.result.budget.per_gpu.temporary - pinned.per_gpu.temporary
         assert change < 0 and f"−{abs(change) / 2**30:.2f}" in table
         assert "checkpointing none→full" in str(pin.render())
@@ -365,6 +573,16 @@ async def test_80x24_is_usable_with_the_keyboard_alone():
         await ready(pilot)
         assert app.screen.has_class("-narrow")
         assert "DOES NOT FIT" in rendered(app.query_one(VerdictBanner))
+        # Narrow, the ladder (what moves as options change) comes right under the summary, before the table.
+        order = [child.id for child in app.query_one("#budget-scroll").children]
+        assert order.index("ladder") < order.index("details")
+        await pilot.resize_terminal(*WIDE)
+        await pilot.pause()
+        order = [child.id for child in app.query_one("#budget-scroll").children]
+        assert order.index("ladder") > order.index("details") and app.screen.has_class("-wide")
+        await pilot.resize_terminal(*NARROW)
+        await pilot.pause()
+        assert app.query_one("#opt-model").has_focus
         # Every input is in the focus chain, in reading order, and the ladder after them.
         chain = [widget.id for widget in app.screen.focus_chain if widget.id]
         option_ids = [f"opt-{key}" for key in ("model", "model_path", "gpu", "gpus", "batch_size", "seq_len",
@@ -385,9 +603,11 @@ async def test_the_mouse_works_and_bad_combinations_stay_inline():
     app = make_app()
     async with app.run_test(size=WIDE) as pilot:
         await ready(pilot)
+        switch = app.query_one("#opt-master_weights", Checkbox)
+        assert switch.value is False and str(switch.label) == "off"
         assert await pilot.click("#opt-master_weights")
         await pilot.pause()
-        assert app.query_one("#opt-master_weights", Checkbox).value is True
+        assert switch.value is True and str(switch.label) == "on"
         assert "needs 16-bit weights" in note(app, "master_weights")
         await set_select(pilot, "precision", "bf16-true")
         assert not app.result.stale
@@ -417,8 +637,9 @@ async def test_q_quits():
         assert app._exit
 
 
-async def test_newcomer_goes_from_does_not_fit_to_fits_and_exports(tmp_path, monkeypatch):
-    """The issue's acceptance path, keys only and at 80x24: palette to 70B on a 4090, savers until it fits, export."""
+async def test_newcomer_goes_from_does_not_fit_to_fits_and_exports(tmp_path, monkeypatch, capsys):
+    """The issue's acceptance path, keys only and at 80x24: palette to 70B on a 4090, savers until it fits,
+    why each ladder step helped, export; the exported JSON is what `memtui estimate --json` prints."""
     monkeypatch.setenv("MEMTUI_EXPORT_DIR", str(tmp_path))
     app = make_app()
     async with app.run_test(size=NARROW) as pilot:
@@ -429,28 +650,96 @@ async def test_newcomer_goes_from_does_not_fit_to_fits_and_exports(tmp_path, mon
             await pilot.press(*query)
             await pilot.pause(0.3)
             await pilot.press("enter")
-            await pilot.pause()
+            await settled(pilot)
+        assert (app.planner.options["model"], app.planner.options["gpu"]) == ("llama-3.1-70b", "rtx-4090")
         assert not app.result.budget.fits
+        assert "DOES NOT FIT" in rendered(app.query_one(VerdictBanner))
+        bars = [rendered(app.query_one(MemoryBar))]
         ladder_sizes = [len(app.result.ladder.steps)]
+        peaks = [app.result.budget.device_peak_bytes]
+
+        async def then(action) -> None:
+            await action
+            assert not app.result.stale
+            bars.append(rendered(app.query_one(MemoryBar)))
+            ladder_sizes.append(len(app.result.ladder.steps))
+            peaks.append(app.result.budget.device_peak_bytes)
+
+        # QLoRA: adapters on every linear layer over a 4-bit base; then checkpointing.
         await paste_into(pilot, "lora_targets", "all-linear")
-        await type_into(pilot, "lora_rank", "16")
-        await choose(pilot, "quant", "nf4")
-        await choose(pilot, "checkpointing", "full")
-        ladder_sizes.append(len(app.result.ladder.steps))
+        await then(type_into(pilot, "lora_rank", "16"))
+        await then(choose(pilot, "quant", "nf4"))
+        await then(choose(pilot, "checkpointing", "full"))
         assert app.result.budget.bytes_per_param < 1
         # A 70B model's 4-bit weights alone (~33 GiB) exceed 24 GB: the weights must leave the GPU.
-        await choose(pilot, "zero", "3")
-        await choose(pilot, "offload", "optimizer+params")
-        assert app.result.budget.fits and not app.result.stale
-        assert "FITS" in rendered(app.query_one(VerdictBanner))
-        ladder_sizes.append(len(app.result.ladder.steps))
+        await then(choose(pilot, "zero", "3"))
+        await then(choose(pilot, "offload", "optimizer+params"))
+        assert app.result.budget.fits and "FITS" in rendered(app.query_one(VerdictBanner))
+        # The bar moved with every step that changed the peak: all but ZeRO-3 (alone, on one GPU, it shards
+        # nothing; offload then needs it). The peak only went down; the ladder grew.
+        moved = [before != after for before, after in zip(bars, bars[1:])]
+        changed = [before != after for before, after in zip(peaks, peaks[1:])]
+        assert moved == changed and changed == [True, True, True, False, True]
         assert ladder_sizes == sorted(ladder_sizes) and ladder_sizes[-1] > ladder_sizes[0]
-        # Why did the weights leave? The highlighted (newest) ladder step explains itself.
-        app.query_one("#ladder-list").focus()
+        assert peaks[-1] < peaks[0] and peaks == sorted(peaks, reverse=True)
+        # Why each step helped: every rung says what it removed, and ? opens its explainer.
+        ladder = app.query_one(LadderView)
+        rows = [str(option.prompt) for option in ladder.option_list.options]
+        assert not any("…" in row for row in rows)  # 80 columns: short labels ("LoRA r16", "nf4"), not cut ones
+        assert [row.split()[0] for row in rows[2:5]] == ["LoRA", "nf4", "ZeRO-3"]
+        ladder.option_list.focus()
+        for index, step in enumerate(app.result.ladder.steps[1:], start=1):
+            ladder.option_list.highlighted = index
+            await pilot.pause()
+            assert str(app.query_one("#ladder-why").render()).startswith(f"{step.label}:")
+        await pilot.press("question_mark")
+        assert app.screen.markdown.startswith("# Activation checkpointing")
+        await pilot.press("escape")
+        ladder.option_list.highlighted = next(
+            index for index, step in enumerate(app.result.ladder.steps) if "offload" in step.keys)
         await pilot.press("question_mark")
         assert app.screen.markdown.startswith("# CPU offload")
         await pilot.press("escape")
         await pilot.press("e")
         await pilot.pause()
-        exported = json.loads(app.last_export.json.read_text())
-        assert exported["fits"] is True and exported["config"]["offload"] == "optimizer+params"
+        paths = app.last_export
+        assert paths.markdown.exists() and paths.json.exists() and paths.json.parent == tmp_path
+        assert any(str(paths.json) in notification.message for notification in app._notifications)
+        exported = paths.json.read_text()
+    assert main(["estimate", "--model", "llama-3.1-70b", "--gpu", "rtx-4090", "--lora-targets", "all-linear",
+                 "--lora-rank", "16", "--quant", "nf4", "--checkpointing", "full", "--zero", "3",
+                 "--offload", "optimizer+params", "--json"]) == 0
+    assert exported == capsys.readouterr().out
+    assert json.loads(exported)["fits"] is True
+
+
+def test_short_ladder_labels_fit_the_narrow_layout():
+    """At 80 columns a rung gets 11 cells: every short label fits, so no rung is cut."""
+    from engine.ladder import savings_ladder
+    from tui.widgets.ladder_view import short_label
+
+    configs = [
+        TrainingConfig(precision="bf16-true", master_weights=True, optimizer="galore-adamw", optimizer_impl="for-loop",
+                       checkpointing="selective", gpus=8, tp=2, pp=2, zero=1),
+        TrainingConfig(precision="16-true", master_weights=True, optimizer="sgd-momentum", optimizer_impl="fused",
+                       lora_rank=64, quant="nf4", zero=3, offload="optimizer+params", checkpointing="full"),
+    ]
+    for config in configs:
+        for step in savings_ladder(config).steps:
+            assert len(short_label(step)) <= 11, short_label(step)
+
+
+async def test_worker_answers_arriving_during_shutdown_are_dropped():
+    """Answers from the ladder and fit workers can land while the app tears its widgets down."""
+    from tui.app import FitFound, LadderBuilt
+
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        result = app.result
+        await app.query_one(FitHint).remove()
+        await app.query_one(LadderView).remove()
+        app.post_message(FitFound(result.config, None))
+        app.post_message(LadderBuilt(result.config, result.gpu, result.ladder))
+        await pilot.pause()
+        assert app.fit_suggestion == (result.config, None)

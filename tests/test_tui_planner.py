@@ -114,3 +114,37 @@ def test_pin_and_differences():
     result = planner.compute()
     assert config_differences(planner.pinned.config, result.config) == [("checkpointing", "none", "full")]
     assert planner.toggle_pin() is False and planner.pinned is None
+
+
+def test_every_estimator_option_has_an_input_a_one_line_summary_and_an_explainer():
+    from engine.ladder import _rungs
+    from tui.explain import EXPLAINERS
+    from tui.option_specs import OPTION_SPECS
+    from tui.widgets.ladder_view import step_explainer_key
+
+    assert set(TrainingConfig.model_fields) <= set(OPTION_SPECS)  # nothing the CLI takes is missing here
+    for spec in OPTION_SPECS.values():
+        assert 0 < len(spec.summary) <= 40, spec.key  # one line beside the option in the wide layout
+        explainer = EXPLAINERS[spec.explainer]
+        markdown = explainer.markdown()
+        for section in ("## What it does", "## What it costs", "## When to use it"):
+            assert section in markdown, (spec.key, section)
+    # Every rung the ladder can show explains itself.
+    everything = TrainingConfig(precision="bf16-true", master_weights=True, optimizer="galore-adamw",
+                                optimizer_impl="fused", lora_rank=16, quant="nf4", tp=2, pp=2, gpus=8, zero=3,
+                                offload="optimizer+params", attention="flash", checkpointing="full")
+    for rung in _rungs(everything):
+        assert rung.key in EXPLAINERS
+    assert step_explainer_key(Planner().compute().ladder.baseline) in EXPLAINERS
+
+
+def test_a_number_above_its_bound_is_refused_with_the_bound():
+    planner = Planner()
+    good = planner.compute().budget
+    bound = next(item.le for item in TrainingConfig.model_fields["gpus"].metadata if hasattr(item, "le"))
+    planner.set_int_text("gpus", str(bound + 1))
+    result = planner.compute()
+    assert result.error_field == "gpus" and result.budget == good
+    assert str(result.error) == f"--gpus: must be at most {bound:,}, got {bound + 1:,}"
+    planner.set_int_text("gpus", "8")
+    assert not planner.compute().stale

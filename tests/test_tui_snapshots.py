@@ -15,6 +15,19 @@ async def inputs_ready(pilot) -> None:
         if pilot.app.query("#opt-model") and pilot.app.focused is not None:
             break
         await pilot.pause()
+    await settled(pilot)
+
+
+async def settled(pilot) -> None:
+    """The ladder and the fit search run in workers: wait for both so the picture does not depend on timing."""
+    app = pilot.app
+    for _ in range(500):
+        result = app.result
+        fit_known = result.budget is None or result.budget.fits or (
+            app.fit_suggestion is not None and app.fit_suggestion[0] == result.config)
+        if result.stale or (fit_known and result.ladder is not None):
+            break
+        await pilot.pause(0.02)
     await pilot.pause()
 
 
@@ -22,7 +35,7 @@ async def qlora_70b_on_a_4090(pilot) -> None:
     await inputs_ready(pilot)
     pilot.app.apply_preset("model", "llama-3.1-70b")
     pilot.app.apply_preset("recipe", "qlora-24gb")
-    await pilot.pause()
+    await settled(pilot)
     pilot.app.clear_notifications()
     await pilot.pause()
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Container, Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.lazy import Lazy
 from textual.message import Message
+from textual.timer import Timer
 from textual.widgets import ContentSwitcher, Footer, Header, OptionList
 from textual.worker import Worker, WorkerState
 
@@ -26,14 +27,17 @@ from engine.errors import InputError
 from engine.local_gpu import LocalGpu, detect_local_gpu
 from tui.commands import PresetCommands
 from tui.explain import EXPLAINERS, LADDER_INTRO, OVERVIEW
+from tui.live import LivePanel
 from tui.option_specs import OPTION_SPECS
 from tui.planner import Planner, PlanResult
-from tui.widgets.budget import ComponentTable, ErrorLine, PinSummary, SummaryLine, TimelineChart, VerdictBanner
+from tui.widgets.budget import (WIDE_FROM, BudgetScroll, ComponentTable, ErrorLine, FitHint, PinSummary,
+                                SummaryLine, TimelineChart, VerdictBanner)
 from tui.widgets.ladder_view import LadderView, step_explainer_key
 from tui.widgets.memory_bar import MemoryBar
 from tui.widgets.options_panel import OptionsPanel
 from tui.widgets.text import Text
 
+FIT_SEARCH_DELAY = 0.2  # seconds without edits before the "to fit" search starts
 DARK_THEME = "textual-dark"
 LIGHT_THEME = "textual-light"
 
@@ -47,6 +51,23 @@ class LocalGpuDetected(Message):
     local_gpu: LocalGpu | None
 
 
+@dataclass
+class LadderBuilt(Message):
+    """The ladder worker's answer for `config` on `gpu` (None when building it failed)."""
+
+    config: Any  # TrainingConfig
+    gpu: Any  # GpuSpec
+    ladder: Any  # engine.ladder.SavingsLadder | None
+
+
+@dataclass
+class FitFound(Message):
+    """The fit search's answer (engine.fit.suggest) for `config`."""
+
+    config: Any  # the TrainingConfig searched from
+    suggestion: Any  # engine.fit.Suggestion, or None when the search failed
+
+
 def error_text(error: InputError) -> str:
     return error.message + (f" (allowed: {error.allowed})" if error.allowed else "")
 
@@ -58,17 +79,22 @@ class MemtuiApp(App[None]):
     SUB_TITLE = "GPU memory planner"
     CSS_PATH = "app.tcss"
     COMMANDS = App.COMMANDS | {PresetCommands}
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE_FROM, "-wide")]
     BINDINGS = [
         Binding("question_mark", "explain", "Explain",
                 tooltip="What the focused option does, what it costs, when to use it"),
         Binding("f1", "explain", "Explain", show=False, priority=True,
                 tooltip="What the focused option does, what it costs, when to use it"),
-        Binding("p", "pin", "Pin/compare", tooltip="Pin this configuration; later changes show their delta against it"),
+        Binding("f", "make_it_fit", "Make it fit", show=False,
+                tooltip="Apply the least invasive change that fits, as the line under the verdict says"),
+        Binding("p", "pin", "Compare", tooltip="Pin this configuration; later changes show their delta against it"),
         Binding("e", "export", "Export", tooltip="Write the configuration and budget as Markdown and JSON"),
-        Binding("t", "toggle_theme", "Light/dark", tooltip="Switch between the dark and the light theme"),
+        Binding("t", "toggle_theme", "Theme", tooltip="Switch between the dark and the light theme"),
         Binding("q", "quit", "Quit", tooltip="Leave memtui"),
-        # r and s are reserved for the live-run panel (tui/live).
+        Binding("r", "live_run", "Live run",
+                tooltip="Train a scaled-down copy of this configuration for real, measured beside its prediction"),
+        Binding("s", "stop_run", "Stop run", tooltip="Stop the live run; its worker process ends within two seconds"),
+        Binding("b", "show_budget", "Budget", tooltip="Back to the budget (a live run goes on)"),
     ]
 
     def __init__(self, *, gpu_detector: GpuDetector | None = detect_local_gpu,
@@ -80,6 +106,9 @@ class MemtuiApp(App[None]):
         self.result: PlanResult | None = None
         self._gpu_chosen_by_user = False
         self.last_export = None  # engine.export.ExportPaths of the latest export
+        self.fit_suggestion: tuple[Any, Any] | None = None  # (config, engine.fit.Suggestion) for the hint
+        self._fit_timer: Timer | None = None
+        self._ladder_changed_key: str | None = None  # the edit the ladder being built should highlight
 
     # ---- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -94,8 +123,9 @@ class MemtuiApp(App[None]):
                     with Vertical(id="glance"):
                         yield VerdictBanner(id="verdict")
                         yield ErrorLine(id="error-line")
+                        yield FitHint(id="fit-hint")
                         yield MemoryBar(id="memory-bar")
-                    with VerticalScroll(id="budget-scroll"):
+                    with BudgetScroll(id="budget-scroll"):
                         yield SummaryLine(id="summary")
                         yield PinSummary(id="pin-summary")
                         with Horizontal(id="details"):
@@ -103,8 +133,7 @@ class MemtuiApp(App[None]):
                             yield TimelineChart(id="timeline")
                         yield LadderView(id="ladder")
                         yield Text("", id="notes")
-                # The live-run panel (tui/live) mounts here and calls show_panel("live-panel").
-                yield Container(id="live-panel")
+                yield LivePanel(id="live-panel")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -136,19 +165,21 @@ class MemtuiApp(App[None]):
 
     def on_local_gpu_detected(self, message: LocalGpuDetected) -> None:
         local = message.local_gpu
-        if local is None:
+        if local is None or not self.query(VerdictBanner):  # nothing found, or the app is shutting down
             return
         select = not self._gpu_chosen_by_user
         self.planner.set_local_gpu(local, select=select)
         self._sync_inputs()
         self.refresh_plan()
         if select:
-            self.notify(f"Planning for this machine's {local.nvml_name} "
-                        f"({local.memory_total / 2**30:.2f} GiB as NVML reports it).", title="GPU found", markup=False)
+            count = f" ({local.device_count} GPUs here; set the GPU count to plan for all)" if local.device_count > 1 else ""
+            self.notify(f"Planning for this machine's {local.nvml_name}, "
+                        f"{local.memory_total / 2**30:.2f} GiB as NVML reports it{count}.", title="GPU found",
+                        markup=False)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR:
-            # Only the GPU probe runs in a worker; without it the planner simply keeps its preset GPU.
+            # The GPU probe: without it the planner simply keeps its preset GPU.
             self.log.warning(f"worker {event.worker.name} failed: {event.worker.error!r}")
 
     # ---- edits -----------------------------------------------------------------
@@ -212,9 +243,12 @@ class MemtuiApp(App[None]):
         panel.show_errors(errors)
 
     def refresh_plan(self, changed_key: str | None = None) -> None:
-        """Recompute (microseconds) and redraw every read-out; `changed_key` is the option just edited."""
+        """Recompute and redraw every read-out; `changed_key` is the option just edited.
+
+        The budget is one estimate and draws at once; a ladder not built before follows from a worker.
+        """
         planner = self.planner
-        result = planner.compute()
+        result = planner.compute(ladder=False)  # the budget now; a ladder not built before comes from a worker
         self.result = result
         self._show_field_errors()
         self.query_one(VerdictBanner).show(result)
@@ -225,15 +259,58 @@ class MemtuiApp(App[None]):
         table.result = result
         table.pinned = planner.pinned
         self.query_one(TimelineChart).budget = result.budget
-        self.query_one(LadderView).show(result.ladder, changed_key=changed_key)
+        self._show_ladder(result, changed_key)
         self.query_one(PinSummary).show(result, planner.pinned)
         notes = self.query_one("#notes", Text)
         budget_notes = result.budget.notes if result.budget is not None else []
         notes.display = bool(budget_notes)
         notes.set(Content("\n").join(Content.assemble(("note: ", "bold"), note) for note in budget_notes))
         self.query_one("#plan").set_class(result.stale, "-stale")
+        self._look_for_fit(result)
         if result.budget is not None and result.model is not None and result.gpu is not None:
             self.sub_title = f"{result.model.name} on {result.config.gpus if result.config else 1}x {result.gpu.name}"
+
+    # ---- the savings ladder ------------------------------------------------------------
+    def _show_ladder(self, result: PlanResult, changed_key: str | None) -> None:
+        """Draw the ladder if it is known; else keep the one shown, dimmed, and build the new one aside."""
+        view = self.query_one(LadderView)
+        if result.ladder is not None:
+            view.set_class(False, "-pending")
+            view.show(result.ladder, changed_key=changed_key)
+            return
+        if result.stale or result.config is None or result.gpu is None:
+            return
+        view.set_class(True, "-pending")
+        if changed_key is not None:
+            self._ladder_changed_key = changed_key
+        self.build_ladder(result.config, result.model, result.gpu)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="ladder")
+    def build_ladder(self, config: Any, model: Any, gpu: Any) -> None:
+        from engine.ladder import savings_ladder
+
+        try:
+            ladder = savings_ladder(config, model=model, gpu=gpu)
+        except Exception as error:  # the budget is still right; only the ladder is missing
+            self.log.warning(f"ladder failed: {error!r}")
+            ladder = None
+        self.post_message(LadderBuilt(config, gpu, ladder))
+
+    def on_ladder_built(self, message: LadderBuilt) -> None:
+        if message.ladder is None:
+            return
+        self.planner.remember_ladder(message.config, message.gpu, message.ladder)
+        result = self.result
+        if result is None or result.stale or result.config != message.config or result.gpu != message.gpu:
+            return  # the options changed again; their own ladder is on its way
+        self.result = replace(result, ladder=message.ladder)
+        views = self.query(LadderView)
+        if not views:
+            return  # the app is shutting down
+        view = views.first()
+        view.set_class(False, "-pending")
+        view.show(message.ladder, changed_key=self._ladder_changed_key)
+        self._ladder_changed_key = None
 
     # ---- actions -----------------------------------------------------------------
     @on(OptionList.OptionSelected, "#ladder-list")
@@ -283,16 +360,104 @@ class MemtuiApp(App[None]):
         title = None
         if result.model is not None and result.gpu is not None and result.config is not None:
             title = f"{result.model.name} on {result.config.gpus}x {result.gpu.name}"
+        ladder = result.ladder
+        if ladder is None and result.config is not None and result.gpu is not None:
+            ladder = self.planner.build_ladder(result.config, result.model, result.gpu)  # not built yet: now
         try:
-            paths = export_budget(result.budget, ladder=result.ladder, title=title)
+            paths = export_budget(result.budget, ladder=ladder, title=title)
         except OSError as error:
             self.notify(f"Could not write the export: {error}", severity="error", title="Export", markup=False)
             return
         self.last_export = paths
         self.notify(f"{paths.markdown}\n{paths.json}", title="Exported", timeout=10, markup=False)
 
+    # ---- how to make it fit ---------------------------------------------------------
+    def _look_for_fit(self, result: PlanResult) -> None:
+        """Under "does not fit", ask engine.fit for the least invasive change that fits (in a worker)."""
+        hint = self.query_one(FitHint)
+        if self._fit_timer is not None:
+            self._fit_timer.stop()
+            self._fit_timer = None
+        if result.stale or result.budget is None or result.budget.fits or result.config is None:
+            self.fit_suggestion = None
+            hint.show(None)
+            return
+        if self.fit_suggestion is not None and self.fit_suggestion[0] == result.config:
+            return
+        hint.show(self.fit_suggestion[1] if self.fit_suggestion else None, pending=True)
+        # A search takes up to half a second of CPU: wait until the typing stops, so a burst of edits
+        # starts one search, not one thread per keystroke.
+        config, model, gpu = result.config, result.model, result.gpu
+        self._fit_timer = self.set_timer(FIT_SEARCH_DELAY, lambda: self.find_fit(config, model, gpu))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="fit")
+    def find_fit(self, config: Any, model: Any, gpu: Any) -> None:
+        from engine.fit import suggest
+
+        try:
+            suggestion = suggest(config, model=model, gpu=gpu)
+        except Exception as error:  # a search that fails only costs the hint
+            self.log.warning(f"fit search failed: {error!r}")
+            suggestion = None
+        self.post_message(FitFound(config, suggestion))
+
+    def on_fit_found(self, message: FitFound) -> None:
+        result = self.result
+        if result is None or result.stale or result.config != message.config:
+            return  # an answer for options already changed again
+        self.fit_suggestion = (message.config, message.suggestion)
+        hints = self.query(FitHint)
+        if hints:  # none while the app shuts down
+            hints.first().show(message.suggestion)
+
+    def action_make_it_fit(self) -> None:
+        suggestion = self.fit_suggestion[1] if self.fit_suggestion else None
+        result = self.result
+        if suggestion is None or suggestion.plan is None or result is None or result.config is None:
+            fits = result is not None and result.budget is not None and result.budget.fits and not result.stale
+            self.notify("It fits already." if fits else "No change found that fits (yet).", title="Make it fit")
+            return
+        plan, before = suggestion.plan, result.config.model_dump()
+        changes = {key: value for key, value in plan.config.model_dump().items() if before[key] != value}
+        if "gpu" in changes:
+            self._gpu_chosen_by_user = True
+        notes = self.planner.apply_options(changes)
+        self._sync_inputs()
+        self.refresh_plan(changed_key=next(iter(changes), None))
+        steps = "\n".join(f"• {step.title}: {step.reason}" for step in plan.steps)
+        self.notify("\n".join([steps, *notes]), title=f"Applied: {plan.summary}", timeout=12, markup=False)
+
     def action_toggle_theme(self) -> None:
         self.theme = LIGHT_THEME if self.current_theme.dark else DARK_THEME
+
+    # ---- the live run (tui/live) ---------------------------------------------------
+    def action_live_run(self) -> None:
+        result = self.result
+        if result is None or result.config is None or result.stale:
+            self.notify("Fix the highlighted input first: a live run is for a valid configuration.",
+                        severity="warning", title="Live run")
+            return
+        self.show_panel("live-panel")
+        self.query_one(LivePanel).start_run(result.config)
+        self.refresh_bindings()
+
+    def action_stop_run(self) -> None:
+        self.query_one(LivePanel).stop_run()
+
+    def action_show_budget(self) -> None:
+        self.show_panel("plan")
+        self.refresh_bindings()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """s only while a run goes on, b only while the live panel is shown."""
+        if action in ("stop_run", "show_budget"):
+            panels = self.query(LivePanel)
+            if not panels:
+                return False
+            if action == "stop_run":
+                return panels.first().running
+            return self.query_one("#right", ContentSwitcher).current == "live-panel"
+        return True
 
 
 def run_app() -> int:

@@ -8,7 +8,8 @@ Keeping this free of Textual makes the rules testable in microseconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.architectures import ModelSpec
@@ -23,6 +24,13 @@ LOCAL_GPU = "@local"  # the GPU picker's value for "the GPU in this machine"
 INT_MINIMUMS: dict[str, int] = {
     "gpus": 1, "batch_size": 1, "seq_len": 1, "galore_rank": 1, "tp": 1, "pp": 1, "lora_rank": 0,
 }
+
+
+def int_maximum(key: str) -> int | None:
+    """TrainingConfig's upper bound for an integer option, if it has one."""
+    field = TrainingConfig.model_fields.get(key)
+    bounds = [getattr(item, "le", None) for item in field.metadata] if field is not None else []
+    return next((bound for bound in bounds if bound is not None), None)
 
 
 def field_key(flag: str) -> str:
@@ -64,6 +72,7 @@ class Planner:
         self.last_good: PlanResult | None = None
         self.pinned: PlanResult | None = None
         self._models: dict[str, ModelSpec] = {}
+        self._ladders: OrderedDict[tuple[str, str, int], SavingsLadder] = OrderedDict()
 
     # ---- lookups -----------------------------------------------------------
     def model_spec(self, name: str) -> ModelSpec:
@@ -120,6 +129,10 @@ class Planner:
         if value < minimum:
             self.field_errors[key] = InputError(flag, f"must be at least {minimum}, got {value}")
             return
+        maximum = int_maximum(key)
+        if maximum is not None and value > maximum:
+            self.field_errors[key] = InputError(flag, f"must be at most {maximum:,}, got {value:,}")
+            return
         self.set_option(key, value)
 
     def set_model_path(self, text: str) -> list[str]:
@@ -172,9 +185,44 @@ class Planner:
             return [f"Sequence length set to {spec.max_position_embeddings}: {spec.name} has that many learned positions."]
         return []
 
+    # ---- ladders ------------------------------------------------------------
+    LADDERS_KEPT = 64
+
+    @staticmethod
+    def _ladder_key(config: TrainingConfig, gpu: GpuSpec) -> tuple[str, str, int]:
+        return config.model_dump_json(), gpu.id, gpu.memory_bytes
+
+    def known_ladder(self, config: TrainingConfig, gpu: GpuSpec) -> SavingsLadder | None:
+        """The ladder for this configuration if it was built before (the app builds new ones in a worker)."""
+        key = self._ladder_key(config, gpu)
+        ladder = self._ladders.get(key)
+        if ladder is not None:
+            self._ladders.move_to_end(key)
+        return ladder
+
+    def remember_ladder(self, config: TrainingConfig, gpu: GpuSpec, ladder: SavingsLadder) -> None:
+        """Keep a built ladder, and give it to the last good result (and the pin) when they are that config."""
+        self._ladders[self._ladder_key(config, gpu)] = ladder
+        while len(self._ladders) > self.LADDERS_KEPT:
+            self._ladders.popitem(last=False)
+        for name in ("last_good", "pinned"):
+            result = getattr(self, name)
+            if result is not None and result.ladder is None and result.config == config and result.gpu == gpu:
+                setattr(self, name, replace(result, ladder=ladder))
+
+    def build_ladder(self, config: TrainingConfig, model: ModelSpec | None, gpu: GpuSpec) -> SavingsLadder:
+        """Build (one estimate per rung: up to a few hundred ms with the step simulator) and remember."""
+        ladder = savings_ladder(config, model=model, gpu=gpu)
+        self.remember_ladder(config, gpu, ladder)
+        return ladder
+
     # ---- results -----------------------------------------------------------
-    def compute(self) -> PlanResult:
-        """The budget and ladder for the current options; on bad input, the error and the last good budget."""
+    def compute(self, *, ladder: bool = True) -> PlanResult:
+        """The budget and ladder for the current options; on bad input, the error and the last good budget.
+
+        With `ladder=False` the ladder is only looked up (None if it was never built): the budget is one
+        estimate, the ladder one per rung, so the app draws the budget at once and builds the ladder aside.
+        """
         from engine.estimator import estimate
         from engine.validation import config_from_options
 
@@ -188,11 +236,11 @@ class Planner:
                 model = self.model_spec(config.model)
                 gpu = self.gpu_spec()
                 budget = estimate(config, model=model, gpu=gpu)
-                ladder = savings_ladder(config, model=model, gpu=gpu)
+                steps = self.build_ladder(config, model, gpu) if ladder else self.known_ladder(config, gpu)
             except InputError as raised:
                 error, error_field = raised, field_key(raised.field)
             else:
-                result = PlanResult(budget=budget, ladder=ladder, config=config, gpu=gpu, model=model)
+                result = PlanResult(budget=budget, ladder=steps, config=config, gpu=gpu, model=model)
                 self.last_good = result
                 return result
         last = self.last_good

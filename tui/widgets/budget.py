@@ -1,7 +1,10 @@
-"""The budget's read-outs: verdict banner, component table (with deltas against a pin), step timeline."""
+"""The budget's read-outs: verdict banner, fit hint, component table (with deltas against a pin), step timeline."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from textual.containers import VerticalScroll
 from textual.content import Content
 from textual.reactive import reactive
 from textual.widget import Widget
@@ -9,8 +12,11 @@ from textual.widget import Widget
 from engine.specs import COMPONENT_NAMES, Budget
 from engine.units import GiB, format_count
 from tui.planner import PlanResult, config_differences
-from tui.widgets.palette import COMPONENT_LABELS, swatch
+from tui.widgets.component_styles import COMPONENT_LABELS, swatch
 from tui.widgets.text import Text
+
+if TYPE_CHECKING:
+    from engine.fit import Suggestion
 
 
 def gib(n_bytes: float, digits: int = 2) -> str:
@@ -113,6 +119,9 @@ class ComponentTable(Widget):
     # Fixed height (heading, six components, a rule, three totals): redraw without a layout pass.
     result: reactive[PlanResult | None] = reactive(None)
     pinned: reactive[PlanResult | None] = reactive(None)
+
+    def watch_pinned(self, pinned: PlanResult | None) -> None:
+        self.set_class(pinned is not None, "-pinned")  # wider, for the delta column (app.tcss)
 
     def render(self) -> Content:
         result = self.result
@@ -242,3 +251,57 @@ class PinSummary(Text):
             else:
                 parts.append(" · same options")
         self.set(Content.assemble(*parts))
+
+
+class FitHint(Text):
+    """Under a "does not fit" verdict: the least invasive change that fits (engine.fit.suggest), and `f` applies it.
+
+    The search takes up to a fraction of a second, so it runs in a worker; until its answer for the current
+    options arrives, the previous hint stays, dimmed.
+    """
+
+    def show(self, suggestion: Suggestion | None, *, pending: bool = False) -> None:
+        self.set_class(pending, "-pending")
+        if suggestion is None or suggestion.fits_already:
+            self.display = False
+            return
+        self.display = True
+        plan = suggestion.plan
+        if plan is None:
+            self.set(Content.assemble(("To fit: ", "bold"), suggestion.message.removeprefix("nothing fits: ").join(
+                ("nothing memtui tries fits (", ")"))))
+            return
+        self.set(
+            Content.assemble(
+                ("To fit: ", "bold"),
+                plan.summary,
+                f" → {gib(plan.budget.device_peak_bytes)} GiB",
+                ("  f applies", "bold $text-accent"),
+            )
+        )
+
+
+WIDE_FROM = 110  # terminal columns from which the planner uses its wide layout (the app's breakpoint)
+
+
+class BudgetScroll(VerticalScroll):
+    """The budget's details, scrolling under the verdict and the bar.
+
+    Wide, the table and the timeline come first, then the savings ladder. Narrow (80x24), the ladder moves
+    up, right under the summary: it is what moves as options change, while the bar's legend above already
+    gives each component's GiB.
+    """
+
+    def on_resize(self) -> None:
+        self.arrange_for(self.app.size.width)
+
+    def arrange_for(self, width: int) -> None:
+        ladders, details = self.query("#ladder"), self.query("#details")
+        if not ladders or not details:
+            return
+        ladder, table = ladders.first(), details.first()
+        ladder_first = self.children.index(ladder) < self.children.index(table)
+        if width < WIDE_FROM and not ladder_first:
+            self.move_child(ladder, before=table)
+        elif width >= WIDE_FROM and ladder_first:
+            self.move_child(ladder, after=table)

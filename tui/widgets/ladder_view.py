@@ -15,12 +15,35 @@ from engine.specs import COMPONENT_NAMES
 from engine.units import GiB
 from tui.explain import summary
 from tui.widgets.budget import gib, signed_gib
-from tui.widgets.palette import SHORT_LABELS
+from tui.widgets.component_styles import SHORT_LABELS
 from tui.widgets.text import Text
 
 STEP_EXPLAINERS = {"baseline": "optimizer_states"}  # what to explain for the baseline row
 # Options that belong to another option's rung.
 RUNG_OF = {"master_weights": "precision", "lora_targets": "lora_rank", "galore_rank": "optimizer"}
+
+
+def short_label(step: LadderStep) -> str:
+    """A few words for a rung, for narrow screens: "LoRA r16", "nf4", "ZeRO-3", "full ckpt"."""
+    if step.is_baseline:
+        return "baseline"
+    config = step.config
+    words = {
+        "precision": config.precision if not config.master_weights
+        else ("bf16" if config.precision.startswith("bf16") else "fp16") + " +fp32",
+        "optimizer": {"galore-adamw": f"GaLore r{config.galore_rank}", "sgd-momentum": "SGD mom."}.get(
+            config.optimizer, config.optimizer),
+        "optimizer_impl": "fused step" if config.optimizer_impl == "fused" else config.optimizer_impl,
+        "lora_rank": f"LoRA r{config.lora_rank}",
+        "quant": config.quant,
+        "tp": f"TP {config.tp}",
+        "pp": f"PP {config.pp}",
+        "zero": f"ZeRO-{config.zero}",
+        "offload": "CPU offload",
+        "attention": "flash attn",
+        "checkpointing": "sel. ckpt" if config.checkpointing == "selective" else f"{config.checkpointing} ckpt",
+    }
+    return " + ".join(words.get(key, key) for key in step.keys)
 
 
 def step_explainer_key(step: LadderStep) -> str:
@@ -74,9 +97,10 @@ class LadderView(Vertical):
 
     def _columns(self, width: int) -> tuple[int, int]:
         """(label width, mini-bar width) for this width: the bar goes first when space is short."""
-        numbers = 9 + 9 + 6 + 2  # removes, peak, B/param, fits
-        bar = 12 if width >= 70 else 0
-        label = max(width - numbers - (bar + 1 if bar else 0) - 2, 12)
+        numbers = 9 + 9 + 6 + 5  # removes, peak, B/param, fits
+        longest = 48  # labels longer than this are rare; wide screens give the rest to the bar
+        bar = max(12, min(40, width - numbers - longest - 3)) if width >= 70 else 0
+        label = min(max(width - numbers - (bar + 1 if bar else 0) - 2, 12), longest)
         return label, bar
 
     def _rebuild(self) -> None:
@@ -103,7 +127,7 @@ class LadderView(Vertical):
         heading = "step".ljust(label_width) + "Δ GiB".rjust(9)
         if bar_width:
             heading += " " + "peak vs GPU".ljust(bar_width)
-        heading += "peak".rjust(9) + "B/par".rjust(6) + " fits"
+        heading += "peak".rjust(9) + "B/par".rjust(6) + "fits".rjust(5)
         head.set(Content.styled(heading, "$text-muted"), layout=False)
         capacity = final.gpu.memory_bytes
         scale = max(capacity, *(step.budget.device_peak_bytes for step in ladder.steps))
@@ -120,7 +144,9 @@ class LadderView(Vertical):
 
     def _row(self, step: LadderStep, label_width: int, bar_width: int, scale: int, capacity: int) -> Content:
         budget = step.budget
-        label = step.label if len(step.label) <= label_width else step.label[: label_width - 1] + "…"
+        label = step.label if len(step.label) <= label_width else short_label(step)
+        if len(label) > label_width:
+            label = label[: label_width - 1] + "…"
         if step.is_baseline:
             removed = Content("".rjust(9))
         else:
@@ -137,7 +163,7 @@ class LadderView(Vertical):
         parts += [
             gib(budget.device_peak_bytes, 1).rjust(9),
             f"{budget.bytes_per_param:.2f}".rjust(6),
-            ("  ✔" if budget.fits else "  ✘", "$text-success" if budget.fits else "$text-error"),
+            ("  ✔  " if budget.fits else "  ✘  ", "$text-success" if budget.fits else "$text-error"),
         ]
         return Content.assemble(*parts)
 

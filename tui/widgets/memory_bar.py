@@ -8,7 +8,7 @@ from textual.widget import Widget
 
 from engine.specs import COMPONENT_NAMES, Budget
 from engine.units import GiB
-from tui.widgets.palette import COMPONENT_STYLES, SHORT_LABELS, glyph, swatch
+from tui.widgets.component_styles import COMPONENT_STYLES, SHORT_LABELS, glyph, swatch
 
 
 def segment_widths(values: list[int], scale: float, width: int) -> list[int]:

@@ -75,6 +75,11 @@ def gpu_choices(gpus: dict[str, GpuSpec], local: LocalGpu | None) -> list[tuple[
     return choices
 
 
+def switch_label(value: bool) -> str:
+    """A switch says its state in words: the box alone reads the same on and off in some themes."""
+    return "on" if value else "off"
+
+
 class OptionRow(Container):
     """Label and control on one line; under them the one-line description, or the error when refused."""
 
@@ -142,7 +147,8 @@ class OptionsPanel(VerticalScroll, can_focus=False):
         if spec.kind == "int":
             return IntInput(value=str(options[spec.key]), id=control_id, tooltip=tooltip)
         if spec.kind == "switch":
-            return Checkbox("on", value=bool(options[spec.key]), compact=True, id=control_id, tooltip=tooltip)
+            value = bool(options[spec.key])
+            return Checkbox(switch_label(value), value=value, compact=True, id=control_id, tooltip=tooltip)
         if spec.kind == "text":
             return EditingInput(value=str(options[spec.key]), compact=True, id=control_id, tooltip=tooltip)
         value = str(options[spec.key])
@@ -173,6 +179,7 @@ class OptionsPanel(VerticalScroll, can_focus=False):
     def _checkbox_changed(self, event: Checkbox.Changed) -> None:
         event.stop()
         key = self._key(event.checkbox)
+        event.checkbox.label = switch_label(event.value)
         if key is not None and event.value != self.planner.options.get(key):
             self.post_message(self.Changed(key, event.value))
 
@@ -217,7 +224,9 @@ class OptionsPanel(VerticalScroll, can_focus=False):
                     if field.value != text:
                         field.value = text
                 elif spec.kind == "switch":
-                    self.query_one(f"#opt-{spec.key}", Checkbox).value = bool(options[spec.key])
+                    checkbox = self.query_one(f"#opt-{spec.key}", Checkbox)
+                    checkbox.value = bool(options[spec.key])
+                    checkbox.label = switch_label(checkbox.value)
                 elif spec.kind == "select":
                     self.query_one(f"#opt-{spec.key}", Select).value = str(options[spec.key])
 

@@ -9,16 +9,8 @@ from __future__ import annotations
 
 from textual.content import Content
 
-from engine.specs import COMPONENT_NAMES
+from engine.specs import COMPONENT_LABELS, COMPONENT_NAMES
 
-COMPONENT_LABELS = {
-    "weights": "Weights",
-    "gradients": "Gradients",
-    "optimizer_states": "Optimizer states",
-    "activations": "Activations",
-    "temporary": "Temporaries",
-    "overhead": "CUDA overhead",
-}
 SHORT_LABELS = {
     "weights": "weights",
     "gradients": "grads",

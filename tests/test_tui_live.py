@@ -1,0 +1,97 @@
+"""The live panel in the app: r starts a real CPU run of a tiny model, s stops it, nothing is left running."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+
+from engine.live.plan import LiveOptions
+from tui.app import MemtuiApp
+from tui.live import LivePanel
+
+pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (asyncio backend)
+
+TINY = LiveOptions(device="cpu", layers=1, width=128, vocab=1024, seq_len=64, steps=500)
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMTUI_NO_NVML", "1")
+    monkeypatch.setenv("MEMTUI_LOCK_DIR", str(tmp_path))
+
+
+async def until(pilot, condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await pilot.pause(0.1)
+
+
+def children() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+async def test_r_runs_live_and_s_stops_it_leaving_nothing_behind():
+    app = MemtuiApp(gpu_detector=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.result is not None and app.query("#opt-model"), 10)
+        app.apply_preset("model", "llama-3.2-1b")
+        panel = app.query_one(LivePanel)
+        panel.options = TINY
+        app.set_focus(None)  # keys go to the app, not to an input
+        assert not app.query_one("#live-panel").display or app.query_one("#right").current == "plan"
+
+        await pilot.press("r")
+        assert app.query_one("#right").current == "live-panel" and panel.running
+        await until(pilot, lambda: panel.step >= 1, 90)
+        assert panel.series.samples >= 10 and panel.plan["scaled_model"]["layers"] == 1
+        progress = str(app.query_one("#live-progress-text").render())
+        assert progress.startswith("step ") and f"of {TINY.steps}" in progress and "elapsed" in progress
+        assert app.query_one("#live-table").get_cell("tensor", "predicted").endswith("GiB")
+        assert app.check_action("stop_run", ()) is True
+        pid = panel.controller.worker_pid
+        assert pid is not None and psutil.pid_exists(pid)
+
+        began = time.monotonic()
+        await pilot.press("s")
+        await until(pilot, lambda: not panel.running, 5)
+        assert time.monotonic() - began < 2.5
+        assert panel.state == "cancelled" and "Stopped after step" in str(app.query_one("#live-result").render())
+        assert not children()
+        assert app.check_action("stop_run", ()) is False
+
+        # A run still going when the app quits ends with it.
+        await pilot.press("r")
+        await until(pilot, lambda: panel.controller.worker_pid is not None, 10)
+        await pilot.press("b")
+        assert app.query_one("#right").current == "plan"
+    assert not children()
+
+
+async def test_panel_shows_an_oom_result_from_the_stream():
+    app = MemtuiApp(gpu_detector=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        panel = app.query_one(LivePanel)
+        app.show_panel("live-panel")
+        predicted = {"tensor_peak_bytes": 3 << 30, "device_peak_bytes": 4 << 30,
+                     "components": {"weights": 1 << 30, "gradients": 1 << 30}}
+        stream = [
+            {"type": "device", "kind": "cuda", "name": "NVIDIA L4", "memory_bytes": 24 << 30, "free_bytes": 23 << 30},
+            {"type": "plan", "steps": 10, "scaled_model": {"name": "tiny", "changes": ["layers 32 -> 4"]},
+             "predicted": predicted},
+            *({"type": "sample", "t": 0.05 * i, "allocated": (i % 20) << 27, "reserved": None,
+               "nvml_used": ((i % 20) << 27) + (1 << 29), "nvml_process": None, "rss": None} for i in range(60)),
+            {"type": "phase", "t": 0.5, "step": 1, "phase": "forward", "allocated": 1 << 30},
+            {"type": "summary", "result": "oom", "steps": 10, "steps_completed": 1, "predicted": predicted,
+             "measured": {"tensor_peak_bytes": 5 << 30, "device_peak_bytes": None, "label": "NVML"},
+             "error_pct": {"tensor_peak": -40.0, "device_peak": None},
+             "oom": {"at_bytes": 5 << 30, "after_step": 1, "phase": "backward"}},
+        ]
+        for message in stream:
+            panel.ingest(message)
+        await pilot.pause()
+        assert panel.state == "oom"
+        assert "OOM at 5.000 GiB after step 1" in str(app.query_one("#live-result").render())
+        assert panel.series.peak("nvml_used") == (19 << 27) + (1 << 29)
