@@ -180,3 +180,23 @@ def test_smaller_optimizers_hold_less_state(options):
 def test_offload_moves_optimizer_states_off_the_gpu_even_on_one_gpu():
     budget = estimate(TrainingConfig(model="llama-3.1-8b", offload="optimizer", zero=2))
     assert budget.model_states.optimizer_states == 0
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_ddp_keeps_a_bucket_copy_of_every_gradient_across_ranks(zero):
+    """PyTorch DDP (gradient_as_bucket_view=False) holds flat buckets the size of all gradients."""
+    single = estimate(TrainingConfig(model="llama-3.2-1b", zero=zero, gpus=1))
+    ranks = estimate(TrainingConfig(model="llama-3.2-1b", zero=zero, gpus=2))
+    gradient_bytes = single.model_states.gradients
+    assert ranks.model_states.gradients == gradient_bytes  # not part of the ZeRO paper's model states
+    if zero == 0:
+        assert ranks.tensor_peak_bytes - single.tensor_peak_bytes == pytest.approx(gradient_bytes, abs=512)
+    states = ranks.model_states  # a step starts with gradients set to None, the buckets still held
+    assert ranks.timeline[0].bytes == states.weights + states.optimizer_states + gradient_bytes
+
+
+def test_fsdp2_zero2_holds_the_shards_beside_the_gathered_weights():
+    budget = estimate(TrainingConfig(model="llama-3.2-1b", zero=2, gpus=4))
+    full_weights = estimate(TrainingConfig(model="llama-3.2-1b")).model_states.weights
+    assert budget.model_states.weights == full_weights  # the ZeRO paper's P_os+g keeps weights whole
+    assert budget.per_gpu.weights > full_weights + full_weights // 4  # plus the shards and an all-gather buffer

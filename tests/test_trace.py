@@ -87,3 +87,27 @@ def test_trace_cuda_without_a_gpu_is_a_one_line_error(capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "--device" in err and "Traceback" not in err
+
+
+def test_tracker_follows_storages_freed_and_regrown_in_place():
+    """FSDP2 frees unsharded parameters with storage.resize_(0): the tracker logs that as a free."""
+    import gc
+
+    import torch
+
+    from engine.trace.analysis import summarize
+    from engine.trace.tracker import MemoryTracker
+
+    tracker = MemoryTracker()
+    with tracker:
+        tensor = torch.empty(1024, dtype=torch.float32)
+        tracker.storage_resized(tensor)  # unchanged: nothing logged
+        tensor.untyped_storage().resize_(0)
+        tracker.storage_resized(tensor)
+        tensor.untyped_storage().resize_(4096)
+        tracker.storage_resized(tensor)
+        del tensor
+        gc.collect()
+    deltas = [event.delta for event in tracker.log.events]
+    assert deltas == [4096, -4096, 4096, -4096]  # the first allocation's free is not logged twice
+    assert summarize(tracker.log).peak_bytes == 4096

@@ -147,7 +147,11 @@ def estimate(
     gathered = 0  # ZeRO-3: the layer being computed and the one prefetched, unsharded
     if zero >= 3:
         weights = weights_full // dp
-        gathered = 2 * layer_weight_bytes
+        gathered = min(2, layout.layers) * layer_weight_bytes
+    elif zero == 2 and config.offload == "none":
+        # FSDP2 without resharding after forward: the 1/dp shards stay beside the gathered weights,
+        # and the last layer's all-gather buffer is held until the next all-gather.
+        gathered = weights_full // dp + layer_weight_bytes
     if config.offload == "optimizer+params":
         weights = 0
     gradients = grads_full
@@ -173,7 +177,10 @@ def estimate(
         step_temp += grads_full * 2 // (dp if zero >= 1 else 1)  # fp32 copies of the 16-bit grads
     if config.offload != "none":
         step_temp = 0
-    states_steady = weights
+    # PyTorch DDP (ZeRO-0/1 across ranks) copies every gradient into flat bucket buffers for the
+    # all-reduce and keeps them from the first backward on (gradient_as_bucket_view=False, the default).
+    ddp_buckets = grads_full if dp > 1 and zero <= 1 else 0
+    states_steady = weights + ddp_buckets
     weights = weights + gathered
     layer_grads = layout.largest_layer_params * param_bytes if not config.uses_lora else 0
 
@@ -194,8 +201,8 @@ def estimate(
         if not moment.is_simulated and (zero >= 3 or config.quant != "none"):
             copies = min(copies, 2 * layer_weight_bytes)
         moments.append((moment.phase, weights, gradients_on_gpu(moment.gradients), moment.activations + copies,
-                        moment.temporary + workspace))
-    moments.append(("optimizer", weights, gradients, 0, step_temp + workspace))
+                        moment.temporary + ddp_buckets + workspace))
+    moments.append(("optimizer", weights, gradients, 0, step_temp + ddp_buckets + workspace))
     phase_peaks: dict[str, int] = {}
     best, best_total = moments[0], -1
     for moment in moments:
@@ -207,7 +214,7 @@ def estimate(
     peak_phase = best[0]
     tensor_peak = _round512(best_total)
 
-    largest_block = max(max(moment[4] for moment in moments) - workspace, 0)
+    largest_block = max(max(moment[4] for moment in moments) - workspace - ddp_buckets, 0)
     reserved = reserved_from_allocated(tensor_peak, largest_block)
     context = cuda_context_bytes(gpu)
     overhead = context + (reserved - best_total)  # so that the components add up to the device peak

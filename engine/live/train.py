@@ -213,6 +213,7 @@ class TrainingRun:
             cpu_dropout,
             cpu_flash_sdpa,
             decoder_layers,
+            fsdp_storage_resizes,
             layer_state_bytes,
         )
         from engine.trace.cuda_autocast import cuda_like_autocast
@@ -242,6 +243,9 @@ class TrainingRun:
 
         attention = cpu_flash_sdpa() if cpu and config.attention == "flash" else contextlib.nullcontext()
         dropout = cpu_dropout() if cpu else contextlib.nullcontext()
+        resizes = contextlib.nullcontext()
+        if tracker is not None and self.distributed and config.zero >= 2:
+            resizes = fsdp_storage_resizes(tracker)
         from engine.trace.fake_step import _quiet
 
         try:
@@ -286,7 +290,7 @@ class TrainingRun:
                     tracker.track(_local(state), "optimizer_state")
             scaler = torch.amp.GradScaler("cpu" if cpu else "cuda") if config.precision == "16-mixed" else None
             probe = LayerProbe(layers, lambda: self._live_bytes() or 0, lambda: self.state.phase)
-            with attention, dropout, real_run_decisions(), (tracker if tracker is not None else contextlib.nullcontext()):
+            with attention, dropout, resizes, real_run_decisions(), (tracker if tracker is not None else contextlib.nullcontext()):
                 if tracker is not None:
                     tracker.mark("inputs")
                 input_ids, labels = synthetic_batch(spec, config, device=device)
@@ -387,6 +391,7 @@ class TrainingRun:
                 optimizer_ids |= {tracker.alloc_id_of(t) for t in extra if t is not None} - {None}
             classify(tracker.log, weights=weight_ids, gradients=gradients, optimizer=optimizer_ids, host=host_ids)
             analysis = summarize(tracker.log)
+            _dump_peak(analysis, self.rank)
             measured.update(components=analysis.breakdown, peak_phase=analysis.peak_phase, peak_step=analysis.peak_step,
                             tracked_tensor_peak_bytes=analysis.peak_bytes)
         if cpu:
@@ -444,6 +449,20 @@ class TrainingRun:
                 import torch.distributed as dist
 
                 dist.destroy_process_group()
+
+
+def _dump_peak(analysis: Any, rank: int) -> None:
+    """MEMTUI_DUMP_PEAK=path: write the tensors live at the measured peak (a developer's view of why)."""
+    path = os.environ.get("MEMTUI_DUMP_PEAK")
+    if not path or rank != 0:
+        return
+    import json
+
+    from engine.trace.analysis import allocations_at_event
+
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump({"peak_bytes": analysis.peak_bytes, "step": analysis.peak_step, "phase": analysis.peak_phase,
+                   "live": allocations_at_event(analysis.log, analysis.peak_event)}, file, indent=1)
 
 
 def _local(tensor: Any) -> Any:

@@ -29,6 +29,7 @@ class LogSummary:
     samples: list[tuple[int, int, str]]  # (event index, live bytes, phase), downsampled
     top_at_peak: list[Allocation]
     largest_allocation: int
+    log: MemoryLog | None = None
 
 
 def _phase_at(marks: list[tuple[int, int, str]]):
@@ -97,4 +98,21 @@ def summarize(log: MemoryLog, *, max_samples: int = 400) -> LogSummary:
         samples=samples,
         top_at_peak=top,
         largest_allocation=largest,
+        log=log,
     )
+
+
+def allocations_at_event(log: MemoryLog, event_index: int) -> list[dict]:
+    """The device allocations live just after `event_index`, largest first, as plain dicts."""
+    alive: dict[int, Allocation] = {}
+    for event in log.events[: event_index + 1]:
+        alloc = log.allocations[event.alloc_id]
+        if alloc.host:
+            continue
+        if event.delta > 0:
+            alive[event.alloc_id] = alloc
+        else:
+            alive.pop(event.alloc_id, None)
+    return [{"id": a.alloc_id, "bytes": a.nbytes, "category": a.category, "op": a.op, "phase": a.phase,
+             "step": a.step, "shape": list(a.shape), "dtype": a.dtype, "module": a.module}
+            for a in sorted(alive.values(), key=lambda a: a.nbytes, reverse=True)]

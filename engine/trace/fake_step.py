@@ -44,6 +44,11 @@ def optimizer_state_tensors(optimizer) -> tuple[list[torch.Tensor], list[torch.T
                 host_states.append(value)
             else:
                 device_states.append(value)
+    inner = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer keeps this rank's states in `optim`
+    if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
+        inner_device, inner_host = optimizer_state_tensors(inner)
+        device_states += inner_device
+        host_states += inner_host
     extra = getattr(optimizer, "memtui_state_tensors", None)
     if extra is not None:
         inner_device, inner_host = extra()

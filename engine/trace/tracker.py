@@ -64,6 +64,7 @@ class MemoryTracker(TorchDispatchMode):
         self.step = 0
         self.module = ""
         self._finalizers: list[weakref.finalize] = []
+        self._released: set[int] = set()
 
     # ---- phases -------------------------------------------------------------
     def mark(self, phase: str) -> None:
@@ -72,6 +73,11 @@ class MemoryTracker(TorchDispatchMode):
 
     # ---- allocations ----------------------------------------------------------
     def track(self, tensor: torch.Tensor, op: str = "external") -> int | None:
+        # A DTensor (FSDP2's parameters, gradients, optimizer states) is a wrapper: its bytes are this
+        # rank's local tensor, allocated inside DTensor's own dispatch where this mode does not look.
+        local = getattr(tensor, "_local_tensor", None)
+        if isinstance(local, torch.Tensor):
+            tensor = local
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
             return None
         storage = tensor.untyped_storage()
@@ -94,12 +100,33 @@ class MemoryTracker(TorchDispatchMode):
         self._finalizers.append(weakref.finalize(storage, self._freed, key, alloc_id, nbytes))
         return alloc_id
 
-    def _freed(self, key: int, alloc_id: int, nbytes: int) -> None:
+    def _freed(self, key: int, alloc_id: int, nbytes: int) -> bool:
+        """Log a free once (a storage shrunk in place and later collected reports twice); True if logged."""
+        if alloc_id in self._released:
+            return False
+        self._released.add(alloc_id)
         if self._by_storage.get(key) == alloc_id:
             del self._by_storage[key]
         self.log.events.append(Event(alloc_id, -nbytes))
+        return True
+
+    def storage_resized(self, tensor: torch.Tensor, op: str = "resize_storage") -> None:
+        """A storage freed or re-allocated in place (`untyped_storage().resize_`), which no dispatch shows.
+
+        FSDP2 frees each unsharded parameter this way after use and grows it again at the next all-gather.
+        """
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        existing = self._by_storage.get(key)
+        if existing is not None and storage.nbytes() != self.log.allocations[existing].raw_bytes:
+            self._freed(key, existing, self.log.allocations[existing].nbytes)
+        if storage.nbytes() > 0:
+            self.track(tensor, op)
 
     def alloc_id_of(self, tensor: torch.Tensor) -> int | None:
+        local = getattr(tensor, "_local_tensor", None)
+        if isinstance(local, torch.Tensor):
+            tensor = local
         return self._by_storage.get(id(tensor.untyped_storage()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
