@@ -71,16 +71,7 @@ def summarize(log: MemoryLog, *, max_samples: int = 400) -> LogSummary:
             peak, peak_event, peak_step, peak_phase = live, index, step, phase
         raw_samples.append((index, live, f"{step}:{phase}"))
 
-    # Replay to the peak for the breakdown and the largest live tensors.
-    alive: dict[int, Allocation] = {}
-    for event in log.events[: peak_event + 1]:
-        alloc = allocations[event.alloc_id]
-        if alloc.host:
-            continue
-        if event.delta > 0:
-            alive[event.alloc_id] = alloc
-        else:
-            alive.pop(event.alloc_id, None)
+    alive = _alive_after(log, peak_event)  # the breakdown and the largest live tensors at the peak
     breakdown = {name: 0 for name in TENSOR_COMPONENTS}
     for alloc in alive.values():
         breakdown[alloc.category] = breakdown.get(alloc.category, 0) + alloc.nbytes
@@ -102,8 +93,8 @@ def summarize(log: MemoryLog, *, max_samples: int = 400) -> LogSummary:
     )
 
 
-def allocations_at_event(log: MemoryLog, event_index: int) -> list[dict]:
-    """The device allocations live just after `event_index`, largest first, as plain dicts."""
+def _alive_after(log: MemoryLog, event_index: int) -> dict[int, Allocation]:
+    """Replay the log: the device allocations live just after `event_index`."""
     alive: dict[int, Allocation] = {}
     for event in log.events[: event_index + 1]:
         alloc = log.allocations[event.alloc_id]
@@ -113,6 +104,12 @@ def allocations_at_event(log: MemoryLog, event_index: int) -> list[dict]:
             alive[event.alloc_id] = alloc
         else:
             alive.pop(event.alloc_id, None)
+    return alive
+
+
+def allocations_at_event(log: MemoryLog, event_index: int) -> list[dict]:
+    """The device allocations live just after `event_index`, largest first, as plain dicts."""
+    alive = _alive_after(log, event_index)
     return [{"id": a.alloc_id, "bytes": a.nbytes, "category": a.category, "op": a.op, "phase": a.phase,
              "step": a.step, "shape": list(a.shape), "dtype": a.dtype, "module": a.module}
             for a in sorted(alive.values(), key=lambda a: a.nbytes, reverse=True)]
