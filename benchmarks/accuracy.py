@@ -42,6 +42,13 @@ MATRIX: list[dict] = [
     {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 4, "seq_len": 2048, "optimizer_impl": "for-loop"},
     {"model": "llama-3.2-1b", "precision": "32-true", "batch_size": 2, "seq_len": 1024, "optimizer": "sgd"},
     {"model": "llama-3.2-1b", "precision": "32-true", "batch_size": 2, "seq_len": 1024, "optimizer": "sgd-momentum"},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "optimizer": "adafactor"},
+    {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 1024, "optimizer": "adafactor", "optimizer_impl": "for-loop"},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "optimizer": "lion"},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "optimizer": "galore-adamw"},
+    {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 1024, "optimizer": "galore-adamw", "galore_rank": 64},
+    {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 1024, "master_weights": True},
+    {"model": "llama-3.2-1b", "precision": "16-true", "batch_size": 2, "seq_len": 1024, "master_weights": True, "optimizer_impl": "fused"},
     {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 8, "seq_len": 1024, "attention": "eager"},
     {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 8, "seq_len": 1024, "checkpointing": "full"},
     {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192, "checkpointing": "full"},
@@ -96,9 +103,10 @@ _ACTIVATION_PHASES = ("forward", "loss", "backward")
 
 
 RANDOM_CHOICES = {
-    "model": ["gpt2", "qwen2.5-0.5b", "llama-3.2-1b", "llama-3.2-3b", "phi-3-mini", "qwen2.5-7b", "mistral-7b", "llama-3.1-8b"],
+    "model": ["gpt2", "qwen2.5-0.5b", "llama-3.2-1b", "llama-3.2-3b", "phi-3-mini", "qwen2.5-7b", "mistral-7b", "llama-3.1-8b",
+              "gemma-2-9b"],
     "precision": ["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"],
-    "optimizer": ["adamw", "adamw", "sgd", "sgd-momentum", "lion", "adamw-8bit"],
+    "optimizer": ["adamw", "adamw", "sgd", "sgd-momentum", "lion", "adamw-8bit", "adafactor", "galore-adamw"],
     "optimizer_impl": ["foreach", "fused", "for-loop"],
     "checkpointing": ["none", "selective", "full"],
     "attention": ["eager", "flash"],
@@ -122,7 +130,9 @@ def random_rows(count: int, seed: int) -> list[dict]:
         row = {key: rng.choice(values) for key, values in RANDOM_CHOICES.items() if key not in ("lora", "quant")}
         if row["model"] == "gpt2":
             row["seq_len"] = min(row["seq_len"], 1024)
-        big = row["model"] in ("qwen2.5-7b", "mistral-7b", "llama-3.1-8b")
+        if row["precision"] in ("16-true", "bf16-true") and rng.random() < 0.3:
+            row["master_weights"] = True
+        big = row["model"] in ("qwen2.5-7b", "mistral-7b", "llama-3.1-8b", "gemma-2-9b")
         if big and row["attention"] == "eager":
             row["seq_len"] = min(row["seq_len"], 2048)
         if row["batch_size"] * row["seq_len"] > 32768:
@@ -145,7 +155,8 @@ def random_rows(count: int, seed: int) -> list[dict]:
 
 
 def label(row: dict) -> str:
-    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in row.items())
+    return " ".join(f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}")
+                    for key, value in row.items() if value is not False)
 
 
 def measure(row: dict) -> dict:

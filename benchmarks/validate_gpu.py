@@ -173,8 +173,11 @@ def write_section(path: Path, device: str, body: str) -> None:
 
 def _git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                             check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=ROOT, check=True).stdout.strip()
+        return f"{rev}-dirty" if changed else rev  # measured with uncommitted changes: say so
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

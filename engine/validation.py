@@ -65,6 +65,9 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+UNFUSED_OPTIMIZERS = ("adafactor", "lion", "galore-adamw")  # no fused kernel: `fused` runs as for-loop
+
+
 def check_config(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> list[str]:
     """Raise InputError for impossible combinations; return notes for questionable ones."""
     notes: list[str] = []
@@ -115,6 +118,8 @@ def check_config(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> list
         raise InputError("--offload", "offloading runs through ZeRO; set --zero 1, 2 or 3", "none")
     if config.zero and config.tp * config.pp == config.gpus and config.gpus == 1:
         notes.append("ZeRO shards across data-parallel ranks; with one GPU it changes nothing.")
+    if config.optimizer_impl == "fused" and config.optimizer in UNFUSED_OPTIMIZERS:
+        notes.append(f"{config.optimizer} has no fused kernel: it steps one tensor at a time (for-loop).")
     if model.positions == "learned" and config.seq_len > model.max_position_embeddings:
         raise InputError("--seq-len", f"{model.id} has {model.max_position_embeddings} learned positions",
                          f"1..{model.max_position_embeddings}")
@@ -130,4 +135,7 @@ def check_config(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> list
         if config.quant != "none":
             notes.append(f"{config.quant}: bitsandbytes quantizes nn.Linear layers only; the experts' stacked "
                          "weights stay 16-bit (as transformers loads them).")
+    if config.quant != "none" and model.family == "gpt2":
+        notes.append(f"{config.quant}: GPT-2's layers are Conv1D, not nn.Linear, so bitsandbytes quantizes none "
+                     "of them; the weights stay 16-bit.")
     return notes

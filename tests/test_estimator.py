@@ -166,7 +166,10 @@ def test_lora_and_quantization_shrink_what_they_target(options, rank):
     if options["precision"] != "32-true":
         nf4 = estimate(config(options, lora_rank=rank, lora_targets="all-linear", quant="nf4"))
         int8 = estimate(config(options, lora_rank=rank, lora_targets="all-linear", quant="int8"))
-        assert nf4.model_states.weights < int8.model_states.weights < lora.model_states.weights
+        if options["model"] == "gpt2":  # Conv1D layers: bitsandbytes quantizes none of them
+            assert nf4.model_states.weights == int8.model_states.weights == lora.model_states.weights
+        else:
+            assert nf4.model_states.weights < int8.model_states.weights < lora.model_states.weights
 
 
 @PROPERTY_SETTINGS
@@ -200,3 +203,19 @@ def test_fsdp2_zero2_holds_the_shards_beside_the_gathered_weights():
     full_weights = estimate(TrainingConfig(model="llama-3.2-1b")).model_states.weights
     assert budget.model_states.weights == full_weights  # the ZeRO paper's P_os+g keeps weights whole
     assert budget.per_gpu.weights > full_weights + full_weights // 4  # plus the shards and an all-gather buffer
+
+
+def test_gpt2_conv1d_layers_are_not_quantized_and_the_budget_says_so():
+    """bitsandbytes converts nn.Linear only; GPT-2's projections are Conv1D (the tracer agrees)."""
+    options = dict(model="gpt2", seq_len=1024, precision="bf16-true", lora_rank=8, lora_targets="all-linear")
+    plain = estimate(TrainingConfig(**options))
+    nf4 = estimate(TrainingConfig(**options, quant="nf4"))
+    assert nf4.tensor_peak_bytes == plain.tensor_peak_bytes
+    assert nf4.config["quant"] == "nf4" and any("Conv1D" in note for note in nf4.notes)
+
+
+def test_optimizers_without_a_fused_kernel_are_modelled_as_their_loop():
+    loop = estimate(TrainingConfig(model="llama-3.2-1b", optimizer="adafactor", optimizer_impl="for-loop"))
+    fused = estimate(TrainingConfig(model="llama-3.2-1b", optimizer="adafactor", optimizer_impl="fused"))
+    assert fused.tensor_peak_bytes == loop.tensor_peak_bytes
+    assert any("no fused kernel" in note for note in fused.notes)

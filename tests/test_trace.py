@@ -52,6 +52,12 @@ ESTIMATE_VS_TRACE = [
     dict(model="qwen2.5-0.5b", precision="bf16-true", batch_size=4, seq_len=256, checkpointing="full", attention="eager"),
     dict(model="llama-3.2-1b", precision="bf16-true", batch_size=1, seq_len=512, lora_rank=8, quant="nf4"),
     dict(model="llama-3.2-1b", precision="32-true", batch_size=1, seq_len=256, optimizer="sgd-momentum", optimizer_impl="for-loop"),
+    dict(model="qwen2.5-0.5b", precision="bf16-mixed", batch_size=1, seq_len=128, optimizer="adafactor"),
+    dict(model="qwen2.5-0.5b", precision="bf16-mixed", batch_size=1, seq_len=128, optimizer="galore-adamw"),
+    dict(model="qwen2.5-0.5b", precision="bf16-true", batch_size=1, seq_len=128, master_weights=True),
+    dict(model="gpt2", precision="16-true", batch_size=4, seq_len=512, checkpointing="full", lora_rank=8,
+         lora_targets="all-linear"),
+    dict(model="gpt2", precision="bf16-true", batch_size=3, seq_len=512, attention="eager"),
 ]
 
 

@@ -40,7 +40,7 @@ from engine.specs import (
     TimelinePoint,
     TrainingConfig,
 )
-from engine.validation import check_config
+from engine.validation import check_config, resolve_lora_targets
 
 __all__ = ["estimate"]
 
@@ -97,23 +97,30 @@ def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: Par
     """(state bytes on this GPU before sharding, one state over the largest group for temporaries)."""
     param_bytes = config.weight_bytes
     trainable = layout.trainable_params
-    if config.optimizer == "adafactor" and not config.uses_lora:
-        shapes = [(lin.out_features * lin.experts, lin.in_features) for lin in model.linears] * layout.layers
-        shapes.append((model.vocab_size, model.hidden_size))
-        if not model.tie_word_embeddings:
+    if config.optimizer == "adafactor":
+        if config.uses_lora:  # the adapters: A is r x in, B is out x r, every one a matrix
+            rank = config.lora_rank
+            shapes = [shape for name in resolve_lora_targets(config, model)
+                      for shape in ((rank, model.linear(name).in_features // config.tp),
+                                    (model.linear(name).out_features // config.tp, rank))] * layout.layers
+        else:
+            shapes = [(lin.out_features * lin.experts, lin.in_features) for lin in model.linears] * layout.layers
             shapes.append((model.vocab_size, model.hidden_size))
+            if not model.tie_word_embeddings:
+                shapes.append((model.vocab_size, model.hidden_size))
         matrix_params = sum(r * c for r, c in shapes)
         state_values = adafactor_state_params(shapes, max(trainable - matrix_params, 0))
-        dtype = 4 if config.master_weights else param_bytes
+        dtype = 4 if config.master_weights else trainable_bytes(config)
         master = 4 * trainable if config.master_weights else 0
-        return state_values * dtype + master, state_values * dtype
+        # The foreach step builds a full-size variance estimate for every matrix of the group at once.
+        return state_values * dtype + master, matrix_params * dtype
     if config.optimizer == "galore-adamw":
         shapes = [(lin.out_features * lin.experts, lin.in_features) for lin in model.linears] * layout.layers
         projected = sum(r * c for r, c in shapes)
-        states, projectors = galore_state_params(shapes, config.galore_rank)
-        dtype = 4 if config.master_weights else param_bytes
+        dtype = 4 if config.master_weights else param_bytes  # the gradients the projector is made from
+        states, projectors = galore_state_params(shapes, config.galore_rank, keeps_full_factor=dtype == 4)
         rest = max(trainable - projected, 0)
-        total = (states + 2 * rest) * dtype + projectors * param_bytes
+        total = (states + 2 * rest + projectors) * dtype
         if config.master_weights:
             total += 4 * trainable
         return total, (states // 2 + rest) * dtype
@@ -130,6 +137,9 @@ def estimate(
     model = model or resolve_model(config.model)
     gpu = gpu or resolve_gpu(config.gpu)
     notes = check_config(config, model, gpu)
+    requested = config
+    if config.quant != "none" and model.family == "gpt2":
+        config = config.model_copy(update={"quant": "none"})  # Conv1D: bitsandbytes converts nothing (see notes)
     layout = _layout(config, model)
     dp = config.dp
     zero = config.zero if dp > 1 else 0
@@ -229,7 +239,7 @@ def estimate(
     return Budget(
         model=ModelSummary(id=model.id, params=total_params, trainable_params=trainable_params_total(config, model)),
         gpu=GpuSummary(id=gpu.id, memory_bytes=gpu.memory_bytes),
-        config=config.model_dump(),
+        config=requested.model_dump(),
         model_states=states,
         per_gpu=per_gpu,
         tensor_peak_bytes=tensor_peak,

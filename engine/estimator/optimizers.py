@@ -47,19 +47,21 @@ def adafactor_state_params(shapes: list[tuple[int, int]], vector_params: int) ->
     return sum(rows + cols for rows, cols in shapes) + vector_params
 
 
-def galore_state_params(shapes: list[tuple[int, int]], rank: int) -> tuple[int, int]:
+def galore_state_params(shapes: list[tuple[int, int]], rank: int, keeps_full_factor: bool = False) -> tuple[int, int]:
     """(Adam state values, projector values) for GaLore over the given matrices.
 
     GaLore projects each m x n gradient onto its shorter side: the low-rank
     gradient is max(m, n) x r, and so are both Adam moments; the projector is
-    min(m, n) x r.
+    min(m, n) x r. galore-torch slices the projector out of the SVD's factor, and
+    when no dtype cast copies it (fp32 gradients) the slice keeps the whole
+    min(m, n) x min(m, n) factor alive: `keeps_full_factor`.
     """
     states = 0
     projectors = 0
     for rows, cols in shapes:
         r = min(rank, rows, cols)
         states += 2 * max(rows, cols) * r
-        projectors += min(rows, cols) * r
+        projectors += min(rows, cols) * (min(rows, cols) if keeps_full_factor else r)
     return states, projectors
 
 
@@ -78,7 +80,11 @@ def step_temp_bytes(
         return 0
     if optimizer == "adamw-8bit":
         return 0  # bitsandbytes' kernels update in place
-    if impl == "fused":
+    if optimizer == "galore-adamw":
+        # A loop over tensors whatever the implementation; the largest (plain AdamW) tensor holds its
+        # denominator, the bias-corrected moment and the update at once.
+        return 3 * largest_tensor_state_bytes
+    if impl == "fused" and optimizer not in ("adafactor", "lion"):  # these have no fused kernel: a for-loop
         return 0
     if impl == "foreach":
         if optimizer in ("adamw", "galore-adamw"):
@@ -86,6 +92,8 @@ def step_temp_bytes(
         if optimizer == "lion":
             return group_state_bytes
         if optimizer == "adafactor":
-            return 2 * group_state_bytes
+            return group_state_bytes
+    if optimizer == "adafactor":
+        return largest_tensor_state_bytes  # one variance estimate, updated in place into the step
     # for-loop: two temporaries of the largest tensor at once
     return 2 * largest_tensor_state_bytes

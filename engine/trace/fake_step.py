@@ -104,6 +104,8 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
             # parameter. Its foreach twin updates in place too, allocating exactly the same (nothing).
             optimizer_config = config.model_copy(update={"optimizer_impl": "foreach"})
         optimizer = build_optimizer(model, optimizer_config, device_type="cuda")
+        for state in optimizer_state_tensors(optimizer)[0]:
+            tracker.track(state, "optimizer_state")  # made with the optimizer (master copies), before the step
         scaler = None
         if config.precision == "16-mixed":
             scaler = torch.amp.GradScaler("cpu")

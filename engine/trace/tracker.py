@@ -130,6 +130,10 @@ class MemoryTracker(TorchDispatchMode):
         return self._by_storage.get(id(tensor.untyped_storage()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
+            # `.item()` on a fake tensor has no value (Adafactor reads norms and steps this way): any
+            # number will do, since no allocation the step makes depends on it.
+            return _placeholder_scalar(args[0].dtype)
         out = func(*args, **(kwargs or {}))
         name = func.__name__ if hasattr(func, "__name__") else str(func)
         for value in tree_flatten(out)[0]:
@@ -142,6 +146,18 @@ class MemoryTracker(TorchDispatchMode):
         for finalizer in self._finalizers:
             finalizer.detach()
         self._finalizers.clear()
+
+
+def _is_fake(tensor: object) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
+
+
+def _placeholder_scalar(dtype: torch.dtype) -> bool | int | float:
+    if dtype == torch.bool:
+        return True
+    return 1.0 if dtype.is_floating_point or dtype.is_complex else 1
 
 
 def classify(log: MemoryLog, *, weights: set[int], gradients: set[int], optimizer: set[int], host: set[int]) -> None:

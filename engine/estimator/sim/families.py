@@ -53,6 +53,7 @@ class Options:
     window_mask: bool = False  # SDPA gets an explicit sliding-window mask (sequence longer than the window)
     attention_softcap: bool = False  # Gemma-2: tanh soft-capping of the attention scores (eager)
     logit_softcap: bool = False  # Gemma-2: tanh soft-capping of the logits
+    eager_softmax_f32: bool = True  # softmax(..., dtype=float32) in eager attention; GPT-2 keeps the input dtype
 
 
 @dataclass
@@ -330,7 +331,7 @@ def eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Op
         scaled = softcap(sim, scaled)
     masked = ops.add(sim, scaled, sim.causal_mask)  # type: ignore[attr-defined]
     sim.drop(scaled)
-    probs = ops.softmax(sim, masked, "f32")
+    probs = ops.softmax(sim, masked, "f32" if opts.eager_softmax_f32 else None)
     sim.drop(masked)
     probs_c = ops.cast(sim, probs, q.dtype)  # .to(query.dtype)
     sim.drop(probs)

@@ -89,6 +89,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         mlp_bias=any(linear.name in ("gate_proj", "down_proj") and linear.bias for linear in spec.linears),
         attention_dropout=float(spec.config.get("attn_pdrop", spec.config.get("attention_dropout", 0.0)) or 0.0) if gpt2 else 0.0,
         residual_dropout=float(spec.config.get("resid_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
+        eager_softmax_f32=not gpt2,
         embedding_dropout=float(spec.config.get("embd_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
         batched=config.batch_size > 1 and spec.family == "phi3",  # only Phi-3 depends on it (keeps the cache small)
         window_mask=_window_mask(config, spec),
@@ -152,6 +153,13 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
 
     sim.set_segment("embed_fwd")
     x = ops.embedding(sim, embed, ids, d.hidden)
+    if opts.lora_rank > 0 and opts.checkpointing == "full":
+        # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
+        # embedding's output requires grad, so what follows it (GPT-2's dropout) saves for backward.
+        x.requires_grad = True
+        input_leaf = sim.ref(x)  # a leaf that requires grad: autograd's graph holds it until backward is done
+    else:
+        input_leaf = None
     if gpt2:
         # GPT2Model: wte(ids) + wpe(arange(s)), then the embedding dropout.
         position_ids = sim.new(per_position(1), "i64", name="position_ids")
@@ -213,6 +221,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
     sim.segment_of_node = _BACKWARD_OF
     sim.run_backward(loss)
     sim.drop(loss)
+    if input_leaf is not None:
+        sim.drop(input_leaf)
     sim.set_segment("end")
     sim.finish()
     return sim
