@@ -146,3 +146,18 @@ def test_a_killed_holder_releases_the_lock(tmp_path):
         if child.poll() is None:
             child.kill()
             child.wait(5)
+
+
+def test_summary_gives_no_percent_error_for_a_negligible_component():
+    from engine.live.compare import build_summary
+
+    plan = make_plan(TrainingConfig(model="llama-3.2-1b"), LiveOptions(device="cpu", layers=1, width=128, vocab=1024,
+                                                                        seq_len=64, steps=2), CPU)
+    peak = plan.predicted_tensor_peak
+    components = dict(plan.predicted_components)
+    components.pop("overhead", None)
+    components["activations"] = 2048  # a few KiB measured where none were predicted at the peak
+    measured = {"tensor_peak_bytes": peak, "device_peak_bytes": None, "components": components, "label": "CPU RSS"}
+    summary = build_summary(plan, measured, result="completed", steps_completed=2, seconds=1.0, device={})
+    errors = summary["error_pct"]["components"]
+    assert errors["weights"] == 0.0 and errors["activations"] is None

@@ -96,8 +96,12 @@ def build_summary(
     comparable = result == "completed"
     components_error = {}
     measured_components = measured.get("components") or {}
+    # A component under 1% of the peak on both sides (a few KiB of activations) has no meaningful % error.
+    negligible = 0.01 * (measured.get("tensor_peak_bytes") or 0)
     for name, value in measured_components.items():
-        components_error[name] = error_pct(predicted["components"].get(name), value) if comparable else None
+        expected = predicted["components"].get(name)
+        tiny = max(expected or 0, value or 0) < negligible
+        components_error[name] = error_pct(expected, value) if comparable and not tiny else None
     return {
         "type": "summary",
         "result": result,
