@@ -95,3 +95,42 @@ async def test_panel_shows_an_oom_result_from_the_stream():
         assert panel.state == "oom"
         assert "OOM at 5.000 GiB after step 1" in str(app.query_one("#live-result").render())
         assert panel.series.peak("nvml_used") == (19 << 27) + (1 << 29)
+
+
+async def test_shift_r_sets_the_runs_device_steps_and_size_refusing_bad_values():
+    from textual.widgets import Input, Select
+
+    from tui.screens.live_settings import LiveSettingsScreen
+
+    app = MemtuiApp(gpu_detector=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.result is not None and app.query("#opt-model"), 10)
+        app.apply_preset("model", "llama-3.2-1b")
+        app.set_focus(None)
+        await pilot.press("R")
+        assert isinstance(app.screen, LiveSettingsScreen)
+        screen = app.screen
+        screen.query_one("#live-device", Select).value = "cpu"
+        screen.query_one("#live-steps", Input).value = "0"
+        screen.query_one("#live-layers", Input).value = "1"
+        screen.query_one("#live-width", Input).value = "256"
+        screen.query_one("#live-steps", Input).focus()
+        await pilot.press("enter")
+        error = str(screen.query_one("#live-settings-error").render())
+        assert app.screen is screen and "Steps: 0 is out of range (allowed: 1..1000, or empty)" in error
+
+        screen.query_one("#live-steps", Input).value = "40"
+        await pilot.press("enter")
+        panel = app.query_one(LivePanel)
+        assert not isinstance(app.screen, LiveSettingsScreen) and panel.running
+        assert (panel.options.device, panel.options.steps, panel.options.layers, panel.options.width) == ("cpu", 40, 1, 256)
+        await until(pilot, lambda: bool(panel.plan), 60)
+        assert panel.plan["scaled_model"]["layers"] == 1 and panel.plan["scaled_model"]["hidden_size"] == 256
+        await pilot.press("s")
+        await until(pilot, lambda: not panel.running, 5)
+
+        await pilot.press("R")  # the form remembers the last values; Escape leaves without running
+        assert app.screen.query_one("#live-steps", Input).value == "40"
+        await pilot.press("escape")
+        assert not isinstance(app.screen, LiveSettingsScreen) and not panel.running
+    assert not children()

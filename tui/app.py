@@ -93,6 +93,8 @@ class MemtuiApp(App[None]):
         Binding("q", "quit", "Quit", tooltip="Leave memtui"),
         Binding("r", "live_run", "Live run",
                 tooltip="Train a scaled-down copy of this configuration for real, measured beside its prediction"),
+        Binding("R", "live_settings", "Live settings", show=False,
+                tooltip="Set the live run's device, steps and the copy's size, then run it"),
         Binding("s", "stop_run", "Stop run", tooltip="Stop the live run; its worker process ends within two seconds"),
         Binding("b", "show_budget", "Budget", tooltip="Back to the budget (a live run goes on)"),
     ]
@@ -106,6 +108,7 @@ class MemtuiApp(App[None]):
         self.result: PlanResult | None = None
         self._gpu_chosen_by_user = False
         self.last_export = None  # engine.export.ExportPaths of the latest export
+        self.live_settings = None  # tui.screens.live_settings.LiveSettings from R; None: automatic
         self.fit_suggestion: tuple[Any, Any] | None = None  # (config, engine.fit.Suggestion) for the hint
         self._fit_timer: Timer | None = None
         self._ladder_changed_key: str | None = None  # the edit the ladder being built should highlight
@@ -431,15 +434,42 @@ class MemtuiApp(App[None]):
         self.theme = LIGHT_THEME if self.current_theme.dark else DARK_THEME
 
     # ---- the live run (tui/live) ---------------------------------------------------
-    def action_live_run(self) -> None:
+    def _live_config(self):
+        """The configuration a live run would train, or None (with a notice) while an input is invalid."""
         result = self.result
         if result is None or result.config is None or result.stale:
             self.notify("Fix the highlighted input first: a live run is for a valid configuration.",
                         severity="warning", title="Live run")
+            return None
+        return result.config
+
+    def action_live_run(self) -> None:
+        config = self._live_config()
+        if config is None:
             return
         self.show_panel("live-panel")
-        self.query_one(LivePanel).start_run(result.config)
+        self.query_one(LivePanel).start_run(config)
         self.refresh_bindings()
+
+    def action_live_settings(self) -> None:
+        from tui.screens.live_settings import LiveSettingsScreen
+
+        if self._live_config() is None or self.query_one(LivePanel).running:
+            if self.query_one(LivePanel).running:
+                self.notify("A live run is going; press s to stop it first.", severity="warning", title="Live run")
+            return
+        self.push_screen(LiveSettingsScreen(self.live_settings), self._apply_live_settings)
+
+    def _apply_live_settings(self, settings) -> None:
+        if settings is None:
+            return
+        from engine.live.plan import LiveOptions
+
+        self.live_settings = settings
+        self.query_one(LivePanel).options = LiveOptions(
+            device=settings.device, steps=settings.steps, layers=settings.layers, width=settings.width,
+            if_unsupported="skip")
+        self.action_live_run()
 
     def action_stop_run(self) -> None:
         self.query_one(LivePanel).stop_run()

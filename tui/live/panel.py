@@ -69,8 +69,8 @@ class LivePanel(Vertical):
         self.border_title = "Live run"
 
     def compose(self) -> ComposeResult:
-        yield Static("Press r to train a scaled-down copy of this configuration and measure it; s stops it, "
-                     "b shows the budget.",
+        yield Static("Press r to train a scaled-down copy of this configuration and measure it (R sets the "
+                     "device, steps and size); s stops it, b shows the budget.",
                      id="live-status")
         yield MemoryChart(id="live-chart")
         with Horizontal(id="live-progress-row"):
