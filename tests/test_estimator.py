@@ -219,3 +219,14 @@ def test_optimizers_without_a_fused_kernel_are_modelled_as_their_loop():
     fused = estimate(TrainingConfig(model="llama-3.2-1b", optimizer="adafactor", optimizer_impl="fused"))
     assert fused.tensor_peak_bytes == loop.tensor_peak_bytes
     assert any("no fused kernel" in note for note in fused.notes)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_fsdp2_steps_the_optimizer_on_shards_alone(zero):
+    """After backward FSDP2 frees the gathered weights: the optimizer moment holds 1/dp of them."""
+    budget = estimate(TrainingConfig(model="llama-3.2-1b", zero=zero, gpus=4, optimizer="adamw", optimizer_impl="for-loop",
+                                     seq_len=128))
+    full_weights = estimate(TrainingConfig(model="llama-3.2-1b")).model_states.weights
+    optimizer_moment = next(point.bytes for point in budget.timeline if point.phase == "optimizer")
+    states = budget.model_states
+    assert optimizer_moment < full_weights // 4 + states.gradients + states.optimizer_states + full_weights // 2

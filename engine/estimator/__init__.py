@@ -212,7 +212,9 @@ def estimate(
             copies = min(copies, 2 * layer_weight_bytes)
         moments.append((moment.phase, weights, gradients_on_gpu(moment.gradients), moment.activations + copies,
                         moment.temporary + ddp_buckets + workspace))
-    moments.append(("optimizer", weights, gradients, 0, step_temp + ddp_buckets + workspace))
+    # FSDP2 frees the gathered weights after backward: the optimizer steps the 1/dp shards alone.
+    optimizer_weights = weights_full // dp if zero >= 2 and config.offload == "none" else states_steady - ddp_buckets
+    moments.append(("optimizer", optimizer_weights, gradients, 0, step_temp + ddp_buckets + workspace))
     phase_peaks: dict[str, int] = {}
     best, best_total = moments[0], -1
     for moment in moments:
