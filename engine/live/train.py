@@ -118,6 +118,12 @@ class TrainingRun:
         with _quiet():
             import engine.build  # noqa: F401 - imports transformers: part of the runtime measured below
             import engine.trace.hf_patches  # noqa: F401
+        if self.kind == "cuda" and not torch.cuda.is_available():
+            # NVML could not tell (no driver, WSL): torch is the last word, and this is the user's choice to fix.
+            self.stop_sampling()
+            self.out({"type": "refused", "reason": "--device: cuda was asked for but torch sees no CUDA device "
+                                                   "here (allowed: auto, cpu)"})
+            return 2
         if self.world > 1:
             self._init_distributed(torch)
         local, device_count = self._setup_device(torch)
