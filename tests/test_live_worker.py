@@ -115,6 +115,17 @@ def test_bad_input_is_one_line_and_exit_2():
     assert result.returncode == 2 and "--if-unsupported skip" in result.stderr
 
 
+def test_cuda_asked_for_where_torch_has_none_is_refused_naming_the_flag():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = memtui("run", *TINY[:2], "--device", "cuda", "--steps", "1", "--json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("memtui: error: --device: cuda was asked for but torch sees no "
+                                                      "CUDA device here (allowed: auto, cpu)")
+
+
 def test_cancel_ends_the_worker_within_two_seconds_and_frees_the_lock():
     config = TrainingConfig(model="llama-3.2-1b")
     worker = WorkerProcess(config, LiveOptions(**TINY_OPTIONS, steps=1000), device_kind="cpu").start()
