@@ -175,6 +175,8 @@ def estimate(
         if zero >= 2:
             gradients = 0  # ZeRO-Offload streams gradients to the CPU as they are reduced
     states = ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer_states)
+    # What stays between steps and through the optimizer step: FSDP2 frees gathered weights after backward.
+    resting_weights = weights_full // dp if zero == 2 and config.offload == "none" else weights
 
     # ---- the step's moments ---------------------------------------------
     workspace = cublas_workspace_bytes(gpu)
@@ -190,8 +192,8 @@ def estimate(
     # PyTorch DDP (ZeRO-0/1 across ranks) copies every gradient into flat bucket buffers for the
     # all-reduce and keeps them from the first backward on (gradient_as_bucket_view=False, the default).
     ddp_buckets = grads_full if dp > 1 and zero <= 1 else 0
-    states_steady = weights + ddp_buckets
-    weights = weights + gathered
+    states_steady = resting_weights + ddp_buckets
+    weights = weights + gathered  # through forward and backward
     layer_grads = layout.largest_layer_params * param_bytes if not config.uses_lora else 0
 
     def gradients_on_gpu(unsharded: int) -> int:
@@ -212,9 +214,7 @@ def estimate(
             copies = min(copies, 2 * layer_weight_bytes)
         moments.append((moment.phase, weights, gradients_on_gpu(moment.gradients), moment.activations + copies,
                         moment.temporary + ddp_buckets + workspace))
-    # FSDP2 frees the gathered weights after backward: the optimizer steps the 1/dp shards alone.
-    optimizer_weights = weights_full // dp if zero >= 2 and config.offload == "none" else states_steady - ddp_buckets
-    moments.append(("optimizer", optimizer_weights, gradients, 0, step_temp + ddp_buckets + workspace))
+    moments.append(("optimizer", resting_weights, gradients, 0, step_temp + ddp_buckets + workspace))
     phase_peaks: dict[str, int] = {}
     best, best_total = moments[0], -1
     for moment in moments:
