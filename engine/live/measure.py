@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from engine.trace.tracker import MemoryTracker
+from engine.trace.tracker import MemoryTracker, local_tensor
 
 
 @contextlib.contextmanager
@@ -211,8 +211,7 @@ def layer_state_bytes(layer: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     weights = gradients = states = 0
     seen: set[int] = set()
     for parameter in layer.parameters():
-        local = getattr(parameter, "_local_tensor", None)  # FSDP2's DTensor: this rank's shard
-        tensor = local if isinstance(local, torch.Tensor) else parameter
+        tensor = local_tensor(parameter)  # FSDP2's DTensor: this rank's shard
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
@@ -221,7 +220,7 @@ def layer_state_bytes(layer: torch.nn.Module, optimizer: Any) -> dict[str, int]:
             gradients += tensor.numel() * tensor.element_size()
         state = getattr(optimizer, "state", {}).get(parameter, {}) if optimizer is not None else {}
         for value in state.values():
-            value = getattr(value, "_local_tensor", value)
+            value = local_tensor(value)
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 states += value.untyped_storage().nbytes()
     return {"weights": weights, "gradients": gradients, "optimizer_states": states}

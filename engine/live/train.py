@@ -293,7 +293,7 @@ class TrainingRun:
                 from engine.trace.fake_step import optimizer_state_tensors
 
                 for state in optimizer_state_tensors(optimizer)[0]:
-                    tracker.track(_local(state), "optimizer_state")
+                    tracker.track(state, "optimizer_state")
             scaler = torch.amp.GradScaler("cpu" if cpu else "cuda") if config.precision == "16-mixed" else None
             probe = LayerProbe(layers, lambda: self._live_bytes() or 0, lambda: self.state.phase)
             with attention, dropout, resizes, real_run_decisions(), (tracker if tracker is not None else contextlib.nullcontext()):
@@ -357,12 +357,12 @@ class TrainingRun:
         """Register the weights (made before the tracker watched) and collect gradients as they appear."""
         tracker = self.tracker
         for parameter in model.parameters():
-            tracker.track(_local(parameter), "parameter")
+            tracker.track(parameter, "parameter")
         for buffer in model.buffers():
-            tracker.track(_local(buffer), "buffer")
+            tracker.track(buffer, "buffer")
 
         def grad_ready(parameter) -> None:
-            alloc_id = tracker.alloc_id_of(_local(parameter.grad))
+            alloc_id = tracker.alloc_id_of(parameter.grad)
             if alloc_id is not None:
                 gradients.add(alloc_id)
 
@@ -390,8 +390,8 @@ class TrainingRun:
             from engine.trace.tracker import classify
 
             device_states, host_states = optimizer_state_tensors(optimizer) if optimizer is not None else ([], [])
-            optimizer_ids = {tracker.alloc_id_of(_local(t)) for t in device_states} - {None}
-            host_ids = {tracker.alloc_id_of(_local(t)) for t in host_states} - {None}
+            optimizer_ids = {tracker.alloc_id_of(t) for t in device_states} - {None}
+            host_ids = {tracker.alloc_id_of(t) for t in host_states} - {None}
             if scaler is not None:
                 extra = (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None))
                 optimizer_ids |= {tracker.alloc_id_of(t) for t in extra if t is not None} - {None}
@@ -471,10 +471,6 @@ def _dump_peak(analysis: Any, rank: int) -> None:
                    "live": allocations_at_event(analysis.log, analysis.peak_event)}, file, indent=1)
 
 
-def _local(tensor: Any) -> Any:
-    """FSDP2 parameters are DTensors: measure this rank's local shard."""
-    local = getattr(tensor, "_local_tensor", None)
-    return local if local is not None else tensor
 
 
 def _finite(value: float | None) -> float | None:

@@ -52,6 +52,13 @@ class MemoryLog:
     phase_marks: list[tuple[int, int, str]] = field(default_factory=list)  # (event index, step, phase)
 
 
+def local_tensor(tensor):
+    """The tensor holding the bytes: a DTensor's (FSDP2's parameters, gradients and optimizer states) is
+    this rank's local shard, allocated inside DTensor's own dispatch where a dispatch mode does not look."""
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else tensor
+
+
 class MemoryTracker(TorchDispatchMode):
     """Log allocations; `track()` registers tensors created before the mode was entered."""
 
@@ -73,11 +80,7 @@ class MemoryTracker(TorchDispatchMode):
 
     # ---- allocations ----------------------------------------------------------
     def track(self, tensor: torch.Tensor, op: str = "external") -> int | None:
-        # A DTensor (FSDP2's parameters, gradients, optimizer states) is a wrapper: its bytes are this
-        # rank's local tensor, allocated inside DTensor's own dispatch where this mode does not look.
-        local = getattr(tensor, "_local_tensor", None)
-        if isinstance(local, torch.Tensor):
-            tensor = local
+        tensor = local_tensor(tensor)
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
             return None
         storage = tensor.untyped_storage()
@@ -124,10 +127,7 @@ class MemoryTracker(TorchDispatchMode):
             self.track(tensor, op)
 
     def alloc_id_of(self, tensor: torch.Tensor) -> int | None:
-        local = getattr(tensor, "_local_tensor", None)
-        if isinstance(local, torch.Tensor):
-            tensor = local
-        return self._by_storage.get(id(tensor.untyped_storage()))
+        return self._by_storage.get(id(local_tensor(tensor).untyped_storage()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
