@@ -81,18 +81,19 @@ def test_json_stream_samples_phases_and_a_like_for_like_summary():
     assert full["id"] == "llama-3.2-1b" and full["analytic_tensor_peak_bytes"] > predicted["tensor_peak_bytes"]
 
 
-@pytest.mark.parametrize("zero", [0, 3])
-def test_two_gloo_ranks_measure_ddp_and_fsdp2_as_predicted(zero):
-    """--gpus 2 on the CPU: two gloo processes (DDP for ZeRO-0, FSDP2 for ZeRO-3), rank 0 measured."""
+@pytest.mark.parametrize(("zero", "checkpointing"), [(0, "none"), (2, "full"), (3, "none")])
+def test_two_gloo_ranks_measure_ddp_and_fsdp2_as_predicted(zero, checkpointing):
+    """--gpus 2 on the CPU: two gloo processes (DDP for ZeRO-0, FSDP2 for ZeRO-2/3), rank 0 measured."""
     result = memtui("run", "--model", "llama-3.2-1b", "--device", "cpu", "--gpus", "2", "--zero", str(zero),
-                    "--layers", "2", "--width", "256", "--vocab", "2048", "--seq-len", "128", "--steps", "2", "--json")
+                    "--checkpointing", checkpointing, "--layers", "2", "--width", "256", "--vocab", "2048",
+                    "--seq-len", "128", "--steps", "2", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["result"] == "completed" and summary["scaled_model"]["ranks"] == 2
     predicted, measured = summary["predicted"]["tensor_peak_bytes"], summary["measured"]["tensor_peak_bytes"]
     assert abs(predicted - measured) <= 0.05 * measured, summary["error_pct"]
     sharded = summary["measured"]["components"]["optimizer_states"]
-    single = make_plan(TrainingConfig(model="llama-3.2-1b", zero=zero),
+    single = make_plan(TrainingConfig(model="llama-3.2-1b", zero=zero, checkpointing=checkpointing),
                        LiveOptions(device="cpu", layers=2, width=256, vocab=2048, seq_len=128, steps=2), cpu_device())
     full_states = single.predicted_components["optimizer_states"]
     assert sharded == pytest.approx(full_states if zero == 0 else full_states / 2, rel=0.01)

@@ -212,7 +212,12 @@ def estimate(
         copies = moment.autocast_weights
         if not moment.is_simulated and (zero >= 3 or config.quant != "none"):
             copies = min(copies, 2 * layer_weight_bytes)
-        moments.append((moment.phase, weights, gradients_on_gpu(moment.gradients), moment.activations + copies,
+        moment_weights = weights
+        if zero == 2 and config.offload == "none" and not config.uses_lora and grads_full > 0 and moment.gradients > 0:
+            # FSDP2 reshards each layer once its backward is done: the gathered weights shrink as gradients grow.
+            done = min(moment.gradients / grads_full, 1.0)
+            moment_weights = weights - int((weights_full - layer_weight_bytes) * done)
+        moments.append((moment.phase, moment_weights, gradients_on_gpu(moment.gradients), moment.activations + copies,
                         moment.temporary + ddp_buckets + workspace))
     moments.append(("optimizer", resting_weights, gradients, 0, step_temp + ddp_buckets + workspace))
     phase_peaks: dict[str, int] = {}
