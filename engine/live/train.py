@@ -274,7 +274,9 @@ class TrainingRun:
                 if cpu:  # the tracker is the CPU's allocator counter; on CUDA torch's counters are
                     self.sampler.sources.append(
                         lambda: {"allocated": tracker.live_bytes, "allocated_peak": tracker.take_window_peak()})
-                weight_ids = self._track_model(model, gradients)
+                from engine.trace.fake_step import watch_model
+
+                weight_ids = watch_model(tracker, model, gradients)
                 if cpu:
                     rss = self.rss.read()
                     if rss is not None:
@@ -353,24 +355,6 @@ class TrainingRun:
             torch.cuda.empty_cache()
         return 0
 
-    def _track_model(self, model, gradients: set[int]) -> set[int]:
-        """Register the weights (made before the tracker watched) and collect gradients as they appear."""
-        tracker = self.tracker
-        for parameter in model.parameters():
-            tracker.track(parameter, "parameter")
-        for buffer in model.buffers():
-            tracker.track(buffer, "buffer")
-
-        def grad_ready(parameter) -> None:
-            alloc_id = tracker.alloc_id_of(parameter.grad)
-            if alloc_id is not None:
-                gradients.add(alloc_id)
-
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.register_post_accumulate_grad_hook(grad_ready)
-        return set(tracker.log.allocations)
-
     def _measured(self, torch, optimizer, scaler, weight_ids: set[int], gradients: set[int]) -> dict[str, Any]:
         cpu = self.kind == "cpu"
         tracker = self.tracker
@@ -386,16 +370,9 @@ class TrainingRun:
         }
         if tracker is not None:
             from engine.trace.analysis import summarize
-            from engine.trace.fake_step import optimizer_state_tensors
-            from engine.trace.tracker import classify
+            from engine.trace.fake_step import classify_by_owner
 
-            device_states, host_states = optimizer_state_tensors(optimizer) if optimizer is not None else ([], [])
-            optimizer_ids = {tracker.alloc_id_of(t) for t in device_states} - {None}
-            host_ids = {tracker.alloc_id_of(t) for t in host_states} - {None}
-            if scaler is not None:
-                extra = (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None))
-                optimizer_ids |= {tracker.alloc_id_of(t) for t in extra if t is not None} - {None}
-            classify(tracker.log, weights=weight_ids, gradients=gradients, optimizer=optimizer_ids, host=host_ids)
+            classify_by_owner(tracker, weights=weight_ids, gradients=gradients, optimizer=optimizer, scaler=scaler)
             analysis = summarize(tracker.log)
             _dump_peak(analysis, self.rank)
             measured.update(components=analysis.breakdown, peak_phase=analysis.peak_phase, peak_step=analysis.peak_step,

@@ -57,6 +57,38 @@ def optimizer_state_tensors(optimizer) -> tuple[list[torch.Tensor], list[torch.T
     return device_states, host_states
 
 
+def watch_model(tracker: MemoryTracker, model, gradients: set[int]) -> set[int]:
+    """Register the weights (made before the tracker watched); add each gradient's allocation to
+    `gradients` as backward makes it. Returns the weights' allocation ids."""
+    for parameter in model.parameters():
+        tracker.track(parameter, "parameter")
+    for buffer in model.buffers():
+        tracker.track(buffer, "buffer")
+    weight_ids = set(tracker.log.allocations)
+
+    def grad_ready(parameter: torch.Tensor) -> None:
+        alloc_id = tracker.alloc_id_of(parameter.grad)
+        if alloc_id is not None:
+            gradients.add(alloc_id)
+
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.register_post_accumulate_grad_hook(grad_ready)
+    return weight_ids
+
+
+def classify_by_owner(tracker: MemoryTracker, *, weights: set[int], gradients: set[int], optimizer, scaler) -> None:
+    """Label the log's allocations: weights, gradients, the optimizer's states (GradScaler's scale and
+    growth tracker among them: they live on the device) and host-side step counters; the rest by phase."""
+    device_states, host_states = optimizer_state_tensors(optimizer) if optimizer is not None else ([], [])
+    if scaler is not None:
+        device_states += [t for t in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None))
+                          if t is not None]
+    optimizer_ids = {tracker.alloc_id_of(t) for t in device_states} - {None}
+    host_ids = {tracker.alloc_id_of(t) for t in host_states} - {None}
+    classify(tracker.log, weights=weights, gradients=gradients, optimizer=optimizer_ids, host=host_ids)
+
+
 @contextlib.contextmanager
 def _quiet():
     previous = logging.getLogger("transformers").level
@@ -79,22 +111,9 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
     with _quiet(), mode:
         report("building the model", 0.05)
         model = build_model(spec, config, device="cpu", quant_backend="replica")
-        for parameter in model.parameters():
-            tracker.track(parameter, "parameter")
-        for buffer in model.buffers():
-            tracker.track(buffer, "buffer")
+        weight_ids = watch_model(tracker, model, gradients)
         extras.params = sum(p.numel() for p in model.parameters())
         extras.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        weight_ids = {alloc_id for alloc_id in tracker.log.allocations}
-
-        def grad_ready(parameter: torch.Tensor) -> None:
-            alloc_id = tracker.alloc_id_of(parameter.grad)
-            if alloc_id is not None:
-                gradients.add(alloc_id)
-
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.register_post_accumulate_grad_hook(grad_ready)
         head = model.get_output_embeddings()
         head.register_forward_hook(lambda *_: tracker.mark("loss"))
 
@@ -130,14 +149,8 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
                 report(f"step {step} of {STEPS}", 0.1 + 0.85 * (step - 1) / STEPS)
                 training_step(model, optimizer, input_ids, labels, autocast=autocast, scaler=scaler, phase=tracker.mark)
 
-        device_states, host_states = optimizer_state_tensors(optimizer)
-        optimizer_ids = {tracker.alloc_id_of(t) for t in device_states} - {None}
-        host_ids = {tracker.alloc_id_of(t) for t in host_states} - {None}
-        if scaler is not None:
-            # GradScaler's scale and growth tracker live on the device; count them with the optimizer.
-            optimizer_ids |= {tracker.alloc_id_of(t) for t in (scaler._scale, scaler._growth_tracker) if t is not None} - {None}
+        classify_by_owner(tracker, weights=weight_ids, gradients=gradients, optimizer=optimizer, scaler=scaler)
         extras.weights_replaced = list(getattr(model, "memtui_replaced", []))
         tracker.detach_finalizers()
         del input_ids, labels
-    classify(tracker.log, weights=weight_ids, gradients=gradients, optimizer=optimizer_ids, host=host_ids)
     return tracker.log, extras
