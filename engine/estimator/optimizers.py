@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.specs import TrainingConfig
+from engine.validation import UNFUSED_OPTIMIZERS
 
 # bitsandbytes 8-bit blockwise states: 1 byte per value plus an fp32 absmax per 256-value block.
 ADAM8BIT_STATE_BYTES = 2 * (1 + 4 / 256)
@@ -84,7 +85,7 @@ def step_temp_bytes(
         # A loop over tensors whatever the implementation; the largest (plain AdamW) tensor holds its
         # denominator, the bias-corrected moment and the update at once.
         return 3 * largest_tensor_state_bytes
-    if impl == "fused" and optimizer not in ("adafactor", "lion"):  # these have no fused kernel: a for-loop
+    if impl == "fused" and optimizer not in UNFUSED_OPTIMIZERS:  # the others run `fused` as their for-loop
         return 0
     if impl == "foreach":
         if optimizer in ("adamw", "galore-adamw"):
