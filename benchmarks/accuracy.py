@@ -3,7 +3,7 @@
     uv run python benchmarks/accuracy.py [--only SUBSTRING] [--limit N] [--no-write]
 
 For every configuration of the matrix below, trace two real training steps of
-the real architecture on fake tensors (engine.trace) and compare the traced
+the real architecture on fake tensors (memtui.engine.trace) and compare the traced
 tensor peak with the estimator's. Both sides exclude what the trace cannot see
 (CUDA context, allocator slack); the estimator's modelled cuBLAS workspace is
 taken off its figure so that like is compared with like. Writes the table to
@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from engine.estimator import estimate  # noqa: E402
-from engine.estimator.moments import simulated  # noqa: E402
-from engine.estimator.overhead import cublas_workspace_bytes  # noqa: E402
-from engine.presets import resolve_gpu, resolve_model  # noqa: E402
-from engine.specs import TrainingConfig  # noqa: E402
+from memtui.engine.estimator import estimate  # noqa: E402
+from memtui.engine.estimator.moments import simulated  # noqa: E402
+from memtui.engine.estimator.overhead import cublas_workspace_bytes  # noqa: E402
+from memtui.engine.model.presets import resolve_gpu, resolve_model  # noqa: E402
+from memtui.engine.model.specs import TrainingConfig  # noqa: E402
 
 # Each row: flags as `memtui estimate` takes them (gpu does not change the tensor peak but the workspace).
 MATRIX: list[dict] = [
@@ -121,8 +121,8 @@ def random_rows(count: int, seed: int) -> list[dict]:
     """Configurations drawn at random (seeded), kept to a size a laptop traces in seconds."""
     import random
 
-    from engine.errors import InputError
-    from engine.validation import check_config
+    from memtui.engine.errors import InputError
+    from memtui.engine.model.validation import check_config
 
     rng = random.Random(seed)
     rows: list[dict] = []
@@ -162,7 +162,7 @@ def label(row: dict) -> str:
 def measure(row: dict) -> dict:
     config = TrainingConfig(gpu="h100-80gb", **row)
     spec, gpu = resolve_model(config.model), resolve_gpu(config.gpu)
-    from engine.trace.runner import trace
+    from memtui.engine.trace.runner import trace
 
     started = time.perf_counter()
     traced = trace(config, model=spec, gpu=gpu)

@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from engine import fit  # noqa: E402
-from engine.errors import InputError  # noqa: E402
-from engine.estimator import estimate  # noqa: E402
-from engine.presets import gpus, models, resolve_gpu, resolve_model  # noqa: E402
-from engine.specs import TrainingConfig  # noqa: E402
+from memtui.engine.planning import fit  # noqa: E402
+from memtui.engine.errors import InputError  # noqa: E402
+from memtui.engine.estimator import estimate  # noqa: E402
+from memtui.engine.model.presets import gpus, models, resolve_gpu, resolve_model  # noqa: E402
+from memtui.engine.model.specs import TrainingConfig  # noqa: E402
 
 OPTION_CHOICES = {
     "precision": ["32-true", "bf16-mixed", "16-mixed", "bf16-true"],

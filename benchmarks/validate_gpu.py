@@ -85,7 +85,7 @@ def pct(value: float | None) -> str:
 
 
 def build_command(row: Row, args: argparse.Namespace) -> list[str]:
-    command = [sys.executable, "-m", "engine", "run", *row.flags, "--device", args.device, "--json"]
+    command = [sys.executable, "-m", "memtui", "run", *row.flags, "--device", args.device, "--json"]
     if row.min_gpus > 1:
         command += ["--gpus", str(args.gpus)]
     if args.steps:

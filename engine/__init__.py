@@ -1,7 +1,12 @@
-"""memtui's engine: specs, presets, the analytic estimator, the tracer, live runs and telemetry.
+"""memtui's engine: everything that is not a front end.
 
-Nothing in this package imports Textual, and nothing imports torch at import time:
-the estimator is pure Python so the TUI can call it on every keypress.
+- `model`: what is trained on what: ModelSpec from a config.json, GpuSpec, TrainingConfig, presets, validation;
+- `estimator`: the analytic budget, pure Python, microseconds;
+- `planning`: fit, the savings ladder, export;
+- `torchside`: the real architecture built with the options applied (torch, imported lazily);
+- `trace`: one training step on fake tensors; `live`: a real scaled-down run in a worker process;
+- `telemetry`: NVML and host memory readings.
+
+Nothing here imports Textual or the front ends (import-linter enforces it), and nothing imports torch
+at import time: the estimator runs on every keypress.
 """
-
-__version__ = "0.1.0"

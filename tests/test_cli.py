@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine.cli import main
+from memtui.cli import main
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -101,7 +101,7 @@ def test_presets_lists_everything(capsys):
 def test_console_script_runs_in_a_fresh_process():
     """The installed entry point, as a user types it (no torch import for estimate)."""
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from engine.cli import main; code = main(sys.argv[1:]); "
+        [sys.executable, "-c", "import sys; from memtui.cli import main; code = main(sys.argv[1:]); "
          "assert 'torch' not in sys.modules, 'estimate imported torch'; sys.exit(code)",
          "estimate", "--model", "gpt2", "--json"],
         capture_output=True, text=True, timeout=120,

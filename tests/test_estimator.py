@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from engine.architectures import model_spec_from_config
-from engine.estimator import estimate
-from engine.presets import resolve_model
-from engine.specs import TrainingConfig
+from memtui.engine.model.architectures import model_spec_from_config
+from memtui.engine.estimator import estimate
+from memtui.engine.model.presets import resolve_model
+from memtui.engine.model.specs import TrainingConfig
 
 GB = 10**9
 

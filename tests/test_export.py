@@ -6,12 +6,12 @@ import json
 import shutil
 from datetime import datetime
 
-from engine.cli import main
-from engine.estimator import estimate
-from engine.export import budget_markdown, export_budget, export_dir
-from engine.ladder import savings_ladder
-from engine.presets import presets_dir
-from engine.specs import TrainingConfig
+from memtui.cli import main
+from memtui.engine.estimator import estimate
+from memtui.engine.planning.export import budget_markdown, export_budget, export_dir
+from memtui.engine.planning.ladder import savings_ladder
+from memtui.engine.model.presets import presets_dir
+from memtui.engine.model.specs import TrainingConfig
 
 NOW = datetime(2026, 1, 2, 3, 4, 5)
 

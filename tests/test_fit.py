@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from engine import fit
-from engine.cli import main
-from engine.errors import InputError
-from engine.estimator import estimate
-from engine.presets import gpus, models, resolve_model
-from engine.specs import TrainingConfig
+from memtui.engine.planning import fit
+from memtui.cli import main
+from memtui.engine.errors import InputError
+from memtui.engine.estimator import estimate
+from memtui.engine.model.presets import gpus, models, resolve_model
+from memtui.engine.model.specs import TrainingConfig
 
 
 def fits(config: TrainingConfig, **changes) -> bool:
@@ -324,7 +324,7 @@ def test_fit_bad_input_is_one_line_exit_2(capsys, argv, expected):
 
 def test_fit_does_not_import_torch():
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from engine.cli import main; code = main(sys.argv[1:]); "
+        [sys.executable, "-c", "import sys; from memtui.cli import main; code = main(sys.argv[1:]); "
          "assert 'torch' not in sys.modules, 'fit imported torch'; sys.exit(code)",
          "fit", "--model", "gpt2", "--json"],
         capture_output=True, text=True, timeout=120,

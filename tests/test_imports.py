@@ -22,25 +22,25 @@ def _modules_after(code: str) -> dict:
 
 
 def test_the_tui_imports_no_torch_transformers_or_nvml():
-    loaded = _modules_after("import tui.app")
+    loaded = _modules_after("import memtui.tui.app")
     assert "textual" in loaded  # the probe really imported the app
     assert not [name for name in HEAVY if name in loaded]
 
 
 def test_building_the_app_imports_nothing_heavy_either():
     # Constructing the app (not running it) is what `memtui` does before the first frame.
-    loaded = _modules_after("from tui.app import MemtuiApp\nMemtuiApp()")
+    loaded = _modules_after("from memtui.tui.app import MemtuiApp\nMemtuiApp()")
     assert not [name for name in HEAVY if name in loaded]
 
 
 def test_the_light_engine_modules_do_not_load_textual():
     modules = [
-        "engine.estimator", "engine.presets", "engine.validation", "engine.ladder", "engine.export",
-        "engine.local_gpu", "engine.units", "engine.specs", "engine.cli", "engine.cli.options",
-        "engine.cli.estimate", "engine.cli.render", "engine.cli.serve",
+        "memtui.engine.estimator", "memtui.engine.model.presets", "memtui.engine.model.validation", "memtui.engine.planning.ladder", "memtui.engine.planning.export",
+        "memtui.engine.telemetry.local_gpu", "memtui.engine.units", "memtui.engine.model.specs", "memtui.cli", "memtui.cli.options",
+        "memtui.cli.estimate", "memtui.cli.render", "memtui.cli.serve",
     ]
     loaded = _modules_after("\n".join(f"import {name}" for name in modules))
-    assert "engine.ladder" in loaded
+    assert "memtui.engine.planning.ladder" in loaded
     assert "textual" not in loaded
     assert not [name for name in HEAVY if name in loaded]
 
@@ -78,15 +78,15 @@ def test_tui_import_is_fast():
     """`memtui` opens well under a second on a laptop; a generous bound here still catches a torch import.
     CPU seconds, not wall-clock ones: a machine busy with other tests must not fail this."""
     start = _children_cpu_s()
-    subprocess.run([sys.executable, "-c", "import tui.app"], cwd=ROOT, check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", "import memtui.tui.app"], cwd=ROOT, check=True, timeout=120)
     assert _children_cpu_s() - start < 2.5
 
 
 FIRST_FRAME_PROBE = """
 import json, sys, time
 start = time.perf_counter()
-from tui.app import MemtuiApp
-from tui.widgets.budget import VerdictBanner
+from memtui.tui.app import MemtuiApp
+from memtui.tui.widgets.budget import VerdictBanner
 
 report = {}
 

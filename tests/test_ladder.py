@@ -6,12 +6,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import engine.ladder as ladder_module
-from engine.errors import InputError
-from engine.estimator import estimate
-from engine.ladder import BASELINE_OPTIONS, baseline_config, savings_ladder
-from engine.presets import resolve_recipe
-from engine.specs import COMPONENT_NAMES, TrainingConfig
+import memtui.engine.planning.ladder as ladder_module
+from memtui.engine.errors import InputError
+from memtui.engine.estimator import estimate
+from memtui.engine.planning.ladder import BASELINE_OPTIONS, baseline_config, savings_ladder
+from memtui.engine.model.presets import resolve_recipe
+from memtui.engine.model.specs import COMPONENT_NAMES, TrainingConfig
 
 
 def recipe_config(recipe_id: str, **overrides) -> TrainingConfig:

@@ -8,17 +8,17 @@ import sys
 
 import pytest
 
-from engine.errors import InputError
-from engine.estimator import estimate
-from engine.live import sizing
-from engine.live.devices import LocalDevice, cpu_device
-from engine.live.lock import RunLock, RunLockBusy
-from engine.live.plan import LiveOptions, make_plan
-from engine.live.process import preflight
-from engine.live.protocol import decode, encode, error_pct
-from engine.presets import resolve_model
-from engine.specs import TrainingConfig
-from engine.units import GiB
+from memtui.engine.errors import InputError
+from memtui.engine.estimator import estimate
+from memtui.engine.live import sizing
+from memtui.engine.live.devices import LocalDevice, cpu_device
+from memtui.engine.live.lock import RunLock, RunLockBusy
+from memtui.engine.live.plan import LiveOptions, make_plan
+from memtui.engine.live.process import preflight
+from memtui.engine.live.protocol import decode, encode, error_pct
+from memtui.engine.model.presets import resolve_model
+from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.units import GiB
 
 CPU = LocalDevice(kind="cpu", name="CPU (test)", memory_bytes=64 * GiB, free_bytes=32 * GiB)
 GPU = LocalDevice(kind="cuda", name="NVIDIA L4", memory_bytes=24 * GiB, free_bytes=22 * GiB,
@@ -132,7 +132,7 @@ def test_one_live_run_per_machine(tmp_path):
 
 def test_a_killed_holder_releases_the_lock(tmp_path):
     path = tmp_path / "live.lock"
-    code = f"from engine.live.lock import RunLock; RunLock(__import__('pathlib').Path({str(path)!r})).acquire('child'); print('held', flush=True); import time; time.sleep(60)"
+    code = f"from memtui.engine.live.lock import RunLock; RunLock(__import__('pathlib').Path({str(path)!r})).acquire('child'); print('held', flush=True); import time; time.sleep(60)"
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                              cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
@@ -149,7 +149,7 @@ def test_a_killed_holder_releases_the_lock(tmp_path):
 
 
 def test_summary_gives_no_percent_error_for_a_negligible_component():
-    from engine.live.compare import build_summary
+    from memtui.engine.live.compare import build_summary
 
     plan = make_plan(TrainingConfig(model="llama-3.2-1b"), LiveOptions(device="cpu", layers=1, width=128, vocab=1024,
                                                                         seq_len=64, steps=2), CPU)

@@ -16,11 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.live.devices import cpu_device
-from engine.live.lock import RunLock
-from engine.live.plan import LiveOptions, make_plan
-from engine.live.process import WorkerProcess
-from engine.specs import TrainingConfig
+from memtui.engine.live.devices import cpu_device
+from memtui.engine.live.lock import RunLock
+from memtui.engine.live.plan import LiveOptions, make_plan
+from memtui.engine.live.process import WorkerProcess
+from memtui.engine.model.specs import TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "llama-3.2-1b", "--device", "cpu", "--layers", "1", "--width", "128", "--vocab", "1024",
@@ -36,7 +36,7 @@ def private_lock(tmp_path, monkeypatch):
 
 
 def memtui(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "memtui", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=240, **kwargs)
 
 
@@ -149,7 +149,7 @@ def test_cancel_ends_the_worker_within_two_seconds_and_frees_the_lock():
 
 
 def test_second_run_is_refused_while_one_is_going():
-    from engine.live.process import LiveRefused
+    from memtui.engine.live.process import LiveRefused
 
     config = TrainingConfig(model="llama-3.2-1b")
     with WorkerProcess(config, LiveOptions(**TINY_OPTIONS, steps=1000), device_kind="cpu") as first:
@@ -162,8 +162,8 @@ def test_second_run_is_refused_while_one_is_going():
 def test_worker_dies_with_its_parent():
     """The parent is SIGKILLed (as a lost SSH session would be): the worker notices and exits."""
     code = (
-        "from engine.live.process import WorkerProcess; from engine.live.plan import LiveOptions;"
-        "from engine.specs import TrainingConfig;"
+        "from memtui.engine.live.process import WorkerProcess; from memtui.engine.live.plan import LiveOptions;"
+        "from memtui.engine.model.specs import TrainingConfig;"
         f"w = WorkerProcess(TrainingConfig(model='llama-3.2-1b'), LiveOptions(**{TINY_OPTIONS!r}, steps=1000),"
         " device_kind='cpu').start(); print(w.pid, flush=True); import time; time.sleep(120)"
     )
@@ -183,7 +183,7 @@ def test_worker_dies_with_its_parent():
 
 
 def test_sigterm_to_memtui_run_leaves_nothing_behind():
-    process = subprocess.Popen([sys.executable, "-m", "engine", "run", *TINY, "--steps", "1000", "--json"],
+    process = subprocess.Popen([sys.executable, "-m", "memtui", "run", *TINY, "--steps", "1000", "--json"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         for line in process.stdout:

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.local_gpu import detect_local_gpu, local_gpu_from_reading, match_preset
-from engine.presets import gpus
+from memtui.engine.telemetry.local_gpu import detect_local_gpu, local_gpu_from_reading, match_preset
+from memtui.engine.model.presets import gpus
 
 
 class NVMLError(Exception):

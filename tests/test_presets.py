@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import presets
-from engine.architectures import load_config_file
-from engine.errors import InputError, PresetError
+from memtui.engine.model import presets
+from memtui.engine.model.architectures import load_config_file
+from memtui.engine.errors import InputError, PresetError
 
 # Parameter counts of the released checkpoints (safetensors metadata / model cards).
 REAL_PARAMS = {
@@ -48,7 +48,7 @@ def test_parameter_count_equals_released_checkpoint(model_id):
 def test_parameter_count_equals_transformers_build(model_id):
     """The architecture facts agree with what transformers builds from the same config.json."""
     torch = pytest.importorskip("torch")
-    from engine.build import hf_model_on_meta
+    from memtui.engine.torchside.build import hf_model_on_meta
 
     spec = presets.models()[model_id]
     model = hf_model_on_meta(spec)

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from engine.live import devices
-from engine.telemetry.nvml import Nvml, probe
-from engine.telemetry.sampler import SAMPLE_FIELDS, Sampler, nvml_source, rss_source
+from memtui.engine.live import devices
+from memtui.engine.telemetry.nvml import Nvml, probe
+from memtui.engine.telemetry.sampler import SAMPLE_FIELDS, Sampler, nvml_source, rss_source
 
 
 class FakeNvml:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.telemetry.nvml import NvmlDevice, NvmlReading
-from engine.telemetry.recording import NvmlRecorder, read_recording, replay_device, replay_samples
-from engine.telemetry.series import SampleSeries
+from memtui.engine.telemetry.nvml import NvmlDevice, NvmlReading
+from memtui.engine.telemetry.recording import NvmlRecorder, read_recording, replay_device, replay_samples
+from memtui.engine.telemetry.series import SampleSeries
 
 DATA = Path(__file__).parent / "data"
 H100 = DATA / "nvml_h100_synthetic.jsonl"

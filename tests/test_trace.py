@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from engine.architectures import model_spec_from_config
-from engine.cli import main
-from engine.estimator import estimate
-from engine.estimator.overhead import cublas_workspace_bytes
-from engine.presets import resolve_gpu, resolve_model
-from engine.specs import TrainingConfig
+from memtui.engine.model.architectures import model_spec_from_config
+from memtui.cli import main
+from memtui.engine.estimator import estimate
+from memtui.engine.estimator.overhead import cublas_workspace_bytes
+from memtui.engine.model.presets import resolve_gpu, resolve_model
+from memtui.engine.model.specs import TrainingConfig
 
 
 def tiny_llama(layers: int = 2):
@@ -33,8 +33,8 @@ def tiny_llama(layers: int = 2):
     ids=["fp32", "bf16-mixed-ckpt", "bf16-true-eager-lora"],
 )
 def test_fake_trace_equals_a_real_cpu_run(options):
-    from engine.trace.analysis import summarize
-    from engine.trace.fake_step import run_fake_steps
+    from memtui.engine.trace.analysis import summarize
+    from memtui.engine.trace.fake_step import run_fake_steps
 
     spec = tiny_llama()
     config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=32, **options)
@@ -63,7 +63,7 @@ ESTIMATE_VS_TRACE = [
 
 @pytest.mark.parametrize("options", ESTIMATE_VS_TRACE, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_estimate_matches_trace(options):
-    from engine.trace.runner import trace
+    from memtui.engine.trace.runner import trace
 
     config = TrainingConfig(gpu="h100-80gb", **options)
     traced = trace(config).traced_tensor_peak_bytes
@@ -101,8 +101,8 @@ def test_tracker_follows_storages_freed_and_regrown_in_place():
 
     import torch
 
-    from engine.trace.analysis import summarize
-    from engine.trace.tracker import MemoryTracker
+    from memtui.engine.trace.analysis import summarize
+    from memtui.engine.trace.tracker import MemoryTracker
 
     tracker = MemoryTracker()
     with tracker:

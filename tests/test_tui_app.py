@@ -9,23 +9,23 @@ import pytest
 from textual import events
 from textual.widgets import Checkbox, Input, OptionList, Select
 
-from engine.cli import main
-from engine.estimator import estimate
-from engine.export import budget_json
-from engine.fit import suggest
-from engine.local_gpu import local_gpu_from_reading
-from engine import presets
-from engine.presets import presets_dir
-from engine.specs import TrainingConfig
-from tui.app import MemtuiApp
-from tui.explain import EXPLAINERS, OVERVIEW
-from tui.option_specs import OPTION_SPECS
-from tui.planner import LOCAL_GPU
-from tui.screens.explain_screen import ExplainScreen
-from tui.widgets.budget import ComponentTable, FitHint, PinSummary, TimelineChart, VerdictBanner
-from tui.widgets.ladder_view import LadderView
-from tui.widgets.memory_bar import MemoryBar
-from tui.widgets.options_panel import OptionRow
+from memtui.cli import main
+from memtui.engine.estimator import estimate
+from memtui.engine.planning.export import budget_json
+from memtui.engine.planning.fit import suggest
+from memtui.engine.telemetry.local_gpu import local_gpu_from_reading
+from memtui.engine.model import presets
+from memtui.engine.model.presets import presets_dir
+from memtui.engine.model.specs import TrainingConfig
+from memtui.tui.app import MemtuiApp
+from memtui.tui.explain import EXPLAINERS, OVERVIEW
+from memtui.tui.option_specs import OPTION_SPECS
+from memtui.tui.planner import LOCAL_GPU
+from memtui.tui.screens.explain_screen import ExplainScreen
+from memtui.tui.widgets.budget import ComponentTable, FitHint, PinSummary, TimelineChart, VerdictBanner
+from memtui.tui.widgets.ladder_view import LadderView
+from memtui.tui.widgets.memory_bar import MemoryBar
+from memtui.tui.widgets.options_panel import OptionRow
 
 pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (asyncio backend)
 
@@ -320,10 +320,10 @@ async def test_the_model_picker_searches_as_you_type():
 async def test_the_budget_draws_at_once_and_a_new_ladder_follows_from_a_worker(monkeypatch, tmp_path):
     import threading
 
-    import engine.ladder
+    import memtui.engine.planning.ladder
 
     release = threading.Event()
-    real = engine.ladder.savings_ladder
+    real = memtui.engine.planning.ladder.savings_ladder
 
     def slow(config, **kwargs):
         release.wait(10)
@@ -334,7 +334,7 @@ async def test_the_budget_draws_at_once_and_a_new_ladder_follows_from_a_worker(m
         await ready(pilot)
         view = app.query_one(LadderView)
         before = [str(option.prompt) for option in view.option_list.options]
-        monkeypatch.setattr(engine.ladder, "savings_ladder", slow)
+        monkeypatch.setattr(memtui.engine.planning.ladder, "savings_ladder", slow)
         app.query_one("#opt-precision", Select).value = "bf16-true"
         await pilot.pause()
         result = app.result
@@ -439,11 +439,11 @@ async def test_the_fit_hint_follows_the_options_and_hides_when_it_fits():
 
 
 async def test_a_burst_of_edits_starts_one_fit_search(monkeypatch):
-    import engine.fit
+    import memtui.engine.planning.fit
 
     searched = []
-    real = engine.fit.suggest
-    monkeypatch.setattr(engine.fit, "suggest", lambda config, **kw: searched.append(config) or real(config, **kw))
+    real = memtui.engine.planning.fit.suggest
+    monkeypatch.setattr(memtui.engine.planning.fit, "suggest", lambda config, **kw: searched.append(config) or real(config, **kw))
     app = make_app()
     async with app.run_test(size=WIDE) as pilot:
         await ready(pilot)
@@ -461,12 +461,12 @@ async def test_a_burst_of_edits_starts_one_fit_search(monkeypatch):
 
 
 async def test_a_failed_fit_search_only_hides_the_hint(monkeypatch):
-    import engine.fit
+    import memtui.engine.planning.fit
 
     def broken(config, **kwargs):
         raise RuntimeError("search failed")
 
-    monkeypatch.setattr(engine.fit, "suggest", broken)
+    monkeypatch.setattr(memtui.engine.planning.fit, "suggest", broken)
     app = make_app()
     async with app.run_test(size=WIDE) as pilot:
         await ready(pilot)
@@ -715,8 +715,8 @@ async def test_newcomer_goes_from_does_not_fit_to_fits_and_exports(tmp_path, mon
 
 def test_short_ladder_labels_fit_the_narrow_layout():
     """At 80 columns a rung gets 11 cells: every short label fits, so no rung is cut."""
-    from engine.ladder import savings_ladder
-    from tui.widgets.ladder_view import short_label
+    from memtui.engine.planning.ladder import savings_ladder
+    from memtui.tui.widgets.ladder_view import short_label
 
     configs = [
         TrainingConfig(precision="bf16-true", master_weights=True, optimizer="galore-adamw", optimizer_impl="for-loop",
@@ -731,7 +731,7 @@ def test_short_ladder_labels_fit_the_narrow_layout():
 
 async def test_worker_answers_arriving_during_shutdown_are_dropped():
     """Answers from the ladder and fit workers can land while the app tears its widgets down."""
-    from tui.app import FitFound, LadderBuilt
+    from memtui.tui.app import FitFound, LadderBuilt
 
     app = make_app()
     async with app.run_test(size=WIDE) as pilot:

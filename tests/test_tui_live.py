@@ -7,9 +7,9 @@ import time
 import psutil
 import pytest
 
-from engine.live.plan import LiveOptions
-from tui.app import MemtuiApp
-from tui.live import LivePanel
+from memtui.engine.live.plan import LiveOptions
+from memtui.tui.app import MemtuiApp
+from memtui.tui.live import LivePanel
 
 pytestmark = pytest.mark.anyio  # async tests run on anyio's pytest plugin (asyncio backend)
 
@@ -100,7 +100,7 @@ async def test_panel_shows_an_oom_result_from_the_stream():
 async def test_shift_r_sets_the_runs_device_steps_and_size_refusing_bad_values():
     from textual.widgets import Input, Select
 
-    from tui.screens.live_settings import LiveSettingsScreen
+    from memtui.tui.screens.live_settings import LiveSettingsScreen
 
     app = MemtuiApp(gpu_detector=None)
     async with app.run_test(size=(120, 40)) as pilot:

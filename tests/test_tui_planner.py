@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import shutil
 
-from engine.estimator import estimate
-from engine.local_gpu import local_gpu_from_reading
-from engine.presets import presets_dir, resolve_recipe
-from engine.specs import TrainingConfig
-from tui.planner import LOCAL_GPU, Planner, config_differences, field_key
+from memtui.engine.estimator import estimate
+from memtui.engine.telemetry.local_gpu import local_gpu_from_reading
+from memtui.engine.model.presets import presets_dir, resolve_recipe
+from memtui.engine.model.specs import TrainingConfig
+from memtui.tui.planner import LOCAL_GPU, Planner, config_differences, field_key
 
 
 def test_defaults_give_the_default_budget():
@@ -117,10 +117,10 @@ def test_pin_and_differences():
 
 
 def test_every_estimator_option_has_an_input_a_one_line_summary_and_an_explainer():
-    from engine.ladder import _rungs
-    from tui.explain import EXPLAINERS
-    from tui.option_specs import OPTION_SPECS
-    from tui.widgets.ladder_view import step_explainer_key
+    from memtui.engine.planning.ladder import _rungs
+    from memtui.tui.explain import EXPLAINERS
+    from memtui.tui.option_specs import OPTION_SPECS
+    from memtui.tui.widgets.ladder_view import step_explainer_key
 
     assert set(TrainingConfig.model_fields) <= set(OPTION_SPECS)  # nothing the CLI takes is missing here
     for spec in OPTION_SPECS.values():

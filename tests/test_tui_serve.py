@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-import engine.cli.serve as serve
-from engine.cli import main
+import memtui.cli.serve as serve
+from memtui.cli import main
 
 
 class FakeServer:
@@ -39,7 +39,7 @@ def test_serves_the_app_on_loopback_by_default_without_warning(fake_server, caps
     assert server.served and server.host == "127.0.0.1" and server.port == 8000
     assert server.public_url == "http://127.0.0.1:8000"
     assert server.title == "memtui"
-    assert shlex.split(server.command) == [sys.executable, "-m", "engine"]
+    assert shlex.split(server.command) == [sys.executable, "-P", "-m", "memtui"]
     assert "warning" not in capsys.readouterr().err
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from tui.app import MemtuiApp
+from memtui.tui.app import MemtuiApp
 
 
 def make_app() -> MemtuiApp:

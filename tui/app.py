@@ -23,19 +23,19 @@ from textual.timer import Timer
 from textual.widgets import ContentSwitcher, Footer, Header, OptionList
 from textual.worker import Worker, WorkerState
 
-from engine.errors import InputError
-from engine.local_gpu import LocalGpu, detect_local_gpu
-from tui.commands import PresetCommands
-from tui.explain import EXPLAINERS, LADDER_INTRO, OVERVIEW
-from tui.live import LivePanel
-from tui.option_specs import OPTION_SPECS
-from tui.planner import Planner, PlanResult
-from tui.widgets.budget import (WIDE_FROM, BudgetScroll, ComponentTable, ErrorLine, FitHint, PinSummary,
+from memtui.engine.errors import InputError
+from memtui.engine.telemetry.local_gpu import LocalGpu, detect_local_gpu
+from memtui.tui.commands import PresetCommands
+from memtui.tui.explain import EXPLAINERS, LADDER_INTRO, OVERVIEW
+from memtui.tui.live import LivePanel
+from memtui.tui.option_specs import OPTION_SPECS
+from memtui.tui.planner import Planner, PlanResult
+from memtui.tui.widgets.budget import (WIDE_FROM, BudgetScroll, ComponentTable, ErrorLine, FitHint, PinSummary,
                                 SummaryLine, TimelineChart, VerdictBanner)
-from tui.widgets.ladder_view import LadderView, step_explainer_key
-from tui.widgets.memory_bar import MemoryBar
-from tui.widgets.options_panel import OptionsPanel
-from tui.widgets.text import Text
+from memtui.tui.widgets.ladder_view import LadderView, step_explainer_key
+from memtui.tui.widgets.memory_bar import MemoryBar
+from memtui.tui.widgets.options_panel import OptionsPanel
+from memtui.tui.widgets.text import Text
 
 FIT_SEARCH_DELAY = 0.2  # seconds without edits before the "to fit" search starts
 DARK_THEME = "textual-dark"
@@ -57,15 +57,15 @@ class LadderBuilt(Message):
 
     config: Any  # TrainingConfig
     gpu: Any  # GpuSpec
-    ladder: Any  # engine.ladder.SavingsLadder | None
+    ladder: Any  # memtui.engine.planning.ladder.SavingsLadder | None
 
 
 @dataclass
 class FitFound(Message):
-    """The fit search's answer (engine.fit.suggest) for `config`."""
+    """The fit search's answer (memtui.engine.planning.fit.suggest) for `config`."""
 
     config: Any  # the TrainingConfig searched from
-    suggestion: Any  # engine.fit.Suggestion, or None when the search failed
+    suggestion: Any  # memtui.engine.planning.fit.Suggestion, or None when the search failed
 
 
 def error_text(error: InputError) -> str:
@@ -107,15 +107,15 @@ class MemtuiApp(App[None]):
         self.gpu_detector = gpu_detector
         self.result: PlanResult | None = None
         self._gpu_chosen_by_user = False
-        self.last_export = None  # engine.export.ExportPaths of the latest export
-        self.live_settings = None  # tui.screens.live_settings.LiveSettings from R; None: automatic
-        self.fit_suggestion: tuple[Any, Any] | None = None  # (config, engine.fit.Suggestion) for the hint
+        self.last_export = None  # memtui.engine.planning.export.ExportPaths of the latest export
+        self.live_settings = None  # memtui.tui.screens.live_settings.LiveSettings from R; None: automatic
+        self.fit_suggestion: tuple[Any, Any] | None = None  # (config, memtui.engine.planning.fit.Suggestion) for the hint
         self._fit_timer: Timer | None = None
         self._ladder_changed_key: str | None = None  # the edit the ladder being built should highlight
 
     # ---- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
-        from engine import presets
+        from memtui.engine.model import presets
 
         yield Header()
         with Horizontal(id="main"):
@@ -209,7 +209,7 @@ class MemtuiApp(App[None]):
 
     def apply_preset(self, kind: str, preset_id: str) -> None:
         """A palette choice: a model, a GPU or a recipe, applied over the current options."""
-        from engine import presets
+        from memtui.engine.model import presets
 
         planner = self.planner
         if kind == "model":
@@ -290,7 +290,7 @@ class MemtuiApp(App[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="ladder")
     def build_ladder(self, config: Any, model: Any, gpu: Any) -> None:
-        from engine.ladder import savings_ladder
+        from memtui.engine.planning.ladder import savings_ladder
 
         try:
             ladder = savings_ladder(config, model=model, gpu=gpu)
@@ -319,7 +319,7 @@ class MemtuiApp(App[None]):
     @on(OptionList.OptionSelected, "#ladder-list")
     def explain_ladder_step(self) -> None:
         """Enter or a click on a ladder step (or ? while the ladder has focus): why that step helped."""
-        from tui.screens.explain_screen import ExplainScreen
+        from memtui.tui.screens.explain_screen import ExplainScreen
 
         step = self.query_one(LadderView).highlighted_step()
         if step is not None and not step.is_baseline:
@@ -329,7 +329,7 @@ class MemtuiApp(App[None]):
             self.push_screen(ExplainScreen(LADDER_INTRO))
 
     def action_explain(self) -> None:
-        from tui.screens.explain_screen import ExplainScreen  # Markdown is only needed once asked
+        from memtui.tui.screens.explain_screen import ExplainScreen  # Markdown is only needed once asked
 
         focused = self.focused
         if isinstance(focused, OptionList) and focused.id == "ladder-list":
@@ -353,7 +353,7 @@ class MemtuiApp(App[None]):
             self.notify("Unpinned.", title="Compare")
 
     def action_export(self) -> None:
-        from engine.export import export_budget
+        from memtui.engine.planning.export import export_budget
 
         result = self.result
         if result is None or result.budget is None or result.stale:
@@ -376,7 +376,7 @@ class MemtuiApp(App[None]):
 
     # ---- how to make it fit ---------------------------------------------------------
     def _look_for_fit(self, result: PlanResult) -> None:
-        """Under "does not fit", ask engine.fit for the least invasive change that fits (in a worker)."""
+        """Under "does not fit", ask memtui.engine.planning.fit for the least invasive change that fits (in a worker)."""
         hint = self.query_one(FitHint)
         if self._fit_timer is not None:
             self._fit_timer.stop()
@@ -395,7 +395,7 @@ class MemtuiApp(App[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="fit")
     def find_fit(self, config: Any, model: Any, gpu: Any) -> None:
-        from engine.fit import suggest
+        from memtui.engine.planning.fit import suggest
 
         try:
             suggestion = suggest(config, model=model, gpu=gpu)
@@ -452,7 +452,7 @@ class MemtuiApp(App[None]):
         self.refresh_bindings()
 
     def action_live_settings(self) -> None:
-        from tui.screens.live_settings import LiveSettingsScreen
+        from memtui.tui.screens.live_settings import LiveSettingsScreen
 
         if self._live_config() is None or self.query_one(LivePanel).running:
             if self.query_one(LivePanel).running:
@@ -463,7 +463,7 @@ class MemtuiApp(App[None]):
     def _apply_live_settings(self, settings) -> None:
         if settings is None:
             return
-        from engine.live.plan import LiveOptions
+        from memtui.engine.live.plan import LiveOptions
 
         self.live_settings = settings
         self.query_one(LivePanel).options = LiveOptions(

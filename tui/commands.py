@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from engine.units import GiB
+from memtui.engine.units import GiB
 
-if TYPE_CHECKING:
-    from tui.app import MemtuiApp
+
+
+class AppliesPresets(Protocol):
+    """What the palette needs of the app (the app module imports this one, not the other way round)."""
+
+    def apply_preset(self, kind: str, preset_id: str) -> None: ...
 
 
 def preset_commands() -> list[tuple[str, str, str, str]]:
     """(palette text, kind, preset id, help) for every preset, models first."""
-    from engine import presets
+    from memtui.engine.model import presets
 
     commands = []
     for spec in presets.models().values():
@@ -36,7 +40,7 @@ class PresetCommands(Provider):
         self._commands = preset_commands()
 
     def _apply(self, kind: str, preset_id: str) -> None:
-        cast("MemtuiApp", self.app).apply_preset(kind, preset_id)
+        cast(AppliesPresets, self.app).apply_preset(kind, preset_id)
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from engine.specs import ATTENTIONS, CHECKPOINTING, OFFLOADS, OPTIMIZER_IMPLS, OPTIMIZERS, PRECISIONS, QUANTS
+from memtui.engine.model.specs import ATTENTIONS, CHECKPOINTING, OFFLOADS, OPTIMIZER_IMPLS, OPTIMIZERS, PRECISIONS, QUANTS
 
 Kind = Literal["select", "int", "switch", "text", "model", "gpu", "path"]
 
@@ -21,7 +21,7 @@ class OptionSpec:
 
     @property
     def summary(self) -> str:
-        from tui.explain import summary
+        from memtui.tui.explain import summary
 
         return self.summary_text or summary(self.explainer)
 

@@ -12,11 +12,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
-from engine.architectures import ModelSpec
-from engine.errors import InputError
-from engine.ladder import SavingsLadder, savings_ladder
-from engine.local_gpu import LocalGpu
-from engine.specs import Budget, GpuSpec, Recipe, TrainingConfig
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.errors import InputError
+from memtui.engine.planning.ladder import SavingsLadder, savings_ladder
+from memtui.engine.telemetry.local_gpu import LocalGpu
+from memtui.engine.model.specs import Budget, GpuSpec, Recipe, TrainingConfig
 
 LOCAL_GPU = "@local"  # the GPU picker's value for "the GPU in this machine"
 
@@ -77,7 +77,7 @@ class Planner:
     # ---- lookups -----------------------------------------------------------
     def model_spec(self, name: str) -> ModelSpec:
         if name not in self._models:
-            from engine.presets import resolve_model
+            from memtui.engine.model.presets import resolve_model
 
             self._models[name] = resolve_model(name)
         return self._models[name]
@@ -85,7 +85,7 @@ class Planner:
     def gpu_spec(self) -> GpuSpec:
         if self.use_local_gpu and self.local_gpu is not None and self.options["gpu"] == self.local_gpu.spec.id:
             return self.local_gpu.spec
-        from engine.presets import resolve_gpu
+        from memtui.engine.model.presets import resolve_gpu
 
         return resolve_gpu(self.options["gpu"])
 
@@ -223,8 +223,8 @@ class Planner:
         With `ladder=False` the ladder is only looked up (None if it was never built): the budget is one
         estimate, the ladder one per rung, so the app draws the budget at once and builds the ladder aside.
         """
-        from engine.estimator import estimate
-        from engine.validation import config_from_options
+        from memtui.engine.estimator import estimate
+        from memtui.engine.model.validation import config_from_options
 
         error: InputError | None = None
         error_field: str | None = None

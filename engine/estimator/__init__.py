@@ -13,24 +13,24 @@ largest moment:
 
 from __future__ import annotations
 
-from engine.architectures import ModelSpec
-from engine.estimator.moments import activation_moments
-from engine.estimator.layout import (
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.estimator.moments import activation_moments
+from memtui.engine.estimator.layout import (
     INT8_BYTES_PER_PARAM,
     NF4_BYTES_PER_PARAM,
     ParamLayout,
     param_layout,
     trainable_params_total,
 )
-from engine.estimator.optimizers import (
+from memtui.engine.estimator.optimizers import (
     adafactor_state_params,
     galore_state_params,
     state_bytes_per_param,
     step_temp_bytes,
 )
-from engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
-from engine.presets import resolve_gpu, resolve_model
-from engine.specs import (
+from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
+from memtui.engine.model.presets import resolve_gpu, resolve_model
+from memtui.engine.model.specs import (
     Budget,
     Components,
     GpuSpec,
@@ -40,7 +40,7 @@ from engine.specs import (
     TimelinePoint,
     TrainingConfig,
 )
-from engine.validation import check_config, resolve_lora_targets
+from memtui.engine.model.validation import check_config, resolve_lora_targets
 
 __all__ = ["estimate"]
 

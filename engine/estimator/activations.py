@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.architectures import ModelSpec
-from engine.specs import TrainingConfig
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.specs import TrainingConfig
 
 
 @dataclass(frozen=True)

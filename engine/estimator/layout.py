@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from engine.architectures import LinearLayer, ModelSpec
-from engine.specs import TrainingConfig
-from engine.validation import resolve_lora_targets
+from memtui.engine.model.architectures import LinearLayer, ModelSpec
+from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.model.validation import resolve_lora_targets
 
 # bitsandbytes NF4 with double quantization: 4 bits per weight, one 8-bit absmax per
 # 64-weight block, and one fp32 absmax per 256 blocks (QLoRA: 0.127 bits of constants).

@@ -1,9 +1,9 @@
 """The forward and backward moments of a step: what is live beyond the model states.
 
-For every family memtui knows (engine.estimator.sim: Llama, Mistral, Qwen2,
+For every family memtui knows (memtui.engine.estimator.sim: Llama, Mistral, Qwen2,
 Qwen3, Phi-3, GPT-2, Gemma, Gemma-2, Mixtral) every candidate peak of the
 replayed step is evaluated at this batch size and sequence length. The closed
-forms of engine.estimator.activations remain as the fallback for a family the
+forms of memtui.engine.estimator.activations remain as the fallback for a family the
 simulator does not know; docs/accuracy.md shows how close each is to a trace.
 """
 
@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from engine.architectures import ModelSpec
-from engine.estimator.activations import activation_cost
-from engine.estimator.sim.core import lf_eval
-from engine.estimator.sim.families import Dims, Options
-from engine.estimator.sim.program import compile_step, dims_for, options_for
-from engine.specs import TrainingConfig
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.estimator.activations import activation_cost
+from memtui.engine.estimator.sim.core import lf_eval
+from memtui.engine.estimator.sim.families import Dims, Options
+from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for
+from memtui.engine.model.specs import TrainingConfig
 
 SIMULATED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma", "gemma2", "mixtral"})
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.specs import TrainingConfig
-from engine.validation import UNFUSED_OPTIMIZERS
+from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.model.validation import UNFUSED_OPTIMIZERS
 
 # bitsandbytes 8-bit blockwise states: 1 byte per value plus an fp32 absmax per 256-value block.
 ADAM8BIT_STATE_BYTES = 2 * (1 + 4 / 256)

@@ -8,8 +8,8 @@ torch.cuda.max_memory_allocated as well as in NVML.
 
 from __future__ import annotations
 
-from engine.specs import GpuSpec
-from engine.units import MiB
+from memtui.engine.model.specs import GpuSpec
+from memtui.engine.units import MiB
 
 # Measured on Hopper with CUDA 12 and lazy loading; older parts load fewer kernels.
 _CONTEXT_BYTES_BY_MAJOR = {6: 300 * MiB, 7: 320 * MiB, 8: 400 * MiB, 9: 500 * MiB, 10: 560 * MiB, 12: 560 * MiB}

@@ -6,7 +6,7 @@
 - `plan`: sizing + prediction + the fit check, pure Python, shared by the parent and the worker;
 - `lock`: one live run per machine;
 - `process`: start, stream and stop a worker (its own process group, dies with its parent);
-- `worker`: `python -m engine.live.worker`, the process that trains and measures;
+- `worker`: `python -m memtui.engine.live.worker`, the process that trains and measures;
 - `train`, `measure`: the worker's run and what it measures with torch;
 - `distributed`: DDP, ZeRO-1 and FSDP2 wrappers under torchrun (NCCL, or gloo on a CPU);
 - `compare`: predicted vs measured, and the full-size model calibrated from the run.

@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from engine.errors import InputError
-from engine.estimator import estimate
-from engine.live import sizing
-from engine.live.plan import RunPlan
-from engine.live.protocol import error_pct
-from engine.specs import Budget
+from memtui.engine.errors import InputError
+from memtui.engine.estimator import estimate
+from memtui.engine.live import sizing
+from memtui.engine.live.plan import RunPlan
+from memtui.engine.live.protocol import error_pct
+from memtui.engine.model.specs import Budget
 
 _END_OF_FORWARD = "loss"  # the estimator's moment when the forward pass has saved everything
 

@@ -13,9 +13,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from engine.specs import GpuSpec
-from engine.telemetry import host
-from engine.telemetry.nvml import probe
+from memtui.engine.model.specs import GpuSpec
+from memtui.engine.telemetry import host
+from memtui.engine.telemetry.nvml import probe
 
 DeviceKind = Literal["cpu", "cuda"]
 DEVICE_CHOICES = ("auto", "cpu", "cuda")

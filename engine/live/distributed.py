@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.specs import TrainingConfig
+from memtui.engine.model.specs import TrainingConfig
 
 
 def wrap(model: torch.nn.Module, layers: list[torch.nn.Module], config: TrainingConfig, device: torch.device) -> Any:

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from engine.trace.tracker import MemoryTracker, local_tensor
+from memtui.engine.trace.tracker import MemoryTracker, local_tensor
 
 
 @contextlib.contextmanager
 def cpu_flash_sdpa() -> Iterator[None]:
-    """The tracer's CUDA-like SDPA (engine.trace.cuda_sdpa), for real CPU tensors.
+    """The tracer's CUDA-like SDPA (memtui.engine.trace.cuda_sdpa), for real CPU tensors.
 
     CPU's flash kernel refuses attention dropout; CUDA's replays the RNG in backward
     and saves no mask, so the step allocates the same without it. The kernel runs
@@ -33,7 +33,7 @@ def cpu_flash_sdpa() -> Iterator[None]:
     """
     import torch.nn.functional as F
 
-    from engine.trace import cuda_sdpa as cuda
+    from memtui.engine.trace import cuda_sdpa as cuda
 
     def without_dropout(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                         enable_gqa=False):
@@ -47,7 +47,7 @@ def cpu_flash_sdpa() -> Iterator[None]:
 def cpu_dropout() -> contextlib.AbstractContextManager:
     """Dropout allocating what CUDA's fused kernel does (a one-byte mask), as the tracer runs it."""
     try:
-        from engine.trace.cuda_dropout import cuda_dropout
+        from memtui.engine.trace.cuda_dropout import cuda_dropout
     except ImportError:  # a tracer without it: CPU dropout as it is
         return contextlib.nullcontext()
     return cuda_dropout()

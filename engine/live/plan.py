@@ -13,15 +13,15 @@ import importlib.util
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engine.architectures import ModelSpec
-from engine.errors import InputError
-from engine.estimator import estimate
-from engine.estimator.overhead import cublas_workspace_bytes
-from engine.live import sizing
-from engine.live.devices import LocalDevice
-from engine.presets import resolve_model
-from engine.specs import Budget, TrainingConfig
-from engine.units import GiB, format_gib
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.errors import InputError
+from memtui.engine.estimator import estimate
+from memtui.engine.estimator.overhead import cublas_workspace_bytes
+from memtui.engine.live import sizing
+from memtui.engine.live.devices import LocalDevice
+from memtui.engine.model.presets import resolve_model
+from memtui.engine.model.specs import Budget, TrainingConfig
+from memtui.engine.units import GiB, format_gib
 
 UNSUPPORTED_CHOICES = ("refuse", "skip")
 DEFAULT_MAX_FRACTION = 0.25
@@ -165,14 +165,14 @@ def _cuda_only(config: TrainingConfig) -> list[tuple[str, dict[str, Any], str]]:
 def _not_built(config: TrainingConfig) -> list[tuple[str, dict[str, Any], str]]:
     """Options whose implementation module is absent from this installation."""
     found = []
-    needs = {"lion": "engine.optim", "galore-adamw": "engine.optim", "adamw-8bit": "engine.replicas"}
+    needs = {"lion": "memtui.engine.torchside.optim", "galore-adamw": "memtui.engine.torchside.optim", "adamw-8bit": "memtui.engine.torchside.replicas"}
     module = needs.get(config.optimizer)
     if module and importlib.util.find_spec(module) is None:
         found.append(("--optimizer", {"optimizer": "adamw"}, f"{config.optimizer} is not available in this build ({module} missing)"))
-    if config.master_weights and importlib.util.find_spec("engine.optim") is None:
+    if config.master_weights and importlib.util.find_spec("memtui.engine.torchside.optim") is None:
         found.append(("--master-weights", {"master_weights": False}, "master weights are not available in this build"))
-    if config.quant != "none" and importlib.util.find_spec("engine.replicas") is None:
-        found.append(("--quant", {"quant": "none"}, f"{config.quant} is not available in this build (engine.replicas missing)"))
+    if config.quant != "none" and importlib.util.find_spec("memtui.engine.torchside.replicas") is None:
+        found.append(("--quant", {"quant": "none"}, f"{config.quant} is not available in this build (memtui.engine.torchside.replicas missing)"))
     return found
 
 

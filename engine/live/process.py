@@ -18,25 +18,23 @@ import os
 import selectors
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psutil
 
-from engine.errors import InputError
-from engine.live.devices import LocalDevice, detect
-from engine.live.lock import RunLock
-from engine.live.plan import LiveOptions, RunPlan, make_plan
-from engine.live.protocol import FINAL_TYPES, decode
-from engine.specs import TrainingConfig
+from memtui.engine.errors import InputError
+from memtui.engine.live.devices import LocalDevice, detect
+from memtui.engine.live.lock import RunLock
+from memtui.engine.live.plan import LiveOptions, RunPlan, make_plan
+from memtui.engine.live.protocol import FINAL_TYPES, decode
+from memtui.engine.python_command import python_module
+from memtui.engine.model.specs import TrainingConfig
 
 CANCEL_GRACE_S = 1.0
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 _running: set[WorkerProcess] = set()  # for the atexit sweep
 
 
@@ -86,12 +84,11 @@ def _cuda_count() -> int | None:
 
 def worker_command(config: TrainingConfig, options: LiveOptions, device_kind: str, ranks: int) -> list[str]:
     request = json.dumps({"config": config.model_dump(mode="json"), "options": options.as_json(), "device": device_kind})
-    module = ["-m", "engine.live.worker", "--request", request]
+    worker = python_module("memtui.engine.live.worker", "--request", request)
     if ranks <= 1:
-        return [sys.executable, *module]
-    # torchrun: one worker per rank, rendezvous on a free local port.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-            "-m", "engine.live.worker", "--request", request]
+        return worker
+    # torchrun: one worker per rank, rendezvous on a free local port; --no-python runs our argv as it is.
+    return python_module("torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "--no-python", *worker)
 
 
 def worker_env() -> dict[str, str]:
@@ -104,8 +101,6 @@ def worker_env() -> dict[str, str]:
     # glibc: a fixed mmap threshold returns a freed tensor's pages to the OS (as a tensor-sized
     # block), so a CPU run's RSS follows the live tensors instead of keeping freed heap.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    paths = [str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
@@ -127,7 +122,7 @@ class WorkerProcess:
     # ---- life cycle ------------------------------------------------------------------------
     def start(self) -> WorkerProcess:
         if self.lock is not None:
-            from engine.live.lock import RunLockBusy
+            from memtui.engine.live.lock import RunLockBusy
 
             try:
                 self.lock.acquire(self.owner)

@@ -29,6 +29,10 @@ FINAL_TYPES = ("summary", "refused", "error")
 RESULTS = ("completed", "oom", "cancelled")
 
 
+class Cancelled(BaseException):
+    """Raised in the worker's main thread by the cancel signal; BaseException so no library swallows it."""
+
+
 def encode(message: dict[str, Any]) -> str:
     return json.dumps(message, separators=(",", ":"), allow_nan=False)
 

@@ -15,8 +15,8 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.architectures import ModelSpec, model_spec_from_config
-from engine.errors import InputError
+from memtui.engine.model.architectures import ModelSpec, model_spec_from_config
+from memtui.engine.errors import InputError
 
 # Families whose transformers config derives head_dim from hidden_size / heads.
 _DERIVED_HEAD_DIM = {"qwen2", "phi3", "gpt2"}

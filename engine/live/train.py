@@ -1,7 +1,7 @@
 """The worker's run: set up the device, plan, build, train N steps, measure, summarise.
 
-Runs inside `python -m engine.live.worker`; imports torch when `execute()` starts.
-The model, optimizer, batch and step come from engine.build, so the live run
+Runs inside `python -m memtui.engine.live.worker`; imports torch when `execute()` starts.
+The model, optimizer, batch and step come from memtui.engine.torchside.build, so the live run
 trains what the tracer traces. On the CPU the step runs under CUDA's autocast
 policy and SDPA path (as the tracer does), so the tensors it allocates are the
 ones a CUDA step allocates, and the MemoryTracker measures them.
@@ -15,16 +15,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.estimator.overhead import cuda_context_bytes
-from engine.live.compare import build_summary
-from engine.live.devices import LocalDevice, cpu_device, visible_cuda_index
-from engine.live.plan import LiveOptions, RunPlan, cpu_oom_limit, make_plan
-from engine.live.protocol import error_pct
-from engine.specs import TrainingConfig
-from engine.telemetry.host import ProcessRss, available_memory_bytes
-from engine.telemetry.nvml import Nvml
-from engine.telemetry.recording import NvmlRecorder
-from engine.telemetry.sampler import Sampler, nvml_source
+from memtui.engine.estimator.overhead import cuda_context_bytes
+from memtui.engine.live.compare import build_summary
+from memtui.engine.live.devices import LocalDevice, cpu_device, visible_cuda_index
+from memtui.engine.live.plan import LiveOptions, RunPlan, cpu_oom_limit, make_plan
+from memtui.engine.live.protocol import Cancelled, error_pct
+from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.telemetry.host import ProcessRss, available_memory_bytes
+from memtui.engine.telemetry.nvml import Nvml
+from memtui.engine.telemetry.recording import NvmlRecorder
+from memtui.engine.telemetry.sampler import Sampler, nvml_source
 
 PEAK_FIELDS = ("allocated", "allocated_peak", "reserved", "nvml_used", "nvml_process", "rss")
 
@@ -91,8 +91,6 @@ class TrainingRun:
             self.sampler.stop(final=True)
 
     def _mark(self, phase: str) -> None:
-        from engine.live.worker import Cancelled
-
         if self.state.cancelled:
             raise Cancelled
         self.state.phase = phase
@@ -113,11 +111,11 @@ class TrainingRun:
         self.state.phase = "importing torch"
         import torch
 
-        from engine.trace.fake_step import _quiet  # noqa: PLC0415 - torch is imported from here on
+        from memtui.engine.trace.fake_step import _quiet  # noqa: PLC0415 - torch is imported from here on
 
         with _quiet():
-            import engine.build  # noqa: F401 - imports transformers: part of the runtime measured below
-            import engine.trace.hf_patches  # noqa: F401
+            import memtui.engine.torchside.build  # noqa: F401 - imports transformers: part of the runtime measured below
+            import memtui.engine.trace.hf_patches  # noqa: F401
         if self.kind == "cuda" and not torch.cuda.is_available():
             # NVML could not tell (no driver, WSL): torch is the last word, and this is the user's choice to fix.
             self.stop_sampling()
@@ -190,7 +188,7 @@ class TrainingRun:
             index=index, driver_version=info.driver_version if info else None, nvml=nvml.available,
             nvml_reason=nvml.reason,
         )
-        from engine.live.measure import CudaCounters
+        from memtui.engine.live.measure import CudaCounters
 
         self.counters = CudaCounters(device)
         self.torch_device = device
@@ -212,8 +210,8 @@ class TrainingRun:
         return local, torch.cuda.device_count()
 
     def _train(self, torch) -> int:
-        from engine.build import build_model, build_optimizer, compute_dtype, synthetic_batch, training_step
-        from engine.live.measure import (
+        from memtui.engine.torchside.build import build_model, build_optimizer, compute_dtype, synthetic_batch, training_step
+        from memtui.engine.live.measure import (
             LayerProbe,
             LiveTracker,
             cpu_dropout,
@@ -222,8 +220,8 @@ class TrainingRun:
             fsdp_storage_resizes,
             layer_state_bytes,
         )
-        from engine.trace.cuda_autocast import cuda_like_autocast
-        from engine.trace.hf_patches import real_run_decisions
+        from memtui.engine.trace.cuda_autocast import cuda_like_autocast
+        from memtui.engine.trace.hf_patches import real_run_decisions
 
         plan = self.plan
         assert plan is not None
@@ -252,7 +250,7 @@ class TrainingRun:
         resizes = contextlib.nullcontext()
         if tracker is not None and self.distributed and config.zero >= 2:
             resizes = fsdp_storage_resizes(tracker)
-        from engine.trace.fake_step import _quiet
+        from memtui.engine.trace.fake_step import _quiet
 
         try:
             self.state.phase = "building"
@@ -267,14 +265,14 @@ class TrainingRun:
                 model = build_model(spec, config, device=device, quant_backend="auto")
             layers = decoder_layers(model, spec.num_layers)
             if self.distributed:
-                from engine.live.distributed import wrap
+                from memtui.engine.live.distributed import wrap
 
                 model = wrap(model, layers, config, device)
             if tracker is not None:
                 if cpu:  # the tracker is the CPU's allocator counter; on CUDA torch's counters are
                     self.sampler.sources.append(
                         lambda: {"allocated": tracker.live_bytes, "allocated_peak": tracker.take_window_peak()})
-                from engine.trace.fake_step import watch_model
+                from memtui.engine.trace.fake_step import watch_model
 
                 weight_ids = watch_model(tracker, model, gradients)
                 if cpu:
@@ -287,12 +285,12 @@ class TrainingRun:
             core.get_output_embeddings().register_forward_hook(lambda *_: self._mark("loss"))
             optimizer = build_optimizer(model, config, device_type="cpu" if cpu else "cuda")
             if self.distributed and config.zero == 1:
-                from engine.live.distributed import zero1_optimizer
+                from memtui.engine.live.distributed import zero1_optimizer
 
                 optimizer = zero1_optimizer(model, config, optimizer)
             if tracker is not None:
                 # States made when the optimizer is built (master weights' fp32 copies), before the tracker watched.
-                from engine.trace.fake_step import optimizer_state_tensors
+                from memtui.engine.trace.fake_step import optimizer_state_tensors
 
                 for state in optimizer_state_tensors(optimizer)[0]:
                     tracker.track(state, "optimizer_state")
@@ -369,8 +367,8 @@ class TrainingRun:
             "components": None, "peak_phase": None, "peak_step": None,
         }
         if tracker is not None:
-            from engine.trace.analysis import summarize
-            from engine.trace.fake_step import classify_by_owner
+            from memtui.engine.trace.analysis import summarize
+            from memtui.engine.trace.fake_step import classify_by_owner
 
             classify_by_owner(tracker, weights=weight_ids, gradients=gradients, optimizer=optimizer, scaler=scaler)
             analysis = summarize(tracker.log)
@@ -441,7 +439,7 @@ def _dump_peak(analysis: Any, rank: int) -> None:
         return
     import json
 
-    from engine.trace.analysis import allocations_at_event
+    from memtui.engine.trace.analysis import allocations_at_event
 
     with open(path, "w", encoding="utf-8") as file:
         json.dump({"peak_bytes": analysis.peak_bytes, "step": analysis.peak_step, "phase": analysis.peak_phase,

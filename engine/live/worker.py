@@ -1,7 +1,7 @@
-"""`python -m engine.live.worker --request JSON`: train the planned run and stream what it measures.
+"""`python -m memtui.engine.live.worker --request JSON`: train the planned run and stream what it measures.
 
 The worker is the only process that imports torch. It writes protocol messages
-(engine.live.protocol) to its own copy of stdout and points file descriptor 1
+(memtui.engine.live.protocol) to its own copy of stdout and points file descriptor 1
 at stderr, so nothing a library prints can corrupt the stream. It ends:
 
 - after the summary (exit 0), or refused (exit 2), or on an error (exit 1);
@@ -27,13 +27,9 @@ import time
 import traceback
 from typing import Any
 
-from engine.live.protocol import encode
+from memtui.engine.live.protocol import Cancelled, encode
 
 PARENT_POLL_S = 0.2
-
-
-class Cancelled(BaseException):
-    """Raised in the main thread by the cancel signal; BaseException so no library swallows it."""
 
 
 class Emitter:
@@ -113,7 +109,7 @@ def _install_signals(state: RunState) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.live.worker")
+    parser = argparse.ArgumentParser(prog="python -m memtui.engine.live.worker")
     parser.add_argument("--request", required=True, help="JSON: {config, options, device}")
     args = parser.parse_args(argv)
     request = json.loads(args.request)
@@ -127,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     out({"type": "hello", "pid": os.getpid(), "t": 0.0, "rank": rank,
          "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
 
-    from engine.live.train import TrainingRun  # noqa: PLC0415 - after the stream is safe
+    from memtui.engine.live.train import TrainingRun  # noqa: PLC0415 - after the stream is safe
 
     run = TrainingRun(request, out, state, started)
     try:

@@ -28,8 +28,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from engine.telemetry.nvml import Nvml, NvmlDevice, NvmlReading
-from engine.telemetry.sampler import SAMPLE_FIELDS, nvml_source
+from memtui.engine.telemetry.nvml import Nvml, NvmlDevice, NvmlReading
+from memtui.engine.telemetry.sampler import SAMPLE_FIELDS, nvml_source
 
 FORMAT = "memtui-nvml-stream"
 VERSION = 1

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine.telemetry.host import ProcessRss
-from engine.telemetry.nvml import Nvml
+from memtui.engine.telemetry.host import ProcessRss
+from memtui.engine.telemetry.nvml import Nvml
 
 Source = Callable[[], dict[str, Any]]
 Emit = Callable[[dict[str, Any]], None]

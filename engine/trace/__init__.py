@@ -1,5 +1,6 @@
 """The exact tracer: two training steps of the real architecture on fake tensors."""
 
-from engine.trace.runner import TraceResult, trace
+from memtui.engine.trace.result import TraceResult
+from memtui.engine.trace.runner import trace
 
 __all__ = ["TraceResult", "trace"]

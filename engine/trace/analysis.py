@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.specs import COMPONENT_NAMES
-from engine.trace.tracker import Allocation, MemoryLog
+from memtui.engine.model.specs import COMPONENT_NAMES
+from memtui.engine.trace.tracker import Allocation, MemoryLog
 
 TENSOR_COMPONENTS = tuple(name for name in COMPONENT_NAMES if name != "overhead")
 

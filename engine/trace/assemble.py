@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from engine.architectures import ModelSpec
-from engine.estimator import estimate
-from engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
-from engine.specs import Budget, Components, GpuSpec, GpuSummary, ModelStates, ModelSummary, TimelinePoint, TrainingConfig
-from engine.trace.analysis import summarize
-from engine.trace.fake_step import StepExtras
-from engine.trace.runner import TraceResult
-from engine.trace.tracker import MemoryLog
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.estimator import estimate
+from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
+from memtui.engine.model.specs import Budget, Components, GpuSpec, GpuSummary, ModelStates, ModelSummary, TimelinePoint, TrainingConfig
+from memtui.engine.trace.analysis import summarize
+from memtui.engine.trace.fake_step import StepExtras
+from memtui.engine.trace.result import TraceResult
+from memtui.engine.trace.tracker import MemoryLog
 
 _PHASE_ORDER = ("forward", "loss", "backward", "optimizer")
 

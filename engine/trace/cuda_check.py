@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 
-from engine.architectures import ModelSpec
-from engine.errors import InputError
-from engine.specs import TrainingConfig
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.errors import InputError
+from memtui.engine.model.specs import TrainingConfig
 
 STEPS = 2
 
@@ -27,7 +27,7 @@ def measure_on_cuda(spec: ModelSpec, config: TrainingConfig) -> dict:
     """Run two real steps on cuda:0; bytes measured by the caching allocator."""
     import torch
 
-    from engine.build import build_model, build_optimizer, compute_dtype, training_step
+    from memtui.engine.torchside.build import build_model, build_optimizer, compute_dtype, training_step
 
     if not torch.cuda.is_available():
         raise InputError("--device", "cuda was asked for but torch sees no CUDA device", "cpu (the default), or cuda on a GPU machine")

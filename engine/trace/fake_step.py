@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from engine.architectures import ModelSpec
-from engine.build import build_model, build_optimizer, compute_dtype, training_step
-from engine.specs import TrainingConfig
-from engine.trace.cuda_autocast import cuda_autocast_policy, cuda_like_autocast
-from engine.trace.cuda_dropout import cuda_dropout
-from engine.trace.cuda_sdpa import cuda_sdpa
-from engine.trace.hf_patches import real_run_decisions
-from engine.trace.tracker import MemoryLog, MemoryTracker, classify
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.torchside.build import build_model, build_optimizer, compute_dtype, training_step
+from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.trace.cuda_autocast import cuda_autocast_policy, cuda_like_autocast
+from memtui.engine.trace.cuda_dropout import cuda_dropout
+from memtui.engine.trace.cuda_sdpa import cuda_sdpa
+from memtui.engine.trace.hf_patches import real_run_decisions
+from memtui.engine.trace.tracker import MemoryLog, MemoryTracker, classify
 
 STEPS = 2
 

@@ -18,42 +18,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from engine.architectures import ModelSpec
-from engine.presets import resolve_gpu, resolve_model
-from engine.specs import Budget, GpuSpec, TrainingConfig
-from engine.validation import check_config
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.presets import resolve_gpu, resolve_model
+from memtui.engine.model.specs import GpuSpec, TrainingConfig
+from memtui.engine.model.validation import check_config
+from memtui.engine.trace.result import TraceResult
 
 Progress = Callable[[str, float], None]
-
-
-@dataclass
-class TraceResult:
-    budget: Budget
-    traced: list[str]
-    modelled: list[str]
-    seconds: float
-    peak_step: int
-    peak_phase: str
-    phase_peaks: list[dict] = field(default_factory=list)
-    top_allocations: list[dict] = field(default_factory=list)
-    samples: list[dict] = field(default_factory=list)
-    traced_tensor_peak_bytes: int = 0  # tensors the step itself allocated, before modelled additions
-
-    def as_json(self) -> dict:
-        data = self.budget.model_dump(mode="json")
-        data.update(
-            method="trace",
-            traced=self.traced,
-            modelled=self.modelled,
-            seconds=round(self.seconds, 3),
-            traced_tensor_peak_bytes=self.traced_tensor_peak_bytes,
-            peak_step=self.peak_step,
-            phase_peaks=self.phase_peaks,
-            top_allocations=self.top_allocations,
-        )
-        return data
 
 
 def _single_gpu(config: TrainingConfig) -> TrainingConfig:
@@ -75,11 +47,11 @@ def trace(
     notes = check_config(config, spec, gpu)
 
     report("importing torch", 0.0)
-    from engine.trace.fake_step import run_fake_steps
+    from memtui.engine.trace.fake_step import run_fake_steps
 
     local = _single_gpu(config)
     log, extras = run_fake_steps(spec, local, report)
-    from engine.trace.assemble import assemble
+    from memtui.engine.trace.assemble import assemble
 
     result = assemble(config, local, spec, gpu, log, extras, notes=notes)
     result.seconds = time.perf_counter() - started

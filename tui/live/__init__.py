@@ -5,6 +5,6 @@
 worker (`LiveRunController`); torch is never imported in the TUI process.
 """
 
-from tui.live.panel import LivePanel
+from memtui.tui.live.panel import LivePanel
 
 __all__ = ["LivePanel"]

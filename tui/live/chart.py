@@ -13,8 +13,8 @@ from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
 
-from engine.telemetry.series import SampleSeries
-from engine.units import GiB
+from memtui.engine.telemetry.series import SampleSeries
+from memtui.engine.units import GiB
 
 _EIGHTHS = " ▁▂▃▄▅▆▇█"
 # The loss is a short moment between forward and backward: at chart resolution it would hide B.

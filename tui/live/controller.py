@@ -16,7 +16,7 @@ from typing import Any
 
 from textual.message import Message
 
-from tui.live.messages import LiveRunEnded, LiveStreamUpdated
+from memtui.tui.live.messages import LiveRunEnded, LiveStreamUpdated
 
 
 class LiveRunController:
@@ -26,7 +26,7 @@ class LiveRunController:
         self._buffer: collections.deque[dict[str, Any]] = collections.deque()
         self._guard = threading.Lock()
         self._stop = threading.Event()
-        self._worker: Any = None  # engine.live.process.WorkerProcess while running
+        self._worker: Any = None  # memtui.engine.live.process.WorkerProcess while running
 
     # ---- called from the UI thread -----------------------------------------------------------
     def request_stop(self) -> None:
@@ -55,8 +55,8 @@ class LiveRunController:
     # ---- called from the thread worker -------------------------------------------------------
     def run(self, config: Any, options: Any, cancelled: Callable[[], bool] = lambda: False) -> dict[str, Any]:
         """Preflight, start, stream until the end; returns (and posts) the final message."""
-        from engine.errors import InputError
-        from engine.live.process import LiveRefused, WorkerProcess, preflight
+        from memtui.engine.errors import InputError
+        from memtui.engine.live.process import LiveRefused, WorkerProcess, preflight
 
         self._stop.clear()
         stop = lambda: self._stop.is_set() or cancelled()  # noqa: E731

@@ -20,12 +20,12 @@ from textual.containers import Horizontal, Vertical
 from textual.worker import Worker, WorkerState, get_current_worker
 from textual.widgets import DataTable, ProgressBar, Static
 
-from engine.live.protocol import error_pct
-from engine.telemetry.series import SampleSeries
-from engine.units import GiB
-from tui.live.chart import MemoryChart
-from tui.live.controller import LiveRunController
-from tui.live.messages import LiveRunEnded, LiveStreamUpdated
+from memtui.engine.live.protocol import error_pct
+from memtui.engine.telemetry.series import SampleSeries
+from memtui.engine.units import GiB
+from memtui.tui.live.chart import MemoryChart
+from memtui.tui.live.controller import LiveRunController
+from memtui.tui.live.messages import LiveRunEnded, LiveStreamUpdated
 
 WORKER_GROUP = "memtui-live-run"
 ROWS = (
@@ -57,7 +57,7 @@ class LivePanel(Vertical):
                  lock: bool = True) -> None:
         super().__init__(name=name, id=id, classes=classes)
         self.controller = LiveRunController(self.post_message, lock=lock)
-        self.options: Any = None  # engine.live.plan.LiveOptions for `r`; None: the defaults, unsupported options skipped
+        self.options: Any = None  # memtui.engine.live.plan.LiveOptions for `r`; None: the defaults, unsupported options skipped
         self.state = "idle"
         self.series = SampleSeries()
         self.device: dict[str, Any] = {}
@@ -99,7 +99,7 @@ class LivePanel(Vertical):
         if self.running:
             self.notify("A live run is already going; press s to stop it.", severity="warning")
             return False
-        from engine.live.plan import LiveOptions
+        from memtui.engine.live.plan import LiveOptions
 
         self.reset()
         self._set_state("starting")

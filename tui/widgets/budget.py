@@ -9,14 +9,14 @@ from textual.content import Content
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from engine.specs import COMPONENT_NAMES, Budget
-from engine.units import GiB, format_count
-from tui.planner import PlanResult, config_differences
-from tui.widgets.component_styles import COMPONENT_LABELS, swatch
-from tui.widgets.text import Text
+from memtui.engine.model.specs import COMPONENT_NAMES, Budget
+from memtui.engine.units import GiB, format_count
+from memtui.tui.planner import PlanResult, config_differences
+from memtui.tui.widgets.component_styles import COMPONENT_LABELS, swatch
+from memtui.tui.widgets.text import Text
 
 if TYPE_CHECKING:
-    from engine.fit import Suggestion
+    from memtui.engine.planning.fit import Suggestion
 
 
 def gib(n_bytes: float, digits: int = 2) -> str:
@@ -254,7 +254,7 @@ class PinSummary(Text):
 
 
 class FitHint(Text):
-    """Under a "does not fit" verdict: the least invasive change that fits (engine.fit.suggest), and `f` applies it.
+    """Under a "does not fit" verdict: the least invasive change that fits (memtui.engine.planning.fit.suggest), and `f` applies it.
 
     The search takes up to a fraction of a second, so it runs in a worker; until its answer for the current
     options arrives, the previous hint stays, dimmed.

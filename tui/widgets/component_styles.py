@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from textual.content import Content
 
-from engine.specs import COMPONENT_LABELS, COMPONENT_NAMES
+from memtui.engine.model.specs import COMPONENT_LABELS, COMPONENT_NAMES
 
 SHORT_LABELS = {
     "weights": "weights",

@@ -10,13 +10,13 @@ from textual.events import Resize
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
-from engine.ladder import LadderStep, SavingsLadder
-from engine.specs import COMPONENT_NAMES
-from engine.units import GiB
-from tui.explain import summary
-from tui.widgets.budget import gib, signed_gib
-from tui.widgets.component_styles import SHORT_LABELS
-from tui.widgets.text import Text
+from memtui.engine.planning.ladder import LadderStep, SavingsLadder
+from memtui.engine.model.specs import COMPONENT_NAMES
+from memtui.engine.units import GiB
+from memtui.tui.explain import summary
+from memtui.tui.widgets.budget import gib, signed_gib
+from memtui.tui.widgets.component_styles import SHORT_LABELS
+from memtui.tui.widgets.text import Text
 
 STEP_EXPLAINERS = {"baseline": "optimizer_states"}  # what to explain for the baseline row
 # Options that belong to another option's rung.

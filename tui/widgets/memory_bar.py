@@ -6,9 +6,9 @@ from textual.content import Content
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from engine.specs import COMPONENT_NAMES, Budget
-from engine.units import GiB
-from tui.widgets.component_styles import COMPONENT_STYLES, SHORT_LABELS, glyph, swatch
+from memtui.engine.model.specs import COMPONENT_NAMES, Budget
+from memtui.engine.units import GiB
+from memtui.tui.widgets.component_styles import COMPONENT_STYLES, SHORT_LABELS, glyph, swatch
 
 
 def segment_widths(values: list[int], scale: float, width: int) -> list[int]:

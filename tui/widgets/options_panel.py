@@ -11,12 +11,12 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
-from engine.architectures import ModelSpec
-from engine.local_gpu import LocalGpu
-from engine.specs import GpuSpec
-from engine.units import GiB
-from tui.option_specs import GROUPS, OptionSpec
-from tui.planner import LOCAL_GPU, Planner
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.telemetry.local_gpu import LocalGpu
+from memtui.engine.model.specs import GpuSpec
+from memtui.engine.units import GiB
+from memtui.tui.option_specs import GROUPS, OptionSpec
+from memtui.tui.planner import LOCAL_GPU, Planner
 
 
 class EditingInput(Input):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.estimator.sim import ops
-from engine.estimator.sim.core import Sim, Tensor, const, lf_scale, per_position, per_token
+from memtui.engine.estimator.sim import ops
+from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_scale, per_position, per_token
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ backward formula allocates, in order. Sizes are element counts as linear forms
 
 from __future__ import annotations
 
-from engine.estimator.sim.core import LF, Sim, Tensor, lf_scale
+from memtui.engine.estimator.sim.core import LF, Sim, Tensor, lf_scale
 
 _PROMOTION = {"f32": 3, "bf16": 2, "f16": 2, "i64": 1, "i32": 1, "bool": 0, "u8": 0, "i8": 0}
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from engine.architectures import ModelSpec
-from engine.estimator.sim import ops
-from engine.estimator.sim.core import (
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.estimator.sim import ops
+from memtui.engine.estimator.sim.core import (
     CATEGORIES,
     LF,
     ZERO,
@@ -30,7 +30,7 @@ from engine.estimator.sim.core import (
     per_token,
     per_token_seq,
 )
-from engine.estimator.sim.families import (
+from memtui.engine.estimator.sim.families import (
     Dims,
     Options,
     gpt2_layer,
@@ -42,8 +42,8 @@ from engine.estimator.sim.families import (
     rotary,
     softcap,
 )
-from engine.specs import TrainingConfig
-from engine.validation import resolve_lora_targets
+from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.model.validation import resolve_lora_targets
 
 FORWARD_SEGMENTS = ("inputs", "embed_fwd", "layer_fwd", "head_fwd")
 _BACKWARD_OF = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from engine.specs import COMPONENT_LABELS, COMPONENT_NAMES, Budget
-from engine.units import format_count, format_gib
+from memtui.engine.model.specs import COMPONENT_LABELS, COMPONENT_NAMES, Budget
+from memtui.engine.units import format_count, format_gib
 
 
 def budget_table(budget: Budget, title: str | None = None) -> Table:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from engine.errors import InputError
-from engine.presets import resolve_recipe
-from engine.specs import (
+from memtui.engine.errors import InputError
+from memtui.engine.model.presets import resolve_recipe
+from memtui.engine.model.specs import (
     ATTENTIONS,
     CHECKPOINTING,
     OFFLOADS,
@@ -20,7 +20,7 @@ from engine.specs import (
     QUANTS,
     TrainingConfig,
 )
-from engine.validation import config_from_options
+from memtui.engine.model.validation import config_from_options
 
 _DEFAULTS = TrainingConfig()
 
@@ -105,7 +105,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainingConfig:
     options.update(overrides)
     if "seq_len" not in options:
         # A model with learned positions (GPT-2) cannot take the default length; use its own.
-        from engine.presets import resolve_model
+        from memtui.engine.model.presets import resolve_model
 
         spec = resolve_model(options.get("model", _DEFAULTS.model))
         if spec.positions == "learned":

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine import presets
+    from memtui.engine.model import presets
 
     models, gpus, recipes = presets.models(), presets.gpus(), presets.recipes()
     kinds = [args.kind] if args.kind else ["models", "gpus", "recipes"]
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from engine.units import format_count, format_gib
+    from memtui.engine.units import format_count, format_gib
 
     console = Console()
     if "models" in kinds:

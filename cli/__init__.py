@@ -6,8 +6,8 @@ import argparse
 import importlib
 import sys
 
-from engine import __version__
-from engine.errors import InputError
+from memtui import __version__
+from memtui.engine.errors import InputError
 
 # Subcommand modules, imported only to build the parser; heavy work is imported in run().
 _COMMANDS = ("estimate", "trace", "run", "fit", "presets_cmd", "validate", "serve")
@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=OneLineParser)
     for name in _COMMANDS:
         try:
-            module = importlib.import_module(f"engine.cli.{name}")
+            module = importlib.import_module(f"memtui.cli.{name}")
         except ModuleNotFoundError as error:
-            if error.name == f"engine.cli.{name}":
+            if error.name == f"memtui.cli.{name}":
                 continue  # command not built in this checkout
             raise
         module.add_parser(subparsers)
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        from tui.app import run_app
+        from memtui.tui.app import run_app
 
         return run_app()
     parser = build_parser()

@@ -1,6 +1,6 @@
 """The pydantic models every front end goes through: one per concept.
 
-ModelSpec lives in engine.architectures (it is derived from a Hugging Face
+ModelSpec lives in memtui.engine.model.architectures (it is derived from a Hugging Face
 config.json); this module holds the GPU, the training options, recipes and the
 Budget an estimate or a trace returns.
 """

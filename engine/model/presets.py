@@ -15,9 +15,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine.architectures import ModelSpec, load_config_file
-from engine.errors import InputError, PresetError
-from engine.specs import GpuSpec, Recipe, TrainingConfig
+from memtui.engine.model.architectures import ModelSpec, load_config_file
+from memtui.engine.errors import InputError, PresetError
+from memtui.engine.model.specs import GpuSpec, Recipe, TrainingConfig
 
 
 def presets_dir() -> Path:
@@ -30,11 +30,11 @@ def _presets_dir(override: str) -> Path:
     # Cached: every estimate resolves its presets, and the file system checks cost more than the estimate.
     if override:
         return Path(override)
-    here = Path(__file__).resolve().parent
-    source_tree = here.parent / "presets"
-    if source_tree.is_dir():
-        return source_tree
-    return here / "_presets"
+    # A wheel holds memtui/presets beside memtui/engine; the source tree, presets/ beside engine/.
+    # Not resolve()d: in the source tree memtui/engine is a link, and both places work through it.
+    package = Path(__file__).parents[2]
+    installed = package / "presets"
+    return installed if installed.is_dir() else package.parent / "presets"
 
 
 def _first_error(error: ValidationError) -> tuple[str, str]:

@@ -13,7 +13,7 @@ or CPU) train exactly the same thing, and the estimator models exactly that:
   decoder layer (non-reentrant); "selective" checkpoints only the attention
   core (Megatron's selective recomputation);
 - LoRA: peft, dropout 0, every other weight frozen;
-- quant: bitsandbytes on CUDA; elsewhere memtui's replicas (engine.replicas)
+- quant: bitsandbytes on CUDA; elsewhere memtui's replicas (memtui.engine.torchside.replicas)
   that allocate exactly what bitsandbytes allocates;
 - the training step drops the model output before backward (as HF's Trainer does),
   so the logits are not kept alive through backward.
@@ -28,9 +28,9 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from engine.architectures import ModelSpec
-from engine.specs import TrainingConfig
-from engine.validation import resolve_lora_targets
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.model.validation import resolve_lora_targets
 
 if TYPE_CHECKING:
     import torch
@@ -151,7 +151,7 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
         _checkpoint_attention_core(model)
 
     if config.quant != "none":
-        from engine.replicas import quantize_linears
+        from memtui.engine.torchside.replicas import quantize_linears
 
         backend = quant_backend
         if backend == "auto":
@@ -177,7 +177,7 @@ def apply_lora(model, spec: ModelSpec, config: TrainingConfig):
         task_type="CAUSAL_LM",
     )
     if config.quant != "none":
-        from engine.replicas import lora_wrappers
+        from memtui.engine.torchside.replicas import lora_wrappers
 
         wrappers = lora_wrappers()
         if wrappers and any(type(module) in wrappers for module in model.modules()):
@@ -272,21 +272,21 @@ def build_optimizer(model, config: TrainingConfig, *, device_type: str = "cuda")
     elif name == "adafactor":
         optimizer = torch.optim.Adafactor(params, lr=1e-2, foreach=impl == "foreach")
     elif name == "lion":
-        from engine.optim import Lion
+        from memtui.engine.torchside.optim import Lion
 
         optimizer = Lion(params, lr=1e-4, weight_decay=0.01, foreach=impl == "foreach")
     elif name == "galore-adamw":
-        from engine.optim import galore_adamw
+        from memtui.engine.torchside.optim import galore_adamw
 
         optimizer = galore_adamw(model, rank=config.galore_rank, foreach=impl == "foreach", fused=impl == "fused")
     elif name == "adamw-8bit":
-        from engine.replicas import adamw_8bit
+        from memtui.engine.torchside.replicas import adamw_8bit
 
         optimizer = adamw_8bit(params, device_type=device_type)
     else:  # pragma: no cover - TrainingConfig validates the name
         raise ValueError(name)
     if config.master_weights:
-        from engine.optim import MasterWeights
+        from memtui.engine.torchside.optim import MasterWeights
 
         optimizer = MasterWeights(optimizer)
     return optimizer

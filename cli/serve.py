@@ -14,6 +14,8 @@ import shlex
 import socket
 import sys
 
+from memtui.engine.python_command import python_module
+
 HELP = "serve the planner in a web browser (for workshops and remote machines)"
 
 DEFAULT_HOST = "127.0.0.1"
@@ -68,7 +70,7 @@ def is_loopback(host: str) -> bool:
 
 def app_command() -> str:
     """The shell command textual-serve runs for each browser session: this Python, `memtui` with no arguments."""
-    return f"{shlex.quote(sys.executable)} -m engine"
+    return shlex.join(python_module("memtui"))
 
 
 def public_url(host: str, port: int) -> str:

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from engine.architectures import ModelSpec
+from memtui.engine.model.architectures import ModelSpec
 
 NF4_BLOCK = 64
 NESTED_BLOCK = 256

@@ -21,13 +21,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from engine.architectures import ModelSpec
-from engine.errors import InputError
-from engine.estimator import estimate
-from engine.presets import resolve_gpu, resolve_model
-from engine.specs import Budget, GpuSpec, TrainingConfig
-from engine.units import format_gib
-from engine.validation import flag_name
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.errors import InputError
+from memtui.engine.estimator import estimate
+from memtui.engine.model.presets import resolve_gpu, resolve_model
+from memtui.engine.model.specs import Budget, GpuSpec, TrainingConfig
+from memtui.engine.units import format_gib
+from memtui.engine.model.validation import flag_name
 
 __all__ = [
     "BATCH_LIMIT",

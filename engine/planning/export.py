@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from engine.ladder import SavingsLadder
-from engine.specs import COMPONENT_LABELS, COMPONENT_NAMES, Budget
-from engine.units import GiB, format_count, format_gib
+from memtui.engine.planning.ladder import SavingsLadder
+from memtui.engine.model.specs import COMPONENT_LABELS, COMPONENT_NAMES, Budget
+from memtui.engine.units import GiB, format_count, format_gib
 
 EXPORT_DIR_ENV = "MEMTUI_EXPORT_DIR"
 DEFAULT_EXPORT_DIR = "memtui-exports"

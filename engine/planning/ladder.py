@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.architectures import ModelSpec
-from engine.errors import InputError
-from engine.specs import COMPONENT_NAMES, Budget, GpuSpec, TrainingConfig
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.errors import InputError
+from memtui.engine.model.specs import COMPONENT_NAMES, Budget, GpuSpec, TrainingConfig
 
 # What "unoptimized" means: each option at its most memory-hungry, plain setting.
 BASELINE_OPTIONS: dict[str, Any] = {
@@ -160,7 +160,7 @@ def savings_ladder(
 
     Raises InputError only if `config` itself (or its baseline) is invalid.
     """
-    from engine.estimator import estimate  # the estimator imports presets; keep this module light
+    from memtui.engine.estimator import estimate  # the estimator imports presets; keep this module light
 
     base = baseline_config(config)
     previous = estimate(base, model=model, gpu=gpu)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from engine.architectures import ModelSpec
-from engine.errors import InputError
-from engine.specs import GpuSpec, TrainingConfig
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.errors import InputError
+from memtui.engine.model.specs import GpuSpec, TrainingConfig
 
 
 def flag_name(field: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from engine.cli.options import add_training_flags, config_from_args
+from memtui.cli.options import add_training_flags, config_from_args
 
 HELP = "find the largest batch / sequence that fits, the fewest GPUs, and what to enable to make it fit"
 
@@ -47,7 +47,7 @@ def _zero_stage(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.fit import fit_report
+    from memtui.engine.planning.fit import fit_report
 
     config = config_from_args(args)
     asked = (args.max_batch, args.max_seq, args.min_gpus, args.suggest)
@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _command(config) -> str:
     """The `memtui estimate` line for config: every option that differs from the defaults."""
-    from engine.specs import TrainingConfig
-    from engine.validation import flag_name
+    from memtui.engine.model.specs import TrainingConfig
+    from memtui.engine.model.validation import flag_name
 
     defaults = TrainingConfig()
     parts = ["memtui estimate"]
@@ -94,7 +94,7 @@ def print_fit_report(report, console=None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from engine.units import format_gib
+    from memtui.engine.units import format_gib
 
     console = console or Console()
     config, budget = report.config, report.budget

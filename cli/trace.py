@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from engine.cli.options import add_training_flags, config_from_args
+from memtui.cli.options import add_training_flags, config_from_args
 
 HELP = "trace one training step of the real architecture on fake tensors (exact, no GPU)"
 
@@ -26,21 +26,21 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.presets import resolve_gpu, resolve_model
-    from engine.validation import check_config
+    from memtui.engine.model.presets import resolve_gpu, resolve_model
+    from memtui.engine.model.validation import check_config
 
     config = config_from_args(args)
     # Validate before importing torch, so bad input fails in milliseconds.
     check_config(config, resolve_model(config.model), resolve_gpu(config.gpu))
 
-    from engine.trace import trace
+    from memtui.engine.trace import trace
 
     measured = None
     if args.device == "cuda":
-        from engine.trace.cuda_check import cuda_available
+        from memtui.engine.trace.cuda_check import cuda_available
 
         if not cuda_available():
-            from engine.errors import InputError
+            from memtui.engine.errors import InputError
 
             raise InputError("--device", "cuda was asked for but torch sees no CUDA device", "cpu, or cuda on a GPU machine")
 
@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from engine.cli.render import print_budget
-    from engine.units import format_bytes
+    from memtui.cli.render import print_budget
+    from memtui.engine.units import format_bytes
 
     console = Console()
     with console.status("tracing…") as status:
@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(config) -> dict:
-    from engine.presets import resolve_model
-    from engine.trace.cuda_check import measure_on_cuda
+    from memtui.engine.model.presets import resolve_model
+    from memtui.engine.trace.cuda_check import measure_on_cuda
 
     return measure_on_cuda(resolve_model(config.model), config)
 

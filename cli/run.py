@@ -7,7 +7,7 @@ import signal
 import sys
 from typing import Any
 
-from engine.cli.options import _choice, _positive_float, _positive_int, add_training_flags, config_from_args
+from memtui.cli.options import _choice, _positive_float, _positive_int, add_training_flags, config_from_args
 
 HELP = "train a scaled-down copy for a few steps and measure it against the prediction (live)"
 
@@ -41,8 +41,8 @@ def add_parser(subparsers) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    from engine.live.plan import LiveOptions
-    from engine.units import GiB
+    from memtui.engine.live.plan import LiveOptions
+    from memtui.engine.units import GiB
 
     return LiveOptions(
         device=args.device, steps=args.steps, layers=args.layers, width=args.width, vocab=args.vocab,
@@ -53,7 +53,7 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.live.process import LiveRefused, WorkerProcess, preflight
+    from memtui.engine.live.process import LiveRefused, WorkerProcess, preflight
 
     config = config_from_args(args)
     options = options_from_args(args)
@@ -94,7 +94,7 @@ def _final_code(message: dict[str, Any]) -> int:
 
 
 def _stream_json(worker) -> int:
-    from engine.live.protocol import encode
+    from memtui.engine.live.protocol import encode
 
     for message in worker.messages():
         if message["type"] in ("refused", "error"):
@@ -108,8 +108,8 @@ def _show_progress(worker, note: str) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from engine.telemetry.series import SampleSeries
-    from engine.units import format_gib
+    from memtui.engine.telemetry.series import SampleSeries
+    from memtui.engine.units import format_gib
 
     err = Console(stderr=True)
     out = Console()
@@ -150,7 +150,7 @@ def _show_progress(worker, note: str) -> int:
 def print_summary(summary: dict[str, Any], series, console) -> None:
     from rich.table import Table
 
-    from engine.units import format_gib
+    from memtui.engine.units import format_gib
 
     def gib(value: int | None) -> str:
         return "N/A" if value is None else format_gib(value).removesuffix(" GiB")

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from engine.specs import GpuSpec
+from memtui.engine.model.specs import GpuSpec
 
 # Words in NVML names that say nothing about which GPU it is.
 _NOISE_TOKENS = {"nvidia", "geforce", "tesla", "quadro"}
@@ -89,7 +89,7 @@ def local_gpu_from_reading(
     if memory_total <= 0 or not nvml_name:
         return None
     if presets is None:
-        from engine.presets import gpus
+        from memtui.engine.model.presets import gpus
 
         presets = gpus()
     preset = match_preset(nvml_name, memory_total, presets)

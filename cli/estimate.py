@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from engine.cli.options import add_training_flags, config_from_args
+from memtui.cli.options import add_training_flags, config_from_args
 
 HELP = "predict one training step's memory per GPU (analytic, instant)"
 
@@ -21,13 +21,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.estimator import estimate
+    from memtui.engine.estimator import estimate
 
     budget = estimate(config_from_args(args))
     if args.json:
         print(json.dumps(budget.model_dump(mode="json"), indent=2))
     else:
-        from engine.cli.render import print_budget
+        from memtui.cli.render import print_budget
 
         print_budget(budget)
     return 0
