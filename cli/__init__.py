@@ -10,7 +10,7 @@ from memtui import __version__
 from memtui.engine.errors import InputError
 
 # Subcommand modules, imported only to build the parser; heavy work is imported in run().
-_COMMANDS = ("estimate", "trace", "run", "fit", "presets_cmd", "validate", "serve")
+_COMMANDS = ("estimate", "trace", "run", "fit", "presets_cmd", "validate", "serve", "replay")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -196,6 +196,12 @@ class CachingAllocator:
     def empty_cache(self) -> None:
         self._release_cached_blocks()
 
+    def held_segments(self) -> int:
+        """Segments as a snapshot lists them: cudaMalloc'd ones, and each contiguous mapped range."""
+        ranges = sum(sum(1 for i, on in enumerate(s.mapped) if on and (i == 0 or not s.mapped[i - 1]))
+                     for s in self.expandable_segments)
+        return self.segments + ranges
+
     # ---- finding a cached block ------------------------------------------------------------------------
     def _get_free_block(self, pool: Pool, size: int, stream: int) -> Block | None:
         config = self.config

@@ -64,13 +64,9 @@ def replay(
         allocated_peak_bytes=allocator.allocated_peak,
         reserved_end_bytes=allocator.reserved,
         allocated_end_bytes=allocator.allocated,
-        segments_end=allocator.segments + sum(_mapped_ranges(s.mapped) for s in allocator.expandable_segments),
+        segments_end=allocator.held_segments(),
         events=count,
         oom_event=oom_event,
         device_allocs=allocator.num_device_alloc,
         device_frees=allocator.num_device_free,
     )
-
-
-def _mapped_ranges(pages: list[bool]) -> int:
-    return sum(1 for i, on in enumerate(pages) if on and (i == 0 or not pages[i - 1]))
