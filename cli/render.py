@@ -36,6 +36,8 @@ def print_budget(budget: Budget, console: Console | None = None) -> None:
         f"{verdict} on {budget.gpu.id} ({format_gib(budget.gpu.memory_bytes)}): "
         f"{side} {format_gib(abs(headroom))}; tensor peak {format_gib(budget.tensor_peak_bytes)} "
         f"during {budget.peak_phase}"
+        + (f"; reserved peak {format_gib(budget.reserved_peak_bytes)} (caching allocator replayed)"
+           if budget.reserved_peak_bytes is not None else "")
     )
     states = budget.model_states
     console.print(

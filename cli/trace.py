@@ -22,6 +22,9 @@ def add_parser(subparsers) -> None:
                         help="cpu: fake tensors only (default); cuda: also run the two steps for real on the GPU and "
                              "report torch.cuda.max_memory_allocated beside the trace")
     parser.add_argument("--top", type=int, default=8, help="largest live tensors at the peak to list (default 8)")
+    parser.add_argument("--alloc-conf", default=None, metavar="CONF",
+                        help="PYTORCH_CUDA_ALLOC_CONF to replay the reserved peak with (default: torch's defaults), "
+                             "e.g. expandable_segments:True")
     parser.set_defaults(handler=run)
 
 
@@ -29,9 +32,12 @@ def run(args: argparse.Namespace) -> int:
     from memtui.engine.model.presets import resolve_gpu, resolve_model
     from memtui.engine.model.validation import check_config
 
+    from memtui.engine.allocator import parse_alloc_conf
+
     config = config_from_args(args)
     # Validate before importing torch, so bad input fails in milliseconds.
     check_config(config, resolve_model(config.model), resolve_gpu(config.gpu))
+    alloc_config = parse_alloc_conf(args.alloc_conf)
 
     from memtui.engine.trace import trace
 
@@ -45,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--device", "cuda was asked for but torch sees no CUDA device", "cpu, or cuda on a GPU machine")
 
     if args.json:
-        result = trace(config, progress=_stderr_progress() if sys.stderr.isatty() else None)
+        result = trace(config, progress=_stderr_progress() if sys.stderr.isatty() else None, alloc_config=alloc_config)
         data = result.as_json()
         if args.device == "cuda":
             data["cuda"] = _measure(config)
@@ -60,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     with console.status("tracing…") as status:
-        result = trace(config, progress=lambda stage, _fraction: status.update(f"tracing: {stage}"))
+        result = trace(config, progress=lambda stage, _fraction: status.update(f"tracing: {stage}"),
+                       alloc_config=alloc_config)
     if args.device == "cuda":
         with console.status("running the two steps on the GPU…"):
             measured = _measure(config)
@@ -68,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"[dim]traced in {result.seconds:.1f} s; peak in step {result.peak_step}, {result.peak_phase}[/]")
     console.print("[bold]traced:[/] " + "; ".join(result.traced))
     console.print("[bold]modelled:[/] " + "; ".join(result.modelled))
+    if result.allocator is not None:
+        replayed = result.allocator
+        console.print(f"[bold]caching allocator:[/] reserved peak {format_bytes(replayed['reserved_peak_bytes'])}, "
+                      f"allocated peak {format_bytes(replayed['allocated_peak_bytes'])} (block sizes), "
+                      f"{format_bytes(replayed['fragmentation_bytes'])} reserved beyond it")
     if measured is not None:
         traced = result.traced_tensor_peak_bytes
         real = measured["max_memory_allocated"]

@@ -139,3 +139,57 @@ def test_bad_alloc_conf_and_missing_file_are_one_line_errors(tmp_path, capsys):
     assert err.count("\n") == 1 and "expandable_segments" in err and "True, False" in err
     assert main(["replay", str(tmp_path / "missing.pickle")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+# ---- the trace's allocation sequence ------------------------------------------------------------------
+def test_the_traced_sequence_is_what_the_allocator_sees():
+    from memtui.engine.allocator import FREE, replay
+    from memtui.engine.trace.analysis import allocation_sequence
+    from memtui.engine.trace.tracker import Allocation, Event, MemoryLog
+
+    def alloc(alloc_id: int, raw: int, host: bool = False) -> Allocation:
+        return Allocation(alloc_id=alloc_id, nbytes=raw, raw_bytes=raw, phase="forward", step=1, op="op",
+                          shape=(), dtype="float32", module="", host=host)
+
+    log = MemoryLog()
+    for a in (alloc(0, 5 * MiB), alloc(1, 8, host=True), alloc(2, 12 * MiB + 1), alloc(3, 15 * MiB)):
+        log.allocations[a.alloc_id] = a
+    log.events = [Event(0, 5 * MiB), Event(1, 512), Event(2, 12 * MiB + 512), Event(0, -5 * MiB), Event(3, 16 * MiB)]
+    log.phase_marks = [(0, 0, "setup"), (1, 1, "forward")]
+    sequence = allocation_sequence(log, before_forward=(MiB, MiB))
+    # the host tensor is not the device allocator's; the workspaces come at the first forward, never freed
+    assert sequence == [(0, 5 * MiB), (-1, MiB), (-2, MiB), (2, 12 * MiB + 1), (0, FREE), (3, 15 * MiB)]
+    # 20 MiB (5 MiB, then 12 MiB + 1 in its remainder), 2 MiB small segment (the workspaces), 16 MiB
+    assert replay(sequence).reserved_peak_bytes == 38 * MiB
+
+
+def test_trace_reports_the_reserved_peak(capsys):
+    import copy
+
+    from memtui.engine.allocator import parse_alloc_conf
+    from memtui.engine.model.architectures import model_spec_from_config
+    from memtui.engine.model.presets import resolve_model
+    from memtui.engine.model.specs import TrainingConfig
+    from memtui.engine.trace import trace
+
+    hf = copy.deepcopy(resolve_model("llama-3.2-1b").hf_config())
+    hf.update(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              num_hidden_layers=2, vocab_size=512, tie_word_embeddings=True)
+    spec = model_spec_from_config(hf, model_id="tiny-llama", source="test")
+    config = TrainingConfig(model="llama-3.2-1b", seq_len=64)
+    result = trace(config, model=spec)
+    data = result.as_json()
+    replayed = data["allocator"]
+    assert data["reserved_peak_bytes"] == replayed["reserved_peak_bytes"]
+    # reserved >= allocated (block sizes) >= the traced tensor peak (512-rounded) plus the workspaces
+    assert data["reserved_peak_bytes"] >= replayed["allocated_peak_bytes"] >= data["tensor_peak_bytes"]
+    assert data["reserved_peak_bytes"] % (2 * MiB) == 0  # segments are 2 MiB multiples
+    expandable = trace(config, model=spec, alloc_config=parse_alloc_conf("expandable_segments:True"))
+    assert expandable.budget.reserved_peak_bytes != data["reserved_peak_bytes"]
+    assert "expandable_segments:True" in expandable.allocator["alloc_conf"]
+
+
+def test_trace_bad_alloc_conf_fails_before_tracing(capsys):
+    assert main(["trace", "--model", "gpt2", "--alloc-conf", "max_split_size_mb:4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_split_size_mb" in err and ">= 20" in err

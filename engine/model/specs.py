@@ -165,6 +165,10 @@ class Budget(BaseModel):
     model_states: ModelStates
     per_gpu: Components
     tensor_peak_bytes: int = Field(description="what torch.cuda.max_memory_allocated reports after two steps")
+    reserved_peak_bytes: int | None = Field(
+        default=None,
+        description="what torch.cuda.max_memory_reserved reports: the step's allocations replayed through a model "
+                    "of the CUDA caching allocator; null where no allocation sequence was replayed")
     device_peak_bytes: int = Field(description="what NVML / nvidia-smi would show at the peak")
     fits: bool
     headroom_bytes: int

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from memtui.engine.allocator import DEFAULT_CONFIG, AllocatorConfig, replay
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator import estimate
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
 from memtui.engine.model.specs import Budget, Components, GpuSpec, GpuSummary, ModelStates, ModelSummary, TimelinePoint, TrainingConfig
-from memtui.engine.trace.analysis import summarize
+from memtui.engine.trace.analysis import allocation_sequence, summarize
 from memtui.engine.trace.fake_step import StepExtras
 from memtui.engine.trace.result import TraceResult
 from memtui.engine.trace.tracker import MemoryLog
@@ -38,6 +39,7 @@ def assemble(
     extras: StepExtras,
     *,
     notes: list[str],
+    alloc_config: AllocatorConfig = DEFAULT_CONFIG,
 ) -> TraceResult:
     summary = summarize(log)
     traced = [
@@ -75,6 +77,13 @@ def assemble(
 
     workspace = cublas_workspace_bytes(gpu)
     tensor_peak = traced_peak + workspace
+    allocator = _replay_allocator(log, gpu, workspace, alloc_config) if not distributed else None
+    if distributed:
+        modelled.append("reserved peak: not replayed (the allocation sequence traced is a single GPU's, unsharded)")
+    else:
+        modelled.append("reserved peak: the traced allocations and frees, with the cuBLAS workspaces, replayed "
+                        "through a model of the CUDA caching allocator"
+                        + (f" ({alloc_config.text})" if alloc_config.text else ""))
     reserved = reserved_from_allocated(tensor_peak, summary.largest_allocation)
     overhead = cuda_context_bytes(gpu) + (reserved - tensor_peak) + workspace
     per_gpu = Components(overhead=overhead, **breakdown)
@@ -101,6 +110,7 @@ def assemble(
         model_states=states,
         per_gpu=per_gpu,
         tensor_peak_bytes=tensor_peak,
+        reserved_peak_bytes=allocator["reserved_peak_bytes"] if allocator else None,
         device_peak_bytes=device_peak,
         fits=device_peak <= gpu.memory_bytes,
         headroom_bytes=gpu.memory_bytes - device_peak,
@@ -131,4 +141,19 @@ def assemble(
         top_allocations=top,
         samples=samples,
         traced_tensor_peak_bytes=traced_peak,
+        allocator=allocator,
     )
+
+
+def _replay_allocator(log: MemoryLog, gpu: GpuSpec, workspace: int, config: AllocatorConfig) -> dict:
+    """The caching allocator's figures over the traced step (cuBLAS and cuBLASLt workspaces: one each)."""
+    sequence = allocation_sequence(log, before_forward=(workspace // 2, workspace - workspace // 2))
+    result = replay(sequence, config, device_total=gpu.memory_bytes)
+    return {
+        "reserved_peak_bytes": result.reserved_peak_bytes,
+        "allocated_peak_bytes": result.allocated_peak_bytes,
+        "fragmentation_bytes": result.fragmentation_bytes,
+        "segments_end": result.segments_end,
+        "events": result.events,
+        "alloc_conf": config.text,
+    }

@@ -19,6 +19,7 @@ class TraceResult:
     top_allocations: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     traced_tensor_peak_bytes: int = 0  # tensors the step itself allocated, before modelled additions
+    allocator: dict | None = None  # the caching allocator replayed over the trace (None: not replayed)
 
     def as_json(self) -> dict:
         data = self.budget.model_dump(mode="json")
@@ -31,5 +32,6 @@ class TraceResult:
             peak_step=self.peak_step,
             phase_peaks=self.phase_peaks,
             top_allocations=self.top_allocations,
+            allocator=self.allocator,
         )
         return data

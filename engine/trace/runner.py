@@ -19,6 +19,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
+from memtui.engine.allocator import DEFAULT_CONFIG, AllocatorConfig
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.presets import resolve_gpu, resolve_model
 from memtui.engine.model.specs import GpuSpec, TrainingConfig
@@ -38,8 +39,10 @@ def trace(
     model: ModelSpec | None = None,
     gpu: GpuSpec | None = None,
     progress: Progress | None = None,
+    alloc_config: AllocatorConfig | None = None,
 ) -> TraceResult:
-    """Trace `config`; distributed options are modelled on top of a single-GPU trace."""
+    """Trace `config`; distributed options are modelled on top of a single-GPU trace. `alloc_config`:
+    the PYTORCH_CUDA_ALLOC_CONF the reserved peak is replayed with (default: torch's defaults)."""
     started = time.perf_counter()
     report = progress or (lambda _stage, _fraction: None)
     spec = model or resolve_model(config.model)
@@ -53,7 +56,7 @@ def trace(
     log, extras = run_fake_steps(spec, local, report)
     from memtui.engine.trace.assemble import assemble
 
-    result = assemble(config, local, spec, gpu, log, extras, notes=notes)
+    result = assemble(config, local, spec, gpu, log, extras, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG)
     result.seconds = time.perf_counter() - started
     report("done", 1.0)
     return result
