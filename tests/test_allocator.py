@@ -107,29 +107,28 @@ def test_a_split_remainder_of_an_earlier_request_serves_a_larger_one():
 
 
 # ---- max_split_size_mb --------------------------------------------------------------------------------
+def cached_then_requested(conf: str, cached: int, requested: int):
+    """A block of `cached` bytes allocated and freed, then a request of `requested`: (model, its block)."""
+    model = allocator(conf)
+    model.free(model.malloc(cached))
+    return model, model.malloc(requested)
+
+
 def test_oversize_blocks_are_not_split_nor_given_to_small_requests():
     # get_free_block: "Do not return an oversized block for a large request" (size < max_split_size and
     # block >= max_split_size); should_split: size >= max_split_size never splits
-    model = allocator("max_split_size_mb:20")
-    model.free(model.malloc(30 * MiB))
-    model.malloc(12 * MiB)
+    model, _ = cached_then_requested("max_split_size_mb:20", 30 * MiB, 12 * MiB)
     assert model.reserved == 42 * MiB
-    model = allocator("max_split_size_mb:20")
-    model.free(model.malloc(30 * MiB))
-    reused = model.malloc(25 * MiB)  # 30 < 25 + 20 (max_non_split_rounding_size): reused whole
-    assert reused.size == 30 * MiB and model.reserved == 30 * MiB
+    model, reused = cached_then_requested("max_split_size_mb:20", 30 * MiB, 25 * MiB)
+    assert reused.size == 30 * MiB and model.reserved == 30 * MiB  # 30 < 25 + 20: reused whole
 
 
 def test_oversize_reuse_is_limited_by_max_non_split_rounding():
     # get_free_block: "Allow oversized block size to be rounded up but within a limit"
     # (block >= size + max_non_split_rounding_size is refused; default = large_segment_size, 20 MiB)
-    model = allocator("max_split_size_mb:20")
-    model.free(model.malloc(100 * MiB))
-    model.malloc(50 * MiB)
+    model, _ = cached_then_requested("max_split_size_mb:20", 100 * MiB, 50 * MiB)
     assert model.reserved == 150 * MiB
-    model = allocator("max_split_size_mb:20,max_non_split_rounding_mb:64")
-    model.free(model.malloc(100 * MiB))
-    model.malloc(50 * MiB)
+    model, _ = cached_then_requested("max_split_size_mb:20,max_non_split_rounding_mb:64", 100 * MiB, 50 * MiB)
     assert model.reserved == 100 * MiB
 
 

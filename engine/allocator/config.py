@@ -104,6 +104,18 @@ class _Reader:
             raise _bad(key, token, allowed)
         return int(token)
 
+    def number(self, i: int, key: str, valid, allowed: str) -> float:
+        """The float value of `key` (at i), checked by `valid`."""
+        self.colon(i + 1, key)
+        token = self.at(i + 2, key)
+        try:
+            value = float(token)
+        except ValueError:
+            raise _bad(key, token, allowed) from None
+        if not valid(value):
+            raise _bad(key, token, allowed)
+        return value
+
     def boolean(self, i: int, key: str) -> bool:
         token = self.at(i, key)
         if token not in ("True", "False"):
@@ -170,16 +182,8 @@ def parse_alloc_conf(text: str | None) -> AllocatorConfig:
             value = min(value, _SIZE_T_MAX // MB) * MB
             settings["max_split_size" if key == "max_split_size_mb" else "max_non_split_rounding_size"] = value
             i += 2
-        elif key == "garbage_collection_threshold":
-            reader.colon(i + 1, key)
-            token = reader.at(i + 2, key)
-            try:
-                value = float(token)
-            except ValueError:
-                raise _bad(key, token, "a number in (0.0, 1.0)") from None
-            if not 0.0 < value < 1.0:  # parseGarbageCollectionThreshold
-                raise _bad(key, token, "a number in (0.0, 1.0)")
-            settings["garbage_collection_threshold"] = value
+        elif key == "garbage_collection_threshold":  # parseGarbageCollectionThreshold: in (0.0, 1.0)
+            settings[key] = reader.number(i, key, lambda v: 0.0 < v < 1.0, "a number in (0.0, 1.0)")
             i += 2
         elif key == "roundup_power2_divisions":
             i = _parse_divisions(reader, i, settings)
@@ -188,15 +192,7 @@ def parse_alloc_conf(text: str | None) -> AllocatorConfig:
             settings["expandable_segments"] = reader.boolean(i + 2, key)
             i += 2
         elif key == "per_process_memory_fraction":
-            reader.colon(i + 1, key)
-            token = reader.at(i + 2, key)
-            try:
-                value = float(token)
-            except ValueError:
-                raise _bad(key, token, "a number in [0.0, 1.0]") from None
-            if not 0.0 <= value <= 1.0:
-                raise _bad(key, token, "a number in [0.0, 1.0]")
-            settings["per_process_memory_fraction"] = value
+            settings[key] = reader.number(i, key, lambda v: 0.0 <= v <= 1.0, "a number in [0.0, 1.0]")
             i += 2
         elif key == "backend":
             reader.colon(i + 1, key)
