@@ -141,6 +141,17 @@ def test_release_available_cached_blocks_frees_an_oversize_block_and_retries():
     assert model.reserved == 30 * MiB and model.reserved_peak == 80 * MiB and model.num_alloc_retries == 0
 
 
+def test_release_available_cached_blocks_frees_the_largest_oversize_blocks_until_enough():
+    # release_available_cached_blocks: no single cached block >= the request: release oversize blocks
+    # from the largest down until they add up to it (40 MiB, then 30 MiB), then alloc_block again
+    model = allocator("max_split_size_mb:20", device_limit=100 * MiB)
+    thirty, forty = model.malloc(30 * MiB), model.malloc(40 * MiB)
+    model.free(thirty)
+    model.free(forty)
+    model.malloc(50 * MiB)
+    assert model.reserved == 50 * MiB and model.reserved_peak == 70 * MiB and model.num_device_free == 2
+
+
 def test_release_cached_blocks_frees_every_unsplit_segment_then_retries():
     # malloc: last resort release_cached_blocks (release_blocks: !prev && !next) then alloc_block(isRetry)
     model = allocator(device_limit=40 * MiB)
