@@ -1,10 +1,15 @@
 """A pure-Python model of PyTorch's CUDA caching allocator (DeviceCachingAllocator), torch 2.15.
 
-Modelled from c10/cuda/CUDACachingAllocator.cpp and its templated twin c10/core/CachingDeviceAllocator.h
-(function names below are theirs): round_size, get_pool, get_allocation_size, get_free_block,
-should_split, alloc_found_block, alloc_block, free_block / try_merge_blocks,
-release_available_cached_blocks, release_cached_blocks, garbage_collect_cached_blocks and the expandable
-segments (find_expandable_block, try_allocate_expandable_block, map_block, unmap_block).
+Read from c10/cuda/CUDACachingAllocator.cpp (the revision the source index holds, older than 2.15: the
+2.15 tree itself was too large to fetch) and from the newer templated c10/core/CachingDeviceAllocator.h,
+whose configuration is AcceleratorAllocatorConfig as in the headers torch 2.15 installs
+(torch/include/c10/core/AllocatorConfig.h). Where they differ the newer wins: max_non_split_rounding_size
+in get_free_block, large_segment_size for 1-10 MiB requests, release_available_cached_blocks and the
+garbage collector skipping expandable segments. Function names below are the allocator's: round_size,
+get_pool, get_allocation_size, get_free_block, should_split, alloc_found_block, alloc_block,
+free_block / try_merge_blocks, release_available_cached_blocks, release_cached_blocks,
+garbage_collect_cached_blocks and the expandable segments (find_expandable_block,
+try_allocate_expandable_block, map_block, unmap_block).
 
 What it does not model: CUDA graph private pools and MemPools, record_stream's cross-stream events (a block
 is freed when the program frees it), and the free-memory callbacks. Streams are keys of the pools, as in
@@ -116,9 +121,6 @@ class Block:
         if after is not None:
             after.prev = self
         self.next = after
-
-    def __lt__(self, other: Block) -> bool:  # only reached on equal keys, which the pools never hold
-        return self.ptr < other.ptr
 
 
 class CachingAllocator:

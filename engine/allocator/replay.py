@@ -35,7 +35,6 @@ def replay(
     *,
     device_limit: int | None = None,
     device_total: int = 80 << 30,
-    stream_of: dict | None = None,
 ) -> ReplayResult:
     """`events`: (key, size) with size > 0 an allocation of `size` requested bytes, FREE a free of key.
 
@@ -51,7 +50,7 @@ def replay(
         count = index + 1
         if size > 0:
             try:
-                live[key] = malloc(size, stream_of.get(key, 0) if stream_of else 0)
+                live[key] = malloc(size)
             except OutOfMemory:
                 oom_event = index
                 break
