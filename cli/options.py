@@ -1,5 +1,7 @@
 """The training flags shared by estimate, trace, run and fit, and their merge into a TrainingConfig.
 
+The flags are the option registry's (memtui.engine.model.options): one per TrainingConfig field.
+
 Precedence: TrainingConfig defaults < --recipe < flags given on the command line.
 Every flag defaults to None so we know which ones the user actually typed.
 """
@@ -81,11 +83,12 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per registry entry (memtui.engine.model.options), in its groups; --recipe beside the model."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for option in OPTIONS.values():
-        if option.group not in groups:
-            groups[option.group] = parser.add_argument_group(option.group.lower())
+        group = groups.get(option.group)
+        if group is None:
+            group = groups[option.group] = parser.add_argument_group(option.group.lower())
             if option.group == MODEL_AND_HARDWARE:
-                groups[option.group].add_argument("--recipe", help="apply a named option set first (see `memtui presets`)")
-        _add_flag(groups[option.group], option)
+                group.add_argument("--recipe", help="apply a named option set first (see `memtui presets`)")
+        _add_flag(group, option)
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainingConfig:
@@ -93,10 +96,10 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainingConfig:
     options: dict = {}
     if getattr(args, "recipe", None):
         options.update(resolve_recipe(args.recipe).options)
-    for field in TrainingConfig.model_fields:
+    for field, option in OPTIONS.items():
         value = getattr(args, field, None)
         if value is not None:
-            options[field] = OPTIONS[field].from_text(value) if isinstance(value, str) else value
+            options[field] = option.from_text(value) if isinstance(value, str) else value
     options.update(overrides)
     if "seq_len" not in options:
         # A model with learned positions (GPT-2) cannot take the default length; use its own.

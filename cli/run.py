@@ -47,7 +47,8 @@ def _capacity_bytes(text: str) -> int:
 
     gib = _positive_float("--capacity")(text)
     if not math.isfinite(gib) or gib * GiB < 1:
-        raise argparse.ArgumentTypeError(f"--capacity: must be a finite size of at least one byte (1e-9 GiB), got {text}")
+        raise argparse.ArgumentTypeError(
+            f"--capacity: must be a finite size of at least one byte (1e-9 GiB), got {text}")
     return int(gib * GiB)
 
 

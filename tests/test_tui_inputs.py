@@ -1,4 +1,4 @@
-"""Typing into the planner's inputs: keys stay in the field, refusals speak the screen's words (issue 10, items 1 and 5)."""
+"""Typing into the planner's inputs: keys stay in the field; refusals speak the screen's words."""
 
 from __future__ import annotations
 

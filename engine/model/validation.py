@@ -141,7 +141,8 @@ RULES: tuple[Rule, ...] = (
           message=lambda f: f"{f.config.tp} neither divides nor is a multiple of {f.model.num_kv_heads} "
                             "key/value heads",
           allowed=lambda f: _divisors(f.model.num_heads)),
-    _rule("tp", broken=lambda f: not f.model.is_moe and f.config.tp > 1 and f.model.intermediate_size % f.config.tp != 0,
+    _rule("tp",
+          broken=lambda f: not f.model.is_moe and f.config.tp > 1 and f.model.intermediate_size % f.config.tp != 0,
           message=lambda f: f"{f.config.tp} does not divide intermediate size {f.model.intermediate_size}"),
     _rule("pp", broken=lambda f: f.config.pp > f.model.num_layers,
           message=lambda f: f"{f.config.pp} stages for {f.model.num_layers} layers",
