@@ -74,18 +74,18 @@ def run(args: argparse.Namespace) -> int:
 def _command(config) -> str:
     """The `memtui estimate` line for config: every option that differs from the defaults."""
     from memtui.engine.model.specs import TrainingConfig
-    from memtui.engine.model.validation import flag_name
+    from memtui.engine.model.options import OPTIONS
 
     defaults = TrainingConfig()
     parts = ["memtui estimate"]
     for name in TrainingConfig.model_fields:
-        value = getattr(config, name)
+        option, value = OPTIONS[name], getattr(config, name)
         if value == getattr(defaults, name) and name not in ("model", "gpu", "batch_size", "seq_len"):
             continue
         if isinstance(value, bool):
-            parts.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+            parts.append(option.flag if value else "--no-" + option.flag[2:])
         else:
-            parts.append(f"{flag_name(name)} {value}")
+            parts.append(f"{option.flag} {value}")
     return " ".join(parts)
 
 

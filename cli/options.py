@@ -1,5 +1,7 @@
 """The training flags shared by estimate, trace, run and fit, and their merge into a TrainingConfig.
 
+The flags are the option registry's (memtui.engine.model.options): one per TrainingConfig field.
+
 Precedence: TrainingConfig defaults < --recipe < flags given on the command line.
 Every flag defaults to None so we know which ones the user actually typed.
 """
@@ -9,17 +11,9 @@ from __future__ import annotations
 import argparse
 
 from memtui.engine.errors import InputError
+from memtui.engine.model.options import MODEL_AND_HARDWARE, OPTIONS, Option
 from memtui.engine.model.presets import resolve_recipe
-from memtui.engine.model.specs import (
-    ATTENTIONS,
-    CHECKPOINTING,
-    OFFLOADS,
-    OPTIMIZER_IMPLS,
-    OPTIMIZERS,
-    PRECISIONS,
-    QUANTS,
-    TrainingConfig,
-)
+from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.model.validation import config_from_options
 
 _DEFAULTS = TrainingConfig()
@@ -45,10 +39,6 @@ def _positive_int(flag: str):
     return _number(flag, int, lambda value: value >= 1, "at least 1")
 
 
-def _non_negative_int(flag: str):
-    return _number(flag, int, lambda value: value >= 0, "0 or more")
-
-
 def _positive_float(flag: str):
     return _number(flag, float, lambda value: value > 0, "more than 0")  # NaN fails too
 
@@ -62,35 +52,43 @@ def _choice(flag: str, choices: tuple[str, ...]):
     return parse
 
 
+def _registry_int(option: Option):
+    """The option's own whole-number check (the planner's too), as an argparse type."""
+
+    def parse(text: str) -> int:
+        try:
+            return option.parse_int(text)
+        except InputError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def _add_flag(group: argparse._ArgumentGroup, option: Option) -> None:
+    default = option.default
+    if option.kind == "switch":
+        group.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{option.help} (default {'on' if default else 'off'})")
+    elif option.kind == "select":
+        group.add_argument(option.flag, type=_choice(option.flag, option.choices),
+                           help=f"{option.help}: {', '.join(option.choices)} (default {default})")
+    elif option.kind == "int":
+        group.add_argument(option.flag, type=_registry_int(option), metavar="N",
+                           help=f"{option.help}; {option.bounds_text()} (default {default})")
+    else:
+        group.add_argument(option.flag, help=f"{option.help} (default {default})")
+
+
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
-    d = _DEFAULTS
-    group = parser.add_argument_group("model and hardware")
-    group.add_argument("--model", help=f"preset id or path to a config.json (default {d.model})")
-    group.add_argument("--gpu", help=f"GPU preset id (default {d.gpu})")
-    group.add_argument("--gpus", type=_positive_int("--gpus"), help="total GPUs; data-parallel ranks = gpus / (tp x pp) (default 1)")
-    group.add_argument("--recipe", help="apply a named option set first (see `memtui presets`)")
-    group = parser.add_argument_group("workload")
-    group.add_argument("--batch-size", type=_positive_int("--batch-size"), help=f"micro-batch per data-parallel rank (default {d.batch_size})")
-    group.add_argument("--seq-len", type=_positive_int("--seq-len"), help=f"tokens per sequence (default {d.seq_len})")
-    group = parser.add_argument_group("optimizations")
-    group.add_argument("--precision", type=_choice("--precision", PRECISIONS), help=f"{', '.join(PRECISIONS)} (default {d.precision})")
-    group.add_argument("--master-weights", action=argparse.BooleanOptionalAction, default=None,
-                       help="keep an fp32 master copy in the optimizer (with 16-true / bf16-true)")
-    group.add_argument("--optimizer", type=_choice("--optimizer", OPTIMIZERS), help=f"{', '.join(OPTIMIZERS)} (default {d.optimizer})")
-    group.add_argument("--optimizer-impl", type=_choice("--optimizer-impl", OPTIMIZER_IMPLS),
-                       help=f"{', '.join(OPTIMIZER_IMPLS)} (default {d.optimizer_impl})")
-    group.add_argument("--galore-rank", type=_positive_int("--galore-rank"), help=f"GaLore projection rank (default {d.galore_rank})")
-    group.add_argument("--checkpointing", type=_choice("--checkpointing", CHECKPOINTING),
-                       help=f"activation checkpointing: {', '.join(CHECKPOINTING)} (default {d.checkpointing})")
-    group.add_argument("--attention", type=_choice("--attention", ATTENTIONS),
-                       help=f"eager (s x s scores) or flash (SDPA) (default {d.attention})")
-    group.add_argument("--zero", type=_choice("--zero", ("0", "1", "2", "3")), help="ZeRO stage 0-3; 3 = FSDP (default 0)")
-    group.add_argument("--offload", type=_choice("--offload", OFFLOADS), help=f"{', '.join(OFFLOADS)} (default none)")
-    group.add_argument("--tp", type=_positive_int("--tp"), help="tensor-parallel ranks, with sequence parallel (default 1)")
-    group.add_argument("--pp", type=_positive_int("--pp"), help="pipeline stages, 1F1B schedule (default 1)")
-    group.add_argument("--lora-rank", type=_non_negative_int("--lora-rank"), help="LoRA rank; 0 trains all weights (default 0)")
-    group.add_argument("--lora-targets", help=f"comma list of linear layers or all-linear (default {d.lora_targets})")
-    group.add_argument("--quant", type=_choice("--quant", QUANTS), help="frozen base weights: none, int8, nf4 (nf4 + LoRA = QLoRA)")
+    """One flag per registry entry (memtui.engine.model.options), in its groups; --recipe beside the model."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in OPTIONS.values():
+        group = groups.get(option.group)
+        if group is None:
+            group = groups[option.group] = parser.add_argument_group(option.group.lower())
+            if option.group == MODEL_AND_HARDWARE:
+                group.add_argument("--recipe", help="apply a named option set first (see `memtui presets`)")
+        _add_flag(group, option)
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainingConfig:
@@ -98,10 +96,10 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainingConfig:
     options: dict = {}
     if getattr(args, "recipe", None):
         options.update(resolve_recipe(args.recipe).options)
-    for field in TrainingConfig.model_fields:
+    for field, option in OPTIONS.items():
         value = getattr(args, field, None)
         if value is not None:
-            options[field] = int(value) if field == "zero" else value
+            options[field] = option.from_text(value) if isinstance(value, str) else value
     options.update(overrides)
     if "seq_len" not in options:
         # A model with learned positions (GPT-2) cannot take the default length; use its own.

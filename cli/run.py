@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from typing import Any
@@ -29,7 +30,7 @@ def add_parser(subparsers) -> None:
     group.add_argument("--vocab", type=_positive_int("--vocab"), help="vocabulary of the scaled model (default: full on CUDA, 8192 on CPU)")
     group.add_argument("--max-fraction", type=_positive_float("--max-fraction"), default=0.25,
                        help="use at most this share of the free memory (default 0.25)")
-    group.add_argument("--capacity", type=_positive_float("--capacity"), metavar="GIB",
+    group.add_argument("--capacity", type=_capacity_bytes, metavar="GIB",
                        help="pretend the device holds only this many GiB (OOM demos)")
     group.add_argument("--force", action="store_true", help="run even if predicted not to fit (an OOM is reported as a result)")
     group.add_argument("--if-unsupported", type=_choice("--if-unsupported", ("refuse", "skip")), default="refuse",
@@ -40,14 +41,24 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def _capacity_bytes(text: str) -> int:
+    """--capacity in GiB, as bytes: a finite size of at least one byte (inf or 1e-30 are refused here, by name)."""
+    from memtui.engine.units import GiB
+
+    gib = _positive_float("--capacity")(text)
+    if not math.isfinite(gib) or gib * GiB < 1:
+        raise argparse.ArgumentTypeError(
+            f"--capacity: must be a finite size of at least one byte (1e-9 GiB), got {text}")
+    return int(gib * GiB)
+
+
 def options_from_args(args: argparse.Namespace):
     from memtui.engine.live.plan import LiveOptions
-    from memtui.engine.units import GiB
 
     return LiveOptions(
         device=args.device, steps=args.steps, layers=args.layers, width=args.width, vocab=args.vocab,
         seq_len=args.seq_len, batch_size=args.batch_size, max_fraction=args.max_fraction, force=args.force,
-        if_unsupported=args.if_unsupported, capacity_bytes=int(args.capacity * GiB) if args.capacity else None,
+        if_unsupported=args.if_unsupported, capacity_bytes=args.capacity,
         hz=args.hz, record_nvml=args.record_nvml,
     )
 

@@ -114,7 +114,7 @@ def test_an_invalid_configuration_raises_input_error():
     config = TrainingConfig(model="llama-3.1-8b", tp=3, gpus=3)
     with pytest.raises(InputError) as error:
         savings_ladder(config)
-    assert error.value.field == "--tp"
+    assert error.value.field == "tp"
 
 
 def test_baseline_config_changes_only_optimizations():

@@ -15,6 +15,7 @@ from memtui.engine.planning.export import budget_json
 from memtui.engine.planning.fit import suggest
 from memtui.engine.telemetry.local_gpu import local_gpu_from_reading
 from memtui.engine.model import presets
+from memtui.engine.model.options import label
 from memtui.engine.model.presets import presets_dir
 from memtui.engine.model.specs import TrainingConfig
 from memtui.tui.app import MemtuiApp
@@ -163,7 +164,7 @@ async def test_every_choice_of_every_picker_gives_a_budget_or_an_inline_reason()
                 if result.stale:
                     invalid = app.query(".option-row.-invalid")
                     assert invalid, (key, choice)
-                    assert any(result.error.message in note(app, row.spec.key) for row in invalid), (key, choice)
+                    assert any(result.error.reason(label) in note(app, row.spec.key) for row in invalid), (key, choice)
                 else:
                     assert result.config.model_dump()[key] == app.planner.options[key]
                     assert result.budget == estimate(result.config, gpu=result.gpu)
@@ -274,9 +275,12 @@ async def test_explain_the_focused_option_with_question_mark_or_f1():
         await pilot.press("escape")
         await pilot.pause()
         assert not isinstance(app.screen, ExplainScreen)
-        # A number field lets "?" through to the binding (it is not a digit).
+        # A number field keeps "?" (refused: digits only), so F1 is the way there.
         app.query_one("#opt-seq_len").focus()
         await pilot.press("question_mark")
+        await pilot.pause()
+        assert not isinstance(app.screen, ExplainScreen) and "digits only" in note(app, "seq_len")
+        await pilot.press("f1")
         await pilot.pause()
         assert app.screen.markdown.startswith("# Sequence length")
         await pilot.press("escape")

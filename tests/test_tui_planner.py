@@ -8,7 +8,7 @@ from memtui.engine.estimator import estimate
 from memtui.engine.telemetry.local_gpu import local_gpu_from_reading
 from memtui.engine.model.presets import presets_dir, resolve_recipe
 from memtui.engine.model.specs import TrainingConfig
-from memtui.tui.planner import LOCAL_GPU, Planner, config_differences, field_key
+from memtui.tui.planner import LOCAL_GPU, Planner, config_differences
 
 
 def test_defaults_give_the_default_budget():
@@ -45,12 +45,24 @@ def test_an_impossible_combination_names_its_flag():
     planner.set_int_text("lora_rank", "16")
     planner.set_int_text("tp", "1")
     planner.set_option("optimizer", "galore-adamw")
-    assert planner.compute().error.field == "--optimizer"
+    assert planner.compute().error.field == "optimizer"
 
 
-def test_field_key_maps_flags_and_config_files():
-    assert field_key("--lora-rank") == "lora_rank"
-    assert field_key("/tmp/x/config.json: hidden_size") == "model_path"
+def test_errors_carry_the_field_and_each_front_end_names_it_its_own_way():
+    from memtui.engine.model.options import label
+
+    planner = Planner()
+    planner.set_int_text("lora_rank", "x")
+    error = planner.compute().error
+    assert error.field == "lora_rank"
+    assert str(error).startswith("--lora-rank: 'x' is not a whole number")
+    assert error.describe(label).startswith("LoRA rank: 'x' is not a whole number")
+    planner.set_int_text("lora_rank", "0")
+    planner.set_option("offload", "optimizer+params")
+    error = planner.compute().error
+    assert error.field == "offload" and "--zero 3" in str(error)
+    assert error.describe(label) == ("CPU offload: optimizer+params needs ZeRO stage 3 (parameters must be sharded "
+                                     "to be offloaded) (allowed: none, optimizer)")
 
 
 def test_a_config_json_path_loads_or_says_why(tmp_path):

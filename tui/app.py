@@ -24,6 +24,7 @@ from textual.widgets import ContentSwitcher, Footer, Header, OptionList
 from textual.worker import Worker, WorkerState
 
 from memtui.engine.errors import InputError
+from memtui.engine.model.options import label
 from memtui.engine.telemetry.local_gpu import LocalGpu, detect_local_gpu
 from memtui.tui.commands import PresetCommands
 from memtui.tui.explain import EXPLAINERS, LADDER_INTRO, OVERVIEW
@@ -69,7 +70,7 @@ class FitFound(Message):
 
 
 def error_text(error: InputError) -> str:
-    return error.message + (f" (allowed: {error.allowed})" if error.allowed else "")
+    return error.reason(label)  # options named as the screen names them
 
 
 class MemtuiApp(App[None]):
@@ -241,8 +242,9 @@ class MemtuiApp(App[None]):
         if panel is None or result is None:
             return
         errors = {key: error_text(error) for key, error in self.planner.field_errors.items()}
-        if result.error is not None and result.error_field and result.error_field not in errors:
-            errors[result.error_field] = error_text(result.error)
+        if result.error is not None:
+            for field in result.error_fields:
+                errors.setdefault(field, error_text(result.error))
         panel.show_errors(errors)
 
     def refresh_plan(self, changed_key: str | None = None) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memtui.engine.model.options import OPTIONS
+
 
 @dataclass(frozen=True)
 class Explainer:
@@ -302,11 +304,8 @@ _EXPLAINERS = [
 
 EXPLAINERS: dict[str, Explainer] = {explainer.key: explainer for explainer in _EXPLAINERS}
 
-OPTION_KEYS: tuple[str, ...] = (
-    "model", "gpu", "gpus", "batch_size", "seq_len", "precision", "master_weights", "optimizer",
-    "optimizer_impl", "galore_rank", "checkpointing", "attention", "zero", "offload", "tp", "pp",
-    "lora_rank", "lora_targets", "quant",
-)
+# The options' explainers in the registry's order (memtui.engine.model.options): this module keeps the texts.
+OPTION_KEYS: tuple[str, ...] = tuple(option.explainer_key for option in OPTIONS.values())
 
 
 def explainer_for(key: str) -> Explainer | None:

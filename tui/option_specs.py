@@ -1,11 +1,16 @@
-"""The planner's inputs as data: which control each option gets, its label and its group."""
+"""The planner's inputs as data, derived from the option registry (memtui.engine.model.options).
+
+Each TrainingConfig field gets the control its registry kind names, under its
+group; the planner adds one input a flag does not have: a config.json path.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from memtui.engine.model.specs import ATTENTIONS, CHECKPOINTING, OFFLOADS, OPTIMIZER_IMPLS, OPTIMIZERS, PRECISIONS, QUANTS
+from memtui.engine.model.options import GROUPS as GROUP_TITLES
+from memtui.engine.model.options import OPTIONS, Option
 
 Kind = Literal["select", "int", "switch", "text", "model", "gpu", "path"]
 
@@ -29,41 +34,26 @@ class OptionSpec:
     def explainer(self) -> str:
         return self.explain_key or self.key
 
+    @classmethod
+    def of(cls, option: Option) -> OptionSpec:
+        return cls(option.field, option.label, option.kind, option.choices, explain_key=option.explainer_key)
 
-GROUPS: tuple[tuple[str, tuple[OptionSpec, ...]], ...] = (
-    ("Model & hardware", (
-        OptionSpec("model", "Model", "model"),
-        OptionSpec("model_path", "config.json", "path", explain_key="model",
-                   summary_text="Or load your own config.json (Enter)."),
-        OptionSpec("gpu", "GPU", "gpu"),
-        OptionSpec("gpus", "GPU count", "int"),
-    )),
-    ("Workload", (
-        OptionSpec("batch_size", "Batch size", "int"),
-        OptionSpec("seq_len", "Seq length", "int"),
-    )),
-    ("Precision & optimizer", (
-        OptionSpec("precision", "Precision", "select", PRECISIONS),
-        OptionSpec("master_weights", "Master fp32", "switch"),
-        OptionSpec("optimizer", "Optimizer", "select", OPTIMIZERS),
-        OptionSpec("optimizer_impl", "Opt. impl", "select", OPTIMIZER_IMPLS),
-        OptionSpec("galore_rank", "GaLore rank", "int"),
-    )),
-    ("Memory savers", (
-        OptionSpec("checkpointing", "Checkpoint", "select", CHECKPOINTING),
-        OptionSpec("attention", "Attention", "select", ATTENTIONS),
-        OptionSpec("offload", "CPU offload", "select", OFFLOADS),
-    )),
-    ("Parallelism", (
-        OptionSpec("zero", "ZeRO stage", "select", ("0", "1", "2", "3")),
-        OptionSpec("tp", "Tensor par.", "int"),
-        OptionSpec("pp", "Pipe. par.", "int"),
-    )),
-    ("Adapters & quantization", (
-        OptionSpec("lora_rank", "LoRA rank", "int"),
-        OptionSpec("lora_targets", "LoRA layers", "text"),
-        OptionSpec("quant", "Quantize", "select", QUANTS),
-    )),
-)
+
+MODEL_PATH = OptionSpec("model_path", "config.json", "path", explain_key="model",
+                        summary_text="Or load your own config.json (Enter).")
+
+
+def _group(title: str) -> tuple[OptionSpec, ...]:
+    specs: list[OptionSpec] = []
+    for option in OPTIONS.values():
+        if option.group == title:
+            specs.append(OptionSpec.of(option))
+            if option.field == "model":
+                specs.append(MODEL_PATH)  # right under the model picker
+    return tuple(specs)
+
+
+GROUPS: tuple[tuple[str, tuple[OptionSpec, ...]], ...] = tuple((title, _group(title)) for title in GROUP_TITLES)
 
 OPTION_SPECS: dict[str, OptionSpec] = {spec.key: spec for _, specs in GROUPS for spec in specs}
+

@@ -14,33 +14,12 @@ from typing import Any
 
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.errors import InputError
+from memtui.engine.model.options import OPTIONS
 from memtui.engine.planning.ladder import SavingsLadder, savings_ladder
 from memtui.engine.telemetry.local_gpu import LocalGpu
 from memtui.engine.model.specs import Budget, GpuSpec, Recipe, TrainingConfig
 
 LOCAL_GPU = "@local"  # the GPU picker's value for "the GPU in this machine"
-
-# Integer options and their smallest allowed value (what the CLI's flag parsers enforce).
-INT_MINIMUMS: dict[str, int] = {
-    "gpus": 1, "batch_size": 1, "seq_len": 1, "galore_rank": 1, "tp": 1, "pp": 1, "lora_rank": 0,
-}
-
-
-def int_maximum(key: str) -> int | None:
-    """TrainingConfig's upper bound for an integer option, if it has one."""
-    field = TrainingConfig.model_fields.get(key)
-    bounds = [getattr(item, "le", None) for item in field.metadata] if field is not None else []
-    return next((bound for bound in bounds if bound is not None), None)
-
-
-def field_key(flag: str) -> str:
-    """'--lora-rank' -> 'lora_rank'; a config-file error ('/x/config.json: hidden_size') -> 'model_path'."""
-    if flag.startswith("--"):
-        return flag[2:].replace("-", "_")
-    if ".json" in flag or "config" in flag:
-        return "model_path"
-    return flag
-
 
 @dataclass(frozen=True)
 class PlanResult:
@@ -53,6 +32,8 @@ class PlanResult:
     gpu: GpuSpec | None = None
     model: ModelSpec | None = None
     error_field: str | None = None  # the option key the error belongs to ("lora_rank", "model_path")
+    # Where to show the error: its field, and the field just edited when the refusal involves it too.
+    error_fields: tuple[str, ...] = ()
 
     @property
     def stale(self) -> bool:
@@ -69,6 +50,7 @@ class Planner:
         self.local_gpu: LocalGpu | None = None
         self.use_local_gpu = False
         self.field_errors: dict[str, InputError] = {}
+        self.edited: str | None = None  # the option the user changed last
         self.last_good: PlanResult | None = None
         self.pinned: PlanResult | None = None
         self._models: dict[str, ModelSpec] = {}
@@ -98,6 +80,7 @@ class Planner:
     def set_option(self, key: str, value: Any) -> list[str]:
         """Set one option (already the right type). Returns notes about automatic adjustments."""
         self.field_errors.pop(key, None)
+        self.edited = key
         notes: list[str] = []
         if key == "gpu":
             if value == LOCAL_GPU and self.local_gpu is not None:
@@ -117,21 +100,11 @@ class Planner:
 
     def set_int_text(self, key: str, text: str) -> None:
         """An integer typed into a field: accepted, or recorded as that field's error."""
-        flag = "--" + key.replace("_", "-")
-        text = text.strip()
-        minimum = INT_MINIMUMS.get(key, 0)
+        self.edited = key
         try:
-            value = int(text)
-        except ValueError:
-            message = "is empty" if not text else f"{text!r} is not a whole number"
-            self.field_errors[key] = InputError(flag, message, f"whole numbers from {minimum}")
-            return
-        if value < minimum:
-            self.field_errors[key] = InputError(flag, f"must be at least {minimum}, got {value}")
-            return
-        maximum = int_maximum(key)
-        if maximum is not None and value > maximum:
-            self.field_errors[key] = InputError(flag, f"must be at most {maximum:,}, got {value:,}")
+            value = OPTIONS[key].parse_int(text)
+        except InputError as error:
+            self.field_errors[key] = error
             return
         self.set_option(key, value)
 
@@ -139,7 +112,7 @@ class Planner:
         """A path to a config.json (or a folder holding one): load it or record why not."""
         text = text.strip()
         if not text:
-            self.field_errors["model_path"] = InputError("--model", "type a path to a config.json")
+            self.field_errors["model_path"] = InputError("model", "type a path to a config.json")
             return []
         try:
             spec = self.model_spec(text)
@@ -238,7 +211,8 @@ class Planner:
                 budget = estimate(config, model=model, gpu=gpu)
                 steps = self.build_ladder(config, model, gpu) if ladder else self.known_ladder(config, gpu)
             except InputError as raised:
-                error, error_field = raised, field_key(raised.field)
+                # Not an option's own field: it is about the model's config.json.
+                error, error_field = raised, raised.field if raised.field in OPTIONS else "model_path"
             else:
                 result = PlanResult(budget=budget, ladder=steps, config=config, gpu=gpu, model=model)
                 self.last_good = result
@@ -252,7 +226,15 @@ class Planner:
             gpu=last.gpu if last else None,
             model=last.model if last else None,
             error_field=error_field,
+            error_fields=self._error_fields(error, error_field),
         )
+
+    def _error_fields(self, error: InputError, error_field: str | None) -> tuple[str, ...]:
+        """The refused field, and the one just edited when the refusal involves it (TP beside GPU count)."""
+        fields = (error_field,) if error_field else ()
+        if self.edited and self.edited not in fields and self.edited in error.fields:
+            fields += (self.edited,)
+        return fields
 
     def toggle_pin(self) -> bool:
         """Pin the last good result for comparison, or unpin. Returns whether a pin is now set."""
@@ -271,4 +253,4 @@ def config_differences(pinned: TrainingConfig, current: TrainingConfig) -> list[
     return [(key, before[key], after[key]) for key in after if before[key] != after[key]]
 
 
-__all__ = ["LOCAL_GPU", "Planner", "PlanResult", "config_differences", "field_key"]
+__all__ = ["LOCAL_GPU", "Planner", "PlanResult", "config_differences"]

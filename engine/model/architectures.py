@@ -323,7 +323,7 @@ def load_config_file(path: Path, *, model_id: str | None = None) -> ModelSpec:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise InputError("--model", f"no preset or file named {source!r}") from None
+        raise InputError("model", f"no preset or file named {source!r}") from None
     except OSError as error:
         raise InputError(source, f"cannot read: {error.strerror or error}") from None
     try:

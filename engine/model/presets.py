@@ -155,10 +155,10 @@ def resolve_model(name: str) -> ModelSpec:
         if path.is_dir():
             path = path / "config.json"
         if not path.exists():
-            raise InputError("--model", f"no such file {str(path)!r}")
+            raise InputError("model", f"no such file {str(path)!r}")
         return load_config_file(path)
     raise InputError(
-        "--model",
+        "model",
         f"unknown model {name!r}{_suggest(name, list(presets))}",
         ", ".join(presets) + ", or a path to a config.json",
     )
@@ -168,11 +168,11 @@ def resolve_gpu(name: str) -> GpuSpec:
     presets = gpus()
     if name in presets:
         return presets[name]
-    raise InputError("--gpu", f"unknown GPU {name!r}{_suggest(name, list(presets))}", ", ".join(presets))
+    raise InputError("gpu", f"unknown GPU {name!r}{_suggest(name, list(presets))}", ", ".join(presets))
 
 
 def resolve_recipe(name: str) -> Recipe:
     presets = recipes()
     if name in presets:
         return presets[name]
-    raise InputError("--recipe", f"unknown recipe {name!r}{_suggest(name, list(presets))}", ", ".join(presets))
+    raise InputError("recipe", f"unknown recipe {name!r}{_suggest(name, list(presets))}", ", ".join(presets))

@@ -1,20 +1,21 @@
 """Checks that need the model and the GPU, not just the option's own range.
 
-Each failure is an InputError naming the CLI flag and what is allowed, so the
-CLI prints one line and the TUI shows it beside the field.
+Each failure is an InputError naming the TrainingConfig field and what is
+allowed (options inside the text as "{field}"), so the CLI prints one line with
+its flags and the planner shows it beside the field in its own words.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
 from pydantic import ValidationError
 
-from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.errors import InputError
+from memtui.engine.model.architectures import LinearLayer, ModelSpec
 from memtui.engine.model.specs import GpuSpec, TrainingConfig
-
-
-def flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
 
 
 def config_from_options(options: dict) -> TrainingConfig:
@@ -34,17 +35,23 @@ def config_from_options(options: dict) -> TrainingConfig:
         elif first["type"] == "extra_forbidden":
             message = "unknown option"
             allowed = ", ".join(TrainingConfig.model_fields)
-        raise InputError(flag_name(field), message, allowed) from None
+        raise InputError(field, message, allowed) from None
 
 
 def resolve_lora_targets(config: TrainingConfig, model: ModelSpec) -> tuple[str, ...]:
     """The linear layer names LoRA adapts; 'all-linear' means every one peft would pick."""
     if not config.uses_lora:
         return ()
-    adaptable = tuple(linear.name for linear in model.linears if linear.experts == 1)
-    raw = [part.strip() for part in config.lora_targets.split(",") if part.strip()]
+    return _lora_targets(config.lora_targets, model.id, model.linears)
+
+
+@lru_cache(maxsize=256)
+def _lora_targets(targets: str, model_id: str, linears: tuple[LinearLayer, ...]) -> tuple[str, ...]:
+    """The --lora-targets text parsed once per (text, model): an estimate asks several times."""
+    adaptable = tuple(linear.name for linear in linears if linear.experts == 1)
+    raw = [part.strip() for part in targets.split(",") if part.strip()]
     if not raw:
-        raise InputError("--lora-targets", "is empty", "all-linear or a comma list of " + ", ".join(adaptable))
+        raise InputError("lora_targets", "is empty", "all-linear or a comma list of " + ", ".join(adaptable))
     if raw == ["all-linear"]:
         return adaptable
     chosen: list[str] = []
@@ -53,8 +60,8 @@ def resolve_lora_targets(config: TrainingConfig, model: ModelSpec) -> tuple[str,
         matches = [candidate for candidate in adaptable if candidate == name or candidate.endswith("." + name)]
         if not matches:
             raise InputError(
-                "--lora-targets",
-                f"{name!r} is not a linear layer of {model.id}",
+                "lora_targets",
+                f"{name!r} is not a linear layer of {model_id}",
                 "all-linear, " + ", ".join(adaptable),
             )
         chosen.extend(match for match in matches if match not in chosen)
@@ -68,74 +75,145 @@ def _divisors(n: int) -> str:
 UNFUSED_OPTIMIZERS = ("adafactor", "lion", "galore-adamw")  # no fused kernel: `fused` runs as for-loop
 
 
+@dataclass
+class Facts:
+    """What a rule looks at: the options, the model, the GPU and the layers LoRA adapts."""
+
+    config: TrainingConfig
+    model: ModelSpec
+    gpu: GpuSpec
+
+    @cached_property
+    def lora_targets(self) -> tuple[str, ...]:
+        return resolve_lora_targets(self.config, self.model)  # may refuse: only asked once LoRA is on
+
+    @property
+    def smallest_adapted(self) -> int:
+        return min(min(self.model.linear(name).in_features, self.model.linear(name).out_features)
+                   for name in self.lora_targets)
+
+    @property
+    def ranks(self) -> int:
+        return self.config.tp * self.config.pp
+
+
+Text = Callable[[Facts], str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One check: the options it involves (a refusal is reported on the first), when it is broken, what to say.
+
+    A refusal raises InputError with `message` and `allowed`; a note (`refuse=False`) is only said.
+    """
+
+    fields: tuple[str, ...]
+    broken: Callable[[Facts], bool]
+    message: Text
+    allowed: Text | None = None
+    refuse: bool = True
+
+
+def _rule(*fields: str, broken: Callable[[Facts], bool], message: Text, allowed: Text | None = None) -> Rule:
+    return Rule(fields, broken, message, allowed)
+
+
+def _note(*fields: str, broken: Callable[[Facts], bool], message: Text) -> Rule:
+    return Rule(fields, broken, message, refuse=False)
+
+
+# In the order they are checked; the first refusal wins. "{field}" in a text is that option's name.
+RULES: tuple[Rule, ...] = (
+    _rule("tp", broken=lambda f: f.model.num_heads % f.config.tp != 0,
+          message=lambda f: f"{f.config.tp} does not divide {f.model.id}'s {f.model.num_heads} attention heads",
+          allowed=lambda f: _divisors(f.model.num_heads)),
+    _rule("tp", "gpus", "pp", broken=lambda f: f.ranks > f.config.gpus and f.config.tp > 1,
+          message=lambda f: f"{{tp}} {f.config.tp} x {{pp}} {f.config.pp} needs {f.ranks} GPUs; {{gpus}} is "
+                            f"{f.config.gpus}",
+          allowed=lambda f: f"{{tp}} x {{pp}} dividing {{gpus}} {f.config.gpus}, or {{gpus}} {f.ranks}"),
+    _rule("pp", "gpus", "tp", broken=lambda f: f.ranks > f.config.gpus,
+          message=lambda f: f"{f.config.pp} stages need {f.ranks} GPUs; {{gpus}} is {f.config.gpus}",
+          allowed=lambda f: f"{{pp}} dividing {{gpus}} {f.config.gpus}, or {{gpus}} {f.ranks}"),
+    _rule("gpus", "tp", "pp", broken=lambda f: f.config.gpus % f.ranks != 0,
+          message=lambda f: f"{f.config.gpus} is not a multiple of {{tp}} x {{pp}} = {f.ranks}",
+          allowed=lambda f: f"multiples of {f.ranks}"),
+    _rule("tp", broken=lambda f: bool(f.model.num_kv_heads % f.config.tp and f.config.tp % f.model.num_kv_heads),
+          message=lambda f: f"{f.config.tp} neither divides nor is a multiple of {f.model.num_kv_heads} "
+                            "key/value heads",
+          allowed=lambda f: _divisors(f.model.num_heads)),
+    _rule("tp",
+          broken=lambda f: not f.model.is_moe and f.config.tp > 1 and f.model.intermediate_size % f.config.tp != 0,
+          message=lambda f: f"{f.config.tp} does not divide intermediate size {f.model.intermediate_size}"),
+    _rule("pp", broken=lambda f: f.config.pp > f.model.num_layers,
+          message=lambda f: f"{f.config.pp} stages for {f.model.num_layers} layers",
+          allowed=lambda f: f"1..{f.model.num_layers}"),
+    _rule("lora_targets", "lora_rank", broken=lambda f: f.config.uses_lora and not f.lora_targets,
+          message=lambda f: f"{f.model.id} has no linear layer LoRA can adapt"),
+    _rule("lora_rank", "lora_targets", broken=lambda f: f.config.uses_lora and f.config.lora_rank > f.smallest_adapted,
+          message=lambda f: f"{f.config.lora_rank} exceeds the smallest adapted dimension",
+          allowed=lambda f: f"1..{f.smallest_adapted}"),
+    _rule("optimizer", "lora_rank", broken=lambda f: f.config.uses_lora and f.config.optimizer == "galore-adamw",
+          message=lambda f: "galore-adamw projects full-rank gradients; it does not combine with LoRA",
+          allowed=lambda f: "adamw, adamw-8bit, sgd, sgd-momentum, adafactor, lion"),
+    _rule("galore_rank", "optimizer",
+          broken=lambda f: (f.config.optimizer == "galore-adamw"
+                            and f.config.galore_rank > min(f.model.hidden_size, f.model.intermediate_size)),
+          message=lambda f: f"{f.config.galore_rank} exceeds the hidden size",
+          allowed=lambda f: f"1..{min(f.model.hidden_size, f.model.intermediate_size)}"),
+    _rule("quant", "lora_rank", broken=lambda f: f.config.quant != "none" and not f.config.uses_lora,
+          message=lambda f: f"{f.config.quant} freezes the base weights; set {{lora_rank}} to train adapters",
+          allowed=lambda f: "none, or int8/nf4 with {lora_rank} > 0"),
+    _rule("quant", "precision", broken=lambda f: f.config.quant != "none" and f.config.precision == "32-true",
+          message=lambda f: "quantized bases compute in 16 bits",
+          allowed=lambda f: "with {precision} 16-mixed, bf16-mixed, 16-true, bf16-true"),
+    _rule("master_weights", "precision",
+          broken=lambda f: f.config.master_weights and f.config.precision not in ("16-true", "bf16-true"),
+          message=lambda f: f"needs 16-bit weights, not {{precision}} {f.config.precision}",
+          allowed=lambda f: "{precision} 16-true, bf16-true"),
+    _rule("offload", "zero", broken=lambda f: f.config.offload == "optimizer+params" and f.config.zero != 3,
+          message=lambda f: "optimizer+params needs {zero} 3 (parameters must be sharded to be offloaded)",
+          allowed=lambda f: "none, optimizer"),
+    _rule("offload", "zero", broken=lambda f: f.config.offload != "none" and f.config.zero == 0,
+          message=lambda f: "offloading runs through ZeRO; set {zero} 1, 2 or 3",
+          allowed=lambda f: "none"),
+    _note("zero", "gpus", broken=lambda f: bool(f.config.zero) and f.ranks == f.config.gpus == 1,
+          message=lambda f: "ZeRO shards across data-parallel ranks; with one GPU it changes nothing."),
+    _note("optimizer_impl", "optimizer",
+          broken=lambda f: f.config.optimizer_impl == "fused" and f.config.optimizer in UNFUSED_OPTIMIZERS,
+          message=lambda f: f"{f.config.optimizer} has no fused kernel: it steps one tensor at a time (for-loop)."),
+    _rule("seq_len", "model",
+          broken=lambda f: f.model.positions == "learned" and f.config.seq_len > f.model.max_position_embeddings,
+          message=lambda f: f"{f.model.id} has {f.model.max_position_embeddings} learned positions",
+          allowed=lambda f: f"1..{f.model.max_position_embeddings}"),
+    _note("seq_len", "model", broken=lambda f: f.config.seq_len > f.model.max_position_embeddings,
+          message=lambda f: f"seq-len {f.config.seq_len} is beyond {f.model.id}'s "
+                            f"{f.model.max_position_embeddings} trained positions."),
+    _note("precision", "gpu", broken=lambda f: "bf16" in f.config.precision and not f.gpu.bf16,
+          message=lambda f: f"{f.gpu.name} has no bf16 support; use 16-mixed or 16-true there."),
+    _note("attention", "tp", broken=lambda f: f.config.tp > 1 and f.config.attention == "eager",
+          message=lambda f: "eager attention under tensor parallelism keeps s x s scores per head shard."),
+    _note("model", broken=lambda f: f.model.is_moe,
+          message=lambda f: "MoE: transformers' grouped_mm experts process tokens x top-k rows whatever the routing, "
+                            "so the step's memory does not depend on which experts the router picks."),
+    _note("quant", "model", broken=lambda f: f.model.is_moe and f.config.quant != "none",
+          message=lambda f: f"{f.config.quant}: bitsandbytes quantizes nn.Linear layers only; the experts' stacked "
+                            "weights stay 16-bit (as transformers loads them)."),
+    _note("quant", "model", broken=lambda f: f.config.quant != "none" and f.model.family == "gpt2",
+          message=lambda f: f"{f.config.quant}: GPT-2's layers are Conv1D, not nn.Linear, so bitsandbytes quantizes "
+                            "none of them; the weights stay 16-bit."),
+)
+
+
 def check_config(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> list[str]:
-    """Raise InputError for impossible combinations; return notes for questionable ones."""
+    """Raise InputError for the first impossible combination; return notes for questionable ones."""
+    facts = Facts(config, model, gpu)
     notes: list[str] = []
-    if model.num_heads % config.tp:
-        raise InputError(
-            "--tp", f"{config.tp} does not divide {model.id}'s {model.num_heads} attention heads",
-            _divisors(model.num_heads),
-        )
-    if config.gpus % (config.tp * config.pp):
-        raise InputError(
-            "--gpus", f"{config.gpus} is not a multiple of tp x pp = {config.tp * config.pp}",
-            f"multiples of {config.tp * config.pp}",
-        )
-    if model.num_kv_heads % config.tp and config.tp % model.num_kv_heads:
-        raise InputError(
-            "--tp", f"{config.tp} neither divides nor is a multiple of {model.num_kv_heads} key/value heads",
-            _divisors(model.num_heads),
-        )
-    if model.is_moe is False and config.tp > 1 and model.intermediate_size % config.tp:
-        raise InputError("--tp", f"{config.tp} does not divide intermediate size {model.intermediate_size}")
-    if config.pp > model.num_layers:
-        raise InputError("--pp", f"{config.pp} stages for {model.num_layers} layers", f"1..{model.num_layers}")
-    if config.uses_lora:
-        targets = resolve_lora_targets(config, model)
-        if not targets:
-            raise InputError("--lora-targets", f"{model.id} has no linear layer LoRA can adapt")
-        limit = min(min(model.linear(name).in_features, model.linear(name).out_features) for name in targets)
-        if config.lora_rank > limit:
-            raise InputError("--lora-rank", f"{config.lora_rank} exceeds the smallest adapted dimension", f"1..{limit}")
-        if config.optimizer == "galore-adamw":
-            raise InputError("--optimizer", "galore-adamw projects full-rank gradients; it does not combine with LoRA",
-                             "adamw, adamw-8bit, sgd, sgd-momentum, adafactor, lion")
-    if config.optimizer == "galore-adamw":
-        limit = min(model.hidden_size, model.intermediate_size)
-        if config.galore_rank > limit:
-            raise InputError("--galore-rank", f"{config.galore_rank} exceeds the hidden size", f"1..{limit}")
-    if config.quant != "none" and not config.uses_lora:
-        raise InputError("--quant", f"{config.quant} freezes the base weights; add --lora-rank R to train adapters",
-                         "none, or int8/nf4 with --lora-rank")
-    if config.quant != "none" and config.precision == "32-true":
-        raise InputError("--quant", "quantized bases compute in 16 bits", "with 16-mixed, bf16-mixed, 16-true, bf16-true")
-    if config.master_weights and config.precision not in ("16-true", "bf16-true"):
-        raise InputError("--master-weights", f"needs 16-bit weights, not {config.precision}", "16-true, bf16-true")
-    if config.offload == "optimizer+params" and config.zero != 3:
-        raise InputError("--offload", "optimizer+params needs --zero 3 (parameters must be sharded to be offloaded)",
-                         "none, optimizer")
-    if config.offload != "none" and config.zero == 0:
-        raise InputError("--offload", "offloading runs through ZeRO; set --zero 1, 2 or 3", "none")
-    if config.zero and config.tp * config.pp == config.gpus and config.gpus == 1:
-        notes.append("ZeRO shards across data-parallel ranks; with one GPU it changes nothing.")
-    if config.optimizer_impl == "fused" and config.optimizer in UNFUSED_OPTIMIZERS:
-        notes.append(f"{config.optimizer} has no fused kernel: it steps one tensor at a time (for-loop).")
-    if model.positions == "learned" and config.seq_len > model.max_position_embeddings:
-        raise InputError("--seq-len", f"{model.id} has {model.max_position_embeddings} learned positions",
-                         f"1..{model.max_position_embeddings}")
-    if config.seq_len > model.max_position_embeddings:
-        notes.append(f"seq-len {config.seq_len} is beyond {model.id}'s {model.max_position_embeddings} trained positions.")
-    if "bf16" in config.precision and not gpu.bf16:
-        notes.append(f"{gpu.name} has no bf16 support; use 16-mixed or 16-true there.")
-    if config.tp > 1 and config.attention == "eager":
-        notes.append("eager attention under tensor parallelism keeps s x s scores per head shard.")
-    if model.is_moe:
-        notes.append("MoE: transformers' grouped_mm experts process tokens x top-k rows whatever the routing, "
-                     "so the step's memory does not depend on which experts the router picks.")
-        if config.quant != "none":
-            notes.append(f"{config.quant}: bitsandbytes quantizes nn.Linear layers only; the experts' stacked "
-                         "weights stay 16-bit (as transformers loads them).")
-    if config.quant != "none" and model.family == "gpt2":
-        notes.append(f"{config.quant}: GPT-2's layers are Conv1D, not nn.Linear, so bitsandbytes quantizes none "
-                     "of them; the weights stay 16-bit.")
+    for rule in RULES:
+        if not rule.broken(facts):
+            continue
+        if not rule.refuse:
+            notes.append(rule.message(facts))
+            continue
+        allowed = rule.allowed(facts) if rule.allowed is not None else None
+        raise InputError(rule.fields[0], rule.message(facts), allowed, fields=rule.fields)
     return notes

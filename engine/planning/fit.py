@@ -27,7 +27,7 @@ from memtui.engine.estimator import estimate
 from memtui.engine.model.presets import resolve_gpu, resolve_model
 from memtui.engine.model.specs import Budget, GpuSpec, TrainingConfig
 from memtui.engine.units import format_gib
-from memtui.engine.model.validation import flag_name
+from memtui.engine.errors import cli_flag
 
 __all__ = [
     "BATCH_LIMIT",
@@ -792,7 +792,7 @@ def _steps(
     steps: list[Step] = []
     current = original
     for title, reason, changes in groups:
-        delta = {flag_name(name): (getattr(original, name), value) for name, value in changes.items()
+        delta = {cli_flag(name): (getattr(original, name), value) for name, value in changes.items()
                  if getattr(original, name) != value}
         current = _with(current, **changes)
         budget = evaluator.budget(current)

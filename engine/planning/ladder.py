@@ -19,43 +19,17 @@ from typing import Any
 
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.errors import InputError
+from memtui.engine.model.options import OPTIONS
 from memtui.engine.model.specs import COMPONENT_NAMES, Budget, GpuSpec, TrainingConfig
 
-# What "unoptimized" means: each option at its most memory-hungry, plain setting.
+# What "unoptimized" means: each option at its most memory-hungry, plain setting (the registry's baselines).
 BASELINE_OPTIONS: dict[str, Any] = {
-    "precision": "32-true",
-    "master_weights": False,
-    "optimizer": "adamw",
-    "optimizer_impl": "foreach",
-    "attention": "eager",
-    "checkpointing": "none",
-    "lora_rank": 0,
-    "quant": "none",
-    "tp": 1,
-    "pp": 1,
-    "zero": 0,
-    "offload": "none",
+    option.field: option.baseline for option in OPTIONS.values() if option.baseline is not None
 }
 
-_PRECISION_LABELS = {
-    "16-mixed": "fp16 mixed precision (autocast)",
-    "bf16-mixed": "bf16 mixed precision (autocast)",
-    "16-true": "fp16 weights and gradients",
-    "bf16-true": "bf16 weights and gradients",
-}
-_OPTIMIZER_LABELS = {
-    "adamw-8bit": "8-bit AdamW states",
-    "sgd": "plain SGD (no optimizer state)",
-    "sgd-momentum": "SGD with momentum (one state)",
-    "adafactor": "Adafactor (factored states)",
-    "lion": "Lion (one state)",
-    "galore-adamw": "GaLore AdamW",
-}
-_IMPL_LABELS = {"fused": "fused optimizer step", "for-loop": "for-loop optimizer step"}
-_CHECKPOINT_LABELS = {"selective": "selective checkpointing", "full": "full activation checkpointing"}
-_QUANT_LABELS = {"nf4": "NF4 4-bit base weights (QLoRA)", "int8": "int8 base weights"}
-_ZERO_LABELS = {1: "ZeRO-1: optimizer states sharded", 2: "ZeRO-2: + gradients sharded", 3: "ZeRO-3 / FSDP: + weights sharded"}
-_OFFLOAD_LABELS = {"optimizer": "optimizer offloaded to CPU", "optimizer+params": "optimizer and weights offloaded to CPU"}
+
+def _label(field: str, config: TrainingConfig) -> str:
+    return OPTIONS[field].ladder_label(config)
 
 
 @dataclass(frozen=True)
@@ -77,36 +51,19 @@ def _rungs(config: TrainingConfig) -> list[_Rung]:
     """
     rungs: list[_Rung] = []
     if config.precision != "32-true":
-        label = _PRECISION_LABELS[config.precision]
+        label = _label("precision", config)
         if config.master_weights:
-            label += " + fp32 master copy"
+            label += " + " + _label("master_weights", config)
         rungs.append(_Rung("precision", label, ("precision", "master_weights")))
-    if config.optimizer != "adamw":
-        label = _OPTIMIZER_LABELS[config.optimizer]
-        if config.optimizer == "galore-adamw":
-            label += f" (rank {config.galore_rank})"
-        rungs.append(_Rung("optimizer", label, ("optimizer",)))
-    if config.optimizer_impl != "foreach":
-        rungs.append(_Rung("optimizer_impl", _IMPL_LABELS[config.optimizer_impl], ("optimizer_impl",)))
-    if config.lora_rank > 0:
-        rungs.append(_Rung("lora_rank", f"LoRA rank {config.lora_rank} ({config.lora_targets})", ("lora_rank",)))
-    if config.quant != "none":
-        rungs.append(_Rung("quant", _QUANT_LABELS[config.quant], ("quant",)))
-    if config.tp > 1:
-        rungs.append(_Rung("tp", f"tensor parallel x{config.tp}", ("tp",)))
-    if config.pp > 1:
-        rungs.append(_Rung("pp", f"pipeline parallel, {config.pp} stages", ("pp",)))
-    if config.zero > 0:
-        label = _ZERO_LABELS[config.zero]
-        if config.dp > 1:
+    # Then each option that is its own rung, in the ladder's order, when it differs from the baseline.
+    for key in ("optimizer", "optimizer_impl", "lora_rank", "quant", "tp", "pp", "zero", "offload", "attention",
+                "checkpointing"):
+        if getattr(config, key) == BASELINE_OPTIONS[key]:
+            continue
+        label = _label(key, config)
+        if key == "zero" and config.dp > 1:
             label += f" over {config.dp} ranks"
-        rungs.append(_Rung("zero", label, ("zero",)))
-    if config.offload != "none":
-        rungs.append(_Rung("offload", _OFFLOAD_LABELS[config.offload], ("offload",)))
-    if config.attention != "eager":
-        rungs.append(_Rung("attention", "flash attention", ("attention",)))
-    if config.checkpointing != "none":
-        rungs.append(_Rung("checkpointing", _CHECKPOINT_LABELS[config.checkpointing], ("checkpointing",)))
+        rungs.append(_Rung(key, label, (key,)))
     return rungs
 
 

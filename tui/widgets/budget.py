@@ -9,6 +9,7 @@ from textual.content import Content
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from memtui.engine.model.options import label
 from memtui.engine.model.specs import COMPONENT_NAMES, Budget
 from memtui.engine.units import GiB, format_count
 from memtui.tui.planner import PlanResult, config_differences
@@ -84,7 +85,7 @@ class ErrorLine(Text):
     def show(self, result: PlanResult) -> None:
         self.display = result.error is not None
         if result.error is not None:
-            self.set(Content.assemble(("⚠ ", "bold"), str(result.error), " — showing the last valid budget"))
+            self.set(Content.assemble(("⚠ ", "bold"), result.error.describe(label), " — showing the last valid budget"))
 
 
 class SummaryLine(Text):

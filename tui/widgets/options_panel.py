@@ -12,6 +12,7 @@ from textual.widget import Widget
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
 from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.options import OPTIONS
 from memtui.engine.telemetry.local_gpu import LocalGpu
 from memtui.engine.model.specs import GpuSpec
 from memtui.engine.units import GiB
@@ -44,19 +45,27 @@ class EditingInput(Input):
 
 
 class IntInput(EditingInput):
-    """A whole-number field that lets non-digit keys through, so `p`, `e`, `?` still work while it has focus."""
+    """A whole-number field. Like every input it keeps each printable key while focused (so `q` or `r`
+    typed here never quits or starts a run); a key that is not a digit is refused in place."""
 
     DIGITS = "0123456789-"
+
+    class Refused(Message):
+        """A printable key that is not a digit was typed (and not inserted)."""
+
+        def __init__(self, field: IntInput, character: str) -> None:
+            super().__init__()
+            self.field = field
+            self.character = character
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(type="integer", compact=True, **kwargs)
 
-    def check_consume_key(self, key: str, character: str | None) -> bool:
-        return character is not None and character in self.DIGITS
-
     async def _on_key(self, event: events.Key) -> None:
         if event.is_printable and event.character is not None and event.character not in self.DIGITS:
-            event.prevent_default()  # not for us: skip Input's insert and let the key bubble to the bindings
+            event.stop()
+            event.prevent_default()  # Input would drop it silently; say why instead
+            self.post_message(self.Refused(self, event.character))
 
 
 def model_choices(models: dict[str, ModelSpec], custom: list[str]) -> list[tuple[str, str]]:
@@ -170,7 +179,7 @@ class OptionsPanel(VerticalScroll, can_focus=False):
         key = self._key(event.select)
         if key is None or event.value is Select.NULL:
             return
-        value: Any = int(event.value) if key == "zero" else event.value
+        value: Any = OPTIONS[key].from_text(event.value) if key in OPTIONS else event.value
         current = self.planner.gpu_choice if key == "gpu" else self.planner.options.get(key)
         if value != current:
             self.post_message(self.Changed(key, value))
@@ -192,6 +201,13 @@ class OptionsPanel(VerticalScroll, can_focus=False):
         if key not in self.planner.field_errors and event.value == str(self.planner.options.get(key)):
             return  # the app set this value itself
         self.post_message(self.Changed(key, event.value))
+
+    @on(IntInput.Refused)
+    def _int_refused(self, event: IntInput.Refused) -> None:
+        event.stop()
+        row = self.row_for(event.field)
+        if row is not None:
+            row.set_error(f"digits only: {event.character!r} is not one")
 
     @on(Input.Submitted, "#opt-model_path")
     def _path_submitted(self, event: Input.Submitted) -> None:

@@ -1,0 +1,219 @@
+"""Every training option, declared once: one entry per TrainingConfig field.
+
+Each front end derives what it shows from here: the CLI its flags, types and
+help (cli/options.py), the planner its inputs, groups, bounds and labels
+(tui/option_specs.py), the explainer list its order, the savings ladder its
+row labels, and README's "Flags" table its rows (`flag_table_rows`, checked by
+tests/test_option_registry.py). Value types, defaults and bounds stay where
+pydantic checks them (TrainingConfig in specs.py) and are read from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from memtui.engine.errors import InputError, cli_flag
+from memtui.engine.model.specs import TrainingConfig
+
+Kind = Literal["select", "int", "switch", "text", "model", "gpu"]
+
+MODEL_AND_HARDWARE = "Model & hardware"
+WORKLOAD = "Workload"
+PRECISION_AND_OPTIMIZER = "Precision & optimizer"
+MEMORY_SAVERS = "Memory savers"
+PARALLELISM = "Parallelism"
+ADAPTERS = "Adapters & quantization"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One TrainingConfig field as every front end presents it."""
+
+    field: str
+    label: str  # the planner's name for it
+    group: str
+    kind: Kind
+    help: str  # one line: CLI --help and README
+    example: str  # README's example column
+    explainer: str = ""  # key of the long text in tui/explain.py; defaults to the field
+    # The savings ladder's row label: a template formatted with the config's fields (and `dp`), or one per
+    # value (keyed by the value as text). Empty: not a rung of its own.
+    ladder: str | Mapping[str, str] = ""
+    baseline: Any = None  # its value in the ladder's unoptimized baseline; None: the ladder keeps it
+
+    # ---- derived from TrainingConfig -----------------------------------------------
+    @property
+    def flag(self) -> str:
+        return cli_flag(self.field)
+
+    @property
+    def explainer_key(self) -> str:
+        return self.explainer or self.field
+
+    @property
+    def default(self) -> Any:
+        return TrainingConfig.model_fields[self.field].default
+
+    def _bound(self, name: str) -> int | None:
+        metadata = TrainingConfig.model_fields[self.field].metadata
+        return next((getattr(item, name) for item in metadata if getattr(item, name, None) is not None), None)
+
+    @property
+    def minimum(self) -> int | None:
+        return self._bound("ge")
+
+    @property
+    def maximum(self) -> int | None:
+        return self._bound("le")
+
+    @property
+    def is_int(self) -> bool:
+        return TrainingConfig.model_fields[self.field].annotation is int
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """A picker's values as text: the Literal's, or every whole number between the bounds."""
+        if self.kind != "select":
+            return ()
+        if self.is_int:
+            return tuple(str(value) for value in range(self.minimum or 0, (self.maximum or 0) + 1))
+        return tuple(get_args(TrainingConfig.model_fields[self.field].annotation))
+
+    def from_text(self, text: str) -> Any:
+        """A picker's or the command line's text as the field's type."""
+        return int(text) if self.is_int else text
+
+    # ---- checks -------------------------------------------------------------------
+    def bounds_text(self) -> str:
+        low, high = self.minimum, self.maximum
+        if high is None:
+            return f"whole numbers from {low}"
+        return f"{low}..{high:,}"
+
+    def parse_int(self, text: str) -> int:
+        """A whole number typed for this option, within its bounds, or an InputError naming the field."""
+        text = text.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            message = "is empty" if not text else f"{text!r} is not a whole number"
+            raise InputError(self.field, message, self.bounds_text()) from None
+        low, high = self.minimum, self.maximum
+        if low is not None and value < low:
+            raise InputError(self.field, f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise InputError(self.field, f"must be at most {high:,}, got {value:,}")
+        return value
+
+    def ladder_label(self, config: TrainingConfig) -> str:
+        """This option's row label in the savings ladder, for `config`'s value."""
+        template = self.ladder
+        if isinstance(template, Mapping):
+            template = template.get(str(getattr(config, self.field)), "")
+        return template.format(**config.model_dump(), dp=config.dp)
+
+    # ---- README ---------------------------------------------------------------------
+    def values_text(self) -> str:
+        """README's "values (default)" cell."""
+        if self.kind == "select":
+            values = ", ".join(f"`{choice}`" for choice in self.choices)
+            return f"{self.help}: {values} (`{self.default}`)"
+        if self.kind == "switch":
+            return f"{self.help} ({'on' if self.default else 'off'})"
+        if self.kind == "int":
+            return f"{self.help}, {self.bounds_text()} (`{self.default}`)"
+        return f"{self.help} (`{self.default}`)"
+
+    def table_row(self) -> str:
+        return f"| `{self.flag}` | {self.values_text()} | `{self.example}` |"
+
+
+_OPTIONS = (
+    # ---- model & hardware -----------------------------------------------------------------
+    Option("model", "Model", MODEL_AND_HARDWARE, "model",
+           "a preset id or a path to a config.json", "--model ./my-model/config.json"),
+    Option("gpu", "GPU", MODEL_AND_HARDWARE, "gpu", "a GPU preset id", "--gpu rtx-4090"),
+    Option("gpus", "GPU count", MODEL_AND_HARDWARE, "int",
+           "total GPUs; data-parallel ranks = gpus / (tp x pp)", "--gpus 8"),
+    # ---- workload -----------------------------------------------------------------------------
+    Option("batch_size", "Batch size", WORKLOAD, "int", "micro-batch per data-parallel rank", "--batch-size 8"),
+    Option("seq_len", "Seq length", WORKLOAD, "int",
+           "tokens per sequence (at most the model's limit for learned positions)", "--seq-len 8192"),
+    # ---- precision & optimizer ------------------------------------------------------------------
+    Option("precision", "Precision", PRECISION_AND_OPTIMIZER, "select",
+           "number format of weights and math", "--precision bf16-true",
+           ladder={"16-mixed": "fp16 mixed precision (autocast)", "bf16-mixed": "bf16 mixed precision (autocast)",
+                   "16-true": "fp16 weights and gradients", "bf16-true": "bf16 weights and gradients"},
+           baseline="32-true"),
+    Option("master_weights", "Master fp32", PRECISION_AND_OPTIMIZER, "switch",
+           "fp32 master copy in the optimizer, with 16-true/bf16-true", "--precision bf16-true --master-weights",
+           ladder="fp32 master copy", baseline=False),
+    Option("optimizer", "Optimizer", PRECISION_AND_OPTIMIZER, "select",
+           "the optimizer", "--optimizer adamw-8bit",
+           ladder={"adamw-8bit": "8-bit AdamW states", "sgd": "plain SGD (no optimizer state)",
+                   "sgd-momentum": "SGD with momentum (one state)", "adafactor": "Adafactor (factored states)",
+                   "lion": "Lion (one state)", "galore-adamw": "GaLore AdamW (rank {galore_rank})"},
+           baseline="adamw"),
+    Option("optimizer_impl", "Opt. impl", PRECISION_AND_OPTIMIZER, "select",
+           "how the optimizer steps", "--optimizer-impl fused",
+           ladder={"fused": "fused optimizer step", "for-loop": "for-loop optimizer step"}, baseline="foreach"),
+    Option("galore_rank", "GaLore rank", PRECISION_AND_OPTIMIZER, "int",
+           "GaLore projection rank", "--optimizer galore-adamw --galore-rank 256"),
+    # ---- memory savers ----------------------------------------------------------------------------
+    Option("checkpointing", "Checkpoint", MEMORY_SAVERS, "select",
+           "activation checkpointing", "--checkpointing full",
+           ladder={"selective": "selective checkpointing", "full": "full activation checkpointing"},
+           baseline="none"),
+    Option("attention", "Attention", MEMORY_SAVERS, "select",
+           "eager (s x s scores) or flash (SDPA)", "--attention eager",
+           ladder={"flash": "flash attention"}, baseline="eager"),
+    Option("offload", "CPU offload", MEMORY_SAVERS, "select",
+           "move optimizer states (and weights) to the CPU, through ZeRO", "--zero 3 --offload optimizer+params",
+           ladder={"optimizer": "optimizer offloaded to CPU",
+                   "optimizer+params": "optimizer and weights offloaded to CPU"},
+           baseline="none"),
+    # ---- parallelism ---------------------------------------------------------------------------------
+    Option("zero", "ZeRO stage", PARALLELISM, "select",
+           "ZeRO stage; 3 = FSDP", "--zero 3 --gpus 8",
+           ladder={"1": "ZeRO-1: optimizer states sharded", "2": "ZeRO-2: + gradients sharded",
+                   "3": "ZeRO-3 / FSDP: + weights sharded"},
+           baseline=0),
+    Option("tp", "Tensor par.", PARALLELISM, "int",
+           "tensor-parallel ranks, with sequence parallel", "--tp 8 --gpus 64",
+           ladder="tensor parallel x{tp}", baseline=1),
+    Option("pp", "Pipe. par.", PARALLELISM, "int",
+           "pipeline stages, 1F1B schedule", "--pp 4 --gpus 8",
+           ladder="pipeline parallel, {pp} stages", baseline=1),
+    # ---- adapters & quantization -----------------------------------------------------------------------
+    Option("lora_rank", "LoRA rank", ADAPTERS, "int",
+           "LoRA rank; 0 trains every weight", "--lora-rank 16",
+           ladder="LoRA rank {lora_rank} ({lora_targets})", baseline=0),
+    Option("lora_targets", "LoRA layers", ADAPTERS, "text",
+           "comma list of linear layers or all-linear", "--lora-targets all-linear"),
+    Option("quant", "Quantize", ADAPTERS, "select",
+           "frozen base weights (nf4 + LoRA = QLoRA)", "--quant nf4 --lora-rank 16",
+           ladder={"nf4": "NF4 4-bit base weights (QLoRA)", "int8": "int8 base weights"}, baseline="none"),
+)
+
+OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}
+
+GROUPS: tuple[str, ...] = tuple(dict.fromkeys(option.group for option in _OPTIONS))
+
+
+def label(field: str) -> str:
+    """The planner's name for a field (for an error's "{field}"); anything else as is."""
+    option = OPTIONS.get(field)
+    return option.label if option is not None else field
+
+
+def flag_table_rows() -> list[str]:
+    """README's "Flags" table rows for the training options, in registry order."""
+    return [option.table_row() for option in _OPTIONS]
+
+
+__all__ = ["GROUPS", "OPTIONS", "Option", "flag_table_rows", "label"]
+
+if __name__ == "__main__":  # print the README rows: python -m memtui.engine.model.options
+    print("\n".join(flag_table_rows()))
