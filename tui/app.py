@@ -368,7 +368,7 @@ class MemtuiApp(App[None]):
             ladder = self.planner.build_ladder(result.config, result.model, result.gpu)  # not built yet: now
         try:
             paths = export_budget(result.budget, ladder=ladder, title=title)
-        except OSError as error:
+        except (InputError, OSError) as error:  # MEMTUI_EXPORT_DIR unusable: say so, keep the app running
             self.notify(f"Could not write the export: {error}", severity="error", title="Export", markup=False)
             return
         self.last_export = paths
