@@ -10,15 +10,13 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from memtui.cli import serve
-from tests.test_tui_serve import SERVED_ENV, free_port, memtui_apps, wait_gone
+from tests.test_tui_serve import apps_started, memtui_apps, start_server, wait_gone
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
@@ -54,10 +52,7 @@ class Screen:
 
 def test_the_planner_in_chromium_from_start_to_a_clean_stop():
     sync_api = pytest.importorskip("playwright.sync_api")
-    before = {process.pid for process in memtui_apps()}
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-P", "-m", "memtui", "serve", "--port", str(port)],
-                              env=SERVED_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server, port, before = start_server()
     url = f"http://127.0.0.1:{port}/"
     outside: list[str] = []
     screen = Screen()
@@ -84,7 +79,7 @@ def test_the_planner_in_chromium_from_start_to_a_clean_stop():
                     page.wait_for_timeout(200)
             screen.wait_for(page, "GiB")  # the app started and drew its budget
             screen.wait_for(page, "Seq length")  # and its inputs
-            apps = [process for process in memtui_apps() if process.pid not in before]
+            apps = apps_started(server, before)
             assert len(apps) == 1, "one app process per browser tab"
 
             page.locator(".textual-terminal").click()
@@ -110,7 +105,7 @@ def test_the_planner_in_chromium_from_start_to_a_clean_stop():
     leftovers = [process for process in memtui_apps() if process.pid not in before]
     for process in leftovers:
         process.kill()
-    assert server.returncode == 0, server.stderr.read().decode(errors="replace")[-2000:]
+    assert server.returncode == 0
     assert not leftovers, "memtui processes left after the server stopped"
     assert not psutil.pid_exists(server.pid) or psutil.Process(server.pid).status() == psutil.STATUS_ZOMBIE
     assert outside == [], f"the page asked the internet for {outside}"

@@ -208,6 +208,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def start_server() -> tuple[subprocess.Popen, int, set[int]]:
+    """A fresh `memtui serve` on a free loopback port, and the memtui apps that ran before it."""
+    before = {process.pid for process in memtui_apps()}
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-P", "-m", "memtui", "serve", "--port", str(port)],
+                              env=SERVED_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return server, port, before
+
+
+def apps_started(server: subprocess.Popen, before: set[int]) -> list[psutil.Process]:
+    return [process for process in memtui_apps() if process.pid not in before and process.pid != server.pid]
+
+
 async def open_session(port: int):
     """A browser's websocket to a fresh `memtui serve`; returns (client session, websocket, the app's process)."""
     import aiohttp
@@ -227,15 +240,12 @@ async def open_session(port: int):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name)
 def test_the_apps_end_when_the_server_stops(stop):
-    before = {process.pid for process in memtui_apps()}
-    port = free_port()
-    server = subprocess.Popen([*shlex.split(serve.app_command())[1:], "serve", "--port", str(port)],
-                              env=SERVED_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port, before = start_server()
 
     async def scenario() -> list[psutil.Process]:
         client, websocket = await open_session(port)
         try:
-            apps = [process for process in memtui_apps() if process.pid not in before and process.pid != server.pid]
+            apps = apps_started(server, before)
             assert apps, "no app started for the browser session"
             server.send_signal(stop)
             server.wait(30)
@@ -257,14 +267,11 @@ def test_the_apps_end_when_the_server_stops(stop):
 
 @pytest.mark.timeout(120)
 def test_the_app_ends_when_its_browser_disconnects():
-    before = {process.pid for process in memtui_apps()}
-    port = free_port()
-    server = subprocess.Popen([*shlex.split(serve.app_command())[1:], "serve", "--port", str(port)],
-                              env=SERVED_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, port, before = start_server()
 
     async def scenario() -> list[psutil.Process]:
         client, websocket = await open_session(port)
-        apps = [process for process in memtui_apps() if process.pid not in before and process.pid != server.pid]
+        apps = apps_started(server, before)
         assert apps
         await websocket.close()
         await client.close()
