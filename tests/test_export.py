@@ -6,8 +6,12 @@ import json
 import shutil
 from datetime import datetime
 
+import pytest
+
 from memtui.cli import main
+from memtui.engine.errors import InputError
 from memtui.engine.estimator import estimate
+from memtui.engine.live.lock import RunLock
 from memtui.engine.planning.export import budget_markdown, export_budget, export_dir
 from memtui.engine.planning.ladder import savings_ladder
 from memtui.engine.model.presets import presets_dir
@@ -76,3 +80,58 @@ def test_a_model_given_as_a_path_makes_a_safe_file_name(tmp_path):
     assert paths.markdown.parent == tmp_path / "out"
     assert "/" not in paths.markdown.name and " " not in paths.markdown.name
     assert paths.markdown.name.startswith("memtui-my-model-v2-")
+
+
+UNUSABLE_DIRECTORIES = {
+    "a file": lambda tmp_path: _a_file(tmp_path),
+    "/proc": lambda tmp_path: "/proc",
+    "no such user": lambda tmp_path: "~nosuchuser-memtui/exports",
+}
+
+
+def _a_file(tmp_path):
+    path = tmp_path / "not-a-folder"
+    path.write_text("x")
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", UNUSABLE_DIRECTORIES)
+def test_an_unusable_export_directory_is_one_error_naming_the_variable(tmp_path, monkeypatch, kind):
+    monkeypatch.setenv("MEMTUI_EXPORT_DIR", UNUSABLE_DIRECTORIES[kind](tmp_path))
+    with pytest.raises(InputError, match=r"^MEMTUI_EXPORT_DIR: cannot ") as error:
+        export_budget(estimate(TrainingConfig(model="gpt2", seq_len=1024)), now=NOW)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", UNUSABLE_DIRECTORIES)
+def test_an_unusable_lock_directory_is_one_error_naming_the_variable(tmp_path, monkeypatch, kind):
+    monkeypatch.setenv("MEMTUI_LOCK_DIR", UNUSABLE_DIRECTORIES[kind](tmp_path))
+    with pytest.raises(InputError, match=r"^MEMTUI_LOCK_DIR: cannot ") as error:
+        RunLock().acquire()
+    assert "\n" not in str(error.value)
+
+
+def test_run_with_an_unusable_lock_directory_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEMTUI_LOCK_DIR", "~nosuchuser-memtui/locks")
+    code = main(["run", "--model", "gpt2", "--device", "cpu", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "MEMTUI_LOCK_DIR" in err, err
+
+
+@pytest.mark.anyio
+async def test_e_with_an_unusable_export_directory_notifies_and_the_app_keeps_running(monkeypatch):
+    from memtui.tui.app import MemtuiApp
+
+    monkeypatch.setenv("MEMTUI_EXPORT_DIR", "~nosuchuser-memtui/exports")
+    app = MemtuiApp(gpu_detector=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        for _ in range(200):
+            if app.result is not None and app.result.budget is not None and not app.result.stale:
+                break
+            await pilot.pause(0.01)
+        app.set_focus(None)  # the key goes to the app, not to an input
+        await pilot.press("e")
+        await pilot.pause()
+        assert app.is_running and app.last_export is None
+        messages = [str(notification.message) for notification in app._notifications]
+        assert any("MEMTUI_EXPORT_DIR: cannot expand" in message for message in messages), messages

@@ -7,9 +7,13 @@ the first frame, and torch is never imported here.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from textual import on, work
@@ -39,6 +43,7 @@ from memtui.tui.widgets.options_panel import OptionsPanel
 from memtui.tui.widgets.text import Text
 
 FIT_SEARCH_DELAY = 0.2  # seconds without edits before the "to fit" search starts
+ORPHAN_CHECK_INTERVAL = 1.0  # seconds between checks, when served, that `memtui serve` is still the parent
 DARK_THEME = "textual-dark"
 LIGHT_THEME = "textual-light"
 
@@ -113,6 +118,7 @@ class MemtuiApp(App[None]):
         self.fit_suggestion: tuple[Any, Any] | None = None  # (config, memtui.engine.planning.fit.Suggestion) for the hint
         self._fit_timer: Timer | None = None
         self._ladder_changed_key: str | None = None  # the edit the ladder being built should highlight
+        self._parent_pid = os.getppid()  # served: `memtui serve`; another parent later means it is gone
 
     # ---- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -144,6 +150,24 @@ class MemtuiApp(App[None]):
         self.refresh_plan()
         if self.gpu_detector is not None:
             self.detect_gpu()
+        if not self.is_headless:
+            self._end_with_the_session()
+
+    def _end_with_the_session(self) -> None:
+        """SIGTERM and SIGHUP end the app cleanly (terminal restored, a live run stopped); served to a
+        browser, so does the server going away: the app was reparented, nobody reads its screen any more."""
+        loop = asyncio.get_running_loop()
+        for name in ("SIGTERM", "SIGHUP"):
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
+                    loop.add_signal_handler(signum, partial(self.exit, None, 128 + signum))
+        if self.is_web:
+            self.set_interval(ORPHAN_CHECK_INTERVAL, self._exit_if_orphaned)
+
+    def _exit_if_orphaned(self) -> None:
+        if os.getppid() != self._parent_pid:
+            self.exit(return_code=128 + signal.SIGHUP)
 
     @property
     def options_panel(self) -> OptionsPanel | None:
@@ -370,7 +394,7 @@ class MemtuiApp(App[None]):
             ladder = self.planner.build_ladder(result.config, result.model, result.gpu)  # not built yet: now
         try:
             paths = export_budget(result.budget, ladder=ladder, title=title)
-        except OSError as error:
+        except (InputError, OSError) as error:  # MEMTUI_EXPORT_DIR unusable: say so, keep the app running
             self.notify(f"Could not write the export: {error}", severity="error", title="Export", markup=False)
             return
         self.last_export = paths

@@ -15,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from memtui.engine.errors import InputError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock; runs are not serialised there
@@ -30,8 +32,13 @@ class RunLockBusy(RuntimeError):
 
 def lock_path() -> Path:
     """Machine-wide by default (the temp dir is shared by every user); MEMTUI_LOCK_DIR overrides it."""
-    directory = os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir()
-    return Path(directory) / LOCK_NAME
+    override = os.environ.get(LOCK_DIR_ENV)
+    if not override:
+        return Path(tempfile.gettempdir()) / LOCK_NAME
+    try:
+        return Path(override).expanduser() / LOCK_NAME
+    except RuntimeError:  # ~nosuchuser
+        raise InputError(LOCK_DIR_ENV, f"cannot expand {override!r}: no such user") from None
 
 
 class RunLock:
@@ -41,11 +48,7 @@ class RunLock:
 
     def acquire(self, owner: str = "memtui run") -> RunLock:
         """Take the lock without waiting; RunLockBusy when another run holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:
-            fd = os.open(self.path, os.O_RDONLY)  # another user's file: locking needs no write access
+        fd = self._open()
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -60,6 +63,19 @@ class RunLock:
             pass
         _write_holder(fd, owner)
         return self
+
+    def _open(self) -> int:
+        """The lock file's descriptor; an unusable directory is a one-line error naming MEMTUI_LOCK_DIR."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:
+                return os.open(self.path, os.O_RDONLY)  # another user's file: locking needs no write access
+        except OSError as error:
+            raise InputError(
+                LOCK_DIR_ENV, f"cannot use {str(self.path.parent)!r} for the run lock: {error.strerror or error}"
+            ) from None
 
     def release(self) -> None:
         if self.fd is not None:

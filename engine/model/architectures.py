@@ -10,6 +10,10 @@ follow from that and equal the released checkpoints'.
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,6 +174,152 @@ class ModelSpec(BaseModel):
         return {key: value for key, value in self.config.items() if key != "_memtui"}
 
 
+# ---- reading a config.json ------------------------------------------------------
+MAX_CONFIG_BYTES = 4 * 2**20  # released config.json files are a few KiB; a vocabulary-sized id2label stays below
+MAX_NESTING = 32  # a config is a few levels deep; deeper is not a config (and recursion-bound code downstream)
+MAX_INTEGER_DIGITS = 18  # token ids and sizes fit in an int64; longer literals are not sizes
+
+
+class _UnusableNumber(str):
+    """A JSON number no config holds (NaN, Infinity, a 5000-digit integer), kept to be reported with its key."""
+
+    reason: str
+
+    def __new__(cls, text: str, reason: str) -> _UnusableNumber:
+        number = super().__new__(cls, text)
+        number.reason = reason
+        return number
+
+
+def _parse_int(text: str) -> int | _UnusableNumber:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INTEGER_DIGITS:
+        return _UnusableNumber(text, f"an integer of {digits} digits is not a size")
+    return int(text)
+
+
+def _parse_float(text: str) -> float | _UnusableNumber:
+    value = float(text)
+    return value if math.isfinite(value) else _UnusableNumber(text, f"{text[:24]} overflows to infinity")
+
+
+def _parse_constant(text: str) -> _UnusableNumber:
+    return _UnusableNumber(text, f"{text} is not a number a config can hold")
+
+
+def _read_config_text(path: Path, source: str) -> str:
+    """The file's text: a regular file only (a pipe would block, /dev/zero never ends), at most MAX_CONFIG_BYTES."""
+    try:
+        # O_NONBLOCK: opening a named pipe returns at once instead of waiting for a writer.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise InputError(source, "no such file") from None
+    except (OSError, ValueError) as error:
+        raise InputError(source, f"cannot read: {getattr(error, 'strerror', None) or error}") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(source, "not a regular file; give the path of a config.json")
+        try:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        except OSError as error:
+            raise InputError(source, f"cannot read: {error.strerror or error}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise InputError(source, f"larger than {MAX_CONFIG_BYTES // 2**20} MiB; a config.json is a few KiB")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(source, f"not UTF-8 text (byte {error.start}); a config.json is UTF-8 JSON") from None
+
+
+def _check_json_values(value: Any, source: str) -> None:
+    """Refuse what json.loads lets through but no config holds: unusable numbers and deep nesting."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        field = f"{source}: {path or '(top level)'}"
+        if depth > MAX_NESTING:
+            raise InputError(field, f"nested deeper than {MAX_NESTING} levels")
+        if isinstance(item, _UnusableNumber):
+            raise InputError(field, item.reason)
+        if isinstance(item, dict):
+            children = [(child, f"{path}.{key}" if path else key) for key, child in item.items()]
+        elif isinstance(item, list):
+            children = [(child, f"{path}[{index}]") for index, child in enumerate(item)]
+        else:
+            continue
+        stack.extend((child, child_path, depth + 1) for child, child_path in reversed(children))
+
+
+def read_json_file(path: Path, source: str | None = None) -> Any:
+    """A JSON file's value, read with the limits above; every failure is one InputError naming the file."""
+    source = source or str(path)
+    text = _read_config_text(path, source)
+    try:
+        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+    except json.JSONDecodeError as error:
+        raise InputError(source, f"malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    except RecursionError:
+        raise InputError(source, f"nested deeper than {MAX_NESTING} levels") from None
+    _check_json_values(value, source)
+    return value
+
+
+# ---- the fields memtui reads, by kind -------------------------------------------------
+SIZE_LIMIT = 2**24  # far above any released model's width, depth, head count or vocabulary
+POSITION_LIMIT = 2**31 - 1
+
+_SIZE_KEYS = (
+    "vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner", "num_hidden_layers", "n_layer",
+    "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
+)
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "sliding_window")
+_FLAG_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+_NAME_KEYS = ("model_type", "hidden_act", "hidden_activation", "activation_function")
+_PROBABILITY_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
+_POSITIVE_NUMBER_KEYS = (
+    "rope_theta", "rms_norm_eps", "layer_norm_epsilon", "final_logit_softcapping", "attn_logit_softcapping",
+)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_field(key: str, value: Any, source: str) -> None:
+    """One present, non-null field against its kind: "64" or 64.0 is not taken for a head_dim of 64."""
+    if key in _SIZE_KEYS or key in _POSITION_KEYS:
+        limit = SIZE_LIMIT if key in _SIZE_KEYS else POSITION_LIMIT
+        if not (_is_number(value) and isinstance(value, int) and 1 <= value <= limit):
+            raise InputError(f"{source}: {key}", f"must be a whole number from 1 to {limit:,}, got {_shown(value)}")
+    elif key in _FLAG_KEYS and not isinstance(value, bool):
+        raise InputError(f"{source}: {key}", f"must be true or false, got {_shown(value)}")
+    elif key in _NAME_KEYS and not isinstance(value, str):
+        raise InputError(f"{source}: {key}", f"must be a string, got {_shown(value)}")
+    elif key in _PROBABILITY_KEYS and not (_is_number(value) and 0 <= value <= 1):
+        raise InputError(f"{source}: {key}", f"must be a probability from 0 to 1, got {_shown(value)}")
+    elif key in _POSITIVE_NUMBER_KEYS and not (_is_number(value) and value > 0):
+        raise InputError(f"{source}: {key}", f"must be a positive number, got {_shown(value)}")
+
+
+_CHECKED_KEYS = (
+    *_SIZE_KEYS, *_POSITION_KEYS, *_FLAG_KEYS, *_NAME_KEYS, *_PROBABILITY_KEYS, *_POSITIVE_NUMBER_KEYS,
+)
+
+
+def _check_fields(config: dict[str, Any], source: str) -> None:
+    for key in _CHECKED_KEYS:
+        if config.get(key) is not None:
+            _check_field(key, config[key], source)
+    meta = config.get("_memtui")
+    if meta is not None and not (isinstance(meta, dict) and isinstance(meta.get("name", ""), str)):
+        raise InputError(f"{source}: _memtui", "must be an object whose name is a string")
+
+
 def _require(config: dict[str, Any], source: str, *keys: str) -> Any:
     """First present key; a missing one is a one-line error naming the file and field."""
     for key in keys:
@@ -178,11 +328,9 @@ def _require(config: dict[str, Any], source: str, *keys: str) -> Any:
     raise InputError(f"{source}: {keys[0]}", "missing from config.json")
 
 
-def _positive_int(config: dict[str, Any], source: str, *keys: str) -> int:
-    value = _require(config, source, *keys)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InputError(f"{source}: {keys[0]}", f"must be a positive integer, got {value!r}")
-    return value
+def _optional(config: dict[str, Any], key: str, default: Any) -> Any:
+    value = config.get(key)
+    return default if value is None else value
 
 
 def _llama_like_linears(
@@ -199,74 +347,96 @@ def _llama_like_linears(
     )
 
 
-def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str) -> ModelSpec:
-    """Build a ModelSpec from a config.json dict; `source` names the file in errors."""
+def _family(config: Any, source: str) -> Family:
     if not isinstance(config, dict):
         raise InputError(source, "config.json must hold a JSON object")
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         allowed = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
+        shown = repr(model_type) if isinstance(model_type, str) else _shown(model_type)
         raise InputError(
             f"{source}: model_type",
-            f"unsupported architecture {model_type!r}; memtui models decoder-only families",
+            f"unsupported architecture {shown}; memtui models decoder-only families",
             allowed,
         )
-    family = SUPPORTED_MODEL_TYPES[model_type]
-    meta = config.get("_memtui", {}) if isinstance(config.get("_memtui"), dict) else {}
-    name = str(meta.get("name", model_id))
+    return SUPPORTED_MODEL_TYPES[model_type]
 
-    vocab = _positive_int(config, source, "vocab_size")
-    hidden = _positive_int(config, source, "hidden_size", "n_embd")
-    layers = _positive_int(config, source, "num_hidden_layers", "n_layer")
-    heads = _positive_int(config, source, "num_attention_heads", "n_head")
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The sizes one config.json gives, checked against each other."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    max_positions: int
+
+
+def _sizes(config: dict[str, Any], family: Family, source: str) -> _Sizes:
+    """Widths and depths (already type-checked), with GPT-2's names and the defaults transformers applies."""
+    hidden = _require(config, source, "hidden_size", "n_embd")
+    heads = _require(config, source, "num_attention_heads", "n_head")
     if family == "gpt2":
-        intermediate = config.get("n_inner") or 4 * hidden
+        intermediate = _optional(config, "n_inner", 4 * hidden)
         kv_heads = heads
-        max_positions = _positive_int(config, source, "n_positions", "max_position_embeddings")
+        max_positions = _require(config, source, "n_positions", "max_position_embeddings")
     else:
-        intermediate = _positive_int(config, source, "intermediate_size")
-        kv_heads = config.get("num_key_value_heads") or heads
-        max_positions = int(config.get("max_position_embeddings") or 4096)
-    head_dim = config.get("head_dim") or (hidden // heads)
-    if family in ("llama", "mistral", "qwen2", "mixtral", "phi3", "gpt2") and not config.get("head_dim"):
+        intermediate = _require(config, source, "intermediate_size")
+        kv_heads = _optional(config, "num_key_value_heads", heads)
+        max_positions = _optional(config, "max_position_embeddings", 4096)
+    head_dim = config.get("head_dim")
+    if head_dim is None:
         if hidden % heads:
             raise InputError(f"{source}: num_attention_heads", f"{heads} does not divide hidden_size {hidden}")
+        head_dim = hidden // heads
     if heads % kv_heads:
         raise InputError(
             f"{source}: num_key_value_heads", f"{kv_heads} does not divide num_attention_heads {heads}"
         )
-    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    return _Sizes(
+        vocab=_require(config, source, "vocab_size"), hidden=hidden,
+        layers=_require(config, source, "num_hidden_layers", "n_layer"), heads=heads, kv_heads=kv_heads,
+        head_dim=head_dim, intermediate=intermediate, max_positions=max_positions,
+    )
 
-    tie = bool(config.get("tie_word_embeddings", family in ("gpt2", "gemma", "gemma2")))
-    norm: Literal["rms", "layer"] = "layer" if family == "gpt2" else "rms"
-    norms_per_layer = 4 if family == "gemma2" else 2
-    positions: Literal["rope", "learned"] = "learned" if family == "gpt2" else "rope"
-    hidden_act = str(config.get("hidden_act") or config.get("hidden_activation") or config.get("activation_function") or "silu")
-    experts = 0
-    experts_per_token = 0
 
+def _experts(config: dict[str, Any], family: Family, source: str) -> tuple[int, int]:
+    """(experts, experts per token); (0, 0) for a dense family."""
+    if family != "mixtral":
+        return 0, 0
+    experts = _require(config, source, "num_local_experts")
+    experts_per_token = _require(config, source, "num_experts_per_tok")
+    if experts_per_token > experts:
+        raise InputError(
+            f"{source}: num_experts_per_tok", f"{experts_per_token} exceeds num_local_experts {experts}"
+        )
+    return experts, experts_per_token
+
+
+def _linears(config: dict[str, Any], family: Family, sizes: _Sizes, experts: int) -> tuple[LinearLayer, ...]:
+    """The weight matrices of one decoder layer, named as in the family's transformers module tree."""
+    hidden, intermediate = sizes.hidden, sizes.intermediate
+    q_dim, kv_dim = sizes.heads * sizes.head_dim, sizes.kv_heads * sizes.head_dim
     if family == "gpt2":
-        linears: tuple[LinearLayer, ...] = (
+        return (
             LinearLayer(name="c_attn", in_features=hidden, out_features=3 * hidden, bias=True),
             LinearLayer(name="attn.c_proj", in_features=hidden, out_features=hidden, bias=True),
             LinearLayer(name="c_fc", in_features=hidden, out_features=intermediate, bias=True),
             LinearLayer(name="mlp.c_proj", in_features=intermediate, out_features=hidden, bias=True),
         )
-    elif family == "phi3":
-        linears = (
+    if family == "phi3":
+        return (
             LinearLayer(name="qkv_proj", in_features=hidden, out_features=q_dim + 2 * kv_dim, bias=False),
             LinearLayer(name="o_proj", in_features=q_dim, out_features=hidden, bias=False),
             LinearLayer(name="gate_up_proj", in_features=hidden, out_features=2 * intermediate, bias=False),
             LinearLayer(name="down_proj", in_features=intermediate, out_features=hidden, bias=False),
         )
-    elif family == "mixtral":
-        experts = _positive_int(config, source, "num_local_experts")
-        experts_per_token = _positive_int(config, source, "num_experts_per_tok")
-        if experts_per_token > experts:
-            raise InputError(
-                f"{source}: num_experts_per_tok", f"{experts_per_token} exceeds num_local_experts {experts}"
-            )
-        linears = (
+    if family == "mixtral":
+        return (
             LinearLayer(name="q_proj", in_features=hidden, out_features=q_dim, bias=False),
             LinearLayer(name="k_proj", in_features=hidden, out_features=kv_dim, bias=False),
             LinearLayer(name="v_proj", in_features=hidden, out_features=kv_dim, bias=False),
@@ -280,38 +450,47 @@ def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str
                 experts=experts,
             ),
         )
-    else:
-        attention_bias = bool(config.get("attention_bias", False))
-        qkv_bias = family == "qwen2" or attention_bias
-        linears = _llama_like_linears(
-            hidden, q_dim, kv_dim, intermediate,
-            qkv_bias=qkv_bias, o_bias=attention_bias, mlp_bias=bool(config.get("mlp_bias", False)),
-        )
+    attention_bias = _optional(config, "attention_bias", False)
+    return _llama_like_linears(
+        hidden, q_dim, kv_dim, intermediate,
+        qkv_bias=family == "qwen2" or attention_bias, o_bias=attention_bias,
+        mlp_bias=_optional(config, "mlp_bias", False),
+    )
 
+
+def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str) -> ModelSpec:
+    """Build a ModelSpec from a config.json dict; `source` names the file in errors."""
+    family = _family(config, source)
+    _check_fields(config, source)
+    sizes = _sizes(config, family, source)
+    experts, experts_per_token = _experts(config, family, source)
+    meta = _optional(config, "_memtui", {})
+    hidden_act = config.get("hidden_act") or config.get("hidden_activation") or config.get("activation_function")
+    softcapped = family == "gemma2"
     return ModelSpec(
         id=model_id,
-        name=name,
+        name=meta.get("name") or model_id,
         family=family,
         architecture=CAUSAL_LM_CLASS[family],
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        tie_word_embeddings=tie,
-        hidden_act=hidden_act,
-        norm=norm,
-        norms_per_layer=norms_per_layer,
-        positions=positions,
-        max_position_embeddings=max_positions,
+        vocab_size=sizes.vocab,
+        hidden_size=sizes.hidden,
+        intermediate_size=sizes.intermediate,
+        num_layers=sizes.layers,
+        num_heads=sizes.heads,
+        num_kv_heads=sizes.kv_heads,
+        head_dim=sizes.head_dim,
+        tie_word_embeddings=_optional(config, "tie_word_embeddings", family in ("gpt2", "gemma", "gemma2")),
+        hidden_act=hidden_act or "silu",
+        norm="layer" if family == "gpt2" else "rms",
+        norms_per_layer=4 if family == "gemma2" else 2,
+        positions="learned" if family == "gpt2" else "rope",
+        max_position_embeddings=sizes.max_positions,
         num_experts=experts,
         experts_per_token=experts_per_token,
-        final_logit_softcapping=config.get("final_logit_softcapping") if family == "gemma2" else None,
-        attn_logit_softcapping=config.get("attn_logit_softcapping") if family == "gemma2" else None,
+        final_logit_softcapping=config.get("final_logit_softcapping") if softcapped else None,
+        attn_logit_softcapping=config.get("attn_logit_softcapping") if softcapped else None,
         qk_norm=family == "qwen3",
-        linears=linears,
+        linears=_linears(config, family, sizes, experts),
         source=source,
         config=config,
     )
@@ -319,17 +498,7 @@ def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str
 
 def load_config_file(path: Path, *, model_id: str | None = None) -> ModelSpec:
     """A config.json on disk (a preset or a user's file); errors name the file."""
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError("model", f"no preset or file named {source!r}") from None
-    except OSError as error:
-        raise InputError(source, f"cannot read: {error.strerror or error}") from None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InputError(source, f"malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    config = read_json_file(path)
     if model_id is None:
         model_id = path.parent.name if path.name == "config.json" else path.stem
-    return model_spec_from_config(config, model_id=model_id, source=source)
+    return model_spec_from_config(config, model_id=model_id, source=str(path))

@@ -7,7 +7,6 @@ and the field; nothing is loaded half-way.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from memtui.engine.model.architectures import ModelSpec, load_config_file
+from memtui.engine.model.architectures import ModelSpec, load_config_file, read_json_file
 from memtui.engine.errors import InputError, PresetError
 from memtui.engine.model.specs import GpuSpec, Recipe, TrainingConfig
 
@@ -45,11 +44,9 @@ def _first_error(error: ValidationError) -> tuple[str, str]:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PresetError(str(path), "file is missing") from None
-    except json.JSONDecodeError as error:
-        raise PresetError(str(path), f"malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+        return read_json_file(path)
+    except InputError as error:
+        raise PresetError(error.field, error.message, error.allowed) from None
 
 
 @lru_cache(maxsize=4)
@@ -144,18 +141,32 @@ def _suggest(name: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def _model_path(name: str) -> Path | None:
+    """The config.json a --model value names, or None when it looks like no path at all."""
+    try:
+        path = Path(name).expanduser()
+        looks_like_path = os.sep in name or name.endswith(".json") or path.exists()
+        if not looks_like_path:
+            return None
+        if path.is_dir():
+            path = path / "config.json"
+        exists = path.exists()
+    except RuntimeError as error:  # ~nosuchuser: no home directory to expand
+        raise InputError("model", f"cannot expand {name!r}: {error}") from None
+    except (OSError, ValueError) as error:  # a name too long, a NUL byte
+        raise InputError("model", f"not a usable path: {getattr(error, 'strerror', None) or error}") from None
+    if not exists:
+        raise InputError("model", f"no such file {str(path)!r}")
+    return path
+
+
 def resolve_model(name: str) -> ModelSpec:
     """A preset id or a path to a config.json (or a folder holding one)."""
     presets = models()
     if name in presets:
         return presets[name]
-    path = Path(name).expanduser()
-    looks_like_path = os.sep in name or name.endswith(".json") or path.exists()
-    if looks_like_path:
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.exists():
-            raise InputError("model", f"no such file {str(path)!r}")
+    path = _model_path(name)
+    if path is not None:
         return load_config_file(path)
     raise InputError(
         "model",

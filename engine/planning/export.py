@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from memtui.engine.errors import InputError
 from memtui.engine.planning.ladder import SavingsLadder
 from memtui.engine.model.specs import COMPONENT_LABELS, COMPONENT_NAMES, Budget
 from memtui.engine.units import GiB, format_count, format_gib
@@ -29,7 +30,12 @@ class ExportPaths:
 def export_dir() -> Path:
     """$MEMTUI_EXPORT_DIR, or ./memtui-exports under the current directory."""
     override = os.environ.get(EXPORT_DIR_ENV)
-    return Path(override).expanduser() if override else Path.cwd() / DEFAULT_EXPORT_DIR
+    if not override:
+        return Path.cwd() / DEFAULT_EXPORT_DIR
+    try:
+        return Path(override).expanduser()
+    except RuntimeError:  # ~nosuchuser
+        raise InputError(EXPORT_DIR_ENV, f"cannot expand {override!r}: no such user") from None
 
 
 def budget_json(budget: Budget) -> str:
@@ -119,15 +125,21 @@ def export_budget(
     title: str | None = None,
     now: datetime | None = None,
 ) -> ExportPaths:
-    """Write `<model>-<gpu>-<timestamp>.md` and `.json`; returns both paths. Raises OSError on failure."""
+    """Write `<model>-<gpu>-<timestamp>.md` and `.json`; returns both paths.
+
+    An unusable directory (a file, /proc, no permission) is an InputError naming MEMTUI_EXPORT_DIR.
+    """
     directory = directory if directory is not None else export_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    stem = _free_stem(directory, f"memtui-{_slug(budget.model.id)}-{_slug(budget.gpu.id)}-{stamp}")
-    markdown_path = directory / f"{stem}.md"
-    json_path = directory / f"{stem}.json"
-    markdown_path.write_text(budget_markdown(budget, ladder=ladder, title=title), encoding="utf-8")
-    json_path.write_text(budget_json(budget), encoding="utf-8")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+        stem = _free_stem(directory, f"memtui-{_slug(budget.model.id)}-{_slug(budget.gpu.id)}-{stamp}")
+        markdown_path = directory / f"{stem}.md"
+        json_path = directory / f"{stem}.json"
+        markdown_path.write_text(budget_markdown(budget, ladder=ladder, title=title), encoding="utf-8")
+        json_path.write_text(budget_json(budget), encoding="utf-8")
+    except OSError as error:
+        raise InputError(EXPORT_DIR_ENV, f"cannot write to {str(directory)!r}: {error.strerror or error}") from None
     return ExportPaths(markdown=markdown_path, json=json_path)
 
 
