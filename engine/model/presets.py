@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from memtui.engine.model import hub
 from memtui.engine.model.architectures import ModelSpec, load_config_file
 from memtui.engine.errors import InputError, PresetError
 from memtui.engine.model.specs import GpuSpec, Recipe, TrainingConfig
@@ -145,10 +146,12 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 
 def resolve_model(name: str) -> ModelSpec:
-    """A preset id or a path to a config.json (or a folder holding one)."""
+    """A preset id, a path to a config.json (or a folder holding one), or a Hugging Face Hub id (`org/name`)."""
     presets = models()
     if name in presets:
         return presets[name]
+    if hub.names_hub_repo(name, presets):
+        return hub.load_hub_model(name)
     path = Path(name).expanduser()
     looks_like_path = os.sep in name or name.endswith(".json") or path.exists()
     if looks_like_path:
@@ -160,7 +163,7 @@ def resolve_model(name: str) -> ModelSpec:
     raise InputError(
         "model",
         f"unknown model {name!r}{_suggest(name, list(presets))}",
-        ", ".join(presets) + ", or a path to a config.json",
+        ", ".join(presets) + ", a path to a config.json, or a Hub id (org/name)",
     )
 
 
