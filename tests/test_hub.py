@@ -20,7 +20,6 @@ from memtui.cli import main
 from memtui.engine.errors import InputError
 from memtui.engine.model import hub, presets
 from memtui.engine.model.presets import presets_dir, resolve_model
-from memtui.tui.app import MemtuiApp
 from tests.test_tui_app import WIDE, make_app, note, ready, row, settled
 
 HUB_ID = "Qwen/Qwen2.5-0.5B"
@@ -83,7 +82,8 @@ def test_estimate_from_a_hub_id_in_the_cache(hub_cache, capsys):
     # The same config.json as the preset: the same budget, component by component.
     _, out, _ = run_cli(capsys, "estimate", "--model", "qwen2.5-0.5b", "--gpu", "t4", "--json")
     from_preset = json.loads(out)
-    assert from_hub["per_gpu"] == from_preset["per_gpu"] and from_hub["device_peak_bytes"] == from_preset["device_peak_bytes"]
+    for key in ("per_gpu", "device_peak_bytes", "tensor_peak_bytes"):
+        assert from_hub[key] == from_preset[key], key
 
 
 def test_hf_hub_cache_wins_over_hf_home(hub_cache, tmp_path, monkeypatch):
@@ -223,7 +223,7 @@ async def test_a_hub_id_not_in_the_cache_is_refused_beside_the_field(hub_cache):
 
 @pytest.mark.anyio
 async def test_the_palette_offers_models_from_the_hugging_face_cache(hub_cache):
-    app = MemtuiApp(gpu_detector=None)
+    app = make_app()
     async with app.run_test(size=WIDE) as pilot:
         await ready(pilot)
         await pilot.press("ctrl+p")
