@@ -258,3 +258,12 @@ async def test_a_download_runs_in_a_worker_not_on_the_ui_thread(hub_cache, monke
         await wait_for_model(pilot, "org/fresh")
         assert app.result.model.num_layers == 6 and app.result.budget.model.id == "org/fresh"
     assert len(threads) == 1 and threads[0] is not threading.main_thread()
+
+
+@pytest.mark.parametrize("name", ["org/name-", "org/-name", "org/na--me", "org/na..me", "org/name/extra"])
+def test_a_name_the_hub_would_refuse_is_not_looked_up_there(hub_cache, monkeypatch, name):
+    # huggingface_hub raises its own validation error for these; they are (missing) paths instead.
+    monkeypatch.setattr(hub, "load_hub_model", no_downloads)
+    assert not hub.is_hub_id(name)
+    with pytest.raises(InputError, match="no such file"):
+        resolve_model(name)

@@ -15,8 +15,9 @@ from pathlib import Path
 from memtui.engine.errors import InputError
 from memtui.engine.model.architectures import ModelSpec, load_config_file
 
-# A Hub repository id with its namespace: "meta-llama/Llama-3.1-8B" (the Hub refuses "--" and ".." in ids).
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+# A Hub repository id with its namespace, "meta-llama/Llama-3.1-8B", as huggingface_hub validates them: each part
+# starts and ends with a letter, digit or "_"; "--", ".." and more than 96 characters are refused.
+_HUB_ID = re.compile(r"\w(?:[\w.-]*\w)?/\w(?:[\w.-]*\w)?", re.ASCII)
 _CONFIG = "config.json"
 # Every refusal ends with the two ways out: a file, or a token for a gated or private repository.
 _WAYS_OUT = "give --model PATH to a config.json, or set HF_TOKEN if the repository is gated or private"
@@ -24,7 +25,8 @@ _WAYS_OUT = "give --model PATH to a config.json, or set HF_TOKEN if the reposito
 
 def is_hub_id(name: str) -> bool:
     """Shaped like `org/name` (says nothing about whether that repository exists)."""
-    return bool(_HUB_ID.fullmatch(name)) and "--" not in name and ".." not in name and not name.endswith(".json")
+    return (bool(_HUB_ID.fullmatch(name)) and len(name) <= 96 and "--" not in name and ".." not in name
+            and not name.endswith(".json"))
 
 
 def names_hub_repo(name: str, presets: Collection[str]) -> bool:
@@ -91,8 +93,9 @@ def _download_config(repo_id: str, cache: Path) -> Path:
         status = getattr(getattr(error, "response", None), "status_code", None)
         raise InputError("model", f"the Hub refused config.json of {repo_id!r} (HTTP {status}); {_WAYS_OUT}") from None
     except OSError as error:  # no network, a proxy, a full disk
+        detail = " ".join(str(error).split())  # one line, whatever the error says
         raise InputError("model", f"could not download config.json of {repo_id!r} "
-                                  f"({type(error).__name__}: {error}); {_WAYS_OUT}") from None
+                                  f"({type(error).__name__}: {detail}); {_WAYS_OUT}") from None
     finally:
         hub_log.setLevel(level)
 
