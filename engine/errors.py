@@ -10,8 +10,9 @@ _FIELD_REFERENCE = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
 
 def cli_flag(field: str) -> str:
-    """The command line's name for a field: 'lora_rank' -> '--lora-rank'; anything else (a path) as is."""
-    return "--" + field.replace("_", "-") if field.isidentifier() else field
+    """The command line's name for a field: 'lora_rank' -> '--lora-rank'; anything else (a path, an
+    environment variable such as MEMTUI_EXPORT_DIR) as is."""
+    return "--" + field.replace("_", "-") if field.isidentifier() and field.islower() else field
 
 
 class InputError(ValueError):

@@ -25,12 +25,12 @@ from textual.lazy import Lazy
 from textual.message import Message
 from textual.timer import Timer
 from textual.widgets import ContentSwitcher, Footer, Header, OptionList
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker, WorkerState, get_current_worker
 
 from memtui.engine.errors import InputError
 from memtui.engine.model.options import label
 from memtui.engine.telemetry.local_gpu import LocalGpu, detect_local_gpu
-from memtui.tui.commands import PresetCommands
+from memtui.tui.commands import HubCacheCommands, PresetCommands
 from memtui.tui.explain import EXPLAINERS, LADDER_INTRO, OVERVIEW
 from memtui.tui.live import LivePanel
 from memtui.tui.option_specs import OPTION_SPECS
@@ -74,6 +74,14 @@ class FitFound(Message):
     suggestion: Any  # memtui.engine.planning.fit.Suggestion, or None when the search failed
 
 
+@dataclass
+class HubConfigFetched(Message):
+    """The Hub worker's answer for a typed `org/name`: its config.json is in the cache now, or why not."""
+
+    hub_id: str
+    error: InputError | None
+
+
 def error_text(error: InputError) -> str:
     return error.reason(label)  # options named as the screen names them
 
@@ -84,7 +92,7 @@ class MemtuiApp(App[None]):
     TITLE = "memtui"
     SUB_TITLE = "GPU memory planner"
     CSS_PATH = "app.tcss"
-    COMMANDS = App.COMMANDS | {PresetCommands}
+    COMMANDS = App.COMMANDS | {PresetCommands, HubCacheCommands}
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE_FROM, "-wide")]
     BINDINGS = [
         Binding("question_mark", "explain", "Explain",
@@ -216,11 +224,9 @@ class MemtuiApp(App[None]):
         planner, key, value = self.planner, event.key, event.value
         notes: list[str] = []
         if key == "model_path":
-            notes = planner.set_model_path(str(value))
-            if "model_path" not in planner.field_errors:
-                notes.insert(0, f"Loaded {planner.options['model']}.")
-                self._sync_inputs()
-        elif OPTION_SPECS[key].kind == "int":
+            self.load_model(str(value))
+            return
+        if OPTION_SPECS[key].kind == "int":
             planner.set_int_text(key, str(value))
         else:
             if key == "gpu":
@@ -231,6 +237,51 @@ class MemtuiApp(App[None]):
         for note in notes:
             self.notify(note, markup=False)
         self.refresh_plan(changed_key=key)
+
+    def load_model(self, text: str) -> None:
+        """A typed config.json path or Hub id (the model field, the palette). A Hub id resolves in a worker: it
+        may download its config.json."""
+        from memtui.engine.model import presets
+        from memtui.engine.model.hub import names_hub_repo
+
+        text = text.strip()
+        if names_hub_repo(text, presets.models()):
+            self.fetch_hub_config(text)
+        else:
+            self.workers.cancel_group(self, "hub-config")  # a Hub id still downloading must not replace this
+            self._apply_model_path(text)
+
+    def _apply_model_path(self, text: str) -> None:
+        notes = self.planner.set_model_path(text)
+        if "model_path" not in self.planner.field_errors:
+            notes.insert(0, f"Loaded {self.planner.options['model']}.")
+            self._sync_inputs()
+        for note in notes:
+            self.notify(note, markup=False)
+        self.refresh_plan(changed_key="model_path")
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="hub-config")
+    def fetch_hub_config(self, hub_id: str) -> None:
+        from memtui.engine.model.hub import cached_config_path, hub_config_path, hub_offline
+
+        error: InputError | None = None
+        if cached_config_path(hub_id) is None and not hub_offline():
+            self.call_from_thread(self.notify, f"Downloading config.json of {hub_id} from the Hugging Face Hub…",
+                                  markup=False)
+        try:
+            hub_config_path(hub_id)  # into the Hugging Face cache, where the planner then reads it
+        except InputError as refused:
+            error = refused
+        if not get_current_worker().is_cancelled:  # a later entry replaced this one
+            self.post_message(HubConfigFetched(hub_id, error))
+
+    def on_hub_config_fetched(self, message: HubConfigFetched) -> None:
+        if message.error is None:
+            self._apply_model_path(message.hub_id)
+        else:
+            self.planner.edited = "model_path"
+            self.planner.field_errors["model_path"] = message.error
+            self.refresh_plan(changed_key="model_path")
 
     def apply_preset(self, kind: str, preset_id: str) -> None:
         """A palette choice: a model, a GPU or a recipe, applied over the current options."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 from typing import Protocol, cast
 
@@ -15,6 +16,8 @@ class AppliesPresets(Protocol):
     """What the palette needs of the app (the app module imports this one, not the other way round)."""
 
     def apply_preset(self, kind: str, preset_id: str) -> None: ...
+
+    def load_model(self, text: str) -> None: ...
 
 
 def preset_commands() -> list[tuple[str, str, str, str]]:
@@ -53,3 +56,28 @@ class PresetCommands(Provider):
     async def discover(self) -> Hits:
         for text, kind, preset_id, help_text in self._commands:
             yield DiscoveryHit(text, partial(self._apply, kind, preset_id), text=text, help=help_text)
+
+
+class HubCacheCommands(Provider):
+    """'Model from the Hugging Face cache: org/name' for each model already in the local Hub cache."""
+
+    async def startup(self) -> None:
+        from memtui.engine.model.hub import cached_model_ids
+
+        # Off the UI thread: the cache may be large, or on a network file system.
+        ids = await asyncio.to_thread(cached_model_ids)
+        self._commands = [(f"Model from the Hugging Face cache: {hub_id}", hub_id) for hub_id in ids]
+
+    def _load(self, hub_id: str) -> None:
+        cast(AppliesPresets, self.app).load_model(hub_id)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for text, hub_id in self._commands:
+            score = matcher.match(text)
+            if score > 0:
+                yield Hit(score, matcher.highlight(text), partial(self._load, hub_id), text=text)
+
+    async def discover(self) -> Hits:
+        for text, hub_id in self._commands:
+            yield DiscoveryHit(text, partial(self._load, hub_id), text=text)

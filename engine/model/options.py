@@ -133,7 +133,8 @@ class Option:
 _OPTIONS = (
     # ---- model & hardware -----------------------------------------------------------------
     Option("model", "Model", MODEL_AND_HARDWARE, "model",
-           "a preset id or a path to a config.json", "--model ./my-model/config.json"),
+           "a preset id, a path to a config.json, or a Hugging Face Hub id org/name (its config.json from the "
+           "local Hub cache, else downloaded alone)", "--model ./my-model/config.json"),
     Option("gpu", "GPU", MODEL_AND_HARDWARE, "gpu", "a GPU preset id", "--gpu rtx-4090"),
     Option("gpus", "GPU count", MODEL_AND_HARDWARE, "int",
            "total GPUs; data-parallel ranks = gpus / (tp x pp)", "--gpus 8"),

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from memtui.engine.model import hub
 from memtui.engine.model.architectures import ModelSpec, load_config_file, read_json_file
 from memtui.engine.errors import InputError, PresetError
 from memtui.engine.model.specs import GpuSpec, Recipe, TrainingConfig
@@ -161,17 +162,19 @@ def _model_path(name: str) -> Path | None:
 
 
 def resolve_model(name: str) -> ModelSpec:
-    """A preset id or a path to a config.json (or a folder holding one)."""
+    """A preset id, a path to a config.json (or a folder holding one), or a Hugging Face Hub id (`org/name`)."""
     presets = models()
     if name in presets:
         return presets[name]
+    if hub.names_hub_repo(name, presets):
+        return hub.load_hub_model(name)
     path = _model_path(name)
     if path is not None:
         return load_config_file(path)
     raise InputError(
         "model",
         f"unknown model {name!r}{_suggest(name, list(presets))}",
-        ", ".join(presets) + ", or a path to a config.json",
+        ", ".join(presets) + ", a path to a config.json, or a Hub id (org/name)",
     )
 
 

@@ -12,6 +12,7 @@ from textual.widget import Widget
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
 from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.hub import names_hub_repo
 from memtui.engine.model.options import OPTIONS
 from memtui.engine.telemetry.local_gpu import LocalGpu
 from memtui.engine.model.specs import GpuSpec
@@ -70,7 +71,7 @@ class IntInput(EditingInput):
 
 def model_choices(models: dict[str, ModelSpec], custom: list[str]) -> list[tuple[str, str]]:
     choices = [(f"{spec.name} ({spec.id})", spec.id) for spec in models.values()]
-    choices += [(f"file: {path}", path) for path in custom]
+    choices += [(f"{'Hub' if names_hub_repo(name, models) else 'file'}: {name}", name) for name in custom]
     return choices
 
 
@@ -151,8 +152,9 @@ class OptionsPanel(VerticalScroll, can_focus=False):
             return Select(gpu_choices(self.gpus, self.planner.local_gpu), value=self.planner.gpu_choice,
                           allow_blank=False, compact=True, id=control_id, tooltip=tooltip)
         if spec.kind == "path":
-            return EditingInput(placeholder="path to config.json", compact=True, id=control_id,
-                         tooltip="A Hugging Face config.json (or its folder); Enter loads it")
+            return EditingInput(placeholder="path or org/name", compact=True, id=control_id,
+                         tooltip="A Hugging Face config.json (or its folder), or a Hub id such as "
+                                 "meta-llama/Llama-3.1-8B; Enter loads it")
         if spec.kind == "int":
             return IntInput(value=str(options[spec.key]), id=control_id, tooltip=tooltip)
         if spec.kind == "switch":
