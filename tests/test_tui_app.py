@@ -17,6 +17,7 @@ from memtui.engine.telemetry.local_gpu import local_gpu_from_reading
 from memtui.engine.model import presets
 from memtui.engine.model.presets import presets_dir
 from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.units import format_gib
 from memtui.tui.app import MemtuiApp
 from memtui.tui.explain import EXPLAINERS, OVERVIEW
 from memtui.tui.option_specs import OPTION_SPECS
@@ -202,6 +203,53 @@ async def test_a_burst_of_keys_stays_in_order():
             app.post_message(events.Key(key, character))  # what the driver does, without waiting in between
         await pilot.pause()
         assert field.value == "36" and app.planner.options["lora_rank"] == 36
+
+
+def ladder_shown_for(app):
+    """The configuration the savings ladder on screen was built for (its last rung is that configuration)."""
+    view = app.query_one(LadderView)
+    return view.ladder.final.config if view.ladder is not None else None
+
+
+async def wait_for_workers(pilot) -> None:
+    for _ in range(500):
+        if not [worker for worker in pilot.app.workers if worker.is_running]:
+            break
+        await pilot.pause(0.01)
+    await pilot.pause()
+
+
+async def test_after_fast_typing_the_budget_and_the_ladder_show_one_configuration():
+    """Keys arrive faster than the ladder builds; whatever is on screen then, the ladder shows the budget's
+    configuration or is marked as not (yet) being it, and an input's error makes both STALE."""
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        view = app.query_one(LadderView)
+        title = view.query_one("#ladder-title")
+        unmarked_mismatches = []
+
+        async def type_fast(key: str, text: str) -> None:
+            app.query_one(f"#opt-{key}", Input).focus()
+            await pilot.pause()
+            for name in ("ctrl+a", "ctrl+k", *text):
+                app.post_message(events.Key(name, name if name.isdigit() else None))
+            for _ in range(100):
+                await pilot.pause(0.01)
+                shown, current = ladder_shown_for(app), app.result.config
+                if shown != current and not view.has_class("-pending"):
+                    unmarked_mismatches.append((key, shown, current))
+            await wait_for_workers(pilot)
+
+        await type_fast("batch_size", "9999")  # every prefix a valid configuration
+        assert app.result.config.batch_size == 9999 and ladder_shown_for(app) == app.result.config
+        assert not str(title.render()).startswith("STALE")
+        await type_fast("lora_rank", "9999")  # up to 999 a rank; 9999 exceeds Llama's 1024
+        assert app.query_one("#opt-lora_rank", Input).value == "9999" and app.result.stale
+        assert app.result.config.lora_rank == 999  # the last valid budget...
+        assert ladder_shown_for(app) == app.result.config  # ...and its ladder, not the one from before typing
+        assert not view.has_class("-pending") and unmarked_mismatches == []
+        assert str(title.render()).startswith("STALE") and "STALE" in rendered(app.query_one(VerdictBanner))
 
 
 async def test_an_impossible_combination_is_named_beside_its_field():
@@ -487,6 +535,10 @@ async def test_pin_then_change_shows_each_components_delta():
         pin = app.query_one(PinSummary)
         assert pin.display and app.planner.pinned is not None
         pinned = app.planner.pinned.budget
+        # The pin line shows both values and the change, never a bare change after "now".
+        line = str(pin.render())
+        assert f"Pinned: {format_gib(pinned.device_peak_bytes)}" in line
+        assert f"now: {format_gib(pinned.device_peak_bytes)}" in line and line.endswith(", 0.00 GiB · same options")
         await set_select(pilot, "checkpointing", "full")
         await set_select(pilot, "optimizer_impl", "fused")
         table = rendered(app.query_one(ComponentTable))
@@ -496,7 +548,10 @@ async def test_pin_then_change_shows_each_components_delta():
                                                 "Bytes per parameter"))
         change = app.result.budget.per_gpu.temporary - pinned.per_gpu.temporary
         assert change < 0 and f"−{abs(change) / 2**30:.2f}" in table
-        assert "checkpointing none→full" in str(pin.render())
+        line = str(pin.render())
+        assert "checkpointing none→full" in line
+        now = app.result.budget.device_peak_bytes
+        assert f"now: {format_gib(now)} (does not fit), {format_gib(now - pinned.device_peak_bytes, signed=True)}" in line
         await pilot.press("p")
         await pilot.pause()
         assert not app.query_one(PinSummary).display

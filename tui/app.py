@@ -25,6 +25,7 @@ from textual.worker import Worker, WorkerState
 
 from memtui.engine.errors import InputError
 from memtui.engine.telemetry.local_gpu import LocalGpu, detect_local_gpu
+from memtui.engine.units import format_gib
 from memtui.tui.commands import PresetCommands
 from memtui.tui.explain import EXPLAINERS, LADDER_INTRO, OVERVIEW
 from memtui.tui.live import LivePanel
@@ -112,6 +113,7 @@ class MemtuiApp(App[None]):
         self.fit_suggestion: tuple[Any, Any] | None = None  # (config, memtui.engine.planning.fit.Suggestion) for the hint
         self._fit_timer: Timer | None = None
         self._ladder_changed_key: str | None = None  # the edit the ladder being built should highlight
+        self._ladder_building: tuple[Any, Any] | None = None  # (config, gpu) of the ladder worker's current job
 
     # ---- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -177,7 +179,7 @@ class MemtuiApp(App[None]):
         if select:
             count = f" ({local.device_count} GPUs here; set the GPU count to plan for all)" if local.device_count > 1 else ""
             self.notify(f"Planning for this machine's {local.nvml_name}, "
-                        f"{local.memory_total / 2**30:.2f} GiB as NVML reports it{count}.", title="GPU found",
+                        f"{format_gib(local.memory_total)} as NVML reports it{count}.", title="GPU found",
                         markup=False)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
@@ -275,18 +277,24 @@ class MemtuiApp(App[None]):
 
     # ---- the savings ladder ------------------------------------------------------------
     def _show_ladder(self, result: PlanResult, changed_key: str | None) -> None:
-        """Draw the ladder if it is known; else keep the one shown, dimmed, and build the new one aside."""
+        """Draw the ladder of the configuration the budget shows (the last valid one while an input is refused).
+
+        A ladder not built before comes from a worker; until it arrives the one shown is marked as not
+        being the budget's, so the two never silently disagree.
+        """
         view = self.query_one(LadderView)
         if result.ladder is not None:
-            view.set_class(False, "-pending")
-            view.show(result.ladder, changed_key=changed_key)
+            self._ladder_building = None
+            view.show(result.ladder, changed_key=changed_key, stale=result.stale)
             return
-        if result.stale or result.config is None or result.gpu is None:
+        if result.config is None or result.gpu is None:
             return
-        view.set_class(True, "-pending")
+        view.mark_pending(stale=result.stale)
         if changed_key is not None:
             self._ladder_changed_key = changed_key
-        self.build_ladder(result.config, result.model, result.gpu)
+        if self._ladder_building != (result.config, result.gpu):  # that one is on its way already
+            self._ladder_building = (result.config, result.gpu)
+            self.build_ladder(result.config, result.model, result.gpu)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="ladder")
     def build_ladder(self, config: Any, model: Any, gpu: Any) -> None:
@@ -300,19 +308,19 @@ class MemtuiApp(App[None]):
         self.post_message(LadderBuilt(config, gpu, ladder))
 
     def on_ladder_built(self, message: LadderBuilt) -> None:
+        if self._ladder_building == (message.config, message.gpu):
+            self._ladder_building = None
         if message.ladder is None:
             return
         self.planner.remember_ladder(message.config, message.gpu, message.ladder)
         result = self.result
-        if result is None or result.stale or result.config != message.config or result.gpu != message.gpu:
+        if result is None or result.config != message.config or result.gpu != message.gpu:
             return  # the options changed again; their own ladder is on its way
         self.result = replace(result, ladder=message.ladder)
         views = self.query(LadderView)
         if not views:
             return  # the app is shutting down
-        view = views.first()
-        view.set_class(False, "-pending")
-        view.show(message.ladder, changed_key=self._ladder_changed_key)
+        views.first().show(message.ladder, changed_key=self._ladder_changed_key, stale=result.stale)
         self._ladder_changed_key = None
 
     # ---- actions -----------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Protocol, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from memtui.engine.units import GiB
+from memtui.engine.units import format_gib
 
 
 
@@ -26,7 +26,7 @@ def preset_commands() -> list[tuple[str, str, str, str]]:
         commands.append((f"Model: {spec.name}", "model", spec.id,
                          f"{spec.id} · {spec.params / 1e9:.2f}B parameters · {spec.num_layers} layers"))
     for gpu in presets.gpus().values():
-        commands.append((f"GPU: {gpu.name} ({gpu.memory_bytes / GiB:.2f} GiB)", "gpu", gpu.id,
+        commands.append((f"GPU: {gpu.name} ({format_gib(gpu.memory_bytes)})", "gpu", gpu.id,
                          f"{gpu.id} · compute capability {gpu.compute_capability}" + (" · bf16" if gpu.bf16 else "")))
     for recipe in presets.recipes().values():
         commands.append((f"Recipe: {recipe.name}", "recipe", recipe.id, recipe.description))

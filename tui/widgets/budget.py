@@ -10,7 +10,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from memtui.engine.model.specs import COMPONENT_NAMES, Budget
-from memtui.engine.units import GiB, format_count
+from memtui.engine.units import format_count, format_gib, gib_number
 from memtui.tui.planner import PlanResult, config_differences
 from memtui.tui.widgets.component_styles import COMPONENT_LABELS, swatch
 from memtui.tui.widgets.text import Text
@@ -19,22 +19,8 @@ if TYPE_CHECKING:
     from memtui.engine.planning.fit import Suggestion
 
 
-def gib(n_bytes: float, digits: int = 2) -> str:
-    return f"{n_bytes / GiB:,.{digits}f}"
-
-
-def table_gib(n_bytes: float) -> str:
-    """Two decimals, one from 1000 GiB up, so a column stays 7 cells wide for any model we ship."""
-    value = n_bytes / GiB
-    return f"{value:.2f}" if abs(value) < 1000 else f"{value:.1f}"
-
-
-def signed_gib(n_bytes: float, digits: int = 2) -> str:
-    """'+1.25' / '−3.50' (a real minus sign reads better in tables); '0.00' for no change."""
-    value = n_bytes / GiB
-    if round(value, digits) == 0:
-        return f"{0:.{digits}f}"
-    return f"{'+' if value > 0 else '−'}{abs(value):,.{digits}f}"
+def fit_words(budget: Budget) -> str:
+    return "fits" if budget.fits else "does not fit"
 
 
 class VerdictBanner(Widget):
@@ -64,11 +50,11 @@ class VerdictBanner(Widget):
         share = 100 * budget.device_peak_bytes / capacity
         prefix = "STALE " if result.stale else ""
         if budget.fits:
-            label, short = "✔ FITS", f"  headroom {gib(budget.headroom_bytes)} GiB"
-            detail = f"  {gib(budget.device_peak_bytes)} of {gib(capacity)} GiB ({share:.0f}%) ·" + short[1:]
+            label, short = "✔ FITS", f"  headroom {gib_number(budget.headroom_bytes)} GiB"
+            detail = f"  {gib_number(budget.device_peak_bytes)} of {gib_number(capacity)} GiB ({share:.0f}%) ·" + short[1:]
         else:
-            label, short = "✘ DOES NOT FIT", f"  over by {gib(-budget.headroom_bytes)} GiB"
-            detail = f"  needs {gib(budget.device_peak_bytes)} of {gib(capacity)} GiB ·" + short[1:]
+            label, short = "✘ DOES NOT FIT", f"  over by {gib_number(-budget.headroom_bytes)} GiB"
+            detail = f"  needs {gib_number(budget.device_peak_bytes)} of {gib_number(capacity)} GiB ·" + short[1:]
         # One line always: the long form where it fits, else the headroom alone (the bar shows the rest).
         width = self.content_region.width
         text = detail if len(prefix + label + detail) <= width else short
@@ -152,7 +138,7 @@ class ComponentTable(Widget):
         def delta_cell(now: int, then: int) -> Content:
             change = now - then
             style = "$text-success" if change < 0 else "$text-error" if change > 0 else "$text-muted"
-            return Content.styled(signed_gib(change, 2 if abs(change) < 1000 * GiB else 1), style)
+            return Content.styled(gib_number(change, signed=True), style)
 
         heading = f"At the {budget.peak_phase} peak"
         lines = [
@@ -163,18 +149,18 @@ class ComponentTable(Widget):
             value = components[name]
             label = Content.assemble(swatch(name, no_color), " ", COMPONENT_LABELS[name][:name_width].ljust(name_width))
             lines.append(
-                row(label, table_gib(value), f"{100 * value / total:.1f}",
+                row(label, gib_number(value), f"{100 * value / total:.1f}",
                     delta_cell(value, before[name]) if pinned is not None else "")
             )
         lines.append(Content.styled("─" * width, "$foreground-darken-3"))
         peak_label = "Device peak (NVML)"[: name_width + 2].ljust(name_width + 2)
         lines.append(
-            row(Content.styled(peak_label, "bold"), table_gib(budget.device_peak_bytes), "100.0",
+            row(Content.styled(peak_label, "bold"), gib_number(budget.device_peak_bytes), "100.0",
                 delta_cell(budget.device_peak_bytes, pinned.device_peak_bytes) if pinned is not None else "")
         )
         tensor_label = "Tensor peak (PyTorch)"[: name_width + 2].ljust(name_width + 2)
         lines.append(
-            row(tensor_label, table_gib(budget.tensor_peak_bytes), f"{100 * budget.tensor_peak_bytes / total:.1f}",
+            row(tensor_label, gib_number(budget.tensor_peak_bytes), f"{100 * budget.tensor_peak_bytes / total:.1f}",
                 delta_cell(budget.tensor_peak_bytes, pinned.tensor_peak_bytes) if pinned is not None else "")
         )
         states_label = "Bytes per parameter"[: name_width + 2].ljust(name_width + 2)
@@ -220,7 +206,7 @@ class TimelineChart(Widget):
                 Content.assemble(
                     point.phase[:label_width].ljust(label_width),
                     *cells,
-                    table_gib(point.bytes).rjust(value_width),
+                    gib_number(point.bytes).rjust(value_width),
                     (" ◀" if is_peak else "", "bold $text-warning"),
                 )
             )
@@ -237,11 +223,13 @@ class PinSummary(Text):
         then, now = pinned.budget, result.budget
         change = now.device_peak_bytes - then.device_peak_bytes
         style = "$text-success" if change < 0 else "$text-error" if change > 0 else "$text-muted"
-        verdict = "fits" if then.fits else "does not fit"
+        # Both values, then the change: a bare delta after "now" read as the current peak.
         parts: list[Content | str | tuple[str, str]] = [
             ("Pinned: ", "bold"),
-            f"{gib(then.device_peak_bytes)} GiB ({verdict}) → now ",
-            (f"{signed_gib(change)} GiB", f"bold {style}"),
+            f"{format_gib(then.device_peak_bytes)} ({fit_words(then)}) → ",
+            ("now: ", "bold"),
+            f"{format_gib(now.device_peak_bytes)} ({fit_words(now)}), ",
+            (f"{format_gib(change, signed=True)}", f"bold {style}"),
         ]
         if pinned.config is not None and result.config is not None:
             differences = config_differences(pinned.config, result.config)
@@ -275,7 +263,7 @@ class FitHint(Text):
             Content.assemble(
                 ("To fit: ", "bold"),
                 plan.summary,
-                f" → {gib(plan.budget.device_peak_bytes)} GiB",
+                f" → {gib_number(plan.budget.device_peak_bytes)} GiB",
                 ("  f applies", "bold $text-accent"),
             )
         )

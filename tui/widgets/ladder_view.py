@@ -12,9 +12,8 @@ from textual.widgets.option_list import Option
 
 from memtui.engine.planning.ladder import LadderStep, SavingsLadder
 from memtui.engine.model.specs import COMPONENT_NAMES
-from memtui.engine.units import GiB
+from memtui.engine.units import GiB, gib_number
 from memtui.tui.explain import summary
-from memtui.tui.widgets.budget import gib, signed_gib
 from memtui.tui.widgets.component_styles import SHORT_LABELS
 from memtui.tui.widgets.text import Text
 
@@ -63,6 +62,8 @@ class LadderView(Vertical):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.ladder: SavingsLadder | None = None
+        self.pending = False  # the budget shows another configuration; this ladder's replacement is being built
+        self.stale = False  # an input is refused: this is the last valid configuration's ladder
         self._prompts: list[Content] = []
 
     def compose(self) -> ComposeResult:
@@ -81,9 +82,15 @@ class LadderView(Vertical):
             return None
         return self.ladder.steps[index]
 
-    def show(self, ladder: SavingsLadder | None, *, changed_key: str | None = None) -> None:
-        """Draw `ladder`; highlight the step of the option just changed, so its 'why' shows at once."""
+    def show(self, ladder: SavingsLadder | None, *, changed_key: str | None = None, stale: bool = False) -> None:
+        """Draw `ladder`; highlight the step of the option just changed, so its 'why' shows at once.
+
+        `stale`: it is the last valid configuration's, shown while an input is refused (as the budget is).
+        """
         self.ladder = ladder
+        self.pending = False
+        self.stale = stale
+        self.set_class(False, "-pending")
         self._rebuild()
         if ladder is not None and changed_key is not None:
             rung = RUNG_OF.get(changed_key, changed_key)
@@ -91,6 +98,34 @@ class LadderView(Vertical):
                 if rung in step.keys:
                     self.option_list.highlighted = index
                     break
+
+    def mark_pending(self, *, stale: bool = False) -> None:
+        """The budget moved on to a configuration whose ladder is being built: say so over the old rows."""
+        self.pending = True
+        self.stale = stale
+        self.set_class(True, "-pending")
+        self._show_title()
+
+    def _show_title(self) -> None:
+        title = self.query_one("#ladder-title", Text)
+        ladder = self.ladder
+        marks: list[tuple[str, str]] = [("STALE ", "bold $text-warning")] if self.stale else []
+        if ladder is None:
+            title.set(Content.assemble(*marks, ("Savings ladder", "bold")))
+            return
+        if self.pending:
+            title.set(Content.assemble(*marks, ("Savings ladder", "bold"),
+                                       ("  updating for the current options…", "$text-warning")))
+            return
+        baseline, final = ladder.baseline.budget, ladder.final.budget
+        title.set(
+            Content.assemble(
+                *marks,
+                ("Savings ladder", "bold"),
+                f"  {baseline.bytes_per_param:.0f} → {final.bytes_per_param:.2f} bytes/param, "
+                f"device peak {gib_number(baseline.device_peak_bytes, 1)} → {gib_number(final.device_peak_bytes, 1)} GiB",
+            )
+        )
 
     def _on_resize(self, event: Resize) -> None:
         self._rebuild()
@@ -106,22 +141,14 @@ class LadderView(Vertical):
     def _rebuild(self) -> None:
         option_list = self.option_list
         ladder = self.ladder
-        title = self.query_one("#ladder-title", Text)
         head = self.query_one("#ladder-head", Text)
+        self._show_title()
         if ladder is None:
-            title.set("Savings ladder")
             head.set("")
             option_list.clear_options()
             self._prompts = []
             return
-        baseline, final = ladder.baseline.budget, ladder.final.budget
-        title.set(
-            Content.assemble(
-                ("Savings ladder", "bold"),
-                f"  {baseline.bytes_per_param:.0f} → {final.bytes_per_param:.2f} bytes/param, "
-                f"device peak {gib(baseline.device_peak_bytes, 1)} → {gib(final.device_peak_bytes, 1)} GiB",
-            )
-        )
+        final = ladder.final.budget
         width = max(option_list.content_region.width or self.content_region.width or 60, 40)
         label_width, bar_width = self._columns(width)
         heading = "step".ljust(label_width) + "Δ GiB".rjust(9)
@@ -152,7 +179,7 @@ class LadderView(Vertical):
         else:
             change = -step.removed_total
             style = "$text-success" if change < 0 else "$text-error" if change > 0 else "$text-muted"
-            removed = Content.styled(signed_gib(change, 1), style).right(9)
+            removed = Content.styled(gib_number(change, 1, signed=True), style).right(9)
         parts: list[Content | str | tuple[str, str]] = [label.ljust(label_width), removed]
         if bar_width:
             filled = round(budget.device_peak_bytes / scale * bar_width)
@@ -161,7 +188,7 @@ class LadderView(Vertical):
             cells[capacity_column] = ("┃", "$error" if budget.device_peak_bytes > capacity else "$text")
             parts += [" ", *cells]
         parts += [
-            gib(budget.device_peak_bytes, 1).rjust(9),
+            gib_number(budget.device_peak_bytes, 1).rjust(9),
             f"{budget.bytes_per_param:.2f}".rjust(6),
             ("  ✔  " if budget.fits else "  ✘  ", "$text-success" if budget.fits else "$text-error"),
         ]
@@ -192,7 +219,7 @@ class LadderView(Vertical):
             ((name, step.removed[name]) for name in COMPONENT_NAMES if abs(step.removed[name]) >= GiB // 100),
             key=lambda item: -abs(item[1]),
         )
-        changes = ", ".join(f"{SHORT_LABELS[name]} {signed_gib(-value, 1)}" for name, value in removed[:4])
+        changes = ", ".join(f"{SHORT_LABELS[name]} {gib_number(-value, 1, signed=True)}" for name, value in removed[:4])
         why.set(
             Content.assemble(
                 (f"{step.label}: ", "bold"),

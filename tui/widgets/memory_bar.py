@@ -7,7 +7,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from memtui.engine.model.specs import COMPONENT_NAMES, Budget
-from memtui.engine.units import GiB
+from memtui.engine.units import format_gib, gib_number
 from memtui.tui.widgets.component_styles import COMPONENT_STYLES, SHORT_LABELS, glyph, swatch
 
 
@@ -61,7 +61,7 @@ class MemoryBar(Widget):
 
         # Line 1: where the card ends.
         over = peak > capacity
-        marker_text = f"GPU {capacity / GiB:,.2f} GiB ▼"
+        marker_text = f"GPU {format_gib(capacity)} ▼"
         start = max(capacity_column - len(marker_text) + 1, 0)
         marker_style = "bold $error" if over else "bold $text"
         top = Content.assemble(" " * start, (marker_text, marker_style))
@@ -83,7 +83,7 @@ class MemoryBar(Widget):
         columns = self.legend_columns(width)
         column_width = width // columns
         entries = [
-            Content.assemble(swatch(name, no_color), f" {SHORT_LABELS[name]} {components[name] / GiB:,.1f}")
+            Content.assemble(swatch(name, no_color), f" {SHORT_LABELS[name]} {gib_number(components[name], 1)}")
             .truncate(column_width - 1, pad=True)
             for name in COMPONENT_NAMES
         ]
