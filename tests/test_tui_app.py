@@ -20,6 +20,7 @@ from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.units import format_gib
 from memtui.tui.app import MemtuiApp
 from memtui.tui.explain import EXPLAINERS, OVERVIEW
+from memtui.tui.live import LivePanel
 from memtui.tui.option_specs import OPTION_SPECS
 from memtui.tui.planner import LOCAL_GPU
 from memtui.tui.screens.explain_screen import ExplainScreen
@@ -290,6 +291,44 @@ async def test_palette_switches_the_model_and_the_gpu():
         assert app.query_one("#opt-gpu", Select).value == "rtx-4090"
         assert app.result.budget.gpu.memory_bytes == 25757220864
         assert "GeForce RTX 4090" in app.sub_title
+
+
+async def palette(pilot, query: str) -> None:
+    await pilot.press("ctrl+p")
+    await pilot.pause()
+    await pilot.press(*query)
+    await pilot.pause(0.3)
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+async def test_the_palette_has_the_apps_actions_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMTUI_EXPORT_DIR", str(tmp_path))
+    app = make_app(options={"model": "llama-3.1-8b", "gpu": "t4"})
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await palette(pilot, "export")
+        assert app.last_export is not None and app.last_export.json.parent == tmp_path
+        await palette(pilot, "pin")
+        assert app.planner.pinned is not None
+        # The theme command is `t`'s switch, both ways, not a picker of themes `t` never comes back from.
+        await palette(pilot, "theme")
+        assert app.theme == "textual-light"
+        await palette(pilot, "theme")
+        assert app.theme == "textual-dark"
+        await fit_found(pilot)
+        before = app.result.budget.fits
+        await palette(pilot, "make it fit")
+        await settled(pilot)
+        assert not before and app.result.budget.fits
+        await palette(pilot, "explain")
+        assert isinstance(app.screen, ExplainScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        started = []
+        monkeypatch.setattr(type(app.query_one(LivePanel)), "start_run", lambda panel, config: started.append(config))
+        await palette(pilot, "live run")
+        assert started == [app.result.config]
 
 
 async def test_palette_applies_a_recipe_and_the_inputs_follow():

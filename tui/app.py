@@ -8,17 +8,18 @@ the first frame, and torch is never imported here.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from textual import on, work
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.lazy import Lazy
 from textual.message import Message
+from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import ContentSwitcher, Footer, Header, OptionList
 from textual.worker import Worker, WorkerState
@@ -26,7 +27,7 @@ from textual.worker import Worker, WorkerState
 from memtui.engine.errors import InputError
 from memtui.engine.telemetry.local_gpu import LocalGpu, detect_local_gpu
 from memtui.engine.units import format_gib
-from memtui.tui.commands import PresetCommands
+from memtui.tui.commands import REPLACED_SYSTEM_COMMANDS, PresetCommands, action_commands
 from memtui.tui.explain import EXPLAINERS, LADDER_INTRO, OVERVIEW
 from memtui.tui.live import LivePanel
 from memtui.tui.option_specs import OPTION_SPECS
@@ -156,6 +157,13 @@ class MemtuiApp(App[None]):
     def options_ready(self) -> None:
         self._show_field_errors()
         self.query_one("#opt-model").focus()
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The palette: Textual's own commands (its theme picker replaced by `t`'s switch) and the app's actions."""
+        for command in super().get_system_commands(screen):
+            if command.title not in REPLACED_SYSTEM_COMMANDS:
+                yield command
+        yield from action_commands(self)
 
     def show_panel(self, panel_id: str) -> None:
         """Switch the right-hand side: "plan" (the budget) or "live-panel"."""
