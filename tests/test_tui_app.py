@@ -648,6 +648,64 @@ async def test_theme_toggles_between_dark_and_light():
         assert app.theme == "textual-dark"
 
 
+def relative_luminance(color) -> float:
+    def channel(value: int) -> float:
+        value /= 255
+        return value / 12.92 if value <= 0.03928 else ((value + 0.055) / 1.055) ** 2.4
+    return 0.2126 * channel(color.red) + 0.7152 * channel(color.green) + 0.0722 * channel(color.blue)
+
+
+def contrast(first, second) -> float:
+    light, dark = sorted((relative_luminance(first), relative_luminance(second)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def cell_ink(app, widget, x: int = 0, y: int = 0):
+    """The colour a person sees in one cell as the terminal gets it (after NO_COLOR's filter): a full block
+    shows its foreground, anything else mostly its background."""
+    from textual.color import Color
+
+    from textual.geometry import Region
+
+    strip = widget.render_lines(Region(0, y, widget.size.width, 1))[0]  # with borders, as the screen draws it
+    for line_filter in app._filters:
+        strip = line_filter.apply(list(strip), Color(0, 0, 0))
+    offset = 0
+    for segment in strip:
+        if offset + len(segment.text) > x:
+            character, style = segment.text[x - offset], segment.style
+            break
+        offset += len(segment.text)
+    color = style.color if character == "█" else style.bgcolor
+    return color.get_truecolor()
+
+
+@pytest.mark.parametrize("theme, no_color", [("textual-dark", False), ("textual-light", False),
+                                             ("textual-dark", True)])
+async def test_focus_is_visible_on_the_pickers_and_the_ladder(monkeypatch, theme, no_color):
+    """WCAG's 3:1 for a focus indicator: the focused picker's and ladder's look against their unfocused one."""
+    from textual.widgets._select import SelectCurrent
+
+    if no_color:
+        monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        app.theme = theme
+        ladder = app.query_one("#ladder-list", OptionList)
+        precision, checkpointing = (app.query_one(f"#opt-{key}", Select) for key in ("precision", "checkpointing"))
+        precision.focus()
+        await pilot.pause()
+        focused = cell_ink(app, precision.query_one(SelectCurrent))
+        blurred = cell_ink(app, checkpointing.query_one(SelectCurrent))
+        ladder_blurred = cell_ink(app, ladder)
+        assert contrast(focused, blurred) >= 3, (focused, blurred)
+        ladder.focus()
+        await pilot.pause()
+        ladder_focused = cell_ink(app, ladder)
+        assert contrast(ladder_focused, ladder_blurred) >= 3, (ladder_focused, ladder_blurred)
+
+
 async def test_no_color_runs_and_keeps_segments_apart_with_glyphs(monkeypatch):
     monkeypatch.setenv("NO_COLOR", "1")
     app = make_app()
