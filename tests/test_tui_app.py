@@ -895,3 +895,69 @@ async def test_worker_answers_arriving_during_shutdown_are_dropped():
         app.post_message(LadderBuilt(result.config, result.gpu, result.ladder))
         await pilot.pause()
         assert app.fit_suggestion == (result.config, None)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["gpt2"], {"model": "gpt2", "seq_len": 1024}),
+    (["--model", "gpt2", "--gpu", "t4", "--lora-rank", "8", "--lora-targets", "c_attn"],
+     {"model": "gpt2", "gpu": "t4", "lora_rank": 8, "lora_targets": "c_attn"}),
+    ([str(presets_dir() / "models" / "qwen2.5-0.5b.json"), "--batch-size", "4"],
+     {"model": str(presets_dir() / "models" / "qwen2.5-0.5b.json"), "batch_size": 4}),
+])
+def test_memtui_with_a_model_a_file_or_estimate_flags_opens_the_planner_on_it(monkeypatch, argv, expected):
+    from textual.app import App
+
+    opened = []
+
+    def run_headless(app, **kwargs):  # App.run, without a terminal: look at the planner once it is ready, leave
+        async def look(pilot) -> None:
+            await ready(pilot)
+            shown = {key: app.query_one(f"#opt-{key}", Select if key in ("model", "gpu") else Input).value
+                     for key in expected if key in ("model", "gpu", "lora_rank", "lora_targets", "batch_size")}
+            opened.append((app.result.config, shown))
+            app.exit()
+
+        return App.run(app, headless=True, size=WIDE, auto_pilot=look)
+
+    monkeypatch.setenv("MEMTUI_NO_GPU_DETECT", "1")
+    monkeypatch.setattr(MemtuiApp, "run", run_headless)
+    assert main(argv) == 0
+    (config, shown), = opened
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert shown == {key: str(value) for key, value in expected.items() if key in shown}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lora-rank", "x"], "--lora-rank: 'x' is not a whole number"),
+    (["no-such-model"], "no-such-model"),
+    (["gpt2", "--model", "gpt2"], "give the model once"),
+])
+def test_a_bad_planner_argument_is_one_line_and_exit_2(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(MemtuiApp, "run", lambda app, **kwargs: pytest.fail("the planner opened"))
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("memtui: error:") and message in err and err.count("\n") == 1
+
+
+def test_memtui_on_a_configuration_the_estimate_refuses_opens_with_the_reason_at_its_field(monkeypatch):
+    """The issue's own example: GPT-2 has no q_proj, so the default LoRA targets are refused beside their field."""
+    from textual.app import App
+
+    notes = []
+
+    def run_headless(app, **kwargs):
+        async def look(pilot) -> None:
+            await ready(pilot)
+            notes.append((app.planner.options["model"], app.planner.options["lora_rank"], note(app, "lora_targets")))
+            app.exit()
+
+        return App.run(app, headless=True, size=WIDE, auto_pilot=look)
+
+    monkeypatch.setenv("MEMTUI_NO_GPU_DETECT", "1")
+    monkeypatch.setattr(MemtuiApp, "run", run_headless)
+    assert main(["--model", "gpt2", "--gpu", "t4", "--lora-rank", "8"]) == 0
+    (model, rank, targets_note), = notes
+    assert (model, rank) == ("gpt2", 8) and "'q_proj' is not a linear layer of gpt2" in targets_note

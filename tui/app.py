@@ -25,6 +25,7 @@ from textual.widgets import ContentSwitcher, Footer, Header, OptionList
 from textual.worker import Worker, WorkerState
 
 from memtui.engine.errors import InputError
+from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.telemetry.local_gpu import LocalGpu, detect_local_gpu
 from memtui.engine.units import format_gib
 from memtui.tui.commands import REPLACED_SYSTEM_COMMANDS, PresetCommands, action_commands
@@ -123,7 +124,10 @@ class MemtuiApp(App[None]):
         yield Header()
         with Horizontal(id="main"):
             # The inputs (many widgets) mount just after the first frame, so the budget shows at once.
-            yield Lazy(OptionsPanel(self.planner, presets.models(), presets.gpus(), id="options"))
+            panel = OptionsPanel(self.planner, presets.models(), presets.gpus(), id="options")
+            if self.planner.options["model"] not in panel.models:  # opened on a config.json: the picker offers it
+                panel.custom_models.append(self.planner.options["model"])
+            yield Lazy(panel)
             with ContentSwitcher(id="right", initial="plan"):
                 with Vertical(id="plan"):
                     with Vertical(id="glance"):
@@ -506,8 +510,10 @@ class MemtuiApp(App[None]):
         return True
 
 
-def run_app() -> int:
-    """`memtui` with no arguments."""
-    app = MemtuiApp(gpu_detector=None if os.environ.get("MEMTUI_NO_GPU_DETECT") else detect_local_gpu)
+def run_app(config: TrainingConfig | None = None, *, gpu_chosen: bool = False) -> int:
+    """`memtui`, with no arguments or on a configuration; `gpu_chosen`: keep its GPU over the one found here."""
+    app = MemtuiApp(gpu_detector=None if os.environ.get("MEMTUI_NO_GPU_DETECT") else detect_local_gpu,
+                    options=config.model_dump() if config is not None else None)
+    app._gpu_chosen_by_user = gpu_chosen
     app.run()
     return app.return_code or 0
