@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 
@@ -77,6 +78,9 @@ def open_planner(argv: list[str]) -> int:
             args.model = args.target
         config = config_from_args(args)
         gpu_chosen = args.gpu is not None or args.recipe is not None
+    # Start-up allocates many objects and frees almost none: no collections until the first frame (the app
+    # turns the collector back on once it is drawn).
+    gc.disable()
     from memtui.tui.app import run_app
 
     return run_app(config, gpu_chosen=gpu_chosen)

@@ -961,3 +961,15 @@ def test_memtui_on_a_configuration_the_estimate_refuses_opens_with_the_reason_at
     assert main(["--model", "gpt2", "--gpu", "t4", "--lora-rank", "8"]) == 0
     (model, rank, targets_note), = notes
     assert (model, rank) == ("gpt2", 8) and "'q_proj' is not a linear layer of gpt2" in targets_note
+
+
+async def test_keys_pressed_while_the_planner_starts_are_not_lost():
+    """The inputs mount after the first frame; keys typed before that reach them once they are there."""
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        assert not app.query("#opt-model")  # still starting
+        for key in ("tab", "tab"):
+            app.post_message(events.Key(key, None))  # what the driver does, without waiting for the app
+        await ready(pilot)
+        chain = [widget.id for widget in app.screen.focus_chain]
+        assert app.focused.id == chain[chain.index("opt-model") + 2]

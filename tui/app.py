@@ -7,12 +7,13 @@ the first frame, and torch is never imported here.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -28,8 +29,6 @@ from memtui.engine.errors import InputError
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.telemetry.local_gpu import LocalGpu, detect_local_gpu
 from memtui.engine.units import format_gib
-from memtui.tui.commands import REPLACED_SYSTEM_COMMANDS, PresetCommands, action_commands
-from memtui.tui.explain import EXPLAINERS, LADDER_INTRO, OVERVIEW
 from memtui.tui.live import LivePanel
 from memtui.tui.option_specs import OPTION_SPECS
 from memtui.tui.planner import Planner, PlanResult
@@ -40,6 +39,7 @@ from memtui.tui.widgets.memory_bar import MemoryBar
 from memtui.tui.widgets.options_panel import OptionsPanel
 from memtui.tui.widgets.text import Text
 
+QUIT_KEYS = ("ctrl+c", "ctrl+q")  # work even before the inputs exist
 FIT_SEARCH_DELAY = 0.2  # seconds without edits before the "to fit" search starts
 DARK_THEME = "textual-dark"
 LIGHT_THEME = "textual-light"
@@ -71,6 +71,13 @@ class FitFound(Message):
     suggestion: Any  # memtui.engine.planning.fit.Suggestion, or None when the search failed
 
 
+def preset_commands_provider():
+    """The palette's presets, loaded when the palette first opens (Textual accepts a callable here)."""
+    from memtui.tui.commands import PresetCommands
+
+    return PresetCommands
+
+
 def error_text(error: InputError) -> str:
     return error.message + (f" (allowed: {error.allowed})" if error.allowed else "")
 
@@ -81,7 +88,7 @@ class MemtuiApp(App[None]):
     TITLE = "memtui"
     SUB_TITLE = "GPU memory planner"
     CSS_PATH = "app.tcss"
-    COMMANDS = App.COMMANDS | {PresetCommands}
+    COMMANDS = App.COMMANDS | {preset_commands_provider}
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE_FROM, "-wide")]
     BINDINGS = [
         Binding("question_mark", "explain", "Explain",
@@ -116,6 +123,7 @@ class MemtuiApp(App[None]):
         self._fit_timer: Timer | None = None
         self._ladder_changed_key: str | None = None  # the edit the ladder being built should highlight
         self._ladder_building: tuple[Any, Any] | None = None  # (config, gpu) of the ladder worker's current job
+        self._early_keys: list[events.Key] | None = []  # keys pressed before the inputs exist; None once they do
 
     # ---- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -148,8 +156,17 @@ class MemtuiApp(App[None]):
 
     def on_mount(self) -> None:
         self.refresh_plan()
+        # Threads started now would take the interpreter from the first frame: they start once it is drawn.
         if self.gpu_detector is not None:
-            self.detect_gpu()
+            self.call_after_refresh(self.detect_gpu)
+        self.call_after_refresh(gc.enable)  # off while starting (cli.open_planner): imports make no cycles
+
+    async def on_event(self, event: events.Event) -> None:
+        """Keys typed while the planner starts wait for the inputs (replayed by options_ready), not lost."""
+        if isinstance(event, events.Key) and self._early_keys is not None and event.key not in QUIT_KEYS:
+            self._early_keys.append(event)
+            return
+        await super().on_event(event)
 
     @property
     def options_panel(self) -> OptionsPanel | None:
@@ -161,9 +178,14 @@ class MemtuiApp(App[None]):
     def options_ready(self) -> None:
         self._show_field_errors()
         self.query_one("#opt-model").focus()
+        early_keys, self._early_keys = self._early_keys or [], None
+        for key in early_keys:
+            self.post_message(events.Key(key.key, key.character))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         """The palette: Textual's own commands (its theme picker replaced by `t`'s switch) and the app's actions."""
+        from memtui.tui.commands import REPLACED_SYSTEM_COMMANDS, action_commands
+
         for command in super().get_system_commands(screen):
             if command.title not in REPLACED_SYSTEM_COMMANDS:
                 yield command
@@ -306,7 +328,8 @@ class MemtuiApp(App[None]):
             self._ladder_changed_key = changed_key
         if self._ladder_building != (result.config, result.gpu):  # that one is on its way already
             self._ladder_building = (result.config, result.gpu)
-            self.build_ladder(result.config, result.model, result.gpu)
+            # After the budget is drawn: the worker thread would otherwise delay that frame.
+            self.call_after_refresh(self.build_ladder, result.config, result.model, result.gpu)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="ladder")
     def build_ladder(self, config: Any, model: Any, gpu: Any) -> None:
@@ -339,6 +362,7 @@ class MemtuiApp(App[None]):
     @on(OptionList.OptionSelected, "#ladder-list")
     def explain_ladder_step(self) -> None:
         """Enter or a click on a ladder step (or ? while the ladder has focus): why that step helped."""
+        from memtui.tui.explain import EXPLAINERS, LADDER_INTRO
         from memtui.tui.screens.explain_screen import ExplainScreen
 
         step = self.query_one(LadderView).highlighted_step()
@@ -349,6 +373,7 @@ class MemtuiApp(App[None]):
             self.push_screen(ExplainScreen(LADDER_INTRO))
 
     def action_explain(self) -> None:
+        from memtui.tui.explain import EXPLAINERS, OVERVIEW
         from memtui.tui.screens.explain_screen import ExplainScreen  # Markdown is only needed once asked
 
         focused = self.focused

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -10,12 +12,13 @@ from textual.events import Resize
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
-from memtui.engine.planning.ladder import LadderStep, SavingsLadder
 from memtui.engine.model.specs import COMPONENT_NAMES
 from memtui.engine.units import GiB, gib_number
-from memtui.tui.explain import summary
 from memtui.tui.widgets.component_styles import SHORT_LABELS
 from memtui.tui.widgets.text import Text
+
+if TYPE_CHECKING:  # the ladder module loads with the first ladder, after the first frame
+    from memtui.engine.planning.ladder import LadderStep, SavingsLadder
 
 STEP_EXPLAINERS = {"baseline": "optimizer_states"}  # what to explain for the baseline row
 # Options that belong to another option's rung.
@@ -200,6 +203,8 @@ class LadderView(Vertical):
         self._show_why()
 
     def _show_why(self) -> None:
+        from memtui.tui.explain import summary  # the explainers' text loads with the first ladder
+
         why = self.query_one("#ladder-why", Text)
         step = self.highlighted_step()
         if step is None:
