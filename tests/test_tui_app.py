@@ -973,3 +973,51 @@ async def test_keys_pressed_while_the_planner_starts_are_not_lost():
         await ready(pilot)
         chain = [widget.id for widget in app.screen.focus_chain]
         assert app.focused.id == chain[chain.index("opt-model") + 2]
+
+
+@pytest.mark.parametrize("size", [WIDE, NARROW])
+async def test_figures_up_to_a_million_gib_keep_their_columns_and_bars_their_patterns(monkeypatch, size):
+    """405B in fp32 at batch 3000 needs about 10^6 GiB: every figure stays whole, a space before it, no line
+    wider than its widget; under NO_COLOR the step chart's and the ladder's bars show what exceeds the GPU."""
+    from memtui.engine.model.specs import COMPONENT_NAMES
+    from memtui.engine.units import GiB, gib_number
+    from memtui.tui.widgets.budget import OVER_GLYPH
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app(options={"model": "llama-3.1-405b", "precision": "32-true", "gpu": "t4", "batch_size": 1})
+    async with app.run_test(size=size) as pilot:
+        await ready(pilot)
+        await pilot.press("p")
+        await type_into(pilot, "batch_size", "3000")
+        budget, pinned = app.result.budget, app.planner.pinned.budget
+        assert budget.device_peak_bytes > 900_000 * GiB and not app.result.stale
+
+        table = app.query_one(ComponentTable)
+        lines = rendered(table).splitlines()
+        assert all(len(line) <= table.content_region.width for line in lines)
+        now, then = budget.per_gpu.model_dump(), pinned.per_gpu.model_dump()
+        for index, name in enumerate(COMPONENT_NAMES, start=1):
+            tokens = lines[index].split()
+            assert gib_number(now[name]) in tokens and gib_number(now[name] - then[name], signed=True) in tokens
+        peak_tokens = lines[len(COMPONENT_NAMES) + 2].split()
+        assert gib_number(budget.device_peak_bytes) in peak_tokens
+        assert gib_number(budget.device_peak_bytes - pinned.device_peak_bytes, signed=True) in peak_tokens
+
+        chart = app.query_one(TimelineChart)
+        chart_lines = rendered(chart).splitlines()[1:]
+        assert all(len(line) <= chart.content_region.width for line in chart_lines)
+        for point, line in zip(budget.timeline, chart_lines):
+            assert gib_number(point.bytes) in line.split()
+        assert chart_lines[[p.phase for p in budget.timeline].index(budget.peak_phase)].endswith("◀")
+        assert any(OVER_GLYPH in line for line in chart_lines)
+
+        legend = " ".join(rendered(app.query_one(MemoryBar)).splitlines()[2:]).split()
+        assert all(gib_number(now[name], 1) in legend for name in COMPONENT_NAMES)
+
+        view = app.query_one(LadderView)
+        rows = [str(option.prompt) for option in view.option_list.options]
+        assert all(len(row.rstrip()) <= view.option_list.content_region.width for row in rows)
+        for step, row in zip(app.result.ladder.steps, rows):
+            assert gib_number(step.budget.device_peak_bytes, 1) in row.split()
+        if size == WIDE:  # the ladder's bars show from 70 cells up
+            assert all(OVER_GLYPH in row for row in rows)

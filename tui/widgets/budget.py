@@ -19,6 +19,31 @@ if TYPE_CHECKING:
     from memtui.engine.planning.fit import Suggestion
 
 
+def column_width(texts: list[str], least: int) -> int:
+    """Cells for a right-aligned column of figures: the widest and a space before it, at least `least`."""
+    return max(least, max(map(len, texts), default=0) + 1)
+
+
+OVER_GLYPH = "▒"  # the part of a bar beyond the GPU's capacity, under NO_COLOR (where red is not seen)
+
+
+def capacity_bar(value: int, capacity: int, largest: int, width: int, no_color: bool, *, free: str, line: str,
+                 line_style: str = "$text-muted") -> list[tuple[str, str]]:
+    """A one-quantity bar against the GPU's capacity (a line at its column); what lies beyond it is red, or
+    patterned under NO_COLOR. `largest` is the biggest value among the bars it is drawn beside."""
+    if width <= 0:
+        return []
+    scale = max(capacity, largest, 1)
+    filled = min(round(value / scale * width), width)
+    capacity_column = min(max(round(capacity / scale * width) - 1, 0), width - 1)
+    over_glyph = OVER_GLYPH if no_color else "█"
+    cells = [("█", "$primary") if column <= capacity_column else (over_glyph, "$error")
+             for column in range(filled)]
+    cells += [(free, "$foreground-darken-3")] * (width - filled)
+    cells[capacity_column] = (line, "bold $error" if value > capacity else line_style)
+    return cells
+
+
 def fit_words(budget: Budget) -> str:
     return "fits" if budget.fits else "does not fit"
 
@@ -117,8 +142,17 @@ class ComponentTable(Widget):
         pinned = self.pinned.budget if self.pinned is not None else None
         no_color = self.app.no_color
         width = max(self.content_region.width, 30)
-        number_width, percent_width = 8, 6
-        delta_width = 9 if pinned is not None else 0
+        # Figures keep a space before them however wide they grow (up to "−1,000,000"); the names give way.
+        number_width = column_width([gib_number(value) for value in budget.per_gpu.model_dump().values()]
+                                    + [gib_number(budget.device_peak_bytes)], 8)
+        percent_width = 6
+        delta_width = 0
+        if pinned is not None:
+            changes = [now - then for now, then in zip(budget.per_gpu.model_dump().values(),
+                                                       pinned.per_gpu.model_dump().values())]
+            changes += [budget.device_peak_bytes - pinned.device_peak_bytes,
+                        budget.tensor_peak_bytes - pinned.tensor_peak_bytes]
+            delta_width = column_width([gib_number(change, signed=True) for change in changes], 9)
         name_width = max(width - 2 - number_width - percent_width - delta_width, 10)
         total = max(budget.device_peak_bytes, 1)
         components = budget.per_gpu.model_dump()
@@ -186,29 +220,26 @@ class TimelineChart(Widget):
         budget = self.budget
         if budget is None:
             return Content("")
-        width = max(self.content_region.width, 24)
+        width = max(self.content_region.width, 1)
         label_width = 10
-        value_width = 7
+        value_width = column_width([gib_number(point.bytes) for point in budget.timeline], 7)
         marker_width = 2  # " ◀" on the peak
-        bar_width = max(width - label_width - value_width - marker_width, 4)
+        bar_width = width - label_width - value_width - marker_width
+        if bar_width < 3:  # too narrow for a bar: the figures alone, never a wrapped line
+            bar_width = 0
         capacity = budget.gpu.memory_bytes
-        scale = max(capacity, *(point.bytes for point in budget.timeline))
-        capacity_column = min(max(round(capacity / scale * bar_width) - 1, 0), bar_width - 1)
         peak_value = max(point.bytes for point in budget.timeline)
         lines = [Content.styled("Through one step, GiB", "bold").truncate(width)]
         for point in budget.timeline:
-            filled = round(point.bytes / scale * bar_width)
-            cells: list[tuple[str, str]] = [("█", "$primary")] * filled + [(" ", "")] * (bar_width - filled)
-            under = cells[capacity_column][0] == "█"
-            cells[capacity_column] = ("┊", "bold $error" if under and point.bytes > capacity else "$text-muted")
             is_peak = point.bytes == peak_value and point.phase == budget.peak_phase
             lines.append(
                 Content.assemble(
                     point.phase[:label_width].ljust(label_width),
-                    *cells,
+                    *capacity_bar(point.bytes, capacity, peak_value, bar_width, self.app.no_color, free=" ",
+                                  line="┊"),
                     gib_number(point.bytes).rjust(value_width),
                     (" ◀" if is_peak else "", "bold $text-warning"),
-                )
+                ).truncate(width)
             )
         return Content("\n").join(lines)
 

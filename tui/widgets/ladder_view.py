@@ -14,6 +14,7 @@ from textual.widgets.option_list import Option
 
 from memtui.engine.model.specs import COMPONENT_NAMES
 from memtui.engine.units import GiB, gib_number
+from memtui.tui.widgets.budget import capacity_bar, column_width
 from memtui.tui.widgets.component_styles import SHORT_LABELS
 from memtui.tui.widgets.text import Text
 
@@ -133,12 +134,13 @@ class LadderView(Vertical):
     def _on_resize(self, event: Resize) -> None:
         self._rebuild()
 
-    def _columns(self, width: int) -> tuple[int, int]:
+    def _columns(self, width: int, removed_width: int = 9, peak_width: int = 9) -> tuple[int, int]:
         """(label width, mini-bar width) for this width: the bar goes first when space is short."""
-        numbers = 9 + 9 + 6 + 5  # removes, peak, B/param, fits
+        numbers = removed_width + peak_width + 6 + 5  # removes, peak, B/param, fits
         longest = 48  # labels longer than this are rare; wide screens give the rest to the bar
+        shortest = max(12 - (removed_width + peak_width - 18), 6)  # figures wider than usual come out of the label
         bar = max(12, min(40, width - numbers - longest - 3)) if width >= 70 else 0
-        label = min(max(width - numbers - (bar + 1 if bar else 0) - 2, 12), longest)
+        label = min(max(width - numbers - (bar + 1 if bar else 0) - 2, shortest), longest)
         return label, bar
 
     def _rebuild(self) -> None:
@@ -153,17 +155,21 @@ class LadderView(Vertical):
             return
         final = ladder.final.budget
         width = max(option_list.content_region.width or self.content_region.width or 60, 40)
-        label_width, bar_width = self._columns(width)
-        heading = "step".ljust(label_width) + "Δ GiB".rjust(9)
+        # Figures keep a space before them however wide they grow (up to "−1,000,000"); the labels give way.
+        removed_width = column_width([gib_number(-step.removed_total, 1, signed=True) for step in ladder.steps], 9)
+        peak_width = column_width([gib_number(step.budget.device_peak_bytes, 1) for step in ladder.steps], 9)
+        label_width, bar_width = self._columns(width, removed_width, peak_width)
+        heading = "step".ljust(label_width) + "Δ GiB".rjust(removed_width)
         if bar_width:
             heading += " " + "peak vs GPU".ljust(bar_width)
-        heading += "peak".rjust(9) + "B/par".rjust(6) + "fits".rjust(5)
+        heading += "peak".rjust(peak_width) + "B/par".rjust(6) + "fits".rjust(5)
         head.set(Content.styled(heading, "$text-muted"), layout=False)
         capacity = final.gpu.memory_bytes
         scale = max(capacity, *(step.budget.device_peak_bytes for step in ladder.steps))
         highlighted = option_list.highlighted
         keep_highlight = option_list.option_count == len(ladder.steps)
-        prompts = [self._row(step, label_width, bar_width, scale, capacity) for step in ladder.steps]
+        prompts = [self._row(step, (label_width, removed_width, bar_width, peak_width), scale, capacity)
+                   for step in ladder.steps]
         if prompts != self._prompts:
             self._prompts = prompts
             option_list.set_options(Option(prompt, id=f"step-{index}") for index, prompt in enumerate(prompts))
@@ -172,26 +178,24 @@ class LadderView(Vertical):
             option_list.highlighted = highlighted
         self._show_why()
 
-    def _row(self, step: LadderStep, label_width: int, bar_width: int, scale: int, capacity: int) -> Content:
+    def _row(self, step: LadderStep, widths: tuple[int, int, int, int], scale: int, capacity: int) -> Content:
+        label_width, removed_width, bar_width, peak_width = widths
         budget = step.budget
         label = step.label if len(step.label) <= label_width else short_label(step)
         if len(label) > label_width:
             label = label[: label_width - 1] + "…"
         if step.is_baseline:
-            removed = Content("".rjust(9))
+            removed = Content("".rjust(removed_width))
         else:
             change = -step.removed_total
             style = "$text-success" if change < 0 else "$text-error" if change > 0 else "$text-muted"
-            removed = Content.styled(gib_number(change, 1, signed=True), style).right(9)
+            removed = Content.styled(gib_number(change, 1, signed=True), style).right(removed_width)
         parts: list[Content | str | tuple[str, str]] = [label.ljust(label_width), removed]
         if bar_width:
-            filled = round(budget.device_peak_bytes / scale * bar_width)
-            capacity_column = min(max(round(capacity / scale * bar_width) - 1, 0), bar_width - 1)
-            cells = [("█", "$primary")] * filled + [("·", "$foreground-darken-3")] * (bar_width - filled)
-            cells[capacity_column] = ("┃", "$error" if budget.device_peak_bytes > capacity else "$text")
-            parts += [" ", *cells]
+            parts += [" ", *capacity_bar(budget.device_peak_bytes, capacity, scale, bar_width, self.app.no_color,
+                                         free="·", line="┃", line_style="$text")]
         parts += [
-            gib_number(budget.device_peak_bytes, 1).rjust(9),
+            gib_number(budget.device_peak_bytes, 1).rjust(peak_width),
             f"{budget.bytes_per_param:.2f}".rjust(6),
             ("  ✔  " if budget.fits else "  ✘  ", "$text-success" if budget.fits else "$text-error"),
         ]

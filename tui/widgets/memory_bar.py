@@ -31,19 +31,36 @@ class MemoryBar(Widget):
     MemoryBar { height: 4; }
     """
 
-    # The height follows the width (legend columns), not the numbers: redraws need no layout pass.
+    # The height follows the legend's columns: set only when they change, so most redraws need no layout pass.
     budget: reactive[Budget | None] = reactive(None)
 
     @staticmethod
-    def legend_columns(width: int) -> int:
-        return max(1, min(3, width // 20))
+    def legend_texts(budget: Budget) -> list[str]:
+        """Each component's legend entry after its swatch: 'weights 15.0'."""
+        components = budget.per_gpu.model_dump()
+        return [f" {SHORT_LABELS[name]} {gib_number(components[name], 1)}" for name in COMPONENT_NAMES]
 
-    def on_resize(self) -> None:
+    @staticmethod
+    def legend_columns(width: int, longest: int = 0) -> int:
+        """Up to three columns of at least 20 cells, each wide enough for its longest entry (never cut)."""
+        return max(1, min(3, width // max(20, longest + 2)))  # + the swatch and a space between columns
+
+    def _columns(self, width: int) -> int:
+        longest = max(map(len, self.legend_texts(self.budget))) if self.budget is not None else 0
+        return self.legend_columns(width, longest)
+
+    def _fit_height(self) -> None:
         width = self.content_region.width
         if width:
-            height = 2 + -(-len(COMPONENT_NAMES) // self.legend_columns(width))
+            height = 2 + -(-len(COMPONENT_NAMES) // self._columns(width))
             if self.styles.height is None or self.styles.height.value != height:
                 self.styles.height = height
+
+    def on_resize(self) -> None:
+        self._fit_height()
+
+    def watch_budget(self) -> None:
+        self._fit_height()
 
     def render(self) -> Content:
         budget = self.budget
@@ -80,12 +97,11 @@ class MemoryBar(Widget):
         bar = Content.assemble(*bar_cells)
 
         # Then the legend, GiB per component, in columns; the column count depends on the width only.
-        columns = self.legend_columns(width)
+        columns = self._columns(width)
         column_width = width // columns
         entries = [
-            Content.assemble(swatch(name, no_color), f" {SHORT_LABELS[name]} {gib_number(components[name], 1)}")
-            .truncate(column_width - 1, pad=True)
-            for name in COMPONENT_NAMES
+            Content.assemble(swatch(name, no_color), text).truncate(column_width - 1, pad=True)
+            for name, text in zip(COMPONENT_NAMES, self.legend_texts(budget))
         ]
         legend_lines = [
             Content.assemble(*entries[start : start + columns]) for start in range(0, len(entries), columns)
