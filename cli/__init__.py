@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return open_planner(argv)
         except InputError as error:
-            print(f"memtui: error: {error}", file=sys.stderr)
+            # `memtui estimat` reads as a model name: say what the commands are, on the same line.
+            commands = f"; commands: {', '.join(sorted(_COMMAND_NAMES))}" if not argv[0].startswith("-") else ""
+            print(f"memtui: error: {error}{commands}", file=sys.stderr)
             return 2
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -139,10 +139,10 @@ def test_the_planner_draws_its_first_frame_fast_and_stays_light():
 
 
 if __name__ == "__main__":
-    # `uv run python tests/test_imports.py`: the start-up figure the README quotes (median of 7 runs).
+    # `uv run python tests/test_imports.py`: the start-up figure the README quotes (median and best of 15 runs).
     import statistics
 
-    runs = [first_frame_report() for _ in range(7)]
+    runs = [first_frame_report() for _ in range(15)]
     for key in ("first_frame_since_exec_s", "first_frame_cpu_s", "inputs_s"):
         print(f"{key}: median {statistics.median(run[key] for run in runs):.3f} "
               f"(min {min(run[key] for run in runs):.3f})")
