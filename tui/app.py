@@ -176,9 +176,12 @@ class MemtuiApp(App[None]):
 
     @on(OptionsPanel.Ready)
     def options_ready(self) -> None:
+        if not self.query("#opt-model"):
+            return  # the app is shutting down
+        early_keys, self._early_keys = self._early_keys or [], None
+        self._sync_inputs()  # what changed while they mounted (a palette pick, the local GPU)
         self._show_field_errors()
         self.query_one("#opt-model").focus()
-        early_keys, self._early_keys = self._early_keys or [], None
         for key in early_keys:
             self.post_message(events.Key(key.key, key.character))
 
@@ -268,7 +271,7 @@ class MemtuiApp(App[None]):
     # ---- drawing -----------------------------------------------------------------
     def _sync_inputs(self) -> None:
         panel = self.options_panel
-        if panel is not None:
+        if panel is not None and self._early_keys is None:  # not before they are all mounted (options_ready)
             panel.sync()
 
     def _show_field_errors(self) -> None:
