@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memtui.engine.model.specs import COMPONENT_LABELS, COMPONENT_NAMES, Budget
-from memtui.engine.units import format_count, format_gib
+from memtui.engine.units import format_count, format_gib, gib_number
 
 
 def budget_table(budget: Budget, title: str | None = None) -> Table:
@@ -17,12 +17,12 @@ def budget_table(budget: Budget, title: str | None = None) -> Table:
     )
     table = Table(title=heading, title_justify="left", show_footer=True, expand=False)
     table.add_column("Per GPU, at the peak", footer="Device peak (NVML)")
-    table.add_column("GiB", justify="right", footer=format_gib(budget.device_peak_bytes).removesuffix(" GiB"))
+    table.add_column("GiB", justify="right", footer=gib_number(budget.device_peak_bytes))
     table.add_column("%", justify="right", footer="100")
     total = max(budget.device_peak_bytes, 1)
     for name in COMPONENT_NAMES:
         value = getattr(budget.per_gpu, name)
-        table.add_row(COMPONENT_LABELS[name], f"{value / 2**30:,.2f}", f"{100 * value / total:.1f}")
+        table.add_row(COMPONENT_LABELS[name], gib_number(value), f"{100 * value / total:.1f}")
     return table
 
 

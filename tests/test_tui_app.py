@@ -18,8 +18,10 @@ from memtui.engine.model import presets
 from memtui.engine.model.options import label
 from memtui.engine.model.presets import presets_dir
 from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.units import format_gib
 from memtui.tui.app import MemtuiApp
 from memtui.tui.explain import EXPLAINERS, OVERVIEW
+from memtui.tui.live import LivePanel
 from memtui.tui.option_specs import OPTION_SPECS
 from memtui.tui.planner import LOCAL_GPU
 from memtui.tui.screens.explain_screen import ExplainScreen
@@ -205,6 +207,53 @@ async def test_a_burst_of_keys_stays_in_order():
         assert field.value == "36" and app.planner.options["lora_rank"] == 36
 
 
+def ladder_shown_for(app):
+    """The configuration the savings ladder on screen was built for (its last rung is that configuration)."""
+    view = app.query_one(LadderView)
+    return view.ladder.final.config if view.ladder is not None else None
+
+
+async def wait_for_workers(pilot) -> None:
+    for _ in range(500):
+        if not [worker for worker in pilot.app.workers if worker.is_running]:
+            break
+        await pilot.pause(0.01)
+    await pilot.pause()
+
+
+async def test_after_fast_typing_the_budget_and_the_ladder_show_one_configuration():
+    """Keys arrive faster than the ladder builds; whatever is on screen then, the ladder shows the budget's
+    configuration or is marked as not (yet) being it, and an input's error makes both STALE."""
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        view = app.query_one(LadderView)
+        title = view.query_one("#ladder-title")
+        unmarked_mismatches = []
+
+        async def type_fast(key: str, text: str) -> None:
+            app.query_one(f"#opt-{key}", Input).focus()
+            await pilot.pause()
+            for name in ("ctrl+a", "ctrl+k", *text):
+                app.post_message(events.Key(name, name if name.isdigit() else None))
+            for _ in range(100):
+                await pilot.pause(0.01)
+                shown, current = ladder_shown_for(app), app.result.config
+                if shown != current and not view.has_class("-pending"):
+                    unmarked_mismatches.append((key, shown, current))
+            await wait_for_workers(pilot)
+
+        await type_fast("batch_size", "9999")  # every prefix a valid configuration
+        assert app.result.config.batch_size == 9999 and ladder_shown_for(app) == app.result.config
+        assert not str(title.render()).startswith("STALE")
+        await type_fast("lora_rank", "9999")  # up to 999 a rank; 9999 exceeds Llama's 1024
+        assert app.query_one("#opt-lora_rank", Input).value == "9999" and app.result.stale
+        assert app.result.config.lora_rank == 999  # the last valid budget...
+        assert ladder_shown_for(app) == app.result.config  # ...and its ladder, not the one from before typing
+        assert not view.has_class("-pending") and unmarked_mismatches == []
+        assert str(title.render()).startswith("STALE") and "STALE" in rendered(app.query_one(VerdictBanner))
+
+
 async def test_an_impossible_combination_is_named_beside_its_field():
     app = make_app()
     async with app.run_test(size=WIDE) as pilot:
@@ -243,6 +292,44 @@ async def test_palette_switches_the_model_and_the_gpu():
         assert app.query_one("#opt-gpu", Select).value == "rtx-4090"
         assert app.result.budget.gpu.memory_bytes == 25757220864
         assert "GeForce RTX 4090" in app.sub_title
+
+
+async def palette(pilot, query: str) -> None:
+    await pilot.press("ctrl+p")
+    await pilot.pause()
+    await pilot.press(*query)
+    await pilot.pause(0.3)
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+async def test_the_palette_has_the_apps_actions_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMTUI_EXPORT_DIR", str(tmp_path))
+    app = make_app(options={"model": "llama-3.1-8b", "gpu": "t4"})
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        await palette(pilot, "export")
+        assert app.last_export is not None and app.last_export.json.parent == tmp_path
+        await palette(pilot, "pin")
+        assert app.planner.pinned is not None
+        # The theme command is `t`'s switch, both ways, not a picker of themes `t` never comes back from.
+        await palette(pilot, "theme")
+        assert app.theme == "textual-light"
+        await palette(pilot, "theme")
+        assert app.theme == "textual-dark"
+        await fit_found(pilot)
+        before = app.result.budget.fits
+        await palette(pilot, "make it fit")
+        await settled(pilot)
+        assert not before and app.result.budget.fits
+        await palette(pilot, "explain")
+        assert isinstance(app.screen, ExplainScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        started = []
+        monkeypatch.setattr(type(app.query_one(LivePanel)), "start_run", lambda panel, config: started.append(config))
+        await palette(pilot, "live run")
+        assert started == [app.result.config]
 
 
 async def test_palette_applies_a_recipe_and_the_inputs_follow():
@@ -491,6 +578,10 @@ async def test_pin_then_change_shows_each_components_delta():
         pin = app.query_one(PinSummary)
         assert pin.display and app.planner.pinned is not None
         pinned = app.planner.pinned.budget
+        # The pin line shows both values and the change, never a bare change after "now".
+        line = str(pin.render())
+        assert f"Pinned: {format_gib(pinned.device_peak_bytes)}" in line
+        assert f"now: {format_gib(pinned.device_peak_bytes)}" in line and line.endswith(", 0.00 GiB · same options")
         await set_select(pilot, "checkpointing", "full")
         await set_select(pilot, "optimizer_impl", "fused")
         table = rendered(app.query_one(ComponentTable))
@@ -500,7 +591,10 @@ async def test_pin_then_change_shows_each_components_delta():
                                                 "Bytes per parameter"))
         change = app.result.budget.per_gpu.temporary - pinned.per_gpu.temporary
         assert change < 0 and f"−{abs(change) / 2**30:.2f}" in table
-        assert "checkpointing none→full" in str(pin.render())
+        line = str(pin.render())
+        assert "checkpointing none→full" in line
+        now = app.result.budget.device_peak_bytes
+        assert f"now: {format_gib(now)} (does not fit), {format_gib(now - pinned.device_peak_bytes, signed=True)}" in line
         await pilot.press("p")
         await pilot.pause()
         assert not app.query_one(PinSummary).display
@@ -556,6 +650,64 @@ async def test_theme_toggles_between_dark_and_light():
         assert app.theme == "textual-light" and not app.current_theme.dark
         await pilot.press("t")
         assert app.theme == "textual-dark"
+
+
+def relative_luminance(color) -> float:
+    def channel(value: int) -> float:
+        value /= 255
+        return value / 12.92 if value <= 0.03928 else ((value + 0.055) / 1.055) ** 2.4
+    return 0.2126 * channel(color.red) + 0.7152 * channel(color.green) + 0.0722 * channel(color.blue)
+
+
+def contrast(first, second) -> float:
+    light, dark = sorted((relative_luminance(first), relative_luminance(second)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def cell_ink(app, widget, x: int = 0, y: int = 0):
+    """The colour a person sees in one cell as the terminal gets it (after NO_COLOR's filter): a full block
+    shows its foreground, anything else mostly its background."""
+    from textual.color import Color
+
+    from textual.geometry import Region
+
+    strip = widget.render_lines(Region(0, y, widget.size.width, 1))[0]  # with borders, as the screen draws it
+    for line_filter in app._filters:
+        strip = line_filter.apply(list(strip), Color(0, 0, 0))
+    offset = 0
+    for segment in strip:
+        if offset + len(segment.text) > x:
+            character, style = segment.text[x - offset], segment.style
+            break
+        offset += len(segment.text)
+    color = style.color if character == "█" else style.bgcolor
+    return color.get_truecolor()
+
+
+@pytest.mark.parametrize("theme, no_color", [("textual-dark", False), ("textual-light", False),
+                                             ("textual-dark", True)])
+async def test_focus_is_visible_on_the_pickers_and_the_ladder(monkeypatch, theme, no_color):
+    """WCAG's 3:1 for a focus indicator: the focused picker's and ladder's look against their unfocused one."""
+    from textual.widgets._select import SelectCurrent
+
+    if no_color:
+        monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        await ready(pilot)
+        app.theme = theme
+        ladder = app.query_one("#ladder-list", OptionList)
+        precision, checkpointing = (app.query_one(f"#opt-{key}", Select) for key in ("precision", "checkpointing"))
+        precision.focus()
+        await pilot.pause()
+        focused = cell_ink(app, precision.query_one(SelectCurrent))
+        blurred = cell_ink(app, checkpointing.query_one(SelectCurrent))
+        ladder_blurred = cell_ink(app, ladder)
+        assert contrast(focused, blurred) >= 3, (focused, blurred)
+        ladder.focus()
+        await pilot.pause()
+        ladder_focused = cell_ink(app, ladder)
+        assert contrast(ladder_focused, ladder_blurred) >= 3, (ladder_focused, ladder_blurred)
 
 
 async def test_no_color_runs_and_keeps_segments_apart_with_glyphs(monkeypatch):
@@ -747,3 +899,129 @@ async def test_worker_answers_arriving_during_shutdown_are_dropped():
         app.post_message(LadderBuilt(result.config, result.gpu, result.ladder))
         await pilot.pause()
         assert app.fit_suggestion == (result.config, None)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["gpt2"], {"model": "gpt2", "seq_len": 1024}),
+    (["--model", "gpt2", "--gpu", "t4", "--lora-rank", "8", "--lora-targets", "c_attn"],
+     {"model": "gpt2", "gpu": "t4", "lora_rank": 8, "lora_targets": "c_attn"}),
+    ([str(presets_dir() / "models" / "qwen2.5-0.5b.json"), "--batch-size", "4"],
+     {"model": str(presets_dir() / "models" / "qwen2.5-0.5b.json"), "batch_size": 4}),
+])
+def test_memtui_with_a_model_a_file_or_estimate_flags_opens_the_planner_on_it(monkeypatch, argv, expected):
+    from textual.app import App
+
+    opened = []
+
+    def run_headless(app, **kwargs):  # App.run, without a terminal: look at the planner once it is ready, leave
+        async def look(pilot) -> None:
+            await ready(pilot)
+            shown = {key: app.query_one(f"#opt-{key}", Select if key in ("model", "gpu") else Input).value
+                     for key in expected if key in ("model", "gpu", "lora_rank", "lora_targets", "batch_size")}
+            opened.append((app.result.config, shown))
+            app.exit()
+
+        return App.run(app, headless=True, size=WIDE, auto_pilot=look)
+
+    monkeypatch.setenv("MEMTUI_NO_GPU_DETECT", "1")
+    monkeypatch.setattr(MemtuiApp, "run", run_headless)
+    assert main(argv) == 0
+    (config, shown), = opened
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert shown == {key: str(value) for key, value in expected.items() if key in shown}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lora-rank", "x"], "--lora-rank: 'x' is not a whole number"),
+    (["no-such-model"], "no-such-model"),
+    (["gpt2", "--model", "gpt2"], "give the model once"),
+])
+def test_a_bad_planner_argument_is_one_line_and_exit_2(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(MemtuiApp, "run", lambda app, **kwargs: pytest.fail("the planner opened"))
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("memtui: error:") and message in err and err.count("\n") == 1
+
+
+def test_memtui_on_a_configuration_the_estimate_refuses_opens_with_the_reason_at_its_field(monkeypatch):
+    """The issue's own example: GPT-2 has no q_proj, so the default LoRA targets are refused beside their field."""
+    from textual.app import App
+
+    notes = []
+
+    def run_headless(app, **kwargs):
+        async def look(pilot) -> None:
+            await ready(pilot)
+            notes.append((app.planner.options["model"], app.planner.options["lora_rank"], note(app, "lora_targets")))
+            app.exit()
+
+        return App.run(app, headless=True, size=WIDE, auto_pilot=look)
+
+    monkeypatch.setenv("MEMTUI_NO_GPU_DETECT", "1")
+    monkeypatch.setattr(MemtuiApp, "run", run_headless)
+    assert main(["--model", "gpt2", "--gpu", "t4", "--lora-rank", "8"]) == 0
+    (model, rank, targets_note), = notes
+    assert (model, rank) == ("gpt2", 8) and "'q_proj' is not a linear layer of gpt2" in targets_note
+
+
+async def test_keys_pressed_while_the_planner_starts_are_not_lost():
+    """The inputs mount after the first frame; keys typed before that reach them once they are there."""
+    app = make_app()
+    async with app.run_test(size=WIDE) as pilot:
+        assert not app.query("#opt-model")  # still starting
+        for key in ("tab", "tab"):
+            app.post_message(events.Key(key, None))  # what the driver does, without waiting for the app
+        await ready(pilot)
+        chain = [widget.id for widget in app.screen.focus_chain]
+        assert app.focused.id == chain[chain.index("opt-model") + 2]
+
+
+@pytest.mark.parametrize("size", [WIDE, NARROW])
+async def test_figures_up_to_a_million_gib_keep_their_columns_and_bars_their_patterns(monkeypatch, size):
+    """405B in fp32 at batch 3000 needs about 10^6 GiB: every figure stays whole, a space before it, no line
+    wider than its widget; under NO_COLOR the step chart's and the ladder's bars show what exceeds the GPU."""
+    from memtui.engine.model.specs import COMPONENT_NAMES
+    from memtui.engine.units import GiB, gib_number
+    from memtui.tui.widgets.budget import OVER_GLYPH
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app(options={"model": "llama-3.1-405b", "precision": "32-true", "gpu": "t4", "batch_size": 1})
+    async with app.run_test(size=size) as pilot:
+        await ready(pilot)
+        await pilot.press("p")
+        await type_into(pilot, "batch_size", "3000")
+        budget, pinned = app.result.budget, app.planner.pinned.budget
+        assert budget.device_peak_bytes > 900_000 * GiB and not app.result.stale
+
+        table = app.query_one(ComponentTable)
+        lines = rendered(table).splitlines()
+        assert all(len(line) <= table.content_region.width for line in lines)
+        now, then = budget.per_gpu.model_dump(), pinned.per_gpu.model_dump()
+        for index, name in enumerate(COMPONENT_NAMES, start=1):
+            tokens = lines[index].split()
+            assert gib_number(now[name]) in tokens and gib_number(now[name] - then[name], signed=True) in tokens
+        peak_tokens = lines[len(COMPONENT_NAMES) + 2].split()
+        assert gib_number(budget.device_peak_bytes) in peak_tokens
+        assert gib_number(budget.device_peak_bytes - pinned.device_peak_bytes, signed=True) in peak_tokens
+
+        chart = app.query_one(TimelineChart)
+        chart_lines = rendered(chart).splitlines()[1:]
+        assert all(len(line) <= chart.content_region.width for line in chart_lines)
+        for point, line in zip(budget.timeline, chart_lines):
+            assert gib_number(point.bytes) in line.split()
+        assert chart_lines[[p.phase for p in budget.timeline].index(budget.peak_phase)].endswith("◀")
+        assert any(OVER_GLYPH in line for line in chart_lines)
+
+        legend = " ".join(rendered(app.query_one(MemoryBar)).splitlines()[2:]).split()
+        assert all(gib_number(now[name], 1) in legend for name in COMPONENT_NAMES)
+
+        view = app.query_one(LadderView)
+        rows = [str(option.prompt) for option in view.option_list.options]
+        assert all(len(row.rstrip()) <= view.option_list.content_region.width for row in rows)
+        for step, row in zip(app.result.ladder.steps, rows):
+            assert gib_number(step.budget.device_peak_bytes, 1) in row.split()
+        if size == WIDE:  # the ladder's bars show from 70 cells up
+            assert all(OVER_GLYPH in row for row in rows)

@@ -9,29 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-from textual import on, work
-from textual.app import App, ComposeResult
+from textual import events, on, work
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.lazy import Lazy
 from textual.message import Message
+from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import ContentSwitcher, Footer, Header, OptionList
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from memtui.engine.errors import InputError
 from memtui.engine.model.options import label
+from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.telemetry.local_gpu import LocalGpu, detect_local_gpu
-from memtui.tui.commands import HubCacheCommands, PresetCommands
-from memtui.tui.explain import EXPLAINERS, LADDER_INTRO, OVERVIEW
+from memtui.engine.units import format_gib
 from memtui.tui.live import LivePanel
 from memtui.tui.option_specs import OPTION_SPECS
 from memtui.tui.planner import Planner, PlanResult
@@ -42,6 +44,7 @@ from memtui.tui.widgets.memory_bar import MemoryBar
 from memtui.tui.widgets.options_panel import OptionsPanel
 from memtui.tui.widgets.text import Text
 
+QUIT_KEYS = ("ctrl+c", "ctrl+q")  # work even before the inputs exist
 FIT_SEARCH_DELAY = 0.2  # seconds without edits before the "to fit" search starts
 ORPHAN_CHECK_INTERVAL = 1.0  # seconds between checks, when served, that `memtui serve` is still the parent
 DARK_THEME = "textual-dark"
@@ -82,6 +85,20 @@ class HubConfigFetched(Message):
     error: InputError | None
 
 
+def preset_commands_provider():
+    """The palette's presets, loaded when the palette first opens (Textual accepts a callable here)."""
+    from memtui.tui.commands import PresetCommands
+
+    return PresetCommands
+
+
+def hub_cache_commands_provider():
+    """The palette's models from the Hugging Face cache, loaded when the palette first opens."""
+    from memtui.tui.commands import HubCacheCommands
+
+    return HubCacheCommands
+
+
 def error_text(error: InputError) -> str:
     return error.reason(label)  # options named as the screen names them
 
@@ -92,7 +109,7 @@ class MemtuiApp(App[None]):
     TITLE = "memtui"
     SUB_TITLE = "GPU memory planner"
     CSS_PATH = "app.tcss"
-    COMMANDS = App.COMMANDS | {PresetCommands, HubCacheCommands}
+    COMMANDS = App.COMMANDS | {preset_commands_provider, hub_cache_commands_provider}
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE_FROM, "-wide")]
     BINDINGS = [
         Binding("question_mark", "explain", "Explain",
@@ -127,6 +144,8 @@ class MemtuiApp(App[None]):
         self._fit_timer: Timer | None = None
         self._ladder_changed_key: str | None = None  # the edit the ladder being built should highlight
         self._parent_pid = os.getppid()  # served: `memtui serve`; another parent later means it is gone
+        self._ladder_building: tuple[Any, Any] | None = None  # (config, gpu) of the ladder worker's current job
+        self._early_keys: list[events.Key] | None = []  # keys pressed before the inputs exist; None once they do
 
     # ---- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -135,7 +154,10 @@ class MemtuiApp(App[None]):
         yield Header()
         with Horizontal(id="main"):
             # The inputs (many widgets) mount just after the first frame, so the budget shows at once.
-            yield Lazy(OptionsPanel(self.planner, presets.models(), presets.gpus(), id="options"))
+            panel = OptionsPanel(self.planner, presets.models(), presets.gpus(), id="options")
+            if self.planner.options["model"] not in panel.models:  # opened on a config.json: the picker offers it
+                panel.custom_models.append(self.planner.options["model"])
+            yield Lazy(panel)
             with ContentSwitcher(id="right", initial="plan"):
                 with Vertical(id="plan"):
                     with Vertical(id="glance"):
@@ -156,8 +178,10 @@ class MemtuiApp(App[None]):
 
     def on_mount(self) -> None:
         self.refresh_plan()
+        # Threads started now would take the interpreter from the first frame: they start once it is drawn.
         if self.gpu_detector is not None:
-            self.detect_gpu()
+            self.call_after_refresh(self.detect_gpu)
+        self.call_after_refresh(gc.enable)  # off while starting (cli.open_planner): imports make no cycles
         if not self.is_headless:
             self._end_with_the_session()
 
@@ -177,6 +201,13 @@ class MemtuiApp(App[None]):
         if os.getppid() != self._parent_pid:
             self.exit(return_code=128 + signal.SIGHUP)
 
+    async def on_event(self, event: events.Event) -> None:
+        """Keys typed while the planner starts wait for the inputs (replayed by options_ready), not lost."""
+        if isinstance(event, events.Key) and self._early_keys is not None and event.key not in QUIT_KEYS:
+            self._early_keys.append(event)
+            return
+        await super().on_event(event)
+
     @property
     def options_panel(self) -> OptionsPanel | None:
         """The inputs, or None in the moment before the lazy panel has mounted."""
@@ -185,8 +216,23 @@ class MemtuiApp(App[None]):
 
     @on(OptionsPanel.Ready)
     def options_ready(self) -> None:
+        if not self.query("#opt-model"):
+            return  # the app is shutting down
+        early_keys, self._early_keys = self._early_keys or [], None
+        self._sync_inputs()  # what changed while they mounted (a palette pick, the local GPU)
         self._show_field_errors()
         self.query_one("#opt-model").focus()
+        for key in early_keys:
+            self.post_message(events.Key(key.key, key.character))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The palette: Textual's own commands (its theme picker replaced by `t`'s switch) and the app's actions."""
+        from memtui.tui.commands import REPLACED_SYSTEM_COMMANDS, action_commands
+
+        for command in super().get_system_commands(screen):
+            if command.title not in REPLACED_SYSTEM_COMMANDS:
+                yield command
+        yield from action_commands(self)
 
     def show_panel(self, panel_id: str) -> None:
         """Switch the right-hand side: "plan" (the budget) or "live-panel"."""
@@ -210,7 +256,7 @@ class MemtuiApp(App[None]):
         if select:
             count = f" ({local.device_count} GPUs here; set the GPU count to plan for all)" if local.device_count > 1 else ""
             self.notify(f"Planning for this machine's {local.nvml_name}, "
-                        f"{local.memory_total / 2**30:.2f} GiB as NVML reports it{count}.", title="GPU found",
+                        f"{format_gib(local.memory_total)} as NVML reports it{count}.", title="GPU found",
                         markup=False)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
@@ -308,7 +354,7 @@ class MemtuiApp(App[None]):
     # ---- drawing -----------------------------------------------------------------
     def _sync_inputs(self) -> None:
         panel = self.options_panel
-        if panel is not None:
+        if panel is not None and self._early_keys is None:  # not before they are all mounted (options_ready)
             panel.sync()
 
     def _show_field_errors(self) -> None:
@@ -352,18 +398,25 @@ class MemtuiApp(App[None]):
 
     # ---- the savings ladder ------------------------------------------------------------
     def _show_ladder(self, result: PlanResult, changed_key: str | None) -> None:
-        """Draw the ladder if it is known; else keep the one shown, dimmed, and build the new one aside."""
+        """Draw the ladder of the configuration the budget shows (the last valid one while an input is refused).
+
+        A ladder not built before comes from a worker; until it arrives the one shown is marked as not
+        being the budget's, so the two never silently disagree.
+        """
         view = self.query_one(LadderView)
         if result.ladder is not None:
-            view.set_class(False, "-pending")
-            view.show(result.ladder, changed_key=changed_key)
+            self._ladder_building = None
+            view.show(result.ladder, changed_key=changed_key, stale=result.stale)
             return
-        if result.stale or result.config is None or result.gpu is None:
+        if result.config is None or result.gpu is None:
             return
-        view.set_class(True, "-pending")
+        view.mark_pending(stale=result.stale)
         if changed_key is not None:
             self._ladder_changed_key = changed_key
-        self.build_ladder(result.config, result.model, result.gpu)
+        if self._ladder_building != (result.config, result.gpu):  # that one is on its way already
+            self._ladder_building = (result.config, result.gpu)
+            # After the budget is drawn: the worker thread would otherwise delay that frame.
+            self.call_after_refresh(self.build_ladder, result.config, result.model, result.gpu)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="ladder")
     def build_ladder(self, config: Any, model: Any, gpu: Any) -> None:
@@ -377,25 +430,26 @@ class MemtuiApp(App[None]):
         self.post_message(LadderBuilt(config, gpu, ladder))
 
     def on_ladder_built(self, message: LadderBuilt) -> None:
+        if self._ladder_building == (message.config, message.gpu):
+            self._ladder_building = None
         if message.ladder is None:
             return
         self.planner.remember_ladder(message.config, message.gpu, message.ladder)
         result = self.result
-        if result is None or result.stale or result.config != message.config or result.gpu != message.gpu:
+        if result is None or result.config != message.config or result.gpu != message.gpu:
             return  # the options changed again; their own ladder is on its way
         self.result = replace(result, ladder=message.ladder)
         views = self.query(LadderView)
         if not views:
             return  # the app is shutting down
-        view = views.first()
-        view.set_class(False, "-pending")
-        view.show(message.ladder, changed_key=self._ladder_changed_key)
+        views.first().show(message.ladder, changed_key=self._ladder_changed_key, stale=result.stale)
         self._ladder_changed_key = None
 
     # ---- actions -----------------------------------------------------------------
     @on(OptionList.OptionSelected, "#ladder-list")
     def explain_ladder_step(self) -> None:
         """Enter or a click on a ladder step (or ? while the ladder has focus): why that step helped."""
+        from memtui.tui.explain import EXPLAINERS, LADDER_INTRO
         from memtui.tui.screens.explain_screen import ExplainScreen
 
         step = self.query_one(LadderView).highlighted_step()
@@ -406,6 +460,7 @@ class MemtuiApp(App[None]):
             self.push_screen(ExplainScreen(LADDER_INTRO))
 
     def action_explain(self) -> None:
+        from memtui.tui.explain import EXPLAINERS, OVERVIEW
         from memtui.tui.screens.explain_screen import ExplainScreen  # Markdown is only needed once asked
 
         focused = self.focused
@@ -567,8 +622,10 @@ class MemtuiApp(App[None]):
         return True
 
 
-def run_app() -> int:
-    """`memtui` with no arguments."""
-    app = MemtuiApp(gpu_detector=None if os.environ.get("MEMTUI_NO_GPU_DETECT") else detect_local_gpu)
+def run_app(config: TrainingConfig | None = None, *, gpu_chosen: bool = False) -> int:
+    """`memtui`, with no arguments or on a configuration; `gpu_chosen`: keep its GPU over the one found here."""
+    app = MemtuiApp(gpu_detector=None if os.environ.get("MEMTUI_NO_GPU_DETECT") else detect_local_gpu,
+                    options=config.model_dump() if config is not None else None)
+    app._gpu_chosen_by_user = gpu_chosen
     app.run()
     return app.return_code or 0

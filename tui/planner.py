@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.errors import InputError
 from memtui.engine.model.options import OPTIONS
-from memtui.engine.planning.ladder import SavingsLadder, savings_ladder
 from memtui.engine.telemetry.local_gpu import LocalGpu
 from memtui.engine.model.specs import Budget, GpuSpec, Recipe, TrainingConfig
+
+if TYPE_CHECKING:  # the ladder module loads with the first ladder, after the first frame
+    from memtui.engine.planning.ladder import SavingsLadder
 
 LOCAL_GPU = "@local"  # the GPU picker's value for "the GPU in this machine"
 
@@ -185,6 +187,8 @@ class Planner:
 
     def build_ladder(self, config: TrainingConfig, model: ModelSpec | None, gpu: GpuSpec) -> SavingsLadder:
         """Build (one estimate per rung: up to a few hundred ms with the step simulator) and remember."""
+        from memtui.engine.planning.ladder import savings_ladder
+
         ladder = savings_ladder(config, model=model, gpu=gpu)
         self.remember_ladder(config, gpu, ladder)
         return ladder

@@ -16,7 +16,7 @@ from pathlib import Path
 from memtui.engine.errors import InputError
 from memtui.engine.planning.ladder import SavingsLadder
 from memtui.engine.model.specs import COMPONENT_LABELS, COMPONENT_NAMES, Budget
-from memtui.engine.units import GiB, format_count, format_gib
+from memtui.engine.units import format_count, format_gib, gib_number
 
 EXPORT_DIR_ENV = "MEMTUI_EXPORT_DIR"
 DEFAULT_EXPORT_DIR = "memtui-exports"
@@ -41,10 +41,6 @@ def export_dir() -> Path:
 def budget_json(budget: Budget) -> str:
     """The `memtui estimate --json` text for this budget (with its trailing newline, as print adds)."""
     return json.dumps(budget.model_dump(mode="json"), indent=2) + "\n"
-
-
-def _gib(n_bytes: int) -> str:
-    return f"{n_bytes / GiB:,.2f}"
 
 
 def _slug(text: str) -> str:
@@ -83,10 +79,10 @@ def budget_markdown(budget: Budget, *, ladder: SavingsLadder | None = None, titl
     components = budget.per_gpu.model_dump()
     for name in COMPONENT_NAMES:
         value = components[name]
-        lines.append(f"| {COMPONENT_LABELS[name]} | {_gib(value)} | {100 * value / total:.1f} |")
-    lines.append(f"| **Device peak** | **{_gib(budget.device_peak_bytes)}** | 100.0 |")
+        lines.append(f"| {COMPONENT_LABELS[name]} | {gib_number(value)} | {100 * value / total:.1f} |")
+    lines.append(f"| **Device peak** | **{gib_number(budget.device_peak_bytes)}** | 100.0 |")
     lines += ["", "## Step timeline", "", "| phase | GiB |", "| --- | ---: |"]
-    lines += [f"| {point.phase} | {_gib(point.bytes)} |" for point in budget.timeline]
+    lines += [f"| {point.phase} | {gib_number(point.bytes)} |" for point in budget.timeline]
     if ladder is not None:
         lines += [
             "",
@@ -98,9 +94,9 @@ def budget_markdown(budget: Budget, *, ladder: SavingsLadder | None = None, titl
             "| --- | ---: | ---: | ---: | :---: |",
         ]
         for step in ladder.steps:
-            removed = "" if step.is_baseline else _gib(step.removed_total)
+            removed = "" if step.is_baseline else gib_number(step.removed_total)
             lines.append(
-                f"| {step.label} | {removed} | {_gib(step.budget.device_peak_bytes)} | "
+                f"| {step.label} | {removed} | {gib_number(step.budget.device_peak_bytes)} | "
                 f"{step.budget.bytes_per_param:.2f} | {'yes' if step.budget.fits else 'no'} |"
             )
     if budget.notes:

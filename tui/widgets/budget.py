@@ -11,7 +11,7 @@ from textual.widget import Widget
 
 from memtui.engine.model.options import label
 from memtui.engine.model.specs import COMPONENT_NAMES, Budget
-from memtui.engine.units import GiB, format_count
+from memtui.engine.units import format_count, format_gib, gib_number
 from memtui.tui.planner import PlanResult, config_differences
 from memtui.tui.widgets.component_styles import COMPONENT_LABELS, swatch
 from memtui.tui.widgets.text import Text
@@ -20,22 +20,33 @@ if TYPE_CHECKING:
     from memtui.engine.planning.fit import Suggestion
 
 
-def gib(n_bytes: float, digits: int = 2) -> str:
-    return f"{n_bytes / GiB:,.{digits}f}"
+def column_width(texts: list[str], least: int) -> int:
+    """Cells for a right-aligned column of figures: the widest and a space before it, at least `least`."""
+    return max(least, max(map(len, texts), default=0) + 1)
 
 
-def table_gib(n_bytes: float) -> str:
-    """Two decimals, one from 1000 GiB up, so a column stays 7 cells wide for any model we ship."""
-    value = n_bytes / GiB
-    return f"{value:.2f}" if abs(value) < 1000 else f"{value:.1f}"
+OVER_GLYPH = "▒"  # the part of a bar beyond the GPU's capacity, under NO_COLOR (where red is not seen)
 
 
-def signed_gib(n_bytes: float, digits: int = 2) -> str:
-    """'+1.25' / '−3.50' (a real minus sign reads better in tables); '0.00' for no change."""
-    value = n_bytes / GiB
-    if round(value, digits) == 0:
-        return f"{0:.{digits}f}"
-    return f"{'+' if value > 0 else '−'}{abs(value):,.{digits}f}"
+def capacity_bar(value: int, capacity: int, largest: int, width: int, no_color: bool, *, free: str, line: str,
+                 line_style: str = "$text-muted") -> list[tuple[str, str]]:
+    """A one-quantity bar against the GPU's capacity (a line at its column); what lies beyond it is red, or
+    patterned under NO_COLOR. `largest` is the biggest value among the bars it is drawn beside."""
+    if width <= 0:
+        return []
+    scale = max(capacity, largest, 1)
+    filled = min(round(value / scale * width), width)
+    capacity_column = min(max(round(capacity / scale * width) - 1, 0), width - 1)
+    over_glyph = OVER_GLYPH if no_color else "█"
+    cells = [("█", "$primary") if column <= capacity_column else (over_glyph, "$error")
+             for column in range(filled)]
+    cells += [(free, "$foreground-darken-3")] * (width - filled)
+    cells[capacity_column] = (line, "bold $error" if value > capacity else line_style)
+    return cells
+
+
+def fit_words(budget: Budget) -> str:
+    return "fits" if budget.fits else "does not fit"
 
 
 class VerdictBanner(Widget):
@@ -65,11 +76,11 @@ class VerdictBanner(Widget):
         share = 100 * budget.device_peak_bytes / capacity
         prefix = "STALE " if result.stale else ""
         if budget.fits:
-            label, short = "✔ FITS", f"  headroom {gib(budget.headroom_bytes)} GiB"
-            detail = f"  {gib(budget.device_peak_bytes)} of {gib(capacity)} GiB ({share:.0f}%) ·" + short[1:]
+            label, short = "✔ FITS", f"  headroom {gib_number(budget.headroom_bytes)} GiB"
+            detail = f"  {gib_number(budget.device_peak_bytes)} of {gib_number(capacity)} GiB ({share:.0f}%) ·" + short[1:]
         else:
-            label, short = "✘ DOES NOT FIT", f"  over by {gib(-budget.headroom_bytes)} GiB"
-            detail = f"  needs {gib(budget.device_peak_bytes)} of {gib(capacity)} GiB ·" + short[1:]
+            label, short = "✘ DOES NOT FIT", f"  over by {gib_number(-budget.headroom_bytes)} GiB"
+            detail = f"  needs {gib_number(budget.device_peak_bytes)} of {gib_number(capacity)} GiB ·" + short[1:]
         # One line always: the long form where it fits, else the headroom alone (the bar shows the rest).
         width = self.content_region.width
         text = detail if len(prefix + label + detail) <= width else short
@@ -132,8 +143,17 @@ class ComponentTable(Widget):
         pinned = self.pinned.budget if self.pinned is not None else None
         no_color = self.app.no_color
         width = max(self.content_region.width, 30)
-        number_width, percent_width = 8, 6
-        delta_width = 9 if pinned is not None else 0
+        # Figures keep a space before them however wide they grow (up to "−1,000,000"); the names give way.
+        number_width = column_width([gib_number(value) for value in budget.per_gpu.model_dump().values()]
+                                    + [gib_number(budget.device_peak_bytes)], 8)
+        percent_width = 6
+        delta_width = 0
+        if pinned is not None:
+            changes = [now - then for now, then in zip(budget.per_gpu.model_dump().values(),
+                                                       pinned.per_gpu.model_dump().values())]
+            changes += [budget.device_peak_bytes - pinned.device_peak_bytes,
+                        budget.tensor_peak_bytes - pinned.tensor_peak_bytes]
+            delta_width = column_width([gib_number(change, signed=True) for change in changes], 9)
         name_width = max(width - 2 - number_width - percent_width - delta_width, 10)
         total = max(budget.device_peak_bytes, 1)
         components = budget.per_gpu.model_dump()
@@ -153,7 +173,7 @@ class ComponentTable(Widget):
         def delta_cell(now: int, then: int) -> Content:
             change = now - then
             style = "$text-success" if change < 0 else "$text-error" if change > 0 else "$text-muted"
-            return Content.styled(signed_gib(change, 2 if abs(change) < 1000 * GiB else 1), style)
+            return Content.styled(gib_number(change, signed=True), style)
 
         heading = f"At the {budget.peak_phase} peak"
         lines = [
@@ -164,18 +184,18 @@ class ComponentTable(Widget):
             value = components[name]
             label = Content.assemble(swatch(name, no_color), " ", COMPONENT_LABELS[name][:name_width].ljust(name_width))
             lines.append(
-                row(label, table_gib(value), f"{100 * value / total:.1f}",
+                row(label, gib_number(value), f"{100 * value / total:.1f}",
                     delta_cell(value, before[name]) if pinned is not None else "")
             )
         lines.append(Content.styled("─" * width, "$foreground-darken-3"))
         peak_label = "Device peak (NVML)"[: name_width + 2].ljust(name_width + 2)
         lines.append(
-            row(Content.styled(peak_label, "bold"), table_gib(budget.device_peak_bytes), "100.0",
+            row(Content.styled(peak_label, "bold"), gib_number(budget.device_peak_bytes), "100.0",
                 delta_cell(budget.device_peak_bytes, pinned.device_peak_bytes) if pinned is not None else "")
         )
         tensor_label = "Tensor peak (PyTorch)"[: name_width + 2].ljust(name_width + 2)
         lines.append(
-            row(tensor_label, table_gib(budget.tensor_peak_bytes), f"{100 * budget.tensor_peak_bytes / total:.1f}",
+            row(tensor_label, gib_number(budget.tensor_peak_bytes), f"{100 * budget.tensor_peak_bytes / total:.1f}",
                 delta_cell(budget.tensor_peak_bytes, pinned.tensor_peak_bytes) if pinned is not None else "")
         )
         states_label = "Bytes per parameter"[: name_width + 2].ljust(name_width + 2)
@@ -201,29 +221,26 @@ class TimelineChart(Widget):
         budget = self.budget
         if budget is None:
             return Content("")
-        width = max(self.content_region.width, 24)
+        width = max(self.content_region.width, 1)
         label_width = 10
-        value_width = 7
+        value_width = column_width([gib_number(point.bytes) for point in budget.timeline], 7)
         marker_width = 2  # " ◀" on the peak
-        bar_width = max(width - label_width - value_width - marker_width, 4)
+        bar_width = width - label_width - value_width - marker_width
+        if bar_width < 3:  # too narrow for a bar: the figures alone, never a wrapped line
+            bar_width = 0
         capacity = budget.gpu.memory_bytes
-        scale = max(capacity, *(point.bytes for point in budget.timeline))
-        capacity_column = min(max(round(capacity / scale * bar_width) - 1, 0), bar_width - 1)
         peak_value = max(point.bytes for point in budget.timeline)
         lines = [Content.styled("Through one step, GiB", "bold").truncate(width)]
         for point in budget.timeline:
-            filled = round(point.bytes / scale * bar_width)
-            cells: list[tuple[str, str]] = [("█", "$primary")] * filled + [(" ", "")] * (bar_width - filled)
-            under = cells[capacity_column][0] == "█"
-            cells[capacity_column] = ("┊", "bold $error" if under and point.bytes > capacity else "$text-muted")
             is_peak = point.bytes == peak_value and point.phase == budget.peak_phase
             lines.append(
                 Content.assemble(
                     point.phase[:label_width].ljust(label_width),
-                    *cells,
-                    table_gib(point.bytes).rjust(value_width),
+                    *capacity_bar(point.bytes, capacity, peak_value, bar_width, self.app.no_color, free=" ",
+                                  line="┊"),
+                    gib_number(point.bytes).rjust(value_width),
                     (" ◀" if is_peak else "", "bold $text-warning"),
-                )
+                ).truncate(width)
             )
         return Content("\n").join(lines)
 
@@ -238,11 +255,13 @@ class PinSummary(Text):
         then, now = pinned.budget, result.budget
         change = now.device_peak_bytes - then.device_peak_bytes
         style = "$text-success" if change < 0 else "$text-error" if change > 0 else "$text-muted"
-        verdict = "fits" if then.fits else "does not fit"
+        # Both values, then the change: a bare delta after "now" read as the current peak.
         parts: list[Content | str | tuple[str, str]] = [
             ("Pinned: ", "bold"),
-            f"{gib(then.device_peak_bytes)} GiB ({verdict}) → now ",
-            (f"{signed_gib(change)} GiB", f"bold {style}"),
+            f"{format_gib(then.device_peak_bytes)} ({fit_words(then)}) → ",
+            ("now: ", "bold"),
+            f"{format_gib(now.device_peak_bytes)} ({fit_words(now)}), ",
+            (f"{format_gib(change, signed=True)}", f"bold {style}"),
         ]
         if pinned.config is not None and result.config is not None:
             differences = config_differences(pinned.config, result.config)
@@ -276,7 +295,7 @@ class FitHint(Text):
             Content.assemble(
                 ("To fit: ", "bold"),
                 plan.summary,
-                f" → {gib(plan.budget.device_peak_bytes)} GiB",
+                f" → {gib_number(plan.budget.device_peak_bytes)} GiB",
                 ("  f applies", "bold $text-accent"),
             )
         )

@@ -7,7 +7,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from memtui.engine.model.specs import COMPONENT_NAMES, Budget
-from memtui.engine.units import GiB
+from memtui.engine.units import format_gib, gib_number
 from memtui.tui.widgets.component_styles import COMPONENT_STYLES, SHORT_LABELS, glyph, swatch
 
 
@@ -31,19 +31,36 @@ class MemoryBar(Widget):
     MemoryBar { height: 4; }
     """
 
-    # The height follows the width (legend columns), not the numbers: redraws need no layout pass.
+    # The height follows the legend's columns: set only when they change, so most redraws need no layout pass.
     budget: reactive[Budget | None] = reactive(None)
 
     @staticmethod
-    def legend_columns(width: int) -> int:
-        return max(1, min(3, width // 20))
+    def legend_texts(budget: Budget) -> list[str]:
+        """Each component's legend entry after its swatch: 'weights 15.0'."""
+        components = budget.per_gpu.model_dump()
+        return [f" {SHORT_LABELS[name]} {gib_number(components[name], 1)}" for name in COMPONENT_NAMES]
 
-    def on_resize(self) -> None:
+    @staticmethod
+    def legend_columns(width: int, longest: int = 0) -> int:
+        """Up to three columns of at least 20 cells, each wide enough for its longest entry (never cut)."""
+        return max(1, min(3, width // max(20, longest + 2)))  # + the swatch and a space between columns
+
+    def _columns(self, width: int) -> int:
+        longest = max(map(len, self.legend_texts(self.budget))) if self.budget is not None else 0
+        return self.legend_columns(width, longest)
+
+    def _fit_height(self) -> None:
         width = self.content_region.width
         if width:
-            height = 2 + -(-len(COMPONENT_NAMES) // self.legend_columns(width))
+            height = 2 + -(-len(COMPONENT_NAMES) // self._columns(width))
             if self.styles.height is None or self.styles.height.value != height:
                 self.styles.height = height
+
+    def on_resize(self) -> None:
+        self._fit_height()
+
+    def watch_budget(self) -> None:
+        self._fit_height()
 
     def render(self) -> Content:
         budget = self.budget
@@ -61,7 +78,7 @@ class MemoryBar(Widget):
 
         # Line 1: where the card ends.
         over = peak > capacity
-        marker_text = f"GPU {capacity / GiB:,.2f} GiB ▼"
+        marker_text = f"GPU {format_gib(capacity)} ▼"
         start = max(capacity_column - len(marker_text) + 1, 0)
         marker_style = "bold $error" if over else "bold $text"
         top = Content.assemble(" " * start, (marker_text, marker_style))
@@ -80,12 +97,11 @@ class MemoryBar(Widget):
         bar = Content.assemble(*bar_cells)
 
         # Then the legend, GiB per component, in columns; the column count depends on the width only.
-        columns = self.legend_columns(width)
+        columns = self._columns(width)
         column_width = width // columns
         entries = [
-            Content.assemble(swatch(name, no_color), f" {SHORT_LABELS[name]} {components[name] / GiB:,.1f}")
-            .truncate(column_width - 1, pad=True)
-            for name in COMPONENT_NAMES
+            Content.assemble(swatch(name, no_color), text).truncate(column_width - 1, pad=True)
+            for name, text in zip(COMPONENT_NAMES, self.legend_texts(budget))
         ]
         legend_lines = [
             Content.assemble(*entries[start : start + columns]) for start in range(0, len(entries), columns)
