@@ -168,6 +168,13 @@ class WorkerProcess:
         self._seen.update(process.pid for process in found)
         return found
 
+    def interrupt(self) -> None:
+        """SIGTERM to the run and return at once: the worker sends its cancelled summary and exits."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.cancelled = True
+        self._signal(signal.SIGTERM, self.descendants())
+
     def cancel(self, grace: float = CANCEL_GRACE_S) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds; returns once nothing of the run is left."""
         if self.process is None:
