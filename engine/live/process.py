@@ -62,24 +62,10 @@ def preflight(config: TrainingConfig, options: LiveOptions) -> Preflight:
             # NVML cannot describe the GPU (WSL, MIG, no driver?): the worker checks with torch.
             return Preflight(device_kind="cuda", ranks=config.dp, plan=None, device=None, note=note)
         raise InputError("--device", note)
-    count = _cuda_count() if device.kind == "cuda" else None
-    plan = make_plan(config, options, device, device_count=count)
+    plan = make_plan(config, options, device, device_count=device.device_count if device.kind == "cuda" else None)
     if plan.refusal:
         raise LiveRefused(plan.refusal)
     return Preflight(device_kind=device.kind, ranks=plan.ranks, plan=plan, device=device, note=note)
-
-
-def _cuda_count() -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return None
 
 
 def worker_command(config: TrainingConfig, options: LiveOptions, device_kind: str, ranks: int) -> list[str]:
