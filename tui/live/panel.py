@@ -11,6 +11,7 @@ so a recorded stream replays through the same code.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ ROWS = (
     ("device", "Device peak"),
 )
 STATES = ("idle", "starting", "running", "stopping", "done", "oom", "cancelled", "refused", "error")
+# The stream comes at 20+ messages a second; the views are redrawn at most this often, so that a key
+# pressed during a run is answered first (the data is never dropped, only the redraws are fewer).
+REFRESH_INTERVAL_S = 0.1
 
 
 def gib(n_bytes: int | None) -> str:
@@ -68,6 +72,9 @@ class LivePanel(Vertical):
         self.step = 0
         self.steps = 0
         self.border_title = "Live run"
+        self._last_refresh = 0.0
+        self._refresh_timer: Any = None
+        self._cells: dict[tuple[str, str], str] = {}  # what the table shows, so unchanged cells are not redrawn
 
     def compose(self) -> ComposeResult:
         yield Static("Press r to train a scaled-down copy of this configuration and measure it (R sets the "
@@ -132,6 +139,18 @@ class LivePanel(Vertical):
         event.stop()
         for message in self.controller.take():
             self.ingest(message, refresh=False)
+        self._refresh_soon()
+
+    def _refresh_soon(self) -> None:
+        """Redraw now if the last redraw is REFRESH_INTERVAL_S old, else once that much time has passed."""
+        wait = self._last_refresh + REFRESH_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self.refresh_views()
+        elif self._refresh_timer is None:
+            self._refresh_timer = self.set_timer(wait, self._timed_refresh)
+
+    def _timed_refresh(self) -> None:
+        self._refresh_timer = None
         self.refresh_views()
 
     def on_live_run_ended(self, event: LiveRunEnded) -> None:
@@ -240,6 +259,7 @@ class LivePanel(Vertical):
         self.query_one("#live-result", Static).update(text + notices)
 
     def refresh_views(self) -> None:
+        self._last_refresh = time.monotonic()
         self._refresh_chart()
         self._refresh_progress()
         self._refresh_table()
@@ -290,15 +310,20 @@ class LivePanel(Vertical):
         for key, _label in ROWS[1:-1]:
             rows[key] = (components.get(key), measured_components.get(key))
         for key, (expected, seen) in rows.items():
-            table.update_cell(key, "predicted", gib(expected) if expected is not None else "", update_width=True)
-            table.update_cell(key, "measured", gib(seen) + partial if seen is not None else "", update_width=True)
+            self._set_cell(table, key, "predicted", gib(expected) if expected is not None else "")
+            self._set_cell(table, key, "measured", gib(seen) + partial if seen is not None else "")
             if complete:
                 shown = error_pct(expected, seen) if seen and seen >= 1 << 20 else None  # tiny parts: % is noise
                 error = percent(shown) if shown is not None else ""
             else:
                 error = "partial" if seen is not None and expected is not None else ""
-            table.update_cell(key, "error", error, update_width=True)
-        table.update_cell("device", "what", f"Device peak ({device_label})", update_width=True)
+            self._set_cell(table, key, "error", error)
+        self._set_cell(table, "device", "what", f"Device peak ({device_label})")
+
+    def _set_cell(self, table: DataTable, row: str, column: str, text: str) -> None:
+        if self._cells.get((row, column)) != text:
+            self._cells[(row, column)] = text
+            table.update_cell(row, column, text, update_width=True)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _status(self, text: str) -> None:
