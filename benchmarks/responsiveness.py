@@ -1,11 +1,12 @@
 """Key-to-screen latency of the app while a CPU live run trains beside it.
 
-    uv run python benchmarks/responsiveness.py [--keys 150] [--model qwen2.5-0.5b] [--nice N]
+    uv run python benchmarks/responsiveness.py [--keys 150] [--pause 0.1] [--nice N]
 
 Runs the app headless at 120x40 (Textual's run_test), types digits into the
 Seq length field and times each from the key event to the first screen refresh
-that shows it: first with nothing running, then while a live run of the model
-(automatic size, as `r` starts it, with many steps so it trains throughout)
+that shows it: first with nothing running, then while a live run of the
+app's first model (automatic size, as `r` starts it, with many steps so it
+trains throughout)
 uses the CPU. Prints p50 / p95 / max per phase. --nice sets MEMTUI_WORKER_NICE
 (the worker's niceness increment, default 10; 0 runs it at the app's priority)
 to compare. The target from issue 10: p95 <= 100 ms on 2 cores. Headless, so
@@ -51,6 +52,14 @@ async def key_to_screen(app, box, key: str, character: str | None, timeout: floa
     return await asyncio.wait_for(shown, timeout) - began
 
 
+async def focus_at_end(pilot, box) -> None:
+    """Focus the field with the cursor after its value (focus selects it all: a digit would replace it)."""
+    box.focus()
+    await pilot.pause(0.2)
+    box.action_end()
+    await pilot.pause(0.1)
+
+
 async def type_digits(app, pilot, box, keys: int, pause: float) -> list[float]:
     """Alternate a digit and backspace at the end of the field (the value stays valid), timing each."""
     latencies = []
@@ -73,14 +82,14 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
     async with app.run_test(size=(120, 40)) as pilot:
         while app.result is None or not app.query(FIELD):
             await pilot.pause(0.1)
-        app.apply_preset("model", args.model)
         await pilot.pause(0.5)
         box = app.query_one(FIELD)
-        box.focus()
-        box.action_end()
-        await pilot.pause(0.2)
+        await focus_at_end(pilot, box)
         results["idle"] = await type_digits(app, pilot, box, args.keys, args.pause)
+        print(f"idle: {len(results['idle'])} keys timed; starting a live run", file=sys.stderr, flush=True)
 
+        while app.result is None or app.result.stale:  # the last key's estimate, before `r` takes the config
+            await pilot.pause(0.1)
         panel = app.query_one(LivePanel)
         panel.options = LiveOptions(device="cpu", steps=100_000, if_unsupported="skip")
         app.action_live_run()
@@ -89,8 +98,8 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
             if not panel.running or time.monotonic() - began > 180:
                 raise RuntimeError(f"the live run did not start training: {panel.state}")
             await pilot.pause(0.2)
-        box.focus()
-        box.action_end()
+        print(f"training (step {panel.step}); timing keys", file=sys.stderr, flush=True)
+        await focus_at_end(pilot, box)
         results["during a CPU run"] = await type_digits(app, pilot, box, args.keys, args.pause)
         results["steps trained"] = [float(panel.step)]
         panel.stop_run()
@@ -103,7 +112,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=150, help="keys per phase (default 150)")
     parser.add_argument("--pause", type=float, default=0.1, help="seconds between keys (default 0.1)")
-    parser.add_argument("--model", default="qwen2.5-0.5b", help="the model the live run scales down")
     parser.add_argument("--nice", type=int, help="MEMTUI_WORKER_NICE for the worker (default: memtui's, 10)")
     args = parser.parse_args()
     os.environ.setdefault("MEMTUI_NO_NVML", "1")  # a CPU run, whatever the machine has

@@ -286,7 +286,8 @@ class LivePanel(Vertical):
         text = f"step {self.step} of {self.steps or '?'} · {self.series.duration:.1f} s elapsed"
         if self.running and phase:
             text += f" · {phase}"
-        self.query_one("#live-progress-text", Static).update(text if self.state != "idle" else "")
+        # One row of fixed height: no layout pass for a text that changes ten times a second.
+        self.query_one("#live-progress-text", Static).update(text if self.state != "idle" else "", layout=False)
 
     def _refresh_table(self) -> None:
         """Predicted beside measured; only a completed run's figures are compared (a partial peak is not a step's)."""
