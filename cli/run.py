@@ -53,14 +53,19 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from memtui.engine.errors import InputError
     from memtui.engine.live.process import LiveRefused, WorkerProcess, preflight
 
-    config = config_from_args(args)
-    options = options_from_args(args)
     try:
+        config = config_from_args(args)
+        options = options_from_args(args)
         checked = preflight(config, options)
     except LiveRefused as refused:
         return _final_code({"type": "refused", "reason": str(refused)}, json_stream=args.json)
+    except InputError as error:
+        if args.json:  # the stream's terminal record; main() says it on stderr and exits 2
+            _write_json({"type": "refused", "reason": str(error)})
+        raise
     worker = WorkerProcess(config, options, device_kind=checked.device_kind, ranks=checked.ranks)
     interrupts = _Interrupts()
     try:

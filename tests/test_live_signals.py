@@ -55,6 +55,16 @@ def test_a_refusal_is_the_json_streams_last_record():
     assert result.stderr.strip().splitlines()[-1].startswith("memtui: error: --quant")
 
 
+def test_bad_input_on_a_json_stream_is_a_refused_record_and_one_line():
+    result = subprocess.run([sys.executable, "-m", "memtui", "run", *TINY, "--quant", "nf4", "--json"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "type": "refused", "reason": "--quant: nf4 freezes the base weights; add --lora-rank R to train adapters "
+                                     "(allowed: none, or int8/nf4 with --lora-rank)"}
+    assert result.stderr.strip().splitlines() == ["memtui: error: " + json.loads(result.stdout)["reason"]]
+
+
 @pytest.mark.parametrize("json_stream", [False, True])
 def test_a_closed_pipe_ends_the_run_quietly_with_exit_0(json_stream):
     command = [sys.executable, "-m", "memtui", "run", *TINY, "--steps", "2" if not json_stream else "1000"]

@@ -209,8 +209,7 @@ async def test_r_checks_each_value_as_typed_and_shows_what_the_copy_resolves_to_
     app = MemtuiApp(gpu_detector=None)
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: app.result is not None and app.query("#opt-model"), 10)
-        app.apply_preset("model", "llama-3.2-1b")
-        await until(pilot, lambda: app.result is not None and app.result.config.model == "llama-3.2-1b", 10)
+        assert app.result.config.model == "llama-3.1-8b"  # the first model: heads of 128, 4 per key/value head
         app.set_focus(None)
         await pilot.press("R")
         screen = app.screen
@@ -230,12 +229,12 @@ async def test_r_checks_each_value_as_typed_and_shows_what_the_copy_resolves_to_
         screen.query_one("#live-device").value = "cpu"
         screen.query_one("#live-width", Input).focus()
         await pilot.press("1", "0", "0")
-        await until(pilot, lambda: "Width 100 -> 256" in str(resolved.render()), 10)
+        await until(pilot, lambda: "Width 100 -> 512" in str(resolved.render()), 10)
         text = str(resolved.render())
-        assert "whole heads of 64" in text and "Layers" in text and "Steps 3: automatic" in text
+        assert "whole heads of 128" in text and "Layers" in text and "Steps 3: automatic" in text
 
-        await pilot.press("backspace", "backspace", "backspace", "4", "0", "9", "6")  # wider than the model
+        await pilot.press("backspace", "backspace", "backspace", "5", "0", "0", "0")  # wider than the model
         await until(pilot, lambda: "Would not start" in str(resolved.render()), 10)
-        assert "Width: 4096 exceeds llama-3.2-1b's hidden size 2048" in str(resolved.render())
+        assert "Width: 5000 exceeds llama-3.1-8b's hidden size 4096" in str(resolved.render())
         await pilot.press("escape")
     assert not children()
