@@ -55,24 +55,27 @@ def options_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from memtui.engine.errors import InputError
     from memtui.engine.live.process import LiveRefused, WorkerProcess, preflight
+    from memtui.engine.live.protocol import cancelled_summary
 
-    try:
-        config = config_from_args(args)
-        options = options_from_args(args)
-        checked = preflight(config, options)
-    except LiveRefused as refused:
-        return _final_code({"type": "refused", "reason": str(refused)}, json_stream=args.json)
-    except InputError as error:
-        if args.json:  # the stream's terminal record; main() says it on stderr and exits 2
-            _write_json({"type": "refused", "reason": str(error)})
-        raise
-    worker = WorkerProcess(config, options, device_kind=checked.device_kind, ranks=checked.ranks)
     interrupts = _Interrupts()
+    worker = None
     try:
         try:
+            config = config_from_args(args)
+            options = options_from_args(args)
+            checked = preflight(config, options)
+            worker = WorkerProcess(config, options, device_kind=checked.device_kind, ranks=checked.ranks)
             worker.start()
         except LiveRefused as refused:
             return _final_code({"type": "refused", "reason": str(refused)}, json_stream=args.json)
+        except InputError as error:
+            if args.json:  # the stream's terminal record; main() says it on stderr and exits 2
+                _write_json({"type": "refused", "reason": str(error)})
+            raise
+        except KeyboardInterrupt:
+            if args.json:
+                _write_json(cancelled_summary(note="cancelled before the run started"))
+            raise
         if args.json:
             return _stream_json(worker)
         return _show_progress(worker, checked.note)
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         _discard_stdout()
         return 0
     finally:
-        worker.close()
+        if worker is not None:
+            worker.close()
         interrupts.restore()
 
 
