@@ -64,66 +64,150 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from memtui.engine.errors import InputError
     from memtui.engine.live.process import LiveRefused, WorkerProcess, preflight
+    from memtui.engine.live.protocol import cancelled_summary
 
-    config = config_from_args(args)
-    options = options_from_args(args)
-    try:
-        checked = preflight(config, options)
-    except LiveRefused as refused:
-        print(f"memtui: error: {refused}", file=sys.stderr)
-        return 2
-    worker = WorkerProcess(config, options, device_kind=checked.device_kind, ranks=checked.ranks)
-    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    interrupts = _Interrupts()
+    worker = None
     try:
         try:
+            config = config_from_args(args)
+            options = options_from_args(args)
+            checked = preflight(config, options)
+            worker = WorkerProcess(config, options, device_kind=checked.device_kind, ranks=checked.ranks)
             worker.start()
         except LiveRefused as refused:
-            print(f"memtui: error: {refused}", file=sys.stderr)
-            return 2
+            return _final_code({"type": "refused", "reason": str(refused)}, json_stream=args.json)
+        except InputError as error:
+            if args.json:  # the stream's terminal record; main() says it on stderr and exits 2
+                _write_json({"type": "refused", "reason": str(error)})
+            raise
+        except KeyboardInterrupt:
+            if args.json:
+                _write_json(cancelled_summary(note="cancelled before the run started"))
+            raise
         if args.json:
             return _stream_json(worker)
         return _show_progress(worker, checked.note)
+    except BrokenPipeError:  # `memtui run ... | head -1`: the reader has all it wanted
+        _discard_stdout()
+        return 0
     finally:
-        worker.close()
-        for signum, handler in previous.items():
+        if worker is not None:
+            worker.close()
+        interrupts.restore()
+
+
+class _Interrupts:
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt once (main() exits 130); later ones wait their turn.
+
+    Once is enough: the first starts the cancel, and a second Ctrl-C must not cut
+    the stream before its cancelled summary.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received = False
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    def _handle(self, _signum, _frame) -> None:
+        if not self.received:
+            self.received = True
+            raise KeyboardInterrupt  # the finally in run() ends the worker
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
 
-def _interrupt(_signum, _frame) -> None:
-    raise KeyboardInterrupt  # the finally above ends the worker; main() exits 130
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush has nowhere to fail."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
-def _final_code(message: dict[str, Any]) -> int:
+def _say(text: str) -> None:
+    try:
+        print(text, file=sys.stderr)
+    except OSError:  # SIGHUP: the terminal may be gone
+        pass
+
+
+def _write_json(message: dict[str, Any]) -> None:
+    from memtui.engine.live.protocol import encode
+
+    sys.stdout.write(encode(message) + "\n")
+    sys.stdout.flush()
+
+
+def _final_code(message: dict[str, Any], *, json_stream: bool = False) -> int:
+    """Say how the run ended (the terminal record too, on a --json stream); the exit code."""
+    if json_stream:
+        _write_json(message)
     if message["type"] == "refused":
-        print(f"memtui: error: {message['reason']}", file=sys.stderr)
+        _say(f"memtui: error: {message['reason']}")
         return 2
     if message["type"] == "error":
-        print(f"memtui: error: live run failed: {message['text']}", file=sys.stderr)
+        _say(f"memtui: error: live run failed: {message['text']}")
         return 1
     return 0
 
 
 def _stream_json(worker) -> int:
-    from memtui.engine.live.protocol import encode
+    from memtui.engine.live.protocol import is_final
 
-    for message in worker.messages():
-        if message["type"] in ("refused", "error"):
-            return _final_code(message)
-        sys.stdout.write(encode(message) + "\n")
-        sys.stdout.flush()
-    return 0
+    try:
+        for message in worker.messages():
+            if is_final(message):
+                return _final_code(message, json_stream=True)
+            _write_json(message)
+        return 0
+    except KeyboardInterrupt:
+        _write_json(_cancelled_final(worker))
+        _say("memtui: interrupted")
+        return 130
+
+
+def _cancelled_final(worker, grace: float = 3.0) -> dict[str, Any]:
+    """Stop the worker and pass on its stream until its cancelled summary; one of our own if it cannot say."""
+    import time
+
+    from memtui.engine.live.protocol import cancelled_summary, is_final
+
+    worker.interrupt()
+    deadline = time.monotonic() + grace
+    steps_completed, steps = 0, None
+    for message in worker.messages(stop=lambda: time.monotonic() > deadline):
+        if message["type"] == "summary":
+            return message
+        if is_final(message):
+            break  # killed before it could say (still importing torch): the run was cancelled all the same
+        if message["type"] == "step":
+            steps_completed, steps = message["step"], message["steps"]
+        _write_json(message)
+    return cancelled_summary(steps_completed, steps, note="cancelled before the worker could report")
 
 
 def _show_progress(worker, note: str) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from memtui.engine.live.protocol import Summary, is_final
     from memtui.engine.telemetry.series import SampleSeries
     from memtui.engine.units import format_gib
 
+    class StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:  # rich would exit 1; a reader that left is not an error
+            self.quiet = True
+            raise BrokenPipeError
+
     err = Console(stderr=True)
-    out = Console()
+    out = StdoutConsole()
     if note:
         err.print(f"[yellow]note:[/] {note}")
     series = SampleSeries()
@@ -150,15 +234,16 @@ def _show_progress(worker, note: str) -> int:
                 if allocated is not None:
                     status += f" · {format_gib(allocated)}"
                 progress.update(task, status=status)
-            elif kind in ("summary", "refused", "error"):
+            elif is_final(message):
                 final = message
     if final is None or final["type"] != "summary":
         return _final_code(final or {"type": "error", "text": "no result"})
-    print_summary(final, series, out)
+    print_summary(Summary.model_validate(final), series, out)
     return 0
 
 
-def print_summary(summary: dict[str, Any], series, console) -> None:
+def print_summary(summary, series, console) -> None:
+    """The table and the result of a `protocol.Summary`; a partial run's figures are marked, never compared."""
     from rich.table import Table
 
     from memtui.engine.units import format_gib
@@ -167,44 +252,44 @@ def print_summary(summary: dict[str, Any], series, console) -> None:
         return "N/A" if value is None else format_gib(value).removesuffix(" GiB")
 
     def pct(value: float | None) -> str:
+        if not summary.complete:
+            return "partial"  # a stopped run's peak so far is not the whole step's the prediction is for
         return "N/A" if value is None else f"{value:+.1f}%"
 
-    predicted, measured, device = summary["predicted"], summary["measured"], summary["device"]
-    model = summary["scaled_model"]
+    predicted, measured, device, errors = summary.predicted, summary.measured, summary.device, summary.error_pct
+    model = summary.scaled_model or {}
     title = (f"{model['name']} · {model['config']['precision']} · batch {model['batch_size']} x {model['seq_len']} "
              f"on {device.get('name', device.get('kind'))}")
     table = Table(title=title, title_justify="left")
     table.add_column("Per device, at the peak")
     table.add_column("Predicted GiB", justify="right")
-    table.add_column("Measured GiB", justify="right")
+    table.add_column("Measured GiB" if summary.complete else f"Measured GiB ({summary.result}: partial)", justify="right")
     table.add_column("Error", justify="right")
-    table.add_row("Tensor peak (allocated)", gib(predicted["tensor_peak_bytes"]), gib(measured.get("tensor_peak_bytes")),
-                  pct(summary["error_pct"]["tensor_peak"]))
-    for name, value in (measured.get("components") or {}).items():
-        expected = predicted["components"].get(name)
+    table.add_row("Tensor peak (allocated)", gib(predicted.tensor_peak_bytes), gib(measured.tensor_peak_bytes),
+                  pct(errors.tensor_peak))
+    for name, value in (measured.components or {}).items():
+        expected = predicted.components.get(name)
         tiny = max(value or 0, expected or 0) < 1 << 20  # a few KiB either way: a % would be noise
         table.add_row(f"  {name.replace('_', ' ')}", gib(expected), gib(value),
-                      "" if tiny else pct(summary["error_pct"]["components"].get(name)))
-    label = measured.get("label", "device")
-    table.add_row(f"Device peak ({label})", gib(predicted["device_peak_bytes"]), gib(measured.get("device_peak_bytes")),
-                  pct(summary["error_pct"]["device_peak"]))
+                      "" if tiny else pct(errors.components.get(name)))
+    table.add_row(f"Device peak ({measured.label})", gib(predicted.device_peak_bytes), gib(measured.device_peak_bytes),
+                  pct(errors.device_peak))
     console.print(table)
-    result = summary["result"]
-    if result == "oom" and summary.get("oom"):
-        oom = summary["oom"]
-        console.print(f"[bold red]OOM at {format_gib(oom['at_bytes'])} after step {oom['after_step']}[/] ({oom['phase']})")
-    elif result == "cancelled":
-        console.print(f"[yellow]cancelled after step {summary['steps_completed']} of {summary['steps']}[/]")
+    if summary.result == "oom" and summary.oom:
+        oom = summary.oom
+        console.print(f"[bold red]OOM at {format_gib(oom.at_bytes)} after step {oom.after_step}[/] ({oom.phase})")
+    elif summary.result == "cancelled":
+        console.print(f"[yellow]cancelled after step {summary.steps_completed} of {summary.steps}[/]")
     else:
-        console.print(f"[green]completed[/] {summary['steps_completed']} steps in {summary['seconds']:.1f} s; "
-                      f"{series.samples} samples; peak in step {measured.get('peak_step')}, {measured.get('peak_phase')}")
-    full = summary.get("full_model")
-    if full and full.get("calibrated_tensor_peak_bytes") is not None:
+        console.print(f"[green]completed[/] {summary.steps_completed} steps in {summary.seconds:.1f} s; "
+                      f"{series.samples} samples; peak in step {measured.peak_step}, {measured.peak_phase}")
+    full = summary.full_model
+    if full and full.calibrated_tensor_peak_bytes is not None:
         console.print(
-            f"full {full['id']} on {full['gpu']}: analytic tensor peak {format_gib(full['analytic_tensor_peak_bytes'])}, "
-            f"calibrated by the measured per-layer cost {format_gib(full['calibrated_tensor_peak_bytes'])} "
-            f"(per layer: predicted {format_gib(full['per_layer']['predicted_bytes'])}, "
-            f"measured {format_gib(full['per_layer']['measured_bytes'])})"
+            f"full {full.id} on {full.gpu}: analytic tensor peak {format_gib(full.analytic_tensor_peak_bytes)}, "
+            f"calibrated by the measured per-layer cost {format_gib(full.calibrated_tensor_peak_bytes)} "
+            f"(per layer: predicted {format_gib(full.per_layer.predicted_bytes)}, "
+            f"measured {format_gib(full.per_layer.measured_bytes)})"
         )
-    for note in summary.get("notes", []):
+    for note in summary.notes:
         console.print(f"[dim]note: {note}[/]")

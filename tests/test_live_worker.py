@@ -198,3 +198,11 @@ def test_sigterm_to_memtui_run_leaves_nothing_behind():
         if process.poll() is None:
             process.kill()
             process.wait(5)
+
+
+def test_the_worker_trains_at_a_lower_priority_than_the_app():
+    config = TrainingConfig(model="llama-3.2-1b")
+    with WorkerProcess(config, LiveOptions(**TINY_OPTIONS, steps=1000), device_kind="cpu") as worker:
+        hello = next(worker.messages())
+        assert hello["type"] == "hello"
+        assert psutil.Process(worker.pid).nice() >= min(19, psutil.Process().nice() + 10)

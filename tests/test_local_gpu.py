@@ -149,3 +149,14 @@ def test_this_machine_never_raises():
     """No GPU in CI: NVML's library is missing, so the real call answers None (or a GPU where there is one)."""
     result = detect_local_gpu()
     assert result is None or result.spec.memory_bytes > 0
+
+
+def test_the_planners_gpu_is_the_live_runs_device_type_read_once():
+    from memtui.engine.live.devices import LocalDevice
+
+    nvml = FakeNvml("NVIDIA L4", 24152899584, count=2, capability=(8, 9))
+    local = detect_local_gpu(nvml)
+    assert isinstance(local.device, LocalDevice) and local.device.kind == "cuda"
+    assert (local.device.name, local.device.memory_bytes, local.device.device_count) == ("NVIDIA L4", 24152899584, 2)
+    assert local.device.compute_capability == "8.9" and local.device_count == 2
+    assert nvml.calls.count("init") == 1 and nvml.calls.count("shutdown") == 1

@@ -134,3 +134,107 @@ async def test_shift_r_sets_the_runs_device_steps_and_size_refusing_bad_values()
         await pilot.press("escape")
         assert not isinstance(app.screen, LiveSettingsScreen) and not panel.running
     assert not children()
+
+
+async def test_partial_figures_are_labelled_partial_and_only_a_complete_run_is_compared():
+    app = MemtuiApp(gpu_detector=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        panel = app.query_one(LivePanel)
+        app.show_panel("live-panel")
+        table = app.query_one("#live-table")
+        predicted = {"tensor_peak_bytes": 100 << 20, "device_peak_bytes": 900 << 20,
+                     "components": {"weights": 40 << 20, "optimizer_states": 40 << 20}}
+        panel._set_state("starting")
+        panel.ingest({"type": "device", "kind": "cpu", "name": "CPU", "memory_bytes": 8 << 30, "free_bytes": 6 << 30})
+        panel.ingest({"type": "plan", "steps": 3, "scaled_model": {"name": "tiny", "changes": []}, "predicted": predicted})
+        for i in range(20):  # mid-run: step 1's forward is no step's peak
+            panel.ingest({"type": "sample", "t": 0.05 * i, "allocated": (30 + i) << 20, "rss": 700 << 20})
+        await pilot.pause()
+        assert table.get_cell("tensor", "measured") == "0.048 GiB so far"
+        assert table.get_cell("tensor", "error") == "partial"
+        assert table.get_cell("device", "error") == "partial"
+
+        # Stopped at step 0: what the worker measured is partial, whatever error it sent.
+        panel.ingest({"type": "summary", "result": "cancelled", "steps": 3, "steps_completed": 0,
+                      "predicted": predicted, "measured": {"tensor_peak_bytes": 75 << 20, "device_peak_bytes": 700 << 20,
+                                                           "label": "CPU RSS"},
+                      "error_pct": {"tensor_peak": 33.9, "device_peak": None, "components": {}}})
+        await pilot.pause()
+        assert panel.state == "cancelled"
+        assert table.get_cell("tensor", "measured") == "0.073 GiB (partial)"
+        assert table.get_cell("tensor", "error") == "partial" and "+33.9%" not in str(table.get_row("tensor"))
+        assert "partial" in str(app.query_one("#live-result").render())
+
+        panel.reset()
+        panel.ingest({"type": "plan", "steps": 3, "scaled_model": {"name": "tiny", "changes": []}, "predicted": predicted})
+        panel.ingest({"type": "summary", "result": "completed", "steps": 3, "steps_completed": 3, "seconds": 2.0,
+                      "predicted": predicted, "measured": {"tensor_peak_bytes": 96 << 20, "device_peak_bytes": 950 << 20,
+                                                           "label": "CPU RSS",
+                                                           "components": {"weights": 40 << 20, "optimizer_states": 40 << 20}},
+                      "error_pct": {"tensor_peak": 4.17, "device_peak": -5.26, "components": {}}})
+        await pilot.pause()
+        assert table.get_cell("tensor", "measured") == "0.094 GiB"
+        assert table.get_cell("tensor", "error") == "+4.2%" and table.get_cell("device", "error") == "-5.3%"
+
+
+async def test_what_a_cpu_run_leaves_out_is_said_at_the_top_of_the_panel_at_once():
+    from dataclasses import replace
+
+    from memtui.engine.model.specs import TrainingConfig
+
+    app = MemtuiApp(gpu_detector=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        panel = app.query_one(LivePanel)
+        app.show_panel("live-panel")
+        banner = app.query_one("#live-left-out")
+        assert not banner.display
+        config = TrainingConfig(model="llama-3.2-1b", optimizer="adamw-8bit")
+        assert panel.start_run(config, replace(TINY, if_unsupported="skip"))
+        await until(pilot, lambda: banner.display, 10)  # from the preflight, before the worker has loaded torch
+        text = str(banner.render())
+        assert text.startswith("Left out of this run") and "adamw-8bit needs CUDA" in text
+        assert banner.region.y < app.query_one("#live-chart").region.y  # at the top, above the chart
+        await until(pilot, lambda: bool(panel.plan), 60)
+        assert panel.notices.count(panel.left_out[0]) == 1  # the worker's copy of it is not shown twice
+        panel.stop_run()
+        await until(pilot, lambda: not panel.running, 5)
+    assert not children()
+
+
+async def test_r_checks_each_value_as_typed_and_shows_what_the_copy_resolves_to_and_why():
+    from textual.widgets import Input
+
+    from memtui.tui.screens.live_settings import LiveSettingsScreen
+
+    app = MemtuiApp(gpu_detector=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.result is not None and app.query("#opt-model"), 10)
+        assert app.result.config.model == "llama-3.1-8b"  # the first model: heads of 128, 4 per key/value head
+        app.set_focus(None)
+        await pilot.press("R")
+        screen = app.screen
+        assert isinstance(screen, LiveSettingsScreen)
+        assert "whatever the model" in str(screen.query_one("#live-settings-scope").render())
+        error = screen.query_one("#live-settings-error")
+        resolved = screen.query_one("#live-settings-resolved")
+
+        await pilot.press("0")  # Steps, focused first: refused as typed, before Enter
+        await pilot.pause()
+        assert "Steps: 0 is out of range (allowed: 1..1000, or empty)" in str(error.render())
+        assert screen.query_one("#live-steps", Input).has_class("-refused")
+        await pilot.press("backspace", "x")  # a letter never lands in a number field
+        assert screen.query_one("#live-steps", Input).value == ""
+        assert not screen.query_one("#live-steps", Input).has_class("-refused") and not error.has_class("-shown")
+
+        screen.query_one("#live-device").value = "cpu"
+        screen.query_one("#live-width", Input).focus()
+        await pilot.press("1", "0", "0")
+        await until(pilot, lambda: "Width 100 -> 512" in str(resolved.render()), 10)
+        text = str(resolved.render())
+        assert "whole heads of 128" in text and "Layers" in text and "Steps 3: automatic" in text
+
+        await pilot.press("backspace", "backspace", "backspace", "5", "0", "0", "0")  # wider than the model
+        await until(pilot, lambda: "Would not start" in str(resolved.render()), 10)
+        assert "Width: 5000 exceeds llama-3.1-8b's hidden size 4096" in str(resolved.render())
+        await pilot.press("escape")
+    assert not children()

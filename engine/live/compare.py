@@ -23,7 +23,7 @@ from memtui.engine.errors import InputError
 from memtui.engine.estimator import estimate
 from memtui.engine.live import sizing
 from memtui.engine.live.plan import RunPlan
-from memtui.engine.live.protocol import error_pct
+from memtui.engine.live.protocol import Summary, error_pct
 from memtui.engine.model.specs import Budget
 
 _END_OF_FORWARD = "loss"  # the estimator's moment when the forward pass has saved everything
@@ -102,22 +102,21 @@ def build_summary(
         expected = predicted["components"].get(name)
         tiny = max(expected or 0, value or 0) < negligible
         components_error[name] = error_pct(expected, value) if comparable and not tiny else None
-    return {
-        "type": "summary",
-        "result": result,
-        "steps": plan.steps,
-        "steps_completed": steps_completed,
-        "seconds": round(seconds, 3),
-        "predicted": predicted,
-        "measured": measured,
-        "error_pct": {
+    return Summary(
+        result=result,
+        steps=plan.steps,
+        steps_completed=steps_completed,
+        seconds=round(seconds, 3),
+        predicted=predicted,
+        measured=measured,
+        error_pct={
             "tensor_peak": error_pct(plan.predicted_tensor_peak, measured.get("tensor_peak_bytes")) if comparable else None,
             "device_peak": error_pct(plan.predicted_device_peak, measured.get("device_peak_bytes")) if comparable else None,
             "components": components_error,
         },
-        "scaled_model": plan.scaled_model_json(),
-        "device": device,
-        "full_model": full_model_calibration(plan, measured_per_layer, context_delta) if result == "completed" else None,
-        "oom": oom,
-        "notes": list(plan.notices) + list(notes or []),
-    }
+        scaled_model=plan.scaled_model_json(),
+        device=device,
+        full_model=full_model_calibration(plan, measured_per_layer, context_delta) if result == "completed" else None,
+        oom=oom,
+        notes=list(plan.notices) + list(notes or []),
+    ).message()

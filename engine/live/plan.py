@@ -304,3 +304,32 @@ def _cpu_count() -> int:
     import os
 
     return os.cpu_count() or 1
+
+
+def explain_size(plan: RunPlan, options: LiveOptions) -> list[str]:
+    """What the copy's layers, width and steps resolved to, each with why (for the `R` form)."""
+    full, scaled, shape = plan.full_spec, plan.spec, plan.shape
+    defaults = sizing.CPU_DEFAULTS if plan.device.kind == "cpu" else sizing.CUDA_DEFAULTS
+    where = f"{plan.device.kind.upper()} run"
+    shrunk = f"halved until it fits {format_gib(plan.target_bytes)} and about {defaults.time_budget_s:.0f} s"
+    lines = []
+    if options.layers is not None:
+        lines.append(f"Layers {scaled.num_layers}: as set (of {full.num_layers})")
+    elif scaled.num_layers < min(full.num_layers, defaults.layers):
+        lines.append(f"Layers {scaled.num_layers} of {full.num_layers}: automatic, {shrunk}")
+    else:
+        lines.append(f"Layers {scaled.num_layers} of {full.num_layers}: automatic, the {where}'s starting depth")
+    heads = f"whole heads of {scaled.head_dim}, {sizing.group_size(full)} per key/value head"
+    if options.width is not None:
+        moved = "as set" if scaled.hidden_size == options.width else f"the nearest width made of {heads}"
+        lines.append(f"Width {options.width} -> {scaled.hidden_size}: {moved}")
+    elif scaled.hidden_size == full.hidden_size:
+        lines.append(f"Width {scaled.hidden_size}: automatic, the full width")
+    elif defaults.max_hidden is not None and shape.kv_heads == sizing.kv_for_width(full, defaults.max_hidden) and \
+            scaled.hidden_size <= defaults.max_hidden:
+        lines.append(f"Width {scaled.hidden_size} of {full.hidden_size}: automatic, at most {defaults.max_hidden} "
+                     f"on a CPU ({heads})")
+    else:
+        lines.append(f"Width {scaled.hidden_size} of {full.hidden_size}: automatic, {shrunk}")
+    lines.append(f"Steps {plan.steps}: " + ("as set" if options.steps is not None else f"automatic for a {where}"))
+    return lines

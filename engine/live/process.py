@@ -62,24 +62,10 @@ def preflight(config: TrainingConfig, options: LiveOptions) -> Preflight:
             # NVML cannot describe the GPU (WSL, MIG, no driver?): the worker checks with torch.
             return Preflight(device_kind="cuda", ranks=config.dp, plan=None, device=None, note=note)
         raise InputError("--device", note)
-    count = _cuda_count() if device.kind == "cuda" else None
-    plan = make_plan(config, options, device, device_count=count)
+    plan = make_plan(config, options, device, device_count=device.device_count if device.kind == "cuda" else None)
     if plan.refusal:
         raise LiveRefused(plan.refusal)
     return Preflight(device_kind=device.kind, ranks=plan.ranks, plan=plan, device=device, note=note)
-
-
-def _cuda_count() -> int | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return None
 
 
 def worker_command(config: TrainingConfig, options: LiveOptions, device_kind: str, ranks: int) -> list[str]:
@@ -167,6 +153,13 @@ class WorkerProcess:
             found = []
         self._seen.update(process.pid for process in found)
         return found
+
+    def interrupt(self) -> None:
+        """SIGTERM to the run and return at once: the worker sends its cancelled summary and exits."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.cancelled = True
+        self._signal(signal.SIGTERM, self.descendants())
 
     def cancel(self, grace: float = CANCEL_GRACE_S) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds; returns once nothing of the run is left."""

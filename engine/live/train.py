@@ -13,13 +13,14 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from memtui.engine.estimator.overhead import cuda_context_bytes
 from memtui.engine.live.compare import build_summary
 from memtui.engine.live.devices import LocalDevice, cpu_device, visible_cuda_index
 from memtui.engine.live.plan import LiveOptions, RunPlan, cpu_oom_limit, make_plan
-from memtui.engine.live.protocol import Cancelled, error_pct
+from memtui.engine.live.protocol import Cancelled, Summary
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.telemetry.host import ProcessRss, available_memory_bytes
 from memtui.engine.telemetry.nvml import Nvml
@@ -43,6 +44,25 @@ class Peaks:
 
     def __getitem__(self, name: str) -> int | None:
         return self.values[name]
+
+
+@dataclass
+class _RunParts:
+    """What the run builds, kept together so an OOM part-way leaves the built part measurable."""
+
+    model: Any = None
+    optimizer: Any = None
+    scaler: Any = None
+    probe: Any = None  # measure.LayerProbe
+    input_ids: Any = None
+    labels: Any = None
+    layers: list = field(default_factory=list)
+    weight_ids: set[int] = field(default_factory=set)
+    gradients: set[int] = field(default_factory=set)
+    oom_at: int | None = None  # bytes, where the run refused before allocating them
+
+    def release(self) -> None:
+        self.model = self.optimizer = self.input_ids = self.labels = None
 
 
 class TrainingRun:
@@ -111,9 +131,9 @@ class TrainingRun:
         self.state.phase = "importing torch"
         import torch
 
-        from memtui.engine.trace.fake_step import _quiet  # noqa: PLC0415 - torch is imported from here on
+        from memtui.engine.trace.fake_step import quiet_libraries  # noqa: PLC0415 - torch is imported from here on
 
-        with _quiet():
+        with quiet_libraries():
             import memtui.engine.torchside.build  # noqa: F401 - imports transformers: part of the runtime measured below
             import memtui.engine.trace.hf_patches  # noqa: F401
         if self.kind == "cuda" and not torch.cuda.is_available():
@@ -210,34 +230,107 @@ class TrainingRun:
         return local, torch.cuda.device_count()
 
     def _train(self, torch) -> int:
-        from memtui.engine.torchside.build import build_model, build_optimizer, compute_dtype, synthetic_batch, training_step
-        from memtui.engine.live.measure import (
-            LayerProbe,
-            LiveTracker,
-            cpu_dropout,
-            cpu_flash_sdpa,
-            decoder_layers,
-            fsdp_storage_resizes,
-            layer_state_bytes,
-        )
+        """Build, instrument, train the planned steps, measure; an OOM anywhere is a result, not a failure."""
+        plan = self.plan
+        assert plan is not None
+        if self.kind == "cpu" or self.options.breakdown:
+            limit = cpu_oom_limit(self.options, available_memory_bytes()) if self.kind == "cpu" else None
+            from memtui.engine.live.measure import LiveTracker
+
+            self.tracker = LiveTracker(limit)
+        parts = _RunParts()
+        result, oom = "completed", None
+        self.train_started = time.monotonic()
+        try:
+            self._build(torch, parts)
+            self._loop(torch, parts)
+        except torch.OutOfMemoryError as error:
+            result, oom = "oom", self._oom_report(torch, error, parts)
+            if self.tracker is not None:
+                self.tracker.detach_finalizers()
+        seconds = time.monotonic() - self.train_started
+        if parts.probe is not None:
+            parts.probe.remove()
+        self.state.phase = "done" if result == "completed" else "oom"
+        self.stop_sampling()
+        self.out(self._summary(torch, parts, result=result, oom=oom, seconds=seconds))
+        parts.release()
+        if self.kind != "cpu":
+            torch.cuda.empty_cache()
+        return 0
+
+    # ---- build and instrument ------------------------------------------------------------------
+    def _build(self, torch, parts: _RunParts) -> None:
+        """The model and its optimizer as the tracer builds them, each watched by the tracker as it appears."""
+        from memtui.engine.live.measure import LayerProbe, decoder_layers
+        from memtui.engine.torchside.build import build_model, build_optimizer
+        from memtui.engine.trace.fake_step import quiet_libraries
+
+        plan, cpu, tracker = self.plan, self.kind == "cpu", self.tracker
+        config, spec, device = plan.config, plan.spec, self.torch_device
+        self.state.phase = "building"
+        weights = plan.predicted_components.get("weights", 0)
+        if tracker is not None and tracker.limit_bytes is not None and weights > tracker.limit_bytes:
+            # The build allocates every weight before the tracker sees one: do not let it swap the machine.
+            parts.oom_at = weights
+            raise torch.OutOfMemoryError(f"memtui: the weights alone ({weights} bytes predicted) exceed this "
+                                         f"run's limit of {tracker.limit_bytes} bytes")
+        torch.manual_seed(0)
+        with quiet_libraries():
+            parts.model = build_model(spec, config, device=device, quant_backend="auto")
+        parts.layers = decoder_layers(parts.model, spec.num_layers)
+        if self.distributed:
+            from memtui.engine.live.distributed import wrap
+
+            parts.model = wrap(parts.model, parts.layers, config, device)
+        self._instrument_model(parts)
+        core = getattr(parts.model, "module", parts.model)  # DDP keeps the model as .module
+        core.get_output_embeddings().register_forward_hook(lambda *_: self._mark("loss"))
+        parts.optimizer = build_optimizer(parts.model, config, device_type="cpu" if cpu else "cuda")
+        if self.distributed and config.zero == 1:
+            from memtui.engine.live.distributed import zero1_optimizer
+
+            parts.optimizer = zero1_optimizer(parts.model, config, parts.optimizer)
+        self._instrument_optimizer(parts)
+        parts.scaler = torch.amp.GradScaler("cpu" if cpu else "cuda") if config.precision == "16-mixed" else None
+        parts.probe = LayerProbe(parts.layers, lambda: self._live_bytes() or 0, lambda: self.state.phase)
+
+    def _instrument_model(self, parts: _RunParts) -> None:
+        """The tracker learns the weights (made before it watched); on a CPU it is the sampler's allocator
+        counter, and the runtime (RSS less tensors, measured now) completes the device-peak prediction."""
+        tracker = self.tracker
+        if tracker is None:
+            return
+        from memtui.engine.trace.fake_step import watch_model
+
+        parts.weight_ids = watch_model(tracker, parts.model, parts.gradients)
+        if self.kind != "cpu":
+            return  # on CUDA torch's counters are the allocator's
+        self.sampler.sources.append(lambda: {"allocated": tracker.live_bytes, "allocated_peak": tracker.take_window_peak()})
+        rss = self.rss.read()
+        if rss is not None:
+            self.runtime_bytes = max(0, rss - tracker.live_bytes)
+            self.plan.set_cpu_runtime(self.runtime_bytes)
+            self.out(self.plan.as_json())  # the device-peak prediction, with the runtime measured now
+
+    def _instrument_optimizer(self, parts: _RunParts) -> None:
+        """States made when the optimizer is built (master weights' fp32 copies), before the tracker watched."""
+        if self.tracker is None:
+            return
+        from memtui.engine.trace.fake_step import optimizer_state_tensors
+
+        for state in optimizer_state_tensors(parts.optimizer)[0]:
+            self.tracker.track(state, "optimizer_state")
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _step_contexts(self, torch) -> tuple[Callable[[], Any], list[Any]]:
+        """(autocast factory, the contexts the loop runs under): on a CPU, CUDA's policies where they differ."""
+        from memtui.engine.live.measure import cpu_dropout, cpu_flash_sdpa, fsdp_storage_resizes
+        from memtui.engine.torchside.build import compute_dtype
         from memtui.engine.trace.cuda_autocast import cuda_like_autocast
         from memtui.engine.trace.hf_patches import real_run_decisions
 
-        plan = self.plan
-        assert plan is not None
-        config, spec, device = plan.config, plan.spec, self.torch_device
-        cpu = self.kind == "cpu"
-        if cpu or self.options.breakdown:
-            limit = cpu_oom_limit(self.options, available_memory_bytes()) if cpu else None
-            self.tracker = LiveTracker(limit)
-        tracker = self.tracker
-
-        result, oom, oom_at = "completed", None, None
-        self.train_started = time.monotonic()
-        model = optimizer = scaler = input_ids = labels = probe = None
-        layers: list = []
-        gradients: set[int] = set()
-        weight_ids: set[int] = set()
+        config, cpu, tracker = self.plan.config, self.kind == "cpu", self.tracker
         dtype = compute_dtype(config)
 
         def autocast():
@@ -245,113 +338,75 @@ class TrainingRun:
                 return contextlib.nullcontext()
             return cuda_like_autocast(dtype) if cpu else torch.autocast("cuda", dtype=dtype)
 
-        attention = cpu_flash_sdpa() if cpu and config.attention == "flash" else contextlib.nullcontext()
-        dropout = cpu_dropout() if cpu else contextlib.nullcontext()
-        resizes = contextlib.nullcontext()
-        if tracker is not None and self.distributed and config.zero >= 2:
-            resizes = fsdp_storage_resizes(tracker)
-        from memtui.engine.trace.fake_step import _quiet
+        contexts = [
+            cpu_flash_sdpa() if cpu and config.attention == "flash" else contextlib.nullcontext(),
+            cpu_dropout() if cpu else contextlib.nullcontext(),
+            fsdp_storage_resizes(tracker) if tracker is not None and self.distributed and config.zero >= 2
+            else contextlib.nullcontext(),
+            real_run_decisions(),
+            tracker if tracker is not None else contextlib.nullcontext(),
+        ]
+        return autocast, contexts
 
-        try:
-            self.state.phase = "building"
-            weights = plan.predicted_components.get("weights", 0)
-            if tracker is not None and tracker.limit_bytes is not None and weights > tracker.limit_bytes:
-                # The build allocates every weight before the tracker sees one: do not let it swap the machine.
-                oom_at = weights
-                raise torch.OutOfMemoryError(f"memtui: the weights alone ({weights} bytes predicted) exceed this "
-                                             f"run's limit of {tracker.limit_bytes} bytes")
-            torch.manual_seed(0)
-            with _quiet():
-                model = build_model(spec, config, device=device, quant_backend="auto")
-            layers = decoder_layers(model, spec.num_layers)
-            if self.distributed:
-                from memtui.engine.live.distributed import wrap
+    def _loop(self, torch, parts: _RunParts) -> None:
+        from memtui.engine.torchside.build import synthetic_batch, training_step
 
-                model = wrap(model, layers, config, device)
+        plan, tracker = self.plan, self.tracker
+        autocast, contexts = self._step_contexts(torch)
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
             if tracker is not None:
-                if cpu:  # the tracker is the CPU's allocator counter; on CUDA torch's counters are
-                    self.sampler.sources.append(
-                        lambda: {"allocated": tracker.live_bytes, "allocated_peak": tracker.take_window_peak()})
-                from memtui.engine.trace.fake_step import watch_model
-
-                weight_ids = watch_model(tracker, model, gradients)
-                if cpu:
-                    rss = self.rss.read()
-                    if rss is not None:
-                        self.runtime_bytes = max(0, rss - tracker.live_bytes)
-                        plan.set_cpu_runtime(self.runtime_bytes)
-                        self.out(plan.as_json())  # the device-peak prediction, with the runtime measured now
-            core = getattr(model, "module", model)  # DDP keeps the model as .module
-            core.get_output_embeddings().register_forward_hook(lambda *_: self._mark("loss"))
-            optimizer = build_optimizer(model, config, device_type="cpu" if cpu else "cuda")
-            if self.distributed and config.zero == 1:
-                from memtui.engine.live.distributed import zero1_optimizer
-
-                optimizer = zero1_optimizer(model, config, optimizer)
-            if tracker is not None:
-                # States made when the optimizer is built (master weights' fp32 copies), before the tracker watched.
-                from memtui.engine.trace.fake_step import optimizer_state_tensors
-
-                for state in optimizer_state_tensors(optimizer)[0]:
-                    tracker.track(state, "optimizer_state")
-            scaler = torch.amp.GradScaler("cpu" if cpu else "cuda") if config.precision == "16-mixed" else None
-            probe = LayerProbe(layers, lambda: self._live_bytes() or 0, lambda: self.state.phase)
-            with attention, dropout, resizes, real_run_decisions(), (tracker if tracker is not None else contextlib.nullcontext()):
+                tracker.mark("inputs")
+            parts.input_ids, parts.labels = synthetic_batch(plan.spec, plan.config, device=self.torch_device)
+            for step in range(1, plan.steps + 1):
+                self.state.step = parts.probe.step = step
                 if tracker is not None:
-                    tracker.mark("inputs")
-                input_ids, labels = synthetic_batch(spec, config, device=device)
-                for step in range(1, plan.steps + 1):
-                    self.state.step = probe.step = step
-                    if tracker is not None:
-                        tracker.step = step
-                    began = time.monotonic()
-                    loss = training_step(model, optimizer, input_ids, labels, autocast=autocast, scaler=scaler,
-                                         phase=self._mark)
-                    if not cpu:
-                        torch.cuda.synchronize(device)
-                    self.steps_completed = step
-                    self.out({"type": "step", "t": self.t(), "step": step, "steps": plan.steps, "loss": _finite(loss),
-                              "seconds": round(time.monotonic() - began, 4), "allocated": self._live_bytes()})
-                if tracker is not None:
-                    tracker.detach_finalizers()
-        except torch.OutOfMemoryError as error:
-            result = "oom"
-            at = tracker.live_bytes if cpu and tracker is not None else torch.cuda.max_memory_allocated(device)
-            at = oom_at or at
-            oom = {"at_bytes": int(at), "after_step": self.steps_completed, "phase": self.state.phase,
-                   "message": str(error).splitlines()[0][:300]}
+                    tracker.step = step
+                began = time.monotonic()
+                loss = training_step(parts.model, parts.optimizer, parts.input_ids, parts.labels, autocast=autocast,
+                                     scaler=parts.scaler, phase=self._mark)
+                if self.kind != "cpu":
+                    torch.cuda.synchronize(self.torch_device)
+                self.steps_completed = step
+                self.out({"type": "step", "t": self.t(), "step": step, "steps": plan.steps, "loss": _finite(loss),
+                          "seconds": round(time.monotonic() - began, 4), "allocated": self._live_bytes()})
             if tracker is not None:
                 tracker.detach_finalizers()
-        seconds = time.monotonic() - self.train_started
-        if probe is not None:
-            probe.remove()
-        self.state.phase = "done" if result == "completed" else "oom"
-        self.stop_sampling()
 
-        measured = self._measured(torch, optimizer, scaler, weight_ids, gradients)
+    # ---- measure -------------------------------------------------------------------------------
+    def _oom_report(self, torch, error: BaseException, parts: _RunParts) -> dict[str, Any]:
+        if self.kind == "cpu" and self.tracker is not None:
+            at = self.tracker.live_bytes
+        else:
+            at = torch.cuda.max_memory_allocated(self.torch_device)
+        return {"at_bytes": int(parts.oom_at or at), "after_step": self.steps_completed, "phase": self.state.phase,
+                "message": str(error).splitlines()[0][:300]}
+
+    def _summary(self, torch, parts: _RunParts, *, result: str, oom: dict[str, Any] | None,
+                 seconds: float) -> dict[str, Any]:
+        from memtui.engine.live.measure import layer_state_bytes
+
+        plan = self.plan
+        measured = self._measured(torch, parts.optimizer, parts.scaler, parts.weight_ids, parts.gradients)
         per_layer = None
-        if result == "completed" and layers:
-            retained = probe.per_layer_bytes()
+        if result == "completed" and parts.layers:
+            retained = parts.probe.per_layer_bytes()
             if retained is not None:
-                states = layer_state_bytes(layers[len(layers) // 2], optimizer)
+                states = layer_state_bytes(parts.layers[len(parts.layers) // 2], parts.optimizer)
                 per_layer = retained + states["weights"] + states["optimizer_states"]
         measured["per_layer_bytes"] = per_layer
-        del input_ids, labels
+        parts.input_ids = parts.labels = None
         context_delta = 0
         if self.context_bytes is not None:
             context_delta = self.context_bytes - cuda_context_bytes(plan.device.gpu_spec())
         notes = []
-        if cpu:
+        if self.kind == "cpu":
             notes.append("CPU run: tensor bytes measured by the dispatch tracker (rounded as CUDA's allocator rounds); "
                          "the device figure is the process RSS, which includes the Python/torch runtime")
-        summary = build_summary(plan, measured, result=result, steps_completed=self.steps_completed, seconds=seconds,
-                                device=self.device_json, oom=oom, notes=notes, measured_per_layer=per_layer,
-                                context_delta=context_delta)
-        self.out(summary)
-        del model, optimizer
-        if not cpu:
-            torch.cuda.empty_cache()
-        return 0
+        return build_summary(plan, measured, result=result, steps_completed=self.steps_completed, seconds=seconds,
+                             device=self.device_json, oom=oom, notes=notes, measured_per_layer=per_layer,
+                             context_delta=context_delta)
 
     def _measured(self, torch, optimizer, scaler, weight_ids: set[int], gradients: set[int]) -> dict[str, Any]:
         cpu = self.kind == "cpu"
@@ -405,19 +460,17 @@ class TrainingRun:
         tensor_peak = tracker.peak_bytes if tracker is not None and self.kind == "cpu" else (
             self.counters.peak_seen if self.counters is not None else None)
         device_peak = self.peaks["rss"] if self.kind == "cpu" else (self.peaks["nvml_process"] or self.peaks["nvml_used"])
-        message: dict[str, Any] = {
-            "type": "summary", "result": "cancelled", "steps": plan.steps if plan else None,
-            "steps_completed": self.steps_completed,
-            "seconds": round(time.monotonic() - (self.train_started or self.started), 3),
-            "predicted": plan.predicted_json() if plan else None,
-            "measured": {"tensor_peak_bytes": tensor_peak, "device_peak_bytes": device_peak,
-                         "samples": self.sampler.count, "label": "CPU RSS" if self.kind == "cpu" else "NVML"},
-            "error_pct": {"tensor_peak": error_pct(plan.predicted_tensor_peak, tensor_peak) if plan else None,
-                          "device_peak": None, "components": {}},
-            "scaled_model": plan.scaled_model_json() if plan else None,
-            "device": self.device_json, "full_model": None, "oom": None, "notes": ["cancelled before the end"],
-        }
-        self.out(message)
+        # A stopped run measured part of a step: its figures are partial, compared with nothing.
+        summary = Summary(
+            result="cancelled", steps=plan.steps if plan else None, steps_completed=self.steps_completed,
+            seconds=round(time.monotonic() - (self.train_started or self.started), 3),
+            predicted=plan.predicted_json() if plan else None,
+            measured={"tensor_peak_bytes": tensor_peak, "device_peak_bytes": device_peak,
+                      "samples": self.sampler.count, "label": "CPU RSS" if self.kind == "cpu" else "NVML"},
+            scaled_model=plan.scaled_model_json() if plan else None,
+            device=self.device_json, notes=["cancelled before the end"],
+        )
+        self.out(summary.message())
 
     def close(self) -> None:
         self.stop_sampling()

@@ -30,6 +30,10 @@ from typing import Any
 from memtui.engine.live.protocol import Cancelled, encode
 
 PARENT_POLL_S = 0.2
+# The worker trains at a lower CPU priority than the app that shows it: on a 2-core laptop a CPU run
+# otherwise takes the cores the UI needs to answer a key. MEMTUI_WORKER_NICE overrides it (0: as the parent).
+NICE_ENV = "MEMTUI_WORKER_NICE"
+DEFAULT_NICENESS = 10
 
 
 class Emitter:
@@ -97,6 +101,18 @@ def watch_parent() -> None:
     threading.Thread(target=loop, name="memtui-parent-watch", daemon=True).start()
 
 
+def lower_priority() -> int:
+    """Add MEMTUI_WORKER_NICE (default 10) to this process's niceness; the niceness now."""
+    try:
+        increment = int(os.environ.get(NICE_ENV, DEFAULT_NICENESS))
+    except ValueError:
+        increment = DEFAULT_NICENESS
+    try:
+        return os.nice(max(0, increment))
+    except OSError:  # not allowed here: train at the parent's priority
+        return os.nice(0)
+
+
 def _install_signals(state: RunState) -> None:
     def handler(_signum, _frame):
         if state.cancelled:
@@ -115,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     request = json.loads(args.request)
 
     rank = int(os.environ.get("RANK", "0"))
+    lower_priority()
     out = Emitter(_private_stdout(), enabled=rank == 0)
     state = RunState()
     _install_signals(state)

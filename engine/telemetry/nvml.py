@@ -39,11 +39,13 @@ class NvmlDevice:
     memory_total: int | None
     compute_capability: str | None
     mig_mode: bool | None
+    device_count: int | None = None  # devices NVML sees on this machine
 
     def as_json(self) -> dict[str, Any]:
         return {
             "index": self.index, "name": self.name, "uuid": self.uuid, "driver_version": self.driver_version,
             "memory_total": self.memory_total, "compute_capability": self.compute_capability, "mig_mode": self.mig_mode,
+            "device_count": self.device_count,
         }
 
 
@@ -163,6 +165,7 @@ class Nvml:
         memory = self._call("nvmlDeviceGetMemoryInfo", handle)
         capability = self._call("nvmlDeviceGetCudaComputeCapability", handle)
         mig = self._call("nvmlDeviceGetMigMode", handle)
+        count = self._call("nvmlDeviceGetCount")
         return NvmlDevice(
             index=self.index,
             name=_text(name) if name is not None else None,
@@ -171,6 +174,7 @@ class Nvml:
             memory_total=int(memory.total) if memory is not None else None,
             compute_capability=f"{capability[0]}.{capability[1]}" if capability else None,
             mig_mode=bool(mig[0]) if mig else None,
+            device_count=int(count) if count is not None else None,
         )
 
     def read(self) -> NvmlReading:
@@ -201,9 +205,13 @@ def _init_failure(error: Exception) -> str:
     return f"NVML failed to start ({_text(error) or name})"
 
 
-def probe(index: int = 0) -> tuple[NvmlDevice | None, NvmlReading, str]:
-    """One-shot: (device, reading, reason it is unavailable or '') without keeping NVML open."""
-    nvml = Nvml(index=index)
+def probe(index: int = 0, module: ModuleType | Any | None = None) -> tuple[NvmlDevice | None, NvmlReading, str]:
+    """One-shot: (device, reading, reason it is unavailable or '') without keeping NVML open.
+
+    The one place outside a run that asks NVML about this machine (the planner's GPU,
+    a live run's preflight); `module` stands in for pynvml in tests.
+    """
+    nvml = Nvml(index=index, module=module)
     if not nvml.open():
         return None, _EMPTY, nvml.reason
     try:

@@ -90,7 +90,8 @@ def classify_by_owner(tracker: MemoryTracker, *, weights: set[int], gradients: s
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_libraries():
+    """transformers and peft warn about things that are intended here (the tracer's and the live run's builds)."""
     previous = logging.getLogger("transformers").level
     logging.getLogger("transformers").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -108,7 +109,7 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     tracker = MemoryTracker()
     gradients: set[int] = set()
-    with _quiet(), mode:
+    with quiet_libraries(), mode:
         report("building the model", 0.05)
         model = build_model(spec, config, device="cpu", quant_backend="replica")
         weight_ids = watch_model(tracker, model, gradients)

@@ -15,7 +15,6 @@ parallel sharding (modelled by the estimator), CUDA context and workspaces.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -60,19 +59,3 @@ def trace(
     result.seconds = time.perf_counter() - started
     report("done", 1.0)
     return result
-
-
-@contextlib.contextmanager
-def _quiet():
-    """transformers and peft warn about things that are intended here."""
-    import logging
-    import warnings
-
-    previous = logging.getLogger("transformers").level
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:
-            logging.getLogger("transformers").setLevel(previous)

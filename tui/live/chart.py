@@ -9,6 +9,9 @@ row under the plot marks where each step phase begins.
 
 from __future__ import annotations
 
+from itertools import groupby
+from operator import itemgetter
+
 from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
@@ -105,34 +108,40 @@ class MemoryChart(Widget):
             elif row == plot_height - 1:
                 label = "0"
             text.append(label.rjust(_AXIS_WIDTH - 1)[: _AXIS_WIDTH - 1] + "│", self._style("axis"))
+            cells = []
             for column in range(plot_width):
                 value = measured[column]
                 level = 0.0 if value is None else value / top * plot_height
                 filled = level - (plot_height - 1 - row)  # how much of this cell the bar covers
                 if filled >= 1:
-                    text.append("█", self._style("measured"))
-                    continue
-                if filled > 0:
-                    text.append(_EIGHTHS[max(1, int(filled * 8))], self._style("measured"))
-                    continue
-                if device_rows is not None and device_rows[column] == row:
-                    text.append("•", self._style("device"))
+                    cells.append(("█", "measured"))
+                elif filled > 0:
+                    cells.append((_EIGHTHS[max(1, int(filled * 8))], "measured"))
+                elif device_rows is not None and device_rows[column] == row:
+                    cells.append(("•", "device"))
                 elif row == capacity_row:
-                    text.append("━", self._style("capacity"))
+                    cells.append(("━", "capacity"))
                 elif row == predicted_row:
-                    text.append("╌", self._style("predicted"))
+                    cells.append(("╌", "predicted"))
                 else:
-                    text.append(" ")
+                    cells.append((" ", ""))
+            self._append_runs(text, cells)
             text.append("\n")
         phases = series.phase_columns(plot_width, t_start=start, only=PHASE_LETTERS)
         text.append(" " * (_AXIS_WIDTH - 1) + "└", self._style("axis"))
-        for phase in phases:
-            text.append(PHASE_LETTERS.get(phase or "", " "), self._style("phase"))
+        self._append_runs(text, [(PHASE_LETTERS.get(phase or "", " "), "phase") for phase in phases])
         text.append("\n")
         end = f"{series.duration:.1f} s"
         begin = f"{start:.1f} s"
         text.append(" " * _AXIS_WIDTH + begin.ljust(max(0, plot_width - len(end))) + end, self._style("axis"))
         return text
+
+    def _append_runs(self, text: Text, cells: list[tuple[str, str]]) -> None:
+        """Append (character, style name) cells as one span per run of a style: a chart redrawn ten times a
+        second as thousands of one-character spans costs the UI thread more than a key press may wait."""
+        for name, run in groupby(cells, key=itemgetter(1)):
+            characters = "".join(character for character, _name in run)
+            text.append(characters, self._style(name) if name else None)
 
     def _legend(self, capacity_on_scale: bool) -> Text:
         legend = Text(" " * _AXIS_WIDTH)

@@ -57,6 +57,7 @@ class LiveRunController:
         """Preflight, start, stream until the end; returns (and posts) the final message."""
         from memtui.engine.errors import InputError
         from memtui.engine.live.process import LiveRefused, WorkerProcess, preflight
+        from memtui.engine.live.protocol import is_final
 
         self._stop.clear()
         stop = lambda: self._stop.is_set() or cancelled()  # noqa: E731
@@ -65,6 +66,9 @@ class LiveRunController:
             checked = preflight(config, options)
             if checked.note:
                 self._push({"type": "notice", "level": "info", "text": checked.note})
+            for notice in checked.plan.notices if checked.plan is not None else ():
+                # What this device cannot run (QLoRA, 8-bit Adam on a CPU): said now, not once torch has loaded.
+                self._push({"type": "notice", "level": "warning", "text": notice})
             worker = WorkerProcess(config, options, device_kind=checked.device_kind, ranks=checked.ranks,
                                    lock=self._lock_runs, owner="memtui TUI")
             self._worker = worker
@@ -73,7 +77,7 @@ class LiveRunController:
                 final = {"type": "error", "text": "the run ended without a result"}
                 for message in worker.messages(stop=stop):
                     self._push(message)
-                    if message["type"] in ("summary", "refused", "error"):
+                    if is_final(message):
                         final = message
                 if stop() and worker.final is None:
                     worker.cancel()

@@ -11,6 +11,7 @@ so a recorded stream replays through the same code.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from textual.containers import Horizontal, Vertical
 from textual.worker import Worker, WorkerState, get_current_worker
 from textual.widgets import DataTable, ProgressBar, Static
 
-from memtui.engine.live.protocol import error_pct
+from memtui.engine.live.protocol import Summary, error_pct
 from memtui.engine.telemetry.series import SampleSeries
 from memtui.engine.units import GiB
 from memtui.tui.live.chart import MemoryChart
@@ -38,6 +39,9 @@ ROWS = (
     ("device", "Device peak"),
 )
 STATES = ("idle", "starting", "running", "stopping", "done", "oom", "cancelled", "refused", "error")
+# The stream comes at 20+ messages a second; the views are redrawn at most this often, so that a key
+# pressed during a run is answered first (the data is never dropped, only the redraws are fewer).
+REFRESH_INTERVAL_S = 0.1
 
 
 def gib(n_bytes: int | None) -> str:
@@ -62,16 +66,21 @@ class LivePanel(Vertical):
         self.series = SampleSeries()
         self.device: dict[str, Any] = {}
         self.plan: dict[str, Any] = {}
-        self.summary: dict[str, Any] | None = None
+        self.summary: Summary | None = None
         self.notices: list[str] = []
+        self.left_out: list[str] = []  # options this device cannot run, which the run goes on without
         self.step = 0
         self.steps = 0
         self.border_title = "Live run"
+        self._last_refresh = 0.0
+        self._refresh_timer: Any = None
+        self._cells: dict[tuple[str, str], str] = {}  # what the table shows, so unchanged cells are not redrawn
 
     def compose(self) -> ComposeResult:
         yield Static("Press r to train a scaled-down copy of this configuration and measure it (R sets the "
                      "device, steps and size); s stops it, b shows the budget.",
                      id="live-status")
+        yield Static("", id="live-left-out", markup=False)
         yield MemoryChart(id="live-chart")
         with Horizontal(id="live-progress-row"):
             yield ProgressBar(total=None, show_eta=False, show_percentage=False, id="live-progress")
@@ -87,6 +96,7 @@ class LivePanel(Vertical):
         table.add_column("Error", key="error")
         for key, label in ROWS:
             table.add_row(label, "", "", "", key=key)
+        self._show_left_out()
         self._set_state("idle")
 
     # ---- control ----------------------------------------------------------------------------
@@ -129,6 +139,18 @@ class LivePanel(Vertical):
         event.stop()
         for message in self.controller.take():
             self.ingest(message, refresh=False)
+        self._refresh_soon()
+
+    def _refresh_soon(self) -> None:
+        """Redraw now if the last redraw is REFRESH_INTERVAL_S old, else once that much time has passed."""
+        wait = self._last_refresh + REFRESH_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self.refresh_views()
+        elif self._refresh_timer is None:
+            self._refresh_timer = self.set_timer(wait, self._timed_refresh)
+
+    def _timed_refresh(self) -> None:
+        self._refresh_timer = None
         self.refresh_views()
 
     def on_live_run_ended(self, event: LiveRunEnded) -> None:
@@ -150,9 +172,10 @@ class LivePanel(Vertical):
     # ---- the stream -> the view ---------------------------------------------------------------
     def reset(self) -> None:
         self.series = SampleSeries()
-        self.device, self.plan, self.summary, self.notices = {}, {}, None, []
+        self.device, self.plan, self.summary, self.notices, self.left_out = {}, {}, None, [], []
         self.step = self.steps = 0
         self.query_one("#live-result", Static).update("")
+        self._show_left_out()
         self.refresh_views()
 
     def ingest(self, message: dict[str, Any], *, refresh: bool = True) -> None:
@@ -174,10 +197,15 @@ class LivePanel(Vertical):
             changes = "; ".join(model.get("changes", [])) or "full size"
             self._status(f"{model.get('name', '')}: {changes}")
         elif kind == "notice":
-            self.notices.append(str(message.get("text", "")))
-            if self.is_attached:  # e.g. QLoRA on a CPU: said at once, not only in the result
-                self.notify(self.notices[-1], title="Live run", markup=False,
-                            severity="warning" if message.get("level") == "warning" else "information")
+            text = str(message.get("text", ""))
+            if text in self.notices:  # the preflight said it before the worker did
+                return
+            self.notices.append(text)
+            if message.get("level") == "warning":  # e.g. QLoRA on a CPU: said at the top, for the whole run
+                self.left_out.append(text)
+                self._show_left_out()
+            elif self.is_attached:
+                self.notify(text, title="Live run", markup=False, severity="information")
         elif kind == "step":
             self.step = int(message.get("step", 0))
             self.steps = int(message.get("steps") or self.steps)
@@ -185,8 +213,8 @@ class LivePanel(Vertical):
             if message.get("stopped") and self.summary is None:
                 self._finish("cancelled", f"Stopped after step {self.step} of {self.steps or '?'}; the worker has ended.")
             elif not message.get("stopped"):
-                self.summary = message
-                self._show_summary(message)
+                self.summary = Summary.model_validate(message)
+                self._show_summary(self.summary)
         elif kind == "refused":
             self._finish("refused", f"Refused: {message.get('reason', '')}")
         elif kind == "error":
@@ -194,29 +222,34 @@ class LivePanel(Vertical):
         if refresh:
             self.refresh_views()
 
-    def _show_summary(self, summary: dict[str, Any]) -> None:
-        result = summary.get("result")
-        measured = summary.get("measured") or {}
-        label = measured.get("label", "device")
-        if result == "oom" and summary.get("oom"):
-            oom = summary["oom"]
-            self._finish("oom", f"OOM at {gib(oom.get('at_bytes'))} after step {oom.get('after_step')} "
-                                f"({oom.get('phase')}): predicted {gib((summary.get('predicted') or {}).get('tensor_peak_bytes'))}")
+    def _show_summary(self, summary: Summary) -> None:
+        measured = summary.measured
+        if summary.result == "oom" and summary.oom:
+            predicted = summary.predicted.tensor_peak_bytes if summary.predicted else None
+            self._finish("oom", f"OOM at {gib(summary.oom.at_bytes)} after step {summary.oom.after_step} "
+                                f"({summary.oom.phase}): predicted {gib(predicted)}")
             return
-        if result == "cancelled":
-            self._finish("cancelled", f"Stopped after step {summary.get('steps_completed')} of {summary.get('steps')}.")
+        if summary.result == "cancelled":
+            self._finish("cancelled", f"Stopped after step {summary.steps_completed} of {summary.steps}; "
+                                      "the figures are partial, so none is compared with the prediction.")
             return
         lines = [
-            f"Completed {summary.get('steps_completed')} steps in {summary.get('seconds', 0):.1f} s: tensor peak "
-            f"predicted {gib(summary['predicted']['tensor_peak_bytes'])}, measured {gib(measured.get('tensor_peak_bytes'))} "
-            f"({percent(summary['error_pct']['tensor_peak'])}); device peak ({label}) "
-            f"{gib(measured.get('device_peak_bytes'))}."
+            f"Completed {summary.steps_completed} steps in {summary.seconds:.1f} s: tensor peak "
+            f"predicted {gib(summary.predicted.tensor_peak_bytes)}, measured {gib(measured.tensor_peak_bytes)} "
+            f"({percent(summary.error_pct.tensor_peak)}); device peak ({measured.label}) "
+            f"{gib(measured.device_peak_bytes)}."
         ]
-        full = summary.get("full_model")
-        if full and full.get("calibrated_tensor_peak_bytes") is not None:
-            lines.append(f"Full {full['id']} on {full['gpu']}: analytic {gib(full['analytic_tensor_peak_bytes'])}, "
-                         f"calibrated by the measured per-layer cost {gib(full['calibrated_tensor_peak_bytes'])}.")
+        full = summary.full_model
+        if full and full.calibrated_tensor_peak_bytes is not None:
+            lines.append(f"Full {full.id} on {full.gpu}: analytic {gib(full.analytic_tensor_peak_bytes)}, "
+                         f"calibrated by the measured per-layer cost {gib(full.calibrated_tensor_peak_bytes)}.")
         self._finish("done", "\n".join(lines))
+
+    def _show_left_out(self) -> None:
+        banner = self.query_one("#live-left-out", Static)
+        banner.update("Left out of this run (this device cannot run it): " + "; ".join(self.left_out)
+                      if self.left_out else "")
+        banner.display = bool(self.left_out)
 
     def _finish(self, state: str, text: str) -> None:
         self._set_state(state)
@@ -226,6 +259,7 @@ class LivePanel(Vertical):
         self.query_one("#live-result", Static).update(text + notices)
 
     def refresh_views(self) -> None:
+        self._last_refresh = time.monotonic()
         self._refresh_chart()
         self._refresh_progress()
         self._refresh_table()
@@ -252,31 +286,45 @@ class LivePanel(Vertical):
         text = f"step {self.step} of {self.steps or '?'} · {self.series.duration:.1f} s elapsed"
         if self.running and phase:
             text += f" · {phase}"
-        self.query_one("#live-progress-text", Static).update(text if self.state != "idle" else "")
+        # One row of fixed height: no layout pass for a text that changes ten times a second.
+        self.query_one("#live-progress-text", Static).update(text if self.state != "idle" else "", layout=False)
 
     def _refresh_table(self) -> None:
+        """Predicted beside measured; only a completed run's figures are compared (a partial peak is not a step's)."""
         table = self.query_one("#live-table", DataTable)
         predicted = self.plan.get("predicted") or {}
         components = predicted.get("components") or {}
-        summary = self.summary or {}
-        measured = summary.get("measured") or {}
-        measured_components = measured.get("components") or {}
-        device_label = measured.get("label") or ("CPU RSS" if self.device.get("kind") == "cpu" else "NVML")
+        summary = self.summary
+        measured = summary.measured if summary is not None else None
+        complete = summary is not None and summary.complete
+        partial = "" if complete else (" so far" if summary is None and self.running else " (partial)")
+        device_label = measured.label if measured is not None else (
+            "CPU RSS" if self.device.get("kind") == "cpu" else "NVML")
         device_field = self._device_field() or "rss"
         rows: dict[str, tuple[int | None, int | None]] = {
             "tensor": (predicted.get("tensor_peak_bytes"),
-                       measured.get("tensor_peak_bytes") if summary else self.series.peak("allocated")),
+                       measured.tensor_peak_bytes if measured is not None else self.series.peak("allocated")),
             "device": (predicted.get("device_peak_bytes"),
-                       measured.get("device_peak_bytes") if summary else self.series.peak(device_field)),
+                       measured.device_peak_bytes if measured is not None else self.series.peak(device_field)),
         }
+        measured_components = (measured.components if measured is not None else None) or {}
         for key, _label in ROWS[1:-1]:
-            rows[key] = (components.get(key), measured_components.get(key) if measured_components else None)
+            rows[key] = (components.get(key), measured_components.get(key))
         for key, (expected, seen) in rows.items():
-            table.update_cell(key, "predicted", gib(expected) if expected is not None else "", update_width=True)
-            table.update_cell(key, "measured", gib(seen) if seen is not None else "", update_width=True)
-            shown = error_pct(expected, seen) if seen and seen >= 1 << 20 else None  # tiny parts: % is noise
-            table.update_cell(key, "error", percent(shown) if shown is not None else "", update_width=True)
-        table.update_cell("device", "what", f"Device peak ({device_label})", update_width=True)
+            self._set_cell(table, key, "predicted", gib(expected) if expected is not None else "")
+            self._set_cell(table, key, "measured", gib(seen) + partial if seen is not None else "")
+            if complete:
+                shown = error_pct(expected, seen) if seen and seen >= 1 << 20 else None  # tiny parts: % is noise
+                error = percent(shown) if shown is not None else ""
+            else:
+                error = "partial" if seen is not None and expected is not None else ""
+            self._set_cell(table, key, "error", error)
+        self._set_cell(table, "device", "what", f"Device peak ({device_label})")
+
+    def _set_cell(self, table: DataTable, row: str, column: str, text: str) -> None:
+        if self._cells.get((row, column)) != text:
+            self._cells[(row, column)] = text
+            table.update_cell(row, column, text, update_width=True)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _status(self, text: str) -> None:
