@@ -106,6 +106,8 @@ async def test_shift_r_sets_the_runs_device_steps_and_size_refusing_bad_values()
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: app.result is not None and app.query("#opt-model"), 10)
         app.apply_preset("model", "llama-3.2-1b")
+        await pilot.pause()
+        assert app.result.config.model == "llama-3.2-1b"  # no control's earlier change undoes the palette's pick
         app.set_focus(None)
         await pilot.press("R")
         assert isinstance(app.screen, LiveSettingsScreen)

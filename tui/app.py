@@ -595,12 +595,8 @@ class MemtuiApp(App[None]):
     def _apply_live_settings(self, settings) -> None:
         if settings is None:
             return
-        from memtui.engine.live.plan import LiveOptions
-
         self.live_settings = settings
-        self.query_one(LivePanel).options = LiveOptions(
-            device=settings.device, steps=settings.steps, layers=settings.layers, width=settings.width,
-            if_unsupported="skip")
+        self.query_one(LivePanel).options = settings.live_options()
         self.action_live_run()
 
     def action_stop_run(self) -> None:

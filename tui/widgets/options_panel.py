@@ -134,6 +134,10 @@ class OptionsPanel(VerticalScroll, can_focus=False):
         self.gpus = gpus
         self.custom_models: list[str] = []
         self.rows: dict[str, OptionRow] = {}
+        # The controls were built from the options of the moment the panel composed; a palette pick while they
+        # mount changes the options, and their mount-time change events would undo it. Until the app's first
+        # sync (on Ready), no control event is a user's edit.
+        self.synced = False
 
     def compose(self) -> ComposeResult:
         for title, specs in GROUPS:
@@ -179,7 +183,8 @@ class OptionsPanel(VerticalScroll, can_focus=False):
     def _select_changed(self, event: Select.Changed) -> None:
         event.stop()
         key = self._key(event.select)
-        if key is None or event.value is Select.NULL:
+        # A change queued before the app set the control (a palette pick while the inputs mount) is stale.
+        if not self.synced or key is None or event.value is Select.NULL or event.value != event.select.value:
             return
         value: Any = OPTIONS[key].from_text(event.value) if key in OPTIONS else event.value
         current = self.planner.gpu_choice if key == "gpu" else self.planner.options.get(key)
@@ -190,6 +195,8 @@ class OptionsPanel(VerticalScroll, can_focus=False):
     def _checkbox_changed(self, event: Checkbox.Changed) -> None:
         event.stop()
         key = self._key(event.checkbox)
+        if not self.synced or event.value != event.checkbox.value:
+            return  # stale: the app has set the switch since
         event.checkbox.label = switch_label(event.value)
         if key is not None and event.value != self.planner.options.get(key):
             self.post_message(self.Changed(key, event.value))
@@ -198,8 +205,8 @@ class OptionsPanel(VerticalScroll, can_focus=False):
     def _input_changed(self, event: Input.Changed) -> None:
         event.stop()
         key = self._key(event.input)
-        if key is None or key == "model_path":
-            return  # a path loads on Enter, not on every keystroke
+        if not self.synced or key is None or key == "model_path" or event.value != event.input.value:
+            return  # a path loads on Enter, not on every keystroke; a stale change was overwritten since
         if key not in self.planner.field_errors and event.value == str(self.planner.options.get(key)):
             return  # the app set this value itself
         self.post_message(self.Changed(key, event.value))
@@ -222,6 +229,7 @@ class OptionsPanel(VerticalScroll, can_focus=False):
         # Programmatic changes must not come back as user edits.
         with self.prevent(Select.Changed, Input.Changed, Checkbox.Changed):
             self._sync()
+        self.synced = True
 
     def _sync(self) -> None:
         options = self.planner.options
