@@ -230,3 +230,16 @@ def test_fsdp2_steps_the_optimizer_on_shards_alone(zero):
     optimizer_moment = next(point.bytes for point in budget.timeline if point.phase == "optimizer")
     states = budget.model_states
     assert optimizer_moment < full_weights // 4 + states.gradients + states.optimizer_states + full_weights // 2
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+def test_params_offload_still_gathers_the_computed_layers_onto_the_gpu(gpus):
+    """ZeRO-Offload of parameters streams each layer in for its compute, whatever the GPU count."""
+    options = dict(model="llama-3.1-70b", gpu="rtx-a6000", zero=3, quant="nf4", lora_rank=16, checkpointing="full",
+                   precision="bf16-true", seq_len=8192, offload="optimizer+params")
+    single = estimate(TrainingConfig(**options, gpus=1))
+    budget = estimate(TrainingConfig(**options, gpus=gpus))
+    assert budget.model_states.weights == 0  # nothing resident between steps
+    assert budget.per_gpu.weights > 0  # but the layer computed and the one prefetched are on the GPU
+    assert budget.per_gpu.weights == single.per_gpu.weights
+    assert budget.device_peak_bytes == single.device_peak_bytes

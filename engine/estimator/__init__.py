@@ -142,7 +142,8 @@ def estimate(
         config = config.model_copy(update={"quant": "none"})  # Conv1D: bitsandbytes converts nothing (see notes)
     layout = _layout(config, model)
     dp = config.dp
-    zero = config.zero if dp > 1 else 0
+    # ZeRO-Offload runs its stages on one GPU too (its paper's main case); without offload a lone GPU has nothing to shard.
+    zero = config.zero if dp > 1 or config.offload != "none" else 0
     param_bytes = config.weight_bytes
 
     # ---- model states ----------------------------------------------------
@@ -163,7 +164,8 @@ def estimate(
         # and the last layer's all-gather buffer is held until the next all-gather.
         gathered = weights_full // dp + layer_weight_bytes
     if config.offload == "optimizer+params":
-        weights = 0
+        weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
+        gathered = min(2, layout.layers) * layer_weight_bytes
     gradients = grads_full
     if zero >= 2:
         gradients = grads_full // dp
