@@ -6,7 +6,8 @@
 - suggest: the least invasive set of option changes that makes a config fit.
 
 "Fits" is Budget.fits: the device peak (what NVML would show) is within the
-GPU's memory. Every answer is checked by an estimate at the answer and, where
+GPU's memory; suggest aims lower, leaving a margin (DEFAULT_MARGIN, 5%) for
+what no estimate sees (fragmentation, another process, a driver update). Every answer is checked by an estimate at the answer and, where
 there is one, at the next value up (or down), so the boundary is exact under
 the estimator. The searches bracket the boundary and interpolate between the
 two ends (memory is close to linear in the batch and the sequence, and in
@@ -31,6 +32,7 @@ from memtui.engine.model.validation import flag_name
 
 __all__ = [
     "BATCH_LIMIT",
+    "DEFAULT_MARGIN",
     "GPU_LIMIT",
     "SEQ_LIMIT",
     "FitReport",
@@ -50,6 +52,7 @@ __all__ = [
 BATCH_LIMIT = 65_536  # TrainingConfig's own bound on --batch-size
 SEQ_LIMIT = 1_048_576  # search cap for models whose positions extrapolate (RoPE)
 GPU_LIMIT = 16_384  # search cap for --min-gpus and suggest's "more GPUs"
+DEFAULT_MARGIN = 0.05  # the share of the card suggest leaves free
 
 _INFINITE = float("inf")
 
@@ -64,13 +67,14 @@ class _Evaluator:
 
     Resolving a preset costs about as much as the estimate itself, and the
     searches revisit configs (the bracket's ends, suggest's shared rungs).
-    A config the validator rejects counts as not fitting.
+    A config the validator rejects counts as not fitting; with a margin, fitting
+    means a device peak within (1 - margin) of the card.
     """
 
-    def __init__(self, config: TrainingConfig, model: ModelSpec | None, gpu: GpuSpec | None) -> None:
+    def __init__(self, config: TrainingConfig, model: ModelSpec | None, gpu: GpuSpec | None, margin: float = 0.0) -> None:
         self.model = model or resolve_model(config.model)
         self.gpu = gpu or resolve_gpu(config.gpu)
-        self.memory = self.gpu.memory_bytes
+        self.memory = int(self.gpu.memory_bytes * (1.0 - margin))  # the target every search aims under
         self._cache: dict[TrainingConfig, Budget | None] = {}
         self.estimates = 0
 
@@ -100,7 +104,7 @@ class _Evaluator:
 
     def fits(self, config: TrainingConfig) -> bool:
         budget = self.budget(config)
-        return budget is not None and budget.fits
+        return budget is not None and budget.device_peak_bytes <= self.memory
 
 
 def _boundary(
@@ -808,13 +812,20 @@ def _plan(
     hardware = hardware or {}
     steps = _steps(evaluator, original, final, mode, hardware, hardware_title, hardware_reason)
     budget = evaluator.budget(final)
-    assert budget is not None and budget.fits  # every plan comes from a config that was estimated to fit
+    assert budget is not None and budget.device_peak_bytes <= evaluator.memory  # every plan was estimated to fit
     summary = " + ".join(step.title for step in steps) or "as configured"
     return Plan(summary, steps, final, budget, mode.changes_training, bool(hardware))
 
 
-def suggest(config: TrainingConfig, *, model: ModelSpec | None = None, gpu: GpuSpec | None = None) -> Suggestion:
+def suggest(
+    config: TrainingConfig, *, model: ModelSpec | None = None, gpu: GpuSpec | None = None,
+    margin: float = DEFAULT_MARGIN,
+) -> Suggestion:
     """The least invasive set of option changes that makes config fit, with a reason per step.
+
+    A plan's device peak stays under (1 - margin) of the card: a plan at 98% of it
+    would fail on the first allocator hiccup. A config that fits as given is left
+    alone, margin or not.
 
     The ladder, least invasive first; the first rung with a fitting config wins:
       1. on the GPUs given, training exactly as configured: flash attention,
@@ -833,7 +844,9 @@ def suggest(config: TrainingConfig, *, model: ModelSpec | None = None, gpu: GpuS
     rung, does not fit. When the plan changes what is trained, `alternatives`
     gives the least hardware that fits while training as configured.
     """
-    evaluator = _Evaluator(config, model, gpu)
+    if not 0.0 <= margin < 1.0:
+        raise InputError("--margin", f"{margin * 100:g} is not a percentage of the card to leave free", "0 to under 100")
+    evaluator = _Evaluator(config, model, gpu, margin)
     original = evaluator.strict_budget(config)
     if original.fits:
         message = f"fits as configured: peak {format_gib(original.device_peak_bytes)} of {format_gib(evaluator.memory)}"
@@ -862,7 +875,7 @@ def suggest(config: TrainingConfig, *, model: ModelSpec | None = None, gpu: GpuS
             plan = hardware_plans[0]
         alternatives = [alt for alt in hardware_plans if not alt.changes_training and alt is not plan][:1]
 
-    memory = format_gib(evaluator.memory)
+    memory = format_gib(evaluator.gpu.memory_bytes)
     if plan is None:
         message = (
             f"nothing fits: not with QLoRA and full checkpointing, nor on up to {GPU_LIMIT:,} GPUs "
@@ -871,7 +884,7 @@ def suggest(config: TrainingConfig, *, model: ModelSpec | None = None, gpu: GpuS
         return Suggestion(False, None, [], original, message, evaluator.estimates)
     message = (
         f"{plan.summary}: peak {format_gib(plan.budget.device_peak_bytes)} of {memory} "
-        f"(was {format_gib(original.device_peak_bytes)})"
+        f"(was {format_gib(original.device_peak_bytes)}; leaves at least {margin * 100:g}% free)"
     )
     return Suggestion(False, plan, alternatives, original, message, evaluator.estimates)
 
@@ -973,6 +986,7 @@ def fit_report(
     suggestion: bool = True,
     zero: int | None = None,
     seq_multiple: int = 1,
+    margin: float = DEFAULT_MARGIN,
     model: ModelSpec | None = None,
     gpu: GpuSpec | None = None,
 ) -> FitReport:
@@ -986,5 +1000,5 @@ def fit_report(
         max_batch=max_batch_size(config, model=model, gpu=gpu) if max_batch else None,
         max_seq=max_seq_len(config, model=model, gpu=gpu, multiple_of=seq_multiple) if max_seq else None,
         min_gpus=min_gpus(config, zero=zero, model=model, gpu=gpu) if gpus else None,
-        suggestion=suggest(config, model=model, gpu=gpu) if suggestion else None,
+        suggestion=suggest(config, model=model, gpu=gpu, margin=margin) if suggestion else None,
     )
