@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memtui.engine.estimator.sim import ops
-from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_scale, per_position, per_token
+from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_scale, per_position
 
 
 @dataclass(frozen=True)
