@@ -182,12 +182,12 @@ def _modes(config: TrainingConfig, gpu: GpuSpec) -> list[_Mode]:
         if config.uses_lora:
             reason = "the frozen base in 16 bits instead of 32"
         modes.append(_Mode(f"{pure} weights", reason, changes, not config.uses_lora))
+    # Adapters on a frozen base: no master weights, and GaLore's projection has nothing to project.
+    adapters = {"master_weights": False} if config.master_weights else {}
+    if config.optimizer == "galore-adamw":
+        adapters["optimizer"] = "adamw"
     if not config.uses_lora:
-        changes = {"lora_rank": 16, "lora_targets": "all-linear", "precision": pure}
-        if config.master_weights:
-            changes["master_weights"] = False
-        if config.optimizer == "galore-adamw":
-            changes["optimizer"] = "adamw"
+        changes = {"lora_rank": 16, "lora_targets": "all-linear", "precision": pure, **adapters}
         modes.append(_Mode(
             "LoRA r=16", "freeze the base in 16 bits and train rank-16 adapters on every linear layer "
             "(under 1% of the parameters)", changes, True,
@@ -196,10 +196,7 @@ def _modes(config: TrainingConfig, gpu: GpuSpec) -> list[_Mode]:
         changes = {"quant": "nf4", "precision": _mixed(gpu)}
         if not config.uses_lora:
             changes.update(lora_rank=16, lora_targets="all-linear")
-        if config.master_weights:
-            changes["master_weights"] = False
-        if config.optimizer == "galore-adamw":
-            changes["optimizer"] = "adamw"
+        changes.update(adapters)
         modes.append(_Mode(
             "QLoRA (nf4)", "store the frozen base in 4-bit NF4 (about 0.52 bytes per weight) and train "
             "rank-16 adapters in 16-bit compute", changes, True,
