@@ -415,7 +415,7 @@ def suggest(
         return Suggestion(False, None, [], original, message, evaluator.estimates)
     message = (
         f"{plan.summary}: peak {format_gib(plan.budget.device_peak_bytes)} of {memory} "
-        f"(was {format_gib(original.device_peak_bytes)}; leaves at least {margin * 100:g}% free)"
+        f"(was {format_gib(original.device_peak_bytes)}" + (f"; leaves at least {margin * 100:g}% free)" if margin else ")")
     )
     return Suggestion(False, plan, alternatives, original, message, evaluator.estimates)
 
