@@ -72,10 +72,8 @@ def test_estimate_matches_trace(options):
     assert abs(estimated - traced) / traced < 0.005, (estimated, traced)
 
 
-# Eager on this 64-wide model: the estimate's backward peak is 0.7% under the trace (146 KB of 20 MB);
-# on real presets (Qwen2.5-0.5B, Llama-3.2-1B, batch 1-4, flash and eager) the tensor peaks are equal.
-@pytest.mark.parametrize(("attention", "precision", "tolerance"), [("flash", "bf16-mixed", 0.002), ("eager", "bf16-true", 0.01)])
-def test_selective_checkpointing_keeps_less_than_none_and_the_estimate_follows(attention, precision, tolerance):
+@pytest.mark.parametrize(("attention", "precision"), [("flash", "bf16-mixed"), ("eager", "bf16-true")])
+def test_selective_checkpointing_keeps_less_than_none_and_the_estimate_follows(attention, precision):
     """PyTorch's selective activation checkpointing, traced: less kept than without checkpointing, as estimated."""
     from memtui.engine.trace.runner import trace
 
@@ -88,7 +86,7 @@ def test_selective_checkpointing_keeps_less_than_none_and_the_estimate_follows(a
         result = trace(config, model=spec)
         estimated = estimate(config, model=spec)
         traced = result.traced_tensor_peak_bytes
-        assert abs(estimated.tensor_peak_bytes - workspace - traced) / traced < tolerance
+        assert abs(estimated.tensor_peak_bytes - workspace - traced) / traced < 0.002
         kept[mode] = next(point.bytes for point in result.budget.timeline if point.phase == "loss")
         estimated_kept = next(point.bytes for point in estimated.timeline if point.phase == "loss") - workspace
         assert abs(estimated_kept - kept[mode]) / kept[mode] < 0.002

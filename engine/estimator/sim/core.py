@@ -182,6 +182,16 @@ class Sim:
             self.log.append(("+", tensor))
         return tensor
 
+    def stops_as_inputs_are_saved(self, inputs: list[Tensor]) -> bool:
+        """Whether a recompute ends at this op's node, before the op runs.
+
+        Autograd saves an op's inputs before its kernel runs, and torch.utils.checkpoint stops once the
+        last saved tensor is back: when that is an input (a matmul's), the op's output is never made
+        again, nor taken back from the selective policy's storage (which keeps it until the region ends).
+        """
+        return self._recompute_stop >= 0 and len(self.nodes) == self._recompute_stop and any(
+            tensor.requires_grad for tensor in inputs)
+
     def policy_saved(self, elems: LF, dtype: str, *, name: str) -> Tensor:
         """The output of an op selective checkpointing saves: allocated once, in the forward."""
         replaying = self._recomputing

@@ -93,13 +93,17 @@ def linear(sim: Sim, x: Tensor, weight: Tensor, out_features: int, in_features: 
 
 def _weight_matmul(sim: Sim, x_c: Tensor, weight_c: Tensor, bias_c: Tensor | None, out_features: int, in_features: int) -> Tensor:
     """x @ W (+ b) on operands already cast; consumes their references."""
-    out = sim.policy_saved(lf_scale(x_c.elems, out_features / in_features), x_c.dtype, name="linear")  # mm / addmm
+    elems = lf_scale(x_c.elems, out_features / in_features)
     saved = []
     if weight_c.requires_grad:
         saved.append(x_c)
     if x_c.requires_grad:
         saved.append(weight_c)
     inputs = [x_c, weight_c] + ([bias_c] if bias_c is not None else [])
+    if sim.stops_as_inputs_are_saved(inputs):
+        out = Tensor(elems=elems, dtype=x_c.dtype, alive=False)  # never allocated: record() ends the recompute
+    else:
+        out = sim.policy_saved(elems, x_c.dtype, name="linear")  # mm / addmm
     sim.record("linear", out, inputs, saved, _linear_backward)
     sim.drop(bias_c, weight_c, x_c)
     return out
