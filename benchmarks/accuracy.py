@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from memtui.engine.estimator import estimate  # noqa: E402
-from memtui.engine.estimator.moments import simulated  # noqa: E402
 from memtui.engine.estimator.overhead import cublas_workspace_bytes  # noqa: E402
 from memtui.engine.model.presets import resolve_gpu, resolve_model  # noqa: E402
 from memtui.engine.model.specs import TrainingConfig  # noqa: E402
@@ -182,7 +181,7 @@ def measure(row: dict) -> dict:
         "error": (estimated - actual) / actual,
         "traced_phase": traced.peak_phase,
         "estimated_phase": budget.peak_phase,
-        "method": "simulated" if simulated(spec) else "closed form",
+        "method": "simulated",  # every family is (memtui.engine.estimator.sim)
         "seconds": seconds,
     }
 

@@ -26,6 +26,8 @@ def add_parser(subparsers) -> None:
                        help="ZeRO stage for --min-gpus (default: --zero when it is 1-3, else 3)")
     group.add_argument("--seq-multiple", type=_seq_multiple, metavar="N",
                        help="round --max-seq down to a multiple of N, e.g. 128 (default 1)")
+    group.add_argument("--margin", type=_margin, metavar="PERCENT",
+                       help="share of the card --suggest leaves free, in percent (default 5)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
     parser.set_defaults(handler=run)
 
@@ -40,6 +42,16 @@ def _seq_multiple(text: str) -> int:
     return value
 
 
+def _margin(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--margin: {text!r} is not a number (allowed: 0 to under 100)") from None
+    if not 0 <= value < 100:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"--margin: {text} is not a percentage to leave free (allowed: 0 to under 100)")
+    return value / 100
+
+
 def _zero_stage(text: str) -> int:
     if text not in ("0", "1", "2", "3"):
         raise argparse.ArgumentTypeError(f"--zero-for-gpus: {text!r} is not a valid choice (allowed: 0, 1, 2, 3)")
@@ -47,7 +59,7 @@ def _zero_stage(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memtui.engine.planning.fit import fit_report
+    from memtui.engine.planning.fit import DEFAULT_MARGIN, fit_report
 
     config = config_from_args(args)
     asked = (args.max_batch, args.max_seq, args.min_gpus, args.suggest)
@@ -60,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         suggestion=everything or args.suggest,
         zero=args.zero_for_gpus,
         seq_multiple=args.seq_multiple or 1,
+        margin=DEFAULT_MARGIN if args.margin is None else args.margin,
     )
     if args.json:
         print(json.dumps(report.as_json(), indent=2))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import memtui.engine.planning.ladder as ladder_module
 from memtui.engine.errors import InputError
 from memtui.engine.estimator import estimate
-from memtui.engine.planning.ladder import BASELINE_OPTIONS, baseline_config, savings_ladder
+from memtui.engine.planning.ladder import BASELINE_OPTIONS, COSTS_MEMORY, baseline_config, savings_ladder
 from memtui.engine.model.presets import resolve_recipe
 from memtui.engine.model.specs import COMPONENT_NAMES, TrainingConfig
 
@@ -160,3 +160,13 @@ def test_any_valid_configuration_ladders_down_to_itself(options):
     assert ladder.final.budget == expected
     assert ladder.baseline.budget.bytes_per_param == 16.0
     assert sum(step.removed_total for step in ladder.steps) == ladder.removed_total
+    for step in ladder.steps[1:]:
+        assert step.label.endswith(COSTS_MEMORY) == (step.removed_total < 0), step.label
+
+
+def test_a_rung_that_adds_memory_is_labelled_a_cost():
+    """From fp32 weights, autocast adds its 16-bit weight copies before it halves any activation."""
+    config = TrainingConfig(model="llama-3.2-1b", precision="16-mixed", attention="flash", optimizer="adamw-8bit", seq_len=2048)
+    precision = next(step for step in savings_ladder(config).steps if step.keys == ("precision",))
+    assert precision.removed_total < 0
+    assert precision.label == "fp16 mixed precision (autocast)" + COSTS_MEMORY

@@ -74,7 +74,7 @@ def test_ladder_labels_and_baseline_come_from_the_registry():
                             quant="nf4", checkpointing="full", gpus=2, zero=3)
     assert BASELINE_OPTIONS["precision"] == OPTIONS["precision"].baseline == "32-true"
     labels = [step.label for step in savings_ladder(config).steps[1:]]
-    assert "bf16 weights and gradients + fp32 master copy" in labels
+    assert "bf16 weights and gradients + fp32 master copy (costs memory here)" in labels  # same 16 B/param, plus casts
     assert "LoRA rank 16 (q_proj,v_proj)" in labels
     assert "ZeRO-3 / FSDP: + weights sharded over 2 ranks" in labels
 

@@ -29,8 +29,9 @@ def tiny_llama(layers: int = 2):
         dict(precision="32-true"),
         dict(precision="bf16-mixed", checkpointing="full"),
         dict(precision="bf16-true", attention="eager", lora_rank=4, lora_targets="all-linear"),
+        dict(precision="bf16-mixed", checkpointing="selective"),
     ],
-    ids=["fp32", "bf16-mixed-ckpt", "bf16-true-eager-lora"],
+    ids=["fp32", "bf16-mixed-ckpt", "bf16-true-eager-lora", "bf16-mixed-selective"],
 )
 def test_fake_trace_equals_a_real_cpu_run(options):
     from memtui.engine.trace.analysis import summarize
@@ -69,6 +70,27 @@ def test_estimate_matches_trace(options):
     traced = trace(config).traced_tensor_peak_bytes
     estimated = estimate(config).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
     assert abs(estimated - traced) / traced < 0.005, (estimated, traced)
+
+
+@pytest.mark.parametrize(("attention", "precision"), [("flash", "bf16-mixed"), ("eager", "bf16-true")])
+def test_selective_checkpointing_keeps_less_than_none_and_the_estimate_follows(attention, precision):
+    """PyTorch's selective activation checkpointing, traced: less kept than without checkpointing, as estimated."""
+    from memtui.engine.trace.runner import trace
+
+    spec = tiny_llama(layers=4)
+    workspace = cublas_workspace_bytes(resolve_gpu("h100-80gb"))
+    kept = {}
+    for mode in ("none", "selective"):
+        config = TrainingConfig(model="llama-3.2-1b", gpu="h100-80gb", batch_size=4, seq_len=256, attention=attention,
+                                precision=precision, checkpointing=mode)
+        result = trace(config, model=spec)
+        estimated = estimate(config, model=spec)
+        traced = result.traced_tensor_peak_bytes
+        assert abs(estimated.tensor_peak_bytes - workspace - traced) / traced < 0.002
+        kept[mode] = next(point.bytes for point in result.budget.timeline if point.phase == "loss")
+        estimated_kept = next(point.bytes for point in estimated.timeline if point.phase == "loss") - workspace
+        assert abs(estimated_kept - kept[mode]) / kept[mode] < 0.002
+    assert kept["selective"] < kept["none"] * 0.8
 
 
 def test_trace_cli_json_has_the_estimate_schema_and_says_what_it_traced(capsys):

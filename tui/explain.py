@@ -163,7 +163,7 @@ _EXPLAINERS = [
         "Recompute activations, don't store.",
         "Normally every layer stores what its backward pass needs. With **full** checkpointing "
         "each layer stores only its input and recomputes the rest during backward; **selective** "
-        "drops only the cheap-to-recompute attention internals.",
+        "keeps the matmul and attention outputs and recomputes only the cheap pointwise work (norms, RoPE, activations).",
         "Full recomputation adds roughly one extra forward pass, about a third more compute per step. "
         "Selective costs a few percent.",
         "Whenever activations dominate the bar: long sequences, big micro-batches. Often the "

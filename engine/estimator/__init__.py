@@ -13,8 +13,12 @@ largest moment:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 from memtui.engine.model.architectures import ModelSpec
-from memtui.engine.estimator.moments import activation_moments
+from memtui.engine.estimator.budget import make_budget
+from memtui.engine.estimator.moments import Moment, activation_moments
 from memtui.engine.estimator.layout import (
     INT8_BYTES_PER_PARAM,
     NF4_BYTES_PER_PARAM,
@@ -34,9 +38,7 @@ from memtui.engine.model.specs import (
     Budget,
     Components,
     GpuSpec,
-    GpuSummary,
     ModelStates,
-    ModelSummary,
     TimelinePoint,
     TrainingConfig,
 )
@@ -130,6 +132,135 @@ def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: Par
     return int(per_param * trainable), one_state
 
 
+@dataclass(frozen=True)
+class _StatesOnGpu:
+    """Weights, gradients and optimizer states on one GPU once ZeRO and offload have had their say."""
+
+    dp: int
+    zero: int  # the stage in effect (none without offload on a lone GPU: nothing to shard)
+    weights_full: int  # unsharded, as stored (base + adapters)
+    grads_full: int  # unsharded
+    layer_weight_bytes: int  # the largest layer's weights, as gathered for its compute
+    layer_grads: int  # the largest layer's gradients (a reduce-scatter bucket); 0 under LoRA
+    states: ModelStates  # between steps: the ZeRO paper's model states
+    computing_weights: int  # through forward and backward: + the layers gathered for compute
+    resting_weights: int  # between steps and through the optimizer step
+    ddp_buckets: int  # PyTorch DDP's flat copy of every gradient (ZeRO-0/1 across ranks)
+
+    def gradients_at(self, unsharded: int, offload: str) -> int:
+        """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced."""
+        if self.zero >= 2:
+            return 0 if offload != "none" else unsharded // self.dp + min(unsharded, self.layer_grads)
+        return unsharded
+
+
+def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout) -> tuple[_StatesOnGpu, int]:
+    """The model states on one GPU, and one optimizer state over the largest group (for the step's temporaries)."""
+    dp = config.dp
+    # ZeRO-Offload runs its stages on one GPU too (its paper's main case); without offload a lone GPU has nothing to shard.
+    zero = config.zero if dp > 1 or config.offload != "none" else 0
+    base_weights, adapters = _weights_bytes(config, layout)
+    weights_full = base_weights + adapters
+    grads_full = layout.trainable_params * trainable_bytes(config)
+    states_full, one_state_group = _optimizer_state_bytes(config, model, layout)
+
+    layer_weight_bytes = layout.largest_layer_params * (config.weight_bytes if config.quant == "none" else 1)
+    weights = weights_full
+    gathered = 0  # ZeRO-3: the layer being computed and the one prefetched, unsharded
+    if zero >= 3:
+        weights = weights_full // dp
+        gathered = min(2, layout.layers) * layer_weight_bytes
+    elif zero == 2 and config.offload == "none":
+        # FSDP2 without resharding after forward: the 1/dp shards stay beside the gathered weights,
+        # and the last layer's all-gather buffer is held until the next all-gather.
+        gathered = weights_full // dp + layer_weight_bytes
+    if config.offload == "optimizer+params":
+        weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
+        gathered = min(2, layout.layers) * layer_weight_bytes
+    gradients = grads_full // dp if zero >= 2 else grads_full
+    optimizer_states = states_full // dp if zero >= 1 else states_full
+    if config.offload != "none":
+        optimizer_states = 0
+        if zero >= 2:
+            gradients = 0  # ZeRO-Offload streams gradients to the CPU as they are reduced
+    # What stays between steps and through the optimizer step: FSDP2 frees gathered weights after backward.
+    resting_weights = weights_full // dp if zero == 2 and config.offload == "none" else weights
+    # PyTorch DDP (ZeRO-0/1 across ranks) copies every gradient into flat bucket buffers for the
+    # all-reduce and keeps them from the first backward on (gradient_as_bucket_view=False, the default).
+    ddp_buckets = grads_full if dp > 1 and zero <= 1 else 0
+    on_gpu = _StatesOnGpu(
+        dp=dp, zero=zero, weights_full=weights_full, grads_full=grads_full, layer_weight_bytes=layer_weight_bytes,
+        layer_grads=layout.largest_layer_params * config.weight_bytes if not config.uses_lora else 0,
+        states=ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer_states),
+        computing_weights=weights + gathered, resting_weights=resting_weights, ddp_buckets=ddp_buckets,
+    )
+    return on_gpu, one_state_group
+
+
+class StepMoment(NamedTuple):
+    """Bytes on one GPU at a candidate peak of the step, beyond the optimizer states; the largest is the peak."""
+
+    phase: str  # forward | loss | backward | optimizer
+    weights: int
+    gradients: int
+    activations: int
+    temporary: int
+
+    def total(self, optimizer_states: int) -> int:
+        return self.weights + self.gradients + self.activations + self.temporary + optimizer_states
+
+
+def _optimizer_step_temporaries(config: TrainingConfig, layout: ParamLayout, on_gpu: _StatesOnGpu, one_state_group: int) -> int:
+    if config.offload != "none":
+        return 0  # the step runs on the CPU
+    shards = on_gpu.dp if on_gpu.zero >= 1 else 1
+    trained_bytes = trainable_bytes(config)
+    temporaries = step_temp_bytes(
+        config,
+        group_state_bytes=one_state_group // shards,
+        largest_tensor_state_bytes=layout.largest_tensor_params * (4 if config.master_weights else trained_bytes),
+    )
+    if config.master_weights:
+        temporaries += on_gpu.grads_full * 2 // shards  # fp32 copies of the 16-bit grads
+    return temporaries
+
+
+def _forward_backward_moment(config: TrainingConfig, moment: Moment, on_gpu: _StatesOnGpu, workspace: int) -> StepMoment:
+    weights = on_gpu.computing_weights
+    if (on_gpu.zero == 2 and config.offload == "none" and not config.uses_lora and on_gpu.grads_full > 0
+            and moment.gradients > 0):
+        # FSDP2 reshards each layer once its backward is done: the gathered weights shrink as gradients grow.
+        done = min(moment.gradients / on_gpu.grads_full, 1.0)
+        weights -= int((on_gpu.weights_full - on_gpu.layer_weight_bytes) * done)
+    return StepMoment(moment.phase, weights, on_gpu.gradients_at(moment.gradients, config.offload),
+                      moment.activations + moment.autocast_weights, moment.temporary + on_gpu.ddp_buckets + workspace)
+
+
+def _step_moments(
+    config: TrainingConfig, model: ModelSpec, layout: ParamLayout, on_gpu: _StatesOnGpu, one_state_group: int, workspace: int
+) -> list[StepMoment]:
+    moments = [_forward_backward_moment(config, moment, on_gpu, workspace)
+               for moment in activation_moments(config, model, layers=layout.layers)]
+    step_temporaries = _optimizer_step_temporaries(config, layout, on_gpu, one_state_group)
+    moments.append(StepMoment("optimizer", on_gpu.resting_weights, on_gpu.states.gradients, 0,
+                              step_temporaries + on_gpu.ddp_buckets + workspace))
+    return moments
+
+
+def _timeline(moments: list[StepMoment], on_gpu: _StatesOnGpu) -> list[TimelinePoint]:
+    """Between steps, then the largest moment of each phase."""
+    optimizer_states = on_gpu.states.optimizer_states
+    phase_peaks: dict[str, int] = {}
+    for moment in moments:
+        phase_peaks[moment.phase] = max(phase_peaks.get(moment.phase, -1), moment.total(optimizer_states))
+    steady = on_gpu.resting_weights + on_gpu.ddp_buckets + optimizer_states
+    timeline = [TimelinePoint(phase="start", bytes=steady)]
+    timeline += [TimelinePoint(phase=name, bytes=phase_peaks[name]) for name in ("forward", "loss", "backward", "optimizer")
+                 if name in phase_peaks]
+    timeline.append(TimelinePoint(phase="end", bytes=steady))
+    return timeline
+
+
 def estimate(
     config: TrainingConfig, *, model: ModelSpec | None = None, gpu: GpuSpec | None = None
 ) -> Budget:
@@ -141,120 +272,27 @@ def estimate(
     if config.quant != "none" and model.family == "gpt2":
         config = config.model_copy(update={"quant": "none"})  # Conv1D: bitsandbytes converts nothing (see notes)
     layout = _layout(config, model)
-    dp = config.dp
-    zero = config.zero if dp > 1 else 0
-    param_bytes = config.weight_bytes
-
-    # ---- model states ----------------------------------------------------
-    base_weights, adapters = _weights_bytes(config, layout)
-    weights_full = base_weights + adapters
-    trained_bytes = trainable_bytes(config)
-    grads_full = layout.trainable_params * trained_bytes
-    states_full, one_state_group = _optimizer_state_bytes(config, model, layout)
-
-    layer_weight_bytes = layout.largest_layer_params * (param_bytes if config.quant == "none" else 1)
-    weights = weights_full
-    gathered = 0  # ZeRO-3: the layer being computed and the one prefetched, unsharded
-    if zero >= 3:
-        weights = weights_full // dp
-        gathered = min(2, layout.layers) * layer_weight_bytes
-    elif zero == 2 and config.offload == "none":
-        # FSDP2 without resharding after forward: the 1/dp shards stay beside the gathered weights,
-        # and the last layer's all-gather buffer is held until the next all-gather.
-        gathered = weights_full // dp + layer_weight_bytes
-    if config.offload == "optimizer+params":
-        weights = 0
-    gradients = grads_full
-    if zero >= 2:
-        gradients = grads_full // dp
-    optimizer_states = states_full
-    if zero >= 1:
-        optimizer_states = states_full // dp
-    if config.offload != "none":
-        optimizer_states = 0
-        if zero >= 2:
-            gradients = 0  # ZeRO-Offload streams gradients to the CPU as they are reduced
-    states = ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer_states)
-    # What stays between steps and through the optimizer step: FSDP2 frees gathered weights after backward.
-    resting_weights = weights_full // dp if zero == 2 and config.offload == "none" else weights
-
-    # ---- the step's moments ---------------------------------------------
+    on_gpu, one_state_group = _states_on_gpu(config, model, layout)
     workspace = cublas_workspace_bytes(gpu)
-    step_temp = step_temp_bytes(
-        config,
-        group_state_bytes=one_state_group // (dp if zero >= 1 else 1),
-        largest_tensor_state_bytes=layout.largest_tensor_params * (4 if config.master_weights else trained_bytes),
-    )
-    if config.master_weights:
-        step_temp += grads_full * 2 // (dp if zero >= 1 else 1)  # fp32 copies of the 16-bit grads
-    if config.offload != "none":
-        step_temp = 0
-    # PyTorch DDP (ZeRO-0/1 across ranks) copies every gradient into flat bucket buffers for the
-    # all-reduce and keeps them from the first backward on (gradient_as_bucket_view=False, the default).
-    ddp_buckets = grads_full if dp > 1 and zero <= 1 else 0
-    states_steady = resting_weights + ddp_buckets
-    weights = weights + gathered  # through forward and backward
-    layer_grads = layout.largest_layer_params * param_bytes if not config.uses_lora else 0
+    moments = _step_moments(config, model, layout, on_gpu, one_state_group, workspace)
 
-    def gradients_on_gpu(unsharded: int) -> int:
-        """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced."""
-        if unsharded < 0:
-            unsharded = grads_full
-        if zero >= 2:
-            return 0 if config.offload != "none" else unsharded // dp + min(unsharded, layer_grads)
-        return unsharded
-
-    # (phase, weights, gradients, activations, temporary) per candidate moment; the largest is the peak.
-    moments: list[tuple[str, int, int, int, int]] = []
-    for moment in activation_moments(
-        config, model, layers=layout.layers, linear_weight_params=layout.linear_weight_params
-    ):
-        copies = moment.autocast_weights
-        if not moment.is_simulated and (zero >= 3 or config.quant != "none"):
-            copies = min(copies, 2 * layer_weight_bytes)
-        moment_weights = weights
-        if zero == 2 and config.offload == "none" and not config.uses_lora and grads_full > 0 and moment.gradients > 0:
-            # FSDP2 reshards each layer once its backward is done: the gathered weights shrink as gradients grow.
-            done = min(moment.gradients / grads_full, 1.0)
-            moment_weights = weights - int((weights_full - layer_weight_bytes) * done)
-        moments.append((moment.phase, moment_weights, gradients_on_gpu(moment.gradients), moment.activations + copies,
-                        moment.temporary + ddp_buckets + workspace))
-    moments.append(("optimizer", resting_weights, gradients, 0, step_temp + ddp_buckets + workspace))
-    phase_peaks: dict[str, int] = {}
-    best, best_total = moments[0], -1
-    for moment in moments:
-        total = moment[1] + moment[2] + moment[3] + moment[4] + optimizer_states
-        if total > phase_peaks.get(moment[0], -1):
-            phase_peaks[moment[0]] = total
-        if total > best_total:
-            best, best_total = moment, total
-    peak_phase = best[0]
-    tensor_peak = _round512(best_total)
-
-    largest_block = max(max(moment[4] for moment in moments) - workspace - ddp_buckets, 0)
+    optimizer_states = on_gpu.states.optimizer_states
+    peak = max(moments, key=lambda moment: moment.total(optimizer_states))  # the first of equals, as the step meets it
+    peak_total = peak.total(optimizer_states)
+    tensor_peak = _round512(peak_total)
+    largest_block = max(max(moment.temporary for moment in moments) - workspace - on_gpu.ddp_buckets, 0)
     reserved = reserved_from_allocated(tensor_peak, largest_block)
-    context = cuda_context_bytes(gpu)
-    overhead = context + (reserved - best_total)  # so that the components add up to the device peak
-    per_gpu = Components(weights=best[1], gradients=best[2], optimizer_states=optimizer_states,
-                         activations=best[3], temporary=best[4], overhead=overhead)
-    device_peak = best_total + overhead
-
-    timeline = [TimelinePoint(phase="start", bytes=states_steady + optimizer_states)]
-    timeline += [TimelinePoint(phase=name, bytes=phase_peaks[name]) for name in ("forward", "loss", "backward", "optimizer") if name in phase_peaks]
-    timeline.append(TimelinePoint(phase="end", bytes=states_steady + optimizer_states))
-    total_params = model.params
-    return Budget(
-        model=ModelSummary(id=model.id, params=total_params, trainable_params=trainable_params_total(config, model)),
-        gpu=GpuSummary(id=gpu.id, memory_bytes=gpu.memory_bytes),
-        config=requested.model_dump(),
-        model_states=states,
+    overhead = cuda_context_bytes(gpu) + (reserved - peak_total)  # so that the components add up to the device peak
+    per_gpu = Components(weights=peak.weights, gradients=peak.gradients, optimizer_states=optimizer_states,
+                         activations=peak.activations, temporary=peak.temporary, overhead=overhead)
+    return make_budget(
+        requested, model, gpu,
+        trainable_params=trainable_params_total(config, model),
+        model_states=on_gpu.states,
         per_gpu=per_gpu,
         tensor_peak_bytes=tensor_peak,
-        device_peak_bytes=device_peak,
-        fits=device_peak <= gpu.memory_bytes,
-        headroom_bytes=gpu.memory_bytes - device_peak,
-        bytes_per_param=states.total / total_params,
-        peak_phase=peak_phase,
-        timeline=timeline,
+        device_peak_bytes=peak_total + overhead,
+        peak_phase=peak.phase,
+        timeline=_timeline(moments, on_gpu),
         notes=notes,
     )

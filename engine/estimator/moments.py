@@ -2,9 +2,7 @@
 
 For every family memtui knows (memtui.engine.estimator.sim: Llama, Mistral, Qwen2,
 Qwen3, Phi-3, GPT-2, Gemma, Gemma-2, Mixtral) every candidate peak of the
-replayed step is evaluated at this batch size and sequence length. The closed
-forms of memtui.engine.estimator.activations remain as the fallback for a family the
-simulator does not know; docs/accuracy.md shows how close each is to a trace.
+replayed step is evaluated at this batch size and sequence length.
 """
 
 from __future__ import annotations
@@ -13,13 +11,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from memtui.engine.model.architectures import ModelSpec
-from memtui.engine.estimator.activations import activation_cost
 from memtui.engine.estimator.sim.core import lf_eval
 from memtui.engine.estimator.sim.families import Dims, Options
 from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for
 from memtui.engine.model.specs import TrainingConfig
-
-SIMULATED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma", "gemma2", "mixtral"})
 
 
 @dataclass(frozen=True)
@@ -31,20 +26,9 @@ class Moment:
     gradients: int  # parameter gradients accumulated so far (unsharded)
     activations: int
     temporary: int
-    is_simulated: bool = True
 
 
-def simulated(model: ModelSpec) -> bool:
-    return model.family in SIMULATED_FAMILIES
-
-
-def activation_moments(config: TrainingConfig, model: ModelSpec, *, layers: int, linear_weight_params: int) -> list[Moment]:
-    if simulated(model):
-        return _simulated_moments(config, model, layers)
-    return _closed_form_moments(config, model, layers, linear_weight_params)
-
-
-def _simulated_moments(config: TrainingConfig, model: ModelSpec, layers: int) -> list[Moment]:
+def activation_moments(config: TrainingConfig, model: ModelSpec, *, layers: int) -> list[Moment]:
     dims, options = dims_for(model, config.tp), options_for(config, model)
     return list(_evaluate(dims, options, layers, config.batch_size, config.seq_len, config.pp))
 
@@ -70,18 +54,3 @@ def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_le
             )
         )
     return tuple(moments)
-
-
-def _closed_form_moments(config: TrainingConfig, model: ModelSpec, layers: int, linear_weight_params: int) -> list[Moment]:
-    cost = activation_cost(config, model, layers=layers, linear_weight_params=linear_weight_params)
-    in_flight = config.pp
-    saved = layers * cost.per_layer_saved * in_flight + cost.embedding_saved + cost.head_saved
-    copies = cost.autocast_weight_copies
-    head_grads = 0 if config.uses_lora else model.vocab_size * model.hidden_size * config.weight_bytes // config.tp
-    return [
-        Moment("forward", copies, 0, saved, cost.loss_forward_transient, False),
-        Moment("loss", copies, head_grads, saved, cost.loss_backward_transient, False),
-        # Under full checkpointing the layer being recomputed owns its checkpoint: counted in the transient.
-        Moment("backward", 0, -1, cost.embedding_saved + (0 if config.checkpointing == "full" else cost.per_layer_saved * in_flight),
-               cost.layer_backward_transient, False),  # gradients -1: all of them by then
-    ]

@@ -32,6 +32,11 @@ def _label(field: str, config: TrainingConfig) -> str:
     return OPTIONS[field].ladder_label(config)
 
 
+# Appended to the label of a rung that grows the device peak (e.g. autocast's 16-bit copies on top
+# of fp32 weights while activations are small): what the ladder shows is a cost, not a saving.
+COSTS_MEMORY = " (costs memory here)"
+
+
 @dataclass(frozen=True)
 class _Rung:
     """One optimization the current configuration uses: its key, label and the fields it sets."""
@@ -132,14 +137,18 @@ def savings_ladder(
         except InputError:
             continue  # invalid alone: apply it together with the next rung
         before, after = _components(previous), _components(budget)
+        removed_total = previous.device_peak_bytes - budget.device_peak_bytes
+        label = " + ".join(r.label for r in pending)
+        if removed_total < 0:  # a "saving" that adds memory at this point of the ladder says so
+            label += COSTS_MEMORY
         steps.append(
             LadderStep(
                 keys=tuple(r.key for r in pending),
-                label=" + ".join(r.label for r in pending),
+                label=label,
                 config=candidate,
                 budget=budget,
                 removed={name: before[name] - after[name] for name in COMPONENT_NAMES},
-                removed_total=previous.device_peak_bytes - budget.device_peak_bytes,
+                removed_total=removed_total,
             )
         )
         current, previous, pending = candidate, budget, []
@@ -149,4 +158,4 @@ def savings_ladder(
     return SavingsLadder(steps=tuple(steps))
 
 
-__all__ = ["BASELINE_OPTIONS", "LadderStep", "SavingsLadder", "baseline_config", "savings_ladder"]
+__all__ = ["BASELINE_OPTIONS", "COSTS_MEMORY", "LadderStep", "SavingsLadder", "baseline_config", "savings_ladder"]

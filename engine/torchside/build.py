@@ -10,8 +10,9 @@ or CPU) train exactly the same thing, and the estimator models exactly that:
   weights and runs forward and loss under autocast; `16-mixed` adds a GradScaler;
 - attention: "flash" is transformers' `sdpa` implementation, "eager" its eager one;
 - checkpointing: "full" is transformers' activation checkpointing of every
-  decoder layer (non-reentrant); "selective" checkpoints only the attention
-  core (Megatron's selective recomputation);
+  decoder layer (non-reentrant); "selective" is the same per-layer checkpoint
+  with PyTorch's selective activation checkpointing policy (SELECTIVE_SAVE_OPS):
+  matmul and fused-attention outputs are kept, the pointwise ops are recomputed;
 - LoRA: peft, dropout 0, every other weight frozen;
 - quant: bitsandbytes on CUDA; elsewhere memtui's replicas (memtui.engine.torchside.replicas)
   that allocate exactly what bitsandbytes allocates;
@@ -144,11 +145,9 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
     if config.attention == "flash" and spec.family in _SOFTCAP_FAMILIES:
         _use_fused_attention(model)
 
-    if config.checkpointing == "full":
+    if config.checkpointing != "none":
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-    elif config.checkpointing == "selective":
-        _checkpoint_attention_core(model)
+        enable(selective_checkpoint_kwargs() if config.checkpointing == "selective" else None)
 
     if config.quant != "none":
         from memtui.engine.torchside.replicas import quantize_linears
@@ -216,37 +215,32 @@ def swappable_fake_parameters() -> Iterator[None]:
         torch.utils.swap_tensors = original
 
 
-def _checkpoint_attention_core(model) -> None:
-    """Selective recomputation: recompute softmax(QK^T)V in backward, keep everything else.
+# What selective checkpointing keeps: the ops torchtitan's op-level policy saves (torchtitan 0.2.2,
+# torchtitan/distributed/activation_checkpoint.py, SelectiveAC: the partitioner's compute-intensive ops
+# and every SDPA kernel) as they occur in a decoder layer here: the projections (mm, addmm; grouped for
+# MoE experts) and the fused attention kernels. Two differences, both for a plain reason: every matmul is
+# kept (torchtitan recomputes every second one, so backward would rerun GEMMs), and bmm is not (eager
+# attention's s x s scores are then recomputed, as in Megatron's selective recomputation, instead of kept).
+# What is recomputed in backward is the cheap pointwise work: norms, RoPE, activations, casts, softmax.
+SELECTIVE_SAVE_OPS = (
+    "mm", "addmm", "_grouped_mm",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+)
 
-    The wrapped core is registered under its own implementation name, so nothing global
-    changes: other models built in this process keep their own attention.
+
+def selective_checkpoint_kwargs() -> dict[str, Any]:
+    """torch.utils.checkpoint arguments for selective activation checkpointing (SELECTIVE_SAVE_OPS).
+
+    create_selective_checkpoint_contexts stores the outputs of the listed ops during the forward
+    and hands them back to the recompute, which reruns only the rest of the layer.
     """
-    import torch.utils.checkpoint
-    from transformers import masking_utils, modeling_utils
+    import torch
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    interface = modeling_utils.ALL_ATTENTION_FUNCTIONS
-    implementation = model.config._attn_implementation
-    core = interface.get(implementation)
-    name = "memtui_selective"
-    if core is None:  # eager is looked up as a module-level function by each model
-        from importlib import import_module
-
-        module = import_module(type(model).__module__)
-        core = module.eager_attention_forward
-        name = f"memtui_selective_eager_{module.__name__.rsplit('.', 1)[-1]}"
-        # An unknown implementation name gets no mask at all; eager needs its additive mask.
-        masking_utils.AttentionMaskInterface.register(name, masking_utils.eager_mask)
-
-    @functools.wraps(core)
-    def recomputed(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(core, *args, use_reentrant=False, **kwargs)
-
-    interface[name] = recomputed
-    for submodule in model.modules():
-        config = getattr(submodule, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = name
+    saved = [getattr(torch.ops.aten, name).default for name in SELECTIVE_SAVE_OPS if hasattr(torch.ops.aten, name)]
+    return {"use_reentrant": False, "context_fn": functools.partial(create_selective_checkpoint_contexts, saved)}
 
 
 def trainable_parameters(model) -> list:

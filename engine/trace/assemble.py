@@ -5,9 +5,10 @@ from __future__ import annotations
 from memtui.engine.allocator import DEFAULT_CONFIG, AllocatorConfig, replay
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator import estimate
+from memtui.engine.estimator.budget import make_budget
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
-from memtui.engine.model.specs import Budget, Components, GpuSpec, GpuSummary, ModelStates, ModelSummary, TimelinePoint, TrainingConfig
-from memtui.engine.trace.analysis import allocation_sequence, summarize
+from memtui.engine.model.specs import Components, GpuSpec, ModelStates, TimelinePoint, TrainingConfig
+from memtui.engine.trace.analysis import LogSummary, allocation_sequence, summarize
 from memtui.engine.trace.fake_step import StepExtras
 from memtui.engine.trace.result import TraceResult
 from memtui.engine.trace.tracker import MemoryLog
@@ -30,6 +31,50 @@ def _steady_states(log: MemoryLog, step: int) -> ModelStates:
     return ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer)
 
 
+def _what_was_traced(config: TrainingConfig, spec: ModelSpec) -> list[str]:
+    traced = [
+        f"{spec.architecture} ({spec.num_layers} layers), 2 training steps on fake tensors",
+        f"precision {config.precision}" + (" (autocast with CUDA's op policy)" if config.autocast else ""),
+        f"attention {config.attention} ({'SDPA' if config.attention == 'flash' else 'eager'}), checkpointing {config.checkpointing}",
+        f"optimizer {config.optimizer} ({config.optimizer_impl})",
+    ]
+    if config.uses_lora:
+        traced.append(f"LoRA r={config.lora_rank} on {config.lora_targets} (peft)")
+    return traced
+
+
+def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: AllocatorConfig) -> list[str]:
+    modelled = ["CUDA context, cuBLAS workspaces and allocator slack (not tensors the step creates)"]
+    if config.quant != "none":
+        modelled.append(f"{config.quant} weights: bitsandbytes replaced by allocation-exact replicas")
+    if config.optimizer in ("sgd", "sgd-momentum") and config.optimizer_impl == "fused":
+        modelled.append("fused SGD: traced as its foreach twin, which allocates the same (fused SGD has no fake kernel)")
+    if config.optimizer == "adamw-8bit":
+        modelled.append("8-bit AdamW: bitsandbytes replaced by an allocation-exact replica")
+    if distributed:
+        modelled.append("ZeRO / tensor / pipeline parallel sharding: estimator, applied to the single-GPU trace")
+        modelled.append("reserved peak: not replayed (the allocation sequence traced is a single GPU's, unsharded)")
+    else:
+        modelled.append("reserved peak: the traced allocations and frees, with the cuBLAS workspaces, replayed "
+                        "through a model of the CUDA caching allocator"
+                        + (f" ({alloc_config.text})" if alloc_config.text else ""))
+    return modelled
+
+
+def _timeline(summary: LogSummary) -> list[TimelinePoint]:
+    """The steady step's start, each phase's peak and its end."""
+    steady = [phase for phase in summary.phases if phase.step == 2]
+    if not steady:
+        return []
+    timeline = [TimelinePoint(phase="start", bytes=steady[0].start_bytes)]
+    for name in _PHASE_ORDER:
+        peaks = [phase.peak_bytes for phase in steady if phase.phase == name]
+        if peaks:
+            timeline.append(TimelinePoint(phase=name, bytes=max(peaks)))
+    timeline.append(TimelinePoint(phase="end", bytes=steady[-1].peak_bytes if steady[-1].phase == "end" else steady[-1].start_bytes))
+    return timeline
+
+
 def assemble(
     config: TrainingConfig,
     local: TrainingConfig,
@@ -42,30 +87,12 @@ def assemble(
     alloc_config: AllocatorConfig = DEFAULT_CONFIG,
 ) -> TraceResult:
     summary = summarize(log)
-    traced = [
-        f"{spec.architecture} ({spec.num_layers} layers), 2 training steps on fake tensors",
-        f"precision {config.precision}" + (" (autocast with CUDA's op policy)" if config.autocast else ""),
-        f"attention {config.attention} ({'SDPA' if config.attention == 'flash' else 'eager'}), checkpointing {config.checkpointing}",
-        f"optimizer {config.optimizer} ({config.optimizer_impl})",
-    ]
-    if config.uses_lora:
-        traced.append(f"LoRA r={config.lora_rank} on {config.lora_targets} (peft)")
-    modelled = ["CUDA context, cuBLAS workspaces and allocator slack (not tensors the step creates)"]
-    if config.quant != "none":
-        modelled.append(f"{config.quant} weights: bitsandbytes replaced by allocation-exact replicas")
-    if config.optimizer in ("sgd", "sgd-momentum") and config.optimizer_impl == "fused":
-        modelled.append("fused SGD: traced as its foreach twin, which allocates the same (fused SGD has no fake kernel)")
-    if config.optimizer == "adamw-8bit":
-        modelled.append("8-bit AdamW: bitsandbytes replaced by an allocation-exact replica")
     distributed = config != local
-    if distributed:
-        modelled.append("ZeRO / tensor / pipeline parallel sharding: estimator, applied to the single-GPU trace")
-
     breakdown = dict(summary.breakdown)
     traced_peak = summary.peak_bytes
-    phase_peak = summary.peak_phase
-
+    states = _steady_states(log, step=2)
     if distributed:
+        # The single-GPU trace with the estimator's sharding: its model states, its activations' share.
         sharded = estimate(config, model=spec, gpu=gpu)
         unsharded = estimate(local, model=spec, gpu=gpu)
         for name in ("weights", "gradients", "optimizer_states"):
@@ -74,72 +101,38 @@ def assemble(
             scale_activations = sharded.per_gpu.activations / max(unsharded.per_gpu.activations, 1)
             breakdown["activations"] = int(breakdown["activations"] * scale_activations)
         traced_peak = sum(breakdown.values())
+        states = sharded.model_states
 
     workspace = cublas_workspace_bytes(gpu)
     tensor_peak = traced_peak + workspace
     allocator = _replay_allocator(log, gpu, workspace, alloc_config) if not distributed else None
-    if distributed:
-        modelled.append("reserved peak: not replayed (the allocation sequence traced is a single GPU's, unsharded)")
-    else:
-        modelled.append("reserved peak: the traced allocations and frees, with the cuBLAS workspaces, replayed "
-                        "through a model of the CUDA caching allocator"
-                        + (f" ({alloc_config.text})" if alloc_config.text else ""))
     reserved = reserved_from_allocated(tensor_peak, summary.largest_allocation)
     overhead = cuda_context_bytes(gpu) + (reserved - tensor_peak) + workspace
-    per_gpu = Components(overhead=overhead, **breakdown)
-    device_peak = traced_peak + overhead
-
-    states = _steady_states(log, step=2)
-    if distributed:
-        states = sharded.model_states
-
-    steady = [phase for phase in summary.phases if phase.step == 2]
-    timeline = []
-    if steady:
-        timeline.append(TimelinePoint(phase="start", bytes=steady[0].start_bytes))
-        for name in _PHASE_ORDER:
-            peaks = [phase.peak_bytes for phase in steady if phase.phase == name]
-            if peaks:
-                timeline.append(TimelinePoint(phase=name, bytes=max(peaks)))
-        timeline.append(TimelinePoint(phase="end", bytes=steady[-1].peak_bytes if steady[-1].phase == "end" else steady[-1].start_bytes))
-
-    budget = Budget(
-        model=ModelSummary(id=spec.id, params=spec.params, trainable_params=extras.trainable_params),
-        gpu=GpuSummary(id=gpu.id, memory_bytes=gpu.memory_bytes),
-        config=config.model_dump(),
+    budget = make_budget(
+        config, spec, gpu,
+        trainable_params=extras.trainable_params,
         model_states=states,
-        per_gpu=per_gpu,
+        per_gpu=Components(overhead=overhead, **breakdown),
         tensor_peak_bytes=tensor_peak,
         reserved_peak_bytes=allocator["reserved_peak_bytes"] if allocator else None,
-        device_peak_bytes=device_peak,
-        fits=device_peak <= gpu.memory_bytes,
-        headroom_bytes=gpu.memory_bytes - device_peak,
-        bytes_per_param=states.total / spec.params,
-        peak_phase=phase_peak,
-        timeline=timeline,
+        device_peak_bytes=traced_peak + overhead,
+        peak_phase=summary.peak_phase,
+        timeline=_timeline(summary),
         notes=notes,
         method="trace",
     )
-    top = [
-        {"bytes": a.nbytes, "category": a.category, "op": a.op, "shape": list(a.shape), "dtype": a.dtype,
-         "phase": a.phase, "step": a.step}
-        for a in summary.top_at_peak
-    ]
-    phases = [
-        {"step": p.step, "phase": p.phase, "start_bytes": p.start_bytes, "peak_bytes": p.peak_bytes}
-        for p in summary.phases
-    ]
-    samples = [{"event": i, "bytes": b, "phase": ph} for i, b, ph in summary.samples]
     return TraceResult(
         budget=budget,
-        traced=traced,
-        modelled=modelled,
+        traced=_what_was_traced(config, spec),
+        modelled=_what_was_modelled(config, distributed, alloc_config),
         seconds=0.0,
         peak_step=summary.peak_step,
         peak_phase=summary.peak_phase,
-        phase_peaks=phases,
-        top_allocations=top,
-        samples=samples,
+        phase_peaks=[{"step": p.step, "phase": p.phase, "start_bytes": p.start_bytes, "peak_bytes": p.peak_bytes}
+                     for p in summary.phases],
+        top_allocations=[{"bytes": a.nbytes, "category": a.category, "op": a.op, "shape": list(a.shape), "dtype": a.dtype,
+                          "phase": a.phase, "step": a.step} for a in summary.top_at_peak],
+        samples=[{"event": i, "bytes": b, "phase": ph} for i, b, ph in summary.samples],
         traced_tensor_peak_bytes=traced_peak,
         allocator=allocator,
     )

@@ -205,8 +205,8 @@ class OptionsPanel(VerticalScroll, can_focus=False):
     def _input_changed(self, event: Input.Changed) -> None:
         event.stop()
         key = self._key(event.input)
-        if not self.synced or key is None or key == "model_path" or event.value != event.input.value:
-            return  # a path loads on Enter, not on every keystroke; a stale change was overwritten since
+        if not self.synced or key is None or key == "model_path":
+            return  # a path loads on Enter, not on every keystroke
         if key not in self.planner.field_errors and event.value == str(self.planner.options.get(key)):
             return  # the app set this value itself
         self.post_message(self.Changed(key, event.value))

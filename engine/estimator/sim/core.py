@@ -111,13 +111,20 @@ class Node:
 
 @dataclass(eq=False)
 class CheckpointRegion:
-    """A non-reentrant torch.utils.checkpoint region: forward drops saved tensors, backward recomputes them."""
+    """A non-reentrant torch.utils.checkpoint region: forward drops saved tensors, backward recomputes them.
+
+    selective: PyTorch's selective activation checkpointing. The forward also stores the outputs of the
+    ops its policy saves (matmuls, fused attention: Sim.policy_saved); the recompute takes them back
+    from that storage, in order, instead of computing them again.
+    """
 
     function: Callable[..., object]
     inputs: tuple
     nodes: list[Node] = field(default_factory=list)
     remaining: int = 0
     recomputed: bool = False
+    selective: bool = False
+    stored: list[Tensor] = field(default_factory=list)
 
 
 class StopRecompute(Exception):
@@ -144,6 +151,8 @@ class Sim:
         self.autocast_cache: dict[int, Tensor] = {}
         self.phase = "forward"  # forward | backward
         self.region: CheckpointRegion | None = None  # set while a checkpointed forward runs
+        self._recomputing: CheckpointRegion | None = None  # set while a region's forward is replayed
+        self._taken_back: list[Tensor] = []  # what that replay took from the selective policy's storage
         self._recompute_stop = -1
         # While a checkpoint recomputes: net references taken on each tensor, and saved references added.
         self._frame: dict[int, list] | None = None
@@ -171,6 +180,28 @@ class Sim:
         self.tensors.append(tensor)
         if self.log is not None:
             self.log.append(("+", tensor))
+        return tensor
+
+    def stops_as_inputs_are_saved(self, inputs: list[Tensor]) -> bool:
+        """Whether a recompute ends at this op's node, before the op runs.
+
+        Autograd saves an op's inputs before its kernel runs, and torch.utils.checkpoint stops once the
+        last saved tensor is back: when that is an input (a matmul's), the op's output is never made
+        again, nor taken back from the selective policy's storage (which keeps it until the region ends).
+        """
+        return self._recompute_stop >= 0 and len(self.nodes) == self._recompute_stop and any(
+            tensor.requires_grad for tensor in inputs)
+
+    def policy_saved(self, elems: LF, dtype: str, *, name: str) -> Tensor:
+        """The output of an op selective checkpointing saves: allocated once, in the forward."""
+        replaying = self._recomputing
+        if replaying is not None and replaying.selective:
+            tensor = replaying.stored.pop(0)  # the storage's reference becomes the op's output reference
+            self._taken_back.append(tensor)  # the replay's frame unwinds it like a tensor it made
+            return tensor
+        tensor = self.new(elems, dtype, name=name)
+        if self.region is not None and self.region.selective:
+            self.region.stored.append(self.ref(tensor))
         return tensor
 
     def parameter(self, elems: LF, dtype: str, *, name: str, trainable: bool, grad_dtype: str | None = None) -> Tensor:
@@ -311,10 +342,15 @@ class Sim:
         if region is not None:
             region.remaining -= 1
             if region.remaining == 0:
-                # The checkpoint frame (and the inputs it kept) dies with the region's last node.
-                for value in region.inputs:
-                    if isinstance(value, Tensor):
-                        self.drop(value)
+                # The checkpoint frame (the inputs it kept, what the policy stored) dies with the region's last node.
+                self._close_region(region)
+
+    def _close_region(self, region: CheckpointRegion) -> None:
+        for value in region.inputs:
+            if isinstance(value, Tensor):
+                self.drop(value)
+        stored, region.stored = region.stored, []
+        self.drop(*stored)
 
     def accumulate(self, target: Tensor, grad: Tensor) -> None:
         """Route a gradient: AccumulateGrad for parameters, an input buffer otherwise."""
@@ -348,9 +384,9 @@ class Sim:
             target.grad = total
 
     # ---- checkpointing -------------------------------------------------------------------------
-    def checkpoint(self, function: Callable[..., object], *inputs):
-        """Run `function` as a non-reentrant checkpointed region (transformers' default)."""
-        region = CheckpointRegion(function=function, inputs=inputs)
+    def checkpoint(self, function: Callable[..., object], *inputs, selective: bool = False):
+        """Run `function` as a non-reentrant checkpointed region (transformers' default); selective: see CheckpointRegion."""
+        region = CheckpointRegion(function=function, inputs=inputs, selective=selective)
         for value in inputs:
             if isinstance(value, Tensor):
                 self.ref(value)  # the checkpoint frame keeps its inputs
@@ -361,9 +397,7 @@ class Sim:
             self.region = outer
         region.remaining = len(region.nodes)
         if not region.nodes:
-            for value in inputs:
-                if isinstance(value, Tensor):
-                    self.drop(value)
+            self._close_region(region)
         return output
 
     def _recompute(self, region: CheckpointRegion) -> None:
@@ -378,19 +412,22 @@ class Sim:
         first_view = len(self.views)
         self._recompute_stop = last
         self._frame = {}
+        self._recomputing = region
         try:
             region.function(*region.inputs)
         except StopRecompute:
             pass
         finally:
             self._recompute_stop = -1
+            self._recomputing = None
             frame, self._frame = self._frame, None
         recomputed, self.nodes = self.nodes, outer_nodes
         # The recomputed forward's frame unwinds: only saved tensors survive, with the bases of saved views.
         for view in reversed(self.views[first_view:]):
             while view.view_of is not None and view.refs > view.saved_refs + view.view_refs:
                 self.drop(view)
-        new_tensors = self.tensors[first_tensor:]
+        new_tensors = self.tensors[first_tensor:] + self._taken_back
+        self._taken_back = []
         for tensor in new_tensors:
             while tensor.alive and tensor.refs > tensor.saved_refs + (1 if tensor.cached else 0) + tensor.view_refs:
                 self.drop(tensor)

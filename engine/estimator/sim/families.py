@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memtui.engine.estimator.sim import ops
-from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_scale, per_position, per_token
+from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_scale, per_position
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def quantized_linear(sim: Sim, x: Tensor, weight: Tensor, d_in: int, d_out: int,
         absmax_dq = sim.new(const(4 * -(-n // 64) / 4), "f32", name="absmax dequantized")
         absmax = sim.new(const(4 * -(-n // 64) / 4), "f32", name="absmax + offset")
         dequantized = sim.new(const(n), opts.compute, name="dequantized weight")
-        out = sim.new(lf_scale(x_c.elems, d_out / d_in), opts.compute, name="quantized linear")
+        out = sim.policy_saved(lf_scale(x_c.elems, d_out / d_in), opts.compute, name="quantized linear")  # F.linear
         sim.drop(dequantized, absmax, absmax_dq)
 
         def backward(sim: Sim, node, grad):
@@ -276,29 +276,15 @@ def llama_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options,
     return attend_and_project(sim, q_rope, k_rope, v, p, d, opts)
 
 
-def _mask_arguments(sim: Sim) -> list[Tensor]:
-    """The eager mask is an argument of the checkpointed attention: each region's frame keeps it."""
-    mask = getattr(sim, "causal_mask", None)
-    return [mask] if mask is not None else []
-
-
 def attend_and_project(
     sim: Sim, q: Tensor, k: Tensor, v: Tensor, p: LayerParams, d: Dims, opts: Options, *, copy_output: bool = False
 ) -> Tensor:
-    """The attention core (recomputed in backward under selective checkpointing), then o_proj."""
-
-    def core(qq: Tensor, kk: Tensor, vv: Tensor, *_mask: Tensor) -> Tensor:
-        out = attention_core(sim, qq, kk, vv, d, opts)
-        if copy_output and opts.attention == "flash":
-            copied = ops.contiguous_copy(sim, out)
-            sim.drop(out)
-            out = copied
-        return out
-
-    if opts.checkpointing == "selective":
-        attn = sim.checkpoint(core, q, k, v, *_mask_arguments(sim))
-    else:
-        attn = core(q, k, v)
+    """The attention core, then o_proj."""
+    attn = attention_core(sim, q, k, v, d, opts)
+    if copy_output and opts.attention == "flash":
+        copied = ops.contiguous_copy(sim, attn)
+        sim.drop(attn)
+        attn = copied
     out = apply_linear(sim, attn, p, "o_proj", d.q_dim, d.hidden, opts)
     sim.drop(attn, q, k, v)
     return out
@@ -570,11 +556,7 @@ def gpt2_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) 
     k = ops.view_needing_copy_in_backward(sim, parts[1])
     v = ops.view(sim, parts[2])
     sim.drop(*parts)
-    if opts.checkpointing == "selective":
-        attn = sim.checkpoint(lambda qq, kk, vv, *_mask: attention_core(sim, qq, kk, vv, d, opts), q, k, v,
-                              *_mask_arguments(sim))
-    else:
-        attn = attention_core(sim, q, k, v, d, opts)
+    attn = attention_core(sim, q, k, v, d, opts)
     projected = apply_linear(sim, attn, p, "attn.c_proj", h, h, opts)
     sim.drop(attn, q, k, v)
     out = ops.dropout(sim, projected, opts.residual_dropout)

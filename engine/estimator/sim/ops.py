@@ -93,13 +93,17 @@ def linear(sim: Sim, x: Tensor, weight: Tensor, out_features: int, in_features: 
 
 def _weight_matmul(sim: Sim, x_c: Tensor, weight_c: Tensor, bias_c: Tensor | None, out_features: int, in_features: int) -> Tensor:
     """x @ W (+ b) on operands already cast; consumes their references."""
-    out = sim.new(lf_scale(x_c.elems, out_features / in_features), x_c.dtype, name="linear")
+    elems = lf_scale(x_c.elems, out_features / in_features)
     saved = []
     if weight_c.requires_grad:
         saved.append(x_c)
     if x_c.requires_grad:
         saved.append(weight_c)
     inputs = [x_c, weight_c] + ([bias_c] if bias_c is not None else [])
+    if sim.stops_as_inputs_are_saved(inputs):
+        out = Tensor(elems=elems, dtype=x_c.dtype, alive=False)  # never allocated: record() ends the recompute
+    else:
+        out = sim.policy_saved(elems, x_c.dtype, name="linear")  # mm / addmm
     sim.record("linear", out, inputs, saved, _linear_backward)
     sim.drop(bias_c, weight_c, x_c)
     return out
@@ -390,8 +394,8 @@ def _flash_backward(sim: Sim, node, grad):
 def flash_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, heads: int, head_dim: int, mask: Tensor | None = None) -> Tensor:
     """SDPA's fused kernel (FlashAttention / memory-efficient): saves q, k, v, out, a logsumexp (and a mask)."""
     q_c, k_c, v_c = (autocast_operand(sim, t) for t in (q, k, v))
-    out = sim.new(q_c.elems, q_c.dtype, name="sdpa out")
-    logsumexp = sim.new(lf_scale(q_c.elems, 1 / head_dim), "f32", name="sdpa logsumexp")
+    out = sim.policy_saved(q_c.elems, q_c.dtype, name="sdpa out")
+    logsumexp = sim.policy_saved(lf_scale(q_c.elems, 1 / head_dim), "f32", name="sdpa logsumexp")
     saved = [q_c, k_c, v_c, out, logsumexp] + ([mask] if mask is not None else [])
     sim.record("flash", out, [q_c, k_c, v_c], saved, _flash_backward)
     sim.drop(q_c, k_c, v_c, logsumexp)

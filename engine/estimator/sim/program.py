@@ -153,7 +153,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
 
     sim.set_segment("embed_fwd")
     x = ops.embedding(sim, embed, ids, d.hidden)
-    if opts.lora_rank > 0 and opts.checkpointing == "full":
+    if opts.lora_rank > 0 and opts.checkpointing != "none":
         # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
         # embedding's output requires grad, so what follows it (GPT-2's dropout) saves for backward.
         x.requires_grad = True
@@ -193,10 +193,11 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
     for segment, layer in zip(segments, layer_params):
         sim.set_segment(f"{segment}_fwd")
         previous = out
-        if opts.checkpointing == "full":
+        if opts.checkpointing != "none":
             # transformers passes position embeddings and the mask as kwargs: the checkpoint frame keeps them.
             kept = [tensor for tensor in (cos, sin, mask) if tensor is not None]
-            out = sim.checkpoint(lambda h, *_kept, layer=layer: run_layer(h, layer), previous, *kept)
+            out = sim.checkpoint(lambda h, *_kept, layer=layer: run_layer(h, layer), previous, *kept,
+                                 selective=opts.checkpointing == "selective")
         else:
             out = run_layer(previous, layer)
         sim.drop(previous)

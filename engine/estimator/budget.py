@@ -1,0 +1,51 @@
+"""One way to turn a step's peak into a Budget: the estimator and the tracer both end here."""
+
+from __future__ import annotations
+
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.specs import (
+    Budget,
+    Components,
+    GpuSpec,
+    GpuSummary,
+    ModelStates,
+    ModelSummary,
+    TimelinePoint,
+    TrainingConfig,
+)
+
+
+def make_budget(
+    config: TrainingConfig,
+    model: ModelSpec,
+    gpu: GpuSpec,
+    *,
+    trainable_params: int,
+    model_states: ModelStates,
+    per_gpu: Components,
+    tensor_peak_bytes: int,
+    device_peak_bytes: int,
+    reserved_peak_bytes: int | None = None,
+    peak_phase: str,
+    timeline: list[TimelinePoint],
+    notes: list[str],
+    method: str = "estimate",
+) -> Budget:
+    """The Budget for a peak: whether it fits, the headroom and bytes per parameter follow from it."""
+    return Budget(
+        model=ModelSummary(id=model.id, params=model.params, trainable_params=trainable_params),
+        gpu=GpuSummary(id=gpu.id, memory_bytes=gpu.memory_bytes),
+        config=config.model_dump(),
+        model_states=model_states,
+        per_gpu=per_gpu,
+        tensor_peak_bytes=tensor_peak_bytes,
+        reserved_peak_bytes=reserved_peak_bytes,
+        device_peak_bytes=device_peak_bytes,
+        fits=device_peak_bytes <= gpu.memory_bytes,
+        headroom_bytes=gpu.memory_bytes - device_peak_bytes,
+        bytes_per_param=model_states.total / model.params,
+        peak_phase=peak_phase,
+        timeline=timeline,
+        notes=notes,
+        method=method,
+    )
