@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from memtui.cli.options import add_training_flags, config_from_args
+from memtui.cli.options import add_training_flags, config_from_args, file_notes
 
 HELP = "predict one training step's memory per GPU (analytic, instant)"
 
@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from memtui.engine.estimator import estimate
 
     budget = estimate(config_from_args(args))
+    if file_notes(args):
+        budget = budget.model_copy(update={"notes": [*file_notes(args), *budget.notes]})
     if args.json:
         print(json.dumps(budget.model_dump(mode="json"), indent=2))
     else:
