@@ -9,6 +9,7 @@ Every flag defaults to None so we know which ones the user actually typed.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from memtui.engine.errors import InputError
 from memtui.engine.model.options import MODEL_AND_HARDWARE, OPTIONS, Option
@@ -135,4 +136,17 @@ def file_notes(args: argparse.Namespace) -> list[str]:
     return list(getattr(args, "from_notes", None) or [])
 
 
-__all__ = ["InputError", "add_training_flags", "config_from_args", "file_notes"]
+def with_file_notes(budget, args: argparse.Namespace):
+    """The budget with --from FILE's notes first, as `estimate` and `trace` report them."""
+    notes = file_notes(args)
+    return budget.model_copy(update={"notes": [*notes, *budget.notes]}) if notes else budget
+
+
+def print_file_notes(args: argparse.Namespace) -> None:
+    """--from FILE's notes on stderr, for the commands whose output has no notes of a budget (fit, run)."""
+    for note in file_notes(args):
+        print(f"memtui: {note}", file=sys.stderr)
+
+
+__all__ = ["InputError", "add_training_flags", "config_from_args", "file_notes", "print_file_notes",
+           "with_file_notes"]

@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Any
 
-from memtui.cli.options import _choice, _positive_float, _positive_int, add_training_flags, config_from_args
+from memtui.cli.options import _choice, _positive_float, _positive_int, add_training_flags, config_from_args, print_file_notes
 
 HELP = "train a scaled-down copy for a few steps and measure it against the prediction (live)"
 
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from memtui.engine.live.process import LiveRefused, WorkerProcess, preflight
 
     config = config_from_args(args)
+    print_file_notes(args)
     options = options_from_args(args)
     try:
         checked = preflight(config, options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -179,3 +180,33 @@ def test_format_detection():
     assert detect_format({"per_device_train_batch_size": 1}, ".json") == "hf"
     assert detect_format({"training": {}}, ".toml") == "torchtitan"
     assert detect_format({"name": "x"}, ".yaml") is None
+
+
+def test_fit_and_trace_take_from_and_report_its_notes(tmp_path, capsys):
+    path = tmp_path / "sft.json"
+    path.write_text('{"model_name_or_path": "openai-community/gpt2", "per_device_train_batch_size": 2, '
+                    '"max_length": 128, "gradient_accumulation_steps": 16, "optim": "adamw_torch_fused"}')
+    code, out, err = run_cli(capsys, "fit", "--from", str(path), "--gpu", "t4", "--max-batch", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["config"]["model"] == "gpt2" and data["config"]["seq_len"] == 128
+    assert any("ignored: gradient_accumulation_steps=16" in note for note in data["notes"])
+    code, out, err = run_cli(capsys, "trace", "--from", str(path), "--json")
+    assert code == 0, err
+    traced = json.loads(out)
+    assert traced["config"]["optimizer_impl"] == "fused" and traced["config"]["batch_size"] == 2
+    assert any("ignored: gradient_accumulation_steps=16" in note for note in traced["notes"])
+
+
+def test_memtui_file_opens_the_planner_on_a_yaml_or_toml_config(monkeypatch):
+    import memtui.tui.app
+
+    opened = []
+    monkeypatch.setattr(memtui.tui.app, "run_app", lambda config, gpu_chosen: opened.append(config) or 0)
+    try:
+        assert main([str(DATA / "torchtitan_llama3_8b.toml")]) == 0
+        assert main([str(DATA / "axolotl_llama3_2_1b_qlora.yaml"), "--batch-size", "8"]) == 0
+    finally:
+        gc.enable()  # open_planner pauses the collector until the app's first frame
+    assert (opened[0].model, opened[0].zero, opened[0].seq_len) == ("llama-3.1-8b", 3, 8192)
+    assert (opened[1].quant, opened[1].batch_size) == ("nf4", 8)
