@@ -10,6 +10,7 @@ import pytest
 
 from memtui.cli import main
 from memtui.engine.model.framework_configs import detect_format, preset_for_name, read_framework_config
+from tests.test_cli import run_cli
 
 DATA = Path(__file__).parent / "data" / "frameworks"
 
@@ -55,15 +56,6 @@ CASES = {
         ["torch_compile=true"],
     ),
 }
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def estimate_json(capsys, *argv: str) -> dict:
