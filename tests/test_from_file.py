@@ -202,3 +202,11 @@ def test_memtui_file_opens_the_planner_on_a_yaml_or_toml_config(monkeypatch):
         gc.enable()  # open_planner pauses the collector until the app's first frame
     assert (opened[0].model, opened[0].zero, opened[0].seq_len) == ("llama-3.1-8b", 3, 8192)
     assert (opened[1].quant, opened[1].batch_size) == ("nf4", 8)
+
+
+@pytest.mark.parametrize("command", ["estimate", "fit", "trace", "run"])
+def test_every_command_takes_from_and_refuses_a_bad_value_in_one_line(tmp_path, capsys, command):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n  _component_: torchtune.models.llama3_2.lora_llama3_2_1b\n  lora_rank: -4\n")
+    code, _, err = run_cli(capsys, command, "--from", str(path))
+    assert code == 2 and err == f"memtui: error: {path}: model.lora_rank: must be at least 1, got -4\n"

@@ -532,11 +532,13 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
 # torchtitan/torchtitan/models/llama3/__init__.py llama3_configs: flavors of the Llama 3.1 architecture.
 _TORCHTITAN_MODELS = {("llama3", "8b"): "llama-3.1-8b", ("llama3", "70b"): "llama-3.1-70b",
                       ("llama3", "405b"): "llama-3.1-405b"}
+# Training.mixed_precision_param: applied by fully_shard when sharded, by torch.autocast under DDP or on one GPU.
 _TITAN_DTYPES = {"bfloat16": "bf16-mixed", "float32": "32-true"}
 
 
 def _torchtitan(reader: _Reader, _folder: Path) -> None:
-    # torchtitan/torchtitan/config/job_config.py: the sections and keys below.
+    """torchtitan/torchtitan/config/job_config.py (JobConfig): the sections and keys below, and the defaults
+    torchtitan itself applies to a key the TOML leaves out (a run without it runs with them)."""
     name, flavor = reader.text("model.name"), reader.text("model.flavor")
     if name:
         preset = _TORCHTITAN_MODELS.get((name.lower(), str(flavor).lower()))
@@ -545,53 +547,58 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
         else:
             reader.note(f"model not set: model.name={name} model.flavor={flavor} is not a memtui preset; give --model")
     reader.set("training.local_batch_size", "batch_size",
-               reader.int("training.local_batch_size") or reader.int("training.batch_size"))
-    reader.set("training.seq_len", "seq_len", reader.int("training.seq_len"))
-    degrees = {key: reader.get(f"parallelism.{key}", 1) for key in (
-        "data_parallel_replicate_degree", "data_parallel_shard_degree", "tensor_parallel_degree",
-        "pipeline_parallel_degree", "context_parallel_degree")}
+               reader.int("training.local_batch_size") or reader.int("training.batch_size") or 8)
+    reader.set("training.seq_len", "seq_len", reader.int("training.seq_len") or 2048)
+    defaults = {"data_parallel_replicate_degree": 1, "data_parallel_shard_degree": -1, "tensor_parallel_degree": 1,
+                "pipeline_parallel_degree": 1, "context_parallel_degree": 1}
+    degrees = {key: reader.get(f"parallelism.{key}", default) for key, default in defaults.items()}
     for key, value in degrees.items():
         if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
             raise reader.error(f"parallelism.{key}", f"{_quoted(value)} is not a degree", "-1 or whole numbers from 1")
     reader.set("parallelism.tensor_parallel_degree", "tp", degrees["tensor_parallel_degree"])
     reader.set("parallelism.pipeline_parallel_degree", "pp", degrees["pipeline_parallel_degree"])
     shard = degrees["data_parallel_shard_degree"]
-    sharded = shard == -1 or shard > 1
     if -1 in degrees.values():
-        reader.note("gpus not set: a parallelism degree is -1 (the rest of the world size); give --gpus")
+        reader.note("gpus not set: parallelism.data_parallel_shard_degree is -1 (the ranks left over), so the "
+                    "world size is not in the file; give --gpus")
     else:
         product = 1
         for value in degrees.values():
             product *= value
         reader.set("parallelism", "gpus", product)
-    if sharded:
-        # parallelize.py apply_fsdp: fully_shard with reshard_after_forward per fsdp_reshard_after_forward.
-        reshard = str(reader.get("parallelism.fsdp_reshard_after_forward", "default")).lower()
-        reader.set("parallelism.data_parallel_shard_degree", "zero", 2 if reshard == "never" else 3)
-        # FSDP2's MixedPrecisionPolicy(param_dtype): fp32 shards, the gathered weights cast for compute.
-        dtype_key = next((key for key in ("training.mixed_precision_param", "parallelism.mixed_precision_param")
-                          if reader.has(key)), None)
-        reader.set(dtype_key or "training.mixed_precision_param", "precision",
-                   reader.choice(dtype_key, _TITAN_DTYPES) if dtype_key else "bf16-mixed")
-    else:
-        reader.set("parallelism", "precision", "32-true")  # mixed precision applies only with FSDP/HSDP
+    if shard == -1 or shard > 1:
+        # parallelize.py apply_fsdp: fully_shard, reshard_after_forward per fsdp_reshard_after_forward.
+        reshard = reader.choice("parallelism.fsdp_reshard_after_forward",
+                                {"default": True, "always": True, "never": False})
+        reader.set("parallelism.data_parallel_shard_degree", "zero", 2 if reshard is False else 3)
+        if reader.bool("training.enable_cpu_offload"):  # FSDP's CPUOffloadPolicy: weights, gradients, optimizer
+            reader.set("training.enable_cpu_offload", "offload", "optimizer+params" if reshard is not False
+                       else "optimizer")
+    elif degrees["data_parallel_replicate_degree"] > 1:
+        reader.set("parallelism.data_parallel_replicate_degree", "zero", 0)  # DDP
+    reader.set("training.mixed_precision_param", "precision",
+               reader.choice("training.mixed_precision_param", _TITAN_DTYPES) or "bf16-mixed")
     reader.ignore("parallelism.context_parallel_degree", "context parallelism is not modelled", _more_than_one)
-    mode = reader.choice("activation_checkpoint.mode", {"none": "none", "selective": "selective", "full": "full"})
+    reader.ignore("parallelism.expert_parallel_degree", "expert parallelism is not modelled", _more_than_one)
+    modes = {"none": "none", "selective": "selective", "full": "full"}
+    mode = reader.choice("activation_checkpoint.mode", modes) or "selective"
     reader.set("activation_checkpoint.mode", "checkpointing", mode)
     if mode == "selective":
         reader.note(f"activation_checkpoint.mode=selective (selective_ac_option="
-                    f"{reader.get('activation_checkpoint.selective_ac_option', 'op')}): modelled as memtui's "
-                    "selective checkpointing, which recomputes different ops than torchtitan's policy")
-    optimizer = reader.choice("optimizer.name", {"adamw": "adamw", "adam": "adamw"})
-    reader.set("optimizer.name", "optimizer", optimizer)
-    reader.set("optimizer.implementation", "optimizer_impl",
-               reader.choice("optimizer.implementation", {"foreach": "foreach", "fused": "fused",
-                                                          "for-loop": "for-loop"}))
+                    f"{reader.get('activation_checkpoint.selective_ac_option', '2')}): modelled as memtui's "
+                    "selective checkpointing, which recomputes other ops than torchtitan's policy")
+    reader.set("optimizer.name", "optimizer", reader.choice("optimizer.name", {"adamw": "adamw", "adam": "adamw"}))
+    impl = reader.choice("optimizer.implementation", {"foreach": "foreach", "fused": "fused", "for-loop": "for-loop"})
+    reader.set("optimizer.implementation", "optimizer_impl", impl or "fused")
     reader.ignore("optimizer.early_step_in_backward", "stepping in backward is not modelled yet")
+    reader.ignore("training.compile", "torch.compile's saved tensors are not modelled yet")
     reader.ignore("compile.enable", "torch.compile's saved tensors are not modelled yet")
+    # global_batch_size above local_batch_size x the data-parallel degree accumulates gradients (train.py).
+    data_parallel = degrees["data_parallel_replicate_degree"] * shard
     reader.ignore("training.global_batch_size", "gradient accumulation is not modelled yet",
-                  lambda value: _positive(value) and value != -1)
-    reader.ignore("quantize.linear.float8", "float8 linears are not modelled")
+                  lambda value: _positive(value) and (data_parallel < 0
+                                                       or value > reader.options["batch_size"] * data_parallel))
+    reader.ignore("float8.recipe_name", "float8 linears are not modelled")
     reader.ignore("model.converters", "model converters (float8, MX) are not modelled")
 
 
@@ -601,15 +608,18 @@ def _axolotl(reader: _Reader, folder: Path) -> None:
     _set_model(reader, "base_model", reader.text("base_model"))
     reader.set("micro_batch_size", "batch_size", reader.int("micro_batch_size"))
     reader.set("sequence_len", "seq_len", reader.int("sequence_len"))
-    # normalize_config (axolotl/utils/config/__init__.py): bf16 or bfloat16 -> torch_dtype bfloat16, so the
-    # weights are loaded in 16 bits, with the Trainer's autocast on top.
+    # normalize_config (axolotl/utils/config/__init__.py): bf16 or bfloat16 -> torch_dtype bfloat16; else
+    # load_in_8bit, fp16 or float16 -> float16; else float32. The weights are loaded in that dtype, with the
+    # Trainer's autocast on top.
     bf16 = reader.get("bf16")
-    fp16 = reader.get("fp16")
-    if (bf16 is True or bf16 == "auto" or reader.bool("bfloat16")) and not reader.bool("fp16"):
+    if bf16 is True or bf16 == "auto" or reader.bool("bfloat16"):
         reader.set("bf16", "precision", "bf16-true")
-    elif fp16 is True or reader.bool("float16"):
+    elif reader.bool("fp16") or reader.bool("float16") or reader.bool("load_in_8bit"):
         reader.set("fp16", "precision", "16-true")
-    elif reader.has("bf16") or reader.has("fp16"):
+    elif reader.bool("load_in_4bit") or reader.get("adapter") == "qlora":
+        reader.note("precision not set: a 4-bit base with float32 weights elsewhere is not modelled; give "
+                    "--precision")
+    else:
         reader.set("bf16", "precision", "32-true")
     gradient_checkpointing = reader.get("gradient_checkpointing")
     if gradient_checkpointing is not None:
