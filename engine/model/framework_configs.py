@@ -278,14 +278,15 @@ def _map_fsdp(reader: _Reader, key: str, config_key: str) -> None:
     value = reader.get(key)
     if not value:
         return
-    words = value.split() if isinstance(value, str) else [str(word) for word in value]
-    words = [word.lower() for word in words]
+    if value is True:
+        value = "full_shard"  # Axolotl's `fsdp: true`
+    if not isinstance(value, (str, list)):
+        raise reader.error(key, f"{_quoted(value)} is not a list of FSDP options", "full_shard, shard_grad_op, offload")
+    words = [str(word).lower() for word in (value.split() if isinstance(value, str) else value)]
     if "full_shard" in words or "hybrid_shard" in words:
         reader.set(key, "zero", 3)
     elif "shard_grad_op" in words or "hybrid_shard_zero2" in words:
         reader.set(key, "zero", 2)
-    elif value is True or (words and words[0] in ("true", "1")):
-        reader.set(key, "zero", 3)
     else:
         raise reader.error(key, f"{_quoted(value)} names no sharding strategy", "full_shard, shard_grad_op, hybrid_shard")
     if "offload" in words or reader.get(f"{config_key}.fsdp_offload_params") or reader.get(f"{config_key}.offload_params"):
@@ -303,14 +304,12 @@ _TORCH_DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "16", "fp16": "1
 
 def _hf_precision(reader: _Reader, bf16_key: str, fp16_key: str, dtype_key: str | None) -> None:
     """bf16/fp16 are autocast (Trainer); a 16-bit torch_dtype loads the weights in 16 bits: memtui's *-true."""
-    bf16, fp16 = reader.get(bf16_key), reader.get(fp16_key)
-    bf16 = bf16 is True or str(bf16).lower() in ("auto", "true")
-    fp16 = fp16 is True or str(fp16).lower() == "true"
+    bf16, fp16 = reader.bool(bf16_key), reader.bool(fp16_key)
     if bf16 and fp16:
         raise reader.error(fp16_key, f"{fp16_key} and {bf16_key} are both on", "one of them")
     dtype = reader.choice(dtype_key, _TORCH_DTYPES) if dtype_key else None
     if dtype in ("bf16", "16"):
-        reader.set(dtype_key or "", "precision", f"{dtype}-true")
+        reader.set(str(dtype_key), "precision", f"{dtype}-true")
         if dtype == "16" and bf16 or dtype == "bf16" and fp16:
             reader.note(f"ignored: {bf16_key if bf16 else fp16_key} (autocast to the other 16-bit type than "
                         f"{dtype_key}: modelled as {dtype_key} alone)")
@@ -327,7 +326,7 @@ def _map_lora_targets(reader: _Reader, key: str) -> None:
     if targets is None:
         return
     if isinstance(targets, str):
-        reader.set(key, "lora_targets", "all-linear" if targets == "all-linear" else targets)
+        reader.set(key, "lora_targets", targets)  # a comma list, or peft's "all-linear"
     elif isinstance(targets, list) and targets and all(isinstance(item, str) for item in targets):
         reader.set(key, "lora_targets", ",".join(targets))
     else:
@@ -404,8 +403,8 @@ def _torch_optimizer(reader: _Reader, key: str) -> None:
         return
     optimizer = _TORCH_OPTIMIZERS.get(component.lower())
     if optimizer is None:
-        raise reader.error(key, f"{component} is not an optimizer memtui can model",
-                           ", ".join(sorted({name for name in _TORCH_OPTIMIZERS})))
+        raise reader.error(key, f"{_quoted(component)} is not an optimizer memtui can model",
+                           ", ".join(sorted(_TORCH_OPTIMIZERS)))
     prefix = key.rsplit(".", 1)[0]
     momentum = reader.get(f"{prefix}.momentum") or reader.get(f"{prefix}.init_args.momentum")
     reader.set(key, "optimizer", "sgd-momentum" if optimizer == "sgd" and _positive(momentum) else optimizer)
@@ -429,7 +428,7 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
     else:
         reader.note(f"model not set: model._component_={component} is not a memtui preset; give --model")
     if builder.startswith(("lora_", "qlora_")):
-        reader.set("model.lora_rank", "lora_rank", reader.int("model.lora_rank"))
+        reader.set("model.lora_rank", "lora_rank", reader.int("model.lora_rank") or 8)  # the builders' default
         modules = reader.get("model.lora_attn_modules") or []
         if not isinstance(modules, list) or any(name not in _TORCHTUNE_LAYERS for name in modules):
             raise reader.error("model.lora_attn_modules", f"{_quoted(modules)} names a layer torchtune does not have",
@@ -502,8 +501,8 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
             reader.set("lora_query", "lora_targets", ",".join(targets))
         reader.ignore("lora_head", "LoRA on the output head is not modelled")
         reader.ignore("lora_dropout", "adapter dropout keeps a mask and a copy of each adapted input", _positive)
-        reader.note("LitGPT adapts its fused qkv projection in the model's dtype; memtui models peft's adapters on "
-                    "q_proj/k_proj/v_proj")
+        reader.note("LitGPT adapts slices of its fused qkv projection, in the model's dtype; memtui models peft's "
+                    "adapters on separate q/k/v projections")
     devices = reader.get("devices", 1)
     nodes = reader.int("num_nodes") or 1
     if isinstance(devices, int) and not isinstance(devices, bool):
@@ -514,7 +513,10 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
             # lora.py/full.py: FSDPStrategy(activation_checkpointing_policy={Block}) when more than one device.
             reader.set("devices", "zero", 3)
             reader.set("devices", "checkpointing", "full")
-    elif devices not in ("auto", -1):
+    elif devices == "auto":
+        reader.note("gpus not set: devices=auto (every visible GPU; more than one runs FSDP with each block "
+                    "checkpointed); give --gpus, --zero 3 --checkpointing full")
+    else:
         raise reader.error("devices", f"{_quoted(devices)} is not a device count", "a whole number, auto")
     optimizer = reader.get("optimizer")
     if isinstance(optimizer, str):
@@ -523,7 +525,8 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
     elif isinstance(optimizer, Mapping):
         _torch_optimizer(reader, "optimizer.class_path")
     micro, global_batch = reader.get("train.micro_batch_size", 1), reader.get("train.global_batch_size")
-    if _positive(global_batch) and _positive(micro) and global_batch > micro:
+    # litgpt/finetune/lora.py: accumulation steps = global_batch_size // (devices x num_nodes) // micro_batch_size
+    if _positive(global_batch) and _positive(micro) and global_batch > micro * reader.options.get("gpus", 1):
         reader.note(f"ignored: train.global_batch_size={global_batch} (gradient accumulation over micro-batches "
                     "of train.micro_batch_size: gradients kept across micro-batches are not modelled yet)")
 
