@@ -210,3 +210,18 @@ def test_every_command_takes_from_and_refuses_a_bad_value_in_one_line(tmp_path, 
     path.write_text("model:\n  _component_: torchtune.models.llama3_2.lora_llama3_2_1b\n  lora_rank: -4\n")
     code, _, err = run_cli(capsys, command, "--from", str(path))
     assert code == 2 and err == f"memtui: error: {path}: model.lora_rank: must be at least 1, got -4\n"
+
+
+def test_fsdp2_without_resharding_after_forward_is_zero_2(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text('{"per_device_train_batch_size": 1, "fsdp": "full_shard auto_wrap", '
+                    '"fsdp_config": {"fsdp_version": 2, "reshard_after_forward": false, "activation_checkpointing": true}}')
+    assert read_framework_config(path).options.items() >= {"zero": 2, "checkpointing": "full"}.items()
+
+
+def test_axolotl_fsdp2_config_alone_shards(tmp_path):
+    path = tmp_path / "fsdp2.yaml"
+    path.write_text("base_model: meta-llama/Llama-3.1-8B\nfsdp_version: 2\nfsdp_config:\n  offload_params: true\n"
+                    "  reshard_after_forward: true\n  activation_checkpointing: true\n")
+    options = read_framework_config(path).options
+    assert options.items() >= {"zero": 3, "offload": "optimizer+params", "checkpointing": "full"}.items()

@@ -272,10 +272,10 @@ def _map_deepspeed(reader: _Reader, key: str, folder: Path) -> None:
         reader.set(key, "offload", "optimizer")
 
 
-def _map_fsdp(reader: _Reader, key: str, config_key: str) -> None:
+def _map_fsdp(reader: _Reader, key: str, config_key: str, implied: str | None = None) -> None:
     """transformers' `fsdp` option string or list (training_args.py, FSDPOption): full_shard/hybrid_shard = ZeRO-3,
     shard_grad_op = ZeRO-2; `offload` moves parameters and optimizer to the CPU."""
-    value = reader.get(key)
+    value = reader.get(key) or implied
     if not value:
         return
     if value is True:
@@ -289,6 +289,12 @@ def _map_fsdp(reader: _Reader, key: str, config_key: str) -> None:
         reader.set(key, "zero", 2)
     else:
         raise reader.error(key, f"{_quoted(value)} names no sharding strategy", "full_shard, shard_grad_op, hybrid_shard")
+    # FSDP2 (fsdp_version: 2) keeps the gathered weights after forward with reshard_after_forward false: ZeRO-2.
+    reshard = next((reader.get(f"{config_key}.{name}") for name in ("reshard_after_forward",
+                                                                     "fsdp_reshard_after_forward")
+                    if reader.has(f"{config_key}.{name}")), True)
+    if reader.options["zero"] == 3 and str(reshard).lower() == "false":
+        reader.set(f"{config_key}.reshard_after_forward", "zero", 2)
     if "offload" in words or reader.get(f"{config_key}.fsdp_offload_params") or reader.get(f"{config_key}.offload_params"):
         reader.set(key, "offload", "optimizer+params" if reader.options["zero"] == 3 else "optimizer")
     if reader.get(f"{config_key}.activation_checkpointing") or reader.get(f"{config_key}.fsdp_activation_checkpointing"):
@@ -649,15 +655,8 @@ def _axolotl(reader: _Reader, folder: Path) -> None:
     if reader.has("optimizer"):
         _map_hf_optimizer(reader, "optimizer")  # the Trainer's optim names, passed through
     _map_deepspeed(reader, "deepspeed", folder)
-    _map_fsdp(reader, "fsdp", "fsdp_config")
-    if reader.has("fsdp_config") and "zero" not in reader.options:
-        reader.set("fsdp_config", "zero", 2 if str(reader.get("fsdp_config.reshard_after_forward", True)).lower()
-                   == "false" else 3)
-        if reader.bool("fsdp_config.offload_params"):
-            reader.set("fsdp_config.offload_params", "offload", "optimizer+params" if reader.options["zero"] == 3
-                       else "optimizer")
-        if reader.bool("fsdp_config.activation_checkpointing"):
-            reader.set("fsdp_config.activation_checkpointing", "checkpointing", "full")
+    # Axolotl's FSDP2 configs give fsdp_config (fsdp_version: 2) alone: fully sharded.
+    _map_fsdp(reader, "fsdp", "fsdp_config", implied="full_shard" if reader.has("fsdp_config") else None)
     reader.ignore("gradient_accumulation_steps", "gradients kept across micro-batches are not modelled yet",
                   _more_than_one)
     reader.ignore("torch_compile", "torch.compile's saved tensors are not modelled yet")
