@@ -265,10 +265,13 @@ def _map_deepspeed(reader: _Reader, key: str, folder: Path) -> None:
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise reader.error(f"{key}: zero_optimization.stage", f"{_quoted(stage)} is not a ZeRO stage", "0, 1, 2, 3")
     reader.set(key, "zero", stage)
-    device = lambda part: str((zero.get(part) or {}).get("device", "none")).lower()  # noqa: E731
-    if device("offload_param") in ("cpu", "nvme"):
+    def offloaded(part: str) -> bool:
+        section = zero.get(part)
+        return isinstance(section, Mapping) and str(section.get("device", "none")).lower() in ("cpu", "nvme")
+
+    if offloaded("offload_param"):
         reader.set(key, "offload", "optimizer+params")
-    elif device("offload_optimizer") in ("cpu", "nvme"):
+    elif offloaded("offload_optimizer"):
         reader.set(key, "offload", "optimizer")
 
 
@@ -673,7 +676,7 @@ _MAPPERS: dict[str, Callable[[_Reader, Path], None]] = {
 _HF_KEYS = ("per_device_train_batch_size", "output_dir", "optim", "gradient_checkpointing", "model_name_or_path",
             "max_seq_length", "max_length", "learning_rate")
 _AXOLOTL_KEYS = ("base_model", "micro_batch_size", "sequence_len", "adapter", "lora_target_linear")
-_LITGPT_KEYS = ("checkpoint_dir", "lora_query", "quantize", "precision", "devices")
+_LITGPT_KEYS = ("checkpoint_dir", "lora_query")  # with a `train:` section, LitGPT's own
 
 
 def detect_format(data: Mapping[str, Any], suffix: str) -> str | None:
@@ -685,7 +688,7 @@ def detect_format(data: Mapping[str, Any], suffix: str) -> str | None:
         return "torchtune"
     if any(key in data for key in _AXOLOTL_KEYS):
         return "axolotl"
-    if isinstance(data.get("train"), Mapping) or any(key in data for key in _LITGPT_KEYS[:2]):
+    if isinstance(data.get("train"), Mapping) or any(key in data for key in _LITGPT_KEYS):
         return "litgpt"
     if any(key in data for key in _HF_KEYS):
         return "hf"
