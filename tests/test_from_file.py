@@ -76,6 +76,8 @@ def test_from_file_gives_the_flags_budget_and_notes_what_it_ignored(capsys, name
     notes = "\n".join(from_file["notes"])
     for key_value in ignored:
         assert f"ignored: {key_value} (" in notes
+    # Keys that do not touch memory stay quiet.
+    assert "learning_rate" not in notes and "lr=" not in notes and "seed" not in notes
 
 
 def test_flags_typed_beside_from_override_the_file(capsys):
