@@ -58,7 +58,8 @@ def planner_parser() -> argparse.ArgumentParser:
         epilog=f"Commands: {', '.join(sorted(_COMMAND_NAMES))}; `memtui --help` lists them.",
     )
     parser.add_argument("target", nargs="?", metavar="MODEL",
-                        help="a model preset id, or a path to a config.json (or its folder); same as --model")
+                        help="a model preset id, or a path to a config.json (or its folder); same as --model; "
+                             "a .yaml/.toml training config: same as --from")
     add_training_flags(parser)
     return parser
 
@@ -72,6 +73,10 @@ def open_planner(argv: list[str]) -> int:
     if argv:
         parser = planner_parser()
         args = parser.parse_args(argv)
+        if args.target is not None and args.target.lower().endswith((".yaml", ".yml", ".toml")):
+            if args.from_file is not None:
+                parser.error(f"give the training config once: {args.target!r} or --from {args.from_file}")
+            args.from_file, args.target = args.target, None  # `memtui FILE`: a framework's training config
         if args.target is not None:
             if args.model is not None:
                 parser.error(f"give the model once: {args.target!r} or --model {args.model}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from memtui.cli.options import add_training_flags, config_from_args
+from memtui.cli.options import add_training_flags, config_from_args, with_file_notes
 
 HELP = "predict one training step's memory per GPU (analytic, instant)"
 
@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from memtui.engine.estimator import estimate
 
-    budget = estimate(config_from_args(args))
+    budget = with_file_notes(estimate(config_from_args(args)), args)
     if args.json:
         print(json.dumps(budget.model_dump(mode="json"), indent=2))
     else:

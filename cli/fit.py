@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from memtui.cli.options import add_training_flags, config_from_args
+from memtui.cli.options import add_training_flags, config_from_args, file_notes, print_file_notes
 
 HELP = "find the largest batch / sequence that fits, the fewest GPUs, and what to enable to make it fit"
 
@@ -75,8 +75,12 @@ def run(args: argparse.Namespace) -> int:
         margin=DEFAULT_MARGIN if args.margin is None else args.margin,
     )
     if args.json:
-        print(json.dumps(report.as_json(), indent=2))
+        data = report.as_json()
+        if file_notes(args):
+            data["notes"] = file_notes(args)
+        print(json.dumps(data, indent=2))
     else:
+        print_file_notes(args)
         print_fit_report(report)
     return 0
 

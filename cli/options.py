@@ -2,13 +2,14 @@
 
 The flags are the option registry's (memtui.engine.model.options): one per TrainingConfig field.
 
-Precedence: TrainingConfig defaults < --recipe < flags given on the command line.
+Precedence: TrainingConfig defaults < --recipe < --from FILE < flags given on the command line.
 Every flag defaults to None so we know which ones the user actually typed.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from memtui.engine.errors import InputError
 from memtui.engine.model.options import MODEL_AND_HARDWARE, OPTIONS, Option
@@ -88,14 +89,31 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
             group = groups[option.group] = parser.add_argument_group(option.group.lower())
             if option.group == MODEL_AND_HARDWARE:
                 group.add_argument("--recipe", help="apply a named option set first (see `memtui presets`)")
+                group.add_argument("--from", dest="from_file", metavar="FILE",
+                                   help="read a training config: Hugging Face/TRL (JSON or YAML), torchtune, LitGPT "
+                                        "or Axolotl YAML, torchtitan TOML; flags typed beside it override it")
         _add_flag(group, option)
 
 
+def _answered(note: str, args: argparse.Namespace) -> bool:
+    """A "gpus not set: ... give --gpus" note from --from FILE, moot once that flag is typed beside it."""
+    field, unset, _ = note.partition(" not set:")
+    return bool(unset) and getattr(args, field, None) is not None
+
+
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainingConfig:
-    """Defaults, then the recipe, then the flags typed, then any overrides."""
+    """Defaults, then the recipe, then --from FILE, then the flags typed, then any overrides.
+
+    What --from FILE could not map is left in `args.from_notes` (see `file_notes`)."""
     options: dict = {}
     if getattr(args, "recipe", None):
         options.update(resolve_recipe(args.recipe).options)
+    if getattr(args, "from_file", None):
+        from memtui.engine.model.framework_configs import read_framework_config
+
+        framework = read_framework_config(args.from_file)
+        options.update(framework.options)
+        args.from_notes = [note for note in framework.notes if not _answered(note, args)]
     for field, option in OPTIONS.items():
         value = getattr(args, field, None)
         if value is not None:
@@ -113,4 +131,22 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainingConfig:
     return config_from_options(options)
 
 
-__all__ = ["InputError", "add_training_flags", "config_from_args"]
+def file_notes(args: argparse.Namespace) -> list[str]:
+    """The notes --from FILE left (what it mapped from, what it ignored and why); empty without it."""
+    return list(getattr(args, "from_notes", None) or [])
+
+
+def with_file_notes(budget, args: argparse.Namespace):
+    """The budget with --from FILE's notes first, as `estimate` and `trace` report them."""
+    notes = file_notes(args)
+    return budget.model_copy(update={"notes": [*notes, *budget.notes]}) if notes else budget
+
+
+def print_file_notes(args: argparse.Namespace) -> None:
+    """--from FILE's notes on stderr, for the commands whose output has no notes of a budget (fit, run)."""
+    for note in file_notes(args):
+        print(f"memtui: {note}", file=sys.stderr)
+
+
+__all__ = ["InputError", "add_training_flags", "config_from_args", "file_notes", "print_file_notes",
+           "with_file_notes"]

@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Any
 
-from memtui.cli.options import _choice, _positive_float, _positive_int, add_training_flags, config_from_args
+from memtui.cli.options import _choice, _positive_float, _positive_int, add_training_flags, config_from_args, print_file_notes
 
 HELP = "train a scaled-down copy for a few steps and measure it against the prediction (live)"
 
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             config = config_from_args(args)
+            print_file_notes(args)
             options = options_from_args(args)
             checked = preflight(config, options)
             worker = WorkerProcess(config, options, device_kind=checked.device_kind, ranks=checked.ranks)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from memtui.cli.options import add_training_flags, config_from_args
+from memtui.cli.options import add_training_flags, config_from_args, with_file_notes
 
 HELP = "trace one training step of the real architecture on fake tensors (exact, no GPU)"
 
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:
         result = trace(config, progress=_stderr_progress() if sys.stderr.isatty() else None, alloc_config=alloc_config)
+        result.budget = with_file_notes(result.budget, args)
         data = result.as_json()
         if args.device == "cuda":
             data["cuda"] = _measure(config)
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     with console.status("tracing…") as status:
         result = trace(config, progress=lambda stage, _fraction: status.update(f"tracing: {stage}"),
                        alloc_config=alloc_config)
+    result.budget = with_file_notes(result.budget, args)
     if args.device == "cuda":
         with console.status("running the two steps on the GPU…"):
             measured = _measure(config)

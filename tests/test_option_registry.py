@@ -45,14 +45,14 @@ def test_readme_flag_table_is_the_registry():
     generated = flag_table_rows()
     assert [row for row in rows if row in generated] == generated, "regenerate: python -m memtui.engine.model.options"
     others = [row for row in rows if row not in generated]
-    assert [row.split("`")[1] for row in others] == ["--recipe"]  # the one flag that is not a config field
+    assert [row.split("`")[1] for row in others] == ["--recipe", "--from"]  # the flags that are not config fields
 
 
 def test_cli_flags_come_from_the_registry():
     parser = argparse.ArgumentParser()
     add_training_flags(parser)
     flags = {action.option_strings[0] for action in parser._actions if action.option_strings}
-    assert flags == {option.flag for option in OPTIONS.values()} | {"-h", "--recipe"}
+    assert flags == {option.flag for option in OPTIONS.values()} | {"-h", "--recipe", "--from"}
     for option in OPTIONS.values():
         if option.kind == "int":
             with pytest.raises(SystemExit):

@@ -1,0 +1,741 @@
+"""Training configs as the frameworks write them, mapped onto TrainingConfig (`--from FILE`).
+
+Five formats, told apart by extension and content: Hugging Face TrainingArguments / TRL SFTConfig (JSON or
+YAML), a torchtune recipe YAML, a LitGPT finetune YAML, a torchtitan TOML and an Axolotl YAML. Every key
+that decides memory is mapped onto a TrainingConfig field; a key that decides memory in a way memtui
+cannot express yet becomes a note ("ignored: key=value (why)"), never silently dropped; keys that do not
+touch memory (learning rates, logging, datasets) are ignored quietly. A bad value is an InputError whose
+field is "FILE: key". The key names are each framework's own, with the file in its repository that
+defines them cited beside each mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from memtui.engine.errors import InputError
+from memtui.engine.model.architectures import _read_config_text, read_json_file
+from memtui.engine.model.hub import is_hub_id
+from memtui.engine.model.presets import models
+from memtui.engine.model.specs import TrainingConfig
+
+FORMATS = ("hf", "torchtune", "litgpt", "torchtitan", "axolotl")
+FORMAT_NAMES = {
+    "hf": "Hugging Face TrainingArguments / TRL SFTConfig",
+    "torchtune": "torchtune recipe",
+    "litgpt": "LitGPT finetune config",
+    "torchtitan": "torchtitan job config",
+    "axolotl": "Axolotl config",
+}
+
+
+@dataclass(frozen=True)
+class FrameworkConfig:
+    """What a framework's config file says about memory, as TrainingConfig fields, and what it could not say."""
+
+    path: str
+    format: str
+    options: dict[str, Any]
+    notes: tuple[str, ...]
+
+
+_MISSING = object()
+_truthy = bool  # the class below names a method `bool`
+
+
+@dataclass
+class _Reader:
+    """One file's values, looked up by dotted key; every refusal names the file and the key."""
+
+    source: str
+    data: Mapping[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value: Any = self.data
+        for part in key.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                return default
+            value = value[part]
+        return default if value is None else value
+
+    def has(self, key: str) -> bool:
+        return self.get(key, _MISSING) is not _MISSING
+
+    def error(self, key: str, message: str, allowed: str | None = None) -> InputError:
+        return InputError(f"{self.source}: {key}", message, allowed)
+
+    def int(self, key: str, minimum: int = 1) -> int | None:
+        value = self.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"{_quoted(value)} is not a whole number", f"whole numbers from {minimum}")
+        if value < minimum:
+            raise self.error(key, f"must be at least {minimum}, got {value}")
+        return value
+
+    def bool(self, key: str) -> bool | None:
+        value = self.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            raise self.error(key, f"{_quoted(value)} is not true or false", "true, false")
+        return value
+
+    def text(self, key: str) -> str | None:
+        value = self.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, f"{_quoted(value)} is not text")
+        return value
+
+    def choice(self, key: str, table: Mapping[str, Any]) -> Any:
+        """The table's entry for the key's value (case-insensitive), or an error listing the values memtui reads."""
+        value = self.get(key)
+        if value is None:
+            return None
+        entry = table.get(str(value).lower()) if isinstance(value, (str, bool)) else None
+        if entry is None:
+            raise self.error(key, f"{_quoted(value)} is not a value memtui can model", ", ".join(table))
+        return entry
+
+    def set(self, key: str, field_name: str, value: Any) -> None:
+        """Map the key's value onto a field, checked against the field's type and bounds now, naming the key."""
+        if value is None:
+            return
+        try:
+            TrainingConfig.model_validate({field_name: value})
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise self.error(key, f"{_quoted(value)}: {first['msg']}") from None
+        self.options[field_name] = value
+
+    def ignore(self, key: str, why: str, when: Callable[[Any], bool] = _truthy) -> None:
+        """Note a key that decides memory in a way memtui cannot express, when its value makes a difference."""
+        value = self.get(key)
+        if value is not None and when(value):
+            self.notes.append(f"ignored: {key}={_shown(value)} ({why})")
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def _shown(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _quoted(value: Any) -> str:
+    """A value in an error: text in quotes, so `four` reads as the value it is."""
+    return repr(_shown(value)) if isinstance(value, str) else _shown(value)
+
+
+def _more_than_one(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+# ---- models --------------------------------------------------------------------------------------------
+# Suffixes of a Hub repository's name that do not change the architecture's memory (a chat tune of the base).
+_SAME_ARCHITECTURE = {"instruct", "hf", "it", "chat", "base", "v0.1", "v0.2", "v0.3", "4k"}
+
+
+def preset_for_name(name: str, presets: list[str]) -> str | None:
+    """The preset a Hub id or checkpoint folder names ("meta-llama/Llama-3.2-1B-Instruct" -> llama-3.2-1b)."""
+    tail = name.rstrip("/").split("/")[-1].lower().removeprefix("meta-")
+    for preset in sorted(presets, key=len, reverse=True):
+        if tail == preset:
+            return preset
+        if tail.startswith(preset + "-") and all(part in _SAME_ARCHITECTURE
+                                                for part in tail[len(preset) + 1:].split("-")):
+            return preset
+    return None
+
+
+def _set_model(reader: _Reader, key: str, name: str | None) -> None:
+    """A preset where the name matches one, else a Hub id (memtui reads its config.json), else unset."""
+    if not name:
+        return
+    presets = list(models())
+    preset = preset_for_name(name, presets)
+    if preset is not None:
+        reader.options["model"] = preset
+        return
+    if Path(name).expanduser().exists():
+        reader.options["model"] = name  # a local checkpoint folder with its config.json
+        return
+    parts = name.rstrip("/").split("/")
+    hub_id = "/".join(parts[-2:]) if len(parts) >= 2 else name
+    if is_hub_id(hub_id) and not Path(name).is_absolute():
+        reader.options["model"] = hub_id
+        return
+    reader.note(f"model not set: {key}={_shown(name)} is neither a memtui preset nor a Hub id org/name; "
+                "give --model")
+
+
+# ---- shared by Hugging Face, TRL and Axolotl --------------------------------------------------------------
+# transformers/src/transformers/training_args.py, OptimizerNames: the `optim` values. An entry is
+# (memtui optimizer, optimizer_impl or None, note or "").
+_PAGED = "paged optimizer states: memtui keeps them on the GPU"
+_HF_OPTIMIZERS: dict[str, tuple[str, str | None, str]] = {
+    "adamw_torch": ("adamw", "foreach", ""),
+    "adamw_torch_fused": ("adamw", "fused", ""),
+    "adamw_hf": ("adamw", "for-loop", ""),
+    "adamw_apex_fused": ("adamw", "fused", ""),
+    "adamw_bnb_8bit": ("adamw-8bit", None, ""),
+    "adamw_8bit": ("adamw-8bit", None, ""),
+    "paged_adamw_8bit": ("adamw-8bit", None, _PAGED),
+    "paged_adamw": ("adamw", None, _PAGED),
+    "paged_adamw_32bit": ("adamw", None, _PAGED),
+    "adafactor": ("adafactor", None, ""),
+    "sgd": ("sgd", None, ""),
+    "lion_32bit": ("lion", None, ""),
+    "paged_lion_32bit": ("lion", None, _PAGED),
+    "lion_8bit": ("lion", None, "8-bit Lion state: modelled as a 32-bit one"),
+    "paged_lion_8bit": ("lion", None, "paged 8-bit Lion state: modelled as a 32-bit one on the GPU"),
+    "galore_adamw": ("galore-adamw", None, ""),
+    "galore_adamw_layerwise": ("galore-adamw", None, "layer-wise GaLore steps in backward: modelled as one step"),
+    "galore_adamw_8bit": ("galore-adamw", None, "8-bit GaLore states: modelled as 32-bit"),
+}
+
+
+def _map_hf_optimizer(reader: _Reader, key: str) -> None:
+    entry = reader.choice(key, _HF_OPTIMIZERS)
+    if entry is None:
+        return
+    optimizer, impl, why = entry
+    reader.set(key, "optimizer", optimizer)
+    if impl is not None:
+        reader.set(key, "optimizer_impl", impl)
+    if why:
+        reader.note(f"ignored: {key}={reader.get(key)} ({why})")
+    if optimizer == "sgd":
+        # transformers builds torch.optim.SGD from optim_args (default momentum 0).
+        args = reader.get("optim_args") or ""
+        if re.search(r"momentum\s*=\s*0*\.?0*[1-9]", str(args)):
+            reader.set("optim_args", "optimizer", "sgd-momentum")
+    if optimizer == "galore-adamw":
+        match = re.search(r"rank\s*=\s*(\d+)", str(reader.get("optim_args") or ""))
+        if match:
+            reader.set("optim_args", "galore_rank", int(match.group(1)))
+
+
+_STAGE_IN_NAME = re.compile(r"(?:zero[_-]?(?:stage)?[_-]?|(?<![a-z0-9])z|stage[_-]?)([0-3])(?![0-9])", re.IGNORECASE)
+
+
+def _map_deepspeed(reader: _Reader, key: str, folder: Path) -> None:
+    """DeepSpeed's JSON (a dict, a file beside the config, or a file name naming the stage): ZeRO stage and
+    offload. deepspeed/runtime/zero/config.py: zero_optimization.stage, offload_optimizer/offload_param.device."""
+    value = reader.get(key)
+    if value is None or value == "":
+        return
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else folder / path
+        if path.is_file():
+            value = read_json_file(path, f"{reader.source}: {key} ({value})")
+        else:
+            match = _STAGE_IN_NAME.search(Path(value).name)
+            if match is None:
+                reader.note(f"ignored: {key}={_shown(value)} (no such file here, and its name names no ZeRO "
+                            "stage; give --zero)")
+                return
+            reader.set(key, "zero", int(match.group(1)))
+            if "offload" in Path(value).name.lower():
+                reader.set(key, "offload", "optimizer+params" if match.group(1) == "3" else "optimizer")
+            return
+    if not isinstance(value, Mapping):
+        raise reader.error(key, f"{_quoted(value)} is neither a path nor a DeepSpeed config")
+    zero = value.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, Mapping) else None
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise reader.error(f"{key}: zero_optimization.stage", f"{_quoted(stage)} is not a ZeRO stage", "0, 1, 2, 3")
+    reader.set(key, "zero", stage)
+    def offloaded(part: str) -> bool:
+        section = zero.get(part)
+        return isinstance(section, Mapping) and str(section.get("device", "none")).lower() in ("cpu", "nvme")
+
+    if offloaded("offload_param"):
+        reader.set(key, "offload", "optimizer+params")
+    elif offloaded("offload_optimizer"):
+        reader.set(key, "offload", "optimizer")
+
+
+def _map_fsdp(reader: _Reader, key: str, config_key: str, implied: str | None = None) -> None:
+    """transformers' `fsdp` option string or list (training_args.py, FSDPOption): full_shard/hybrid_shard = ZeRO-3,
+    shard_grad_op = ZeRO-2; `offload` moves parameters and optimizer to the CPU."""
+    value = reader.get(key) or implied
+    if not value:
+        return
+    if value is True:
+        value = "full_shard"  # Axolotl's `fsdp: true`
+    if not isinstance(value, (str, list)):
+        raise reader.error(key, f"{_quoted(value)} is not a list of FSDP options", "full_shard, shard_grad_op, offload")
+    words = [str(word).lower() for word in (value.split() if isinstance(value, str) else value)]
+    if "full_shard" in words or "hybrid_shard" in words:
+        reader.set(key, "zero", 3)
+    elif "shard_grad_op" in words or "hybrid_shard_zero2" in words:
+        reader.set(key, "zero", 2)
+    else:
+        raise reader.error(key, f"{_quoted(value)} names no sharding strategy", "full_shard, shard_grad_op, hybrid_shard")
+    # FSDP2 (fsdp_version: 2) keeps the gathered weights after forward with reshard_after_forward false: ZeRO-2.
+    reshard = next((reader.get(f"{config_key}.{name}") for name in ("reshard_after_forward",
+                                                                     "fsdp_reshard_after_forward")
+                    if reader.has(f"{config_key}.{name}")), True)
+    if reader.options["zero"] == 3 and str(reshard).lower() == "false":
+        reader.set(f"{config_key}.reshard_after_forward", "zero", 2)
+    if "offload" in words or reader.get(f"{config_key}.fsdp_offload_params") or reader.get(f"{config_key}.offload_params"):
+        reader.set(key, "offload", "optimizer+params" if reader.options["zero"] == 3 else "optimizer")
+    if reader.get(f"{config_key}.activation_checkpointing") or reader.get(f"{config_key}.fsdp_activation_checkpointing"):
+        reader.set(f"{config_key}.activation_checkpointing", "checkpointing", "full")
+
+
+# transformers' attn_implementation values (modeling_utils.py): sdpa and the flash kernels save no s x s scores.
+_ATTENTION = {"eager": "eager", "sdpa": "flash", "flash_attention_2": "flash", "flash_attention_3": "flash",
+              "flex_attention": "flash", "kernels-community/flash-attn": "flash"}
+_TORCH_DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "16", "fp16": "16", "half": "16",
+                 "float32": "32", "fp32": "32", "float": "32", "auto": "auto"}
+
+
+def _hf_precision(reader: _Reader, bf16_key: str, fp16_key: str, dtype_key: str | None) -> None:
+    """bf16/fp16 are autocast (Trainer); a 16-bit torch_dtype loads the weights in 16 bits: memtui's *-true."""
+    bf16, fp16 = reader.bool(bf16_key), reader.bool(fp16_key)
+    if bf16 and fp16:
+        raise reader.error(fp16_key, f"{fp16_key} and {bf16_key} are both on", "one of them")
+    dtype = reader.choice(dtype_key, _TORCH_DTYPES) if dtype_key else None
+    if dtype in ("bf16", "16"):
+        reader.set(str(dtype_key), "precision", f"{dtype}-true")
+        if dtype == "16" and bf16 or dtype == "bf16" and fp16:
+            reader.note(f"ignored: {bf16_key if bf16 else fp16_key} (autocast to the other 16-bit type than "
+                        f"{dtype_key}: modelled as {dtype_key} alone)")
+    elif bf16:
+        reader.set(bf16_key, "precision", "bf16-mixed")
+    elif fp16:
+        reader.set(fp16_key, "precision", "16-mixed")
+    elif reader.has(bf16_key) or reader.has(fp16_key) or dtype == "32":
+        reader.set(bf16_key, "precision", "32-true")
+
+
+def _map_lora_targets(reader: _Reader, key: str) -> None:
+    targets = reader.get(key)
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        reader.set(key, "lora_targets", targets)  # a comma list, or peft's "all-linear"
+    elif isinstance(targets, list) and targets and all(isinstance(item, str) for item in targets):
+        reader.set(key, "lora_targets", ",".join(targets))
+    else:
+        raise reader.error(key, f"{_quoted(targets)} is not a list of layer names", "a list of linear layer names")
+
+
+# ---- Hugging Face TrainingArguments / TRL SFTConfig + ModelConfig ----------------------------------------------
+def _hugging_face(reader: _Reader, folder: Path) -> None:
+    # transformers/src/transformers/training_args.py (TrainingArguments)
+    reader.set("per_device_train_batch_size", "batch_size", reader.int("per_device_train_batch_size"))
+    if reader.has("gradient_checkpointing"):
+        reader.set("gradient_checkpointing", "checkpointing",
+                   "full" if reader.bool("gradient_checkpointing") else "none")
+    reader.ignore("gradient_checkpointing_kwargs.use_reentrant",
+                  "memtui models the non-reentrant checkpoint transformers' trace runs", lambda value: value is True)
+    # trl/trl/scripts/utils.py ModelConfig / trl/trl/trainer/model_config.py: torch_dtype (dtype in newer
+    # releases), also inside SFTConfig.model_init_kwargs.
+    dtype_key = next((key for key in ("torch_dtype", "dtype", "model_init_kwargs.torch_dtype",
+                                      "model_init_kwargs.dtype") if reader.has(key)), None)
+    _hf_precision(reader, "bf16", "fp16", dtype_key)
+    if reader.has("optim"):
+        _map_hf_optimizer(reader, "optim")
+    # trl/trl/trainer/sft_config.py: max_length (max_seq_length before TRL 0.20)
+    for key in ("max_length", "max_seq_length"):
+        reader.set(key, "seq_len", reader.int(key))
+    _map_deepspeed(reader, "deepspeed", folder)
+    _map_fsdp(reader, "fsdp", "fsdp_config")
+    attention = next((key for key in ("attn_implementation", "model_init_kwargs.attn_implementation")
+                      if reader.has(key)), None)
+    if attention:
+        reader.set(attention, "attention", reader.choice(attention, _ATTENTION))
+    # trl ModelConfig: use_peft, lora_r, lora_target_modules, load_in_4bit/8bit, bnb_4bit_quant_type
+    if reader.bool("use_peft"):
+        reader.set("lora_r", "lora_rank", reader.int("lora_r") or 16)  # ModelConfig.lora_r defaults to 16
+        _map_lora_targets(reader, "lora_target_modules")
+        reader.ignore("lora_dropout", "adapter dropout keeps a mask and a copy of each adapted input", _positive)
+    if reader.bool("load_in_4bit"):
+        reader.set("load_in_4bit", "quant", "nf4")
+        reader.ignore("bnb_4bit_quant_type", "fp4 has nf4's size; modelled as nf4", lambda value: value != "nf4")
+    elif reader.bool("load_in_8bit"):
+        reader.set("load_in_8bit", "quant", "int8")
+    _set_model(reader, "model_name_or_path", reader.text("model_name_or_path"))
+    reader.ignore("gradient_accumulation_steps", "gradients kept across micro-batches are not modelled yet",
+                  _more_than_one)
+    reader.ignore("torch_compile", "torch.compile's saved tensors are not modelled yet")
+    reader.ignore("use_liger_kernel", "Liger's fused linear cross-entropy is not modelled yet")
+    reader.ignore("padding_free", "padding-free batches: modelled as full sequences")
+
+
+# ---- torchtune --------------------------------------------------------------------------------------------------
+# torchtune/torchtune/models/<family>/_model_builders.py: builder names -> memtui presets.
+_TORCHTUNE_MODELS = {
+    "llama3_2_1b": "llama-3.2-1b", "llama3_2_3b": "llama-3.2-3b", "llama3_1_8b": "llama-3.1-8b",
+    "llama3_1_70b": "llama-3.1-70b", "llama3_1_405b": "llama-3.1-405b", "mistral_7b": "mistral-7b",
+    "qwen2_5_0_5b": "qwen2.5-0.5b", "qwen2_5_7b_base": "qwen2.5-7b", "qwen2_5_7b_instruct": "qwen2.5-7b",
+    "qwen2_5_72b_instruct": "qwen2.5-72b", "gemma2_9b": "gemma-2-9b", "phi3_mini": "phi-3-mini",
+}
+# torchtune/torchtune/modules/peft/lora.py and the builders' lora_attn_modules: torchtune's layer names.
+_TORCHTUNE_LAYERS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
+_TORCH_OPTIMIZERS = {
+    "torch.optim.adamw": "adamw", "torch.optim.adam": "adamw", "torch.optim.sgd": "sgd",
+    "bitsandbytes.optim.adamw8bit": "adamw-8bit", "bitsandbytes.optim.pagedadamw8bit": "adamw-8bit",
+    "bitsandbytes.optim.pagedadamw": "adamw", "bitsandbytes.optim.pagedadamw32bit": "adamw",
+    "torchao.optim.adamw8bit": "adamw-8bit", "torchao.prototype.low_bit_optim.adamw8bit": "adamw-8bit",
+    "torch.optim.adafactor": "adafactor",
+}
+_TORCHTUNE_DTYPES = {"bf16": "bf16-true", "fp32": "32-true"}  # torchtune/training/precision.py PRECISION_STR_TO_DTYPE
+
+
+def _torch_optimizer(reader: _Reader, key: str) -> None:
+    """An optimizer named by its class path, with torch's fused/foreach/momentum arguments."""
+    component = reader.text(key)
+    if component is None:
+        return
+    optimizer = _TORCH_OPTIMIZERS.get(component.lower())
+    if optimizer is None:
+        raise reader.error(key, f"{_quoted(component)} is not an optimizer memtui can model",
+                           ", ".join(sorted(_TORCH_OPTIMIZERS)))
+    prefix = key.rsplit(".", 1)[0]
+    momentum = reader.get(f"{prefix}.momentum") or reader.get(f"{prefix}.init_args.momentum")
+    reader.set(key, "optimizer", "sgd-momentum" if optimizer == "sgd" and _positive(momentum) else optimizer)
+    if "paged" in component.lower():
+        reader.note(f"ignored: {key}={component} ({_PAGED})")
+    for args in (prefix, f"{prefix}.init_args"):
+        if reader.bool(f"{args}.fused"):
+            reader.set(f"{args}.fused", "optimizer_impl", "fused")
+        elif reader.get(f"{args}.foreach") is False:
+            reader.set(f"{args}.foreach", "optimizer_impl", "for-loop")
+
+
+def _torchtune(reader: _Reader, _folder: Path) -> None:
+    # torchtune/recipes/lora_finetune_single_device.py and full_finetune_*.py read these keys.
+    component = reader.text("model._component_") or ""
+    builder = component.rsplit(".", 1)[-1]
+    quantized = builder.startswith("qlora_") or reader.bool("model.quantize_base") is True
+    base = re.sub(r"^q?lora_", "", builder)
+    if base in _TORCHTUNE_MODELS:
+        reader.options["model"] = _TORCHTUNE_MODELS[base]
+    else:
+        reader.note(f"model not set: model._component_={component} is not a memtui preset; give --model")
+    if builder.startswith(("lora_", "qlora_")):
+        reader.set("model.lora_rank", "lora_rank", reader.int("model.lora_rank") or 8)  # the builders' default
+        modules = reader.get("model.lora_attn_modules") or []
+        if not isinstance(modules, list) or any(name not in _TORCHTUNE_LAYERS for name in modules):
+            raise reader.error("model.lora_attn_modules", f"{_quoted(modules)} names a layer torchtune does not have",
+                               ", ".join(_TORCHTUNE_LAYERS))
+        targets = [_TORCHTUNE_LAYERS[name] for name in modules]
+        if reader.bool("model.apply_lora_to_mlp"):
+            targets += ["gate_proj", "down_proj", "up_proj"]  # torchtune's w1, w2, w3
+        reader.ignore("model.apply_lora_to_output", "LoRA on the output head is not modelled")
+        if targets:
+            reader.set("model.lora_attn_modules", "lora_targets", ",".join(targets))
+        reader.ignore("model.lora_dropout", "adapter dropout keeps a mask and a copy of each adapted input", _positive)
+        reader.note("torchtune keeps LoRA adapters in the model's dtype; memtui models peft's adapters")
+        if quantized:
+            reader.options["quant"] = "nf4"  # torchao's NF4Tensor, the same 4-bit blocks as bitsandbytes' nf4
+    reader.set("batch_size", "batch_size", reader.int("batch_size"))
+    reader.set("dtype", "precision", reader.choice("dtype", _TORCHTUNE_DTYPES))
+    if reader.has("enable_activation_checkpointing"):
+        reader.set("enable_activation_checkpointing", "checkpointing",
+                   "full" if reader.bool("enable_activation_checkpointing") else "none")
+    _torch_optimizer(reader, "optimizer._component_")
+    seq_len = reader.int("tokenizer.max_seq_len")
+    if seq_len is None:
+        reader.note("seq_len not set: tokenizer.max_seq_len is null, so the dataset's longest sample decides it; "
+                    "give --seq-len")
+    reader.set("tokenizer.max_seq_len", "seq_len", seq_len)
+    # The distributed recipes shard with FSDP2 fully_shard (torchtune/training/_distributed.py shard_model).
+    if any(reader.has(key) for key in ("fsdp_cpu_offload", "fsdp_reshard_after_forward", "data_parallel_shard_dim")):
+        reshard = reader.get("fsdp_reshard_after_forward", True)
+        reader.set("fsdp_reshard_after_forward", "zero", 3 if reshard else 2)
+        if reader.bool("fsdp_cpu_offload"):
+            reader.set("fsdp_cpu_offload", "offload", "optimizer+params" if reshard else "optimizer")
+    reader.set("tensor_parallel_dim", "tp", reader.int("tensor_parallel_dim"))
+    reader.ignore("gradient_accumulation_steps", "gradients kept across micro-batches are not modelled yet",
+                  _more_than_one)
+    reader.ignore("optimizer_in_bwd", "stepping in backward never holds all gradients; not modelled yet")
+    reader.ignore("enable_activation_offloading", "saved activations offloaded to the CPU are not modelled yet")
+    reader.ignore("compile", "torch.compile's saved tensors are not modelled yet")
+    reader.ignore("loss._component_", "chunked or fused cross-entropy is not modelled yet",
+                  lambda value: "chunked" in str(value).lower() or "linearcrossentropy" in str(value).lower())
+
+
+# ---- LitGPT -------------------------------------------------------------------------------------------------------
+# litgpt/litgpt/finetune/lora.py setup(): the LoRA switches per projection; the model's fused qkv is split into
+# the three names memtui knows.
+_LITGPT_LORA = {"lora_query": ("q_proj",), "lora_key": ("k_proj",), "lora_value": ("v_proj",),
+                "lora_projection": ("o_proj",), "lora_mlp": ("gate_proj", "up_proj", "down_proj")}
+_LITGPT_PRECISIONS = {value: value for value in ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")}
+_LITGPT_PRECISIONS.update({"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true"})
+# litgpt/litgpt/utils.py: quantize values (bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8-training)
+_LITGPT_QUANT = {"bnb.nf4": "nf4", "bnb.nf4-dq": "nf4", "bnb.fp4": "nf4", "bnb.fp4-dq": "nf4",
+                 "bnb.int8-training": "int8"}
+
+
+def _litgpt(reader: _Reader, _folder: Path) -> None:
+    checkpoint = reader.text("checkpoint_dir")
+    if checkpoint:
+        _set_model(reader, "checkpoint_dir", checkpoint)
+    reader.set("precision", "precision", reader.choice("precision", _LITGPT_PRECISIONS))
+    reader.set("quantize", "quant", reader.choice("quantize", _LITGPT_QUANT))
+    reader.ignore("quantize", "fp4 has nf4's size and double quantization saves ~0.4 bits/weight; modelled as nf4",
+                  lambda value: value in ("bnb.fp4", "bnb.fp4-dq", "bnb.nf4-dq"))
+    # litgpt/litgpt/args.py TrainArgs: micro_batch_size, max_seq_length (top-level max_seq_length in old configs)
+    reader.set("train.micro_batch_size", "batch_size", reader.int("train.micro_batch_size"))
+    for key in ("train.max_seq_length", "max_seq_length"):
+        reader.set(key, "seq_len", reader.int(key))
+    if reader.has("lora_r"):
+        reader.set("lora_r", "lora_rank", reader.int("lora_r"))
+        targets = [name for key, names in _LITGPT_LORA.items() if reader.bool(key) for name in names]
+        if targets:
+            reader.set("lora_query", "lora_targets", ",".join(targets))
+        reader.ignore("lora_head", "LoRA on the output head is not modelled")
+        reader.ignore("lora_dropout", "adapter dropout keeps a mask and a copy of each adapted input", _positive)
+        reader.note("LitGPT adapts slices of its fused qkv projection, in the model's dtype; memtui models peft's "
+                    "adapters on separate q/k/v projections")
+    devices = reader.get("devices", 1)
+    nodes = reader.int("num_nodes") or 1
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        devices = reader.int("devices")
+        gpus = (devices or 1) * nodes
+        reader.set("devices", "gpus", gpus)
+        if gpus > 1:
+            # lora.py/full.py: FSDPStrategy(activation_checkpointing_policy={Block}) when more than one device.
+            reader.set("devices", "zero", 3)
+            reader.set("devices", "checkpointing", "full")
+    elif devices == "auto":
+        reader.note("gpus not set: devices=auto (every visible GPU; more than one runs FSDP with each block "
+                    "checkpointed); give --gpus, --zero 3 --checkpointing full")
+    else:
+        raise reader.error("devices", f"{_quoted(devices)} is not a device count", "a whole number, auto")
+    optimizer = reader.get("optimizer")
+    if isinstance(optimizer, str):
+        reader.set("optimizer", "optimizer", reader.choice("optimizer", {"adamw": "adamw", "adam": "adamw",
+                                                                          "sgd": "sgd"}))
+    elif isinstance(optimizer, Mapping):
+        _torch_optimizer(reader, "optimizer.class_path")
+    micro, global_batch = reader.get("train.micro_batch_size", 1), reader.get("train.global_batch_size")
+    # litgpt/finetune/lora.py: accumulation steps = global_batch_size // (devices x num_nodes) // micro_batch_size
+    if _positive(global_batch) and _positive(micro) and global_batch > micro * reader.options.get("gpus", 1):
+        reader.note(f"ignored: train.global_batch_size={global_batch} (gradient accumulation over micro-batches "
+                    "of train.micro_batch_size: gradients kept across micro-batches are not modelled yet)")
+
+
+# ---- torchtitan ----------------------------------------------------------------------------------------------------
+# torchtitan/torchtitan/models/llama3/__init__.py llama3_configs: flavors of the Llama 3.1 architecture.
+_TORCHTITAN_MODELS = {("llama3", "8b"): "llama-3.1-8b", ("llama3", "70b"): "llama-3.1-70b",
+                      ("llama3", "405b"): "llama-3.1-405b"}
+# Training.mixed_precision_param: applied by fully_shard when sharded, by torch.autocast under DDP or on one GPU.
+_TITAN_DTYPES = {"bfloat16": "bf16-mixed", "float32": "32-true"}
+
+
+def _torchtitan(reader: _Reader, _folder: Path) -> None:
+    """torchtitan/torchtitan/config/job_config.py (JobConfig): the sections and keys below, and the defaults
+    torchtitan itself applies to a key the TOML leaves out (a run without it runs with them)."""
+    name, flavor = reader.text("model.name"), reader.text("model.flavor")
+    if name:
+        preset = _TORCHTITAN_MODELS.get((name.lower(), str(flavor).lower()))
+        if preset:
+            reader.options["model"] = preset
+        else:
+            reader.note(f"model not set: model.name={name} model.flavor={flavor} is not a memtui preset; give --model")
+    reader.set("training.local_batch_size", "batch_size",
+               reader.int("training.local_batch_size") or reader.int("training.batch_size") or 8)
+    reader.set("training.seq_len", "seq_len", reader.int("training.seq_len") or 2048)
+    defaults = {"data_parallel_replicate_degree": 1, "data_parallel_shard_degree": -1, "tensor_parallel_degree": 1,
+                "pipeline_parallel_degree": 1, "context_parallel_degree": 1}
+    degrees = {key: reader.get(f"parallelism.{key}", default) for key, default in defaults.items()}
+    for key, value in degrees.items():
+        if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+            raise reader.error(f"parallelism.{key}", f"{_quoted(value)} is not a degree", "-1 or whole numbers from 1")
+    reader.set("parallelism.tensor_parallel_degree", "tp", degrees["tensor_parallel_degree"])
+    reader.set("parallelism.pipeline_parallel_degree", "pp", degrees["pipeline_parallel_degree"])
+    shard = degrees["data_parallel_shard_degree"]
+    if -1 in degrees.values():
+        reader.note("gpus not set: parallelism.data_parallel_shard_degree is -1 (the ranks left over), so the "
+                    "world size is not in the file; give --gpus")
+    else:
+        product = 1
+        for value in degrees.values():
+            product *= value
+        reader.set("parallelism", "gpus", product)
+    if shard == -1 or shard > 1:
+        # parallelize.py apply_fsdp: fully_shard, reshard_after_forward per fsdp_reshard_after_forward.
+        reshard = reader.choice("parallelism.fsdp_reshard_after_forward",
+                                {"default": True, "always": True, "never": False})
+        reader.set("parallelism.data_parallel_shard_degree", "zero", 2 if reshard is False else 3)
+        if reader.bool("training.enable_cpu_offload"):  # FSDP's CPUOffloadPolicy: weights, gradients, optimizer
+            reader.set("training.enable_cpu_offload", "offload", "optimizer+params" if reshard is not False
+                       else "optimizer")
+    elif degrees["data_parallel_replicate_degree"] > 1:
+        reader.set("parallelism.data_parallel_replicate_degree", "zero", 0)  # DDP
+    reader.set("training.mixed_precision_param", "precision",
+               reader.choice("training.mixed_precision_param", _TITAN_DTYPES) or "bf16-mixed")
+    reader.ignore("parallelism.context_parallel_degree", "context parallelism is not modelled", _more_than_one)
+    reader.ignore("parallelism.expert_parallel_degree", "expert parallelism is not modelled", _more_than_one)
+    modes = {"none": "none", "selective": "selective", "full": "full"}
+    mode = reader.choice("activation_checkpoint.mode", modes) or "selective"
+    reader.set("activation_checkpoint.mode", "checkpointing", mode)
+    if mode == "selective":
+        reader.note(f"activation_checkpoint.mode=selective (selective_ac_option="
+                    f"{reader.get('activation_checkpoint.selective_ac_option', '2')}): modelled as memtui's "
+                    "selective checkpointing, which recomputes other ops than torchtitan's policy")
+    reader.set("optimizer.name", "optimizer", reader.choice("optimizer.name", {"adamw": "adamw", "adam": "adamw"}))
+    impl = reader.choice("optimizer.implementation", {"foreach": "foreach", "fused": "fused", "for-loop": "for-loop"})
+    reader.set("optimizer.implementation", "optimizer_impl", impl or "fused")
+    reader.ignore("optimizer.early_step_in_backward", "stepping in backward is not modelled yet")
+    reader.ignore("training.compile", "torch.compile's saved tensors are not modelled yet")
+    reader.ignore("compile.enable", "torch.compile's saved tensors are not modelled yet")
+    # global_batch_size above local_batch_size x the data-parallel degree accumulates gradients (train.py).
+    data_parallel = degrees["data_parallel_replicate_degree"] * shard
+    reader.ignore("training.global_batch_size", "gradient accumulation is not modelled yet",
+                  lambda value: _positive(value) and (data_parallel < 0
+                                                       or value > reader.options["batch_size"] * data_parallel))
+    reader.ignore("float8.recipe_name", "float8 linears are not modelled")
+    reader.ignore("model.converters", "model converters (float8, MX) are not modelled")
+
+
+# ---- Axolotl -------------------------------------------------------------------------------------------------------
+def _axolotl(reader: _Reader, folder: Path) -> None:
+    # axolotl/src/axolotl/utils/schemas/config.py (AxolotlInputConfig) and its mixins define these keys.
+    _set_model(reader, "base_model", reader.text("base_model"))
+    reader.set("micro_batch_size", "batch_size", reader.int("micro_batch_size"))
+    reader.set("sequence_len", "seq_len", reader.int("sequence_len"))
+    # normalize_config (axolotl/utils/config/__init__.py): bf16 or bfloat16 -> torch_dtype bfloat16; else
+    # load_in_8bit, fp16 or float16 -> float16; else float32. The weights are loaded in that dtype, with the
+    # Trainer's autocast on top.
+    bf16 = reader.get("bf16")
+    if bf16 is True or bf16 == "auto" or reader.bool("bfloat16"):
+        reader.set("bf16", "precision", "bf16-true")
+    elif reader.bool("fp16") or reader.bool("float16") or reader.bool("load_in_8bit"):
+        reader.set("fp16", "precision", "16-true")
+    elif reader.bool("load_in_4bit") or reader.get("adapter") == "qlora":
+        reader.note("precision not set: a 4-bit base with float32 weights elsewhere is not modelled; give "
+                    "--precision")
+    else:
+        reader.set("bf16", "precision", "32-true")
+    gradient_checkpointing = reader.get("gradient_checkpointing")
+    if gradient_checkpointing is not None:
+        reader.set("gradient_checkpointing", "checkpointing", "none" if gradient_checkpointing is False else "full")
+        reader.ignore("gradient_checkpointing", "checkpoints offloaded to the CPU are not modelled yet",
+                      lambda value: isinstance(value, str) and value.startswith("offload"))
+    if reader.bool("eager_attention"):
+        reader.set("eager_attention", "attention", "eager")
+    elif any(reader.bool(key) for key in ("flash_attention", "sdp_attention", "xformers_attention",
+                                          "flex_attention")):
+        reader.set("flash_attention", "attention", "flash")
+    adapter = reader.choice("adapter", {"lora": "lora", "qlora": "qlora"})
+    if adapter:
+        reader.set("lora_r", "lora_rank", reader.int("lora_r") or 8)  # lora_r defaults to 8 (schemas/peft.py)
+        if reader.bool("lora_target_linear"):
+            reader.set("lora_target_linear", "lora_targets", "all-linear")
+        else:
+            _map_lora_targets(reader, "lora_target_modules")
+        reader.ignore("lora_dropout", "adapter dropout keeps a mask and a copy of each adapted input", _positive)
+    if reader.bool("load_in_4bit") or adapter == "qlora":
+        reader.set("load_in_4bit", "quant", "nf4")
+    elif reader.bool("load_in_8bit"):
+        reader.set("load_in_8bit", "quant", "int8")
+    if reader.has("optimizer"):
+        _map_hf_optimizer(reader, "optimizer")  # the Trainer's optim names, passed through
+    _map_deepspeed(reader, "deepspeed", folder)
+    # Axolotl's FSDP2 configs give fsdp_config (fsdp_version: 2) alone: fully sharded.
+    _map_fsdp(reader, "fsdp", "fsdp_config", implied="full_shard" if reader.has("fsdp_config") else None)
+    reader.ignore("gradient_accumulation_steps", "gradients kept across micro-batches are not modelled yet",
+                  _more_than_one)
+    reader.ignore("torch_compile", "torch.compile's saved tensors are not modelled yet")
+    reader.ignore("liger_fused_linear_cross_entropy", "Liger's fused linear cross-entropy is not modelled yet")
+    reader.ignore("cut_cross_entropy", "cut cross-entropy is not modelled yet")
+    reader.ignore("activation_offloading", "saved activations offloaded to the CPU are not modelled yet")
+    reader.ignore("unsloth_lora_mlp", "Unsloth's fused LoRA kernels are not modelled")
+
+
+_MAPPERS: dict[str, Callable[[_Reader, Path], None]] = {
+    "hf": _hugging_face, "torchtune": _torchtune, "litgpt": _litgpt, "torchtitan": _torchtitan,
+    "axolotl": _axolotl,
+}
+_HF_KEYS = ("per_device_train_batch_size", "output_dir", "optim", "gradient_checkpointing", "model_name_or_path",
+            "max_seq_length", "max_length", "learning_rate")
+_AXOLOTL_KEYS = ("base_model", "micro_batch_size", "sequence_len", "adapter", "lora_target_linear")
+_LITGPT_KEYS = ("checkpoint_dir", "lora_query")  # with a `train:` section, LitGPT's own
+
+
+def detect_format(data: Mapping[str, Any], suffix: str) -> str | None:
+    """Which framework wrote this config, from its extension and its keys; None when none of the five did."""
+    if suffix == ".toml":
+        return "torchtitan" if any(key in data for key in ("training", "parallelism", "model", "job")) else None
+    model = data.get("model")
+    if isinstance(model, Mapping) and "_component_" in model:
+        return "torchtune"
+    if any(key in data for key in _AXOLOTL_KEYS):
+        return "axolotl"
+    if isinstance(data.get("train"), Mapping) or any(key in data for key in _LITGPT_KEYS):
+        return "litgpt"
+    if any(key in data for key in _HF_KEYS):
+        return "hf"
+    return None
+
+
+def _parse(path: Path, source: str) -> Any:
+    if path.is_dir():  # os.fdopen refuses a folder with an OSError of its own
+        raise InputError(source, "not a regular file; give the path of a training config file")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return read_json_file(path, source)
+    text = _read_config_text(path, source)
+    if suffix == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise InputError(source, f"malformed TOML: {error}") from None
+    import yaml  # imported here: only --from FILE needs it
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "not YAML"
+        raise InputError(source, f"malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise InputError(source, "nested too deeply") from None
+
+
+def read_framework_config(path: str | Path) -> FrameworkConfig:
+    """The file's memory-relevant keys as TrainingConfig fields, and notes for those memtui cannot express."""
+    path = Path(path)
+    source = str(path)
+    data = _parse(path, source)
+    if not isinstance(data, Mapping):
+        raise InputError(source, "not a training config: the top level is not a mapping of keys")
+    kind = detect_format(data, path.suffix.lower())
+    if kind is None:
+        raise InputError(source, "not a training config memtui reads", ", ".join(FORMAT_NAMES.values()))
+    reader = _Reader(source, data)
+    _MAPPERS[kind](reader, path.parent)
+    if reader.options.get("zero") and "gpus" not in reader.options:
+        reader.note(f"gpus not set: the {FORMAT_NAMES[kind]} does not say how many GPUs shard it; give --gpus")
+    return FrameworkConfig(source, kind, dict(reader.options),
+                           (f"from {path.name} ({FORMAT_NAMES[kind]})", *reader.notes))
+
+
+__all__ = ["FORMATS", "FORMAT_NAMES", "FrameworkConfig", "detect_format", "preset_for_name", "read_framework_config"]
