@@ -21,7 +21,7 @@ def _steady_states(log: MemoryLog, step: int) -> ModelStates:
     for alloc in log.allocations.values():
         if alloc.host:
             continue
-        if alloc.category == "weights":
+        if alloc.category == "weights" and alloc.phase == "setup":  # not FSDP2's gathered copies, made in the step
             weights += alloc.nbytes
         elif alloc.category == "optimizer_states":
             optimizer += alloc.nbytes
@@ -40,6 +40,7 @@ def assemble(
     *,
     notes: list[str],
     alloc_config: AllocatorConfig = DEFAULT_CONFIG,
+    parallel: tuple[list[str], list[str]] = ([], []),
 ) -> TraceResult:
     summary = summarize(log)
     traced = [
@@ -57,6 +58,10 @@ def assemble(
         modelled.append("fused SGD: traced as its foreach twin, which allocates the same (fused SGD has no fake kernel)")
     if config.optimizer == "adamw-8bit":
         modelled.append("8-bit AdamW: bitsandbytes replaced by an allocation-exact replica")
+    # Data parallelism traced at the real world size (engine/trace/parallel.py): what it ran, what it modelled.
+    traced += parallel[0]
+    modelled += parallel[1]
+
     distributed = config != local
     if distributed:
         modelled.append("ZeRO / tensor / pipeline parallel sharding: estimator, applied to the single-GPU trace")
