@@ -204,6 +204,22 @@ def estimate(
             return 0 if config.offload != "none" else unsharded // dp + min(unsharded, layer_grads)
         return unsharded
 
+    # FSDP2 (as memtui trace --gpus N runs it): the root group (embeddings, final norm, head) is gathered from
+    # forward's start to backward's end, beside the layers. ZeRO-2: the last layer's all-gather buffer is freed at
+    # the root's post-forward, so backward does not hold it. ZeRO-3: two layers in flight in forward and in
+    # backward, one at the loss and at backward's first moments (the last layer, gathered again, before its grads).
+    root_weight_bytes = (model.embedding_params + model.head_params + model.norm_params) // config.tp * param_bytes
+    fsdp_traced = zero >= 2 and config.offload == "none" and config.pp == 1 and config.quant == "none"
+
+    def fsdp_gathered_change(moment) -> int:
+        if not fsdp_traced or not moment.is_simulated:
+            return 0
+        layer_buffer = layer_weight_bytes if moment.phase == "backward" and moment.gradients == 0 else 0
+        if zero == 2:
+            return -layer_buffer
+        in_flight = min(2, layout.layers) if moment.phase == "forward" else 1 if moment.phase == "loss" or layer_buffer else 2
+        return root_weight_bytes + in_flight * layer_weight_bytes - gathered
+
     # (phase, weights, gradients, activations, temporary) per candidate moment; the largest is the peak.
     moments: list[tuple[str, int, int, int, int]] = []
     for moment in activation_moments(
@@ -212,7 +228,7 @@ def estimate(
         copies = moment.autocast_weights
         if not moment.is_simulated and (zero >= 3 or config.quant != "none"):
             copies = min(copies, 2 * layer_weight_bytes)
-        moment_weights = weights
+        moment_weights = weights + fsdp_gathered_change(moment)
         if zero == 2 and config.offload == "none" and not config.uses_lora and grads_full > 0 and moment.gradients > 0:
             # FSDP2 reshards each layer once its backward is done: the gathered weights shrink as gradients grow.
             done = min(moment.gradients / grads_full, 1.0)
