@@ -30,8 +30,11 @@ from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
 
 def traces_data_parallel(config: TrainingConfig) -> bool:
-    """Whether the trace can run this configuration's real data-parallel program (else it is modelled)."""
-    return config.dp > 1 and config.tp == 1 and config.pp == 1 and config.zero in (0, 2, 3) and config.offload == "none"
+    """Whether the trace can run this configuration's real data-parallel program (else it is modelled).
+    Not yet: ZeRO-1, offloading, tensor / pipeline parallelism, and quantized weights (FSDP2 runs over
+    memtui's bitsandbytes replicas, but whether they shard as bitsandbytes' own do is unchecked)."""
+    return (config.dp > 1 and config.tp == 1 and config.pp == 1 and config.zero in (0, 2, 3)
+            and config.offload == "none" and config.quant == "none")
 
 
 def _decoder_layers(model: torch.nn.Module, count: int) -> list[torch.nn.Module]:
