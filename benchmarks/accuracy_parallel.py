@@ -37,7 +37,7 @@ def matrix() -> list[dict]:
     for model in ("qwen2.5-0.5b", "llama-3.2-1b"):
         base = {"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024}
         for gpus in (2, 4, 8):
-            for zero in (0, 2, 3):
+            for zero in (0, 1, 2, 3):
                 rows.append({**base, "gpus": gpus, "zero": zero})
         for zero in (0, 2, 3):
             rows.append({**base, "gpus": 8, "zero": zero, "checkpointing": "full"})

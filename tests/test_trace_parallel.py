@@ -61,6 +61,15 @@ def test_ddp_traces_its_gradient_buckets(single):
     assert result.traced_tensor_peak_bytes - single.traced_tensor_peak_bytes == buckets
 
 
+def test_zero1_keeps_rank_0s_share_of_the_optimizer_states(single):
+    result = _trace(1)
+    assert any("ZeroRedundancyOptimizer" in line for line in result.traced)
+    states, unsharded = result.budget.model_states, single.budget.model_states
+    assert (states.weights, states.gradients) == (unsharded.weights, unsharded.gradients)
+    # Whole tensors, dealt out largest first: rank 0 holds at least its 1/WORLD and at most one tensor more.
+    assert unsharded.optimizer_states / WORLD <= states.optimizer_states < unsharded.optimizer_states / 2
+
+
 @pytest.mark.parametrize("zero", [2, 3])
 def test_fsdp2_shards_weights_gradients_and_states(single, zero):
     result = _trace(zero)

@@ -9,6 +9,8 @@ it (memtui.engine.live.distributed):
 
 - ZeRO-0: DistributedDataParallel with its defaults (25 MiB buckets, a 1 MiB
   first bucket, gradient_as_bucket_view=False);
+- ZeRO-1: the same DDP, the optimizer wrapped in ZeroRedundancyOptimizer (rank
+  0 keeps the states of the whole tensors dealt to it, largest first);
 - ZeRO-2 / ZeRO-3: FSDP2 `fully_shard` per decoder layer and at the root,
   reshard_after_forward False / True.
 
@@ -31,9 +33,9 @@ from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
 def traces_data_parallel(config: TrainingConfig) -> bool:
     """Whether the trace can run this configuration's real data-parallel program (else it is modelled).
-    Not yet: ZeRO-1, offloading, tensor / pipeline parallelism, and quantized weights (FSDP2 runs over
+    Not yet: offloading, tensor / pipeline parallelism, and quantized weights (FSDP2 runs over
     memtui's bitsandbytes replicas, but whether they shard as bitsandbytes' own do is unchecked)."""
-    return (config.dp > 1 and config.tp == 1 and config.pp == 1 and config.zero in (0, 2, 3)
+    return (config.dp > 1 and config.tp == 1 and config.pp == 1
             and config.offload == "none" and config.quant == "none")
 
 
@@ -57,9 +59,11 @@ class DataParallel:
         self.gathered_ids: set[int] = set()  # FSDP2's unsharded parameters
         self.gradient_ids: set[int] = set()  # gradients as the optimizer finds them (FSDP2's sharded ones)
         dp = config.dp
-        if config.zero == 0:
+        if config.zero <= 1:
             self.traced = [f"DDP at world size {dp} (rank 0 of a fake process group): 25 MiB gradient buckets "
                            "(1 MiB first), gradient_as_bucket_view=False, rebuilt after step 1"]
+            if config.zero == 1:
+                self.traced.append("ZeRO-1: torch's ZeroRedundancyOptimizer, rank 0's share of the optimizer states")
             self.modelled = []
         else:
             reshard = "True" if config.zero == 3 else "False"
@@ -73,7 +77,7 @@ class DataParallel:
         """The model wrapped for this rank. DDP runs under the tracker so its first buckets are logged; FSDP2's
         shards are registered as the weights afterwards (the copies it makes while sharding are not the step's)."""
         self.tracker = tracker
-        if self.config.zero == 0:
+        if self.config.zero <= 1:
             with tracker:
                 return self._ddp(model)
         return self._fsdp(model)
@@ -88,6 +92,8 @@ class DataParallel:
                     if alloc_id is not None:
                         self.gradient_ids.add(alloc_id)
 
+        if self.config.zero == 1:
+            optimizer = _zero_redundancy(optimizer)
         optimizer.register_step_pre_hook(note_gradients)
         return optimizer
 
@@ -144,6 +150,21 @@ class DataParallel:
             fully_shard(layer, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         return model
+
+
+def _zero_redundancy(optimizer):
+    """ZeRO-1: the same torch.optim optimizer, its states sharded across ranks by ZeroRedundancyOptimizer (as
+    memtui.engine.live.distributed.zero1_optimizer does live); memtui's own wrappers are left whole."""
+    import inspect
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if type(optimizer).__module__.split(".")[:2] != ["torch", "optim"]:
+        return optimizer
+    accepted = inspect.signature(type(optimizer).__init__).parameters  # groups carry keys __init__ does not take
+    defaults = {key: value for key, value in optimizer.param_groups[0].items() if key != "params" and key in accepted}
+    params = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    return ZeroRedundancyOptimizer(params, optimizer_class=type(optimizer), **defaults)
 
 
 class _RealIndexTensors(torch.utils._python_dispatch.TorchDispatchMode):
