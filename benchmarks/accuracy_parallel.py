@@ -4,8 +4,7 @@
 
 `memtui trace --gpus N --zero K` runs the real DDP / FSDP2 program for rank 0 of N on torch's fake
 process group (memtui.engine.trace.parallel); this compares its traced tensor peak with the estimator's,
-as benchmarks/accuracy.py does for one GPU (the estimator's modelled cuBLAS workspace taken off), and
-shows the weights and gradients each side holds at its peak so a gap can be traced to its term.
+as benchmarks/accuracy.py does for one GPU (the estimator's modelled cuBLAS workspace taken off).
 Writes docs/accuracy-parallel.md; prints numbers, asserts nothing.
 """
 
@@ -16,18 +15,12 @@ import datetime
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import label  # noqa: E402
-
-from memtui.engine.estimator import estimate  # noqa: E402
-from memtui.engine.estimator.overhead import cublas_workspace_bytes  # noqa: E402
-from memtui.engine.model.presets import resolve_gpu, resolve_model  # noqa: E402
-from memtui.engine.model.specs import TrainingConfig  # noqa: E402
+from accuracy import label, measure  # noqa: E402  (the same measurement as the single-GPU matrix)
 
 GIB = 2**30
 
@@ -44,33 +37,6 @@ def matrix() -> list[dict]:
         for zero in (0, 2, 3):
             rows.append({**base, "gpus": 4, "zero": zero, "lora_rank": 16})
     return rows
-
-
-def measure(row: dict) -> dict:
-    config = TrainingConfig(gpu="h100-80gb", **row)
-    spec, gpu = resolve_model(config.model), resolve_gpu(config.gpu)
-    from memtui.engine.trace.runner import trace
-
-    started = time.perf_counter()
-    traced = trace(config, model=spec, gpu=gpu)
-    seconds = time.perf_counter() - started
-    assert not any("parallel sharding: estimator" in line for line in traced.modelled), traced.modelled
-    budget = estimate(config, model=spec, gpu=gpu)
-    estimated = budget.tensor_peak_bytes - cublas_workspace_bytes(gpu)
-    actual = traced.traced_tensor_peak_bytes
-    return {
-        "config": label(row),
-        "traced": actual,
-        "estimated": estimated,
-        "error": (estimated - actual) / actual,
-        "traced_phase": traced.peak_phase,
-        "estimated_phase": budget.peak_phase,
-        "traced_weights": traced.budget.per_gpu.weights,
-        "estimated_weights": budget.per_gpu.weights,
-        "traced_gradients": traced.budget.per_gpu.gradients,
-        "estimated_gradients": budget.per_gpu.gradients,
-        "seconds": seconds,
-    }
 
 
 def _gib(n: int) -> str:
@@ -90,21 +56,20 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
         f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with `{command}`.",
         "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0) or FSDP2 (ZeRO-2/3) program at the real world "
         "size on torch's fake process group, two training steps on fake tensors; estimated = `memtui estimate`'s "
-        "tensor peak less its modelled cuBLAS workspace. Weights and gradients: what each side holds at its own peak "
-        "(GiB). Every row: bf16-mixed, AdamW (foreach), batch 1, sequence 1024, flash attention.",
+        "tensor peak less its modelled cuBLAS workspace; forward/backward: the same for the highest moment before "
+        "the optimizer step. Every row: bf16-mixed, AdamW (foreach), batch 1, sequence 1024, flash attention.",
         "",
         f"{len(results)} configurations; median |error| {100 * statistics.median(errors):.2f}%, "
         f"max |error| {100 * max(errors):.2f}%.",
         "",
-        "| configuration | traced GiB | estimated GiB | error | peak (trace / estimate) "
-        "| weights (trace / estimate) | gradients (trace / estimate) | trace s |",
-        "|---|---:|---:|---:|---|---|---|---:|",
+        "| configuration | traced GiB | estimated GiB | error | forward/backward error | peak (trace / estimate) "
+        "| trace s |",
+        "|---|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         lines.append(
             f"| `{r['config']}` | {_gib(r['traced'])} | {_gib(r['estimated'])} | {100 * r['error']:+.2f}% "
-            f"| {r['traced_phase']} / {r['estimated_phase']} | {_gib(r['traced_weights'])} / {_gib(r['estimated_weights'])} "
-            f"| {_gib(r['traced_gradients'])} / {_gib(r['estimated_gradients'])} | {r['seconds']:.0f} |"
+            f"| {100 * r['fb_error']:+.2f}% | {r['traced_phase']} / {r['estimated_phase']} | {r['seconds']:.0f} |"
         )
     if findings:
         lines += ["", findings.strip()]

@@ -93,7 +93,11 @@ class DataParallel:
                         self.gradient_ids.add(alloc_id)
 
         if self.config.zero == 1:
-            optimizer = _zero_redundancy(optimizer)
+            sharded = _zero_redundancy(optimizer)
+            if sharded is optimizer:
+                self.traced[-1] = (f"ZeRO-1: not sharded: {type(optimizer).__name__} is memtui's own optimizer "
+                                   "wrapper, which ZeroRedundancyOptimizer cannot take (memtui's live runs keep it whole too)")
+            optimizer = sharded
         optimizer.register_step_pre_hook(note_gradients)
         return optimizer
 
@@ -181,10 +185,13 @@ class _RealIndexTensors(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def fsdp_storage_resizes(tracker: MemoryTracker, gathered: set[int]) -> Iterator[None]:
+def fsdp_storage_resizes(tracker: MemoryTracker, gathered: set[int] | None = None) -> Iterator[None]:
     """Show the tracker FSDP2's in-place frees and re-allocations of unsharded parameters (a dispatch mode sees
-    neither); add every unsharded parameter's allocation to `gathered`. As memtui.engine.live.measure does."""
+    neither); add every unsharded parameter's allocation to `gathered`. (memtui.engine.live.measure has its own
+    copy, from before this one; it can import this one instead.)"""
     from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    gathered = gathered if gathered is not None else set()
 
     originals = {"alloc_storage": _fsdp_param.alloc_storage, "free_storage": _fsdp_param.free_storage}
 
