@@ -54,7 +54,7 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
         "# Estimator accuracy for data-parallel jobs: `memtui estimate` vs `memtui trace --gpus N --zero K`",
         "",
         f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with `{command}`.",
-        "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0) or FSDP2 (ZeRO-2/3) program at the real world "
+        "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1) or FSDP2 (ZeRO-2/3) program at the real world "
         "size on torch's fake process group, two training steps on fake tensors; estimated = `memtui estimate`'s "
         "tensor peak less its modelled cuBLAS workspace; forward/backward: the same for the highest moment before "
         "the optimizer step. Every row: bf16-mixed, AdamW (foreach), batch 1, sequence 1024, flash attention.",
