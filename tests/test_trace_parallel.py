@@ -100,3 +100,28 @@ def test_trace_cli_reports_fsdp2_as_traced(capsys):
     assert not any(MODELLED_SHARDING in line for line in data["modelled"])
     assert data["allocator"] is not None  # the rank's own allocation sequence, replayed
     assert data["model_states"]["weights"] < resolve_model("gpt2").params * 4 / 8 * 1.01
+
+
+def test_trace_equals_two_real_gloo_ranks_byte_for_byte(tmp_path, monkeypatch):
+    """The check of the trace itself: `memtui run --gpus 2` runs two real gloo processes of the same FSDP2
+    program on real CPU tensors, measured by the same tracker; rank 0's peak is the traced one, to the byte."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from memtui.engine.live.devices import cpu_device
+    from memtui.engine.live.plan import LiveOptions, make_plan
+    from memtui.engine.trace import trace
+
+    monkeypatch.setenv("MEMTUI_LOCK_DIR", str(tmp_path))
+    monkeypatch.setenv("MEMTUI_NO_NVML", "1")
+    scaled = dict(device="cpu", layers=2, width=256, vocab=2048, seq_len=128, steps=2)
+    run = subprocess.run([sys.executable, "-m", "memtui", "run", "--model", "llama-3.2-1b", "--gpus", "2", "--zero", "3",
+                          *[f"--{key.replace('_', '-')}={value}" for key, value in scaled.items()], "--json"],
+                         capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    live = json.loads(run.stdout.splitlines()[-1])["measured"]
+    plan = make_plan(TrainingConfig(model="llama-3.2-1b", gpus=2, zero=3), LiveOptions(**scaled), cpu_device())
+    traced = trace(plan.config, model=plan.spec)
+    assert traced.traced_tensor_peak_bytes == live["tensor_peak_bytes"]
+    assert traced.budget.model_states.optimizer_states == live["components"]["optimizer_states"]
