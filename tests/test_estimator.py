@@ -210,7 +210,9 @@ def test_fsdp2_zero2_holds_the_shards_beside_the_gathered_weights():
     budget = estimate(TrainingConfig(model="llama-3.2-1b", zero=2, gpus=4))
     full_weights = estimate(TrainingConfig(model="llama-3.2-1b")).model_states.weights
     assert budget.model_states.weights == full_weights  # the ZeRO paper's P_os+g keeps weights whole
-    assert budget.per_gpu.weights > full_weights + full_weights // 4  # plus the shards and an all-gather buffer
+    # Plus the shards; the last layer's all-gather buffer is freed at the root's post-forward, before this
+    # backward peak (tests/test_trace_parallel.py traces FSDP2 at the real world size).
+    assert budget.peak_phase == "backward" and budget.per_gpu.weights == full_weights + full_weights // 4
 
 
 def test_gpt2_conv1d_layers_are_not_quantized_and_the_budget_says_so():

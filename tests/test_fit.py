@@ -218,15 +218,15 @@ def test_suggest_prefers_same_training_options_over_lora():
     assert_minimal(config, plan)
 
 
-def test_suggest_lora_for_8b_on_a_24gb_card_with_more_gpus_as_the_alternative():
-    config = TrainingConfig(model="llama-3.1-8b", gpu="rtx-4090")
+def test_suggest_lora_for_8b_on_a_48gb_card_with_more_gpus_as_the_alternative():
+    # (On 24 GB cards no GPU count fits full fine-tuning: FSDP2 keeps the root group, the fp32 embedding and
+    # head, gathered through forward and backward, as traced in docs/accuracy-parallel.md.)
+    config = TrainingConfig(model="llama-3.1-8b", gpu="rtx-a6000")
     suggestion = fit.suggest(config)
     plan = suggestion.plan
     assert plan.config.lora_rank == 16 and plan.config.quant == "none" and plan.config.gpus == 1
     assert_minimal(config, plan)
-    # Stopping at an earlier rung does not fit: 16-bit weights with 8-bit AdamW and full checkpointing.
-    assert not fits(config, precision="bf16-true", optimizer="adamw-8bit", checkpointing="full", batch_size=1)
-    # Full fine-tuning as configured needs more 24 GB cards: that is the alternative offered.
+    # Full fine-tuning as configured needs more 48 GB cards: that is the alternative offered.
     (alternative,) = suggestion.alternatives
     assert alternative.config.lora_rank == 0 and alternative.config.gpus > 1 and estimate(alternative.config).fits
 

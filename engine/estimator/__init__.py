@@ -225,13 +225,32 @@ def _optimizer_step_temporaries(config: TrainingConfig, layout: ParamLayout, on_
     return temporaries
 
 
-def _forward_backward_moment(config: TrainingConfig, moment: Moment, on_gpu: _StatesOnGpu, workspace: int) -> StepMoment:
-    weights = on_gpu.computing_weights
+def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moment: Moment,
+                          on_gpu: _StatesOnGpu) -> int:
+    """FSDP2 as `memtui trace --gpus N` runs it, against the steady gathered weights: the root group (embeddings,
+    final norm, head) is gathered from forward's start to backward's end, beside the layers. ZeRO-2: the last
+    layer's all-gather buffer is freed at the root's post-forward, so backward does not hold it. ZeRO-3: two layers
+    in flight in forward and in backward, one at the loss and at backward's first moments (the last layer,
+    gathered again, before its grads)."""
+    if not (on_gpu.zero >= 2 and config.offload == "none" and config.pp == 1 and config.quant == "none"):
+        return 0
+    layer_buffer = on_gpu.layer_weight_bytes if moment.phase == "backward" and moment.gradients == 0 else 0
+    if on_gpu.zero == 2:
+        return -layer_buffer
+    root_weight_bytes = (model.embedding_params + model.head_params + model.norm_params) // config.tp * config.weight_bytes
+    in_flight = min(2, layout.layers) if moment.phase == "forward" else 1 if moment.phase == "loss" or layer_buffer else 2
+    gathered = on_gpu.computing_weights - on_gpu.states.weights
+    return root_weight_bytes + in_flight * on_gpu.layer_weight_bytes - gathered
+
+
+def _forward_backward_moment(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moment: Moment,
+                             on_gpu: _StatesOnGpu, workspace: int) -> StepMoment:
+    weights = on_gpu.computing_weights + _fsdp_gathered_change(config, model, layout, moment, on_gpu)
     if (on_gpu.zero == 2 and config.offload == "none" and not config.uses_lora and on_gpu.grads_full > 0
             and moment.gradients > 0):
         # FSDP2 reshards each layer once its backward is done: the gathered weights shrink as gradients grow.
         done = min(moment.gradients / on_gpu.grads_full, 1.0)
-        weights -= int((on_gpu.weights_full - on_gpu.layer_weight_bytes) * done)
+        weights = on_gpu.computing_weights - int((on_gpu.weights_full - on_gpu.layer_weight_bytes) * done)
     return StepMoment(moment.phase, weights, on_gpu.gradients_at(moment.gradients, config.offload),
                       moment.activations + moment.autocast_weights, moment.temporary + on_gpu.ddp_buckets + workspace)
 
@@ -239,7 +258,7 @@ def _forward_backward_moment(config: TrainingConfig, moment: Moment, on_gpu: _St
 def _step_moments(
     config: TrainingConfig, model: ModelSpec, layout: ParamLayout, on_gpu: _StatesOnGpu, one_state_group: int, workspace: int
 ) -> list[StepMoment]:
-    moments = [_forward_backward_moment(config, moment, on_gpu, workspace)
+    moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace)
                for moment in activation_moments(config, model, layers=layout.layers)]
     step_temporaries = _optimizer_step_temporaries(config, layout, on_gpu, one_state_group)
     moments.append(StepMoment("optimizer", on_gpu.resting_weights, on_gpu.states.gradients, 0,

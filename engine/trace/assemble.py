@@ -22,7 +22,7 @@ def _steady_states(log: MemoryLog, step: int) -> ModelStates:
     for alloc in log.allocations.values():
         if alloc.host:
             continue
-        if alloc.category == "weights":
+        if alloc.category == "weights" and alloc.phase == "setup":  # not FSDP2's gathered copies, made in the step
             weights += alloc.nbytes
         elif alloc.category == "optimizer_states":
             optimizer += alloc.nbytes
@@ -43,7 +43,8 @@ def _what_was_traced(config: TrainingConfig, spec: ModelSpec) -> list[str]:
     return traced
 
 
-def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: AllocatorConfig) -> list[str]:
+def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: AllocatorConfig,
+                       parallel_modelled: list[str]) -> list[str]:
     modelled = ["CUDA context, cuBLAS workspaces and allocator slack (not tensors the step creates)"]
     if config.quant != "none":
         modelled.append(f"{config.quant} weights: bitsandbytes replaced by allocation-exact replicas")
@@ -51,6 +52,7 @@ def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: 
         modelled.append("fused SGD: traced as its foreach twin, which allocates the same (fused SGD has no fake kernel)")
     if config.optimizer == "adamw-8bit":
         modelled.append("8-bit AdamW: bitsandbytes replaced by an allocation-exact replica")
+    modelled += parallel_modelled  # data parallelism traced at the real world size (engine/trace/parallel.py)
     if distributed:
         modelled.append("ZeRO / tensor / pipeline parallel sharding: estimator, applied to the single-GPU trace")
         modelled.append("reserved peak: not replayed (the allocation sequence traced is a single GPU's, unsharded)")
@@ -85,6 +87,7 @@ def assemble(
     *,
     notes: list[str],
     alloc_config: AllocatorConfig = DEFAULT_CONFIG,
+    parallel: tuple[list[str], list[str]] = ([], []),
 ) -> TraceResult:
     summary = summarize(log)
     distributed = config != local
@@ -123,8 +126,8 @@ def assemble(
     )
     return TraceResult(
         budget=budget,
-        traced=_what_was_traced(config, spec),
-        modelled=_what_was_modelled(config, distributed, alloc_config),
+        traced=_what_was_traced(config, spec) + parallel[0],
+        modelled=_what_was_modelled(config, distributed, alloc_config, parallel[1]),
         seconds=0.0,
         peak_step=summary.peak_step,
         peak_phase=summary.peak_phase,

@@ -102,8 +102,10 @@ def quiet_libraries():
             logging.getLogger("transformers").setLevel(previous)
 
 
-def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake: bool = True) -> tuple[MemoryLog, StepExtras]:
-    """Build the model and run two steps; `fake=False` runs real CPU tensors (for tests)."""
+def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake: bool = True,
+                   parallel=None) -> tuple[MemoryLog, StepExtras]:
+    """Build the model and run two steps; `fake=False` runs real CPU tensors (for tests). `parallel`: the
+    data-parallel wrapping of one rank (memtui.engine.trace.parallel.DataParallel), or None for one GPU."""
     report = report or (lambda _stage, _fraction: None)
     extras = StepExtras()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
@@ -112,11 +114,13 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
     with quiet_libraries(), mode:
         report("building the model", 0.05)
         model = build_model(spec, config, device="cpu", quant_backend="replica")
+        head = model.get_output_embeddings()
+        head.register_forward_hook(lambda *_: tracker.mark("loss"))
+        if parallel is not None:
+            model = parallel.wrap(model, tracker)
         weight_ids = watch_model(tracker, model, gradients)
         extras.params = sum(p.numel() for p in model.parameters())
         extras.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        head = model.get_output_embeddings()
-        head.register_forward_hook(lambda *_: tracker.mark("loss"))
 
         optimizer_config = config
         if fake and config.optimizer in ("sgd", "sgd-momentum") and config.optimizer_impl == "fused":
@@ -124,6 +128,8 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
             # parameter. Its foreach twin updates in place too, allocating exactly the same (nothing).
             optimizer_config = config.model_copy(update={"optimizer_impl": "foreach"})
         optimizer = build_optimizer(model, optimizer_config, device_type="cuda")
+        if parallel is not None:
+            optimizer = parallel.shard_optimizer(model, optimizer)
         for state in optimizer_state_tensors(optimizer)[0]:
             tracker.track(state, "optimizer_state")  # made with the optimizer (master copies), before the step
         scaler = None
@@ -142,7 +148,8 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
         tracker.mark("inputs")
         attention = cuda_sdpa() if config.attention == "flash" else contextlib.nullcontext()
         policy = cuda_autocast_policy() if config.autocast else contextlib.nullcontext()
-        with attention, policy, cuda_dropout(), real_run_decisions(), tracker:
+        sharding = parallel.watching(tracker) if parallel is not None else contextlib.nullcontext()
+        with attention, policy, cuda_dropout(), real_run_decisions(), sharding, tracker:
             input_ids = torch.randint(0, spec.vocab_size, (config.batch_size, config.seq_len))
             labels = input_ids
             for step in range(1, STEPS + 1):
@@ -151,6 +158,8 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
                 training_step(model, optimizer, input_ids, labels, autocast=autocast, scaler=scaler, phase=tracker.mark)
 
         classify_by_owner(tracker, weights=weight_ids, gradients=gradients, optimizer=optimizer, scaler=scaler)
+        if parallel is not None:
+            parallel.relabel(tracker.log)
         extras.weights_replaced = list(getattr(model, "memtui_replaced", []))
         tracker.detach_finalizers()
         del input_ids, labels

@@ -9,8 +9,12 @@ What the trace runs for real: the transformers model of the family, autocast
 (with CUDA's op policy), transformers' activation checkpointing, SDPA or eager
 attention, peft LoRA, and torch.optim's foreach / fused / for-loop code.
 What it cannot run on a CPU it replaces or models, and says so in the result:
-bitsandbytes kernels (allocation-exact replicas), ZeRO / tensor / pipeline
-parallel sharding (modelled by the estimator), CUDA context and workspaces.
+bitsandbytes kernels (allocation-exact replicas), CUDA context and workspaces.
+Data parallelism (DDP, ZeroRedundancyOptimizer, FSDP2) is traced for rank 0
+at the real world size on torch's fake process group
+(memtui.engine.trace.parallel); offloading, quantized weights under data
+parallelism, tensor and pipeline parallelism are still modelled by the
+estimator on top of a single-GPU trace.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ def trace(
     progress: Progress | None = None,
     alloc_config: AllocatorConfig | None = None,
 ) -> TraceResult:
-    """Trace `config`; distributed options are modelled on top of a single-GPU trace. `alloc_config`:
+    """Trace `config`: data parallelism for real, other distributed options modelled on top of a single-GPU
+    trace. `alloc_config`:
     the PYTORCH_CUDA_ALLOC_CONF the reserved peak is replayed with (default: torch's defaults)."""
     started = time.perf_counter()
     report = progress or (lambda _stage, _fraction: None)
@@ -51,11 +56,21 @@ def trace(
     report("importing torch", 0.0)
     from memtui.engine.trace.fake_step import run_fake_steps
 
-    local = _single_gpu(config)
-    log, extras = run_fake_steps(spec, local, report)
+    from memtui.engine.trace.parallel import data_parallel, traces_data_parallel
+
+    parallel_lines: tuple[list[str], list[str]] = ([], [])
+    if traces_data_parallel(config):
+        local = config
+        with data_parallel(config, spec.num_layers) as parallel:
+            log, extras = run_fake_steps(spec, local, report, parallel=parallel)
+        parallel_lines = (parallel.traced, parallel.modelled)
+    else:
+        local = _single_gpu(config)
+        log, extras = run_fake_steps(spec, local, report)
     from memtui.engine.trace.assemble import assemble
 
-    result = assemble(config, local, spec, gpu, log, extras, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG)
+    result = assemble(config, local, spec, gpu, log, extras, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG,
+                      parallel=parallel_lines)
     result.seconds = time.perf_counter() - started
     report("done", 1.0)
     return result

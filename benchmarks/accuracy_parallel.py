@@ -1,0 +1,105 @@
+"""How close `memtui estimate` is to `memtui trace` for data-parallel jobs: the tensor peak of one rank.
+
+    uv run python benchmarks/accuracy_parallel.py [--only SUBSTRING] [--limit N] [--no-write]
+
+`memtui trace --gpus N --zero K` runs the real DDP / FSDP2 program for rank 0 of N on torch's fake
+process group (memtui.engine.trace.parallel); this compares its traced tensor peak with the estimator's,
+as benchmarks/accuracy.py does for one GPU (the estimator's modelled cuBLAS workspace taken off).
+Writes docs/accuracy-parallel.md; prints numbers, asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import label, measure  # noqa: E402  (the same measurement as the single-GPU matrix)
+
+GIB = 2**30
+
+
+def matrix() -> list[dict]:
+    rows: list[dict] = []
+    for model in ("qwen2.5-0.5b", "llama-3.2-1b"):
+        base = {"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024}
+        for gpus in (2, 4, 8):
+            for zero in (0, 1, 2, 3):
+                rows.append({**base, "gpus": gpus, "zero": zero})
+        for zero in (0, 2, 3):
+            rows.append({**base, "gpus": 8, "zero": zero, "checkpointing": "full"})
+        for zero in (0, 2, 3):
+            rows.append({**base, "gpus": 4, "zero": zero, "lora_rank": 16})
+    return rows
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.3f}"
+
+
+FINDINGS = "## Findings"  # the hand-written section below the table, kept when the table is re-measured
+
+
+def write_markdown(results: list[dict], path: Path, command: str) -> None:
+    previous = path.read_text() if path.exists() else ""
+    findings = previous[previous.index(FINDINGS):] if FINDINGS in previous else ""
+    errors = [abs(r["error"]) for r in results]
+    lines = [
+        "# Estimator accuracy for data-parallel jobs: `memtui estimate` vs `memtui trace --gpus N --zero K`",
+        "",
+        f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with `{command}`.",
+        "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1) or FSDP2 (ZeRO-2/3) program at the real world "
+        "size on torch's fake process group, two training steps on fake tensors; estimated = `memtui estimate`'s "
+        "tensor peak less its modelled cuBLAS workspace; forward/backward: the same for the highest moment before "
+        "the optimizer step. Every row: bf16-mixed, AdamW (foreach), batch 1, sequence 1024, flash attention.",
+        "",
+        f"{len(results)} configurations; median |error| {100 * statistics.median(errors):.2f}%, "
+        f"max |error| {100 * max(errors):.2f}%.",
+        "",
+        "| configuration | traced GiB | estimated GiB | error | forward/backward error | peak (trace / estimate) "
+        "| trace s |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| `{r['config']}` | {_gib(r['traced'])} | {_gib(r['estimated'])} | {100 * r['error']:+.2f}% "
+            f"| {100 * r['fb_error']:+.2f}% | {r['traced_phase']} / {r['estimated_phase']} | {r['seconds']:.0f} |"
+        )
+    if findings:
+        lines += ["", findings.strip()]
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="rows whose flags contain this text")
+    parser.add_argument("--limit", type=int, help="the first N rows")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/accuracy-parallel.md alone")
+    args = parser.parse_args()
+    rows = [row for row in matrix() if not args.only or args.only in label(row)]
+    rows = rows[: args.limit] if args.limit else rows
+    results = []
+    for row in rows:
+        result = measure(row)
+        results.append(result)
+        print(f"{result['config']:<75} traced {_gib(result['traced'])} estimated {_gib(result['estimated'])} GiB "
+              f"{100 * result['error']:+.2f}% ({result['traced_phase']}/{result['estimated_phase']}, "
+              f"{result['seconds']:.0f} s)", flush=True)
+    errors = [abs(r["error"]) for r in results]
+    print(f"median |error| {100 * statistics.median(errors):.2f}%, max {100 * max(errors):.2f}%")
+    if not args.no_write:
+        command = "uv run python benchmarks/accuracy_parallel.py" + "".join(
+            f" {flag}" for flag in sys.argv[1:])
+        write_markdown(results, Path(__file__).resolve().parent.parent / "docs" / "accuracy-parallel.md", command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""Data parallelism traced for one rank at the real world size, on fake tensors.
+
+torch's `fake` process-group backend lets this process be rank 0 of a job of
+`dp` ranks: every collective is a no-op that returns at once, and the tensors
+the collectives write into are allocated by the wrappers exactly as on a GPU
+(DDP's gradient buckets, FSDP2's all-gather and reduce-scatter buffers), so
+the MemoryTracker sees them. The model is wrapped as memtui's live runs wrap
+it (memtui.engine.live.distributed):
+
+- ZeRO-0: DistributedDataParallel with its defaults (25 MiB buckets, a 1 MiB
+  first bucket, gradient_as_bucket_view=False);
+- ZeRO-1: the same DDP, the optimizer wrapped in ZeroRedundancyOptimizer (rank
+  0 keeps the states of the whole tensors dealt to it, largest first);
+- ZeRO-2 / ZeRO-3: FSDP2 `fully_shard` per decoder layer and at the root,
+  reshard_after_forward False / True.
+
+Two things the fake backend cannot do are worked around, allocating as the
+real program does: its all-reduce returns no tensor (a comm hook reduces the
+bucket in place, as NCCL does), and DDP's bucket rebuild reads the bucket
+indices it broadcasts (those few integers are made real; the buckets stay fake).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
+
+
+def traces_data_parallel(config: TrainingConfig) -> bool:
+    """Whether the trace can run this configuration's real data-parallel program (else it is modelled).
+    Not yet: offloading, tensor / pipeline parallelism, and quantized weights (FSDP2 runs over
+    memtui's bitsandbytes replicas, but whether they shard as bitsandbytes' own do is unchecked)."""
+    return (config.dp > 1 and config.tp == 1 and config.pp == 1
+            and config.offload == "none" and config.quant == "none")
+
+
+def _decoder_layers(model: torch.nn.Module, count: int) -> list[torch.nn.Module]:
+    """The ModuleList of `count` decoder blocks (through peft's wrappers)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return list(module)
+    return []
+
+
+class DataParallel:
+    """The hooks run_fake_steps calls to run one rank of a data-parallel job; says what it traced."""
+
+    def __init__(self, config: TrainingConfig, num_layers: int, mesh) -> None:
+        self.config = config
+        self.num_layers = num_layers
+        self.mesh = mesh
+        self.tracker: MemoryTracker | None = None
+        self.bucket_ids: set[int] = set()  # DDP's flat gradient buckets
+        self.gathered_ids: set[int] = set()  # FSDP2's unsharded parameters
+        self.gradient_ids: set[int] = set()  # gradients as the optimizer finds them (FSDP2's sharded ones)
+        dp = config.dp
+        if config.zero <= 1:
+            self.traced = [f"DDP at world size {dp} (rank 0 of a fake process group): 25 MiB gradient buckets "
+                           "(1 MiB first), gradient_as_bucket_view=False, rebuilt after step 1"]
+            if config.zero == 1:
+                self.traced.append("ZeRO-1: torch's ZeroRedundancyOptimizer, rank 0's share of the optimizer states")
+            self.modelled = []
+        else:
+            reshard = "True" if config.zero == 3 else "False"
+            self.traced = [f"FSDP2 fully_shard per decoder layer and root at world size {dp} (rank 0 of a fake process "
+                           f"group), reshard_after_forward={reshard}, MixedPrecisionPolicy(): parameters gathered and "
+                           "gradients reduced in their stored dtype, autocast casting (as memtui's live runs)"]
+            self.modelled = []
+
+    # ---- run_fake_steps' hooks ----------------------------------------------
+    def wrap(self, model: torch.nn.Module, tracker: MemoryTracker) -> torch.nn.Module:
+        """The model wrapped for this rank. DDP runs under the tracker so its first buckets are logged; FSDP2's
+        shards are registered as the weights afterwards (the copies it makes while sharding are not the step's)."""
+        self.tracker = tracker
+        if self.config.zero <= 1:
+            with tracker:
+                return self._ddp(model)
+        return self._fsdp(model)
+
+    def shard_optimizer(self, model: torch.nn.Module, optimizer):
+        """Record the gradients the optimizer steps on: FSDP2 assigns its sharded .grad outside autograd."""
+
+        def note_gradients(_optimizer, _args, _kwargs) -> None:
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    alloc_id = self.tracker.alloc_id_of(parameter.grad)
+                    if alloc_id is not None:
+                        self.gradient_ids.add(alloc_id)
+
+        if self.config.zero == 1:
+            sharded = _zero_redundancy(optimizer)
+            if sharded is optimizer:
+                self.traced[-1] = (f"ZeRO-1: not sharded: {type(optimizer).__name__} is memtui's own optimizer "
+                                   "wrapper, which ZeroRedundancyOptimizer cannot take (memtui's live runs keep it whole too)")
+            optimizer = sharded
+        optimizer.register_step_pre_hook(note_gradients)
+        return optimizer
+
+    def watching(self, tracker: MemoryTracker) -> contextlib.AbstractContextManager:
+        return fsdp_storage_resizes(tracker, self.gathered_ids) if self.config.zero >= 2 else contextlib.nullcontext()
+
+    def relabel(self, log: MemoryLog) -> None:
+        """Categories by owner for what the wrappers allocate (classify() sees only the phase they were made in)."""
+        for alloc_id in self.gathered_ids:
+            log.allocations[alloc_id].category = "weights"
+        for alloc_id in self.gradient_ids:
+            log.allocations[alloc_id].category = "gradients"
+        for alloc_id in self.bucket_ids:  # the estimator's DDP term is a temporary of every moment
+            log.allocations[alloc_id].category = "temporary"
+
+    # ---- the wrappers ---------------------------------------------------------
+    def _ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        # init_sync=False: the shape check and the weights' broadcast read data; they allocate nothing that stays.
+        wrapped = DistributedDataParallel(model, init_sync=False, bucket_cap_mb=25, gradient_as_bucket_view=False)
+        tracker = self.tracker
+
+        def all_reduce_in_place(_state, bucket):
+            # The C++ default hook expects the work's future to hold the reduced tensor; the fake backend's holds
+            # None. Reducing in place and returning the bucket is what NCCL's all-reduce does, allocating nothing.
+            buffer = bucket.buffer()
+            alloc_id = tracker.alloc_id_of(buffer)
+            if alloc_id is not None:
+                self.bucket_ids.add(alloc_id)
+            buffer.div_(self.config.dp)
+            dist.all_reduce(buffer)
+            future: torch.futures.Future = torch.futures.Future()
+            future.set_result(buffer)
+            return future
+
+        wrapped.register_comm_hook(None, all_reduce_in_place)
+        pre_forward = wrapped._pre_forward
+
+        def pre_forward_with_real_indices(*args, **kwargs):
+            with _RealIndexTensors():  # the bucket rebuild before step 2's forward
+                return pre_forward(*args, **kwargs)
+
+        wrapped._pre_forward = pre_forward_with_real_indices
+        return wrapped
+
+    def _fsdp(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        reshard = self.config.zero == 3
+        policy = MixedPrecisionPolicy()
+        for layer in _decoder_layers(model, self.num_layers):
+            fully_shard(layer, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
+        return model
+
+
+def _zero_redundancy(optimizer):
+    """ZeRO-1: the same torch.optim optimizer, its states sharded across ranks by ZeroRedundancyOptimizer (as
+    memtui.engine.live.distributed.zero1_optimizer does live); memtui's own wrappers are left whole."""
+    import inspect
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if type(optimizer).__module__.split(".")[:2] != ["torch", "optim"]:
+        return optimizer
+    accepted = inspect.signature(type(optimizer).__init__).parameters  # groups carry keys __init__ does not take
+    defaults = {key: value for key, value in optimizer.param_groups[0].items() if key != "params" and key in accepted}
+    params = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    return ZeroRedundancyOptimizer(params, optimizer_class=type(optimizer), **defaults)
+
+
+class _RealIndexTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Integer tensors made real: DDP's bucket rebuild broadcasts the bucket indices and reads them back."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.empty.memory_format and kwargs.get("dtype") in (torch.int32, torch.int64):
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def fsdp_storage_resizes(tracker: MemoryTracker, gathered: set[int] | None = None) -> Iterator[None]:
+    """Show the tracker FSDP2's in-place frees and re-allocations of unsharded parameters (a dispatch mode sees
+    neither); add every unsharded parameter's allocation to `gathered`. (memtui.engine.live.measure has its own
+    copy, from before this one; it can import this one instead.)"""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    gathered = gathered if gathered is not None else set()
+
+    originals = {"alloc_storage": _fsdp_param.alloc_storage, "free_storage": _fsdp_param.free_storage}
+
+    def watched(name: str):
+        original = originals[name]
+
+        def resize(tensor: torch.Tensor) -> None:
+            before = tracker.alloc_id_of(tensor)
+            if before is not None:
+                gathered.add(before)  # made by FSDP2's lazy init: the first unsharded copy
+            original(tensor)
+            tracker.storage_resized(tensor, f"fsdp_{name}")
+            after = tracker.alloc_id_of(tensor)
+            if after is not None:
+                gathered.add(after)
+
+        return resize
+
+    patched = [(module, name) for module in (_fsdp_param, _fsdp_param_group) for name in originals
+               if getattr(module, name, None) is originals[name]]
+    for module, name in patched:
+        setattr(module, name, watched(name))
+    try:
+        yield
+    finally:
+        for module, name in patched:
+            setattr(module, name, originals[name])
+
+
+@contextlib.contextmanager
+def data_parallel(config: TrainingConfig, num_layers: int) -> Iterator[DataParallel]:
+    """Rank 0 of a fake process group of config.dp ranks, torn down on the way out (so the next trace can start
+    another); the device mesh is made here, outside FakeTensorMode, as it must be."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised in this process; the trace needs its own")
+    dist.init_process_group("fake", rank=0, world_size=config.dp, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (config.dp,))
+        yield DataParallel(config, num_layers, mesh)
+    finally:
+        dist.destroy_process_group()

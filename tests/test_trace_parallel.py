@@ -1,0 +1,127 @@
+"""Data parallelism traced for one rank at the real world size (torch's fake process group), not modelled."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from memtui.cli import main
+from memtui.engine.model.architectures import model_spec_from_config
+from memtui.engine.model.presets import resolve_model
+from memtui.engine.model.specs import TrainingConfig
+
+WORLD = 4
+MODELLED_SHARDING = "parallel sharding: estimator"
+
+
+def tiny_llama(layers: int = 2):
+    """Llama-3 with every dimension shrunk (as tests/test_trace.py): the same code paths in milliseconds."""
+    config = copy.deepcopy(resolve_model("llama-3.2-1b").hf_config())
+    config.update(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  num_hidden_layers=layers, vocab_size=512, tie_word_embeddings=True)
+    return model_spec_from_config(config, model_id="tiny-llama", source="test")
+
+
+SPEC = tiny_llama()
+TENSORS = 2 * 9 + 2  # parameter tensors of the tiny model: 9 per layer, the (tied) embedding and the final norm
+
+
+def config(**options) -> TrainingConfig:
+    return TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=32, precision="bf16-mixed", **options)
+
+
+@pytest.fixture(scope="module")
+def single():
+    from memtui.engine.trace import trace
+
+    return trace(config(), model=SPEC)
+
+
+def _trace(zero: int):
+    import torch.distributed as dist
+
+    from memtui.engine.trace import trace
+
+    result = trace(config(gpus=WORLD, zero=zero), model=SPEC)
+    assert not dist.is_initialized()  # torn down: the next trace in this process starts its own group
+    assert not any(MODELLED_SHARDING in line for line in result.modelled), result.modelled
+    return result
+
+
+def test_ddp_traces_its_gradient_buckets(single):
+    result = _trace(0)
+    assert any(line.startswith(f"DDP at world size {WORLD}") for line in result.traced)
+    states, unsharded = result.budget.model_states, single.budget.model_states
+    assert states == unsharded  # DDP replicates everything
+    # The reducer's flat buckets hold every gradient (rounded per bucket, not per tensor) for the whole step.
+    buckets = result.budget.per_gpu.temporary - single.budget.per_gpu.temporary
+    assert abs(buckets - unsharded.gradients) <= 512 * TENSORS
+    assert result.traced_tensor_peak_bytes - single.traced_tensor_peak_bytes == buckets
+
+
+def test_zero1_keeps_rank_0s_share_of_the_optimizer_states(single):
+    result = _trace(1)
+    assert any("ZeroRedundancyOptimizer" in line for line in result.traced)
+    states, unsharded = result.budget.model_states, single.budget.model_states
+    assert (states.weights, states.gradients) == (unsharded.weights, unsharded.gradients)
+    # Whole tensors, dealt out largest first: rank 0 holds at least its 1/WORLD and at most one tensor more.
+    assert unsharded.optimizer_states / WORLD <= states.optimizer_states < unsharded.optimizer_states / 2
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_fsdp2_shards_weights_gradients_and_states(single, zero):
+    result = _trace(zero)
+    assert any(line.startswith(f"FSDP2 fully_shard") and f"reshard_after_forward={zero == 3}" in line
+               for line in result.traced)
+    states, unsharded = result.budget.model_states, single.budget.model_states
+    # Each rank keeps 1/WORLD of every tensor, its first dimension padded to a multiple of WORLD, each shard
+    # rounded to the allocator's 512-byte blocks.
+    assert unsharded.weights / WORLD <= states.weights <= unsharded.weights / WORLD + 1024 * TENSORS
+    assert unsharded.gradients / WORLD <= states.gradients <= unsharded.gradients / WORLD + 1024 * TENSORS
+    assert unsharded.optimizer_states / WORLD <= states.optimizer_states <= unsharded.optimizer_states / WORLD + 2048 * TENSORS
+    assert result.traced_tensor_peak_bytes < single.traced_tensor_peak_bytes
+    # Gathered layers are weights at the peak, beside this rank's shards.
+    assert result.budget.per_gpu.weights > states.weights
+
+
+def test_zero3_reshards_after_forward_so_its_peak_is_below_zero2():
+    assert _trace(3).traced_tensor_peak_bytes < _trace(2).traced_tensor_peak_bytes
+
+
+def test_trace_cli_reports_fsdp2_as_traced(capsys):
+    code = main(["trace", "--model", "gpt2", "--batch-size", "1", "--seq-len", "64", "--gpus", "8", "--zero", "3",
+                 "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert set(data["per_gpu"]) == {"weights", "gradients", "optimizer_states", "activations", "temporary", "overhead"}
+    assert any("FSDP2" in line and "world size 8" in line for line in data["traced"])
+    assert not any(MODELLED_SHARDING in line for line in data["modelled"])
+    assert data["allocator"] is not None  # the rank's own allocation sequence, replayed
+    assert data["model_states"]["weights"] < resolve_model("gpt2").params * 4 / 8 * 1.01
+
+
+def test_trace_equals_two_real_gloo_ranks_byte_for_byte(tmp_path, monkeypatch):
+    """The check of the trace itself: `memtui run --gpus 2` runs two real gloo processes of the same FSDP2
+    program on real CPU tensors, measured by the same tracker; rank 0's peak is the traced one, to the byte."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from memtui.engine.live.devices import cpu_device
+    from memtui.engine.live.plan import LiveOptions, make_plan
+    from memtui.engine.trace import trace
+
+    monkeypatch.setenv("MEMTUI_LOCK_DIR", str(tmp_path))
+    monkeypatch.setenv("MEMTUI_NO_NVML", "1")
+    scaled = dict(device="cpu", layers=2, width=256, vocab=2048, seq_len=128, steps=2)
+    run = subprocess.run([sys.executable, "-m", "memtui", "run", "--model", "llama-3.2-1b", "--gpus", "2", "--zero", "3",
+                          *[f"--{key.replace('_', '-')}={value}" for key, value in scaled.items()], "--json"],
+                         capture_output=True, text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    live = json.loads(run.stdout.splitlines()[-1])["measured"]
+    plan = make_plan(TrainingConfig(model="llama-3.2-1b", gpus=2, zero=3), LiveOptions(**scaled), cpu_device())
+    traced = trace(plan.config, model=plan.spec)
+    assert traced.traced_tensor_peak_bytes == live["tensor_peak_bytes"]
+    assert traced.budget.model_states.optimizer_states == live["components"]["optimizer_states"]
