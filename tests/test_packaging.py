@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import subprocess
 import sys
@@ -92,7 +91,8 @@ def test_a_live_run_from_a_folder_with_engine_py_ends_with_a_summary(shadowing_f
 def test_serves_app_command_starts_memtui_from_a_shadowing_folder(shadowing_folder):
     from memtui.cli.serve import app_command
 
-    out = subprocess.run([*shlex.split(app_command()), "--version"], cwd=shadowing_folder, capture_output=True,
+    # textual-serve runs the command through the shell, as here.
+    out = subprocess.run(["sh", "-c", app_command() + " --version"], cwd=shadowing_folder, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("memtui ")

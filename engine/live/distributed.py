@@ -11,7 +11,6 @@ Imported only in a worker that runs with WORLD_SIZE > 1 (NCCL on CUDA, gloo on t
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -32,16 +31,3 @@ def wrap(model: torch.nn.Module, layers: list[torch.nn.Module], config: Training
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
-
-
-def zero1_optimizer(model: torch.nn.Module, config: TrainingConfig, optimizer: Any) -> Any:
-    """The same optimizer, its states sharded across ranks; unchanged where it cannot be (a wrapper)."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    if type(optimizer).__module__.split(".")[:2] != ["torch", "optim"]:
-        return optimizer  # memtui's wrappers (master weights, GaLore, Lion) are not sharded live
-    accepted = inspect.signature(type(optimizer).__init__).parameters  # groups carry keys __init__ does not take
-    group = optimizer.param_groups[0]
-    defaults = {key: value for key, value in group.items() if key != "params" and key in accepted}
-    params = [parameter for group in optimizer.param_groups for parameter in group["params"]]
-    return ZeroRedundancyOptimizer(params, optimizer_class=type(optimizer), **defaults)

@@ -97,41 +97,6 @@ class LiveTracker(MemoryTracker):
         return peak
 
 
-@contextlib.contextmanager
-def fsdp_storage_resizes(tracker: MemoryTracker) -> Iterator[None]:
-    """Show the tracker FSDP2's in-place frees and re-allocations of unsharded parameters.
-
-    FSDP2 resizes each unsharded parameter's storage to 0 bytes after use and back at the
-    next all-gather (`alloc_storage` / `free_storage`); on CUDA the caching allocator sees
-    both, but a dispatch mode sees neither, so the CPU measurement would keep them forever.
-    """
-    try:
-        from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
-    except ImportError:  # another torch layout: measure without (the figure then over-counts FSDP2)
-        yield
-        return
-    originals = {"alloc_storage": _fsdp_param.alloc_storage, "free_storage": _fsdp_param.free_storage}
-
-    def watched(name: str):
-        original = originals[name]
-
-        def resize(tensor: torch.Tensor) -> None:
-            original(tensor)
-            tracker.storage_resized(tensor, f"fsdp_{name}")
-
-        return resize
-
-    patched = [(module, name) for module in (_fsdp_param, _fsdp_param_group) for name in originals
-               if getattr(module, name, None) is originals[name]]
-    for module, name in patched:
-        setattr(module, name, watched(name))
-    try:
-        yield
-    finally:
-        for module, name in patched:
-            setattr(module, name, originals[name])
-
-
 class CudaCounters:
     """torch.cuda's allocator counters, with a windowed peak for the sampler."""
 

@@ -288,9 +288,9 @@ class TrainingRun:
         core.get_output_embeddings().register_forward_hook(lambda *_: self._mark("loss"))
         parts.optimizer = build_optimizer(parts.model, config, device_type="cpu" if cpu else "cuda")
         if self.distributed and config.zero == 1:
-            from memtui.engine.live.distributed import zero1_optimizer
+            from memtui.engine.torchside.sharding import zero_redundancy
 
-            parts.optimizer = zero1_optimizer(parts.model, config, parts.optimizer)
+            parts.optimizer = zero_redundancy(parts.optimizer)
         self._instrument_optimizer(parts)
         parts.scaler = torch.amp.GradScaler("cpu" if cpu else "cuda") if config.precision == "16-mixed" else None
         parts.probe = LayerProbe(parts.layers, lambda: self._live_bytes() or 0, lambda: self.state.phase)
@@ -325,7 +325,8 @@ class TrainingRun:
     # ---- the loop ------------------------------------------------------------------------------
     def _step_contexts(self, torch) -> tuple[Callable[[], Any], list[Any]]:
         """(autocast factory, the contexts the loop runs under): on a CPU, CUDA's policies where they differ."""
-        from memtui.engine.live.measure import cpu_dropout, cpu_flash_sdpa, fsdp_storage_resizes
+        from memtui.engine.live.measure import cpu_dropout, cpu_flash_sdpa
+        from memtui.engine.trace.parallel import fsdp_storage_resizes
         from memtui.engine.torchside.build import compute_dtype
         from memtui.engine.trace.cuda_autocast import cuda_like_autocast
         from memtui.engine.trace.hf_patches import real_run_decisions

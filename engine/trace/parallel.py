@@ -93,7 +93,9 @@ class DataParallel:
                         self.gradient_ids.add(alloc_id)
 
         if self.config.zero == 1:
-            sharded = _zero_redundancy(optimizer)
+            from memtui.engine.torchside.sharding import zero_redundancy
+
+            sharded = zero_redundancy(optimizer)
             if sharded is optimizer:
                 self.traced[-1] = (f"ZeRO-1: not sharded: {type(optimizer).__name__} is memtui's own optimizer "
                                    "wrapper, which ZeroRedundancyOptimizer cannot take (memtui's live runs keep it whole too)")
@@ -156,21 +158,6 @@ class DataParallel:
         return model
 
 
-def _zero_redundancy(optimizer):
-    """ZeRO-1: the same torch.optim optimizer, its states sharded across ranks by ZeroRedundancyOptimizer (as
-    memtui.engine.live.distributed.zero1_optimizer does live); memtui's own wrappers are left whole."""
-    import inspect
-
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    if type(optimizer).__module__.split(".")[:2] != ["torch", "optim"]:
-        return optimizer
-    accepted = inspect.signature(type(optimizer).__init__).parameters  # groups carry keys __init__ does not take
-    defaults = {key: value for key, value in optimizer.param_groups[0].items() if key != "params" and key in accepted}
-    params = [parameter for group in optimizer.param_groups for parameter in group["params"]]
-    return ZeroRedundancyOptimizer(params, optimizer_class=type(optimizer), **defaults)
-
-
 class _RealIndexTensors(torch.utils._python_dispatch.TorchDispatchMode):
     """Integer tensors made real: DDP's bucket rebuild broadcasts the bucket indices and reads them back."""
 
@@ -186,10 +173,18 @@ class _RealIndexTensors(torch.utils._python_dispatch.TorchDispatchMode):
 
 @contextlib.contextmanager
 def fsdp_storage_resizes(tracker: MemoryTracker, gathered: set[int] | None = None) -> Iterator[None]:
-    """Show the tracker FSDP2's in-place frees and re-allocations of unsharded parameters (a dispatch mode sees
-    neither); add every unsharded parameter's allocation to `gathered`. (memtui.engine.live.measure has its own
-    copy, from before this one; it can import this one instead.)"""
-    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+    """Show the tracker FSDP2's in-place frees and re-allocations of unsharded parameters; add every unsharded
+    parameter's allocation to `gathered`. The trace and the live CPU measurement both use it.
+
+    FSDP2 resizes each unsharded parameter's storage to 0 bytes after use and back at the next all-gather
+    (`alloc_storage` / `free_storage`); on CUDA the caching allocator sees both, but a dispatch mode sees
+    neither, so a CPU measurement would keep them forever.
+    """
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+    except ImportError:  # another torch layout: measure without (the figure then over-counts FSDP2)
+        yield
+        return
 
     gathered = gathered if gathered is not None else set()
 
