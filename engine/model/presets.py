@@ -10,7 +10,7 @@ import difflib
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -64,39 +64,38 @@ def _load_models(root: Path) -> dict[str, ModelSpec]:
     return models
 
 
-@lru_cache(maxsize=4)
-def _load_gpus(root: Path) -> dict[str, GpuSpec]:
-    path = root / "gpus.json"
+_Entry = TypeVar("_Entry", GpuSpec, Recipe)
+
+
+def _load_entries(path: Path, key: str, model: type[_Entry]) -> dict[str, tuple[int, _Entry]]:
+    """`{key: [...]}` in a presets file, each entry validated as `model`, by id (with its index, for errors)."""
     data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("gpus"), list):
-        raise PresetError(f"{path}: gpus", "must be a list of GPU objects")
-    gpus: dict[str, GpuSpec] = {}
-    for index, entry in enumerate(data["gpus"]):
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise PresetError(f"{path}: {key}", f"must be a list of {model.__name__} objects")
+    entries: dict[str, tuple[int, _Entry]] = {}
+    for index, entry in enumerate(data[key]):
         try:
-            gpu = GpuSpec.model_validate(entry)
+            validated = model.model_validate(entry)
         except ValidationError as error:
             field, message = _first_error(error)
-            raise PresetError(f"{path}: gpus[{index}].{field}", message) from None
-        if gpu.id in gpus:
-            raise PresetError(f"{path}: gpus[{index}].id", f"duplicate id {gpu.id!r}")
-        gpus[gpu.id] = gpu
-    return gpus
+            raise PresetError(f"{path}: {key}[{index}].{field}", message) from None
+        if validated.id in entries:
+            raise PresetError(f"{path}: {key}[{index}].id", f"duplicate id {validated.id!r}")
+        entries[validated.id] = (index, validated)
+    return entries
+
+
+@lru_cache(maxsize=4)
+def _load_gpus(root: Path) -> dict[str, GpuSpec]:
+    return {gpu_id: gpu for gpu_id, (_, gpu) in _load_entries(root / "gpus.json", "gpus", GpuSpec).items()}
 
 
 @lru_cache(maxsize=4)
 def _load_recipes(root: Path) -> dict[str, Recipe]:
     path = root / "recipes.json"
-    data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("recipes"), list):
-        raise PresetError(f"{path}: recipes", "must be a list of recipe objects")
-    recipes: dict[str, Recipe] = {}
     known_options = set(TrainingConfig.model_fields)
-    for index, entry in enumerate(data["recipes"]):
-        try:
-            recipe = Recipe.model_validate(entry)
-        except ValidationError as error:
-            field, message = _first_error(error)
-            raise PresetError(f"{path}: recipes[{index}].{field}", message) from None
+    recipes: dict[str, Recipe] = {}
+    for recipe_id, (index, recipe) in _load_entries(path, "recipes", Recipe).items():
         unknown = set(recipe.options) - known_options
         if unknown:
             raise PresetError(
@@ -109,7 +108,7 @@ def _load_recipes(root: Path) -> dict[str, Recipe]:
         except ValidationError as error:
             field, message = _first_error(error)
             raise PresetError(f"{path}: recipes[{index}].options.{field}", message) from None
-        recipes[recipe.id] = recipe
+        recipes[recipe_id] = recipe
     return recipes
 
 
