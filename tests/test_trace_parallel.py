@@ -9,7 +9,7 @@ import pytest
 
 from memtui.cli import main
 from memtui.engine.model.architectures import model_spec_from_config
-from memtui.engine.model.presets import resolve_model
+from memtui.engine.model.presets import resolve_gpu, resolve_model
 from memtui.engine.model.specs import TrainingConfig
 
 WORLD = 4
@@ -125,3 +125,27 @@ def test_trace_equals_two_real_gloo_ranks_byte_for_byte(tmp_path, monkeypatch):
     traced = trace(plan.config, model=plan.spec)
     assert traced.traced_tensor_peak_bytes == live["tensor_peak_bytes"]
     assert traced.budget.model_states.optimizer_states == live["components"]["optimizer_states"]
+
+
+def test_zero_redundancy_partition_is_greedy_largest_first():
+    from memtui.engine.estimator.layout import zero_redundancy_largest_share
+
+    # torch's _partition_parameters: 10 -> rank 0, 6 -> rank 1, 5 -> rank 1 (11), 4 -> rank 0 (14).
+    assert zero_redundancy_largest_share([4, 10, 5, 6], 2) == 14
+    assert zero_redundancy_largest_share([100, 1, 1, 1], 4) == 100  # a tensor is never split
+
+
+def test_zero1_estimate_follows_zero_redundancy_optimizers_partition_as_traced():
+    """At 8 ranks rank 0 holds Qwen's 136M-element embedding's Adam states, not 1/8 of all: the estimate
+    follows ZeroRedundancyOptimizer's whole-tensor partition and equals the trace."""
+    from memtui.engine.estimator import estimate
+    from memtui.engine.estimator.overhead import cublas_workspace_bytes
+    from memtui.engine.trace import trace
+
+    qwen = TrainingConfig(model="qwen2.5-0.5b", seq_len=128, gpus=8, zero=1)
+    traced = trace(qwen)
+    estimated = estimate(qwen)
+    workspace = cublas_workspace_bytes(resolve_gpu(qwen.gpu))
+    assert estimated.tensor_peak_bytes - workspace == pytest.approx(traced.traced_tensor_peak_bytes, rel=0.002)
+    # 1/8 of the states would be far less than what rank 0 holds.
+    assert estimated.per_gpu.optimizer_states > 2 * estimate(qwen.model_copy(update={"zero": 0})).per_gpu.optimizer_states // 8

@@ -25,6 +25,8 @@ from memtui.engine.estimator.layout import (
     ParamLayout,
     param_layout,
     trainable_params_total,
+    trainable_tensor_numels,
+    zero_redundancy_largest_share,
 )
 from memtui.engine.estimator.optimizers import (
     adafactor_state_params,
@@ -62,6 +64,9 @@ def _layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
     _LAYOUTS[key] = (model, layout)  # holding the model keeps its id from being reused
     return layout
 
+
+# The torch.optim optimizers memtui builds, which ZeroRedundancyOptimizer can rebuild per rank (ZeRO-1).
+ZERO_REDUNDANCY_OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
 
 # peft keeps adapters in fp32 even on a 16-bit base (autocast_adapter_dtype=True): so are their grads and states.
 ADAPTER_BYTES = 4
@@ -179,6 +184,11 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         gathered = min(2, layout.layers) * layer_weight_bytes
     gradients = grads_full // dp if zero >= 2 else grads_full
     optimizer_states = states_full // dp if zero >= 1 else states_full
+    if zero == 1 and dp > 1 and not config.master_weights and config.optimizer in ZERO_REDUNDANCY_OPTIMIZERS:
+        # PyTorch's ZeRO-1, ZeroRedundancyOptimizer, shards whole tensors: the rank given the embedding holds its
+        # states, not 1/dp of all. (fp32 masters are DeepSpeed's mixed precision: its flat, even partition.)
+        numels = trainable_tensor_numels(config, model)
+        optimizer_states = states_full * zero_redundancy_largest_share(numels, dp) // max(sum(numels), 1)
     if config.offload != "none":
         optimizer_states = 0
         if zero >= 2:

@@ -125,3 +125,39 @@ def trainable_params_total(config: TrainingConfig, model: ModelSpec) -> int:
     targets = resolve_lora_targets(config, model)
     per_layer = sum(config.lora_rank * (model.linear(n).in_features + model.linear(n).out_features) for n in targets)
     return model.num_layers * per_layer
+
+
+def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec) -> list[int]:
+    """The sizes of every trainable parameter tensor on this GPU, as torch's modules hold them."""
+    tp, layers = config.tp, param_layout(config, model).layers
+    if config.uses_lora:
+        per_layer = []
+        for name in resolve_lora_targets(config, model):
+            linear = model.linear(name)
+            per_layer += [config.lora_rank * linear.in_features // tp, linear.out_features * config.lora_rank // tp]
+        return per_layer * layers
+    norm_tensors = [model.hidden_size] * (2 if model.norm == "layer" else 1)  # LayerNorm: weight and bias
+    per_layer = [linear.weight_params // tp for linear in model.linears]
+    per_layer += [linear.out_features * linear.experts // tp for linear in model.linears if linear.bias]
+    per_layer += norm_tensors * model.norms_per_layer
+    per_layer += [model.head_dim] * 2 if model.qk_norm else []
+    per_layer += [model.router_params] if model.is_moe else []
+    numels = per_layer * layers
+    if config.pp == 1:
+        numels.append(model.vocab_size * model.hidden_size // tp)
+        if model.positions == "learned":
+            numels.append(model.max_position_embeddings * model.hidden_size)
+        if model.head_params:
+            numels.append(model.head_params // tp)
+        numels += norm_tensors
+    return numels
+
+
+def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
+    """The most elements any rank holds under torch's ZeroRedundancyOptimizer: tensors whole, largest first,
+    each to the rank holding the fewest so far (`_partition_parameters`)."""
+    sizes = [0] * ranks
+    for numel in sorted(numels, reverse=True):
+        rank = sizes.index(min(sizes))
+        sizes[rank] += numel
+    return max(sizes)
