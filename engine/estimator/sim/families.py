@@ -56,6 +56,16 @@ class Options:
     eager_softmax_f32: bool = True  # softmax(..., dtype=float32) in eager attention; GPT-2 keeps the input dtype
 
 
+def fused_linear_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
+    """Liger's fused linear cross-entropy chunk: logits of about tokens x hidden elements at a time.
+
+    inc_factor = cdiv(V, H); chunk = next_power_of_2(cdiv(BT, inc_factor)), at most BT.
+    """
+    factor = -(-vocab // hidden)
+    rows = -(-tokens // factor)
+    return min(1 << max(rows - 1, 0).bit_length(), tokens)
+
+
 @dataclass
 class LayerParams:
     linears: dict[str, Tensor] = field(default_factory=dict)
