@@ -88,3 +88,18 @@ def test_the_ladder_shows_the_saving():
     rung = next(step for step in savings_ladder(config).steps if step.keys == ("loss",))
     assert rung.label == "fused linear cross-entropy (no logits)"
     assert rung.removed_total > 2**30
+
+
+@pytest.mark.parametrize("loss", ["chunked", "fused-linear"])
+def test_fake_trace_equals_a_real_cpu_run(loss):
+    """The pure-torch losses allocate the same on fake tensors as on real ones."""
+    from memtui.engine.trace.analysis import summarize
+    from memtui.engine.trace.fake_step import run_fake_steps
+
+    from tests.test_trace import tiny_llama
+
+    config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=32, precision="bf16-mixed", loss=loss,
+                            loss_chunks=4)
+    fake, real = (summarize(run_fake_steps(tiny_llama(), config, fake=fake)[0]) for fake in (True, False))
+    assert fake.peak_bytes == real.peak_bytes
+    assert [(p.phase, p.peak_bytes) for p in fake.phases] == [(p.phase, p.peak_bytes) for p in real.phases]

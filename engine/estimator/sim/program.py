@@ -268,9 +268,7 @@ def sliding_window_mask(sim: Sim) -> Tensor:
 def causal_lm_loss(sim: Sim, logits: Tensor, ids: Tensor) -> Tensor:
     """transformers' ForCausalLMLoss: upcast, shift labels, cross-entropy (log_softmax + nll_loss)."""
     upcast = ops.cast(sim, logits, "f32")
-    padded = sim.new(per_token(1), "i64", name="labels padded")
-    shifted = sim.new(per_token(1), "i64", name="shift_labels")
-    sim.drop(padded)
+    shifted = shifted_labels(sim)
     logprobs = ops.log_softmax(sim, upcast)
     loss = ops.nll_loss(sim, logprobs, shifted)
     sim.drop(logprobs, shifted, upcast)
