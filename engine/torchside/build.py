@@ -328,7 +328,7 @@ def training_step(
     mark = phase or (lambda _name: None)
     mark("forward")
     with autocast():
-        loss = causal_lm_loss(model, input_ids, labels)
+        loss = causal_lm_loss(model, input_ids, labels, phase=mark)
     mark("backward")
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -359,7 +359,7 @@ def _loss_value(loss) -> float | None:
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(model, input_ids, labels):
+def causal_lm_loss(model, input_ids, labels, *, phase: PhaseHook | None = None):
     """The forward and the loss as --loss says (`model.memtui_loss`, set by build_model).
 
     standard: transformers' own (the head's logits, upcast to fp32 in the loss). chunked:
@@ -374,6 +374,8 @@ def causal_lm_loss(model, input_ids, labels):
     head = causal.get_output_embeddings()
     if mode == "chunked":
         return chunked_output_loss(hidden, head, labels, chunks)
+    if phase is not None:
+        phase("loss")  # the tracer marks the loss phase when the head runs; this head is never called
     return fused_linear_loss(hidden, head.weight, labels)
 
 
