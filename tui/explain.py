@@ -300,6 +300,25 @@ _EXPLAINERS = [
         "blocks). This is why nvidia-smi shows more than torch.cuda.max_memory_allocated.",
         "-", "Leave headroom for it; it is not optional.",
     ),
+    # ---- the head and loss -------------------------------------------------
+    Explainer(
+        "loss", "Loss",
+        "How the head and cross-entropy meet: fp32 logits, chunks, or none.",
+        "**standard** is what Hugging Face models do: the head writes the logits (batch x sequence x "
+        "vocabulary) in the compute dtype, the loss upcasts them to fp32 and keeps fp32 log-probabilities "
+        "for backward. With a 128k vocabulary that is often the largest tensor of the step.\n\n"
+        "**chunked** is torchtune's CEWithChunkedOutputLoss: the head runs on N chunks of the sequence "
+        "(`Loss chunks`, 8) and each chunk is upcast to fp32 on its own, so only one chunk's fp32 copy "
+        "exists at a time; the compute-dtype logits and the saved log-probabilities still add up to the "
+        "whole sequence.\n\n"
+        "**fused-linear** is Liger's fused linear cross-entropy (Apple's cut-cross-entropy is alike): the "
+        "head is fused into the loss, which computes the gradients of the hidden states and of the head "
+        "weight during forward, chunk by chunk; the full logits never exist.",
+        "chunked: nothing measurable. fused-linear: the gradients of the hidden states (one per token) "
+        "and of the head weight (vocabulary x hidden, fp32) are held from the loss to backward.",
+        "Long sequences and large vocabularies, where the logits dominate. fused-linear saves the most; "
+        "on CUDA memtui's live run uses liger-kernel or cut-cross-entropy when installed.",
+    ),
 ]
 
 EXPLAINERS: dict[str, Explainer] = {explainer.key: explainer for explainer in _EXPLAINERS}

@@ -196,6 +196,14 @@ _OPTIONS = (
     Option("quant", "Quantize", ADAPTERS, "select",
            "frozen base weights (nf4 + LoRA = QLoRA)", "--quant nf4 --lora-rank 16",
            ladder={"nf4": "NF4 4-bit base weights (QLoRA)", "int8": "int8 base weights"}, baseline="none"),
+    # ---- the head and loss (issue 11) ------------------------------------------------------------------
+    Option("loss", "Loss", MEMORY_SAVERS, "select",
+           "standard (fp32 logits), chunked (torchtune) or fused-linear (Liger: no logits)", "--loss fused-linear",
+           ladder={"chunked": "chunked head and loss ({loss_chunks} chunks)",
+                   "fused-linear": "fused linear cross-entropy (no logits)"},
+           baseline="standard"),
+    Option("loss_chunks", "Loss chunks", MEMORY_SAVERS, "int",
+           "sequence chunks of --loss chunked", "--loss chunked --loss-chunks 16", explainer="loss"),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

@@ -18,6 +18,7 @@ Checkpointing = Literal["none", "selective", "full"]
 Attention = Literal["eager", "flash"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
 Quant = Literal["none", "int8", "nf4"]
+Loss = Literal["standard", "chunked", "fused-linear"]
 
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
@@ -66,6 +67,8 @@ class TrainingConfig(BaseModel):
     lora_rank: int = Field(0, ge=0, description="0 trains every weight; R > 0 trains LoRA adapters only")
     lora_targets: str = "q_proj,v_proj"
     quant: Quant = "none"
+    loss: Loss = "standard"
+    loss_chunks: int = Field(8, ge=1, le=1024, description="chunks of the sequence for the chunked head and loss")
 
     @property
     def dp(self) -> int:

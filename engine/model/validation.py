@@ -195,6 +195,12 @@ RULES: tuple[Rule, ...] = (
     _note("model", broken=lambda f: f.model.is_moe,
           message=lambda f: "MoE: transformers' grouped_mm experts process tokens x top-k rows whatever the routing, "
                             "so the step's memory does not depend on which experts the router picks."),
+    _rule("loss", "gpus", broken=lambda f: f.config.loss != "standard" and f.config.gpus > 1,
+          message=lambda f: f"{f.config.loss} is modelled on one GPU; {{gpus}} is {f.config.gpus}",
+          allowed=lambda f: "standard, or {gpus} 1"),
+    _rule("loss", "model", broken=lambda f: f.config.loss != "standard" and f.model.family == "gemma2",
+          message=lambda f: f"{f.config.loss} does not soft-cap the logits as {f.model.id} needs",
+          allowed=lambda f: "standard"),
     _note("quant", "model", broken=lambda f: f.model.is_moe and f.config.quant != "none",
           message=lambda f: f"{f.config.quant}: bitsandbytes quantizes nn.Linear layers only; the experts' stacked "
                             "weights stay 16-bit (as transformers loads them)."),

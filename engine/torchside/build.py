@@ -29,6 +29,7 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from memtui.engine.estimator.sim.families import fused_linear_chunk_rows
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.model.validation import resolve_lora_targets
@@ -159,6 +160,8 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
 
     if config.uses_lora:
         model = apply_lora(model, spec, config)
+    # training_step reads how to compute the loss from the model: its callers need not know.
+    model.memtui_loss = (config.loss, config.loss_chunks)
     return model
 
 
@@ -325,7 +328,7 @@ def training_step(
     mark = phase or (lambda _name: None)
     mark("forward")
     with autocast():
-        loss = model(input_ids=input_ids, labels=labels).loss
+        loss = causal_lm_loss(model, input_ids, labels, phase=mark)
     mark("backward")
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -350,3 +353,121 @@ def _loss_value(loss) -> float | None:
     if isinstance(loss, FakeTensor):
         return None
     return float(loss.detach())
+
+
+# ---- the head and the loss (--loss) -------------------------------------------------------------------
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(model, input_ids, labels, *, phase: PhaseHook | None = None):
+    """The forward and the loss as --loss says (`model.memtui_loss`, set by build_model).
+
+    standard: transformers' own (the head's logits, upcast to fp32 in the loss). chunked:
+    torchtune's chunked output and CEWithChunkedOutputLoss. fused-linear: Liger's fused linear
+    cross-entropy, its kernel on CUDA when installed, else `FusedLinearCrossEntropy`.
+    """
+    mode, chunks = getattr(model, "memtui_loss", ("standard", 1))
+    if mode == "standard":
+        return model(input_ids=input_ids, labels=labels).loss
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = getattr(causal, causal.base_model_prefix)(input_ids=input_ids).last_hidden_state
+    head = causal.get_output_embeddings()
+    if mode == "chunked":
+        return chunked_output_loss(hidden, head, labels, chunks)
+    if phase is not None:
+        phase("loss")  # the tracer marks the loss phase when the head runs; this head is never called
+    return fused_linear_loss(hidden, head.weight, labels)
+
+
+def shifted_labels(labels):
+    """transformers' ForCausalLMLoss shift: pad one ignored label at the end, drop the first."""
+    import torch.nn.functional as F
+
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous()
+
+
+def chunked_output_loss(hidden, head, labels, chunks: int):
+    """torchtune: the model returns the head's output per sequence chunk (compute dtype, all alive
+    together); CEWithChunkedOutputLoss upcasts one chunk at a time inside cross-entropy (sum)."""
+    import torch.nn.functional as F
+
+    targets = shifted_labels(labels)
+    logits = [head(part) for part in hidden.chunk(chunks, dim=1)]
+    total = None
+    for logit, target in zip(logits, targets.chunk(chunks, dim=1)):
+        chunk_loss = F.cross_entropy(logit.reshape(-1, logit.size(-1)).float(), target.reshape(-1),
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
+        total = chunk_loss if total is None else total + chunk_loss
+    del logits
+    return total / (targets != IGNORE_INDEX).sum()
+
+
+def fused_linear_loss(hidden, weight, labels):
+    targets = shifted_labels(labels).reshape(-1)
+    flat = hidden.reshape(-1, hidden.size(-1))
+    if flat.is_cuda:
+        with contextlib.suppress(ImportError):
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)(weight, flat, targets)
+        with contextlib.suppress(ImportError):
+            from cut_cross_entropy import linear_cross_entropy
+
+            return linear_cross_entropy(flat, weight, targets, ignore_index=IGNORE_INDEX)
+    return _fused_linear_function().apply(flat, weight, targets)
+
+
+@functools.cache
+def _fused_linear_function():
+    import torch
+
+    class FusedLinearCrossEntropy(torch.autograd.Function):
+        """Liger's chunked forward in plain torch, allocating what its kernel allocates.
+
+        Forward computes the loss and both gradients: per chunk of rows the logits (compute dtype),
+        turned in place into d loss / d logits, then grad_input's rows and grad_weight += chunk.
+        Backward hands the saved gradients on (scaled when the upstream gradient is not 1).
+        """
+
+        @staticmethod
+        def forward(ctx, flat, weight, targets):
+            rows, width = flat.shape
+            vocab = weight.shape[0]
+            chunk = fused_linear_chunk_rows(rows, vocab, width)
+            grad_input = torch.zeros_like(flat)
+            grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
+            loss_rows = torch.zeros(rows, dtype=torch.float32, device=flat.device)
+            valid = targets != IGNORE_INDEX
+            count = valid.sum()
+            for start in range(0, rows, chunk):
+                end = min(start + chunk, rows)
+                part = flat[start:end]
+                logits = part @ weight.t()  # chunk x vocab
+                target = targets[start:end]
+                keep = valid[start:end]
+                safe = target.clamp(min=0).unsqueeze(1)
+                picked = logits.gather(1, safe).float().squeeze(1)
+                top = logits.amax(dim=1, keepdim=True)
+                logits.sub_(top).exp_()  # in place, as Liger's kernel writes the gradient over the logits
+                norm = logits.sum(dim=1, keepdim=True, dtype=torch.float32)
+                loss_rows[start:end] = torch.where(keep, norm.log().squeeze(1) + top.float().squeeze(1) - picked, 0.0)
+                logits.div_(norm).scatter_add_(1, safe, torch.full_like(safe, -1, dtype=logits.dtype))
+                logits.mul_((keep.unsqueeze(1) / count).to(logits.dtype))
+                grad_input[start:end] = logits @ weight
+                if grad_weight is not None:
+                    torch.addmm(grad_weight, logits.t().to(part.dtype), part, out=grad_weight)
+                del logits
+            loss = loss_rows.sum() / count
+            ctx.save_for_backward(grad_input, grad_weight)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            grad_input, grad_weight = ctx.saved_tensors
+            if torch.ne(grad_output, torch.tensor(1.0, device=grad_output.device)):
+                grad_input.mul_(grad_output)
+                if grad_weight is not None:
+                    grad_weight.mul_(grad_output)
+            return grad_input, grad_weight, None
+
+    return FusedLinearCrossEntropy

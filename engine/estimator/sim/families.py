@@ -54,6 +54,19 @@ class Options:
     attention_softcap: bool = False  # Gemma-2: tanh soft-capping of the attention scores (eager)
     logit_softcap: bool = False  # Gemma-2: tanh soft-capping of the logits
     eager_softmax_f32: bool = True  # softmax(..., dtype=float32) in eager attention; GPT-2 keeps the input dtype
+    loss: str = "standard"  # standard | chunked | fused-linear (--loss)
+    loss_chunks: int = 8  # chunked: sequence chunks
+    loss_chunk_rows: int = 0  # fused-linear: rows of logits per chunk (Liger's, from the step's tokens)
+
+
+def fused_linear_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
+    """Liger's fused linear cross-entropy chunk: logits of about tokens x hidden elements at a time.
+
+    inc_factor = cdiv(V, H); chunk = next_power_of_2(cdiv(BT, inc_factor)), at most BT.
+    """
+    factor = -(-vocab // hidden)
+    rows = -(-tokens // factor)
+    return min(1 << max(rows - 1, 0).bit_length(), tokens)
 
 
 @dataclass

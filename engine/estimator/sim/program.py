@@ -37,6 +37,7 @@ from memtui.engine.estimator.sim.families import (
     gpt2_layer_params,
     llama_layer,
     llama_layer_params,
+    fused_linear_chunk_rows,
     norm_weight,
     rms_norm,
     rotary,
@@ -91,10 +92,15 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         residual_dropout=float(spec.config.get("resid_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
         eager_softmax_f32=not gpt2,
         embedding_dropout=float(spec.config.get("embd_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
-        batched=config.batch_size > 1 and spec.family == "phi3",  # only Phi-3 depends on it (keeps the cache small)
+        # only Phi-3 and the chunked head depend on it (keeps the cache small)
+        batched=config.batch_size > 1 and (spec.family == "phi3" or config.loss == "chunked"),
         window_mask=_window_mask(config, spec),
         attention_softcap=spec.family == "gemma2" and spec.config.get("attn_logit_softcapping") is not None,
         logit_softcap=spec.family == "gemma2" and spec.config.get("final_logit_softcapping") is not None,
+        loss=config.loss,
+        loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
+        loss_chunk_rows=fused_linear_chunk_rows(config.batch_size * config.seq_len, spec.vocab_size // config.tp,
+                                                spec.hidden_size) if config.loss == "fused-linear" else 0,
     )
 
 
@@ -208,11 +214,18 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
     else:
         normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in ("gemma", "gemma2"))
     sim.drop(out, mask, second_mask)  # LlamaModel.forward returns: its causal masks go
-    logits = ops.linear(sim, normed, head, d.vocab, d.hidden)
-    if opts.logit_softcap:
-        logits = softcap(sim, logits)
-    loss = causal_lm_loss(sim, logits, ids)
-    sim.drop(logits, normed)  # the model output is dropped once .loss is read
+    if opts.loss == "chunked":
+        loss = chunked_output_loss(sim, normed, head, d, opts)
+        sim.drop(normed)
+    elif opts.loss == "fused-linear":
+        loss = fused_linear_loss(sim, normed, head, d, opts)
+        sim.drop(normed)
+    else:
+        logits = ops.linear(sim, normed, head, d.vocab, d.hidden)
+        if opts.logit_softcap:
+            logits = softcap(sim, logits)
+        loss = causal_lm_loss(sim, logits, ids)
+        sim.drop(logits, normed)  # the model output is dropped once .loss is read
 
     sim.set_segment("forward_end")
     sim.clear_autocast_cache()  # leaving autocast
@@ -255,12 +268,98 @@ def sliding_window_mask(sim: Sim) -> Tensor:
 def causal_lm_loss(sim: Sim, logits: Tensor, ids: Tensor) -> Tensor:
     """transformers' ForCausalLMLoss: upcast, shift labels, cross-entropy (log_softmax + nll_loss)."""
     upcast = ops.cast(sim, logits, "f32")
-    padded = sim.new(per_token(1), "i64", name="labels padded")
-    shifted = sim.new(per_token(1), "i64", name="shift_labels")
-    sim.drop(padded)
+    shifted = shifted_labels(sim)
     logprobs = ops.log_softmax(sim, upcast)
     loss = ops.nll_loss(sim, logprobs, shifted)
     sim.drop(logprobs, shifted, upcast)
+    return loss
+
+
+def shifted_labels(sim: Sim) -> Tensor:
+    """F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous(): the padded copy goes, the shifted one stays."""
+    padded = sim.new(per_token(1), "i64", name="labels padded")
+    shifted = sim.new(per_token(1), "i64", name="shift_labels")
+    sim.drop(padded)
+    return shifted
+
+
+def chunked_output_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: Options) -> Tensor:
+    """torchtune's chunked output and CEWithChunkedOutputLoss (build.chunked_output_loss).
+
+    Alive together at the last chunk: every chunk's logits in the compute dtype (the model's list),
+    every earlier chunk's fp32 log-probabilities (saved by nll_loss), and this chunk's fp32 upcast.
+    """
+    parts_count = opts.loss_chunks
+    shifted = shifted_labels(sim)
+    # A sequence chunk of a (b, s, h) batch is not contiguous: linear's reshape copies it (kept for the
+    # weight's gradient) unless autocast's cast already made a contiguous copy.
+    copies = opts.batched and (sim.autocast_dtype is None or normed.dtype == sim.autocast_dtype)
+    logits = []
+    for part in ops.chunk(sim, normed, parts_count):
+        operand = ops.contiguous_copy(sim, part) if copies else sim.ref(part)
+        sim.drop(part)
+        logits.append(ops.linear(sim, operand, head, d.vocab, d.hidden))
+        sim.drop(operand)
+    total = None
+    for logit in logits:
+        target = sim.new(lf_scale(shifted.elems, 1 / parts_count), "i64", name="target chunk") if opts.batched else None
+        upcast = ops.cast(sim, logit, "f32")
+        logprobs = ops.log_softmax(sim, upcast)
+        sim.drop(upcast)
+        chunk_loss = ops.nll_loss(sim, logprobs, target if target is not None else shifted)
+        sim.drop(logprobs, target)
+        if total is None:
+            total = chunk_loss
+        else:
+            summed = ops.add(sim, total, chunk_loss)
+            sim.drop(total, chunk_loss)
+            total = summed
+    sim.drop(*logits)  # `del logits`: nothing in backward needs the compute-dtype chunks
+    valid = sim.new(per_token(1), "bool", name="labels valid")
+    count = sim.new(const(1), "i64", name="valid count")
+    sim.drop(valid)
+    loss = ops.mul_scalar(sim, total)  # / count
+    sim.drop(total, count, shifted)
+    return loss
+
+
+def _fused_linear_backward(sim: Sim, node, grad):
+    """Liger's backward hands on the gradients its forward computed."""
+    return [(tensor, sim.ref(saved)) for tensor, saved in zip(node.inputs, node.saved) if tensor.requires_grad]
+
+
+def fused_linear_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: Options) -> Tensor:
+    """Liger's fused linear cross-entropy (build.fused_linear_loss): no full logits.
+
+    Forward holds grad_input (the hidden states' size and dtype) and grad_weight (the head's) from
+    the loss to backward. Per chunk of rows: the logits (compute dtype), autocast's casts of the
+    weight (`weight.t()` is a view: not cached; `@ weight` is) and of the rows, and the upcast of the
+    logits' gradient to the rows' dtype for grad_weight. Two chunks stand for all: the first fills
+    autocast's cache, the rest repeat the second. Row-sized temporaries (a few KB) are left out.
+    """
+    shifted = shifted_labels(sim)
+    grad_input = sim.new(normed.elems, normed.dtype, name="fused grad_input")
+    grad_weight = sim.new(head.elems, head.dtype, name="fused grad_weight") if head.requires_grad else None
+    loss_rows = sim.new(per_token(1), "f32", name="loss per row")
+    valid = sim.new(per_token(1), "bool", name="labels valid")
+    rows = const(opts.loss_chunk_rows)
+    compute = sim.autocast_dtype
+    for _chunk in range(2):
+        weight_t = sim.new(head.elems, compute, name="weight.t() cast") if compute and head.dtype != compute else None
+        part = sim.new(lf_scale(rows, d.hidden), compute, name="rows cast") if compute and normed.dtype != compute else None
+        logits = sim.new(lf_scale(rows, d.vocab), compute or normed.dtype, name="logits chunk")
+        sim.drop(weight_t, part)
+        weight_c = ops.autocast_operand(sim, head)
+        rows_grad = sim.new(lf_scale(rows, d.hidden), logits.dtype, name="grad rows")
+        sim.drop(rows_grad, weight_c)
+        if grad_weight is not None and logits.dtype != normed.dtype:
+            upcast = sim.new(lf_scale(rows, d.vocab), normed.dtype, name="logits grad upcast")
+            sim.drop(upcast)
+        sim.drop(logits)
+    loss = sim.new(const(1), "f32", name="fused loss")
+    saved = [grad_input] + ([grad_weight] if grad_weight is not None else [])
+    sim.record("fused_linear_cross_entropy", loss, [normed, head], saved, _fused_linear_backward)
+    sim.drop(loss_rows, valid, shifted, *saved)
     return loss
 
 
