@@ -196,6 +196,13 @@ _OPTIONS = (
     Option("quant", "Quantize", ADAPTERS, "select",
            "frozen base weights (nf4 + LoRA = QLoRA)", "--quant nf4 --lora-rank 16",
            ladder={"nf4": "NF4 4-bit base weights (QLoRA)", "int8": "int8 base weights"}, baseline="none"),
+    # ---- gradients across micro-batches and the optimizer step ------------------------------------------
+    Option("grad_accum", "Grad accum", WORKLOAD, "int",
+           "micro-batches per optimizer step; from the second on a full set of gradients is alive",
+           "--grad-accum 8"),
+    Option("optimizer_in_backward", "Opt. in bwd", MEMORY_SAVERS, "switch",
+           "step each parameter in backward and free its gradient (torchtune optimizer_in_bwd)",
+           "--optimizer-in-backward", ladder="optimizer step in backward", baseline=False),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

@@ -66,6 +66,8 @@ class TrainingConfig(BaseModel):
     lora_rank: int = Field(0, ge=0, description="0 trains every weight; R > 0 trains LoRA adapters only")
     lora_targets: str = "q_proj,v_proj"
     quant: Quant = "none"
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+    optimizer_in_backward: bool = False
 
     @property
     def dp(self) -> int:
