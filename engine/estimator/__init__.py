@@ -178,6 +178,8 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
         gathered = min(2, layout.layers) * layer_weight_bytes
     gradients = grads_full // dp if zero >= 2 else grads_full
+    if config.optimizer_in_backward:
+        gradients = 0  # each is stepped and freed in backward: none survive to the step's end
     optimizer_states = states_full // dp if zero >= 1 else states_full
     if config.offload != "none":
         optimizer_states = 0
