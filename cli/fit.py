@@ -90,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _command(config) -> str:
     """The `memtui estimate` line for config: every option that differs from the defaults."""
-    from memtui.engine.model.specs import TrainingConfig
     from memtui.engine.model.options import OPTIONS
+    from memtui.engine.model.specs import TrainingConfig
+    from memtui.engine.planning.fit.suggestion import flag_text
 
     defaults = TrainingConfig()
     parts = ["memtui estimate"]
@@ -99,10 +100,7 @@ def _command(config) -> str:
         option, value = OPTIONS[name], getattr(config, name)
         if value == getattr(defaults, name) and name not in ("model", "gpu", "batch_size", "seq_len"):
             continue
-        if isinstance(value, bool):
-            parts.append(option.flag if value else "--no-" + option.flag[2:])
-        else:
-            parts.append(f"{option.flag} {value}")
+        parts.append(flag_text(option.flag, value))
     return " ".join(parts)
 
 
@@ -111,6 +109,7 @@ def print_fit_report(report, console=None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from memtui.engine.planning.fit.suggestion import flag_text
     from memtui.engine.units import format_gib
 
     console = console or Console()
@@ -160,7 +159,7 @@ def print_fit_report(report, console=None) -> None:
     steps.add_column("Peak after", justify="right")
     steps.add_column("Why", overflow="fold")
     for number, step in enumerate(suggestion.plan.steps, 1):
-        sets = ", ".join(f"{flag} {after}" for flag, (_, after) in step.changes.items())
+        sets = ", ".join(flag_text(flag, after) for flag, (_, after) in step.changes.items())
         peak = "?" if step.device_peak_bytes is None else format_gib(step.device_peak_bytes)
         steps.add_row(str(number), escape(step.title), escape(sets), peak, escape(step.reason))
     console.print(steps)

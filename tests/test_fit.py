@@ -218,13 +218,16 @@ def test_suggest_prefers_same_training_options_over_lora():
     assert_minimal(config, plan)
 
 
-def test_suggest_lora_for_8b_on_a_48gb_card_with_more_gpus_as_the_alternative():
+def test_suggest_full_fine_tuning_of_8b_on_a_48gb_card_with_more_gpus_as_the_alternative():
     # (On 24 GB cards no GPU count fits full fine-tuning: FSDP2 keeps the root group, the fp32 embedding and
     # head, gathered through forward and backward, as traced in docs/accuracy-parallel.md.)
+    # One 48 GB card: torchtune's single-device recipe, bf16 weights, 8-bit AdamW and the optimizer stepped in
+    # backward (no full set of gradients), before adapters.
     config = TrainingConfig(model="llama-3.1-8b", gpu="rtx-a6000")
     suggestion = fit.suggest(config)
     plan = suggestion.plan
-    assert plan.config.lora_rank == 16 and plan.config.quant == "none" and plan.config.gpus == 1
+    assert plan.config.lora_rank == 0 and plan.config.optimizer_in_backward and plan.config.gpus == 1
+    assert plan.config.optimizer == "adamw-8bit" and plan.config.precision == "bf16-true"
     assert_minimal(config, plan)
     # Full fine-tuning as configured needs more 48 GB cards: that is the alternative offered.
     (alternative,) = suggestion.alternatives

@@ -253,6 +253,29 @@ _EXPLAINERS = [
         "adapters largely recover in published results. Needs LoRA and 16-bit compute.",
         "Fine-tuning a model whose 16-bit weights alone do not fit the card.",
     ),
+    Explainer(
+        "grad_accum", "Gradient accumulation",
+        "Micro-batches per optimizer step: a larger effective batch at the memory of one micro-batch.",
+        "The step runs N forwards and backwards and adds their gradients before stepping the optimizer "
+        "once. From the second micro-batch on the whole set of gradients is alive through forward and "
+        "backward (DDP under no_sync keeps them unsharded; FSDP2 keeps its shards), so the peak can be "
+        "the second micro-batch's backward rather than the first's. `memtui trace` runs up to 4 "
+        "micro-batches per step (the rest are identical).",
+        "N times the compute per optimizer step; the full gradients for the whole step.",
+        "When the batch you want does not fit: shrink --batch-size and raise this. Not with "
+        "--optimizer-in-backward.",
+    ),
+    Explainer(
+        "optimizer_in_backward", "Optimizer in backward",
+        "Step each parameter as soon as its gradient is ready, then free the gradient.",
+        "torchtune's optimizer_in_bwd: one optimizer per parameter, stepped in a post-accumulate-grad "
+        "hook during backward, the gradient set to None right after. A full set of gradients never "
+        "exists: at most one parameter's gradient and its step's temporaries (a tied embedding's "
+        "gradient waits for the embedding's backward). The step after backward has nothing left to do.",
+        "No gradient accumulation, no gradient clipping over the whole model, no GradScaler, no "
+        "ZeRO/FSDP sharding of the optimizer; each parameter's step is a small kernel launch.",
+        "Full fine-tuning on one GPU where the gradients tip the step over the card.",
+    ),
     # ---- budget components ------------------------------------------------
     Explainer(
         "weights", "Weights",

@@ -183,6 +183,8 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
         gathered = min(2, layout.layers) * layer_weight_bytes
     gradients = grads_full // dp if zero >= 2 else grads_full
+    if config.optimizer_in_backward:
+        gradients = 0  # each is stepped and freed in backward: none survive to the step's end
     optimizer_states = states_full // dp if zero >= 1 else states_full
     if zero == 1 and dp > 1 and not config.master_weights and config.optimizer in ZERO_REDUNDANCY_OPTIMIZERS:
         # PyTorch's ZeRO-1, ZeroRedundancyOptimizer, shards whole tensors: the rank given the embedding holds its
@@ -254,22 +256,91 @@ def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: Para
 
 
 def _forward_backward_moment(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moment: Moment,
-                             on_gpu: _StatesOnGpu, workspace: int) -> StepMoment:
+                             on_gpu: _StatesOnGpu, workspace: int, gradients: int | None = None,
+                             extra_temporary: int = 0) -> StepMoment:
+    """`gradients`: what the moment holds when it is not the first micro-batch's (accumulated, or stepped in
+    backward); `extra_temporary`: a new gradient not yet added in place, or a per-parameter step's temporaries."""
     weights = on_gpu.computing_weights + _fsdp_gathered_change(config, model, layout, moment, on_gpu)
     if (on_gpu.zero == 2 and config.offload == "none" and not config.uses_lora and on_gpu.grads_full > 0
             and moment.gradients > 0):
         # FSDP2 reshards each layer once its backward is done: the gathered weights shrink as gradients grow.
         done = min(moment.gradients / on_gpu.grads_full, 1.0)
         weights = on_gpu.computing_weights - int((on_gpu.weights_full - on_gpu.layer_weight_bytes) * done)
-    return StepMoment(moment.phase, weights, on_gpu.gradients_at(moment.gradients, config.offload),
-                      moment.activations + moment.autocast_weights, moment.temporary + on_gpu.ddp_buckets + workspace)
+    if gradients is None:
+        gradients = on_gpu.gradients_at(moment.gradients, config.offload)
+    return StepMoment(moment.phase, weights, gradients, moment.activations + moment.autocast_weights,
+                      moment.temporary + on_gpu.ddp_buckets + workspace + extra_temporary)
+
+
+def _new_gradients(moments: list[Moment], largest_grad: int) -> list[int]:
+    """The gradient each moment has just made (at most the largest trainable tensor's: one parameter's)."""
+    made, before = [], 0
+    for moment in moments:
+        made.append(min(max(moment.gradients - before, 0), largest_grad) if moment.phase == "backward" else 0)
+        before = moment.gradients
+    return made
+
+
+def _accumulating_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moments: list[Moment],
+                          on_gpu: _StatesOnGpu, workspace: int) -> list[StepMoment]:
+    """The second and later micro-batches of gradient accumulation: the gradients so far stay whole through
+    forward and backward (DDP under no_sync: unsharded; FSDP2: its shards, plus the layer being reduced), and
+    each new gradient is a temporary until it is added in place."""
+    largest_grad = layout.largest_tensor_params * trainable_bytes(config)
+    resident = on_gpu.gradients_at(on_gpu.grads_full, config.offload) if on_gpu.zero < 2 else (
+        0 if config.offload != "none" else on_gpu.grads_full // on_gpu.dp)
+    steps = []
+    for moment, made in zip(moments, _new_gradients(moments, largest_grad)):
+        reducing = min(moment.gradients, on_gpu.layer_grads) if on_gpu.zero >= 2 and config.offload == "none" else 0
+        steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace,
+                                              gradients=resident + reducing,
+                                              extra_temporary=made if on_gpu.zero < 2 else 0))
+    return steps
+
+
+def _in_backward_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moments: list[Moment],
+                         on_gpu: _StatesOnGpu, workspace: int) -> list[StepMoment]:
+    """optimizer_in_backward: each gradient is stepped (that one parameter's temporaries) and freed as it is made.
+    A tied head's gradient is the exception: it waits in autograd's input buffer for the embedding's, and the
+    parameter steps only at backward's end, so it is held from the head's backward on."""
+    trained = 4 if config.master_weights else trainable_bytes(config)
+    grad_bytes = trainable_bytes(config)
+    tied_head = (model.embedding_params // config.tp * grad_bytes
+                 if model.tie_word_embeddings and not config.uses_lora else 0)
+    # A moment of the replay may span several layers' gradients: one parameter's at a time is alive.
+    largest_grad = layout.largest_tensor_params * grad_bytes
+    if tied_head:
+        largest_grad = max(lin.out_features * lin.experts * lin.in_features for lin in model.linears) // config.tp * grad_bytes
+
+    def step_temporaries(gradient: int) -> int:
+        state = gradient // grad_bytes * trained
+        return step_temp_bytes(config, group_state_bytes=state, largest_tensor_state_bytes=state) if gradient else 0
+
+    steps, before = [], 0
+    for index, moment in enumerate(moments):
+        held = made = temporaries = 0
+        if moment.phase == "backward":
+            held = min(moment.gradients, tied_head)
+            made = min(max(moment.gradients - max(before, held), 0), largest_grad)
+            temporaries = step_temporaries(made)
+            if tied_head and index == len(moments) - 1:  # the embedding's gradient joins the head's: it steps
+                made, temporaries = 0, step_temporaries(tied_head)
+        steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace,
+                                              gradients=held + made, extra_temporary=temporaries))
+        before = moment.gradients
+    return steps
 
 
 def _step_moments(
     config: TrainingConfig, model: ModelSpec, layout: ParamLayout, on_gpu: _StatesOnGpu, one_state_group: int, workspace: int
 ) -> list[StepMoment]:
-    moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace)
-               for moment in activation_moments(config, model, layers=layout.layers)]
+    activations = activation_moments(config, model, layers=layout.layers)
+    if config.optimizer_in_backward:
+        # Nothing is left for the optimizer phase: every parameter has stepped in backward.
+        return _in_backward_moments(config, model, layout, activations, on_gpu, workspace)
+    moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace) for moment in activations]
+    if config.grad_accum > 1:
+        moments += _accumulating_moments(config, model, layout, activations, on_gpu, workspace)
     step_temporaries = _optimizer_step_temporaries(config, layout, on_gpu, one_state_group)
     moments.append(StepMoment("optimizer", on_gpu.resting_weights, on_gpu.states.gradients, 0,
                               step_temporaries + on_gpu.ddp_buckets + workspace))

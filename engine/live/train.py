@@ -366,7 +366,7 @@ class TrainingRun:
                     tracker.step = step
                 began = time.monotonic()
                 loss = training_step(parts.model, parts.optimizer, parts.input_ids, parts.labels, autocast=autocast,
-                                     scaler=parts.scaler, phase=self._mark)
+                                     scaler=parts.scaler, phase=self._mark, micro_batches=plan.config.grad_accum)
                 if self.kind != "cpu":
                     torch.cuda.synchronize(self.torch_device)
                 self.steps_completed = step

@@ -204,6 +204,13 @@ _OPTIONS = (
            baseline="standard"),
     Option("loss_chunks", "Loss chunks", MEMORY_SAVERS, "int",
            "sequence chunks of --loss chunked", "--loss chunked --loss-chunks 16", explainer="loss"),
+    # ---- gradients across micro-batches and the optimizer step ------------------------------------------
+    Option("grad_accum", "Grad accum", WORKLOAD, "int",
+           "micro-batches per optimizer step; from the second on a full set of gradients is alive",
+           "--grad-accum 8"),
+    Option("optimizer_in_backward", "Opt. in bwd", MEMORY_SAVERS, "switch",
+           "step each parameter in backward and free its gradient (torchtune optimizer_in_bwd)",
+           "--optimizer-in-backward", ladder="optimizer step in backward", baseline=False),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

@@ -69,6 +69,8 @@ class TrainingConfig(BaseModel):
     quant: Quant = "none"
     loss: Loss = "standard"
     loss_chunks: int = Field(8, ge=1, le=1024, description="chunks of the sequence for the chunked head and loss")
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+    optimizer_in_backward: bool = False
 
     @property
     def dp(self) -> int:

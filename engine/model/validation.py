@@ -176,6 +176,21 @@ RULES: tuple[Rule, ...] = (
     _rule("offload", "zero", broken=lambda f: f.config.offload != "none" and f.config.zero == 0,
           message=lambda f: "offloading runs through ZeRO; set {zero} 1, 2 or 3",
           allowed=lambda f: "none"),
+    _rule("optimizer_in_backward", "grad_accum",
+          broken=lambda f: f.config.optimizer_in_backward and f.config.grad_accum > 1,
+          message=lambda f: "steps the optimizer in every backward, so gradients cannot accumulate across "
+                            f"{{grad_accum}} {f.config.grad_accum} micro-batches",
+          allowed=lambda f: "off, or {grad_accum} 1"),
+    _rule("optimizer_in_backward", "zero",
+          broken=lambda f: f.config.optimizer_in_backward and f.config.zero >= 1,
+          message=lambda f: f"steps each whole parameter in its hook; {{zero}} {f.config.zero} shards the optimizer",
+          allowed=lambda f: "off, or {zero} 0"),
+    _rule("optimizer_in_backward", "precision", "master_weights", "optimizer",
+          broken=lambda f: f.config.optimizer_in_backward and (
+              f.config.precision == "16-mixed" or f.config.master_weights or f.config.optimizer == "galore-adamw"),
+          message=lambda f: "one plain optimizer per parameter: no GradScaler (16-mixed), {master_weights} "
+                            "wrapper or galore-adamw",
+          allowed=lambda f: "off, or another {precision}/{optimizer} without {master_weights}"),
     _note("zero", "gpus", broken=lambda f: bool(f.config.zero) and f.ranks == f.config.gpus == 1,
           message=lambda f: "ZeRO shards across data-parallel ranks; with one GPU it changes nothing."),
     _note("optimizer_impl", "optimizer",

@@ -251,10 +251,48 @@ def trainable_parameters(model) -> list:
 
 
 def build_optimizer(model, config: TrainingConfig, *, device_type: str = "cuda"):
-    """The optimizer over the trainable parameters, with the implementation asked for."""
+    """The optimizer over the trainable parameters, with the implementation asked for; with
+    optimizer_in_backward, one per parameter stepped in backward (OptimizerInBackward)."""
+    if config.optimizer_in_backward:
+        return OptimizerInBackward(
+            {parameter: _optimizer_over([parameter], model, config, device_type)
+             for parameter in trainable_parameters(model)})
+    return _optimizer_over(trainable_parameters(model), model, config, device_type)
+
+
+class OptimizerInBackward:
+    """torchtune's optimizer_in_bwd: one optimizer per parameter, stepped by a post-accumulate-grad hook the
+    moment its gradient is whole, the gradient freed right after; so a full set of gradients never exists.
+    step() and zero_grad() have nothing left to do; `state` and `param_groups` gather every inner optimizer's."""
+
+    def __init__(self, optimizers: dict) -> None:
+        self.optimizers = optimizers
+        for parameter in optimizers:
+            parameter.register_post_accumulate_grad_hook(self._step_one)
+
+    def _step_one(self, parameter) -> None:
+        optimizer = self.optimizers[parameter]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def state(self) -> dict:
+        return {key: value for optimizer in self.optimizers.values() for key, value in optimizer.state.items()}
+
+    @property
+    def param_groups(self) -> list:
+        return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+
+def _optimizer_over(params: list, model, config: TrainingConfig, device_type: str):
     import torch
 
-    params = trainable_parameters(model)
     impl = config.optimizer_impl
     flags: dict[str, Any] = {"foreach": impl == "foreach"}
     if impl == "fused":
@@ -320,22 +358,37 @@ def training_step(
     autocast: Callable[[], contextlib.AbstractContextManager],
     scaler=None,
     phase: PhaseHook | None = None,
+    micro_batches: int = 1,
 ) -> float | None:
-    """One step: forward with loss, backward, optimizer step, zero_grad(set_to_none=True).
+    """One step: `micro_batches` forwards with loss and backwards, the optimizer step, zero_grad(set_to_none=True).
 
-    Returns the loss as a float when the tensors are real, None under fake tensors.
+    Gradient accumulation: every micro-batch's loss is divided by their count and its gradients are added to the
+    ones already there; DDP skips the all-reduce (`no_sync`) on all but the last, FSDP2 reduce-scatters each and
+    accumulates the shards (its default). An optimizer stepped in backward (`OptimizerInBackward`) has already
+    stepped and freed every gradient when backward returns. Returns the last micro-batch's loss as a float when the
+    tensors are real, None under fake tensors.
     """
     mark = phase or (lambda _name: None)
-    mark("forward")
-    with autocast():
-        loss = causal_lm_loss(model, input_ids, labels, phase=mark)
-    mark("backward")
-    if scaler is not None:
-        scaler.scale(loss).backward()
-    else:
-        loss.backward()
-    value = _loss_value(loss)
-    del loss
+    value = None
+    for index in range(micro_batches):
+        last = index == micro_batches - 1
+        no_sync = getattr(model, "no_sync", None)
+        syncing = no_sync() if no_sync is not None and not last else contextlib.nullcontext()
+        with syncing:
+            mark("forward")
+            with autocast():
+                loss = causal_lm_loss(model, input_ids, labels, phase=mark)
+            if micro_batches > 1:
+                loss = loss / micro_batches
+            mark("backward")
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        value = _loss_value(loss)
+        if value is not None:
+            value *= micro_batches
+        del loss
     mark("optimizer")
     if scaler is not None:
         scaler.step(optimizer)

@@ -9,7 +9,7 @@ from memtui.engine.estimator.budget import make_budget
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
 from memtui.engine.model.specs import Components, GpuSpec, ModelStates, TimelinePoint, TrainingConfig
 from memtui.engine.trace.analysis import LogSummary, allocation_sequence, summarize
-from memtui.engine.trace.fake_step import StepExtras
+from memtui.engine.trace.fake_step import StepExtras, traced_micro_batches
 from memtui.engine.trace.result import TraceResult
 from memtui.engine.trace.tracker import MemoryLog
 
@@ -40,6 +40,12 @@ def _what_was_traced(config: TrainingConfig, spec: ModelSpec) -> list[str]:
     ]
     if config.uses_lora:
         traced.append(f"LoRA r={config.lora_rank} on {config.lora_targets} (peft)")
+    if config.grad_accum > 1:
+        shown = traced_micro_batches(config)
+        rest = f" (the other {config.grad_accum - shown} are the same as the last)" if shown < config.grad_accum else ""
+        traced.append(f"gradient accumulation: {shown} of {config.grad_accum} micro-batches per step{rest}")
+    if config.optimizer_in_backward:
+        traced.append("optimizer stepped in backward: one per parameter, in a post-accumulate-grad hook")
     return traced
 
 

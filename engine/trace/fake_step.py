@@ -20,6 +20,13 @@ from memtui.engine.trace.hf_patches import real_run_decisions
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker, classify
 
 STEPS = 2
+# Gradient accumulation: micro-batches traced per step. From the second on each is the same (the full gradients
+# alive, the new ones added in place), so the rest of a longer accumulation would only repeat them.
+TRACED_MICRO_BATCHES = 4
+
+
+def traced_micro_batches(config: TrainingConfig) -> int:
+    return min(config.grad_accum, TRACED_MICRO_BATCHES)
 
 
 @dataclass
@@ -155,7 +162,8 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
             for step in range(1, STEPS + 1):
                 tracker.step = step
                 report(f"step {step} of {STEPS}", 0.1 + 0.85 * (step - 1) / STEPS)
-                training_step(model, optimizer, input_ids, labels, autocast=autocast, scaler=scaler, phase=tracker.mark)
+                training_step(model, optimizer, input_ids, labels, autocast=autocast, scaler=scaler, phase=tracker.mark,
+                              micro_batches=traced_micro_batches(config))
 
         classify_by_owner(tracker, weights=weight_ids, gradients=gradients, optimizer=optimizer, scaler=scaler)
         if parallel is not None:

@@ -59,7 +59,7 @@ class Plan:
         parts: list[str] = []
         for step in self.steps:
             for flag, (_, after) in step.changes.items():
-                parts.append(_flag_text(flag, after))
+                parts.append(flag_text(flag, after))
         return " ".join(parts)
 
     def as_json(self) -> dict:
@@ -102,7 +102,8 @@ class Suggestion:
         }
 
 
-def _flag_text(flag: str, value: Any) -> str:
+def flag_text(flag: str, value: Any) -> str:
+    """How the command line sets `flag` to `value`: `--x 3`, or `--x` / `--no-x` for a switch."""
     if isinstance(value, bool):
         return flag if value else "--no-" + flag[2:]
     return f"{flag} {value}"
@@ -133,6 +134,8 @@ _REASONS = {
     "precision": "autocast computes in 16 bits and halves the saved activations; fp32 master weights stay",
     "checkpointing": "recompute activations during backward (about a third more compute); same results",
     "zero": "shard optimizer states, gradients (ZeRO-2) and weights (ZeRO-3) over the data-parallel GPUs you have",
+    "optimizer_in_backward": "step each parameter in backward and free its gradient, so a full set of gradients "
+                             "never exists (torchtune optimizer_in_bwd); no gradient accumulation or clipping",
 }
 
 
@@ -156,6 +159,12 @@ def _knobs(config: TrainingConfig, gpu: GpuSpec) -> list[_Knob]:
     if config.dp > 1 and config.zero < 3:
         stages = tuple(range(config.zero + 1, 4))
         knobs.append(_Knob("zero", stages, tuple(stage - config.zero + 1 for stage in stages)))
+    # Alone on one GPU only: beside the ZeRO knob, or a precision knob that may pick 16-mixed (a GradScaler), its
+    # refused combinations would read as "saves the most and still does not fit" and prune the search.
+    if (not config.optimizer_in_backward and config.dp == 1 and config.zero == 0 and config.grad_accum == 1
+            and not config.master_weights and config.optimizer != "galore-adamw" and config.precision != "16-mixed"
+            and (gpu.bf16 or config.precision != "32-true")):
+        knobs.append(_Knob("optimizer_in_backward", (True,), (2,)))
     ladder = ("none", "selective", "full")
     if config.checkpointing != "full":
         values = ladder[ladder.index(config.checkpointing) + 1:]
@@ -310,11 +319,12 @@ def _steps(
         groups.append((mode.title, mode.reason, dict(mode.changes)))
     if hardware:  # before the knobs: what sharding leaves is what checkpointing and the rest act on
         groups.append((hardware_title, hardware_reason, dict(hardware)))
-    for name in ("attention", "optimizer_impl", "precision", "zero", "checkpointing"):
+    for name in ("attention", "optimizer_impl", "precision", "zero", "optimizer_in_backward", "checkpointing"):
         value = getattr(final, name)
         if value != getattr(original, name) and name not in mode.changes and name not in hardware:
             title = {"attention": "flash attention", "optimizer_impl": "fused AdamW", "precision": f"{value} autocast",
-                     "zero": f"ZeRO-{value}", "checkpointing": f"{value} activation checkpointing"}[name]
+                     "zero": f"ZeRO-{value}", "optimizer_in_backward": "optimizer step in backward",
+                     "checkpointing": f"{value} activation checkpointing"}[name]
             groups.append((title, _REASONS[name], {name: value}))
     if final.batch_size != original.batch_size:
         accumulation = original.batch_size // final.batch_size
