@@ -20,21 +20,23 @@ CASES = {
         "torchtune",
         ["--model", "llama-3.2-1b", "--lora-rank", "64", "--lora-targets",
          "q_proj,v_proj,o_proj,gate_proj,down_proj,up_proj", "--batch-size", "4", "--precision", "bf16-true",
-         "--checkpointing", "none", "--optimizer", "adamw", "--optimizer-impl", "fused", "--seq-len", "2048"],
-        ["gradient_accumulation_steps=8", "loss._component_=torchtune.modules.loss.LinearCrossEntropyLoss"],
+         "--checkpointing", "none", "--optimizer", "adamw", "--optimizer-impl", "fused", "--seq-len", "2048",
+         "--grad-accum", "8", "--loss", "fused-linear"],
+        [],
     ),
     "axolotl_llama3_2_1b_qlora.yaml": (
         "axolotl",
         ["--model", "llama-3.2-1b", "--batch-size", "2", "--seq-len", "2048", "--precision", "bf16-true",
          "--checkpointing", "full", "--attention", "flash", "--lora-rank", "32", "--lora-targets", "all-linear",
-         "--quant", "nf4", "--optimizer", "adamw-8bit"],
-        ["gradient_accumulation_steps=4", "lora_dropout=0.05", "optimizer=paged_adamw_8bit"],
+         "--quant", "nf4", "--optimizer", "adamw-8bit", "--grad-accum", "4"],
+        ["lora_dropout=0.05", "optimizer=paged_adamw_8bit"],
     ),
     "litgpt_llama3_2_1b_lora.yaml": (
         "litgpt",
         ["--model", "llama-3.2-1b", "--precision", "bf16-true", "--quant", "nf4", "--batch-size", "2",
-         "--seq-len", "512", "--lora-rank", "32", "--lora-targets", "q_proj,v_proj", "--gpus", "1"],
-        ["train.global_batch_size=8", "lora_dropout=0.05"],
+         "--seq-len", "512", "--lora-rank", "32", "--lora-targets", "q_proj,v_proj", "--gpus", "1",
+         "--grad-accum", "4"],
+        ["lora_dropout=0.05"],
     ),
     "torchtitan_llama3_8b.toml": (
         "torchtitan",
@@ -46,8 +48,8 @@ CASES = {
         "hf",
         ["--model", "qwen2.5-0.5b", "--batch-size", "4", "--checkpointing", "full", "--precision", "bf16-true",
          "--optimizer-impl", "fused", "--seq-len", "1024", "--attention", "flash", "--lora-rank", "16",
-         "--lora-targets", "q_proj,k_proj,v_proj,o_proj"],
-        ["gradient_accumulation_steps=4", "lora_dropout=0.05"],
+         "--lora-targets", "q_proj,k_proj,v_proj,o_proj", "--grad-accum", "4"],
+        ["lora_dropout=0.05"],
     ),
     "hf_training_args_llama3_1_8b_zero3.yaml": (
         "hf",
@@ -179,17 +181,20 @@ def test_format_detection():
 def test_fit_and_trace_take_from_and_report_its_notes(tmp_path, capsys):
     path = tmp_path / "sft.json"
     path.write_text('{"model_name_or_path": "openai-community/gpt2", "per_device_train_batch_size": 2, '
-                    '"max_length": 128, "gradient_accumulation_steps": 16, "optim": "adamw_torch_fused"}')
+                    '"max_length": 128, "gradient_accumulation_steps": 16, "optim": "adamw_torch_fused", '
+                    '"torch_compile": true}')
     code, out, err = run_cli(capsys, "fit", "--from", str(path), "--gpu", "t4", "--max-batch", "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["config"]["model"] == "gpt2" and data["config"]["seq_len"] == 128
-    assert any("ignored: gradient_accumulation_steps=16" in note for note in data["notes"])
+    assert data["config"]["grad_accum"] == 16
+    assert any("ignored: torch_compile=true" in note for note in data["notes"])
     code, out, err = run_cli(capsys, "trace", "--from", str(path), "--json")
     assert code == 0, err
     traced = json.loads(out)
     assert traced["config"]["optimizer_impl"] == "fused" and traced["config"]["batch_size"] == 2
-    assert any("ignored: gradient_accumulation_steps=16" in note for note in traced["notes"])
+    assert traced["config"]["grad_accum"] == 16
+    assert any("ignored: torch_compile=true" in note for note in traced["notes"])
 
 
 def test_memtui_file_opens_the_planner_on_a_yaml_or_toml_config(monkeypatch):

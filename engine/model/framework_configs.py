@@ -149,6 +149,20 @@ def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
+def _map_fused_loss(reader: _Reader, key: str, why: str = "", *, chosen: bool | None = None) -> None:
+    """A fused linear cross-entropy (Liger, cut-cross-entropy), switched on by `key` (or `chosen`): memtui's
+    fused-linear loss, which it models on one GPU (the head runs outside the DDP/FSDP wrapper there)."""
+    if not (reader.bool(key) if chosen is None else chosen):
+        return
+    if reader.options.get("gpus", 1) > 1:
+        reader.note(f"ignored: {key}={_shown(reader.get(key))} (memtui models the fused linear cross-entropy on one "
+                    "GPU only)")
+        return
+    reader.set(key, "loss", "fused-linear")
+    if why:
+        reader.note(f"{key}: {why}")
+
+
 # ---- models --------------------------------------------------------------------------------------------
 # Suffixes of a Hub repository's name that do not change the architecture's memory (a chat tune of the base).
 _SAME_ARCHITECTURE = {"instruct", "hf", "it", "chat", "base", "v0.1", "v0.2", "v0.3", "4k"}
@@ -378,10 +392,11 @@ def _hugging_face(reader: _Reader, folder: Path) -> None:
     elif reader.bool("load_in_8bit"):
         reader.set("load_in_8bit", "quant", "int8")
     _set_model(reader, "model_name_or_path", reader.text("model_name_or_path"))
-    reader.ignore("gradient_accumulation_steps", "gradients kept across micro-batches are not modelled yet",
-                  _more_than_one)
+    # transformers/training_args.py: gradient_accumulation_steps; use_liger_kernel patches the model's loss with
+    # Liger's LigerFusedLinearCrossEntropy.
+    reader.set("gradient_accumulation_steps", "grad_accum", reader.int("gradient_accumulation_steps"))
     reader.ignore("torch_compile", "torch.compile's saved tensors are not modelled yet")
-    reader.ignore("use_liger_kernel", "Liger's fused linear cross-entropy is not modelled yet")
+    _map_fused_loss(reader, "use_liger_kernel")
     reader.ignore("padding_free", "padding-free batches: modelled as full sequences")
 
 
@@ -470,13 +485,20 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
         if reader.bool("fsdp_cpu_offload"):
             reader.set("fsdp_cpu_offload", "offload", "optimizer+params" if reshard else "optimizer")
     reader.set("tensor_parallel_dim", "tp", reader.int("tensor_parallel_dim"))
-    reader.ignore("gradient_accumulation_steps", "gradients kept across micro-batches are not modelled yet",
-                  _more_than_one)
-    reader.ignore("optimizer_in_bwd", "stepping in backward never holds all gradients; not modelled yet")
+    reader.set("gradient_accumulation_steps", "grad_accum", reader.int("gradient_accumulation_steps"))
+    # recipes/full_finetune_single_device.py: optimizer_in_bwd steps each parameter in a post-accumulate-grad hook.
+    if reader.bool("optimizer_in_bwd"):
+        reader.set("optimizer_in_bwd", "optimizer_in_backward", True)
     reader.ignore("enable_activation_offloading", "saved activations offloaded to the CPU are not modelled yet")
     reader.ignore("compile", "torch.compile's saved tensors are not modelled yet")
-    reader.ignore("loss._component_", "chunked or fused cross-entropy is not modelled yet",
-                  lambda value: "chunked" in str(value).lower() or "linearcrossentropy" in str(value).lower())
+    # torchtune/modules/loss: CEWithChunkedOutputLoss (num_output_chunks, 8) and LinearCrossEntropyLoss (the
+    # output projection inside the loss, chunked).
+    loss = str(reader.get("loss._component_", "")).lower()
+    if "chunked" in loss:
+        reader.set("loss._component_", "loss", "chunked")
+        reader.set("loss.num_output_chunks", "loss_chunks", reader.int("loss.num_output_chunks") or 8)
+    elif "linearcrossentropy" in loss:
+        _map_fused_loss(reader, "loss._component_", chosen=True)
 
 
 # ---- LitGPT -------------------------------------------------------------------------------------------------------
@@ -536,8 +558,7 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
     micro, global_batch = reader.get("train.micro_batch_size", 1), reader.get("train.global_batch_size")
     # litgpt/finetune/lora.py: accumulation steps = global_batch_size // (devices x num_nodes) // micro_batch_size
     if _positive(global_batch) and _positive(micro) and global_batch > micro * reader.options.get("gpus", 1):
-        reader.note(f"ignored: train.global_batch_size={global_batch} (gradient accumulation over micro-batches "
-                    "of train.micro_batch_size: gradients kept across micro-batches are not modelled yet)")
+        reader.set("train.global_batch_size", "grad_accum", global_batch // reader.options.get("gpus", 1) // micro)
 
 
 # ---- torchtitan ----------------------------------------------------------------------------------------------------
@@ -602,14 +623,23 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
     reader.set("optimizer.name", "optimizer", reader.choice("optimizer.name", {"adamw": "adamw", "adam": "adamw"}))
     impl = reader.choice("optimizer.implementation", {"foreach": "foreach", "fused": "fused", "for-loop": "for-loop"})
     reader.set("optimizer.implementation", "optimizer_impl", impl or "fused")
-    reader.ignore("optimizer.early_step_in_backward", "stepping in backward is not modelled yet")
+    if reader.bool("optimizer.early_step_in_backward"):
+        if reader.options.get("zero", 0):
+            reader.note("ignored: optimizer.early_step_in_backward=true (memtui models stepping in backward on "
+                        "unsharded parameters only)")
+        else:
+            reader.set("optimizer.early_step_in_backward", "optimizer_in_backward", True)
     reader.ignore("training.compile", "torch.compile's saved tensors are not modelled yet")
     reader.ignore("compile.enable", "torch.compile's saved tensors are not modelled yet")
     # global_batch_size above local_batch_size x the data-parallel degree accumulates gradients (train.py).
     data_parallel = degrees["data_parallel_replicate_degree"] * shard
-    reader.ignore("training.global_batch_size", "gradient accumulation is not modelled yet",
-                  lambda value: _positive(value) and (data_parallel < 0
-                                                       or value > reader.options["batch_size"] * data_parallel))
+    global_batch = reader.get("training.global_batch_size")
+    if _positive(global_batch) and data_parallel > 0:
+        reader.set("training.global_batch_size", "grad_accum",
+                   max(1, global_batch // (reader.options["batch_size"] * data_parallel)))
+    else:
+        reader.ignore("training.global_batch_size", "the data-parallel degree is not known, so neither is the "
+                      "gradient accumulation", _positive)
     reader.ignore("float8.recipe_name", "float8 linears are not modelled")
     reader.ignore("model.converters", "model converters (float8, MX) are not modelled")
 
@@ -660,11 +690,11 @@ def _axolotl(reader: _Reader, folder: Path) -> None:
     _map_deepspeed(reader, "deepspeed", folder)
     # Axolotl's FSDP2 configs give fsdp_config (fsdp_version: 2) alone: fully sharded.
     _map_fsdp(reader, "fsdp", "fsdp_config", implied="full_shard" if reader.has("fsdp_config") else None)
-    reader.ignore("gradient_accumulation_steps", "gradients kept across micro-batches are not modelled yet",
-                  _more_than_one)
+    reader.set("gradient_accumulation_steps", "grad_accum", reader.int("gradient_accumulation_steps"))
     reader.ignore("torch_compile", "torch.compile's saved tensors are not modelled yet")
-    reader.ignore("liger_fused_linear_cross_entropy", "Liger's fused linear cross-entropy is not modelled yet")
-    reader.ignore("cut_cross_entropy", "cut cross-entropy is not modelled yet")
+    _map_fused_loss(reader, "liger_fused_linear_cross_entropy")
+    _map_fused_loss(reader, "cut_cross_entropy", "modelled with Liger's allocations; cut-cross-entropy's kernel "
+                    "keeps less")
     reader.ignore("activation_offloading", "saved activations offloaded to the CPU are not modelled yet")
     reader.ignore("unsloth_lora_mlp", "Unsloth's fused LoRA kernels are not modelled")
 
