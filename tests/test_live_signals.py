@@ -60,8 +60,8 @@ def test_bad_input_on_a_json_stream_is_a_refused_record_and_one_line():
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == {
-        "type": "refused", "reason": "--quant: nf4 freezes the base weights; add --lora-rank R to train adapters "
-                                     "(allowed: none, or int8/nf4 with --lora-rank)"}
+        "type": "refused", "reason": "--quant: nf4 freezes the base weights; set --lora-rank to train adapters "
+                                     "(allowed: none, or int8/nf4 with --lora-rank > 0)"}
     assert result.stderr.strip().splitlines() == ["memtui: error: " + json.loads(result.stdout)["reason"]]
 
 

@@ -741,9 +741,11 @@ async def test_80x24_is_usable_with_the_keyboard_alone():
         assert app.query_one("#opt-model").has_focus
         # Every input is in the focus chain, in reading order, and the ladder after them.
         chain = [widget.id for widget in app.screen.focus_chain if widget.id]
-        option_ids = [f"opt-{key}" for key in ("model", "model_path", "gpu", "gpus", "batch_size", "seq_len",
-                      "precision", "master_weights", "optimizer", "optimizer_impl", "galore_rank", "checkpointing",
-                      "attention", "offload", "zero", "tp", "pp", "lora_rank", "lora_targets", "quant")]
+        from memtui.tui.option_specs import GROUPS
+
+        option_ids = [f"opt-{spec.key}" for _, specs in GROUPS for spec in specs]  # the panel's reading order
+        assert option_ids[:6] == ["opt-model", "opt-model_path", "opt-gpu", "opt-gpus", "opt-batch_size",
+                                  "opt-seq_len"]
         assert chain[: len(option_ids)] == option_ids and "ladder-list" in chain[len(option_ids):]
         # Tab walks it.
         for expected in option_ids[1:5]:

@@ -25,10 +25,16 @@ async def settled(pilot) -> None:
         result = app.result
         fit_known = result.budget is None or result.budget.fits or (
             app.fit_suggestion is not None and app.fit_suggestion[0] == result.config)
-        if result.stale or (fit_known and result.ladder is not None):
+        if result.stale or (fit_known and result.ladder is not None and ladder_shown(app)):
             break
         await pilot.pause(0.02)
     await pilot.pause()
+
+
+def ladder_shown(app) -> bool:
+    """The ladder's rows are drawn and the highlighted row's explanation under them (it follows the rows)."""
+    views = app.query("#ladder-why")
+    return bool(views) and bool(str(views.first().render()).strip())
 
 
 async def qlora_70b_on_a_4090(pilot) -> None:

@@ -255,7 +255,7 @@ _EXPLAINERS = [
     ),
     Explainer(
         "grad_accum", "Gradient accumulation",
-        "Micro-batches per optimizer step: a larger effective batch at the memory of one micro-batch.",
+        "Micro-batches summed per optimizer step.",
         "The step runs N forwards and backwards and adds their gradients before stepping the optimizer "
         "once. From the second micro-batch on the whole set of gradients is alive through forward and "
         "backward (DDP under no_sync keeps them unsharded; FSDP2 keeps its shards), so the peak can be "
@@ -267,7 +267,7 @@ _EXPLAINERS = [
     ),
     Explainer(
         "optimizer_in_backward", "Optimizer in backward",
-        "Step each parameter as soon as its gradient is ready, then free the gradient.",
+        "Step each weight as its gradient lands.",
         "torchtune's optimizer_in_bwd: one optimizer per parameter, stepped in a post-accumulate-grad "
         "hook during backward, the gradient set to None right after. A full set of gradients never "
         "exists: at most one parameter's gradient and its step's temporaries (a tied embedding's "
@@ -326,7 +326,7 @@ _EXPLAINERS = [
     # ---- the head and loss -------------------------------------------------
     Explainer(
         "loss", "Loss",
-        "How the head and cross-entropy meet: fp32 logits, chunks, or none.",
+        "fp32 logits, in chunks, or none at all.",
         "**standard** is what Hugging Face models do: the head writes the logits (batch x sequence x "
         "vocabulary) in the compute dtype, the loss upcasts them to fp32 and keeps fp32 log-probabilities "
         "for backward. With a 128k vocabulary that is often the largest tensor of the step.\n\n"
