@@ -255,7 +255,7 @@ _EXPLAINERS = [
     ),
     Explainer(
         "grad_accum", "Gradient accumulation",
-        "Micro-batches summed per optimizer step.",
+        "Micro-batches per optimizer step.",
         "The step runs N forwards and backwards and adds their gradients before stepping the optimizer "
         "once. From the second micro-batch on the whole set of gradients is alive through forward and "
         "backward (DDP under no_sync keeps them unsharded; FSDP2 keeps its shards), so the peak can be "
