@@ -1,0 +1,326 @@
+"""How close memtui is to GPU memory measured and published by the frameworks people train with.
+
+    uv run python benchmarks/measured.py [--no-write] [--check]
+
+Reads benchmarks/measured_data.toml (each published figure with its source, the quote, the setup recovered
+from the publisher's code of that date, what was measured and the memtui flags of the closest setup), runs
+memtui's estimator on every row in-process and writes docs/measured.md: per row memtui's figure and the error,
+and the summary (median and max |error| per metric kind) over the rows whose setup memtui can express.
+
+Like is compared with like: a published max_memory_allocated (or torchtune's active peak) with memtui's tensor
+peak, max_memory_reserved with the device peak less the CUDA context, nvidia-smi with the device peak, "OOM"
+and "runs on" with the device peak against the card, and "the longest sequence that fit in N GB" with
+`fit --max-seq` on a card of N GiB. Rows whose setup needs an option memtui does not have yet are computed
+with the closest flags and reported apart; rows that are physically impossible or not reproducible are listed
+with the reason. No constant is fitted to any row. --check exits 1 when docs/measured.md is not what this
+script writes (nothing is written then). Deterministic: the same data and estimator give the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from memtui.cli.options import add_training_flags, config_from_args  # noqa: E402
+from memtui.engine.estimator import estimate  # noqa: E402
+from memtui.engine.estimator.overhead import cuda_context_bytes  # noqa: E402
+from memtui.engine.model.presets import resolve_gpu, resolve_model  # noqa: E402
+from memtui.engine.model.specs import TrainingConfig  # noqa: E402
+from memtui.engine.model.validation import check_config  # noqa: E402
+from memtui.engine.planning.fit.sequence import max_seq_len  # noqa: E402
+
+DATA = ROOT / "benchmarks" / "measured_data.toml"
+DOC = ROOT / "docs" / "measured.md"
+
+UNITS = {"GB": 10**9, "GiB": 2**30, "MB": 2**20, "tokens": 1}
+NUMERIC_KINDS = ("allocated", "reserved", "device", "max_seq")
+VERDICT_KINDS = ("oom", "fits")
+KINDS = NUMERIC_KINDS + VERDICT_KINDS
+EXCLUSIONS = ("impossible", "not reproducible", "not expressible")
+REQUIRED = ("id", "framework", "source", "quote", "setup", "measured", "kind")
+KIND_TEXT = {
+    "allocated": "peak allocated vs memtui's tensor peak",
+    "reserved": "peak reserved vs memtui's device peak less the CUDA context",
+    "device": "nvidia-smi vs memtui's device peak",
+    "max_seq": "longest sequence that fit vs memtui's `fit --max-seq`",
+    "oom": "out of memory: memtui's device peak above the card",
+    "fits": "runs on the card: memtui's device peak within it",
+}
+
+
+class FlagError(ValueError):
+    """A row's flags that memtui's CLI refuses."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would exit; a bad row is a data error here
+        raise FlagError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="memtui estimate", add_help=False)
+    add_training_flags(parser)
+    return parser
+
+
+def _argv(flags: str) -> list[str]:
+    """The flags as argv; a --model path inside the checkout (benchmarks/measured_models) made absolute."""
+    argv = shlex.split(flags)
+    for index, word in enumerate(argv[:-1]):
+        if word == "--model" and (ROOT / argv[index + 1]).is_file():
+            argv[index + 1] = str(ROOT / argv[index + 1])
+    return argv
+
+
+def config_for(flags: str) -> TrainingConfig:
+    """The TrainingConfig `memtui estimate FLAGS` would use (InputError or FlagError when refused)."""
+    args = _parser().parse_args(_argv(flags))
+    return config_from_args(args)
+
+
+def load_rows(path: Path = DATA) -> list[dict]:
+    with path.open("rb") as handle:
+        return tomllib.load(handle)["row"]
+
+
+def validate_row(row: dict) -> list[str]:
+    """What is wrong with one row of the data file (empty when nothing)."""
+    problems = [f"missing {key}" for key in REQUIRED if not row.get(key)]
+    if not str(row.get("source", "")).startswith("https://"):
+        problems.append("source is not an https URL")
+    kind = row.get("kind")
+    if kind not in KINDS:
+        problems.append(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    if kind in NUMERIC_KINDS:
+        if not isinstance(row.get("value"), (int, float)) or row["value"] <= 0:
+            problems.append("value must be a positive number")
+        if row.get("unit") not in UNITS:
+            problems.append(f"unit must be one of {', '.join(UNITS)}")
+    if kind == "max_seq" and not row.get("capacity_gib"):
+        problems.append("max_seq needs capacity_gib")
+    excluded = row.get("excluded", "")
+    if excluded and not excluded.startswith(EXCLUSIONS):
+        problems.append(f"excluded must start with one of {', '.join(EXCLUSIONS)}")
+    if not excluded and not row.get("flags"):
+        problems.append("a row that is not excluded needs flags")
+    if row.get("flags"):
+        try:
+            config = config_for(row["flags"])
+            check_config(config, resolve_model(config.model), resolve_gpu(config.gpu))
+        except (FlagError, ValueError) as error:  # InputError is a ValueError
+            problems.append(f"flags: {error}")
+    return problems
+
+
+@dataclass(frozen=True)
+class Result:
+    row: dict
+    status: str  # "expressible", "needs", or the exclusion ("impossible", ...)
+    memtui: float | None  # in the row's unit; None for verdict rows and rows without flags
+    error_pct: float | None
+    verdict: str | None  # verdict rows: "agrees" or "disagrees"
+    detail: str  # what memtui's figure is
+
+
+def _status(row: dict) -> str:
+    excluded = row.get("excluded", "")
+    if excluded:
+        return next(kind for kind in EXCLUSIONS if excluded.startswith(kind))
+    return "needs" if row.get("needs") else "expressible"
+
+
+def evaluate(row: dict) -> Result:
+    status = _status(row)
+    if not row.get("flags"):
+        return Result(row, status, None, None, None, "")
+    config = config_for(row["flags"])
+    model = resolve_model(config.model)
+    gpu = resolve_gpu(config.gpu)
+    if row.get("capacity_gib"):
+        gpu = gpu.model_copy(update={"memory_bytes": int(row["capacity_gib"] * 2**30)})
+    kind = row["kind"]
+    if kind == "max_seq":
+        result = max_seq_len(config, model=model, gpu=gpu)
+        memtui = float(result.seq_len)
+        detail = f"max seq on {row['capacity_gib']} GiB"
+    else:
+        budget = estimate(config, model=model, gpu=gpu)
+        if kind in VERDICT_KINDS:
+            over = budget.device_peak_bytes > gpu.memory_bytes
+            agrees = over if kind == "oom" else not over
+            detail = (f"device peak {budget.device_peak_bytes / 2**30:.2f} GiB of "
+                      f"{gpu.memory_bytes / 2**30:.2f} GiB: {'over' if over else 'fits'}")
+            return Result(row, status, None, None, "agrees" if agrees else "disagrees", detail)
+        if kind == "allocated":
+            peak, detail = budget.tensor_peak_bytes, "tensor peak"
+        elif kind == "reserved":
+            peak, detail = budget.device_peak_bytes - cuda_context_bytes(gpu), "device peak less CUDA context"
+        else:
+            peak, detail = budget.device_peak_bytes, "device peak"
+        memtui = peak / UNITS[row["unit"]]
+    error = 100.0 * (memtui - row["value"]) / row["value"]
+    return Result(row, status, memtui, error, None, detail)
+
+
+def summarize(results: list[Result], status: str) -> dict[str, dict]:
+    """Per metric kind over the rows of one status: count, median and max |error| (numeric kinds), agreement."""
+    summary: dict[str, dict] = {}
+    for kind in KINDS:
+        rows = [r for r in results if r.status == status and r.row["kind"] == kind]
+        if not rows:
+            continue
+        if kind in VERDICT_KINDS:
+            summary[kind] = {"n": len(rows), "agree": sum(r.verdict == "agrees" for r in rows)}
+        else:
+            errors = [abs(r.error_pct) for r in rows]
+            summary[kind] = {"n": len(rows), "median": statistics.median(errors), "max": max(errors)}
+    return summary
+
+
+def summary_line(results: list[Result]) -> str:
+    """One line, the figures the README quotes."""
+    expressible = summarize(results, "expressible")
+    parts = []
+    for kind, stats in expressible.items():
+        if "median" in stats:
+            parts.append(f"{kind}: {stats['n']} row{'s' * (stats['n'] != 1)}, median |error| "
+                         f"{stats['median']:.1f}%, max {stats['max']:.1f}%")
+        else:
+            parts.append(f"{kind}: {stats['agree']} of {stats['n']} verdicts agree")
+    counts = {status: sum(r.status == status for r in results) for status in ("expressible", "needs", *EXCLUSIONS)}
+    head = (f"{len(results)} published figures from {len({r.row['framework'] for r in results})} sources: "
+            f"{counts['expressible']} expressible, {counts['needs']} need an option memtui lacks, "
+            f"{sum(counts[k] for k in EXCLUSIONS)} impossible or not expressible")
+    return head + ("; expressible " + "; ".join(parts) if parts else "") + "."
+
+
+def _figure(value: float, unit: str) -> str:
+    return f"{value:,.0f} {unit}" if unit in ("tokens", "MB") else f"{value:.2f} {unit}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(results: list[Result]) -> list[str]:
+    lines = ["| id | framework | measured | kind | memtui | error | flags |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        row = r.row
+        published = _figure(row["value"], row["unit"]) if "value" in row else row["measured"]
+        if r.verdict:
+            ours, error = r.detail, r.verdict
+        elif r.memtui is not None:
+            ours, error = f"{_figure(r.memtui, row['unit'])} ({r.detail})", f"{r.error_pct:+.1f}%"
+        else:
+            ours, error = "-", "-"
+        flags = f"`{row['flags']}`" if row.get("flags") else "-"
+        lines.append(f"| {row['id']} | {_cell(row['framework'])} | {_cell(published)} | {row['kind']} | "
+                     f"{_cell(ours)} | {error} | {_cell(flags)} |")
+    return lines
+
+
+def _summary_table(summary: dict[str, dict]) -> list[str]:
+    lines = ["| kind | compared | rows | median \\|error\\| | max \\|error\\| |", "| --- | --- | --- | --- | --- |"]
+    for kind, stats in summary.items():
+        if "median" in stats:
+            lines.append(f"| {kind} | {KIND_TEXT[kind]} | {stats['n']} | {stats['median']:.1f}% | {stats['max']:.1f}% |")
+        else:
+            lines.append(f"| {kind} | {KIND_TEXT[kind]} | {stats['n']} | {stats['agree']} of {stats['n']} agree | |")
+    return lines
+
+
+def render(results: list[Result]) -> str:
+    out = [
+        "# Measured in the field",
+        "",
+        "Generated by `uv run python benchmarks/measured.py` from `benchmarks/measured_data.toml`; do not edit.",
+        "",
+        "Published GPU memory figures of fine-tuning runs (frameworks' READMEs and docs, a paper), each with the",
+        "setup recovered from the publisher's code of that date, against memtui's estimator run with the flags",
+        "shown. Like is compared with like: " + "; ".join(f"**{k}**: {v}" for k, v in KIND_TEXT.items()) + ".",
+        "Error = (memtui - published) / published. No constant is fitted to any row or framework.",
+        "",
+        f"**Summary**: {summary_line(results)}",
+        "",
+        "## Expressible: memtui has every option the setup uses",
+        "",
+        *_summary_table(summarize(results, "expressible")),
+        "",
+        *_table([r for r in results if r.status == "expressible"]),
+        "",
+        "## Needs an option memtui does not have yet",
+        "",
+        "memtui's figure here is for the closest flags it has today (shown), not for the publisher's setup:",
+        "these errors measure what the missing options are worth, not the estimator. Kept out of the summary.",
+        "",
+        *_summary_table(summarize(results, "needs")),
+        "",
+        *_table([r for r in results if r.status == "needs"]),
+        "",
+        "| id | needs |",
+        "| --- | --- |",
+        *[f"| {r.row['id']} | {_cell(', '.join(r.row['needs']))} |" for r in results if r.status == "needs"],
+        "",
+        "## Impossible, not reproducible or not expressible",
+        "",
+        "Listed with the reason, never dropped. Where flags exist memtui's figure is shown for reference.",
+        "",
+        *_table([r for r in results if r.status in EXCLUSIONS]),
+        "",
+        "| id | why |",
+        "| --- | --- |",
+        *[f"| {r.row['id']} | {_cell(r.row['excluded'])} |" for r in results if r.status in EXCLUSIONS],
+        "",
+        "## Sources and setups",
+        "",
+    ]
+    for r in results:
+        row = r.row
+        out += [f"**{row['id']}** ({row['framework']}): <{row['source']}>", "",
+                f"- published: {row['quote']}", f"- setup: {row['setup']}", f"- measured: {row['measured']}"]
+        if row.get("notes"):
+            out.append(f"- approximation: {row['notes']}")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def run() -> tuple[list[Result], str]:
+    rows = load_rows()
+    results = [evaluate(row) for row in rows]
+    return results, render(results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-write", action="store_true", help="print the summary only")
+    parser.add_argument("--check", action="store_true", help="exit 1 when docs/measured.md is out of date")
+    args = parser.parse_args(argv)
+    bad = {row.get("id", "?"): problems for row in load_rows() if (problems := validate_row(row))}
+    if bad:
+        for row_id, problems in bad.items():
+            print(f"{DATA.name}: {row_id}: {'; '.join(problems)}", file=sys.stderr)
+        return 2
+    results, text = run()
+    print(summary_line(results))
+    if args.check:
+        current = DOC.read_text() if DOC.exists() else ""
+        if current != text:
+            print(f"{DOC.relative_to(ROOT)} is out of date: run benchmarks/measured.py", file=sys.stderr)
+            return 1
+        return 0
+    if not args.no_write:
+        DOC.write_text(text)
+        print(f"wrote {DOC.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
