@@ -66,3 +66,10 @@ def test_errors_are_computed_like_with_like():
     for row in ROWS:
         assert re.search(rf"^\| {re.escape(row['id'])} \|", doc, re.M), row["id"]
     assert all(result.status != "expressible" or not result.row.get("needs") for result in results)
+
+
+def test_impossible_marks_exactly_the_figures_below_their_model_states():
+    results, _ = measured.run()
+    assert measured.floor_mismatches(results) == []
+    impossible = [result for result in results if result.status == "impossible"]
+    assert impossible and all(result.row["value"] < result.floor for result in impossible)
