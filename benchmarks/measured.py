@@ -225,7 +225,8 @@ def _cell(text: str) -> str:
 
 
 def _table(results: list[Result]) -> list[str]:
-    lines = ["| id | framework | measured | kind | memtui | error | flags |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| id | framework | measured | kind | memtui | error | flags |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         row = r.row
         published = _figure(row["value"], row["unit"]) if "value" in row else row["measured"]
@@ -252,7 +253,8 @@ def _summary_table(summary: dict[str, dict]) -> list[str]:
     lines = ["| kind | compared | rows | median \\|error\\| | max \\|error\\| |", "| --- | --- | --- | --- | --- |"]
     for kind, stats in summary.items():
         if "median" in stats:
-            lines.append(f"| {kind} | {KIND_TEXT[kind]} | {stats['n']} | {stats['median']:.1f}% | {stats['max']:.1f}% |")
+            lines.append(f"| {kind} | {KIND_TEXT[kind]} | {stats['n']} | {stats['median']:.1f}% | "
+                         f"{stats['max']:.1f}% |")
         else:
             lines.append(f"| {kind} | {KIND_TEXT[kind]} | {stats['n']} | {stats['agree']} of {stats['n']} agree | |")
     return lines
