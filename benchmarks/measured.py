@@ -184,6 +184,16 @@ def floor_mismatches(results: list[Result]) -> list[str]:
     return [r.row["id"] for r in results if r.below_floor != (r.status == "impossible")]
 
 
+def needed_options(results: list[Result]) -> dict[str, list[str]]:
+    """Each missing option and the rows that need it, the most needed first."""
+    by_need: dict[str, list[str]] = {}
+    for result in results:
+        if result.status == "needs":
+            for need in result.row["needs"]:
+                by_need.setdefault(need, []).append(result.row["id"])
+    return dict(sorted(by_need.items(), key=lambda item: (-len(item[1]), item[0])))
+
+
 def summarize(results: list[Result], status: str) -> dict[str, dict]:
     """Per metric kind over the rows of one status: count, median and max |error| (numeric kinds), agreement."""
     summary: dict[str, dict] = {}
@@ -261,6 +271,7 @@ def _summary_table(summary: dict[str, dict]) -> list[str]:
 
 
 def render(results: list[Result]) -> str:
+    by_id = {result.row["id"]: result.row for result in results}
     out = [
         "# Measured in the field",
         "",
@@ -291,6 +302,14 @@ def render(results: list[Result]) -> str:
         "| id | needs |",
         "| --- | --- |",
         *[f"| {r.row['id']} | {_cell(', '.join(r.row['needs']))} |" for r in results if r.status == "needs"],
+        "",
+        "The rows that need each missing option, and those it alone would make expressible:",
+        "",
+        "| needs | rows | only this |",
+        "| --- | --- | --- |",
+        *[f"| {_cell(need)} | {len(ids)}: {', '.join(ids)} | "
+          f"{', '.join(i for i in ids if len(by_id[i]['needs']) == 1) or '-'} |"
+          for need, ids in needed_options(results).items()],
         "",
         "## Impossible, not reproducible or not expressible",
         "",
