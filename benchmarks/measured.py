@@ -136,6 +136,32 @@ class Result:
         return self.floor is not None and self.row["value"] < self.floor
 
 
+def _accepted(flags: str) -> bool:
+    try:
+        config = config_for(flags)
+        check_config(config, resolve_model(config.model), resolve_gpu(config.gpu))
+    except (FlagError, ValueError):
+        return False
+    return True
+
+
+def adopt_available(row: dict) -> dict:
+    """The row with every needed option that memtui now has (a need written as flags it accepts) moved to its flags.
+
+    Needs are written as the flags they will take (`--lora-dropout 0.05`); once an option lands under that name,
+    the row is computed with it and counts as expressible without editing the data. Descriptions stay needs.
+    """
+    if not row.get("flags") or not row.get("needs"):
+        return row
+    flags, needs, adopted = row["flags"], [], []
+    for need in row["needs"]:
+        if need.startswith("--") and _accepted(f"{flags} {need}"):
+            flags, adopted = f"{flags} {need}", [*adopted, need]
+        else:
+            needs.append(need)
+    return dict(row, flags=flags, needs=needs, adopted=adopted) if adopted else row
+
+
 def _status(row: dict) -> str:
     excluded = row.get("excluded", "")
     if excluded:
@@ -294,6 +320,7 @@ def render(results: list[Result]) -> str:
         "",
         "memtui's figure here is for the closest flags it has today (shown), not for the publisher's setup:",
         "these errors measure what the missing options are worth, not the estimator. Kept out of the summary.",
+        "A need written as flags is adopted, and the row computed with it, once memtui accepts those flags.",
         "",
         *_summary_table(summarize(results, "needs")),
         "",
@@ -330,12 +357,14 @@ def render(results: list[Result]) -> str:
                 f"- published: {row['quote']}", f"- setup: {row['setup']}", f"- measured: {row['measured']}"]
         if row.get("notes"):
             out.append(f"- approximation: {row['notes']}")
+        if row.get("adopted"):
+            out.append(f"- options it needed that memtui now has: {', '.join(row['adopted'])}")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
 def run() -> tuple[list[Result], str]:
-    rows = load_rows()
+    rows = [adopt_available(row) for row in load_rows()]
     results = [evaluate(row) for row in rows]
     return results, render(results)
 

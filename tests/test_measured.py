@@ -73,3 +73,15 @@ def test_impossible_marks_exactly_the_figures_below_their_model_states():
     assert measured.floor_mismatches(results) == []
     impossible = [result for result in results if result.status == "impossible"]
     assert impossible and all(result.row["value"] < result.floor for result in impossible)
+
+
+def test_a_needed_option_memtui_has_is_adopted_and_a_description_is_not():
+    row = dict(ROWS[0], flags="--model llama-3.2-1b --batch-size 2",
+               needs=["--grad-accum 4", "--no-such-option 3", "a bf16 loss"])
+    adopted = measured.adopt_available(row)
+    assert adopted["flags"] == "--model llama-3.2-1b --batch-size 2 --grad-accum 4"
+    assert adopted["needs"] == ["--no-such-option 3", "a bf16 loss"]
+    assert adopted["adopted"] == ["--grad-accum 4"]
+    assert measured.config_for(adopted["flags"]).grad_accum == 4
+    everything_there = measured.adopt_available(dict(row, needs=["--grad-accum 4"]))
+    assert measured.evaluate(everything_there).status == "expressible"
