@@ -48,7 +48,7 @@ EXCLUSIONS = ("impossible", "not reproducible", "not expressible")
 REQUIRED = ("id", "framework", "source", "quote", "setup", "measured", "kind")
 KIND_TEXT = {
     "allocated": "peak allocated vs memtui's tensor peak",
-    "reserved": "peak reserved vs memtui's device peak less the CUDA context",
+    "reserved": "peak reserved vs memtui's reserved peak (its device peak less the CUDA context where it has none)",
     "device": "nvidia-smi vs memtui's device peak",
     "max_seq": "longest sequence that fit vs memtui's `fit --max-seq`",
     "oom": "out of memory: memtui's device peak above the card",
@@ -193,6 +193,8 @@ def evaluate(row: dict) -> Result:
             return Result(row, status, None, None, "agrees" if agrees else "disagrees", detail)
         if kind == "allocated":
             peak, detail = budget.tensor_peak_bytes, "tensor peak"
+        elif kind == "reserved" and budget.reserved_peak_bytes is not None:
+            peak, detail = budget.reserved_peak_bytes, "reserved peak"
         elif kind == "reserved":
             peak, detail = budget.device_peak_bytes - cuda_context_bytes(gpu), "device peak less CUDA context"
         else:
@@ -248,7 +250,7 @@ def summary_line(results: list[Result]) -> str:
     counts = {status: sum(r.status == status for r in results) for status in ("expressible", "needs", *EXCLUSIONS)}
     head = (f"{len(results)} published figures from {len({r.row['framework'] for r in results})} sources: "
             f"{counts['expressible']} expressible, {counts['needs']} need an option memtui lacks, "
-            f"{sum(counts[k] for k in EXCLUSIONS)} impossible or not expressible")
+            + ", ".join(f"{counts[k]} {k}" for k in EXCLUSIONS))
     return head + ("; expressible " + "; ".join(parts) if parts else "") + "."
 
 
