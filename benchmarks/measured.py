@@ -309,6 +309,7 @@ def render(results: list[Result]) -> str:
         "setup recovered from the publisher's code of that date, against memtui's estimator run with the flags",
         "shown. Like is compared with like: " + "; ".join(f"**{k}**: {v}" for k, v in KIND_TEXT.items()) + ".",
         "Error = (memtui - published) / published. No constant is fitted to any row or framework.",
+        "To add a figure, add a `[[row]]` to the data file (its fields are described at its top) and rerun.",
         "",
         f"**Summary**: {summary_line(results)}",
         "",
