@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 from memtui.engine.errors import InputError, cli_flag
 from memtui.engine.model.specs import TrainingConfig
 
-Kind = Literal["select", "int", "switch", "text", "model", "gpu"]
+Kind = Literal["select", "int", "float", "switch", "text", "model", "gpu"]
 
 MODEL_AND_HARDWARE = "Model & hardware"
 WORKLOAD = "Workload"
@@ -56,17 +56,22 @@ class Option:
     def default(self) -> Any:
         return TrainingConfig.model_fields[self.field].default
 
-    def _bound(self, name: str) -> int | None:
+    def _bound(self, name: str) -> int | float | None:
         metadata = TrainingConfig.model_fields[self.field].metadata
         return next((getattr(item, name) for item in metadata if getattr(item, name, None) is not None), None)
 
     @property
-    def minimum(self) -> int | None:
+    def minimum(self) -> int | float | None:
         return self._bound("ge")
 
     @property
-    def maximum(self) -> int | None:
+    def maximum(self) -> int | float | None:
         return self._bound("le")
+
+    @property
+    def below(self) -> float | None:
+        """An exclusive upper bound (a float's `lt`)."""
+        return self._bound("lt")
 
     @property
     def is_int(self) -> bool:
@@ -83,11 +88,15 @@ class Option:
 
     def from_text(self, text: str) -> Any:
         """A picker's or the command line's text as the field's type."""
+        if self.kind == "float":
+            return float(text)
         return int(text) if self.is_int else text
 
     # ---- checks -------------------------------------------------------------------
     def bounds_text(self) -> str:
         low, high = self.minimum, self.maximum
+        if self.kind == "float":
+            return f"{low:g} <= P < {self.below:g}" if self.below is not None else f"{low:g}..{high:g}"
         if high is None:
             return f"whole numbers from {low}"
         return f"{low}..{high:,}"
@@ -107,6 +116,25 @@ class Option:
             raise InputError(self.field, f"must be at most {high:,}, got {value:,}")
         return value
 
+    def parse_float(self, text: str) -> float:
+        """A decimal number typed for this option, within its bounds, or an InputError naming the field."""
+        text = text.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            message = "is empty" if not text else f"{text!r} is not a number"
+            raise InputError(self.field, message, self.bounds_text()) from None
+        low, high, below = self.minimum, self.maximum, self.below
+        inside = ((low is None or value >= low) and (high is None or value <= high)
+                  and (below is None or value < below))  # NaN fails every comparison
+        if not inside:
+            raise InputError(self.field, f"must be {self.bounds_text()}, got {text}")
+        return value
+
+    def parse_number(self, text: str) -> int | float:
+        """A number typed into the planner or on the command line, by the option's kind."""
+        return self.parse_float(text) if self.kind == "float" else self.parse_int(text)
+
     def ladder_label(self, config: TrainingConfig) -> str:
         """This option's row label in the savings ladder, for `config`'s value."""
         template = self.ladder
@@ -122,7 +150,7 @@ class Option:
             return f"{self.help}: {values} (`{self.default}`)"
         if self.kind == "switch":
             return f"{self.help} ({'on' if self.default else 'off'})"
-        if self.kind == "int":
+        if self.kind in ("int", "float"):
             return f"{self.help}, {self.bounds_text()} (`{self.default}`)"
         return f"{self.help} (`{self.default}`)"
 
@@ -211,6 +239,16 @@ _OPTIONS = (
     Option("optimizer_in_backward", "Opt. in bwd", MEMORY_SAVERS, "switch",
            "step each parameter in backward and free its gradient (torchtune optimizer_in_bwd)",
            "--optimizer-in-backward", ladder="optimizer step in backward", baseline=False),
+    # ---- how peft builds the adapters (issue 11) -----------------------------------------------------------
+    Option("lora_dropout", "LoRA dropout", ADAPTERS, "float",
+           "dropout probability on each adapter's input (peft keeps its output and mask for backward)",
+           "--lora-dropout 0.05"),
+    Option("lora_dtype", "LoRA dtype", ADAPTERS, "select",
+           "adapters in fp32 (peft's default: each adapted layer's input is cast to fp32) or in the model's dtype",
+           "--lora-dtype compute", ladder={"compute": "LoRA adapters in the model's dtype"}, baseline="fp32"),
+    Option("kbit_prep", "k-bit prep", ADAPTERS, "switch",
+           "peft's prepare_model_for_kbit_training: every unquantized weight in fp32, with --quant",
+           "--quant nf4 --kbit-prep", ladder="k-bit prep (fp32 norms, embeddings, head)", baseline=False),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

@@ -19,6 +19,7 @@ Attention = Literal["eager", "flash"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
 Quant = Literal["none", "int8", "nf4"]
 Loss = Literal["standard", "chunked", "fused-linear"]
+LoraDtype = Literal["fp32", "compute"]
 
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
@@ -71,6 +72,10 @@ class TrainingConfig(BaseModel):
     loss_chunks: int = Field(8, ge=1, le=1024, description="chunks of the sequence for the chunked head and loss")
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     optimizer_in_backward: bool = False
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False,
+                                description="peft's lora_dropout: dropout on each adapter's input")
+    lora_dtype: LoraDtype = "fp32"
+    kbit_prep: bool = False
 
     @property
     def dp(self) -> int:
@@ -93,6 +98,14 @@ class TrainingConfig(BaseModel):
     @property
     def autocast(self) -> bool:
         return self.precision in ("16-mixed", "bf16-mixed")
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes per element of LoRA adapters (and their gradients): fp32 is peft's default
+        (autocast_adapter_dtype=True); compute keeps them in the dtype of the layers they adapt."""
+        if self.lora_dtype == "fp32":
+            return 4
+        return self.compute_bytes if self.quant != "none" else self.weight_bytes
 
 
 class Recipe(BaseModel):
