@@ -278,7 +278,7 @@ _EXPLAINERS = [
     ),
     Explainer(
         "lora_dropout", "LoRA dropout",
-        "Dropout on each adapter's input; costs memory.",
+        "Adapter input dropout; keeps a copy.",
         "peft's `lora_dropout`: each adapted layer runs `lora_B(lora_A(dropout(x)))`, with an "
         "nn.Dropout of probability P on the adapter's input (nn.Identity at 0, the default). While "
         "training, autograd keeps the dropped-out input for lora_A's weight gradient (where 0 kept the "
@@ -292,7 +292,7 @@ _EXPLAINERS = [
     ),
     Explainer(
         "lora_dtype", "LoRA dtype",
-        "fp32 adapters (peft) or the model's dtype.",
+        "fp32 adapters (peft) or model dtype.",
         "**fp32** is peft's default (`autocast_adapter_dtype=True`): 16-bit adapters are upcast to fp32, "
         "so their weights, gradients and optimizer states take 4 bytes each, and peft's "
         "`Linear.forward` casts each adapted layer's input to the adapter's dtype "
@@ -309,7 +309,7 @@ _EXPLAINERS = [
     ),
     Explainer(
         "kbit_prep", "k-bit prep",
-        "peft's prepare_model_for_kbit_training.",
+        "Unquantized weights to fp32 (peft).",
         "What most QLoRA tutorials, TRL and Axolotl call before adding the adapters: every 16-bit "
         "parameter that is not 4-bit, meaning the norms, the embeddings, the head (when not quantized), "
         "the quantized layers' biases and GPT-2's unquantized Conv1D layers, is cast to **fp32** "
