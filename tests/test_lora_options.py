@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from memtui.cli import main
 from memtui.engine.estimator import estimate
-from memtui.engine.estimator.overhead import cublas_workspace_bytes
-from memtui.engine.model.presets import resolve_gpu
 from memtui.engine.model.specs import TrainingConfig
+from tests.test_cli import run_cli
+from tests.test_trace import assert_estimate_matches_trace
 
 ALL_LINEAR = dict(model="llama-3.2-1b", lora_rank=16, lora_targets="all-linear", seq_len=1024)
 
@@ -31,12 +30,7 @@ CASES = [
 
 @pytest.mark.parametrize("options", CASES, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_estimate_matches_trace(options):
-    from memtui.engine.trace.runner import trace
-
-    config = TrainingConfig(gpu="h100-80gb", **options)
-    traced = trace(config).traced_tensor_peak_bytes
-    estimated = estimate(config).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
-    assert abs(estimated - traced) / traced < 0.002, (estimated, traced)
+    assert_estimate_matches_trace(options, 0.002)
 
 
 def test_each_option_moves_the_estimate_the_way_peft_does():
@@ -94,13 +88,9 @@ def test_the_build_holds_what_the_options_say():
     (["--kbit-prep", "--lora-rank", "8"], "--kbit-prep", "--quant nf4, int8"),
 ])
 def test_bad_values_are_one_line_errors(capsys, argv, flag, allowed):
-    try:
-        code = main(["estimate", *argv])
-    except SystemExit as exit_info:  # argparse refuses a bad value itself
-        code = exit_info.code
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    code, out, err = run_cli(capsys, "estimate", *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"memtui: error: {flag}: ") and allowed in err
 
 

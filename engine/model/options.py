@@ -101,39 +101,27 @@ class Option:
             return f"whole numbers from {low}"
         return f"{low}..{high:,}"
 
-    def parse_int(self, text: str) -> int:
-        """A whole number typed for this option, within its bounds, or an InputError naming the field."""
+    def parse_number(self, text: str) -> int | float:
+        """A number typed for this option (whole, or decimal for a float), within its bounds, or an InputError
+        naming the field. The planner's inputs and the command line both check with it."""
         text = text.strip()
+        kind, noun = (float, "number") if self.kind == "float" else (int, "whole number")
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            message = "is empty" if not text else f"{text!r} is not a whole number"
+            message = "is empty" if not text else f"{text!r} is not a {noun}"
             raise InputError(self.field, message, self.bounds_text()) from None
-        low, high = self.minimum, self.maximum
+        low, high, below = self.minimum, self.maximum, self.below
+        if self.kind == "float":
+            if not ((low is None or value >= low) and (high is None or value <= high)
+                    and (below is None or value < below)):  # NaN fails every comparison
+                raise InputError(self.field, f"must be {self.bounds_text()}, got {text}")
+            return value
         if low is not None and value < low:
             raise InputError(self.field, f"must be at least {low}, got {value}")
         if high is not None and value > high:
             raise InputError(self.field, f"must be at most {high:,}, got {value:,}")
         return value
-
-    def parse_float(self, text: str) -> float:
-        """A decimal number typed for this option, within its bounds, or an InputError naming the field."""
-        text = text.strip()
-        try:
-            value = float(text)
-        except ValueError:
-            message = "is empty" if not text else f"{text!r} is not a number"
-            raise InputError(self.field, message, self.bounds_text()) from None
-        low, high, below = self.minimum, self.maximum, self.below
-        inside = ((low is None or value >= low) and (high is None or value <= high)
-                  and (below is None or value < below))  # NaN fails every comparison
-        if not inside:
-            raise InputError(self.field, f"must be {self.bounds_text()}, got {text}")
-        return value
-
-    def parse_number(self, text: str) -> int | float:
-        """A number typed into the planner or on the command line, by the option's kind."""
-        return self.parse_float(text) if self.kind == "float" else self.parse_int(text)
 
     def ladder_label(self, config: TrainingConfig) -> str:
         """This option's row label in the savings ladder, for `config`'s value."""
