@@ -25,6 +25,9 @@ CASES = [
     dict(model="qwen2.5-0.5b", lora_rank=16, seq_len=512, precision="bf16-true", quant="nf4", kbit_prep=True,
          lora_dropout=0.1),
     dict(model="qwen2.5-0.5b", lora_rank=16, seq_len=512, precision="bf16-true", quant="int8", kbit_prep=True),
+    # GPT-2's Conv1D layers stay unquantized: k-bit prep makes them fp32, and peft's adapters follow them.
+    dict(model="gpt2", lora_rank=8, lora_targets="c_attn", seq_len=512, batch_size=2, quant="nf4", kbit_prep=True,
+         lora_dtype="compute", lora_dropout=0.1),
 ]
 
 

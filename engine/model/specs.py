@@ -100,12 +100,20 @@ class TrainingConfig(BaseModel):
         return self.precision in ("16-mixed", "bf16-mixed")
 
     @property
+    def adapter_dtype(self) -> str:
+        """The LoRA adapters' dtype ("fp32", "bf16" or "fp16"): fp32 is peft's default (autocast_adapter_dtype=True);
+        compute keeps them in the dtype of the layers they adapt: the stored weights', or a quantized layer's
+        compute dtype. An unquantized layer after k-bit prep (GPT-2's Conv1D, which bitsandbytes leaves
+        alone; the estimator sees it as quant none) is fp32."""
+        unquantized_fp32 = self.quant == "none" and (self.autocast or self.kbit_prep)
+        if self.lora_dtype == "fp32" or self.precision == "32-true" or unquantized_fp32:
+            return "fp32"
+        return "fp16" if self.precision.startswith("16") else "bf16"
+
+    @property
     def adapter_bytes(self) -> int:
-        """Bytes per element of LoRA adapters (and their gradients): fp32 is peft's default
-        (autocast_adapter_dtype=True); compute keeps them in the dtype of the layers they adapt."""
-        if self.lora_dtype == "fp32":
-            return 4
-        return self.compute_bytes if self.quant != "none" else self.weight_bytes
+        """Bytes per element of LoRA adapters, their gradients and (without master weights) optimizer states."""
+        return 4 if self.adapter_dtype == "fp32" else 2
 
 
 class Recipe(BaseModel):

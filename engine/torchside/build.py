@@ -66,16 +66,6 @@ def parameter_dtype(config: TrainingConfig):
     return torch.float32
 
 
-def adapter_dtype(config: TrainingConfig):
-    """The LoRA adapters' dtype: fp32 (peft's default), or the dtype of the layers they adapt (a quantized
-    layer's compute dtype) with --lora-dtype compute."""
-    import torch
-
-    if config.lora_dtype == "fp32":
-        return torch.float32
-    return compute_dtype(config) if config.quant != "none" else parameter_dtype(config)
-
-
 def hf_config(spec: ModelSpec, config: TrainingConfig | None = None, **overrides: Any):
     """The transformers config object for a spec, with our training choices set."""
     from transformers import AutoConfig
@@ -211,11 +201,14 @@ def apply_lora(model, spec: ModelSpec, config: TrainingConfig):
     with swappable_fake_parameters():
         peft_model = get_peft_model(model, lora, autocast_adapter_dtype=config.lora_dtype == "fp32")
         if config.lora_dtype == "compute":
-            # peft leaves an adapter in its creation dtype when the base layer has no float dtype (int8).
-            dtype = adapter_dtype(config)
-            for name, module in peft_model.named_modules():
-                if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
-                    module.to(dtype)
+            # peft moves each adapter to its base layer's dtype (a 4-bit layer's compute dtype), but leaves it in
+            # its creation dtype (fp32) on an int8 layer, which has neither: there, the compute dtype.
+            dtype = torch_dtype(config.adapter_dtype)
+            for module in peft_model.modules():
+                base = module.get_base_layer() if hasattr(module, "lora_A") else None
+                if base is not None and not base.weight.dtype.is_floating_point and not hasattr(base, "compute_dtype"):
+                    module.lora_A.to(dtype)
+                    module.lora_B.to(dtype)
     return peft_model
 
 
