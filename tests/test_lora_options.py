@@ -136,3 +136,15 @@ async def test_the_planner_has_an_input_for_each_and_each_moves_the_budget():
         switch.value = True
         await settled(pilot)
         assert app.result.config.kbit_prep and app.result.budget.tensor_peak_bytes > compute
+
+
+def test_a_live_run_on_a_cpu_without_the_quantization_drops_the_kbit_prep_too():
+    """bitsandbytes needs CUDA: with --if-unsupported skip the CPU run goes on unquantized, and k-bit prep (which
+    needs a quantized base) goes with the quantization instead of refusing the run."""
+    from memtui.engine.live.plan import LiveOptions, make_plan
+    from tests.test_live_plan import CPU
+
+    config = TrainingConfig(model="llama-3.2-1b", quant="nf4", kbit_prep=True, lora_rank=16, lora_dropout=0.1)
+    plan = make_plan(config, LiveOptions(device="cpu", if_unsupported="skip"), CPU)
+    assert not plan.refusal
+    assert (plan.config.quant, plan.config.kbit_prep, plan.config.lora_dropout) == ("none", False, 0.1)
