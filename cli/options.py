@@ -53,12 +53,12 @@ def _choice(flag: str, choices: tuple[str, ...]):
     return parse
 
 
-def _registry_int(option: Option):
-    """The option's own whole-number check (the planner's too), as an argparse type."""
+def _registry_number(option: Option):
+    """The option's own number check (the planner's too), as an argparse type."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> int | float:
         try:
-            return option.parse_int(text)
+            return option.parse_number(text)
         except InputError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -73,8 +73,8 @@ def _add_flag(group: argparse._ArgumentGroup, option: Option) -> None:
     elif option.kind == "select":
         group.add_argument(option.flag, type=_choice(option.flag, option.choices),
                            help=f"{option.help}: {', '.join(option.choices)} (default {default})")
-    elif option.kind == "int":
-        group.add_argument(option.flag, type=_registry_int(option), metavar="N",
+    elif option.kind in ("int", "float"):
+        group.add_argument(option.flag, type=_registry_number(option), metavar="N" if option.kind == "int" else "P",
                            help=f"{option.help}; {option.bounds_text()} (default {default})")
     else:
         group.add_argument(option.flag, help=f"{option.help} (default {default})")

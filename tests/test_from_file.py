@@ -21,22 +21,23 @@ CASES = {
         ["--model", "llama-3.2-1b", "--lora-rank", "64", "--lora-targets",
          "q_proj,v_proj,o_proj,gate_proj,down_proj,up_proj", "--batch-size", "4", "--precision", "bf16-true",
          "--checkpointing", "none", "--optimizer", "adamw", "--optimizer-impl", "fused", "--seq-len", "2048",
-         "--grad-accum", "8", "--loss", "fused-linear"],
+         "--grad-accum", "8", "--loss", "fused-linear", "--lora-dtype", "compute"],
         [],
     ),
     "axolotl_llama3_2_1b_qlora.yaml": (
         "axolotl",
         ["--model", "llama-3.2-1b", "--batch-size", "2", "--seq-len", "2048", "--precision", "bf16-true",
          "--checkpointing", "full", "--attention", "flash", "--lora-rank", "32", "--lora-targets", "all-linear",
-         "--quant", "nf4", "--optimizer", "adamw-8bit", "--grad-accum", "4"],
-        ["lora_dropout=0.05", "optimizer=paged_adamw_8bit"],
+         "--quant", "nf4", "--optimizer", "adamw-8bit", "--grad-accum", "4", "--lora-dropout", "0.05",
+         "--kbit-prep"],
+        ["optimizer=paged_adamw_8bit"],
     ),
     "litgpt_llama3_2_1b_lora.yaml": (
         "litgpt",
         ["--model", "llama-3.2-1b", "--precision", "bf16-true", "--quant", "nf4", "--batch-size", "2",
          "--seq-len", "512", "--lora-rank", "32", "--lora-targets", "q_proj,v_proj", "--gpus", "1",
-         "--grad-accum", "4"],
-        ["lora_dropout=0.05"],
+         "--grad-accum", "4", "--lora-dropout", "0.05", "--lora-dtype", "compute"],
+        [],
     ),
     "torchtitan_llama3_8b.toml": (
         "torchtitan",
@@ -48,8 +49,8 @@ CASES = {
         "hf",
         ["--model", "qwen2.5-0.5b", "--batch-size", "4", "--checkpointing", "full", "--precision", "bf16-true",
          "--optimizer-impl", "fused", "--seq-len", "1024", "--attention", "flash", "--lora-rank", "16",
-         "--lora-targets", "q_proj,k_proj,v_proj,o_proj", "--grad-accum", "4"],
-        ["lora_dropout=0.05"],
+         "--lora-targets", "q_proj,k_proj,v_proj,o_proj", "--grad-accum", "4", "--lora-dropout", "0.05"],
+        [],
     ),
     "hf_training_args_llama3_1_8b_zero3.yaml": (
         "hf",
@@ -78,6 +79,7 @@ def test_from_file_gives_the_flags_budget_and_notes_what_it_ignored(capsys, name
     notes = "\n".join(from_file["notes"])
     for key_value in ignored:
         assert f"ignored: {key_value} (" in notes
+    assert "ignored: lora_dropout" not in notes and "ignored: model.lora_dropout" not in notes  # mapped now
     # Keys that do not touch memory stay quiet.
     assert "learning_rate" not in notes and "lr=" not in notes and "seed" not in notes
 
@@ -232,3 +234,35 @@ def test_axolotl_fsdp2_config_alone_shards(tmp_path):
                     "  reshard_after_forward: true\n  activation_checkpointing: true\n")
     options = read_framework_config(path).options
     assert options.items() >= {"zero": 3, "offload": "optimizer+params", "checkpointing": "full"}.items()
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    # TRL: ModelConfig's lora_dropout defaults to 0.05; SFTTrainer runs prepare_model_for_kbit_training on a
+    # model loaded in 4 or 8 bits.
+    ("sft.json", '{"per_device_train_batch_size": 1, "use_peft": true, "load_in_4bit": true}',
+     {"quant": "nf4", "kbit_prep": True, "lora_dropout": 0.05}),
+    ("sft.json", '{"per_device_train_batch_size": 1, "use_peft": true, "lora_dropout": 0.1, "load_in_8bit": true}',
+     {"quant": "int8", "kbit_prep": True, "lora_dropout": 0.1}),
+    # Axolotl: lora_dropout 0.0 unless given; a LoRA adapter on an 8-bit base is prepared too.
+    ("qlora.yaml", "base_model: meta-llama/Llama-3.2-1B\nadapter: lora\nload_in_8bit: true\n",
+     {"quant": "int8", "kbit_prep": True}),
+    ("lora.yaml", "base_model: meta-llama/Llama-3.2-1B\nadapter: lora\nlora_dropout: 0.1\n",
+     {"lora_dropout": 0.1}),
+    # LitGPT: lora_dropout 0.05 by default, adapters in the model's dtype.
+    ("lora.yaml", "checkpoint_dir: checkpoints/meta-llama/Llama-3.2-1B\nlora_r: 8\ntrain:\n  micro_batch_size: 1\n",
+     {"lora_dropout": 0.05, "lora_dtype": "compute"}),
+])
+def test_lora_dropout_dtype_and_kbit_prep_map_from_each_framework(tmp_path, name, text, expected):
+    path = tmp_path / name
+    path.write_text(text)
+    options = read_framework_config(path).options
+    assert {key: options.get(key) for key in expected} == expected
+    if "kbit_prep" not in expected:
+        assert "kbit_prep" not in options
+
+
+def test_a_bad_lora_dropout_in_a_file_names_its_key(tmp_path, capsys):
+    path = tmp_path / "qlora.yaml"
+    path.write_text("base_model: meta-llama/Llama-3.2-1B\nadapter: lora\nlora_dropout: 1.5\n")
+    code, _, err = run_cli(capsys, "estimate", "--from", str(path))
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"memtui: error: {path}: lora_dropout: ")

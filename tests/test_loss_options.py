@@ -9,6 +9,7 @@ from memtui.engine.estimator import estimate
 from memtui.engine.estimator.overhead import cublas_workspace_bytes
 from memtui.engine.model.presets import resolve_gpu
 from memtui.engine.model.specs import TrainingConfig
+from tests.test_trace import assert_estimate_matches_trace
 
 CASES = [
     dict(model="qwen2.5-0.5b", loss="chunked", batch_size=2, seq_len=2048),
@@ -20,12 +21,7 @@ CASES = [
 
 @pytest.mark.parametrize("options", CASES, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_estimate_matches_trace(options):
-    from memtui.engine.trace.runner import trace
-
-    config = TrainingConfig(gpu="h100-80gb", **options)
-    traced = trace(config).traced_tensor_peak_bytes
-    estimated = estimate(config).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
-    assert abs(estimated - traced) / traced < 0.002, (estimated, traced)
+    assert_estimate_matches_trace(options, 0.002)
 
 
 def test_the_saving_is_real_at_long_sequence():

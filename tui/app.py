@@ -272,7 +272,7 @@ class MemtuiApp(App[None]):
         if key == "model_path":
             self.load_model(str(value))
             return
-        if OPTION_SPECS[key].kind == "int":
+        if OPTION_SPECS[key].kind in ("int", "float"):
             planner.set_int_text(key, str(value))
         else:
             if key == "gpu":

@@ -276,6 +276,62 @@ _EXPLAINERS = [
         "ZeRO/FSDP sharding of the optimizer; each parameter's step is a small kernel launch.",
         "Full fine-tuning on one GPU where the gradients tip the step over the card.",
     ),
+    Explainer(
+        "lora_dropout", "LoRA dropout",
+        "Adapter input dropout; keeps a copy.",
+        "peft's `lora_dropout`: each adapted layer runs `lora_B(lora_A(dropout(x)))`, with an "
+        "nn.Dropout of probability P on the adapter's input (nn.Identity at 0, the default). While "
+        "training, autograd keeps the dropped-out input for lora_A's weight gradient (where 0 kept the "
+        "input the layer already had: after autocast's cast, the 16-bit copy) and, where the input "
+        "needs a gradient, the one-byte mask of CUDA's fused dropout kernel. Per adapted layer and token "
+        "that is the layer's input width again, in the adapter's dtype, plus a byte per element.",
+        "A second copy of every adapted layer's input, saved until backward (all-linear adapts most "
+        "layers' inputs); with checkpointing only for the layer being recomputed.",
+        "Regularization on small fine-tuning sets (0.05-0.1 is common: QLoRA, LitGPT, torchtune, "
+        "Axolotl). At 0 peft skips it entirely.",
+    ),
+    Explainer(
+        "lora_dtype", "LoRA dtype",
+        "fp32 adapters (peft) or model dtype.",
+        "**fp32** is peft's default (`autocast_adapter_dtype=True`): 16-bit adapters are upcast to fp32, "
+        "so their weights, gradients and optimizer states take 4 bytes each, and peft's "
+        "`Linear.forward` casts each adapted layer's input to the adapter's dtype "
+        "(`x = self._cast_input_dtype(x, lora_A.weight.dtype)`): on a bf16 model that is an fp32 copy "
+        "of the input per adapted layer, and without autocast the adapter's matmuls run in fp32 too. "
+        "Under autocast (-mixed) the matmuls still run in 16 bits; there the model's weights are fp32 "
+        "anyway and both settings are the same.\n\n"
+        "**compute** keeps the adapters in the dtype of the layers they adapt, as LitGPT and torchtune "
+        "do (peft's `autocast_adapter_dtype=False`): bf16 under bf16-true, the compute dtype on a "
+        "quantized base, fp32 under -mixed. No input copy, 2-byte adapter states.",
+        "compute: adapter updates in 16 bits (their optimizer states too, without master weights).",
+        "16-bit (-true) or quantized training where each adapted layer's fp32 input copy matters, or to "
+        "match LitGPT's or torchtune's memory.",
+    ),
+    Explainer(
+        "kbit_prep", "k-bit prep",
+        "Unquantized weights to fp32 (peft).",
+        "What most QLoRA tutorials, TRL and Axolotl call before adding the adapters: every 16-bit "
+        "parameter that is not 4-bit, meaning the norms, the embeddings, the head (when not quantized), "
+        "the quantized layers' biases and GPT-2's unquantized Conv1D layers, is cast to **fp32** "
+        "(int8 and 4-bit weights stay as they are). The fp32 embedding makes the hidden states fp32 "
+        "from the first layer on: without autocast every norm, attention and residual runs in fp32 and "
+        "each quantized layer casts its input back to 16 bits (bitsandbytes' compute dtype) and its "
+        "output up to fp32.\n\n"
+        "Checkpointing: peft's own default (`use_gradient_checkpointing=True`) also turns on gradient "
+        "checkpointing and makes the embedding's output require a gradient. TRL and Axolotl pass their "
+        "`gradient_checkpointing` setting instead, and so does memtui: `--checkpointing` decides (give "
+        "`--checkpointing full` for peft's default); with checkpointing on, the input require-grads is "
+        "modelled as transformers and peft apply it.\n\n"
+        "bitsandbytes: memtui models 0.43.2 and later (0.50 here), whose 4-bit matmul keeps only the "
+        "quantized weight for backward. Releases before 0.43.2 also kept each 4-bit matmul's input, a "
+        "16-bit copy of every quantized layer's input; memtui does not model those. Quantized layers' "
+        "biases are counted in fp32; bitsandbytes casts a 4-bit layer's bias back to 16 bits on its "
+        "first forward (a few hundred kilobytes at most).",
+        "The unquantized weights double in size (the embeddings and head of a 128k vocabulary: about "
+        "2 GB more at 8B), and without autocast the activations between layers are fp32.",
+        "When reproducing a TRL, Axolotl or tutorial QLoRA run (they call it by default). Only with "
+        "--quant nf4 or int8.",
+    ),
     # ---- budget components ------------------------------------------------
     Explainer(
         "weights", "Weights",

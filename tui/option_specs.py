@@ -12,7 +12,7 @@ from typing import Literal
 from memtui.engine.model.options import GROUPS as GROUP_TITLES
 from memtui.engine.model.options import OPTIONS, Option
 
-Kind = Literal["select", "int", "switch", "text", "model", "gpu", "path"]
+Kind = Literal["select", "int", "float", "switch", "text", "model", "gpu", "path"]
 
 
 @dataclass(frozen=True)

@@ -101,10 +101,11 @@ class Planner:
         return notes
 
     def set_int_text(self, key: str, text: str) -> None:
-        """An integer typed into a field: accepted, or recorded as that field's error."""
+        """A number typed into a field (whole, or decimal for a float option): accepted, or recorded as that
+        field's error."""
         self.edited = key
         try:
-            value = OPTIONS[key].parse_int(text)
+            value = OPTIONS[key].parse_number(text)
         except InputError as error:
             self.field_errors[key] = error
             return

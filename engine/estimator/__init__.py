@@ -68,13 +68,10 @@ def _layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
 # The torch.optim optimizers memtui builds, which ZeroRedundancyOptimizer can rebuild per rank (ZeRO-1).
 ZERO_REDUNDANCY_OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
 
-# peft keeps adapters in fp32 even on a 16-bit base (autocast_adapter_dtype=True): so are their grads and states.
-ADAPTER_BYTES = 4
-
-
 def trainable_bytes(config: TrainingConfig) -> int:
-    """Bytes per element of what trains: LoRA adapters are fp32, full fine-tuning trains the stored weights."""
-    return ADAPTER_BYTES if config.uses_lora else config.weight_bytes
+    """Bytes per element of what trains: LoRA adapters (fp32 by peft's default, or in the model's dtype with
+    --lora-dtype compute; their gradients and states alike), or, fully fine-tuned, the stored weights."""
+    return config.adapter_bytes if config.uses_lora else config.weight_bytes
 
 
 def _round512(n: float) -> int:
@@ -85,18 +82,21 @@ def _round512(n: float) -> int:
 
 def _weights_bytes(config: TrainingConfig, layout: ParamLayout) -> tuple[int, int]:
     """(base weight bytes, adapter bytes) on this GPU before ZeRO sharding."""
-    param_bytes = config.weight_bytes
+    # peft's k-bit prep casts every 16-bit parameter that is not 4-bit to fp32 (a quantized base's norms,
+    # embeddings, head, biases and unquantized experts; all of GPT-2, whose Conv1D layers stay unquantized).
+    param_bytes = 4 if config.kbit_prep else config.weight_bytes
+    unquantized_bytes = 4 if config.kbit_prep else 2
     quantizable = layout.linear_weight_params - layout.expert_params
     if config.quant == "nf4":
-        linear = quantizable * NF4_BYTES_PER_PARAM + layout.expert_params * 2
-        other = layout.other_params * 2
+        linear = quantizable * NF4_BYTES_PER_PARAM + layout.expert_params * unquantized_bytes
+        other = layout.other_params * unquantized_bytes
     elif config.quant == "int8":
-        linear = quantizable * INT8_BYTES_PER_PARAM + layout.linear_rows * 4 + layout.expert_params * 2
-        other = layout.other_params * 2
+        linear = quantizable * INT8_BYTES_PER_PARAM + layout.linear_rows * 4 + layout.expert_params * unquantized_bytes
+        other = layout.other_params * unquantized_bytes
     else:
         linear = layout.linear_weight_params * param_bytes
         other = layout.other_params * param_bytes
-    adapters = layout.lora_params * ADAPTER_BYTES
+    adapters = layout.lora_params * config.adapter_bytes
     return int(linear + other), int(adapters)
 
 

@@ -156,7 +156,8 @@ def _cuda_only(config: TrainingConfig) -> list[tuple[str, dict[str, Any], str]]:
     """(flag, replacement, reason) for each option that needs CUDA."""
     found = []
     if config.quant != "none":
-        found.append(("--quant", {"quant": "none"}, f"{config.quant} weights need CUDA (bitsandbytes)"))
+        found.append(("--quant", {"quant": "none", "kbit_prep": False},
+                      f"{config.quant} weights need CUDA (bitsandbytes)"))
     if config.optimizer == "adamw-8bit":
         found.append(("--optimizer", {"optimizer": "adamw"}, "adamw-8bit needs CUDA (bitsandbytes)"))
     return found
@@ -172,7 +173,8 @@ def _not_built(config: TrainingConfig) -> list[tuple[str, dict[str, Any], str]]:
     if config.master_weights and importlib.util.find_spec("memtui.engine.torchside.optim") is None:
         found.append(("--master-weights", {"master_weights": False}, "master weights are not available in this build"))
     if config.quant != "none" and importlib.util.find_spec("memtui.engine.torchside.replicas") is None:
-        found.append(("--quant", {"quant": "none"}, f"{config.quant} is not available in this build (memtui.engine.torchside.replicas missing)"))
+        found.append(("--quant", {"quant": "none", "kbit_prep": False},
+                      f"{config.quant} is not available in this build (memtui.engine.torchside.replicas missing)"))
     return found
 
 

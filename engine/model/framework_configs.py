@@ -84,6 +84,15 @@ class _Reader:
             raise self.error(key, f"must be at least {minimum}, got {value}")
         return value
 
+    def number(self, key: str) -> float | None:
+        """A decimal number (a probability such as lora_dropout); its bounds are the field's, checked by set()."""
+        value = self.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(key, f"{_quoted(value)} is not a number")
+        return float(value)
+
     def bool(self, key: str) -> bool | None:
         value = self.get(key)
         if value is None:
@@ -129,6 +138,11 @@ class _Reader:
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+
+def _or_default(value: Any, default: Any) -> Any:
+    """A key's value, or the framework's own default when the file leaves it out."""
+    return default if value is None else value
 
 
 def _shown(value: Any) -> str:
@@ -385,12 +399,16 @@ def _hugging_face(reader: _Reader, folder: Path) -> None:
     if reader.bool("use_peft"):
         reader.set("lora_r", "lora_rank", reader.int("lora_r") or 16)  # ModelConfig.lora_r defaults to 16
         _map_lora_targets(reader, "lora_target_modules")
-        reader.ignore("lora_dropout", "adapter dropout keeps a mask and a copy of each adapted input", _positive)
+        reader.set("lora_dropout", "lora_dropout", _or_default(reader.number("lora_dropout"), 0.05))  # ModelConfig's
     if reader.bool("load_in_4bit"):
         reader.set("load_in_4bit", "quant", "nf4")
         reader.ignore("bnb_4bit_quant_type", "fp4 has nf4's size; modelled as nf4", lambda value: value != "nf4")
     elif reader.bool("load_in_8bit"):
         reader.set("load_in_8bit", "quant", "int8")
+    if reader.options.get("quant") and reader.bool("use_peft"):
+        # trl/trainer/sft_trainer.py: a model loaded in 4 or 8 bits goes through peft's
+        # prepare_model_for_kbit_training (use_gradient_checkpointing=args.gradient_checkpointing).
+        reader.set("load_in_4bit" if reader.bool("load_in_4bit") else "load_in_8bit", "kbit_prep", True)
     _set_model(reader, "model_name_or_path", reader.text("model_name_or_path"))
     # transformers/training_args.py: gradient_accumulation_steps; use_liger_kernel patches the model's loss with
     # Liger's LigerFusedLinearCrossEntropy.
@@ -463,8 +481,8 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
         reader.ignore("model.apply_lora_to_output", "LoRA on the output head is not modelled")
         if targets:
             reader.set("model.lora_attn_modules", "lora_targets", ",".join(targets))
-        reader.ignore("model.lora_dropout", "adapter dropout keeps a mask and a copy of each adapted input", _positive)
-        reader.note("torchtune keeps LoRA adapters in the model's dtype; memtui models peft's adapters")
+        reader.set("model.lora_dropout", "lora_dropout", reader.number("model.lora_dropout"))  # builders: 0.0
+        reader.options["lora_dtype"] = "compute"  # torchtune's LoRALinear: adapters in the model's dtype
         if quantized:
             reader.options["quant"] = "nf4"  # torchao's NF4Tensor, the same 4-bit blocks as bitsandbytes' nf4
     reader.set("batch_size", "batch_size", reader.int("batch_size"))
@@ -531,9 +549,11 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
         if targets:
             reader.set("lora_query", "lora_targets", ",".join(targets))
         reader.ignore("lora_head", "LoRA on the output head is not modelled")
-        reader.ignore("lora_dropout", "adapter dropout keeps a mask and a copy of each adapted input", _positive)
-        reader.note("LitGPT adapts slices of its fused qkv projection, in the model's dtype; memtui models peft's "
-                    "adapters on separate q/k/v projections")
+        # litgpt/finetune/lora.py setup(): lora_dropout=0.05; litgpt/lora.py keeps adapters in the model's dtype.
+        reader.set("lora_dropout", "lora_dropout", _or_default(reader.number("lora_dropout"), 0.05))
+        reader.options["lora_dtype"] = "compute"
+        reader.note("LitGPT adapts slices of its fused qkv projection; memtui models adapters on separate q/k/v "
+                    "projections")
     devices = reader.get("devices", 1)
     nodes = reader.int("num_nodes") or 1
     if isinstance(devices, int) and not isinstance(devices, bool):
@@ -680,11 +700,15 @@ def _axolotl(reader: _Reader, folder: Path) -> None:
             reader.set("lora_target_linear", "lora_targets", "all-linear")
         else:
             _map_lora_targets(reader, "lora_target_modules")
-        reader.ignore("lora_dropout", "adapter dropout keeps a mask and a copy of each adapted input", _positive)
+        reader.set("lora_dropout", "lora_dropout", reader.number("lora_dropout"))  # schemas/peft.py: 0.0
     if reader.bool("load_in_4bit") or adapter == "qlora":
         reader.set("load_in_4bit", "quant", "nf4")
     elif reader.bool("load_in_8bit"):
         reader.set("load_in_8bit", "quant", "int8")
+    if adapter and reader.options.get("quant"):
+        # loaders/model.py: a LoRA/QLoRA adapter on a 4/8-bit base goes through peft's
+        # prepare_model_for_kbit_training (use_gradient_checkpointing=cfg.gradient_checkpointing).
+        reader.set("adapter", "kbit_prep", True)
     if reader.has("optimizer"):
         _map_hf_optimizer(reader, "optimizer")  # the Trainer's optim names, passed through
     _map_deepspeed(reader, "deepspeed", folder)

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 from memtui.engine.errors import InputError, cli_flag
 from memtui.engine.model.specs import TrainingConfig
 
-Kind = Literal["select", "int", "switch", "text", "model", "gpu"]
+Kind = Literal["select", "int", "float", "switch", "text", "model", "gpu"]
 
 MODEL_AND_HARDWARE = "Model & hardware"
 WORKLOAD = "Workload"
@@ -56,17 +56,22 @@ class Option:
     def default(self) -> Any:
         return TrainingConfig.model_fields[self.field].default
 
-    def _bound(self, name: str) -> int | None:
+    def _bound(self, name: str) -> int | float | None:
         metadata = TrainingConfig.model_fields[self.field].metadata
         return next((getattr(item, name) for item in metadata if getattr(item, name, None) is not None), None)
 
     @property
-    def minimum(self) -> int | None:
+    def minimum(self) -> int | float | None:
         return self._bound("ge")
 
     @property
-    def maximum(self) -> int | None:
+    def maximum(self) -> int | float | None:
         return self._bound("le")
+
+    @property
+    def below(self) -> float | None:
+        """An exclusive upper bound (a float's `lt`)."""
+        return self._bound("lt")
 
     @property
     def is_int(self) -> bool:
@@ -83,24 +88,35 @@ class Option:
 
     def from_text(self, text: str) -> Any:
         """A picker's or the command line's text as the field's type."""
+        if self.kind == "float":
+            return float(text)
         return int(text) if self.is_int else text
 
     # ---- checks -------------------------------------------------------------------
     def bounds_text(self) -> str:
         low, high = self.minimum, self.maximum
+        if self.kind == "float":
+            return f"{low:g} <= P < {self.below:g}" if self.below is not None else f"{low:g}..{high:g}"
         if high is None:
             return f"whole numbers from {low}"
         return f"{low}..{high:,}"
 
-    def parse_int(self, text: str) -> int:
-        """A whole number typed for this option, within its bounds, or an InputError naming the field."""
+    def parse_number(self, text: str) -> int | float:
+        """A number typed for this option (whole, or decimal for a float), within its bounds, or an InputError
+        naming the field. The planner's inputs and the command line both check with it."""
         text = text.strip()
+        kind, noun = (float, "number") if self.kind == "float" else (int, "whole number")
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            message = "is empty" if not text else f"{text!r} is not a whole number"
+            message = "is empty" if not text else f"{text!r} is not a {noun}"
             raise InputError(self.field, message, self.bounds_text()) from None
-        low, high = self.minimum, self.maximum
+        low, high, below = self.minimum, self.maximum, self.below
+        if self.kind == "float":
+            if not ((low is None or value >= low) and (high is None or value <= high)
+                    and (below is None or value < below)):  # NaN fails every comparison
+                raise InputError(self.field, f"must be {self.bounds_text()}, got {text}")
+            return value
         if low is not None and value < low:
             raise InputError(self.field, f"must be at least {low}, got {value}")
         if high is not None and value > high:
@@ -122,7 +138,7 @@ class Option:
             return f"{self.help}: {values} (`{self.default}`)"
         if self.kind == "switch":
             return f"{self.help} ({'on' if self.default else 'off'})"
-        if self.kind == "int":
+        if self.kind in ("int", "float"):
             return f"{self.help}, {self.bounds_text()} (`{self.default}`)"
         return f"{self.help} (`{self.default}`)"
 
@@ -211,6 +227,16 @@ _OPTIONS = (
     Option("optimizer_in_backward", "Opt. in bwd", MEMORY_SAVERS, "switch",
            "step each parameter in backward and free its gradient (torchtune optimizer_in_bwd)",
            "--optimizer-in-backward", ladder="optimizer step in backward", baseline=False),
+    # ---- how peft builds the adapters (issue 11) -----------------------------------------------------------
+    Option("lora_dropout", "LoRA dropout", ADAPTERS, "float",
+           "dropout probability on each adapter's input (peft keeps its output and mask for backward)",
+           "--lora-dropout 0.05"),
+    Option("lora_dtype", "LoRA dtype", ADAPTERS, "select",
+           "adapters in fp32 (peft's default: each adapted layer's input is cast to fp32) or in the model's dtype",
+           "--lora-dtype compute", ladder={"compute": "LoRA adapters in the model's dtype"}, baseline="fp32"),
+    Option("kbit_prep", "k-bit prep", ADAPTERS, "switch",
+           "peft's prepare_model_for_kbit_training: every unquantized weight in fp32, with --quant",
+           "--quant nf4 --kbit-prep", ladder="k-bit prep (fp32 norms, embeddings, head)", baseline=False),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

@@ -19,6 +19,7 @@ Attention = Literal["eager", "flash"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
 Quant = Literal["none", "int8", "nf4"]
 Loss = Literal["standard", "chunked", "fused-linear"]
+LoraDtype = Literal["fp32", "compute"]
 
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
@@ -71,6 +72,10 @@ class TrainingConfig(BaseModel):
     loss_chunks: int = Field(8, ge=1, le=1024, description="chunks of the sequence for the chunked head and loss")
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     optimizer_in_backward: bool = False
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False,
+                                description="peft's lora_dropout: dropout on each adapter's input")
+    lora_dtype: LoraDtype = "fp32"
+    kbit_prep: bool = False
 
     @property
     def dp(self) -> int:
@@ -93,6 +98,22 @@ class TrainingConfig(BaseModel):
     @property
     def autocast(self) -> bool:
         return self.precision in ("16-mixed", "bf16-mixed")
+
+    @property
+    def adapter_dtype(self) -> str:
+        """The LoRA adapters' dtype ("fp32", "bf16" or "fp16"): fp32 is peft's default (autocast_adapter_dtype=True);
+        compute keeps them in the dtype of the layers they adapt: the stored weights', or a quantized layer's
+        compute dtype. An unquantized layer after k-bit prep (GPT-2's Conv1D, which bitsandbytes leaves
+        alone; the estimator sees it as quant none) is fp32."""
+        unquantized_fp32 = self.quant == "none" and (self.autocast or self.kbit_prep)
+        if self.lora_dtype == "fp32" or self.precision == "32-true" or unquantized_fp32:
+            return "fp32"
+        return "fp16" if self.precision.startswith("16") else "bf16"
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes per element of LoRA adapters, their gradients and (without master weights) optimizer states."""
+        return 4 if self.adapter_dtype == "fp32" else 2
 
 
 class Recipe(BaseModel):

@@ -216,6 +216,9 @@ RULES: tuple[Rule, ...] = (
     _rule("loss", "model", broken=lambda f: f.config.loss != "standard" and f.model.family == "gemma2",
           message=lambda f: f"{f.config.loss} does not soft-cap the logits as {f.model.id} needs",
           allowed=lambda f: "standard"),
+    _rule("kbit_prep", "quant", broken=lambda f: f.config.kbit_prep and f.config.quant == "none",
+          message=lambda f: "prepares a quantized (k-bit) base for training; {quant} is none",
+          allowed=lambda f: "off, or on with {quant} nf4, int8"),
     _note("quant", "model", broken=lambda f: f.model.is_moe and f.config.quant != "none",
           message=lambda f: f"{f.config.quant}: bitsandbytes quantizes nn.Linear layers only; the experts' stacked "
                             "weights stay 16-bit (as transformers loads them)."),

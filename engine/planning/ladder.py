@@ -61,14 +61,18 @@ def _rungs(config: TrainingConfig) -> list[_Rung]:
             label += " + " + _label("master_weights", config)
         rungs.append(_Rung("precision", label, ("precision", "master_weights")))
     # Then each option that is its own rung, in the ladder's order, when it differs from the baseline.
-    for key in ("optimizer", "optimizer_impl", "lora_rank", "quant", "tp", "pp", "zero", "offload", "attention",
-                "checkpointing", "loss", "optimizer_in_backward"):
+    for key in ("optimizer", "optimizer_impl", "lora_rank", "quant", "lora_dtype", "tp", "pp", "zero", "offload",
+                "attention", "checkpointing", "loss", "optimizer_in_backward"):
         if getattr(config, key) == BASELINE_OPTIONS[key]:
             continue
         label = _label(key, config)
+        fields: tuple[str, ...] = (key,)
         if key == "zero" and config.dp > 1:
             label += f" over {config.dp} ranks"
-        rungs.append(_Rung(key, label, (key,)))
+        if key == "quant" and config.kbit_prep:  # peft's k-bit prep needs the quantized base: one rung
+            label += " + " + _label("kbit_prep", config)
+            fields = ("quant", "kbit_prep")
+        rungs.append(_Rung(key, label, fields))
     return rungs
 
 

@@ -13,9 +13,11 @@ or CPU) train exactly the same thing, and the estimator models exactly that:
   decoder layer (non-reentrant); "selective" is the same per-layer checkpoint
   with PyTorch's selective activation checkpointing policy (SELECTIVE_SAVE_OPS):
   matmul and fused-attention outputs are kept, the pointwise ops are recomputed;
-- LoRA: peft, dropout 0, every other weight frozen;
+- LoRA: peft, with --lora-dropout, every other weight frozen; adapters in fp32 (peft's
+  autocast_adapter_dtype=True) or, with --lora-dtype compute, in the dtype of the layers they adapt;
 - quant: bitsandbytes on CUDA; elsewhere memtui's replicas (memtui.engine.torchside.replicas)
-  that allocate exactly what bitsandbytes allocates;
+  that allocate exactly what bitsandbytes allocates; --kbit-prep then runs peft's
+  prepare_model_for_kbit_training (checkpointing stays what --checkpointing says);
 - the training step drops the model output before backward (as HF's Trainer does),
   so the logits are not kept alive through backward.
 
@@ -157,12 +159,24 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
         if backend == "auto":
             backend = "bitsandbytes" if torch.device(device).type == "cuda" else "replica"
         quantize_linears(model, spec, quant=config.quant, compute_dtype=compute_dtype(config), backend=backend)
+    if config.kbit_prep:
+        prepare_for_kbit_training(model)
 
     if config.uses_lora:
         model = apply_lora(model, spec, config)
     # training_step reads how to compute the loss from the model: its callers need not know.
     model.memtui_loss = (config.loss, config.loss_chunks)
     return model
+
+
+def prepare_for_kbit_training(model) -> None:
+    """peft's prepare_model_for_kbit_training: every 16-bit parameter that is not 4-bit (norms, embeddings,
+    head, biases; int8 weights are not 16-bit) becomes fp32. Its checkpointing (and the input require-grads
+    that goes with it) is left to --checkpointing, as TRL and Axolotl pass their gradient_checkpointing."""
+    from peft import prepare_model_for_kbit_training
+
+    with swappable_fake_parameters():
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def apply_lora(model, spec: ModelSpec, config: TrainingConfig):
@@ -172,7 +186,7 @@ def apply_lora(model, spec: ModelSpec, config: TrainingConfig):
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=2 * config.lora_rank,
-        lora_dropout=0.0,
+        lora_dropout=config.lora_dropout,
         target_modules=targets,
         bias="none",
         fan_in_fan_out=spec.family == "gpt2",
@@ -185,7 +199,16 @@ def apply_lora(model, spec: ModelSpec, config: TrainingConfig):
         if wrappers and any(type(module) in wrappers for module in model.modules()):
             lora._register_custom_module(wrappers)
     with swappable_fake_parameters():
-        peft_model = get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora, autocast_adapter_dtype=config.lora_dtype == "fp32")
+        if config.lora_dtype == "compute":
+            # peft moves each adapter to its base layer's dtype (a 4-bit layer's compute dtype), but leaves it in
+            # its creation dtype (fp32) on an int8 layer, which has neither: there, the compute dtype.
+            dtype = torch_dtype(config.adapter_dtype)
+            for module in peft_model.modules():
+                base = module.get_base_layer() if hasattr(module, "lora_A") else None
+                if base is not None and not base.weight.dtype.is_floating_point and not hasattr(base, "compute_dtype"):
+                    module.lora_A.to(dtype)
+                    module.lora_B.to(dtype)
     return peft_model
 
 

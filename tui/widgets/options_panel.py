@@ -50,6 +50,8 @@ class IntInput(EditingInput):
     typed here never quits or starts a run); a key that is not a digit is refused in place."""
 
     DIGITS = "0123456789-"
+    INPUT_TYPE = "integer"
+    REFUSAL = "digits only"
 
     class Refused(Message):
         """A printable key that is not a digit was typed (and not inserted)."""
@@ -60,13 +62,21 @@ class IntInput(EditingInput):
             self.character = character
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(type="integer", compact=True, **kwargs)
+        super().__init__(type=self.INPUT_TYPE, compact=True, **kwargs)
 
     async def _on_key(self, event: events.Key) -> None:
         if event.is_printable and event.character is not None and event.character not in self.DIGITS:
             event.stop()
             event.prevent_default()  # Input would drop it silently; say why instead
             self.post_message(self.Refused(self, event.character))
+
+
+class DecimalInput(IntInput):
+    """A decimal-number field (a probability such as LoRA dropout): digits and one decimal point."""
+
+    DIGITS = "0123456789.-"
+    INPUT_TYPE = "number"
+    REFUSAL = "a decimal number only"
 
 
 def model_choices(models: dict[str, ModelSpec], custom: list[str]) -> list[tuple[str, str]]:
@@ -161,6 +171,8 @@ class OptionsPanel(VerticalScroll, can_focus=False):
                                  "meta-llama/Llama-3.1-8B; Enter loads it")
         if spec.kind == "int":
             return IntInput(value=str(options[spec.key]), id=control_id, tooltip=tooltip)
+        if spec.kind == "float":
+            return DecimalInput(value=str(options[spec.key]), id=control_id, tooltip=tooltip)
         if spec.kind == "switch":
             value = bool(options[spec.key])
             return Checkbox(switch_label(value), value=value, compact=True, id=control_id, tooltip=tooltip)
@@ -216,7 +228,7 @@ class OptionsPanel(VerticalScroll, can_focus=False):
         event.stop()
         row = self.row_for(event.field)
         if row is not None:
-            row.set_error(f"digits only: {event.character!r} is not one")
+            row.set_error(f"{event.field.REFUSAL}: {event.character!r} is not one")
 
     @on(Input.Submitted, "#opt-model_path")
     def _path_submitted(self, event: Input.Submitted) -> None:
@@ -244,7 +256,7 @@ class OptionsPanel(VerticalScroll, can_focus=False):
         gpu_select.value = self.planner.gpu_choice
         for _, specs in GROUPS:
             for spec in specs:
-                if spec.kind in ("int", "text"):
+                if spec.kind in ("int", "float", "text"):
                     field = self.query_one(f"#opt-{spec.key}", Input)
                     text = str(options[spec.key])
                     if field.value != text:

@@ -57,6 +57,7 @@ class Options:
     loss: str = "standard"  # standard | chunked | fused-linear (--loss)
     loss_chunks: int = 8  # chunked: sequence chunks
     loss_chunk_rows: int = 0  # fused-linear: rows of logits per chunk (Liger's, from the step's tokens)
+    lora_dropout: float = 0.0  # peft's nn.Dropout on each adapter's input (--lora-dropout)
 
 
 def fused_linear_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
@@ -124,6 +125,7 @@ def lora_branch_bnb(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor,
         result = cloned
     convert = not opts.autocast
     x_in = ops.cast(sim, x, lora_a.dtype) if convert else sim.ref(x)
+    x_in = chain(sim, x_in, lambda sim_, t: ops.dropout(sim_, t, opts.lora_dropout))
     hidden = ops.linear(sim, x_in, lora_a, opts.lora_rank, d_in)
     sim.drop(x_in)
     delta = ops.linear(sim, hidden, lora_b, d_out, opts.lora_rank)
@@ -148,10 +150,11 @@ def lora_branch_bnb(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor,
 
 
 def lora_branch(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor, Tensor], d_in: int, d_out: int, opts: Options) -> Tensor:
-    """peft's lora.Linear.forward: result + lora_B(lora_A(dropout(x))) * scaling, dropout = identity."""
+    """peft's lora.Linear.forward: result + lora_B(lora_A(dropout(x))) * scaling (dropout: nn.Identity at 0)."""
     lora_a, lora_b = adapters
     rank = opts.lora_rank
     x_in = ops.cast(sim, x, lora_a.dtype)  # peft casts the input to the adapter's dtype
+    x_in = chain(sim, x_in, lambda sim_, t: ops.dropout(sim_, t, opts.lora_dropout))
     hidden = ops.linear(sim, x_in, lora_a, rank, d_in)
     sim.drop(x_in)
     delta = ops.linear(sim, hidden, lora_b, d_out, rank)
@@ -207,8 +210,10 @@ def quantized_linear(sim: Sim, x: Tensor, weight: Tensor, d_in: int, d_out: int,
     sim.record("quantized_linear", out, [x_c], [], backward)
     sim.drop(x_c)
     if bias is not None:
-        biased = ops.add(sim, out, bias)
-        sim.drop(out)
+        # Linear4bit adds the bias in the compute dtype (after k-bit prep made it fp32: a copy each forward).
+        bias_c = ops.cast(sim, bias, opts.compute) if opts.quant == "nf4" else sim.ref(bias)
+        biased = ops.add(sim, out, bias_c)
+        sim.drop(out, bias_c)
         out = biased
     if out.dtype != x.dtype:
         converted = ops.cast(sim, out, x.dtype)  # .to(inp_dtype)

@@ -71,6 +71,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
     compute = {"32-true": "f32", "16-mixed": "f16", "bf16-mixed": "bf16", "16-true": "f16", "bf16-true": "bf16"}[config.precision]
     params = compute if config.precision in ("16-true", "bf16-true") else "f32"
     base = compute if config.quant != "none" and config.precision != "32-true" else params
+    if config.kbit_prep:
+        base = "f32"  # prepare_model_for_kbit_training: every 16-bit parameter that is not 4-bit becomes fp32
     gpt2 = spec.family == "gpt2"
     return Options(
         family=spec.family,
@@ -82,7 +84,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         checkpointing=config.checkpointing,
         lora_rank=config.lora_rank,
         lora_targets=resolve_lora_targets(config, spec),
-        lora_dtype="f32",  # peft upcasts 16-bit adapters to fp32 (autocast_adapter_dtype=True)
+        lora_dtype={"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[config.adapter_dtype],
+        lora_dropout=config.lora_dropout if config.uses_lora else 0.0,
         quant=config.quant,
         tied=spec.tie_word_embeddings,
         qkv_bias=spec.linears[0].bias,
