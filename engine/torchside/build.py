@@ -318,6 +318,11 @@ def _optimizer_over(params: list, model, config: TrainingConfig, device_type: st
         from memtui.engine.torchside.replicas import adamw_8bit
 
         optimizer = adamw_8bit(params, device_type=device_type)
+    elif name in ("paged-adamw-8bit", "paged-adamw"):
+        from memtui.engine.torchside.optim import paged_adamw
+
+        optimizer = paged_adamw(params, optim_bits=8 if name == "paged-adamw-8bit" else 32, device_type=device_type,
+                                paged=device_type == "cuda")
     else:  # pragma: no cover - TrainingConfig validates the name
         raise ValueError(name)
     if config.master_weights:

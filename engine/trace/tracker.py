@@ -10,7 +10,9 @@ as a gradient for its whole life.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +52,8 @@ class MemoryLog:
     allocations: dict[int, Allocation] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     phase_marks: list[tuple[int, int, str]] = field(default_factory=list)  # (event index, step, phase)
+    # CUDA unified memory (bitsandbytes' paged optimizer states): outside the caching allocator, so not events.
+    unified_bytes: int = 0
 
 
 def local_tensor(tensor):
@@ -72,6 +76,8 @@ class MemoryTracker(TorchDispatchMode):
         self.module = ""
         self._finalizers: list[weakref.finalize] = []
         self._released: set[int] = set()
+        self._unified: set[int] = set()  # id(storage) of unified-memory tensors, while alive
+        self._making_unified = False
 
     # ---- phases -------------------------------------------------------------
     def mark(self, phase: str) -> None:
@@ -79,12 +85,35 @@ class MemoryTracker(TorchDispatchMode):
         self.log.phase_marks.append((len(self.log.events), self.step, phase))
 
     # ---- allocations ----------------------------------------------------------
+    @contextlib.contextmanager
+    def unified_memory(self) -> Iterator[None]:
+        """Storages made inside are CUDA unified memory (cudaMallocManaged: bitsandbytes' paged optimizer
+        states), which the caching allocator never sees: counted in `log.unified_bytes`, never as events."""
+        previous, self._making_unified = self._making_unified, True
+        try:
+            yield
+        finally:
+            self._making_unified = previous
+
+    def _track_unified(self, storage) -> None:
+        key = id(storage)
+        if key in self._unified or key in self._by_storage:
+            return
+        self._unified.add(key)
+        self.log.unified_bytes += storage.nbytes()
+        self._finalizers.append(weakref.finalize(storage, self._unified.discard, key))
+
     def track(self, tensor: torch.Tensor, op: str = "external") -> int | None:
         tensor = local_tensor(tensor)
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
             return None
         storage = tensor.untyped_storage()
         key = id(storage)
+        if self._making_unified:
+            self._track_unified(storage)
+            return None
+        if key in self._unified:  # an in-place update of a unified-memory state
+            return None
         existing = self._by_storage.get(key)
         if existing is not None:
             return existing
