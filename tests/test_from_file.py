@@ -28,8 +28,8 @@ CASES = {
         "axolotl",
         ["--model", "llama-3.2-1b", "--batch-size", "2", "--seq-len", "2048", "--precision", "bf16-true",
          "--checkpointing", "full", "--attention", "flash", "--lora-rank", "32", "--lora-targets", "all-linear",
-         "--quant", "nf4", "--optimizer", "adamw-8bit", "--grad-accum", "4"],
-        ["lora_dropout=0.05", "optimizer=paged_adamw_8bit"],
+         "--quant", "nf4", "--optimizer", "paged-adamw-8bit", "--grad-accum", "4"],
+        ["lora_dropout=0.05"],
     ),
     "litgpt_llama3_2_1b_lora.yaml": (
         "litgpt",

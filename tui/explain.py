@@ -129,11 +129,25 @@ _EXPLAINERS = [
         "- **adafactor**: factors the second moment of each matrix into a row and a column vector, "
         "almost no state.\n"
         "- **galore-adamw**: projects each gradient matrix to a low rank and keeps Adam's moments "
-        "in that small space (see GaLore rank).",
+        "in that small space (see GaLore rank).\n"
+        "- **paged-adamw-8bit**, **paged-adamw** (bitsandbytes PagedAdamW8bit / PagedAdamW32bit): "
+        "8-bit or fp32 moments, and those of every tensor of 100,000 values or more live in CUDA "
+        "unified memory (cudaMallocManaged), not in PyTorch's caching allocator. Smaller tensors "
+        "(LoRA adapters of rank 16 on a 4096-wide model among them), tensors under 4096 values "
+        "(fp32 moments) and the 8-bit absmax stay ordinary allocations.\n\n"
+        "What memtui shows for paged states: they are not in the tensor peak "
+        "(torch.cuda.max_memory_allocated does not see them); they are in the device peak and the "
+        "optimizer states (nvidia-smi shows them while resident: bitsandbytes prefetches them to "
+        "the GPU for each step) as far as the rest of the step leaves room on the card. The rest is "
+        "paged out to host memory by the driver instead of running out of memory, so whether a run "
+        "fits is decided without them; the budget's \"paged (unified memory)\" row and `paged_bytes` / "
+        "`paged_evicted_bytes` in the JSON give both figures.",
         "8-bit states track 32-bit Adam closely in published results; SGD and Adafactor can converge "
-        "differently and may need tuning; GaLore spends time on periodic projections.",
+        "differently and may need tuning; GaLore spends time on periodic projections. Paged states "
+        "paged out to the host cost a transfer each step (PCIe bandwidth), nothing when they stay resident.",
         "adamw-8bit is the easy win for fine-tuning; Adafactor or GaLore when optimizer state is "
-        "the wall and you can afford to tune.",
+        "the wall and you can afford to tune; a paged optimizer when spikes (long sequences) would "
+        "otherwise run out of memory, at the price of slow steps when they do.",
     ),
     Explainer(
         "optimizer_impl", "Optimizer implementation",

@@ -212,9 +212,9 @@ _HF_OPTIMIZERS: dict[str, tuple[str, str | None, str]] = {
     "adamw_apex_fused": ("adamw", "fused", ""),
     "adamw_bnb_8bit": ("adamw-8bit", None, ""),
     "adamw_8bit": ("adamw-8bit", None, ""),
-    "paged_adamw_8bit": ("adamw-8bit", None, _PAGED),
-    "paged_adamw": ("adamw", None, _PAGED),
-    "paged_adamw_32bit": ("adamw", None, _PAGED),
+    "paged_adamw_8bit": ("paged-adamw-8bit", None, ""),  # bnb PagedAdamW8bit
+    "paged_adamw": ("paged-adamw", None, ""),  # bnb PagedAdamW (optim_bits=32)
+    "paged_adamw_32bit": ("paged-adamw", None, ""),  # bnb PagedAdamW32bit
     "adafactor": ("adafactor", None, ""),
     "sgd": ("sgd", None, ""),
     "lion_32bit": ("lion", None, ""),
@@ -412,8 +412,8 @@ _TORCHTUNE_MODELS = {
 _TORCHTUNE_LAYERS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
 _TORCH_OPTIMIZERS = {
     "torch.optim.adamw": "adamw", "torch.optim.adam": "adamw", "torch.optim.sgd": "sgd",
-    "bitsandbytes.optim.adamw8bit": "adamw-8bit", "bitsandbytes.optim.pagedadamw8bit": "adamw-8bit",
-    "bitsandbytes.optim.pagedadamw": "adamw", "bitsandbytes.optim.pagedadamw32bit": "adamw",
+    "bitsandbytes.optim.adamw8bit": "adamw-8bit", "bitsandbytes.optim.pagedadamw8bit": "paged-adamw-8bit",
+    "bitsandbytes.optim.pagedadamw": "paged-adamw", "bitsandbytes.optim.pagedadamw32bit": "paged-adamw",
     "torchao.optim.adamw8bit": "adamw-8bit", "torchao.prototype.low_bit_optim.adamw8bit": "adamw-8bit",
     "torch.optim.adafactor": "adafactor",
 }
@@ -432,8 +432,6 @@ def _torch_optimizer(reader: _Reader, key: str) -> None:
     prefix = key.rsplit(".", 1)[0]
     momentum = reader.get(f"{prefix}.momentum") or reader.get(f"{prefix}.init_args.momentum")
     reader.set(key, "optimizer", "sgd-momentum" if optimizer == "sgd" and _positive(momentum) else optimizer)
-    if "paged" in component.lower():
-        reader.note(f"ignored: {key}={component} ({_PAGED})")
     for args in (prefix, f"{prefix}.init_args"):
         if reader.bool(f"{args}.fused"):
             reader.set(f"{args}.fused", "optimizer_impl", "fused")

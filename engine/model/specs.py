@@ -191,3 +191,9 @@ class Budget(BaseModel):
         default=0,
         description="the part of paged_bytes the driver pages out to host memory because the rest of the step "
                     "leaves no room for it on the card (not in device_peak_bytes)")
+
+    @property
+    def device_required_bytes(self) -> int:
+        """The device peak less the paged states resident in it: the driver pages those out rather than let the
+        step run out of memory, so this is what decides whether it fits."""
+        return self.device_peak_bytes - (self.paged_bytes - self.paged_evicted_bytes)
