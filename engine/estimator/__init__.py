@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator.budget import make_budget
-from memtui.engine.estimator.moments import Moment, activation_moments
+from memtui.engine.estimator.moments import Moment, activation_moments, offloaded_bytes
 from memtui.engine.estimator.layout import (
     INT8_BYTES_PER_PARAM,
     NF4_BYTES_PER_PARAM,
@@ -420,4 +420,5 @@ def estimate(
         timeline=_timeline(moments, on_gpu),
         notes=notes,
         paged_bytes=on_gpu.paged,
+        offloaded_bytes=offloaded_bytes(config, model, layers=layout.layers),
     )

@@ -31,6 +31,7 @@ def make_budget(
     notes: list[str],
     method: str = "estimate",
     paged_bytes: int = 0,
+    offloaded_bytes: int = 0,
 ) -> Budget:
     """The Budget for a peak: whether it fits, the headroom and bytes per parameter follow from it.
 
@@ -63,4 +64,5 @@ def make_budget(
         method=method,
         paged_bytes=paged_bytes,
         paged_evicted_bytes=paged_bytes - resident,
+        offloaded_activation_bytes=offloaded_bytes,
     )

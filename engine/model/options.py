@@ -213,6 +213,10 @@ _OPTIONS = (
     Option("optimizer_in_backward", "Opt. in bwd", MEMORY_SAVERS, "switch",
            "step each parameter in backward and free its gradient (torchtune optimizer_in_bwd)",
            "--optimizer-in-backward", ladder="optimizer step in backward", baseline=False),
+    # ---- saved activations in host memory (issue 11) -------------------------------------------------------------
+    Option("activation_offload", "Act. offload", MEMORY_SAVERS, "switch",
+           "saved activations to pinned CPU memory in forward, back in backward (torchtune OffloadActivations)",
+           "--checkpointing full --activation-offload", ladder="activations offloaded to CPU", baseline=False),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

@@ -72,6 +72,7 @@ class TrainingConfig(BaseModel):
     loss_chunks: int = Field(8, ge=1, le=1024, description="chunks of the sequence for the chunked head and loss")
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     optimizer_in_backward: bool = False
+    activation_offload: bool = False
 
     @property
     def dp(self) -> int:
@@ -191,6 +192,11 @@ class Budget(BaseModel):
         default=0,
         description="the part of paged_bytes the driver pages out to host memory because the rest of the step "
                     "leaves no room for it on the card (not in device_peak_bytes)")
+
+    offloaded_activation_bytes: int = Field(
+        default=0,
+        description="--activation-offload: saved activations in pinned host memory at the end of the forward "
+                    "(host RAM, not GPU memory; in no other figure)")
 
     @property
     def device_required_bytes(self) -> int:

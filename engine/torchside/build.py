@@ -162,6 +162,10 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
         model = apply_lora(model, spec, config)
     # training_step reads how to compute the loss from the model: its callers need not know.
     model.memtui_loss = (config.loss, config.loss_chunks)
+    if config.activation_offload:
+        from memtui.engine.torchside.offload import offload_decoder_activations
+
+        model.memtui_offload = offload_decoder_activations(model, torch.device(device).type)
     return model
 
 

@@ -134,6 +134,7 @@ def assemble(
         notes=notes,
         method="trace",
         paged_bytes=log.unified_bytes,
+        offloaded_bytes=log.host_peak_bytes,
     )
     return TraceResult(
         budget=budget,

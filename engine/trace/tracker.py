@@ -54,6 +54,9 @@ class MemoryLog:
     phase_marks: list[tuple[int, int, str]] = field(default_factory=list)  # (event index, step, phase)
     # CUDA unified memory (bitsandbytes' paged optimizer states): outside the caching allocator, so not events.
     unified_bytes: int = 0
+    # Host memory the step makes (activation offloading's pinned copies): (event index, live host bytes) at each
+    # change, and the most alive at once; not device events either.
+    host_peak_bytes: int = 0
 
 
 def local_tensor(tensor):
@@ -78,6 +81,9 @@ class MemoryTracker(TorchDispatchMode):
         self._released: set[int] = set()
         self._unified: set[int] = set()  # id(storage) of unified-memory tensors, while alive
         self._making_unified = False
+        self._host: set[int] = set()  # id(storage) of host-memory tensors, while alive
+        self._making_host = False
+        self._host_live = 0
 
     # ---- phases -------------------------------------------------------------
     def mark(self, phase: str) -> None:
@@ -94,6 +100,29 @@ class MemoryTracker(TorchDispatchMode):
             yield
         finally:
             self._making_unified = previous
+
+    @contextlib.contextmanager
+    def host_memory(self) -> Iterator[None]:
+        """Storages made inside are host memory (activation offloading's pinned copies), not the device's:
+        counted in `log.host_peak_bytes`, never as events."""
+        previous, self._making_host = self._making_host, True
+        try:
+            yield
+        finally:
+            self._making_host = previous
+
+    def _track_host(self, storage) -> None:
+        key = id(storage)
+        if key in self._host or key in self._by_storage:
+            return
+        self._host.add(key)
+        self._host_live += storage.nbytes()
+        self.log.host_peak_bytes = max(self.log.host_peak_bytes, self._host_live)
+        self._finalizers.append(weakref.finalize(storage, self._host_freed, key, storage.nbytes()))
+
+    def _host_freed(self, key: int, nbytes: int) -> None:
+        self._host.discard(key)
+        self._host_live -= nbytes
 
     def _track_unified(self, storage) -> None:
         key = id(storage)
@@ -112,7 +141,10 @@ class MemoryTracker(TorchDispatchMode):
         if self._making_unified:
             self._track_unified(storage)
             return None
-        if key in self._unified:  # an in-place update of a unified-memory state
+        if self._making_host:
+            self._track_host(storage)
+            return None
+        if key in self._unified or key in self._host:  # an in-place op on a unified-memory or host tensor
             return None
         existing = self._by_storage.get(key)
         if existing is not None:

@@ -57,6 +57,10 @@ class Options:
     loss: str = "standard"  # standard | chunked | fused-linear (--loss)
     loss_chunks: int = 8  # chunked: sequence chunks
     loss_chunk_rows: int = 0  # fused-linear: rows of logits per chunk (Liger's, from the step's tokens)
+    # --activation-offload: the decoder's saved tensors go to host memory; min_offload_size is judged at these
+    # (tokens, seq_len), capped where every tensor that grows with them is past it (keeps the cache small).
+    activation_offload: bool = False
+    offload_point: tuple[float, float] = (0.0, 0.0)
 
 
 def fused_linear_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
