@@ -50,5 +50,8 @@ def print_budget(budget: Budget, console: Console | None = None) -> None:
             f"peak; in the device peak while resident)"
             + (f", {format_gib(budget.paged_evicted_bytes)} of it paged out to host memory"
                if budget.paged_evicted_bytes else ""))
+    if budget.offloaded_activation_bytes:
+        console.print(f"activations offloaded to CPU: {format_gib(budget.offloaded_activation_bytes)} of pinned host "
+                      "memory at the end of the forward (not GPU memory)")
     for note in budget.notes:
         console.print(f"[dim]note: {note}[/]")

@@ -290,6 +290,29 @@ _EXPLAINERS = [
         "ZeRO/FSDP sharding of the optimizer; each parameter's step is a small kernel launch.",
         "Full fine-tuning on one GPU where the gradients tip the step over the card.",
     ),
+    Explainer(
+        "activation_offload", "Activation offloading",
+        "Saved activations wait in CPU memory.",
+        "torchtune's OffloadActivations: saved-tensor hooks around the decoder's forward copy every tensor "
+        "autograd saves for backward to pinned CPU memory and keep only the copy; backward copies each back "
+        "to the GPU when its node runs, and frees it when the node is done. What stays on the GPU: tensors "
+        "under 1024 bytes, Parameters saved as themselves (norm weights; GPT-2's Conv1D weights), and "
+        "everything the head and the loss save (torchtune turns the hooks off for the output layer, and the "
+        "loss runs outside them). A linear layer's weight is saved as its transpose, a view that is no "
+        "Parameter, so it is copied out and back too: backward briefly holds a copy of each weight.\n\n"
+        "With activation checkpointing (torchtune requires it), the checkpoint's own hooks are innermost inside "
+        "each layer: only what the checkpoint saves for itself, the layer's input, goes to the CPU, and the "
+        "recompute in backward runs on the GPU. Without checkpointing every saved activation goes.\n\n"
+        "memtui runs torchtune's single-stream path; its default use_streams=True overlaps the copies on a "
+        "second stream and keeps up to 5 recently offloaded tensors, and the previous node's copies, on the GPU "
+        "a little longer (not modelled). The pinned host memory is reported apart (\"Offloaded to CPU\", "
+        "`offloaded_activation_bytes`): it is not GPU memory. In a live run on a CPU the copies are made "
+        "within the same memory, so the hook is a no-op in effect there.",
+        "Every saved activation crosses PCIe twice: slower steps unless the copies overlap the compute. "
+        "Host RAM: pinned memory the size of what the layers save.",
+        "Long sequences where the saved activations (or, with checkpointing, the layer inputs) are what the "
+        "card cannot hold.",
+    ),
     # ---- budget components ------------------------------------------------
     Explainer(
         "weights", "Weights",

@@ -249,6 +249,10 @@ def make_plan(
     full = spec or resolve_model(requested.model)
     runtime = runtime_bytes if runtime_bytes is not None else (ASSUMED_CPU_RUNTIME_BYTES if device.kind == "cpu" else 0)
     config, notices, refusal = _apply_policy(requested, device, options, available_ranks(device, device_count))
+    if device.kind == "cpu" and config.activation_offload:
+        notices.append("activation offload on the CPU: the copies to host memory and back are made within the same "
+                       "memory, so the hook is a no-op in effect; the tracker counts the host copies apart, as "
+                       "pinned memory on a GPU")
     if device.kind == "cpu" and config.optimizer in ("paged-adamw-8bit", "paged-adamw"):
         notices.append(f"{config.optimizer} on the CPU: nothing is paged there, so its states are ordinary memory "
                        "(bitsandbytes' state layout, updated in place as its kernels do), counted in the tensor peak")

@@ -487,7 +487,9 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
     # recipes/full_finetune_single_device.py: optimizer_in_bwd steps each parameter in a post-accumulate-grad hook.
     if reader.bool("optimizer_in_bwd"):
         reader.set("optimizer_in_bwd", "optimizer_in_backward", True)
-    reader.ignore("enable_activation_offloading", "saved activations offloaded to the CPU are not modelled yet")
+    # recipes/*: enable_activation_offloading wraps the model's forward in OffloadActivations.
+    if reader.bool("enable_activation_offloading"):
+        reader.set("enable_activation_offloading", "activation_offload", True)
     reader.ignore("compile", "torch.compile's saved tensors are not modelled yet")
     # torchtune/modules/loss: CEWithChunkedOutputLoss (num_output_chunks, 8) and LinearCrossEntropyLoss (the
     # output projection inside the loss, chunked).
@@ -693,7 +695,11 @@ def _axolotl(reader: _Reader, folder: Path) -> None:
     _map_fused_loss(reader, "liger_fused_linear_cross_entropy")
     _map_fused_loss(reader, "cut_cross_entropy", "modelled with Liger's allocations; cut-cross-entropy's kernel "
                     "keeps less")
-    reader.ignore("activation_offloading", "saved activations offloaded to the CPU are not modelled yet")
+    # Axolotl's activation_offloading: true wraps the forward in torchtune's OffloadActivations (its port).
+    if reader.get("activation_offloading") is True:
+        reader.set("activation_offloading", "activation_offload", True)
+    reader.ignore("activation_offloading", "Axolotl's legacy/disk offloading is not modelled",
+                  lambda value: isinstance(value, str))
     reader.ignore("unsloth_lora_mlp", "Unsloth's fused LoRA kernels are not modelled")
 
 

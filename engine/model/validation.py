@@ -234,6 +234,10 @@ RULES: tuple[Rule, ...] = (
                             "{master_weights} wrapper or {optimizer_in_backward}",
           allowed=lambda f: "adamw, adamw-8bit, or {offload} none without {master_weights} and "
                             "{optimizer_in_backward}"),
+    # ---- activation offloading (torchtune OffloadActivations) -----------------------------------------------
+    _rule("activation_offload", "gpus", broken=lambda f: f.config.activation_offload and f.config.gpus > 1,
+          message=lambda f: f"is modelled on one GPU; {{gpus}} is {f.config.gpus}",
+          allowed=lambda f: "off, or {gpus} 1"),
 )
 
 

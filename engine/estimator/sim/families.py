@@ -111,7 +111,7 @@ def apply_linear(sim: Sim, x: Tensor, params: LayerParams, name: str, d_in: int,
     if getattr(weight, "quantized", False):
         result = quantized_linear(sim, x, weight, d_in, d_out, opts, bias)
     else:
-        result = ops.linear(sim, x, weight, d_out, d_in, bias)
+        result = ops.linear(sim, x, weight, d_out, d_in, bias, op="addmm" if opts.family == "gpt2" else "linear")
     if name not in params.lora:
         return result
     if getattr(weight, "quantized", False):

@@ -137,6 +137,8 @@ _REASONS = {
     "zero": "shard optimizer states, gradients (ZeRO-2) and weights (ZeRO-3) over the data-parallel GPUs you have",
     "optimizer_in_backward": "step each parameter in backward and free its gradient, so a full set of gradients "
                              "never exists (torchtune optimizer_in_bwd); no gradient accumulation or clipping",
+    "activation_offload": "copy what the layers save for backward to pinned CPU memory and back when backward needs "
+                          "it (torchtune OffloadActivations); same results, slower where the copies do not overlap",
 }
 
 
@@ -166,6 +168,8 @@ def _knobs(config: TrainingConfig, gpu: GpuSpec) -> list[_Knob]:
             and not config.master_weights and config.optimizer != "galore-adamw" and config.precision != "16-mixed"
             and (gpu.bf16 or config.precision != "32-true")):
         knobs.append(_Knob("optimizer_in_backward", (True,), (2,)))
+    if config.dp == 1 and config.gpus == 1 and config.quant == "none" and not config.activation_offload:
+        knobs.append(_Knob("activation_offload", (True,), (3,)))
     ladder = ("none", "selective", "full")
     if config.checkpointing != "full":
         values = ladder[ladder.index(config.checkpointing) + 1:]
@@ -331,12 +335,14 @@ def _steps(
         groups.append((mode.title, mode.reason, dict(mode.changes)))
     if hardware:  # before the knobs: what sharding leaves is what checkpointing and the rest act on
         groups.append((hardware_title, hardware_reason, dict(hardware)))
-    for name in ("attention", "optimizer_impl", "precision", "zero", "optimizer_in_backward", "checkpointing"):
+    for name in ("attention", "optimizer_impl", "precision", "zero", "optimizer_in_backward", "checkpointing",
+                 "activation_offload"):
         value = getattr(final, name)
         if value != getattr(original, name) and name not in mode.changes and name not in hardware:
             title = {"attention": "flash attention", "optimizer_impl": "fused AdamW", "precision": f"{value} autocast",
                      "zero": f"ZeRO-{value}", "optimizer_in_backward": "optimizer step in backward",
-                     "checkpointing": f"{value} activation checkpointing"}[name]
+                     "checkpointing": f"{value} activation checkpointing",
+                     "activation_offload": "activation offloading to CPU"}[name]
             groups.append((title, _REASONS[name], {name: value}))
     if final.batch_size != original.batch_size:
         accumulation = original.batch_size // final.batch_size
