@@ -168,7 +168,8 @@ def _knobs(config: TrainingConfig, gpu: GpuSpec) -> list[_Knob]:
             and not config.master_weights and config.optimizer != "galore-adamw" and config.precision != "16-mixed"
             and (gpu.bf16 or config.precision != "32-true")):
         knobs.append(_Knob("optimizer_in_backward", (True,), (2,)))
-    if config.dp == 1 and config.gpus == 1 and config.quant == "none" and not config.activation_offload:
+    # One GPU only, as it is modelled; not in the searches over more GPUs (ZeRO set), where it would be refused.
+    if config.gpus == 1 and config.zero == 0 and not config.activation_offload:
         knobs.append(_Knob("activation_offload", (True,), (3,)))
     ladder = ("none", "selective", "full")
     if config.checkpointing != "full":
