@@ -19,27 +19,17 @@ recompute runs in backward, outside these hooks, on the device.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch.autograd.graph import saved_tensors_hooks
+
+from memtui.engine.torchside.optim import memory_kind
 
 MIN_OFFLOAD_BYTES = 1024  # OffloadActivations' min_offload_size default
 
 
-@contextlib.contextmanager
-def host_memory() -> Iterator[None]:
-    """Tensors made inside are host (pinned CPU) memory, not the device's: a memory tracker on the dispatch stack
-    that knows the protocol (a `host_memory()` context of its own) counts them apart."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    with contextlib.ExitStack() as stack:
-        for mode in _get_current_dispatch_mode_stack():
-            enter = getattr(mode, "host_memory", None)
-            if enter is not None:
-                stack.enter_context(enter())
-        yield
+def host_memory():
+    """Tensors made inside are host (pinned CPU) memory, not the device's (see memory_kind)."""
+    return memory_kind("host_memory")
 
 
 class OffloadActivations(saved_tensors_hooks):

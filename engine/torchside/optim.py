@@ -185,17 +185,22 @@ BNB_PAGED_MIN_NUMEL = 100_000
 
 
 @contextlib.contextmanager
-def unified_memory():
-    """Tensors made inside are CUDA unified memory, not the caching allocator's: a memory tracker on the dispatch
-    stack that knows the protocol (a `unified_memory()` context of its own) counts them apart."""
+def memory_kind(kind: str):
+    """Tensors made inside are `kind` memory ("unified_memory": CUDA managed, "host_memory": pinned CPU), not the
+    caching allocator's: a memory tracker on the dispatch stack that knows the protocol (a context method of that
+    name) counts them apart."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     with contextlib.ExitStack() as stack:
         for mode in _get_current_dispatch_mode_stack():
-            enter = getattr(mode, "unified_memory", None)
+            enter = getattr(mode, kind, None)
             if enter is not None:
                 stack.enter_context(enter())
         yield
+
+
+def unified_memory():
+    return memory_kind("unified_memory")
 
 
 class BnbAdamReplica(Optimizer):
