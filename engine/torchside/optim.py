@@ -207,7 +207,7 @@ class BnbAdamReplica(Optimizer):
     """bitsandbytes' Adam states, allocation for allocation (see above). The update is applied in place, as
     bitsandbytes' fused kernels do; it is not numerically Adam."""
 
-    def __init__(self, params, *, optim_bits: int, paged: bool, lr: float = 1e-4, betas=(0.9, 0.999),
+    def __init__(self, params, *, optim_bits: int = 8, paged: bool = False, lr: float = 1e-4, betas=(0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.optim_bits, self.paged = optim_bits, paged
