@@ -46,6 +46,9 @@ def _what_was_traced(config: TrainingConfig, spec: ModelSpec) -> list[str]:
         traced.append(f"gradient accumulation: {shown} of {config.grad_accum} micro-batches per step{rest}")
     if config.optimizer_in_backward:
         traced.append("optimizer stepped in backward: one per parameter, in a post-accumulate-grad hook")
+    if config.activation_offload:
+        traced.append("activation offloading: torchtune's OffloadActivations hooks (single stream) around the "
+                      "decoder; the host copies counted apart (offloaded_activation_bytes)")
     return traced
 
 
