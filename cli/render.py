@@ -44,5 +44,14 @@ def print_budget(budget: Budget, console: Console | None = None) -> None:
         f"{format_count(budget.model.params)} params ({format_count(budget.model.trainable_params)} trainable); "
         f"model states {format_gib(states.total)} per GPU = {budget.bytes_per_param:.2f} bytes/param"
     )
+    if budget.paged_bytes:
+        console.print(
+            f"paged optimizer states {format_gib(budget.paged_bytes)} in CUDA unified memory (not in the tensor "
+            f"peak; in the device peak while resident)"
+            + (f", {format_gib(budget.paged_evicted_bytes)} of it paged out to host memory"
+               if budget.paged_evicted_bytes else ""))
+    if budget.offloaded_activation_bytes:
+        console.print(f"activations offloaded to CPU: {format_gib(budget.offloaded_activation_bytes)} of pinned host "
+                      "memory at the end of the forward (not GPU memory)")
     for note in budget.notes:
         console.print(f"[dim]note: {note}[/]")

@@ -24,13 +24,21 @@ CASES = {
          "--grad-accum", "8", "--loss", "fused-linear", "--lora-dtype", "compute"],
         [],
     ),
+    "torchtune_llama3_2_1b_lora_offload_paged.yaml": (
+        "torchtune",
+        ["--model", "llama-3.2-1b", "--lora-rank", "64", "--lora-targets",
+         "q_proj,v_proj,o_proj,gate_proj,down_proj,up_proj", "--batch-size", "4", "--precision", "bf16-true",
+         "--checkpointing", "full", "--activation-offload", "--optimizer", "paged-adamw-8bit", "--seq-len", "2048",
+         "--grad-accum", "8", "--loss", "fused-linear"],
+        [],
+    ),
     "axolotl_llama3_2_1b_qlora.yaml": (
         "axolotl",
         ["--model", "llama-3.2-1b", "--batch-size", "2", "--seq-len", "2048", "--precision", "bf16-true",
          "--checkpointing", "full", "--attention", "flash", "--lora-rank", "32", "--lora-targets", "all-linear",
-         "--quant", "nf4", "--optimizer", "adamw-8bit", "--grad-accum", "4", "--lora-dropout", "0.05",
+         "--quant", "nf4", "--optimizer", "paged-adamw-8bit", "--grad-accum", "4", "--lora-dropout", "0.05",
          "--kbit-prep"],
-        ["optimizer=paged_adamw_8bit"],
+        [],
     ),
     "litgpt_llama3_2_1b_lora.yaml": (
         "litgpt",

@@ -129,11 +129,25 @@ _EXPLAINERS = [
         "- **adafactor**: factors the second moment of each matrix into a row and a column vector, "
         "almost no state.\n"
         "- **galore-adamw**: projects each gradient matrix to a low rank and keeps Adam's moments "
-        "in that small space (see GaLore rank).",
+        "in that small space (see GaLore rank).\n"
+        "- **paged-adamw-8bit**, **paged-adamw** (bitsandbytes PagedAdamW8bit / PagedAdamW32bit): "
+        "8-bit or fp32 moments, and those of every tensor of 100,000 values or more live in CUDA "
+        "unified memory (cudaMallocManaged), not in PyTorch's caching allocator. Smaller tensors "
+        "(LoRA adapters of rank 16 on a 4096-wide model among them), tensors under 4096 values "
+        "(fp32 moments) and the 8-bit absmax stay ordinary allocations.\n\n"
+        "What memtui shows for paged states: they are not in the tensor peak "
+        "(torch.cuda.max_memory_allocated does not see them); they are in the device peak and the "
+        "optimizer states (nvidia-smi shows them while resident: bitsandbytes prefetches them to "
+        "the GPU for each step) as far as the rest of the step leaves room on the card. The rest is "
+        "paged out to host memory by the driver instead of running out of memory, so whether a run "
+        "fits is decided without them; the budget's \"paged (unified memory)\" row and `paged_bytes` / "
+        "`paged_evicted_bytes` in the JSON give both figures.",
         "8-bit states track 32-bit Adam closely in published results; SGD and Adafactor can converge "
-        "differently and may need tuning; GaLore spends time on periodic projections.",
+        "differently and may need tuning; GaLore spends time on periodic projections. Paged states "
+        "paged out to the host cost a transfer each step (PCIe bandwidth), nothing when they stay resident.",
         "adamw-8bit is the easy win for fine-tuning; Adafactor or GaLore when optimizer state is "
-        "the wall and you can afford to tune.",
+        "the wall and you can afford to tune; a paged optimizer when spikes (long sequences) would "
+        "otherwise run out of memory, at the price of slow steps when they do.",
     ),
     Explainer(
         "optimizer_impl", "Optimizer implementation",
@@ -331,6 +345,29 @@ _EXPLAINERS = [
         "2 GB more at 8B), and without autocast the activations between layers are fp32.",
         "When reproducing a TRL, Axolotl or tutorial QLoRA run (they call it by default). Only with "
         "--quant nf4 or int8.",
+    ),
+    Explainer(
+        "activation_offload", "Activation offloading",
+        "Saved activations wait in CPU memory.",
+        "torchtune's OffloadActivations: saved-tensor hooks around the decoder's forward copy every tensor "
+        "autograd saves for backward to pinned CPU memory and keep only the copy; backward copies each back "
+        "to the GPU when its node runs, and frees it when the node is done. What stays on the GPU: tensors "
+        "under 1024 bytes, Parameters saved as themselves (norm weights; GPT-2's Conv1D weights), and "
+        "everything the head and the loss save (torchtune turns the hooks off for the output layer, and the "
+        "loss runs outside them). A linear layer's weight is saved as its transpose, a view that is no "
+        "Parameter, so it is copied out and back too: backward briefly holds a copy of each weight.\n\n"
+        "With activation checkpointing (torchtune requires it), the checkpoint's own hooks are innermost inside "
+        "each layer: only what the checkpoint saves for itself, the layer's input, goes to the CPU, and the "
+        "recompute in backward runs on the GPU. Without checkpointing every saved activation goes.\n\n"
+        "memtui runs torchtune's single-stream path; its default use_streams=True overlaps the copies on a "
+        "second stream and keeps up to 5 recently offloaded tensors, and the previous node's copies, on the GPU "
+        "a little longer (not modelled). The pinned host memory is reported apart (\"Offloaded to CPU\", "
+        "`offloaded_activation_bytes`): it is not GPU memory. In a live run on a CPU the copies are made "
+        "within the same memory, so the hook is a no-op in effect there.",
+        "Every saved activation crosses PCIe twice: slower steps unless the copies overlap the compute. "
+        "Host RAM: pinned memory the size of what the layers save.",
+        "Long sequences where the saved activations (or, with checkpointing, the layer inputs) are what the "
+        "card cannot hold.",
     ),
     # ---- budget components ------------------------------------------------
     Explainer(

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator.budget import make_budget
-from memtui.engine.estimator.moments import Moment, activation_moments
+from memtui.engine.estimator.moments import Moment, activation_moments, offloaded_bytes
 from memtui.engine.estimator.layout import (
     INT8_BYTES_PER_PARAM,
     NF4_BYTES_PER_PARAM,
@@ -29,7 +29,9 @@ from memtui.engine.estimator.layout import (
     zero_redundancy_largest_share,
 )
 from memtui.engine.estimator.optimizers import (
+    BNB_ADAM_OPTIMIZERS,
     adafactor_state_params,
+    bnb_adam_state_bytes,
     galore_state_params,
     state_bytes_per_param,
     step_temp_bytes,
@@ -63,6 +65,22 @@ def _layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
     layout = param_layout(config, model)
     _LAYOUTS[key] = (model, layout)  # holding the model keeps its id from being reused
     return layout
+
+
+_BNB_STATES: dict[tuple, tuple[ModelSpec, tuple[int, int]]] = {}
+
+
+def _bnb_states(config: TrainingConfig, model: ModelSpec) -> tuple[int, int]:
+    """bnb_adam_state_bytes over this GPU's trainable tensors, memoised as `_layout` is."""
+    key = (id(model), config.optimizer, config.tp, config.pp, config.lora_rank, config.lora_targets)
+    hit = _BNB_STATES.get(key)
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    if len(_BNB_STATES) > 256:
+        _BNB_STATES.clear()
+    states = bnb_adam_state_bytes(config.optimizer, trainable_tensor_numels(config, model))
+    _BNB_STATES[key] = (model, states)
+    return states
 
 
 # The torch.optim optimizers memtui builds, which ZeroRedundancyOptimizer can rebuild per rank (ZeRO-1).
@@ -100,8 +118,9 @@ def _weights_bytes(config: TrainingConfig, layout: ParamLayout) -> tuple[int, in
     return int(linear + other), int(adapters)
 
 
-def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: ParamLayout) -> tuple[int, int]:
-    """(state bytes on this GPU before sharding, one state over the largest group for temporaries)."""
+def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: ParamLayout) -> tuple[int, int, int]:
+    """(state bytes on this GPU before sharding, one state over the largest group for temporaries, paged state
+    bytes in CUDA unified memory: outside the first figure)."""
     param_bytes = config.weight_bytes
     trainable = layout.trainable_params
     if config.optimizer == "adafactor":
@@ -120,7 +139,7 @@ def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: Par
         dtype = 4 if config.master_weights else trainable_bytes(config)
         master = 4 * trainable if config.master_weights else 0
         # The foreach step builds a full-size variance estimate for every matrix of the group at once.
-        return state_values * dtype + master, matrix_params * dtype
+        return state_values * dtype + master, matrix_params * dtype, 0
     if config.optimizer == "galore-adamw":
         shapes = [(lin.out_features * lin.experts, lin.in_features) for lin in model.linears] * layout.layers
         projected = sum(r * c for r, c in shapes)
@@ -130,11 +149,14 @@ def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: Par
         total = (states + 2 * rest + projectors) * dtype
         if config.master_weights:
             total += 4 * trainable
-        return total, (states // 2 + rest) * dtype
+        return total, (states // 2 + rest) * dtype, 0
     trained_bytes = trainable_bytes(config)
-    per_param = state_bytes_per_param(config, trained_bytes)
     one_state = (4 if config.master_weights else trained_bytes) * trainable
-    return int(per_param * trainable), one_state
+    if config.optimizer in BNB_ADAM_OPTIMIZERS:  # per tensor: bitsandbytes decides each state's size and place
+        allocated, unified = _bnb_states(config, model)
+        return allocated + (4 * trainable if config.master_weights else 0), one_state, unified
+    per_param = state_bytes_per_param(config, trained_bytes)
+    return int(per_param * trainable), one_state, 0
 
 
 @dataclass(frozen=True)
@@ -151,6 +173,7 @@ class _StatesOnGpu:
     computing_weights: int  # through forward and backward: + the layers gathered for compute
     resting_weights: int  # between steps and through the optimizer step
     ddp_buckets: int  # PyTorch DDP's flat copy of every gradient (ZeRO-0/1 across ranks)
+    paged: int = 0  # paged optimizer states in CUDA unified memory: not in `states`, not in the tensor peak
 
     def gradients_at(self, unsharded: int, offload: str) -> int:
         """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced."""
@@ -167,7 +190,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     base_weights, adapters = _weights_bytes(config, layout)
     weights_full = base_weights + adapters
     grads_full = layout.trainable_params * trainable_bytes(config)
-    states_full, one_state_group = _optimizer_state_bytes(config, model, layout)
+    states_full, one_state_group, paged = _optimizer_state_bytes(config, model, layout)
 
     layer_weight_bytes = layout.largest_layer_params * (config.weight_bytes if config.quant == "none" else 1)
     weights = weights_full
@@ -205,6 +228,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         layer_grads=layout.largest_layer_params * config.weight_bytes if not config.uses_lora else 0,
         states=ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer_states),
         computing_weights=weights + gathered, resting_weights=resting_weights, ddp_buckets=ddp_buckets,
+        paged=paged,
     )
     return on_gpu, one_state_group
 
@@ -395,4 +419,6 @@ def estimate(
         peak_phase=peak.phase,
         timeline=_timeline(moments, on_gpu),
         notes=notes,
+        paged_bytes=on_gpu.paged,
+        offloaded_bytes=offloaded_bytes(config, model, layers=layout.layers),
     )

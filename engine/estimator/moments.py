@@ -33,6 +33,16 @@ def activation_moments(config: TrainingConfig, model: ModelSpec, *, layers: int)
     return list(_evaluate(dims, options, layers, config.batch_size, config.seq_len, config.pp))
 
 
+def offloaded_bytes(config: TrainingConfig, model: ModelSpec, *, layers: int) -> int:
+    """--activation-offload: host (pinned) bytes of the saved activations at the end of the forward."""
+    if not config.activation_offload:
+        return 0
+    program = compile_step(dims_for(model, config.tp), options_for(config, model), layers)
+    tokens = config.batch_size * config.seq_len
+    return int(lf_eval(program.offloaded_bytes, (1.0, float(tokens), float(tokens * config.seq_len),
+                                                   float(config.seq_len), float(config.seq_len ** 2))))
+
+
 @lru_cache(maxsize=4096)
 def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_len: int, pp: int) -> tuple[Moment, ...]:
     program = compile_step(dims, options, layers)

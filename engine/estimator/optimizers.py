@@ -13,12 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.validation import UNFUSED_OPTIMIZERS
+from memtui.engine.model.validation import PAGED_OPTIMIZERS, UNFUSED_OPTIMIZERS
 
 # bitsandbytes 8-bit blockwise states: 1 byte per value plus an fp32 absmax per 256-value block.
 ADAM8BIT_STATE_BYTES = 2 * (1 + 4 / 256)
 # bitsandbytes keeps tensors smaller than this in 32-bit state.
 ADAM8BIT_MIN_NUMEL = 4096
+ADAM8BIT_BLOCK = 256  # values per absmax of the blockwise 8-bit states
+# bitsandbytes' paged optimizers (is_paged=True) put a state in CUDA unified memory (cudaMallocManaged, outside
+# PyTorch's caching allocator) only for tensors of at least this many values (Optimizer8bit.get_state_buffer);
+# smaller ones, and the 8-bit states' absmax, come from torch.zeros on the device as usual.
+PAGED_MIN_NUMEL = 100_000
+BNB_ADAM_OPTIMIZERS = ("adamw-8bit",) + PAGED_OPTIMIZERS  # states laid out by bitsandbytes' Optimizer8bit
 
 
 @dataclass(frozen=True)
@@ -39,8 +45,35 @@ def state_bytes_per_param(config: TrainingConfig, param_bytes: int) -> float:
         "lion": state_dtype,
         "adafactor": 0,  # factored: computed per matrix by the caller
         "galore-adamw": 2 * state_dtype,
+        "paged-adamw-8bit": ADAM8BIT_STATE_BYTES,  # per tensor: bnb_adam_state_bytes
+        "paged-adamw": 8,  # bitsandbytes' 32-bit states are fp32 whatever the parameter's dtype
     }[config.optimizer]
     return per_state + master
+
+
+def _round512(n: int) -> int:
+    return (n + 511) // 512 * 512  # each state is its own block of the CUDA caching allocator
+
+
+def bnb_adam_state_bytes(optimizer: str, numels: list[int]) -> tuple[int, int]:
+    """(bytes through the caching allocator, bytes in CUDA unified memory) of bitsandbytes' Adam states over
+    trainable tensors of these sizes, as Optimizer2State.init_state makes them: two moments per tensor, uint8
+    with an fp32 absmax per 256 values (8-bit), fp32 under `min_8bit_size` (4096 values) or for the 32-bit
+    optimizer; a paged optimizer's moments of tensors of at least 100,000 values in unified memory."""
+    eight_bit = optimizer != "paged-adamw"
+    paged = optimizer in PAGED_OPTIMIZERS
+    allocated = unified = 0
+    for numel in numels:
+        if eight_bit and numel >= ADAM8BIT_MIN_NUMEL:
+            moment = numel
+            allocated += 2 * _round512(-(-numel // ADAM8BIT_BLOCK) * 4)
+        else:
+            moment = 4 * numel
+        if paged and numel >= PAGED_MIN_NUMEL:
+            unified += 2 * moment  # not rounded: cudaMallocManaged, not the caching allocator
+        else:
+            allocated += 2 * _round512(moment)
+    return allocated, unified
 
 
 def adafactor_state_params(shapes: list[tuple[int, int]], vector_params: int) -> int:
@@ -79,7 +112,7 @@ def step_temp_bytes(
     optimizer = config.optimizer
     if optimizer in ("sgd", "sgd-momentum"):
         return 0
-    if optimizer == "adamw-8bit":
+    if optimizer in BNB_ADAM_OPTIMIZERS:
         return 0  # bitsandbytes' kernels update in place
     if optimizer == "galore-adamw":
         # A loop over tensors whatever the implementation; the largest (plain AdamW) tensor holds its

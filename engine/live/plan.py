@@ -163,13 +163,16 @@ def _cuda_only(config: TrainingConfig) -> list[tuple[str, dict[str, Any], str]]:
     return found
 
 
-def _not_built(config: TrainingConfig) -> list[tuple[str, dict[str, Any], str]]:
+def _not_built(config: TrainingConfig, device: LocalDevice) -> list[tuple[str, dict[str, Any], str]]:
     """Options whose implementation module is absent from this installation."""
     found = []
     needs = {"lion": "memtui.engine.torchside.optim", "galore-adamw": "memtui.engine.torchside.optim", "adamw-8bit": "memtui.engine.torchside.replicas"}
     module = needs.get(config.optimizer)
     if module and importlib.util.find_spec(module) is None:
         found.append(("--optimizer", {"optimizer": "adamw"}, f"{config.optimizer} is not available in this build ({module} missing)"))
+    if (config.optimizer in ("paged-adamw-8bit", "paged-adamw") and device.kind == "cuda"
+            and importlib.util.find_spec("bitsandbytes") is None):
+        found.append(("--optimizer", {"optimizer": "adamw"}, f"{config.optimizer} needs bitsandbytes, not installed"))
     if config.master_weights and importlib.util.find_spec("memtui.engine.torchside.optim") is None:
         found.append(("--master-weights", {"master_weights": False}, "master weights are not available in this build"))
     if config.quant != "none" and importlib.util.find_spec("memtui.engine.torchside.replicas") is None:
@@ -197,7 +200,7 @@ def _apply_policy(config: TrainingConfig, device: LocalDevice, options: LiveOpti
     problems = []
     if device.kind == "cpu":
         problems += _cuda_only(config)
-    problems += _not_built(config)
+    problems += _not_built(config, device)
     problems += _not_live(config, device, available_ranks)
     if not problems:
         return config, [], ""
@@ -221,11 +224,15 @@ def _predicted(budget: Budget, device: LocalDevice, runtime_bytes: int) -> tuple
         return budget.tensor_peak_bytes, budget.device_peak_bytes, components, {}
     # The estimator models a CUDA step; a CPU run allocates no cuBLAS workspace and has no CUDA context.
     workspace = cublas_workspace_bytes(device.gpu_spec())
-    tensor_peak = budget.tensor_peak_bytes - workspace
+    # Nothing is paged on a CPU: a paged optimizer's states are ordinary memory there, constant through the step.
+    tensor_peak = budget.tensor_peak_bytes - workspace + budget.paged_bytes
     components["temporary"] = max(0, components["temporary"] - workspace)
+    components["optimizer_states"] += budget.paged_evicted_bytes
     components["overhead"] = runtime_bytes
     adjustments = {"cublas_workspace_bytes": -workspace, "cuda_overhead_bytes": -budget.per_gpu.overhead,
                    "cpu_runtime_bytes": runtime_bytes}
+    if budget.paged_bytes:
+        adjustments["paged_states_in_cpu_memory_bytes"] = budget.paged_bytes
     return tensor_peak, tensor_peak + runtime_bytes, components, adjustments
 
 
@@ -244,6 +251,13 @@ def make_plan(
     full = spec or resolve_model(requested.model)
     runtime = runtime_bytes if runtime_bytes is not None else (ASSUMED_CPU_RUNTIME_BYTES if device.kind == "cpu" else 0)
     config, notices, refusal = _apply_policy(requested, device, options, available_ranks(device, device_count))
+    if device.kind == "cpu" and config.activation_offload:
+        notices.append("activation offload on the CPU: the copies to host memory and back are made within the same "
+                       "memory, so the hook is a no-op in effect; the tracker counts the host copies apart, as "
+                       "pinned memory on a GPU")
+    if device.kind == "cpu" and config.optimizer in ("paged-adamw-8bit", "paged-adamw"):
+        notices.append(f"{config.optimizer} on the CPU: nothing is paged there, so its states are ordinary memory "
+                       "(bitsandbytes' state layout, updated in place as its kernels do), counted in the tensor peak")
     defaults = sizing.CPU_DEFAULTS if device.kind == "cpu" else sizing.CUDA_DEFAULTS
     seq_len = options.seq_len or config.seq_len
     batch_size = options.batch_size or config.batch_size

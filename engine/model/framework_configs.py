@@ -226,9 +226,9 @@ _HF_OPTIMIZERS: dict[str, tuple[str, str | None, str]] = {
     "adamw_apex_fused": ("adamw", "fused", ""),
     "adamw_bnb_8bit": ("adamw-8bit", None, ""),
     "adamw_8bit": ("adamw-8bit", None, ""),
-    "paged_adamw_8bit": ("adamw-8bit", None, _PAGED),
-    "paged_adamw": ("adamw", None, _PAGED),
-    "paged_adamw_32bit": ("adamw", None, _PAGED),
+    "paged_adamw_8bit": ("paged-adamw-8bit", None, ""),  # bnb PagedAdamW8bit
+    "paged_adamw": ("paged-adamw", None, ""),  # bnb PagedAdamW (optim_bits=32)
+    "paged_adamw_32bit": ("paged-adamw", None, ""),  # bnb PagedAdamW32bit
     "adafactor": ("adafactor", None, ""),
     "sgd": ("sgd", None, ""),
     "lion_32bit": ("lion", None, ""),
@@ -430,8 +430,8 @@ _TORCHTUNE_MODELS = {
 _TORCHTUNE_LAYERS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
 _TORCH_OPTIMIZERS = {
     "torch.optim.adamw": "adamw", "torch.optim.adam": "adamw", "torch.optim.sgd": "sgd",
-    "bitsandbytes.optim.adamw8bit": "adamw-8bit", "bitsandbytes.optim.pagedadamw8bit": "adamw-8bit",
-    "bitsandbytes.optim.pagedadamw": "adamw", "bitsandbytes.optim.pagedadamw32bit": "adamw",
+    "bitsandbytes.optim.adamw8bit": "adamw-8bit", "bitsandbytes.optim.pagedadamw8bit": "paged-adamw-8bit",
+    "bitsandbytes.optim.pagedadamw": "paged-adamw", "bitsandbytes.optim.pagedadamw32bit": "paged-adamw",
     "torchao.optim.adamw8bit": "adamw-8bit", "torchao.prototype.low_bit_optim.adamw8bit": "adamw-8bit",
     "torch.optim.adafactor": "adafactor",
 }
@@ -450,8 +450,6 @@ def _torch_optimizer(reader: _Reader, key: str) -> None:
     prefix = key.rsplit(".", 1)[0]
     momentum = reader.get(f"{prefix}.momentum") or reader.get(f"{prefix}.init_args.momentum")
     reader.set(key, "optimizer", "sgd-momentum" if optimizer == "sgd" and _positive(momentum) else optimizer)
-    if "paged" in component.lower():
-        reader.note(f"ignored: {key}={component} ({_PAGED})")
     for args in (prefix, f"{prefix}.init_args"):
         if reader.bool(f"{args}.fused"):
             reader.set(f"{args}.fused", "optimizer_impl", "fused")
@@ -507,7 +505,9 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
     # recipes/full_finetune_single_device.py: optimizer_in_bwd steps each parameter in a post-accumulate-grad hook.
     if reader.bool("optimizer_in_bwd"):
         reader.set("optimizer_in_bwd", "optimizer_in_backward", True)
-    reader.ignore("enable_activation_offloading", "saved activations offloaded to the CPU are not modelled yet")
+    # recipes/*: enable_activation_offloading wraps the model's forward in OffloadActivations.
+    if reader.bool("enable_activation_offloading"):
+        reader.set("enable_activation_offloading", "activation_offload", True)
     reader.ignore("compile", "torch.compile's saved tensors are not modelled yet")
     # torchtune/modules/loss: CEWithChunkedOutputLoss (num_output_chunks, 8) and LinearCrossEntropyLoss (the
     # output projection inside the loss, chunked).
@@ -719,7 +719,11 @@ def _axolotl(reader: _Reader, folder: Path) -> None:
     _map_fused_loss(reader, "liger_fused_linear_cross_entropy")
     _map_fused_loss(reader, "cut_cross_entropy", "modelled with Liger's allocations; cut-cross-entropy's kernel "
                     "keeps less")
-    reader.ignore("activation_offloading", "saved activations offloaded to the CPU are not modelled yet")
+    # Axolotl's activation_offloading: true wraps the forward in torchtune's OffloadActivations (its port).
+    if reader.get("activation_offloading") is True:
+        reader.set("activation_offloading", "activation_offload", True)
+    reader.ignore("activation_offloading", "Axolotl's legacy/disk offloading is not modelled",
+                  lambda value: isinstance(value, str))
     reader.ignore("unsloth_lora_mlp", "Unsloth's fused LoRA kernels are not modelled")
 
 

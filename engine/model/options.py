@@ -171,7 +171,9 @@ _OPTIONS = (
            "the optimizer", "--optimizer adamw-8bit",
            ladder={"adamw-8bit": "8-bit AdamW states", "sgd": "plain SGD (no optimizer state)",
                    "sgd-momentum": "SGD with momentum (one state)", "adafactor": "Adafactor (factored states)",
-                   "lion": "Lion (one state)", "galore-adamw": "GaLore AdamW (rank {galore_rank})"},
+                   "lion": "Lion (one state)", "galore-adamw": "GaLore AdamW (rank {galore_rank})",
+                   "paged-adamw-8bit": "paged 8-bit AdamW states (unified memory)",
+                   "paged-adamw": "paged 32-bit AdamW states (unified memory)"},
            baseline="adamw"),
     Option("optimizer_impl", "Opt. impl", PRECISION_AND_OPTIMIZER, "select",
            "how the optimizer steps", "--optimizer-impl fused",
@@ -237,6 +239,10 @@ _OPTIONS = (
     Option("kbit_prep", "k-bit prep", ADAPTERS, "switch",
            "peft's prepare_model_for_kbit_training: every unquantized weight in fp32, with --quant",
            "--quant nf4 --kbit-prep", ladder="k-bit prep (fp32 norms, embeddings, head)", baseline=False),
+    # ---- saved activations in host memory (issue 11) -------------------------------------------------------------
+    Option("activation_offload", "Act. offload", MEMORY_SAVERS, "switch",
+           "saved activations to pinned CPU memory in forward, back in backward (torchtune OffloadActivations)",
+           "--checkpointing full --activation-offload", ladder="activations offloaded to CPU", baseline=False),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

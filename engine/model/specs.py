@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Precision = Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
-Optimizer = Literal["adamw", "adamw-8bit", "sgd", "sgd-momentum", "adafactor", "lion", "galore-adamw"]
+Optimizer = Literal["adamw", "adamw-8bit", "sgd", "sgd-momentum", "adafactor", "lion", "galore-adamw",
+                    "paged-adamw-8bit", "paged-adamw"]
 OptimizerImpl = Literal["foreach", "fused", "for-loop"]
 Checkpointing = Literal["none", "selective", "full"]
 Attention = Literal["eager", "flash"]
@@ -76,6 +77,7 @@ class TrainingConfig(BaseModel):
                                 description="peft's lora_dropout: dropout on each adapter's input")
     lora_dtype: LoraDtype = "fp32"
     kbit_prep: bool = False
+    activation_offload: bool = False
 
     @property
     def dp(self) -> int:
@@ -203,3 +205,22 @@ class Budget(BaseModel):
     timeline: list[TimelinePoint]
     notes: list[str] = []
     method: Literal["estimate", "trace"] = "estimate"
+    paged_bytes: int = Field(
+        default=0,
+        description="bitsandbytes' paged optimizer states (CUDA unified memory, outside the caching allocator): "
+                    "not in tensor_peak_bytes; in device_peak_bytes and optimizer_states while resident")
+    paged_evicted_bytes: int = Field(
+        default=0,
+        description="the part of paged_bytes the driver pages out to host memory because the rest of the step "
+                    "leaves no room for it on the card (not in device_peak_bytes)")
+
+    offloaded_activation_bytes: int = Field(
+        default=0,
+        description="--activation-offload: saved activations in pinned host memory at the end of the forward "
+                    "(host RAM, not GPU memory; in no other figure)")
+
+    @property
+    def device_required_bytes(self) -> int:
+        """The device peak less the paged states resident in it: the driver pages those out rather than let the
+        step run out of memory, so this is what decides whether it fits."""
+        return self.device_peak_bytes - (self.paged_bytes - self.paged_evicted_bytes)

@@ -73,6 +73,7 @@ def _divisors(n: int) -> str:
 
 
 UNFUSED_OPTIMIZERS = ("adafactor", "lion", "galore-adamw")  # no fused kernel: `fused` runs as for-loop
+PAGED_OPTIMIZERS = ("paged-adamw-8bit", "paged-adamw")  # bitsandbytes' PagedAdamW8bit / PagedAdamW32bit
 
 
 @dataclass
@@ -225,6 +226,21 @@ RULES: tuple[Rule, ...] = (
     _note("quant", "model", broken=lambda f: f.config.quant != "none" and f.model.family == "gpt2",
           message=lambda f: f"{f.config.quant}: GPT-2's layers are Conv1D, not nn.Linear, so bitsandbytes quantizes "
                             "none of them; the weights stay 16-bit."),
+    # ---- paged optimizers (bitsandbytes: states in CUDA unified memory) ------------------------------------
+    _rule("optimizer", "gpus", broken=lambda f: f.config.optimizer in PAGED_OPTIMIZERS and f.config.gpus > 1,
+          message=lambda f: f"{f.config.optimizer} is modelled on one GPU; {{gpus}} is {f.config.gpus}",
+          allowed=lambda f: "adamw, adamw-8bit, or {gpus} 1"),
+    _rule("optimizer", "offload", "master_weights", "optimizer_in_backward",
+          broken=lambda f: f.config.optimizer in PAGED_OPTIMIZERS and (
+              f.config.offload != "none" or f.config.master_weights or f.config.optimizer_in_backward),
+          message=lambda f: f"{f.config.optimizer} keeps its own states in unified memory: no {{offload}}, "
+                            "{master_weights} wrapper or {optimizer_in_backward}",
+          allowed=lambda f: "adamw, adamw-8bit, or {offload} none without {master_weights} and "
+                            "{optimizer_in_backward}"),
+    # ---- activation offloading (torchtune OffloadActivations) -----------------------------------------------
+    _rule("activation_offload", "gpus", broken=lambda f: f.config.activation_offload and f.config.gpus > 1,
+          message=lambda f: f"is modelled on one GPU; {{gpus}} is {f.config.gpus}",
+          allowed=lambda f: "off, or {gpus} 1"),
 )
 
 

@@ -166,6 +166,10 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
         model = apply_lora(model, spec, config)
     # training_step reads how to compute the loss from the model: its callers need not know.
     model.memtui_loss = (config.loss, config.loss_chunks)
+    if config.activation_offload:
+        from memtui.engine.torchside.offload import offload_decoder_activations
+
+        model.memtui_offload = offload_decoder_activations(model, torch.device(device).type)
     return model
 
 
@@ -341,6 +345,11 @@ def _optimizer_over(params: list, model, config: TrainingConfig, device_type: st
         from memtui.engine.torchside.replicas import adamw_8bit
 
         optimizer = adamw_8bit(params, device_type=device_type)
+    elif name in ("paged-adamw-8bit", "paged-adamw"):
+        from memtui.engine.torchside.optim import paged_adamw
+
+        optimizer = paged_adamw(params, optim_bits=8 if name == "paged-adamw-8bit" else 32, device_type=device_type,
+                                paged=device_type == "cuda")
     else:  # pragma: no cover - TrainingConfig validates the name
         raise ValueError(name)
     if config.master_weights:

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.optim import Optimizer
 
@@ -168,3 +170,83 @@ def _init_args(cls) -> set[str]:
     import inspect
 
     return set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+
+
+# ---- bitsandbytes' Adam: AdamW8bit, PagedAdamW8bit, PagedAdamW32bit ------------------------------------------
+# bitsandbytes/optim/optimizer.py (Optimizer2State.init_state, Optimizer8bit.get_state_buffer): two moments per
+# tensor; uint8 with an fp32 absmax per 256 values for the 8-bit optimizers, except tensors under min_8bit_size
+# (4096 values), which keep fp32 moments, as the 32-bit optimizer does for all (fp32 whatever the parameter's
+# dtype); a paged optimizer takes the moments of tensors of at least 100,000 values from F.get_paged, CUDA unified
+# memory (cudaMallocManaged) that PyTorch's caching allocator never sees. The absmax and the smaller tensors'
+# moments are torch.zeros on the device as usual.
+BNB_MIN_8BIT_NUMEL = 4096
+BNB_BLOCK = 256
+BNB_PAGED_MIN_NUMEL = 100_000
+
+
+@contextlib.contextmanager
+def memory_kind(kind: str):
+    """Tensors made inside are `kind` memory ("unified_memory": CUDA managed, "host_memory": pinned CPU), not the
+    caching allocator's: a memory tracker on the dispatch stack that knows the protocol (a context method of that
+    name) counts them apart."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    with contextlib.ExitStack() as stack:
+        for mode in _get_current_dispatch_mode_stack():
+            enter = getattr(mode, kind, None)
+            if enter is not None:
+                stack.enter_context(enter())
+        yield
+
+
+def unified_memory():
+    return memory_kind("unified_memory")
+
+
+class BnbAdamReplica(Optimizer):
+    """bitsandbytes' Adam states, allocation for allocation (see above). The update is applied in place, as
+    bitsandbytes' fused kernels do; it is not numerically Adam."""
+
+    def __init__(self, params, *, optim_bits: int = 8, paged: bool = False, lr: float = 1e-4, betas=(0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.optim_bits, self.paged = optim_bits, paged
+
+    def _state_buffer(self, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.paged and param.numel() >= BNB_PAGED_MIN_NUMEL:
+            with unified_memory():
+                return torch.zeros_like(param, dtype=dtype)
+        return torch.zeros_like(param, dtype=dtype)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    eight_bit = self.optim_bits == 8 and param.numel() >= BNB_MIN_8BIT_NUMEL
+                    dtype = torch.uint8 if eight_bit else torch.float32
+                    state["state1"] = self._state_buffer(param, dtype)
+                    state["state2"] = self._state_buffer(param, dtype)
+                    if eight_bit:
+                        blocks = -(-param.numel() // BNB_BLOCK)
+                        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+                        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(param.grad, alpha=-group["lr"])
+        return None
+
+
+def paged_adamw(params, *, optim_bits: int, device_type: str, paged: bool = True):
+    """bitsandbytes' PagedAdamW8bit / PagedAdamW32bit on CUDA; the allocation-exact replica elsewhere (the trace:
+    paged states made as unified memory; a live CPU run: `paged=False`, every state in ordinary memory)."""
+    params = list(params)
+    on_cuda = all(param.device.type == "cuda" for param in params if isinstance(param, torch.Tensor))
+    if device_type == "cuda" and on_cuda and torch.cuda.is_available():  # the trace's fake parameters are on the CPU
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.PagedAdamW8bit if optim_bits == 8 else bnb.optim.PagedAdamW32bit
+        return optimizer(params, lr=1e-4, weight_decay=0.01)
+    return BnbAdamReplica(params, optim_bits=optim_bits, paged=paged)

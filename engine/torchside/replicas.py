@@ -29,8 +29,6 @@ from memtui.engine.model.architectures import ModelSpec
 
 NF4_BLOCK = 64
 NESTED_BLOCK = 256
-ADAM8BIT_BLOCK = 256
-ADAM8BIT_MIN_NUMEL = 4096
 
 
 class _Nf4MatMul(torch.autograd.Function):
@@ -178,42 +176,12 @@ def _bitsandbytes_linear(linear: nn.Linear, quant: str, compute_dtype: torch.dty
     return module.to(device)  # quantizes on the move to CUDA
 
 
-class AdamW8bitReplica(torch.optim.Optimizer):
-    """bitsandbytes AdamW8bit's state layout: uint8 moments with fp32 absmax per 256 values.
-
-    Tensors under 4096 values keep fp32 states, as bitsandbytes does. The update is
-    applied in place, as bitsandbytes' fused kernel does; it is not numerically 8-bit Adam.
-    """
-
-    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    if param.numel() < ADAM8BIT_MIN_NUMEL:
-                        state["state1"] = torch.zeros_like(param, dtype=torch.float32)
-                        state["state2"] = torch.zeros_like(param, dtype=torch.float32)
-                    else:
-                        blocks = math.ceil(param.numel() / ADAM8BIT_BLOCK)
-                        state["state1"] = torch.zeros_like(param, dtype=torch.uint8)
-                        state["state2"] = torch.zeros_like(param, dtype=torch.uint8)
-                        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
-                        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=param.device)
-                param.mul_(1 - group["lr"] * group["weight_decay"])
-                param.add_(param.grad, alpha=-group["lr"])
-        return None
-
-
 def adamw_8bit(params, *, device_type: str):
     """bitsandbytes' AdamW8bit on CUDA; the allocation-exact replica elsewhere."""
     if device_type == "cuda" and torch.cuda.is_available():
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=1e-4, weight_decay=0.01)
-    return AdamW8bitReplica(params)
+    from memtui.engine.torchside.optim import BnbAdamReplica
+
+    return BnbAdamReplica(params, optim_bits=8, paged=False)

@@ -46,6 +46,9 @@ def _what_was_traced(config: TrainingConfig, spec: ModelSpec) -> list[str]:
         traced.append(f"gradient accumulation: {shown} of {config.grad_accum} micro-batches per step{rest}")
     if config.optimizer_in_backward:
         traced.append("optimizer stepped in backward: one per parameter, in a post-accumulate-grad hook")
+    if config.activation_offload:
+        traced.append("activation offloading: torchtune's OffloadActivations hooks (single stream) around the "
+                      "decoder; the host copies counted apart (offloaded_activation_bytes)")
     return traced
 
 
@@ -58,6 +61,10 @@ def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: 
         modelled.append("fused SGD: traced as its foreach twin, which allocates the same (fused SGD has no fake kernel)")
     if config.optimizer == "adamw-8bit":
         modelled.append("8-bit AdamW: bitsandbytes replaced by an allocation-exact replica")
+    if config.optimizer in ("paged-adamw-8bit", "paged-adamw"):
+        modelled.append(f"{config.optimizer}: bitsandbytes replaced by an allocation-exact replica; the states it "
+                        "pages (tensors of 100,000 values or more) are made as CUDA unified memory, outside the "
+                        "tensor peak (paged_bytes), resident on the card as far as the step leaves room")
     modelled += parallel_modelled  # data parallelism traced at the real world size (engine/trace/parallel.py)
     if distributed:
         modelled.append("ZeRO / tensor / pipeline parallel sharding: estimator, applied to the single-GPU trace")
@@ -129,6 +136,8 @@ def assemble(
         timeline=_timeline(summary),
         notes=notes,
         method="trace",
+        paged_bytes=log.unified_bytes,
+        offloaded_bytes=log.host_peak_bytes,
     )
     return TraceResult(
         budget=budget,

@@ -10,7 +10,9 @@ as a gradient for its whole life.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +52,11 @@ class MemoryLog:
     allocations: dict[int, Allocation] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     phase_marks: list[tuple[int, int, str]] = field(default_factory=list)  # (event index, step, phase)
+    # CUDA unified memory (bitsandbytes' paged optimizer states): outside the caching allocator, so not events.
+    unified_bytes: int = 0
+    # Host memory the step makes (activation offloading's pinned copies): (event index, live host bytes) at each
+    # change, and the most alive at once; not device events either.
+    host_peak_bytes: int = 0
 
 
 def local_tensor(tensor):
@@ -72,6 +79,11 @@ class MemoryTracker(TorchDispatchMode):
         self.module = ""
         self._finalizers: list[weakref.finalize] = []
         self._released: set[int] = set()
+        self._unified: set[int] = set()  # id(storage) of unified-memory tensors, while alive
+        self._making_unified = False
+        self._host: set[int] = set()  # id(storage) of host-memory tensors, while alive
+        self._making_host = False
+        self._host_live = 0
 
     # ---- phases -------------------------------------------------------------
     def mark(self, phase: str) -> None:
@@ -79,12 +91,61 @@ class MemoryTracker(TorchDispatchMode):
         self.log.phase_marks.append((len(self.log.events), self.step, phase))
 
     # ---- allocations ----------------------------------------------------------
+    @contextlib.contextmanager
+    def unified_memory(self) -> Iterator[None]:
+        """Storages made inside are CUDA unified memory (cudaMallocManaged: bitsandbytes' paged optimizer
+        states), which the caching allocator never sees: counted in `log.unified_bytes`, never as events."""
+        previous, self._making_unified = self._making_unified, True
+        try:
+            yield
+        finally:
+            self._making_unified = previous
+
+    @contextlib.contextmanager
+    def host_memory(self) -> Iterator[None]:
+        """Storages made inside are host memory (activation offloading's pinned copies), not the device's:
+        counted in `log.host_peak_bytes`, never as events."""
+        previous, self._making_host = self._making_host, True
+        try:
+            yield
+        finally:
+            self._making_host = previous
+
+    def _track_host(self, storage) -> None:
+        key = id(storage)
+        if key in self._host or key in self._by_storage:
+            return
+        self._host.add(key)
+        self._host_live += storage.nbytes()
+        self.log.host_peak_bytes = max(self.log.host_peak_bytes, self._host_live)
+        self._finalizers.append(weakref.finalize(storage, self._host_freed, key, storage.nbytes()))
+
+    def _host_freed(self, key: int, nbytes: int) -> None:
+        self._host.discard(key)
+        self._host_live -= nbytes
+
+    def _track_unified(self, storage) -> None:
+        key = id(storage)
+        if key in self._unified or key in self._by_storage:
+            return
+        self._unified.add(key)
+        self.log.unified_bytes += storage.nbytes()
+        self._finalizers.append(weakref.finalize(storage, self._unified.discard, key))
+
     def track(self, tensor: torch.Tensor, op: str = "external") -> int | None:
         tensor = local_tensor(tensor)
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
             return None
         storage = tensor.untyped_storage()
         key = id(storage)
+        if self._making_unified:
+            self._track_unified(storage)
+            return None
+        if self._making_host:
+            self._track_host(storage)
+            return None
+        if key in self._unified or key in self._host:  # an in-place op on a unified-memory or host tensor
+            return None
         existing = self._by_storage.get(key)
         if existing is not None:
             return existing

@@ -198,6 +198,13 @@ class ComponentTable(Widget):
             row(tensor_label, gib_number(budget.tensor_peak_bytes), f"{100 * budget.tensor_peak_bytes / total:.1f}",
                 delta_cell(budget.tensor_peak_bytes, pinned.tensor_peak_bytes) if pinned is not None else "")
         )
+        # Figures outside the tensor peak, shown only when this configuration (or the pinned one) has them.
+        for name, figure in (("Paged (unified memory)", "paged_bytes"), ("  paged out to host", "paged_evicted_bytes"),
+                             ("Offloaded to CPU (pinned)", "offloaded_activation_bytes")):
+            now, then = getattr(budget, figure), getattr(pinned, figure) if pinned is not None else 0
+            if now or then:
+                lines.append(row(name[: name_width + 2].ljust(name_width + 2), gib_number(now),
+                                 f"{100 * now / total:.1f}", delta_cell(now, then) if pinned is not None else ""))
         states_label = "Bytes per parameter"[: name_width + 2].ljust(name_width + 2)
         bpp_delta: Content | str = ""
         if pinned is not None:

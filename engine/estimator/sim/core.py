@@ -88,6 +88,7 @@ class Tensor:
     view_of: Tensor | None = None  # a view: no storage of its own, keeps its base alive
     view_refs: int = 0  # how many of `refs` are held by live views of this tensor
     collected: list | None = None  # chunk's source: its parts' gradients, gathered for one SplitBackward
+    offloaded: bool = False  # a saved tensor's host copy (--activation-offload): no device bytes
 
     @property
     def nbytes(self) -> LF:
@@ -125,6 +126,7 @@ class CheckpointRegion:
     recomputed: bool = False
     selective: bool = False
     stored: list[Tensor] = field(default_factory=list)
+    packed: dict[int, Tensor] = field(default_factory=dict)  # positional inputs offloaded by the outer hooks
 
 
 class StopRecompute(Exception):
@@ -160,6 +162,10 @@ class Sim:
         self.views: list[Tensor] = []
         self.segment_of_node: dict[str, str] = {}  # backward segment named after the forward segment of each node
         self.log: list[tuple[str, Tensor]] | None = None  # set to [] to record events (debugging aid)
+        # --activation-offload (torchtune's OffloadActivations, single stream): while set, the (1, B, B*s, s, s*s)
+        # values min_offload_size is judged at; host bytes packed, by the segment that packed them.
+        self.offload_at: LF | None = None
+        self.offloaded: dict[str, LF] = {}
 
     # ---- allocation bookkeeping -------------------------------------------------------
     def set_segment(self, name: str) -> None:
@@ -261,6 +267,25 @@ class Sim:
         tensor.category = category
         self.live[category] = lf_add(self.live[category], tensor.nbytes)
 
+    # ---- activation offloading ---------------------------------------------------------------
+    def _offloads(self, tensor: Tensor, op: str) -> bool:
+        """Whether OffloadActivations' pack hook moves this saved tensor to the host: not a Parameter (a linear's
+        weight is saved as its transpose, a view, which is no Parameter: that one goes), not under 1024 bytes."""
+        if self.offload_at is None or self._recomputing is not None or self.phase != "forward":
+            return False
+        if tensor.param and op != "linear":
+            return False
+        return lf_eval(tensor.nbytes, self.offload_at) >= 1024
+
+    def _pack(self, tensor: Tensor) -> Tensor:
+        """The host copy standing for a saved tensor: it takes no reference on the device tensor."""
+        self.offloaded[self.segment] = lf_add(self.offloaded.get(self.segment, ZERO), tensor.nbytes)
+        return Tensor(elems=tensor.elems, dtype=tensor.dtype, alive=False, offloaded=True, name=tensor.name)
+
+    def _unpack(self, packed: Tensor) -> Tensor:
+        """The copy back to the device, made when backward needs it."""
+        return self.new(packed.elems, packed.dtype, name=f"{packed.name} unpacked")
+
     # ---- autograd -------------------------------------------------------------------------------
     def record(self, name: str, output: Tensor, inputs: list[Tensor], saved: list[Tensor], backward) -> None:
         """Attach a grad_fn to `output` if any input requires grad; keep saved tensors alive."""
@@ -274,12 +299,17 @@ class Sim:
             node.region = self.region
             self.region.nodes.append(node)
         else:
+            kept = []
             for tensor in saved:
+                if self._offloads(tensor, name):
+                    kept.append(self._pack(tensor))
+                    continue
                 self.ref(tensor)
                 tensor.saved_refs += 1
                 if self._frame is not None:
                     self._frame.setdefault(id(tensor), [tensor, 0, 0])[2] += 1
-            node.saved = list(saved)
+                kept.append(tensor)
+            node.saved = kept
         self.nodes.append(node)
         if self._recompute_stop >= 0 and len(self.nodes) - 1 == self._recompute_stop:
             raise StopRecompute
@@ -303,7 +333,15 @@ class Sim:
             self._release_saved(node)
             return
         node.output.grad = None
+        unpacked = []
+        if any(tensor.offloaded for tensor in node.saved):
+            # The backward function unpacks its saved tensors first; the copies die when it returns.
+            node.saved = [self._unpack(tensor) if tensor.offloaded else tensor for tensor in node.saved]
+            unpacked = [tensor for tensor in node.saved if tensor.name.endswith(" unpacked")]
         results = node.backward(self, node, grad_out)
+        if unpacked:
+            node.saved = [tensor for tensor in node.saved if all(tensor is not copy for copy in unpacked)]
+            self.drop(*unpacked)
         # The engine moves the incoming gradient into the node, so it dies when the node returns,
         # before validate_outputs casts the results. Saved tensors are released after the cast,
         # except under checkpointing: the unpacked recomputed tensors die with the node's frame.
@@ -336,7 +374,8 @@ class Sim:
 
     def _release_saved(self, node: Node) -> None:
         for tensor in node.saved:
-            self._unsave(tensor)
+            if not tensor.offloaded:
+                self._unsave(tensor)
         node.saved = []
         region = node.region
         if region is not None:
@@ -346,8 +385,8 @@ class Sim:
                 self._close_region(region)
 
     def _close_region(self, region: CheckpointRegion) -> None:
-        for value in region.inputs:
-            if isinstance(value, Tensor):
+        for index, value in enumerate(region.inputs):
+            if isinstance(value, Tensor) and index not in region.packed:
                 self.drop(value)
         stored, region.stored = region.stored, []
         self.drop(*stored)
@@ -384,11 +423,17 @@ class Sim:
             target.grad = total
 
     # ---- checkpointing -------------------------------------------------------------------------
-    def checkpoint(self, function: Callable[..., object], *inputs, selective: bool = False):
-        """Run `function` as a non-reentrant checkpointed region (transformers' default); selective: see CheckpointRegion."""
+    def checkpoint(self, function: Callable[..., object], *inputs, selective: bool = False, positional: int = 0):
+        """Run `function` as a non-reentrant checkpointed region (transformers' default); selective: see
+        CheckpointRegion. The first `positional` inputs are the function's positional arguments, which the
+        checkpoint saves through autograd's saved-tensor hooks (so they can be offloaded); the rest are keyword
+        arguments its closure keeps."""
         region = CheckpointRegion(function=function, inputs=inputs, selective=selective)
-        for value in inputs:
+        for index, value in enumerate(inputs):
             if isinstance(value, Tensor):
+                if index < positional and self._offloads(value, "checkpoint"):
+                    region.packed[index] = self._pack(value)
+                    continue
                 self.ref(value)  # the checkpoint frame keeps its inputs
         outer, self.region = self.region, region
         try:
@@ -410,11 +455,14 @@ class Sim:
         phase, self.phase = self.phase, "backward"
         first_tensor = len(self.tensors)
         first_view = len(self.views)
+        # Offloaded inputs come back to the device as the recompute unpacks them; its frame holds the copies.
+        inputs = tuple(self._unpack(region.packed[index]) if index in region.packed else value
+                       for index, value in enumerate(region.inputs))
         self._recompute_stop = last
         self._frame = {}
         self._recomputing = region
         try:
-            region.function(*region.inputs)
+            region.function(*inputs)
         except StopRecompute:
             pass
         finally:

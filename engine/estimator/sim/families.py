@@ -58,6 +58,10 @@ class Options:
     loss_chunks: int = 8  # chunked: sequence chunks
     loss_chunk_rows: int = 0  # fused-linear: rows of logits per chunk (Liger's, from the step's tokens)
     lora_dropout: float = 0.0  # peft's nn.Dropout on each adapter's input (--lora-dropout)
+    # --activation-offload: the decoder's saved tensors go to host memory; min_offload_size is judged at these
+    # (tokens, seq_len), capped where every tensor that grows with them is past it (keeps the cache small).
+    activation_offload: bool = False
+    offload_point: tuple[float, float] = (0.0, 0.0)
 
 
 def fused_linear_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
@@ -108,7 +112,7 @@ def apply_linear(sim: Sim, x: Tensor, params: LayerParams, name: str, d_in: int,
     if getattr(weight, "quantized", False):
         result = quantized_linear(sim, x, weight, d_in, d_out, opts, bias)
     else:
-        result = ops.linear(sim, x, weight, d_out, d_in, bias)
+        result = ops.linear(sim, x, weight, d_out, d_in, bias, op="addmm" if opts.family == "gpt2" else "linear")
     if name not in params.lora:
         return result
     if getattr(weight, "quantized", False):

@@ -83,15 +83,18 @@ def _linear_backward(sim: Sim, node, grad):
     return results
 
 
-def linear(sim: Sim, x: Tensor, weight: Tensor, out_features: int, in_features: int, bias: Tensor | None = None) -> Tensor:
-    """F.linear / addmm. Autocast casts bias, weight, then input (C++ evaluates arguments right to left)."""
+def linear(sim: Sim, x: Tensor, weight: Tensor, out_features: int, in_features: int, bias: Tensor | None = None,
+           *, op: str = "linear") -> Tensor:
+    """F.linear / addmm. Autocast casts bias, weight, then input (C++ evaluates arguments right to left).
+    `op`: "linear" saves the weight's transpose (a view), "addmm" (GPT-2's Conv1D) the weight itself."""
     bias_c = autocast_operand(sim, bias) if bias is not None else None
     weight_c = autocast_operand(sim, weight)
     x_c = autocast_operand(sim, x)
-    return _weight_matmul(sim, x_c, weight_c, bias_c, out_features, in_features)
+    return _weight_matmul(sim, x_c, weight_c, bias_c, out_features, in_features, op=op)
 
 
-def _weight_matmul(sim: Sim, x_c: Tensor, weight_c: Tensor, bias_c: Tensor | None, out_features: int, in_features: int) -> Tensor:
+def _weight_matmul(sim: Sim, x_c: Tensor, weight_c: Tensor, bias_c: Tensor | None, out_features: int, in_features: int,
+                   *, op: str = "linear") -> Tensor:
     """x @ W (+ b) on operands already cast; consumes their references."""
     elems = lf_scale(x_c.elems, out_features / in_features)
     saved = []
@@ -104,7 +107,7 @@ def _weight_matmul(sim: Sim, x_c: Tensor, weight_c: Tensor, bias_c: Tensor | Non
         out = Tensor(elems=elems, dtype=x_c.dtype, alive=False)  # never allocated: record() ends the recompute
     else:
         out = sim.policy_saved(elems, x_c.dtype, name="linear")  # mm / addmm
-    sim.record("linear", out, inputs, saved, _linear_backward)
+    sim.record(op, out, inputs, saved, _linear_backward)
     sim.drop(bias_c, weight_c, x_c)
     return out
 

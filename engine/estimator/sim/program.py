@@ -65,6 +65,7 @@ class StepProgram:
     layer_saved: LF  # activations one layer keeps for backward
     layer_gradients: LF  # parameter gradients one layer leaves
     logits_bytes: LF
+    offloaded_bytes: LF = ZERO  # --activation-offload: host (pinned) bytes alive at the end of the forward
 
 
 def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
@@ -104,6 +105,9 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
         loss_chunk_rows=fused_linear_chunk_rows(config.batch_size * config.seq_len, spec.vocab_size // config.tp,
                                                 spec.hidden_size) if config.loss == "fused-linear" else 0,
+        activation_offload=config.activation_offload,
+        offload_point=(float(min(config.batch_size * config.seq_len, 1024)), float(min(config.seq_len, 1024)))
+        if config.activation_offload else (0.0, 0.0),
     )
 
 
@@ -161,6 +165,9 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
     ids = sim.new(per_token(1), "i64", name="input_ids")  # labels are the same tensor
 
     sim.set_segment("embed_fwd")
+    if opts.activation_offload:  # torchtune's OffloadActivations around the decoder (not the head or the loss)
+        tokens, seq = opts.offload_point
+        sim.offload_at = (1.0, tokens, tokens * seq, seq, seq * seq)
     x = ops.embedding(sim, embed, ids, d.hidden)
     if opts.lora_rank > 0 and opts.checkpointing != "none":
         # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
@@ -206,7 +213,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
             # transformers passes position embeddings and the mask as kwargs: the checkpoint frame keeps them.
             kept = [tensor for tensor in (cos, sin, mask) if tensor is not None]
             out = sim.checkpoint(lambda h, *_kept, layer=layer: run_layer(h, layer), previous, *kept,
-                                 selective=opts.checkpointing == "selective")
+                                 selective=opts.checkpointing == "selective", positional=1)
         else:
             out = run_layer(previous, layer)
         sim.drop(previous)
@@ -216,6 +223,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
         normed = ops.layer_norm(sim, out, final_norm, final_norm_bias, d.hidden)
     else:
         normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in ("gemma", "gemma2"))
+    sim.offload_at = None  # the decoder's forward ends: its offloading hooks are popped
     sim.drop(out, mask, second_mask)  # LlamaModel.forward returns: its causal masks go
     if opts.loss == "chunked":
         loss = chunked_output_loss(sim, normed, head, d, opts)
@@ -419,12 +427,16 @@ def compile_step(d: Dims, opts: Options, layers: int) -> StepProgram:
     for category in CATEGORIES:
         layer_saved = lf_add(layer_saved, kept_backward[category])
     logits = per_token(d.vocab * {"f32": 4, "bf16": 2, "f16": 2}[opts.compute])
+    offloaded = ZERO
+    for segment, packed in sim.offloaded.items():
+        offloaded = lf_add(offloaded, lf_scale(packed, 1 + extra if segment == "mid_fwd" else 1))
     return StepProgram(
         candidates=tuple(_prune(candidates)),
         gradients_end=gradients_end,
         layer_saved=layer_saved,
         layer_gradients=left_by_backward["gradients"],
         logits_bytes=logits,
+        offloaded_bytes=offloaded,
     )
 
 

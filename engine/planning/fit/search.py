@@ -59,11 +59,11 @@ class Evaluator:
 
     def peak(self, config: TrainingConfig) -> float:
         budget = self.budget(config)
-        return INFINITE if budget is None else budget.device_peak_bytes
+        return INFINITE if budget is None else budget.device_required_bytes
 
     def fits(self, config: TrainingConfig) -> bool:
         budget = self.budget(config)
-        return budget is not None and budget.device_peak_bytes <= self.memory
+        return budget is not None and budget.device_required_bytes <= self.memory
 
 
 def boundary(

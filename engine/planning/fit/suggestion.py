@@ -9,6 +9,7 @@ from typing import Any
 from memtui.engine.errors import InputError
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import Budget, GpuSpec, TrainingConfig
+from memtui.engine.model.validation import PAGED_OPTIMIZERS
 from memtui.engine.errors import cli_flag
 from memtui.engine.planning.fit.search import (
     DEFAULT_MARGIN,
@@ -136,6 +137,8 @@ _REASONS = {
     "zero": "shard optimizer states, gradients (ZeRO-2) and weights (ZeRO-3) over the data-parallel GPUs you have",
     "optimizer_in_backward": "step each parameter in backward and free its gradient, so a full set of gradients "
                              "never exists (torchtune optimizer_in_bwd); no gradient accumulation or clipping",
+    "activation_offload": "copy what the layers save for backward to pinned CPU memory and back when backward needs "
+                          "it (torchtune OffloadActivations); same results, slower where the copies do not overlap",
 }
 
 
@@ -161,10 +164,13 @@ def _knobs(config: TrainingConfig, gpu: GpuSpec) -> list[_Knob]:
         knobs.append(_Knob("zero", stages, tuple(stage - config.zero + 1 for stage in stages)))
     # Alone on one GPU only: beside the ZeRO knob, or a precision knob that may pick 16-mixed (a GradScaler), its
     # refused combinations would read as "saves the most and still does not fit" and prune the search.
-    if (not config.optimizer_in_backward and config.dp == 1 and config.zero == 0 and config.grad_accum == 1
+    if (not config.optimizer_in_backward and config.dp == 1 and config.optimizer not in PAGED_OPTIMIZERS and config.zero == 0 and config.grad_accum == 1
             and not config.master_weights and config.optimizer != "galore-adamw" and config.precision != "16-mixed"
             and (gpu.bf16 or config.precision != "32-true")):
         knobs.append(_Knob("optimizer_in_backward", (True,), (2,)))
+    # One GPU only, as it is modelled; not in the searches over more GPUs (ZeRO set), where it would be refused.
+    if config.gpus == 1 and config.zero == 0 and not config.activation_offload:
+        knobs.append(_Knob("activation_offload", (True,), (3,)))
     ladder = ("none", "selective", "full")
     if config.checkpointing != "full":
         values = ladder[ladder.index(config.checkpointing) + 1:]
@@ -175,6 +181,17 @@ def _knobs(config: TrainingConfig, gpu: GpuSpec) -> list[_Knob]:
 def _modes(config: TrainingConfig, gpu: GpuSpec) -> list[_Mode]:
     """The training-mode ladder from config: as is, 8-bit AdamW, 16-bit weights, LoRA, QLoRA."""
     modes = [_Mode("as configured", "", {}, False)]
+    # bitsandbytes' paged states: the same Adam, its moments in unified memory the driver pages out to the host
+    # when the step needs the room, instead of running out of memory (slower steps when it does).
+    pageable = (config.gpus == 1 and config.offload == "none" and not config.master_weights
+                and not config.optimizer_in_backward)
+    paged = {"adamw": "paged-adamw", "adamw-8bit": "paged-adamw-8bit"}.get(config.optimizer)
+    if pageable and paged:
+        modes.append(_Mode(
+            f"paged {'8-bit ' if paged.endswith('8bit') else ''}AdamW",
+            "bitsandbytes keeps the Adam moments in CUDA unified memory, paged out to CPU RAM when the step "
+            "needs the room (slower steps then); same update", {"optimizer": paged}, False,
+        ))
     lean_optimizer = {"optimizer": "adamw-8bit"} if config.optimizer == "adamw" and not config.uses_lora else {}
     if lean_optimizer:
         modes.append(_Mode(
@@ -319,12 +336,14 @@ def _steps(
         groups.append((mode.title, mode.reason, dict(mode.changes)))
     if hardware:  # before the knobs: what sharding leaves is what checkpointing and the rest act on
         groups.append((hardware_title, hardware_reason, dict(hardware)))
-    for name in ("attention", "optimizer_impl", "precision", "zero", "optimizer_in_backward", "checkpointing"):
+    for name in ("attention", "optimizer_impl", "precision", "zero", "optimizer_in_backward", "checkpointing",
+                 "activation_offload"):
         value = getattr(final, name)
         if value != getattr(original, name) and name not in mode.changes and name not in hardware:
             title = {"attention": "flash attention", "optimizer_impl": "fused AdamW", "precision": f"{value} autocast",
                      "zero": f"ZeRO-{value}", "optimizer_in_backward": "optimizer step in backward",
-                     "checkpointing": f"{value} activation checkpointing"}[name]
+                     "checkpointing": f"{value} activation checkpointing",
+                     "activation_offload": "activation offloading to CPU"}[name]
             groups.append((title, _REASONS[name], {name: value}))
     if final.batch_size != original.batch_size:
         accumulation = original.batch_size // final.batch_size
@@ -353,7 +372,7 @@ def _plan(
     hardware = hardware or {}
     steps = _steps(evaluator, original, final, mode, hardware, hardware_title, hardware_reason)
     budget = evaluator.budget(final)
-    assert budget is not None and budget.device_peak_bytes <= evaluator.memory  # every plan was estimated to fit
+    assert budget is not None and budget.device_required_bytes <= evaluator.memory  # every plan was estimated to fit
     summary = " + ".join(step.title for step in steps) or "as configured"
     return Plan(summary, steps, final, budget, mode.changes_training, bool(hardware))
 
@@ -427,6 +446,12 @@ def suggest(
         f"{plan.summary}: peak {format_gib(plan.budget.device_peak_bytes)} of {memory} "
         f"(was {format_gib(original.device_peak_bytes)}" + (f"; leaves at least {margin * 100:g}% free)" if margin else ")")
     )
+    if plan.budget.paged_bytes:  # the margin is left beside what must be on the card; paged states fill the rest
+        message = (
+            f"{plan.summary}: peak {format_gib(plan.budget.device_required_bytes)} of {memory} without the "
+            f"{format_gib(plan.budget.paged_bytes)} of paged optimizer states "
+            f"({format_gib(plan.budget.paged_evicted_bytes)} of them paged out to host memory; was "
+            f"{format_gib(original.device_peak_bytes)}" + (f"; leaves at least {margin * 100:g}% free)" if margin else ")"))
     return Suggestion(False, plan, alternatives, original, message, evaluator.estimates)
 
 
