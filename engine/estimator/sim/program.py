@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.architectures import GEMMA_FAMILIES, ModelSpec
 from memtui.engine.estimator.sim import ops
 from memtui.engine.estimator.sim.core import (
     CATEGORIES,
@@ -72,6 +72,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
     params = compute if config.precision in ("16-true", "bf16-true") else "f32"
     base = compute if config.quant != "none" and config.precision != "32-true" else params
     gpt2 = spec.family == "gpt2"
+    softcapped = spec.family in ("gemma2", "gemma3")
     return Options(
         family=spec.family,
         compute=compute,
@@ -95,8 +96,10 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         # only Phi-3 and the chunked head depend on it (keeps the cache small)
         batched=config.batch_size > 1 and (spec.family == "phi3" or config.loss == "chunked"),
         window_mask=_window_mask(config, spec),
-        attention_softcap=spec.family == "gemma2" and spec.config.get("attn_logit_softcapping") is not None,
-        logit_softcap=spec.family == "gemma2" and spec.config.get("final_logit_softcapping") is not None,
+        attention_softcap=softcapped and spec.config.get("attn_logit_softcapping") is not None,
+        logit_softcap=softcapped and spec.config.get("final_logit_softcapping") is not None,
+        rope_pairs=len(set(gemma3_layer_types(spec))) if spec.family == "gemma3" else 1,
+        norm_topk=bool(spec.config.get("norm_topk_prob", False)),
         loss=config.loss,
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
         loss_chunk_rows=fused_linear_chunk_rows(config.batch_size * config.seq_len, spec.vocab_size // config.tp,
@@ -105,9 +108,24 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
 
 
 def _window_mask(config: TrainingConfig, spec: ModelSpec) -> bool:
-    """Phi-3 with SDPA past its sliding window: transformers builds an explicit (b, 1, s, s) boolean mask."""
+    """Phi-3 (and Gemma 3's sliding layers) with SDPA past the sliding window: transformers builds an explicit
+    (b, 1, s, s) boolean mask (Gemma 3 from a sequence as long as the window: masking_utils'
+    `kv_length >= local_attention_size`)."""
     window = spec.config.get("sliding_window")
-    return spec.family == "phi3" and config.attention == "flash" and bool(window) and config.seq_len > int(window)
+    if config.attention != "flash" or not window:
+        return False
+    if spec.family == "gemma3":
+        return config.seq_len >= int(window)
+    return spec.family == "phi3" and config.seq_len > int(window)
+
+
+def gemma3_layer_types(spec: ModelSpec) -> list[str]:
+    """Gemma3TextConfig's layer_types: given, or every sliding_window_pattern-th layer full attention."""
+    given = spec.config.get("layer_types")
+    if given:
+        return list(given)
+    pattern = int(spec.config.get("sliding_window_pattern", 6) or 6)
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(spec.num_layers)]
 
 
 def dims_for(spec: ModelSpec, tp: int = 1) -> Dims:
@@ -174,7 +192,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
         sim.drop(x, position_embeds, position_ids)
         x = ops.dropout(sim, summed, opts.embedding_dropout)
         sim.drop(summed)
-    if opts.family in ("gemma", "gemma2"):
+    if opts.family in GEMMA_FAMILIES:
         scaled = ops.mul_scalar(sim, x)  # embeddings * sqrt(hidden)
         sim.drop(x)
         x = scaled
@@ -182,11 +200,16 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
     if opts.window_mask:
         mask = sliding_window_mask(sim)
         sim.window_mask = mask  # type: ignore[attr-defined]
-    # Gemma-2 alternates full and sliding-window layers: eager attention gets a mask for each kind.
-    second_mask = causal_mask(sim, opts, x.dtype) if opts.family == "gemma2" and mask is not None else None
+    # Gemma-2 and Gemma 3 alternate full and sliding-window layers: eager attention gets a mask for each kind.
+    alternating = opts.family in ("gemma2", "gemma3")
+    second_mask = causal_mask(sim, opts, x.dtype) if alternating and mask is not None else None
     if second_mask is not None:
         sim.causal_mask = mask  # type: ignore[attr-defined]
-    cos, sin = (None, None) if gpt2 else rotary(sim, d, x.dtype)
+    # OLMo 2's rotary embedding returns fp32 cos and sin (no cast to the hidden states' dtype).
+    cos, sin = (None, None) if gpt2 else rotary(sim, d, "f32" if opts.family == "olmo2" else x.dtype)
+    # Gemma 3: a second (cos, sin) pair for the other kind of layer; the replayed layers use the first, and the
+    # layers of the other kind keep the second for their backward (freed with the last of them: the step's end).
+    other_pair = rotary(sim, d, x.dtype) if opts.rope_pairs > 1 else ()
 
     def run_layer(hidden: Tensor, layer) -> Tensor:
         if gpt2:
@@ -212,7 +235,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
     if gpt2:
         normed = ops.layer_norm(sim, out, final_norm, final_norm_bias, d.hidden)
     else:
-        normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in ("gemma", "gemma2"))
+        normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in GEMMA_FAMILIES,
+                          olmo=opts.family == "olmo2")
     sim.drop(out, mask, second_mask)  # LlamaModel.forward returns: its causal masks go
     if opts.loss == "chunked":
         loss = chunked_output_loss(sim, normed, head, d, opts)
@@ -237,6 +261,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
     sim.drop(loss)
     if input_leaf is not None:
         sim.drop(input_leaf)
+    sim.drop(*other_pair)
     sim.set_segment("end")
     sim.finish()
     return sim
