@@ -60,6 +60,10 @@ class Options:
     loss_chunk_rows: int = 0  # fused-linear: rows of logits per chunk (Liger's, from the step's tokens)
     rope_pairs: int = 1  # Gemma 3: a (cos, sin) pair per attention type (sliding and full layers)
     norm_topk: bool = True  # Qwen3-MoE: norm_topk_prob (the top-k weights renormalised to sum to 1)
+    # Gemma 3 with a sliding-window mask: the share of full-attention layers among the middle ones (their SDPA
+    # gets no mask), and whether the replayed layers are full-attention ones (compile_step replays both kinds).
+    full_layer_share: float = 0.0
+    full_attention_layers: bool = False
 
 
 def fused_linear_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
@@ -324,7 +328,16 @@ def attend_and_project(
 
 def attention_core(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options) -> Tensor:
     if opts.attention == "flash":
-        mask = getattr(sim, "window_mask", None) if opts.window_mask else None
+        mask = getattr(sim, "window_mask", None) if opts.window_mask and not opts.full_attention_layers else None
+        if mask is not None and opts.family == "gemma3" and d.heads > d.kv_heads:
+            # sdpa_attention_forward uses SDPA's native GQA only without a mask: with one, repeat_kv copies k and v
+            # to every head. With a single key/value head the reshape stays an expanded view, but autocast's cast
+            # of it (fp32 RoPE output under -mixed) is a full-size tensor.
+            repeat = ops.expand_view if d.kv_heads == 1 else ops.contiguous_copy
+            k_full, v_full = repeat(sim, k, q.elems), repeat(sim, v, q.elems)
+            out = ops.flash_attention(sim, q, k_full, v_full, d.heads, d.head_dim, mask)
+            sim.drop(k_full, v_full)
+            return out
         return ops.flash_attention(sim, q, k, v, d.heads, d.head_dim, mask)
     return eager_attention(sim, q, k, v, d, opts)
 

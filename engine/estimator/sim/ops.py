@@ -402,6 +402,13 @@ def view(sim: Sim, x: Tensor) -> Tensor:
     return alias
 
 
+def expand_view(sim: Sim, x: Tensor, elems: LF) -> Tensor:
+    """x.expand(...) (or a reshape of it that stays a view): no allocation; its gradient is summed back."""
+    alias = sim.alias(x, elems)
+    sim.record("expand", alias, [x], [], _expand_backward)
+    return alias
+
+
 def contiguous_copy(sim: Sim, x: Tensor, elems: LF | None = None) -> Tensor:
     """.contiguous() / .clone() that allocates (repeat_kv's expand + reshape: `elems` larger than x)."""
     out = sim.new(elems if elems is not None else x.elems, x.dtype, name="clone")
