@@ -550,7 +550,7 @@ def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str
         num_experts=experts,
         experts_per_token=experts_per_token,
         final_logit_softcapping=config.get("final_logit_softcapping") if softcapped else None,
-        attn_logit_softcapping=config.get("attn_logit_softcapping") if softcapped else None,
+        attn_logit_softcapping=config.get("attn_logit_softcapping") if family == "gemma2" else None,
         qk_norm=qk_norm,
         qk_norm_widths=qk_widths,
         notes=notes,

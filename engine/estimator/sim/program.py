@@ -96,7 +96,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         # only Phi-3 and the chunked head depend on it (keeps the cache small)
         batched=config.batch_size > 1 and (spec.family == "phi3" or config.loss == "chunked"),
         window_mask=_window_mask(config, spec),
-        attention_softcap=softcapped and spec.config.get("attn_logit_softcapping") is not None,
+        # Gemma3Attention passes no softcap to its attention function: only Gemma-2 caps the scores.
+        attention_softcap=spec.family == "gemma2" and spec.config.get("attn_logit_softcapping") is not None,
         logit_softcap=softcapped and spec.config.get("final_logit_softcapping") is not None,
         rope_pairs=len(set(gemma3_layer_types(spec))) if spec.family == "gemma3" else 1,
         norm_topk=bool(spec.config.get("norm_topk_prob", False)),
