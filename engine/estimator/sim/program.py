@@ -39,6 +39,7 @@ from memtui.engine.estimator.sim.families import (
     llama_layer_params,
     fused_linear_chunk_rows,
     norm_weight,
+    chain,
     rms_norm,
     rotary,
     softcap,
@@ -188,6 +189,9 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
 
     sim.set_segment("embed_fwd")
     x = ops.embedding(sim, embed, ids, d.hidden)
+    if opts.family == "gemma3":
+        # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled.
+        x = chain(sim, x, ops.mul_scalar)
     if opts.lora_rank > 0 and opts.checkpointing != "none":
         # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
         # embedding's output requires grad, so what follows it (GPT-2's dropout) saves for backward.
@@ -203,7 +207,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
         sim.drop(x, position_embeds, position_ids)
         x = ops.dropout(sim, summed, opts.embedding_dropout)
         sim.drop(summed)
-    if opts.family in GEMMA_FAMILIES:
+    if opts.family in ("gemma", "gemma2"):
         scaled = ops.mul_scalar(sim, x)  # embeddings * sqrt(hidden)
         sim.drop(x)
         x = scaled
