@@ -95,6 +95,14 @@ MATRIX: list[dict] = [
     {"model": "gemma-2-9b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 2048, "attention": "eager", "lora_rank": 8},
     {"model": "mixtral-8x7b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "checkpointing": "full"},
     {"model": "mixtral-8x7b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 4096, "lora_rank": 8},
+    # OLMo 2 (post-norms, whole-projection q/k norms), Gemma 3 (sliding and full layers), Qwen3-MoE (128 experts)
+    {"model": "olmo-2-7b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 4096, "checkpointing": "full"},
+    {"model": "olmo-2-13b", "precision": "bf16-true", "batch_size": 1, "seq_len": 4096, "lora_rank": 16},
+    {"model": "gemma-3-1b", "precision": "bf16-mixed", "batch_size": 4, "seq_len": 2048},
+    {"model": "gemma-3-4b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "lora_rank": 16},
+    {"model": "gemma-3-12b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 2048, "attention": "eager", "checkpointing": "full"},
+    {"model": "qwen3-30b-a3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "checkpointing": "full"},
+    {"model": "qwen3-30b-a3b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 4096, "checkpointing": "selective"},
 ]
 
 

@@ -140,7 +140,7 @@ def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec) -> list[in
     per_layer = [linear.weight_params // tp for linear in model.linears]
     per_layer += [linear.out_features * linear.experts // tp for linear in model.linears if linear.bias]
     per_layer += norm_tensors * model.norms_per_layer
-    per_layer += [model.head_dim] * 2 if model.qk_norm else []
+    per_layer += list(model.qk_norm_widths) if model.qk_norm else []
     per_layer += [model.router_params] if model.is_moe else []
     numels = per_layer * layers
     if config.pp == 1:

@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict
 
 from memtui.engine.errors import InputError
 
-Family = Literal["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "mixtral"]
+Family = Literal[
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "mixtral", "olmo2", "gemma3", "qwen3_moe",
+]
 
 # model_type in config.json -> family; the family decides the layer layout.
 SUPPORTED_MODEL_TYPES: dict[str, Family] = {
@@ -34,6 +36,10 @@ SUPPORTED_MODEL_TYPES: dict[str, Family] = {
     "phi3": "phi3",
     "gpt2": "gpt2",
     "mixtral": "mixtral",
+    "olmo2": "olmo2",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",  # the multimodal config: its text_config (see _text_config)
+    "qwen3_moe": "qwen3_moe",
 }
 
 # The HF class a family trains with.
@@ -47,6 +53,25 @@ CAUSAL_LM_CLASS: dict[Family, str] = {
     "phi3": "Phi3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "mixtral": "MixtralForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+
+# Families whose decoder layers normalise queries and keys (q_norm, k_norm).
+QK_NORM_FAMILIES = ("qwen3", "olmo2", "gemma3", "qwen3_moe")
+# Families with Gemma's scaled embeddings, (1 + weight) RMSNorm and GELU (tanh) MLP.
+GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
+# Families with mixture-of-experts MLPs (experts stored as stacked 3D tensors).
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
+
+# Gemma3TextConfig's defaults (transformers): a multimodal Gemma 3 config.json's text_config names only
+# what differs from them.
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "attention_bias": False, "attention_dropout": 0.0,
 }
 
 
@@ -97,6 +122,8 @@ class ModelSpec(BaseModel):
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
     qk_norm: bool = False
+    qk_norm_widths: tuple[int, int] = (0, 0)  # q_norm and k_norm weights (head_dim each; OLMo 2: q_dim, kv_dim)
+    notes: tuple[str, ...] = ()  # what memtui changed while reading the config.json
     linears: tuple[LinearLayer, ...]
     source: str = ""
     config: dict[str, Any]
@@ -113,7 +140,7 @@ class ModelSpec(BaseModel):
 
     @property
     def qk_norm_params(self) -> int:
-        return 2 * self.head_dim if self.qk_norm else 0
+        return sum(self.qk_norm_widths) if self.qk_norm else 0
 
     @property
     def router_params(self) -> int:
@@ -271,9 +298,10 @@ POSITION_LIMIT = 2**31 - 1
 _SIZE_KEYS = (
     "vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner", "num_hidden_layers", "n_layer",
     "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
+    "num_experts", "moe_intermediate_size", "decoder_sparse_step",
 )
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "sliding_window")
-_FLAG_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+_FLAG_KEYS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "norm_topk_prob")
 _NAME_KEYS = ("model_type", "hidden_act", "hidden_activation", "activation_function")
 _PROBABILITY_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 _POSITIVE_NUMBER_KEYS = (
@@ -384,6 +412,10 @@ def _sizes(config: dict[str, Any], family: Family, source: str) -> _Sizes:
         intermediate = _optional(config, "n_inner", 4 * hidden)
         kv_heads = heads
         max_positions = _require(config, source, "n_positions", "max_position_embeddings")
+    elif family == "qwen3_moe":
+        intermediate = _require(config, source, "moe_intermediate_size")  # every layer's MLP is the experts'
+        kv_heads = _optional(config, "num_key_value_heads", heads)
+        max_positions = _optional(config, "max_position_embeddings", 4096)
     else:
         intermediate = _require(config, source, "intermediate_size")
         kv_heads = _optional(config, "num_key_value_heads", heads)
@@ -406,10 +438,16 @@ def _sizes(config: dict[str, Any], family: Family, source: str) -> _Sizes:
 
 def _experts(config: dict[str, Any], family: Family, source: str) -> tuple[int, int]:
     """(experts, experts per token); (0, 0) for a dense family."""
-    if family != "mixtral":
+    if family not in MOE_FAMILIES:
         return 0, 0
-    experts = _require(config, source, "num_local_experts")
+    experts = _require(config, source, "num_local_experts" if family == "mixtral" else "num_experts")
     experts_per_token = _require(config, source, "num_experts_per_tok")
+    if family == "qwen3_moe":
+        # memtui replays identical decoder layers: every one must be a sparse (MoE) layer.
+        if _optional(config, "decoder_sparse_step", 1) != 1:
+            raise InputError(f"{source}: decoder_sparse_step", "memtui models MoE in every layer", "1")
+        if _optional(config, "mlp_only_layers", []):
+            raise InputError(f"{source}: mlp_only_layers", "memtui models MoE in every layer", "[] (empty)")
     if experts_per_token > experts:
         raise InputError(
             f"{source}: num_experts_per_tok", f"{experts_per_token} exceeds num_local_experts {experts}"
@@ -435,12 +473,13 @@ def _linears(config: dict[str, Any], family: Family, sizes: _Sizes, experts: int
             LinearLayer(name="gate_up_proj", in_features=hidden, out_features=2 * intermediate, bias=False),
             LinearLayer(name="down_proj", in_features=intermediate, out_features=hidden, bias=False),
         )
-    if family == "mixtral":
+    if family in MOE_FAMILIES:
+        attention_bias = family == "qwen3_moe" and _optional(config, "attention_bias", False)
         return (
-            LinearLayer(name="q_proj", in_features=hidden, out_features=q_dim, bias=False),
-            LinearLayer(name="k_proj", in_features=hidden, out_features=kv_dim, bias=False),
-            LinearLayer(name="v_proj", in_features=hidden, out_features=kv_dim, bias=False),
-            LinearLayer(name="o_proj", in_features=q_dim, out_features=hidden, bias=False),
+            LinearLayer(name="q_proj", in_features=hidden, out_features=q_dim, bias=attention_bias),
+            LinearLayer(name="k_proj", in_features=hidden, out_features=kv_dim, bias=attention_bias),
+            LinearLayer(name="v_proj", in_features=hidden, out_features=kv_dim, bias=attention_bias),
+            LinearLayer(name="o_proj", in_features=q_dim, out_features=hidden, bias=attention_bias),
             LinearLayer(
                 name="experts.gate_up_proj", in_features=hidden, out_features=2 * intermediate, bias=False,
                 experts=experts,
@@ -454,19 +493,42 @@ def _linears(config: dict[str, Any], family: Family, sizes: _Sizes, experts: int
     return _llama_like_linears(
         hidden, q_dim, kv_dim, intermediate,
         qkv_bias=family == "qwen2" or attention_bias, o_bias=attention_bias,
-        mlp_bias=_optional(config, "mlp_bias", False),
+        # OLMo 2's and Gemma 3's MLPs have no bias whatever the config says
+        mlp_bias=family not in ("olmo2", "gemma3") and _optional(config, "mlp_bias", False),
     )
+
+
+def _text_config(config: Any, source: str) -> tuple[Any, tuple[str, ...]]:
+    """A multimodal Gemma 3 config.json: its text decoder's config (Gemma3TextConfig's defaults filled in)."""
+    if not isinstance(config, dict) or config.get("model_type") != "gemma3":
+        return config, ()
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        raise InputError(f"{source}: text_config", "missing from a gemma3 (multimodal) config.json",
+                         "a text_config object, or a gemma3_text config.json")
+    merged = {**GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text"}
+    if "_memtui" in config:
+        merged["_memtui"] = config["_memtui"]
+    note = (f"{source} is a multimodal Gemma 3 config: memtui trains its text decoder (Gemma3ForCausalLM, "
+            "text_config) alone; the vision tower and projector are left out.")
+    return merged, (note,)
 
 
 def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str) -> ModelSpec:
     """Build a ModelSpec from a config.json dict; `source` names the file in errors."""
+    config, notes = _text_config(config, source)
     family = _family(config, source)
     _check_fields(config, source)
     sizes = _sizes(config, family, source)
     experts, experts_per_token = _experts(config, family, source)
     meta = _optional(config, "_memtui", {})
     hidden_act = config.get("hidden_act") or config.get("hidden_activation") or config.get("activation_function")
-    softcapped = family == "gemma2"
+    softcapped = family in ("gemma2", "gemma3")
+    qk_norm = family in QK_NORM_FAMILIES
+    if family == "olmo2":  # OLMo 2 normalises the whole projection, not each head
+        qk_widths = (sizes.heads * sizes.head_dim, sizes.kv_heads * sizes.head_dim)
+    else:
+        qk_widths = (sizes.head_dim, sizes.head_dim) if qk_norm else (0, 0)
     return ModelSpec(
         id=model_id,
         name=meta.get("name") or model_id,
@@ -479,17 +541,19 @@ def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str
         num_heads=sizes.heads,
         num_kv_heads=sizes.kv_heads,
         head_dim=sizes.head_dim,
-        tie_word_embeddings=_optional(config, "tie_word_embeddings", family in ("gpt2", "gemma", "gemma2")),
+        tie_word_embeddings=_optional(config, "tie_word_embeddings", family in ("gpt2", *GEMMA_FAMILIES)),
         hidden_act=hidden_act or "silu",
         norm="layer" if family == "gpt2" else "rms",
-        norms_per_layer=4 if family == "gemma2" else 2,
+        norms_per_layer=4 if family in ("gemma2", "gemma3") else 2,
         positions="learned" if family == "gpt2" else "rope",
         max_position_embeddings=sizes.max_positions,
         num_experts=experts,
         experts_per_token=experts_per_token,
         final_logit_softcapping=config.get("final_logit_softcapping") if softcapped else None,
-        attn_logit_softcapping=config.get("attn_logit_softcapping") if softcapped else None,
-        qk_norm=family == "qwen3",
+        attn_logit_softcapping=config.get("attn_logit_softcapping") if family == "gemma2" else None,
+        qk_norm=qk_norm,
+        qk_norm_widths=qk_widths,
+        notes=notes,
         linears=_linears(config, family, sizes, experts),
         source=source,
         config=config,

@@ -208,6 +208,7 @@ RULES: tuple[Rule, ...] = (
           message=lambda f: f"{f.gpu.name} has no bf16 support; use 16-mixed or 16-true there."),
     _note("attention", "tp", broken=lambda f: f.config.tp > 1 and f.config.attention == "eager",
           message=lambda f: "eager attention under tensor parallelism keeps s x s scores per head shard."),
+    _note("model", broken=lambda f: bool(f.model.notes), message=lambda f: " ".join(f.model.notes)),
     _note("model", broken=lambda f: f.model.is_moe,
           message=lambda f: "MoE: transformers' grouped_mm experts process tokens x top-k rows whatever the routing, "
                             "so the step's memory does not depend on which experts the router picks."),

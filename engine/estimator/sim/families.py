@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memtui.engine.estimator.sim import ops
+from memtui.engine.model.architectures import GEMMA_FAMILIES, MOE_FAMILIES, QK_NORM_FAMILIES
 from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_scale, per_position
 
 
@@ -62,6 +63,12 @@ class Options:
     # (tokens, seq_len), capped where every tensor that grows with them is past it (keeps the cache small).
     activation_offload: bool = False
     offload_point: tuple[float, float] = (0.0, 0.0)
+    rope_pairs: int = 1  # Gemma 3: a (cos, sin) pair per attention type (sliding and full layers)
+    norm_topk: bool = True  # Qwen3-MoE: norm_topk_prob (the top-k weights renormalised to sum to 1)
+    # Gemma 3 with a sliding-window mask: the share of full-attention layers among the middle ones (their SDPA
+    # gets no mask), and whether the replayed layers are full-attention ones (compile_step replays both kinds).
+    full_layer_share: float = 0.0
+    full_attention_layers: bool = False
 
 
 def fused_linear_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
@@ -80,6 +87,7 @@ class LayerParams:
     biases: dict[str, Tensor] = field(default_factory=dict)
     lora: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     norms: list[Tensor] = field(default_factory=list)
+    qk_norms: list[Tensor] = field(default_factory=list)  # q_norm, k_norm weights
 
 
 # ---- parameters -------------------------------------------------------------------------------
@@ -226,8 +234,9 @@ def quantized_linear(sim: Sim, x: Tensor, weight: Tensor, d_in: int, d_out: int,
     return out
 
 
-def rms_norm(sim: Sim, x: Tensor, weight: Tensor, width: int, *, gemma: bool = False) -> Tensor:
-    """LlamaRMSNorm (and GemmaRMSNorm, which scales by 1 + weight in fp32)."""
+def rms_norm(sim: Sim, x: Tensor, weight: Tensor, width: int, *, gemma: bool = False, olmo: bool = False) -> Tensor:
+    """LlamaRMSNorm (and GemmaRMSNorm, which scales by 1 + weight in fp32; Olmo2RMSNorm, which multiplies by
+    the weight before casting back: `(weight * x).to(input_dtype)`)."""
     input_dtype = x.dtype
     x32 = ops.cast(sim, x, "f32")
     squared = ops.pow_(sim, x32)
@@ -246,6 +255,11 @@ def rms_norm(sim: Sim, x: Tensor, weight: Tensor, width: int, *, gemma: bool = F
         sim.drop(one_plus, normed)
         out = ops.cast(sim, scaled, input_dtype)
         sim.drop(scaled)
+        return out
+    if olmo:
+        scaled = ops.mul(sim, weight, normed)
+        out = ops.cast(sim, scaled, input_dtype)
+        sim.drop(scaled, normed)
         return out
     normed_cast = ops.cast(sim, normed, input_dtype)
     sim.drop(normed)
@@ -278,22 +292,31 @@ def apply_rope(sim: Sim, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def llama_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: Tensor, sin: Tensor) -> Tensor:
     """LlamaAttention.forward with transformers' SDPA (native GQA, is_causal) or eager attention."""
     h = d.hidden
+    olmo = opts.family == "olmo2"
     q_lin = apply_linear(sim, x, p, "q_proj", h, d.q_dim, opts)
+    if olmo:  # Olmo2Attention: q_norm(q_proj(x)) over the whole projection, then the per-head view
+        q_lin = chain(sim, q_lin, lambda sim_, t: rms_norm(sim_, t, p.qk_norms[0], d.q_dim, olmo=True))
     q = ops.view_needing_copy_in_backward(sim, q_lin)
     sim.drop(q_lin)
     k_lin = apply_linear(sim, x, p, "k_proj", h, d.kv_dim, opts)
+    if olmo:
+        k_lin = chain(sim, k_lin, lambda sim_, t: rms_norm(sim_, t, p.qk_norms[1], d.kv_dim, olmo=True))
     k = ops.view_needing_copy_in_backward(sim, k_lin)
     sim.drop(k_lin)
     v_lin = apply_linear(sim, x, p, "v_proj", h, d.kv_dim, opts)
     v = ops.view(sim, v_lin)
     sim.drop(v_lin)
-    if opts.family == "qwen3":
-        q_normed = rms_norm(sim, q, p.norms[2], d.head_dim)
-        k_normed = rms_norm(sim, k, p.norms[3], d.head_dim)
+    if p.qk_norms and not olmo:  # Qwen3 and Qwen3-MoE per head; Gemma 3 per head, Gemma's (1 + weight) norm
+        gemma = opts.family == "gemma3"
+        q_normed = rms_norm(sim, q, p.qk_norms[0], d.head_dim, gemma=gemma)
+        k_normed = rms_norm(sim, k, p.qk_norms[1], d.head_dim, gemma=gemma)
         sim.drop(q, k)
         q, k = q_normed, k_normed
     q_rope = apply_rope(sim, q, cos, sin)
     k_rope = apply_rope(sim, k, cos, sin)
+    if olmo:  # OLMo 2's cos and sin stay fp32: RoPE runs in fp32, then `.to(q_type)`
+        q_rope = chain(sim, q_rope, lambda sim_, t: ops.cast(sim_, t, q.dtype))
+        k_rope = chain(sim, k_rope, lambda sim_, t: ops.cast(sim_, t, k.dtype))
     sim.drop(q, k)
     return attend_and_project(sim, q_rope, k_rope, v, p, d, opts)
 
@@ -314,7 +337,16 @@ def attend_and_project(
 
 def attention_core(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options) -> Tensor:
     if opts.attention == "flash":
-        mask = getattr(sim, "window_mask", None) if opts.window_mask else None
+        mask = getattr(sim, "window_mask", None) if opts.window_mask and not opts.full_attention_layers else None
+        if mask is not None and opts.family == "gemma3" and d.heads > d.kv_heads:
+            # sdpa_attention_forward uses SDPA's native GQA only without a mask: with one, repeat_kv copies k and v
+            # to every head. With a single key/value head the reshape stays an expanded view, but autocast's cast
+            # of it (fp32 RoPE output under -mixed) is a full-size tensor.
+            repeat = ops.expand_view if d.kv_heads == 1 else ops.contiguous_copy
+            k_full, v_full = repeat(sim, k, q.elems), repeat(sim, v, q.elems)
+            out = ops.flash_attention(sim, q, k_full, v_full, d.heads, d.head_dim, mask)
+            sim.drop(k_full, v_full)
+            return out
         return ops.flash_attention(sim, q, k, v, d.heads, d.head_dim, mask)
     return eager_attention(sim, q, k, v, d, opts)
 
@@ -385,11 +417,16 @@ def moe_block(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Te
     The router's own tensors (tokens x experts) are small and left out."""
     routed = lf_scale(x.elems, d.top_k)  # (tokens * top_k, hidden)
     rows = lf_scale(x.elems, d.top_k / d.hidden)  # tokens * top_k
-    router_logits = apply_linear(sim, x, p, "gate", d.hidden, d.experts, opts)
-    weights = ops.softmax(sim, router_logits, "f32")  # top-k weights: small, but they carry gradients
-    sim.drop(router_logits)
-    sample_weights = ops.gather_rows(sim, weights, rows, rows)
-    sim.drop(weights)
+    if opts.family == "qwen3_moe":
+        top_weights = qwen3_moe_router(sim, x, p, d, opts, rows)
+        sample_weights = ops.gather_rows(sim, top_weights, rows, rows)
+    else:
+        router_logits = apply_linear(sim, x, p, "gate", d.hidden, d.experts, opts)
+        weights = ops.softmax(sim, router_logits, "f32")  # top-k weights: small, but they carry gradients
+        sim.drop(router_logits)
+        sample_weights = ops.gather_rows(sim, weights, rows, rows)
+        sim.drop(weights)
+        top_weights = None
     selected = ops.gather_rows(sim, x, routed, rows)
     gate_up = ops.grouped_mm(sim, selected, p.linears["experts.gate_up_proj"], 2 * d.intermediate, d.hidden)
     sim.drop(selected)
@@ -405,14 +442,30 @@ def moe_block(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Te
     ordered = ops.gather_rows(sim, weighted, routed, rows)
     sim.drop(weighted)
     out = ops.sum_groups(sim, ordered, d.top_k)
-    sim.drop(ordered)
+    sim.drop(ordered, top_weights)
     return chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
+
+
+def qwen3_moe_router(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, rows) -> Tensor:
+    """Qwen3MoeTopKRouter: logits, fp32 softmax over every expert, top-k, renormalised (norm_topk_prob),
+    cast back to the logits' dtype. With 128 experts the (tokens, experts) tensors are not negligible."""
+    router_logits = apply_linear(sim, x, p, "gate", d.hidden, d.experts, opts)
+    probs = ops.softmax(sim, router_logits, "f32")
+    top = ops.topk(sim, probs, rows)
+    sim.drop(probs)
+    if opts.norm_topk:
+        total = ops.sum_groups(sim, top, d.top_k)
+        top = chain(sim, top, lambda sim_, t: ops.div_(sim_, t, total))
+        sim.drop(total)
+    out = ops.cast(sim, top, router_logits.dtype)
+    sim.drop(top, router_logits)
+    return out
 
 
 def llama_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
     """LlamaMLP (SiLU) and GemmaMLP (GELU, tanh approximation): down(act(gate(x)) * up(x))."""
     gate = apply_linear(sim, x, p, "gate_proj", d.hidden, d.intermediate, opts)
-    act = ops.gelu_tanh(sim, gate) if opts.family in ("gemma", "gemma2") else ops.silu(sim, gate)
+    act = ops.gelu_tanh(sim, gate) if opts.family in GEMMA_FAMILIES else ops.silu(sim, gate)
     sim.drop(gate)
     up = apply_linear(sim, x, p, "up_proj", d.hidden, d.intermediate, opts)
     product = ops.mul(sim, act, up)
@@ -468,8 +521,8 @@ def phi3_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Ten
 
 
 def gemma_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: Tensor, sin: Tensor) -> Tensor:
-    """GemmaDecoderLayer and Gemma2DecoderLayer (which adds post-attention and post-MLP norms)."""
-    gemma2 = opts.family == "gemma2"
+    """GemmaDecoderLayer, Gemma2DecoderLayer and Gemma3DecoderLayer (post-attention and post-MLP norms)."""
+    gemma2 = opts.family in ("gemma2", "gemma3")
     normed = rms_norm(sim, x, p.norms[0], d.hidden, gemma=True)
     attn = llama_attention(sim, normed, p, d, opts, cos, sin)
     sim.drop(normed)
@@ -493,8 +546,10 @@ def gemma_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos
 
 def llama_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: Tensor, sin: Tensor) -> Tensor:
     """LlamaDecoderLayer.forward (Phi3DecoderLayer has the same shape)."""
-    if opts.family in ("gemma", "gemma2"):
+    if opts.family in GEMMA_FAMILIES:
         return gemma_layer(sim, x, p, d, opts, cos, sin)
+    if opts.family == "olmo2":
+        return olmo2_layer(sim, x, p, d, opts, cos, sin)
     phi3 = opts.family == "phi3"
     normed = rms_norm(sim, x, p.norms[0], d.hidden)
     attn = (phi3_attention if phi3 else llama_attention)(sim, normed, p, d, opts, cos, sin)
@@ -502,7 +557,7 @@ def llama_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos
     residual = ops.add(sim, x, attn)
     sim.drop(attn)
     normed = rms_norm(sim, residual, p.norms[1], d.hidden)
-    mlp = moe_block if opts.family == "mixtral" else phi3_mlp if phi3 else llama_mlp
+    mlp = moe_block if opts.family in MOE_FAMILIES else phi3_mlp if phi3 else llama_mlp
     mlp_out = mlp(sim, normed, p, d, opts)
     sim.drop(normed)
     out = ops.add(sim, residual, mlp_out)
@@ -524,21 +579,42 @@ def llama_layer_params(sim: Sim, d: Dims, opts: Options) -> LayerParams:
     make_linear(sim, p, "k_proj", h, d.kv_dim, opts, opts.qkv_bias)
     make_linear(sim, p, "v_proj", h, d.kv_dim, opts, opts.qkv_bias)
     make_linear(sim, p, "o_proj", d.q_dim, h, opts, opts.o_bias)
-    if opts.family == "mixtral":
+    if opts.family in MOE_FAMILIES:
         make_linear(sim, p, "gate", h, d.experts, opts, False)  # the router
         for name, d_in, d_out in (("experts.gate_up_proj", h, 2 * d.intermediate), ("experts.down_proj", d.intermediate, h)):
             make_linear(sim, p, name, d_in, d_out * d.experts, opts, False)
         p.norms = [norm_weight(sim, h, opts, "input_layernorm"), norm_weight(sim, h, opts, "post_attention_layernorm")]
+        _qk_norm_weights(sim, p, d, opts)
         return p
     make_linear(sim, p, "gate_proj", h, d.intermediate, opts, opts.mlp_bias)
     make_linear(sim, p, "up_proj", h, d.intermediate, opts, opts.mlp_bias)
     make_linear(sim, p, "down_proj", d.intermediate, h, opts, opts.mlp_bias)
     p.norms = [norm_weight(sim, h, opts, "input_layernorm"), norm_weight(sim, h, opts, "post_attention_layernorm")]
-    if opts.family == "gemma2":
+    if opts.family in ("gemma2", "gemma3"):
         p.norms += [norm_weight(sim, h, opts, "pre_feedforward_layernorm"), norm_weight(sim, h, opts, "post_feedforward_layernorm")]
-    if opts.family == "qwen3":
-        p.norms += [norm_weight(sim, d.head_dim, opts, "q_norm"), norm_weight(sim, d.head_dim, opts, "k_norm")]
+    _qk_norm_weights(sim, p, d, opts)
     return p
+
+
+def _qk_norm_weights(sim: Sim, p: LayerParams, d: Dims, opts: Options) -> None:
+    """q_norm and k_norm: per head (Qwen3, Qwen3-MoE, Gemma 3) or over the whole projection (OLMo 2)."""
+    if opts.family not in QK_NORM_FAMILIES:
+        return
+    q_width, k_width = (d.q_dim, d.kv_dim) if opts.family == "olmo2" else (d.head_dim, d.head_dim)
+    p.qk_norms = [norm_weight(sim, q_width, opts, "q_norm"), norm_weight(sim, k_width, opts, "k_norm")]
+
+
+def olmo2_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: Tensor, sin: Tensor) -> Tensor:
+    """Olmo2DecoderLayer.forward: no pre-norms; attention and MLP outputs are normalised before each residual add."""
+    attn = llama_attention(sim, x, p, d, opts, cos, sin)
+    attn = chain(sim, attn, lambda sim_, t: rms_norm(sim_, t, p.norms[0], d.hidden, olmo=True))
+    residual = ops.add(sim, x, attn)
+    sim.drop(attn)
+    mlp_out = llama_mlp(sim, residual, p, d, opts)
+    mlp_out = chain(sim, mlp_out, lambda sim_, t: rms_norm(sim_, t, p.norms[1], d.hidden, olmo=True))
+    out = ops.add(sim, residual, mlp_out)
+    sim.drop(mlp_out, residual)
+    return out
 
 
 def rotary(sim: Sim, d: Dims, dtype: str) -> tuple[Tensor, Tensor]:

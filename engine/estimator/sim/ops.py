@@ -320,6 +320,33 @@ def gather_rows(sim: Sim, x: Tensor, elems: LF, rows: LF) -> Tensor:
     return out
 
 
+def topk(sim: Sim, x: Tensor, elems: LF) -> Tensor:
+    """torch.topk(x, k): the values (a new tensor) and int64 indices, saved for backward, which scatters the
+    gradient into zeros of the input's size."""
+    indices = sim.new(elems, "i64", name="topk indices")
+    out = sim.new(elems, x.dtype, name="topk values")
+    sim.record("topk", out, [x], [indices], _gather_backward)
+    sim.drop(indices)
+    return out
+
+
+def _div_backward(sim: Sim, node, grad):
+    """DivBackward0 of x / y with y broadcast: grad / y for x, and the reduced -grad * x / y^2 for y."""
+    x, y = node.inputs
+    grad_y = sim.new(x.elems, grad.dtype, name="div grad other")
+    grad_x = sim.new(x.elems, grad.dtype, name="div grad self")
+    return [(x, grad_x), (y, grad_y)]
+
+
+def div_(sim: Sim, x: Tensor, y: Tensor) -> Tensor:
+    """x /= y (y broadcast): in place; autograd keeps the original x (a clone) and y for backward."""
+    original = sim.new(x.elems, x.dtype, name="div_ saved self")
+    result = sim.alias(x)
+    sim.record("div_", result, [original, y], [original, y], _div_backward)
+    sim.drop(original)
+    return result
+
+
 def grouped_mm(sim: Sim, x: Tensor, weight: Tensor, out_features: int, in_features: int) -> Tensor:
     """torch._grouped_mm over experts' stacked weights: no autocast cast (it is not on autocast's lists)."""
     return _weight_matmul(sim, sim.ref(x), sim.ref(weight), None, out_features, in_features)
@@ -375,6 +402,13 @@ def view(sim: Sim, x: Tensor) -> Tensor:
     """A view whose backward is free (the gradient is reshaped without a copy)."""
     alias = sim.alias(x)
     sim.record("view", alias, [x], [], _identity_backward)
+    return alias
+
+
+def expand_view(sim: Sim, x: Tensor, elems: LF) -> Tensor:
+    """x.expand(...) (or a reshape of it that stays a view): no allocation; its gradient is summed back."""
+    alias = sim.alias(x, elems)
+    sim.record("expand", alias, [x], [], _expand_backward)
     return alias
 
 

@@ -11,10 +11,10 @@ replay becomes a candidate of the L-layer step; the largest wins.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.architectures import GEMMA_FAMILIES, ModelSpec
 from memtui.engine.estimator.sim import ops
 from memtui.engine.estimator.sim.core import (
     CATEGORIES,
@@ -39,6 +39,7 @@ from memtui.engine.estimator.sim.families import (
     llama_layer_params,
     fused_linear_chunk_rows,
     norm_weight,
+    chain,
     rms_norm,
     rotary,
     softcap,
@@ -75,6 +76,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
     if config.kbit_prep:
         base = "f32"  # prepare_model_for_kbit_training: every 16-bit parameter that is not 4-bit becomes fp32
     gpt2 = spec.family == "gpt2"
+    softcapped = spec.family in ("gemma2", "gemma3")
     return Options(
         family=spec.family,
         compute=compute,
@@ -99,8 +101,12 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         # only Phi-3 and the chunked head depend on it (keeps the cache small)
         batched=config.batch_size > 1 and (spec.family == "phi3" or config.loss == "chunked"),
         window_mask=_window_mask(config, spec),
+        # Gemma3Attention passes no softcap to its attention function: only Gemma-2 caps the scores.
         attention_softcap=spec.family == "gemma2" and spec.config.get("attn_logit_softcapping") is not None,
-        logit_softcap=spec.family == "gemma2" and spec.config.get("final_logit_softcapping") is not None,
+        logit_softcap=softcapped and spec.config.get("final_logit_softcapping") is not None,
+        rope_pairs=len(set(gemma3_layer_types(spec))) if spec.family == "gemma3" else 1,
+        norm_topk=bool(spec.config.get("norm_topk_prob", False)),
+        full_layer_share=_full_layer_share(config, spec),
         loss=config.loss,
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
         loss_chunk_rows=fused_linear_chunk_rows(config.batch_size * config.seq_len, spec.vocab_size // config.tp,
@@ -112,9 +118,33 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
 
 
 def _window_mask(config: TrainingConfig, spec: ModelSpec) -> bool:
-    """Phi-3 with SDPA past its sliding window: transformers builds an explicit (b, 1, s, s) boolean mask."""
+    """Phi-3 (and Gemma 3's sliding layers) with SDPA past the sliding window: transformers builds an explicit
+    (b, 1, s, s) boolean mask (Gemma 3 from a sequence as long as the window: masking_utils'
+    `kv_length >= local_attention_size`)."""
     window = spec.config.get("sliding_window")
-    return spec.family == "phi3" and config.attention == "flash" and bool(window) and config.seq_len > int(window)
+    if config.attention != "flash" or not window:
+        return False
+    if spec.family == "gemma3":
+        return config.seq_len >= int(window) and "sliding_attention" in gemma3_layer_types(spec)
+    return spec.family == "phi3" and config.seq_len > int(window)
+
+
+def _full_layer_share(config: TrainingConfig, spec: ModelSpec) -> float:
+    """Gemma 3 under a sliding-window mask: the full-attention layers' share of the layers between the first and
+    the last (those the replayed middle layer stands for)."""
+    if spec.family != "gemma3" or not _window_mask(config, spec):
+        return 0.0
+    middle = gemma3_layer_types(spec)[1:-1]
+    return middle.count("full_attention") / len(middle) if middle else 0.0
+
+
+def gemma3_layer_types(spec: ModelSpec) -> list[str]:
+    """Gemma3TextConfig's layer_types: given, or every sliding_window_pattern-th layer full attention."""
+    given = spec.config.get("layer_types")
+    if given:
+        return list(given)
+    pattern = int(spec.config.get("sliding_window_pattern", 6) or 6)
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(spec.num_layers)]
 
 
 def dims_for(spec: ModelSpec, tp: int = 1) -> Dims:
@@ -169,6 +199,9 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
         tokens, seq = opts.offload_point
         sim.offload_at = (1.0, tokens, tokens * seq, seq, seq * seq)
     x = ops.embedding(sim, embed, ids, d.hidden)
+    if opts.family == "gemma3":
+        # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled.
+        x = chain(sim, x, ops.mul_scalar)
     if opts.lora_rank > 0 and opts.checkpointing != "none":
         # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
         # embedding's output requires grad, so what follows it (GPT-2's dropout) saves for backward.
@@ -190,13 +223,18 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
         x = scaled
     mask = causal_mask(sim, opts, x.dtype)
     if opts.window_mask:
-        mask = sliding_window_mask(sim)
+        mask = sliding_window_mask(sim, per_sequence=opts.family != "gemma3")
         sim.window_mask = mask  # type: ignore[attr-defined]
-    # Gemma-2 alternates full and sliding-window layers: eager attention gets a mask for each kind.
-    second_mask = causal_mask(sim, opts, x.dtype) if opts.family == "gemma2" and mask is not None else None
+    # Gemma-2 and Gemma 3 alternate full and sliding-window layers: eager attention gets a mask for each kind.
+    alternating = opts.family in ("gemma2", "gemma3")
+    second_mask = causal_mask(sim, opts, x.dtype) if alternating and mask is not None else None
     if second_mask is not None:
         sim.causal_mask = mask  # type: ignore[attr-defined]
-    cos, sin = (None, None) if gpt2 else rotary(sim, d, x.dtype)
+    # OLMo 2's rotary embedding returns fp32 cos and sin (no cast to the hidden states' dtype).
+    cos, sin = (None, None) if gpt2 else rotary(sim, d, "f32" if opts.family == "olmo2" else x.dtype)
+    # Gemma 3: a second (cos, sin) pair for the other kind of layer; the replayed layers use the first, and the
+    # layers of the other kind keep the second for their backward (freed with the last of them: the step's end).
+    other_pair = rotary(sim, d, x.dtype) if opts.rope_pairs > 1 else ()
 
     def run_layer(hidden: Tensor, layer) -> Tensor:
         if gpt2:
@@ -206,9 +244,16 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
     # Layer 0 differs (with a frozen embedding its input needs no gradient); the last layer's
     # output feeds the head, not a layer; the middle one stands for every other layer.
     out = x
+    holder_segment = "mid" if "mid" in segments else segments[-1]
     for segment, layer in zip(segments, layer_params):
         sim.set_segment(f"{segment}_fwd")
         previous = out
+        if other_pair and segment == holder_segment:
+            # The other kind's layers save the second pair for backward; the lowest of them (layer 5 of 6) is done
+            # before the bottom layers' backward, so the pair is held until the middle layers' backward ends.
+            holder = sim.alias(previous)
+            sim.record("rope pair holder", holder, [previous], list(other_pair), lambda *_args: [])
+            sim.drop(holder)
         if opts.checkpointing != "none":
             # transformers passes position embeddings and the mask as kwargs: the checkpoint frame keeps them.
             kept = [tensor for tensor in (cos, sin, mask) if tensor is not None]
@@ -222,7 +267,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
     if gpt2:
         normed = ops.layer_norm(sim, out, final_norm, final_norm_bias, d.hidden)
     else:
-        normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in ("gemma", "gemma2"))
+        normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in GEMMA_FAMILIES,
+                          olmo=opts.family == "olmo2")
     sim.offload_at = None  # the decoder's forward ends: its offloading hooks are popped
     sim.drop(out, mask, second_mask)  # LlamaModel.forward returns: its causal masks go
     if opts.loss == "chunked":
@@ -240,7 +286,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
 
     sim.set_segment("forward_end")
     sim.clear_autocast_cache()  # leaving autocast
-    sim.drop(cos, sin)  # the model forward's references; layers' saved copies keep them (None for GPT-2)
+    sim.drop(cos, sin, *other_pair)  # the model forward's references; layers' saved copies keep them (None for GPT-2)
 
     sim.phase = "backward"
     sim.segment_of_node = _BACKWARD_OF
@@ -265,13 +311,15 @@ def causal_mask(sim: Sim, opts: Options, dtype: str) -> Tensor | None:
     return mask
 
 
-def sliding_window_mask(sim: Sim) -> Tensor:
-    """sdpa_mask with a window: (q > kv - window) & causal, built from two boolean (b, 1, s, s) passes."""
-    outside = sim.new(per_token_seq(1), "bool", name="window gt")
-    windowed = sim.new(per_token_seq(1), "bool", name="window and")
+def sliding_window_mask(sim: Sim, *, per_sequence: bool = True) -> Tensor:
+    """sdpa_mask with a window: (q > kv - window) & causal, built from two boolean (b, 1, s, s) passes
+    (Gemma 3: (1, 1, s, s), expanded over the batch as a view)."""
+    size = per_token_seq(1) if per_sequence else per_position_sq(1)
+    outside = sim.new(size, "bool", name="window gt")
+    windowed = sim.new(size, "bool", name="window and")
     sim.drop(outside)
-    causal = sim.new(per_token_seq(1), "bool", name="causal le")
-    mask = sim.new(per_token_seq(1), "bool", name="window mask")
+    causal = sim.new(size, "bool", name="causal le")
+    mask = sim.new(size, "bool", name="window mask")
     sim.drop(causal, windowed)
     return mask
 
@@ -404,9 +452,16 @@ def compile_step(d: Dims, opts: Options, layers: int) -> StepProgram:
     """
     sim = _replay(d, opts, layers=layers)
     extra = max(layers - 3, 0)
-    kept_forward = _bucket(sim, "mid_fwd", ("forward_end", "head_fwd", "head_bwd") + _AFTER_FORWARD)
-    kept_backward = _bucket(sim, "mid_fwd", _AFTER_FORWARD)
-    left_by_backward = _bucket(sim, "mid_bwd", ("",))
+    kept_forward, kept_backward, left_by_backward = _layer_buckets(sim)
+    full = min(round(opts.full_layer_share * max(layers - 2, 0)), extra)
+    if full:
+        # Gemma 3: the replayed layers are sliding-window ones; the full-attention layers among the other L-3
+        # keep what a full-attention layer keeps (no mask, no repeat_kv copies), from a replay of those.
+        sliding = _layer_buckets(sim)
+        full_kind = _layer_buckets(_replay(d, replace(opts, full_attention_layers=True), layers=layers))
+        kept_forward, kept_backward, left_by_backward = (
+            _plus(_plus({c: ZERO for c in CATEGORIES}, one, (extra - full) / extra), other, full / extra)
+            for one, other in zip(sliding, full_kind))
     candidates: list[StepCandidate] = []
     for candidate in sim.candidates:
         segment = candidate.segment
@@ -438,6 +493,12 @@ def compile_step(d: Dims, opts: Options, layers: int) -> StepProgram:
         logits_bytes=logits,
         offloaded_bytes=offloaded,
     )
+
+
+def _layer_buckets(sim: Sim) -> tuple[dict[str, LF], dict[str, LF], dict[str, LF]]:
+    """What one middle layer keeps past the next layer's forward, keeps until backward, and leaves after it."""
+    return (_bucket(sim, "mid_fwd", ("forward_end", "head_fwd", "head_bwd") + _AFTER_FORWARD),
+            _bucket(sim, "mid_fwd", _AFTER_FORWARD), _bucket(sim, "mid_bwd", ("",)))
 
 
 def _total(live: dict[str, LF]) -> LF:
