@@ -44,5 +44,7 @@ def print_budget(budget: Budget, console: Console | None = None) -> None:
         f"{format_count(budget.model.params)} params ({format_count(budget.model.trainable_params)} trainable); "
         f"model states {format_gib(states.total)} per GPU = {budget.bytes_per_param:.2f} bytes/param"
     )
+    if budget.method not in ("estimate", "trace"):
+        console.print(f"method: {budget.method}")
     for note in budget.notes:
         console.print(f"[dim]note: {note}[/]")

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from memtui.engine.errors import InputError
 
-Family = Literal["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "mixtral"]
+Family = Literal["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "mixtral", "generic"]
 
 # model_type in config.json -> family; the family decides the layer layout.
 SUPPORTED_MODEL_TYPES: dict[str, Family] = {
@@ -351,6 +351,9 @@ def _family(config: Any, source: str) -> Family:
     if not isinstance(config, dict):
         raise InputError(source, "config.json must hold a JSON object")
     model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type not in SUPPORTED_MODEL_TYPES:
+        _refuse_non_decoder(config, model_type, source)
+        return "generic"  # any other decoder transformers builds: traced layers (memtui.engine.trace.generic)
     if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         allowed = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
         shown = repr(model_type) if isinstance(model_type, str) else _shown(model_type)
@@ -360,6 +363,41 @@ def _family(config: Any, source: str) -> Family:
             allowed,
         )
     return SUPPORTED_MODEL_TYPES[model_type]
+
+
+def _refuse_non_decoder(config: dict[str, Any], model_type: str, source: str) -> None:
+    """The generic path trains AutoModelForCausalLM: encoder-decoder and vision-language models are refused."""
+    if config.get("is_encoder_decoder"):
+        raise InputError(f"{source}: model_type", f"{model_type!r} is an encoder-decoder model; memtui models "
+                         "decoder-only language models")
+    if isinstance(config.get("vision_config"), dict) or isinstance(config.get("text_config"), dict):
+        raise InputError(f"{source}: model_type", f"{model_type!r} is a vision-language model; give its "
+                         "text_config as a config.json to plan the text decoder alone")
+
+
+def _generic_spec(config: dict[str, Any], *, model_id: str, source: str) -> ModelSpec:
+    """A decoder of a model_type memtui does not replay: the sizes it names, under the names transformers uses.
+    Its layer's linears and parameter count come from the built module (memtui.engine.model.generic)."""
+    _check_fields(config, source)
+    hidden = _require(config, source, "hidden_size", "n_embd", "d_model")
+    heads = _optional(config, "num_attention_heads", _optional(config, "n_head", 1))
+    architectures = config.get("architectures")
+    architecture = architectures[0] if isinstance(architectures, list) and architectures else ""
+    meta = _optional(config, "_memtui", {})
+    return ModelSpec(
+        id=model_id, name=meta.get("name") or model_id, family="generic",
+        architecture=architecture if isinstance(architecture, str) else "",
+        vocab_size=_require(config, source, "vocab_size"), hidden_size=hidden,
+        intermediate_size=_optional(config, "intermediate_size", _optional(config, "ffn_hidden_size", 4 * hidden)),
+        num_layers=_require(config, source, "num_hidden_layers", "n_layer", "num_layers"),
+        num_heads=heads, num_kv_heads=_optional(config, "num_key_value_heads", _optional(config, "num_kv_heads", heads)),
+        head_dim=_optional(config, "head_dim", max(hidden // max(heads, 1), 1)),
+        tie_word_embeddings=_optional(config, "tie_word_embeddings", True),
+        hidden_act=str(config.get("hidden_act") or config.get("activation") or "unknown"),
+        norm="layer", norms_per_layer=2, positions="rope",
+        max_position_embeddings=_optional(config, "max_position_embeddings", _optional(config, "n_positions", 4096)),
+        linears=(), source=source, config=config,
+    )
 
 
 @dataclass(frozen=True)
@@ -461,6 +499,8 @@ def _linears(config: dict[str, Any], family: Family, sizes: _Sizes, experts: int
 def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str) -> ModelSpec:
     """Build a ModelSpec from a config.json dict; `source` names the file in errors."""
     family = _family(config, source)
+    if family == "generic":
+        return _generic_spec(config, model_id=model_id, source=source)
     _check_fields(config, source)
     sizes = _sizes(config, family, source)
     experts, experts_per_token = _experts(config, family, source)

@@ -181,4 +181,4 @@ class Budget(BaseModel):
     peak_phase: str
     timeline: list[TimelinePoint]
     notes: list[str] = []
-    method: Literal["estimate", "trace"] = "estimate"
+    method: Literal["estimate", "trace", "generic (traced layers)"] = "estimate"
