@@ -365,14 +365,25 @@ def _family(config: Any, source: str) -> Family:
     return SUPPORTED_MODEL_TYPES[model_type]
 
 
+# Well-known model types that are no decoder-only language model, refused before any trace.
+_NOT_DECODERS = {
+    **dict.fromkeys(("t5", "mt5", "umt5", "longt5", "bart", "mbart", "pegasus", "marian", "whisper", "led",
+                     "blenderbot", "m2m_100", "nllb-moe", "switch_transformers"), "an encoder-decoder model"),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert",
+                     "modernbert"), "an encoder-only model"),
+}
+
+
 def _refuse_non_decoder(config: dict[str, Any], model_type: str, source: str) -> None:
     """The generic path trains AutoModelForCausalLM: encoder-decoder and vision-language models are refused."""
-    if config.get("is_encoder_decoder"):
-        raise InputError(f"{source}: model_type", f"{model_type!r} is an encoder-decoder model; memtui models "
-                         "decoder-only language models")
-    if isinstance(config.get("vision_config"), dict) or isinstance(config.get("text_config"), dict):
-        raise InputError(f"{source}: model_type", f"{model_type!r} is a vision-language model; give its "
-                         "text_config as a config.json to plan the text decoder alone")
+    kind = _NOT_DECODERS.get(model_type)
+    if kind is None and config.get("is_encoder_decoder"):
+        kind = "an encoder-decoder model"
+    if kind is None and (isinstance(config.get("vision_config"), dict) or isinstance(config.get("text_config"), dict)):
+        kind = "a vision-language model (give its text_config as a config.json to plan the text decoder alone)"
+    if kind is not None:
+        raise InputError(f"{source}: model_type", f"unsupported architecture {model_type!r}: {kind}; memtui "
+                         "models decoder-only language models")
 
 
 def _generic_spec(config: dict[str, Any], *, model_id: str, source: str) -> ModelSpec:

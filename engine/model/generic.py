@@ -176,13 +176,24 @@ def needs_derivation(model: ModelSpec, config: TrainingConfig) -> bool:
     return _read(structure) is None or _read(program) is None
 
 
+_DEFAULT_OPTIONS = TrainingConfig()
+_STRUCTURED: dict[int, tuple[ModelSpec, dict[str, Any], ModelSpec]] = {}
+
+
 def with_structure(model: ModelSpec) -> ModelSpec:
     """The generic spec with its layer's linear layers, as the built module has them (for LoRA targets)."""
-    structure = load_structure(model)
+    structure = _read(_paths(model, _DEFAULT_OPTIONS)[0])
     if structure is None or model.linears:
         return model
+    hit = _STRUCTURED.get(id(model))
+    if hit is not None and hit[0] is model and hit[1] is structure:
+        return hit[2]
     linears = tuple(LinearLayer(**linear) for linear in structure["linears"])
-    return model.model_copy(update={"linears": linears, "architecture": structure["architecture"]})
+    structured = model.model_copy(update={"linears": linears, "architecture": structure["architecture"]})
+    if len(_STRUCTURED) > 64:
+        _STRUCTURED.clear()
+    _STRUCTURED[id(model)] = (model, structure, structured)
+    return structured
 
 
 def per_depth(pair: list[float], layers: int) -> int:

@@ -58,13 +58,14 @@ def basis_values(names: tuple[str, ...], b: int, s: int) -> list[float]:
 
 
 # ---- the module ------------------------------------------------------------------------------------------
-def _causal_lm_class_name(model_type: str) -> str:
+def _causal_lm_class_name(model_type: str, source: str) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if not name:
-        raise InputError("model", f"transformers {_transformers_version()} has no causal LM for model_type "
-                         f"{model_type!r}; memtui models decoder-only language models")
+        raise InputError(f"{source}: model_type", f"unsupported architecture {model_type!r}: transformers "
+                         f"{_transformers_version()} builds no causal LM of it; memtui models decoder-only "
+                         "language models")
     return name
 
 
@@ -121,7 +122,7 @@ def derive_structure(spec: ModelSpec) -> dict[str, Any]:
     from memtui.engine.trace.fake_step import quiet_libraries
 
     model_type = spec.config.get("model_type", "")
-    architecture = _causal_lm_class_name(model_type)
+    architecture = _causal_lm_class_name(model_type, spec.source or spec.id)
     counts = []
     linears: list[dict[str, Any]] = []
     with quiet_libraries():
@@ -130,7 +131,7 @@ def derive_structure(spec: ModelSpec) -> dict[str, Any]:
             try:
                 model = hf_model_on_meta(shaped)
             except (ValueError, TypeError, AttributeError, KeyError) as error:
-                raise InputError("model", f"transformers cannot build {model_type!r} from this config: "
+                raise InputError(f"{spec.source or spec.id}: model_type", f"transformers cannot build {model_type!r} from this config: "
                                  f"{str(error).splitlines()[0][:160]}") from None
             counts.append(sum(p.numel() for p in model.parameters()))
             if not linears:
