@@ -60,6 +60,7 @@ def _check_against_trace(name: str, **options) -> None:
         assert budget.device_peak_bytes == pytest.approx(traced.device_peak_bytes, rel=0.01), (batch, seq)
         assert budget.peak_phase == traced.peak_phase
         assert budget.model_states == traced.model_states
+        assert budget.model.params == traced.model.params
     # transformers' own count of the whole model, built at the config's depth
     assert budget.model.params == sum(p.numel() for p in hf_model_on_meta(built).parameters())
 

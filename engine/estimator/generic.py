@@ -38,6 +38,26 @@ def _at(pair: list[list[float]], terms: list[int], layers: int) -> float:
     return sum((c + m * layers) * t for c, m, t in zip(constant, slope, terms))
 
 
+_COMPILED: dict[int, tuple[dict, list[tuple[dict, list[float], list[float]]]]] = {}
+
+
+def _totals(program: dict) -> list[tuple[dict, list[float], list[float]]]:
+    """Each candidate with its total's form (the components summed), memoised per loaded program."""
+    hit = _COMPILED.get(id(program))
+    if hit is not None and hit[0] is program:
+        return hit[1]
+    compiled = []
+    for candidate in program["candidates"]:
+        forms = [candidate["components"][name] for name in _COMPONENTS]
+        constant = [sum(values) for values in zip(*(form[0] for form in forms))]
+        slope = [sum(values) for values in zip(*(form[1] for form in forms))]
+        compiled.append((candidate, constant, slope))
+    if len(_COMPILED) > 64:
+        _COMPILED.clear()
+    _COMPILED[id(program)] = (program, compiled)  # holding the program keeps its id from being reused
+    return compiled
+
+
 def generic_estimate(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> Budget:
     """The budget of a generic model whose program is cached; InputError naming the model when it is not."""
     check_generic_options(config, model)
@@ -50,10 +70,10 @@ def generic_estimate(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> 
     terms = _terms(program["basis"], config.batch_size, config.seq_len)
     peak, peak_total = None, -1.0
     phase_peaks: dict[str, float] = {}
-    for candidate in program["candidates"]:
+    for candidate, constant, slope in _totals(program):
         if layers < candidate["min_layers"]:
             continue
-        total = sum(_at(candidate["components"][name], terms, layers) for name in _COMPONENTS)
+        total = _at([constant, slope], terms, layers)
         if total > peak_total:
             peak, peak_total = candidate, total
         phase = candidate["phase"]

@@ -144,6 +144,8 @@ class ModelSpec(BaseModel):
 
     @property
     def params(self) -> int:
+        if self.family == "generic" and "params" in self.config.get("_memtui", {}):
+            return self.config["_memtui"]["params"]  # counted on the built module (memtui.engine.model.generic)
         return (
             self.embedding_params
             + self.num_layers * self.layer_params

@@ -189,7 +189,9 @@ def with_structure(model: ModelSpec) -> ModelSpec:
     if hit is not None and hit[0] is model and hit[1] is structure:
         return hit[2]
     linears = tuple(LinearLayer(**linear) for linear in structure["linears"])
-    structured = model.model_copy(update={"linears": linears, "architecture": structure["architecture"]})
+    meta = {**model.config.get("_memtui", {}), "params": per_depth(structure["params"], model.num_layers)}
+    structured = model.model_copy(update={"linears": linears, "architecture": structure["architecture"],
+                                          "config": {**model.config, "_memtui": meta}})
     if len(_STRUCTURED) > 64:
         _STRUCTURED.clear()
     _STRUCTURED[id(model)] = (model, structure, structured)

@@ -32,6 +32,7 @@ from memtui.engine.model.generic import (
     load_structure,
     program_path,
     structure_path,
+    with_structure,
     write_json,
 )
 from memtui.engine.model.specs import COMPONENT_NAMES, TrainingConfig
@@ -427,14 +428,22 @@ def derive_program(spec: ModelSpec, config: TrainingConfig, progress: Progress |
     from memtui.engine.model.validation import resolve_lora_targets
 
     resolve_lora_targets(config, built)  # a target the layer does not have: one line, before any trace
+    # Flash attention first tries the linear basis; a module that still materialises an s x s mask under SDPA
+    # (Falcon) fails the check, and two more sizes give the quadratic terms.
     names = basis_names(config.attention)
-    points = list(EAGER_POINTS if config.attention == "eager" else FLASH_POINTS) + [CHECK_POINT]
-    states, runs_by_depth = {}, {}
-    for number, depth in enumerate(DEPTHS):
-        runs, states[depth] = _trace_points(at_depth(built, depth), config, points, report,
-                                            0.1 + 0.85 * number / len(DEPTHS), 0.85 / len(DEPTHS))
-        runs_by_depth[depth] = runs
-    fitted, worst, segment = _fitted_segments(runs_by_depth, names)
+    points = list(EAGER_POINTS if config.attention == "eager" else FLASH_POINTS)
+    states, runs_by_depth = {}, {depth: [] for depth in DEPTHS}
+    while True:
+        new_points = [point for point in points if point not in {(r["b"], r["s"]) for r in runs_by_depth[1]}]
+        for number, depth in enumerate(DEPTHS):
+            runs, states[depth] = _trace_points(at_depth(built, depth), config, [*new_points, CHECK_POINT], report,
+                                                0.1 + 0.85 * number / len(DEPTHS), 0.85 / len(DEPTHS))
+            runs_by_depth[depth] = runs_by_depth[depth][:-1] + runs  # the check point stays last
+        fitted, worst, segment = _fitted_segments(runs_by_depth, names)
+        if worst <= FIT_TOLERANCE or len(names) == len(basis_names("eager")):
+            break
+        names, points = basis_names("eager"), list(EAGER_POINTS)
+        report("the step has terms in s^2: two more sizes", 0.5)
     if worst > FIT_TOLERANCE:
         raise InputError("model", f"{spec.id}: the traced memory of segment {segment} is not a linear/quadratic "
                          f"form in batch and sequence (off by {100 * worst:.2f}% at the check point)")
@@ -458,12 +467,19 @@ def derive_program(spec: ModelSpec, config: TrainingConfig, progress: Progress |
         "largest_step": largest_step,
         "candidates": _extend(fitted[1], fitted[2]),
         "fit_error": worst,
-        "points": [list(point) for point in points],
+        "points": [list(point) for point in [*points, CHECK_POINT]],
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_json(program_path(spec, config), program)
     report("done", 1.0)
     return program
+
+
+def structured_spec(spec: ModelSpec) -> ModelSpec:
+    """A generic spec as the full trace needs it: the class to build and the layer's linears (LoRA targets)."""
+    if load_structure(spec) is None:
+        write_json(structure_path(spec), derive_structure(spec))
+    return with_structure(spec)
 
 
 def ensure_program(spec: ModelSpec, config: TrainingConfig, progress: Progress | None = None) -> dict[str, Any]:
