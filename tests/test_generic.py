@@ -65,27 +65,33 @@ def _check_against_trace(name: str, **options) -> None:
     assert budget.model.params == sum(p.numel() for p in hf_model_on_meta(built).parameters())
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name == "starcoder2" else pytest.mark.slow)
+# The options that matter most, together: one derivation covers them (the others run with the slow tests).
+LORA_EAGER_CHECKPOINTED = {"lora_rank": 8, "lora_targets": "all-linear", "checkpointing": "full",
+                           "attention": "eager", "precision": "bf16-true"}
+
+
+# After the first trace in a process (imports, first-call costs) each takes a few seconds: two run by default,
+# Falcon among them (its SDPA mask brings the s^2 terms).
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in ("starcoder2", "falcon") else pytest.mark.slow)
                                   for name in ARCHITECTURES])
 def test_generic_estimate_matches_the_full_trace(cache, name):
     _check_against_trace(name)
 
 
 def test_lora_checkpointing_eager_and_16_bit_weights_match_the_full_trace(cache):
-    _check_against_trace("granite", lora_rank=8, lora_targets="all-linear", checkpointing="full",
-                         attention="eager", precision="bf16-true")
+    _check_against_trace("granite", **LORA_EAGER_CHECKPOINTED)
 
 
 def test_cached_estimate_imports_no_torch_and_says_its_method(cache):
     from memtui.engine.trace.generic import ensure_program
 
-    config = _config("starcoder2")
+    config = _config("granite", **LORA_EAGER_CHECKPOINTED)
     ensure_program(resolve_model(config.model), config)  # cached by the test above when run together
     script = (
         "import sys, time\n"
         "from memtui.engine.estimator import estimate\n"
         "from memtui.engine.model.specs import TrainingConfig\n"
-        f"config = TrainingConfig(model={config.model!r})\n"
+        f"config = TrainingConfig.model_validate({config.model_dump()!r})\n"
         "first = estimate(config)\n"
         "started = time.perf_counter()\n"
         "for batch in range(1, 201):\n"
@@ -99,7 +105,9 @@ def test_cached_estimate_imports_no_torch_and_says_its_method(cache):
     method, micros = done.stdout.rsplit(" ", 1)
     assert method == METHOD
     assert float(micros) < 5000  # about 100 us on an idle core; the shared test machine is slower
-    shown = subprocess.run([sys.executable, "-m", "memtui", "estimate", "--model", config.model],
+    flags = ["--lora-rank", "8", "--lora-targets", "all-linear", "--checkpointing", "full", "--attention", "eager",
+             "--precision", "bf16-true"]
+    shown = subprocess.run([sys.executable, "-m", "memtui", "estimate", "--model", config.model, *flags],
                            capture_output=True, text=True, env=env, timeout=120)
     assert shown.returncode == 0 and METHOD in shown.stdout
 

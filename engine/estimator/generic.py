@@ -9,19 +9,11 @@ context and the allocator's slack over the largest block.
 from __future__ import annotations
 
 from memtui.engine.errors import InputError
+from memtui.engine.estimator.budget import make_budget
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.generic import METHOD, check_generic_options, load_program, per_depth, with_structure
-from memtui.engine.model.specs import (
-    Budget,
-    Components,
-    GpuSpec,
-    GpuSummary,
-    ModelStates,
-    ModelSummary,
-    TimelinePoint,
-    TrainingConfig,
-)
+from memtui.engine.model.specs import Budget, Components, GpuSpec, ModelStates, TimelinePoint, TrainingConfig
 from memtui.engine.model.validation import check_config
 
 _COMPONENTS = ("weights", "gradients", "optimizer_states", "activations", "temporary")
@@ -65,7 +57,8 @@ def generic_estimate(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> 
     if program is None:
         raise InputError("model", f"{model.id} is a generic model whose step is not derived yet for these options; "
                          "`memtui estimate` traces it once (torch, seconds)")
-    notes = check_config(config, with_structure(model), gpu)
+    structured = with_structure(model)  # its linears (LoRA targets) and the built module's parameter count
+    notes = check_config(config, structured, gpu)
     layers = model.num_layers
     terms = _terms(program["basis"], config.batch_size, config.seq_len)
     peak, peak_total = None, -1.0
@@ -88,24 +81,18 @@ def generic_estimate(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> 
     tensor_peak = traced_peak + workspace
     largest = max(program["largest_setup"], int(sum(c * t for c, t in zip(program["largest_step"], terms))))
     overhead = cuda_context_bytes(gpu) + reserved_from_allocated(tensor_peak, largest) - tensor_peak + workspace
-    device_peak = traced_peak + overhead
-    params = per_depth(program["params"], layers)
     steady = states.weights + states.optimizer_states
     timeline = [TimelinePoint(phase="start", bytes=steady)]
     timeline += [TimelinePoint(phase=phase, bytes=int(round(phase_peaks[phase]))) for phase in _PHASES
                  if phase in phase_peaks]
     timeline.append(TimelinePoint(phase="end", bytes=steady))
-    return Budget(
-        model=ModelSummary(id=model.id, params=params, trainable_params=per_depth(program["trainable"], layers)),
-        gpu=GpuSummary(id=gpu.id, memory_bytes=gpu.memory_bytes),
-        config=config.model_dump(),
+    return make_budget(
+        config, structured, gpu,
+        trainable_params=per_depth(program["trainable"], layers),
         model_states=states,
         per_gpu=Components(overhead=overhead, **components),
         tensor_peak_bytes=tensor_peak,
-        device_peak_bytes=device_peak,
-        fits=device_peak <= gpu.memory_bytes,
-        headroom_bytes=gpu.memory_bytes - device_peak,
-        bytes_per_param=states.total / max(params, 1),
+        device_peak_bytes=traced_peak + overhead,
         peak_phase=peak["phase"],
         timeline=timeline,
         notes=[*notes, f"{program['architecture']}: its {program['model_type']} layers traced at 1 and 2 layers and "
