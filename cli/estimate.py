@@ -36,7 +36,8 @@ def derive_generic_if_needed(config) -> None:
     def progress(stage: str, fraction: float) -> None:
         print(f"memtui: generic model {model.id}: {stage} ({100 * fraction:.0f}%)", file=sys.stderr, flush=True)
 
-    derive_program(model, config, progress)
+    # On a terminal only: a script reading stderr gets one line, the error's, when there is one.
+    derive_program(model, config, progress if sys.stderr.isatty() else None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -379,6 +379,8 @@ _NOT_DECODERS = {
 def _refuse_non_decoder(config: dict[str, Any], model_type: str, source: str) -> None:
     """The generic path trains AutoModelForCausalLM: encoder-decoder and vision-language models are refused."""
     kind = _NOT_DECODERS.get(model_type)
+    if not model_type.replace("_", "").replace("-", "").isalnum():
+        kind = "not a model type transformers names"
     if kind is None and config.get("is_encoder_decoder"):
         kind = "an encoder-decoder model"
     if kind is None and (isinstance(config.get("vision_config"), dict) or isinstance(config.get("text_config"), dict)):
