@@ -30,24 +30,32 @@ def _at(pair: list[list[float]], terms: list[int], layers: int) -> float:
     return sum((c + m * layers) * t for c, m, t in zip(constant, slope, terms))
 
 
-_COMPILED: dict[int, tuple[dict, list[tuple[dict, list[float], list[float]]]]] = {}
+_COMPILED: dict[int, tuple[list, list[tuple[dict, list[float], list[float]]]]] = {}
 
 
-def _totals(program: dict) -> list[tuple[dict, list[float], list[float]]]:
+def _totals(candidates: list) -> list[tuple[dict, list[float], list[float]]]:
     """Each candidate with its total's form (the components summed), memoised per loaded program."""
-    hit = _COMPILED.get(id(program))
-    if hit is not None and hit[0] is program:
+    hit = _COMPILED.get(id(candidates))
+    if hit is not None and hit[0] is candidates:
         return hit[1]
     compiled = []
-    for candidate in program["candidates"]:
+    for candidate in candidates:
         forms = [candidate["components"][name] for name in _COMPONENTS]
         constant = [sum(values) for values in zip(*(form[0] for form in forms))]
         slope = [sum(values) for values in zip(*(form[1] for form in forms))]
         compiled.append((candidate, constant, slope))
     if len(_COMPILED) > 64:
         _COMPILED.clear()
-    _COMPILED[id(program)] = (program, compiled)  # holding the program keeps its id from being reused
+    _COMPILED[id(candidates)] = (candidates, compiled)  # holding the list keeps its id from being reused
     return compiled
+
+
+def _fit_note(program: dict) -> list[str]:
+    note = (f"{program['architecture']}: its {program['model_type']} layers traced at 1 and 2 layers and extended to "
+            "the model's depth (generic path)")
+    if program["fit_error"] > 0.001:  # exact forms miss by nothing; say so when these do not
+        note += f"; its forms missed the traced check point by {100 * program['fit_error']:.2f}%"
+    return [note]
 
 
 def generic_estimate(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> Budget:
@@ -63,7 +71,9 @@ def generic_estimate(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> 
     terms = _terms(program["basis"], config.batch_size, config.seq_len)
     peak, peak_total = None, -1.0
     phase_peaks: dict[str, float] = {}
-    for candidate, constant, slope in _totals(program):
+    # Some modules run batch 1 differently (fewer copies): then it has candidates of its own.
+    single = program.get("candidates_batch_1") if config.batch_size == 1 else None
+    for candidate, constant, slope in _totals(single or program["candidates"]):
         if layers < candidate["min_layers"]:
             continue
         total = _at([constant, slope], terms, layers)
@@ -95,7 +105,6 @@ def generic_estimate(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> 
         device_peak_bytes=traced_peak + overhead,
         peak_phase=peak["phase"],
         timeline=timeline,
-        notes=[*notes, f"{program['architecture']}: its {program['model_type']} layers traced at 1 and 2 layers and "
-                       "extended to the model's depth (generic path)"],
+        notes=[*notes, *_fit_note(program)],
         method=METHOD,
     )
