@@ -82,6 +82,14 @@ def test_lora_checkpointing_eager_and_16_bit_weights_match_the_full_trace(cache)
     _check_against_trace("granite", **LORA_EAGER_CHECKPOINTED)
 
 
+@pytest.mark.slow
+def test_a_first_layer_unlike_the_others_and_batch_1_get_their_own_forms(cache):
+    """Falcon with LoRA on attention alone: the first layer's input needs no gradient, so its MLP saves nothing
+    (1 vs 2 layers would under-count every further layer), and batch 1 runs fewer copies than larger batches."""
+    _check_against_trace("falcon", precision="bf16-true", master_weights=True, attention="eager", lora_rank=4,
+                         lora_targets="query_key_value")
+
+
 def test_cached_estimate_imports_no_torch_and_says_its_method(cache):
     from memtui.engine.trace.generic import ensure_program
 

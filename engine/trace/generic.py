@@ -42,7 +42,8 @@ from memtui.engine.model.specs import COMPONENT_NAMES, TrainingConfig
 
 Progress = Callable[[str, float], None]
 COMPONENTS = tuple(name for name in COMPONENT_NAMES if name != "overhead")
-DEPTHS = (1, 2)
+DEPTHS = (1, 2)  # traced first; (2, 3) when the model at 3 layers says the first layer is not like the others
+DEEPER = (2, 3)
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 # Sequence lengths are multiples of 256 so every per-token tensor is a whole number of 512-byte blocks and
 # the allocator's rounding keeps the forms exact.
@@ -389,35 +390,39 @@ def _fitted_segments(runs_by_depth: dict[int, list[dict]], names: tuple[str, ...
     return fitted, worst, worst_segment
 
 
-def _extend(one: dict, two: dict) -> list[dict]:
-    """Candidates c0 + c1 * L from the 1- and 2-layer segments (slots: the first and the last layer)."""
+def _extend(depths: tuple[int, int], fitted: dict[int, dict]) -> list[dict]:
+    """Candidates c0 + c1 * L from the segments at two depths d and d + 1: each segment outside the layers, and
+    the first and the last layer's, grows by what one more layer adds (the first and the last layer may differ
+    from the ones between, e.g. where the first layer's input needs no gradient)."""
+    low, high = depths
     candidates = []
 
-    def line(at_one: dict, at_two: dict, slope_extra: dict | None) -> dict:
-        # value(L) = v1 + (L - 1) * (v2 - v1) [+ (L - 1) * beta for the last slot]
+    def line(at_low: dict, at_high: dict) -> dict:
         components = {}
         for name in COMPONENTS:
-            v1, v2 = at_one["forms"][name], at_two["forms"][name]
-            slope = [b - a + (slope_extra["forms"][name][i] if slope_extra else 0.0) for i, (a, b) in enumerate(zip(v1, v2))]
-            components[name] = [[a - m for a, m in zip(v1, slope)], slope]
+            slope = [b - a for a, b in zip(at_low["forms"][name], at_high["forms"][name])]
+            components[name] = [[a - low * m for a, m in zip(at_low["forms"][name], slope)], slope]
         return components
 
-    order = sorted(two, key=lambda key: (_ORDER.index(key[0]), key[1], -1 if key[2] is None else key[2]))
+    order = sorted(fitted[high], key=lambda key: (_ORDER.index(key[0]), key[1], -1 if key[2] is None else key[2]))
     for key in order:
         name, slot, moment = key
-        if slot <= 0 and key in one:
-            entry = {"segment": name, "phase": two[key]["phase"], "min_layers": 1}
-            entry["components"] = line(one[key], two[key], None)
-            candidates.append(entry)
-        following = (name, 1, moment)
-        if slot == 0 and following in two:
-            # beta: what one more layer before this one in the step adds (the 2-layer trace's second slot)
-            beta = {"forms": {c: [b - a for a, b in zip(two[key]["forms"][c], two[following]["forms"][c])]
-                              for c in COMPONENTS}}
-            entry = {"segment": f"{name} (last)", "phase": two[key]["phase"], "min_layers": 2}
-            entry["components"] = line(one[key], two[key], beta)
-            candidates.append(entry)
+        phase = fitted[high][key]["phase"]
+        if slot <= 0 and key in fitted[low]:
+            candidates.append({"segment": name, "phase": phase, "min_layers": 1,
+                               "components": line(fitted[low][key], fitted[high][key])})
+        last_low, last_high = (name, low - 1, moment), (name, high - 1, moment)
+        if slot == 0 and last_low in fitted[low] and last_high in fitted[high]:
+            candidates.append({"segment": f"{name} (last)", "phase": phase, "min_layers": 2,
+                               "components": line(fitted[low][last_low], fitted[high][last_high])})
     return candidates
+
+
+def _predicted_peak(candidates: list[dict], names: tuple[str, ...], layers: int, b: int, s: int) -> float:
+    values = basis_values(names, b, s)
+    return max(sum((c + m * layers) * v for name in COMPONENTS
+                   for c, m, v in zip(*candidate["components"][name], values))
+               for candidate in candidates if layers >= candidate["min_layers"])
 
 
 _ORDER = ("forward", "f-layer", "f-after", "loss", "backward", "b-layer", "b-after", "optimizer")
@@ -440,46 +445,67 @@ def derive_program(spec: ModelSpec, config: TrainingConfig, progress: Progress |
 
     resolve_lora_targets(config, built)  # a target the layer does not have: one line, before any trace
     names = basis_names(config.attention)
-    points = list(EAGER_POINTS if config.attention == "eager" else FLASH_POINTS)
+    base_points = list(EAGER_POINTS if config.attention == "eager" else FLASH_POINTS)
     states: dict[int, dict[str, int]] = {}
-    traced: dict[int, dict[tuple[int, int], dict]] = {depth: {} for depth in DEPTHS}
+    traced: dict[int, dict[tuple[int, int], dict]] = {}
+    depths = DEPTHS
+
+    def trace_at(depth: int, wanted: list[tuple[int, int]], done: float) -> None:
+        missing = [point for point in wanted if point not in traced.setdefault(depth, {})]
+        if missing:
+            runs, states[depth] = _trace_points(at_depth(built, depth), config, missing, report, done, 0.3)
+            traced[depth].update({(run["b"], run["s"]): run for run in runs})
 
     def fit(fit_points: list[tuple[int, int]], check: tuple[int, int]) -> tuple[dict, float, str]:
-        missing = [point for point in [*fit_points, check] if point not in traced[DEPTHS[0]]]
-        for number, depth in enumerate(DEPTHS):
-            if missing:
-                runs, states[depth] = _trace_points(at_depth(built, depth), config, missing, report,
-                                                    0.1 + 0.85 * number / len(DEPTHS), 0.85 / len(DEPTHS))
-                traced[depth].update({(run["b"], run["s"]): run for run in runs})
+        for number, depth in enumerate(depths):
+            trace_at(depth, [*fit_points, check], 0.1 + 0.3 * number)
         return _fitted_segments({depth: [traced[depth][point] for point in [*fit_points, check]]
-                                 for depth in DEPTHS}, names)
+                                 for depth in depths}, names)
 
-    fitted, worst, segment = fit(points, CHECK_POINT)
-    if worst > EXACT and config.attention != "eager":
-        # A module that still materialises an s x s mask under SDPA (Falcon): two more sizes, the s^2 terms.
-        report("the step has terms in s^2: two more sizes", 0.5)
-        names, points = basis_names("eager"), list(EAGER_POINTS)
-        fitted, worst, segment = fit(points, CHECK_POINT)
-    single = None
-    if worst > EXACT:
-        # Batch 1 runs a few copies fewer than larger batches in some modules (views of a size-1 dimension):
-        # forms for batch 1 alone, and for batches from 2.
-        report("batch 1 differs: forms for it alone", 0.5)
-        many, many_error, many_segment = fit(MANY_POINTS, MANY_CHECK)
-        one, one_error, one_segment = fit(SINGLE_POINTS, SINGLE_CHECK)
-        if max(many_error, one_error) < worst:
-            fitted, single = many, one
-            worst, segment = max((many_error, many_segment), (one_error, one_segment))
-            points = [*MANY_POINTS, *SINGLE_POINTS]
+    def fit_all() -> tuple[dict, dict | None, float, str, list[tuple[int, int]]]:
+        nonlocal names
+        used = base_points if len(names) < len(basis_names("eager")) else list(EAGER_POINTS)
+        fitted, worst, segment = fit(used, CHECK_POINT)
+        if worst > EXACT and config.attention != "eager" and len(names) < len(basis_names("eager")):
+            # A module that still materialises an s x s mask under SDPA (Falcon): two more sizes, the s^2 terms.
+            report("the step has terms in s^2: two more sizes", 0.5)
+            names, used = basis_names("eager"), list(EAGER_POINTS)
+            fitted, worst, segment = fit(used, CHECK_POINT)
+        single = None
+        if worst > EXACT:
+            # Batch 1 runs a few copies fewer than larger batches in some modules (views of a size-1 dimension):
+            # forms for batch 1 alone, and for batches from 2.
+            report("batch 1 differs: forms for it alone", 0.5)
+            many, many_error, many_segment = fit(list(MANY_POINTS), MANY_CHECK)
+            one, one_error, one_segment = fit(list(SINGLE_POINTS), SINGLE_CHECK)
+            if max(many_error, one_error) < worst:
+                fitted, single = many, one
+                worst, segment = max((many_error, many_segment), (one_error, one_segment))
+                used = [*MANY_POINTS, *SINGLE_POINTS]
+        return fitted, single, worst, segment, used
+
+    fitted, single, worst, segment, points = fit_all()
+    # The depth check: the whole step at 3 layers against the forms' prediction.
+    trace_at(DEEPER[-1], [CHECK_POINT], 0.75)
+    measured = max(sum(values) for segment_series in traced[DEEPER[-1]][CHECK_POINT]["peaks"].values()
+                   for values in segment_series["series"])
+    candidates = _extend(depths, fitted)
+    depth_error = abs(_predicted_peak(candidates, names, DEEPER[-1], *CHECK_POINT) - measured) / max(measured, 1)
+    if depth_error > EXACT:
+        report("the first layer differs from the others: 2 and 3 layers", 0.8)
+        depths = DEEPER
+        fitted, single, worst, segment, points = fit_all()
+        candidates = _extend(depths, fitted)
     if worst > FIT_TOLERANCE:
         raise InputError("model", f"{spec.id}: the traced memory of segment {segment} is not a linear/quadratic "
                          f"form in batch and sequence (off by {100 * worst:.2f}% at the check point)")
-    last = [traced[DEPTHS[-1]][point] for point in points]
+    last = [traced[depths[-1]][point] for point in points]
     largest_step = _fit(names, [(run["b"], run["s"]) for run in last], [run["largest_step"] for run in last])
+    low, high = depths
 
     def by_depth(name: str) -> list[float]:
-        one, two = states[1][name], states[2][name]
-        return [float(2 * one - two), float(two - one)]
+        slope = states[high][name] - states[low][name]
+        return [float(states[low][name] - low * slope), float(slope)]
 
     program = {
         "version": PROGRAM_VERSION,
@@ -490,10 +516,11 @@ def derive_program(spec: ModelSpec, config: TrainingConfig, progress: Progress |
         "params": by_depth("params"),
         "trainable": by_depth("trainable"),
         "states": {name: by_depth(name) for name in ("weights", "gradients", "optimizer_states")},
-        "largest_setup": max(states[1]["largest_setup"], states[2]["largest_setup"]),
+        "largest_setup": max(states[low]["largest_setup"], states[high]["largest_setup"]),
         "largest_step": largest_step,
-        "candidates": _extend(fitted[1], fitted[2]),
-        "candidates_batch_1": _extend(single[1], single[2]) if single is not None else None,
+        "candidates": candidates,
+        "candidates_batch_1": _extend(depths, single) if single is not None else None,
+        "depths": list(depths),
         "fit_error": worst,
         "points": [list(point) for point in points],
         "seconds": round(time.perf_counter() - started, 2),
