@@ -70,9 +70,9 @@ LORA_EAGER_CHECKPOINTED = {"lora_rank": 8, "lora_targets": "all-linear", "checkp
                            "attention": "eager", "precision": "bf16-true"}
 
 
-# After the first trace in a process (imports, first-call costs) each takes a few seconds: two run by default,
-# Falcon among them (its SDPA mask brings the s^2 terms).
-@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in ("starcoder2", "falcon") else pytest.mark.slow)
+# After the first trace in a process (imports, first-call costs) each takes a few seconds: Falcon runs by default
+# (its SDPA mask brings the s^2 terms), the others with the slow tests.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name == "falcon" else pytest.mark.slow)
                                   for name in ARCHITECTURES])
 def test_generic_estimate_matches_the_full_trace(cache, name):
     _check_against_trace(name)

@@ -1,7 +1,7 @@
 """Derive a generic decoder's step program by tracing its real transformers module at a few sizes.
 
 The model is built by transformers (the class AutoModelForCausalLM picks for its model_type) at 1 and 2
-layers, on fake tensors, with the options applied as for any trace (memtui.engine.torchside.build). One
+layers (2 and 3 when the whole step at 3 layers shows the first layer unlike the others), on fake tensors, with the options applied as for any trace (memtui.engine.torchside.build). One
 untraced step makes the optimizer states; then one training step per (batch, sequence) point is traced
 with the MemoryTracker, and the step is cut into segments at the decoder layers' boundaries:
 
@@ -13,9 +13,9 @@ size, so an event's place in the segment names it across sizes; where the ops di
 Each candidate's components are fitted as exact forms in (b, s) over the points (basis 1, b, s, b*s;
 with s^2 and b*s^2 for eager attention, or when that basis fails the check) and checked on one more
 point (3 x 1024), then both depths are traced again at the extra sizes. A segment outside
-the layers grows by a fixed amount per layer (1 vs 2 layers); the k-th layer's segment also by k times
-the difference between the 2-layer trace's two layers. The program (memtui.engine.model.generic) keeps,
-for every segment, its form at the first and the last layer, as c0 + c1 * L.
+the layers grows by a fixed amount per layer (the difference between the two depths), and so do the
+first and the last layer's own segments. The program (memtui.engine.model.generic) keeps every such
+candidate as c0 + c1 * L per basis term and component.
 """
 
 from __future__ import annotations
