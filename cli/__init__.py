@@ -83,6 +83,9 @@ def open_planner(argv: list[str]) -> int:
             args.model = args.target
         config = config_from_args(args)
         gpu_chosen = args.gpu is not None or args.recipe is not None
+        from memtui.cli.estimate import derive_generic_if_needed
+
+        derive_generic_if_needed(config)  # a generic model's traced layers, before the planner (which has no torch)
     # Start-up allocates many objects and frees almost none: no collections until the first frame (the app
     # turns the collector back on once it is drawn).
     gc.disable()

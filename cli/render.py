@@ -53,5 +53,7 @@ def print_budget(budget: Budget, console: Console | None = None) -> None:
     if budget.offloaded_activation_bytes:
         console.print(f"activations offloaded to CPU: {format_gib(budget.offloaded_activation_bytes)} of pinned host "
                       "memory at the end of the forward (not GPU memory)")
+    if budget.method not in ("estimate", "trace"):
+        console.print(f"method: {budget.method}")
     for note in budget.notes:
         console.print(f"[dim]note: {note}[/]")

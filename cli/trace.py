@@ -35,8 +35,13 @@ def run(args: argparse.Namespace) -> int:
     from memtui.engine.allocator import parse_alloc_conf
 
     config = config_from_args(args)
+    model = resolve_model(config.model)
+    if model.family == "generic":  # a model_type not replayed by hand: transformers names its class and linears
+        from memtui.engine.trace.generic import structured_spec
+
+        model = structured_spec(model)
     # Validate before importing torch, so bad input fails in milliseconds.
-    check_config(config, resolve_model(config.model), resolve_gpu(config.gpu))
+    check_config(config, model, resolve_gpu(config.gpu))
     alloc_config = parse_alloc_conf(args.alloc_conf)
 
     from memtui.engine.trace import trace
@@ -51,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--device", "cuda was asked for but torch sees no CUDA device", "cpu, or cuda on a GPU machine")
 
     if args.json:
-        result = trace(config, progress=_stderr_progress() if sys.stderr.isatty() else None, alloc_config=alloc_config)
+        result = trace(config, model=model, progress=_stderr_progress() if sys.stderr.isatty() else None,
+                       alloc_config=alloc_config)
         result.budget = with_file_notes(result.budget, args)
         data = result.as_json()
         if args.device == "cuda":
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     with console.status("tracing…") as status:
-        result = trace(config, progress=lambda stage, _fraction: status.update(f"tracing: {stage}"),
+        result = trace(config, model=model, progress=lambda stage, _fraction: status.update(f"tracing: {stage}"),
                        alloc_config=alloc_config)
     result.budget = with_file_notes(result.budget, args)
     if args.device == "cuda":

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator.budget import make_budget
+from memtui.engine.estimator.generic import generic_estimate
 from memtui.engine.estimator.moments import Moment, activation_moments, offloaded_bytes
 from memtui.engine.estimator.layout import (
     INT8_BYTES_PER_PARAM,
@@ -391,6 +392,8 @@ def estimate(
     """Predict one training step's memory per GPU for `config`."""
     model = model or resolve_model(config.model)
     gpu = gpu or resolve_gpu(config.gpu)
+    if model.family == "generic":  # a model_type not replayed by hand: its traced program, from the cache
+        return generic_estimate(config, model, gpu)
     notes = check_config(config, model, gpu)
     requested = config
     if config.quant != "none" and model.family == "gpt2":

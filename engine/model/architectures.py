@@ -23,6 +23,7 @@ from memtui.engine.errors import InputError
 
 Family = Literal[
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "mixtral", "olmo2", "gemma3", "qwen3_moe",
+    "generic",
 ]
 
 # model_type in config.json -> family; the family decides the layer layout.
@@ -171,6 +172,8 @@ class ModelSpec(BaseModel):
 
     @property
     def params(self) -> int:
+        if self.family == "generic" and "params" in self.config.get("_memtui", {}):
+            return self.config["_memtui"]["params"]  # counted on the built module (memtui.engine.model.generic)
         return (
             self.embedding_params
             + self.num_layers * self.layer_params
@@ -379,6 +382,9 @@ def _family(config: Any, source: str) -> Family:
     if not isinstance(config, dict):
         raise InputError(source, "config.json must hold a JSON object")
     model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type not in SUPPORTED_MODEL_TYPES:
+        _refuse_non_decoder(config, model_type, source)
+        return "generic"  # any other decoder transformers builds: traced layers (memtui.engine.trace.generic)
     if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         allowed = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
         shown = repr(model_type) if isinstance(model_type, str) else _shown(model_type)
@@ -388,6 +394,54 @@ def _family(config: Any, source: str) -> Family:
             allowed,
         )
     return SUPPORTED_MODEL_TYPES[model_type]
+
+
+# Well-known model types that are no decoder-only language model, refused before any trace.
+_NOT_DECODERS = {
+    **dict.fromkeys(("t5", "mt5", "umt5", "longt5", "bart", "mbart", "pegasus", "marian", "whisper", "led",
+                     "blenderbot", "m2m_100", "nllb-moe", "switch_transformers"), "an encoder-decoder model"),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert",
+                     "modernbert"), "an encoder-only model"),
+}
+
+
+def _refuse_non_decoder(config: dict[str, Any], model_type: str, source: str) -> None:
+    """The generic path trains AutoModelForCausalLM: encoder-decoder and vision-language models are refused."""
+    kind = _NOT_DECODERS.get(model_type)
+    if not model_type.replace("_", "").replace("-", "").isalnum():
+        kind = "not a model type transformers names"
+    if kind is None and config.get("is_encoder_decoder"):
+        kind = "an encoder-decoder model"
+    if kind is None and (isinstance(config.get("vision_config"), dict) or isinstance(config.get("text_config"), dict)):
+        kind = "a vision-language model (give its text_config as a config.json to plan the text decoder alone)"
+    if kind is not None:
+        raise InputError(f"{source}: model_type", f"unsupported architecture {model_type!r}: {kind}; memtui "
+                         "models decoder-only language models")
+
+
+def _generic_spec(config: dict[str, Any], *, model_id: str, source: str) -> ModelSpec:
+    """A decoder of a model_type memtui does not replay: the sizes it names, under the names transformers uses.
+    Its layer's linears and parameter count come from the built module (memtui.engine.model.generic)."""
+    _check_fields(config, source)
+    hidden = _require(config, source, "hidden_size", "n_embd", "d_model")
+    heads = _optional(config, "num_attention_heads", _optional(config, "n_head", 1))
+    architectures = config.get("architectures")
+    architecture = architectures[0] if isinstance(architectures, list) and architectures else ""
+    meta = _optional(config, "_memtui", {})
+    return ModelSpec(
+        id=model_id, name=meta.get("name") or model_id, family="generic",
+        architecture=architecture if isinstance(architecture, str) else "",
+        vocab_size=_require(config, source, "vocab_size"), hidden_size=hidden,
+        intermediate_size=_optional(config, "intermediate_size", _optional(config, "ffn_hidden_size", 4 * hidden)),
+        num_layers=_require(config, source, "num_hidden_layers", "n_layer", "num_layers"),
+        num_heads=heads, num_kv_heads=_optional(config, "num_key_value_heads", _optional(config, "num_kv_heads", heads)),
+        head_dim=_optional(config, "head_dim", max(hidden // max(heads, 1), 1)),
+        tie_word_embeddings=_optional(config, "tie_word_embeddings", True),
+        hidden_act=str(config.get("hidden_act") or config.get("activation") or "unknown"),
+        norm="layer", norms_per_layer=2, positions="rope",
+        max_position_embeddings=_optional(config, "max_position_embeddings", _optional(config, "n_positions", 4096)),
+        linears=(), source=source, config=config,
+    )
 
 
 @dataclass(frozen=True)
@@ -518,6 +572,8 @@ def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str
     """Build a ModelSpec from a config.json dict; `source` names the file in errors."""
     config, notes = _text_config(config, source)
     family = _family(config, source)
+    if family == "generic":
+        return _generic_spec(config, model_id=model_id, source=source)
     _check_fields(config, source)
     sizes = _sizes(config, family, source)
     experts, experts_per_token = _experts(config, family, source)

@@ -204,7 +204,7 @@ class Budget(BaseModel):
     peak_phase: str
     timeline: list[TimelinePoint]
     notes: list[str] = []
-    method: Literal["estimate", "trace"] = "estimate"
+    method: Literal["estimate", "trace", "generic (traced layers)"] = "estimate"
     paged_bytes: int = Field(
         default=0,
         description="bitsandbytes' paged optimizer states (CUDA unified memory, outside the caching allocator): "
