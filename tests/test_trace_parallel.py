@@ -149,3 +149,68 @@ def test_zero1_estimate_follows_zero_redundancy_optimizers_partition_as_traced()
     assert estimated.tensor_peak_bytes - workspace == pytest.approx(traced.traced_tensor_peak_bytes, rel=0.002)
     # 1/8 of the states would be far less than what rank 0 holds.
     assert estimated.per_gpu.optimizer_states > 2 * estimate(qwen.model_copy(update={"zero": 0})).per_gpu.optimizer_states // 8
+
+
+# ---- HSDP: --shard-group G (issue 13) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_hsdp_shards_within_its_group_as_fsdp2_over_that_many_ranks(zero):
+    """HSDP at 4 ranks in shard groups of 2 runs FSDP2 on a 2-D mesh (2 replicas x 2 shards): every rank holds
+    1/2 of each tensor and the replicas' all-reduce runs in place on the reduce-scatter output (which backs the
+    sharded gradients), so rank 0's step is FSDP2's at world size 2, byte for byte; the estimate follows."""
+    from memtui.engine.estimator import estimate
+    from memtui.engine.trace import trace
+
+    hybrid = _trace_config(config(gpus=4, zero=zero, shard_group=2))
+    assert any("HSDP" in line and "2 replicas x 2 shards" in line for line in hybrid.traced), hybrid.traced
+    flat = trace(config(gpus=2, zero=zero), model=SPEC)
+    assert hybrid.traced_tensor_peak_bytes == flat.traced_tensor_peak_bytes
+    assert hybrid.budget.model_states == flat.budget.model_states
+    whole = trace(config(gpus=4, zero=zero), model=SPEC)  # sharding over all 4 holds less
+    assert whole.budget.model_states.optimizer_states < hybrid.budget.model_states.optimizer_states
+    assert (estimate(config(gpus=4, zero=zero, shard_group=2), model=SPEC).tensor_peak_bytes
+            == estimate(config(gpus=2, zero=zero), model=SPEC).tensor_peak_bytes)
+
+
+def _trace_config(training: TrainingConfig):
+    import torch.distributed as dist
+
+    from memtui.engine.trace import trace
+
+    result = trace(training, model=SPEC)
+    assert not dist.is_initialized()
+    assert not any(MODELLED_SHARDING in line for line in result.modelled), result.modelled
+    return result
+
+
+def test_hsdp_estimate_equals_the_trace_at_full_size():
+    """Llama-3.2-1B at 8 GPUs in shard groups of 4: the states are sharded over 4, not 8."""
+    from memtui.engine.estimator import estimate
+    from memtui.engine.estimator.overhead import cublas_workspace_bytes
+    from memtui.engine.trace import trace
+
+    hybrid = TrainingConfig(model="llama-3.2-1b", seq_len=1024, gpus=8, zero=3, shard_group=4)
+    traced = trace(hybrid)
+    estimated = estimate(hybrid)
+    workspace = cublas_workspace_bytes(resolve_gpu(hybrid.gpu))
+    assert estimated.tensor_peak_bytes - workspace == pytest.approx(traced.traced_tensor_peak_bytes, rel=0.005)
+    sharded_over_all = estimate(hybrid.model_copy(update={"shard_group": 0}))
+    assert estimated.model_states.optimizer_states == pytest.approx(2 * sharded_over_all.model_states.optimizer_states,
+                                                                    rel=1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus", "8", "--zero", "1", "--shard-group", "4"], "memtui: error: --shard-group: HSDP shards through FSDP2"),
+    (["--gpus", "8", "--zero", "3", "--shard-group", "3"],
+     "memtui: error: --shard-group: 3 does not split the 8 data-parallel ranks into shard groups of 2 or more "
+     "(allowed: 0, 2, 4, 8)"),
+    (["--gpus", "8", "--tp", "2", "--zero", "3", "--shard-group", "8"],
+     "memtui: error: --shard-group: 8 does not split the 4 data-parallel ranks"),
+])
+def test_shard_group_refusals_name_the_flag(capsys, argv, message):
+    code = main(["estimate", "--model", "llama-3.2-1b", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(message), err
+    assert len(err.strip().splitlines()) == 1

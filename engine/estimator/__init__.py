@@ -161,7 +161,7 @@ class _StatesOnGpu:
 
 def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout) -> tuple[_StatesOnGpu, int]:
     """The model states on one GPU, and one optimizer state over the largest group (for the step's temporaries)."""
-    dp = config.dp
+    dp = config.shard_ranks  # HSDP: ZeRO-2/3 shard within a group of ranks and replicate across the groups
     # ZeRO-Offload runs its stages on one GPU too (its paper's main case); without offload a lone GPU has nothing to shard.
     zero = config.zero if dp > 1 or config.offload != "none" else 0
     base_weights, adapters = _weights_bytes(config, layout)
@@ -199,7 +199,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     resting_weights = weights_full // dp if zero == 2 and config.offload == "none" else weights
     # PyTorch DDP (ZeRO-0/1 across ranks) copies every gradient into flat bucket buffers for the
     # all-reduce and keeps them from the first backward on (gradient_as_bucket_view=False, the default).
-    ddp_buckets = grads_full if dp > 1 and zero <= 1 else 0
+    ddp_buckets = grads_full if config.dp > 1 and zero <= 1 else 0
     on_gpu = _StatesOnGpu(
         dp=dp, zero=zero, weights_full=weights_full, grads_full=grads_full, layer_weight_bytes=layer_weight_bytes,
         layer_grads=layout.largest_layer_params * config.weight_bytes if not config.uses_lora else 0,

@@ -211,6 +211,10 @@ _OPTIONS = (
     Option("optimizer_in_backward", "Opt. in bwd", MEMORY_SAVERS, "switch",
            "step each parameter in backward and free its gradient (torchtune optimizer_in_bwd)",
            "--optimizer-in-backward", ladder="optimizer step in backward", baseline=False),
+    # ---- hybrid sharding (issue 13) -------------------------------------------------------------------
+    Option("shard_group", "Shard group", PARALLELISM, "int",
+           "HSDP: shard within groups of G data-parallel ranks, replicate across them; 0 shards over all",
+           "--zero 3 --gpus 16 --shard-group 8", explainer="zero"),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

@@ -71,10 +71,17 @@ class TrainingConfig(BaseModel):
     loss_chunks: int = Field(8, ge=1, le=1024, description="chunks of the sequence for the chunked head and loss")
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     optimizer_in_backward: bool = False
+    shard_group: int = Field(0, ge=0, le=65536,
+                             description="HSDP: ranks per FSDP shard group, replicated across the rest; 0: all ranks")
 
     @property
     def dp(self) -> int:
         return self.gpus // (self.tp * self.pp)
+
+    @property
+    def shard_ranks(self) -> int:
+        """The ranks ZeRO spreads its shards over: the HSDP shard group, else every data-parallel rank."""
+        return self.shard_group or self.dp
 
     @property
     def uses_lora(self) -> bool:

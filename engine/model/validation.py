@@ -222,6 +222,18 @@ RULES: tuple[Rule, ...] = (
     _note("quant", "model", broken=lambda f: f.config.quant != "none" and f.model.family == "gpt2",
           message=lambda f: f"{f.config.quant}: GPT-2's layers are Conv1D, not nn.Linear, so bitsandbytes quantizes "
                             "none of them; the weights stay 16-bit."),
+    # ---- hybrid sharding (issue 13) ----
+    _rule("shard_group", "zero", broken=lambda f: f.config.shard_group > 0 and f.config.zero < 2,
+          message=lambda f: f"HSDP shards through FSDP2; {{zero}} {f.config.zero} does not shard parameters or "
+                            "gradients",
+          allowed=lambda f: "0, or a group size with {zero} 2 or 3"),
+    _rule("shard_group", "gpus", "tp", "pp",
+          broken=lambda f: f.config.shard_group > 0 and (f.config.shard_group < 2
+                                                          or f.config.dp % f.config.shard_group != 0),
+          message=lambda f: f"{f.config.shard_group} does not split the {f.config.dp} data-parallel ranks into "
+                            "shard groups of 2 or more",
+          allowed=lambda f: "0, " + ", ".join(str(d) for d in range(2, f.config.dp + 1) if f.config.dp % d == 0)
+          if f.config.dp > 1 else "0 (one data-parallel rank)"),
 )
 
 

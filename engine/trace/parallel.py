@@ -12,7 +12,10 @@ it (memtui.engine.live.distributed):
 - ZeRO-1: the same DDP, the optimizer wrapped in ZeroRedundancyOptimizer (rank
   0 keeps the states of the whole tensors dealt to it, largest first);
 - ZeRO-2 / ZeRO-3: FSDP2 `fully_shard` per decoder layer and at the root,
-  reshard_after_forward False / True.
+  reshard_after_forward False / True; with `--shard-group G` (HSDP) on a 2-D
+  DeviceMesh (dp/G replicas x G shards) as torchtitan builds it: sharded within
+  G ranks, the gradients' shards all-reduced across the replicas in place (the
+  reduce-scatter output they live in is the all-reduce's buffer).
 
 Two things the fake backend cannot do are worked around, allocating as the
 real program does: its all-reduce returns no tensor (a comm hook reduces the
@@ -67,7 +70,12 @@ class DataParallel:
             self.modelled = []
         else:
             reshard = "True" if config.zero == 3 else "False"
-            self.traced = [f"FSDP2 fully_shard per decoder layer and root at world size {dp} (rank 0 of a fake process "
+            where = f"world size {dp}"
+            if config.shard_group and config.shard_group < dp:
+                where = (f"world size {dp} as HSDP: a 2-D DeviceMesh ({dp // config.shard_group} replicas x "
+                         f"{config.shard_group} shards), sharded within {config.shard_group} ranks, gradients "
+                         "all-reduced across the replicas")
+            self.traced = [f"FSDP2 fully_shard per decoder layer and root at {where} (rank 0 of a fake process "
                            f"group), reshard_after_forward={reshard}, MixedPrecisionPolicy(): parameters gathered and "
                            "gradients reduced in their stored dtype, autocast casting (as memtui's live runs)"]
             self.modelled = []
@@ -228,7 +236,11 @@ def data_parallel(config: TrainingConfig, num_layers: int) -> Iterator[DataParal
         raise RuntimeError("a process group is already initialised in this process; the trace needs its own")
     dist.init_process_group("fake", rank=0, world_size=config.dp, store=FakeStore())
     try:
-        mesh = init_device_mesh("cpu", (config.dp,))
+        group = config.shard_ranks
+        if group < config.dp:  # HSDP, as torchtitan builds it: replicate on the outer dimension, shard on the inner
+            mesh = init_device_mesh("cpu", (config.dp // group, group), mesh_dim_names=("dp_replicate", "dp_shard"))
+        else:
+            mesh = init_device_mesh("cpu", (config.dp,))
         yield DataParallel(config, num_layers, mesh)
     finally:
         dist.destroy_process_group()
