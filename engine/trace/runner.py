@@ -58,8 +58,16 @@ def trace(
 
     from memtui.engine.trace.parallel import data_parallel, traces_data_parallel
 
+    from memtui.engine.trace.tensor_parallel import tensor_parallel, tensor_parallel_refusal
+
     parallel_lines: tuple[list[str], list[str]] = ([], [])
-    if traces_data_parallel(config):
+    tp_refusal = tensor_parallel_refusal(config, spec)
+    if tp_refusal is None:
+        local = config
+        with tensor_parallel(config, spec.num_layers) as parallel:
+            log, extras = run_fake_steps(spec, local, report, parallel=parallel)
+        parallel_lines = (parallel.traced, parallel.modelled)
+    elif traces_data_parallel(config):
         local = config
         with data_parallel(config, spec.num_layers) as parallel:
             log, extras = run_fake_steps(spec, local, report, parallel=parallel)
@@ -67,6 +75,8 @@ def trace(
     else:
         local = _single_gpu(config)
         log, extras = run_fake_steps(spec, local, report)
+        if config.tp > 1:
+            parallel_lines = ([], [f"tensor parallel: modelled, not traced ({tp_refusal})"])
     from memtui.engine.trace.assemble import assemble
 
     result = assemble(config, local, spec, gpu, log, extras, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG,
