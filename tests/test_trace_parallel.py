@@ -214,3 +214,68 @@ def test_shard_group_refusals_name_the_flag(capsys, argv, message):
     assert code == 2
     assert err.startswith(message), err
     assert len(err.strip().splitlines()) == 1
+
+
+# ---- tensor parallelism with sequence parallelism (issue 13) ------------------------------------------------
+
+
+def tiny_untied_llama():
+    """The tiny Llama with its own head: torchtitan's plan shards the embedding and the head separately."""
+    spec = tiny_llama()
+    hf = copy.deepcopy(spec.hf_config())
+    hf["tie_word_embeddings"] = False
+    return model_spec_from_config(hf, model_id="tiny-llama-untied", source="test")
+
+
+UNTIED = tiny_untied_llama()
+
+
+def _tp_trace(**options):
+    import torch.distributed as dist
+
+    from memtui.engine.trace import trace
+
+    result = trace(config(**options), model=UNTIED)
+    assert not dist.is_initialized()
+    assert not any(MODELLED_SHARDING in line for line in result.modelled), result.modelled
+    return result
+
+
+def test_tensor_parallel_is_traced_and_its_states_are_the_estimators():
+    """tp 2 runs DTensor's parallelize_module with torchtitan's Llama plan (sequence parallel, loss parallel) on the
+    fake process group: every sharded weight is half, and the embedding's gradient covers the whole vocabulary
+    (DTensor's RowwiseParallel embedding backward), as the estimator now holds."""
+    from memtui.engine.estimator import estimate
+    from memtui.engine.trace import trace
+
+    result = _tp_trace(gpus=2, tp=2)
+    assert any("tensor parallel (traced)" in line and "tp 2" in line for line in result.traced), result.traced
+    single = trace(config(), model=UNTIED)
+    assert result.budget.model_states.weights < 0.55 * single.budget.model_states.weights
+    estimated = estimate(config(gpus=2, tp=2), model=UNTIED).model_states
+    traced = result.budget.model_states
+    tensors = 2 * 9 + 3
+    assert abs(traced.weights - estimated.weights) <= 512 * tensors
+    assert abs(traced.optimizer_states - estimated.optimizer_states) <= 2 * 512 * tensors
+    assert abs(traced.gradients - estimated.gradients) <= 512 * tensors
+    vocab_extra = (UNTIED.vocab_size // 2) * UNTIED.hidden_size * 4
+    assert traced.gradients - vocab_extra > 0.45 * single.budget.model_states.gradients  # the rest is sharded
+
+
+def test_tensor_parallel_with_fsdp2_over_dp_is_traced_on_a_2d_mesh():
+    result = _tp_trace(gpus=4, tp=2, zero=3)
+    assert any("tensor parallel (traced)" in line for line in result.traced)
+    assert any("FSDP2" in line and "(dp, tp) mesh" in line for line in result.traced), result.traced
+    from memtui.engine.estimator import estimate
+
+    estimated = estimate(config(gpus=4, tp=2, zero=3), model=UNTIED).model_states
+    # FSDP2 reduce-scatters the embedding's gradient: nothing of the whole vocabulary stays.
+    assert abs(result.budget.model_states.gradients - estimated.gradients) <= 1024 * (2 * 9 + 3)
+
+
+def test_tensor_parallel_outside_the_plan_is_modelled_and_says_why():
+    from memtui.engine.trace import trace
+
+    result = trace(config(gpus=2, tp=2), model=SPEC)  # tied embeddings
+    assert any("tensor parallel: modelled, not traced (tied embeddings" in line for line in result.modelled)
+    assert not any("tensor parallel (traced)" in line for line in result.traced)

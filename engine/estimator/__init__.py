@@ -24,6 +24,7 @@ from memtui.engine.estimator.layout import (
     NF4_BYTES_PER_PARAM,
     ParamLayout,
     param_layout,
+    tensor_parallel_embedding_gradient_extra,
     trainable_params_total,
     trainable_tensor_numels,
     zero_redundancy_largest_share,
@@ -151,6 +152,7 @@ class _StatesOnGpu:
     computing_weights: int  # through forward and backward: + the layers gathered for compute
     resting_weights: int  # between steps and through the optimizer step
     ddp_buckets: int  # PyTorch DDP's flat copy of every gradient (ZeRO-0/1 across ranks)
+    tp_embedding_extra: int = 0  # DTensor's embedding backward: the whole vocabulary's gradient (traced TP plan)
 
     def gradients_at(self, unsharded: int, offload: str) -> int:
         """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced."""
@@ -182,7 +184,8 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     if config.offload == "optimizer+params":
         weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
         gathered = min(2, layout.layers) * layer_weight_bytes
-    gradients = grads_full // dp if zero >= 2 else grads_full
+    tp_embedding_extra = tensor_parallel_embedding_gradient_extra(config, model)
+    gradients = grads_full // dp if zero >= 2 else grads_full + tp_embedding_extra
     if config.optimizer_in_backward:
         gradients = 0  # each is stepped and freed in backward: none survive to the step's end
     optimizer_states = states_full // dp if zero >= 1 else states_full
@@ -205,6 +208,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         layer_grads=layout.largest_layer_params * config.weight_bytes if not config.uses_lora else 0,
         states=ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer_states),
         computing_weights=weights + gathered, resting_weights=resting_weights, ddp_buckets=ddp_buckets,
+        tp_embedding_extra=tp_embedding_extra,
     )
     return on_gpu, one_state_group
 
@@ -339,6 +343,9 @@ def _step_moments(
         # Nothing is left for the optimizer phase: every parameter has stepped in backward.
         return _in_backward_moments(config, model, layout, activations, on_gpu, workspace)
     moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace) for moment in activations]
+    if on_gpu.tp_embedding_extra and moments and moments[-1].phase == "backward":
+        # The embedding's backward is the last: from then on its gradient covers the whole vocabulary.
+        moments[-1] = moments[-1]._replace(gradients=moments[-1].gradients + on_gpu.tp_embedding_extra)
     if config.grad_accum > 1:
         moments += _accumulating_moments(config, model, layout, activations, on_gpu, workspace)
     step_temporaries = _optimizer_step_temporaries(config, layout, on_gpu, one_state_group)

@@ -26,30 +26,12 @@ from collections.abc import Iterator
 
 import torch
 
-from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.parallel import DataParallel
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
-# transformers' Llama-layout families: the same module names, separate q/k/v and gate/up projections.
-TRACED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def tensor_parallel_refusal(config: TrainingConfig, spec: ModelSpec) -> str | None:
-    """Why the trace cannot run this configuration's tensor-parallel program (then it is modelled), or None."""
-    if config.tp == 1:
-        return "no tensor parallelism"
-    if config.pp > 1:
-        return "pipeline parallelism is not traced"
-    if spec.family not in TRACED_FAMILIES:
-        return f"the {spec.family} family has no traced tensor-parallel plan (Llama-layout families only)"
-    if spec.tie_word_embeddings:
-        return "tied embeddings: the vocabulary-sharded embedding and head would share one DTensor"
-    if config.uses_lora or config.quant != "none" or config.offload != "none":
-        return "LoRA, quantized weights and offloading under tensor parallelism are not traced"
-    if config.dp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):
-        return "tensor parallelism with data parallelism is traced with FSDP2 over every data-parallel rank only"
-    return None
+__all__ = ["TensorParallel", "apply_tensor_parallel", "tensor_parallel", "tensor_parallel_refusal"]
 
 
 class TensorParallel:
