@@ -2,8 +2,9 @@
 
     uv run python benchmarks/accuracy_parallel.py [--only SUBSTRING] [--limit N] [--no-write]
 
-`memtui trace --gpus N --zero K` runs the real DDP / FSDP2 program for rank 0 of N on torch's fake
-process group (memtui.engine.trace.parallel); this compares its traced tensor peak with the estimator's,
+`memtui trace --gpus N --zero K [--shard-group G] [--tp T]` runs the real DDP / FSDP2 / HSDP program, and
+DTensor tensor parallelism with sequence parallelism, for rank 0 of N on torch's fake process group
+(memtui.engine.trace.parallel, memtui.engine.trace.tensor_parallel); this compares its traced tensor peak with the estimator's,
 as benchmarks/accuracy.py does for one GPU (the estimator's modelled cuBLAS workspace taken off).
 Writes docs/accuracy-parallel.md; prints numbers, asserts nothing.
 """
@@ -36,6 +37,16 @@ def matrix() -> list[dict]:
             rows.append({**base, "gpus": 8, "zero": zero, "checkpointing": "full"})
         for zero in (0, 2, 3):
             rows.append({**base, "gpus": 4, "zero": zero, "lora_rank": 16})
+        # HSDP: FSDP2 on a (replicate, shard) mesh, sharded within the group
+        for zero, group in ((3, 2), (3, 4), (2, 4)):
+            rows.append({**base, "gpus": 8, "zero": zero, "shard_group": group})
+    # Tensor parallelism with sequence parallelism (DTensor, torchtitan's Llama plan): untied Llama-layout models
+    for model, gpus, tp, extra in (("llama-3.1-8b", 2, 2, {}), ("llama-3.1-8b", 4, 4, {}), ("llama-3.1-8b", 8, 8, {}),
+                                   ("llama-3.1-8b", 4, 2, {"zero": 3}),
+                                   ("llama-3.1-8b", 8, 2, {"zero": 3, "checkpointing": "full"}),
+                                   ("mistral-7b", 4, 4, {})):
+        rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
+                     "tp": tp, **extra})
     return rows
 
 
@@ -51,11 +62,14 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
     findings = previous[previous.index(FINDINGS):] if FINDINGS in previous else ""
     errors = [abs(r["error"]) for r in results]
     lines = [
-        "# Estimator accuracy for data-parallel jobs: `memtui estimate` vs `memtui trace --gpus N --zero K`",
+        "# Estimator accuracy for parallel jobs: `memtui estimate` vs `memtui trace --gpus N --zero K "
+        "[--shard-group G] [--tp T]`",
         "",
         f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with `{command}`.",
-        "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1) or FSDP2 (ZeRO-2/3) program at the real world "
-        "size on torch's fake process group, two training steps on fake tensors; estimated = `memtui estimate`'s "
+        "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1), FSDP2 "
+        "(ZeRO-2/3), HSDP (`--shard-group`: FSDP2 on a (replicate, shard) mesh) or DTensor tensor-parallel (`--tp`: "
+        "torchtitan's Llama plan with sequence and loss parallel; with FSDP2 over dp on a (dp, tp) mesh) program at "
+        "the real world size on torch's fake process group, two training steps on fake tensors; estimated = `memtui estimate`'s "
         "tensor peak less its modelled cuBLAS workspace; forward/backward: the same for the highest moment before "
         "the optimizer step. Every row: bf16-mixed, AdamW (foreach), batch 1, sequence 1024, flash attention.",
         "",

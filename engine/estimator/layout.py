@@ -179,6 +179,8 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families only)"
     if model.tie_word_embeddings:
         return "tied embeddings: the vocabulary-sharded embedding and head would share one DTensor"
+    if model.num_kv_heads % config.tp:
+        return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if config.uses_lora or config.quant != "none" or config.offload != "none":
         return "LoRA, quantized weights and offloading under tensor parallelism are not traced"
     if config.dp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):

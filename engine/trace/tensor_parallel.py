@@ -80,6 +80,7 @@ class TensorParallel:
 
         stack = contextlib.ExitStack()
         stack.enter_context(loss_parallel())
+        stack.enter_context(_WaitReturnsItsInput())
         if self.data is not None:
             stack.enter_context(self.data.watching(tracker))
         return stack
@@ -89,6 +90,17 @@ class TensorParallel:
             self.data.relabel(log)
         for alloc_id in self.gradient_ids:
             log.allocations[alloc_id].category = "gradients"
+
+
+class _WaitReturnsItsInput(torch.utils._python_dispatch.TorchDispatchMode):
+    """A functional collective's wait_tensor returns the very tensor it waits on (the kernel's schema aliases
+    it); FakeTensorMode makes a new one, which would count every all-gather's and reduce-scatter's output twice."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops._c10d_functional.wait_tensor.default:
+            source = args[0]
+            return getattr(source, "elem", source) if type(source).__name__ == "AsyncCollectiveTensor" else source
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
