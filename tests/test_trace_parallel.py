@@ -300,3 +300,13 @@ def test_sequence_parallel_activations_are_estimated_as_traced():
     traced_peak = max(p["peak_bytes"] for p in traced.phase_peaks if p["step"] == 2 and p["phase"] in activation_phases)
     estimated_peak = max(p.bytes for p in estimated.timeline if p.phase in activation_phases) - workspace
     assert estimated_peak == pytest.approx(traced_peak, rel=0.005)
+
+
+def test_trace_cli_says_tensor_parallel_is_traced(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(UNTIED.hf_config()))
+    code = main(["trace", "--model", str(path), "--batch-size", "1", "--seq-len", "32", "--gpus", "2", "--tp", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "tensor parallel (traced)" in out and "sequence parallel" in out
+    assert "modelled, not traced" not in out

@@ -10,10 +10,12 @@ What the trace runs for real: the transformers model of the family, autocast
 attention, peft LoRA, and torch.optim's foreach / fused / for-loop code.
 What it cannot run on a CPU it replaces or models, and says so in the result:
 bitsandbytes kernels (allocation-exact replicas), CUDA context and workspaces.
-Data parallelism (DDP, ZeroRedundancyOptimizer, FSDP2) is traced for rank 0
-at the real world size on torch's fake process group
-(memtui.engine.trace.parallel); offloading, quantized weights under data
-parallelism, tensor and pipeline parallelism are still modelled by the
+Data parallelism (DDP, ZeroRedundancyOptimizer, FSDP2, HSDP) is traced for
+rank 0 at the real world size on torch's fake process group
+(memtui.engine.trace.parallel), and so is tensor parallelism with sequence
+parallelism for Llama-layout models (memtui.engine.trace.tensor_parallel);
+offloading, quantized weights under data parallelism, tensor parallelism
+outside that plan and pipeline parallelism are still modelled by the
 estimator on top of a single-GPU trace.
 """
 
