@@ -92,14 +92,6 @@ class DataParallel:
 
     def shard_optimizer(self, model: torch.nn.Module, optimizer):
         """Record the gradients the optimizer steps on: FSDP2 assigns its sharded .grad outside autograd."""
-
-        def note_gradients(_optimizer, _args, _kwargs) -> None:
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    alloc_id = self.tracker.alloc_id_of(parameter.grad)
-                    if alloc_id is not None:
-                        self.gradient_ids.add(alloc_id)
-
         if self.config.zero == 1:
             from memtui.engine.torchside.sharding import zero_redundancy
 
@@ -108,7 +100,7 @@ class DataParallel:
                 self.traced[-1] = (f"ZeRO-1: not sharded: {type(optimizer).__name__} is memtui's own optimizer "
                                    "wrapper, which ZeroRedundancyOptimizer cannot take (memtui's live runs keep it whole too)")
             optimizer = sharded
-        optimizer.register_step_pre_hook(note_gradients)
+        record_stepped_gradients(model, optimizer, self.tracker, self.gradient_ids)
         return optimizer
 
     def watching(self, tracker: MemoryTracker) -> contextlib.AbstractContextManager:
@@ -164,6 +156,20 @@ class DataParallel:
             fully_shard(layer, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         return model
+
+
+def record_stepped_gradients(model: torch.nn.Module, optimizer, tracker: MemoryTracker, gradient_ids: set[int]) -> None:
+    """Add to `gradient_ids` the allocation of every gradient the optimizer steps on, as each step begins: the
+    ones assigned outside autograd's accumulation hook (FSDP2's shards, DTensor's replicated ones) included."""
+
+    def note_gradients(_optimizer, _args, _kwargs) -> None:
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                alloc_id = tracker.alloc_id_of(parameter.grad)
+                if alloc_id is not None:
+                    gradient_ids.add(alloc_id)
+
+    optimizer.register_step_pre_hook(note_gradients)
 
 
 class _RealIndexTensors(torch.utils._python_dispatch.TorchDispatchMode):

@@ -28,7 +28,7 @@ import torch
 
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.trace.parallel import DataParallel
+from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
 __all__ = ["TensorParallel", "apply_tensor_parallel", "tensor_parallel", "tensor_parallel_refusal"]
@@ -62,17 +62,7 @@ class TensorParallel:
     def shard_optimizer(self, model: torch.nn.Module, optimizer):
         if self.data is not None:
             return self.data.shard_optimizer(model, optimizer)
-
-        def note_gradients(_optimizer, _args, _kwargs) -> None:
-            # A Replicate parameter's gradient (the norms') is made Replicate after backward, outside autograd's
-            # accumulation hook: what the optimizer finds is the gradient.
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    alloc_id = self.tracker.alloc_id_of(parameter.grad)
-                    if alloc_id is not None:
-                        self.gradient_ids.add(alloc_id)
-
-        optimizer.register_step_pre_hook(note_gradients)
+        record_stepped_gradients(model, optimizer, self.tracker, self.gradient_ids)
         return optimizer
 
     def watching(self, tracker: MemoryTracker) -> contextlib.AbstractContextManager:
