@@ -1,9 +1,13 @@
 """How close `memtui estimate` is to `memtui trace` for data-parallel jobs: the tensor peak of one rank.
 
-    uv run python benchmarks/accuracy_parallel.py [--only SUBSTRING] [--limit N] [--no-write]
+    uv run python benchmarks/accuracy_parallel.py [--only SUBSTRING] [--limit N] [--no-write] [--append]
 
-`memtui trace --gpus N --zero K` runs the real DDP / FSDP2 program for rank 0 of N on torch's fake
-process group (memtui.engine.trace.parallel); this compares its traced tensor peak with the estimator's,
+(`--only=--tp --append` measures the rows whose flags contain `--tp` and puts them in the table beside the
+rows measured before.)
+
+`memtui trace --gpus N --zero K [--shard-group G] [--tp T]` runs the real DDP / FSDP2 / HSDP program, and
+DTensor tensor parallelism with sequence parallelism, for rank 0 of N on torch's fake process group
+(memtui.engine.trace.parallel, memtui.engine.trace.tensor_parallel); this compares its traced tensor peak with the estimator's,
 as benchmarks/accuracy.py does for one GPU (the estimator's modelled cuBLAS workspace taken off).
 Writes docs/accuracy-parallel.md; prints numbers, asserts nothing.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -36,6 +41,16 @@ def matrix() -> list[dict]:
             rows.append({**base, "gpus": 8, "zero": zero, "checkpointing": "full"})
         for zero in (0, 2, 3):
             rows.append({**base, "gpus": 4, "zero": zero, "lora_rank": 16})
+        # HSDP: FSDP2 on a (replicate, shard) mesh, sharded within the group
+        for zero, group in ((3, 2), (3, 4), (2, 4)):
+            rows.append({**base, "gpus": 8, "zero": zero, "shard_group": group})
+    # Tensor parallelism with sequence parallelism (DTensor, torchtitan's Llama plan): untied Llama-layout models
+    for model, gpus, tp, extra in (("llama-3.1-8b", 2, 2, {}), ("llama-3.1-8b", 4, 4, {}), ("llama-3.1-8b", 8, 8, {}),
+                                   ("llama-3.1-8b", 4, 2, {"zero": 3}),
+                                   ("llama-3.1-8b", 8, 2, {"zero": 3, "checkpointing": "full"}),
+                                   ("mistral-7b", 4, 4, {})):
+        rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
+                     "tp": tp, **extra})
     return rows
 
 
@@ -46,16 +61,46 @@ def _gib(n: int) -> str:
 FINDINGS = "## Findings"  # the hand-written section below the table, kept when the table is re-measured
 
 
-def write_markdown(results: list[dict], path: Path, command: str) -> None:
+_ROW = re.compile(r"^\| `(?P<config>[^`]+)` \| (?P<traced>[\d.]+) \| (?P<estimated>[\d.]+) \| (?P<error>[-+\d.]+)% "
+                  r"\| (?P<fb_error>[-+\d.]+)% \| (?P<traced_phase>\w+) / (?P<estimated_phase>\w+) \| (?P<seconds>\d+) \|$")
+
+
+def table_rows(text: str) -> list[dict]:
+    """The rows of a table write_markdown wrote, as results (GiB and percentages as printed there)."""
+    rows = []
+    for line in text.splitlines():
+        match = _ROW.match(line)
+        if match:
+            rows.append({"config": match["config"], "traced": float(match["traced"]) * GIB,
+                         "estimated": float(match["estimated"]) * GIB, "error": float(match["error"]) / 100,
+                         "fb_error": float(match["fb_error"]) / 100, "traced_phase": match["traced_phase"],
+                         "estimated_phase": match["estimated_phase"], "seconds": float(match["seconds"])})
+    return rows
+
+
+def _previous_commands(text: str) -> list[str]:
+    match = re.search(r"with (`[^\n]*`)\.\n", text)
+    return [match[1]] if match else []
+
+
+def write_markdown(results: list[dict], path: Path, command: str, *, append: bool = False) -> None:
     previous = path.read_text() if path.exists() else ""
     findings = previous[previous.index(FINDINGS):] if FINDINGS in previous else ""
+    commands = f"`{command}`"
+    if append:  # the rows already measured stay, those measured again are replaced
+        measured = {r["config"] for r in results}
+        results = [r for r in table_rows(previous) if r["config"] not in measured] + results
+        commands = " then ".join(_previous_commands(previous) + [commands])
     errors = [abs(r["error"]) for r in results]
     lines = [
-        "# Estimator accuracy for data-parallel jobs: `memtui estimate` vs `memtui trace --gpus N --zero K`",
+        "# Estimator accuracy for parallel jobs: `memtui estimate` vs `memtui trace --gpus N --zero K "
+        "[--shard-group G] [--tp T]`",
         "",
-        f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with `{command}`.",
-        "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1) or FSDP2 (ZeRO-2/3) program at the real world "
-        "size on torch's fake process group, two training steps on fake tensors; estimated = `memtui estimate`'s "
+        f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with {commands}.",
+        "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1), FSDP2 "
+        "(ZeRO-2/3), HSDP (`--shard-group`: FSDP2 on a (replicate, shard) mesh) or DTensor tensor-parallel (`--tp`: "
+        "torchtitan's Llama plan with sequence and loss parallel; with FSDP2 over dp on a (dp, tp) mesh) program at "
+        "the real world size on torch's fake process group, two training steps on fake tensors; estimated = `memtui estimate`'s "
         "tensor peak less its modelled cuBLAS workspace; forward/backward: the same for the highest moment before "
         "the optimizer step. Every row: bf16-mixed, AdamW (foreach), batch 1, sequence 1024, flash attention.",
         "",
@@ -82,6 +127,8 @@ def main() -> int:
     parser.add_argument("--only", help="rows whose flags contain this text")
     parser.add_argument("--limit", type=int, help="the first N rows")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/accuracy-parallel.md alone")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the table's other rows and add (or replace) the rows measured now")
     args = parser.parse_args()
     rows = [row for row in matrix() if not args.only or args.only in label(row)]
     rows = rows[: args.limit] if args.limit else rows
@@ -97,7 +144,8 @@ def main() -> int:
     if not args.no_write:
         command = "uv run python benchmarks/accuracy_parallel.py" + "".join(
             f" {flag}" for flag in sys.argv[1:])
-        write_markdown(results, Path(__file__).resolve().parent.parent / "docs" / "accuracy-parallel.md", command)
+        write_markdown(results, Path(__file__).resolve().parent.parent / "docs" / "accuracy-parallel.md", command,
+                       append=args.append)
     return 0
 
 

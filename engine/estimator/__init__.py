@@ -25,6 +25,7 @@ from memtui.engine.estimator.layout import (
     NF4_BYTES_PER_PARAM,
     ParamLayout,
     param_layout,
+    tensor_parallel_embedding_gradient_extra,
     trainable_params_total,
     trainable_tensor_numels,
     zero_redundancy_largest_share,
@@ -175,6 +176,7 @@ class _StatesOnGpu:
     resting_weights: int  # between steps and through the optimizer step
     ddp_buckets: int  # PyTorch DDP's flat copy of every gradient (ZeRO-0/1 across ranks)
     paged: int = 0  # paged optimizer states in CUDA unified memory: not in `states`, not in the tensor peak
+    tp_embedding_extra: int = 0  # DTensor's embedding backward: the whole vocabulary's gradient (traced TP plan)
 
     def gradients_at(self, unsharded: int, offload: str) -> int:
         """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced."""
@@ -185,7 +187,7 @@ class _StatesOnGpu:
 
 def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout) -> tuple[_StatesOnGpu, int]:
     """The model states on one GPU, and one optimizer state over the largest group (for the step's temporaries)."""
-    dp = config.dp
+    dp = config.shard_ranks  # HSDP: ZeRO-2/3 shard within a group of ranks and replicate across the groups
     # ZeRO-Offload runs its stages on one GPU too (its paper's main case); without offload a lone GPU has nothing to shard.
     zero = config.zero if dp > 1 or config.offload != "none" else 0
     base_weights, adapters = _weights_bytes(config, layout)
@@ -206,7 +208,8 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     if config.offload == "optimizer+params":
         weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
         gathered = min(2, layout.layers) * layer_weight_bytes
-    gradients = grads_full // dp if zero >= 2 else grads_full
+    tp_embedding_extra = tensor_parallel_embedding_gradient_extra(config, model)
+    gradients = grads_full // dp if zero >= 2 else grads_full + tp_embedding_extra
     if config.optimizer_in_backward:
         gradients = 0  # each is stepped and freed in backward: none survive to the step's end
     optimizer_states = states_full // dp if zero >= 1 else states_full
@@ -223,13 +226,14 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     resting_weights = weights_full // dp if zero == 2 and config.offload == "none" else weights
     # PyTorch DDP (ZeRO-0/1 across ranks) copies every gradient into flat bucket buffers for the
     # all-reduce and keeps them from the first backward on (gradient_as_bucket_view=False, the default).
-    ddp_buckets = grads_full if dp > 1 and zero <= 1 else 0
+    ddp_buckets = grads_full if config.dp > 1 and zero <= 1 else 0
     on_gpu = _StatesOnGpu(
         dp=dp, zero=zero, weights_full=weights_full, grads_full=grads_full, layer_weight_bytes=layer_weight_bytes,
         layer_grads=layout.largest_layer_params * config.weight_bytes if not config.uses_lora else 0,
         states=ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer_states),
         computing_weights=weights + gathered, resting_weights=resting_weights, ddp_buckets=ddp_buckets,
         paged=paged,
+        tp_embedding_extra=tp_embedding_extra,
     )
     return on_gpu, one_state_group
 
@@ -364,6 +368,9 @@ def _step_moments(
         # Nothing is left for the optimizer phase: every parameter has stepped in backward.
         return _in_backward_moments(config, model, layout, activations, on_gpu, workspace)
     moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace) for moment in activations]
+    if on_gpu.tp_embedding_extra and moments and moments[-1].phase == "backward":
+        # The embedding's backward is the last: from then on its gradient covers the whole vocabulary.
+        moments[-1] = moments[-1]._replace(gradients=moments[-1].gradients + on_gpu.tp_embedding_extra)
     if config.grad_accum > 1:
         moments += _accumulating_moments(config, model, layout, activations, on_gpu, workspace)
     step_temporaries = _optimizer_step_temporaries(config, layout, on_gpu, one_state_group)

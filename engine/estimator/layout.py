@@ -161,3 +161,38 @@ def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
         rank = sizes.index(min(sizes))
         sizes[rank] += numel
     return max(sizes)
+
+
+# transformers' Llama-layout families: separate q/k/v and gate/up projections under the same module names, which
+# torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it).
+TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
+    """Why `memtui trace` cannot run this configuration's tensor-parallel program (it is then modelled), or None:
+    the estimator's terms for DTensor's sequence-parallel plan apply exactly when it can."""
+    if config.tp == 1:
+        return "no tensor parallelism"
+    if config.pp > 1:
+        return "pipeline parallelism is not traced"
+    if model.family not in TENSOR_PARALLEL_FAMILIES:
+        return f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families only)"
+    if model.tie_word_embeddings:
+        return "tied embeddings: the vocabulary-sharded embedding and head would share one DTensor"
+    if model.num_kv_heads % config.tp:
+        return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
+    if config.uses_lora or config.quant != "none" or config.offload != "none":
+        return "LoRA, quantized weights and offloading under tensor parallelism are not traced"
+    if config.dp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):
+        return "tensor parallelism with data parallelism is traced with FSDP2 over every data-parallel rank only"
+    return None
+
+
+def tensor_parallel_embedding_gradient_extra(config: TrainingConfig, model: ModelSpec) -> int:
+    """Bytes of embedding gradient beyond this rank's 1/tp, under the traced plan without FSDP2: DTensor's
+    RowwiseParallel embedding backward (embedding_dense_backward) makes the gradient of the whole vocabulary,
+    and the rank's Shard(0) gradient keeps it (traced: Llama-3.1-8B at tp 2 and 4 holds vocab x hidden fp32)."""
+    if tensor_parallel_refusal(config, model) is not None or config.dp > 1:
+        return 0
+    vocab = model.vocab_size
+    return (vocab - vocab // config.tp) * model.hidden_size * config.weight_bytes

@@ -243,6 +243,10 @@ _OPTIONS = (
     Option("activation_offload", "Act. offload", MEMORY_SAVERS, "switch",
            "saved activations to pinned CPU memory in forward, back in backward (torchtune OffloadActivations)",
            "--checkpointing full --activation-offload", ladder="activations offloaded to CPU", baseline=False),
+    # ---- hybrid sharding (issue 13) -------------------------------------------------------------------
+    Option("shard_group", "Shard group", PARALLELISM, "int",
+           "HSDP: shard within groups of G data-parallel ranks, replicate across them; 0 shards over all",
+           "--zero 3 --gpus 16 --shard-group 8", explainer="zero"),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

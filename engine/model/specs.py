@@ -78,10 +78,17 @@ class TrainingConfig(BaseModel):
     lora_dtype: LoraDtype = "fp32"
     kbit_prep: bool = False
     activation_offload: bool = False
+    shard_group: int = Field(0, ge=0, le=65536,
+                             description="HSDP: ranks per FSDP shard group, replicated across the rest; 0: all ranks")
 
     @property
     def dp(self) -> int:
         return self.gpus // (self.tp * self.pp)
+
+    @property
+    def shard_ranks(self) -> int:
+        """The ranks ZeRO spreads its shards over: the HSDP shard group, else every data-parallel rank."""
+        return self.shard_group or self.dp
 
     @property
     def uses_lora(self) -> bool:

@@ -242,6 +242,18 @@ RULES: tuple[Rule, ...] = (
     _rule("activation_offload", "gpus", broken=lambda f: f.config.activation_offload and f.config.gpus > 1,
           message=lambda f: f"is modelled on one GPU; {{gpus}} is {f.config.gpus}",
           allowed=lambda f: "off, or {gpus} 1"),
+    # ---- hybrid sharding (issue 13) ----
+    _rule("shard_group", "zero", broken=lambda f: f.config.shard_group > 0 and f.config.zero < 2,
+          message=lambda f: f"HSDP shards through FSDP2; {{zero}} {f.config.zero} does not shard parameters or "
+                            "gradients",
+          allowed=lambda f: "0, or a group size with {zero} 2 or 3"),
+    _rule("shard_group", "gpus", "tp", "pp",
+          broken=lambda f: f.config.shard_group > 0 and (f.config.shard_group < 2
+                                                          or f.config.dp % f.config.shard_group != 0),
+          message=lambda f: f"{f.config.shard_group} does not split the {f.config.dp} data-parallel ranks into "
+                            "shard groups of 2 or more",
+          allowed=lambda f: "0, " + ", ".join(str(d) for d in range(2, f.config.dp + 1) if f.config.dp % d == 0)
+          if f.config.dp > 1 else "0 (one data-parallel rank)"),
 )
 
 

@@ -12,7 +12,10 @@ it (memtui.engine.live.distributed):
 - ZeRO-1: the same DDP, the optimizer wrapped in ZeroRedundancyOptimizer (rank
   0 keeps the states of the whole tensors dealt to it, largest first);
 - ZeRO-2 / ZeRO-3: FSDP2 `fully_shard` per decoder layer and at the root,
-  reshard_after_forward False / True.
+  reshard_after_forward False / True; with `--shard-group G` (HSDP) on a 2-D
+  DeviceMesh (dp/G replicas x G shards) as torchtitan builds it: sharded within
+  G ranks, the gradients' shards all-reduced across the replicas in place (the
+  reduce-scatter output they live in is the all-reduce's buffer).
 
 Two things the fake backend cannot do are worked around, allocating as the
 real program does: its all-reduce returns no tensor (a comm hook reduces the
@@ -67,7 +70,12 @@ class DataParallel:
             self.modelled = []
         else:
             reshard = "True" if config.zero == 3 else "False"
-            self.traced = [f"FSDP2 fully_shard per decoder layer and root at world size {dp} (rank 0 of a fake process "
+            where = f"world size {dp}"
+            if config.shard_group and config.shard_group < dp:
+                where = (f"world size {dp} as HSDP: a 2-D DeviceMesh ({dp // config.shard_group} replicas x "
+                         f"{config.shard_group} shards), sharded within {config.shard_group} ranks, gradients "
+                         "all-reduced across the replicas")
+            self.traced = [f"FSDP2 fully_shard per decoder layer and root at {where} (rank 0 of a fake process "
                            f"group), reshard_after_forward={reshard}, MixedPrecisionPolicy(): parameters gathered and "
                            "gradients reduced in their stored dtype, autocast casting (as memtui's live runs)"]
             self.modelled = []
@@ -84,14 +92,6 @@ class DataParallel:
 
     def shard_optimizer(self, model: torch.nn.Module, optimizer):
         """Record the gradients the optimizer steps on: FSDP2 assigns its sharded .grad outside autograd."""
-
-        def note_gradients(_optimizer, _args, _kwargs) -> None:
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    alloc_id = self.tracker.alloc_id_of(parameter.grad)
-                    if alloc_id is not None:
-                        self.gradient_ids.add(alloc_id)
-
         if self.config.zero == 1:
             from memtui.engine.torchside.sharding import zero_redundancy
 
@@ -100,7 +100,7 @@ class DataParallel:
                 self.traced[-1] = (f"ZeRO-1: not sharded: {type(optimizer).__name__} is memtui's own optimizer "
                                    "wrapper, which ZeroRedundancyOptimizer cannot take (memtui's live runs keep it whole too)")
             optimizer = sharded
-        optimizer.register_step_pre_hook(note_gradients)
+        record_stepped_gradients(model, optimizer, self.tracker, self.gradient_ids)
         return optimizer
 
     def watching(self, tracker: MemoryTracker) -> contextlib.AbstractContextManager:
@@ -156,6 +156,20 @@ class DataParallel:
             fully_shard(layer, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         return model
+
+
+def record_stepped_gradients(model: torch.nn.Module, optimizer, tracker: MemoryTracker, gradient_ids: set[int]) -> None:
+    """Add to `gradient_ids` the allocation of every gradient the optimizer steps on, as each step begins: the
+    ones assigned outside autograd's accumulation hook (FSDP2's shards, DTensor's replicated ones) included."""
+
+    def note_gradients(_optimizer, _args, _kwargs) -> None:
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                alloc_id = tracker.alloc_id_of(parameter.grad)
+                if alloc_id is not None:
+                    gradient_ids.add(alloc_id)
+
+    optimizer.register_step_pre_hook(note_gradients)
 
 
 class _RealIndexTensors(torch.utils._python_dispatch.TorchDispatchMode):
@@ -228,7 +242,11 @@ def data_parallel(config: TrainingConfig, num_layers: int) -> Iterator[DataParal
         raise RuntimeError("a process group is already initialised in this process; the trace needs its own")
     dist.init_process_group("fake", rank=0, world_size=config.dp, store=FakeStore())
     try:
-        mesh = init_device_mesh("cpu", (config.dp,))
+        group = config.shard_ranks
+        if group < config.dp:  # HSDP, as torchtitan builds it: replicate on the outer dimension, shard on the inner
+            mesh = init_device_mesh("cpu", (config.dp // group, group), mesh_dim_names=("dp_replicate", "dp_shard"))
+        else:
+            mesh = init_device_mesh("cpu", (config.dp,))
         yield DataParallel(config, num_layers, mesh)
     finally:
         dist.destroy_process_group()

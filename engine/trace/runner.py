@@ -10,10 +10,12 @@ What the trace runs for real: the transformers model of the family, autocast
 attention, peft LoRA, and torch.optim's foreach / fused / for-loop code.
 What it cannot run on a CPU it replaces or models, and says so in the result:
 bitsandbytes kernels (allocation-exact replicas), CUDA context and workspaces.
-Data parallelism (DDP, ZeroRedundancyOptimizer, FSDP2) is traced for rank 0
-at the real world size on torch's fake process group
-(memtui.engine.trace.parallel); offloading, quantized weights under data
-parallelism, tensor and pipeline parallelism are still modelled by the
+Data parallelism (DDP, ZeroRedundancyOptimizer, FSDP2, HSDP) is traced for
+rank 0 at the real world size on torch's fake process group
+(memtui.engine.trace.parallel), and so is tensor parallelism with sequence
+parallelism for Llama-layout models (memtui.engine.trace.tensor_parallel);
+offloading, quantized weights under data parallelism, tensor parallelism
+outside that plan and pipeline parallelism are still modelled by the
 estimator on top of a single-GPU trace.
 """
 
@@ -58,8 +60,16 @@ def trace(
 
     from memtui.engine.trace.parallel import data_parallel, traces_data_parallel
 
+    from memtui.engine.trace.tensor_parallel import tensor_parallel, tensor_parallel_refusal
+
     parallel_lines: tuple[list[str], list[str]] = ([], [])
-    if traces_data_parallel(config):
+    tp_refusal = tensor_parallel_refusal(config, spec)
+    if tp_refusal is None:
+        local = config
+        with tensor_parallel(config, spec.num_layers) as parallel:
+            log, extras = run_fake_steps(spec, local, report, parallel=parallel)
+        parallel_lines = (parallel.traced, parallel.modelled)
+    elif traces_data_parallel(config):
         local = config
         with data_parallel(config, spec.num_layers) as parallel:
             log, extras = run_fake_steps(spec, local, report, parallel=parallel)
@@ -67,6 +77,8 @@ def trace(
     else:
         local = _single_gpu(config)
         log, extras = run_fake_steps(spec, local, report)
+        if config.tp > 1:
+            parallel_lines = ([], [f"tensor parallel: modelled, not traced ({tp_refusal})"])
     from memtui.engine.trace.assemble import assemble
 
     result = assemble(config, local, spec, gpu, log, extras, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG,

@@ -69,6 +69,7 @@ class Options:
     # gets no mask), and whether the replayed layers are full-attention ones (compile_step replays both kinds).
     full_layer_share: float = 0.0
     full_attention_layers: bool = False
+    sequence_parallel: int = 1  # ranks of DTensor's sequence-parallel plan (memtui trace's TP): norms on 1/tp
 
 
 def fused_linear_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
@@ -331,8 +332,25 @@ def attend_and_project(
         sim.drop(attn)
         attn = copied
     out = apply_linear(sim, attn, p, "o_proj", d.q_dim, d.hidden, opts)
+    out = scatter_tokens(sim, out, opts)
     sim.drop(attn, q, k, v)
     return out
+
+
+def scatter_tokens(sim: Sim, x: Tensor, opts: Options) -> Tensor:
+    """RowwiseParallel(output Shard(1)) under sequence parallelism: the output reduce-scattered (consumes x)."""
+    if opts.sequence_parallel == 1:
+        return x
+    out = ops.reduce_scatter_tokens(sim, x, opts.sequence_parallel)
+    sim.drop(x)
+    return out
+
+
+def gather_tokens(sim: Sim, x: Tensor, opts: Options) -> Tensor:
+    """PrepareModuleInput Shard(1) -> Replicate under sequence parallelism (a new reference either way)."""
+    if opts.sequence_parallel == 1:
+        return sim.ref(x)
+    return ops.all_gather_tokens(sim, x, opts.sequence_parallel)
 
 
 def attention_core(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options) -> Tensor:
@@ -471,6 +489,7 @@ def llama_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Te
     product = ops.mul(sim, act, up)
     sim.drop(act, up)
     down = apply_linear(sim, product, p, "down_proj", d.intermediate, d.hidden, opts)
+    down = scatter_tokens(sim, down, opts)
     sim.drop(product)
     return down
 
@@ -552,14 +571,16 @@ def llama_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos
         return olmo2_layer(sim, x, p, d, opts, cos, sin)
     phi3 = opts.family == "phi3"
     normed = rms_norm(sim, x, p.norms[0], d.hidden)
-    attn = (phi3_attention if phi3 else llama_attention)(sim, normed, p, d, opts, cos, sin)
-    sim.drop(normed)  # `hidden_states` is rebound only when self_attn returns
+    gathered = gather_tokens(sim, normed, opts)  # self_attn's input, held until it returns
+    attn = (phi3_attention if phi3 else llama_attention)(sim, gathered, p, d, opts, cos, sin)
+    sim.drop(gathered, normed)  # `hidden_states` is rebound only when self_attn returns
     residual = ops.add(sim, x, attn)
     sim.drop(attn)
     normed = rms_norm(sim, residual, p.norms[1], d.hidden)
     mlp = moe_block if opts.family in MOE_FAMILIES else phi3_mlp if phi3 else llama_mlp
-    mlp_out = mlp(sim, normed, p, d, opts)
-    sim.drop(normed)
+    gathered = gather_tokens(sim, normed, opts)
+    mlp_out = mlp(sim, gathered, p, d, opts)
+    sim.drop(gathered, normed)
     out = ops.add(sim, residual, mlp_out)
     sim.drop(mlp_out, residual)
     return out

@@ -487,10 +487,16 @@ def _log_softmax_backward(sim: Sim, node, grad):
     return [(x, sim.new(x.elems, grad.dtype, name="log_softmax backward"))]
 
 
-def log_softmax(sim: Sim, x: Tensor) -> Tensor:
+def _passed_through(sim: Sim, node, grad):
+    return [(node.inputs[0], sim.ref(grad))]
+
+
+def log_softmax(sim: Sim, x: Tensor, *, loss_parallel: bool = False) -> Tensor:
+    """`loss_parallel`: DTensor's loss-parallel handlers, whose nll_loss backward makes the whole gradient of the
+    logits (vocabulary-sharded); log_softmax's backward then hands it on without a tensor of its own."""
     x_c = fp32_policy(sim, x)
     out = sim.new(x_c.elems, x_c.dtype, name="log_softmax")
-    sim.record("log_softmax", out, [x_c], [out], _log_softmax_backward)
+    sim.record("log_softmax", out, [x_c], [out], _passed_through if loss_parallel else _log_softmax_backward)
     sim.drop(x_c)
     return out
 
@@ -530,3 +536,39 @@ def _layer_norm_backward(sim: Sim, node, grad):
         if value is not None:
             results.append((target, value))
     return results
+
+
+# ---- sequence parallelism (DTensor, torchtitan's plan) --------------------------------------------------
+def _gather_tokens_backward(sim: Sim, node, grad):
+    """The gradient of an all-gathered input is reduce-scattered back onto the sequence: funcol's
+    reduce_scatter_tensor on dimension 1 first copies the chunks into a dimension-0 layout (cat)."""
+    source = node.inputs[0]
+    arranged = sim.new(grad.elems, grad.dtype, name="reduce-scatter input (cat)")
+    scattered = sim.new(source.elems, grad.dtype, name="reduce-scatter")
+    sim.drop(arranged)
+    return [(source, scattered)]
+
+
+def all_gather_tokens(sim: Sim, x: Tensor, ranks: int) -> Tensor:
+    """DTensor Shard(1) -> Replicate: the sequence all-gathered from `ranks` ranks (one new tensor)."""
+    out = sim.new(lf_scale(x.elems, ranks), x.dtype, name="all-gather")
+    sim.record("all_gather", out, [x], [], _gather_tokens_backward)
+    return out
+
+
+def _scatter_tokens_backward_for(ranks: int):
+    def backward(sim: Sim, node, grad):
+        source = node.inputs[0]
+        return [(source, sim.new(lf_scale(grad.elems, ranks), grad.dtype, name="all-gather (backward)"))]
+
+    return backward
+
+
+def reduce_scatter_tokens(sim: Sim, x: Tensor, ranks: int) -> Tensor:
+    """DTensor Partial -> Shard(1) (RowwiseParallel's output): a dimension-0 copy of the chunks (cat), then the
+    reduce-scatter's 1/ranks output; its backward all-gathers the gradient."""
+    arranged = sim.new(x.elems, x.dtype, name="reduce-scatter input (cat)")
+    out = sim.new(lf_scale(x.elems, 1 / ranks), x.dtype, name="reduce-scatter")
+    sim.drop(arranged)
+    sim.record("reduce_scatter", out, [x], [], _scatter_tokens_backward_for(ranks))
+    return out

@@ -38,12 +38,14 @@ from memtui.engine.estimator.sim.families import (
     llama_layer,
     llama_layer_params,
     fused_linear_chunk_rows,
+    gather_tokens,
     norm_weight,
     chain,
     rms_norm,
     rotary,
     softcap,
 )
+from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.model.validation import resolve_lora_targets
 
@@ -109,6 +111,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         full_layer_share=_full_layer_share(config, spec),
         loss=config.loss,
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
+        sequence_parallel=config.tp if tensor_parallel_refusal(config, spec) is None else 1,
         loss_chunk_rows=fused_linear_chunk_rows(config.batch_size * config.seq_len, spec.vocab_size // config.tp,
                                                 spec.hidden_size) if config.loss == "fused-linear" else 0,
         activation_offload=config.activation_offload,
@@ -202,6 +205,10 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
     if opts.family == "gemma3":
         # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled.
         x = chain(sim, x, ops.mul_scalar)
+    if opts.sequence_parallel > 1:  # RowwiseParallel(output Shard(1)): the embedding reduce-scattered
+        scattered = ops.reduce_scatter_tokens(sim, x, opts.sequence_parallel)
+        sim.drop(x)
+        x = scattered
     if opts.lora_rank > 0 and opts.checkpointing != "none":
         # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
         # embedding's output requires grad, so what follows it (GPT-2's dropout) saves for backward.
@@ -278,10 +285,12 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
         loss = fused_linear_loss(sim, normed, head, d, opts)
         sim.drop(normed)
     else:
-        logits = ops.linear(sim, normed, head, d.vocab, d.hidden)
+        head_input = gather_tokens(sim, normed, opts)  # ColwiseParallel(input Shard(1)): all-gathered
+        logits = ops.linear(sim, head_input, head, d.vocab, d.hidden)
+        sim.drop(head_input)
         if opts.logit_softcap:
             logits = softcap(sim, logits)
-        loss = causal_lm_loss(sim, logits, ids)
+        loss = causal_lm_loss(sim, logits, ids, loss_parallel=opts.sequence_parallel > 1)
         sim.drop(logits, normed)  # the model output is dropped once .loss is read
 
     sim.set_segment("forward_end")
@@ -324,11 +333,11 @@ def sliding_window_mask(sim: Sim, *, per_sequence: bool = True) -> Tensor:
     return mask
 
 
-def causal_lm_loss(sim: Sim, logits: Tensor, ids: Tensor) -> Tensor:
+def causal_lm_loss(sim: Sim, logits: Tensor, ids: Tensor, *, loss_parallel: bool = False) -> Tensor:
     """transformers' ForCausalLMLoss: upcast, shift labels, cross-entropy (log_softmax + nll_loss)."""
     upcast = ops.cast(sim, logits, "f32")
     shifted = shifted_labels(sim)
-    logprobs = ops.log_softmax(sim, upcast)
+    logprobs = ops.log_softmax(sim, upcast, loss_parallel=loss_parallel)
     loss = ops.nll_loss(sim, logprobs, shifted)
     sim.drop(logprobs, shifted, upcast)
     return loss

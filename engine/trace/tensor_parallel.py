@@ -1,0 +1,187 @@
+"""Tensor parallelism with sequence parallelism traced for one rank at the real world size, on fake tensors.
+
+The model is split with DTensor's `parallelize_module` by torchtitan's Llama plan (parallelize_llama's
+`apply_tp`), on the Hugging Face module names:
+
+- embed_tokens: RowwiseParallel(input Replicate, output Shard(1)): the vocabulary sharded, the output
+  reduce-scattered onto the sequence;
+- input_layernorm, post_attention_layernorm, the final norm: SequenceParallel (each rank normalises its
+  1/tp of the tokens);
+- self_attn and mlp: their input all-gathered from Shard(1) to Replicate (PrepareModuleInput);
+- q_proj, k_proj, v_proj, gate_proj, up_proj: ColwiseParallel (heads and the intermediate size sharded);
+- o_proj, down_proj: RowwiseParallel(output Shard(1)): reduce-scattered back onto the sequence;
+- lm_head: ColwiseParallel(input Shard(1), output Shard(-1)) with loss parallel: the logits stay sharded
+  over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default).
+
+Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
+torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
+(ZeRO-2/3) as in torchtitan. The collectives are the fake backend's no-ops; every buffer they write into is
+allocated as on a GPU and seen by the tracker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from memtui.engine.estimator.layout import tensor_parallel_refusal
+from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients
+from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
+
+__all__ = ["TensorParallel", "apply_tensor_parallel", "tensor_parallel", "tensor_parallel_refusal"]
+
+
+class TensorParallel:
+    """run_fake_steps' hooks for one rank of a tensor-parallel job (with FSDP2 over dp when dp > 1)."""
+
+    def __init__(self, config: TrainingConfig, num_layers: int, tp_mesh, dp_mesh) -> None:
+        self.config = config
+        self.tp_mesh = tp_mesh
+        self.data = DataParallel(config, num_layers, dp_mesh) if dp_mesh is not None else None
+        self.traced = [f"tensor parallel (traced): DTensor parallelize_module at tp {config.tp} (rank 0 of a fake "
+                       "process group), torchtitan's Llama plan: Colwise q/k/v and gate/up, Rowwise o/down with "
+                       "sequence parallel norms, vocabulary-sharded embedding and head, loss parallel"]
+        if self.data is not None:
+            self.traced += [line.replace(f"world size {config.dp}", f"dp {config.dp} of a (dp, tp) mesh")
+                            for line in self.data.traced]
+        self.modelled: list[str] = []
+        self.gradient_ids: set[int] = set()
+        self.tracker: MemoryTracker | None = None
+
+    def wrap(self, model: torch.nn.Module, tracker: MemoryTracker) -> torch.nn.Module:
+        self.tracker = tracker
+        apply_tensor_parallel(model, self.tp_mesh)
+        if self.data is not None:
+            with _meshes_made_real():
+                return self.data.wrap(model, tracker)
+        return model
+
+    def shard_optimizer(self, model: torch.nn.Module, optimizer):
+        if self.data is not None:
+            return self.data.shard_optimizer(model, optimizer)
+        record_stepped_gradients(model, optimizer, self.tracker, self.gradient_ids)
+        return optimizer
+
+    def watching(self, tracker: MemoryTracker) -> contextlib.AbstractContextManager:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(loss_parallel())
+        stack.enter_context(_WaitReturnsItsInput())
+        if self.data is not None:
+            stack.enter_context(self.data.watching(tracker))
+        return stack
+
+    def relabel(self, log: MemoryLog) -> None:
+        if self.data is not None:
+            self.data.relabel(log)
+        for alloc_id in self.gradient_ids:
+            log.allocations[alloc_id].category = "gradients"
+
+
+class _WaitReturnsItsInput(torch.utils._python_dispatch.TorchDispatchMode):
+    """A functional collective's wait_tensor returns the very tensor it waits on (the kernel's schema aliases
+    it); FakeTensorMode makes a new one, which would count every all-gather's and reduce-scatter's output twice."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops._c10d_functional.wait_tensor.default:
+            source = args[0]
+            return getattr(source, "elem", source) if type(source).__name__ == "AsyncCollectiveTensor" else source
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _meshes_made_real() -> Iterator[None]:
+    """FSDP2 over a TP-sharded parameter joins the dp and tp meshes (DeviceMesh._concatenate); the new mesh's few
+    rank integers must be real (its coordinate is read with nonzero()), as when the meshes were made."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh
+
+    original = DeviceMesh._concatenate
+
+    def concatenate(device_mesh_list):
+        with unset_fake_temporarily():
+            return original(device_mesh_list)
+
+    DeviceMesh._concatenate = staticmethod(concatenate)
+    try:
+        yield
+    finally:
+        DeviceMesh._concatenate = staticmethod(original)
+
+
+def apply_tensor_parallel(model: torch.nn.Module, mesh) -> None:
+    """torchtitan's apply_tp for Llama, on transformers' module names, sequence parallel and loss parallel."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    inner = model.model
+    parallelize_module(model, mesh, {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "model.norm": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    })
+    for layer in inner.layers:
+        parallelize_module(layer, mesh, {
+            "input_layernorm": SequenceParallel(),
+            # transformers passes the hidden states to self_attn by keyword, to mlp by position
+            "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                            desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "post_attention_layernorm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        })
+
+    def whole_sequence_positions(_module, args, kwargs):
+        # After the embedding each rank holds 1/tp of the tokens; rotary positions must cover the whole sequence.
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        return args, kwargs
+
+    inner.register_forward_pre_hook(whole_sequence_positions, with_kwargs=True)
+
+    def local_loss(_module, _args, output):
+        # Loss parallel leaves a replicated DTensor loss; the step reads and scales it as a plain tensor (a view).
+        loss = getattr(output, "loss", None)
+        if loss is not None and hasattr(loss, "to_local"):
+            output.loss = loss.to_local()
+        return output
+
+    model.register_forward_hook(local_loss)
+
+
+@contextlib.contextmanager
+def tensor_parallel(config: TrainingConfig, num_layers: int) -> Iterator[TensorParallel]:
+    """Rank 0 of a fake process group of config.dp x config.tp ranks, torn down on the way out."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised in this process; the trace needs its own")
+    world = config.dp * config.tp
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    try:
+        if config.dp > 1:
+            mesh = init_device_mesh("cpu", (config.dp, config.tp), mesh_dim_names=("dp", "tp"))
+            yield TensorParallel(config, num_layers, mesh["tp"], mesh["dp"])
+        else:
+            yield TensorParallel(config, num_layers, init_device_mesh("cpu", (config.tp,)), None)
+    finally:
+        dist.destroy_process_group()
