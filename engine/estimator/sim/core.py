@@ -159,7 +159,8 @@ class Sim:
         self.tensors: list[Tensor] = []
         self.views: list[Tensor] = []
         self.segment_of_node: dict[str, str] = {}  # backward segment named after the forward segment of each node
-        self.log: list[tuple[str, Tensor]] | None = None  # set to [] to record events (debugging aid)
+        self.log: list[tuple[str, Tensor]] | None = None  # set to [] to record allocations and frees, in order
+        self.parameters: list[Tensor] = []  # every leaf parameter, in creation order (the allocation sequence's weights)
 
     # ---- allocation bookkeeping -------------------------------------------------------
     def set_segment(self, name: str) -> None:
@@ -208,6 +209,7 @@ class Sim:
         """A leaf parameter; its storage is counted with the model states, not here."""
         tensor = Tensor(elems=elems, dtype=dtype, requires_grad=trainable, name=name, param=True, refs=1, category="weights")
         tensor.grad_dtype = grad_dtype or dtype
+        self.parameters.append(tensor)
         return tensor
 
     def alias(self, base: Tensor, elems: LF | None = None) -> Tensor:
