@@ -23,7 +23,7 @@ import re
 
 from memtui.engine.allocator import DEFAULT_CONFIG, FREE, AllocatorConfig, replay
 from memtui.engine.estimator.sim.core import lf_eval
-from memtui.engine.estimator.sim.program import AllocationProgram, allocation_program, dims_for, options_for
+from memtui.engine.estimator.sim.program import allocation_program, dims_for, options_for
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.errors import InputError
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, nccl_buffer_bytes
@@ -106,56 +106,57 @@ def allocation_sequence(config: TrainingConfig, model: ModelSpec, workspace: int
                         seq_lens: Sequence[int]) -> list[tuple[object, int]]:
     """(key, bytes requested) for an allocation, (key, FREE) for a free, over len(seq_lens) steps."""
     program = allocation_program(dims_for(model, config.tp), options_for(config, model), model.num_layers)
-    sequence: list[tuple[object, int]] = []
-    parameters = program.parameters
+    constant = (1.0, 0.0, 0.0, 0.0, 0.0)
+    weights = [int(lf_eval(size, constant)) for size, _trainable, _adapter in program.parameters]
     # model.parameters() order, each LoRA adapter after the weight it adapts (what model.to("cuda") moves in turn).
-    order = range(len(parameters))
-    for i in order:
-        sequence.append((("w", i), int(lf_eval(parameters[i][0], (1.0, 0.0, 0.0, 0.0, 0.0)))))
-    trainable = [i for i in order if parameters[i][1]]
+    sequence: list[tuple[object, int]] = [(("w", i), size) for i, size in enumerate(weights)]
+    with_grad = [position for position, _index in program.gradients]  # what the optimizer steps, in order
+    step_sizes: dict[int, list[int]] = {}  # the step's allocation sizes, per sequence length
     for step, seq_len in enumerate(seq_lens):
         values = _values(config.batch_size, seq_len)
+        sizes = step_sizes.get(seq_len)
+        if sizes is None:
+            sizes = step_sizes[seq_len] = [FREE if size is None else int(lf_eval(size, values))
+                                           for _index, size in program.events]
         sequence.append((("ids", step), int(lf_eval(program.input_ids, values))))
         if step > 0:
             sequence.append((("ids", step - 1), FREE))  # the previous batch goes once the next one is made
         else:
             sequence += [(("cublas", 0), workspace // 2), (("cublas", 1), workspace - workspace // 2)]
-        for index, size in program.events:
-            sequence.append(((step, index), FREE if size is None else int(lf_eval(size, values))))
-        sequence += [((step, index), FREE) for index in program.leftover]
-        _optimizer_step(sequence, config, program, parameters, trainable, step)
-        sequence += [((step, index), FREE) for _position, index in program.gradients]  # zero_grad
+        base = step << 32  # this step's tensors: keys apart from every other step's
+        sequence += [(base + index, size) for (index, _lf), size in zip(program.events, sizes)]
+        sequence += [(base + index, FREE) for index in program.leftover]
+        _optimizer_step(sequence, config, [(i, weights[i]) for i in with_grad], step)
+        sequence += [(base + index, FREE) for _position, index in program.gradients]  # zero_grad
     return sequence
 
 
-def _optimizer_step(sequence: list, config: TrainingConfig, program: AllocationProgram, parameters, trainable: list[int],
-                    step: int) -> None:
-    """What optimizer.step() allocates and frees, as torch.optim runs it (states made lazily at the first step)."""
-    sizes = {i: int(lf_eval(parameters[i][0], (1.0, 0.0, 0.0, 0.0, 0.0))) for i in trainable}
-    with_grad = [i for i in trainable if any(position == i for position, _ in program.gradients)]
+def _optimizer_step(sequence: list, config: TrainingConfig, stepped: list[tuple[int, int]], step: int) -> None:
+    """What optimizer.step() allocates and frees for the parameters `stepped` ((index, bytes), in order), as
+    torch.optim runs it (states made lazily at the first step)."""
     impl = config.optimizer_impl
     if config.optimizer == "sgd":
         return
     if config.optimizer == "sgd-momentum":
         if step == 0:  # torch.clone(grad) (empty_like for fused) becomes each momentum buffer
-            sequence += [(("state", i, 0), sizes[i]) for i in with_grad]
+            sequence += [(("state", i, 0), size) for i, size in stepped]
         return
     # AdamW: _init_group makes step (on the device only for fused), exp_avg, exp_avg_sq per parameter.
     if step == 0:
-        for i in with_grad:
+        for i, size in stepped:
             if impl == "fused":
                 sequence.append((("state", i, "step"), 4))
-            sequence += [(("state", i, 0), sizes[i]), (("state", i, 1), sizes[i])]
+            sequence += [(("state", i, 0), size), (("state", i, 1), size)]
     if impl == "foreach":
         # _multi_tensor_adamw: torch._foreach_sqrt(exp_avg_sqs) for the whole group, freed after addcdiv_.
-        sequence += [(("sqrt", step, i), sizes[i]) for i in with_grad]
-        sequence += [(("sqrt", step, i), FREE) for i in with_grad]
+        sequence += [(("sqrt", step, i), size) for i, size in stepped]
+        sequence += [(("sqrt", step, i), FREE) for i, _size in stepped]
     elif impl == "for-loop":
         # _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps); the previous
         # parameter's denom is released when the name is bound again.
         previous = None
-        for i in with_grad:
-            sequence += [(("sqrt", step, i), sizes[i]), (("denom", step, i), sizes[i]), (("sqrt", step, i), FREE)]
+        for i, size in stepped:
+            sequence += [(("sqrt", step, i), size), (("denom", step, i), size), (("sqrt", step, i), FREE)]
             if previous is not None:
                 sequence.append((("denom", step, previous), FREE))
             previous = i
@@ -163,17 +164,31 @@ def _optimizer_step(sequence: list, config: TrainingConfig, program: AllocationP
             sequence.append((("denom", step, previous), FREE))
 
 
+def _replay_key(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, workspace: int,
+                alloc_config: AllocatorConfig, seq_lens: Sequence[int] | None, steps: int) -> tuple:
+    lengths = tuple(seq_lens) if seq_lens else (config.seq_len,)
+    plan = tuple(lengths[i % len(lengths)] for i in range(steps + 1))
+    return (config, id(model), gpu.memory_bytes, workspace, alloc_config, plan)
+
+
+def cached_replay(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, workspace: int,
+                  alloc_config: AllocatorConfig = DEFAULT_CONFIG, seq_lens: Sequence[int] | None = None,
+                  steps: int = 1) -> ReservedReplay | None:
+    """replay_step's answer if it was replayed before, else None (without replaying)."""
+    hit = _REPLAYS.get(_replay_key(config, model, gpu, workspace, alloc_config, seq_lens, steps))
+    return hit[1] if hit is not None and hit[0] is model else None
+
+
 def replay_step(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, workspace: int,
                 alloc_config: AllocatorConfig = DEFAULT_CONFIG, seq_lens: Sequence[int] | None = None,
                 steps: int = 1) -> ReservedReplay:
     """The reserved peak of the first step and `steps` more (lengths from `seq_lens`, cycled; default the
     configuration's sequence length)."""
-    lengths = tuple(seq_lens) if seq_lens else (config.seq_len,)
-    plan = tuple(lengths[i % len(lengths)] for i in range(steps + 1))
-    key = (config, id(model), gpu.memory_bytes, workspace, alloc_config, plan)
-    hit = _REPLAYS.get(key)
-    if hit is not None and hit[0] is model:
-        return hit[1]
+    hit = cached_replay(config, model, gpu, workspace, alloc_config, seq_lens, steps)
+    if hit is not None:
+        return hit
+    key = _replay_key(config, model, gpu, workspace, alloc_config, seq_lens, steps)
+    plan = key[-1]
     if len(_REPLAYS) > 64:
         _REPLAYS.clear()
     sequence = allocation_sequence(config, model, workspace, plan)
@@ -229,3 +244,13 @@ def with_reserved(budget: Budget, config: TrainingConfig, model: ModelSpec, gpu:
         "fits": device_peak <= gpu.memory_bytes,
         "headroom_bytes": gpu.memory_bytes - device_peak,
     })
+
+
+def with_reserved_if_replayed(budget: Budget, config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> Budget | None:
+    """For the planner, which must draw at once: `budget` with the reserved peak if the replay is cached,
+    `budget` as it is where the step cannot be replayed, None while the replay is still to be run."""
+    if replay_unsupported(config) is not None:
+        return budget
+    if cached_replay(config, model, gpu, cublas_workspace_bytes(gpu)) is None:
+        return None
+    return with_reserved(budget, config, model, gpu)

@@ -159,7 +159,7 @@ class Sim:
         self.tensors: list[Tensor] = []
         self.views: list[Tensor] = []
         self.segment_of_node: dict[str, str] = {}  # backward segment named after the forward segment of each node
-        self.log: list[tuple[str, Tensor]] | None = None  # set to [] to record allocations and frees, in order
+        self.log: list[tuple[str, Tensor, str]] | None = None  # set to [] to record allocations and frees, in order
         self.parameters: list[Tensor] = []  # every leaf parameter, in creation order (the allocation sequence's weights)
 
     # ---- allocation bookkeeping -------------------------------------------------------
@@ -180,7 +180,7 @@ class Sim:
         self._rising = True
         self.tensors.append(tensor)
         if self.log is not None:
-            self.log.append(("+", tensor))
+            self.log.append(("+", tensor, self.segment))
         return tensor
 
     def stops_as_inputs_are_saved(self, inputs: list[Tensor]) -> bool:
@@ -253,7 +253,7 @@ class Sim:
         tensor.freed_in = self.segment
         self.live[tensor.category] = lf_sub(self.live[tensor.category], tensor.nbytes)
         if self.log is not None:
-            self.log.append(("-", tensor))
+            self.log.append(("-", tensor, self.segment))
 
     def recategorize(self, tensor: Tensor, category: str) -> None:
         if tensor.category == category or not tensor.alive:
