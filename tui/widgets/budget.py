@@ -139,6 +139,8 @@ class ComponentTable(Widget):
     # The budget with the allocator replayed (reserved_peak_bytes None: it cannot be, a note says why).
     replayed: reactive[Budget | None] = reactive(None)
 
+    REPLAY_DELAY_S = 0.25  # typing changes the options key by key: replay the one the user stops at
+
     def watch_result(self, result: PlanResult | None) -> None:
         if result is None or result.budget is None or result.config is None or result.gpu is None \
                 or result.model is None:
@@ -147,7 +149,17 @@ class ComponentTable(Widget):
         if replayed is not None and replayed.config == result.budget.config and replayed.gpu == result.budget.gpu:
             return
         self.replayed = None
-        self.replay_allocator(result)
+        timer = getattr(self, "_replay_timer", None)
+        if timer is not None:
+            timer.stop()
+        from memtui.engine.estimator.overhead import cublas_workspace_bytes
+        from memtui.engine.estimator.reserved import cached_replay, replay_unsupported, with_reserved
+
+        if replay_unsupported(result.config) is not None or cached_replay(
+                result.config, result.model, result.gpu, cublas_workspace_bytes(result.gpu)) is not None:
+            self.replayed = with_reserved(result.budget, result.config, result.model, result.gpu)  # no replay to run
+            return
+        self._replay_timer = self.set_timer(self.REPLAY_DELAY_S, lambda: self.replay_allocator(result))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="allocator-replay")
     def replay_allocator(self, result: PlanResult) -> None:
