@@ -7,7 +7,7 @@ import json
 
 from memtui.cli.options import add_training_flags, config_from_args, with_file_notes
 
-HELP = "predict one training step's memory per GPU (analytic, instant)"
+HELP = "predict one training step's memory per GPU (analytic; the reserved peak from the allocator replay)"
 
 
 def add_parser(subparsers) -> None:
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from memtui.engine.allocator import parse_alloc_conf
     from memtui.engine.estimator import estimate
-    from memtui.engine.estimator.reserved import parse_seq_lens, parse_steps, with_reserved
+    from memtui.engine.estimator.reserved import check_seq_lens, parse_seq_lens, parse_steps, with_reserved
     from memtui.engine.model.presets import resolve_gpu, resolve_model
 
     steps = parse_steps(args.steps)
@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     model, gpu = resolve_model(config.model), resolve_gpu(config.gpu)
     budget = estimate(config, model=model, gpu=gpu)
+    if seq_lens is not None:
+        check_seq_lens(seq_lens, config, model, gpu)
     budget = with_reserved(budget, config, model, gpu, alloc_config=alloc_config, seq_lens=seq_lens, steps=steps)
     budget = with_file_notes(budget, args)
     if args.json:

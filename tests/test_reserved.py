@@ -89,6 +89,7 @@ def test_estimate_json_without_a_replay_says_why(capsys):
 @pytest.mark.parametrize("argv", [
     ["--seq-lens", "512,abc"], ["--seq-lens", "0"], ["--seq-lens", "uniform:2048-256"], ["--seq-lens", "uniform:1-x"],
     ["--steps", "0"], ["--steps", "two"], ["--alloc-conf", "max_split_size_mb:-1"],
+    ["--seq-lens", "512,2048", "--seq-len", "512"],  # GPT-2 has 1024 learned positions
 ])
 def test_replay_flags_refuse_bad_input_in_one_line(capsys, argv):
     from memtui.cli import main as cli_main

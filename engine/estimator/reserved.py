@@ -15,19 +15,19 @@ backward. Elsewhere `replay_unsupported` says why and the budget keeps the publi
 
 from __future__ import annotations
 
+import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import random
-import re
-
 from memtui.engine.allocator import DEFAULT_CONFIG, FREE, AllocatorConfig, replay
+from memtui.engine.errors import InputError
+from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, nccl_buffer_bytes
 from memtui.engine.estimator.sim.core import lf_eval
 from memtui.engine.estimator.sim.program import allocation_program, dims_for, options_for
 from memtui.engine.model.architectures import ModelSpec
-from memtui.engine.errors import InputError
-from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, nccl_buffer_bytes
 from memtui.engine.model.specs import Budget, GpuSpec, TrainingConfig
+from memtui.engine.model.validation import check_config
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,15 @@ def parse_seq_lens(text: str, steps: int) -> tuple[int, ...]:
                              _SEQ_LENS_ALLOWED)
         lengths.append(int(part))
     return tuple(lengths[i % len(lengths)] for i in range(steps + 1))
+
+
+def check_seq_lens(seq_lens: Sequence[int], config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> None:
+    """Every replayed length must be one the configuration could run (a model's learned positions bound it)."""
+    for length in sorted(set(seq_lens)):
+        try:
+            check_config(config.model_copy(update={"seq_len": length}), model, gpu)
+        except InputError as error:
+            raise InputError("--seq-lens", f"{length} refused: {error.message}", error.allowed) from None
 
 
 def replay_unsupported(config: TrainingConfig) -> str | None:
