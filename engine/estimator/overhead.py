@@ -5,12 +5,16 @@ Figures and their sources:
   300-500 MiB on recent GPUs, over 1 GiB before (shared/reference/facts.md, "What the GPU really
   shows"); HF's "model memory anatomy" measured 1,343 MB on a V100 with eager loading. NVML counts it;
   the caching allocator does not (it is outside `max_memory_reserved`).
-- cuBLAS and cuBLASLt workspaces: PyTorch allocates them through its caching allocator, one of each per
-  (handle, stream), so they are inside reserved (and allocated) memory. Size per handle: PyTorch's
-  default when CUBLAS_WORKSPACE_CONFIG is unset, `4096 * 8 * 1024` bytes (32 MiB) on Hopper and later,
-  `4096 * 1024 * 2 + 16 * 1024 * 8` (about 8 MiB) before, which memtui rounds to 12 MiB with cuBLASLt's
-  own (aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize / getCUDABlasLtWorkspaceSize in
-  the installed torch's ATen/cuda/CUDAContextLight.h). One training stream: one of each.
+- cuBLAS and cuBLASLt workspaces: PyTorch allocates them through its caching allocator, so they are
+  inside reserved (and allocated) memory. memtui counts two per training stream, each of the per-architecture
+  size below (`cublas_workspace_bytes`). What PyTorch's source says (aten/src/ATen/cuda/CublasHandlePool.cpp,
+  parseChosenWorkspaceSize): with CUBLAS_WORKSPACE_CONFIG unset, `4096 * 8 * 1024` bytes (32 MiB) on compute
+  capability 9.x, 10.x and 12.x, `4096 * 1024 * 2 + 16 * 1024 * 8` (8,519,680 bytes) elsewhere, where memtui
+  uses 12 MiB; and on recent main cuBLASLt shares that workspace (TORCH_CUBLASLT_UNIFIED_WORKSPACE, on unless
+  set to 0), which would make it one per stream, not two. The headers of the installed torch 2.15
+  (ATen/cuda/CUDAContextLight.h) describe yet another default: per-operation workspaces unless ATen's
+  workspace caching is enabled. Not changed here: the figures feed every tensor peak and the measured
+  accuracy tables; a CUDA run of `memtui trace --device cuda` settles it.
 - NCCL buffers, only with more than one GPU: NCCL_BUFFSIZE (default 4 MiB, NCCL's environment
   variables reference) per channel for each ring neighbour, sent and received, per communicator; memtui
   assumes NCCL's usual 8 channels (an assumption, not a measurement: NCCL picks the count from the
