@@ -116,7 +116,7 @@ def allocation_sequence(config: TrainingConfig, model: ModelSpec, workspace: int
     """(key, bytes requested) for an allocation, (key, FREE) for a free, over len(seq_lens) steps."""
     program = allocation_program(dims_for(model, config.tp), options_for(config, model), model.num_layers)
     constant = (1.0, 0.0, 0.0, 0.0, 0.0)
-    weights = [int(lf_eval(size, constant)) for size, _trainable, _adapter in program.parameters]
+    weights = [int(lf_eval(size, constant)) for size, _trainable in program.parameters]
     # model.parameters() order, each LoRA adapter after the weight it adapts (what model.to("cuda") moves in turn).
     sequence: list[tuple[object, int]] = [(("w", i), size) for i, size in enumerate(weights)]
     with_grad = [position for position, _index in program.gradients]  # what the optimizer steps, in order

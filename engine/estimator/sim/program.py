@@ -471,7 +471,7 @@ class AllocationProgram:
     zero_grad) and, in `leftover`, anything else the step's end releases.
     """
 
-    parameters: tuple[tuple[LF, bool, bool], ...]  # (bytes, trainable, adapter), in creation order
+    parameters: tuple[tuple[LF, bool], ...]  # (bytes, trainable), in model.parameters() order
     events: tuple[tuple[int, LF | None], ...]
     input_ids: LF
     gradients: tuple[tuple[int, int], ...]  # (parameter index, tensor index) of each gradient alive at the end
@@ -484,7 +484,7 @@ def allocation_program(d: Dims, opts: Options, layers: int) -> AllocationProgram
 
     Replaying every layer costs about 2.5 ms a layer (most of a second for 80). Past five layers the
     program is built from a five-layer replay instead, its third layer repeated for every middle layer:
-    identical layers allocate and free identically, each touching only its own tensors and its neighbours'.
+    identical layers allocate and free identically, each touching its own tensors and those of the layers near it.
     Where that does not hold for a program (checked as it is built) every layer is replayed.
     """
     if layers > len(_TEMPLATE):
@@ -631,6 +631,6 @@ def _assemble(entries: list[tuple[str, object, Tensor]], parameters: list[tuple[
     held = {index for _position, index in gradients}
     leftover = tuple(index_of[k] for k in alive if k in index_of and index_of[k] not in held)
     return AllocationProgram(
-        parameters=tuple((param.nbytes, param.requires_grad, ".lora_" in param.name) for param, _grad in parameters),
+        parameters=tuple((param.nbytes, param.requires_grad) for param, _grad in parameters),
         events=tuple(events), input_ids=input_ids.nbytes if input_ids is not None else ZERO,
         gradients=gradients, leftover=leftover)
