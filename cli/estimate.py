@@ -7,7 +7,7 @@ import json
 
 from memtui.cli.options import add_training_flags, config_from_args, with_file_notes
 
-HELP = "predict one training step's memory per GPU (analytic, instant)"
+HELP = "predict one training step's memory per GPU (analytic; the reserved peak from the allocator replay)"
 
 
 def add_parser(subparsers) -> None:
@@ -17,6 +17,16 @@ def add_parser(subparsers) -> None:
     )
     add_training_flags(parser)
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    replay = parser.add_argument_group("caching allocator replay")
+    replay.add_argument("--alloc-conf", default=None, metavar="CONF",
+                        help="PYTORCH_CUDA_ALLOC_CONF to replay the reserved peak with (default: torch's defaults), "
+                             "e.g. expandable_segments:True")
+    replay.add_argument("--seq-lens", default=None, metavar="LENS",
+                        help="each replayed step's sequence length: a list cycled through (512,1024,2048) or "
+                             "uniform:MIN-MAX (default: --seq-len for every step)")
+    replay.add_argument("--steps", default="1", metavar="N",
+                        help="steps replayed after the first, which makes the optimizer states, 1..64 (default 1: "
+                             "the two steps memtui trace runs)")
     parser.set_defaults(handler=run)
 
 
@@ -41,11 +51,22 @@ def derive_generic_if_needed(config) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from memtui.engine.allocator import parse_alloc_conf
     from memtui.engine.estimator import estimate
+    from memtui.engine.estimator.reserved import check_seq_lens, parse_seq_lens, parse_steps, with_reserved
+    from memtui.engine.model.presets import resolve_gpu, resolve_model
 
+    steps = parse_steps(args.steps)
+    seq_lens = parse_seq_lens(args.seq_lens, steps) if args.seq_lens is not None else None
+    alloc_config = parse_alloc_conf(args.alloc_conf)
     config = config_from_args(args)
     derive_generic_if_needed(config)
-    budget = with_file_notes(estimate(config), args)
+    model, gpu = resolve_model(config.model), resolve_gpu(config.gpu)
+    budget = estimate(config, model=model, gpu=gpu)
+    if seq_lens is not None:
+        check_seq_lens(seq_lens, config, model, gpu)
+    budget = with_reserved(budget, config, model, gpu, alloc_config=alloc_config, seq_lens=seq_lens, steps=steps)
+    budget = with_file_notes(budget, args)
     if args.json:
         print(json.dumps(budget.model_dump(mode="json"), indent=2))
     else:

@@ -26,6 +26,10 @@ def budget_table(budget: Budget, title: str | None = None) -> Table:
     return table
 
 
+def _lengths(seq_lens: list[int]) -> str:
+    return ",".join(str(length) for length in seq_lens) if len(seq_lens) <= 6 else f"{min(seq_lens)}-{max(seq_lens)}"
+
+
 def print_budget(budget: Budget, console: Console | None = None) -> None:
     console = console or Console()
     console.print(budget_table(budget))
@@ -36,8 +40,11 @@ def print_budget(budget: Budget, console: Console | None = None) -> None:
         f"{verdict} on {budget.gpu.id} ({format_gib(budget.gpu.memory_bytes)}): "
         f"{side} {format_gib(abs(headroom))}; tensor peak {format_gib(budget.tensor_peak_bytes)} "
         f"during {budget.peak_phase}"
-        + (f"; reserved peak {format_gib(budget.reserved_peak_bytes)} (caching allocator replayed)"
-           if budget.reserved_peak_bytes is not None else "")
+        + (f"; reserved peak {format_gib(budget.reserved_peak_bytes)} (caching allocator replayed"
+           + (f", fragmentation {format_gib(budget.fragmentation_bytes)}" if budget.fragmentation_bytes is not None else "")
+           + (f", {len(budget.replayed_seq_lens)} steps of {_lengths(budget.replayed_seq_lens)} tokens"
+              if budget.replayed_seq_lens and len(set(budget.replayed_seq_lens)) > 1 else "")
+           + ")" if budget.reserved_peak_bytes is not None else "")
     )
     states = budget.model_states
     console.print(

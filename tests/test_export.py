@@ -26,7 +26,11 @@ def test_json_is_byte_for_byte_what_estimate_json_prints(tmp_path, capsys):
     cli_text = capsys.readouterr().out
     config = TrainingConfig(model="llama-3.1-70b", gpu="rtx-4090", gpus=1, precision="bf16-mixed", quant="nf4",
                             lora_rank=16, lora_targets="all-linear", checkpointing="full", attention="flash", zero=0)
-    paths = export_budget(estimate(config), directory=tmp_path, now=NOW)
+    from memtui.engine.estimator.reserved import with_reserved
+    from memtui.engine.model.presets import resolve_gpu, resolve_model
+
+    budget = with_reserved(estimate(config), config, resolve_model(config.model), resolve_gpu(config.gpu))
+    paths = export_budget(budget, directory=tmp_path, now=NOW)
     assert paths.json.read_text(encoding="utf-8") == cli_text
     assert json.loads(cli_text)["config"]["quant"] == "nf4"
 

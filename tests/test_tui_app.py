@@ -610,7 +610,13 @@ async def test_export_writes_markdown_and_the_estimate_json(tmp_path, monkeypatc
         await pilot.pause()
         paths = app.last_export
         assert paths is not None and paths.json.parent == tmp_path
-        assert paths.json.read_text() == budget_json(estimate(TrainingConfig(model="gpt2", gpu="t4", seq_len=1024)))
+        from memtui.engine.estimator.reserved import with_reserved
+        from memtui.engine.model.presets import resolve_gpu, resolve_model
+
+        config = TrainingConfig(model="gpt2", gpu="t4", seq_len=1024)
+        model, gpu = resolve_model("gpt2"), resolve_gpu("t4")
+        # `memtui estimate --json`: the estimate with the allocator replay.
+        assert paths.json.read_text() == budget_json(with_reserved(estimate(config), config, model, gpu))
         assert paths.markdown.read_text().startswith("# memtui budget: GPT-2 (124M) on 1x Tesla T4")
         assert any(str(paths.markdown) in notification.message for notification in app._notifications)
 

@@ -19,16 +19,25 @@ async def inputs_ready(pilot) -> None:
 
 
 async def settled(pilot) -> None:
-    """The ladder and the fit search run in workers: wait for both so the picture does not depend on timing."""
+    """The ladder, the fit search and the allocator replay run in workers: wait for them so the picture does not
+    depend on timing."""
     app = pilot.app
     for _ in range(500):
         result = app.result
         fit_known = result.budget is None or result.budget.fits or (
             app.fit_suggestion is not None and app.fit_suggestion[0] == result.config)
-        if result.stale or (fit_known and result.ladder is not None and ladder_shown(app)):
+        if result.stale or (fit_known and result.ladder is not None and ladder_shown(app) and replay_shown(app)):
             break
         await pilot.pause(0.02)
     await pilot.pause()
+
+
+def replay_shown(app) -> bool:
+    """The budget table has the allocator replay of the budget shown (or knows it cannot be replayed)."""
+    from memtui.tui.widgets.budget import ComponentTable
+
+    replayed = app.query_one(ComponentTable).replayed
+    return replayed is not None and replayed.config == app.result.budget.config
 
 
 def ladder_shown(app) -> bool:

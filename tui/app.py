@@ -498,8 +498,14 @@ class MemtuiApp(App[None]):
         ladder = result.ladder
         if ladder is None and result.config is not None and result.gpu is not None:
             ladder = self.planner.build_ladder(result.config, result.model, result.gpu)  # not built yet: now
+        budget = result.budget
+        if result.config is not None and result.model is not None and result.gpu is not None:
+            from memtui.engine.estimator.reserved import with_reserved
+
+            # What `memtui estimate --json` prints: the allocator replay too (cached once the table has shown it).
+            budget = with_reserved(budget, result.config, result.model, result.gpu)
         try:
-            paths = export_budget(result.budget, ladder=ladder, title=title)
+            paths = export_budget(budget, ladder=ladder, title=title)
         except (InputError, OSError) as error:  # MEMTUI_EXPORT_DIR unusable: say so, keep the app running
             self.notify(f"Could not write the export: {error}", severity="error", title="Export", markup=False)
             return

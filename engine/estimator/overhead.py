@@ -1,9 +1,25 @@
 """What the device holds beyond tensors: CUDA context, library workspaces, allocator slack.
 
-Figures: the CUDA context with lazy module loading (CUDA >= 11.7) costs about
-300-500 MiB on recent GPUs (../shared/reference/facts.md); cuBLAS and cuBLASLt
-keep workspaces allocated through PyTorch's caching allocator, so they show in
-torch.cuda.max_memory_allocated as well as in NVML.
+Figures and their sources:
+- CUDA context and kernels with lazy module loading (CUDA >= 11.7, the default since 11.8): about
+  300-500 MiB on recent GPUs, over 1 GiB before (shared/reference/facts.md, "What the GPU really
+  shows"); HF's "model memory anatomy" measured 1,343 MB on a V100 with eager loading. NVML counts it;
+  the caching allocator does not (it is outside `max_memory_reserved`).
+- cuBLAS and cuBLASLt workspaces: PyTorch allocates them through its caching allocator, so they are
+  inside reserved (and allocated) memory. memtui counts two per training stream, each of the per-architecture
+  size below (`cublas_workspace_bytes`). What PyTorch's source says (aten/src/ATen/cuda/CublasHandlePool.cpp,
+  parseChosenWorkspaceSize): with CUBLAS_WORKSPACE_CONFIG unset, `4096 * 8 * 1024` bytes (32 MiB) on compute
+  capability 9.x, 10.x and 12.x, `4096 * 1024 * 2 + 16 * 1024 * 8` (8,519,680 bytes) elsewhere, where memtui
+  uses 12 MiB; and on recent main cuBLASLt shares that workspace (TORCH_CUBLASLT_UNIFIED_WORKSPACE, on unless
+  set to 0), which would make it one per stream, not two. The headers of the installed torch 2.15
+  (ATen/cuda/CUDAContextLight.h) describe yet another default: per-operation workspaces unless ATen's
+  workspace caching is enabled. Not changed here: the figures feed every tensor peak and the measured
+  accuracy tables; a CUDA run of `memtui trace --device cuda` settles it.
+- NCCL buffers, only with more than one GPU: NCCL_BUFFSIZE (default 4 MiB, NCCL's environment
+  variables reference) per channel for each ring neighbour, sent and received, per communicator; memtui
+  assumes NCCL's usual 8 channels (an assumption, not a measurement: NCCL picks the count from the
+  topology) and one communicator per parallel dimension larger than 1 (data, tensor, pipeline).
+  cudaMalloc'd by NCCL itself: outside reserved, inside NVML's used memory.
 """
 
 from __future__ import annotations
@@ -27,6 +43,16 @@ def cuda_context_bytes(gpu: GpuSpec) -> int:
 def cublas_workspace_bytes(gpu: GpuSpec) -> int:
     major = int(gpu.compute_capability.split(".")[0])
     return 2 * _CUBLAS_WORKSPACE_BY_MAJOR.get(major, 32 * MiB)
+
+
+NCCL_BUFFSIZE = 4 * MiB  # NCCL's default (NCCL_BUFFSIZE)
+NCCL_CHANNELS = 8  # assumed; NCCL chooses from the topology
+NCCL_RING_PEERS = 2  # a ring's previous and next rank
+
+
+def nccl_buffer_bytes(communicators: int) -> int:
+    """NCCL's own buffers on one GPU for `communicators` process groups (0 on one GPU)."""
+    return communicators * NCCL_CHANNELS * NCCL_RING_PEERS * NCCL_BUFFSIZE
 
 
 def reserved_from_allocated(tensor_peak_bytes: int, largest_block_bytes: int) -> int:

@@ -98,10 +98,15 @@ def build_summary(
     measured_components = measured.get("components") or {}
     # A component under 1% of the peak on both sides (a few KiB of activations) has no meaningful % error.
     negligible = 0.01 * (measured.get("tensor_peak_bytes") or 0)
+    untested = []
     for name, value in measured_components.items():
         expected = predicted["components"].get(name)
         tiny = max(expected or 0, value or 0) < negligible
         components_error[name] = error_pct(expected, value) if comparable and not tiny else None
+        if comparable and not expected and not value:
+            untested.append(name)  # nothing at the peak on either side: the run says nothing about its model
+    checks = ([f"not tested by this run (zero at the peak, predicted and measured): {', '.join(untested)}"]
+              if untested else [])
     return Summary(
         result=result,
         steps=plan.steps,
@@ -118,5 +123,5 @@ def build_summary(
         device=device,
         full_model=full_model_calibration(plan, measured_per_layer, context_delta) if result == "completed" else None,
         oom=oom,
-        notes=list(plan.notices) + list(notes or []),
+        notes=list(plan.notices) + list(notes or []) + checks,
     ).message()

@@ -242,6 +242,14 @@ def available_ranks(device: LocalDevice, device_count: int | None) -> int:
     return max(1, device_count or 1)
 
 
+def _activations_at_peak(config: TrainingConfig, full: ModelSpec) -> bool:
+    """Whether the full-size configuration's peak holds activations (sizing keeps their share in the copy)."""
+    try:
+        return estimate(config, model=full).per_gpu.activations > 0
+    except InputError:
+        return False
+
+
 def make_plan(
     requested: TrainingConfig, options: LiveOptions, device: LocalDevice, *, device_count: int | None = None,
     runtime_bytes: int | None = None, spec: ModelSpec | None = None,
@@ -264,6 +272,7 @@ def make_plan(
     shape = sizing.initial_shape(
         full, seq_len, batch_size, defaults, layers=options.layers, width=options.width, vocab=options.vocab,
         fixed_seq_len=options.seq_len is not None, fixed_batch_size=options.batch_size is not None,
+        activations_at_peak=_activations_at_peak(config, full),
     )
     steps = options.steps or (3 if device.kind == "cpu" else 10)
     ranks = config.dp

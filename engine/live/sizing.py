@@ -6,7 +6,9 @@ the MLP's width relative to the hidden size, and every training option. It
 shrinks, in this order and only what the user did not fix: layers, width
 (key/value heads halved, heads and hidden size following), vocabulary, then
 sequence length and batch, until the predicted run fits the memory target
-and its estimated time.
+and its estimated time. The tokens per step start scaled by the width ratio,
+which keeps activations' share of the peak (and the phase it falls in) as in
+the full configuration, where that peak holds activations.
 """
 
 from __future__ import annotations
@@ -119,8 +121,10 @@ def scaled_spec(spec: ModelSpec, shape: Shape) -> ModelSpec:
 def initial_shape(
     spec: ModelSpec, seq_len: int, batch_size: int, defaults: SizingDefaults, *, layers: int | None = None,
     width: int | None = None, vocab: int | None = None, fixed_seq_len: bool = False, fixed_batch_size: bool = False,
+    activations_at_peak: bool = False,
 ) -> Shape:
-    """The starting shape: the user's choices as given, the rest from the device defaults."""
+    """The starting shape: the user's choices as given, the rest from the device defaults (`activations_at_peak`:
+    the full configuration's peak holds activations; the copy's tokens then keep their share)."""
     fixed: set[str] = set()
     if layers is not None:
         if layers > spec.num_layers:
@@ -146,14 +150,20 @@ def initial_shape(
         fixed.add("vocab")
     else:
         vocab = min(spec.vocab_size, defaults.max_vocab or spec.vocab_size)
+    # Activations grow with tokens x width, model states with width x width: with its tokens scaled by the width
+    # ratio the copy keeps the full configuration's share of activations, and so peaks in the same phase. Where
+    # the full configuration has activations at its peak the device's caps only limit what that share does not
+    # ask for (the time guard shrinks it further if need be); where it peaks with none (in the optimizer step)
+    # fewer tokens peak there too, and the caps hold.
+    matched = -(-seq_len * batch_size * _hidden_for(spec, kv) // spec.hidden_size) if activations_at_peak else 0
     if fixed_seq_len:
         fixed.add("seq_len")
     elif defaults.max_seq_len is not None:
-        seq_len = min(seq_len, defaults.max_seq_len)
+        seq_len = min(seq_len, max(defaults.max_seq_len, matched))
     if fixed_batch_size:
         fixed.add("batch_size")
     elif defaults.max_batch_size is not None:
-        batch_size = min(batch_size, defaults.max_batch_size)
+        batch_size = min(batch_size, max(defaults.max_batch_size, -(-matched // seq_len)))
     return Shape(layers=layers, kv_heads=kv, vocab=vocab, seq_len=seq_len, batch_size=batch_size, fixed=frozenset(fixed))
 
 

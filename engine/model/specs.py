@@ -231,3 +231,13 @@ class Budget(BaseModel):
         """The device peak less the paged states resident in it: the driver pages those out rather than let the
         step run out of memory, so this is what decides whether it fits."""
         return self.device_peak_bytes - (self.paged_bytes - self.paged_evicted_bytes)
+    fragmentation_bytes: int | None = Field(
+        default=None,
+        description="reserved peak minus allocated peak in the allocator replay: cached but unusable at the peak; "
+                    "null where nothing was replayed")
+    replayed_seq_lens: list[int] | None = Field(
+        default=None, description="the sequence length of every step replayed through the allocator, the first "
+                                  "(which makes the optimizer states) included; null where nothing was replayed")
+    device_overhead: dict[str, int] | None = Field(
+        default=None, description="what the device holds beyond the allocator's reserved memory, by source "
+                                  "(cuda_context, nccl); null where the device peak is not built from the replay")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from textual import work
 from textual.containers import VerticalScroll
 from textual.content import Content
 from textual.reactive import reactive
@@ -122,15 +123,57 @@ class SummaryLine(Text):
 
 
 class ComponentTable(Widget):
-    """GiB and % per component at the peak; a delta column against the pin when one is set."""
+    """GiB and % per component at the peak; a delta column against the pin when one is set. The reserved
+    peak and the fragmentation come from replaying the step through the caching-allocator model, in a worker:
+    the first replay of a large model takes up to about a second, so the budget is drawn first and the replay's
+    rows follow. The verdict, the bar and "To fit" keep the estimate's device peak (published allocator slack),
+    as fit and the ladder do; the replay's device peak is its own row."""
 
     DEFAULT_CSS = """
-    ComponentTable { height: 11; }
+    ComponentTable { height: 14; }
     """
 
-    # Fixed height (heading, six components, a rule, three totals): redraw without a layout pass.
+    # Fixed height (heading, six components, a rule, six totals): redraw without a layout pass.
     result: reactive[PlanResult | None] = reactive(None)
     pinned: reactive[PlanResult | None] = reactive(None)
+    # The budget with the allocator replayed (reserved_peak_bytes None: it cannot be, a note says why).
+    replayed: reactive[Budget | None] = reactive(None)
+
+    REPLAY_DELAY_S = 0.25  # typing changes the options key by key: replay the one the user stops at
+
+    def watch_result(self, result: PlanResult | None) -> None:
+        if result is None or result.budget is None or result.config is None or result.gpu is None \
+                or result.model is None:
+            return
+        replayed = self.replayed
+        if replayed is not None and replayed.config == result.budget.config and replayed.gpu == result.budget.gpu:
+            return
+        self.replayed = None
+        timer = getattr(self, "_replay_timer", None)
+        if timer is not None:
+            timer.stop()
+        from memtui.engine.estimator.overhead import cublas_workspace_bytes
+        from memtui.engine.estimator.reserved import cached_replay, replay_unsupported, with_reserved
+
+        if replay_unsupported(result.config) is not None or cached_replay(
+                result.config, result.model, result.gpu, cublas_workspace_bytes(result.gpu)) is not None:
+            self.replayed = with_reserved(result.budget, result.config, result.model, result.gpu)  # no replay to run
+            return
+        self._replay_timer = self.set_timer(self.REPLAY_DELAY_S, lambda: self.replay_allocator(result))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="allocator-replay")
+    def replay_allocator(self, result: PlanResult) -> None:
+        """The replay is cached per option set: going back to a configuration shows it at once."""
+        from memtui.engine.estimator.reserved import with_reserved
+
+        replayed = with_reserved(result.budget, result.config, result.model, result.gpu)
+        self.app.call_from_thread(self._show_replayed, result, replayed)
+
+    def _show_replayed(self, result: PlanResult, replayed: Budget) -> None:
+        current = self.result
+        if current is not None and current.budget is not None and current.budget.config == replayed.config \
+                and current.budget.gpu == replayed.gpu:
+            self.replayed = replayed
 
     def watch_pinned(self, pinned: PlanResult | None) -> None:
         self.set_class(pinned is not None, "-pinned")  # wider, for the delta column (app.tcss)
@@ -205,6 +248,18 @@ class ComponentTable(Widget):
             if now or then:
                 lines.append(row(name[: name_width + 2].ljust(name_width + 2), gib_number(now),
                                  f"{100 * now / total:.1f}", delta_cell(now, then) if pinned is not None else ""))
+        replayed = self.replayed
+        pending = "…" if replayed is None else "n/a"  # replaying, or a step it cannot replay (see the notes)
+        if replayed is not None and replayed.reserved_peak_bytes is None:
+            replayed = None
+
+        def replay_row(text: str, value: int | None) -> Content:
+            return row(text[: name_width + 2].ljust(name_width + 2), gib_number(value) if value is not None else pending,
+                       f"{100 * value / total:.1f}" if value is not None else "")
+
+        lines.append(replay_row("Reserved (allocator)", replayed.reserved_peak_bytes if replayed else None))
+        lines.append(replay_row("  of it fragmentation", replayed.fragmentation_bytes if replayed else None))
+        lines.append(replay_row("Device peak, replayed", replayed.device_peak_bytes if replayed else None))
         states_label = "Bytes per parameter"[: name_width + 2].ljust(name_width + 2)
         bpp_delta: Content | str = ""
         if pinned is not None:

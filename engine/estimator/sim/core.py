@@ -161,7 +161,8 @@ class Sim:
         self.tensors: list[Tensor] = []
         self.views: list[Tensor] = []
         self.segment_of_node: dict[str, str] = {}  # backward segment named after the forward segment of each node
-        self.log: list[tuple[str, Tensor]] | None = None  # set to [] to record events (debugging aid)
+        self.log: list[tuple[str, Tensor, str]] | None = None  # set to [] to record allocations and frees, in order
+        self.parameters: list[Tensor] = []  # every leaf parameter, in creation order (the allocation sequence's weights)
         # --activation-offload (torchtune's OffloadActivations, single stream): while set, the (1, B, B*s, s, s*s)
         # values min_offload_size is judged at; host bytes packed, by the segment that packed them.
         self.offload_at: LF | None = None
@@ -185,7 +186,7 @@ class Sim:
         self._rising = True
         self.tensors.append(tensor)
         if self.log is not None:
-            self.log.append(("+", tensor))
+            self.log.append(("+", tensor, self.segment))
         return tensor
 
     def stops_as_inputs_are_saved(self, inputs: list[Tensor]) -> bool:
@@ -214,6 +215,7 @@ class Sim:
         """A leaf parameter; its storage is counted with the model states, not here."""
         tensor = Tensor(elems=elems, dtype=dtype, requires_grad=trainable, name=name, param=True, refs=1, category="weights")
         tensor.grad_dtype = grad_dtype or dtype
+        self.parameters.append(tensor)
         return tensor
 
     def alias(self, base: Tensor, elems: LF | None = None) -> Tensor:
@@ -257,7 +259,7 @@ class Sim:
         tensor.freed_in = self.segment
         self.live[tensor.category] = lf_sub(self.live[tensor.category], tensor.nbytes)
         if self.log is not None:
-            self.log.append(("-", tensor))
+            self.log.append(("-", tensor, self.segment))
 
     def recategorize(self, tensor: Tensor, category: str) -> None:
         if tensor.category == category or not tensor.alive:

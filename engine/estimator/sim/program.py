@@ -166,8 +166,13 @@ def dims_for(spec: ModelSpec, tp: int = 1) -> Dims:
     )
 
 
-def _layer_segments(layers: int) -> list[str]:
-    """Replay the first layer, one middle layer standing for all of them, and the last layer."""
+def _layer_segments(layers: int, every_layer: bool = False) -> list[str]:
+    """Replay the first layer, one middle layer standing for all of them, and the last layer (`every_layer`:
+    each middle layer, for the allocation sequence)."""
+    if every_layer and layers > 3:
+        return ["first"] + ["mid"] * (layers - 2) + ["last"]
+    if every_layer and layers == 3:
+        return ["first", "mid", "last"]
     if layers == 1:
         return ["first"]
     if layers == 2:
@@ -175,17 +180,23 @@ def _layer_segments(layers: int) -> list[str]:
     return ["first", "mid", "last"]
 
 
-def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Sim:
+def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every_layer: bool = False,
+            segments: list[str] | None = None) -> Sim:
     sim = Sim(autocast_dtype=opts.compute if opts.autocast else None)
     if log:
         sim.log = []
     frozen = opts.lora_rank > 0
     embed_dtype = opts.base if frozen else opts.params
     embed = sim.parameter((float(d.vocab * d.hidden), 0, 0, 0, 0), embed_dtype, name="embed_tokens", trainable=not frozen)
-    segments = _layer_segments(layers)
+    segments = segments or _layer_segments(layers, every_layer)
     gpt2 = opts.family == "gpt2"
     make_params = gpt2_layer_params if gpt2 else llama_layer_params
-    layer_params = [make_params(sim, d, opts) for _ in segments]
+    layer_params = []
+    sim.layer_parameters = []  # type: ignore[attr-defined]  # (first, end) of each layer's in sim.parameters
+    for _segment in segments:
+        first = len(sim.parameters)
+        layer_params.append(make_params(sim, d, opts))
+        sim.layer_parameters.append((first, len(sim.parameters)))  # type: ignore[attr-defined]
     final_norm = norm_weight(sim, d.hidden, opts, "norm")
     final_norm_bias = norm_weight(sim, d.hidden, opts, "norm.bias") if gpt2 else None
     positions = sim.parameter(const(d.positions * d.hidden), embed_dtype, name="wpe", trainable=not frozen) if gpt2 else None
@@ -298,7 +309,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False) -> Si
     sim.drop(cos, sin, *other_pair)  # the model forward's references; layers' saved copies keep them (None for GPT-2)
 
     sim.phase = "backward"
-    sim.segment_of_node = _BACKWARD_OF
+    sim.segment_of_node = {**_BACKWARD_OF, **{f"{name}_fwd": f"{name}_bwd" for name in segments}}
     sim.run_backward(loss)
     sim.drop(loss)
     if input_leaf is not None:
@@ -533,3 +544,178 @@ def _prune(candidates: list[StepCandidate]) -> list[StepCandidate]:
         if not dominated:
             kept.append(candidates[index])
     return kept
+
+
+@dataclass(frozen=True)
+class AllocationProgram:
+    """One training step's device allocations and frees in order, every layer replayed, sizes symbolic.
+
+    `events`: (tensor index, bytes) for an allocation, (tensor index, None) for its free. The step's own
+    `input_ids` are left out (the training loop makes the batch, `input_ids` says which tensor it is);
+    what is still alive after backward is the parameter gradients (`gradients`, in parameter order, freed by
+    zero_grad) and, in `leftover`, anything else the step's end releases.
+    """
+
+    parameters: tuple[tuple[LF, bool], ...]  # (bytes, trainable), in model.parameters() order
+    events: tuple[tuple[int, LF | None], ...]
+    input_ids: LF
+    gradients: tuple[tuple[int, int], ...]  # (parameter index, tensor index) of each gradient alive at the end
+    leftover: tuple[int, ...]
+
+
+@lru_cache(maxsize=16)
+def allocation_program(d: Dims, opts: Options, layers: int) -> AllocationProgram:
+    """The step over all `layers` decoder layers with every allocation logged.
+
+    Replaying every layer costs about 2.5 ms a layer (most of a second for 80). Past five layers the
+    program is built from a five-layer replay instead, its third layer repeated for every middle layer:
+    identical layers allocate and free identically, each touching its own tensors and those of the layers near it.
+    Where that does not hold for a program (checked as it is built) every layer is replayed.
+    """
+    if layers > len(_TEMPLATE):
+        program = _expanded_program(d, opts, layers)
+        if program is not None:
+            return program
+    sim = _replay(d, opts, layers=layers, log=True, every_layer=True)
+    entries = [(kind, id(tensor), tensor) for kind, tensor, _segment in sim.log or ()]
+    parameters = [(param, id(param.grad) if param.grad is not None and param.grad.alive else None)
+                  for param in sim.parameters]
+    return _assemble(entries, parameters, [id(tensor) for tensor in sim.tensors if tensor.alive])
+
+
+_TEMPLATE = ["first", "midA", "midB", "midC", "last"]  # midB stands for every layer between midA and midC
+_TEMPLATE_LAYER = {name: index for index, name in enumerate(_TEMPLATE)}
+
+
+class _NotPeriodic(Exception):
+    """The five-layer replay does not extend by repeating its middle layer."""
+
+
+def _template_layer(segment: str) -> int | None:
+    return _TEMPLATE_LAYER.get(segment.rsplit("_", 1)[0])
+
+
+def _expanded_program(d: Dims, opts: Options, layers: int) -> AllocationProgram | None:
+    sim = _replay(d, opts, layers=len(_TEMPLATE), log=True, segments=_TEMPLATE)
+    log = sim.log or []
+    # Output layers: 0 first, 1 midA, 2..layers-3 copies of midB, layers-2 midC, layers-1 last.
+    real = {0: "first", 1: "midA", layers - 2: "midC", layers - 1: "last"}
+    allocated: dict[str, list[Tensor]] = {}
+    for kind, tensor, segment in log:
+        if kind == "+":
+            allocated.setdefault(segment, []).append(tensor)
+    # Each layer's tensors against midB's, by place in the layer's allocations (where the layers allocate alike).
+    to_mid_b: dict[int, Tensor] = {}
+    from_mid_b: dict[str, dict[int, Tensor]] = {name: {} for name in _TEMPLATE}
+    for phase in ("fwd", "bwd"):
+        template = allocated.get(f"midB_{phase}", [])
+        for name in _TEMPLATE:
+            tensors = allocated.get(f"{name}_{phase}", [])
+            if len(tensors) == len(template) and all(a.nbytes == b.nbytes for a, b in zip(tensors, template)):
+                to_mid_b.update({id(a): b for a, b in zip(tensors, template)})
+                from_mid_b[name].update({id(b): a for a, b in zip(tensors, template)})
+    if not {"midA", "midC"} <= {name for name in _TEMPLATE if from_mid_b[name]}:
+        return None
+
+    def key(tensor: Tensor, event_template: int | None, event_layer: int | None) -> object:
+        """The key of `tensor` as an event of template layer `event_template`, placed at output layer
+        `event_layer`, refers to it (both None: an event outside the layers)."""
+        owner = _template_layer(tensor.segment)
+        if owner is None or owner != 2 and event_template is None:
+            return id(tensor)  # outside the layers, or a layer replayed once
+        if event_template is None or event_layer is None:
+            raise _NotPeriodic
+        layer = event_layer + owner - event_template
+        if layer < 0 or layer >= layers:
+            raise _NotPeriodic
+        name = real.get(layer)
+        if name == _TEMPLATE[owner]:
+            return id(tensor)
+        counterpart = tensor if owner == 2 else to_mid_b.get(id(tensor))
+        if counterpart is None:
+            raise _NotPeriodic
+        if name is None:
+            return (layer, id(counterpart))
+        own = from_mid_b[name].get(id(counterpart))
+        if own is None:
+            raise _NotPeriodic
+        return id(own)
+
+    def owned_by_mid_b(tensor: Tensor) -> bool:
+        return _template_layer(tensor.segment) == 2
+
+    try:
+        entries: list[tuple[str, object, Tensor]] = []
+        copies_up, copies_down = range(2, layers - 2), range(layers - 3, 1, -1)
+        index = 0
+        while index < len(log):
+            segment = log[index][2]
+            template = _template_layer(segment)
+            end = index + 1
+            if template == 2:
+                while end < len(log) and log[end][2] == segment:
+                    end += 1
+                order = copies_up if segment.endswith("_fwd") else copies_down
+                for at in order:
+                    entries += [(kind, key(tensor, 2, at), tensor) for kind, tensor, _segment in log[index:end]]
+            elif template is None and owned_by_mid_b(log[index][1]):
+                # Outside the layers, about midB's tensors (autocast's cache cleared after the forward): once for
+                # every copy, a block of them at a time.
+                while end < len(log) and log[end][2] == segment and owned_by_mid_b(log[end][1]):
+                    end += 1
+                order = copies_down if segment.endswith("_bwd") or segment == "end" else copies_up
+                for at in order:
+                    entries += [(kind, key(tensor, 2, at), tensor) for kind, tensor, _segment in log[index:end]]
+            else:
+                kind, tensor, _segment = log[index]
+                layer = None if template is None else {0: 0, 1: 1, 3: layers - 2, 4: layers - 1}[template]
+                entries.append((kind, key(tensor, template, layer), tensor))
+            index = end
+        if sum(1 for i in range(len(log)) if log[i][2] == "midB_fwd" and (i == 0 or log[i - 1][2] != "midB_fwd")) > 1:
+            return None  # midB's forward in pieces: not one layer's run
+        ranges = sim.layer_parameters  # type: ignore[attr-defined]
+        params = sim.parameters
+
+        def with_grad(param: Tensor, template: int | None, layer: int | None) -> tuple[Tensor, object]:
+            grad = param.grad
+            return (param, None if grad is None or not grad.alive else key(grad, template, layer))
+
+        parameters = [with_grad(param, None, None) for param in params[: ranges[0][0]]]
+        for template, (first, end) in enumerate(ranges):
+            at_layers = copies_up if template == 2 else [{0: 0, 1: 1, 3: layers - 2, 4: layers - 1}[template]]
+            for layer in at_layers:
+                parameters += [with_grad(param, template, layer) for param in params[first:end]]
+        parameters += [with_grad(param, None, None) for param in params[ranges[-1][1]:]]
+        if any(tensor.alive and owned_by_mid_b(tensor) and tensor.category != "gradients" for tensor in sim.tensors):
+            return None
+        alive = [id(tensor) for tensor in sim.tensors if tensor.alive and not owned_by_mid_b(tensor)]
+        alive += [grad for _param, grad in parameters if grad is not None]
+    except _NotPeriodic:
+        return None
+    return _assemble(entries, parameters, alive)
+
+
+def _assemble(entries: list[tuple[str, object, Tensor]], parameters: list[tuple[Tensor, object]],
+              alive: list[object]) -> AllocationProgram:
+    """Number the tensors by allocation; `entries`: (+ or -, key, tensor) in order; `parameters`: (parameter,
+    key of its gradient alive at the end or None); `alive`: the keys of every tensor alive at the end."""
+    index_of: dict[object, int] = {}
+    events: list[tuple[int, LF | None]] = []
+    input_ids = None
+    for kind, tensor_key, tensor in entries:
+        if tensor.name == "input_ids" and (input_ids is None or tensor is input_ids):
+            input_ids = tensor  # the batch: the training loop's, not the step's
+            continue
+        if kind == "+":
+            index = index_of[tensor_key] = len(index_of)
+            events.append((index, tensor.nbytes))
+        else:
+            events.append((index_of[tensor_key], None))
+    gradients = tuple((position, index_of[grad]) for position, (_param, grad) in enumerate(parameters)
+                      if grad is not None and grad in index_of)
+    held = {index for _position, index in gradients}
+    leftover = tuple(index_of[k] for k in alive if k in index_of and index_of[k] not in held)
+    return AllocationProgram(
+        parameters=tuple((param.nbytes, param.requires_grad) for param, _grad in parameters),
+        events=tuple(events), input_ids=input_ids.nbytes if input_ids is not None else ZERO,
+        gradients=gradients, leftover=leftover)
