@@ -89,8 +89,12 @@ def check_seq_lens(seq_lens: Sequence[int], config: TrainingConfig, model: Model
             raise InputError("--seq-lens", f"{length} refused: {error.message}", error.allowed) from None
 
 
-def replay_unsupported(config: TrainingConfig) -> str | None:
+def replay_unsupported(config: TrainingConfig, model: ModelSpec | None = None) -> str | None:
     """Why the estimator's step cannot be replayed through the allocator for `config` (None: it can)."""
+    if model is not None and model.family == "generic":
+        return "a generic model's traced layers keep their sizes, not their allocation order"
+    if config.activation_offload:
+        return "activation offloading (its host copies and copies back are not in the sequence)"
     if config.gpus > 1 or config.tp > 1 or config.pp > 1:
         return "more than one GPU (the sequence replayed is one GPU's, unsharded)"
     if config.offload != "none":
@@ -226,39 +230,35 @@ def communicators(config: TrainingConfig) -> int:
 def with_reserved(budget: Budget, config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, *,
                   alloc_config: AllocatorConfig = DEFAULT_CONFIG, seq_lens: Sequence[int] | None = None,
                   steps: int = 1) -> Budget:
-    """`budget` with its reserved peak replayed through the allocator model and the device peak built on it:
-    reserved + CUDA context + NCCL buffers (cuBLAS workspaces are inside reserved). The CUDA overhead
-    component becomes what the device holds beyond the tensors at the peak, so the components still add up to
-    the device peak. Where the step cannot be replayed the budget is returned with a note saying why.
+    """`budget` with its reserved peak replayed through the allocator model, and the device peak that replay
+    implies: reserved + CUDA context + NCCL buffers (cuBLAS workspaces are inside reserved), as
+    `replayed_device_peak_bytes`. The verdict (device_peak_bytes, fits, headroom) stays on the estimate's device
+    peak: the planner, fit and the ladder decide on it synchronously, and no CUDA run has yet checked the
+    replay's fragmentation against max_memory_reserved (docs/validation.md), so one figure decides everywhere.
+    Where the step cannot be replayed the budget is returned with a note saying why.
 
     The replay is unbounded (no device limit): near the capacity the real allocator would free its cache and
     retry before failing, so a configuration over by less than its fragmentation may still run.
     """
-    reason = replay_unsupported(config)
+    reason = replay_unsupported(config, model)
     if reason is not None:
-        note = f"reserved memory not replayed through the allocator model ({reason}): device peak from published slack"
+        note = f"reserved memory not replayed through the allocator model ({reason})"
         return budget.model_copy(update={"notes": [*budget.notes, note]})
     replayed = replay_step(config, model, gpu, cublas_workspace_bytes(gpu), alloc_config, seq_lens, steps)
     extras = {"cuda_context": cuda_context_bytes(gpu), "nccl": nccl_buffer_bytes(communicators(config))}
-    device_peak = replayed.reserved_peak_bytes + sum(extras.values())
-    per_gpu = budget.per_gpu
-    tensors = per_gpu.total - per_gpu.overhead
     return budget.model_copy(update={
         "reserved_peak_bytes": replayed.reserved_peak_bytes,
         "fragmentation_bytes": replayed.fragmentation_bytes,
         "replayed_seq_lens": list(replayed.seq_lens),
         "device_overhead": extras,
-        "device_peak_bytes": device_peak,
-        "per_gpu": per_gpu.model_copy(update={"overhead": max(device_peak - tensors, 0)}),
-        "fits": device_peak <= gpu.memory_bytes,
-        "headroom_bytes": gpu.memory_bytes - device_peak,
+        "replayed_device_peak_bytes": replayed.reserved_peak_bytes + sum(extras.values()),
     })
 
 
 def with_reserved_if_replayed(budget: Budget, config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> Budget | None:
     """For the planner, which must draw at once: `budget` with the reserved peak if the replay is cached,
     `budget` as it is where the step cannot be replayed, None while the replay is still to be run."""
-    if replay_unsupported(config) is not None:
+    if replay_unsupported(config, model) is not None:
         return budget
     if cached_replay(config, model, gpu, cublas_workspace_bytes(gpu)) is None:
         return None

@@ -240,4 +240,8 @@ class Budget(BaseModel):
                                   "(which makes the optimizer states) included; null where nothing was replayed")
     device_overhead: dict[str, int] | None = Field(
         default=None, description="what the device holds beyond the allocator's reserved memory, by source "
-                                  "(cuda_context, nccl); null where the device peak is not built from the replay")
+                                  "(cuda_context, nccl); null where nothing was replayed")
+    replayed_device_peak_bytes: int | None = Field(
+        default=None, description="reserved_peak_bytes + device_overhead: the device peak the allocator replay "
+                                  "implies (device_peak_bytes keeps the estimate's model until a CUDA run checks "
+                                  "the replay); null where nothing was replayed")

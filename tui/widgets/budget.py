@@ -155,7 +155,7 @@ class ComponentTable(Widget):
         from memtui.engine.estimator.overhead import cublas_workspace_bytes
         from memtui.engine.estimator.reserved import cached_replay, replay_unsupported, with_reserved
 
-        if replay_unsupported(result.config) is not None or cached_replay(
+        if replay_unsupported(result.config, result.model) is not None or cached_replay(
                 result.config, result.model, result.gpu, cublas_workspace_bytes(result.gpu)) is not None:
             self.replayed = with_reserved(result.budget, result.config, result.model, result.gpu)  # no replay to run
             return
@@ -259,7 +259,7 @@ class ComponentTable(Widget):
 
         lines.append(replay_row("Reserved (allocator)", replayed.reserved_peak_bytes if replayed else None))
         lines.append(replay_row("  of it fragmentation", replayed.fragmentation_bytes if replayed else None))
-        lines.append(replay_row("Device peak, replayed", replayed.device_peak_bytes if replayed else None))
+        lines.append(replay_row("Device peak, replayed", replayed.replayed_device_peak_bytes if replayed else None))
         states_label = "Bytes per parameter"[: name_width + 2].ljust(name_width + 2)
         bpp_delta: Content | str = ""
         if pinned is not None:
