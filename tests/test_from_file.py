@@ -29,7 +29,7 @@ CASES = {
         ["--model", "llama-3.2-1b", "--lora-rank", "64", "--lora-targets",
          "q_proj,v_proj,o_proj,gate_proj,down_proj,up_proj", "--batch-size", "4", "--precision", "bf16-true",
          "--checkpointing", "full", "--activation-offload", "--optimizer", "paged-adamw-8bit", "--seq-len", "2048",
-         "--grad-accum", "8", "--loss", "fused-linear"],
+         "--grad-accum", "8", "--loss", "fused-linear", "--lora-dtype", "compute"],
         [],
     ),
     "axolotl_llama3_2_1b_qlora.yaml": (

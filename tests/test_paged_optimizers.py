@@ -73,8 +73,10 @@ def test_oversubscribed_card_pages_the_states_out_and_fits():
     assert paged.fits and paged.paged_evicted_bytes > 0
     assert paged.device_peak_bytes == paged.gpu.memory_bytes  # the card is full, the rest on the host
     assert paged.device_required_bytes == paged.device_peak_bytes - (paged.paged_bytes - paged.paged_evicted_bytes)
+    # fit proposes what fits resident, never states that migrate to the host every step
     plan = suggest(over).plan
-    assert plan is not None and plan.config.optimizer == "paged-adamw" and not plan.changes_training
+    assert plan is not None and not plan.config.optimizer.startswith("paged")
+    assert estimate(plan.config).paged_evicted_bytes == 0
 
 
 @pytest.mark.parametrize(("options", "fields"), [

@@ -181,17 +181,8 @@ def _knobs(config: TrainingConfig, gpu: GpuSpec) -> list[_Knob]:
 def _modes(config: TrainingConfig, gpu: GpuSpec) -> list[_Mode]:
     """The training-mode ladder from config: as is, 8-bit AdamW, 16-bit weights, LoRA, QLoRA."""
     modes = [_Mode("as configured", "", {}, False)]
-    # bitsandbytes' paged states: the same Adam, its moments in unified memory the driver pages out to the host
-    # when the step needs the room, instead of running out of memory (slower steps when it does).
-    pageable = (config.gpus == 1 and config.offload == "none" and not config.master_weights
-                and not config.optimizer_in_backward)
-    paged = {"adamw": "paged-adamw", "adamw-8bit": "paged-adamw-8bit"}.get(config.optimizer)
-    if pageable and paged:
-        modes.append(_Mode(
-            f"paged {'8-bit ' if paged.endswith('8bit') else ''}AdamW",
-            "bitsandbytes keeps the Adam moments in CUDA unified memory, paged out to CPU RAM when the step "
-            "needs the room (slower steps then); same update", {"optimizer": paged}, False,
-        ))
+    # No paged-optimizer mode: bitsandbytes' paged states "fit" by migrating to CPU RAM whenever the step
+    # needs the room, every step; fit proposes what fits resident. The ladder and the estimate still show them.
     lean_optimizer = {"optimizer": "adamw-8bit"} if config.optimizer == "adamw" and not config.uses_lora else {}
     if lean_optimizer:
         modes.append(_Mode(
