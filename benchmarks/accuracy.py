@@ -103,6 +103,17 @@ MATRIX: list[dict] = [
     {"model": "gemma-3-12b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 2048, "attention": "eager", "checkpointing": "full"},
     {"model": "qwen3-30b-a3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "checkpointing": "full"},
     {"model": "qwen3-30b-a3b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 4096, "checkpointing": "selective"},
+    # the training stacks' knobs (issue 11): accumulation, step in backward, losses, peft's adapters, paging, offload
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "grad_accum": 4},
+    {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "optimizer_in_backward": True},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 1, "seq_len": 8192, "lora_rank": 16, "loss": "chunked"},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 1, "seq_len": 8192, "lora_rank": 16, "loss": "fused-linear"},
+    {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "lora_targets": "all-linear", "lora_dropout": 0.05},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "lora_dtype": "compute"},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "quant": "nf4", "kbit_prep": True, "lora_dropout": 0.05, "checkpointing": "full"},
+    {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "optimizer": "paged-adamw-8bit"},
+    {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "checkpointing": "full", "activation_offload": True},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "activation_offload": True},
 ]
 
 

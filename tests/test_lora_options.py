@@ -12,19 +12,16 @@ from tests.test_trace import assert_estimate_matches_trace
 
 ALL_LINEAR = dict(model="llama-3.2-1b", lora_rank=16, lora_targets="all-linear", seq_len=1024)
 
+# One trace per case, each covering several options (the full-size rows are in benchmarks/accuracy.py).
 CASES = [
-    dict(ALL_LINEAR, precision="bf16-true", lora_dropout=0.1),
     dict(ALL_LINEAR, precision="bf16-true", quant="nf4", lora_dropout=0.05),
     dict(ALL_LINEAR, lora_dropout=0.1, checkpointing="full"),
-    dict(ALL_LINEAR, precision="bf16-true", lora_dtype="compute"),
     dict(ALL_LINEAR, quant="nf4", lora_dtype="compute"),
     dict(model="qwen2.5-0.5b", lora_rank=16, seq_len=512, precision="bf16-true", quant="int8", lora_dtype="compute"),
-    dict(ALL_LINEAR, precision="bf16-true", quant="nf4", kbit_prep=True),
     dict(model="llama-3.2-1b", lora_rank=16, seq_len=1024, quant="nf4", kbit_prep=True, checkpointing="full"),
     # Qwen2's q/k/v biases on a 4-bit base, fp32 after the prep; dropout on the fp32 hidden states.
     dict(model="qwen2.5-0.5b", lora_rank=16, seq_len=512, precision="bf16-true", quant="nf4", kbit_prep=True,
          lora_dropout=0.1),
-    dict(model="qwen2.5-0.5b", lora_rank=16, seq_len=512, precision="bf16-true", quant="int8", kbit_prep=True),
     # GPT-2's Conv1D layers stay unquantized: k-bit prep makes them fp32, and peft's adapters follow them.
     dict(model="gpt2", lora_rank=8, lora_targets="c_attn", seq_len=512, batch_size=2, quant="nf4", kbit_prep=True,
          lora_dtype="compute", lora_dropout=0.1),
