@@ -98,6 +98,15 @@ def test_cuda_only_options_on_cpu_refuse_or_skip():
     assert not on_gpu.refusal and on_gpu.config.quant == "nf4"
 
 
+def test_hybrid_sharding_is_refused_or_dropped_never_run_as_plain_fsdp2():
+    config = TrainingConfig(model="llama-3.2-1b", gpus=4, zero=3, shard_group=2)
+    refused = make_plan(config, LiveOptions(device="cpu"), CPU)
+    assert refused.refusal.startswith("--shard-group") and "--if-unsupported skip" in refused.refusal
+    skipped = make_plan(config, LiveOptions(device="cpu", if_unsupported="skip"), CPU)
+    assert not skipped.refusal and skipped.config.shard_group == 0
+    assert any("hybrid sharding" in notice for notice in skipped.notices)
+
+
 def test_without_nvml_auto_runs_on_the_cpu(monkeypatch):
     monkeypatch.setenv("MEMTUI_NO_NVML", "1")
     checked = preflight(TrainingConfig(model="llama-3.2-1b"), LiveOptions(device="auto", steps=1))

@@ -188,6 +188,9 @@ def _not_live(config: TrainingConfig, device: LocalDevice, available_ranks: int)
                       "tensor and pipeline parallelism are not run live (data-parallel ranks are)"))
     if config.offload != "none":
         found.append(("--offload", {"offload": "none"}, "offloading is not run live"))
+    if config.shard_group:
+        found.append(("--shard-group", {"shard_group": 0},
+                      "hybrid sharding is not run live (the live ranks shard over all of them; memtui trace runs it)"))
     if config.dp > available_ranks:
         unit = "GPUs" if device.kind == "cuda" else "CPU processes"
         found.append(("--gpus", {"gpus": available_ranks * config.tp * config.pp},
