@@ -99,3 +99,24 @@ def test_fake_trace_equals_a_real_cpu_run(loss):
     fake, real = (summarize(run_fake_steps(tiny_llama(), config, fake=fake)[0]) for fake in (True, False))
     assert fake.peak_bytes == real.peak_bytes
     assert [(p.phase, p.peak_bytes) for p in fake.phases] == [(p.phase, p.peak_bytes) for p in real.phases]
+
+
+def test_a_model_that_soft_caps_its_logits_refuses_the_chunked_and_fused_losses(tmp_path):
+    """Neither torchtune's chunked loss nor a fused linear cross-entropy applies final_logit_softcapping."""
+    import json
+    from pathlib import Path
+
+    from memtui.engine.errors import InputError
+
+    for loss in ("chunked", "fused-linear"):
+        with pytest.raises(InputError) as error:
+            estimate(TrainingConfig(model="gemma-2-9b", loss=loss))
+        assert error.value.field == "loss" and "soft-cap" in str(error.value)
+        estimate(TrainingConfig(model="gemma-3-1b", loss=loss))  # released Gemma 3 configs cap nothing
+    preset = Path(__file__).resolve().parent.parent / "presets" / "models" / "gemma-3-1b.json"
+    capped = {**json.loads(preset.read_text()), "final_logit_softcapping": 30.0}
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(capped))
+    with pytest.raises(InputError) as error:
+        estimate(TrainingConfig(model=str(config_file), loss="chunked"))
+    assert error.value.field == "loss"

@@ -215,7 +215,8 @@ RULES: tuple[Rule, ...] = (
     _rule("loss", "gpus", broken=lambda f: f.config.loss != "standard" and f.config.gpus > 1,
           message=lambda f: f"{f.config.loss} is modelled on one GPU; {{gpus}} is {f.config.gpus}",
           allowed=lambda f: "standard, or {gpus} 1"),
-    _rule("loss", "model", broken=lambda f: f.config.loss != "standard" and f.model.family == "gemma2",
+    # Whichever family: a config with final_logit_softcapping caps the logits, which neither kernel does.
+    _rule("loss", "model", broken=lambda f: f.config.loss != "standard" and f.model.final_logit_softcapping is not None,
           message=lambda f: f"{f.config.loss} does not soft-cap the logits as {f.model.id} needs",
           allowed=lambda f: "standard"),
     _rule("kbit_prep", "quant", broken=lambda f: f.config.kbit_prep and f.config.quant == "none",
