@@ -257,9 +257,8 @@ def with_reserved(budget: Budget, config: TrainingConfig, model: ModelSpec, gpu:
 
 def with_reserved_if_replayed(budget: Budget, config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> Budget | None:
     """For the planner, which must draw at once: `budget` with the reserved peak if the replay is cached,
-    `budget` as it is where the step cannot be replayed, None while the replay is still to be run."""
-    if replay_unsupported(config, model) is not None:
-        return budget
-    if cached_replay(config, model, gpu, cublas_workspace_bytes(gpu)) is None:
+    with the note saying why where the step cannot be replayed, None while the replay is still to be run."""
+    if replay_unsupported(config, model) is None and cached_replay(config, model, gpu,
+                                                                   cublas_workspace_bytes(gpu)) is None:
         return None
     return with_reserved(budget, config, model, gpu)

@@ -152,12 +152,11 @@ class ComponentTable(Widget):
         timer = getattr(self, "_replay_timer", None)
         if timer is not None:
             timer.stop()
-        from memtui.engine.estimator.overhead import cublas_workspace_bytes
-        from memtui.engine.estimator.reserved import cached_replay, replay_unsupported, with_reserved
+        from memtui.engine.estimator.reserved import with_reserved_if_replayed
 
-        if replay_unsupported(result.config, result.model) is not None or cached_replay(
-                result.config, result.model, result.gpu, cublas_workspace_bytes(result.gpu)) is not None:
-            self.replayed = with_reserved(result.budget, result.config, result.model, result.gpu)  # no replay to run
+        at_once = with_reserved_if_replayed(result.budget, result.config, result.model, result.gpu)
+        if at_once is not None:  # cached, or a step it cannot replay: no replay to run
+            self.replayed = at_once
             return
         self._replay_timer = self.set_timer(self.REPLAY_DELAY_S, lambda: self.replay_allocator(result))
 
