@@ -13,8 +13,9 @@ largest moment:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator.budget import make_budget
@@ -53,36 +54,31 @@ from memtui.engine.model.validation import check_config, resolve_lora_targets
 __all__ = ["estimate"]
 
 
-_LAYOUTS: dict[tuple, tuple[ModelSpec, ParamLayout]] = {}
-
-
-def _layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
-    """param_layout, memoised: the app and the fit solver ask for the same model many times."""
-    key = (id(model), config.tp, config.pp, config.lora_rank, config.lora_targets)
-    hit = _LAYOUTS.get(key)
+def _per_model(cache: dict[tuple, tuple[ModelSpec, Any]], key: tuple, model: ModelSpec, compute: Callable[[], Any]):
+    """`compute()` memoised per model and key: the app and the fit solver ask for the same model many times."""
+    hit = cache.get((id(model), *key))
     if hit is not None and hit[0] is model:
         return hit[1]
-    if len(_LAYOUTS) > 256:
-        _LAYOUTS.clear()
-    layout = param_layout(config, model)
-    _LAYOUTS[key] = (model, layout)  # holding the model keeps its id from being reused
-    return layout
+    if len(cache) > 256:
+        cache.clear()
+    value = compute()
+    cache[(id(model), *key)] = (model, value)  # holding the model keeps its id from being reused
+    return value
 
 
+_LAYOUTS: dict[tuple, tuple[ModelSpec, ParamLayout]] = {}
 _BNB_STATES: dict[tuple, tuple[ModelSpec, tuple[int, int]]] = {}
 
 
+def _layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
+    return _per_model(_LAYOUTS, (config.tp, config.pp, config.lora_rank, config.lora_targets), model,
+                      lambda: param_layout(config, model))
+
+
 def _bnb_states(config: TrainingConfig, model: ModelSpec) -> tuple[int, int]:
-    """bnb_adam_state_bytes over this GPU's trainable tensors, memoised as `_layout` is."""
-    key = (id(model), config.optimizer, config.tp, config.pp, config.lora_rank, config.lora_targets)
-    hit = _BNB_STATES.get(key)
-    if hit is not None and hit[0] is model:
-        return hit[1]
-    if len(_BNB_STATES) > 256:
-        _BNB_STATES.clear()
-    states = bnb_adam_state_bytes(config.optimizer, trainable_tensor_numels(config, model))
-    _BNB_STATES[key] = (model, states)
-    return states
+    """bnb_adam_state_bytes over this GPU's trainable tensors."""
+    return _per_model(_BNB_STATES, (config.optimizer, config.tp, config.pp, config.lora_rank, config.lora_targets),
+                      model, lambda: bnb_adam_state_bytes(config.optimizer, trainable_tensor_numels(config, model)))
 
 
 # The torch.optim optimizers memtui builds, which ZeroRedundancyOptimizer can rebuild per rank (ZeRO-1).
