@@ -25,6 +25,10 @@ def add_parser(subparsers) -> None:
     group.add_argument("--device", type=_choice("--device", ("auto", "cpu", "cuda")), default="auto",
                        help="cpu, cuda, or auto: cuda when NVML sees a GPU, else cpu (default auto)")
     group.add_argument("--steps", type=_positive_int("--steps"), help="training steps (default 3 on CPU, 10 on CUDA)")
+    group.add_argument("--seq-lens", metavar="LENS",
+                       help="each step's sequence length, to measure fragmentation from padded batches of varied "
+                            "length: a list cycled (512,2048,1024) or uniform:MIN-MAX (seeded); scaled down with "
+                            "the copy; on CUDA the reserved peak is predicted for exactly these steps")
     group.add_argument("--layers", type=_positive_int("--layers"), help="decoder layers of the scaled model (default: sized to fit)")
     group.add_argument("--width", type=_positive_int("--width"), help="hidden size of the scaled model, heads follow (default: sized to fit)")
     group.add_argument("--vocab", type=_positive_int("--vocab"), help="vocabulary of the scaled model (default: full on CUDA, 8192 on CPU)")
@@ -59,7 +63,7 @@ def options_from_args(args: argparse.Namespace):
         device=args.device, steps=args.steps, layers=args.layers, width=args.width, vocab=args.vocab,
         seq_len=args.seq_len, batch_size=args.batch_size, max_fraction=args.max_fraction, force=args.force,
         if_unsupported=args.if_unsupported, capacity_bytes=args.capacity,
-        hz=args.hz, record_nvml=args.record_nvml,
+        hz=args.hz, record_nvml=args.record_nvml, seq_lens=args.seq_lens,
     )
 
 
@@ -273,6 +277,9 @@ def print_summary(summary, series, console) -> None:
         tiny = max(value or 0, expected or 0) < 1 << 20  # a few KiB either way: a % would be noise
         table.add_row(f"  {name.replace('_', ' ')}", gib(expected), gib(value),
                       "" if tiny else pct(errors.components.get(name)))
+    if predicted.reserved_peak_bytes is not None or measured.reserved_peak_bytes is not None:
+        table.add_row("Reserved peak (caching allocator)", gib(predicted.reserved_peak_bytes),
+                      gib(measured.reserved_peak_bytes), pct(errors.reserved_peak))
     table.add_row(f"Device peak ({measured.label})", gib(predicted.device_peak_bytes), gib(measured.device_peak_bytes),
                   pct(errors.device_peak))
     console.print(table)

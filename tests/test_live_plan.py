@@ -170,3 +170,46 @@ def test_summary_gives_no_percent_error_for_a_negligible_component():
     summary = build_summary(plan, measured, result="completed", steps_completed=2, seconds=1.0, device={})
     errors = summary["error_pct"]["components"]
     assert errors["weights"] == 0.0 and errors["activations"] is None
+
+
+def test_a_cuda_run_predicts_the_reserved_peak_its_allocator_will_report():
+    """The scaled step replayed through the allocator model, over as many steps as the run trains, and its error
+    against torch.cuda.max_memory_reserved in the summary; a CPU run has no reserved memory to compare."""
+    from memtui.engine.estimator.reserved import with_reserved
+    from memtui.engine.live.compare import build_summary
+    from memtui.engine.live.protocol import Summary
+
+    plan = make_plan(TrainingConfig(model="llama-3.2-1b"), LiveOptions(device="cuda", layers=2, steps=3), GPU)
+    replayed = with_reserved(estimate(plan.config, model=plan.spec, gpu=GPU.gpu_spec()), plan.config, plan.spec,
+                             GPU.gpu_spec(), steps=3)
+    predicted = plan.as_json()["predicted"]
+    assert predicted["reserved_peak_bytes"] == replayed.reserved_peak_bytes > plan.predicted_tensor_peak
+    assert predicted["fragmentation_bytes"] == replayed.fragmentation_bytes
+    measured = {"tensor_peak_bytes": plan.predicted_tensor_peak, "device_peak_bytes": plan.predicted_device_peak,
+                "reserved_peak_bytes": replayed.reserved_peak_bytes // 2, "label": "NVML"}
+    summary = Summary.model_validate(build_summary(plan, measured, result="completed", steps_completed=3,
+                                                      seconds=1.0, device={}))
+    assert summary.error_pct.reserved_peak == 100.0 and summary.predicted.reserved_peak_bytes > 0
+
+    cpu_plan = make_plan(TrainingConfig(model="llama-3.2-1b"), LiveOptions(device="cpu", layers=1, width=128,
+                                                                            vocab=1024, seq_len=64, steps=2), CPU)
+    assert cpu_plan.as_json()["predicted"]["reserved_peak_bytes"] is None
+
+
+def test_seq_lens_give_each_step_its_length_scaled_with_the_copy_and_replayed_on_cuda():
+    from memtui.engine.estimator.reserved import with_reserved
+
+    config = TrainingConfig(model="llama-3.2-1b", seq_len=2048)
+    plan = make_plan(config, LiveOptions(device="cuda", layers=2, steps=4, seq_lens="512,2048,1024"), GPU)
+    assert plan.seq_lens == (512, 2048, 1024, 512) and plan.config.seq_len == 2048  # cycled; the longest sizes it
+    replayed = with_reserved(estimate(plan.config, model=plan.spec, gpu=GPU.gpu_spec()), plan.config, plan.spec,
+                             GPU.gpu_spec(), seq_lens=plan.seq_lens, steps=3)
+    assert plan.as_json()["predicted"]["reserved_peak_bytes"] == replayed.reserved_peak_bytes
+    assert plan.scaled_model_json()["seq_lens"] == [512, 2048, 1024, 512]
+
+    cpu = make_plan(config, LiveOptions(device="cpu", layers=1, width=128, vocab=1024, seq_len=256, steps=3,
+                                        seq_lens="512,2048,1024"), CPU)
+    assert cpu.seq_lens == (64, 256, 128)  # the copy runs at 256 tokens: each length shrinks by the same factor
+
+    with pytest.raises(InputError, match="--seq-lens"):
+        make_plan(config, LiveOptions(device="cpu", seq_lens="uniform:9-3"), CPU)

@@ -240,3 +240,21 @@ async def test_r_checks_each_value_as_typed_and_shows_what_the_copy_resolves_to_
         assert "Width: 5000 exceeds llama-3.1-8b's hidden size 4096" in str(resolved.render())
         await pilot.press("escape")
     assert not children()
+
+
+async def test_a_cuda_runs_result_shows_the_reserved_peak_predicted_and_measured():
+    app = MemtuiApp(gpu_detector=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        panel = app.query_one(LivePanel)
+        app.show_panel("live-panel")
+        predicted = {"tensor_peak_bytes": 1 << 30, "device_peak_bytes": 2 << 30, "reserved_peak_bytes": 3 << 29,
+                     "components": {"weights": 1 << 29}}
+        panel._set_state("starting")
+        panel.ingest({"type": "plan", "steps": 10, "scaled_model": {"name": "tiny", "changes": []}, "predicted": predicted})
+        panel.ingest({"type": "summary", "result": "completed", "steps": 10, "steps_completed": 10, "seconds": 4.0,
+                      "predicted": predicted, "measured": {"tensor_peak_bytes": 1 << 30, "device_peak_bytes": 2 << 30,
+                                                           "reserved_peak_bytes": 1 << 30, "label": "NVML"},
+                      "error_pct": {"tensor_peak": 0.0, "device_peak": 0.0, "reserved_peak": 50.0, "components": {}}})
+        await pilot.pause()
+        result = str(app.query_one("#live-result").render())
+        assert "Reserved by the caching allocator: predicted 1.500 GiB, measured 1.000 GiB (+50.0%)" in result

@@ -117,6 +117,9 @@ def build_summary(
         error_pct={
             "tensor_peak": error_pct(plan.predicted_tensor_peak, measured.get("tensor_peak_bytes")) if comparable else None,
             "device_peak": error_pct(plan.predicted_device_peak, measured.get("device_peak_bytes")) if comparable else None,
+            # torch.cuda.max_memory_reserved against the allocator replay (CUDA only; None on a CPU)
+            "reserved_peak": error_pct(predicted.get("reserved_peak_bytes"), measured.get("reserved_peak_bytes"))
+            if comparable else None,
             "components": components_error,
         },
         scaled_model=plan.scaled_model_json(),

@@ -17,6 +17,7 @@ from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.errors import InputError
 from memtui.engine.estimator import estimate
 from memtui.engine.estimator.overhead import cublas_workspace_bytes
+from memtui.engine.estimator.reserved import check_seq_lens, parse_seq_lens, with_reserved
 from memtui.engine.live import sizing
 from memtui.engine.live.devices import LocalDevice
 from memtui.engine.model.presets import resolve_model
@@ -50,6 +51,7 @@ class LiveOptions:
     hz: float = 20.0
     record_nvml: str | None = None
     breakdown: bool = True  # track every tensor for a per-component measurement (always on for CPU)
+    seq_lens: str | None = None  # each step's length, as `memtui estimate --seq-lens` takes it (padded batches)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +97,7 @@ class RunPlan:
     notices: list[str] = field(default_factory=list)
     refusal: str = ""  # why the run may not start; "" when it may
     capacity_set: bool = False
+    seq_lens: tuple[int, ...] = ()  # each step's length in the scaled run, when they vary
 
     @property
     def fit_bytes(self) -> int:
@@ -130,6 +133,7 @@ class RunPlan:
             "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "vocab_size": spec.vocab_size,
             "params": spec.params, "seq_len": self.config.seq_len, "batch_size": self.config.batch_size,
             "ranks": self.ranks, "changes": self.changes, "config": self.config.model_dump(mode="json"),
+            "seq_lens": list(self.seq_lens) or None,
         }
 
     def predicted_json(self) -> dict[str, Any]:
@@ -140,6 +144,8 @@ class RunPlan:
             "peak_phase": self.budget.peak_phase,
             "estimator_tensor_peak_bytes": self.budget.tensor_peak_bytes,
             "estimator_device_peak_bytes": self.budget.device_peak_bytes,
+            "reserved_peak_bytes": self.budget.reserved_peak_bytes,  # None: not replayed (CPU, or a note says why)
+            "fragmentation_bytes": self.budget.fragmentation_bytes,
             "adjustments": self.adjustments,
         }
 
@@ -270,14 +276,15 @@ def make_plan(
         notices.append(f"{config.optimizer} on the CPU: nothing is paged there, so its states are ordinary memory "
                        "(bitsandbytes' state layout, updated in place as its kernels do), counted in the tensor peak")
     defaults = sizing.CPU_DEFAULTS if device.kind == "cpu" else sizing.CUDA_DEFAULTS
-    seq_len = options.seq_len or config.seq_len
+    steps = options.steps or (3 if device.kind == "cpu" else 10)
+    lengths = _step_lengths(options, config, full, device, steps)
+    seq_len = options.seq_len or (max(lengths) if lengths else config.seq_len)
     batch_size = options.batch_size or config.batch_size
     shape = sizing.initial_shape(
         full, seq_len, batch_size, defaults, layers=options.layers, width=options.width, vocab=options.vocab,
         fixed_seq_len=options.seq_len is not None, fixed_batch_size=options.batch_size is not None,
         activations_at_peak=_activations_at_peak(config, full),
     )
-    steps = options.steps or (3 if device.kind == "cpu" else 10)
     ranks = config.dp
     gpu = device.gpu_spec()
     if options.capacity_bytes is not None:
@@ -288,6 +295,8 @@ def make_plan(
 
     while True:
         scaled = sizing.scaled_spec(full, shape)
+        # Lengths shrink with the sequence when the copy is scaled down; the longest step is the peak's.
+        scaled_lengths = tuple(max(1, -(-length * shape.seq_len // max(lengths))) for length in lengths)
         run_config = config.model_copy(update={"seq_len": shape.seq_len, "batch_size": shape.batch_size})
         budget = estimate(run_config, model=scaled, gpu=gpu)
         tensor_peak, device_peak, components, adjustments = _predicted(budget, device, runtime)
@@ -299,13 +308,16 @@ def make_plan(
         if next_shape is None:
             break
         shape = next_shape
+    if device.kind == "cuda":  # what max_memory_reserved will show: the run's steps replayed through the allocator
+        # model (its `steps` count those after the first)
+        budget = with_reserved(budget, run_config, scaled, gpu, seq_lens=scaled_lengths or None, steps=max(1, steps - 1))
 
     plan = RunPlan(
         full_spec=full, spec=scaled, requested=requested, config=run_config, shape=shape, steps=steps, ranks=ranks,
         device=device, budget=budget, predicted_tensor_peak=tensor_peak, predicted_device_peak=device_peak,
         predicted_components=components, adjustments=adjustments, runtime_bytes=runtime, target_bytes=target,
         estimated_seconds=seconds, changes=sizing.describe_changes(full, scaled, seq_len, batch_size, shape),
-        notices=notices, refusal=refusal, capacity_set=options.capacity_bytes is not None,
+        notices=notices, refusal=refusal, capacity_set=options.capacity_bytes is not None, seq_lens=scaled_lengths,
     )
     if not plan.refusal and not plan.fits and not options.force:
         where = (f"the {format_gib(target)} capacity set" if options.capacity_bytes is not None
@@ -313,6 +325,16 @@ def make_plan(
         plan.refusal = (f"the scaled run is predicted to need {format_gib(plan.fit_bytes)}, more than "
                         f"{where}; add --force to try anyway (an OOM is reported, not a crash)")
     return plan
+
+
+def _step_lengths(options: LiveOptions, config: TrainingConfig, model: ModelSpec, device: LocalDevice,
+                  steps: int) -> tuple[int, ...]:
+    """Each step's length from --seq-lens (as estimate reads it: a list cycled, or uniform:MIN-MAX drawn), or ()."""
+    if options.seq_lens is None:
+        return ()
+    lengths = parse_seq_lens(options.seq_lens, steps - 1)[:steps]
+    check_seq_lens(lengths, config, model, device.gpu_spec())
+    return lengths
 
 
 def cpu_oom_limit(options: LiveOptions, available_now: int) -> int:

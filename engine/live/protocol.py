@@ -82,6 +82,8 @@ class PredictedFigures(_Record):
     device_peak_bytes: int | None = None
     components: dict[str, int] = Field(default_factory=dict)
     peak_phase: str | None = None
+    reserved_peak_bytes: int | None = None  # the allocator replay (CUDA runs)
+    fragmentation_bytes: int | None = None
 
 
 class MeasuredFigures(_Record):
@@ -92,6 +94,7 @@ class MeasuredFigures(_Record):
     peak_phase: str | None = None
     peak_step: int | None = None
     samples: int | None = None
+    reserved_peak_bytes: int | None = None  # torch.cuda.max_memory_reserved (None on a CPU)
 
 
 class ErrorPercents(_Record):
@@ -99,6 +102,7 @@ class ErrorPercents(_Record):
 
     tensor_peak: float | None = None
     device_peak: float | None = None
+    reserved_peak: float | None = None
     components: dict[str, float | None] = Field(default_factory=dict)
 
 

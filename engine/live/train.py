@@ -364,6 +364,12 @@ class TrainingRun:
                 self.state.step = parts.probe.step = step
                 if tracker is not None:
                     tracker.step = step
+                if plan.seq_lens:  # padded batches of varied length: a new batch each step, as a data loader gives
+                    parts.input_ids = parts.labels = None
+                    length = plan.seq_lens[(step - 1) % len(plan.seq_lens)]
+                    parts.input_ids, parts.labels = synthetic_batch(
+                        plan.spec, plan.config.model_copy(update={"seq_len": length}), device=self.torch_device,
+                        seed=step)
                 began = time.monotonic()
                 loss = training_step(parts.model, parts.optimizer, parts.input_ids, parts.labels, autocast=autocast,
                                      scaler=parts.scaler, phase=self._mark, micro_batches=plan.config.grad_accum)

@@ -239,6 +239,9 @@ class LivePanel(Vertical):
             f"({percent(summary.error_pct.tensor_peak)}); device peak ({measured.label}) "
             f"{gib(measured.device_peak_bytes)}."
         ]
+        if measured.reserved_peak_bytes is not None and summary.predicted.reserved_peak_bytes is not None:
+            lines.append(f"Reserved by the caching allocator: predicted {gib(summary.predicted.reserved_peak_bytes)}, "
+                         f"measured {gib(measured.reserved_peak_bytes)} ({percent(summary.error_pct.reserved_peak)}).")
         full = summary.full_model
         if full and full.calibrated_tensor_peak_bytes is not None:
             lines.append(f"Full {full.id} on {full.gpu}: analytic {gib(full.analytic_tensor_peak_bytes)}, "
