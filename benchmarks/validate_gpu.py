@@ -8,7 +8,9 @@
 Each row is one `memtui run --json` (a scaled-down copy trained for real, a few
 steps, in its own worker process), so the table measures exactly what users run.
 Per row: predicted vs measured tensor peak (torch.cuda.max_memory_allocated on
-CUDA, the dispatch tracker on CPU) and device peak (NVML process memory on CUDA,
+CUDA, the dispatch tracker on CPU), reserved peak on CUDA (the allocator replay of
+the run's steps, `--seq-lens` rows with padded lengths varying step to step,
+against torch.cuda.max_memory_reserved) and device peak (NVML process memory on CUDA,
 RSS on CPU), their error, the CUDA context measured before the first allocation,
 the result (completed, or OOM) and the time. The script rewrites only its own
 section of docs/validation.md (between `<!-- validate:DEVICE:begin -->` and
@@ -70,6 +72,11 @@ MATRIX: tuple[Row, ...] = (
     Row("phi-3 bf16-mixed", ("--model", "phi-3-mini")),
     Row("gpt2 bf16-mixed", ("--model", "gpt2")),
     Row("gemma-2 bf16-mixed", ("--model", "gemma-2-9b")),
+    # Padded batches of varied length, step after step: the caching allocator's fragmentation, replayed.
+    Row("llama padded 256-2048, 12 steps", (*BASE, "--seq-len", "2048", "--seq-lens", "uniform:256-2048",
+                                             "--steps", "12"), cuda_only=True),
+    Row("llama padded 512/4096/1024, 9 steps", (*BASE, "--seq-len", "4096", "--seq-lens", "512,4096,1024",
+                                                 "--steps", "9"), cuda_only=True),
     Row("llama DDP", (*BASE, "--zero", "0"), min_gpus=2),
     Row("llama ZeRO-1", (*BASE, "--zero", "1"), min_gpus=2),
     Row("llama FSDP2 (ZeRO-3)", (*BASE, "--zero", "3"), min_gpus=2),
@@ -113,13 +120,13 @@ def run_row(row: Row, args: argparse.Namespace) -> dict:
 def table(results: list[dict], device: str) -> list[str]:
     lines = [
         "| configuration | scaled model (layers × hidden, batch × seq) | result | tensor peak pred / meas GiB | error "
-        "| device peak pred / meas GiB | error | source | samples | s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| reserved peak pred / meas GiB | error | device peak pred / meas GiB | error | source | samples | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for result in results:
         row = result["row"]
         if "summary" not in result:
-            lines.append(f"| {row.label} | | failed: {result['error'][:120]} | | | | | | | {result['seconds']:.0f} |")
+            lines.append(f"| {row.label} | | failed: {result['error'][:120]} | | | | | | | | | {result['seconds']:.0f} |")
             continue
         s = result["summary"]
         model, predicted, measured, error = s["scaled_model"], s["predicted"], s["measured"], s["error_pct"]
@@ -127,11 +134,15 @@ def table(results: list[dict], device: str) -> list[str]:
         if outcome == "oom" and s.get("oom"):
             outcome = f"OOM at {gib(s['oom']['at_bytes'])} GiB after step {s['oom']['after_step']}"
         shape = f"{model['layers']} × {model['hidden_size']}, {model['batch_size']} × {model['seq_len']}"
+        if model.get("seq_lens"):
+            shape += f" (steps of {min(model['seq_lens'])}-{max(model['seq_lens'])})"
         if model.get("ranks", 1) > 1:
             shape += f", {model['ranks']} ranks"
         lines.append(
             f"| {row.label} | {shape} | {outcome} | {gib(predicted['tensor_peak_bytes'])} / "
             f"{gib(measured.get('tensor_peak_bytes'))} | {pct(error['tensor_peak'])} | "
+            f"{gib(predicted.get('reserved_peak_bytes'))} / {gib(measured.get('reserved_peak_bytes'))} | "
+            f"{pct(error.get('reserved_peak'))} | "
             f"{gib(predicted['device_peak_bytes'])} / {gib(measured.get('device_peak_bytes'))} | "
             f"{pct(error['device_peak'])} | {measured.get('device_peak_source', measured.get('label', ''))} | "
             f"{result['samples']} | {result['seconds']:.0f} |"

@@ -45,3 +45,16 @@ def test_writes_only_its_own_section(tmp_path):
     text = doc.read_text()
     assert "old cuda" not in text and "new cuda" in text and "kept" in text
     assert "## CPU" in text and "<!-- validate:cpu:begin -->\ncpu table\n<!-- validate:cpu:end -->" in text
+
+
+def test_a_cuda_row_shows_reserved_predicted_and_measured_with_the_step_lengths():
+    module = load()
+    row = next(r for r in module.MATRIX if "--seq-lens" in r.flags)
+    summary = {"scaled_model": {"layers": 4, "hidden_size": 2048, "batch_size": 1, "seq_len": 2048,
+                                "seq_lens": [300, 2048, 900]},
+               "predicted": {"tensor_peak_bytes": 2 << 30, "device_peak_bytes": 3 << 30, "reserved_peak_bytes": 5 << 29},
+               "measured": {"tensor_peak_bytes": 2 << 30, "device_peak_bytes": 3 << 30, "reserved_peak_bytes": 1 << 31,
+                            "device_peak_source": "NVML, this process"},
+               "error_pct": {"tensor_peak": 0.0, "device_peak": 0.0, "reserved_peak": 25.0}, "result": "completed"}
+    line = module.table([{"row": row, "summary": summary, "samples": 40, "seconds": 12.0}], "cuda")[-1]
+    assert "(steps of 300-2048)" in line and "| 2.500 / 2.000 | +25.0% |" in line
