@@ -61,7 +61,10 @@ def _zero_stage(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from memtui.engine.planning.fit import DEFAULT_MARGIN, fit_report
 
+    from memtui.cli.estimate import derive_generic_if_needed
+
     config = config_from_args(args)
+    derive_generic_if_needed(config)  # a generic model: its traced program for these options, once
     asked = (args.max_batch, args.max_seq, args.min_gpus, args.suggest)
     everything = not any(asked)
     report = fit_report(

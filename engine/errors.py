@@ -48,5 +48,10 @@ class InputError(ValueError):
         return self.describe(cli_flag)
 
 
+class DerivationNeeded(InputError):
+    """A generic model's step is not derived yet for these options: a front end traces it once (torch, seconds),
+    then asks again."""
+
+
 class PresetError(InputError):
     """A preset file that does not load or validate; the field names the file."""

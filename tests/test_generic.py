@@ -151,3 +151,51 @@ def test_a_model_type_transformers_cannot_build_is_refused(cache, tmp_path):
                                 "num_hidden_layers": 2}))
     with pytest.raises(InputError, match="unsupported architecture 'no-such-decoder'"):
         derive_program(resolve_model(str(path)), TrainingConfig(model=str(path)))
+
+
+@pytest.mark.anyio
+async def test_the_planner_traces_a_generic_models_new_options_in_a_subprocess_and_fit_reads_them(tmp_path, monkeypatch):
+    """The planner has no torch: options whose step is not derived yet are traced by a subprocess, with its stages
+    on the error line, and the budget follows from the cache."""
+    from memtui.tui.app import DerivationProgress, MemtuiApp
+    from memtui.tui.widgets.budget import ErrorLine
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path))
+    config = _config("granite")
+    stages: list[str] = []
+
+    class Recording(MemtuiApp):
+        CSS_PATH = MemtuiApp.CSS_PATH if Path(str(MemtuiApp.CSS_PATH)).is_absolute() else (
+            Path(sys.modules[MemtuiApp.__module__].__file__).parent / MemtuiApp.CSS_PATH)
+
+        def on_derivation_progress(self, message: DerivationProgress) -> None:
+            super().on_derivation_progress(message)
+            stages.append(str(self.query_one(ErrorLine).render()))
+
+    app = Recording(gpu_detector=None, options=config.model_dump())
+    async with app.run_test(size=(120, 40)) as pilot:
+        assert app.result.to_derive == config and app.result.budget is None
+        for _ in range(1200):  # the first trace in a fresh interpreter: seconds idle, a minute on a busy machine
+            await pilot.pause(0.1)
+            if app.result.budget is not None:
+                break
+        assert app.result.error is None and app.result.budget.method == METHOD
+        assert not needs_derivation(resolve_model(config.model), config)
+    assert stages and all("Tracing" in stage and "granite" in stage for stage in stages)
+    assert app._derivation_process.poll() is not None  # nothing left running
+
+    # fit reads the same program: one GPU, the largest batch from the program's forms, and says what it tried.
+    from memtui.engine.planning.fit import fit_report
+
+    report = fit_report(config.model_copy(update={"gpu": "a100-40gb"}), max_batch=True, gpus=True, suggestion=False,
+                        max_seq=False)
+    assert report.min_gpus.gpus == 1 and "modelled on one GPU only" in report.min_gpus.message
+    assert report.max_batch.batch_size > 1
+    huge = fit_report(config.model_copy(update={"gpu": "a100-40gb", "batch_size": 4096}), suggestion=True,
+                      max_batch=False, max_seq=False, gpus=False)
+    assert "option sets traced so far" in huge.suggestion.message
+
+
+def test_a_live_run_of_a_generic_model_is_refused_in_one_line(capsys):
+    err = _refused(capsys, "run", "--model", str(DATA / "granite.json"), "--device", "cpu")
+    assert "generic model" in err and "memtui trace" in err

@@ -789,7 +789,7 @@ async def test_the_local_gpu_is_chosen_with_its_real_capacity():
             await pilot.pause()
         assert app.query_one("#opt-gpu", Select).value == LOCAL_GPU
         assert app.result.budget.gpu.memory_bytes == 25757220864 - 2**27
-        assert any("NVIDIA GeForce RTX 4090" in n.message for n in app._notifications)
+        assert any("NVIDIA GeForce RTX 4090" in n.message for n in app._notifications), [n.message for n in app._notifications]
 
 
 async def test_q_quits():

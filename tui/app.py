@@ -78,6 +78,26 @@ class FitFound(Message):
 
 
 @dataclass
+class DerivationProgress(Message):
+    """A stage of a generic model's derivation; only the latest one matters (a slow link drops the rest)."""
+
+    model: str
+    stage: str
+    fraction: float
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, DerivationProgress)
+
+
+@dataclass
+class DerivationDone(Message):
+    """A generic model's step is derived for `config` (cached on disk), or why not."""
+
+    config: Any  # TrainingConfig
+    error: str | None
+
+
+@dataclass
 class HubConfigFetched(Message):
     """The Hub worker's answer for a typed `org/name`: its config.json is in the cache now, or why not."""
 
@@ -146,6 +166,8 @@ class MemtuiApp(App[None]):
         self._parent_pid = os.getppid()  # served: `memtui serve`; another parent later means it is gone
         self._ladder_building: tuple[Any, Any] | None = None  # (config, gpu) of the ladder worker's current job
         self._early_keys: list[events.Key] | None = []  # keys pressed before the inputs exist; None once they do
+        self._deriving: TrainingConfig | None = None  # a generic model's options being traced in a subprocess
+        self._derivation_process: Any = None  # its subprocess.Popen, killed with the app
 
     # ---- layout ----------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -184,6 +206,9 @@ class MemtuiApp(App[None]):
         self.call_after_refresh(gc.enable)  # off while starting (cli.open_planner): imports make no cycles
         if not self.is_headless:
             self._end_with_the_session()
+
+    def on_unmount(self) -> None:
+        self._stop_derivation()  # a quit mid-trace leaves no process behind
 
     def _end_with_the_session(self) -> None:
         """SIGTERM and SIGHUP end the app cleanly (terminal restored, a live run stopped); served to a
@@ -321,6 +346,59 @@ class MemtuiApp(App[None]):
         if not get_current_worker().is_cancelled:  # a later entry replaced this one
             self.post_message(HubConfigFetched(hub_id, error))
 
+    @work(thread=True, exclusive=True, exit_on_error=False, group="derive")
+    def derive_generic(self, config: TrainingConfig) -> None:
+        """Trace a generic model's layers for `config` in a subprocess (the planner has no torch), reporting each
+        stage; the program lands in the cache, where the next estimate reads it."""
+        import json
+        import subprocess
+
+        from memtui.engine.python_command import python_module
+
+        worker = get_current_worker()
+        process = subprocess.Popen(python_module("memtui.engine.trace.generic", config.model_dump_json()),
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                   text=True)
+        self._derivation_process = process
+        error: str | None = None
+        try:
+            for line in process.stdout:
+                if worker.is_cancelled:
+                    break
+                try:
+                    said = json.loads(line)
+                except ValueError:
+                    continue
+                if "stage" in said:
+                    self.post_message(DerivationProgress(config.model, str(said["stage"]), float(said["fraction"])))
+                elif "error" in said:
+                    error = str(said["error"])
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        if worker.is_cancelled:
+            return
+        if error is None and process.returncode != 0:
+            error = f"tracing {config.model}'s layers failed (exit code {process.returncode})"
+        self.post_message(DerivationDone(config, error))
+
+    def on_derivation_progress(self, message: DerivationProgress) -> None:
+        if self.result is not None and self.result.to_derive is not None:
+            self.query_one(ErrorLine).show_derivation(message.model, message.stage, message.fraction)
+
+    def on_derivation_done(self, message: DerivationDone) -> None:
+        self._deriving = None
+        if message.error is not None:
+            self.notify(message.error, severity="error", markup=False)
+            return
+        self.refresh_plan()
+
+    def _stop_derivation(self) -> None:
+        process = self._derivation_process
+        if process is not None and process.poll() is None:
+            process.kill()
+
     def on_hub_config_fetched(self, message: HubConfigFetched) -> None:
         if message.error is None:
             self._apply_model_path(message.hub_id)
@@ -393,6 +471,10 @@ class MemtuiApp(App[None]):
         notes.set(Content("\n").join(Content.assemble(("note: ", "bold"), note) for note in budget_notes))
         self.query_one("#plan").set_class(result.stale, "-stale")
         self._look_for_fit(result)
+        if result.to_derive is not None and result.to_derive != self._deriving:
+            self._stop_derivation()  # options changed again: the previous trace is not wanted any more
+            self._deriving = result.to_derive
+            self.derive_generic(result.to_derive)
         if result.budget is not None and result.model is not None and result.gpu is not None:
             self.sub_title = f"{result.model.name} on {result.config.gpus if result.config else 1}x {result.gpu.name}"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from memtui.engine.model.architectures import ModelSpec
-from memtui.engine.errors import InputError
+from memtui.engine.errors import DerivationNeeded, InputError
 from memtui.engine.model.options import OPTIONS
 from memtui.engine.telemetry.local_gpu import LocalGpu
 from memtui.engine.model.specs import Budget, GpuSpec, Recipe, TrainingConfig
@@ -36,6 +36,8 @@ class PlanResult:
     error_field: str | None = None  # the option key the error belongs to ("lora_rank", "model_path")
     # Where to show the error: its field, and the field just edited when the refusal involves it too.
     error_fields: tuple[str, ...] = ()
+    # A generic model's options whose step is not derived yet: the app traces them in a subprocess, then redraws.
+    to_derive: TrainingConfig | None = None
 
     @property
     def stale(self) -> bool:
@@ -206,6 +208,7 @@ class Planner:
 
         error: InputError | None = None
         error_field: str | None = None
+        to_derive: TrainingConfig | None = None
         if self.field_errors:
             error_field, error = next(iter(self.field_errors.items()))
         else:
@@ -218,6 +221,8 @@ class Planner:
             except InputError as raised:
                 # Not an option's own field: it is about the model's config.json.
                 error, error_field = raised, raised.field if raised.field in OPTIONS else "model_path"
+                if isinstance(raised, DerivationNeeded):
+                    to_derive = config
             else:
                 result = PlanResult(budget=budget, ladder=steps, config=config, gpu=gpu, model=model)
                 self.last_good = result
@@ -232,6 +237,7 @@ class Planner:
             model=last.model if last else None,
             error_field=error_field,
             error_fields=self._error_fields(error, error_field),
+            to_derive=to_derive,
         )
 
     def _error_fields(self, error: InputError, error_field: str | None) -> tuple[str, ...]:

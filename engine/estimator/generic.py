@@ -8,7 +8,7 @@ context and the allocator's slack over the largest block.
 
 from __future__ import annotations
 
-from memtui.engine.errors import InputError
+from memtui.engine.errors import DerivationNeeded, InputError
 from memtui.engine.estimator.budget import make_budget
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
 from memtui.engine.model.architectures import ModelSpec
@@ -63,8 +63,8 @@ def generic_estimate(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> 
     check_generic_options(config, model)
     program = load_program(model, config)
     if program is None:
-        raise InputError("model", f"{model.id} is a generic model whose step is not derived yet for these options; "
-                         "`memtui estimate` traces it once (torch, seconds)")
+        raise DerivationNeeded("model", f"{model.id} is a generic model whose step is not derived yet for these "
+                               "options; `memtui estimate` traces it once (torch, seconds)")
     structured = with_structure(model)  # its linears (LoRA targets) and the built module's parameter count
     notes = check_config(config, structured, gpu)
     layers = model.num_layers

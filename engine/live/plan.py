@@ -266,6 +266,12 @@ def make_plan(
     """Size, predict and check one live run; InputError for options that make no sense."""
     options.validate()
     full = spec or resolve_model(requested.model)
+    if full.family == "generic":
+        # The copy is narrower and shallower: a model of its own, whose program would need tracing at every size
+        # the sizing loop tries.
+        raise InputError("model", f"{full.id} is a generic model (traced layers): a live run of a scaled copy is not "
+                         "supported for it yet; `memtui trace` measures its step exactly on fake tensors",
+                         "a model of a replayed family (memtui presets)")
     runtime = runtime_bytes if runtime_bytes is not None else (ASSUMED_CPU_RUNTIME_BYTES if device.kind == "cpu" else 0)
     config, notices, refusal = _apply_policy(requested, device, options, available_ranks(device, device_count))
     if device.kind == "cpu" and config.activation_offload:

@@ -543,3 +543,30 @@ def ensure_program(spec: ModelSpec, config: TrainingConfig, progress: Progress |
     if program is None or load_structure(spec) is None:
         program = derive_program(spec, config, progress)
     return program
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m memtui.engine.trace.generic CONFIG_JSON`: derive the program of the configuration's generic
+    model, one JSON line per stage on stdout ({"stage", "fraction"}), then {"done": true} or {"error": "..."}.
+    The planner runs it in a subprocess: it has no torch of its own."""
+    import json
+    import sys
+
+    from memtui.engine.model.presets import resolve_model
+
+    def say(message: dict[str, Any]) -> None:
+        print(json.dumps(message), flush=True)
+
+    try:
+        config = TrainingConfig.model_validate_json((argv if argv is not None else sys.argv[1:])[0])
+        ensure_program(resolve_model(config.model), config,
+                       lambda stage, fraction: say({"stage": stage, "fraction": round(fraction, 3)}))
+    except InputError as error:
+        say({"error": str(error)})
+        return 2
+    say({"done": True})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

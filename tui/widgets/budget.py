@@ -99,6 +99,12 @@ class ErrorLine(Text):
         if result.error is not None:
             self.set(Content.assemble(("⚠ ", "bold"), result.error.describe(label), " — showing the last valid budget"))
 
+    def show_derivation(self, model: str, stage: str, fraction: float) -> None:
+        """A generic model's layers being traced for the options just set (a subprocess: seconds)."""
+        self.display = True
+        self.set(Content.assemble(("⏳ ", "bold"), f"Tracing {model}'s layers for these options, once: {stage} "
+                                  f"({100 * fraction:.0f}%) — showing the last valid budget"))
+
 
 class SummaryLine(Text):
     """Model, parameters, GPU and workload in one line."""

@@ -72,7 +72,16 @@ def min_gpus(
     if config.offload != "none" and zero == 0:
         raise InputError("--zero-for-gpus", "offloading runs through ZeRO", "1, 2, 3")
     evaluator = Evaluator(config, model, gpu)
-    evaluator.strict_budget(config)
+    budget = evaluator.strict_budget(config)
+    if evaluator.model.family == "generic":
+        # Its traced layers are one GPU's step: data parallelism and ZeRO are not modelled for it.
+        fits = budget.device_peak_bytes <= evaluator.memory
+        message = (f"1 x {evaluator.gpu.id}; peak {format_gib(budget.device_peak_bytes)} of "
+                   f"{format_gib(evaluator.memory)}" if fits else
+                   f"not on one {evaluator.gpu.id} ({format_gib(budget.device_peak_bytes)} of "
+                   f"{format_gib(evaluator.memory)})")
+        message += "; a generic model (traced layers) is modelled on one GPU only"
+        return MinGpusResult(1 if fits else None, 1 if fits else None, 0, 1, budget, message, evaluator.estimates)
     return _min_gpus(evaluator, with_changes(config, zero=zero), limit)
 
 

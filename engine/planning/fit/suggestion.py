@@ -432,6 +432,11 @@ def suggest(
             f"nothing fits: not with QLoRA and full checkpointing, nor on up to {GPU_LIMIT:,} GPUs "
             f"({format_gib(original.device_peak_bytes)} of {memory} as configured)"
         )
+        if evaluator.model.family == "generic":
+            # Each option set of a generic model is a trace of its own: only those traced already were tried.
+            message = (f"nothing fits among the option sets traced so far for this generic model, on one GPU "
+                       f"({format_gib(original.device_peak_bytes)} of {memory} as configured); `memtui estimate` "
+                       "with other options (--checkpointing full, --lora-rank) traces them, then fit tries them too")
         return Suggestion(False, None, [], original, message, evaluator.estimates)
     message = (
         f"{plan.summary}: peak {format_gib(plan.budget.device_peak_bytes)} of {memory} "
