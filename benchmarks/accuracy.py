@@ -108,6 +108,7 @@ MATRIX: list[dict] = [
     {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "optimizer_in_backward": True},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 1, "seq_len": 8192, "lora_rank": 16, "loss": "chunked"},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 1, "seq_len": 8192, "lora_rank": 16, "loss": "fused-linear"},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 16, "loss_dtype": "compute"},
     {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "lora_targets": "all-linear", "lora_dropout": 0.05},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "lora_dtype": "compute"},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "quant": "nf4", "kbit_prep": True, "lora_dropout": 0.05, "checkpointing": "full"},

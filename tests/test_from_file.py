@@ -44,7 +44,8 @@ CASES = {
         "litgpt",
         ["--model", "llama-3.2-1b", "--precision", "bf16-true", "--quant", "nf4", "--batch-size", "2",
          "--seq-len", "512", "--lora-rank", "32", "--lora-targets", "q_proj,v_proj", "--gpus", "1",
-         "--grad-accum", "4", "--lora-dropout", "0.05", "--lora-dtype", "compute"],
+         "--grad-accum", "4", "--lora-dropout", "0.05", "--lora-dtype", "compute", "--loss", "chunked",
+         "--loss-chunks", "4", "--loss-dtype", "compute"],
         [],
     ),
     "torchtitan_llama3_8b.toml": (

@@ -16,6 +16,9 @@ CASES = [
     dict(model="llama-3.2-1b", loss="chunked", batch_size=2, seq_len=1024, precision="bf16-true"),
     dict(model="qwen2.5-0.5b", loss="fused-linear", batch_size=2, seq_len=2048),
     dict(model="llama-3.2-1b", loss="fused-linear", batch_size=1, seq_len=2048),
+    # LitGPT's chunked head and bf16 chunked_cross_entropy: a batch above 1 copies the sliced last chunk
+    dict(model="llama-3.2-1b", loss="chunked", loss_dtype="compute", batch_size=2, seq_len=1024,
+         precision="bf16-true"),
 ]
 
 
@@ -51,13 +54,15 @@ def test_the_losses_agree_in_value_and_gradients():
     spec = model_spec_from_config(config, model_id="tiny-llama", source="test")
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     results = {}
-    for loss in ("standard", "chunked", "fused-linear"):
+    for loss, dtype in (("standard", "fp32"), ("chunked", "fp32"), ("fused-linear", "fp32"), ("chunked", "compute")):
         torch.manual_seed(0)
-        model = build_model(spec, TrainingConfig(model="llama-3.2-1b", precision="32-true", loss=loss, loss_chunks=3))
+        model = build_model(spec, TrainingConfig(model="llama-3.2-1b", precision="32-true", loss=loss, loss_chunks=3,
+                                                 loss_dtype=dtype))
         value = causal_lm_loss(model, ids, ids)
         value.backward()
-        results[loss] = (value.detach(), model.model.embed_tokens.weight.grad, model.model.norm.weight.grad)
-    for loss in ("chunked", "fused-linear"):
+        key = loss if dtype == "fp32" else f"{loss}-{dtype}"
+        results[key] = (value.detach(), model.model.embed_tokens.weight.grad, model.model.norm.weight.grad)
+    for loss in ("chunked", "fused-linear", "chunked-compute"):
         for got, want in zip(results[loss], results["standard"]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
@@ -66,6 +71,9 @@ def test_the_losses_agree_in_value_and_gradients():
     (["--loss-chunks", "0"], "--loss-chunks"),
     (["--loss", "liger"], "--loss"),
     (["--loss", "chunked", "--gpus", "2"], "--gpus"),
+    (["--loss-dtype", "compute"], "--loss-dtype"),
+    (["--loss", "fused-linear", "--loss-dtype", "compute"], "--loss-dtype"),
+    (["--loss-dtype", "bf16"], "--loss-dtype"),
 ])
 def test_bad_values_are_one_line_errors(capsys, argv, names):
     try:
@@ -86,16 +94,18 @@ def test_the_ladder_shows_the_saving():
     assert rung.removed_total > 2**30
 
 
-@pytest.mark.parametrize("loss", ["chunked", "fused-linear"])
-def test_fake_trace_equals_a_real_cpu_run(loss):
+@pytest.mark.parametrize(("loss", "dtype", "precision"), [("chunked", "fp32", "bf16-mixed"),
+                                                          ("fused-linear", "fp32", "bf16-mixed"),
+                                                          ("chunked", "compute", "bf16-true")])
+def test_fake_trace_equals_a_real_cpu_run(loss, dtype, precision):
     """The pure-torch losses allocate the same on fake tensors as on real ones."""
     from memtui.engine.trace.analysis import summarize
     from memtui.engine.trace.fake_step import run_fake_steps
 
     from tests.test_trace import tiny_llama
 
-    config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=32, precision="bf16-mixed", loss=loss,
-                            loss_chunks=4)
+    config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=32, precision=precision, loss=loss,
+                            loss_chunks=4, loss_dtype=dtype)
     fake, real = (summarize(run_fake_steps(tiny_llama(), config, fake=fake)[0]) for fake in (True, False))
     assert fake.peak_bytes == real.peak_bytes
     assert [(p.phase, p.peak_bytes) for p in fake.phases] == [(p.phase, p.peak_bytes) for p in real.phases]
@@ -120,3 +130,31 @@ def test_a_model_that_soft_caps_its_logits_refuses_the_chunked_and_fused_losses(
     with pytest.raises(InputError) as error:
         estimate(TrainingConfig(model=str(config_file), loss="chunked"))
     assert error.value.field == "loss"
+
+
+def test_a_compute_dtype_loss_keeps_16_bit_log_probabilities():
+    """LitGPT's loss (bf16-true, LoRA, 128k vocabulary): the fp32 upcast's chunk and fp32 log-probabilities go, the
+    loop's logits stay; the estimate falls by about the difference, and the ladder names the rung."""
+    from memtui.engine.planning.ladder import savings_ladder
+
+    litgpt = dict(model="llama-3.2-1b", gpu="a10", precision="bf16-true", batch_size=1, seq_len=512, lora_rank=32,
+                  loss="chunked", loss_chunks=4, lora_dtype="compute")
+    upcast = estimate(TrainingConfig(**litgpt)).tensor_peak_bytes
+    compute = estimate(TrainingConfig(**litgpt, loss_dtype="compute")).tensor_peak_bytes
+    logits_bf16 = 512 * 128256 * 2
+    assert 0.5 * logits_bf16 < upcast - compute < 2 * logits_bf16
+    rungs = savings_ladder(TrainingConfig(**litgpt, loss_dtype="compute")).steps
+    assert any(step.keys == ("loss",) and step.label.endswith(" + loss in the compute dtype (no fp32 upcast)")
+               for step in rungs)
+
+
+def test_litgpt_chunked_head_is_accepted_on_a_soft_capping_model():
+    """LitGPT's chunked head returns before final_logit_softcapping: chunked + compute caps nothing, and is
+    estimated; chunked alone (torchtune, which caps) is still refused."""
+    from memtui.engine.errors import InputError
+
+    budget = estimate(TrainingConfig(model="gemma-2-9b", precision="bf16-true", lora_rank=16, loss="chunked",
+                                     loss_chunks=4, loss_dtype="compute", seq_len=512))
+    assert budget.tensor_peak_bytes > 0
+    with pytest.raises(InputError):
+        estimate(TrainingConfig(model="gemma-2-9b", loss="chunked"))

@@ -435,6 +435,24 @@ _EXPLAINERS = [
         "Long sequences and large vocabularies, where the logits dominate. fused-linear saves the most; "
         "on CUDA memtui's live run uses liger-kernel or cut-cross-entropy when installed.",
     ),
+    Explainer(
+        "loss_dtype", "Loss dtype",
+        "The chunked loss upcast to fp32, or not.",
+        "**fp32** is torchtune's chunked loss: each chunk of logits is upcast to fp32 inside the "
+        "cross-entropy, and the log-probabilities kept for backward are fp32 (4 bytes per vocabulary "
+        "entry and token).\n\n"
+        "**compute** is LitGPT's fine-tuning step (`litgpt/finetune/lora.py` with "
+        "`lm_head_chunk_size=128`, `chunked_cross_entropy` in `litgpt/utils.py`): the head's chunks "
+        "stay in the compute dtype and the cross-entropy runs on them as they are (reduction none, "
+        "summed), so the log-probabilities and their gradients are 16-bit under bf16-true (autocast "
+        "still runs log_softmax in fp32 under -mixed). LitGPT shifts by slicing the last chunk of "
+        "logits, and its loop keeps the list of logits referenced until backward is done; memtui "
+        "models both. LitGPT's chunked head returns before soft-capping, so a model with "
+        "final_logit_softcapping is modelled without the cap. Set `Loss chunks` to the sequence "
+        "length / 128 to match LitGPT's 128-token chunks.",
+        "compute: the loss in 16 bits (LitGPT's own choice); the logits stay alive through backward.",
+        "To match LitGPT's fine-tuning memory (its `--from` mapping sets it with a LoRA config).",
+    ),
 ]
 
 EXPLAINERS: dict[str, Explainer] = {explainer.key: explainer for explainer in _EXPLAINERS}

@@ -569,6 +569,8 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
                     "checkpointed); give --gpus, --zero 3 --checkpointing full")
     else:
         raise reader.error("devices", f"{_quoted(devices)} is not a device count", "a whole number, auto")
+    if reader.has("lora_r"):
+        _litgpt_loss(reader)
     optimizer = reader.get("optimizer")
     if isinstance(optimizer, str):
         reader.set("optimizer", "optimizer", reader.choice("optimizer", {"adamw": "adamw", "adam": "adamw",
@@ -579,6 +581,23 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
     # litgpt/finetune/lora.py: accumulation steps = global_batch_size // (devices x num_nodes) // micro_batch_size
     if _positive(global_batch) and _positive(micro) and global_batch > micro * reader.options.get("gpus", 1):
         reader.set("train.global_batch_size", "grad_accum", global_batch // reader.options.get("gpus", 1) // micro)
+
+
+# litgpt/finetune/lora.py fit(): model(input_ids, lm_head_chunk_size=128), then chunked_cross_entropy (litgpt/utils.py)
+# on the chunks as they are, in the logits' dtype.
+_LITGPT_HEAD_CHUNK = 128
+
+
+def _litgpt_loss(reader: _Reader) -> None:
+    seq_len = reader.options.get("seq_len", TrainingConfig.model_fields["seq_len"].default)
+    most = next(item.le for item in TrainingConfig.model_fields["loss_chunks"].metadata if getattr(item, "le", None))
+    chunks = min(-(-seq_len // _LITGPT_HEAD_CHUNK), most)
+    if reader.options.get("gpus", 1) > 1:
+        reader.note("LitGPT's chunked head and compute-dtype loss are modelled on one GPU: standard loss here")
+        return
+    reader.options.update(loss="chunked", loss_chunks=chunks, loss_dtype="compute")
+    reader.note(f"LitGPT's head runs in chunks of {_LITGPT_HEAD_CHUNK} tokens: --loss-chunks {chunks} for "
+                f"{seq_len} tokens (give --loss-chunks with another --seq-len)")
 
 
 # ---- torchtitan ----------------------------------------------------------------------------------------------------

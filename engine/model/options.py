@@ -222,6 +222,10 @@ _OPTIONS = (
            baseline="standard"),
     Option("loss_chunks", "Loss chunks", MEMORY_SAVERS, "int",
            "sequence chunks of --loss chunked", "--loss chunked --loss-chunks 16", explainer="loss"),
+    Option("loss_dtype", "Loss dtype", MEMORY_SAVERS, "select",
+           "the chunked loss's log-probabilities upcast to fp32 (torchtune) or in the logits' dtype (LitGPT's "
+           "chunked_cross_entropy)", "--loss chunked --loss-dtype compute",
+           ladder={"compute": "loss in the compute dtype (no fp32 upcast)"}, baseline="fp32"),
     # ---- gradients across micro-batches and the optimizer step ------------------------------------------
     Option("grad_accum", "Grad accum", WORKLOAD, "int",
            "micro-batches per optimizer step; from the second on a full set of gradients is alive",

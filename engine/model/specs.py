@@ -21,6 +21,7 @@ Offload = Literal["none", "optimizer", "optimizer+params"]
 Quant = Literal["none", "int8", "nf4"]
 Loss = Literal["standard", "chunked", "fused-linear"]
 LoraDtype = Literal["fp32", "compute"]
+LossDtype = Literal["fp32", "compute"]
 
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
@@ -71,6 +72,7 @@ class TrainingConfig(BaseModel):
     quant: Quant = "none"
     loss: Loss = "standard"
     loss_chunks: int = Field(8, ge=1, le=1024, description="chunks of the sequence for the chunked head and loss")
+    loss_dtype: LossDtype = "fp32"
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     optimizer_in_backward: bool = False
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False,

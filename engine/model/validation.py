@@ -215,10 +215,17 @@ RULES: tuple[Rule, ...] = (
     _rule("loss", "gpus", broken=lambda f: f.config.loss != "standard" and f.config.gpus > 1,
           message=lambda f: f"{f.config.loss} is modelled on one GPU; {{gpus}} is {f.config.gpus}",
           allowed=lambda f: "standard, or {gpus} 1"),
+    # LitGPT is the stack whose loss stays in the logits' dtype, and only behind its chunked head.
+    _rule("loss_dtype", "loss", broken=lambda f: f.config.loss_dtype == "compute" and f.config.loss != "chunked",
+          message=lambda f: f"compute is modelled with {{loss}} chunked (LitGPT's chunked head); {{loss}} is "
+                            f"{f.config.loss}",
+          allowed=lambda f: "fp32, or compute with {loss} chunked"),
     # Whichever family: a config with final_logit_softcapping caps the logits, which neither kernel does.
-    _rule("loss", "model", broken=lambda f: f.config.loss != "standard" and f.model.final_logit_softcapping is not None,
+    # LitGPT's chunked head returns its chunks before capping (litgpt/lora.py GPT.forward), so it caps nothing.
+    _rule("loss", "model", broken=lambda f: f.config.loss != "standard" and f.model.final_logit_softcapping is not None
+          and not (f.config.loss == "chunked" and f.config.loss_dtype == "compute"),
           message=lambda f: f"{f.config.loss} does not soft-cap the logits as {f.model.id} needs",
-          allowed=lambda f: "standard"),
+          allowed=lambda f: "standard, or chunked with {loss_dtype} compute (LitGPT's head, which caps nothing)"),
     _rule("kbit_prep", "quant", broken=lambda f: f.config.kbit_prep and f.config.quant == "none",
           message=lambda f: "prepares a quantized (k-bit) base for training; {quant} is none",
           allowed=lambda f: "off, or on with {quant} nf4, int8"),

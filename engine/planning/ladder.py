@@ -72,6 +72,9 @@ def _rungs(config: TrainingConfig) -> list[_Rung]:
         if key == "quant" and config.kbit_prep:  # peft's k-bit prep needs the quantized base: one rung
             label += " + " + _label("kbit_prep", config)
             fields = ("quant", "kbit_prep")
+        if key == "loss" and config.loss_dtype != BASELINE_OPTIONS["loss_dtype"]:  # the dtype of that loss: one rung
+            label += " + " + _label("loss_dtype", config)
+            fields = ("loss", "loss_dtype")
         rungs.append(_Rung(key, label, fields))
     return rungs
 

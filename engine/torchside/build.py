@@ -165,7 +165,7 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
     if config.uses_lora:
         model = apply_lora(model, spec, config)
     # training_step reads how to compute the loss from the model: its callers need not know.
-    model.memtui_loss = (config.loss, config.loss_chunks)
+    model.memtui_loss = (config.loss, config.loss_chunks, config.loss_dtype)
     if config.activation_offload:
         from memtui.engine.torchside.offload import offload_decoder_activations
 
@@ -406,10 +406,11 @@ def training_step(
         last = index == micro_batches - 1
         no_sync = getattr(model, "no_sync", None)
         syncing = no_sync() if no_sync is not None and not last else contextlib.nullcontext()
+        kept: list = []  # what the training loop keeps referenced through backward (LitGPT's `logits`)
         with syncing:
             mark("forward")
             with autocast():
-                loss = causal_lm_loss(model, input_ids, labels, phase=mark)
+                loss = causal_lm_loss(model, input_ids, labels, phase=mark, kept=kept)
             if micro_batches > 1:
                 loss = loss / micro_batches
             mark("backward")
@@ -420,7 +421,7 @@ def training_step(
         value = _loss_value(loss)
         if value is not None:
             value *= micro_batches
-        del loss
+        del loss, kept
     mark("optimizer")
     if scaler is not None:
         scaler.step(optimizer)
@@ -444,19 +445,23 @@ def _loss_value(loss) -> float | None:
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(model, input_ids, labels, *, phase: PhaseHook | None = None):
-    """The forward and the loss as --loss says (`model.memtui_loss`, set by build_model).
+def causal_lm_loss(model, input_ids, labels, *, phase: PhaseHook | None = None, kept: list | None = None):
+    """The forward and the loss as --loss and --loss-dtype say (`model.memtui_loss`, set by build_model).
 
     standard: transformers' own (the head's logits, upcast to fp32 in the loss). chunked:
-    torchtune's chunked output and CEWithChunkedOutputLoss. fused-linear: Liger's fused linear
-    cross-entropy, its kernel on CUDA when installed, else `FusedLinearCrossEntropy`.
+    torchtune's chunked output and CEWithChunkedOutputLoss, or with --loss-dtype compute LitGPT's
+    chunked head and chunked_cross_entropy (its logits appended to `kept`, which the caller holds through
+    backward as LitGPT's loop does). fused-linear: Liger's fused linear cross-entropy, its kernel on CUDA
+    when installed, else `FusedLinearCrossEntropy`.
     """
-    mode, chunks = getattr(model, "memtui_loss", ("standard", 1))
+    mode, chunks, dtype = getattr(model, "memtui_loss", ("standard", 1, "fp32"))
     if mode == "standard":
         return model(input_ids=input_ids, labels=labels).loss
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = getattr(causal, causal.base_model_prefix)(input_ids=input_ids).last_hidden_state
     head = causal.get_output_embeddings()
+    if mode == "chunked" and dtype == "compute":
+        return litgpt_chunked_loss(hidden, head, labels, chunks, [] if kept is None else kept)
     if mode == "chunked":
         return chunked_output_loss(hidden, head, labels, chunks)
     if phase is not None:
@@ -485,6 +490,27 @@ def chunked_output_loss(hidden, head, labels, chunks: int):
         total = chunk_loss if total is None else total + chunk_loss
     del logits
     return total / (targets != IGNORE_INDEX).sum()
+
+
+def litgpt_chunked_loss(hidden, head, labels, chunks: int, kept: list):
+    """LitGPT's fine-tuning step (litgpt/finetune/lora.py fit, litgpt/utils.py chunked_cross_entropy):
+    the model returns the head's output per sequence chunk (lm_head_chunk_size), in the compute dtype and
+    never soft-capped (litgpt/lora.py GPT.forward returns the chunks before capping); the loop slices the
+    last chunk for the shift and keeps the list (`kept` here) through backward; the loss takes each chunk
+    as it is (no fp32 upcast), reduction none, and sums the concatenated per-token losses."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = [head(part) for part in hidden.chunk(chunks, dim=1)]
+    logits[-1] = logits[-1][..., :-1, :]
+    kept.append(logits)
+    targets = labels[..., 1:]
+    logit_chunks = [chunk.reshape(-1, chunk.size(-1)) for chunk in logits]
+    target_chunks = [chunk.reshape(-1) for chunk in targets.split(logits[0].size(1), dim=1)]
+    loss_chunks = [F.cross_entropy(logit, target, ignore_index=IGNORE_INDEX, reduction="none")
+                   for logit, target in zip(logit_chunks, target_chunks)]
+    non_masked = (targets != IGNORE_INDEX).sum()
+    return torch.cat(loss_chunks).sum() / non_masked.maximum(torch.ones_like(non_masked))
 
 
 def fused_linear_loss(hidden, weight, labels):

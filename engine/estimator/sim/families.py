@@ -57,6 +57,7 @@ class Options:
     eager_softmax_f32: bool = True  # softmax(..., dtype=float32) in eager attention; GPT-2 keeps the input dtype
     loss: str = "standard"  # standard | chunked | fused-linear (--loss)
     loss_chunks: int = 8  # chunked: sequence chunks
+    loss_dtype: str = "fp32"  # chunked: fp32 (torchtune's upcast) | compute (LitGPT's chunked_cross_entropy)
     loss_chunk_rows: int = 0  # fused-linear: rows of logits per chunk (Liger's, from the step's tokens)
     lora_dropout: float = 0.0  # peft's nn.Dropout on each adapter's input (--lora-dropout)
     # --activation-offload: the decoder's saved tensors go to host memory; min_offload_size is judged at these

@@ -506,8 +506,9 @@ def _nll_backward(sim: Sim, node, grad):
     return [(logprobs, sim.new(logprobs.elems, logprobs.dtype, name="nll_loss_backward"))]
 
 
-def nll_loss(sim: Sim, logprobs: Tensor, target: Tensor) -> Tensor:
-    out = sim.new((1.0, 0.0, 0.0, 0.0, 0.0), logprobs.dtype, name="nll_loss")
+def nll_loss(sim: Sim, logprobs: Tensor, target: Tensor, *, elems: LF = (1.0, 0.0, 0.0, 0.0, 0.0)) -> Tensor:
+    """`elems`: the output's size, one loss per row with reduction="none"."""
+    out = sim.new(elems, logprobs.dtype, name="nll_loss")
     total_weight = sim.new((1.0, 0.0, 0.0, 0.0, 0.0), logprobs.dtype, name="nll total weight")
     sim.record("nll_loss", out, [logprobs], [target, total_weight], _nll_backward)
     sim.drop(total_weight)

@@ -111,6 +111,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         full_layer_share=_full_layer_share(config, spec),
         loss=config.loss,
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
+        loss_dtype=config.loss_dtype if config.loss == "chunked" else "fp32",
         sequence_parallel=config.tp if tensor_parallel_refusal(config, spec) is None else 1,
         loss_chunk_rows=fused_linear_chunk_rows(config.batch_size * config.seq_len, spec.vocab_size // config.tp,
                                                 spec.hidden_size) if config.loss == "fused-linear" else 0,
@@ -289,7 +290,11 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
                           olmo=opts.family == "olmo2")
     sim.offload_at = None  # the decoder's forward ends: its offloading hooks are popped
     sim.drop(out, mask, second_mask)  # LlamaModel.forward returns: its causal masks go
-    if opts.loss == "chunked":
+    kept: list[Tensor] = []  # what the training loop keeps referenced through backward
+    if opts.loss == "chunked" and opts.loss_dtype == "compute":
+        loss, kept = litgpt_chunked_loss(sim, normed, head, ids, d, opts)
+        sim.drop(normed)
+    elif opts.loss == "chunked":
         loss = chunked_output_loss(sim, normed, head, d, opts)
         sim.drop(normed)
     elif opts.loss == "fused-linear":
@@ -311,7 +316,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     sim.phase = "backward"
     sim.segment_of_node = {**_BACKWARD_OF, **{f"{name}_fwd": f"{name}_bwd" for name in segments}}
     sim.run_backward(loss)
-    sim.drop(loss)
+    sim.drop(loss, *kept)
     if input_leaf is not None:
         sim.drop(input_leaf)
     sim.set_segment("end")
@@ -370,15 +375,7 @@ def chunked_output_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: O
     """
     parts_count = opts.loss_chunks
     shifted = shifted_labels(sim)
-    # A sequence chunk of a (b, s, h) batch is not contiguous: linear's reshape copies it (kept for the
-    # weight's gradient) unless autocast's cast already made a contiguous copy.
-    copies = opts.batched and (sim.autocast_dtype is None or normed.dtype == sim.autocast_dtype)
-    logits = []
-    for part in ops.chunk(sim, normed, parts_count):
-        operand = ops.contiguous_copy(sim, part) if copies else sim.ref(part)
-        sim.drop(part)
-        logits.append(ops.linear(sim, operand, head, d.vocab, d.hidden))
-        sim.drop(operand)
+    logits = chunked_head(sim, normed, head, d, opts)
     total = None
     for logit in logits:
         target = sim.new(lf_scale(shifted.elems, 1 / parts_count), "i64", name="target chunk") if opts.batched else None
@@ -400,6 +397,75 @@ def chunked_output_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: O
     loss = ops.mul_scalar(sim, total)  # / count
     sim.drop(total, count, shifted)
     return loss
+
+
+def chunked_head(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: Options) -> list[Tensor]:
+    """The head's output per sequence chunk, in the compute dtype: a list the caller holds."""
+    # A sequence chunk of a (b, s, h) batch is not contiguous: linear's reshape copies it (kept for the
+    # weight's gradient) unless autocast's cast already made a contiguous copy.
+    copies = opts.batched and (sim.autocast_dtype is None or normed.dtype == sim.autocast_dtype)
+    logits = []
+    for part in ops.chunk(sim, normed, opts.loss_chunks):
+        operand = ops.contiguous_copy(sim, part) if copies else sim.ref(part)
+        sim.drop(part)
+        logits.append(ops.linear(sim, operand, head, d.vocab, d.hidden))
+        sim.drop(operand)
+    return logits
+
+
+def _expand_backward_view(sim: Sim, node, grad):
+    """SumBackward of a full reduction: the gradient expanded to the input's shape, a view."""
+    return [(node.inputs[0], sim.alias(grad, node.inputs[0].elems))]
+
+
+def _cat_backward_views(sim: Sim, node, grad):
+    """CatBackward: each part's gradient is a narrow view of the output's."""
+    return [(part, sim.alias(grad, part.elems)) for part in node.inputs if part.requires_grad]
+
+
+def litgpt_chunked_loss(sim: Sim, normed: Tensor, head: Tensor, ids: Tensor, d: Dims,
+                        opts: Options) -> tuple[Tensor, list[Tensor]]:
+    """LitGPT's chunked head and chunked_cross_entropy, as its finetune loop runs them (build.litgpt_chunked_loss).
+
+    No fp32 upcast: each chunk's log-probabilities are kept for backward in the logits' dtype (fp32 only where
+    autocast runs log_softmax in fp32). The shift slices the last chunk of logits (its gradient is a zero-filled
+    full chunk); with a batch above 1 that slice, and each chunk of the shifted targets, is copied by reshape.
+    Per-token losses are concatenated and summed. The loop's `logits` list stays referenced through backward:
+    returned to be dropped after it. The one position per sequence the slice leaves out is counted (b x vocab
+    elements: not a linear form in the batch's tokens).
+    """
+    parts_count = opts.loss_chunks
+    chunk_tokens = lf_scale(per_token(1), 1 / parts_count)
+    logits = chunked_head(sim, normed, head, d, opts)
+    last = ops.slice_view(sim, logits[-1], 1.0)  # logits[-1] = logits[-1][..., :-1, :]
+    sim.drop(logits[-1])
+    logits[-1] = last
+    # [chunk.reshape(-1, vocab) for chunk in logits]: views, but the sliced last chunk of a batch is copied
+    flat = [sim.ref(chunk) for chunk in logits[:-1]]
+    flat.append(ops.contiguous_copy(sim, last) if opts.batched else sim.ref(last))
+    # [chunk.reshape(-1) for chunk in targets[..., 1:].split(...)]: copies of a batch's non-contiguous chunks,
+    # else views of the labels (the input ids here)
+    targets = [sim.new(chunk_tokens, "i64", name="target chunk") if opts.batched else None for _ in logits]
+    losses = []
+    for chunk, target in zip(flat, targets):
+        logprobs = ops.log_softmax(sim, chunk)
+        losses.append(ops.nll_loss(sim, logprobs, target if target is not None else ids, elems=chunk_tokens))
+        sim.drop(logprobs)
+    valid = sim.new(per_token(1), "bool", name="targets valid")  # (targets != ignore_index).sum()
+    count = sim.new(const(1), "i64", name="valid count")
+    sim.drop(valid)
+    ones = sim.new(const(1), "i64", name="ones_like")
+    denominator = sim.new(const(1), "i64", name="maximum")
+    sim.drop(ones)
+    joined = sim.new(per_token(1), losses[0].dtype, name="cat")
+    sim.record("cat", joined, losses, [], _cat_backward_views)
+    sim.drop(*flat, *[target for target in targets if target is not None], *losses)
+    summed = sim.new(const(1), joined.dtype, name="sum")
+    sim.record("sum", summed, [joined], [], _expand_backward_view)
+    sim.drop(joined)
+    loss = ops.mul_scalar(sim, summed)  # / denominator
+    sim.drop(summed, count, denominator)
+    return loss, logits
 
 
 def _fused_linear_backward(sim: Sim, node, grad):
