@@ -51,11 +51,13 @@ def resolve_lora_targets(config: TrainingConfig, model: ModelSpec) -> tuple[str,
 
 def adapts_head(config: TrainingConfig) -> bool:
     """Whether LoRA adapts the output head too (`lm_head` among --lora-targets; LitGPT's lora_head)."""
-    return config.uses_lora and HEAD_TARGET in _target_names(config.lora_targets)
+    return config.uses_lora and HEAD_TARGET in config.lora_targets and HEAD_TARGET in _target_names(config.lora_targets)
 
 
-def _target_names(targets: str) -> list[str]:
-    return [part.strip() for part in targets.split(",") if part.strip()]
+@lru_cache(maxsize=256)
+def _target_names(targets: str) -> tuple[str, ...]:
+    """The --lora-targets text split once per text: an estimate asks several times."""
+    return tuple(part.strip() for part in targets.split(",") if part.strip())
 
 
 @lru_cache(maxsize=256)
@@ -63,7 +65,7 @@ def _lora_targets(targets: str, model_id: str, linears: tuple[LinearLayer, ...])
     """The --lora-targets text parsed once per (text, model): an estimate asks several times."""
     adaptable = tuple(linear.name for linear in linears if linear.experts == 1)
     allowed = "all-linear, " + ", ".join((*adaptable, HEAD_TARGET))
-    raw = _target_names(targets)
+    raw = [part.strip() for part in targets.split(",") if part.strip()]
     if not raw:
         raise InputError("lora_targets", "is empty", "all-linear or a comma list of " + allowed.split(", ", 1)[1])
     layers = [name for name in raw if name != HEAD_TARGET]
@@ -268,6 +270,11 @@ RULES: tuple[Rule, ...] = (
     _rule("lora_targets", "gpus", broken=lambda f: f.head and f.config.gpus > 1,
           message=lambda f: f"LoRA on lm_head is modelled on one GPU; {{gpus}} is {f.config.gpus}",
           allowed=lambda f: "{lora_targets} without lm_head, or {gpus} 1"),
+    _rule("lora_targets", "kbit_prep", "lora_dtype",
+          broken=lambda f: f.head and f.config.kbit_prep and f.config.lora_dtype == "compute",
+          message=lambda f: "after {kbit_prep} lm_head is fp32, so its compute-dtype adapter would be fp32 beside "
+                            "16-bit ones: not modelled",
+          allowed=lambda f: "{lora_targets} without lm_head, {kbit_prep} off, or {lora_dtype} fp32"),
     _rule("bnb_version", "quant", broken=lambda f: f.config.bnb_version == "legacy" and f.config.quant == "int8",
           message=lambda f: "legacy is bitsandbytes' 4-bit matmul before 0.43.2; its int8 path is not modelled",
           allowed=lambda f: "current, or legacy with {quant} nf4"),
