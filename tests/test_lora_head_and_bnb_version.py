@@ -121,3 +121,20 @@ async def test_the_planner_has_the_release_input_and_it_moves_the_budget():
         await set_select(pilot, "bnb_version", "legacy")
         assert app.result.config.bnb_version == "legacy" and not app.result.stale
         assert app.result.budget.tensor_peak_bytes > before
+
+
+@pytest.mark.parametrize(("installed", "refused"), [(None, True), ((0, 45, 0), True), ((0, 42, 0), False)])
+def test_a_live_legacy_run_needs_a_bitsandbytes_before_0_43_2(monkeypatch, installed, refused):
+    """Real bitsandbytes runs on CUDA behave as the installed release: legacy is refused (or, with
+    --if-unsupported skip, run as current) unless that release is before 0.43.2."""
+    from memtui.engine.live import plan as live_plan
+    from memtui.engine.live.plan import LiveOptions, make_plan
+    from tests.test_live_plan import GPU
+
+    monkeypatch.setattr(live_plan, "_bitsandbytes_version", lambda: installed)
+    monkeypatch.setattr(live_plan.importlib.util, "find_spec", lambda name: object())
+    config = TrainingConfig(**QLORA, bnb_version="legacy")
+    plan = make_plan(config, LiveOptions(device="cuda"), GPU)
+    assert ("0.43.2" in plan.refusal) is refused
+    skipped = make_plan(config, LiveOptions(device="cuda", if_unsupported="skip"), GPU)
+    assert skipped.config.bnb_version == ("current" if refused else "legacy")
