@@ -138,3 +138,14 @@ def test_a_live_legacy_run_needs_a_bitsandbytes_before_0_43_2(monkeypatch, insta
     assert ("0.43.2" in plan.refusal) is refused
     skipped = make_plan(config, LiveOptions(device="cuda", if_unsupported="skip"), GPU)
     assert skipped.config.bnb_version == ("current" if refused else "legacy")
+
+
+def test_a_generic_model_refuses_the_head_adapter(capsys, tmp_path, monkeypatch):
+    from memtui.cli import main
+    from tests.test_generic import DATA
+
+    monkeypatch.setenv("MEMTUI_CACHE_DIR", str(tmp_path))
+    code = main(["estimate", "--model", str(DATA / "falcon.json"), "--lora-rank", "8", "--lora-targets", "lm_head"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("memtui: error: --lora-targets: ") and "generic" in err
