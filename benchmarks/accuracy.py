@@ -115,6 +115,11 @@ MATRIX: list[dict] = [
     {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "optimizer": "paged-adamw-8bit"},
     {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "checkpointing": "full", "activation_offload": True},
     {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "activation_offload": True},
+    # LoRA on the output head (tied and untied); bitsandbytes before 0.43.2 (LitGPT's QLoRA, the QLoRA paper's)
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "lora_targets": "all-linear,lm_head", "lora_dropout": 0.1},
+    {"model": "phi-3-mini", "precision": "bf16-true", "batch_size": 4, "seq_len": 512, "lora_rank": 8, "lora_targets": "all-linear,lm_head", "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 512, "lora_rank": 32, "quant": "nf4", "bnb_version": "legacy", "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 4, "seq_len": 528, "lora_rank": 64, "lora_targets": "all-linear", "quant": "nf4", "bnb_version": "legacy", "kbit_prep": True, "lora_dropout": 0.05, "checkpointing": "full"},
 ]
 
 

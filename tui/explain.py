@@ -251,8 +251,20 @@ _EXPLAINERS = [
         "Linear layers that get adapters.",
         "A comma list of layer names (q_proj, v_proj, ...) or all-linear for every linear layer "
         "in the decoder blocks. More targets mean more trainable parameters and more adapter "
-        "activations, usually better quality.",
-        "More targets: more adapter memory and compute, still small next to the base.",
+        "activations, usually better quality.\n\n"
+        "**lm_head** in the list (`all-linear,lm_head`, LitGPT's `lora_head: true`, peft's "
+        "`target_modules=[..., \"lm_head\"]`) adapts the output head too: A is r x hidden, B is vocab x r "
+        "(2M parameters at r 16 on a 128k vocabulary), with their gradients and optimizer states. Its "
+        "forward adds a second vocabulary-wide product: lora_B's output, its scaled copy and the sum, each "
+        "the size of the logits (fp32 with fp32 adapters, then cast back to the head's dtype), and autograd "
+        "keeps lora_A's input (the final norm's output in the adapter's dtype, or its dropped-out copy and "
+        "the one-byte mask with dropout) and the r-wide intermediate for backward. With tied embeddings "
+        "the head's frozen weight stays the embedding's, and the adapter is the head's alone: peft's "
+        "default `ensure_weight_tying=False` gives the embedding none (it warns), so the embedding's "
+        "output is unchanged. Not with --loss fused-linear (its kernel takes the head's weight alone); "
+        "on one GPU.",
+        "More targets: more adapter memory and compute, still small next to the base; lm_head adds "
+        "about two more logits-sized tensors at the loss.",
         "all-linear is the common modern choice (QLoRA's paper uses it); q_proj,v_proj was the "
         "original LoRA setting.",
     ),
@@ -336,15 +348,35 @@ _EXPLAINERS = [
         "`gradient_checkpointing` setting instead, and so does memtui: `--checkpointing` decides (give "
         "`--checkpointing full` for peft's default); with checkpointing on, the input require-grads is "
         "modelled as transformers and peft apply it.\n\n"
-        "bitsandbytes: memtui models 0.43.2 and later (0.50 here), whose 4-bit matmul keeps only the "
-        "quantized weight for backward. Releases before 0.43.2 also kept each 4-bit matmul's input, a "
-        "16-bit copy of every quantized layer's input; memtui does not model those. Quantized layers' "
+        "bitsandbytes: memtui models 0.43.2 and later by default (0.50 here), whose 4-bit matmul keeps "
+        "only the quantized weight for backward; `--bnb-version legacy` models the releases before "
+        "(see its explainer). Quantized layers' "
         "biases are counted in fp32; bitsandbytes casts a 4-bit layer's bias back to 16 bits on its "
         "first forward (a few hundred kilobytes at most).",
         "The unquantized weights double in size (the embeddings and head of a 128k vocabulary: about "
         "2 GB more at 8B), and without autocast the activations between layers are fp32.",
         "When reproducing a TRL, Axolotl or tutorial QLoRA run (they call it by default). Only with "
         "--quant nf4 or int8.",
+    ),
+    Explainer(
+        "bnb_version", "bitsandbytes release",
+        "4-bit matmul before or after 0.43.2.",
+        "**current** (0.43.2 and later): bitsandbytes' 4-bit matmul (MatMul4Bit) keeps only the "
+        "quantized weight for backward; the gradient of its input needs nothing else.\n\n"
+        "**legacy** (before 0.43.2: LitGPT pinned 0.42.0, the QLoRA paper ran 0.39): "
+        "`MatMul4Bit.forward` also kept its input, `if any(ctx.needs_input_grad[:2]): ctx.tensors = (A, B)` "
+        "(bitsandbytes/autograd/_functions.py; removed by PR #1270, commit 9e75374, \"fix QLoRA mem bug: "
+        "delete useless buffered activation\", released in 0.43.2). A is the layer's input in the compute "
+        "dtype (Linear4bit casts it first), kept wherever it needs a gradient: every 4-bit layer after the "
+        "first adapted one. It is a ctx attribute, not a saved tensor, so backward never releases it and no "
+        "saved-tensor hook sees it: it lives until the step's graph is freed (the loss dropped after "
+        "backward), and activation checkpointing does not drop it. Where the input was saved anyway (lora_A "
+        "keeps the same 16-bit tensor when the adapters are in the compute dtype without dropout) it costs "
+        "nothing until backward, then is held to its end instead of freed layer by layer.",
+        "legacy: a 16-bit copy of each quantized layer's input per token, held through backward; with "
+        "checkpointing, every layer's, as if it were off for them.",
+        "To compare with QLoRA figures measured before mid-2024 (the QLoRA paper, LitGPT's tables). New "
+        "runs use current. Only nf4 (the int8 path is not modelled), on one GPU.",
     ),
     Explainer(
         "activation_offload", "Activation offloading",

@@ -29,6 +29,7 @@ from memtui.engine.estimator.layout import (
     tensor_parallel_embedding_gradient_extra,
     trainable_params_total,
     trainable_tensor_numels,
+    head_adapter_shapes,
     zero_redundancy_largest_share,
 )
 from memtui.engine.estimator.optimizers import (
@@ -127,6 +128,7 @@ def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: Par
             shapes = [shape for name in resolve_lora_targets(config, model)
                       for shape in ((rank, model.linear(name).in_features // config.tp),
                                     (model.linear(name).out_features // config.tp, rank))] * layout.layers
+            shapes += head_adapter_shapes(config, model)
         else:
             shapes = [(lin.out_features * lin.experts, lin.in_features) for lin in model.linears] * layout.layers
             shapes.append((model.vocab_size, model.hidden_size))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from memtui.engine.model.architectures import LinearLayer, ModelSpec
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.validation import resolve_lora_targets
+from memtui.engine.model.validation import adapts_head, resolve_lora_targets
 
 # bitsandbytes NF4 with double quantization: 4 bits per weight, one 8-bit absmax per
 # 64-weight block, and one fp32 absmax per 256 blocks (QLoRA: 0.127 bits of constants).
@@ -40,6 +40,13 @@ class ParamLayout:
     @property
     def base_params(self) -> int:
         return self.linear_weight_params + self.other_params
+
+
+def head_adapter_shapes(config: TrainingConfig, model: ModelSpec) -> list[tuple[int, int]]:
+    """lm_head's LoRA A (r x hidden) and B (vocab x r), when --lora-targets names lm_head (one GPU only)."""
+    if not adapts_head(config):
+        return []
+    return [(config.lora_rank, model.hidden_size), (model.vocab_size, config.lora_rank)]
 
 
 def _linear_shard(linear: LinearLayer, tp: int) -> tuple[int, int]:
@@ -80,7 +87,8 @@ def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
     lora_per_layer = sum(
         config.lora_rank * (model.linear(name).in_features + model.linear(name).out_features) // tp for name in targets
     )
-    lora = layers * lora_per_layer
+    head_adapters = [rows * columns for rows, columns in head_adapter_shapes(config, model)]
+    lora = layers * lora_per_layer + sum(head_adapters)
     total_linear = layers * linear_weights
     trainable = lora if config.uses_lora else total_linear + other
 
@@ -90,19 +98,21 @@ def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
     lora_tensors = 2 * len(targets)
     extra_tensors = (2 if model.positions == "learned" else 1) + (0 if model.tie_word_embeddings else 1)
     extra_tensors += 2 if model.norm == "layer" else 1
-    tensor_count = layers * (tensors_per_layer + lora_tensors) + extra_tensors
-    trainable_tensors = layers * lora_tensors if config.uses_lora else layers * tensors_per_layer + extra_tensors
+    tensor_count = layers * (tensors_per_layer + lora_tensors) + extra_tensors + len(head_adapters)
+    trainable_tensors = (layers * lora_tensors + len(head_adapters) if config.uses_lora
+                         else layers * tensors_per_layer + extra_tensors)
 
     largest = max(
         [linear.weight_params // tp for linear in model.linears]
         + [model.vocab_size * model.hidden_size // tp]
     )
-    if config.uses_lora and targets:
+    if config.uses_lora and (targets or head_adapters):
         # Only adapters train: the largest trainable tensor is an A (r x in) or B (out x r) matrix.
         largest = max(
             config.lora_rank * max(model.linear(name).in_features, model.linear(name).out_features) // tp
             for name in targets
-        )
+        ) if targets else 0
+        largest = max([largest, *head_adapters])
     return ParamLayout(
         layers=layers,
         linear_weight_params=total_linear,
@@ -124,7 +134,7 @@ def trainable_params_total(config: TrainingConfig, model: ModelSpec) -> int:
         return model.params
     targets = resolve_lora_targets(config, model)
     per_layer = sum(config.lora_rank * (model.linear(n).in_features + model.linear(n).out_features) for n in targets)
-    return model.num_layers * per_layer
+    return model.num_layers * per_layer + sum(rows * columns for rows, columns in head_adapter_shapes(config, model))
 
 
 def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec) -> list[int]:
@@ -135,7 +145,7 @@ def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec) -> list[in
         for name in resolve_lora_targets(config, model):
             linear = model.linear(name)
             per_layer += [config.lora_rank * linear.in_features // tp, linear.out_features * config.lora_rank // tp]
-        return per_layer * layers
+        return per_layer * layers + [rows * columns for rows, columns in head_adapter_shapes(config, model)]
     norm_tensors = [model.hidden_size] * (2 if model.norm == "layer" else 1)  # LayerNorm: weight and bias
     per_layer = [linear.weight_params // tp for linear in model.linears]
     per_layer += [linear.out_features * linear.experts // tp for linear in model.linears if linear.bias]

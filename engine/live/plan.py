@@ -10,6 +10,7 @@ so predicted and measured compare like for like.
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -181,10 +182,27 @@ def _not_built(config: TrainingConfig, device: LocalDevice) -> list[tuple[str, d
         found.append(("--optimizer", {"optimizer": "adamw"}, f"{config.optimizer} needs bitsandbytes, not installed"))
     if config.master_weights and importlib.util.find_spec("memtui.engine.torchside.optim") is None:
         found.append(("--master-weights", {"master_weights": False}, "master weights are not available in this build"))
+    if config.bnb_version == "legacy" and config.quant == "nf4" and device.kind == "cuda":
+        installed = _bitsandbytes_version()
+        if installed is None or installed >= (0, 43, 2):
+            found.append(("--bnb-version", {"bnb_version": "current"},
+                          f"legacy needs bitsandbytes before 0.43.2; {'none' if installed is None else '.'.join(map(str, installed))} "
+                          "is installed, whose 4-bit matmul keeps no input"))
     if config.quant != "none" and importlib.util.find_spec("memtui.engine.torchside.replicas") is None:
         found.append(("--quant", {"quant": "none", "kbit_prep": False},
                       f"{config.quant} is not available in this build (memtui.engine.torchside.replicas missing)"))
     return found
+
+
+def _bitsandbytes_version() -> tuple[int, ...] | None:
+    """The installed bitsandbytes release as numbers (0.42.0 -> (0, 42, 0)), None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
 def _not_live(config: TrainingConfig, device: LocalDevice, available_ranks: int) -> list[tuple[str, dict[str, Any], str]]:

@@ -546,9 +546,10 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
     if reader.has("lora_r"):
         reader.set("lora_r", "lora_rank", reader.int("lora_r"))
         targets = [name for key, names in _LITGPT_LORA.items() if reader.bool(key) for name in names]
+        if reader.bool("lora_head"):
+            targets.append("lm_head")  # litgpt/lora.py: lm_head becomes a LoRALinear (memtui's lm_head target)
         if targets:
             reader.set("lora_query", "lora_targets", ",".join(targets))
-        reader.ignore("lora_head", "LoRA on the output head is not modelled")
         # litgpt/finetune/lora.py setup(): lora_dropout=0.05; litgpt/lora.py keeps adapters in the model's dtype.
         reader.set("lora_dropout", "lora_dropout", _or_default(reader.number("lora_dropout"), 0.05))
         reader.options["lora_dtype"] = "compute"

@@ -25,6 +25,7 @@ from typing import Any
 from memtui.engine.errors import InputError
 from memtui.engine.model.architectures import LinearLayer, ModelSpec
 from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.model.validation import adapts_head
 
 CACHE_DIR_ENV = "MEMTUI_CACHE_DIR"
 PROGRAM_VERSION = 1  # bump when the program's meaning changes: old cache files are then ignored
@@ -61,6 +62,9 @@ def check_generic_options(config: TrainingConfig, model: ModelSpec) -> None:
         if getattr(config, field) != value:
             raise InputError(field, f"{model.id} is a generic model (traced layers), modelled with {meaning}",
                              str(value).lower() if isinstance(value, bool) else str(value))
+    if adapts_head(config):
+        raise InputError("lora_targets", f"LoRA on lm_head is not modelled for generic model {model.id}",
+                         "the decoder's linear layers")
     if config.checkpointing == "selective":
         raise InputError("checkpointing", f"selective is not modelled for generic model {model.id}", "none, full")
     if config.optimizer not in SUPPORTED_OPTIMIZERS:

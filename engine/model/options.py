@@ -210,7 +210,8 @@ _OPTIONS = (
            "LoRA rank; 0 trains every weight", "--lora-rank 16",
            ladder="LoRA rank {lora_rank} ({lora_targets})", baseline=0),
     Option("lora_targets", "LoRA layers", ADAPTERS, "text",
-           "comma list of linear layers or all-linear", "--lora-targets all-linear"),
+           "comma list of linear layers or all-linear; lm_head adapts the output head too",
+           "--lora-targets all-linear,lm_head"),
     Option("quant", "Quantize", ADAPTERS, "select",
            "frozen base weights (nf4 + LoRA = QLoRA)", "--quant nf4 --lora-rank 16",
            ladder={"nf4": "NF4 4-bit base weights (QLoRA)", "int8": "int8 base weights"}, baseline="none"),
@@ -243,6 +244,9 @@ _OPTIONS = (
     Option("kbit_prep", "k-bit prep", ADAPTERS, "switch",
            "peft's prepare_model_for_kbit_training: every unquantized weight in fp32, with --quant",
            "--quant nf4 --kbit-prep", ladder="k-bit prep (fp32 norms, embeddings, head)", baseline=False),
+    Option("bnb_version", "bnb release", ADAPTERS, "select",
+           "bitsandbytes' 4-bit matmul: current (0.43.2 on) keeps only the quantized weight for backward; legacy "
+           "(before 0.43.2) also keeps its input until backward ends", "--quant nf4 --bnb-version legacy"),
     # ---- saved activations in host memory (issue 11) -------------------------------------------------------------
     Option("activation_offload", "Act. offload", MEMORY_SAVERS, "switch",
            "saved activations to pinned CPU memory in forward, back in backward (torchtune OffloadActivations)",

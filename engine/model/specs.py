@@ -22,6 +22,7 @@ Quant = Literal["none", "int8", "nf4"]
 Loss = Literal["standard", "chunked", "fused-linear"]
 LoraDtype = Literal["fp32", "compute"]
 LossDtype = Literal["fp32", "compute"]
+BnbVersion = Literal["current", "legacy"]
 
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
@@ -82,6 +83,7 @@ class TrainingConfig(BaseModel):
     activation_offload: bool = False
     shard_group: int = Field(0, ge=0, le=65536,
                              description="HSDP: ranks per FSDP shard group, replicated across the rest; 0: all ranks")
+    bnb_version: BnbVersion = "current"
 
     @property
     def dp(self) -> int:

@@ -38,32 +38,45 @@ def config_from_options(options: dict) -> TrainingConfig:
         raise InputError(field, message, allowed) from None
 
 
+HEAD_TARGET = "lm_head"  # peft's name (transformers' CausalLM.lm_head) for the output head as a LoRA target
+
+
 def resolve_lora_targets(config: TrainingConfig, model: ModelSpec) -> tuple[str, ...]:
-    """The linear layer names LoRA adapts; 'all-linear' means every one peft would pick."""
+    """The decoder layers' linear layer names LoRA adapts; 'all-linear' means every one peft would pick (peft's
+    all-linear leaves the output head out; `lm_head` in the list adds it: see adapts_head)."""
     if not config.uses_lora:
         return ()
     return _lora_targets(config.lora_targets, model.id, model.linears)
+
+
+def adapts_head(config: TrainingConfig) -> bool:
+    """Whether LoRA adapts the output head too (`lm_head` among --lora-targets; LitGPT's lora_head)."""
+    return config.uses_lora and HEAD_TARGET in config.lora_targets and HEAD_TARGET in _target_names(config.lora_targets)
+
+
+@lru_cache(maxsize=256)
+def _target_names(targets: str) -> tuple[str, ...]:
+    """The --lora-targets text split once per text: an estimate asks several times."""
+    return tuple(part.strip() for part in targets.split(",") if part.strip())
 
 
 @lru_cache(maxsize=256)
 def _lora_targets(targets: str, model_id: str, linears: tuple[LinearLayer, ...]) -> tuple[str, ...]:
     """The --lora-targets text parsed once per (text, model): an estimate asks several times."""
     adaptable = tuple(linear.name for linear in linears if linear.experts == 1)
+    allowed = "all-linear, " + ", ".join((*adaptable, HEAD_TARGET))
     raw = [part.strip() for part in targets.split(",") if part.strip()]
     if not raw:
-        raise InputError("lora_targets", "is empty", "all-linear or a comma list of " + ", ".join(adaptable))
-    if raw == ["all-linear"]:
+        raise InputError("lora_targets", "is empty", "all-linear or a comma list of " + allowed.split(", ", 1)[1])
+    layers = [name for name in raw if name != HEAD_TARGET]
+    if layers == ["all-linear"]:
         return adaptable
     chosen: list[str] = []
-    for name in raw:
+    for name in layers:
         # "c_proj" in GPT-2 names both attn.c_proj and mlp.c_proj, as peft's suffix match does.
         matches = [candidate for candidate in adaptable if candidate == name or candidate.endswith("." + name)]
         if not matches:
-            raise InputError(
-                "lora_targets",
-                f"{name!r} is not a linear layer of {model_id}",
-                "all-linear, " + ", ".join(adaptable),
-            )
+            raise InputError("lora_targets", f"{name!r} is not a linear layer of {model_id}", allowed)
         chosen.extend(match for match in matches if match not in chosen)
     return tuple(chosen)
 
@@ -88,10 +101,17 @@ class Facts:
     def lora_targets(self) -> tuple[str, ...]:
         return resolve_lora_targets(self.config, self.model)  # may refuse: only asked once LoRA is on
 
+    @cached_property
+    def head(self) -> bool:
+        return adapts_head(self.config)
+
     @property
     def smallest_adapted(self) -> int:
-        return min(min(self.model.linear(name).in_features, self.model.linear(name).out_features)
-                   for name in self.lora_targets)
+        sizes = [min(self.model.linear(name).in_features, self.model.linear(name).out_features)
+                 for name in self.lora_targets]
+        if self.head:
+            sizes.append(min(self.model.hidden_size, self.model.vocab_size))
+        return min(sizes)
 
     @property
     def ranks(self) -> int:
@@ -148,7 +168,7 @@ RULES: tuple[Rule, ...] = (
     _rule("pp", broken=lambda f: f.config.pp > f.model.num_layers,
           message=lambda f: f"{f.config.pp} stages for {f.model.num_layers} layers",
           allowed=lambda f: f"1..{f.model.num_layers}"),
-    _rule("lora_targets", "lora_rank", broken=lambda f: f.config.uses_lora and not f.lora_targets,
+    _rule("lora_targets", "lora_rank", broken=lambda f: f.config.uses_lora and not f.lora_targets and not f.head,
           message=lambda f: f"{f.model.id} has no linear layer LoRA can adapt"),
     _rule("lora_rank", "lora_targets", broken=lambda f: f.config.uses_lora and f.config.lora_rank > f.smallest_adapted,
           message=lambda f: f"{f.config.lora_rank} exceeds the smallest adapted dimension",
@@ -250,6 +270,28 @@ RULES: tuple[Rule, ...] = (
     _rule("activation_offload", "gpus", broken=lambda f: f.config.activation_offload and f.config.gpus > 1,
           message=lambda f: f"is modelled on one GPU; {{gpus}} is {f.config.gpus}",
           allowed=lambda f: "off, or {gpus} 1"),
+    # ---- LoRA on the output head; bitsandbytes before 0.43.2 (issue 11) -------------------------------------
+    _rule("lora_targets", "loss", broken=lambda f: f.head and f.config.loss == "fused-linear",
+          message=lambda f: "fused-linear takes the head's weight alone: an adapter on lm_head cannot be fused in",
+          allowed=lambda f: "{lora_targets} without lm_head, or {loss} standard, chunked"),
+    _rule("lora_targets", "gpus", broken=lambda f: f.head and f.config.gpus > 1,
+          message=lambda f: f"LoRA on lm_head is modelled on one GPU; {{gpus}} is {f.config.gpus}",
+          allowed=lambda f: "{lora_targets} without lm_head, or {gpus} 1"),
+    _rule("lora_targets", "kbit_prep", "lora_dtype",
+          broken=lambda f: f.head and f.config.kbit_prep and f.config.lora_dtype == "compute",
+          message=lambda f: "after {kbit_prep} lm_head is fp32, so its compute-dtype adapter would be fp32 beside "
+                            "16-bit ones: not modelled",
+          allowed=lambda f: "{lora_targets} without lm_head, {kbit_prep} off, or {lora_dtype} fp32"),
+    _rule("bnb_version", "quant", broken=lambda f: f.config.bnb_version == "legacy" and f.config.quant == "int8",
+          message=lambda f: "legacy is bitsandbytes' 4-bit matmul before 0.43.2; its int8 path is not modelled",
+          allowed=lambda f: "current, or legacy with {quant} nf4"),
+    _rule("bnb_version", "gpus", broken=lambda f: f.config.bnb_version == "legacy" and f.config.quant == "nf4"
+          and f.config.gpus > 1,
+          message=lambda f: f"legacy is modelled on one GPU; {{gpus}} is {f.config.gpus}",
+          allowed=lambda f: "current, or {gpus} 1"),
+    _note("bnb_version", "quant", broken=lambda f: f.config.bnb_version == "legacy" and f.config.quant == "none",
+          message=lambda f: "bitsandbytes before 0.43.2 differs only in its 4-bit (nf4) layers; without them the "
+                            "version changes nothing."),
     # ---- hybrid sharding (issue 13) ----
     _rule("shard_group", "zero", broken=lambda f: f.config.shard_group > 0 and f.config.zero < 2,
           message=lambda f: f"HSDP shards through FSDP2; {{zero}} {f.config.zero} does not shard parameters or "

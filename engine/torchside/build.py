@@ -15,8 +15,9 @@ or CPU) train exactly the same thing, and the estimator models exactly that:
   matmul and fused-attention outputs are kept, the pointwise ops are recomputed;
 - LoRA: peft, with --lora-dropout, every other weight frozen; adapters in fp32 (peft's
   autocast_adapter_dtype=True) or, with --lora-dtype compute, in the dtype of the layers they adapt;
+  `lm_head` among the targets adapts the output head too (peft's target_modules);
 - quant: bitsandbytes on CUDA; elsewhere memtui's replicas (memtui.engine.torchside.replicas)
-  that allocate exactly what bitsandbytes allocates; --kbit-prep then runs peft's
+  that allocate exactly what bitsandbytes allocates (--bnb-version legacy: as before 0.43.2); --kbit-prep then runs peft's
   prepare_model_for_kbit_training (checkpointing stays what --checkpointing says);
 - the training step drops the model output before backward (as HF's Trainer does),
   so the logits are not kept alive through backward.
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from memtui.engine.estimator.sim.families import fused_linear_chunk_rows
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.validation import resolve_lora_targets
+from memtui.engine.model.validation import HEAD_TARGET, adapts_head, resolve_lora_targets
 
 if TYPE_CHECKING:
     import torch
@@ -158,7 +159,8 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
         backend = quant_backend
         if backend == "auto":
             backend = "bitsandbytes" if torch.device(device).type == "cuda" else "replica"
-        quantize_linears(model, spec, quant=config.quant, compute_dtype=compute_dtype(config), backend=backend)
+        quantize_linears(model, spec, quant=config.quant, compute_dtype=compute_dtype(config), backend=backend,
+                         legacy=config.bnb_version == "legacy")
     if config.kbit_prep:
         prepare_for_kbit_training(model)
 
@@ -187,6 +189,8 @@ def apply_lora(model, spec: ModelSpec, config: TrainingConfig):
     from peft import LoraConfig, get_peft_model
 
     targets = list(resolve_lora_targets(config, model=spec))
+    if adapts_head(config):
+        targets.append(HEAD_TARGET)  # peft matches the output head by its module name
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=2 * config.lora_rank,

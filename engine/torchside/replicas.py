@@ -10,7 +10,10 @@ states with block-wise absmax) and allocate what its training path allocates:
   tokens) take the dequantize + F.linear path: the nested absmax is
   dequantized to fp32, the offset added, the weight dequantized to the compute
   dtype, multiplied, and freed. Backward dequantizes again for grad_input.
-  Only the quantized weight is saved.
+  Only the quantized weight is saved. Before 0.43.2 (--bnb-version legacy) MatMul4Bit also kept its input
+  (`ctx.tensors = (A, B)` whenever an input needs a gradient: bitsandbytes 0.42.0,
+  bitsandbytes/autograd/_functions.py; dropped by PR #1270, commit 9e75374, released in 0.43.2): a ctx
+  attribute, which no saved-tensor hook sees and backward never releases, alive until the graph is freed.
 - LLM.int8 (MatMul8bitLt): the input is cast to fp16 and quantized row-wise
   (int8 + fp32 row scales), multiplied into an int32 product, dequantized to
   fp16; backward dequantizes the weight to the input dtype.
@@ -35,6 +38,8 @@ class _Nf4MatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module):
         ctx.module = module
+        if module.keeps_input and ctx.needs_input_grad[0]:
+            ctx.tensors = (x, module.weight)  # bitsandbytes before 0.43.2 (the weight is the module's own)
         return module.dequantized_linear(x)
 
     @staticmethod
@@ -49,10 +54,12 @@ class Nf4LinearReplica(nn.Linear):
     An nn.Linear subclass (as bitsandbytes' is) so peft wraps it; see lora_wrappers().
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype, device=None,
+                 keeps_input: bool = False):
         nn.Module.__init__(self)
         n = in_features * out_features
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
+        self.keeps_input = keeps_input  # bitsandbytes before 0.43.2: MatMul4Bit keeps its input (see _Nf4MatMul)
         self.weight = nn.Parameter(torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device), requires_grad=False)
         blocks = math.ceil(n / NF4_BLOCK)
         self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=device))
@@ -143,16 +150,20 @@ def _decoder_linears(model, spec: ModelSpec):
                 yield module, child_name, child
 
 
-def quantize_linears(model, spec: ModelSpec, *, quant: str, compute_dtype: torch.dtype, backend: str) -> None:
-    """Replace the decoder layers' linear layers by quantized ones (the frozen base of QLoRA)."""
+def quantize_linears(model, spec: ModelSpec, *, quant: str, compute_dtype: torch.dtype, backend: str,
+                     legacy: bool = False) -> None:
+    """Replace the decoder layers' linear layers by quantized ones (the frozen base of QLoRA). legacy: the
+    replicas behave as bitsandbytes before 0.43.2 (bitsandbytes itself behaves as the installed release)."""
     replaced = []
     for parent, name, linear in list(_decoder_linears(model, spec)):
         if backend == "bitsandbytes":
             module = _bitsandbytes_linear(linear, quant, compute_dtype)
+        elif quant == "nf4":
+            module = Nf4LinearReplica(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
+                                      device=linear.weight.device, keeps_input=legacy)
         else:
-            cls = Nf4LinearReplica if quant == "nf4" else Int8LinearReplica
-            module = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
-                         device=linear.weight.device)
+            module = Int8LinearReplica(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
+                                       device=linear.weight.device)
         setattr(parent, name, module)
         replaced.append(name)
     model.memtui_replaced = replaced

@@ -56,7 +56,8 @@ def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: 
                        parallel_modelled: list[str]) -> list[str]:
     modelled = ["CUDA context, cuBLAS workspaces and allocator slack (not tensors the step creates)"]
     if config.quant != "none":
-        modelled.append(f"{config.quant} weights: bitsandbytes replaced by allocation-exact replicas")
+        legacy = " (as before 0.43.2: each 4-bit matmul keeps its input)" if config.bnb_version == "legacy" else ""
+        modelled.append(f"{config.quant} weights: bitsandbytes replaced by allocation-exact replicas{legacy}")
     if config.optimizer in ("sgd", "sgd-momentum") and config.optimizer_impl == "fused":
         modelled.append("fused SGD: traced as its foreach twin, which allocates the same (fused SGD has no fake kernel)")
     if config.optimizer == "adamw-8bit":

@@ -167,6 +167,7 @@ class Sim:
         # values min_offload_size is judged at; host bytes packed, by the segment that packed them.
         self.offload_at: LF | None = None
         self.offloaded: dict[str, LF] = {}
+        self.graph_held: list[Tensor] = []  # kept by autograd nodes' ctx attributes: freed with the graph
 
     # ---- allocation bookkeeping -------------------------------------------------------
     def set_segment(self, name: str) -> None:
@@ -315,6 +316,19 @@ class Sim:
         self.nodes.append(node)
         if self._recompute_stop >= 0 and len(self.nodes) - 1 == self._recompute_stop:
             raise StopRecompute
+
+    def keep_until_graph_freed(self, tensor: Tensor) -> None:
+        """A tensor a custom autograd Function keeps as a ctx attribute, not through save_for_backward: no
+        saved-tensor hook (checkpointing, offloading) sees it and backward never releases it, so it lives as long as
+        the node, until the step's graph is freed (free_graph). A recompute's nodes die as its frame unwinds."""
+        self.ref(tensor)
+        if self._recomputing is None:
+            self.graph_held.append(tensor)
+
+    def free_graph(self) -> None:
+        """The loss goes, and with it the graph: what its nodes' ctx attributes kept goes too."""
+        held, self.graph_held = self.graph_held, []
+        self.drop(*held)
 
     def run_backward(self, loss: Tensor) -> None:
         """loss.backward(): seed a scalar gradient and run nodes in reverse creation order."""

@@ -60,6 +60,10 @@ class Options:
     loss_dtype: str = "fp32"  # chunked: fp32 (torchtune's upcast) | compute (LitGPT's chunked_cross_entropy)
     loss_chunk_rows: int = 0  # fused-linear: rows of logits per chunk (Liger's, from the step's tokens)
     lora_dropout: float = 0.0  # peft's nn.Dropout on each adapter's input (--lora-dropout)
+    lora_head: bool = False  # peft's LoRA on lm_head too (`lm_head` in --lora-targets)
+    # bitsandbytes before 0.43.2 (--bnb-version legacy): MatMul4Bit keeps its input as a ctx attribute until the
+    # step's graph is freed (Sim.keep_until_graph_freed)
+    bnb_legacy: bool = False
     # --activation-offload: the decoder's saved tensors go to host memory; min_offload_size is judged at these
     # (tokens, seq_len), capped where every tensor that grows with them is past it (keeps the cache small).
     activation_offload: bool = False
@@ -163,12 +167,17 @@ def lora_branch_bnb(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor,
     return total
 
 
-def lora_branch(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor, Tensor], d_in: int, d_out: int, opts: Options) -> Tensor:
-    """peft's lora.Linear.forward: result + lora_B(lora_A(dropout(x))) * scaling (dropout: nn.Identity at 0)."""
+def lora_branch(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor, Tensor], d_in: int, d_out: int, opts: Options,
+                *, strided: bool = False) -> Tensor:
+    """peft's lora.Linear.forward: result + lora_B(lora_A(dropout(x))) * scaling (dropout: nn.Identity at 0).
+    `strided`: x is a non-contiguous view (a sequence chunk of a batch), which lora_A's reshape copies when
+    neither the dtype cast, the dropout nor autocast made a contiguous tensor of it first."""
     lora_a, lora_b = adapters
     rank = opts.lora_rank
     x_in = ops.cast(sim, x, lora_a.dtype)  # peft casts the input to the adapter's dtype
     x_in = chain(sim, x_in, lambda sim_, t: ops.dropout(sim_, t, opts.lora_dropout))
+    if strided and x_in is x and (sim.autocast_dtype is None or x.dtype == sim.autocast_dtype):
+        x_in = chain(sim, x_in, ops.contiguous_copy)
     hidden = ops.linear(sim, x_in, lora_a, rank, d_in)
     sim.drop(x_in)
     delta = ops.linear(sim, hidden, lora_b, d_out, rank)
@@ -189,6 +198,9 @@ def quantized_linear(sim: Sim, x: Tensor, weight: Tensor, d_in: int, d_out: int,
     n = d_in * d_out
     if opts.quant == "nf4":
         x_c = ops.cast(sim, x, opts.compute)  # Linear4bit casts its input to compute_dtype
+        if opts.bnb_legacy and x_c.requires_grad:
+            # bitsandbytes before 0.43.2, MatMul4Bit.forward: `if any(ctx.needs_input_grad[:2]): ctx.tensors = (A, B)`
+            sim.keep_until_graph_freed(x_c)
         absmax_dq = sim.new(const(4 * -(-n // 64) / 4), "f32", name="absmax dequantized")
         absmax = sim.new(const(4 * -(-n // 64) / 4), "f32", name="absmax + offset")
         dequantized = sim.new(const(n), opts.compute, name="dequantized weight")

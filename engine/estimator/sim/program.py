@@ -39,6 +39,7 @@ from memtui.engine.estimator.sim.families import (
     llama_layer_params,
     fused_linear_chunk_rows,
     gather_tokens,
+    lora_branch,
     norm_weight,
     chain,
     rms_norm,
@@ -47,8 +48,9 @@ from memtui.engine.estimator.sim.families import (
 )
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.validation import resolve_lora_targets
+from memtui.engine.model.validation import adapts_head, resolve_lora_targets
 
+GRAPH_FREED = "graph_freed"  # the loss dropped after backward: the graph goes, with what its ctx attributes kept
 FORWARD_SEGMENTS = ("inputs", "embed_fwd", "layer_fwd", "head_fwd")
 _BACKWARD_OF = {
     "embed_fwd": "embed_bwd", "first_fwd": "first_bwd", "mid_fwd": "mid_bwd", "last_fwd": "last_bwd", "head_fwd": "head_bwd",
@@ -91,6 +93,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         lora_targets=resolve_lora_targets(config, spec),
         lora_dtype={"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[config.adapter_dtype],
         lora_dropout=config.lora_dropout if config.uses_lora else 0.0,
+        lora_head=adapts_head(config),
+        bnb_legacy=config.bnb_version == "legacy" and config.quant == "nf4",
         quant=config.quant,
         tied=spec.tie_word_embeddings,
         qkv_bias=spec.linears[0].bias,
@@ -205,6 +209,10 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         head = embed
     else:
         head = sim.parameter((float(d.vocab * d.hidden), 0, 0, 0, 0), embed_dtype, name="lm_head", trainable=not frozen)
+    # peft's LoRA on lm_head: its adapters follow the head's parameters (tied or not, the adapters are its own).
+    head_adapters = (sim.parameter(const(d.hidden * opts.lora_rank), opts.lora_dtype, name="lm_head.lora_A", trainable=True),
+                     sim.parameter(const(opts.lora_rank * d.vocab), opts.lora_dtype, name="lm_head.lora_B", trainable=True)
+                     ) if opts.lora_head else None
 
     sim.set_segment("inputs")
     ids = sim.new(per_token(1), "i64", name="input_ids")  # labels are the same tensor
@@ -292,10 +300,10 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     sim.drop(out, mask, second_mask)  # LlamaModel.forward returns: its causal masks go
     kept: list[Tensor] = []  # what the training loop keeps referenced through backward
     if opts.loss == "chunked" and opts.loss_dtype == "compute":
-        loss, kept = litgpt_chunked_loss(sim, normed, head, ids, d, opts)
+        loss, kept = litgpt_chunked_loss(sim, normed, head, ids, d, opts, head_adapters)
         sim.drop(normed)
     elif opts.loss == "chunked":
-        loss = chunked_output_loss(sim, normed, head, d, opts)
+        loss = chunked_output_loss(sim, normed, head, d, opts, head_adapters)
         sim.drop(normed)
     elif opts.loss == "fused-linear":
         loss = fused_linear_loss(sim, normed, head, d, opts)
@@ -303,6 +311,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     else:
         head_input = gather_tokens(sim, normed, opts)  # ColwiseParallel(input Shard(1)): all-gathered
         logits = ops.linear(sim, head_input, head, d.vocab, d.hidden)
+        if head_adapters is not None:
+            logits = lora_branch(sim, head_input, logits, head_adapters, d.hidden, d.vocab, opts)
         sim.drop(head_input)
         if opts.logit_softcap:
             logits = softcap(sim, logits)
@@ -316,7 +326,9 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     sim.phase = "backward"
     sim.segment_of_node = {**_BACKWARD_OF, **{f"{name}_fwd": f"{name}_bwd" for name in segments}}
     sim.run_backward(loss)
+    sim.set_segment(GRAPH_FREED)
     sim.drop(loss, *kept)
+    sim.free_graph()
     if input_leaf is not None:
         sim.drop(input_leaf)
     sim.set_segment("end")
@@ -367,7 +379,8 @@ def shifted_labels(sim: Sim) -> Tensor:
     return shifted
 
 
-def chunked_output_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: Options) -> Tensor:
+def chunked_output_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: Options,
+                        head_adapters: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """torchtune's chunked output and CEWithChunkedOutputLoss (build.chunked_output_loss).
 
     Alive together at the last chunk: every chunk's logits in the compute dtype (the model's list),
@@ -375,7 +388,7 @@ def chunked_output_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: O
     """
     parts_count = opts.loss_chunks
     shifted = shifted_labels(sim)
-    logits = chunked_head(sim, normed, head, d, opts)
+    logits = chunked_head(sim, normed, head, d, opts, head_adapters)
     total = None
     for logit in logits:
         target = sim.new(lf_scale(shifted.elems, 1 / parts_count), "i64", name="target chunk") if opts.batched else None
@@ -399,7 +412,8 @@ def chunked_output_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: O
     return loss
 
 
-def chunked_head(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: Options) -> list[Tensor]:
+def chunked_head(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: Options,
+                 head_adapters: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
     """The head's output per sequence chunk, in the compute dtype: a list the caller holds."""
     # A sequence chunk of a (b, s, h) batch is not contiguous: linear's reshape copies it (kept for the
     # weight's gradient) unless autocast's cast already made a contiguous copy.
@@ -407,9 +421,12 @@ def chunked_head(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: Options)
     logits = []
     for part in ops.chunk(sim, normed, opts.loss_chunks):
         operand = ops.contiguous_copy(sim, part) if copies else sim.ref(part)
-        sim.drop(part)
-        logits.append(ops.linear(sim, operand, head, d.vocab, d.hidden))
+        logit = ops.linear(sim, operand, head, d.vocab, d.hidden)
         sim.drop(operand)
+        if head_adapters is not None:  # peft's LoRA lm_head, called on each chunk
+            logit = lora_branch(sim, part, logit, head_adapters, d.hidden, d.vocab, opts, strided=opts.batched)
+        logits.append(logit)
+        sim.drop(part)
     return logits
 
 
@@ -423,8 +440,8 @@ def _cat_backward_views(sim: Sim, node, grad):
     return [(part, sim.alias(grad, part.elems)) for part in node.inputs if part.requires_grad]
 
 
-def litgpt_chunked_loss(sim: Sim, normed: Tensor, head: Tensor, ids: Tensor, d: Dims,
-                        opts: Options) -> tuple[Tensor, list[Tensor]]:
+def litgpt_chunked_loss(sim: Sim, normed: Tensor, head: Tensor, ids: Tensor, d: Dims, opts: Options,
+                        head_adapters: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
     """LitGPT's chunked head and chunked_cross_entropy, as its finetune loop runs them (build.litgpt_chunked_loss).
 
     No fp32 upcast: each chunk's log-probabilities are kept for backward in the logits' dtype (fp32 only where
@@ -436,7 +453,7 @@ def litgpt_chunked_loss(sim: Sim, normed: Tensor, head: Tensor, ids: Tensor, d: 
     """
     parts_count = opts.loss_chunks
     chunk_tokens = lf_scale(per_token(1), 1 / parts_count)
-    logits = chunked_head(sim, normed, head, d, opts)
+    logits = chunked_head(sim, normed, head, d, opts, head_adapters)
     last = ops.slice_view(sim, logits[-1], 1.0)  # logits[-1] = logits[-1][..., :-1, :]
     sim.drop(logits[-1])
     logits[-1] = last
@@ -523,9 +540,9 @@ def _plus(live: dict[str, LF], extra: dict[str, LF], times: float) -> dict[str, 
 _PHASE_OF_SEGMENT = {
     "inputs": "forward", "embed_fwd": "forward", "first_fwd": "forward", "mid_fwd": "forward", "last_fwd": "forward",
     "head_fwd": "loss", "forward_end": "loss", "head_bwd": "backward", "last_bwd": "backward", "mid_bwd": "backward",
-    "first_bwd": "backward", "embed_bwd": "backward", "end": "backward",
+    "first_bwd": "backward", "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
 }
-_AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", "")
+_AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", GRAPH_FREED, "")
 
 
 @lru_cache(maxsize=256)
@@ -583,8 +600,10 @@ def compile_step(d: Dims, opts: Options, layers: int) -> StepProgram:
 
 def _layer_buckets(sim: Sim) -> tuple[dict[str, LF], dict[str, LF], dict[str, LF]]:
     """What one middle layer keeps past the next layer's forward, keeps until backward, and leaves after it."""
+    # A layer done with backward leaves its gradients and, until the graph is freed, what ctx attributes keep.
+    left = _plus(_bucket(sim, "mid_bwd", ("",)), _bucket(sim, "mid_fwd", (GRAPH_FREED,)), 1)
     return (_bucket(sim, "mid_fwd", ("forward_end", "head_fwd", "head_bwd") + _AFTER_FORWARD),
-            _bucket(sim, "mid_fwd", _AFTER_FORWARD), _bucket(sim, "mid_bwd", ("",)))
+            _bucket(sim, "mid_fwd", _AFTER_FORWARD), left)
 
 
 def _total(live: dict[str, LF]) -> LF:
