@@ -421,7 +421,7 @@ def softmax_with_sinks(sim: Sim, masked: Tensor, sinks: Tensor, d: Dims, value_d
     sink_column = ops.expand_view(sim, sinks, column)  # sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)
     combined = ops.cat_unequal(sim, [masked, sink_column], lf_add(masked.elems, column))
     sim.drop(sink_column)
-    row_max = ops.max_last(sim, combined, column)
+    row_max = ops.topk(sim, combined, column)  # combined.max(dim=-1, keepdim=True).values
     shifted = ops.sub(sim, combined, row_max)
     sim.drop(combined, row_max)
     probs = ops.softmax(sim, shifted, shifted.dtype)

@@ -282,21 +282,6 @@ def add_(sim: Sim, x: Tensor, other: Tensor) -> Tensor:
     return result
 
 
-def _max_backward(sim: Sim, node, grad):
-    """value_selecting_reduction_backward: the gradient scattered into zeros of the input's size."""
-    x = node.inputs[0]
-    return [(x, sim.new(x.elems, grad.dtype, name="max backward"))]
-
-
-def max_last(sim: Sim, x: Tensor, elems: LF) -> Tensor:
-    """x.max(dim=-1, keepdim=True).values: values and int64 indices; the indices are saved for backward."""
-    indices = sim.new(elems, "i64", name="max indices")
-    out = sim.new(elems, x.dtype, name="max values")
-    sim.record("max", out, [x], [indices], _max_backward)
-    sim.drop(indices)
-    return out
-
-
 def _sub_backward(sim: Sim, node, grad):
     """SubBackward0: the subtrahend's gradient is -grad at full size (then summed to its shape)."""
     x, other = node.inputs
@@ -384,7 +369,7 @@ def gather_rows(sim: Sim, x: Tensor, elems: LF, rows: LF) -> Tensor:
 
 def topk(sim: Sim, x: Tensor, elems: LF) -> Tensor:
     """torch.topk(x, k): the values (a new tensor) and int64 indices, saved for backward, which scatters the
-    gradient into zeros of the input's size."""
+    gradient into zeros of the input's size. x.max(dim, keepdim=True).values allocates and saves the same."""
     indices = sim.new(elems, "i64", name="topk indices")
     out = sim.new(elems, x.dtype, name="topk values")
     sim.record("topk", out, [x], [indices], _gather_backward)
