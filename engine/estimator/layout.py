@@ -73,6 +73,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
         if linear.bias:
             biases += linear.out_features * linear.experts // tp
     layer_other = biases + model.norms_per_layer * model.norm_params + model.qk_norm_params + model.router_params
+    layer_other += sum(model.layer_vectors)
     layer_params = linear_weights + layer_other
 
     embedding = model.embedding_params // tp if first_stage else 0
@@ -95,6 +96,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
     tensors_per_layer = len(model.linears) + sum(1 for linear in model.linears if linear.bias)
     tensors_per_layer += model.norms_per_layer * (2 if model.norm == "layer" else 1)
     tensors_per_layer += (2 if model.qk_norm else 0) + (1 if model.is_moe else 0)
+    tensors_per_layer += len(model.layer_vectors)
     lora_tensors = 2 * len(targets)
     extra_tensors = (2 if model.positions == "learned" else 1) + (0 if model.tie_word_embeddings else 1)
     extra_tensors += 2 if model.norm == "layer" else 1
@@ -152,6 +154,7 @@ def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec) -> list[in
     per_layer += norm_tensors * model.norms_per_layer
     per_layer += list(model.qk_norm_widths) if model.qk_norm else []
     per_layer += [model.router_params] if model.is_moe else []
+    per_layer += list(model.layer_vectors)
     numels = per_layer * layers
     if config.pp == 1:
         numels.append(model.vocab_size * model.hidden_size // tp)

@@ -23,7 +23,7 @@ from memtui.engine.errors import InputError
 
 Family = Literal[
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "mixtral", "olmo2", "gemma3", "qwen3_moe",
-    "generic",
+    "gpt_oss", "generic",
 ]
 
 # model_type in config.json -> family; the family decides the layer layout.
@@ -41,6 +41,7 @@ SUPPORTED_MODEL_TYPES: dict[str, Family] = {
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",  # the multimodal config: its text_config (see _text_config)
     "qwen3_moe": "qwen3_moe",
+    "gpt_oss": "gpt_oss",
 }
 
 # The HF class a family trains with.
@@ -57,6 +58,7 @@ CAUSAL_LM_CLASS: dict[Family, str] = {
     "olmo2": "Olmo2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 
 # Families whose decoder layers normalise queries and keys (q_norm, k_norm).
@@ -64,7 +66,11 @@ QK_NORM_FAMILIES = ("qwen3", "olmo2", "gemma3", "qwen3_moe")
 # Families with Gemma's scaled embeddings, (1 + weight) RMSNorm and GELU (tanh) MLP.
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
 # Families with mixture-of-experts MLPs (experts stored as stacked 3D tensors).
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
+# Families transformers trains with eager attention whatever is asked: GptOss declares no SDPA support (SDPA
+# would drop its attention sinks), so transformers' default falls back to eager, which the OpenAI cookbook's
+# fine-tune also sets; FlashAttention with sinks comes only from a Hub kernel (kernels-community/vllm-flash-attn3).
+EAGER_ONLY_FAMILIES = ("gpt_oss",)
 
 # Gemma3TextConfig's defaults (transformers): a multimodal Gemma 3 config.json's text_config names only
 # what differs from them.
@@ -148,6 +154,11 @@ class ModelSpec(BaseModel):
         return self.num_experts * self.hidden_size if self.is_moe else 0
 
     @property
+    def layer_vectors(self) -> tuple[int, ...]:
+        """Per-layer parameter vectors besides biases and norms: gpt-oss's router bias and attention sinks."""
+        return (self.num_experts, self.num_heads) if self.family == "gpt_oss" else ()
+
+    @property
     def layer_linear_params(self) -> int:
         return sum(linear.params for linear in self.linears)
 
@@ -158,6 +169,7 @@ class ModelSpec(BaseModel):
             + self.norms_per_layer * self.norm_params
             + self.qk_norm_params
             + self.router_params
+            + sum(self.layer_vectors)
         )
 
     @property
@@ -309,6 +321,7 @@ _NAME_KEYS = ("model_type", "hidden_act", "hidden_activation", "activation_funct
 _PROBABILITY_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 _POSITIVE_NUMBER_KEYS = (
     "rope_theta", "rms_norm_eps", "layer_norm_epsilon", "final_logit_softcapping", "attn_logit_softcapping",
+    "swiglu_limit",
 )
 
 
@@ -470,11 +483,15 @@ def _sizes(config: dict[str, Any], family: Family, source: str) -> _Sizes:
         intermediate = _require(config, source, "moe_intermediate_size")  # every layer's MLP is the experts'
         kv_heads = _optional(config, "num_key_value_heads", heads)
         max_positions = _optional(config, "max_position_embeddings", 4096)
+    elif family == "gpt_oss":  # GptOssConfig's own defaults, not Llama's
+        intermediate = _require(config, source, "intermediate_size")
+        kv_heads = _optional(config, "num_key_value_heads", 8)
+        max_positions = _optional(config, "max_position_embeddings", 131_072)
     else:
         intermediate = _require(config, source, "intermediate_size")
         kv_heads = _optional(config, "num_key_value_heads", heads)
         max_positions = _optional(config, "max_position_embeddings", 4096)
-    head_dim = config.get("head_dim")
+    head_dim = config.get("head_dim", 64 if family == "gpt_oss" else None)
     if head_dim is None:
         if hidden % heads:
             raise InputError(f"{source}: num_attention_heads", f"{heads} does not divide hidden_size {hidden}")
@@ -494,7 +511,7 @@ def _experts(config: dict[str, Any], family: Family, source: str) -> tuple[int, 
     """(experts, experts per token); (0, 0) for a dense family."""
     if family not in MOE_FAMILIES:
         return 0, 0
-    experts = _require(config, source, "num_local_experts" if family == "mixtral" else "num_experts")
+    experts = _require(config, source, "num_experts" if family == "qwen3_moe" else "num_local_experts")
     experts_per_token = _require(config, source, "num_experts_per_tok")
     if family == "qwen3_moe":
         # memtui replays identical decoder layers: every one must be a sparse (MoE) layer.
@@ -528,18 +545,20 @@ def _linears(config: dict[str, Any], family: Family, sizes: _Sizes, experts: int
             LinearLayer(name="down_proj", in_features=intermediate, out_features=hidden, bias=False),
         )
     if family in MOE_FAMILIES:
-        attention_bias = family == "qwen3_moe" and _optional(config, "attention_bias", False)
+        # GptOssConfig's attention_bias defaults to true; its experts always have biases
+        attention_bias = family in ("qwen3_moe", "gpt_oss") and _optional(config, "attention_bias", family == "gpt_oss")
+        expert_bias = family == "gpt_oss"
         return (
             LinearLayer(name="q_proj", in_features=hidden, out_features=q_dim, bias=attention_bias),
             LinearLayer(name="k_proj", in_features=hidden, out_features=kv_dim, bias=attention_bias),
             LinearLayer(name="v_proj", in_features=hidden, out_features=kv_dim, bias=attention_bias),
             LinearLayer(name="o_proj", in_features=q_dim, out_features=hidden, bias=attention_bias),
             LinearLayer(
-                name="experts.gate_up_proj", in_features=hidden, out_features=2 * intermediate, bias=False,
+                name="experts.gate_up_proj", in_features=hidden, out_features=2 * intermediate, bias=expert_bias,
                 experts=experts,
             ),
             LinearLayer(
-                name="experts.down_proj", in_features=intermediate, out_features=hidden, bias=False,
+                name="experts.down_proj", in_features=intermediate, out_features=hidden, bias=expert_bias,
                 experts=experts,
             ),
         )
@@ -568,6 +587,24 @@ def _text_config(config: Any, source: str) -> tuple[Any, tuple[str, ...]]:
     return merged, (note,)
 
 
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gpt_oss_notes(config: dict[str, Any], layers: int, source: str) -> tuple[str, ...]:
+    """gpt-oss: its layer_types checked (the replay reads them); a note when the checkpoint is MXFP4."""
+    layer_types = config.get("layer_types")
+    if layer_types is not None and not (
+        isinstance(layer_types, list) and len(layer_types) == layers and all(kind in LAYER_TYPES for kind in layer_types)
+    ):
+        raise InputError(f"{source}: layer_types", f"must list one kind per layer ({layers})", ", ".join(LAYER_TYPES))
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4":
+        return (f"{source} names an MXFP4-quantized checkpoint: memtui models training its bf16 weights, "
+                "dequantized at load (Mxfp4Config(dequantize=True), as the OpenAI cookbook's TRL fine-tune loads "
+                "them); MXFP4 experts cannot be trained.",)
+    return ()
+
+
 def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str) -> ModelSpec:
     """Build a ModelSpec from a config.json dict; `source` names the file in errors."""
     config, notes = _text_config(config, source)
@@ -577,6 +614,8 @@ def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str
     _check_fields(config, source)
     sizes = _sizes(config, family, source)
     experts, experts_per_token = _experts(config, family, source)
+    if family == "gpt_oss":
+        notes += _gpt_oss_notes(config, sizes.layers, source)
     meta = _optional(config, "_memtui", {})
     hidden_act = config.get("hidden_act") or config.get("hidden_activation") or config.get("activation_function")
     softcapped = family in ("gemma2", "gemma3")

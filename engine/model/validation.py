@@ -14,7 +14,7 @@ from functools import cached_property, lru_cache
 from pydantic import ValidationError
 
 from memtui.engine.errors import InputError
-from memtui.engine.model.architectures import LinearLayer, ModelSpec
+from memtui.engine.model.architectures import EAGER_ONLY_FAMILIES, LinearLayer, ModelSpec
 from memtui.engine.model.specs import GpuSpec, TrainingConfig
 
 
@@ -232,6 +232,14 @@ RULES: tuple[Rule, ...] = (
     _note("model", broken=lambda f: f.model.is_moe,
           message=lambda f: "MoE: transformers' grouped_mm experts process tokens x top-k rows whatever the routing, "
                             "so the step's memory does not depend on which experts the router picks."),
+    _note("attention", "model", broken=lambda f: f.model.family in EAGER_ONLY_FAMILIES and f.config.attention == "flash",
+          message=lambda f: f"{f.model.id}: transformers has no SDPA path for gpt-oss's attention sinks, so the step "
+                            "runs eager attention (s x s scores per head), as transformers picks by default."),
+    _rule("checkpointing", "model",
+          broken=lambda f: f.model.family == "gpt_oss" and f.config.checkpointing == "selective",
+          message=lambda f: "selective checkpointing saves the experts' grouped_mm outputs, which gpt-oss adds its "
+                            "expert biases to in place (PyTorch refuses the step)",
+          allowed=lambda f: "none, full"),
     _rule("loss", "gpus", broken=lambda f: f.config.loss != "standard" and f.config.gpus > 1,
           message=lambda f: f"{f.config.loss} is modelled on one GPU; {{gpus}} is {f.config.gpus}",
           allowed=lambda f: "standard, or {gpus} 1"),

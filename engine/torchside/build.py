@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from memtui.engine.estimator.sim.families import fused_linear_chunk_rows
-from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.architectures import EAGER_ONLY_FAMILIES, ModelSpec
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.model.validation import HEAD_TARGET, adapts_head, resolve_lora_targets
 
@@ -78,8 +78,8 @@ def hf_config(spec: ModelSpec, config: TrainingConfig | None = None, **overrides
     model_type = values.pop("model_type")
     hf = AutoConfig.for_model(model_type, **values)
     attention = "sdpa" if config is not None and config.attention == "flash" else "eager"
-    if spec.family in _SOFTCAP_FAMILIES:
-        attention = "eager"  # transformers refuses SDPA here; see _use_fused_attention
+    if spec.family in _SOFTCAP_FAMILIES or spec.family in EAGER_ONLY_FAMILIES:
+        attention = "eager"  # transformers refuses SDPA here; see _use_fused_attention and EAGER_ONLY_FAMILIES
     hf._attn_implementation = attention
     return hf
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from memtui.engine.estimator.sim import ops
 from memtui.engine.model.architectures import GEMMA_FAMILIES, MOE_FAMILIES, QK_NORM_FAMILIES
-from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_scale, per_position
+from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_add, lf_scale, per_position, per_token
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ class LayerParams:
     lora: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     norms: list[Tensor] = field(default_factory=list)
     qk_norms: list[Tensor] = field(default_factory=list)  # q_norm, k_norm weights
+    sinks: Tensor | None = None  # gpt-oss: one learned attention sink per head
 
 
 # ---- parameters -------------------------------------------------------------------------------
@@ -339,7 +340,7 @@ def attend_and_project(
     sim: Sim, q: Tensor, k: Tensor, v: Tensor, p: LayerParams, d: Dims, opts: Options, *, copy_output: bool = False
 ) -> Tensor:
     """The attention core, then o_proj."""
-    attn = attention_core(sim, q, k, v, d, opts)
+    attn = attention_core(sim, q, k, v, d, opts, p.sinks)
     if copy_output and opts.attention == "flash":
         copied = ops.contiguous_copy(sim, attn)
         sim.drop(attn)
@@ -366,7 +367,9 @@ def gather_tokens(sim: Sim, x: Tensor, opts: Options) -> Tensor:
     return ops.all_gather_tokens(sim, x, opts.sequence_parallel)
 
 
-def attention_core(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options) -> Tensor:
+def attention_core(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options, sinks: Tensor | None = None) -> Tensor:
+    if sinks is not None:  # gpt-oss: eager attention whatever --attention says (EAGER_ONLY_FAMILIES)
+        return eager_attention(sim, q, k, v, d, opts, sinks)
     if opts.attention == "flash":
         mask = getattr(sim, "window_mask", None) if opts.window_mask and not opts.full_attention_layers else None
         if mask is not None and opts.family == "gemma3" and d.heads > d.kv_heads:
@@ -382,18 +385,19 @@ def attention_core(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Opt
     return eager_attention(sim, q, k, v, d, opts)
 
 
-def eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options) -> Tensor:
+def eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options, sinks: Tensor | None = None) -> Tensor:
     """transformers' eager_attention_forward: repeat_kv, QK^T, mask, fp32 softmax, dropout, PV.
 
     RoPE's outputs keep the token-major layout of the projections, so bmm's reshape
-    copies q (and k and v when no repeat_kv made them contiguous).
+    copies q (and k and v when no repeat_kv made them contiguous). gpt-oss (`sinks`): its RoPE ends in a cat,
+    which lays q and k out head-major, so they need no copy; the softmax runs over the scores and a sink column.
     """
     groups = d.heads // d.kv_heads
     k_full = ops.contiguous_copy(sim, k, q.elems) if groups > 1 else sim.ref(k)
     v_full = ops.contiguous_copy(sim, v, q.elems) if groups > 1 else sim.ref(v)
     scores_elems = (0.0, 0.0, float(d.heads), 0.0, 0.0)  # b * heads * s * s
-    k_operand = _bmm_operand(sim, k_full, needs_copy=groups == 1)
-    q_operand = _bmm_operand(sim, q, needs_copy=True)
+    k_operand = _bmm_operand(sim, k_full, needs_copy=groups == 1 and sinks is None)
+    q_operand = _bmm_operand(sim, q, needs_copy=sinks is None)
     scores = ops.matmul(sim, q_operand, k_operand, scores_elems)
     sim.drop(q_operand, k_operand)
     scaled = ops.mul_scalar(sim, scores)
@@ -402,19 +406,43 @@ def eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Op
         scaled = softcap(sim, scaled)
     masked = ops.add(sim, scaled, sim.causal_mask)  # type: ignore[attr-defined]
     sim.drop(scaled)
-    probs = ops.softmax(sim, masked, "f32" if opts.eager_softmax_f32 else None)
-    sim.drop(masked)
-    probs_c = ops.cast(sim, probs, q.dtype)  # .to(query.dtype)
-    sim.drop(probs)
-    dropped = ops.dropout(sim, probs_c, opts.attention_dropout)
-    sim.drop(probs_c)
+    if sinks is not None:
+        dropped, shifted = softmax_with_sinks(sim, masked, sinks, d, v.dtype)
+        sim.drop(masked)  # `attn_weights` is rebound to the probabilities
+    else:
+        probs = ops.softmax(sim, masked, "f32" if opts.eager_softmax_f32 else None)
+        sim.drop(masked)
+        probs_c = ops.cast(sim, probs, q.dtype)  # .to(query.dtype)
+        sim.drop(probs)
+        dropped = ops.dropout(sim, probs_c, opts.attention_dropout)
+        sim.drop(probs_c)
+        shifted = None
     p_operand = _bmm_operand(sim, dropped, needs_copy=False)
     v_operand = _bmm_operand(sim, v_full, needs_copy=groups == 1)
     out = ops.matmul(sim, p_operand, v_operand, q.elems)
     sim.drop(p_operand, v_operand, dropped)
     transposed = ops.contiguous_copy(sim, out)  # attn_output.transpose(1, 2).contiguous()
-    sim.drop(out, k_full, v_full)
+    sim.drop(out, k_full, v_full, shifted)
     return transposed
+
+
+def softmax_with_sinks(sim: Sim, masked: Tensor, sinks: Tensor, d: Dims, value_dtype: str) -> tuple[Tensor, Tensor]:
+    """gpt-oss's eager_attention_forward past the mask: cat the per-head sink as a last column, subtract the
+    row max, softmax in that dtype, drop the sink column (a view), dropout (identity at 0), `.to(value dtype)`.
+    Returns the probabilities and the shifted logits (held by `combined_logits` until the function returns)."""
+    column = per_token(d.heads)  # (b, heads, s, 1)
+    sink_column = ops.expand_view(sim, sinks, column)  # sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)
+    combined = ops.cat_unequal(sim, [masked, sink_column], lf_add(masked.elems, column))
+    sim.drop(sink_column)
+    row_max = ops.topk(sim, combined, column)  # combined.max(dim=-1, keepdim=True).values
+    shifted = ops.sub(sim, combined, row_max)
+    sim.drop(combined, row_max)
+    probs = ops.softmax(sim, shifted, shifted.dtype)
+    scores = ops.slice_view(sim, probs, 1.0, masked.elems)  # probs[..., :-1]
+    sim.drop(probs)
+    out = ops.cast(sim, scores, value_dtype)
+    sim.drop(scores)
+    return out, shifted
 
 
 def _bmm_operand(sim: Sim, x: Tensor, *, needs_copy: bool) -> Tensor:
@@ -583,14 +611,16 @@ def llama_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos
     if opts.family == "olmo2":
         return olmo2_layer(sim, x, p, d, opts, cos, sin)
     phi3 = opts.family == "phi3"
-    normed = rms_norm(sim, x, p.norms[0], d.hidden)
+    gpt_oss = opts.family == "gpt_oss"  # GptOssRMSNorm multiplies by the weight before casting back, as OLMo 2's
+    normed = rms_norm(sim, x, p.norms[0], d.hidden, olmo=gpt_oss)
     gathered = gather_tokens(sim, normed, opts)  # self_attn's input, held until it returns
-    attn = (phi3_attention if phi3 else llama_attention)(sim, gathered, p, d, opts, cos, sin)
+    attention = phi3_attention if phi3 else gpt_oss_attention if gpt_oss else llama_attention
+    attn = attention(sim, gathered, p, d, opts, cos, sin)
     sim.drop(gathered, normed)  # `hidden_states` is rebound only when self_attn returns
     residual = ops.add(sim, x, attn)
     sim.drop(attn)
-    normed = rms_norm(sim, residual, p.norms[1], d.hidden)
-    mlp = moe_block if opts.family in MOE_FAMILIES else phi3_mlp if phi3 else llama_mlp
+    normed = rms_norm(sim, residual, p.norms[1], d.hidden, olmo=gpt_oss)
+    mlp = gpt_oss_moe if gpt_oss else moe_block if opts.family in MOE_FAMILIES else phi3_mlp if phi3 else llama_mlp
     gathered = gather_tokens(sim, normed, opts)
     mlp_out = mlp(sim, gathered, p, d, opts)
     sim.drop(gathered, normed)
@@ -613,6 +643,8 @@ def llama_layer_params(sim: Sim, d: Dims, opts: Options) -> LayerParams:
     make_linear(sim, p, "k_proj", h, d.kv_dim, opts, opts.qkv_bias)
     make_linear(sim, p, "v_proj", h, d.kv_dim, opts, opts.qkv_bias)
     make_linear(sim, p, "o_proj", d.q_dim, h, opts, opts.o_bias)
+    if opts.family == "gpt_oss":
+        return gpt_oss_layer_params(sim, p, d, opts)
     if opts.family in MOE_FAMILIES:
         make_linear(sim, p, "gate", h, d.experts, opts, False)  # the router
         for name, d_in, d_out in (("experts.gate_up_proj", h, 2 * d.intermediate), ("experts.down_proj", d.intermediate, h)):
@@ -651,18 +683,118 @@ def olmo2_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos
     return out
 
 
-def rotary(sim: Sim, d: Dims, dtype: str) -> tuple[Tensor, Tensor]:
-    """LlamaRotaryEmbedding under no_grad: (1, s, head_dim) cos and sin in the hidden states' dtype."""
-    grad_off = sim.new(per_position(d.head_dim), "f32", name="rope freqs")
-    cos = sim.new(per_position(d.head_dim), "f32", name="rope cos")
-    sin = sim.new(per_position(d.head_dim), "f32", name="rope sin")
+def rotary(sim: Sim, d: Dims, dtype: str, width: int = 0) -> tuple[Tensor, Tensor]:
+    """LlamaRotaryEmbedding under no_grad: (1, s, head_dim) cos and sin in the hidden states' dtype
+    (`width`: gpt-oss's are head_dim / 2 wide, the frequencies not repeated)."""
+    width = width or d.head_dim
+    grad_off = sim.new(per_position(width), "f32", name="rope freqs")
+    cos = sim.new(per_position(width), "f32", name="rope cos")
+    sin = sim.new(per_position(width), "f32", name="rope sin")
     sim.drop(grad_off)
     if dtype != "f32":
-        cos16 = sim.new(per_position(d.head_dim), dtype, name="rope cos cast")
-        sin16 = sim.new(per_position(d.head_dim), dtype, name="rope sin cast")
+        cos16 = sim.new(per_position(width), dtype, name="rope cos cast")
+        sin16 = sim.new(per_position(width), dtype, name="rope sin cast")
         sim.drop(cos, sin)
         cos, sin = cos16, sin16
     return cos, sin
+
+
+# ---- gpt-oss: attention sinks, half-width RoPE, biased experts with a clamped SwiGLU -------------------------
+def gpt_oss_layer_params(sim: Sim, p: LayerParams, d: Dims, opts: Options) -> LayerParams:
+    """GptOssDecoderLayer's parameters after q, k, v, o: the sinks, the router (weight and bias: Parameters,
+    not an nn.Linear, so never quantized), the experts' stacked weights and biases, two norms."""
+    h = d.hidden
+    p.sinks = norm_weight(sim, d.heads, opts, "sinks")
+    make_linear(sim, p, "router", h, d.experts, opts, True)
+    p.linears["router"].quantized = False  # type: ignore[attr-defined]
+    for name, d_in, d_out in (("experts.gate_up_proj", h, 2 * d.intermediate), ("experts.down_proj", d.intermediate, h)):
+        make_linear(sim, p, name, d_in, d_out * d.experts, opts, True)
+    p.norms = [norm_weight(sim, h, opts, "input_layernorm"), norm_weight(sim, h, opts, "post_attention_layernorm")]
+    return p
+
+
+def gpt_oss_rope(sim: Sim, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """gpt-oss's _apply_rotary_emb: halves by chunk, first * cos - second * sin and second * cos + first * sin,
+    then cat (a new tensor, laid out head-major)."""
+    first, second = ops.chunk(sim, x, 2)
+    halves = []
+    for a, b, combine in ((first, second, ops.sub), (second, first, ops.add)):
+        with_cos = ops.mul(sim, a, cos)
+        with_sin = ops.mul(sim, b, sin)
+        halves.append(combine(sim, with_cos, with_sin))
+        sim.drop(with_cos, with_sin)
+    out = ops.cat(sim, halves, x.elems)
+    sim.drop(*halves, first, second)
+    return out
+
+
+def gpt_oss_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: Tensor, sin: Tensor) -> Tensor:
+    """GptOssAttention.forward: biased projections, RoPE, eager attention with the sinks, o_proj."""
+    h = d.hidden
+    q_lin = apply_linear(sim, x, p, "q_proj", h, d.q_dim, opts)
+    q = ops.view_needing_copy_in_backward(sim, q_lin)
+    k_lin = apply_linear(sim, x, p, "k_proj", h, d.kv_dim, opts)
+    k = ops.view_needing_copy_in_backward(sim, k_lin)
+    v_lin = apply_linear(sim, x, p, "v_proj", h, d.kv_dim, opts)
+    v = ops.view(sim, v_lin)
+    sim.drop(q_lin, k_lin, v_lin)
+    q_rope = gpt_oss_rope(sim, q, cos, sin)
+    k_rope = gpt_oss_rope(sim, k, cos, sin)
+    sim.drop(q, k)
+    return attend_and_project(sim, q_rope, k_rope, v, p, d, opts)
+
+
+def gpt_oss_moe(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
+    """GptOssMLP: GptOssTopKRouter (biased logits, top-k, softmax over the k), then transformers' grouped_mm
+    experts (the default experts implementation): every token's k copies sorted by expert, the biases gathered
+    per row and added in place, the clamped SwiGLU, weighted, put back in order and summed. Sizes are
+    tokens x top_k rows whatever the routing."""
+    routed = lf_scale(x.elems, d.top_k)  # (tokens * top_k, hidden)
+    rows = lf_scale(x.elems, d.top_k / d.hidden)  # tokens * top_k
+    logits = apply_linear(sim, x, p, "router", d.hidden, d.experts, opts)
+    top = ops.topk(sim, logits, rows)
+    sim.drop(logits)  # the router's first output is not kept
+    scores = ops.softmax(sim, top, top.dtype)
+    sim.drop(top)
+    order = [sim.new(rows, "i64", name="sorted expert ids"), sim.new(rows, "i64", name="sort permutation")]
+    sample_weights = ops.gather_rows(sim, scores, rows, rows)
+    selected = ops.gather_rows(sim, x, routed, rows)
+    selected_c = ops.cast(sim, selected, p.linears["experts.gate_up_proj"].dtype)
+    up_bias = ops.gather_rows(sim, p.biases["experts.gate_up_proj"], lf_scale(routed, 2 * d.intermediate / d.hidden), rows)
+    gate_up = ops.grouped_mm(sim, selected_c, p.linears["experts.gate_up_proj"], 2 * d.intermediate, d.hidden)
+    gate_up = chain(sim, gate_up, lambda sim_, t: ops.add_(sim_, t, up_bias))
+    gated = clamped_swiglu(sim, gate_up)
+    sim.drop(gate_up)
+    down_bias = ops.gather_rows(sim, p.biases["experts.down_proj"], routed, rows)
+    sim.drop(up_bias)  # `selected_biases` rebound
+    down = ops.grouped_mm(sim, gated, p.linears["experts.down_proj"], d.hidden, d.intermediate)
+    sim.drop(gated)
+    down = chain(sim, down, lambda sim_, t: ops.add_(sim_, t, down_bias))
+    weighted = ops.mul(sim, down, sample_weights)
+    inverse = sim.new(rows, "i64", name="inverse permutation")
+    ordered = ops.gather_rows(sim, weighted, routed, rows)
+    sim.drop(weighted)
+    out = ops.sum_groups(sim, ordered, d.top_k)
+    sim.drop(ordered, inverse, down, down_bias, sample_weights, selected_c, selected, scores, *order)
+    return chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
+
+
+def clamped_swiglu(sim: Sim, gate_up: Tensor) -> Tensor:
+    """GptOssExperts._apply_gate: interleaved gate and up (strided views), gate clamped above, up both sides,
+    (up + 1) * gate * sigmoid(gate * alpha)."""
+    gate_view, up_view = ops.slice_view(sim, gate_up, 0.5), ops.slice_view(sim, gate_up, 0.5)
+    gate = ops.clamp(sim, gate_view)
+    up = ops.clamp(sim, up_view)
+    sim.drop(gate_view, up_view)
+    scaled = ops.mul_scalar(sim, gate)
+    sigmoid = ops.sigmoid(sim, scaled)
+    sim.drop(scaled)
+    glu = ops.mul(sim, gate, sigmoid)
+    sim.drop(sigmoid)
+    up_plus_one = ops.add_scalar(sim, up)
+    out = ops.mul(sim, up_plus_one, glu)
+    sim.drop(up_plus_one, glu, gate, up)
+    return out
 
 
 # ---- GPT-2: Conv1D projections with biases, LayerNorm, dropouts, learned positions, gelu_new ------------

@@ -253,6 +253,52 @@ def gelu_tanh(sim: Sim, x: Tensor) -> Tensor:
     return out
 
 
+def sigmoid(sim: Sim, x: Tensor) -> Tensor:
+    out = sim.new(x.elems, x.dtype, name="sigmoid")
+    sim.record("sigmoid", out, [x], [out], _unary_saved_input_backward("sigmoid_backward"))
+    return out
+
+
+def _clamp_backward(sim: Sim, node, grad):
+    """clamp_backward: where(in range, grad, 0), the range a boolean mask of the input."""
+    x = node.inputs[0]
+    in_range = sim.new(x.elems, "bool", name="clamp mask")
+    out = sim.new(x.elems, grad.dtype, name="clamp_backward")
+    sim.drop(in_range)
+    return [(x, out)]
+
+
+def clamp(sim: Sim, x: Tensor) -> Tensor:
+    """x.clamp(...): a new (contiguous) tensor; autograd saves the input."""
+    out = sim.new(x.elems, x.dtype, name="clamp")
+    sim.record("clamp", out, [x], [x], _clamp_backward)
+    return out
+
+
+def add_(sim: Sim, x: Tensor, other: Tensor) -> Tensor:
+    """x.add_(other): in place (no allocation, nothing saved); the gradient goes to both unchanged."""
+    result = sim.alias(x)
+    sim.record("add_", result, [x, other], [], _add_backward)
+    return result
+
+
+def _sub_backward(sim: Sim, node, grad):
+    """SubBackward0: the subtrahend's gradient is -grad at full size (then summed to its shape)."""
+    x, other = node.inputs
+    results = []
+    if other.requires_grad:
+        results.append((other, sim.new(grad.elems, grad.dtype, name="sub grad other")))
+    if x.requires_grad:
+        results.append((x, sim.ref(grad)))
+    return results
+
+
+def sub(sim: Sim, x: Tensor, other: Tensor) -> Tensor:
+    out = sim.new(_bigger(x, other), promote(x.dtype, other.dtype), name="sub")
+    sim.record("sub", out, [x, other], [], _sub_backward)
+    return out
+
+
 def tanh(sim: Sim, x: Tensor) -> Tensor:
     out = sim.new(x.elems, x.dtype, name="tanh")
     sim.record("tanh", out, [x], [out], _unary_saved_input_backward("tanh_backward"))
@@ -272,9 +318,10 @@ def _slice_backward(full: LF):
     return backward
 
 
-def slice_view(sim: Sim, x: Tensor, fraction: float) -> Tensor:
-    """x[..., a:b]: a view (no allocation); its gradient is a zero-filled full-size tensor."""
-    view = sim.alias(x, lf_scale(x.elems, fraction))
+def slice_view(sim: Sim, x: Tensor, fraction: float, elems: LF | None = None) -> Tensor:
+    """x[..., a:b]: a view (no allocation); its gradient is a zero-filled full-size tensor. `elems`: the view's
+    size where it is no fixed fraction (gpt-oss drops the sink column: s of s + 1)."""
+    view = sim.alias(x, elems if elems is not None else lf_scale(x.elems, fraction))
     sim.record("slice", view, [x], [], _slice_backward(x.elems))
     return view
 
@@ -322,7 +369,7 @@ def gather_rows(sim: Sim, x: Tensor, elems: LF, rows: LF) -> Tensor:
 
 def topk(sim: Sim, x: Tensor, elems: LF) -> Tensor:
     """torch.topk(x, k): the values (a new tensor) and int64 indices, saved for backward, which scatters the
-    gradient into zeros of the input's size."""
+    gradient into zeros of the input's size. x.max(dim, keepdim=True).values allocates and saves the same."""
     indices = sim.new(elems, "i64", name="topk indices")
     out = sim.new(elems, x.dtype, name="topk values")
     sim.record("topk", out, [x], [indices], _gather_backward)
@@ -369,8 +416,25 @@ def _cat_backward(sim: Sim, node, grad):
 
 
 def cat(sim: Sim, parts: list[Tensor], elems: LF) -> Tensor:
-    out = sim.new(elems, parts[0].dtype, name="cat")
+    """torch.cat; its dtype follows type promotion over the parts."""
+    dtype = parts[0].dtype
+    for part in parts[1:]:
+        dtype = promote(dtype, part.dtype)
+    out = sim.new(elems, dtype, name="cat")
     sim.record("cat", out, parts, [], _cat_backward)
+    return out
+
+
+def _narrowed_backward(sim: Sim, node, grad):
+    """CatBackward where the parts differ in size: each gradient is a narrow view of the whole one."""
+    return [(tensor, sim.alias(grad, tensor.elems)) for tensor in node.inputs if tensor.requires_grad]
+
+
+def cat_unequal(sim: Sim, parts: list[Tensor], elems: LF) -> Tensor:
+    """torch.cat of parts of different sizes (gpt-oss's scores and sink column)."""
+    out = cat(sim, parts, elems)
+    if out.requires_grad:
+        sim.nodes[-1].backward = _narrowed_backward
     return out
 
 

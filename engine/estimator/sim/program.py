@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from memtui.engine.model.architectures import GEMMA_FAMILIES, ModelSpec
+from memtui.engine.model.architectures import EAGER_ONLY_FAMILIES, GEMMA_FAMILIES, ModelSpec
 from memtui.engine.estimator.sim import ops
 from memtui.engine.estimator.sim.core import (
     CATEGORIES,
@@ -87,7 +87,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         params=params,
         base=base,
         autocast=config.autocast,
-        attention=config.attention,
+        attention="eager" if spec.family in EAGER_ONLY_FAMILIES else config.attention,
         checkpointing=config.checkpointing,
         lora_rank=config.lora_rank,
         lora_targets=resolve_lora_targets(config, spec),
@@ -252,13 +252,14 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     if opts.window_mask:
         mask = sliding_window_mask(sim, per_sequence=opts.family != "gemma3")
         sim.window_mask = mask  # type: ignore[attr-defined]
-    # Gemma-2 and Gemma 3 alternate full and sliding-window layers: eager attention gets a mask for each kind.
-    alternating = opts.family in ("gemma2", "gemma3")
+    # Gemma-2, Gemma 3 and gpt-oss alternate full and sliding-window layers: eager attention gets a mask for each kind.
+    alternating = opts.family in ("gemma2", "gemma3", "gpt_oss")
     second_mask = causal_mask(sim, opts, x.dtype) if alternating and mask is not None else None
     if second_mask is not None:
         sim.causal_mask = mask  # type: ignore[attr-defined]
     # OLMo 2's rotary embedding returns fp32 cos and sin (no cast to the hidden states' dtype).
-    cos, sin = (None, None) if gpt2 else rotary(sim, d, "f32" if opts.family == "olmo2" else x.dtype)
+    cos, sin = (None, None) if gpt2 else rotary(sim, d, "f32" if opts.family == "olmo2" else x.dtype,
+                                                 d.head_dim // 2 if opts.family == "gpt_oss" else 0)
     # Gemma 3: a second (cos, sin) pair for the other kind of layer; the replayed layers use the first, and the
     # layers of the other kind keep the second for their backward (freed with the last of them: the step's end).
     other_pair = rotary(sim, d, x.dtype) if opts.rope_pairs > 1 else ()
@@ -284,6 +285,10 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         if opts.checkpointing != "none":
             # transformers passes position embeddings and the mask as kwargs: the checkpoint frame keeps them.
             kept = [tensor for tensor in (cos, sin, mask) if tensor is not None]
+            if opts.family == "gpt_oss" and second_mask is not None and segment == holder_segment:
+                # The other kind's layers keep the other mask in their checkpoint frames until their backward:
+                # the lowest of them (layer 1) is a middle layer.
+                kept.append(second_mask)
             out = sim.checkpoint(lambda h, *_kept, layer=layer: run_layer(h, layer), previous, *kept,
                                  selective=opts.checkpointing == "selective", positional=1)
         else:
@@ -295,7 +300,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         normed = ops.layer_norm(sim, out, final_norm, final_norm_bias, d.hidden)
     else:
         normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in GEMMA_FAMILIES,
-                          olmo=opts.family == "olmo2")
+                          olmo=opts.family in ("olmo2", "gpt_oss"))
     sim.offload_at = None  # the decoder's forward ends: its offloading hooks are popped
     sim.drop(out, mask, second_mask)  # LlamaModel.forward returns: its causal masks go
     kept: list[Tensor] = []  # what the training loop keeps referenced through backward
