@@ -506,7 +506,7 @@ def compile_step(d: Dims, opts: Options, layers: int) -> StepProgram:
             _plus(_plus({c: ZERO for c in CATEGORIES}, one, (extra - full) / extra), other, full / extra)
             for one, other in zip(sliding, full_kind))
     dense_extra = _dense_extra_layers(layers, opts.dense_layers)
-    if dense_extra and dense_extra < extra:
+    if dense_extra and not _dense_segments(["first", "mid", "last"], layers, opts.dense_layers)[1]:
         # DeepSeek-V3: the replayed middle layer is an MoE one; the dense layers among the other L-3 keep what a
         # dense layer keeps, from a replay whose layers are all dense.
         moe_kind = _layer_buckets(sim)
