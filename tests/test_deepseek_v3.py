@@ -8,12 +8,12 @@ import pytest
 
 from memtui.engine.errors import InputError
 from memtui.engine.estimator import estimate
-from memtui.engine.estimator.overhead import cublas_workspace_bytes
 from memtui.engine.model import presets
 from memtui.engine.model.architectures import model_spec_from_config
-from memtui.engine.model.presets import resolve_gpu, resolve_model
+from memtui.engine.model.presets import resolve_model
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.model.validation import resolve_lora_targets
+from tests.test_new_families import test_estimate_matches_trace as held_to_trace
 
 PRESETS = ["deepseek-v3", "deepseek-r1", "moonlight-16b-a3b"]
 
@@ -75,18 +75,5 @@ def test_estimate_matches_trace():
     """DeepSeek-V3's own widths at six layers: three dense, three MoE (the replayed middle layer is an MoE one,
     two of the others dense), grouped top-k over 8 groups, the low-rank query path; LoRA on every attention
     projection, so the activations (not the 1.2 TB of frozen weights' states) decide the peak."""
-    from memtui.engine.trace.runner import trace
-
-    config = copy.deepcopy(resolve_model("deepseek-v3").hf_config())
-    config["num_hidden_layers"] = 6
-    spec = model_spec_from_config(config, model_id="deepseek-v3", source="test")
-    training = TrainingConfig(model="deepseek-v3", gpu="h100-80gb", precision="bf16-true", batch_size=1, seq_len=2048,
-                              lora_rank=8, lora_targets="all-linear")
-    workspace = cublas_workspace_bytes(resolve_gpu("h100-80gb"))
-    traced = trace(training, model=spec)
-    estimated = estimate(training, model=spec)
-    assert abs(estimated.tensor_peak_bytes - workspace - traced.traced_tensor_peak_bytes) \
-        <= 0.002 * traced.traced_tensor_peak_bytes
-    traced_loss = next(point.bytes for point in traced.budget.timeline if point.phase == "loss")
-    estimated_loss = next(point.bytes for point in estimated.timeline if point.phase == "loss") - workspace
-    assert abs(estimated_loss - traced_loss) <= 0.002 * traced_loss
+    held_to_trace("deepseek-v3", 6, dict(precision="bf16-true", batch_size=1, seq_len=2048, lora_rank=8,
+                                         lora_targets="all-linear"))

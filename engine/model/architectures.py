@@ -603,7 +603,8 @@ def _deepseek_check(config: dict[str, Any], source: str) -> None:
                 raise InputError(f"{source}: {key}", f"must be a positive number, got {_shown(value)}")
         elif not (key == "q_lora_rank" and value is None) and not (
                 _is_number(value) and isinstance(value, int) and low <= value <= SIZE_LIMIT):
-            raise InputError(f"{source}: {key}", f"must be a whole number from {low} to {SIZE_LIMIT:,}, got {_shown(value)}")
+            raise InputError(f"{source}: {key}",
+                             f"must be a whole number from {low} to {SIZE_LIMIT:,}, got {_shown(value)}")
     experts, groups = deepseek_value(config, "n_routed_experts"), deepseek_value(config, "n_group")
     if experts % groups:
         raise InputError(f"{source}: n_group", f"{groups} does not divide n_routed_experts {experts}")
@@ -627,7 +628,8 @@ def _deepseek_linears(config: dict[str, Any], sizes: _Sizes, experts: int, *, de
     q_rank, kv_rank = deepseek_value(config, "q_lora_rank"), deepseek_value(config, "kv_lora_rank")
     nope, rope, v_dim = (deepseek_value(config, key) for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
     if q_rank is None:
-        query: tuple[LinearLayer, ...] = (LinearLayer(name="q_proj", in_features=hidden, out_features=heads * (nope + rope), bias=False),)
+        query: tuple[LinearLayer, ...] = (
+            LinearLayer(name="q_proj", in_features=hidden, out_features=heads * (nope + rope), bias=False),)
     else:
         query = (LinearLayer(name="q_a_proj", in_features=hidden, out_features=q_rank, bias=bias),
                  LinearLayer(name="q_b_proj", in_features=q_rank, out_features=heads * (nope + rope), bias=False))

@@ -54,7 +54,8 @@ _DEEPSEEK_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 def _deepseek_lora_targets(targets: str, model: ModelSpec) -> tuple[str, ...]:
     """DeepSeek-V3 adapts its attention projections (all-linear: every one of them)."""
-    attention = tuple(linear for linear in model.linears if linear.experts == 1 and linear.name not in _DEEPSEEK_MLP_NAMES)
+    attention = tuple(linear for linear in model.linears
+                      if linear.experts == 1 and linear.name not in _DEEPSEEK_MLP_NAMES)
     for name in (part.strip() for part in targets.split(",")):
         if name in _DEEPSEEK_MLP_NAMES:
             raise InputError(

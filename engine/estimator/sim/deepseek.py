@@ -251,7 +251,8 @@ def deepseek_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, 
     residual = ops.add(sim, x, attn)
     sim.drop(attn)
     normed = rms_norm(sim, residual, p.norms[1], d.hidden)
-    mlp_out = (llama_mlp(sim, normed, p, replace(d, intermediate=d.latent.dense_intermediate), opts)  # type: ignore[attr-defined]
+    m: LatentDims = d.latent  # type: ignore[assignment]
+    mlp_out = (llama_mlp(sim, normed, p, replace(d, intermediate=m.dense_intermediate), opts)
                if dense else deepseek_moe(sim, normed, p, d, opts))
     sim.drop(normed)
     out = ops.add(sim, residual, mlp_out)
