@@ -162,8 +162,9 @@ def latent_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options
 
 def _latent_eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options) -> Tensor:
     """eager_attention_forward on latent attention's tensors: the queries (a cat) and keys (a new tensor) are laid
-    out for bmm as they are; the values, a slice of kv_b_proj's token-major output, are copied. The output has
-    the values' width."""
+    out for bmm as they are; the values, a slice of kv_b_proj's token-major output, are copied by matmul's reshape
+    when there is more than one sequence (with one, the slice itself is saved, holding kv_b_proj's output). The
+    output has the values' width."""
     scores_elems = (0.0, 0.0, float(d.heads), 0.0, 0.0)  # b * heads * s * s
     k_operand = ops.autocast_operand(sim, k)
     q_operand = ops.autocast_operand(sim, q)
@@ -176,9 +177,9 @@ def _latent_eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, 
     sim.drop(masked)
     probs = chain(sim, probs, lambda sim_, t: ops.cast(sim_, t, q.dtype))  # .to(query.dtype)
     p_operand = ops.autocast_operand(sim, probs)
-    v_cast = ops.autocast_operand(sim, v)
-    v_operand = ops.contiguous_copy(sim, v_cast)
-    sim.drop(v_cast)
+    v_operand = ops.autocast_operand(sim, v)
+    if opts.batched:
+        v_operand = chain(sim, v_operand, ops.contiguous_copy)
     out = ops.matmul(sim, p_operand, v_operand, lf_scale(q.elems, sum(v.elems) / sum(k.elems)))
     sim.drop(p_operand, v_operand, probs)
     return chain(sim, out, ops.contiguous_copy)  # attn_output.transpose(1, 2).contiguous()

@@ -102,7 +102,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         eager_softmax_f32=not gpt2,
         embedding_dropout=float(spec.config.get("embd_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
         # only Phi-3 and the chunked head depend on it (keeps the cache small)
-        batched=config.batch_size > 1 and (spec.family == "phi3" or config.loss == "chunked"),
+        batched=config.batch_size > 1 and (spec.family == "phi3" or config.loss == "chunked"
+                                           or spec.family == "deepseek_v3" and config.attention == "eager"),
         window_mask=_window_mask(config, spec),
         # Gemma3Attention passes no softcap to its attention function: only Gemma-2 caps the scores.
         attention_softcap=spec.family == "gemma2" and spec.config.get("attn_logit_softcapping") is not None,
