@@ -77,3 +77,16 @@ def test_estimate_matches_trace():
     projection, so the activations (not the 1.2 TB of frozen weights' states) decide the peak."""
     held_to_trace("deepseek-v3", 6, dict(precision="bf16-true", batch_size=1, seq_len=2048, lora_rank=8,
                                          lora_targets="all-linear"))
+
+
+def test_a_live_runs_scaled_copy_keeps_an_moe_layer_and_the_dense_mlps_width():
+    """Two layers of DeepSeek-V3 (three dense ones): the copy keeps one dense and one MoE layer, and its dense MLP
+    scales intermediate_size (not the experts' moe_intermediate_size)."""
+    from memtui.engine.live.sizing import Shape, scaled_spec
+
+    spec = resolve_model("deepseek-v3")
+    copy_spec = scaled_spec(spec, Shape(layers=2, kv_heads=4, vocab=8192, seq_len=256, batch_size=1))
+    assert [count for count, _linears in copy_spec.layer_groups()] == [1, 1]
+    width = copy_spec.hidden_size / spec.hidden_size
+    dense_mlp = next(linear for linear in copy_spec.dense_linears if linear.name == "gate_proj")
+    assert dense_mlp.out_features == round(spec.config["intermediate_size"] * width / 16) * 16
