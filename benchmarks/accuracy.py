@@ -105,6 +105,9 @@ MATRIX: list[dict] = [
     {"model": "qwen3-30b-a3b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 4096, "checkpointing": "selective"},
     # gpt-oss (sinks, eager attention, biased experts): the OpenAI cookbook's LoRA fine-tune on bf16 weights
     {"model": "gpt-oss-20b", "precision": "bf16-true", "batch_size": 4, "seq_len": 2048, "lora_rank": 8, "lora_targets": "all-linear", "checkpointing": "full"},
+    # DeepSeek-V3 (latent attention, dense then MoE layers, grouped sigmoid router, shared experts)
+    {"model": "moonlight-16b-a3b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "checkpointing": "full"},
+    {"model": "deepseek-v3", "precision": "bf16-true", "batch_size": 1, "seq_len": 4096, "lora_rank": 16, "lora_targets": "all-linear", "checkpointing": "full"},
     # the training stacks' knobs (issue 11): accumulation, step in backward, losses, peft's adapters, paging, offload
     {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "grad_accum": 4},
     {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "optimizer_in_backward": True},

@@ -117,6 +117,12 @@ def _weights_bytes(config: TrainingConfig, layout: ParamLayout) -> tuple[int, in
     return int(linear + other), int(adapters)
 
 
+def _layer_matrix_shapes(model: ModelSpec, layers: int) -> list[tuple[int, int]]:
+    """(rows, columns) of every decoder-layer weight matrix on this GPU (stacked experts as one), layer by layer."""
+    return [(lin.out_features * lin.experts, lin.in_features)
+            for count, linears in model.layer_groups(layers) for lin in linears * count]
+
+
 def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: ParamLayout) -> tuple[int, int, int]:
     """(state bytes on this GPU before sharding, one state over the largest group for temporaries, paged state
     bytes in CUDA unified memory: outside the first figure)."""
@@ -125,12 +131,13 @@ def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: Par
     if config.optimizer == "adafactor":
         if config.uses_lora:  # the adapters: A is r x in, B is out x r, every one a matrix
             rank = config.lora_rank
-            shapes = [shape for name in resolve_lora_targets(config, model)
-                      for shape in ((rank, model.linear(name).in_features // config.tp),
-                                    (model.linear(name).out_features // config.tp, rank))] * layout.layers
+            shapes = [shape for count, linears in model.layer_groups(layout.layers)
+                      for shape in [shape for lin in linears if lin.name in resolve_lora_targets(config, model)
+                                    for shape in ((rank, lin.in_features // config.tp),
+                                                  (lin.out_features // config.tp, rank))] * count]
             shapes += head_adapter_shapes(config, model)
         else:
-            shapes = [(lin.out_features * lin.experts, lin.in_features) for lin in model.linears] * layout.layers
+            shapes = _layer_matrix_shapes(model, layout.layers)
             shapes.append((model.vocab_size, model.hidden_size))
             if not model.tie_word_embeddings:
                 shapes.append((model.vocab_size, model.hidden_size))
@@ -141,7 +148,7 @@ def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: Par
         # The foreach step builds a full-size variance estimate for every matrix of the group at once.
         return state_values * dtype + master, matrix_params * dtype, 0
     if config.optimizer == "galore-adamw":
-        shapes = [(lin.out_features * lin.experts, lin.in_features) for lin in model.linears] * layout.layers
+        shapes = _layer_matrix_shapes(model, layout.layers)
         projected = sum(r * c for r, c in shapes)
         dtype = 4 if config.master_weights else param_bytes  # the gradients the projector is made from
         states, projectors = galore_state_params(shapes, config.galore_rank, keeps_full_factor=dtype == 4)
@@ -337,7 +344,8 @@ def _in_backward_moments(config: TrainingConfig, model: ModelSpec, layout: Param
     # A moment of the replay may span several layers' gradients: one parameter's at a time is alive.
     largest_grad = layout.largest_tensor_params * grad_bytes
     if tied_head:
-        largest_grad = max(lin.out_features * lin.experts * lin.in_features for lin in model.linears) // config.tp * grad_bytes
+        largest_grad = max(lin.out_features * lin.experts * lin.in_features for _count, linears in model.layer_groups()
+                           for lin in linears) // config.tp * grad_bytes
 
     def step_temporaries(gradient: int) -> int:
         state = gradient // grad_bytes * trained

@@ -54,27 +54,57 @@ def _linear_shard(linear: LinearLayer, tp: int) -> tuple[int, int]:
     return linear.weight_params // tp, linear.out_features * linear.experts // tp
 
 
+def _named(linears: tuple[LinearLayer, ...], name: str) -> LinearLayer:
+    return next(linear for linear in linears if linear.name == name)
+
+
+def _lora_params(config: TrainingConfig, linears: tuple[LinearLayer, ...], targets: tuple[str, ...], tp: int) -> int:
+    """One layer's adapter parameters (A: r x in, B: out x r) for the targets among these linears."""
+    return sum(config.lora_rank * (_named(linears, name).in_features + _named(linears, name).out_features) // tp
+               for name in targets)
+
+
+def _layer_tensors(model: ModelSpec, linears: tuple[LinearLayer, ...]) -> int:
+    """Parameter tensors of one decoder layer with these linears."""
+    count = len(linears) + sum(1 for linear in linears if linear.bias)
+    count += model.norms_per_layer * (2 if model.norm == "layer" else 1)
+    count += sum(1 for width in model.qk_norm_widths if width) if model.qk_norm else 0
+    count += len(model.layer_vectors)  # gpt-oss: the router's bias and the attention sinks
+    return count + (1 if any(linear.experts > 1 for linear in linears) else 0)  # the router
+
+
 def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
     tp, pp = config.tp, config.pp
     layers = math.ceil(model.num_layers / pp)
     first_stage, last_stage = True, pp == 1
+    targets = resolve_lora_targets(config, model)
 
-    linear_weights = 0
-    linear_rows = 0
-    biases = 0
-    expert_weights = 0
-    for linear in model.linears:
-        weights, rows = _linear_shard(linear, tp)
-        linear_weights += weights
-        if linear.experts > 1:
-            expert_weights += weights  # not an nn.Linear: bitsandbytes does not quantize it
-        else:
-            linear_rows += rows
-        if linear.bias:
-            biases += linear.out_features * linear.experts // tp
-    layer_other = biases + model.norms_per_layer * model.norm_params + model.qk_norm_params + model.router_params
-    layer_other += sum(model.layer_vectors)
-    layer_params = linear_weights + layer_other
+    # Per kind of decoder layer (DeepSeek-V3: its dense layers, then the MoE ones; one kind elsewhere).
+    total_linear = linear_rows_total = expert_total = other_layers = lora = 0
+    tensors_layers = 0
+    largest_layer = 0
+    for count, linears in model.layer_groups(layers):
+        linear_weights = linear_rows = biases = expert_weights = 0
+        for linear in linears:
+            weights, rows = _linear_shard(linear, tp)
+            linear_weights += weights
+            if linear.experts > 1:
+                expert_weights += weights  # not an nn.Linear: bitsandbytes does not quantize it
+            else:
+                linear_rows += rows
+            if linear.bias:
+                biases += linear.out_features * linear.experts // tp
+        routed = any(linear.experts > 1 for linear in linears)
+        layer_other = (biases + model.norms_per_layer * model.norm_params + model.qk_norm_params
+                       + (model.router_params if routed else 0) + sum(model.layer_vectors))
+        lora_per_layer = _lora_params(config, linears, targets, tp)
+        total_linear += count * linear_weights
+        linear_rows_total += count * linear_rows
+        expert_total += count * expert_weights
+        other_layers += count * layer_other
+        lora += count * lora_per_layer
+        tensors_layers += count * _layer_tensors(model, linears)
+        largest_layer = max(largest_layer, linear_weights + layer_other + lora_per_layer)
 
     embedding = model.embedding_params // tp if first_stage else 0
     head = 0
@@ -82,48 +112,40 @@ def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
         head = model.head_params // tp + model.norm_params
     elif model.tie_word_embeddings:
         head = 0
-    other = layers * layer_other + embedding + head
+    other = other_layers + embedding + head
 
-    targets = resolve_lora_targets(config, model)
-    lora_per_layer = sum(
-        config.lora_rank * (model.linear(name).in_features + model.linear(name).out_features) // tp for name in targets
-    )
     head_adapters = [rows * columns for rows, columns in head_adapter_shapes(config, model)]
-    lora = layers * lora_per_layer + sum(head_adapters)
-    total_linear = layers * linear_weights
+    lora += sum(head_adapters)
     trainable = lora if config.uses_lora else total_linear + other
 
-    tensors_per_layer = len(model.linears) + sum(1 for linear in model.linears if linear.bias)
-    tensors_per_layer += model.norms_per_layer * (2 if model.norm == "layer" else 1)
-    tensors_per_layer += (2 if model.qk_norm else 0) + (1 if model.is_moe else 0)
-    tensors_per_layer += len(model.layer_vectors)
     lora_tensors = 2 * len(targets)
     extra_tensors = (2 if model.positions == "learned" else 1) + (0 if model.tie_word_embeddings else 1)
     extra_tensors += 2 if model.norm == "layer" else 1
-    tensor_count = layers * (tensors_per_layer + lora_tensors) + extra_tensors + len(head_adapters)
+    tensor_count = tensors_layers + layers * lora_tensors + extra_tensors + len(head_adapters)
     trainable_tensors = (layers * lora_tensors + len(head_adapters) if config.uses_lora
-                         else layers * tensors_per_layer + extra_tensors)
+                         else tensors_layers + extra_tensors)
 
+    all_linears = [linear for _count, linears in model.layer_groups(layers) for linear in linears]
     largest = max(
-        [linear.weight_params // tp for linear in model.linears]
+        [linear.weight_params // tp for linear in all_linears]
         + [model.vocab_size * model.hidden_size // tp]
     )
     if config.uses_lora and (targets or head_adapters):
         # Only adapters train: the largest trainable tensor is an A (r x in) or B (out x r) matrix.
         largest = max(
-            config.lora_rank * max(model.linear(name).in_features, model.linear(name).out_features) // tp
-            for name in targets
-        ) if targets else 0
+            (config.lora_rank * max(linear.in_features, linear.out_features) // tp
+             for linear in all_linears if linear.name in targets), default=0
+        )
         largest = max([largest, *head_adapters])
     return ParamLayout(
         layers=layers,
         linear_weight_params=total_linear,
-        linear_rows=layers * linear_rows,
-        expert_params=layers * expert_weights,
+        linear_rows=linear_rows_total,
+        expert_params=expert_total,
         other_params=other,
         lora_params=lora,
         trainable_params=trainable,
-        largest_layer_params=layer_params + lora_per_layer,
+        largest_layer_params=largest_layer,
         largest_tensor_params=largest,
         tensor_count=tensor_count,
         trainable_tensor_count=trainable_tensors,
@@ -135,27 +157,32 @@ def trainable_params_total(config: TrainingConfig, model: ModelSpec) -> int:
     if not config.uses_lora:
         return model.params
     targets = resolve_lora_targets(config, model)
-    per_layer = sum(config.lora_rank * (model.linear(n).in_features + model.linear(n).out_features) for n in targets)
-    return model.num_layers * per_layer + sum(rows * columns for rows, columns in head_adapter_shapes(config, model))
+    return (sum(count * _lora_params(config, linears, targets, 1) for count, linears in model.layer_groups())
+            + sum(rows * columns for rows, columns in head_adapter_shapes(config, model)))
 
 
 def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec) -> list[int]:
     """The sizes of every trainable parameter tensor on this GPU, as torch's modules hold them."""
     tp, layers = config.tp, param_layout(config, model).layers
-    if config.uses_lora:
-        per_layer = []
-        for name in resolve_lora_targets(config, model):
-            linear = model.linear(name)
-            per_layer += [config.lora_rank * linear.in_features // tp, linear.out_features * config.lora_rank // tp]
-        return per_layer * layers + [rows * columns for rows, columns in head_adapter_shapes(config, model)]
+    numels: list[int] = []
     norm_tensors = [model.hidden_size] * (2 if model.norm == "layer" else 1)  # LayerNorm: weight and bias
-    per_layer = [linear.weight_params // tp for linear in model.linears]
-    per_layer += [linear.out_features * linear.experts // tp for linear in model.linears if linear.bias]
-    per_layer += norm_tensors * model.norms_per_layer
-    per_layer += list(model.qk_norm_widths) if model.qk_norm else []
-    per_layer += [model.router_params] if model.is_moe else []
-    per_layer += list(model.layer_vectors)
-    numels = per_layer * layers
+    for count, linears in model.layer_groups(layers):
+        if config.uses_lora:
+            per_layer = []
+            for name in resolve_lora_targets(config, model):
+                linear = _named(linears, name)
+                per_layer += [config.lora_rank * linear.in_features // tp, linear.out_features * config.lora_rank // tp]
+            numels += per_layer * count
+            continue
+        per_layer = [linear.weight_params // tp for linear in linears]
+        per_layer += [linear.out_features * linear.experts // tp for linear in linears if linear.bias]
+        per_layer += norm_tensors * model.norms_per_layer
+        per_layer += [width for width in model.qk_norm_widths if width] if model.qk_norm else []
+        per_layer += [model.router_params] if any(linear.experts > 1 for linear in linears) else []
+        per_layer += list(model.layer_vectors)
+        numels += per_layer * count
+    if config.uses_lora:
+        return numels + [rows * columns for rows, columns in head_adapter_shapes(config, model)]
     if config.pp == 1:
         numels.append(model.vocab_size * model.hidden_size // tp)
         if model.positions == "learned":

@@ -100,6 +100,11 @@ def scaled_config(spec: ModelSpec, shape: Shape) -> dict[str, Any]:
         for key in ("layer_types",):
             if isinstance(config.get(key), list):
                 config[key] = config[key][: shape.layers]
+        if spec.family == "deepseek_v3":
+            # The dense layers' MLP is intermediate_size (spec.intermediate_size is the experts'); the copy keeps
+            # at least one MoE layer after its dense ones.
+            config["intermediate_size"] = _round16(int(spec.config["intermediate_size"]) * ratio)
+            config["first_k_dense_replace"] = min(spec.dense_layers, max(shape.layers - 1, 0))
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = config.get(key)
         ids = value if isinstance(value, list) else [value]

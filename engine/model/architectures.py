@@ -23,7 +23,8 @@ from memtui.engine.errors import InputError
 
 Family = Literal[
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "mixtral", "olmo2", "gemma3", "qwen3_moe",
-    "gpt_oss", "generic",
+    "gpt_oss", "deepseek_v3",
+    "generic",
 ]
 
 # model_type in config.json -> family; the family decides the layer layout.
@@ -42,6 +43,7 @@ SUPPORTED_MODEL_TYPES: dict[str, Family] = {
     "gemma3": "gemma3",  # the multimodal config: its text_config (see _text_config)
     "qwen3_moe": "qwen3_moe",
     "gpt_oss": "gpt_oss",
+    "deepseek_v3": "deepseek_v3",
 }
 
 # The HF class a family trains with.
@@ -59,6 +61,7 @@ CAUSAL_LM_CLASS: dict[Family, str] = {
     "gemma3": "Gemma3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 # Families whose decoder layers normalise queries and keys (q_norm, k_norm).
@@ -132,6 +135,9 @@ class ModelSpec(BaseModel):
     qk_norm_widths: tuple[int, int] = (0, 0)  # q_norm and k_norm weights (head_dim each; OLMo 2: q_dim, kv_dim)
     notes: tuple[str, ...] = ()  # what memtui changed while reading the config.json
     linears: tuple[LinearLayer, ...]
+    # DeepSeek-V3: the first `dense_layers` decoder layers have a dense MLP (`dense_linears`), the others `linears`.
+    dense_layers: int = 0
+    dense_linears: tuple[LinearLayer, ...] = ()
     source: str = ""
     config: dict[str, Any]
 
@@ -172,6 +178,20 @@ class ModelSpec(BaseModel):
             + sum(self.layer_vectors)
         )
 
+    def layer_groups(self, layers: int | None = None) -> tuple[tuple[int, tuple[LinearLayer, ...]], ...]:
+        """(how many, their linears) of each kind among the first `layers` decoder layers (all by default), in
+        order: DeepSeek-V3's leading dense layers, then the others."""
+        layers = self.num_layers if layers is None else layers
+        dense = min(self.dense_layers, layers)
+        groups = ((dense, self.dense_linears),) if dense else ()
+        return groups + (((layers - dense, self.linears),) if layers > dense else ())
+
+    def group_layer_params(self, linears: tuple[LinearLayer, ...]) -> int:
+        """Parameters of one decoder layer with these linears (the router only beside stacked experts)."""
+        routed = any(linear.experts > 1 for linear in linears)
+        return (sum(linear.params for linear in linears) + self.norms_per_layer * self.norm_params
+                + self.qk_norm_params + (self.router_params if routed else 0))
+
     @property
     def embedding_params(self) -> int:
         position = self.max_position_embeddings * self.hidden_size if self.positions == "learned" else 0
@@ -188,7 +208,7 @@ class ModelSpec(BaseModel):
             return self.config["_memtui"]["params"]  # counted on the built module (memtui.engine.model.generic)
         return (
             self.embedding_params
-            + self.num_layers * self.layer_params
+            + sum(count * self.group_layer_params(linears) for count, linears in self.layer_groups())
             + self.norm_params  # final norm
             + self.head_params
         )
@@ -479,8 +499,8 @@ def _sizes(config: dict[str, Any], family: Family, source: str) -> _Sizes:
         intermediate = _optional(config, "n_inner", 4 * hidden)
         kv_heads = heads
         max_positions = _require(config, source, "n_positions", "max_position_embeddings")
-    elif family == "qwen3_moe":
-        intermediate = _require(config, source, "moe_intermediate_size")  # every layer's MLP is the experts'
+    elif family in ("qwen3_moe", "deepseek_v3"):
+        intermediate = _require(config, source, "moe_intermediate_size")  # the experts' (DeepSeek: MoE layers')
         kv_heads = _optional(config, "num_key_value_heads", heads)
         max_positions = _optional(config, "max_position_embeddings", 4096)
     elif family == "gpt_oss":  # GptOssConfig's own defaults, not Llama's
@@ -492,6 +512,8 @@ def _sizes(config: dict[str, Any], family: Family, source: str) -> _Sizes:
         kv_heads = _optional(config, "num_key_value_heads", heads)
         max_positions = _optional(config, "max_position_embeddings", 4096)
     head_dim = config.get("head_dim", 64 if family == "gpt_oss" else None)
+    if family == "deepseek_v3":  # DeepseekV3Config sets head_dim to the rotary part (qk_rope_head_dim)
+        head_dim = _optional(config, "qk_rope_head_dim", 64)
     if head_dim is None:
         if hidden % heads:
             raise InputError(f"{source}: num_attention_heads", f"{heads} does not divide hidden_size {hidden}")
@@ -509,6 +531,8 @@ def _sizes(config: dict[str, Any], family: Family, source: str) -> _Sizes:
 
 def _experts(config: dict[str, Any], family: Family, source: str) -> tuple[int, int]:
     """(experts, experts per token); (0, 0) for a dense family."""
+    if family == "deepseek_v3":
+        return _deepseek_experts(config, source)
     if family not in MOE_FAMILIES:
         return 0, 0
     experts = _require(config, source, "num_experts" if family == "qwen3_moe" else "num_local_experts")
@@ -544,6 +568,8 @@ def _linears(config: dict[str, Any], family: Family, sizes: _Sizes, experts: int
             LinearLayer(name="gate_up_proj", in_features=hidden, out_features=2 * intermediate, bias=False),
             LinearLayer(name="down_proj", in_features=intermediate, out_features=hidden, bias=False),
         )
+    if family == "deepseek_v3":
+        return _deepseek_linears(config, sizes, experts, dense=False)
     if family in MOE_FAMILIES:
         # GptOssConfig's attention_bias defaults to true; its experts always have biases
         attention_bias = family in ("qwen3_moe", "gpt_oss") and _optional(config, "attention_bias", family == "gpt_oss")
@@ -569,6 +595,78 @@ def _linears(config: dict[str, Any], family: Family, sizes: _Sizes, experts: int
         # OLMo 2's and Gemma 3's MLPs have no bias whatever the config says
         mlp_bias=family not in ("olmo2", "gemma3") and _optional(config, "mlp_bias", False),
     )
+
+
+# DeepseekV3Config's defaults for the fields memtui reads (DeepSeek-V3's values).
+DEEPSEEK_V3_DEFAULTS: dict[str, Any] = {
+    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+    "first_k_dense_replace": 3, "routed_scaling_factor": 2.5,
+}
+
+
+def deepseek_value(config: dict[str, Any], key: str) -> Any:
+    """A DeepseekV3Config field as transformers reads it (its default when absent; q_lora_rank may be null)."""
+    if key == "q_lora_rank":
+        return config.get(key, DEEPSEEK_V3_DEFAULTS[key])
+    return _optional(config, key, DEEPSEEK_V3_DEFAULTS[key])
+
+
+def _deepseek_check(config: dict[str, Any], source: str) -> None:
+    """Multi-head latent attention's ranks and widths, and the grouped router's sizes: whole numbers, consistent."""
+    for key in DEEPSEEK_V3_DEFAULTS:
+        value = deepseek_value(config, key)
+        low = 0 if key == "first_k_dense_replace" else 1
+        if key == "routed_scaling_factor":
+            if not (_is_number(value) and value > 0):
+                raise InputError(f"{source}: {key}", f"must be a positive number, got {_shown(value)}")
+        elif not (key == "q_lora_rank" and value is None) and not (
+                _is_number(value) and isinstance(value, int) and low <= value <= SIZE_LIMIT):
+            raise InputError(f"{source}: {key}",
+                             f"must be a whole number from {low} to {SIZE_LIMIT:,}, got {_shown(value)}")
+    experts, groups = deepseek_value(config, "n_routed_experts"), deepseek_value(config, "n_group")
+    if experts % groups:
+        raise InputError(f"{source}: n_group", f"{groups} does not divide n_routed_experts {experts}")
+    if deepseek_value(config, "topk_group") > groups:
+        raise InputError(f"{source}: topk_group", f"{deepseek_value(config, 'topk_group')} exceeds n_group {groups}")
+
+
+def _deepseek_experts(config: dict[str, Any], source: str) -> tuple[int, int]:
+    _deepseek_check(config, source)
+    experts, per_token = deepseek_value(config, "n_routed_experts"), deepseek_value(config, "num_experts_per_tok")
+    if per_token > experts:
+        raise InputError(f"{source}: num_experts_per_tok", f"{per_token} exceeds n_routed_experts {experts}")
+    return experts, per_token
+
+
+def _deepseek_linears(config: dict[str, Any], sizes: _Sizes, experts: int, *, dense: bool) -> tuple[LinearLayer, ...]:
+    """DeepseekV3DecoderLayer's weight matrices: multi-head latent attention (low-rank q and kv projections), then
+    a dense MLP (`dense`) or the MoE: stacked routed experts and the shared experts' MLP (named as peft sees them)."""
+    hidden, heads = sizes.hidden, sizes.heads
+    bias = _optional(config, "attention_bias", False)
+    q_rank, kv_rank = deepseek_value(config, "q_lora_rank"), deepseek_value(config, "kv_lora_rank")
+    nope, rope, v_dim = (deepseek_value(config, key) for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    if q_rank is None:
+        query: tuple[LinearLayer, ...] = (
+            LinearLayer(name="q_proj", in_features=hidden, out_features=heads * (nope + rope), bias=False),)
+    else:
+        query = (LinearLayer(name="q_a_proj", in_features=hidden, out_features=q_rank, bias=bias),
+                 LinearLayer(name="q_b_proj", in_features=q_rank, out_features=heads * (nope + rope), bias=False))
+    attention = query + (
+        LinearLayer(name="kv_a_proj_with_mqa", in_features=hidden, out_features=kv_rank + rope, bias=bias),
+        LinearLayer(name="kv_b_proj", in_features=kv_rank, out_features=heads * (nope + v_dim), bias=False),
+        LinearLayer(name="o_proj", in_features=heads * v_dim, out_features=hidden, bias=bias),
+    )
+    if dense:
+        return attention + _llama_like_linears(hidden, 0, 0, _require(config, "", "intermediate_size"), qkv_bias=False,
+                                               o_bias=False, mlp_bias=False)[4:]
+    shared = sizes.intermediate * deepseek_value(config, "n_shared_experts")
+    return attention + (
+        LinearLayer(name="experts.gate_up_proj", in_features=hidden, out_features=2 * sizes.intermediate, bias=False,
+                    experts=experts),
+        LinearLayer(name="experts.down_proj", in_features=sizes.intermediate, out_features=hidden, bias=False,
+                    experts=experts),
+    ) + _llama_like_linears(hidden, 0, 0, shared, qkv_bias=False, o_bias=False, mlp_bias=False)[4:]
 
 
 def _text_config(config: Any, source: str) -> tuple[Any, tuple[str, ...]]:
@@ -622,6 +720,9 @@ def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str
     qk_norm = family in QK_NORM_FAMILIES
     if family == "olmo2":  # OLMo 2 normalises the whole projection, not each head
         qk_widths = (sizes.heads * sizes.head_dim, sizes.kv_heads * sizes.head_dim)
+    elif family == "deepseek_v3":  # q_a_layernorm and kv_a_layernorm over the low-rank latents
+        qk_norm = True
+        qk_widths = (deepseek_value(config, "q_lora_rank") or 0, deepseek_value(config, "kv_lora_rank"))
     else:
         qk_widths = (sizes.head_dim, sizes.head_dim) if qk_norm else (0, 0)
     return ModelSpec(
@@ -648,11 +749,26 @@ def model_spec_from_config(config: dict[str, Any], *, model_id: str, source: str
         attn_logit_softcapping=config.get("attn_logit_softcapping") if family == "gemma2" else None,
         qk_norm=qk_norm,
         qk_norm_widths=qk_widths,
-        notes=notes,
+        notes=notes + _deepseek_notes(config, family),
         linears=_linears(config, family, sizes, experts),
+        **(_deepseek_dense(config, sizes, experts, source, notes) if family == "deepseek_v3" else {}),
         source=source,
         config=config,
     )
+
+
+def _deepseek_dense(config: dict[str, Any], sizes: _Sizes, experts: int, source: str, notes) -> dict[str, Any]:
+    """The leading dense layers (first_k_dense_replace) and their linears."""
+    _require(config, source, "intermediate_size")
+    return {"dense_layers": min(deepseek_value(config, "first_k_dense_replace"), sizes.layers),
+            "dense_linears": _deepseek_linears(config, sizes, experts, dense=True)}
+
+
+def _deepseek_notes(config: dict[str, Any], family: Family) -> tuple[str, ...]:
+    if family != "deepseek_v3" or not _optional(config, "num_nextn_predict_layers", 0):
+        return ()
+    return ("DeepSeek-V3's multi-token prediction layers (num_nextn_predict_layers) are left out: transformers' "
+            "DeepseekV3ForCausalLM does not build them, so training through it does not hold them.",)
 
 
 def load_config_file(path: Path, *, model_id: str | None = None) -> ModelSpec:

@@ -46,6 +46,8 @@ def resolve_lora_targets(config: TrainingConfig, model: ModelSpec) -> tuple[str,
     all-linear leaves the output head out; `lm_head` in the list adds it: see adapts_head)."""
     if not config.uses_lora:
         return ()
+    if model.family == "deepseek_v3":
+        return _deepseek_lora_targets(config.lora_targets, model)
     return _lora_targets(config.lora_targets, model.id, model.linears)
 
 
@@ -58,6 +60,26 @@ def adapts_head(config: TrainingConfig) -> bool:
 def _target_names(targets: str) -> tuple[str, ...]:
     """The --lora-targets text split once per text: an estimate asks several times."""
     return tuple(part.strip() for part in targets.split(",") if part.strip())
+
+
+# DeepSeek-V3's MLP names: peft (0.21, with transformers 5) maps them onto the routed experts' stacked weights,
+# whose LoRA materialises every expert's delta weight each step, and adapts neither the dense nor the shared MLPs.
+_DEEPSEEK_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def _deepseek_lora_targets(targets: str, model: ModelSpec) -> tuple[str, ...]:
+    """DeepSeek-V3 adapts its attention projections (all-linear: every one of them)."""
+    attention = tuple(linear for linear in model.linears
+                      if linear.experts == 1 and linear.name not in _DEEPSEEK_MLP_NAMES)
+    for name in (part.strip() for part in targets.split(",")):
+        if name in _DEEPSEEK_MLP_NAMES:
+            raise InputError(
+                "lora_targets",
+                f"{name!r}: for DeepSeek-V3, peft adapts the routed experts' stacked weights under this name (not the "
+                "dense or shared MLPs), which memtui does not model",
+                "all-linear (the attention projections), " + ", ".join(linear.name for linear in attention),
+            )
+    return _lora_targets(targets, model.id, attention)
 
 
 @lru_cache(maxsize=256)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 _original = F.scaled_dot_product_attention
 
@@ -24,9 +25,23 @@ def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
         query, key, value = (t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in (query, key, value))
+    if value.shape[-1] != query.shape[-1]:
+        return _efficient_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale)
     out, _logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
     )
+    return out
+
+
+def _efficient_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale):
+    """Values narrower than queries and keys (DeepSeek-V3's latent attention): CUDA's flash kernel needs one head
+    size, so SDPA runs the memory-efficient kernel (output of the values' width, a logsumexp padded to 32 rows).
+    Its meta function serves fake tensors; real CPU tensors take SDPA's own CPU path."""
+    if not isinstance(query, FakeTensor):
+        return _original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    out, _logsumexp, _seed, _offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, attn_mask, grad, dropout_p, is_causal, scale=scale)
     return out
 
 

@@ -28,6 +28,7 @@ class Dims:
     experts: int = 0
     top_k: int = 0
     positions: int = 0  # learned position embeddings (GPT-2)
+    latent: object = None  # DeepSeek-V3: its attention's and MLPs' sizes (memtui.engine.estimator.sim.deepseek)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Options:
     # gets no mask), and whether the replayed layers are full-attention ones (compile_step replays both kinds).
     full_layer_share: float = 0.0
     full_attention_layers: bool = False
+    dense_layers: int = 0  # DeepSeek-V3: the first layers' MLP is dense (first_k_dense_replace)
     sequence_parallel: int = 1  # ranks of DTensor's sequence-parallel plan (memtui trace's TP): norms on 1/tp
 
 
@@ -486,6 +488,13 @@ def moe_block(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Te
         sample_weights = ops.gather_rows(sim, weights, rows, rows)
         sim.drop(weights)
         top_weights = None
+    return grouped_experts(sim, x, p, d, sample_weights, routed, rows, release=top_weights)
+
+
+def grouped_experts(sim: Sim, x: Tensor, p: LayerParams, d: Dims, sample_weights: Tensor, routed, rows, *,
+                    release: Tensor | None = None) -> Tensor:
+    """transformers' grouped_mm experts (sample_weights: each routed row's weight, consumed), back in x's dtype;
+    `release` goes with the summed rows (the router's top-k weights, held by the caller until then)."""
     selected = ops.gather_rows(sim, x, routed, rows)
     gate_up = ops.grouped_mm(sim, selected, p.linears["experts.gate_up_proj"], 2 * d.intermediate, d.hidden)
     sim.drop(selected)
@@ -501,7 +510,7 @@ def moe_block(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Te
     ordered = ops.gather_rows(sim, weighted, routed, rows)
     sim.drop(weighted)
     out = ops.sum_groups(sim, ordered, d.top_k)
-    sim.drop(ordered, top_weights)
+    sim.drop(ordered, release)
     return chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
 
 

@@ -495,7 +495,9 @@ def _flash_backward(sim: Sim, node, grad):
 def flash_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, heads: int, head_dim: int, mask: Tensor | None = None) -> Tensor:
     """SDPA's fused kernel (FlashAttention / memory-efficient): saves q, k, v, out, a logsumexp (and a mask)."""
     q_c, k_c, v_c = (autocast_operand(sim, t) for t in (q, k, v))
-    out = sim.policy_saved(q_c.elems, q_c.dtype, name="sdpa out")
+    # The output has the values' width (DeepSeek-V3's are narrower than its queries and keys).
+    out_elems = q_c.elems if v_c.elems == k_c.elems else lf_scale(q_c.elems, sum(v_c.elems) / sum(k_c.elems))
+    out = sim.policy_saved(out_elems, q_c.dtype, name="sdpa out")
     logsumexp = sim.policy_saved(lf_scale(q_c.elems, 1 / head_dim), "f32", name="sdpa logsumexp")
     saved = [q_c, k_c, v_c, out, logsumexp] + ([mask] if mask is not None else [])
     sim.record("flash", out, [q_c, k_c, v_c], saved, _flash_backward)
@@ -636,4 +638,28 @@ def reduce_scatter_tokens(sim: Sim, x: Tensor, ranks: int) -> Tensor:
     out = sim.new(lf_scale(x.elems, 1 / ranks), x.dtype, name="reduce-scatter")
     sim.drop(arranged)
     sim.record("reduce_scatter", out, [x], [], _scatter_tokens_backward_for(ranks))
+    return out
+
+
+# ---- DeepSeek-V3's router -----------------------------------------------------------------------------
+def sigmoid(sim: Sim, x: Tensor) -> Tensor:
+    """x.sigmoid(): saves its output; the backward makes one gradient of the input's size."""
+    out = sim.new(x.elems, x.dtype, name="sigmoid")
+    sim.record("sigmoid", out, [x], [out], _unary_saved_input_backward("sigmoid_backward"))
+    return out
+
+
+def _gather_columns_backward(sim: Sim, node, grad):
+    """GatherBackward: new_zeros of the source's size, scatter_add into a second one."""
+    source = node.inputs[0]
+    zeros = sim.new(source.elems, grad.dtype, name="gather backward zeros")
+    out = sim.new(source.elems, grad.dtype, name="gather backward scatter_add")
+    sim.drop(zeros)
+    return [(source, out)]
+
+
+def gather_columns(sim: Sim, x: Tensor, index: Tensor, elems: LF) -> Tensor:
+    """x.gather(1, index): a new tensor of the index's size; the int64 index is saved for backward."""
+    out = sim.new(elems, x.dtype, name="gather")
+    sim.record("gather", out, [x], [index], _gather_columns_backward)
     return out

@@ -46,6 +46,7 @@ from memtui.engine.estimator.sim.families import (
     rotary,
     softcap,
 )
+from memtui.engine.estimator.sim.deepseek import deepseek_layer, deepseek_layer_params, latent_dims
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.model.validation import adapts_head, resolve_lora_targets
@@ -105,7 +106,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         eager_softmax_f32=not gpt2,
         embedding_dropout=float(spec.config.get("embd_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
         # only Phi-3 and the chunked head depend on it (keeps the cache small)
-        batched=config.batch_size > 1 and (spec.family == "phi3" or config.loss == "chunked"),
+        batched=config.batch_size > 1 and (spec.family == "phi3" or config.loss == "chunked"
+                                           or spec.family == "deepseek_v3" and config.attention == "eager"),
         window_mask=_window_mask(config, spec),
         # Gemma3Attention passes no softcap to its attention function: only Gemma-2 caps the scores.
         attention_softcap=spec.family == "gemma2" and spec.config.get("attn_logit_softcapping") is not None,
@@ -113,6 +115,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         rope_pairs=len(set(gemma3_layer_types(spec))) if spec.family == "gemma3" else 1,
         norm_topk=bool(spec.config.get("norm_topk_prob", False)),
         full_layer_share=_full_layer_share(config, spec),
+        dense_layers=spec.dense_layers,
         loss=config.loss,
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
         loss_dtype=config.loss_dtype if config.loss == "chunked" else "fp32",
@@ -168,6 +171,7 @@ def dims_for(spec: ModelSpec, tp: int = 1) -> Dims:
         experts=spec.num_experts,
         positions=int(spec.config.get("n_positions", 0) or 0) if spec.family == "gpt2" else 0,
         top_k=spec.experts_per_token,
+        latent=latent_dims(spec) if spec.family == "deepseek_v3" else None,
     )
 
 
@@ -196,11 +200,15 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     segments = segments or _layer_segments(layers, every_layer)
     gpt2 = opts.family == "gpt2"
     make_params = gpt2_layer_params if gpt2 else llama_layer_params
+    dense = _dense_segments(segments, layers, opts.dense_layers)
     layer_params = []
     sim.layer_parameters = []  # type: ignore[attr-defined]  # (first, end) of each layer's in sim.parameters
-    for _segment in segments:
+    for index, _segment in enumerate(segments):
         first = len(sim.parameters)
-        layer_params.append(make_params(sim, d, opts))
+        if opts.family == "deepseek_v3":
+            layer_params.append(deepseek_layer_params(sim, d, opts, dense=dense[index]))
+        else:
+            layer_params.append(make_params(sim, d, opts))
         sim.layer_parameters.append((first, len(sim.parameters)))  # type: ignore[attr-defined]
     final_norm = norm_weight(sim, d.hidden, opts, "norm")
     final_norm_bias = norm_weight(sim, d.hidden, opts, "norm.bias") if gpt2 else None
@@ -258,7 +266,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     if second_mask is not None:
         sim.causal_mask = mask  # type: ignore[attr-defined]
     # OLMo 2's rotary embedding returns fp32 cos and sin (no cast to the hidden states' dtype).
-    cos, sin = (None, None) if gpt2 else rotary(sim, d, "f32" if opts.family == "olmo2" else x.dtype,
+    rotary_dims = replace(d, head_dim=d.latent.rope) if d.latent is not None else d  # DeepSeek: the rotary part
+    cos, sin = (None, None) if gpt2 else rotary(sim, rotary_dims, "f32" if opts.family == "olmo2" else x.dtype,
                                                  d.head_dim // 2 if opts.family == "gpt_oss" else 0)
     # Gemma 3: a second (cos, sin) pair for the other kind of layer; the replayed layers use the first, and the
     # layers of the other kind keep the second for their backward (freed with the last of them: the step's end).
@@ -267,6 +276,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     def run_layer(hidden: Tensor, layer) -> Tensor:
         if gpt2:
             return gpt2_layer(sim, hidden, layer, d, opts)
+        if opts.family == "deepseek_v3":
+            return deepseek_layer(sim, hidden, layer, d, opts, cos, sin, dense=dense[[id(one) for one in layer_params].index(id(layer))])
         return llama_layer(sim, hidden, layer, d, opts, cos, sin)
 
     # Layer 0 differs (with a frozen embedding its input needs no gradient); the last layer's
@@ -339,6 +350,19 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     sim.set_segment("end")
     sim.finish()
     return sim
+
+
+def _dense_segments(segments: list[str], layers: int, dense_layers: int) -> list[bool]:
+    """Which replayed layers are DeepSeek-V3's leading dense ones: each layer when every one is replayed, else
+    first (layer 0), last (layer L-1) and one middle layer standing for the others, an MoE one where any is."""
+    if not dense_layers:
+        return [False] * len(segments)
+    if len(segments) == layers:
+        return [index < dense_layers for index in range(layers)]
+    middle = max(dense_layers, 1)
+    middle = middle if middle <= layers - 2 else 1
+    index_of = {"first": 0, "mid": middle, "last": layers - 1}
+    return [index_of[segment] < dense_layers for segment in segments]
 
 
 def causal_mask(sim: Sim, opts: Options, dtype: str) -> Tensor | None:
@@ -570,6 +594,15 @@ def compile_step(d: Dims, opts: Options, layers: int) -> StepProgram:
         kept_forward, kept_backward, left_by_backward = (
             _plus(_plus({c: ZERO for c in CATEGORIES}, one, (extra - full) / extra), other, full / extra)
             for one, other in zip(sliding, full_kind))
+    dense_extra = _dense_extra_layers(layers, opts.dense_layers)
+    if dense_extra and not _dense_segments(["first", "mid", "last"], layers, opts.dense_layers)[1]:
+        # DeepSeek-V3: the replayed middle layer is an MoE one; the dense layers among the other L-3 keep what a
+        # dense layer keeps, from a replay whose layers are all dense.
+        moe_kind = _layer_buckets(sim)
+        dense_kind = _layer_buckets(_replay(d, replace(opts, dense_layers=layers), layers=layers))
+        kept_forward, kept_backward, left_by_backward = (
+            _plus(_plus({c: ZERO for c in CATEGORIES}, one, (extra - dense_extra) / extra), other, dense_extra / extra)
+            for one, other in zip(moe_kind, dense_kind))
     candidates: list[StepCandidate] = []
     for candidate in sim.candidates:
         segment = candidate.segment
@@ -601,6 +634,14 @@ def compile_step(d: Dims, opts: Options, layers: int) -> StepProgram:
         logits_bytes=logits,
         offloaded_bytes=offloaded,
     )
+
+
+def _dense_extra_layers(layers: int, dense_layers: int) -> int:
+    """DeepSeek-V3's dense layers among the L-3 layers the replayed middle one stands for (layers 1..L-2 but it)."""
+    if not dense_layers or layers <= 3:
+        return 0
+    middle_dense = min(dense_layers, layers - 1) - 1  # dense ones among layers 1..L-2
+    return middle_dense - 1 if middle_dense == layers - 2 else middle_dense
 
 
 def _layer_buckets(sim: Sim) -> tuple[dict[str, LF], dict[str, LF], dict[str, LF]]:
@@ -662,7 +703,7 @@ def allocation_program(d: Dims, opts: Options, layers: int) -> AllocationProgram
     identical layers allocate and free identically, each touching its own tensors and those of the layers near it.
     Where that does not hold for a program (checked as it is built) every layer is replayed.
     """
-    if layers > len(_TEMPLATE):
+    if layers > len(_TEMPLATE) and not opts.dense_layers:  # DeepSeek-V3's dense layers: every layer replayed
         program = _expanded_program(d, opts, layers)
         if program is not None:
             return program
