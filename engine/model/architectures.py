@@ -190,7 +190,7 @@ class ModelSpec(BaseModel):
         """Parameters of one decoder layer with these linears (the router only beside stacked experts)."""
         routed = any(linear.experts > 1 for linear in linears)
         return (sum(linear.params for linear in linears) + self.norms_per_layer * self.norm_params
-                + self.qk_norm_params + (self.router_params if routed else 0))
+                + self.qk_norm_params + (self.router_params if routed else 0) + sum(self.layer_vectors))
 
     @property
     def embedding_params(self) -> int:
