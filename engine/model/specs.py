@@ -21,6 +21,8 @@ Offload = Literal["none", "optimizer", "optimizer+params"]
 Quant = Literal["none", "int8", "nf4"]
 Loss = Literal["standard", "chunked", "fused-linear"]
 LoraDtype = Literal["fp32", "compute"]
+# The training stacks whose defaults --stack applies (engine/model/stacks.py); none: memtui's own.
+Stack = Literal["none", "hf", "trl", "torchtune", "litgpt", "lightning", "torchtitan", "axolotl"]
 
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
@@ -80,6 +82,8 @@ class TrainingConfig(BaseModel):
     activation_offload: bool = False
     shard_group: int = Field(0, ge=0, le=65536,
                              description="HSDP: ranks per FSDP shard group, replicated across the rest; 0: all ranks")
+    # Whose defaults the options started from (engine/model/stacks.py); the estimate reads the options only.
+    stack: Stack = "none"
 
     @property
     def dp(self) -> int:
