@@ -605,7 +605,8 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
             reader.note(f"model not set: model.name={name} model.flavor={flavor} is not a memtui preset; give --model")
     titan = STACKS["torchtitan"]
     reader.set("training.local_batch_size", "batch_size",
-               reader.int("training.local_batch_size") or reader.int("training.batch_size") or titan.value("batch_size"))
+               reader.int("training.local_batch_size") or reader.int("training.batch_size")
+               or titan.value("batch_size"))
     reader.set("training.seq_len", "seq_len", reader.int("training.seq_len") or titan.value("seq_len"))
     defaults = {"data_parallel_replicate_degree": 1, "data_parallel_shard_degree": -1, "tensor_parallel_degree": 1,
                 "pipeline_parallel_degree": 1, "context_parallel_degree": 1}

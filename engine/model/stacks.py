@@ -113,7 +113,8 @@ _TITAN_SAC = "selective_ac_option \"2\" checkpoints every second block whole and
 _STACKS = (
     StackDefaults(
         "hf", "Hugging Face Trainer", "huggingface/transformers", "00349ae87eddc872ffa21a8a54f264375a0056a8",
-        "v5, commit date not recorded", "transformers.Trainer with TrainingArguments' defaults; LoRA through peft.get_peft_model",
+        "v5, commit date not recorded",
+        "transformers.Trainer with TrainingArguments' defaults; LoRA through peft.get_peft_model",
         (
             Default("batch_size", 8, "src/transformers/training_args.py: per_device_train_batch_size default=8"),
             Default("grad_accum", 1, "training_args.py: gradient_accumulation_steps default=1"),
@@ -289,7 +290,8 @@ _STACKS = (
                     "torchtitan/config/job_config.py:652 ActivationCheckpoint.mode=\"selective\"",
                     note=f"{_TITAN_SAC}; modelled as memtui's selective checkpointing"),
             Default("optimizer", "adamw", "torchtitan/config/job_config.py:135 Optimizer.name=\"AdamW\""),
-            Default("optimizer_impl", "fused", "torchtitan/config/job_config.py:151 Optimizer.implementation=\"fused\""),
+            Default("optimizer_impl", "fused",
+                    "torchtitan/config/job_config.py:151 Optimizer.implementation=\"fused\""),
             Default("optimizer_in_backward", False,
                     "torchtitan/config/job_config.py:160 Optimizer.early_step_in_backward=False"),
             Default("zero", 3, "torchtitan/config/job_config.py:324 data_parallel_shard_degree=-1: FSDP2 over every "
