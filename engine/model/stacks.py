@@ -287,8 +287,7 @@ _STACKS = (
                     "torchtitan/config/job_config.py:282 Training.mixed_precision_param=\"bfloat16\" (fp32 weights, "
                     "bf16 compute)"),
             Default("checkpointing", "selective",
-                    "torchtitan/config/job_config.py:652 ActivationCheckpoint.mode=\"selective\"",
-                    note=f"{_TITAN_SAC}; modelled as memtui's selective checkpointing"),
+                    "torchtitan/config/job_config.py:652 ActivationCheckpoint.mode=\"selective\""),
             Default("optimizer", "adamw", "torchtitan/config/job_config.py:135 Optimizer.name=\"AdamW\""),
             Default("optimizer_impl", "fused",
                     "torchtitan/config/job_config.py:151 Optimizer.implementation=\"fused\""),
@@ -303,7 +302,7 @@ _STACKS = (
         not_modelled=(
             NotModelled("activation_checkpoint.selective_ac_option", "\"2\"",
                         "torchtitan/config/job_config.py:655 selective_ac_option=\"2\"",
-                        f"{_TITAN_SAC} (layer-level SAC)"),
+                        f"{_TITAN_SAC} (layer-level SAC); memtui's selective checkpointing stands in"),
         ),
     ),
     StackDefaults(
@@ -344,7 +343,7 @@ _STACKS = (
 
 STACKS: dict[str, StackDefaults] = {stack.id: stack for stack in _STACKS}
 STACK_IDS: tuple[str, ...] = tuple(choice for choice in get_args(Stack) if choice != "none")
-# Every field some stack sets: choosing a stack in the planner sets these (to memtui's own defaults with none).
+# Every field some stack sets.
 STACK_FIELDS: tuple[str, ...] = tuple(dict.fromkeys(default.field for stack in _STACKS for default in stack.defaults))
 
 
@@ -395,13 +394,16 @@ def stack_defaults(stack_id: str, options: Mapping[str, Any],
     return values, notes
 
 
-def planner_values(stack_id: str, options: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Choosing a stack in the planner: every field a stack sets, to this stack's value where it has one, else
-    memtui's default (none resets them all), judged on the other options."""
-    context = {key: value for key, value in options.items() if key not in STACK_FIELDS}
-    values, notes = stack_defaults(stack_id, context, unset=STACK_FIELDS)
+def planner_values(stack_id: str, options: Mapping[str, Any],
+                   previous: str = "none") -> tuple[dict[str, Any], list[str]]:
+    """Choosing a stack in the planner, over `previous`: the fields either stack sets, to this stack's value
+    where it has one for the other options, else memtui's default; the other options stay as they are."""
+    fields = tuple(dict.fromkeys(default.field for name in (previous, stack_id) if name != "none"
+                                 for default in stack(name).defaults))
+    context = {key: value for key, value in options.items() if key not in fields}
+    values, notes = stack_defaults(stack_id, context, unset=fields)
     defaults = _memtui_defaults()
-    return {field: values.get(field, defaults[field]) for field in STACK_FIELDS}, notes
+    return {field: values.get(field, defaults[field]) for field in fields}, notes
 
 
 # ---- docs/stacks.md --------------------------------------------------------------------------------------
