@@ -439,7 +439,7 @@ _EXPLAINERS = [
 
 _EXPLAINERS.append(Explainer(
     "stack", "Stack",
-    "Start from a training framework's defaults.",
+    "A training framework's defaults.",
     "Sets the options a training framework decides when you leave them unset: the Hugging Face Trainer "
     "(hf), TRL's SFTTrainer (trl), torchtune, LitGPT, PyTorch Lightning, torchtitan and Axolotl. Each value "
     "comes from the framework's own code, cited below for the stack chosen (all of them in docs/stacks.md). "
