@@ -187,3 +187,18 @@ async def test_the_planners_stack_select_sets_the_inputs_and_explains_its_source
         await pilot.pause()
         assert isinstance(app.screen, ExplainScreen)
         assert "trl/trainer/base_config.py:61 gradient_checkpointing default=True" in app.screen.markdown
+
+
+def test_presets_and_the_help_list_the_stacks(capsys):
+    assert main(["presets", "stacks", "--json"]) == 0
+    stacks = json.loads(capsys.readouterr().out)["stacks"]
+    assert [stack["id"] for stack in stacks] == list(STACK_IDS)
+    litgpt = next(stack for stack in stacks if stack["id"] == "litgpt")
+    grad_accum = next(default for default in litgpt["defaults"] if default["field"] == "grad_accum")
+    assert grad_accum["value"] == "16 / GPUs / batch" and "global_batch_size=16" in grad_accum["source"]
+    assert main(["presets", "stacks"]) == 0
+    assert "torchtitan" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["estimate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "none, hf, trl, torchtune, litgpt, lightning, torchtitan, axolotl (default none)" in help_text
