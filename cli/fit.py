@@ -97,11 +97,15 @@ def _command(config) -> str:
     from memtui.engine.model.specs import TrainingConfig
     from memtui.engine.planning.fit.suggestion import flag_text
 
-    defaults = TrainingConfig()
+    from memtui.engine.model.stacks import STACK_FIELDS, stack_defaults
+
+    # What the command would give without a flag: memtui's default, or the stack's for the options it sets.
+    defaults = TrainingConfig().model_dump()
+    defaults.update(stack_defaults(config.stack, config.model_dump(), unset=STACK_FIELDS)[0])
     parts = ["memtui estimate"]
     for name in TrainingConfig.model_fields:
         option, value = OPTIONS[name], getattr(config, name)
-        if value == getattr(defaults, name) and name not in ("model", "gpu", "batch_size", "seq_len"):
+        if value == defaults[name] and name not in ("model", "gpu", "batch_size", "seq_len"):
             continue
         parts.append(flag_text(option.flag, value))
     return " ".join(parts)

@@ -2,7 +2,7 @@
 
 The flags are the option registry's (memtui.engine.model.options): one per TrainingConfig field.
 
-Precedence: TrainingConfig defaults < --recipe < --from FILE < flags given on the command line.
+Precedence: TrainingConfig defaults < --stack < --recipe < --from FILE < flags given on the command line.
 Every flag defaults to None so we know which ones the user actually typed.
 """
 
@@ -102,9 +102,10 @@ def _answered(note: str, args: argparse.Namespace) -> bool:
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainingConfig:
-    """Defaults, then the recipe, then --from FILE, then the flags typed, then any overrides.
+    """Defaults, then the stack's, then the recipe, then --from FILE, then the flags typed, then any overrides.
 
-    What --from FILE could not map is left in `args.from_notes` (see `file_notes`)."""
+    What --from FILE could not map is left in `args.from_notes`, --stack's notes in `args.stack_notes` (see
+    `file_notes`)."""
     options: dict = {}
     if getattr(args, "recipe", None):
         options.update(resolve_recipe(args.recipe).options)
@@ -119,21 +120,29 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainingConfig:
         if value is not None:
             options[field] = option.from_text(value) if isinstance(value, str) else value
     options.update(overrides)
-    if "seq_len" not in options:
-        # A model with learned positions (GPT-2) cannot take the default length; use its own.
+    if "gpus" not in options and options.get("tp", 1) * options.get("pp", 1) > 1:
+        options["gpus"] = options.get("tp", 1) * options.get("pp", 1)  # --tp 8 alone means 8 GPUs
+    seq_len_given = "seq_len" in options
+    if options.get("stack", "none") != "none":
+        # The stack's defaults under everything given (they may depend on it: LoRA, GPUs, sequence).
+        from memtui.engine.model.stacks import stack_defaults
+
+        values, args.stack_notes = stack_defaults(options["stack"], options)
+        options.update(values)
+    if not seq_len_given:
+        # A model with learned positions (GPT-2) cannot take the default length (or a stack's); use its own.
         from memtui.engine.model.presets import resolve_model
 
         spec = resolve_model(options.get("model", _DEFAULTS.model))
         if spec.positions == "learned":
-            options["seq_len"] = min(_DEFAULTS.seq_len, spec.max_position_embeddings)
-    if "gpus" not in options and options.get("tp", 1) * options.get("pp", 1) > 1:
-        options["gpus"] = options.get("tp", 1) * options.get("pp", 1)  # --tp 8 alone means 8 GPUs
+            options["seq_len"] = min(options.get("seq_len", _DEFAULTS.seq_len), spec.max_position_embeddings)
     return config_from_options(options)
 
 
 def file_notes(args: argparse.Namespace) -> list[str]:
-    """The notes --from FILE left (what it mapped from, what it ignored and why); empty without it."""
-    return list(getattr(args, "from_notes", None) or [])
+    """The notes --from FILE left (what it mapped from, what it ignored and why), then --stack's (its
+    approximations and what it does that memtui does not model yet); empty without either."""
+    return [*(getattr(args, "from_notes", None) or []), *(getattr(args, "stack_notes", None) or [])]
 
 
 def with_file_notes(budget, args: argparse.Namespace):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "list model, GPU and recipe presets"
+HELP = "list model, GPU and recipe presets, and the training stacks"
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("presets", help=HELP, description=HELP)
-    parser.add_argument("kind", nargs="?", choices=("models", "gpus", "recipes"), help="list only this kind")
+    parser.add_argument("kind", nargs="?", choices=("models", "gpus", "recipes", "stacks"), help="list only this kind")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
 
@@ -18,8 +18,10 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from memtui.engine.model import presets
 
+    from memtui.engine.model.stacks import STACKS
+
     models, gpus, recipes = presets.models(), presets.gpus(), presets.recipes()
-    kinds = [args.kind] if args.kind else ["models", "gpus", "recipes"]
+    kinds = [args.kind] if args.kind else ["models", "gpus", "recipes", "stacks"]
     if args.json:
         data = {}
         if "models" in kinds:
@@ -32,10 +34,16 @@ def run(args: argparse.Namespace) -> int:
             data["gpus"] = [g.model_dump() for g in gpus.values()]
         if "recipes" in kinds:
             data["recipes"] = [r.model_dump() for r in recipes.values()]
+        if "stacks" in kinds:
+            data["stacks"] = [{"id": stack.id, "name": stack.name, "repository": stack.repository, "commit": stack.commit,
+                               "defaults": [_default_json(default) for default in stack.defaults],
+                               "not_modelled": [vars(item) | {"when": list(item.when)} for item in stack.not_modelled]}
+                              for stack in STACKS.values()]
         print(json.dumps(data, indent=2))
         return 0
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from memtui.engine.units import format_count, format_gib
@@ -62,4 +70,23 @@ def run(args: argparse.Namespace) -> int:
         for r in recipes.values():
             table.add_row(r.id, f"[bold]{r.name}[/]\n{r.description}\n[dim]" + ", ".join(f"{k}={v}" for k, v in r.options.items()) + "[/]")
         console.print(table)
+    if "stacks" in kinds:
+        table = Table(title="Stacks (--stack; sources in docs/stacks.md)", title_justify="left")
+        table.add_column("id")
+        table.add_column("what it sets")
+        for stack in STACKS.values():
+            sets = ", ".join(f"{default.field}={default.value_text()}"
+                             + (f" ({' and '.join(default.when)})" if default.when else "") for default in stack.defaults)
+            unmodelled = "".join(f"\nnot modelled yet: {item.knob}={item.value}" for item in stack.not_modelled)
+            table.add_row(stack.id, f"[bold]{escape(stack.name)}[/] ({stack.repository} {stack.commit[:12]})\n[dim]"
+                          + escape(sets + unmodelled) + "[/]")
+        console.print(table)
     return 0
+
+
+def _default_json(default) -> dict:
+    from memtui.engine.model.stacks import Derived
+
+    value = default.value_text() if isinstance(default.value, Derived) else default.value
+    return {"field": default.field, "value": value, "source": default.source, "when": list(default.when),
+            "needs": list(default.needs), "note": default.note}

@@ -551,6 +551,11 @@ class MemtuiApp(App[None]):
             return
         panel = self.options_panel
         row = panel.row_for(focused) if panel is not None else None
+        if row is not None and row.spec.key == "stack":
+            from memtui.tui.explain import stack_explainer
+
+            self.push_screen(ExplainScreen(stack_explainer(self.planner.options["stack"])))
+            return
         if row is not None and row.spec.explainer in EXPLAINERS:
             self.push_screen(ExplainScreen(EXPLAINERS[row.spec.explainer].markdown()))
             return

@@ -487,7 +487,30 @@ _EXPLAINERS = [
     ),
 ]
 
+_EXPLAINERS.append(Explainer(
+    "stack", "Stack",
+    "A training framework's defaults.",
+    "Sets the options a training framework decides when you leave them unset: the Hugging Face Trainer "
+    "(hf), TRL's SFTTrainer (trl), torchtune, LitGPT, PyTorch Lightning, torchtitan and Axolotl. Each value "
+    "comes from the framework's own code, cited below for the stack chosen (all of them in docs/stacks.md). "
+    "Options changed afterwards override it; choosing another stack replaces the options the previous one "
+    "set, and none puts memtui's own defaults back. Where memtui approximates what a framework does, or "
+    "cannot model it yet, a note says so when the stack is chosen.",
+    "None in itself: it changes other options, whose costs are theirs (TRL turns checkpointing on, LitGPT "
+    "accumulates 16 micro-batches, torchtitan starts at batch 8).",
+    "When you train with one of these frameworks and want the budget to start where your run starts. Same "
+    "as `--stack NAME` on the command line.",
+))
+
 EXPLAINERS: dict[str, Explainer] = {explainer.key: explainer for explainer in _EXPLAINERS}
+
+
+def stack_explainer(stack: str) -> str:
+    """The stack explainer, with the chosen stack's defaults and their sources (every stack's with none)."""
+    from memtui.engine.model.stacks import stack_markdown, stacks_markdown
+
+    table = stacks_markdown() if stack == "none" else stack_markdown(stack)
+    return EXPLAINERS["stack"].markdown() + "\n" + table.replace("## ", "### ")
 
 # The options' explainers in the registry's order (memtui.engine.model.options): this module keeps the texts.
 OPTION_KEYS: tuple[str, ...] = tuple(option.explainer_key for option in OPTIONS.values())

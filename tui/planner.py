@@ -94,6 +94,8 @@ class Planner:
                 self.use_local_gpu = False
                 self.options["gpu"] = value
             return notes
+        if key == "stack":
+            return self.apply_stack(value)
         if key == "model":
             self.field_errors.pop("model_path", None)
             self.options["model"] = value
@@ -140,6 +142,22 @@ class Planner:
         if "model" in options:
             notes += self._fit_seq_len_to_model()
         return notes
+
+    def apply_stack(self, stack: str) -> list[str]:
+        """A training stack chosen: the options it sets (and those the previous one set) to its defaults for the
+        model, adapters and GPUs chosen (memtui's own with none); its notes say what it approximates or does not
+        model yet."""
+        from memtui.engine.model.stacks import STACKS, planner_values
+
+        values, notes = planner_values(stack, self.options, previous=self.options.get("stack", "none"))
+        changed = {field: value for field, value in values.items() if self.options.get(field) != value}
+        for field in (*values, "stack"):
+            self.field_errors.pop(field, None)
+        self.options.update(values, stack=stack)
+        notes += self._fit_seq_len_to_model()
+        name = "memtui's own defaults" if stack == "none" else f"{STACKS[stack].name}'s defaults"
+        said = ", ".join(f"{field} {value}" for field, value in changed.items()) or "nothing changed"
+        return [f"{name}: {said}.", *notes]
 
     def apply_recipe(self, recipe: Recipe) -> list[str]:
         return self.apply_options(dict(recipe.options))

@@ -26,6 +26,7 @@ from memtui.engine.model.architectures import _read_config_text, read_json_file
 from memtui.engine.model.hub import is_hub_id
 from memtui.engine.model.presets import models
 from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.model.stacks import STACKS  # each framework's defaults, for the keys a file leaves out
 
 FORMATS = ("hf", "torchtune", "litgpt", "torchtitan", "axolotl")
 FORMAT_NAMES = {
@@ -399,7 +400,8 @@ def _hugging_face(reader: _Reader, folder: Path) -> None:
     if reader.bool("use_peft"):
         reader.set("lora_r", "lora_rank", reader.int("lora_r") or 16)  # ModelConfig.lora_r defaults to 16
         _map_lora_targets(reader, "lora_target_modules")
-        reader.set("lora_dropout", "lora_dropout", _or_default(reader.number("lora_dropout"), 0.05))  # ModelConfig's
+        reader.set("lora_dropout", "lora_dropout", _or_default(reader.number("lora_dropout"),
+                                                               STACKS["trl"].value("lora_dropout")))  # ModelConfig's
     if reader.bool("load_in_4bit"):
         reader.set("load_in_4bit", "quant", "nf4")
         reader.ignore("bnb_4bit_quant_type", "fp4 has nf4's size; modelled as nf4", lambda value: value != "nf4")
@@ -480,7 +482,7 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
         if targets:
             reader.set("model.lora_attn_modules", "lora_targets", ",".join(targets))
         reader.set("model.lora_dropout", "lora_dropout", reader.number("model.lora_dropout"))  # builders: 0.0
-        reader.options["lora_dtype"] = "compute"  # torchtune's LoRALinear: adapters in the model's dtype
+        reader.options["lora_dtype"] = STACKS["torchtune"].value("lora_dtype")  # LoRALinear: the model's dtype
         if quantized:
             reader.options["quant"] = "nf4"  # torchao's NF4Tensor, the same 4-bit blocks as bitsandbytes' nf4
     reader.set("batch_size", "batch_size", reader.int("batch_size"))
@@ -514,7 +516,8 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
     loss = str(reader.get("loss._component_", "")).lower()
     if "chunked" in loss:
         reader.set("loss._component_", "loss", "chunked")
-        reader.set("loss.num_output_chunks", "loss_chunks", reader.int("loss.num_output_chunks") or 8)
+        reader.set("loss.num_output_chunks", "loss_chunks",
+                   reader.int("loss.num_output_chunks") or STACKS["torchtune"].value("loss_chunks"))
     elif "linearcrossentropy" in loss:
         _map_fused_loss(reader, "loss._component_", chosen=True)
 
@@ -551,8 +554,9 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
         if targets:
             reader.set("lora_query", "lora_targets", ",".join(targets))
         # litgpt/finetune/lora.py setup(): lora_dropout=0.05; litgpt/lora.py keeps adapters in the model's dtype.
-        reader.set("lora_dropout", "lora_dropout", _or_default(reader.number("lora_dropout"), 0.05))
-        reader.options["lora_dtype"] = "compute"
+        reader.set("lora_dropout", "lora_dropout", _or_default(reader.number("lora_dropout"),
+                                                               STACKS["litgpt"].value("lora_dropout")))
+        reader.options["lora_dtype"] = STACKS["litgpt"].value("lora_dtype")
         reader.note("LitGPT adapts slices of its fused qkv projection; memtui models adapters on separate q/k/v "
                     "projections")
     devices = reader.get("devices", 1)
@@ -619,9 +623,11 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
             reader.options["model"] = preset
         else:
             reader.note(f"model not set: model.name={name} model.flavor={flavor} is not a memtui preset; give --model")
+    titan = STACKS["torchtitan"]
     reader.set("training.local_batch_size", "batch_size",
-               reader.int("training.local_batch_size") or reader.int("training.batch_size") or 8)
-    reader.set("training.seq_len", "seq_len", reader.int("training.seq_len") or 2048)
+               reader.int("training.local_batch_size") or reader.int("training.batch_size")
+               or titan.value("batch_size"))
+    reader.set("training.seq_len", "seq_len", reader.int("training.seq_len") or titan.value("seq_len"))
     defaults = {"data_parallel_replicate_degree": 1, "data_parallel_shard_degree": -1, "tensor_parallel_degree": 1,
                 "pipeline_parallel_degree": 1, "context_parallel_degree": 1}
     degrees = {key: reader.get(f"parallelism.{key}", default) for key, default in defaults.items()}
@@ -650,11 +656,11 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
     elif degrees["data_parallel_replicate_degree"] > 1:
         reader.set("parallelism.data_parallel_replicate_degree", "zero", 0)  # DDP
     reader.set("training.mixed_precision_param", "precision",
-               reader.choice("training.mixed_precision_param", _TITAN_DTYPES) or "bf16-mixed")
+               reader.choice("training.mixed_precision_param", _TITAN_DTYPES) or titan.value("precision"))
     reader.ignore("parallelism.context_parallel_degree", "context parallelism is not modelled", _more_than_one)
     reader.ignore("parallelism.expert_parallel_degree", "expert parallelism is not modelled", _more_than_one)
     modes = {"none": "none", "selective": "selective", "full": "full"}
-    mode = reader.choice("activation_checkpoint.mode", modes) or "selective"
+    mode = reader.choice("activation_checkpoint.mode", modes) or titan.value("checkpointing")
     reader.set("activation_checkpoint.mode", "checkpointing", mode)
     if mode == "selective":
         reader.note(f"activation_checkpoint.mode=selective (selective_ac_option="
@@ -662,7 +668,7 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
                     "selective checkpointing, which recomputes other ops than torchtitan's policy")
     reader.set("optimizer.name", "optimizer", reader.choice("optimizer.name", {"adamw": "adamw", "adam": "adamw"}))
     impl = reader.choice("optimizer.implementation", {"foreach": "foreach", "fused": "fused", "for-loop": "for-loop"})
-    reader.set("optimizer.implementation", "optimizer_impl", impl or "fused")
+    reader.set("optimizer.implementation", "optimizer_impl", impl or titan.value("optimizer_impl"))
     if reader.bool("optimizer.early_step_in_backward"):
         if reader.options.get("zero", 0):
             reader.note("ignored: optimizer.early_step_in_backward=true (memtui models stepping in backward on "

@@ -255,6 +255,10 @@ _OPTIONS = (
     Option("shard_group", "Shard group", PARALLELISM, "int",
            "HSDP: shard within groups of G data-parallel ranks, replicate across them; 0 shards over all",
            "--zero 3 --gpus 16 --shard-group 8", explainer="zero"),
+    # ---- the training stack's defaults (issue 11) -------------------------------------------------------
+    Option("stack", "Stack", MODEL_AND_HARDWARE, "select",
+           "set the options to a training framework's defaults (docs/stacks.md); options given override them",
+           "--stack litgpt"),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

@@ -23,6 +23,8 @@ Loss = Literal["standard", "chunked", "fused-linear"]
 LoraDtype = Literal["fp32", "compute"]
 LossDtype = Literal["fp32", "compute"]
 BnbVersion = Literal["current", "legacy"]
+# The training stacks whose defaults --stack applies (engine/model/stacks.py); none: memtui's own.
+Stack = Literal["none", "hf", "trl", "torchtune", "litgpt", "lightning", "torchtitan", "axolotl"]
 
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
@@ -84,6 +86,8 @@ class TrainingConfig(BaseModel):
     shard_group: int = Field(0, ge=0, le=65536,
                              description="HSDP: ranks per FSDP shard group, replicated across the rest; 0: all ranks")
     bnb_version: BnbVersion = "current"
+    # Whose defaults the options started from (engine/model/stacks.py); the estimate reads the options only.
+    stack: Stack = "none"
 
     @property
     def dp(self) -> int:
