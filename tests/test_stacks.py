@@ -105,11 +105,12 @@ def test_a_bad_stack_is_one_line_naming_the_flag_and_the_stacks(capsys):
 
 
 def test_what_memtui_cannot_apply_or_model_is_in_the_notes(capsys):
-    # LitGPT on a 4-bit base trains in bf16-true, where its chunked cross-entropy runs in bf16.
+    # LitGPT on a 4-bit base trains in bf16-true, where its chunked cross-entropy runs in bf16 (--loss-dtype compute).
     assert main(["estimate", "--stack", "litgpt", "--model", "llama-3.2-1b", "--lora-rank", "8", "--quant", "nf4",
                  "--json"]) == 0
-    notes = json.loads(capsys.readouterr().out)["notes"]
-    assert any(note.startswith("not modelled yet: loss dtype=compute dtype (LitGPT:") for note in notes)
+    data = json.loads(capsys.readouterr().out)
+    notes = data["notes"]
+    assert data["config"]["loss_dtype"] == "compute" and not any(note.startswith("not modelled yet") for note in notes)
     assert "--stack litgpt: the head runs on 128-token chunks (--loss chunked, one chunk per 128 tokens)" in notes
     # torchtune's chunked loss on several GPUs is not applied, and said so; torchtitan's SAC is always said.
     _, notes = resolve("--stack", "torchtune", "--gpus", "2", "--zero", "3")

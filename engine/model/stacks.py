@@ -245,12 +245,11 @@ _STACKS = (
                     when=("quant",)),
             Default("activation_offload", False, "LitGPT has no activation offloading"),
             Default("optimizer_in_backward", False, "litgpt/finetune/lora.py fit(): optimizer.step() after backward"),
-        ),
-        not_modelled=(
-            NotModelled("loss dtype", "compute dtype",
-                        "litgpt/utils.py:326 chunked_cross_entropy: F.cross_entropy on the chunks without .float()",
-                        "with 16-bit weights and no autocast the cross-entropy runs in bf16; memtui's chunked loss "
-                        "upcasts each chunk to fp32", when=("true-precision",)),
+            Default("loss_dtype", "compute",
+                    "litgpt/utils.py:326 chunked_cross_entropy: F.cross_entropy on the chunks without .float()",
+                    when=("chunked-loss",),
+                    note="the cross-entropy in the logits' dtype, no fp32 upcast (fp32 only where autocast runs "
+                         "log_softmax in fp32)"),
         ),
         leaves_to_you="max_seq_length: None trains on the longest sample of the dataset; give --seq-len",
     ),
