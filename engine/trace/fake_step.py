@@ -123,6 +123,10 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
         model = build_model(spec, config, device="cpu", quant_backend="replica")
         head = model.get_output_embeddings()
         head.register_forward_hook(lambda *_: tracker.mark("loss"))
+        if config.compile:
+            from memtui.engine.torchside.compiled import partition_layers
+
+            partition_layers(model, spec.num_layers, tracker.untracked)
         if parallel is not None:
             model = parallel.wrap(model, tracker)
         weight_ids = watch_model(tracker, model, gradients)
