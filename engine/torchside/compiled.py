@@ -29,8 +29,10 @@ Untracked = Callable[[], contextlib.AbstractContextManager]
 
 
 def decoder_layer_list(model, layers: int):
-    """The ModuleList of the decoder layers: the one of that length holding the most parameters."""
+    """The ModuleList of decoder layers: the one of that length holding the most parameters."""
     import torch
+
+    from memtui.engine.errors import InputError
 
     best, best_params = None, -1
     for module in model.modules():
@@ -39,7 +41,7 @@ def decoder_layer_list(model, layers: int):
             if params > best_params:
                 best, best_params = module, params
     if best is None:
-        raise ValueError("found no list of decoder layers in the built module")
+        raise InputError("model", "found no list of decoder layers in the built module")
     return best
 
 

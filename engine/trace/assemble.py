@@ -49,6 +49,11 @@ def _what_was_traced(config: TrainingConfig, spec: ModelSpec) -> list[str]:
     if config.activation_offload:
         traced.append("activation offloading: torchtune's OffloadActivations hooks (single stream) around the "
                       "decoder; the host copies counted apart (offloaded_activation_bytes)")
+    if config.compile:
+        traced.append("torch.compile of each decoder layer: AOTAutograd with inductor's decompositions and "
+                      "min-cut partitioner (what is saved for backward), the graphs run op by op without code "
+                      "generation; ops inductor fuses make no allocation unless saved, returned or read by a "
+                      "matmul or attention kernel")
     return traced
 
 
@@ -65,6 +70,9 @@ def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: 
         modelled.append(f"{config.optimizer}: bitsandbytes replaced by an allocation-exact replica; the states it "
                         "pages (tensors of 100,000 values or more) are made as CUDA unified memory, outside the "
                         "tensor peak (paged_bytes), resident on the card as far as the step leaves room")
+    if config.compile:
+        modelled.append("torch.compile: inductor's in-place buffer reuse and workspaces, graph breaks and the "
+                        "compiled loss are not modelled; dynamo is not run (a layer is one graph)")
     modelled += parallel_modelled  # data parallelism traced at the real world size (engine/trace/parallel.py)
     if distributed:
         modelled.append("ZeRO / tensor / pipeline parallel sharding: estimator, applied to the single-GPU trace")
