@@ -175,9 +175,9 @@ def _autocast_state() -> tuple:
 
 # ---- inductor's fusion, as allocations ---------------------------------------------------------------------
 def fused_nodes(graph) -> set:
-    """The nodes of a partitioned graph whose values inductor never allocates: fusible ops (the partitioner's
-    own set, plus cat) whose value is neither a graph output nor read by a kernel inductor does not generate,
-    and the views of such values."""
+    """The nodes of a partitioned graph whose values inductor never allocates: ops it generates code for
+    (`_generated`) whose value is neither a graph output nor read by a kernel it calls instead (matmuls,
+    attention, its fallbacks), and the views of such values."""
     import torch
     from torch._functorch.partitioners import get_default_op_list
 
@@ -192,22 +192,36 @@ def fused_nodes(graph) -> set:
     needed: set = set()
     for node in graph.graph.nodes:
         if node.op == "output":
-            for value in _flat_nodes(node.args):
-                needed.add(base[value])
-        elif node.op == "call_function" and not _fusible(node, op_types):
-            for value in _flat_nodes((node.args, node.kwargs)):
-                needed.add(base[value])
+            needed.update(base[value] for value in _flat_nodes(node.args))
+        elif node.op == "call_function" and base[node] is node and not _generated(node):
+            needed.update(base[value] for value in _flat_nodes((node.args, node.kwargs)))
     fused = set()
     for node in graph.graph.nodes:
         if node.op != "call_function":
             continue
         root = base[node]
-        if root is node:
-            if _fusible(node, op_types) and node not in needed:
-                fused.add(node)
-        elif root in fused or (root.op == "call_function" and _fusible(root, op_types) and root not in needed):
+        if root.op == "call_function" and root not in needed and _generated(root):
             fused.add(node)
     return fused
+
+
+# Lowered by inductor, but into a kernel of their own whose output is a buffer (or called as a library kernel).
+_EXTERN = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_int_mm", "convolution", "scatter", "scatter_add",
+           "scatter_reduce", "index_put", "index_add", "sort", "topk", "cumsum", "cumprod")
+
+
+def _generated(node) -> bool:
+    """An op inductor generates (fusible) code for: it has a lowering that is not a fallback or an extern kernel."""
+    import torch._inductor.lowering as lowering
+
+    target = node.target
+    if target is _getitem():
+        return not _multi_output(node.args[0])
+    packet = getattr(target, "overloadpacket", None)
+    if packet is None or packet.__name__ in _EXTERN:
+        return False
+    return (target in lowering.lowerings or packet in lowering.lowerings) and target not in lowering.fallbacks \
+        and packet not in lowering.fallbacks
 
 
 def _getitem():
@@ -219,16 +233,6 @@ def _getitem():
 def _multi_output(node) -> bool:
     value = node.meta.get("val")
     return isinstance(value, (tuple, list))
-
-
-def _fusible(node, op_types) -> bool:
-    import torch
-
-    if node.target is torch.ops.aten.cat.default:
-        return True  # inductor's pointwise cat (RoPE's rotate_half): never a buffer of its own
-    if node.target is _getitem():
-        return not _multi_output(node.args[0])
-    return op_types.is_fusible(node)
 
 
 def _flat_nodes(value) -> list:
