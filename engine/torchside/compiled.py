@@ -28,6 +28,16 @@ from typing import Any
 Untracked = Callable[[], contextlib.AbstractContextManager]
 
 
+def untraced_compile(config, *, parallel: bool) -> str:
+    """Why the trace runs a --compile config eagerly ("" when it traces compile); `parallel`: the trace wraps
+    the model for data or tensor parallelism."""
+    if parallel:
+        return "data or tensor parallelism"
+    if config.quant != "none":
+        return f"{config.quant} layers (bitsandbytes' replicas)"
+    return ""
+
+
 def decoder_layer_list(model, layers: int):
     """The ModuleList of decoder layers: the one of that length holding the most parameters."""
     import torch
