@@ -72,6 +72,32 @@ def test_fused_intermediates_are_not_allocations():
     assert fused == {"sin", "exp"}
 
 
+def test_a_buffer_read_by_a_fused_kernel_lives_until_that_kernel_runs():
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memtui.engine.torchside.compiled import fused_runner
+    from memtui.engine.trace.tracker import MemoryTracker
+
+    def function(x, weight, small):
+        wide = torch.mm(x, weight)  # 64 x 256 fp32: 64 KiB
+        narrow = wide.exp()[:, :4] * 2  # fused into one kernel that reads `wide` and writes the matmul's input
+        return (torch.mm(narrow, small),)
+
+    inputs = [torch.randn(64, 64), torch.randn(64, 256), torch.randn(4, 4)]
+    graph = make_fx(function)(*inputs)
+    tracker = MemoryTracker()
+    with tracker:
+        result = fused_runner(graph, tracker.untracked)(list(inputs))
+    live = peak = 0
+    for event in tracker.log.events:
+        live += event.delta
+        peak = max(peak, live)
+    # `wide` is freed only once the kernel reading it has written `narrow` (64 x 4 fp32): both alive together.
+    assert peak == 64 * 256 * 4 + 64 * 4 * 4
+    assert result[0].shape == (64, 4)
+
+
 def test_the_same_log_on_real_cpu_tensors():
     from memtui.engine.trace.analysis import summarize
     from memtui.engine.trace.fake_step import run_fake_steps

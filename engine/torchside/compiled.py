@@ -255,10 +255,31 @@ def _flat_nodes(value) -> list:
 
 def fused_runner(graph, untracked: Untracked):
     """Run a partitioned graph node by node (boxed: its inputs are freed at their last use, as inductor's code
-    frees them), each fused node's value made without an allocation the tracker sees."""
+    frees them), each fused node's value made without an allocation the tracker sees.
+
+    A buffer read by fused ops lives until the kernel they are fused into has run (inductor's kernel reads it
+    there), not only until the last fused op that names it."""
     import torch
 
     fused = fused_nodes(graph)
+    nodes = list(graph.graph.nodes)
+    position = {node: index for index, node in enumerate(nodes)}
+    reads: dict = {}  # a fused node -> the unfused values its kernel reads
+    last_use: dict = {}
+    for node in nodes:
+        direct = _flat_nodes((node.args, node.kwargs))
+        effective = set()
+        for value in direct:
+            effective |= reads[value] if value in fused else {value}
+            last_use[value] = position[node]
+        if node in fused:
+            reads[node] = effective
+        else:
+            for value in effective:
+                last_use[value] = max(last_use.get(value, 0), position[node])
+    release: dict[int, list] = {}
+    for value, index in last_use.items():
+        release.setdefault(index, []).append(value)
 
     class FusedInterpreter(torch.fx.Interpreter):
         def run_node(self, node):
@@ -268,7 +289,20 @@ def fused_runner(graph, untracked: Untracked):
             return super().run_node(node)
 
     def run(args: list):
-        return FusedInterpreter(graph).boxed_run(args)
+        interpreter = FusedInterpreter(graph, garbage_collect_values=False)
+        env = dict(zip((node for node in nodes if node.op == "placeholder"), args))
+        args.clear()
+        interpreter.env = env
+        interpreter.args_iter = iter(())
+        for index, node in enumerate(nodes):
+            if node.op == "output":
+                return interpreter.graph.process_outputs(
+                    torch.fx.node.map_arg(node.args[0], lambda value: env[value]))
+            if node not in env:
+                env[node] = interpreter.run_node(node)
+            for value in release.get(index, ()):
+                env.pop(value, None)
+        return None
 
     run._boxed_call = True
     return run
