@@ -114,6 +114,8 @@ MATRIX: list[dict] = [
     {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "optimizer": "paged-adamw-8bit"},
     {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "checkpointing": "full", "activation_offload": True},
     {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "activation_offload": True},
+    # torch.compile per layer: traced (AOTAutograd + inductor's partitioner), not yet estimated (eager figures)
+    {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 1024, "compile": True},
 ]
 
 

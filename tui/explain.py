@@ -360,7 +360,8 @@ _EXPLAINERS = [
         "kernel. Not modelled: buffers inductor reuses in place, its workspaces, graph breaks (a layer is one "
         "graph), compiling the loss (torchtune compiles it too). With checkpointing the checkpoint runs around "
         "the compiled layer. The estimate does not model compile yet: its figures are eager PyTorch's, an upper "
-        "bound. A live run compiles for real on CUDA; on a CPU it skips compile and runs eagerly, "
+        "bound (measured: llama-3.2-1b, bf16-true, batch 2 x 1024 tokens, a compiled tensor peak of 12.19 GiB "
+        "traced against eager's 13.19 GiB, so the estimate is 8.2% high there). A live run compiles for real on CUDA; on a CPU it skips compile and runs eagerly, "
         "with a note (inductor's CPU code is not what a GPU runs).",
         "Compile time at the first step (about a minute for a 7B model's layer); nothing at run time.",
         "When reproducing a torchtune or torchtitan run with compile on. The trace compiles on one GPU without "
