@@ -122,6 +122,8 @@ def test_what_the_trace_compiles():
 
     assert untraced_compile(TrainingConfig(model="gpt2", compile=True), parallel=False) == ""
     assert "parallelism" in untraced_compile(TrainingConfig(model="gpt2", compile=True, gpus=2), parallel=True)
+    assert "selective" in untraced_compile(TrainingConfig(model="gpt2", compile=True, checkpointing="selective"),
+                                           parallel=False)
     assert "nf4" in untraced_compile(TrainingConfig(model="gpt2", compile=True, quant="nf4", lora_rank=8),
                                      parallel=False)
 

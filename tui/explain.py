@@ -365,7 +365,7 @@ _EXPLAINERS = [
         "with a note (inductor's CPU code is not what a GPU runs).",
         "Compile time at the first step (about a minute for a 7B model's layer); nothing at run time.",
         "When reproducing a torchtune or torchtitan run with compile on. The trace compiles on one GPU without "
-        "--quant; under data or tensor parallelism or with --quant it traces the step eagerly and says so.",
+        "--quant or selective checkpointing; otherwise it traces the step eagerly and says so.",
     ),
     Explainer(
         "activation_offload", "Activation offloading",

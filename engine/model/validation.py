@@ -246,7 +246,7 @@ RULES: tuple[Rule, ...] = (
     # ---- torch.compile per decoder layer (issue 11) ----
     _note("compile", broken=lambda f: f.config.compile,
           message=lambda f: "torch.compile: `memtui trace` runs each decoder layer through AOTAutograd and inductor's "
-                            "partitioner (on one GPU, without --quant); the estimate does not model it yet: its "
+                            "partitioner (on one GPU, without --quant or selective checkpointing); the estimate does not model it yet: its "
                             "figures are eager PyTorch's, an upper bound"),
     # ---- hybrid sharding (issue 13) ----
     _rule("shard_group", "zero", broken=lambda f: f.config.shard_group > 0 and f.config.zero < 2,

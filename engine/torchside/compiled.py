@@ -35,6 +35,8 @@ def untraced_compile(config, *, parallel: bool) -> str:
         return "data or tensor parallelism"
     if config.quant != "none":
         return f"{config.quant} layers (bitsandbytes' replicas)"
+    if config.checkpointing == "selective":
+        return "selective checkpointing"  # its policy's storage around a compiled layer is not traced yet
     return ""
 
 
@@ -97,10 +99,17 @@ class PartitionedLayers:
                 kwargs["past_key_values"] = None
             if kwargs.get("use_cache"):
                 kwargs["use_cache"] = False
+            # Compiled before the checkpoint starts: traced inside it, the graph would carry its recompute tags.
+            self._compiled(layer, forward, args, kwargs)
             return layer._gradient_checkpointing_func(functools.partial(self.call, layer, forward, **kwargs), *args)
         return self.call(layer, forward, *args, **kwargs)
 
     def call(self, layer, forward, *args, **kwargs):
+        function, inputs = self._compiled(layer, forward, args, kwargs)
+        return function(*inputs)
+
+    def _compiled(self, layer, forward, args, kwargs):
+        """The function for this call's signature (traced and partitioned on its first call) and its inputs."""
         import torch
         from torch.utils._pytree import tree_flatten
 
@@ -119,13 +128,16 @@ class PartitionedLayers:
             with self.untracked():
                 function = self._compile(layer, forward, leaves, spec, tensor_at, list(state), inputs)
             self._functions[key] = function
-        return function(*inputs)
+        return function, inputs
 
     def _compile(self, layer, forward, leaves, spec, tensor_at, names, inputs):
         import torch
         from torch._functorch.aot_autograd import aot_module_simplified
         from torch._inductor.compile_fx import partition_fn
+        from torch._guards import detect_fake_mode
         from torch._inductor.decomposition import select_decomp_table
+        from torch._inductor.virtualized import V
+        from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.nn.utils.stateless import _reparametrize_module
         from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -156,9 +168,12 @@ class PartitionedLayers:
         # tensors alive.
         examples = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).requires_grad_(t.requires_grad)
                     for t in inputs]
-        compiled = aot_module_simplified(LayerFunction(), examples, fw_compiler=compiler("forward"),
-                                         bw_compiler=compiler("backward"), partition_fn=partition_fn,
-                                         decompositions=select_decomp_table())
+        # Inductor's joint-graph passes (dropout's seeds) make tensors in the fake mode compile_fx sets.
+        fake_mode = detect_fake_mode(examples) or FakeTensorMode()
+        with V.set_fake_mode(fake_mode):
+            compiled = aot_module_simplified(LayerFunction(), examples, fw_compiler=compiler("forward"),
+                                             bw_compiler=compiler("backward"), partition_fn=partition_fn,
+                                             decompositions=select_decomp_table())
 
         def run(*flat):
             return tree_unflatten(list(compiled(*flat)), out_spec[0])
