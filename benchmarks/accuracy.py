@@ -125,6 +125,8 @@ MATRIX: list[dict] = [
     {"model": "phi-3-mini", "precision": "bf16-true", "batch_size": 4, "seq_len": 512, "lora_rank": 8, "lora_targets": "all-linear,lm_head", "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 512, "lora_rank": 32, "quant": "nf4", "bnb_version": "legacy", "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 4, "seq_len": 528, "lora_rank": 64, "lora_targets": "all-linear", "quant": "nf4", "bnb_version": "legacy", "kbit_prep": True, "lora_dropout": 0.05, "checkpointing": "full"},
+    # torch.compile per layer: traced (AOTAutograd + inductor's partitioner), not yet estimated (eager figures)
+    {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 1024, "compile": True},
 ]
 
 

@@ -296,6 +296,10 @@ def make_plan(
         notices.append("activation offload on the CPU: the copies to host memory and back are made within the same "
                        "memory, so the hook is a no-op in effect; the tracker counts the host copies apart, as "
                        "pinned memory on a GPU")
+    if device.kind == "cpu" and config.compile:
+        config = config.model_copy(update={"compile": False})
+        notices.append("compile on the CPU: skipped, the run is eager (inductor's CPU code is not what a GPU runs, "
+                       "and compiling takes minutes there); `memtui trace --compile` traces what compile saves")
     if device.kind == "cpu" and config.optimizer in ("paged-adamw-8bit", "paged-adamw"):
         notices.append(f"{config.optimizer} on the CPU: nothing is paged there, so its states are ordinary memory "
                        "(bitsandbytes' state layout, updated in place as its kernels do), counted in the tensor peak")

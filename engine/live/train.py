@@ -279,6 +279,10 @@ class TrainingRun:
         with quiet_libraries():
             parts.model = build_model(spec, config, device=device, quant_backend="auto")
         parts.layers = decoder_layers(parts.model, spec.num_layers)
+        if config.compile and not cpu:
+            from memtui.engine.torchside.compiled import inductor_layers
+
+            inductor_layers(parts.model, spec.num_layers)  # torch.compile per layer, as torchtune and torchtitan do
         if self.distributed:
             from memtui.engine.live.distributed import wrap
 

@@ -251,6 +251,10 @@ _OPTIONS = (
     Option("activation_offload", "Act. offload", MEMORY_SAVERS, "switch",
            "saved activations to pinned CPU memory in forward, back in backward (torchtune OffloadActivations)",
            "--checkpointing full --activation-offload", ladder="activations offloaded to CPU", baseline=False),
+    # ---- torch.compile (issue 11) -----------------------------------------------------------------------
+    Option("compile", "Compile", MEMORY_SAVERS, "switch",
+           "torch.compile each decoder layer (torchtune, torchtitan): the partitioner decides what is saved; "
+           "traced, not yet estimated", "--compile"),
     # ---- hybrid sharding (issue 13) -------------------------------------------------------------------
     Option("shard_group", "Shard group", PARALLELISM, "int",
            "HSDP: shard within groups of G data-parallel ranks, replicate across them; 0 shards over all",

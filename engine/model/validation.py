@@ -322,6 +322,11 @@ RULES: tuple[Rule, ...] = (
     _note("bnb_version", "quant", broken=lambda f: f.config.bnb_version == "legacy" and f.config.quant == "none",
           message=lambda f: "bitsandbytes before 0.43.2 differs only in its 4-bit (nf4) layers; without them the "
                             "version changes nothing."),
+    # ---- torch.compile per decoder layer (issue 11) ----
+    _note("compile", broken=lambda f: f.config.compile,
+          message=lambda f: "torch.compile: `memtui trace` runs each decoder layer through AOTAutograd and inductor's "
+                            "partitioner (on one GPU, without --quant or selective checkpointing); the estimate does not model it yet: its "
+                            "figures are eager PyTorch's, an upper bound"),
     # ---- hybrid sharding (issue 13) ----
     _rule("shard_group", "zero", broken=lambda f: f.config.shard_group > 0 and f.config.zero < 2,
           message=lambda f: f"HSDP shards through FSDP2; {{zero}} {f.config.zero} does not shard parameters or "

@@ -31,7 +31,7 @@ def _steady_states(log: MemoryLog, step: int) -> ModelStates:
     return ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer)
 
 
-def _what_was_traced(config: TrainingConfig, spec: ModelSpec) -> list[str]:
+def _what_was_traced(config: TrainingConfig, spec: ModelSpec, compile_untraced: str) -> list[str]:
     traced = [
         f"{spec.architecture} ({spec.num_layers} layers), 2 training steps on fake tensors",
         f"precision {config.precision}" + (" (autocast with CUDA's op policy)" if config.autocast else ""),
@@ -49,11 +49,16 @@ def _what_was_traced(config: TrainingConfig, spec: ModelSpec) -> list[str]:
     if config.activation_offload:
         traced.append("activation offloading: torchtune's OffloadActivations hooks (single stream) around the "
                       "decoder; the host copies counted apart (offloaded_activation_bytes)")
+    if config.compile and not compile_untraced:
+        traced.append("torch.compile of each decoder layer: AOTAutograd with inductor's decompositions and "
+                      "min-cut partitioner (what is saved for backward), the graphs run op by op without code "
+                      "generation; ops inductor fuses make no allocation unless saved, returned or read by a "
+                      "matmul or attention kernel")
     return traced
 
 
 def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: AllocatorConfig,
-                       parallel_modelled: list[str]) -> list[str]:
+                       parallel_modelled: list[str], compile_untraced: str) -> list[str]:
     modelled = ["CUDA context, cuBLAS workspaces and allocator slack (not tensors the step creates)"]
     if config.quant != "none":
         legacy = " (as before 0.43.2: each 4-bit matmul keeps its input)" if config.bnb_version == "legacy" else ""
@@ -66,6 +71,11 @@ def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: 
         modelled.append(f"{config.optimizer}: bitsandbytes replaced by an allocation-exact replica; the states it "
                         "pages (tensors of 100,000 values or more) are made as CUDA unified memory, outside the "
                         "tensor peak (paged_bytes), resident on the card as far as the step leaves room")
+    if config.compile and compile_untraced:
+        modelled.append(f"torch.compile: not traced with {compile_untraced}; the step was traced eagerly")
+    elif config.compile:
+        modelled.append("torch.compile: inductor's in-place buffer reuse and workspaces, graph breaks and the "
+                        "compiled loss are not modelled; dynamo is not run (a layer is one graph)")
     modelled += parallel_modelled  # data parallelism traced at the real world size (engine/trace/parallel.py)
     if distributed:
         modelled.append("ZeRO / tensor / pipeline parallel sharding: estimator, applied to the single-GPU trace")
@@ -142,8 +152,8 @@ def assemble(
     )
     return TraceResult(
         budget=budget,
-        traced=_what_was_traced(config, spec) + parallel[0],
-        modelled=_what_was_modelled(config, distributed, alloc_config, parallel[1]),
+        traced=_what_was_traced(config, spec, extras.compile_untraced) + parallel[0],
+        modelled=_what_was_modelled(config, distributed, alloc_config, parallel[1], extras.compile_untraced),
         seconds=0.0,
         peak_step=summary.peak_step,
         peak_phase=summary.peak_phase,

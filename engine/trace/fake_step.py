@@ -34,6 +34,7 @@ class StepExtras:
     params: int = 0
     trainable_params: int = 0
     weights_replaced: list[str] = field(default_factory=list)
+    compile_untraced: str = ""  # --compile: why the step was traced eagerly ("" when it was compiled)
 
 
 def optimizer_state_tensors(optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -123,6 +124,12 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
         model = build_model(spec, config, device="cpu", quant_backend="replica")
         head = model.get_output_embeddings()
         head.register_forward_hook(lambda *_: tracker.mark("loss"))
+        if config.compile:
+            from memtui.engine.torchside.compiled import partition_layers, untraced_compile
+
+            extras.compile_untraced = untraced_compile(config, parallel=parallel is not None)
+            if not extras.compile_untraced:
+                partition_layers(model, spec.num_layers, tracker.untracked)
         if parallel is not None:
             model = parallel.wrap(model, tracker)
         weight_ids = watch_model(tracker, model, gradients)

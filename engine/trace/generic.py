@@ -102,17 +102,9 @@ def at_depth(spec: ModelSpec, layers: int) -> ModelSpec:
 
 def decoder_layers(model, layers: int):
     """The ModuleList of decoder layers: the one of that length holding the most parameters."""
-    import torch
+    from memtui.engine.torchside.compiled import decoder_layer_list
 
-    best, best_params = None, -1
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
-            params = sum(p.numel() for p in module.parameters())
-            if params > best_params:
-                best, best_params = module, params
-    if best is None:
-        raise InputError("model", "found no list of decoder layers in the built module")
-    return best
+    return decoder_layer_list(model, layers)
 
 
 def _layer_linears(layer) -> list[dict[str, Any]]:

@@ -84,6 +84,7 @@ class MemoryTracker(TorchDispatchMode):
         self._host: set[int] = set()  # id(storage) of host-memory tensors, while alive
         self._making_host = False
         self._host_live = 0
+        self._untracked = 0
 
     # ---- phases -------------------------------------------------------------
     def mark(self, phase: str) -> None:
@@ -110,6 +111,16 @@ class MemoryTracker(TorchDispatchMode):
             yield
         finally:
             self._making_host = previous
+
+    @contextlib.contextmanager
+    def untracked(self) -> Iterator[None]:
+        """Ops inside make no allocations of the step: --compile's fused intermediates, which inductor never
+        allocates, and the fake tensors AOTAutograd's tracing makes."""
+        self._untracked += 1
+        try:
+            yield
+        finally:
+            self._untracked -= 1
 
     def _track_host(self, storage) -> None:
         key = id(storage)
@@ -196,6 +207,8 @@ class MemoryTracker(TorchDispatchMode):
             # number will do, since no allocation the step makes depends on it.
             return _placeholder_scalar(args[0].dtype)
         out = func(*args, **(kwargs or {}))
+        if self._untracked:
+            return out
         name = func.__name__ if hasattr(func, "__name__") else str(func)
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
