@@ -90,6 +90,7 @@ MATRIX: list[dict] = [
     {"model": "gpt2", "precision": "32-true", "batch_size": 8, "seq_len": 1024},
     {"model": "gpt2", "precision": "bf16-mixed", "batch_size": 16, "seq_len": 1024},
     {"model": "gpt2", "precision": "bf16-mixed", "batch_size": 8, "seq_len": 1024, "attention": "eager", "checkpointing": "full"},
+    {"model": "gpt2", "precision": "bf16-mixed", "batch_size": 8, "seq_len": 1024, "lora_rank": 8, "lora_targets": "c_attn", "quant": "nf4"},  # Conv1D quantized
     {"model": "gemma-2-9b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 2048, "checkpointing": "full"},
     {"model": "gemma-2-9b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "lora_rank": 16},
     {"model": "gemma-2-9b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 2048, "attention": "eager", "lora_rank": 8},

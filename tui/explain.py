@@ -326,7 +326,7 @@ _EXPLAINERS = [
         "Unquantized weights to fp32 (peft).",
         "What most QLoRA tutorials, TRL and Axolotl call before adding the adapters: every 16-bit "
         "parameter that is not 4-bit, meaning the norms, the embeddings, the head (when not quantized), "
-        "the quantized layers' biases and GPT-2's unquantized Conv1D layers, is cast to **fp32** "
+        "and the quantized layers' biases, is cast to **fp32** "
         "(int8 and 4-bit weights stay as they are). The fp32 embedding makes the hidden states fp32 "
         "from the first layer on: without autocast every norm, attention and residual runs in fp32 and "
         "each quantized layer casts its input back to 16 bits (bitsandbytes' compute dtype) and its "

@@ -112,9 +112,8 @@ class TrainingConfig(BaseModel):
     def adapter_dtype(self) -> str:
         """The LoRA adapters' dtype ("fp32", "bf16" or "fp16"): fp32 is peft's default (autocast_adapter_dtype=True);
         compute keeps them in the dtype of the layers they adapt: the stored weights', or a quantized layer's
-        compute dtype. An unquantized layer after k-bit prep (GPT-2's Conv1D, which bitsandbytes leaves
-        alone; the estimator sees it as quant none) is fp32."""
-        unquantized_fp32 = self.quant == "none" and (self.autocast or self.kbit_prep)
+        compute dtype."""
+        unquantized_fp32 = self.quant == "none" and self.autocast
         if self.lora_dtype == "fp32" or self.precision == "32-true" or unquantized_fp32:
             return "fp32"
         return "fp16" if self.precision.startswith("16") else "bf16"

@@ -225,9 +225,6 @@ RULES: tuple[Rule, ...] = (
     _note("quant", "model", broken=lambda f: f.model.is_moe and f.config.quant != "none",
           message=lambda f: f"{f.config.quant}: bitsandbytes quantizes nn.Linear layers only; the experts' stacked "
                             "weights stay 16-bit (as transformers loads them)."),
-    _note("quant", "model", broken=lambda f: f.config.quant != "none" and f.model.family == "gpt2",
-          message=lambda f: f"{f.config.quant}: GPT-2's layers are Conv1D, not nn.Linear, so bitsandbytes quantizes "
-                            "none of them; the weights stay 16-bit."),
     # ---- paged optimizers (bitsandbytes: states in CUDA unified memory) ------------------------------------
     _rule("optimizer", "gpus", broken=lambda f: f.config.optimizer in PAGED_OPTIMIZERS and f.config.gpus > 1,
           message=lambda f: f"{f.config.optimizer} is modelled on one GPU; {{gpus}} is {f.config.gpus}",

@@ -193,7 +193,7 @@ def apply_lora(model, spec: ModelSpec, config: TrainingConfig):
         lora_dropout=config.lora_dropout,
         target_modules=targets,
         bias="none",
-        fan_in_fan_out=spec.family == "gpt2",
+        fan_in_fan_out=spec.family == "gpt2" and config.quant == "none",  # quantized: Linear4bit/8bitLt, not Conv1D
         task_type="CAUSAL_LM",
     )
     if config.quant != "none":
