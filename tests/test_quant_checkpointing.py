@@ -36,3 +36,30 @@ def test_the_build_quantizes_gpt2s_conv1d_layers_and_keeps_the_rest_in_the_compu
     assert (layers[0].in_features, layers[0].out_features) == (768, 2304)
     unquantized = {p.dtype for name, p in model.named_parameters() if "lora_" not in name and p.dtype.is_floating_point}
     assert unquantized == {torch.bfloat16}
+
+
+def test_int8_under_autocast_with_selective_checkpointing_traces_and_the_estimate_follows():
+    """The recompute in backward asked torch.is_autocast_enabled() after the trace had stopped answering it for
+    CUDA: peft's int8 LoRA layer then cast its input, an op the forward never ran, and selective checkpointing
+    refused it ("_to_copy ... not found in storage")."""
+    from memtui.engine.estimator import estimate
+    from memtui.engine.estimator.overhead import cublas_workspace_bytes
+    from memtui.engine.model.presets import resolve_gpu
+    from memtui.engine.trace.runner import trace
+    from tests.test_trace import tiny_llama
+
+    spec = tiny_llama(layers=4)
+    config = TrainingConfig(model="llama-3.2-1b", gpu="h100-80gb", quant="int8", lora_rank=4, lora_targets="all-linear",
+                            precision="bf16-mixed", checkpointing="selective", batch_size=4, seq_len=512)
+    traced = trace(config, model=spec).traced_tensor_peak_bytes
+    estimated = estimate(config, model=spec).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
+    assert abs(estimated - traced) / traced < 0.002, (estimated, traced)
+
+
+def test_fp16_adapters_under_a_grad_scaler_are_refused_in_one_line(capsys):
+    """16-mixed's GradScaler cannot unscale fp16 gradients: a trace of it died with a traceback."""
+    from tests.test_cli import run_cli
+
+    code, _, err = run_cli(capsys, "estimate", "--model", "qwen2.5-0.5b", "--quant", "nf4", "--lora-rank", "8",
+                           "--precision", "16-mixed", "--lora-dtype", "compute")
+    assert code == 2 and err.count("\n") == 1 and "--lora-dtype" in err and "bf16-mixed" in err, err

@@ -219,6 +219,12 @@ RULES: tuple[Rule, ...] = (
     _rule("loss", "model", broken=lambda f: f.config.loss != "standard" and f.model.final_logit_softcapping is not None,
           message=lambda f: f"{f.config.loss} does not soft-cap the logits as {f.model.id} needs",
           allowed=lambda f: "standard"),
+    # 16-mixed's GradScaler refuses fp16 gradients ("Attempting to unscale FP16 gradients"), as HF's Trainer does.
+    _rule("lora_dtype", "precision", broken=lambda f: f.config.uses_lora and f.config.precision == "16-mixed"
+          and f.config.adapter_dtype == "fp16",
+          message=lambda f: "compute makes a quantized base's adapters fp16, and the GradScaler of {precision} "
+                            "16-mixed refuses to unscale fp16 gradients",
+          allowed=lambda f: "fp32, or {precision} bf16-mixed"),
     _rule("kbit_prep", "quant", broken=lambda f: f.config.kbit_prep and f.config.quant == "none",
           message=lambda f: "prepares a quantized (k-bit) base for training; {quant} is none",
           allowed=lambda f: "off, or on with {quant} nf4, int8"),
