@@ -63,3 +63,56 @@ def test_fp16_adapters_under_a_grad_scaler_are_refused_in_one_line(capsys):
     code, _, err = run_cli(capsys, "estimate", "--model", "qwen2.5-0.5b", "--quant", "nf4", "--lora-rank", "8",
                            "--precision", "16-mixed", "--lora-dtype", "compute")
     assert code == 2 and err.count("\n") == 1 and "--lora-dtype" in err and "bf16-mixed" in err, err
+
+
+@pytest.mark.parametrize("options", [dict(attention="flash", precision="bf16-mixed", lora_rank=4, lora_targets="all-linear"),
+                                     dict(attention="eager", precision="bf16-true")], ids=["flash-lora", "eager"])
+def test_torchtitans_op_level_policy_keeps_less_than_selective_and_the_estimate_follows(options):
+    """--checkpointing selective-op: torchtitan's SelectiveAC (every other mm recomputed), traced through
+    torch's selective checkpointing with torchtitan's policy function, and estimated op by op."""
+    from memtui.engine.estimator import estimate
+    from memtui.engine.estimator.overhead import cublas_workspace_bytes
+    from memtui.engine.model.presets import resolve_gpu
+    from memtui.engine.trace.runner import trace
+    from tests.test_trace import tiny_llama
+
+    spec = tiny_llama(layers=4)
+    workspace = cublas_workspace_bytes(resolve_gpu("h100-80gb"))
+
+    def loss_phase(budget) -> int:
+        return next(point.bytes for point in budget.timeline if point.phase == "loss")
+
+    config = TrainingConfig(model="llama-3.2-1b", gpu="h100-80gb", batch_size=4, seq_len=256,
+                            checkpointing="selective-op", **options)
+    result = trace(config, model=spec)
+    estimated = estimate(config, model=spec)
+    traced = result.traced_tensor_peak_bytes
+    assert abs(estimated.tensor_peak_bytes - workspace - traced) / traced < 0.002, (estimated.tensor_peak_bytes, traced)
+    kept = loss_phase(result.budget)
+    assert abs(loss_phase(estimated) - workspace - kept) / kept < 0.002
+    selective = estimate(config.model_copy(update={"checkpointing": "selective"}), model=spec)
+    full = estimate(config.model_copy(update={"checkpointing": "full"}), model=spec)
+    assert loss_phase(full) < loss_phase(estimated)
+    if options["attention"] == "flash":  # half the matmul outputs recomputed
+        assert loss_phase(estimated) < loss_phase(selective)
+    else:  # torchtitan also keeps eager attention's bmm outputs, the s x s scores, which selective recomputes
+        assert loss_phase(estimated) > loss_phase(selective)
+
+
+def test_a_torchtitan_toml_with_op_level_selective_checkpointing_maps_to_selective_op(tmp_path):
+    from memtui.engine.model.framework_configs import read_framework_config
+
+    path = tmp_path / "llama3_8b.toml"
+    path.write_text('[model]\nname = "llama3"\nflavor = "8B"\n[training]\nlocal_batch_size = 1\nseq_len = 2048\n'
+                    '[parallelism]\ndata_parallel_shard_degree = 1\n'
+                    '[activation_checkpoint]\nmode = "selective"\nselective_ac_option = "op"\n')
+    assert read_framework_config(path).options["checkpointing"] == "selective-op"
+
+
+@pytest.mark.parametrize(("model", "flags", "field"), [("mixtral-8x7b", [], "--checkpointing"),
+                                                      ("llama-3.1-8b", ["--tp", "2", "--gpus", "2"], "--checkpointing")])
+def test_selective_op_where_it_is_not_modelled_is_refused_in_one_line(capsys, model, flags, field):
+    from tests.test_cli import run_cli
+
+    code, _, err = run_cli(capsys, "estimate", "--model", model, "--checkpointing", "selective-op", *flags)
+    assert code == 2 and err.count("\n") == 1 and field in err, err

@@ -177,9 +177,12 @@ _EXPLAINERS = [
         "Recompute activations, don't store.",
         "Normally every layer stores what its backward pass needs. With **full** checkpointing "
         "each layer stores only its input and recomputes the rest during backward; **selective** "
-        "keeps the matmul and attention outputs and recomputes only the cheap pointwise work (norms, RoPE, activations).",
+        "keeps the matmul and attention outputs and recomputes only the cheap pointwise work (norms, RoPE, activations). "
+        "**selective-op** is torchtitan's op-level policy (`selective_ac_option = \"op\"`): it keeps the attention "
+        "outputs, biased matmuls (addmm) and eager attention's bmm, but only every other plain matmul (mm) of each "
+        "layer, the 1st, 3rd, ... in the order they run (LoRA's adapter matmuls count too); the rest is recomputed.",
         "Full recomputation adds roughly one extra forward pass, about a third more compute per step. "
-        "Selective costs a few percent.",
+        "Selective costs a few percent; selective-op also reruns half the layer's matmuls.",
         "Whenever activations dominate the bar: long sequences, big micro-batches. Often the "
         "single biggest switch for fine-tuning on one card.",
     ),

@@ -61,8 +61,9 @@ def check_generic_options(config: TrainingConfig, model: ModelSpec) -> None:
         if getattr(config, field) != value:
             raise InputError(field, f"{model.id} is a generic model (traced layers), modelled with {meaning}",
                              str(value).lower() if isinstance(value, bool) else str(value))
-    if config.checkpointing == "selective":
-        raise InputError("checkpointing", f"selective is not modelled for generic model {model.id}", "none, full")
+    if config.checkpointing in ("selective", "selective-op"):
+        raise InputError("checkpointing", f"{config.checkpointing} is not modelled for generic model {model.id}",
+                         "none, full")
     if config.optimizer not in SUPPORTED_OPTIMIZERS:
         raise InputError("optimizer", f"{config.optimizer} is not modelled for generic model {model.id}",
                          ", ".join(SUPPORTED_OPTIMIZERS))

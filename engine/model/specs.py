@@ -15,7 +15,8 @@ Precision = Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
 Optimizer = Literal["adamw", "adamw-8bit", "sgd", "sgd-momentum", "adafactor", "lion", "galore-adamw",
                     "paged-adamw-8bit", "paged-adamw"]
 OptimizerImpl = Literal["foreach", "fused", "for-loop"]
-Checkpointing = Literal["none", "selective", "full"]
+# selective: every matmul and attention output kept; selective-op: torchtitan's op-level policy (every other matmul)
+Checkpointing = Literal["none", "selective", "selective-op", "full"]
 Attention = Literal["eager", "flash"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
 Quant = Literal["none", "int8", "nf4"]

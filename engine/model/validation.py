@@ -219,6 +219,15 @@ RULES: tuple[Rule, ...] = (
     _rule("loss", "model", broken=lambda f: f.config.loss != "standard" and f.model.final_logit_softcapping is not None,
           message=lambda f: f"{f.config.loss} does not soft-cap the logits as {f.model.id} needs",
           allowed=lambda f: "standard"),
+    # torchtitan's op-level policy, modelled on dense layers without tensor parallelism: an MoE layer's router and
+    # grouped expert matmuls, and sequence parallelism's reduce-scatters, have their own rules there.
+    _rule("checkpointing", "model", broken=lambda f: f.config.checkpointing == "selective-op" and f.model.is_moe,
+          message=lambda f: f"selective-op is modelled for dense models; {f.model.id} has experts",
+          allowed=lambda f: "none, selective, full"),
+    _rule("checkpointing", "tp", broken=lambda f: f.config.checkpointing == "selective-op" and f.config.tp > 1,
+          message=lambda f: "selective-op is modelled without tensor parallelism (torchtitan also saves its "
+                            f"reduce-scatter outputs); {{tp}} is {f.config.tp}",
+          allowed=lambda f: "none, selective, full, or {tp} 1"),
     # 16-mixed's GradScaler refuses fp16 gradients ("Attempting to unscale FP16 gradients"), as HF's Trainer does.
     _rule("lora_dtype", "precision", broken=lambda f: f.config.uses_lora and f.config.precision == "16-mixed"
           and f.config.adapter_dtype == "fp16",
