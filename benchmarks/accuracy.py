@@ -116,7 +116,7 @@ MATRIX: list[dict] = [
     {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "checkpointing": "full", "activation_offload": True},
     {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "activation_offload": True},
     # torchtitan's op-level selective checkpointing (every other mm kept): flash, biased q/k/v + LoRA, eager
-    {"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 4096, "checkpointing": "selective-op"},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 8192, "lora_rank": 16, "checkpointing": "selective-op"},
     {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "lora_rank": 8, "lora_targets": "all-linear", "quant": "nf4", "checkpointing": "selective-op"},
     {"model": "gpt2", "precision": "bf16-true", "batch_size": 4, "seq_len": 1024, "attention": "eager", "checkpointing": "selective-op"},
 ]

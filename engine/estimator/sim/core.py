@@ -114,11 +114,11 @@ class Node:
 class CheckpointRegion:
     """A non-reentrant torch.utils.checkpoint region: forward drops saved tensors, backward recomputes them.
 
-    selective: PyTorch's selective activation checkpointing. The forward also stores the outputs of the
-    ops its policy saves (Sim.policy_saved); the recompute takes them back from that storage, in order,
-    instead of computing them again. `policy` names which: "selective" keeps every matmul (mm, addmm) and
-    fused attention output; "selective-op" is torchtitan's op-level policy (SelectiveAC), which keeps
-    fused attention, addmm and bmm outputs and every other mm output (the 1st, 3rd, ... of the region).
+    policy: PyTorch's selective activation checkpointing ("" for none: full checkpointing). The forward also
+    stores the outputs of the ops its policy saves (Sim.policy_saved); the recompute takes them back from that
+    storage, in order, instead of computing them again. "selective" keeps every matmul (mm, addmm) and fused
+    attention output; "selective-op" is torchtitan's op-level policy (SelectiveAC), which keeps fused
+    attention, addmm and bmm outputs and every other mm output (the 1st, 3rd, ... of the region).
     """
 
     function: Callable[..., object]
@@ -126,13 +126,16 @@ class CheckpointRegion:
     nodes: list[Node] = field(default_factory=list)
     remaining: int = 0
     recomputed: bool = False
-    selective: bool = False
-    policy: str = "selective"
+    policy: str = ""
     stored: list[Tensor] = field(default_factory=list)
     kept: list[bool] = field(default_factory=list)  # the forward's decision for each op the policy was asked about
     mm_count: int = 0
     replayed: int = 0  # decisions the recompute has replayed
     packed: dict[int, Tensor] = field(default_factory=dict)  # positional inputs offloaded by the outer hooks
+
+    @property
+    def selective(self) -> bool:
+        return bool(self.policy)
 
 
 def _policy_keeps(region: CheckpointRegion, op: str) -> bool:
@@ -449,13 +452,12 @@ class Sim:
             target.grad = total
 
     # ---- checkpointing -------------------------------------------------------------------------
-    def checkpoint(self, function: Callable[..., object], *inputs, selective: str = "", positional: int = 0):
-        """Run `function` as a non-reentrant checkpointed region (transformers' default); selective: see
+    def checkpoint(self, function: Callable[..., object], *inputs, policy: str = "", positional: int = 0):
+        """Run `function` as a non-reentrant checkpointed region (transformers' default); policy: see
         CheckpointRegion. The first `positional` inputs are the function's positional arguments, which the
         checkpoint saves through autograd's saved-tensor hooks (so they can be offloaded); the rest are keyword
         arguments its closure keeps."""
-        region = CheckpointRegion(function=function, inputs=inputs, selective=bool(selective),
-                                  policy=selective or "selective")
+        region = CheckpointRegion(function=function, inputs=inputs, policy=policy)
         for index, value in enumerate(inputs):
             if isinstance(value, Tensor):
                 if index < positional and self._offloads(value, "checkpoint"):

@@ -276,7 +276,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
             # transformers passes position embeddings and the mask as kwargs: the checkpoint frame keeps them.
             kept = [tensor for tensor in (cos, sin, mask) if tensor is not None]
             out = sim.checkpoint(lambda h, *_kept, layer=layer: run_layer(h, layer), previous, *kept,
-                                 selective="" if opts.checkpointing == "full" else opts.checkpointing, positional=1)
+                                 policy="" if opts.checkpointing == "full" else opts.checkpointing, positional=1)
         else:
             out = run_layer(previous, layer)
         sim.drop(previous)
