@@ -90,6 +90,7 @@ MATRIX: list[dict] = [
     {"model": "gpt2", "precision": "32-true", "batch_size": 8, "seq_len": 1024},
     {"model": "gpt2", "precision": "bf16-mixed", "batch_size": 16, "seq_len": 1024},
     {"model": "gpt2", "precision": "bf16-mixed", "batch_size": 8, "seq_len": 1024, "attention": "eager", "checkpointing": "full"},
+    {"model": "gpt2", "precision": "bf16-mixed", "batch_size": 8, "seq_len": 1024, "lora_rank": 8, "lora_targets": "c_attn", "quant": "nf4"},  # Conv1D quantized
     {"model": "gemma-2-9b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 2048, "checkpointing": "full"},
     {"model": "gemma-2-9b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "lora_rank": 16},
     {"model": "gemma-2-9b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 2048, "attention": "eager", "lora_rank": 8},
@@ -127,6 +128,10 @@ MATRIX: list[dict] = [
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 4, "seq_len": 528, "lora_rank": 64, "lora_targets": "all-linear", "quant": "nf4", "bnb_version": "legacy", "kbit_prep": True, "lora_dropout": 0.05, "checkpointing": "full"},
     # torch.compile per layer: traced (AOTAutograd + inductor's partitioner), not yet estimated (eager figures)
     {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 1024, "compile": True},
+    # torchtitan's op-level selective checkpointing (every other mm kept): flash, biased q/k/v + LoRA, eager
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 8192, "lora_rank": 16, "checkpointing": "selective-op"},
+    {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "lora_rank": 8, "lora_targets": "all-linear", "quant": "nf4", "checkpointing": "selective-op"},
+    {"model": "gpt2", "precision": "bf16-true", "batch_size": 4, "seq_len": 1024, "attention": "eager", "checkpointing": "selective-op"},
 ]
 
 

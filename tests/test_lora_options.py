@@ -22,7 +22,7 @@ CASES = [
     # Qwen2's q/k/v biases on a 4-bit base, fp32 after the prep; dropout on the fp32 hidden states.
     dict(model="qwen2.5-0.5b", lora_rank=16, seq_len=512, precision="bf16-true", quant="nf4", kbit_prep=True,
          lora_dropout=0.1),
-    # GPT-2's Conv1D layers stay unquantized: k-bit prep makes them fp32, and peft's adapters follow them.
+    # GPT-2's Conv1D layers, quantized as transformers does; k-bit prep makes the rest fp32.
     dict(model="gpt2", lora_rank=8, lora_targets="c_attn", seq_len=512, batch_size=2, quant="nf4", kbit_prep=True,
          lora_dtype="compute", lora_dropout=0.1),
 ]

@@ -177,9 +177,12 @@ _EXPLAINERS = [
         "Recompute activations, don't store.",
         "Normally every layer stores what its backward pass needs. With **full** checkpointing "
         "each layer stores only its input and recomputes the rest during backward; **selective** "
-        "keeps the matmul and attention outputs and recomputes only the cheap pointwise work (norms, RoPE, activations).",
+        "keeps the matmul and attention outputs and recomputes only the cheap pointwise work (norms, RoPE, activations). "
+        "**selective-op** is torchtitan's op-level policy (`selective_ac_option = \"op\"`): it keeps the attention "
+        "outputs, biased matmuls (addmm) and eager attention's bmm, but only every other plain matmul (mm) of each "
+        "layer, the 1st, 3rd, ... in the order they run (LoRA's adapter matmuls count too); the rest is recomputed.",
         "Full recomputation adds roughly one extra forward pass, about a third more compute per step. "
-        "Selective costs a few percent.",
+        "Selective costs a few percent; selective-op also reruns half the layer's matmuls.",
         "Whenever activations dominate the bar: long sequences, big micro-batches. Often the "
         "single biggest switch for fine-tuning on one card.",
     ),
@@ -338,7 +341,7 @@ _EXPLAINERS = [
         "Unquantized weights to fp32 (peft).",
         "What most QLoRA tutorials, TRL and Axolotl call before adding the adapters: every 16-bit "
         "parameter that is not 4-bit, meaning the norms, the embeddings, the head (when not quantized), "
-        "the quantized layers' biases and GPT-2's unquantized Conv1D layers, is cast to **fp32** "
+        "and the quantized layers' biases, is cast to **fp32** "
         "(int8 and 4-bit weights stay as they are). The fp32 embedding makes the hidden states fp32 "
         "from the first layer on: without autocast every norm, attention and residual runs in fp32 and "
         "each quantized layer casts its input back to 16 bits (bitsandbytes' compute dtype) and its "

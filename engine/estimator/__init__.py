@@ -100,7 +100,7 @@ def _round512(n: float) -> int:
 def _weights_bytes(config: TrainingConfig, layout: ParamLayout) -> tuple[int, int]:
     """(base weight bytes, adapter bytes) on this GPU before ZeRO sharding."""
     # peft's k-bit prep casts every 16-bit parameter that is not 4-bit to fp32 (a quantized base's norms,
-    # embeddings, head, biases and unquantized experts; all of GPT-2, whose Conv1D layers stay unquantized).
+    # embeddings, head, biases and unquantized experts).
     param_bytes = 4 if config.kbit_prep else config.weight_bytes
     unquantized_bytes = 4 if config.kbit_prep else 2
     quantizable = layout.linear_weight_params - layout.expert_params
@@ -408,9 +408,6 @@ def estimate(
     if model.family == "generic":  # a model_type not replayed by hand: its traced program, from the cache
         return generic_estimate(config, model, gpu)
     notes = check_config(config, model, gpu)
-    requested = config
-    if config.quant != "none" and model.family == "gpt2":
-        config = config.model_copy(update={"quant": "none"})  # Conv1D: bitsandbytes converts nothing (see notes)
     layout = _layout(config, model)
     on_gpu, one_state_group = _states_on_gpu(config, model, layout)
     workspace = cublas_workspace_bytes(gpu)
@@ -426,7 +423,7 @@ def estimate(
     per_gpu = Components(weights=peak.weights, gradients=peak.gradients, optimizer_states=optimizer_states,
                          activations=peak.activations, temporary=peak.temporary, overhead=overhead)
     return make_budget(
-        requested, model, gpu,
+        config, model, gpu,
         trainable_params=trainable_params_total(config, model),
         model_states=on_gpu.states,
         per_gpu=per_gpu,

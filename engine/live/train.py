@@ -332,7 +332,7 @@ class TrainingRun:
         from memtui.engine.live.measure import cpu_dropout, cpu_flash_sdpa
         from memtui.engine.trace.parallel import fsdp_storage_resizes
         from memtui.engine.torchside.build import compute_dtype
-        from memtui.engine.trace.cuda_autocast import cuda_like_autocast
+        from memtui.engine.trace.cuda_autocast import cuda_autocast_policy, cuda_like_autocast
         from memtui.engine.trace.hf_patches import real_run_decisions
 
         config, cpu, tracker = self.plan.config, self.kind == "cpu", self.tracker
@@ -344,6 +344,8 @@ class TrainingRun:
             return cuda_like_autocast(dtype) if cpu else torch.autocast("cuda", dtype=dtype)
 
         contexts = [
+            # Through backward too, as the trace: a checkpointed layer's recompute casts as its forward did.
+            cuda_autocast_policy() if cpu and config.autocast else contextlib.nullcontext(),
             cpu_flash_sdpa() if cpu and config.attention == "flash" else contextlib.nullcontext(),
             cpu_dropout() if cpu else contextlib.nullcontext(),
             fsdp_storage_resizes(tracker) if tracker is not None and self.distributed and config.zero >= 2

@@ -661,11 +661,13 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
     reader.ignore("parallelism.expert_parallel_degree", "expert parallelism is not modelled", _more_than_one)
     modes = {"none": "none", "selective": "selective", "full": "full"}
     mode = reader.choice("activation_checkpoint.mode", modes) or titan.value("checkpointing")
+    option = str(reader.get("activation_checkpoint.selective_ac_option", "2"))
+    if mode == "selective" and option == "op":  # torchtitan's op-level policy: --checkpointing selective-op
+        mode = "selective-op"
     reader.set("activation_checkpoint.mode", "checkpointing", mode)
     if mode == "selective":
-        reader.note(f"activation_checkpoint.mode=selective (selective_ac_option="
-                    f"{reader.get('activation_checkpoint.selective_ac_option', '2')}): modelled as memtui's "
-                    "selective checkpointing, which recomputes other ops than torchtitan's policy")
+        reader.note(f"activation_checkpoint.mode=selective (selective_ac_option={option}: one layer in {option} "
+                    "fully checkpointed) is not modelled: approximated by memtui's selective checkpointing")
     reader.set("optimizer.name", "optimizer", reader.choice("optimizer.name", {"adamw": "adamw", "adam": "adamw"}))
     impl = reader.choice("optimizer.implementation", {"foreach": "foreach", "fused": "fused", "for-loop": "for-loop"})
     reader.set("optimizer.implementation", "optimizer_impl", impl or titan.value("optimizer_impl"))

@@ -65,8 +65,9 @@ def check_generic_options(config: TrainingConfig, model: ModelSpec) -> None:
     if adapts_head(config):
         raise InputError("lora_targets", f"LoRA on lm_head is not modelled for generic model {model.id}",
                          "the decoder's linear layers")
-    if config.checkpointing == "selective":
-        raise InputError("checkpointing", f"selective is not modelled for generic model {model.id}", "none, full")
+    if config.checkpointing in ("selective", "selective-op"):
+        raise InputError("checkpointing", f"{config.checkpointing} is not modelled for generic model {model.id}",
+                         "none, full")
     if config.optimizer not in SUPPORTED_OPTIMIZERS:
         raise InputError("optimizer", f"{config.optimizer} is not modelled for generic model {model.id}",
                          ", ".join(SUPPORTED_OPTIMIZERS))

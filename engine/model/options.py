@@ -183,7 +183,8 @@ _OPTIONS = (
     # ---- memory savers ----------------------------------------------------------------------------
     Option("checkpointing", "Checkpoint", MEMORY_SAVERS, "select",
            "activation checkpointing", "--checkpointing full",
-           ladder={"selective": "selective checkpointing", "full": "full activation checkpointing"},
+           ladder={"selective": "selective checkpointing", "selective-op": "torchtitan's op-level selective checkpointing",
+                   "full": "full activation checkpointing"},
            baseline="none"),
     Option("attention", "Attention", MEMORY_SAVERS, "select",
            "eager (s x s scores) or flash (SDPA)", "--attention eager",

@@ -15,7 +15,8 @@ Precision = Literal["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
 Optimizer = Literal["adamw", "adamw-8bit", "sgd", "sgd-momentum", "adafactor", "lion", "galore-adamw",
                     "paged-adamw-8bit", "paged-adamw"]
 OptimizerImpl = Literal["foreach", "fused", "for-loop"]
-Checkpointing = Literal["none", "selective", "full"]
+# selective: every matmul and attention output kept; selective-op: torchtitan's op-level policy (every other matmul)
+Checkpointing = Literal["none", "selective", "selective-op", "full"]
 Attention = Literal["eager", "flash"]
 Offload = Literal["none", "optimizer", "optimizer+params"]
 Quant = Literal["none", "int8", "nf4"]
@@ -121,9 +122,8 @@ class TrainingConfig(BaseModel):
     def adapter_dtype(self) -> str:
         """The LoRA adapters' dtype ("fp32", "bf16" or "fp16"): fp32 is peft's default (autocast_adapter_dtype=True);
         compute keeps them in the dtype of the layers they adapt: the stored weights', or a quantized layer's
-        compute dtype. An unquantized layer after k-bit prep (GPT-2's Conv1D, which bitsandbytes leaves
-        alone; the estimator sees it as quant none) is fp32."""
-        unquantized_fp32 = self.quant == "none" and (self.autocast or self.kbit_prep)
+        compute dtype."""
+        unquantized_fp32 = self.quant == "none" and self.autocast
         if self.lora_dtype == "fp32" or self.precision == "32-true" or unquantized_fp32:
             return "fp32"
         return "fp16" if self.precision.startswith("16") else "bf16"

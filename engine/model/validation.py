@@ -276,15 +276,27 @@ RULES: tuple[Rule, ...] = (
           and not (f.config.loss == "chunked" and f.config.loss_dtype == "compute"),
           message=lambda f: f"{f.config.loss} does not soft-cap the logits as {f.model.id} needs",
           allowed=lambda f: "standard, or chunked with {loss_dtype} compute (LitGPT's head, which caps nothing)"),
+    # torchtitan's op-level policy, modelled on dense layers without tensor parallelism: an MoE layer's router and
+    # grouped expert matmuls, and sequence parallelism's reduce-scatters, have their own rules there.
+    _rule("checkpointing", "model", broken=lambda f: f.config.checkpointing == "selective-op" and f.model.is_moe,
+          message=lambda f: f"selective-op is modelled for dense models; {f.model.id} has experts",
+          allowed=lambda f: "none, selective, full"),
+    _rule("checkpointing", "tp", broken=lambda f: f.config.checkpointing == "selective-op" and f.config.tp > 1,
+          message=lambda f: "selective-op is modelled without tensor parallelism (torchtitan also saves its "
+                            f"reduce-scatter outputs); {{tp}} is {f.config.tp}",
+          allowed=lambda f: "none, selective, full, or {tp} 1"),
+    # 16-mixed's GradScaler refuses fp16 gradients ("Attempting to unscale FP16 gradients"), as HF's Trainer does.
+    _rule("lora_dtype", "precision", broken=lambda f: f.config.uses_lora and f.config.precision == "16-mixed"
+          and f.config.adapter_dtype == "fp16",
+          message=lambda f: "compute makes a quantized base's adapters fp16, and the GradScaler of {precision} "
+                            "16-mixed refuses to unscale fp16 gradients",
+          allowed=lambda f: "fp32, or {precision} bf16-mixed"),
     _rule("kbit_prep", "quant", broken=lambda f: f.config.kbit_prep and f.config.quant == "none",
           message=lambda f: "prepares a quantized (k-bit) base for training; {quant} is none",
           allowed=lambda f: "off, or on with {quant} nf4, int8"),
     _note("quant", "model", broken=lambda f: f.model.is_moe and f.config.quant != "none",
           message=lambda f: f"{f.config.quant}: bitsandbytes quantizes nn.Linear layers only; the experts' stacked "
                             "weights stay 16-bit (as transformers loads them)."),
-    _note("quant", "model", broken=lambda f: f.config.quant != "none" and f.model.family == "gpt2",
-          message=lambda f: f"{f.config.quant}: GPT-2's layers are Conv1D, not nn.Linear, so bitsandbytes quantizes "
-                            "none of them; the weights stay 16-bit."),
     # ---- paged optimizers (bitsandbytes: states in CUDA unified memory) ------------------------------------
     _rule("optimizer", "gpus", broken=lambda f: f.config.optimizer in PAGED_OPTIMIZERS and f.config.gpus > 1,
           message=lambda f: f"{f.config.optimizer} is modelled on one GPU; {{gpus}} is {f.config.gpus}",

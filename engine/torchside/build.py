@@ -13,6 +13,7 @@ or CPU) train exactly the same thing, and the estimator models exactly that:
   decoder layer (non-reentrant); "selective" is the same per-layer checkpoint
   with PyTorch's selective activation checkpointing policy (SELECTIVE_SAVE_OPS):
   matmul and fused-attention outputs are kept, the pointwise ops are recomputed;
+  "selective-op" is torchtitan's op-level policy (torchtitan_op_policy): every other mm kept;
 - LoRA: peft, with --lora-dropout, every other weight frozen; adapters in fp32 (peft's
   autocast_adapter_dtype=True) or, with --lora-dtype compute, in the dtype of the layers they adapt;
   `lm_head` among the targets adapts the output head too (peft's target_modules);
@@ -151,7 +152,7 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
 
     if config.checkpointing != "none":
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(selective_checkpoint_kwargs() if config.checkpointing == "selective" else None)
+        enable(selective_checkpoint_kwargs(config.checkpointing) if config.checkpointing != "full" else None)
 
     if config.quant != "none":
         from memtui.engine.torchside.replicas import quantize_linears
@@ -197,7 +198,7 @@ def apply_lora(model, spec: ModelSpec, config: TrainingConfig):
         lora_dropout=config.lora_dropout,
         target_modules=targets,
         bias="none",
-        fan_in_fan_out=spec.family == "gpt2",
+        fan_in_fan_out=spec.family == "gpt2" and config.quant == "none",  # quantized: Linear4bit/8bitLt, not Conv1D
         task_type="CAUSAL_LM",
     )
     if config.quant != "none":
@@ -264,17 +265,67 @@ SELECTIVE_SAVE_OPS = (
 )
 
 
-def selective_checkpoint_kwargs() -> dict[str, Any]:
-    """torch.utils.checkpoint arguments for selective activation checkpointing (SELECTIVE_SAVE_OPS).
+def selective_checkpoint_kwargs(policy: str = "selective") -> dict[str, Any]:
+    """torch.utils.checkpoint arguments for selective activation checkpointing: SELECTIVE_SAVE_OPS, or with
+    policy "selective-op" torchtitan's op-level policy (torchtitan_op_policy).
 
-    create_selective_checkpoint_contexts stores the outputs of the listed ops during the forward
+    create_selective_checkpoint_contexts stores the outputs of the ops the policy saves during the forward
     and hands them back to the recompute, which reruns only the rest of the layer.
     """
     import torch
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
+    if policy == "selective-op":
+        save_ops = torchtitan_save_ops()
+        return {"use_reentrant": False,
+                "context_fn": lambda: create_selective_checkpoint_contexts(torchtitan_op_policy(save_ops))}
     saved = [getattr(torch.ops.aten, name).default for name in SELECTIVE_SAVE_OPS if hasattr(torch.ops.aten, name)]
     return {"use_reentrant": False, "context_fn": functools.partial(create_selective_checkpoint_contexts, saved)}
+
+
+def torchtitan_save_ops() -> set:
+    """The ops torchtitan's SelectiveAC saves (torchtitan/distributed/activation_checkpoint.py,
+    _get_default_save_ops, at b5bcd76, 2026-08): the partitioner's compute-intensive ops (mm, addmm, bmm, the
+    flash and memory-efficient SDPA kernels, ...), the other SDPA kernels, max, linear, topk, and the
+    reduce-scatter and all-to-all collectives; plus the CPU flash kernel a trace runs in place of CUDA's."""
+    import torch
+    from torch._functorch.partitioners import get_default_op_list
+
+    aten = torch.ops.aten
+    ops = {op.default for op in get_default_op_list().compute_intensive_ops}
+    named = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
+             "_scaled_dot_product_fused_attention_overrideable", "_scaled_dot_product_flash_attention_for_cpu",
+             "max", "linear", "topk")
+    ops |= {getattr(aten, name).default for name in named if hasattr(aten, name)}
+    functional = getattr(torch.ops, "_c10d_functional", None)
+    for name in ("reduce_scatter_tensor", "all_to_all_single"):
+        if functional is not None and hasattr(functional, name):
+            ops.add(getattr(functional, name).default)
+    return ops
+
+
+def torchtitan_op_policy(save_ops: set):
+    """torchtitan's SelectiveAC policy for one checkpointed region: save the outputs of `save_ops`, except every
+    second mm (counted in the forward and in the recompute alike), and any copy from CUDA to the CPU."""
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    mm_ops = (aten.mm.default, aten.linear.default)
+    counts = {"forward": 0, "recompute": 0}
+
+    def policy(ctx, func, *args, **kwargs):
+        if (func == aten._to_copy.default and "cuda" in str(args[0].device)
+                and str(kwargs.get("device", "")) == "cpu"):
+            return CheckpointPolicy.MUST_SAVE
+        mode = "recompute" if ctx.is_recompute else "forward"
+        if func in mm_ops:
+            counts[mode] += 1
+        if func in save_ops and not (func in mm_ops and counts[mode] % 2 == 0):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
 
 
 def trainable_parameters(model) -> list:

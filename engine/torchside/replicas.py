@@ -139,51 +139,67 @@ def lora_wrappers() -> dict[type[nn.Module], type[nn.Module]]:
     return {Nf4LinearReplica: Linear4bit, Int8LinearReplica: Linear8bitLt}
 
 
+def _projection_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a layer transformers' replace_with_bnb_linear converts: nn.Linear, and
+    GPT-2's Conv1D (weight stored in x out, transposed before quantization); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return tuple(module.weight.shape)
+    return None
+
+
 def _decoder_linears(model, spec: ModelSpec):
-    """(parent module, attribute, nn.Linear) for every linear inside the decoder layers."""
+    """(parent module, attribute, layer, (in, out)) for every projection inside the decoder layers."""
     names = {name.split(".")[-1] for name in spec.linear_names}
     for module_name, module in model.named_modules():
         if ".layers." not in f".{module_name}." and ".h." not in f".{module_name}.":
             continue
         for child_name, child in module.named_children():
-            if child_name in names and isinstance(child, nn.Linear):
-                yield module, child_name, child
+            shape = _projection_shape(child) if child_name in names else None
+            if shape is not None:
+                yield module, child_name, child, shape
 
 
 def quantize_linears(model, spec: ModelSpec, *, quant: str, compute_dtype: torch.dtype, backend: str,
                      legacy: bool = False) -> None:
-    """Replace the decoder layers' linear layers by quantized ones (the frozen base of QLoRA). legacy: the
-    replicas behave as bitsandbytes before 0.43.2 (bitsandbytes itself behaves as the installed release)."""
+    """Replace the decoder layers' projections by quantized ones (the frozen base of QLoRA), as transformers'
+    replace_with_bnb_linear does: GPT-2's Conv1D layers included. legacy: the replicas behave as bitsandbytes
+    before 0.43.2 (bitsandbytes itself behaves as the installed release)."""
     replaced = []
-    for parent, name, linear in list(_decoder_linears(model, spec)):
+    for parent, name, layer, (in_features, out_features) in list(_decoder_linears(model, spec)):
         if backend == "bitsandbytes":
-            module = _bitsandbytes_linear(linear, quant, compute_dtype)
+            module = _bitsandbytes_linear(layer, in_features, out_features, quant, compute_dtype)
         elif quant == "nf4":
-            module = Nf4LinearReplica(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
-                                      device=linear.weight.device, keeps_input=legacy)
+            module = Nf4LinearReplica(in_features, out_features, layer.bias is not None, compute_dtype,
+                                      device=layer.weight.device, keeps_input=legacy)
         else:
-            module = Int8LinearReplica(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
-                                       device=linear.weight.device)
+            module = Int8LinearReplica(in_features, out_features, layer.bias is not None, compute_dtype,
+                                       device=layer.weight.device)
         setattr(parent, name, module)
         replaced.append(name)
     model.memtui_replaced = replaced
 
 
-def _bitsandbytes_linear(linear: nn.Linear, quant: str, compute_dtype: torch.dtype):
+def _bitsandbytes_linear(layer: nn.Module, in_features: int, out_features: int, quant: str, compute_dtype: torch.dtype):
     import bitsandbytes as bnb
 
-    device = linear.weight.device
+    device = layer.weight.device
+    # nn.Linear stores out x in; Conv1D in x out, which transformers transposes before quantizing.
+    weight = layer.weight.data if isinstance(layer, nn.Linear) else layer.weight.data.T.contiguous()
     if quant == "nf4":
-        module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+        module = bnb.nn.Linear4bit(in_features, out_features, bias=layer.bias is not None,
                                    compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
-        module.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu"), requires_grad=False, quant_type="nf4",
+        module.weight = bnb.nn.Params4bit(weight.to("cpu"), requires_grad=False, quant_type="nf4",
                                           compress_statistics=True)
     else:
-        module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+        module = bnb.nn.Linear8bitLt(in_features, out_features, bias=layer.bias is not None,
                                      has_fp16_weights=False, threshold=6.0)
-        module.weight = bnb.nn.Int8Params(linear.weight.data.to("cpu"), requires_grad=False, has_fp16_weights=False)
-    if linear.bias is not None:
-        module.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+        module.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
+    if layer.bias is not None:
+        module.bias = nn.Parameter(layer.bias.data.to(compute_dtype), requires_grad=False)
     return module.to(device)  # quantizes on the move to CUDA
 
 

@@ -79,10 +79,12 @@ _policy_depth = 0
 
 @contextlib.contextmanager
 def cuda_autocast_policy() -> Iterator[None]:
-    """Register CUDA's fp32 autocast policy on the CPU autocast key for the duration (re-entrant).
+    """Register CUDA's fp32 autocast policy on the CPU autocast key for the duration (re-entrant), and
+    answer `torch.is_autocast_enabled()` for CUDA from the CPU autocast state (cuda_autocast_queries).
 
-    The trace keeps it registered through backward too: a checkpointed region's recompute re-enters
-    autocast there, and must cast as the forward did."""
+    The trace keeps both through backward too: a checkpointed region's recompute re-enters autocast there,
+    and must cast as the forward did (peft's LoRA layers ask whether autocast is on; a different answer in
+    the recompute runs other casts, which selective checkpointing refuses as a storage mismatch)."""
     global _policy_depth
     if _policy_depth:
         _policy_depth += 1
@@ -101,7 +103,8 @@ def cuda_autocast_policy() -> Iterator[None]:
                 library.impl(qualified, _fp32_kernel(_op(qualified)), "AutocastCPU")
             for qualified in _FP32_OPT_DTYPE_OPS:
                 library.impl(qualified, _opt_dtype_kernel(_op(qualified), _DTYPE_POSITION[qualified]), "AutocastCPU")
-        yield
+        with cuda_autocast_queries():
+            yield
     finally:
         _policy_depth = 0
         library._destroy()
@@ -128,5 +131,5 @@ def cuda_autocast_queries() -> Iterator[None]:
 @contextlib.contextmanager
 def cuda_like_autocast(dtype: torch.dtype) -> Iterator[None]:
     """CPU autocast to `dtype` with CUDA's op policy."""
-    with cuda_autocast_policy(), torch.autocast("cpu", dtype=dtype), cuda_autocast_queries():
+    with cuda_autocast_policy(), torch.autocast("cpu", dtype=dtype):
         yield

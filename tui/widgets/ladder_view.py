@@ -44,7 +44,8 @@ def short_label(step: LadderStep) -> str:
         "zero": f"ZeRO-{config.zero}",
         "offload": "CPU offload",
         "attention": "flash attn",
-        "checkpointing": "sel. ckpt" if config.checkpointing == "selective" else f"{config.checkpointing} ckpt",
+        "checkpointing": {"selective": "sel. ckpt", "selective-op": "sel. op ckpt"}.get(
+            config.checkpointing, f"{config.checkpointing} ckpt"),
     }
     return " + ".join(words.get(key, key) for key in step.keys)
 

@@ -114,9 +114,11 @@ class Node:
 class CheckpointRegion:
     """A non-reentrant torch.utils.checkpoint region: forward drops saved tensors, backward recomputes them.
 
-    selective: PyTorch's selective activation checkpointing. The forward also stores the outputs of the
-    ops its policy saves (matmuls, fused attention: Sim.policy_saved); the recompute takes them back
-    from that storage, in order, instead of computing them again.
+    policy: PyTorch's selective activation checkpointing ("" for none: full checkpointing). The forward also
+    stores the outputs of the ops its policy saves (Sim.policy_saved); the recompute takes them back from that
+    storage, in order, instead of computing them again. "selective" keeps every matmul (mm, addmm) and fused
+    attention output; "selective-op" is torchtitan's op-level policy (SelectiveAC), which keeps fused
+    attention, addmm and bmm outputs and every other mm output (the 1st, 3rd, ... of the region).
     """
 
     function: Callable[..., object]
@@ -124,9 +126,26 @@ class CheckpointRegion:
     nodes: list[Node] = field(default_factory=list)
     remaining: int = 0
     recomputed: bool = False
-    selective: bool = False
+    policy: str = ""
     stored: list[Tensor] = field(default_factory=list)
+    kept: list[bool] = field(default_factory=list)  # the forward's decision for each op the policy was asked about
+    mm_count: int = 0
+    replayed: int = 0  # decisions the recompute has replayed
     packed: dict[int, Tensor] = field(default_factory=dict)  # positional inputs offloaded by the outer hooks
+
+    @property
+    def selective(self) -> bool:
+        return bool(self.policy)
+
+
+def _policy_keeps(region: CheckpointRegion, op: str) -> bool:
+    """Whether the region's selective policy saves this op's output (see CheckpointRegion)."""
+    if region.policy == "selective-op":  # torchtitan: compute-intensive ops, but every second mm recomputed
+        if op == "mm":
+            region.mm_count += 1
+            return region.mm_count % 2 == 1
+        return True
+    return op != "bmm"
 
 
 class StopRecompute(Exception):
@@ -200,16 +219,24 @@ class Sim:
         return self._recompute_stop >= 0 and len(self.nodes) == self._recompute_stop and any(
             tensor.requires_grad for tensor in inputs)
 
-    def policy_saved(self, elems: LF, dtype: str, *, name: str) -> Tensor:
-        """The output of an op selective checkpointing saves: allocated once, in the forward."""
+    def policy_saved(self, elems: LF, dtype: str, *, name: str, op: str = "mm") -> Tensor:
+        """The output of an op (mm, addmm, bmm, sdpa) that selective checkpointing may save: if its region's
+        policy keeps it, allocated once, in the forward."""
         replaying = self._recomputing
         if replaying is not None and replaying.selective:
-            tensor = replaying.stored.pop(0)  # the storage's reference becomes the op's output reference
-            self._taken_back.append(tensor)  # the replay's frame unwinds it like a tensor it made
-            return tensor
+            kept = replaying.kept[replaying.replayed]
+            replaying.replayed += 1
+            if kept:
+                tensor = replaying.stored.pop(0)  # the storage's reference becomes the op's output reference
+                self._taken_back.append(tensor)  # the replay's frame unwinds it like a tensor it made
+                return tensor
+            return self.new(elems, dtype, name=name)
         tensor = self.new(elems, dtype, name=name)
-        if self.region is not None and self.region.selective:
-            self.region.stored.append(self.ref(tensor))
+        region = self.region
+        if region is not None and region.selective:
+            region.kept.append(_policy_keeps(region, op))
+            if region.kept[-1]:
+                region.stored.append(self.ref(tensor))
         return tensor
 
     def parameter(self, elems: LF, dtype: str, *, name: str, trainable: bool, grad_dtype: str | None = None) -> Tensor:
@@ -439,12 +466,12 @@ class Sim:
             target.grad = total
 
     # ---- checkpointing -------------------------------------------------------------------------
-    def checkpoint(self, function: Callable[..., object], *inputs, selective: bool = False, positional: int = 0):
-        """Run `function` as a non-reentrant checkpointed region (transformers' default); selective: see
+    def checkpoint(self, function: Callable[..., object], *inputs, policy: str = "", positional: int = 0):
+        """Run `function` as a non-reentrant checkpointed region (transformers' default); policy: see
         CheckpointRegion. The first `positional` inputs are the function's positional arguments, which the
         checkpoint saves through autograd's saved-tensor hooks (so they can be offloaded); the rest are keyword
         arguments its closure keeps."""
-        region = CheckpointRegion(function=function, inputs=inputs, selective=selective)
+        region = CheckpointRegion(function=function, inputs=inputs, policy=policy)
         for index, value in enumerate(inputs):
             if isinstance(value, Tensor):
                 if index < positional and self._offloads(value, "checkpoint"):

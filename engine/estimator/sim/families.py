@@ -39,7 +39,7 @@ class Options:
     base: str  # dtype of frozen, unquantized base weights
     autocast: bool
     attention: str  # flash | eager
-    checkpointing: str  # none | selective | full
+    checkpointing: str  # none | selective | selective-op | full
     lora_rank: int
     lora_targets: tuple[str, ...]
     lora_dtype: str

@@ -106,7 +106,7 @@ def _weight_matmul(sim: Sim, x_c: Tensor, weight_c: Tensor, bias_c: Tensor | Non
     if sim.stops_as_inputs_are_saved(inputs):
         out = Tensor(elems=elems, dtype=x_c.dtype, alive=False)  # never allocated: record() ends the recompute
     else:
-        out = sim.policy_saved(elems, x_c.dtype, name="linear")  # mm / addmm
+        out = sim.policy_saved(elems, x_c.dtype, name="linear", op="addmm" if bias_c is not None else "mm")
     sim.record(op, out, inputs, saved, _linear_backward)
     sim.drop(bias_c, weight_c, x_c)
     return out
@@ -114,7 +114,7 @@ def _weight_matmul(sim: Sim, x_c: Tensor, weight_c: Tensor, bias_c: Tensor | Non
 
 def matmul(sim: Sim, a: Tensor, b: Tensor, out_elems: LF) -> Tensor:
     """bmm of two activations already cast and laid out for it; each saved if the other needs a grad."""
-    out = sim.new(out_elems, a.dtype, name="bmm")
+    out = sim.policy_saved(out_elems, a.dtype, name="bmm", op="bmm")
     saved = []
     if b.requires_grad:
         saved.append(a)
@@ -497,8 +497,8 @@ def flash_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, heads: int, head_
     q_c, k_c, v_c = (autocast_operand(sim, t) for t in (q, k, v))
     # The output has the values' width (DeepSeek-V3's are narrower than its queries and keys).
     out_elems = q_c.elems if v_c.elems == k_c.elems else lf_scale(q_c.elems, sum(v_c.elems) / sum(k_c.elems))
-    out = sim.policy_saved(out_elems, q_c.dtype, name="sdpa out")
-    logsumexp = sim.policy_saved(lf_scale(q_c.elems, 1 / head_dim), "f32", name="sdpa logsumexp")
+    out = sim.policy_saved(out_elems, q_c.dtype, name="sdpa out", op="sdpa")
+    logsumexp = sim.policy_saved(lf_scale(q_c.elems, 1 / head_dim), "f32", name="sdpa logsumexp", op="sdpa")
     saved = [q_c, k_c, v_c, out, logsumexp] + ([mask] if mask is not None else [])
     sim.record("flash", out, [q_c, k_c, v_c], saved, _flash_backward)
     sim.drop(q_c, k_c, v_c, logsumexp)

@@ -301,7 +301,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
                 # the lowest of them (layer 1) is a middle layer.
                 kept.append(second_mask)
             out = sim.checkpoint(lambda h, *_kept, layer=layer: run_layer(h, layer), previous, *kept,
-                                 selective=opts.checkpointing == "selective", positional=1)
+                                 policy="" if opts.checkpointing == "full" else opts.checkpointing, positional=1)
         else:
             out = run_layer(previous, layer)
         sim.drop(previous)

@@ -173,7 +173,9 @@ def _knobs(config: TrainingConfig, gpu: GpuSpec) -> list[_Knob]:
         knobs.append(_Knob("activation_offload", (True,), (3,)))
     ladder = ("none", "selective", "full")
     if config.checkpointing != "full":
-        values = ladder[ladder.index(config.checkpointing) + 1:]
+        # torchtitan's op-level policy sits between selective and full: full is what is left to suggest.
+        current = "selective" if config.checkpointing == "selective-op" else config.checkpointing
+        values = ladder[ladder.index(current) + 1:]
         knobs.append(_Knob("checkpointing", values, tuple(range(2, 2 + len(values)))))
     return knobs
 
