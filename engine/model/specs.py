@@ -21,6 +21,7 @@ Offload = Literal["none", "optimizer", "optimizer+params"]
 Quant = Literal["none", "int8", "nf4"]
 Loss = Literal["standard", "chunked", "fused-linear"]
 LoraDtype = Literal["fp32", "compute"]
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b"]
 
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
@@ -80,6 +81,8 @@ class TrainingConfig(BaseModel):
     activation_offload: bool = False
     shard_group: int = Field(0, ge=0, le=65536,
                              description="HSDP: ranks per FSDP shard group, replicated across the rest; 0: all ranks")
+    pp_schedule: PipelineSchedule = "1f1b"
+    microbatches: int = Field(1, ge=1, le=65536, description="pipeline micro-batches the batch is split into")
 
     @property
     def dp(self) -> int:
@@ -89,6 +92,16 @@ class TrainingConfig(BaseModel):
     def shard_ranks(self) -> int:
         """The ranks ZeRO spreads its shards over: the HSDP shard group, else every data-parallel rank."""
         return self.shard_group or self.dp
+
+    @property
+    def microbatch_size(self) -> int:
+        """Sequences per pipeline micro-batch: the batch split into --microbatches (whole, as validation checks)."""
+        return self.batch_size // self.microbatches if self.pp > 1 else self.batch_size
+
+    @property
+    def virtual_stages(self) -> int:
+        """Pipeline stages each rank runs: two under interleaved 1F1B (torchtitan's smallest interleaving)."""
+        return 2 if self.pp > 1 and self.pp_schedule == "interleaved-1f1b" else 1
 
     @property
     def uses_lora(self) -> bool:
