@@ -196,3 +196,32 @@ def tensor_parallel_embedding_gradient_extra(config: TrainingConfig, model: Mode
         return 0
     vocab = model.vocab_size
     return (vocab - vocab // config.tp) * model.hidden_size * config.weight_bytes
+
+
+# ---- pipeline parallelism (issue 13) ---------------------------------------------------------------------------
+def pipeline_stage_layers(num_layers: int, stages: int) -> list[int]:
+    """Decoder layers of each pipeline stage: an even split, the first stages taking one more where it is not even."""
+    base, extra = divmod(num_layers, stages)
+    return [base + (1 if stage < extra else 0) for stage in range(stages)]
+
+
+def pipeline_rank_stages(config: TrainingConfig) -> list[list[int]]:
+    """The stage indices each pipeline rank runs: rank r runs stage r, and under interleaved 1F1B also stage
+    r + pp (torch's looped placement, which ScheduleInterleaved1F1B expects)."""
+    return [[rank + config.pp * virtual for virtual in range(config.virtual_stages)] for rank in range(config.pp)]
+
+
+def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
+    """Why `memtui trace` cannot run this configuration's pipeline program (it is then modelled), or None."""
+    if config.pp == 1:
+        return "no pipeline parallelism"
+    if config.tp > 1 or config.dp > 1:
+        return "pipeline parallelism with tensor or data parallelism is not traced (--gpus must equal --pp)"
+    if model.family not in TENSOR_PARALLEL_FAMILIES:
+        return f"the {model.family} family has no traced pipeline split (Llama-layout families only)"
+    if (config.uses_lora or config.quant != "none" or config.offload != "none" or config.activation_offload
+            or config.loss != "standard" or config.grad_accum > 1 or config.optimizer_in_backward
+            or config.precision == "16-mixed"):
+        return ("LoRA, quantized weights, offloading, the chunked and fused losses, gradient accumulation, the "
+                "optimizer in backward and fp16 loss scaling under pipeline parallelism are not traced")
+    return None

@@ -204,6 +204,19 @@ class TimelinePoint(BaseModel):
     bytes: int
 
 
+class StageBudget(BaseModel):
+    """One pipeline rank's step (--pp): the stages it runs and its own peak."""
+
+    rank: int
+    stages: list[int] = Field(description="the pipeline stage indices this rank runs (two under interleaved 1F1B)")
+    layers: int = Field(description="decoder layers over those stages")
+    embedding: bool = Field(description="runs the first stage: the embedding")
+    head: bool = Field(description="runs the last stage: the final norm, the head and the loss per micro-batch")
+    tensor_peak_bytes: int
+    peak_phase: str
+    per_gpu: Components
+
+
 class Budget(BaseModel):
     """What one training step needs on each GPU; the schema of `memtui estimate --json`."""
 
@@ -254,6 +267,9 @@ class Budget(BaseModel):
     device_overhead: dict[str, int] | None = Field(
         default=None, description="what the device holds beyond the allocator's reserved memory, by source "
                                   "(cuda_context, nccl); null where nothing was replayed")
+    stages: list[StageBudget] = Field(
+        default_factory=list, description="--pp: every pipeline rank's peak (the budget is the largest); empty "
+                                          "without pipeline parallelism")
     replayed_device_peak_bytes: int | None = Field(
         default=None, description="reserved_peak_bytes + device_overhead: the device peak the allocator replay "
                                   "implies (device_peak_bytes keeps the estimate's model until a CUDA run checks "
