@@ -47,10 +47,10 @@ def _linear_shard(linear: LinearLayer, tp: int) -> tuple[int, int]:
     return linear.weight_params // tp, linear.out_features * linear.experts // tp
 
 
-def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
+def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, bool, bool] | None = None) -> ParamLayout:
+    """`stage`: (layers, first, last) of a pipeline rank; by default the first stage of ceil(L / pp) layers."""
     tp, pp = config.tp, config.pp
-    layers = math.ceil(model.num_layers / pp)
-    first_stage, last_stage = True, pp == 1
+    layers, first_stage, last_stage = stage or (math.ceil(model.num_layers / pp), True, pp == 1)
 
     linear_weights = 0
     linear_rows = 0
@@ -71,9 +71,9 @@ def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
     embedding = model.embedding_params // tp if first_stage else 0
     head = 0
     if last_stage:
-        head = model.head_params // tp + model.norm_params
-    elif model.tie_word_embeddings:
-        head = 0
+        # A last pipeline stage without the embedding holds its own head, tied or not (the stage's copy).
+        head_params = model.head_params if first_stage else model.vocab_size * model.hidden_size
+        head = head_params // tp + model.norm_params
     other = layers * layer_other + embedding + head
 
     targets = resolve_lora_targets(config, model)
@@ -88,8 +88,10 @@ def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
     tensors_per_layer += model.norms_per_layer * (2 if model.norm == "layer" else 1)
     tensors_per_layer += (2 if model.qk_norm else 0) + (1 if model.is_moe else 0)
     lora_tensors = 2 * len(targets)
-    extra_tensors = (2 if model.positions == "learned" else 1) + (0 if model.tie_word_embeddings else 1)
-    extra_tensors += 2 if model.norm == "layer" else 1
+    extra_tensors = ((2 if model.positions == "learned" else 1) if first_stage else 0)
+    if last_stage:
+        extra_tensors += 0 if model.tie_word_embeddings and first_stage else 1
+        extra_tensors += 2 if model.norm == "layer" else 1
     tensor_count = layers * (tensors_per_layer + lora_tensors) + extra_tensors
     trainable_tensors = layers * lora_tensors if config.uses_lora else layers * tensors_per_layer + extra_tensors
 

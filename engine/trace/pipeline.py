@@ -15,7 +15,7 @@ What the stage allocates is what torch's code allocates: each receive buffer is 
 (`_make_tensor_from_meta`, an empty tensor of the metadata's shape) just before its receive (`get_fwd_recv_ops`,
 `get_bwd_recv_ops`) and becomes the micro-batch's input (a leaf that requires grad) or its output's gradient;
 `_ForwardChunkState` keeps each micro-batch's inputs, and its outputs until their send completes (the last stage's
-until backward), the autograd graph keeps what the layers save, and `backward_one_chunk` keeps the input gradients
+until backward; a fake tensor's as a real one's, `_releasable_as_on_a_gpu`), the autograd graph keeps what the layers save, and `backward_one_chunk` keeps the input gradients
 in `bwd_cache` until `get_bwd_send_ops` sends them. The fake backend's sends and receives are no-ops, so the
 received tensors' contents are undefined, which fake tensors do not have anyway.
 """
@@ -85,6 +85,22 @@ def _marked(tracker: MemoryTracker, method, phase: str):
     return run
 
 
+def _releasable_as_on_a_gpu(stage):
+    """PipelineStage releases a stage's output once its send completes when the output is a plain torch.Tensor
+    (`_output_slot_is_releasable`: backward then starts from its gradient edge); a FakeTensor is not one, so under
+    FakeTensorMode every output would be kept until its backward. The trace answers as for the real tensor."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    original = stage._output_slot_is_releasable
+
+    def releasable(output):
+        if type(output) is FakeTensor and not stage.is_last and stage.dw_builder is None:
+            return True, ""
+        return original(output)
+
+    return releasable
+
+
 def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> RankTrace:
     """Rank `rank` of a fake process group of pp ranks: its stages, two schedule steps and optimizer steps."""
     import torch.distributed as dist
@@ -131,6 +147,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                                       dtype=logits_dtype if last else hidden_dtype, requires_grad=True)
                 stage = PipelineStage(module, index, total, torch.device("cpu"), input_args=inputs,
                                       output_args=outputs)
+                stage._output_slot_is_releasable = _releasable_as_on_a_gpu(stage)
                 # Phases for the tracker's categories: receives and compute of a forward, of a backward.
                 for name, phase in (("get_fwd_recv_ops", "forward"), ("forward_one_chunk", "forward"),
                                     ("get_bwd_recv_ops", "backward"), ("backward_one_chunk", "backward")):
