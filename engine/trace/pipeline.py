@@ -15,9 +15,14 @@ What the stage allocates is what torch's code allocates: each receive buffer is 
 (`_make_tensor_from_meta`, an empty tensor of the metadata's shape) just before its receive (`get_fwd_recv_ops`,
 `get_bwd_recv_ops`) and becomes the micro-batch's input (a leaf that requires grad) or its output's gradient;
 `_ForwardChunkState` keeps each micro-batch's inputs, and its outputs until their send completes (the last stage's
-until backward; a fake tensor's as a real one's, `_releasable_as_on_a_gpu`), the autograd graph keeps what the layers save, and `backward_one_chunk` keeps the input gradients
-in `bwd_cache` until `get_bwd_send_ops` sends them. The fake backend's sends and receives are no-ops, so the
-received tensors' contents are undefined, which fake tensors do not have anyway.
+until backward; a fake tensor's as a real one's, `_releasable_as_on_a_gpu`), the autograd graph keeps what the
+layers save, and `backward_one_chunk` keeps the input gradients in `bwd_cache` until `get_bwd_send_ops` sends
+them; the last stage's losses (the schedule's `_internal_losses`) keep their graphs, and with them each micro-batch's
+received input, until the step ends. The fake backend's sends and receives are no-ops, so the received tensors'
+contents are undefined, which fake tensors do not have anyway.
+
+Interleaved 1F1B runs through `_PipelineScheduleRuntime`, which posts receives as early as the other ranks' sends
+allow and waits for sends later than Schedule1F1B; the estimator does not follow those buffers' lifetimes yet.
 """
 
 from __future__ import annotations
