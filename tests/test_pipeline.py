@@ -128,3 +128,17 @@ def test_pipeline_with_other_parallelism_is_modelled_and_says_why():
     assert pipeline_refusal(pipeline("1f1b"), SPEC) is None
     combined = TrainingConfig(model="llama-3.1-8b", gpus=8, pp=2, tp=2, batch_size=2, microbatches=2)
     assert "not traced" in pipeline_refusal(combined, spec)
+
+
+def test_torchtitan_pipeline_settings_are_read(tmp_path, capsys):
+    """--from a torchtitan TOML: the schedule by torch's class name, the local batch in micro-batches of
+    pipeline_parallel_microbatch_size sequences."""
+    path = tmp_path / "train.toml"
+    path.write_text('[model]\nname = "llama3"\nflavor = "8B"\n[training]\nlocal_batch_size = 8\nseq_len = 1024\n'
+                    '[parallelism]\npipeline_parallel_degree = 4\ndata_parallel_shard_degree = 1\n'
+                    'pipeline_parallel_schedule = "Interleaved1F1B"\npipeline_parallel_microbatch_size = 2\n')
+    code = main(["estimate", "--from", str(path), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (data["config"]["pp_schedule"], data["config"]["microbatches"], len(data["stages"])) == (
+        "interleaved-1f1b", 4, 4)
