@@ -142,3 +142,12 @@ def test_torchtitan_pipeline_settings_are_read(tmp_path, capsys):
     assert code == 0
     assert (data["config"]["pp_schedule"], data["config"]["microbatches"], len(data["stages"])) == (
         "interleaved-1f1b", 4, 4)
+
+
+def test_largest_batch_under_pipeline_parallelism_is_a_multiple_of_the_micro_batches():
+    from memtui.engine.planning.fit import max_batch_size
+
+    config = TrainingConfig(model="llama-3.2-1b", gpus=4, pp=4, batch_size=4, microbatches=4, seq_len=1024)
+    result = max_batch_size(config)
+    assert result.batch_size >= 4 and result.batch_size % 4 == 0, result.message
+    assert estimate(config.model_copy(update={"batch_size": result.batch_size})).fits
