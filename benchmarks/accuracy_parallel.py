@@ -51,6 +51,12 @@ def matrix() -> list[dict]:
                                    ("mistral-7b", 4, 4, {})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
+    # Pipeline parallelism (torch.distributed.pipelining, every rank traced): one sequence per micro-batch
+    for pp, schedules in ((2, ("gpipe", "1f1b", "interleaved-1f1b")), (4, ("gpipe", "1f1b", "interleaved-1f1b")),
+                          (8, ("1f1b", "interleaved-1f1b")), (16, ("gpipe", "1f1b"))):
+        for schedule in schedules:
+            rows.append({"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": pp, "seq_len": 1024,
+                         "gpus": pp, "pp": pp, "pp_schedule": schedule, "microbatches": pp})
     return rows
 
 
@@ -94,15 +100,17 @@ def write_markdown(results: list[dict], path: Path, command: str, *, append: boo
     errors = [abs(r["error"]) for r in results]
     lines = [
         "# Estimator accuracy for parallel jobs: `memtui estimate` vs `memtui trace --gpus N --zero K "
-        "[--shard-group G] [--tp T]`",
+        "[--shard-group G] [--tp T] [--pp P]`",
         "",
         f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with {commands}.",
         "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1), FSDP2 "
         "(ZeRO-2/3), HSDP (`--shard-group`: FSDP2 on a (replicate, shard) mesh) or DTensor tensor-parallel (`--tp`: "
         "torchtitan's Llama plan with sequence and loss parallel; with FSDP2 over dp on a (dp, tp) mesh) program at "
-        "the real world size on torch's fake process group, two training steps on fake tensors; estimated = `memtui estimate`'s "
+        "the real world size on torch's fake process group, two training steps on fake tensors (`--pp`: every "
+        "pipeline rank of torch.distributed.pipelining's schedule traced, the largest rank's peak); estimated = `memtui estimate`'s "
         "tensor peak less its modelled cuBLAS workspace; forward/backward: the same for the highest moment before "
-        "the optimizer step. Every row: bf16-mixed, AdamW (foreach), batch 1, sequence 1024, flash attention.",
+        "the optimizer step. Every row: bf16-mixed, AdamW (foreach), batch 1 (`--pp`: one sequence per "
+        "micro-batch), sequence 1024, flash attention.",
         "",
         f"{len(results)} configurations; median |error| {100 * statistics.median(errors):.2f}%, "
         f"max |error| {100 * max(errors):.2f}%.",

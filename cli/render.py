@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -23,6 +24,22 @@ def budget_table(budget: Budget, title: str | None = None) -> Table:
     for name in COMPONENT_NAMES:
         value = getattr(budget.per_gpu, name)
         table.add_row(COMPONENT_LABELS[name], gib_number(value), f"{100 * value / total:.1f}")
+    return table
+
+
+def stage_table(budget: Budget) -> Table:
+    """--pp: every pipeline rank's tensor peak and what it holds then (the budget above is the largest)."""
+    table = Table(title="Pipeline ranks at their tensor peaks, GiB", title_justify="left", expand=False,
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False)
+    short = {"weights": "wts", "gradients": "grads", "optimizer_states": "optim", "activations": "act",
+             "temporary": "temp"}
+    for heading in ("rank", "stage", "L", "has", "peak", "in", *short.values()):
+        table.add_column(heading, justify="left" if heading in ("stage", "has", "in") else "right")
+    for stage in budget.stages:
+        role = "+".join(part for part, held in (("emb", stage.embedding), ("head", stage.head)) if held)
+        table.add_row(str(stage.rank), ",".join(str(index) for index in stage.stages), str(stage.layers), role,
+                      gib_number(stage.tensor_peak_bytes), stage.peak_phase[:4],
+                      *(gib_number(getattr(stage.per_gpu, name)) for name in short))
     return table
 
 
@@ -60,6 +77,8 @@ def print_budget(budget: Budget, console: Console | None = None) -> None:
     if budget.offloaded_activation_bytes:
         console.print(f"activations offloaded to CPU: {format_gib(budget.offloaded_activation_bytes)} of pinned host "
                       "memory at the end of the forward (not GPU memory)")
+    if budget.stages:
+        console.print(stage_table(budget))
     if budget.method not in ("estimate", "trace"):
         console.print(f"method: {budget.method}")
     for note in budget.notes:

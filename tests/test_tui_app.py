@@ -885,7 +885,7 @@ def test_short_ladder_labels_fit_the_narrow_layout():
 
     configs = [
         TrainingConfig(precision="bf16-true", master_weights=True, optimizer="galore-adamw", optimizer_impl="for-loop",
-                       checkpointing="selective", gpus=8, tp=2, pp=2, zero=1),
+                       checkpointing="selective", gpus=8, tp=2, pp=2, zero=1, batch_size=2, microbatches=2),
         TrainingConfig(precision="16-true", master_weights=True, optimizer="sgd-momentum", optimizer_impl="fused",
                        lora_rank=64, quant="nf4", zero=3, offload="optimizer+params", checkpointing="full"),
     ]

@@ -143,7 +143,7 @@ def test_every_estimator_option_has_an_input_a_one_line_summary_and_an_explainer
             assert section in markdown, (spec.key, section)
     # Every rung the ladder can show explains itself.
     everything = TrainingConfig(precision="bf16-true", master_weights=True, optimizer="galore-adamw",
-                                optimizer_impl="fused", lora_rank=16, quant="nf4", tp=2, pp=2, gpus=8, zero=3,
+                                optimizer_impl="fused", lora_rank=16, quant="nf4", tp=2, pp=2, gpus=8, zero=3, batch_size=2, microbatches=2,
                                 offload="optimizer+params", attention="flash", checkpointing="full")
     for rung in _rungs(everything):
         assert rung.key in EXPLAINERS

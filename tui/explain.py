@@ -231,8 +231,11 @@ _EXPLAINERS = [
     Explainer(
         "pp", "Pipeline parallel",
         "Split the layers into GPU stages.",
-        "Each GPU holds a contiguous block of layers; micro-batches flow through the stages. With "
-        "the 1F1B schedule the first stage holds activations for up to PP micro-batches at once.",
+        "Each GPU holds a contiguous block of layers (the first also the embedding, the last the head "
+        "and loss); the batch is split into micro-batches (--microbatches) that flow through the stages. "
+        "GPipe runs every forward before any backward, so each stage holds every micro-batch's activations; "
+        "1F1B holds at most PP - rank on rank r (the first stage the most); interleaved 1F1B puts two "
+        "smaller stages on each GPU. The budget is the rank with the largest peak; every rank's is listed.",
         "Idle time at the start and end of each step (the pipeline bubble), reduced by more "
         "micro-batches; uneven stages waste memory on the largest one.",
         "Across nodes, when tensor parallelism alone is not enough.",

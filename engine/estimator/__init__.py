@@ -21,6 +21,7 @@ from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator.budget import make_budget
 from memtui.engine.estimator.generic import generic_estimate
 from memtui.engine.estimator.moments import Moment, activation_moments, offloaded_bytes
+from memtui.engine.estimator.pipeline import pipeline_moments, stage_roles
 from memtui.engine.estimator.layout import (
     INT8_BYTES_PER_PARAM,
     NF4_BYTES_PER_PARAM,
@@ -47,6 +48,7 @@ from memtui.engine.model.specs import (
     Components,
     GpuSpec,
     ModelStates,
+    StageBudget,
     TimelinePoint,
     TrainingConfig,
 )
@@ -408,11 +410,19 @@ def estimate(
     if model.family == "generic":  # a model_type not replayed by hand: its traced program, from the cache
         return generic_estimate(config, model, gpu)
     notes = check_config(config, model, gpu)
+    requested = config
+    if config.pp > 1:
+        return _pipeline_budget(requested, config, model, gpu, notes)
     layout = _layout(config, model)
     on_gpu, one_state_group = _states_on_gpu(config, model, layout)
     workspace = cublas_workspace_bytes(gpu)
     moments = _step_moments(config, model, layout, on_gpu, one_state_group, workspace)
+    return _budget(requested, config, model, gpu, layout, on_gpu, moments, workspace, notes)
 
+
+def _budget(requested: TrainingConfig, config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: ParamLayout,
+            on_gpu: _StatesOnGpu, moments: list[StepMoment], workspace: int, notes: list[str]) -> Budget:
+    """The Budget of a step's moments: the largest is the peak."""
     optimizer_states = on_gpu.states.optimizer_states
     peak = max(moments, key=lambda moment: moment.total(optimizer_states))  # the first of equals, as the step meets it
     peak_total = peak.total(optimizer_states)
@@ -435,3 +445,38 @@ def estimate(
         paged_bytes=on_gpu.paged,
         offloaded_bytes=offloaded_bytes(config, model, layers=layout.layers),
     )
+
+
+def _pipeline_budget(requested: TrainingConfig, config: TrainingConfig, model: ModelSpec, gpu: GpuSpec,
+                     notes: list[str]) -> Budget:
+    """--pp: every pipeline rank's step through its schedule (memtui.engine.estimator.pipeline), each a budget of
+    its own in `stages`; the budget is the rank with the largest tensor peak (every GPU needs that much)."""
+    workspace = cublas_workspace_bytes(gpu)
+    budgets: list[tuple[Budget, StageBudget]] = []
+    for rank in range(config.pp):
+        roles = stage_roles(config, model, rank)
+        layers = sum(role[1] for role in roles)
+        layout = param_layout(config, model, stage=(layers, any(role[2] for role in roles),
+                                                    any(role[3] for role in roles)))
+        on_gpu, _one_state_group = _states_on_gpu(config, model, layout)
+        largest_gradient = layout.largest_tensor_params * trainable_bytes(config)
+        moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace)
+                   for moment in pipeline_moments(config, model, rank, largest_gradient)]
+        # torchtitan keeps one optimizer per stage and steps them in turn: the largest stage's temporaries.
+        temporaries = 0
+        for _index, stage_layers, first, last in roles:
+            stage_layout = param_layout(config, model, stage=(stage_layers, first, last))
+            stage_on_gpu, stage_state_group = _states_on_gpu(config, model, stage_layout)
+            temporaries = max(temporaries, _optimizer_step_temporaries(config, stage_layout, stage_on_gpu,
+                                                                       stage_state_group))
+        moments.append(StepMoment("optimizer", on_gpu.resting_weights, on_gpu.states.gradients, 0,
+                                  temporaries + on_gpu.ddp_buckets + workspace))
+        budget = _budget(requested, config, model, gpu, layout, on_gpu, moments, workspace, notes)
+        budgets.append((budget, StageBudget(rank=rank, stages=[role[0] for role in roles], layers=layers,
+                                            embedding=any(role[2] for role in roles),
+                                            head=any(role[3] for role in roles),
+                                            tensor_peak_bytes=budget.tensor_peak_bytes, peak_phase=budget.peak_phase,
+                                            per_gpu=budget.per_gpu)))
+    peak = max(budgets, key=lambda pair: pair[0].tensor_peak_bytes)[0]
+    return peak.model_copy(update={"stages": [stage for _budget_of, stage in budgets]})
+

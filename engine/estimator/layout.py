@@ -73,10 +73,10 @@ def _layer_tensors(model: ModelSpec, linears: tuple[LinearLayer, ...]) -> int:
     return count + (1 if any(linear.experts > 1 for linear in linears) else 0)  # the router
 
 
-def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
+def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, bool, bool] | None = None) -> ParamLayout:
+    """`stage`: (layers, first, last) of a pipeline rank; by default the first stage of ceil(L / pp) layers."""
     tp, pp = config.tp, config.pp
-    layers = math.ceil(model.num_layers / pp)
-    first_stage, last_stage = True, pp == 1
+    layers, first_stage, last_stage = stage or (math.ceil(model.num_layers / pp), True, pp == 1)
     targets = resolve_lora_targets(config, model)
 
     # Per kind of decoder layer (DeepSeek-V3: its dense layers, then the MoE ones; one kind elsewhere).
@@ -109,9 +109,9 @@ def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
     embedding = model.embedding_params // tp if first_stage else 0
     head = 0
     if last_stage:
-        head = model.head_params // tp + model.norm_params
-    elif model.tie_word_embeddings:
-        head = 0
+        # A last pipeline stage without the embedding holds its own head, tied or not (the stage's copy).
+        head_params = model.head_params if first_stage else model.vocab_size * model.hidden_size
+        head = head_params // tp + model.norm_params
     other = other_layers + embedding + head
 
     head_adapters = [rows * columns for rows, columns in head_adapter_shapes(config, model)]
@@ -119,8 +119,10 @@ def param_layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
     trainable = lora if config.uses_lora else total_linear + other
 
     lora_tensors = 2 * len(targets)
-    extra_tensors = (2 if model.positions == "learned" else 1) + (0 if model.tie_word_embeddings else 1)
-    extra_tensors += 2 if model.norm == "layer" else 1
+    extra_tensors = ((2 if model.positions == "learned" else 1) if first_stage else 0)
+    if last_stage:
+        extra_tensors += 0 if model.tie_word_embeddings and first_stage else 1
+        extra_tensors += 2 if model.norm == "layer" else 1
     tensor_count = tensors_layers + layers * lora_tensors + extra_tensors + len(head_adapters)
     trainable_tensors = (layers * lora_tensors + len(head_adapters) if config.uses_lora
                          else tensors_layers + extra_tensors)
@@ -236,3 +238,32 @@ def tensor_parallel_embedding_gradient_extra(config: TrainingConfig, model: Mode
         return 0
     vocab = model.vocab_size
     return (vocab - vocab // config.tp) * model.hidden_size * config.weight_bytes
+
+
+# ---- pipeline parallelism (issue 13) ---------------------------------------------------------------------------
+def pipeline_stage_layers(num_layers: int, stages: int) -> list[int]:
+    """Decoder layers of each pipeline stage: an even split, the first stages taking one more where it is not even."""
+    base, extra = divmod(num_layers, stages)
+    return [base + (1 if stage < extra else 0) for stage in range(stages)]
+
+
+def pipeline_rank_stages(config: TrainingConfig) -> list[list[int]]:
+    """The stage indices each pipeline rank runs: rank r runs stage r, and under interleaved 1F1B also stage
+    r + pp (torch's looped placement, which ScheduleInterleaved1F1B expects)."""
+    return [[rank + config.pp * virtual for virtual in range(config.virtual_stages)] for rank in range(config.pp)]
+
+
+def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
+    """Why `memtui trace` cannot run this configuration's pipeline program (it is then modelled), or None."""
+    if config.pp == 1:
+        return "no pipeline parallelism"
+    if config.tp > 1 or config.dp > 1:
+        return "pipeline parallelism with tensor or data parallelism is not traced (--gpus must equal --pp)"
+    if model.family not in TENSOR_PARALLEL_FAMILIES:
+        return f"the {model.family} family has no traced pipeline split (Llama-layout families only)"
+    if (config.uses_lora or config.quant != "none" or config.offload != "none" or config.activation_offload
+            or config.loss != "standard" or config.grad_accum > 1 or config.optimizer_in_backward
+            or config.precision == "16-mixed"):
+        return ("LoRA, quantized weights, offloading, the chunked and fused losses, gradient accumulation, the "
+                "optimizer in backward and fp16 loss scaling under pipeline parallelism are not traced")
+    return None

@@ -636,6 +636,18 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
             raise reader.error(f"parallelism.{key}", f"{_quoted(value)} is not a degree", "-1 or whole numbers from 1")
     reader.set("parallelism.tensor_parallel_degree", "tp", degrees["tensor_parallel_degree"])
     reader.set("parallelism.pipeline_parallel_degree", "pp", degrees["pipeline_parallel_degree"])
+    if degrees["pipeline_parallel_degree"] > 1:
+        # torchtitan's pipelining: the schedule by torch's class name, the local batch in micro-batches of
+        # pipeline_parallel_microbatch_size sequences (its default 1).
+        schedules = {"1f1b": "1f1b", "gpipe": "gpipe", "interleaved1f1b": "interleaved-1f1b"}
+        reader.set("parallelism.pipeline_parallel_schedule", "pp_schedule",
+                   reader.choice("parallelism.pipeline_parallel_schedule", schedules) or "1f1b")
+        size = reader.int("parallelism.pipeline_parallel_microbatch_size") or 1
+        batch = reader.options.get("batch_size", 1)
+        if batch % size:
+            raise reader.error("parallelism.pipeline_parallel_microbatch_size",
+                               f"{size} does not divide training.local_batch_size {batch}")
+        reader.set("parallelism.pipeline_parallel_microbatch_size", "microbatches", batch // size)
     shard = degrees["data_parallel_shard_degree"]
     if -1 in degrees.values():
         reader.note("gpus not set: parallelism.data_parallel_shard_degree is -1 (the ranks left over), so the "

@@ -204,7 +204,7 @@ _OPTIONS = (
            "tensor-parallel ranks, with sequence parallel", "--tp 8 --gpus 64",
            ladder="tensor parallel x{tp}", baseline=1),
     Option("pp", "Pipe. par.", PARALLELISM, "int",
-           "pipeline stages, 1F1B schedule", "--pp 4 --gpus 8",
+           "pipeline stages (torch.distributed.pipelining), one rank each", "--pp 4 --gpus 8 --microbatches 4 --batch-size 4",
            ladder="pipeline parallel, {pp} stages", baseline=1),
     # ---- adapters & quantization -----------------------------------------------------------------------
     Option("lora_rank", "LoRA rank", ADAPTERS, "int",
@@ -264,6 +264,13 @@ _OPTIONS = (
     Option("stack", "Stack", MODEL_AND_HARDWARE, "select",
            "set the options to a training framework's defaults (docs/stacks.md); options given override them",
            "--stack litgpt"),
+    # ---- pipeline schedules (issue 13) -------------------------------------------------------------------
+    Option("pp_schedule", "PP schedule", PARALLELISM, "select",
+           "the pipeline schedule: all forwards then all backwards, one-forward-one-backward, or 1F1B over two "
+           "virtual stages per rank", "--pp 4 --pp-schedule gpipe", explainer="pp"),
+    Option("microbatches", "Micro-batches", PARALLELISM, "int",
+           "pipeline micro-batches the batch is split into (each of batch / microbatches sequences)",
+           "--pp 4 --batch-size 8 --microbatches 8", explainer="pp"),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

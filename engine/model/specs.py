@@ -26,6 +26,7 @@ LossDtype = Literal["fp32", "compute"]
 BnbVersion = Literal["current", "legacy"]
 # The training stacks whose defaults --stack applies (engine/model/stacks.py); none: memtui's own.
 Stack = Literal["none", "hf", "trl", "torchtune", "litgpt", "lightning", "torchtitan", "axolotl"]
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b"]
 
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
 OPTIMIZERS: tuple[str, ...] = Optimizer.__args__  # type: ignore[attr-defined]
@@ -90,6 +91,8 @@ class TrainingConfig(BaseModel):
     bnb_version: BnbVersion = "current"
     # Whose defaults the options started from (engine/model/stacks.py); the estimate reads the options only.
     stack: Stack = "none"
+    pp_schedule: PipelineSchedule = "1f1b"
+    microbatches: int = Field(1, ge=1, le=65536, description="pipeline micro-batches the batch is split into")
 
     @property
     def dp(self) -> int:
@@ -99,6 +102,16 @@ class TrainingConfig(BaseModel):
     def shard_ranks(self) -> int:
         """The ranks ZeRO spreads its shards over: the HSDP shard group, else every data-parallel rank."""
         return self.shard_group or self.dp
+
+    @property
+    def microbatch_size(self) -> int:
+        """Sequences per pipeline micro-batch: the batch split into --microbatches (whole, as validation checks)."""
+        return self.batch_size // self.microbatches if self.pp > 1 else self.batch_size
+
+    @property
+    def virtual_stages(self) -> int:
+        """Pipeline stages each rank runs: two under interleaved 1F1B (torchtitan's smallest interleaving)."""
+        return 2 if self.pp > 1 and self.pp_schedule == "interleaved-1f1b" else 1
 
     @property
     def uses_lora(self) -> bool:
@@ -200,6 +213,19 @@ class TimelinePoint(BaseModel):
     bytes: int
 
 
+class StageBudget(BaseModel):
+    """One pipeline rank's step (--pp): the stages it runs and its own peak."""
+
+    rank: int
+    stages: list[int] = Field(description="the pipeline stage indices this rank runs (two under interleaved 1F1B)")
+    layers: int = Field(description="decoder layers over those stages")
+    embedding: bool = Field(description="runs the first stage: the embedding")
+    head: bool = Field(description="runs the last stage: the final norm, the head and the loss per micro-batch")
+    tensor_peak_bytes: int
+    peak_phase: str
+    per_gpu: Components
+
+
 class Budget(BaseModel):
     """What one training step needs on each GPU; the schema of `memtui estimate --json`."""
 
@@ -250,6 +276,9 @@ class Budget(BaseModel):
     device_overhead: dict[str, int] | None = Field(
         default=None, description="what the device holds beyond the allocator's reserved memory, by source "
                                   "(cuda_context, nccl); null where nothing was replayed")
+    stages: list[StageBudget] = Field(
+        default_factory=list, description="--pp: every pipeline rank's peak (the budget is the largest); empty "
+                                          "without pipeline parallelism")
     replayed_device_peak_bytes: int | None = Field(
         default=None, description="reserved_peak_bytes + device_overhead: the device peak the allocator replay "
                                   "implies (device_peak_bytes keeps the estimate's model until a CUDA run checks "

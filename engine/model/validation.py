@@ -351,6 +351,30 @@ RULES: tuple[Rule, ...] = (
                             "shard groups of 2 or more",
           allowed=lambda f: "0, " + ", ".join(str(d) for d in range(2, f.config.dp + 1) if f.config.dp % d == 0)
           if f.config.dp > 1 else "0 (one data-parallel rank)"),
+    # ---- pipeline schedules (issue 13): what torch.distributed.pipelining's schedules accept ----
+    _rule("microbatches", "batch_size", "pp",
+          broken=lambda f: f.config.pp > 1 and f.config.batch_size % f.config.microbatches != 0,
+          message=lambda f: f"{f.config.microbatches} does not divide {{batch_size}} {f.config.batch_size} into "
+                            "equal micro-batches",
+          allowed=lambda f: ", ".join(str(d) for d in range(1, f.config.batch_size + 1) if f.config.batch_size % d == 0)),
+    _rule("microbatches", "pp", "pp_schedule",
+          broken=lambda f: f.config.pp > 1 and f.config.pp_schedule == "1f1b" and f.config.microbatches < f.config.pp,
+          message=lambda f: f"1F1B needs at least one micro-batch per stage (torch's Schedule1F1B); {{pp}} is "
+                            f"{f.config.pp}, {{microbatches}} is {f.config.microbatches}",
+          allowed=lambda f: f"{{microbatches}} {f.config.pp} or more (dividing {{batch_size}}), or {{pp_schedule}} gpipe"),
+    _rule("microbatches", "pp", "pp_schedule",
+          broken=lambda f: (f.config.pp > 1 and f.config.pp_schedule == "interleaved-1f1b"
+                            and f.config.microbatches % f.config.pp != 0),
+          message=lambda f: f"interleaved 1F1B runs the micro-batches in rounds of {{pp}} {f.config.pp}; "
+                            f"{{microbatches}} is {f.config.microbatches}",
+          allowed=lambda f: f"multiples of {f.config.pp} (dividing {{batch_size}}), or {{pp_schedule}} gpipe or 1f1b"),
+    _rule("pp_schedule", "pp", broken=lambda f: (f.config.pp > 1 and f.config.pp_schedule == "interleaved-1f1b"
+                                                  and 2 * f.config.pp > f.model.num_layers),
+          message=lambda f: f"interleaved 1F1B puts two stages on each rank: {2 * f.config.pp} stages for "
+                            f"{f.model.num_layers} layers",
+          allowed=lambda f: f"{{pp}} up to {f.model.num_layers // 2}, or {{pp_schedule}} gpipe or 1f1b"),
+    _note("microbatches", "pp", broken=lambda f: f.config.pp == 1 and f.config.microbatches > 1,
+          message=lambda f: "--microbatches splits the batch between pipeline stages; without --pp it changes nothing"),
 )
 
 

@@ -7,7 +7,14 @@ from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator import estimate
 from memtui.engine.estimator.budget import make_budget
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
-from memtui.engine.model.specs import Components, GpuSpec, ModelStates, TimelinePoint, TrainingConfig
+from memtui.engine.model.specs import (
+    Components,
+    GpuSpec,
+    ModelStates,
+    StageBudget,
+    TimelinePoint,
+    TrainingConfig,
+)
 from memtui.engine.trace.analysis import LogSummary, allocation_sequence, summarize
 from memtui.engine.trace.fake_step import StepExtras, traced_micro_batches
 from memtui.engine.trace.result import TraceResult
@@ -165,6 +172,24 @@ def assemble(
         traced_tensor_peak_bytes=traced_peak,
         allocator=allocator,
     )
+
+
+def assemble_pipeline(config: TrainingConfig, spec: ModelSpec, gpu: GpuSpec, ranks, *, notes: list[str],
+                      alloc_config: AllocatorConfig, parallel: tuple[list[str], list[str]]) -> TraceResult:
+    """Every pipeline rank's trace as a budget of its own (`stages`); the result is the rank with the largest
+    tensor peak, as the job needs that much on every GPU."""
+    results = [assemble(config, config, spec, gpu, rank.log, rank.extras, notes=notes, alloc_config=alloc_config,
+                        parallel=parallel) for rank in ranks]
+    stages = [StageBudget(rank=rank.rank, stages=rank.stages, layers=rank.layers, embedding=rank.embedding,
+                          head=rank.head, tensor_peak_bytes=result.budget.tensor_peak_bytes,
+                          peak_phase=result.peak_phase, per_gpu=result.budget.per_gpu)
+               for rank, result in zip(ranks, results)]
+    peak = max(range(len(results)), key=lambda index: results[index].budget.tensor_peak_bytes)
+    result = results[peak]
+    result.budget = result.budget.model_copy(update={"stages": stages})
+    result.traced = result.traced + [f"the budget is pipeline rank {ranks[peak].rank}'s (stages {ranks[peak].stages}), "
+                                     "the largest tensor peak of the ranks"]
+    return result
 
 
 def _replay_allocator(log: MemoryLog, gpu: GpuSpec, workspace: int, config: AllocatorConfig) -> dict:

@@ -13,10 +13,11 @@ bitsandbytes kernels (allocation-exact replicas), CUDA context and workspaces.
 Data parallelism (DDP, ZeroRedundancyOptimizer, FSDP2, HSDP) is traced for
 rank 0 at the real world size on torch's fake process group
 (memtui.engine.trace.parallel), and so is tensor parallelism with sequence
-parallelism for Llama-layout models (memtui.engine.trace.tensor_parallel);
-offloading, quantized weights under data parallelism, tensor parallelism
-outside that plan and pipeline parallelism are still modelled by the
-estimator on top of a single-GPU trace.
+parallelism for Llama-layout models (memtui.engine.trace.tensor_parallel),
+and pipeline parallelism alone (every rank of torch.distributed.pipelining's
+schedules, memtui.engine.trace.pipeline); offloading, quantized weights under
+data parallelism, tensor parallelism outside that plan and pipeline parallelism
+with other kinds are still modelled by the estimator on top of a single-GPU trace.
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ def trace(
 
     from memtui.engine.trace.tensor_parallel import tensor_parallel, tensor_parallel_refusal
 
+    from memtui.engine.trace.assemble import assemble, assemble_pipeline
+    from memtui.engine.trace.pipeline import pipeline_lines, pipeline_refusal, trace_pipeline
+
+    pp_refusal = pipeline_refusal(config, spec)
+    if pp_refusal is None:
+        result = assemble_pipeline(config, spec, gpu, trace_pipeline(spec, config, report), notes=notes,
+                                   alloc_config=alloc_config or DEFAULT_CONFIG,
+                                   parallel=(pipeline_lines(config, spec), []))
+        result.seconds = time.perf_counter() - started
+        report("done", 1.0)
+        return result
     parallel_lines: tuple[list[str], list[str]] = ([], [])
     tp_refusal = tensor_parallel_refusal(config, spec)
     if tp_refusal is None:
@@ -77,9 +89,12 @@ def trace(
     else:
         local = _single_gpu(config)
         log, extras = run_fake_steps(spec, local, report)
+        modelled = []
         if config.tp > 1:
-            parallel_lines = ([], [f"tensor parallel: modelled, not traced ({tp_refusal})"])
-    from memtui.engine.trace.assemble import assemble
+            modelled.append(f"tensor parallel: modelled, not traced ({tp_refusal})")
+        if config.pp > 1:
+            modelled.append(f"pipeline parallel: modelled, not traced ({pp_refusal})")
+        parallel_lines = ([], modelled)
 
     result = assemble(config, local, spec, gpu, log, extras, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG,
                       parallel=parallel_lines)

@@ -72,6 +72,9 @@ class StepProgram:
     layer_gradients: LF  # parameter gradients one layer leaves
     logits_bytes: LF
     offloaded_bytes: LF = ZERO  # --activation-offload: host (pinned) bytes alive at the end of the forward
+    # What one (micro-)batch holds from its forward (and loss) to its backward, beyond weights and gradients: the
+    # pipeline schedules hold this for every micro-batch in flight.
+    held_after_forward: LF = ZERO
 
 
 def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
@@ -190,13 +193,17 @@ def _layer_segments(layers: int, every_layer: bool = False) -> list[str]:
 
 
 def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every_layer: bool = False,
-            segments: list[str] | None = None) -> Sim:
+            segments: list[str] | None = None, first: bool = True, last: bool = True) -> Sim:
+    """The step of one GPU; `first` / `last` False: a pipeline stage without the embedding / without the final
+    norm, head and loss (memtui.engine.trace.pipeline's stage: hidden states in, hidden states out, the output's
+    gradient received into a buffer of its size)."""
     sim = Sim(autocast_dtype=opts.compute if opts.autocast else None)
     if log:
         sim.log = []
     frozen = opts.lora_rank > 0
     embed_dtype = opts.base if frozen else opts.params
-    embed = sim.parameter((float(d.vocab * d.hidden), 0, 0, 0, 0), embed_dtype, name="embed_tokens", trainable=not frozen)
+    embed = (sim.parameter((float(d.vocab * d.hidden), 0, 0, 0, 0), embed_dtype, name="embed_tokens",
+                           trainable=not frozen) if first else None)
     segments = segments or _layer_segments(layers, every_layer)
     gpt2 = opts.family == "gpt2"
     make_params = gpt2_layer_params if gpt2 else llama_layer_params
@@ -213,9 +220,9 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     final_norm = norm_weight(sim, d.hidden, opts, "norm")
     final_norm_bias = norm_weight(sim, d.hidden, opts, "norm.bias") if gpt2 else None
     positions = sim.parameter(const(d.positions * d.hidden), embed_dtype, name="wpe", trainable=not frozen) if gpt2 else None
-    if opts.tied:
+    if opts.tied and embed is not None:
         head = embed
-    else:
+    else:  # untied, or a last pipeline stage: its own head (a tied one is the stage's copy of the embedding)
         head = sim.parameter((float(d.vocab * d.hidden), 0, 0, 0, 0), embed_dtype, name="lm_head", trainable=not frozen)
     # peft's LoRA on lm_head: its adapters follow the head's parameters (tied or not, the adapters are its own).
     head_adapters = (sim.parameter(const(d.hidden * opts.lora_rank), opts.lora_dtype, name="lm_head.lora_A", trainable=True),
@@ -223,13 +230,18 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
                      ) if opts.lora_head else None
 
     sim.set_segment("inputs")
-    ids = sim.new(per_token(1), "i64", name="input_ids")  # labels are the same tensor
+    # labels are the same tensor; a middle pipeline stage has neither
+    ids = sim.new(per_token(1), "i64", name="input_ids") if first or last else None
 
     sim.set_segment("embed_fwd")
     if opts.activation_offload:  # torchtune's OffloadActivations around the decoder (not the head or the loss)
         tokens, seq = opts.offload_point
         sim.offload_at = (1.0, tokens, tokens * seq, seq, seq * seq)
-    x = ops.embedding(sim, embed, ids, d.hidden)
+    if embed is not None:
+        x = ops.embedding(sim, embed, ids, d.hidden)
+    else:  # PipelineStage's receive buffer (_make_tensor_from_meta), made a leaf that requires grad
+        x = sim.new(per_token(d.hidden), embed_dtype, name="received hidden states", requires_grad=True)
+    received = sim.ref(x) if embed is None else None  # _ForwardChunkState keeps the stage's inputs until backward
     if opts.family == "gemma3":
         # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled.
         x = chain(sim, x, ops.mul_scalar)
@@ -306,6 +318,12 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
             out = run_layer(previous, layer)
         sim.drop(previous)
 
+    if not last:
+        _stage_output_backward(sim, out, (mask, second_mask), (cos, sin, *other_pair), segments, received)
+        sim.set_segment("end")
+        sim.finish()
+        return sim
+
     sim.set_segment("head_fwd")
     if gpt2:
         normed = ops.layer_norm(sim, out, final_norm, final_norm_bias, d.hidden)
@@ -333,12 +351,15 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         if opts.logit_softcap:
             logits = softcap(sim, logits)
         loss = causal_lm_loss(sim, logits, ids, loss_parallel=opts.sequence_parallel > 1)
+        if received is not None:  # a last pipeline stage: _ForwardChunkState keeps the output until backward
+            kept_output = sim.ref(logits)
         sim.drop(logits, normed)  # the model output is dropped once .loss is read
 
     sim.set_segment("forward_end")
     sim.clear_autocast_cache()  # leaving autocast
     sim.drop(cos, sin, *other_pair)  # the model forward's references; layers' saved copies keep them (None for GPT-2)
 
+    sim.held_after_forward = dict(sim.live)  # type: ignore[attr-defined]
     sim.phase = "backward"
     sim.segment_of_node = {**_BACKWARD_OF, **{f"{name}_fwd": f"{name}_bwd" for name in segments}}
     sim.run_backward(loss)
@@ -347,6 +368,11 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     sim.free_graph()
     if input_leaf is not None:
         sim.drop(input_leaf)
+    if received is not None:
+        sim.drop(received.grad, received)  # the input's gradient, sent to the stage before
+        received.grad = None
+        if opts.loss == "standard":
+            sim.drop(kept_output)  # backward_one_chunk's chunk state goes as it returns
     sim.set_segment("end")
     sim.finish()
     return sim
@@ -363,6 +389,29 @@ def _dense_segments(segments: list[str], layers: int, dense_layers: int) -> list
     middle = middle if middle <= layers - 2 else 1
     index_of = {"first": 0, "mid": middle, "last": layers - 1}
     return [index_of[segment] < dense_layers for segment in segments]
+
+
+def _stage_output_backward(sim: Sim, out: Tensor, masks, positions, segments: list[str],
+                           received: Tensor | None) -> None:
+    """A pipeline stage before the last: the forward returns its hidden states (sent on, then released), the
+    backward starts from the gradient received for them (a buffer of their size) and ends with the gradient of the
+    stage's input, sent back."""
+    sim.set_segment("forward_end")
+    sim.offload_at = None
+    sim.drop(*masks)
+    sim.clear_autocast_cache()
+    sim.drop(*positions)
+    sim.drop(out)  # released once its send completes; the autograd graph keeps what backward needs
+    sim.held_after_forward = dict(sim.live)  # type: ignore[attr-defined]
+    sim.phase = "backward"
+    sim.segment_of_node = {**_BACKWARD_OF, **{f"{name}_fwd": f"{name}_bwd" for name in segments}}
+    sim.set_segment("head_bwd")
+    out.grad = sim.new(out.elems, out.dtype, name="received output gradient")
+    while sim.nodes:
+        sim._run_node(sim.nodes.pop())
+    if received is not None:
+        sim.drop(received.grad, received)
+        received.grad = None
 
 
 def causal_mask(sim: Sim, opts: Options, dtype: str) -> Tensor | None:
@@ -575,14 +624,14 @@ _AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", GRAPH_FREED, 
 
 
 @lru_cache(maxsize=256)
-def compile_step(d: Dims, opts: Options, layers: int) -> StepProgram:
-    """The step's candidate peaks for `layers` decoder layers.
+def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: bool = True) -> StepProgram:
+    """The step's candidate peaks for `layers` decoder layers (`first` / `last`: a pipeline stage, as _replay).
 
     The other L-3 layers sit between the replayed middle and last layers. Each keeps
     R_fwd past the next layer's forward, R_post past the forward, and leaves G once
     its backward is done.
     """
-    sim = _replay(d, opts, layers=layers)
+    sim = _replay(d, opts, layers=layers, first=first, last=last)
     extra = max(layers - 3, 0)
     kept_forward, kept_backward, left_by_backward = _layer_buckets(sim)
     full = min(round(opts.full_layer_share * max(layers - 2, 0)), extra)
@@ -626,6 +675,11 @@ def compile_step(d: Dims, opts: Options, layers: int) -> StepProgram:
     offloaded = ZERO
     for segment, packed in sim.offloaded.items():
         offloaded = lf_add(offloaded, lf_scale(packed, 1 + extra if segment == "mid_fwd" else 1))
+    held = _plus(getattr(sim, "held_after_forward", sim.live), kept_backward, extra)
+    held_bytes = ZERO
+    for category in CATEGORIES:
+        if category != "gradients":  # "weights" here: autocast's 16-bit copies, which the graph saves
+            held_bytes = lf_add(held_bytes, held[category])
     return StepProgram(
         candidates=tuple(_prune(candidates)),
         gradients_end=gradients_end,
@@ -633,6 +687,7 @@ def compile_step(d: Dims, opts: Options, layers: int) -> StepProgram:
         layer_gradients=left_by_backward["gradients"],
         logits_bytes=logits,
         offloaded_bytes=offloaded,
+        held_after_forward=held_bytes,
     )
 
 

@@ -53,27 +53,33 @@ def max_batch_size(
 
 def _max_batch(evaluator: Evaluator, config: TrainingConfig, limit: int) -> MaxBatchResult:
     limit = max(1, min(limit, BATCH_LIMIT))
+    # --pp: the batch is split into --microbatches equal micro-batches, so only multiples of that count are batches.
+    step = config.microbatches if config.pp > 1 else 1
+
+    def sized(batch: int) -> TrainingConfig:
+        return with_changes(config, batch_size=batch * step)
 
     def peak(batch: int) -> float:
-        return evaluator.peak(with_changes(config, batch_size=batch))
+        return evaluator.peak(sized(batch))
 
-    batch, at_cap = largest_fitting(peak, evaluator.memory, limit)
+    batch, at_cap = largest_fitting(peak, evaluator.memory, max(1, limit // step))
     memory = format_gib(evaluator.memory)
     if batch == 0:
-        over = evaluator.budget(with_changes(config, batch_size=1))
+        over = evaluator.budget(sized(1))
         message = (
-            f"nothing fits: batch 1 x {config.seq_len} tokens needs {format_gib(over.device_peak_bytes)} "
+            f"nothing fits: batch {step} x {config.seq_len} tokens needs {format_gib(over.device_peak_bytes)} "
             f"of {memory}" if over else "nothing fits"
         )
         return MaxBatchResult(0, False, limit, None, over, message, evaluator.estimates)
-    budget = evaluator.budget(with_changes(config, batch_size=batch))
+    budget = evaluator.budget(sized(batch))
+    over = None if at_cap else evaluator.budget(sized(batch + 1))
+    batch, next_batch = batch * step, (batch + 1) * step
     if at_cap:
         message = f"at least {batch} (the search stops at {limit}); peak {format_gib(budget.device_peak_bytes)} of {memory}"
         return MaxBatchResult(batch, True, limit, budget, None, message, evaluator.estimates)
-    over = evaluator.budget(with_changes(config, batch_size=batch + 1))
     message = (
         f"{batch} x {config.seq_len} tokens = {batch * config.seq_len:,} tokens per rank; "
         f"peak {format_gib(budget.device_peak_bytes)} of {memory}"
-        + (f" (batch {batch + 1} needs {format_gib(over.device_peak_bytes)})" if over else "")
+        + (f" (batch {next_batch} needs {format_gib(over.device_peak_bytes)})" if over else "")
     )
     return MaxBatchResult(batch, False, limit, budget, over, message, evaluator.estimates)

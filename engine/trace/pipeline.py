@@ -1,0 +1,232 @@
+"""Pipeline parallelism traced for every rank at the real world size, on fake tensors.
+
+Each pipeline rank is traced in turn as rank r of torch's `fake` process group of `pp` ranks, running torch's own
+pipelining code (torch.distributed.pipelining) on its stage of the model:
+
+- the model is cut as torchtitan cuts it: the stage keeps its decoder layers, the first stage the embedding, the
+  last the final norm and the head; the other stages get the hidden states (`inputs_embeds`) and return them;
+- `PipelineStage` (static metadata: the micro-batch's hidden states in and out, the logits out of the last stage)
+  and the schedule (`ScheduleGPipe`, `Schedule1F1B`, or `ScheduleInterleaved1F1B` with two stages per rank, r and
+  r + pp) run `schedule.step(batch, target=labels, losses=..., return_outputs=False)` (torchtitan's call): the
+  batch is split into `--microbatches` micro-batches, each forward and backward runs in the schedule's order, the
+  last stage computes transformers' causal-LM loss per micro-batch as the schedule's loss_fn.
+
+What the stage allocates is what torch's code allocates: each receive buffer is made by `_RecvInfo.allocate_buffer`
+(`_make_tensor_from_meta`, an empty tensor of the metadata's shape) just before its receive (`get_fwd_recv_ops`,
+`get_bwd_recv_ops`) and becomes the micro-batch's input (a leaf that requires grad) or its output's gradient;
+`_ForwardChunkState` keeps each micro-batch's inputs, and its outputs until their send completes (the last stage's
+until backward; a fake tensor's as a real one's, `_releasable_as_on_a_gpu`), the autograd graph keeps what the
+layers save, and `backward_one_chunk` keeps the input gradients in `bwd_cache` until `get_bwd_send_ops` sends
+them; the last stage's losses (the schedule's `_internal_losses`) keep their graphs, and with them each micro-batch's
+received input, until the step ends. The fake backend's sends and receives are no-ops, so the received tensors'
+contents are undefined, which fake tensors do not have anyway.
+
+Interleaved 1F1B runs through `_PipelineScheduleRuntime`, which posts receives as early as the other ranks' sends
+allow and waits for sends later than Schedule1F1B; the estimator does not follow those buffers' lifetimes yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from memtui.engine.estimator.layout import pipeline_rank_stages, pipeline_refusal, pipeline_stage_layers
+from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.trace.fake_step import STEPS, StepExtras, optimizer_state_tensors, quiet_libraries, watch_model
+from memtui.engine.trace.tracker import MemoryLog, MemoryTracker, classify
+
+__all__ = ["RankTrace", "pipeline_lines", "pipeline_refusal", "trace_pipeline"]
+
+
+@dataclass
+class RankTrace:
+    rank: int
+    stages: list[int]
+    layers: int
+    embedding: bool
+    head: bool
+    log: MemoryLog
+    extras: StepExtras
+
+
+class _Stage(torch.nn.Module):
+    """One pipeline stage of a transformers causal LM: token ids or hidden states in, hidden states or logits out.
+    The forward runs under the step's autocast, as the whole model's forward does on one GPU."""
+
+    def __init__(self, causal, *, first: bool, last: bool, autocast) -> None:
+        super().__init__()
+        self.model = causal.model
+        self.lm_head = causal.lm_head if last else None
+        self.first = first
+        self._autocast = autocast
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            given = {"input_ids": inputs} if self.first else {"inputs_embeds": inputs}
+            hidden = self.model(**given, use_cache=False).last_hidden_state
+            return self.lm_head(hidden) if self.lm_head is not None else hidden
+
+
+def _stage_module(spec: ModelSpec, config: TrainingConfig, *, layers: int, first: bool, last: bool, autocast):
+    """The stage built on its own (its layers only), the embedding, norm and head removed where it has none."""
+    from memtui.engine.torchside.build import build_model
+    from memtui.engine.trace.generic import at_depth
+
+    causal = build_model(at_depth(spec, layers), config, device="cpu", quant_backend="replica")
+    if not first:
+        causal.model.embed_tokens = None  # the stage gets the hidden states (inputs_embeds) from the one before
+    if not last:
+        causal.model.norm = torch.nn.Identity()  # the final norm belongs to the last stage
+    return causal, _Stage(causal, first=first, last=last, autocast=autocast)
+
+
+def _marked(tracker: MemoryTracker, method, phase: str):
+    def run(*args, **kwargs):
+        tracker.mark(phase)
+        return method(*args, **kwargs)
+    return run
+
+
+def _releasable_as_on_a_gpu(stage):
+    """PipelineStage releases a stage's output once its send completes when the output is a plain torch.Tensor
+    (`_output_slot_is_releasable`: backward then starts from its gradient edge); a FakeTensor is not one, so under
+    FakeTensorMode every output would be kept until its backward. The trace answers as for the real tensor."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    original = stage._output_slot_is_releasable
+
+    def releasable(output):
+        if type(output) is FakeTensor and not stage.is_last and stage.dw_builder is None:
+            return True, ""
+        return original(output)
+
+    return releasable
+
+
+def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> RankTrace:
+    """Rank `rank` of a fake process group of pp ranks: its stages, two schedule steps and optimizer steps."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from memtui.engine.torchside.build import build_optimizer, compute_dtype
+    from memtui.engine.trace.cuda_autocast import cuda_autocast_policy, cuda_like_autocast
+    from memtui.engine.trace.cuda_dropout import cuda_dropout
+    from memtui.engine.trace.cuda_sdpa import cuda_sdpa
+    from memtui.engine.trace.hf_patches import real_run_decisions
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised in this process; the trace needs its own")
+    total = config.pp * config.virtual_stages
+    split = pipeline_stage_layers(spec.num_layers, total)
+    indices = pipeline_rank_stages(config)[rank]
+    dtype = compute_dtype(config)
+    hidden_dtype = torch.float32 if config.weight_bytes == 4 else dtype  # the residual stream: the weights' dtype
+    logits_dtype = dtype if config.autocast or config.weight_bytes == 2 else torch.float32
+    micro, seq = config.microbatch_size, config.seq_len
+
+    def autocast():
+        return cuda_like_autocast(dtype) if config.autocast else contextlib.nullcontext()
+
+    dist.init_process_group("fake", rank=rank, world_size=config.pp, store=FakeStore())
+    extras = StepExtras()
+    tracker = MemoryTracker()
+    gradients: set[int] = set()
+    try:
+        with quiet_libraries(), FakeTensorMode(allow_non_fake_inputs=True):
+            causals, stages, weight_ids = [], [], set()
+            for index in indices:
+                first, last = index == 0, index == total - 1
+                causal, module = _stage_module(spec, config, layers=split[index], first=first, last=last,
+                                               autocast=autocast)
+                if last:
+                    causal.lm_head.register_forward_hook(lambda *_: tracker.mark("loss"))
+                weight_ids |= watch_model(tracker, module, gradients)
+                inputs = (torch.randint(0, spec.vocab_size, (micro, seq)) if first
+                          else torch.empty(micro, seq, spec.hidden_size, dtype=hidden_dtype, requires_grad=True))
+                outputs = torch.empty(micro, seq, spec.vocab_size if last else spec.hidden_size,
+                                      dtype=logits_dtype if last else hidden_dtype, requires_grad=True)
+                stage = PipelineStage(module, index, total, torch.device("cpu"), input_args=inputs,
+                                      output_args=outputs)
+                stage._output_slot_is_releasable = _releasable_as_on_a_gpu(stage)
+                # Phases for the tracker's categories: receives and compute of a forward, of a backward.
+                for name, phase in (("get_fwd_recv_ops", "forward"), ("forward_one_chunk", "forward"),
+                                    ("get_bwd_recv_ops", "backward"), ("backward_one_chunk", "backward")):
+                    setattr(stage, name, _marked(tracker, getattr(stage, name), phase))
+                causals.append(causal)
+                stages.append(stage)
+                del inputs, outputs
+            extras.params = sum(p.numel() for stage in stages for p in stage.submod.parameters())
+            extras.trainable_params = sum(p.numel() for stage in stages for p in stage.submod.parameters()
+                                          if p.requires_grad)
+            # torchtitan keeps one optimizer per model part and steps them in turn.
+            optimizers = [build_optimizer(stage.submod, config, device_type="cuda") for stage in stages]
+            for optimizer in optimizers:
+                for state in optimizer_state_tensors(optimizer)[0]:
+                    tracker.track(state, "optimizer_state")
+            last_causal = causals[-1]
+
+            def loss_fn(logits, labels):
+                tracker.mark("loss")
+                with autocast():
+                    return last_causal.loss_function(logits=logits, labels=labels, vocab_size=spec.vocab_size)
+
+            schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}.get(config.pp_schedule)
+            schedule = (schedule_class(stages[0], config.microbatches, loss_fn=loss_fn) if schedule_class
+                        else ScheduleInterleaved1F1B(stages, config.microbatches, loss_fn=loss_fn))
+            has_first, has_last = any(s.is_first for s in stages), any(s.is_last for s in stages)
+
+            tracker.mark("inputs")
+            attention = cuda_sdpa() if config.attention == "flash" else contextlib.nullcontext()
+            policy = cuda_autocast_policy() if config.autocast else contextlib.nullcontext()
+            with attention, policy, cuda_dropout(), real_run_decisions(), tracker:
+                ids = torch.randint(0, spec.vocab_size, (config.batch_size, seq)) if has_first else None
+                labels = (ids if ids is not None else torch.randint(0, spec.vocab_size, (config.batch_size, seq))
+                          ) if has_last else None
+                for step in range(1, STEPS + 1):
+                    tracker.step = step
+                    report(f"rank {rank}: step {step} of {STEPS}", (rank + (step - 1) / STEPS) / config.pp)
+                    losses: list | None = [] if has_last else None
+                    schedule.step(*((ids,) if has_first else ()), target=labels, losses=losses, return_outputs=False)
+                    del losses
+                    tracker.mark("optimizer")
+                    for optimizer in optimizers:
+                        optimizer.step()
+                    for optimizer in optimizers:
+                        optimizer.zero_grad(set_to_none=True)
+                    tracker.mark("end")
+            device_states, host_states = [], []
+            for optimizer in optimizers:
+                device, host = optimizer_state_tensors(optimizer)
+                device_states += device
+                host_states += host
+            classify(tracker.log, weights=weight_ids, gradients=gradients,
+                     optimizer={tracker.alloc_id_of(t) for t in device_states} - {None},
+                     host={tracker.alloc_id_of(t) for t in host_states} - {None})
+            tracker.detach_finalizers()
+            del ids, labels, schedule, stages, causals, optimizers
+    finally:
+        dist.destroy_process_group()
+    return RankTrace(rank=rank, stages=indices, layers=sum(split[index] for index in indices),
+                     embedding=0 in indices, head=total - 1 in indices, log=tracker.log, extras=extras)
+
+
+def trace_pipeline(spec: ModelSpec, config: TrainingConfig, report=None) -> list[RankTrace]:
+    """Every pipeline rank's two steps, one rank after the other."""
+    report = report or (lambda _stage, _fraction: None)
+    return [_trace_rank(spec, config, rank, report) for rank in range(config.pp)]
+
+
+def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
+    """What the trace ran, for `traced`."""
+    schedule = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
+                "interleaved-1f1b": "ScheduleInterleaved1F1B (two stages per rank: r and r + pp)"}[config.pp_schedule]
+    split = pipeline_stage_layers(spec.num_layers, config.pp * config.virtual_stages)
+    return [f"pipeline parallel (traced): torch.distributed.pipelining PipelineStage and {schedule} at pp "
+            f"{config.pp}, every rank of a fake process group in turn; {config.microbatches} micro-batches of "
+            f"{config.microbatch_size} sequences; decoder layers per stage {split}, the embedding on the first stage, "
+            "the final norm, head and loss (per micro-batch) on the last"]

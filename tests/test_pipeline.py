@@ -1,0 +1,153 @@
+"""Pipeline parallelism (issue 13): every rank of torch.distributed.pipelining's schedules traced on the fake process
+group, and the estimator's per-rank budgets held to those traces."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from memtui.cli import main
+from memtui.engine.estimator import estimate
+from memtui.engine.estimator.layout import pipeline_refusal, pipeline_stage_layers
+from memtui.engine.estimator.overhead import cublas_workspace_bytes
+from memtui.engine.estimator.pipeline import rank_actions
+from memtui.engine.model.architectures import model_spec_from_config
+from memtui.engine.model.presets import resolve_gpu, resolve_model
+from memtui.engine.model.specs import TrainingConfig
+
+
+def small_llama(layers: int = 4):
+    """Llama-3 shrunk (untied, a 2048 vocabulary, width 256): the pipeline's code paths in seconds per rank."""
+    config = copy.deepcopy(resolve_model("llama-3.2-1b").hf_config())
+    config.update(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                  num_hidden_layers=layers, vocab_size=2048, tie_word_embeddings=False)
+    return model_spec_from_config(config, model_id="small-llama", source="test")
+
+
+SPEC = small_llama()
+
+
+def pipeline(schedule: str, pp: int = 2, microbatches: int = 4) -> TrainingConfig:
+    return TrainingConfig(model="llama-3.2-1b", batch_size=4, seq_len=128, gpus=pp, pp=pp, pp_schedule=schedule,
+                          microbatches=microbatches)
+
+
+def in_flight(actions) -> int:
+    """The most micro-batches a rank holds between their forward and backward."""
+    held = most = 0
+    for kind, _stage, _microbatch in actions:
+        held += 1 if kind == "F" else -1
+        most = max(most, held)
+    return most
+
+
+def test_schedules_order_forwards_and_backwards_as_torch_does():
+    gpipe = rank_actions(pipeline("gpipe", pp=4, microbatches=8), 0)
+    assert [kind for kind, _s, _m in gpipe] == ["F"] * 8 + ["B"] * 8
+    # Schedule1F1B: rank r warms up with pp - r forwards, so the first stage holds the most micro-batches.
+    assert [in_flight(rank_actions(pipeline("1f1b", pp=4, microbatches=8), rank)) for rank in range(4)] == [4, 3, 2, 1]
+    one_f_one_b = rank_actions(pipeline("1f1b", pp=4, microbatches=8), 1)
+    assert [kind for kind, _s, _m in one_f_one_b][:6] == ["F", "F", "F", "B", "F", "B"]
+    # Interleaved: rank r runs stages r and r + pp, each micro-batch forward and backward once on each.
+    interleaved = rank_actions(pipeline("interleaved-1f1b", pp=2, microbatches=4), 1)
+    assert sorted(interleaved) == sorted((kind, stage, mb) for kind in "FB" for stage in (1, 3) for mb in range(4))
+    assert pipeline_stage_layers(10, 4) == [3, 3, 2, 2]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_every_rank_is_traced_and_the_estimate_is_exact_per_rank(schedule):
+    """The trace runs PipelineStage and the schedule on every rank of the fake process group; the estimator's
+    per-rank budgets (micro-batches in flight, received inputs and output gradients, the last stage's logits and
+    inputs kept by its losses) are within 0.5% of each rank's traced tensor peak (measured: within 0.02%)."""
+    import torch.distributed as dist
+
+    from memtui.engine.trace import trace
+
+    config = pipeline(schedule)
+    traced = trace(config, model=SPEC)
+    assert not dist.is_initialized()
+    assert any(line.startswith("pipeline parallel (traced)") for line in traced.traced), traced.traced
+    assert not any("pipeline" in line for line in traced.modelled), traced.modelled
+    estimated = estimate(config, model=SPEC)
+    workspace = cublas_workspace_bytes(resolve_gpu(config.gpu))
+    assert [stage.rank for stage in traced.budget.stages] == [0, 1] == [stage.rank for stage in estimated.stages]
+    first, last = traced.budget.stages
+    assert (first.embedding, first.head, last.embedding, last.head) == (True, False, False, True)
+    for traced_rank, estimated_rank in zip(traced.budget.stages, estimated.stages):
+        assert estimated_rank.tensor_peak_bytes - workspace == pytest.approx(
+            traced_rank.tensor_peak_bytes - workspace, rel=0.005), (schedule, traced_rank.rank)
+    # The budget is the rank with the largest peak, in both.
+    assert traced.budget.tensor_peak_bytes == max(stage.tensor_peak_bytes for stage in traced.budget.stages)
+    assert estimated.tensor_peak_bytes == max(stage.tensor_peak_bytes for stage in estimated.stages)
+
+
+def test_gpipe_holds_every_micro_batch_and_1f1b_at_most_one_per_stage():
+    """Estimated at full size: GPipe's first rank holds all eight micro-batches' activations, 1F1B's at most four
+    (pp), its last rank one."""
+    def activations(schedule: str) -> list[int]:
+        config = TrainingConfig(model="llama-3.2-1b", batch_size=8, microbatches=8, seq_len=1024, gpus=4, pp=4,
+                                pp_schedule=schedule)
+        return [stage.per_gpu.activations for stage in estimate(config).stages]
+
+    gpipe, one_f_one_b = activations("gpipe"), activations("1f1b")
+    assert gpipe[1] > 1.8 * one_f_one_b[1]
+    assert one_f_one_b[0] > one_f_one_b[1] > one_f_one_b[2]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pp", "2", "--gpus", "2", "--batch-size", "4", "--microbatches", "3"],
+     "memtui: error: --microbatches: 3 does not divide --batch-size 4 into equal micro-batches (allowed: 1, 2, 4)"),
+    (["--pp", "4", "--gpus", "4"], "memtui: error: --microbatches: 1F1B needs at least one micro-batch per stage"),
+    (["--pp", "2", "--gpus", "2", "--batch-size", "3", "--microbatches", "3", "--pp-schedule", "interleaved-1f1b"],
+     "memtui: error: --microbatches: interleaved 1F1B runs the micro-batches in rounds of --pp 2"),
+    (["--pp", "16", "--gpus", "16", "--batch-size", "16", "--microbatches", "16", "--pp-schedule", "interleaved-1f1b"],
+     "memtui: error: --pp-schedule: interleaved 1F1B puts two stages on each rank: 32 stages for 16 layers"),
+])
+def test_schedules_refuse_what_torch_refuses_in_one_line(capsys, argv, message):
+    code = main(["estimate", "--model", "llama-3.2-1b", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(message), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_estimate_json_has_every_ranks_budget(capsys):
+    code = main(["estimate", "--model", "llama-3.2-1b", "--gpus", "4", "--pp", "4", "--batch-size", "4",
+                 "--microbatches", "4", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [stage["rank"] for stage in data["stages"]] == [0, 1, 2, 3]
+    assert data["tensor_peak_bytes"] == max(stage["tensor_peak_bytes"] for stage in data["stages"])
+    assert sum(stage["layers"] for stage in data["stages"]) == 16
+
+
+def test_pipeline_with_other_parallelism_is_modelled_and_says_why():
+    spec = resolve_model("llama-3.1-8b")
+    assert pipeline_refusal(pipeline("1f1b"), SPEC) is None
+    combined = TrainingConfig(model="llama-3.1-8b", gpus=8, pp=2, tp=2, batch_size=2, microbatches=2)
+    assert "not traced" in pipeline_refusal(combined, spec)
+
+
+def test_torchtitan_pipeline_settings_are_read(tmp_path, capsys):
+    """--from a torchtitan TOML: the schedule by torch's class name, the local batch in micro-batches of
+    pipeline_parallel_microbatch_size sequences."""
+    path = tmp_path / "train.toml"
+    path.write_text('[model]\nname = "llama3"\nflavor = "8B"\n[training]\nlocal_batch_size = 8\nseq_len = 1024\n'
+                    '[parallelism]\npipeline_parallel_degree = 4\ndata_parallel_shard_degree = 1\n'
+                    'pipeline_parallel_schedule = "Interleaved1F1B"\npipeline_parallel_microbatch_size = 2\n')
+    code = main(["estimate", "--from", str(path), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (data["config"]["pp_schedule"], data["config"]["microbatches"], len(data["stages"])) == (
+        "interleaved-1f1b", 4, 4)
+
+
+def test_largest_batch_under_pipeline_parallelism_is_a_multiple_of_the_micro_batches():
+    from memtui.engine.planning.fit import max_batch_size
+
+    config = TrainingConfig(model="llama-3.2-1b", gpus=4, pp=4, batch_size=4, microbatches=4, seq_len=1024)
+    result = max_batch_size(config)
+    assert result.batch_size >= 4 and result.batch_size % 4 == 0, result.message
+    assert estimate(config.model_copy(update={"batch_size": result.batch_size})).fits
