@@ -386,7 +386,7 @@ _EXPLAINERS = [
     ),
     Explainer(
         "compile", "torch.compile",
-        "Each decoder layer compiled: the partitioner decides what is saved.",
+        "torch.compile of each decoder layer.",
         "torch.compile of each decoder layer, as torchtune (compile: True) and torchtitan (training.compile) "
         "do. AOTAutograd traces the layer's forward and backward as one graph and inductor's min-cut partitioner "
         "splits it: matmul and attention outputs are kept for backward, cheap pointwise work (norms, RoPE, "
