@@ -410,18 +410,17 @@ def estimate(
     if model.family == "generic":  # a model_type not replayed by hand: its traced program, from the cache
         return generic_estimate(config, model, gpu)
     notes = check_config(config, model, gpu)
-    requested = config
     if config.pp > 1:
-        return _pipeline_budget(requested, config, model, gpu, notes)
+        return _pipeline_budget(config, model, gpu, notes)
     layout = _layout(config, model)
     on_gpu, one_state_group = _states_on_gpu(config, model, layout)
     workspace = cublas_workspace_bytes(gpu)
     moments = _step_moments(config, model, layout, on_gpu, one_state_group, workspace)
-    return _budget(requested, config, model, gpu, layout, on_gpu, moments, workspace, notes)
+    return _budget(config, model, gpu, layout, on_gpu, moments, workspace, notes)
 
 
-def _budget(requested: TrainingConfig, config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: ParamLayout,
-            on_gpu: _StatesOnGpu, moments: list[StepMoment], workspace: int, notes: list[str]) -> Budget:
+def _budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: ParamLayout, on_gpu: _StatesOnGpu,
+            moments: list[StepMoment], workspace: int, notes: list[str]) -> Budget:
     """The Budget of a step's moments: the largest is the peak."""
     optimizer_states = on_gpu.states.optimizer_states
     peak = max(moments, key=lambda moment: moment.total(optimizer_states))  # the first of equals, as the step meets it
@@ -447,8 +446,7 @@ def _budget(requested: TrainingConfig, config: TrainingConfig, model: ModelSpec,
     )
 
 
-def _pipeline_budget(requested: TrainingConfig, config: TrainingConfig, model: ModelSpec, gpu: GpuSpec,
-                     notes: list[str]) -> Budget:
+def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, notes: list[str]) -> Budget:
     """--pp: every pipeline rank's step through its schedule (memtui.engine.estimator.pipeline), each a budget of
     its own in `stages`; the budget is the rank with the largest tensor peak (every GPU needs that much)."""
     workspace = cublas_workspace_bytes(gpu)
@@ -471,7 +469,7 @@ def _pipeline_budget(requested: TrainingConfig, config: TrainingConfig, model: M
                                                                        stage_state_group))
         moments.append(StepMoment("optimizer", on_gpu.resting_weights, on_gpu.states.gradients, 0,
                                   temporaries + on_gpu.ddp_buckets + workspace))
-        budget = _budget(requested, config, model, gpu, layout, on_gpu, moments, workspace, notes)
+        budget = _budget(config, model, gpu, layout, on_gpu, moments, workspace, notes)
         budgets.append((budget, StageBudget(rank=rank, stages=[role[0] for role in roles], layers=layers,
                                             embedding=any(role[2] for role in roles),
                                             head=any(role[3] for role in roles),

@@ -92,25 +92,25 @@ class MemoryTracker(TorchDispatchMode):
         self.log.phase_marks.append((len(self.log.events), self.step, phase))
 
     # ---- allocations ----------------------------------------------------------
-    @contextlib.contextmanager
-    def unified_memory(self) -> Iterator[None]:
+    def unified_memory(self) -> contextlib.AbstractContextManager[None]:
         """Storages made inside are CUDA unified memory (cudaMallocManaged: bitsandbytes' paged optimizer
         states), which the caching allocator never sees: counted in `log.unified_bytes`, never as events."""
-        previous, self._making_unified = self._making_unified, True
-        try:
-            yield
-        finally:
-            self._making_unified = previous
+        return self._flag_inside("_making_unified")
 
-    @contextlib.contextmanager
-    def host_memory(self) -> Iterator[None]:
+    def host_memory(self) -> contextlib.AbstractContextManager[None]:
         """Storages made inside are host memory (activation offloading's pinned copies), not the device's:
         counted in `log.host_peak_bytes`, never as events."""
-        previous, self._making_host = self._making_host, True
+        return self._flag_inside("_making_host")
+
+    @contextlib.contextmanager
+    def _flag_inside(self, attribute: str) -> Iterator[None]:
+        """`attribute` True inside the block, back to what it was after (the blocks nest)."""
+        previous = getattr(self, attribute)
+        setattr(self, attribute, True)
         try:
             yield
         finally:
-            self._making_host = previous
+            setattr(self, attribute, previous)
 
     @contextlib.contextmanager
     def untracked(self) -> Iterator[None]:

@@ -254,6 +254,8 @@ def gelu_tanh(sim: Sim, x: Tensor) -> Tensor:
 
 
 def sigmoid(sim: Sim, x: Tensor) -> Tensor:
+    """x.sigmoid() (gpt-oss's clamped SwiGLU, DeepSeek-V3's router): saves its output; the backward makes one
+    gradient of the input's size."""
     out = sim.new(x.elems, x.dtype, name="sigmoid")
     sim.record("sigmoid", out, [x], [out], _unary_saved_input_backward("sigmoid_backward"))
     return out
@@ -641,14 +643,7 @@ def reduce_scatter_tokens(sim: Sim, x: Tensor, ranks: int) -> Tensor:
     return out
 
 
-# ---- DeepSeek-V3's router -----------------------------------------------------------------------------
-def sigmoid(sim: Sim, x: Tensor) -> Tensor:
-    """x.sigmoid(): saves its output; the backward makes one gradient of the input's size."""
-    out = sim.new(x.elems, x.dtype, name="sigmoid")
-    sim.record("sigmoid", out, [x], [out], _unary_saved_input_backward("sigmoid_backward"))
-    return out
-
-
+# ---- DeepSeek-V3's router (its sigmoid is the one above) ------------------------------------------------
 def _gather_columns_backward(sim: Sim, node, grad):
     """GatherBackward: new_zeros of the source's size, scatter_add into a second one."""
     source = node.inputs[0]
