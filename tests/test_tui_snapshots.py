@@ -6,8 +6,9 @@ from __future__ import annotations
 from memtui.tui.app import MemtuiApp
 
 
-def make_app() -> MemtuiApp:
-    return MemtuiApp(gpu_detector=None)  # never this machine's GPU: the picture must not depend on it
+def make_app(**options) -> MemtuiApp:
+    # Never this machine's GPU: the picture must not depend on it.
+    return MemtuiApp(gpu_detector=None, options=options or None)
 
 
 async def inputs_ready(pilot) -> None:
@@ -69,3 +70,9 @@ def test_main_screen_80x24(snap_compare):
 def test_workshop_story_120x40(snap_compare):
     """70B with QLoRA on a 24 GB card: the ladder from 16 to 0.6 bytes/param, still over the line."""
     assert snap_compare(make_app(), terminal_size=(120, 40), run_before=qlora_70b_on_a_4090)
+
+
+def test_pipeline_stages_120x40(snap_compare):
+    """PP 4, interleaved 1F1B: every rank's budget under the component table, the binding one marked."""
+    app = make_app(gpus=4, pp=4, pp_schedule="interleaved-1f1b", batch_size=8, microbatches=8)
+    assert snap_compare(app, terminal_size=(120, 40), run_before=inputs_ready)

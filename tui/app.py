@@ -42,6 +42,7 @@ from memtui.tui.widgets.budget import (WIDE_FROM, BudgetScroll, ComponentTable, 
 from memtui.tui.widgets.ladder_view import LadderView, step_explainer_key
 from memtui.tui.widgets.memory_bar import MemoryBar
 from memtui.tui.widgets.options_panel import OptionsPanel
+from memtui.tui.widgets.stages import StageTable
 from memtui.tui.widgets.text import Text
 
 QUIT_KEYS = ("ctrl+c", "ctrl+q")  # work even before the inputs exist
@@ -193,6 +194,7 @@ class MemtuiApp(App[None]):
                         with Horizontal(id="details"):
                             yield ComponentTable(id="components")
                             yield TimelineChart(id="timeline")
+                        yield StageTable(id="stages")  # --pp only
                         yield LadderView(id="ladder")
                         yield Text("", id="notes")
                 yield LivePanel(id="live-panel")
@@ -463,6 +465,7 @@ class MemtuiApp(App[None]):
         table.result = result
         table.pinned = planner.pinned
         self.query_one(TimelineChart).budget = result.budget
+        self.query_one(StageTable).show(result.budget)
         self._show_ladder(result, changed_key)
         self.query_one(PinSummary).show(result, planner.pinned)
         notes = self.query_one("#notes", Text)
