@@ -32,6 +32,15 @@ CASES = {
          "--grad-accum", "8", "--loss", "fused-linear", "--lora-dtype", "compute"],
         [],
     ),
+    # apply_lora_to_output: an adapter on the head; LinearCrossEntropyLoss through it is the chunked loss.
+    "torchtune_mistral_7b_lora_output.yaml": (
+        "torchtune",
+        ["--model", "mistral-7b", "--lora-rank", "64", "--lora-targets",
+         "q_proj,v_proj,o_proj,gate_proj,down_proj,up_proj,lm_head", "--batch-size", "4", "--precision", "bf16-true",
+         "--checkpointing", "full", "--optimizer", "adamw", "--optimizer-impl", "fused", "--seq-len", "1024",
+         "--grad-accum", "8", "--loss", "chunked", "--loss-chunks", "8", "--lora-dtype", "compute"],
+        [],
+    ),
     "axolotl_llama3_2_1b_qlora.yaml": (
         "axolotl",
         ["--model", "llama-3.2-1b", "--batch-size", "2", "--seq-len", "2048", "--precision", "bf16-true",
@@ -125,6 +134,9 @@ def test_a_gpus_note_is_dropped_once_gpus_is_typed(capsys):
     ("bad.yaml", "checkpoint_dir: checkpoints/meta-llama/Llama-3.2-1B\nprecision: bf17\ntrain:\n  micro_batch_size: 1\n",
      "precision", "'bf17' is not a value memtui can model"),
     ("bad.json", '{"per_device_train_batch_size": 1, "bf16": true, "fp16": true}', "fp16", "both on"),
+    # torchtune's llama3_2 builders raise on it: the output projection is the tied embedding.
+    ("bad.yaml", "model:\n  _component_: torchtune.models.llama3_2.lora_llama3_2_1b\n  lora_attn_modules: [q_proj]\n"
+     "  apply_lora_to_output: true\n", "model.apply_lora_to_output", "tied to its embeddings"),
 ])
 def test_a_bad_value_is_one_line_naming_the_file_and_key(tmp_path, capsys, name, text, key, reason):
     path = tmp_path / name

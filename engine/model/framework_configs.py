@@ -24,9 +24,10 @@ from pydantic import ValidationError
 from memtui.engine.errors import InputError
 from memtui.engine.model.architectures import _read_config_text, read_json_file
 from memtui.engine.model.hub import is_hub_id
-from memtui.engine.model.presets import models
+from memtui.engine.model.presets import models, resolve_model
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.model.stacks import STACKS  # each framework's defaults, for the keys a file leaves out
+from memtui.engine.model.validation import HEAD_TARGET
 
 FORMATS = ("hf", "torchtune", "litgpt", "torchtitan", "axolotl")
 FORMAT_NAMES = {
@@ -459,6 +460,15 @@ def _torch_optimizer(reader: _Reader, key: str) -> None:
             reader.set(f"{args}.foreach", "optimizer_impl", "for-loop")
 
 
+def _torchtune_output_adapter(reader: _Reader, builder: str) -> None:
+    """torchtune's builders refuse apply_lora_to_output where the output projection is the embedding's
+    (torchtune/models/llama3_2/_component_builders.py:261, qwen2/_component_builders.py:281: ValueError)."""
+    model = reader.options.get("model")
+    if model is not None and resolve_model(model).tie_word_embeddings:
+        raise reader.error("model.apply_lora_to_output", f"torchtune's {builder} refuses it: {model}'s output "
+                           "projection is tied to its embeddings", "false")
+
+
 def _torchtune(reader: _Reader, _folder: Path) -> None:
     # torchtune/recipes/lora_finetune_single_device.py and full_finetune_*.py read these keys.
     component = reader.text("model._component_") or ""
@@ -478,7 +488,9 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
         targets = [_TORCHTUNE_LAYERS[name] for name in modules]
         if reader.bool("model.apply_lora_to_mlp"):
             targets += ["gate_proj", "down_proj", "up_proj"]  # torchtune's w1, w2, w3
-        reader.ignore("model.apply_lora_to_output", "LoRA on the output head is not modelled")
+        if reader.bool("model.apply_lora_to_output"):
+            _torchtune_output_adapter(reader, builder)
+            targets.append(HEAD_TARGET)  # the output projection becomes a LoRALinear: memtui's lm_head target
         if targets:
             reader.set("model.lora_attn_modules", "lora_targets", ",".join(targets))
         reader.set("model.lora_dropout", "lora_dropout", reader.number("model.lora_dropout"))  # builders: 0.0
@@ -518,6 +530,14 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
         reader.set("loss._component_", "loss", "chunked")
         reader.set("loss.num_output_chunks", "loss_chunks",
                    reader.int("loss.num_output_chunks") or STACKS["torchtune"].value("loss_chunks"))
+    elif "linearcrossentropy" in loss and HEAD_TARGET in reader.options.get("lora_targets", "").split(","):
+        # The loss projects each chunk through the model's output, here a LoRALinear; memtui's fused-linear loss
+        # takes the head's weight alone, so the chunked loss (the --stack torchtune modelling) stands in.
+        reader.set("loss._component_", "loss", "chunked")
+        reader.set("loss.num_output_chunks", "loss_chunks",
+                   reader.int("loss.num_output_chunks") or STACKS["torchtune"].value("loss_chunks"))
+        reader.note("loss._component_: LinearCrossEntropyLoss through the LoRA output projection is modelled as "
+                    "--loss chunked, which keeps every chunk's compute-dtype logits (torchtune keeps one at a time)")
     elif "linearcrossentropy" in loss:
         _map_fused_loss(reader, "loss._component_", chosen=True)
 
@@ -550,7 +570,7 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
         reader.set("lora_r", "lora_rank", reader.int("lora_r"))
         targets = [name for key, names in _LITGPT_LORA.items() if reader.bool(key) for name in names]
         if reader.bool("lora_head"):
-            targets.append("lm_head")  # litgpt/lora.py: lm_head becomes a LoRALinear (memtui's lm_head target)
+            targets.append(HEAD_TARGET)  # litgpt/lora.py: lm_head becomes a LoRALinear (memtui's lm_head target)
         if targets:
             reader.set("lora_query", "lora_targets", ",".join(targets))
         # litgpt/finetune/lora.py setup(): lora_dropout=0.05; litgpt/lora.py keeps adapters in the model's dtype.
