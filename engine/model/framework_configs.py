@@ -26,7 +26,8 @@ from memtui.engine.model.architectures import _read_config_text, read_json_file
 from memtui.engine.model.hub import is_hub_id
 from memtui.engine.model.presets import models, resolve_model
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.stacks import STACKS  # each framework's defaults, for the keys a file leaves out
+# Each framework's defaults, for the keys a file leaves out and for what its code does with the keys given.
+from memtui.engine.model.stacks import STACKS, framework_values
 from memtui.engine.model.validation import HEAD_TARGET
 
 FORMATS = ("hf", "torchtune", "litgpt", "torchtitan", "axolotl")
@@ -140,6 +141,16 @@ class _Reader:
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+
+def _framework_values(reader: _Reader, stack_id: str, key: str, *fields: str) -> None:
+    """What the framework's code does with what `key` says (not a key of its own), from its stack's table,
+    mapped from `key`, with the table's approximation note."""
+    values, notes = framework_values(stack_id, reader.options, fields)
+    for field_name, value in values.items():
+        reader.set(key, field_name, value)
+    for note in notes:
+        reader.note(f"{key}: {note}")
 
 
 def _or_default(value: Any, default: Any) -> Any:
@@ -409,9 +420,14 @@ def _hugging_face(reader: _Reader, folder: Path) -> None:
     elif reader.bool("load_in_8bit"):
         reader.set("load_in_8bit", "quant", "int8")
     if reader.options.get("quant") and reader.bool("use_peft"):
-        # trl/trainer/sft_trainer.py: a model loaded in 4 or 8 bits goes through peft's
-        # prepare_model_for_kbit_training (use_gradient_checkpointing=args.gradient_checkpointing).
-        reader.set("load_in_4bit" if reader.bool("load_in_4bit") else "load_in_8bit", "kbit_prep", True)
+        # trl/trainer/sft_trainer.py since huggingface/trl#4577 (TRL 0.26.0): no prepare_model_for_kbit_training;
+        # a quantized model's trainable parameters (the adapters) are cast to bfloat16. The TRL stack's table.
+        _framework_values(reader, "trl", "load_in_4bit" if reader.bool("load_in_4bit") else "load_in_8bit",
+                          "lora_dtype", "kbit_prep")
+    elif reader.bool("use_peft") and reader.has("deepspeed") and reader.options.get("zero") == 3:
+        # trl/trainer/sft_trainer.py:1089-1096 (huggingface/trl#6091): under DeepSpeed ZeRO-3 an unquantized
+        # model's adapters stay in its dtype (get_peft_model(..., autocast_adapter_dtype=False)).
+        reader.set("deepspeed", "lora_dtype", "compute")
     _set_model(reader, "model_name_or_path", reader.text("model_name_or_path"))
     # transformers/training_args.py: gradient_accumulation_steps; use_liger_kernel patches the model's loss with
     # Liger's LigerFusedLinearCrossEntropy.
@@ -766,9 +782,9 @@ def _axolotl(reader: _Reader, folder: Path) -> None:
     elif reader.bool("load_in_8bit"):
         reader.set("load_in_8bit", "quant", "int8")
     if adapter and reader.options.get("quant"):
-        # loaders/model.py: a LoRA/QLoRA adapter on a 4/8-bit base goes through peft's
-        # prepare_model_for_kbit_training (use_gradient_checkpointing=cfg.gradient_checkpointing).
-        reader.set("adapter", "kbit_prep", True)
+        # loaders/model.py: peft's prepare_model_for_kbit_training, then the norms, embeddings and head cast back
+        # to the load dtype (_configure_embedding_dtypes). The Axolotl stack's table.
+        _framework_values(reader, "axolotl", "adapter", "kbit_prep")
     if reader.has("optimizer"):
         _map_hf_optimizer(reader, "optimizer")  # the Trainer's optim names, passed through
     _map_deepspeed(reader, "deepspeed", folder)
