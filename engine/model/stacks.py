@@ -172,8 +172,7 @@ _STACKS = (
                     when=("lora", "quant"), needs=("no-fp16-autocast",)),
             Default("kbit_prep", False,
                     "trl/trainer/sft_trainer.py:1097 get_peft_model alone: SFTTrainer stopped calling peft's "
-                    "prepare_model_for_kbit_training in huggingface/trl#4577 (2025-12-04, TRL 0.26.0; before it, "
-                    "--kbit-prep)",
+                    "prepare_model_for_kbit_training in huggingface/trl#4577 (2025-12-04, TRL 0.26.0)",
                     when=("quant",)),
             Default("activation_offload", False, "trl/trainer/sft_config.py:296 activation_offloading default=False"),
             Default("optimizer_in_backward", False, "Trainer steps after backward"),
