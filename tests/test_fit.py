@@ -235,6 +235,20 @@ def test_suggest_full_fine_tuning_of_8b_on_a_48gb_card_with_more_gpus_as_the_alt
     assert alternative.config.lora_rank == 0 and alternative.config.gpus > 1 and estimate(alternative.config).fits
 
 
+def test_suggest_puts_lora_adapters_in_the_compute_dtype_where_that_fits():
+    # peft's fp32 adapters cast each adapted layer's input to fp32 and keep it for backward; bf16 adapters fit,
+    # and cost no recompute, so they come before selective checkpointing (the same cost).
+    config = TrainingConfig(model="llama-3.2-3b", gpu="rtx-4090", seq_len=3072, precision="bf16-true",
+                            lora_rank=16, lora_targets="all-linear")
+    plan = fit.suggest(config).plan
+    assert plan.flags == "--lora-dtype compute" and plan.summary == "LoRA adapters in bf16"
+    assert not plan.more_hardware
+    assert_minimal(config, plan)
+    # Autocast over fp32 weights keeps the adapters in fp32 either way: not offered there.
+    mixed = fit.suggest(config.model_copy(update={"precision": "bf16-mixed"})).plan
+    assert mixed is not None and mixed.config.lora_dtype == "fp32"
+
+
 def test_suggest_says_when_nothing_fits():
     suggestion = fit.suggest(TrainingConfig(model="llama-3.1-405b", gpu="gtx-1080-ti", seq_len=8192))
     assert not suggestion.fits and suggestion.plan is None

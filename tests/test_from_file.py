@@ -32,12 +32,21 @@ CASES = {
          "--grad-accum", "8", "--loss", "fused-linear", "--lora-dtype", "compute"],
         [],
     ),
+    # apply_lora_to_output: an adapter on the head; LinearCrossEntropyLoss through it is the chunked loss.
+    "torchtune_mistral_7b_lora_output.yaml": (
+        "torchtune",
+        ["--model", "mistral-7b", "--lora-rank", "64", "--lora-targets",
+         "q_proj,v_proj,o_proj,gate_proj,down_proj,up_proj,lm_head", "--batch-size", "4", "--precision", "bf16-true",
+         "--checkpointing", "full", "--optimizer", "adamw", "--optimizer-impl", "fused", "--seq-len", "1024",
+         "--grad-accum", "8", "--loss", "chunked", "--loss-chunks", "8", "--lora-dtype", "compute"],
+        [],
+    ),
     "axolotl_llama3_2_1b_qlora.yaml": (
         "axolotl",
         ["--model", "llama-3.2-1b", "--batch-size", "2", "--seq-len", "2048", "--precision", "bf16-true",
          "--checkpointing", "full", "--attention", "flash", "--lora-rank", "32", "--lora-targets", "all-linear",
          "--quant", "nf4", "--optimizer", "paged-adamw-8bit", "--grad-accum", "4", "--lora-dropout", "0.05",
-         "--kbit-prep"],
+         "--no-kbit-prep"],
         [],
     ),
     "litgpt_llama3_2_1b_lora.yaml": (
@@ -125,6 +134,9 @@ def test_a_gpus_note_is_dropped_once_gpus_is_typed(capsys):
     ("bad.yaml", "checkpoint_dir: checkpoints/meta-llama/Llama-3.2-1B\nprecision: bf17\ntrain:\n  micro_batch_size: 1\n",
      "precision", "'bf17' is not a value memtui can model"),
     ("bad.json", '{"per_device_train_batch_size": 1, "bf16": true, "fp16": true}', "fp16", "both on"),
+    # torchtune's llama3_2 builders raise on it: the output projection is the tied embedding.
+    ("bad.yaml", "model:\n  _component_: torchtune.models.llama3_2.lora_llama3_2_1b\n  lora_attn_modules: [q_proj]\n"
+     "  apply_lora_to_output: true\n", "model.apply_lora_to_output", "tied to its embeddings"),
 ])
 def test_a_bad_value_is_one_line_naming_the_file_and_key(tmp_path, capsys, name, text, key, reason):
     path = tmp_path / name
@@ -246,15 +258,21 @@ def test_axolotl_fsdp2_config_alone_shards(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "text", "expected"), [
-    # TRL: ModelConfig's lora_dropout defaults to 0.05; SFTTrainer runs prepare_model_for_kbit_training on a
-    # model loaded in 4 or 8 bits.
+    # TRL: ModelConfig's lora_dropout defaults to 0.05; since TRL 0.26 SFTTrainer no longer runs
+    # prepare_model_for_kbit_training and casts a quantized model's adapters to bf16.
     ("sft.json", '{"per_device_train_batch_size": 1, "use_peft": true, "load_in_4bit": true}',
-     {"quant": "nf4", "kbit_prep": True, "lora_dropout": 0.05}),
+     {"quant": "nf4", "kbit_prep": False, "lora_dtype": "compute", "lora_dropout": 0.05}),
     ("sft.json", '{"per_device_train_batch_size": 1, "use_peft": true, "lora_dropout": 0.1, "load_in_8bit": true}',
-     {"quant": "int8", "kbit_prep": True, "lora_dropout": 0.1}),
-    # Axolotl: lora_dropout 0.0 unless given; a LoRA adapter on an 8-bit base is prepared too.
+     {"quant": "int8", "kbit_prep": False, "lora_dtype": "compute", "lora_dropout": 0.1}),
+    # Under fp16 autocast memtui's compute-dtype adapters would be fp16 (refused with the GradScaler): fp32 stays.
+    ("sft.json", '{"per_device_train_batch_size": 1, "use_peft": true, "load_in_4bit": true, "fp16": true}',
+     {"quant": "nf4", "kbit_prep": False, "lora_dtype": None}),
+    # Under DeepSpeed ZeRO-3 an unquantized model's adapters stay in its dtype (autocast_adapter_dtype=False).
+    ("sft.json", '{"per_device_train_batch_size": 1, "use_peft": true, "deepspeed": "ds_zero3.json"}',
+     {"zero": 3, "lora_dtype": "compute"}),
+    # Axolotl: lora_dropout 0.0 unless given; k-bit prep on an 8-bit base, undone by its casts back to 16 bits.
     ("qlora.yaml", "base_model: meta-llama/Llama-3.2-1B\nadapter: lora\nload_in_8bit: true\n",
-     {"quant": "int8", "kbit_prep": True}),
+     {"quant": "int8", "kbit_prep": False}),
     ("lora.yaml", "base_model: meta-llama/Llama-3.2-1B\nadapter: lora\nlora_dropout: 0.1\n",
      {"lora_dropout": 0.1}),
     # LitGPT: lora_dropout 0.05 by default, adapters in the model's dtype.

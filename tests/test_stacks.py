@@ -66,6 +66,8 @@ def test_each_stack_resolves_to_its_frameworks_defaults(stack):
     (["--stack", "trl", "--lora-rank", "8", "--quant", "nf4"],
      {"lora_dropout": 0.05, "lora_dtype": "compute", "kbit_prep": False}),
     (["--stack", "axolotl", "--lora-rank", "8", "--quant", "nf4"], {"lora_dtype": "fp32", "kbit_prep": False}),
+    # TRL's bf16 adapters under fp16 autocast would be fp16 in memtui, which the GradScaler refuses: not applied.
+    (["--stack", "trl", "--lora-rank", "8", "--quant", "nf4", "--precision", "16-mixed"], {"lora_dtype": "fp32"}),
     # LitGPT refuses quantize with a mixed precision; on several GPUs it shards with each block checkpointed.
     (["--stack", "litgpt", "--lora-rank", "8", "--quant", "nf4"], {"precision": "bf16-true"}),
     (["--stack", "litgpt", "--gpus", "4"],

@@ -24,9 +24,11 @@ from pydantic import ValidationError
 from memtui.engine.errors import InputError
 from memtui.engine.model.architectures import _read_config_text, read_json_file
 from memtui.engine.model.hub import is_hub_id
-from memtui.engine.model.presets import models
+from memtui.engine.model.presets import models, resolve_model
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.stacks import STACKS  # each framework's defaults, for the keys a file leaves out
+# Each framework's defaults, for the keys a file leaves out and for what its code does with the keys given.
+from memtui.engine.model.stacks import STACKS, framework_values
+from memtui.engine.model.validation import HEAD_TARGET
 
 FORMATS = ("hf", "torchtune", "litgpt", "torchtitan", "axolotl")
 FORMAT_NAMES = {
@@ -139,6 +141,16 @@ class _Reader:
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+
+def _framework_values(reader: _Reader, stack_id: str, key: str, *fields: str) -> None:
+    """What the framework's code does with what `key` says (not a key of its own), from its stack's table,
+    mapped from `key`, with the table's approximation note."""
+    values, notes = framework_values(stack_id, reader.options, fields)
+    for field_name, value in values.items():
+        reader.set(key, field_name, value)
+    for note in notes:
+        reader.note(f"{key}: {note}")
 
 
 def _or_default(value: Any, default: Any) -> Any:
@@ -408,9 +420,14 @@ def _hugging_face(reader: _Reader, folder: Path) -> None:
     elif reader.bool("load_in_8bit"):
         reader.set("load_in_8bit", "quant", "int8")
     if reader.options.get("quant") and reader.bool("use_peft"):
-        # trl/trainer/sft_trainer.py: a model loaded in 4 or 8 bits goes through peft's
-        # prepare_model_for_kbit_training (use_gradient_checkpointing=args.gradient_checkpointing).
-        reader.set("load_in_4bit" if reader.bool("load_in_4bit") else "load_in_8bit", "kbit_prep", True)
+        # trl/trainer/sft_trainer.py since huggingface/trl#4577 (TRL 0.26.0): no prepare_model_for_kbit_training;
+        # a quantized model's trainable parameters (the adapters) are cast to bfloat16. The TRL stack's table.
+        _framework_values(reader, "trl", "load_in_4bit" if reader.bool("load_in_4bit") else "load_in_8bit",
+                          "lora_dtype", "kbit_prep")
+    elif reader.bool("use_peft") and reader.has("deepspeed") and reader.options.get("zero") == 3:
+        # trl/trainer/sft_trainer.py:1089-1096 (huggingface/trl#6091): under DeepSpeed ZeRO-3 an unquantized
+        # model's adapters stay in its dtype (get_peft_model(..., autocast_adapter_dtype=False)).
+        reader.set("deepspeed", "lora_dtype", "compute")
     _set_model(reader, "model_name_or_path", reader.text("model_name_or_path"))
     # transformers/training_args.py: gradient_accumulation_steps; use_liger_kernel patches the model's loss with
     # Liger's LigerFusedLinearCrossEntropy.
@@ -459,6 +476,15 @@ def _torch_optimizer(reader: _Reader, key: str) -> None:
             reader.set(f"{args}.foreach", "optimizer_impl", "for-loop")
 
 
+def _torchtune_output_adapter(reader: _Reader, builder: str) -> None:
+    """torchtune's builders refuse apply_lora_to_output where the output projection is the embedding's
+    (torchtune/models/llama3_2/_component_builders.py:261, qwen2/_component_builders.py:281: ValueError)."""
+    model = reader.options.get("model")
+    if model is not None and resolve_model(model).tie_word_embeddings:
+        raise reader.error("model.apply_lora_to_output", f"torchtune's {builder} refuses it: {model}'s output "
+                           "projection is tied to its embeddings", "false")
+
+
 def _torchtune(reader: _Reader, _folder: Path) -> None:
     # torchtune/recipes/lora_finetune_single_device.py and full_finetune_*.py read these keys.
     component = reader.text("model._component_") or ""
@@ -478,7 +504,9 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
         targets = [_TORCHTUNE_LAYERS[name] for name in modules]
         if reader.bool("model.apply_lora_to_mlp"):
             targets += ["gate_proj", "down_proj", "up_proj"]  # torchtune's w1, w2, w3
-        reader.ignore("model.apply_lora_to_output", "LoRA on the output head is not modelled")
+        if reader.bool("model.apply_lora_to_output"):
+            _torchtune_output_adapter(reader, builder)
+            targets.append(HEAD_TARGET)  # the output projection becomes a LoRALinear: memtui's lm_head target
         if targets:
             reader.set("model.lora_attn_modules", "lora_targets", ",".join(targets))
         reader.set("model.lora_dropout", "lora_dropout", reader.number("model.lora_dropout"))  # builders: 0.0
@@ -518,6 +546,14 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
         reader.set("loss._component_", "loss", "chunked")
         reader.set("loss.num_output_chunks", "loss_chunks",
                    reader.int("loss.num_output_chunks") or STACKS["torchtune"].value("loss_chunks"))
+    elif "linearcrossentropy" in loss and HEAD_TARGET in reader.options.get("lora_targets", "").split(","):
+        # The loss projects each chunk through the model's output, here a LoRALinear; memtui's fused-linear loss
+        # takes the head's weight alone, so the chunked loss (the --stack torchtune modelling) stands in.
+        reader.set("loss._component_", "loss", "chunked")
+        reader.set("loss.num_output_chunks", "loss_chunks",
+                   reader.int("loss.num_output_chunks") or STACKS["torchtune"].value("loss_chunks"))
+        reader.note("loss._component_: LinearCrossEntropyLoss through the LoRA output projection is modelled as "
+                    "--loss chunked, which keeps every chunk's compute-dtype logits (torchtune keeps one at a time)")
     elif "linearcrossentropy" in loss:
         _map_fused_loss(reader, "loss._component_", chosen=True)
 
@@ -550,7 +586,7 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
         reader.set("lora_r", "lora_rank", reader.int("lora_r"))
         targets = [name for key, names in _LITGPT_LORA.items() if reader.bool(key) for name in names]
         if reader.bool("lora_head"):
-            targets.append("lm_head")  # litgpt/lora.py: lm_head becomes a LoRALinear (memtui's lm_head target)
+            targets.append(HEAD_TARGET)  # litgpt/lora.py: lm_head becomes a LoRALinear (memtui's lm_head target)
         if targets:
             reader.set("lora_query", "lora_targets", ",".join(targets))
         # litgpt/finetune/lora.py setup(): lora_dropout=0.05; litgpt/lora.py keeps adapters in the model's dtype.
@@ -746,9 +782,9 @@ def _axolotl(reader: _Reader, folder: Path) -> None:
     elif reader.bool("load_in_8bit"):
         reader.set("load_in_8bit", "quant", "int8")
     if adapter and reader.options.get("quant"):
-        # loaders/model.py: a LoRA/QLoRA adapter on a 4/8-bit base goes through peft's
-        # prepare_model_for_kbit_training (use_gradient_checkpointing=cfg.gradient_checkpointing).
-        reader.set("adapter", "kbit_prep", True)
+        # loaders/model.py: peft's prepare_model_for_kbit_training, then the norms, embeddings and head cast back
+        # to the load dtype (_configure_embedding_dtypes). The Axolotl stack's table.
+        _framework_values(reader, "axolotl", "adapter", "kbit_prep")
     if reader.has("optimizer"):
         _map_hf_optimizer(reader, "optimizer")  # the Trainer's optim names, passed through
     _map_deepspeed(reader, "deepspeed", folder)

@@ -46,6 +46,9 @@ CONDITIONS: dict[str, tuple[str, Callable[[View], bool], str]] = {
     "chunked-loss": ("with --loss chunked", lambda view: view["loss"] == "chunked", ""),
     "no-softcap": ("for a model without final-logit soft-capping", lambda view: not _softcapped(view),
                    "the model soft-caps its logits, which memtui's chunked and fused losses do not"),
+    "no-fp16-autocast": ("without --precision 16-mixed", lambda view: view["precision"] != "16-mixed",
+                         "under 16-mixed memtui's compute-dtype adapters are fp16, whose gradients the GradScaler "
+                         "refuses; the framework's are bf16"),
 }
 
 
@@ -166,9 +169,10 @@ _STACKS = (
                     when=("lora", "unquantized")),
             Default("lora_dtype", "compute",
                     "trl/trainer/sft_trainer.py:1127 a quantized model's trainable parameters are cast to bfloat16",
-                    when=("lora", "quant")),
+                    when=("lora", "quant"), needs=("no-fp16-autocast",)),
             Default("kbit_prep", False,
-                    "SFTTrainer stopped calling prepare_model_for_kbit_training in huggingface/trl#4577 (2025-12-04)",
+                    "trl/trainer/sft_trainer.py:1097 get_peft_model alone: SFTTrainer stopped calling peft's "
+                    "prepare_model_for_kbit_training in huggingface/trl#4577 (2025-12-04, TRL 0.26.0)",
                     when=("quant",)),
             Default("activation_offload", False, "trl/trainer/sft_config.py:296 activation_offloading default=False"),
             Default("optimizer_in_backward", False, "Trainer steps after backward"),
@@ -328,11 +332,13 @@ _STACKS = (
                     "src/axolotl/loaders/adapter.py:368 peft_autocast_adapter_dtype unset: peft's True",
                     when=("lora",)),
             Default("kbit_prep", False,
-                    "src/axolotl/loaders/model.py:1021 prepare_model_for_kbit_training, then "
-                    "_configure_embedding_dtypes (model.py:459-477) casts norms, embeddings and head back to bf16",
+                    "src/axolotl/loaders/model.py:1021 prepare_model_for_kbit_training (every unquantized weight to "
+                    "fp32), then _configure_embedding_dtypes (model.py:459-477, should_convert for every LoRA/QLoRA "
+                    "adapter) casts the norms, embed_tokens and lm_head back to the load dtype",
                     when=("quant",),
                     note="Axolotl runs peft's k-bit prep on a quantized base, then casts the norms, embeddings and "
-                         "head back to bf16 for an adapter, which leaves no fp32 copy: modelled as --kbit-prep off"),
+                         "head back to 16 bits for an adapter; --kbit-prep would keep them in fp32, so it is modelled "
+                         "as --kbit-prep off (what stays fp32, a quantized layer's bias, is not modelled)"),
             Default("activation_offload", False, "src/axolotl/utils/schemas/config.py:623 activation_offloading "
                                                  "default=False"),
             Default("optimizer_in_backward", False, "the Trainer steps after backward"),
@@ -362,6 +368,31 @@ def _memtui_defaults() -> dict[str, Any]:
     return TrainingConfig().model_dump()
 
 
+def framework_values(stack_id: str, options: Mapping[str, Any],
+                     fields: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+    """The stack's values for `fields` given the rest of the options, and the notes that go with them: its
+    approximations, and the values memtui cannot apply here. `--from FILE` maps what a file's keys bring about in
+    the framework's code (TRL casting a quantized model's adapters to bf16) through this too."""
+    entry = stack(stack_id)
+    view = {**_memtui_defaults(), **options}
+    values: dict[str, Any] = {}
+    notes: list[str] = []
+    for default in entry.defaults:
+        if default.field not in fields or default.field in values:
+            continue
+        if not all(_holds(condition, view) for condition in default.when):
+            continue
+        value = default.value.compute(view) if isinstance(default.value, Derived) else default.value
+        unmet = [condition for condition in default.needs if not _holds(condition, view)]
+        if unmet:
+            notes.append(f"{default.field}={value} not applied ({CONDITIONS[unmet[0]][2]})")
+            continue
+        values[default.field] = view[default.field] = value
+        if default.note:
+            notes.append(default.note)
+    return values, notes
+
+
 def stack_defaults(stack_id: str, options: Mapping[str, Any],
                    unset: tuple[str, ...] | None = None) -> tuple[dict[str, Any], list[str]]:
     """The stack's values for the fields it may set (`unset`: every field `options` leaves out), given the rest
@@ -370,23 +401,10 @@ def stack_defaults(stack_id: str, options: Mapping[str, Any],
     if stack_id == "none":
         return {}, []
     entry = stack(stack_id)
-    view = {**_memtui_defaults(), **options}
-    settable = set(unset) if unset is not None else {field for field in STACK_FIELDS if field not in options}
-    values: dict[str, Any] = {}
-    notes: list[str] = []
-    for default in entry.defaults:
-        if default.field not in settable or default.field in values:
-            continue
-        if not all(_holds(condition, view) for condition in default.when):
-            continue
-        value = default.value.compute(view) if isinstance(default.value, Derived) else default.value
-        unmet = [condition for condition in default.needs if not _holds(condition, view)]
-        if unmet:
-            notes.append(f"--stack {entry.id}: {default.field}={value} not applied ({CONDITIONS[unmet[0]][2]})")
-            continue
-        values[default.field] = view[default.field] = value
-        if default.note:
-            notes.append(f"--stack {entry.id}: {default.note}")
+    settable = unset if unset is not None else tuple(field for field in STACK_FIELDS if field not in options)
+    values, notes = framework_values(stack_id, options, settable)
+    notes = [f"--stack {entry.id}: {note}" for note in notes]
+    view = {**_memtui_defaults(), **options, **values}
     for item in entry.not_modelled:
         if all(_holds(condition, view) for condition in item.when):
             notes.append(f"not modelled yet: {item.knob}={item.value} ({entry.name}: {item.why})")
@@ -437,7 +455,8 @@ def stacks_markdown() -> str:
 
 
 __all__ = ["CONDITIONS", "STACKS", "STACK_FIELDS", "STACK_IDS", "Default", "Derived", "NotModelled",
-           "StackDefaults", "planner_values", "stack", "stack_defaults", "stack_markdown", "stacks_markdown"]
+           "StackDefaults", "framework_values", "planner_values", "stack", "stack_defaults", "stack_markdown",
+           "stacks_markdown"]
 
 if __name__ == "__main__":  # the tables of docs/stacks.md: python -m memtui.engine.model.stacks
     print(stacks_markdown(), end="")

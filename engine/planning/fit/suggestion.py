@@ -9,7 +9,7 @@ from typing import Any
 from memtui.engine.errors import InputError
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import Budget, GpuSpec, TrainingConfig
-from memtui.engine.model.validation import PAGED_OPTIMIZERS
+from memtui.engine.model.validation import PAGED_OPTIMIZERS, adapts_head
 from memtui.engine.errors import cli_flag
 from memtui.engine.planning.fit.search import (
     DEFAULT_MARGIN,
@@ -139,6 +139,8 @@ _REASONS = {
                              "never exists (torchtune optimizer_in_bwd); no gradient accumulation or clipping",
     "activation_offload": "copy what the layers save for backward to pinned CPU memory and back when backward needs "
                           "it (torchtune OffloadActivations); same results, slower where the copies do not overlap",
+    "lora_dtype": "adapters, their gradients and optimizer states in the compute dtype instead of peft's fp32, and "
+                  "no fp32 copy of each adapted layer's input (as torchtune and LitGPT train them)",
 }
 
 
@@ -148,6 +150,17 @@ def _mixed(gpu: GpuSpec) -> str:
 
 def _pure16(gpu: GpuSpec) -> str:
     return "bf16-true" if gpu.bf16 else "16-true"
+
+
+def _compute_adapters_help(config: TrainingConfig) -> bool:
+    """Whether --lora-dtype compute would shrink fp32 adapters: not where the compute dtype is fp32 (32-true, or
+    autocast over fp32 weights, which the adapters follow), and not where memtui refuses it (16-mixed's GradScaler
+    and fp16 gradients; an fp32 head after k-bit prep)."""
+    if not config.uses_lora or config.lora_dtype != "fp32" or config.precision == "16-mixed":
+        return False
+    if config.kbit_prep and adapts_head(config):
+        return False
+    return with_changes(config, lora_dtype="compute").adapter_dtype != "fp32"
 
 
 def _knobs(config: TrainingConfig, gpu: GpuSpec) -> list[_Knob]:
@@ -177,6 +190,9 @@ def _knobs(config: TrainingConfig, gpu: GpuSpec) -> list[_Knob]:
         current = "selective" if config.checkpointing == "selective-op" else config.checkpointing
         values = ladder[ladder.index(current) + 1:]
         knobs.append(_Knob("checkpointing", values, tuple(range(2, 2 + len(values)))))
+    # Last: at a tie in cost (with selective checkpointing) it is tried first, as it costs no recompute.
+    if _compute_adapters_help(config):
+        knobs.append(_Knob("lora_dtype", ("compute",), (2,)))
     return knobs
 
 
@@ -329,11 +345,12 @@ def _steps(
         groups.append((mode.title, mode.reason, dict(mode.changes)))
     if hardware:  # before the knobs: what sharding leaves is what checkpointing and the rest act on
         groups.append((hardware_title, hardware_reason, dict(hardware)))
-    for name in ("attention", "optimizer_impl", "precision", "zero", "optimizer_in_backward", "checkpointing",
-                 "activation_offload"):
+    for name in ("attention", "optimizer_impl", "precision", "lora_dtype", "zero", "optimizer_in_backward",
+                 "checkpointing", "activation_offload"):
         value = getattr(final, name)
         if value != getattr(original, name) and name not in mode.changes and name not in hardware:
             title = {"attention": "flash attention", "optimizer_impl": "fused AdamW", "precision": f"{value} autocast",
+                     "lora_dtype": f"LoRA adapters in {final.adapter_dtype}",
                      "zero": f"ZeRO-{value}", "optimizer_in_backward": "optimizer step in backward",
                      "checkpointing": f"{value} activation checkpointing",
                      "activation_offload": "activation offloading to CPU"}[name]
@@ -382,7 +399,8 @@ def suggest(
 
     The ladder, least invasive first; the first rung with a fitting config wins:
       1. on the GPUs given, training exactly as configured: flash attention,
-         fused AdamW, 16-bit autocast (from 32-true), ZeRO over the data-parallel
+         fused AdamW, 16-bit autocast (from 32-true), LoRA adapters in the
+         compute dtype (from peft's fp32, where that is 16-bit), ZeRO over the data-parallel
          GPUs already there, selective then full checkpointing; if no setting
          fits the micro-batch, the largest micro-batch dividing it that fits
          (with gradient accumulation: the same effective batch);
@@ -391,7 +409,7 @@ def suggest(
       4. more hardware: optimizer states offloaded to CPU RAM on the same GPUs;
          then ZeRO-3 over the fewest GPUs any training mode needs (ties go to
          the least invasive mode).
-    Within a rung, option costs add up (flash = fused = 1, autocast = selective = 2,
+    Within a rung, option costs add up (flash = fused = 1, autocast = compute-dtype adapters = selective = 2,
     full checkpointing = 3, ZeRO-n = n - current + 1) and the cheapest fitting setting
     wins. So the plan is minimal: undoing any one step, or stopping at an earlier
     rung, does not fit. When the plan changes what is trained, `alternatives`
