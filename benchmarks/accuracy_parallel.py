@@ -3,7 +3,8 @@
     uv run python benchmarks/accuracy_parallel.py [--only SUBSTRING] [--limit N] [--no-write] [--append]
 
 (`--only=--tp --append` measures the rows whose flags contain `--tp` and puts them in the table beside the
-rows measured before.)
+rows measured before, in place of their own earlier figures; the header's list of commands drops a command once
+every row it measured has been measured again.)
 
 `memtui trace --gpus N --zero K [--shard-group G] [--tp T]` runs the real DDP / FSDP2 / HSDP program, and
 DTensor tensor parallelism with sequence parallelism, for rank 0 of N on torch's fake process group
@@ -18,6 +19,7 @@ import argparse
 import datetime
 import platform
 import re
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -86,17 +88,33 @@ def table_rows(text: str) -> list[dict]:
 
 def _previous_commands(text: str) -> list[str]:
     match = re.search(r"with (`[^\n]*`)\.\n", text)
-    return [match[1]] if match else []
+    return re.findall(r"`([^`]+)`", match[1]) if match else []
+
+
+def _selected(args: argparse.Namespace) -> list[dict]:
+    """The matrix rows a run measures."""
+    rows = [row for row in matrix() if not args.only or args.only in label(row)]
+    return rows[: args.limit] if args.limit else rows
+
+
+def _still_shown(command: str, measured: set[str]) -> bool:
+    """Whether a recorded command measured a row the new run does not replace."""
+    args, _unknown = _parser().parse_known_args(shlex.split(command)[4:])  # after `uv run python <script>`
+    return not {label(row) for row in _selected(args)} <= measured
 
 
 def write_markdown(results: list[dict], path: Path, command: str, *, append: bool = False) -> None:
     previous = path.read_text() if path.exists() else ""
     findings = previous[previous.index(FINDINGS):] if FINDINGS in previous else ""
-    commands = f"`{command}`"
-    if append:  # the rows already measured stay, those measured again are replaced
+    commands = [command]
+    if append:  # the rows already measured stay, those measured again are replaced in place, new ones added
+        fresh = {r["config"]: r for r in results}
+        kept = [fresh.pop(r["config"], r) for r in table_rows(previous)]
         measured = {r["config"] for r in results}
-        results = [r for r in table_rows(previous) if r["config"] not in measured] + results
-        commands = " then ".join(_previous_commands(previous) + [commands])
+        results = kept + list(fresh.values())
+        # the commands whose rows are all measured again are no longer behind any figure
+        commands = [line for line in _previous_commands(previous) if _still_shown(line, measured)] + commands
+    commands = " then ".join(f"`{line}`" for line in commands)
     errors = [abs(r["error"]) for r in results]
     lines = [
         "# Estimator accuracy for parallel jobs: `memtui estimate` vs `memtui trace --gpus N --zero K "
@@ -130,18 +148,20 @@ def write_markdown(results: list[dict], path: Path, command: str, *, append: boo
     path.write_text("\n".join(lines))
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="rows whose flags contain this text")
     parser.add_argument("--limit", type=int, help="the first N rows")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/accuracy-parallel.md alone")
     parser.add_argument("--append", action="store_true",
                         help="keep the table's other rows and add (or replace) the rows measured now")
-    args = parser.parse_args()
-    rows = [row for row in matrix() if not args.only or args.only in label(row)]
-    rows = rows[: args.limit] if args.limit else rows
+    return parser
+
+
+def main() -> int:
+    args = _parser().parse_args()
     results = []
-    for row in rows:
+    for row in _selected(args):
         result = measure(row)
         results.append(result)
         print(f"{result['config']:<75} traced {_gib(result['traced'])} estimated {_gib(result['estimated'])} GiB "
@@ -150,8 +170,7 @@ def main() -> int:
     errors = [abs(r["error"]) for r in results]
     print(f"median |error| {100 * statistics.median(errors):.2f}%, max {100 * max(errors):.2f}%")
     if not args.no_write:
-        command = "uv run python benchmarks/accuracy_parallel.py" + "".join(
-            f" {flag}" for flag in sys.argv[1:])
+        command = shlex.join(["uv", "run", "python", "benchmarks/accuracy_parallel.py", *sys.argv[1:]])
         write_markdown(results, Path(__file__).resolve().parent.parent / "docs" / "accuracy-parallel.md", command,
                        append=args.append)
     return 0

@@ -457,9 +457,8 @@ def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, not
         layout = param_layout(config, model, stage=(layers, any(role[2] for role in roles),
                                                     any(role[3] for role in roles)))
         on_gpu, _one_state_group = _states_on_gpu(config, model, layout)
-        largest_gradient = layout.largest_tensor_params * trainable_bytes(config)
         moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace)
-                   for moment in pipeline_moments(config, model, rank, largest_gradient)]
+                   for moment in pipeline_moments(config, model, rank)]
         # torchtitan keeps one optimizer per stage and steps them in turn: the largest stage's temporaries.
         temporaries = 0
         for _index, stage_layers, first, last in roles:

@@ -2,13 +2,18 @@
 runs them (memtui.engine.trace.pipeline).
 
 A rank runs its stage (two under interleaved 1F1B) once per micro-batch forward and once backward, in the order
-its schedule gives (`rank_actions`, after torch's `_step_microbatches` / `_get_1f1b_rank_ops`). Each micro-batch
-is a step of the stage's own program (memtui.engine.estimator.sim: its layers, the embedding on the first stage,
-the head and loss on the last, a received input and output gradient on the others) at batch / microbatches
-sequences. Between its forward and its backward a micro-batch holds what its stage's program holds then
-(`held_after_forward`), so every moment of an action is that action's candidate peak plus every other micro-batch
-in flight. Gradients accumulate in place across micro-batches, as in gradient accumulation: the first backward of a
-stage makes them, the later ones hold them whole and add each new one (a temporary until added).
+its schedule gives, with the schedule's sends and receives between them (`rank_schedule`): ScheduleGPipe's and
+Schedule1F1B's `_step_microbatches` as written, and for interleaved 1F1B the action list
+`_PipelineScheduleRuntime` runs, lowered as torch lowers it (`_add_unshard_reshard`, `_add_reduce_grad`,
+`_add_send_recv`, `_add_wait_send`). Each micro-batch is a step of the stage's own program
+(memtui.engine.estimator.sim: its layers, the embedding on the first stage, the head and loss on the last, a
+received input and output gradient on the others) at batch / microbatches sequences. Between its forward and its
+backward a micro-batch holds what its stage's program holds then (`held_after_forward`); beside it live the
+buffers the schedule's communication keeps: a receive buffer from its receive until the forward or backward that
+takes it, a sent output or input gradient until the send's wait (or the list holding it) lets it go. Every moment
+of an action is that action's candidate peak plus all of that. Gradients accumulate in place across micro-batches:
+a stage's first backward makes them, the later ones hold them whole, each new one a temporary until AccumulateGrad
+adds it (the candidate's own temporaries already hold it).
 """
 
 from __future__ import annotations
@@ -25,28 +30,110 @@ from memtui.engine.estimator.sim.program import compile_step, dims_for, options_
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import TrainingConfig
 
-Action = tuple[str, int, int]  # ("F" or "B", stage index, micro-batch)
+Action = tuple[str, int, int]  # (kind, stage index, micro-batch); kinds below
+
+# Compute: a forward, a full backward. Communication (torch's _ComputationType names where it has them): a receive
+# buffer made (RECV_F: the stage's input, RECV_B: its output's gradient), a send posted (SEND_F: the output,
+# SEND_B: the input's gradient), a send's tensor let go (WAIT_SEND_F / WAIT_SEND_B). The runtime's UNSHARD,
+# RESHARD, REDUCE_GRAD and WAIT_REDUCE_GRAD (FSDP's, no-ops without it; REDUCE_GRAD scales gradients in place)
+# only order the lowering.
+FORWARD, BACKWARD = "F", "B"
+RECV_F, RECV_B, SEND_F, SEND_B, WAIT_SEND_F, WAIT_SEND_B = (
+    "RECV_F", "RECV_B", "SEND_F", "SEND_B", "WAIT_SEND_F", "WAIT_SEND_B")
+UNSHARD, RESHARD, REDUCE_GRAD, WAIT_REDUCE_GRAD = "UNSHARD", "RESHARD", "REDUCE_GRAD", "WAIT_REDUCE_GRAD"
+NO_MICROBATCH = -1
+_MAX_ACTIVE_STAGES = 3  # _PipelineScheduleRuntime's default max_active_stages (and unshard_lookahead "full")
 
 
 def rank_actions(config: TrainingConfig, rank: int) -> list[Action]:
     """The forwards and backwards rank `rank` runs in one step, in order."""
-    micro, pp = config.microbatches, config.pp
-    if config.pp_schedule == "gpipe":  # ScheduleGPipe: every forward, then every backward
-        return [("F", rank, mb) for mb in range(micro)] + [("B", rank, mb) for mb in range(micro)]
+    return [action for action in rank_schedule(config, rank) if action[0] in (FORWARD, BACKWARD)]
+
+
+def rank_schedule(config: TrainingConfig, rank: int) -> list[Action]:
+    """Rank `rank`'s step: its forwards and backwards and the sends and receives between them, in order."""
+    if config.pp_schedule == "gpipe":
+        return _gpipe(config, rank)
     if config.pp_schedule == "1f1b":
-        # Schedule1F1B._step_microbatches: pp - rank warm-up forwards, then one backward and one forward each.
-        warmup = min(micro, pp - rank)
-        actions: list[Action] = [("F", rank, mb) for mb in range(warmup)]
-        forwards, backwards = warmup, 0
-        while backwards < micro:
-            actions.append(("B", rank, backwards))
-            backwards += 1
-            if forwards < micro:
-                actions.append(("F", rank, forwards))
-                forwards += 1
-        return actions
-    # ScheduleInterleaved1F1B._calculate_single_rank_operations, _get_warmup_ops and _get_1f1b_rank_ops.
-    local = config.virtual_stages
+        return _one_f_one_b(config, rank)
+    return list(_runtime_schedule(config.pp, config.virtual_stages, config.microbatches)[rank])
+
+
+def _edges(stage: int, total: int) -> tuple[bool, bool]:
+    """Whether a stage receives its input (not the first) and its output's gradient (not the last)."""
+    return stage != 0, stage != total - 1
+
+
+def _gpipe(config: TrainingConfig, rank: int) -> list[Action]:
+    """ScheduleGPipe._step_microbatches: every forward (its send kept in fwd_sends_to_wait until all are done),
+    then every backward; the backward's send list (`ops`) lives until the next receive list replaces it."""
+    micro = config.microbatches
+    receives, sends = _edges(rank, config.pp)
+    actions: list[Action] = []
+    for mb in range(micro):
+        actions += [(RECV_F, rank, mb)] * receives + [(FORWARD, rank, mb)] + [(SEND_F, rank, mb)] * sends
+    actions += [(WAIT_SEND_F, rank, mb) for mb in range(micro) if sends]
+    for mb in range(micro):
+        actions += [(RECV_B, rank, mb)] * sends
+        if mb and receives:
+            actions.append((WAIT_SEND_B, rank, mb - 1))
+        actions += [(BACKWARD, rank, mb)] + [(SEND_B, rank, mb)] * receives
+    actions += [(WAIT_SEND_B, rank, micro - 1)] * receives
+    return actions
+
+
+def _one_f_one_b(config: TrainingConfig, rank: int) -> list[Action]:
+    """Schedule1F1B._step_microbatches: pp - rank warm-up forwards, then one backward and one forward each, then
+    the remaining backwards. A forward's send is waited for after the next forward (warm-up) or before the next
+    backward; a backward's send list (`bwd_sends`) lives until the next backward's replaces it."""
+    micro = config.microbatches
+    receives, sends = _edges(rank, config.pp)
+    warmup = min(micro, config.pp - rank)
+    actions: list[Action] = []
+
+    def forward(mb: int) -> None:
+        actions.extend([(RECV_F, rank, mb)] * receives + [(FORWARD, rank, mb)])
+
+    def backward(mb: int) -> None:
+        actions.append((BACKWARD, rank, mb))
+        if receives:
+            actions.append((SEND_B, rank, mb))
+            if mb:
+                actions.append((WAIT_SEND_B, rank, mb - 1))
+
+    for mb in range(warmup):
+        forward(mb)
+        if mb and sends:
+            actions.append((WAIT_SEND_F, rank, mb - 1))
+        actions += [(SEND_F, rank, mb)] * sends
+    forwards = warmup
+    for mb in range(micro):
+        actions += [(RECV_B, rank, mb)] * sends
+        if mb <= micro - warmup and sends:  # the 1B1F loop first waits for the last forward's send
+            actions.append((WAIT_SEND_F, rank, forwards - 1))
+        backward(mb)
+        if forwards < micro:
+            forward(forwards)
+            actions += [(SEND_F, rank, forwards)] * sends
+            forwards += 1
+    actions += [(WAIT_SEND_B, rank, micro - 1)] * receives
+    return actions
+
+
+@lru_cache(maxsize=64)
+def _runtime_schedule(pp: int, local: int, micro: int) -> tuple[tuple[Action, ...], ...]:
+    """ScheduleInterleaved1F1B's `pipeline_order_with_comms`, every rank's: its compute order
+    (`_calculate_single_rank_operations`) lowered as `_prepare_schedule_with_comms` lowers it by default."""
+    total = pp * local
+    lowered = {rank: _add_reduce_grad(_add_unshard_reshard(_interleaved_compute(pp, local, micro, rank)), micro)
+               for rank in range(pp)}
+    with_comms = _add_send_recv(lowered, pp, total)
+    return tuple(tuple(_add_wait_send(with_comms[rank])) for rank in range(pp))
+
+
+def _interleaved_compute(pp: int, local: int, micro: int, rank: int) -> list[Action]:
+    """ScheduleInterleaved1F1B._calculate_single_rank_operations (_get_warmup_ops, _get_1f1b_rank_ops) without
+    its idle slots, which the lowering drops."""
     rounds = max(1, micro // pp)
     per_round = micro // rounds
     warmup = min((local - 1) * per_round + 2 * (pp - 1 - rank), micro * local)
@@ -58,20 +145,129 @@ def rank_actions(config: TrainingConfig, rank: int) -> list[Action]:
     def backward_stage(op: int) -> int:
         return (local - 1 - (op - warmup) // per_round % local) * pp + rank
 
-    forwards: dict[int, int] = defaultdict(int)
-    backwards: dict[int, int] = defaultdict(int)
-    actions = []
+    counts: dict[tuple[str, int], int] = defaultdict(int)
+    actions: list[Action] = []
 
-    def add(kind: str, stage: int, counter: dict[int, int]) -> None:
-        actions.append((kind, stage, counter[stage]))
-        counter[stage] += 1
+    def add(kind: str, stage: int) -> None:
+        actions.append((kind, stage, counts[(kind, stage)]))
+        counts[(kind, stage)] += 1
 
     for op in range(warmup + fwd_bwd + warmup):
         if op < warmup + fwd_bwd:
-            add("F", forward_stage(op), forwards)
+            add(FORWARD, forward_stage(op))
         if op >= warmup:
-            add("B", backward_stage(op), backwards)
+            add(BACKWARD, backward_stage(op))
     return actions
+
+
+def _add_unshard_reshard(actions: list[Action]) -> list[Action]:
+    """torch's _add_unshard_reshard at its defaults (max_active_stages 3, unshard_lookahead "full"): an UNSHARD
+    before a stage's first action, a RESHARD once it leaves the next three stages to compute."""
+    def next_stages(start: int) -> list[int]:
+        seen: list[int] = []
+        for _kind, stage, _mb in actions[start:]:
+            if stage not in seen:
+                seen.append(stage)
+                if len(seen) >= _MAX_ACTIVE_STAGES:
+                    break
+        return seen
+
+    active: list[int] = []
+    lowered: list[Action] = []
+    for index, action in enumerate(actions):
+        resident = next_stages(index)
+        evict = [stage for stage in active if stage not in resident]
+        fetch = [stage for stage in resident if stage not in active]
+        for stage in evict:
+            active.remove(stage)
+            lowered.append((RESHARD, stage, NO_MICROBATCH))
+        for stage in fetch:
+            active.append(stage)
+            lowered.append((UNSHARD, stage, NO_MICROBATCH))
+        lowered.append(action)
+    lowered += [(RESHARD, stage, NO_MICROBATCH) for stage in active]
+    return lowered
+
+
+def _add_reduce_grad(actions: list[Action], micro: int) -> list[Action]:
+    """torch's _add_reduce_grad: REDUCE_GRAD and its wait after a stage's last backward."""
+    backwards: dict[int, int] = defaultdict(int)
+    lowered: list[Action] = []
+    for action in actions:
+        lowered.append(action)
+        kind, stage, _mb = action
+        if kind == BACKWARD:
+            backwards[stage] += 1
+            if backwards[stage] == micro:
+                lowered += [(REDUCE_GRAD, stage, NO_MICROBATCH), (WAIT_REDUCE_GRAD, stage, NO_MICROBATCH)]
+    return lowered
+
+
+def _add_send_recv(compute: dict[int, list[Action]], pp: int, total: int) -> dict[int, list[Action]]:
+    """torch's _add_send_recv: the ranks take their next action in turn, one each per round, once its input is
+    there; a forward's send goes right after it, and the receive it matches onto the receiving rank's list at that
+    moment (so a rank makes a receive buffer as soon as the sender has computed, well before it uses it)."""
+    comms: dict[int, list[Action]] = {rank: [] for rank in compute}
+    done: dict[int, set[Action]] = {rank: set() for rank in compute}
+    pending = {rank: list(actions) for rank, actions in compute.items() if actions}
+
+    def crosses(action: Action) -> bool:
+        kind, stage, _mb = action
+        if kind == FORWARD:
+            return stage != total - 1 and (stage + 1) % pp != stage % pp
+        if kind == BACKWARD:
+            return stage != 0 and (stage - 1) % pp != stage % pp
+        return False
+
+    def ready(action: Action, rank: int) -> bool:
+        kind, stage, mb = action
+        if kind == FORWARD and stage != 0:
+            return (RECV_F, stage, mb) in done[rank] or (FORWARD, stage - 1, mb) in done[rank]
+        if kind == BACKWARD and stage != total - 1:
+            return (RECV_B, stage, mb) in done[rank] or (BACKWARD, stage + 1, mb) in done[rank]
+        return True
+
+    while pending:
+        progress = False
+        for rank in sorted(pending):
+            action = pending[rank][0]
+            if not ready(action, rank):
+                continue
+            comms[rank].append(action)
+            done[rank].add(action)
+            if crosses(action):
+                kind, stage, mb = action
+                send = (SEND_F if kind == FORWARD else SEND_B, stage, mb)
+                receiver = stage + 1 if kind == FORWARD else stage - 1
+                receive = (RECV_F if kind == FORWARD else RECV_B, receiver, mb)
+                comms[rank].append(send)
+                done[rank].add(send)
+                comms[receiver % pp].append(receive)
+                done[receiver % pp].add(receive)
+            pending[rank].pop(0)
+            if not pending[rank]:
+                del pending[rank]
+            progress = True
+        if not progress:
+            raise AssertionError("the interleaved schedule cannot place its sends and receives")
+    return comms
+
+
+def _add_wait_send(actions: list[Action]) -> list[Action]:
+    """torch's _add_wait_send: a forward's send is waited for right after the backward of the same stage and
+    micro-batch (the peer has used it by then), every backward's send at the step's end."""
+    pending: list[Action] = []
+    lowered: list[Action] = []
+    for action in actions:
+        lowered.append(action)
+        kind, stage, mb = action
+        if kind in (SEND_F, SEND_B):
+            pending.append(action)
+        if kind == BACKWARD and (SEND_F, stage, mb) in pending:
+            pending.remove((SEND_F, stage, mb))
+            lowered.append((WAIT_SEND_F, stage, mb))
+    lowered += [(WAIT_SEND_F if kind == SEND_F else WAIT_SEND_B, stage, mb) for kind, stage, mb in pending]
+    return lowered
 
 
 @dataclass(frozen=True)
@@ -106,51 +302,59 @@ def stage_roles(config: TrainingConfig, model: ModelSpec, rank: int) -> list[tup
     return [(index, split[index], index == 0, index == total - 1) for index in pipeline_rank_stages(config)[rank]]
 
 
-def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int, largest_gradient: int) -> list[Moment]:
-    """Rank `rank`'s candidate peaks through the schedule (gradients: what is alive; a gradient made by a later
-    micro-batch's backward, at most `largest_gradient`, is a temporary until added in place)."""
+def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> list[Moment]:
+    """Rank `rank`'s candidate peaks through its schedule (gradients: what is alive)."""
     d, opts = dims_for(model, config.tp), options_for(config, model)
     tokens = config.microbatch_size * config.seq_len
+    roles = stage_roles(config, model, rank)
     programs = {index: _stage_program(d, opts, layers, first, last, tokens, config.seq_len)
-                for index, layers, first, last in stage_roles(config, model, rank)}
-    # A stage's input (its received hidden states, in the weights' dtype) and the input's gradient it sends back.
+                for index, layers, first, last in roles}
+    # What crosses between stages: a micro-batch's hidden states (in the weights' dtype), or their gradient.
     hidden_states = (tokens * model.hidden_size * config.weight_bytes + 511) // 512 * 512
-    first_stages = {index for index, _layers, first, _last in stage_roles(config, model, rank) if first}
-    last_stages = {index for index, _layers, _first, last in stage_roles(config, model, rank) if last}
+    last_stages = {index for index, _layers, first, last in roles if last and not first}
     in_flight: dict[tuple[int, int], int] = {}
+    # Receive buffers not yet taken and sent tensors not yet let go; the tracer counts the forward's (the input,
+    # the output) as activations, the backward's (the output's gradient, the input's) as temporaries.
+    buffers: dict[Action, int] = {}
     kept = 0  # the last stage's inputs of the micro-batches done: each loss in the schedule's _internal_losses
     # keeps its graph, whose AccumulateGrad node keeps the input leaf, until the step ends
-    sending = 0  # Schedule1F1B: the last backward's send ops (`bwd_sends`), kept until the next backward's
     done: set[int] = set()  # stages whose gradients exist
     moments: list[Moment] = []
-    for kind, stage, microbatch in rank_actions(config, rank):
+
+    def beside() -> tuple[int, int]:
+        """What the other micro-batches and the communication hold: (activations, temporaries)."""
+        forward_side = sum(size for (kind, _s, _m), size in buffers.items() if kind in (RECV_F, SEND_F))
+        return sum(in_flight.values()) + kept + forward_side, sum(buffers.values()) - forward_side
+
+    for kind, stage, microbatch in rank_schedule(config, rank):
+        if kind in (RECV_F, RECV_B, SEND_F, SEND_B):
+            buffers[(kind, stage, microbatch)] = hidden_states
+            continue
+        if kind in (WAIT_SEND_F, WAIT_SEND_B):
+            del buffers[(SEND_F if kind == WAIT_SEND_F else SEND_B, stage, microbatch)]
+            continue
+        if kind not in (FORWARD, BACKWARD):
+            continue
         program = programs[stage]
         resident = sum(programs[other].gradients for other in done if other != stage)
-        if kind == "F":
-            others = sum(in_flight.values()) + kept
+        if kind == FORWARD:
+            buffers.pop((RECV_F, stage, microbatch), None)  # the program's received input from here on
             own = program.gradients if stage in done else 0
-            moments += [moment_plus(moment, resident + own, others, sending) for moment in program.forward]
+            moments += [moment_plus(moment, resident + own, *beside()) for moment in program.forward]
             in_flight[(stage, microbatch)] = program.held
             continue
+        buffers.pop((RECV_B, stage, microbatch), None)  # the program's received output gradient from here on
         del in_flight[(stage, microbatch)]
-        others = sum(in_flight.values()) + kept
-        if stage not in done:
-            moments += [moment_plus(moment, resident + moment.gradients, others, sending)
-                        for moment in program.backward]
-            done.add(stage)
-        else:
-            before = 0
-            for moment in program.backward:  # accumulating: the stage's gradients whole, the new one a temporary
-                made = min(max(moment.gradients - before, 0), largest_gradient)
-                before = moment.gradients
-                moments.append(moment_plus(moment, resident + program.gradients, others, made + sending))
-        if stage in last_stages and stage not in first_stages:
+        # A later backward holds the stage's gradients whole; each new one is among the candidate's temporaries
+        # until AccumulateGrad adds it in place, as it is until the first backward makes it the gradient.
+        moments += [moment_plus(moment, resident + (program.gradients if stage in done else moment.gradients),
+                                *beside()) for moment in program.backward]
+        done.add(stage)
+        if stage in last_stages:
             kept += hidden_states
-        if config.pp_schedule == "1f1b" and stage not in first_stages:
-            sending = hidden_states
     return moments
 
 
-def moment_plus(moment: Moment, gradients: int, held: int, temporary: int) -> Moment:
+def moment_plus(moment: Moment, gradients: int, activations: int, temporary: int) -> Moment:
     return Moment(phase=moment.phase, autocast_weights=moment.autocast_weights, gradients=gradients,
-                  activations=moment.activations + held, temporary=moment.temporary + temporary)
+                  activations=moment.activations + activations, temporary=moment.temporary + temporary)

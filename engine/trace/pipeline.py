@@ -22,7 +22,8 @@ received input, until the step ends. The fake backend's sends and receives are n
 contents are undefined, which fake tensors do not have anyway.
 
 Interleaved 1F1B runs through `_PipelineScheduleRuntime`, which posts receives as early as the other ranks' sends
-allow and waits for sends later than Schedule1F1B; the estimator does not follow those buffers' lifetimes yet.
+allow and waits for sends later than Schedule1F1B (a forward's after its backward, a backward's at the step's end);
+the estimator follows the same lowered action list (memtui.engine.estimator.pipeline.rank_schedule).
 """
 
 from __future__ import annotations

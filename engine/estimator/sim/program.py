@@ -407,8 +407,11 @@ def _stage_output_backward(sim: Sim, out: Tensor, masks, positions, segments: li
     sim.segment_of_node = {**_BACKWARD_OF, **{f"{name}_fwd": f"{name}_bwd" for name in segments}}
     sim.set_segment("head_bwd")
     out.grad = sim.new(out.elems, out.dtype, name="received output gradient")
+    # backward_one_chunk keeps the received gradient (its output_grads) referenced until it returns.
+    received_gradient = sim.ref(out.grad)
     while sim.nodes:
         sim._run_node(sim.nodes.pop())
+    sim.drop(received_gradient)
     if received is not None:
         sim.drop(received.grad, received)
         received.grad = None
