@@ -333,3 +333,37 @@ def test_fsdp2_root_group_over_tensor_parallel_is_estimated_as_traced():
     workspace = cublas_workspace_bytes(resolve_gpu(training.gpu))
     assert estimated.tensor_peak_bytes - workspace == pytest.approx(traced.traced_tensor_peak_bytes, rel=0.002)
     assert estimated.peak_phase == traced.peak_phase == "backward"
+
+
+def tiny_qwen(family: str):
+    """Qwen2.5-7B shrunk (q/k/v biases), or the same as Qwen3 (no biases, q_norm and k_norm over each head)."""
+    hf = copy.deepcopy(resolve_model("qwen2.5-7b").hf_config())
+    hf.update(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2,
+              num_hidden_layers=2, vocab_size=4096, tie_word_embeddings=False)
+    if family == "qwen3":
+        hf.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=32, attention_bias=False)
+    return model_spec_from_config(hf, model_id=f"tiny-{family}", source="test")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_tensor_parallel_for_qwen_is_traced_and_estimated_as_traced(family):
+    """Qwen2's biases are sharded with their projections; Qwen3's q_norm and k_norm run sequence-parallel over the
+    heads (torchtitan's Qwen3 plan), their weights replicated DTensors (before: the optimizer's foreach step failed
+    on plain q/k norm weights beside DTensors)."""
+    from memtui.engine.estimator import estimate
+    from memtui.engine.estimator.overhead import cublas_workspace_bytes
+    from memtui.engine.trace import trace
+
+    spec = tiny_qwen(family)
+    assert spec.family == family and spec.qk_norm == (family == "qwen3")
+    training = TrainingConfig(model="llama-3.2-1b", batch_size=1, seq_len=128, precision="bf16-mixed", gpus=2, tp=2)
+    traced = trace(training, model=spec)
+    assert any("tensor parallel (traced)" in line for line in traced.traced), traced.traced
+    estimated = estimate(training, model=spec)
+    workspace = cublas_workspace_bytes(resolve_gpu(training.gpu))
+    assert estimated.tensor_peak_bytes - workspace == pytest.approx(traced.traced_tensor_peak_bytes, rel=0.002)
+    phases = ("loss", "backward")  # forward: the trace marks the loss phase after the log-softmax, the estimate at the head
+    for phase in phases:
+        traced_peak = max(p["peak_bytes"] for p in traced.phase_peaks if p["step"] == 2 and p["phase"] == phase)
+        estimated_peak = next(p.bytes for p in estimated.timeline if p.phase == phase) - workspace
+        assert estimated_peak == pytest.approx(traced_peak, rel=0.002), phase
