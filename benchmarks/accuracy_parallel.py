@@ -107,7 +107,7 @@ def write_markdown(results: list[dict], path: Path, command: str, *, append: boo
         f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with {commands}.",
         "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1), FSDP2 "
         "(ZeRO-2/3), HSDP (`--shard-group`: FSDP2 on a (replicate, shard) mesh) or DTensor tensor-parallel (`--tp`: "
-        "torchtitan's Llama plan with sequence and loss parallel; with FSDP2 over dp on a (dp, tp) mesh) program at "
+        "torchtitan's Llama plan, with Qwen3's q/k norms as its Qwen3 plan, sequence and loss parallel; with FSDP2 over dp on a (dp, tp) mesh) program at "
         "the real world size on torch's fake process group, two training steps on fake tensors (`--pp`: every "
         "pipeline rank of torch.distributed.pipelining's schedule traced, the largest rank's peak); estimated = `memtui estimate`'s "
         "tensor peak less its modelled cuBLAS workspace; forward/backward: the same for the highest moment before "
