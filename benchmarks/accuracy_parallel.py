@@ -46,11 +46,13 @@ def matrix() -> list[dict]:
         # HSDP: FSDP2 on a (replicate, shard) mesh, sharded within the group
         for zero, group in ((3, 2), (3, 4), (2, 4)):
             rows.append({**base, "gpus": 8, "zero": zero, "shard_group": group})
-    # Tensor parallelism with sequence parallelism (DTensor, torchtitan's Llama plan): untied Llama-layout models
+    # Tensor parallelism with sequence parallelism (DTensor, torchtitan's plan): untied Llama-layout models
     for model, gpus, tp, extra in (("llama-3.1-8b", 2, 2, {}), ("llama-3.1-8b", 4, 4, {}), ("llama-3.1-8b", 8, 8, {}),
                                    ("llama-3.1-8b", 4, 2, {"zero": 3}),
                                    ("llama-3.1-8b", 8, 2, {"zero": 3, "checkpointing": "full"}),
-                                   ("mistral-7b", 4, 4, {})):
+                                   ("mistral-7b", 4, 4, {}),
+                                   # Qwen2: q/k/v biases sharded with their projections
+                                   ("qwen2.5-7b", 4, 4, {}), ("qwen2.5-7b", 4, 2, {"zero": 3})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
     # Pipeline parallelism (torch.distributed.pipelining, every rank traced): one sequence per micro-batch
@@ -123,7 +125,7 @@ def write_markdown(results: list[dict], path: Path, command: str, *, append: boo
         f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with {commands}.",
         "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1), FSDP2 "
         "(ZeRO-2/3), HSDP (`--shard-group`: FSDP2 on a (replicate, shard) mesh) or DTensor tensor-parallel (`--tp`: "
-        "torchtitan's Llama plan with sequence and loss parallel; with FSDP2 over dp on a (dp, tp) mesh) program at "
+        "torchtitan's Llama plan, with Qwen3's q/k norms as its Qwen3 plan, sequence and loss parallel; with FSDP2 over dp on a (dp, tp) mesh) program at "
         "the real world size on torch's fake process group, two training steps on fake tensors (`--pp`: every "
         "pipeline rank of torch.distributed.pipelining's schedule traced, the largest rank's peak); estimated = `memtui estimate`'s "
         "tensor peak less its modelled cuBLAS workspace; forward/backward: the same for the highest moment before "

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator.budget import make_budget
 from memtui.engine.estimator.generic import generic_estimate
-from memtui.engine.estimator.moments import Moment, activation_moments, offloaded_bytes
+from memtui.engine.estimator.moments import Moment, activation_moments, held_after_forward, offloaded_bytes
 from memtui.engine.estimator.pipeline import pipeline_moments, stage_roles
 from memtui.engine.estimator.layout import (
     INT8_BYTES_PER_PARAM,
@@ -28,6 +28,7 @@ from memtui.engine.estimator.layout import (
     ParamLayout,
     param_layout,
     tensor_parallel_embedding_gradient_extra,
+    tensor_parallel_whole_vocabulary_gradient,
     trainable_params_total,
     trainable_tensor_numels,
     head_adapter_shapes,
@@ -184,11 +185,16 @@ class _StatesOnGpu:
     ddp_buckets: int  # PyTorch DDP's flat copy of every gradient (ZeRO-0/1 across ranks)
     paged: int = 0  # paged optimizer states in CUDA unified memory: not in `states`, not in the tensor peak
     tp_embedding_extra: int = 0  # DTensor's embedding backward: the whole vocabulary's gradient (traced TP plan)
+    root_weights: int = 0  # FSDP2's root group (embeddings, final norm, head) as gathered; 0 outside FSDP2
+    root_gradients: int = 0  # the root group's gradients made before the embedding's (an untied head's, the norm's)
 
     def gradients_at(self, unsharded: int, offload: str) -> int:
-        """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced."""
+        """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced. FSDP2 reduces the
+        root group's only at backward's end: the head's, made first, stays whole until then."""
         if self.zero >= 2:
-            return 0 if offload != "none" else unsharded // self.dp + min(unsharded, self.layer_grads)
+            held = min(unsharded, self.root_gradients)
+            rest = unsharded - held
+            return 0 if offload != "none" else held + rest // self.dp + min(rest, self.layer_grads)
         return unsharded
 
 
@@ -216,6 +222,9 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
         gathered = min(2, layout.layers) * layer_weight_bytes
     tp_embedding_extra = tensor_parallel_embedding_gradient_extra(config, model)
+    root_weights = _fsdp2_root_bytes(config, model, zero)
+    root_gradients = ((model.head_params // config.tp + model.norm_params) * trainable_bytes(config)
+                      if root_weights and not config.uses_lora else 0)
     gradients = grads_full // dp if zero >= 2 else grads_full + tp_embedding_extra
     if config.optimizer_in_backward:
         gradients = 0  # each is stepped and freed in backward: none survive to the step's end
@@ -240,7 +249,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         states=ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer_states),
         computing_weights=weights + gathered, resting_weights=resting_weights, ddp_buckets=ddp_buckets,
         paged=paged,
-        tp_embedding_extra=tp_embedding_extra,
+        tp_embedding_extra=tp_embedding_extra, root_weights=root_weights, root_gradients=root_gradients,
     )
     return on_gpu, one_state_group
 
@@ -273,6 +282,14 @@ def _optimizer_step_temporaries(config: TrainingConfig, layout: ParamLayout, on_
     return temporaries
 
 
+def _fsdp2_root_bytes(config: TrainingConfig, model: ModelSpec, zero: int) -> int:
+    """FSDP2's root group (`fully_shard` on the model: embeddings, final norm, head) as gathered on this GPU, or 0
+    where the estimator does not follow FSDP2's program (ZeRO-0/1, offloading, pipeline stages, quantized weights)."""
+    if not (zero >= 2 and config.offload == "none" and config.pp == 1 and config.quant == "none"):
+        return 0
+    return (model.embedding_params + model.head_params + model.norm_params) // config.tp * config.weight_bytes
+
+
 def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moment: Moment,
                           on_gpu: _StatesOnGpu) -> int:
     """FSDP2 as `memtui trace --gpus N` runs it, against the steady gathered weights: the root group (embeddings,
@@ -285,10 +302,36 @@ def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: Para
     layer_buffer = on_gpu.layer_weight_bytes if moment.phase == "backward" and moment.gradients == 0 else 0
     if on_gpu.zero == 2:
         return -layer_buffer
-    root_weight_bytes = (model.embedding_params + model.head_params + model.norm_params) // config.tp * config.weight_bytes
+    root_weight_bytes = on_gpu.root_weights
     in_flight = min(2, layout.layers) if moment.phase == "forward" else 1 if moment.phase == "loss" or layer_buffer else 2
     gathered = on_gpu.computing_weights - on_gpu.states.weights
     return root_weight_bytes + in_flight * on_gpu.layer_weight_bytes - gathered
+
+
+def _fsdp2_root_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moments: list[StepMoment],
+                         on_gpu: _StatesOnGpu, workspace: int) -> list[StepMoment]:
+    """The root group's all-gathers and its backward's end, as `memtui trace --gpus N` runs FSDP2. Its all-gather
+    output (a flat buffer of the gathered size) lives beside the gathered weights: in forward until layer 0's
+    all-gather (FSDP2 keeps the last all-gather's output until the next), at backward's start (ZeRO-3, which
+    resharded the root after forward) while it is copied out, before any layer is gathered again. The
+    embedding's backward is the last: every layer is resharded by then, the root still gathered; under DTensor's
+    plan the whole vocabulary's gradient is made and this rank's slice cloned out of it."""
+    root = on_gpu.root_weights
+    moments = list(moments)
+    first = moments[0]
+    if first.phase == "forward":
+        moments.insert(0, first._replace(weights=on_gpu.resting_weights + root + on_gpu.layer_weight_bytes,
+                                         temporary=first.temporary + root))
+    backward = next((index for index, moment in enumerate(moments) if moment.phase == "backward"), None)
+    if on_gpu.zero >= 3 and backward is not None:
+        moments.insert(backward, StepMoment("backward", on_gpu.states.weights + root, 0,
+                                            held_after_forward(config, model, layers=layout.layers),
+                                            root + on_gpu.ddp_buckets + workspace))
+    last = moments[-1]
+    if last.phase == "backward" and not config.uses_lora:
+        vocabulary = tensor_parallel_whole_vocabulary_gradient(config, model) if config.dp > 1 else 0
+        moments[-1] = last._replace(weights=on_gpu.resting_weights + root, temporary=last.temporary + vocabulary)
+    return moments
 
 
 def _forward_backward_moment(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moment: Moment,
@@ -379,6 +422,8 @@ def _step_moments(
     if on_gpu.tp_embedding_extra and moments and moments[-1].phase == "backward":
         # The embedding's backward is the last: from then on its gradient covers the whole vocabulary.
         moments[-1] = moments[-1]._replace(gradients=moments[-1].gradients + on_gpu.tp_embedding_extra)
+    if on_gpu.root_weights and moments:
+        moments = _fsdp2_root_moments(config, model, layout, moments, on_gpu, workspace)
     if config.grad_accum > 1:
         moments += _accumulating_moments(config, model, layout, activations, on_gpu, workspace)
     step_temporaries = _optimizer_step_temporaries(config, layout, on_gpu, one_state_group)

@@ -230,11 +230,19 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
     return None
 
 
+def tensor_parallel_whole_vocabulary_gradient(config: TrainingConfig, model: ModelSpec) -> int:
+    """Bytes of the embedding gradient DTensor's RowwiseParallel embedding backward (embedding_dense_backward)
+    makes under the traced plan: the whole vocabulary's, not this rank's 1/tp."""
+    if tensor_parallel_refusal(config, model) is not None:
+        return 0
+    return model.vocab_size * model.hidden_size * config.weight_bytes
+
+
 def tensor_parallel_embedding_gradient_extra(config: TrainingConfig, model: ModelSpec) -> int:
-    """Bytes of embedding gradient beyond this rank's 1/tp, under the traced plan without FSDP2: DTensor's
-    RowwiseParallel embedding backward (embedding_dense_backward) makes the gradient of the whole vocabulary,
-    and the rank's Shard(0) gradient keeps it (traced: Llama-3.1-8B at tp 2 and 4 holds vocab x hidden fp32)."""
-    if tensor_parallel_refusal(config, model) is not None or config.dp > 1:
+    """Bytes of embedding gradient beyond this rank's 1/tp, under the traced plan without FSDP2: the rank's
+    Shard(0) gradient keeps the whole vocabulary's (traced: Llama-3.1-8B at tp 2 and 4 holds vocab x hidden
+    fp32). With FSDP2 the rank's slice is cloned out of it, and the whole one freed."""
+    if config.dp > 1 or not tensor_parallel_whole_vocabulary_gradient(config, model):
         return 0
     vocab = model.vocab_size
     return (vocab - vocab // config.tp) * model.hidden_size * config.weight_bytes

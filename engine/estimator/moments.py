@@ -43,6 +43,14 @@ def offloaded_bytes(config: TrainingConfig, model: ModelSpec, *, layers: int) ->
                                                    float(config.seq_len), float(config.seq_len ** 2))))
 
 
+def held_after_forward(config: TrainingConfig, model: ModelSpec, *, layers: int) -> int:
+    """Bytes the step holds from the loss's end to backward's first op, beyond weights and gradients."""
+    program = compile_step(dims_for(model, config.tp), options_for(config, model), layers)
+    tokens = config.batch_size * config.seq_len
+    return int(lf_eval(program.held_after_forward, (1.0, float(tokens), float(tokens * config.seq_len),
+                                                      float(config.seq_len), float(config.seq_len ** 2))))
+
+
 @lru_cache(maxsize=4096)
 def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_len: int, pp: int) -> tuple[Moment, ...]:
     program = compile_step(dims, options, layers)

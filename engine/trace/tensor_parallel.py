@@ -8,7 +8,10 @@ The model is split with DTensor's `parallelize_module` by torchtitan's Llama pla
 - input_layernorm, post_attention_layernorm, the final norm: SequenceParallel (each rank normalises its
   1/tp of the tokens);
 - self_attn and mlp: their input all-gathered from Shard(1) to Replicate (PrepareModuleInput);
-- q_proj, k_proj, v_proj, gate_proj, up_proj: ColwiseParallel (heads and the intermediate size sharded);
+- q_proj, k_proj, v_proj, gate_proj, up_proj: ColwiseParallel (heads and the intermediate size sharded; Qwen2's
+  q/k/v biases with them);
+- Qwen3's q_norm and k_norm: SequenceParallel(sequence_dim=2) as in torchtitan's Qwen3 plan: each rank normalises
+  its own heads, the weights replicated and their gradients all-reduced;
 - o_proj, down_proj: RowwiseParallel(output Shard(1)): reduce-scattered back onto the sequence;
 - lm_head: ColwiseParallel(input Shard(1), output Shard(-1)) with loss parallel: the logits stay sharded
   over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default).
@@ -114,7 +117,8 @@ def _meshes_made_real() -> Iterator[None]:
 
 
 def apply_tensor_parallel(model: torch.nn.Module, mesh) -> None:
-    """torchtitan's apply_tp for Llama, on transformers' module names, sequence parallel and loss parallel."""
+    """torchtitan's apply_tp for Llama (and Qwen3's q/k norms), on transformers' module names, sequence parallel
+    and loss parallel."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -131,6 +135,11 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh) -> None:
         "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
     })
     for layer in inner.layers:
+        if hasattr(layer.self_attn, "q_norm"):  # Qwen3: each head's query and key normalised, as torchtitan's plan
+            # does: the projections' local heads taken as Shard(2) of (batch, sequence, heads, head_dim)
+            parallelize_module(layer, mesh, {
+                name: SequenceParallel(sequence_dim=2, use_local_output=True)
+                for name in ("self_attn.q_norm", "self_attn.k_norm")})
         parallelize_module(layer, mesh, {
             "input_layernorm": SequenceParallel(),
             # transformers passes the hidden states to self_attn by keyword, to mlp by position
