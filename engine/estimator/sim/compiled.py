@@ -27,23 +27,6 @@ from dataclasses import dataclass, field
 
 from memtui.engine.estimator.sim.core import Sim, Tensor
 
-# The families whose layers the rule is checked on against `memtui trace --compile`.
-MODELLED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2")
-
-
-def unmodelled_compile(config, spec) -> str:
-    """Why the estimate gives eager figures for a --compile config ("" when it models the compiled layers)."""
-    if spec.family not in MODELLED_FAMILIES:
-        return f"{spec.family} layers"
-    if config.quant != "none":
-        return f"{config.quant} layers (bitsandbytes' kernels break the graph)"
-    if config.checkpointing in ("selective", "selective-op"):
-        return "selective checkpointing"
-    if config.tp > 1:
-        return "tensor parallelism"
-    return ""
-
-
 EXTERN = ("linear", "addmm", "bmm", "flash")  # sim.record names of ops inductor calls a library kernel for
 REDUCTIONS = ("mean", "sum")
 TANGENT = "tangent"

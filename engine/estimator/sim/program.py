@@ -46,11 +46,11 @@ from memtui.engine.estimator.sim.families import (
     rotary,
     softcap,
 )
-from memtui.engine.estimator.sim.compiled import compiled_layer, unmodelled_compile
+from memtui.engine.estimator.sim.compiled import compiled_layer
 from memtui.engine.estimator.sim.deepseek import deepseek_layer, deepseek_layer_params, latent_dims
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.validation import adapts_head, resolve_lora_targets
+from memtui.engine.model.validation import adapts_head, resolve_lora_targets, unmodelled_compile
 
 GRAPH_FREED = "graph_freed"  # the loss dropped after backward: the graph goes, with what its ctx attributes kept
 FORWARD_SEGMENTS = ("inputs", "embed_fwd", "layer_fwd", "head_fwd")
