@@ -176,6 +176,10 @@ def unmodelled_compile(config: TrainingConfig, model: ModelSpec) -> str:
         return "selective checkpointing"
     if config.tp > 1:
         return "tensor parallelism"
+    if config.attention == "eager":
+        return "eager attention"
+    if config.activation_offload:
+        return "activation offloading"
     return ""
 
 

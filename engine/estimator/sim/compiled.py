@@ -10,9 +10,11 @@ arrive at for these graphs:
 - pointwise ops (casts, RMSNorm's scaling, RoPE, SiLU * up, residual adds) are fused into the kernel that
   consumes them: no buffer of their own unless something must read it from memory (an extern op, the layer's
   output, or backward);
-- what backward needs is saved at the cheapest cut: a tensor eager autograd would save is saved itself if it
-  exists anyway (an extern op's input or output, a reduction, an input of the layer), else it is recomputed in
-  backward from the tensors its pointwise chain starts at, and those are saved instead.
+- what backward needs (what eager autograd would save) is saved at the minimum cut between the layer's inputs
+  and backward, found by max-flow over the layer's tensors as the partitioner does: a tensor costs its bytes
+  (twice that if the forward would not write it anyway), and what cannot be recomputed (the layer's inputs,
+  extern ops' outputs, reductions, what an extern op's backward reads) is never recomputed. RMSNorm, RoPE
+  and SiLU * up are then recomputed in backward from matmul outputs and the layer's input.
 
 Backward mirrors it: each extern op's backward is a kernel (a matmul's weight and input gradients, attention's
 q, k, v gradients), the gradient it reads is written by a fused kernel when a pointwise chain made it, and every
@@ -162,8 +164,9 @@ def _backward(plan: _Plan):
                 if tensor is None:
                     continue
                 if key == TANGENT:
-                    sim.drop(grad)
-                    freed_tangent = True
+                    if grad.refs == 1:  # the engine's reference only: inductor frees it here
+                        sim.drop(grad)
+                        freed_tangent = True
                 elif isinstance(key, _Buf):
                     if key.param is None and id(key) not in kept:
                         sim.drop(tensor)
@@ -171,7 +174,7 @@ def _backward(plan: _Plan):
                     node.saved = [t for t in node.saved if t is not tensor]
                     sim._unsave(tensor)
         if freed_tangent:
-            grad.refs += 1  # inductor freed it at its last use: the engine's own release finds it gone
+            grad.refs += 1  # freed at its last use: the engine's own release finds it gone
         return [(target, by_key[plan.outputs[id(target)]]) for target in plan.grad_inputs
                 if id(target) in plan.outputs]
 
@@ -191,11 +194,6 @@ def _plan(recorder: _Recorder, out: Tensor) -> _Plan:
             if op is None or not op.view or not op.inputs:
                 return tensor
             tensor = op.inputs[0]
-
-    def fused(tensor: Tensor) -> bool:
-        """Made by a pointwise op (no buffer unless something must read it from memory)."""
-        op = producer.get(id(tensor))
-        return op is not None and not op.view and op.name not in EXTERN and op.name not in REDUCTIONS
 
     # What must exist in memory in forward: extern ops' inputs and outputs, the layer's output.
     needed_in_memory = {id(base(out))}
