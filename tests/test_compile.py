@@ -164,6 +164,8 @@ COMPILED = [
     ("llama-3.2-1b", dict(precision="bf16-mixed"), dict(vocab_size=256, intermediate_size=2048)),
     ("qwen2.5-0.5b", dict(precision="bf16-true"), {}),
     ("gemma-2-9b", dict(precision="bf16-mixed"), {}),
+    ("phi-3-mini", dict(precision="bf16-true"), dict(pad_token_id=0)),
+    ("mixtral-8x7b", dict(precision="bf16-true"), dict(num_local_experts=4)),
 ]
 
 

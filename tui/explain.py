@@ -402,10 +402,12 @@ _EXPLAINERS = [
         "matmuls and attention are kernels whose inputs and outputs exist, reductions are never recomputed, "
         "pointwise chains are fused, and what backward needs is saved at the minimum cut (max-flow over the "
         "layer's tensors, as the partitioner does); backward's kernels free what they read at its last use. "
-        "Llama-like families (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo 2) are modelled; MoE, GPT-2, "
-        "DeepSeek and gpt-oss layers, --quant, selective checkpointing and tensor parallelism get eager "
-        "figures (an upper bound), with a note (llama-3.2-1b, bf16-true, batch 2 x 1024 tokens: 1.00 GiB "
-        "less than eager, the estimate within 0.01% of the trace). A live run compiles for real on CUDA; on a CPU it skips compile and runs eagerly, "
+        "Llama-like families (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo 2, Mixtral; checked against "
+        "the trace on Llama, Qwen2, Gemma 2 and 3, Phi-3, OLMo 2 and Mixtral, with LoRA and full "
+        "checkpointing) are modelled; Qwen3-MoE, GPT-2, DeepSeek and gpt-oss layers, eager attention, --quant, selective "
+        "checkpointing, activation offloading and tensor parallelism get eager figures (an upper bound), with "
+        "a note (llama-3.2-1b, bf16-true, batch 2 x 1024 tokens: 1.00 GiB less than eager, the estimate "
+        "within 0.01% of the trace). A live run compiles for real on CUDA; on a CPU it skips compile and runs eagerly, "
         "with a note (inductor's CPU code is not what a GPU runs).",
         "Compile time at the first step (about a minute for a 7B model's layer); nothing at run time.",
         "When reproducing a torchtune or torchtitan run with compile on. The trace compiles on one GPU without "
