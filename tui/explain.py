@@ -407,7 +407,7 @@ _EXPLAINERS = [
         "checkpointing) are modelled; Qwen3-MoE, GPT-2, DeepSeek and gpt-oss layers, eager attention, --quant, selective "
         "checkpointing, activation offloading and tensor parallelism get eager figures (an upper bound), with "
         "a note (llama-3.2-1b, bf16-true, batch 2 x 1024 tokens: 1.00 GiB less than eager, the estimate "
-        "within 0.01% of the trace). A live run compiles for real on CUDA; on a CPU it skips compile and runs eagerly, "
+        "within 0.001% of the trace). A live run compiles for real on CUDA; on a CPU it skips compile and runs eagerly, "
         "with a note (inductor's CPU code is not what a GPU runs).",
         "Compile time at the first step (about a minute for a 7B model's layer); nothing at run time.",
         "When reproducing a torchtune or torchtitan run with compile on. The trace compiles on one GPU without "
