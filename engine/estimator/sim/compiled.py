@@ -17,7 +17,8 @@ arrive at for these graphs:
   and SiLU * up are then recomputed in backward from matmul outputs and the layer's input.
 
 Backward mirrors it: each extern op's backward is a kernel (a matmul's weight and input gradients, attention's
-q, k, v gradients), the gradient it reads is written by a fused kernel when a pointwise chain made it, and every
+q, k, v gradients, a gather's index_put into zeros), the gradient it reads is written by a fused kernel when a
+pointwise chain made it, a broadcast operand's gradient (a reduction) is computed where its op's is, and every
 buffer, saved tensor and incoming gradient is freed once the last kernel reading it has run (inductor frees its
 inputs at their last use). Checked against `memtui trace --compile` (tests/test_compile.py).
 """
@@ -361,6 +362,7 @@ class _Expr:
     buf: object = None
 
 
+SCATTERED = ("index", "topk", "gather")  # gathers: backward scatters into zeros (index_put, an extern kernel)
 PASS_THROUGH = ("add", "add_scalar", "add_", "sub")  # the gradient goes on unchanged (same size and dtype)
 
 
@@ -450,11 +452,30 @@ def _plan_backward(plan: _Plan, ops: list[_Op], out: Tensor, own: set[int], base
             for source, buf in zip(sources, bufs):
                 extern_grad(source, buf)
             continue
+        if op.name in SCATTERED:
+            # The gradient of a gather is scattered into zeros of the source's size: index_put, a kernel of its own
+            # whose inputs (the zeros, the values) exist in memory.
+            g = materialize(gradient, op.out, "output grad")
+            dtype = g.dtype if isinstance(g, _Buf) else op.out.dtype
+            zeros = _Buf(op.inputs[0].elems, dtype, "scatter zeros")
+            kernel([zeros], set())
+            buf = _Buf(op.inputs[0].elems, dtype, "scatter grad")
+            kernel([buf], {g, zeros} | saved_reads(op))
+            extern_grad(op.inputs[0], buf)
+            continue
         # Pointwise ops and reductions: fused; their gradient reads what they saved (as recomputed from the cut).
         read = {gradient} | saved_reads(op)
         for index, source in enumerate(op.inputs):
             passes = op.name in PASS_THROUGH and (index == 0 or op.name != "sub") and source.elems == op.out.elems \
                 and source.dtype == op.out.dtype
+            if not passes and source.requires_grad and id(base(source)) in own and source.elems != op.out.elems \
+                    and op.name not in REDUCTIONS:
+                # A broadcast operand's gradient is a reduction over what it was broadcast to: its kernel runs
+                # here, while what it reads is alive anyway.
+                buf = _Buf(source.elems, source.dtype, "reduced grad")
+                kernel([buf], read)
+                flow(source, _Expr(set(), buf))
+                continue
             flow(source, gradient if passes else _Expr(set(read)))  # one expression per input: each its own values
     for root, gradient in external.values():
         if gradient.buf is not None and isinstance(gradient.buf, _Buf) and gradient.buf.dtype == root.dtype:
