@@ -151,8 +151,8 @@ def test_the_estimator_saves_what_the_partitioner_chooses():
 def small(model_id: str, layers: int = 3, **dims):
     """A preset's architecture at width 256 (tensors large enough that 512-byte rounding is noise), 3 layers."""
     config = copy.deepcopy(resolve_model(model_id).hf_config())
-    config.update(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                  num_hidden_layers=layers, vocab_size=2048, **dims)
+    config.update({**dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=64, num_hidden_layers=layers, vocab_size=2048), **dims})
     return model_spec_from_config(config, model_id=f"small-{model_id}", source="test")
 
 
