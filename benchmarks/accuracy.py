@@ -126,8 +126,15 @@ MATRIX: list[dict] = [
     {"model": "phi-3-mini", "precision": "bf16-true", "batch_size": 4, "seq_len": 512, "lora_rank": 8, "lora_targets": "all-linear,lm_head", "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 512, "lora_rank": 32, "quant": "nf4", "bnb_version": "legacy", "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 4, "seq_len": 528, "lora_rank": 64, "lora_targets": "all-linear", "quant": "nf4", "bnb_version": "legacy", "kbit_prep": True, "lora_dropout": 0.05, "checkpointing": "full"},
-    # torch.compile per layer: traced (AOTAutograd + inductor's partitioner), not yet estimated (eager figures)
+    # torch.compile per layer: traced (AOTAutograd + inductor's partitioner), estimated by the same min-cut and fusion
     {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 1024, "compile": True},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "checkpointing": "full", "compile": True},
+    {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "lora_targets": "all-linear", "compile": True},
+    {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 4, "seq_len": 1024, "compile": True},
+    {"model": "gemma-2-9b", "precision": "bf16-true", "batch_size": 1, "seq_len": 2048, "lora_rank": 16, "compile": True},
+    {"model": "mistral-7b", "precision": "bf16-true", "batch_size": 1, "seq_len": 4096, "lora_rank": 16, "checkpointing": "full", "compile": True},
+    {"model": "mixtral-8x7b", "precision": "bf16-true", "batch_size": 1, "seq_len": 4096, "lora_rank": 16, "compile": True},
+    {"model": "qwen3-30b-a3b", "precision": "bf16-true", "batch_size": 1, "seq_len": 2048, "lora_rank": 8, "compile": True},
     # torchtitan's op-level selective checkpointing (every other mm kept): flash, biased q/k/v + LoRA, eager
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 8192, "lora_rank": 16, "checkpointing": "selective-op"},
     {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "lora_rank": 8, "lora_targets": "all-linear", "quant": "nf4", "checkpointing": "selective-op"},

@@ -254,8 +254,9 @@ _OPTIONS = (
            "--checkpointing full --activation-offload", ladder="activations offloaded to CPU", baseline=False),
     # ---- torch.compile (issue 11) -----------------------------------------------------------------------
     Option("compile", "Compile", MEMORY_SAVERS, "switch",
-           "torch.compile each decoder layer (torchtune, torchtitan): the partitioner decides what is saved; "
-           "traced, not yet estimated", "--compile"),
+           "torch.compile each decoder layer (torchtune, torchtitan): the min-cut partitioner decides what is "
+           "saved, fused pointwise ops keep no buffers", "--compile",
+           ladder="torch.compile (the partitioner's saved tensors)", baseline=False),
     # ---- hybrid sharding (issue 13) -------------------------------------------------------------------
     Option("shard_group", "Shard group", PARALLELISM, "int",
            "HSDP: shard within groups of G data-parallel ranks, replicate across them; 0 shards over all",

@@ -161,6 +161,28 @@ def _rule(*fields: str, broken: Callable[[Facts], bool], message: Text, allowed:
     return Rule(fields, broken, message, allowed)
 
 
+# The families whose layers the estimate compiles (engine/estimator/sim/compiled.py), each checked against
+# `memtui trace --compile`.
+COMPILED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe")
+
+
+def unmodelled_compile(config: TrainingConfig, model: ModelSpec) -> str:
+    """Why the estimate gives eager figures for a --compile config ("" when it models the compiled layers)."""
+    if model.family not in COMPILED_FAMILIES:
+        return f"{model.family} layers"
+    if config.quant != "none":
+        return f"{config.quant} layers"
+    if config.checkpointing in ("selective", "selective-op"):
+        return "selective checkpointing"
+    if config.tp > 1:
+        return "tensor parallelism"
+    if config.attention == "eager":
+        return "eager attention"
+    if config.activation_offload:
+        return "activation offloading"
+    return ""
+
+
 def _note(*fields: str, broken: Callable[[Facts], bool], message: Text) -> Rule:
     return Rule(fields, broken, message, refuse=False)
 
@@ -337,8 +359,11 @@ RULES: tuple[Rule, ...] = (
     # ---- torch.compile per decoder layer (issue 11) ----
     _note("compile", broken=lambda f: f.config.compile,
           message=lambda f: "torch.compile: `memtui trace` runs each decoder layer through AOTAutograd and inductor's "
-                            "partitioner (on one GPU, without --quant or selective checkpointing); the estimate does not model it yet: its "
-                            "figures are eager PyTorch's, an upper bound"),
+                            "partitioner (on one GPU, without --quant or selective checkpointing); "
+                            + ("the estimate puts each layer's ops through the same min-cut and fusion rules"
+                               if not unmodelled_compile(f.config, f.model) else
+                               f"the estimate does not model it for {unmodelled_compile(f.config, f.model)}: its "
+                               "figures are eager PyTorch's, an upper bound")),
     # ---- hybrid sharding (issue 13) ----
     _rule("shard_group", "zero", broken=lambda f: f.config.shard_group > 0 and f.config.zero < 2,
           message=lambda f: f"HSDP shards through FSDP2; {{zero}} {f.config.zero} does not shard parameters or "

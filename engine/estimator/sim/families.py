@@ -75,6 +75,7 @@ class Options:
     # gets no mask), and whether the replayed layers are full-attention ones (compile_step replays both kinds).
     full_layer_share: float = 0.0
     full_attention_layers: bool = False
+    compiled: bool = False  # --compile: each decoder layer as torch.compile runs it (sim/compiled.py)
     dense_layers: int = 0  # DeepSeek-V3: the first layers' MLP is dense (first_k_dense_replace)
     sequence_parallel: int = 1  # ranks of DTensor's sequence-parallel plan (memtui trace's TP): norms on 1/tp
 

@@ -46,10 +46,11 @@ from memtui.engine.estimator.sim.families import (
     rotary,
     softcap,
 )
+from memtui.engine.estimator.sim.compiled import compiled_layer
 from memtui.engine.estimator.sim.deepseek import deepseek_layer, deepseek_layer_params, latent_dims
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.validation import adapts_head, resolve_lora_targets
+from memtui.engine.model.validation import adapts_head, resolve_lora_targets, unmodelled_compile
 
 GRAPH_FREED = "graph_freed"  # the loss dropped after backward: the graph goes, with what its ctx attributes kept
 FORWARD_SEGMENTS = ("inputs", "embed_fwd", "layer_fwd", "head_fwd")
@@ -126,6 +127,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         loss_chunk_rows=fused_linear_chunk_rows(config.batch_size * config.seq_len, spec.vocab_size // config.tp,
                                                 spec.hidden_size) if config.loss == "fused-linear" else 0,
         activation_offload=config.activation_offload,
+        compiled=config.compile and not unmodelled_compile(config, spec),
         offload_point=(float(min(config.batch_size * config.seq_len, 1024)), float(min(config.seq_len, 1024)))
         if config.activation_offload else (0.0, 0.0),
     )
@@ -285,12 +287,16 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     # layers of the other kind keep the second for their backward (freed with the last of them: the step's end).
     other_pair = rotary(sim, d, x.dtype) if opts.rope_pairs > 1 else ()
 
-    def run_layer(hidden: Tensor, layer) -> Tensor:
+    def run_layer(hidden: Tensor, layer, sim: Sim = sim) -> Tensor:
+        if opts.compiled and sim is outer_sim:
+            return compiled_layer(sim, lambda recorder, h: run_layer(h, layer, recorder), hidden)
         if gpt2:
             return gpt2_layer(sim, hidden, layer, d, opts)
         if opts.family == "deepseek_v3":
             return deepseek_layer(sim, hidden, layer, d, opts, cos, sin, dense=dense[[id(one) for one in layer_params].index(id(layer))])
         return llama_layer(sim, hidden, layer, d, opts, cos, sin)
+
+    outer_sim = sim
 
     # Layer 0 differs (with a frozen embedding its input needs no gradient); the last layer's
     # output feeds the head, not a layer; the middle one stands for every other layer.
