@@ -92,6 +92,8 @@ class LadderView(Vertical):
 
         `stale`: it is the last valid configuration's, shown while an input is refused (as the budget is).
         """
+        if not self.query("#ladder-list"):
+            return  # the app is closing: its children went while a worker's ladder was on its way
         self.ladder = ladder
         self.pending = False
         self.stale = stale
