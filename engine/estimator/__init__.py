@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator.budget import make_budget
 from memtui.engine.estimator.generic import generic_estimate
+from memtui.engine.estimator.memo import Cache, memoised
 from memtui.engine.estimator.moments import Moment, activation_moments, held_after_forward, offloaded_bytes
 from memtui.engine.estimator.pipeline import pipeline_moments, stage_roles
 from memtui.engine.estimator.layout import (
@@ -46,11 +48,9 @@ from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_contex
 from memtui.engine.model.presets import resolve_gpu, resolve_model
 from memtui.engine.model.specs import (
     Budget,
-    Components,
     GpuSpec,
     ModelStates,
     StageBudget,
-    TimelinePoint,
     TrainingConfig,
 )
 from memtui.engine.model.validation import check_config, resolve_lora_targets
@@ -58,20 +58,21 @@ from memtui.engine.model.validation import check_config, resolve_lora_targets
 __all__ = ["estimate"]
 
 
-def _per_model(cache: dict[tuple, tuple[ModelSpec, Any]], key: tuple, model: ModelSpec, compute: Callable[[], Any]):
-    """`compute()` memoised per model and key: the app and the fit solver ask for the same model many times."""
-    hit = cache.get((id(model), *key))
-    if hit is not None and hit[0] is model:
-        return hit[1]
-    if len(cache) > 256:
-        cache.clear()
-    value = compute()
-    cache[(id(model), *key)] = (model, value)  # holding the model keeps its id from being reused
-    return value
+def _per_model(cache: Cache, key: tuple, model: ModelSpec, compute: Callable[[], Any]):
+    return memoised(cache, key, model, None, compute)
 
 
-_LAYOUTS: dict[tuple, tuple[ModelSpec, ParamLayout]] = {}
-_BNB_STATES: dict[tuple, tuple[ModelSpec, tuple[int, int]]] = {}
+# The explicit keys of an estimate's memoised work: every option (the step's figures), and every option but the
+# batch size and sequence length (the layout and the model states, which neither changes).
+_OPTION_NAMES = tuple(TrainingConfig.model_fields)
+_all_options = itemgetter(*_OPTION_NAMES)
+_shape_free_options = itemgetter(*(name for name in _OPTION_NAMES if name not in ("batch_size", "seq_len")))
+_STEPS: Cache = {}  # (check_config's notes, _StepFigures) per option
+_OPTION_SETS: Cache = {}  # (layout, model states on the GPU, one optimizer state over the largest group, trainable)
+
+
+_LAYOUTS: Cache = {}
+_BNB_STATES: Cache = {}
 
 
 def _layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
@@ -432,17 +433,17 @@ def _step_moments(
     return moments
 
 
-def _timeline(moments: list[StepMoment], on_gpu: _StatesOnGpu) -> list[TimelinePoint]:
-    """Between steps, then the largest moment of each phase."""
+def _timeline(moments: list[StepMoment], on_gpu: _StatesOnGpu) -> list[dict[str, Any]]:
+    """Between steps, then the largest moment of each phase (TimelinePoint's fields)."""
     optimizer_states = on_gpu.states.optimizer_states
     phase_peaks: dict[str, int] = {}
     for moment in moments:
         phase_peaks[moment.phase] = max(phase_peaks.get(moment.phase, -1), moment.total(optimizer_states))
     steady = on_gpu.resting_weights + on_gpu.ddp_buckets + optimizer_states
-    timeline = [TimelinePoint(phase="start", bytes=steady)]
-    timeline += [TimelinePoint(phase=name, bytes=phase_peaks[name]) for name in ("forward", "loss", "backward", "optimizer")
+    timeline = [{"phase": "start", "bytes": steady}]
+    timeline += [{"phase": name, "bytes": phase_peaks[name]} for name in ("forward", "loss", "backward", "optimizer")
                  if name in phase_peaks]
-    timeline.append(TimelinePoint(phase="end", bytes=steady))
+    timeline.append({"phase": "end", "bytes": steady})
     return timeline
 
 
@@ -454,19 +455,53 @@ def estimate(
     gpu = gpu or resolve_gpu(config.gpu)
     if model.family == "generic":  # a model_type not replayed by hand: its traced program, from the cache
         return generic_estimate(config, model, gpu)
-    notes = check_config(config, model, gpu)
-    if config.pp > 1:
-        return _pipeline_budget(config, model, gpu, notes)
-    layout = _layout(config, model)
-    on_gpu, one_state_group = _states_on_gpu(config, model, layout)
+    # A pure function of the options, the model and the GPU, memoised: fit and the planner ask again and again.
+    notes, figures = memoised(_STEPS, _all_options(config.__dict__), model, gpu,
+                              lambda: _checked_step(config, model, gpu), limit=4096)
+    if figures is None:
+        return _pipeline_budget(config, model, gpu, list(notes))
+    return _budget_of(config, model, gpu, figures, notes)
+
+
+def _checked_step(config: TrainingConfig, model: ModelSpec,
+                  gpu: GpuSpec) -> tuple[tuple[str, ...], _StepFigures | None]:
+    """check_config's notes (a refusal raises: nothing is memoised) and the step's figures (None under --pp)."""
+    notes = tuple(check_config(config, model, gpu))
+    return notes, None if config.pp > 1 else _step_figures(config, model, gpu)
+
+
+def _step_figures(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> _StepFigures:
+    """The step at this batch size and sequence length; the model states come from the option set's memo."""
+    layout, on_gpu, one_state_group, trainable_params = memoised(
+        _OPTION_SETS, _shape_free_options(config.__dict__), model, gpu, lambda: _option_set(config, model), limit=1024)
     workspace = cublas_workspace_bytes(gpu)
     moments = _step_moments(config, model, layout, on_gpu, one_state_group, workspace)
-    return _budget(config, model, gpu, layout, on_gpu, moments, workspace, notes)
+    return _figures(config, model, gpu, layout, on_gpu, moments, workspace, trainable_params)
 
 
-def _budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: ParamLayout, on_gpu: _StatesOnGpu,
-            moments: list[StepMoment], workspace: int, notes: list[str]) -> Budget:
-    """The Budget of a step's moments: the largest is the peak."""
+def _option_set(config: TrainingConfig, model: ModelSpec) -> tuple[ParamLayout, _StatesOnGpu, int, int]:
+    layout = _layout(config, model)
+    return (layout, *_states_on_gpu(config, model, layout), trainable_params_total(config, model))
+
+
+class _StepFigures(NamedTuple):
+    """make_budget's arguments for a step, as plain data (memoised; the Budget's validation copies them)."""
+
+    trainable_params: int
+    model_states: dict[str, int]
+    per_gpu: dict[str, int]
+    tensor_peak_bytes: int
+    device_peak_bytes: int
+    peak_phase: str
+    timeline: list[dict[str, Any]]
+    paged_bytes: int
+    offloaded_bytes: int
+    config_fields: dict[str, Any]
+
+
+def _figures(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: ParamLayout, on_gpu: _StatesOnGpu,
+             moments: list[StepMoment], workspace: int, trainable_params: int) -> _StepFigures:
+    """The figures of a step's moments: the largest is the peak."""
     optimizer_states = on_gpu.states.optimizer_states
     peak = max(moments, key=lambda moment: moment.total(optimizer_states))  # the first of equals, as the step meets it
     peak_total = peak.total(optimizer_states)
@@ -474,21 +509,32 @@ def _budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: Para
     largest_block = max(max(moment.temporary for moment in moments) - workspace - on_gpu.ddp_buckets, 0)
     reserved = reserved_from_allocated(tensor_peak, largest_block)
     overhead = cuda_context_bytes(gpu) + (reserved - peak_total)  # so that the components add up to the device peak
-    per_gpu = Components(weights=peak.weights, gradients=peak.gradients, optimizer_states=optimizer_states,
-                         activations=peak.activations, temporary=peak.temporary, overhead=overhead)
-    return make_budget(
-        config, model, gpu,
-        trainable_params=trainable_params_total(config, model),
-        model_states=on_gpu.states,
+    per_gpu = dict(weights=peak.weights, gradients=peak.gradients, optimizer_states=optimizer_states,
+                   activations=peak.activations, temporary=peak.temporary, overhead=overhead)
+    return _StepFigures(
+        trainable_params=trainable_params,
+        model_states=on_gpu.states.model_dump(),
         per_gpu=per_gpu,
         tensor_peak_bytes=tensor_peak,
         device_peak_bytes=peak_total + overhead,
         peak_phase=peak.phase,
         timeline=_timeline(moments, on_gpu),
-        notes=notes,
         paged_bytes=on_gpu.paged,
         offloaded_bytes=offloaded_bytes(config, model, layers=layout.layers),
+        config_fields=config.model_dump(),
     )
+
+
+def _budget_of(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, figures: _StepFigures,
+               notes: list[str] | tuple[str, ...]) -> Budget:
+    return make_budget(config, model, gpu, notes=notes, **figures._asdict())
+
+
+def _budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: ParamLayout, on_gpu: _StatesOnGpu,
+            moments: list[StepMoment], workspace: int, notes: list[str]) -> Budget:
+    """The Budget of a step's moments: the largest is the peak."""
+    figures = _figures(config, model, gpu, layout, on_gpu, moments, workspace, trainable_params_total(config, model))
+    return _budget_of(config, model, gpu, figures, notes)
 
 
 def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, notes: list[str]) -> Budget:

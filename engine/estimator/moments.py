@@ -7,8 +7,8 @@ replayed step is evaluated at this batch size and sequence length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator.sim.core import lf_eval
@@ -17,8 +17,7 @@ from memtui.engine.estimator.sim.program import compile_step, dims_for, options_
 from memtui.engine.model.specs import TrainingConfig
 
 
-@dataclass(frozen=True)
-class Moment:
+class Moment(NamedTuple):
     """Bytes live at one candidate peak, beyond weights and optimizer states."""
 
     phase: str  # forward | loss | backward
@@ -58,17 +57,20 @@ def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_le
     values = (1.0, float(tokens), float(tokens * seq_len), float(seq_len), float(seq_len * seq_len))
     # 1F1B: the first pipeline stage holds the saved activations of pp micro-batches.
     in_flight = (pp - 1) * layers * lf_eval(program.layer_saved, values)
+    # lf_eval written out (the same products and sums, in the same order): an estimate at a new shape evaluates
+    # four forms for each of some thirty candidates.
+    one, per_token, per_token_seq, per_position, per_position_sq = values
     moments = []
     for candidate in program.candidates:
         live = candidate.live
+        w, g, a, t = live["weights"], live["gradients"], live["activations"], live["temporary"]
         extra = in_flight if candidate.phase != "forward" else 0.0
-        moments.append(
-            Moment(
-                phase=candidate.phase,
-                autocast_weights=int(lf_eval(live["weights"], values)),
-                gradients=int(lf_eval(live["gradients"], values)),
-                activations=int(lf_eval(live["activations"], values) + extra),
-                temporary=int(lf_eval(live["temporary"], values)),
-            )
-        )
+        moments.append(Moment(
+            candidate.phase,
+            int(w[0] * one + w[1] * per_token + w[2] * per_token_seq + w[3] * per_position + w[4] * per_position_sq),
+            int(g[0] * one + g[1] * per_token + g[2] * per_token_seq + g[3] * per_position + g[4] * per_position_sq),
+            int(a[0] * one + a[1] * per_token + a[2] * per_token_seq + a[3] * per_position + a[4] * per_position_sq
+                + extra),
+            int(t[0] * one + t[1] * per_token + t[2] * per_token_seq + t[3] * per_position + t[4] * per_position_sq),
+        ))
     return tuple(moments)
