@@ -1,20 +1,22 @@
 """Derive a generic decoder's step program by tracing its real transformers module at a few sizes.
 
 The model is built by transformers (the class AutoModelForCausalLM picks for its model_type) at 1 and 2
-layers (2 and 3 when the whole step at 3 layers shows the first layer unlike the others), on fake tensors, with the options applied as for any trace (memtui.engine.torchside.build). One
-untraced step makes the optimizer states; then one training step per (batch, sequence) point is traced
-with the MemoryTracker, and the step is cut into segments at the decoder layers' boundaries:
+layers (2 and 3 when the whole step at 3 layers shows the first layer unlike the others), on fake tensors,
+with the options applied as for any trace (memtui.engine.torchside.build), once per depth. The optimizer's
+states are made from zero gradients; then one training step per (batch, sequence) point is traced with the
+MemoryTracker, and the step is cut into segments at the decoder layers' boundaries:
 
     forward: before the layers, each layer, after them (final norm, head) | loss |
     backward: before the layers, each layer (from the last), after them | optimizer
 
 A segment's candidate peaks are the events that are its peak at some point (the same ops run at every
 size, so an event's place in the segment names it across sizes; where the ops differ, the peak alone).
-Each candidate's components are fitted as exact forms in (b, s) over the points (basis 1, b, s, b*s;
-with s^2 and b*s^2 for eager attention, or when that basis fails the check) and checked on one more
-point (3 x 1024), then both depths are traced again at the extra sizes. A segment outside
-the layers grows by a fixed amount per layer (the difference between the two depths), and so do the
-first and the last layer's own segments. The program (memtui.engine.model.generic) keeps every such
+Each candidate's components are fitted as exact forms in (b, s) over as many points as the basis has terms
+(1, b, s, b*s; with s^2 and b*s^2 for eager attention). A segment outside the layers grows by a fixed amount
+per layer (the difference between the two depths), and so do the first and the last layer's own segments.
+One step at 3 layers and a larger size (3 x 1024) checks every segment at once; where it misses, that size
+is traced at each depth too, which tells the forms in (b, s) (then the s^2 terms, or batch 1 apart) from
+the growth with depth (then 2 and 3 layers). The program (memtui.engine.model.generic) keeps every
 candidate as c0 + c1 * L per basis term and component.
 """
 
