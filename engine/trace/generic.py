@@ -613,6 +613,7 @@ def derive_program(spec: ModelSpec, config: TrainingConfig, progress: Progress |
         "fit_error": worst,
         "points": [list(point) for point in points],
         "seconds": round(time.perf_counter() - started, 2),
+        "traced_steps": sum(len(runs) for runs in traced.values()),
     }
     write_json(program_path(spec, config), program)
     report("done", 1.0)
