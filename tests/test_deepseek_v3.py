@@ -90,3 +90,25 @@ def test_a_live_runs_scaled_copy_keeps_an_moe_layer_and_the_dense_mlps_width():
     width = copy_spec.hidden_size / spec.hidden_size
     dense_mlp = next(linear for linear in copy_spec.dense_linears if linear.name == "gate_proj")
     assert dense_mlp.out_features == round(spec.config["intermediate_size"] * width / 16) * 16
+
+
+@pytest.mark.parametrize(("model_id", "config_class"), [("moonlight-16b-a3b", "DeepseekV3Config"),
+                                                        ("qwen3-30b-a3b", "Qwen3MoeConfig")])
+def test_a_config_without_norm_topk_prob_is_routed_as_transformers_defaults_it(model_id, config_class):
+    """The top-k weights' renormalisation adds the router's sum and division (saved for backward under LoRA):
+    a config.json without the key gets transformers' default (DeepSeek-V3 true, Qwen3-MoE false)."""
+    transformers = pytest.importorskip("transformers")
+    default = getattr(transformers, config_class)().norm_topk_prob
+    config = copy.deepcopy(resolve_model(model_id).hf_config())
+    config["num_hidden_layers"] = 3
+    training = TrainingConfig(model=model_id, precision="bf16-true", seq_len=1024, lora_rank=8,
+                              lora_targets="all-linear")
+
+    def peak(value) -> int:
+        changed = {key: item for key, item in config.items() if key != "norm_topk_prob"}
+        if value is not None:
+            changed["norm_topk_prob"] = value
+        return estimate(training, model=model_spec_from_config(changed, model_id=model_id, source="t")).tensor_peak_bytes
+
+    assert peak(True) != peak(False)  # the renormalisation's tensors are in the peak
+    assert peak(None) == peak(default)

@@ -1,20 +1,22 @@
 """Derive a generic decoder's step program by tracing its real transformers module at a few sizes.
 
 The model is built by transformers (the class AutoModelForCausalLM picks for its model_type) at 1 and 2
-layers (2 and 3 when the whole step at 3 layers shows the first layer unlike the others), on fake tensors, with the options applied as for any trace (memtui.engine.torchside.build). One
-untraced step makes the optimizer states; then one training step per (batch, sequence) point is traced
-with the MemoryTracker, and the step is cut into segments at the decoder layers' boundaries:
+layers (2 and 3 when the whole step at 3 layers shows the first layer unlike the others), on fake tensors,
+with the options applied as for any trace (memtui.engine.torchside.build), once per depth. The optimizer's
+states are made from zero gradients; then one training step per (batch, sequence) point is traced with the
+MemoryTracker, and the step is cut into segments at the decoder layers' boundaries:
 
     forward: before the layers, each layer, after them (final norm, head) | loss |
     backward: before the layers, each layer (from the last), after them | optimizer
 
 A segment's candidate peaks are the events that are its peak at some point (the same ops run at every
 size, so an event's place in the segment names it across sizes; where the ops differ, the peak alone).
-Each candidate's components are fitted as exact forms in (b, s) over the points (basis 1, b, s, b*s;
-with s^2 and b*s^2 for eager attention, or when that basis fails the check) and checked on one more
-point (3 x 1024), then both depths are traced again at the extra sizes. A segment outside
-the layers grows by a fixed amount per layer (the difference between the two depths), and so do the
-first and the last layer's own segments. The program (memtui.engine.model.generic) keeps every such
+Each candidate's components are fitted as exact forms in (b, s) over as many points as the basis has terms
+(1, b, s, b*s; with s^2 and b*s^2 for eager attention). A segment outside the layers grows by a fixed amount
+per layer (the difference between the two depths), and so do the first and the last layer's own segments.
+One step at 3 layers and a larger size (3 x 1024) checks every segment at once; where it misses, that size
+is traced at each depth too, which tells the forms in (b, s) (then the s^2 terms, or batch 1 apart) from
+the growth with depth (then 2 and 3 layers). The program (memtui.engine.model.generic) keeps every
 candidate as c0 + c1 * L per basis term and component.
 """
 
@@ -222,63 +224,100 @@ def _segment_series(log, phase_marks, layer_marks, layers: int) -> dict[tuple[st
     return segments
 
 
-def _trace_points(spec: ModelSpec, config: TrainingConfig, points, report: Progress, done: float,
-                  share: float) -> tuple[list[dict], dict[str, int]]:
-    """Build once, one untraced step, then one traced step per (b, s): segment peaks per point, and the
-    model states and largest allocations."""
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
+class _DepthTracer:
+    """One model of a given depth, built once on fake tensors with its optimizer's states made, traced at any
+    number of (b, s) points as they are asked for (the fallbacks ask for more sizes of a depth already traced)."""
 
-    from memtui.engine.torchside.build import build_model, build_optimizer, compute_dtype, training_step
-    from memtui.engine.trace.cuda_autocast import cuda_autocast_policy, cuda_like_autocast
-    from memtui.engine.trace.cuda_dropout import cuda_dropout
-    from memtui.engine.trace.cuda_sdpa import cuda_sdpa
-    from memtui.engine.trace.fake_step import classify_by_owner, optimizer_state_tensors, quiet_libraries
-    from memtui.engine.trace.hf_patches import real_run_decisions
-    from memtui.engine.trace.tracker import MemoryTracker
+    def __init__(self, spec: ModelSpec, config: TrainingConfig) -> None:
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    segments = _Segments()
-    gradients: set[int] = set()
-    results = []
-    states: dict[str, int] = {}
-    with quiet_libraries(), FakeTensorMode(allow_non_fake_inputs=True):
-        model = build_model(spec, config, device="cpu", quant_backend="replica")
-        layers = decoder_layers(model, spec.num_layers)
-        _instrument(layers, segments)
-        model.get_output_embeddings().register_forward_hook(
-            lambda *_: segments.tracker.mark("loss") if segments.tracker is not None else None)
+        from memtui.engine.torchside.build import build_model, build_optimizer, compute_dtype
 
-        def grad_ready(parameter) -> None:
-            if segments.tracker is not None:
-                alloc_id = segments.tracker.alloc_id_of(parameter.grad)
-                if alloc_id is not None:
-                    gradients.add(alloc_id)
+        self.spec, self.config = spec, config
+        self.segments = _Segments()
+        self.gradients: set[int] = set()
+        self.states: dict[str, int] = {}
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with self._contexts(build=True):
+            self.model = build_model(spec, config, device="cpu", quant_backend="replica")
+            segments = self.segments
+            _instrument(decoder_layers(self.model, spec.num_layers), segments)
+            self.model.get_output_embeddings().register_forward_hook(
+                lambda *_: segments.tracker.mark("loss") if segments.tracker is not None else None)
+            for parameter in self.model.parameters():
+                if parameter.requires_grad:
+                    parameter.register_post_accumulate_grad_hook(self._grad_ready)
+            optimizer_config = config
+            if config.optimizer in ("sgd", "sgd-momentum") and config.optimizer_impl == "fused":
+                optimizer_config = config.model_copy(update={"optimizer_impl": "foreach"})  # as fake_step does
+            self.optimizer = build_optimizer(self.model, optimizer_config, device_type="cuda")
+            self.scaler = None
+            if config.precision == "16-mixed":
+                self.scaler = torch.amp.GradScaler("cpu")
+                self.scaler._maybe_opt_step = lambda optimizer, _state, *args, **kwargs: optimizer.step(*args,
+                                                                                                          **kwargs)
+            dtype = compute_dtype(config)
+            self.autocast = ((lambda: _cuda_like_autocast(dtype)) if config.autocast
+                             else contextlib.nullcontext)
+            self._make_states()
 
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.register_post_accumulate_grad_hook(grad_ready)
-        optimizer_config = config
-        if config.optimizer in ("sgd", "sgd-momentum") and config.optimizer_impl == "fused":
-            optimizer_config = config.model_copy(update={"optimizer_impl": "foreach"})  # as fake_step does
-        optimizer = build_optimizer(model, optimizer_config, device_type="cuda")
-        scaler = None
-        if config.precision == "16-mixed":
-            scaler = torch.amp.GradScaler("cpu")
-            scaler._maybe_opt_step = lambda optimizer, _state, *args, **kwargs: optimizer.step(*args, **kwargs)
-        dtype = compute_dtype(config)
+    def _contexts(self, *, build: bool = False) -> contextlib.ExitStack:
+        from memtui.engine.trace.cuda_autocast import cuda_autocast_policy
+        from memtui.engine.trace.cuda_dropout import cuda_dropout
+        from memtui.engine.trace.cuda_sdpa import cuda_sdpa
+        from memtui.engine.trace.fake_step import quiet_libraries
+        from memtui.engine.trace.hf_patches import real_run_decisions
 
-        def autocast():
-            return cuda_like_autocast(dtype) if config.autocast else contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(quiet_libraries())
+        stack.enter_context(self.mode)
+        if not build:
+            stack.enter_context(cuda_sdpa() if self.config.attention == "flash" else contextlib.nullcontext())
+            stack.enter_context(cuda_autocast_policy() if self.config.autocast else contextlib.nullcontext())
+            stack.enter_context(cuda_dropout())
+            stack.enter_context(real_run_decisions())
+        return stack
 
-        attention = cuda_sdpa() if config.attention == "flash" else contextlib.nullcontext()
-        policy = cuda_autocast_policy() if config.autocast else contextlib.nullcontext()
-        with attention, policy, cuda_dropout(), real_run_decisions():
-            batch, seq = points[0]
-            ids = torch.randint(0, spec.vocab_size, (batch, seq))
-            training_step(model, optimizer, ids, ids, autocast=autocast, scaler=scaler)  # makes the states
-            del ids
+    def _grad_ready(self, parameter) -> None:
+        tracker = self.segments.tracker
+        if tracker is not None:
+            alloc_id = tracker.alloc_id_of(parameter.grad)
+            if alloc_id is not None:
+                self.gradients.add(alloc_id)
+
+    def _make_states(self) -> None:
+        """The optimizer's states as the first step makes them: from zero gradients, without a forward and a
+        backward (GradScaler makes its scale in the step's backward: there, one whole untraced step)."""
+        import torch
+
+        from memtui.engine.torchside.build import training_step
+
+        if self.scaler is not None:
+            with self._contexts():
+                ids = torch.randint(0, self.spec.vocab_size, CHECK_POINT)
+                training_step(self.model, self.optimizer, ids, ids, autocast=self.autocast, scaler=self.scaler)
+            return
+        with self._contexts():
+            for parameter in self.model.parameters():
+                if parameter.requires_grad:
+                    parameter.grad = torch.zeros_like(parameter)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def trace(self, points, report: Progress, done: float, share: float) -> list[dict]:
+        """One traced step per (b, s): each segment's live bytes per component, and the largest allocation."""
+        import torch
+
+        from memtui.engine.torchside.build import training_step
+        from memtui.engine.trace.fake_step import classify_by_owner, optimizer_state_tensors
+        from memtui.engine.trace.tracker import MemoryTracker
+
+        model, optimizer, scaler, segments = self.model, self.optimizer, self.scaler, self.segments
+        results = []
+        with self._contexts():
             for number, (batch, seq) in enumerate(points):
-                report(f"{spec.num_layers}-layer step at batch {batch} x {seq}",
+                report(f"{self.spec.num_layers}-layer step at batch {batch} x {seq}",
                        done + share * (number + 1) / (len(points) + 1))
                 tracker = MemoryTracker()
                 weights = set()
@@ -290,24 +329,25 @@ def _trace_points(spec: ModelSpec, config: TrainingConfig, points, report: Progr
                          if t is not None] if scaler is not None else []
                 for state in optimizer_state_tensors(optimizer)[0] + extra:
                     tracker.track(state, "optimizer_state")
-                gradients.clear()
+                self.gradients.clear()
                 segments.tracker, segments.marks = tracker, []
                 tracker.step = 2
                 tracker.mark("inputs")
                 with tracker:
-                    ids = torch.randint(0, spec.vocab_size, (batch, seq))
-                    training_step(model, optimizer, ids, ids, autocast=autocast, scaler=scaler, phase=tracker.mark)
+                    ids = torch.randint(0, self.spec.vocab_size, (batch, seq))
+                    training_step(model, optimizer, ids, ids, autocast=self.autocast, scaler=scaler,
+                                  phase=tracker.mark)
                 segments.tracker = None
-                classify_by_owner(tracker, weights=weights, gradients=set(gradients), optimizer=optimizer,
+                classify_by_owner(tracker, weights=weights, gradients=set(self.gradients), optimizer=optimizer,
                                   scaler=scaler)
                 log = tracker.log
-                peaks = _segment_series(log, log.phase_marks, segments.marks, spec.num_layers)
+                peaks = _segment_series(log, log.phase_marks, segments.marks, self.spec.num_layers)
                 step_sizes = [alloc.nbytes for alloc in log.allocations.values() if alloc.phase != "setup"]
                 setup_sizes = [alloc.nbytes for alloc in log.allocations.values() if alloc.phase == "setup"]
                 results.append({"b": batch, "s": seq, "peaks": peaks, "largest_step": max(step_sizes, default=0)})
-                if not states:
+                if not self.states:
                     device = [a for a in log.allocations.values() if not a.host]
-                    states = {
+                    self.states = {
                         "weights": sum(a.nbytes for a in device if a.category == "weights" and a.phase == "setup"),
                         "optimizer_states": sum(a.nbytes for a in device if a.category == "optimizer_states"),
                         "gradients": sum(a.nbytes for a in device if a.category == "gradients"),
@@ -317,8 +357,13 @@ def _trace_points(spec: ModelSpec, config: TrainingConfig, points, report: Progr
                     }
                 tracker.detach_finalizers()
                 del ids, log, tracker
-        del model, optimizer
-    return results, states
+        return results
+
+
+def _cuda_like_autocast(dtype):
+    from memtui.engine.trace.cuda_autocast import cuda_like_autocast
+
+    return cuda_like_autocast(dtype)
 
 
 # ---- fitting ------------------------------------------------------------------------------------------------
@@ -339,11 +384,12 @@ def _first_peak(series: list[tuple[int, ...]]) -> int:
     return totals.index(max(totals))
 
 
-def _fitted_segments(runs_by_depth: dict[int, list[dict]], names: tuple[str, ...]) -> tuple[dict, float, str]:
+def _fitted_segments(runs_by_depth: dict[int, list[dict]], names: tuple[str, ...], *, checked: bool = True,
+                     moment_runs: tuple[dict, ...] = ()) -> tuple[dict, float, str]:
     """Per depth, per (segment, slot, moment): the fitted forms of the components, and the worst relative error
-    of a segment's peak at the check point. A segment's moments are the events that are its peak at some point
-    (aligned by their place in the segment, which holds the same ops at every size); where the segments' lengths
-    differ, its peak alone."""
+    of a segment's peak at the check point (each depth's last run when `checked`). A segment's moments are the
+    events that are its peak at some point (aligned by their place in the segment, which holds the same ops at
+    every size and depth; `moment_runs` add their peaks); where the segments' lengths differ, its peak alone."""
     fitted: dict[int, dict] = {}
     worst, worst_segment = 0.0, ""
     by_name: dict[str, list[list]] = {}
@@ -354,12 +400,15 @@ def _fitted_segments(runs_by_depth: dict[int, list[dict]], names: tuple[str, ...
                              "the generic path cannot derive its forms")
         for key in keys:
             by_name.setdefault(key[0], []).extend(run["peaks"][key]["series"] for run in runs)
+    for run in moment_runs:
+        for key, segment in run["peaks"].items():
+            by_name.setdefault(key[0], []).append(segment["series"])
     moments = {}
     for name, all_series in by_name.items():
         aligned = len({len(series) for series in all_series}) == 1
         moments[name] = sorted({_first_peak(series) for series in all_series}) if aligned else [None]
     for depth, runs in runs_by_depth.items():
-        fit_runs, check = runs[:-1], runs[-1]
+        fit_runs, check = (runs[:-1], runs[-1]) if checked else (runs, None)
         points = [(run["b"], run["s"]) for run in fit_runs]
         fitted[depth] = {}
         for key in runs[0]["peaks"]:
@@ -372,9 +421,12 @@ def _fitted_segments(runs_by_depth: dict[int, list[dict]], names: tuple[str, ...
                     return series[_first_peak(series) if moment is None else moment]
                 forms = {component: _fit(names, points, [at(run)[i] for run in fit_runs])
                          for i, component in enumerate(COMPONENTS)}
-                predicted = sum(_evaluate(forms[c], names, check["b"], check["s"]) for c in COMPONENTS)
-                predicted_peak = max(predicted_peak, predicted)
                 fitted[depth][(key[0], key[1], moment)] = {"forms": forms, "phase": runs[0]["peaks"][key]["phase"]}
+                if check is not None:
+                    predicted = sum(_evaluate(forms[c], names, check["b"], check["s"]) for c in COMPONENTS)
+                    predicted_peak = max(predicted_peak, predicted)
+            if check is None:
+                continue
             measured = max(sum(values) for values in check["peaks"][key]["series"])
             error = abs(predicted_peak - measured) / max(measured, 1)
             if error > worst:
@@ -417,6 +469,31 @@ def _predicted_peak(candidates: list[dict], names: tuple[str, ...], layers: int,
                for candidate in candidates if layers >= candidate["min_layers"])
 
 
+def _deeper_check(candidates: list[dict], names: tuple[str, ...], layers: int, run: dict) -> tuple[float, str]:
+    """The worst relative error of the candidates' prediction for a step traced at `layers` (more than the fitted
+    depths) and another size: each segment outside the layers and the first and the last layer's, and the step's
+    peak. Where it is exact, the forms in (b, s) and their growth with depth are both confirmed by one trace."""
+    values = basis_values(names, run["b"], run["s"])
+    predicted: dict[str, float] = {}
+    for candidate in candidates:
+        if layers >= candidate["min_layers"]:
+            total = sum((c + m * layers) * v for name in COMPONENTS
+                        for c, m, v in zip(*candidate["components"][name], values))
+            predicted[candidate["segment"]] = max(predicted.get(candidate["segment"], 0.0), total)
+    worst, worst_segment, step_peak = 0.0, "", 0.0
+    for (name, slot), segment in run["peaks"].items():
+        measured = max(sum(values) for values in segment["series"])
+        step_peak = max(step_peak, measured)
+        label = name if slot <= 0 else f"{name} (last)" if slot == layers - 1 else None
+        if name in ("setup", "inputs", "end") or label is None:
+            continue
+        error = abs(predicted.get(label, 0.0) - measured) / max(measured, 1)
+        if error > worst:
+            worst, worst_segment = error, name
+    step_error = abs(max(predicted.values(), default=0.0) - step_peak) / max(step_peak, 1)
+    return (step_error, "the step") if step_error > worst else (worst, worst_segment)
+
+
 _ORDER = ("forward", "f-layer", "f-after", "loss", "backward", "b-layer", "b-after", "optimizer")
 
 
@@ -442,10 +519,15 @@ def derive_program(spec: ModelSpec, config: TrainingConfig, progress: Progress |
     traced: dict[int, dict[tuple[int, int], dict]] = {}
     depths = DEPTHS
 
+    tracers: dict[int, _DepthTracer] = {}
+
     def trace_at(depth: int, wanted: list[tuple[int, int]], done: float) -> None:
         missing = [point for point in wanted if point not in traced.setdefault(depth, {})]
         if missing:
-            runs, states[depth] = _trace_points(at_depth(built, depth), config, missing, report, done, 0.3)
+            if depth not in tracers:
+                tracers[depth] = _DepthTracer(at_depth(built, depth), config)
+            runs = tracers[depth].trace(missing, report, done, 0.3)
+            states[depth] = tracers[depth].states
             traced[depth].update({(run["b"], run["s"]): run for run in runs})
 
     def fit(fit_points: list[tuple[int, int]], check: tuple[int, int]) -> tuple[dict, float, str]:
@@ -476,13 +558,28 @@ def derive_program(spec: ModelSpec, config: TrainingConfig, progress: Progress |
                 used = [*MANY_POINTS, *SINGLE_POINTS]
         return fitted, single, worst, segment, used
 
-    fitted, single, worst, segment, points = fit_all()
-    # The depth check: the whole step at 3 layers against the forms' prediction.
-    trace_at(DEEPER[-1], [CHECK_POINT], 0.75)
-    measured = max(sum(values) for segment_series in traced[DEEPER[-1]][CHECK_POINT]["peaks"].values()
-                   for values in segment_series["series"])
+    # The common case in fewest traces: the basis' own number of sizes at each depth, and one step at 3 layers
+    # and a larger size that checks every segment's forms in (b, s) and their growth with depth at once.
+    for number, depth in enumerate(depths):
+        trace_at(depth, base_points, 0.05 + 0.3 * number)
+    trace_at(DEEPER[-1], [CHECK_POINT], 0.65)
+    deeper = traced[DEEPER[-1]][CHECK_POINT]
+    fitted, _, _ = _fitted_segments({depth: [traced[depth][point] for point in base_points] for depth in depths},
+                                    names, checked=False, moment_runs=(deeper,))
     candidates = _extend(depths, fitted)
-    depth_error = abs(_predicted_peak(candidates, names, DEEPER[-1], *CHECK_POINT) - measured) / max(measured, 1)
+    worst, segment = _deeper_check(candidates, names, DEEPER[-1], deeper)
+    single, points = None, base_points
+    if worst > EXACT:
+        # Which it is (terms in s^2, batch 1 unlike the others, a first layer unlike the others): the check point
+        # at each depth tells the forms in (b, s) from the growth with depth.
+        report("the forms need more sizes or depths", 0.7)
+        fitted, single, worst, segment, points = fit_all()
+        measured = max(sum(values) for segment_series in deeper["peaks"].values()
+                       for values in segment_series["series"])
+        candidates = _extend(depths, fitted)
+        depth_error = abs(_predicted_peak(candidates, names, DEEPER[-1], *CHECK_POINT) - measured) / max(measured, 1)
+    else:
+        depth_error = 0.0
     if depth_error > EXACT:
         report("the first layer differs from the others: 2 and 3 layers", 0.8)
         depths = DEEPER
@@ -516,6 +613,7 @@ def derive_program(spec: ModelSpec, config: TrainingConfig, progress: Progress |
         "fit_error": worst,
         "points": [list(point) for point in points],
         "seconds": round(time.perf_counter() - started, 2),
+        "traced_steps": sum(len(runs) for runs in traced.values()),
     }
     write_json(program_path(spec, config), program)
     report("done", 1.0)

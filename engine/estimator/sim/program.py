@@ -117,7 +117,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         attention_softcap=spec.family == "gemma2" and spec.config.get("attn_logit_softcapping") is not None,
         logit_softcap=softcapped and spec.config.get("final_logit_softcapping") is not None,
         rope_pairs=len(set(gemma3_layer_types(spec))) if spec.family == "gemma3" else 1,
-        norm_topk=bool(spec.config.get("norm_topk_prob", False)),
+        # transformers' defaults when the key is absent: DeepseekV3Config true, Qwen3MoeConfig false
+        norm_topk=bool(spec.config.get("norm_topk_prob", spec.family == "deepseek_v3")),
         full_layer_share=_full_layer_share(config, spec),
         dense_layers=spec.dense_layers,
         loss=config.loss,
