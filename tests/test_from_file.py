@@ -227,6 +227,10 @@ COMPILE_KEYS = {
                        '"max_length": 1024, "torch_compile": true}', ["--precision", "bf16-mixed"]),
     "hf-mode": ("sft.json", '{"model_name_or_path": "meta-llama/Llama-3.2-1B", "per_device_train_batch_size": 2, '
                             '"max_length": 1024, "torch_compile_mode": "default"}', ["--precision", "bf16-mixed"]),
+    # transformers turns torch_compile on when a backend or mode is given, whatever torch_compile says.
+    "hf-backend": ("sft.json", '{"model_name_or_path": "meta-llama/Llama-3.2-1B", "per_device_train_batch_size": 2, '
+                               '"max_length": 1024, "torch_compile": false, "torch_compile_backend": "inductor"}',
+                   ["--precision", "bf16-mixed"]),
     "torchtune": ("recipe.yaml", "model:\n  _component_: torchtune.models.llama3_2.llama3_2_1b\nbatch_size: 2\n"
                                  "tokenizer:\n  max_seq_len: 1024\ndtype: bf16\ncompile: true\n",
                   ["--precision", "bf16-true"]),
@@ -261,12 +265,29 @@ def test_each_formats_compile_key_is_compile(tmp_path, capsys, case):
     assert not any("compile" in note and note.startswith("ignored") for note in from_file["notes"])
 
 
-def test_torchtitan_compiling_only_the_loss_is_not_compile(tmp_path, capsys):
-    path = tmp_path / "job.toml"
-    path.write_text('[model]\nname = "llama3"\nflavor = "8B"\n[compile]\nenable = true\ncomponents = ["loss"]\n')
+@pytest.mark.parametrize(("name", "text", "note"), [
+    # torchtitan compiling the loss alone compiles no layer.
+    ("job.toml", '[model]\nname = "llama3"\nflavor = "8B"\n[compile]\nenable = true\ncomponents = ["loss"]\n',
+     "ignored: compile.enable=true ("),
+    # Axolotl hands a backend to the Trainer only with torch_compile on.
+    ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\ntorch_compile_backend: inductor\n", None),
+    ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\ntorch_compile: false\n", None),
+])
+def test_files_that_compile_no_layer_are_not_compile(tmp_path, capsys, name, text, note):
+    path = tmp_path / name
+    path.write_text(text)
     data = estimate_json(capsys, "--from", str(path), "--gpus", "8")
     assert data["config"]["compile"] is False
-    assert any(note.startswith("ignored: compile.enable=true (") for note in data["notes"])
+    if note:
+        assert any(line.startswith(note) for line in data["notes"])
+
+
+def test_a_cuda_graph_compile_mode_is_noted(tmp_path, capsys):
+    path = tmp_path / "sft.json"
+    path.write_text('{"model_name_or_path": "meta-llama/Llama-3.2-1B", "torch_compile_mode": "reduce-overhead"}')
+    data = estimate_json(capsys, "--from", str(path))
+    assert data["config"]["compile"] is True
+    assert any(note.startswith("ignored: torch_compile_mode=reduce-overhead (CUDA graphs") for note in data["notes"])
 
 
 def test_memtui_file_opens_the_planner_on_a_yaml_or_toml_config(monkeypatch):

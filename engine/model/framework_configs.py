@@ -287,27 +287,29 @@ def _map_hf_optimizer(reader: _Reader, key: str) -> None:
 
 
 # transformers/training_args.py: torch_compile (False); a torch_compile_backend or torch_compile_mode turns it on
-# (__post_init__), and accelerate compiles the whole model (torch.compile(model), Accelerator.prepare_model).
+# whatever torch_compile says (__post_init__), and accelerate compiles the whole model (torch.compile(model),
+# Accelerator.prepare_model).
 _WHOLE_MODEL = ("the Trainer compiles the whole model through accelerate; memtui compiles each decoder layer and "
                 "keeps the embeddings, head and loss eager")
 
 
-def _map_trainer_compile(reader: _Reader, key: str) -> None:
-    implied = next((name for name in ("torch_compile_backend", "torch_compile_mode") if reader.get(name)), None)
-    if reader.get(key) is None and implied:
-        key = implied
-        _map_compile(reader, key, _WHOLE_MODEL, chosen=True)
-    elif reader.get(key) == "auto":  # Axolotl: "auto" is true with torch >= 2.5.1 (check_torch_compile_auto)
-        _map_compile(reader, key, _WHOLE_MODEL, chosen=True)
+def _map_trainer_compile(reader: _Reader, *, axolotl: bool = False) -> None:
+    """The Trainer's torch_compile. Axolotl's takes "auto" (true with torch >= 2.5.1, check_torch_compile_auto)
+    and hands the backend and mode to TrainingArguments only with torch_compile on (_configure_torch_compile)."""
+    implied = None if axolotl else next((key for key in ("torch_compile_backend", "torch_compile_mode")
+                                         if reader.get(key)), None)
+    if implied and not reader.get("torch_compile"):
+        _map_compile(reader, implied, _WHOLE_MODEL, chosen=True)
+    elif axolotl and reader.get("torch_compile") == "auto":
+        _map_compile(reader, "torch_compile", _WHOLE_MODEL, chosen=True)
     else:
-        _map_compile(reader, key, _WHOLE_MODEL)
+        _map_compile(reader, "torch_compile", _WHOLE_MODEL)
     if not reader.options.get("compile"):
         return
     reader.ignore("torch_compile_backend", "memtui models inductor's min-cut partitioner",
                   lambda value: value != "inductor")
     reader.ignore("torch_compile_mode", "CUDA graphs keep a memory pool of their own, not modelled",
                   lambda value: value in ("reduce-overhead", "max-autotune"))
-
 
 _STAGE_IN_NAME = re.compile(r"(?:zero[_-]?(?:stage)?[_-]?|(?<![a-z0-9])z|stage[_-]?)([0-3])(?![0-9])", re.IGNORECASE)
 
@@ -466,7 +468,7 @@ def _hugging_face(reader: _Reader, folder: Path) -> None:
     # transformers/training_args.py: gradient_accumulation_steps; use_liger_kernel patches the model's loss with
     # Liger's LigerFusedLinearCrossEntropy.
     reader.set("gradient_accumulation_steps", "grad_accum", reader.int("gradient_accumulation_steps"))
-    _map_trainer_compile(reader, "torch_compile")
+    _map_trainer_compile(reader)
     _map_fused_loss(reader, "use_liger_kernel")
     reader.ignore("padding_free", "padding-free batches: modelled as full sequences")
 
@@ -838,7 +840,7 @@ def _axolotl(reader: _Reader, folder: Path) -> None:
     _map_fsdp(reader, "fsdp", "fsdp_config", implied="full_shard" if reader.has("fsdp_config") else None)
     reader.set("gradient_accumulation_steps", "grad_accum", reader.int("gradient_accumulation_steps"))
     # schemas/config.py: torch_compile (None; "auto" is true with torch >= 2.5.1), handed to TrainingArguments.
-    _map_trainer_compile(reader, "torch_compile")
+    _map_trainer_compile(reader, axolotl=True)
     _map_fused_loss(reader, "liger_fused_linear_cross_entropy")
     _map_fused_loss(reader, "cut_cross_entropy", "modelled with Liger's allocations; cut-cross-entropy's kernel "
                     "keeps less")
