@@ -60,8 +60,8 @@ CASES = {
     "torchtitan_llama3_8b.toml": (
         "torchtitan",
         ["--model", "llama-3.1-8b", "--batch-size", "1", "--seq-len", "8192", "--gpus", "8", "--zero", "3",
-         "--precision", "bf16-mixed", "--checkpointing", "full", "--optimizer-impl", "fused"],
-        ["compile.enable=true"],
+         "--precision", "bf16-mixed", "--checkpointing", "full", "--optimizer-impl", "fused", "--compile"],
+        [],
     ),
     "trl_sft_qwen2_5_0_5b.json": (
         "hf",
@@ -73,8 +73,8 @@ CASES = {
     "hf_training_args_llama3_1_8b_zero3.yaml": (
         "hf",
         ["--model", "llama-3.1-8b", "--batch-size", "2", "--checkpointing", "full", "--precision", "bf16-mixed",
-         "--seq-len", "4096", "--zero", "3", "--offload", "optimizer"],
-        ["torch_compile=true"],
+         "--seq-len", "4096", "--zero", "3", "--offload", "optimizer", "--compile"],
+        [],
     ),
 }
 
@@ -205,19 +205,89 @@ def test_fit_and_trace_take_from_and_report_its_notes(tmp_path, capsys):
     path = tmp_path / "sft.json"
     path.write_text('{"model_name_or_path": "openai-community/gpt2", "per_device_train_batch_size": 2, '
                     '"max_length": 128, "gradient_accumulation_steps": 16, "optim": "adamw_torch_fused", '
-                    '"torch_compile": true}')
+                    '"padding_free": true}')
     code, out, err = run_cli(capsys, "fit", "--from", str(path), "--gpu", "t4", "--max-batch", "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["config"]["model"] == "gpt2" and data["config"]["seq_len"] == 128
     assert data["config"]["grad_accum"] == 16
-    assert any("ignored: torch_compile=true" in note for note in data["notes"])
+    assert any("ignored: padding_free=true" in note for note in data["notes"])
     code, out, err = run_cli(capsys, "trace", "--from", str(path), "--json")
     assert code == 0, err
     traced = json.loads(out)
     assert traced["config"]["optimizer_impl"] == "fused" and traced["config"]["batch_size"] == 2
     assert traced["config"]["grad_accum"] == 16
-    assert any("ignored: torch_compile=true" in note for note in traced["notes"])
+    assert any("ignored: padding_free=true" in note for note in traced["notes"])
+
+
+# Each format's torch.compile key, in a small file of that format, and the flags that say the same without it.
+_LLAMA_1B = ["--model", "llama-3.2-1b", "--batch-size", "2", "--seq-len", "1024"]
+COMPILE_KEYS = {
+    "hf": ("sft.json", '{"model_name_or_path": "meta-llama/Llama-3.2-1B", "per_device_train_batch_size": 2, '
+                       '"max_length": 1024, "torch_compile": true}', ["--precision", "bf16-mixed"]),
+    "hf-mode": ("sft.json", '{"model_name_or_path": "meta-llama/Llama-3.2-1B", "per_device_train_batch_size": 2, '
+                            '"max_length": 1024, "torch_compile_mode": "default"}', ["--precision", "bf16-mixed"]),
+    # transformers turns torch_compile on when a backend or mode is given, whatever torch_compile says.
+    "hf-backend": ("sft.json", '{"model_name_or_path": "meta-llama/Llama-3.2-1B", "per_device_train_batch_size": 2, '
+                               '"max_length": 1024, "torch_compile": false, "torch_compile_backend": "inductor"}',
+                   ["--precision", "bf16-mixed"]),
+    "torchtune": ("recipe.yaml", "model:\n  _component_: torchtune.models.llama3_2.llama3_2_1b\nbatch_size: 2\n"
+                                 "tokenizer:\n  max_seq_len: 1024\ndtype: bf16\ncompile: true\n",
+                  ["--precision", "bf16-true"]),
+    "torchtitan": ("job.toml", '[model]\nname = "llama3"\nflavor = "8B"\n[training]\nlocal_batch_size = 2\n'
+                               'seq_len = 1024\n[parallelism]\ndata_parallel_shard_degree = 8\n'
+                               '[activation_checkpoint]\nmode = "none"\n[compile]\nenable = true\n',
+                   ["--model", "llama-3.1-8b", "--gpus", "8", "--zero", "3", "--checkpointing", "none",
+                    "--optimizer-impl", "fused"]),
+    "torchtitan-old": ("job.toml", '[model]\nname = "llama3"\nflavor = "8B"\n[training]\nlocal_batch_size = 2\n'
+                                   'seq_len = 1024\ncompile = true\n[parallelism]\ndata_parallel_shard_degree = 8\n'
+                                   '[activation_checkpoint]\nmode = "none"\n',
+                       ["--model", "llama-3.1-8b", "--gpus", "8", "--zero", "3", "--checkpointing", "none",
+                        "--optimizer-impl", "fused"]),
+    "axolotl": ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\nmicro_batch_size: 2\nsequence_len: 1024\n"
+                               "bf16: true\ntorch_compile: true\n", ["--precision", "bf16-true"]),
+    "axolotl-auto": ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\nmicro_batch_size: 2\nsequence_len: 1024\n"
+                                    "bf16: true\ntorch_compile: auto\n", ["--precision", "bf16-true"]),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPILE_KEYS))
+def test_each_formats_compile_key_is_compile(tmp_path, capsys, case):
+    name, text, flags = COMPILE_KEYS[case]
+    path = tmp_path / name
+    path.write_text(text)
+    from_file = estimate_json(capsys, "--from", str(path))
+    # The file's own flags come last, so a torchtitan model overrides the Llama 3.2 1B of the shared ones.
+    compiled = estimate_json(capsys, *_LLAMA_1B, *flags, "--compile")
+    eager = estimate_json(capsys, *_LLAMA_1B, *flags)
+    assert from_file["config"]["compile"] is True
+    assert from_file["tensor_peak_bytes"] == compiled["tensor_peak_bytes"] != eager["tensor_peak_bytes"]
+    assert not any("compile" in note and note.startswith("ignored") for note in from_file["notes"])
+
+
+@pytest.mark.parametrize(("name", "text", "note"), [
+    # torchtitan compiling the loss alone compiles no layer.
+    ("job.toml", '[model]\nname = "llama3"\nflavor = "8B"\n[compile]\nenable = true\ncomponents = ["loss"]\n',
+     "ignored: compile.enable=true ("),
+    # Axolotl hands a backend to the Trainer only with torch_compile on.
+    ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\ntorch_compile_backend: inductor\n", None),
+    ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\ntorch_compile: false\n", None),
+])
+def test_files_that_compile_no_layer_are_not_compile(tmp_path, capsys, name, text, note):
+    path = tmp_path / name
+    path.write_text(text)
+    data = estimate_json(capsys, "--from", str(path), "--gpus", "8")
+    assert data["config"]["compile"] is False
+    if note:
+        assert any(line.startswith(note) for line in data["notes"])
+
+
+def test_a_cuda_graph_compile_mode_is_noted(tmp_path, capsys):
+    path = tmp_path / "sft.json"
+    path.write_text('{"model_name_or_path": "meta-llama/Llama-3.2-1B", "torch_compile_mode": "reduce-overhead"}')
+    data = estimate_json(capsys, "--from", str(path))
+    assert data["config"]["compile"] is True
+    assert any(note.startswith("ignored: torch_compile_mode=reduce-overhead (CUDA graphs") for note in data["notes"])
 
 
 def test_memtui_file_opens_the_planner_on_a_yaml_or_toml_config(monkeypatch):

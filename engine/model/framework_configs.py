@@ -190,6 +190,17 @@ def _map_fused_loss(reader: _Reader, key: str, why: str = "", *, chosen: bool | 
         reader.note(f"{key}: {why}")
 
 
+# ---- torch.compile -------------------------------------------------------------------------------------------
+def _map_compile(reader: _Reader, key: str, how: str, *, chosen: bool | None = None) -> None:
+    """torch.compile switched on by `key` (or `chosen`): memtui's --compile, which compiles each decoder layer;
+    `how` says what the framework compiles where that differs (the whole model, the loss too)."""
+    if not (reader.bool(key) if chosen is None else chosen):
+        return
+    reader.set(key, "compile", True)
+    if how:
+        reader.note(f"{key}: {how}")
+
+
 # ---- models --------------------------------------------------------------------------------------------
 # Suffixes of a Hub repository's name that do not change the architecture's memory (a chat tune of the base).
 _SAME_ARCHITECTURE = {"instruct", "hf", "it", "chat", "base", "v0.1", "v0.2", "v0.3", "4k"}
@@ -274,6 +285,31 @@ def _map_hf_optimizer(reader: _Reader, key: str) -> None:
         if match:
             reader.set("optim_args", "galore_rank", int(match.group(1)))
 
+
+# transformers/training_args.py: torch_compile (False); a torch_compile_backend or torch_compile_mode turns it on
+# whatever torch_compile says (__post_init__), and accelerate compiles the whole model (torch.compile(model),
+# Accelerator.prepare_model).
+_WHOLE_MODEL = ("the Trainer compiles the whole model through accelerate; memtui compiles each decoder layer and "
+                "keeps the embeddings, head and loss eager")
+
+
+def _map_trainer_compile(reader: _Reader, *, axolotl: bool = False) -> None:
+    """The Trainer's torch_compile. Axolotl's takes "auto" (true with torch >= 2.5.1, check_torch_compile_auto)
+    and hands the backend and mode to TrainingArguments only with torch_compile on (_configure_torch_compile)."""
+    implied = None if axolotl else next((key for key in ("torch_compile_backend", "torch_compile_mode")
+                                         if reader.get(key)), None)
+    if implied and not reader.get("torch_compile"):
+        _map_compile(reader, implied, _WHOLE_MODEL, chosen=True)
+    elif axolotl and reader.get("torch_compile") == "auto":
+        _map_compile(reader, "torch_compile", _WHOLE_MODEL, chosen=True)
+    else:
+        _map_compile(reader, "torch_compile", _WHOLE_MODEL)
+    if not reader.options.get("compile"):
+        return
+    reader.ignore("torch_compile_backend", "memtui models inductor's min-cut partitioner",
+                  lambda value: value != "inductor")
+    reader.ignore("torch_compile_mode", "CUDA graphs keep a memory pool of their own, not modelled",
+                  lambda value: value in ("reduce-overhead", "max-autotune"))
 
 _STAGE_IN_NAME = re.compile(r"(?:zero[_-]?(?:stage)?[_-]?|(?<![a-z0-9])z|stage[_-]?)([0-3])(?![0-9])", re.IGNORECASE)
 
@@ -432,7 +468,7 @@ def _hugging_face(reader: _Reader, folder: Path) -> None:
     # transformers/training_args.py: gradient_accumulation_steps; use_liger_kernel patches the model's loss with
     # Liger's LigerFusedLinearCrossEntropy.
     reader.set("gradient_accumulation_steps", "grad_accum", reader.int("gradient_accumulation_steps"))
-    reader.ignore("torch_compile", "torch.compile's saved tensors are not modelled yet")
+    _map_trainer_compile(reader)
     _map_fused_loss(reader, "use_liger_kernel")
     reader.ignore("padding_free", "padding-free batches: modelled as full sequences")
 
@@ -538,7 +574,9 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
     # recipes/*: enable_activation_offloading wraps the model's forward in OffloadActivations.
     if reader.bool("enable_activation_offloading"):
         reader.set("enable_activation_offloading", "activation_offload", True)
-    reader.ignore("compile", "torch.compile's saved tensors are not modelled yet")
+    # torchtune/training/_compile.py: compile_model compiles each TransformerSelfAttentionLayer, as memtui does;
+    # compile_loss compiles the loss too (the recipes' `compile`, False in the shipped configs).
+    _map_compile(reader, "compile", "torchtune compiles the loss too; memtui keeps the loss eager")
     # torchtune/modules/loss: CEWithChunkedOutputLoss (num_output_chunks, 8) and LinearCrossEntropyLoss (the
     # output projection inside the loss, chunked).
     loss = str(reader.get("loss._component_", "")).lower()
@@ -725,8 +763,18 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
                         "unsharded parameters only)")
         else:
             reader.set("optimizer.early_step_in_backward", "optimizer_in_backward", True)
-    reader.ignore("training.compile", "torch.compile's saved tensors are not modelled yet")
-    reader.ignore("compile.enable", "torch.compile's saved tensors are not modelled yet")
+    # job_config.py Compile: enable (False), components (["model", "loss"]); parallelize.py apply_compile compiles
+    # each TransformerBlock, as memtui does, and components/loss.py the loss. Before [compile], training.compile.
+    components = reader.get("compile.components", ["model", "loss"])
+    if not isinstance(components, list) or any(not isinstance(name, str) for name in components):
+        raise reader.error("compile.components", f"{_quoted(components)} is not a list of names", "model, loss")
+    if "model" in components:
+        _map_compile(reader, "compile.enable",
+                     "torchtitan compiles the loss too; memtui keeps the loss eager" if "loss" in components else "")
+    elif reader.bool("compile.enable"):
+        reader.note("ignored: compile.enable=true (compile.components leaves out the model: only the loss is "
+                    "compiled, which memtui keeps eager)")
+    _map_compile(reader, "training.compile", "")
     # global_batch_size above local_batch_size x the data-parallel degree accumulates gradients (train.py).
     data_parallel = degrees["data_parallel_replicate_degree"] * shard
     global_batch = reader.get("training.global_batch_size")
@@ -791,7 +839,8 @@ def _axolotl(reader: _Reader, folder: Path) -> None:
     # Axolotl's FSDP2 configs give fsdp_config (fsdp_version: 2) alone: fully sharded.
     _map_fsdp(reader, "fsdp", "fsdp_config", implied="full_shard" if reader.has("fsdp_config") else None)
     reader.set("gradient_accumulation_steps", "grad_accum", reader.int("gradient_accumulation_steps"))
-    reader.ignore("torch_compile", "torch.compile's saved tensors are not modelled yet")
+    # schemas/config.py: torch_compile (None; "auto" is true with torch >= 2.5.1), handed to TrainingArguments.
+    _map_trainer_compile(reader, axolotl=True)
     _map_fused_loss(reader, "liger_fused_linear_cross_entropy")
     _map_fused_loss(reader, "cut_cross_entropy", "modelled with Liger's allocations; cut-cross-entropy's kernel "
                     "keeps less")
