@@ -18,6 +18,10 @@ and pipeline parallelism alone (every rank of torch.distributed.pipelining's
 schedules, memtui.engine.trace.pipeline); offloading, quantized weights under
 data parallelism, tensor parallelism outside that plan and pipeline parallelism
 with other kinds are still modelled by the estimator on top of a single-GPU trace.
+
+A deep single-GPU model of a family whose layers are all alike is traced at 5 and 6 layers, and its log built
+from the 5-layer one by repeating a middle layer (memtui.engine.trace.extend), once that construction has given
+the 6-layer log exactly; anything else is traced at every layer.
 """
 
 from __future__ import annotations
