@@ -65,19 +65,24 @@ def optimizer_state_tensors(optimizer) -> tuple[list[torch.Tensor], list[torch.T
     return device_states, host_states
 
 
-def watch_model(tracker: MemoryTracker, model, gradients: set[int]) -> set[int]:
+def watch_model(tracker: MemoryTracker, model, gradients: set[int], owners: dict[int, int] | None = None,
+                grad_layers: dict[int, int | None] | None = None) -> set[int]:
     """Register the weights (made before the tracker watched); add each gradient's allocation to
-    `gradients` as backward makes it. Returns the weights' allocation ids."""
+    `gradients` as backward makes it. Returns the weights' allocation ids. Layer tagging: `owners` (id(parameter
+    or buffer) -> decoder layer) tags the weights, and each gradient's layer is recorded in `grad_layers` (alloc id -> layer)."""
+    owners = owners or {}
     for parameter in model.parameters():
-        tracker.track(parameter, "parameter")
+        tracker.track(parameter, "parameter", layer=owners.get(id(parameter)))
     for buffer in model.buffers():
-        tracker.track(buffer, "buffer")
+        tracker.track(buffer, "buffer", layer=owners.get(id(buffer)))
     weight_ids = set(tracker.log.allocations)
 
     def grad_ready(parameter: torch.Tensor) -> None:
         alloc_id = tracker.alloc_id_of(parameter.grad)
         if alloc_id is not None:
             gradients.add(alloc_id)
+            if grad_layers is not None:
+                grad_layers[alloc_id] = owners.get(id(parameter))
 
     for parameter in model.parameters():
         if parameter.requires_grad:
@@ -97,6 +102,17 @@ def classify_by_owner(tracker: MemoryTracker, *, weights: set[int], gradients: s
     classify(tracker.log, weights=weights, gradients=gradients, optimizer=optimizer_ids, host=host_ids)
 
 
+def tag_optimizer_states(tracker: MemoryTracker, optimizer, owners: dict[int, int]) -> None:
+    """Layer tagging: each optimizer state (step counters too) belongs to its parameter's decoder layer."""
+    for inner in (optimizer, getattr(optimizer, "optim", None)):
+        for parameter, state in getattr(inner, "state", {}).items():
+            layer = owners.get(id(parameter))
+            for value in state.values() if layer is not None else ():
+                alloc_id = tracker.alloc_id_of(value) if isinstance(value, torch.Tensor) else None
+                if alloc_id is not None:
+                    tracker.log.allocations[alloc_id].layer = layer
+
+
 @contextlib.contextmanager
 def quiet_libraries():
     """transformers and peft warn about things that are intended here (the tracer's and the live run's builds)."""
@@ -111,9 +127,10 @@ def quiet_libraries():
 
 
 def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake: bool = True,
-                   parallel=None) -> tuple[MemoryLog, StepExtras]:
+                   parallel=None, layer_tags: bool = False) -> tuple[MemoryLog, StepExtras]:
     """Build the model and run two steps; `fake=False` runs real CPU tensors (for tests). `parallel`: the
-    data-parallel wrapping of one rank (memtui.engine.trace.parallel.DataParallel), or None for one GPU."""
+    data-parallel wrapping of one rank (memtui.engine.trace.parallel.DataParallel), or None for one GPU.
+    `layer_tags`: tag every event and allocation with its decoder layer (memtui.engine.trace.extend)."""
     report = report or (lambda _stage, _fraction: None)
     extras = StepExtras()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
@@ -132,7 +149,17 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
                 partition_layers(model, spec.num_layers, tracker.untracked)
         if parallel is not None:
             model = parallel.wrap(model, tracker)
-        weight_ids = watch_model(tracker, model, gradients)
+        owners: dict[int, int] = {}
+        grad_layers: dict[int, int | None] = {}
+        tagging = contextlib.nullcontext()
+        if layer_tags:
+            from memtui.engine.torchside.compiled import decoder_layer_list
+            from memtui.engine.trace.extend import layer_tagging, parameter_layers
+
+            decoder = decoder_layer_list(model, spec.num_layers)
+            owners = parameter_layers(decoder)
+            tagging = layer_tagging(tracker, decoder)
+        weight_ids = watch_model(tracker, model, gradients, owners, grad_layers)
         extras.params = sum(p.numel() for p in model.parameters())
         extras.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -146,6 +173,8 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
             optimizer = parallel.shard_optimizer(model, optimizer)
         for state in optimizer_state_tensors(optimizer)[0]:
             tracker.track(state, "optimizer_state")  # made with the optimizer (master copies), before the step
+        if layer_tags:
+            tag_optimizer_states(tracker, optimizer, owners)
         scaler = None
         if config.precision == "16-mixed":
             scaler = torch.amp.GradScaler("cpu")
@@ -163,7 +192,7 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
         attention = cuda_sdpa() if config.attention == "flash" else contextlib.nullcontext()
         policy = cuda_autocast_policy() if config.autocast else contextlib.nullcontext()
         sharding = parallel.watching(tracker) if parallel is not None else contextlib.nullcontext()
-        with attention, policy, cuda_dropout(), real_run_decisions(), sharding, tracker:
+        with attention, policy, cuda_dropout(), real_run_decisions(), sharding, tagging, tracker:
             input_ids = torch.randint(0, spec.vocab_size, (config.batch_size, config.seq_len))
             labels = input_ids
             for step in range(1, STEPS + 1):
@@ -173,6 +202,11 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
                               micro_batches=traced_micro_batches(config))
 
         classify_by_owner(tracker, weights=weight_ids, gradients=gradients, optimizer=optimizer, scaler=scaler)
+        if layer_tags:
+            from memtui.engine.trace.extend import tag_owned
+
+            tag_owned(tracker.log, grad_layers)
+            tag_optimizer_states(tracker, optimizer, owners)
         if parallel is not None:
             parallel.relabel(tracker.log)
         extras.weights_replaced = list(getattr(model, "memtui_replaced", []))

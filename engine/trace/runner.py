@@ -18,6 +18,10 @@ and pipeline parallelism alone (every rank of torch.distributed.pipelining's
 schedules, memtui.engine.trace.pipeline); offloading, quantized weights under
 data parallelism, tensor parallelism outside that plan and pipeline parallelism
 with other kinds are still modelled by the estimator on top of a single-GPU trace.
+
+A deep single-GPU model of a family whose layers are all alike is traced at 5 and 6 layers, and its log built
+from the 5-layer one by repeating a middle layer (memtui.engine.trace.extend), once that construction has given
+the 6-layer log exactly; anything else is traced at every layer.
 """
 
 from __future__ import annotations
@@ -37,6 +41,34 @@ Progress = Callable[[str, float], None]
 
 def _single_gpu(config: TrainingConfig) -> TrainingConfig:
     return config.model_copy(update={"gpus": 1, "tp": 1, "pp": 1, "zero": 0, "offload": "none"})
+
+
+def _few_layers_extended(spec: ModelSpec, config: TrainingConfig, report: Progress):
+    """(log, extras, what was done) of the whole model from traces of a few of its layers
+    (memtui.engine.trace.extend), or None when the model is traced at every layer: the configuration is one the
+    extension does not take, or the log of k + 1 layers built from the log of k is not the traced one."""
+    from memtui.engine.trace.extend import TRACED_LAYERS, NotExtensible, extend_log, extension_refusal, same_log
+    from memtui.engine.trace.fake_step import run_fake_steps
+    from memtui.engine.trace.generic import at_depth
+
+    if extension_refusal(spec, config, parallel=False) is not None:
+        return None
+    low, high = TRACED_LAYERS, TRACED_LAYERS + 1
+    low_log, low_extras = run_fake_steps(at_depth(spec, low), config, report, layer_tags=True)
+    high_log, high_extras = run_fake_steps(at_depth(spec, high), config, report, layer_tags=True)
+    try:
+        if not same_log(extend_log(low_log, low, high), high_log):
+            return None
+        log = extend_log(low_log, low, spec.num_layers)
+    except NotExtensible:
+        return None
+    added = spec.num_layers - low
+    extras = low_extras
+    extras.params += added * (high_extras.params - low_extras.params)
+    extras.trainable_params += added * (high_extras.trainable_params - low_extras.trainable_params)
+    line = (f"layers: traced at {low} and {high}; the {high}-layer step rebuilt event by event from the {low}-layer "
+            f"one by repeating a middle layer, exactly, and the {spec.num_layers}-layer step built the same way")
+    return log, extras, line
 
 
 def trace(
@@ -88,13 +120,18 @@ def trace(
         parallel_lines = (parallel.traced, parallel.modelled)
     else:
         local = _single_gpu(config)
-        log, extras = run_fake_steps(spec, local, report)
+        extended = _few_layers_extended(spec, local, report)
+        if extended is not None:
+            log, extras, line = extended
+            parallel_lines[0].append(line)
+        else:
+            log, extras = run_fake_steps(spec, local, report)
         modelled = []
         if config.tp > 1:
             modelled.append(f"tensor parallel: modelled, not traced ({tp_refusal})")
         if config.pp > 1:
             modelled.append(f"pipeline parallel: modelled, not traced ({pp_refusal})")
-        parallel_lines = ([], modelled)
+        parallel_lines = (parallel_lines[0], modelled)
 
     result = assemble(config, local, spec, gpu, log, extras, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG,
                       parallel=parallel_lines)

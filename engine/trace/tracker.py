@@ -39,12 +39,14 @@ class Allocation:
     module: str
     category: str = ""  # set by ownership or by phase when the log is analysed
     host: bool = False  # a CPU-side tensor in a real CUDA run (e.g. optimizer step counters)
+    layer: int | None = None  # with layer tagging: the decoder layer it belongs to (memtui.engine.trace.extend)
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     alloc_id: int
     delta: int  # +nbytes on allocation, -nbytes on free
+    layer: int | None = None  # with layer tagging: the decoder layer running when it happened (None: outside)
 
 
 @dataclass
@@ -85,10 +87,15 @@ class MemoryTracker(TorchDispatchMode):
         self._making_host = False
         self._host_live = 0
         self._untracked = 0
+        # Layer tagging (memtui.engine.trace.extend): the decoder layer running now, set by its hooks, and
+        # whether allocations made outside every layer take the layer of the tensors they are made from.
+        self.layer: int | None = None
+        self.tag_layers = False
 
     # ---- phases -------------------------------------------------------------
     def mark(self, phase: str) -> None:
         self.phase = phase
+        self.layer = None  # a phase starts outside the decoder layers
         self.log.phase_marks.append((len(self.log.events), self.step, phase))
 
     # ---- allocations ----------------------------------------------------------
@@ -143,7 +150,9 @@ class MemoryTracker(TorchDispatchMode):
         self.log.unified_bytes += storage.nbytes()
         self._finalizers.append(weakref.finalize(storage, self._unified.discard, key))
 
-    def track(self, tensor: torch.Tensor, op: str = "external") -> int | None:
+    def track(self, tensor: torch.Tensor, op: str = "external", layer: int | None = None) -> int | None:
+        """Log `tensor`'s storage as an allocation if it is new; its alloc id. `layer`: the decoder layer it
+        belongs to when no layer is running (layer tagging)."""
         tensor = local_tensor(tensor)
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
             return None
@@ -169,8 +178,9 @@ class MemoryTracker(TorchDispatchMode):
         self.log.allocations[alloc_id] = Allocation(
             alloc_id=alloc_id, nbytes=nbytes, raw_bytes=raw, phase=self.phase, step=self.step, op=op,
             shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."), module=self.module,
+            layer=self.layer if self.layer is not None else layer,
         )
-        self.log.events.append(Event(alloc_id, nbytes))
+        self.log.events.append(Event(alloc_id, nbytes, self.layer))
         self._by_storage[key] = alloc_id
         self._finalizers.append(weakref.finalize(storage, self._freed, key, alloc_id, nbytes))
         return alloc_id
@@ -182,7 +192,7 @@ class MemoryTracker(TorchDispatchMode):
         self._released.add(alloc_id)
         if self._by_storage.get(key) == alloc_id:
             del self._by_storage[key]
-        self.log.events.append(Event(alloc_id, -nbytes))
+        self.log.events.append(Event(alloc_id, -nbytes, self.layer))
         return True
 
     def storage_resized(self, tensor: torch.Tensor, op: str = "resize_storage") -> None:
@@ -210,10 +220,36 @@ class MemoryTracker(TorchDispatchMode):
         if self._untracked:
             return out
         name = func.__name__ if hasattr(func, "__name__") else str(func)
+        if self.tag_layers and self.layer is None:
+            self._track_with_owners(name, args, kwargs, out)
+            return out
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
                 self.track(value, op=name)
         return out
+
+    def _layer_of(self, value) -> int | None:
+        if not isinstance(value, torch.Tensor):
+            return None
+        alloc_id = self._by_storage.get(id(local_tensor(value).untyped_storage()))
+        return None if alloc_id is None else self.log.allocations[alloc_id].layer
+
+    def _track_with_owners(self, name: str, args, kwargs, out) -> None:
+        """Outside the layers (the optimizer, zero_grad): an output belongs to the layer of what it is made
+        from, position by position for the lists a foreach op takes and returns."""
+        if isinstance(out, (list, tuple)) and out and all(isinstance(value, torch.Tensor) for value in out):
+            lists = [arg for arg in args if isinstance(arg, (list, tuple)) and len(arg) == len(out)]
+            if lists:
+                for position, value in enumerate(out):
+                    owner = next((layer for items in lists if (layer := self._layer_of(items[position])) is not None),
+                                 None)
+                    self.track(value, op=name, layer=owner)
+                return
+        owner = next((layer for value in tree_flatten((args, kwargs or {}))[0]
+                      if (layer := self._layer_of(value)) is not None), None)
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.track(value, op=name, layer=owner)
 
     def detach_finalizers(self) -> None:
         """Stop recording frees (tensors that outlive the trace are not events of it)."""
