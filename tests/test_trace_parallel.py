@@ -375,3 +375,22 @@ def test_tensor_parallel_for_qwen_is_traced_and_estimated_as_traced(family):
         traced_peak = max(p["peak_bytes"] for p in traced.phase_peaks if p["step"] == 2 and p["phase"] == phase)
         estimated_peak = next(p.bytes for p in estimated.timeline if p.phase == phase) - workspace
         assert estimated_peak == pytest.approx(traced_peak, rel=0.002), phase
+
+
+def test_a_modelled_tensor_and_pipeline_layout_takes_the_ranks_moment_not_the_single_gpus():
+    """Pipeline with tensor parallelism is modelled on a single-GPU trace. A single GPU of this model peaks in the
+    optimizer step (no activations alive) while its rank peaks in backward: scaling the traced moment's
+    activations by the estimator's ratio gave absurd figures (405B at TP 8 x PP 16: 72,717 GiB of activations);
+    the rank's own transients and phase are the estimator's, and the cuBLAS workspaces are counted once."""
+    from memtui.engine.estimator import estimate
+    from memtui.engine.trace import trace
+    from tests.test_pipeline import small_llama
+
+    spec = small_llama(layers=4, vocab=65536)
+    config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=64, gpus=8, tp=2, pp=2, zero=3,
+                            pp_schedule="gpipe", microbatches=2)
+    traced, estimated = trace(config, model=spec), estimate(config, model=spec)
+    assert traced.peak_phase == "optimizer" and estimated.peak_phase == "backward"  # the two moments differ
+    assert traced.budget.peak_phase == "backward"
+    assert traced.budget.per_gpu.activations == estimated.per_gpu.activations
+    assert traced.budget.tensor_peak_bytes == pytest.approx(estimated.tensor_peak_bytes, rel=1e-4)

@@ -8,6 +8,7 @@ from memtui.engine.estimator import estimate
 from memtui.engine.estimator.budget import make_budget
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
 from memtui.engine.model.specs import (
+    Budget,
     Components,
     GpuSpec,
     ModelStates,
@@ -108,6 +109,26 @@ def _timeline(summary: LogSummary) -> list[TimelinePoint]:
     return timeline
 
 
+def _sharded_transients(breakdown: dict[str, int], sharded: Budget, unsharded: Budget, traced_phase: str,
+                        workspace: int) -> tuple[dict[str, int], str]:
+    """Activations and temporaries of a tensor- or pipeline-parallel rank, from the single-GPU trace's.
+
+    Each traced figure is scaled by the estimator's sharded/unsharded ratio of the same component, which holds
+    only where the three figures are of one moment: the traced peak's phase is the unsharded estimate's and the
+    sharded one's. Where they differ (a single GPU of a large model peaks in the optimizer step, with no
+    activations alive, while its shard peaks in backward), the traced moment says nothing of the rank's, and
+    the estimator's figures for the rank are taken as they are, and so is its peak's phase.
+    """
+    same_moment = traced_phase == unsharded.peak_phase == sharded.peak_phase
+    scaled = {}
+    for name in ("activations", "temporary"):
+        # The estimator's temporaries hold the cuBLAS workspaces, which the trace's do not (added once, below).
+        held = workspace if name == "temporary" else 0
+        whole, part = getattr(unsharded.per_gpu, name) - held, getattr(sharded.per_gpu, name) - held
+        scaled[name] = int(breakdown[name] * part / whole) if same_moment and whole > 0 else part
+    return scaled, traced_phase if same_moment else sharded.peak_phase
+
+
 def assemble(
     config: TrainingConfig,
     local: TrainingConfig,
@@ -125,6 +146,7 @@ def assemble(
     breakdown = dict(summary.breakdown)
     traced_peak = summary.peak_bytes
     states = _steady_states(log, step=2)
+    peak_phase = summary.peak_phase
     if distributed:
         # The single-GPU trace with the estimator's sharding: its model states, its activations' share.
         sharded = estimate(config, model=spec, gpu=gpu)
@@ -132,8 +154,9 @@ def assemble(
         for name in ("weights", "gradients", "optimizer_states"):
             breakdown[name] = getattr(sharded.per_gpu, name)
         if config.tp > 1 or config.pp > 1:
-            scale_activations = sharded.per_gpu.activations / max(unsharded.per_gpu.activations, 1)
-            breakdown["activations"] = int(breakdown["activations"] * scale_activations)
+            transients, peak_phase = _sharded_transients(breakdown, sharded, unsharded, summary.peak_phase,
+                                                         cublas_workspace_bytes(gpu))
+            breakdown.update(transients)
         traced_peak = sum(breakdown.values())
         states = sharded.model_states
 
@@ -150,7 +173,7 @@ def assemble(
         tensor_peak_bytes=tensor_peak,
         reserved_peak_bytes=allocator["reserved_peak_bytes"] if allocator else None,
         device_peak_bytes=traced_peak + overhead,
-        peak_phase=summary.peak_phase,
+        peak_phase=peak_phase,
         timeline=_timeline(summary),
         notes=notes,
         method="trace",
