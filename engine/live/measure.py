@@ -64,9 +64,9 @@ class LiveTracker(MemoryTracker):
         self._window_peak = 0
         self._lock = threading.Lock()
 
-    def track(self, tensor: torch.Tensor, op: str = "external") -> int | None:
+    def track(self, tensor: torch.Tensor, op: str = "external", layer: int | None = None) -> int | None:
         events = len(self.log.events)
-        alloc_id = super().track(tensor, op)
+        alloc_id = super().track(tensor, op, layer)
         if len(self.log.events) > events:  # a new storage, not one seen before
             self._add(self.log.events[-1].delta)
             if self.limit_bytes is not None and self.live_bytes > self.limit_bytes:
