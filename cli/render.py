@@ -36,8 +36,7 @@ def stage_table(budget: Budget) -> Table:
     for heading in ("rank", "stage", "L", "has", "peak", "in", *short.values()):
         table.add_column(heading, justify="left" if heading in ("stage", "has", "in") else "right")
     for stage in budget.stages:
-        role = "+".join(part for part, held in (("emb", stage.embedding), ("head", stage.head)) if held)
-        table.add_row(str(stage.rank), ",".join(str(index) for index in stage.stages), str(stage.layers), role,
+        table.add_row(str(stage.rank), ",".join(str(index) for index in stage.stages), str(stage.layers), stage.role,
                       gib_number(stage.tensor_peak_bytes), stage.peak_phase[:4],
                       *(gib_number(getattr(stage.per_gpu, name)) for name in short))
     return table

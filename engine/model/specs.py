@@ -225,6 +225,11 @@ class StageBudget(BaseModel):
     peak_phase: str
     per_gpu: Components
 
+    @property
+    def role(self) -> str:
+        """What the rank holds beside its layers, as the tables label it: "emb", "head", both or ""."""
+        return "+".join(part for part, held in (("emb", self.embedding), ("head", self.head)) if held)
+
 
 class Budget(BaseModel):
     """What one training step needs on each GPU; the schema of `memtui estimate --json`."""

@@ -42,10 +42,6 @@ def binding_stage(budget: Budget) -> StageBudget:
     return max(budget.stages, key=lambda stage: stage.tensor_peak_bytes)
 
 
-def role(stage: StageBudget) -> str:
-    return "+".join(part for part, held in (("emb", stage.embedding), ("head", stage.head)) if held)
-
-
 class StageTable(Widget):
     """One row per pipeline rank: its stages and layers, what it holds at its own tensor peak, and that peak.
 
@@ -69,7 +65,7 @@ class StageTable(Widget):
         stages = budget.stages
 
         def with_role(stage: StageBudget, text: str) -> str:
-            return f"{text} {role(stage)}".rstrip() if roles else text
+            return f"{text} {stage.role}".rstrip() if roles else text
 
         indices = [",".join(map(str, stage.stages)) for stage in stages]
         interleaved = any(len(stage.stages) > 1 for stage in stages)  # a rank runs several stages
