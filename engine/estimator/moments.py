@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from memtui.engine.model.architectures import ModelSpec
-from memtui.engine.estimator.sim.core import lf_eval
+from memtui.engine.estimator.sim.core import lf_eval, lf_values
 from memtui.engine.estimator.sim.families import Dims, Options
 from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for
 from memtui.engine.model.specs import TrainingConfig
@@ -37,24 +37,19 @@ def offloaded_bytes(config: TrainingConfig, model: ModelSpec, *, layers: int) ->
     if not config.activation_offload:
         return 0
     program = compile_step(dims_for(model, config.tp), options_for(config, model), layers)
-    tokens = config.batch_size * config.seq_len
-    return int(lf_eval(program.offloaded_bytes, (1.0, float(tokens), float(tokens * config.seq_len),
-                                                   float(config.seq_len), float(config.seq_len ** 2))))
+    return int(lf_eval(program.offloaded_bytes, lf_values(config.batch_size * config.seq_len, config.seq_len)))
 
 
 def held_after_forward(config: TrainingConfig, model: ModelSpec, *, layers: int) -> int:
     """Bytes the step holds from the loss's end to backward's first op, beyond weights and gradients."""
     program = compile_step(dims_for(model, config.tp), options_for(config, model), layers)
-    tokens = config.batch_size * config.seq_len
-    return int(lf_eval(program.held_after_forward, (1.0, float(tokens), float(tokens * config.seq_len),
-                                                      float(config.seq_len), float(config.seq_len ** 2))))
+    return int(lf_eval(program.held_after_forward, lf_values(config.batch_size * config.seq_len, config.seq_len)))
 
 
 @lru_cache(maxsize=4096)
 def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_len: int, pp: int) -> tuple[Moment, ...]:
     program = compile_step(dims, options, layers)
-    tokens = batch_size * seq_len
-    values = (1.0, float(tokens), float(tokens * seq_len), float(seq_len), float(seq_len * seq_len))
+    values = lf_values(batch_size * seq_len, seq_len)
     # 1F1B: the first pipeline stage holds the saved activations of pp micro-batches.
     in_flight = (pp - 1) * layers * lf_eval(program.layer_saved, values)
     # lf_eval written out (the same products and sums, in the same order): an estimate at a new shape evaluates

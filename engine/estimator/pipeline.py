@@ -24,7 +24,7 @@ from functools import lru_cache
 
 from memtui.engine.estimator.layout import pipeline_rank_stages, pipeline_stage_layers
 from memtui.engine.estimator.moments import Moment
-from memtui.engine.estimator.sim.core import lf_eval
+from memtui.engine.estimator.sim.core import lf_eval, lf_values
 from memtui.engine.estimator.sim.families import Dims, Options
 from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for
 from memtui.engine.model.architectures import ModelSpec
@@ -282,7 +282,7 @@ class _StageProgram:
 def _stage_program(d: Dims, opts: Options, layers: int, first: bool, last: bool, tokens: int,
                    seq_len: int) -> _StageProgram:
     program = compile_step(d, opts, layers, first, last)
-    values = (1.0, float(tokens), float(tokens * seq_len), float(seq_len), float(seq_len * seq_len))
+    values = lf_values(tokens, seq_len)
     forward, backward = [], []
     for candidate in program.candidates:
         live = candidate.live

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from memtui.engine.allocator import DEFAULT_CONFIG, FREE, AllocatorConfig, replay
 from memtui.engine.errors import InputError
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, nccl_buffer_bytes
-from memtui.engine.estimator.sim.core import lf_eval
+from memtui.engine.estimator.sim.core import lf_eval, lf_values
 from memtui.engine.estimator.sim.program import allocation_program, dims_for, options_for
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import Budget, GpuSpec, TrainingConfig
@@ -110,11 +110,6 @@ def replay_unsupported(config: TrainingConfig, model: ModelSpec | None = None) -
     return None
 
 
-def _values(batch_size: int, seq_len: int) -> tuple[float, ...]:
-    tokens = batch_size * seq_len
-    return (1.0, float(tokens), float(tokens * seq_len), float(seq_len), float(seq_len * seq_len))
-
-
 def allocation_sequence(config: TrainingConfig, model: ModelSpec, workspace: int,
                         seq_lens: Sequence[int]) -> list[tuple[object, int]]:
     """(key, bytes requested) for an allocation, (key, FREE) for a free, over len(seq_lens) steps."""
@@ -126,7 +121,7 @@ def allocation_sequence(config: TrainingConfig, model: ModelSpec, workspace: int
     with_grad = [position for position, _index in program.gradients]  # what the optimizer steps, in order
     step_sizes: dict[int, list[int]] = {}  # the step's allocation sizes, per sequence length
     for step, seq_len in enumerate(seq_lens):
-        values = _values(config.batch_size, seq_len)
+        values = lf_values(config.batch_size * seq_len, seq_len)
         sizes = step_sizes.get(seq_len)
         if sizes is None:
             sizes = step_sizes[seq_len] = [FREE if size is None else int(lf_eval(size, values))

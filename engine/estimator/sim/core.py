@@ -42,6 +42,11 @@ def lf_eval(a: LF, values: LF) -> float:
     return a[0] * values[0] + a[1] * values[1] + a[2] * values[2] + a[3] * values[3] + a[4] * values[4]
 
 
+def lf_values(tokens: int, seq_len: int) -> LF:
+    """What a form's coefficients multiply at a shape: 1, tokens, tokens x sequence, sequence, sequence^2."""
+    return 1.0, float(tokens), float(tokens * seq_len), float(seq_len), float(seq_len * seq_len)
+
+
 def const(n: float) -> LF:
     return (float(n), 0.0, 0.0, 0.0, 0.0)
 
