@@ -1,6 +1,6 @@
 """How fast memtui answers: estimate() latency and `memtui fit` query latency.
 
-    uv run python benchmarks/speed.py [--configs N] [--repeat R] [--seed S]
+    uv run python benchmarks/speed.py [--configs N] [--repeat R] [--seed S] [--generic]
 
 Configs are drawn (seeded) from every model and GPU preset crossed with the
 options people change: precision, checkpointing, attention, optimizer and its
@@ -9,6 +9,9 @@ warm (each config is estimated once before it is timed) and per call; estimate()
 memoises its work per option set, so the last row also times each config at
 batch sizes and sequence lengths not asked before. Targets
 from the issue: estimate median <= 100 microseconds, fit queries <= 10 ms.
+`--generic` also times the first `memtui estimate` of each generic architecture
+in tests/data/generic (a fresh process and an empty cache each: import, trace,
+fit, answer, exit; target <= 10 s on 2 cores) and the second (the cache read).
 Prints numbers; asserts nothing.
 """
 
@@ -19,7 +22,9 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,11 +130,32 @@ def time_queries(configs: list[TrainingConfig]) -> dict[str, tuple[list[float], 
     return results
 
 
+GENERIC_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "generic"
+GENERIC_MODELS = ("starcoder2", "granite", "cohere", "stablelm", "falcon")
+
+
+def time_generic_first_estimates() -> None:
+    """Wall seconds of `memtui estimate` on each generic model, first with an empty cache, then with its cache."""
+    print("\nmemtui estimate on a generic model, wall seconds of the whole command (target: first <= 10 s)")
+    for name in GENERIC_MODELS:
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "MEMTUI_CACHE_DIR": cache}
+            seconds = []
+            for _ in range(2):
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "memtui", "estimate", "--model", str(GENERIC_DIR / f"{name}.json"),
+                                "--json"], env=env, check=True, capture_output=True)
+                seconds.append(time.perf_counter() - start)
+        print(f"  {name:<12} first {seconds[0]:6.2f} s   cached {seconds[1]:6.2f} s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", type=int, default=300, help="configs to draw (default 300)")
     parser.add_argument("--repeat", type=int, default=20, help="timed estimate() calls per config (default 20)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--generic", action="store_true",
+                        help="also time the first estimate of each generic architecture (about a minute)")
     args = parser.parse_args()
 
     print(f"memtui speed: Python {platform.python_version()} on {platform.machine()}, "
@@ -151,6 +177,8 @@ def main() -> int:
         share = 100 * sum(answered) / len(answered)
         print(row(name, seconds, "ms", f"estimates: median {statistics.median(estimates):.0f}, max {max(estimates)}; "
                                        f"something fits: {share:.0f}%"))
+    if args.generic:
+        time_generic_first_estimates()
     return 0
 
 

@@ -1,5 +1,3 @@
-import sys
+from memtui.cli import entry
 
-from memtui.cli import main
-
-sys.exit(main())
+entry()

@@ -108,3 +108,28 @@ def test_console_script_runs_in_a_fresh_process():
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["model"]["id"] == "gpt2"
+
+
+# A process that imported torch, then the installed script's entry: what it printed and its exit handlers survive
+# the fast exit, and main()'s exit code is the process's.
+FAST_EXIT_PROBE = """
+import atexit, sys
+import torch
+atexit.register(lambda: print("exit handler ran", file=sys.stderr, flush=True))
+sys.argv = ["memtui", *sys.argv[1:]]
+from memtui.cli import entry
+entry()
+print("not reached", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["presets", "--json"], 0), (["estimate", "--model", "nope"], 2)])
+def test_entry_exits_fast_after_torch_with_output_and_exit_handlers(argv, code):
+    result = subprocess.run([sys.executable, "-c", FAST_EXIT_PROBE, *argv], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == code, result.stderr
+    assert "exit handler ran" in result.stderr and "not reached" not in result.stderr
+    if code == 0:
+        assert {g["id"] for g in json.loads(result.stdout)["gpus"]} >= {"h100-80gb"}  # every byte, flushed
+    else:
+        assert "memtui: error: " in result.stderr and "nope" in result.stderr

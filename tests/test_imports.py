@@ -111,7 +111,7 @@ async def probe(pilot):
     report["heavy"] = [name for name in HEAVY if name in sys.modules]
     pilot.app.exit()
 
-# What the installed `memtui` script runs (memtui.cli:main), headless and with a pilot instead of a terminal.
+# What the installed `memtui` script runs (memtui.cli:entry calls main), headless and with a pilot instead of a terminal.
 App.run = lambda app, _run=App.run, **kwargs: _run(app, headless=True, size=(120, 40), auto_pilot=probe)
 os.environ["MEMTUI_NO_GPU_DETECT"] = "1"
 from memtui.cli import main

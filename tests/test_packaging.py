@@ -36,7 +36,7 @@ def test_the_wheel_holds_one_top_level_package_with_its_presets(wheel):
     assert "memtui/tui/app.tcss" in names
     assert "memtui/presets/models/llama-3.1-8b.json" in names
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
-    assert "memtui = memtui.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "memtui = memtui.cli:entry" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 INSTALLED_PROBE = """
