@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import gc
 import importlib
-import os
 import sys
-import threading
 
 from memtui import __version__
 from memtui.engine.errors import InputError
+from memtui.engine.process_exit import exit_process
 
 # Subcommand modules, imported only to build the parser; heavy work is imported in run().
 _COMMANDS = ("estimate", "trace", "run", "fit", "presets_cmd", "validate", "serve", "replay")
@@ -126,24 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The installed `memtui` script: main(), then an exit that skips tearing down torch.
-
-    Freeing the thousands of modules torch and transformers import takes 1-1.6 s at interpreter exit on two
-    cores, after the answer is printed; a process that has imported torch ends with os._exit instead, once its
-    output is flushed and its exit handlers (the live run's worker sweep among them) have run. A process with
-    other non-daemon threads still running exits normally, which waits for them."""
-    code = main()
-    others = [thread for thread in threading.enumerate()
-              if thread is not threading.main_thread() and not thread.daemon]
-    if "torch" not in sys.modules or others:
-        sys.exit(code)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
-            pass
-    atexit._run_exitfuncs()
-    os._exit(code)
+    """The installed `memtui` script: main(), then an exit that skips tearing torch down where it was imported."""
+    exit_process(main())
 
 
 if __name__ == "__main__":

@@ -659,4 +659,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from memtui.engine.process_exit import exit_process
+
+    exit_process(main())  # the planner reads until end of file: no torch teardown before it
