@@ -46,13 +46,20 @@ def matrix() -> list[dict]:
         # HSDP: FSDP2 on a (replicate, shard) mesh, sharded within the group
         for zero, group in ((3, 2), (3, 4), (2, 4)):
             rows.append({**base, "gpus": 8, "zero": zero, "shard_group": group})
-    # Tensor parallelism with sequence parallelism (DTensor, torchtitan's plan): untied Llama-layout models
+    # Tensor parallelism with sequence parallelism (DTensor, torchtitan's plan): Llama-layout and Gemma models
     for model, gpus, tp, extra in (("llama-3.1-8b", 2, 2, {}), ("llama-3.1-8b", 4, 4, {}), ("llama-3.1-8b", 8, 8, {}),
                                    ("llama-3.1-8b", 4, 2, {"zero": 3}),
                                    ("llama-3.1-8b", 8, 2, {"zero": 3, "checkpointing": "full"}),
                                    ("mistral-7b", 4, 4, {}),
                                    # Qwen2: q/k/v biases sharded with their projections
-                                   ("qwen2.5-7b", 4, 4, {}), ("qwen2.5-7b", 4, 2, {"zero": 3})):
+                                   ("qwen2.5-7b", 4, 4, {}), ("qwen2.5-7b", 4, 2, {"zero": 3}),
+                                   # eager attention: the mask made for the whole sequence
+                                   ("llama-3.1-8b", 2, 2, {"attention": "eager"}),
+                                   # tied embeddings: one Shard(0) parameter for the embedding and the head
+                                   ("llama-3.2-1b", 2, 2, {}), ("llama-3.2-3b", 4, 2, {"zero": 3}),
+                                   # Gemma: sandwich norms, softcapped eager scores, sliding-window masks
+                                   ("gemma-2-9b", 4, 4, {"attention": "eager"}), ("gemma-3-4b", 2, 2, {}),
+                                   ("gemma-3-12b", 8, 2, {"zero": 3})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
     # Pipeline parallelism (torch.distributed.pipelining, every rank traced): one sequence per micro-batch

@@ -281,11 +281,75 @@ def test_tensor_parallel_with_fsdp2_over_dp_is_traced_on_a_2d_mesh():
     assert abs(result.budget.model_states.gradients - estimated.gradients) <= 1024 * (2 * 9 + 3)
 
 
+def test_tied_embeddings_under_tensor_parallel_are_traced_and_keep_one_sharded_gradient():
+    """A tied head and embedding are one Shard(0) DTensor again after the plan: the embedding's whole-vocabulary
+    gradient is added into the head's 1/tp one, so the step keeps the rank's share only (the untied plan keeps
+    the whole vocabulary's), and the estimate's tensor peak is the trace's."""
+    from memtui.engine.estimator import estimate
+    from memtui.engine.estimator.overhead import cublas_workspace_bytes
+    from memtui.engine.model.presets import resolve_gpu
+    from memtui.engine.trace import trace
+
+    result = trace(config(gpus=2, tp=2), model=SPEC)
+    assert any("tensor parallel (traced)" in line for line in result.traced), result.traced
+    single = trace(config(), model=SPEC)
+    traced, budget = result.budget.model_states, estimate(config(gpus=2, tp=2), model=SPEC)
+    tensors = 2 * 9 + 2
+    assert abs(traced.gradients - budget.model_states.gradients) <= 512 * tensors
+    assert traced.gradients < 0.55 * single.budget.model_states.gradients  # no whole-vocabulary gradient kept
+    workspace = cublas_workspace_bytes(resolve_gpu(config().gpu))
+    assert abs(budget.tensor_peak_bytes - workspace - result.traced_tensor_peak_bytes) <= 512 * tensors
+
+
+def _peaks_agree(training: TrainingConfig, spec) -> tuple[int, int]:
+    """(traced, estimated) tensor peaks of the step, the estimator's cuBLAS workspace taken off its figure."""
+    from memtui.engine.estimator import estimate
+    from memtui.engine.estimator.overhead import cublas_workspace_bytes
+    from memtui.engine.model.presets import resolve_gpu
+    from memtui.engine.trace import trace
+
+    result = trace(training, model=spec)
+    assert training.tp == 1 or any("tensor parallel (traced)" in line for line in result.traced), result.modelled
+    workspace = cublas_workspace_bytes(resolve_gpu(training.gpu))
+    return result.traced_tensor_peak_bytes, estimate(training, model=spec).tensor_peak_bytes - workspace
+
+
+def test_eager_attention_under_sequence_parallel_gets_the_whole_sequences_mask():
+    """transformers sizes the causal mask by the embeddings it is handed, 1/tp of the tokens under sequence
+    parallelism: the trace makes it for the whole sequence (the step failed on a (s/tp)^2 mask before), and puts
+    transformers' mask factory back afterwards."""
+    import transformers.masking_utils
+    import transformers.models.llama.modeling_llama as modeling_llama
+
+    traced, estimated = _peaks_agree(config(gpus=2, tp=2, attention="eager"), UNTIED)
+    assert abs(estimated - traced) <= 512 * 32
+    assert modeling_llama.create_causal_mask is transformers.masking_utils.create_causal_mask
+
+
+def short_gemma3():
+    """Gemma-3-4B's layers, six of them (the sixth a full-attention one, as gemma-3-12b's last), a small
+    vocabulary: tied embeddings, sandwich norms, per-head q/k norms, and a sliding-window mask at 2048 tokens."""
+    config = copy.deepcopy(resolve_model("gemma-3-4b").hf_config())
+    config.update(num_hidden_layers=6, vocab_size=8192)
+    return model_spec_from_config(config, model_id="short-gemma3", source="test")
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_gemma3_is_traced_under_tensor_parallelism_as_estimated(gpus):
+    """Gemma's post-attention and post-MLP norms run on the rank's 1/tp of the tokens (their output joins the
+    residual as a local tensor), its scaled embedding is reduce-scattered, and its sliding-window mask covers the
+    whole sequence. A last layer of full attention is replayed as one (8 MiB over at this size before)."""
+    training = TrainingConfig(model="gemma-3-4b", batch_size=1, seq_len=2048, precision="bf16-true", gpus=gpus,
+                              tp=gpus)
+    traced, estimated = _peaks_agree(training, short_gemma3())
+    assert abs(estimated - traced) <= 8192
+
+
 def test_tensor_parallel_outside_the_plan_is_modelled_and_says_why():
     from memtui.engine.trace import trace
 
-    result = trace(config(gpus=2, tp=2), model=SPEC)  # tied embeddings
-    assert any("tensor parallel: modelled, not traced (tied embeddings" in line for line in result.modelled)
+    result = trace(config(gpus=2, tp=2, lora_rank=4), model=UNTIED)
+    assert any("tensor parallel: modelled, not traced (LoRA" in line for line in result.modelled), result.modelled
     assert not any("tensor parallel (traced)" in line for line in result.traced)
 
 

@@ -226,7 +226,10 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     root_weights = _fsdp2_root_bytes(config, model, zero)
     root_gradients = ((model.head_params // config.tp + model.norm_params) * trainable_bytes(config)
                       if root_weights and not config.uses_lora else 0)
-    gradients = grads_full // dp if zero >= 2 else grads_full + tp_embedding_extra
+    # A tied head's Shard(0) gradient comes first; the embedding's whole-vocabulary one is added into it (a
+    # temporary of backward's last moment), so the step keeps the rank's 1/tp only.
+    kept_extra = 0 if model.tie_word_embeddings else tp_embedding_extra
+    gradients = grads_full // dp if zero >= 2 else grads_full + kept_extra
     if config.optimizer_in_backward:
         gradients = 0  # each is stepped and freed in backward: none survive to the step's end
     optimizer_states = states_full // dp if zero >= 1 else states_full

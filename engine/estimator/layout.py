@@ -207,7 +207,7 @@ def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
 
 # transformers' Llama-layout families: separate q/k/v and gate/up projections under the same module names, which
 # torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it).
-TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 
 def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
@@ -219,8 +219,6 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return "pipeline parallelism is not traced"
     if model.family not in TENSOR_PARALLEL_FAMILIES:
         return f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families only)"
-    if model.tie_word_embeddings:
-        return "tied embeddings: the vocabulary-sharded embedding and head would share one DTensor"
     if model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if config.uses_lora or config.quant != "none" or config.offload != "none":

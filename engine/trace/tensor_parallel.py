@@ -25,7 +25,8 @@ allocated as on a GPU and seen by the tracker.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -53,10 +54,12 @@ class TensorParallel:
         self.modelled: list[str] = []
         self.gradient_ids: set[int] = set()
         self.tracker: MemoryTracker | None = None
+        self.restore: Callable[[], None] = lambda: None
 
     def wrap(self, model: torch.nn.Module, tracker: MemoryTracker) -> torch.nn.Module:
         self.tracker = tracker
         apply_tensor_parallel(model, self.tp_mesh)
+        self.restore = whole_sequence_masks(model.model)
         if self.data is not None:
             with _meshes_made_real():
                 return self.data.wrap(model, tracker)
@@ -116,6 +119,38 @@ def _meshes_made_real() -> Iterator[None]:
         DeviceMesh._concatenate = staticmethod(original)
 
 
+_MASK_FACTORIES = ("create_causal_mask", "create_sliding_window_causal_mask")
+
+
+def whole_sequence_masks(inner: torch.nn.Module) -> Callable[[], None]:
+    """Make the decoder's attention masks for the whole sequence; returns what undoes it.
+
+    transformers sizes a mask by `inputs_embeds.shape[1]`, and under sequence parallelism the embedding hands each
+    rank 1/tp of the tokens: eager attention (and SDPA with a sliding-window mask) would get a (s/tp)^2 mask for
+    (s x s) scores. The model module's mask factories are wrapped for the trace to see a whole-length view of the
+    embeddings (no allocation), as the rotary positions already cover the whole sequence."""
+    module = sys.modules[type(inner).__module__]
+    originals = {name: getattr(module, name) for name in _MASK_FACTORIES if hasattr(module, name)}
+
+    def whole(factory: Callable) -> Callable:
+        def make(*args, **kwargs):
+            embeds, positions = kwargs.get("inputs_embeds"), kwargs.get("position_ids")
+            if embeds is not None and positions is not None and positions.shape[-1] != embeds.shape[1]:
+                kwargs["inputs_embeds"] = embeds[:, :1].expand(embeds.shape[0], positions.shape[-1], *embeds.shape[2:])
+            return factory(*args, **kwargs)
+
+        return make
+
+    for name, factory in originals.items():
+        setattr(module, name, whole(factory))
+
+    def restore() -> None:
+        for name, factory in originals.items():
+            setattr(module, name, factory)
+
+    return restore
+
+
 def apply_tensor_parallel(model: torch.nn.Module, mesh) -> None:
     """torchtitan's apply_tp for Llama (and Qwen3's q/k norms), on transformers' module names, sequence parallel
     and loss parallel."""
@@ -134,13 +169,26 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh) -> None:
         "model.norm": SequenceParallel(),
         "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
     })
+    if model.config.tie_word_embeddings:
+        # parallelize_module gave the embedding and the head a DTensor each; both are Shard(0) over the vocabulary,
+        # so one parameter serves both again, tied after the plan as torchtitan ties Qwen3's and Llama's weights.
+        model.lm_head.weight = inner.embed_tokens.weight
     for layer in inner.layers:
         if hasattr(layer.self_attn, "q_norm"):  # Qwen3: each head's query and key normalised, as torchtitan's plan
             # does: the projections' local heads taken as Shard(2) of (batch, sequence, heads, head_dim)
             parallelize_module(layer, mesh, {
                 name: SequenceParallel(sequence_dim=2, use_local_output=True)
                 for name in ("self_attn.q_norm", "self_attn.k_norm")})
+        # Gemma-2 and Gemma-3 normalise the attention's and the MLP's outputs too (post_attention_layernorm runs on
+        # the attention's output there, pre/post_feedforward_layernorm around the MLP), each on the rank's 1/tp
+        # tokens; an output norm's result joins the residual as a local tensor, as o_proj's does in Llama.
+        sandwich = hasattr(layer, "pre_feedforward_layernorm")
+        norms = ({"post_attention_layernorm": SequenceParallel(use_local_output=True),
+                  "pre_feedforward_layernorm": SequenceParallel(),
+                  "post_feedforward_layernorm": SequenceParallel(use_local_output=True)}
+                 if sandwich else {"post_attention_layernorm": SequenceParallel()})
         parallelize_module(layer, mesh, {
+            **norms,
             "input_layernorm": SequenceParallel(),
             # transformers passes the hidden states to self_attn by keyword, to mlp by position
             "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
@@ -149,7 +197,6 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh) -> None:
             "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(),
             "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-            "post_attention_layernorm": SequenceParallel(),
             "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "mlp.gate_proj": ColwiseParallel(),
             "mlp.up_proj": ColwiseParallel(),
@@ -186,11 +233,16 @@ def tensor_parallel(config: TrainingConfig, num_layers: int) -> Iterator[TensorP
         raise RuntimeError("a process group is already initialised in this process; the trace needs its own")
     world = config.dp * config.tp
     dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    parallel: TensorParallel | None = None
     try:
         if config.dp > 1:
             mesh = init_device_mesh("cpu", (config.dp, config.tp), mesh_dim_names=("dp", "tp"))
-            yield TensorParallel(config, num_layers, mesh["tp"], mesh["dp"])
+            parallel = TensorParallel(config, num_layers, mesh["tp"], mesh["dp"])
+            yield parallel
         else:
-            yield TensorParallel(config, num_layers, init_device_mesh("cpu", (config.tp,)), None)
+            parallel = TensorParallel(config, num_layers, init_device_mesh("cpu", (config.tp,)), None)
+            yield parallel
     finally:
+        if parallel is not None:
+            parallel.restore()
         dist.destroy_process_group()

@@ -75,6 +75,7 @@ class Options:
     # gets no mask), and whether the replayed layers are full-attention ones (compile_step replays both kinds).
     full_layer_share: float = 0.0
     full_attention_layers: bool = False
+    last_layer_full: bool = False  # Gemma 3: the model's last layer is a full-attention one (gemma-3-12b's is)
     compiled: bool = False  # --compile: each decoder layer as torch.compile runs it (sim/compiled.py)
     dense_layers: int = 0  # DeepSeek-V3: the first layers' MLP is dense (first_k_dense_replace)
     sequence_parallel: int = 1  # ranks of DTensor's sequence-parallel plan (memtui trace's TP): norms on 1/tp
@@ -594,8 +595,9 @@ def gemma_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos
     """GemmaDecoderLayer, Gemma2DecoderLayer and Gemma3DecoderLayer (post-attention and post-MLP norms)."""
     gemma2 = opts.family in ("gemma2", "gemma3")
     normed = rms_norm(sim, x, p.norms[0], d.hidden, gemma=True)
-    attn = llama_attention(sim, normed, p, d, opts, cos, sin)
-    sim.drop(normed)
+    gathered = gather_tokens(sim, normed, opts)  # self_attn's input, held until it returns
+    attn = llama_attention(sim, gathered, p, d, opts, cos, sin)
+    sim.drop(gathered, normed)
     if gemma2:
         post = rms_norm(sim, attn, p.norms[1], d.hidden, gemma=True)
         sim.drop(attn)
@@ -603,8 +605,9 @@ def gemma_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos
     residual = ops.add(sim, x, attn)
     sim.drop(attn)
     normed = rms_norm(sim, residual, p.norms[2 if gemma2 else 1], d.hidden, gemma=True)
-    mlp_out = llama_mlp(sim, normed, p, d, opts)
-    sim.drop(normed)
+    gathered = gather_tokens(sim, normed, opts)
+    mlp_out = llama_mlp(sim, gathered, p, d, opts)
+    sim.drop(gathered, normed)
     if gemma2:
         post = rms_norm(sim, mlp_out, p.norms[3], d.hidden, gemma=True)
         sim.drop(mlp_out)

@@ -120,6 +120,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         # transformers' defaults when the key is absent: DeepseekV3Config true, Qwen3MoeConfig false
         norm_topk=bool(spec.config.get("norm_topk_prob", spec.family == "deepseek_v3")),
         full_layer_share=_full_layer_share(config, spec),
+        last_layer_full=_window_mask(config, spec) and spec.family == "gemma3"
+        and gemma3_layer_types(spec)[-1] == "full_attention",
         dense_layers=spec.dense_layers,
         loss=config.loss,
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
@@ -288,14 +290,18 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     # layers of the other kind keep the second for their backward (freed with the last of them: the step's end).
     other_pair = rotary(sim, d, x.dtype) if opts.rope_pairs > 1 else ()
 
-    def run_layer(hidden: Tensor, layer, sim: Sim = sim) -> Tensor:
+    # Gemma 3's replayed layers are sliding-window ones; where the model's last layer is a full-attention one, the
+    # replayed last layer is too (its SDPA gets no mask, so no repeat_kv copies).
+    full_last = replace(opts, full_attention_layers=True) if opts.last_layer_full and last else opts
+
+    def run_layer(hidden: Tensor, layer, sim: Sim = sim, layer_opts: Options = opts) -> Tensor:
         if opts.compiled and sim is outer_sim:
-            return compiled_layer(sim, lambda recorder, h: run_layer(h, layer, recorder), hidden)
+            return compiled_layer(sim, lambda recorder, h: run_layer(h, layer, recorder, layer_opts), hidden)
         if gpt2:
             return gpt2_layer(sim, hidden, layer, d, opts)
         if opts.family == "deepseek_v3":
             return deepseek_layer(sim, hidden, layer, d, opts, cos, sin, dense=dense[[id(one) for one in layer_params].index(id(layer))])
-        return llama_layer(sim, hidden, layer, d, opts, cos, sin)
+        return llama_layer(sim, hidden, layer, d, layer_opts, cos, sin)
 
     outer_sim = sim
 
@@ -306,6 +312,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     for segment, layer in zip(segments, layer_params):
         sim.set_segment(f"{segment}_fwd")
         previous = out
+        layer_opts = full_last if segment == "last" else opts
         if other_pair and segment == holder_segment:
             # The other kind's layers save the second pair for backward; the lowest of them (layer 5 of 6) is done
             # before the bottom layers' backward, so the pair is held until the middle layers' backward ends.
@@ -319,10 +326,11 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
                 # The other kind's layers keep the other mask in their checkpoint frames until their backward:
                 # the lowest of them (layer 1) is a middle layer.
                 kept.append(second_mask)
-            out = sim.checkpoint(lambda h, *_kept, layer=layer: run_layer(h, layer), previous, *kept,
-                                 policy="" if opts.checkpointing == "full" else opts.checkpointing, positional=1)
+            out = sim.checkpoint(lambda h, *_kept, layer=layer, kind=layer_opts: run_layer(h, layer, layer_opts=kind),
+                                 previous, *kept, policy="" if opts.checkpointing == "full" else opts.checkpointing,
+                                 positional=1)
         else:
-            out = run_layer(previous, layer)
+            out = run_layer(previous, layer, layer_opts=layer_opts)
         sim.drop(previous)
 
     if not last:
