@@ -422,7 +422,15 @@ def _step_moments(
     if config.optimizer_in_backward:
         # Nothing is left for the optimizer phase: every parameter has stepped in backward.
         return _in_backward_moments(config, model, layout, activations, on_gpu, workspace)
-    moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace) for moment in activations]
+    if on_gpu.zero < 2:
+        # _forward_backward_moment without ZeRO-2/3's gathering and sharding, written out: an estimate at a new
+        # shape makes some thirty of these.
+        weights, extra = on_gpu.computing_weights, on_gpu.ddp_buckets + workspace
+        moments = [StepMoment(moment.phase, weights, moment.gradients, moment.activations + moment.autocast_weights,
+                              moment.temporary + extra) for moment in activations]
+    else:
+        moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace)
+                   for moment in activations]
     if on_gpu.tp_embedding_extra and moments and moments[-1].phase == "backward":
         # The embedding's backward is the last: from then on its gradient covers the whole vocabulary.
         moments[-1] = moments[-1]._replace(gradients=moments[-1].gradients + on_gpu.tp_embedding_extra)
@@ -436,13 +444,13 @@ def _step_moments(
     return moments
 
 
-def _timeline(moments: list[StepMoment], on_gpu: _StatesOnGpu) -> list[dict[str, Any]]:
-    """Between steps, then the largest moment of each phase (TimelinePoint's fields)."""
-    optimizer_states = on_gpu.states.optimizer_states
+def _timeline(moments: list[StepMoment], totals: list[int], on_gpu: _StatesOnGpu) -> list[dict[str, Any]]:
+    """Between steps, then the largest moment of each phase (TimelinePoint's fields); `totals`: each moment's."""
     phase_peaks: dict[str, int] = {}
-    for moment in moments:
-        phase_peaks[moment.phase] = max(phase_peaks.get(moment.phase, -1), moment.total(optimizer_states))
-    steady = on_gpu.resting_weights + on_gpu.ddp_buckets + optimizer_states
+    for moment, total in zip(moments, totals):
+        if total > phase_peaks.get(moment.phase, -1):
+            phase_peaks[moment.phase] = total
+    steady = on_gpu.resting_weights + on_gpu.ddp_buckets + on_gpu.states.optimizer_states
     timeline = [{"phase": "start", "bytes": steady}]
     timeline += [{"phase": name, "bytes": phase_peaks[name]} for name in ("forward", "loss", "backward", "optimizer")
                  if name in phase_peaks]
@@ -506,8 +514,10 @@ def _figures(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: Par
              moments: list[StepMoment], workspace: int, trainable_params: int) -> _StepFigures:
     """The figures of a step's moments: the largest is the peak."""
     optimizer_states = on_gpu.states.optimizer_states
-    peak = max(moments, key=lambda moment: moment.total(optimizer_states))  # the first of equals, as the step meets it
-    peak_total = peak.total(optimizer_states)
+    totals = [moment.weights + moment.gradients + moment.activations + moment.temporary + optimizer_states
+              for moment in moments]  # StepMoment.total of each
+    peak_total = max(totals)
+    peak = moments[totals.index(peak_total)]  # the first of equals, as the step meets it
     tensor_peak = _round512(peak_total)
     largest_block = max(max(moment.temporary for moment in moments) - workspace - on_gpu.ddp_buckets, 0)
     reserved = reserved_from_allocated(tensor_peak, largest_block)
@@ -521,7 +531,7 @@ def _figures(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: Par
         tensor_peak_bytes=tensor_peak,
         device_peak_bytes=peak_total + overhead,
         peak_phase=peak.phase,
-        timeline=_timeline(moments, on_gpu),
+        timeline=_timeline(moments, totals, on_gpu),
         paged_bytes=on_gpu.paged,
         offloaded_bytes=offloaded_bytes(config, model, layers=layout.layers),
         config_fields=config.model_dump(),

@@ -55,17 +55,13 @@ def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_le
     # lf_eval written out (the same products and sums, in the same order): an estimate at a new shape evaluates
     # four forms for each of some thirty candidates.
     one, per_token, per_token_seq, per_position, per_position_sq = values
-    moments = []
-    for candidate in program.candidates:
-        live = candidate.live
-        w, g, a, t = live["weights"], live["gradients"], live["activations"], live["temporary"]
-        extra = in_flight if candidate.phase != "forward" else 0.0
-        moments.append(Moment(
-            candidate.phase,
-            int(w[0] * one + w[1] * per_token + w[2] * per_token_seq + w[3] * per_position + w[4] * per_position_sq),
-            int(g[0] * one + g[1] * per_token + g[2] * per_token_seq + g[3] * per_position + g[4] * per_position_sq),
-            int(a[0] * one + a[1] * per_token + a[2] * per_token_seq + a[3] * per_position + a[4] * per_position_sq
-                + extra),
-            int(t[0] * one + t[1] * per_token + t[2] * per_token_seq + t[3] * per_position + t[4] * per_position_sq),
-        ))
-    return tuple(moments)
+    return tuple(
+        Moment(
+            phase,
+            int(w0 * one + w1 * per_token + w2 * per_token_seq + w3 * per_position + w4 * per_position_sq),
+            int(g0 * one + g1 * per_token + g2 * per_token_seq + g3 * per_position + g4 * per_position_sq),
+            int(a0 * one + a1 * per_token + a2 * per_token_seq + a3 * per_position + a4 * per_position_sq
+                + (in_flight if phase != "forward" else 0.0)),
+            int(t0 * one + t1 * per_token + t2 * per_token_seq + t3 * per_position + t4 * per_position_sq),
+        )
+        for phase, w0, w1, w2, w3, w4, g0, g1, g2, g3, g4, a0, a1, a2, a3, a4, t0, t1, t2, t3, t4 in program.rows)

@@ -76,6 +76,9 @@ class StepProgram:
     # What one (micro-)batch holds from its forward (and loss) to its backward, beyond weights and gradients: the
     # pipeline schedules hold this for every micro-batch in flight.
     held_after_forward: LF = ZERO
+    # Each candidate flat: (phase, the weights' five coefficients, the gradients', the activations', the
+    # temporaries'), what an estimate at a new shape evaluates.
+    rows: tuple[tuple, ...] = ()
 
 
 def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
@@ -698,8 +701,11 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
     for category in CATEGORIES:
         if category != "gradients":  # "weights" here: autocast's 16-bit copies, which the graph saves
             held_bytes = lf_add(held_bytes, held[category])
+    kept = tuple(_prune(candidates))
     return StepProgram(
-        candidates=tuple(_prune(candidates)),
+        candidates=kept,
+        rows=tuple((candidate.phase, *candidate.live["weights"], *candidate.live["gradients"],
+                    *candidate.live["activations"], *candidate.live["temporary"]) for candidate in kept),
         gradients_end=gradients_end,
         layer_saved=layer_saved,
         layer_gradients=left_by_backward["gradients"],
