@@ -126,6 +126,16 @@ def quiet_libraries():
             logging.getLogger("transformers").setLevel(previous)
 
 
+def final_norm(model):
+    """The decoder's final norm (Llama's `norm`, GPT-2's `ln_f`), or None."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for name in ("norm", "ln_f"):
+        module = getattr(decoder, name, None)
+        if module is not None and callable(getattr(module, "register_forward_pre_hook", None)):
+            return module
+    return None
+
+
 def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake: bool = True,
                    parallel=None, layer_tags: bool = False) -> tuple[MemoryLog, StepExtras]:
     """Build the model and run two steps; `fake=False` runs real CPU tensors (for tests). `parallel`: the
@@ -140,7 +150,9 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
         report("building the model", 0.05)
         model = build_model(spec, config, device="cpu", quant_backend="replica")
         head = model.get_output_embeddings()
-        head.register_forward_hook(lambda *_: tracker.mark("loss"))
+        # The loss phase starts at the final norm, as the estimator's head_fwd segment does: the norm, the head's
+        # input all-gather under TP, its logits and its autocast weight copy belong to the loss, not the forward.
+        (final_norm(model) or head).register_forward_pre_hook(lambda *_: tracker.mark("loss"), prepend=True)
         if config.compile:
             from memtui.engine.torchside.compiled import partition_layers, untraced_compile
 
