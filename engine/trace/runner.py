@@ -43,19 +43,32 @@ def _single_gpu(config: TrainingConfig) -> TrainingConfig:
     return config.model_copy(update={"gpus": 1, "tp": 1, "pp": 1, "zero": 0, "offload": "none"})
 
 
-def _few_layers_extended(spec: ModelSpec, config: TrainingConfig, report: Progress):
-    """(log, extras, what was done) of the whole model from traces of a few of its layers
-    (memtui.engine.trace.extend), or None when the model is traced at every layer: the configuration is one the
-    extension does not take, or the log of k + 1 layers built from the log of k is not the traced one."""
+def _few_layers_extended(spec: ModelSpec, config: TrainingConfig, report: Progress, parallel_context=None):
+    """(log, extras, what was done, the parallel program's (traced, modelled) lines) of the whole model from traces
+    of a few of its layers (memtui.engine.trace.extend), or None when the model is traced at every layer: the
+    configuration is one the extension does not take, or the log of k + 1 layers built from the log of k is not
+    the traced one. `parallel_context(config, layers)`: the data- or tensor-parallel program each depth runs in."""
     from memtui.engine.trace.extend import TRACED_LAYERS, NotExtensible, extend_log, extension_refusal, same_log
     from memtui.engine.trace.fake_step import run_fake_steps
     from memtui.engine.trace.generic import at_depth
 
-    if extension_refusal(spec, config, parallel=False) is not None:
+    if extension_refusal(spec, config) is not None:
         return None
     low, high = TRACED_LAYERS, TRACED_LAYERS + 1
-    low_log, low_extras = run_fake_steps(at_depth(spec, low), config, report, layer_tags=True)
-    high_log, high_extras = run_fake_steps(at_depth(spec, high), config, report, layer_tags=True)
+    lines: tuple[list[str], list[str]] = ([], [])
+
+    def run(depth: int):
+        nonlocal lines
+        if parallel_context is None:
+            return run_fake_steps(at_depth(spec, depth), config, report, layer_tags=True)
+        with parallel_context(config, depth) as parallel:
+            traced = run_fake_steps(at_depth(spec, depth), config, report, parallel=parallel, layer_tags=True)
+        lines = (parallel.traced, parallel.modelled)
+        return traced
+
+    low_log, low_extras = run(low)
+    low_lines = lines
+    high_log, high_extras = run(high)
     try:
         if not same_log(extend_log(low_log, low, high), high_log):
             return None
@@ -68,7 +81,7 @@ def _few_layers_extended(spec: ModelSpec, config: TrainingConfig, report: Progre
     extras.trainable_params += added * (high_extras.trainable_params - low_extras.trainable_params)
     line = (f"layers: traced at {low} and {high}; the {high}-layer step rebuilt event by event from the {low}-layer "
             f"one by repeating a middle layer, exactly, and the {spec.num_layers}-layer step built the same way")
-    return log, extras, line
+    return log, extras, line, low_lines
 
 
 def trace(
@@ -108,21 +121,22 @@ def trace(
         return result
     parallel_lines: tuple[list[str], list[str]] = ([], [])
     tp_refusal = tensor_parallel_refusal(config, spec)
-    if tp_refusal is None:
+    context = tensor_parallel if tp_refusal is None else data_parallel if traces_data_parallel(config) else None
+    if context is not None:
         local = config
-        with tensor_parallel(config, spec.num_layers) as parallel:
-            log, extras = run_fake_steps(spec, local, report, parallel=parallel)
-        parallel_lines = (parallel.traced, parallel.modelled)
-    elif traces_data_parallel(config):
-        local = config
-        with data_parallel(config, spec.num_layers) as parallel:
-            log, extras = run_fake_steps(spec, local, report, parallel=parallel)
-        parallel_lines = (parallel.traced, parallel.modelled)
+        extended = _few_layers_extended(spec, local, report, context)
+        if extended is not None:
+            log, extras, line, parallel_lines = extended
+            parallel_lines = (parallel_lines[0] + [line], parallel_lines[1])
+        else:
+            with context(config, spec.num_layers) as parallel:
+                log, extras = run_fake_steps(spec, local, report, parallel=parallel)
+            parallel_lines = (parallel.traced, parallel.modelled)
     else:
         local = _single_gpu(config)
         extended = _few_layers_extended(spec, local, report)
         if extended is not None:
-            log, extras, line = extended
+            log, extras, line, _lines = extended
             parallel_lines[0].append(line)
         else:
             log, extras = run_fake_steps(spec, local, report)
