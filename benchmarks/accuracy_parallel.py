@@ -59,7 +59,11 @@ def matrix() -> list[dict]:
                                    ("llama-3.2-1b", 2, 2, {}), ("llama-3.2-3b", 4, 2, {"zero": 3}),
                                    # Gemma: sandwich norms, softcapped eager scores, sliding-window masks
                                    ("gemma-2-9b", 4, 4, {"attention": "eager"}), ("gemma-3-4b", 2, 2, {}),
-                                   ("gemma-3-12b", 8, 2, {"zero": 3})):
+                                   ("gemma-3-12b", 8, 2, {"zero": 3}),
+                                   # at scale (traced from 5 and 6 layers, extended): tp 8 within a node, FSDP2
+                                   # over 4 nodes
+                                   ("llama-3.1-70b", 32, 8, {"zero": 3}),
+                                   ("llama-3.1-405b", 32, 8, {"zero": 3, "seq_len": 4096})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
     # Pipeline parallelism (torch.distributed.pipelining, every rank traced): one sequence per micro-batch
