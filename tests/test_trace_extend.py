@@ -46,19 +46,19 @@ def test_the_trace_of_a_deep_model_is_the_same_extended_or_traced_at_every_layer
     assert first == second
 
 
-@pytest.mark.parametrize("options", [dict(gpus=4, zero=3), dict(gpus=4, tp=2, zero=3), dict(gpus=2, tp=2)],
-                         ids=["fsdp2", "tp-fsdp2", "tp"])
+@pytest.mark.parametrize("options", [dict(gpus=4, zero=3), dict(gpus=2, tp=2)], ids=["fsdp2", "tp"])
 def test_a_parallel_trace_is_the_same_extended_or_traced_at_every_layer(monkeypatch, options):
     """FSDP2's per-layer all-gathers and reduce-scatters and DTensor's per-layer collectives repeat layer by layer
     too: the data- and tensor-parallel traces are extended from 5 and 6 layers (an 8B model at tp 2: 10 s, was
-    107 s) and equal the trace of every layer. (DDP's buckets do not repeat per layer: it is traced whole.)"""
+    107 s) and equal the trace of every layer (TP x FSDP2 was checked the same way on Llama-3.2-3B). DDP's
+    buckets do not repeat per layer: it is traced whole."""
     from memtui.engine.trace import extend
     from memtui.engine.trace.runner import trace
     from tests.test_trace_parallel import tiny_untied_llama
 
-    spec = tiny_untied_llama().model_copy(update={"num_layers": 9, "config": {**tiny_untied_llama().config,
-                                                                              "num_hidden_layers": 9}})
-    config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=64, precision="bf16-mixed", **options)
+    spec = tiny_untied_llama().model_copy(update={"num_layers": 7, "config": {**tiny_untied_llama().config,
+                                                                              "num_hidden_layers": 7}})
+    config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=32, precision="bf16-mixed", **options)
     extended = trace(config, model=spec)
     assert any(line.startswith("layers: traced at 5 and 6") for line in extended.traced), extended.traced
     monkeypatch.setattr(extend, "extension_refusal", lambda *_args, **_kwargs: "every layer")
