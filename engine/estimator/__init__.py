@@ -422,15 +422,7 @@ def _step_moments(
     if config.optimizer_in_backward:
         # Nothing is left for the optimizer phase: every parameter has stepped in backward.
         return _in_backward_moments(config, model, layout, activations, on_gpu, workspace)
-    if on_gpu.zero < 2:
-        # _forward_backward_moment without ZeRO-2/3's gathering and sharding, written out: an estimate at a new
-        # shape makes some thirty of these.
-        weights, extra = on_gpu.computing_weights, on_gpu.ddp_buckets + workspace
-        moments = [StepMoment(moment.phase, weights, moment.gradients, moment.activations + moment.autocast_weights,
-                              moment.temporary + extra) for moment in activations]
-    else:
-        moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace)
-                   for moment in activations]
+    moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace) for moment in activations]
     if on_gpu.tp_embedding_extra and moments and moments[-1].phase == "backward":
         # The embedding's backward is the last: from then on its gradient covers the whole vocabulary.
         moments[-1] = moments[-1]._replace(gradients=moments[-1].gradients + on_gpu.tp_embedding_extra)
@@ -514,8 +506,7 @@ def _figures(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: Par
              moments: list[StepMoment], workspace: int, trainable_params: int) -> _StepFigures:
     """The figures of a step's moments: the largest is the peak."""
     optimizer_states = on_gpu.states.optimizer_states
-    totals = [moment.weights + moment.gradients + moment.activations + moment.temporary + optimizer_states
-              for moment in moments]  # StepMoment.total of each
+    totals = [moment.total(optimizer_states) for moment in moments]
     peak_total = max(totals)
     peak = moments[totals.index(peak_total)]  # the first of equals, as the step meets it
     tensor_peak = _round512(peak_total)
