@@ -131,7 +131,7 @@ def final_norm(model):
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     for name in ("norm", "ln_f"):
         module = getattr(decoder, name, None)
-        if module is not None and callable(getattr(module, "register_forward_pre_hook", None)):
+        if isinstance(module, torch.nn.Module):
             return module
     return None
 

@@ -55,20 +55,17 @@ def _few_layers_extended(spec: ModelSpec, config: TrainingConfig, report: Progre
     if extension_refusal(spec, config) is not None:
         return None
     low, high = TRACED_LAYERS, TRACED_LAYERS + 1
-    lines: tuple[list[str], list[str]] = ([], [])
 
     def run(depth: int):
-        nonlocal lines
+        """(log, extras, the parallel program's (traced, modelled) lines) of the model cut to `depth` layers."""
         if parallel_context is None:
-            return run_fake_steps(at_depth(spec, depth), config, report, layer_tags=True)
+            return (*run_fake_steps(at_depth(spec, depth), config, report, layer_tags=True), ([], []))
         with parallel_context(config, depth) as parallel:
-            traced = run_fake_steps(at_depth(spec, depth), config, report, parallel=parallel, layer_tags=True)
-        lines = (parallel.traced, parallel.modelled)
-        return traced
+            log, extras = run_fake_steps(at_depth(spec, depth), config, report, parallel=parallel, layer_tags=True)
+        return log, extras, (parallel.traced, parallel.modelled)
 
-    low_log, low_extras = run(low)
-    low_lines = lines
-    high_log, high_extras = run(high)
+    low_log, low_extras, lines = run(low)
+    high_log, high_extras, _lines = run(high)
     try:
         if not same_log(extend_log(low_log, low, high), high_log):
             return None
@@ -81,7 +78,7 @@ def _few_layers_extended(spec: ModelSpec, config: TrainingConfig, report: Progre
     extras.trainable_params += added * (high_extras.trainable_params - low_extras.trainable_params)
     line = (f"layers: traced at {low} and {high}; the {high}-layer step rebuilt event by event from the {low}-layer "
             f"one by repeating a middle layer, exactly, and the {spec.num_layers}-layer step built the same way")
-    return log, extras, line, low_lines
+    return log, extras, line, lines
 
 
 def trace(

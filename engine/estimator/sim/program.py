@@ -123,8 +123,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         # transformers' defaults when the key is absent: DeepseekV3Config true, Qwen3MoeConfig false
         norm_topk=bool(spec.config.get("norm_topk_prob", spec.family == "deepseek_v3")),
         full_layer_share=_full_layer_share(config, spec),
-        last_layer_full=_window_mask(config, spec) and spec.family == "gemma3"
-        and gemma3_layer_types(spec)[-1] == "full_attention",
+        last_layer_full=_last_layer_full(config, spec),
         dense_layers=spec.dense_layers,
         loss=config.loss,
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
@@ -158,6 +157,12 @@ def _full_layer_share(config: TrainingConfig, spec: ModelSpec) -> float:
         return 0.0
     middle = gemma3_layer_types(spec)[1:-1]
     return middle.count("full_attention") / len(middle) if middle else 0.0
+
+
+def _last_layer_full(config: TrainingConfig, spec: ModelSpec) -> bool:
+    """Gemma 3 under a sliding-window mask whose last layer is a full-attention one (gemma-3-12b's 48th)."""
+    return (spec.family == "gemma3" and _window_mask(config, spec)
+            and gemma3_layer_types(spec)[-1] == "full_attention")
 
 
 def gemma3_layer_types(spec: ModelSpec) -> list[str]:
