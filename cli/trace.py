@@ -88,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold]caching allocator:[/] reserved peak {format_bytes(replayed['reserved_peak_bytes'])}, "
                       f"allocated peak {format_bytes(replayed['allocated_peak_bytes'])} (block sizes), "
                       f"{format_bytes(replayed['fragmentation_bytes'])} reserved beyond it")
+        by_stream = replayed.get("reserved_by_stream")
+        if by_stream:
+            console.print("[bold]reserved by stream[/] (each stream's pools are its own): "
+                          + ", ".join(f"{name} {format_bytes(size)}" for name, size in by_stream.items()))
     if measured is not None:
         traced = result.traced_tensor_peak_bytes
         real = measured["max_memory_allocated"]

@@ -147,20 +147,25 @@ def test_the_traced_sequence_is_what_the_allocator_sees():
     from memtui.engine.trace.analysis import allocation_sequence
     from memtui.engine.trace.tracker import Allocation, Event, MemoryLog
 
-    def alloc(alloc_id: int, raw: int, host: bool = False) -> Allocation:
+    def alloc(alloc_id: int, raw: int, host: bool = False, stream: int = 0) -> Allocation:
         return Allocation(alloc_id=alloc_id, nbytes=raw, raw_bytes=raw, phase="forward", step=1, op="op",
-                          shape=(), dtype="float32", module="", host=host)
+                          shape=(), dtype="float32", module="", host=host, stream=stream)
 
     log = MemoryLog()
-    for a in (alloc(0, 5 * MiB), alloc(1, 8, host=True), alloc(2, 12 * MiB + 1), alloc(3, 15 * MiB)):
+    for a in (alloc(0, 5 * MiB), alloc(1, 8, host=True), alloc(2, 12 * MiB + 1), alloc(3, 15 * MiB),
+              alloc(4, 5 * MiB, stream=1)):
         log.allocations[a.alloc_id] = a
-    log.events = [Event(0, 5 * MiB), Event(1, 512), Event(2, 12 * MiB + 512), Event(0, -5 * MiB), Event(3, 16 * MiB)]
+    log.events = [Event(0, 5 * MiB), Event(1, 512), Event(2, 12 * MiB + 512), Event(0, -5 * MiB), Event(3, 16 * MiB),
+                  Event(4, 5 * MiB)]
     log.phase_marks = [(0, 0, "setup"), (1, 1, "forward")]
     sequence = allocation_sequence(log, before_forward=(MiB, MiB))
     # the host tensor is not the device allocator's; the workspaces come at the first forward, never freed
-    assert sequence == [(0, 5 * MiB), (-1, MiB), (-2, MiB), (2, 12 * MiB + 1), (0, FREE), (3, 15 * MiB)]
-    # 20 MiB (5 MiB, then 12 MiB + 1 in its remainder), 2 MiB small segment (the workspaces), 16 MiB
-    assert replay(sequence).reserved_peak_bytes == 38 * MiB
+    assert sequence == [(0, 5 * MiB, 0), (-1, MiB, 0), (-2, MiB, 0), (2, 12 * MiB + 1, 0), (0, FREE, 0),
+                        (3, 15 * MiB, 0), (4, 5 * MiB, 1)]
+    # 20 MiB (5 MiB, then 12 MiB + 1 in its remainder), 2 MiB small segment (the workspaces), 16 MiB, and a
+    # 20 MiB segment for stream 1: the 5 MiB freed on stream 0 is in stream 0's pool, not stream 1's
+    assert replay(sequence).reserved_peak_bytes == 58 * MiB
+    assert replay(sequence[:-1] + [(4, 5 * MiB, 0)]).reserved_peak_bytes == 38 * MiB
 
 
 def test_trace_reports_the_reserved_peak(capsys):

@@ -30,13 +30,15 @@ class ReplayResult:
 
 
 def replay(
-    events: Iterable[tuple[object, int]],
+    events: Iterable[tuple[object, int] | tuple[object, int, int]],
     config: AllocatorConfig = DEFAULT_CONFIG,
     *,
     device_limit: int | None = None,
     device_total: int = 80 << 30,
 ) -> ReplayResult:
-    """`events`: (key, size) with size > 0 an allocation of `size` requested bytes, FREE a free of key.
+    """`events`: (key, size) with size > 0 an allocation of `size` requested bytes, FREE a free of key; a third
+    item, where given, is the stream the allocation is made on (0 otherwise): each stream has pools of its own, and a
+    block goes back to the pool of the stream that made it, whichever stream frees it.
 
     A free of a key never allocated (a trace that starts mid-run) is skipped.
     """
@@ -46,11 +48,12 @@ def replay(
     free = allocator.free
     oom_event = None
     count = 0
-    for index, (key, size) in enumerate(events):
+    for index, event in enumerate(events):
         count = index + 1
+        key, size = event[0], event[1]
         if size > 0:
             try:
-                live[key] = malloc(size)
+                live[key] = malloc(size, event[2] if len(event) > 2 else 0)
             except OutOfMemory:
                 oom_event = index
                 break

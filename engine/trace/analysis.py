@@ -116,20 +116,20 @@ def allocations_at_event(log: MemoryLog, event_index: int) -> list[dict]:
             for a in sorted(alive.values(), key=lambda a: a.nbytes, reverse=True)]
 
 
-def allocation_sequence(log: MemoryLog, *, before_forward: tuple[int, ...] = ()) -> list[tuple[int, int]]:
+def allocation_sequence(log: MemoryLog, *, before_forward: tuple[int, ...] = ()) -> list[tuple[int, int, int]]:
     """The device allocations and frees in order, as the caching allocator sees them: (alloc id, bytes
-    requested) for an allocation, (alloc id, FREE) for a free. `before_forward` adds allocations made at the
+    requested, stream) for an allocation, (alloc id, FREE, stream) for a free. `before_forward` adds allocations made at the
     first forward and never freed (the cuBLAS workspaces), keyed by negative ids."""
     first_forward = next((index for index, _step, phase in log.phase_marks if phase == "forward"), 0)
     allocations = log.allocations
-    sequence: list[tuple[int, int]] = []
+    sequence: list[tuple[int, int, int]] = []
     for index, event in enumerate(log.events):
         if index == first_forward:
-            sequence.extend((-1 - n, size) for n, size in enumerate(before_forward))
+            sequence.extend((-1 - n, size, 0) for n, size in enumerate(before_forward))
         alloc = allocations[event.alloc_id]
         if alloc.host:
             continue
-        sequence.append((event.alloc_id, alloc.raw_bytes if event.delta > 0 else FREE))
+        sequence.append((event.alloc_id, alloc.raw_bytes if event.delta > 0 else FREE, alloc.stream))
     if first_forward >= len(log.events):
-        sequence.extend((-1 - n, size) for n, size in enumerate(before_forward))
+        sequence.extend((-1 - n, size, 0) for n, size in enumerate(before_forward))
     return sequence

@@ -90,7 +90,7 @@ def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: 
         modelled.append("reserved peak: not replayed (the allocation sequence traced is a single GPU's, unsharded)")
     else:
         modelled.append("reserved peak: the traced allocations and frees, with the cuBLAS workspaces, replayed "
-                        "through a model of the CUDA caching allocator"
+                        "through a model of the CUDA caching allocator, each on the stream it was made on"
                         + (f" ({alloc_config.text})" if alloc_config.text else ""))
     return modelled
 
@@ -219,7 +219,7 @@ def _replay_allocator(log: MemoryLog, gpu: GpuSpec, workspace: int, config: Allo
     """The caching allocator's figures over the traced step (cuBLAS and cuBLASLt workspaces: one each)."""
     sequence = allocation_sequence(log, before_forward=(workspace // 2, workspace - workspace // 2))
     result = replay(sequence, config, device_total=gpu.memory_bytes)
-    return {
+    figures = {
         "reserved_peak_bytes": result.reserved_peak_bytes,
         "allocated_peak_bytes": result.allocated_peak_bytes,
         "fragmentation_bytes": result.fragmentation_bytes,
@@ -227,3 +227,14 @@ def _replay_allocator(log: MemoryLog, gpu: GpuSpec, workspace: int, config: Allo
         "events": result.events,
         "alloc_conf": config.text,
     }
+    streams = sorted({stream for _key, _size, stream in sequence})
+    if len(streams) > 1:
+        # Each stream's pools are its own (a block never moves to another stream's), so each stream's reserved
+        # peak is its events' alone; FSDP2's reduce-scatter pool, holding the sharded gradients, is kept apart
+        # from the activations freed in backward.
+        figures["reserved_by_stream"] = {
+            log.stream_names.get(stream, f"stream {stream}"):
+                replay([event for event in sequence if event[2] == stream], config,
+                       device_total=gpu.memory_bytes).reserved_peak_bytes
+            for stream in streams}
+    return figures

@@ -156,7 +156,8 @@ def extend_log(log: MemoryLog, traced: int, layers: int, template: int = TEMPLAT
 
     by_role: dict[tuple[int, int], Allocation] = {(allocations[a].layer, role): allocations[a] for a, role in roles.items()}
     new_ids: dict[tuple, int] = {}
-    new_log = MemoryLog(unified_bytes=log.unified_bytes, host_peak_bytes=log.host_peak_bytes)
+    new_log = MemoryLog(unified_bytes=log.unified_bytes, host_peak_bytes=log.host_peak_bytes,
+                        stream_names=dict(log.stream_names))
     new_index: list[int] = []  # traced event index -> index of its first copy in the new log
 
     def emit(event: Event, tag: int | None, at: int | None) -> None:
@@ -184,7 +185,7 @@ def extend_log(log: MemoryLog, traced: int, layers: int, template: int = TEMPLAT
             new_log.allocations[new_id] = Allocation(
                 alloc_id=new_id, nbytes=source.nbytes, raw_bytes=source.raw_bytes, phase=source.phase,
                 step=source.step, op=source.op, shape=source.shape, dtype=source.dtype, module=source.module,
-                category=source.category, host=source.host)
+                category=source.category, host=source.host, stream=source.stream)
             new_log.events.append(Event(new_id, source.nbytes))
         else:
             if key not in new_ids:
@@ -273,4 +274,4 @@ def same_log(first: MemoryLog, second: MemoryLog) -> bool:
 
 def _signature(alloc: Allocation) -> tuple:
     return (alloc.nbytes, alloc.raw_bytes, alloc.phase, alloc.step, alloc.op, alloc.shape, alloc.dtype, alloc.module,
-            alloc.category, alloc.host)
+            alloc.category, alloc.host, alloc.stream)

@@ -58,6 +58,7 @@ class DataParallel:
         self.num_layers = num_layers
         self.mesh = mesh
         self.tracker: MemoryTracker | None = None
+        self.model: torch.nn.Module | None = None  # the FSDP2 root, whose streams are named in the log
         self.bucket_ids: set[int] = set()  # DDP's flat gradient buckets
         self.gathered_ids: set[int] = set()  # FSDP2's unsharded parameters
         self.gradient_ids: set[int] = set()  # gradients as the optimizer finds them (FSDP2's sharded ones)
@@ -88,7 +89,8 @@ class DataParallel:
         if self.config.zero <= 1:
             with tracker:
                 return self._ddp(model)
-        return self._fsdp(model)
+        self.model = self._fsdp(model)
+        return self.model
 
     def shard_optimizer(self, model: torch.nn.Module, optimizer):
         """Record the gradients the optimizer steps on: FSDP2 assigns its sharded .grad outside autograd."""
@@ -114,6 +116,8 @@ class DataParallel:
             log.allocations[alloc_id].category = "gradients"
         for alloc_id in self.bucket_ids:  # the estimator's DDP term is a temporary of every moment
             log.allocations[alloc_id].category = "temporary"
+        if self.model is not None:
+            name_fsdp_streams(self.model, self.tracker)
 
     # ---- the wrappers ---------------------------------------------------------
     def _ddp(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -156,6 +160,23 @@ class DataParallel:
             fully_shard(layer, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         return model
+
+
+# FSDP2's communication streams (FSDPCommContext.lazy_init), each with pools of its own in the caching allocator:
+# the all-gather output is made on the copy-in stream (foreach_all_gather), the reduce-scatter output, which the
+# sharded gradients are views of until zero_grad, on the reduce-scatter stream (foreach_reduce).
+_FSDP_STREAMS = {"all_gather_copy_in_stream": "FSDP2 all-gather copy-in", "all_gather_stream": "FSDP2 all-gather",
+                 "reduce_scatter_stream": "FSDP2 reduce-scatter", "all_reduce_stream": "FSDP2 all-reduce"}
+
+
+def name_fsdp_streams(model: torch.nn.Module, tracker: MemoryTracker) -> None:
+    """Name in the tracker's log the streams of the FSDP2 root `model`."""
+    state = getattr(model, "_get_fsdp_state", None)
+    context = getattr(state(), "_comm_ctx", None) if state is not None else None
+    for attribute, name in _FSDP_STREAMS.items():
+        stream = getattr(context, attribute, None)
+        if stream is not None:
+            tracker.name_stream(stream, name)
 
 
 def record_stepped_gradients(model: torch.nn.Module, optimizer, tracker: MemoryTracker, gradient_ids: set[int]) -> None:

@@ -40,6 +40,7 @@ class Allocation:
     category: str = ""  # set by ownership or by phase when the log is analysed
     host: bool = False  # a CPU-side tensor in a real CUDA run (e.g. optimizer step counters)
     layer: int | None = None  # with layer tagging: the decoder layer it belongs to (memtui.engine.trace.extend)
+    stream: int = 0  # the stream current when it was made (0: the default stream; FSDP2's own streams 1, 2, ...)
 
 
 @dataclass(slots=True)
@@ -56,6 +57,8 @@ class MemoryLog:
     phase_marks: list[tuple[int, int, str]] = field(default_factory=list)  # (event index, step, phase)
     # CUDA unified memory (bitsandbytes' paged optimizer states): outside the caching allocator, so not events.
     unified_bytes: int = 0
+    # What each stream an allocation was made on is (Allocation.stream): 0 is the default stream.
+    stream_names: dict[int, str] = field(default_factory=lambda: {0: "default"})
     # Host memory the step makes (activation offloading's pinned copies): (event index, live host bytes) at each
     # change, and the most alive at once; not device events either.
     host_peak_bytes: int = 0
@@ -91,6 +94,11 @@ class MemoryTracker(TorchDispatchMode):
         # whether allocations made outside every layer take the layer of the tensors they are made from.
         self.layer: int | None = None
         self.tag_layers = False
+        # The stream each allocation is made on, as the caching allocator keys its pools by it. The traces run on
+        # the CPU device, whose torch.cpu.stream() context FSDP2 enters for its all-gathers and reduce-scatters
+        # exactly where it enters torch.cuda.stream() on a GPU, and torch.cpu.current_stream() follows it.
+        self._streams: dict[int, tuple[int, object]] = {}  # id(stream object) -> (number, the object kept alive)
+        self._stream_number(torch.cpu.current_stream())  # the default stream is 0
 
     # ---- phases -------------------------------------------------------------
     def mark(self, phase: str) -> None:
@@ -178,12 +186,24 @@ class MemoryTracker(TorchDispatchMode):
         self.log.allocations[alloc_id] = Allocation(
             alloc_id=alloc_id, nbytes=nbytes, raw_bytes=raw, phase=self.phase, step=self.step, op=op,
             shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."), module=self.module,
-            layer=self.layer if self.layer is not None else layer,
+            layer=self.layer if self.layer is not None else layer, stream=self._stream_number(torch.cpu.current_stream()),
         )
         self.log.events.append(Event(alloc_id, nbytes, self.layer))
         self._by_storage[key] = alloc_id
         self._finalizers.append(weakref.finalize(storage, self._freed, key, alloc_id, nbytes))
         return alloc_id
+
+    def name_stream(self, stream: object, name: str) -> None:
+        """Say what `stream` is (FSDP2's all-gather stream...), if allocations were made on it."""
+        known = self._streams.get(id(stream))
+        if known is not None:
+            self.log.stream_names[known[0]] = name
+
+    def _stream_number(self, stream: object) -> int:
+        known = self._streams.get(id(stream))
+        if known is None:
+            known = self._streams[id(stream)] = (len(self._streams), stream)
+        return known[0]
 
     def _freed(self, key: int, alloc_id: int, nbytes: int) -> bool:
         """Log a free once (a storage shrunk in place and later collected reports twice); True if logged."""
