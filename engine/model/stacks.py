@@ -306,6 +306,13 @@ _STACKS = (
             NotModelled("activation_checkpoint.selective_ac_option", "\"2\"",
                         "torchtitan/config/job_config.py:655 selective_ac_option=\"2\"",
                         f"{_TITAN_SAC} (layer-level SAC); memtui's selective checkpointing stands in"),
+            NotModelled("training.mixed_precision_param", "\"bfloat16\" under FSDP",
+                        "torchtitan/models/llama3/infra/parallelize.py:313 apply_fsdp: MixedPrecisionPolicy(param_dtype, "
+                        "reduce_dtype)",
+                        "FSDP2 gathers the layers in bf16 and runs them without autocast, reducing gradients in "
+                        "fp32; memtui's bf16-mixed stands in (torch.autocast over the fp32 parameters gathered, "
+                        "which keeps fp32 residuals and bf16 weight copies for backward: more activation memory)",
+                        when=("several-gpus",)),
         ),
     ),
     StackDefaults(
