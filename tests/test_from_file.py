@@ -21,7 +21,7 @@ CASES = {
         ["--model", "llama-3.2-1b", "--lora-rank", "64", "--lora-targets",
          "q_proj,v_proj,o_proj,gate_proj,down_proj,up_proj", "--batch-size", "4", "--precision", "bf16-true",
          "--checkpointing", "none", "--optimizer", "adamw", "--optimizer-impl", "fused", "--seq-len", "2048",
-         "--grad-accum", "8", "--loss", "fused-linear", "--lora-dtype", "compute"],
+         "--grad-accum", "8", "--loss", "chunked", "--loss-chunks", "8", "--lora-dtype", "compute"],
         [],
     ),
     "torchtune_llama3_2_1b_lora_offload_paged.yaml": (
@@ -29,10 +29,10 @@ CASES = {
         ["--model", "llama-3.2-1b", "--lora-rank", "64", "--lora-targets",
          "q_proj,v_proj,o_proj,gate_proj,down_proj,up_proj", "--batch-size", "4", "--precision", "bf16-true",
          "--checkpointing", "full", "--activation-offload", "--optimizer", "paged-adamw-8bit", "--seq-len", "2048",
-         "--grad-accum", "8", "--loss", "fused-linear", "--lora-dtype", "compute"],
+         "--grad-accum", "8", "--loss", "chunked", "--loss-chunks", "8", "--lora-dtype", "compute"],
         [],
     ),
-    # apply_lora_to_output: an adapter on the head; LinearCrossEntropyLoss through it is the chunked loss.
+    # LinearCrossEntropyLoss is the chunked loss, as for --stack torchtune (through a LoRA head as well).
     "torchtune_mistral_7b_lora_output.yaml": (
         "torchtune",
         ["--model", "mistral-7b", "--lora-rank", "64", "--lora-targets",

@@ -584,16 +584,21 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
         reader.set("loss._component_", "loss", "chunked")
         reader.set("loss.num_output_chunks", "loss_chunks",
                    reader.int("loss.num_output_chunks") or STACKS["torchtune"].value("loss_chunks"))
-    elif "linearcrossentropy" in loss and HEAD_TARGET in reader.options.get("lora_targets", "").split(","):
-        # The loss projects each chunk through the model's output, here a LoRALinear; memtui's fused-linear loss
-        # takes the head's weight alone, so the chunked loss (the --stack torchtune modelling) stands in.
+    elif "linearcrossentropy" in loss:
+        # The loss projects each chunk through the model's output and upcasts it (cross_entropy(logits.float())):
+        # one chunk's compute-dtype logits at a time, every chunk's fp32 log-probabilities kept for backward. The
+        # chunked loss, which keeps every chunk's compute-dtype logits as well, stands in, as for --stack torchtune
+        # (the fused-linear loss would keep neither: an under-estimate of the fp32 log-probabilities).
+        if reader.options.get("gpus", 1) > 1:
+            reader.note("ignored: loss._component_=LinearCrossEntropyLoss (memtui models the chunked loss on one "
+                        "GPU only)")
+            return
         reader.set("loss._component_", "loss", "chunked")
         reader.set("loss.num_output_chunks", "loss_chunks",
                    reader.int("loss.num_output_chunks") or STACKS["torchtune"].value("loss_chunks"))
-        reader.note("loss._component_: LinearCrossEntropyLoss through the LoRA output projection is modelled as "
-                    "--loss chunked, which keeps every chunk's compute-dtype logits (torchtune keeps one at a time)")
-    elif "linearcrossentropy" in loss:
-        _map_fused_loss(reader, "loss._component_", chosen=True)
+        through = " through the LoRA output projection" if HEAD_TARGET in reader.options.get("lora_targets", "").split(",") else ""
+        reader.note(f"loss._component_: LinearCrossEntropyLoss{through} is modelled as --loss chunked, which keeps "
+                    "every chunk's compute-dtype logits (torchtune keeps one at a time), as --stack torchtune does")
 
 
 # ---- LitGPT -------------------------------------------------------------------------------------------------------
