@@ -66,6 +66,14 @@ def matrix() -> list[dict]:
                                    ("llama-3.1-405b", 32, 8, {"zero": 3, "seq_len": 4096})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
+    # FSDP2 casting to bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's)
+    for model in ("qwen2.5-0.5b", "llama-3.2-1b"):
+        base = {"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": 8,
+                "fsdp_param_dtype": "compute"}
+        rows += [{**base, "zero": 2}, {**base, "zero": 3}, {**base, "zero": 3, "checkpointing": "full"}]
+    for gpus in (8, 128):  # torchtitan's Llama 3 8B runs of docs/measured.md
+        rows.append({"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192,
+                     "gpus": gpus, "zero": 3, "checkpointing": "selective-op", "fsdp_param_dtype": "compute"})
     # Pipeline parallelism (torch.distributed.pipelining, every rank traced): one sequence per micro-batch
     for pp, schedules in ((2, ("gpipe", "1f1b", "interleaved-1f1b")), (4, ("gpipe", "1f1b", "interleaved-1f1b")),
                           (8, ("1f1b", "interleaved-1f1b")), (16, ("gpipe", "1f1b"))):

@@ -1,6 +1,6 @@
 """How close memtui is to GPU memory measured and published by the frameworks people train with.
 
-    uv run python benchmarks/measured.py [--no-write] [--check]
+    uv run python benchmarks/measured.py [--no-write] [--check] [--trace]
 
 Reads benchmarks/measured_data.toml (each published figure with its source, the quote, the setup recovered
 from the publisher's code of that date, what was measured and the memtui flags of the closest setup), runs
@@ -14,11 +14,18 @@ and "runs on" with the device peak against the card, and "the longest sequence t
 with the closest flags and reported apart; rows that are physically impossible or not reproducible are listed
 with the reason. No constant is fitted to any row. --check exits 1 when docs/measured.md is not what this
 script writes (nothing is written then). Deterministic: the same data and estimator give the same file.
+
+Where the estimator cannot replay a step through the allocator model (several GPUs), a reserved row also shows
+`memtui trace`'s reserved peak: the traced rank's allocations replayed through the allocator, each stream's pools
+apart. Tracing takes seconds a row, so --trace runs the traces and keeps their figures, with the flags traced, in
+benchmarks/measured_traces.json; the doc is written from that file (a figure whose flags no longer match its row
+is left out until --trace runs again).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import sys
@@ -39,6 +46,7 @@ from memtui.engine.planning.fit.sequence import max_seq_len  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "measured_data.toml"
 DOC = ROOT / "docs" / "measured.md"
+TRACES = ROOT / "benchmarks" / "measured_traces.json"
 
 UNITS = {"GB": 10**9, "GiB": 2**30, "MB": 2**20, "tokens": 1}
 NUMERIC_KINDS = ("allocated", "reserved", "device", "max_seq")
@@ -54,6 +62,9 @@ KIND_TEXT = {
     "oom": "out of memory: memtui's device peak above the card",
     "fits": "runs on the card: memtui's device peak within it",
 }
+TRACE_KIND = "reserved (trace)"
+KIND_TEXT[TRACE_KIND] = ("peak reserved vs `memtui trace`'s allocator replay, where the estimator replays no "
+                         "multi-GPU step")
 
 
 class FlagError(ValueError):
@@ -129,6 +140,8 @@ class Result:
     verdict: str | None  # verdict rows: "agrees" or "disagrees"
     detail: str  # what memtui's figure is
     floor: float | None = None  # the weights, gradients and optimizer states alone, in the row's unit
+    traced: float | None = None  # reserved rows: `memtui trace`'s allocator replay, in the row's unit
+    traced_error_pct: float | None = None
 
     @property
     def below_floor(self) -> bool:
@@ -202,9 +215,44 @@ def evaluate(row: dict) -> Result:
         memtui = peak / UNITS[row["unit"]]
         floor = budget.model_states.total / UNITS[row["unit"]]
         error = 100.0 * (memtui - row["value"]) / row["value"]
-        return Result(row, status, memtui, error, None, detail, floor)
+        traced = _traced_reserved(row) if kind == "reserved" and budget.reserved_peak_bytes is None else None
+        traced_error = None if traced is None else 100.0 * (traced - row["value"]) / row["value"]
+        return Result(row, status, memtui, error, None, detail, floor, traced, traced_error)
     error = 100.0 * (memtui - row["value"]) / row["value"]
     return Result(row, status, memtui, error, None, detail)
+
+
+def _load_traces() -> dict:
+    return json.loads(TRACES.read_text()) if TRACES.exists() else {}
+
+
+def _traced_reserved(row: dict) -> float | None:
+    """The row's reserved peak from `memtui trace`, in its unit, if traced with the row's flags."""
+    traced = _load_traces().get(row["id"])
+    if traced is None or traced["flags"] != row["flags"]:
+        return None
+    return traced["reserved_peak_bytes"] / UNITS[row["unit"]]
+
+
+def trace_rows(rows: list[dict]) -> dict:
+    """Trace every expressible reserved row the estimator cannot replay and whose parallel program `memtui trace`
+    runs."""
+    from memtui.engine.trace import trace
+    from memtui.engine.trace.parallel import traces_data_parallel
+
+    traces = {}
+    for row in rows:
+        if row["kind"] != "reserved" or not row.get("flags") or _status(row) != "expressible":
+            continue  # a row needing an option memtui lacks would be traced without it, as its estimate is
+        config = config_for(row["flags"])
+        if config.gpus == 1 or not traces_data_parallel(config):
+            continue
+        result = trace(config)
+        traces[row["id"]] = {"flags": row["flags"], "reserved_peak_bytes": result.budget.reserved_peak_bytes,
+                             "tensor_peak_bytes": result.budget.tensor_peak_bytes}
+        print(f"traced {row['id']}: reserved {result.budget.reserved_peak_bytes / 2**30:.2f} GiB "
+              f"({result.seconds:.0f} s)")
+    return traces
 
 
 def floor_mismatches(results: list[Result]) -> list[str]:
@@ -234,6 +282,9 @@ def summarize(results: list[Result], status: str) -> dict[str, dict]:
         else:
             errors = [abs(r.error_pct) for r in rows]
             summary[kind] = {"n": len(rows), "median": statistics.median(errors), "max": max(errors)}
+    traced = [abs(r.traced_error_pct) for r in results if r.status == status and r.traced_error_pct is not None]
+    if traced:
+        summary[TRACE_KIND] = {"n": len(traced), "median": statistics.median(traced), "max": max(traced)}
     return summary
 
 
@@ -272,6 +323,9 @@ def _table(results: list[Result]) -> list[str]:
             ours, error = r.detail, r.verdict
         elif r.memtui is not None:
             ours, error = f"{_figure(r.memtui, row['unit'])} ({r.detail})", f"{r.error_pct:+.1f}%"
+            if r.traced is not None:
+                ours += f"; trace: {_figure(r.traced, row['unit'])} (allocator replay)"
+                error += f"; trace {r.traced_error_pct:+.1f}%"
         else:
             ours, error = "-", "-"
         flags = f"`{row['flags']}`" if row.get("flags") else "-"
@@ -376,12 +430,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help="print the summary only")
     parser.add_argument("--check", action="store_true", help="exit 1 when docs/measured.md is out of date")
+    parser.add_argument("--trace", action="store_true",
+                        help=f"trace the reserved rows the estimator cannot replay into {TRACES.name} first (minutes)")
     args = parser.parse_args(argv)
     bad = {row.get("id", "?"): problems for row in load_rows() if (problems := validate_row(row))}
     if bad:
         for row_id, problems in bad.items():
             print(f"{DATA.name}: {row_id}: {'; '.join(problems)}", file=sys.stderr)
         return 2
+    if args.trace:
+        rows = [adopt_available(row) for row in load_rows()]
+        TRACES.write_text(json.dumps(trace_rows(rows), indent=1, sort_keys=True) + "\n")
+        print(f"wrote {TRACES.relative_to(ROOT)}")
     results, text = run()
     print(summary_line(results))
     for row_id in floor_mismatches(results):

@@ -60,7 +60,8 @@ CASES = {
     "torchtitan_llama3_8b.toml": (
         "torchtitan",
         ["--model", "llama-3.1-8b", "--batch-size", "1", "--seq-len", "8192", "--gpus", "8", "--zero", "3",
-         "--precision", "bf16-mixed", "--checkpointing", "full", "--optimizer-impl", "fused", "--compile"],
+         "--precision", "bf16-mixed", "--checkpointing", "full", "--optimizer-impl", "fused", "--compile",
+         "--fsdp-param-dtype", "compute"],
         [],
     ),
     "trl_sft_qwen2_5_0_5b.json": (
@@ -238,12 +239,12 @@ COMPILE_KEYS = {
                                'seq_len = 1024\n[parallelism]\ndata_parallel_shard_degree = 8\n'
                                '[activation_checkpoint]\nmode = "none"\n[compile]\nenable = true\n',
                    ["--model", "llama-3.1-8b", "--gpus", "8", "--zero", "3", "--checkpointing", "none",
-                    "--optimizer-impl", "fused"]),
+                    "--optimizer-impl", "fused", "--fsdp-param-dtype", "compute"]),
     "torchtitan-old": ("job.toml", '[model]\nname = "llama3"\nflavor = "8B"\n[training]\nlocal_batch_size = 2\n'
                                    'seq_len = 1024\ncompile = true\n[parallelism]\ndata_parallel_shard_degree = 8\n'
                                    '[activation_checkpoint]\nmode = "none"\n',
                        ["--model", "llama-3.1-8b", "--gpus", "8", "--zero", "3", "--checkpointing", "none",
-                        "--optimizer-impl", "fused"]),
+                        "--optimizer-impl", "fused", "--fsdp-param-dtype", "compute"]),
     "axolotl": ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\nmicro_batch_size: 2\nsequence_len: 1024\n"
                                "bf16: true\ntorch_compile: true\n", ["--precision", "bf16-true"]),
     "axolotl-auto": ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\nmicro_batch_size: 2\nsequence_len: 1024\n"

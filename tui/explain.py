@@ -340,6 +340,22 @@ _EXPLAINERS = [
         "match LitGPT's or torchtune's memory.",
     ),
     Explainer(
+        "fsdp_param_dtype", "FSDP dtype",
+        "What FSDP2 gathers the weights in.",
+        "**stored** (memtui's default) gathers each layer's parameters in the dtype they are stored in, "
+        "fp32 under bf16-mixed, and torch.autocast casts them for each matmul: autograd keeps each "
+        "layer's bf16 weight copies and the fp32 residual stream for backward.\n\n"
+        "**compute** is FSDP2's `MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`, as "
+        "torchtitan applies it: the all-gather casts the shards to bf16, the layers run on bf16 "
+        "parameters with no autocast (activations as bf16-true's), and each layer's bf16 gradients are "
+        "copied into an fp32 reduce-scatter input, so the shards, their gradients and the optimizer "
+        "states stay fp32. The gradients' reduce-scatter output lives in the reduce-scatter stream's "
+        "own allocator pool until zero_grad.",
+        "None in the model states; the gathered layers and the activations take half the bytes. The "
+        "gradients are reduced in fp32 (as precise as stored).",
+        "FSDP2 (ZeRO-2/3 across several GPUs) with bf16-mixed, to plan or match a torchtitan run.",
+    ),
+    Explainer(
         "kbit_prep", "k-bit prep",
         "Unquantized weights to fp32 (peft).",
         "What most QLoRA tutorials, TRL and Axolotl call before adding the adapters: every 16-bit "

@@ -95,6 +95,12 @@ def trainable_bytes(config: TrainingConfig) -> int:
     return config.adapter_bytes if config.uses_lora else config.weight_bytes
 
 
+def _autograd_gradient_bytes(config: TrainingConfig) -> int:
+    """Bytes per element of the gradients autograd makes: the trained parameters' dtype as the layers see them
+    (bf16 where FSDP2 casts the gathered parameters; FSDP2 reduces them into fp32 shards)."""
+    return config.compute_bytes if config.fsdp_casts else trainable_bytes(config)
+
+
 def _round512(n: float) -> int:
     """The CUDA caching allocator hands out blocks in multiples of 512 bytes."""
     n = int(n)
@@ -177,6 +183,7 @@ class _StatesOnGpu:
     dp: int
     zero: int  # the stage in effect (none without offload on a lone GPU: nothing to shard)
     weights_full: int  # unsharded, as stored (base + adapters)
+    unsharded: int  # unsharded as FSDP2 gathers them for compute (weights_full, or bf16 where FSDP2 casts)
     grads_full: int  # unsharded
     layer_weight_bytes: int  # the largest layer's weights, as gathered for its compute
     layer_grads: int  # the largest layer's gradients (a reduce-scatter bucket); 0 under LoRA
@@ -188,14 +195,26 @@ class _StatesOnGpu:
     tp_embedding_extra: int = 0  # DTensor's embedding backward: the whole vocabulary's gradient (traced TP plan)
     root_weights: int = 0  # FSDP2's root group (embeddings, final norm, head) as gathered; 0 outside FSDP2
     root_gradients: int = 0  # the root group's gradients made before the embedding's (an untied head's, the norm's)
+    reduce_widening: int = 1  # reduced (sharded) gradient bytes per byte autograd made: 2 where FSDP2 reduces bf16 in fp32
+    layers_gradients: int = 0  # the decoder layers' gradients as autograd makes them (FSDP2: beyond them, the root's)
 
     def gradients_at(self, unsharded: int, offload: str) -> int:
         """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced. FSDP2 reduces the
         root group's only at backward's end: the head's, made first, stays whole until then."""
         if self.zero >= 2:
+            if offload != "none":
+                return 0
             held = min(unsharded, self.root_gradients)
-            rest = unsharded - held
-            return 0 if offload != "none" else held + rest // self.dp + min(rest, self.layer_grads)
+            layers = min(unsharded - held, self.layers_gradients)
+            held = unsharded - layers  # the embedding's (or a tied weight's summed) gradient, last, is the root's too
+            if self.reduce_widening > 1:
+                # Reduced in fp32 from bf16: each finished layer's shard, the last reduce-scatter input (fp32,
+                # held until the next reduce), and the layer in progress whole, in bf16, until its post-backward.
+                per_layer = self.layer_grads // self.reduce_widening
+                finished, in_progress = divmod(layers, max(per_layer, 1))
+                return (held + finished * self.layer_grads // self.dp + (self.layer_grads if finished else 0)
+                        + in_progress)
+            return held + layers // self.dp + min(layers, self.layer_grads)
         return unsharded
 
 
@@ -210,6 +229,10 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     states_full, one_state_group, paged = _optimizer_state_bytes(config, model, layout)
 
     layer_weight_bytes = layout.largest_layer_params * (config.weight_bytes if config.quant == "none" else 1)
+    # Every parameter as FSDP2 gathers it for compute: in bf16 where it casts them (full fine-tunes only).
+    unsharded = weights_full * config.compute_bytes // config.weight_bytes if config.fsdp_casts else weights_full
+    if config.fsdp_casts:
+        layer_weight_bytes = layout.largest_layer_params * config.compute_bytes  # gathered in bf16
     weights = weights_full
     gathered = 0  # ZeRO-3: the layer being computed and the one prefetched, unsharded
     if zero >= 3:
@@ -218,13 +241,16 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     elif zero == 2 and config.offload == "none":
         # FSDP2 without resharding after forward: the 1/dp shards stay beside the gathered weights,
         # and the last layer's all-gather buffer is held until the next all-gather.
-        gathered = weights_full // dp + layer_weight_bytes
+        gathered = weights_full // dp + layer_weight_bytes - (weights_full - unsharded)
     if config.offload == "optimizer+params":
         weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
         gathered = min(2, layout.layers) * layer_weight_bytes
     tp_embedding_extra = tensor_parallel_embedding_gradient_extra(config, model)
     root_weights = _fsdp2_root_bytes(config, model, zero)
-    root_gradients = ((model.head_params // config.tp + model.norm_params) * trainable_bytes(config)
+    root_params = (model.embedding_params + model.head_params + model.norm_params) // config.tp
+    # A tied head's gradient waits in autograd's input buffer for the embedding's, as whole as an untied head's.
+    head_gradient = model.head_params or model.vocab_size * model.hidden_size
+    root_gradients = ((head_gradient // config.tp + model.norm_params) * _autograd_gradient_bytes(config)
                       if root_weights and not config.uses_lora else 0)
     # A tied head's Shard(0) gradient comes first; the embedding's whole-vocabulary one is added into it (a
     # temporary of backward's last moment), so the step keeps the rank's 1/tp only.
@@ -248,12 +274,15 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     # all-reduce and keeps them from the first backward on (gradient_as_bucket_view=False, the default).
     ddp_buckets = grads_full if config.dp > 1 and zero <= 1 else 0
     on_gpu = _StatesOnGpu(
-        dp=dp, zero=zero, weights_full=weights_full, grads_full=grads_full, layer_weight_bytes=layer_weight_bytes,
+        dp=dp, zero=zero, weights_full=weights_full, unsharded=unsharded, grads_full=grads_full, layer_weight_bytes=layer_weight_bytes,
         layer_grads=layout.largest_layer_params * config.weight_bytes if not config.uses_lora else 0,
         states=ModelStates(weights=weights, gradients=gradients, optimizer_states=optimizer_states),
         computing_weights=weights + gathered, resting_weights=resting_weights, ddp_buckets=ddp_buckets,
         paged=paged,
         tp_embedding_extra=tp_embedding_extra, root_weights=root_weights, root_gradients=root_gradients,
+        reduce_widening=trainable_bytes(config) // _autograd_gradient_bytes(config),
+        layers_gradients=(layout.trainable_params - root_params) * _autograd_gradient_bytes(config)
+        if root_weights and not config.uses_lora else grads_full,
     )
     return on_gpu, one_state_group
 
@@ -291,7 +320,8 @@ def _fsdp2_root_bytes(config: TrainingConfig, model: ModelSpec, zero: int) -> in
     where the estimator does not follow FSDP2's program (ZeRO-0/1, offloading, pipeline stages, quantized weights)."""
     if not (zero >= 2 and config.offload == "none" and config.pp == 1 and config.quant == "none"):
         return 0
-    return (model.embedding_params + model.head_params + model.norm_params) // config.tp * config.weight_bytes
+    gathered_bytes = config.compute_bytes if config.fsdp_casts else config.weight_bytes
+    return (model.embedding_params + model.head_params + model.norm_params) // config.tp * gathered_bytes
 
 
 def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moment: Moment,
@@ -335,6 +365,15 @@ def _fsdp2_root_moments(config: TrainingConfig, model: ModelSpec, layout: ParamL
     if last.phase == "backward" and not config.uses_lora:
         vocabulary = tensor_parallel_whole_vocabulary_gradient(config, model) if config.dp > 1 else 0
         moments[-1] = last._replace(weights=on_gpu.resting_weights + root, temporary=last.temporary + vocabulary)
+        if config.tp == 1:
+            # The root's post-backward: resharded, its gradients (as autograd made them) copied into one flat
+            # reduce-scatter input in the reduce dtype, beside the layers' shards, before they are let go.
+            root_params = (model.embedding_params + model.head_params + model.norm_params) // config.tp
+            unsharded = root_params * _autograd_gradient_bytes(config)
+            reduce_input = root_params * trainable_bytes(config)
+            moments.append(StepMoment("backward", on_gpu.resting_weights,
+                                      on_gpu.layers_gradients * on_gpu.reduce_widening // on_gpu.dp, 0,
+                                      unsharded + reduce_input + on_gpu.ddp_buckets + workspace))
     return moments
 
 
@@ -346,9 +385,14 @@ def _forward_backward_moment(config: TrainingConfig, model: ModelSpec, layout: P
     weights = on_gpu.computing_weights + _fsdp_gathered_change(config, model, layout, moment, on_gpu)
     if (on_gpu.zero == 2 and config.offload == "none" and not config.uses_lora and on_gpu.grads_full > 0
             and moment.gradients > 0):
-        # FSDP2 reshards each layer once its backward is done: the gathered weights shrink as gradients grow.
-        done = min(moment.gradients / on_gpu.grads_full, 1.0)
-        weights = on_gpu.computing_weights - int((on_gpu.weights_full - on_gpu.layer_weight_bytes) * done)
+        # FSDP2 reshards each layer once its backward is done: the gathered weights shrink as the layers' gradients
+        # grow (the root group's, the head's first, and its parameters stay until backward's end); the last
+        # layer's all-gather buffer went at the root's post-forward.
+        # A layer is resharded once all its gradients are made (its post-backward): whole layers only.
+        layer_gradients = layout.largest_layer_params * _autograd_gradient_bytes(config)
+        done = max(moment.gradients - on_gpu.root_gradients, 0) // max(layer_gradients, 1)
+        resharded = min(done * on_gpu.layer_weight_bytes, on_gpu.unsharded - on_gpu.root_weights)
+        weights = on_gpu.computing_weights - on_gpu.layer_weight_bytes - resharded
     if gradients is None:
         gradients = on_gpu.gradients_at(moment.gradients, config.offload)
     return StepMoment(moment.phase, weights, gradients, moment.activations + moment.autocast_weights,

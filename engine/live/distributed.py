@@ -6,7 +6,8 @@ Imported only in a worker that runs with WORLD_SIZE > 1 (NCCL on CUDA, gloo on t
 - zero 1: DDP + ZeroRedundancyOptimizer (optimizer states sharded);
 - zero 2: FSDP2 `fully_shard` per decoder layer and at the root, parameters kept
   gathered from forward to backward (reshard_after_forward=False);
-- zero 3: FSDP2 with parameters resharded after forward (full sharding).
+- zero 3: FSDP2 with parameters resharded after forward (full sharding);
+- FSDP2's MixedPrecisionPolicy casts the gathered parameters to bf16 with --fsdp-param-dtype compute.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ def wrap(model: torch.nn.Module, layers: list[torch.nn.Module], config: Training
     if config.zero >= 2:
         from torch.distributed.fsdp import fully_shard
 
+        from memtui.engine.torchside.sharding import fsdp_policy
+
         reshard = config.zero == 3
+        policy = fsdp_policy(config)
         for layer in layers:
-            fully_shard(layer, reshard_after_forward=reshard)
-        fully_shard(model, reshard_after_forward=reshard)
+            fully_shard(layer, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(model, reshard_after_forward=reshard, mp_policy=policy)
         if device.type == "cpu":
             for module in [*layers, model]:
                 module.set_custom_all_gather(_gloo_all_gather())

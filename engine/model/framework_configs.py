@@ -688,7 +688,8 @@ def _litgpt_loss(reader: _Reader) -> None:
 # torchtitan/torchtitan/models/llama3/__init__.py llama3_configs: flavors of the Llama 3.1 architecture.
 _TORCHTITAN_MODELS = {("llama3", "8b"): "llama-3.1-8b", ("llama3", "70b"): "llama-3.1-70b",
                       ("llama3", "405b"): "llama-3.1-405b"}
-# Training.mixed_precision_param: applied by fully_shard when sharded, by torch.autocast under DDP or on one GPU.
+# Training.mixed_precision_param: applied by fully_shard when sharded (--fsdp-param-dtype compute), by torch.autocast
+# under DDP or on one GPU.
 _TITAN_DTYPES = {"bfloat16": "bf16-mixed", "float32": "32-true"}
 
 
@@ -791,6 +792,8 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
                       "gradient accumulation", _positive)
     reader.ignore("float8.recipe_name", "float8 linears are not modelled")
     reader.ignore("model.converters", "model converters (float8, MX) are not modelled")
+    # Under FSDP mixed_precision_param is fully_shard's MixedPrecisionPolicy(param_dtype), not autocast.
+    _framework_values(reader, "torchtitan", "training.mixed_precision_param", "fsdp_param_dtype")
 
 
 # ---- Axolotl -------------------------------------------------------------------------------------------------------

@@ -272,6 +272,12 @@ _OPTIONS = (
     Option("microbatches", "Micro-batches", PARALLELISM, "int",
            "pipeline micro-batches the batch is split into (each of batch / microbatches sequences)",
            "--pp 4 --batch-size 8 --microbatches 8", explainer="pp"),
+    # ---- FSDP2's mixed precision (issue 11: torchtitan) -------------------------------------------------------
+    Option("fsdp_param_dtype", "FSDP dtype", PARALLELISM, "select",
+           "what FSDP2 gathers parameters in: as stored, autocast casting them (memtui's default), or bf16 with "
+           "fp32 gradient reduction and no autocast (MixedPrecisionPolicy, torchtitan's)",
+           "--zero 3 --gpus 8 --fsdp-param-dtype compute", ladder={"compute": "FSDP2 gathers in bf16 (no autocast)"},
+           baseline="stored"),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

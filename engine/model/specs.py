@@ -24,6 +24,9 @@ Loss = Literal["standard", "chunked", "fused-linear"]
 LoraDtype = Literal["fp32", "compute"]
 LossDtype = Literal["fp32", "compute"]
 BnbVersion = Literal["current", "legacy"]
+# What FSDP2 gathers the parameters in: as stored (MixedPrecisionPolicy(), autocast casting them for compute), or in
+# the compute dtype (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's).
+FsdpParamDtype = Literal["stored", "compute"]
 # The training stacks whose defaults --stack applies (engine/model/stacks.py); none: memtui's own.
 Stack = Literal["none", "hf", "trl", "torchtune", "litgpt", "lightning", "torchtitan", "axolotl"]
 PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b"]
@@ -93,6 +96,7 @@ class TrainingConfig(BaseModel):
     stack: Stack = "none"
     pp_schedule: PipelineSchedule = "1f1b"
     microbatches: int = Field(1, ge=1, le=65536, description="pipeline micro-batches the batch is split into")
+    fsdp_param_dtype: FsdpParamDtype = "stored"
 
     @property
     def dp(self) -> int:
@@ -128,8 +132,17 @@ class TrainingConfig(BaseModel):
         return 2 if self.precision in ("16-true", "bf16-true") else 4
 
     @property
+    def fsdp_casts(self) -> bool:
+        """FSDP2 casts the gathered parameters to bf16 and reduces gradients in fp32 (MixedPrecisionPolicy with
+        param_dtype, torchtitan's): the layers run in bf16 with no autocast, the shards and states stay fp32.
+        Modelled for a full fine-tune sharded by FSDP2 alone; elsewhere autocast casts (validation's note says so)."""
+        return (self.fsdp_param_dtype == "compute" and self.precision == "bf16-mixed" and self.zero >= 2
+                and self.shard_ranks > 1 and self.tp == 1 and self.pp == 1 and self.offload == "none"
+                and self.quant == "none" and not self.uses_lora)
+
+    @property
     def autocast(self) -> bool:
-        return self.precision in ("16-mixed", "bf16-mixed")
+        return self.precision in ("16-mixed", "bf16-mixed") and not self.fsdp_casts
 
     @property
     def adapter_dtype(self) -> str:

@@ -46,6 +46,12 @@ CONDITIONS: dict[str, tuple[str, Callable[[View], bool], str]] = {
     "chunked-loss": ("with --loss chunked", lambda view: view["loss"] == "chunked", ""),
     "no-softcap": ("for a model without final-logit soft-capping", lambda view: not _softcapped(view),
                    "the model soft-caps its logits, which memtui's chunked and fused losses do not"),
+    "fsdp2-full-bf16": ("with FSDP2 sharding a full bf16-mixed fine-tune",
+                        lambda view: view["zero"] >= 2 and view["tp"] == 1 and view["pp"] == 1 and view["gpus"] > 1
+                        and view["lora_rank"] == 0 and view["quant"] == "none" and view["offload"] == "none"
+                        and view["precision"] == "bf16-mixed",
+                        "memtui models FSDP2's bf16 casting for a full bf16-mixed fine-tune sharded by FSDP2 alone "
+                        "(no LoRA, quantized base, offload, tensor or pipeline parallelism); autocast stands in"),
     "no-fp16-autocast": ("without --precision 16-mixed", lambda view: view["precision"] != "16-mixed",
                          "under 16-mixed memtui's compute-dtype adapters are fp16, whose gradients the GradScaler "
                          "refuses; the framework's are bf16"),
@@ -299,6 +305,12 @@ _STACKS = (
             Default("zero", 3, "torchtitan/config/job_config.py:324 data_parallel_shard_degree=-1: FSDP2 over every "
                                "rank, fsdp_reshard_after_forward=\"default\"", when=("several-gpus",)),
             Default("attention", "flash", "torchtitan/models/attention.py: F.scaled_dot_product_attention"),
+            Default("fsdp_param_dtype", "compute",
+                    "torchtitan/models/llama3/infra/parallelize.py:313 apply_fsdp: MixedPrecisionPolicy(param_dtype="
+                    "mixed_precision_param, reduce_dtype=mixed_precision_reduce), bfloat16 / float32 "
+                    "(config/job_config.py:282, 290); autocast only without FSDP (distributed/utils.py:243 "
+                    "maybe_enable_amp)",
+                    when=("several-gpus",), needs=("fsdp2-full-bf16",)),
             Default("loss", "standard", "torchtitan/components/loss.py:20 cross_entropy_loss: pred.float()"),
             Default("activation_offload", False, "torchtitan has no activation offloading"),
         ),
@@ -306,13 +318,6 @@ _STACKS = (
             NotModelled("activation_checkpoint.selective_ac_option", "\"2\"",
                         "torchtitan/config/job_config.py:655 selective_ac_option=\"2\"",
                         f"{_TITAN_SAC} (layer-level SAC); memtui's selective checkpointing stands in"),
-            NotModelled("training.mixed_precision_param", "\"bfloat16\" under FSDP",
-                        "torchtitan/models/llama3/infra/parallelize.py:313 apply_fsdp: MixedPrecisionPolicy(param_dtype, "
-                        "reduce_dtype)",
-                        "FSDP2 gathers the layers in bf16 and runs them without autocast, reducing gradients in "
-                        "fp32; memtui's bf16-mixed stands in (torch.autocast over the fp32 parameters gathered, "
-                        "which keeps fp32 residuals and bf16 weight copies for backward: more activation memory)",
-                        when=("several-gpus",)),
         ),
     ),
     StackDefaults(

@@ -76,9 +76,12 @@ class DataParallel:
                 where = (f"world size {dp} as HSDP: a 2-D DeviceMesh ({dp // config.shard_group} replicas x "
                          f"{config.shard_group} shards), sharded within {config.shard_group} ranks, gradients "
                          "all-reduced across the replicas")
+            precision = ("MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32): parameters gathered in "
+                         "bf16 and gradients reduced in fp32, no autocast (torchtitan's)" if config.fsdp_casts else
+                         "MixedPrecisionPolicy(): parameters gathered and gradients reduced in their stored dtype, "
+                         "autocast casting (as memtui's live runs)")
             self.traced = [f"FSDP2 fully_shard per decoder layer and root at {where} (rank 0 of a fake process "
-                           f"group), reshard_after_forward={reshard}, MixedPrecisionPolicy(): parameters gathered and "
-                           "gradients reduced in their stored dtype, autocast casting (as memtui's live runs)"]
+                           f"group), reshard_after_forward={reshard}, {precision}"]
             self.modelled = []
 
     # ---- run_fake_steps' hooks ----------------------------------------------
@@ -152,10 +155,12 @@ class DataParallel:
         return wrapped
 
     def _fsdp(self, model: torch.nn.Module) -> torch.nn.Module:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
+
+        from memtui.engine.torchside.sharding import fsdp_policy
 
         reshard = self.config.zero == 3
-        policy = MixedPrecisionPolicy()
+        policy = fsdp_policy(self.config)
         for layer in _decoder_layers(model, self.num_layers):
             fully_shard(layer, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)

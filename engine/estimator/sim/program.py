@@ -83,7 +83,8 @@ class StepProgram:
 
 def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
     compute = {"32-true": "f32", "16-mixed": "f16", "bf16-mixed": "bf16", "16-true": "f16", "bf16-true": "bf16"}[config.precision]
-    params = compute if config.precision in ("16-true", "bf16-true") else "f32"
+    # FSDP2 with MixedPrecisionPolicy(param_dtype) hands the layers bf16 parameters: they compute as bf16-true's.
+    params = compute if config.precision in ("16-true", "bf16-true") or config.fsdp_casts else "f32"
     base = compute if config.quant != "none" and config.precision != "32-true" else params
     if config.kbit_prep:
         base = "f32"  # prepare_model_for_kbit_training: every 16-bit parameter that is not 4-bit becomes fp32
