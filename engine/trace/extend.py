@@ -37,7 +37,7 @@ def extension_refusal(spec, config) -> str | None:
     runner still checks that the log of six layers rebuilt from five is the traced one)."""
     if config.pp > 1:
         return "pipeline-parallel programs are traced at every layer"
-    if config.dp > 1 and config.zero == 0 and config.tp == 1:
+    if config.dp > 1 and config.zero <= 1 and config.tp == 1:  # ZeRO-1 runs under DDP too
         return "DDP's gradient buckets fill by bytes, not layer by layer: traced at every layer"
     if spec.family not in UNIFORM_FAMILIES:
         return f"the {spec.family} family is traced at every layer"
