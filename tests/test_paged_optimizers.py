@@ -39,8 +39,7 @@ def test_estimate_matches_trace(options):
     options = dict(options)
     layers = options.pop("layers", None)
     config = TrainingConfig(gpu="h100-80gb", **options)
-    spec = resolve_model(config.model)
-    spec = at_depth(spec, layers) if layers else spec
+    spec = at_depth(resolve_model(config.model), layers) if layers else None  # None: the preset itself
     traced = trace(config, model=spec)
     estimated = estimate(config, model=spec)
     workspace = cublas_workspace_bytes(resolve_gpu("h100-80gb"))
