@@ -92,8 +92,11 @@ def test_zero3_reshards_after_forward_so_its_peak_is_below_zero2():
     assert _trace(3).traced_tensor_peak_bytes < _trace(2).traced_tensor_peak_bytes
 
 
-def test_trace_cli_reports_fsdp2_as_traced(capsys):
-    code = main(["trace", "--model", "gpt2", "--batch-size", "1", "--seq-len", "64", "--gpus", "8", "--zero", "3",
+def test_trace_cli_reports_fsdp2_as_traced(tmp_path, capsys):
+    # GPT-2 at 2 of its 12 layers, as a config.json: GPT-2 is traced at every layer, and the report is the same.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**resolve_model("gpt2").hf_config(), "n_layer": 2}))
+    code = main(["trace", "--model", str(path), "--batch-size", "1", "--seq-len", "64", "--gpus", "8", "--zero", "3",
                  "--json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 0
@@ -101,7 +104,9 @@ def test_trace_cli_reports_fsdp2_as_traced(capsys):
     assert any("FSDP2" in line and "world size 8" in line for line in data["traced"])
     assert not any(MODELLED_SHARDING in line for line in data["modelled"])
     assert data["allocator"] is not None  # the rank's own allocation sequence, replayed
-    assert data["model_states"]["weights"] < resolve_model("gpt2").params * 4 / 8 * 1.01
+    params = resolve_model(str(path)).params
+    assert params < resolve_model("gpt2").params * 0.75  # the 2-layer model, not GPT-2's own
+    assert data["model_states"]["weights"] < params * 4 / 8 * 1.01
 
 
 def test_trace_equals_two_real_gloo_ranks_byte_for_byte(tmp_path, monkeypatch):
