@@ -277,7 +277,7 @@ async def test_palette_switches_the_model_and_the_gpu():
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"3.1 70B")
-        await pilot.pause(0.3)
+        await palette_listed(pilot)
         await pilot.press("enter")
         await pilot.pause()
         assert app.planner.options["model"] == "llama-3.1-70b"
@@ -286,7 +286,7 @@ async def test_palette_switches_the_model_and_the_gpu():
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"4090")
-        await pilot.pause(0.3)
+        await palette_listed(pilot)
         await pilot.press("enter")
         await pilot.pause()
         assert app.query_one("#opt-gpu", Select).value == "rtx-4090"
@@ -294,11 +294,26 @@ async def test_palette_switches_the_model_and_the_gpu():
         assert "GeForce RTX 4090" in app.sub_title
 
 
+async def palette_listed(pilot) -> None:
+    """Wait until the command palette lists the matches of what was typed: it searches in a worker, and adds
+    what it found when the search ends (a fixed 0.3 s wait before)."""
+    from textual.command import CommandList, CommandPalette
+
+    await pilot.pause()  # the last key's Input.Changed handled: its search started
+    for _ in range(300):
+        screen = pilot.app.screen
+        searching = [worker for worker in pilot.app.workers
+                     if worker.group == CommandPalette._GATHER_COMMANDS_GROUP and not worker.is_finished]
+        if isinstance(screen, CommandPalette) and not searching and screen.query_one(CommandList).option_count:
+            break
+        await pilot.pause(0.01)
+
+
 async def palette(pilot, query: str) -> None:
     await pilot.press("ctrl+p")
     await pilot.pause()
     await pilot.press(*query)
-    await pilot.pause(0.3)
+    await palette_listed(pilot)
     await pilot.press("enter")
     await pilot.pause()
 
@@ -339,7 +354,7 @@ async def test_palette_applies_a_recipe_and_the_inputs_follow():
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"qlora 24")
-        await pilot.pause(0.3)
+        await palette_listed(pilot)
         await pilot.press("enter")
         await pilot.pause()
         assert app.query_one("#opt-quant", Select).value == "nf4"
@@ -824,7 +839,7 @@ async def test_newcomer_goes_from_does_not_fit_to_fits_and_exports(tmp_path, mon
             await pilot.press("ctrl+p")
             await pilot.pause()
             await pilot.press(*query)
-            await pilot.pause(0.3)
+            await palette_listed(pilot)
             await pilot.press("enter")
             await settled(pilot)
         assert (app.planner.options["model"], app.planner.options["gpu"]) == ("llama-3.1-70b", "rtx-4090")
