@@ -808,6 +808,8 @@ async def test_the_mouse_works_and_bad_combinations_stay_inline():
 async def test_the_local_gpu_is_chosen_with_its_real_capacity():
     reading = local_gpu_from_reading("NVIDIA GeForce RTX 4090", 25757220864 - 2**27)
     app = make_app(gpu_detector=lambda: reading)
+    # The note is read after the waits below: on a loaded machine they outlasted its 5 s on screen (a flaky failure).
+    app.NOTIFICATION_TIMEOUT = 600
     async with app.run_test(size=WIDE) as pilot:
         await ready(pilot)
         for _ in range(50):
