@@ -11,10 +11,10 @@ from memtui.engine.model.presets import resolve_gpu
 from memtui.engine.model.specs import TrainingConfig
 from tests.test_trace import assert_estimate_matches_trace
 
+# Qwen2.5-0.5B's chunked and fused-linear losses at batch 2 x 2048 are held to their traces by
+# test_the_saving_is_real_at_long_sequence, which traces them anyway (each trace is ~10 s).
 CASES = [
-    dict(model="qwen2.5-0.5b", loss="chunked", batch_size=2, seq_len=2048),
     dict(model="llama-3.2-1b", loss="chunked", batch_size=2, seq_len=1024, precision="bf16-true"),
-    dict(model="qwen2.5-0.5b", loss="fused-linear", batch_size=2, seq_len=2048),
     dict(model="llama-3.2-1b", loss="fused-linear", batch_size=1, seq_len=2048),
     # LitGPT's chunked head and bf16 chunked_cross_entropy: a batch above 1 copies the sliced last chunk
     dict(model="llama-3.2-1b", loss="chunked", loss_dtype="compute", batch_size=2, seq_len=1024,
@@ -28,14 +28,21 @@ def test_estimate_matches_trace(options):
 
 
 def test_the_saving_is_real_at_long_sequence():
-    """Traced peaks: standard > chunked > fused-linear on a 150k vocabulary at 4k tokens."""
+    """Traced peaks: standard > chunked > fused-linear on a 150k vocabulary at 4k tokens; the chunked and the
+    fused-linear estimates follow these traces within 0.2% (as test_estimate_matches_trace's cases)."""
     from memtui.engine.trace.runner import trace
 
-    peaks = {loss: trace(TrainingConfig(gpu="h100-80gb", model="qwen2.5-0.5b", batch_size=2, seq_len=2048,
-                                        loss=loss)).traced_tensor_peak_bytes
-             for loss in ("standard", "chunked", "fused-linear")}
+    workspace = cublas_workspace_bytes(resolve_gpu("h100-80gb"))
+    peaks, estimated = {}, {}
+    for loss in ("standard", "chunked", "fused-linear"):
+        config = TrainingConfig(gpu="h100-80gb", model="qwen2.5-0.5b", batch_size=2, seq_len=2048, loss=loss)
+        peaks[loss] = trace(config).traced_tensor_peak_bytes
+        estimated[loss] = estimate(config).tensor_peak_bytes - workspace
     assert peaks["chunked"] < peaks["standard"] * 0.95
     assert peaks["fused-linear"] < peaks["chunked"] * 0.9
+    off = {loss: (estimated[loss], peaks[loss]) for loss in ("chunked", "fused-linear")
+           if abs(estimated[loss] - peaks[loss]) / peaks[loss] >= 0.002}
+    assert not off, off
 
 
 def test_the_losses_agree_in_value_and_gradients():

@@ -64,12 +64,17 @@ ESTIMATE_VS_TRACE = [
 
 def assert_estimate_matches_trace(options: dict, tolerance: float) -> None:
     """The estimated tensor peak, less cuBLAS's workspace (which a trace on the CPU never allocates), within
-    `tolerance` (a fraction) of the traced one, on an H100."""
+    `tolerance` (a fraction) of the traced one, on an H100. `layers` in the options: the preset cut to that many
+    decoder layers, at its real widths."""
+    from memtui.engine.trace.generic import at_depth
     from memtui.engine.trace.runner import trace
 
+    options = dict(options)
+    layers = options.pop("layers", None)
     config = TrainingConfig(gpu="h100-80gb", **options)
-    traced = trace(config).traced_tensor_peak_bytes
-    estimated = estimate(config).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
+    spec = at_depth(resolve_model(config.model), layers) if layers else None  # None: the preset itself
+    traced = trace(config, model=spec).traced_tensor_peak_bytes
+    estimated = estimate(config, model=spec).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
     assert abs(estimated - traced) / traced < tolerance, (estimated, traced)
 
 

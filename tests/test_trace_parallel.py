@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
@@ -39,6 +40,7 @@ def single():
     return trace(config(), model=SPEC)
 
 
+@functools.cache  # one trace per ZeRO stage in each test process: several tests read the same one
 def _trace(zero: int):
     import torch.distributed as dist
 
@@ -90,8 +92,11 @@ def test_zero3_reshards_after_forward_so_its_peak_is_below_zero2():
     assert _trace(3).traced_tensor_peak_bytes < _trace(2).traced_tensor_peak_bytes
 
 
-def test_trace_cli_reports_fsdp2_as_traced(capsys):
-    code = main(["trace", "--model", "gpt2", "--batch-size", "1", "--seq-len", "64", "--gpus", "8", "--zero", "3",
+def test_trace_cli_reports_fsdp2_as_traced(tmp_path, capsys):
+    # GPT-2 at 2 of its 12 layers, as a config.json: GPT-2 is traced at every layer, and the report is the same.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**resolve_model("gpt2").hf_config(), "n_layer": 2}))
+    code = main(["trace", "--model", str(path), "--batch-size", "1", "--seq-len", "64", "--gpus", "8", "--zero", "3",
                  "--json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 0
@@ -99,7 +104,9 @@ def test_trace_cli_reports_fsdp2_as_traced(capsys):
     assert any("FSDP2" in line and "world size 8" in line for line in data["traced"])
     assert not any(MODELLED_SHARDING in line for line in data["modelled"])
     assert data["allocator"] is not None  # the rank's own allocation sequence, replayed
-    assert data["model_states"]["weights"] < resolve_model("gpt2").params * 4 / 8 * 1.01
+    params = resolve_model(str(path)).params
+    assert params < resolve_model("gpt2").params * 0.75  # the 2-layer model, not GPT-2's own
+    assert data["model_states"]["weights"] < params * 4 / 8 * 1.01
 
 
 def test_trace_equals_two_real_gloo_ranks_byte_for_byte(tmp_path, monkeypatch):
@@ -145,18 +152,26 @@ def test_zero_redundancy_partition_is_greedy_largest_first():
 
 def test_zero1_estimate_follows_zero_redundancy_optimizers_partition_as_traced():
     """At 8 ranks rank 0 holds Qwen's 136M-element embedding's Adam states, not 1/8 of all: the estimate
-    follows ZeroRedundancyOptimizer's whole-tensor partition and equals the trace."""
+    follows ZeroRedundancyOptimizer's whole-tensor partition and equals the trace. Qwen2.5-0.5B at 4 of its 24
+    layers: rank 0's share is the embedding alone at either depth (the other ranks' shares of the layers stay below
+    it), and the trace of all 24 took ~20 s (DDP's buckets defeat the few-layer extension)."""
     from memtui.engine.estimator import estimate
     from memtui.engine.estimator.overhead import cublas_workspace_bytes
     from memtui.engine.trace import trace
 
+    hf = copy.deepcopy(resolve_model("qwen2.5-0.5b").hf_config())
+    hf.update(num_hidden_layers=4)
+    spec = model_spec_from_config(hf, model_id="qwen2.5-0.5b-4-layers", source="test")
     qwen = TrainingConfig(model="qwen2.5-0.5b", seq_len=128, gpus=8, zero=1)
-    traced = trace(qwen)
-    estimated = estimate(qwen)
+    traced = trace(qwen, model=spec)
+    estimated = estimate(qwen, model=spec)
     workspace = cublas_workspace_bytes(resolve_gpu(qwen.gpu))
     assert estimated.tensor_peak_bytes - workspace == pytest.approx(traced.traced_tensor_peak_bytes, rel=0.002)
-    # 1/8 of the states would be far less than what rank 0 holds.
-    assert estimated.per_gpu.optimizer_states > 2 * estimate(qwen.model_copy(update={"zero": 0})).per_gpu.optimizer_states // 8
+    # 1/8 of the states would be far less than what rank 0 holds: the embedding's.
+    embedding = spec.vocab_size * spec.hidden_size * 4 * 2  # fp32 Adam moments
+    assert estimated.per_gpu.optimizer_states == traced.budget.model_states.optimizer_states == embedding
+    assert estimated.per_gpu.optimizer_states > 2 * estimate(qwen.model_copy(update={"zero": 0}),
+                                                             model=spec).per_gpu.optimizer_states // 8
 
 
 # ---- HSDP: --shard-group G (issue 13) -------------------------------------------------------------------------
@@ -175,7 +190,7 @@ def test_hsdp_shards_within_its_group_as_fsdp2_over_that_many_ranks(zero):
     flat = trace(config(gpus=2, zero=zero), model=SPEC)
     assert hybrid.traced_tensor_peak_bytes == flat.traced_tensor_peak_bytes
     assert hybrid.budget.model_states == flat.budget.model_states
-    whole = trace(config(gpus=4, zero=zero), model=SPEC)  # sharding over all 4 holds less
+    whole = _trace(zero)  # sharding over all WORLD = 4 ranks holds less
     assert whole.budget.model_states.optimizer_states < hybrid.budget.model_states.optimizer_states
     assert (estimate(config(gpus=4, zero=zero, shard_group=2), model=SPEC).tensor_peak_bytes
             == estimate(config(gpus=2, zero=zero), model=SPEC).tensor_peak_bytes)
@@ -281,7 +296,7 @@ def test_tensor_parallel_with_fsdp2_over_dp_is_traced_on_a_2d_mesh():
     assert abs(result.budget.model_states.gradients - estimated.gradients) <= 1024 * (2 * 9 + 3)
 
 
-def test_tied_embeddings_under_tensor_parallel_are_traced_and_keep_one_sharded_gradient():
+def test_tied_embeddings_under_tensor_parallel_are_traced_and_keep_one_sharded_gradient(single):
     """A tied head and embedding are one Shard(0) DTensor again after the plan: the embedding's whole-vocabulary
     gradient is added into the head's 1/tp one, so the step keeps the rank's share only (the untied plan keeps
     the whole vocabulary's), and the estimate's tensor peak is the trace's."""
@@ -292,7 +307,6 @@ def test_tied_embeddings_under_tensor_parallel_are_traced_and_keep_one_sharded_g
 
     result = trace(config(gpus=2, tp=2), model=SPEC)
     assert any("tensor parallel (traced)" in line for line in result.traced), result.traced
-    single = trace(config(), model=SPEC)
     traced, budget = result.budget.model_states, estimate(config(gpus=2, tp=2), model=SPEC)
     tensors = 2 * 9 + 2
     assert abs(traced.gradients - budget.model_states.gradients) <= 512 * tensors

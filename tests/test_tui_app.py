@@ -277,7 +277,7 @@ async def test_palette_switches_the_model_and_the_gpu():
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"3.1 70B")
-        await pilot.pause(0.3)
+        await palette_listed(pilot)
         await pilot.press("enter")
         await pilot.pause()
         assert app.planner.options["model"] == "llama-3.1-70b"
@@ -286,7 +286,7 @@ async def test_palette_switches_the_model_and_the_gpu():
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"4090")
-        await pilot.pause(0.3)
+        await palette_listed(pilot)
         await pilot.press("enter")
         await pilot.pause()
         assert app.query_one("#opt-gpu", Select).value == "rtx-4090"
@@ -294,11 +294,26 @@ async def test_palette_switches_the_model_and_the_gpu():
         assert "GeForce RTX 4090" in app.sub_title
 
 
+async def palette_listed(pilot) -> None:
+    """Wait until the command palette lists the matches of what was typed: it searches in a worker, and adds
+    what it found when the search ends (a fixed 0.3 s wait before)."""
+    from textual.command import CommandList, CommandPalette
+
+    await pilot.pause()  # the last key's Input.Changed handled: its search started
+    for _ in range(300):
+        screen = pilot.app.screen
+        searching = [worker for worker in pilot.app.workers
+                     if worker.group == CommandPalette._GATHER_COMMANDS_GROUP and not worker.is_finished]
+        if isinstance(screen, CommandPalette) and not searching and screen.query_one(CommandList).option_count:
+            break
+        await pilot.pause(0.01)
+
+
 async def palette(pilot, query: str) -> None:
     await pilot.press("ctrl+p")
     await pilot.pause()
     await pilot.press(*query)
-    await pilot.pause(0.3)
+    await palette_listed(pilot)
     await pilot.press("enter")
     await pilot.pause()
 
@@ -339,7 +354,7 @@ async def test_palette_applies_a_recipe_and_the_inputs_follow():
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"qlora 24")
-        await pilot.pause(0.3)
+        await palette_listed(pilot)
         await pilot.press("enter")
         await pilot.pause()
         assert app.query_one("#opt-quant", Select).value == "nf4"
@@ -427,7 +442,9 @@ async def test_the_budget_draws_at_once_and_a_new_ladder_follows_from_a_worker(m
     real = memtui.engine.planning.ladder.savings_ladder
 
     def slow(config, **kwargs):
-        release.wait(10)
+        # Only the worker waits: the export builds its ladder on the UI thread, which waited the 10 s out before.
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(10)
         return real(config, **kwargs)
 
     app = make_app()
@@ -791,6 +808,8 @@ async def test_the_mouse_works_and_bad_combinations_stay_inline():
 async def test_the_local_gpu_is_chosen_with_its_real_capacity():
     reading = local_gpu_from_reading("NVIDIA GeForce RTX 4090", 25757220864 - 2**27)
     app = make_app(gpu_detector=lambda: reading)
+    # The note is read after the waits below: on a loaded machine they outlasted its 5 s on screen (a flaky failure).
+    app.NOTIFICATION_TIMEOUT = 600
     async with app.run_test(size=WIDE) as pilot:
         await ready(pilot)
         for _ in range(50):
@@ -822,7 +841,7 @@ async def test_newcomer_goes_from_does_not_fit_to_fits_and_exports(tmp_path, mon
             await pilot.press("ctrl+p")
             await pilot.pause()
             await pilot.press(*query)
-            await pilot.pause(0.3)
+            await palette_listed(pilot)
             await pilot.press("enter")
             await settled(pilot)
         assert (app.planner.options["model"], app.planner.options["gpu"]) == ("llama-3.1-70b", "rtx-4090")
