@@ -17,9 +17,11 @@ from memtui.engine.planning.ladder import savings_ladder
 from tests.test_trace import tiny_llama
 
 ESTIMATE_VS_TRACE = [
-    dict(model="llama-3.2-1b", precision="bf16-true", batch_size=1, seq_len=512, grad_accum=6),
+    # At 4 layers the peak is backward's end of a later micro-batch, where a tied head's new gradient waits for the
+    # embedding's beside the one accumulated (the estimate missed it: -9.2%).
+    dict(model="llama-3.2-1b", precision="bf16-true", batch_size=1, seq_len=512, grad_accum=6, layers=4),
     # Data parallel, traced for real: DDP under no_sync (unsharded gradients), FSDP2 accumulating its shards.
-    dict(model="qwen2.5-0.5b", precision="bf16-mixed", batch_size=1, seq_len=512, grad_accum=2, gpus=2),
+    dict(model="qwen2.5-0.5b", precision="bf16-mixed", batch_size=1, seq_len=512, grad_accum=2, gpus=2, layers=4),
     dict(model="qwen2.5-0.5b", precision="bf16-mixed", batch_size=2, seq_len=1024, grad_accum=2, gpus=2, zero=2),
     dict(model="llama-3.2-1b", precision="bf16-mixed", batch_size=2, seq_len=512, optimizer_in_backward=True),
 ]
@@ -27,11 +29,16 @@ ESTIMATE_VS_TRACE = [
 
 @pytest.mark.parametrize("options", ESTIMATE_VS_TRACE, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_estimate_matches_trace(options):
+    from memtui.engine.model.presets import resolve_model
+    from memtui.engine.trace.generic import at_depth
     from memtui.engine.trace.runner import trace
 
+    options = dict(options)
+    layers = options.pop("layers", None)
     config = TrainingConfig(gpu="h100-80gb", **options)
-    result = trace(config)
-    estimated = estimate(config).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
+    spec = at_depth(resolve_model(config.model), layers) if layers else None  # None: the preset itself
+    result = trace(config, model=spec)
+    estimated = estimate(config, model=spec).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
     assert abs(estimated - result.traced_tensor_peak_bytes) / result.traced_tensor_peak_bytes < 0.002, (
         estimated, result.traced_tensor_peak_bytes)
     if config.grad_accum > 4:  # traced: 4 micro-batches per step, and it says so

@@ -412,16 +412,22 @@ def _accumulating_moments(config: TrainingConfig, model: ModelSpec, layout: Para
                           on_gpu: _StatesOnGpu, workspace: int) -> list[StepMoment]:
     """The second and later micro-batches of gradient accumulation: the gradients so far stay whole through
     forward and backward (DDP under no_sync: unsharded; FSDP2: its shards, plus the layer being reduced), and
-    each new gradient is a temporary until it is added in place."""
+    each new gradient is a temporary until it is added in place. A tied head's new gradient waits in autograd's
+    input buffer for the embedding's from the head's backward to backward's end (then the two are summed and
+    the sum added in place)."""
     largest_grad = layout.largest_tensor_params * trainable_bytes(config)
     resident = on_gpu.gradients_at(on_gpu.grads_full, config.offload) if on_gpu.zero < 2 else (
         0 if config.offload != "none" else on_gpu.grads_full // on_gpu.dp)
-    steps = []
+    tied = (model.embedding_params // config.tp * trainable_bytes(config)
+            if model.tie_word_embeddings and not config.uses_lora and on_gpu.zero < 2 else 0)
+    steps, waiting = [], 0
     for moment, made in zip(moments, _new_gradients(moments, largest_grad)):
         reducing = min(moment.gradients, on_gpu.layer_grads) if on_gpu.zero >= 2 and config.offload == "none" else 0
         steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace,
                                               gradients=resident + reducing,
-                                              extra_temporary=made if on_gpu.zero < 2 else 0))
+                                              extra_temporary=(made + waiting) if on_gpu.zero < 2 else 0))
+        if tied and moment.phase == "backward" and made:
+            waiting = tied  # the head's, made by the first backward moment that makes one
     return steps
 
 
