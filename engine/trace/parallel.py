@@ -148,14 +148,19 @@ class DataParallel:
         return wrapped
 
     def _fsdp(self, model: torch.nn.Module) -> torch.nn.Module:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        return fully_shard_layers(model, self.num_layers, self.mesh, reshard=self.config.zero == 3)
 
-        reshard = self.config.zero == 3
-        policy = MixedPrecisionPolicy()
-        for layer in _decoder_layers(model, self.num_layers):
-            fully_shard(layer, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
-        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
-        return model
+
+def fully_shard_layers(model: torch.nn.Module, num_layers: int, mesh, *, reshard: bool) -> torch.nn.Module:
+    """FSDP2 as torchtitan applies it: `fully_shard` on each of the `num_layers` decoder layers, then on the model
+    (the root group: what no layer holds), MixedPrecisionPolicy() (gathered and reduced in the stored dtype)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    for layer in _decoder_layers(model, num_layers):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    return model
 
 
 def record_stepped_gradients(model: torch.nn.Module, optimizer, tracker: MemoryTracker, gradient_ids: set[int]) -> None:
