@@ -222,13 +222,14 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     if config.offload == "optimizer+params":
         weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
         gathered = min(2, layout.layers) * layer_weight_bytes
-    tp_embedding_extra = tensor_parallel_embedding_gradient_extra(config, model)
+    tp_embedding_extra = tensor_parallel_embedding_gradient_extra(config, model) if layout.embedding else 0
     root_weights = _fsdp2_root_bytes(config, model, zero)
     root_gradients = ((model.head_params // config.tp + model.norm_params) * trainable_bytes(config)
                       if root_weights and not config.uses_lora else 0)
     # A tied head's Shard(0) gradient comes first; the embedding's whole-vocabulary one is added into it (a
-    # temporary of backward's last moment), so the step keeps the rank's 1/tp only.
-    kept_extra = 0 if model.tie_word_embeddings else tp_embedding_extra
+    # temporary of backward's last moment), so the step keeps the rank's 1/tp only. A pipeline stage's embedding
+    # has no head beside it, tied or not.
+    kept_extra = 0 if model.tie_word_embeddings and config.pp == 1 else tp_embedding_extra
     gradients = grads_full // dp if zero >= 2 else grads_full + kept_extra
     if config.optimizer_in_backward:
         gradients = 0  # each is stepped and freed in backward: none survive to the step's end

@@ -36,6 +36,7 @@ class ParamLayout:
     largest_tensor_params: int  # the biggest single trainable parameter tensor
     tensor_count: int  # parameter tensors on this GPU (per-tensor allocator rounding)
     trainable_tensor_count: int
+    embedding: bool = True  # whether this GPU holds the embedding (a pipeline rank with the first stage)
 
     @property
     def base_params(self) -> int:
@@ -151,6 +152,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
         largest_tensor_params=largest,
         tensor_count=tensor_count,
         trainable_tensor_count=trainable_tensors,
+        embedding=first_stage,
     )
 
 

@@ -22,7 +22,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 
-from memtui.engine.estimator.layout import pipeline_rank_stages, pipeline_stage_layers
+from memtui.engine.estimator.layout import (
+    pipeline_rank_stages,
+    pipeline_stage_layers,
+    tensor_parallel_embedding_gradient_extra,
+)
 from memtui.engine.estimator.moments import Moment
 from memtui.engine.estimator.sim.core import lf_eval, lf_values
 from memtui.engine.estimator.sim.families import Dims, Options
@@ -309,8 +313,18 @@ def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> lis
     roles = stage_roles(config, model, rank)
     programs = {index: _stage_program(d, opts, layers, first, last, tokens, config.seq_len)
                 for index, layers, first, last in roles}
-    # What crosses between stages: a micro-batch's hidden states (in the weights' dtype), or their gradient.
-    hidden_states = (tokens * model.hidden_size * config.weight_bytes + 511) // 512 * 512
+    # DTensor's embedding backward makes the whole vocabulary's gradient, and the rank's Shard(0) gradient keeps it
+    # (memtui.engine.estimator.layout.tensor_parallel_embedding_gradient_extra): beyond the stage program's 1/tp.
+    vocabulary_extra = {index: tensor_parallel_embedding_gradient_extra(config, model) if first else 0
+                        for index, _layers, first, _last in roles}
+
+    def stage_gradients(index: int) -> int:
+        return programs[index].gradients + vocabulary_extra[index]
+
+    # What crosses between stages: a micro-batch's hidden states (in the weights' dtype), or their gradient; under
+    # sequence parallelism this rank's 1/tp of the tokens (torch.chunk's first share).
+    sent_tokens = config.microbatch_size * -(-config.seq_len // opts.sequence_parallel)
+    hidden_states = (sent_tokens * model.hidden_size * config.weight_bytes + 511) // 512 * 512
     last_stages = {index for index, _layers, first, last in roles if last and not first}
     in_flight: dict[tuple[int, int], int] = {}
     # Receive buffers not yet taken and sent tensors not yet let go; the tracer counts the forward's (the input,
@@ -336,10 +350,10 @@ def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> lis
         if kind not in (FORWARD, BACKWARD):
             continue
         program = programs[stage]
-        resident = sum(programs[other].gradients for other in done if other != stage)
+        resident = sum(stage_gradients(other) for other in done if other != stage)
         if kind == FORWARD:
             buffers.pop((RECV_F, stage, microbatch), None)  # the program's received input from here on
-            own = program.gradients if stage in done else 0
+            own = stage_gradients(stage) if stage in done else 0
             moments += [moment_plus(moment, resident + own, *beside()) for moment in program.forward]
             in_flight[(stage, microbatch)] = program.held
             continue
@@ -347,8 +361,14 @@ def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> lis
         del in_flight[(stage, microbatch)]
         # A later backward holds the stage's gradients whole; each new one is among the candidate's temporaries
         # until AccumulateGrad adds it in place, as it is until the first backward makes it the gradient.
-        moments += [moment_plus(moment, resident + (program.gradients if stage in done else moment.gradients),
+        backward = [moment_plus(moment, resident + (stage_gradients(stage) if stage in done else moment.gradients),
                                 *beside()) for moment in program.backward]
+        extra = vocabulary_extra[stage]
+        if extra and backward:  # the embedding's backward is the stage's last: a whole-vocabulary gradient made
+            last_moment = backward[-1]
+            backward[-1] = (last_moment._replace(temporary=last_moment.temporary + extra) if stage in done
+                            else last_moment._replace(gradients=last_moment.gradients + extra))
+        moments += backward
         done.add(stage)
         if stage in last_stages:
             kept += hidden_states

@@ -252,13 +252,15 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         sim.offload_at = (1.0, tokens, tokens * seq, seq, seq * seq)
     if embed is not None:
         x = ops.embedding(sim, embed, ids, d.hidden)
-    else:  # PipelineStage's receive buffer (_make_tensor_from_meta), made a leaf that requires grad
-        x = sim.new(per_token(d.hidden), embed_dtype, name="received hidden states", requires_grad=True)
+    else:  # PipelineStage's receive buffer (_make_tensor_from_meta), made a leaf that requires grad; under sequence
+        # parallelism the stage before sends this rank's 1/tp of the tokens (its last layer's Shard(1) output)
+        x = sim.new(lf_scale(per_token(d.hidden), 1 / opts.sequence_parallel), embed_dtype,
+                    name="received hidden states", requires_grad=True)
     received = sim.ref(x) if embed is None else None  # _ForwardChunkState keeps the stage's inputs until backward
     if opts.family == "gemma3":
         # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled.
         x = chain(sim, x, ops.mul_scalar)
-    if opts.sequence_parallel > 1:  # RowwiseParallel(output Shard(1)): the embedding reduce-scattered
+    if opts.sequence_parallel > 1 and embed is not None:  # RowwiseParallel(output Shard(1)): reduce-scattered
         scattered = ops.reduce_scatter_tokens(sim, x, opts.sequence_parallel)
         sim.drop(x)
         x = scattered
