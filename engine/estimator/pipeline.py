@@ -306,8 +306,36 @@ def stage_roles(config: TrainingConfig, model: ModelSpec, rank: int) -> list[tup
     return [(index, split[index], index == 0, index == total - 1) for index in pipeline_rank_stages(config)[rank]]
 
 
+@dataclass(frozen=True)
+class StageShards:
+    """FSDP2 on one pipeline stage, as `memtui trace` runs it (fully_shard per decoder layer and on the stage):
+    unsharded bytes of one layer's group and of the stage's root group (the embedding on the first stage, the final
+    norm and head on the last), and of their gradients."""
+
+    layers: int
+    layer_weights: int
+    layer_gradients: int
+    root_weights: int
+    head_gradients: int  # the root's gradients made at backward's start (a last stage's head and norm)
+    root_gradients: int
+    dp: int
+    reshard: bool  # reshard_after_forward (ZeRO-3)
+
+
 def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> list[Moment]:
     """Rank `rank`'s candidate peaks through its schedule (gradients: what is alive)."""
+    return [moment for moment, _gathered in pipeline_sharded_moments(config, model, rank)]
+
+
+def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int,
+                             shards: dict[int, StageShards] | None = None) -> list[tuple[Moment, int]]:
+    """Rank `rank`'s candidate peaks through its schedule, each with the bytes FSDP2 holds gathered then (its
+    unsharded parameters and all-gather buffers; 0 without `shards`, the FSDP2 layout of each of its stages).
+
+    Under FSDP2 PipelineStage runs every backward with gradient sync and resharding after backward off: each
+    micro-batch's gradients accumulate unsharded, and the layers a backward gathered stay gathered until a forward
+    reshards them (ZeRO-3's reshard_after_forward) or the stage's last backward is done, when every group is
+    resharded and its gradients reduce-scattered in turn (a flat input of the group's gradients, a 1/dp output)."""
     d, opts = dims_for(model, config.tp), options_for(config, model)
     tokens = config.microbatch_size * config.seq_len
     roles = stage_roles(config, model, rank)
@@ -317,9 +345,11 @@ def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> lis
     # (memtui.engine.estimator.layout.tensor_parallel_embedding_gradient_extra): beyond the stage program's 1/tp.
     vocabulary_extra = {index: tensor_parallel_embedding_gradient_extra(config, model) if first else 0
                         for index, _layers, first, _last in roles}
+    reduced: set[int] = set()  # stages whose gradients FSDP2 has reduce-scattered (the step's end)
 
     def stage_gradients(index: int) -> int:
-        return programs[index].gradients + vocabulary_extra[index]
+        whole = programs[index].gradients + vocabulary_extra[index]
+        return whole // shards[index].dp if index in reduced else whole
 
     # What crosses between stages: a micro-batch's hidden states (in the weights' dtype), or their gradient; under
     # sequence parallelism this rank's 1/tp of the tokens (torch.chunk's first share).
@@ -333,12 +363,70 @@ def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> lis
     kept = 0  # the last stage's inputs of the micro-batches done: each loss in the schedule's _internal_losses
     # keeps its graph, whose AccumulateGrad node keeps the input leaf, until the step ends
     done: set[int] = set()  # stages whose gradients exist
-    moments: list[Moment] = []
+    backwards: dict[int, int] = defaultdict(int)
+    previous: dict[int, str] = {}  # each stage's last compute action: whether a backward left its layers gathered
+    moments: list[tuple[Moment, int]] = []
 
     def beside() -> tuple[int, int]:
         """What the other micro-batches and the communication hold: (activations, temporaries)."""
         forward_side = sum(size for (kind, _s, _m), size in buffers.items() if kind in (RECV_F, SEND_F))
         return sum(in_flight.values()) + kept + forward_side, sum(buffers.values()) - forward_side
+
+    def gathered_elsewhere(stage: int) -> int:
+        """What the rank's other stages hold gathered (interleaved 1F1B): all their layers once a backward ran."""
+        if shards is None:
+            return 0
+        return sum(shards[other].root_weights + shards[other].layers * shards[other].layer_weights
+                   for other in shards if other != stage and other not in reduced
+                   and (previous.get(other) == BACKWARD or (other in previous and not shards[other].reshard)))
+
+    def forward_gathered(stage: int, phase: str) -> int:
+        if shards is None:
+            return 0
+        shard = shards[stage]
+        after_backward = previous.get(stage) == BACKWARD
+        if shard.reshard and not after_backward:  # each layer gathered (with its all-gather buffer) in turn
+            return 0 if phase == "loss" else shard.root_weights + 2 * shard.layer_weights
+        if not shard.reshard and stage in previous:  # ZeRO-2 after the step's first forward: all of it stays
+            return shard.root_weights + shard.layers * shard.layer_weights
+        if not shard.reshard:  # the first forward: the layers gathered so far and the last all-gather buffer
+            return shard.root_weights + (shard.layers + 1) * shard.layer_weights
+        # ZeRO-3 after a backward: the layers are resharded one by one as their forward ends
+        return 0 if phase == "loss" else shard.root_weights + shard.layers * shard.layer_weights
+
+    def backward_gathered(stage: int, made: int) -> int:
+        """`made`: the stage's gradients its first backward has made by this moment (the layers done)."""
+        if shards is None:
+            return 0
+        shard = shards[stage]
+        if previous.get(stage) == BACKWARD or not shard.reshard:
+            return shard.root_weights + shard.layers * shard.layer_weights
+        layer_made = min(max(made - shard.head_gradients, 0), shard.layers * shard.layer_gradients)
+        if layer_made == 0 and shard.head_gradients:
+            return shard.root_weights + shard.layer_weights  # the last layer's all-gather, prefetched at the head
+        # The layers done, the one computing and the next one's all-gather buffer
+        layers_done = layer_made // shard.layer_gradients if shard.layer_gradients else shard.layers
+        return shard.root_weights + min(layers_done + 2, shard.layers) * shard.layer_weights
+
+    def finalize(stage: int, resident: int) -> None:
+        """FSDP2's post-backward of every group after the stage's last backward: a group's parameters resharded, its
+        gradients copied into the reduce-scatter input, freed, and its 1/dp shard made; the layers last to first,
+        the root last."""
+        shard = shards[stage]
+        unsharded = stage_gradients(stage)
+        layers_gathered = shard.layers
+        activations, temporary = beside()
+        for group in [shard.layer_gradients] * shard.layers + [shard.root_gradients]:
+            if layers_gathered:
+                layers_gathered -= 1
+                gathered = shard.root_weights + layers_gathered * shard.layer_weights
+            else:
+                gathered = 0
+            moments.append((Moment(phase="backward", autocast_weights=0, gradients=resident + unsharded,
+                                   activations=activations, temporary=temporary + group),
+                            gathered + gathered_elsewhere(stage)))
+            unsharded += group // shard.dp - group
+        reduced.add(stage)
 
     for kind, stage, microbatch in rank_schedule(config, rank):
         if kind in (RECV_F, RECV_B, SEND_F, SEND_B):
@@ -354,24 +442,50 @@ def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> lis
         if kind == FORWARD:
             buffers.pop((RECV_F, stage, microbatch), None)  # the program's received input from here on
             own = stage_gradients(stage) if stage in done else 0
-            moments += [moment_plus(moment, resident + own, *beside()) for moment in program.forward]
+            moments += [(moment_plus(moment, resident + own, *beside()),
+                         forward_gathered(stage, moment.phase) + gathered_elsewhere(stage))
+                        for moment in program.forward]
             in_flight[(stage, microbatch)] = program.held
+            previous[stage] = FORWARD
             continue
         buffers.pop((RECV_B, stage, microbatch), None)  # the program's received output gradient from here on
         del in_flight[(stage, microbatch)]
         # A later backward holds the stage's gradients whole; each new one is among the candidate's temporaries
         # until AccumulateGrad adds it in place, as it is until the first backward makes it the gradient.
-        backward = [moment_plus(moment, resident + (stage_gradients(stage) if stage in done else moment.gradients),
-                                *beside()) for moment in program.backward]
+        backward = [(moment_plus(moment, resident + (stage_gradients(stage) if stage in done else moment.gradients),
+                                 *beside()),
+                     backward_gathered(stage, moment.gradients) + gathered_elsewhere(stage))
+                    for moment in program.backward]
         extra = vocabulary_extra[stage]
         if extra and backward:  # the embedding's backward is the stage's last: a whole-vocabulary gradient made
-            last_moment = backward[-1]
+            last_moment, gathered = backward[-1]
             backward[-1] = (last_moment._replace(temporary=last_moment.temporary + extra) if stage in done
-                            else last_moment._replace(gradients=last_moment.gradients + extra))
+                            else last_moment._replace(gradients=last_moment.gradients + extra)), gathered
+        if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard:
+            # ZeRO-3 resharded the root after the forward; the backward starts by gathering it again: its all-gather
+            # buffer beside its gathered copy, before any layer's, the micro-batch's forward still whole
+            activations, temporary = beside()
+            start = Moment(phase="backward", autocast_weights=0,
+                           gradients=resident + (stage_gradients(stage) if stage in done else 0),
+                           activations=activations + program.held, temporary=temporary)
+            backward.insert(0, (start, 2 * shards[stage].root_weights + gathered_elsewhere(stage)))
+            shard = shards[stage]
+            if not shard.head_gradients and shard.layers:
+                # A stage without the head starts with its last layer's all-gather and copy-out (and the next
+                # layer's all-gather, prefetched), then the root's all-gather beside its copy; the received output
+                # gradient beside them
+                received = hidden_states if stage not in last_stages else 0
+                layers = min(shard.layers, 2) if shard.root_weights else 2
+                backward.insert(1, (start._replace(temporary=temporary + received),
+                                    2 * shard.root_weights + layers * shard.layer_weights + gathered_elsewhere(stage)))
         moments += backward
         done.add(stage)
+        previous[stage] = BACKWARD
+        backwards[stage] += 1
         if stage in last_stages:
             kept += hidden_states
+        if shards is not None and backwards[stage] == config.microbatches:
+            finalize(stage, resident)
     return moments
 
 
