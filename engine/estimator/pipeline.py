@@ -26,6 +26,7 @@ from memtui.engine.estimator.layout import (
     pipeline_rank_stages,
     pipeline_stage_layers,
     tensor_parallel_embedding_gradient_extra,
+    tensor_parallel_whole_vocabulary_gradient,
 )
 from memtui.engine.estimator.moments import Moment
 from memtui.engine.estimator.sim.core import lf_eval, lf_values
@@ -343,8 +344,11 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
                 for index, layers, first, last in roles}
     # DTensor's embedding backward makes the whole vocabulary's gradient, and the rank's Shard(0) gradient keeps it
     # (memtui.engine.estimator.layout.tensor_parallel_embedding_gradient_extra): beyond the stage program's 1/tp.
-    vocabulary_extra = {index: tensor_parallel_embedding_gradient_extra(config, model) if first else 0
-                        for index, _layers, first, _last in roles}
+    # Under FSDP2 with gradient sync off it is the unsharded parameter's gradient, kept whole until the reduce-scatter.
+    whole = tensor_parallel_whole_vocabulary_gradient(config, model)
+    extra = (tensor_parallel_embedding_gradient_extra(config, model) if shards is None
+             else whole - model.vocab_size // config.tp * model.hidden_size * config.weight_bytes if whole else 0)
+    vocabulary_extra = {index: extra if first else 0 for index, _layers, first, _last in roles}
     reduced: set[int] = set()  # stages whose gradients FSDP2 has reduce-scattered (the step's end)
 
     def stage_gradients(index: int) -> int:
