@@ -278,6 +278,8 @@ def _add_wait_send(actions: list[Action]) -> list[Action]:
 @dataclass(frozen=True)
 class _StageProgram:
     forward: tuple[Moment, ...]  # forward and loss candidates of one micro-batch (gradients: 0)
+    forward_segments: tuple[str, ...]  # where each forward candidate is (embed_fwd, first_fwd, ..., head_fwd)
+    backward_segments: tuple[str, ...]
     backward: tuple[Moment, ...]  # backward candidates (gradients: as the stage's first backward makes them)
     held: int  # what a micro-batch holds between its forward and backward
     gradients: int  # the stage's parameter gradients, all made
@@ -288,7 +290,7 @@ def _stage_program(d: Dims, opts: Options, layers: int, first: bool, last: bool,
                    seq_len: int) -> _StageProgram:
     program = compile_step(d, opts, layers, first, last)
     values = lf_values(tokens, seq_len)
-    forward, backward = [], []
+    forward, backward, segments, backward_segments = [], [], [], []
     for candidate in program.candidates:
         live = candidate.live
         moment = Moment(phase=candidate.phase, autocast_weights=int(lf_eval(live["weights"], values)),
@@ -296,7 +298,8 @@ def _stage_program(d: Dims, opts: Options, layers: int, first: bool, last: bool,
                         activations=int(lf_eval(live["activations"], values)),
                         temporary=int(lf_eval(live["temporary"], values)))
         (backward if candidate.phase == "backward" else forward).append(moment)
-    return _StageProgram(tuple(forward), tuple(backward), int(lf_eval(program.held_after_forward, values)),
+        (backward_segments if candidate.phase == "backward" else segments).append(candidate.segment)
+    return _StageProgram(tuple(forward), tuple(segments), tuple(backward_segments), tuple(backward), int(lf_eval(program.held_after_forward, values)),
                          int(lf_eval(program.gradients_end, values)))
 
 
@@ -384,27 +387,41 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
                    for other in shards if other != stage and other not in reduced
                    and (previous.get(other) == BACKWARD or (other in previous and not shards[other].reshard)))
 
-    def forward_gathered(stage: int, phase: str) -> int:
+    def forward_gathered(stage: int, segment: str) -> int:
+        """By where the candidate is: before the layers (the root's all-gather buffer beside its copy, kept until the
+        first layer's all-gather), in layer i, at the head (the last layer's buffer kept until the root's
+        post-forward), after the forward (ZeRO-3 has resharded the root)."""
         if shards is None:
             return 0
         shard = shards[stage]
-        after_backward = previous.get(stage) == BACKWARD
-        if shard.reshard and not after_backward:  # each layer gathered (with its all-gather buffer) in turn
-            return 0 if phase == "loss" else shard.root_weights + 2 * shard.layer_weights
-        if not shard.reshard and stage in previous:  # ZeRO-2 after the step's first forward: all of it stays
-            return shard.root_weights + shard.layers * shard.layer_weights
-        if not shard.reshard:  # the first forward: the layers gathered so far and the last all-gather buffer
-            return shard.root_weights + (shard.layers + 1) * shard.layer_weights
-        # ZeRO-3 after a backward: the layers are resharded one by one as their forward ends
-        return 0 if phase == "loss" else shard.root_weights + shard.layers * shard.layer_weights
+        root, layer, count = shard.root_weights, shard.layer_weights, shard.layers
+        index = {"first_fwd": 0, "mid_fwd": 1, "last_fwd": count - 1}.get(segment)
+        if previous.get(stage) == BACKWARD or (not shard.reshard and stage in previous):
+            # gathered by the backward before (ZeRO-2: by the step's first forward): ZeRO-3 reshards each layer
+            # as its forward ends
+            if not shard.reshard:
+                return root + count * layer
+            if segment in ("loss_fwd", "forward_end"):  # the loss is computed after the stage's forward
+                return 0
+            return root + (count - index if index is not None else count if segment in ("inputs", "embed_fwd")
+                           else 0) * layer
+        if segment in ("inputs", "embed_fwd"):
+            return 2 * root
+        if shard.reshard:  # each layer gathered in turn, its all-gather buffer held until the next one's
+            return 0 if segment in ("loss_fwd", "forward_end") else root + (2 if index is not None else 1) * layer
+        # ZeRO-2's first forward: the layers gathered so far and the last all-gather buffer
+        gathered = index + 2 if index is not None else count + (0 if segment in ("loss_fwd", "forward_end") else 1)
+        return root + gathered * layer
 
-    def backward_gathered(stage: int, made: int) -> int:
+    def backward_gathered(stage: int, made: int, segment: str) -> int:
         """`made`: the stage's gradients its first backward has made by this moment (the layers done)."""
         if shards is None:
             return 0
         shard = shards[stage]
         if previous.get(stage) == BACKWARD or not shard.reshard:
             return shard.root_weights + shard.layers * shard.layer_weights
+        if segment == "loss_bwd":
+            return 0  # the loss's backward, before the head's pre-backward gathers the root again
         layer_made = min(max(made - shard.head_gradients, 0), shard.layers * shard.layer_gradients)
         if layer_made == 0 and shard.head_gradients:
             return shard.root_weights + shard.layer_weights  # the last layer's all-gather, prefetched at the head
@@ -447,8 +464,8 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             buffers.pop((RECV_F, stage, microbatch), None)  # the program's received input from here on
             own = stage_gradients(stage) if stage in done else 0
             moments += [(moment_plus(moment, resident + own, *beside()),
-                         forward_gathered(stage, moment.phase) + gathered_elsewhere(stage))
-                        for moment in program.forward]
+                         forward_gathered(stage, segment) + gathered_elsewhere(stage))
+                        for moment, segment in zip(program.forward, program.forward_segments)]
             in_flight[(stage, microbatch)] = program.held
             previous[stage] = FORWARD
             continue
@@ -458,16 +475,17 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
         # until AccumulateGrad adds it in place, as it is until the first backward makes it the gradient.
         backward = [(moment_plus(moment, resident + (stage_gradients(stage) if stage in done else moment.gradients),
                                  *beside()),
-                     backward_gathered(stage, moment.gradients) + gathered_elsewhere(stage))
-                    for moment in program.backward]
+                     backward_gathered(stage, moment.gradients, segment) + gathered_elsewhere(stage))
+                    for moment, segment in zip(program.backward, program.backward_segments)]
         extra = vocabulary_extra[stage]
         if extra and backward:  # the embedding's backward is the stage's last: a whole-vocabulary gradient made
             last_moment, gathered = backward[-1]
             backward[-1] = (last_moment._replace(temporary=last_moment.temporary + extra) if stage in done
                             else last_moment._replace(gradients=last_moment.gradients + extra)), gathered
-        if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard:
-            # ZeRO-3 resharded the root after the forward; the backward starts by gathering it again: its all-gather
-            # buffer beside its gathered copy, before any layer's, the micro-batch's forward still whole
+        if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard and not shards[stage].head_gradients:
+            # ZeRO-3 resharded the root after the forward; a stage without the head starts its backward by gathering
+            # it again: its all-gather buffer beside its gathered copy, the micro-batch's forward still whole (a last
+            # stage gathers it after the loss's backward, where the head's new gradient, as large, follows it)
             activations, temporary = beside()
             start = Moment(phase="backward", autocast_weights=0,
                            gradients=resident + (stage_gradients(stage) if stage in done else 0),

@@ -21,6 +21,13 @@ them; the last stage's losses (the schedule's `_internal_losses`) keep their gra
 received input, until the step ends. The fake backend's sends and receives are no-ops, so the received tensors'
 contents are undefined, which fake tensors do not have anyway.
 
+With data and/or tensor parallelism (FSDP2, DTensor) the job is built as torchtitan builds it: a DeviceMesh
+(pp, dp, tp) of pp x dp x tp ranks, the rank traced being the first of its pipeline position's (dp, tp) slice; each
+stage gets torchtitan's TP plan on its own modules (a later stage receives, and sends, this rank's 1/tp of the
+tokens), then `fully_shard` per decoder layer and on the stage, and its PipelineStage the pp sub-group. torch's
+pipelining runs each micro-batch's backward with FSDP2's gradient sync and resharding after backward off, so the
+gradients accumulate unsharded until the stage's last backward reduce-scatters them.
+
 Interleaved 1F1B runs through `_PipelineScheduleRuntime`, which posts receives as early as the other ranks' sends
 allow and waits for sends later than Schedule1F1B (a forward's after its backward, a backward's at the step's end);
 the estimator follows the same lowered action list (memtui.engine.estimator.pipeline.rank_schedule).
