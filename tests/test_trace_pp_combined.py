@@ -62,7 +62,7 @@ def test_pipeline_with_tensor_parallelism_is_traced_and_the_estimate_is_exact_pe
         assert estimated_rank.per_gpu.gradients == pytest.approx(traced_rank.per_gpu.gradients, rel=0.005)
 
 
-@pytest.mark.parametrize("zero", [3])
+@pytest.mark.parametrize("zero", [2, 3])
 def test_pipeline_with_fsdp2_is_traced_and_the_estimate_is_exact_per_rank(zero):
     """FSDP2 per layer and on each stage over the data-parallel ranks: PipelineStage's backwards accumulate the
     gradients unsharded (sync off) and keep the layers they gathered; the estimator's per-rank budgets follow that

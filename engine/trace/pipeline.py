@@ -36,6 +36,7 @@ the estimator follows the same lowered action list (memtui.engine.estimator.pipe
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -137,19 +138,22 @@ def _releasable_as_on_a_gpu(stage):
     return releasable
 
 
+_WORLDS = itertools.count()  # the fake process groups this process has made, for their meshes' names
+
+
 def _meshes(config: TrainingConfig):
     """(pp group, dp mesh, tp mesh) of torchtitan's DeviceMesh (pp, dp_shard, tp), made outside FakeTensorMode as it
     must be; (None, None, None) for pipeline parallelism alone (the default group is the pipeline's)."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     if config.dp == 1 and config.tp == 1:
         return None, None, None
     # DTensor caches its sharding decisions by DeviceMesh, which compares by the ranks' layout and the dimensions'
-    # names, not by the process groups: the next pipeline rank's meshes would equal this one's, and a cached output
-    # spec carry this world's groups into the next. Named after this rank, equal meshes are of the same world.
-    rank = dist.get_rank()
-    names = (f"pp{rank}", f"dp{rank}", f"tp{rank}")
+    # names, not by the process groups: the next pipeline rank's (or the next trace's) meshes would equal this
+    # one's, and a cached output spec carry this world's destroyed groups into the next. Named after this world,
+    # equal meshes are of the same world.
+    world = next(_WORLDS)
+    names = (f"pp{world}", f"dp{world}", f"tp{world}")
     mesh = init_device_mesh("cpu", (config.pp, config.dp, config.tp), mesh_dim_names=names)
     return (mesh[names[0]].get_group(), mesh[names[1]] if config.dp > 1 else None,
             mesh[names[2]] if config.tp > 1 else None)
