@@ -80,3 +80,20 @@ def test_pipeline_with_fsdp2_is_traced_and_the_estimate_is_exact_per_rank(zero):
         # (AdamW: two fp32 states per element of the shard)
         assert traced_rank.per_gpu.gradients > 1.9 * traced_rank.per_gpu.optimizer_states / 2
         assert estimated_rank.per_gpu.gradients == pytest.approx(traced_rank.per_gpu.gradients, rel=0.005)
+
+
+def test_pipeline_with_tensor_parallelism_and_fsdp2_is_traced_not_modelled():
+    """The configuration tests/test_trace_parallel.py's modelled-layout test used (PP x TP x FSDP2, gpipe, a 65,536
+    vocabulary), now traced: the rank peaks in backward in the trace as in the estimate, and they agree per rank."""
+    from tests.test_pipeline import small_llama as llama_with_vocabulary
+
+    spec = llama_with_vocabulary(layers=4, vocab=65536)
+    config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=64, gpus=8, tp=2, pp=2, zero=3,
+                            pp_schedule="gpipe", microbatches=2)
+    from memtui.engine.trace import trace
+
+    traced, estimated = trace(config, model=spec), estimate(config, model=spec)
+    assert not any("modelled" in line for line in traced.traced + traced.modelled), traced.modelled
+    assert traced.peak_phase == estimated.peak_phase == "backward"
+    for traced_rank, estimated_rank in zip(traced.budget.stages, estimated.stages, strict=True):
+        assert estimated_rank.tensor_peak_bytes == pytest.approx(traced_rank.tensor_peak_bytes, rel=1e-4)
