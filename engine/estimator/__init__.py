@@ -29,6 +29,7 @@ from memtui.engine.estimator.layout import (
     NF4_BYTES_PER_PARAM,
     ParamLayout,
     param_layout,
+    pipeline_refusal,
     tensor_parallel_embedding_gradient_extra,
     tensor_parallel_whole_vocabulary_gradient,
     trainable_params_total,
@@ -565,9 +566,9 @@ def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, not
         layout = param_layout(config, model, stage=(layers, any(role[2] for role in roles),
                                                     any(role[3] for role in roles)))
         on_gpu, _one_state_group = _states_on_gpu(config, model, layout)
-        if on_gpu.zero >= 2 and config.offload == "none":
-            # FSDP2 on each stage: the stage's shards, what its schedule holds gathered, its gradients unsharded
-            # until its last backward reduce-scatters them (memtui.engine.estimator.pipeline)
+        if on_gpu.zero >= 2 and pipeline_refusal(config, model) is None:
+            # FSDP2 on each stage as `memtui trace` runs it: the stage's shards, what its schedule holds gathered, its
+            # gradients unsharded until its last backward reduce-scatters them (memtui.engine.estimator.pipeline)
             shards = {role[0]: _stage_shards(config, model, role, on_gpu.dp) for role in roles}
             moments = [StepMoment(moment.phase, on_gpu.resting_weights + gathered, moment.gradients,
                                   moment.activations + moment.autocast_weights, moment.temporary + workspace)
