@@ -29,7 +29,7 @@ from memtui.engine.estimator.layout import (
     tensor_parallel_whole_vocabulary_gradient,
 )
 from memtui.engine.estimator.moments import Moment
-from memtui.engine.estimator.sim.core import lf_eval, lf_values
+from memtui.engine.estimator.sim.core import LOWEST_LAYER_GATHER, lf_eval, lf_values
 from memtui.engine.estimator.sim.families import Dims, Options
 from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for
 from memtui.engine.model.architectures import ModelSpec
@@ -422,6 +422,8 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             return shard.root_weights + shard.layers * shard.layer_weights
         if segment == "loss_bwd":
             return 0  # the loss's backward, before the head's pre-backward gathers the root again
+        if segment == LOWEST_LAYER_GATHER:  # its all-gather buffer beside its copy, every layer above gathered
+            return shard.root_weights + (shard.layers + 1) * shard.layer_weights
         layer_made = min(max(made - shard.head_gradients, 0), shard.layers * shard.layer_gradients)
         if layer_made == 0 and shard.head_gradients:
             return shard.root_weights + shard.layer_weights  # the last layer's all-gather, prefetched at the head
@@ -437,7 +439,14 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
         unsharded = stage_gradients(stage)
         layers_gathered = shard.layers
         activations, temporary = beside()
-        for group in [shard.layer_gradients] * shard.layers + [shard.root_gradients]:
+        for index, group in enumerate([shard.layer_gradients] * shard.layers + [shard.root_gradients]):
+            if index == shard.layers and vocabulary_extra[stage]:
+                # DTensor's whole-vocabulary embedding gradient: this rank's Shard(0) slice is cloned out of it first,
+                # the root still gathered and the last layer's reduce-scatter input not yet let go
+                previous_input = shard.layer_gradients if shard.layers else 0
+                moments.append((Moment(phase="backward", autocast_weights=0, gradients=resident + unsharded,
+                                       activations=activations, temporary=temporary + previous_input + group),
+                                shard.root_weights + gathered_elsewhere(stage)))
             if layers_gathered:
                 layers_gathered -= 1
                 gathered = shard.root_weights + layers_gathered * shard.layer_weights

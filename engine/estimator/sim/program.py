@@ -19,6 +19,7 @@ from memtui.engine.estimator.sim import ops
 from memtui.engine.estimator.sim.core import (
     CATEGORIES,
     LF,
+    LOWEST_LAYER_GATHER,
     ZERO,
     Sim,
     Tensor,
@@ -649,7 +650,7 @@ def _plus(live: dict[str, LF], extra: dict[str, LF], times: float) -> dict[str, 
 _PHASE_OF_SEGMENT = {
     "inputs": "forward", "embed_fwd": "forward", "first_fwd": "forward", "mid_fwd": "forward", "last_fwd": "forward",
     "head_fwd": "loss", "loss_fwd": "loss", "forward_end": "loss", "head_bwd": "backward", "loss_bwd": "backward", "last_bwd": "backward", "mid_bwd": "backward",
-    "first_bwd": "backward", "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
+    "first_bwd": "backward", LOWEST_LAYER_GATHER: "backward", "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
 }
 _AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", GRAPH_FREED, "")
 
@@ -694,7 +695,7 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
         elif segment == "mid_bwd":
             candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment))
             candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment))
-        elif segment in ("first_bwd", "embed_bwd", "end"):
+        elif segment in ("first_bwd", LOWEST_LAYER_GATHER, "embed_bwd", "end"):
             candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment))
         else:
             candidates.append(StepCandidate(phase, dict(candidate.live), segment))
@@ -761,7 +762,7 @@ def _prune(candidates: list[StepCandidate]) -> list[StepCandidate]:
             if all(o >= t for o, t in zip(other, total)) and (other != total or other_index < index):
                 dominated = True
                 break
-        if not dominated:
+        if not dominated or candidates[index].segment == LOWEST_LAYER_GATHER:  # FSDP2's moment: kept for it
             kept.append(candidates[index])
     return kept
 
