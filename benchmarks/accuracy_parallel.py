@@ -80,6 +80,17 @@ def matrix() -> list[dict]:
         for schedule in schedules:
             rows.append({"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": pp, "seq_len": 1024,
                          "gpus": pp, "pp": pp, "pp_schedule": schedule, "microbatches": pp})
+    # Pipeline parallelism combined (torchtitan's (pp, dp_shard, tp) mesh, every pipeline rank traced): FSDP2 over
+    # the data-parallel ranks, DTensor's plan on each stage, or both
+    for model, gpus, pp, schedule, extra in (
+            ("llama-3.2-1b", 4, 2, "1f1b", {"zero": 3}), ("qwen2.5-0.5b", 4, 2, "gpipe", {"zero": 2}),
+            ("llama-3.2-3b", 8, 4, "1f1b", {"zero": 3}), ("llama-3.2-1b", 8, 2, "interleaved-1f1b", {"zero": 3}),
+            ("llama-3.2-1b", 4, 2, "1f1b", {"tp": 2}), ("qwen2.5-0.5b", 4, 2, "gpipe", {"tp": 2}),
+            ("llama-3.2-3b", 8, 4, "interleaved-1f1b", {"tp": 2}),
+            ("llama-3.2-1b", 8, 2, "1f1b", {"tp": 2, "zero": 3}),
+            ("qwen2.5-0.5b", 8, 2, "interleaved-1f1b", {"tp": 2, "zero": 2})):
+        rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
+                     "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
     return rows
 
 

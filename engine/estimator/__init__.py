@@ -23,12 +23,13 @@ from memtui.engine.estimator.budget import make_budget
 from memtui.engine.estimator.generic import generic_estimate
 from memtui.engine.estimator.memo import Cache, memoised
 from memtui.engine.estimator.moments import Moment, activation_moments, held_after_forward, offloaded_bytes
-from memtui.engine.estimator.pipeline import pipeline_moments, stage_roles
+from memtui.engine.estimator.pipeline import StageShards, pipeline_moments, pipeline_sharded_moments, stage_roles
 from memtui.engine.estimator.layout import (
     INT8_BYTES_PER_PARAM,
     NF4_BYTES_PER_PARAM,
     ParamLayout,
     param_layout,
+    pipeline_refusal,
     tensor_parallel_embedding_gradient_extra,
     tensor_parallel_whole_vocabulary_gradient,
     trainable_params_total,
@@ -245,7 +246,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     if config.offload == "optimizer+params":
         weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
         gathered = min(2, layout.layers) * layer_weight_bytes
-    tp_embedding_extra = tensor_parallel_embedding_gradient_extra(config, model)
+    tp_embedding_extra = tensor_parallel_embedding_gradient_extra(config, model) if layout.embedding else 0
     root_weights = _fsdp2_root_bytes(config, model, zero)
     root_params = (model.embedding_params + model.head_params + model.norm_params) // config.tp
     # A tied head's gradient waits in autograd's input buffer for the embedding's, as whole as an untied head's.
@@ -253,8 +254,9 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     root_gradients = ((head_gradient // config.tp + model.norm_params) * _autograd_gradient_bytes(config)
                       if root_weights and not config.uses_lora else 0)
     # A tied head's Shard(0) gradient comes first; the embedding's whole-vocabulary one is added into it (a
-    # temporary of backward's last moment), so the step keeps the rank's 1/tp only.
-    kept_extra = 0 if model.tie_word_embeddings else tp_embedding_extra
+    # temporary of backward's last moment), so the step keeps the rank's 1/tp only. A pipeline stage's embedding
+    # has no head beside it, tied or not.
+    kept_extra = 0 if model.tie_word_embeddings and config.pp == 1 else tp_embedding_extra
     gradients = grads_full // dp if zero >= 2 else grads_full + kept_extra
     if config.optimizer_in_backward:
         gradients = 0  # each is stepped and freed in backward: none survive to the step's end
@@ -591,6 +593,18 @@ def _budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: Para
     return _budget_of(config, model, gpu, figures, notes)
 
 
+def _stage_shards(config: TrainingConfig, model: ModelSpec, role: tuple[int, int, bool, bool], dp: int) -> StageShards:
+    """One pipeline stage's FSDP2 groups: each decoder layer's, and the root's (what no layer holds)."""
+    _index, layers, first, last = role
+    layout = param_layout(config, model, stage=(layers, first, last))
+    weight, grad = config.weight_bytes, trainable_bytes(config)
+    head = (model.vocab_size * model.hidden_size // config.tp + model.norm_params) if last else 0
+    root = head + (model.embedding_params // config.tp if first else 0)
+    return StageShards(layers=layers, layer_weights=layout.largest_layer_params * weight,
+                       layer_gradients=layout.largest_layer_params * grad, root_weights=root * weight,
+                       head_gradients=head * grad, root_gradients=root * grad, dp=dp, reshard=config.zero == 3)
+
+
 def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, notes: list[str]) -> Budget:
     """--pp: every pipeline rank's step through its schedule (memtui.engine.estimator.pipeline), each a budget of
     its own in `stages`; the budget is the rank with the largest tensor peak (every GPU needs that much)."""
@@ -602,8 +616,16 @@ def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, not
         layout = param_layout(config, model, stage=(layers, any(role[2] for role in roles),
                                                     any(role[3] for role in roles)))
         on_gpu, _one_state_group = _states_on_gpu(config, model, layout)
-        moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace)
-                   for moment in pipeline_moments(config, model, rank)]
+        if on_gpu.zero >= 2 and pipeline_refusal(config, model) is None:
+            # FSDP2 on each stage as `memtui trace` runs it: the stage's shards, what its schedule holds gathered, its
+            # gradients unsharded until its last backward reduce-scatters them (memtui.engine.estimator.pipeline)
+            shards = {role[0]: _stage_shards(config, model, role, on_gpu.dp) for role in roles}
+            moments = [StepMoment(moment.phase, on_gpu.resting_weights + gathered, moment.gradients,
+                                  moment.activations + moment.autocast_weights, moment.temporary + workspace)
+                       for moment, gathered in pipeline_sharded_moments(config, model, rank, shards)]
+        else:
+            moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace)
+                       for moment in pipeline_moments(config, model, rank)]
         # torchtitan keeps one optimizer per stage and steps them in turn: the largest stage's temporaries.
         temporaries = 0
         for _index, stage_layers, first, last in roles:

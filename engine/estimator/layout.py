@@ -36,6 +36,7 @@ class ParamLayout:
     largest_tensor_params: int  # the biggest single trainable parameter tensor
     tensor_count: int  # parameter tensors on this GPU (per-tensor allocator rounding)
     trainable_tensor_count: int
+    embedding: bool = True  # whether this GPU holds the embedding (a pipeline rank with the first stage)
 
     @property
     def base_params(self) -> int:
@@ -151,6 +152,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
         largest_tensor_params=largest,
         tensor_count=tensor_count,
         trainable_tensor_count=trainable_tensors,
+        embedding=first_stage,
     )
 
 
@@ -215,8 +217,8 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
     the estimator's terms for DTensor's sequence-parallel plan apply exactly when it can."""
     if config.tp == 1:
         return "no tensor parallelism"
-    if config.pp > 1:
-        return "pipeline parallelism is not traced"
+    if config.pp > 1 and pipeline_refusal(config, model) is not None:
+        return f"pipeline parallelism here is not traced ({pipeline_refusal(config, model)})"
     if model.family not in TENSOR_PARALLEL_FAMILIES:
         return f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families only)"
     if model.num_kv_heads % config.tp:
@@ -263,10 +265,13 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
     """Why `memtui trace` cannot run this configuration's pipeline program (it is then modelled), or None."""
     if config.pp == 1:
         return "no pipeline parallelism"
-    if config.tp > 1 or config.dp > 1:
-        return "pipeline parallelism with tensor or data parallelism is not traced (--gpus must equal --pp)"
     if model.family not in TENSOR_PARALLEL_FAMILIES:
         return f"the {model.family} family has no traced pipeline split (Llama-layout families only)"
+    if config.dp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):
+        return ("pipeline parallelism with DDP, ZeRO-1 or HSDP is not traced (with FSDP2, --zero 2 or 3, over "
+                "every data-parallel rank it is)")
+    if config.tp > 1 and model.num_kv_heads % config.tp:
+        return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if (config.uses_lora or config.quant != "none" or config.offload != "none" or config.activation_offload
             or config.loss != "standard" or config.grad_accum > 1 or config.optimizer_in_backward
             or config.precision == "16-mixed"):

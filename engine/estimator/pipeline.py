@@ -22,9 +22,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 
-from memtui.engine.estimator.layout import pipeline_rank_stages, pipeline_stage_layers
+from memtui.engine.estimator.layout import (
+    pipeline_rank_stages,
+    pipeline_stage_layers,
+    tensor_parallel_embedding_gradient_extra,
+    tensor_parallel_whole_vocabulary_gradient,
+)
 from memtui.engine.estimator.moments import Moment
-from memtui.engine.estimator.sim.core import lf_eval, lf_values
+from memtui.engine.estimator.sim.core import LOWEST_LAYER_GATHER, lf_eval, lf_values
 from memtui.engine.estimator.sim.families import Dims, Options
 from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for
 from memtui.engine.model.architectures import ModelSpec
@@ -273,6 +278,8 @@ def _add_wait_send(actions: list[Action]) -> list[Action]:
 @dataclass(frozen=True)
 class _StageProgram:
     forward: tuple[Moment, ...]  # forward and loss candidates of one micro-batch (gradients: 0)
+    forward_segments: tuple[str, ...]  # where each forward candidate is (embed_fwd, first_fwd, ..., head_fwd)
+    backward_segments: tuple[str, ...]
     backward: tuple[Moment, ...]  # backward candidates (gradients: as the stage's first backward makes them)
     held: int  # what a micro-batch holds between its forward and backward
     gradients: int  # the stage's parameter gradients, all made
@@ -283,7 +290,7 @@ def _stage_program(d: Dims, opts: Options, layers: int, first: bool, last: bool,
                    seq_len: int) -> _StageProgram:
     program = compile_step(d, opts, layers, first, last)
     values = lf_values(tokens, seq_len)
-    forward, backward = [], []
+    forward, backward, segments, backward_segments = [], [], [], []
     for candidate in program.candidates:
         live = candidate.live
         moment = Moment(phase=candidate.phase, autocast_weights=int(lf_eval(live["weights"], values)),
@@ -291,7 +298,8 @@ def _stage_program(d: Dims, opts: Options, layers: int, first: bool, last: bool,
                         activations=int(lf_eval(live["activations"], values)),
                         temporary=int(lf_eval(live["temporary"], values)))
         (backward if candidate.phase == "backward" else forward).append(moment)
-    return _StageProgram(tuple(forward), tuple(backward), int(lf_eval(program.held_after_forward, values)),
+        (backward_segments if candidate.phase == "backward" else segments).append(candidate.segment)
+    return _StageProgram(tuple(forward), tuple(segments), tuple(backward_segments), tuple(backward), int(lf_eval(program.held_after_forward, values)),
                          int(lf_eval(program.gradients_end, values)))
 
 
@@ -302,15 +310,58 @@ def stage_roles(config: TrainingConfig, model: ModelSpec, rank: int) -> list[tup
     return [(index, split[index], index == 0, index == total - 1) for index in pipeline_rank_stages(config)[rank]]
 
 
+@dataclass(frozen=True)
+class StageShards:
+    """FSDP2 on one pipeline stage, as `memtui trace` runs it (fully_shard per decoder layer and on the stage):
+    unsharded bytes of one layer's group and of the stage's root group (the embedding on the first stage, the final
+    norm and head on the last), and of their gradients."""
+
+    layers: int
+    layer_weights: int
+    layer_gradients: int
+    root_weights: int
+    head_gradients: int  # the root's gradients made at backward's start (a last stage's head and norm)
+    root_gradients: int
+    dp: int
+    reshard: bool  # reshard_after_forward (ZeRO-3)
+
+
 def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> list[Moment]:
     """Rank `rank`'s candidate peaks through its schedule (gradients: what is alive)."""
+    return [moment for moment, _gathered in pipeline_sharded_moments(config, model, rank)]
+
+
+def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int,
+                             shards: dict[int, StageShards] | None = None) -> list[tuple[Moment, int]]:
+    """Rank `rank`'s candidate peaks through its schedule, each with the bytes FSDP2 holds gathered then (its
+    unsharded parameters and all-gather buffers; 0 without `shards`, the FSDP2 layout of each of its stages).
+
+    Under FSDP2 PipelineStage runs every backward with gradient sync and resharding after backward off: each
+    micro-batch's gradients accumulate unsharded, and the layers a backward gathered stay gathered until a forward
+    reshards them (ZeRO-3's reshard_after_forward) or the stage's last backward is done, when every group is
+    resharded and its gradients reduce-scattered in turn (a flat input of the group's gradients, a 1/dp output)."""
     d, opts = dims_for(model, config.tp), options_for(config, model)
     tokens = config.microbatch_size * config.seq_len
     roles = stage_roles(config, model, rank)
     programs = {index: _stage_program(d, opts, layers, first, last, tokens, config.seq_len)
                 for index, layers, first, last in roles}
-    # What crosses between stages: a micro-batch's hidden states (in the weights' dtype), or their gradient.
-    hidden_states = (tokens * model.hidden_size * config.weight_bytes + 511) // 512 * 512
+    # DTensor's embedding backward makes the whole vocabulary's gradient, and the rank's Shard(0) gradient keeps it
+    # (memtui.engine.estimator.layout.tensor_parallel_embedding_gradient_extra): beyond the stage program's 1/tp.
+    # Under FSDP2 with gradient sync off it is the unsharded parameter's gradient, kept whole until the reduce-scatter.
+    whole = tensor_parallel_whole_vocabulary_gradient(config, model)
+    extra = (tensor_parallel_embedding_gradient_extra(config, model) if shards is None
+             else whole - model.vocab_size // config.tp * model.hidden_size * config.weight_bytes if whole else 0)
+    vocabulary_extra = {index: extra if first else 0 for index, _layers, first, _last in roles}
+    reduced: set[int] = set()  # stages whose gradients FSDP2 has reduce-scattered (the step's end)
+
+    def stage_gradients(index: int) -> int:
+        whole = programs[index].gradients + vocabulary_extra[index]
+        return whole // shards[index].dp if index in reduced else whole
+
+    # What crosses between stages: a micro-batch's hidden states (in the weights' dtype), or their gradient; under
+    # sequence parallelism this rank's 1/tp of the tokens (torch.chunk's first share).
+    sent_tokens = config.microbatch_size * -(-config.seq_len // opts.sequence_parallel)
+    hidden_states = (sent_tokens * model.hidden_size * config.weight_bytes + 511) // 512 * 512
     last_stages = {index for index, _layers, first, last in roles if last and not first}
     in_flight: dict[tuple[int, int], int] = {}
     # Receive buffers not yet taken and sent tensors not yet let go; the tracer counts the forward's (the input,
@@ -319,12 +370,93 @@ def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> lis
     kept = 0  # the last stage's inputs of the micro-batches done: each loss in the schedule's _internal_losses
     # keeps its graph, whose AccumulateGrad node keeps the input leaf, until the step ends
     done: set[int] = set()  # stages whose gradients exist
-    moments: list[Moment] = []
+    backwards: dict[int, int] = defaultdict(int)
+    previous: dict[int, str] = {}  # each stage's last compute action: whether a backward left its layers gathered
+    moments: list[tuple[Moment, int]] = []
 
     def beside() -> tuple[int, int]:
         """What the other micro-batches and the communication hold: (activations, temporaries)."""
         forward_side = sum(size for (kind, _s, _m), size in buffers.items() if kind in (RECV_F, SEND_F))
         return sum(in_flight.values()) + kept + forward_side, sum(buffers.values()) - forward_side
+
+    def gathered_elsewhere(stage: int) -> int:
+        """What the rank's other stages hold gathered (interleaved 1F1B): all their layers once a backward ran."""
+        if shards is None:
+            return 0
+        return sum(shards[other].root_weights + shards[other].layers * shards[other].layer_weights
+                   for other in shards if other != stage and other not in reduced
+                   and (previous.get(other) == BACKWARD or (other in previous and not shards[other].reshard)))
+
+    def forward_gathered(stage: int, segment: str) -> int:
+        """By where the candidate is: before the layers (the root's all-gather buffer beside its copy, kept until the
+        first layer's all-gather), in layer i, at the head (the last layer's buffer kept until the root's
+        post-forward), after the forward (ZeRO-3 has resharded the root)."""
+        if shards is None:
+            return 0
+        shard = shards[stage]
+        root, layer, count = shard.root_weights, shard.layer_weights, shard.layers
+        index = {"first_fwd": 0, "mid_fwd": 1, "last_fwd": count - 1}.get(segment)
+        if previous.get(stage) == BACKWARD or (not shard.reshard and stage in previous):
+            # gathered by the backward before (ZeRO-2: by the step's first forward): ZeRO-3 reshards each layer
+            # as its forward ends
+            if not shard.reshard:
+                return root + count * layer
+            if segment in ("loss_fwd", "forward_end"):  # the loss is computed after the stage's forward
+                return 0
+            return root + (count - index if index is not None else count if segment in ("inputs", "embed_fwd")
+                           else 0) * layer
+        if segment in ("inputs", "embed_fwd"):
+            return 2 * root
+        if shard.reshard:  # each layer gathered in turn, its all-gather buffer held until the next one's
+            return 0 if segment in ("loss_fwd", "forward_end") else root + (2 if index is not None else 1) * layer
+        # ZeRO-2's first forward: the layers gathered so far and the last all-gather buffer
+        gathered = index + 2 if index is not None else count + (0 if segment in ("loss_fwd", "forward_end") else 1)
+        return root + gathered * layer
+
+    def backward_gathered(stage: int, made: int, segment: str) -> int:
+        """`made`: the stage's gradients its first backward has made by this moment (the layers done)."""
+        if shards is None:
+            return 0
+        shard = shards[stage]
+        if previous.get(stage) == BACKWARD or not shard.reshard:
+            return shard.root_weights + shard.layers * shard.layer_weights
+        if segment == "loss_bwd":
+            return 0  # the loss's backward, before the head's pre-backward gathers the root again
+        if segment == LOWEST_LAYER_GATHER:  # its all-gather buffer beside its copy, every layer above gathered
+            return shard.root_weights + (shard.layers + 1) * shard.layer_weights
+        layer_made = min(max(made - shard.head_gradients, 0), shard.layers * shard.layer_gradients)
+        if layer_made == 0 and shard.head_gradients:
+            return shard.root_weights + shard.layer_weights  # the last layer's all-gather, prefetched at the head
+        # The layers done, the one computing and the next one's all-gather buffer
+        layers_done = layer_made // shard.layer_gradients if shard.layer_gradients else shard.layers
+        return shard.root_weights + min(layers_done + 2, shard.layers) * shard.layer_weights
+
+    def finalize(stage: int, resident: int) -> None:
+        """FSDP2's post-backward of every group after the stage's last backward: a group's parameters resharded, its
+        gradients copied into the reduce-scatter input, freed, and its 1/dp shard made; the layers last to first,
+        the root last."""
+        shard = shards[stage]
+        unsharded = stage_gradients(stage)
+        layers_gathered = shard.layers
+        activations, temporary = beside()
+        for index, group in enumerate([shard.layer_gradients] * shard.layers + [shard.root_gradients]):
+            if index == shard.layers and vocabulary_extra[stage]:
+                # DTensor's whole-vocabulary embedding gradient: this rank's Shard(0) slice is cloned out of it first,
+                # the root still gathered and the last layer's reduce-scatter input not yet let go
+                previous_input = shard.layer_gradients if shard.layers else 0
+                moments.append((Moment(phase="backward", autocast_weights=0, gradients=resident + unsharded,
+                                       activations=activations, temporary=temporary + previous_input + group),
+                                shard.root_weights + gathered_elsewhere(stage)))
+            if layers_gathered:
+                layers_gathered -= 1
+                gathered = shard.root_weights + layers_gathered * shard.layer_weights
+            else:
+                gathered = 0
+            moments.append((Moment(phase="backward", autocast_weights=0, gradients=resident + unsharded,
+                                   activations=activations, temporary=temporary + group),
+                            gathered + gathered_elsewhere(stage)))
+            unsharded += group // shard.dp - group
+        reduced.add(stage)
 
     for kind, stage, microbatch in rank_schedule(config, rank):
         if kind in (RECV_F, RECV_B, SEND_F, SEND_B):
@@ -336,22 +468,55 @@ def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> lis
         if kind not in (FORWARD, BACKWARD):
             continue
         program = programs[stage]
-        resident = sum(programs[other].gradients for other in done if other != stage)
+        resident = sum(stage_gradients(other) for other in done if other != stage)
         if kind == FORWARD:
             buffers.pop((RECV_F, stage, microbatch), None)  # the program's received input from here on
-            own = program.gradients if stage in done else 0
-            moments += [moment_plus(moment, resident + own, *beside()) for moment in program.forward]
+            own = stage_gradients(stage) if stage in done else 0
+            moments += [(moment_plus(moment, resident + own, *beside()),
+                         forward_gathered(stage, segment) + gathered_elsewhere(stage))
+                        for moment, segment in zip(program.forward, program.forward_segments)]
             in_flight[(stage, microbatch)] = program.held
+            previous[stage] = FORWARD
             continue
         buffers.pop((RECV_B, stage, microbatch), None)  # the program's received output gradient from here on
         del in_flight[(stage, microbatch)]
         # A later backward holds the stage's gradients whole; each new one is among the candidate's temporaries
         # until AccumulateGrad adds it in place, as it is until the first backward makes it the gradient.
-        moments += [moment_plus(moment, resident + (program.gradients if stage in done else moment.gradients),
-                                *beside()) for moment in program.backward]
+        backward = [(moment_plus(moment, resident + (stage_gradients(stage) if stage in done else moment.gradients),
+                                 *beside()),
+                     backward_gathered(stage, moment.gradients, segment) + gathered_elsewhere(stage))
+                    for moment, segment in zip(program.backward, program.backward_segments)]
+        extra = vocabulary_extra[stage]
+        if extra and backward:  # the embedding's backward is the stage's last: a whole-vocabulary gradient made
+            last_moment, gathered = backward[-1]
+            backward[-1] = (last_moment._replace(temporary=last_moment.temporary + extra) if stage in done
+                            else last_moment._replace(gradients=last_moment.gradients + extra)), gathered
+        if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard and not shards[stage].head_gradients:
+            # ZeRO-3 resharded the root after the forward; a stage without the head starts its backward by gathering
+            # it again: its all-gather buffer beside its gathered copy, the micro-batch's forward still whole (a last
+            # stage gathers it after the loss's backward, where the head's new gradient, as large, follows it)
+            activations, temporary = beside()
+            start = Moment(phase="backward", autocast_weights=0,
+                           gradients=resident + (stage_gradients(stage) if stage in done else 0),
+                           activations=activations + program.held, temporary=temporary)
+            backward.insert(0, (start, 2 * shards[stage].root_weights + gathered_elsewhere(stage)))
+            shard = shards[stage]
+            if not shard.head_gradients and shard.layers:
+                # A stage without the head starts with its last layer's all-gather and copy-out (and the next
+                # layer's all-gather, prefetched), then the root's all-gather beside its copy; the received output
+                # gradient beside them
+                received = hidden_states if stage not in last_stages else 0
+                layers = min(shard.layers, 2) if shard.root_weights else 2
+                backward.insert(1, (start._replace(temporary=temporary + received),
+                                    2 * shard.root_weights + layers * shard.layer_weights + gathered_elsewhere(stage)))
+        moments += backward
         done.add(stage)
+        previous[stage] = BACKWARD
+        backwards[stage] += 1
         if stage in last_stages:
             kept += hidden_states
+        if shards is not None and backwards[stage] == config.microbatches:
+            finalize(stage, resident)
     return moments
 
 

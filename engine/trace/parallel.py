@@ -155,16 +155,23 @@ class DataParallel:
         return wrapped
 
     def _fsdp(self, model: torch.nn.Module) -> torch.nn.Module:
-        from torch.distributed.fsdp import fully_shard
-
         from memtui.engine.torchside.sharding import fsdp_policy
 
-        reshard = self.config.zero == 3
-        policy = fsdp_policy(self.config)
-        for layer in _decoder_layers(model, self.num_layers):
-            fully_shard(layer, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
-        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard, mp_policy=policy)
-        return model
+        return fully_shard_layers(model, self.num_layers, self.mesh, reshard=self.config.zero == 3,
+                                  policy=fsdp_policy(self.config))
+
+
+def fully_shard_layers(model: torch.nn.Module, num_layers: int, mesh, *, reshard: bool, policy=None) -> torch.nn.Module:
+    """FSDP2 as torchtitan applies it: `fully_shard` on each of the `num_layers` decoder layers, then on the model
+    (the root group: what no layer holds), with `policy` (default MixedPrecisionPolicy(): gathered and reduced in
+    the stored dtype)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = policy or MixedPrecisionPolicy()
+    for layer in _decoder_layers(model, num_layers):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    return model
 
 
 # FSDP2's communication streams (FSDPCommContext.lazy_init), each with pools of its own in the caching allocator:

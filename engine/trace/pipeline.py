@@ -21,6 +21,13 @@ them; the last stage's losses (the schedule's `_internal_losses`) keep their gra
 received input, until the step ends. The fake backend's sends and receives are no-ops, so the received tensors'
 contents are undefined, which fake tensors do not have anyway.
 
+With data and/or tensor parallelism (FSDP2, DTensor) the job is built as torchtitan builds it: a DeviceMesh
+(pp, dp, tp) of pp x dp x tp ranks, the rank traced being the first of its pipeline position's (dp, tp) slice; each
+stage gets torchtitan's TP plan on its own modules (a later stage receives, and sends, this rank's 1/tp of the
+tokens), then `fully_shard` per decoder layer and on the stage, and its PipelineStage the pp sub-group. torch's
+pipelining runs each micro-batch's backward with FSDP2's gradient sync and resharding after backward off, so the
+gradients accumulate unsharded until the stage's last backward reduce-scatters them.
+
 Interleaved 1F1B runs through `_PipelineScheduleRuntime`, which posts receives as early as the other ranks' sends
 allow and waits for sends later than Schedule1F1B (a forward's after its backward, a backward's at the step's end);
 the estimator follows the same lowered action list (memtui.engine.estimator.pipeline.rank_schedule).
@@ -29,6 +36,7 @@ the estimator follows the same lowered action list (memtui.engine.estimator.pipe
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +45,7 @@ from memtui.engine.estimator.layout import pipeline_rank_stages, pipeline_refusa
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.fake_step import STEPS, StepExtras, optimizer_state_tensors, quiet_libraries, watch_model
+from memtui.engine.trace.parallel import fsdp_storage_resizes, record_stepped_gradients
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker, classify
 
 __all__ = ["RankTrace", "pipeline_lines", "pipeline_refusal", "trace_pipeline"]
@@ -91,6 +100,28 @@ def _marked(tracker: MemoryTracker, method, phase: str):
     return run
 
 
+def _unsharded_gradients(stage, tracker: MemoryTracker, gradients: set[int]):
+    """PipelineStage runs each micro-batch's backward with FSDP2's gradient sync off: autograd accumulates every
+    parameter's gradient whole, on FSDP2's unsharded parameter (not the sharded one the optimizer sees), until the
+    schedule's last backward reduce-scatters them. Their allocations are gradients."""
+    from torch.distributed.fsdp import FSDPModule
+
+    original = stage.backward_one_chunk
+
+    def backward_one_chunk(*args, **kwargs):
+        result = original(*args, **kwargs)
+        for module in stage.submod.modules():
+            group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+            for fsdp_param in group.fsdp_params if group is not None else ():
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                alloc_id = tracker.alloc_id_of(unsharded.grad) if unsharded is not None and unsharded.grad is not None else None
+                if alloc_id is not None:
+                    gradients.add(alloc_id)
+        return result
+
+    return backward_one_chunk
+
+
 def _releasable_as_on_a_gpu(stage):
     """PipelineStage releases a stage's output once its send completes when the output is a plain torch.Tensor
     (`_output_slot_is_releasable`: backward then starts from its gradient edge); a FakeTensor is not one, so under
@@ -107,8 +138,47 @@ def _releasable_as_on_a_gpu(stage):
     return releasable
 
 
+_WORLDS = itertools.count()  # the fake process groups this process has made, for their meshes' names
+
+
+def _meshes(config: TrainingConfig):
+    """(pp group, dp mesh, tp mesh) of torchtitan's DeviceMesh (pp, dp_shard, tp), made outside FakeTensorMode as it
+    must be; (None, None, None) for pipeline parallelism alone (the default group is the pipeline's)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if config.dp == 1 and config.tp == 1:
+        return None, None, None
+    # DTensor caches its sharding decisions by DeviceMesh, which compares by the ranks' layout and the dimensions'
+    # names, not by the process groups: the next pipeline rank's (or the next trace's) meshes would equal this
+    # one's, and a cached output spec carry this world's destroyed groups into the next. Named after this world,
+    # equal meshes are of the same world.
+    world = next(_WORLDS)
+    names = (f"pp{world}", f"dp{world}", f"tp{world}")
+    mesh = init_device_mesh("cpu", (config.pp, config.dp, config.tp), mesh_dim_names=names)
+    return (mesh[names[0]].get_group(), mesh[names[1]] if config.dp > 1 else None,
+            mesh[names[2]] if config.tp > 1 else None)
+
+
+def _parallelize_stage(module, causal, config: TrainingConfig, layers: int, first: bool, last: bool, dp_mesh,
+                       tp_mesh, restores: list):
+    """The stage split as torchtitan's parallelize_llama splits a model part: the TP plan first (on its own
+    modules), then FSDP2 per decoder layer and on the stage (its root group: the embedding on the first stage, the
+    final norm and head on the last). Returns the module the PipelineStage runs."""
+    from memtui.engine.trace.parallel import fully_shard_layers
+    from memtui.engine.trace.tensor_parallel import _meshes_made_real, apply_tensor_parallel, whole_sequence_masks
+
+    if tp_mesh is not None:
+        apply_tensor_parallel(causal, tp_mesh, embedding=first, head=last)
+        restores.append(whole_sequence_masks(causal.model))
+    if dp_mesh is not None:
+        with _meshes_made_real() if tp_mesh is not None else contextlib.nullcontext():
+            module = fully_shard_layers(module, layers, dp_mesh, reshard=config.zero == 3)
+    return module
+
+
 def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> RankTrace:
-    """Rank `rank` of a fake process group of pp ranks: its stages, two schedule steps and optimizer steps."""
+    """Pipeline rank `rank` (with data and tensor parallelism: the rank of dp and tp coordinate 0 in that pipeline
+    position, of a fake process group of pp x dp x tp ranks): its stages, two schedule steps and optimizer steps."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -129,15 +199,21 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
     hidden_dtype = torch.float32 if config.weight_bytes == 4 else dtype  # the residual stream: the weights' dtype
     logits_dtype = dtype if config.autocast or config.weight_bytes == 2 else torch.float32
     micro, seq = config.microbatch_size, config.seq_len
+    local_seq = -(-seq // config.tp)  # sequence parallel: tp rank 0's share of the tokens between stages
 
     def autocast():
         return cuda_like_autocast(dtype) if config.autocast else contextlib.nullcontext()
 
-    dist.init_process_group("fake", rank=rank, world_size=config.pp, store=FakeStore())
+    inner = config.dp * config.tp  # torchtitan's mesh: pp outermost, so pipeline rank r's first rank is r x dp x tp
+    dist.init_process_group("fake", rank=rank * inner, world_size=config.pp * inner, store=FakeStore())
     extras = StepExtras()
     tracker = MemoryTracker()
     gradients: set[int] = set()
+    stepped: set[int] = set()  # gradients as the optimizers find them (FSDP2's sharded ones, assigned outside autograd)
+    gathered: set[int] = set()  # FSDP2's unsharded parameters
+    restores: list = []
     try:
+        pp_group, dp_mesh, tp_mesh = _meshes(config)
         with quiet_libraries(), FakeTensorMode(allow_non_fake_inputs=True):
             causals, stages, weight_ids = [], [], set()
             for index in indices:
@@ -146,15 +222,21 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                                                autocast=autocast)
                 if last:
                     causal.lm_head.register_forward_hook(lambda *_: tracker.mark("loss"))
+                module = _parallelize_stage(module, causal, config, split[index], first, last, dp_mesh, tp_mesh,
+                                            restores)
                 weight_ids |= watch_model(tracker, module, gradients)
                 inputs = (torch.randint(0, spec.vocab_size, (micro, seq)) if first
-                          else torch.empty(micro, seq, spec.hidden_size, dtype=hidden_dtype, requires_grad=True))
-                outputs = torch.empty(micro, seq, spec.vocab_size if last else spec.hidden_size,
+                          else torch.empty(micro, local_seq, spec.hidden_size, dtype=hidden_dtype, requires_grad=True))
+                # The last stage's logits: their metadata is never sent (the loss is computed on the stage).
+                outputs = torch.empty(micro, seq if last else local_seq,
+                                      spec.vocab_size // config.tp if last else spec.hidden_size,
                                       dtype=logits_dtype if last else hidden_dtype, requires_grad=True)
                 stage = PipelineStage(module, index, total, torch.device("cpu"), input_args=inputs,
-                                      output_args=outputs)
+                                      output_args=outputs, group=pp_group)
                 stage._output_slot_is_releasable = _releasable_as_on_a_gpu(stage)
                 # Phases for the tracker's categories: receives and compute of a forward, of a backward.
+                if dp_mesh is not None:
+                    stage.backward_one_chunk = _unsharded_gradients(stage, tracker, stepped)
                 for name, phase in (("get_fwd_recv_ops", "forward"), ("forward_one_chunk", "forward"),
                                     ("get_bwd_recv_ops", "backward"), ("backward_one_chunk", "backward")):
                     setattr(stage, name, _marked(tracker, getattr(stage, name), phase))
@@ -166,6 +248,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                                           if p.requires_grad)
             # torchtitan keeps one optimizer per model part and steps them in turn.
             optimizers = [build_optimizer(stage.submod, config, device_type="cuda") for stage in stages]
+            for stage, optimizer in zip(stages, optimizers):
+                record_stepped_gradients(stage.submod, optimizer, tracker, stepped)
             for optimizer in optimizers:
                 for state in optimizer_state_tensors(optimizer)[0]:
                     tracker.track(state, "optimizer_state")
@@ -184,7 +268,17 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
             tracker.mark("inputs")
             attention = cuda_sdpa() if config.attention == "flash" else contextlib.nullcontext()
             policy = cuda_autocast_policy() if config.autocast else contextlib.nullcontext()
-            with attention, policy, cuda_dropout(), real_run_decisions(), tracker:
+            parallel = contextlib.ExitStack()
+            if tp_mesh is not None:
+                from torch.distributed.tensor.parallel import loss_parallel
+
+                from memtui.engine.trace.tensor_parallel import _WaitReturnsItsInput
+
+                parallel.enter_context(loss_parallel())
+                parallel.enter_context(_WaitReturnsItsInput())
+            if dp_mesh is not None:
+                parallel.enter_context(fsdp_storage_resizes(tracker, gathered))
+            with attention, policy, cuda_dropout(), real_run_decisions(), parallel, tracker:
                 ids = torch.randint(0, spec.vocab_size, (config.batch_size, seq)) if has_first else None
                 labels = (ids if ids is not None else torch.randint(0, spec.vocab_size, (config.batch_size, seq))
                           ) if has_last else None
@@ -208,9 +302,16 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
             classify(tracker.log, weights=weight_ids, gradients=gradients,
                      optimizer={tracker.alloc_id_of(t) for t in device_states} - {None},
                      host={tracker.alloc_id_of(t) for t in host_states} - {None})
+            # Categories by owner for what FSDP2 allocates (classify() sees only the phase it was made in).
+            for alloc_id in gathered:
+                tracker.log.allocations[alloc_id].category = "weights"
+            for alloc_id in stepped:
+                tracker.log.allocations[alloc_id].category = "gradients"
             tracker.detach_finalizers()
             del ids, labels, schedule, stages, causals, optimizers
     finally:
+        for restore in restores:
+            restore()
         dist.destroy_process_group()
     return RankTrace(rank=rank, stages=indices, layers=sum(split[index] for index in indices),
                      embedding=0 in indices, head=total - 1 in indices, log=tracker.log, extras=extras)
@@ -227,7 +328,20 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
     schedule = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
                 "interleaved-1f1b": "ScheduleInterleaved1F1B (two stages per rank: r and r + pp)"}[config.pp_schedule]
     split = pipeline_stage_layers(spec.num_layers, config.pp * config.virtual_stages)
-    return [f"pipeline parallel (traced): torch.distributed.pipelining PipelineStage and {schedule} at pp "
-            f"{config.pp}, every rank of a fake process group in turn; {config.microbatches} micro-batches of "
-            f"{config.microbatch_size} sequences; decoder layers per stage {split}, the embedding on the first stage, "
-            "the final norm, head and loss (per micro-batch) on the last"]
+    lines = [f"pipeline parallel (traced): torch.distributed.pipelining PipelineStage and {schedule} at pp "
+             f"{config.pp}, every rank of a fake process group in turn; {config.microbatches} micro-batches of "
+             f"{config.microbatch_size} sequences; decoder layers per stage {split}, the embedding on the first "
+             "stage, the final norm, head and loss (per micro-batch) on the last"]
+    if config.dp > 1 or config.tp > 1:
+        lines.append(f"each pipeline rank traced as the first rank of its (dp {config.dp}, tp {config.tp}) slice of a "
+                     f"(pp, dp, tp) DeviceMesh of {config.gpus} ranks, as torchtitan builds it, the stage parallelized "
+                     "as torchtitan's parallelize_llama does a model part")
+    if config.tp > 1:
+        lines.append(f"tensor parallel (traced): DTensor at tp {config.tp}, torchtitan's Llama plan on each stage's "
+                     "modules (sequence parallel: the hidden states between stages are the rank's 1/tp of the tokens; "
+                     "the vocabulary-sharded embedding on the first stage, the head with loss parallel on the last)")
+    if config.dp > 1:
+        lines.append(f"FSDP2 fully_shard per decoder layer and on each stage over dp {config.dp}, "
+                     f"reshard_after_forward={config.zero == 3}; PipelineStage accumulates each micro-batch's "
+                     "gradients unsharded (gradient sync off) and reduce-scatters them after the stage's last backward")
+    return lines

@@ -151,9 +151,11 @@ def whole_sequence_masks(inner: torch.nn.Module) -> Callable[[], None]:
     return restore
 
 
-def apply_tensor_parallel(model: torch.nn.Module, mesh) -> None:
+def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = True, head: bool = True) -> None:
     """torchtitan's apply_tp for Llama (and Qwen3's q/k norms), on transformers' module names, sequence parallel
-    and loss parallel."""
+    and loss parallel. A pipeline stage without the embedding (`embedding=False`: it gets the rank's 1/tp of the
+    hidden states, as the stage before sends them) or without the final norm and head (`head=False`) has no plan
+    for them, as torchtitan's apply_tp skips a stage's missing modules."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -164,12 +166,14 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh) -> None:
     )
 
     inner = model.model
-    parallelize_module(model, mesh, {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "model.norm": SequenceParallel(),
-        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
-    })
-    if model.config.tie_word_embeddings:
+    ends = {}
+    if embedding:
+        ends["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if head:
+        ends["model.norm"] = SequenceParallel()
+        ends["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, mesh, ends)
+    if model.config.tie_word_embeddings and embedding and head:
         # parallelize_module gave the embedding and the head a DTensor each; both are Shard(0) over the vocabulary,
         # so one parameter serves both again, tied after the plan as torchtitan ties Qwen3's and Llama's weights.
         model.lm_head.weight = inner.embed_tokens.weight
@@ -203,11 +207,18 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh) -> None:
             "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
         })
 
+    tp = mesh.size()
+
     def whole_sequence_positions(_module, args, kwargs):
-        # After the embedding each rank holds 1/tp of the tokens; rotary positions must cover the whole sequence.
+        # After the embedding each rank holds 1/tp of the tokens; rotary positions must cover the whole sequence
+        # (a later pipeline stage gets the rank's 1/tp of the hidden states as its input).
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        embeds = kwargs.get("inputs_embeds")
+        if kwargs.get("position_ids") is None:
+            if ids is not None:
+                kwargs["position_ids"] = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+            elif embeds is not None:
+                kwargs["position_ids"] = torch.arange(embeds.shape[1] * tp, device=embeds.device).unsqueeze(0)
         return args, kwargs
 
     inner.register_forward_pre_hook(whole_sequence_positions, with_kwargs=True)

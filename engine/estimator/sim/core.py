@@ -157,6 +157,9 @@ class StopRecompute(Exception):
     """torch.utils.checkpoint stops recomputing once every saved tensor exists again."""
 
 
+LOWEST_LAYER_GATHER = "first_bwd_start"  # a candidate: the moment the lowest layer's backward begins
+
+
 @dataclass
 class Candidate:
     """Live bytes by category at a local maximum of the timeline."""
@@ -374,6 +377,9 @@ class Sim:
         mapping = self.segment_of_node
         if mapping and node.segment in mapping and mapping[node.segment] != self.segment:
             self.set_segment(mapping[node.segment])
+            if self.segment == "first_bwd":
+                # the lowest layer's backward begins (FSDP2 gathers it here, every layer above still gathered)
+                self.candidates.append(Candidate(LOWEST_LAYER_GATHER, dict(self.live)))
         if node.deferred and not node.region.recomputed:
             self._recompute(node.region)
         grad_out = node.output.grad

@@ -19,6 +19,7 @@ from memtui.engine.estimator.sim import ops
 from memtui.engine.estimator.sim.core import (
     CATEGORIES,
     LF,
+    LOWEST_LAYER_GATHER,
     ZERO,
     Sim,
     Tensor,
@@ -56,6 +57,7 @@ GRAPH_FREED = "graph_freed"  # the loss dropped after backward: the graph goes, 
 FORWARD_SEGMENTS = ("inputs", "embed_fwd", "layer_fwd", "head_fwd")
 _BACKWARD_OF = {
     "embed_fwd": "embed_bwd", "first_fwd": "first_bwd", "mid_fwd": "mid_bwd", "last_fwd": "last_bwd", "head_fwd": "head_bwd",
+    "loss_fwd": "loss_bwd",
 }
 
 
@@ -63,6 +65,7 @@ _BACKWARD_OF = {
 class StepCandidate:
     phase: str  # forward | loss | backward
     live: dict[str, LF]  # by category, for the whole L-layer model on this GPU
+    segment: str = ""  # where in the step (embed_fwd, first_fwd, mid_fwd, last_fwd, head_fwd, ...): FSDP2's gathers
 
 
 @dataclass(frozen=True)
@@ -253,13 +256,15 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         sim.offload_at = (1.0, tokens, tokens * seq, seq, seq * seq)
     if embed is not None:
         x = ops.embedding(sim, embed, ids, d.hidden)
-    else:  # PipelineStage's receive buffer (_make_tensor_from_meta), made a leaf that requires grad
-        x = sim.new(per_token(d.hidden), embed_dtype, name="received hidden states", requires_grad=True)
+    else:  # PipelineStage's receive buffer (_make_tensor_from_meta), made a leaf that requires grad; under sequence
+        # parallelism the stage before sends this rank's 1/tp of the tokens (its last layer's Shard(1) output)
+        x = sim.new(lf_scale(per_token(d.hidden), 1 / opts.sequence_parallel), embed_dtype,
+                    name="received hidden states", requires_grad=True)
     received = sim.ref(x) if embed is None else None  # _ForwardChunkState keeps the stage's inputs until backward
     if opts.family == "gemma3":
         # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled.
         x = chain(sim, x, ops.mul_scalar)
-    if opts.sequence_parallel > 1:  # RowwiseParallel(output Shard(1)): the embedding reduce-scattered
+    if opts.sequence_parallel > 1 and embed is not None:  # RowwiseParallel(output Shard(1)): reduce-scattered
         scattered = ops.reduce_scatter_tokens(sim, x, opts.sequence_parallel)
         sim.drop(x)
         x = scattered
@@ -374,6 +379,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         sim.drop(head_input)
         if opts.logit_softcap:
             logits = softcap(sim, logits)
+        sim.set_segment("loss_fwd")  # the loss's own backward comes before the head's (FSDP2's root gather)
         loss = causal_lm_loss(sim, logits, ids, loss_parallel=opts.sequence_parallel > 1)
         if received is not None:  # a last pipeline stage: _ForwardChunkState keeps the output until backward
             kept_output = sim.ref(logits)
@@ -644,8 +650,8 @@ def _plus(live: dict[str, LF], extra: dict[str, LF], times: float) -> dict[str, 
 
 _PHASE_OF_SEGMENT = {
     "inputs": "forward", "embed_fwd": "forward", "first_fwd": "forward", "mid_fwd": "forward", "last_fwd": "forward",
-    "head_fwd": "loss", "forward_end": "loss", "head_bwd": "backward", "last_bwd": "backward", "mid_bwd": "backward",
-    "first_bwd": "backward", "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
+    "head_fwd": "loss", "loss_fwd": "loss", "forward_end": "loss", "head_bwd": "backward", "loss_bwd": "backward", "last_bwd": "backward", "mid_bwd": "backward",
+    "first_bwd": "backward", LOWEST_LAYER_GATHER: "backward", "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
 }
 _AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", GRAPH_FREED, "")
 
@@ -683,17 +689,17 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
     for candidate in sim.candidates:
         segment = candidate.segment
         phase = _PHASE_OF_SEGMENT.get(segment, "forward")
-        if segment in ("last_fwd", "head_fwd"):
-            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_forward, extra)))
-        elif segment in ("forward_end", "head_bwd", "last_bwd"):
-            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra)))
+        if segment in ("last_fwd", "head_fwd", "loss_fwd"):
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_forward, extra), segment))
+        elif segment in ("forward_end", "head_bwd", "loss_bwd", "last_bwd"):
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment))
         elif segment == "mid_bwd":
-            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra)))
-            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra)))
-        elif segment in ("first_bwd", "embed_bwd", "end"):
-            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra)))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment))
+        elif segment in ("first_bwd", LOWEST_LAYER_GATHER, "embed_bwd", "end"):
+            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment))
         else:
-            candidates.append(StepCandidate(phase, dict(candidate.live)))
+            candidates.append(StepCandidate(phase, dict(candidate.live), segment))
     gradients_end = lf_add(sim.live["gradients"], lf_scale(left_by_backward["gradients"], extra))
     layer_saved = ZERO
     for category in CATEGORIES:
@@ -733,7 +739,7 @@ def _layer_buckets(sim: Sim) -> tuple[dict[str, LF], dict[str, LF], dict[str, LF
     """What one middle layer keeps past the next layer's forward, keeps until backward, and leaves after it."""
     # A layer done with backward leaves its gradients and, until the graph is freed, what ctx attributes keep.
     left = _plus(_bucket(sim, "mid_bwd", ("",)), _bucket(sim, "mid_fwd", (GRAPH_FREED,)), 1)
-    return (_bucket(sim, "mid_fwd", ("forward_end", "head_fwd", "head_bwd") + _AFTER_FORWARD),
+    return (_bucket(sim, "mid_fwd", ("forward_end", "head_fwd", "loss_fwd", "head_bwd", "loss_bwd") + _AFTER_FORWARD),
             _bucket(sim, "mid_fwd", _AFTER_FORWARD), left)
 
 
@@ -757,7 +763,7 @@ def _prune(candidates: list[StepCandidate]) -> list[StepCandidate]:
             if all(o >= t for o, t in zip(other, total)) and (other != total or other_index < index):
                 dominated = True
                 break
-        if not dominated:
+        if not dominated or candidates[index].segment == LOWEST_LAYER_GATHER:  # FSDP2's moment: kept for it
             kept.append(candidates[index])
     return kept
 
