@@ -182,7 +182,8 @@ def _status(row: dict) -> str:
     return "needs" if row.get("needs") else "expressible"
 
 
-def evaluate(row: dict) -> Result:
+def evaluate(row: dict, traces: dict | None = None) -> Result:
+    """`traces`: benchmarks/measured_traces.json's figures (read here when not given)."""
     status = _status(row)
     if not row.get("flags"):
         return Result(row, status, None, None, None, "")
@@ -215,7 +216,8 @@ def evaluate(row: dict) -> Result:
         memtui = peak / UNITS[row["unit"]]
         floor = budget.model_states.total / UNITS[row["unit"]]
         error = 100.0 * (memtui - row["value"]) / row["value"]
-        traced = _traced_reserved(row) if kind == "reserved" and budget.reserved_peak_bytes is None else None
+        traced = (_traced_reserved(row, _load_traces() if traces is None else traces)
+                  if kind == "reserved" and budget.reserved_peak_bytes is None else None)
         traced_error = None if traced is None else 100.0 * (traced - row["value"]) / row["value"]
         return Result(row, status, memtui, error, None, detail, floor, traced, traced_error)
     error = 100.0 * (memtui - row["value"]) / row["value"]
@@ -226,9 +228,9 @@ def _load_traces() -> dict:
     return json.loads(TRACES.read_text()) if TRACES.exists() else {}
 
 
-def _traced_reserved(row: dict) -> float | None:
+def _traced_reserved(row: dict, traces: dict) -> float | None:
     """The row's reserved peak from `memtui trace`, in its unit, if traced with the row's flags."""
-    traced = _load_traces().get(row["id"])
+    traced = traces.get(row["id"])
     if traced is None or traced["flags"] != row["flags"]:
         return None
     return traced["reserved_peak_bytes"] / UNITS[row["unit"]]
@@ -422,7 +424,8 @@ def render(results: list[Result]) -> str:
 
 def run() -> tuple[list[Result], str]:
     rows = [adopt_available(row) for row in load_rows()]
-    results = [evaluate(row) for row in rows]
+    traces = _load_traces()  # read once, not per row
+    results = [evaluate(row, traces) for row in rows]
     return results, render(results)
 
 

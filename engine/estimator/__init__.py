@@ -102,6 +102,17 @@ def _autograd_gradient_bytes(config: TrainingConfig) -> int:
     return config.compute_bytes if config.fsdp_casts else trainable_bytes(config)
 
 
+def _gathered_bytes(config: TrainingConfig) -> int:
+    """Bytes per element of an unquantized parameter as FSDP2 gathers it for compute: the compute dtype where it
+    casts (--fsdp-param-dtype compute), else as stored."""
+    return config.compute_bytes if config.fsdp_casts else config.weight_bytes
+
+
+def _fsdp2_root_params(config: TrainingConfig, model: ModelSpec) -> int:
+    """Parameters of FSDP2's root group on this GPU: the embeddings, the final norm and the head."""
+    return (model.embedding_params + model.head_params + model.norm_params) // config.tp
+
+
 def _round512(n: float) -> int:
     """The CUDA caching allocator hands out blocks in multiples of 512 bytes."""
     n = int(n)
@@ -229,11 +240,9 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     grads_full = layout.trainable_params * trainable_bytes(config)
     states_full, one_state_group, paged = _optimizer_state_bytes(config, model, layout)
 
-    layer_weight_bytes = layout.largest_layer_params * (config.weight_bytes if config.quant == "none" else 1)
+    layer_weight_bytes = layout.largest_layer_params * (_gathered_bytes(config) if config.quant == "none" else 1)
     # Every parameter as FSDP2 gathers it for compute: in bf16 where it casts them (full fine-tunes only).
-    unsharded = weights_full * config.compute_bytes // config.weight_bytes if config.fsdp_casts else weights_full
-    if config.fsdp_casts:
-        layer_weight_bytes = layout.largest_layer_params * config.compute_bytes  # gathered in bf16
+    unsharded = weights_full * _gathered_bytes(config) // config.weight_bytes
     weights = weights_full
     gathered = 0  # ZeRO-3: the layer being computed and the one prefetched, unsharded
     if zero >= 3:
@@ -248,7 +257,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         gathered = min(2, layout.layers) * layer_weight_bytes
     tp_embedding_extra = tensor_parallel_embedding_gradient_extra(config, model) if layout.embedding else 0
     root_weights = _fsdp2_root_bytes(config, model, zero)
-    root_params = (model.embedding_params + model.head_params + model.norm_params) // config.tp
+    root_params = _fsdp2_root_params(config, model)
     # A tied head's gradient waits in autograd's input buffer for the embedding's, as whole as an untied head's.
     head_gradient = model.head_params or model.vocab_size * model.hidden_size
     root_gradients = ((head_gradient // config.tp + model.norm_params) * _autograd_gradient_bytes(config)
@@ -322,8 +331,7 @@ def _fsdp2_root_bytes(config: TrainingConfig, model: ModelSpec, zero: int) -> in
     where the estimator does not follow FSDP2's program (ZeRO-0/1, offloading, pipeline stages, quantized weights)."""
     if not (zero >= 2 and config.offload == "none" and config.pp == 1 and config.quant == "none"):
         return 0
-    gathered_bytes = config.compute_bytes if config.fsdp_casts else config.weight_bytes
-    return (model.embedding_params + model.head_params + model.norm_params) // config.tp * gathered_bytes
+    return _fsdp2_root_params(config, model) * _gathered_bytes(config)
 
 
 def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moment: Moment,
@@ -370,7 +378,7 @@ def _fsdp2_root_moments(config: TrainingConfig, model: ModelSpec, layout: ParamL
         if config.tp == 1:
             # The root's post-backward: resharded, its gradients (as autograd made them) copied into one flat
             # reduce-scatter input in the reduce dtype, beside the layers' shards, before they are let go.
-            root_params = (model.embedding_params + model.head_params + model.norm_params) // config.tp
+            root_params = _fsdp2_root_params(config, model)
             unsharded = root_params * _autograd_gradient_bytes(config)
             reduce_input = root_params * trainable_bytes(config)
             moments.append(StepMoment("backward", on_gpu.resting_weights,
@@ -387,10 +395,9 @@ def _forward_backward_moment(config: TrainingConfig, model: ModelSpec, layout: P
     weights = on_gpu.computing_weights + _fsdp_gathered_change(config, model, layout, moment, on_gpu)
     if (on_gpu.zero == 2 and config.offload == "none" and not config.uses_lora and on_gpu.grads_full > 0
             and moment.gradients > 0):
-        # FSDP2 reshards each layer once its backward is done: the gathered weights shrink as the layers' gradients
-        # grow (the root group's, the head's first, and its parameters stay until backward's end); the last
-        # layer's all-gather buffer went at the root's post-forward.
-        # A layer is resharded once all its gradients are made (its post-backward): whole layers only.
+        # FSDP2 reshards each layer at its post-backward, once all its gradients are made: whole layers, counted
+        # after the root group's gradients (the head's come first; the root's parameters stay until backward's
+        # end). The last layer's all-gather buffer went at the root's post-forward.
         layer_gradients = layout.largest_layer_params * _autograd_gradient_bytes(config)
         done = max(moment.gradients - on_gpu.root_gradients, 0) // max(layer_gradients, 1)
         resharded = min(done * on_gpu.layer_weight_bytes, on_gpu.unsharded - on_gpu.root_weights)
