@@ -32,6 +32,14 @@ def _softcapped(view: View) -> bool:
         return False  # the model's own error comes when the configuration is built
 
 
+def _fsdp_would_cast(view: View) -> bool:
+    """Whether --fsdp-param-dtype compute applies to these options (TrainingConfig.fsdp_casts decides)."""
+    try:
+        return TrainingConfig(**{**view, "fsdp_param_dtype": "compute"}).fsdp_casts
+    except ValueError:  # a value out of its field's bounds: the configuration's own error comes when it is built
+        return False
+
+
 # Conditions on the other options, by name: (what it says in the docs, the test, why memtui cannot apply a value
 # that needs it).
 CONDITIONS: dict[str, tuple[str, Callable[[View], bool], str]] = {
@@ -47,9 +55,7 @@ CONDITIONS: dict[str, tuple[str, Callable[[View], bool], str]] = {
     "no-softcap": ("for a model without final-logit soft-capping", lambda view: not _softcapped(view),
                    "the model soft-caps its logits, which memtui's chunked and fused losses do not"),
     "fsdp2-full-bf16": ("with FSDP2 sharding a full bf16-mixed fine-tune",
-                        lambda view: view["zero"] >= 2 and view["tp"] == 1 and view["pp"] == 1 and view["gpus"] > 1
-                        and view["lora_rank"] == 0 and view["quant"] == "none" and view["offload"] == "none"
-                        and view["precision"] == "bf16-mixed",
+                        lambda view: _fsdp_would_cast(view),
                         "memtui models FSDP2's bf16 casting for a full bf16-mixed fine-tune sharded by FSDP2 alone "
                         "(no LoRA, quantized base, offload, tensor or pipeline parallelism); autocast stands in"),
     "no-fp16-autocast": ("without --precision 16-mixed", lambda view: view["precision"] != "16-mixed",
