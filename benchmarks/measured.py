@@ -8,16 +8,16 @@ memtui's estimator on every row in-process and writes docs/measured.md: per row 
 and the summary (median and max |error| per metric kind) over the rows whose setup memtui can express.
 
 Like is compared with like: a published max_memory_allocated (or torchtune's active peak) with memtui's tensor
-peak, max_memory_reserved with the device peak less the CUDA context, nvidia-smi with the device peak, "OOM"
+peak, max_memory_reserved with the reserved peak of the estimator's step replayed through the allocator model
+(the device peak less the CUDA context where it replays none), nvidia-smi with the device peak, "OOM"
 and "runs on" with the device peak against the card, and "the longest sequence that fit in N GB" with
 `fit --max-seq` on a card of N GiB. Rows whose setup needs an option memtui does not have yet are computed
 with the closest flags and reported apart; rows that are physically impossible or not reproducible are listed
 with the reason. No constant is fitted to any row. --check exits 1 when docs/measured.md is not what this
 script writes (nothing is written then). Deterministic: the same data and estimator give the same file.
 
-Where the estimator cannot replay a step through the allocator model (several GPUs), a reserved row also shows
-`memtui trace`'s reserved peak: the traced rank's allocations replayed through the allocator, each stream's pools
-apart. Tracing takes seconds a row, so --trace runs the traces and keeps their figures, with the flags traced, in
+A multi-GPU reserved row also shows `memtui trace`'s reserved peak, the check of the estimator's own replay: the
+traced rank's allocations replayed through the allocator, each stream's pools apart. Tracing takes seconds a row, so --trace runs the traces and keeps their figures, with the flags traced, in
 benchmarks/measured_traces.json; the doc is written from that file (a figure whose flags no longer match its row
 is left out until --trace runs again).
 """
@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from memtui.cli.options import add_training_flags, config_from_args  # noqa: E402
 from memtui.engine.estimator import estimate  # noqa: E402
 from memtui.engine.estimator.overhead import cuda_context_bytes  # noqa: E402
+from memtui.engine.estimator.reserved import with_reserved  # noqa: E402
 from memtui.engine.model.presets import resolve_gpu, resolve_model  # noqa: E402
 from memtui.engine.model.specs import TrainingConfig  # noqa: E402
 from memtui.engine.model.validation import check_config  # noqa: E402
@@ -56,15 +57,16 @@ EXCLUSIONS = ("impossible", "not reproducible", "not expressible")
 REQUIRED = ("id", "framework", "source", "quote", "setup", "measured", "kind")
 KIND_TEXT = {
     "allocated": "peak allocated vs memtui's tensor peak",
-    "reserved": "peak reserved vs memtui's reserved peak (its device peak less the CUDA context where it has none)",
+    "reserved": ("peak reserved vs memtui's reserved peak, its step replayed through the allocator model (its device "
+                 "peak less the CUDA context where it replays none)"),
     "device": "nvidia-smi vs memtui's device peak",
     "max_seq": "longest sequence that fit vs memtui's `fit --max-seq`",
     "oom": "out of memory: memtui's device peak above the card",
     "fits": "runs on the card: memtui's device peak within it",
 }
 TRACE_KIND = "reserved (trace)"
-KIND_TEXT[TRACE_KIND] = ("peak reserved vs `memtui trace`'s allocator replay, where the estimator replays no "
-                         "multi-GPU step")
+KIND_TEXT[TRACE_KIND] = ("peak reserved vs `memtui trace`'s allocator replay of the traced rank (the multi-GPU "
+                         "rows: a check of the estimator's own replay)")
 
 
 class FlagError(ValueError):
@@ -199,6 +201,8 @@ def evaluate(row: dict, traces: dict | None = None) -> Result:
         detail = f"max seq on {row['capacity_gib']} GiB"
     else:
         budget = estimate(config, model=model, gpu=gpu)
+        if kind == "reserved":  # the estimator's step through the allocator model, where it replays one
+            budget = with_reserved(budget, config, model, gpu)
         if kind in VERDICT_KINDS:
             over = budget.device_peak_bytes > gpu.memory_bytes
             agrees = over if kind == "oom" else not over
@@ -217,7 +221,7 @@ def evaluate(row: dict, traces: dict | None = None) -> Result:
         floor = budget.model_states.total / UNITS[row["unit"]]
         error = 100.0 * (memtui - row["value"]) / row["value"]
         traced = (_traced_reserved(row, _load_traces() if traces is None else traces)
-                  if kind == "reserved" and budget.reserved_peak_bytes is None else None)
+                  if kind == "reserved" else None)
         traced_error = None if traced is None else 100.0 * (traced - row["value"]) / row["value"]
         return Result(row, status, memtui, error, None, detail, floor, traced, traced_error)
     error = 100.0 * (memtui - row["value"]) / row["value"]

@@ -8,9 +8,11 @@ step (its states made in the first, its temporaries) and zero_grad(set_to_none=T
 the optimizer states; `steps` more follow it, so the default (1) replays the same two steps as the trace.
 Steps of different lengths (`seq_lens`) are what fragments the cache.
 
-Replayed: one GPU (no ZeRO sharding, tensor or pipeline parallelism, offload), unquantized weights, AdamW
-(foreach, fused, for-loop), SGD with and without momentum, one micro-batch, the optimizer stepped after
-backward. Elsewhere `replay_unsupported` says why and the budget keeps the published-slack model.
+Replayed: one GPU, or one rank of FSDP2 sharding a full fine-tune over every data-parallel rank (ZeRO-2/3, each
+stream's allocations on its own: memtui.engine.estimator.fsdp_sequence); unquantized weights, AdamW (foreach,
+fused, for-loop), SGD with and without momentum, one micro-batch, the optimizer stepped after backward. Not
+replayed: DDP and ZeRO-1, HSDP, tensor or pipeline parallelism, offload. Elsewhere `replay_unsupported` says why
+and the budget keeps the published-slack model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 from memtui.engine.allocator import DEFAULT_CONFIG, FREE, AllocatorConfig, replay
 from memtui.engine.errors import InputError
+from memtui.engine.estimator.fsdp_sequence import fsdp2_sequence
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, nccl_buffer_bytes
 from memtui.engine.estimator.sim.core import lf_eval, lf_values
 from memtui.engine.estimator.sim.program import allocation_program, dims_for, options_for
@@ -95,8 +98,11 @@ def replay_unsupported(config: TrainingConfig, model: ModelSpec | None = None) -
         return "a generic model's traced layers keep their sizes, not their allocation order"
     if config.activation_offload:
         return "activation offloading (its host copies and copies back are not in the sequence)"
-    if config.gpus > 1 or config.tp > 1 or config.pp > 1:
-        return "more than one GPU (the sequence replayed is one GPU's, unsharded)"
+    if config.tp > 1 or config.pp > 1:
+        return "tensor or pipeline parallelism (the sequence replayed is one GPU's, unsharded)"
+    if config.gpus > 1 and not follows_fsdp2(config):
+        return ("data parallelism other than FSDP2 (ZeRO-2/3) of a full fine-tune without HSDP "
+                "(the sequence replayed is one GPU's, unsharded)")
     if config.offload != "none":
         return "CPU offload"
     if config.quant != "none":
@@ -110,10 +116,25 @@ def replay_unsupported(config: TrainingConfig, model: ModelSpec | None = None) -
     return None
 
 
+def follows_fsdp2(config: TrainingConfig) -> bool:
+    """Whether the replay follows this configuration's data parallelism: FSDP2 sharding a full fine-tune across
+    every rank (memtui.engine.estimator.fsdp_sequence)."""
+    return (config.zero >= 2 and config.shard_ranks == config.dp > 1 and config.tp == 1 and config.pp == 1
+            and not config.uses_lora and config.quant == "none" and config.offload == "none")
+
+
 def allocation_sequence(config: TrainingConfig, model: ModelSpec, workspace: int,
-                        seq_lens: Sequence[int]) -> list[tuple[object, int]]:
-    """(key, bytes requested) for an allocation, (key, FREE) for a free, over len(seq_lens) steps."""
+                        seq_lens: Sequence[int]) -> list[tuple[object, int]] | list[tuple[object, int, int]]:
+    """(key, bytes requested) for an allocation, (key, FREE) for a free, over len(seq_lens) steps; under FSDP2
+    each with a third item, its stream."""
     program = allocation_program(dims_for(model, config.tp), options_for(config, model), model.num_layers)
+    if config.gpus > 1 and follows_fsdp2(config):
+        return fsdp2_sequence(
+            program, ranks=config.shard_ranks, reshard_after_forward=config.zero >= 3,
+            gathered_bytes=config.compute_bytes if config.fsdp_casts else config.weight_bytes,
+            stored_bytes=config.weight_bytes, reduce_bytes=config.weight_bytes, casts=config.fsdp_casts,
+            tokens_of=lambda seq_len: config.batch_size * seq_len, seq_lens=seq_lens, workspace=workspace,
+            optimizer_step=lambda sequence, stepped, step: _optimizer_step(sequence, config, stepped, step))
     constant = (1.0, 0.0, 0.0, 0.0, 0.0)
     weights = [int(lf_eval(size, constant)) for size, _trainable in program.parameters]
     # model.parameters() order, each LoRA adapter after the weight it adapts (what model.to("cuda") moves in turn).

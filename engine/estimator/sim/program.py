@@ -199,7 +199,8 @@ def _layer_segments(layers: int, every_layer: bool = False) -> list[str]:
     """Replay the first layer, one middle layer standing for all of them, and the last layer (`every_layer`:
     each middle layer, for the allocation sequence)."""
     if every_layer and layers > 3:
-        return ["first"] + ["mid"] * (layers - 2) + ["last"]
+        # Each middle layer named apart (mid, mid2, mid3, ...): the allocation program labels every event with its layer.
+        return ["first", "mid"] + [f"mid{index}" for index in range(2, layers - 1)] + ["last"]
     if every_layer and layers == 3:
         return ["first", "mid", "last"]
     if layers == 1:
@@ -783,6 +784,11 @@ class AllocationProgram:
     input_ids: LF
     gradients: tuple[tuple[int, int], ...]  # (parameter index, tensor index) of each gradient alive at the end
     leftover: tuple[int, ...]
+    # Where each event happens: (layer, "fwd" | "bwd") inside decoder layer `layer` (0 the lowest), else
+    # (-1, segment) outside the layers (embed_fwd, head_fwd, loss_fwd, forward_end, loss_bwd, ...): the points
+    # FSDP2 gathers and reshards at (memtui.engine.estimator.fsdp_sequence).
+    places: tuple[tuple[int, str], ...] = ()
+    layer_parameters: tuple[tuple[int, int], ...] = ()  # (first, end) of each decoder layer's in `parameters`
 
 
 @lru_cache(maxsize=16)
@@ -798,11 +804,20 @@ def allocation_program(d: Dims, opts: Options, layers: int) -> AllocationProgram
         program = _expanded_program(d, opts, layers)
         if program is not None:
             return program
+    return every_layer_program(d, opts, layers)
+
+
+def every_layer_program(d: Dims, opts: Options, layers: int) -> AllocationProgram:
+    """allocation_program with every layer replayed (what the five-layer expansion must equal)."""
     sim = _replay(d, opts, layers=layers, log=True, every_layer=True)
     entries = [(kind, id(tensor), tensor) for kind, tensor, _segment in sim.log or ()]
+    layer_of = {f"{name}_{phase}": (index, phase) for index, name in enumerate(_layer_segments(layers, True))
+                for phase in ("fwd", "bwd")}
+    places = [layer_of.get(segment, (-1, segment)) for _kind, _tensor, segment in sim.log or ()]
     parameters = [(param, id(param.grad) if param.grad is not None and param.grad.alive else None)
                   for param in sim.parameters]
-    return _assemble(entries, parameters, [id(tensor) for tensor in sim.tensors if tensor.alive])
+    return _assemble(entries, parameters, [id(tensor) for tensor in sim.tensors if tensor.alive], places,
+                     tuple(sim.layer_parameters))  # type: ignore[attr-defined]
 
 
 _TEMPLATE = ["first", "midA", "midB", "midC", "last"]  # midB stands for every layer between midA and midC
@@ -868,6 +883,7 @@ def _expanded_program(d: Dims, opts: Options, layers: int) -> AllocationProgram 
 
     try:
         entries: list[tuple[str, object, Tensor]] = []
+        places: list[tuple[int, str]] = []
         copies_up, copies_down = range(2, layers - 2), range(layers - 3, 1, -1)
         index = 0
         while index < len(log):
@@ -880,6 +896,7 @@ def _expanded_program(d: Dims, opts: Options, layers: int) -> AllocationProgram 
                 order = copies_up if segment.endswith("_fwd") else copies_down
                 for at in order:
                     entries += [(kind, key(tensor, 2, at), tensor) for kind, tensor, _segment in log[index:end]]
+                    places += [(at, segment[-3:])] * (end - index)
             elif template is None and owned_by_mid_b(log[index][1]):
                 # Outside the layers, about midB's tensors (autocast's cache cleared after the forward): once for
                 # every copy, a block of them at a time.
@@ -888,10 +905,12 @@ def _expanded_program(d: Dims, opts: Options, layers: int) -> AllocationProgram 
                 order = copies_down if segment.endswith("_bwd") or segment == "end" else copies_up
                 for at in order:
                     entries += [(kind, key(tensor, 2, at), tensor) for kind, tensor, _segment in log[index:end]]
+                    places += [(-1, segment)] * (end - index)
             else:
                 kind, tensor, _segment = log[index]
                 layer = None if template is None else {0: 0, 1: 1, 3: layers - 2, 4: layers - 1}[template]
                 entries.append((kind, key(tensor, template, layer), tensor))
+                places.append((-1, segment) if layer is None else (layer, segment[-3:]))
             index = end
         if sum(1 for i in range(len(log)) if log[i][2] == "midB_fwd" and (i == 0 or log[i - 1][2] != "midB_fwd")) > 1:
             return None  # midB's forward in pieces: not one layer's run
@@ -903,9 +922,11 @@ def _expanded_program(d: Dims, opts: Options, layers: int) -> AllocationProgram 
             return (param, None if grad is None or not grad.alive else key(grad, template, layer))
 
         parameters = [with_grad(param, None, None) for param in params[: ranges[0][0]]]
+        layer_parameters: list[tuple[int, int]] = []
         for template, (first, end) in enumerate(ranges):
             at_layers = copies_up if template == 2 else [{0: 0, 1: 1, 3: layers - 2, 4: layers - 1}[template]]
             for layer in at_layers:
+                layer_parameters.append((len(parameters), len(parameters) + end - first))
                 parameters += [with_grad(param, template, layer) for param in params[first:end]]
         parameters += [with_grad(param, None, None) for param in params[ranges[-1][1]:]]
         if any(tensor.alive and owned_by_mid_b(tensor) and tensor.category != "gradients" for tensor in sim.tensors):
@@ -914,20 +935,24 @@ def _expanded_program(d: Dims, opts: Options, layers: int) -> AllocationProgram 
         alive += [grad for _param, grad in parameters if grad is not None]
     except _NotPeriodic:
         return None
-    return _assemble(entries, parameters, alive)
+    return _assemble(entries, parameters, alive, places, tuple(layer_parameters))
 
 
 def _assemble(entries: list[tuple[str, object, Tensor]], parameters: list[tuple[Tensor, object]],
-              alive: list[object]) -> AllocationProgram:
-    """Number the tensors by allocation; `entries`: (+ or -, key, tensor) in order; `parameters`: (parameter,
-    key of its gradient alive at the end or None); `alive`: the keys of every tensor alive at the end."""
+              alive: list[object], places: list[tuple[int, str]],
+              layer_parameters: tuple[tuple[int, int], ...]) -> AllocationProgram:
+    """Number the tensors by allocation; `entries`: (+ or -, key, tensor) in order, `places` where each happens;
+    `parameters`: (parameter, key of its gradient alive at the end or None); `alive`: the keys of every tensor
+    alive at the end."""
     index_of: dict[object, int] = {}
     events: list[tuple[int, LF | None]] = []
+    event_places: list[tuple[int, str]] = []
     input_ids = None
-    for kind, tensor_key, tensor in entries:
+    for (kind, tensor_key, tensor), place in zip(entries, places, strict=True):
         if tensor.name == "input_ids" and (input_ids is None or tensor is input_ids):
             input_ids = tensor  # the batch: the training loop's, not the step's
             continue
+        event_places.append(place)
         if kind == "+":
             index = index_of[tensor_key] = len(index_of)
             events.append((index, tensor.nbytes))
@@ -940,4 +965,4 @@ def _assemble(entries: list[tuple[str, object, Tensor]], parameters: list[tuple[
     return AllocationProgram(
         parameters=tuple((param.nbytes, param.requires_grad) for param, _grad in parameters),
         events=tuple(events), input_ids=input_ids.nbytes if input_ids is not None else ZERO,
-        gradients=gradients, leftover=leftover)
+        gradients=gradients, leftover=leftover, places=tuple(event_places), layer_parameters=layer_parameters)
