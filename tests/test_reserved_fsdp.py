@@ -23,10 +23,11 @@ def _by_stream(sequence) -> dict[int, int]:
             for stream in sorted({event[2] for event in sequence})}
 
 
-# Measured (4 layers of width 512, batch 2 x 512, 4 ranks): every stream's reserved peak equal to the byte.
+# Measured (4 layers of width 512, batch 2 x 512, 4 ranks): every stream's reserved peak equal to the byte on each.
 @pytest.mark.parametrize("options", [
     dict(zero=3, checkpointing="full"),
     dict(zero=2, fsdp_param_dtype="compute"),
+    dict(zero=3, shard_group=2),  # HSDP: sharded over 2, replicated across the 2 groups
 ], ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_each_streams_reserved_peak_agrees_with_the_fsdp2_trace(options):
     from memtui.engine.trace.analysis import allocation_sequence as traced_sequence

@@ -11,7 +11,7 @@ Steps of different lengths (`seq_lens`) are what fragments the cache.
 Replayed: one GPU, or one rank of FSDP2 sharding a full fine-tune over every data-parallel rank (ZeRO-2/3, each
 stream's allocations on its own: memtui.engine.estimator.fsdp_sequence); unquantized weights, AdamW (foreach,
 fused, for-loop), SGD with and without momentum, one micro-batch, the optimizer stepped after backward. Not
-replayed: DDP and ZeRO-1, HSDP, tensor or pipeline parallelism, offload. Elsewhere `replay_unsupported` says why
+replayed: DDP and ZeRO-1, tensor or pipeline parallelism, offload. Elsewhere `replay_unsupported` says why
 and the budget keeps the published-slack model.
 """
 
@@ -101,7 +101,7 @@ def replay_unsupported(config: TrainingConfig, model: ModelSpec | None = None) -
     if config.tp > 1 or config.pp > 1:
         return "tensor or pipeline parallelism (the sequence replayed is one GPU's, unsharded)"
     if config.gpus > 1 and not follows_fsdp2(config):
-        return ("data parallelism other than FSDP2 (ZeRO-2/3) of a full fine-tune without HSDP "
+        return ("data parallelism other than FSDP2 (ZeRO-2/3) of a full fine-tune "
                 "(the sequence replayed is one GPU's, unsharded)")
     if config.offload != "none":
         return "CPU offload"
@@ -118,8 +118,9 @@ def replay_unsupported(config: TrainingConfig, model: ModelSpec | None = None) -
 
 def follows_fsdp2(config: TrainingConfig) -> bool:
     """Whether the replay follows this configuration's data parallelism: FSDP2 sharding a full fine-tune across
-    every rank (memtui.engine.estimator.fsdp_sequence)."""
-    return (config.zero >= 2 and config.shard_ranks == config.dp > 1 and config.tp == 1 and config.pp == 1
+    the data-parallel ranks, or HSDP's shard group (replicating across the groups allocates nothing more on a
+    rank: memtui.engine.estimator.fsdp_sequence)."""
+    return (config.zero >= 2 and config.dp > 1 and config.shard_ranks > 1 and config.tp == 1 and config.pp == 1
             and not config.uses_lora and config.quant == "none" and config.offload == "none")
 
 
