@@ -436,7 +436,7 @@ def softmax_with_sinks(sim: Sim, masked: Tensor, sinks: Tensor, d: Dims, value_d
     Returns the probabilities and the shifted logits (held by `combined_logits` until the function returns)."""
     column = per_token(d.heads)  # (b, heads, s, 1)
     sink_column = ops.expand_view(sim, sinks, column)  # sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)
-    combined = ops.cat_unequal(sim, [masked, sink_column], lf_add(masked.elems, column))
+    combined = ops.cat(sim, [masked, sink_column], lf_add(masked.elems, column))
     sim.drop(sink_column)
     row_max = ops.topk(sim, combined, column)  # combined.max(dim=-1, keepdim=True).values
     shifted = ops.sub(sim, combined, row_max)
@@ -697,18 +697,29 @@ def olmo2_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos
 
 
 def rotary(sim: Sim, d: Dims, dtype: str, width: int = 0) -> tuple[Tensor, Tensor]:
-    """LlamaRotaryEmbedding under no_grad: (1, s, head_dim) cos and sin in the hidden states' dtype
-    (`width`: gpt-oss's are head_dim / 2 wide, the frequencies not repeated)."""
+    """LlamaRotaryEmbedding.forward under no_grad: (1, s, head_dim) cos and sin in the hidden states' dtype
+    (`width`: gpt-oss's are head_dim / 2 wide, the frequencies not repeated). As transformers computes them:
+    freqs = position_ids[..., None].float() * inv_freq; emb = cat(freqs, freqs); cos = emb.cos() * scaling (and
+    sin alike); returned cast to the dtype, the fp32 ones let go as it returns."""
+    repeated = not width
     width = width or d.head_dim
-    grad_off = sim.new(per_position(width), "f32", name="rope freqs")
-    cos = sim.new(per_position(width), "f32", name="rope cos")
-    sin = sim.new(per_position(width), "f32", name="rope sin")
-    sim.drop(grad_off)
+    positions = sim.new(per_position(1), "f32", name="rope positions")
+    freqs = sim.new(per_position(width / 2 if repeated else width), "f32", name="rope freqs")
+    sim.drop(positions)
+    emb = sim.new(per_position(width), "f32", name="rope emb") if repeated else freqs
+    scaled = []
+    for name in ("cos", "sin"):
+        raw = sim.new(per_position(width), "f32", name=f"rope {name}")
+        scaled.append(sim.new(per_position(width), "f32", name=f"rope {name} scaled"))
+        sim.drop(raw)
+    cos, sin = scaled
     if dtype != "f32":
-        cos16 = sim.new(per_position(width), dtype, name="rope cos cast")
-        sin16 = sim.new(per_position(width), dtype, name="rope sin cast")
-        sim.drop(cos, sin)
-        cos, sin = cos16, sin16
+        cos = sim.new(per_position(width), dtype, name="rope cos cast")
+        sin = sim.new(per_position(width), dtype, name="rope sin cast")
+        sim.drop(*scaled)
+    sim.drop(freqs)
+    if repeated:
+        sim.drop(emb)
     return cos, sin
 
 

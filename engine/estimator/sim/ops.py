@@ -413,8 +413,9 @@ def sum_groups(sim: Sim, x: Tensor, groups: int) -> Tensor:
     return out
 
 
-def _cat_backward(sim: Sim, node, grad):
-    return [(tensor, sim.ref(grad)) for tensor in node.inputs if tensor.requires_grad]
+def cat_backward(sim: Sim, node, grad):
+    """CatBackward: each part's gradient is a narrow view of the output's (no allocation)."""
+    return [(part, sim.alias(grad, part.elems)) for part in node.inputs if part.requires_grad]
 
 
 def cat(sim: Sim, parts: list[Tensor], elems: LF) -> Tensor:
@@ -423,20 +424,7 @@ def cat(sim: Sim, parts: list[Tensor], elems: LF) -> Tensor:
     for part in parts[1:]:
         dtype = promote(dtype, part.dtype)
     out = sim.new(elems, dtype, name="cat")
-    sim.record("cat", out, parts, [], _cat_backward)
-    return out
-
-
-def _narrowed_backward(sim: Sim, node, grad):
-    """CatBackward where the parts differ in size: each gradient is a narrow view of the whole one."""
-    return [(tensor, sim.alias(grad, tensor.elems)) for tensor in node.inputs if tensor.requires_grad]
-
-
-def cat_unequal(sim: Sim, parts: list[Tensor], elems: LF) -> Tensor:
-    """torch.cat of parts of different sizes (gpt-oss's scores and sink column)."""
-    out = cat(sim, parts, elems)
-    if out.requires_grad:
-        sim.nodes[-1].backward = _narrowed_backward
+    sim.record("cat", out, parts, [], cat_backward)
     return out
 
 

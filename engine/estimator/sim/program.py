@@ -547,11 +547,6 @@ def _expand_backward_view(sim: Sim, node, grad):
     return [(node.inputs[0], sim.alias(grad, node.inputs[0].elems))]
 
 
-def _cat_backward_views(sim: Sim, node, grad):
-    """CatBackward: each part's gradient is a narrow view of the output's."""
-    return [(part, sim.alias(grad, part.elems)) for part in node.inputs if part.requires_grad]
-
-
 def litgpt_chunked_loss(sim: Sim, normed: Tensor, head: Tensor, ids: Tensor, d: Dims, opts: Options,
                         head_adapters: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
     """LitGPT's chunked head and chunked_cross_entropy, as its finetune loop runs them (build.litgpt_chunked_loss).
@@ -587,7 +582,7 @@ def litgpt_chunked_loss(sim: Sim, normed: Tensor, head: Tensor, ids: Tensor, d: 
     denominator = sim.new(const(1), "i64", name="maximum")
     sim.drop(ones)
     joined = sim.new(per_token(1), losses[0].dtype, name="cat")
-    sim.record("cat", joined, losses, [], _cat_backward_views)
+    sim.record("cat", joined, losses, [], ops.cat_backward)
     sim.drop(*flat, *[target for target in targets if target is not None], *losses)
     summed = sim.new(const(1), joined.dtype, name="sum")
     sim.record("sum", summed, [joined], [], _expand_backward_view)
