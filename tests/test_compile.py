@@ -222,6 +222,23 @@ def test_the_compiled_loss_saves_the_logits_and_two_values_per_row():
     assert torch.allclose(loss, compute_cross_entropy(logits, labels))
 
 
+@pytest.mark.parametrize(("loss", "compiled"), [
+    (dict(), "ForCausalLMLoss"),  # transformers' loss, upcast inside: torchtitan's whole cross-entropy
+    (dict(loss="chunked"), "compute_cross_entropy"),  # torchtune's compile_loss: each chunk's upcast and CE
+    (dict(loss="chunked", loss_dtype="compute"), None),  # LitGPT's chunked loss: not compiled
+    (dict(loss="fused-linear"), None),  # Liger's kernel
+])
+def test_which_loss_is_compiled(loss, compiled):
+    from memtui.engine.torchside.build import build_model
+    from memtui.engine.torchside.compiled import compiled_losses
+
+    config = TrainingConfig(**{**BF16, "seq_len": 64}, compile=True, **loss)
+    model = build_model(tiny_llama(), config, device="meta")
+    seen: list[str] = []
+    compiled_losses(model, lambda function: seen.append(function.__name__) or function)
+    assert seen == ([compiled] if compiled else [])
+
+
 def test_what_the_trace_compiles():
     from memtui.engine.torchside.compiled import untraced_compile
 
