@@ -135,6 +135,9 @@ MATRIX: list[dict] = [
     {"model": "mistral-7b", "precision": "bf16-true", "batch_size": 1, "seq_len": 4096, "lora_rank": 16, "checkpointing": "full", "compile": True},
     {"model": "mixtral-8x7b", "precision": "bf16-true", "batch_size": 1, "seq_len": 4096, "lora_rank": 16, "compile": True},
     {"model": "qwen3-30b-a3b", "precision": "bf16-true", "batch_size": 1, "seq_len": 2048, "lora_rank": 8, "compile": True},
+    # torchtune's chunked loss compiled per chunk (compute_cross_entropy), as in docs/measured.md's torchtune-3b-ac
+    {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "loss": "chunked",
+     "checkpointing": "full", "optimizer_impl": "fused", "compile": True},
     # torchtitan's op-level selective checkpointing (every other mm kept): flash, biased q/k/v + LoRA, eager
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 8192, "lora_rank": 16, "checkpointing": "selective-op"},
     {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "lora_rank": 8, "lora_targets": "all-linear", "quant": "nf4", "checkpointing": "selective-op"},
@@ -231,9 +234,9 @@ def measure(row: dict) -> dict:
 
 
 COMPILE_NOTE = (
-    "`--compile` rows: the trace runs each decoder layer through AOTAutograd's min-cut partitioner and inductor's "
-    "fusion on fake tensors; the estimator applies the same mechanism to each layer's op program "
-    "(engine/estimator/sim/compiled.py).")
+    "`--compile` rows: the trace runs each decoder layer and the loss (per chunk for the chunked loss) through "
+    "AOTAutograd's min-cut partitioner and inductor's fusion on fake tensors; the estimator applies the same "
+    "mechanism to each layer's and the loss's op program (engine/estimator/sim/compiled.py).")
 
 
 def write_markdown(results: list[dict], path: Path, command: str) -> None:

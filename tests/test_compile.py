@@ -168,6 +168,13 @@ COMPILED = [
     ("mixtral-8x7b", dict(precision="bf16-true"), dict(num_local_experts=4)),
     # The step peaks where a gather's gradient is scattered back (index_put into zeros, beside its values).
     ("qwen3-30b-a3b", dict(precision="bf16-mixed"), dict(num_experts=8, moe_intermediate_size=352)),
+    # A large vocabulary: the step peaks in the compiled loss (torchtune's per chunk, transformers' whole), with and
+    # without checkpointing; a batch of 2 copies each chunk's labels.
+    ("llama-3.2-1b", dict(precision="bf16-true", loss="chunked"), dict(vocab_size=32000)),
+    ("qwen2.5-0.5b", dict(precision="bf16-mixed", loss="chunked", checkpointing="full", batch_size=2),
+     dict(vocab_size=32000)),
+    ("llama-3.2-1b", dict(precision="bf16-mixed", checkpointing="full"), dict(vocab_size=32000)),
+    ("mixtral-8x7b", dict(precision="bf16-true", loss="chunked"), dict(num_local_experts=4, vocab_size=32000)),
 ]
 
 
@@ -177,10 +184,59 @@ def test_the_estimate_follows_the_compiled_trace(model_id, options, dims):
     from memtui.engine.trace.runner import trace
 
     spec = small(model_id, **dims)
-    config = TrainingConfig(model=model_id, gpu="h100-80gb", batch_size=1, seq_len=512, compile=True, **options)
+    config = TrainingConfig(**{**dict(model=model_id, gpu="h100-80gb", batch_size=1, seq_len=512, compile=True),
+                               **options})
     traced = trace(config, model=spec).traced_tensor_peak_bytes
     estimated = estimate(config, model=spec).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
     assert abs(estimated - traced) / traced < 0.002, (estimated, traced)
+
+
+def test_the_compiled_loss_saves_the_logits_and_two_values_per_row():
+    """torchtune's compute_cross_entropy as the partitioner splits it: the bf16 logits (its input), the labels and
+    fp32 amax and log-sum-exp per row are saved, not the fp32 log-probabilities; backward writes a bf16 gradient."""
+    import torch
+
+    from memtui.engine.torchside.build import compute_cross_entropy
+    from memtui.engine.torchside.compiled import PartitionedLayers
+    from memtui.engine.trace.tracker import MemoryTracker
+
+    rows, vocab = 64, 512
+    logits = torch.randn(rows, vocab, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,))
+    tracker = MemoryTracker()
+    compiled = PartitionedLayers(tracker.untracked)
+    with tracker:
+        loss = compiled.function(compute_cross_entropy)(logits, labels)
+        loss.backward()
+    (_, forward), (_, backward) = compiled.graphs
+    outputs = next(node for node in forward.graph.nodes if node.op == "output").args[0]
+    saved = sorted((tuple(node.meta["val"].shape), node.meta["val"].dtype) for node in outputs[1:])
+    assert saved == sorted([((rows, vocab), torch.bfloat16), ((rows,), torch.int64),
+                            ((rows, 1), torch.float32), ((rows, 1), torch.float32)])
+    grad = next(node for node in backward.graph.nodes if node.op == "output").args[0][0]
+    assert grad.meta["val"].dtype == torch.bfloat16
+    # The step allocated the loss and the two row values in forward, the bf16 gradient in backward: nothing of
+    # the vocabulary's width in fp32 (fused).
+    sizes = sorted(tracker.log.allocations[event.alloc_id].nbytes for event in tracker.log.events if event.delta > 0)
+    assert max(sizes) == rows * vocab * 2
+    assert torch.allclose(loss, compute_cross_entropy(logits, labels))
+
+
+@pytest.mark.parametrize(("loss", "compiled"), [
+    (dict(), "ForCausalLMLoss"),  # transformers' loss, upcast inside: torchtitan's whole cross-entropy
+    (dict(loss="chunked"), "compute_cross_entropy"),  # torchtune's compile_loss: each chunk's upcast and CE
+    (dict(loss="chunked", loss_dtype="compute"), None),  # LitGPT's chunked loss: not compiled
+    (dict(loss="fused-linear"), None),  # Liger's kernel
+])
+def test_which_loss_is_compiled(loss, compiled):
+    from memtui.engine.torchside.build import build_model
+    from memtui.engine.torchside.compiled import compiled_losses
+
+    config = TrainingConfig(**{**BF16, "seq_len": 64}, compile=True, **loss)
+    model = build_model(tiny_llama(), config, device="meta")
+    seen: list[str] = []
+    compiled_losses(model, lambda function: seen.append(function.__name__) or function)
+    assert seen == ([compiled] if compiled else [])
 
 
 def test_what_the_trace_compiles():

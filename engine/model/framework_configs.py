@@ -192,8 +192,8 @@ def _map_fused_loss(reader: _Reader, key: str, why: str = "", *, chosen: bool | 
 
 # ---- torch.compile -------------------------------------------------------------------------------------------
 def _map_compile(reader: _Reader, key: str, how: str, *, chosen: bool | None = None) -> None:
-    """torch.compile switched on by `key` (or `chosen`): memtui's --compile, which compiles each decoder layer;
-    `how` says what the framework compiles where that differs (the whole model, the loss too)."""
+    """torch.compile switched on by `key` (or `chosen`): memtui's --compile, which compiles each decoder layer and
+    the loss; `how` says what the framework compiles where that differs (the whole model, the layers alone)."""
     if not (reader.bool(key) if chosen is None else chosen):
         return
     reader.set(key, "compile", True)
@@ -290,7 +290,7 @@ def _map_hf_optimizer(reader: _Reader, key: str) -> None:
 # whatever torch_compile says (__post_init__), and accelerate compiles the whole model (torch.compile(model),
 # Accelerator.prepare_model).
 _WHOLE_MODEL = ("the Trainer compiles the whole model through accelerate; memtui compiles each decoder layer and "
-                "keeps the embeddings, head and loss eager")
+                "the loss, and keeps the embeddings and head eager")
 
 
 def _map_trainer_compile(reader: _Reader, *, axolotl: bool = False) -> None:
@@ -575,8 +575,8 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
     if reader.bool("enable_activation_offloading"):
         reader.set("enable_activation_offloading", "activation_offload", True)
     # torchtune/training/_compile.py: compile_model compiles each TransformerSelfAttentionLayer, as memtui does;
-    # compile_loss compiles the loss too (the recipes' `compile`, False in the shipped configs).
-    _map_compile(reader, "compile", "torchtune compiles the loss too; memtui keeps the loss eager")
+    # compile_loss compiles the loss too (the recipes' `compile`, False in the shipped configs), as memtui does.
+    _map_compile(reader, "compile", "")
     # torchtune/modules/loss: CEWithChunkedOutputLoss (num_output_chunks, 8) and LinearCrossEntropyLoss (the
     # output projection inside the loss, chunked).
     loss = str(reader.get("loss._component_", "")).lower()
@@ -775,11 +775,12 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
     if not isinstance(components, list) or any(not isinstance(name, str) for name in components):
         raise reader.error("compile.components", f"{_quoted(components)} is not a list of names", "model, loss")
     if "model" in components:
-        _map_compile(reader, "compile.enable",
-                     "torchtitan compiles the loss too; memtui keeps the loss eager" if "loss" in components else "")
+        _map_compile(reader, "compile.enable", "" if "loss" in components else
+                     "torchtitan leaves the loss eager (compile.components has no \"loss\"); memtui's --compile "
+                     "compiles it with the layers")
     elif reader.bool("compile.enable"):
         reader.note("ignored: compile.enable=true (compile.components leaves out the model: only the loss is "
-                    "compiled, which memtui keeps eager)")
+                    "compiled, which memtui's --compile does only with the layers)")
     _map_compile(reader, "training.compile", "")
     # global_batch_size above local_batch_size x the data-parallel degree accumulates gradients (train.py).
     data_parallel = degrees["data_parallel_replicate_degree"] * shard

@@ -254,8 +254,8 @@ _OPTIONS = (
            "--checkpointing full --activation-offload", ladder="activations offloaded to CPU", baseline=False),
     # ---- torch.compile (issue 11) -----------------------------------------------------------------------
     Option("compile", "Compile", MEMORY_SAVERS, "switch",
-           "torch.compile each decoder layer (torchtune, torchtitan): the min-cut partitioner decides what is "
-           "saved, fused pointwise ops keep no buffers", "--compile",
+           "torch.compile each decoder layer and the loss (torchtune, torchtitan): the min-cut partitioner decides "
+           "what is saved, fused pointwise ops keep no buffers", "--compile",
            ladder="torch.compile (the partitioner's saved tensors)", baseline=False),
     # ---- hybrid sharding (issue 13) -------------------------------------------------------------------
     Option("shard_group", "Shard group", PARALLELISM, "int",

@@ -358,9 +358,13 @@ RULES: tuple[Rule, ...] = (
                             "version changes nothing."),
     # ---- torch.compile per decoder layer (issue 11) ----
     _note("compile", broken=lambda f: f.config.compile,
-          message=lambda f: "torch.compile: `memtui trace` runs each decoder layer through AOTAutograd and inductor's "
-                            "partitioner (on one GPU, without --quant or selective checkpointing); "
-                            + ("the estimate puts each layer's ops through the same min-cut and fusion rules"
+          message=lambda f: "torch.compile: `memtui trace` runs each decoder layer and the loss"
+                            + (" (Liger's fused kernel and LitGPT's chunked loss stay eager)"
+                               if f.config.loss == "fused-linear" or f.config.loss_dtype == "compute" else "")
+                            + " through AOTAutograd and inductor's partitioner (on one GPU, without --quant or "
+                            "selective checkpointing); "
+                            + ("the estimate puts each layer's and the loss's ops through the same min-cut and "
+                               "fusion rules"
                                if not unmodelled_compile(f.config, f.model) else
                                f"the estimate does not model it for {unmodelled_compile(f.config, f.model)}: its "
                                "figures are eager PyTorch's, an upper bound")),

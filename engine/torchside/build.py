@@ -518,7 +518,8 @@ def causal_lm_loss(model, input_ids, labels, *, phase: PhaseHook | None = None, 
     if mode == "chunked" and dtype == "compute":
         return litgpt_chunked_loss(hidden, head, labels, chunks, [] if kept is None else kept)
     if mode == "chunked":
-        return chunked_output_loss(hidden, head, labels, chunks)
+        return chunked_output_loss(hidden, head, labels, chunks,
+                                   getattr(model, "memtui_cross_entropy", compute_cross_entropy))
     if phase is not None:
         phase("loss")  # the tracer marks the loss phase when the head runs; this head is never called
     return fused_linear_loss(hidden, head.weight, labels)
@@ -531,17 +532,23 @@ def shifted_labels(labels):
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous()
 
 
-def chunked_output_loss(hidden, head, labels, chunks: int):
-    """torchtune: the model returns the head's output per sequence chunk (compute dtype, all alive
-    together); CEWithChunkedOutputLoss upcasts one chunk at a time inside cross-entropy (sum)."""
+def compute_cross_entropy(logits, labels):
+    """torchtune's CEWithChunkedOutputLoss.compute_cross_entropy: one chunk's upcast and cross-entropy (sum), the
+    part of the loss torchtune's recipes compile (training.compile_loss)."""
     import torch.nn.functional as F
 
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_output_loss(hidden, head, labels, chunks: int, cross_entropy=compute_cross_entropy):
+    """torchtune: the model returns the head's output per sequence chunk (compute dtype, all alive
+    together); CEWithChunkedOutputLoss upcasts one chunk at a time inside cross-entropy (sum).
+    `cross_entropy`: compute_cross_entropy, compiled under --compile."""
     targets = shifted_labels(labels)
     logits = [head(part) for part in hidden.chunk(chunks, dim=1)]
     total = None
     for logit, target in zip(logits, targets.chunk(chunks, dim=1)):
-        chunk_loss = F.cross_entropy(logit.reshape(-1, logit.size(-1)).float(), target.reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="sum")
+        chunk_loss = cross_entropy(logit.reshape(-1, logit.size(-1)), target.reshape(-1))
         total = chunk_loss if total is None else total + chunk_loss
     del logits
     return total / (targets != IGNORE_INDEX).sum()

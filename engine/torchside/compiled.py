@@ -58,9 +58,32 @@ def decoder_layer_list(model, layers: int):
 
 
 def inductor_layers(model, layers: int) -> None:
-    """The live run: torch.compile (inductor) of each decoder layer, as torchtune and torchtitan do."""
+    """The live run: torch.compile (inductor) of each decoder layer and of the loss, as torchtune and torchtitan do."""
+    import torch
+
     for layer in decoder_layer_list(model, layers):
         layer.compile()
+    compiled_losses(model, torch.compile)
+
+
+def compiled_losses(model, compile_function: Callable[[Callable], Callable]) -> None:
+    """The loss under --compile, each compiled by `compile_function` (a function -> its compiled twin).
+
+    torchtune's recipes compile CEWithChunkedOutputLoss.compute_cross_entropy, one chunk's upcast and
+    cross-entropy, and not the chunking (training/_compile.py compile_loss, at 1814feb17; its recipes call it
+    when `compile: True`); torchtitan compiles its whole cross-entropy, upcast included ("loss" is in
+    compile.components by default: components/loss.py _maybe_compile, at b5bcd76), as the Trainer's
+    torch_compile does with the model's own loss inside its forward. So: the chunked loss's
+    compute_cross_entropy per chunk, and transformers' loss_function (ForCausalLMLoss: upcast, shift,
+    cross-entropy) as one graph. LitGPT's chunked loss (--loss-dtype compute) and Liger's fused kernel stay eager."""
+    from memtui.engine.torchside.build import compute_cross_entropy
+
+    mode, _chunks, dtype = getattr(model, "memtui_loss", ("standard", 1, "fp32"))
+    if mode == "chunked" and dtype == "fp32":
+        model.memtui_cross_entropy = compile_function(compute_cross_entropy)
+    elif mode == "standard":
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        causal.loss_function = compile_function(causal.loss_function)
 
 
 def partition_layers(model, layers: int, untracked: Untracked) -> PartitionedLayers:
@@ -69,6 +92,7 @@ def partition_layers(model, layers: int, untracked: Untracked) -> PartitionedLay
     compiled = PartitionedLayers(untracked)
     for layer in decoder_layer_list(model, layers):
         layer.forward = functools.partial(compiled.checkpointed_call, layer, _undecorated_forward(layer))
+    compiled_losses(model, compiled.function)
     return compiled
 
 
@@ -91,6 +115,16 @@ class PartitionedLayers:
         self.untracked = untracked
         self._functions: dict[Any, Callable] = {}
         self.graphs: list[tuple[str, Any]] = []  # ("forward" | "backward", GraphModule), as partitioned
+
+    def function(self, function: Callable) -> Callable:
+        """A function of tensors (the loss) as one graph: a module without parameters stands for it."""
+        import torch
+
+        class Function(torch.nn.Module):
+            pass
+
+        holder = Function()  # a class of its own: the graph cache keys on it
+        return functools.partial(self.call, holder, function)
 
     def checkpointed_call(self, layer, forward, *args, **kwargs):
         if getattr(layer, "gradient_checkpointing", False) and layer.training:
@@ -169,7 +203,10 @@ class PartitionedLayers:
         examples = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).requires_grad_(t.requires_grad)
                     for t in inputs]
         # Inductor's joint-graph passes (dropout's seeds) make tensors in the fake mode compile_fx sets.
-        fake_mode = detect_fake_mode(examples) or FakeTensorMode()
+        fake_mode = detect_fake_mode(examples)
+        if fake_mode is None:  # real tensors (tests): AOTAutograd must trace in that same mode (the loss's passes)
+            fake_mode = FakeTensorMode()
+            examples = [fake_mode.from_tensor(t) for t in examples]
         with V.set_fake_mode(fake_mode):
             compiled = aot_module_simplified(LayerFunction(), examples, fw_compiler=compiler("forward"),
                                              bw_compiler=compiler("backward"), partition_fn=partition_fn,

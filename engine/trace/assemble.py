@@ -58,7 +58,10 @@ def _what_was_traced(config: TrainingConfig, spec: ModelSpec, compile_untraced: 
         traced.append("activation offloading: torchtune's OffloadActivations hooks (single stream) around the "
                       "decoder; the host copies counted apart (offloaded_activation_bytes)")
     if config.compile and not compile_untraced:
-        traced.append("torch.compile of each decoder layer: AOTAutograd with inductor's decompositions and "
+        loss = "" if config.loss == "fused-linear" or config.loss_dtype == "compute" else \
+            (" and of the loss (torchtune's compute_cross_entropy, per chunk)" if config.loss == "chunked" else
+             " and of the loss (transformers' ForCausalLMLoss, one graph)")
+        traced.append(f"torch.compile of each decoder layer{loss}: AOTAutograd with inductor's decompositions and "
                       "min-cut partitioner (what is saved for backward), the graphs run op by op without code "
                       "generation; ops inductor fuses make no allocation unless saved, returned or read by a "
                       "matmul or attention kernel")
@@ -82,8 +85,10 @@ def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: 
     if config.compile and compile_untraced:
         modelled.append(f"torch.compile: not traced with {compile_untraced}; the step was traced eagerly")
     elif config.compile:
-        modelled.append("torch.compile: inductor's in-place buffer reuse and workspaces, graph breaks and the "
-                        "compiled loss are not modelled; dynamo is not run (a layer is one graph)")
+        eager_loss = "; Liger's fused kernel and LitGPT's chunked loss run eagerly" \
+            if config.loss == "fused-linear" or config.loss_dtype == "compute" else ""
+        modelled.append("torch.compile: inductor's in-place buffer reuse and workspaces and graph breaks are not "
+                        f"modelled; dynamo is not run (a layer, or the loss, is one graph){eager_loss}")
     modelled += parallel_modelled  # data parallelism traced at the real world size (engine/trace/parallel.py)
     if distributed:
         modelled.append("ZeRO / tensor / pipeline parallel sharding: estimator, applied to the single-GPU trace")

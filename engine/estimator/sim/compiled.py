@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from memtui.engine.estimator.sim.core import Sim, Tensor
 
 EXTERN = ("linear", "addmm", "bmm", "flash")  # sim.record names of ops inductor calls a library kernel for
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "amax")
+UNRECOMPUTABLE = ("pad",)  # not among the partitioner's recomputable ops (constant_pad_nd): saved once made
 TANGENT = "tangent"
 
 
@@ -306,7 +307,7 @@ def _cut(ops: list[_Op], own: set[int], base, producer: dict[int, _Op], in_memor
                 weight *= 2
             edge((key, 0), (key, 1), weight)
             made = producer.get(key)
-            if key not in own or made is None or made.name in EXTERN or made.name in REDUCTIONS:
+            if key not in own or made is None or made.name in EXTERN + REDUCTIONS + UNRECOMPUTABLE:
                 edge("source", (key, 0), infinite)
         return key
 

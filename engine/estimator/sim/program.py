@@ -381,7 +381,10 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         if opts.logit_softcap:
             logits = softcap(sim, logits)
         sim.set_segment("loss_fwd")  # the loss's own backward comes before the head's (FSDP2's root gather)
-        loss = causal_lm_loss(sim, logits, ids, loss_parallel=opts.sequence_parallel > 1)
+        if opts.compiled:
+            loss = compiled_layer(sim, lambda graph, x: cross_entropy_graph(graph, x, ids, d.vocab, shift=True), logits)
+        else:
+            loss = causal_lm_loss(sim, logits, ids, loss_parallel=opts.sequence_parallel > 1)
         if received is not None:  # a last pipeline stage: _ForwardChunkState keeps the output until backward
             kept_output = sim.ref(logits)
         sim.drop(logits, normed)  # the model output is dropped once .loss is read
@@ -483,6 +486,38 @@ def causal_lm_loss(sim: Sim, logits: Tensor, ids: Tensor, *, loss_parallel: bool
     return loss
 
 
+def cross_entropy_graph(sim: Sim, logits: Tensor, target: Tensor, vocab: int, *, shift: bool) -> Tensor:
+    """The loss as torch.compile traces it, for compiled_layer: inductor's decompositions of the upcast and
+    cross-entropy (torchtune's compute_cross_entropy, sum; `shift`: transformers' ForCausalLMLoss, which pads and
+    shifts the labels and takes the mean).
+
+    log_softmax is x - amax - log(sum(exp(x - amax))), its backward reads only its output: with the row reductions
+    never recomputed, the partitioner saves the logits (the graph's input, in the compute dtype), two fp32 values
+    per row and the labels, not the fp32 log-probabilities; backward writes the logits' gradient in their dtype."""
+    upcast = ops.cast(sim, logits, "f32")
+    if shift:  # F.pad(labels, (0, 1))[..., 1:]: constant_pad_nd is not recomputable, the padded labels are saved
+        padded = sim.new(per_token(1), "i64", name="labels padded")
+        sim.record("pad", padded, [target], [], None)
+        target = padded
+    rows = lf_scale(logits.elems, 1 / vocab)
+    # No gradient flows into the row reductions: log_softmax's backward is grad - exp(out) * sum(grad).
+    top = sim.new(rows, "f32", name="amax")
+    sim.record("amax", top, [], [], None)
+    total = sim.new(rows, "f32", name="sum exp")
+    sim.record("sum", total, [], [], None)
+    logprobs = sim.new(upcast.elems, "f32", name="log_softmax")
+    sim.record("log_softmax", logprobs, [upcast, top, total], [logprobs], None)
+    loss = sim.new(const(1), "f32", name="nll_loss")
+    sim.record("sum", loss, [logprobs], [target], None)  # a gather and a masked sum: fused, a reduction
+    if not shift:
+        return loss
+    count = sim.new(const(1), "f32", name="valid count")  # mean: divided by the labels not ignored
+    sim.record("sum", count, [target], [], None)
+    mean = sim.new(const(1), "f32", name="mean loss")
+    sim.record("div", mean, [loss, count], [count], None)
+    return mean
+
+
 def shifted_labels(sim: Sim) -> Tensor:
     """F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous(): the padded copy goes, the shifted one stays."""
     padded = sim.new(per_token(1), "i64", name="labels padded")
@@ -504,11 +539,16 @@ def chunked_output_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: O
     total = None
     for logit in logits:
         target = sim.new(lf_scale(shifted.elems, 1 / parts_count), "i64", name="target chunk") if opts.batched else None
-        upcast = ops.cast(sim, logit, "f32")
-        logprobs = ops.log_softmax(sim, upcast)
-        sim.drop(upcast)
-        chunk_loss = ops.nll_loss(sim, logprobs, target if target is not None else shifted)
-        sim.drop(logprobs, target)
+        if opts.compiled:  # torchtune compiles compute_cross_entropy: one graph per chunk
+            chunk_loss = compiled_layer(sim, lambda graph, x, labels=target if target is not None else shifted:
+                                        cross_entropy_graph(graph, x, labels, d.vocab, shift=False), logit)
+            sim.drop(target)
+        else:
+            upcast = ops.cast(sim, logit, "f32")
+            logprobs = ops.log_softmax(sim, upcast)
+            sim.drop(upcast)
+            chunk_loss = ops.nll_loss(sim, logprobs, target if target is not None else shifted)
+            sim.drop(logprobs, target)
         if total is None:
             total = chunk_loss
         else:
