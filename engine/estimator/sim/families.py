@@ -281,9 +281,8 @@ def rms_norm(sim: Sim, x: Tensor, weight: Tensor, width: int, *, gemma: bool = F
         sim.drop(scaled, normed)
         return out
     normed_cast = ops.cast(sim, normed, input_dtype)
-    sim.drop(normed)
     out = ops.mul(sim, weight, normed_cast)
-    sim.drop(normed_cast)
+    sim.drop(normed_cast, normed)  # `hidden_states` (fp32) is a local until forward returns
     return out
 
 
