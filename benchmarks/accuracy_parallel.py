@@ -88,7 +88,12 @@ def matrix() -> list[dict]:
             ("llama-3.2-1b", 4, 2, "1f1b", {"tp": 2}), ("qwen2.5-0.5b", 4, 2, "gpipe", {"tp": 2}),
             ("llama-3.2-3b", 8, 4, "interleaved-1f1b", {"tp": 2}),
             ("llama-3.2-1b", 8, 2, "1f1b", {"tp": 2, "zero": 3}),
-            ("qwen2.5-0.5b", 8, 2, "interleaved-1f1b", {"tp": 2, "zero": 2})):
+            ("qwen2.5-0.5b", 8, 2, "interleaved-1f1b", {"tp": 2, "zero": 2}),
+            # DDP on each stage (outputs kept until their backward), ZeRO-1 per stage, HSDP over 2-rank shard groups
+            ("llama-3.2-1b", 4, 2, "1f1b", {"zero": 0}), ("qwen2.5-0.5b", 4, 2, "gpipe", {"zero": 0}),
+            ("llama-3.2-1b", 8, 2, "interleaved-1f1b", {"zero": 0}), ("llama-3.2-1b", 4, 2, "1f1b", {"zero": 1}),
+            ("llama-3.2-1b", 8, 2, "1f1b", {"zero": 3, "shard_group": 2}),
+            ("qwen2.5-0.5b", 8, 2, "gpipe", {"zero": 2, "shard_group": 2})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
                      "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
     return rows
