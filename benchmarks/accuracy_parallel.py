@@ -63,7 +63,10 @@ def matrix() -> list[dict]:
                                    # at scale (traced from 5 and 6 layers, extended): tp 8 within a node, FSDP2
                                    # over 4 nodes
                                    ("llama-3.1-70b", 32, 8, {"zero": 3}),
-                                   ("llama-3.1-405b", 32, 8, {"zero": 3, "seq_len": 4096})):
+                                   ("llama-3.1-405b", 32, 8, {"zero": 3, "seq_len": 4096}),
+                                   # Phi-3: fused qkv_proj and gate_up_proj, their rows sharded per part
+                                   ("phi-3-mini", 2, 2, {}), ("phi-3-mini", 4, 4, {}),
+                                   ("phi-3-mini", 4, 2, {"zero": 3})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
     # FSDP2 casting to bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's)

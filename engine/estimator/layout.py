@@ -215,8 +215,11 @@ def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
 
 
 # transformers' Llama-layout families: separate q/k/v and gate/up projections under the same module names, which
-# torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it).
-TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+# torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it); pipeline
+# stages are cut from them too.
+PIPELINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+# The same plan with Phi-3's fused qkv_proj and gate_up_proj sharded per part, as Megatron-LM and vLLM shard them.
+TENSOR_PARALLEL_FAMILIES = (*PIPELINE_FAMILIES, "phi3")
 
 
 def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
@@ -227,7 +230,8 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
     if config.pp > 1 and pipeline_refusal(config, model) is not None:
         return f"pipeline parallelism here is not traced ({pipeline_refusal(config, model)})"
     if model.family not in TENSOR_PARALLEL_FAMILIES:
-        return f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families only)"
+        return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families and Phi-3 "
+                "only)")
     if model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if config.uses_lora or config.quant != "none" or config.offload != "none":
@@ -272,7 +276,7 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
     """Why `memtui trace` cannot run this configuration's pipeline program (it is then modelled), or None."""
     if config.pp == 1:
         return "no pipeline parallelism"
-    if model.family not in TENSOR_PARALLEL_FAMILIES:
+    if model.family not in PIPELINE_FAMILIES:
         return f"the {model.family} family has no traced pipeline split (Llama-layout families only)"
     if config.dp > 1 and config.tp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):
         return ("pipeline and tensor parallelism with DDP, ZeRO-1 or HSDP are not traced (with FSDP2, --zero 2 or 3, "

@@ -12,6 +12,9 @@ The model is split with DTensor's `parallelize_module` by torchtitan's Llama pla
   q/k/v biases with them);
 - Qwen3's q_norm and k_norm: SequenceParallel(sequence_dim=2) as in torchtitan's Qwen3 plan: each rank normalises
   its own heads, the weights replicated and their gradients all-reduced;
+- Phi-3's fused qkv_proj and gate_up_proj: ColwiseParallel with the rows reordered rank-major first, so that each
+  rank's contiguous block is its own q, k and v heads and its share of gate and of up (Megatron-LM's and vLLM's
+  fused parallel linears); a plain Colwise cut of [q; k; v] would hand rank 0 all of q and part of k;
 - o_proj, down_proj: RowwiseParallel(output Shard(1)): reduce-scattered back onto the sequence;
 - lm_head: ColwiseParallel(input Shard(1), output Shard(-1)) with loss parallel: the logits stay sharded
   over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default).
@@ -59,6 +62,10 @@ class TensorParallel:
     def wrap(self, model: torch.nn.Module, tracker: MemoryTracker) -> torch.nn.Module:
         self.tracker = tracker
         apply_tensor_parallel(model, self.tp_mesh)
+        if any(hasattr(module, "qkv_proj") for module in model.modules()):
+            self.traced.insert(1, "Phi-3's fused projections: Colwise qkv_proj and gate_up_proj with their rows "
+                                  "reordered rank-major (each rank its own q, k and v heads and its share of gate "
+                                  "and up, as Megatron-LM's and vLLM's fused parallel linears shard them)")
         self.restore = whole_sequence_masks(model.model)
         if self.data is not None:
             with _meshes_made_real():
@@ -186,6 +193,9 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         # Gemma-2 and Gemma-3 normalise the attention's and the MLP's outputs too (post_attention_layernorm runs on
         # the attention's output there, pre/post_feedforward_layernorm around the MLP), each on the rank's 1/tp
         # tokens; an output norm's result joins the residual as a local tensor, as o_proj's does in Llama.
+        fused = hasattr(layer.self_attn, "qkv_proj")  # Phi-3: fused q/k/v and gate/up projections
+        if fused:
+            _rank_major_fused_rows(layer, tp=mesh.size())
         sandwich = hasattr(layer, "pre_feedforward_layernorm")
         norms = ({"post_attention_layernorm": SequenceParallel(use_local_output=True),
                   "pre_feedforward_layernorm": SequenceParallel(),
@@ -197,13 +207,15 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
             # transformers passes the hidden states to self_attn by keyword, to mlp by position
             "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
                                             desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
+            **({"self_attn.qkv_proj": ColwiseParallel()} if fused else {
+                "self_attn.q_proj": ColwiseParallel(),
+                "self_attn.k_proj": ColwiseParallel(),
+                "self_attn.v_proj": ColwiseParallel()}),
             "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
             "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
+            **({"mlp.gate_up_proj": ColwiseParallel()} if fused else {
+                "mlp.gate_proj": ColwiseParallel(),
+                "mlp.up_proj": ColwiseParallel()}),
             "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
         })
 
@@ -231,6 +243,40 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         return output
 
     model.register_forward_hook(local_loss)
+
+
+def _rank_major_fused_rows(layer: torch.nn.Module, tp: int) -> None:
+    """Phi-3's fused projections sharded as Megatron-LM and vLLM shard them (QKVParallelLinear,
+    MergedColumnParallelLinear): each rank holds its own heads of q, k and v, and its share of gate and of up.
+    ColwiseParallel cuts a weight's rows into tp contiguous blocks, which on [q; k; v] would hand rank 0 all of
+    q and part of k; the rows are reordered rank-major first ([q_0; k_0; v_0; q_1; k_1; v_1; ...]) so that each
+    contiguous block is one rank's parts, and the attention slices its local qkv output by its local head counts
+    (Phi3Attention reads them from config.num_attention_heads and num_key_value_heads)."""
+    import copy
+
+    attention, mlp = layer.self_attn, layer.mlp
+    heads, kv_heads = attention.config.num_attention_heads, attention.num_key_value_heads
+    head_dim = attention.head_dim
+    _reorder_rows(attention.qkv_proj, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], tp)
+    _reorder_rows(mlp.gate_up_proj, [mlp.gate_up_proj.out_features // 2] * 2, tp)
+    local = copy.copy(attention.config)  # this rank's heads; the module's config only, the model's stays whole
+    local.num_attention_heads = heads // tp
+    attention.config = local
+    attention.num_key_value_heads = kv_heads // tp
+
+
+def _reorder_rows(linear: torch.nn.Linear, parts: list[int], tp: int) -> None:
+    """The rows of `linear` (the parts stacked, each `parts[i]` rows) reordered rank-major: every part's first
+    1/tp, then every part's second 1/tp, and so on (with its bias)."""
+    starts = [sum(parts[:index]) for index in range(len(parts))]
+    order = torch.cat([torch.arange(start + rank * size // tp, start + (rank + 1) * size // tp)
+                       for rank in range(tp) for start, size in zip(starts, parts)])
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            tensor = getattr(linear, name, None)
+            if tensor is not None:
+                setattr(linear, name, torch.nn.Parameter(tensor.index_select(0, order),
+                                                         requires_grad=tensor.requires_grad))
 
 
 @contextlib.contextmanager

@@ -587,6 +587,7 @@ def phi3_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Ten
     product = ops.mul(sim, up, act)
     sim.drop(act, gate, up)
     down = apply_linear(sim, product, p, "down_proj", d.intermediate, d.hidden, opts)
+    down = scatter_tokens(sim, down, opts)
     sim.drop(product)
     return down
 
