@@ -64,13 +64,12 @@ def _exact_per_rank(config: TrainingConfig, traced, rel: float = 0.005, spec=SPE
 def test_pipeline_with_ddp_is_traced_and_the_estimate_is_exact_per_rank(schedule):
     """DDP on each stage: PipelineStage runs the forwards and all but the last backward under no_sync, and keeps
     every sent output until its micro-batch's backward (DDP's reducer needs it): under GPipe rank 0 holds all four
-    micro-batches' outputs at its peak (0.5 MiB, 0.8% of it). Measured: GPipe within 10 KiB per rank; interleaved
-    rank 0 0.2% under, as without data parallelism (an autocast gap of the interleaved schedule at this size)."""
+    micro-batches' outputs at its peak (0.5 MiB, 0.8% of it). Measured: within 8 KiB per rank, both schedules."""
     config = combined(gpus=4, zero=0, pp_schedule=schedule, microbatches=4, batch_size=4, seq_len=128)
     spec = small_llama(layers=4) if schedule == "interleaved-1f1b" else SPEC  # two stages per rank
     traced = _traced(config, spec)
     assert any(line.startswith("DDP on each stage over dp 2") for line in traced.traced), traced.traced
-    _exact_per_rank(config, traced, rel=5e-4 if schedule == "gpipe" else 0.005, spec=spec)
+    _exact_per_rank(config, traced, rel=2e-4, spec=spec)
 
 
 def test_pipeline_with_zero1_shards_each_stages_optimizer_on_its_own():
