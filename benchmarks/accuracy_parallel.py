@@ -63,7 +63,13 @@ def matrix() -> list[dict]:
                                    # at scale (traced from 5 and 6 layers, extended): tp 8 within a node, FSDP2
                                    # over 4 nodes
                                    ("llama-3.1-70b", 32, 8, {"zero": 3}),
-                                   ("llama-3.1-405b", 32, 8, {"zero": 3, "seq_len": 4096})):
+                                   ("llama-3.1-405b", 32, 8, {"zero": 3, "seq_len": 4096}),
+                                   # Phi-3: fused qkv_proj and gate_up_proj, their rows sharded per part
+                                   ("phi-3-mini", 2, 2, {}), ("phi-3-mini", 4, 4, {}),
+                                   ("phi-3-mini", 4, 2, {"zero": 3}),
+                                   # OLMo 2: q/k norms over every head, on the sequence (OLMo-core's plan)
+                                   ("olmo-2-7b", 2, 2, {}), ("olmo-2-7b", 4, 4, {}),
+                                   ("olmo-2-7b", 4, 2, {"zero": 3})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
     # FSDP2 casting to bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's)
@@ -88,7 +94,12 @@ def matrix() -> list[dict]:
             ("llama-3.2-1b", 4, 2, "1f1b", {"tp": 2}), ("qwen2.5-0.5b", 4, 2, "gpipe", {"tp": 2}),
             ("llama-3.2-3b", 8, 4, "interleaved-1f1b", {"tp": 2}),
             ("llama-3.2-1b", 8, 2, "1f1b", {"tp": 2, "zero": 3}),
-            ("qwen2.5-0.5b", 8, 2, "interleaved-1f1b", {"tp": 2, "zero": 2})):
+            ("qwen2.5-0.5b", 8, 2, "interleaved-1f1b", {"tp": 2, "zero": 2}),
+            # DDP on each stage (outputs kept until their backward), ZeRO-1 per stage, HSDP over 2-rank shard groups
+            ("llama-3.2-1b", 4, 2, "1f1b", {"zero": 0}), ("qwen2.5-0.5b", 4, 2, "gpipe", {"zero": 0}),
+            ("llama-3.2-1b", 8, 2, "interleaved-1f1b", {"zero": 0}), ("llama-3.2-1b", 4, 2, "1f1b", {"zero": 1}),
+            ("llama-3.2-1b", 8, 2, "1f1b", {"zero": 3, "shard_group": 2}),
+            ("qwen2.5-0.5b", 8, 2, "gpipe", {"zero": 2, "shard_group": 2})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
                      "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
     return rows
@@ -155,7 +166,9 @@ def write_markdown(results: list[dict], path: Path, command: str, *, append: boo
         f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with {commands}.",
         "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1), FSDP2 "
         "(ZeRO-2/3), HSDP (`--shard-group`: FSDP2 on a (replicate, shard) mesh) or DTensor tensor-parallel (`--tp`: "
-        "torchtitan's Llama plan, with Qwen3's q/k norms as its Qwen3 plan, sequence and loss parallel; with FSDP2 over dp on a (dp, tp) mesh) program at "
+        "torchtitan's Llama plan, with Qwen3's q/k norms as its Qwen3 plan, Phi-3's fused projections sharded per "
+        "part and OLMo 2's whole-width q/k norms as OLMo-core's plan, sequence and loss parallel; with FSDP2 over dp "
+        "on a (dp, tp) mesh) program at "
         "the real world size on torch's fake process group, two training steps on fake tensors (`--pp`: every "
         "pipeline rank of torch.distributed.pipelining's schedule traced, the largest rank's peak); estimated = `memtui estimate`'s "
         "tensor peak less its modelled cuBLAS workspace; forward/backward: the same for the highest moment before "

@@ -230,8 +230,11 @@ class _StatesOnGpu:
         return unsharded
 
 
-def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout) -> tuple[_StatesOnGpu, int]:
-    """The model states on one GPU, and one optimizer state over the largest group (for the step's temporaries)."""
+def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout,
+                   optimizers: list[list[int]] | None = None) -> tuple[_StatesOnGpu, int]:
+    """The model states on one GPU, and one optimizer state over the largest group (for the step's temporaries).
+    `optimizers`: the trainable tensors' sizes of each optimizer the GPU steps (a pipeline rank's stages: one each),
+    by default one over every trainable tensor on it."""
     dp = config.shard_ranks  # HSDP: ZeRO-2/3 shard within a group of ranks and replicate across the groups
     # ZeRO-Offload runs its stages on one GPU too (its paper's main case); without offload a lone GPU has nothing to shard.
     zero = config.zero if dp > 1 or config.offload != "none" else 0
@@ -273,8 +276,10 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     if zero == 1 and dp > 1 and not config.master_weights and config.optimizer in ZERO_REDUNDANCY_OPTIMIZERS:
         # PyTorch's ZeRO-1, ZeroRedundancyOptimizer, shards whole tensors: the rank given the embedding holds its
         # states, not 1/dp of all. (fp32 masters are DeepSpeed's mixed precision: its flat, even partition.)
-        numels = trainable_tensor_numels(config, model)
-        optimizer_states = states_full * zero_redundancy_largest_share(numels, dp) // max(sum(numels), 1)
+        # Each optimizer (a pipeline stage's) is sharded on its own.
+        optimizers = optimizers or [trainable_tensor_numels(config, model)]
+        share = sum(zero_redundancy_largest_share(numels, dp) for numels in optimizers)
+        optimizer_states = states_full * share // max(sum(sum(numels) for numels in optimizers), 1)
     if config.offload != "none":
         optimizer_states = 0
         if zero >= 2:
@@ -622,7 +627,8 @@ def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, not
         layers = sum(role[1] for role in roles)
         layout = param_layout(config, model, stage=(layers, any(role[2] for role in roles),
                                                     any(role[3] for role in roles)))
-        on_gpu, _one_state_group = _states_on_gpu(config, model, layout)
+        on_gpu, _one_state_group = _states_on_gpu(config, model, layout, [
+            trainable_tensor_numels(config, model, stage=role[1:]) for role in roles])
         if on_gpu.zero >= 2 and pipeline_refusal(config, model) is None:
             # FSDP2 on each stage as `memtui trace` runs it: the stage's shards, what its schedule holds gathered, its
             # gradients unsharded until its last backward reduce-scatters them (memtui.engine.estimator.pipeline)

@@ -165,9 +165,12 @@ def trainable_params_total(config: TrainingConfig, model: ModelSpec) -> int:
             + sum(rows * columns for rows, columns in head_adapter_shapes(config, model)))
 
 
-def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec) -> list[int]:
-    """The sizes of every trainable parameter tensor on this GPU, as torch's modules hold them."""
-    tp, layers = config.tp, param_layout(config, model).layers
+def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec, *,
+                            stage: tuple[int, bool, bool] | None = None) -> list[int]:
+    """The sizes of every trainable parameter tensor on this GPU, as torch's modules hold them; `stage`: (layers,
+    first, last) of one pipeline stage, the tensors of that stage's module (its own optimizer's)."""
+    tp = config.tp
+    layers = stage[0] if stage is not None else param_layout(config, model).layers
     numels: list[int] = []
     norm_tensors = [model.hidden_size] * (2 if model.norm == "layer" else 1)  # LayerNorm: weight and bias
     for count, linears in model.layer_groups(layers):
@@ -187,11 +190,15 @@ def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec) -> list[in
         numels += per_layer * count
     if config.uses_lora:
         return numels + [rows * columns for rows, columns in head_adapter_shapes(config, model)]
-    if config.pp == 1:
+    first, last = stage[1:] if stage is not None else (config.pp == 1, config.pp == 1)
+    if first:
         numels.append(model.vocab_size * model.hidden_size // tp)
         if model.positions == "learned":
             numels.append(model.max_position_embeddings * model.hidden_size)
-        if model.head_params:
+    if last:
+        if not first:  # a last stage without the embedding holds its own head, tied or not
+            numels.append(model.vocab_size * model.hidden_size // tp)
+        elif model.head_params:
             numels.append(model.head_params // tp)
         numels += norm_tensors
     return numels
@@ -208,8 +215,12 @@ def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
 
 
 # transformers' Llama-layout families: separate q/k/v and gate/up projections under the same module names, which
-# torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it).
-TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+# torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it); pipeline
+# stages are cut from them too.
+PIPELINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+# The same plan with Phi-3's fused qkv_proj and gate_up_proj sharded per part, as Megatron-LM and vLLM shard them,
+# and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them.
+TENSOR_PARALLEL_FAMILIES = (*PIPELINE_FAMILIES, "phi3", "olmo2")
 
 
 def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
@@ -220,7 +231,8 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
     if config.pp > 1 and pipeline_refusal(config, model) is not None:
         return f"pipeline parallelism here is not traced ({pipeline_refusal(config, model)})"
     if model.family not in TENSOR_PARALLEL_FAMILIES:
-        return f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families only)"
+        return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families, Phi-3 and "
+                "OLMo 2 only)")
     if model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if config.uses_lora or config.quant != "none" or config.offload != "none":
@@ -265,11 +277,11 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
     """Why `memtui trace` cannot run this configuration's pipeline program (it is then modelled), or None."""
     if config.pp == 1:
         return "no pipeline parallelism"
-    if model.family not in TENSOR_PARALLEL_FAMILIES:
+    if model.family not in PIPELINE_FAMILIES:
         return f"the {model.family} family has no traced pipeline split (Llama-layout families only)"
-    if config.dp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):
-        return ("pipeline parallelism with DDP, ZeRO-1 or HSDP is not traced (with FSDP2, --zero 2 or 3, over "
-                "every data-parallel rank it is)")
+    if config.dp > 1 and config.tp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):
+        return ("pipeline and tensor parallelism with DDP, ZeRO-1 or HSDP are not traced (with FSDP2, --zero 2 or 3, "
+                "over every data-parallel rank they are)")
     if config.tp > 1 and model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if (config.uses_lora or config.quant != "none" or config.offload != "none" or config.activation_offload

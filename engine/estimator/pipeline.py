@@ -363,6 +363,9 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
     sent_tokens = config.microbatch_size * -(-config.seq_len // opts.sequence_parallel)
     hidden_states = (sent_tokens * model.hidden_size * config.weight_bytes + 511) // 512 * 512
     last_stages = {index for index, _layers, first, last in roles if last and not first}
+    # Under DDP PipelineStage keeps each sent output until the micro-batch's backward has run (DDP's reducer needs
+    # the live outputs: `_output_slot_is_releasable`), not until the send's wait.
+    outputs_kept = config.dp > 1 and config.zero <= 1
     in_flight: dict[tuple[int, int], int] = {}
     # Receive buffers not yet taken and sent tensors not yet let go; the tracer counts the forward's (the input,
     # the output) as activations, the backward's (the output's gradient, the input's) as temporaries.
@@ -462,6 +465,8 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
         if kind in (RECV_F, RECV_B, SEND_F, SEND_B):
             buffers[(kind, stage, microbatch)] = hidden_states
             continue
+        if kind == WAIT_SEND_F and outputs_kept:
+            continue
         if kind in (WAIT_SEND_F, WAIT_SEND_B):
             del buffers[(SEND_F if kind == WAIT_SEND_F else SEND_B, stage, microbatch)]
             continue
@@ -510,6 +515,8 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
                 backward.insert(1, (start._replace(temporary=temporary + received),
                                     2 * shard.root_weights + layers * shard.layer_weights + gathered_elsewhere(stage)))
         moments += backward
+        if outputs_kept:
+            buffers.pop((SEND_F, stage, microbatch), None)  # the backward's end lets the kept output go
         done.add(stage)
         previous[stage] = BACKWARD
         backwards[stage] += 1

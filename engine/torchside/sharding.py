@@ -8,9 +8,10 @@ from typing import Any
 from memtui.engine.model.specs import TrainingConfig
 
 
-def zero_redundancy(optimizer: Any) -> Any:
-    """The same torch.optim optimizer, its states sharded across ranks by ZeroRedundancyOptimizer; memtui's own
-    wrappers (master weights, GaLore, Lion) are left whole: they cannot be rebuilt from a class and defaults."""
+def zero_redundancy(optimizer: Any, process_group: Any = None) -> Any:
+    """The same torch.optim optimizer, its states sharded across the ranks of `process_group` (default: the world)
+    by ZeroRedundancyOptimizer; memtui's own wrappers (master weights, GaLore, Lion) are left whole: they cannot be
+    rebuilt from a class and defaults."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     if type(optimizer).__module__.split(".")[:2] != ["torch", "optim"]:
@@ -18,7 +19,7 @@ def zero_redundancy(optimizer: Any) -> Any:
     accepted = inspect.signature(type(optimizer).__init__).parameters  # groups carry keys __init__ does not take
     defaults = {key: value for key, value in optimizer.param_groups[0].items() if key != "params" and key in accepted}
     params = [parameter for group in optimizer.param_groups for parameter in group["params"]]
-    return ZeroRedundancyOptimizer(params, optimizer_class=type(optimizer), **defaults)
+    return ZeroRedundancyOptimizer(params, optimizer_class=type(optimizer), process_group=process_group, **defaults)
 
 
 def fsdp_policy(config: TrainingConfig):

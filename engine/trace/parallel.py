@@ -124,41 +124,49 @@ class DataParallel:
 
     # ---- the wrappers ---------------------------------------------------------
     def _ddp(self, model: torch.nn.Module) -> torch.nn.Module:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-
-        # init_sync=False: the shape check and the weights' broadcast read data; they allocate nothing that stays.
-        wrapped = DistributedDataParallel(model, init_sync=False, bucket_cap_mb=25, gradient_as_bucket_view=False)
-        tracker = self.tracker
-
-        def all_reduce_in_place(_state, bucket):
-            # The C++ default hook expects the work's future to hold the reduced tensor; the fake backend's holds
-            # None. Reducing in place and returning the bucket is what NCCL's all-reduce does, allocating nothing.
-            buffer = bucket.buffer()
-            alloc_id = tracker.alloc_id_of(buffer)
-            if alloc_id is not None:
-                self.bucket_ids.add(alloc_id)
-            buffer.div_(self.config.dp)
-            dist.all_reduce(buffer)
-            future: torch.futures.Future = torch.futures.Future()
-            future.set_result(buffer)
-            return future
-
-        wrapped.register_comm_hook(None, all_reduce_in_place)
-        pre_forward = wrapped._pre_forward
-
-        def pre_forward_with_real_indices(*args, **kwargs):
-            with _RealIndexTensors():  # the bucket rebuild before step 2's forward
-                return pre_forward(*args, **kwargs)
-
-        wrapped._pre_forward = pre_forward_with_real_indices
-        return wrapped
+        return ddp_wrap(model, self.tracker, self.config.dp, self.bucket_ids)
 
     def _fsdp(self, model: torch.nn.Module) -> torch.nn.Module:
         from memtui.engine.torchside.sharding import fsdp_policy
 
         return fully_shard_layers(model, self.num_layers, self.mesh, reshard=self.config.zero == 3,
                                   policy=fsdp_policy(self.config))
+
+
+def ddp_wrap(model: torch.nn.Module, tracker: MemoryTracker, dp: int, bucket_ids: set[int],
+             process_group=None) -> torch.nn.Module:
+    """`model` in DistributedDataParallel as memtui's live runs wrap it (25 MiB buckets, the default 1 MiB first
+    one, gradient_as_bucket_view=False) over `process_group` (default: the world) of `dp` ranks; each bucket's
+    allocation is added to `bucket_ids` as it is reduced."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    # init_sync=False: the shape check and the weights' broadcast read data; they allocate nothing that stays.
+    wrapped = DistributedDataParallel(model, process_group=process_group, init_sync=False, bucket_cap_mb=25,
+                                      gradient_as_bucket_view=False)
+
+    def all_reduce_in_place(_state, bucket):
+        # The C++ default hook expects the work's future to hold the reduced tensor; the fake backend's holds
+        # None. Reducing in place and returning the bucket is what NCCL's all-reduce does, allocating nothing.
+        buffer = bucket.buffer()
+        alloc_id = tracker.alloc_id_of(buffer)
+        if alloc_id is not None:
+            bucket_ids.add(alloc_id)
+        buffer.div_(dp)
+        dist.all_reduce(buffer, group=process_group)
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(buffer)
+        return future
+
+    wrapped.register_comm_hook(None, all_reduce_in_place)
+    pre_forward = wrapped._pre_forward
+
+    def pre_forward_with_real_indices(*args, **kwargs):
+        with _RealIndexTensors():  # the bucket rebuild before step 2's forward
+            return pre_forward(*args, **kwargs)
+
+    wrapped._pre_forward = pre_forward_with_real_indices
+    return wrapped
 
 
 def fully_shard_layers(model: torch.nn.Module, num_layers: int, mesh, *, reshard: bool, policy=None) -> torch.nn.Module:

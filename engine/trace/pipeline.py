@@ -22,11 +22,17 @@ received input, until the step ends. The fake backend's sends and receives are n
 contents are undefined, which fake tensors do not have anyway.
 
 With data and/or tensor parallelism (FSDP2, DTensor) the job is built as torchtitan builds it: a DeviceMesh
-(pp, dp, tp) of pp x dp x tp ranks, the rank traced being the first of its pipeline position's (dp, tp) slice; each
-stage gets torchtitan's TP plan on its own modules (a later stage receives, and sends, this rank's 1/tp of the
-tokens), then `fully_shard` per decoder layer and on the stage, and its PipelineStage the pp sub-group. torch's
-pipelining runs each micro-batch's backward with FSDP2's gradient sync and resharding after backward off, so the
-gradients accumulate unsharded until the stage's last backward reduce-scatters them.
+(pp, dp, tp) of pp x dp x tp ranks ((pp, dp_replicate, dp_shard, tp) for HSDP), the rank traced being the first of
+its pipeline position's (dp, tp) slice; each stage gets torchtitan's TP plan on its own modules (a later stage
+receives, and sends, this rank's 1/tp of the tokens), then `fully_shard` per decoder layer and on the stage, and its
+PipelineStage the pp sub-group. torch's pipelining runs each micro-batch's backward with FSDP2's gradient sync and
+resharding after backward off, so the gradients accumulate unsharded until the stage's last backward
+reduce-scatters them. With --zero 0 or 1 the stage is wrapped in DistributedDataParallel over the data-parallel
+group instead (memtui's DDP: memtui.engine.trace.parallel.ddp_wrap), which PipelineStage drives itself
+(`backward_maybe_with_nosync`): every forward and all but the stage's last backward run under `no_sync`, so the
+gradients accumulate in .grad and only the last backward copies them into the buckets and all-reduces them; DDP's
+reducer needs the stage's live outputs, so each sent output is kept until its backward. ZeRO-1 wraps each stage's
+optimizer in ZeroRedundancyOptimizer over the data-parallel group.
 
 Interleaved 1F1B runs through `_PipelineScheduleRuntime`, which posts receives as early as the other ranks' sends
 allow and waits for sends later than Schedule1F1B (a forward's after its backward, a backward's at the step's end);
@@ -125,13 +131,16 @@ def _unsharded_gradients(stage, tracker: MemoryTracker, gradients: set[int]):
 def _releasable_as_on_a_gpu(stage):
     """PipelineStage releases a stage's output once its send completes when the output is a plain torch.Tensor
     (`_output_slot_is_releasable`: backward then starts from its gradient edge); a FakeTensor is not one, so under
-    FakeTensorMode every output would be kept until its backward. The trace answers as for the real tensor."""
+    FakeTensorMode every output would be kept until its backward. The trace answers as for the real tensor (kept
+    under DDP, whose reducer needs the live outputs)."""
     from torch._subclasses.fake_tensor import FakeTensor
+    from torch.nn.parallel import DistributedDataParallel
 
     original = stage._output_slot_is_releasable
 
     def releasable(output):
-        if type(output) is FakeTensor and not stage.is_last and stage.dw_builder is None:
+        if (type(output) is FakeTensor and not stage.is_last and stage.dw_builder is None
+                and not isinstance(stage.submod, DistributedDataParallel)):
             return True, ""
         return original(output)
 
@@ -142,8 +151,9 @@ _WORLDS = itertools.count()  # the fake process groups this process has made, fo
 
 
 def _meshes(config: TrainingConfig):
-    """(pp group, dp mesh, tp mesh) of torchtitan's DeviceMesh (pp, dp_shard, tp), made outside FakeTensorMode as it
-    must be; (None, None, None) for pipeline parallelism alone (the default group is the pipeline's)."""
+    """(pp group, dp mesh, tp mesh) of torchtitan's DeviceMesh (pp, dp_shard, tp), or (pp, dp_replicate, dp_shard,
+    tp) for HSDP (the dp mesh then its 2-D (replicate, shard) part), made outside FakeTensorMode as it must be;
+    (None, None, None) for pipeline parallelism alone (the default group is the pipeline's)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if config.dp == 1 and config.tp == 1:
@@ -153,23 +163,30 @@ def _meshes(config: TrainingConfig):
     # one's, and a cached output spec carry this world's destroyed groups into the next. Named after this world,
     # equal meshes are of the same world.
     world = next(_WORLDS)
-    names = (f"pp{world}", f"dp{world}", f"tp{world}")
-    mesh = init_device_mesh("cpu", (config.pp, config.dp, config.tp), mesh_dim_names=names)
-    return (mesh[names[0]].get_group(), mesh[names[1]] if config.dp > 1 else None,
-            mesh[names[2]] if config.tp > 1 else None)
+    hsdp = config.zero >= 2 and config.shard_ranks < config.dp
+    data = (config.dp // config.shard_ranks, config.shard_ranks) if hsdp else (config.dp,)
+    data_names = (f"dp_replicate{world}", f"dp_shard{world}") if hsdp else (f"dp{world}",)
+    names = (f"pp{world}", *data_names, f"tp{world}")
+    mesh = init_device_mesh("cpu", (config.pp, *data, config.tp), mesh_dim_names=names)
+    return (mesh[names[0]].get_group(), mesh[data_names] if config.dp > 1 else None,
+            mesh[names[-1]] if config.tp > 1 else None)
 
 
 def _parallelize_stage(module, causal, config: TrainingConfig, layers: int, first: bool, last: bool, dp_mesh,
-                       tp_mesh, restores: list):
+                       tp_mesh, restores: list, tracker: MemoryTracker, bucket_ids: set[int]):
     """The stage split as torchtitan's parallelize_llama splits a model part: the TP plan first (on its own
     modules), then FSDP2 per decoder layer and on the stage (its root group: the embedding on the first stage, the
-    final norm and head on the last). Returns the module the PipelineStage runs."""
-    from memtui.engine.trace.parallel import fully_shard_layers
+    final norm and head on the last); with --zero 0 or 1, DistributedDataParallel on the stage over the
+    data-parallel ranks (its buckets logged as it makes them). Returns the module the PipelineStage runs."""
+    from memtui.engine.trace.parallel import ddp_wrap, fully_shard_layers
     from memtui.engine.trace.tensor_parallel import _meshes_made_real, apply_tensor_parallel, whole_sequence_masks
 
     if tp_mesh is not None:
         apply_tensor_parallel(causal, tp_mesh, embedding=first, head=last)
         restores.append(whole_sequence_masks(causal.model))
+    if dp_mesh is not None and config.zero <= 1:
+        with tracker:
+            return ddp_wrap(module, tracker, config.dp, bucket_ids, process_group=dp_mesh.get_group())
     if dp_mesh is not None:
         with _meshes_made_real() if tp_mesh is not None else contextlib.nullcontext():
             module = fully_shard_layers(module, layers, dp_mesh, reshard=config.zero == 3)
@@ -211,6 +228,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
     gradients: set[int] = set()
     stepped: set[int] = set()  # gradients as the optimizers find them (FSDP2's sharded ones, assigned outside autograd)
     gathered: set[int] = set()  # FSDP2's unsharded parameters
+    buckets: set[int] = set()  # DDP's flat gradient buckets
     restores: list = []
     try:
         pp_group, dp_mesh, tp_mesh = _meshes(config)
@@ -223,7 +241,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                 if last:
                     causal.lm_head.register_forward_hook(lambda *_: tracker.mark("loss"))
                 module = _parallelize_stage(module, causal, config, split[index], first, last, dp_mesh, tp_mesh,
-                                            restores)
+                                            restores, tracker, buckets)
                 weight_ids |= watch_model(tracker, module, gradients)
                 inputs = (torch.randint(0, spec.vocab_size, (micro, seq)) if first
                           else torch.empty(micro, local_seq, spec.hidden_size, dtype=hidden_dtype, requires_grad=True))
@@ -235,7 +253,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                                       output_args=outputs, group=pp_group)
                 stage._output_slot_is_releasable = _releasable_as_on_a_gpu(stage)
                 # Phases for the tracker's categories: receives and compute of a forward, of a backward.
-                if dp_mesh is not None:
+                if dp_mesh is not None and config.zero >= 2:
                     stage.backward_one_chunk = _unsharded_gradients(stage, tracker, stepped)
                 for name, phase in (("get_fwd_recv_ops", "forward"), ("forward_one_chunk", "forward"),
                                     ("get_bwd_recv_ops", "backward"), ("backward_one_chunk", "backward")):
@@ -248,6 +266,11 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                                           if p.requires_grad)
             # torchtitan keeps one optimizer per model part and steps them in turn.
             optimizers = [build_optimizer(stage.submod, config, device_type="cuda") for stage in stages]
+            if dp_mesh is not None and config.zero == 1:
+                from memtui.engine.torchside.sharding import zero_redundancy
+
+                # ZeRO-1: each stage's optimizer sharded over the data-parallel ranks of its pipeline position
+                optimizers = [zero_redundancy(optimizer, dp_mesh.get_group()) for optimizer in optimizers]
             for stage, optimizer in zip(stages, optimizers):
                 record_stepped_gradients(stage.submod, optimizer, tracker, stepped)
             for optimizer in optimizers:
@@ -276,7 +299,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
 
                 parallel.enter_context(loss_parallel())
                 parallel.enter_context(_WaitReturnsItsInput())
-            if dp_mesh is not None:
+            if dp_mesh is not None and config.zero >= 2:
                 parallel.enter_context(fsdp_storage_resizes(tracker, gathered))
             with attention, policy, cuda_dropout(), real_run_decisions(), parallel, tracker:
                 ids = torch.randint(0, spec.vocab_size, (config.batch_size, seq)) if has_first else None
@@ -307,6 +330,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                 tracker.log.allocations[alloc_id].category = "weights"
             for alloc_id in stepped:
                 tracker.log.allocations[alloc_id].category = "gradients"
+            for alloc_id in buckets:  # the estimator's DDP term is a temporary of every moment
+                tracker.log.allocations[alloc_id].category = "temporary"
             tracker.detach_finalizers()
             del ids, labels, schedule, stages, causals, optimizers
     finally:
@@ -340,8 +365,20 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
         lines.append(f"tensor parallel (traced): DTensor at tp {config.tp}, torchtitan's Llama plan on each stage's "
                      "modules (sequence parallel: the hidden states between stages are the rank's 1/tp of the tokens; "
                      "the vocabulary-sharded embedding on the first stage, the head with loss parallel on the last)")
-    if config.dp > 1:
-        lines.append(f"FSDP2 fully_shard per decoder layer and on each stage over dp {config.dp}, "
+    if config.dp > 1 and config.zero <= 1:
+        lines.append(f"DDP on each stage over dp {config.dp}: 25 MiB gradient buckets (1 MiB first), "
+                     "gradient_as_bucket_view=False, rebuilt after step 1; PipelineStage runs every forward and all "
+                     "but the stage's last backward under no_sync, and keeps each sent output until its backward "
+                     "(DDP's reducer needs the live outputs)")
+        if config.zero == 1:
+            lines.append("ZeRO-1: torch's ZeroRedundancyOptimizer on each stage's optimizer over the data-parallel "
+                         "ranks, this rank's share of the optimizer states")
+    elif config.dp > 1:
+        where = f"dp {config.dp}"
+        if config.shard_ranks < config.dp:
+            where += (f" as HSDP ({config.dp // config.shard_ranks} replicas x {config.shard_ranks} shards: sharded "
+                      "within the shard group, gradients all-reduced across the replicas)")
+        lines.append(f"FSDP2 fully_shard per decoder layer and on each stage over {where}, "
                      f"reshard_after_forward={config.zero == 3}; PipelineStage accumulates each micro-batch's "
                      "gradients unsharded (gradient sync off) and reduce-scatters them after the stage's last backward")
     return lines

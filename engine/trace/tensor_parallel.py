@@ -12,6 +12,12 @@ The model is split with DTensor's `parallelize_module` by torchtitan's Llama pla
   q/k/v biases with them);
 - Qwen3's q_norm and k_norm: SequenceParallel(sequence_dim=2) as in torchtitan's Qwen3 plan: each rank normalises
   its own heads, the weights replicated and their gradients all-reduced;
+- OLMo 2's q_norm and k_norm, over every head at once: OLMo-core's plan (q_proj and k_proj's outputs kept as
+  DTensors and redistributed onto the sequence, the norm SequenceParallel over the whole width, its output
+  redistributed back onto the heads), its post-attention and post-MLP norms SequenceParallel with a local output;
+- Phi-3's fused qkv_proj and gate_up_proj: ColwiseParallel with the rows reordered rank-major first, so that each
+  rank's contiguous block is its own q, k and v heads and its share of gate and of up (Megatron-LM's and vLLM's
+  fused parallel linears); a plain Colwise cut of [q; k; v] would hand rank 0 all of q and part of k;
 - o_proj, down_proj: RowwiseParallel(output Shard(1)): reduce-scattered back onto the sequence;
 - lm_head: ColwiseParallel(input Shard(1), output Shard(-1)) with loss parallel: the logits stay sharded
   over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default).
@@ -59,6 +65,16 @@ class TensorParallel:
     def wrap(self, model: torch.nn.Module, tracker: MemoryTracker) -> torch.nn.Module:
         self.tracker = tracker
         apply_tensor_parallel(model, self.tp_mesh)
+        model_type = getattr(model.config, "model_type", "")
+        if model_type == "phi3":
+            self.traced.insert(1, "Phi-3's fused projections: Colwise qkv_proj and gate_up_proj with their rows "
+                                  "reordered rank-major (each rank its own q, k and v heads and its share of gate "
+                                  "and up, as Megatron-LM's and vLLM's fused parallel linears shard them)")
+        if model_type == "olmo2":
+            self.traced.insert(1, "OLMo 2's whole-width q_norm and k_norm as OLMo-core's plan runs them: the "
+                                  "projections' outputs redistributed onto the sequence (DTensor's all-to-all), "
+                                  "normalised over every head there, redistributed back; the post-attention and "
+                                  "post-MLP norms sequence parallel")
         self.restore = whole_sequence_masks(model.model)
         if self.data is not None:
             with _meshes_made_real():
@@ -77,6 +93,7 @@ class TensorParallel:
         stack = contextlib.ExitStack()
         stack.enter_context(loss_parallel())
         stack.enter_context(_WaitReturnsItsInput())
+        stack.enter_context(_all_to_all_as_on_a_gpu())
         if self.data is not None:
             stack.enter_context(self.data.watching(tracker))
         return stack
@@ -178,32 +195,54 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         # so one parameter serves both again, tied after the plan as torchtitan ties Qwen3's and Llama's weights.
         model.lm_head.weight = inner.embed_tokens.weight
     for layer in inner.layers:
-        if hasattr(layer.self_attn, "q_norm"):  # Qwen3: each head's query and key normalised, as torchtitan's plan
-            # does: the projections' local heads taken as Shard(2) of (batch, sequence, heads, head_dim)
+        post_norms = not hasattr(layer, "input_layernorm")  # OLMo 2: the attention's and MLP's outputs normalised
+        whole_width = post_norms and hasattr(layer.self_attn, "q_norm")  # OLMo 2's q/k norms cover every head
+        if hasattr(layer.self_attn, "q_norm") and not whole_width:
+            # Qwen3: each head's query and key normalised, as torchtitan's plan does: the projections' local heads
+            # taken as Shard(2) of (batch, sequence, heads, head_dim)
             parallelize_module(layer, mesh, {
                 name: SequenceParallel(sequence_dim=2, use_local_output=True)
                 for name in ("self_attn.q_norm", "self_attn.k_norm")})
+        fused = hasattr(layer.self_attn, "qkv_proj")  # Phi-3: fused q/k/v and gate/up projections
+        if fused:
+            _rank_major_fused_rows(layer, tp=mesh.size())
         # Gemma-2 and Gemma-3 normalise the attention's and the MLP's outputs too (post_attention_layernorm runs on
-        # the attention's output there, pre/post_feedforward_layernorm around the MLP), each on the rank's 1/tp
-        # tokens; an output norm's result joins the residual as a local tensor, as o_proj's does in Llama.
+        # the attention's output there, pre/post_feedforward_layernorm around the MLP), OLMo 2 only those, each on
+        # the rank's 1/tp tokens; an output norm's result joins the residual as a local tensor, as o_proj's does.
         sandwich = hasattr(layer, "pre_feedforward_layernorm")
-        norms = ({"post_attention_layernorm": SequenceParallel(use_local_output=True),
+        norms = ({"input_layernorm": SequenceParallel(),
+                  "post_attention_layernorm": SequenceParallel(use_local_output=True),
                   "pre_feedforward_layernorm": SequenceParallel(),
                   "post_feedforward_layernorm": SequenceParallel(use_local_output=True)}
-                 if sandwich else {"post_attention_layernorm": SequenceParallel()})
+                 if sandwich else {"post_attention_layernorm": SequenceParallel(use_local_output=True),
+                                   "post_feedforward_layernorm": SequenceParallel(use_local_output=True)}
+                 if post_norms else {"post_attention_layernorm": SequenceParallel(),
+                                     "input_layernorm": SequenceParallel()})
+        if whole_width:
+            # OLMo 2 normalises q and k over every head at once (q_norm(q_proj(x))), which a rank holding 1/tp of the
+            # heads cannot do alone. As OLMo-core's plan does: the projection's output (heads sharded) redistributed
+            # onto the sequence (an all-to-all), the norm run whole-width on the rank's 1/tp of the tokens
+            # (SequenceParallel, its weight replicated), and its output redistributed back onto the heads.
+            parallelize_module(layer, mesh, {
+                "self_attn.q_proj": ColwiseParallel(use_local_output=False),
+                "self_attn.k_proj": ColwiseParallel(use_local_output=False),
+                "self_attn.q_norm": _sequence_parallel_onto_heads(),
+                "self_attn.k_norm": _sequence_parallel_onto_heads()})
         parallelize_module(layer, mesh, {
             **norms,
-            "input_layernorm": SequenceParallel(),
             # transformers passes the hidden states to self_attn by keyword, to mlp by position
             "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
                                             desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
+            **({"self_attn.qkv_proj": ColwiseParallel()} if fused else {"self_attn.v_proj": ColwiseParallel()}
+               if whole_width else {
+                "self_attn.q_proj": ColwiseParallel(),
+                "self_attn.k_proj": ColwiseParallel(),
+                "self_attn.v_proj": ColwiseParallel()}),
             "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
             "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
+            **({"mlp.gate_up_proj": ColwiseParallel()} if fused else {
+                "mlp.gate_proj": ColwiseParallel(),
+                "mlp.up_proj": ColwiseParallel()}),
             "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
         })
 
@@ -231,6 +270,77 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         return output
 
     model.register_forward_hook(local_loss)
+
+
+def _sequence_parallel_onto_heads():
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    class SequenceParallelOntoHeads(SequenceParallel):
+        """SequenceParallel whose output is redistributed from the sequence onto the last dimension (the heads) and
+        handed on local: OLMo-core's SequenceParallel(output_layouts=Shard(2)) for its whole-width q/k norms."""
+
+        @staticmethod
+        def _prepare_output_fn(use_local_output, mod, outputs, device_mesh):
+            return outputs.redistribute(placements=(Shard(2),)).to_local()
+
+    return SequenceParallelOntoHeads()
+
+
+@contextlib.contextmanager
+def _all_to_all_as_on_a_gpu() -> Iterator[None]:
+    """DTensor redistributes between two sharded dimensions with its `_dtensor.shard_dim_alltoall` op, except on a
+    CPU mesh, where gloo has no all-to-all and it all-gathers the whole tensor and copies out a chunk instead; the
+    trace's mesh is a CPU one, so it is pointed at the op NCCL runs (its fake kernel: the output only)."""
+    from torch.distributed import _functional_collectives as funcol
+    from torch.distributed.tensor import placement_types
+
+    original = placement_types.shard_dim_alltoall
+
+    def shard_dim_alltoall(input, gather_dim, shard_dim, mesh, mesh_dim):
+        group = funcol._resolve_group((mesh, mesh_dim))
+        return torch.ops._dtensor.shard_dim_alltoall(input, gather_dim, shard_dim,
+                                                    funcol._group_or_group_name(group))
+
+    placement_types.shard_dim_alltoall = shard_dim_alltoall
+    try:
+        yield
+    finally:
+        placement_types.shard_dim_alltoall = original
+
+
+def _rank_major_fused_rows(layer: torch.nn.Module, tp: int) -> None:
+    """Phi-3's fused projections sharded as Megatron-LM and vLLM shard them (QKVParallelLinear,
+    MergedColumnParallelLinear): each rank holds its own heads of q, k and v, and its share of gate and of up.
+    ColwiseParallel cuts a weight's rows into tp contiguous blocks, which on [q; k; v] would hand rank 0 all of
+    q and part of k; the rows are reordered rank-major first ([q_0; k_0; v_0; q_1; k_1; v_1; ...]) so that each
+    contiguous block is one rank's parts, and the attention slices its local qkv output by its local head counts
+    (Phi3Attention reads them from config.num_attention_heads and num_key_value_heads)."""
+    import copy
+
+    attention, mlp = layer.self_attn, layer.mlp
+    heads, kv_heads = attention.config.num_attention_heads, attention.num_key_value_heads
+    head_dim = attention.head_dim
+    _reorder_rows(attention.qkv_proj, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], tp)
+    _reorder_rows(mlp.gate_up_proj, [mlp.gate_up_proj.out_features // 2] * 2, tp)
+    local = copy.copy(attention.config)  # this rank's heads; the module's config only, the model's stays whole
+    local.num_attention_heads = heads // tp
+    attention.config = local
+    attention.num_key_value_heads = kv_heads // tp
+
+
+def _reorder_rows(linear: torch.nn.Linear, parts: list[int], tp: int) -> None:
+    """The rows of `linear` (the parts stacked, each `parts[i]` rows) reordered rank-major: every part's first
+    1/tp, then every part's second 1/tp, and so on (with its bias)."""
+    starts = [sum(parts[:index]) for index in range(len(parts))]
+    order = torch.cat([torch.arange(start + rank * size // tp, start + (rank + 1) * size // tp)
+                       for rank in range(tp) for start, size in zip(starts, parts)])
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            tensor = getattr(linear, name, None)
+            if tensor is not None:
+                setattr(linear, name, torch.nn.Parameter(tensor.index_select(0, order),
+                                                         requires_grad=tensor.requires_grad))
 
 
 @contextlib.contextmanager

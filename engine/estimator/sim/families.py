@@ -313,12 +313,12 @@ def llama_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options,
     olmo = opts.family == "olmo2"
     q_lin = apply_linear(sim, x, p, "q_proj", h, d.q_dim, opts)
     if olmo:  # Olmo2Attention: q_norm(q_proj(x)) over the whole projection, then the per-head view
-        q_lin = chain(sim, q_lin, lambda sim_, t: rms_norm(sim_, t, p.qk_norms[0], d.q_dim, olmo=True))
+        q_lin = whole_width_norm(sim, q_lin, p.qk_norms[0], d.q_dim, opts)
     q = ops.view_needing_copy_in_backward(sim, q_lin)
     sim.drop(q_lin)
     k_lin = apply_linear(sim, x, p, "k_proj", h, d.kv_dim, opts)
     if olmo:
-        k_lin = chain(sim, k_lin, lambda sim_, t: rms_norm(sim_, t, p.qk_norms[1], d.kv_dim, olmo=True))
+        k_lin = whole_width_norm(sim, k_lin, p.qk_norms[1], d.kv_dim, opts)
     k = ops.view_needing_copy_in_backward(sim, k_lin)
     sim.drop(k_lin)
     v_lin = apply_linear(sim, x, p, "v_proj", h, d.kv_dim, opts)
@@ -337,6 +337,19 @@ def llama_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options,
         k_rope = chain(sim, k_rope, lambda sim_, t: ops.cast(sim_, t, k.dtype))
     sim.drop(q, k)
     return attend_and_project(sim, q_rope, k_rope, v, p, d, opts)
+
+
+def whole_width_norm(sim: Sim, x: Tensor, weight: Tensor, width: int, opts: Options) -> Tensor:
+    """OLMo 2's q_norm / k_norm over the whole projection (consumes x). Under sequence parallelism, as OLMo-core's
+    plan runs it: the projection's output (this rank's heads) redistributed onto the sequence (an all-to-all), the
+    norm run over every head on the rank's 1/tp of the tokens, and redistributed back onto the heads."""
+    if opts.sequence_parallel == 1:
+        return chain(sim, x, lambda sim_, t: rms_norm(sim_, t, weight, width, olmo=True))
+    tokens = ops.all_to_all(sim, x)
+    normed = rms_norm(sim, tokens, weight, width * opts.sequence_parallel, olmo=True)
+    out = ops.all_to_all(sim, normed)
+    sim.drop(normed, tokens, x)
+    return out
 
 
 def attend_and_project(
@@ -586,6 +599,7 @@ def phi3_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Ten
     product = ops.mul(sim, up, act)
     sim.drop(act, gate, up)
     down = apply_linear(sim, product, p, "down_proj", d.intermediate, d.hidden, opts)
+    down = scatter_tokens(sim, down, opts)
     sim.drop(product)
     return down
 
@@ -678,17 +692,27 @@ def _qk_norm_weights(sim: Sim, p: LayerParams, d: Dims, opts: Options) -> None:
     """q_norm and k_norm: per head (Qwen3, Qwen3-MoE, Gemma 3) or over the whole projection (OLMo 2)."""
     if opts.family not in QK_NORM_FAMILIES:
         return
-    q_width, k_width = (d.q_dim, d.kv_dim) if opts.family == "olmo2" else (d.head_dim, d.head_dim)
+    # OLMo 2's are over the whole projection, replicated under tensor parallelism
+    ranks = opts.sequence_parallel
+    q_width, k_width = (d.q_dim * ranks, d.kv_dim * ranks) if opts.family == "olmo2" else (d.head_dim, d.head_dim)
     p.qk_norms = [norm_weight(sim, q_width, opts, "q_norm"), norm_weight(sim, k_width, opts, "k_norm")]
 
 
 def olmo2_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: Tensor, sin: Tensor) -> Tensor:
-    """Olmo2DecoderLayer.forward: no pre-norms; attention and MLP outputs are normalised before each residual add."""
-    attn = llama_attention(sim, x, p, d, opts, cos, sin)
+    """Olmo2DecoderLayer.forward: no pre-norms; attention and MLP outputs are normalised before each residual add
+    (under sequence parallelism on the rank's 1/tp of the tokens, each module's input all-gathered)."""
+    parallel = opts.sequence_parallel > 1
+    gathered = gather_tokens(sim, x, opts) if parallel else x  # self_attn's input, held until it returns
+    attn = llama_attention(sim, gathered, p, d, opts, cos, sin)
+    if parallel:
+        sim.drop(gathered)
     attn = chain(sim, attn, lambda sim_, t: rms_norm(sim_, t, p.norms[0], d.hidden, olmo=True))
     residual = ops.add(sim, x, attn)
     sim.drop(attn)
-    mlp_out = llama_mlp(sim, residual, p, d, opts)
+    gathered = gather_tokens(sim, residual, opts) if parallel else residual
+    mlp_out = llama_mlp(sim, gathered, p, d, opts)
+    if parallel:
+        sim.drop(gathered)
     mlp_out = chain(sim, mlp_out, lambda sim_, t: rms_norm(sim_, t, p.norms[1], d.hidden, olmo=True))
     out = ops.add(sim, residual, mlp_out)
     sim.drop(mlp_out, residual)

@@ -631,6 +631,19 @@ def reduce_scatter_tokens(sim: Sim, x: Tensor, ranks: int) -> Tensor:
     return out
 
 
+def _all_to_all_backward(sim: Sim, node, grad):
+    source = node.inputs[0]
+    return [(source, sim.new(grad.elems, grad.dtype, name="all-to-all (backward)"))]
+
+
+def all_to_all(sim: Sim, x: Tensor) -> Tensor:
+    """DTensor between two sharded dimensions (`_dtensor.shard_dim_alltoall`): a new tensor of the same size, the
+    other dimension sharded; its backward is the all-to-all of the gradient back."""
+    out = sim.new(x.elems, x.dtype, name="all-to-all")
+    sim.record("all_to_all", out, [x], [], _all_to_all_backward)
+    return out
+
+
 # ---- DeepSeek-V3's router (its sigmoid is the one above) ------------------------------------------------
 def _gather_columns_backward(sim: Sim, node, grad):
     """GatherBackward: new_zeros of the source's size, scatter_add into a second one."""
