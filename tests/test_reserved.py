@@ -83,7 +83,7 @@ def test_estimate_json_without_a_replay_says_why(capsys):
     assert main(["estimate", "--model", "llama-3.2-1b", "--gpus", "2", "--zero", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["reserved_peak_bytes"] is None and data["fragmentation_bytes"] is None
-    assert any("not replayed" in note and "other than FSDP2" in note for note in data["notes"])
+    assert any("not replayed" in note and "ZeRO-1" in note for note in data["notes"])
 
 
 @pytest.mark.parametrize("argv", [

@@ -219,14 +219,12 @@ class _StatesOnGpu:
             held = min(unsharded, self.root_gradients)
             layers = min(unsharded - held, self.layers_gradients)
             held = unsharded - layers  # the embedding's (or a tied weight's summed) gradient, last, is the root's too
-            if self.reduce_widening > 1:
-                # Reduced in fp32 from bf16: each finished layer's shard, the last reduce-scatter input (fp32,
-                # held until the next reduce), and the layer in progress whole, in bf16, until its post-backward.
-                per_layer = self.layer_grads // self.reduce_widening
-                finished, in_progress = divmod(layers, max(per_layer, 1))
-                return (held + finished * self.layer_grads // self.dp + (self.layer_grads if finished else 0)
-                        + in_progress)
-            return held + layers // self.dp + min(layers, self.layer_grads)
+            # Each finished layer's shard, the last reduce-scatter input (in the reduce dtype, held until the next
+            # reduce), and the layer in progress whole, as autograd makes it (bf16 where FSDP2 casts), until its
+            # post-backward.
+            per_layer = self.layer_grads // self.reduce_widening
+            finished, in_progress = divmod(layers, max(per_layer, 1))
+            return held + finished * self.layer_grads // self.dp + (self.layer_grads if finished else 0) + in_progress
         return unsharded
 
 

@@ -17,7 +17,7 @@ what is resident and when, at the points the program marks (AllocationProgram.pl
   reduce-scatter output, made on the reduce-scatter stream and freed by zero_grad.
 - the optimizer steps the shards.
 
-Checked against `memtui trace --gpus N` per stream (tests/test_reserved_fsdp.py). Followed: data-parallel FSDP2 of
+Checked against `memtui trace --gpus N` per stream (tests/test_reserved_data_parallel.py). Followed: data-parallel FSDP2 of
 a full fine-tune (no tensor or pipeline parallelism, LoRA, quantization, offload, gradient accumulation).
 """
 

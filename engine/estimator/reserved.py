@@ -8,11 +8,12 @@ step (its states made in the first, its temporaries) and zero_grad(set_to_none=T
 the optimizer states; `steps` more follow it, so the default (1) replays the same two steps as the trace.
 Steps of different lengths (`seq_lens`) are what fragments the cache.
 
-Replayed: one GPU, or one rank of FSDP2 sharding a full fine-tune over every data-parallel rank (ZeRO-2/3, each
-stream's allocations on its own: memtui.engine.estimator.fsdp_sequence); unquantized weights, AdamW (foreach,
-fused, for-loop), SGD with and without momentum, one micro-batch, the optimizer stepped after backward. Not
-replayed: DDP and ZeRO-1, tensor or pipeline parallelism, offload. Elsewhere `replay_unsupported` says why
-and the budget keeps the published-slack model.
+Replayed: one GPU; one rank of DDP (its gradient buckets beside the one-GPU step:
+memtui.engine.estimator.ddp_sequence); one rank of FSDP2 sharding a full fine-tune over the data-parallel ranks or
+HSDP's shard group (ZeRO-2/3, each stream's allocations on its own: memtui.engine.estimator.fsdp_sequence);
+unquantized weights, AdamW (foreach, fused, for-loop), SGD with and without momentum, one micro-batch, the
+optimizer stepped after backward. Not replayed: ZeRO-1, FSDP2 with LoRA, tensor or pipeline parallelism,
+offload. Elsewhere `replay_unsupported` says why and the budget keeps the published-slack model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 from memtui.engine.allocator import DEFAULT_CONFIG, FREE, AllocatorConfig, replay
 from memtui.engine.errors import InputError
+from memtui.engine.estimator.ddp_sequence import rebuilt_buckets, trained_bytes
 from memtui.engine.estimator.fsdp_sequence import fsdp2_sequence
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, nccl_buffer_bytes
 from memtui.engine.estimator.sim.core import lf_eval, lf_values
@@ -100,9 +102,9 @@ def replay_unsupported(config: TrainingConfig, model: ModelSpec | None = None) -
         return "activation offloading (its host copies and copies back are not in the sequence)"
     if config.tp > 1 or config.pp > 1:
         return "tensor or pipeline parallelism (the sequence replayed is one GPU's, unsharded)"
-    if config.gpus > 1 and not follows_fsdp2(config):
-        return ("data parallelism other than FSDP2 (ZeRO-2/3) of a full fine-tune "
-                "(the sequence replayed is one GPU's, unsharded)")
+    if config.gpus > 1 and not (follows_fsdp2(config) or follows_ddp(config)):
+        return ("ZeRO-1, or FSDP2 with LoRA (the sequence replayed is one GPU's, unsharded: DDP and FSDP2 of a full "
+                "fine-tune are replayed)")
     if config.offload != "none":
         return "CPU offload"
     if config.quant != "none":
@@ -124,6 +126,13 @@ def follows_fsdp2(config: TrainingConfig) -> bool:
             and not config.uses_lora and config.quant == "none" and config.offload == "none")
 
 
+def follows_ddp(config: TrainingConfig) -> bool:
+    """Whether the replay follows this configuration's data parallelism: PyTorch DDP (ZeRO-0) over every rank,
+    its buckets beside the one-GPU step (memtui.engine.estimator.ddp_sequence)."""
+    return (config.zero == 0 and config.dp > 1 and config.tp == 1 and config.pp == 1 and config.quant == "none"
+            and config.offload == "none")
+
+
 def allocation_sequence(config: TrainingConfig, model: ModelSpec, workspace: int,
                         seq_lens: Sequence[int]) -> list[tuple[object, int]] | list[tuple[object, int, int]]:
     """(key, bytes requested) for an allocation, (key, FREE) for a free, over len(seq_lens) steps; under FSDP2
@@ -140,6 +149,9 @@ def allocation_sequence(config: TrainingConfig, model: ModelSpec, workspace: int
     weights = [int(lf_eval(size, constant)) for size, _trainable in program.parameters]
     # model.parameters() order, each LoRA adapter after the weight it adapts (what model.to("cuda") moves in turn).
     sequence: list[tuple[object, int]] = [(("w", i), size) for i, size in enumerate(weights)]
+    ddp = config.gpus > 1 and follows_ddp(config)
+    if ddp:  # DistributedDataParallel's one bucket of the first step, made as the model is wrapped
+        sequence.append((("ddp", 0), trained_bytes(program)))
     with_grad = [position for position, _index in program.gradients]  # what the optimizer steps, in order
     step_sizes: dict[int, list[int]] = {}  # the step's allocation sizes, per sequence length
     for step, seq_len in enumerate(seq_lens):
@@ -153,6 +165,9 @@ def allocation_sequence(config: TrainingConfig, model: ModelSpec, workspace: int
             sequence.append((("ids", step - 1), FREE))  # the previous batch goes once the next one is made
         else:
             sequence += [(("cublas", 0), workspace // 2), (("cublas", 1), workspace - workspace // 2)]
+        if ddp and step == 1:  # the Reducer's rebuild, before the second forward
+            sequence.append((("ddp", 0), FREE))
+            sequence += [(("ddp", 1, number), size) for number, size in enumerate(rebuilt_buckets(program))]
         base = step << 32  # this step's tensors: keys apart from every other step's
         sequence += [(base + index, size) for (index, _lf), size in zip(program.events, sizes)]
         sequence += [(base + index, FREE) for index in program.leftover]

@@ -142,7 +142,8 @@ def ddp_wrap(model: torch.nn.Module, tracker: MemoryTracker, dp: int, bucket_ids
     from torch.nn.parallel import DistributedDataParallel
 
     # init_sync=False: the shape check and the weights' broadcast read data; they allocate nothing that stays.
-    wrapped = DistributedDataParallel(model, process_group=process_group, init_sync=False, bucket_cap_mb=25,
+    # bucket_cap_mb left at None: its default (25 MiB) with the 1 MiB first bucket, which an explicit 25 turns off.
+    wrapped = DistributedDataParallel(model, process_group=process_group, init_sync=False,
                                       gradient_as_bucket_view=False)
 
     def all_reduce_in_place(_state, bucket):
