@@ -539,6 +539,22 @@ _EXPLAINERS = [
         "compute: the loss in 16 bits (LitGPT's own choice); the logits stay alive through backward.",
         "To match LitGPT's fine-tuning memory (its `--from` mapping sets it with a LoRA config).",
     ),
+    Explainer(
+        "logits_upcast", "Logits upcast",
+        "Where the standard loss's logits become fp32.",
+        "**loss** is transformers: the model returns the head's logits in the compute dtype and "
+        "ForCausalLMLoss upcasts them to fp32 inside the loss (inside the compiled loss under Compile, "
+        "which then keeps the 16-bit logits for backward).\n\n"
+        "**model** is torchtune's TransformerDecoder (`self.output(h).float()`, "
+        "torchtune/modules/transformer.py): the 16-bit logits are a temporary, the model returns fp32 "
+        "logits and the loss takes them as they are. Eagerly that is lighter at the loss (no 16-bit copy "
+        "beside the fp32 ones); compiled, the loss keeps the fp32 logits (4 bytes per vocabulary entry and "
+        "token) for backward and hands back an fp32 gradient, which the upcast's backward casts down. "
+        "Only the standard loss: torchtune's chunked output stays in the compute dtype and "
+        "CEWithChunkedOutputLoss upcasts each chunk itself.",
+        "model: compiled, twice the saved logits of loss; eager, one 16-bit copy fewer at the loss.",
+        "To match torchtune's recipes with a non-chunked loss (its stack and `--from` mapping set it).",
+    ),
 ]
 
 _EXPLAINERS.append(Explainer(
