@@ -175,6 +175,8 @@ COMPILED = [
      dict(vocab_size=32000)),
     ("llama-3.2-1b", dict(precision="bf16-mixed", checkpointing="full"), dict(vocab_size=32000)),
     ("mixtral-8x7b", dict(precision="bf16-true", loss="chunked"), dict(num_local_experts=4, vocab_size=32000)),
+    # torchtune's model hands the compiled loss fp32 logits (--logits-upcast model), which it saves.
+    ("llama-3.2-1b", dict(precision="bf16-mixed", checkpointing="full", logits_upcast="model"), dict(vocab_size=32000)),
 ]
 
 

@@ -364,3 +364,16 @@ def test_a_bad_lora_dropout_in_a_file_names_its_key(tmp_path, capsys):
     path.write_text("base_model: meta-llama/Llama-3.2-1B\nadapter: lora\nlora_dropout: 1.5\n")
     code, _, err = run_cli(capsys, "estimate", "--from", str(path))
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"memtui: error: {path}: lora_dropout: ")
+
+
+@pytest.mark.parametrize(("loss", "expected"), [
+    ("torch.nn.CrossEntropyLoss", {"loss": None, "logits_upcast": "model"}),
+    ("torchtune.modules.loss.CEWithChunkedOutputLoss", {"loss": "chunked", "logits_upcast": None}),
+])
+def test_torchtunes_whole_output_is_upcast_in_the_model(tmp_path, loss, expected):
+    """torchtune's TransformerDecoder returns self.output(h).float() unless its output is chunked."""
+    path = tmp_path / "3B_full_single_device.yaml"
+    path.write_text(f"model:\n  _component_: torchtune.models.llama3_2.llama3_2_3b\nbatch_size: 2\n"
+                    f"loss:\n  _component_: {loss}\n")
+    options = read_framework_config(path).options
+    assert {key: options.get(key) for key in expected} == expected

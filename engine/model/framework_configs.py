@@ -592,13 +592,18 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
         if reader.options.get("gpus", 1) > 1:
             reader.note("ignored: loss._component_=LinearCrossEntropyLoss (memtui models the chunked loss on one "
                         "GPU only)")
-            return
-        reader.set("loss._component_", "loss", "chunked")
-        reader.set("loss.num_output_chunks", "loss_chunks",
-                   reader.int("loss.num_output_chunks") or STACKS["torchtune"].value("loss_chunks"))
-        through = " through the LoRA output projection" if HEAD_TARGET in reader.options.get("lora_targets", "").split(",") else ""
-        reader.note(f"loss._component_: LinearCrossEntropyLoss{through} is modelled as --loss chunked, which keeps "
-                    "every chunk's compute-dtype logits (torchtune keeps one at a time), as --stack torchtune does")
+        else:
+            reader.set("loss._component_", "loss", "chunked")
+            reader.set("loss.num_output_chunks", "loss_chunks",
+                       reader.int("loss.num_output_chunks") or STACKS["torchtune"].value("loss_chunks"))
+            through = " through the LoRA output projection" if HEAD_TARGET in reader.options.get("lora_targets", "").split(",") else ""
+            reader.note(f"loss._component_: LinearCrossEntropyLoss{through} is modelled as --loss chunked, which "
+                        "keeps every chunk's compute-dtype logits (torchtune keeps one at a time), as --stack "
+                        "torchtune does")
+    if reader.options.get("loss", "standard") == "standard":
+        # A whole (non-chunked) output: TransformerDecoder returns self.output(h).float(), fp32 logits the loss
+        # takes as they are, as --stack torchtune says.
+        reader.set("loss._component_", "logits_upcast", STACKS["torchtune"].value("logits_upcast"))
 
 
 # ---- LitGPT -------------------------------------------------------------------------------------------------------
