@@ -245,6 +245,13 @@ COMPILE_KEYS = {
                                    '[activation_checkpoint]\nmode = "none"\n',
                        ["--model", "llama-3.1-8b", "--gpus", "8", "--zero", "3", "--checkpointing", "none",
                         "--optimizer-impl", "fused", "--fsdp-param-dtype", "compute"]),
+    # compile.components without "loss": the layers alone (torchtitan's train.py compiles the loss only when named).
+    "torchtitan-layers": ("job.toml", '[model]\nname = "llama3"\nflavor = "8B"\n[training]\nlocal_batch_size = 2\n'
+                                      'seq_len = 1024\n[parallelism]\ndata_parallel_shard_degree = 8\n'
+                                      '[activation_checkpoint]\nmode = "none"\n[compile]\nenable = true\n'
+                                      'components = ["model"]\n',
+                          ["--model", "llama-3.1-8b", "--gpus", "8", "--zero", "3", "--checkpointing", "none",
+                           "--optimizer-impl", "fused", "--fsdp-param-dtype", "compute", "--eager-loss"]),
     "axolotl": ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\nmicro_batch_size: 2\nsequence_len: 1024\n"
                                "bf16: true\ntorch_compile: true\n", ["--precision", "bf16-true"]),
     "axolotl-auto": ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\nmicro_batch_size: 2\nsequence_len: 1024\n"

@@ -555,6 +555,21 @@ _EXPLAINERS = [
         "model: compiled, twice the saved logits of loss; eager, one 16-bit copy fewer at the loss.",
         "To match torchtune's recipes with a non-chunked loss (its stack and `--from` mapping set it).",
     ),
+    Explainer(
+        "eager_loss", "Eager loss",
+        "With Compile: the loss left eager.",
+        "**off** (the default) compiles the loss with the layers, as torchtune's compile_loss and torchtitan's "
+        "default compile.components do: the partitioner keeps the logits and two fp32 values per row for "
+        "backward instead of fp32 log-probabilities.\n\n"
+        "**on** compiles the decoder layers alone and runs the loss eagerly. torchtitan does that when "
+        "compile.components leaves out \"loss\"; torchtune's full_finetune_single_device and "
+        "full_finetune_distributed call `training.compile_loss(self._loss_fn)` without keeping its result, and "
+        "for a whole-module loss (nn.CrossEntropyLoss) that result is the only compiled copy "
+        "(torchtune/training/_compile.py compile_loss: `loss = torch.compile(loss)`), so their loss stays eager; "
+        "the chunked loss's compute_cross_entropy is compiled in place either way.",
+        "on: the eager loss's fp32 log-probabilities are kept for backward.",
+        "To match a framework that compiles its layers but not its loss.",
+    ),
 ]
 
 _EXPLAINERS.append(Explainer(

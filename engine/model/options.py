@@ -260,6 +260,9 @@ _OPTIONS = (
            "torch.compile each decoder layer and the loss (torchtune, torchtitan): the min-cut partitioner decides "
            "what is saved, fused pointwise ops keep no buffers", "--compile",
            ladder="torch.compile (the partitioner's saved tensors)", baseline=False),
+    Option("eager_loss", "Eager loss", MEMORY_SAVERS, "switch",
+           "with --compile, the layers alone compiled and the loss eager (torchtitan without \"loss\" in "
+           "compile.components, torchtune's full-finetune recipes with a whole-module loss)", "--compile --eager-loss"),
     # ---- hybrid sharding (issue 13) -------------------------------------------------------------------
     Option("shard_group", "Shard group", PARALLELISM, "int",
            "HSDP: shard within groups of G data-parallel ranks, replicate across them; 0 shards over all",

@@ -91,6 +91,7 @@ class TrainingConfig(BaseModel):
     kbit_prep: bool = False
     activation_offload: bool = False
     compile: bool = False
+    eager_loss: bool = False
     shard_group: int = Field(0, ge=0, le=65536,
                              description="HSDP: ranks per FSDP shard group, replicated across the rest; 0: all ranks")
     bnb_version: BnbVersion = "current"

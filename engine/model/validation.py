@@ -363,9 +363,11 @@ RULES: tuple[Rule, ...] = (
                             "version changes nothing."),
     # ---- torch.compile per decoder layer (issue 11) ----
     _note("compile", broken=lambda f: f.config.compile,
-          message=lambda f: "torch.compile: `memtui trace` runs each decoder layer and the loss"
-                            + (" (Liger's fused kernel and LitGPT's chunked loss stay eager)"
-                               if f.config.loss == "fused-linear" or f.config.loss_dtype == "compute" else "")
+          message=lambda f: "torch.compile: `memtui trace` runs each decoder layer"
+                            + (" (the loss stays eager: --eager-loss)" if f.config.eager_loss else
+                               " and the loss (Liger's fused kernel and LitGPT's chunked loss stay eager)"
+                               if f.config.loss == "fused-linear" or f.config.loss_dtype == "compute" else
+                               " and the loss")
                             + " through AOTAutograd and inductor's partitioner (on one GPU, without --quant or "
                             "selective checkpointing); "
                             + ("the estimate puts each layer's and the loss's ops through the same min-cut and "

@@ -171,6 +171,7 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
     model.memtui_loss = (config.loss, config.loss_chunks, config.loss_dtype)
     if config.logits_upcast == "model":
         upcast_logits(model)
+    model.memtui_eager_loss = config.eager_loss  # under --compile (torchside/compiled.py compiled_losses)
     if config.activation_offload:
         from memtui.engine.torchside.offload import offload_decoder_activations
 
