@@ -542,7 +542,7 @@ _EXPLAINERS = [
     ),
     Explainer(
         "logits_upcast", "Logits upcast",
-        "Where the standard loss's logits become fp32.",
+        "Logits made fp32 in the loss or model.",
         "**loss** is transformers: the model returns the head's logits in the compute dtype and "
         "ForCausalLMLoss upcasts them to fp32 inside the loss (inside the compiled loss under Compile, "
         "which then keeps the 16-bit logits for backward).\n\n"
