@@ -175,6 +175,8 @@ COMPILED = [
      dict(vocab_size=32000)),
     ("llama-3.2-1b", dict(precision="bf16-mixed", checkpointing="full"), dict(vocab_size=32000)),
     ("mixtral-8x7b", dict(precision="bf16-true", loss="chunked"), dict(num_local_experts=4, vocab_size=32000)),
+    # torchtune's model hands the compiled loss fp32 logits (--logits-upcast model), which it saves.
+    ("llama-3.2-1b", dict(precision="bf16-mixed", checkpointing="full", logits_upcast="model"), dict(vocab_size=32000)),
 ]
 
 
@@ -237,6 +239,28 @@ def test_which_loss_is_compiled(loss, compiled):
     seen: list[str] = []
     compiled_losses(model, lambda function: seen.append(function.__name__) or function)
     assert seen == ([compiled] if compiled else [])
+
+
+def test_an_eager_loss_beside_compiled_layers_follows_the_trace():
+    """--eager-loss (torchtitan without "loss" in compile.components, torchtune's full-finetune recipes with a whole
+    loss): the layers compiled, the loss eager, its fp32 log-probabilities kept for backward (a higher peak than the
+    compiled loss); the estimate equals the trace either way."""
+    from memtui.engine.estimator import estimate
+    from memtui.engine.trace.runner import trace
+
+    spec = small("llama-3.2-1b", vocab_size=32000)
+    peaks = {}
+    for eager_loss in (False, True):
+        config = TrainingConfig(model="llama-3.2-1b", gpu="h100-80gb", batch_size=1, seq_len=512, compile=True,
+                                precision="bf16-true", logits_upcast="model", eager_loss=eager_loss)
+        result = trace(config, model=spec)
+        traced = result.traced_tensor_peak_bytes
+        estimated = estimate(config, model=spec).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
+        assert abs(estimated - traced) / traced < 0.002, (eager_loss, estimated, traced)
+        assert any(line.startswith("torch.compile of each decoder layer" + ("" if eager_loss else " and of the loss"))
+                   for line in result.traced), result.traced
+        peaks[eager_loss] = traced
+    assert peaks[True] - peaks[False] > 0.99 * 512 * 32000 * 4  # about the fp32 log-probabilities, saved
 
 
 def test_what_the_trace_compiles():

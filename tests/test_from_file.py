@@ -245,6 +245,13 @@ COMPILE_KEYS = {
                                    '[activation_checkpoint]\nmode = "none"\n',
                        ["--model", "llama-3.1-8b", "--gpus", "8", "--zero", "3", "--checkpointing", "none",
                         "--optimizer-impl", "fused", "--fsdp-param-dtype", "compute"]),
+    # compile.components without "loss": the layers alone (torchtitan's train.py compiles the loss only when named).
+    "torchtitan-layers": ("job.toml", '[model]\nname = "llama3"\nflavor = "8B"\n[training]\nlocal_batch_size = 2\n'
+                                      'seq_len = 1024\n[parallelism]\ndata_parallel_shard_degree = 8\n'
+                                      '[activation_checkpoint]\nmode = "none"\n[compile]\nenable = true\n'
+                                      'components = ["model"]\n',
+                          ["--model", "llama-3.1-8b", "--gpus", "8", "--zero", "3", "--checkpointing", "none",
+                           "--optimizer-impl", "fused", "--fsdp-param-dtype", "compute", "--eager-loss"]),
     "axolotl": ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\nmicro_batch_size: 2\nsequence_len: 1024\n"
                                "bf16: true\ntorch_compile: true\n", ["--precision", "bf16-true"]),
     "axolotl-auto": ("axolotl.yml", "base_model: meta-llama/Llama-3.2-1B\nmicro_batch_size: 2\nsequence_len: 1024\n"
@@ -364,3 +371,16 @@ def test_a_bad_lora_dropout_in_a_file_names_its_key(tmp_path, capsys):
     path.write_text("base_model: meta-llama/Llama-3.2-1B\nadapter: lora\nlora_dropout: 1.5\n")
     code, _, err = run_cli(capsys, "estimate", "--from", str(path))
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"memtui: error: {path}: lora_dropout: ")
+
+
+@pytest.mark.parametrize(("loss", "expected"), [
+    ("torch.nn.CrossEntropyLoss", {"loss": None, "logits_upcast": "model"}),
+    ("torchtune.modules.loss.CEWithChunkedOutputLoss", {"loss": "chunked", "logits_upcast": None}),
+])
+def test_torchtunes_whole_output_is_upcast_in_the_model(tmp_path, loss, expected):
+    """torchtune's TransformerDecoder returns self.output(h).float() unless its output is chunked."""
+    path = tmp_path / "3B_full_single_device.yaml"
+    path.write_text(f"model:\n  _component_: torchtune.models.llama3_2.llama3_2_3b\nbatch_size: 2\n"
+                    f"loss:\n  _component_: {loss}\n")
+    options = read_framework_config(path).options
+    assert {key: options.get(key) for key in expected} == expected

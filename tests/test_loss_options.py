@@ -61,15 +61,17 @@ def test_the_losses_agree_in_value_and_gradients():
     spec = model_spec_from_config(config, model_id="tiny-llama", source="test")
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     results = {}
-    for loss, dtype in (("standard", "fp32"), ("chunked", "fp32"), ("fused-linear", "fp32"), ("chunked", "compute")):
+    for loss, dtype, upcast in (("standard", "fp32", "loss"), ("chunked", "fp32", "loss"),
+                                ("fused-linear", "fp32", "loss"), ("chunked", "compute", "loss"),
+                                ("standard", "fp32", "model")):
         torch.manual_seed(0)
         model = build_model(spec, TrainingConfig(model="llama-3.2-1b", precision="32-true", loss=loss, loss_chunks=3,
-                                                 loss_dtype=dtype))
+                                                 loss_dtype=dtype, logits_upcast=upcast))
         value = causal_lm_loss(model, ids, ids)
         value.backward()
-        key = loss if dtype == "fp32" else f"{loss}-{dtype}"
+        key = loss if dtype == "fp32" and upcast == "loss" else f"{loss}-{dtype}" if upcast == "loss" else upcast
         results[key] = (value.detach(), model.model.embed_tokens.weight.grad, model.model.norm.weight.grad)
-    for loss in ("chunked", "fused-linear", "chunked-compute"):
+    for loss in ("chunked", "fused-linear", "chunked-compute", "model"):
         for got, want in zip(results[loss], results["standard"]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
@@ -81,6 +83,8 @@ def test_the_losses_agree_in_value_and_gradients():
     (["--loss-dtype", "compute"], "--loss-dtype"),
     (["--loss", "fused-linear", "--loss-dtype", "compute"], "--loss-dtype"),
     (["--loss-dtype", "bf16"], "--loss-dtype"),
+    (["--loss", "chunked", "--logits-upcast", "model"], "--logits-upcast"),
+    (["--logits-upcast", "fp32"], "--logits-upcast"),
 ])
 def test_bad_values_are_one_line_errors(capsys, argv, names):
     try:
@@ -165,3 +169,29 @@ def test_litgpt_chunked_head_is_accepted_on_a_soft_capping_model():
     assert budget.tensor_peak_bytes > 0
     with pytest.raises(InputError):
         estimate(TrainingConfig(model="gemma-2-9b", loss="chunked"))
+
+
+def test_logits_upcast_in_the_model_returns_fp32_logits_and_follows_the_trace():
+    """torchtune's TransformerDecoder returns self.output(h).float(): the 16-bit head output is a temporary and the
+    model's logits are fp32. Compiled, the loss then saves fp32 logits instead of 16-bit ones (a higher peak);
+    eager and compiled, the estimate equals the trace."""
+    import torch
+
+    from memtui.engine.torchside.build import build_model
+    from memtui.engine.trace.runner import trace
+    from tests.test_compile import small
+
+    spec = small("llama-3.2-1b", vocab_size=32000)
+    model = build_model(spec, TrainingConfig(model="llama-3.2-1b", precision="bf16-true", logits_upcast="model"))
+    assert model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.dtype == torch.float32
+    workspace = cublas_workspace_bytes(resolve_gpu("h100-80gb"))
+    peaks = {}
+    for compile in (False, True):
+        for upcast in ("loss", "model"):
+            config = TrainingConfig(model="llama-3.2-1b", gpu="h100-80gb", batch_size=1, seq_len=512,
+                                    precision="bf16-true", compile=compile, logits_upcast=upcast)
+            traced = trace(config, model=spec).traced_tensor_peak_bytes
+            estimated = estimate(config, model=spec).tensor_peak_bytes - workspace
+            assert abs(estimated - traced) / traced < 0.002, (compile, upcast, estimated, traced)
+            peaks[compile, upcast] = traced
+    assert peaks[True, "model"] - peaks[True, "loss"] >= 512 * 32000 * 2  # at least the fp32 half of the logits

@@ -148,3 +148,18 @@ def test_pipeline_with_tensor_parallelism_and_fsdp2_is_traced_not_modelled():
     assert traced.peak_phase == estimated.peak_phase == "backward"
     for traced_rank, estimated_rank in zip(traced.budget.stages, estimated.stages, strict=True):
         assert estimated_rank.tensor_peak_bytes == pytest.approx(traced_rank.tensor_peak_bytes, rel=1e-4)
+
+
+def test_the_last_stage_keeps_the_models_fp32_logits_as_estimated():
+    """--logits-upcast model under pipeline parallelism: the last stage's head returns fp32 logits, which its chunk
+    state keeps until backward (a higher peak there than with the upcast in the loss); each rank as estimated."""
+    workspace = cublas_workspace_bytes(resolve_gpu("h100-80gb"))
+    peaks = {}
+    for upcast in ("loss", "model"):
+        config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=256, pp=2, microbatches=2, gpus=2,
+                                logits_upcast=upcast)
+        traced, estimated = _traced(config), estimate(config, model=SPEC)
+        for traced_rank, estimated_rank in zip(traced.budget.stages, estimated.stages, strict=True):
+            assert estimated_rank.tensor_peak_bytes == pytest.approx(traced_rank.tensor_peak_bytes, rel=0.002)
+        peaks[upcast] = traced.budget.stages[-1].tensor_peak_bytes - workspace
+    assert peaks["model"] > peaks["loss"]

@@ -414,7 +414,8 @@ _EXPLAINERS = [
         "kernel. The loss is compiled too, as torchtune and torchtitan compile it: torchtune's chunked "
         "cross-entropy one chunk at a time, transformers' loss as one graph; it saves the logits in their "
         "dtype and two fp32 values per row for backward instead of fp32 log-probabilities (LitGPT's chunked "
-        "loss and Liger's fused kernel stay eager). Not modelled: buffers inductor reuses in place, its "
+        "loss and Liger's fused kernel stay eager; `Eager loss` keeps any loss eager, as torchtune's "
+        "full-finetune recipes and torchtitan without \"loss\" in compile.components do). Not modelled: buffers inductor reuses in place, its "
         "workspaces, graph breaks (a layer is one graph). With checkpointing the checkpoint runs around "
         "the compiled layer.\n\n"
         "The estimate records each layer's eager op program and applies the same mechanism by op kind: "
@@ -538,6 +539,37 @@ _EXPLAINERS = [
         "length / 128 to match LitGPT's 128-token chunks.",
         "compute: the loss in 16 bits (LitGPT's own choice); the logits stay alive through backward.",
         "To match LitGPT's fine-tuning memory (its `--from` mapping sets it with a LoRA config).",
+    ),
+    Explainer(
+        "logits_upcast", "Logits upcast",
+        "Logits made fp32 in the loss or model.",
+        "**loss** is transformers: the model returns the head's logits in the compute dtype and "
+        "ForCausalLMLoss upcasts them to fp32 inside the loss (inside the compiled loss under Compile, "
+        "which then keeps the 16-bit logits for backward).\n\n"
+        "**model** is torchtune's TransformerDecoder (`self.output(h).float()`, "
+        "torchtune/modules/transformer.py): the 16-bit logits are a temporary, the model returns fp32 "
+        "logits and the loss takes them as they are. Eagerly that is lighter at the loss (no 16-bit copy "
+        "beside the fp32 ones); compiled, the loss keeps the fp32 logits (4 bytes per vocabulary entry and "
+        "token) for backward and hands back an fp32 gradient, which the upcast's backward casts down. "
+        "Only the standard loss: torchtune's chunked output stays in the compute dtype and "
+        "CEWithChunkedOutputLoss upcasts each chunk itself.",
+        "model: compiled, twice the saved logits of loss; eager, one 16-bit copy fewer at the loss.",
+        "To match torchtune's recipes with a non-chunked loss (its stack and `--from` mapping set it).",
+    ),
+    Explainer(
+        "eager_loss", "Eager loss",
+        "With Compile: the loss left eager.",
+        "**off** (the default) compiles the loss with the layers, as torchtune's compile_loss and torchtitan's "
+        "default compile.components do: the partitioner keeps the logits and two fp32 values per row for "
+        "backward instead of fp32 log-probabilities.\n\n"
+        "**on** compiles the decoder layers alone and runs the loss eagerly. torchtitan does that when "
+        "compile.components leaves out \"loss\"; torchtune's full_finetune_single_device and "
+        "full_finetune_distributed call `training.compile_loss(self._loss_fn)` without keeping its result, and "
+        "for a whole-module loss (nn.CrossEntropyLoss) that result is the only compiled copy "
+        "(torchtune/training/_compile.py compile_loss: `loss = torch.compile(loss)`), so their loss stays eager; "
+        "the chunked loss's compute_cross_entropy is compiled in place either way.",
+        "on: the eager loss's fp32 log-probabilities are kept for backward.",
+        "To match a framework that compiles its layers but not its loss.",
     ),
 ]
 

@@ -575,7 +575,8 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
     if reader.bool("enable_activation_offloading"):
         reader.set("enable_activation_offloading", "activation_offload", True)
     # torchtune/training/_compile.py: compile_model compiles each TransformerSelfAttentionLayer, as memtui does;
-    # compile_loss compiles the loss too (the recipes' `compile`, False in the shipped configs), as memtui does.
+    # compile_loss compiles the loss too (the recipes' `compile`, False in the shipped configs), as memtui does;
+    # a whole-module loss only where the recipe keeps its result (below).
     _map_compile(reader, "compile", "")
     # torchtune/modules/loss: CEWithChunkedOutputLoss (num_output_chunks, 8) and LinearCrossEntropyLoss (the
     # output projection inside the loss, chunked).
@@ -592,13 +593,25 @@ def _torchtune(reader: _Reader, _folder: Path) -> None:
         if reader.options.get("gpus", 1) > 1:
             reader.note("ignored: loss._component_=LinearCrossEntropyLoss (memtui models the chunked loss on one "
                         "GPU only)")
-            return
-        reader.set("loss._component_", "loss", "chunked")
-        reader.set("loss.num_output_chunks", "loss_chunks",
-                   reader.int("loss.num_output_chunks") or STACKS["torchtune"].value("loss_chunks"))
-        through = " through the LoRA output projection" if HEAD_TARGET in reader.options.get("lora_targets", "").split(",") else ""
-        reader.note(f"loss._component_: LinearCrossEntropyLoss{through} is modelled as --loss chunked, which keeps "
-                    "every chunk's compute-dtype logits (torchtune keeps one at a time), as --stack torchtune does")
+        else:
+            reader.set("loss._component_", "loss", "chunked")
+            reader.set("loss.num_output_chunks", "loss_chunks",
+                       reader.int("loss.num_output_chunks") or STACKS["torchtune"].value("loss_chunks"))
+            through = " through the LoRA output projection" if HEAD_TARGET in reader.options.get("lora_targets", "").split(",") else ""
+            reader.note(f"loss._component_: LinearCrossEntropyLoss{through} is modelled as --loss chunked, which "
+                        "keeps every chunk's compute-dtype logits (torchtune keeps one at a time), as --stack "
+                        "torchtune does")
+    if reader.options.get("loss", "standard") == "standard":
+        # A whole (non-chunked) output: TransformerDecoder returns self.output(h).float(), fp32 logits the loss
+        # takes as they are, as --stack torchtune says.
+        reader.set("loss._component_", "logits_upcast", STACKS["torchtune"].value("logits_upcast"))
+        if reader.bool("compile"):
+            # compile_loss returns torch.compile(loss) for a whole-module loss; only lora_finetune_single_device
+            # keeps it (self._loss_fn = ...), full_finetune_* and lora_finetune_distributed drop it (at 1814feb17
+            # and bd2a0fc7c), and the file does not say which recipe runs it.
+            reader.note("compile: torchtune's full_finetune_* and lora_finetune_distributed recipes drop "
+                        "compile_loss's compiled copy of a whole-module loss, which then stays eager: add "
+                        "--eager-loss for them (lora_finetune_single_device compiles it)")
 
 
 # ---- LitGPT -------------------------------------------------------------------------------------------------------
@@ -775,9 +788,9 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
     if not isinstance(components, list) or any(not isinstance(name, str) for name in components):
         raise reader.error("compile.components", f"{_quoted(components)} is not a list of names", "model, loss")
     if "model" in components:
-        _map_compile(reader, "compile.enable", "" if "loss" in components else
-                     "torchtitan leaves the loss eager (compile.components has no \"loss\"); memtui's --compile "
-                     "compiles it with the layers")
+        _map_compile(reader, "compile.enable", "")
+        if reader.bool("compile.enable") and "loss" not in components:
+            reader.set("compile.components", "eager_loss", True)  # the layers alone, the loss eager
     elif reader.bool("compile.enable"):
         reader.note("ignored: compile.enable=true (compile.components leaves out the model: only the loss is "
                     "compiled, which memtui's --compile does only with the layers)")

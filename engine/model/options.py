@@ -228,6 +228,9 @@ _OPTIONS = (
            "the chunked loss's log-probabilities upcast to fp32 (torchtune) or in the logits' dtype (LitGPT's "
            "chunked_cross_entropy)", "--loss chunked --loss-dtype compute",
            ladder={"compute": "loss in the compute dtype (no fp32 upcast)"}, baseline="fp32"),
+    Option("logits_upcast", "Logits upcast", MEMORY_SAVERS, "select",
+           "where the standard loss's logits become fp32: in the loss (transformers) or in the model, which "
+           "returns fp32 logits (torchtune)", "--logits-upcast model"),
     # ---- gradients across micro-batches and the optimizer step ------------------------------------------
     Option("grad_accum", "Grad accum", WORKLOAD, "int",
            "micro-batches per optimizer step; from the second on a full set of gradients is alive",
@@ -257,6 +260,9 @@ _OPTIONS = (
            "torch.compile each decoder layer and the loss (torchtune, torchtitan): the min-cut partitioner decides "
            "what is saved, fused pointwise ops keep no buffers", "--compile",
            ladder="torch.compile (the partitioner's saved tensors)", baseline=False),
+    Option("eager_loss", "Eager loss", MEMORY_SAVERS, "switch",
+           "with --compile, the layers alone compiled and the loss eager (torchtitan without \"loss\" in "
+           "compile.components, torchtune's full-finetune recipes with a whole-module loss)", "--compile --eager-loss"),
     # ---- hybrid sharding (issue 13) -------------------------------------------------------------------
     Option("shard_group", "Shard group", PARALLELISM, "int",
            "HSDP: shard within groups of G data-parallel ranks, replicate across them; 0 shards over all",

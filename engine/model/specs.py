@@ -23,6 +23,7 @@ Quant = Literal["none", "int8", "nf4"]
 Loss = Literal["standard", "chunked", "fused-linear"]
 LoraDtype = Literal["fp32", "compute"]
 LossDtype = Literal["fp32", "compute"]
+LogitsUpcast = Literal["loss", "model"]
 BnbVersion = Literal["current", "legacy"]
 # What FSDP2 gathers the parameters in: as stored (MixedPrecisionPolicy(), autocast casting them for compute), or in
 # the compute dtype (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's).
@@ -81,6 +82,7 @@ class TrainingConfig(BaseModel):
     loss: Loss = "standard"
     loss_chunks: int = Field(8, ge=1, le=1024, description="chunks of the sequence for the chunked head and loss")
     loss_dtype: LossDtype = "fp32"
+    logits_upcast: LogitsUpcast = "loss"
     grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
     optimizer_in_backward: bool = False
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False,
@@ -89,6 +91,7 @@ class TrainingConfig(BaseModel):
     kbit_prep: bool = False
     activation_offload: bool = False
     compile: bool = False
+    eager_loss: bool = False
     shard_group: int = Field(0, ge=0, le=65536,
                              description="HSDP: ranks per FSDP shard group, replicated across the rest; 0: all ranks")
     bnb_version: BnbVersion = "current"

@@ -52,6 +52,7 @@ CONDITIONS: dict[str, tuple[str, Callable[[View], bool], str]] = {
     "true-precision": ("with 16-bit weights and no autocast",
                        lambda view: view["precision"] in ("16-true", "bf16-true"), ""),
     "chunked-loss": ("with --loss chunked", lambda view: view["loss"] == "chunked", ""),
+    "standard-loss": ("with --loss standard", lambda view: view["loss"] == "standard", ""),
     "no-softcap": ("for a model without final-logit soft-capping", lambda view: not _softcapped(view),
                    "the model soft-caps its logits, which memtui's chunked and fused losses do not"),
     "fsdp2-full-bf16": ("with FSDP2 sharding a full bf16-mixed fine-tune",
@@ -213,6 +214,9 @@ _STACKS = (
                          "chunk's (CEWithChunkedOutputLoss), an over-estimate of one compute-dtype copy of the logits"),
             Default("loss_chunks", 8, "torchtune/modules/loss/cross_entropy_loss.py:36 num_output_chunks: int = 8",
                     when=("chunked-loss",)),
+            Default("logits_upcast", "model",
+                    "torchtune/modules/transformer.py:687 TransformerDecoder.unembed: self.output(h).float() "
+                    "(its chunked output stays in the compute dtype)", when=("standard-loss",)),
             Default("lora_dtype", "compute",
                     "torchtune/modules/peft/lora.py:27 LoRALinear: adapters in the model's dtype", when=("lora",)),
             Default("lora_dropout", 0.0, "torchtune/modules/peft/lora.py:63 LoRALinear dropout=0.0", when=("lora",)),

@@ -292,6 +292,11 @@ RULES: tuple[Rule, ...] = (
           message=lambda f: f"compute is modelled with {{loss}} chunked (LitGPT's chunked head); {{loss}} is "
                             f"{f.config.loss}",
           allowed=lambda f: "fp32, or compute with {loss} chunked"),
+    # torchtune's model upcasts only its whole output: its chunked output stays in the compute dtype
+    # (torchtune/modules/transformer.py: chunked_output vs self.output(h).float()).
+    _rule("logits_upcast", "loss", broken=lambda f: f.config.logits_upcast == "model" and f.config.loss != "standard",
+          message=lambda f: f"model upcasts the standard loss's logits; {{loss}} is {f.config.loss}",
+          allowed=lambda f: "loss, or model with {loss} standard"),
     # Whichever family: a config with final_logit_softcapping caps the logits, which neither kernel does.
     # LitGPT's chunked head returns its chunks before capping (litgpt/lora.py GPT.forward), so it caps nothing.
     _rule("loss", "model", broken=lambda f: f.config.loss != "standard" and f.model.final_logit_softcapping is not None
@@ -358,9 +363,11 @@ RULES: tuple[Rule, ...] = (
                             "version changes nothing."),
     # ---- torch.compile per decoder layer (issue 11) ----
     _note("compile", broken=lambda f: f.config.compile,
-          message=lambda f: "torch.compile: `memtui trace` runs each decoder layer and the loss"
-                            + (" (Liger's fused kernel and LitGPT's chunked loss stay eager)"
-                               if f.config.loss == "fused-linear" or f.config.loss_dtype == "compute" else "")
+          message=lambda f: "torch.compile: `memtui trace` runs each decoder layer"
+                            + (" (the loss stays eager: --eager-loss)" if f.config.eager_loss else
+                               " and the loss (Liger's fused kernel and LitGPT's chunked loss stay eager)"
+                               if f.config.loss == "fused-linear" or f.config.loss_dtype == "compute" else
+                               " and the loss")
                             + " through AOTAutograd and inductor's partitioner (on one GPU, without --quant or "
                             "selective checkpointing); "
                             + ("the estimate puts each layer's and the loss's ops through the same min-cut and "

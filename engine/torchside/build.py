@@ -169,6 +169,9 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
         model = apply_lora(model, spec, config)
     # training_step reads how to compute the loss from the model: its callers need not know.
     model.memtui_loss = (config.loss, config.loss_chunks, config.loss_dtype)
+    if config.logits_upcast == "model":
+        upcast_logits(model)
+    model.memtui_eager_loss = config.eager_loss  # under --compile (torchside/compiled.py compiled_losses)
     if config.activation_offload:
         from memtui.engine.torchside.offload import offload_decoder_activations
 
@@ -523,6 +526,14 @@ def causal_lm_loss(model, input_ids, labels, *, phase: PhaseHook | None = None, 
     if phase is not None:
         phase("loss")  # the tracer marks the loss phase when the head runs; this head is never called
     return fused_linear_loss(hidden, head.weight, labels)
+
+
+def upcast_logits(model) -> None:
+    """torchtune's TransformerDecoder: `self.output(h).float()` (torchtune/modules/transformer.py, at 1814feb17), so
+    the model returns fp32 logits and the head's own output is a temporary. The head's forward hook returns the
+    cast in its place; transformers' loss then finds them fp32 (its `logits.float()` returns them as they are)."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal.get_output_embeddings().register_forward_hook(lambda _module, _args, output: output.float())
 
 
 def shifted_labels(labels):

@@ -78,6 +78,8 @@ def compiled_losses(model, compile_function: Callable[[Callable], Callable]) -> 
     cross-entropy) as one graph. LitGPT's chunked loss (--loss-dtype compute) and Liger's fused kernel stay eager."""
     from memtui.engine.torchside.build import compute_cross_entropy
 
+    if getattr(model, "memtui_eager_loss", False):  # --eager-loss: the layers alone
+        return
     mode, _chunks, dtype = getattr(model, "memtui_loss", ("standard", 1, "fp32"))
     if mode == "chunked" and dtype == "fp32":
         model.memtui_cross_entropy = compile_function(compute_cross_entropy)

@@ -58,7 +58,7 @@ def _what_was_traced(config: TrainingConfig, spec: ModelSpec, compile_untraced: 
         traced.append("activation offloading: torchtune's OffloadActivations hooks (single stream) around the "
                       "decoder; the host copies counted apart (offloaded_activation_bytes)")
     if config.compile and not compile_untraced:
-        loss = "" if config.loss == "fused-linear" or config.loss_dtype == "compute" else \
+        loss = "" if config.loss == "fused-linear" or config.loss_dtype == "compute" or config.eager_loss else \
             (" and of the loss (torchtune's compute_cross_entropy, per chunk)" if config.loss == "chunked" else
              " and of the loss (transformers' ForCausalLMLoss, one graph)")
         traced.append(f"torch.compile of each decoder layer{loss}: AOTAutograd with inductor's decompositions and "
@@ -85,7 +85,8 @@ def _what_was_modelled(config: TrainingConfig, distributed: bool, alloc_config: 
     if config.compile and compile_untraced:
         modelled.append(f"torch.compile: not traced with {compile_untraced}; the step was traced eagerly")
     elif config.compile:
-        eager_loss = "; Liger's fused kernel and LitGPT's chunked loss run eagerly" \
+        eager_loss = "; the loss runs eagerly (--eager-loss)" if config.eager_loss else \
+            "; Liger's fused kernel and LitGPT's chunked loss run eagerly" \
             if config.loss == "fused-linear" or config.loss_dtype == "compute" else ""
         modelled.append("torch.compile: inductor's in-place buffer reuse and workspaces and graph breaks are not "
                         f"modelled; dynamo is not run (a layer, or the loss, is one graph){eager_loss}")

@@ -59,6 +59,8 @@ class Options:
     loss: str = "standard"  # standard | chunked | fused-linear (--loss)
     loss_chunks: int = 8  # chunked: sequence chunks
     loss_dtype: str = "fp32"  # chunked: fp32 (torchtune's upcast) | compute (LitGPT's chunked_cross_entropy)
+    compiled_loss: bool = False  # --compile without --eager-loss: the loss as one graph (or one per chunk)
+    logits_upcast: str = "loss"  # standard: loss (transformers' ForCausalLMLoss) | model (torchtune's .float())
     loss_chunk_rows: int = 0  # fused-linear: rows of logits per chunk (Liger's, from the step's tokens)
     lora_dropout: float = 0.0  # peft's nn.Dropout on each adapter's input (--lora-dropout)
     lora_head: bool = False  # peft's LoRA on lm_head too (`lm_head` in --lora-targets)

@@ -132,6 +132,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         loss=config.loss,
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
         loss_dtype=config.loss_dtype if config.loss == "chunked" else "fp32",
+        logits_upcast=config.logits_upcast,
+        compiled_loss=config.compile and not config.eager_loss and not unmodelled_compile(config, spec),
         sequence_parallel=config.tp if tensor_parallel_refusal(config, spec) is None else 1,
         loss_chunk_rows=fused_linear_chunk_rows(config.batch_size * config.seq_len, spec.vocab_size // config.tp,
                                                 spec.hidden_size) if config.loss == "fused-linear" else 0,
@@ -378,10 +380,16 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         if head_adapters is not None:
             logits = lora_branch(sim, head_input, logits, head_adapters, d.hidden, d.vocab, opts)
         sim.drop(head_input)
+        if opts.logits_upcast == "model":
+            # torchtune's self.output(h).float(): the head's output is a temporary (the cast's backward keeps
+            # nothing), the model returns fp32 logits and the loss's own upcast is a no-op.
+            upcast = ops.cast(sim, logits, "f32")
+            sim.drop(logits)
+            logits = upcast
         if opts.logit_softcap:
             logits = softcap(sim, logits)
         sim.set_segment("loss_fwd")  # the loss's own backward comes before the head's (FSDP2's root gather)
-        if opts.compiled:
+        if opts.compiled_loss:
             loss = compiled_layer(sim, lambda graph, x: cross_entropy_graph(graph, x, ids, d.vocab, shift=True), logits)
         else:
             loss = causal_lm_loss(sim, logits, ids, loss_parallel=opts.sequence_parallel > 1)
@@ -539,7 +547,7 @@ def chunked_output_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: O
     total = None
     for logit in logits:
         target = sim.new(lf_scale(shifted.elems, 1 / parts_count), "i64", name="target chunk") if opts.batched else None
-        if opts.compiled:  # torchtune compiles compute_cross_entropy: one graph per chunk
+        if opts.compiled_loss:  # torchtune compiles compute_cross_entropy: one graph per chunk
             chunk_loss = compiled_layer(sim, lambda graph, x, labels=target if target is not None else shifted:
                                         cross_entropy_graph(graph, x, labels, d.vocab, shift=False), logit)
             sim.drop(target)
