@@ -660,9 +660,9 @@ def llama_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos
 def llama_layer_params(sim: Sim, d: Dims, opts: Options) -> LayerParams:
     p = LayerParams()
     h = d.hidden
-    if opts.family == "phi3":
-        make_linear(sim, p, "qkv_proj", h, d.q_dim + 2 * d.kv_dim, opts, opts.qkv_bias)
+    if opts.family == "phi3":  # Phi3Attention defines o_proj before qkv_proj: model.parameters() order
         make_linear(sim, p, "o_proj", d.q_dim, h, opts, opts.o_bias)
+        make_linear(sim, p, "qkv_proj", h, d.q_dim + 2 * d.kv_dim, opts, opts.qkv_bias)
         make_linear(sim, p, "gate_up_proj", h, 2 * d.intermediate, opts, opts.mlp_bias)
         make_linear(sim, p, "down_proj", d.intermediate, h, opts, opts.mlp_bias)
         p.norms = [norm_weight(sim, h, opts, "input_layernorm"), norm_weight(sim, h, opts, "post_attention_layernorm")]
