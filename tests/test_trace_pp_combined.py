@@ -97,3 +97,22 @@ def test_pipeline_with_tensor_parallelism_and_fsdp2_is_traced_not_modelled():
     assert traced.peak_phase == estimated.peak_phase == "backward"
     for traced_rank, estimated_rank in zip(traced.budget.stages, estimated.stages, strict=True):
         assert estimated_rank.tensor_peak_bytes == pytest.approx(traced_rank.tensor_peak_bytes, rel=1e-4)
+
+
+def test_gpipe_ranks_of_one_role_trace_alike_so_one_trace_serves_them():
+    """ScheduleGPipe runs every rank alike: two middle ranks with as many layers (FSDP2 and DTensor on a (pp, dp,
+    tp) mesh) make the same allocations, event for event, so trace_pipeline traces one of them; 1F1B's warm-up
+    differs by rank, so each is traced."""
+    from memtui.engine.trace.pipeline import _rank_role, trace_pipeline
+
+    spec = small_llama(layers=4)
+    config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=64, pp=4, microbatches=2, gpus=16, tp=2,
+                            zero=3, pp_schedule="gpipe")
+    assert pipeline_refusal(config, spec) is None
+    roles = [_rank_role(spec, config, rank) for rank in range(config.pp)]
+    assert roles[1] == roles[2] and len(set(roles)) == 3
+    every = trace_pipeline(spec, config, reuse=False)
+    assert every[1].log == every[2].log and every[1].extras == every[2].extras
+    assert every[1].log != every[0].log and every[1].log != every[3].log
+    assert (every[2].rank, every[2].stages) == (2, [2])
+    assert [_rank_role(spec, config.model_copy(update={"pp_schedule": "1f1b"}), rank) for rank in range(4)] == [None] * 4
