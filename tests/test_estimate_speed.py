@@ -25,8 +25,8 @@ CONFIGS = [
 
 
 def _clear_memos() -> None:
-    for cache in (estimator._STEPS, estimator._OPTION_SETS, estimator._PLANS, estimator._CHECKS, estimator._LAYOUTS,
-                  estimator._BNB_STATES):
+    for cache in (estimator._STEPS, estimator._OPTION_SETS, estimator._PROGRAMS_SEEN, estimator._PLANS, estimator._CHECKS,
+                  estimator._LAYOUTS, estimator._BNB_STATES):
         cache.clear()
 
 
@@ -61,6 +61,7 @@ def test_a_repeated_estimate_replays_nothing_and_builds_one_model(config, calls)
 def test_a_new_batch_or_sequence_reuses_the_option_sets_model_states_and_step_plan(calls):
     config = CONFIGS[1]
     estimate(config)
+    estimate(config.model_copy(update={"batch_size": config.batch_size + 1}))  # a second shape: the plan is made
     calls.clear()
     estimate(config.model_copy(update={"batch_size": config.batch_size + 3, "seq_len": config.seq_len // 2}))
     assert calls.get("_states_on_gpu", 0) == 0  # the layout, the states and ZeRO-1's share scan: memoised
@@ -93,7 +94,11 @@ def test_a_step_plan_gives_what_the_moments_built_at_each_shape_give(config, mon
     _clear_memos()
     estimate(config, model=model, gpu=gpu)
     shapes = [config.model_copy(update={"batch_size": batch, "seq_len": seq}) for batch, seq in SHAPES]
-    planned = [estimate(at, model=model, gpu=gpu).model_dump_json() for at in shapes]
+    planned = []
+    for at in shapes:
+        estimate(at, model=model, gpu=gpu)  # a program's first shape is evaluated at it; a second is planned
+        estimator._STEPS.clear()
+        planned.append(estimate(at, model=model, gpu=gpu).model_dump_json())
     assert estimator._PLANS and all(plan is not None for _model, _gpu, plan in estimator._PLANS.values())
     _clear_memos()
     monkeypatch.setattr(estimator, "_step_plan", lambda *args: None)  # each shape's moments, built at it

@@ -81,7 +81,8 @@ _all_options = itemgetter(*_OPTION_NAMES)
 _shape_free_options = itemgetter(*(name for name in _OPTION_NAMES if name not in ("batch_size", "seq_len")))
 _STEPS: Cache = {}  # (check_config's notes, _StepFigures) per option
 _OPTION_SETS: Cache = {}  # (layout, model states on the GPU, one optimizer state over the largest group, trainable)
-_PLANS: Cache = {}  # _StepPlan (or None) per option set and program_shape
+_PROGRAMS_SEEN: Cache = {}  # the option sets and program_shapes estimated at one shape at least
+_PLANS: Cache = {}  # _StepPlan (or None) per option set and program_shape, once a second shape of it comes
 _CHECKS: Cache = {}  # the rules check_config asks at each shape, per option set
 
 
@@ -551,8 +552,14 @@ def _step_figures(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> _St
     layout, on_gpu, one_state_group, trainable_params = memoised(
         _OPTION_SETS, shape_free, model, gpu, lambda: _option_set(config, model), limit=1024)
     workspace = cublas_workspace_bytes(gpu)
-    plan = memoised(_PLANS, (shape_free, program_shape(config, model)), model, gpu,
-                    lambda: _step_plan(config, model, layout, on_gpu, one_state_group, workspace), limit=1024)
+    program = (shape_free, program_shape(config, model))
+    first = object()
+    plan = None
+    if memoised(_PROGRAMS_SEEN, program, model, gpu, lambda: first, limit=1024) is not first:
+        # A second shape of this program (fit, the planner as one types): plan it. The first is evaluated at its
+        # shape, so a one-off estimate (or the first after a memo is emptied) costs no more than the moments.
+        plan = memoised(_PLANS, program, model, gpu,
+                        lambda: _step_plan(config, model, layout, on_gpu, one_state_group, workspace), limit=1024)
     if plan is None:
         forms = step_forms(config, model, layers=layout.layers)
         moments = _step_moments(config, model, layout, on_gpu, one_state_group, workspace, forms)
@@ -622,8 +629,8 @@ def _step_plan(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, on
     totals = [moment.total(optimizer_states) for moment in moments]
     if any(isinstance(total, Shaped) and len(total.forms) > 2 for total in totals):
         return None
-    peak_candidates = undominated(totals, lambda earlier, index: moments[earlier].phase == moments[index].phase)
-    temporary_candidates = undominated([moment.temporary for moment in moments], lambda earlier, index: True)
+    peak_candidates = undominated(totals, [moment.phase for moment in moments])
+    temporary_candidates = undominated([moment.temporary for moment in moments], [None] * len(moments))
     unique: dict[LF, int] = {}
 
     def figure(value: int | Shaped) -> _Figure:

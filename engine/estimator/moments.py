@@ -9,7 +9,6 @@ the estimator's plan of the step, which each new shape then evaluates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import lru_cache
 from operator import ge
 from typing import NamedTuple
@@ -63,18 +62,22 @@ class Shaped:
         return self.offset + sum(int(lf_eval(form, values)) for form in self.forms)
 
 
-def undominated(values: list[int | Shaped], comparable: Callable[[int, int], bool]) -> list[int]:
-    """The indices of `values` that no earlier one (`comparable(earlier, index)`) matches or exceeds at every shape,
-    judged by a sufficient rule: the offsets, and the forms pairwise coefficient by coefficient (what every form
-    multiplies is >= 0; a product and a rounded sum only grow with their terms, and so does int())."""
+def undominated(values: list[int | Shaped], groups: list[object]) -> list[int]:
+    """The indices of `values` that no earlier one of the same group matches or exceeds at every shape, judged by a
+    sufficient rule: the offsets, and the forms pairwise coefficient by coefficient (what every form multiplies is
+    >= 0; a product and a rounded sum only grow with their terms, and so does int()). As the rule is transitive, an
+    index is held to the earlier ones kept."""
     width = max((len(value.forms) for value in values if isinstance(value, Shaped)), default=0)
-    flat = []
-    for value in values:
+    kept: list[int] = []
+    kept_by_group: dict[object, list[tuple[int, ...]]] = {}
+    for index, (value, group) in enumerate(zip(values, groups)):
         forms, offset = (value.forms, value.offset) if isinstance(value, Shaped) else ((), value)
-        flat.append((offset, tuple(c for form in forms + (ZERO,) * (width - len(forms)) for c in form)))
-    return [index for index, (offset, coefficients) in enumerate(flat)
-            if not any(flat[earlier][0] >= offset and all(map(ge, flat[earlier][1], coefficients))
-                       and comparable(earlier, index) for earlier in range(index))]
+        figures = (offset, *sum(forms, ()), *ZERO * (width - len(forms)))
+        earlier = kept_by_group.setdefault(group, [])
+        if not any(other[0] >= offset and all(map(ge, other, figures)) for other in earlier):
+            earlier.append(figures)
+            kept.append(index)
+    return kept
 
 
 class Moment(NamedTuple):
@@ -111,11 +114,17 @@ def symbolic_step_forms(config: TrainingConfig, model: ModelSpec, *, layers: int
     """step_forms at every shape that replays config's program (program_shape's), a form where a figure depends on
     the shape."""
     _one_stage(config)
-    program = compile_step(dims_for(model, config.tp), options_for(config, model), layers)
-    return StepForms([Moment(row[0], *(_shaped(tuple(row[start:start + 5])) for start in (1, 6, 11, 16)))
-                      for row in program.rows],
-                     _shaped(program.held_after_forward),
+    dims, options = dims_for(model, config.tp), options_for(config, model)
+    program = compile_step(dims, options, layers)
+    return StepForms(list(_symbolic_moments(dims, options, layers)), _shaped(program.held_after_forward),
                      _shaped(program.offloaded_bytes) if config.activation_offload else 0)
+
+
+@lru_cache(maxsize=256)
+def _symbolic_moments(dims: Dims, options: Options, layers: int) -> tuple[Moment, ...]:
+    """A program's candidates as Moments of Shaped figures (option sets that differ in ZeRO, GPUs, ... share it)."""
+    return tuple(Moment(row[0], *(_shaped(tuple(row[start:start + 5])) for start in (1, 6, 11, 16)))
+                 for row in compile_step(dims, options, layers).rows)
 
 
 def _one_stage(config: TrainingConfig) -> None:
