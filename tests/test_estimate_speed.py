@@ -12,6 +12,7 @@ import memtui.engine.estimator as estimator
 from memtui.engine.errors import InputError
 from memtui.engine.estimator import estimate
 from memtui.engine.model.presets import resolve_gpu, resolve_model
+from memtui.engine.model import validation
 from memtui.engine.model.specs import TrainingConfig
 
 CONFIGS = [
@@ -24,7 +25,8 @@ CONFIGS = [
 
 
 def _clear_memos() -> None:
-    for cache in (estimator._STEPS, estimator._OPTION_SETS, estimator._LAYOUTS, estimator._BNB_STATES):
+    for cache in (estimator._STEPS, estimator._OPTION_SETS, estimator._PROGRAMS_SEEN, estimator._PLANS, estimator._CHECKS,
+                  estimator._LAYOUTS, estimator._BNB_STATES):
         cache.clear()
 
 
@@ -39,7 +41,7 @@ def calls(monkeypatch):
             return function(*args, **kwargs)
         return wrapper
 
-    for name in ("check_config", "_step_moments", "_states_on_gpu", "activation_moments"):
+    for name in ("check_config", "_step_moments", "_states_on_gpu", "step_forms", "symbolic_step_forms"):
         monkeypatch.setattr(estimator, name, counting(name, getattr(estimator, name)))
     monkeypatch.setattr(pydantic.BaseModel, "__init__", counting("model __init__", pydantic.BaseModel.__init__))
     validate = pydantic.BaseModel.model_validate.__func__
@@ -56,13 +58,51 @@ def test_a_repeated_estimate_replays_nothing_and_builds_one_model(config, calls)
     assert again.model_dump_json() == first.model_dump_json()
 
 
-def test_a_new_batch_or_sequence_reuses_the_option_sets_model_states(calls):
+def test_a_new_batch_or_sequence_reuses_the_option_sets_model_states_and_step_plan(calls):
     config = CONFIGS[1]
     estimate(config)
+    estimate(config.model_copy(update={"batch_size": config.batch_size + 1}))  # a second shape: the plan is made
     calls.clear()
     estimate(config.model_copy(update={"batch_size": config.batch_size + 3, "seq_len": config.seq_len // 2}))
     assert calls.get("_states_on_gpu", 0) == 0  # the layout, the states and ZeRO-1's share scan: memoised
-    assert calls["_step_moments"] == 1 and calls["check_config"] == 1
+    # the program's plan: its forms evaluated at the new shape, no moments built
+    assert calls.get("_step_moments", 0) == calls.get("step_forms", 0) == calls.get("symbolic_step_forms", 0) == 0
+    assert calls["check_config"] == 1
+
+
+# One option set per way the step's moments are built: FSDP2's root group and ZeRO-3's gathers, gradient
+# accumulation, optimizer in backward, tensor parallelism's embedding gradient, LoRA/QLoRA, activation offload,
+# Liger's fused head (its chunk rows change the program with the shape), Phi-3's batched layout.
+PLANNED = [
+    TrainingConfig(model="llama-3.2-1b", gpus=8, zero=3, checkpointing="full"),
+    TrainingConfig(model="qwen2.5-0.5b", gpus=4, zero=2, grad_accum=3),
+    TrainingConfig(model="gemma-3-1b", optimizer_in_backward=True, precision="bf16-true"),
+    TrainingConfig(model="llama-3.2-1b", gpus=8, tp=4, zero=3),
+    TrainingConfig(model="llama-3.2-1b", lora_rank=16, lora_targets="all-linear", quant="nf4", grad_accum=2),
+    TrainingConfig(model="llama-3.2-1b", activation_offload=True, checkpointing="full"),
+    TrainingConfig(model="qwen2.5-0.5b", loss="fused-linear"),
+    TrainingConfig(model="phi-3-mini", attention="flash"),
+]
+SHAPES = [(1, 1), (2, 3), (1, 1000), (3, 2048), (8, 4099), (1, 131072)]
+
+
+@pytest.mark.parametrize("config", PLANNED, ids=lambda config: config.model)
+def test_a_step_plan_gives_what_the_moments_built_at_each_shape_give(config, monkeypatch):
+    """The plan (the moments as forms, evaluated at a shape, those always matched dropped), made at the config's
+    shape, against the moments built at each shape: the same Budget, byte for byte."""
+    model, gpu = resolve_model(config.model), resolve_gpu(config.gpu)
+    _clear_memos()
+    estimate(config, model=model, gpu=gpu)
+    shapes = [config.model_copy(update={"batch_size": batch, "seq_len": seq}) for batch, seq in SHAPES]
+    planned = []
+    for at in shapes:
+        estimate(at, model=model, gpu=gpu)  # a program's first shape is evaluated at it; a second is planned
+        estimator._STEPS.clear()
+        planned.append(estimate(at, model=model, gpu=gpu).model_dump_json())
+    assert estimator._PLANS and all(plan is not None for _model, _gpu, plan in estimator._PLANS.values())
+    _clear_memos()
+    monkeypatch.setattr(estimator, "_step_plan", lambda *args: None)  # each shape's moments, built at it
+    assert [estimate(at, model=model, gpu=gpu).model_dump_json() for at in shapes] == planned
 
 
 def test_memoised_answers_equal_fresh_ones_in_any_order():
@@ -105,3 +145,90 @@ def test_a_refusal_is_not_memoised():
     for _ in range(2):
         with pytest.raises(InputError):
             estimate(config)
+
+
+class _ShapeAsked(Exception):
+    pass
+
+
+class _Unasked:
+    """A batch size or sequence length that no operation may touch."""
+
+    def _asked(self, *_args):
+        raise _ShapeAsked
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __hash__ = __bool__ = __int__ = __index__ = _asked
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __floordiv__ = __rfloordiv__ = _asked
+    __truediv__ = __rtruediv__ = __mod__ = __rmod__ = __format__ = __str__ = __float__ = _asked
+
+
+# Options that break, or come near breaking, the rules: each rule's condition read as far as it goes.
+RULE_OPTIONS = [
+    {}, {"gpus": 8, "tp": 2}, {"gpus": 8, "tp": 3}, {"gpus": 4, "tp": 8}, {"gpus": 6, "pp": 4}, {"pp": 200, "gpus": 200},
+    {"lora_rank": 16, "lora_targets": "all-linear"}, {"lora_rank": 100000}, {"lora_rank": 8, "lora_targets": "nothing"},
+    {"lora_rank": 8, "optimizer": "galore-adamw"}, {"optimizer": "galore-adamw", "galore_rank": 100000},
+    {"quant": "nf4"}, {"quant": "nf4", "lora_rank": 8, "precision": "32-true"}, {"master_weights": True},
+    {"offload": "optimizer+params", "zero": 2, "gpus": 2}, {"offload": "optimizer"},
+    {"optimizer_in_backward": True, "grad_accum": 2}, {"optimizer_in_backward": True, "zero": 1, "gpus": 2},
+    {"optimizer_in_backward": True, "precision": "16-mixed"}, {"zero": 3}, {"optimizer_impl": "fused", "optimizer": "lion"},
+    {"precision": "bf16-true", "gpu": "t4"}, {"gpus": 2, "tp": 2, "attention": "eager"},
+    {"checkpointing": "selective"}, {"checkpointing": "selective-op", "gpus": 2, "tp": 2}, {"loss": "chunked", "gpus": 2},
+    {"loss_dtype": "compute"}, {"loss": "fused-linear"}, {"lora_rank": 8, "quant": "nf4", "precision": "16-mixed",
+                                                         "lora_dtype": "compute"},
+    {"kbit_prep": True}, {"quant": "nf4", "lora_rank": 8, "precision": "bf16-mixed"},
+    {"optimizer": "paged-adamw-8bit", "gpus": 2}, {"optimizer": "paged-adamw", "master_weights": True},
+    {"activation_offload": True, "gpus": 2}, {"lora_rank": 8, "lora_targets": "all-linear,lm_head", "loss": "fused-linear"},
+    {"lora_rank": 8, "lora_targets": "all-linear,lm_head", "gpus": 2},
+    {"lora_rank": 8, "lora_targets": "lm_head", "kbit_prep": True, "lora_dtype": "compute", "quant": "nf4"},
+    {"bnb_version": "legacy", "quant": "int8", "lora_rank": 8}, {"bnb_version": "legacy", "quant": "nf4", "lora_rank": 8,
+                                                                 "gpus": 2},
+    {"bnb_version": "legacy"}, {"compile": True}, {"compile": True, "quant": "nf4", "lora_rank": 8},
+    {"fsdp_param_dtype": "compute"}, {"fsdp_param_dtype": "compute", "gpus": 4, "zero": 3},
+    {"shard_group": 2, "zero": 1, "gpus": 4}, {"shard_group": 3, "zero": 3, "gpus": 8},
+    {"pp": 2, "gpus": 2, "microbatches": 3}, {"pp": 4, "gpus": 4, "pp_schedule": "1f1b", "microbatches": 2},
+    {"pp": 2, "gpus": 2, "pp_schedule": "interleaved-1f1b", "microbatches": 3}, {"microbatches": 2},
+    {"pp": 2, "gpus": 4, "zero": 3, "tp": 2, "microbatches": 2},
+]
+RULE_MODELS = ["llama-3.2-1b", "gpt2", "qwen3-30b-a3b", "gemma-3-1b", "phi-3-mini", "gpt-oss-20b", "gemma-2-9b"]
+
+
+def _configs_for_rules():
+    for model_id in RULE_MODELS:
+        for options in RULE_OPTIONS:
+            try:
+                yield TrainingConfig(**{"model": model_id, **options})
+            except (ValueError, InputError):
+                continue
+
+
+def test_a_rule_that_names_no_shape_field_never_reads_the_batch_size_or_sequence_length():
+    """checks_at_a_shape judges such a rule once per option set: it must not read the shape, properties included."""
+    shape_free = [rule for rule in validation.RULES if not validation.SHAPE_FIELDS.intersection(rule.fields)]
+    judged = 0
+    for config in _configs_for_rules():
+        model, gpu = resolve_model(config.model), resolve_gpu(config.gpu)
+        facts = validation.Facts(config.model_copy(update={"batch_size": _Unasked(), "seq_len": _Unasked()}), model, gpu)
+        for rule in shape_free:
+            try:
+                rule.broken(facts)
+            except InputError:
+                pass
+            judged += 1
+    assert judged > 1000
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1024), (4, 5000), (16, 131072)])
+def test_the_checks_kept_for_an_option_set_say_what_every_rule_says(shape):
+    """check_config with checks_at_a_shape (made at another shape) against every rule asked: the same notes, or the
+    same refusal."""
+    def outcome(config, model, gpu, checks=None):
+        try:
+            return validation.check_config(config, model, gpu, checks)
+        except InputError as error:
+            return str(error)
+
+    for config in _configs_for_rules():
+        model, gpu = resolve_model(config.model), resolve_gpu(config.gpu)
+        checks = validation.checks_at_a_shape(config, model, gpu)
+        at = config.model_copy(update={"batch_size": shape[0], "seq_len": shape[1]})
+        assert outcome(at, model, gpu, checks) == outcome(at, model, gpu)

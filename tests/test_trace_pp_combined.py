@@ -163,3 +163,22 @@ def test_the_last_stage_keeps_the_models_fp32_logits_as_estimated():
             assert estimated_rank.tensor_peak_bytes == pytest.approx(traced_rank.tensor_peak_bytes, rel=0.002)
         peaks[upcast] = traced.budget.stages[-1].tensor_peak_bytes - workspace
     assert peaks["model"] > peaks["loss"]
+
+
+def test_gpipe_ranks_of_one_role_trace_alike_so_one_trace_serves_them():
+    """ScheduleGPipe runs every rank alike: two middle ranks with as many layers (FSDP2 and DTensor on a (pp, dp,
+    tp) mesh) make the same allocations, event for event, so trace_pipeline traces one of them; 1F1B's warm-up
+    differs by rank, so each is traced."""
+    from memtui.engine.trace.pipeline import _rank_role, trace_pipeline
+
+    spec = small_llama(layers=4)
+    config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=64, pp=4, microbatches=2, gpus=16, tp=2,
+                            zero=3, pp_schedule="gpipe")
+    assert pipeline_refusal(config, spec) is None
+    roles = [_rank_role(spec, config, rank) for rank in range(config.pp)]
+    assert roles[1] == roles[2] and len(set(roles)) == 3
+    every = trace_pipeline(spec, config, reuse=False)
+    assert every[1].log == every[2].log and every[1].extras == every[2].extras
+    assert every[1].log != every[0].log and every[1].log != every[3].log
+    assert (every[2].rank, every[2].stages) == (2, [2])
+    assert [_rank_role(spec, config.model_copy(update={"pp_schedule": "1f1b"}), rank) for rank in range(4)] == [None] * 4

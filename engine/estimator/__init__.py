@@ -22,7 +22,16 @@ from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.estimator.budget import make_budget
 from memtui.engine.estimator.generic import generic_estimate
 from memtui.engine.estimator.memo import Cache, memoised
-from memtui.engine.estimator.moments import Moment, activation_moments, held_after_forward, offloaded_bytes
+from memtui.engine.estimator.moments import (
+    Moment,
+    ShapeDependent,
+    Shaped,
+    StepForms,
+    offloaded_bytes,
+    step_forms,
+    symbolic_step_forms,
+    undominated,
+)
 from memtui.engine.estimator.pipeline import StageShards, pipeline_moments, pipeline_sharded_moments, stage_roles
 from memtui.engine.estimator.layout import (
     INT8_BYTES_PER_PARAM,
@@ -46,6 +55,8 @@ from memtui.engine.estimator.optimizers import (
     step_temp_bytes,
 )
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
+from memtui.engine.estimator.sim.core import LF, lf_values
+from memtui.engine.estimator.sim.program import program_shape
 from memtui.engine.model.presets import resolve_gpu, resolve_model
 from memtui.engine.model.specs import (
     Budget,
@@ -54,7 +65,7 @@ from memtui.engine.model.specs import (
     StageBudget,
     TrainingConfig,
 )
-from memtui.engine.model.validation import check_config, resolve_lora_targets
+from memtui.engine.model.validation import check_config, checks_at_a_shape, resolve_lora_targets
 
 __all__ = ["estimate"]
 
@@ -70,6 +81,9 @@ _all_options = itemgetter(*_OPTION_NAMES)
 _shape_free_options = itemgetter(*(name for name in _OPTION_NAMES if name not in ("batch_size", "seq_len")))
 _STEPS: Cache = {}  # (check_config's notes, _StepFigures) per option
 _OPTION_SETS: Cache = {}  # (layout, model states on the GPU, one optimizer state over the largest group, trainable)
+_PROGRAMS_SEEN: Cache = {}  # the option sets and program_shapes estimated at one shape at least
+_PLANS: Cache = {}  # _StepPlan (or None) per option set and program_shape, once a second shape of it comes
+_CHECKS: Cache = {}  # the rules check_config asks at each shape, per option set
 
 
 _LAYOUTS: Cache = {}
@@ -355,14 +369,15 @@ def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: Para
     return root_weight_bytes + in_flight * on_gpu.layer_weight_bytes - gathered
 
 
-def _fsdp2_root_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moments: list[StepMoment],
-                         on_gpu: _StatesOnGpu, workspace: int) -> list[StepMoment]:
+def _fsdp2_root_moments(config: TrainingConfig, model: ModelSpec, moments: list[StepMoment], on_gpu: _StatesOnGpu,
+                         workspace: int, held: int) -> list[StepMoment]:
     """The root group's all-gathers and its backward's end, as `memtui trace --gpus N` runs FSDP2. Its all-gather
     output (a flat buffer of the gathered size) lives beside the gathered weights: in forward until layer 0's
     all-gather (FSDP2 keeps the last all-gather's output until the next), at backward's start (ZeRO-3, which
     resharded the root after forward) while it is copied out, before any layer is gathered again. The
     embedding's backward is the last: every layer is resharded by then, the root still gathered; under DTensor's
-    plan the whole vocabulary's gradient is made and this rank's slice cloned out of it."""
+    plan the whole vocabulary's gradient is made and this rank's slice cloned out of it. `held`: what the step
+    holds from the loss's end to backward's first op (StepForms.held_after_forward)."""
     root = on_gpu.root_weights
     moments = list(moments)
     first = moments[0]
@@ -371,8 +386,7 @@ def _fsdp2_root_moments(config: TrainingConfig, model: ModelSpec, layout: ParamL
                                          temporary=first.temporary + root))
     backward = next((index for index, moment in enumerate(moments) if moment.phase == "backward"), None)
     if on_gpu.zero >= 3 and backward is not None:
-        moments.insert(backward, StepMoment("backward", on_gpu.states.weights + root, 0,
-                                            held_after_forward(config, model, layers=layout.layers),
+        moments.insert(backward, StepMoment("backward", on_gpu.states.weights + root, 0, held,
                                             root + on_gpu.ddp_buckets + workspace))
     last = moments[-1]
     if last.phase == "backward" and not config.uses_lora:
@@ -477,10 +491,11 @@ def _in_backward_moments(config: TrainingConfig, model: ModelSpec, layout: Param
     return steps
 
 
-def _step_moments(
-    config: TrainingConfig, model: ModelSpec, layout: ParamLayout, on_gpu: _StatesOnGpu, one_state_group: int, workspace: int
-) -> list[StepMoment]:
-    activations = activation_moments(config, model, layers=layout.layers)
+def _step_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, on_gpu: _StatesOnGpu,
+                  one_state_group: int, workspace: int, forms: StepForms) -> list[StepMoment]:
+    """The step's candidate peaks from the replayed program's `forms`: at one shape (ints), or at every shape of
+    the program (Shaped: the figures only add to what depends on the shape, or raise ShapeDependent)."""
+    activations = forms.moments
     if config.optimizer_in_backward:
         # Nothing is left for the optimizer phase: every parameter has stepped in backward.
         return _in_backward_moments(config, model, layout, activations, on_gpu, workspace)
@@ -489,7 +504,7 @@ def _step_moments(
         # The embedding's backward is the last: from then on its gradient covers the whole vocabulary.
         moments[-1] = moments[-1]._replace(gradients=moments[-1].gradients + on_gpu.tp_embedding_extra)
     if on_gpu.root_weights and moments:
-        moments = _fsdp2_root_moments(config, model, layout, moments, on_gpu, workspace)
+        moments = _fsdp2_root_moments(config, model, moments, on_gpu, workspace, forms.held_after_forward)
     if config.grad_accum > 1:
         moments += _accumulating_moments(config, model, layout, activations, on_gpu, workspace)
     step_temporaries = _optimizer_step_temporaries(config, layout, on_gpu, one_state_group)
@@ -498,12 +513,8 @@ def _step_moments(
     return moments
 
 
-def _timeline(moments: list[StepMoment], totals: list[int], on_gpu: _StatesOnGpu) -> list[dict[str, Any]]:
-    """Between steps, then the largest moment of each phase (TimelinePoint's fields); `totals`: each moment's."""
-    phase_peaks: dict[str, int] = {}
-    for moment, total in zip(moments, totals):
-        if total > phase_peaks.get(moment.phase, -1):
-            phase_peaks[moment.phase] = total
+def _timeline(phase_peaks: dict[str, int], on_gpu: _StatesOnGpu) -> list[dict[str, Any]]:
+    """Between steps, then the largest moment of each phase (TimelinePoint's fields)."""
     steady = on_gpu.resting_weights + on_gpu.ddp_buckets + on_gpu.states.optimizer_states
     timeline = [{"phase": "start", "bytes": steady}]
     timeline += [{"phase": name, "bytes": phase_peaks[name]} for name in ("forward", "loss", "backward", "optimizer")
@@ -531,17 +542,141 @@ def estimate(
 def _checked_step(config: TrainingConfig, model: ModelSpec,
                   gpu: GpuSpec) -> tuple[tuple[str, ...], _StepFigures | None]:
     """check_config's notes (a refusal raises: nothing is memoised) and the step's figures (None under --pp)."""
-    notes = tuple(check_config(config, model, gpu))
+    checks = memoised(_CHECKS, _shape_free_options(config.__dict__), model, gpu,
+                      lambda: checks_at_a_shape(config, model, gpu), limit=1024)
+    notes = tuple(check_config(config, model, gpu, checks))
     return notes, None if config.pp > 1 else _step_figures(config, model, gpu)
 
 
 def _step_figures(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> _StepFigures:
-    """The step at this batch size and sequence length; the model states come from the option set's memo."""
+    """The step at this batch size and sequence length; the model states come from the option set's memo, the
+    step's moments from its program's plan (evaluated at the shape) where it has one."""
+    shape_free = _shape_free_options(config.__dict__)
     layout, on_gpu, one_state_group, trainable_params = memoised(
-        _OPTION_SETS, _shape_free_options(config.__dict__), model, gpu, lambda: _option_set(config, model), limit=1024)
+        _OPTION_SETS, shape_free, model, gpu, lambda: _option_set(config, model), limit=1024)
     workspace = cublas_workspace_bytes(gpu)
-    moments = _step_moments(config, model, layout, on_gpu, one_state_group, workspace)
-    return _figures(config, model, gpu, layout, on_gpu, moments, workspace, trainable_params)
+    program = (shape_free, program_shape(config, model))
+    first = object()
+    plan = None
+    if memoised(_PROGRAMS_SEEN, program, model, gpu, lambda: first, limit=1024) is not first:
+        # A second shape of this program (fit, the planner as one types): plan it. The first is evaluated at its
+        # shape, so a one-off estimate (or the first after a memo is emptied) costs no more than the moments.
+        plan = memoised(_PLANS, program, model, gpu,
+                        lambda: _step_plan(config, model, layout, on_gpu, one_state_group, workspace), limit=1024)
+    if plan is None:
+        forms = step_forms(config, model, layers=layout.layers)
+        moments = _step_moments(config, model, layout, on_gpu, one_state_group, workspace, forms)
+        peaks, offloaded = _peaks(moments, on_gpu.states.optimizer_states), forms.offloaded
+    else:
+        peaks, offloaded = plan.at(lf_values(config.batch_size * config.seq_len, config.seq_len))
+    return _figures(config, gpu, on_gpu, peaks, workspace, trainable_params, offloaded)
+
+
+_Figure = tuple[int, tuple[int, ...]]  # bytes as an offset plus the values of forms (indices into _StepPlan.forms)
+
+
+class _StepPlan(NamedTuple):
+    """The step's moments at every shape that replays one program (an option set and program_shape's), as figures
+    (_Figure) over the program's forms, which a shape evaluates once each. Kept: the moments that may be the peak or
+    a phase's largest (`totals`, `moments`), and those that may hold the largest temporary (`temporaries`); a total
+    or a temporary is (offset, form, form), the index len(forms) standing for no form."""
+
+    forms: tuple[LF, ...]
+    totals: tuple[tuple[int, int, int], ...]
+    moments: tuple[tuple[str, _Figure, _Figure, _Figure, _Figure], ...]
+    temporaries: tuple[tuple[int, int, int], ...]
+    offloaded: _Figure
+    phases: tuple[tuple[str, tuple[int, ...]], ...]  # each phase's indices into `totals`
+
+    def at(self, values: LF) -> tuple[_Peaks, int]:
+        """_peaks and the offloaded bytes at the shape of `values` (lf_values'), as the moments there give them."""
+        one, per_token, per_token_seq, per_position, per_position_sq = values
+        # lf_eval written out (the same products and sums, in the same order)
+        evaluated = [int(f0 * one + f1 * per_token + f2 * per_token_seq + f3 * per_position + f4 * per_position_sq)
+                     for f0, f1, f2, f3, f4 in self.forms]
+        evaluated.append(0)
+        totals = [offset + evaluated[first] + evaluated[second] for offset, first, second in self.totals]
+        peak_total = max(totals)
+        phase_peaks: dict[str, int] = {}
+        for phase, indices in self.phases:
+            largest = max([totals[index] for index in indices])
+            if largest > -1:  # as _peaks, which keeps a phase's first total above -1
+                phase_peaks[phase] = largest
+
+        def figure(offset_forms: _Figure) -> int:
+            offset, forms = offset_forms
+            for form in forms:
+                offset += evaluated[form]
+            return offset
+
+        phase, *figures = self.moments[totals.index(peak_total)]
+        largest_temporary = max([offset + evaluated[first] + evaluated[second]
+                                 for offset, first, second in self.temporaries])
+        return (_Peaks(StepMoment(phase, *map(figure, figures)), peak_total, phase_peaks, largest_temporary),
+                figure(self.offloaded))
+
+
+def _step_plan(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, on_gpu: _StatesOnGpu,
+               one_state_group: int, workspace: int) -> _StepPlan | None:
+    """_step_moments on Shaped forms; None where the step does more than add to what depends on the shape, or a
+    total adds more than two forms (the moments are then evaluated at each shape). A moment is dropped from the
+    totals where an earlier one of its phase has as much at every shape, and from the temporaries where an earlier
+    one has as much temporary: the peak (the first of the largest), each phase's largest and the largest temporary
+    stay what they are over every moment."""
+    forms = symbolic_step_forms(config, model, layers=layout.layers)
+    try:
+        moments = _step_moments(config, model, layout, on_gpu, one_state_group, workspace, forms)
+    except ShapeDependent:
+        return None
+    optimizer_states = on_gpu.states.optimizer_states
+    totals = [moment.total(optimizer_states) for moment in moments]
+    if any(isinstance(total, Shaped) and len(total.forms) > 2 for total in totals):
+        return None
+    peak_candidates = undominated(totals, [moment.phase for moment in moments])
+    temporary_candidates = undominated([moment.temporary for moment in moments], [None] * len(moments))
+    unique: dict[LF, int] = {}
+
+    def figure(value: int | Shaped) -> _Figure:
+        if not isinstance(value, Shaped):
+            return value, ()
+        return value.offset, tuple(unique.setdefault(form, len(unique)) for form in value.forms)
+
+    plan_moments = tuple((moments[index].phase, *map(figure, moments[index][1:])) for index in peak_candidates)
+    plan_totals = [figure(totals[index]) for index in peak_candidates]
+    plan_temporaries = [figure(moments[index].temporary) for index in temporary_candidates]
+    plan_offloaded = figure(forms.offloaded)
+    none = len(unique)  # evaluated[none] is 0
+
+    def padded(offset_forms: _Figure) -> tuple[int, int, int]:
+        offset, indices = offset_forms
+        return (offset, *indices, *(none,) * (2 - len(indices)))  # type: ignore[return-value]
+
+    phases: dict[str, list[int]] = {}
+    for index, moment in enumerate(plan_moments):
+        phases.setdefault(moment[0], []).append(index)
+    return _StepPlan(tuple(unique), tuple(map(padded, plan_totals)), plan_moments,
+                     tuple(map(padded, plan_temporaries)), plan_offloaded,
+                     tuple((phase, tuple(indices)) for phase, indices in phases.items()))
+
+
+class _Peaks(NamedTuple):
+    """What the figures take from a step's moments."""
+
+    peak: StepMoment  # the first of the largest totals, as the step meets it
+    peak_total: int
+    phase_peaks: dict[str, int]  # each phase's largest total
+    largest_temporary: int
+
+
+def _peaks(moments: list[StepMoment], optimizer_states: int) -> _Peaks:
+    totals = [moment.total(optimizer_states) for moment in moments]
+    peak_total = max(totals)
+    phase_peaks: dict[str, int] = {}
+    for moment, total in zip(moments, totals):
+        if total > phase_peaks.get(moment.phase, -1):
+            phase_peaks[moment.phase] = total
+    return _Peaks(moments[totals.index(peak_total)], peak_total, phase_peaks,
+                  max(moment.temporary for moment in moments))
 
 
 def _option_set(config: TrainingConfig, model: ModelSpec) -> tuple[ParamLayout, _StatesOnGpu, int, int]:
@@ -564,15 +699,13 @@ class _StepFigures(NamedTuple):
     config_fields: dict[str, Any]
 
 
-def _figures(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: ParamLayout, on_gpu: _StatesOnGpu,
-             moments: list[StepMoment], workspace: int, trainable_params: int) -> _StepFigures:
-    """The figures of a step's moments: the largest is the peak."""
+def _figures(config: TrainingConfig, gpu: GpuSpec, on_gpu: _StatesOnGpu, peaks: _Peaks, workspace: int,
+             trainable_params: int, offloaded: int) -> _StepFigures:
+    """The figures of a step's moments (their _peaks): the largest is the peak."""
+    peak, peak_total = peaks.peak, peaks.peak_total
     optimizer_states = on_gpu.states.optimizer_states
-    totals = [moment.total(optimizer_states) for moment in moments]
-    peak_total = max(totals)
-    peak = moments[totals.index(peak_total)]  # the first of equals, as the step meets it
     tensor_peak = _round512(peak_total)
-    largest_block = max(max(moment.temporary for moment in moments) - workspace - on_gpu.ddp_buckets, 0)
+    largest_block = max(peaks.largest_temporary - workspace - on_gpu.ddp_buckets, 0)
     reserved = reserved_from_allocated(tensor_peak, largest_block)
     overhead = cuda_context_bytes(gpu) + (reserved - peak_total)  # so that the components add up to the device peak
     per_gpu = dict(weights=peak.weights, gradients=peak.gradients, optimizer_states=optimizer_states,
@@ -584,9 +717,9 @@ def _figures(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: Par
         tensor_peak_bytes=tensor_peak,
         device_peak_bytes=peak_total + overhead,
         peak_phase=peak.phase,
-        timeline=_timeline(moments, totals, on_gpu),
+        timeline=_timeline(peaks.phase_peaks, on_gpu),
         paged_bytes=on_gpu.paged,
-        offloaded_bytes=offloaded_bytes(config, model, layers=layout.layers),
+        offloaded_bytes=offloaded,
         config_fields=config.model_dump(),
     )
 
@@ -599,7 +732,8 @@ def _budget_of(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, figures: 
 def _budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: ParamLayout, on_gpu: _StatesOnGpu,
             moments: list[StepMoment], workspace: int, notes: list[str]) -> Budget:
     """The Budget of a step's moments: the largest is the peak."""
-    figures = _figures(config, model, gpu, layout, on_gpu, moments, workspace, trainable_params_total(config, model))
+    figures = _figures(config, gpu, on_gpu, _peaks(moments, on_gpu.states.optimizer_states), workspace,
+                       trainable_params_total(config, model), offloaded_bytes(config, model, layers=layout.layers))
     return _budget_of(config, model, gpu, figures, notes)
 
 

@@ -421,12 +421,42 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def check_config(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> list[str]:
-    """Raise InputError for the first impossible combination; return notes for questionable ones."""
+# What a shape is: a rule that names neither field judges every batch size and sequence length of an option set alike.
+SHAPE_FIELDS = frozenset(("batch_size", "seq_len"))
+
+Checks = tuple[tuple[Rule, bool], ...]  # check_config's rules in order, each with whether it is known to be broken
+
+
+def checks_at_a_shape(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> Checks:
+    """The rules check_config asks at each shape of config's option set (every option but the batch size and the
+    sequence length; the model and the GPU), in order: each that names a shape field, to ask there; each other one
+    only where it is broken here (its message is still written at the shape), up to the first that refuses or
+    raises here, as it will at every shape."""
+    facts = Facts(config, model, gpu)
+    checks: list[tuple[Rule, bool]] = []
+    for rule in RULES:
+        if SHAPE_FIELDS.intersection(rule.fields):
+            checks.append((rule, False))
+            continue
+        try:
+            broken = rule.broken(facts)
+        except InputError:  # judging it refused (resolve_lora_targets): asked at the shape, it refuses there too
+            checks.append((rule, False))
+            break
+        if broken:
+            checks.append((rule, True))
+            if rule.refuse:
+                break
+    return tuple(checks)
+
+
+def check_config(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, checks: Checks | None = None) -> list[str]:
+    """Raise InputError for the first impossible combination; return notes for questionable ones. `checks`:
+    checks_at_a_shape of config's option set, where the caller keeps it (the same answer, fewer rules asked)."""
     facts = Facts(config, model, gpu)
     notes: list[str] = []
-    for rule in RULES:
-        if not rule.broken(facts):
+    for rule, known in checks if checks is not None else ((rule, False) for rule in RULES):
+        if not known and not rule.broken(facts):
             continue
         if not rule.refuse:
             notes.append(rule.message(facts))

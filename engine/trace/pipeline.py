@@ -1,7 +1,8 @@
 """Pipeline parallelism traced for every rank at the real world size, on fake tensors.
 
 Each pipeline rank is traced in turn as rank r of torch's `fake` process group of `pp` ranks, running torch's own
-pipelining code (torch.distributed.pipelining) on its stage of the model:
+pipelining code (torch.distributed.pipelining) on its stage of the model (under GPipe, which runs every rank alike,
+once per stage shape: the middle ranks of as many layers share one trace, see _rank_role):
 
 - the model is cut as torchtitan cuts it: the stage keeps its decoder layers, the first stage the embedding, the
   last the final norm and the head; the other stages get the hidden states (`inputs_embeds`) and return them;
@@ -42,6 +43,7 @@ the estimator follows the same lowered action list (memtui.engine.estimator.pipe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -342,10 +344,37 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                      embedding=0 in indices, head=total - 1 in indices, log=tracker.log, extras=extras)
 
 
-def trace_pipeline(spec: ModelSpec, config: TrainingConfig, report=None) -> list[RankTrace]:
-    """Every pipeline rank's two steps, one rank after the other."""
+def trace_pipeline(spec: ModelSpec, config: TrainingConfig, report=None, *, reuse: bool = True) -> list[RankTrace]:
+    """Every pipeline rank's two steps, one rank after the other. A rank whose step is another's (_rank_role) takes
+    that rank's trace (`reuse=False`: every rank traced)."""
     report = report or (lambda _stage, _fraction: None)
-    return [_trace_rank(spec, config, rank, report) for rank in range(config.pp)]
+    traces: list[RankTrace] = []
+    traced: dict[tuple, RankTrace] = {}
+    for rank in range(config.pp):
+        role = _rank_role(spec, config, rank) if reuse else None
+        if role in traced:
+            traces.append(dataclasses.replace(traced[role], rank=rank, stages=pipeline_rank_stages(config)[rank]))
+            continue
+        trace = _trace_rank(spec, config, rank, report)
+        if role is not None:
+            traced[role] = trace
+        traces.append(trace)
+    return traces
+
+
+def _rank_role(spec: ModelSpec, config: TrainingConfig, rank: int) -> tuple | None:
+    """What a rank's step depends on, where two ranks that agree on it allocate alike: ScheduleGPipe runs every
+    rank the same way (each micro-batch's forward, its receive before and send after, then each backward likewise),
+    so a rank's allocations follow from its stage's layers and whether it holds the embedding or the head (the
+    first stage receives nothing, the last sends nothing and computes the loss); the fake process group and
+    DeviceMesh give every rank the same shapes. None where the schedule differs by rank (1F1B's warm-up is pp - 1 -
+    rank forwards; interleaved runs two stages per rank)."""
+    if config.pp_schedule != "gpipe":
+        return None
+    total = config.pp * config.virtual_stages
+    split = pipeline_stage_layers(spec.num_layers, total)
+    indices = pipeline_rank_stages(config)[rank]
+    return tuple((split[index], index == 0, index == total - 1) for index in indices)
 
 
 def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:

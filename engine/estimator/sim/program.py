@@ -84,7 +84,24 @@ class StepProgram:
     rows: tuple[tuple, ...] = ()
 
 
+def program_shape(config: TrainingConfig, spec: ModelSpec) -> tuple[bool, bool, int, tuple[float, float]]:
+    """What of the step's program depends on the batch size and sequence length (options_for's `batched`,
+    `window_mask`, `loss_chunk_rows`, `offload_point`): two shapes that agree on these, at one option set, replay
+    the same program (its forms then differ only in the values they are evaluated at)."""
+    tokens = config.batch_size * config.seq_len
+    return (
+        # only Phi-3 and the chunked head depend on it (keeps the cache small)
+        config.batch_size > 1 and (spec.family == "phi3" or config.loss == "chunked"
+                                   or spec.family == "deepseek_v3" and config.attention == "eager"),
+        _window_mask(config, spec),
+        fused_linear_chunk_rows(tokens, spec.vocab_size // config.tp, spec.hidden_size)
+        if config.loss == "fused-linear" else 0,
+        (float(min(tokens, 1024)), float(min(config.seq_len, 1024))) if config.activation_offload else (0.0, 0.0),
+    )
+
+
 def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
+    batched, window_mask, loss_chunk_rows, offload_point = program_shape(config, spec)
     compute = {"32-true": "f32", "16-mixed": "f16", "bf16-mixed": "bf16", "16-true": "f16", "bf16-true": "bf16"}[config.precision]
     # FSDP2 with MixedPrecisionPolicy(param_dtype) hands the layers bf16 parameters: they compute as bf16-true's.
     params = compute if config.precision in ("16-true", "bf16-true") or config.fsdp_casts else "f32"
@@ -116,18 +133,16 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         residual_dropout=float(spec.config.get("resid_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
         eager_softmax_f32=not gpt2,
         embedding_dropout=float(spec.config.get("embd_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
-        # only Phi-3 and the chunked head depend on it (keeps the cache small)
-        batched=config.batch_size > 1 and (spec.family == "phi3" or config.loss == "chunked"
-                                           or spec.family == "deepseek_v3" and config.attention == "eager"),
-        window_mask=_window_mask(config, spec),
+        batched=batched,
+        window_mask=window_mask,
         # Gemma3Attention passes no softcap to its attention function: only Gemma-2 caps the scores.
         attention_softcap=spec.family == "gemma2" and spec.config.get("attn_logit_softcapping") is not None,
         logit_softcap=softcapped and spec.config.get("final_logit_softcapping") is not None,
         rope_pairs=len(set(gemma3_layer_types(spec))) if spec.family == "gemma3" else 1,
         # transformers' defaults when the key is absent: DeepseekV3Config true, Qwen3MoeConfig false
         norm_topk=bool(spec.config.get("norm_topk_prob", spec.family == "deepseek_v3")),
-        full_layer_share=_full_layer_share(config, spec),
-        last_layer_full=_last_layer_full(config, spec),
+        full_layer_share=_full_layer_share(spec, window_mask),
+        last_layer_full=_last_layer_full(spec, window_mask),
         dense_layers=spec.dense_layers,
         loss=config.loss,
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
@@ -135,12 +150,10 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         logits_upcast=config.logits_upcast,
         compiled_loss=config.compile and not config.eager_loss and not unmodelled_compile(config, spec),
         sequence_parallel=config.tp if tensor_parallel_refusal(config, spec) is None else 1,
-        loss_chunk_rows=fused_linear_chunk_rows(config.batch_size * config.seq_len, spec.vocab_size // config.tp,
-                                                spec.hidden_size) if config.loss == "fused-linear" else 0,
+        loss_chunk_rows=loss_chunk_rows,
         activation_offload=config.activation_offload,
         compiled=config.compile and not unmodelled_compile(config, spec),
-        offload_point=(float(min(config.batch_size * config.seq_len, 1024)), float(min(config.seq_len, 1024)))
-        if config.activation_offload else (0.0, 0.0),
+        offload_point=offload_point,
     )
 
 
@@ -156,18 +169,18 @@ def _window_mask(config: TrainingConfig, spec: ModelSpec) -> bool:
     return spec.family == "phi3" and config.seq_len > int(window)
 
 
-def _full_layer_share(config: TrainingConfig, spec: ModelSpec) -> float:
+def _full_layer_share(spec: ModelSpec, window_mask: bool) -> float:
     """Gemma 3 under a sliding-window mask: the full-attention layers' share of the layers between the first and
     the last (those the replayed middle layer stands for)."""
-    if spec.family != "gemma3" or not _window_mask(config, spec):
+    if spec.family != "gemma3" or not window_mask:
         return 0.0
     middle = gemma3_layer_types(spec)[1:-1]
     return middle.count("full_attention") / len(middle) if middle else 0.0
 
 
-def _last_layer_full(config: TrainingConfig, spec: ModelSpec) -> bool:
+def _last_layer_full(spec: ModelSpec, window_mask: bool) -> bool:
     """Gemma 3 under a sliding-window mask whose last layer is a full-attention one (gemma-3-12b's 48th)."""
-    return (spec.family == "gemma3" and _window_mask(config, spec)
+    return (spec.family == "gemma3" and window_mask
             and gemma3_layer_types(spec)[-1] == "full_attention")
 
 
