@@ -64,6 +64,8 @@ KIND_TEXT = {
     "oom": "out of memory: memtui's device peak above the card",
     "fits": "runs on the card: memtui's device peak within it",
 }
+ALL_KIND = "all figures"
+KIND_TEXT[ALL_KIND] = "every numeric row of this table together (the estimator's figure, whatever its kind)"
 TRACE_KIND = "reserved (trace)"
 KIND_TEXT[TRACE_KIND] = ("peak reserved vs `memtui trace`'s allocator replay of the traced rank (the multi-GPU "
                          "rows: a check of the estimator's own replay)")
@@ -288,6 +290,9 @@ def summarize(results: list[Result], status: str) -> dict[str, dict]:
         else:
             errors = [abs(r.error_pct) for r in rows]
             summary[kind] = {"n": len(rows), "median": statistics.median(errors), "max": max(errors)}
+    numeric = [abs(r.error_pct) for r in results if r.status == status and r.row["kind"] not in VERDICT_KINDS]
+    if numeric:  # the issue's target is over every figure of the setups memtui can express, whatever its kind
+        summary[ALL_KIND] = {"n": len(numeric), "median": statistics.median(numeric), "max": max(numeric)}
     traced = [abs(r.traced_error_pct) for r in results if r.status == status and r.traced_error_pct is not None]
     if traced:
         summary[TRACE_KIND] = {"n": len(traced), "median": statistics.median(traced), "max": max(traced)}

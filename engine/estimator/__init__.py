@@ -481,8 +481,11 @@ def _in_backward_moments(config: TrainingConfig, model: ModelSpec, layout: Param
         held = made = temporaries = 0
         if moment.phase == "backward":
             held = min(moment.gradients, tied_head)
-            made = min(max(moment.gradients - max(before, held), 0), largest_grad)
-            temporaries = step_temporaries(made)
+            # Until a layer's gradient is made, what is made is the head's: a chunked head makes one whole-vocabulary
+            # gradient per chunk, summed in autograd's input buffer (nothing steps until the embedding's joins).
+            heads = tied_head > 0 and before <= tied_head
+            made = min(max(moment.gradients - max(before, held), 0), tied_head if heads else largest_grad)
+            temporaries = 0 if heads else step_temporaries(made)
             if tied_head and index == len(moments) - 1:  # the embedding's gradient joins the head's: it steps
                 made, temporaries = 0, step_temporaries(tied_head)
         steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace,
