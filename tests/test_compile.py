@@ -175,6 +175,9 @@ COMPILED = [
      dict(vocab_size=32000)),
     ("llama-3.2-1b", dict(precision="bf16-mixed", checkpointing="full"), dict(vocab_size=32000)),
     ("mixtral-8x7b", dict(precision="bf16-true", loss="chunked"), dict(num_local_experts=4, vocab_size=32000)),
+    # Eager attention compiled with the layer (its scores, softmax and dropout in the graph).
+    ("llama-3.2-1b", dict(precision="bf16-true", attention="eager"), {}),
+    ("qwen2.5-0.5b", dict(precision="bf16-mixed", attention="eager", lora_rank=8), {}),
     # torchtune's model hands the compiled loss fp32 logits (--logits-upcast model), which it saves.
     ("llama-3.2-1b", dict(precision="bf16-mixed", checkpointing="full", logits_upcast="model"), dict(vocab_size=32000)),
 ]
