@@ -173,6 +173,9 @@ RANDOM_CHOICES = {
     "optimizer_in_backward": [False, False, False, False, True],
     "compile": [False, False, False, False, True],
 }
+STACK_DEFAULTS = {"loss": "standard", "logits_upcast": "loss", "grad_accum": 1, "optimizer_in_backward": False,
+                  "compile": False}
+_NO_DEFAULT = object()
 
 
 def random_rows(count: int, seed: int) -> list[dict]:
@@ -186,12 +189,8 @@ def random_rows(count: int, seed: int) -> list[dict]:
     rows: list[dict] = []
     while len(rows) < count:
         row = {key: rng.choice(values) for key, values in RANDOM_CHOICES.items() if key not in ("lora", "quant")}
-        row = {key: value for key, value in row.items()
-               if value is not False and not (key == "grad_accum" and value == 1)}  # defaults left out
-        if row.get("loss") == "standard":
-            del row["loss"]
-        if row.get("logits_upcast") == "loss":
-            del row["logits_upcast"]
+        # the stacks' knobs at their defaults are left out of the row (and so of its label)
+        row = {key: value for key, value in row.items() if STACK_DEFAULTS.get(key, _NO_DEFAULT) != value}
         if row["model"] == "gpt2":
             row["seq_len"] = min(row["seq_len"], 1024)
         if row["precision"] in ("16-true", "bf16-true") and rng.random() < 0.3:

@@ -63,20 +63,20 @@ def test_the_replay_holds_the_estimates_tensor_peak(model, options):
     """The sequence is the estimator's own program: the most it holds at once (in the allocator's 512-byte units)
     is the estimate's tensor peak, with FSDP2's gathered layers, reduce-scatter buffers and sharded gradients in it."""
     spec, gpu = resolve_model(model), resolve_gpu("h100-80gb")
-    for config in [TrainingConfig(model=model, gpu="h100-80gb", zero=3, precision="bf16-mixed", **options)]:
-        sequence = allocation_sequence(config, spec, cublas_workspace_bytes(gpu), (config.seq_len, config.seq_len))
-        live: dict = {}
-        held = peak = 0
-        for key, size, _stream in sequence:
-            if size > 0:
-                live[key] = (size + 511) // 512 * 512
-                held += live[key]
-                peak = max(peak, held)
-            else:
-                held -= live.pop(key, 0)
-        tensor_peak = estimate(config, model=spec, gpu=gpu).tensor_peak_bytes
-        assert abs(peak - tensor_peak) <= MiB, (peak, tensor_peak)
-        assert replay_step(config, spec, gpu, cublas_workspace_bytes(gpu)).reserved_peak_bytes > peak
+    config = TrainingConfig(model=model, gpu="h100-80gb", zero=3, precision="bf16-mixed", **options)
+    sequence = allocation_sequence(config, spec, cublas_workspace_bytes(gpu), (config.seq_len, config.seq_len))
+    live: dict = {}
+    held = peak = 0
+    for key, size, *_stream in sequence:
+        if size > 0:
+            live[key] = (size + 511) // 512 * 512
+            held += live[key]
+            peak = max(peak, held)
+        else:
+            held -= live.pop(key, 0)
+    tensor_peak = estimate(config, model=spec, gpu=gpu).tensor_peak_bytes
+    assert abs(peak - tensor_peak) <= MiB, (peak, tensor_peak)
+    assert replay_step(config, spec, gpu, cublas_workspace_bytes(gpu)).reserved_peak_bytes > peak
 
 
 def test_a_multi_gpu_fsdp2_estimate_carries_the_reserved_peak(capsys):

@@ -12,7 +12,6 @@ Everything else a rank allocates is the one-GPU step's. Checked against `memtui 
 
 from __future__ import annotations
 
-from memtui.engine.estimator.sim.core import lf_eval
 from memtui.engine.estimator.sim.program import AllocationProgram
 
 MiB = 1 << 20
@@ -20,21 +19,20 @@ FIRST_BUCKET_BYTES = 1 * MiB  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
 BUCKET_BYTES = 25 * MiB  # DDP's default bucket_cap_mb
 
 
-def trained_bytes(program: AllocationProgram) -> int:
-    """The one bucket of the first step: every trained parameter's gradient (each in its parameter's dtype)."""
-    constant = (1.0, 0.0, 0.0, 0.0, 0.0)
-    return sum(int(lf_eval(size, constant)) for size, trainable in program.parameters if trainable)
+def trained_bytes(program: AllocationProgram, weights: list[int]) -> int:
+    """The one bucket of the first step: every trained parameter's gradient (each in its parameter's dtype;
+    `weights`: each parameter's bytes)."""
+    return sum(size for size, (_lf, trainable) in zip(weights, program.parameters) if trainable)
 
 
-def rebuilt_buckets(program: AllocationProgram) -> list[int]:
+def rebuilt_buckets(program: AllocationProgram, weights: list[int]) -> list[int]:
     """The buckets' bytes after the rebuild, in the order they are made: the gradients in the order the first
     backward made them (a gradient's last allocation: a tied weight's is the sum of its uses)."""
-    constant = (1.0, 0.0, 0.0, 0.0, 0.0)
     made_at = {index: position for position, (index, size) in enumerate(program.events) if size is not None}
     ready = sorted(program.gradients, key=lambda gradient: made_at.get(gradient[1], -1))
     buckets, filling, limit = [], 0, FIRST_BUCKET_BYTES
     for parameter, _index in ready:
-        filling += int(lf_eval(program.parameters[parameter][0], constant))
+        filling += weights[parameter]
         if filling >= limit:
             buckets.append(filling)
             filling, limit = 0, BUCKET_BYTES

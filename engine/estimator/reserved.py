@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from memtui.engine.allocator import DEFAULT_CONFIG, FREE, AllocatorConfig, replay
 from memtui.engine.errors import InputError
 from memtui.engine.estimator.ddp_sequence import rebuilt_buckets, trained_bytes
-from memtui.engine.estimator.fsdp_sequence import fsdp2_sequence
+from memtui.engine.estimator.fsdp_sequence import Fsdp2Rank
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, nccl_buffer_bytes
 from memtui.engine.estimator.sim.core import lf_eval, lf_values
 from memtui.engine.estimator.sim.program import allocation_program, dims_for, options_for
@@ -102,7 +102,7 @@ def replay_unsupported(config: TrainingConfig, model: ModelSpec | None = None) -
         return "activation offloading (its host copies and copies back are not in the sequence)"
     if config.tp > 1 or config.pp > 1:
         return "tensor or pipeline parallelism (the sequence replayed is one GPU's, unsharded)"
-    if config.gpus > 1 and not (follows_fsdp2(config) or follows_ddp(config)):
+    if config.dp > 1 and not (follows_fsdp2(config) or follows_ddp(config)):
         return ("ZeRO-1, or FSDP2 with LoRA (the sequence replayed is one GPU's, unsharded: DDP and FSDP2 of a full "
                 "fine-tune are replayed)")
     if config.offload != "none":
@@ -134,25 +134,23 @@ def follows_ddp(config: TrainingConfig) -> bool:
 
 
 def allocation_sequence(config: TrainingConfig, model: ModelSpec, workspace: int,
-                        seq_lens: Sequence[int]) -> list[tuple[object, int]] | list[tuple[object, int, int]]:
-    """(key, bytes requested) for an allocation, (key, FREE) for a free, over len(seq_lens) steps; under FSDP2
-    each with a third item, its stream."""
+                        seq_lens: Sequence[int]) -> list[tuple[object, int] | tuple[object, int, int]]:
+    """(key, bytes requested) for an allocation, (key, FREE) for a free, over len(seq_lens) steps; FSDP2's events
+    carry a third item, their stream (the others are the default stream's)."""
     program = allocation_program(dims_for(model, config.tp), options_for(config, model), model.num_layers)
-    if config.gpus > 1 and follows_fsdp2(config):
-        return fsdp2_sequence(
-            program, ranks=config.shard_ranks, reshard_after_forward=config.zero >= 3,
-            gathered_bytes=config.compute_bytes if config.fsdp_casts else config.weight_bytes,
-            stored_bytes=config.weight_bytes, reduce_bytes=config.weight_bytes, casts=config.fsdp_casts,
-            tokens_of=lambda seq_len: config.batch_size * seq_len, seq_lens=seq_lens, workspace=workspace,
-            optimizer_step=lambda sequence, stepped, step: _optimizer_step(sequence, config, stepped, step))
     constant = (1.0, 0.0, 0.0, 0.0, 0.0)
     weights = [int(lf_eval(size, constant)) for size, _trainable in program.parameters]
+    fsdp = Fsdp2Rank(program, weights, ranks=config.shard_ranks, reshard_after_forward=config.zero >= 3,
+                     gathered_bytes=config.compute_bytes if config.fsdp_casts else config.weight_bytes,
+                     stored_bytes=config.weight_bytes, reduce_bytes=config.weight_bytes,
+                     casts=config.fsdp_casts) if follows_fsdp2(config) else None
+    ddp = follows_ddp(config)
     # model.parameters() order, each LoRA adapter after the weight it adapts (what model.to("cuda") moves in turn).
-    sequence: list[tuple[object, int]] = [(("w", i), size) for i, size in enumerate(weights)]
-    ddp = config.gpus > 1 and follows_ddp(config)
+    sequence: list = fsdp.shards() if fsdp else [(("w", i), size) for i, size in enumerate(weights)]
     if ddp:  # DistributedDataParallel's one bucket of the first step, made as the model is wrapped
-        sequence.append((("ddp", 0), trained_bytes(program)))
-    with_grad = [position for position, _index in program.gradients]  # what the optimizer steps, in order
+        sequence.append((("ddp", 0), trained_bytes(program, weights)))
+    # What the optimizer steps, in order: each parameter with a gradient (FSDP2: its shard).
+    stepped = [(i, fsdp.shard_bytes(i) if fsdp else weights[i]) for i, _index in program.gradients]
     step_sizes: dict[int, list[int]] = {}  # the step's allocation sizes, per sequence length
     for step, seq_len in enumerate(seq_lens):
         values = lf_values(config.batch_size * seq_len, seq_len)
@@ -167,12 +165,16 @@ def allocation_sequence(config: TrainingConfig, model: ModelSpec, workspace: int
             sequence += [(("cublas", 0), workspace // 2), (("cublas", 1), workspace - workspace // 2)]
         if ddp and step == 1:  # the Reducer's rebuild, before the second forward
             sequence.append((("ddp", 0), FREE))
-            sequence += [(("ddp", 1, number), size) for number, size in enumerate(rebuilt_buckets(program))]
+            sequence += [(("ddp", 1, number), size) for number, size in enumerate(rebuilt_buckets(program, weights))]
         base = step << 32  # this step's tensors: keys apart from every other step's
-        sequence += [(base + index, size) for (index, _lf), size in zip(program.events, sizes)]
-        sequence += [(base + index, FREE) for index in program.leftover]
-        _optimizer_step(sequence, config, [(i, weights[i]) for i in with_grad], step)
-        sequence += [(base + index, FREE) for _position, index in program.gradients]  # zero_grad
+        if fsdp:
+            fsdp.run_step(sequence, step, sizes)
+        else:
+            sequence += [(base + index, size) for (index, _lf), size in zip(program.events, sizes)]
+            sequence += [(base + index, FREE) for index in program.leftover]
+        _optimizer_step(sequence, config, stepped, step)
+        # zero_grad
+        sequence += fsdp.zero_grad(step) if fsdp else [(base + index, FREE) for _position, index in program.gradients]
     return sequence
 
 
