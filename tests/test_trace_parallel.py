@@ -386,9 +386,9 @@ def test_fused_rows_are_reordered_rank_major():
 def test_phi3_is_traced_under_tensor_parallelism_as_estimated():
     """Phi-3's fused projections, each rank holding its own q/k/v heads and gate/up share (the attention slicing its
     local qkv output by its local head counts), the MLP's output reduce-scattered like down_proj's in Llama's
-    plan: the estimate's peak (the loss, activations alive) is the trace's (measured: within 10 KiB; two sequences,
-    as at one the replay misses SDPA's output copy at this small width, one GPU alike)."""
-    training = TrainingConfig(model="phi-3-mini", batch_size=2, seq_len=512, gpus=2, tp=2)
+    plan: the estimate's peak (the loss, activations alive) is the trace's (measured: within 10 KiB; one sequence,
+    whose SDPA output, laid out like the cat's head-major q, is copied by transpose(1, 2).contiguous())."""
+    training = TrainingConfig(model="phi-3-mini", batch_size=1, seq_len=512, gpus=2, tp=2)
     traced, estimated = _peaks_agree(training, small_phi3())
     assert estimated == pytest.approx(traced, rel=3e-4)
 

@@ -577,9 +577,9 @@ def phi3_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, 
     q_rope = _phi3_rope(sim, q, cos, sin)
     k_rope = _phi3_rope(sim, k, cos, sin)
     sim.drop(q, k)
-    # Traced: with more than one sequence, or with an explicit (sliding-window) mask, SDPA's output from these
-    # (b, h, s, d)-contiguous inputs is not contiguous after transpose(1, 2), so .contiguous() copies it.
-    return attend_and_project(sim, q_rope, k_rope, v, p, d, opts, copy_output=opts.batched or opts.window_mask)
+    # The cat leaves q (b, h, s, d)-contiguous; FlashAttention's output is laid out like q (flash_api's
+    # empty_like(q), as the CPU kernel's meta), so sdpa_attention_forward's transpose(1, 2).contiguous() copies it.
+    return attend_and_project(sim, q_rope, k_rope, v, p, d, opts, copy_output=True)
 
 
 def _phi3_rope(sim: Sim, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
