@@ -76,8 +76,9 @@ class _Stage(torch.nn.Module):
 
     def __init__(self, causal, *, first: bool, last: bool, autocast) -> None:
         super().__init__()
-        self.model = causal.model
-        self.lm_head = causal.lm_head if last else None
+        base = causal.get_base_model() if hasattr(causal, "get_base_model") else causal  # peft's LoRA wraps it
+        self.model = base.model
+        self.lm_head = base.lm_head if last else None
         self.first = first
         self._autocast = autocast
 
@@ -94,10 +95,11 @@ def _stage_module(spec: ModelSpec, config: TrainingConfig, *, layers: int, first
     from memtui.engine.trace.generic import at_depth
 
     causal = build_model(at_depth(spec, layers), config, device="cpu", quant_backend="replica")
+    base = causal.get_base_model() if hasattr(causal, "get_base_model") else causal  # peft's LoRA wraps it
     if not first:
-        causal.model.embed_tokens = None  # the stage gets the hidden states (inputs_embeds) from the one before
+        base.model.embed_tokens = None  # the stage gets the hidden states (inputs_embeds) from the one before
     if not last:
-        causal.model.norm = torch.nn.Identity()  # the final norm belongs to the last stage
+        base.model.norm = torch.nn.Identity()  # the final norm belongs to the last stage
     return causal, _Stage(causal, first=first, last=last, autocast=autocast)
 
 

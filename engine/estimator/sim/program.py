@@ -284,6 +284,9 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         scattered = ops.reduce_scatter_tokens(sim, x, opts.sequence_parallel)
         sim.drop(x)
         x = scattered
+    # The decoder's forward keeps its `inputs_embeds` (and GPT-2 its position embeddings) referenced until it
+    # returns, whatever autograd saves: with a frozen embedding they are held by that frame alone.
+    frame = [sim.ref(x)] if embed is not None else []
     if opts.lora_rank > 0 and opts.checkpointing != "none":
         # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
         # embedding's output requires grad, so what follows it (GPT-2's dropout) saves for backward.
@@ -296,7 +299,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         position_ids = sim.new(per_position(1), "i64", name="position_ids")
         position_embeds = ops.embedding(sim, positions, position_ids, d.hidden)
         summed = ops.add(sim, x, position_embeds)
-        sim.drop(x, position_embeds, position_ids)
+        sim.drop(x)
+        frame += [position_embeds, position_ids]
         x = ops.dropout(sim, summed, opts.embedding_dropout)
         sim.drop(summed)
     if opts.family in ("gemma", "gemma2"):
@@ -364,7 +368,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         sim.drop(previous)
 
     if not last:
-        _stage_output_backward(sim, out, (mask, second_mask), (cos, sin, *other_pair), segments, received)
+        _stage_output_backward(sim, out, (mask, second_mask, *frame), (cos, sin, *other_pair), segments, received)
         sim.set_segment("end")
         sim.finish()
         return sim
@@ -376,7 +380,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in GEMMA_FAMILIES,
                           olmo=opts.family in ("olmo2", "gpt_oss"))
     sim.offload_at = None  # the decoder's forward ends: its offloading hooks are popped
-    sim.drop(out, mask, second_mask)  # LlamaModel.forward returns: its causal masks go
+    sim.drop(out, mask, second_mask, *frame)  # LlamaModel.forward returns: its causal masks and inputs go
     kept: list[Tensor] = []  # what the training loop keeps referenced through backward
     if opts.loss == "chunked" and opts.loss_dtype == "compute":
         loss, kept = litgpt_chunked_loss(sim, normed, head, ids, d, opts, head_adapters)
