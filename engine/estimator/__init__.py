@@ -506,6 +506,16 @@ def _step_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout,
     if on_gpu.tp_embedding_extra and moments and moments[-1].phase == "backward":
         # The embedding's backward is the last: from then on its gradient covers the whole vocabulary.
         moments[-1] = moments[-1]._replace(gradients=moments[-1].gradients + on_gpu.tp_embedding_extra)
+    whole = tensor_parallel_whole_vocabulary_gradient(config, model) if on_gpu.ddp_buckets and layout.embedding else 0
+    if whole and moments and moments[-1].phase == "backward":
+        # DDP beside DTensor's plan (PyTorch's _pre_dp_module_transform): the embedding's backward (the program's
+        # last moment: its 1/tp gradient beside its all-gathered output gradient) makes the whole vocabulary's
+        # gradient instead; the output gradient goes, then the rank's slice is cloned out of the whole one.
+        last = moments[-1]
+        rank_slice = model.embedding_params // config.tp * trainable_bytes(config)
+        moments[-1] = last._replace(temporary=last.temporary - rank_slice + whole)
+        moments.append(last._replace(gradients=last.gradients + rank_slice,
+                                     temporary=whole + on_gpu.ddp_buckets + workspace))
     if on_gpu.root_weights and moments:
         moments = _fsdp2_root_moments(config, model, moments, on_gpu, workspace, forms.held_after_forward)
     if config.grad_accum > 1:

@@ -237,8 +237,10 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if config.uses_lora or config.quant != "none" or config.offload != "none":
         return "LoRA, quantized weights and offloading under tensor parallelism are not traced"
-    if config.dp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):
-        return "tensor parallelism with data parallelism is traced with FSDP2 over every data-parallel rank only"
+    if config.dp > 1 and config.zero <= 1 and model.tie_word_embeddings:
+        return ("tied embeddings with DDP or ZeRO-1 beside tensor parallelism: PyTorch's _pre_dp_module_transform "
+                "makes the tied weight local under one of its two names only, and DDP cannot bucket the other, a "
+                "DTensor")
     return None
 
 

@@ -38,7 +38,7 @@ import torch
 
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients
+from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients, tensor_data_lines, tensor_data_meshes
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
 __all__ = ["TensorParallel", "apply_tensor_parallel", "tensor_parallel", "tensor_parallel_refusal"]
@@ -55,8 +55,7 @@ class TensorParallel:
                        "process group), torchtitan's Llama plan: Colwise q/k/v and gate/up, Rowwise o/down with "
                        "sequence parallel norms, vocabulary-sharded embedding and head, loss parallel"]
         if self.data is not None:
-            self.traced += [line.replace(f"world size {config.dp}", f"dp {config.dp} of a (dp, tp) mesh")
-                            for line in self.data.traced]
+            self.traced += tensor_data_lines(config, self.data.traced)
         self.modelled: list[str] = []
         self.gradient_ids: set[int] = set()
         self.tracker: MemoryTracker | None = None
@@ -77,7 +76,7 @@ class TensorParallel:
                                   "post-MLP norms sequence parallel")
         self.restore = whole_sequence_masks(model.model)
         if self.data is not None:
-            with _meshes_made_real():
+            with _meshes_made_real():  # FSDP2 joins the dp and tp meshes; DDP runs on the dp group's local shards
                 return self.data.wrap(model, tracker)
         return model
 
@@ -357,8 +356,7 @@ def tensor_parallel(config: TrainingConfig, num_layers: int) -> Iterator[TensorP
     parallel: TensorParallel | None = None
     try:
         if config.dp > 1:
-            mesh = init_device_mesh("cpu", (config.dp, config.tp), mesh_dim_names=("dp", "tp"))
-            parallel = TensorParallel(config, num_layers, mesh["tp"], mesh["dp"])
+            parallel = TensorParallel(config, num_layers, *tensor_data_meshes(config))
             yield parallel
         else:
             parallel = TensorParallel(config, num_layers, init_device_mesh("cpu", (config.tp,)), None)
