@@ -512,7 +512,7 @@ def _step_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout,
         # last moment: its 1/tp gradient beside its all-gathered output gradient) makes the whole vocabulary's
         # gradient instead; the output gradient goes, then the rank's slice is cloned out of the whole one.
         last = moments[-1]
-        rank_slice = model.embedding_params // config.tp * trainable_bytes(config)
+        rank_slice = model.vocab_size // config.tp * model.hidden_size * config.weight_bytes
         moments[-1] = last._replace(temporary=last.temporary - rank_slice + whole)
         moments.append(last._replace(gradients=last.gradients + rank_slice,
                                      temporary=whole + on_gpu.ddp_buckets + workspace))

@@ -237,7 +237,7 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if config.uses_lora or config.quant != "none" or config.offload != "none":
         return "LoRA, quantized weights and offloading under tensor parallelism are not traced"
-    if config.dp > 1 and config.zero <= 1 and model.tie_word_embeddings:
+    if config.dp > 1 and config.zero <= 1 and model.tie_word_embeddings and config.pp == 1:
         return ("tied embeddings with DDP or ZeRO-1 beside tensor parallelism: PyTorch's _pre_dp_module_transform "
                 "makes the tied weight local under one of its two names only, and DDP cannot bucket the other, a "
                 "DTensor")
@@ -281,9 +281,6 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
         return "no pipeline parallelism"
     if model.family not in PIPELINE_FAMILIES:
         return f"the {model.family} family has no traced pipeline split (Llama-layout families only)"
-    if config.dp > 1 and config.tp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):
-        return ("pipeline and tensor parallelism with DDP, ZeRO-1 or HSDP are not traced (with FSDP2, --zero 2 or 3, "
-                "over every data-parallel rank they are)")
     if config.tp > 1 and model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if (config.uses_lora or config.quant != "none" or config.offload != "none" or config.activation_offload

@@ -187,6 +187,10 @@ def _parallelize_stage(module, causal, config: TrainingConfig, layers: int, firs
         apply_tensor_parallel(causal, tp_mesh, embedding=first, head=last)
         restores.append(whole_sequence_masks(causal.model))
     if dp_mesh is not None and config.zero <= 1:
+        if tp_mesh is not None:  # PyTorch's TP + DDP composition: DDP on the stage's local shards
+            from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
+
+            _pre_dp_module_transform(module)
         with tracker:
             return ddp_wrap(module, tracker, config.dp, bucket_ids, process_group=dp_mesh.get_group())
     if dp_mesh is not None:
@@ -395,6 +399,11 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
                      "modules (sequence parallel: the hidden states between stages are the rank's 1/tp of the tokens; "
                      "the vocabulary-sharded embedding on the first stage, the head with loss parallel on the last)")
     if config.dp > 1 and config.zero <= 1:
+        if config.tp > 1:
+            lines.append("DDP beside tp as PyTorch composes them: torch.distributed.tensor.parallel.ddp."
+                         "_pre_dp_module_transform makes each stage's DTensor parameters local for DDP, which buckets "
+                         "and all-reduces this rank's shards (Megatron-LM's TP + DP layout; torchtitan refuses DDP "
+                         "beside TP)")
         lines.append(f"DDP on each stage over dp {config.dp}: 25 MiB gradient buckets (1 MiB first), "
                      "gradient_as_bucket_view=False, rebuilt after step 1; PipelineStage runs every forward and all "
                      "but the stage's last backward under no_sync, and keeps each sent output until its backward "
