@@ -30,7 +30,8 @@ PipelineStage the pp sub-group. torch's pipelining runs each micro-batch's backw
 resharding after backward off, so the gradients accumulate unsharded until the stage's last backward
 reduce-scatters them. With --zero 0 or 1 the stage is wrapped in DistributedDataParallel over the data-parallel
 group instead (memtui's DDP: memtui.engine.trace.parallel.ddp_wrap), which PipelineStage drives itself
-(`backward_maybe_with_nosync`): every forward and all but the stage's last backward run under `no_sync`, so the
+(`backward_maybe_with_nosync`; beside tensor parallelism on the parameters PyTorch's `_pre_dp_module_transform`
+makes local): every forward and all but the stage's last backward run under `no_sync`, so the
 gradients accumulate in .grad and only the last backward copies them into the buckets and all-reduces them; DDP's
 reducer needs the stage's live outputs, so each sent output is kept until its backward. ZeRO-1 wraps each stage's
 optimizer in ZeroRedundancyOptimizer over the data-parallel group.
