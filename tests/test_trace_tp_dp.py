@@ -126,20 +126,23 @@ def test_pipeline_with_tensor_parallelism_and_hsdp_is_traced_per_rank():
     _per_rank(training, traced, rel=5e-4)
 
 
-def test_pipeline_with_tensor_parallelism_and_ddp_is_traced():
-    """DDP on each stage's local shards (_pre_dp_module_transform), PipelineStage's no_sync until the last backward.
-    The last stage's rank is estimated as traced; the first stage's is not yet: from the last micro-batch's backward
-    on, the trace holds that micro-batch's new layer gradients until the embedding's backward is done, which the
-    estimator does not follow (-1.5% here, -8.4% on Llama-3.2-1B; tensor parallelism with gradient accumulation
-    on one rank misses the same, -2.4% here)."""
+def test_pipeline_with_tensor_parallelism_and_ddp_is_traced_and_estimated_per_rank():
+    """DDP on each stage's local shards, PipelineStage's no_sync until the last backward. _pre_dp_module_transform
+    makes the DTensor parameters in the first forward only: their from_local backward nodes are the oldest of every
+    later graph and autograd runs them last, so a later micro-batch's new gradients wait until its backward is done,
+    beside the ones accumulated (before: rank 0 -1.5% here, -8.45% on Llama-3.2-1B at pp 2 x tp 2)."""
     training = combined(gpus=8, tp=2, zero=0)
     traced = _traced(training)
     assert any("_pre_dp_module_transform makes each stage's DTensor parameters local" in line
                for line in traced.traced), traced.traced
-    estimated = estimate(training, model=SPEC)
-    workspace = cublas_workspace_bytes(resolve_gpu(training.gpu))
-    last_traced, last_estimated = traced.budget.stages[-1], estimated.stages[-1]
-    assert last_estimated.tensor_peak_bytes - workspace == pytest.approx(
-        last_traced.tensor_peak_bytes - workspace, rel=5e-4)
-    first_traced, first_estimated = traced.budget.stages[0], estimated.stages[0]
-    assert first_estimated.tensor_peak_bytes < first_traced.tensor_peak_bytes  # the gap named above
+    _per_rank(training, traced, rel=5e-4)
+
+
+@pytest.mark.parametrize("options", [{"gpus": 4, "tp": 2, "zero": 0}, {"gpus": 2, "tp": 2}])
+def test_gradient_accumulation_beside_tensor_parallelism_is_estimated_as_traced(options):
+    """The second micro-batch: DTensor's plan alone keeps the first one's whole-vocabulary embedding gradient
+    (before: -2.4%); beside DDP every new gradient also waits for backward's end (from_local's nodes run last) and
+    the embedding's backward makes the whole vocabulary's gradient (before: -1.7%)."""
+    training = config(**options, grad_accum=2)
+    traced = _traced(training)
+    _peaks_agree(training, traced, rel=5e-4)
