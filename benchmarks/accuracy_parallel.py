@@ -69,7 +69,11 @@ def matrix() -> list[dict]:
                                    ("phi-3-mini", 4, 2, {"zero": 3}),
                                    # OLMo 2: q/k norms over every head, on the sequence (OLMo-core's plan)
                                    ("olmo-2-7b", 2, 2, {}), ("olmo-2-7b", 4, 4, {}),
-                                   ("olmo-2-7b", 4, 2, {"zero": 3})):
+                                   ("olmo-2-7b", 4, 2, {"zero": 3}),
+                                   # beside DDP and ZeRO-1 (PyTorch's _pre_dp_module_transform, DDP over the dp
+                                   # group) and HSDP (torchtitan's (dp_replicate, dp_shard, tp) mesh)
+                                   ("llama-3.1-8b", 4, 2, {"zero": 0}), ("llama-3.1-8b", 4, 2, {"zero": 1}),
+                                   ("llama-3.1-8b", 8, 2, {"zero": 3, "shard_group": 2})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
     # FSDP2 casting to bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's)
@@ -99,7 +103,10 @@ def matrix() -> list[dict]:
             ("llama-3.2-1b", 4, 2, "1f1b", {"zero": 0}), ("qwen2.5-0.5b", 4, 2, "gpipe", {"zero": 0}),
             ("llama-3.2-1b", 8, 2, "interleaved-1f1b", {"zero": 0}), ("llama-3.2-1b", 4, 2, "1f1b", {"zero": 1}),
             ("llama-3.2-1b", 8, 2, "1f1b", {"zero": 3, "shard_group": 2}),
-            ("qwen2.5-0.5b", 8, 2, "gpipe", {"zero": 2, "shard_group": 2})):
+            ("qwen2.5-0.5b", 8, 2, "gpipe", {"zero": 2, "shard_group": 2}),
+            # and DDP or HSDP beside the tensor parallelism (the tied embedding and head on two stages)
+            ("llama-3.2-1b", 8, 2, "1f1b", {"tp": 2, "zero": 0}),
+            ("llama-3.2-1b", 16, 2, "1f1b", {"tp": 2, "zero": 3, "shard_group": 2})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
                      "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
     return rows
@@ -168,7 +175,8 @@ def write_markdown(results: list[dict], path: Path, command: str, *, append: boo
         "(ZeRO-2/3), HSDP (`--shard-group`: FSDP2 on a (replicate, shard) mesh) or DTensor tensor-parallel (`--tp`: "
         "torchtitan's Llama plan, with Qwen3's q/k norms as its Qwen3 plan, Phi-3's fused projections sharded per "
         "part and OLMo 2's whole-width q/k norms as OLMo-core's plan, sequence and loss parallel; with FSDP2 over dp "
-        "on a (dp, tp) mesh) program at "
+        "on a (dp, tp) mesh, HSDP on a (dp_replicate, dp_shard, tp) one, or DDP / ZeRO-1 over the dp group on the "
+        "parameters PyTorch's `_pre_dp_module_transform` makes local) program at "
         "the real world size on torch's fake process group, two training steps on fake tensors (`--pp`: every "
         "pipeline rank of torch.distributed.pipelining's schedule traced, the largest rank's peak); estimated = `memtui estimate`'s "
         "tensor peak less its modelled cuBLAS workspace; forward/backward: the same for the highest moment before "

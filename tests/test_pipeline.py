@@ -175,7 +175,7 @@ def test_estimate_json_has_every_ranks_budget(capsys):
 def test_pipeline_with_other_parallelism_is_modelled_and_says_why():
     spec = resolve_model("llama-3.1-8b")
     assert pipeline_refusal(pipeline("1f1b"), SPEC) is None
-    combined = TrainingConfig(model="llama-3.1-8b", gpus=8, pp=2, tp=2, batch_size=2, microbatches=2)
+    combined = TrainingConfig(model="llama-3.1-8b", gpus=8, pp=2, tp=2, batch_size=2, microbatches=2, lora_rank=8)
     assert "not traced" in pipeline_refusal(combined, spec)
 
 

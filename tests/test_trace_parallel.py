@@ -513,8 +513,8 @@ def test_tensor_parallel_for_qwen_is_traced_and_estimated_as_traced(family):
 
 
 def test_a_modelled_tensor_and_pipeline_layout_takes_the_ranks_moment_not_the_single_gpus():
-    """Pipeline with tensor parallelism and DDP is modelled on a single-GPU trace. A single GPU of this model peaks
-    in the optimizer step (no activations alive) while its rank peaks in backward: scaling the traced moment's
+    """Pipeline with tensor parallelism and DDP under fp16 loss scaling is modelled on a single-GPU trace. A single
+    GPU of this model peaks in the optimizer step (no activations alive) while its rank peaks in backward: scaling the traced moment's
     activations by the estimator's ratio gave absurd figures (405B at TP 8 x PP 16: 72,717 GiB of activations);
     the rank's own transients and phase are the estimator's, and the cuBLAS workspaces are counted once."""
     from memtui.engine.estimator import estimate
@@ -523,7 +523,7 @@ def test_a_modelled_tensor_and_pipeline_layout_takes_the_ranks_moment_not_the_si
 
     spec = small_llama(layers=4, vocab=65536)
     config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=64, gpus=8, tp=2, pp=2, zero=0,
-                            pp_schedule="gpipe", microbatches=2)
+                            pp_schedule="gpipe", microbatches=2, precision="16-mixed")
     traced, estimated = trace(config, model=spec), estimate(config, model=spec)
     assert traced.peak_phase == "optimizer" and estimated.peak_phase == "backward"  # the two moments differ
     assert traced.budget.peak_phase == "backward"

@@ -37,6 +37,7 @@ from memtui.engine.estimator.layout import (
     INT8_BYTES_PER_PARAM,
     NF4_BYTES_PER_PARAM,
     ParamLayout,
+    ddp_tensor_parallel_embedding_gradients,
     param_layout,
     pipeline_refusal,
     tensor_parallel_embedding_gradient_extra,
@@ -444,11 +445,19 @@ def _accumulating_moments(config: TrainingConfig, model: ModelSpec, layout: Para
     largest_grad = layout.largest_tensor_params * trainable_bytes(config)
     resident = on_gpu.gradients_at(on_gpu.grads_full, config.offload) if on_gpu.zero < 2 else (
         0 if config.offload != "none" else on_gpu.grads_full // on_gpu.dp)
+    if not model.tie_word_embeddings:  # DTensor's plan: the first micro-batch's whole-vocabulary embedding gradient
+        resident += on_gpu.tp_embedding_extra
     tied = (model.embedding_params // config.tp * trainable_bytes(config)
             if model.tie_word_embeddings and not config.uses_lora and on_gpu.zero < 2 else 0)
+    # DDP beside DTensor's plan: _pre_dp_module_transform's from_local nodes run last (memtui.engine.estimator.
+    # pipeline.pipeline_sharded_moments), so every new gradient waits until backward's end, and the embedding's
+    # backward makes the whole vocabulary's gradient in place of the rank's slice.
+    whole, rank_slice = ddp_tensor_parallel_embedding_gradients(config, model) if layout.embedding else (0, 0)
     steps, waiting = [], 0
-    for moment, made in zip(moments, _new_gradients(moments, largest_grad)):
+    for index, (moment, made) in enumerate(zip(moments, _new_gradients(moments, largest_grad))):
         reducing = min(moment.gradients, on_gpu.layer_grads) if on_gpu.zero >= 2 and config.offload == "none" else 0
+        if whole:
+            made = moment.gradients + (whole - rank_slice if index == len(moments) - 1 else 0)
         steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace,
                                               gradients=resident + reducing,
                                               extra_temporary=(made + waiting) if on_gpu.zero < 2 else 0))
@@ -506,6 +515,15 @@ def _step_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout,
     if on_gpu.tp_embedding_extra and moments and moments[-1].phase == "backward":
         # The embedding's backward is the last: from then on its gradient covers the whole vocabulary.
         moments[-1] = moments[-1]._replace(gradients=moments[-1].gradients + on_gpu.tp_embedding_extra)
+    whole, rank_slice = ddp_tensor_parallel_embedding_gradients(config, model) if layout.embedding else (0, 0)
+    if whole and moments and moments[-1].phase == "backward":
+        # DDP beside DTensor's plan (PyTorch's _pre_dp_module_transform): the embedding's backward (the program's
+        # last moment: its 1/tp gradient beside its all-gathered output gradient) makes the whole vocabulary's
+        # gradient instead; the output gradient goes, then the rank's slice is cloned out of the whole one.
+        last = moments[-1]
+        moments[-1] = last._replace(temporary=last.temporary - rank_slice + whole)
+        moments.append(last._replace(gradients=last.gradients + rank_slice,
+                                     temporary=whole + on_gpu.ddp_buckets + workspace))
     if on_gpu.root_weights and moments:
         moments = _fsdp2_root_moments(config, model, moments, on_gpu, workspace, forms.held_after_forward)
     if config.grad_accum > 1:

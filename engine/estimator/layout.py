@@ -237,8 +237,10 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if config.uses_lora or config.quant != "none" or config.offload != "none":
         return "LoRA, quantized weights and offloading under tensor parallelism are not traced"
-    if config.dp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):
-        return "tensor parallelism with data parallelism is traced with FSDP2 over every data-parallel rank only"
+    if config.dp > 1 and config.zero <= 1 and model.tie_word_embeddings and config.pp == 1:
+        return ("tied embeddings with DDP or ZeRO-1 beside tensor parallelism: PyTorch's _pre_dp_module_transform "
+                "makes the tied weight local under one of its two names only, and DDP cannot bucket the other, a "
+                "DTensor")
     return None
 
 
@@ -248,6 +250,14 @@ def tensor_parallel_whole_vocabulary_gradient(config: TrainingConfig, model: Mod
     if tensor_parallel_refusal(config, model) is not None:
         return 0
     return model.vocab_size * model.hidden_size * config.weight_bytes
+
+
+def ddp_tensor_parallel_embedding_gradients(config: TrainingConfig, model: ModelSpec) -> tuple[int, int]:
+    """(the whole vocabulary's, this rank's slice) bytes of the embedding gradient under DDP or ZeRO-1 beside the
+    traced plan (PyTorch's _pre_dp_module_transform): the embedding's backward makes the whole one, and the rank's
+    Shard(0) slice is cloned out of it (or added in place). (0, 0) elsewhere."""
+    whole = tensor_parallel_whole_vocabulary_gradient(config, model) if config.dp > 1 and config.zero <= 1 else 0
+    return whole, (model.vocab_size // config.tp * model.hidden_size * config.weight_bytes if whole else 0)
 
 
 def tensor_parallel_embedding_gradient_extra(config: TrainingConfig, model: ModelSpec) -> int:
@@ -279,9 +289,6 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
         return "no pipeline parallelism"
     if model.family not in PIPELINE_FAMILIES:
         return f"the {model.family} family has no traced pipeline split (Llama-layout families only)"
-    if config.dp > 1 and config.tp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):
-        return ("pipeline and tensor parallelism with DDP, ZeRO-1 or HSDP are not traced (with FSDP2, --zero 2 or 3, "
-                "over every data-parallel rank they are)")
     if config.tp > 1 and model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if (config.uses_lora or config.quant != "none" or config.offload != "none" or config.activation_offload

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from memtui.engine.estimator.layout import (
+    ddp_tensor_parallel_embedding_gradients,
     pipeline_rank_stages,
     pipeline_stage_layers,
     tensor_parallel_embedding_gradient_extra,
@@ -352,6 +353,9 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
     extra = (tensor_parallel_embedding_gradient_extra(config, model) if shards is None
              else whole - model.vocab_size // config.tp * model.hidden_size * config.weight_bytes if whole else 0)
     vocabulary_extra = {index: extra if first else 0 for index, _layers, first, _last in roles}
+    # Under DDP (PyTorch's _pre_dp_module_transform) the whole vocabulary's gradient is a temporary of the
+    # embedding's backward: the first one clones the rank's slice out of it, a later one adds it in place.
+    ddp_whole, rank_slice = ddp_tensor_parallel_embedding_gradients(config, model)
     reduced: set[int] = set()  # stages whose gradients FSDP2 has reduce-scattered (the step's end)
 
     def stage_gradients(index: int) -> int:
@@ -496,6 +500,19 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             last_moment, gathered = backward[-1]
             backward[-1] = (last_moment._replace(temporary=last_moment.temporary + extra) if stage in done
                             else last_moment._replace(gradients=last_moment.gradients + extra)), gathered
+        if ddp_whole and stage in done:
+            # _pre_dp_module_transform makes the DTensor parameters in the first forward only (later forwards reuse
+            # them): their from_local backward nodes are the oldest of every graph, and autograd runs them last, so
+            # each new gradient waits in the engine's input buffer until the rest of backward is done, beside the
+            # gradients accumulated so far (a first backward's become the gradients: the same bytes).
+            backward = [(moment._replace(temporary=moment.temporary + made.gradients), gathered)
+                        for (moment, gathered), made in zip(backward, program.backward)]
+        if ddp_whole and stage == 0 and backward:  # the first stage: the embedding's
+            last_moment, gathered = backward[-1]  # the program's: the slice made beside the output's gradient
+            backward[-1] = last_moment._replace(temporary=last_moment.temporary - rank_slice + ddp_whole), gathered
+            if stage not in done:  # the output's gradient goes, then the slice is cloned out as the gradient
+                backward.append((last_moment._replace(gradients=last_moment.gradients + rank_slice,
+                                                      temporary=beside()[1] + ddp_whole), gathered))
         if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard and not shards[stage].head_gradients:
             # ZeRO-3 resharded the root after the forward; a stage without the head starts its backward by gathering
             # it again: its all-gather buffer beside its gathered copy, the micro-batch's forward still whole (a last

@@ -100,7 +100,7 @@ class DataParallel:
         if self.config.zero == 1:
             from memtui.engine.torchside.sharding import zero_redundancy
 
-            sharded = zero_redundancy(optimizer)
+            sharded = zero_redundancy(optimizer, self.mesh.get_group() if self.config.tp > 1 else None)
             if sharded is optimizer:
                 self.traced[-1] = (f"ZeRO-1: not sharded: {type(optimizer).__name__} is memtui's own optimizer "
                                    "wrapper, which ZeroRedundancyOptimizer cannot take (memtui's live runs keep it whole too)")
@@ -124,7 +124,14 @@ class DataParallel:
 
     # ---- the wrappers ---------------------------------------------------------
     def _ddp(self, model: torch.nn.Module) -> torch.nn.Module:
-        return ddp_wrap(model, self.tracker, self.config.dp, self.bucket_ids)
+        if self.config.tp == 1:
+            return ddp_wrap(model, self.tracker, self.config.dp, self.bucket_ids)
+        # Beside tensor parallelism, as PyTorch composes them (torch.distributed.tensor.parallel.ddp, its TP + DDP
+        # tests): the DTensor parameters made local for DDP, which all-reduces this rank's shards over the dp group.
+        from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
+
+        _pre_dp_module_transform(model)
+        return ddp_wrap(model, self.tracker, self.config.dp, self.bucket_ids, process_group=self.mesh.get_group())
 
     def _fsdp(self, model: torch.nn.Module) -> torch.nn.Module:
         from memtui.engine.torchside.sharding import fsdp_policy
@@ -270,6 +277,39 @@ def fsdp_storage_resizes(tracker: MemoryTracker, gathered: set[int] | None = Non
     finally:
         for module, name in patched:
             setattr(module, name, originals[name])
+
+
+def tensor_data_meshes(config: TrainingConfig):
+    """(tp mesh, dp mesh) of a job of dp x tp ranks, tp innermost (the ranks of one tensor-parallel group adjacent, as
+    torchtitan's ParallelDims and Megatron-LM lay them out): a (dp, tp) DeviceMesh, or for HSDP torchtitan's
+    (dp_replicate, dp_shard, tp), FSDP2 then on its 2-D (dp_replicate, dp_shard) part. Made outside FakeTensorMode."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    group = config.shard_ranks
+    if config.zero >= 2 and group < config.dp:
+        mesh = init_device_mesh("cpu", (config.dp // group, group, config.tp),
+                                mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+        return mesh["tp"], mesh["dp_replicate", "dp_shard"]
+    mesh = init_device_mesh("cpu", (config.dp, config.tp), mesh_dim_names=("dp", "tp"))
+    return mesh["tp"], mesh["dp"]
+
+
+def tensor_data_lines(config: TrainingConfig, lines: list[str]) -> list[str]:
+    """DataParallel's `traced` lines as they read beside tensor parallelism (tensor_data_meshes' meshes)."""
+    dp, tp = config.dp, config.tp
+    if config.zero <= 1:
+        ddp = (f"DDP over the dp group (dp {dp}) of a (dp, tp) mesh, beside tp {tp} as PyTorch composes them: "
+               "torch.distributed.tensor.parallel.ddp._pre_dp_module_transform makes the DTensor parameters local "
+               "for DDP, which buckets and all-reduces this rank's shards (Megatron-LM's TP + DP layout; torchtitan "
+               "refuses DDP beside TP)")
+        return [line.replace(f"DDP at world size {dp} (rank 0 of a fake process group)", ddp)
+                .replace("ZeroRedundancyOptimizer, rank 0's", "ZeroRedundancyOptimizer over the dp group, this rank's")
+                for line in lines]
+    if config.shard_ranks < dp:
+        return [line.replace(f"world size {dp} as HSDP: a 2-D DeviceMesh",
+                             f"dp {dp} as HSDP: the (dp_replicate, dp_shard) part of torchtitan's (dp_replicate, "
+                             f"dp_shard, tp {tp}) mesh") for line in lines]
+    return [line.replace(f"world size {dp}", f"dp {dp} of a (dp, tp) mesh") for line in lines]
 
 
 @contextlib.contextmanager

@@ -30,7 +30,8 @@ PipelineStage the pp sub-group. torch's pipelining runs each micro-batch's backw
 resharding after backward off, so the gradients accumulate unsharded until the stage's last backward
 reduce-scatters them. With --zero 0 or 1 the stage is wrapped in DistributedDataParallel over the data-parallel
 group instead (memtui's DDP: memtui.engine.trace.parallel.ddp_wrap), which PipelineStage drives itself
-(`backward_maybe_with_nosync`): every forward and all but the stage's last backward run under `no_sync`, so the
+(`backward_maybe_with_nosync`; beside tensor parallelism on the parameters PyTorch's `_pre_dp_module_transform`
+makes local): every forward and all but the stage's last backward run under `no_sync`, so the
 gradients accumulate in .grad and only the last backward copies them into the buckets and all-reduces them; DDP's
 reducer needs the stage's live outputs, so each sent output is kept until its backward. ZeRO-1 wraps each stage's
 optimizer in ZeroRedundancyOptimizer over the data-parallel group.
@@ -189,6 +190,10 @@ def _parallelize_stage(module, causal, config: TrainingConfig, layers: int, firs
         apply_tensor_parallel(causal, tp_mesh, embedding=first, head=last)
         restores.append(whole_sequence_masks(causal.model))
     if dp_mesh is not None and config.zero <= 1:
+        if tp_mesh is not None:  # PyTorch's TP + DDP composition: DDP on the stage's local shards
+            from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
+
+            _pre_dp_module_transform(module)
         with tracker:
             return ddp_wrap(module, tracker, config.dp, bucket_ids, process_group=dp_mesh.get_group())
     if dp_mesh is not None:
@@ -397,6 +402,11 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
                      "modules (sequence parallel: the hidden states between stages are the rank's 1/tp of the tokens; "
                      "the vocabulary-sharded embedding on the first stage, the head with loss parallel on the last)")
     if config.dp > 1 and config.zero <= 1:
+        if config.tp > 1:
+            lines.append("DDP beside tp as PyTorch composes them: torch.distributed.tensor.parallel.ddp."
+                         "_pre_dp_module_transform makes each stage's DTensor parameters local for DDP, which buckets "
+                         "and all-reduces this rank's shards (Megatron-LM's TP + DP layout; torchtitan refuses DDP "
+                         "beside TP)")
         lines.append(f"DDP on each stage over dp {config.dp}: 25 MiB gradient buckets (1 MiB first), "
                      "gradient_as_bucket_view=False, rebuilt after step 1; PipelineStage runs every forward and all "
                      "but the stage's last backward under no_sync, and keeps each sent output until its backward "

@@ -17,9 +17,10 @@ parallelism for Llama-layout models, Phi-3 and OLMo 2 (memtui.engine.trace.tenso
 and pipeline parallelism (every rank of torch.distributed.pipelining's
 schedules, memtui.engine.trace.pipeline), alone, with DDP, ZeRO-1, FSDP2 or HSDP
 on each stage, or with that tensor parallelism (and FSDP2) on a (pp, dp, tp)
-mesh; offloading, quantized weights under data parallelism, tensor parallelism
-outside that plan, and pipeline with tensor parallelism and DDP, ZeRO-1 or HSDP
-are still modelled by the estimator on top of a single-GPU trace.
+mesh (DDP, ZeRO-1 or HSDP beside the tensor parallelism too, with or without
+the pipeline); offloading, quantized weights under data parallelism and tensor
+parallelism outside that plan are still modelled by the estimator on top of a
+single-GPU trace.
 
 A deep single-GPU model of a family whose layers are all alike is traced at 5 and 6 layers, and its log built
 from the 5-layer one by repeating a middle layer (memtui.engine.trace.extend), once that construction has given

@@ -24,7 +24,8 @@ The model is split with DTensor's `parallelize_module` by torchtitan's Llama pla
 
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
-(ZeRO-2/3) as in torchtitan. The collectives are the fake backend's no-ops; every buffer they write into is
+(ZeRO-2/3) as in torchtitan, or 3-D (dp_replicate, dp_shard, tp) for HSDP; with DDP (ZeRO-0/1) the parameters are
+made local by PyTorch's _pre_dp_module_transform and DDP runs over the dp group (memtui.engine.trace.parallel). The collectives are the fake backend's no-ops; every buffer they write into is
 allocated as on a GPU and seen by the tracker.
 """
 
@@ -38,7 +39,7 @@ import torch
 
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients
+from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients, tensor_data_lines, tensor_data_meshes
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
 __all__ = ["TensorParallel", "apply_tensor_parallel", "tensor_parallel", "tensor_parallel_refusal"]
@@ -55,8 +56,7 @@ class TensorParallel:
                        "process group), torchtitan's Llama plan: Colwise q/k/v and gate/up, Rowwise o/down with "
                        "sequence parallel norms, vocabulary-sharded embedding and head, loss parallel"]
         if self.data is not None:
-            self.traced += [line.replace(f"world size {config.dp}", f"dp {config.dp} of a (dp, tp) mesh")
-                            for line in self.data.traced]
+            self.traced += tensor_data_lines(config, self.data.traced)
         self.modelled: list[str] = []
         self.gradient_ids: set[int] = set()
         self.tracker: MemoryTracker | None = None
@@ -77,7 +77,7 @@ class TensorParallel:
                                   "post-MLP norms sequence parallel")
         self.restore = whole_sequence_masks(model.model)
         if self.data is not None:
-            with _meshes_made_real():
+            with _meshes_made_real():  # FSDP2 joins the dp and tp meshes; DDP runs on the dp group's local shards
                 return self.data.wrap(model, tracker)
         return model
 
@@ -357,8 +357,7 @@ def tensor_parallel(config: TrainingConfig, num_layers: int) -> Iterator[TensorP
     parallel: TensorParallel | None = None
     try:
         if config.dp > 1:
-            mesh = init_device_mesh("cpu", (config.dp, config.tp), mesh_dim_names=("dp", "tp"))
-            parallel = TensorParallel(config, num_layers, mesh["tp"], mesh["dp"])
+            parallel = TensorParallel(config, num_layers, *tensor_data_meshes(config))
             yield parallel
         else:
             parallel = TensorParallel(config, num_layers, init_device_mesh("cpu", (config.tp,)), None)
