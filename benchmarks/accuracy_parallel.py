@@ -106,7 +106,9 @@ def matrix() -> list[dict]:
             ("qwen2.5-0.5b", 8, 2, "gpipe", {"zero": 2, "shard_group": 2}),
             # and DDP or HSDP beside the tensor parallelism (the tied embedding and head on two stages)
             ("llama-3.2-1b", 8, 2, "1f1b", {"tp": 2, "zero": 0}),
-            ("llama-3.2-1b", 16, 2, "1f1b", {"tp": 2, "zero": 3, "shard_group": 2})):
+            ("llama-3.2-1b", 16, 2, "1f1b", {"tp": 2, "zero": 3, "shard_group": 2}),
+            # peft's LoRA on each stage (alone, with DDP per stage)
+            ("llama-3.2-1b", 2, 2, "1f1b", {"lora_rank": 16}), ("llama-3.2-3b", 8, 4, "gpipe", {"lora_rank": 16, "zero": 0})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
                      "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
     return rows

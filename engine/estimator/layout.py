@@ -291,9 +291,14 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
         return f"the {model.family} family has no traced pipeline split (Llama-layout families only)"
     if config.tp > 1 and model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
-    if (config.uses_lora or config.quant != "none" or config.offload != "none" or config.activation_offload
-            or config.loss != "standard" or config.grad_accum > 1 or config.optimizer_in_backward
-            or config.precision == "16-mixed"):
-        return ("LoRA, quantized weights, offloading, the chunked and fused losses, gradient accumulation, the "
-                "optimizer in backward and fp16 loss scaling under pipeline parallelism are not traced")
+    if (config.offload != "none" or config.activation_offload or config.loss != "standard" or config.grad_accum > 1
+            or config.optimizer_in_backward or config.precision == "16-mixed"):
+        return ("offloading, the chunked and fused losses, gradient accumulation, the optimizer in backward and fp16 "
+                "loss scaling under pipeline parallelism are not traced")
+    if config.quant != "none":
+        return "quantized weights under pipeline parallelism are not traced"
+    if config.uses_lora and config.tp > 1:
+        return "LoRA under pipeline and tensor parallelism together is not traced"
+    if config.uses_lora and config.dp > 1 and config.zero >= 2:
+        return "LoRA under pipeline parallelism with FSDP2 (--zero 2|3) is not traced (with DDP or ZeRO-1 it is)"
     return None
