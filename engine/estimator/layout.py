@@ -218,9 +218,12 @@ def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
 # torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it); pipeline
 # stages are cut from them too.
 PIPELINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+# Mixture-of-experts families whose blocks memtui.engine.trace.moe_parallel shards as torchtitan does (TP without
+# expert parallelism: the router replicated, the experts' stacked weights on their intermediate dimension).
+MOE_TENSOR_PARALLEL_FAMILIES = ("mixtral", "qwen3_moe")
 # The same plan with Phi-3's fused qkv_proj and gate_up_proj sharded per part, as Megatron-LM and vLLM shard them,
 # and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them.
-TENSOR_PARALLEL_FAMILIES = (*PIPELINE_FAMILIES, "phi3", "olmo2")
+TENSOR_PARALLEL_FAMILIES = (*PIPELINE_FAMILIES, "phi3", "olmo2", *MOE_TENSOR_PARALLEL_FAMILIES)
 
 
 def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
@@ -231,10 +234,12 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
     if config.pp > 1 and pipeline_refusal(config, model) is not None:
         return f"pipeline parallelism here is not traced ({pipeline_refusal(config, model)})"
     if model.family not in TENSOR_PARALLEL_FAMILIES:
-        return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families, Phi-3 and "
-                "OLMo 2 only)")
+        return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families, Phi-3, "
+                "OLMo 2, Mixtral and Qwen3-MoE only)")
     if model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
+    if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.intermediate_size % config.tp:
+        return f"tp {config.tp} does not divide the experts' intermediate size {model.intermediate_size}"
     if config.uses_lora or config.quant != "none" or config.offload != "none":
         return "LoRA, quantized weights and offloading under tensor parallelism are not traced"
     if config.dp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):

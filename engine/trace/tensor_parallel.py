@@ -20,7 +20,11 @@ The model is split with DTensor's `parallelize_module` by torchtitan's Llama pla
   fused parallel linears); a plain Colwise cut of [q; k; v] would hand rank 0 all of q and part of k;
 - o_proj, down_proj: RowwiseParallel(output Shard(1)): reduce-scattered back onto the sequence;
 - lm_head: ColwiseParallel(input Shard(1), output Shard(-1)) with loss parallel: the logits stay sharded
-  over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default).
+  over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default);
+- Mixtral's and Qwen3-MoE's MoE blocks in place of the MLP: torchtitan's MoE plan with TP and no expert
+  parallelism (memtui.engine.trace.moe_parallel): the block's input all-gathered, the router replicated, the
+  experts' stacked weights sharded on the intermediate dimension and run by transformers' own experts forward on
+  the local shards, the partial output reduce-scattered onto the sequence.
 
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
@@ -38,6 +42,7 @@ import torch
 
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.trace.moe_parallel import MOE_TRACED_LINE, is_moe_block, moe_block_plan
 from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
@@ -75,6 +80,8 @@ class TensorParallel:
                                   "projections' outputs redistributed onto the sequence (DTensor's all-to-all), "
                                   "normalised over every head there, redistributed back; the post-attention and "
                                   "post-MLP norms sequence parallel")
+        if any(is_moe_block(getattr(layer, "mlp", None)) for layer in model.model.layers):
+            self.traced.insert(1, MOE_TRACED_LINE)
         self.restore = whole_sequence_masks(model.model)
         if self.data is not None:
             with _meshes_made_real():
@@ -239,11 +246,12 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
                 "self_attn.k_proj": ColwiseParallel(),
                 "self_attn.v_proj": ColwiseParallel()}),
             "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            **({"mlp.gate_up_proj": ColwiseParallel()} if fused else {
-                "mlp.gate_proj": ColwiseParallel(),
-                "mlp.up_proj": ColwiseParallel()}),
-            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+            **(moe_block_plan(layer.mlp, mesh.size()) if is_moe_block(layer.mlp) else {
+                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                **({"mlp.gate_up_proj": ColwiseParallel()} if fused else {
+                    "mlp.gate_proj": ColwiseParallel(),
+                    "mlp.up_proj": ColwiseParallel()}),
+                "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))}),
         })
 
     tp = mesh.size()

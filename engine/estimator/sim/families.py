@@ -488,23 +488,19 @@ def softcap(sim: Sim, x: Tensor) -> Tensor:
 
 
 def moe_block(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
-    """MixtralSparseMoeBlock with transformers' grouped_mm experts: every token's top-k copies are sorted
-    by expert, run through two grouped matmuls, weighted, put back in order and summed. The sizes do not
-    depend on the routing (tokens x top_k rows in all), so the replay is exact whatever the router picks.
-    The router's own tensors (tokens x experts) are small and left out."""
+    """MixtralSparseMoeBlock and Qwen3MoeSparseMoeBlock with transformers' grouped_mm experts: the router, then
+    every token's top-k copies sorted by expert, run through two grouped matmuls, weighted, put back in order and
+    summed. The sizes do not depend on the routing (tokens x top_k rows in all), so the replay is exact whatever
+    the router picks. The block holds the router's logits (`_`) until it returns."""
     routed = lf_scale(x.elems, d.top_k)  # (tokens * top_k, hidden)
     rows = lf_scale(x.elems, d.top_k / d.hidden)  # tokens * top_k
-    if opts.family == "qwen3_moe":
-        top_weights = qwen3_moe_router(sim, x, p, d, opts, rows)
-        sample_weights = ops.gather_rows(sim, top_weights, rows, rows)
-    else:
-        router_logits = apply_linear(sim, x, p, "gate", d.hidden, d.experts, opts)
-        weights = ops.softmax(sim, router_logits, "f32")  # top-k weights: small, but they carry gradients
-        sim.drop(router_logits)
-        sample_weights = ops.gather_rows(sim, weights, rows, rows)
-        sim.drop(weights)
-        top_weights = None
-    return grouped_experts(sim, x, p, d, sample_weights, routed, rows, release=top_weights)
+    router_logits, top_weights = topk_router(sim, x, p, d, opts, rows)
+    sample_weights = ops.gather_rows(sim, top_weights, rows, rows)
+    out = grouped_experts(sim, x, p, d, sample_weights, routed, rows, release=top_weights)
+    sim.drop(router_logits)
+    # under sequence parallelism each rank's experts hold 1/tp of the intermediate dimension: their sum is
+    # partial, reduce-scattered onto the rank's tokens (torchtitan's MoE boundary)
+    return scatter_tokens(sim, out, opts)
 
 
 def grouped_experts(sim: Sim, x: Tensor, p: LayerParams, d: Dims, sample_weights: Tensor, routed, rows, *,
@@ -530,20 +526,30 @@ def grouped_experts(sim: Sim, x: Tensor, p: LayerParams, d: Dims, sample_weights
     return chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
 
 
-def qwen3_moe_router(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, rows) -> Tensor:
-    """Qwen3MoeTopKRouter: logits, fp32 softmax over every expert, top-k, renormalised (norm_topk_prob),
-    cast back to the logits' dtype. With 128 experts the (tokens, experts) tensors are not negligible."""
+def topk_router(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, rows) -> tuple[Tensor, Tensor]:
+    """MixtralTopKRouter and Qwen3MoeTopKRouter: logits, fp32 softmax over every expert, top-k, renormalised in
+    place (Mixtral always, Qwen3-MoE with norm_topk_prob). Mixtral casts the logits to fp32 first (`.float()`) and
+    keeps the weights fp32; Qwen3-MoE softmaxes with dtype=float and casts the weights back to the logits' dtype.
+    Returns (logits, top-k weights). With 128 experts the (tokens, experts) tensors are not negligible."""
+    mixtral = opts.family == "mixtral"
     router_logits = apply_linear(sim, x, p, "gate", d.hidden, d.experts, opts)
-    probs = ops.softmax(sim, router_logits, "f32")
+    if mixtral:
+        logits = ops.cast(sim, router_logits, "f32")
+        probs = ops.softmax(sim, logits, "f32")
+        sim.drop(logits)
+    else:
+        probs = ops.softmax(sim, router_logits, "f32")
     top = ops.topk(sim, probs, rows)
     sim.drop(probs)
-    if opts.norm_topk:
+    if opts.norm_topk or mixtral:
         total = ops.sum_groups(sim, top, d.top_k)
         top = chain(sim, top, lambda sim_, t: ops.div_(sim_, t, total))
         sim.drop(total)
+    if mixtral:
+        return router_logits, top
     out = ops.cast(sim, top, router_logits.dtype)
-    sim.drop(top, router_logits)
-    return out
+    sim.drop(top)
+    return router_logits, out
 
 
 def llama_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:

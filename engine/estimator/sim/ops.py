@@ -363,7 +363,10 @@ def gather_rows(sim: Sim, x: Tensor, elems: LF, rows: LF) -> Tensor:
     """x[indices] along the first dimension: a new tensor; the int64 indices are saved for backward,
     which scatters into zeros. (Saving them also keeps a checkpoint's recompute going this far.)"""
     indices = sim.new(rows, "i64", name="indices")
-    out = sim.new(elems, x.dtype, name="index")
+    if sim.stops_as_inputs_are_saved([x]):  # a recompute ending at the saved indices never makes the output
+        out = Tensor(elems=elems, dtype=x.dtype, alive=False)
+    else:
+        out = sim.new(elems, x.dtype, name="index")
     sim.record("index", out, [x], [indices], _gather_backward)
     sim.drop(indices)
     return out

@@ -1,0 +1,106 @@
+"""Tensor parallelism of a mixture-of-experts block, as torchtitan shards MoE layers with TP and no expert
+parallelism (its MoE sharding for the dense TP axis: routed experts' weights Shard(1)/Shard(2), the router
+replicated, the block's input all-gathered from the sequence and its Partial output reduce-scattered back).
+
+On transformers' modules (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock):
+
+- the block (`mlp`): its input all-gathered from Shard(1) to Replicate and handed on as a local tensor whose
+  gradient is Partial (the backward reduce-scatters it, as torchtitan's experts' in_grad_placements say); its
+  output, each rank's partial sum over its share of the intermediate dimension, reduce-scattered onto Shard(1);
+- the router (`gate`): its weight a replicated DTensor, run on the whole sequence's local tokens;
+- the experts: the stacked `gate_up_proj` (experts, 2 x intermediate, hidden) sharded on its intermediate rows,
+  reordered rank-major first so that each rank's contiguous block is its own share of gate and of up (as the
+  dense plan does for Phi-3's fused gate_up_proj), and `down_proj` (experts, hidden, intermediate) on its
+  intermediate columns. The module's own forward (transformers' grouped_mm experts) runs on the local shards,
+  so every allocation is the one a rank makes; the gradients land in the DTensor parameters' local shards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+MOE_TRACED_LINE = ("MoE blocks as torchtitan's TP plan without expert parallelism: input all-gathered, router "
+                   "replicated, experts' stacked gate_up_proj and down_proj sharded on the intermediate dimension "
+                   "(gate/up rows rank-major) and run on the local shards, the partial output reduce-scattered")
+
+
+def is_moe_block(module: torch.nn.Module | None) -> bool:
+    """transformers' sparse MoE block (Mixtral, Qwen3-MoE): a router `gate` and stacked `experts`."""
+    return module is not None and hasattr(module, "experts") and hasattr(module, "gate")
+
+
+def moe_block_plan(mlp: torch.nn.Module, tp: int) -> dict:
+    """parallelize_module's plan for one layer's MoE block (keys relative to the decoder layer)."""
+    experts = mlp.experts
+    intermediate = experts.gate_up_proj.shape[1] // 2
+    _reorder_rank_major(experts, "gate_up_proj", dim=1, parts=[intermediate, intermediate], tp=tp)
+    return {
+        "mlp": MoeBlockParallel(),
+        "mlp.gate": LocalShards({"weight": Replicate()}),
+        "mlp.experts": LocalShards({"gate_up_proj": Shard(1), "down_proj": Shard(2)}),
+    }
+
+
+def _reorder_rank_major(module: torch.nn.Module, name: str, dim: int, parts: list[int], tp: int) -> None:
+    """`module.name`'s slices along `dim` (the parts stacked) reordered rank-major: every part's first 1/tp, then
+    every part's second 1/tp, and so on, so that Shard(dim)'s contiguous block r holds rank r's share of each."""
+    starts = [sum(parts[:index]) for index in range(len(parts))]
+    order = torch.cat([torch.arange(start + rank * size // tp, start + (rank + 1) * size // tp)
+                       for rank in range(tp) for start, size in zip(starts, parts)])
+    tensor = getattr(module, name)
+    with torch.no_grad():
+        setattr(module, name, torch.nn.Parameter(tensor.index_select(dim, order), requires_grad=tensor.requires_grad))
+
+
+class LocalShards(ParallelStyle):
+    """A ParallelStyle: the named parameters distributed with these placements (DTensor Parameters, which FSDP2
+    can shard further over dp), and the module's own forward run on their local shards (DTensor.to_local: a view
+    whose gradient lands in the parameter's shard), as torchtitan's GroupedExperts computes on local weights."""
+
+    def __init__(self, placements: dict) -> None:
+        super().__init__()
+        self.placements = placements
+
+    def _apply(self, module: torch.nn.Module, device_mesh) -> torch.nn.Module:
+        names = [name for name in self.placements if module._parameters.get(name) is not None]
+        for name in names:
+            param = module._parameters[name]
+            sharded = distribute_tensor(param.data, device_mesh, [self.placements[name]])
+            module.register_parameter(name, torch.nn.Parameter(sharded, requires_grad=param.requires_grad))
+        forward = module.forward
+
+        def local_forward(*args, **kwargs):
+            # read at call time: FSDP2 sets its unsharded (TP-sharded) parameters before the layer runs
+            held = {name: module._parameters[name] for name in names}
+            try:
+                for name, param in held.items():
+                    module._parameters[name] = param.to_local() if isinstance(param, DTensor) else param
+                return forward(*args, **kwargs)
+            finally:
+                module._parameters.update(held)
+
+        module.forward = local_forward
+        return module
+
+
+class MoeBlockParallel(ParallelStyle):
+    """A ParallelStyle for the MoE block: input Shard(1) all-gathered to Replicate (local, its gradient Partial),
+    output Partial reduce-scattered to Shard(1) (local), torchtitan's MoE boundary under sequence parallelism."""
+
+    def _apply(self, module: torch.nn.Module, device_mesh) -> torch.nn.Module:
+        def gather(_module, args):
+            x, *rest = args
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, device_mesh, [Shard(1)], run_check=False)
+            x = x.redistribute(device_mesh, [Replicate()])
+            return (x.to_local(grad_placements=[Partial()]), *rest)
+
+        def scatter(_module, _args, output):
+            partial = DTensor.from_local(output, device_mesh, [Partial()], run_check=False)
+            return partial.redistribute(device_mesh, [Shard(1)]).to_local()
+
+        module.register_forward_pre_hook(gather)
+        module.register_forward_hook(scatter)
+        return module
