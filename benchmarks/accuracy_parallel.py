@@ -7,7 +7,7 @@ rows measured before, in place of their own earlier figures; the header's list o
 every row it measured has been measured again.)
 
 `memtui trace --gpus N --zero K [--shard-group G] [--tp T]` runs the real DDP / FSDP2 / HSDP program, and
-DTensor tensor parallelism with sequence parallelism, for rank 0 of N on torch's fake process group
+DTensor tensor parallelism with sequence parallelism (MoE blocks too), for rank 0 of N on torch's fake process group
 (memtui.engine.trace.parallel, memtui.engine.trace.tensor_parallel); this compares its traced tensor peak with the estimator's,
 as benchmarks/accuracy.py does for one GPU (the estimator's modelled cuBLAS workspace taken off).
 Writes docs/accuracy-parallel.md; prints numbers, asserts nothing.
@@ -69,7 +69,12 @@ def matrix() -> list[dict]:
                                    ("phi-3-mini", 4, 2, {"zero": 3}),
                                    # OLMo 2: q/k norms over every head, on the sequence (OLMo-core's plan)
                                    ("olmo-2-7b", 2, 2, {}), ("olmo-2-7b", 4, 4, {}),
-                                   ("olmo-2-7b", 4, 2, {"zero": 3})):
+                                   ("olmo-2-7b", 4, 2, {"zero": 3}),
+                                   # MoE (torchtitan's plan without expert parallelism): the router replicated,
+                                   # the experts sharded on their intermediate dimension
+                                   ("mixtral-8x7b", 2, 2, {}), ("mixtral-8x7b", 4, 4, {}),
+                                   ("mixtral-8x7b", 8, 2, {"zero": 3}), ("qwen3-30b-a3b", 4, 4, {}),
+                                   ("qwen3-30b-a3b", 8, 2, {"zero": 3, "checkpointing": "full"})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
     # FSDP2 casting to bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's)
@@ -167,7 +172,8 @@ def write_markdown(results: list[dict], path: Path, command: str, *, append: boo
         "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1), FSDP2 "
         "(ZeRO-2/3), HSDP (`--shard-group`: FSDP2 on a (replicate, shard) mesh) or DTensor tensor-parallel (`--tp`: "
         "torchtitan's Llama plan, with Qwen3's q/k norms as its Qwen3 plan, Phi-3's fused projections sharded per "
-        "part and OLMo 2's whole-width q/k norms as OLMo-core's plan, sequence and loss parallel; with FSDP2 over dp "
+        "part, OLMo 2's whole-width q/k norms as OLMo-core's plan and Mixtral's and Qwen3-MoE's experts as its MoE "
+        "plan without expert parallelism, sequence and loss parallel; with FSDP2 over dp "
         "on a (dp, tp) mesh) program at "
         "the real world size on torch's fake process group, two training steps on fake tensors (`--pp`: every "
         "pipeline rank of torch.distributed.pipelining's schedule traced, the largest rank's peak); estimated = `memtui estimate`'s "
