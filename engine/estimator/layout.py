@@ -55,6 +55,25 @@ def _linear_shard(linear: LinearLayer, tp: int) -> tuple[int, int]:
     return linear.weight_params // tp, linear.out_features * linear.experts // tp
 
 
+# Row-parallel linears: RowwiseParallel (and the experts' down projection) keeps their bias whole on every rank,
+# added to the partial sums, as torchtitan's and Megatron-LM's plans do
+ROW_PARALLEL = ("o_proj", "down_proj", "experts.down_proj")
+
+
+def _bias_shard(linear: LinearLayer, tp: int) -> int:
+    """Bias parameters of one linear on a rank after tensor parallelism."""
+    whole = linear.out_features * linear.experts
+    return whole if linear.name in ROW_PARALLEL else whole // tp
+
+
+def _layer_vectors(model: ModelSpec, tp: int) -> tuple[int, ...]:
+    """gpt-oss's router bias (replicated under tensor parallelism) and attention sinks (sharded with the heads)."""
+    if not model.layer_vectors:
+        return ()
+    router_bias, sinks = model.layer_vectors
+    return router_bias, sinks // tp
+
+
 def _named(linears: tuple[LinearLayer, ...], name: str) -> LinearLayer:
     return next(linear for linear in linears if linear.name == name)
 
@@ -94,10 +113,10 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
             else:
                 linear_rows += rows
             if linear.bias:
-                biases += linear.out_features * linear.experts // tp
+                biases += _bias_shard(linear, tp)
         routed = any(linear.experts > 1 for linear in linears)
         layer_other = (biases + model.norms_per_layer * model.norm_params + model.qk_norm_params
-                       + (model.router_params if routed else 0) + sum(model.layer_vectors))
+                       + (model.router_params if routed else 0) + sum(_layer_vectors(model, tp)))
         lora_per_layer = _lora_params(config, linears, targets, tp)
         total_linear += count * linear_weights
         linear_rows_total += count * linear_rows
@@ -182,11 +201,11 @@ def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec, *,
             numels += per_layer * count
             continue
         per_layer = [linear.weight_params // tp for linear in linears]
-        per_layer += [linear.out_features * linear.experts // tp for linear in linears if linear.bias]
+        per_layer += [_bias_shard(linear, tp) for linear in linears if linear.bias]
         per_layer += norm_tensors * model.norms_per_layer
         per_layer += [width for width in model.qk_norm_widths if width] if model.qk_norm else []
         per_layer += [model.router_params] if any(linear.experts > 1 for linear in linears) else []
-        per_layer += list(model.layer_vectors)
+        per_layer += list(_layer_vectors(model, tp))
         numels += per_layer * count
     if config.uses_lora:
         return numels + [rows * columns for rows, columns in head_adapter_shapes(config, model)]
@@ -219,8 +238,9 @@ def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
 # stages are cut from them too.
 PIPELINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 # Mixture-of-experts families whose blocks memtui.engine.trace.moe_parallel shards as torchtitan does (TP without
-# expert parallelism: the router replicated, the experts' stacked weights on their intermediate dimension).
-MOE_TENSOR_PARALLEL_FAMILIES = ("mixtral", "qwen3_moe")
+# expert parallelism: the router replicated, the experts' stacked weights on their intermediate dimension; gpt-oss's
+# sinks with the heads).
+MOE_TENSOR_PARALLEL_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
 # The same plan with Phi-3's fused qkv_proj and gate_up_proj sharded per part, as Megatron-LM and vLLM shard them,
 # and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them.
 TENSOR_PARALLEL_FAMILIES = (*PIPELINE_FAMILIES, "phi3", "olmo2", *MOE_TENSOR_PARALLEL_FAMILIES)
@@ -235,7 +255,7 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return f"pipeline parallelism here is not traced ({pipeline_refusal(config, model)})"
     if model.family not in TENSOR_PARALLEL_FAMILIES:
         return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families, Phi-3, "
-                "OLMo 2, Mixtral and Qwen3-MoE only)")
+                "OLMo 2, Mixtral, Qwen3-MoE and gpt-oss only)")
     if model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.intermediate_size % config.tp:

@@ -2,17 +2,21 @@
 parallelism (its MoE sharding for the dense TP axis: routed experts' weights Shard(1)/Shard(2), the router
 replicated, the block's input all-gathered from the sequence and its Partial output reduce-scattered back).
 
-On transformers' modules (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock):
+On transformers' modules (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, GptOssMLP):
 
 - the block (`mlp`): its input all-gathered from Shard(1) to Replicate and handed on as a local tensor whose
   gradient is Partial (the backward reduce-scatters it, as torchtitan's experts' in_grad_placements say); its
   output, each rank's partial sum over its share of the intermediate dimension, reduce-scattered onto Shard(1);
-- the router (`gate`): its weight a replicated DTensor, run on the whole sequence's local tokens;
+- the router (`gate`; gpt-oss's `router`, with its bias): replicated DTensors, run on the whole sequence's local
+  tokens;
 - the experts: the stacked `gate_up_proj` (experts, 2 x intermediate, hidden) sharded on its intermediate rows,
   reordered rank-major first so that each rank's contiguous block is its own share of gate and of up (as the
   dense plan does for Phi-3's fused gate_up_proj), and `down_proj` (experts, hidden, intermediate) on its
   intermediate columns. The module's own forward (transformers' grouped_mm experts) runs on the local shards,
   so every allocation is the one a rank makes; the gradients land in the DTensor parameters' local shards.
+  gpt-oss's experts are transposed, gate and up interleaved column by column: `gate_up_proj` (experts, hidden,
+  2 x intermediate) and its bias on their columns as they are (a contiguous block is a rank's pairs), `down_proj`
+  (experts, intermediate, hidden) on its rows, its bias replicated; its attention sinks sharded with the heads.
 """
 
 from __future__ import annotations
@@ -23,17 +27,30 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 MOE_TRACED_LINE = ("MoE blocks as torchtitan's TP plan without expert parallelism: input all-gathered, router "
                    "replicated, experts' stacked gate_up_proj and down_proj sharded on the intermediate dimension "
-                   "(gate/up rows rank-major) and run on the local shards, the partial output reduce-scattered")
+                   "(each rank its share of gate and of up) and run on the local shards, the partial output "
+                   "reduce-scattered")
 
 
 def is_moe_block(module: torch.nn.Module | None) -> bool:
-    """transformers' sparse MoE block (Mixtral, Qwen3-MoE): a router `gate` and stacked `experts`."""
-    return module is not None and hasattr(module, "experts") and hasattr(module, "gate")
+    """transformers' sparse MoE block: stacked `experts` and a router (`gate`: Mixtral, Qwen3-MoE; `router`:
+    gpt-oss)."""
+    return module is not None and hasattr(module, "experts") and (hasattr(module, "gate") or hasattr(module, "router"))
 
 
 def moe_block_plan(mlp: torch.nn.Module, tp: int) -> dict:
     """parallelize_module's plan for one layer's MoE block (keys relative to the decoder layer)."""
     experts = mlp.experts
+    if getattr(experts, "is_transposed", False):
+        # gpt-oss: gate_up_proj (experts, hidden, 2 x intermediate) with gate and up interleaved column by column,
+        # so a contiguous block of columns is already a rank's pairs; down_proj (experts, intermediate, hidden).
+        # The down projection's bias is added to every rank's partial sum (replicated, as torchtitan's gpt-oss
+        # plan keeps it).
+        return {
+            "mlp": MoeBlockParallel(),
+            "mlp.router": LocalShards({"weight": Replicate(), "bias": Replicate()}),
+            "mlp.experts": LocalShards({"gate_up_proj": Shard(2), "gate_up_proj_bias": Shard(1),
+                                        "down_proj": Shard(1), "down_proj_bias": Replicate()}),
+        }
     intermediate = experts.gate_up_proj.shape[1] // 2
     _reorder_rank_major(experts, "gate_up_proj", dim=1, parts=[intermediate, intermediate], tp=tp)
     return {
@@ -41,6 +58,11 @@ def moe_block_plan(mlp: torch.nn.Module, tp: int) -> dict:
         "mlp.gate": LocalShards({"weight": Replicate()}),
         "mlp.experts": LocalShards({"gate_up_proj": Shard(1), "down_proj": Shard(2)}),
     }
+
+
+def attention_sinks_plan(attention: torch.nn.Module) -> dict:
+    """gpt-oss's per-head attention sinks sharded with the heads (each rank's softmax takes its own heads' sinks)."""
+    return {"self_attn": LocalShards({"sinks": Shard(0)})} if hasattr(attention, "sinks") else {}
 
 
 def _reorder_rank_major(module: torch.nn.Module, name: str, dim: int, parts: list[int], tp: int) -> None:
@@ -98,8 +120,10 @@ class MoeBlockParallel(ParallelStyle):
             return (x.to_local(grad_placements=[Partial()]), *rest)
 
         def scatter(_module, _args, output):
-            partial = DTensor.from_local(output, device_mesh, [Partial()], run_check=False)
-            return partial.redistribute(device_mesh, [Shard(1)]).to_local()
+            hidden, *rest = output if isinstance(output, tuple) else (output,)  # gpt-oss: (hidden, router scores)
+            partial = DTensor.from_local(hidden, device_mesh, [Partial()], run_check=False)
+            scattered = partial.redistribute(device_mesh, [Shard(1)]).to_local()
+            return (scattered, *rest) if isinstance(output, tuple) else scattered
 
         module.register_forward_pre_hook(gather)
         module.register_forward_hook(scatter)

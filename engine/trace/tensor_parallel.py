@@ -21,10 +21,11 @@ The model is split with DTensor's `parallelize_module` by torchtitan's Llama pla
 - o_proj, down_proj: RowwiseParallel(output Shard(1)): reduce-scattered back onto the sequence;
 - lm_head: ColwiseParallel(input Shard(1), output Shard(-1)) with loss parallel: the logits stay sharded
   over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default);
-- Mixtral's and Qwen3-MoE's MoE blocks in place of the MLP: torchtitan's MoE plan with TP and no expert
-  parallelism (memtui.engine.trace.moe_parallel): the block's input all-gathered, the router replicated, the
-  experts' stacked weights sharded on the intermediate dimension and run by transformers' own experts forward on
-  the local shards, the partial output reduce-scattered onto the sequence.
+- Mixtral's, Qwen3-MoE's and gpt-oss's MoE blocks in place of the MLP: torchtitan's MoE plan with TP and no
+  expert parallelism (memtui.engine.trace.moe_parallel): the block's input all-gathered, the router replicated,
+  the experts' stacked weights sharded on the intermediate dimension and run by transformers' own experts forward
+  on the local shards, the partial output reduce-scattered onto the sequence; gpt-oss's attention sinks sharded
+  with the heads.
 
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
@@ -42,7 +43,7 @@ import torch
 
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.trace.moe_parallel import MOE_TRACED_LINE, is_moe_block, moe_block_plan
+from memtui.engine.trace.moe_parallel import MOE_TRACED_LINE, attention_sinks_plan, is_moe_block, moe_block_plan
 from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
@@ -82,7 +83,7 @@ class TensorParallel:
                                   "post-MLP norms sequence parallel")
         if any(is_moe_block(getattr(layer, "mlp", None)) for layer in model.model.layers):
             self.traced.insert(1, MOE_TRACED_LINE)
-        self.restore = whole_sequence_masks(model.model)
+        self.restore = whole_sequence_masks(model.model, ranks=self.config.tp)
         if self.data is not None:
             with _meshes_made_real():
                 return self.data.wrap(model, tracker)
@@ -146,21 +147,23 @@ def _meshes_made_real() -> Iterator[None]:
 _MASK_FACTORIES = ("create_causal_mask", "create_sliding_window_causal_mask")
 
 
-def whole_sequence_masks(inner: torch.nn.Module) -> Callable[[], None]:
+def whole_sequence_masks(inner: torch.nn.Module, ranks: int = 1) -> Callable[[], None]:
     """Make the decoder's attention masks for the whole sequence; returns what undoes it.
 
     transformers sizes a mask by `inputs_embeds.shape[1]`, and under sequence parallelism the embedding hands each
     rank 1/tp of the tokens: eager attention (and SDPA with a sliding-window mask) would get a (s/tp)^2 mask for
     (s x s) scores. The model module's mask factories are wrapped for the trace to see a whole-length view of the
-    embeddings (no allocation), as the rotary positions already cover the whole sequence."""
+    embeddings (no allocation), as the rotary positions already cover the whole sequence. A model that does not
+    hand the factories its positions (gpt-oss) gets `ranks` times its local tokens."""
     module = sys.modules[type(inner).__module__]
     originals = {name: getattr(module, name) for name in _MASK_FACTORIES if hasattr(module, name)}
 
     def whole(factory: Callable) -> Callable:
         def make(*args, **kwargs):
             embeds, positions = kwargs.get("inputs_embeds"), kwargs.get("position_ids")
-            if embeds is not None and positions is not None and positions.shape[-1] != embeds.shape[1]:
-                kwargs["inputs_embeds"] = embeds[:, :1].expand(embeds.shape[0], positions.shape[-1], *embeds.shape[2:])
+            length = positions.shape[-1] if positions is not None else embeds.shape[1] * ranks if embeds is not None else 0
+            if embeds is not None and length != embeds.shape[1]:
+                kwargs["inputs_embeds"] = embeds[:, :1].expand(embeds.shape[0], length, *embeds.shape[2:])
             return factory(*args, **kwargs)
 
         return make
@@ -253,6 +256,7 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
                     "mlp.up_proj": ColwiseParallel()}),
                 "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))}),
         })
+        parallelize_module(layer, mesh, attention_sinks_plan(layer.self_attn))
 
     tp = mesh.size()
 

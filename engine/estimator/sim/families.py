@@ -807,31 +807,39 @@ def gpt_oss_moe(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> 
     routed = lf_scale(x.elems, d.top_k)  # (tokens * top_k, hidden)
     rows = lf_scale(x.elems, d.top_k / d.hidden)  # tokens * top_k
     logits = apply_linear(sim, x, p, "router", d.hidden, d.experts, opts)
-    top = ops.topk(sim, logits, rows)
-    sim.drop(logits)  # the router's first output is not kept
+    top = ops.topk(sim, logits, rows)  # the logits, the router's first output, held by the block (`_`)
     scores = ops.softmax(sim, top, top.dtype)
     sim.drop(top)
-    order = [sim.new(rows, "i64", name="sorted expert ids"), sim.new(rows, "i64", name="sort permutation")]
-    sample_weights = ops.gather_rows(sim, scores, rows, rows)
-    selected = ops.gather_rows(sim, x, routed, rows)
+    # the sort's expert ids and permutation, and each row's token (perm // top_k): the gathers' indices
+    expert_ids, perm = sim.new(rows, "i64", name="sorted expert ids"), sim.new(rows, "i64", name="sort permutation")
+    token_of_row = sim.new(rows, "i64", name="token of each row")
+    order = [expert_ids, perm, token_of_row]
+    selected = ops.gather_rows(sim, x, routed, rows, token_of_row)
+    sample_weights = ops.gather_rows(sim, scores, rows, rows, perm)
+    # histc's input (the sorted ids as int32 on CUDA), the tokens per expert and their offsets, for grouped_mm
+    counting = [sim.new(rows, "i32", name="histc input"),
+                sim.new(const(d.experts), "f32", name="tokens per expert"),
+                sim.new(const(d.experts), "i32", name="offsets")]
     selected_c = ops.cast(sim, selected, p.linears["experts.gate_up_proj"].dtype)
-    up_bias = ops.gather_rows(sim, p.biases["experts.gate_up_proj"], lf_scale(routed, 2 * d.intermediate / d.hidden), rows)
+    up_bias = ops.gather_rows(sim, p.biases["experts.gate_up_proj"], lf_scale(routed, 2 * d.intermediate / d.hidden),
+                              rows, expert_ids)
     gate_up = ops.grouped_mm(sim, selected_c, p.linears["experts.gate_up_proj"], 2 * d.intermediate, d.hidden)
     gate_up = chain(sim, gate_up, lambda sim_, t: ops.add_(sim_, t, up_bias))
     gated = clamped_swiglu(sim, gate_up)
     sim.drop(gate_up)
-    down_bias = ops.gather_rows(sim, p.biases["experts.down_proj"], routed, rows)
+    down_bias = ops.gather_rows(sim, p.biases["experts.down_proj"], routed, rows, expert_ids)
     sim.drop(up_bias)  # `selected_biases` rebound
     down = ops.grouped_mm(sim, gated, p.linears["experts.down_proj"], d.hidden, d.intermediate)
     sim.drop(gated)
     down = chain(sim, down, lambda sim_, t: ops.add_(sim_, t, down_bias))
     weighted = ops.mul(sim, down, sample_weights)
     inverse = sim.new(rows, "i64", name="inverse permutation")
-    ordered = ops.gather_rows(sim, weighted, routed, rows)
+    ordered = ops.gather_rows(sim, weighted, routed, rows, inverse)
     sim.drop(weighted)
     out = ops.sum_groups(sim, ordered, d.top_k)
-    sim.drop(ordered, inverse, down, down_bias, sample_weights, selected_c, selected, scores, *order)
-    return chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
+    sim.drop(ordered, inverse, down, down_bias, sample_weights, selected_c, selected, scores, *order, *counting, logits)
+    out = chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
+    return scatter_tokens(sim, out, opts)  # each rank's partial sum, reduce-scattered (as moe_block's)
 
 
 def clamped_swiglu(sim: Sim, gate_up: Tensor) -> Tensor:
