@@ -77,7 +77,9 @@ def matrix() -> list[dict]:
                                    ("qwen3-30b-a3b", 8, 2, {"zero": 3, "checkpointing": "full"}),
                                    # gpt-oss: biased experts (gate and up interleaved), sinks sharded with the heads
                                    ("gpt-oss-20b", 2, 2, {}), ("gpt-oss-20b", 8, 8, {}),
-                                   ("gpt-oss-20b", 8, 2, {"zero": 3})):
+                                   ("gpt-oss-20b", 8, 2, {"zero": 3}),
+                                   # DeepSeek-V3: latent attention (low-rank projections replicated), shared experts
+                                   ("moonlight-16b-a3b", 4, 4, {}), ("deepseek-v3", 64, 8, {"zero": 3})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
     # FSDP2 casting to bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's)
@@ -175,7 +177,7 @@ def write_markdown(results: list[dict], path: Path, command: str, *, append: boo
         "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1), FSDP2 "
         "(ZeRO-2/3), HSDP (`--shard-group`: FSDP2 on a (replicate, shard) mesh) or DTensor tensor-parallel (`--tp`: "
         "torchtitan's Llama plan, with Qwen3's q/k norms as its Qwen3 plan, Phi-3's fused projections sharded per "
-        "part, OLMo 2's whole-width q/k norms as OLMo-core's plan and Mixtral's, Qwen3-MoE's and gpt-oss's experts as its MoE "
+        "part, OLMo 2's whole-width q/k norms as OLMo-core's plan and the MoE families' experts (and DeepSeek-V3's latent attention) as its MoE "
         "plan without expert parallelism, sequence and loss parallel; with FSDP2 over dp "
         "on a (dp, tp) mesh) program at "
         "the real world size on torch's fake process group, two training steps on fake tensors (`--pp`: every "

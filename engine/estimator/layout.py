@@ -50,9 +50,15 @@ def head_adapter_shapes(config: TrainingConfig, model: ModelSpec) -> list[tuple[
     return [(config.lora_rank, model.hidden_size), (model.vocab_size, config.lora_rank)]
 
 
+# DeepSeek-V3's low-rank query and compressed key/value projections: replicated under tensor parallelism
+# (torchtitan's NoParallel), every rank computing the whole latent
+REPLICATED = ("q_a_proj", "kv_a_proj_with_mqa")
+
+
 def _linear_shard(linear: LinearLayer, tp: int) -> tuple[int, int]:
     """(weight params, output rows) of one linear after tensor parallelism."""
-    return linear.weight_params // tp, linear.out_features * linear.experts // tp
+    ranks = 1 if linear.name in REPLICATED else tp
+    return linear.weight_params // ranks, linear.out_features * linear.experts // ranks
 
 
 # Row-parallel linears: RowwiseParallel (and the experts' down projection) keeps their bias whole on every rank,
@@ -149,7 +155,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
 
     all_linears = [linear for _count, linears in model.layer_groups(layers) for linear in linears]
     largest = max(
-        [linear.weight_params // tp for linear in all_linears]
+        [_linear_shard(linear, tp)[0] for linear in all_linears]
         + [model.vocab_size * model.hidden_size // tp]
     )
     if config.uses_lora and (targets or head_adapters):
@@ -200,7 +206,7 @@ def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec, *,
                 per_layer += [config.lora_rank * linear.in_features // tp, linear.out_features * config.lora_rank // tp]
             numels += per_layer * count
             continue
-        per_layer = [linear.weight_params // tp for linear in linears]
+        per_layer = [_linear_shard(linear, tp)[0] for linear in linears]
         per_layer += [_bias_shard(linear, tp) for linear in linears if linear.bias]
         per_layer += norm_tensors * model.norms_per_layer
         per_layer += [width for width in model.qk_norm_widths if width] if model.qk_norm else []
@@ -239,8 +245,8 @@ def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
 PIPELINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 # Mixture-of-experts families whose blocks memtui.engine.trace.moe_parallel shards as torchtitan does (TP without
 # expert parallelism: the router replicated, the experts' stacked weights on their intermediate dimension; gpt-oss's
-# sinks with the heads).
-MOE_TENSOR_PARALLEL_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
+# sinks with the heads; DeepSeek-V3's shared experts and latent attention as its DeepSeek-V3 plan).
+MOE_TENSOR_PARALLEL_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3")
 # The same plan with Phi-3's fused qkv_proj and gate_up_proj sharded per part, as Megatron-LM and vLLM shard them,
 # and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them.
 TENSOR_PARALLEL_FAMILIES = (*PIPELINE_FAMILIES, "phi3", "olmo2", *MOE_TENSOR_PARALLEL_FAMILIES)
@@ -255,7 +261,7 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return f"pipeline parallelism here is not traced ({pipeline_refusal(config, model)})"
     if model.family not in TENSOR_PARALLEL_FAMILIES:
         return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families, Phi-3, "
-                "OLMo 2, Mixtral, Qwen3-MoE and gpt-oss only)")
+                "OLMo 2 and the MoE families only)")
     if model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.intermediate_size % config.tp:

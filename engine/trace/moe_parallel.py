@@ -2,7 +2,7 @@
 parallelism (its MoE sharding for the dense TP axis: routed experts' weights Shard(1)/Shard(2), the router
 replicated, the block's input all-gathered from the sequence and its Partial output reduce-scattered back).
 
-On transformers' modules (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, GptOssMLP):
+On transformers' modules (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, GptOssMLP, DeepseekV3MoE):
 
 - the block (`mlp`): its input all-gathered from Shard(1) to Replicate and handed on as a local tensor whose
   gradient is Partial (the backward reduce-scatters it, as torchtitan's experts' in_grad_placements say); its
@@ -17,18 +17,35 @@ On transformers' modules (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, GptOssM
   gpt-oss's experts are transposed, gate and up interleaved column by column: `gate_up_proj` (experts, hidden,
   2 x intermediate) and its bias on their columns as they are (a contiguous block is a rank's pairs), `down_proj`
   (experts, intermediate, hidden) on its rows, its bias replicated; its attention sinks sharded with the heads.
+- DeepSeek-V3's shared experts: a dense MLP (Colwise gate/up, Rowwise down) whose partial output is summed with the
+  routed experts' before the one reduce-scatter; its latent attention as torchtitan's plan (the low-rank and
+  compressed projections and their norms replicated, the up-projections Colwise on the heads).
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 MOE_TRACED_LINE = ("MoE blocks as torchtitan's TP plan without expert parallelism: input all-gathered, router "
                    "replicated, experts' stacked gate_up_proj and down_proj sharded on the intermediate dimension "
                    "(each rank its share of gate and of up) and run on the local shards, the partial output "
                    "reduce-scattered")
+
+
+def moe_traced_lines(model: torch.nn.Module) -> list[str]:
+    """What the trace says of the plan's MoE parts for this model (nothing for a dense one)."""
+    layers = model.model.layers
+    lines = [MOE_TRACED_LINE] if any(is_moe_block(getattr(layer, "mlp", None)) for layer in layers) else []
+    if any(hasattr(getattr(layer, "mlp", None), "shared_experts") for layer in layers):
+        lines.append("DeepSeek-V3's shared experts Colwise gate/up and Rowwise down, their partial output summed "
+                     "with the routed experts' before the block's reduce-scatter")
+    if any(hasattr(layer.self_attn, "kv_b_proj") for layer in layers):
+        lines.append("latent attention as torchtitan's DeepSeek-V3 plan: q_a_proj, kv_a_proj_with_mqa and their norms "
+                     "replicated (NoParallel), q_b_proj and kv_b_proj Colwise on the heads, o_proj Rowwise")
+    return lines
 
 
 def is_moe_block(module: torch.nn.Module | None) -> bool:
@@ -53,11 +70,28 @@ def moe_block_plan(mlp: torch.nn.Module, tp: int) -> dict:
         }
     intermediate = experts.gate_up_proj.shape[1] // 2
     _reorder_rank_major(experts, "gate_up_proj", dim=1, parts=[intermediate, intermediate], tp=tp)
+    # DeepSeek-V3's shared experts: a dense MLP on the same gathered input, its output left partial to be summed
+    # with the routed experts' before the one reduce-scatter (torchtitan's shared_experts plan)
+    shared = {"mlp.shared_experts.gate_proj": ColwiseParallel(), "mlp.shared_experts.up_proj": ColwiseParallel(),
+              "mlp.shared_experts.down_proj": RowwiseParallel(output_layouts=Partial())
+              } if hasattr(mlp, "shared_experts") else {}
     return {
         "mlp": MoeBlockParallel(),
         "mlp.gate": LocalShards({"weight": Replicate()}),
         "mlp.experts": LocalShards({"gate_up_proj": Shard(1), "down_proj": Shard(2)}),
+        **shared,
     }
+
+
+def latent_attention_plan(attention: torch.nn.Module) -> dict:
+    """DeepSeek-V3's multi-head latent attention as torchtitan's DeepSeek-V3 plan: the low-rank query and the
+    compressed key/value projections and their norms replicated (NoParallel), the up-projections (q_b_proj or
+    q_proj, kv_b_proj) Colwise on the heads; o_proj is the dense plan's Rowwise."""
+    low_rank = hasattr(attention, "q_a_proj") and attention.q_a_proj is not None
+    query = ({"self_attn.q_a_proj": NoParallel(), "self_attn.q_a_layernorm": NoParallel(),
+              "self_attn.q_b_proj": ColwiseParallel()} if low_rank else {"self_attn.q_proj": ColwiseParallel()})
+    return {**query, "self_attn.kv_a_proj_with_mqa": NoParallel(), "self_attn.kv_a_layernorm": NoParallel(),
+            "self_attn.kv_b_proj": ColwiseParallel()}
 
 
 def attention_sinks_plan(attention: torch.nn.Module) -> dict:
@@ -128,3 +162,20 @@ class MoeBlockParallel(ParallelStyle):
         module.register_forward_pre_hook(gather)
         module.register_forward_hook(scatter)
         return module
+
+
+class NoParallel(ParallelStyle):
+    """torchtitan's NoParallel: the module's parameters replicated DTensors, its input taken as (or redistributed
+    to) Replicate, its output handed on local: a replicated computation on the tensor-parallel mesh."""
+
+    def _apply(self, module: torch.nn.Module, device_mesh) -> torch.nn.Module:
+        def replicate(_module, args, mesh):
+            x, *rest = args
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+            return (x.redistribute(mesh, [Replicate()]), *rest)
+
+        def local(_module, output, _mesh):
+            return output.to_local() if isinstance(output, DTensor) else output
+
+        return distribute_module(module, device_mesh, input_fn=replicate, output_fn=local)

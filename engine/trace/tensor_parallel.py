@@ -21,11 +21,13 @@ The model is split with DTensor's `parallelize_module` by torchtitan's Llama pla
 - o_proj, down_proj: RowwiseParallel(output Shard(1)): reduce-scattered back onto the sequence;
 - lm_head: ColwiseParallel(input Shard(1), output Shard(-1)) with loss parallel: the logits stay sharded
   over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default);
-- Mixtral's, Qwen3-MoE's and gpt-oss's MoE blocks in place of the MLP: torchtitan's MoE plan with TP and no
+- Mixtral's, Qwen3-MoE's, gpt-oss's and DeepSeek-V3's MoE blocks in place of the MLP: torchtitan's MoE plan with TP and no
   expert parallelism (memtui.engine.trace.moe_parallel): the block's input all-gathered, the router replicated,
   the experts' stacked weights sharded on the intermediate dimension and run by transformers' own experts forward
   on the local shards, the partial output reduce-scattered onto the sequence; gpt-oss's attention sinks sharded
-  with the heads.
+  with the heads; DeepSeek-V3's shared experts Colwise/Rowwise, their partial output summed with the routed
+  experts', and its latent attention as torchtitan's DeepSeek-V3 plan (q_a_proj, kv_a_proj_with_mqa and their
+  norms replicated, q_b_proj/q_proj and kv_b_proj Colwise).
 
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
@@ -43,7 +45,13 @@ import torch
 
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.trace.moe_parallel import MOE_TRACED_LINE, attention_sinks_plan, is_moe_block, moe_block_plan
+from memtui.engine.trace.moe_parallel import (
+    attention_sinks_plan,
+    is_moe_block,
+    latent_attention_plan,
+    moe_block_plan,
+    moe_traced_lines,
+)
 from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
@@ -81,8 +89,7 @@ class TensorParallel:
                                   "projections' outputs redistributed onto the sequence (DTensor's all-to-all), "
                                   "normalised over every head there, redistributed back; the post-attention and "
                                   "post-MLP norms sequence parallel")
-        if any(is_moe_block(getattr(layer, "mlp", None)) for layer in model.model.layers):
-            self.traced.insert(1, MOE_TRACED_LINE)
+        self.traced[1:1] = moe_traced_lines(model)
         self.restore = whole_sequence_masks(model.model, ranks=self.config.tp)
         if self.data is not None:
             with _meshes_made_real():
@@ -243,7 +250,8 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
             # transformers passes the hidden states to self_attn by keyword, to mlp by position
             "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
                                             desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-            **({"self_attn.qkv_proj": ColwiseParallel()} if fused else {"self_attn.v_proj": ColwiseParallel()}
+            **(latent_attention_plan(layer.self_attn) if hasattr(layer.self_attn, "kv_b_proj") else
+               {"self_attn.qkv_proj": ColwiseParallel()} if fused else {"self_attn.v_proj": ColwiseParallel()}
                if whole_width else {
                 "self_attn.q_proj": ColwiseParallel(),
                 "self_attn.k_proj": ColwiseParallel(),

@@ -552,8 +552,9 @@ def topk_router(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, row
     return router_logits, out
 
 
-def llama_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
-    """LlamaMLP (SiLU) and GemmaMLP (GELU, tanh approximation): down(act(gate(x)) * up(x))."""
+def llama_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, *, scatter: bool = True) -> Tensor:
+    """LlamaMLP (SiLU) and GemmaMLP (GELU, tanh approximation): down(act(gate(x)) * up(x)); under sequence
+    parallelism its output reduce-scattered, unless `scatter` is False (left partial for the caller)."""
     gate = apply_linear(sim, x, p, "gate_proj", d.hidden, d.intermediate, opts)
     act = ops.gelu_tanh(sim, gate) if opts.family in GEMMA_FAMILIES else ops.silu(sim, gate)
     sim.drop(gate)
@@ -561,7 +562,8 @@ def llama_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Te
     product = ops.mul(sim, act, up)
     sim.drop(act, up)
     down = apply_linear(sim, product, p, "down_proj", d.intermediate, d.hidden, opts)
-    down = scatter_tokens(sim, down, opts)
+    if scatter:
+        down = scatter_tokens(sim, down, opts)
     sim.drop(product)
     return down
 
