@@ -1,5 +1,6 @@
-"""Tensor parallelism of Mixtral, Qwen3-MoE, gpt-oss and DeepSeek-V3 traced for one rank (torchtitan's MoE plan without expert parallelism
-on the fake process group), and the estimator's sequence-parallel MoE terms held to the trace."""
+"""Tensor parallelism of Mixtral, Qwen3-MoE, gpt-oss and DeepSeek-V3 traced for one rank (torchtitan's MoE plan
+without expert parallelism on the fake process group), and the estimator's sequence-parallel MoE terms held to the
+trace."""
 
 from __future__ import annotations
 

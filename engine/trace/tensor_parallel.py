@@ -21,8 +21,8 @@ The model is split with DTensor's `parallelize_module` by torchtitan's Llama pla
 - o_proj, down_proj: RowwiseParallel(output Shard(1)): reduce-scattered back onto the sequence;
 - lm_head: ColwiseParallel(input Shard(1), output Shard(-1)) with loss parallel: the logits stay sharded
   over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default);
-- Mixtral's, Qwen3-MoE's, gpt-oss's and DeepSeek-V3's MoE blocks in place of the MLP: torchtitan's MoE plan with TP and no
-  expert parallelism (memtui.engine.trace.moe_parallel): the block's input all-gathered, the router replicated,
+- Mixtral's, Qwen3-MoE's, gpt-oss's and DeepSeek-V3's MoE blocks in place of the MLP: torchtitan's MoE plan with
+  TP and no expert parallelism (memtui.engine.trace.moe_parallel): the block's input all-gathered, the router replicated,
   the experts' stacked weights sharded on the intermediate dimension and run by transformers' own experts forward
   on the local shards, the partial output reduce-scattered onto the sequence; gpt-oss's attention sinks sharded
   with the heads; DeepSeek-V3's shared experts Colwise/Rowwise, their partial output summed with the routed
@@ -168,8 +168,10 @@ def whole_sequence_masks(inner: torch.nn.Module, ranks: int = 1) -> Callable[[],
     def whole(factory: Callable) -> Callable:
         def make(*args, **kwargs):
             embeds, positions = kwargs.get("inputs_embeds"), kwargs.get("position_ids")
-            length = positions.shape[-1] if positions is not None else embeds.shape[1] * ranks if embeds is not None else 0
-            if embeds is not None and length != embeds.shape[1]:
+            if embeds is None:
+                return factory(*args, **kwargs)
+            length = positions.shape[-1] if positions is not None else embeds.shape[1] * ranks
+            if length != embeds.shape[1]:
                 kwargs["inputs_embeds"] = embeds[:, :1].expand(embeds.shape[0], length, *embeds.shape[2:])
             return factory(*args, **kwargs)
 
