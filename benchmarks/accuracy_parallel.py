@@ -7,7 +7,7 @@ rows measured before, in place of their own earlier figures; the header's list o
 every row it measured has been measured again.)
 
 `memtui trace --gpus N --zero K [--shard-group G] [--tp T]` runs the real DDP / FSDP2 / HSDP program, and
-DTensor tensor parallelism with sequence parallelism, for rank 0 of N on torch's fake process group
+DTensor tensor parallelism with sequence parallelism (MoE blocks too), for rank 0 of N on torch's fake process group
 (memtui.engine.trace.parallel, memtui.engine.trace.tensor_parallel); this compares its traced tensor peak with the estimator's,
 as benchmarks/accuracy.py does for one GPU (the estimator's modelled cuBLAS workspace taken off).
 Writes docs/accuracy-parallel.md; prints numbers, asserts nothing.
@@ -73,7 +73,17 @@ def matrix() -> list[dict]:
                                    # beside DDP and ZeRO-1 (PyTorch's _pre_dp_module_transform, DDP over the dp
                                    # group) and HSDP (torchtitan's (dp_replicate, dp_shard, tp) mesh)
                                    ("llama-3.1-8b", 4, 2, {"zero": 0}), ("llama-3.1-8b", 4, 2, {"zero": 1}),
-                                   ("llama-3.1-8b", 8, 2, {"zero": 3, "shard_group": 2})):
+                                   ("llama-3.1-8b", 8, 2, {"zero": 3, "shard_group": 2}),
+                                   # MoE (torchtitan's plan without expert parallelism): the router replicated,
+                                   # the experts sharded on their intermediate dimension
+                                   ("mixtral-8x7b", 2, 2, {}), ("mixtral-8x7b", 4, 4, {}),
+                                   ("mixtral-8x7b", 8, 2, {"zero": 3}), ("qwen3-30b-a3b", 4, 4, {}),
+                                   ("qwen3-30b-a3b", 8, 2, {"zero": 3, "checkpointing": "full"}),
+                                   # gpt-oss: biased experts (gate and up interleaved), sinks sharded with the heads
+                                   ("gpt-oss-20b", 2, 2, {}), ("gpt-oss-20b", 8, 8, {}),
+                                   ("gpt-oss-20b", 8, 2, {"zero": 3}),
+                                   # DeepSeek-V3: latent attention (low-rank projections replicated), shared experts
+                                   ("moonlight-16b-a3b", 4, 4, {}), ("deepseek-v3", 64, 8, {"zero": 3})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
     # FSDP2 casting to bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's)
@@ -176,7 +186,8 @@ def write_markdown(results: list[dict], path: Path, command: str, *, append: boo
         "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1), FSDP2 "
         "(ZeRO-2/3), HSDP (`--shard-group`: FSDP2 on a (replicate, shard) mesh) or DTensor tensor-parallel (`--tp`: "
         "torchtitan's Llama plan, with Qwen3's q/k norms as its Qwen3 plan, Phi-3's fused projections sharded per "
-        "part and OLMo 2's whole-width q/k norms as OLMo-core's plan, sequence and loss parallel; with FSDP2 over dp "
+        "part, OLMo 2's whole-width q/k norms as OLMo-core's plan and the MoE families' experts (and DeepSeek-V3's latent attention) as its MoE "
+        "plan without expert parallelism, sequence and loss parallel; with FSDP2 over dp "
         "on a (dp, tp) mesh, HSDP on a (dp_replicate, dp_shard, tp) one, or DDP / ZeRO-1 over the dp group on the "
         "parameters PyTorch's `_pre_dp_module_transform` makes local) program at "
         "the real world size on torch's fake process group, two training steps on fake tensors (`--pp`: every "

@@ -50,9 +50,34 @@ def head_adapter_shapes(config: TrainingConfig, model: ModelSpec) -> list[tuple[
     return [(config.lora_rank, model.hidden_size), (model.vocab_size, config.lora_rank)]
 
 
+# DeepSeek-V3's low-rank query and compressed key/value projections: replicated under tensor parallelism
+# (torchtitan's NoParallel), every rank computing the whole latent
+REPLICATED = ("q_a_proj", "kv_a_proj_with_mqa")
+
+
 def _linear_shard(linear: LinearLayer, tp: int) -> tuple[int, int]:
     """(weight params, output rows) of one linear after tensor parallelism."""
-    return linear.weight_params // tp, linear.out_features * linear.experts // tp
+    ranks = 1 if linear.name in REPLICATED else tp
+    return linear.weight_params // ranks, linear.out_features * linear.experts // ranks
+
+
+# Row-parallel linears: RowwiseParallel (and the experts' down projection) keeps their bias whole on every rank,
+# added to the partial sums, as torchtitan's and Megatron-LM's plans do
+ROW_PARALLEL = ("o_proj", "down_proj", "experts.down_proj")
+
+
+def _bias_shard(linear: LinearLayer, tp: int) -> int:
+    """Bias parameters of one linear on a rank after tensor parallelism."""
+    whole = linear.out_features * linear.experts
+    return whole if linear.name in ROW_PARALLEL else whole // tp
+
+
+def _layer_vectors(model: ModelSpec, tp: int) -> tuple[int, ...]:
+    """gpt-oss's router bias (replicated under tensor parallelism) and attention sinks (sharded with the heads)."""
+    if not model.layer_vectors:
+        return ()
+    router_bias, sinks = model.layer_vectors
+    return router_bias, sinks // tp
 
 
 def _named(linears: tuple[LinearLayer, ...], name: str) -> LinearLayer:
@@ -94,10 +119,10 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
             else:
                 linear_rows += rows
             if linear.bias:
-                biases += linear.out_features * linear.experts // tp
+                biases += _bias_shard(linear, tp)
         routed = any(linear.experts > 1 for linear in linears)
         layer_other = (biases + model.norms_per_layer * model.norm_params + model.qk_norm_params
-                       + (model.router_params if routed else 0) + sum(model.layer_vectors))
+                       + (model.router_params if routed else 0) + sum(_layer_vectors(model, tp)))
         lora_per_layer = _lora_params(config, linears, targets, tp)
         total_linear += count * linear_weights
         linear_rows_total += count * linear_rows
@@ -130,7 +155,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
 
     all_linears = [linear for _count, linears in model.layer_groups(layers) for linear in linears]
     largest = max(
-        [linear.weight_params // tp for linear in all_linears]
+        [_linear_shard(linear, tp)[0] for linear in all_linears]
         + [model.vocab_size * model.hidden_size // tp]
     )
     if config.uses_lora and (targets or head_adapters):
@@ -181,12 +206,12 @@ def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec, *,
                 per_layer += [config.lora_rank * linear.in_features // tp, linear.out_features * config.lora_rank // tp]
             numels += per_layer * count
             continue
-        per_layer = [linear.weight_params // tp for linear in linears]
-        per_layer += [linear.out_features * linear.experts // tp for linear in linears if linear.bias]
+        per_layer = [_linear_shard(linear, tp)[0] for linear in linears]
+        per_layer += [_bias_shard(linear, tp) for linear in linears if linear.bias]
         per_layer += norm_tensors * model.norms_per_layer
         per_layer += [width for width in model.qk_norm_widths if width] if model.qk_norm else []
         per_layer += [model.router_params] if any(linear.experts > 1 for linear in linears) else []
-        per_layer += list(model.layer_vectors)
+        per_layer += list(_layer_vectors(model, tp))
         numels += per_layer * count
     if config.uses_lora:
         return numels + [rows * columns for rows, columns in head_adapter_shapes(config, model)]
@@ -218,9 +243,13 @@ def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
 # torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it); pipeline
 # stages are cut from them too.
 PIPELINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+# Mixture-of-experts families whose blocks memtui.engine.trace.moe_parallel shards as torchtitan does (TP without
+# expert parallelism: the router replicated, the experts' stacked weights on their intermediate dimension; gpt-oss's
+# sinks with the heads; DeepSeek-V3's shared experts and latent attention as its DeepSeek-V3 plan).
+MOE_TENSOR_PARALLEL_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3")
 # The same plan with Phi-3's fused qkv_proj and gate_up_proj sharded per part, as Megatron-LM and vLLM shard them,
 # and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them.
-TENSOR_PARALLEL_FAMILIES = (*PIPELINE_FAMILIES, "phi3", "olmo2")
+TENSOR_PARALLEL_FAMILIES = (*PIPELINE_FAMILIES, "phi3", "olmo2", *MOE_TENSOR_PARALLEL_FAMILIES)
 
 
 def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
@@ -231,10 +260,12 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
     if config.pp > 1 and pipeline_refusal(config, model) is not None:
         return f"pipeline parallelism here is not traced ({pipeline_refusal(config, model)})"
     if model.family not in TENSOR_PARALLEL_FAMILIES:
-        return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families, Phi-3 and "
-                "OLMo 2 only)")
+        return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families, Phi-3, "
+                "OLMo 2 and the MoE families only)")
     if model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
+    if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.intermediate_size % config.tp:
+        return f"tp {config.tp} does not divide the experts' intermediate size {model.intermediate_size}"
     if config.uses_lora or config.quant != "none" or config.offload != "none":
         return "LoRA, quantized weights and offloading under tensor parallelism are not traced"
     if config.dp > 1 and config.zero <= 1 and model.tie_word_embeddings and config.pp == 1:

@@ -13,7 +13,8 @@ bitsandbytes kernels (allocation-exact replicas), CUDA context and workspaces.
 Data parallelism (DDP, ZeroRedundancyOptimizer, FSDP2, HSDP) is traced for
 rank 0 at the real world size on torch's fake process group
 (memtui.engine.trace.parallel), and so is tensor parallelism with sequence
-parallelism for Llama-layout models, Phi-3 and OLMo 2 (memtui.engine.trace.tensor_parallel),
+parallelism for Llama-layout models, Phi-3, OLMo 2 and the MoE families
+(memtui.engine.trace.tensor_parallel, memtui.engine.trace.moe_parallel),
 and pipeline parallelism (every rank of torch.distributed.pipelining's
 schedules, memtui.engine.trace.pipeline), alone, with DDP, ZeRO-1, FSDP2 or HSDP
 on each stage, or with that tensor parallelism (and FSDP2) on a (pp, dp, tp)

@@ -20,7 +20,14 @@ The model is split with DTensor's `parallelize_module` by torchtitan's Llama pla
   fused parallel linears); a plain Colwise cut of [q; k; v] would hand rank 0 all of q and part of k;
 - o_proj, down_proj: RowwiseParallel(output Shard(1)): reduce-scattered back onto the sequence;
 - lm_head: ColwiseParallel(input Shard(1), output Shard(-1)) with loss parallel: the logits stay sharded
-  over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default).
+  over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default);
+- Mixtral's, Qwen3-MoE's, gpt-oss's and DeepSeek-V3's MoE blocks in place of the MLP: torchtitan's MoE plan with
+  TP and no expert parallelism (memtui.engine.trace.moe_parallel): the block's input all-gathered, the router replicated,
+  the experts' stacked weights sharded on the intermediate dimension and run by transformers' own experts forward
+  on the local shards, the partial output reduce-scattered onto the sequence; gpt-oss's attention sinks sharded
+  with the heads; DeepSeek-V3's shared experts Colwise/Rowwise, their partial output summed with the routed
+  experts', and its latent attention as torchtitan's DeepSeek-V3 plan (q_a_proj, kv_a_proj_with_mqa and their
+  norms replicated, q_b_proj/q_proj and kv_b_proj Colwise).
 
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
@@ -39,6 +46,13 @@ import torch
 
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
+from memtui.engine.trace.moe_parallel import (
+    attention_sinks_plan,
+    is_moe_block,
+    latent_attention_plan,
+    moe_block_plan,
+    moe_traced_lines,
+)
 from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients, tensor_data_lines, tensor_data_meshes
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
@@ -75,7 +89,8 @@ class TensorParallel:
                                   "projections' outputs redistributed onto the sequence (DTensor's all-to-all), "
                                   "normalised over every head there, redistributed back; the post-attention and "
                                   "post-MLP norms sequence parallel")
-        self.restore = whole_sequence_masks(model.model)
+        self.traced[1:1] = moe_traced_lines(model)
+        self.restore = whole_sequence_masks(model.model, ranks=self.config.tp)
         if self.data is not None:
             with _meshes_made_real():  # FSDP2 joins the dp and tp meshes; DDP runs on the dp group's local shards
                 return self.data.wrap(model, tracker)
@@ -139,21 +154,25 @@ def _meshes_made_real() -> Iterator[None]:
 _MASK_FACTORIES = ("create_causal_mask", "create_sliding_window_causal_mask")
 
 
-def whole_sequence_masks(inner: torch.nn.Module) -> Callable[[], None]:
+def whole_sequence_masks(inner: torch.nn.Module, ranks: int = 1) -> Callable[[], None]:
     """Make the decoder's attention masks for the whole sequence; returns what undoes it.
 
     transformers sizes a mask by `inputs_embeds.shape[1]`, and under sequence parallelism the embedding hands each
     rank 1/tp of the tokens: eager attention (and SDPA with a sliding-window mask) would get a (s/tp)^2 mask for
     (s x s) scores. The model module's mask factories are wrapped for the trace to see a whole-length view of the
-    embeddings (no allocation), as the rotary positions already cover the whole sequence."""
+    embeddings (no allocation), as the rotary positions already cover the whole sequence. A model that does not
+    hand the factories its positions (gpt-oss) gets `ranks` times its local tokens."""
     module = sys.modules[type(inner).__module__]
     originals = {name: getattr(module, name) for name in _MASK_FACTORIES if hasattr(module, name)}
 
     def whole(factory: Callable) -> Callable:
         def make(*args, **kwargs):
             embeds, positions = kwargs.get("inputs_embeds"), kwargs.get("position_ids")
-            if embeds is not None and positions is not None and positions.shape[-1] != embeds.shape[1]:
-                kwargs["inputs_embeds"] = embeds[:, :1].expand(embeds.shape[0], positions.shape[-1], *embeds.shape[2:])
+            if embeds is None:
+                return factory(*args, **kwargs)
+            length = positions.shape[-1] if positions is not None else embeds.shape[1] * ranks
+            if length != embeds.shape[1]:
+                kwargs["inputs_embeds"] = embeds[:, :1].expand(embeds.shape[0], length, *embeds.shape[2:])
             return factory(*args, **kwargs)
 
         return make
@@ -233,18 +252,21 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
             # transformers passes the hidden states to self_attn by keyword, to mlp by position
             "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
                                             desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-            **({"self_attn.qkv_proj": ColwiseParallel()} if fused else {"self_attn.v_proj": ColwiseParallel()}
+            **(latent_attention_plan(layer.self_attn) if hasattr(layer.self_attn, "kv_b_proj") else
+               {"self_attn.qkv_proj": ColwiseParallel()} if fused else {"self_attn.v_proj": ColwiseParallel()}
                if whole_width else {
                 "self_attn.q_proj": ColwiseParallel(),
                 "self_attn.k_proj": ColwiseParallel(),
                 "self_attn.v_proj": ColwiseParallel()}),
             "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            **({"mlp.gate_up_proj": ColwiseParallel()} if fused else {
-                "mlp.gate_proj": ColwiseParallel(),
-                "mlp.up_proj": ColwiseParallel()}),
-            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+            **(moe_block_plan(layer.mlp, mesh.size()) if is_moe_block(layer.mlp) else {
+                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                **({"mlp.gate_up_proj": ColwiseParallel()} if fused else {
+                    "mlp.gate_proj": ColwiseParallel(),
+                    "mlp.up_proj": ColwiseParallel()}),
+                "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))}),
         })
+        parallelize_module(layer, mesh, attention_sinks_plan(layer.self_attn))
 
     tp = mesh.size()
 

@@ -51,13 +51,15 @@ class LatentDims:
         return self.nope + self.rope
 
 
-def latent_dims(spec: ModelSpec) -> LatentDims:
+def latent_dims(spec: ModelSpec, tp: int = 1) -> LatentDims:
+    """The widths on one rank: under tensor parallelism the dense and shared MLPs hold 1/tp of their intermediate
+    size (Colwise/Rowwise); the low-rank projections are replicated."""
     config = spec.config
     return LatentDims(
         q_rank=deepseek_value(config, "q_lora_rank") or 0, kv_rank=deepseek_value(config, "kv_lora_rank"),
         nope=deepseek_value(config, "qk_nope_head_dim"), rope=deepseek_value(config, "qk_rope_head_dim"),
-        value=deepseek_value(config, "v_head_dim"), dense_intermediate=int(config["intermediate_size"]),
-        shared_intermediate=spec.intermediate_size * deepseek_value(config, "n_shared_experts"),
+        value=deepseek_value(config, "v_head_dim"), dense_intermediate=int(config["intermediate_size"]) // tp,
+        shared_intermediate=spec.intermediate_size * deepseek_value(config, "n_shared_experts") // tp,
         groups=deepseek_value(config, "n_group"), topk_groups=deepseek_value(config, "topk_group"))
 
 
@@ -236,10 +238,12 @@ def deepseek_moe(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) ->
     logits, top_weights = deepseek_router(sim, x, p, d, opts, rows)
     sample_weights = ops.gather_rows(sim, top_weights, rows, rows)
     experts = grouped_experts(sim, x, p, d, sample_weights, routed, rows)
-    shared = llama_mlp(sim, x, p, replace(d, intermediate=m.shared_intermediate), opts)
+    # the shared experts' partial output (RowwiseParallel to Partial) is summed with the routed experts' before the
+    # block's one reduce-scatter under sequence parallelism
+    shared = llama_mlp(sim, x, p, replace(d, intermediate=m.shared_intermediate), opts, scatter=False)
     out = ops.add(sim, experts, shared)
     sim.drop(shared, experts, logits, top_weights)
-    return out
+    return scatter_tokens(sim, out, opts)
 
 
 def deepseek_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: Tensor, sin: Tensor, *,
@@ -253,9 +257,10 @@ def deepseek_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, 
     sim.drop(attn)
     normed = rms_norm(sim, residual, p.norms[1], d.hidden)
     m: LatentDims = d.latent  # type: ignore[assignment]
-    mlp_out = (llama_mlp(sim, normed, p, replace(d, intermediate=m.dense_intermediate), opts)
-               if dense else deepseek_moe(sim, normed, p, d, opts))
-    sim.drop(normed)
+    gathered = gather_tokens(sim, normed, opts)
+    mlp_out = (llama_mlp(sim, gathered, p, replace(d, intermediate=m.dense_intermediate), opts)
+               if dense else deepseek_moe(sim, gathered, p, d, opts))
+    sim.drop(gathered, normed)
     out = ops.add(sim, residual, mlp_out)
     sim.drop(mlp_out, residual)
     return out

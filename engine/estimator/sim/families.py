@@ -488,23 +488,19 @@ def softcap(sim: Sim, x: Tensor) -> Tensor:
 
 
 def moe_block(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
-    """MixtralSparseMoeBlock with transformers' grouped_mm experts: every token's top-k copies are sorted
-    by expert, run through two grouped matmuls, weighted, put back in order and summed. The sizes do not
-    depend on the routing (tokens x top_k rows in all), so the replay is exact whatever the router picks.
-    The router's own tensors (tokens x experts) are small and left out."""
+    """MixtralSparseMoeBlock and Qwen3MoeSparseMoeBlock with transformers' grouped_mm experts: the router, then
+    every token's top-k copies sorted by expert, run through two grouped matmuls, weighted, put back in order and
+    summed. The sizes do not depend on the routing (tokens x top_k rows in all), so the replay is exact whatever
+    the router picks. The block holds the router's logits (`_`) until it returns."""
     routed = lf_scale(x.elems, d.top_k)  # (tokens * top_k, hidden)
     rows = lf_scale(x.elems, d.top_k / d.hidden)  # tokens * top_k
-    if opts.family == "qwen3_moe":
-        top_weights = qwen3_moe_router(sim, x, p, d, opts, rows)
-        sample_weights = ops.gather_rows(sim, top_weights, rows, rows)
-    else:
-        router_logits = apply_linear(sim, x, p, "gate", d.hidden, d.experts, opts)
-        weights = ops.softmax(sim, router_logits, "f32")  # top-k weights: small, but they carry gradients
-        sim.drop(router_logits)
-        sample_weights = ops.gather_rows(sim, weights, rows, rows)
-        sim.drop(weights)
-        top_weights = None
-    return grouped_experts(sim, x, p, d, sample_weights, routed, rows, release=top_weights)
+    router_logits, top_weights = topk_router(sim, x, p, d, opts, rows)
+    sample_weights = ops.gather_rows(sim, top_weights, rows, rows)
+    out = grouped_experts(sim, x, p, d, sample_weights, routed, rows, release=top_weights)
+    sim.drop(router_logits)
+    # under sequence parallelism each rank's experts hold 1/tp of the intermediate dimension: their sum is
+    # partial, reduce-scattered onto the rank's tokens (torchtitan's MoE boundary)
+    return scatter_tokens(sim, out, opts)
 
 
 def grouped_experts(sim: Sim, x: Tensor, p: LayerParams, d: Dims, sample_weights: Tensor, routed, rows, *,
@@ -530,24 +526,35 @@ def grouped_experts(sim: Sim, x: Tensor, p: LayerParams, d: Dims, sample_weights
     return chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
 
 
-def qwen3_moe_router(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, rows) -> Tensor:
-    """Qwen3MoeTopKRouter: logits, fp32 softmax over every expert, top-k, renormalised (norm_topk_prob),
-    cast back to the logits' dtype. With 128 experts the (tokens, experts) tensors are not negligible."""
+def topk_router(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, rows) -> tuple[Tensor, Tensor]:
+    """MixtralTopKRouter and Qwen3MoeTopKRouter: logits, fp32 softmax over every expert, top-k, renormalised in
+    place (Mixtral always, Qwen3-MoE with norm_topk_prob). Mixtral casts the logits to fp32 first (`.float()`) and
+    keeps the weights fp32; Qwen3-MoE softmaxes with dtype=float and casts the weights back to the logits' dtype.
+    Returns (logits, top-k weights). With 128 experts the (tokens, experts) tensors are not negligible."""
+    mixtral = opts.family == "mixtral"
     router_logits = apply_linear(sim, x, p, "gate", d.hidden, d.experts, opts)
-    probs = ops.softmax(sim, router_logits, "f32")
+    if mixtral:
+        logits = ops.cast(sim, router_logits, "f32")
+        probs = ops.softmax(sim, logits, "f32")
+        sim.drop(logits)
+    else:
+        probs = ops.softmax(sim, router_logits, "f32")
     top = ops.topk(sim, probs, rows)
     sim.drop(probs)
-    if opts.norm_topk:
+    if opts.norm_topk or mixtral:
         total = ops.sum_groups(sim, top, d.top_k)
         top = chain(sim, top, lambda sim_, t: ops.div_(sim_, t, total))
         sim.drop(total)
+    if mixtral:
+        return router_logits, top
     out = ops.cast(sim, top, router_logits.dtype)
-    sim.drop(top, router_logits)
-    return out
+    sim.drop(top)
+    return router_logits, out
 
 
-def llama_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
-    """LlamaMLP (SiLU) and GemmaMLP (GELU, tanh approximation): down(act(gate(x)) * up(x))."""
+def llama_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, *, scatter: bool = True) -> Tensor:
+    """LlamaMLP (SiLU) and GemmaMLP (GELU, tanh approximation): down(act(gate(x)) * up(x)); under sequence
+    parallelism its output reduce-scattered, unless `scatter` is False (left partial for the caller)."""
     gate = apply_linear(sim, x, p, "gate_proj", d.hidden, d.intermediate, opts)
     act = ops.gelu_tanh(sim, gate) if opts.family in GEMMA_FAMILIES else ops.silu(sim, gate)
     sim.drop(gate)
@@ -555,7 +562,8 @@ def llama_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Te
     product = ops.mul(sim, act, up)
     sim.drop(act, up)
     down = apply_linear(sim, product, p, "down_proj", d.intermediate, d.hidden, opts)
-    down = scatter_tokens(sim, down, opts)
+    if scatter:
+        down = scatter_tokens(sim, down, opts)
     sim.drop(product)
     return down
 
@@ -801,31 +809,39 @@ def gpt_oss_moe(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> 
     routed = lf_scale(x.elems, d.top_k)  # (tokens * top_k, hidden)
     rows = lf_scale(x.elems, d.top_k / d.hidden)  # tokens * top_k
     logits = apply_linear(sim, x, p, "router", d.hidden, d.experts, opts)
-    top = ops.topk(sim, logits, rows)
-    sim.drop(logits)  # the router's first output is not kept
+    top = ops.topk(sim, logits, rows)  # the logits, the router's first output, held by the block (`_`)
     scores = ops.softmax(sim, top, top.dtype)
     sim.drop(top)
-    order = [sim.new(rows, "i64", name="sorted expert ids"), sim.new(rows, "i64", name="sort permutation")]
-    sample_weights = ops.gather_rows(sim, scores, rows, rows)
-    selected = ops.gather_rows(sim, x, routed, rows)
+    # the sort's expert ids and permutation, and each row's token (perm // top_k): the gathers' indices
+    expert_ids, perm = sim.new(rows, "i64", name="sorted expert ids"), sim.new(rows, "i64", name="sort permutation")
+    token_of_row = sim.new(rows, "i64", name="token of each row")
+    order = [expert_ids, perm, token_of_row]
+    selected = ops.gather_rows(sim, x, routed, rows, token_of_row)
+    sample_weights = ops.gather_rows(sim, scores, rows, rows, perm)
+    # histc's input (the sorted ids as int32 on CUDA), the tokens per expert and their offsets, for grouped_mm
+    counting = [sim.new(rows, "i32", name="histc input"),
+                sim.new(const(d.experts), "f32", name="tokens per expert"),
+                sim.new(const(d.experts), "i32", name="offsets")]
     selected_c = ops.cast(sim, selected, p.linears["experts.gate_up_proj"].dtype)
-    up_bias = ops.gather_rows(sim, p.biases["experts.gate_up_proj"], lf_scale(routed, 2 * d.intermediate / d.hidden), rows)
+    up_bias = ops.gather_rows(sim, p.biases["experts.gate_up_proj"], lf_scale(routed, 2 * d.intermediate / d.hidden),
+                              rows, expert_ids)
     gate_up = ops.grouped_mm(sim, selected_c, p.linears["experts.gate_up_proj"], 2 * d.intermediate, d.hidden)
     gate_up = chain(sim, gate_up, lambda sim_, t: ops.add_(sim_, t, up_bias))
     gated = clamped_swiglu(sim, gate_up)
     sim.drop(gate_up)
-    down_bias = ops.gather_rows(sim, p.biases["experts.down_proj"], routed, rows)
+    down_bias = ops.gather_rows(sim, p.biases["experts.down_proj"], routed, rows, expert_ids)
     sim.drop(up_bias)  # `selected_biases` rebound
     down = ops.grouped_mm(sim, gated, p.linears["experts.down_proj"], d.hidden, d.intermediate)
     sim.drop(gated)
     down = chain(sim, down, lambda sim_, t: ops.add_(sim_, t, down_bias))
     weighted = ops.mul(sim, down, sample_weights)
     inverse = sim.new(rows, "i64", name="inverse permutation")
-    ordered = ops.gather_rows(sim, weighted, routed, rows)
+    ordered = ops.gather_rows(sim, weighted, routed, rows, inverse)
     sim.drop(weighted)
     out = ops.sum_groups(sim, ordered, d.top_k)
-    sim.drop(ordered, inverse, down, down_bias, sample_weights, selected_c, selected, scores, *order)
-    return chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
+    sim.drop(ordered, inverse, down, down_bias, sample_weights, selected_c, selected, scores, *order, *counting, logits)
+    out = chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
+    return scatter_tokens(sim, out, opts)  # each rank's partial sum, reduce-scattered (as moe_block's)
 
 
 def clamped_swiglu(sim: Sim, gate_up: Tensor) -> Tensor:

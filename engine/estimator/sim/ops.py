@@ -359,11 +359,15 @@ def _gather_backward(sim: Sim, node, grad):
     return [(node.inputs[0], sim.new(node.inputs[0].elems, grad.dtype, name="index_backward"))]
 
 
-def gather_rows(sim: Sim, x: Tensor, elems: LF, rows: LF) -> Tensor:
-    """x[indices] along the first dimension: a new tensor; the int64 indices are saved for backward,
-    which scatters into zeros. (Saving them also keeps a checkpoint's recompute going this far.)"""
-    indices = sim.new(rows, "i64", name="indices")
-    out = sim.new(elems, x.dtype, name="index")
+def gather_rows(sim: Sim, x: Tensor, elems: LF, rows: LF, indices: Tensor | None = None) -> Tensor:
+    """x[indices] along the first dimension: a new tensor; the int64 indices (made here, or `indices` the caller
+    holds) are saved for backward, which scatters into zeros. (Saving them also keeps a checkpoint's recompute
+    going this far.)"""
+    indices = sim.ref(indices) if indices is not None else sim.new(rows, "i64", name="indices")
+    if sim.stops_as_inputs_are_saved([x]):  # a recompute ending at the saved indices never makes the output
+        out = Tensor(elems=elems, dtype=x.dtype, alive=False)
+    else:
+        out = sim.new(elems, x.dtype, name="index")
     sim.record("index", out, [x], [indices], _gather_backward)
     sim.drop(indices)
     return out

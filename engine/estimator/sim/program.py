@@ -206,7 +206,7 @@ def dims_for(spec: ModelSpec, tp: int = 1) -> Dims:
         experts=spec.num_experts,
         positions=int(spec.config.get("n_positions", 0) or 0) if spec.family == "gpt2" else 0,
         top_k=spec.experts_per_token,
-        latent=latent_dims(spec) if spec.family == "deepseek_v3" else None,
+        latent=latent_dims(spec, tp) if spec.family == "deepseek_v3" else None,
     )
 
 
