@@ -157,3 +157,15 @@ def test_moe_tensor_parallel_outside_the_plan_is_modelled_and_says_why():
     odd = small_moe("mixtral-8x7b", intermediate_size=501)
     assert "does not divide the experts' intermediate size 501" in tensor_parallel_refusal(training, odd)
     assert tensor_parallel_refusal(training, small_moe("mixtral-8x7b")) is None
+
+
+def test_moe_plan_beside_ddp_is_modelled_and_says_why():
+    """DDP on the parameters _pre_dp_module_transform makes local does not take the MoE plan's expert weights (the
+    trace failed): refused in one line, so the estimate says modelled instead of the trace crashing."""
+    from memtui.engine.estimator.layout import tensor_parallel_refusal
+
+    spec = small_moe("mixtral-8x7b")
+    for zero in (0, 1):
+        reason = tensor_parallel_refusal(TrainingConfig(model="mixtral-8x7b", gpus=4, tp=2, zero=zero), spec)
+        assert reason is not None and "DDP or ZeRO-1" in reason
+    assert tensor_parallel_refusal(TrainingConfig(model="mixtral-8x7b", gpus=4, tp=2, zero=3), spec) is None

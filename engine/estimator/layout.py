@@ -268,6 +268,9 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return f"tp {config.tp} does not divide the experts' intermediate size {model.intermediate_size}"
     if config.uses_lora or config.quant != "none" or config.offload != "none":
         return "LoRA, quantized weights and offloading under tensor parallelism are not traced"
+    if config.dp > 1 and config.zero <= 1 and model.family in MOE_TENSOR_PARALLEL_FAMILIES:
+        return ("the MoE plan with DDP or ZeRO-1 beside tensor parallelism is not traced (with FSDP2, --zero 2 or 3, "
+                "it is)")
     if config.dp > 1 and config.zero <= 1 and model.tie_word_embeddings and config.pp == 1:
         return ("tied embeddings with DDP or ZeRO-1 beside tensor parallelism: PyTorch's _pre_dp_module_transform "
                 "makes the tied weight local under one of its two names only, and DDP cannot bucket the other, a "
