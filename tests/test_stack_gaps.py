@@ -96,3 +96,35 @@ def test_fp32_adapters_are_their_own_masters():
     plain, masters = estimate(TrainingConfig(**compute)), estimate(TrainingConfig(**compute, master_weights=True))
     extra = masters.model_states.optimizer_states - plain.model_states.optimizer_states
     assert extra == 8 * plain.model.trainable_params
+
+
+@pytest.mark.parametrize(("vocab", "options"), [
+    (2048, dict(precision="bf16-mixed")),  # a small vocabulary: the layers decide the peak
+    (2048, dict(precision="bf16-true")),  # addmm's backward: the input's gradient before the weight's
+    (None, dict(precision="bf16-true", lora_rank=8, lora_targets="all-linear")),
+], ids=["bf16-mixed", "bf16-true", "bf16-true-lora"])
+def test_compiled_gpt2_layers_follow_the_trace(vocab, options):
+    """GPT-2's layers under --compile (Conv1D as addmm, the fused c_attn split, GELU-tanh, LayerNorm with bias,
+    dropout's masks): the min-cut and fusion rules of the Llama-layout layers, no eager upper bound."""
+    from memtui.engine.model.validation import unmodelled_compile
+    from memtui.engine.trace.runner import trace
+
+    spec = _gpt2(layers=2, vocab=vocab)
+    config = TrainingConfig(model="gpt2", gpu="h100-80gb", batch_size=2, seq_len=512, compile=True, **options)
+    assert unmodelled_compile(config, spec) == ""
+    traced = trace(config, model=spec).traced_tensor_peak_bytes
+    estimated = estimate(config, model=spec).tensor_peak_bytes - cublas_workspace_bytes(resolve_gpu("h100-80gb"))
+    assert abs(estimated - traced) / traced < 0.002, (estimated, traced)
+    eager = estimate(config.model_copy(update={"compile": False}), model=spec).tensor_peak_bytes
+    assert eager - estimated > 0.05 * traced  # compiled: less kept for backward than eager's upper bound
+
+
+def _gpt2(layers: int, vocab: int | None):
+    import copy
+
+    from memtui.engine.model.architectures import model_spec_from_config
+    from memtui.engine.model.presets import resolve_model
+
+    config = copy.deepcopy(resolve_model("gpt2").hf_config())
+    config.update(n_layer=layers, **({"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 0} if vocab else {}))
+    return model_spec_from_config(config, model_id="small-gpt2", source="test")

@@ -429,14 +429,14 @@ def _plan_backward(plan: _Plan, ops: list[_Op], out: Tensor, own: set[int], base
             bias = op.inputs[2] if len(op.inputs) > 2 else None
             g = materialize(gradient, op.out, "output grad")
             dtype = g.dtype if isinstance(g, _Buf) else op.out.dtype
-            if weight.requires_grad:
-                buf = _Buf(weight.elems, dtype, "mm grad weight")
-                kernel([buf], {g, id(base(x))})
-                extern_grad(weight, buf)
-            if x.requires_grad:
-                buf = _Buf(x.elems, dtype, "mm grad input")
-                kernel([buf], {g, id(base(weight))})
-                extern_grad(x, buf)
+            # linear's weight gradient comes first; addmm's (GPT-2's Conv1D, weight as mat2) follows its
+            # derivative's order: mat1 (the input), then mat2 (the weight).
+            matmuls = [(weight, "mm grad weight", {g, id(base(x))}), (x, "mm grad input", {g, id(base(weight))})]
+            for target, name, reads in (matmuls[::-1] if op.name == "addmm" else matmuls):
+                if target.requires_grad:
+                    buf = _Buf(target.elems, dtype, name)
+                    kernel([buf], reads)
+                    extern_grad(target, buf)
             if bias is not None and bias.requires_grad:
                 buf = _Buf(bias.elems, dtype, "bias grad")
                 kernel([buf], {g})
