@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
     args = parser.parse_args(argv)
     rows = [row for row in MATRIX if args.only in label(row)]
-    if args.random:
-        rows = random_rows(args.random, args.seed)
+    if args.random:  # the same draw whatever --only keeps of it
+        rows = [row for row in random_rows(args.random, args.seed) if args.only in label(row)]
     if args.limit:
         rows = rows[: args.limit]
     results = []

@@ -111,6 +111,12 @@ def trainable_bytes(config: TrainingConfig) -> int:
     return config.adapter_bytes if config.uses_lora else config.weight_bytes
 
 
+def _copies_masters(config: TrainingConfig) -> bool:
+    """Whether --master-weights makes fp32 copies: of 16-bit trained parameters only. fp32 ones (peft's default
+    adapters) are their own masters (`.float()` returns the tensor itself), and so are their gradients."""
+    return config.master_weights and trainable_bytes(config) < 4
+
+
 def _autograd_gradient_bytes(config: TrainingConfig) -> int:
     """Bytes per element of the gradients autograd makes: the trained parameters' dtype as the layers see them
     (bf16 where FSDP2 casts the gathered parameters; FSDP2 reduces them into fp32 shards)."""
@@ -181,7 +187,7 @@ def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: Par
         matrix_params = sum(r * c for r, c in shapes)
         state_values = adafactor_state_params(shapes, max(trainable - matrix_params, 0))
         dtype = 4 if config.master_weights else trainable_bytes(config)
-        master = 4 * trainable if config.master_weights else 0
+        master = 4 * trainable if _copies_masters(config) else 0
         # The foreach step builds a full-size variance estimate for every matrix of the group at once.
         return state_values * dtype + master, matrix_params * dtype, 0
     if config.optimizer == "galore-adamw":
@@ -191,14 +197,14 @@ def _optimizer_state_bytes(config: TrainingConfig, model: ModelSpec, layout: Par
         states, projectors = galore_state_params(shapes, config.galore_rank, keeps_full_factor=dtype == 4)
         rest = max(trainable - projected, 0)
         total = (states + 2 * rest + projectors) * dtype
-        if config.master_weights:
+        if _copies_masters(config):
             total += 4 * trainable
         return total, (states // 2 + rest) * dtype, 0
     trained_bytes = trainable_bytes(config)
     one_state = (4 if config.master_weights else trained_bytes) * trainable
     if config.optimizer in BNB_ADAM_OPTIMIZERS:  # per tensor: bitsandbytes decides each state's size and place
         allocated, unified = _bnb_states(config, model)
-        return allocated + (4 * trainable if config.master_weights else 0), one_state, unified
+        return allocated + (4 * trainable if _copies_masters(config) else 0), one_state, unified
     per_param = state_bytes_per_param(config, trained_bytes)
     return int(per_param * trainable), one_state, 0
 
@@ -339,7 +345,7 @@ def _optimizer_step_temporaries(config: TrainingConfig, layout: ParamLayout, on_
         group_state_bytes=one_state_group // shards,
         largest_tensor_state_bytes=layout.largest_tensor_params * (4 if config.master_weights else trained_bytes),
     )
-    if config.master_weights:
+    if _copies_masters(config):
         temporaries += on_gpu.grads_full * 2 // shards  # fp32 copies of the 16-bit grads
     return temporaries
 

@@ -36,7 +36,7 @@ class OptimizerCost:
 def state_bytes_per_param(config: TrainingConfig, param_bytes: int) -> float:
     """Optimizer state bytes per trainable parameter (GaLore handled by the caller)."""
     state_dtype = 4 if config.master_weights else param_bytes
-    master = 4 if config.master_weights else 0
+    master = 4 if config.master_weights and param_bytes < 4 else 0  # fp32 parameters are their own masters
     per_state = {
         "adamw": 2 * state_dtype,
         "adamw-8bit": ADAM8BIT_STATE_BYTES,

@@ -28,7 +28,7 @@ from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.model.validation import adapts_head
 
 CACHE_DIR_ENV = "MEMTUI_CACHE_DIR"
-PROGRAM_VERSION = 1  # bump when the program's meaning changes: old cache files are then ignored
+PROGRAM_VERSION = 2  # bump when the program's meaning changes: old cache files are then ignored
 METHOD = "generic (traced layers)"
 
 # The options the traced program depends on (besides batch and sequence, which it is a function of).

@@ -163,7 +163,7 @@ def _rule(*fields: str, broken: Callable[[Facts], bool], message: Text, allowed:
 
 # The families whose layers the estimate compiles (engine/estimator/sim/compiled.py), each checked against
 # `memtui trace --compile`.
-COMPILED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe")
+COMPILED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe")
 
 
 def unmodelled_compile(config: TrainingConfig, model: ModelSpec) -> str:

@@ -16,6 +16,7 @@ from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.cuda_autocast import cuda_autocast_policy, cuda_like_autocast
 from memtui.engine.trace.cuda_dropout import cuda_dropout
 from memtui.engine.trace.cuda_sdpa import cuda_sdpa
+from memtui.engine.trace.cuda_softmax import cuda_softmax
 from memtui.engine.trace.hf_patches import real_run_decisions
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker, classify
 
@@ -204,7 +205,7 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
         attention = cuda_sdpa() if config.attention == "flash" else contextlib.nullcontext()
         policy = cuda_autocast_policy() if config.autocast else contextlib.nullcontext()
         sharding = parallel.watching(tracker) if parallel is not None else contextlib.nullcontext()
-        with attention, policy, cuda_dropout(), real_run_decisions(), sharding, tagging, tracker:
+        with attention, policy, cuda_dropout(), cuda_softmax(), real_run_decisions(), sharding, tagging, tracker:
             input_ids = torch.randint(0, spec.vocab_size, (config.batch_size, config.seq_len))
             labels = input_ids
             for step in range(1, STEPS + 1):

@@ -266,6 +266,7 @@ class _DepthTracer:
         from memtui.engine.trace.cuda_autocast import cuda_autocast_policy
         from memtui.engine.trace.cuda_dropout import cuda_dropout
         from memtui.engine.trace.cuda_sdpa import cuda_sdpa
+        from memtui.engine.trace.cuda_softmax import cuda_softmax
         from memtui.engine.trace.fake_step import quiet_libraries
         from memtui.engine.trace.hf_patches import real_run_decisions
 
@@ -276,6 +277,7 @@ class _DepthTracer:
             stack.enter_context(cuda_sdpa() if self.config.attention == "flash" else contextlib.nullcontext())
             stack.enter_context(cuda_autocast_policy() if self.config.autocast else contextlib.nullcontext())
             stack.enter_context(cuda_dropout())
+            stack.enter_context(cuda_softmax())
             stack.enter_context(real_run_decisions())
         return stack
 

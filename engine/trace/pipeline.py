@@ -213,6 +213,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
     from memtui.engine.torchside.build import build_optimizer, compute_dtype
     from memtui.engine.trace.cuda_autocast import cuda_autocast_policy, cuda_like_autocast
     from memtui.engine.trace.cuda_dropout import cuda_dropout
+    from memtui.engine.trace.cuda_softmax import cuda_softmax
     from memtui.engine.trace.cuda_sdpa import cuda_sdpa
     from memtui.engine.trace.hf_patches import real_run_decisions
 
@@ -310,7 +311,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                 parallel.enter_context(_WaitReturnsItsInput())
             if dp_mesh is not None and config.zero >= 2:
                 parallel.enter_context(fsdp_storage_resizes(tracker, gathered))
-            with attention, policy, cuda_dropout(), real_run_decisions(), parallel, tracker:
+            with attention, policy, cuda_dropout(), cuda_softmax(), real_run_decisions(), parallel, tracker:
                 ids = torch.randint(0, spec.vocab_size, (config.batch_size, seq)) if has_first else None
                 labels = (ids if ids is not None else torch.randint(0, spec.vocab_size, (config.batch_size, seq))
                           ) if has_last else None

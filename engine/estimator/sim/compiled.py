@@ -384,10 +384,29 @@ def _plan_backward(plan: _Plan, ops: list[_Op], out: Tensor, own: set[int], base
     def kernel(allocated: list[_Buf], reads: set) -> None:
         plan.backward.append((allocated, resolve(reads)))
 
+    made_by = {id(base(op.out)): op for op in ops if not op.view}
+
+    def unwritten(expr: _Expr) -> set:
+        """The expressions (itself included) a gradient is computed from that no kernel has written yet."""
+        found = {id(expr)}
+        for read in expr.reads:
+            if isinstance(read, _Expr) and read.buf is None:
+                found |= unwritten(read)
+        return found
+
     def materialize(gradient: _Expr, like: Tensor, name: str):
         if gradient.buf is None:
+            # A matmul's output gradient still to be written that this one is computed from (a LoRA'd layer's:
+            # the base matmul's 16-bit gradient and the adapters' fp32 one) comes out of the same fused kernel.
+            shared = unwritten(gradient) - {id(gradient)}
+            siblings = [(pending, made_by[key].out) for key, pending in grads.items()
+                        if pending is not gradient and pending.buf is None and key in made_by
+                        and made_by[key].name in ("linear", "addmm") and unwritten(pending) & shared]
+            reads = resolve(gradient.reads)
             gradient.buf = _Buf(like.elems, like.dtype, name)
-            kernel([gradient.buf], gradient.reads)
+            for pending, out in siblings:
+                pending.buf = _Buf(out.elems, out.dtype, "output grad")
+            plan.backward.append(([gradient.buf] + [pending.buf for pending, _ in siblings], reads))
         return gradient.buf
 
     def flow(target: Tensor, gradient: _Expr) -> None:
@@ -429,14 +448,14 @@ def _plan_backward(plan: _Plan, ops: list[_Op], out: Tensor, own: set[int], base
             bias = op.inputs[2] if len(op.inputs) > 2 else None
             g = materialize(gradient, op.out, "output grad")
             dtype = g.dtype if isinstance(g, _Buf) else op.out.dtype
-            if weight.requires_grad:
-                buf = _Buf(weight.elems, dtype, "mm grad weight")
-                kernel([buf], {g, id(base(x))})
-                extern_grad(weight, buf)
-            if x.requires_grad:
-                buf = _Buf(x.elems, dtype, "mm grad input")
-                kernel([buf], {g, id(base(weight))})
-                extern_grad(x, buf)
+            # linear's weight gradient comes first; addmm's (GPT-2's Conv1D, weight as mat2) follows its
+            # derivative's order: mat1 (the input), then mat2 (the weight).
+            matmuls = [(weight, "mm grad weight", {g, id(base(x))}), (x, "mm grad input", {g, id(base(weight))})]
+            for target, name, reads in (matmuls[::-1] if op.name == "addmm" else matmuls):
+                if target.requires_grad:
+                    buf = _Buf(target.elems, dtype, name)
+                    kernel([buf], reads)
+                    extern_grad(target, buf)
             if bias is not None and bias.requires_grad:
                 buf = _Buf(bias.elems, dtype, "bias grad")
                 kernel([buf], {g})

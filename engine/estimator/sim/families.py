@@ -355,10 +355,11 @@ def whole_width_norm(sim: Sim, x: Tensor, weight: Tensor, width: int, opts: Opti
 
 
 def attend_and_project(
-    sim: Sim, q: Tensor, k: Tensor, v: Tensor, p: LayerParams, d: Dims, opts: Options, *, copy_output: bool = False
+    sim: Sim, q: Tensor, k: Tensor, v: Tensor, p: LayerParams, d: Dims, opts: Options, *, copy_output: bool = False,
+    head_major: bool = False,
 ) -> Tensor:
-    """The attention core, then o_proj."""
-    attn = attention_core(sim, q, k, v, d, opts, p.sinks)
+    """The attention core, then o_proj (head_major: see eager_attention)."""
+    attn = attention_core(sim, q, k, v, d, opts, p.sinks, head_major=head_major)
     if copy_output and opts.attention == "flash":
         copied = ops.contiguous_copy(sim, attn)
         sim.drop(attn)
@@ -385,9 +386,10 @@ def gather_tokens(sim: Sim, x: Tensor, opts: Options) -> Tensor:
     return ops.all_gather_tokens(sim, x, opts.sequence_parallel)
 
 
-def attention_core(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options, sinks: Tensor | None = None) -> Tensor:
+def attention_core(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options, sinks: Tensor | None = None,
+                   *, head_major: bool = False) -> Tensor:
     if sinks is not None:  # gpt-oss: eager attention whatever --attention says (EAGER_ONLY_FAMILIES)
-        return eager_attention(sim, q, k, v, d, opts, sinks)
+        return eager_attention(sim, q, k, v, d, opts, sinks, head_major=True)
     if opts.attention == "flash":
         mask = getattr(sim, "window_mask", None) if opts.window_mask and not opts.full_attention_layers else None
         if mask is not None and opts.family == "gemma3" and d.heads > d.kv_heads:
@@ -400,22 +402,26 @@ def attention_core(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Opt
             sim.drop(k_full, v_full)
             return out
         return ops.flash_attention(sim, q, k, v, d.heads, d.head_dim, mask)
-    return eager_attention(sim, q, k, v, d, opts)
+    return eager_attention(sim, q, k, v, d, opts, head_major=head_major)
 
 
-def eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options, sinks: Tensor | None = None) -> Tensor:
+def eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Options, sinks: Tensor | None = None,
+                    *, head_major: bool = False) -> Tensor:
     """transformers' eager_attention_forward: repeat_kv, QK^T, mask, fp32 softmax, dropout, PV.
 
-    RoPE's outputs keep the token-major layout of the projections, so bmm's reshape
-    copies q (and k and v when no repeat_kv made them contiguous). gpt-oss (`sinks`): its RoPE ends in a cat,
-    which lays q and k out head-major, so they need no copy; the softmax runs over the scores and a sink column.
+    matmul reshapes (b, heads, s, d) to (b * heads, s, d), which copies a tensor unless it is laid out head-major
+    or there is one sequence (b = 1: the view's other strides serve bmm as they are). RoPE's outputs keep the
+    token-major layout of the projections, and so do v and a GPT-2 split; repeat_kv's copies are head-major.
+    `head_major`: q and k were made by a cat along the head dimension (Phi-3's partial-rotary RoPE, gpt-oss's, whose
+    softmax also runs over the scores and a sink column `sinks`), so they are never copied.
     """
     groups = d.heads // d.kv_heads
+    copies = opts.batched  # more than one sequence
     k_full = ops.contiguous_copy(sim, k, q.elems) if groups > 1 else sim.ref(k)
     v_full = ops.contiguous_copy(sim, v, q.elems) if groups > 1 else sim.ref(v)
     scores_elems = (0.0, 0.0, float(d.heads), 0.0, 0.0)  # b * heads * s * s
-    k_operand = _bmm_operand(sim, k_full, needs_copy=groups == 1 and sinks is None)
-    q_operand = _bmm_operand(sim, q, needs_copy=sinks is None)
+    k_operand = _bmm_operand(sim, k_full, needs_copy=groups == 1 and copies and not head_major)
+    q_operand = _bmm_operand(sim, q, needs_copy=copies and not head_major)
     scores = ops.matmul(sim, q_operand, k_operand, scores_elems)
     sim.drop(q_operand, k_operand)
     scaled = ops.mul_scalar(sim, scores)
@@ -436,7 +442,7 @@ def eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Op
         sim.drop(probs_c)
         shifted = None
     p_operand = _bmm_operand(sim, dropped, needs_copy=False)
-    v_operand = _bmm_operand(sim, v_full, needs_copy=groups == 1)
+    v_operand = _bmm_operand(sim, v_full, needs_copy=groups == 1 and copies)
     out = ops.matmul(sim, p_operand, v_operand, q.elems)
     sim.drop(p_operand, v_operand, dropped)
     transposed = ops.contiguous_copy(sim, out)  # attn_output.transpose(1, 2).contiguous()
@@ -574,20 +580,21 @@ def phi3_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, 
     h = d.hidden
     width = d.q_dim + 2 * d.kv_dim
     qkv = apply_linear(sim, x, p, "qkv_proj", h, width, opts)
-    heads = []
-    for dim, copy_in_backward in ((d.q_dim, True), (d.kv_dim, True), (d.kv_dim, False)):
-        sliced = ops.slice_view(sim, qkv, dim / width)
-        shaped = ops.view_needing_copy_in_backward(sim, sliced) if copy_in_backward else ops.view(sim, sliced)
-        sim.drop(sliced)
-        heads.append(shaped)
+    # The three slices first, then their per-head views: backward runs the views' reshapes (each a copy of a
+    # transposed gradient) before any slice's zero-filled gradient.
+    parts = [ops.slice_view(sim, qkv, dim / width) for dim in (d.q_dim, d.kv_dim, d.kv_dim)]
     sim.drop(qkv)
-    q, k, v = heads
+    q, k, v = (ops.view_needing_copy_in_backward(sim, part) for part in parts)
+    sim.drop(*parts)
     q_rope = _phi3_rope(sim, q, cos, sin)
     k_rope = _phi3_rope(sim, k, cos, sin)
     sim.drop(q, k)
     # The cat leaves q (b, h, s, d)-contiguous; FlashAttention's output is laid out like q (flash_api's
     # empty_like(q), as the CPU kernel's meta), so sdpa_attention_forward's transpose(1, 2).contiguous() copies it.
-    return attend_and_project(sim, q_rope, k_rope, v, p, d, opts, copy_output=True)
+    # Compiled, the copy is a fused op of the layer's graph; traced at one sequence, the partitioner saves none
+    # (the case of more than one, or of a window mask, is the copy the eager replay made before).
+    copy = not opts.compiled or opts.batched or opts.window_mask
+    return attend_and_project(sim, q_rope, k_rope, v, p, d, opts, copy_output=copy, head_major=True)
 
 
 def _phi3_rope(sim: Sim, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

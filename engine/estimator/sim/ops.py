@@ -504,13 +504,28 @@ def _softmax_backward(sim: Sim, node, grad):
     return [(x, sim.new(x.elems, grad.dtype, name="softmax backward"))]
 
 
+def _half_to_float_backward(sim: Sim, node, grad):
+    """_softmax_backward_data of a half_to_float softmax writes the Half gradient itself."""
+    x = node.inputs[0]
+    return [(x, sim.new(x.elems, x.dtype, name="softmax backward"))]
+
+
 def softmax(sim: Sim, x: Tensor, dtype: str | None) -> Tensor:
-    """softmax(x, dtype=...) saves its output; CUDA autocast runs it in fp32 without a dtype."""
+    """softmax(x, dtype=...) as CUDA runs it (aten/src/ATen/native/SoftMax.cpp); it saves its output. CUDA
+    autocast asks for fp32 when no dtype is given (fp32_set_opt_dtype). An fp16 input asked for fp32 runs
+    _softmax(half_to_float=True): the fp32 output alone, and a Half gradient in backward. Any other change of
+    dtype (bf16 to fp32) casts the input first: a full-size copy, alive while the kernel runs."""
     if dtype is None and sim.autocast_dtype is not None and x.dtype in ("bf16", "f16"):
         dtype = "f32"
     out_dtype = dtype or x.dtype
+    if x.dtype == "f16" and out_dtype == "f32":
+        out = sim.new(x.elems, out_dtype, name="softmax")
+        sim.record("softmax", out, [x], [out], _half_to_float_backward)
+        return out
+    converted = cast(sim, x, out_dtype)
     out = sim.new(x.elems, out_dtype, name="softmax")
-    sim.record("softmax", out, [x], [out], _softmax_backward)
+    sim.record("softmax", out, [converted], [out], _softmax_backward)
+    sim.drop(converted)
     return out
 
 

@@ -90,9 +90,9 @@ def program_shape(config: TrainingConfig, spec: ModelSpec) -> tuple[bool, bool, 
     the same program (its forms then differ only in the values they are evaluated at)."""
     tokens = config.batch_size * config.seq_len
     return (
-        # only Phi-3 and the chunked head depend on it (keeps the cache small)
+        # only Phi-3, the chunked head and eager attention depend on it (keeps the cache small)
         config.batch_size > 1 and (spec.family == "phi3" or config.loss == "chunked"
-                                   or spec.family == "deepseek_v3" and config.attention == "eager"),
+                                   or config.attention == "eager" or spec.family in EAGER_ONLY_FAMILIES),
         _window_mask(config, spec),
         fused_linear_chunk_rows(tokens, spec.vocab_size // config.tp, spec.hidden_size)
         if config.loss == "fused-linear" else 0,
