@@ -50,6 +50,22 @@ def head_adapter_shapes(config: TrainingConfig, model: ModelSpec) -> list[tuple[
     return [(config.lora_rank, model.hidden_size), (model.vocab_size, config.lora_rank)]
 
 
+# Row-parallel linears (RowwiseParallel, Megatron-LM's RowParallelLinear): their bias is replicated, added once.
+_ROWWISE = ("o_proj", "down_proj", "attn.c_proj", "mlp.c_proj")
+
+
+def _bias_params(linear: LinearLayer, tp: int) -> int:
+    """One linear's bias on a tensor-parallel rank: a column-parallel one's 1/tp, a row-parallel one's whole."""
+    return linear.out_features * linear.experts // (1 if linear.name in _ROWWISE else tp)
+
+
+def tensor_parallel_embedding_params(model: ModelSpec, tp: int) -> int:
+    """The embeddings' parameters on a tensor-parallel rank: the token embedding's 1/tp of the vocabulary, and
+    GPT-2's learned positions (wpe) whole, replicated as Megatron-LM keeps them."""
+    tokens = model.vocab_size * model.hidden_size
+    return tokens // tp + model.embedding_params - tokens
+
+
 def _linear_shard(linear: LinearLayer, tp: int) -> tuple[int, int]:
     """(weight params, output rows) of one linear after tensor parallelism."""
     return linear.weight_params // tp, linear.out_features * linear.experts // tp
@@ -94,7 +110,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
             else:
                 linear_rows += rows
             if linear.bias:
-                biases += linear.out_features * linear.experts // tp
+                biases += _bias_params(linear, tp)
         routed = any(linear.experts > 1 for linear in linears)
         layer_other = (biases + model.norms_per_layer * model.norm_params + model.qk_norm_params
                        + (model.router_params if routed else 0) + sum(model.layer_vectors))
@@ -107,7 +123,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
         tensors_layers += count * _layer_tensors(model, linears)
         largest_layer = max(largest_layer, linear_weights + layer_other + lora_per_layer)
 
-    embedding = model.embedding_params // tp if first_stage else 0
+    embedding = tensor_parallel_embedding_params(model, tp) if first_stage else 0
     head = 0
     if last_stage:
         # A last pipeline stage without the embedding holds its own head, tied or not (the stage's copy).
@@ -182,7 +198,7 @@ def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec, *,
             numels += per_layer * count
             continue
         per_layer = [linear.weight_params // tp for linear in linears]
-        per_layer += [linear.out_features * linear.experts // tp for linear in linears if linear.bias]
+        per_layer += [_bias_params(linear, tp) for linear in linears if linear.bias]
         per_layer += norm_tensors * model.norms_per_layer
         per_layer += [width for width in model.qk_norm_widths if width] if model.qk_norm else []
         per_layer += [model.router_params] if any(linear.experts > 1 for linear in linears) else []
@@ -217,10 +233,14 @@ def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
 # transformers' Llama-layout families: separate q/k/v and gate/up projections under the same module names, which
 # torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it); pipeline
 # stages are cut from them too.
-PIPELINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+LLAMA_LAYOUT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 # The same plan with Phi-3's fused qkv_proj and gate_up_proj sharded per part, as Megatron-LM and vLLM shard them,
-# and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them.
-TENSOR_PARALLEL_FAMILIES = (*PIPELINE_FAMILIES, "phi3", "olmo2")
+# and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them; GPT-2 by Megatron-LM's GPT
+# plan on its Conv1D layers (memtui.engine.trace.tensor_parallel_gpt2).
+TENSOR_PARALLEL_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2")
+# Phi-3 and OLMo 2 are cut as the Llama layout is (model.layers); GPT-2's transformer.h likewise, its token and
+# position embeddings on the first stage (Megatron-LM's pre_process), ln_f and the head on the last.
+PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2")
 
 
 def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
@@ -231,8 +251,8 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
     if config.pp > 1 and pipeline_refusal(config, model) is not None:
         return f"pipeline parallelism here is not traced ({pipeline_refusal(config, model)})"
     if model.family not in TENSOR_PARALLEL_FAMILIES:
-        return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families, Phi-3 and "
-                "OLMo 2 only)")
+        return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families, Phi-3, "
+                "OLMo 2 and GPT-2 only)")
     if model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if config.uses_lora or config.quant != "none" or config.offload != "none":
@@ -278,7 +298,8 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
     if config.pp == 1:
         return "no pipeline parallelism"
     if model.family not in PIPELINE_FAMILIES:
-        return f"the {model.family} family has no traced pipeline split (Llama-layout families only)"
+        return (f"the {model.family} family has no traced pipeline split (Llama-layout families, Phi-3, OLMo 2 and "
+                "GPT-2 only)")
     if config.dp > 1 and config.tp > 1 and (config.zero < 2 or config.shard_ranks != config.dp):
         return ("pipeline and tensor parallelism with DDP, ZeRO-1 or HSDP are not traced (with FSDP2, --zero 2 or 3, "
                 "over every data-parallel rank they are)")

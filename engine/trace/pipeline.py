@@ -76,16 +76,48 @@ class _Stage(torch.nn.Module):
 
     def __init__(self, causal, *, first: bool, last: bool, autocast) -> None:
         super().__init__()
-        self.model = causal.model
+        self.model = _decoder(causal)
         self.lm_head = causal.lm_head if last else None
         self.first = first
         self._autocast = autocast
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            given = {"input_ids": inputs} if self.first else {"inputs_embeds": inputs}
-            hidden = self.model(**given, use_cache=False).last_hidden_state
+            if hasattr(self.model, "wpe"):
+                hidden = _gpt2_stage(self.model, inputs, first=self.first)
+            else:
+                given = {"input_ids": inputs} if self.first else {"inputs_embeds": inputs}
+                hidden = self.model(**given, use_cache=False).last_hidden_state
             return self.lm_head(hidden) if self.lm_head is not None else hidden
+
+
+def _decoder(causal) -> torch.nn.Module:
+    """The causal LM's decoder: `model` (Llama layout), `transformer` (GPT-2)."""
+    return causal.transformer if hasattr(causal, "transformer") else causal.model
+
+
+def _gpt2_stage(transformer, inputs: torch.Tensor, *, first: bool) -> torch.Tensor:
+    """A GPT-2 pipeline stage as Megatron-LM's GPTModel runs one: the token and position embeddings and their dropout
+    on the first stage only (pre_process), the blocks, and ln_f on the last (post_process: ln_f is an Identity
+    elsewhere). GPT2Model.forward's own steps, but for the position embeddings it would add on every stage and the
+    final view to the whole sequence, which a stage holding 1/tp of the tokens (sequence parallel) is not."""
+    import sys
+
+    create_causal_mask = sys.modules[type(transformer).__module__].create_causal_mask
+    tokens = inputs.shape[1] * (1 if first else getattr(transformer, "sequence_shards", 1))
+    position_ids = torch.arange(tokens, device=inputs.device).unsqueeze(0)
+    if first:
+        inputs_embeds = transformer.wte(inputs)
+        position_embeds = transformer.wpe(position_ids)
+        hidden = transformer.drop(inputs_embeds + position_embeds)
+    else:
+        inputs_embeds = hidden = inputs
+    mask = create_causal_mask(config=transformer.config, inputs_embeds=inputs_embeds, attention_mask=None,
+                              past_key_values=None, position_ids=position_ids)
+    for block in transformer.h:
+        hidden = block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
+                       position_ids=position_ids)
+    return transformer.ln_f(hidden)
 
 
 def _stage_module(spec: ModelSpec, config: TrainingConfig, *, layers: int, first: bool, last: bool, autocast):
@@ -94,10 +126,14 @@ def _stage_module(spec: ModelSpec, config: TrainingConfig, *, layers: int, first
     from memtui.engine.trace.generic import at_depth
 
     causal = build_model(at_depth(spec, layers), config, device="cpu", quant_backend="replica")
-    if not first:
-        causal.model.embed_tokens = None  # the stage gets the hidden states (inputs_embeds) from the one before
-    if not last:
-        causal.model.norm = torch.nn.Identity()  # the final norm belongs to the last stage
+    decoder = _decoder(causal)
+    if not first:  # the stage gets the hidden states (inputs_embeds) from the one before
+        if spec.family == "gpt2":  # the token and position embeddings and their dropout: the first stage's
+            decoder.wte = decoder.wpe = decoder.drop = None
+        else:
+            decoder.embed_tokens = None
+    if not last:  # the final norm belongs to the last stage
+        setattr(decoder, "ln_f" if spec.family == "gpt2" else "norm", torch.nn.Identity())
     return causal, _Stage(causal, first=first, last=last, autocast=autocast)
 
 
@@ -185,7 +221,7 @@ def _parallelize_stage(module, causal, config: TrainingConfig, layers: int, firs
 
     if tp_mesh is not None:
         apply_tensor_parallel(causal, tp_mesh, embedding=first, head=last)
-        restores.append(whole_sequence_masks(causal.model))
+        restores.append(whole_sequence_masks(_decoder(causal)))
     if dp_mesh is not None and config.zero <= 1:
         with tracker:
             return ddp_wrap(module, tracker, config.dp, bucket_ids, process_group=dp_mesh.get_group())

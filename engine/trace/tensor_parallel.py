@@ -75,7 +75,14 @@ class TensorParallel:
                                   "projections' outputs redistributed onto the sequence (DTensor's all-to-all), "
                                   "normalised over every head there, redistributed back; the post-attention and "
                                   "post-MLP norms sequence parallel")
-        self.restore = whole_sequence_masks(model.model)
+        if model_type == "gpt2":
+            self.traced[0] = (f"tensor parallel (traced): DTensor parallelize_module at tp {self.config.tp} (rank 0 of a "
+                              "fake process group), Megatron-LM's GPT-2 plan on transformers' Conv1D: column-parallel "
+                              "c_attn (its q, k and v columns reordered rank-major) and c_fc, row-parallel c_proj "
+                              "reduce-scattered onto the sequence, sequence parallel ln_1, ln_2 and ln_f; the "
+                              "vocabulary-sharded wte all-reduced, the replicated wpe added on the whole sequence and "
+                              "the sum scattered onto it before the dropout; the tied head with loss parallel")
+        self.restore = whole_sequence_masks(getattr(model, "transformer", None) or model.model)
         if self.data is not None:
             with _meshes_made_real():
                 return self.data.wrap(model, tracker)
@@ -182,6 +189,12 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         parallelize_module,
     )
 
+    if model.config.model_type == "gpt2":
+        from memtui.engine.trace.tensor_parallel_gpt2 import apply_gpt2_tensor_parallel
+
+        apply_gpt2_tensor_parallel(model, mesh, embedding=embedding, head=head)
+        model.register_forward_hook(_local_loss)
+        return
     inner = model.model
     ends = {}
     if embedding:
@@ -261,15 +274,15 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         return args, kwargs
 
     inner.register_forward_pre_hook(whole_sequence_positions, with_kwargs=True)
+    model.register_forward_hook(_local_loss)
 
-    def local_loss(_module, _args, output):
-        # Loss parallel leaves a replicated DTensor loss; the step reads and scales it as a plain tensor (a view).
-        loss = getattr(output, "loss", None)
-        if loss is not None and hasattr(loss, "to_local"):
-            output.loss = loss.to_local()
-        return output
 
-    model.register_forward_hook(local_loss)
+def _local_loss(_module, _args, output):
+    """Loss parallel leaves a replicated DTensor loss; the step reads and scales it as a plain tensor (a view)."""
+    loss = getattr(output, "loss", None)
+    if loss is not None and hasattr(loss, "to_local"):
+        output.loss = loss.to_local()
+    return output
 
 
 def _sequence_parallel_onto_heads():
