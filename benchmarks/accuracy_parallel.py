@@ -69,7 +69,9 @@ def matrix() -> list[dict]:
                                    ("phi-3-mini", 4, 2, {"zero": 3}),
                                    # OLMo 2: q/k norms over every head, on the sequence (OLMo-core's plan)
                                    ("olmo-2-7b", 2, 2, {}), ("olmo-2-7b", 4, 4, {}),
-                                   ("olmo-2-7b", 4, 2, {"zero": 3})):
+                                   ("olmo-2-7b", 4, 2, {"zero": 3}),
+                                   # GPT-2: Megatron-LM's plan on Conv1D (fused c_attn cut per part, wpe replicated)
+                                   ("gpt2", 2, 2, {}), ("gpt2", 8, 4, {"zero": 3})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
     # FSDP2 casting to bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's)
@@ -99,7 +101,10 @@ def matrix() -> list[dict]:
             ("llama-3.2-1b", 4, 2, "1f1b", {"zero": 0}), ("qwen2.5-0.5b", 4, 2, "gpipe", {"zero": 0}),
             ("llama-3.2-1b", 8, 2, "interleaved-1f1b", {"zero": 0}), ("llama-3.2-1b", 4, 2, "1f1b", {"zero": 1}),
             ("llama-3.2-1b", 8, 2, "1f1b", {"zero": 3, "shard_group": 2}),
-            ("qwen2.5-0.5b", 8, 2, "gpipe", {"zero": 2, "shard_group": 2})):
+            ("qwen2.5-0.5b", 8, 2, "gpipe", {"zero": 2, "shard_group": 2}),
+            # Phi-3, OLMo 2 (its received input's autocast cast shared by q/k/v) and GPT-2 (embeddings on the first
+            # stage as Megatron-LM's pre_process) cut into stages
+            ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
                      "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
     return rows

@@ -418,16 +418,19 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
     schedule = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
                 "interleaved-1f1b": "ScheduleInterleaved1F1B (two stages per rank: r and r + pp)"}[config.pp_schedule]
     split = pipeline_stage_layers(spec.num_layers, config.pp * config.virtual_stages)
+    embedding = ("the token and position embeddings and their dropout (Megatron-LM's pre_process)"
+                 if spec.family == "gpt2" else "the embedding")
     lines = [f"pipeline parallel (traced): torch.distributed.pipelining PipelineStage and {schedule} at pp "
              f"{config.pp}, every rank of a fake process group in turn; {config.microbatches} micro-batches of "
-             f"{config.microbatch_size} sequences; decoder layers per stage {split}, the embedding on the first "
+             f"{config.microbatch_size} sequences; decoder layers per stage {split}, {embedding} on the first "
              "stage, the final norm, head and loss (per micro-batch) on the last"]
     if config.dp > 1 or config.tp > 1:
         lines.append(f"each pipeline rank traced as the first rank of its (dp {config.dp}, tp {config.tp}) slice of a "
                      f"(pp, dp, tp) DeviceMesh of {config.gpus} ranks, as torchtitan builds it, the stage parallelized "
                      "as torchtitan's parallelize_llama does a model part")
     if config.tp > 1:
-        lines.append(f"tensor parallel (traced): DTensor at tp {config.tp}, torchtitan's Llama plan on each stage's "
+        plan = "Megatron-LM's GPT-2 plan" if spec.family == "gpt2" else "torchtitan's Llama plan"
+        lines.append(f"tensor parallel (traced): DTensor at tp {config.tp}, {plan} on each stage's "
                      "modules (sequence parallel: the hidden states between stages are the rank's 1/tp of the tokens; "
                      "the vocabulary-sharded embedding on the first stage, the head with loss parallel on the last)")
     if config.dp > 1 and config.zero <= 1:
