@@ -22,6 +22,13 @@ The model is split with DTensor's `parallelize_module` by torchtitan's Llama pla
 - lm_head: ColwiseParallel(input Shard(1), output Shard(-1)) with loss parallel: the logits stay sharded
   over the vocabulary and the cross-entropy runs under `loss_parallel()` (torchtitan's default).
 
+GPT-2 gets Megatron-LM's GPT plan on transformers' Conv1D instead (memtui.engine.trace.tensor_parallel_gpt2): c_attn
+and c_fc column-parallel (the Conv1D weight's Shard(1), c_attn's [q; k; v] columns reordered rank-major as Phi-3's
+rows are), c_proj row-parallel (the weight's Shard(0), the bias replicated) reduce-scattered onto the sequence, ln_1,
+ln_2 and ln_f SequenceParallel, wte vocabulary-sharded and all-reduced, wpe replicated, the summed embeddings
+scattered onto the sequence before the dropout (Megatron-LM's LanguageModelEmbedding with learned positions), the
+tied head with loss parallel.
+
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
 (ZeRO-2/3) as in torchtitan. The collectives are the fake backend's no-ops; every buffer they write into is
