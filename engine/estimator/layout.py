@@ -231,8 +231,7 @@ def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
 
 
 # transformers' Llama-layout families: separate q/k/v and gate/up projections under the same module names, which
-# torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it); pipeline
-# stages are cut from them too.
+# torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it).
 LLAMA_LAYOUT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 # The same plan with Phi-3's fused qkv_proj and gate_up_proj sharded per part, as Megatron-LM and vLLM shard them,
 # and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them; GPT-2 by Megatron-LM's GPT
