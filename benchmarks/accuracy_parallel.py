@@ -83,7 +83,9 @@ def matrix() -> list[dict]:
                                    ("gpt-oss-20b", 2, 2, {}), ("gpt-oss-20b", 8, 8, {}),
                                    ("gpt-oss-20b", 8, 2, {"zero": 3}),
                                    # DeepSeek-V3: latent attention (low-rank projections replicated), shared experts
-                                   ("moonlight-16b-a3b", 4, 4, {}), ("deepseek-v3", 64, 8, {"zero": 3})):
+                                   ("moonlight-16b-a3b", 4, 4, {}), ("deepseek-v3", 64, 8, {"zero": 3}),
+                                   # GPT-2: Megatron-LM's plan on Conv1D (fused c_attn cut per part, wpe replicated)
+                                   ("gpt2", 2, 2, {}), ("gpt2", 8, 4, {"zero": 3})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
     # FSDP2 casting to bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's)
@@ -118,7 +120,10 @@ def matrix() -> list[dict]:
             ("llama-3.2-1b", 8, 2, "1f1b", {"tp": 2, "zero": 0}),
             ("llama-3.2-1b", 16, 2, "1f1b", {"tp": 2, "zero": 3, "shard_group": 2}),
             # peft's LoRA on each stage (alone, with DDP per stage)
-            ("llama-3.2-1b", 2, 2, "1f1b", {"lora_rank": 16}), ("llama-3.2-3b", 8, 4, "gpipe", {"lora_rank": 16, "zero": 0})):
+            ("llama-3.2-1b", 2, 2, "1f1b", {"lora_rank": 16}), ("llama-3.2-3b", 8, 4, "gpipe", {"lora_rank": 16, "zero": 0}),
+            # Phi-3, OLMo 2 (its received input's autocast cast shared by q/k/v) and GPT-2 (embeddings on the first
+            # stage as Megatron-LM's pre_process) cut into stages
+            ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
                      "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
     return rows
@@ -186,7 +191,8 @@ def write_markdown(results: list[dict], path: Path, command: str, *, append: boo
         "Traced = tensor peak of rank 0 running the real DDP (ZeRO-0), DDP + ZeroRedundancyOptimizer (ZeRO-1), FSDP2 "
         "(ZeRO-2/3), HSDP (`--shard-group`: FSDP2 on a (replicate, shard) mesh) or DTensor tensor-parallel (`--tp`: "
         "torchtitan's Llama plan, with Qwen3's q/k norms as its Qwen3 plan, Phi-3's fused projections sharded per "
-        "part, OLMo 2's whole-width q/k norms as OLMo-core's plan and the MoE families' experts (and DeepSeek-V3's latent attention) as its MoE "
+        "part, OLMo 2's whole-width q/k norms as OLMo-core's plan, GPT-2 by Megatron-LM's GPT plan on its Conv1D "
+        "layers and the MoE families' experts (and DeepSeek-V3's latent attention) as torchtitan's MoE "
         "plan without expert parallelism, sequence and loss parallel; with FSDP2 over dp "
         "on a (dp, tp) mesh, HSDP on a (dp_replicate, dp_shard, tp) one, or DDP / ZeRO-1 over the dp group on the "
         "parameters PyTorch's `_pre_dp_module_transform` makes local) program at "

@@ -41,6 +41,7 @@ from memtui.engine.estimator.layout import (
     param_layout,
     pipeline_refusal,
     tensor_parallel_embedding_gradient_extra,
+    tensor_parallel_embedding_params,
     tensor_parallel_whole_vocabulary_gradient,
     trainable_params_total,
     trainable_tensor_numels,
@@ -131,7 +132,7 @@ def _gathered_bytes(config: TrainingConfig) -> int:
 
 def _fsdp2_root_params(config: TrainingConfig, model: ModelSpec) -> int:
     """Parameters of FSDP2's root group on this GPU: the embeddings, the final norm and the head."""
-    return (model.embedding_params + model.head_params + model.norm_params) // config.tp
+    return tensor_parallel_embedding_params(model, config.tp) + (model.head_params + model.norm_params) // config.tp
 
 
 def _round512(n: float) -> int:
@@ -453,7 +454,7 @@ def _accumulating_moments(config: TrainingConfig, model: ModelSpec, layout: Para
         0 if config.offload != "none" else on_gpu.grads_full // on_gpu.dp)
     if not model.tie_word_embeddings:  # DTensor's plan: the first micro-batch's whole-vocabulary embedding gradient
         resident += on_gpu.tp_embedding_extra
-    tied = (model.embedding_params // config.tp * trainable_bytes(config)
+    tied = (tensor_parallel_embedding_params(model, config.tp) * trainable_bytes(config)
             if model.tie_word_embeddings and not config.uses_lora and on_gpu.zero < 2 else 0)
     # DDP beside DTensor's plan: _pre_dp_module_transform's from_local nodes run last (memtui.engine.estimator.
     # pipeline.pipeline_sharded_moments), so every new gradient waits until backward's end, and the embedding's
@@ -479,7 +480,7 @@ def _in_backward_moments(config: TrainingConfig, model: ModelSpec, layout: Param
     parameter steps only at backward's end, so it is held from the head's backward on."""
     trained = 4 if config.master_weights else trainable_bytes(config)
     grad_bytes = trainable_bytes(config)
-    tied_head = (model.embedding_params // config.tp * grad_bytes
+    tied_head = (tensor_parallel_embedding_params(model, config.tp) * grad_bytes
                  if model.tie_word_embeddings and not config.uses_lora else 0)
     # A moment of the replay may span several layers' gradients: one parameter's at a time is alive.
     largest_grad = layout.largest_tensor_params * grad_bytes
@@ -770,7 +771,7 @@ def _stage_shards(config: TrainingConfig, model: ModelSpec, role: tuple[int, int
     layout = param_layout(config, model, stage=(layers, first, last))
     weight, grad = config.weight_bytes, trainable_bytes(config)
     head = (model.vocab_size * model.hidden_size // config.tp + model.norm_params) if last else 0
-    root = head + (model.embedding_params // config.tp if first else 0)
+    root = head + (tensor_parallel_embedding_params(model, config.tp) if first else 0)
     return StageShards(layers=layers, layer_weights=layout.largest_layer_params * weight,
                        layer_gradients=layout.largest_layer_params * grad, root_weights=root * weight,
                        head_gradients=head * grad, root_gradients=root * grad, dp=dp, reshard=config.zero == 3)

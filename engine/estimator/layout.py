@@ -55,6 +55,13 @@ def head_adapter_shapes(config: TrainingConfig, model: ModelSpec) -> list[tuple[
 REPLICATED = ("q_a_proj", "kv_a_proj_with_mqa")
 
 
+def tensor_parallel_embedding_params(model: ModelSpec, tp: int) -> int:
+    """The embeddings' parameters on a tensor-parallel rank: the token embedding's 1/tp of the vocabulary, and
+    GPT-2's learned positions (wpe) whole, replicated as Megatron-LM keeps them."""
+    tokens = model.vocab_size * model.hidden_size
+    return tokens // tp + model.embedding_params - tokens
+
+
 def _linear_shard(linear: LinearLayer, tp: int) -> tuple[int, int]:
     """(weight params, output rows) of one linear after tensor parallelism."""
     ranks = 1 if linear.name in REPLICATED else tp
@@ -63,7 +70,7 @@ def _linear_shard(linear: LinearLayer, tp: int) -> tuple[int, int]:
 
 # Row-parallel linears: RowwiseParallel (and the experts' down projection) keeps their bias whole on every rank,
 # added to the partial sums, as torchtitan's and Megatron-LM's plans do
-ROW_PARALLEL = ("o_proj", "down_proj", "experts.down_proj")
+ROW_PARALLEL = ("o_proj", "down_proj", "experts.down_proj", "attn.c_proj", "mlp.c_proj")
 
 
 def _bias_shard(linear: LinearLayer, tp: int) -> int:
@@ -132,7 +139,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
         tensors_layers += count * _layer_tensors(model, linears)
         largest_layer = max(largest_layer, linear_weights + layer_other + lora_per_layer)
 
-    embedding = model.embedding_params // tp if first_stage else 0
+    embedding = tensor_parallel_embedding_params(model, tp) if first_stage else 0
     head = 0
     if last_stage:
         # A last pipeline stage without the embedding holds its own head, tied or not (the stage's copy).
@@ -240,16 +247,19 @@ def zero_redundancy_largest_share(numels: list[int], ranks: int) -> int:
 
 
 # transformers' Llama-layout families: separate q/k/v and gate/up projections under the same module names, which
-# torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it); pipeline
-# stages are cut from them too.
-PIPELINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+# torchtitan's tensor-parallel plan for Llama names (memtui.engine.trace.tensor_parallel applies it).
+LLAMA_LAYOUT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 # Mixture-of-experts families whose blocks memtui.engine.trace.moe_parallel shards as torchtitan does (TP without
 # expert parallelism: the router replicated, the experts' stacked weights on their intermediate dimension; gpt-oss's
 # sinks with the heads; DeepSeek-V3's shared experts and latent attention as its DeepSeek-V3 plan).
 MOE_TENSOR_PARALLEL_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3")
 # The same plan with Phi-3's fused qkv_proj and gate_up_proj sharded per part, as Megatron-LM and vLLM shard them,
-# and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them.
-TENSOR_PARALLEL_FAMILIES = (*PIPELINE_FAMILIES, "phi3", "olmo2", *MOE_TENSOR_PARALLEL_FAMILIES)
+# and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them; GPT-2 by Megatron-LM's GPT
+# plan on its Conv1D layers (memtui.engine.trace.tensor_parallel_gpt2).
+TENSOR_PARALLEL_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MOE_TENSOR_PARALLEL_FAMILIES)
+# Phi-3 and OLMo 2 are cut as the Llama layout is (model.layers); GPT-2's transformer.h likewise, its token and
+# position embeddings on the first stage (Megatron-LM's pre_process), ln_f and the head on the last.
+PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2")
 
 
 def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
@@ -261,7 +271,7 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return f"pipeline parallelism here is not traced ({pipeline_refusal(config, model)})"
     if model.family not in TENSOR_PARALLEL_FAMILIES:
         return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families, Phi-3, "
-                "OLMo 2 and the MoE families only)")
+                "OLMo 2, GPT-2 and the MoE families only)")
     if model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.intermediate_size % config.tp:
@@ -322,7 +332,8 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
     if config.pp == 1:
         return "no pipeline parallelism"
     if model.family not in PIPELINE_FAMILIES:
-        return f"the {model.family} family has no traced pipeline split (Llama-layout families only)"
+        return (f"the {model.family} family has no traced pipeline split (Llama-layout families, Phi-3, OLMo 2 and "
+                "GPT-2 only)")
     if config.tp > 1 and model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if (config.offload != "none" or config.activation_offload or config.loss != "standard" or config.grad_accum > 1

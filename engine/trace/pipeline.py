@@ -77,17 +77,50 @@ class _Stage(torch.nn.Module):
 
     def __init__(self, causal, *, first: bool, last: bool, autocast) -> None:
         super().__init__()
-        base = causal.get_base_model() if hasattr(causal, "get_base_model") else causal  # peft's LoRA wraps it
-        self.model = base.model
-        self.lm_head = base.lm_head if last else None
+        self.model = _decoder(causal)
+        self.lm_head = causal.lm_head if last else None
         self.first = first
         self._autocast = autocast
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            given = {"input_ids": inputs} if self.first else {"inputs_embeds": inputs}
-            hidden = self.model(**given, use_cache=False).last_hidden_state
+            if hasattr(self.model, "wpe"):
+                hidden = _gpt2_stage(self.model, inputs, first=self.first)
+            else:
+                given = {"input_ids": inputs} if self.first else {"inputs_embeds": inputs}
+                hidden = self.model(**given, use_cache=False).last_hidden_state
             return self.lm_head(hidden) if self.lm_head is not None else hidden
+
+
+def _decoder(causal) -> torch.nn.Module:
+    """The causal LM's decoder: `model` (Llama layout), `transformer` (GPT-2); inside peft's LoRA wrapper, whose
+    own `model` attribute is the causal LM."""
+    base = causal.get_base_model() if hasattr(causal, "get_base_model") else causal
+    return base.transformer if hasattr(base, "transformer") else base.model
+
+
+def _gpt2_stage(transformer, inputs: torch.Tensor, *, first: bool) -> torch.Tensor:
+    """A GPT-2 pipeline stage as Megatron-LM's GPTModel runs one: the token and position embeddings and their dropout
+    on the first stage only (pre_process), the blocks, and ln_f on the last (post_process: ln_f is an Identity
+    elsewhere). GPT2Model.forward's own steps, but for the position embeddings it would add on every stage and the
+    final view to the whole sequence, which a stage holding 1/tp of the tokens (sequence parallel) is not."""
+    import sys
+
+    create_causal_mask = sys.modules[type(transformer).__module__].create_causal_mask
+    tokens = inputs.shape[1] * (1 if first else getattr(transformer, "sequence_shards", 1))
+    position_ids = torch.arange(tokens, device=inputs.device).unsqueeze(0)
+    if first:
+        inputs_embeds = transformer.wte(inputs)
+        position_embeds = transformer.wpe(position_ids)
+        hidden = transformer.drop(inputs_embeds + position_embeds)
+    else:
+        inputs_embeds = hidden = inputs
+    mask = create_causal_mask(config=transformer.config, inputs_embeds=inputs_embeds, attention_mask=None,
+                              past_key_values=None, position_ids=position_ids)
+    for block in transformer.h:
+        hidden = block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
+                       position_ids=position_ids)
+    return transformer.ln_f(hidden)
 
 
 def _stage_module(spec: ModelSpec, config: TrainingConfig, *, layers: int, first: bool, last: bool, autocast):
@@ -96,11 +129,14 @@ def _stage_module(spec: ModelSpec, config: TrainingConfig, *, layers: int, first
     from memtui.engine.trace.generic import at_depth
 
     causal = build_model(at_depth(spec, layers), config, device="cpu", quant_backend="replica")
-    base = causal.get_base_model() if hasattr(causal, "get_base_model") else causal  # peft's LoRA wraps it
-    if not first:
-        base.model.embed_tokens = None  # the stage gets the hidden states (inputs_embeds) from the one before
-    if not last:
-        base.model.norm = torch.nn.Identity()  # the final norm belongs to the last stage
+    decoder = _decoder(causal)
+    if not first:  # the stage gets the hidden states (inputs_embeds) from the one before
+        if spec.family == "gpt2":  # the token and position embeddings and their dropout: the first stage's
+            decoder.wte = decoder.wpe = decoder.drop = None
+        else:
+            decoder.embed_tokens = None
+    if not last:  # the final norm belongs to the last stage
+        setattr(decoder, "ln_f" if spec.family == "gpt2" else "norm", torch.nn.Identity())
     return causal, _Stage(causal, first=first, last=last, autocast=autocast)
 
 
@@ -188,7 +224,7 @@ def _parallelize_stage(module, causal, config: TrainingConfig, layers: int, firs
 
     if tp_mesh is not None:
         apply_tensor_parallel(causal, tp_mesh, embedding=first, head=last)
-        restores.append(whole_sequence_masks(causal.model))
+        restores.append(whole_sequence_masks(_decoder(causal)))
     if dp_mesh is not None and config.zero <= 1:
         if tp_mesh is not None:  # PyTorch's TP + DDP composition: DDP on the stage's local shards
             from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
@@ -390,16 +426,19 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
     schedule = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
                 "interleaved-1f1b": "ScheduleInterleaved1F1B (two stages per rank: r and r + pp)"}[config.pp_schedule]
     split = pipeline_stage_layers(spec.num_layers, config.pp * config.virtual_stages)
+    embedding = ("the token and position embeddings and their dropout (Megatron-LM's pre_process)"
+                 if spec.family == "gpt2" else "the embedding")
     lines = [f"pipeline parallel (traced): torch.distributed.pipelining PipelineStage and {schedule} at pp "
              f"{config.pp}, every rank of a fake process group in turn; {config.microbatches} micro-batches of "
-             f"{config.microbatch_size} sequences; decoder layers per stage {split}, the embedding on the first "
+             f"{config.microbatch_size} sequences; decoder layers per stage {split}, {embedding} on the first "
              "stage, the final norm, head and loss (per micro-batch) on the last"]
     if config.dp > 1 or config.tp > 1:
         lines.append(f"each pipeline rank traced as the first rank of its (dp {config.dp}, tp {config.tp}) slice of a "
                      f"(pp, dp, tp) DeviceMesh of {config.gpus} ranks, as torchtitan builds it, the stage parallelized "
                      "as torchtitan's parallelize_llama does a model part")
     if config.tp > 1:
-        lines.append(f"tensor parallel (traced): DTensor at tp {config.tp}, torchtitan's Llama plan on each stage's "
+        plan = "Megatron-LM's GPT-2 plan" if spec.family == "gpt2" else "torchtitan's Llama plan"
+        lines.append(f"tensor parallel (traced): DTensor at tp {config.tp}, {plan} on each stage's "
                      "modules (sequence parallel: the hidden states between stages are the rank's 1/tp of the tokens; "
                      "the vocabulary-sharded embedding on the first stage, the head with loss parallel on the last)")
     if config.dp > 1 and config.zero <= 1:

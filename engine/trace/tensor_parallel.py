@@ -29,6 +29,13 @@ The model is split with DTensor's `parallelize_module` by torchtitan's Llama pla
   experts', and its latent attention as torchtitan's DeepSeek-V3 plan (q_a_proj, kv_a_proj_with_mqa and their
   norms replicated, q_b_proj/q_proj and kv_b_proj Colwise).
 
+GPT-2 gets Megatron-LM's GPT plan on transformers' Conv1D instead (memtui.engine.trace.tensor_parallel_gpt2): c_attn
+and c_fc column-parallel (the Conv1D weight's Shard(1), c_attn's [q; k; v] columns reordered rank-major as Phi-3's
+rows are), c_proj row-parallel (the weight's Shard(0), the bias replicated) reduce-scattered onto the sequence, ln_1,
+ln_2 and ln_f SequenceParallel, wte vocabulary-sharded and all-reduced, wpe replicated, the summed embeddings
+scattered onto the sequence before the dropout (Megatron-LM's LanguageModelEmbedding with learned positions), the
+tied head with loss parallel.
+
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
 (ZeRO-2/3) as in torchtitan, or 3-D (dp_replicate, dp_shard, tp) for HSDP; with DDP (ZeRO-0/1) the parameters are
@@ -89,8 +96,15 @@ class TensorParallel:
                                   "projections' outputs redistributed onto the sequence (DTensor's all-to-all), "
                                   "normalised over every head there, redistributed back; the post-attention and "
                                   "post-MLP norms sequence parallel")
+        if model_type == "gpt2":
+            self.traced[0] = (f"tensor parallel (traced): DTensor parallelize_module at tp {self.config.tp} (rank 0 of a "
+                              "fake process group), Megatron-LM's GPT-2 plan on transformers' Conv1D: column-parallel "
+                              "c_attn (its q, k and v columns reordered rank-major) and c_fc, row-parallel c_proj "
+                              "reduce-scattered onto the sequence, sequence parallel ln_1, ln_2 and ln_f; the "
+                              "vocabulary-sharded wte all-reduced, the replicated wpe added on the whole sequence and "
+                              "the sum scattered onto it before the dropout; the tied head with loss parallel")
         self.traced[1:1] = moe_traced_lines(model)
-        self.restore = whole_sequence_masks(model.model, ranks=self.config.tp)
+        self.restore = whole_sequence_masks(getattr(model, "transformer", None) or model.model, ranks=self.config.tp)
         if self.data is not None:
             with _meshes_made_real():  # FSDP2 joins the dp and tp meshes; DDP runs on the dp group's local shards
                 return self.data.wrap(model, tracker)
@@ -201,6 +215,12 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         parallelize_module,
     )
 
+    if model.config.model_type == "gpt2":
+        from memtui.engine.trace.tensor_parallel_gpt2 import apply_gpt2_tensor_parallel
+
+        apply_gpt2_tensor_parallel(model, mesh, embedding=embedding, head=head)
+        model.register_forward_hook(_local_loss)
+        return
     inner = model.model
     ends = {}
     if embedding:
@@ -283,15 +303,15 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         return args, kwargs
 
     inner.register_forward_pre_hook(whole_sequence_positions, with_kwargs=True)
+    model.register_forward_hook(_local_loss)
 
-    def local_loss(_module, _args, output):
-        # Loss parallel leaves a replicated DTensor loss; the step reads and scales it as a plain tensor (a view).
-        loss = getattr(output, "loss", None)
-        if loss is not None and hasattr(loss, "to_local"):
-            output.loss = loss.to_local()
-        return output
 
-    model.register_forward_hook(local_loss)
+def _local_loss(_module, _args, output):
+    """Loss parallel leaves a replicated DTensor loss; the step reads and scales it as a plain tensor (a view)."""
+    loss = getattr(output, "loss", None)
+    if loss is not None and hasattr(loss, "to_local"):
+        output.loss = loss.to_local()
+    return output
 
 
 def _sequence_parallel_onto_heads():

@@ -90,6 +90,7 @@ class Tensor:
     grad: Tensor | None = None  # gradient buffer (non-leaf) or .grad (parameter)
     grad_dtype: str = ""  # parameters: the dtype .grad must have
     cached: bool = False  # held by autocast's weight cache
+    leaf: bool = False  # a leaf that is not a parameter (a pipeline stage's received input)
     view_of: Tensor | None = None  # a view: no storage of its own, keeps its base alive
     view_refs: int = 0  # how many of `refs` are held by live views of this tensor
     collected: list | None = None  # chunk's source: its parts' gradients, gathered for one SplitBackward
@@ -396,10 +397,9 @@ class Sim:
         if unpacked:
             node.saved = [tensor for tensor in node.saved if all(tensor is not copy for copy in unpacked)]
             self.drop(*unpacked)
-        # The engine moves the incoming gradient into the node, so it dies when the node returns,
-        # before validate_outputs casts the results. Saved tensors are released after the cast,
-        # except under checkpointing: the unpacked recomputed tensors die with the node's frame.
-        self.drop(grad_out)
+        # The engine's call_function holds the incoming gradient (its `inputs`) until validate_outputs has
+        # cast and summed the results; saved tensors are released after the cast too, except under
+        # checkpointing: the unpacked recomputed tensors die with the node's frame.
         if node.region is not None:
             self._release_saved(node)
         # The engine casts each gradient to its input's dtype (validate_outputs).
@@ -421,6 +421,7 @@ class Sim:
                 self.drop(grad)
                 grad = converted
             casted.append((target, grad))
+        self.drop(grad_out)
         if node.region is None:
             self._release_saved(node)
         for target, grad in casted:

@@ -873,8 +873,9 @@ def clamped_swiglu(sim: Sim, gate_up: Tensor) -> Tensor:
 def gpt2_layer_params(sim: Sim, d: Dims, opts: Options) -> LayerParams:
     p = LayerParams()
     h = d.hidden
-    make_linear(sim, p, "c_attn", h, 3 * h, opts, True)
-    make_linear(sim, p, "attn.c_proj", h, h, opts, True)
+    # Under tensor parallelism c_attn's columns and c_proj's rows are this rank's heads (d.q_dim: hidden / tp)
+    make_linear(sim, p, "c_attn", h, 3 * d.q_dim, opts, True)
+    make_linear(sim, p, "attn.c_proj", d.q_dim, h, opts, True)
     make_linear(sim, p, "c_fc", h, d.intermediate, opts, True)
     make_linear(sim, p, "mlp.c_proj", d.intermediate, h, opts, True)
     # ln_1 and ln_2: weight and bias each
@@ -885,7 +886,7 @@ def gpt2_layer_params(sim: Sim, d: Dims, opts: Options) -> LayerParams:
 def gpt2_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
     """GPT2Attention.forward: c_attn, split into q, k, v (one SplitBackward), attention, c_proj, dropout."""
     h = d.hidden
-    qkv = apply_linear(sim, x, p, "c_attn", h, 3 * h, opts)
+    qkv = apply_linear(sim, x, p, "c_attn", h, 3 * d.q_dim, opts)
     parts = ops.chunk(sim, qkv, 3)
     sim.drop(qkv)
     q = ops.view_needing_copy_in_backward(sim, parts[0])
@@ -893,7 +894,7 @@ def gpt2_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) 
     v = ops.view(sim, parts[2])
     sim.drop(*parts)
     attn = attention_core(sim, q, k, v, d, opts)
-    projected = apply_linear(sim, attn, p, "attn.c_proj", h, h, opts)
+    projected = scatter_tokens(sim, apply_linear(sim, attn, p, "attn.c_proj", d.q_dim, h, opts), opts)
     sim.drop(attn, q, k, v)
     out = ops.dropout(sim, projected, opts.residual_dropout)
     sim.drop(projected)
@@ -918,7 +919,7 @@ def gpt2_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Ten
     hidden = apply_linear(sim, x, p, "c_fc", d.hidden, d.intermediate, opts)
     activated = gelu_new(sim, hidden)
     sim.drop(hidden)
-    projected = apply_linear(sim, activated, p, "mlp.c_proj", d.intermediate, d.hidden, opts)
+    projected = scatter_tokens(sim, apply_linear(sim, activated, p, "mlp.c_proj", d.intermediate, d.hidden, opts), opts)
     sim.drop(activated)
     out = ops.dropout(sim, projected, opts.residual_dropout)
     sim.drop(projected)
@@ -926,15 +927,18 @@ def gpt2_mlp(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Ten
 
 
 def gpt2_layer(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Tensor:
-    """GPT2Block.forward."""
+    """GPT2Block.forward (under sequence parallelism the norms on the rank's 1/tp of the tokens, each module's input
+    all-gathered and held until it returns)."""
     normed = ops.layer_norm(sim, x, p.norms[0], p.norms[1], d.hidden)
-    attn = gpt2_attention(sim, normed, p, d, opts)
-    sim.drop(normed)
+    gathered = gather_tokens(sim, normed, opts)
+    attn = gpt2_attention(sim, gathered, p, d, opts)
+    sim.drop(gathered)
     residual = ops.add(sim, attn, x)
-    sim.drop(attn)
+    sim.drop(normed)  # `hidden_states` (ln_1's output) is rebound by the add; `attn_output` lives to the return
     normed = ops.layer_norm(sim, residual, p.norms[2], p.norms[3], d.hidden)
-    mlp_out = gpt2_mlp(sim, normed, p, d, opts)
-    sim.drop(normed)
+    gathered = gather_tokens(sim, normed, opts)
+    mlp_out = gpt2_mlp(sim, gathered, p, d, opts)
+    sim.drop(gathered)
     out = ops.add(sim, residual, mlp_out)
-    sim.drop(mlp_out, residual)
+    sim.drop(normed, mlp_out, residual, attn)  # the block's locals, as it returns
     return out

@@ -41,11 +41,13 @@ def cast(sim: Sim, x: Tensor, dtype: str) -> Tensor:
 
 
 def autocast_operand(sim: Sim, x: Tensor) -> Tensor:
-    """Autocast's cast of a matmul operand; leaf weights that need gradients are cached."""
+    """Autocast's cast of a matmul operand; leaf weights that need gradients are cached, and so is any fp32 leaf
+    that needs them (autocast's cached_cast: a pipeline stage's received input, which OLMo 2's first q/k/v
+    projections then share)."""
     dtype = sim.autocast_dtype
     if dtype is None or x.dtype == dtype or x.dtype not in ("f32", "f16", "bf16"):
         return sim.ref(x)
-    cacheable = x.param and x.requires_grad
+    cacheable = (x.param or (x.leaf and x.dtype == "f32")) and x.requires_grad
     if cacheable and id(x) in sim.autocast_cache:
         return sim.ref(sim.autocast_cache[id(x)])
     out = cast(sim, x, dtype)
@@ -647,6 +649,25 @@ def reduce_scatter_tokens(sim: Sim, x: Tensor, ranks: int) -> Tensor:
     out = sim.new(lf_scale(x.elems, 1 / ranks), x.dtype, name="reduce-scatter")
     sim.drop(arranged)
     sim.record("reduce_scatter", out, [x], [], _scatter_tokens_backward_for(ranks))
+    return out
+
+
+def split_tokens(sim: Sim, x: Tensor, ranks: int) -> Tensor:
+    """DTensor Replicate -> Shard(1): this rank's chunk of the sequence cloned out (`_replicate_to_shard`); its
+    backward all-gathers the gradient."""
+    out = sim.new(lf_scale(x.elems, 1 / ranks), x.dtype, name="sequence chunk")
+    sim.record("split", out, [x], [], _scatter_tokens_backward_for(ranks))
+    return out
+
+
+def _all_reduce_backward(sim: Sim, node, grad):
+    return [(node.inputs[0], sim.ref(grad))]
+
+
+def all_reduce(sim: Sim, x: Tensor) -> Tensor:
+    """DTensor Partial -> Replicate: funcol's all_reduce into a new tensor; its gradient passes through."""
+    out = sim.new(x.elems, x.dtype, name="all-reduce")
+    sim.record("all_reduce", out, [x], [], _all_reduce_backward)
     return out
 
 

@@ -244,15 +244,17 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     layer_params = []
     sim.layer_parameters = []  # type: ignore[attr-defined]  # (first, end) of each layer's in sim.parameters
     for index, _segment in enumerate(segments):
-        first = len(sim.parameters)
+        start = len(sim.parameters)
         if opts.family == "deepseek_v3":
             layer_params.append(deepseek_layer_params(sim, d, opts, dense=dense[index]))
         else:
             layer_params.append(make_params(sim, d, opts))
-        sim.layer_parameters.append((first, len(sim.parameters)))  # type: ignore[attr-defined]
+        sim.layer_parameters.append((start, len(sim.parameters)))  # type: ignore[attr-defined]
     final_norm = norm_weight(sim, d.hidden, opts, "norm")
     final_norm_bias = norm_weight(sim, d.hidden, opts, "norm.bias") if gpt2 else None
-    positions = sim.parameter(const(d.positions * d.hidden), embed_dtype, name="wpe", trainable=not frozen) if gpt2 else None
+    # GPT-2's position embedding is the first pipeline stage's, with the token embedding (Megatron-LM's pre_process)
+    positions = (sim.parameter(const(d.positions * d.hidden), embed_dtype, name="wpe", trainable=not frozen)
+                 if gpt2 and first else None)
     if opts.tied and embed is not None:
         head = embed
     else:  # untied, or a last pipeline stage: its own head (a tied one is the stage's copy of the embedding)
@@ -276,17 +278,24 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         # parallelism the stage before sends this rank's 1/tp of the tokens (its last layer's Shard(1) output)
         x = sim.new(lf_scale(per_token(d.hidden), 1 / opts.sequence_parallel), embed_dtype,
                     name="received hidden states", requires_grad=True)
+        x.leaf = True
     received = sim.ref(x) if embed is None else None  # _ForwardChunkState keeps the stage's inputs until backward
     if opts.family == "gemma3":
         # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled.
         x = chain(sim, x, ops.mul_scalar)
-    if opts.sequence_parallel > 1 and embed is not None:  # RowwiseParallel(output Shard(1)): reduce-scattered
+    if opts.sequence_parallel > 1 and embed is not None and gpt2:
+        # Megatron-LM with learned positions: the word embeddings all-reduced (RowwiseParallel(output Replicate)),
+        # scattered onto the sequence only after the position embeddings are added
+        reduced = ops.all_reduce(sim, x)
+        sim.drop(x)
+        x = reduced
+    elif opts.sequence_parallel > 1 and embed is not None:  # RowwiseParallel(output Shard(1)): reduce-scattered
         scattered = ops.reduce_scatter_tokens(sim, x, opts.sequence_parallel)
         sim.drop(x)
         x = scattered
-    # The decoder's forward keeps its `inputs_embeds` (and GPT-2 its position embeddings) referenced until it
-    # returns, whatever autograd saves: with a frozen embedding they are held by that frame alone.
-    frame = [sim.ref(x)] if embed is not None else []
+    # The model's forward keeps its inputs_embeds (the embedding's output, or the hidden states handed to a later
+    # pipeline stage) referenced until it returns, past the first layer that consumes them.
+    model_locals = [sim.ref(x)]
     if opts.lora_rank > 0 and opts.checkpointing != "none":
         # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
         # embedding's output requires grad, so what follows it (GPT-2's dropout) saves for backward.
@@ -294,14 +303,18 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         input_leaf = sim.ref(x)  # a leaf that requires grad: autograd's graph holds it until backward is done
     else:
         input_leaf = None
-    if gpt2:
+    if gpt2 and embed is not None:
         # GPT2Model: wte(ids) + wpe(arange(s)), then the embedding dropout.
         position_ids = sim.new(per_position(1), "i64", name="position_ids")
         position_embeds = ops.embedding(sim, positions, position_ids, d.hidden)
         summed = ops.add(sim, x, position_embeds)
+        model_locals += [position_embeds, position_ids]  # GPT2Model.forward's locals too
         sim.drop(x)
-        frame += [position_embeds, position_ids]
-        x = ops.dropout(sim, summed, opts.embedding_dropout)
+        if opts.sequence_parallel > 1:  # the dropout's input redistributed Replicate -> Shard(1): a chunk cloned
+            x = ops.split_tokens(sim, summed, opts.sequence_parallel)
+            x = chain(sim, x, lambda sim_, t: ops.dropout(sim_, t, opts.embedding_dropout))
+        else:
+            x = ops.dropout(sim, summed, opts.embedding_dropout)
         sim.drop(summed)
     if opts.family in ("gemma", "gemma2"):
         scaled = ops.mul_scalar(sim, x)  # embeddings * sqrt(hidden)
@@ -368,7 +381,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         sim.drop(previous)
 
     if not last:
-        _stage_output_backward(sim, out, (mask, second_mask, *frame), (cos, sin, *other_pair), segments, received)
+        _stage_output_backward(sim, out, (mask, second_mask, *model_locals), (cos, sin, *other_pair), segments,
+                               received)
         sim.set_segment("end")
         sim.finish()
         return sim
@@ -380,7 +394,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in GEMMA_FAMILIES,
                           olmo=opts.family in ("olmo2", "gpt_oss"))
     sim.offload_at = None  # the decoder's forward ends: its offloading hooks are popped
-    sim.drop(out, mask, second_mask, *frame)  # LlamaModel.forward returns: its causal masks and inputs go
+    sim.drop(out, mask, second_mask, *model_locals)  # LlamaModel.forward returns: its causal masks and inputs go
     kept: list[Tensor] = []  # what the training loop keeps referenced through backward
     if opts.loss == "chunked" and opts.loss_dtype == "compute":
         loss, kept = litgpt_chunked_loss(sim, normed, head, ids, d, opts, head_adapters)
@@ -450,14 +464,14 @@ def _dense_segments(segments: list[str], layers: int, dense_layers: int) -> list
     return [index_of[segment] < dense_layers for segment in segments]
 
 
-def _stage_output_backward(sim: Sim, out: Tensor, masks, positions, segments: list[str],
+def _stage_output_backward(sim: Sim, out: Tensor, forward_locals, positions, segments: list[str],
                            received: Tensor | None) -> None:
     """A pipeline stage before the last: the forward returns its hidden states (sent on, then released), the
     backward starts from the gradient received for them (a buffer of their size) and ends with the gradient of the
     stage's input, sent back."""
     sim.set_segment("forward_end")
     sim.offload_at = None
-    sim.drop(*masks)
+    sim.drop(*forward_locals)  # the model's forward returns: its masks and inputs go
     sim.clear_autocast_cache()
     sim.drop(*positions)
     sim.drop(out)  # released once its send completes; the autograd graph keeps what backward needs
