@@ -37,7 +37,10 @@ MOE_TRACED_LINE = ("MoE blocks as torchtitan's TP plan without expert parallelis
 
 def moe_traced_lines(model: torch.nn.Module) -> list[str]:
     """What the trace says of the plan's MoE parts for this model (nothing for a dense one)."""
-    layers = model.model.layers
+    decoder = getattr(model, "model", None)  # GPT-2's decoder is `transformer`: dense
+    if decoder is None:
+        return []
+    layers = decoder.layers
     lines = [MOE_TRACED_LINE] if any(is_moe_block(getattr(layer, "mlp", None)) for layer in layers) else []
     if any(hasattr(getattr(layer, "mlp", None), "shared_experts") for layer in layers):
         lines.append("DeepSeek-V3's shared experts Colwise gate/up and Rowwise down, their partial output summed "
