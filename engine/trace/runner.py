@@ -112,9 +112,10 @@ def trace(
 
     pp_refusal = pipeline_refusal(config, spec)
     if pp_refusal is None:
-        result = assemble_pipeline(config, spec, gpu, trace_pipeline(spec, config, report), notes=notes,
-                                   alloc_config=alloc_config or DEFAULT_CONFIG,
-                                   parallel=(pipeline_lines(config, spec), []))
+        ranks = trace_pipeline(spec, config, report)
+        lines = pipeline_lines(config, spec) + list(dict.fromkeys(rank.note for rank in ranks if rank.note))
+        result = assemble_pipeline(config, spec, gpu, ranks, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG,
+                                   parallel=(lines, []))
         result.seconds = time.perf_counter() - started
         report("done", 1.0)
         return result
