@@ -132,6 +132,32 @@ def _unsharded_gradients(stage, tracker: MemoryTracker, gradients: set[int]):
     return backward_one_chunk
 
 
+@contextlib.contextmanager
+def _post_backward_in_its_layer(tracker: MemoryTracker, owners: dict[int, int]):
+    """Layer tagging: the stage's last backward reduce-scatters each layer's gradients after the whole backward
+    (PipelineStage calls every FSDP2 group's post_backward in turn), outside any layer's hooks; each group's events
+    are its layer's, as they are when FSDP2 runs post_backward inside the layer's own backward."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    original = FSDPParamGroup.post_backward
+
+    def post_backward(group, *args, **kwargs):
+        layers = {owners.get(id(fsdp_param.sharded_param)) for fsdp_param in group.fsdp_params}
+        previous = tracker.layer
+        if len(layers) == 1 and None not in layers:
+            tracker.layer = next(iter(layers))
+        try:
+            return original(group, *args, **kwargs)
+        finally:
+            tracker.layer = previous
+
+    FSDPParamGroup.post_backward = post_backward
+    try:
+        yield
+    finally:
+        FSDPParamGroup.post_backward = original
+
+
 def _releasable_as_on_a_gpu(stage):
     """PipelineStage releases a stage's output once its send completes when the output is a plain torch.Tensor
     (`_output_slot_is_releasable`: backward then starts from its gradient edge); a FakeTensor is not one, so under
@@ -320,6 +346,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                 parallel.enter_context(_WaitReturnsItsInput())
             if dp_mesh is not None and config.zero >= 2:
                 parallel.enter_context(fsdp_storage_resizes(tracker, gathered))
+                if depth is not None:
+                    parallel.enter_context(_post_backward_in_its_layer(tracker, owners))
             with attention, policy, cuda_dropout(), real_run_decisions(), parallel, tagging, tracker:
                 ids = torch.randint(0, spec.vocab_size, (config.batch_size, seq)) if has_first else None
                 labels = (ids if ids is not None else torch.randint(0, spec.vocab_size, (config.batch_size, seq))
@@ -399,20 +427,18 @@ def extension_refusal(spec: ModelSpec, config: TrainingConfig) -> str | None:
         return "a rank of two stages (interleaved 1F1B) is traced at every layer"
     if config.dp > 1 and config.zero <= 1:
         return "DDP's gradient buckets fill by bytes, not layer by layer: traced at every layer"
-    if config.dp > 1:
-        # Measured on 2-layer-wide Llamas: the 6-layer stage rebuilt from 5 layers is not the traced one under
-        # FSDP2 in a pipeline stage (the last layer's forward ends differently); not extended until understood.
-        return "FSDP2 in a pipeline stage is traced at every layer"
     return layers_refusal(spec, config)
 
 
 class _StageExtension:
     """A rank's stage traced at a few decoder layers and its log extended to the stage's layers (extend_log,
-    repeating a layer whose neighbours are alike). The model's first and last layers may differ from the rest, as
-    on one GPU: a middle stage is traced at 3 layers (template 1), the first stage at 4 (template 2: layer 0 is
-    the model's first), the last at 4 (template 1: its last layer is the model's). Before any rank of a kind
-    (first, middle, last stage) is extended, one rank of that kind is traced at one layer more and that log must be
-    the one rebuilt by the extension, event by event; else every rank of the kind is traced at every layer."""
+    repeating a layer whose neighbours are alike). A stage's outer layers may differ from the rest: the model's
+    first and last layers, as on one GPU, and under FSDP2 the stage's own outer layers (the first prefetches no
+    all-gather in backward, the last is not resharded after forward, as on one GPU). The template's neighbours are
+    kept off them: a middle stage is traced at 3 layers (template 1), the first or the last at 4, any stage under
+    FSDP2 at 5 (template 2). Before any rank of a kind (first, middle, last stage) is extended, one rank of that
+    kind is traced at one layer more and that log must be the one rebuilt by the extension, event by event; else
+    every rank of the kind is traced at every layer."""
 
     def __init__(self, spec: ModelSpec, config: TrainingConfig, report) -> None:
         self.spec, self.config, self.report = spec, config, report
@@ -421,7 +447,9 @@ class _StageExtension:
 
     def _shape(self, rank: int) -> tuple[int, int, tuple[bool, bool]]:
         kind = (rank == 0, rank == self.config.pp - 1)
-        return 3 + kind[0] + kind[1], 1 + kind[0], kind  # (layers traced, template, kind)
+        fsdp = self.config.dp > 1 and self.config.zero >= 2
+        lead, trail = kind[0] or fsdp, kind[1] or fsdp
+        return 3 + lead + trail, 1 + lead, kind  # (layers traced, template, kind)
 
     def trace(self, rank: int) -> RankTrace | None:
         """Rank `rank`'s trace extended from a few layers, or None where it is traced at every layer."""
@@ -456,8 +484,8 @@ class _StageExtension:
         extras = dataclasses.replace(low.extras, params=low.extras.params + added * per_layer.params,
                                      trainable_params=low.extras.trainable_params + added * per_layer.trainable_params)
         return dataclasses.replace(low, layers=layers, log=log, extras=extras,
-                                   note="decoder layers: a stage traced at 3 layers (the first and the last at 4) and "
-                                        "its log extended to the stage's layers (memtui.engine.trace.extend), each "
+                                   note="decoder layers: a stage traced at 3 layers (the first and the last at 4, under "
+                                        "FSDP2 every stage at 5) and its log extended to the stage's layers (memtui.engine.trace.extend), each "
                                         "kind of stage (first, middle, last) once its step one layer deeper was "
                                         "rebuilt event by event, exactly")
 
