@@ -2,7 +2,9 @@
 
 Each pipeline rank is traced in turn as rank r of torch's `fake` process group of `pp` ranks, running torch's own
 pipelining code (torch.distributed.pipelining) on its stage of the model (under GPipe, which runs every rank alike,
-once per stage shape: the middle ranks of as many layers share one trace, see _rank_role):
+once per stage shape: the middle ranks of as many layers share one trace, see _rank_role). A deep stage of a model
+whose layers are alike is traced at a few layers and its log extended to the stage's layers, once a rank of each
+kind of stage has rebuilt its step one layer deeper exactly (_StageExtension):
 
 - the model is cut as torchtitan cuts it: the stage keeps its decoder layers, the first stage the embedding, the
   last the final norm and the head; the other stages get the hidden states (`inputs_embeds`) and return them;

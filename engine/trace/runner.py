@@ -23,7 +23,8 @@ are still modelled by the estimator on top of a single-GPU trace.
 
 A deep single-GPU model of a family whose layers are all alike is traced at 5 and 6 layers, and its log built
 from the 5-layer one by repeating a middle layer (memtui.engine.trace.extend), once that construction has given
-the 6-layer log exactly; anything else is traced at every layer.
+the 6-layer log exactly; so is each pipeline stage at a few layers (memtui.engine.trace.pipeline); anything else is
+traced at every layer.
 """
 
 from __future__ import annotations
