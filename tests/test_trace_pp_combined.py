@@ -182,3 +182,41 @@ def test_gpipe_ranks_of_one_role_trace_alike_so_one_trace_serves_them():
     assert every[1].log != every[0].log and every[1].log != every[3].log
     assert (every[2].rank, every[2].stages) == (2, [2])
     assert [_rank_role(spec, config.model_copy(update={"pp_schedule": "1f1b"}), rank) for rank in range(4)] == [None] * 4
+
+
+@pytest.mark.parametrize("pp, layers, options", [(3, 6, {}), (3, 6, {"tp": 2}), (2, 7, {"zero": 3, "dp": 2})],
+                         ids=["pp", "pp-tp", "pp-fsdp2"])
+def test_deep_stages_traced_at_a_few_layers_and_extended_give_every_ranks_traced_figures(pp, layers, options):
+    """Stages of 6 or 7 layers under 1F1B: each rank traced at 3 layers (4 for the first and last stage, whose outer
+    layer is the model's first or last; 5 under FSDP2, whose stages' outer layers differ too) and extended, once
+    each kind of stage has rebuilt its step one layer deeper exactly, gives every rank's figures of the trace at
+    every layer: tensor and reserved peaks, phases, top allocations, the per-GPU budget."""
+    from memtui.engine.allocator import DEFAULT_CONFIG
+    from memtui.engine.trace.assemble import assemble
+    from memtui.engine.trace.pipeline import trace_pipeline
+
+    spec = small_llama(layers=pp * layers)
+    dp = options.pop("dp", 1)
+    config = combined(pp=pp, microbatches=pp, batch_size=pp, gpus=pp * dp * options.get("tp", 1), **options)
+    gpu = resolve_gpu(config.gpu)
+    extended, every = trace_pipeline(spec, config), trace_pipeline(spec, config, reuse=False)
+    assert len({trace.note for trace in extended}) == 1 and extended[0].note.startswith("decoder layers: a stage")
+    assert [trace.layers for trace in extended] == [layers] * pp
+    for mine, theirs in zip(extended, every, strict=True):
+        assert mine.extras == theirs.extras
+        figures = [assemble(config, config, spec, gpu, trace.log, trace.extras, notes=[], alloc_config=DEFAULT_CONFIG,
+                            parallel=([], [])).as_json() for trace in (mine, theirs)]
+        for result in figures:
+            del result["seconds"]
+        assert figures[0] == figures[1], mine.rank
+
+
+def test_stages_under_ddp_or_interleaved_are_traced_at_every_layer():
+    from memtui.engine.trace.pipeline import extension_refusal
+
+    spec = small_llama(layers=24)
+    assert extension_refusal(spec, combined(gpus=2)) is None
+    assert extension_refusal(spec, combined(gpus=4, zero=3)) is None
+    assert "DDP" in extension_refusal(spec, combined(gpus=4, zero=1))
+    assert "interleaved" in extension_refusal(spec, combined(gpus=2, pp_schedule="interleaved-1f1b", microbatches=4,
+                                                             batch_size=4))

@@ -39,10 +39,16 @@ def extension_refusal(spec, config) -> str | None:
         return "pipeline-parallel programs are traced at every layer"
     if config.dp > 1 and config.zero <= 1 and config.tp == 1:  # ZeRO-1 runs under DDP too
         return "DDP's gradient buckets fill by bytes, not layer by layer: traced at every layer"
-    if spec.family not in UNIFORM_FAMILIES:
-        return f"the {spec.family} family is traced at every layer"
     if spec.num_layers <= TRACED_LAYERS + 1:
         return "a model this shallow is traced at every layer"
+    return layers_refusal(spec, config)
+
+
+def layers_refusal(spec, config) -> str | None:
+    """Why the model's decoder layers are not all alike, or the program not one the extension takes; None if they
+    are (the pipeline's stages check the same: memtui.engine.trace.pipeline)."""
+    if spec.family not in UNIFORM_FAMILIES:
+        return f"the {spec.family} family is traced at every layer"
     uneven = [name for name, value in spec.config.items()
               if isinstance(value, list) and len(value) == spec.num_layers and len({repr(v) for v in value}) > 1]
     if uneven or spec.config.get("use_sliding_window"):

@@ -2,7 +2,9 @@
 
 Each pipeline rank is traced in turn as rank r of torch's `fake` process group of `pp` ranks, running torch's own
 pipelining code (torch.distributed.pipelining) on its stage of the model (under GPipe, which runs every rank alike,
-once per stage shape: the middle ranks of as many layers share one trace, see _rank_role):
+once per stage shape: the middle ranks of as many layers share one trace, see _rank_role). A deep stage of a model
+whose layers are alike is traced at a few layers and its log extended to the stage's layers, once a rank of each
+kind of stage has rebuilt its step one layer deeper exactly (_StageExtension):
 
 - the model is cut as torchtitan cuts it: the stage keeps its decoder layers, the first stage the embedding, the
   last the final norm and the head; the other stages get the hidden states (`inputs_embeds`) and return them;
@@ -53,7 +55,8 @@ import torch
 from memtui.engine.estimator.layout import pipeline_rank_stages, pipeline_refusal, pipeline_stage_layers
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.trace.fake_step import STEPS, StepExtras, optimizer_state_tensors, quiet_libraries, watch_model
+from memtui.engine.trace.fake_step import (STEPS, StepExtras, optimizer_state_tensors, quiet_libraries,
+                                           tag_optimizer_states, watch_model)
 from memtui.engine.trace.parallel import fsdp_storage_resizes, record_stepped_gradients
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker, classify
 
@@ -69,6 +72,7 @@ class RankTrace:
     head: bool
     log: MemoryLog
     extras: StepExtras
+    note: str = ""  # how the log was made, where it was not traced at every layer
 
 
 class _Stage(torch.nn.Module):
@@ -169,6 +173,32 @@ def _unsharded_gradients(stage, tracker: MemoryTracker, gradients: set[int]):
     return backward_one_chunk
 
 
+@contextlib.contextmanager
+def _post_backward_in_its_layer(tracker: MemoryTracker, owners: dict[int, int]):
+    """Layer tagging: the stage's last backward reduce-scatters each layer's gradients after the whole backward
+    (PipelineStage calls every FSDP2 group's post_backward in turn), outside any layer's hooks; each group's events
+    are its layer's, as they are when FSDP2 runs post_backward inside the layer's own backward."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    original = FSDPParamGroup.post_backward
+
+    def post_backward(group, *args, **kwargs):
+        layers = {owners.get(id(fsdp_param.sharded_param)) for fsdp_param in group.fsdp_params}
+        previous = tracker.layer
+        if len(layers) == 1 and None not in layers:
+            tracker.layer = next(iter(layers))
+        try:
+            return original(group, *args, **kwargs)
+        finally:
+            tracker.layer = previous
+
+    FSDPParamGroup.post_backward = post_backward
+    try:
+        yield
+    finally:
+        FSDPParamGroup.post_backward = original
+
+
 def _releasable_as_on_a_gpu(stage):
     """PipelineStage releases a stage's output once its send completes when the output is a plain torch.Tensor
     (`_output_slot_is_releasable`: backward then starts from its gradient edge); a FakeTensor is not one, so under
@@ -238,9 +268,11 @@ def _parallelize_stage(module, causal, config: TrainingConfig, layers: int, firs
     return module
 
 
-def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> RankTrace:
+def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, depth: int | None = None) -> RankTrace:
     """Pipeline rank `rank` (with data and tensor parallelism: the rank of dp and tp coordinate 0 in that pipeline
-    position, of a fake process group of pp x dp x tp ranks): its stages, two schedule steps and optimizer steps."""
+    position, of a fake process group of pp x dp x tp ranks): its stages, two schedule steps and optimizer steps.
+    `depth`: the rank's one stage built with that many decoder layers, every event and allocation tagged with its
+    layer (memtui.engine.trace.extend), for pipeline_extension."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -258,6 +290,10 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
     total = config.pp * config.virtual_stages
     split = pipeline_stage_layers(spec.num_layers, total)
     indices = pipeline_rank_stages(config)[rank]
+    if depth is not None:
+        if len(indices) != 1:
+            raise ValueError("a rank of two stages is traced at its stages' depth")
+        split = [depth if index == indices[0] else layers for index, layers in enumerate(split)]
     dtype = compute_dtype(config)
     hidden_dtype = torch.float32 if config.weight_bytes == 4 else dtype  # the residual stream: the weights' dtype
     logits_dtype = dtype if config.autocast or config.weight_bytes == 2 else torch.float32
@@ -276,6 +312,9 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
     gathered: set[int] = set()  # FSDP2's unsharded parameters
     buckets: set[int] = set()  # DDP's flat gradient buckets
     restores: list = []
+    owners: dict[int, int] = {}  # layer tagging: id(parameter or buffer) -> its decoder layer
+    grad_layers: dict[int, int | None] = {}
+    tagging = contextlib.nullcontext()
     try:
         pp_group, dp_mesh, tp_mesh = _meshes(config)
         with quiet_libraries(), FakeTensorMode(allow_non_fake_inputs=True):
@@ -288,7 +327,12 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                     causal.lm_head.register_forward_hook(lambda *_: tracker.mark("loss"))
                 module = _parallelize_stage(module, causal, config, split[index], first, last, dp_mesh, tp_mesh,
                                             restores, tracker, buckets)
-                weight_ids |= watch_model(tracker, module, gradients)
+                if depth is not None:
+                    from memtui.engine.trace.extend import layer_tagging, parameter_layers
+
+                    owners = parameter_layers(_decoder(causal).layers)  # after the wrappers replaced the parameters
+                    tagging = layer_tagging(tracker, _decoder(causal).layers)
+                weight_ids |= watch_model(tracker, module, gradients, owners, grad_layers)
                 inputs = (torch.randint(0, spec.vocab_size, (micro, seq)) if first
                           else torch.empty(micro, local_seq, spec.hidden_size, dtype=hidden_dtype, requires_grad=True))
                 # The last stage's logits: their metadata is never sent (the loss is computed on the stage).
@@ -322,6 +366,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
             for optimizer in optimizers:
                 for state in optimizer_state_tensors(optimizer)[0]:
                     tracker.track(state, "optimizer_state")
+                tag_optimizer_states(tracker, optimizer, owners)
             last_causal = causals[-1]
 
             def loss_fn(logits, labels):
@@ -347,7 +392,9 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                 parallel.enter_context(_WaitReturnsItsInput())
             if dp_mesh is not None and config.zero >= 2:
                 parallel.enter_context(fsdp_storage_resizes(tracker, gathered))
-            with attention, policy, cuda_dropout(), cuda_softmax(), real_run_decisions(), parallel, tracker:
+                if depth is not None:
+                    parallel.enter_context(_post_backward_in_its_layer(tracker, owners))
+            with attention, policy, cuda_dropout(), cuda_softmax(), real_run_decisions(), parallel, tagging, tracker:
                 ids = torch.randint(0, spec.vocab_size, (config.batch_size, seq)) if has_first else None
                 labels = (ids if ids is not None else torch.randint(0, spec.vocab_size, (config.batch_size, seq))
                           ) if has_last else None
@@ -378,6 +425,12 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
                 tracker.log.allocations[alloc_id].category = "gradients"
             for alloc_id in buckets:  # the estimator's DDP term is a temporary of every moment
                 tracker.log.allocations[alloc_id].category = "temporary"
+            if depth is not None:
+                from memtui.engine.trace.extend import tag_owned
+
+                tag_owned(tracker.log, grad_layers)
+                for optimizer in optimizers:
+                    tag_optimizer_states(tracker, optimizer, owners)
             tracker.detach_finalizers()
             del ids, labels, schedule, stages, causals, optimizers
     finally:
@@ -390,8 +443,11 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report) -> R
 
 def trace_pipeline(spec: ModelSpec, config: TrainingConfig, report=None, *, reuse: bool = True) -> list[RankTrace]:
     """Every pipeline rank's two steps, one rank after the other. A rank whose step is another's (_rank_role) takes
-    that rank's trace (`reuse=False`: every rank traced)."""
+    that rank's trace, and a rank whose stage is deep enough is traced at a few layers and extended to its own
+    (_StageExtension) once that has been checked on a rank of each kind of stage (`reuse=False`: every rank traced
+    at every layer)."""
     report = report or (lambda _stage, _fraction: None)
+    extension = _StageExtension(spec, config, report) if reuse and extension_refusal(spec, config) is None else None
     traces: list[RankTrace] = []
     traced: dict[tuple, RankTrace] = {}
     for rank in range(config.pp):
@@ -399,11 +455,85 @@ def trace_pipeline(spec: ModelSpec, config: TrainingConfig, report=None, *, reus
         if role in traced:
             traces.append(dataclasses.replace(traced[role], rank=rank, stages=pipeline_rank_stages(config)[rank]))
             continue
-        trace = _trace_rank(spec, config, rank, report)
+        trace = extension.trace(rank) if extension is not None else None
+        if trace is None:
+            trace = _trace_rank(spec, config, rank, report)
         if role is not None:
             traced[role] = trace
         traces.append(trace)
     return traces
+
+
+def extension_refusal(spec: ModelSpec, config: TrainingConfig) -> str | None:
+    """Why a pipeline's stages are traced at every layer, or None where a stage can be traced at a few layers and
+    extended (memtui.engine.trace.extend), subject to the check."""
+    from memtui.engine.trace.extend import layers_refusal
+
+    if config.virtual_stages > 1:
+        return "a rank of two stages (interleaved 1F1B) is traced at every layer"
+    if config.dp > 1 and config.zero <= 1:
+        return "DDP's gradient buckets fill by bytes, not layer by layer: traced at every layer"
+    return layers_refusal(spec, config)
+
+
+class _StageExtension:
+    """A rank's stage traced at a few decoder layers and its log extended to the stage's layers (extend_log,
+    repeating a layer whose neighbours are alike). A stage's outer layers may differ from the rest: the model's
+    first and last layers, as on one GPU, and under FSDP2 the stage's own outer layers (the first prefetches no
+    all-gather in backward, the last is not resharded after forward, as on one GPU). The template's neighbours are
+    kept off them: a middle stage is traced at 3 layers (template 1), the first or the last at 4, any stage under
+    FSDP2 at 5 (template 2). Before any rank of a kind (first, middle, last stage) is extended, one rank of that
+    kind is traced at one layer more and that log must be the one rebuilt by the extension, event by event; else
+    every rank of the kind is traced at every layer."""
+
+    def __init__(self, spec: ModelSpec, config: TrainingConfig, report) -> None:
+        self.spec, self.config, self.report = spec, config, report
+        self.split = pipeline_stage_layers(spec.num_layers, config.pp)
+        self.checked: dict[tuple[bool, bool], StepExtras | None] = {}  # kind -> a layer's parameters, if it passed
+
+    def _shape(self, rank: int) -> tuple[int, int, tuple[bool, bool]]:
+        kind = (rank == 0, rank == self.config.pp - 1)
+        fsdp = self.config.dp > 1 and self.config.zero >= 2
+        lead, trail = kind[0] or fsdp, kind[1] or fsdp
+        return 3 + lead + trail, 1 + lead, kind  # (layers traced, template, kind)
+
+    def trace(self, rank: int) -> RankTrace | None:
+        """Rank `rank`'s trace extended from a few layers, or None where it is traced at every layer."""
+        from memtui.engine.trace.extend import NotExtensible, extend_log, same_log
+
+        depth, template, kind = self._shape(rank)
+        layers = self.split[rank]
+        if layers <= depth + 1:
+            return None
+        low = None
+        if kind not in self.checked:
+            self.checked[kind] = None
+            low = _trace_rank(self.spec, self.config, rank, self.report, depth=depth)
+            high = _trace_rank(self.spec, self.config, rank, self.report, depth=depth + 1)
+            try:
+                if same_log(extend_log(low.log, depth, depth + 1, template), high.log):
+                    per_layer = StepExtras(params=high.extras.params - low.extras.params,
+                                           trainable_params=high.extras.trainable_params
+                                           - low.extras.trainable_params)
+                    self.checked[kind] = per_layer
+            except NotExtensible:
+                pass
+        per_layer = self.checked[kind]
+        if per_layer is None:
+            return None
+        low = low or _trace_rank(self.spec, self.config, rank, self.report, depth=depth)
+        try:
+            log = extend_log(low.log, depth, layers, template)
+        except NotExtensible:
+            return None
+        added = layers - depth
+        extras = dataclasses.replace(low.extras, params=low.extras.params + added * per_layer.params,
+                                     trainable_params=low.extras.trainable_params + added * per_layer.trainable_params)
+        return dataclasses.replace(low, layers=layers, log=log, extras=extras,
+                                   note="decoder layers: a stage traced at 3 layers (the first and the last at 4, under "
+                                        "FSDP2 every stage at 5) and its log extended to the stage's layers (memtui.engine.trace.extend), each "
+                                        "kind of stage (first, middle, last) once its step one layer deeper was "
+                                        "rebuilt event by event, exactly")
 
 
 def _rank_role(spec: ModelSpec, config: TrainingConfig, rank: int) -> tuple | None:

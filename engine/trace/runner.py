@@ -25,7 +25,8 @@ single-GPU trace.
 
 A deep single-GPU model of a family whose layers are all alike is traced at 5 and 6 layers, and its log built
 from the 5-layer one by repeating a middle layer (memtui.engine.trace.extend), once that construction has given
-the 6-layer log exactly; anything else is traced at every layer.
+the 6-layer log exactly; so is each pipeline stage at a few layers (memtui.engine.trace.pipeline); anything else is
+traced at every layer.
 """
 
 from __future__ import annotations
@@ -114,9 +115,10 @@ def trace(
 
     pp_refusal = pipeline_refusal(config, spec)
     if pp_refusal is None:
-        result = assemble_pipeline(config, spec, gpu, trace_pipeline(spec, config, report), notes=notes,
-                                   alloc_config=alloc_config or DEFAULT_CONFIG,
-                                   parallel=(pipeline_lines(config, spec), []))
+        ranks = trace_pipeline(spec, config, report)
+        lines = pipeline_lines(config, spec) + list(dict.fromkeys(rank.note for rank in ranks if rank.note))
+        result = assemble_pipeline(config, spec, gpu, ranks, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG,
+                                   parallel=(lines, []))
         result.seconds = time.perf_counter() - started
         report("done", 1.0)
         return result
