@@ -103,6 +103,16 @@ def _decoder(causal) -> torch.nn.Module:
     return base.transformer if hasattr(base, "transformer") else base.model
 
 
+def _residual_dtype(causal, default: torch.dtype) -> torch.dtype:
+    """The hidden states' dtype between stages: the embedding's output, in the dtype of the unquantized base
+    parameters, which every stage's norms share (16-bit under QLoRA without k-bit prep, fp32 under mixed precision)."""
+    decoder = _decoder(causal)
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    norm = getattr(layers[0], "input_layernorm", None) or getattr(layers[0], "ln_1", None) if layers else None
+    weight = getattr(norm, "weight", None)
+    return weight.dtype if weight is not None and weight.is_floating_point() else default
+
+
 def _gpt2_stage(transformer, inputs: torch.Tensor, *, first: bool) -> torch.Tensor:
     """A GPT-2 pipeline stage as Megatron-LM's GPTModel runs one: the token and position embeddings and their dropout
     on the first stage only (pre_process), the blocks, and ln_f on the last (post_process: ln_f is an Identity
@@ -334,11 +344,13 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                     tagging = layer_tagging(tracker, _decoder(causal).layers)
                 weight_ids |= watch_model(tracker, module, gradients, owners, grad_layers)
                 inputs = (torch.randint(0, spec.vocab_size, (micro, seq)) if first
-                          else torch.empty(micro, local_seq, spec.hidden_size, dtype=hidden_dtype, requires_grad=True))
+                          else torch.empty(micro, local_seq, spec.hidden_size, dtype=_residual_dtype(causal, hidden_dtype),
+                                           requires_grad=True))
                 # The last stage's logits: their metadata is never sent (the loss is computed on the stage).
                 outputs = torch.empty(micro, seq if last else local_seq,
                                       spec.vocab_size // config.tp if last else spec.hidden_size,
-                                      dtype=logits_dtype if last else hidden_dtype, requires_grad=True)
+                                      dtype=logits_dtype if last else _residual_dtype(causal, hidden_dtype),
+                                      requires_grad=True)
                 stage = PipelineStage(module, index, total, torch.device("cpu"), input_args=inputs,
                                       output_args=outputs, group=pp_group)
                 stage._output_slot_is_releasable = _releasable_as_on_a_gpu(stage)
