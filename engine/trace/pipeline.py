@@ -340,17 +340,17 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                 if depth is not None:
                     from memtui.engine.trace.extend import layer_tagging, parameter_layers
 
-                    owners = parameter_layers(_decoder(causal).layers)  # after the wrappers replaced the parameters
-                    tagging = layer_tagging(tracker, _decoder(causal).layers)
+                    layers = _decoder(causal).layers
+                    owners = parameter_layers(layers)  # after the wrappers replaced the parameters
+                    tagging = layer_tagging(tracker, layers)
                 weight_ids |= watch_model(tracker, module, gradients, owners, grad_layers)
+                residual_dtype = _residual_dtype(causal, hidden_dtype)  # what the stages send each other
                 inputs = (torch.randint(0, spec.vocab_size, (micro, seq)) if first
-                          else torch.empty(micro, local_seq, spec.hidden_size, dtype=_residual_dtype(causal, hidden_dtype),
-                                           requires_grad=True))
+                          else torch.empty(micro, local_seq, spec.hidden_size, dtype=residual_dtype, requires_grad=True))
                 # The last stage's logits: their metadata is never sent (the loss is computed on the stage).
                 outputs = torch.empty(micro, seq if last else local_seq,
                                       spec.vocab_size // config.tp if last else spec.hidden_size,
-                                      dtype=logits_dtype if last else _residual_dtype(causal, hidden_dtype),
-                                      requires_grad=True)
+                                      dtype=logits_dtype if last else residual_dtype, requires_grad=True)
                 stage = PipelineStage(module, index, total, torch.device("cpu"), input_args=inputs,
                                       output_args=outputs, group=pp_group)
                 stage._output_slot_is_releasable = _releasable_as_on_a_gpu(stage)
