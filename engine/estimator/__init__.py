@@ -58,7 +58,7 @@ from memtui.engine.estimator.optimizers import (
 )
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
 from memtui.engine.estimator.sim.core import LF, lf_values
-from memtui.engine.estimator.sim.program import program_shape
+from memtui.engine.estimator.sim.program import GRAD_READY, program_shape
 from memtui.engine.model.presets import resolve_gpu, resolve_model
 from memtui.engine.model.specs import (
     Budget,
@@ -476,15 +476,14 @@ def _accumulating_moments(config: TrainingConfig, model: ModelSpec, layout: Para
 def _in_backward_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moments: list[Moment],
                          on_gpu: _StatesOnGpu, workspace: int) -> list[StepMoment]:
     """optimizer_in_backward: each gradient is stepped (that one parameter's temporaries) and freed as it is made.
-    A tied head's gradient is the exception: it waits in autograd's input buffer for the embedding's, and the
-    parameter steps only at backward's end, so it is held from the head's backward on."""
+    A gradient summed from several uses (a tied head's, with the embedding's at backward's end; a chunked head's,
+    one per chunk) waits in autograd's input buffer, a temporary of the replay, until its last use's is in: the
+    parameter steps at that moment of its own (GRAD_READY), after the buffer's sum."""
     trained = 4 if config.master_weights else trainable_bytes(config)
     grad_bytes = trainable_bytes(config)
-    tied_head = (tensor_parallel_embedding_params(model, config.tp) * grad_bytes
-                 if model.tie_word_embeddings and not config.uses_lora else 0)
     # A moment of the replay may span several layers' gradients: one parameter's at a time is alive.
     largest_grad = layout.largest_tensor_params * grad_bytes
-    if tied_head:
+    if model.tie_word_embeddings and not config.uses_lora:  # the largest, the head, steps at its own moment
         largest_grad = max(lin.out_features * lin.experts * lin.in_features for _count, linears in model.layer_groups()
                            for lin in linears) // config.tp * grad_bytes
 
@@ -493,20 +492,20 @@ def _in_backward_moments(config: TrainingConfig, model: ModelSpec, layout: Param
         return step_temp_bytes(config, group_state_bytes=state, largest_tensor_state_bytes=state) if gradient else 0
 
     steps, before = [], 0
-    for index, moment in enumerate(moments):
-        held = made = temporaries = 0
-        if moment.phase == "backward":
-            held = min(moment.gradients, tied_head)
-            # Until a layer's gradient is made, what is made is the head's: a chunked head makes one whole-vocabulary
-            # gradient per chunk, summed in autograd's input buffer (nothing steps until the embedding's joins).
-            heads = tied_head > 0 and before <= tied_head
-            made = min(max(moment.gradients - max(before, held), 0), tied_head if heads else largest_grad)
-            temporaries = 0 if heads else step_temporaries(made)
-            if tied_head and index == len(moments) - 1:  # the embedding's gradient joins the head's: it steps
-                made, temporaries = 0, step_temporaries(tied_head)
-        steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace,
-                                              gradients=held + made, extra_temporary=temporaries))
+    for moment in moments:
+        made = temporaries = 0
+        if moment.phase == GRAD_READY:
+            made = moment.gradients - before  # the whole summed gradient
+            temporaries = step_temporaries(made)
+            moment = moment._replace(phase="backward")
+        elif moment.phase == "backward":
+            made = min(max(moment.gradients - before, 0), largest_grad)
+            temporaries = step_temporaries(made)
         before = moment.gradients
+        # A running sum in an input buffer is the gradient to be: counted with the gradients.
+        moment = moment._replace(temporary=moment.temporary - moment.buffered)
+        steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace,
+                                              gradients=made + moment.buffered, extra_temporary=temporaries))
     return steps
 
 

@@ -88,6 +88,7 @@ class Moment(NamedTuple):
     gradients: int  # parameter gradients accumulated so far (unsharded)
     activations: int
     temporary: int
+    buffered: int = 0  # --optimizer-in-backward: of `temporary`, gradients still summing in an input buffer
 
 
 class StepForms(NamedTuple):
@@ -123,7 +124,7 @@ def symbolic_step_forms(config: TrainingConfig, model: ModelSpec, *, layers: int
 @lru_cache(maxsize=256)
 def _symbolic_moments(dims: Dims, options: Options, layers: int) -> tuple[Moment, ...]:
     """A program's candidates as Moments of Shaped figures (option sets that differ in ZeRO, GPUs, ... share it)."""
-    return tuple(Moment(row[0], *(_shaped(tuple(row[start:start + 5])) for start in (1, 6, 11, 16)))
+    return tuple(Moment(row[0], *(_shaped(tuple(row[start:start + 5])) for start in range(1, len(row), 5)))
                  for row in compile_step(dims, options, layers).rows)
 
 
@@ -153,6 +154,10 @@ def offloaded_bytes(config: TrainingConfig, model: ModelSpec, *, layers: int) ->
 @lru_cache(maxsize=4096)
 def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_len: int) -> tuple[Moment, ...]:
     program = compile_step(dims, options, layers)
+    if options.step_in_backward:  # rows with the buffered gradients' figure too
+        values = lf_values(batch_size * seq_len, seq_len)
+        return tuple(Moment(row[0], *(int(lf_eval(row[start:start + 5], values)) for start in range(1, len(row), 5)))
+                     for row in program.rows)
     one, per_token, per_token_seq, per_position, per_position_sq = lf_values(batch_size * seq_len, seq_len)
     # lf_eval written out (the same products and sums, in the same order)
     return tuple(

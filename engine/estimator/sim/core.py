@@ -167,6 +167,10 @@ class Candidate:
 
     segment: str
     live: dict[str, LF]
+    # A parameter's gradient summed from several uses (a tied or chunked head) has just become its .grad
+    # (Sim.step_in_backward): the moment its post-accumulate-grad hook steps it.
+    ready: bool = False
+    buffered: LF = ZERO  # of "temporary": such gradients still summing in an input buffer (Sim.buffered)
 
 
 class Sim:
@@ -196,6 +200,11 @@ class Sim:
         self.offload_at: LF | None = None
         self.offloaded: dict[str, LF] = {}
         self.graph_held: list[Tensor] = []  # kept by autograd nodes' ctx attributes: freed with the graph
+        # --optimizer-in-backward: a parameter used by several nodes gets its gradients summed in AccumulateGrad's
+        # input buffer (temporary) and its .grad once the last one is in; `_uses` counts the ones still to come.
+        self.step_in_backward = False
+        self._uses: dict[int, int] = {}
+        self.buffered: LF = ZERO  # the running sums of those gradients, live (one per parameter)
 
     # ---- allocation bookkeeping -------------------------------------------------------
     def set_segment(self, name: str) -> None:
@@ -204,7 +213,7 @@ class Sim:
 
     def _mark_peak(self) -> None:
         if self._rising:
-            self.candidates.append(Candidate(self.segment, dict(self.live)))
+            self.candidates.append(Candidate(self.segment, dict(self.live), buffered=self.buffered))
             self._rising = False
 
     def new(self, elems: LF, dtype: str, *, name: str = "", requires_grad: bool = False, category: str | None = None) -> Tensor:
@@ -371,6 +380,11 @@ class Sim:
         self.phase = "backward"
         seed = self.new(const(1), loss.dtype, name="ones_like")
         loss.grad = seed
+        if self.step_in_backward:
+            for node in self.nodes:
+                for tensor in node.inputs:
+                    if tensor.param and tensor.requires_grad:
+                        self._uses[id(tensor)] = self._uses.get(id(tensor), 0) + 1
         while self.nodes:
             self._run_node(self.nodes.pop())
 
@@ -380,12 +394,17 @@ class Sim:
             self.set_segment(mapping[node.segment])
             if self.segment == "first_bwd":
                 # the lowest layer's backward begins (FSDP2 gathers it here, every layer above still gathered)
-                self.candidates.append(Candidate(LOWEST_LAYER_GATHER, dict(self.live)))
+                self.candidates.append(Candidate(LOWEST_LAYER_GATHER, dict(self.live), buffered=self.buffered))
         if node.deferred and not node.region.recomputed:
             self._recompute(node.region)
         grad_out = node.output.grad
         if grad_out is None:
             self._release_saved(node)
+            for tensor in node.inputs:  # a use that sends no gradient
+                if tensor.param and self._uses.get(id(tensor)):
+                    self._uses[id(tensor)] -= 1
+                    if not self._uses[id(tensor)] and tensor.grad is not None:
+                        self._grad_ready(tensor)
             return
         node.output.grad = None
         unpacked = []
@@ -427,6 +446,13 @@ class Sim:
         for target, grad in casted:
             self.accumulate(target, grad)
 
+    def _grad_ready(self, param: Tensor) -> None:
+        """The summed gradient becomes .grad: a candidate, as the step in its hook comes next."""
+        self.recategorize(param.grad, "gradients")
+        self.buffered = lf_sub(self.buffered, param.grad.nbytes)
+        self._mark_peak()
+        self.candidates.append(Candidate(self.segment, dict(self.live), ready=True, buffered=self.buffered))
+
     def _release_saved(self, node: Node) -> None:
         for tensor in node.saved:
             if not tensor.offloaded:
@@ -456,15 +482,26 @@ class Sim:
                 converted = self.new(grad.elems, target.grad_dtype, name="grad cast")
                 self.drop(grad)
                 grad = converted
-            if target.grad is None:
+            uses = self._uses.get(id(target), 0)
+            if uses:
+                self._uses[id(target)] = uses = uses - 1
+            summed = target.grad is not None
+            if not summed:
                 target.grad = grad
-                self.recategorize(grad, "gradients")
+                if not uses:
+                    self.recategorize(grad, "gradients")
+                else:
+                    self.buffered = lf_add(self.buffered, grad.nbytes)
             else:
                 # A parameter used twice (tied embeddings): AccumulateGrad runs once, after the engine's
                 # input buffer has summed both gradients, out of place (what a traced step does).
-                total = self.new(target.grad.elems, target.grad.dtype, name="grad sum", category="gradients")
+                buffered = id(target) in self._uses
+                total = self.new(target.grad.elems, target.grad.dtype, name="grad sum",
+                                 category="temporary" if buffered else "gradients")
                 self.drop(target.grad, grad)
                 target.grad = total
+                if buffered and not uses:
+                    self._grad_ready(target)
             return
         if target.collected is not None:
             target.collected.append(grad)

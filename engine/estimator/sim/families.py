@@ -78,6 +78,9 @@ class Options:
     full_layer_share: float = 0.0
     full_attention_layers: bool = False
     last_layer_full: bool = False  # Gemma 3: the model's last layer is a full-attention one (gemma-3-12b's is)
+    # --optimizer-in-backward (one GPU or DDP, no pipeline): a gradient summed from several uses waits in autograd's
+    # input buffer until the last (Sim.step_in_backward); its hook's step is a moment of its own (GRAD_READY)
+    step_in_backward: bool = False
     compiled: bool = False  # --compile: each decoder layer as torch.compile runs it (sim/compiled.py)
     dense_layers: int = 0  # DeepSeek-V3: the first layers' MLP is dense (first_k_dense_replace)
     sequence_parallel: int = 1  # ranks of DTensor's sequence-parallel plan (memtui trace's TP): norms on 1/tp

@@ -66,6 +66,7 @@ class StepCandidate:
     phase: str  # forward | loss | backward
     live: dict[str, LF]  # by category, for the whole L-layer model on this GPU
     segment: str = ""  # where in the step (embed_fwd, first_fwd, mid_fwd, last_fwd, head_fwd, ...): FSDP2's gathers
+    buffered: LF = ZERO  # --optimizer-in-backward: of the temporaries, gradients summing in an input buffer
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         activation_offload=config.activation_offload,
         compiled=config.compile and not unmodelled_compile(config, spec),
         offload_point=offload_point,
+        step_in_backward=config.optimizer_in_backward and config.pp == 1,
     )
 
 
@@ -231,6 +233,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     norm, head and loss (memtui.engine.trace.pipeline's stage: hidden states in, hidden states out, the output's
     gradient received into a buffer of its size)."""
     sim = Sim(autocast_dtype=opts.compute if opts.autocast else None)
+    sim.step_in_backward = opts.step_in_backward
     if log:
         sim.log = []
     frozen = opts.lora_rank > 0
@@ -728,6 +731,9 @@ _PHASE_OF_SEGMENT = {
     "head_fwd": "loss", "loss_fwd": "loss", "forward_end": "loss", "head_bwd": "backward", "loss_bwd": "backward", "last_bwd": "backward", "mid_bwd": "backward",
     "first_bwd": "backward", LOWEST_LAYER_GATHER: "backward", "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
 }
+# A candidate of backward where a gradient summed from several uses has just become .grad (Candidate.ready): under
+# --optimizer-in-backward its hook steps it there; kept apart from backward's (_prune compares within a phase).
+GRAD_READY = "backward:grad-ready"
 _AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", GRAPH_FREED, "")
 
 
@@ -763,18 +769,19 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
     candidates: list[StepCandidate] = []
     for candidate in sim.candidates:
         segment = candidate.segment
-        phase = _PHASE_OF_SEGMENT.get(segment, "forward")
+        phase = GRAD_READY if candidate.ready else _PHASE_OF_SEGMENT.get(segment, "forward")
+        buffered = candidate.buffered
         if segment in ("last_fwd", "head_fwd", "loss_fwd"):
-            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_forward, extra), segment))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_forward, extra), segment, buffered))
         elif segment in ("forward_end", "head_bwd", "loss_bwd", "last_bwd"):
-            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered))
         elif segment == "mid_bwd":
-            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment))
-            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment, buffered))
         elif segment in ("first_bwd", LOWEST_LAYER_GATHER, "embed_bwd", "end"):
-            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment, buffered))
         else:
-            candidates.append(StepCandidate(phase, dict(candidate.live), segment))
+            candidates.append(StepCandidate(phase, dict(candidate.live), segment, buffered))
     gradients_end = lf_add(sim.live["gradients"], lf_scale(left_by_backward["gradients"], extra))
     layer_saved = ZERO
     for category in CATEGORIES:
@@ -792,7 +799,8 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
     return StepProgram(
         candidates=kept,
         rows=tuple((candidate.phase, *candidate.live["weights"], *candidate.live["gradients"],
-                    *candidate.live["activations"], *candidate.live["temporary"]) for candidate in kept),
+                    *candidate.live["activations"], *candidate.live["temporary"],
+                    *(candidate.buffered if opts.step_in_backward else ())) for candidate in kept),
         gradients_end=gradients_end,
         layer_saved=layer_saved,
         layer_gradients=left_by_backward["gradients"],
