@@ -112,6 +112,8 @@ MATRIX: list[dict] = [
     # the training stacks' knobs (issue 11): accumulation, step in backward, losses, peft's adapters, paging, offload
     {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "grad_accum": 4},
     {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "optimizer_in_backward": True},
+    # an untied head over the chunked loss: its chunks' gradients summed in autograd's input buffer before it steps
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 1, "seq_len": 2048, "loss": "chunked", "optimizer_in_backward": True},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 1, "seq_len": 8192, "lora_rank": 16, "loss": "chunked"},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 1, "seq_len": 8192, "lora_rank": 16, "loss": "fused-linear"},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 16, "loss_dtype": "compute"},
