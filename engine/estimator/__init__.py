@@ -475,33 +475,25 @@ def _accumulating_moments(config: TrainingConfig, model: ModelSpec, layout: Para
 
 def _in_backward_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moments: list[Moment],
                          on_gpu: _StatesOnGpu, workspace: int) -> list[StepMoment]:
-    """optimizer_in_backward: each gradient is stepped (that one parameter's temporaries) and freed as it is made.
+    """optimizer_in_backward: each parameter steps in its post-accumulate-grad hook, once the node that made its
+    .grad has returned (the replay's GRAD_READY moments: the node's incoming gradient gone), and its gradient goes.
     A gradient summed from several uses (a tied head's, with the embedding's at backward's end; a chunked head's,
-    one per chunk) waits in autograd's input buffer, a temporary of the replay, until its last use's is in: the
-    parameter steps at that moment of its own (GRAD_READY), after the buffer's sum."""
+    one per chunk) waits in autograd's input buffer until its last use's is in: counted with the gradients."""
     trained = 4 if config.master_weights else trainable_bytes(config)
     grad_bytes = trainable_bytes(config)
-    # A moment of the replay may span several layers' gradients: one parameter's at a time is alive.
-    largest_grad = layout.largest_tensor_params * grad_bytes
-    if model.tie_word_embeddings and not config.uses_lora:  # the largest, the head, steps at its own moment
-        largest_grad = max(lin.out_features * lin.experts * lin.in_features for _count, linears in model.layer_groups()
-                           for lin in linears) // config.tp * grad_bytes
+    largest_grad = layout.largest_tensor_params * grad_bytes  # the hooks step one parameter at a time
 
     def step_temporaries(gradient: int) -> int:
-        state = gradient // grad_bytes * trained
+        state = min(gradient, largest_grad) // grad_bytes * trained
         return step_temp_bytes(config, group_state_bytes=state, largest_tensor_state_bytes=state) if gradient else 0
 
-    steps, before = [], 0
+    steps = []
     for moment in moments:
         made = temporaries = 0
         if moment.phase == GRAD_READY:
-            made = moment.gradients - before  # the whole summed gradient
+            made = moment.stepped  # the .grad the node made, stepped there
             temporaries = step_temporaries(made)
             moment = moment._replace(phase="backward")
-        elif moment.phase == "backward":
-            made = min(max(moment.gradients - before, 0), largest_grad)
-            temporaries = step_temporaries(made)
-        before = moment.gradients
         # A running sum in an input buffer is the gradient to be: counted with the gradients.
         moment = moment._replace(temporary=moment.temporary - moment.buffered)
         steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace,

@@ -89,6 +89,7 @@ class Moment(NamedTuple):
     activations: int
     temporary: int
     buffered: int = 0  # --optimizer-in-backward: of `temporary`, gradients still summing in an input buffer
+    stepped: int = 0  # --optimizer-in-backward, at a GRAD_READY moment: of `gradients`, those stepped there
 
 
 class StepForms(NamedTuple):
@@ -154,7 +155,7 @@ def offloaded_bytes(config: TrainingConfig, model: ModelSpec, *, layers: int) ->
 @lru_cache(maxsize=4096)
 def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_len: int) -> tuple[Moment, ...]:
     program = compile_step(dims, options, layers)
-    if options.step_in_backward:  # rows with the buffered gradients' figure too
+    if options.step_in_backward:  # rows with the buffered and stepped gradients' figures too
         values = lf_values(batch_size * seq_len, seq_len)
         return tuple(Moment(row[0], *(int(lf_eval(row[start:start + 5], values)) for start in range(1, len(row), 5)))
                      for row in program.rows)

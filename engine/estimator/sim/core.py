@@ -167,10 +167,11 @@ class Candidate:
 
     segment: str
     live: dict[str, LF]
-    # A parameter's gradient summed from several uses (a tied or chunked head) has just become its .grad
-    # (Sim.step_in_backward): the moment its post-accumulate-grad hook steps it.
+    # Sim.step_in_backward: a node has just returned and given parameters their .grad (a gradient summed from
+    # several uses once its last is in): the moment their post-accumulate-grad hooks step them.
     ready: bool = False
     buffered: LF = ZERO  # of "temporary": such gradients still summing in an input buffer (Sim.buffered)
+    stepped: LF = ZERO  # ready: of "gradients", the .grad the node made, which the hooks step
 
 
 class Sim:
@@ -205,6 +206,8 @@ class Sim:
         self.step_in_backward = False
         self._uses: dict[int, int] = {}
         self.buffered: LF = ZERO  # the running sums of those gradients, live (one per parameter)
+        self._ready = False  # the node running has made a parameter's .grad
+        self._made: LF = ZERO  # the bytes of those .grad
 
     # ---- allocation bookkeeping -------------------------------------------------------
     def set_segment(self, name: str) -> None:
@@ -405,6 +408,7 @@ class Sim:
                     self._uses[id(tensor)] -= 1
                     if not self._uses[id(tensor)] and tensor.grad is not None:
                         self._grad_ready(tensor)
+            self._hooks_step()
             return
         node.output.grad = None
         unpacked = []
@@ -445,13 +449,21 @@ class Sim:
             self._release_saved(node)
         for target, grad in casted:
             self.accumulate(target, grad)
+        self._hooks_step()
 
     def _grad_ready(self, param: Tensor) -> None:
-        """The summed gradient becomes .grad: a candidate, as the step in its hook comes next."""
+        """The summed gradient becomes .grad (its hook steps once the node returns: _hooks_step)."""
         self.recategorize(param.grad, "gradients")
         self.buffered = lf_sub(self.buffered, param.grad.nbytes)
-        self._mark_peak()
-        self.candidates.append(Candidate(self.segment, dict(self.live), ready=True, buffered=self.buffered))
+        self._ready, self._made = True, lf_add(self._made, param.grad.nbytes)
+
+    def _hooks_step(self) -> None:
+        """After a node that made parameters' .grad (its incoming gradient gone): a candidate, as their hooks step."""
+        if self._ready:
+            self._mark_peak()
+            self.candidates.append(Candidate(self.segment, dict(self.live), ready=True, buffered=self.buffered,
+                                             stepped=self._made))
+            self._ready, self._made = False, ZERO
 
     def _release_saved(self, node: Node) -> None:
         for tensor in node.saved:
@@ -490,6 +502,8 @@ class Sim:
                 target.grad = grad
                 if not uses:
                     self.recategorize(grad, "gradients")
+                    if self.step_in_backward:
+                        self._ready, self._made = True, lf_add(self._made, grad.nbytes)
                 else:
                     self.buffered = lf_add(self.buffered, grad.nbytes)
             else:

@@ -67,6 +67,7 @@ class StepCandidate:
     live: dict[str, LF]  # by category, for the whole L-layer model on this GPU
     segment: str = ""  # where in the step (embed_fwd, first_fwd, mid_fwd, last_fwd, head_fwd, ...): FSDP2's gathers
     buffered: LF = ZERO  # --optimizer-in-backward: of the temporaries, gradients summing in an input buffer
+    stepped: LF = ZERO  # --optimizer-in-backward, at GRAD_READY: of the gradients, those the hooks step there
 
 
 @dataclass(frozen=True)
@@ -731,8 +732,8 @@ _PHASE_OF_SEGMENT = {
     "head_fwd": "loss", "loss_fwd": "loss", "forward_end": "loss", "head_bwd": "backward", "loss_bwd": "backward", "last_bwd": "backward", "mid_bwd": "backward",
     "first_bwd": "backward", LOWEST_LAYER_GATHER: "backward", "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
 }
-# A candidate of backward where a gradient summed from several uses has just become .grad (Candidate.ready): under
-# --optimizer-in-backward its hook steps it there; kept apart from backward's (_prune compares within a phase).
+# A candidate of backward just after a node gave parameters their .grad (Candidate.ready): under
+# --optimizer-in-backward their hooks step them there; kept apart from backward's (_prune compares within a phase).
 GRAD_READY = "backward:grad-ready"
 _AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", GRAPH_FREED, "")
 
@@ -770,18 +771,18 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
     for candidate in sim.candidates:
         segment = candidate.segment
         phase = GRAD_READY if candidate.ready else _PHASE_OF_SEGMENT.get(segment, "forward")
-        buffered = candidate.buffered
+        buffered, stepped = candidate.buffered, candidate.stepped
         if segment in ("last_fwd", "head_fwd", "loss_fwd"):
-            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_forward, extra), segment, buffered))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_forward, extra), segment, buffered, stepped))
         elif segment in ("forward_end", "head_bwd", "loss_bwd", "last_bwd"):
-            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered, stepped))
         elif segment == "mid_bwd":
-            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered))
-            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment, buffered))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered, stepped))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment, buffered, stepped))
         elif segment in ("first_bwd", LOWEST_LAYER_GATHER, "embed_bwd", "end"):
-            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment, buffered))
+            candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment, buffered, stepped))
         else:
-            candidates.append(StepCandidate(phase, dict(candidate.live), segment, buffered))
+            candidates.append(StepCandidate(phase, dict(candidate.live), segment, buffered, stepped))
     gradients_end = lf_add(sim.live["gradients"], lf_scale(left_by_backward["gradients"], extra))
     layer_saved = ZERO
     for category in CATEGORIES:
@@ -800,7 +801,8 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
         candidates=kept,
         rows=tuple((candidate.phase, *candidate.live["weights"], *candidate.live["gradients"],
                     *candidate.live["activations"], *candidate.live["temporary"],
-                    *(candidate.buffered if opts.step_in_backward else ())) for candidate in kept),
+                    *((*candidate.buffered, *candidate.stepped) if opts.step_in_backward else ()))
+              for candidate in kept),
         gradients_end=gradients_end,
         layer_saved=layer_saved,
         layer_gradients=left_by_backward["gradients"],
@@ -846,7 +848,8 @@ def _prune(candidates: list[StepCandidate]) -> list[StepCandidate]:
             if all(o >= t for o, t in zip(other, total)) and (other != total or other_index < index):
                 dominated = True
                 break
-        if not dominated or candidates[index].segment == LOWEST_LAYER_GATHER:  # FSDP2's moment: kept for it
+        # FSDP2's moment, and each step in backward (its temporaries are not in the total): kept for them
+        if not dominated or candidates[index].segment == LOWEST_LAYER_GATHER or candidates[index].phase == GRAD_READY:
             kept.append(candidates[index])
     return kept
 
