@@ -278,6 +278,34 @@ def _plan(recorder: _Recorder, out: Tensor) -> _Plan:
 _REFERENCE = (1.0, 2048.0, 2048.0 * 2048, 2048.0, 2048.0 * 2048)
 
 
+def _decomposed_depth(op: _Op) -> int:
+    """Nodes of the joint graph between an op's inputs and its output once decomposed: one, but for softmax
+    (torch._decomp's _softmax: sub, exp, div, each a node; a 16-bit input converted to fp32 and back, two more)."""
+    if op.name != "softmax":
+        return 1
+    return 3 + 2 * (op.out.dtype != "f32")
+
+
+def _distances_from_backward(ops: list[_Op], base) -> dict[int, float]:
+    """Each tensor's dist_from_bw (min_cut_rematerialization_partition's): 1 when backward reads it, else one more
+    than the nearest of its users' (through a decomposed op's nodes); unreached: none."""
+    distance: dict[int, float] = {}
+    for op in ops:
+        if op.grad:
+            for tensor in op.saved:
+                distance[id(base(tensor))] = 1
+    for op in reversed(ops):
+        if op.view:
+            continue
+        after = distance.get(id(base(op.out)))
+        if after is None:
+            continue
+        for source in op.inputs:
+            key = id(base(source))
+            distance[key] = min(distance.get(key, after + _decomposed_depth(op)), after + _decomposed_depth(op))
+    return distance
+
+
 def _cut(ops: list[_Op], own: set[int], base, producer: dict[int, _Op], in_memory: set[int]) -> list[Tensor]:
     """What the forward saves: AOTAutograd's min-cut (min_cut_rematerialization_partition, inductor's options).
 
@@ -296,13 +324,17 @@ def _cut(ops: list[_Op], own: set[int], base, producer: dict[int, _Op], in_memor
         capacity.setdefault(b, {}).setdefault(a, 0.0)
 
     tensors: dict[int, Tensor] = {}
+    distance = _distances_from_backward(ops, base)
 
     def node(tensor: Tensor) -> int:
         root = base(tensor)
         key = id(root)
         if key not in tensors:
             tensors[key] = root
-            weight = 0.0 if root.param else lf_eval(root.nbytes, _REFERENCE)
+            # get_node_weight: bytes, times 1.1 per node between it and backward ("bias towards nodes closer to
+            # the backwards pass"), twice that if the forward would not write it anyway
+            weight = 0.0 if root.param else lf_eval(root.nbytes, _REFERENCE) * 1.1 ** max(
+                min(distance.get(key, 100), 100), 1)
             if key in own and key not in in_memory:
                 weight *= 2
             edge((key, 0), (key, 1), weight)
