@@ -257,6 +257,10 @@ MOE_TENSOR_PARALLEL_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"
 # and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them; GPT-2 by Megatron-LM's GPT
 # plan on its Conv1D layers (memtui.engine.trace.tensor_parallel_gpt2).
 TENSOR_PARALLEL_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MOE_TENSOR_PARALLEL_FAMILIES)
+# peft's LoRA beside the plan, by NeMo Automodel's LoRA-aware Colwise and Rowwise styles (the adapters sharded with
+# their base layers, the norms kept frozen; memtui.engine.trace.tensor_parallel_lora): the plain, unfused linears
+# of the Llama layout (OLMo 2's whole-width q/k norms have their own SequenceParallel, which would train them).
+LORA_TENSOR_PARALLEL_FAMILIES = LLAMA_LAYOUT_FAMILIES
 # Phi-3 and OLMo 2 are cut as the Llama layout is (model.layers); GPT-2's transformer.h likewise, its token and
 # position embeddings on the first stage (Megatron-LM's pre_process), ln_f and the head on the last.
 PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2")
@@ -276,8 +280,11 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.intermediate_size % config.tp:
         return f"tp {config.tp} does not divide the experts' intermediate size {model.intermediate_size}"
-    if config.uses_lora or config.quant != "none" or config.offload != "none":
-        return "LoRA, quantized weights and offloading under tensor parallelism are not traced"
+    if config.quant != "none" or config.offload != "none":
+        return "quantized weights (QLoRA among them) and offloading under tensor parallelism are not traced"
+    if config.uses_lora and model.family not in LORA_TENSOR_PARALLEL_FAMILIES:
+        return (f"LoRA under tensor parallelism is traced for the Llama-layout families only (NeMo Automodel's "
+                f"LoRA-aware plan), not {model.family}")
     if config.dp > 1 and config.zero <= 1 and model.family in MOE_TENSOR_PARALLEL_FAMILIES:
         return ("the MoE plan with DDP or ZeRO-1 beside tensor parallelism is not traced (with FSDP2, --zero 2 or 3, "
                 "it is)")

@@ -60,6 +60,7 @@ from memtui.engine.trace.moe_parallel import (
     moe_block_plan,
     moe_traced_lines,
 )
+from memtui.engine.trace.tensor_parallel_lora import lora_aware
 from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients, tensor_data_lines, tensor_data_meshes
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
@@ -103,8 +104,9 @@ class TensorParallel:
                               "reduce-scattered onto the sequence, sequence parallel ln_1, ln_2 and ln_f; the "
                               "vocabulary-sharded wte all-reduced, the replicated wpe added on the whole sequence and "
                               "the sum scattered onto it before the dropout; the tied head with loss parallel")
-        self.traced[1:1] = moe_traced_lines(model)
-        self.restore = whole_sequence_masks(getattr(model, "transformer", None) or model.model, ranks=self.config.tp)
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside peft's wrapper
+        self.traced[1:1] = moe_traced_lines(causal)
+        self.restore = whole_sequence_masks(getattr(causal, "transformer", None) or causal.model, ranks=self.config.tp)
         if self.data is not None:
             with _meshes_made_real():  # FSDP2 joins the dp and tp meshes; DDP runs on the dp group's local shards
                 return self.data.wrap(model, tracker)
@@ -221,6 +223,8 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         apply_gpt2_tensor_parallel(model, mesh, embedding=embedding, head=head)
         model.register_forward_hook(_local_loss)
         return
+    outer = model
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside peft's LoRA wrapper
     inner = model.model
     ends = {}
     if embedding:
@@ -228,7 +232,7 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
     if head:
         ends["model.norm"] = SequenceParallel()
         ends["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
-    parallelize_module(model, mesh, ends)
+    parallelize_module(model, mesh, lora_aware(model, ends))
     if model.config.tie_word_embeddings and embedding and head:
         # parallelize_module gave the embedding and the head a DTensor each; both are Shard(0) over the vocabulary,
         # so one parameter serves both again, tied after the plan as torchtitan ties Qwen3's and Llama's weights.
@@ -267,7 +271,7 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
                 "self_attn.k_proj": ColwiseParallel(use_local_output=False),
                 "self_attn.q_norm": _sequence_parallel_onto_heads(),
                 "self_attn.k_norm": _sequence_parallel_onto_heads()})
-        parallelize_module(layer, mesh, {
+        parallelize_module(layer, mesh, lora_aware(layer, {
             **norms,
             # transformers passes the hidden states to self_attn by keyword, to mlp by position
             "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
@@ -285,7 +289,7 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
                     "mlp.gate_proj": ColwiseParallel(),
                     "mlp.up_proj": ColwiseParallel()}),
                 "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))}),
-        })
+        }))
         parallelize_module(layer, mesh, attention_sinks_plan(layer.self_attn))
 
     tp = mesh.size()
@@ -303,7 +307,8 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         return args, kwargs
 
     inner.register_forward_pre_hook(whole_sequence_positions, with_kwargs=True)
-    model.register_forward_hook(_local_loss)
+    outer.register_forward_hook(_local_loss)
+
 
 
 def _local_loss(_module, _args, output):
