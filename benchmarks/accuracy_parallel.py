@@ -96,6 +96,8 @@ def matrix() -> list[dict]:
                                    ("llama-3.1-8b", 8, 2, {"lora_targets": "all-linear", "zero": 3}),
                                    ("llama-3.1-8b", 8, 2, {"lora_targets": "all-linear", "zero": 2,
                                                            "checkpointing": "full"}),
+                                   ("llama-3.2-1b", 2, 2, {"lora_targets": "all-linear", "checkpointing": "full",
+                                                           "lora_dropout": 0.1}),
                                    ("qwen2.5-7b", 4, 4, {"lora_targets": "all-linear"}),
                                    ("gemma-3-4b", 2, 2, {"lora_targets": "all-linear"})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,

@@ -60,7 +60,7 @@ from memtui.engine.trace.moe_parallel import (
     moe_block_plan,
     moe_traced_lines,
 )
-from memtui.engine.trace.tensor_parallel_lora import lora_aware
+from memtui.engine.trace.tensor_parallel_lora import LORA_TRACED_LINE, lora_aware
 from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients, tensor_data_lines, tensor_data_meshes
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
@@ -106,6 +106,8 @@ class TensorParallel:
                               "the sum scattered onto it before the dropout; the tied head with loss parallel")
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside peft's wrapper
         self.traced[1:1] = moe_traced_lines(causal)
+        if any(hasattr(module, "lora_A") for module in causal.modules()):
+            self.traced.insert(1, LORA_TRACED_LINE)
         self.restore = whole_sequence_masks(getattr(causal, "transformer", None) or causal.model, ranks=self.config.tp)
         if self.data is not None:
             with _meshes_made_real():  # FSDP2 joins the dp and tp meshes; DDP runs on the dp group's local shards
@@ -243,9 +245,9 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         if hasattr(layer.self_attn, "q_norm") and not whole_width:
             # Qwen3: each head's query and key normalised, as torchtitan's plan does: the projections' local heads
             # taken as Shard(2) of (batch, sequence, heads, head_dim)
-            parallelize_module(layer, mesh, {
+            parallelize_module(layer, mesh, lora_aware(layer, {
                 name: SequenceParallel(sequence_dim=2, use_local_output=True)
-                for name in ("self_attn.q_norm", "self_attn.k_norm")})
+                for name in ("self_attn.q_norm", "self_attn.k_norm")}))
         fused = hasattr(layer.self_attn, "qkv_proj")  # Phi-3: fused q/k/v and gate/up projections
         if fused:
             _rank_major_fused_rows(layer, tp=mesh.size())

@@ -24,7 +24,13 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
-__all__ = ["lora_aware"]
+__all__ = ["LORA_TRACED_LINE", "lora_aware"]
+
+LORA_TRACED_LINE = ("peft's LoRA under tensor parallelism as NVIDIA NeMo Automodel plans it (translate_to_lora, "
+                    "nemo_automodel/components/distributed/parallel_styles.py) on peft's layers: ColwiseParallelLora "
+                    "(base weight, lora_A and lora_B Shard(0), lora_A's output all-gathered before lora_B), "
+                    "RowwiseParallelLora (base weight, lora_A and lora_B Shard(1), the bias replicated), "
+                    "SequenceParallelLora (the norms replicated and left frozen)")
 
 
 def _distribute(owner: torch.nn.Module, name: str, mesh, src_data_rank, placements) -> None:
