@@ -317,9 +317,8 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
     if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.intermediate_size % config.tp:
         return f"tp {config.tp} does not divide the experts' intermediate size {model.intermediate_size}"
     if config.quant != "none" or config.offload != "none":
-        return "quantized weights (QLoRA among them) and offloading under tensor parallelism are not traced"
-    if adapts_head(config):
-        return "LoRA on lm_head under tensor parallelism is not traced"
+        return ("quantized weights and offloading under tensor parallelism are not traced (QLoRA: no stack found that "
+                "runs it with tensor parallelism; NeMo Automodel's QLoRA recipes run tp_size 1)")
     if config.uses_lora and model.family not in LORA_TENSOR_PARALLEL_FAMILIES:
         return (f"LoRA under tensor parallelism is traced for the Llama-layout families only (NeMo Automodel's "
                 f"LoRA-aware plan), not {model.family}")

@@ -36,6 +36,10 @@ ln_2 and ln_f SequenceParallel, wte vocabulary-sharded and all-reduced, wpe repl
 scattered onto the sequence before the dropout (Megatron-LM's LanguageModelEmbedding with learned positions), the
 tied head with loss parallel.
 
+With peft's LoRA (the Llama-layout families), each Colwise, Rowwise and SequenceParallel style becomes NVIDIA NeMo
+Automodel's LoRA-aware twin on peft's layers (memtui.engine.trace.tensor_parallel_lora): the adapters sharded with
+their base layers, lora_A's output all-gathered on the Colwise ones, the norms left frozen.
+
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
 (ZeRO-2/3) as in torchtitan, or 3-D (dp_replicate, dp_shard, tp) for HSDP; with DDP (ZeRO-0/1) the parameters are
