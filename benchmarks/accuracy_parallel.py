@@ -88,6 +88,20 @@ def matrix() -> list[dict]:
                                    ("gpt2", 2, 2, {}), ("gpt2", 8, 4, {"zero": 3})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, **extra})
+    # peft's LoRA beside tensor parallelism, NeMo Automodel's LoRA-aware plan (the adapters sharded with their base
+    # layers, lora_A's output all-gathered on Colwise layers, a Rowwise lora_B's gradient Partial): alone, with
+    # LoRA dropout, and with FSDP2 over the dp ranks
+    for model, gpus, tp, extra in (("llama-3.1-8b", 2, 2, {}), ("llama-3.1-8b", 4, 4, {"lora_targets": "all-linear"}),
+                                   ("llama-3.1-8b", 2, 2, {"lora_targets": "all-linear", "lora_dropout": 0.1}),
+                                   ("llama-3.1-8b", 8, 2, {"lora_targets": "all-linear", "zero": 3}),
+                                   ("llama-3.1-8b", 8, 2, {"lora_targets": "all-linear", "zero": 2,
+                                                           "checkpointing": "full"}),
+                                   ("llama-3.2-1b", 2, 2, {"lora_targets": "all-linear", "checkpointing": "full",
+                                                           "lora_dropout": 0.1}),
+                                   ("qwen2.5-7b", 4, 4, {"lora_targets": "all-linear"}),
+                                   ("gemma-3-4b", 2, 2, {"lora_targets": "all-linear"})):
+        rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
+                     "tp": tp, "lora_rank": 16, **extra})
     # FSDP2 casting to bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's)
     for model in ("qwen2.5-0.5b", "llama-3.2-1b"):
         base = {"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": 8,
@@ -195,7 +209,8 @@ def write_markdown(results: list[dict], path: Path, command: str, *, append: boo
         "torchtitan's Llama plan, with Qwen3's q/k norms as its Qwen3 plan, Phi-3's fused projections sharded per "
         "part, OLMo 2's whole-width q/k norms as OLMo-core's plan, GPT-2 by Megatron-LM's GPT plan on its Conv1D "
         "layers and the MoE families' experts (and DeepSeek-V3's latent attention) as torchtitan's MoE "
-        "plan without expert parallelism, sequence and loss parallel; with FSDP2 over dp "
+        "plan without expert parallelism, sequence and loss parallel; peft's LoRA by NeMo Automodel's LoRA-aware "
+        "Colwise, Rowwise and SequenceParallel styles; with FSDP2 over dp "
         "on a (dp, tp) mesh, HSDP on a (dp_replicate, dp_shard, tp) one, or DDP / ZeRO-1 over the dp group on the "
         "parameters PyTorch's `_pre_dp_module_transform` makes local) program at "
         "the real world size on torch's fake process group, two training steps on fake tensors (`--pp`: every "

@@ -419,8 +419,9 @@ def test_olmo2_is_traced_under_tensor_parallelism_with_its_whole_width_norms_on_
 def test_tensor_parallel_outside_the_plan_is_modelled_and_says_why():
     from memtui.engine.trace import trace
 
-    result = trace(config(gpus=2, tp=2, lora_rank=4), model=UNTIED)
-    assert any("tensor parallel: modelled, not traced (LoRA" in line for line in result.modelled), result.modelled
+    result = trace(config(gpus=2, tp=2, lora_rank=4, quant="nf4"), model=UNTIED)
+    assert any("tensor parallel: modelled, not traced (quantized weights" in line for line in result.modelled), \
+        result.modelled
     assert not any("tensor parallel (traced)" in line for line in result.traced)
 
 

@@ -42,6 +42,7 @@ from memtui.engine.estimator.layout import (
     pipeline_refusal,
     tensor_parallel_embedding_gradient_extra,
     tensor_parallel_embedding_params,
+    tensor_parallel_partial_adapter_gradients,
     tensor_parallel_whole_vocabulary_gradient,
     trainable_params_total,
     trainable_tensor_numels,
@@ -289,7 +290,9 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     # temporary of backward's last moment), so the step keeps the rank's 1/tp only. A pipeline stage's embedding
     # has no head beside it, tied or not.
     kept_extra = 0 if model.tie_word_embeddings and config.pp == 1 else tp_embedding_extra
-    gradients = grads_full // dp if zero >= 2 else grads_full + kept_extra
+    # The traced plan's Rowwise lora_B gradients, Partial and whole (FSDP2 redistributes them onto B's shards).
+    partial = tensor_parallel_partial_adapter_gradients(config, model, layout.layers) * trainable_bytes(config)
+    gradients = grads_full // dp if zero >= 2 else grads_full + kept_extra + partial
     if config.optimizer_in_backward:
         gradients = 0  # each is stepped and freed in backward: none survive to the step's end
     optimizer_states = states_full // dp if zero >= 1 else states_full

@@ -91,10 +91,42 @@ def _named(linears: tuple[LinearLayer, ...], name: str) -> LinearLayer:
     return next(linear for linear in linears if linear.name == name)
 
 
-def _lora_params(config: TrainingConfig, linears: tuple[LinearLayer, ...], targets: tuple[str, ...], tp: int) -> int:
-    """One layer's adapter parameters (A: r x in, B: out x r) for the targets among these linears."""
+def _lora_params(config: TrainingConfig, linears: tuple[LinearLayer, ...], targets: tuple[str, ...], tp: int,
+                 sharded: bool = False) -> int:
+    """One layer's adapter parameters (A: r x in, B: out x r) for the targets among these linears; `sharded`: as
+    the traced plan shards them (lora_tensor_parallel_shapes)."""
+    if sharded:
+        return sum(sum(_adapter_numels(config, _named(linears, name), tp)) for name in targets)
     return sum(config.lora_rank * (_named(linears, name).in_features + _named(linears, name).out_features) // tp
                for name in targets)
+
+
+def lora_tensor_parallel_shapes(config: TrainingConfig, model: ModelSpec) -> bool:
+    """Whether the adapters are sharded as the traced plan shards them, NeMo Automodel's LoRA-aware styles
+    (memtui.engine.trace.tensor_parallel_lora): A's rows on a Colwise linear, B's columns on a Rowwise one, the
+    rank dimension cut as DTensor's Shard cuts it (rank 0 the larger chunk where tp does not divide r)."""
+    return (config.uses_lora and config.tp > 1 and model.family in LORA_TENSOR_PARALLEL_FAMILIES
+            and model.num_kv_heads % config.tp == 0)
+
+
+def _adapter_numels(config: TrainingConfig, linear: LinearLayer, tp: int) -> tuple[int, int]:
+    """(A, B) elements on rank 0 under NeMo Automodel's LoRA-aware plan."""
+    rank, local = config.lora_rank, -(-config.lora_rank // tp)
+    if linear.name in ROW_PARALLEL:  # RowwiseParallelLora: A Shard(1) (r x in/tp), B Shard(1) (out x r/tp)
+        return rank * linear.in_features // tp, linear.out_features * local
+    return local * linear.in_features, linear.out_features // tp * rank  # ColwiseParallelLora: both Shard(0)
+
+
+def tensor_parallel_partial_adapter_gradients(config: TrainingConfig, model: ModelSpec, layers: int) -> int:
+    """Elements of adapter gradient beyond the parameters' shards under the traced plan: a Rowwise linear's lora_B
+    gradient comes out of DTensor's backward Partial, every column of B on every rank (traced: DTensor's mm of the
+    all-gathered output gradient and lora_A's partial output), which AccumulateGrad keeps as it is."""
+    if not lora_tensor_parallel_shapes(config, model):
+        return 0
+    targets = resolve_lora_targets(config, model)
+    rank, local = config.lora_rank, -(-config.lora_rank // config.tp)
+    return sum(count * linear.out_features * (rank - local) for count, linears in model.layer_groups(layers)
+               for linear in linears if linear.name in targets and linear.name in ROW_PARALLEL)
 
 
 def _layer_tensors(model: ModelSpec, linears: tuple[LinearLayer, ...]) -> int:
@@ -130,7 +162,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
         routed = any(linear.experts > 1 for linear in linears)
         layer_other = (biases + model.norms_per_layer * model.norm_params + model.qk_norm_params
                        + (model.router_params if routed else 0) + sum(_layer_vectors(model, tp)))
-        lora_per_layer = _lora_params(config, linears, targets, tp)
+        lora_per_layer = _lora_params(config, linears, targets, tp, lora_tensor_parallel_shapes(config, model))
         total_linear += count * linear_weights
         linear_rows_total += count * linear_rows
         expert_total += count * expert_weights
@@ -167,8 +199,10 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
     )
     if config.uses_lora and (targets or head_adapters):
         # Only adapters train: the largest trainable tensor is an A (r x in) or B (out x r) matrix.
+        sharded = lora_tensor_parallel_shapes(config, model)
         largest = max(
-            (config.lora_rank * max(linear.in_features, linear.out_features) // tp
+            (max(_adapter_numels(config, linear, tp)) if sharded
+             else config.lora_rank * max(linear.in_features, linear.out_features) // tp
              for linear in all_linears if linear.name in targets), default=0
         )
         largest = max([largest, *head_adapters])
@@ -210,7 +244,9 @@ def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec, *,
             per_layer = []
             for name in resolve_lora_targets(config, model):
                 linear = _named(linears, name)
-                per_layer += [config.lora_rank * linear.in_features // tp, linear.out_features * config.lora_rank // tp]
+                per_layer += (list(_adapter_numels(config, linear, tp)) if lora_tensor_parallel_shapes(config, model)
+                              else [config.lora_rank * linear.in_features // tp,
+                                    linear.out_features * config.lora_rank // tp])
             numels += per_layer * count
             continue
         per_layer = [_linear_shard(linear, tp)[0] for linear in linears]
@@ -257,6 +293,10 @@ MOE_TENSOR_PARALLEL_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"
 # and OLMo 2's whole-width q/k norms run on the sequence, as OLMo-core's plan runs them; GPT-2 by Megatron-LM's GPT
 # plan on its Conv1D layers (memtui.engine.trace.tensor_parallel_gpt2).
 TENSOR_PARALLEL_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MOE_TENSOR_PARALLEL_FAMILIES)
+# peft's LoRA beside the plan, by NeMo Automodel's LoRA-aware Colwise and Rowwise styles (the adapters sharded with
+# their base layers, the norms kept frozen; memtui.engine.trace.tensor_parallel_lora): the plain, unfused linears
+# of the Llama layout (OLMo 2's whole-width q/k norms have their own SequenceParallel, which would train them).
+LORA_TENSOR_PARALLEL_FAMILIES = LLAMA_LAYOUT_FAMILIES
 # Phi-3 and OLMo 2 are cut as the Llama layout is (model.layers); GPT-2's transformer.h likewise, its token and
 # position embeddings on the first stage (Megatron-LM's pre_process), ln_f and the head on the last.
 PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2")
@@ -276,8 +316,16 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.intermediate_size % config.tp:
         return f"tp {config.tp} does not divide the experts' intermediate size {model.intermediate_size}"
-    if config.uses_lora or config.quant != "none" or config.offload != "none":
-        return "LoRA, quantized weights and offloading under tensor parallelism are not traced"
+    if config.quant != "none" or config.offload != "none":
+        return ("quantized weights and offloading under tensor parallelism are not traced (QLoRA: no stack found that "
+                "runs it with tensor parallelism; NeMo Automodel's QLoRA recipes run tp_size 1)")
+    if config.uses_lora and model.family not in LORA_TENSOR_PARALLEL_FAMILIES:
+        return (f"LoRA under tensor parallelism is traced for the Llama-layout families only (NeMo Automodel's "
+                f"LoRA-aware plan), not {model.family}")
+    if config.uses_lora and config.dp > 1 and config.zero <= 1:
+        return ("LoRA with DDP or ZeRO-1 beside tensor parallelism: PyTorch's _pre_dp_module_transform makes every "
+                "parameter a new, trainable nn.Parameter (the frozen base would train); with FSDP2 (--zero 2|3) it is "
+                "traced")
     if config.dp > 1 and config.zero <= 1 and model.family in MOE_TENSOR_PARALLEL_FAMILIES:
         return ("the MoE plan with DDP or ZeRO-1 beside tensor parallelism is not traced (with FSDP2, --zero 2 or 3, "
                 "it is)")
@@ -290,8 +338,8 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
 
 def tensor_parallel_whole_vocabulary_gradient(config: TrainingConfig, model: ModelSpec) -> int:
     """Bytes of the embedding gradient DTensor's RowwiseParallel embedding backward (embedding_dense_backward)
-    makes under the traced plan: the whole vocabulary's, not this rank's 1/tp."""
-    if tensor_parallel_refusal(config, model) is not None:
+    makes under the traced plan: the whole vocabulary's, not this rank's 1/tp. None under LoRA (frozen)."""
+    if tensor_parallel_refusal(config, model) is not None or config.uses_lora:
         return 0
     return model.vocab_size * model.hidden_size * config.weight_bytes
 

@@ -36,6 +36,10 @@ ln_2 and ln_f SequenceParallel, wte vocabulary-sharded and all-reduced, wpe repl
 scattered onto the sequence before the dropout (Megatron-LM's LanguageModelEmbedding with learned positions), the
 tied head with loss parallel.
 
+With peft's LoRA (the Llama-layout families), each Colwise, Rowwise and SequenceParallel style becomes NVIDIA NeMo
+Automodel's LoRA-aware twin on peft's layers (memtui.engine.trace.tensor_parallel_lora): the adapters sharded with
+their base layers, lora_A's output all-gathered on the Colwise ones, the norms left frozen.
+
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
 (ZeRO-2/3) as in torchtitan, or 3-D (dp_replicate, dp_shard, tp) for HSDP; with DDP (ZeRO-0/1) the parameters are
@@ -60,6 +64,7 @@ from memtui.engine.trace.moe_parallel import (
     moe_block_plan,
     moe_traced_lines,
 )
+from memtui.engine.trace.tensor_parallel_lora import LORA_TRACED_LINE, lora_aware
 from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients, tensor_data_lines, tensor_data_meshes
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
@@ -103,8 +108,11 @@ class TensorParallel:
                               "reduce-scattered onto the sequence, sequence parallel ln_1, ln_2 and ln_f; the "
                               "vocabulary-sharded wte all-reduced, the replicated wpe added on the whole sequence and "
                               "the sum scattered onto it before the dropout; the tied head with loss parallel")
-        self.traced[1:1] = moe_traced_lines(model)
-        self.restore = whole_sequence_masks(getattr(model, "transformer", None) or model.model, ranks=self.config.tp)
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside peft's wrapper
+        self.traced[1:1] = moe_traced_lines(causal)
+        if any(hasattr(module, "lora_A") for module in causal.modules()):
+            self.traced.insert(1, LORA_TRACED_LINE)
+        self.restore = whole_sequence_masks(getattr(causal, "transformer", None) or causal.model, ranks=self.config.tp)
         if self.data is not None:
             with _meshes_made_real():  # FSDP2 joins the dp and tp meshes; DDP runs on the dp group's local shards
                 return self.data.wrap(model, tracker)
@@ -221,6 +229,8 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         apply_gpt2_tensor_parallel(model, mesh, embedding=embedding, head=head)
         model.register_forward_hook(_local_loss)
         return
+    outer = model
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside peft's LoRA wrapper
     inner = model.model
     ends = {}
     if embedding:
@@ -228,7 +238,7 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
     if head:
         ends["model.norm"] = SequenceParallel()
         ends["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
-    parallelize_module(model, mesh, ends)
+    parallelize_module(model, mesh, lora_aware(model, ends))
     if model.config.tie_word_embeddings and embedding and head:
         # parallelize_module gave the embedding and the head a DTensor each; both are Shard(0) over the vocabulary,
         # so one parameter serves both again, tied after the plan as torchtitan ties Qwen3's and Llama's weights.
@@ -239,9 +249,9 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         if hasattr(layer.self_attn, "q_norm") and not whole_width:
             # Qwen3: each head's query and key normalised, as torchtitan's plan does: the projections' local heads
             # taken as Shard(2) of (batch, sequence, heads, head_dim)
-            parallelize_module(layer, mesh, {
+            parallelize_module(layer, mesh, lora_aware(layer, {
                 name: SequenceParallel(sequence_dim=2, use_local_output=True)
-                for name in ("self_attn.q_norm", "self_attn.k_norm")})
+                for name in ("self_attn.q_norm", "self_attn.k_norm")}))
         fused = hasattr(layer.self_attn, "qkv_proj")  # Phi-3: fused q/k/v and gate/up projections
         if fused:
             _rank_major_fused_rows(layer, tp=mesh.size())
@@ -267,7 +277,7 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
                 "self_attn.k_proj": ColwiseParallel(use_local_output=False),
                 "self_attn.q_norm": _sequence_parallel_onto_heads(),
                 "self_attn.k_norm": _sequence_parallel_onto_heads()})
-        parallelize_module(layer, mesh, {
+        parallelize_module(layer, mesh, lora_aware(layer, {
             **norms,
             # transformers passes the hidden states to self_attn by keyword, to mlp by position
             "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
@@ -285,7 +295,7 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
                     "mlp.gate_proj": ColwiseParallel(),
                     "mlp.up_proj": ColwiseParallel()}),
                 "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))}),
-        })
+        }))
         parallelize_module(layer, mesh, attention_sinks_plan(layer.self_attn))
 
     tp = mesh.size()
@@ -303,7 +313,8 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
         return args, kwargs
 
     inner.register_forward_pre_hook(whole_sequence_positions, with_kwargs=True)
-    model.register_forward_hook(_local_loss)
+    outer.register_forward_hook(_local_loss)
+
 
 
 def _local_loss(_module, _args, output):

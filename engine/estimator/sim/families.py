@@ -118,9 +118,31 @@ def make_linear(sim: Sim, params: LayerParams, name: str, d_in: int, d_out: int,
     if bias:
         params.biases[name] = sim.parameter(const(d_out), dtype, name=name + ".bias", trainable=not frozen_base)
     if name in opts.lora_targets:
-        a = sim.parameter(const(d_in * opts.lora_rank), opts.lora_dtype, name=name + ".lora_A", trainable=True)
-        b = sim.parameter(const(opts.lora_rank * d_out), opts.lora_dtype, name=name + ".lora_B", trainable=True)
+        rank_a = rank_b = opts.lora_rank
+        parallel = _adapter_parallelism(name, opts)
+        if parallel == "column":  # ColwiseParallelLora: A's rows sharded (B's with the base layer's: d_out)
+            rank_a = _local_rank(opts)
+        elif parallel == "row":  # RowwiseParallelLora: B's columns sharded (A's with the base layer's: d_in)
+            rank_b = _local_rank(opts)
+        a = sim.parameter(const(d_in * rank_a), opts.lora_dtype, name=name + ".lora_A", trainable=True)
+        b = sim.parameter(const(rank_b * d_out), opts.lora_dtype, name=name + ".lora_B", trainable=True)
         params.lora[name] = (a, b)
+
+
+# RowwiseParallel in the traced tensor-parallel plan of the Llama layout; the other projections are Colwise.
+ROW_PARALLEL_LINEARS = ("o_proj", "down_proj")
+
+
+def _adapter_parallelism(name: str, opts: Options) -> str:
+    """How NeMo Automodel's LoRA-aware plan shards this linear's adapters: "column", "row", or "" (one GPU)."""
+    if opts.sequence_parallel == 1:
+        return ""
+    return "row" if name in ROW_PARALLEL_LINEARS else "column"
+
+
+def _local_rank(opts: Options) -> int:
+    """The sharded rank dimension on rank 0 (DTensor's Shard: the first ranks take the larger chunks)."""
+    return -(-opts.lora_rank // opts.sequence_parallel)
 
 
 def norm_weight(sim: Sim, width: int, opts: Options, name: str) -> Tensor:
@@ -141,7 +163,7 @@ def apply_linear(sim: Sim, x: Tensor, params: LayerParams, name: str, d_in: int,
         return result
     if getattr(weight, "quantized", False):
         return lora_branch_bnb(sim, x, result, params.lora[name], d_in, d_out, opts)
-    return lora_branch(sim, x, result, params.lora[name], d_in, d_out, opts)
+    return lora_branch(sim, x, result, params.lora[name], d_in, d_out, opts, parallel=_adapter_parallelism(name, opts))
 
 
 def lora_branch_bnb(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor, Tensor], d_in: int, d_out: int, opts: Options) -> Tensor:
@@ -178,19 +200,31 @@ def lora_branch_bnb(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor,
 
 
 def lora_branch(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor, Tensor], d_in: int, d_out: int, opts: Options,
-                *, strided: bool = False) -> Tensor:
+                *, strided: bool = False, parallel: str = "") -> Tensor:
     """peft's lora.Linear.forward: result + lora_B(lora_A(dropout(x))) * scaling (dropout: nn.Identity at 0).
     `strided`: x is a non-contiguous view (a sequence chunk of a batch), which lora_A's reshape copies when
-    neither the dtype cast, the dropout nor autocast made a contiguous tensor of it first."""
+    neither the dtype cast, the dropout nor autocast made a contiguous tensor of it first. `parallel`: NeMo
+    Automodel's LoRA-aware tensor-parallel styles (memtui.engine.trace.tensor_parallel_lora): "column", lora_A's
+    output (the rank's rows of A) all-gathered before lora_B; "row", lora_A's output a partial sum that lora_B
+    (the rank's columns of B) reduce-scatters inside its matmul."""
     lora_a, lora_b = adapters
     rank = opts.lora_rank
     x_in = ops.cast(sim, x, lora_a.dtype)  # peft casts the input to the adapter's dtype
     x_in = chain(sim, x_in, lambda sim_, t: ops.dropout(sim_, t, opts.lora_dropout))
     if strided and x_in is x and (sim.autocast_dtype is None or x.dtype == sim.autocast_dtype):
         x_in = chain(sim, x_in, ops.contiguous_copy)
-    hidden = ops.linear(sim, x_in, lora_a, rank, d_in)
-    sim.drop(x_in)
-    delta = ops.linear(sim, hidden, lora_b, d_out, rank)
+    if parallel == "column":
+        local = ops.linear(sim, x_in, lora_a, _local_rank(opts), d_in)
+        sim.drop(x_in)
+        hidden = ops.all_gather_columns(sim, local, opts.sequence_parallel, rank / _local_rank(opts))
+        sim.drop(local)
+    else:
+        hidden = ops.linear(sim, x_in, lora_a, rank, d_in)
+        sim.drop(x_in)
+    if parallel == "row":
+        delta = ops.partial_input_linear(sim, hidden, lora_b, d_out, rank, _local_rank(opts))
+    else:
+        delta = ops.linear(sim, hidden, lora_b, d_out, rank)
     sim.drop(hidden)
     scaled = ops.mul_scalar(sim, delta)
     sim.drop(delta)

@@ -8,7 +8,7 @@ backward formula allocates, in order. Sizes are element counts as linear forms
 
 from __future__ import annotations
 
-from memtui.engine.estimator.sim.core import LF, Sim, Tensor, lf_scale
+from memtui.engine.estimator.sim.core import LF, Sim, Tensor, const, lf_scale
 
 _PROMOTION = {"f32": 3, "bf16": 2, "f16": 2, "i64": 1, "i32": 1, "bool": 0, "u8": 0, "i8": 0}
 
@@ -96,7 +96,7 @@ def linear(sim: Sim, x: Tensor, weight: Tensor, out_features: int, in_features: 
 
 
 def _weight_matmul(sim: Sim, x_c: Tensor, weight_c: Tensor, bias_c: Tensor | None, out_features: int, in_features: int,
-                   *, op: str = "linear") -> Tensor:
+                   *, op: str = "linear", backward=_linear_backward) -> Tensor:
     """x @ W (+ b) on operands already cast; consumes their references."""
     elems = lf_scale(x_c.elems, out_features / in_features)
     saved = []
@@ -109,9 +109,33 @@ def _weight_matmul(sim: Sim, x_c: Tensor, weight_c: Tensor, bias_c: Tensor | Non
         out = Tensor(elems=elems, dtype=x_c.dtype, alive=False)  # never allocated: record() ends the recompute
     else:
         out = sim.policy_saved(elems, x_c.dtype, name="linear", op="addmm" if bias_c is not None else "mm")
-    sim.record(op, out, inputs, saved, _linear_backward)
+    sim.record(op, out, inputs, saved, backward)
     sim.drop(bias_c, weight_c, x_c)
     return out
+
+
+def partial_input_linear(sim: Sim, x: Tensor, weight: Tensor, out_features: int, in_features: int,
+                         local_in: int) -> Tensor:
+    """DTensor's F.linear of a Partial input (RowwiseParallelLora's lora_A output) with a Shard(1) weight (lora_B:
+    `local_in` of its `in_features` columns): the input is reduce-scattered onto its columns inside the op (a
+    temporary the trace does not see), the output partial. Backward makes the weight's gradient Partial, every
+    column of it (what AccumulateGrad keeps), and the input's on the rank's columns."""
+    weight_c = autocast_operand(sim, weight)
+    x_c = autocast_operand(sim, x)
+
+    def backward(sim: Sim, node, grad):
+        source, weight = node.inputs[0], node.inputs[1]
+        results = []
+        grad_weight = sim.new(const(out_features * in_features), grad.dtype, name="mm grad weight (partial)") \
+            if weight.requires_grad else None
+        if source.requires_grad:
+            results.append((source, sim.new(lf_scale(source.elems, local_in / in_features), grad.dtype,
+                                            name="mm grad input (rank's columns)")))
+        if grad_weight is not None:
+            results.append((weight, grad_weight))
+        return results
+
+    return _weight_matmul(sim, x_c, weight_c, None, out_features, in_features, backward=backward)
 
 
 def matmul(sim: Sim, a: Tensor, b: Tensor, out_elems: LF) -> Tensor:
@@ -625,6 +649,17 @@ def _gather_tokens_backward(sim: Sim, node, grad):
     scattered = sim.new(source.elems, grad.dtype, name="reduce-scatter")
     sim.drop(arranged)
     return [(source, scattered)]
+
+
+def all_gather_columns(sim: Sim, x: Tensor, ranks: int, whole: float) -> Tensor:
+    """ColwiseParallelLora's hook on lora_A: its output, this rank's columns, all-gathered to `whole` times its
+    size: funcol gathers every rank's shard into one buffer (dimension 0) and cat() lays the columns out; the
+    gradient is reduce-scattered back (a cat of the chunks, then the rank's shard)."""
+    buffer = sim.new(lf_scale(x.elems, ranks), x.dtype, name="all-gather buffer")
+    out = sim.new(lf_scale(x.elems, whole), x.dtype, name="all-gather (cat)")
+    sim.drop(buffer)
+    sim.record("all_gather", out, [x], [], _gather_tokens_backward)
+    return out
 
 
 def all_gather_tokens(sim: Sim, x: Tensor, ranks: int) -> Tensor:

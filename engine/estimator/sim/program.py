@@ -287,6 +287,14 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     if opts.family == "gemma3":
         # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled.
         x = chain(sim, x, ops.mul_scalar)
+    if opts.lora_rank > 0 and opts.checkpointing != "none":
+        # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
+        # embedding's output requires grad, so what follows it (GPT-2's dropout) saves for backward. Its hook runs
+        # before DTensor's output redistribution: under sequence parallelism the leaf is the whole sequence's.
+        x.requires_grad = True
+        input_leaf = sim.ref(x)  # a leaf that requires grad: autograd's graph holds it until backward is done
+    else:
+        input_leaf = None
     if opts.sequence_parallel > 1 and embed is not None and gpt2:
         # Megatron-LM with learned positions: the word embeddings all-reduced (RowwiseParallel(output Replicate)),
         # scattered onto the sequence only after the position embeddings are added
@@ -300,13 +308,6 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     # The model's forward keeps its inputs_embeds (the embedding's output, or the hidden states handed to a later
     # pipeline stage) referenced until it returns, past the first layer that consumes them.
     model_locals = [sim.ref(x)]
-    if opts.lora_rank > 0 and opts.checkpointing != "none":
-        # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
-        # embedding's output requires grad, so what follows it (GPT-2's dropout) saves for backward.
-        x.requires_grad = True
-        input_leaf = sim.ref(x)  # a leaf that requires grad: autograd's graph holds it until backward is done
-    else:
-        input_leaf = None
     if gpt2 and embed is not None:
         # GPT2Model: wte(ids) + wpe(arange(s)), then the embedding dropout.
         position_ids = sim.new(per_position(1), "i64", name="position_ids")
