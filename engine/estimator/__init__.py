@@ -263,18 +263,23 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     grads_full = layout.trainable_params * trainable_bytes(config)
     states_full, one_state_group, paged = _optimizer_state_bytes(config, model, layout)
 
-    layer_weight_bytes = layout.largest_layer_params * (_gathered_bytes(config) if config.quant == "none" else 1)
+    follows_fsdp2 = _follows_fsdp2(config, zero)
+    layer_weight_bytes = (_fsdp2_layer_bytes(config, layout) if follows_fsdp2 or config.quant == "none"
+                          else layout.largest_layer_params)
     # Every parameter as FSDP2 gathers it for compute: in bf16 where it casts them (full fine-tunes only).
     unsharded = weights_full * _gathered_bytes(config) // config.weight_bytes
+    # A rank's 1/dp shards, and what no rank shards (a 4-bit layer's quantization statistics).
+    whole = _nf4_statistics_bytes(config, layout) if follows_fsdp2 else 0
+    shards = (weights_full - whole) // dp + whole
     weights = weights_full
     gathered = 0  # ZeRO-3: the layer being computed and the one prefetched, unsharded
     if zero >= 3:
-        weights = weights_full // dp
+        weights = shards
         gathered = min(2, layout.layers) * layer_weight_bytes
     elif zero == 2 and config.offload == "none":
         # FSDP2 without resharding after forward: the 1/dp shards stay beside the gathered weights,
         # and the last layer's all-gather buffer is held until the next all-gather.
-        gathered = weights_full // dp + layer_weight_bytes - (weights_full - unsharded)
+        gathered = shards - whole + layer_weight_bytes - (weights_full - unsharded)
     if config.offload == "optimizer+params":
         weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
         gathered = min(2, layout.layers) * layer_weight_bytes
@@ -305,7 +310,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         if zero >= 2:
             gradients = 0  # ZeRO-Offload streams gradients to the CPU as they are reduced
     # What stays between steps and through the optimizer step: FSDP2 frees gathered weights after backward.
-    resting_weights = weights_full // dp if zero == 2 and config.offload == "none" else weights
+    resting_weights = shards if zero == 2 and config.offload == "none" else weights
     # PyTorch DDP (ZeRO-0/1 across ranks) copies every gradient into flat bucket buffers for the
     # all-reduce and keeps them from the first backward on (gradient_as_bucket_view=False, the default).
     ddp_buckets = grads_full if config.dp > 1 and zero <= 1 else 0
@@ -351,12 +356,44 @@ def _optimizer_step_temporaries(config: TrainingConfig, layout: ParamLayout, on_
     return temporaries
 
 
+def _follows_fsdp2(config: TrainingConfig, zero: int) -> bool:
+    """Whether the estimator follows FSDP2's program as `memtui trace --gpus N --zero 2|3` runs it: not beside
+    offloading or pipeline stages; on unquantized weights, or on bitsandbytes' 4-bit ones without tensor parallelism
+    (QLoRA: the packed weights sharded, their quantization statistics whole on every rank)."""
+    return (zero >= 2 and config.offload == "none" and config.pp == 1
+            and (config.quant == "none" or (config.quant == "nf4" and config.tp == 1)))
+
+
+def _nf4_statistics_bytes(config: TrainingConfig, layout: ParamLayout) -> int:
+    """Bytes of the 4-bit layers' quantization statistics (absmax, nested absmax) where FSDP2 shards the packed
+    weights: bitsandbytes keeps them in the layer's QuantState, not a parameter, so every rank holds them whole."""
+    if config.quant != "nf4":
+        return 0
+    return int((layout.linear_weight_params - layout.expert_params) * (NF4_BYTES_PER_PARAM - 0.5))
+
+
+def _fsdp2_layer_bytes(config: TrainingConfig, layout: ParamLayout) -> int:
+    """The largest decoder layer's parameters as FSDP2 gathers them: under QLoRA the packed 4-bit weights (half a
+    byte each), the 16-bit (k-bit prep: fp32) unquantized ones and the adapters."""
+    if config.quant == "none":
+        return layout.largest_layer_params * _gathered_bytes(config)
+    quantized, experts, other, adapters = layout.largest_layer_parts
+    return int(quantized * 0.5) + (experts + other) * _unquantized_bytes(config) + adapters * config.adapter_bytes
+
+
+def _unquantized_bytes(config: TrainingConfig) -> int:
+    """Bytes per element of a quantized base's unquantized parameters (norms, embeddings, head, biases): 16-bit,
+    fp32 after peft's k-bit prep."""
+    return 4 if config.kbit_prep else 2
+
+
 def _fsdp2_root_bytes(config: TrainingConfig, model: ModelSpec, zero: int) -> int:
     """FSDP2's root group (`fully_shard` on the model: embeddings, final norm, head) as gathered on this GPU, or 0
-    where the estimator does not follow FSDP2's program (ZeRO-0/1, offloading, pipeline stages, quantized weights)."""
-    if not (zero >= 2 and config.offload == "none" and config.pp == 1 and config.quant == "none"):
+    where the estimator does not follow FSDP2's program (ZeRO-0/1, offloading, pipeline stages, int8 weights)."""
+    if not _follows_fsdp2(config, zero):
         return 0
-    return _fsdp2_root_params(config, model) * _gathered_bytes(config)
+    return _fsdp2_root_params(config, model) * (_gathered_bytes(config) if config.quant == "none"
+                                                else _unquantized_bytes(config))
 
 
 def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moment: Moment,
@@ -366,7 +403,7 @@ def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: Para
     layer's all-gather buffer is freed at the root's post-forward, so backward does not hold it. ZeRO-3: two layers
     in flight in forward and in backward, one at the loss and at backward's first moments (the last layer,
     gathered again, before its grads)."""
-    if not (on_gpu.zero >= 2 and config.offload == "none" and config.pp == 1 and config.quant == "none"):
+    if not _follows_fsdp2(config, on_gpu.zero):
         return 0
     layer_buffer = on_gpu.layer_weight_bytes if moment.phase == "backward" and moment.gradients == 0 else 0
     if on_gpu.zero == 2:

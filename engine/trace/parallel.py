@@ -17,6 +17,10 @@ it (memtui.engine.live.distributed):
   G ranks, the gradients' shards all-reduced across the replicas in place (the
   reduce-scatter output they live in is the all-reduce's buffer).
 
+QLoRA's 4-bit layers (memtui's bitsandbytes replicas) ride along: DDP buckets only the adapters' gradients, and
+FSDP2 shards the packed weights as bitsandbytes' FSDP support does (QLORA_FSDP2). Refused, and then modelled on a
+single-GPU trace (data_parallel_refusal): offloading and LLM.int8 under FSDP2.
+
 Two things the fake backend cannot do are worked around, allocating as the
 real program does: its all-reduce returns no tensor (a comm hook reduces the
 bucket in place, as NCCL does), and DDP's bucket rebuild reads the bucket
@@ -34,12 +38,27 @@ from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
 
+def data_parallel_refusal(config: TrainingConfig) -> str | None:
+    """Why the trace cannot run this configuration's real data-parallel program (it is then modelled), or None.
+    Tensor and pipeline parallelism have traces of their own (memtui.engine.trace.tensor_parallel, .pipeline)."""
+    if config.dp == 1 or config.tp > 1 or config.pp > 1:
+        return "no data parallelism alone"
+    if config.offload == "optimizer" or (config.offload != "none" and config.zero <= 1):
+        return ("--offload optimizer and offloading beside DDP are DeepSpeed's ZeRO-Offload (the optimizer states and "
+                "step on the CPU, the parameters on the GPU), which PyTorch's DDP and FSDP2 have no policy for")
+    if config.offload != "none":
+        return ("FSDP2's CPUOffloadPolicy (the shards, their gradients and the optimizer step on the CPU) is not traced: "
+                "the trace's tensors all stand for the GPU's, so it cannot tell the host's shards from the device's")
+    if config.quant == "int8" and config.zero >= 2:
+        return ("LLM.int8 under FSDP2: bitsandbytes' Int8Params keeps its row scales on the parameter, which FSDP2's "
+                "sharding drops (bitsandbytes shards only 4-bit weights, whose Params4bit keeps its QuantState "
+                "through torch.chunk)")
+    return None
+
+
 def traces_data_parallel(config: TrainingConfig) -> bool:
-    """Whether the trace can run this configuration's real data-parallel program (else it is modelled).
-    Not yet: offloading, tensor / pipeline parallelism, and quantized weights (FSDP2 runs over
-    memtui's bitsandbytes replicas, but whether they shard as bitsandbytes' own do is unchecked)."""
-    return (config.dp > 1 and config.tp == 1 and config.pp == 1
-            and config.offload == "none" and config.quant == "none")
+    """Whether the trace can run this configuration's real data-parallel program (else it is modelled)."""
+    return data_parallel_refusal(config) is None
 
 
 def _decoder_layers(model: torch.nn.Module, count: int) -> list[torch.nn.Module]:
@@ -48,6 +67,16 @@ def _decoder_layers(model: torch.nn.Module, count: int) -> list[torch.nn.Module]
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return list(module)
     return []
+
+
+# What `--zero 2|3 --quant nf4` runs: bitsandbytes' own FSDP support (HF accelerate + peft, Answer.AI's fsdp_qlora),
+# not torchtune's torchao NF4Tensor (which shards the scalers too). Params4bit's torch.chunk keeps its QuantState,
+# Linear4bit restores it from the module after the all-gather (fix_4bit_weight_quant_state_from_module), and FSDP2
+# all-gathers a group of mixed dtypes as bytes.
+QLORA_FSDP2 = ("QLoRA under FSDP2 as bitsandbytes shards it (HF accelerate + peft, Answer.AI's fsdp_qlora; not "
+               "torchtune's torchao NF4Tensor): the packed 4-bit weights sharded and all-gathered with the layer's "
+               "adapters and norms (one byte-wise buffer for the mixed dtypes), their quantization statistics "
+               "(absmax, nested absmax, code) whole on every rank, as the layer's QuantState")
 
 
 class DataParallel:
@@ -82,6 +111,8 @@ class DataParallel:
                          "autocast casting (as memtui's live runs)")
             self.traced = [f"FSDP2 fully_shard per decoder layer and root at {where} (rank 0 of a fake process "
                            f"group), reshard_after_forward={reshard}, {precision}"]
+            if config.quant == "nf4":
+                self.traced.append(QLORA_FSDP2)
             self.modelled = []
 
     # ---- run_fake_steps' hooks ----------------------------------------------
