@@ -133,6 +133,8 @@ def matrix() -> list[dict]:
             ("llama-3.2-1b", 2, 2, "1f1b", {"lora_rank": 16}), ("llama-3.2-3b", 8, 4, "gpipe", {"lora_rank": 16, "zero": 0}),
             # QLoRA: the stages send 16-bit hidden states (the base parameters' dtype)
             ("llama-3.2-1b", 2, 2, "1f1b", {"lora_rank": 16, "quant": "nf4"}),
+            # and with DDP on each stage (the frozen 4-bit weights outside the buckets)
+            ("llama-3.2-1b", 4, 2, "1f1b", {"lora_rank": 16, "quant": "nf4", "zero": 0}),
             # Phi-3, OLMo 2 (its received input's autocast cast shared by q/k/v) and GPT-2 (embeddings on the first
             # stage as Megatron-LM's pre_process) cut into stages
             ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {})):

@@ -346,8 +346,8 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
             or config.optimizer_in_backward or config.precision == "16-mixed"):
         return ("offloading, the chunked and fused losses, gradient accumulation, the optimizer in backward and fp16 "
                 "loss scaling under pipeline parallelism are not traced")
-    if config.quant != "none" and (config.tp > 1 or config.dp > 1):
-        return "quantized weights under pipeline parallelism with tensor or data parallelism are not traced"
+    if config.quant != "none" and (config.tp > 1 or (config.dp > 1 and config.zero >= 2)):
+        return "quantized weights under pipeline parallelism with tensor parallelism or FSDP2 are not traced"
     if config.uses_lora and config.tp > 1:
         return "LoRA under pipeline and tensor parallelism together is not traced"
     if config.uses_lora and config.dp > 1 and config.zero >= 2:
