@@ -103,6 +103,14 @@ def matrix() -> list[dict]:
              {"model": "llama-3.1-8b", **qlora, "gpus": 8, "zero": 3, "lora_targets": "all-linear"},
              {"model": "llama-3.1-70b", **qlora, "precision": "bf16-true", "seq_len": 2048, "gpus": 2, "zero": 3,
               "checkpointing": "full"}]
+    # --zero 3 --offload optimizer+params over several GPUs: FSDP2's CPUOffloadPolicy (shards, gradients and the
+    # optimizer step on the host)
+    base = {"precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "zero": 3, "offload": "optimizer+params"}
+    rows += [{"model": "llama-3.2-1b", **base, "gpus": 4},
+             {"model": "qwen2.5-0.5b", **base, "gpus": 8, "checkpointing": "full"},
+             {"model": "llama-3.2-1b", **base, "gpus": 4, "lora_rank": 16, "quant": "nf4"},
+             {"model": "llama-3.1-70b", **base, "precision": "bf16-true", "seq_len": 8192, "gpus": 2,
+              "lora_rank": 16, "quant": "nf4", "checkpointing": "full"}]
     for gpus in (8, 128):  # torchtitan's Llama 3 8B runs of docs/measured.md
         rows.append({"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192,
                      "gpus": gpus, "zero": 3, "checkpointing": "selective-op", "fsdp_param_dtype": "compute"})

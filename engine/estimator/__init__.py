@@ -231,12 +231,13 @@ class _StatesOnGpu:
     root_gradients: int = 0  # the root group's gradients made before the embedding's (an untied head's, the norm's)
     reduce_widening: int = 1  # reduced (sharded) gradient bytes per byte autograd made: 2 where FSDP2 reduces bf16 in fp32
     layers_gradients: int = 0  # the decoder layers' gradients as autograd makes them (FSDP2: beyond them, the root's)
+    host_shards: bool = False  # FSDP2's CPUOffloadPolicy: the shards and their reduced gradients in host memory
 
     def gradients_at(self, unsharded: int, offload: str) -> int:
         """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced. FSDP2 reduces the
         root group's only at backward's end: the head's, made first, stays whole until then."""
         if self.zero >= 2:
-            if offload != "none":
+            if offload != "none" and not self.host_shards:
                 return 0
             held = min(unsharded, self.root_gradients)
             layers = min(unsharded - held, self.layers_gradients)
@@ -246,7 +247,8 @@ class _StatesOnGpu:
             # post-backward.
             per_layer = self.layer_grads // self.reduce_widening
             finished, in_progress = divmod(layers, max(per_layer, 1))
-            return held + finished * self.layer_grads // self.dp + (self.layer_grads if finished else 0) + in_progress
+            shards = 0 if self.host_shards else finished * self.layer_grads // self.dp  # on the host, offloaded
+            return held + shards + (self.layer_grads if finished else 0) + in_progress
         return unsharded
 
 
@@ -281,7 +283,9 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         # and the last layer's all-gather buffer is held until the next all-gather.
         gathered = shards - whole + layer_weight_bytes - (weights_full - unsharded)
     if config.offload == "optimizer+params":
-        weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
+        # Between steps; the layer computed and the one prefetched are gathered onto the GPU. FSDP2 (CPUOffloadPolicy)
+        # offloads parameters only: a 4-bit layer's quantization statistics stay on the GPU.
+        weights = whole
         gathered = min(2, layout.layers) * layer_weight_bytes
     tp_embedding_extra = tensor_parallel_embedding_gradient_extra(config, model) if layout.embedding else 0
     root_weights = _fsdp2_root_bytes(config, model, zero)
@@ -324,6 +328,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         reduce_widening=trainable_bytes(config) // _autograd_gradient_bytes(config),
         layers_gradients=(layout.trainable_params - root_params) * _autograd_gradient_bytes(config)
         if root_weights and not config.uses_lora else grads_full,
+        host_shards=follows_fsdp2 and config.offload != "none",
     )
     return on_gpu, one_state_group
 
@@ -358,9 +363,13 @@ def _optimizer_step_temporaries(config: TrainingConfig, layout: ParamLayout, on_
 
 def _follows_fsdp2(config: TrainingConfig, zero: int) -> bool:
     """Whether the estimator follows FSDP2's program as `memtui trace --gpus N --zero 2|3` runs it: not beside
-    offloading or pipeline stages; on unquantized weights, or on bitsandbytes' 4-bit ones without tensor parallelism
-    (QLoRA: the packed weights sharded, their quantization statistics whole on every rank)."""
-    return (zero >= 2 and config.offload == "none" and config.pp == 1
+    pipeline stages; on unquantized weights, or on bitsandbytes' 4-bit ones without tensor parallelism (QLoRA: the
+    packed weights sharded, their quantization statistics whole on every rank); with --offload optimizer+params
+    over several ranks without tensor parallelism as CPUOffloadPolicy (not DeepSpeed's ZeRO-Offload: one GPU)."""
+    offload = config.offload == "none" or (config.offload == "optimizer+params" and config.shard_ranks > 1
+                                           and config.tp == 1 and not config.optimizer_in_backward
+                                           and config.grad_accum == 1)
+    return (zero >= 2 and offload and config.pp == 1
             and (config.quant == "none" or (config.quant == "nf4" and config.tp == 1)))
 
 
@@ -443,8 +452,8 @@ def _fsdp2_root_moments(config: TrainingConfig, model: ModelSpec, moments: list[
             root_params = _fsdp2_root_params(config, model)
             unsharded = root_params * _autograd_gradient_bytes(config)
             reduce_input = root_params * trainable_bytes(config)
-            moments.append(StepMoment("backward", on_gpu.resting_weights,
-                                      on_gpu.layers_gradients * on_gpu.reduce_widening // on_gpu.dp, 0,
+            shards = 0 if on_gpu.host_shards else on_gpu.layers_gradients * on_gpu.reduce_widening // on_gpu.dp
+            moments.append(StepMoment("backward", on_gpu.resting_weights, shards, 0,
                                       unsharded + reduce_input + on_gpu.ddp_buckets + workspace))
     return moments
 

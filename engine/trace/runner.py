@@ -19,10 +19,10 @@ and pipeline parallelism (every rank of torch.distributed.pipelining's
 schedules, memtui.engine.trace.pipeline), alone, with DDP, ZeRO-1, FSDP2 or HSDP
 on each stage, or with that tensor parallelism (and FSDP2) on a (pp, dp, tp)
 mesh (DDP, ZeRO-1 or HSDP beside the tensor parallelism too, with or without
-the pipeline); QLoRA's 4-bit weights under DDP, ZeRO-1 and FSDP2 too
-(memtui.engine.trace.parallel). Offloading, LLM.int8 under FSDP2 and tensor
-parallelism outside that plan are still modelled by the estimator on top of a
-single-GPU trace.
+the pipeline); QLoRA's 4-bit weights under DDP, ZeRO-1 and FSDP2 too, and FSDP2's
+CPUOffloadPolicy for --zero 3 --offload optimizer+params (memtui.engine.trace.parallel).
+DeepSpeed's optimizer-only offload, LLM.int8 under FSDP2 and tensor parallelism
+outside that plan are still modelled by the estimator on top of a single-GPU trace.
 
 A deep single-GPU model of a family whose layers are all alike is traced at 5 and 6 layers, and its log built
 from the 5-layer one by repeating a middle layer (memtui.engine.trace.extend), once that construction has given
