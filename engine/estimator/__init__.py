@@ -368,7 +368,7 @@ def _follows_fsdp2(config: TrainingConfig, zero: int) -> bool:
     over several ranks without tensor parallelism as CPUOffloadPolicy (not DeepSpeed's ZeRO-Offload: one GPU)."""
     offload = config.offload == "none" or (config.offload == "optimizer+params" and config.shard_ranks > 1
                                            and config.tp == 1 and not config.optimizer_in_backward
-                                           and config.grad_accum == 1)
+                                           and config.grad_accum == 1 and config.precision != "16-mixed")
     return (zero >= 2 and offload and config.pp == 1
             and (config.quant == "none" or (config.quant == "nf4" and config.tp == 1)))
 

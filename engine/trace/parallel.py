@@ -48,9 +48,10 @@ def data_parallel_refusal(config: TrainingConfig) -> str | None:
     if config.offload == "optimizer" or (config.offload != "none" and config.zero <= 1):
         return ("--offload optimizer and offloading beside DDP are DeepSpeed's ZeRO-Offload (the optimizer states and "
                 "step on the CPU, the parameters on the GPU), which PyTorch's DDP and FSDP2 have no policy for")
-    if config.offload != "none" and (config.grad_accum > 1 or config.optimizer_in_backward):
-        return ("gradient accumulation and the optimizer in backward under CPUOffloadPolicy (their gradients added "
-                "or stepped on the CPU) are not traced")
+    if config.offload != "none" and (config.grad_accum > 1 or config.optimizer_in_backward
+                                     or config.precision == "16-mixed"):
+        return ("gradient accumulation, the optimizer in backward and fp16 loss scaling under CPUOffloadPolicy (their "
+                "gradients added, stepped or unscaled on the CPU) are not traced")
     if config.quant == "int8" and config.zero >= 2:
         return ("LLM.int8 under FSDP2: bitsandbytes' Int8Params keeps its row scales on the parameter, which FSDP2's "
                 "sharding drops (bitsandbytes shards only 4-bit weights, whose Params4bit keeps its QuantState "
