@@ -107,6 +107,24 @@ def matrix() -> list[dict]:
         base = {"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": 8,
                 "fsdp_param_dtype": "compute"}
         rows += [{**base, "zero": 2}, {**base, "zero": 3}, {**base, "zero": 3, "checkpointing": "full"}]
+    # QLoRA: DDP and ZeRO-1 beside the frozen 4-bit weights, FSDP2 / HSDP as bitsandbytes shards them (the packed
+    # weights sharded, their quantization statistics whole on every rank)
+    qlora = {"precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "lora_rank": 16, "quant": "nf4"}
+    for zero in (0, 1, 2, 3):
+        rows.append({"model": "llama-3.2-1b", **qlora, "gpus": 4, "zero": zero})
+    rows += [{"model": "llama-3.2-1b", **qlora, "gpus": 8, "zero": 3, "shard_group": 2},
+             {"model": "qwen2.5-0.5b", **qlora, "gpus": 8, "zero": 3, "kbit_prep": True, "checkpointing": "full"},
+             {"model": "llama-3.1-8b", **qlora, "gpus": 8, "zero": 3, "lora_targets": "all-linear"},
+             {"model": "llama-3.1-70b", **qlora, "precision": "bf16-true", "seq_len": 2048, "gpus": 2, "zero": 3,
+              "checkpointing": "full"}]
+    # --zero 3 --offload optimizer+params over several GPUs: FSDP2's CPUOffloadPolicy (shards, gradients and the
+    # optimizer step on the host)
+    base = {"precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "zero": 3, "offload": "optimizer+params"}
+    rows += [{"model": "llama-3.2-1b", **base, "gpus": 4},
+             {"model": "qwen2.5-0.5b", **base, "gpus": 8, "checkpointing": "full"},
+             {"model": "llama-3.2-1b", **base, "gpus": 4, "lora_rank": 16, "quant": "nf4"},
+             {"model": "llama-3.1-70b", **base, "precision": "bf16-true", "seq_len": 8192, "gpus": 2,
+              "lora_rank": 16, "quant": "nf4", "checkpointing": "full"}]
     for gpus in (8, 128):  # torchtitan's Llama 3 8B runs of docs/measured.md
         rows.append({"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192,
                      "gpus": gpus, "zero": 3, "checkpointing": "selective-op", "fsdp_param_dtype": "compute"})
@@ -137,6 +155,8 @@ def matrix() -> list[dict]:
             ("llama-3.2-1b", 2, 2, "1f1b", {"lora_rank": 16}), ("llama-3.2-3b", 8, 4, "gpipe", {"lora_rank": 16, "zero": 0}),
             # QLoRA: the stages send 16-bit hidden states (the base parameters' dtype)
             ("llama-3.2-1b", 2, 2, "1f1b", {"lora_rank": 16, "quant": "nf4"}),
+            # and with DDP on each stage (the frozen 4-bit weights outside the buckets)
+            ("llama-3.2-1b", 4, 2, "1f1b", {"lora_rank": 16, "quant": "nf4", "zero": 0}),
             # Phi-3, OLMo 2 (its received input's autocast cast shared by q/k/v) and GPT-2 (embeddings on the first
             # stage as Megatron-LM's pre_process) cut into stages
             ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {})):

@@ -232,12 +232,13 @@ class _StatesOnGpu:
     root_gradients: int = 0  # the root group's gradients made before the embedding's (an untied head's, the norm's)
     reduce_widening: int = 1  # reduced (sharded) gradient bytes per byte autograd made: 2 where FSDP2 reduces bf16 in fp32
     layers_gradients: int = 0  # the decoder layers' gradients as autograd makes them (FSDP2: beyond them, the root's)
+    host_shards: bool = False  # FSDP2's CPUOffloadPolicy: the shards and their reduced gradients in host memory
 
     def gradients_at(self, unsharded: int, offload: str) -> int:
         """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced. FSDP2 reduces the
         root group's only at backward's end: the head's, made first, stays whole until then."""
         if self.zero >= 2:
-            if offload != "none":
+            if offload != "none" and not self.host_shards:
                 return 0
             held = min(unsharded, self.root_gradients)
             layers = min(unsharded - held, self.layers_gradients)
@@ -247,7 +248,8 @@ class _StatesOnGpu:
             # post-backward.
             per_layer = self.layer_grads // self.reduce_widening
             finished, in_progress = divmod(layers, max(per_layer, 1))
-            return held + finished * self.layer_grads // self.dp + (self.layer_grads if finished else 0) + in_progress
+            shards = 0 if self.host_shards else finished * self.layer_grads // self.dp  # on the host, offloaded
+            return held + shards + (self.layer_grads if finished else 0) + in_progress
         return unsharded
 
 
@@ -264,20 +266,27 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     grads_full = layout.trainable_params * trainable_bytes(config)
     states_full, one_state_group, paged = _optimizer_state_bytes(config, model, layout)
 
-    layer_weight_bytes = layout.largest_layer_params * (_gathered_bytes(config) if config.quant == "none" else 1)
+    follows_fsdp2 = _follows_fsdp2(config, zero)
+    layer_weight_bytes = (_fsdp2_layer_bytes(config, layout) if follows_fsdp2 or config.quant == "none"
+                          else layout.largest_layer_params)
     # Every parameter as FSDP2 gathers it for compute: in bf16 where it casts them (full fine-tunes only).
     unsharded = weights_full * _gathered_bytes(config) // config.weight_bytes
+    # A rank's 1/dp shards, and what no rank shards (a 4-bit layer's quantization statistics).
+    whole = _nf4_statistics_bytes(config, layout) if follows_fsdp2 else 0
+    shards = (weights_full - whole) // dp + whole
     weights = weights_full
     gathered = 0  # ZeRO-3: the layer being computed and the one prefetched, unsharded
     if zero >= 3:
-        weights = weights_full // dp
+        weights = shards
         gathered = min(2, layout.layers) * layer_weight_bytes
     elif zero == 2 and config.offload == "none":
         # FSDP2 without resharding after forward: the 1/dp shards stay beside the gathered weights,
         # and the last layer's all-gather buffer is held until the next all-gather.
-        gathered = weights_full // dp + layer_weight_bytes - (weights_full - unsharded)
+        gathered = shards - whole + layer_weight_bytes - (weights_full - unsharded)
     if config.offload == "optimizer+params":
-        weights = 0  # between steps; the layer computed and the one prefetched are gathered onto the GPU
+        # Between steps; the layer computed and the one prefetched are gathered onto the GPU. FSDP2 (CPUOffloadPolicy)
+        # offloads parameters only: a 4-bit layer's quantization statistics stay on the GPU.
+        weights = whole
         gathered = min(2, layout.layers) * layer_weight_bytes
     tp_embedding_extra = tensor_parallel_embedding_gradient_extra(config, model) if layout.embedding else 0
     root_weights = _fsdp2_root_bytes(config, model, zero)
@@ -308,7 +317,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         if zero >= 2:
             gradients = 0  # ZeRO-Offload streams gradients to the CPU as they are reduced
     # What stays between steps and through the optimizer step: FSDP2 frees gathered weights after backward.
-    resting_weights = weights_full // dp if zero == 2 and config.offload == "none" else weights
+    resting_weights = shards if zero == 2 and config.offload == "none" else weights
     # PyTorch DDP (ZeRO-0/1 across ranks) copies every gradient into flat bucket buffers for the
     # all-reduce and keeps them from the first backward on (gradient_as_bucket_view=False, the default).
     ddp_buckets = grads_full if config.dp > 1 and zero <= 1 else 0
@@ -322,6 +331,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         reduce_widening=trainable_bytes(config) // _autograd_gradient_bytes(config),
         layers_gradients=(layout.trainable_params - root_params) * _autograd_gradient_bytes(config)
         if root_weights and not config.uses_lora else grads_full,
+        host_shards=follows_fsdp2 and config.offload != "none",
     )
     return on_gpu, one_state_group
 
@@ -354,12 +364,48 @@ def _optimizer_step_temporaries(config: TrainingConfig, layout: ParamLayout, on_
     return temporaries
 
 
+def _follows_fsdp2(config: TrainingConfig, zero: int) -> bool:
+    """Whether the estimator follows FSDP2's program as `memtui trace --gpus N --zero 2|3` runs it: not beside
+    pipeline stages; on unquantized weights, or on bitsandbytes' 4-bit ones without tensor parallelism (QLoRA: the
+    packed weights sharded, their quantization statistics whole on every rank); with --offload optimizer+params
+    over several ranks without tensor parallelism as CPUOffloadPolicy (not DeepSpeed's ZeRO-Offload: one GPU)."""
+    offload = config.offload == "none" or (config.offload == "optimizer+params" and config.shard_ranks > 1
+                                           and config.tp == 1 and not config.optimizer_in_backward
+                                           and config.grad_accum == 1 and config.precision != "16-mixed")
+    return (zero >= 2 and offload and config.pp == 1
+            and (config.quant == "none" or (config.quant == "nf4" and config.tp == 1)))
+
+
+def _nf4_statistics_bytes(config: TrainingConfig, layout: ParamLayout) -> int:
+    """Bytes of the 4-bit layers' quantization statistics (absmax, nested absmax) where FSDP2 shards the packed
+    weights: bitsandbytes keeps them in the layer's QuantState, not a parameter, so every rank holds them whole."""
+    if config.quant != "nf4":
+        return 0
+    return int((layout.linear_weight_params - layout.expert_params) * (NF4_BYTES_PER_PARAM - 0.5))
+
+
+def _fsdp2_layer_bytes(config: TrainingConfig, layout: ParamLayout) -> int:
+    """The largest decoder layer's parameters as FSDP2 gathers them: under QLoRA the packed 4-bit weights (half a
+    byte each), the 16-bit (k-bit prep: fp32) unquantized ones and the adapters."""
+    if config.quant == "none":
+        return layout.largest_layer_params * _gathered_bytes(config)
+    quantized, experts, other, adapters = layout.largest_layer_parts
+    return int(quantized * 0.5) + (experts + other) * _unquantized_bytes(config) + adapters * config.adapter_bytes
+
+
+def _unquantized_bytes(config: TrainingConfig) -> int:
+    """Bytes per element of a quantized base's unquantized parameters (norms, embeddings, head, biases): 16-bit,
+    fp32 after peft's k-bit prep."""
+    return 4 if config.kbit_prep else 2
+
+
 def _fsdp2_root_bytes(config: TrainingConfig, model: ModelSpec, zero: int) -> int:
     """FSDP2's root group (`fully_shard` on the model: embeddings, final norm, head) as gathered on this GPU, or 0
-    where the estimator does not follow FSDP2's program (ZeRO-0/1, offloading, pipeline stages, quantized weights)."""
-    if not (zero >= 2 and config.offload == "none" and config.pp == 1 and config.quant == "none"):
+    where the estimator does not follow FSDP2's program (ZeRO-0/1, offloading, pipeline stages, int8 weights)."""
+    if not _follows_fsdp2(config, zero):
         return 0
-    return _fsdp2_root_params(config, model) * _gathered_bytes(config)
+    return _fsdp2_root_params(config, model) * (_gathered_bytes(config) if config.quant == "none"
+                                                else _unquantized_bytes(config))
 
 
 def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moment: Moment,
@@ -369,7 +415,7 @@ def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: Para
     layer's all-gather buffer is freed at the root's post-forward, so backward does not hold it. ZeRO-3: two layers
     in flight in forward and in backward, one at the loss and at backward's first moments (the last layer,
     gathered again, before its grads)."""
-    if not (on_gpu.zero >= 2 and config.offload == "none" and config.pp == 1 and config.quant == "none"):
+    if not _follows_fsdp2(config, on_gpu.zero):
         return 0
     layer_buffer = on_gpu.layer_weight_bytes if moment.phase == "backward" and moment.gradients == 0 else 0
     if on_gpu.zero == 2:
@@ -409,8 +455,8 @@ def _fsdp2_root_moments(config: TrainingConfig, model: ModelSpec, moments: list[
             root_params = _fsdp2_root_params(config, model)
             unsharded = root_params * _autograd_gradient_bytes(config)
             reduce_input = root_params * trainable_bytes(config)
-            moments.append(StepMoment("backward", on_gpu.resting_weights,
-                                      on_gpu.layers_gradients * on_gpu.reduce_widening // on_gpu.dp, 0,
+            shards = 0 if on_gpu.host_shards else on_gpu.layers_gradients * on_gpu.reduce_widening // on_gpu.dp
+            moments.append(StepMoment("backward", on_gpu.resting_weights, shards, 0,
                                       unsharded + reduce_input + on_gpu.ddp_buckets + workspace))
     return moments
 

@@ -37,6 +37,8 @@ class ParamLayout:
     tensor_count: int  # parameter tensors on this GPU (per-tensor allocator rounding)
     trainable_tensor_count: int
     embedding: bool = True  # whether this GPU holds the embedding (a pipeline rank with the first stage)
+    # The largest decoder layer's (quantizable linear weights, experts' stacked weights, other, adapters)
+    largest_layer_parts: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     @property
     def base_params(self) -> int:
@@ -148,6 +150,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
     total_linear = linear_rows_total = expert_total = other_layers = lora = 0
     tensors_layers = 0
     largest_layer = 0
+    largest_parts = (0, 0, 0, 0)
     for count, linears in model.layer_groups(layers):
         linear_weights = linear_rows = biases = expert_weights = 0
         for linear in linears:
@@ -169,7 +172,9 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
         other_layers += count * layer_other
         lora += count * lora_per_layer
         tensors_layers += count * _layer_tensors(model, linears)
-        largest_layer = max(largest_layer, linear_weights + layer_other + lora_per_layer)
+        if linear_weights + layer_other + lora_per_layer > largest_layer:
+            largest_layer = linear_weights + layer_other + lora_per_layer
+            largest_parts = (linear_weights - expert_weights, expert_weights, layer_other, lora_per_layer)
 
     embedding = tensor_parallel_embedding_params(model, tp) if first_stage else 0
     head = 0
@@ -219,6 +224,7 @@ def param_layout(config: TrainingConfig, model: ModelSpec, *, stage: tuple[int, 
         tensor_count=tensor_count,
         trainable_tensor_count=trainable_tensors,
         embedding=first_stage,
+        largest_layer_parts=largest_parts,
     )
 
 
@@ -388,8 +394,8 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
             or config.optimizer_in_backward or config.precision == "16-mixed"):
         return ("offloading, the chunked and fused losses, gradient accumulation, the optimizer in backward and fp16 "
                 "loss scaling under pipeline parallelism are not traced")
-    if config.quant != "none" and (config.tp > 1 or config.dp > 1):
-        return "quantized weights under pipeline parallelism with tensor or data parallelism are not traced"
+    if config.quant != "none" and (config.tp > 1 or (config.dp > 1 and config.zero >= 2)):
+        return "quantized weights under pipeline parallelism with tensor parallelism or FSDP2 are not traced"
     if config.uses_lora and config.tp > 1:
         return "LoRA under pipeline and tensor parallelism together is not traced"
     if config.uses_lora and config.dp > 1 and config.zero >= 2:

@@ -17,6 +17,12 @@ it (memtui.engine.live.distributed):
   G ranks, the gradients' shards all-reduced across the replicas in place (the
   reduce-scatter output they live in is the all-reduce's buffer).
 
+QLoRA's 4-bit layers (memtui's bitsandbytes replicas) ride along: DDP buckets only the adapters' gradients, and
+FSDP2 shards the packed weights as bitsandbytes' FSDP support does (QLORA_FSDP2). Refused, and then modelled on a
+single-GPU trace (data_parallel_refusal): DeepSpeed's optimizer-only offload and LLM.int8 under FSDP2.
+`--zero 3 --offload optimizer+params` is FSDP2's CPUOffloadPolicy (CPU_OFFLOAD): the shards and the optimizer on
+the host, the host-device copies the CPU device skips made as on a GPU (cpu_offload_copies).
+
 Two things the fake backend cannot do are worked around, allocating as the
 real program does: its all-reduce returns no tensor (a comm hook reduces the
 bucket in place, as NCCL does), and DDP's bucket rebuild reads the bucket
@@ -34,12 +40,28 @@ from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
 
+def data_parallel_refusal(config: TrainingConfig) -> str | None:
+    """Why the trace cannot run this configuration's real data-parallel program (it is then modelled), or None.
+    Tensor and pipeline parallelism have traces of their own (memtui.engine.trace.tensor_parallel, .pipeline)."""
+    if config.dp == 1 or config.tp > 1 or config.pp > 1:
+        return "no data parallelism alone"
+    if config.offload == "optimizer" or (config.offload != "none" and config.zero <= 1):
+        return ("--offload optimizer and offloading beside DDP are DeepSpeed's ZeRO-Offload (the optimizer states and "
+                "step on the CPU, the parameters on the GPU), which PyTorch's DDP and FSDP2 have no policy for")
+    if config.offload != "none" and (config.grad_accum > 1 or config.optimizer_in_backward
+                                     or config.precision == "16-mixed"):
+        return ("gradient accumulation, the optimizer in backward and fp16 loss scaling under CPUOffloadPolicy (their "
+                "gradients added, stepped or unscaled on the CPU) are not traced")
+    if config.quant == "int8" and config.zero >= 2:
+        return ("LLM.int8 under FSDP2: bitsandbytes' Int8Params keeps its row scales on the parameter, which FSDP2's "
+                "sharding drops (bitsandbytes shards only 4-bit weights, whose Params4bit keeps its QuantState "
+                "through torch.chunk)")
+    return None
+
+
 def traces_data_parallel(config: TrainingConfig) -> bool:
-    """Whether the trace can run this configuration's real data-parallel program (else it is modelled).
-    Not yet: offloading, tensor / pipeline parallelism, and quantized weights (FSDP2 runs over
-    memtui's bitsandbytes replicas, but whether they shard as bitsandbytes' own do is unchecked)."""
-    return (config.dp > 1 and config.tp == 1 and config.pp == 1
-            and config.offload == "none" and config.quant == "none")
+    """Whether the trace can run this configuration's real data-parallel program (else it is modelled)."""
+    return data_parallel_refusal(config) is None
 
 
 def _decoder_layers(model: torch.nn.Module, count: int) -> list[torch.nn.Module]:
@@ -48,6 +70,23 @@ def _decoder_layers(model: torch.nn.Module, count: int) -> list[torch.nn.Module]
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return list(module)
     return []
+
+
+# What `--zero 2|3 --quant nf4` runs: bitsandbytes' own FSDP support (HF accelerate + peft, Answer.AI's fsdp_qlora),
+# not torchtune's torchao NF4Tensor (which shards the scalers too). Params4bit's torch.chunk keeps its QuantState,
+# Linear4bit restores it from the module after the all-gather (fix_4bit_weight_quant_state_from_module), and FSDP2
+# all-gathers a group of mixed dtypes as bytes.
+QLORA_FSDP2 = ("QLoRA under FSDP2 as bitsandbytes shards it (HF accelerate + peft, Answer.AI's fsdp_qlora; not "
+               "torchtune's torchao NF4Tensor): the packed 4-bit weights sharded and all-gathered with the layer's "
+               "adapters and norms (one byte-wise buffer for the mixed dtypes), their quantization statistics "
+               "(absmax, nested absmax, code) whole on every rank, as the layer's QuantState")
+
+
+# --zero 3 --offload optimizer+params as PyTorch runs it (torchtune's fsdp_cpu_offload, torchtitan's cpu_offload).
+CPU_OFFLOAD = ("FSDP2 CPUOffloadPolicy (unpinned: fake tensors cannot be pinned, the device allocates the same): "
+               "the shards in host memory, each copied to the device "
+               "before its group's all-gather, the reduced gradients copied to the host (the reduce-scatter output "
+               "freed), the optimizer stepping on the CPU (none of it in the device's peak)")
 
 
 class DataParallel:
@@ -82,6 +121,10 @@ class DataParallel:
                          "autocast casting (as memtui's live runs)")
             self.traced = [f"FSDP2 fully_shard per decoder layer and root at {where} (rank 0 of a fake process "
                            f"group), reshard_after_forward={reshard}, {precision}"]
+            if config.quant == "nf4":
+                self.traced.append(QLORA_FSDP2)
+            if config.offload != "none":
+                self.traced.append(CPU_OFFLOAD)
             self.modelled = []
 
     # ---- run_fake_steps' hooks ----------------------------------------------
@@ -93,6 +136,9 @@ class DataParallel:
             with tracker:
                 return self._ddp(model)
         self.model = self._fsdp(model)
+        if self.config.offload != "none":
+            for parameter in self.model.parameters():
+                tracker.mark_host(parameter)  # CPUOffloadPolicy's shards
         return self.model
 
     def shard_optimizer(self, model: torch.nn.Module, optimizer):
@@ -106,10 +152,24 @@ class DataParallel:
                                    "wrapper, which ZeroRedundancyOptimizer cannot take (memtui's live runs keep it whole too)")
             optimizer = sharded
         record_stepped_gradients(model, optimizer, self.tracker, self.gradient_ids)
+        if self.config.offload != "none":
+            step, tracker = optimizer.step, self.tracker
+
+            def step_on_the_host(*args, **kwargs):
+                with tracker.model_states_on_host():  # the states and the step's temporaries are the CPU's
+                    return step(*args, **kwargs)
+
+            optimizer.step = step_on_the_host
         return optimizer
 
     def watching(self, tracker: MemoryTracker) -> contextlib.AbstractContextManager:
-        return fsdp_storage_resizes(tracker, self.gathered_ids) if self.config.zero >= 2 else contextlib.nullcontext()
+        if self.config.zero < 2:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(fsdp_storage_resizes(tracker, self.gathered_ids))
+        if self.config.offload != "none":
+            stack.enter_context(cpu_offload_copies(tracker))
+        return stack
 
     def relabel(self, log: MemoryLog) -> None:
         """Categories by owner for what the wrappers allocate (classify() sees only the phase they were made in)."""
@@ -137,7 +197,7 @@ class DataParallel:
         from memtui.engine.torchside.sharding import fsdp_policy
 
         return fully_shard_layers(model, self.num_layers, self.mesh, reshard=self.config.zero == 3,
-                                  policy=fsdp_policy(self.config))
+                                  policy=fsdp_policy(self.config), offload=self.config.offload != "none")
 
 
 def ddp_wrap(model: torch.nn.Module, tracker: MemoryTracker, dp: int, bucket_ids: set[int],
@@ -177,16 +237,19 @@ def ddp_wrap(model: torch.nn.Module, tracker: MemoryTracker, dp: int, bucket_ids
     return wrapped
 
 
-def fully_shard_layers(model: torch.nn.Module, num_layers: int, mesh, *, reshard: bool, policy=None) -> torch.nn.Module:
+def fully_shard_layers(model: torch.nn.Module, num_layers: int, mesh, *, reshard: bool, policy=None,
+                       offload: bool = False) -> torch.nn.Module:
     """FSDP2 as torchtitan applies it: `fully_shard` on each of the `num_layers` decoder layers, then on the model
     (the root group: what no layer holds), with `policy` (default MixedPrecisionPolicy(): gathered and reduced in
-    the stored dtype)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    the stored dtype); `offload`: CPUOffloadPolicy on every group, unpinned (fake tensors cannot be pinned; pinning
+    is the host's, the device allocates the same)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = policy or MixedPrecisionPolicy()
+    placement = CPUOffloadPolicy(pin_memory=False) if offload else OffloadPolicy()
     for layer in _decoder_layers(model, num_layers):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy, offload_policy=placement)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy, offload_policy=placement)
     return model
 
 
@@ -277,6 +340,40 @@ def fsdp_storage_resizes(tracker: MemoryTracker, gathered: set[int] | None = Non
     finally:
         for module, name in patched:
             setattr(module, name, originals[name])
+
+
+@contextlib.contextmanager
+def cpu_offload_copies(tracker: MemoryTracker) -> Iterator[None]:
+    """The copies CPUOffloadPolicy makes between host and device, which the CPU device the trace runs on makes as
+    no-ops (`.to(device)` onto the same device returns the tensor): each shard copied to the device for its
+    all-gather (FSDPParam.all_gather_inputs), and each reduced gradient copied to host memory in foreach_reduce,
+    the device's reduce-scatter output then let go (FSDP2 keeps no reference to it)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    inputs = _fsdp_param.FSDPParam.all_gather_inputs
+    reduce = _fsdp_param_group.foreach_reduce
+
+    def to_device(fsdp_param):
+        gathered = inputs.fget(fsdp_param)
+        return [tensor.clone() for tensor in gathered] if fsdp_param.offload_to_cpu else gathered
+
+    def reduce_to_host(fsdp_params, *args, **kwargs):
+        result = reduce(fsdp_params, *args, **kwargs)
+        for fsdp_param in fsdp_params:
+            grad = fsdp_param.sharded_param.grad
+            if fsdp_param.offload_to_cpu and grad is not None:
+                with tracker.model_states_on_host():
+                    host = grad.to_local().clone()
+                fsdp_param.sharded_param.grad = fsdp_param.to_sharded_dtensor(host)
+        return result
+
+    _fsdp_param.FSDPParam.all_gather_inputs = property(to_device)
+    _fsdp_param_group.foreach_reduce = reduce_to_host
+    try:
+        yield
+    finally:
+        _fsdp_param.FSDPParam.all_gather_inputs = inputs
+        _fsdp_param_group.foreach_reduce = reduce
 
 
 def tensor_data_meshes(config: TrainingConfig):

@@ -21,9 +21,10 @@ and pipeline parallelism (every rank of torch.distributed.pipelining's
 schedules, memtui.engine.trace.pipeline), alone, with DDP, ZeRO-1, FSDP2 or HSDP
 on each stage, or with that tensor parallelism (and FSDP2) on a (pp, dp, tp)
 mesh (DDP, ZeRO-1 or HSDP beside the tensor parallelism too, with or without
-the pipeline); offloading, quantized weights under data parallelism and tensor
-parallelism outside that plan are still modelled by the estimator on top of a
-single-GPU trace.
+the pipeline); QLoRA's 4-bit weights under DDP, ZeRO-1 and FSDP2 too, and FSDP2's
+CPUOffloadPolicy for --zero 3 --offload optimizer+params (memtui.engine.trace.parallel).
+DeepSpeed's optimizer-only offload, LLM.int8 under FSDP2 and tensor parallelism
+outside that plan are still modelled by the estimator on top of a single-GPU trace.
 
 A deep single-GPU model of a family whose layers are all alike is traced at 5 and 6 layers, and its log built
 from the 5-layer one by repeating a middle layer (memtui.engine.trace.extend), once that construction has given
@@ -108,7 +109,7 @@ def trace(
     report("importing torch", 0.0)
     from memtui.engine.trace.fake_step import run_fake_steps
 
-    from memtui.engine.trace.parallel import data_parallel, traces_data_parallel
+    from memtui.engine.trace.parallel import data_parallel, data_parallel_refusal
 
     from memtui.engine.trace.tensor_parallel import tensor_parallel, tensor_parallel_refusal
 
@@ -126,7 +127,8 @@ def trace(
         return result
     parallel_lines: tuple[list[str], list[str]] = ([], [])
     tp_refusal = tensor_parallel_refusal(config, spec)
-    context = tensor_parallel if tp_refusal is None else data_parallel if traces_data_parallel(config) else None
+    dp_refusal = data_parallel_refusal(config)
+    context = tensor_parallel if tp_refusal is None else data_parallel if dp_refusal is None else None
     if context is not None:
         local = config
         extended = _few_layers_extended(spec, local, report, context)
@@ -150,6 +152,8 @@ def trace(
             modelled.append(f"tensor parallel: modelled, not traced ({tp_refusal})")
         if config.pp > 1:
             modelled.append(f"pipeline parallel: modelled, not traced ({pp_refusal})")
+        if config.dp > 1 and config.tp == 1 and config.pp == 1:
+            modelled.append(f"data parallel: modelled, not traced ({dp_refusal})")
         parallel_lines = (parallel_lines[0], modelled)
 
     result = assemble(config, local, spec, gpu, log, extras, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG,

@@ -88,6 +88,7 @@ class MemoryTracker(TorchDispatchMode):
         self._making_unified = False
         self._host: set[int] = set()  # id(storage) of host-memory tensors, while alive
         self._making_host = False
+        self._making_states_host = False  # host storages holding model states (not activation offloading's)
         self._host_live = 0
         self._untracked = 0
         # Layer tagging (memtui.engine.trace.extend): the decoder layer running now, set by its hooks, and
@@ -137,11 +138,26 @@ class MemoryTracker(TorchDispatchMode):
         finally:
             self._untracked -= 1
 
+    def model_states_on_host(self) -> contextlib.AbstractContextManager[None]:
+        """Storages made inside are host memory that holds model states (FSDP2's CPU offload: the shards, their
+        gradients, the optimizer's states and step): never events, and not in `log.host_peak_bytes`, which is
+        activation offloading's."""
+        return self._flag_inside("_making_states_host")
+
+    def mark_host(self, tensor: torch.Tensor) -> None:
+        """`tensor`'s storage, made before the tracker watched, holds model states on the host (as
+        model_states_on_host)."""
+        with self.model_states_on_host():
+            self._track_host(local_tensor(tensor).untyped_storage())
+
     def _track_host(self, storage) -> None:
         key = id(storage)
         if key in self._host or key in self._by_storage:
             return
         self._host.add(key)
+        if self._making_states_host:
+            self._finalizers.append(weakref.finalize(storage, self._host.discard, key))
+            return
         self._host_live += storage.nbytes()
         self.log.host_peak_bytes = max(self.log.host_peak_bytes, self._host_live)
         self._finalizers.append(weakref.finalize(storage, self._host_freed, key, storage.nbytes()))
@@ -169,7 +185,7 @@ class MemoryTracker(TorchDispatchMode):
         if self._making_unified:
             self._track_unified(storage)
             return None
-        if self._making_host:
+        if self._making_host or self._making_states_host:
             self._track_host(storage)
             return None
         if key in self._unified or key in self._host:  # an in-place op on a unified-memory or host tensor
