@@ -19,7 +19,7 @@ adds it (the candidate's own temporaries already hold it).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from memtui.engine.estimator.layout import (
@@ -304,6 +304,16 @@ def _stage_program(d: Dims, opts: Options, layers: int, first: bool, last: bool,
                          int(lf_eval(program.gradients_end, values)))
 
 
+def _stage_options(config: TrainingConfig, model: ModelSpec) -> Options:
+    """The stages' program options. A micro-batch is what a stage runs: the chunked loss's per-sequence copies and
+    the fused loss's row chunks follow its sequences (the other shape-dependent options keep the whole batch's)."""
+    opts = options_for(config, model)
+    if config.loss == "standard":
+        return opts
+    micro = options_for(config.model_copy(update={"batch_size": config.microbatch_size}), model)
+    return replace(opts, batched=micro.batched, loss_chunk_rows=micro.loss_chunk_rows)
+
+
 def stage_roles(config: TrainingConfig, model: ModelSpec, rank: int) -> list[tuple[int, int, bool, bool]]:
     """(stage index, layers, first, last) of each stage rank `rank` runs."""
     total = config.pp * config.virtual_stages
@@ -341,7 +351,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
     micro-batch's gradients accumulate unsharded, and the layers a backward gathered stay gathered until a forward
     reshards them (ZeRO-3's reshard_after_forward) or the stage's last backward is done, when every group is
     resharded and its gradients reduce-scattered in turn (a flat input of the group's gradients, a 1/dp output)."""
-    d, opts = dims_for(model, config.tp), options_for(config, model)
+    d, opts = dims_for(model, config.tp), _stage_options(config, model)
     tokens = config.microbatch_size * config.seq_len
     roles = stage_roles(config, model, rank)
     programs = {index: _stage_program(d, opts, layers, first, last, tokens, config.seq_len)
@@ -465,82 +475,87 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             unsharded += group // shard.dp - group
         reduced.add(stage)
 
-    for kind, stage, microbatch in rank_schedule(config, rank):
-        if kind in (RECV_F, RECV_B, SEND_F, SEND_B):
-            buffers[(kind, stage, microbatch)] = hidden_states
-            continue
-        if kind == WAIT_SEND_F and outputs_kept:
-            continue
-        if kind in (WAIT_SEND_F, WAIT_SEND_B):
-            del buffers[(SEND_F if kind == WAIT_SEND_F else SEND_B, stage, microbatch)]
-            continue
-        if kind not in (FORWARD, BACKWARD):
-            continue
-        program = programs[stage]
-        resident = sum(stage_gradients(other) for other in done if other != stage)
-        if kind == FORWARD:
-            buffers.pop((RECV_F, stage, microbatch), None)  # the program's received input from here on
-            own = stage_gradients(stage) if stage in done else 0
-            moments += [(moment_plus(moment, resident + own, *beside()),
-                         forward_gathered(stage, segment) + gathered_elsewhere(stage))
-                        for moment, segment in zip(program.forward, program.forward_segments)]
-            in_flight[(stage, microbatch)] = program.held
-            previous[stage] = FORWARD
-            continue
-        buffers.pop((RECV_B, stage, microbatch), None)  # the program's received output gradient from here on
-        del in_flight[(stage, microbatch)]
-        # A later backward holds the stage's gradients whole; each new one is among the candidate's temporaries
-        # until AccumulateGrad adds it in place, as it is until the first backward makes it the gradient.
-        backward = [(moment_plus(moment, resident + (stage_gradients(stage) if stage in done else moment.gradients),
-                                 *beside()),
-                     backward_gathered(stage, moment.gradients, segment) + gathered_elsewhere(stage))
-                    for moment, segment in zip(program.backward, program.backward_segments)]
-        extra = vocabulary_extra[stage]
-        if extra and backward:  # the embedding's backward is the stage's last: a whole-vocabulary gradient made
-            last_moment, gathered = backward[-1]
-            backward[-1] = (last_moment._replace(temporary=last_moment.temporary + extra) if stage in done
-                            else last_moment._replace(gradients=last_moment.gradients + extra)), gathered
-        if ddp_whole and stage in done:
-            # _pre_dp_module_transform makes the DTensor parameters in the first forward only (later forwards reuse
-            # them): their from_local backward nodes are the oldest of every graph, and autograd runs them last, so
-            # each new gradient waits in the engine's input buffer until the rest of backward is done, beside the
-            # gradients accumulated so far (a first backward's become the gradients: the same bytes).
-            backward = [(moment._replace(temporary=moment.temporary + made.gradients), gathered)
-                        for (moment, gathered), made in zip(backward, program.backward)]
-        if ddp_whole and stage == 0 and backward:  # the first stage: the embedding's
-            last_moment, gathered = backward[-1]  # the program's: the slice made beside the output's gradient
-            backward[-1] = last_moment._replace(temporary=last_moment.temporary - rank_slice + ddp_whole), gathered
-            if stage not in done:  # the output's gradient goes, then the slice is cloned out as the gradient
-                backward.append((last_moment._replace(gradients=last_moment.gradients + rank_slice,
-                                                      temporary=beside()[1] + ddp_whole), gathered))
-        if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard and not shards[stage].head_gradients:
-            # ZeRO-3 resharded the root after the forward; a stage without the head starts its backward by gathering
-            # it again: its all-gather buffer beside its gathered copy, the micro-batch's forward still whole (a last
-            # stage gathers it after the loss's backward, where the head's new gradient, as large, follows it)
-            activations, temporary = beside()
-            start = Moment(phase="backward", autocast_weights=0,
-                           gradients=resident + (stage_gradients(stage) if stage in done else 0),
-                           activations=activations + program.held, temporary=temporary)
-            backward.insert(0, (start, 2 * shards[stage].root_weights + gathered_elsewhere(stage)))
-            shard = shards[stage]
-            if not shard.head_gradients and shard.layers:
-                # A stage without the head starts with its last layer's all-gather and copy-out (and the next
-                # layer's all-gather, prefetched), then the root's all-gather beside its copy; the received output
-                # gradient beside them
-                received = hidden_states if stage not in last_stages else 0
-                layers = min(shard.layers, 2) if shard.root_weights else 2
-                backward.insert(1, (start._replace(temporary=temporary + received),
-                                    2 * shard.root_weights + layers * shard.layer_weights + gathered_elsewhere(stage)))
-        moments += backward
-        if outputs_kept:
-            buffers.pop((SEND_F, stage, microbatch), None)  # the backward's end lets the kept output go
-        done.add(stage)
-        previous[stage] = BACKWARD
-        backwards[stage] += 1
-        if stage in last_stages:
-            kept += hidden_states
-        if shards is not None and backwards[stage] == config.microbatches:
-            finalize(stage, resident)
+    # Gradient accumulation: torchtitan runs the schedule once per accumulation step before the optimizer's; the
+    # gradients stay whole from the first on, the losses (and the inputs their graphs keep) go as each step ends.
+    # From the second step on every step is the same, so two stand for all.
+    for _accumulated in range(min(config.grad_accum, 2)):
+        kept = 0
+        for kind, stage, microbatch in rank_schedule(config, rank):
+            if kind in (RECV_F, RECV_B, SEND_F, SEND_B):
+                buffers[(kind, stage, microbatch)] = hidden_states
+                continue
+            if kind == WAIT_SEND_F and outputs_kept:
+                continue
+            if kind in (WAIT_SEND_F, WAIT_SEND_B):
+                del buffers[(SEND_F if kind == WAIT_SEND_F else SEND_B, stage, microbatch)]
+                continue
+            if kind not in (FORWARD, BACKWARD):
+                continue
+            program = programs[stage]
+            resident = sum(stage_gradients(other) for other in done if other != stage)
+            if kind == FORWARD:
+                buffers.pop((RECV_F, stage, microbatch), None)  # the program's received input from here on
+                own = stage_gradients(stage) if stage in done else 0
+                moments += [(moment_plus(moment, resident + own, *beside()),
+                             forward_gathered(stage, segment) + gathered_elsewhere(stage))
+                            for moment, segment in zip(program.forward, program.forward_segments)]
+                in_flight[(stage, microbatch)] = program.held
+                previous[stage] = FORWARD
+                continue
+            buffers.pop((RECV_B, stage, microbatch), None)  # the program's received output gradient from here on
+            del in_flight[(stage, microbatch)]
+            # A later backward holds the stage's gradients whole; each new one is among the candidate's temporaries
+            # until AccumulateGrad adds it in place, as it is until the first backward makes it the gradient.
+            backward = [(moment_plus(moment, resident + (stage_gradients(stage) if stage in done else moment.gradients),
+                                     *beside()),
+                         backward_gathered(stage, moment.gradients, segment) + gathered_elsewhere(stage))
+                        for moment, segment in zip(program.backward, program.backward_segments)]
+            extra = vocabulary_extra[stage]
+            if extra and backward:  # the embedding's backward is the stage's last: a whole-vocabulary gradient made
+                last_moment, gathered = backward[-1]
+                backward[-1] = (last_moment._replace(temporary=last_moment.temporary + extra) if stage in done
+                                else last_moment._replace(gradients=last_moment.gradients + extra)), gathered
+            if ddp_whole and stage in done:
+                # _pre_dp_module_transform makes the DTensor parameters in the first forward only (later forwards reuse
+                # them): their from_local backward nodes are the oldest of every graph, and autograd runs them last, so
+                # each new gradient waits in the engine's input buffer until the rest of backward is done, beside the
+                # gradients accumulated so far (a first backward's become the gradients: the same bytes).
+                backward = [(moment._replace(temporary=moment.temporary + made.gradients), gathered)
+                            for (moment, gathered), made in zip(backward, program.backward)]
+            if ddp_whole and stage == 0 and backward:  # the first stage: the embedding's
+                last_moment, gathered = backward[-1]  # the program's: the slice made beside the output's gradient
+                backward[-1] = last_moment._replace(temporary=last_moment.temporary - rank_slice + ddp_whole), gathered
+                if stage not in done:  # the output's gradient goes, then the slice is cloned out as the gradient
+                    backward.append((last_moment._replace(gradients=last_moment.gradients + rank_slice,
+                                                          temporary=beside()[1] + ddp_whole), gathered))
+            if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard and not shards[stage].head_gradients:
+                # ZeRO-3 resharded the root after the forward; a stage without the head starts its backward by gathering
+                # it again: its all-gather buffer beside its gathered copy, the micro-batch's forward still whole (a last
+                # stage gathers it after the loss's backward, where the head's new gradient, as large, follows it)
+                activations, temporary = beside()
+                start = Moment(phase="backward", autocast_weights=0,
+                               gradients=resident + (stage_gradients(stage) if stage in done else 0),
+                               activations=activations + program.held, temporary=temporary)
+                backward.insert(0, (start, 2 * shards[stage].root_weights + gathered_elsewhere(stage)))
+                shard = shards[stage]
+                if not shard.head_gradients and shard.layers:
+                    # A stage without the head starts with its last layer's all-gather and copy-out (and the next
+                    # layer's all-gather, prefetched), then the root's all-gather beside its copy; the received output
+                    # gradient beside them
+                    received = hidden_states if stage not in last_stages else 0
+                    layers = min(shard.layers, 2) if shard.root_weights else 2
+                    backward.insert(1, (start._replace(temporary=temporary + received),
+                                        2 * shard.root_weights + layers * shard.layer_weights + gathered_elsewhere(stage)))
+            moments += backward
+            if outputs_kept:
+                buffers.pop((SEND_F, stage, microbatch), None)  # the backward's end lets the kept output go
+            done.add(stage)
+            previous[stage] = BACKWARD
+            backwards[stage] += 1
+            if stage in last_stages:
+                kept += hidden_states
+            if shards is not None and backwards[stage] == config.microbatches:
+                finalize(stage, resident)
     return moments
 
 
