@@ -342,9 +342,6 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
         return ("the optimizer in backward steps each parameter when its gradient is made, but a pipeline schedule "
                 "accumulates every gradient over the micro-batches (torchtune refuses optimizer_in_bwd with gradient "
                 "accumulation; torchtitan has no optimizer in backward)")
-    if config.grad_accum > 1 and config.dp > 1 and config.zero >= 2:
-        return ("gradient accumulation under pipeline parallelism with FSDP2 (--zero 2|3) is not traced (with DDP or "
-                "ZeRO-1 it is)")
     if config.loss == "chunked" and config.loss_dtype == "compute":
         return "LitGPT's chunked loss (--loss-dtype compute) under pipeline parallelism is not traced (LitGPT has none)"
     if config.quant != "none" and (config.tp > 1 or config.dp > 1):

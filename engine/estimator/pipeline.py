@@ -472,14 +472,25 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             moments.append((Moment(phase="backward", autocast_weights=0, gradients=resident + unsharded,
                                    activations=activations, temporary=temporary + group),
                             gathered + gathered_elsewhere(stage)))
-            unsharded += group // shard.dp - group
+            # the shard made, or (a later accumulation step) added in place to the one the steps before made
+            unsharded += (group // shard.dp if stage not in carried else 0) - group
         reduced.add(stage)
 
     # Gradient accumulation: torchtitan runs the schedule once per accumulation step before the optimizer's; the
     # gradients stay whole from the first on, the losses (and the inputs their graphs keep) go as each step ends.
     # From the second step on every step is the same, so two stand for all.
-    for _accumulated in range(min(config.grad_accum, 2)):
+    # Under FSDP2 each step ends as a step without accumulation does (every group resharded, its gradients
+    # reduce-scattered): the next gathers and makes its unsharded gradients anew beside the shards so far.
+    carried: dict[int, int] = {}  # FSDP2: each stage's gradient shards from the accumulation steps before
+    for accumulated in range(min(config.grad_accum, 2)):
         kept = 0
+        if accumulated and shards is not None:
+            # each group's 1/dp shard (DTensor's whole-vocabulary embedding gradient is reduce-scattered to the
+            # rank's shard of its slice)
+            carried = {stage: shards[stage].layers * (shards[stage].layer_gradients // shards[stage].dp)
+                       + shards[stage].root_gradients // shards[stage].dp for stage in reduced}
+            for state in (done, reduced, previous, backwards):
+                state.clear()
         for kind, stage, microbatch in rank_schedule(config, rank):
             if kind in (RECV_F, RECV_B, SEND_F, SEND_B):
                 buffers[(kind, stage, microbatch)] = hidden_states
@@ -492,7 +503,8 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             if kind not in (FORWARD, BACKWARD):
                 continue
             program = programs[stage]
-            resident = sum(stage_gradients(other) for other in done if other != stage)
+            resident = (sum(stage_gradients(other) for other in done if other != stage)
+                        + sum(size for other, size in carried.items() if other not in reduced))
             if kind == FORWARD:
                 buffers.pop((RECV_F, stage, microbatch), None)  # the program's received input from here on
                 own = stage_gradients(stage) if stage in done else 0
