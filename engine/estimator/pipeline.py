@@ -48,6 +48,7 @@ RECV_F, RECV_B, SEND_F, SEND_B, WAIT_SEND_F, WAIT_SEND_B = (
     "RECV_F", "RECV_B", "SEND_F", "SEND_B", "WAIT_SEND_F", "WAIT_SEND_B")
 UNSHARD, RESHARD, REDUCE_GRAD, WAIT_REDUCE_GRAD = "UNSHARD", "RESHARD", "REDUCE_GRAD", "WAIT_REDUCE_GRAD"
 NO_MICROBATCH = -1
+NEXT_STEP = "NEXT_STEP"  # gradient accumulation: the schedule's next step() begins (_accumulated_schedule)
 _MAX_ACTIVE_STAGES = 3  # _PipelineScheduleRuntime's default max_active_stages (and unshard_lookahead "full")
 
 
@@ -63,6 +64,13 @@ def rank_schedule(config: TrainingConfig, rank: int) -> list[Action]:
     if config.pp_schedule == "1f1b":
         return _one_f_one_b(config, rank)
     return list(_runtime_schedule(config.pp, config.virtual_stages, config.microbatches)[rank])
+
+
+def _accumulated_schedule(config: TrainingConfig, rank: int) -> list[Action]:
+    """Rank `rank`'s schedule once per accumulation step, as torchtitan's loop calls step() before the optimizer's,
+    each after the first opened by NEXT_STEP. From the second step on every step is the same: two stand for all."""
+    schedule = rank_schedule(config, rank)
+    return schedule + [(NEXT_STEP, NO_MICROBATCH, NO_MICROBATCH), *schedule] * (min(config.grad_accum, 2) - 1)
 
 
 def _edges(stage: int, total: int) -> tuple[bool, bool]:
@@ -476,98 +484,96 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             unsharded += (group // shard.dp if stage not in carried else 0) - group
         reduced.add(stage)
 
-    # Gradient accumulation: torchtitan runs the schedule once per accumulation step before the optimizer's; the
-    # gradients stay whole from the first on, the losses (and the inputs their graphs keep) go as each step ends.
-    # From the second step on every step is the same, so two stand for all.
-    # Under FSDP2 each step ends as a step without accumulation does (every group resharded, its gradients
-    # reduce-scattered): the next gathers and makes its unsharded gradients anew beside the shards so far.
+    # Under FSDP2 each accumulation step ends as a step without accumulation does (every group resharded, its
+    # gradients reduce-scattered): the next gathers and makes its unsharded gradients anew beside the shards so far.
     carried: dict[int, int] = {}  # FSDP2: each stage's gradient shards from the accumulation steps before
-    for accumulated in range(min(config.grad_accum, 2)):
-        kept = 0
-        if accumulated and shards is not None:
-            # each group's 1/dp shard (DTensor's whole-vocabulary embedding gradient is reduce-scattered to the
-            # rank's shard of its slice)
-            carried = {stage: shards[stage].layers * (shards[stage].layer_gradients // shards[stage].dp)
-                       + shards[stage].root_gradients // shards[stage].dp for stage in reduced}
-            for state in (done, reduced, previous, backwards):
-                state.clear()
-        for kind, stage, microbatch in rank_schedule(config, rank):
-            if kind in (RECV_F, RECV_B, SEND_F, SEND_B):
-                buffers[(kind, stage, microbatch)] = hidden_states
-                continue
-            if kind == WAIT_SEND_F and outputs_kept:
-                continue
-            if kind in (WAIT_SEND_F, WAIT_SEND_B):
-                del buffers[(SEND_F if kind == WAIT_SEND_F else SEND_B, stage, microbatch)]
-                continue
-            if kind not in (FORWARD, BACKWARD):
-                continue
-            program = programs[stage]
-            resident = (sum(stage_gradients(other) for other in done if other != stage)
-                        + sum(size for other, size in carried.items() if other not in reduced))
-            if kind == FORWARD:
-                buffers.pop((RECV_F, stage, microbatch), None)  # the program's received input from here on
-                own = stage_gradients(stage) if stage in done else 0
-                moments += [(moment_plus(moment, resident + own, *beside()),
-                             forward_gathered(stage, segment) + gathered_elsewhere(stage))
-                            for moment, segment in zip(program.forward, program.forward_segments)]
-                in_flight[(stage, microbatch)] = program.held
-                previous[stage] = FORWARD
-                continue
-            buffers.pop((RECV_B, stage, microbatch), None)  # the program's received output gradient from here on
-            del in_flight[(stage, microbatch)]
-            # A later backward holds the stage's gradients whole; each new one is among the candidate's temporaries
-            # until AccumulateGrad adds it in place, as it is until the first backward makes it the gradient.
-            backward = [(moment_plus(moment, resident + (stage_gradients(stage) if stage in done else moment.gradients),
-                                     *beside()),
-                         backward_gathered(stage, moment.gradients, segment) + gathered_elsewhere(stage))
-                        for moment, segment in zip(program.backward, program.backward_segments)]
-            extra = vocabulary_extra[stage]
-            if extra and backward:  # the embedding's backward is the stage's last: a whole-vocabulary gradient made
-                last_moment, gathered = backward[-1]
-                backward[-1] = (last_moment._replace(temporary=last_moment.temporary + extra) if stage in done
-                                else last_moment._replace(gradients=last_moment.gradients + extra)), gathered
-            if ddp_whole and stage in done:
-                # _pre_dp_module_transform makes the DTensor parameters in the first forward only (later forwards reuse
-                # them): their from_local backward nodes are the oldest of every graph, and autograd runs them last, so
-                # each new gradient waits in the engine's input buffer until the rest of backward is done, beside the
-                # gradients accumulated so far (a first backward's become the gradients: the same bytes).
-                backward = [(moment._replace(temporary=moment.temporary + made.gradients), gathered)
-                            for (moment, gathered), made in zip(backward, program.backward)]
-            if ddp_whole and stage == 0 and backward:  # the first stage: the embedding's
-                last_moment, gathered = backward[-1]  # the program's: the slice made beside the output's gradient
-                backward[-1] = last_moment._replace(temporary=last_moment.temporary - rank_slice + ddp_whole), gathered
-                if stage not in done:  # the output's gradient goes, then the slice is cloned out as the gradient
-                    backward.append((last_moment._replace(gradients=last_moment.gradients + rank_slice,
-                                                          temporary=beside()[1] + ddp_whole), gathered))
-            if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard and not shards[stage].head_gradients:
-                # ZeRO-3 resharded the root after the forward; a stage without the head starts its backward by gathering
-                # it again: its all-gather buffer beside its gathered copy, the micro-batch's forward still whole (a last
-                # stage gathers it after the loss's backward, where the head's new gradient, as large, follows it)
-                activations, temporary = beside()
-                start = Moment(phase="backward", autocast_weights=0,
-                               gradients=resident + (stage_gradients(stage) if stage in done else 0),
-                               activations=activations + program.held, temporary=temporary)
-                backward.insert(0, (start, 2 * shards[stage].root_weights + gathered_elsewhere(stage)))
-                shard = shards[stage]
-                if not shard.head_gradients and shard.layers:
-                    # A stage without the head starts with its last layer's all-gather and copy-out (and the next
-                    # layer's all-gather, prefetched), then the root's all-gather beside its copy; the received output
-                    # gradient beside them
-                    received = hidden_states if stage not in last_stages else 0
-                    layers = min(shard.layers, 2) if shard.root_weights else 2
-                    backward.insert(1, (start._replace(temporary=temporary + received),
-                                        2 * shard.root_weights + layers * shard.layer_weights + gathered_elsewhere(stage)))
-            moments += backward
-            if outputs_kept:
-                buffers.pop((SEND_F, stage, microbatch), None)  # the backward's end lets the kept output go
-            done.add(stage)
-            previous[stage] = BACKWARD
-            backwards[stage] += 1
-            if stage in last_stages:
-                kept += hidden_states
-            if shards is not None and backwards[stage] == config.microbatches:
-                finalize(stage, resident)
+    for kind, stage, microbatch in _accumulated_schedule(config, rank):
+        if kind == NEXT_STEP:  # the gradients stay; the step's losses, and the inputs their graphs keep, went
+            kept = 0
+            if shards is not None:
+                # each group's 1/dp shard (DTensor's whole-vocabulary embedding gradient is reduce-scattered to the
+                # rank's shard of its slice)
+                carried = {stage: shards[stage].layers * (shards[stage].layer_gradients // shards[stage].dp)
+                           + shards[stage].root_gradients // shards[stage].dp for stage in reduced}
+                for state in (done, reduced, previous, backwards):
+                    state.clear()
+            continue
+        if kind in (RECV_F, RECV_B, SEND_F, SEND_B):
+            buffers[(kind, stage, microbatch)] = hidden_states
+            continue
+        if kind == WAIT_SEND_F and outputs_kept:
+            continue
+        if kind in (WAIT_SEND_F, WAIT_SEND_B):
+            del buffers[(SEND_F if kind == WAIT_SEND_F else SEND_B, stage, microbatch)]
+            continue
+        if kind not in (FORWARD, BACKWARD):
+            continue
+        program = programs[stage]
+        resident = (sum(stage_gradients(other) for other in done if other != stage)
+                    + sum(size for other, size in carried.items() if other not in reduced))
+        if kind == FORWARD:
+            buffers.pop((RECV_F, stage, microbatch), None)  # the program's received input from here on
+            own = stage_gradients(stage) if stage in done else 0
+            moments += [(moment_plus(moment, resident + own, *beside()),
+                         forward_gathered(stage, segment) + gathered_elsewhere(stage))
+                        for moment, segment in zip(program.forward, program.forward_segments)]
+            in_flight[(stage, microbatch)] = program.held
+            previous[stage] = FORWARD
+            continue
+        buffers.pop((RECV_B, stage, microbatch), None)  # the program's received output gradient from here on
+        del in_flight[(stage, microbatch)]
+        # A later backward holds the stage's gradients whole; each new one is among the candidate's temporaries
+        # until AccumulateGrad adds it in place, as it is until the first backward makes it the gradient.
+        backward = [(moment_plus(moment, resident + (stage_gradients(stage) if stage in done else moment.gradients),
+                                 *beside()),
+                     backward_gathered(stage, moment.gradients, segment) + gathered_elsewhere(stage))
+                    for moment, segment in zip(program.backward, program.backward_segments)]
+        extra = vocabulary_extra[stage]
+        if extra and backward:  # the embedding's backward is the stage's last: a whole-vocabulary gradient made
+            last_moment, gathered = backward[-1]
+            backward[-1] = (last_moment._replace(temporary=last_moment.temporary + extra) if stage in done
+                            else last_moment._replace(gradients=last_moment.gradients + extra)), gathered
+        if ddp_whole and stage in done:
+            # _pre_dp_module_transform makes the DTensor parameters in the first forward only (later forwards reuse
+            # them): their from_local backward nodes are the oldest of every graph, and autograd runs them last, so
+            # each new gradient waits in the engine's input buffer until the rest of backward is done, beside the
+            # gradients accumulated so far (a first backward's become the gradients: the same bytes).
+            backward = [(moment._replace(temporary=moment.temporary + made.gradients), gathered)
+                        for (moment, gathered), made in zip(backward, program.backward)]
+        if ddp_whole and stage == 0 and backward:  # the first stage: the embedding's
+            last_moment, gathered = backward[-1]  # the program's: the slice made beside the output's gradient
+            backward[-1] = last_moment._replace(temporary=last_moment.temporary - rank_slice + ddp_whole), gathered
+            if stage not in done:  # the output's gradient goes, then the slice is cloned out as the gradient
+                backward.append((last_moment._replace(gradients=last_moment.gradients + rank_slice,
+                                                      temporary=beside()[1] + ddp_whole), gathered))
+        if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard and not shards[stage].head_gradients:
+            # ZeRO-3 resharded the root after the forward; a stage without the head starts its backward by gathering
+            # it again: its all-gather buffer beside its gathered copy, the micro-batch's forward still whole (a last
+            # stage gathers it after the loss's backward, where the head's new gradient, as large, follows it)
+            activations, temporary = beside()
+            start = Moment(phase="backward", autocast_weights=0,
+                           gradients=resident + (stage_gradients(stage) if stage in done else 0),
+                           activations=activations + program.held, temporary=temporary)
+            backward.insert(0, (start, 2 * shards[stage].root_weights + gathered_elsewhere(stage)))
+            shard = shards[stage]
+            if not shard.head_gradients and shard.layers:
+                # A stage without the head starts with its last layer's all-gather and copy-out (and the next
+                # layer's all-gather, prefetched), then the root's all-gather beside its copy; the received output
+                # gradient beside them
+                received = hidden_states if stage not in last_stages else 0
+                layers = min(shard.layers, 2) if shard.root_weights else 2
+                backward.insert(1, (start._replace(temporary=temporary + received),
+                                    2 * shard.root_weights + layers * shard.layer_weights + gathered_elsewhere(stage)))
+        moments += backward
+        if outputs_kept:
+            buffers.pop((SEND_F, stage, microbatch), None)  # the backward's end lets the kept output go
+        done.add(stage)
+        previous[stage] = BACKWARD
+        backwards[stage] += 1
+        if stage in last_stages:
+            kept += hidden_states
+        if shards is not None and backwards[stage] == config.microbatches:
+            finalize(stage, resident)
     return moments
 
 

@@ -110,9 +110,9 @@ def _head_output(head, hidden: torch.Tensor, loss: tuple):
 def _stage_loss(config: TrainingConfig, spec: ModelSpec, last_causal, tracker: MemoryTracker, autocast, scaler):
     """The schedule's loss_fn on the last stage, one micro-batch's output and labels: transformers' causal-LM loss,
     torchtune's CEWithChunkedOutputLoss on the chunked logits, or the fused linear cross-entropy (Liger's, in plain
-    torch off CUDA) on the final norm's output and the head's weight; divided by the accumulation steps (torchtitan's
-    rescale_accumulated_loss) and, under fp16, scaled by the GradScaler (the schedule runs backward on what it
-    returns)."""
+    torch off CUDA) on the final norm's output and the head's weight; divided by the accumulation steps (the step's
+    loss their mean, as torchtitan normalises over the whole step's tokens) and, under fp16, scaled by the GradScaler
+    (the schedule runs backward on what it returns)."""
     from memtui.engine.torchside.build import chunked_logits_loss, fused_linear_loss, shifted_labels
 
     head = last_causal.get_output_embeddings()
@@ -469,7 +469,10 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                         del losses
                     tracker.mark("optimizer")
                     for optimizer in optimizers:
-                        scaler.step(optimizer) if scaler is not None else optimizer.step()
+                        if scaler is not None:
+                            scaler.step(optimizer)
+                        else:
+                            optimizer.step()
                     if scaler is not None:
                         scaler.update()
                     for optimizer in optimizers:
