@@ -38,12 +38,15 @@ def _traced_and_exact(config: TrainingConfig, rel: float = 0.001, spec=SPEC):
     return traced, estimated
 
 
-@pytest.mark.parametrize("loss, schedule", [("chunked", "1f1b"), ("fused-linear", "gpipe")])
-def test_the_last_stage_runs_the_chunked_or_fused_loss_and_keeps_its_output(loss, schedule):
+@pytest.mark.parametrize("loss, schedule, options", [
+    ("chunked", "1f1b", {}), ("fused-linear", "gpipe", {}),
+    ("chunked", "1f1b", {"gpus": 4, "zero": 3, "microbatches": 2}), ("fused-linear", "1f1b", {"gpus": 4, "zero": 0})],
+    ids=["chunked", "fused", "chunked-fsdp2", "fused-ddp"])
+def test_the_last_stage_runs_the_chunked_or_fused_loss_and_keeps_its_output(loss, schedule, options):
     """The last stage's forward returns the head's chunks (torchtune) or the final norm's output (fused linear
     cross-entropy), which PipelineStage keeps until the micro-batch's backward; the loss_fn takes them. Each rank as
-    estimated (measured: within 16 KiB per rank, 0.05%)."""
-    traced, _estimated = _traced_and_exact(pipeline(loss=loss, pp_schedule=schedule))
+    estimated (measured: within 16 KiB per rank, 0.05%), alone and with DDP or FSDP2 on each stage."""
+    traced, _estimated = _traced_and_exact(pipeline(loss=loss, pp_schedule=schedule, **options))
     assert any(line.startswith(("torchtune's chunked loss on the last stage", "fused linear cross-entropy on the"))
                for line in traced.traced), traced.traced
 
@@ -77,14 +80,16 @@ def test_fp16_scales_the_last_stages_loss_and_every_rank_unscales():
 def test_what_is_not_traced_is_refused_in_one_line():
     for options, words in (({"optimizer_in_backward": True}, "torchtune refuses optimizer_in_bwd"),
                            ({"activation_offload": True}, "offloading"),
-                           ({"loss": "chunked", "loss_dtype": "compute"}, "LitGPT")):
+                           ({"loss": "chunked", "loss_dtype": "compute"}, "LitGPT"),
+                           ({"loss": "fused-linear", "gpus": 4, "zero": 3}, "ZeRO-3 has resharded")):
         reason = pipeline_refusal(pipeline(**options), SPEC)
         assert reason is not None and words in reason and "\n" not in reason, options
     for options in ({"loss": "chunked"}, {"loss": "fused-linear"}, {"grad_accum": 4}, {"precision": "16-mixed"},
                     {"grad_accum": 2, "gpus": 4, "zero": 3}, {"precision": "16-mixed", "gpus": 4, "zero": 3}):
         assert pipeline_refusal(pipeline(**options), SPEC) is None, options
-    # beside data parallelism the chunked and fused losses stay refused, as on one GPU
+    # beside tensor parallelism the chunked and fused losses stay refused, as beside data parallelism without --pp
     from memtui.engine.errors import InputError
 
-    with pytest.raises(InputError, match="--gpus equal to --pp"):
-        estimate(pipeline(loss="fused-linear", gpus=4, zero=0), model=SPEC)
+    for options in ({"gpus": 4, "tp": 2}, {"gpus": 2, "pp": 1, "microbatches": 1}):
+        with pytest.raises(InputError, match="--pp above 1 with --tp 1"):
+            estimate(pipeline(loss="fused-linear", **options), model=SPEC)

@@ -342,6 +342,9 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
         return ("the optimizer in backward steps each parameter when its gradient is made, but a pipeline schedule "
                 "accumulates every gradient over the micro-batches (torchtune refuses optimizer_in_bwd with gradient "
                 "accumulation; torchtitan has no optimizer in backward)")
+    if config.loss == "fused-linear" and config.dp > 1 and config.zero == 3:
+        return ("the fused linear cross-entropy reads the head's weight after the last stage's forward, which FSDP2's "
+                "ZeRO-3 has resharded by then: not traced (with --zero 0, 1 or 2 it is)")
     if config.loss == "chunked" and config.loss_dtype == "compute":
         return "LitGPT's chunked loss (--loss-dtype compute) under pipeline parallelism is not traced (LitGPT has none)"
     if config.quant != "none" and (config.tp > 1 or config.dp > 1):
