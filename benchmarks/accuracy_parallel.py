@@ -159,7 +159,14 @@ def matrix() -> list[dict]:
             ("llama-3.2-1b", 4, 2, "1f1b", {"lora_rank": 16, "quant": "nf4", "zero": 0}),
             # Phi-3, OLMo 2 (its received input's autocast cast shared by q/k/v) and GPT-2 (embeddings on the first
             # stage as Megatron-LM's pre_process) cut into stages
-            ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {})):
+            ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {}),
+            # the last stage's chunked (torchtune) or fused linear (Liger) loss (alone, with FSDP2), gradient accumulation (a
+            # schedule.step() per accumulation step, alone, with DDP and with FSDP2 per stage), fp16's GradScaler
+            ("llama-3.2-1b", 2, 2, "1f1b", {"loss": "chunked"}), ("llama-3.2-1b", 2, 2, "gpipe", {"loss": "fused-linear"}),
+            ("llama-3.2-1b", 4, 2, "1f1b", {"loss": "chunked", "zero": 3}),
+            ("llama-3.2-1b", 2, 2, "1f1b", {"grad_accum": 2}), ("qwen2.5-0.5b", 4, 2, "gpipe", {"grad_accum": 2, "zero": 0}),
+            ("llama-3.2-1b", 4, 2, "1f1b", {"grad_accum": 2, "zero": 3}),
+            ("llama-3.2-1b", 2, 2, "interleaved-1f1b", {"precision": "16-mixed"})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
                      "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
     return rows

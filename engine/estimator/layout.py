@@ -390,10 +390,17 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
                 "GPT-2 only)")
     if config.tp > 1 and model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
-    if (config.offload != "none" or config.activation_offload or config.loss != "standard" or config.grad_accum > 1
-            or config.optimizer_in_backward or config.precision == "16-mixed"):
-        return ("offloading, the chunked and fused losses, gradient accumulation, the optimizer in backward and fp16 "
-                "loss scaling under pipeline parallelism are not traced")
+    if config.offload != "none" or config.activation_offload:
+        return "offloading under pipeline parallelism is not traced"
+    if config.optimizer_in_backward:
+        return ("the optimizer in backward steps each parameter when its gradient is made, but a pipeline schedule "
+                "accumulates every gradient over the micro-batches (torchtune refuses optimizer_in_bwd with gradient "
+                "accumulation; torchtitan has no optimizer in backward)")
+    if config.loss == "fused-linear" and config.dp > 1 and config.zero == 3:
+        return ("the fused linear cross-entropy reads the head's weight after the last stage's forward, which FSDP2's "
+                "ZeRO-3 has resharded by then: not traced (with --zero 0, 1 or 2 it is)")
+    if config.loss == "chunked" and config.loss_dtype == "compute":
+        return "LitGPT's chunked loss (--loss-dtype compute) under pipeline parallelism is not traced (LitGPT has none)"
     if config.quant != "none" and (config.tp > 1 or (config.dp > 1 and config.zero >= 2)):
         return "quantized weights under pipeline parallelism with tensor parallelism or FSDP2 are not traced"
     if config.uses_lora and config.tp > 1:

@@ -19,7 +19,7 @@ adds it (the candidate's own temporaries already hold it).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from memtui.engine.estimator.layout import (
@@ -48,6 +48,7 @@ RECV_F, RECV_B, SEND_F, SEND_B, WAIT_SEND_F, WAIT_SEND_B = (
     "RECV_F", "RECV_B", "SEND_F", "SEND_B", "WAIT_SEND_F", "WAIT_SEND_B")
 UNSHARD, RESHARD, REDUCE_GRAD, WAIT_REDUCE_GRAD = "UNSHARD", "RESHARD", "REDUCE_GRAD", "WAIT_REDUCE_GRAD"
 NO_MICROBATCH = -1
+NEXT_STEP = "NEXT_STEP"  # gradient accumulation: the schedule's next step() begins (_accumulated_schedule)
 _MAX_ACTIVE_STAGES = 3  # _PipelineScheduleRuntime's default max_active_stages (and unshard_lookahead "full")
 
 
@@ -63,6 +64,13 @@ def rank_schedule(config: TrainingConfig, rank: int) -> list[Action]:
     if config.pp_schedule == "1f1b":
         return _one_f_one_b(config, rank)
     return list(_runtime_schedule(config.pp, config.virtual_stages, config.microbatches)[rank])
+
+
+def _accumulated_schedule(config: TrainingConfig, rank: int) -> list[Action]:
+    """Rank `rank`'s schedule once per accumulation step, as torchtitan's loop calls step() before the optimizer's,
+    each after the first opened by NEXT_STEP. From the second step on every step is the same: two stand for all."""
+    schedule = rank_schedule(config, rank)
+    return schedule + [(NEXT_STEP, NO_MICROBATCH, NO_MICROBATCH), *schedule] * (min(config.grad_accum, 2) - 1)
 
 
 def _edges(stage: int, total: int) -> tuple[bool, bool]:
@@ -304,6 +312,16 @@ def _stage_program(d: Dims, opts: Options, layers: int, first: bool, last: bool,
                          int(lf_eval(program.gradients_end, values)))
 
 
+def _stage_options(config: TrainingConfig, model: ModelSpec) -> Options:
+    """The stages' program options. A micro-batch is what a stage runs: the chunked loss's per-sequence copies and
+    the fused loss's row chunks follow its sequences (the other shape-dependent options keep the whole batch's)."""
+    opts = options_for(config, model)
+    if config.loss == "standard":
+        return opts
+    micro = options_for(config.model_copy(update={"batch_size": config.microbatch_size}), model)
+    return replace(opts, batched=micro.batched, loss_chunk_rows=micro.loss_chunk_rows)
+
+
 def stage_roles(config: TrainingConfig, model: ModelSpec, rank: int) -> list[tuple[int, int, bool, bool]]:
     """(stage index, layers, first, last) of each stage rank `rank` runs."""
     total = config.pp * config.virtual_stages
@@ -341,7 +359,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
     micro-batch's gradients accumulate unsharded, and the layers a backward gathered stay gathered until a forward
     reshards them (ZeRO-3's reshard_after_forward) or the stage's last backward is done, when every group is
     resharded and its gradients reduce-scattered in turn (a flat input of the group's gradients, a 1/dp output)."""
-    d, opts = dims_for(model, config.tp), options_for(config, model)
+    d, opts = dims_for(model, config.tp), _stage_options(config, model)
     tokens = config.microbatch_size * config.seq_len
     roles = stage_roles(config, model, rank)
     programs = {index: _stage_program(d, opts, layers, first, last, tokens, config.seq_len)
@@ -462,10 +480,24 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             moments.append((Moment(phase="backward", autocast_weights=0, gradients=resident + unsharded,
                                    activations=activations, temporary=temporary + group),
                             gathered + gathered_elsewhere(stage)))
-            unsharded += group // shard.dp - group
+            # the shard made, or (a later accumulation step) added in place to the one the steps before made
+            unsharded += (group // shard.dp if stage not in carried else 0) - group
         reduced.add(stage)
 
-    for kind, stage, microbatch in rank_schedule(config, rank):
+    # Under FSDP2 each accumulation step ends as a step without accumulation does (every group resharded, its
+    # gradients reduce-scattered): the next gathers and makes its unsharded gradients anew beside the shards so far.
+    carried: dict[int, int] = {}  # FSDP2: each stage's gradient shards from the accumulation steps before
+    for kind, stage, microbatch in _accumulated_schedule(config, rank):
+        if kind == NEXT_STEP:  # the gradients stay; the step's losses, and the inputs their graphs keep, went
+            kept = 0
+            if shards is not None:
+                # each group's 1/dp shard (DTensor's whole-vocabulary embedding gradient is reduce-scattered to the
+                # rank's shard of its slice)
+                carried = {stage: shards[stage].layers * (shards[stage].layer_gradients // shards[stage].dp)
+                           + shards[stage].root_gradients // shards[stage].dp for stage in reduced}
+                for state in (done, reduced, previous, backwards):
+                    state.clear()
+            continue
         if kind in (RECV_F, RECV_B, SEND_F, SEND_B):
             buffers[(kind, stage, microbatch)] = hidden_states
             continue
@@ -477,7 +509,8 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
         if kind not in (FORWARD, BACKWARD):
             continue
         program = programs[stage]
-        resident = sum(stage_gradients(other) for other in done if other != stage)
+        resident = (sum(stage_gradients(other) for other in done if other != stage)
+                    + sum(size for other, size in carried.items() if other not in reduced))
         if kind == FORWARD:
             buffers.pop((RECV_F, stage, microbatch), None)  # the program's received input from here on
             own = stage_gradients(stage) if stage in done else 0

@@ -284,9 +284,11 @@ RULES: tuple[Rule, ...] = (
           message=lambda f: "selective checkpointing saves the experts' grouped_mm outputs, which gpt-oss adds its "
                             "expert biases to in place (PyTorch refuses the step)",
           allowed=lambda f: "none, full"),
-    _rule("loss", "gpus", broken=lambda f: f.config.loss != "standard" and f.config.gpus > 1,
-          message=lambda f: f"{f.config.loss} is modelled on one GPU; {{gpus}} is {f.config.gpus}",
-          allowed=lambda f: "standard, or {gpus} 1"),
+    _rule("loss", "gpus", "pp", "tp", broken=lambda f: f.config.loss != "standard" and f.config.gpus > 1
+          and (f.config.pp == 1 or f.config.tp > 1),
+          message=lambda f: f"{f.config.loss} is modelled on one GPU and under pipeline parallelism without tensor "
+                            f"parallelism; {{gpus}} is {f.config.gpus}, {{pp}} {f.config.pp}, {{tp}} {f.config.tp}",
+          allowed=lambda f: "standard, or {gpus} 1, or {pp} above 1 with {tp} 1"),
     # LitGPT is the stack whose loss stays in the logits' dtype, and only behind its chunked head.
     _rule("loss_dtype", "loss", broken=lambda f: f.config.loss_dtype == "compute" and f.config.loss != "chunked",
           message=lambda f: f"compute is modelled with {{loss}} chunked (LitGPT's chunked head); {{loss}} is "

@@ -557,11 +557,18 @@ def chunked_output_loss(hidden, head, labels, chunks: int, cross_entropy=compute
     `cross_entropy`: compute_cross_entropy, compiled under --compile."""
     targets = shifted_labels(labels)
     logits = [head(part) for part in hidden.chunk(chunks, dim=1)]
+    return chunked_logits_loss(logits, targets, chunks, cross_entropy)
+
+
+def chunked_logits_loss(logits: list, targets, chunks: int, cross_entropy=compute_cross_entropy):
+    """CEWithChunkedOutputLoss on the model's chunked logits and the shifted labels: each chunk upcast inside its
+    cross-entropy (sum), over the labels that count. `logits` is emptied once every chunk's loss is taken (the
+    recipe lets go of the model's output then)."""
     total = None
     for logit, target in zip(logits, targets.chunk(chunks, dim=1)):
         chunk_loss = cross_entropy(logit.reshape(-1, logit.size(-1)), target.reshape(-1))
         total = chunk_loss if total is None else total + chunk_loss
-    del logits
+    logits.clear()
     return total / (targets != IGNORE_INDEX).sum()
 
 

@@ -48,7 +48,7 @@ def _what_was_traced(config: TrainingConfig, spec: ModelSpec, compile_untraced: 
     ]
     if config.uses_lora:
         traced.append(f"LoRA r={config.lora_rank} on {config.lora_targets} (peft)")
-    if config.grad_accum > 1:
+    if config.grad_accum > 1 and config.pp == 1:  # a pipeline's accumulation steps: pipeline_lines
         shown = traced_micro_batches(config)
         rest = f" (the other {config.grad_accum - shown} are the same as the last)" if shown < config.grad_accum else ""
         traced.append(f"gradient accumulation: {shown} of {config.grad_accum} micro-batches per step{rest}")

@@ -56,7 +56,7 @@ from memtui.engine.estimator.layout import pipeline_rank_stages, pipeline_refusa
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.fake_step import (STEPS, StepExtras, optimizer_state_tensors, quiet_libraries,
-                                           tag_optimizer_states, watch_model)
+                                           tag_optimizer_states, traced_micro_batches, watch_model)
 from memtui.engine.trace.parallel import fsdp_storage_resizes, record_stepped_gradients
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker, classify
 
@@ -83,6 +83,7 @@ class _Stage(torch.nn.Module):
         super().__init__()
         self.model = _decoder(causal)
         self.lm_head = causal.lm_head if last else None
+        self.loss = getattr(causal, "memtui_loss", ("standard", 1, "fp32"))
         self.first = first
         self._autocast = autocast
 
@@ -93,7 +94,58 @@ class _Stage(torch.nn.Module):
             else:
                 given = {"input_ids": inputs} if self.first else {"inputs_embeds": inputs}
                 hidden = self.model(**given, use_cache=False).last_hidden_state
-            return self.lm_head(hidden) if self.lm_head is not None else hidden
+            return _head_output(self.lm_head, hidden, self.loss) if self.lm_head is not None else hidden
+
+
+def _head_output(head, hidden: torch.Tensor, loss: tuple):
+    """The last stage's output as --loss says (the model's `memtui_loss`, build_model's): the head's logits; under
+    torchtune's chunked loss the head's output per sequence chunk (its model returns that list); under the fused
+    linear cross-entropy the final norm's output, which the loss multiplies by the head's weight chunk by chunk."""
+    mode, chunks, _dtype = loss
+    if mode == "chunked":
+        return tuple(head(part) for part in hidden.chunk(chunks, dim=1))
+    return hidden if mode == "fused-linear" else head(hidden)
+
+
+def _stage_loss(config: TrainingConfig, spec: ModelSpec, last_causal, tracker: MemoryTracker, autocast, scaler):
+    """The schedule's loss_fn on the last stage, one micro-batch's output and labels: transformers' causal-LM loss,
+    torchtune's CEWithChunkedOutputLoss on the chunked logits, or the fused linear cross-entropy (Liger's, in plain
+    torch off CUDA) on the final norm's output and the head's weight; divided by the accumulation steps (the step's
+    loss their mean, as torchtitan normalises over the whole step's tokens) and, under fp16, scaled by the GradScaler
+    (the schedule runs backward on what it returns)."""
+    from memtui.engine.torchside.build import chunked_logits_loss, fused_linear_loss, shifted_labels
+
+    head = last_causal.get_output_embeddings()
+    accumulated = traced_micro_batches(config)
+
+    def loss_fn(output, labels):
+        tracker.mark("loss")
+        with autocast():
+            if config.loss == "chunked":
+                loss = chunked_logits_loss(list(output), shifted_labels(labels), config.loss_chunks)
+            elif config.loss == "fused-linear":
+                loss = fused_linear_loss(output, head.weight, labels)
+            else:
+                loss = last_causal.loss_function(logits=output, labels=labels, vocab_size=spec.vocab_size)
+        if accumulated > 1:
+            loss = loss / accumulated
+        return scaler.scale(loss) if scaler is not None else loss
+
+    return loss_fn
+
+
+def _grad_scaler(config: TrainingConfig, tracker: MemoryTracker):
+    """fp16 (16-mixed): the GradScaler of the single-GPU step on every pipeline rank. The last stage's loss_fn scales
+    its losses, and every stage's gradients come out scaled, so every rank unscales its own before stepping (each
+    holds the scale from the start, as ranks that share one loss scale do); the step is always taken (whether to skip
+    it depends on found_inf's value, which fake tensors do not have)."""
+    if config.precision != "16-mixed":
+        return None
+    scaler = torch.amp.GradScaler("cpu")
+    scaler._maybe_opt_step = lambda optimizer, _state, *args, **kwargs: optimizer.step(*args, **kwargs)
+    with tracker:
+        scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    return scaler
 
 
 def _decoder(causal) -> torch.nn.Module:
@@ -333,7 +385,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                 first, last = index == 0, index == total - 1
                 causal, module = _stage_module(spec, config, layers=split[index], first=first, last=last,
                                                autocast=autocast)
-                if last:
+                if last and config.loss == "standard":  # else the loss_fn marks it
                     causal.lm_head.register_forward_hook(lambda *_: tracker.mark("loss"))
                 module = _parallelize_stage(module, causal, config, split[index], first, last, dp_mesh, tp_mesh,
                                             restores, tracker, buckets)
@@ -351,6 +403,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                 outputs = torch.empty(micro, seq if last else local_seq,
                                       spec.vocab_size // config.tp if last else spec.hidden_size,
                                       dtype=logits_dtype if last else residual_dtype, requires_grad=True)
+                if last and config.loss == "chunked":  # the head's output per sequence chunk
+                    outputs = tuple(outputs.chunk(config.loss_chunks, dim=1))
                 stage = PipelineStage(module, index, total, torch.device("cpu"), input_args=inputs,
                                       output_args=outputs, group=pp_group)
                 stage._output_slot_is_releasable = _releasable_as_on_a_gpu(stage)
@@ -379,13 +433,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                 for state in optimizer_state_tensors(optimizer)[0]:
                     tracker.track(state, "optimizer_state")
                 tag_optimizer_states(tracker, optimizer, owners)
-            last_causal = causals[-1]
-
-            def loss_fn(logits, labels):
-                tracker.mark("loss")
-                with autocast():
-                    return last_causal.loss_function(logits=logits, labels=labels, vocab_size=spec.vocab_size)
-
+            scaler = _grad_scaler(config, tracker)
+            loss_fn = _stage_loss(config, spec, causals[-1], tracker, autocast, scaler)
             schedule_class = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}.get(config.pp_schedule)
             schedule = (schedule_class(stages[0], config.microbatches, loss_fn=loss_fn) if schedule_class
                         else ScheduleInterleaved1F1B(stages, config.microbatches, loss_fn=loss_fn))
@@ -413,12 +462,19 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                 for step in range(1, STEPS + 1):
                     tracker.step = step
                     report(f"rank {rank}: step {step} of {STEPS}", (rank + (step - 1) / STEPS) / config.pp)
-                    losses: list | None = [] if has_last else None
-                    schedule.step(*((ids,) if has_first else ()), target=labels, losses=losses, return_outputs=False)
-                    del losses
+                    for _accumulated in range(traced_micro_batches(config)):  # torchtitan: a step() per one
+                        losses: list | None = [] if has_last else None
+                        schedule.step(*((ids,) if has_first else ()), target=labels, losses=losses,
+                                      return_outputs=False)
+                        del losses
                     tracker.mark("optimizer")
                     for optimizer in optimizers:
-                        optimizer.step()
+                        if scaler is not None:
+                            scaler.step(optimizer)
+                        else:
+                            optimizer.step()
+                    if scaler is not None:
+                        scaler.update()
                     for optimizer in optimizers:
                         optimizer.zero_grad(set_to_none=True)
                     tracker.mark("end")
@@ -427,6 +483,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                 device, host = optimizer_state_tensors(optimizer)
                 device_states += device
                 host_states += host
+            if scaler is not None:  # its scale and growth tracker live on the device (classify_by_owner's)
+                device_states += [scaler._scale, scaler._growth_tracker]
             classify(tracker.log, weights=weight_ids, gradients=gradients,
                      optimizer={tracker.alloc_id_of(t) for t in device_states} - {None},
                      host={tracker.alloc_id_of(t) for t in host_states} - {None})
@@ -574,6 +632,7 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
              f"{config.pp}, every rank of a fake process group in turn; {config.microbatches} micro-batches of "
              f"{config.microbatch_size} sequences; decoder layers per stage {split}, {embedding} on the first "
              "stage, the final norm, head and loss (per micro-batch) on the last"]
+    lines += _option_lines(config)
     if config.dp > 1 or config.tp > 1:
         lines.append(f"each pipeline rank traced as the first rank of its (dp {config.dp}, tp {config.tp}) slice of a "
                      f"(pp, dp, tp) DeviceMesh of {config.gpus} ranks, as torchtitan builds it, the stage parallelized "
@@ -604,4 +663,26 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
         lines.append(f"FSDP2 fully_shard per decoder layer and on each stage over {where}, "
                      f"reshard_after_forward={config.zero == 3}; PipelineStage accumulates each micro-batch's "
                      "gradients unsharded (gradient sync off) and reduce-scatters them after the stage's last backward")
+    return lines
+
+
+def _option_lines(config: TrainingConfig) -> list[str]:
+    """What the trace ran of the loss, accumulation and loss-scaling options, for `traced`."""
+    lines = []
+    if config.loss == "chunked":
+        lines.append(f"torchtune's chunked loss on the last stage: its forward returns the head's output per sequence "
+                     f"chunk ({config.loss_chunks}), which PipelineStage keeps until the micro-batch's backward; the "
+                     "schedule's loss_fn is CEWithChunkedOutputLoss on them")
+    elif config.loss == "fused-linear":
+        lines.append("fused linear cross-entropy on the last stage: its forward returns the final norm's output "
+                     "(kept until the micro-batch's backward); the schedule's loss_fn is Liger's fused linear "
+                     "cross-entropy (its chunked forward in plain torch off CUDA) on it and the head's weight")
+    if config.grad_accum > 1:
+        shown = traced_micro_batches(config)
+        rest = f" (the other {config.grad_accum - shown} are the same as the last)" if shown < config.grad_accum else ""
+        lines.append(f"gradient accumulation as torchtitan's loop runs it: {shown} of {config.grad_accum} "
+                     f"schedule.step() calls per optimizer step{rest}, the loss divided by their count")
+    if config.precision == "16-mixed":
+        lines.append("fp16 loss scaling: a GradScaler on every rank; the last stage's loss_fn scales each loss, "
+                     "every rank unscales its stages' gradients and steps its optimizers through it")
     return lines

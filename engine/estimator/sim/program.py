@@ -401,14 +401,20 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     sim.offload_at = None  # the decoder's forward ends: its offloading hooks are popped
     sim.drop(out, mask, second_mask, *model_locals)  # LlamaModel.forward returns: its causal masks and inputs go
     kept: list[Tensor] = []  # what the training loop keeps referenced through backward
+    # A last pipeline stage: _ForwardChunkState keeps the stage's output (the logits, the chunked head's list, or
+    # the fused loss's hidden states) until backward_one_chunk returns
+    kept_output: list[Tensor] = []
     if opts.loss == "chunked" and opts.loss_dtype == "compute":
         loss, kept = litgpt_chunked_loss(sim, normed, head, ids, d, opts, head_adapters)
         sim.drop(normed)
     elif opts.loss == "chunked":
-        loss = chunked_output_loss(sim, normed, head, d, opts, head_adapters)
+        loss, kept_output = chunked_output_loss(sim, normed, head, d, opts, head_adapters,
+                                                stage_output=received is not None)
         sim.drop(normed)
     elif opts.loss == "fused-linear":
         loss = fused_linear_loss(sim, normed, head, d, opts)
+        if received is not None:
+            kept_output = [sim.ref(normed)]
         sim.drop(normed)
     else:
         head_input = gather_tokens(sim, normed, opts)  # ColwiseParallel(input Shard(1)): all-gathered
@@ -429,8 +435,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
             loss = compiled_layer(sim, lambda graph, x: cross_entropy_graph(graph, x, ids, d.vocab, shift=True), logits)
         else:
             loss = causal_lm_loss(sim, logits, ids, loss_parallel=opts.sequence_parallel > 1)
-        if received is not None:  # a last pipeline stage: _ForwardChunkState keeps the output until backward
-            kept_output = sim.ref(logits)
+        if received is not None:
+            kept_output = [sim.ref(logits)]
         sim.drop(logits, normed)  # the model output is dropped once .loss is read
 
     sim.set_segment("forward_end")
@@ -449,8 +455,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     if received is not None:
         sim.drop(received.grad, received)  # the input's gradient, sent to the stage before
         received.grad = None
-        if opts.loss == "standard":
-            sim.drop(kept_output)  # backward_one_chunk's chunk state goes as it returns
+        sim.drop(*kept_output)  # backward_one_chunk's chunk state goes as it returns
     sim.set_segment("end")
     sim.finish()
     return sim
@@ -571,15 +576,20 @@ def shifted_labels(sim: Sim) -> Tensor:
 
 
 def chunked_output_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: Options,
-                        head_adapters: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                        head_adapters: tuple[Tensor, Tensor] | None = None,
+                        stage_output: bool = False) -> tuple[Tensor, list[Tensor]]:
     """torchtune's chunked output and CEWithChunkedOutputLoss (build.chunked_output_loss).
 
     Alive together at the last chunk: every chunk's logits in the compute dtype (the model's list),
     every earlier chunk's fp32 log-probabilities (saved by nll_loss), and this chunk's fp32 upcast.
+    `stage_output`: a last pipeline stage's, whose forward returns the list (the loss_fn shifts the labels after
+    it) and keeps it until backward: returned, to be dropped then (else empty).
     """
     parts_count = opts.loss_chunks
-    shifted = shifted_labels(sim)
+    shifted = shifted_labels(sim) if not stage_output else None
     logits = chunked_head(sim, normed, head, d, opts, head_adapters)
+    if stage_output:
+        shifted = shifted_labels(sim)
     total = None
     for logit in logits:
         target = sim.new(lf_scale(shifted.elems, 1 / parts_count), "i64", name="target chunk") if opts.batched else None
@@ -599,13 +609,14 @@ def chunked_output_loss(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: O
             summed = ops.add(sim, total, chunk_loss)
             sim.drop(total, chunk_loss)
             total = summed
+    kept = [sim.ref(logit) for logit in logits] if stage_output else []
     sim.drop(*logits)  # `del logits`: nothing in backward needs the compute-dtype chunks
     valid = sim.new(per_token(1), "bool", name="labels valid")
     count = sim.new(const(1), "i64", name="valid count")
     sim.drop(valid)
     loss = ops.mul_scalar(sim, total)  # / count
     sim.drop(total, count, shifted)
-    return loss
+    return loss, kept
 
 
 def chunked_head(sim: Sim, normed: Tensor, head: Tensor, d: Dims, opts: Options,
