@@ -52,7 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
-from memtui.engine.estimator.layout import pipeline_rank_stages, pipeline_refusal, pipeline_stage_layers
+from memtui.engine.estimator.layout import (MOE_TENSOR_PARALLEL_FAMILIES, pipeline_rank_stages, pipeline_refusal,
+                                            pipeline_stage_layers, pipeline_stages_model)
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.fake_step import (STEPS, StepExtras, optimizer_state_tensors, quiet_libraries,
@@ -135,6 +136,24 @@ def _gpt2_stage(transformer, inputs: torch.Tensor, *, first: bool) -> torch.Tens
         hidden = block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False,
                        position_ids=position_ids)
     return transformer.ln_f(hidden)
+
+
+def _stage_spec(spec: ModelSpec, config: TrainingConfig, index: int) -> ModelSpec:
+    """Stage `index`'s layers as a model of their own, for the MoE families: the per-layer lists of the config
+    (gpt-oss's layer_types) cut to the stage's layers, and DeepSeek-V3's first_k_dense_replace to the stage's own
+    leading dense layers (a decoder layer's kind follows its index in the module it is built in). torchtitan's
+    split keeps each layer as it is in the whole model: the dense ones on the first stages."""
+    if spec.family not in MOE_TENSOR_PARALLEL_FAMILIES:
+        return spec
+    split = pipeline_stage_layers(spec.num_layers, config.pp * config.virtual_stages)
+    start, layers = sum(split[:index]), split[index]
+    stage = pipeline_stages_model(config, spec, [index])
+    model_config = {name: value[start:start + layers]
+                    if isinstance(value, list) and len(value) == spec.num_layers and name != "architectures" else value
+                    for name, value in spec.config.items()}
+    if spec.dense_layers:
+        model_config["first_k_dense_replace"] = stage.dense_layers
+    return stage.model_copy(update={"config": model_config, "num_layers": layers})
 
 
 def _stage_module(spec: ModelSpec, config: TrainingConfig, *, layers: int, first: bool, last: bool, autocast):
@@ -331,8 +350,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
             causals, stages, weight_ids = [], [], set()
             for index in indices:
                 first, last = index == 0, index == total - 1
-                causal, module = _stage_module(spec, config, layers=split[index], first=first, last=last,
-                                               autocast=autocast)
+                causal, module = _stage_module(_stage_spec(spec, config, index), config, layers=split[index],
+                                               first=first, last=last, autocast=autocast)
                 if last:
                     causal.lm_head.register_forward_hook(lambda *_: tracker.mark("loss"))
                 module = _parallelize_stage(module, causal, config, split[index], first, last, dp_mesh, tp_mesh,
