@@ -435,8 +435,10 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
         if segment == LOWEST_LAYER_GATHER:  # its all-gather buffer beside its copy, every layer above gathered
             return shard.root_weights + (shard.layers + 1) * shard.layer_weights
         layer_made = min(max(made - shard.head_gradients, 0), shard.layers * shard.layer_gradients)
-        if layer_made == 0 and shard.head_gradients:
+        if layer_made == 0 and shard.head_gradients and segment == "head_bwd":
             return shard.root_weights + shard.layer_weights  # the last layer's all-gather, prefetched at the head
+        # In a layer's backward FSDP2 has gathered it and prefetched the next from its pre-backward on, before the
+        # layer makes its first gradient (an MoE block's routing backward runs first)
         # The layers done, the one computing and the next one's all-gather buffer
         layers_done = layer_made // shard.layer_gradients if shard.layer_gradients else shard.layers
         return shard.root_weights + min(layers_done + 2, shard.layers) * shard.layer_weights

@@ -593,6 +593,9 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
              f"{config.pp}, every rank of a fake process group in turn; {config.microbatches} micro-batches of "
              f"{config.microbatch_size} sequences; decoder layers per stage {split}, {embedding} on the first "
              "stage, the final norm, head and loss (per micro-batch) on the last"]
+    if spec.dense_layers:
+        lines.append(f"DeepSeek-V3's {spec.dense_layers} leading dense layers on the first stages: each stage built "
+                     "with its own layers' kinds, as torchtitan's split keeps every layer")
     if config.dp > 1 or config.tp > 1:
         lines.append(f"each pipeline rank traced as the first rank of its (dp {config.dp}, tp {config.tp}) slice of a "
                      f"(pp, dp, tp) DeviceMesh of {config.gpus} ranks, as torchtitan builds it, the stage parallelized "
@@ -602,6 +605,12 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
         lines.append(f"tensor parallel (traced): DTensor at tp {config.tp}, {plan} on each stage's "
                      "modules (sequence parallel: the hidden states between stages are the rank's 1/tp of the tokens; "
                      "the vocabulary-sharded embedding on the first stage, the head with loss parallel on the last)")
+        if spec.family in MOE_TENSOR_PARALLEL_FAMILIES:
+            from memtui.engine.trace.moe_parallel import moe_plan_lines
+
+            deepseek = spec.family == "deepseek_v3"
+            lines += moe_plan_lines(routed=True, shared=deepseek and bool(spec.config.get("n_shared_experts")),
+                                    latent=deepseek)
     if config.dp > 1 and config.zero <= 1:
         if config.tp > 1:
             lines.append("DDP beside tp as PyTorch composes them: torch.distributed.tensor.parallel.ddp."
