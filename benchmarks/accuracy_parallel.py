@@ -125,7 +125,13 @@ def matrix() -> list[dict]:
             ("llama-3.2-1b", 2, 2, "1f1b", {"lora_rank": 16, "quant": "nf4"}),
             # Phi-3, OLMo 2 (its received input's autocast cast shared by q/k/v) and GPT-2 (embeddings on the first
             # stage as Megatron-LM's pre_process) cut into stages
-            ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {})):
+            ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {}),
+            # the MoE families cut as torchtitan cuts them (Moonlight: DeepSeek-V3's layout, its dense layer on the
+            # first stage), alone, with FSDP2, DDP and the MoE tensor-parallel plan per stage
+            ("mixtral-8x7b", 2, 2, "1f1b", {}), ("mixtral-8x7b", 4, 2, "1f1b", {"zero": 3}),
+            ("mixtral-8x7b", 4, 2, "1f1b", {"zero": 0}), ("mixtral-8x7b", 4, 2, "1f1b", {"tp": 2}),
+            ("qwen3-30b-a3b", 2, 2, "gpipe", {}), ("gpt-oss-20b", 2, 2, "1f1b", {}),
+            ("moonlight-16b-a3b", 2, 2, "1f1b", {}), ("moonlight-16b-a3b", 4, 2, "1f1b", {"tp": 2})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
                      "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
     return rows

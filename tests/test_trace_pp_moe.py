@@ -97,3 +97,10 @@ def test_the_routers_load_balancing_loss_is_refused_under_pipeline_parallelism()
     refusal = pipeline_refusal(config, spec)
     assert refusal is not None and "output_router_logits" in refusal
     assert pipeline_refusal(config, MIXTRAL) is None
+
+
+def test_the_moe_plan_beside_ddp_is_refused_under_pipeline_parallelism():
+    """As without stages: the MoE plan with DDP or ZeRO-1 beside it is not traced; with FSDP2 it is."""
+    config = TrainingConfig(model="mixtral-8x7b", batch_size=4, gpus=8, pp=2, tp=2, zero=0, microbatches=4)
+    assert "DDP or ZeRO-1" in pipeline_refusal(config, MIXTRAL)
+    assert pipeline_refusal(config.model_copy(update={"zero": 3}), MIXTRAL) is None

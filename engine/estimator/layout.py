@@ -350,6 +350,12 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
                 "the stages: not traced under pipeline parallelism")
     if config.tp > 1 and model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
+    if config.tp > 1 and model.family in MOE_TENSOR_PARALLEL_FAMILIES:
+        if model.intermediate_size % config.tp:
+            return f"tp {config.tp} does not divide the experts' intermediate size {model.intermediate_size}"
+        if config.dp > 1 and config.zero <= 1:
+            return ("the MoE plan with DDP or ZeRO-1 beside tensor parallelism is not traced (with FSDP2, --zero 2 "
+                    "or 3, it is)")
     if (config.offload != "none" or config.activation_offload or config.loss != "standard" or config.grad_accum > 1
             or config.optimizer_in_backward or config.precision == "16-mixed"):
         return ("offloading, the chunked and fused losses, gradient accumulation, the optimizer in backward and fp16 "
