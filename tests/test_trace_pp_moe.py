@@ -15,9 +15,9 @@ from memtui.engine.model.presets import resolve_gpu
 from memtui.engine.model.specs import TrainingConfig
 from tests.test_trace_moe_tp import small_deepseek, small_moe
 
-# Measured at these sizes: within 0.04% (a few KiB: the whole batch's labels, which the estimator counts per
-# micro-batch, and 512-byte roundings).
-TOLERANCE = 5e-4
+# Measured at these sizes: within 0.06% (tens of KiB: the whole batch's labels, which the estimator counts per
+# micro-batch, 512-byte roundings; gpt-oss under the MoE plan +0.05%).
+TOLERANCE = 1e-3
 
 
 def four_layers(spec, **update):
@@ -64,8 +64,13 @@ def _assert_every_rank(result, estimated, config: TrainingConfig, label: str) ->
     # the MoE plan on each stage: the last stage's final-norm output goes with its forward, before the schedule's loss
     # (+0.46% at the loss before)
     (MIXTRAL, "mixtral-8x7b", "1f1b", {"seq_len": 1024, "gpus": 4, "tp": 2}),
+    # and at a short sequence, where the experts' weight gradients decide a later backward's peak: each waits for
+    # its to_local view's backward, older than the experts' ops, before AccumulateGrad adds it (-2.8% before)
+    (MIXTRAL, "mixtral-8x7b", "1f1b", {"seq_len": 128, "gpus": 4, "tp": 2}),
     (GPT_OSS, "gpt-oss-20b", "gpipe", {"seq_len": 512}),
-], ids=["mixtral-1f1b", "mixtral-fsdp2", "mixtral-tp2", "gpt-oss-gpipe"])
+    # gpt-oss's masks (eager, sliding and full) made for the whole sequence on every stage (it failed before)
+    (GPT_OSS, "gpt-oss-20b", "1f1b", {"seq_len": 128, "gpus": 4, "tp": 2}),
+], ids=["mixtral-1f1b", "mixtral-fsdp2", "mixtral-tp2", "mixtral-tp2-short", "gpt-oss-gpipe", "gpt-oss-tp2"])
 def test_moe_pipeline_stages_are_traced_and_estimated_per_rank(spec, preset, schedule, options):
     config = TrainingConfig(model=preset, precision="bf16-mixed", batch_size=4, microbatches=4, pp=2,
                             pp_schedule=schedule, **{"gpus": 2, **options})

@@ -283,7 +283,7 @@ def _parallelize_stage(module, causal, config: TrainingConfig, layers: int, firs
 
     if tp_mesh is not None:
         apply_tensor_parallel(causal, tp_mesh, embedding=first, head=last)
-        restores.append(whole_sequence_masks(_decoder(causal)))
+        restores.append(whole_sequence_masks(_decoder(causal), ranks=config.tp))
     if dp_mesh is not None and config.zero <= 1:
         if tp_mesh is not None:  # PyTorch's TP + DDP composition: DDP on the stage's local shards
             from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
