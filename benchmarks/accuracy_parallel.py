@@ -166,7 +166,13 @@ def matrix() -> list[dict]:
             ("llama-3.2-1b", 4, 2, "1f1b", {"loss": "chunked", "zero": 3}),
             ("llama-3.2-1b", 2, 2, "1f1b", {"grad_accum": 2}), ("qwen2.5-0.5b", 4, 2, "gpipe", {"grad_accum": 2, "zero": 0}),
             ("llama-3.2-1b", 4, 2, "1f1b", {"grad_accum": 2, "zero": 3}),
-            ("llama-3.2-1b", 2, 2, "interleaved-1f1b", {"precision": "16-mixed"})):
+            ("llama-3.2-1b", 2, 2, "interleaved-1f1b", {"precision": "16-mixed"}),
+            # the MoE families cut as torchtitan cuts them (Moonlight: DeepSeek-V3's layout, its dense layer on the
+            # first stage), alone, with FSDP2, DDP and the MoE tensor-parallel plan per stage
+            ("mixtral-8x7b", 2, 2, "1f1b", {}), ("mixtral-8x7b", 4, 2, "1f1b", {"zero": 3}),
+            ("mixtral-8x7b", 4, 2, "1f1b", {"zero": 0}), ("mixtral-8x7b", 4, 2, "1f1b", {"tp": 2}),
+            ("qwen3-30b-a3b", 2, 2, "gpipe", {}), ("gpt-oss-20b", 2, 2, "1f1b", {}),
+            ("moonlight-16b-a3b", 2, 2, "1f1b", {}), ("moonlight-16b-a3b", 4, 2, "1f1b", {"tp": 2})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
                      "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
     return rows

@@ -39,6 +39,7 @@ from memtui.engine.estimator.layout import (
     ParamLayout,
     ddp_tensor_parallel_embedding_gradients,
     param_layout,
+    pipeline_stages_model,
     pipeline_refusal,
     tensor_parallel_embedding_gradient_extra,
     tensor_parallel_embedding_params,
@@ -807,8 +808,8 @@ def _budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: Para
 
 def _stage_shards(config: TrainingConfig, model: ModelSpec, role: tuple[int, int, bool, bool], dp: int) -> StageShards:
     """One pipeline stage's FSDP2 groups: each decoder layer's, and the root's (what no layer holds)."""
-    _index, layers, first, last = role
-    layout = param_layout(config, model, stage=(layers, first, last))
+    index, layers, first, last = role
+    layout = param_layout(config, pipeline_stages_model(config, model, [index]), stage=(layers, first, last))
     weight, grad = config.weight_bytes, trainable_bytes(config)
     head = (model.vocab_size * model.hidden_size // config.tp + model.norm_params) if last else 0
     root = head + (tensor_parallel_embedding_params(model, config.tp) if first else 0)
@@ -825,10 +826,12 @@ def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, not
     for rank in range(config.pp):
         roles = stage_roles(config, model, rank)
         layers = sum(role[1] for role in roles)
-        layout = param_layout(config, model, stage=(layers, any(role[2] for role in roles),
-                                                    any(role[3] for role in roles)))
-        on_gpu, _one_state_group = _states_on_gpu(config, model, layout, [
-            trainable_tensor_numels(config, model, stage=role[1:]) for role in roles])
+        rank_model = pipeline_stages_model(config, model, [role[0] for role in roles])  # its layers' kinds
+        layout = param_layout(config, rank_model, stage=(layers, any(role[2] for role in roles),
+                                                         any(role[3] for role in roles)))
+        on_gpu, _one_state_group = _states_on_gpu(config, rank_model, layout, [
+            trainable_tensor_numels(config, pipeline_stages_model(config, model, [role[0]]), stage=role[1:])
+            for role in roles])
         if on_gpu.zero >= 2 and pipeline_refusal(config, model) is None:
             # FSDP2 on each stage as `memtui trace` runs it: the stage's shards, what its schedule holds gathered, its
             # gradients unsharded until its last backward reduce-scatters them (memtui.engine.estimator.pipeline)
@@ -837,13 +840,14 @@ def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, not
                                   moment.activations + moment.autocast_weights, moment.temporary + workspace)
                        for moment, gathered in pipeline_sharded_moments(config, model, rank, shards)]
         else:
-            moments = [_forward_backward_moment(config, model, layout, moment, on_gpu, workspace)
+            moments = [_forward_backward_moment(config, rank_model, layout, moment, on_gpu, workspace)
                        for moment in pipeline_moments(config, model, rank)]
         # torchtitan keeps one optimizer per stage and steps them in turn: the largest stage's temporaries.
         temporaries = 0
-        for _index, stage_layers, first, last in roles:
-            stage_layout = param_layout(config, model, stage=(stage_layers, first, last))
-            stage_on_gpu, stage_state_group = _states_on_gpu(config, model, stage_layout)
+        for index, stage_layers, first, last in roles:
+            stage_model = pipeline_stages_model(config, model, [index])
+            stage_layout = param_layout(config, stage_model, stage=(stage_layers, first, last))
+            stage_on_gpu, stage_state_group = _states_on_gpu(config, stage_model, stage_layout)
             temporaries = max(temporaries, _optimizer_step_temporaries(config, stage_layout, stage_on_gpu,
                                                                        stage_state_group))
         moments.append(StepMoment("optimizer", on_gpu.resting_weights, on_gpu.states.gradients, 0,

@@ -305,7 +305,7 @@ TENSOR_PARALLEL_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MO
 LORA_TENSOR_PARALLEL_FAMILIES = LLAMA_LAYOUT_FAMILIES
 # Phi-3 and OLMo 2 are cut as the Llama layout is (model.layers); GPT-2's transformer.h likewise, its token and
 # position embeddings on the first stage (Megatron-LM's pre_process), ln_f and the head on the last.
-PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2")
+PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MOE_TENSOR_PARALLEL_FAMILIES)
 
 
 def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
@@ -381,15 +381,35 @@ def pipeline_rank_stages(config: TrainingConfig) -> list[list[int]]:
     return [[rank + config.pp * virtual for virtual in range(config.virtual_stages)] for rank in range(config.pp)]
 
 
+def pipeline_stages_model(config: TrainingConfig, model: ModelSpec, indices: list[int]) -> ModelSpec:
+    """The model as these pipeline stages hold it: DeepSeek-V3's leading dense layers counted among the stages'
+    own layers (a stage keeps each layer's kind, as torchtitan's split does: the dense ones on the first stages).
+    The model itself where its layers are all of one kind."""
+    if not model.dense_layers:
+        return model
+    split = pipeline_stage_layers(model.num_layers, config.pp * config.virtual_stages)
+    dense = sum(min(max(model.dense_layers - sum(split[:index]), 0), split[index]) for index in indices)
+    return model.model_copy(update={"dense_layers": dense})
+
+
 def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
     """Why `memtui trace` cannot run this configuration's pipeline program (it is then modelled), or None."""
     if config.pp == 1:
         return "no pipeline parallelism"
     if model.family not in PIPELINE_FAMILIES:
-        return (f"the {model.family} family has no traced pipeline split (Llama-layout families, Phi-3, OLMo 2 and "
-                "GPT-2 only)")
+        return (f"the {model.family} family has no traced pipeline split (Llama-layout families, Phi-3, OLMo 2, "
+                "GPT-2 and the MoE families only)")
+    if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.config.get("output_router_logits"):
+        return ("the router's load-balancing loss (output_router_logits) sums every layer's router logits, across "
+                "the stages: not traced under pipeline parallelism")
     if config.tp > 1 and model.num_kv_heads % config.tp:
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
+    if config.tp > 1 and model.family in MOE_TENSOR_PARALLEL_FAMILIES:
+        if model.intermediate_size % config.tp:
+            return f"tp {config.tp} does not divide the experts' intermediate size {model.intermediate_size}"
+        if config.dp > 1 and config.zero <= 1:
+            return ("the MoE plan with DDP or ZeRO-1 beside tensor parallelism is not traced (with FSDP2, --zero 2 "
+                    "or 3, it is)")
     if config.offload != "none" or config.activation_offload:
         return "offloading under pipeline parallelism is not traced"
     if config.optimizer_in_backward:

@@ -25,6 +25,7 @@ from functools import lru_cache
 from memtui.engine.estimator.layout import (
     ddp_tensor_parallel_embedding_gradients,
     pipeline_rank_stages,
+    pipeline_stages_model,
     pipeline_stage_layers,
     tensor_parallel_embedding_gradient_extra,
     tensor_parallel_whole_vocabulary_gradient,
@@ -297,7 +298,7 @@ class _StageProgram:
 @lru_cache(maxsize=1024)
 def _stage_program(d: Dims, opts: Options, layers: int, first: bool, last: bool, tokens: int,
                    seq_len: int) -> _StageProgram:
-    program = compile_step(d, opts, layers, first, last)
+    program = compile_step(d, opts, layers, first, last, accumulating=True)  # later micro-batches accumulate
     values = lf_values(tokens, seq_len)
     forward, backward, segments, backward_segments = [], [], [], []
     for candidate in program.candidates:
@@ -362,7 +363,9 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
     d, opts = dims_for(model, config.tp), _stage_options(config, model)
     tokens = config.microbatch_size * config.seq_len
     roles = stage_roles(config, model, rank)
-    programs = {index: _stage_program(d, opts, layers, first, last, tokens, config.seq_len)
+    # DeepSeek-V3: each stage's own leading dense layers (none past the first stages)
+    programs = {index: _stage_program(d, opts if not model.dense_layers else options_for(
+                    config, pipeline_stages_model(config, model, [index])), layers, first, last, tokens, config.seq_len)
                 for index, layers, first, last in roles}
     # DTensor's embedding backward makes the whole vocabulary's gradient, and the rank's Shard(0) gradient keeps it
     # (memtui.engine.estimator.layout.tensor_parallel_embedding_gradient_extra): beyond the stage program's 1/tp.
@@ -450,8 +453,10 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
         if segment == LOWEST_LAYER_GATHER:  # its all-gather buffer beside its copy, every layer above gathered
             return shard.root_weights + (shard.layers + 1) * shard.layer_weights
         layer_made = min(max(made - shard.head_gradients, 0), shard.layers * shard.layer_gradients)
-        if layer_made == 0 and shard.head_gradients:
+        if layer_made == 0 and shard.head_gradients and segment == "head_bwd":
             return shard.root_weights + shard.layer_weights  # the last layer's all-gather, prefetched at the head
+        # In a layer's backward FSDP2 has gathered it and prefetched the next from its pre-backward on, before the
+        # layer makes its first gradient (an MoE block's routing backward runs first)
         # The layers done, the one computing and the next one's all-gather buffer
         layers_done = layer_made // shard.layer_gradients if shard.layer_gradients else shard.layers
         return shard.root_weights + min(layers_done + 2, shard.layers) * shard.layer_weights

@@ -41,11 +41,18 @@ def moe_traced_lines(model: torch.nn.Module) -> list[str]:
     if decoder is None:
         return []
     layers = decoder.layers
-    lines = [MOE_TRACED_LINE] if any(is_moe_block(getattr(layer, "mlp", None)) for layer in layers) else []
-    if any(hasattr(getattr(layer, "mlp", None), "shared_experts") for layer in layers):
+    return moe_plan_lines(routed=any(is_moe_block(getattr(layer, "mlp", None)) for layer in layers),
+                          shared=any(hasattr(getattr(layer, "mlp", None), "shared_experts") for layer in layers),
+                          latent=any(hasattr(layer.self_attn, "kv_b_proj") for layer in layers))
+
+
+def moe_plan_lines(*, routed: bool, shared: bool, latent: bool) -> list[str]:
+    """The plan's MoE lines: routed experts, DeepSeek-V3's shared experts, its latent attention."""
+    lines = [MOE_TRACED_LINE] if routed else []
+    if shared:
         lines.append("DeepSeek-V3's shared experts Colwise gate/up and Rowwise down, their partial output summed "
                      "with the routed experts' before the block's reduce-scatter")
-    if any(hasattr(layer.self_attn, "kv_b_proj") for layer in layers):
+    if latent:
         lines.append("latent attention as torchtitan's DeepSeek-V3 plan: q_a_proj, kv_a_proj_with_mqa and their norms "
                      "replicated (NoParallel), q_b_proj and kv_b_proj Colwise on the heads, o_proj Rowwise")
     return lines

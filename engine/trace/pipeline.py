@@ -52,7 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
-from memtui.engine.estimator.layout import pipeline_rank_stages, pipeline_refusal, pipeline_stage_layers
+from memtui.engine.estimator.layout import (MOE_TENSOR_PARALLEL_FAMILIES, pipeline_rank_stages, pipeline_refusal,
+                                            pipeline_stage_layers, pipeline_stages_model)
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.fake_step import (STEPS, StepExtras, optimizer_state_tensors, quiet_libraries,
@@ -189,6 +190,24 @@ def _gpt2_stage(transformer, inputs: torch.Tensor, *, first: bool) -> torch.Tens
     return transformer.ln_f(hidden)
 
 
+def _stage_spec(spec: ModelSpec, config: TrainingConfig, index: int) -> ModelSpec:
+    """Stage `index`'s layers as a model of their own, for the MoE families: the per-layer lists of the config
+    (gpt-oss's layer_types) cut to the stage's layers, and DeepSeek-V3's first_k_dense_replace to the stage's own
+    leading dense layers (a decoder layer's kind follows its index in the module it is built in). torchtitan's
+    split keeps each layer as it is in the whole model: the dense ones on the first stages."""
+    if spec.family not in MOE_TENSOR_PARALLEL_FAMILIES:
+        return spec
+    split = pipeline_stage_layers(spec.num_layers, config.pp * config.virtual_stages)
+    start, layers = sum(split[:index]), split[index]
+    stage = pipeline_stages_model(config, spec, [index])
+    model_config = {name: value[start:start + layers]
+                    if isinstance(value, list) and len(value) == spec.num_layers and name != "architectures" else value
+                    for name, value in spec.config.items()}
+    if spec.dense_layers:
+        model_config["first_k_dense_replace"] = stage.dense_layers
+    return stage.model_copy(update={"config": model_config, "num_layers": layers})
+
+
 def _stage_module(spec: ModelSpec, config: TrainingConfig, *, layers: int, first: bool, last: bool, autocast):
     """The stage built on its own (its layers only), the embedding, norm and head removed where it has none."""
     from memtui.engine.torchside.build import build_model
@@ -316,7 +335,7 @@ def _parallelize_stage(module, causal, config: TrainingConfig, layers: int, firs
 
     if tp_mesh is not None:
         apply_tensor_parallel(causal, tp_mesh, embedding=first, head=last)
-        restores.append(whole_sequence_masks(_decoder(causal)))
+        restores.append(whole_sequence_masks(_decoder(causal), ranks=config.tp))
     if dp_mesh is not None and config.zero <= 1:
         if tp_mesh is not None:  # PyTorch's TP + DDP composition: DDP on the stage's local shards
             from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
@@ -383,8 +402,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
             causals, stages, weight_ids = [], [], set()
             for index in indices:
                 first, last = index == 0, index == total - 1
-                causal, module = _stage_module(spec, config, layers=split[index], first=first, last=last,
-                                               autocast=autocast)
+                causal, module = _stage_module(_stage_spec(spec, config, index), config, layers=split[index],
+                                               first=first, last=last, autocast=autocast)
                 if last and config.loss == "standard":  # else the loss_fn marks it
                     causal.lm_head.register_forward_hook(lambda *_: tracker.mark("loss"))
                 module = _parallelize_stage(module, causal, config, split[index], first, last, dp_mesh, tp_mesh,
@@ -632,6 +651,9 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
              f"{config.pp}, every rank of a fake process group in turn; {config.microbatches} micro-batches of "
              f"{config.microbatch_size} sequences; decoder layers per stage {split}, {embedding} on the first "
              "stage, the final norm, head and loss (per micro-batch) on the last"]
+    if spec.dense_layers:
+        lines.append(f"DeepSeek-V3's {spec.dense_layers} leading dense layers on the first stages: each stage built "
+                     "with its own layers' kinds, as torchtitan's split keeps every layer")
     lines += _option_lines(config)
     if config.dp > 1 or config.tp > 1:
         lines.append(f"each pipeline rank traced as the first rank of its (dp {config.dp}, tp {config.tp}) slice of a "
@@ -642,6 +664,12 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
         lines.append(f"tensor parallel (traced): DTensor at tp {config.tp}, {plan} on each stage's "
                      "modules (sequence parallel: the hidden states between stages are the rank's 1/tp of the tokens; "
                      "the vocabulary-sharded embedding on the first stage, the head with loss parallel on the last)")
+        if spec.family in MOE_TENSOR_PARALLEL_FAMILIES:
+            from memtui.engine.trace.moe_parallel import moe_plan_lines
+
+            deepseek = spec.family == "deepseek_v3"
+            lines += moe_plan_lines(routed=True, shared=deepseek and bool(spec.config.get("n_shared_experts")),
+                                    latent=deepseek)
     if config.dp > 1 and config.zero <= 1:
         if config.tp > 1:
             lines.append("DDP beside tp as PyTorch composes them: torch.distributed.tensor.parallel.ddp."

@@ -208,6 +208,10 @@ class Sim:
         self.buffered: LF = ZERO  # the running sums of those gradients, live (one per parameter)
         self._ready = False  # the node running has made a parameter's .grad
         self._made: LF = ZERO  # the bytes of those .grad
+        # A backward into gradients that exist (a pipeline stage's later micro-batches): AccumulateGrad adds each new
+        # gradient in place and frees it, a drop the first backward (which keeps it as the gradient) does not have;
+        # while set, the moment before each parameter's gradient is handed over is a candidate too.
+        self.accumulating = False
 
     # ---- allocation bookkeeping -------------------------------------------------------
     def set_segment(self, name: str) -> None:
@@ -490,6 +494,8 @@ class Sim:
             self.drop(grad)
             return
         if target.param:
+            if self.accumulating:
+                self._mark_peak()
             if grad.dtype != target.grad_dtype:
                 converted = self.new(grad.elems, target.grad_dtype, name="grad cast")
                 self.drop(grad)

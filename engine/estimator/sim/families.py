@@ -538,34 +538,53 @@ def moe_block(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Te
     routed = lf_scale(x.elems, d.top_k)  # (tokens * top_k, hidden)
     rows = lf_scale(x.elems, d.top_k / d.hidden)  # tokens * top_k
     router_logits, top_weights = topk_router(sim, x, p, d, opts, rows)
+    local = local_expert_weights(sim, p, opts)
     sample_weights = ops.gather_rows(sim, top_weights, rows, rows)
-    out = grouped_experts(sim, x, p, d, sample_weights, routed, rows, release=top_weights)
+    out = grouped_experts(sim, x, p, d, sample_weights, routed, rows, release=top_weights, local=local)
     sim.drop(router_logits)
     # under sequence parallelism each rank's experts hold 1/tp of the intermediate dimension: their sum is
     # partial, reduce-scattered onto the rank's tokens (torchtitan's MoE boundary)
     return scatter_tokens(sim, out, opts)
 
 
+def local_expert_weights(sim: Sim, p: LayerParams, opts: Options) -> dict[str, Tensor]:
+    """Under the traced MoE plan the experts run on their DTensor weights' local shards, taken (to_local) as the
+    experts module is called: those views' backward nodes are older than every op of the experts, so each weight's
+    new gradient waits in the engine's input buffer until the experts' backward is done, and only then reaches
+    AccumulateGrad. In a step's only backward that gradient is the one kept, as large either way; only a later
+    micro-batch's backward (a pipeline stage's, `sim.accumulating`), which adds it in place, sees it held."""
+    if opts.sequence_parallel == 1 or not sim.accumulating:
+        return {}
+    names = [name for name in ("experts.gate_up_proj", "experts.down_proj") if name in p.linears]
+    views = {name: ops.view(sim, p.linears[name]) for name in names}
+    views.update({f"bias {name}": ops.view(sim, p.biases[name]) for name in names if name in p.biases})
+    return views
+
+
 def grouped_experts(sim: Sim, x: Tensor, p: LayerParams, d: Dims, sample_weights: Tensor, routed, rows, *,
-                    release: Tensor | None = None) -> Tensor:
+                    release: Tensor | None = None, local: dict[str, Tensor] | None = None) -> Tensor:
     """transformers' grouped_mm experts (sample_weights: each routed row's weight, consumed), back in x's dtype;
-    `release` goes with the summed rows (the router's top-k weights, held by the caller until then)."""
+    `release` goes with the summed rows (the router's top-k weights, held by the caller until then); `local`: the
+    weights' local views (local_expert_weights), let go with the experts' forward."""
+    local = local or {}
     selected = ops.gather_rows(sim, x, routed, rows)
-    gate_up = ops.grouped_mm(sim, selected, p.linears["experts.gate_up_proj"], 2 * d.intermediate, d.hidden)
+    gate_up = ops.grouped_mm(sim, selected, local.get("experts.gate_up_proj", p.linears["experts.gate_up_proj"]),
+                             2 * d.intermediate, d.hidden)
     sim.drop(selected)
     gate, up = ops.chunk(sim, gate_up, 2)
     sim.drop(gate_up)
     act = ops.silu(sim, gate)
     product = ops.mul(sim, act, up)
     sim.drop(act, gate, up)
-    down = ops.grouped_mm(sim, product, p.linears["experts.down_proj"], d.hidden, d.intermediate)
+    down = ops.grouped_mm(sim, product, local.get("experts.down_proj", p.linears["experts.down_proj"]), d.hidden,
+                          d.intermediate)
     sim.drop(product)
     weighted = ops.mul(sim, down, sample_weights)
     sim.drop(down, sample_weights)
     ordered = ops.gather_rows(sim, weighted, routed, rows)
     sim.drop(weighted)
     out = ops.sum_groups(sim, ordered, d.top_k)
-    sim.drop(ordered, release)
+    sim.drop(ordered, release, *local.values())
     return chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
 
 
@@ -856,6 +875,9 @@ def gpt_oss_moe(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> 
     top = ops.topk(sim, logits, rows)  # the logits, the router's first output, held by the block (`_`)
     scores = ops.softmax(sim, top, top.dtype)
     sim.drop(top)
+    local = local_expert_weights(sim, p, opts)
+    weight = {name: local.get(name, p.linears[name]) for name in ("experts.gate_up_proj", "experts.down_proj")}
+    bias = {name: local.get(f"bias {name}", p.biases[name]) for name in ("experts.gate_up_proj", "experts.down_proj")}
     # the sort's expert ids and permutation, and each row's token (perm // top_k): the gathers' indices
     expert_ids, perm = sim.new(rows, "i64", name="sorted expert ids"), sim.new(rows, "i64", name="sort permutation")
     token_of_row = sim.new(rows, "i64", name="token of each row")
@@ -867,15 +889,15 @@ def gpt_oss_moe(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> 
                 sim.new(const(d.experts), "f32", name="tokens per expert"),
                 sim.new(const(d.experts), "i32", name="offsets")]
     selected_c = ops.cast(sim, selected, p.linears["experts.gate_up_proj"].dtype)
-    up_bias = ops.gather_rows(sim, p.biases["experts.gate_up_proj"], lf_scale(routed, 2 * d.intermediate / d.hidden),
+    up_bias = ops.gather_rows(sim, bias["experts.gate_up_proj"], lf_scale(routed, 2 * d.intermediate / d.hidden),
                               rows, expert_ids)
-    gate_up = ops.grouped_mm(sim, selected_c, p.linears["experts.gate_up_proj"], 2 * d.intermediate, d.hidden)
+    gate_up = ops.grouped_mm(sim, selected_c, weight["experts.gate_up_proj"], 2 * d.intermediate, d.hidden)
     gate_up = chain(sim, gate_up, lambda sim_, t: ops.add_(sim_, t, up_bias))
     gated = clamped_swiglu(sim, gate_up)
     sim.drop(gate_up)
-    down_bias = ops.gather_rows(sim, p.biases["experts.down_proj"], routed, rows, expert_ids)
+    down_bias = ops.gather_rows(sim, bias["experts.down_proj"], routed, rows, expert_ids)
     sim.drop(up_bias)  # `selected_biases` rebound
-    down = ops.grouped_mm(sim, gated, p.linears["experts.down_proj"], d.hidden, d.intermediate)
+    down = ops.grouped_mm(sim, gated, weight["experts.down_proj"], d.hidden, d.intermediate)
     sim.drop(gated)
     down = chain(sim, down, lambda sim_, t: ops.add_(sim_, t, down_bias))
     weighted = ops.mul(sim, down, sample_weights)
@@ -883,7 +905,8 @@ def gpt_oss_moe(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> 
     ordered = ops.gather_rows(sim, weighted, routed, rows, inverse)
     sim.drop(weighted)
     out = ops.sum_groups(sim, ordered, d.top_k)
-    sim.drop(ordered, inverse, down, down_bias, sample_weights, selected_c, selected, scores, *order, *counting, logits)
+    sim.drop(ordered, inverse, down, down_bias, sample_weights, selected_c, selected, scores, *order, *counting, logits,
+             *local.values())
     out = chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
     return scatter_tokens(sim, out, opts)  # each rank's partial sum, reduce-scattered (as moe_block's)
 

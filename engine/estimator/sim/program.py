@@ -229,12 +229,15 @@ def _layer_segments(layers: int, every_layer: bool = False) -> list[str]:
 
 
 def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every_layer: bool = False,
-            segments: list[str] | None = None, first: bool = True, last: bool = True) -> Sim:
+            segments: list[str] | None = None, first: bool = True, last: bool = True,
+            accumulating: bool = False) -> Sim:
     """The step of one GPU; `first` / `last` False: a pipeline stage without the embedding / without the final
     norm, head and loss (memtui.engine.trace.pipeline's stage: hidden states in, hidden states out, the output's
-    gradient received into a buffer of its size)."""
+    gradient received into a buffer of its size); `accumulating`: a candidate before each parameter gradient
+    reaches AccumulateGrad (see Sim.accumulate)."""
     sim = Sim(autocast_dtype=opts.compute if opts.autocast else None)
     sim.step_in_backward = opts.step_in_backward
+    sim.accumulating = accumulating
     if log:
         sim.log = []
     frozen = opts.lora_rank > 0
@@ -422,6 +425,11 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         if head_adapters is not None:
             logits = lora_branch(sim, head_input, logits, head_adapters, d.hidden, d.vocab, opts)
         sim.drop(head_input)
+        if received is not None:
+            # A last pipeline stage's forward returns the logits and the schedule's loss_fn runs after it: the final
+            # norm's output goes with the forward's frame (on one GPU the causal LM's forward holds it through its loss)
+            sim.drop(normed)
+            normed = None
         if opts.logits_upcast == "model":
             # torchtune's self.output(h).float(): the head's output is a temporary (the cast's backward keeps
             # nothing), the model returns fp32 logits and the loss's own upcast is a no-op.
@@ -751,14 +759,16 @@ _AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", GRAPH_FREED, 
 
 
 @lru_cache(maxsize=256)
-def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: bool = True) -> StepProgram:
-    """The step's candidate peaks for `layers` decoder layers (`first` / `last`: a pipeline stage, as _replay).
+def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: bool = True,
+                 accumulating: bool = False) -> StepProgram:
+    """The step's candidate peaks for `layers` decoder layers (`first` / `last`: a pipeline stage, as _replay;
+    `accumulating`: also the moments a later micro-batch's backward peaks at, see Sim.accumulate).
 
     The other L-3 layers sit between the replayed middle and last layers. Each keeps
     R_fwd past the next layer's forward, R_post past the forward, and leaves G once
     its backward is done.
     """
-    sim = _replay(d, opts, layers=layers, first=first, last=last)
+    sim = _replay(d, opts, layers=layers, first=first, last=last, accumulating=accumulating)
     extra = max(layers - 3, 0)
     kept_forward, kept_backward, left_by_backward = _layer_buckets(sim)
     full = min(round(opts.full_layer_share * max(layers - 2, 0)), extra)
@@ -808,7 +818,7 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
     for category in CATEGORIES:
         if category != "gradients":  # "weights" here: autocast's 16-bit copies, which the graph saves
             held_bytes = lf_add(held_bytes, held[category])
-    kept = tuple(_prune(candidates))
+    kept = tuple(_prune(candidates, accumulating))
     return StepProgram(
         candidates=kept,
         rows=tuple((candidate.phase, *candidate.live["weights"], *candidate.live["gradients"],
@@ -847,9 +857,13 @@ def _total(live: dict[str, LF]) -> LF:
     return total
 
 
-def _prune(candidates: list[StepCandidate]) -> list[StepCandidate]:
-    """Drop candidates another one dominates for every batch size and sequence length."""
+def _prune(candidates: list[StepCandidate], accumulating: bool = False) -> list[StepCandidate]:
+    """Drop candidates another one dominates for every batch size and sequence length; `accumulating`: in what
+    they hold beside the gradients too (a later micro-batch's backward holds every gradient from its start)."""
     totals = [_total(candidate.live) for candidate in candidates]
+    if accumulating:
+        totals = [(*total, *_total({**candidate.live, "gradients": ZERO}))
+                  for total, candidate in zip(totals, candidates)]
     kept = []
     for index, total in enumerate(totals):
         dominated = False
