@@ -220,3 +220,38 @@ def test_stages_under_ddp_or_interleaved_are_traced_at_every_layer():
     assert "DDP" in extension_refusal(spec, combined(gpus=4, zero=1))
     assert "interleaved" in extension_refusal(spec, combined(gpus=2, pp_schedule="interleaved-1f1b", microbatches=4,
                                                              batch_size=4))
+
+
+def test_ranks_traced_two_at_a_time_and_sharing_sharding_decisions_trace_as_one_at_a_time(monkeypatch):
+    """trace_pipeline makes its traces in this process and a forked one side by side, and DTensor's sharding
+    decisions are made once across the ranks' worlds: every rank's log is the one traced in turn in one process
+    (no fork: another thread running), and a middle rank after another propagates no op's sharding anew."""
+    import threading
+
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    from memtui.engine.trace import pipeline
+    from memtui.engine.trace.pipeline import trace_pipeline
+
+    config = combined(pp=4, microbatches=4, batch_size=4, gpus=16, tp=2, zero=3)
+    propagated: list[int] = []  # per rank, traced in turn: the ops whose sharding was propagated anew
+    original = ShardingPropagator.propagate_op_sharding_non_cached
+
+    def counted(self, schema):
+        propagated[-1] += 1
+        return original(self, schema)
+
+    spec = small_llama(layers=4)
+    side_by_side = trace_pipeline(spec, config, reuse=False)
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
+    monkeypatch.setattr(ShardingPropagator, "propagate_op_sharding_non_cached", counted)
+    trace_rank = pipeline._trace_rank
+
+    def counting(*args, **kwargs):
+        propagated.append(0)
+        return trace_rank(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_trace_rank", counting)
+    in_turn = trace_pipeline(spec, config, reuse=False)
+    assert [trace.log for trace in side_by_side] == [trace.log for trace in in_turn]
+    assert len(propagated) == 4 and 0 < propagated[1] < propagated[0] and propagated[2] == 0

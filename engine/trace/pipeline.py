@@ -1,6 +1,7 @@
 """Pipeline parallelism traced for every rank at the real world size, on fake tensors.
 
-Each pipeline rank is traced in turn as rank r of torch's `fake` process group of `pp` ranks, running torch's own
+Each pipeline rank is traced as rank r of torch's `fake` process group of `pp` ranks (two traces at a time: this
+process and a forked one, _traced_in_two), running torch's own
 pipelining code (torch.distributed.pipelining) on its stage of the model (under GPipe, which runs every rank alike,
 once per stage shape: the middle ranks of as many layers share one trace, see _rank_role). A deep stage of a model
 whose layers are alike is traced at a few layers and its log extended to the stage's layers, once a rank of each
@@ -46,8 +47,10 @@ the estimator follows the same lowered action list (memtui.engine.estimator.pipe
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -324,6 +327,89 @@ def _meshes(config: TrainingConfig):
             mesh[names[-1]] if config.tp > 1 else None)
 
 
+_WORLD_SUFFIX = re.compile(r"^(pp|dp|dp_replicate|dp_shard|tp)\d+$")
+
+
+def _mesh_across_worlds(mesh) -> tuple:
+    """What a DeviceMesh is to DTensor's sharding decisions, whatever world (pipeline rank) made it: its equality
+    key (DeviceMesh.__eq__) with the world's number taken off the dimensions' names (_meshes)."""
+    names = tuple(_WORLD_SUFFIX.sub(r"\1", name) for name in mesh.mesh_dim_names or ())
+    return (mesh._flatten_rank_map, mesh._layout, mesh.device_type, names, mesh._thread_id,
+            mesh._preserve_rank_order)
+
+
+def _with_meshes(value, swap):
+    """`value` (an OpSchema, an OutputSharding, DTensorSpecs in tuples, lists and dicts) with each DTensorSpec's
+    mesh replaced by swap(mesh); the rest as it is."""
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+    from torch.distributed.tensor._op_schema import OpSchema, OutputSharding
+
+    if isinstance(value, DTensorSpec):
+        mesh = swap(value.mesh)
+        if mesh is value.mesh:
+            return value
+        spec = copy.copy(value)
+        spec.mesh = mesh  # DTensorSpec.__setattr__ drops the cached hash
+        return spec
+    if type(value) in (tuple, list):
+        return type(value)(_with_meshes(item, swap) for item in value)
+    if type(value) is dict:
+        return {key: _with_meshes(item, swap) for key, item in value.items()}
+    if isinstance(value, OpSchema):
+        return OpSchema(value.op, _with_meshes(value.args_schema, swap), _with_meshes(value.kwargs_schema, swap),
+                        schema_info=value.schema_info)
+    if isinstance(value, OutputSharding):
+        return OutputSharding(_with_meshes(value.output_spec, swap), _with_meshes(value.redistribute_schema, swap),
+                              needs_redistribute=value.needs_redistribute,
+                              use_val_from_redistribute_schema=value.use_val_from_redistribute_schema)
+    return value
+
+
+@contextlib.contextmanager
+def _sharding_decisions_across_worlds():
+    """DTensor caches its sharding decisions (ShardingPropagator.propagate_op_sharding_non_cached, behind its C++
+    cache) by OpSchema, which holds the DeviceMeshes; each pipeline rank is traced in its own world, whose meshes
+    are named apart (_meshes), so each rank would propagate every op's sharding anew (the foreach optimizer's most
+    of all). A decision depends on the meshes' layout and dimensions, which every rank's share, not on which world
+    made them: each is made once, on the first world's equal meshes, and handed to a later world on its own."""
+    from torch.distributed.tensor import DTensor
+
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagate_anew = propagator.propagate_op_sharding_non_cached
+    first: dict[tuple, object] = {}  # _mesh_across_worlds key -> the first world's mesh
+    decisions: dict = {}  # OpSchema on the first world's meshes -> its OutputSharding
+
+    def propagate(op_schema):
+        here: dict[int, object] = {}  # id(first world's mesh) -> this world's
+
+        def to_first(mesh):
+            known = first.setdefault(_mesh_across_worlds(mesh), mesh)
+            here[id(known)] = mesh
+            return known
+
+        def back(mesh):
+            if id(mesh) not in here:
+                raise KeyError(mesh)
+            return here[id(mesh)]
+
+        schema = _with_meshes(op_schema, to_first)
+        decision = decisions.get(schema)
+        if decision is None:
+            decision = decisions[schema] = propagate_anew(schema)
+        if all(id(known) == id(mesh) for known, mesh in here.items()):
+            return decision
+        try:
+            return _with_meshes(decision, back)
+        except KeyError:  # a decision on a mesh none of the inputs is on: made on this world's own
+            return propagate_anew(op_schema)
+
+    propagator.propagate_op_sharding_non_cached = propagate
+    try:
+        yield
+    finally:
+        del propagator.propagate_op_sharding_non_cached
+
+
 def _parallelize_stage(module, causal, config: TrainingConfig, layers: int, first: bool, last: bool, dp_mesh,
                        tp_mesh, restores: list, tracker: MemoryTracker, bucket_ids: set[int]):
     """The stage split as torchtitan's parallelize_llama splits a model part: the TP plan first (on its own
@@ -534,23 +620,99 @@ def trace_pipeline(spec: ModelSpec, config: TrainingConfig, report=None, *, reus
     """Every pipeline rank's two steps, one rank after the other. A rank whose step is another's (_rank_role) takes
     that rank's trace, and a rank whose stage is deep enough is traced at a few layers and extended to its own
     (_StageExtension) once that has been checked on a rank of each kind of stage (`reuse=False`: every rank traced
-    at every layer)."""
+    at every layer). The traces this asks for are independent programs (each rank in its own fake world), made two
+    at a time where this process can fork (_traced_in_two)."""
     report = report or (lambda _stage, _fraction: None)
     extension = _StageExtension(spec, config, report) if reuse and extension_refusal(spec, config) is None else None
     traces: list[RankTrace] = []
     traced: dict[tuple, RankTrace] = {}
+    with _sharding_decisions_across_worlds() if config.tp > 1 or config.dp > 1 else contextlib.nullcontext():
+        made = _traced_in_two(spec, config, report, _planned_traces(spec, config, extension, reuse))
+
+        def trace_rank(rank: int, depth: int | None = None) -> RankTrace:
+            known = made.pop((rank, depth), None)
+            return known if known is not None else _trace_rank(spec, config, rank, report, depth=depth)
+
+        if extension is not None:
+            extension.trace_rank = trace_rank
+        for rank in range(config.pp):
+            role = _rank_role(spec, config, rank) if reuse else None
+            if role in traced:
+                traces.append(dataclasses.replace(traced[role], rank=rank, stages=pipeline_rank_stages(config)[rank]))
+                continue
+            trace = extension.trace(rank) if extension is not None else None
+            if trace is None:
+                trace = trace_rank(rank)
+            if role is not None:
+                traced[role] = trace
+            traces.append(trace)
+    return traces
+
+
+def _planned_traces(spec: ModelSpec, config: TrainingConfig, extension, reuse: bool) -> list[tuple[int, int | None]]:
+    """The (rank, depth) traces trace_pipeline will ask for if every kind of stage passes its check (depth None:
+    every layer); one that fails asks for more, traced then."""
+    planned: list[tuple[int, int | None]] = []
+    roles: set[tuple] = set()
+    kinds: set[tuple[bool, bool]] = set()
     for rank in range(config.pp):
         role = _rank_role(spec, config, rank) if reuse else None
-        if role in traced:
-            traces.append(dataclasses.replace(traced[role], rank=rank, stages=pipeline_rank_stages(config)[rank]))
+        if role is not None and role in roles:
             continue
-        trace = extension.trace(rank) if extension is not None else None
-        if trace is None:
-            trace = _trace_rank(spec, config, rank, report)
-        if role is not None:
-            traced[role] = trace
-        traces.append(trace)
-    return traces
+        roles.add(role)
+        if extension is None or extension.split[rank] <= extension._shape(rank)[0] + 1:
+            planned.append((rank, None))
+            continue
+        depth, _template, kind = extension._shape(rank)
+        planned.append((rank, depth))
+        if kind not in kinds:
+            kinds.add(kind)
+            planned.append((rank, depth + 1))
+    return planned
+
+
+def _traced_in_two(spec: ModelSpec, config: TrainingConfig, report, planned: list) -> dict:
+    """The planned traces, {(rank, depth): RankTrace}, made by this process and a forked one side by side (half
+    the time on two cores: each trace is its own program in its own fake world, as traced in turn); {} where this
+    process cannot fork safely (another thread running, no os.fork) or the child fails (each is then traced in
+    turn, as it is asked for)."""
+    import os
+    import pickle
+    import threading
+
+    if len(planned) < 2 or not hasattr(os, "fork") or threading.active_count() > 1:
+        return {}
+    split = pipeline_stage_layers(spec.num_layers, config.pp * config.virtual_stages)
+
+    def cost(job) -> int:  # decoder layers run, the embedding and the head as one more each
+        rank, depth = job
+        return (split[rank] if depth is None else depth) + (rank == 0) + (rank == config.pp - 1)
+
+    mine: list = []
+    theirs: list = []
+    for job in sorted(planned, key=cost, reverse=True):  # longest first, each to the less loaded side
+        (mine if sum(map(cost, mine)) <= sum(map(cost, theirs)) else theirs).append(job)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: its traces pickled to the parent, then gone without the parent's exit handlers
+        os.close(read)
+        try:
+            data = pickle.dumps({job: _trace_rank(spec, config, job[0], lambda *_: None, depth=job[1])
+                                 for job in sorted(theirs)})
+        except BaseException:  # the parent traces these itself, and meets the error there
+            data = pickle.dumps({})
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(data)
+        os._exit(0)
+    os.close(write)
+    try:
+        made = {job: _trace_rank(spec, config, job[0], report, depth=job[1]) for job in sorted(mine)}
+    finally:
+        with os.fdopen(read, "rb") as pipe:
+            data = pipe.read()
+        os.waitpid(child, 0)
+    made.update(pickle.loads(data) if data else {})
+    return made
 
 
 def extension_refusal(spec: ModelSpec, config: TrainingConfig) -> str | None:
@@ -579,6 +741,8 @@ class _StageExtension:
         self.spec, self.config, self.report = spec, config, report
         self.split = pipeline_stage_layers(spec.num_layers, config.pp)
         self.checked: dict[tuple[bool, bool], StepExtras | None] = {}  # kind -> a layer's parameters, if it passed
+        # (rank, depth) -> the rank's trace at that depth (trace_pipeline's: made beforehand where it can)
+        self.trace_rank = lambda rank, depth: _trace_rank(spec, config, rank, report, depth=depth)
 
     def _shape(self, rank: int) -> tuple[int, int, tuple[bool, bool]]:
         kind = (rank == 0, rank == self.config.pp - 1)
@@ -597,8 +761,8 @@ class _StageExtension:
         low = None
         if kind not in self.checked:
             self.checked[kind] = None
-            low = _trace_rank(self.spec, self.config, rank, self.report, depth=depth)
-            high = _trace_rank(self.spec, self.config, rank, self.report, depth=depth + 1)
+            low = self.trace_rank(rank, depth)
+            high = self.trace_rank(rank, depth + 1)
             try:
                 if same_log(extend_log(low.log, depth, depth + 1, template), high.log):
                     per_layer = StepExtras(params=high.extras.params - low.extras.params,
@@ -610,7 +774,7 @@ class _StageExtension:
         per_layer = self.checked[kind]
         if per_layer is None:
             return None
-        low = low or _trace_rank(self.spec, self.config, rank, self.report, depth=depth)
+        low = low or self.trace_rank(rank, depth)
         try:
             log = extend_log(low.log, depth, layers, template)
         except NotExtensible:
