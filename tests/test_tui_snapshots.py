@@ -30,10 +30,21 @@ async def settled(pilot) -> None:
         result = app.result
         fit_known = result.budget is None or result.budget.fits or (
             app.fit_suggestion is not None and app.fit_suggestion[0] == result.config)
-        if result.stale or (fit_known and result.ladder is not None and ladder_shown(app) and replay_shown(app)):
+        if result.stale or (fit_known and result.ladder is not None and ladder_shown(app) and replay_shown(app)
+                            and ladder_laid_out(app)):
             break
         await pilot.pause(0.02)
     await pilot.pause()
+
+
+def ladder_laid_out(app) -> bool:
+    """The ladder's list has its new rows' height and its explanation sits right under it (a loaded machine can
+    take the picture between the new rows and the layout that follows them)."""
+    from textual.widgets import OptionList
+
+    rows = app.query_one("#ladder-list", OptionList)
+    why = app.query_one("#ladder-why")
+    return rows.region.height == min(rows.option_count, 14) and why.region.y == rows.region.bottom
 
 
 def replay_shown(app) -> bool:
