@@ -471,7 +471,7 @@ def eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Op
         dropped, shifted = softmax_with_sinks(sim, masked, sinks, d, v.dtype)
         sim.drop(masked)  # `attn_weights` is rebound to the probabilities
     else:
-        probs = ops.softmax(sim, masked, "f32" if opts.eager_softmax_f32 else None)
+        probs = ops.softmax(sim, masked, "f32" if opts.eager_softmax_f32 else None, per_token(d.heads))
         sim.drop(masked)
         probs_c = ops.cast(sim, probs, q.dtype)  # .to(query.dtype)
         sim.drop(probs)
@@ -498,7 +498,7 @@ def softmax_with_sinks(sim: Sim, masked: Tensor, sinks: Tensor, d: Dims, value_d
     row_max = ops.topk(sim, combined, column)  # combined.max(dim=-1, keepdim=True).values
     shifted = ops.sub(sim, combined, row_max)
     sim.drop(combined, row_max)
-    probs = ops.softmax(sim, shifted, shifted.dtype)
+    probs = ops.softmax(sim, shifted, shifted.dtype, column)
     scores = ops.slice_view(sim, probs, 1.0, masked.elems)  # probs[..., :-1]
     sim.drop(probs)
     out = ops.cast(sim, scores, value_dtype)
@@ -597,10 +597,10 @@ def topk_router(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, row
     router_logits = apply_linear(sim, x, p, "gate", d.hidden, d.experts, opts)
     if mixtral:
         logits = ops.cast(sim, router_logits, "f32")
-        probs = ops.softmax(sim, logits, "f32")
+        probs = ops.softmax(sim, logits, "f32", lf_scale(logits.elems, 1 / d.experts))
         sim.drop(logits)
     else:
-        probs = ops.softmax(sim, router_logits, "f32")
+        probs = ops.softmax(sim, router_logits, "f32", lf_scale(router_logits.elems, 1 / d.experts))
     top = ops.topk(sim, probs, rows)
     sim.drop(probs)
     if opts.norm_topk or mixtral:
@@ -873,7 +873,7 @@ def gpt_oss_moe(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> 
     rows = lf_scale(x.elems, d.top_k / d.hidden)  # tokens * top_k
     logits = apply_linear(sim, x, p, "router", d.hidden, d.experts, opts)
     top = ops.topk(sim, logits, rows)  # the logits, the router's first output, held by the block (`_`)
-    scores = ops.softmax(sim, top, top.dtype)
+    scores = ops.softmax(sim, top, top.dtype, lf_scale(x.elems, 1 / d.hidden))  # over each token's top k
     sim.drop(top)
     local = local_expert_weights(sim, p, opts)
     weight = {name: local.get(name, p.linears[name]) for name in ("experts.gate_up_proj", "experts.down_proj")}
