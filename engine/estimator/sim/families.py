@@ -647,9 +647,10 @@ def phi3_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, 
     sim.drop(q, k)
     # The cat leaves q (b, h, s, d)-contiguous; FlashAttention's output is laid out like q (flash_api's
     # empty_like(q), as the CPU kernel's meta), so sdpa_attention_forward's transpose(1, 2).contiguous() copies it.
-    # Compiled, the copy is a fused op of the layer's graph; traced at one sequence, the partitioner saves none
-    # (the case of more than one, or of a window mask, is the copy the eager replay made before).
-    copy = not opts.compiled or opts.batched or opts.window_mask
+    # Compiled, inductor's cat decomposition drops the empty pass-through part (the whole head is rotated) and
+    # returns the other, layout kept: q stays token-major like the projection, and so does SDPA's output, which
+    # the transpose makes contiguous again: no copy, whatever the batch or mask (the traced graph has none).
+    copy = not opts.compiled
     return attend_and_project(sim, q_rope, k_rope, v, p, d, opts, copy_output=copy, head_major=True)
 
 
