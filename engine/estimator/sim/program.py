@@ -365,6 +365,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     out = x
     holder_segment = "mid" if "mid" in segments else segments[-1]
     mask_saved = False  # a compiled layer saved its attention mask for backward
+    # layers of the other kind exist (Gemma 3's may all be sliding-window ones: one kind of rotary pair)
+    other_kind = second_mask is not None and (opts.family != "gemma3" or opts.rope_pairs > 1)
     for segment, layer in zip(segments, layer_params):
         sim.set_segment(f"{segment}_fwd")
         previous = out
@@ -375,7 +377,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
             holder = sim.alias(previous)
             sim.record("rope pair holder", holder, [previous], list(other_pair), lambda *_args: [])
             sim.drop(holder)
-        if mask_saved and second_mask is not None and segment == holder_segment:
+        if mask_saved and other_kind and segment == holder_segment:
             # Compiled layers that save their mask (the partitioner recomputes the scores past it in backward): the
             # other kind's layers save the other mask, held until the lowest of them (layer 1) is done backward.
             holder = sim.alias(previous)
