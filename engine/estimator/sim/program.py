@@ -379,7 +379,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
             sim.drop(holder)
         if mask_saved and other_kind and segment == holder_segment:
             # Compiled layers that save their mask (the partitioner recomputes the scores past it in backward): the
-            # other kind's layers save the other mask, held until the lowest of them (layer 1) is done backward.
+            # other kind's layers save the other mask, held until the lowest of them (Gemma-2's layer 1) is done
+            # backward, as the rotary pair above.
             holder = sim.alias(previous)
             sim.record("mask holder", holder, [previous], [second_mask], lambda *_args: [])
             sim.drop(holder)
