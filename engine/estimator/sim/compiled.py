@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from memtui.engine.estimator.sim.core import Sim, Tensor
+from memtui.engine.estimator.sim.core import LF, Sim, Tensor
 
 EXTERN = ("linear", "addmm", "bmm", "flash")  # sim.record names of ops inductor calls a library kernel for
 REDUCTIONS = ("mean", "sum", "amax")
@@ -45,6 +45,9 @@ class _Op:
     grad: bool
     view: bool
     extras: list[Tensor]  # other tensors the op allocated (attention's logsumexp, a dropout mask)
+    # what recomputing the output reads besides its inputs, no gradient flowing to them: softmax's per-row max and
+    # sum (torch._decomp's _softmax: amax, exp(x - max), sum, div), reductions the partitioner never recomputes
+    stats: list[Tensor] = field(default_factory=list)
 
 
 class _Recorder(Sim):
@@ -61,6 +64,7 @@ class _Recorder(Sim):
         self._fresh: list[Tensor] = []
         self.same: dict[int, Tensor] = {}  # a recomputed value -> the op output it repeats
         self._computed: dict[tuple, Tensor] = {}
+        self._rows: dict[int, LF] = {}  # softmax outputs -> their rows (see Sim.reduces_rows)
 
     def new(self, elems, dtype, *, name="", requires_grad=False, category=None) -> Tensor:
         tensor = super().new(elems, dtype, name=name, requires_grad=requires_grad, category=category)
@@ -76,6 +80,9 @@ class _Recorder(Sim):
 
     def ref(self, tensor: Tensor) -> Tensor:
         return tensor
+
+    def reduces_rows(self, output: Tensor, rows: LF) -> None:
+        self._rows[id(output)] = rows
 
     def drop(self, *tensors) -> None:
         pass
@@ -96,7 +103,17 @@ class _Recorder(Sim):
                 self.same[id(output)] = earlier
                 return
             self._computed[key] = output
-        self.ops.append(_Op(name, output, inputs, saved, grad, output.view_of is not None, extras))
+        stats: list[Tensor] = []
+        rows = self._rows.pop(id(output), None)
+        if rows is not None:
+            # the row max of the input, then the sum of exp(input - max): fp32 whatever the input's dtype
+            for stat, reads in (("amax", inputs[:1]), ("sum", inputs[:1])):
+                tensor = Tensor(elems=rows, dtype="f32", name=f"{name} {stat}", segment=self.segment, alive=False)
+                self.own.add(id(tensor))
+                reads = reads + stats  # the sum reads the max
+                self.ops.append(_Op(stat, tensor, reads, [], False, False, []))
+                stats.append(tensor)
+        self.ops.append(_Op(name, output, inputs, saved, grad, output.view_of is not None, extras, stats))
 
 
 @dataclass(eq=False)
@@ -218,7 +235,7 @@ def _plan(recorder: _Recorder, out: Tensor) -> _Plan:
             found = [root]
         else:
             found = []
-            for source in producer[id(root)].inputs:
+            for source in producer[id(root)].inputs + producer[id(root)].stats:
                 for t in frontier(source):
                     if all(t is not f for f in found):
                         found.append(t)
@@ -237,7 +254,7 @@ def _plan(recorder: _Recorder, out: Tensor) -> _Plan:
         hit = reads_cache.get(id(root))
         if hit is None:
             hit = set()
-            for source in producer[id(root)].inputs:
+            for source in producer[id(root)].inputs + producer[id(root)].stats:
                 hit |= reads(source)
             reads_cache[id(root)] = hit
         return hit
@@ -250,7 +267,7 @@ def _plan(recorder: _Recorder, out: Tensor) -> _Plan:
         if not allocated:
             continue
         read: set[int] = set()
-        for source in op.inputs:
+        for source in op.inputs + op.stats:
             read |= reads(source)
         kernels.append((allocated, read))
     last_read: dict[int, int] = {}
@@ -294,8 +311,9 @@ def _distances_from_backward(ops: list[_Op], base) -> dict[int, float]:
         if op.grad:
             for tensor in op.saved:
                 distance[id(base(tensor))] = 1
+    stats = {id(stat) for op in ops for stat in op.stats}
     for op in reversed(ops):
-        if op.view:
+        if op.view or id(op.out) in stats:  # a softmax's max and sum: reached through the softmax (below)
             continue
         after = distance.get(id(base(op.out)))
         if after is None:
@@ -303,6 +321,10 @@ def _distances_from_backward(ops: list[_Op], base) -> dict[int, float]:
         for source in op.inputs:
             key = id(base(source))
             distance[key] = min(distance.get(key, after + _decomposed_depth(op)), after + _decomposed_depth(op))
+        # _softmax's nodes from its output back: [convert,] div, then sum and exp, sub, then amax
+        converted = _decomposed_depth(op) - 3
+        for stat, depth in zip(op.stats, (3, 1)):
+            distance[id(stat)] = after + depth + converted // 2
     return distance
 
 
@@ -350,7 +372,7 @@ def _cut(ops: list[_Op], own: set[int], base, producer: dict[int, _Op], in_memor
             edge("source", (node(extra), 0), infinite)
         if id(op.out) in own:
             out = node(op.out)
-            for source in op.inputs:
+            for source in op.inputs + op.stats:
                 edge((node(source), 1), (out, 0), infinite)
         if not op.grad:
             continue

@@ -369,6 +369,10 @@ class Sim:
         if self._recompute_stop >= 0 and len(self.nodes) - 1 == self._recompute_stop:
             raise StopRecompute
 
+    def reduces_rows(self, output: Tensor, rows: LF) -> None:
+        """`output` is made from one max and one sum per row (softmax, `rows` rows): eager autograd saves the output
+        itself; a compiled graph may save those instead and recompute it (sim/compiled.py)."""
+
     def keep_until_graph_freed(self, tensor: Tensor) -> None:
         """A tensor a custom autograd Function keeps as a ctx attribute, not through save_for_backward: no
         saved-tensor hook (checkpointing, offloading) sees it and backward never releases it, so it lives as long as

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from memtui.engine.estimator.sim import ops
-from memtui.engine.estimator.sim.core import Sim, Tensor, lf_scale
+from memtui.engine.estimator.sim.core import Sim, Tensor, lf_scale, per_token
 from memtui.engine.estimator.sim.families import (
     Dims,
     LayerParams,
@@ -176,7 +176,7 @@ def _latent_eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, 
     scaled = chain(sim, scores, ops.mul_scalar)
     masked = ops.add(sim, scaled, sim.causal_mask)  # type: ignore[attr-defined]
     sim.drop(scaled)
-    probs = ops.softmax(sim, masked, "f32")
+    probs = ops.softmax(sim, masked, "f32", per_token(d.heads))
     sim.drop(masked)
     probs = chain(sim, probs, lambda sim_, t: ops.cast(sim_, t, q.dtype))  # .to(query.dtype)
     p_operand = ops.autocast_operand(sim, probs)

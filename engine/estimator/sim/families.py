@@ -471,7 +471,7 @@ def eager_attention(sim: Sim, q: Tensor, k: Tensor, v: Tensor, d: Dims, opts: Op
         dropped, shifted = softmax_with_sinks(sim, masked, sinks, d, v.dtype)
         sim.drop(masked)  # `attn_weights` is rebound to the probabilities
     else:
-        probs = ops.softmax(sim, masked, "f32" if opts.eager_softmax_f32 else None)
+        probs = ops.softmax(sim, masked, "f32" if opts.eager_softmax_f32 else None, per_token(d.heads))
         sim.drop(masked)
         probs_c = ops.cast(sim, probs, q.dtype)  # .to(query.dtype)
         sim.drop(probs)
@@ -498,7 +498,7 @@ def softmax_with_sinks(sim: Sim, masked: Tensor, sinks: Tensor, d: Dims, value_d
     row_max = ops.topk(sim, combined, column)  # combined.max(dim=-1, keepdim=True).values
     shifted = ops.sub(sim, combined, row_max)
     sim.drop(combined, row_max)
-    probs = ops.softmax(sim, shifted, shifted.dtype)
+    probs = ops.softmax(sim, shifted, shifted.dtype, column)
     scores = ops.slice_view(sim, probs, 1.0, masked.elems)  # probs[..., :-1]
     sim.drop(probs)
     out = ops.cast(sim, scores, value_dtype)
@@ -597,10 +597,10 @@ def topk_router(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, row
     router_logits = apply_linear(sim, x, p, "gate", d.hidden, d.experts, opts)
     if mixtral:
         logits = ops.cast(sim, router_logits, "f32")
-        probs = ops.softmax(sim, logits, "f32")
+        probs = ops.softmax(sim, logits, "f32", lf_scale(logits.elems, 1 / d.experts))
         sim.drop(logits)
     else:
-        probs = ops.softmax(sim, router_logits, "f32")
+        probs = ops.softmax(sim, router_logits, "f32", lf_scale(router_logits.elems, 1 / d.experts))
     top = ops.topk(sim, probs, rows)
     sim.drop(probs)
     if opts.norm_topk or mixtral:
@@ -647,9 +647,10 @@ def phi3_attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, 
     sim.drop(q, k)
     # The cat leaves q (b, h, s, d)-contiguous; FlashAttention's output is laid out like q (flash_api's
     # empty_like(q), as the CPU kernel's meta), so sdpa_attention_forward's transpose(1, 2).contiguous() copies it.
-    # Compiled, the copy is a fused op of the layer's graph; traced at one sequence, the partitioner saves none
-    # (the case of more than one, or of a window mask, is the copy the eager replay made before).
-    copy = not opts.compiled or opts.batched or opts.window_mask
+    # Compiled, inductor's cat decomposition drops the empty pass-through part (the whole head is rotated) and
+    # returns the other, layout kept: q stays token-major like the projection, and so does SDPA's output, which
+    # the transpose makes contiguous again: no copy, whatever the batch or mask (the traced graph has none).
+    copy = not opts.compiled
     return attend_and_project(sim, q_rope, k_rope, v, p, d, opts, copy_output=copy, head_major=True)
 
 
@@ -873,7 +874,7 @@ def gpt_oss_moe(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> 
     rows = lf_scale(x.elems, d.top_k / d.hidden)  # tokens * top_k
     logits = apply_linear(sim, x, p, "router", d.hidden, d.experts, opts)
     top = ops.topk(sim, logits, rows)  # the logits, the router's first output, held by the block (`_`)
-    scores = ops.softmax(sim, top, top.dtype)
+    scores = ops.softmax(sim, top, top.dtype, lf_scale(x.elems, 1 / d.hidden))  # over each token's top k
     sim.drop(top)
     local = local_expert_weights(sim, p, opts)
     weight = {name: local.get(name, p.linears[name]) for name in ("experts.gate_up_proj", "experts.down_proj")}

@@ -536,7 +536,7 @@ def _half_to_float_backward(sim: Sim, node, grad):
     return [(x, sim.new(x.elems, x.dtype, name="softmax backward"))]
 
 
-def softmax(sim: Sim, x: Tensor, dtype: str | None) -> Tensor:
+def softmax(sim: Sim, x: Tensor, dtype: str | None, rows: LF) -> Tensor:
     """softmax(x, dtype=...) as CUDA runs it (aten/src/ATen/native/SoftMax.cpp); it saves its output. CUDA
     autocast asks for fp32 when no dtype is given (fp32_set_opt_dtype). An fp16 input asked for fp32 runs
     _softmax(half_to_float=True): the fp32 output alone, and a Half gradient in backward. Any other change of
@@ -546,10 +546,12 @@ def softmax(sim: Sim, x: Tensor, dtype: str | None) -> Tensor:
     out_dtype = dtype or x.dtype
     if x.dtype == "f16" and out_dtype == "f32":
         out = sim.new(x.elems, out_dtype, name="softmax")
+        sim.reduces_rows(out, rows)
         sim.record("softmax", out, [x], [out], _half_to_float_backward)
         return out
     converted = cast(sim, x, out_dtype)
     out = sim.new(x.elems, out_dtype, name="softmax")
+    sim.reduces_rows(out, rows)
     sim.record("softmax", out, [converted], [out], _softmax_backward)
     sim.drop(converted)
     return out

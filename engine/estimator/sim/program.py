@@ -364,6 +364,9 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     # output feeds the head, not a layer; the middle one stands for every other layer.
     out = x
     holder_segment = "mid" if "mid" in segments else segments[-1]
+    mask_saved = False  # a compiled layer saved its attention mask for backward
+    # layers of the other kind exist (Gemma 3's may all be sliding-window ones: one kind of rotary pair)
+    other_kind = second_mask is not None and (opts.family != "gemma3" or opts.rope_pairs > 1)
     for segment, layer in zip(segments, layer_params):
         sim.set_segment(f"{segment}_fwd")
         previous = out
@@ -373,6 +376,13 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
             # before the bottom layers' backward, so the pair is held until the middle layers' backward ends.
             holder = sim.alias(previous)
             sim.record("rope pair holder", holder, [previous], list(other_pair), lambda *_args: [])
+            sim.drop(holder)
+        if mask_saved and other_kind and segment == holder_segment:
+            # Compiled layers that save their mask (the partitioner recomputes the scores past it in backward): the
+            # other kind's layers save the other mask, held until the lowest of them (Gemma-2's layer 1) is done
+            # backward, as the rotary pair above.
+            holder = sim.alias(previous)
+            sim.record("mask holder", holder, [previous], [second_mask], lambda *_args: [])
             sim.drop(holder)
         if opts.checkpointing != "none":
             # transformers passes position embeddings and the mask as kwargs: the checkpoint frame keeps them.
@@ -386,6 +396,9 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
                                  positional=1)
         else:
             out = run_layer(previous, layer, layer_opts=layer_opts)
+            # the compiled layer's node is the last recorded (its saved tensors: what the partitioner chose)
+            mask_saved = mask_saved or (opts.compiled and mask is not None and bool(sim.nodes)
+                                        and any(t is mask for t in sim.nodes[-1].saved))
         sim.drop(previous)
 
     if not last:
