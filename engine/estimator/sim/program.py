@@ -19,6 +19,7 @@ from memtui.engine.estimator.sim import ops
 from memtui.engine.estimator.sim.core import (
     CATEGORIES,
     LF,
+    LAYER_BACKWARD_STARTS,
     LOWEST_LAYER_GATHER,
     ZERO,
     Sim,
@@ -230,14 +231,15 @@ def _layer_segments(layers: int, every_layer: bool = False) -> list[str]:
 
 def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every_layer: bool = False,
             segments: list[str] | None = None, first: bool = True, last: bool = True,
-            accumulating: bool = False) -> Sim:
+            accumulating: bool = False, layer_starts: bool = False) -> Sim:
     """The step of one GPU; `first` / `last` False: a pipeline stage without the embedding / without the final
     norm, head and loss (memtui.engine.trace.pipeline's stage: hidden states in, hidden states out, the output's
     gradient received into a buffer of its size); `accumulating`: a candidate before each parameter gradient
-    reaches AccumulateGrad (see Sim.accumulate)."""
+    reaches AccumulateGrad (see Sim.accumulate); `layer_starts`: see Sim.layer_starts."""
     sim = Sim(autocast_dtype=opts.compute if opts.autocast else None)
     sim.step_in_backward = opts.step_in_backward
     sim.accumulating = accumulating
+    sim.layer_starts = layer_starts
     if log:
         sim.log = []
     frozen = opts.lora_rank > 0
@@ -476,10 +478,15 @@ def _dense_segments(segments: list[str], layers: int, dense_layers: int) -> list
         return [False] * len(segments)
     if len(segments) == layers:
         return [index < dense_layers for index in range(layers)]
-    middle = max(dense_layers, 1)
-    middle = middle if middle <= layers - 2 else 1
-    index_of = {"first": 0, "mid": middle, "last": layers - 1}
+    index_of = {"first": 0, "mid": replayed_middle_layer(layers, dense_layers), "last": layers - 1}
     return [index_of[segment] < dense_layers for segment in segments]
+
+
+def replayed_middle_layer(layers: int, dense_layers: int) -> int:
+    """The layer whose kind the replayed middle layer has: the second, or DeepSeek-V3's first MoE layer among the
+    middle ones where there is one."""
+    middle = max(dense_layers, 1)
+    return middle if middle <= layers - 2 else 1
 
 
 def _stage_output_backward(sim: Sim, out: Tensor, forward_locals, positions, segments: list[str],
@@ -750,7 +757,7 @@ def _plus(live: dict[str, LF], extra: dict[str, LF], times: float) -> dict[str, 
 _PHASE_OF_SEGMENT = {
     "inputs": "forward", "embed_fwd": "forward", "first_fwd": "forward", "mid_fwd": "forward", "last_fwd": "forward",
     "head_fwd": "loss", "loss_fwd": "loss", "forward_end": "loss", "head_bwd": "backward", "loss_bwd": "backward", "last_bwd": "backward", "mid_bwd": "backward",
-    "first_bwd": "backward", LOWEST_LAYER_GATHER: "backward", "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
+    "first_bwd": "backward", LOWEST_LAYER_GATHER: "backward", **dict.fromkeys(LAYER_BACKWARD_STARTS.values(), "backward"), "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
 }
 # A candidate of backward just after a node gave parameters their .grad (Candidate.ready): under
 # --optimizer-in-backward their hooks step them there; kept apart from backward's (_prune compares within a phase).
@@ -760,7 +767,7 @@ _AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", GRAPH_FREED, 
 
 @lru_cache(maxsize=256)
 def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: bool = True,
-                 accumulating: bool = False) -> StepProgram:
+                 accumulating: bool = False, layer_starts: bool = False) -> StepProgram:
     """The step's candidate peaks for `layers` decoder layers (`first` / `last`: a pipeline stage, as _replay;
     `accumulating`: also the moments a later micro-batch's backward peaks at, see Sim.accumulate).
 
@@ -768,7 +775,8 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
     R_fwd past the next layer's forward, R_post past the forward, and leaves G once
     its backward is done.
     """
-    sim = _replay(d, opts, layers=layers, first=first, last=last, accumulating=accumulating)
+    sim = _replay(d, opts, layers=layers, first=first, last=last, accumulating=accumulating,
+                  layer_starts=layer_starts)
     extra = max(layers - 3, 0)
     kept_forward, kept_backward, left_by_backward = _layer_buckets(sim)
     full = min(round(opts.full_layer_share * max(layers - 2, 0)), extra)
@@ -796,9 +804,9 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
         buffered, stepped = candidate.buffered, candidate.stepped
         if segment in ("last_fwd", "head_fwd", "loss_fwd"):
             candidates.append(StepCandidate(phase, _plus(candidate.live, kept_forward, extra), segment, buffered, stepped))
-        elif segment in ("forward_end", "head_bwd", "loss_bwd", "last_bwd"):
+        elif segment in ("forward_end", "head_bwd", "loss_bwd", "last_bwd", LAYER_BACKWARD_STARTS["last_bwd"]):
             candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered, stepped))
-        elif segment == "mid_bwd":
+        elif segment in ("mid_bwd", LAYER_BACKWARD_STARTS["mid_bwd"]):
             candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered, stepped))
             candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment, buffered, stepped))
         elif segment in ("first_bwd", LOWEST_LAYER_GATHER, "embed_bwd", "end"):
@@ -875,7 +883,8 @@ def _prune(candidates: list[StepCandidate], accumulating: bool = False) -> list[
                 dominated = True
                 break
         # FSDP2's moment, and each step in backward (its temporaries are not in the total): kept for them
-        if not dominated or candidates[index].segment == LOWEST_LAYER_GATHER or candidates[index].phase == GRAD_READY:
+        if (not dominated or candidates[index].segment in (LOWEST_LAYER_GATHER, *LAYER_BACKWARD_STARTS.values())
+                or candidates[index].phase == GRAD_READY):
             kept.append(candidates[index])
     return kept
 
