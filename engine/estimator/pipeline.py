@@ -34,7 +34,7 @@ from memtui.engine.estimator.moments import Moment
 from memtui.engine.estimator.sim.core import LAYER_BACKWARD_STARTS, LOWEST_LAYER_GATHER, lf_eval, lf_values
 from memtui.engine.estimator.sim.families import Dims, Options
 from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for, replayed_middle_layer
-from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.architectures import ModelSpec, attention_layer_types
 from memtui.engine.model.specs import TrainingConfig
 
 Action = tuple[str, int, int]  # (kind, stage index, micro-batch); kinds below
@@ -324,6 +324,19 @@ def _stage_options(config: TrainingConfig, model: ModelSpec) -> Options:
     return replace(opts, batched=micro.batched, loss_chunk_rows=micro.loss_chunk_rows)
 
 
+def _stage_layer_kinds(config: TrainingConfig, model: ModelSpec, index: int, layers: int) -> Options:
+    """Stage `index`'s program options, from its own layers' kinds where they differ."""
+    stage_model = pipeline_stages_model(config, model, [index])
+    if stage_model is model:
+        return _stage_options(config, model)
+    opts = _stage_options(config, stage_model)
+    if opts.rope_pairs > 1:
+        # Gemma 3: the stage's lowest full-attention layer keeps the second (cos, sin) pair until its backward
+        lowest = attention_layer_types(stage_model).index("full_attention")
+        opts = replace(opts, rope_holder="first" if lowest == 0 else "last" if lowest == layers - 1 else "mid")
+    return opts
+
+
 def stage_roles(config: TrainingConfig, model: ModelSpec, rank: int) -> list[tuple[int, int, bool, bool]]:
     """(stage index, layers, first, last) of each stage rank `rank` runs."""
     total = config.pp * config.virtual_stages
@@ -383,9 +396,9 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
     d, opts = dims_for(model, config.tp), _stage_options(config, model)
     tokens = config.microbatch_size * config.seq_len
     roles = stage_roles(config, model, rank)
-    # DeepSeek-V3: each stage's own leading dense layers (none past the first stages)
-    stage_opts = {index: opts if not model.dense_layers else _stage_options(
-                      config, pipeline_stages_model(config, model, [index])) for index, *_role in roles}
+    # Each stage's own kinds of layers: DeepSeek-V3's leading dense ones (none past the first stages), Gemma 3's
+    # full-attention ones among its sliding-window ones
+    stage_opts = {index: _stage_layer_kinds(config, model, index, layers) for index, layers, *_role in roles}
     programs = {index: _stage_program(d, stage_opts[index], layers, first, last, tokens, config.seq_len,
                                       shards is not None)
                 for index, layers, first, last in roles}

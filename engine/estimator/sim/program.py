@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from memtui.engine.model.architectures import EAGER_ONLY_FAMILIES, GEMMA_FAMILIES, ModelSpec
+from memtui.engine.model.architectures import EAGER_ONLY_FAMILIES, GEMMA_FAMILIES, ModelSpec, attention_layer_types
 from memtui.engine.estimator.sim import ops
 from memtui.engine.estimator.sim.core import (
     CATEGORIES,
@@ -146,6 +146,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         norm_topk=bool(spec.config.get("norm_topk_prob", spec.family == "deepseek_v3")),
         full_layer_share=_full_layer_share(spec, window_mask),
         last_layer_full=_last_layer_full(spec, window_mask),
+        first_layer_full=_first_layer_full(spec, window_mask),
         dense_layers=spec.dense_layers,
         loss=config.loss,
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
@@ -182,6 +183,13 @@ def _full_layer_share(spec: ModelSpec, window_mask: bool) -> float:
     return middle.count("full_attention") / len(middle) if middle else 0.0
 
 
+def _first_layer_full(spec: ModelSpec, window_mask: bool) -> bool:
+    """Gemma 3 under a sliding-window mask whose first layer is a full-attention one (a pipeline stage's can be:
+    gemma-3-4b's second of two begins at its 18th layer)."""
+    return (spec.family == "gemma3" and window_mask
+            and gemma3_layer_types(spec)[0] == "full_attention")
+
+
 def _last_layer_full(spec: ModelSpec, window_mask: bool) -> bool:
     """Gemma 3 under a sliding-window mask whose last layer is a full-attention one (gemma-3-12b's 48th)."""
     return (spec.family == "gemma3" and window_mask
@@ -189,12 +197,9 @@ def _last_layer_full(spec: ModelSpec, window_mask: bool) -> bool:
 
 
 def gemma3_layer_types(spec: ModelSpec) -> list[str]:
-    """Gemma3TextConfig's layer_types: given, or every sliding_window_pattern-th layer full attention."""
-    given = spec.config.get("layer_types")
-    if given:
-        return list(given)
-    pattern = int(spec.config.get("sliding_window_pattern", 6) or 6)
-    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(spec.num_layers)]
+    """Gemma3TextConfig's layer_types: given, or every sliding_window_pattern-th layer full attention (a pipeline
+    stage's: its own layers', memtui.engine.estimator.layout.pipeline_stages_model)."""
+    return attention_layer_types(spec)
 
 
 def dims_for(spec: ModelSpec, tp: int = 1) -> Dims:
@@ -289,8 +294,9 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
                     name="received hidden states", requires_grad=True)
         x.leaf = True
     received = sim.ref(x) if embed is None else None  # _ForwardChunkState keeps the stage's inputs until backward
-    if opts.family == "gemma3":
-        # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled.
+    if opts.family == "gemma3" and embed is not None:
+        # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled
+        # (a later pipeline stage's received hidden states are not).
         x = chain(sim, x, ops.mul_scalar)
     if opts.lora_rank > 0 and opts.checkpointing != "none":
         # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
@@ -326,7 +332,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         else:
             x = ops.dropout(sim, summed, opts.embedding_dropout)
         sim.drop(summed)
-    if opts.family in ("gemma", "gemma2"):
+    if opts.family in ("gemma", "gemma2") and embed is not None:  # the first pipeline stage's
         scaled = ops.mul_scalar(sim, x)  # embeddings * sqrt(hidden)
         sim.drop(x)
         x = scaled
@@ -347,9 +353,11 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     # layers of the other kind keep the second for their backward (freed with the last of them: the step's end).
     other_pair = rotary(sim, d, x.dtype) if opts.rope_pairs > 1 else ()
 
-    # Gemma 3's replayed layers are sliding-window ones; where the model's last layer is a full-attention one, the
-    # replayed last layer is too (its SDPA gets no mask, so no repeat_kv copies).
-    full_last = replace(opts, full_attention_layers=True) if opts.last_layer_full and last else opts
+    # Gemma 3's replayed layers are sliding-window ones; where the model's (or the stage's) last or first layer is a
+    # full-attention one, the replayed one is too (its SDPA gets no mask, so no repeat_kv copies).
+    full = replace(opts, full_attention_layers=True)
+    edge_opts = {"last": full if opts.last_layer_full else opts,
+                 "first": full if opts.first_layer_full else opts}
 
     def run_layer(hidden: Tensor, layer, sim: Sim = sim, layer_opts: Options = opts) -> Tensor:
         if opts.compiled and sim is outer_sim:
@@ -365,11 +373,11 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     # Layer 0 differs (with a frozen embedding its input needs no gradient); the last layer's
     # output feeds the head, not a layer; the middle one stands for every other layer.
     out = x
-    holder_segment = "mid" if "mid" in segments else segments[-1]
+    holder_segment = opts.rope_holder or ("mid" if "mid" in segments else segments[-1])
     for segment, layer in zip(segments, layer_params):
         sim.set_segment(f"{segment}_fwd")
         previous = out
-        layer_opts = full_last if segment == "last" else opts
+        layer_opts = edge_opts.get(segment, opts)
         if other_pair and segment == holder_segment:
             # The other kind's layers save the second pair for backward; the lowest of them (layer 5 of 6) is done
             # before the bottom layers' backward, so the pair is held until the middle layers' backward ends.
