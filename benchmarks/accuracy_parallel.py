@@ -172,7 +172,11 @@ def matrix() -> list[dict]:
             ("mixtral-8x7b", 2, 2, "1f1b", {}), ("mixtral-8x7b", 4, 2, "1f1b", {"zero": 3}),
             ("mixtral-8x7b", 4, 2, "1f1b", {"zero": 0}), ("mixtral-8x7b", 4, 2, "1f1b", {"tp": 2}),
             ("qwen3-30b-a3b", 2, 2, "gpipe", {}), ("gpt-oss-20b", 2, 2, "1f1b", {}),
-            ("moonlight-16b-a3b", 2, 2, "1f1b", {}), ("moonlight-16b-a3b", 4, 2, "1f1b", {"tp": 2})):
+            ("moonlight-16b-a3b", 2, 2, "1f1b", {}), ("moonlight-16b-a3b", 4, 2, "1f1b", {"tp": 2}),
+            # FSDP2 on a stage holding a dense layer and MoE ones: each layer's group gathered at its own size
+            ("moonlight-16b-a3b", 4, 2, "1f1b", {"zero": 3}), ("moonlight-16b-a3b", 8, 2, "1f1b", {"tp": 2, "zero": 3}),
+            # Gemma-2 and Gemma 3 cut into stages, each with its own layers' kinds (sliding-window or full attention)
+            ("gemma-3-1b", 2, 2, "gpipe", {}), ("gemma-2-9b", 2, 2, "1f1b", {}), ("gemma-3-12b", 4, 2, "1f1b", {"tp": 2})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
                      "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
     return rows

@@ -806,15 +806,28 @@ def _budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, layout: Para
     return _budget_of(config, model, gpu, figures, notes)
 
 
+def _one_layer_params(config: TrainingConfig, model: ModelSpec, *, dense: bool) -> int:
+    """Parameters of one decoder layer on this GPU: a DeepSeek-V3 dense one, or one of the model's others."""
+    if dense and not model.dense_layers:
+        return 0
+    kind = model.model_copy(update={"dense_layers": 1 if dense else 0})
+    return param_layout(config, kind, stage=(1, False, False)).largest_layer_params
+
+
 def _stage_shards(config: TrainingConfig, model: ModelSpec, role: tuple[int, int, bool, bool], dp: int) -> StageShards:
     """One pipeline stage's FSDP2 groups: each decoder layer's, and the root's (what no layer holds)."""
     index, layers, first, last = role
-    layout = param_layout(config, pipeline_stages_model(config, model, [index]), stage=(layers, first, last))
+    stage_model = pipeline_stages_model(config, model, [index])
+    # each layer's own: DeepSeek-V3's leading dense layers, then its MoE ones
+    per_layer = [params for count, params in (
+                     (stage_model.dense_layers, _one_layer_params(config, stage_model, dense=True)),
+                     (layers - stage_model.dense_layers, _one_layer_params(config, stage_model, dense=False)))
+                 for _layer in range(count)]
     weight, grad = config.weight_bytes, trainable_bytes(config)
     head = (model.vocab_size * model.hidden_size // config.tp + model.norm_params) if last else 0
     root = head + (tensor_parallel_embedding_params(model, config.tp) if first else 0)
-    return StageShards(layers=layers, layer_weights=layout.largest_layer_params * weight,
-                       layer_gradients=layout.largest_layer_params * grad, root_weights=root * weight,
+    return StageShards(layer_weights=tuple(params * weight for params in per_layer),
+                       layer_gradients=tuple(params * grad for params in per_layer), root_weights=root * weight,
                        head_gradients=head * grad, root_gradients=root * grad, dp=dp, reshard=config.zero == 3)
 
 

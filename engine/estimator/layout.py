@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from memtui.engine.model.architectures import LinearLayer, ModelSpec
+from memtui.engine.model.architectures import LinearLayer, ModelSpec, attention_layer_types
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.model.validation import adapts_head, resolve_lora_targets
 
@@ -383,13 +383,21 @@ def pipeline_rank_stages(config: TrainingConfig) -> list[list[int]]:
 
 def pipeline_stages_model(config: TrainingConfig, model: ModelSpec, indices: list[int]) -> ModelSpec:
     """The model as these pipeline stages hold it: DeepSeek-V3's leading dense layers counted among the stages'
-    own layers (a stage keeps each layer's kind, as torchtitan's split does: the dense ones on the first stages).
+    own layers (a stage keeps each layer's kind, as torchtitan's split does: the dense ones on the first stages),
+    and the attention kinds of Gemma-2, Gemma 3 and gpt-oss cut to the stages' layers (layer_types).
     The model itself where its layers are all of one kind."""
-    if not model.dense_layers:
+    kinds = attention_layer_types(model)
+    if not model.dense_layers and not kinds:
         return model
     split = pipeline_stage_layers(model.num_layers, config.pp * config.virtual_stages)
-    dense = sum(min(max(model.dense_layers - sum(split[:index]), 0), split[index]) for index in indices)
-    return model.model_copy(update={"dense_layers": dense})
+    update: dict = {}
+    if model.dense_layers:
+        update["dense_layers"] = sum(min(max(model.dense_layers - sum(split[:index]), 0), split[index])
+                                     for index in indices)
+    if kinds:
+        update["config"] = {**model.config, "layer_types": [
+            kind for index in indices for kind in kinds[sum(split[:index]):sum(split[:index + 1])]]}
+    return model.model_copy(update=update)
 
 
 def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:

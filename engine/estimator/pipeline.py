@@ -31,10 +31,10 @@ from memtui.engine.estimator.layout import (
     tensor_parallel_whole_vocabulary_gradient,
 )
 from memtui.engine.estimator.moments import Moment
-from memtui.engine.estimator.sim.core import LOWEST_LAYER_GATHER, lf_eval, lf_values
+from memtui.engine.estimator.sim.core import LAYER_BACKWARD_STARTS, LOWEST_LAYER_GATHER, lf_eval, lf_values
 from memtui.engine.estimator.sim.families import Dims, Options
-from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for
-from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for, replayed_middle_layer
+from memtui.engine.model.architectures import ModelSpec, attention_layer_types
 from memtui.engine.model.specs import TrainingConfig
 
 Action = tuple[str, int, int]  # (kind, stage index, micro-batch); kinds below
@@ -297,8 +297,9 @@ class _StageProgram:
 
 @lru_cache(maxsize=1024)
 def _stage_program(d: Dims, opts: Options, layers: int, first: bool, last: bool, tokens: int,
-                   seq_len: int) -> _StageProgram:
-    program = compile_step(d, opts, layers, first, last, accumulating=True)  # later micro-batches accumulate
+                   seq_len: int, layer_starts: bool = False) -> _StageProgram:
+    # later micro-batches accumulate
+    program = compile_step(d, opts, layers, first, last, accumulating=True, layer_starts=layer_starts)
     values = lf_values(tokens, seq_len)
     forward, backward, segments, backward_segments = [], [], [], []
     for candidate in program.candidates:
@@ -323,6 +324,19 @@ def _stage_options(config: TrainingConfig, model: ModelSpec) -> Options:
     return replace(opts, batched=micro.batched, loss_chunk_rows=micro.loss_chunk_rows)
 
 
+def _stage_layer_kinds(config: TrainingConfig, model: ModelSpec, index: int, layers: int) -> Options:
+    """Stage `index`'s program options, from its own layers' kinds where they differ."""
+    stage_model = pipeline_stages_model(config, model, [index])
+    if stage_model is model:
+        return _stage_options(config, model)
+    opts = _stage_options(config, stage_model)
+    if opts.rope_pairs > 1:
+        # Gemma 3: the stage's lowest full-attention layer keeps the second (cos, sin) pair until its backward
+        lowest = attention_layer_types(stage_model).index("full_attention")
+        opts = replace(opts, rope_holder="first" if lowest == 0 else "last" if lowest == layers - 1 else "mid")
+    return opts
+
+
 def stage_roles(config: TrainingConfig, model: ModelSpec, rank: int) -> list[tuple[int, int, bool, bool]]:
     """(stage index, layers, first, last) of each stage rank `rank` runs."""
     total = config.pp * config.virtual_stages
@@ -333,17 +347,36 @@ def stage_roles(config: TrainingConfig, model: ModelSpec, rank: int) -> list[tup
 @dataclass(frozen=True)
 class StageShards:
     """FSDP2 on one pipeline stage, as `memtui trace` runs it (fully_shard per decoder layer and on the stage):
-    unsharded bytes of one layer's group and of the stage's root group (the embedding on the first stage, the final
-    norm and head on the last), and of their gradients."""
+    unsharded bytes of each layer's group, lowest first (DeepSeek-V3's dense layers hold far fewer than its MoE
+    ones), and of the stage's root group (the embedding on the first stage, the final norm and head on the last),
+    and of their gradients."""
 
-    layers: int
-    layer_weights: int
-    layer_gradients: int
+    layer_weights: tuple[int, ...]
+    layer_gradients: tuple[int, ...]
     root_weights: int
     head_gradients: int  # the root's gradients made at backward's start (a last stage's head and norm)
     root_gradients: int
     dp: int
     reshard: bool  # reshard_after_forward (ZeRO-3)
+
+    @property
+    def layers(self) -> int:
+        return len(self.layer_weights)
+
+    def top(self, count: int) -> int:
+        """Gathered bytes of the stage's `count` highest layers (a backward gathers them from the last down)."""
+        return sum(self.layer_weights[self.layers - count:]) if count > 0 else 0
+
+    def layers_done(self, made: int) -> int:
+        """How many layers, from the last down, a backward has finished once it made `made` bytes of their
+        gradients."""
+        done = 0
+        for gradients in reversed(self.layer_gradients):
+            if made < gradients:
+                break
+            made -= gradients
+            done += 1
+        return done
 
 
 def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> list[Moment]:
@@ -363,10 +396,14 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
     d, opts = dims_for(model, config.tp), _stage_options(config, model)
     tokens = config.microbatch_size * config.seq_len
     roles = stage_roles(config, model, rank)
-    # DeepSeek-V3: each stage's own leading dense layers (none past the first stages)
-    programs = {index: _stage_program(d, opts if not model.dense_layers else options_for(
-                    config, pipeline_stages_model(config, model, [index])), layers, first, last, tokens, config.seq_len)
+    # Each stage's own kinds of layers: DeepSeek-V3's leading dense ones (none past the first stages), Gemma 3's
+    # full-attention ones among its sliding-window ones
+    stage_opts = {index: _stage_layer_kinds(config, model, index, layers) for index, layers, *_role in roles}
+    programs = {index: _stage_program(d, stage_opts[index], layers, first, last, tokens, config.seq_len,
+                                      shards is not None)
                 for index, layers, first, last in roles}
+    middle_layers = {index: replayed_middle_layer(layers, stage_opts[index].dense_layers)
+                     for index, layers, _first, _last in roles}
     # DTensor's embedding backward makes the whole vocabulary's gradient, and the rank's Shard(0) gradient keeps it
     # (memtui.engine.estimator.layout.tensor_parallel_embedding_gradient_extra): beyond the stage program's 1/tp.
     # Under FSDP2 with gradient sync off it is the unsharded parameter's gradient, kept whole until the reduce-scatter.
@@ -411,7 +448,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
         """What the rank's other stages hold gathered (interleaved 1F1B): all their layers once a backward ran."""
         if shards is None:
             return 0
-        return sum(shards[other].root_weights + shards[other].layers * shards[other].layer_weights
+        return sum(shards[other].root_weights + sum(shards[other].layer_weights)
                    for other in shards if other != stage and other not in reduced
                    and (previous.get(other) == BACKWARD or (other in previous and not shards[other].reshard)))
 
@@ -423,23 +460,26 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             return 0
         shard = shards[stage]
         root, layer, count = shard.root_weights, shard.layer_weights, shard.layers
-        index = {"first_fwd": 0, "mid_fwd": 1, "last_fwd": count - 1}.get(segment)
+        # the layer the candidate is in: the replayed middle layer is one of the stage's layers of its kind
+        index = {"first_fwd": 0, "mid_fwd": middle_layers[stage], "last_fwd": count - 1}.get(segment)
         if previous.get(stage) == BACKWARD or (not shard.reshard and stage in previous):
             # gathered by the backward before (ZeRO-2: by the step's first forward): ZeRO-3 reshards each layer
             # as its forward ends
             if not shard.reshard:
-                return root + count * layer
+                return root + sum(layer)
             if segment in ("loss_fwd", "forward_end"):  # the loss is computed after the stage's forward
                 return 0
-            return root + (count - index if index is not None else count if segment in ("inputs", "embed_fwd")
-                           else 0) * layer
+            return root + (sum(layer[index:]) if index is not None else sum(layer) if segment in ("inputs", "embed_fwd")
+                           else 0)
         if segment in ("inputs", "embed_fwd"):
             return 2 * root
         if shard.reshard:  # each layer gathered in turn, its all-gather buffer held until the next one's
-            return 0 if segment in ("loss_fwd", "forward_end") else root + (2 if index is not None else 1) * layer
+            return 0 if segment in ("loss_fwd", "forward_end") else root + (2 * layer[index] if index is not None
+                                                                            else layer[-1])
         # ZeRO-2's first forward: the layers gathered so far and the last all-gather buffer
-        gathered = index + 2 if index is not None else count + (0 if segment in ("loss_fwd", "forward_end") else 1)
-        return root + gathered * layer
+        if index is not None:
+            return root + sum(layer[:index + 1]) + layer[index]
+        return root + sum(layer) + (0 if segment in ("loss_fwd", "forward_end") else layer[-1])
 
     def backward_gathered(stage: int, made: int, segment: str) -> int:
         """`made`: the stage's gradients its first backward has made by this moment (the layers done)."""
@@ -447,19 +487,22 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             return 0
         shard = shards[stage]
         if previous.get(stage) == BACKWARD or not shard.reshard:
-            return shard.root_weights + shard.layers * shard.layer_weights
+            return shard.root_weights + sum(shard.layer_weights)
         if segment == "loss_bwd":
             return 0  # the loss's backward, before the head's pre-backward gathers the root again
         if segment == LOWEST_LAYER_GATHER:  # its all-gather buffer beside its copy, every layer above gathered
-            return shard.root_weights + (shard.layers + 1) * shard.layer_weights
-        layer_made = min(max(made - shard.head_gradients, 0), shard.layers * shard.layer_gradients)
+            return shard.root_weights + sum(shard.layer_weights) + shard.layer_weights[0]
+        layer_made = min(max(made - shard.head_gradients, 0), sum(shard.layer_gradients))
+        if segment in LAYER_BACKWARD_STARTS.values():
+            # a layer's pre-backward: the layers done, and its all-gather buffer beside its copy
+            done = min(shard.layers_done(layer_made), shard.layers - 1)
+            return shard.root_weights + shard.top(done) + 2 * shard.layer_weights[shard.layers - 1 - done]
         if layer_made == 0 and shard.head_gradients and segment == "head_bwd":
-            return shard.root_weights + shard.layer_weights  # the last layer's all-gather, prefetched at the head
+            return shard.root_weights + shard.top(1)  # the last layer's all-gather, prefetched at the head
         # In a layer's backward FSDP2 has gathered it and prefetched the next from its pre-backward on, before the
         # layer makes its first gradient (an MoE block's routing backward runs first)
         # The layers done, the one computing and the next one's all-gather buffer
-        layers_done = layer_made // shard.layer_gradients if shard.layer_gradients else shard.layers
-        return shard.root_weights + min(layers_done + 2, shard.layers) * shard.layer_weights
+        return shard.root_weights + shard.top(min(shard.layers_done(layer_made) + 2, shard.layers))
 
     def finalize(stage: int, resident: int) -> None:
         """FSDP2's post-backward of every group after the stage's last backward: a group's parameters resharded, its
@@ -469,17 +512,17 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
         unsharded = stage_gradients(stage)
         layers_gathered = shard.layers
         activations, temporary = beside()
-        for index, group in enumerate([shard.layer_gradients] * shard.layers + [shard.root_gradients]):
+        for index, group in enumerate([*reversed(shard.layer_gradients), shard.root_gradients]):
             if index == shard.layers and vocabulary_extra[stage]:
                 # DTensor's whole-vocabulary embedding gradient: this rank's Shard(0) slice is cloned out of it first,
-                # the root still gathered and the last layer's reduce-scatter input not yet let go
-                previous_input = shard.layer_gradients if shard.layers else 0
+                # the root still gathered and the lowest layer's reduce-scatter input not yet let go
+                previous_input = shard.layer_gradients[0] if shard.layers else 0
                 moments.append((Moment(phase="backward", autocast_weights=0, gradients=resident + unsharded,
                                        activations=activations, temporary=temporary + previous_input + group),
                                 shard.root_weights + gathered_elsewhere(stage)))
             if layers_gathered:
                 layers_gathered -= 1
-                gathered = shard.root_weights + layers_gathered * shard.layer_weights
+                gathered = shard.root_weights + sum(shard.layer_weights[:layers_gathered])
             else:
                 gathered = 0
             moments.append((Moment(phase="backward", autocast_weights=0, gradients=resident + unsharded,
@@ -498,7 +541,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             if shards is not None:
                 # each group's 1/dp shard (DTensor's whole-vocabulary embedding gradient is reduce-scattered to the
                 # rank's shard of its slice)
-                carried = {stage: shards[stage].layers * (shards[stage].layer_gradients // shards[stage].dp)
+                carried = {stage: sum(group // shards[stage].dp for group in shards[stage].layer_gradients)
                            + shards[stage].root_gradients // shards[stage].dp for stage in reduced}
                 for state in (done, reduced, previous, backwards):
                     state.clear()
@@ -566,9 +609,10 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
                 # layer's all-gather, prefetched), then the root's all-gather beside its copy; the received output
                 # gradient beside them
                 received = hidden_states if stage not in last_stages else 0
-                layers = min(shard.layers, 2) if shard.root_weights else 2
+                # with no root the last layer's all-gather buffer is still beside its copy where it is the only one
+                layers = shard.top(2) + (shard.top(1) if shard.layers == 1 and not shard.root_weights else 0)
                 backward.insert(1, (start._replace(temporary=temporary + received),
-                                    2 * shard.root_weights + layers * shard.layer_weights + gathered_elsewhere(stage)))
+                                    2 * shard.root_weights + layers + gathered_elsewhere(stage)))
         moments += backward
         if outputs_kept:
             buffers.pop((SEND_F, stage, microbatch), None)  # the backward's end lets the kept output go

@@ -688,6 +688,19 @@ def _text_config(config: Any, source: str) -> tuple[Any, tuple[str, ...]]:
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
+def attention_layer_types(spec: ModelSpec) -> list[str]:
+    """Each decoder layer's attention kind where a family alternates them: the config's layer_types, or as
+    Gemma2Config (every second layer full) and Gemma3TextConfig (every sliding_window_pattern-th) make them;
+    empty elsewhere."""
+    given = spec.config.get("layer_types")
+    if given:
+        return list(given)
+    if spec.family not in ("gemma2", "gemma3"):
+        return []
+    pattern = 2 if spec.family == "gemma2" else int(spec.config.get("sliding_window_pattern", 6) or 6)
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(spec.num_layers)]
+
+
 def _gpt_oss_notes(config: dict[str, Any], layers: int, source: str) -> tuple[str, ...]:
     """gpt-oss: its layer_types checked (the replay reads them); a note when the checkpoint is MXFP4."""
     layer_types = config.get("layer_types")

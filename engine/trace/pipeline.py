@@ -57,7 +57,7 @@ import torch
 
 from memtui.engine.estimator.layout import (MOE_TENSOR_PARALLEL_FAMILIES, pipeline_rank_stages, pipeline_refusal,
                                             pipeline_stage_layers, pipeline_stages_model)
-from memtui.engine.model.architectures import ModelSpec
+from memtui.engine.model.architectures import ModelSpec, attention_layer_types
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.fake_step import (STEPS, StepExtras, optimizer_state_tensors, quiet_libraries,
                                            tag_optimizer_states, traced_micro_batches, watch_model)
@@ -88,6 +88,8 @@ class _Stage(torch.nn.Module):
         self.model = _decoder(causal)
         self.lm_head = causal.lm_head if last else None
         self.loss = getattr(causal, "memtui_loss", ("standard", 1, "fp32"))
+        # Gemma-2's final_logit_softcapping, which its causal LM's forward applies to the head's logits
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None) if last else None
         self.first = first
         self._autocast = autocast
 
@@ -98,7 +100,12 @@ class _Stage(torch.nn.Module):
             else:
                 given = {"input_ids": inputs} if self.first else {"inputs_embeds": inputs}
                 hidden = self.model(**given, use_cache=False).last_hidden_state
-            return _head_output(self.lm_head, hidden, self.loss) if self.lm_head is not None else hidden
+            if self.lm_head is None:
+                return hidden
+            output = _head_output(self.lm_head, hidden, self.loss)
+            if self.softcap is not None and self.loss[0] == "standard":
+                output = torch.tanh(output / self.softcap) * self.softcap
+            return output
 
 
 def _head_output(head, hidden: torch.Tensor, loss: tuple):
@@ -194,11 +201,12 @@ def _gpt2_stage(transformer, inputs: torch.Tensor, *, first: bool) -> torch.Tens
 
 
 def _stage_spec(spec: ModelSpec, config: TrainingConfig, index: int) -> ModelSpec:
-    """Stage `index`'s layers as a model of their own, for the MoE families: the per-layer lists of the config
-    (gpt-oss's layer_types) cut to the stage's layers, and DeepSeek-V3's first_k_dense_replace to the stage's own
-    leading dense layers (a decoder layer's kind follows its index in the module it is built in). torchtitan's
+    """Stage `index`'s layers as a model of their own, for the MoE families and those alternating attention kinds:
+    the per-layer lists of the config (gpt-oss's layer_types; Gemma-2's and Gemma 3's as their configs make them
+    from the whole model's depth) cut to the stage's layers, and DeepSeek-V3's first_k_dense_replace to the stage's
+    own leading dense layers (a decoder layer's kind follows its index in the module it is built in). torchtitan's
     split keeps each layer as it is in the whole model: the dense ones on the first stages."""
-    if spec.family not in MOE_TENSOR_PARALLEL_FAMILIES:
+    if spec.family not in MOE_TENSOR_PARALLEL_FAMILIES and not attention_layer_types(spec):
         return spec
     split = pipeline_stage_layers(spec.num_layers, config.pp * config.virtual_stages)
     start, layers = sum(split[:index]), split[index]
@@ -208,6 +216,8 @@ def _stage_spec(spec: ModelSpec, config: TrainingConfig, index: int) -> ModelSpe
                     for name, value in spec.config.items()}
     if spec.dense_layers:
         model_config["first_k_dense_replace"] = stage.dense_layers
+    if "layer_types" in stage.config:
+        model_config["layer_types"] = stage.config["layer_types"]
     return stage.model_copy(update={"config": model_config, "num_layers": layers})
 
 

@@ -159,6 +159,8 @@ class StopRecompute(Exception):
 
 
 LOWEST_LAYER_GATHER = "first_bwd_start"  # a candidate: the moment the lowest layer's backward begins
+# Sim.layer_starts: candidates where the other replayed layers' backward begins (FSDP2 gathers each layer there)
+LAYER_BACKWARD_STARTS = {"mid_bwd": "mid_bwd_start", "last_bwd": "last_bwd_start"}
 
 
 @dataclass
@@ -212,6 +214,9 @@ class Sim:
         # gradient in place and frees it, a drop the first backward (which keeps it as the gradient) does not have;
         # while set, the moment before each parameter's gradient is handed over is a candidate too.
         self.accumulating = False
+        # FSDP2 on a pipeline stage whose layers differ in size (DeepSeek-V3's dense and MoE ones): the moment each
+        # layer's backward begins is a candidate too, its own all-gather buffer then beside its copy.
+        self.layer_starts = False
 
     # ---- allocation bookkeeping -------------------------------------------------------
     def set_segment(self, name: str) -> None:
@@ -406,6 +411,9 @@ class Sim:
             if self.segment == "first_bwd":
                 # the lowest layer's backward begins (FSDP2 gathers it here, every layer above still gathered)
                 self.candidates.append(Candidate(LOWEST_LAYER_GATHER, dict(self.live), buffered=self.buffered))
+            elif self.layer_starts and self.segment in LAYER_BACKWARD_STARTS:
+                self.candidates.append(Candidate(LAYER_BACKWARD_STARTS[self.segment], dict(self.live),
+                                                 buffered=self.buffered))
         if node.deferred and not node.region.recomputed:
             self._recompute(node.region)
         grad_out = node.output.grad

@@ -78,6 +78,10 @@ class Options:
     full_layer_share: float = 0.0
     full_attention_layers: bool = False
     last_layer_full: bool = False  # Gemma 3: the model's last layer is a full-attention one (gemma-3-12b's is)
+    first_layer_full: bool = False  # and its first (a pipeline stage's can be)
+    # Gemma 3 on a pipeline stage: the replayed layer standing for the stage's lowest full-attention layer, whose
+    # backward lets the second (cos, sin) pair go ("": the middle one, or the last)
+    rope_holder: str = ""
     # --optimizer-in-backward (one GPU or DDP, no pipeline): a gradient summed from several uses waits in autograd's
     # input buffer until the last (Sim.step_in_backward); its hook's step is a moment of its own (GRAD_READY)
     step_in_backward: bool = False

@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from memtui.engine.model.architectures import EAGER_ONLY_FAMILIES, GEMMA_FAMILIES, ModelSpec
+from memtui.engine.model.architectures import EAGER_ONLY_FAMILIES, GEMMA_FAMILIES, ModelSpec, attention_layer_types
 from memtui.engine.estimator.sim import ops
 from memtui.engine.estimator.sim.core import (
     CATEGORIES,
     LF,
+    LAYER_BACKWARD_STARTS,
     LOWEST_LAYER_GATHER,
     ZERO,
     Sim,
@@ -145,6 +146,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         norm_topk=bool(spec.config.get("norm_topk_prob", spec.family == "deepseek_v3")),
         full_layer_share=_full_layer_share(spec, window_mask),
         last_layer_full=_last_layer_full(spec, window_mask),
+        first_layer_full=_first_layer_full(spec, window_mask),
         dense_layers=spec.dense_layers,
         loss=config.loss,
         loss_chunks=config.loss_chunks if config.loss == "chunked" else 8,
@@ -181,6 +183,13 @@ def _full_layer_share(spec: ModelSpec, window_mask: bool) -> float:
     return middle.count("full_attention") / len(middle) if middle else 0.0
 
 
+def _first_layer_full(spec: ModelSpec, window_mask: bool) -> bool:
+    """Gemma 3 under a sliding-window mask whose first layer is a full-attention one (a pipeline stage's can be:
+    gemma-3-4b's second of two begins at its 18th layer)."""
+    return (spec.family == "gemma3" and window_mask
+            and gemma3_layer_types(spec)[0] == "full_attention")
+
+
 def _last_layer_full(spec: ModelSpec, window_mask: bool) -> bool:
     """Gemma 3 under a sliding-window mask whose last layer is a full-attention one (gemma-3-12b's 48th)."""
     return (spec.family == "gemma3" and window_mask
@@ -188,12 +197,9 @@ def _last_layer_full(spec: ModelSpec, window_mask: bool) -> bool:
 
 
 def gemma3_layer_types(spec: ModelSpec) -> list[str]:
-    """Gemma3TextConfig's layer_types: given, or every sliding_window_pattern-th layer full attention."""
-    given = spec.config.get("layer_types")
-    if given:
-        return list(given)
-    pattern = int(spec.config.get("sliding_window_pattern", 6) or 6)
-    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(spec.num_layers)]
+    """Gemma3TextConfig's layer_types: given, or every sliding_window_pattern-th layer full attention (a pipeline
+    stage's: its own layers', memtui.engine.estimator.layout.pipeline_stages_model)."""
+    return attention_layer_types(spec)
 
 
 def dims_for(spec: ModelSpec, tp: int = 1) -> Dims:
@@ -230,14 +236,15 @@ def _layer_segments(layers: int, every_layer: bool = False) -> list[str]:
 
 def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every_layer: bool = False,
             segments: list[str] | None = None, first: bool = True, last: bool = True,
-            accumulating: bool = False) -> Sim:
+            accumulating: bool = False, layer_starts: bool = False) -> Sim:
     """The step of one GPU; `first` / `last` False: a pipeline stage without the embedding / without the final
     norm, head and loss (memtui.engine.trace.pipeline's stage: hidden states in, hidden states out, the output's
     gradient received into a buffer of its size); `accumulating`: a candidate before each parameter gradient
-    reaches AccumulateGrad (see Sim.accumulate)."""
+    reaches AccumulateGrad (see Sim.accumulate); `layer_starts`: see Sim.layer_starts."""
     sim = Sim(autocast_dtype=opts.compute if opts.autocast else None)
     sim.step_in_backward = opts.step_in_backward
     sim.accumulating = accumulating
+    sim.layer_starts = layer_starts
     if log:
         sim.log = []
     frozen = opts.lora_rank > 0
@@ -287,8 +294,9 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
                     name="received hidden states", requires_grad=True)
         x.leaf = True
     received = sim.ref(x) if embed is None else None  # _ForwardChunkState keeps the stage's inputs until backward
-    if opts.family == "gemma3":
-        # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled.
+    if opts.family == "gemma3" and embed is not None:
+        # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled
+        # (a later pipeline stage's received hidden states are not).
         x = chain(sim, x, ops.mul_scalar)
     if opts.lora_rank > 0 and opts.checkpointing != "none":
         # peft on a gradient-checkpointing model calls enable_input_require_grads: the frozen
@@ -324,7 +332,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         else:
             x = ops.dropout(sim, summed, opts.embedding_dropout)
         sim.drop(summed)
-    if opts.family in ("gemma", "gemma2"):
+    if opts.family in ("gemma", "gemma2") and embed is not None:  # the first pipeline stage's
         scaled = ops.mul_scalar(sim, x)  # embeddings * sqrt(hidden)
         sim.drop(x)
         x = scaled
@@ -345,9 +353,11 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     # layers of the other kind keep the second for their backward (freed with the last of them: the step's end).
     other_pair = rotary(sim, d, x.dtype) if opts.rope_pairs > 1 else ()
 
-    # Gemma 3's replayed layers are sliding-window ones; where the model's last layer is a full-attention one, the
-    # replayed last layer is too (its SDPA gets no mask, so no repeat_kv copies).
-    full_last = replace(opts, full_attention_layers=True) if opts.last_layer_full and last else opts
+    # Gemma 3's replayed layers are sliding-window ones; where the model's (or the stage's) last or first layer is a
+    # full-attention one, the replayed one is too (its SDPA gets no mask, so no repeat_kv copies).
+    full = replace(opts, full_attention_layers=True)
+    edge_opts = {"last": full if opts.last_layer_full else opts,
+                 "first": full if opts.first_layer_full else opts}
 
     def run_layer(hidden: Tensor, layer, sim: Sim = sim, layer_opts: Options = opts) -> Tensor:
         if opts.compiled and sim is outer_sim:
@@ -363,14 +373,14 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     # Layer 0 differs (with a frozen embedding its input needs no gradient); the last layer's
     # output feeds the head, not a layer; the middle one stands for every other layer.
     out = x
-    holder_segment = "mid" if "mid" in segments else segments[-1]
+    holder_segment = opts.rope_holder or ("mid" if "mid" in segments else segments[-1])
     mask_saved = False  # a compiled layer saved its attention mask for backward
     # layers of the other kind exist (Gemma 3's may all be sliding-window ones: one kind of rotary pair)
     other_kind = second_mask is not None and (opts.family != "gemma3" or opts.rope_pairs > 1)
     for segment, layer in zip(segments, layer_params):
         sim.set_segment(f"{segment}_fwd")
         previous = out
-        layer_opts = full_last if segment == "last" else opts
+        layer_opts = edge_opts.get(segment, opts)
         if other_pair and segment == holder_segment:
             # The other kind's layers save the second pair for backward; the lowest of them (layer 5 of 6) is done
             # before the bottom layers' backward, so the pair is held until the middle layers' backward ends.
@@ -489,10 +499,15 @@ def _dense_segments(segments: list[str], layers: int, dense_layers: int) -> list
         return [False] * len(segments)
     if len(segments) == layers:
         return [index < dense_layers for index in range(layers)]
-    middle = max(dense_layers, 1)
-    middle = middle if middle <= layers - 2 else 1
-    index_of = {"first": 0, "mid": middle, "last": layers - 1}
+    index_of = {"first": 0, "mid": replayed_middle_layer(layers, dense_layers), "last": layers - 1}
     return [index_of[segment] < dense_layers for segment in segments]
+
+
+def replayed_middle_layer(layers: int, dense_layers: int) -> int:
+    """The layer whose kind the replayed middle layer has: the second, or DeepSeek-V3's first MoE layer among the
+    middle ones where there is one."""
+    middle = max(dense_layers, 1)
+    return middle if middle <= layers - 2 else 1
 
 
 def _stage_output_backward(sim: Sim, out: Tensor, forward_locals, positions, segments: list[str],
@@ -763,7 +778,7 @@ def _plus(live: dict[str, LF], extra: dict[str, LF], times: float) -> dict[str, 
 _PHASE_OF_SEGMENT = {
     "inputs": "forward", "embed_fwd": "forward", "first_fwd": "forward", "mid_fwd": "forward", "last_fwd": "forward",
     "head_fwd": "loss", "loss_fwd": "loss", "forward_end": "loss", "head_bwd": "backward", "loss_bwd": "backward", "last_bwd": "backward", "mid_bwd": "backward",
-    "first_bwd": "backward", LOWEST_LAYER_GATHER: "backward", "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
+    "first_bwd": "backward", LOWEST_LAYER_GATHER: "backward", **dict.fromkeys(LAYER_BACKWARD_STARTS.values(), "backward"), "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
 }
 # A candidate of backward just after a node gave parameters their .grad (Candidate.ready): under
 # --optimizer-in-backward their hooks step them there; kept apart from backward's (_prune compares within a phase).
@@ -773,7 +788,7 @@ _AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", GRAPH_FREED, 
 
 @lru_cache(maxsize=256)
 def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: bool = True,
-                 accumulating: bool = False) -> StepProgram:
+                 accumulating: bool = False, layer_starts: bool = False) -> StepProgram:
     """The step's candidate peaks for `layers` decoder layers (`first` / `last`: a pipeline stage, as _replay;
     `accumulating`: also the moments a later micro-batch's backward peaks at, see Sim.accumulate).
 
@@ -781,7 +796,8 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
     R_fwd past the next layer's forward, R_post past the forward, and leaves G once
     its backward is done.
     """
-    sim = _replay(d, opts, layers=layers, first=first, last=last, accumulating=accumulating)
+    sim = _replay(d, opts, layers=layers, first=first, last=last, accumulating=accumulating,
+                  layer_starts=layer_starts)
     extra = max(layers - 3, 0)
     kept_forward, kept_backward, left_by_backward = _layer_buckets(sim)
     full = min(round(opts.full_layer_share * max(layers - 2, 0)), extra)
@@ -809,9 +825,9 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
         buffered, stepped = candidate.buffered, candidate.stepped
         if segment in ("last_fwd", "head_fwd", "loss_fwd"):
             candidates.append(StepCandidate(phase, _plus(candidate.live, kept_forward, extra), segment, buffered, stepped))
-        elif segment in ("forward_end", "head_bwd", "loss_bwd", "last_bwd"):
+        elif segment in ("forward_end", "head_bwd", "loss_bwd", "last_bwd", LAYER_BACKWARD_STARTS["last_bwd"]):
             candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered, stepped))
-        elif segment == "mid_bwd":
+        elif segment in ("mid_bwd", LAYER_BACKWARD_STARTS["mid_bwd"]):
             candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered, stepped))
             candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment, buffered, stepped))
         elif segment in ("first_bwd", LOWEST_LAYER_GATHER, "embed_bwd", "end"):
@@ -888,7 +904,8 @@ def _prune(candidates: list[StepCandidate], accumulating: bool = False) -> list[
                 dominated = True
                 break
         # FSDP2's moment, and each step in backward (its temporaries are not in the total): kept for them
-        if not dominated or candidates[index].segment == LOWEST_LAYER_GATHER or candidates[index].phase == GRAD_READY:
+        if (not dominated or candidates[index].segment in (LOWEST_LAYER_GATHER, *LAYER_BACKWARD_STARTS.values())
+                or candidates[index].phase == GRAD_READY):
             kept.append(candidates[index])
     return kept
 
