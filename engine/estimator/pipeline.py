@@ -31,7 +31,7 @@ from memtui.engine.estimator.layout import (
     tensor_parallel_whole_vocabulary_gradient,
 )
 from memtui.engine.estimator.moments import Moment
-from memtui.engine.estimator.sim.core import LOWEST_LAYER_GATHER, lf_eval, lf_values
+from memtui.engine.estimator.sim.core import DTYPE_BYTES, LOWEST_LAYER_GATHER, lf_eval, lf_values
 from memtui.engine.estimator.sim.families import Dims, Options
 from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for
 from memtui.engine.model.architectures import ModelSpec
@@ -383,10 +383,12 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
         whole = programs[index].gradients + vocabulary_extra[index]
         return whole // shards[index].dp if index in reduced else whole
 
-    # What crosses between stages: a micro-batch's hidden states (in the weights' dtype), or their gradient; under
-    # sequence parallelism this rank's 1/tp of the tokens (torch.chunk's first share).
+    # What crosses between stages: a micro-batch's hidden states, or their gradient, in the dtype of the embedding's
+    # output (the stage program's received input: the frozen base's under LoRA, 16-bit under QLoRA without k-bit
+    # prep); under sequence parallelism this rank's 1/tp of the tokens (torch.chunk's first share).
     sent_tokens = config.microbatch_size * -(-config.seq_len // opts.sequence_parallel)
-    hidden_states = (sent_tokens * model.hidden_size * config.weight_bytes + 511) // 512 * 512
+    residual_bytes = DTYPE_BYTES[opts.base if opts.lora_rank > 0 else opts.params]
+    hidden_states = (sent_tokens * model.hidden_size * residual_bytes + 511) // 512 * 512
     last_stages = {index for index, _layers, first, last in roles if last and not first}
     # Under DDP PipelineStage keeps each sent output until the micro-batch's backward has run (DDP's reducer needs
     # the live outputs: `_output_slot_is_releasable`), not until the send's wait.
