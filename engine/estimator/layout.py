@@ -421,10 +421,11 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
                 "ZeRO-3 has resharded by then: not traced (with --zero 0, 1 or 2 it is)")
     if config.loss == "chunked" and config.loss_dtype == "compute":
         return "LitGPT's chunked loss (--loss-dtype compute) under pipeline parallelism is not traced (LitGPT has none)"
-    if config.quant != "none" and (config.tp > 1 or (config.dp > 1 and config.zero >= 2)):
-        return "quantized weights under pipeline parallelism with tensor parallelism or FSDP2 are not traced"
+    if config.quant != "none" and config.tp > 1:
+        return "quantized weights under pipeline parallelism with tensor parallelism are not traced"
+    if config.quant == "int8" and config.dp > 1 and config.zero >= 2:
+        return ("LLM.int8 under FSDP2: bitsandbytes' Int8Params keeps its row scales on the parameter, which FSDP2's "
+                "sharding drops")
     if config.uses_lora and config.tp > 1:
         return "LoRA under pipeline and tensor parallelism together is not traced"
-    if config.uses_lora and config.dp > 1 and config.zero >= 2:
-        return "LoRA under pipeline parallelism with FSDP2 (--zero 2|3) is not traced (with DDP or ZeRO-1 it is)"
     return None

@@ -31,7 +31,7 @@ from memtui.engine.estimator.layout import (
     tensor_parallel_whole_vocabulary_gradient,
 )
 from memtui.engine.estimator.moments import Moment
-from memtui.engine.estimator.sim.core import DTYPE_BYTES, LOWEST_LAYER_GATHER, lf_eval, lf_values
+from memtui.engine.estimator.sim.core import DTYPE_BYTES, HEAD_GATHER, LOWEST_LAYER_GATHER, lf_eval, lf_values
 from memtui.engine.estimator.sim.families import Dims, Options
 from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for
 from memtui.engine.model.architectures import ModelSpec
@@ -344,6 +344,7 @@ class StageShards:
     root_gradients: int
     dp: int
     reshard: bool  # reshard_after_forward (ZeRO-3)
+    head: bool = False  # a last stage's: its root group holds the head, gathered again after the loss's backward
 
 
 def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> list[Moment]:
@@ -452,10 +453,14 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             return shard.root_weights + shard.layers * shard.layer_weights
         if segment == "loss_bwd":
             return 0  # the loss's backward, before the head's pre-backward gathers the root again
+        if segment == HEAD_GATHER:
+            # the head's pre-backward: the root's all-gather buffer beside its copy, then, that buffer let go, the last
+            # layer's all-gather prefetched beside the root
+            return shard.root_weights + max(shard.root_weights, shard.layer_weights if shard.layers else 0)
         if segment == LOWEST_LAYER_GATHER:  # its all-gather buffer beside its copy, every layer above gathered
             return shard.root_weights + (shard.layers + 1) * shard.layer_weights
         layer_made = min(max(made - shard.head_gradients, 0), shard.layers * shard.layer_gradients)
-        if layer_made == 0 and shard.head_gradients and segment == "head_bwd":
+        if layer_made == 0 and shard.head and segment == "head_bwd":
             return shard.root_weights + shard.layer_weights  # the last layer's all-gather, prefetched at the head
         # In a layer's backward FSDP2 has gathered it and prefetched the next from its pre-backward on, before the
         # layer makes its first gradient (an MoE block's routing backward runs first)
@@ -553,7 +558,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             if stage not in done:  # the output's gradient goes, then the slice is cloned out as the gradient
                 backward.append((last_moment._replace(gradients=last_moment.gradients + rank_slice,
                                                       temporary=beside()[1] + ddp_whole), gathered))
-        if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard and not shards[stage].head_gradients:
+        if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard and not shards[stage].head:
             # ZeRO-3 resharded the root after the forward; a stage without the head starts its backward by gathering
             # it again: its all-gather buffer beside its gathered copy, the micro-batch's forward still whole (a last
             # stage gathers it after the loss's backward, where the head's new gradient, as large, follows it)
@@ -563,7 +568,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
                            activations=activations + program.held, temporary=temporary)
             backward.insert(0, (start, 2 * shards[stage].root_weights + gathered_elsewhere(stage)))
             shard = shards[stage]
-            if not shard.head_gradients and shard.layers:
+            if shard.layers:
                 # A stage without the head starts with its last layer's all-gather and copy-out (and the next
                 # layer's all-gather, prefetched), then the root's all-gather beside its copy; the received output
                 # gradient beside them

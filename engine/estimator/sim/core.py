@@ -159,6 +159,7 @@ class StopRecompute(Exception):
 
 
 LOWEST_LAYER_GATHER = "first_bwd_start"  # a candidate: the moment the lowest layer's backward begins
+HEAD_GATHER = "head_bwd_start"  # a candidate: the moment the head's backward begins, after the loss's (Sim.head_gather)
 
 
 @dataclass
@@ -212,6 +213,8 @@ class Sim:
         # gradient in place and frees it, a drop the first backward (which keeps it as the gradient) does not have;
         # while set, the moment before each parameter's gradient is handed over is a candidate too.
         self.accumulating = False
+        # A later pipeline stage under LoRA: the moment the head's backward begins is a candidate (HEAD_GATHER)
+        self.head_gather = False
 
     # ---- allocation bookkeeping -------------------------------------------------------
     def set_segment(self, name: str) -> None:
@@ -402,6 +405,10 @@ class Sim:
             if self.segment == "first_bwd":
                 # the lowest layer's backward begins (FSDP2 gathers it here, every layer above still gathered)
                 self.candidates.append(Candidate(LOWEST_LAYER_GATHER, dict(self.live), buffered=self.buffered))
+            if self.segment == "head_bwd" and self.head_gather:
+                # the head's backward begins: the loss's is done, the logits' gradient made (FSDP2's root group,
+                # resharded after a pipeline stage's forward, is gathered again here)
+                self.candidates.append(Candidate(HEAD_GATHER, dict(self.live), buffered=self.buffered))
         if node.deferred and not node.region.recomputed:
             self._recompute(node.region)
         grad_out = node.output.grad
