@@ -1,4 +1,4 @@
-"""peft's LoRA and QLoRA on pipeline stages beside FSDP2 and HSDP (issue 13): each pipeline rank
+"""peft's LoRA and QLoRA on pipeline stages beside FSDP2, HSDP and tensor parallelism (issue 13): each pipeline rank
 traced at the real world size, and the estimator's per-rank budgets held to the traces. Small Llamas (width 256):
 seconds per rank."""
 
@@ -49,8 +49,10 @@ def _per_rank(spec: str = "small", **options) -> list[tuple[int, int]]:
 
 def test_which_lora_pipelines_are_traced_and_why_the_rest_are_not():
     for options in ({"gpus": 4, "zero": 2}, {"gpus": 4, "zero": 3}, {"gpus": 8, "zero": 3, "shard_group": 2},
-                    {"gpus": 4, "zero": 3, "quant": "nf4"}):
+                    {"gpus": 4, "zero": 3, "quant": "nf4"}, {"gpus": 4, "tp": 2}, {"gpus": 8, "tp": 2, "zero": 3}):
         assert pipeline_refusal(config(**options), SPEC) is None, options
+    assert "_pre_dp_module_transform" in pipeline_refusal(config(gpus=8, tp=2, zero=0), SPEC)
+    assert "MLP projections" in pipeline_refusal(config(gpus=4, tp=2, lora_targets="all-linear"), SPEC)
     assert "tensor parallelism" in pipeline_refusal(config(gpus=4, tp=2, quant="nf4"), SPEC)
     assert "Int8Params" in pipeline_refusal(config(gpus=4, zero=3, quant="int8"), SPEC)
 
@@ -80,3 +82,12 @@ def test_qlora_stages_under_fsdp2_shard_the_packed_weights_and_keep_their_statis
     for (traced, estimated), (traced_alone, estimated_alone) in zip(sharded, alone, strict=True):
         assert estimated - estimated_alone == pytest.approx(traced - traced_alone, abs=2048)
         assert estimated == pytest.approx(traced, rel=0.005)
+
+
+def test_lora_stages_beside_tensor_parallelism_follow_nemo_automodels_plan():
+    """NeMo Automodel's LoRA-aware styles on each stage (memtui.engine.trace.tensor_parallel_lora), the stages
+    sending 1/tp of the tokens (measured: 2 and 5 KiB apart, the tiny width's)."""
+    traced = _traced(gpus=4, tp=2)
+    assert any(line.startswith("tensor parallel (traced): DTensor at tp 2") for line in traced.traced), traced.traced
+    for traced_peak, estimated in _per_rank(gpus=4, tp=2):
+        assert estimated == pytest.approx(traced_peak, rel=2e-3)
