@@ -436,6 +436,6 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
                 "traced")
     if config.uses_lora and config.tp > 1 and set(resolve_lora_targets(config, model)) - set(ATTENTION_PROJECTIONS):
         return ("LoRA on the MLP projections beside tensor parallelism on pipeline stages is not traced (a small "
-                "Llama's first stage: the estimate 1.3% under the trace in a micro-batch's MLP forward, not explained "
-                "yet); on the attention projections it is")
+                "Llama's first stage: the estimate 1.3% under the trace in a micro-batch's down_proj forward, "
+                "RowwiseParallelLora's whole lora_B output, not modelled yet); on the attention projections it is")
     return None
