@@ -157,6 +157,15 @@ def matrix() -> list[dict]:
             ("llama-3.2-1b", 2, 2, "1f1b", {"lora_rank": 16, "quant": "nf4"}),
             # and with DDP on each stage (the frozen 4-bit weights outside the buckets)
             ("llama-3.2-1b", 4, 2, "1f1b", {"lora_rank": 16, "quant": "nf4", "zero": 0}),
+            # LoRA and QLoRA (bitsandbytes' FSDP: the packed weights sharded) with FSDP2 or HSDP on each stage: the
+            # last stage gathers its frozen root group (the head) again after the loss's backward
+            ("llama-3.2-1b", 4, 2, "1f1b", {"lora_rank": 16, "zero": 3}),
+            ("qwen2.5-0.5b", 8, 2, "gpipe", {"lora_rank": 16, "zero": 2, "shard_group": 2}),
+            ("llama-3.2-1b", 4, 2, "1f1b", {"lora_rank": 16, "quant": "nf4", "zero": 3}),
+            # LoRA (on the attention projections) beside tensor parallelism on each stage (NeMo Automodel's
+            # LoRA-aware plan), alone and with FSDP2
+            ("llama-3.2-1b", 4, 2, "1f1b", {"tp": 2, "lora_rank": 16}),
+            ("llama-3.2-1b", 8, 2, "1f1b", {"tp": 2, "lora_rank": 16, "zero": 3}),
             # Phi-3, OLMo 2 (its received input's autocast cast shared by q/k/v) and GPT-2 (embeddings on the first
             # stage as Megatron-LM's pre_process) cut into stages
             ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {}),

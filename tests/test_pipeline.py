@@ -201,14 +201,16 @@ def test_qlora_stages_send_their_16_bit_hidden_states():
     traced = trace(config, model=SPEC)
     estimated = estimate(config, model=SPEC)
     for traced_rank, estimated_rank in zip(traced.budget.stages, estimated.stages, strict=True):
-        # measured: +0.06% and +0.14% (fp32 receive buffers: -0.34% on both)
+        # measured: -0.033% and -0.035%, the tiny width's one-GPU QLoRA error (fp32 receive buffers in the trace:
+        # -0.34% on both; in the estimate's schedule: +0.06% and +0.14%)
         assert estimated_rank.tensor_peak_bytes == pytest.approx(traced_rank.tensor_peak_bytes, rel=0.002)
 
 
 def test_pipeline_with_other_parallelism_is_modelled_and_says_why():
     spec = resolve_model("llama-3.1-8b")
     assert pipeline_refusal(pipeline("1f1b"), SPEC) is None
-    combined = TrainingConfig(model="llama-3.1-8b", gpus=8, pp=2, tp=2, batch_size=2, microbatches=2, lora_rank=8)
+    combined = TrainingConfig(model="llama-3.1-8b", gpus=8, pp=2, tp=2, batch_size=2, microbatches=2, lora_rank=8,
+                              quant="nf4")
     assert "not traced" in pipeline_refusal(combined, spec)
 
 

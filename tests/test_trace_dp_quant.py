@@ -103,15 +103,16 @@ def test_fsdp2_shards_the_packed_weights_and_keeps_their_statistics_whole(option
 
 
 def test_qlora_pipeline_stages_with_ddp_are_traced_and_estimated_per_rank():
-    """QLoRA's stages with DDP on each (the frozen 4-bit weights outside its buckets): traced, not refused; beside
-    FSDP2 still refused. Measured: each rank 25 KiB under the trace (-0.035%), the tiny width's one-GPU error."""
+    """QLoRA's stages with DDP on each (the frozen 4-bit weights outside its buckets): traced, not refused (beside
+    FSDP2 too: tests/test_trace_pp_lora.py). Measured: each rank 25 KiB under the trace (-0.035%), the tiny width's
+    one-GPU error."""
     from memtui.engine.estimator.layout import pipeline_refusal
     from memtui.engine.trace import trace
 
     spec = small_llama(layers=4)
     training = config(gpus=4, zero=0, pp=2, microbatches=2)
     assert pipeline_refusal(training, spec) is None
-    assert "FSDP2" in pipeline_refusal(config(gpus=4, zero=3, pp=2, microbatches=2), spec)
+    assert "tensor parallelism" in pipeline_refusal(config(gpus=4, tp=2, pp=2, microbatches=2), spec)
     traced = trace(training, model=spec)
     assert any(line.startswith("DDP on each stage over dp 2") for line in traced.traced), traced.traced
     estimated = estimate(training, model=spec)

@@ -272,8 +272,10 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
                           else layout.largest_layer_params)
     # Every parameter as FSDP2 gathers it for compute: in bf16 where it casts them (full fine-tunes only).
     unsharded = weights_full * _gathered_bytes(config) // config.weight_bytes
-    # A rank's 1/dp shards, and what no rank shards (a 4-bit layer's quantization statistics).
-    whole = _nf4_statistics_bytes(config, layout) if follows_fsdp2 else 0
+    # A rank's 1/dp shards, and what no rank shards (a 4-bit layer's quantization statistics; on pipeline stages
+    # too, which FSDP2 shards as `memtui trace` runs it)
+    stages_fsdp2 = zero >= 2 and config.pp > 1 and config.quant == "nf4" and config.tp == 1 and config.offload == "none"
+    whole = _nf4_statistics_bytes(config, layout) if follows_fsdp2 or stages_fsdp2 else 0
     shards = (weights_full - whole) // dp + whole
     weights = weights_full
     gathered = 0  # ZeRO-3: the layer being computed and the one prefetched, unsharded
@@ -826,9 +828,23 @@ def _stage_shards(config: TrainingConfig, model: ModelSpec, role: tuple[int, int
     weight, grad = config.weight_bytes, trainable_bytes(config)
     head = (model.vocab_size * model.hidden_size // config.tp + model.norm_params) if last else 0
     root = head + (tensor_parallel_embedding_params(model, config.tp) if first else 0)
-    return StageShards(layer_weights=tuple(params * weight for params in per_layer),
-                       layer_gradients=tuple(params * grad for params in per_layer), root_weights=root * weight,
-                       head_gradients=head * grad, root_gradients=root * grad, dp=dp, reshard=config.zero == 3)
+    per_layer_weights = tuple(params * weight for params in per_layer)
+    if not config.uses_lora:
+        return StageShards(layer_weights=per_layer_weights,
+                           layer_gradients=tuple(params * grad for params in per_layer), root_weights=root * weight,
+                           head_gradients=head * grad, root_gradients=root * grad, dp=dp, reshard=config.zero == 3,
+                           head=last)
+    # LoRA: a layer gathers its frozen base (QLoRA: the packed 4-bit weights and 16-bit norms) with its adapters,
+    # and only the adapters have gradients; the root group (embedding, final norm, head) is frozen. Every layer is
+    # counted as the stage's largest (DeepSeek-V3's dense layers beside MoE ones under LoRA are not sized apart).
+    layout = param_layout(config, stage_model, stage=(layers, first, last))
+    quantized, experts, other, adapters = layout.largest_layer_parts
+    root_bytes = _unquantized_bytes(config) if config.quant != "none" else weight
+    layer_weights = (_fsdp2_layer_bytes(config, layout) if config.quant != "none"
+                     else (quantized + experts + other) * weight + adapters * config.adapter_bytes)
+    return StageShards(layer_weights=(layer_weights,) * layers, layer_gradients=(adapters * grad,) * layers,
+                       root_weights=root * root_bytes, head_gradients=0, root_gradients=0, dp=dp,
+                       reshard=config.zero == 3, head=last)
 
 
 def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, notes: list[str]) -> Budget:

@@ -31,7 +31,14 @@ from memtui.engine.estimator.layout import (
     tensor_parallel_whole_vocabulary_gradient,
 )
 from memtui.engine.estimator.moments import Moment
-from memtui.engine.estimator.sim.core import LAYER_BACKWARD_STARTS, LOWEST_LAYER_GATHER, lf_eval, lf_values
+from memtui.engine.estimator.sim.core import (
+    DTYPE_BYTES,
+    HEAD_GATHER,
+    LAYER_BACKWARD_STARTS,
+    LOWEST_LAYER_GATHER,
+    lf_eval,
+    lf_values,
+)
 from memtui.engine.estimator.sim.families import Dims, Options
 from memtui.engine.estimator.sim.program import compile_step, dims_for, options_for, replayed_middle_layer
 from memtui.engine.model.architectures import ModelSpec, attention_layer_types
@@ -358,6 +365,7 @@ class StageShards:
     root_gradients: int
     dp: int
     reshard: bool  # reshard_after_forward (ZeRO-3)
+    head: bool = False  # a last stage's: its root group holds the head, gathered again after the loss's backward
 
     @property
     def layers(self) -> int:
@@ -420,10 +428,12 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
         whole = programs[index].gradients + vocabulary_extra[index]
         return whole // shards[index].dp if index in reduced else whole
 
-    # What crosses between stages: a micro-batch's hidden states (in the weights' dtype), or their gradient; under
-    # sequence parallelism this rank's 1/tp of the tokens (torch.chunk's first share).
+    # What crosses between stages: a micro-batch's hidden states, or their gradient, in the dtype of the embedding's
+    # output (the stage program's received input: the frozen base's under LoRA, 16-bit under QLoRA without k-bit
+    # prep); under sequence parallelism this rank's 1/tp of the tokens (torch.chunk's first share).
     sent_tokens = config.microbatch_size * -(-config.seq_len // opts.sequence_parallel)
-    hidden_states = (sent_tokens * model.hidden_size * config.weight_bytes + 511) // 512 * 512
+    residual_bytes = DTYPE_BYTES[opts.base if opts.lora_rank > 0 else opts.params]
+    hidden_states = (sent_tokens * model.hidden_size * residual_bytes + 511) // 512 * 512
     last_stages = {index for index, _layers, first, last in roles if last and not first}
     # Under DDP PipelineStage keeps each sent output until the micro-batch's backward has run (DDP's reducer needs
     # the live outputs: `_output_slot_is_releasable`), not until the send's wait.
@@ -490,6 +500,10 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             return shard.root_weights + sum(shard.layer_weights)
         if segment == "loss_bwd":
             return 0  # the loss's backward, before the head's pre-backward gathers the root again
+        if segment == HEAD_GATHER:
+            # the head's pre-backward: the root's all-gather buffer beside its copy, then, that buffer let go, the last
+            # layer's all-gather prefetched beside the root
+            return shard.root_weights + max(shard.root_weights, shard.top(1))
         if segment == LOWEST_LAYER_GATHER:  # its all-gather buffer beside its copy, every layer above gathered
             return shard.root_weights + sum(shard.layer_weights) + shard.layer_weights[0]
         layer_made = min(max(made - shard.head_gradients, 0), sum(shard.layer_gradients))
@@ -497,7 +511,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             # a layer's pre-backward: the layers done, and its all-gather buffer beside its copy
             done = min(shard.layers_done(layer_made), shard.layers - 1)
             return shard.root_weights + shard.top(done) + 2 * shard.layer_weights[shard.layers - 1 - done]
-        if layer_made == 0 and shard.head_gradients and segment == "head_bwd":
+        if layer_made == 0 and shard.head and segment == "head_bwd":
             return shard.root_weights + shard.top(1)  # the last layer's all-gather, prefetched at the head
         # In a layer's backward FSDP2 has gathered it and prefetched the next from its pre-backward on, before the
         # layer makes its first gradient (an MoE block's routing backward runs first)
@@ -594,7 +608,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             if stage not in done:  # the output's gradient goes, then the slice is cloned out as the gradient
                 backward.append((last_moment._replace(gradients=last_moment.gradients + rank_slice,
                                                       temporary=beside()[1] + ddp_whole), gathered))
-        if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard and not shards[stage].head_gradients:
+        if shards is not None and previous.get(stage) == FORWARD and shards[stage].reshard and not shards[stage].head:
             # ZeRO-3 resharded the root after the forward; a stage without the head starts its backward by gathering
             # it again: its all-gather buffer beside its gathered copy, the micro-batch's forward still whole (a last
             # stage gathers it after the loss's backward, where the head's new gradient, as large, follows it)
@@ -604,7 +618,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
                            activations=activations + program.held, temporary=temporary)
             backward.insert(0, (start, 2 * shards[stage].root_weights + gathered_elsewhere(stage)))
             shard = shards[stage]
-            if not shard.head_gradients and shard.layers:
+            if shard.layers:
                 # A stage without the head starts with its last layer's all-gather and copy-out (and the next
                 # layer's all-gather, prefetched), then the root's all-gather beside its copy; the received output
                 # gradient beside them

@@ -161,6 +161,7 @@ class StopRecompute(Exception):
 LOWEST_LAYER_GATHER = "first_bwd_start"  # a candidate: the moment the lowest layer's backward begins
 # Sim.layer_starts: candidates where the other replayed layers' backward begins (FSDP2 gathers each layer there)
 LAYER_BACKWARD_STARTS = {"mid_bwd": "mid_bwd_start", "last_bwd": "last_bwd_start"}
+HEAD_GATHER = "head_bwd_start"  # a candidate: the moment the head's backward begins, after the loss's (Sim.head_gather)
 
 
 @dataclass
@@ -217,6 +218,8 @@ class Sim:
         # FSDP2 on a pipeline stage whose layers differ in size (DeepSeek-V3's dense and MoE ones): the moment each
         # layer's backward begins is a candidate too, its own all-gather buffer then beside its copy.
         self.layer_starts = False
+        # A later pipeline stage under LoRA: the moment the head's backward begins is a candidate (HEAD_GATHER)
+        self.head_gather = False
 
     # ---- allocation bookkeeping -------------------------------------------------------
     def set_segment(self, name: str) -> None:
@@ -414,6 +417,10 @@ class Sim:
             elif self.layer_starts and self.segment in LAYER_BACKWARD_STARTS:
                 self.candidates.append(Candidate(LAYER_BACKWARD_STARTS[self.segment], dict(self.live),
                                                  buffered=self.buffered))
+            if self.segment == "head_bwd" and self.head_gather:
+                # the head's backward begins: the loss's is done, the logits' gradient made (FSDP2's root group,
+                # resharded after a pipeline stage's forward, is gathered again here)
+                self.candidates.append(Candidate(HEAD_GATHER, dict(self.live), buffered=self.buffered))
         if node.deferred and not node.region.recomputed:
             self._recompute(node.region)
         grad_out = node.output.grad

@@ -20,6 +20,7 @@ from memtui.engine.estimator.sim.core import (
     CATEGORIES,
     LF,
     LAYER_BACKWARD_STARTS,
+    HEAD_GATHER,
     LOWEST_LAYER_GATHER,
     ZERO,
     Sim,
@@ -294,6 +295,9 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
                     name="received hidden states", requires_grad=True)
         x.leaf = True
     received = sim.ref(x) if embed is None else None  # _ForwardChunkState keeps the stage's inputs until backward
+    # A last pipeline stage under LoRA: its head has no gradient, so where FSDP2 gathers the root group again (the
+    # head's pre-backward, the logits' gradient made) no later candidate holds as much
+    sim.head_gather = received is not None and last and frozen
     if opts.family == "gemma3" and embed is not None:
         # Gemma3TextScaledWordEmbedding scales inside the module: its output (what peft's input hook marks) is scaled
         # (a later pipeline stage's received hidden states are not).
@@ -778,7 +782,7 @@ def _plus(live: dict[str, LF], extra: dict[str, LF], times: float) -> dict[str, 
 _PHASE_OF_SEGMENT = {
     "inputs": "forward", "embed_fwd": "forward", "first_fwd": "forward", "mid_fwd": "forward", "last_fwd": "forward",
     "head_fwd": "loss", "loss_fwd": "loss", "forward_end": "loss", "head_bwd": "backward", "loss_bwd": "backward", "last_bwd": "backward", "mid_bwd": "backward",
-    "first_bwd": "backward", LOWEST_LAYER_GATHER: "backward", **dict.fromkeys(LAYER_BACKWARD_STARTS.values(), "backward"), "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
+    "first_bwd": "backward", LOWEST_LAYER_GATHER: "backward", HEAD_GATHER: "backward", **dict.fromkeys(LAYER_BACKWARD_STARTS.values(), "backward"), "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
 }
 # A candidate of backward just after a node gave parameters their .grad (Candidate.ready): under
 # --optimizer-in-backward their hooks step them there; kept apart from backward's (_prune compares within a phase).
@@ -825,7 +829,7 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
         buffered, stepped = candidate.buffered, candidate.stepped
         if segment in ("last_fwd", "head_fwd", "loss_fwd"):
             candidates.append(StepCandidate(phase, _plus(candidate.live, kept_forward, extra), segment, buffered, stepped))
-        elif segment in ("forward_end", "head_bwd", "loss_bwd", "last_bwd", LAYER_BACKWARD_STARTS["last_bwd"]):
+        elif segment in ("forward_end", "head_bwd", HEAD_GATHER, "loss_bwd", "last_bwd", LAYER_BACKWARD_STARTS["last_bwd"]):
             candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered, stepped))
         elif segment in ("mid_bwd", LAYER_BACKWARD_STARTS["mid_bwd"]):
             candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered, stepped))
@@ -847,7 +851,10 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
     for category in CATEGORIES:
         if category != "gradients":  # "weights" here: autocast's 16-bit copies, which the graph saves
             held_bytes = lf_add(held_bytes, held[category])
-    kept = tuple(_prune(candidates, accumulating))
+    # A later pipeline stage under LoRA: the head's forward and backward hold FSDP2's all-gather buffers the loss's
+    # moments do not (the last layer's, the root's), and no gradient of the head makes a later moment larger
+    gathers = ("head_fwd", "head_bwd") if sim.head_gather else ()
+    kept = tuple(_prune(candidates, accumulating, gathers))
     return StepProgram(
         candidates=kept,
         rows=tuple((candidate.phase, *candidate.live["weights"], *candidate.live["gradients"],
@@ -886,9 +893,11 @@ def _total(live: dict[str, LF]) -> LF:
     return total
 
 
-def _prune(candidates: list[StepCandidate], accumulating: bool = False) -> list[StepCandidate]:
+def _prune(candidates: list[StepCandidate], accumulating: bool = False,
+           gathers: tuple[str, ...] = ()) -> list[StepCandidate]:
     """Drop candidates another one dominates for every batch size and sequence length; `accumulating`: in what
-    they hold beside the gradients too (a later micro-batch's backward holds every gradient from its start)."""
+    they hold beside the gradients too (a later micro-batch's backward holds every gradient from its start);
+    `gathers`: segments whose candidates only one of the same segment can dominate (FSDP2 gathers apart there)."""
     totals = [_total(candidate.live) for candidate in candidates]
     if accumulating:
         totals = [(*total, *_total({**candidate.live, "gradients": ZERO}))
@@ -900,11 +909,13 @@ def _prune(candidates: list[StepCandidate], accumulating: bool = False) -> list[
             # Only within a phase: every phase keeps its own peak for the timeline.
             if other_index == index or candidates[other_index].phase != candidates[index].phase:
                 continue
+            if candidates[index].segment in gathers and candidates[other_index].segment != candidates[index].segment:
+                continue
             if all(o >= t for o, t in zip(other, total)) and (other != total or other_index < index):
                 dominated = True
                 break
         # FSDP2's moment, and each step in backward (its temporaries are not in the total): kept for them
-        if (not dominated or candidates[index].segment in (LOWEST_LAYER_GATHER, *LAYER_BACKWARD_STARTS.values())
+        if (not dominated or candidates[index].segment in (LOWEST_LAYER_GATHER, HEAD_GATHER, *LAYER_BACKWARD_STARTS.values())
                 or candidates[index].phase == GRAD_READY):
             kept.append(candidates[index])
     return kept
