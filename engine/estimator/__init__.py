@@ -371,7 +371,7 @@ def _follows_fsdp2(config: TrainingConfig, zero: int) -> bool:
     packed weights sharded, their quantization statistics whole on every rank); with --offload optimizer+params
     over several ranks without tensor parallelism as CPUOffloadPolicy (not DeepSpeed's ZeRO-Offload: one GPU)."""
     offload = config.offload == "none" or (config.offload == "optimizer+params" and config.shard_ranks > 1
-                                           and config.tp == 1 and not config.optimizer_in_backward
+                                           and not config.optimizer_in_backward
                                            and config.grad_accum == 1 and config.precision != "16-mixed")
     return (zero >= 2 and offload and config.pp == 1
             and (config.quant == "none" or (config.quant == "nf4" and config.tp == 1)))
@@ -815,7 +815,8 @@ def _stage_shards(config: TrainingConfig, model: ModelSpec, role: tuple[int, int
     root = head + (tensor_parallel_embedding_params(model, config.tp) if first else 0)
     return StageShards(layers=layers, layer_weights=layout.largest_layer_params * weight,
                        layer_gradients=layout.largest_layer_params * grad, root_weights=root * weight,
-                       head_gradients=head * grad, root_gradients=root * grad, dp=dp, reshard=config.zero == 3)
+                       head_gradients=head * grad, root_gradients=root * grad, dp=dp, reshard=config.zero == 3,
+                       host=config.offload != "none")
 
 
 def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, notes: list[str]) -> Budget:

@@ -344,6 +344,7 @@ class StageShards:
     root_gradients: int
     dp: int
     reshard: bool  # reshard_after_forward (ZeRO-3)
+    host: bool = False  # CPUOffloadPolicy: each reduced shard copied to host memory, the device's let go
 
 
 def pipeline_moments(config: TrainingConfig, model: ModelSpec, rank: int) -> list[Moment]:
@@ -381,7 +382,9 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
 
     def stage_gradients(index: int) -> int:
         whole = programs[index].gradients + vocabulary_extra[index]
-        return whole // shards[index].dp if index in reduced else whole
+        if index in reduced:
+            return 0 if shards[index].host else whole // shards[index].dp
+        return whole
 
     # What crosses between stages: a micro-batch's hidden states (in the weights' dtype), or their gradient; under
     # sequence parallelism this rank's 1/tp of the tokens (torch.chunk's first share).
@@ -486,7 +489,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
                                    activations=activations, temporary=temporary + group),
                             gathered + gathered_elsewhere(stage)))
             # the shard made, or (a later accumulation step) added in place to the one the steps before made
-            unsharded += (group // shard.dp if stage not in carried else 0) - group
+            unsharded += (group // shard.dp if stage not in carried and not shard.host else 0) - group
         reduced.add(stage)
 
     # Under FSDP2 each accumulation step ends as a step without accumulation does (every group resharded, its
