@@ -369,7 +369,8 @@ def _follows_fsdp2(config: TrainingConfig, zero: int) -> bool:
     """Whether the estimator follows FSDP2's program as `memtui trace --gpus N --zero 2|3` runs it: not beside
     pipeline stages; on unquantized weights, or on bitsandbytes' 4-bit ones without tensor parallelism (QLoRA: the
     packed weights sharded, their quantization statistics whole on every rank); with --offload optimizer+params
-    over several ranks without tensor parallelism as CPUOffloadPolicy (not DeepSpeed's ZeRO-Offload: one GPU)."""
+    over several ranks as CPUOffloadPolicy, beside tensor parallelism too (not DeepSpeed's ZeRO-Offload: one GPU).
+    Pipeline stages follow it in memtui.engine.estimator.pipeline (StageShards.host)."""
     offload = config.offload == "none" or (config.offload == "optimizer+params" and config.shard_ranks > 1
                                            and not config.optimizer_in_backward
                                            and config.grad_accum == 1 and config.precision != "16-mixed")

@@ -31,8 +31,10 @@ its pipeline position's (dp, tp) slice; each stage gets torchtitan's TP plan on 
 receives, and sends, this rank's 1/tp of the tokens), then `fully_shard` per decoder layer and on the stage, and its
 PipelineStage the pp sub-group. torch's pipelining runs each micro-batch's backward with FSDP2's gradient sync and
 resharding after backward off, so the gradients accumulate unsharded until the stage's last backward
-reduce-scatters them. With --zero 0 or 1 the stage is wrapped in DistributedDataParallel over the data-parallel
-group instead (memtui's DDP: memtui.engine.trace.parallel.ddp_wrap), which PipelineStage drives itself
+reduce-scatters them; with `--offload optimizer+params` every group is under CPUOffloadPolicy, as torchtitan's
+enable_cpu_offload puts each model part (the shards on the host, each reduced shard copied there, the optimizers
+stepping on the CPU: memtui.engine.trace.parallel.CPU_OFFLOAD). With --zero 0 or 1 the stage is wrapped in
+DistributedDataParallel over the data-parallel group instead (memtui's DDP: memtui.engine.trace.parallel.ddp_wrap), which PipelineStage drives itself
 (`backward_maybe_with_nosync`; beside tensor parallelism on the parameters PyTorch's `_pre_dp_module_transform`
 makes local): every forward and all but the stage's last backward run under `no_sync`, so the
 gradients accumulate in .grad and only the last backward copies them into the buckets and all-reduces them; DDP's
