@@ -125,6 +125,15 @@ def matrix() -> list[dict]:
              {"model": "llama-3.2-1b", **base, "gpus": 4, "lora_rank": 16, "quant": "nf4"},
              {"model": "llama-3.1-70b", **base, "precision": "bf16-true", "seq_len": 8192, "gpus": 2,
               "lora_rank": 16, "quant": "nf4", "checkpointing": "full"}]
+    # and beside tensor and pipeline parallelism: CPUOffloadPolicy on the (dp, tp) mesh and on every pipeline stage
+    # (torchtitan's enable_cpu_offload on each model part)
+    for model, gpus, extra in (("llama-3.1-8b", 4, {"tp": 2}),
+                               ("llama-3.1-8b", 8, {"tp": 2, "checkpointing": "full"}),
+                               ("llama-3.1-8b", 8, {"tp": 2, "lora_rank": 16, "lora_targets": "all-linear"}),
+                               ("llama-3.2-1b", 4, {"pp": 2, "pp_schedule": "1f1b", "microbatches": 4}),
+                               ("llama-3.2-1b", 8, {"pp": 2, "pp_schedule": "1f1b", "microbatches": 4, "tp": 2})):
+        rows.append({"model": model, "precision": "bf16-mixed", "batch_size": extra.get("microbatches", 1),
+                     "seq_len": 1024, "gpus": gpus, **extra, "offload": "optimizer+params", "zero": 3})
     for gpus in (8, 128):  # torchtitan's Llama 3 8B runs of docs/measured.md
         rows.append({"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192,
                      "gpus": gpus, "zero": 3, "checkpointing": "selective-op", "fsdp_param_dtype": "compute"})

@@ -371,9 +371,10 @@ def _follows_fsdp2(config: TrainingConfig, zero: int) -> bool:
     """Whether the estimator follows FSDP2's program as `memtui trace --gpus N --zero 2|3` runs it: not beside
     pipeline stages; on unquantized weights, or on bitsandbytes' 4-bit ones without tensor parallelism (QLoRA: the
     packed weights sharded, their quantization statistics whole on every rank); with --offload optimizer+params
-    over several ranks without tensor parallelism as CPUOffloadPolicy (not DeepSpeed's ZeRO-Offload: one GPU)."""
+    over several ranks as CPUOffloadPolicy, beside tensor parallelism too (not DeepSpeed's ZeRO-Offload: one GPU).
+    Pipeline stages follow it in memtui.engine.estimator.pipeline (StageShards.host)."""
     offload = config.offload == "none" or (config.offload == "optimizer+params" and config.shard_ranks > 1
-                                           and config.tp == 1 and not config.optimizer_in_backward
+                                           and not config.optimizer_in_backward
                                            and config.grad_accum == 1 and config.precision != "16-mixed")
     return (zero >= 2 and offload and config.pp == 1
             and (config.quant == "none" or (config.quant == "nf4" and config.tp == 1)))
@@ -833,7 +834,8 @@ def _stage_shards(config: TrainingConfig, model: ModelSpec, role: tuple[int, int
         return StageShards(layer_weights=per_layer_weights,
                            layer_gradients=tuple(params * grad for params in per_layer), root_weights=root * weight,
                            head_gradients=head * grad, root_gradients=root * grad, dp=dp, reshard=config.zero == 3,
-                           head=last)
+                           head=last,
+                           host=config.offload != "none")
     # LoRA: a layer gathers its frozen base (QLoRA: the packed 4-bit weights and 16-bit norms) with its adapters,
     # and only the adapters have gradients; the root group (embedding, final norm, head) is frozen. Every layer is
     # counted as the stage's largest (DeepSeek-V3's dense layers beside MoE ones under LoRA are not sized apart).
@@ -844,7 +846,7 @@ def _stage_shards(config: TrainingConfig, model: ModelSpec, role: tuple[int, int
                      else (quantized + experts + other) * weight + adapters * config.adapter_bytes)
     return StageShards(layer_weights=(layer_weights,) * layers, layer_gradients=(adapters * grad,) * layers,
                        root_weights=root * root_bytes, head_gradients=0, root_gradients=0, dp=dp,
-                       reshard=config.zero == 3, head=last)
+                       reshard=config.zero == 3, head=last, host=config.offload != "none")
 
 
 def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, notes: list[str]) -> Budget:

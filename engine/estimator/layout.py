@@ -309,6 +309,18 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MOE_TENSOR_PARALLEL_FAMILIES)
 
 
+def cpu_offload_refusal(config: TrainingConfig) -> str | None:
+    """Why `--offload` here is not FSDP2's CPUOffloadPolicy as the trace runs it (torchtitan's enable_cpu_offload:
+    fully_shard(..., offload_policy=CPUOffloadPolicy()) on every model part, beside TP and PP too), or None."""
+    if config.offload == "optimizer" or config.zero <= 1 or config.shard_ranks == 1:
+        return ("--offload optimizer, offloading beside DDP and offloading without data-parallel shards are DeepSpeed's "
+                "ZeRO-Offload (the optimizer states and step on the CPU), which PyTorch's DDP and FSDP2 have no policy for")
+    if config.grad_accum > 1 or config.optimizer_in_backward or config.precision == "16-mixed":
+        return ("gradient accumulation, the optimizer in backward and fp16 loss scaling under CPUOffloadPolicy (their "
+                "gradients added, stepped or unscaled on the CPU) are not traced")
+    return None
+
+
 def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
     """Why `memtui trace` cannot run this configuration's tensor-parallel program (it is then modelled), or None:
     the estimator's terms for DTensor's sequence-parallel plan apply exactly when it can."""
@@ -323,9 +335,11 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
         return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
     if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.intermediate_size % config.tp:
         return f"tp {config.tp} does not divide the experts' intermediate size {model.intermediate_size}"
-    if config.quant != "none" or config.offload != "none":
-        return ("quantized weights and offloading under tensor parallelism are not traced (QLoRA: no stack found that "
-                "runs it with tensor parallelism; NeMo Automodel's QLoRA recipes run tp_size 1)")
+    if config.quant != "none":
+        return ("quantized weights under tensor parallelism are not traced (QLoRA: no stack found that runs it with "
+                "tensor parallelism; NeMo Automodel's QLoRA recipes run tp_size 1)")
+    if config.offload != "none" and cpu_offload_refusal(config) is not None:
+        return f"offloading under tensor parallelism: {cpu_offload_refusal(config)}"
     if config.uses_lora and model.family not in LORA_TENSOR_PARALLEL_FAMILIES:
         return (f"LoRA under tensor parallelism is traced for the Llama-layout families only (NeMo Automodel's "
                 f"LoRA-aware plan), not {model.family}")
@@ -419,8 +433,10 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
         if config.dp > 1 and config.zero <= 1:
             return ("the MoE plan with DDP or ZeRO-1 beside tensor parallelism is not traced (with FSDP2, --zero 2 "
                     "or 3, it is)")
-    if config.offload != "none" or config.activation_offload:
-        return "offloading under pipeline parallelism is not traced"
+    if config.activation_offload:
+        return "activation offloading under pipeline parallelism is not traced"
+    if config.offload != "none" and cpu_offload_refusal(config) is not None:
+        return f"offloading under pipeline parallelism: {cpu_offload_refusal(config)}"
     if config.optimizer_in_backward:
         return ("the optimizer in backward steps each parameter when its gradient is made, but a pipeline schedule "
                 "accumulates every gradient over the micro-batches (torchtune refuses optimizer_in_bwd with gradient "

@@ -366,6 +366,7 @@ class StageShards:
     dp: int
     reshard: bool  # reshard_after_forward (ZeRO-3)
     head: bool = False  # a last stage's: its root group holds the head, gathered again after the loss's backward
+    host: bool = False  # CPUOffloadPolicy: each reduced shard copied to host memory, the device's let go
 
     @property
     def layers(self) -> int:
@@ -426,7 +427,9 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
 
     def stage_gradients(index: int) -> int:
         whole = programs[index].gradients + vocabulary_extra[index]
-        return whole // shards[index].dp if index in reduced else whole
+        if index in reduced:
+            return 0 if shards[index].host else whole // shards[index].dp
+        return whole
 
     # What crosses between stages: a micro-batch's hidden states, or their gradient, in the dtype of the embedding's
     # output (the stage program's received input: the frozen base's under LoRA, 16-bit under QLoRA without k-bit
@@ -543,7 +546,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
                                    activations=activations, temporary=temporary + group),
                             gathered + gathered_elsewhere(stage)))
             # the shard made, or (a later accumulation step) added in place to the one the steps before made
-            unsharded += (group // shard.dp if stage not in carried else 0) - group
+            unsharded += (group // shard.dp if stage not in carried and not shard.host else 0) - group
         reduced.add(stage)
 
     # Under FSDP2 each accumulation step ends as a step without accumulation does (every group resharded, its

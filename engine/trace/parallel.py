@@ -36,6 +36,7 @@ from collections.abc import Iterator
 
 import torch
 
+from memtui.engine.estimator.layout import cpu_offload_refusal
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
@@ -45,13 +46,8 @@ def data_parallel_refusal(config: TrainingConfig) -> str | None:
     Tensor and pipeline parallelism have traces of their own (memtui.engine.trace.tensor_parallel, .pipeline)."""
     if config.dp == 1 or config.tp > 1 or config.pp > 1:
         return "no data parallelism alone"
-    if config.offload == "optimizer" or (config.offload != "none" and config.zero <= 1):
-        return ("--offload optimizer and offloading beside DDP are DeepSpeed's ZeRO-Offload (the optimizer states and "
-                "step on the CPU, the parameters on the GPU), which PyTorch's DDP and FSDP2 have no policy for")
-    if config.offload != "none" and (config.grad_accum > 1 or config.optimizer_in_backward
-                                     or config.precision == "16-mixed"):
-        return ("gradient accumulation, the optimizer in backward and fp16 loss scaling under CPUOffloadPolicy (their "
-                "gradients added, stepped or unscaled on the CPU) are not traced")
+    if config.offload != "none" and cpu_offload_refusal(config) is not None:
+        return cpu_offload_refusal(config)
     if config.quant == "int8" and config.zero >= 2:
         return ("LLM.int8 under FSDP2: bitsandbytes' Int8Params keeps its row scales on the parameter, which FSDP2's "
                 "sharding drops (bitsandbytes shards only 4-bit weights, whose Params4bit keeps its QuantState "
@@ -152,15 +148,7 @@ class DataParallel:
                                    "wrapper, which ZeroRedundancyOptimizer cannot take (memtui's live runs keep it whole too)")
             optimizer = sharded
         record_stepped_gradients(model, optimizer, self.tracker, self.gradient_ids)
-        if self.config.offload != "none":
-            step, tracker = optimizer.step, self.tracker
-
-            def step_on_the_host(*args, **kwargs):
-                with tracker.model_states_on_host():  # the states and the step's temporaries are the CPU's
-                    return step(*args, **kwargs)
-
-            optimizer.step = step_on_the_host
-        return optimizer
+        return steps_on_the_host(optimizer, self.tracker) if self.config.offload != "none" else optimizer
 
     def watching(self, tracker: MemoryTracker) -> contextlib.AbstractContextManager:
         if self.config.zero < 2:
@@ -268,6 +256,19 @@ def name_fsdp_streams(model: torch.nn.Module, tracker: MemoryTracker) -> None:
         stream = getattr(context, attribute, None)
         if stream is not None:
             tracker.name_stream(stream, name)
+
+
+def steps_on_the_host(optimizer, tracker: MemoryTracker):
+    """`optimizer`, its step run as CPUOffloadPolicy runs it: on the host shards and gradients, its states and
+    temporaries in host memory."""
+    step = optimizer.step
+
+    def step_on_the_host(*args, **kwargs):
+        with tracker.model_states_on_host():  # the states and the step's temporaries are the CPU's
+            return step(*args, **kwargs)
+
+    optimizer.step = step_on_the_host
+    return optimizer
 
 
 def record_stepped_gradients(model: torch.nn.Module, optimizer, tracker: MemoryTracker, gradient_ids: set[int]) -> None:

@@ -31,8 +31,10 @@ its pipeline position's (dp, tp) slice; each stage gets torchtitan's TP plan on 
 receives, and sends, this rank's 1/tp of the tokens), then `fully_shard` per decoder layer and on the stage, and its
 PipelineStage the pp sub-group. torch's pipelining runs each micro-batch's backward with FSDP2's gradient sync and
 resharding after backward off, so the gradients accumulate unsharded until the stage's last backward
-reduce-scatters them. With --zero 0 or 1 the stage is wrapped in DistributedDataParallel over the data-parallel
-group instead (memtui's DDP: memtui.engine.trace.parallel.ddp_wrap), which PipelineStage drives itself
+reduce-scatters them; with `--offload optimizer+params` every group is under CPUOffloadPolicy, as torchtitan's
+enable_cpu_offload puts each model part (the shards on the host, each reduced shard copied there, the optimizers
+stepping on the CPU: memtui.engine.trace.parallel.CPU_OFFLOAD). With --zero 0 or 1 the stage is wrapped in
+DistributedDataParallel over the data-parallel group instead (memtui's DDP: memtui.engine.trace.parallel.ddp_wrap), which PipelineStage drives itself
 (`backward_maybe_with_nosync`; beside tensor parallelism on the parameters PyTorch's `_pre_dp_module_transform`
 makes local): every forward and all but the stage's last backward run under `no_sync`, so the
 gradients accumulate in .grad and only the last backward copies them into the buckets and all-reduces them; DDP's
@@ -61,7 +63,8 @@ from memtui.engine.model.architectures import ModelSpec, attention_layer_types
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.fake_step import (STEPS, StepExtras, optimizer_state_tensors, quiet_libraries,
                                            tag_optimizer_states, traced_micro_batches, watch_model)
-from memtui.engine.trace.parallel import fsdp_storage_resizes, record_stepped_gradients
+from memtui.engine.trace.parallel import (CPU_OFFLOAD, cpu_offload_copies, fsdp_storage_resizes, record_stepped_gradients,
+                                         steps_on_the_host)
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker, classify
 
 __all__ = ["RankTrace", "pipeline_lines", "pipeline_refusal", "trace_pipeline"]
@@ -440,8 +443,12 @@ def _parallelize_stage(module, causal, config: TrainingConfig, layers: int, firs
         with tracker:
             return ddp_wrap(module, tracker, config.dp, bucket_ids, process_group=dp_mesh.get_group())
     if dp_mesh is not None:
+        offload = config.offload != "none"  # CPUOffloadPolicy on every group, as torchtitan's enable_cpu_offload
         with _meshes_made_real() if tp_mesh is not None else contextlib.nullcontext():
-            module = fully_shard_layers(module, layers, dp_mesh, reshard=config.zero == 3)
+            module = fully_shard_layers(module, layers, dp_mesh, reshard=config.zero == 3, offload=offload)
+        if offload:
+            for parameter in module.parameters():
+                tracker.mark_host(parameter)  # the shards, in host memory
     return module
 
 
@@ -544,6 +551,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                 optimizers = [zero_redundancy(optimizer, dp_mesh.get_group()) for optimizer in optimizers]
             for stage, optimizer in zip(stages, optimizers):
                 record_stepped_gradients(stage.submod, optimizer, tracker, stepped)
+            if config.offload != "none":
+                optimizers = [steps_on_the_host(optimizer, tracker) for optimizer in optimizers]
             for optimizer in optimizers:
                 for state in optimizer_state_tensors(optimizer)[0]:
                     tracker.track(state, "optimizer_state")
@@ -568,6 +577,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                 parallel.enter_context(_WaitReturnsItsInput())
             if dp_mesh is not None and config.zero >= 2:
                 parallel.enter_context(fsdp_storage_resizes(tracker, gathered))
+                if config.offload != "none":
+                    parallel.enter_context(cpu_offload_copies(tracker))
                 if depth is not None:
                     parallel.enter_context(_post_backward_in_its_layer(tracker, owners))
             with attention, policy, cuda_dropout(), cuda_softmax(), real_run_decisions(), parallel, tagging, tracker:
@@ -865,6 +876,8 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
         lines.append(f"FSDP2 fully_shard per decoder layer and on each stage over {where}, "
                      f"reshard_after_forward={config.zero == 3}; PipelineStage accumulates each micro-batch's "
                      "gradients unsharded (gradient sync off) and reduce-scatters them after the stage's last backward")
+        if config.offload != "none":
+            lines.append(f"{CPU_OFFLOAD}, on every stage's groups (torchtitan's enable_cpu_offload on each model part)")
     return lines
 
 

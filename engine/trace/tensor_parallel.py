@@ -42,7 +42,8 @@ their base layers, lora_A's output all-gathered on the Colwise ones, the norms l
 
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
-(ZeRO-2/3) as in torchtitan, or 3-D (dp_replicate, dp_shard, tp) for HSDP; with DDP (ZeRO-0/1) the parameters are
+(ZeRO-2/3) as in torchtitan (with `--offload optimizer+params` under its CPUOffloadPolicy, torchtitan's
+enable_cpu_offload: the DTensor shards, their gradients and the optimizer step on the host), or 3-D (dp_replicate, dp_shard, tp) for HSDP; with DDP (ZeRO-0/1) the parameters are
 made local by PyTorch's _pre_dp_module_transform and DDP runs over the dp group (memtui.engine.trace.parallel). The collectives are the fake backend's no-ops; every buffer they write into is
 allocated as on a GPU and seen by the tracker.
 """
