@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from memtui.engine.estimator.layout import REPLICATED, ROW_PARALLEL
 from memtui.engine.estimator.sim import ops
 from memtui.engine.model.architectures import GEMMA_FAMILIES, MOE_FAMILIES, QK_NORM_FAMILIES
 from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_add, lf_scale, per_position, per_token
@@ -129,15 +130,12 @@ def make_linear(sim: Sim, params: LayerParams, name: str, d_in: int, d_out: int,
         params.lora[name] = (a, b)
 
 
-# RowwiseParallel in the traced tensor-parallel plan of the Llama layout; the other projections are Colwise.
-ROW_PARALLEL_LINEARS = ("o_proj", "down_proj")
-
-
 def _adapter_parallelism(name: str, opts: Options) -> str:
-    """How NeMo Automodel's LoRA-aware plan shards this linear's adapters: "column", "row", or "" (one GPU)."""
-    if opts.sequence_parallel == 1:
+    """How NeMo Automodel's LoRA-aware plan shards this linear's adapters: "column", "row", or "" (one GPU, or
+    DeepSeek-V3's replicated low-rank projections). Row-parallel: the traced plan's RowwiseParallel linears."""
+    if opts.sequence_parallel == 1 or name in REPLICATED:
         return ""
-    return "row" if name in ROW_PARALLEL_LINEARS else "column"
+    return "row" if name in ROW_PARALLEL else "column"
 
 
 def _local_rank(opts: Options) -> int:
