@@ -36,9 +36,10 @@ ln_2 and ln_f SequenceParallel, wte vocabulary-sharded and all-reduced, wpe repl
 scattered onto the sequence before the dropout (Megatron-LM's LanguageModelEmbedding with learned positions), the
 tied head with loss parallel.
 
-With peft's LoRA (the Llama-layout families), each Colwise, Rowwise and SequenceParallel style becomes NVIDIA NeMo
+With peft's LoRA (every family above), each Colwise, Rowwise and SequenceParallel style becomes NVIDIA NeMo
 Automodel's LoRA-aware twin on peft's layers (memtui.engine.trace.tensor_parallel_lora): the adapters sharded with
-their base layers, lora_A's output all-gathered on the Colwise ones, the norms left frozen.
+their base layers, lora_A's output all-gathered on the Colwise ones, the norms left frozen (OLMo 2's whole-width
+q/k norms too); a fused layer's lora_B rows reordered rank-major with its base rows (Phi-3, GPT-2's c_attn).
 
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp

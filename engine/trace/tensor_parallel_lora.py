@@ -11,6 +11,13 @@ and Rowwise style of its plan into a LoRA-aware twin:
 - SequenceParallelLora: the norms replicated as SequenceParallel replicates them, but left frozen (PyTorch's
   SequenceParallel makes a new nn.Parameter, trainable, of every weight: LoRA would train the norms too).
 
+translate_to_lora turns whatever plan it is given; here it is applied to memtui's plan for each family (for Phi-3
+Megatron-LM's per-part cut, not NeMo Automodel's own Phi-3 plan, which leaves the fused attention unsharded):
+Phi-3's and GPT-2's fused layers cut per part, lora_B's rows with them; GPT-2's Conv1D base weight cut on its
+transposed dimensions; OLMo 2's whole-width q/k norms' SequenceParallel subclass kept frozen; the MoE blocks' own
+styles and DeepSeek-V3's NoParallel left as they are (the experts are not adapted, and PyTorch's replication keeps
+requires_grad).
+
 NeMo applies them to its own LinearLoRA (an nn.Linear with lora_A and lora_B sub-linears); here they are applied
 to peft's lora.Linear (base_layer, lora_A[adapter], lora_B[adapter]), with the same placements and hook, so that
 peft's forward (dropout, scaling, dtype casts) runs as the single-GPU trace runs it.
