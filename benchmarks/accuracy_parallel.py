@@ -102,6 +102,18 @@ def matrix() -> list[dict]:
                                    ("gemma-3-4b", 2, 2, {"lora_targets": "all-linear"})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
                      "tp": tp, "lora_rank": 16, **extra})
+    # ... and on the other families of the plan: Phi-3's and GPT-2's fused lora_B rows sharded per part, OLMo 2's
+    # whole-width q/k norms left frozen, the MoE families' attention adapted (experts untouched), DeepSeek-V3's
+    # replicated low-rank projections with whole adapters
+    for model, gpus, tp in (("phi-3-mini", 2, 2), ("olmo-2-7b", 2, 2), ("gpt2", 2, 2), ("mixtral-8x7b", 2, 2),
+                            ("qwen3-30b-a3b", 4, 4), ("gpt-oss-20b", 2, 2), ("moonlight-16b-a3b", 4, 4)):
+        rows.append({"model": model, "lora_targets": "all-linear", "precision": "bf16-mixed", "batch_size": 1,
+                     "seq_len": 1024, "gpus": gpus, "tp": tp, "lora_rank": 16})
+    # with FSDP2 over the dp ranks, and checkpointing (peft's input leaf, GPT-2's whole-sequence summed embeddings)
+    for model, gpus, extra in (("phi-3-mini", 4, {"zero": 3}), ("mixtral-8x7b", 8, {"zero": 3}),
+                               ("gpt2", 2, {"checkpointing": "full"})):
+        rows.append({"model": model, "lora_targets": "all-linear", "precision": "bf16-mixed", "batch_size": 1,
+                     "seq_len": 1024, "gpus": gpus, "tp": 2, "lora_rank": 16, **extra})
     # FSDP2 casting to bf16 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's)
     for model in ("qwen2.5-0.5b", "llama-3.2-1b"):
         base = {"model": model, "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": 8,

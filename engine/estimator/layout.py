@@ -114,6 +114,8 @@ def lora_tensor_parallel_shapes(config: TrainingConfig, model: ModelSpec) -> boo
 def _adapter_numels(config: TrainingConfig, linear: LinearLayer, tp: int) -> tuple[int, int]:
     """(A, B) elements on rank 0 under NeMo Automodel's LoRA-aware plan."""
     rank, local = config.lora_rank, -(-config.lora_rank // tp)
+    if linear.name in REPLICATED:  # DeepSeek-V3's NoParallel projections: the adapters replicated whole too
+        return rank * linear.in_features, linear.out_features * rank
     if linear.name in ROW_PARALLEL:  # RowwiseParallelLora: A Shard(1) (r x in/tp), B Shard(1) (out x r/tp)
         return rank * linear.in_features // tp, linear.out_features * local
     return local * linear.in_features, linear.out_features // tp * rank  # ColwiseParallelLora: both Shard(0)
@@ -300,9 +302,10 @@ MOE_TENSOR_PARALLEL_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"
 # plan on its Conv1D layers (memtui.engine.trace.tensor_parallel_gpt2).
 TENSOR_PARALLEL_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MOE_TENSOR_PARALLEL_FAMILIES)
 # peft's LoRA beside the plan, by NeMo Automodel's LoRA-aware Colwise and Rowwise styles (the adapters sharded with
-# their base layers, the norms kept frozen; memtui.engine.trace.tensor_parallel_lora): the plain, unfused linears
-# of the Llama layout (OLMo 2's whole-width q/k norms have their own SequenceParallel, which would train them).
-LORA_TENSOR_PARALLEL_FAMILIES = LLAMA_LAYOUT_FAMILIES
+# their base layers, the norms kept frozen; memtui.engine.trace.tensor_parallel_lora), on every family of the plan:
+# Phi-3's and GPT-2's fused lora_B rows reordered per part as their base weights are, OLMo 2's whole-width q/k norms
+# and DeepSeek-V3's replicated (NoParallel) modules kept frozen, the MoE experts' stacked weights not adapted.
+LORA_TENSOR_PARALLEL_FAMILIES = TENSOR_PARALLEL_FAMILIES
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Phi-3 and OLMo 2 are cut as the Llama layout is (model.layers); GPT-2's transformer.h likewise, its token and
 # position embeddings on the first stage (Megatron-LM's pre_process), ln_f and the head on the last.
@@ -340,9 +343,6 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
                 "tensor parallelism; NeMo Automodel's QLoRA recipes run tp_size 1)")
     if config.offload != "none" and cpu_offload_refusal(config) is not None:
         return f"offloading under tensor parallelism: {cpu_offload_refusal(config)}"
-    if config.uses_lora and model.family not in LORA_TENSOR_PARALLEL_FAMILIES:
-        return (f"LoRA under tensor parallelism is traced for the Llama-layout families only (NeMo Automodel's "
-                f"LoRA-aware plan), not {model.family}")
     if config.uses_lora and config.dp > 1 and config.zero <= 1:
         return ("LoRA with DDP or ZeRO-1 beside tensor parallelism: PyTorch's _pre_dp_module_transform makes every "
                 "parameter a new, trainable nn.Parameter (the frozen base would train); with FSDP2 (--zero 2|3) it is "
@@ -451,9 +451,9 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
     if config.quant == "int8" and config.dp > 1 and config.zero >= 2:
         return ("LLM.int8 under FSDP2: bitsandbytes' Int8Params keeps its row scales on the parameter, which FSDP2's "
                 "sharding drops")
-    if config.uses_lora and config.tp > 1 and model.family not in LORA_TENSOR_PARALLEL_FAMILIES:
-        return (f"LoRA under tensor parallelism is traced for the Llama-layout families only (NeMo Automodel's "
-                f"LoRA-aware plan), not {model.family}")
+    if config.uses_lora and config.tp > 1 and model.family not in LLAMA_LAYOUT_FAMILIES:
+        return (f"LoRA beside tensor parallelism on pipeline stages is traced for the Llama-layout families only, "
+                f"not {model.family}")
     if config.uses_lora and config.tp > 1 and config.dp > 1 and config.zero <= 1:
         return ("LoRA with DDP or ZeRO-1 beside tensor parallelism: PyTorch's _pre_dp_module_transform makes every "
                 "parameter a new, trainable nn.Parameter (the frozen base would train); with FSDP2 (--zero 2|3) it is "

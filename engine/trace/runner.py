@@ -15,7 +15,7 @@ rank 0 at the real world size on torch's fake process group
 (memtui.engine.trace.parallel), and so is tensor parallelism with sequence
 parallelism for Llama-layout models, Phi-3, OLMo 2 and the MoE families
 (memtui.engine.trace.tensor_parallel, memtui.engine.trace.moe_parallel;
-peft's LoRA beside it for the Llama-layout families, by NeMo Automodel's
+peft's LoRA beside it for all of them, by NeMo Automodel's
 LoRA-aware plan: memtui.engine.trace.tensor_parallel_lora),
 and pipeline parallelism (every rank of torch.distributed.pipelining's
 schedules, memtui.engine.trace.pipeline), alone, with DDP, ZeRO-1, FSDP2 or HSDP

@@ -36,9 +36,10 @@ ln_2 and ln_f SequenceParallel, wte vocabulary-sharded and all-reduced, wpe repl
 scattered onto the sequence before the dropout (Megatron-LM's LanguageModelEmbedding with learned positions), the
 tied head with loss parallel.
 
-With peft's LoRA (the Llama-layout families), each Colwise, Rowwise and SequenceParallel style becomes NVIDIA NeMo
+With peft's LoRA (every family above), each Colwise, Rowwise and SequenceParallel style becomes NVIDIA NeMo
 Automodel's LoRA-aware twin on peft's layers (memtui.engine.trace.tensor_parallel_lora): the adapters sharded with
-their base layers, lora_A's output all-gathered on the Colwise ones, the norms left frozen.
+their base layers, lora_A's output all-gathered on the Colwise ones, the norms left frozen (OLMo 2's whole-width
+q/k norms too); a fused layer's lora_B rows reordered rank-major with its base rows (Phi-3, GPT-2's c_attn).
 
 Rotary positions are computed for the whole sequence (the model sees 1/tp of it after the embedding), as
 torchtitan precomputes them. With data-parallel ranks too, the mesh is 2-D (dp, tp) and FSDP2 shards over dp
@@ -65,7 +66,7 @@ from memtui.engine.trace.moe_parallel import (
     moe_block_plan,
     moe_traced_lines,
 )
-from memtui.engine.trace.tensor_parallel_lora import LORA_TRACED_LINE, lora_aware
+from memtui.engine.trace.tensor_parallel_lora import LORA_TRACED_LINE, fused_adapter_rows, lora_aware
 from memtui.engine.trace.parallel import DataParallel, record_stepped_gradients, tensor_data_lines, tensor_data_meshes
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
@@ -227,7 +228,8 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
     if model.config.model_type == "gpt2":
         from memtui.engine.trace.tensor_parallel_gpt2 import apply_gpt2_tensor_parallel
 
-        apply_gpt2_tensor_parallel(model, mesh, embedding=embedding, head=head)
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside peft's wrapper
+        apply_gpt2_tensor_parallel(causal, mesh, embedding=embedding, head=head)
         model.register_forward_hook(_local_loss)
         return
     outer = model
@@ -273,11 +275,11 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = Tru
             # heads cannot do alone. As OLMo-core's plan does: the projection's output (heads sharded) redistributed
             # onto the sequence (an all-to-all), the norm run whole-width on the rank's 1/tp of the tokens
             # (SequenceParallel, its weight replicated), and its output redistributed back onto the heads.
-            parallelize_module(layer, mesh, {
+            parallelize_module(layer, mesh, lora_aware(layer, {
                 "self_attn.q_proj": ColwiseParallel(use_local_output=False),
                 "self_attn.k_proj": ColwiseParallel(use_local_output=False),
                 "self_attn.q_norm": _sequence_parallel_onto_heads(),
-                "self_attn.k_norm": _sequence_parallel_onto_heads()})
+                "self_attn.k_norm": _sequence_parallel_onto_heads()}))
         parallelize_module(layer, mesh, lora_aware(layer, {
             **norms,
             # transformers passes the hidden states to self_attn by keyword, to mlp by position
@@ -375,8 +377,11 @@ def _rank_major_fused_rows(layer: torch.nn.Module, tp: int) -> None:
     attention, mlp = layer.self_attn, layer.mlp
     heads, kv_heads = attention.config.num_attention_heads, attention.num_key_value_heads
     head_dim = attention.head_dim
-    _reorder_rows(attention.qkv_proj, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], tp)
-    _reorder_rows(mlp.gate_up_proj, [mlp.gate_up_proj.out_features // 2] * 2, tp)
+    for fused, parts in ((attention.qkv_proj, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]),
+                         (mlp.gate_up_proj, [mlp.gate_up_proj.out_features // 2] * 2)):
+        # peft's lora.Linear: the base layer's rows, and each lora_B's with them (the same parts)
+        for linear in (getattr(fused, "base_layer", fused), *fused_adapter_rows(fused)):
+            _reorder_rows(linear, parts, tp)
     local = copy.copy(attention.config)  # this rank's heads; the module's config only, the model's stays whole
     local.num_attention_heads = heads // tp
     attention.config = local

@@ -82,13 +82,21 @@ def _replicated():
 
 def _rank_major_columns(conv, parts: list[int], tp: int) -> None:
     """The output columns of a Conv1D (its weight's dim 1, its bias) reordered rank-major: every part's first 1/tp,
-    then every part's second 1/tp, and so on (as _reorder_rows does for nn.Linear's rows)."""
+    then every part's second 1/tp, and so on (as _reorder_rows does for nn.Linear's rows). Under peft's LoRA the
+    Conv1D is the lora.Linear's base layer, and each lora_B's rows (nn.Linear: out x r) follow its columns."""
+    from memtui.engine.trace.tensor_parallel_lora import fused_adapter_rows
+
     starts = [sum(parts[:index]) for index in range(len(parts))]
     order = torch.cat([torch.arange(start + rank * size // tp, start + (rank + 1) * size // tp)
                        for rank in range(tp) for start, size in zip(starts, parts)])
+    adapters = fused_adapter_rows(conv)
+    conv = getattr(conv, "base_layer", conv)
     with torch.no_grad():
         conv.weight = torch.nn.Parameter(conv.weight.index_select(1, order), requires_grad=conv.weight.requires_grad)
         conv.bias = torch.nn.Parameter(conv.bias.index_select(0, order), requires_grad=conv.bias.requires_grad)
+        for lora_b in adapters:
+            lora_b.weight = torch.nn.Parameter(lora_b.weight.index_select(0, order),
+                                               requires_grad=lora_b.weight.requires_grad)
 
 
 def apply_gpt2_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool = True, head: bool = True) -> None:
@@ -102,6 +110,8 @@ def apply_gpt2_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool 
         SequenceParallel,
         parallelize_module,
     )
+
+    from memtui.engine.trace.tensor_parallel_lora import lora_aware
 
     colwise, rowwise = _conv1d_styles()
     tp = mesh.size()
@@ -117,7 +127,7 @@ def apply_gpt2_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool 
     if head:
         ends["transformer.ln_f"] = SequenceParallel()
         ends["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
-    parallelize_module(model, mesh, ends)
+    parallelize_module(model, mesh, lora_aware(model, ends))
     if model.config.tie_word_embeddings and embedding and head:
         model.lm_head.weight = transformer.wte.weight  # both Shard(0) over the vocabulary: one parameter again
     for block in transformer.h:
@@ -125,7 +135,7 @@ def apply_gpt2_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool 
         width = attention.embed_dim
         _rank_major_columns(attention.c_attn, [width] * 3, tp)
         attention.split_size = width // tp  # the local q, k and v widths: GPT2Attention splits c_attn's output by it
-        parallelize_module(block, mesh, {
+        parallelize_module(block, mesh, lora_aware(block, {
             "ln_1": SequenceParallel(),
             "attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "attn.c_attn": colwise(),
@@ -134,4 +144,4 @@ def apply_gpt2_tensor_parallel(model: torch.nn.Module, mesh, *, embedding: bool 
             "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "mlp.c_fc": colwise(),
             "mlp.c_proj": rowwise(output_layouts=Shard(1)),
-        })
+        }))

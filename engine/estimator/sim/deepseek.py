@@ -238,8 +238,7 @@ def deepseek_moe(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) ->
     rows = lf_scale(x.elems, d.top_k / d.hidden)
     logits, top_weights = deepseek_router(sim, x, p, d, opts, rows)
     local = local_expert_weights(sim, p, opts)
-    sample_weights = ops.gather_rows(sim, top_weights, rows, rows)
-    experts = grouped_experts(sim, x, p, d, sample_weights, routed, rows, local=local)
+    experts = grouped_experts(sim, x, p, d, top_weights, routed, rows, local=local)
     # the shared experts' partial output (RowwiseParallel to Partial) is summed with the routed experts' before the
     # block's one reduce-scatter under sequence parallelism
     shared = llama_mlp(sim, x, p, replace(d, intermediate=m.shared_intermediate), opts, scatter=False)

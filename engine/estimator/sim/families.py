@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from memtui.engine.estimator.layout import REPLICATED, ROW_PARALLEL
 from memtui.engine.estimator.sim import ops
 from memtui.engine.model.architectures import GEMMA_FAMILIES, MOE_FAMILIES, QK_NORM_FAMILIES
 from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_add, lf_scale, per_position, per_token
@@ -133,15 +134,12 @@ def make_linear(sim: Sim, params: LayerParams, name: str, d_in: int, d_out: int,
         params.lora[name] = (a, b)
 
 
-# RowwiseParallel in the traced tensor-parallel plan of the Llama layout; the other projections are Colwise.
-ROW_PARALLEL_LINEARS = ("o_proj", "down_proj")
-
-
 def _adapter_parallelism(name: str, opts: Options) -> str:
-    """How NeMo Automodel's LoRA-aware plan shards this linear's adapters: "column", "row", or "" (one GPU)."""
-    if opts.sequence_parallel == 1:
+    """How NeMo Automodel's LoRA-aware plan shards this linear's adapters: "column", "row", or "" (one GPU, or
+    DeepSeek-V3's replicated low-rank projections). Row-parallel: the traced plan's RowwiseParallel linears."""
+    if opts.sequence_parallel == 1 or name in REPLICATED:
         return ""
-    return "row" if name in ROW_PARALLEL_LINEARS else "column"
+    return "row" if name in ROW_PARALLEL else "column"
 
 
 def _local_rank(opts: Options) -> int:
@@ -543,8 +541,7 @@ def moe_block(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Te
     rows = lf_scale(x.elems, d.top_k / d.hidden)  # tokens * top_k
     router_logits, top_weights = topk_router(sim, x, p, d, opts, rows)
     local = local_expert_weights(sim, p, opts)
-    sample_weights = ops.gather_rows(sim, top_weights, rows, rows)
-    out = grouped_experts(sim, x, p, d, sample_weights, routed, rows, release=top_weights, local=local)
+    out = grouped_experts(sim, x, p, d, top_weights, routed, rows, release=top_weights, local=local)
     sim.drop(router_logits)
     # under sequence parallelism each rank's experts hold 1/tp of the intermediate dimension: their sum is
     # partial, reduce-scattered onto the rank's tokens (torchtitan's MoE boundary)
@@ -565,16 +562,26 @@ def local_expert_weights(sim: Sim, p: LayerParams, opts: Options) -> dict[str, T
     return views
 
 
-def grouped_experts(sim: Sim, x: Tensor, p: LayerParams, d: Dims, sample_weights: Tensor, routed, rows, *,
+def grouped_experts(sim: Sim, x: Tensor, p: LayerParams, d: Dims, top_weights: Tensor, routed, rows, *,
                     release: Tensor | None = None, local: dict[str, Tensor] | None = None) -> Tensor:
-    """transformers' grouped_mm experts (sample_weights: each routed row's weight, consumed), back in x's dtype;
-    `release` goes with the summed rows (the router's top-k weights, held by the caller until then); `local`: the
-    weights' local views (local_expert_weights), let go with the experts' forward."""
+    """transformers' grouped_mm experts (grouped_mm_experts_forward), back in x's dtype: every token's top-k copies
+    sorted by expert, each row's routing weight gathered from `top_weights`; `release` goes with the summed rows
+    (the router's top-k weights, held by the caller until then); `local`: the weights' local views
+    (local_expert_weights), let go with the experts' forward. The function's locals (the sort, the gathered rows,
+    the counts for grouped_mm) stay referenced until it returns: with frozen experts (LoRA) grouped_mm saves
+    none of the rows, and they are live at the block's end, the forward's peak when the experts are large."""
     local = local or {}
-    selected = ops.gather_rows(sim, x, routed, rows)
+    # the sort's expert ids and permutation, and each row's token (perm // top_k): the gathers' indices
+    expert_ids, perm = sim.new(rows, "i64", name="sorted expert ids"), sim.new(rows, "i64", name="sort permutation")
+    token_of_row = sim.new(rows, "i64", name="token of each row")
+    selected = ops.gather_rows(sim, x, routed, rows, token_of_row)
+    sample_weights = ops.gather_rows(sim, top_weights, rows, rows, perm)
+    # histc's input (the sorted ids as int32 on CUDA), the tokens per expert and their offsets, for grouped_mm
+    counting = [sim.new(rows, "i32", name="histc input"),
+                sim.new(const(d.experts), "f32", name="tokens per expert"),
+                sim.new(const(d.experts), "i32", name="offsets")]
     gate_up = ops.grouped_mm(sim, selected, local.get("experts.gate_up_proj", p.linears["experts.gate_up_proj"]),
                              2 * d.intermediate, d.hidden)
-    sim.drop(selected)
     gate, up = ops.chunk(sim, gate_up, 2)
     sim.drop(gate_up)
     act = ops.silu(sim, gate)
@@ -584,11 +591,12 @@ def grouped_experts(sim: Sim, x: Tensor, p: LayerParams, d: Dims, sample_weights
                           d.intermediate)
     sim.drop(product)
     weighted = ops.mul(sim, down, sample_weights)
-    sim.drop(down, sample_weights)
-    ordered = ops.gather_rows(sim, weighted, routed, rows)
+    inverse = sim.new(rows, "i64", name="inverse permutation")
+    ordered = ops.gather_rows(sim, weighted, routed, rows, inverse)
     sim.drop(weighted)
     out = ops.sum_groups(sim, ordered, d.top_k)
-    sim.drop(ordered, release, *local.values())
+    sim.drop(ordered, inverse, down, sample_weights, selected, expert_ids, perm, token_of_row, *counting, release,
+             *local.values())
     return chain(sim, out, lambda sim_, t: ops.cast(sim_, t, x.dtype))
 
 
