@@ -184,11 +184,12 @@ def test_gpipe_ranks_of_one_role_trace_alike_so_one_trace_serves_them():
     assert [_rank_role(spec, config.model_copy(update={"pp_schedule": "1f1b"}), rank) for rank in range(4)] == [None] * 4
 
 
-@pytest.mark.parametrize("pp, layers, options", [(3, 6, {}), (3, 6, {"tp": 2}), (2, 7, {"zero": 3, "dp": 2})],
-                         ids=["pp", "pp-tp", "pp-fsdp2"])
+@pytest.mark.parametrize("pp, layers, options", [(3, 6, {}), (3, 6, {"tp": 2}), (3, 6, {"zero": 3, "dp": 2, "tp": 2})],
+                         ids=["pp", "pp-tp", "pp-tp-fsdp2"])
 def test_deep_stages_traced_at_a_few_layers_and_extended_give_every_ranks_traced_figures(pp, layers, options):
     """Stages of 6 or 7 layers under 1F1B: each rank traced at 3 layers (4 for the first and last stage, whose outer
-    layer is the model's first or last; 5 under FSDP2, whose stages' outer layers differ too) and extended, once
+    layer is the model's first or last; under FSDP2 too, whose stages' outer layers differ in their own
+    allocations only) and extended, once
     each kind of stage has rebuilt its step one layer deeper exactly, gives every rank's figures of the trace at
     every layer: tensor and reserved peaks, phases, top allocations, the per-GPU budget."""
     from memtui.engine.allocator import DEFAULT_CONFIG

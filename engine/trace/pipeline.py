@@ -258,29 +258,55 @@ def _unsharded_gradients(stage, tracker: MemoryTracker, gradients: set[int]):
 
 
 @contextlib.contextmanager
-def _post_backward_in_its_layer(tracker: MemoryTracker, owners: dict[int, int]):
-    """Layer tagging: the stage's last backward reduce-scatters each layer's gradients after the whole backward
-    (PipelineStage calls every FSDP2 group's post_backward in turn), outside any layer's hooks; each group's events
-    are its layer's, as they are when FSDP2 runs post_backward inside the layer's own backward."""
+def _fsdp_groups_in_their_layer(tracker: MemoryTracker, owners: dict[int, int]):
+    """Layer tagging under FSDP2: what a layer's parameter group does is its layer's. The stage's last backward
+    reduce-scatters each layer's gradients after the whole backward (PipelineStage calls every FSDP2 group's
+    post_backward in turn), outside any layer's hooks: each group's events are its layer's, as they are when FSDP2
+    runs post_backward inside the layer's own backward. A layer's backward starts with its group's pre_backward
+    (the stage's last layer's runs before the hook layer_tagging marks it by), which prefetches the all-gather of
+    the layer before it in the stage: that allocation is the prefetched layer's (the events stay the running
+    layer's), so the stage's first layer allocates what a middle one does."""
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
-    original = FSDPParamGroup.post_backward
+    originals = {"post_backward": FSDPParamGroup.post_backward, "unshard": FSDPParamGroup.unshard,
+                 "pre_backward": FSDPParamGroup.pre_backward}
+
+    def layer_of(group) -> int | None:
+        layers = {owners.get(id(fsdp_param.sharded_param)) for fsdp_param in group.fsdp_params}
+        return next(iter(layers)) if len(layers) == 1 and None not in layers else None
 
     def post_backward(group, *args, **kwargs):
-        layers = {owners.get(id(fsdp_param.sharded_param)) for fsdp_param in group.fsdp_params}
         previous = tracker.layer
-        if len(layers) == 1 and None not in layers:
-            tracker.layer = next(iter(layers))
+        layer = layer_of(group)
+        if layer is not None:
+            tracker.layer = layer
         try:
-            return original(group, *args, **kwargs)
+            return originals["post_backward"](group, *args, **kwargs)
         finally:
             tracker.layer = previous
 
-    FSDPParamGroup.post_backward = post_backward
+    def unshard(group, *args, **kwargs):
+        previous = tracker.owner
+        tracker.owner = layer_of(group)
+        try:
+            return originals["unshard"](group, *args, **kwargs)
+        finally:
+            tracker.owner = previous
+
+    def pre_backward(group, *args, **kwargs):
+        layer = layer_of(group)
+        if layer is not None:  # the layer's backward starts here (the stage's last layer's before its output's
+            tracker.layer = layer  # gradient hook, which layer_tagging sets it by)
+        return originals["pre_backward"](group, *args, **kwargs)
+
+    wrapped = {"post_backward": post_backward, "unshard": unshard, "pre_backward": pre_backward}
+    for name, method in wrapped.items():
+        setattr(FSDPParamGroup, name, method)
     try:
         yield
     finally:
-        FSDPParamGroup.post_backward = original
+        for name, method in originals.items():
+            setattr(FSDPParamGroup, name, method)
 
 
 def _releasable_as_on_a_gpu(stage):
@@ -559,7 +585,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
             if dp_mesh is not None and config.zero >= 2:
                 parallel.enter_context(fsdp_storage_resizes(tracker, gathered))
                 if depth is not None:
-                    parallel.enter_context(_post_backward_in_its_layer(tracker, owners))
+                    parallel.enter_context(_fsdp_groups_in_their_layer(tracker, owners))
             with attention, policy, cuda_dropout(), cuda_softmax(), real_run_decisions(), parallel, tagging, tracker:
                 ids = torch.randint(0, spec.vocab_size, (config.batch_size, seq)) if has_first else None
                 labels = (ids if ids is not None else torch.randint(0, spec.vocab_size, (config.batch_size, seq))
@@ -729,11 +755,12 @@ def extension_refusal(spec: ModelSpec, config: TrainingConfig) -> str | None:
 
 class _StageExtension:
     """A rank's stage traced at a few decoder layers and its log extended to the stage's layers (extend_log,
-    repeating a layer whose neighbours are alike). A stage's outer layers may differ from the rest: the model's
-    first and last layers, as on one GPU, and under FSDP2 the stage's own outer layers (the first prefetches no
-    all-gather in backward, the last is not resharded after forward, as on one GPU). The template's neighbours are
-    kept off them: a middle stage is traced at 3 layers (template 1), the first or the last at 4, any stage under
-    FSDP2 at 5 (template 2). Before any rank of a kind (first, middle, last stage) is extended, one rank of that
+    repeating a layer whose neighbours are alike). The model's first and last layers may differ from the rest, as
+    on one GPU, and the template's neighbours are kept off them: a middle stage is traced at 3 layers (template 1),
+    the first or the last at 4. Under FSDP2 the stage's own outer layers differ too (the last is not resharded
+    after forward), but only in allocations of their own: the layer tagging gives each layer its own all-gathers
+    (_fsdp_groups_in_their_layer) and the extension matches a neighbour's allocations by their signature
+    (memtui.engine.trace.extend). Before any rank of a kind (first, middle, last stage) is extended, one rank of that
     kind is traced at one layer more and that log must be the one rebuilt by the extension, event by event; else
     every rank of the kind is traced at every layer."""
 
@@ -746,9 +773,7 @@ class _StageExtension:
 
     def _shape(self, rank: int) -> tuple[int, int, tuple[bool, bool]]:
         kind = (rank == 0, rank == self.config.pp - 1)
-        fsdp = self.config.dp > 1 and self.config.zero >= 2
-        lead, trail = kind[0] or fsdp, kind[1] or fsdp
-        return 3 + lead + trail, 1 + lead, kind  # (layers traced, template, kind)
+        return 3 + kind[0] + kind[1], 1 + kind[0], kind  # (layers traced, template, kind)
 
     def trace(self, rank: int) -> RankTrace | None:
         """Rank `rank`'s trace extended from a few layers, or None where it is traced at every layer."""
@@ -783,8 +808,8 @@ class _StageExtension:
         extras = dataclasses.replace(low.extras, params=low.extras.params + added * per_layer.params,
                                      trainable_params=low.extras.trainable_params + added * per_layer.trainable_params)
         return dataclasses.replace(low, layers=layers, log=log, extras=extras,
-                                   note="decoder layers: a stage traced at 3 layers (the first and the last at 4, under "
-                                        "FSDP2 every stage at 5) and its log extended to the stage's layers (memtui.engine.trace.extend), each "
+                                   note="decoder layers: a stage traced at 3 layers (the first and the last at 4) and its "
+                                        "log extended to the stage's layers (memtui.engine.trace.extend), each "
                                         "kind of stage (first, middle, last) once its step one layer deeper was "
                                         "rebuilt event by event, exactly")
 
