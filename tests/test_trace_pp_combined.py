@@ -256,3 +256,30 @@ def test_ranks_traced_two_at_a_time_and_sharing_sharding_decisions_trace_as_one_
     in_turn = trace_pipeline(spec, config, reuse=False)
     assert [trace.log for trace in side_by_side] == [trace.log for trace in in_turn]
     assert len(propagated) == 4 and 0 < propagated[1] < propagated[0] and propagated[2] == 0
+
+
+def test_middle_ranks_composed_from_another_ranks_actions_are_their_traced_logs():
+    """Under 1F1B every middle rank runs every micro-batch's forward and backward, in its own order: a rank's log
+    at a few layers laid out from another's actions (each from the action in the same place, its references
+    moved with it) is the rank's traced log, event by event; tp 2 and FSDP2 on a (pp, dp, tp) mesh, as the 405B
+    configuration. A rank with an action in a place the source has none (rank 5's warm-up of three forwards ends
+    where rank 3's does not) is traced."""
+    from memtui.engine.trace.extend import same_log
+    from memtui.engine.trace.pipeline import _sharding_decisions_across_worlds, _StageExtension, _trace_rank
+    from memtui.engine.trace.schedule_compose import NotComposable, compose_log, one_f_one_b_order
+
+    pp = 8
+    spec = small_llama(layers=pp * 5)
+    config = combined(pp=pp, microbatches=pp, batch_size=pp, seq_len=32, gpus=pp * 4, tp=2, zero=3)
+    extension = _StageExtension(spec, config, None)
+    assert (extension.source, extension.check, extension.composed) == (3, 1, {2, 4})
+    with _sharding_decisions_across_worlds():
+        traces = {rank: _trace_rank(spec, config, rank, lambda *_: None, depth=3) for rank in (1, 2, 3, 4, 5)}
+    source = traces[3]
+    order = [one_f_one_b_order(pp, pp, rank) for rank in range(pp)]
+    for rank in (1, 2, 4):
+        composed = compose_log(source.log, source.actions, order[3], order[rank], pp)
+        assert same_log(composed, traces[rank].log), rank
+        assert composed.events != source.log.events
+    with pytest.raises(NotComposable):
+        compose_log(source.log, source.actions, order[3], order[5], pp)
