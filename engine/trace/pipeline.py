@@ -786,6 +786,7 @@ class _StageExtension:
         self.lows: dict[int, RankTrace] = {}  # rank -> its trace at its few layers, once made
         self.source, self.check, self.composed = self._composition()
         self.composable: bool | None = None  # whether the check rank's composed log was its traced one
+        self.laid_out: set[int] = set()  # the ranks whose log at a few layers was composed
 
     def _shape(self, rank: int) -> tuple[int, int, tuple[bool, bool]]:
         kind = (rank == 0, rank == self.config.pp - 1)
@@ -835,6 +836,7 @@ class _StageExtension:
                 source = self._low(self.source, depth)
                 trace = dataclasses.replace(source, rank=rank, stages=[rank], actions=[],
                                             log=self._composed_log(source, rank))
+                self.laid_out.add(rank)
             except NotComposable:
                 trace = self.trace_rank(rank, depth)
         else:
@@ -882,14 +884,14 @@ class _StageExtension:
         added = layers - depth
         extras = dataclasses.replace(low.extras, params=low.extras.params + added * per_layer.params,
                                      trainable_params=low.extras.trainable_params + added * per_layer.trainable_params)
-        composed = " (its log at 3 layers composed from another middle rank's actions in its own order, once one " \
-                   "rank's composed log was its traced one: memtui.engine.trace.schedule_compose)" \
-            if rank in self.composed else ""
-        return dataclasses.replace(low, layers=layers, log=log, extras=extras, actions=[],
-                                   note="decoder layers: a stage traced at 3 layers (the first and the last at 4) and its "
-                                        "log extended to the stage's layers (memtui.engine.trace.extend), each "
-                                        "kind of stage (first, middle, last) once its step one layer deeper was "
-                                        "rebuilt event by event, exactly" + composed)
+        note = ("decoder layers: a stage traced at 3 layers (the first and the last at 4) and its log extended to the "
+                "stage's layers (memtui.engine.trace.extend), each kind of stage (first, middle, last) once its step "
+                "one layer deeper was rebuilt event by event, exactly")
+        if rank in self.laid_out:
+            note = ("decoder layers: most middle ranks' logs at 3 layers laid out from one middle rank's actions in "
+                    "their own order (memtui.engine.trace.schedule_compose), once another rank's laid-out log was "
+                    "its traced one event by event, and extended as the others")
+        return dataclasses.replace(low, layers=layers, log=log, extras=extras, actions=[], note=note)
 
 
 def _rank_role(spec: ModelSpec, config: TrainingConfig, rank: int) -> tuple | None:
