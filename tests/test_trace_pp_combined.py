@@ -283,3 +283,28 @@ def test_middle_ranks_composed_from_another_ranks_actions_are_their_traced_logs(
         assert composed.events != source.log.events
     with pytest.raises(NotComposable):
         compose_log(source.log, source.actions, order[3], order[5], pp)
+
+
+def test_trace_cli_runs_no_thread_beside_a_pipeline_trace(tmp_path, monkeypatch, capsys):
+    """`memtui trace` redraws its spinner at each progress report, not on rich's refresh thread: the pipeline
+    trace then finds no other thread and makes its traces two at a time in a forked process."""
+    import json
+    import threading
+
+    from memtui.cli import main
+    from memtui.engine.trace import pipeline
+
+    seen: list[int] = []
+    traced_in_two = pipeline._traced_in_two
+
+    def counted(*args):
+        seen.append(threading.active_count())
+        return traced_in_two(*args)
+
+    monkeypatch.setattr(pipeline, "_traced_in_two", counted)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SPEC.hf_config()))
+    code = main(["trace", "--model", str(path), "--batch-size", "2", "--seq-len", "64", "--pp", "2",
+                 "--microbatches", "2", "--gpus", "2"])
+    assert code == 0 and "pipeline parallel (traced)" in capsys.readouterr().out
+    assert seen == [1]
