@@ -7,10 +7,13 @@ run the same module on the same shapes, so what one action allocates and frees d
 runs around it, not on the rank: the first rank's forward of a micro-batch after a forward and before a backward is
 another rank's forward in the same place. `compose_log` cuts a traced rank's log into its actions (each from its
 receive to the next action's, as trace_pipeline records them) and lays them out in the other rank's order, each
-action taken from the traced one in the same place (kind, kinds before and after, first or last micro-batch, step)
-nearest in micro-batch, and its references to another action's allocations moved with it (the same offset in
-micro-batches). The pipeline only takes composed logs after one rank's composed log was its traced one, event by
-event (memtui.engine.trace.pipeline), and traces every rank otherwise.
+action taken from the traced one in the same place (its kind and the kinds of the two actions either side, first or
+last micro-batch, step) nearest in micro-batch. Its references to another action's allocations move with it: what
+the action just before made (the output whose send completes, the gradient sent) is the new action before's; the
+stage's gathered parameters (FSDP2's, kept between actions) are those of the action that gathered them, found by
+its place; any other (a forward's saved tensors, freed by its backward) is the micro-batch's at the same offset.
+The pipeline only takes composed logs after one rank's composed log was its traced one, event by event
+(memtui.engine.trace.pipeline), and traces every rank otherwise.
 """
 
 from __future__ import annotations
