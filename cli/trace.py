@@ -66,15 +66,25 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from rich.console import Console
+    from rich.live import Live
+    from rich.spinner import Spinner
     from rich.table import Table
 
     from memtui.cli.render import print_budget
     from memtui.engine.units import format_bytes
 
     console = Console()
-    with console.status("tracing…") as status:
-        result = trace(config, model=model, progress=lambda stage, _fraction: status.update(f"tracing: {stage}"),
-                       alloc_config=alloc_config)
+    # The spinner is redrawn at each progress report rather than by Live's refresh thread: with no other thread
+    # running, a pipeline trace makes its traces two at a time in a forked process (trace_pipeline).
+    spinner = Spinner("dots", text="tracing…")
+    with Live(spinner, console=console, auto_refresh=False, transient=True, redirect_stdout=False,
+              redirect_stderr=False) as live:
+
+        def progress(stage: str, _fraction: float) -> None:
+            spinner.update(text=f"tracing: {stage}")
+            live.refresh()
+
+        result = trace(config, model=model, progress=progress, alloc_config=alloc_config)
     result.budget = with_file_notes(result.budget, args)
     if args.device == "cuda":
         with console.status("running the two steps on the GPU…"):

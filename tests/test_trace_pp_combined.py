@@ -184,11 +184,12 @@ def test_gpipe_ranks_of_one_role_trace_alike_so_one_trace_serves_them():
     assert [_rank_role(spec, config.model_copy(update={"pp_schedule": "1f1b"}), rank) for rank in range(4)] == [None] * 4
 
 
-@pytest.mark.parametrize("pp, layers, options", [(3, 6, {}), (3, 6, {"tp": 2}), (2, 7, {"zero": 3, "dp": 2})],
-                         ids=["pp", "pp-tp", "pp-fsdp2"])
+@pytest.mark.parametrize("pp, layers, options", [(3, 6, {}), (3, 6, {"tp": 2}), (3, 6, {"zero": 3, "dp": 2, "tp": 2})],
+                         ids=["pp", "pp-tp", "pp-tp-fsdp2"])
 def test_deep_stages_traced_at_a_few_layers_and_extended_give_every_ranks_traced_figures(pp, layers, options):
     """Stages of 6 or 7 layers under 1F1B: each rank traced at 3 layers (4 for the first and last stage, whose outer
-    layer is the model's first or last; 5 under FSDP2, whose stages' outer layers differ too) and extended, once
+    layer is the model's first or last; under FSDP2 too, whose stages' outer layers differ in their own
+    allocations only) and extended, once
     each kind of stage has rebuilt its step one layer deeper exactly, gives every rank's figures of the trace at
     every layer: tensor and reserved peaks, phases, top allocations, the per-GPU budget."""
     from memtui.engine.allocator import DEFAULT_CONFIG
@@ -255,3 +256,55 @@ def test_ranks_traced_two_at_a_time_and_sharing_sharding_decisions_trace_as_one_
     in_turn = trace_pipeline(spec, config, reuse=False)
     assert [trace.log for trace in side_by_side] == [trace.log for trace in in_turn]
     assert len(propagated) == 4 and 0 < propagated[1] < propagated[0] and propagated[2] == 0
+
+
+def test_middle_ranks_composed_from_another_ranks_actions_are_their_traced_logs():
+    """Under 1F1B every middle rank runs every micro-batch's forward and backward, in its own order: a rank's log
+    at a few layers laid out from another's actions (each from the action in the same place, its references
+    moved with it) is the rank's traced log, event by event; tp 2 and FSDP2 on a (pp, dp, tp) mesh, as the 405B
+    configuration. A rank with an action in a place the source has none (rank 5's warm-up of three forwards ends
+    where rank 3's does not) is traced."""
+    from memtui.engine.trace.extend import same_log
+    from memtui.engine.trace.pipeline import _sharding_decisions_across_worlds, _StageExtension, _trace_rank
+    from memtui.engine.trace.schedule_compose import NotComposable, compose_log, one_f_one_b_order
+
+    pp = 8
+    spec = small_llama(layers=pp * 5)
+    config = combined(pp=pp, microbatches=pp, batch_size=pp, seq_len=32, gpus=pp * 4, tp=2, zero=3)
+    extension = _StageExtension(spec, config, None)
+    assert (extension.source, extension.check, extension.composed) == (3, 1, {2, 4})
+    with _sharding_decisions_across_worlds():
+        traces = {rank: _trace_rank(spec, config, rank, lambda *_: None, depth=3) for rank in (1, 2, 3, 4, 5)}
+    source = traces[3]
+    order = [one_f_one_b_order(pp, pp, rank) for rank in range(pp)]
+    for rank in (1, 2, 4):
+        composed = compose_log(source.log, source.actions, order[3], order[rank], pp)
+        assert same_log(composed, traces[rank].log), rank
+        assert composed.events != source.log.events
+    with pytest.raises(NotComposable):
+        compose_log(source.log, source.actions, order[3], order[5], pp)
+
+
+def test_trace_cli_runs_no_thread_beside_a_pipeline_trace(tmp_path, monkeypatch, capsys):
+    """`memtui trace` redraws its spinner at each progress report, not on rich's refresh thread: the pipeline
+    trace then finds no other thread and makes its traces two at a time in a forked process."""
+    import json
+    import threading
+
+    from memtui.cli import main
+    from memtui.engine.trace import pipeline
+
+    seen: list[int] = []
+    traced_in_two = pipeline._traced_in_two
+
+    def counted(*args):
+        seen.append(threading.active_count())
+        return traced_in_two(*args)
+
+    monkeypatch.setattr(pipeline, "_traced_in_two", counted)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SPEC.hf_config()))
+    code = main(["trace", "--model", str(path), "--batch-size", "2", "--seq-len", "64", "--pp", "2",
+                 "--microbatches", "2", "--gpus", "2"])
+    assert code == 0 and "pipeline parallel (traced)" in capsys.readouterr().out
+    assert seen == [1]

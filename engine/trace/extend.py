@@ -137,16 +137,17 @@ def extend_log(log: MemoryLog, traced: int, layers: int, template: int = TEMPLAT
     if added < 0 or not 0 < template < traced - 1:
         raise NotExtensible(f"cannot extend {traced} layers to {layers} from layer {template}")
     allocations = log.allocations
-    roles: dict[int, int] = {}  # alloc id -> its place among its layer's allocations
-    per_layer: dict[int, int] = {}
+    # alloc id -> its role in its layer: its signature and its place among its layer's allocations of that
+    # signature. A stage's outer layers may allocate more or less of something than the template (FSDP2 keeps the
+    # stage's last layer gathered after forward): the rest of their allocations keep the template's roles.
+    roles: dict[int, tuple] = {}
+    per_layer: dict[tuple, int] = {}
     for alloc_id in sorted(allocations):
-        layer = allocations[alloc_id].layer
-        if layer is not None:
-            roles[alloc_id] = per_layer.get(layer, 0)
-            per_layer[layer] = roles[alloc_id] + 1
-    counts = {per_layer.get(layer, 0) for layer in (template - 1, template, template + 1)}
-    if len(counts) != 1:
-        raise NotExtensible("the template's neighbours allocate differently")
+        alloc = allocations[alloc_id]
+        if alloc.layer is not None:
+            kind = (alloc.layer, _signature(alloc))
+            roles[alloc_id] = (kind[1], per_layer.get(kind, 0))
+            per_layer[kind] = roles[alloc_id][1] + 1
 
     events = _frees_by_layer(log.events, allocations)
     tags = [_event_layer(event, allocations) for event in events]
@@ -160,7 +161,7 @@ def extend_log(log: MemoryLog, traced: int, layers: int, template: int = TEMPLAT
     def shifted(layer: int) -> int:  # a traced layer's index among `layers`
         return layer if layer <= template else layer + added
 
-    by_role: dict[tuple[int, int], Allocation] = {(allocations[a].layer, role): allocations[a] for a, role in roles.items()}
+    by_role: dict[tuple[int, tuple], Allocation] = {(allocations[a].layer, role): allocations[a] for a, role in roles.items()}
     new_ids: dict[tuple, int] = {}
     new_log = MemoryLog(unified_bytes=log.unified_bytes, host_peak_bytes=log.host_peak_bytes,
                         stream_names=dict(log.stream_names))

@@ -5,7 +5,9 @@ process and a forked one, _traced_in_two), running torch's own
 pipelining code (torch.distributed.pipelining) on its stage of the model (under GPipe, which runs every rank alike,
 once per stage shape: the middle ranks of as many layers share one trace, see _rank_role). A deep stage of a model
 whose layers are alike is traced at a few layers and its log extended to the stage's layers, once a rank of each
-kind of stage has rebuilt its step one layer deeper exactly (_StageExtension):
+kind of stage has rebuilt its step one layer deeper exactly (_StageExtension); under 1F1B most middle ranks' logs at
+those layers are laid out from one middle rank's actions in their own order (memtui.engine.trace.schedule_compose),
+once another rank's log laid out so was its traced one:
 
 - the model is cut as torchtitan cuts it: the stage keeps its decoder layers, the first stage the embedding, the
   last the final norm and the head; the other stages get the hidden states (`inputs_embeds`) and return them;
@@ -80,6 +82,8 @@ class RankTrace:
     log: MemoryLog
     extras: StepExtras
     note: str = ""  # how the log was made, where it was not traced at every layer
+    # (index of its first event, step, "F" or "B", micro-batch) of each action the schedule ran, in order
+    actions: list = dataclasses.field(default_factory=list)
 
 
 class _Stage(torch.nn.Module):
@@ -241,9 +245,13 @@ def _stage_module(spec: ModelSpec, config: TrainingConfig, *, layers: int, first
     return causal, _Stage(causal, first=first, last=last, autocast=autocast)
 
 
-def _marked(tracker: MemoryTracker, method, phase: str):
+def _marked(tracker: MemoryTracker, method, phase: str, actions: list | None = None):
+    """`method` marking `phase` as it starts; a receive (an action's start: its first argument the micro-batch)
+    also noted in `actions` (memtui.engine.trace.schedule_compose)."""
     def run(*args, **kwargs):
         tracker.mark(phase)
+        if actions is not None:
+            actions.append((len(tracker.log.events), tracker.step, "F" if phase == "forward" else "B", args[0]))
         return method(*args, **kwargs)
     return run
 
@@ -271,29 +279,55 @@ def _unsharded_gradients(stage, tracker: MemoryTracker, gradients: set[int]):
 
 
 @contextlib.contextmanager
-def _post_backward_in_its_layer(tracker: MemoryTracker, owners: dict[int, int]):
-    """Layer tagging: the stage's last backward reduce-scatters each layer's gradients after the whole backward
-    (PipelineStage calls every FSDP2 group's post_backward in turn), outside any layer's hooks; each group's events
-    are its layer's, as they are when FSDP2 runs post_backward inside the layer's own backward."""
+def _fsdp_groups_in_their_layer(tracker: MemoryTracker, owners: dict[int, int]):
+    """Layer tagging under FSDP2: what a layer's parameter group does is its layer's. The stage's last backward
+    reduce-scatters each layer's gradients after the whole backward (PipelineStage calls every FSDP2 group's
+    post_backward in turn), outside any layer's hooks: each group's events are its layer's, as they are when FSDP2
+    runs post_backward inside the layer's own backward. A layer's backward starts with its group's pre_backward
+    (the stage's last layer's runs before the hook layer_tagging marks it by), which prefetches the all-gather of
+    the layer before it in the stage: that allocation is the prefetched layer's (the events stay the running
+    layer's), so the stage's first layer allocates what a middle one does."""
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
-    original = FSDPParamGroup.post_backward
+    originals = {"post_backward": FSDPParamGroup.post_backward, "unshard": FSDPParamGroup.unshard,
+                 "pre_backward": FSDPParamGroup.pre_backward}
+
+    def layer_of(group) -> int | None:
+        layers = {owners.get(id(fsdp_param.sharded_param)) for fsdp_param in group.fsdp_params}
+        return next(iter(layers)) if len(layers) == 1 and None not in layers else None
 
     def post_backward(group, *args, **kwargs):
-        layers = {owners.get(id(fsdp_param.sharded_param)) for fsdp_param in group.fsdp_params}
         previous = tracker.layer
-        if len(layers) == 1 and None not in layers:
-            tracker.layer = next(iter(layers))
+        layer = layer_of(group)
+        if layer is not None:
+            tracker.layer = layer
         try:
-            return original(group, *args, **kwargs)
+            return originals["post_backward"](group, *args, **kwargs)
         finally:
             tracker.layer = previous
 
-    FSDPParamGroup.post_backward = post_backward
+    def unshard(group, *args, **kwargs):
+        previous = tracker.owner
+        tracker.owner = layer_of(group)
+        try:
+            return originals["unshard"](group, *args, **kwargs)
+        finally:
+            tracker.owner = previous
+
+    def pre_backward(group, *args, **kwargs):
+        layer = layer_of(group)
+        if layer is not None:  # the layer's backward starts here (the stage's last layer's before its output's
+            tracker.layer = layer  # gradient hook, which layer_tagging sets it by)
+        return originals["pre_backward"](group, *args, **kwargs)
+
+    wrapped = {"post_backward": post_backward, "unshard": unshard, "pre_backward": pre_backward}
+    for name, method in wrapped.items():
+        setattr(FSDPParamGroup, name, method)
     try:
         yield
     finally:
-        FSDPParamGroup.post_backward = original
+        for name, method in originals.items():
+            setattr(FSDPParamGroup, name, method)
 
 
 def _releasable_as_on_a_gpu(stage):
@@ -491,6 +525,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
     dist.init_process_group("fake", rank=rank * inner, world_size=config.pp * inner, store=FakeStore())
     extras = StepExtras()
     tracker = MemoryTracker()
+    actions: list = []
     gradients: set[int] = set()
     stepped: set[int] = set()  # gradients as the optimizers find them (FSDP2's sharded ones, assigned outside autograd)
     gathered: set[int] = set()  # FSDP2's unsharded parameters
@@ -535,7 +570,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                     stage.backward_one_chunk = _unsharded_gradients(stage, tracker, stepped)
                 for name, phase in (("get_fwd_recv_ops", "forward"), ("forward_one_chunk", "forward"),
                                     ("get_bwd_recv_ops", "backward"), ("backward_one_chunk", "backward")):
-                    setattr(stage, name, _marked(tracker, getattr(stage, name), phase))
+                    setattr(stage, name, _marked(tracker, getattr(stage, name), phase,
+                                                 actions if name.endswith("recv_ops") else None))
                 causals.append(causal)
                 stages.append(stage)
                 del inputs, outputs
@@ -580,7 +616,7 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                 if config.offload != "none":
                     parallel.enter_context(cpu_offload_copies(tracker))
                 if depth is not None:
-                    parallel.enter_context(_post_backward_in_its_layer(tracker, owners))
+                    parallel.enter_context(_fsdp_groups_in_their_layer(tracker, owners))
             with attention, policy, cuda_dropout(), cuda_softmax(), real_run_decisions(), parallel, tagging, tracker:
                 ids = torch.randint(0, spec.vocab_size, (config.batch_size, seq)) if has_first else None
                 labels = (ids if ids is not None else torch.randint(0, spec.vocab_size, (config.batch_size, seq))
@@ -634,7 +670,8 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
             restore()
         dist.destroy_process_group()
     return RankTrace(rank=rank, stages=indices, layers=sum(split[index] for index in indices),
-                     embedding=0 in indices, head=total - 1 in indices, log=tracker.log, extras=extras)
+                     embedding=0 in indices, head=total - 1 in indices, log=tracker.log, extras=extras,
+                     actions=actions)
 
 
 def trace_pipeline(spec: ModelSpec, config: TrainingConfig, report=None, *, reuse: bool = True) -> list[RankTrace]:
@@ -685,11 +722,12 @@ def _planned_traces(spec: ModelSpec, config: TrainingConfig, extension, reuse: b
             planned.append((rank, None))
             continue
         depth, _template, kind = extension._shape(rank)
-        planned.append((rank, depth))
+        if rank not in extension.composed:
+            planned.append((rank, depth))
         if kind not in kinds:
             kinds.add(kind)
-            planned.append((rank, depth + 1))
-    return planned
+            planned.append((extension.representative(rank), depth + 1))
+    return sorted(set(planned), key=planned.index)
 
 
 def _traced_in_two(spec: ModelSpec, config: TrainingConfig, report, planned: list) -> dict:
@@ -750,13 +788,15 @@ def extension_refusal(spec: ModelSpec, config: TrainingConfig) -> str | None:
 
 class _StageExtension:
     """A rank's stage traced at a few decoder layers and its log extended to the stage's layers (extend_log,
-    repeating a layer whose neighbours are alike). A stage's outer layers may differ from the rest: the model's
-    first and last layers, as on one GPU, and under FSDP2 the stage's own outer layers (the first prefetches no
-    all-gather in backward, the last is not resharded after forward, as on one GPU). The template's neighbours are
-    kept off them: a middle stage is traced at 3 layers (template 1), the first or the last at 4, any stage under
-    FSDP2 at 5 (template 2). Before any rank of a kind (first, middle, last stage) is extended, one rank of that
+    repeating a layer whose neighbours are alike). The model's first and last layers may differ from the rest, as
+    on one GPU, and the template's neighbours are kept off them: a middle stage is traced at 3 layers (template 1),
+    the first or the last at 4. Under FSDP2 the stage's own outer layers differ too (the last is not resharded
+    after forward), but only in allocations of their own: the layer tagging gives each layer its own all-gathers
+    (_fsdp_groups_in_their_layer) and the extension matches a neighbour's allocations by their signature
+    (memtui.engine.trace.extend). Before any rank of a kind (first, middle, last stage) is extended, one rank of that
     kind is traced at one layer more and that log must be the one rebuilt by the extension, event by event; else
-    every rank of the kind is traced at every layer."""
+    every rank of the kind is traced at every layer. Under 1F1B a middle rank's log at its few layers is composed
+    from the source rank's (_composition) once the check rank's composed log was its traced one."""
 
     def __init__(self, spec: ModelSpec, config: TrainingConfig, report) -> None:
         self.spec, self.config, self.report = spec, config, report
@@ -764,12 +804,74 @@ class _StageExtension:
         self.checked: dict[tuple[bool, bool], StepExtras | None] = {}  # kind -> a layer's parameters, if it passed
         # (rank, depth) -> the rank's trace at that depth (trace_pipeline's: made beforehand where it can)
         self.trace_rank = lambda rank, depth: _trace_rank(spec, config, rank, report, depth=depth)
+        self.lows: dict[int, RankTrace] = {}  # rank -> its trace at its few layers, once made
+        self.source, self.check, self.composed = self._composition()
+        self.composable: bool | None = None  # whether the check rank's composed log was its traced one
+        self.laid_out: set[int] = set()  # the ranks whose log at a few layers was composed
 
     def _shape(self, rank: int) -> tuple[int, int, tuple[bool, bool]]:
         kind = (rank == 0, rank == self.config.pp - 1)
-        fsdp = self.config.dp > 1 and self.config.zero >= 2
-        lead, trail = kind[0] or fsdp, kind[1] or fsdp
-        return 3 + lead + trail, 1 + lead, kind  # (layers traced, template, kind)
+        return 3 + kind[0] + kind[1], 1 + kind[0], kind  # (layers traced, template, kind)
+
+    def _composition(self) -> tuple[int | None, int | None, set[int]]:
+        """Under 1F1B (one schedule step per optimizer step), the middle ranks whose log at a few layers is built
+        from another's (memtui.engine.trace.schedule_compose): (the rank traced for them, whose actions are in
+        the most places; the rank traced to check the composition, the one farthest from it; the ranks composed)."""
+        from memtui.engine.trace.schedule_compose import one_f_one_b_order, places
+
+        config = self.config
+        middle = [rank for rank in range(1, config.pp - 1) if self.split[rank] > self._shape(rank)[0] + 1]
+        if config.pp_schedule != "1f1b" or traced_micro_batches(config) != 1 or len(middle) < 3:
+            return None, None, set()
+        held = {rank: set(places(one_f_one_b_order(config.microbatches, config.pp, rank), config.microbatches))
+                for rank in middle}
+        centre = (config.pp - 1) / 2
+        source = max(middle, key=lambda rank: (len(held[rank]), -abs(rank - centre), rank))
+        covered = [rank for rank in middle if rank != source and held[rank] <= held[source]]
+        if len(covered) < 2:
+            return None, None, set()
+        check = max(covered, key=lambda rank: (abs(rank - source), rank))
+        return source, check, set(covered) - {check}
+
+    def representative(self, rank: int) -> int:
+        """The rank whose traces check the extension for `rank`'s kind of stage: the composition's source for the
+        middle stages it serves (it must be traced at one layer more anyway), else `rank`."""
+        return self.source if rank in self.composed or rank == self.check else rank
+
+    def _low(self, rank: int, depth: int) -> RankTrace:
+        """Rank `rank`'s trace at `depth` layers: composed from the source rank's once the check rank's composed
+        log was its traced one, else traced."""
+        from memtui.engine.trace.extend import same_log
+        from memtui.engine.trace.schedule_compose import NotComposable
+
+        if rank in self.lows:
+            return self.lows[rank]
+        if rank in self.composed and self.composable is None:
+            source, check = self._low(self.source, depth), self._low(self.check, depth)
+            try:
+                self.composable = same_log(self._composed_log(source, self.check), check.log)
+            except NotComposable:
+                self.composable = False
+        if rank in self.composed and self.composable:
+            try:
+                source = self._low(self.source, depth)
+                trace = dataclasses.replace(source, rank=rank, stages=[rank], actions=[],
+                                            log=self._composed_log(source, rank))
+                self.laid_out.add(rank)
+            except NotComposable:
+                trace = self.trace_rank(rank, depth)
+        else:
+            trace = self.trace_rank(rank, depth)
+        self.lows[rank] = trace
+        return trace
+
+    def _composed_log(self, source: RankTrace, rank: int) -> MemoryLog:
+        from memtui.engine.trace.schedule_compose import compose_log, one_f_one_b_order
+
+        config = self.config
+        return compose_log(source.log, source.actions,
+                           one_f_one_b_order(config.microbatches, config.pp, source.rank),
+                           one_f_one_b_order(config.microbatches, config.pp, rank), config.microbatches)
 
     def trace(self, rank: int) -> RankTrace | None:
         """Rank `rank`'s trace extended from a few layers, or None where it is traced at every layer."""
@@ -779,11 +881,11 @@ class _StageExtension:
         layers = self.split[rank]
         if layers <= depth + 1:
             return None
-        low = None
         if kind not in self.checked:
             self.checked[kind] = None
-            low = self.trace_rank(rank, depth)
-            high = self.trace_rank(rank, depth + 1)
+            checked = self.representative(rank)
+            low = self._low(checked, depth)
+            high = self.trace_rank(checked, depth + 1)
             try:
                 if same_log(extend_log(low.log, depth, depth + 1, template), high.log):
                     per_layer = StepExtras(params=high.extras.params - low.extras.params,
@@ -795,7 +897,7 @@ class _StageExtension:
         per_layer = self.checked[kind]
         if per_layer is None:
             return None
-        low = low or self.trace_rank(rank, depth)
+        low = self._low(rank, depth)
         try:
             log = extend_log(low.log, depth, layers, template)
         except NotExtensible:
@@ -803,11 +905,14 @@ class _StageExtension:
         added = layers - depth
         extras = dataclasses.replace(low.extras, params=low.extras.params + added * per_layer.params,
                                      trainable_params=low.extras.trainable_params + added * per_layer.trainable_params)
-        return dataclasses.replace(low, layers=layers, log=log, extras=extras,
-                                   note="decoder layers: a stage traced at 3 layers (the first and the last at 4, under "
-                                        "FSDP2 every stage at 5) and its log extended to the stage's layers (memtui.engine.trace.extend), each "
-                                        "kind of stage (first, middle, last) once its step one layer deeper was "
-                                        "rebuilt event by event, exactly")
+        note = ("decoder layers: a stage traced at 3 layers (the first and the last at 4) and its log extended to the "
+                "stage's layers (memtui.engine.trace.extend), each kind of stage (first, middle, last) once its step "
+                "one layer deeper was rebuilt event by event, exactly")
+        if rank in self.laid_out:
+            note = ("decoder layers: most middle ranks' logs at 3 layers laid out from one middle rank's actions in "
+                    "their own order (memtui.engine.trace.schedule_compose), once another rank's laid-out log was "
+                    "its traced one event by event, and extended as the others")
+        return dataclasses.replace(low, layers=layers, log=log, extras=extras, actions=[], note=note)
 
 
 def _rank_role(spec: ModelSpec, config: TrainingConfig, rank: int) -> tuple | None:

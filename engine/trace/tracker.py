@@ -95,6 +95,9 @@ class MemoryTracker(TorchDispatchMode):
         # whether allocations made outside every layer take the layer of the tensors they are made from.
         self.layer: int | None = None
         self.tag_layers = False
+        # The layer what is allocated now belongs to where that is not the running one (FSDP2's all-gather of
+        # the layer it prefetches); the events stay the running layer's.
+        self.owner: int | None = None
         # The stream each allocation is made on, as the caching allocator keys its pools by it. The traces run on
         # the CPU device, whose torch.cpu.stream() context FSDP2 enters for its all-gathers and reduce-scatters
         # exactly where it enters torch.cuda.stream() on a GPU, and torch.cpu.current_stream() follows it.
@@ -202,7 +205,7 @@ class MemoryTracker(TorchDispatchMode):
         self.log.allocations[alloc_id] = Allocation(
             alloc_id=alloc_id, nbytes=nbytes, raw_bytes=raw, phase=self.phase, step=self.step, op=op,
             shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."), module=self.module,
-            layer=self.layer if self.layer is not None else layer, stream=self._stream_number(torch.cpu.current_stream()),
+            layer=self.owner if self.owner is not None else self.layer if self.layer is not None else layer, stream=self._stream_number(torch.cpu.current_stream()),
         )
         self.log.events.append(Event(alloc_id, nbytes, self.layer))
         self._by_storage[key] = alloc_id
