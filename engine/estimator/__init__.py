@@ -821,32 +821,31 @@ def _stage_shards(config: TrainingConfig, model: ModelSpec, role: tuple[int, int
     """One pipeline stage's FSDP2 groups: each decoder layer's, and the root's (what no layer holds)."""
     index, layers, first, last = role
     stage_model = pipeline_stages_model(config, model, [index])
+    weight, grad = config.weight_bytes, trainable_bytes(config)
+    head = (model.vocab_size * model.hidden_size // config.tp + model.norm_params) if last else 0
+    root = head + (tensor_parallel_embedding_params(model, config.tp) if first else 0)
+    host = config.offload != "none"
+    if config.uses_lora:
+        # A layer gathers its frozen base (QLoRA: the packed 4-bit weights and 16-bit norms) with its adapters, and
+        # only the adapters have gradients; the root group (embedding, final norm, head) is frozen. Every layer is
+        # counted as the stage's largest (DeepSeek-V3's dense layers beside MoE ones are not sized apart here).
+        layout = param_layout(config, stage_model, stage=(layers, first, last))
+        quantized, experts, other, adapters = layout.largest_layer_parts
+        root_bytes = _unquantized_bytes(config) if config.quant != "none" else weight
+        layer_weights = (_fsdp2_layer_bytes(config, layout) if config.quant != "none"
+                         else (quantized + experts + other) * weight + adapters * config.adapter_bytes)
+        return StageShards(layer_weights=(layer_weights,) * layers, layer_gradients=(adapters * grad,) * layers,
+                           root_weights=root * root_bytes, head_gradients=0, root_gradients=0, dp=dp,
+                           reshard=config.zero == 3, head=last, host=host)
     # each layer's own: DeepSeek-V3's leading dense layers, then its MoE ones
     per_layer = [params for count, params in (
                      (stage_model.dense_layers, _one_layer_params(config, stage_model, dense=True)),
                      (layers - stage_model.dense_layers, _one_layer_params(config, stage_model, dense=False)))
                  for _layer in range(count)]
-    weight, grad = config.weight_bytes, trainable_bytes(config)
-    head = (model.vocab_size * model.hidden_size // config.tp + model.norm_params) if last else 0
-    root = head + (tensor_parallel_embedding_params(model, config.tp) if first else 0)
-    per_layer_weights = tuple(params * weight for params in per_layer)
-    if not config.uses_lora:
-        return StageShards(layer_weights=per_layer_weights,
-                           layer_gradients=tuple(params * grad for params in per_layer), root_weights=root * weight,
-                           head_gradients=head * grad, root_gradients=root * grad, dp=dp, reshard=config.zero == 3,
-                           head=last,
-                           host=config.offload != "none")
-    # LoRA: a layer gathers its frozen base (QLoRA: the packed 4-bit weights and 16-bit norms) with its adapters,
-    # and only the adapters have gradients; the root group (embedding, final norm, head) is frozen. Every layer is
-    # counted as the stage's largest (DeepSeek-V3's dense layers beside MoE ones under LoRA are not sized apart).
-    layout = param_layout(config, stage_model, stage=(layers, first, last))
-    quantized, experts, other, adapters = layout.largest_layer_parts
-    root_bytes = _unquantized_bytes(config) if config.quant != "none" else weight
-    layer_weights = (_fsdp2_layer_bytes(config, layout) if config.quant != "none"
-                     else (quantized + experts + other) * weight + adapters * config.adapter_bytes)
-    return StageShards(layer_weights=(layer_weights,) * layers, layer_gradients=(adapters * grad,) * layers,
-                       root_weights=root * root_bytes, head_gradients=0, root_gradients=0, dp=dp,
-                       reshard=config.zero == 3, head=last, host=config.offload != "none")
+    return StageShards(layer_weights=tuple(params * weight for params in per_layer),
+                       layer_gradients=tuple(params * grad for params in per_layer), root_weights=root * weight,
+                       head_gradients=head * grad, root_gradients=root * grad, dp=dp, reshard=config.zero == 3,
+                       head=last, host=host)
 
 
 def _pipeline_budget(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec, notes: list[str]) -> Budget:
