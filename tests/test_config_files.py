@@ -8,12 +8,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from memtui.cli import main
 from memtui.engine.model import presets
-from memtui.engine.model.architectures import MAX_CONFIG_BYTES, SIZE_LIMIT, SUPPORTED_MODEL_TYPES
+from memtui.engine.model.architectures import MAX_CONFIG_BYTES, POSITION_LIMIT, SIZE_LIMIT, SUPPORTED_MODEL_TYPES
 
 LLAMA = json.loads((presets.presets_dir() / "models" / "llama-3.2-1b.json").read_text(encoding="utf-8"))
 GPT2 = json.loads((presets.presets_dir() / "models" / "gpt2.json").read_text(encoding="utf-8"))
@@ -189,9 +189,18 @@ not_a_model_type = (st.text(max_size=12).filter(lambda text: text not in SUPPORT
                     | st.integers() | st.lists(st.just("llama"), min_size=1, max_size=2) | st.booleans())
 
 
+def _not_a_size_for(key: str) -> st.SearchStrategy:
+    """Values `key` cannot take: a position count may go up to POSITION_LIMIT, a size to SIZE_LIMIT."""
+    if key != "max_position_embeddings":
+        return not_a_size
+    return not_a_size.filter(lambda value: not (isinstance(value, int) and not isinstance(value, bool)
+                                                and SIZE_LIMIT < value <= POSITION_LIMIT))
+
+
 def _mutations() -> st.SearchStrategy[bytes]:
     """Files that no config can be: a field of the wrong kind, a missing field, raw bytes, bad numbers, nesting."""
-    wrong_size = st.tuples(st.sampled_from(CHECKED_INTS), not_a_size).map(lambda kv: with_value(LLAMA, *kv))
+    wrong_size = st.sampled_from(CHECKED_INTS).flatmap(
+        lambda key: _not_a_size_for(key).map(lambda value: with_value(LLAMA, key, value)))
     wrong_flag = st.tuples(st.sampled_from(CHECKED_FLAGS), not_a_flag).map(lambda kv: with_value(LLAMA, *kv))
     wrong_type = not_a_model_type.map(lambda value: with_value(LLAMA, "model_type", value))
     missing = st.sampled_from(REQUIRED).map(lambda key: {k: v for k, v in LLAMA.items() if k != key})
@@ -210,6 +219,8 @@ def _mutations() -> st.SearchStrategy[bytes]:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(content=_mutations())
+@example(content=b'[{"\\u0085": 1000000000000000000}]')  # a key holding a Unicode line break (NEL)
+@example(content=json.dumps({**LLAMA, "max_position_embeddings": POSITION_LIMIT + 1}).encode())
 def test_any_malformed_config_is_one_line_and_exit_2(tmp_path, capsys, content):
     path = tmp_path / "config.json"
     path.write_bytes(content)

@@ -293,6 +293,12 @@ def _read_config_text(path: Path, source: str) -> str:
         raise InputError(source, f"not UTF-8 text (byte {error.start}); a config.json is UTF-8 JSON") from None
 
 
+def _key_shown(key: str) -> str:
+    """A key as an error names it: JSON-quoted where it holds a line break or another unprintable character (the
+    error stays one line)."""
+    return key if key.isprintable() else json.dumps(key)
+
+
 def _check_json_values(value: Any, source: str) -> None:
     """Refuse what json.loads lets through but no config holds: unusable numbers and deep nesting."""
     stack: list[tuple[Any, str, int]] = [(value, "", 0)]
@@ -304,7 +310,8 @@ def _check_json_values(value: Any, source: str) -> None:
         if isinstance(item, _UnusableNumber):
             raise InputError(field, item.reason)
         if isinstance(item, dict):
-            children = [(child, f"{path}.{key}" if path else key) for key, child in item.items()]
+            children = [(child, f"{path}.{_key_shown(key)}" if path else _key_shown(key))
+                        for key, child in item.items()]
         elif isinstance(item, list):
             children = [(child, f"{path}[{index}]") for index, child in enumerate(item)]
         else:
