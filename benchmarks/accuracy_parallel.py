@@ -57,6 +57,13 @@ def matrix() -> list[dict]:
                                    ("llama-3.1-8b", 2, 2, {"attention": "eager"}),
                                    # tied embeddings: one Shard(0) parameter for the embedding and the head
                                    ("llama-3.2-1b", 2, 2, {}), ("llama-3.2-3b", 4, 2, {"zero": 3}),
+                                   # ... at short sequences, where the embedding's backward is the peak: the
+                                   # tied weight's two gradients summed, the embedding's a view of the whole
+                                   # vocabulary's
+                                   ("llama-3.2-1b", 4, 2, {"zero": 3, "seq_len": 128}),
+                                   ("llama-3.2-1b", 4, 2, {"zero": 3, "seq_len": 128,
+                                                           "offload": "optimizer+params"}),
+                                   ("qwen2.5-0.5b", 4, 2, {"zero": 3, "seq_len": 128}),
                                    # Gemma: sandwich norms, softcapped eager scores, sliding-window masks
                                    ("gemma-2-9b", 4, 4, {"attention": "eager"}), ("gemma-3-4b", 2, 2, {}),
                                    ("gemma-3-12b", 8, 2, {"zero": 3}),

@@ -452,6 +452,11 @@ def _fsdp2_root_moments(config: TrainingConfig, model: ModelSpec, moments: list[
     last = moments[-1]
     if last.phase == "backward" and not config.uses_lora:
         vocabulary = tensor_parallel_whole_vocabulary_gradient(config, model) if config.dp > 1 else 0
+        if vocabulary and model.tie_word_embeddings:
+            # A tied weight's two gradients are summed out of place (the step program's sum): the embedding's
+            # Shard(0) gradient added is a view of the whole vocabulary's, not cloned out of it as an untied
+            # embedding's is, so the program's 1/tp embedding gradient is part of the whole one.
+            vocabulary -= model.vocab_size // config.tp * model.hidden_size * config.weight_bytes
         moments[-1] = last._replace(weights=on_gpu.resting_weights + root, temporary=last.temporary + vocabulary)
         if config.tp == 1:
             # The root's post-backward: resharded, its gradients (as autograd made them) copied into one flat
