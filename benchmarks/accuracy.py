@@ -254,6 +254,7 @@ def measure(row: dict) -> dict:
         "method": "upper bound (says so)" if any("the estimate does not model" in note for note in budget.notes)
         else "simulated",
         "seconds": seconds,
+        "modelled": list(traced.modelled),  # what the trace did not run (its own words)
     }
 
 

@@ -326,6 +326,11 @@ def main() -> int:
     results = []
     for row in _selected(args):
         result = measure(row)
+        # The table compares traces of the parallel program: a row whose layout the trace could only model (the
+        # estimator's sharding applied to one GPU's trace) would compare the estimator with itself.
+        untraced = [line for line in result["modelled"] if "not traced" in line or "single-GPU trace" in line]
+        if untraced:
+            raise SystemExit(f"{result['config']}: the trace did not run this layout ({'; '.join(untraced)})")
         results.append(result)
         print(f"{result['config']:<75} traced {_gib(result['traced'])} estimated {_gib(result['estimated'])} GiB "
               f"{100 * result['error']:+.2f}% ({result['traced_phase']}/{result['estimated_phase']}, "
