@@ -120,3 +120,11 @@ def test_torchtitan_float8_converter_maps_to_tensorwise(tmp_path, capsys):
     data = estimate_json(capsys, "--from", str(path))
     assert data["config"]["float8"] == "tensorwise"
     assert any(note.startswith("ignored: float8.enable_fsdp_float8_all_gather") for note in data["notes"])
+
+
+def test_the_savings_ladder_has_a_float8_rung():
+    from memtui.engine.planning.ladder import savings_ladder
+
+    training = TrainingConfig(model="llama-3.2-1b", precision="bf16-mixed", checkpointing="full", float8="tensorwise")
+    steps = savings_ladder(training).steps
+    assert steps[-1].keys == ("float8",) and steps[-1].config == training
