@@ -156,6 +156,10 @@ MATRIX: list[dict] = [
     {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "float8": "tensorwise"},
     {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "checkpointing": "selective-op", "float8": "tensorwise"},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 1, "seq_len": 8192, "checkpointing": "full", "optimizer": "sgd", "float8": "tensorwise"},
+    # the biased q/k/v projections (Qwen2: `output + self.bias.to(output.dtype)`), Gemma 3, Phi-3's fused projections
+    {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "optimizer": "sgd", "float8": "tensorwise"},
+    {"model": "gemma-3-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 1024, "optimizer": "sgd", "float8": "tensorwise"},
+    {"model": "phi-3-mini", "precision": "bf16-true", "batch_size": 1, "seq_len": 1024, "optimizer": "sgd", "checkpointing": "full", "float8": "tensorwise"},
 ]
 
 
