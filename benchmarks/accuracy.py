@@ -152,6 +152,14 @@ MATRIX: list[dict] = [
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 8192, "lora_rank": 16, "checkpointing": "selective-op"},
     {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "lora_rank": 8, "lora_targets": "all-linear", "quant": "nf4", "checkpointing": "selective-op"},
     {"model": "gpt2", "precision": "bf16-true", "batch_size": 4, "seq_len": 1024, "attention": "eager", "checkpointing": "selective-op"},
+    # torchao's Float8Linear (tensorwise) in the decoder layers: fp32 weights under autocast, op-level SAC, bf16 + full AC
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "float8": "tensorwise"},
+    {"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 2048, "checkpointing": "selective-op", "float8": "tensorwise"},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 1, "seq_len": 8192, "checkpointing": "full", "optimizer": "sgd", "float8": "tensorwise"},
+    # the biased q/k/v projections (Qwen2: `output + self.bias.to(output.dtype)`), Gemma 3, Phi-3's fused projections
+    {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "optimizer": "sgd", "float8": "tensorwise"},
+    {"model": "gemma-3-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 1024, "optimizer": "sgd", "float8": "tensorwise"},
+    {"model": "phi-3-mini", "precision": "bf16-true", "batch_size": 1, "seq_len": 1024, "optimizer": "sgd", "checkpointing": "full", "float8": "tensorwise"},
 ]
 
 

@@ -156,6 +156,11 @@ def matrix() -> list[dict]:
     for gpus in (8, 128):  # torchtitan's Llama 3 8B runs of docs/measured.md
         rows.append({"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192,
                      "gpus": gpus, "zero": 3, "checkpointing": "selective-op", "fsdp_param_dtype": "compute"})
+    # torchao's float8 linears (tensorwise) under FSDP2 casting to bf16, gathered in bf16: torchtitan's float8 runs
+    rows.append({"model": "llama-3.2-1b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 1024, "gpus": 8,
+                 "fsdp_param_dtype": "compute", "zero": 3, "float8": "tensorwise"})
+    rows.append({"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192, "gpus": 8,
+                 "zero": 3, "checkpointing": "selective-op", "fsdp_param_dtype": "compute", "float8": "tensorwise"})
     # Pipeline parallelism (torch.distributed.pipelining, every rank traced): one sequence per micro-batch
     for pp, schedules in ((2, ("gpipe", "1f1b", "interleaved-1f1b")), (4, ("gpipe", "1f1b", "interleaved-1f1b")),
                           (8, ("1f1b", "interleaved-1f1b")), (16, ("gpipe", "1f1b"))):

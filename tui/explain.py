@@ -356,6 +356,22 @@ _EXPLAINERS = [
         "FSDP2 (ZeRO-2/3 across several GPUs) with bf16-mixed, to plan or match a torchtitan run.",
     ),
     Explainer(
+        "float8", "Float8",
+        "Float8 matmuls in the layers (torchao).",
+        "**tensorwise** swaps every linear layer of the decoder (not the output head) for torchao's "
+        "`Float8Linear`, as torchtitan's float8 converter does: each matmul casts its input and weight to "
+        "float8 with one dynamic scale per tensor and runs `torch._scaled_mm`. Autograd still keeps the "
+        "bf16 input and weight for backward (not their float8 copies), and backward casts the output "
+        "gradient (twice), the weight and the input again. Each cast makes fp32 copies of the tensor on "
+        "its way to float8 (`x.float() * scale`, clamped): temporaries of four to eight bytes per element "
+        "of the largest activations and weights. Under torchtitan's op-level selective checkpointing the "
+        "`_scaled_mm` outputs are saved like the other matmuls'. FSDP2's float8 all-gather is not modelled "
+        "(the layers are gathered in bf16).",
+        "Nothing saved: the activations are those of bf16 training; the casts add temporaries at each "
+        "matmul, most in backward. The gain is speed (float8 tensor cores, sm_89 or later), not memory.",
+        "To plan or match a torchtitan run with `--model.converters float8` on H100-class GPUs.",
+    ),
+    Explainer(
         "kbit_prep", "k-bit prep",
         "Unquantized weights to fp32 (peft).",
         "What most QLoRA tutorials, TRL and Axolotl call before adding the adapters: every 16-bit "

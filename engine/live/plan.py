@@ -167,6 +167,9 @@ def _cuda_only(config: TrainingConfig) -> list[tuple[str, dict[str, Any], str]]:
                       f"{config.quant} weights need CUDA (bitsandbytes)"))
     if config.optimizer == "adamw-8bit":
         found.append(("--optimizer", {"optimizer": "adamw"}, "adamw-8bit needs CUDA (bitsandbytes)"))
+    if config.float8 != "off":
+        found.append(("--float8", {"float8": "off"}, "float8 matmuls (torch._scaled_mm) need a CUDA GPU of compute "
+                      "capability 8.9 or later"))
     return found
 
 
@@ -215,11 +218,18 @@ def _not_live(config: TrainingConfig, device: LocalDevice, available_ranks: int)
     if config.shard_group:
         found.append(("--shard-group", {"shard_group": 0},
                       "hybrid sharding is not run live (the live ranks shard over all of them; memtui trace runs it)"))
+    if config.float8 != "off" and device.kind == "cuda" and _capability(device) < (8, 9):
+        found.append(("--float8", {"float8": "off"}, f"float8 matmuls (torch._scaled_mm) need compute capability 8.9 "
+                      f"or later; this GPU's is {device.compute_capability}"))
     if config.dp > available_ranks:
         unit = "GPUs" if device.kind == "cuda" else "CPU processes"
         found.append(("--gpus", {"gpus": available_ranks * config.tp * config.pp},
                       f"{config.dp} data-parallel ranks asked, {available_ranks} local {unit} available"))
     return found
+
+
+def _capability(device: LocalDevice) -> tuple[int, ...]:
+    return tuple(int(part) for part in device.compute_capability.split(".")[:2])
 
 
 def _apply_policy(config: TrainingConfig, device: LocalDevice, options: LiveOptions, available_ranks: int

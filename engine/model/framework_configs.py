@@ -804,10 +804,32 @@ def _torchtitan(reader: _Reader, _folder: Path) -> None:
     else:
         reader.ignore("training.global_batch_size", "the data-parallel degree is not known, so neither is the "
                       "gradient accumulation", _positive)
-    reader.ignore("float8.recipe_name", "float8 linears are not modelled")
-    reader.ignore("model.converters", "model converters (float8, MX) are not modelled")
+    _torchtitan_float8(reader)
     # Under FSDP mixed_precision_param is fully_shard's MixedPrecisionPolicy(param_dtype), not autocast.
     _framework_values(reader, "torchtitan", "training.mixed_precision_param", "fsdp_param_dtype")
+
+
+def _torchtitan_float8(reader: _Reader) -> None:
+    """torchtitan's float8 converter: `model.converters = ["float8"]` (or, before converters,
+    `float8.enable_float8_linear = true`) swaps every nn.Linear but the output head for torchao's Float8Linear;
+    `float8.recipe_name` unset is tensorwise scaling (Float8LinearConfig's default)."""
+    converters = reader.get("model.converters")
+    if converters is not None and not isinstance(converters, list):
+        raise reader.error("model.converters", f"{_quoted(converters)} is not a list of converter names")
+    names = [str(name) for name in converters or []]
+    enabled = "float8" in names or bool(reader.bool("float8.enable_float8_linear"))
+    others = [name for name in names if name != "float8"]
+    if others:
+        reader.note(f"ignored: model.converters={_shown(others)} (only the float8 converter is modelled)")
+    if not enabled:
+        return
+    recipe = reader.choice("float8.recipe_name", {"tensorwise": "tensorwise"}) or "tensorwise"
+    reader.set("model.converters" if "float8" in names else "float8.enable_float8_linear", "float8", recipe)
+    reader.ignore("float8.enable_fsdp_float8_all_gather", "FSDP2's float8 all-gather is not modelled: the layers "
+                  "are gathered in bf16 and cast to float8 in each matmul")
+    reader.ignore("float8.precompute_float8_dynamic_scale_for_fsdp", "goes with the float8 all-gather, not modelled")
+    reader.ignore("float8.filter_fqns", "memtui converts every decoder linear whose dimensions divide by 16",
+                  lambda value: bool([name for name in value or [] if name != "output"]))
 
 
 # ---- Axolotl -------------------------------------------------------------------------------------------------------

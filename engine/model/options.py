@@ -284,6 +284,11 @@ _OPTIONS = (
            "fp32 gradient reduction and no autocast (MixedPrecisionPolicy, torchtitan's)",
            "--zero 3 --gpus 8 --fsdp-param-dtype compute", ladder={"compute": "FSDP2 gathers in bf16 (no autocast)"},
            baseline="stored"),
+    # ---- float8 linears (issue 11: torchtitan's float8 converter) ------------------------------------------
+    Option("float8", "Float8", PRECISION_AND_OPTIMIZER, "select",
+           "the decoder's linear layers as torchao Float8Linear (torchtitan's float8 converter): tensorwise-scaled "
+           "float8 matmuls, the input and weight cast again in backward", "--float8 tensorwise",
+           ladder={"tensorwise": "float8 linears (torchao, tensorwise)"}, baseline="off"),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

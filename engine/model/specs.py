@@ -30,6 +30,7 @@ BnbVersion = Literal["current", "legacy"]
 FsdpParamDtype = Literal["stored", "compute"]
 # The training stacks whose defaults --stack applies (engine/model/stacks.py); none: memtui's own.
 Stack = Literal["none", "hf", "trl", "torchtune", "litgpt", "lightning", "torchtitan", "axolotl"]
+Float8 = Literal["off", "tensorwise"]
 PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b"]
 
 PRECISIONS: tuple[str, ...] = Precision.__args__  # type: ignore[attr-defined]
@@ -100,6 +101,7 @@ class TrainingConfig(BaseModel):
     pp_schedule: PipelineSchedule = "1f1b"
     microbatches: int = Field(1, ge=1, le=65536, description="pipeline micro-batches the batch is split into")
     fsdp_param_dtype: FsdpParamDtype = "stored"
+    float8: Float8 = "off"
 
     @property
     def dp(self) -> int:

@@ -178,6 +178,8 @@ def unmodelled_compile(config: TrainingConfig, model: ModelSpec) -> str:
         return "tensor parallelism"
     if config.activation_offload:
         return "activation offloading"
+    if config.float8 != "off":
+        return "float8 linears"
     return ""
 
 
@@ -394,6 +396,30 @@ RULES: tuple[Rule, ...] = (
                             "shard groups of 2 or more",
           allowed=lambda f: "0, " + ", ".join(str(d) for d in range(2, f.config.dp + 1) if f.config.dp % d == 0)
           if f.config.dp > 1 else "0 (one data-parallel rank)"),
+    # ---- float8 linears (issue 11): torchao's Float8Linear over a full bf16 fine-tune, one GPU or FSDP/DDP ----
+    _rule("float8", "lora_rank", "quant",
+          broken=lambda f: f.config.float8 != "off" and (f.config.uses_lora or f.config.quant != "none"),
+          message=lambda f: "float8 converts the trained nn.Linear layers of a full fine-tune; LoRA and quantized "
+                            "bases are not converted",
+          allowed=lambda f: "off, or tensorwise with {lora_rank} 0 and {quant} none"),
+    _rule("float8", "precision", broken=lambda f: f.config.float8 != "off" and "bf16" not in f.config.precision,
+          message=lambda f: f"float8 training is modelled in bf16 (torchtitan's); {{precision}} is "
+                            f"{f.config.precision}",
+          allowed=lambda f: "off, or tensorwise with {precision} bf16-mixed or bf16-true"),
+    _rule("float8", "tp", "pp", broken=lambda f: f.config.float8 != "off" and (f.config.tp > 1 or f.config.pp > 1),
+          message=lambda f: "float8 is modelled with data parallelism (FSDP2, DDP) alone; torchao's float8 tensor "
+                            "parallel plan and pipeline stages are not",
+          allowed=lambda f: "off, or tensorwise with {tp} 1 and {pp} 1"),
+    _rule("float8", "model", broken=lambda f: f.config.float8 != "off" and (
+              f.model.is_moe or f.model.family in ("gpt2", "generic")),
+          message=lambda f: f"float8 converts nn.Linear layers of a dense model; {f.model.id} is "
+                            + ("a mixture of experts" if f.model.is_moe else f"{f.model.family} (no nn.Linear layers)"
+                               if f.model.family == "gpt2" else "a generic (traced) model"),
+          allowed=lambda f: "off"),
+    _rule("float8", "offload", broken=lambda f: f.config.float8 != "off" and (
+              f.config.offload != "none" or f.config.activation_offload),
+          message=lambda f: "float8 is not modelled with CPU offloading",
+          allowed=lambda f: "off, or tensorwise with {offload} none and no activation offload"),
     # ---- pipeline schedules (issue 13): what torch.distributed.pipelining's schedules accept ----
     _rule("microbatches", "batch_size", "pp",
           broken=lambda f: f.config.pp > 1 and f.config.batch_size % f.config.microbatches != 0,

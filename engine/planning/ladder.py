@@ -62,7 +62,7 @@ def _rungs(config: TrainingConfig) -> list[_Rung]:
         rungs.append(_Rung("precision", label, ("precision", "master_weights")))
     # Then each option that is its own rung, in the ladder's order, when it differs from the baseline.
     for key in ("optimizer", "optimizer_impl", "lora_rank", "quant", "lora_dtype", "tp", "pp", "zero", "offload",
-                "attention", "checkpointing", "compile", "loss", "optimizer_in_backward", "activation_offload"):
+                "attention", "checkpointing", "compile", "float8", "loss", "optimizer_in_backward", "activation_offload"):
         if getattr(config, key) == BASELINE_OPTIONS[key]:
             continue
         label = _label(key, config)

@@ -164,6 +164,10 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
                          legacy=config.bnb_version == "legacy")
     if config.kbit_prep:
         prepare_for_kbit_training(model)
+    if config.float8 != "off":
+        from memtui.engine.torchside.float8 import convert_to_float8
+
+        convert_to_float8(model)
 
     if config.uses_lora:
         model = apply_lora(model, spec, config)

@@ -114,18 +114,26 @@ def cuda_autocast_policy() -> Iterator[None]:
 def cuda_autocast_queries() -> Iterator[None]:
     """`torch.is_autocast_enabled()` asks about CUDA; here CUDA autocast is the CPU one.
 
-    peft's bitsandbytes LoRA layers skip their dtype conversions when autocast is on.
+    peft's bitsandbytes LoRA layers skip their dtype conversions when autocast is on; the dtype CUDA autocast
+    casts to (`torch.get_autocast_gpu_dtype()`) is the CPU one's too.
     """
     original = torch.is_autocast_enabled
 
     def is_enabled(device_type: str | None = None) -> bool:
         return original("cpu" if device_type in (None, "cuda") else device_type)
 
+    original_dtype = torch.get_autocast_gpu_dtype
+
+    def gpu_dtype() -> torch.dtype:  # torchao's Float8Linear casts its input to it (torchside/float8.py)
+        return torch.get_autocast_dtype("cpu")
+
     torch.is_autocast_enabled = is_enabled
+    torch.get_autocast_gpu_dtype = gpu_dtype
     try:
         yield
     finally:
         torch.is_autocast_enabled = original
+        torch.get_autocast_gpu_dtype = original_dtype
 
 
 @contextlib.contextmanager

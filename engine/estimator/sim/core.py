@@ -67,7 +67,7 @@ def per_position_sq(n: float) -> LF:
     return (0.0, 0.0, 0.0, 0.0, float(n))
 
 
-DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "bool": 1, "u8": 1, "i8": 1}
+DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "bool": 1, "u8": 1, "i8": 1, "f8": 1}
 FLOATS = ("f32", "bf16", "f16")
 
 CATEGORIES = ("weights", "gradients", "optimizer_states", "activations", "temporary")
@@ -151,7 +151,7 @@ def _policy_keeps(region: CheckpointRegion, op: str) -> bool:
             region.mm_count += 1
             return region.mm_count % 2 == 1
         return True
-    return op != "bmm"
+    return op not in ("bmm", "scaled_mm", "max")  # "selective" keeps mm and addmm: not torchao's _scaled_mm or amax
 
 
 class StopRecompute(Exception):

@@ -89,6 +89,7 @@ class Options:
     compiled: bool = False  # --compile: each decoder layer as torch.compile runs it (sim/compiled.py)
     dense_layers: int = 0  # DeepSeek-V3: the first layers' MLP is dense (first_k_dense_replace)
     sequence_parallel: int = 1  # ranks of DTensor's sequence-parallel plan (memtui trace's TP): norms on 1/tp
+    float8: bool = False  # --float8 tensorwise: the decoder's linears are torchao Float8Linears (ops.float8_linear)
 
 
 def fused_linear_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
@@ -159,6 +160,8 @@ def apply_linear(sim: Sim, x: Tensor, params: LayerParams, name: str, d_in: int,
     bias = params.biases.get(name)
     if getattr(weight, "quantized", False):
         result = quantized_linear(sim, x, weight, d_in, d_out, opts, bias)
+    elif opts.float8 and float8_converts(d_in, d_out):
+        result = ops.float8_linear(sim, x, weight, d_out, d_in, bias)
     else:
         result = ops.linear(sim, x, weight, d_out, d_in, bias, op="addmm" if opts.family == "gpt2" else "linear")
     if name not in params.lora:
@@ -166,6 +169,13 @@ def apply_linear(sim: Sim, x: Tensor, params: LayerParams, name: str, d_in: int,
     if getattr(weight, "quantized", False):
         return lora_branch_bnb(sim, x, result, params.lora[name], d_in, d_out, opts)
     return lora_branch(sim, x, result, params.lora[name], d_in, d_out, opts, parallel=_adapter_parallelism(name, opts))
+
+
+def float8_converts(d_in: int, d_out: int) -> bool:
+    """Which linears memtui's float8 conversion swaps: torch._scaled_mm needs both dimensions divisible by 16
+    (torchtitan's auto_filter_small_kn and torchao's own filter skip the others; the output head is never
+    converted: torchtitan filters "output")."""
+    return d_in % 16 == 0 and d_out % 16 == 0
 
 
 def lora_branch_bnb(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor, Tensor], d_in: int, d_out: int, opts: Options) -> Tensor:

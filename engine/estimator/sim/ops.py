@@ -8,7 +8,7 @@ backward formula allocates, in order. Sizes are element counts as linear forms
 
 from __future__ import annotations
 
-from memtui.engine.estimator.sim.core import LF, Sim, Tensor, const, lf_scale
+from memtui.engine.estimator.sim.core import DTYPE_BYTES, LF, Sim, Tensor, const, lf_scale
 
 _PROMOTION = {"f32": 3, "bf16": 2, "f16": 2, "i64": 1, "i32": 1, "bool": 0, "u8": 0, "i8": 0}
 
@@ -112,6 +112,88 @@ def _weight_matmul(sim: Sim, x_c: Tensor, weight_c: Tensor, bias_c: Tensor | Non
     sim.record(op, out, inputs, saved, backward)
     sim.drop(bias_c, weight_c, x_c)
     return out
+
+
+# ---- float8 linears (torchao) -------------------------------------------------------------------
+def _float8_cast(sim: Sim, x: Tensor, elems: LF | None = None) -> Tensor:
+    """torchao's hp_tensor_to_float8_dynamic, tensorwise (torchao/float8/float8_scaling_utils.py:29): the amax
+    reads `torch.abs(x)` (a full-size temporary, float8_utils.py:65), then _ToFloat8ConstrFunc
+    (float8_training_tensor.py:153) computes `x.to(float32) * scale` and to_fp8_saturated clamps it into a new
+    fp32 tensor and casts that to float8: the scaled tensor is the caller's local, alive until the fp8 copy exists.
+    The amax is torchtitan's op-level checkpointing saves `max` (one 512-byte allocator block); the scale and the
+    other scalars (freed at once) are left out."""
+    elems = elems if elems is not None else x.elems
+    absolute = sim.new(elems, x.dtype, name="float8 amax abs")
+    amax = sim.policy_saved(const(512 / DTYPE_BYTES[x.dtype]), x.dtype, name="float8 amax", op="max")
+    sim.drop(absolute, amax)
+    upcast = sim.new(elems, "f32", name="float8 cast fp32") if x.dtype != "f32" else None
+    scaled = sim.new(elems, "f32", name="float8 scaled")
+    sim.drop(upcast)
+    clamped = sim.new(elems, "f32", name="float8 clamped")
+    bits = sim.new(elems, "f8", name="float8 bits")
+    sim.drop(clamped, scaled)
+    return bits
+
+
+def float8_linear(sim: Sim, x: Tensor, weight: Tensor, out_features: int, in_features: int,
+                  bias: Tensor | None = None) -> Tensor:
+    """torchao's Float8Linear (torchao/float8/float8_linear.py), recipe tensorwise, weights not all-gathered in
+    float8: `matmul_with_hp_or_float8_args` saves the high-precision input and weight (not their float8 casts) and
+    casts both again in backward. Forward: autocast's dtype by a plain `.to` (no autocast cache: the weight is
+    cast to float8 from its stored dtype), the input's and the weight's float8 casts, torch._scaled_mm into the
+    input's dtype (float8_ops.py:29; `weight.t()` cast keeps its column-major strides: no copy). Backward: the
+    output gradient cast twice (for grad_input, then for grad_weight), the weight and the input cast again, and
+    preprocess_addmm's (float8_ops.py:342) contiguous copies: the transposed weight for grad_input, the transposed
+    gradient and the input for grad_weight. The backward's locals live until it returns."""
+    x_c = cast(sim, x, sim.autocast_dtype) if sim.autocast_dtype is not None else sim.ref(x)
+    elems = lf_scale(x_c.elems, out_features / in_features)
+    n = const(out_features * in_features)
+    inputs = [x_c, weight]
+    if sim.stops_as_inputs_are_saved(inputs):
+        out = Tensor(elems=elems, dtype=x_c.dtype, alive=False)  # never allocated: record() ends the recompute
+    else:
+        bits_in = _float8_cast(sim, x_c)
+        bits_weight = _float8_cast(sim, weight, n)
+        # torch._scaled_mm: among the partitioner's compute-intensive ops torchtitan's op-level policy saves
+        out = sim.policy_saved(elems, x_c.dtype, name="float8 linear", op="scaled_mm")
+        sim.drop(bits_weight, bits_in)
+
+    def backward(sim: Sim, node, grad):
+        source, weight = node.inputs[0], node.inputs[1]
+        grad_bits = _float8_cast(sim, grad)
+        weight_bits = _float8_cast(sim, weight, n)
+        weight_copy = sim.new(n, "f8", name="float8 weight.t() contiguous")  # b_data.t().contiguous().t()
+        grad_input = sim.new(source.elems, grad.dtype, name="float8 mm grad input")
+        sim.drop(weight_copy)
+        grad_bits_again = _float8_cast(sim, grad)
+        input_bits = _float8_cast(sim, source)
+        grad_copy = sim.new(grad.elems, "f8", name="float8 grad_output.t() contiguous")  # a_data.contiguous()
+        input_copy = sim.new(source.elems, "f8", name="float8 input contiguous (column-major)")
+        grad_weight = sim.new(n, grad.dtype, name="float8 mm grad weight")
+        sim.drop(input_copy, grad_copy, input_bits, grad_bits_again, weight_bits, grad_bits)
+        results = []
+        if source.requires_grad:
+            results.append((source, grad_input))
+        else:
+            sim.drop(grad_input)
+        if weight.requires_grad:
+            if weight.dtype != grad.dtype:  # validate_outputs casts it to weight.t()'s dtype, grad_output alive
+                converted = sim.new(n, weight.dtype, name="grad cast")
+                sim.drop(grad_weight)
+                grad_weight = converted
+            results.append((weight, grad_weight))
+        else:
+            sim.drop(grad_weight)
+        return results
+
+    sim.record("float8_linear", out, inputs, [x_c, weight], backward)
+    sim.drop(x_c)
+    if bias is None:
+        return out
+    bias_c = cast(sim, bias, out.dtype)  # `output + self.bias.to(output.dtype)`
+    biased = add(sim, out, bias_c)
+    sim.drop(out, bias_c)
+    return biased
 
 
 def partial_input_linear(sim: Sim, x: Tensor, weight: Tensor, out_features: int, in_features: int,

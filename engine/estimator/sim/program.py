@@ -160,6 +160,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         compiled=config.compile and not unmodelled_compile(config, spec),
         offload_point=offload_point,
         step_in_backward=config.optimizer_in_backward and config.pp == 1,
+        float8=config.float8 != "off",
     )
 
 
