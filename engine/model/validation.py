@@ -172,7 +172,7 @@ def unmodelled_compile(config: TrainingConfig, model: ModelSpec) -> str:
         return f"{model.family} layers"
     if config.quant != "none":
         return f"{config.quant} layers"
-    if config.checkpointing in ("selective", "selective-op"):
+    if config.checkpointing == "selective":
         return "selective checkpointing"
     if config.tp > 1:
         return "tensor parallelism"
