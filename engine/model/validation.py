@@ -369,7 +369,10 @@ RULES: tuple[Rule, ...] = (
                                if f.config.loss == "fused-linear" or f.config.loss_dtype == "compute" else
                                " and the loss")
                             + " through AOTAutograd and inductor's partitioner (on one GPU, without --quant or "
-                            "selective checkpointing); "
+                            "--checkpointing selective"
+                            + ("; selective-op's policy is traced into each layer's graph, as torchtitan compiles its "
+                               "checkpoint-wrapped blocks" if f.config.checkpointing == "selective-op" else "")
+                            + "); "
                             + ("the estimate puts each layer's and the loss's ops through the same min-cut and "
                                "fusion rules"
                                if not unmodelled_compile(f.config, f.model) else
