@@ -149,6 +149,10 @@ def matrix() -> list[dict]:
     for gpus in (8, 128):  # torchtitan's Llama 3 8B runs of docs/measured.md
         rows.append({"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192,
                      "gpus": gpus, "zero": 3, "checkpointing": "selective-op", "fsdp_param_dtype": "compute"})
+    for gpus in (8, 128):  # ... with training.compile: selective-op compiled into each block, then fully_shard
+        rows.append({"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192,
+                     "gpus": gpus, "zero": 3, "checkpointing": "selective-op", "compile": True, "eager_loss": True,
+                     "fsdp_param_dtype": "compute"})
     # Pipeline parallelism (torch.distributed.pipelining, every rank traced): one sequence per micro-batch
     for pp, schedules in ((2, ("gpipe", "1f1b", "interleaved-1f1b")), (4, ("gpipe", "1f1b", "interleaved-1f1b")),
                           (8, ("1f1b", "interleaved-1f1b")), (16, ("gpipe", "1f1b"))):

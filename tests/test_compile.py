@@ -307,6 +307,8 @@ def test_what_the_trace_compiles():
 
     assert untraced_compile(TrainingConfig(model="gpt2", compile=True), parallel=False) == ""
     assert "parallelism" in untraced_compile(TrainingConfig(model="gpt2", compile=True, gpus=2), parallel=True)
+    assert untraced_compile(TrainingConfig(model="llama-3.2-1b", compile=True, gpus=2, zero=3,
+                                           checkpointing="selective-op"), parallel=True) == ""
     assert "selective" in untraced_compile(TrainingConfig(model="gpt2", compile=True, checkpointing="selective"),
                                            parallel=False)
     assert "nf4" in untraced_compile(TrainingConfig(model="gpt2", compile=True, quant="nf4", lora_rank=8),

@@ -368,8 +368,8 @@ RULES: tuple[Rule, ...] = (
                                " and the loss (Liger's fused kernel and LitGPT's chunked loss stay eager)"
                                if f.config.loss == "fused-linear" or f.config.loss_dtype == "compute" else
                                " and the loss")
-                            + " through AOTAutograd and inductor's partitioner (on one GPU, without --quant or "
-                            "--checkpointing selective"
+                            + " through AOTAutograd and inductor's partitioner (on one GPU, or FSDP2 with "
+                            "--checkpointing selective-op, without --quant or --checkpointing selective"
                             + ("; selective-op's policy is traced into each layer's graph, as torchtitan compiles its "
                                "checkpoint-wrapped blocks" if f.config.checkpointing == "selective-op" else "")
                             + "); "

@@ -31,7 +31,10 @@ Untracked = Callable[[], contextlib.AbstractContextManager]
 def untraced_compile(config, *, parallel: bool) -> str:
     """Why the trace runs a --compile config eagerly ("" when it traces compile); `parallel`: the trace wraps
     the model for data or tensor parallelism."""
-    if parallel:
+    # FSDP2 (--zero 3) around compiled layers is traced for torchtitan's setup (selective-op compiled into each
+    # block, then fully_shard): checked against the estimate there only
+    if parallel and not (config.checkpointing == "selective-op" and config.zero == 3 and config.tp == 1
+                         and config.pp == 1):
         return "data or tensor parallelism"
     if config.quant != "none":
         return f"{config.quant} layers (bitsandbytes' replicas)"
