@@ -21,6 +21,12 @@ q, k, v gradients, a gather's index_put into zeros), the gradient it reads is wr
 pointwise chain made it, a broadcast operand's gradient (a reduction) is computed where its op's is, and every
 buffer, saved tensor and incoming gradient is freed once the last kernel reading it has run (inductor frees its
 inputs at their last use). Checked against `memtui trace --compile` (tests/test_compile.py).
+
+torchtitan's op-level selective checkpoint (--checkpointing selective-op) is compiled into the layer's graph
+(torchtitan compiles each checkpoint-wrapped block): its policy tags every op MUST_SAVE or PREFER_RECOMPUTE, and
+the partitioner saves the former where backward reads them and always recomputes the latter (_sac_saved). Backward
+then recomputes, just before their first use, the matmuls it needs again and the inputs of matmuls and attention
+it reads, each into a buffer of its own.
 """
 
 from __future__ import annotations
