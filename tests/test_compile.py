@@ -184,6 +184,9 @@ COMPILED = [
     # (where the recomputed matmuls' outputs and inputs are buffers of their own)
     ("llama-3.2-1b", dict(precision="bf16-mixed", checkpointing="selective-op"),
      dict(vocab_size=256, intermediate_size=2048)),
+    # ... and under FSDP2 casting to bf16, as torchtitan runs it (fully_shard around each compiled block)
+    ("llama-3.2-1b", dict(precision="bf16-mixed", checkpointing="selective-op", gpus=2, zero=3,
+                          fsdp_param_dtype="compute"), {}),
     ("qwen2.5-0.5b", dict(precision="bf16-true"), {}),
     ("gemma-2-9b", dict(precision="bf16-mixed"), {}),
     ("phi-3-mini", dict(precision="bf16-true"), dict(pad_token_id=0)),
