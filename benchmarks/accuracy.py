@@ -160,6 +160,12 @@ MATRIX: list[dict] = [
     {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "optimizer": "sgd", "float8": "tensorwise"},
     {"model": "gemma-3-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 1024, "optimizer": "sgd", "float8": "tensorwise"},
     {"model": "phi-3-mini", "precision": "bf16-true", "batch_size": 1, "seq_len": 1024, "optimizer": "sgd", "checkpointing": "full", "float8": "tensorwise"},
+    # ... compiled into each layer's graph, as torchtitan compiles its checkpoint-wrapped blocks (the policy's tags
+    # honoured by the partitioner): torchtitan's llama3_8b shape on one GPU, and LoRA (the adapters' mm counted too)
+    {"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192, "checkpointing": "selective-op",
+     "compile": True, "eager_loss": True},
+    {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 8192, "lora_rank": 16, "checkpointing": "selective-op",
+     "compile": True},
 ]
 
 

@@ -161,6 +161,10 @@ def matrix() -> list[dict]:
                  "fsdp_param_dtype": "compute", "zero": 3, "float8": "tensorwise"})
     rows.append({"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192, "gpus": 8,
                  "zero": 3, "checkpointing": "selective-op", "fsdp_param_dtype": "compute", "float8": "tensorwise"})
+    for gpus in (8, 128):  # ... with training.compile: selective-op compiled into each block, then fully_shard
+        rows.append({"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192,
+                     "gpus": gpus, "zero": 3, "checkpointing": "selective-op", "compile": True, "eager_loss": True,
+                     "fsdp_param_dtype": "compute"})
     # Pipeline parallelism (torch.distributed.pipelining, every rank traced): one sequence per micro-batch
     for pp, schedules in ((2, ("gpipe", "1f1b", "interleaved-1f1b")), (4, ("gpipe", "1f1b", "interleaved-1f1b")),
                           (8, ("1f1b", "interleaved-1f1b")), (16, ("gpipe", "1f1b"))):

@@ -149,6 +149,23 @@ def test_the_estimator_saves_what_the_partitioner_chooses():
     assert _estimated_per_layer(compile=True, checkpointing="full") == tokens * hidden * 2
 
 
+def test_torchtitans_selective_checkpoint_is_compiled_into_the_layer():
+    # torchtitan compiles each checkpoint-wrapped block: the op-level policy tags the graph's nodes MUST_SAVE (the
+    # 1st, 3rd, ... mm, attention) or PREFER_RECOMPUTE, and the partitioner saves only what backward reads of the
+    # former, recomputing the rest from the layer's input. Eager checkpointing around the compiled layer would also
+    # keep down_proj's output, which its policy stores though backward never reads it.
+    tokens, hidden, q, kv, heads, mlp = 256, 64, 64, 32, 4, 176
+    saved = (
+        tokens * q * 2  # q_proj's output (the 1st mm); k_proj's (2nd) is recomputed
+        + tokens * kv * 2  # v_proj's (3rd); o_proj's (4th) is recomputed
+        + tokens * q * 2 + heads * tokens * 4  # the attention output and its logsumexp
+        + tokens * mlp * 2  # gate_proj's (5th); up_proj's (6th) recomputed, down_proj's (7th) not read by backward
+        + tokens * hidden * 2  # the layer's input (a graph input): the norms, RoPE and SiLU are recomputed from it
+    )
+    assert _per_layer(compile=True, checkpointing="selective-op") == saved
+    assert _estimated_per_layer(compile=True, checkpointing="selective-op") == saved
+
+
 def small(model_id: str, layers: int = 3, **dims):
     """A preset's architecture at width 256 (tensors large enough that 512-byte rounding is noise), 3 layers."""
     config = copy.deepcopy(resolve_model(model_id).hf_config())
@@ -163,6 +180,13 @@ COMPILED = [
     ("llama-3.2-1b", dict(precision="bf16-true", lora_rank=8, lora_targets="all-linear"), {}),
     # A small vocabulary and a wide MLP: the step peaks inside the last layer's backward (its temporaries count).
     ("llama-3.2-1b", dict(precision="bf16-mixed"), dict(vocab_size=256, intermediate_size=2048)),
+    # torchtitan's op-level selective checkpoint compiled into each layer, the peak inside the last layer's backward
+    # (where the recomputed matmuls' outputs and inputs are buffers of their own)
+    ("llama-3.2-1b", dict(precision="bf16-mixed", checkpointing="selective-op"),
+     dict(vocab_size=256, intermediate_size=2048)),
+    # ... and under FSDP2 casting to bf16, as torchtitan runs it (fully_shard around each compiled block)
+    ("llama-3.2-1b", dict(precision="bf16-mixed", checkpointing="selective-op", gpus=2, zero=3,
+                          fsdp_param_dtype="compute"), {}),
     ("qwen2.5-0.5b", dict(precision="bf16-true"), {}),
     ("gemma-2-9b", dict(precision="bf16-mixed"), {}),
     ("phi-3-mini", dict(precision="bf16-true"), dict(pad_token_id=0)),
@@ -286,6 +310,8 @@ def test_what_the_trace_compiles():
 
     assert untraced_compile(TrainingConfig(model="gpt2", compile=True), parallel=False) == ""
     assert "parallelism" in untraced_compile(TrainingConfig(model="gpt2", compile=True, gpus=2), parallel=True)
+    assert untraced_compile(TrainingConfig(model="llama-3.2-1b", compile=True, gpus=2, zero=3,
+                                           checkpointing="selective-op"), parallel=True) == ""
     assert "selective" in untraced_compile(TrainingConfig(model="gpt2", compile=True, checkpointing="selective"),
                                            parallel=False)
     assert "nf4" in untraced_compile(TrainingConfig(model="gpt2", compile=True, quant="nf4", lora_rank=8),

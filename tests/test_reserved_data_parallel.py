@@ -58,7 +58,10 @@ def test_each_streams_reserved_peak_agrees_with_the_data_parallel_trace(options)
     ("llama-3.1-8b", dict(gpus=8, batch_size=2, seq_len=8192, checkpointing="selective-op", fsdp_param_dtype="compute")),
     ("llama-3.1-8b", dict(gpus=128, batch_size=2, seq_len=8192, checkpointing="selective-op", fsdp_param_dtype="compute")),
     ("phi-3-mini", dict(gpus=8, batch_size=1, seq_len=1024)),
-], ids=["8b-8", "8b-128", "phi-3-8"])
+    # ... compiled, its selective checkpoint in each layer's graph (backward's recomputed matmuls among the buffers)
+    ("llama-3.1-8b", dict(gpus=8, batch_size=2, seq_len=8192, checkpointing="selective-op", fsdp_param_dtype="compute",
+                          compile=True, eager_loss=True)),
+], ids=["8b-8", "8b-128", "phi-3-8", "8b-8-compile"])
 def test_the_replay_holds_the_estimates_tensor_peak(model, options):
     """The sequence is the estimator's own program: the most it holds at once (in the allocator's 512-byte units)
     is the estimate's tensor peak, with FSDP2's gathered layers, reduce-scatter buffers and sharded gradients in it."""

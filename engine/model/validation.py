@@ -172,7 +172,7 @@ def unmodelled_compile(config: TrainingConfig, model: ModelSpec) -> str:
         return f"{model.family} layers"
     if config.quant != "none":
         return f"{config.quant} layers"
-    if config.checkpointing in ("selective", "selective-op"):
+    if config.checkpointing == "selective":
         return "selective checkpointing"
     if config.tp > 1:
         return "tensor parallelism"
@@ -370,8 +370,11 @@ RULES: tuple[Rule, ...] = (
                                " and the loss (Liger's fused kernel and LitGPT's chunked loss stay eager)"
                                if f.config.loss == "fused-linear" or f.config.loss_dtype == "compute" else
                                " and the loss")
-                            + " through AOTAutograd and inductor's partitioner (on one GPU, without --quant or "
-                            "selective checkpointing); "
+                            + " through AOTAutograd and inductor's partitioner (on one GPU, or FSDP2 with "
+                            "--checkpointing selective-op, without --quant or --checkpointing selective"
+                            + ("; selective-op's policy is traced into each layer's graph, as torchtitan compiles its "
+                               "checkpoint-wrapped blocks" if f.config.checkpointing == "selective-op" else "")
+                            + "); "
                             + ("the estimate puts each layer's and the loss's ops through the same min-cut and "
                                "fusion rules"
                                if not unmodelled_compile(f.config, f.model) else

@@ -153,6 +153,7 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
     if config.checkpointing != "none":
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable(selective_checkpoint_kwargs(config.checkpointing) if config.checkpointing != "full" else None)
+    model.memtui_checkpointing = config.checkpointing  # under --compile (torchside/compiled.py partition_layers)
 
     if config.quant != "none":
         from memtui.engine.torchside.replicas import quantize_linears

@@ -31,7 +31,10 @@ Untracked = Callable[[], contextlib.AbstractContextManager]
 def untraced_compile(config, *, parallel: bool) -> str:
     """Why the trace runs a --compile config eagerly ("" when it traces compile); `parallel`: the trace wraps
     the model for data or tensor parallelism."""
-    if parallel:
+    # FSDP2 (--zero 3) around compiled layers is traced for torchtitan's setup (selective-op compiled into each
+    # block, then fully_shard): checked against the estimate there only
+    if parallel and not (config.checkpointing == "selective-op" and config.zero == 3 and config.tp == 1
+                         and config.pp == 1):
         return "data or tensor parallelism"
     if config.quant != "none":
         return f"{config.quant} layers (bitsandbytes' replicas)"
@@ -91,7 +94,7 @@ def compiled_losses(model, compile_function: Callable[[Callable], Callable]) -> 
 def partition_layers(model, layers: int, untracked: Untracked) -> PartitionedLayers:
     """The trace: each decoder layer's forward through AOTAutograd and inductor's partitioner (no code
     generated); `untracked()` hides the allocations of what inductor would fuse (see the module's docstring)."""
-    compiled = PartitionedLayers(untracked)
+    compiled = PartitionedLayers(untracked, getattr(model, "memtui_checkpointing", "none"))
     for layer in decoder_layer_list(model, layers):
         layer.forward = functools.partial(compiled.checkpointed_call, layer, _undecorated_forward(layer))
     compiled_losses(model, compiled.function)
@@ -113,8 +116,9 @@ class PartitionedLayers:
     """One AOTAutograd function per distinct layer signature, shared by the layers alike (as dynamo shares one
     graph across identical layers); the parameters are the graph's inputs."""
 
-    def __init__(self, untracked: Untracked) -> None:
+    def __init__(self, untracked: Untracked, checkpointing: str = "none") -> None:
         self.untracked = untracked
+        self.checkpointing = checkpointing  # --checkpointing: "selective-op" is traced inside the graph
         self._functions: dict[Any, Callable] = {}
         self.graphs: list[tuple[str, Any]] = []  # ("forward" | "backward", GraphModule), as partitioned
 
@@ -135,6 +139,9 @@ class PartitionedLayers:
                 kwargs["past_key_values"] = None
             if kwargs.get("use_cache"):
                 kwargs["use_cache"] = False
+            if self.checkpointing == "selective-op":
+                # torchtitan compiles the checkpoint-wrapped block: the checkpoint is traced into the graph
+                return self.call(layer, functools.partial(_checkpoint_in_graph, forward), *args, **kwargs)
             # Compiled before the checkpoint starts: traced inside it, the graph would carry its recompute tags.
             self._compiled(layer, forward, args, kwargs)
             return layer._gradient_checkpointing_func(functools.partial(self.call, layer, forward, **kwargs), *args)
@@ -218,6 +225,31 @@ class PartitionedLayers:
             return tree_unflatten(list(compiled(*flat)), out_spec[0])
 
         return run
+
+
+def _checkpoint_in_graph(forward, *args, **kwargs):
+    """torchtitan's op-level selective checkpoint of a layer, as torch.compile traces it (torchtitan applies the
+    checkpoint wrapper, then compiles each wrapped block): what Dynamo's tag_activation_checkpoint runs under
+    AOTAutograd (torch/_higher_order_ops/wrap.py, tag_activation_checkpoint_impl). Traced, the policy's dispatch
+    mode tags each node of the joint graph MUST_SAVE or PREFER_RECOMPUTE (utils/checkpoint.py,
+    _CachingTorchDispatchMode) and caches every output, so the joint graph holds no recompute of its own; the
+    min-cut partitioner then saves what is MUST_SAVE and always recomputes what is PREFER_RECOMPUTE
+    (partitioners.py solve_min_cut: must_recompute)."""
+    import torch.fx.traceback as fx_traceback
+    from torch.utils.checkpoint import checkpoint
+
+    from memtui.engine.torchside.build import selective_checkpoint_kwargs
+
+    policy = selective_checkpoint_kwargs("selective-op")["context_fn"]
+
+    def context_fn():
+        forward_context, recompute_context = policy()
+        forward_context.ac_graph_id = 1  # one region per graph
+        return forward_context, recompute_context
+
+    with fx_traceback.preserve_node_meta():
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, early_stop=False,
+                          context_fn=context_fn, **kwargs)
 
 
 def _meta(tensor) -> tuple:

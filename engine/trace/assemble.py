@@ -64,7 +64,10 @@ def _what_was_traced(config: TrainingConfig, spec: ModelSpec, compile_untraced: 
         traced.append(f"torch.compile of each decoder layer{loss}: AOTAutograd with inductor's decompositions and "
                       "min-cut partitioner (what is saved for backward), the graphs run op by op without code "
                       "generation; ops inductor fuses make no allocation unless saved, returned or read by a "
-                      "matmul or attention kernel")
+                      "matmul or attention kernel"
+                      + ("; torchtitan's op-level selective checkpoint traced inside each layer's graph (its policy's "
+                         "MUST_SAVE and PREFER_RECOMPUTE tags, honoured by the partitioner)"
+                         if config.checkpointing == "selective-op" else ""))
     return traced
 
 

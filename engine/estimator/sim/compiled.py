@@ -21,6 +21,12 @@ q, k, v gradients, a gather's index_put into zeros), the gradient it reads is wr
 pointwise chain made it, a broadcast operand's gradient (a reduction) is computed where its op's is, and every
 buffer, saved tensor and incoming gradient is freed once the last kernel reading it has run (inductor frees its
 inputs at their last use). Checked against `memtui trace --compile` (tests/test_compile.py).
+
+torchtitan's op-level selective checkpoint (--checkpointing selective-op) is compiled into the layer's graph
+(torchtitan compiles each checkpoint-wrapped block): its policy tags every op MUST_SAVE or PREFER_RECOMPUTE, and
+the partitioner saves the former where backward reads them and always recomputes the latter (_sac_saved). Backward
+then recomputes, just before their first use, the matmuls it needs again and the inputs of matmuls and attention
+it reads, each into a buffer of its own.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from memtui.engine.estimator.sim.core import LF, Sim, Tensor
+from memtui.engine.estimator.sim.core import LF, CheckpointRegion, Sim, Tensor, _policy_keeps
 
 EXTERN = ("linear", "addmm", "bmm", "flash")  # sim.record names of ops inductor calls a library kernel for
 REDUCTIONS = ("mean", "sum", "amax")
@@ -54,8 +60,11 @@ class _Recorder(Sim):
     """A Sim that records a layer's ops and leaves the tensors it did not make (inputs, parameters, RoPE's
     cos and sin, masks) untouched."""
 
-    def __init__(self, sim: Sim) -> None:
+    def __init__(self, sim: Sim, policy: str = "") -> None:
         super().__init__(autocast_dtype=sim.autocast_dtype)
+        # a selective checkpoint traced into the graph: the policy's decisions, as the tags it gives the nodes
+        self.policy = CheckpointRegion(function=lambda: None, inputs=(), policy=policy) if policy else None
+        self.must_save: set[int] = set()  # the outputs tagged MUST_SAVE (the rest: PREFER_RECOMPUTE)
         for name in ("causal_mask", "window_mask"):
             if hasattr(sim, name):
                 setattr(self, name, getattr(sim, name))
@@ -79,6 +88,12 @@ class _Recorder(Sim):
         return view
 
     def ref(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def policy_saved(self, elems: LF, dtype: str, *, name: str, op: str = "mm") -> Tensor:
+        tensor = self.new(elems, dtype, name=name)
+        if self.policy is not None and _policy_keeps(self.policy, op):
+            self.must_save.add(id(tensor))
         return tensor
 
     def reduces_rows(self, output: Tensor, rows: LF) -> None:
@@ -133,11 +148,16 @@ class _Plan:
     grad_inputs: list[Tensor]  # what requires grad among the layer's external inputs
     backward: list[tuple[list[_Buf], set]] = field(default_factory=list)  # per kernel: (allocated, reads)
     outputs: dict[int, _Buf] = field(default_factory=dict)  # id(external input) -> its gradient
+    # a selective checkpoint in the graph: what backward recomputes into a buffer of its own (an extern op's output
+    # or input), by the tensor's id
+    recomputed: dict[int, _Buf] | None = None
 
 
-def compiled_layer(sim: Sim, layer: Callable[[Sim, Tensor], Tensor], x: Tensor) -> Tensor:
-    """Run `layer` (a function of a Sim and the hidden states) as one compiled graph in `sim`."""
-    recorder = _Recorder(sim)
+def compiled_layer(sim: Sim, layer: Callable[[Sim, Tensor], Tensor], x: Tensor, policy: str = "") -> Tensor:
+    """Run `layer` (a function of a Sim and the hidden states) as one compiled graph in `sim`; `policy`: a selective
+    checkpoint of the whole layer traced into the graph ("selective-op": torchtitan's, which compiles each
+    checkpoint-wrapped block), see _sac_saved."""
+    recorder = _Recorder(sim, policy)
     out = layer(recorder, x)
     out = recorder.same.get(id(out), out)
     plan = _plan(recorder, out)
@@ -221,7 +241,10 @@ def _plan(recorder: _Recorder, out: Tensor) -> _Plan:
         if op.name in EXTERN:
             needed_in_memory.update(id(base(t)) for t in op.inputs)
             needed_in_memory.add(id(op.out))
-    saved = _cut(ops, own, base, producer, needed_in_memory)
+    if recorder.policy is not None:
+        saved = _sac_saved(ops, own, base, producer, recorder.must_save)
+    else:
+        saved = _cut(ops, own, base, producer, needed_in_memory)
     saved_ids = {id(t) for t in saved}
     frontier_cache: dict[int, list[Tensor]] = {}
 
@@ -287,8 +310,42 @@ def _plan(recorder: _Recorder, out: Tensor) -> _Plan:
             if id(root) not in own and root.requires_grad and all(root is not t for t in grad_inputs):
                 grad_inputs.append(root)
     plan = _Plan(forward=forward, saved=saved, grad_inputs=grad_inputs)
-    _plan_backward(plan, ops, out, own, base, frontier)
+    if recorder.policy is not None:
+        plan.recomputed = {key: _Buf(producer[key].out.elems, producer[key].out.dtype, f"recomputed {producer[key].name}")
+                           for key in needed_in_memory - saved_ids if key in own and key in producer}
+    _plan_backward(plan, ops, out, own, base, frontier, producer)
     return plan
+
+
+def _sac_saved(ops: list[_Op], own: set[int], base, producer: dict[int, _Op], must_save: set[int]) -> list[Tensor]:
+    """What the forward saves when the layer is a selective checkpoint traced into the graph.
+
+    Under torch.compile the checkpoint's policy tags every node of the region MUST_SAVE or PREFER_RECOMPUTE
+    (utils/checkpoint.py _CachingTorchDispatchMode), and the min-cut partitioner honours both: a MUST_SAVE node is
+    banned from recomputation, a PREFER_RECOMPUTE one gets an infinite edge to the sink and no capacity of its own,
+    so it is never saved (partitioners.py solve_min_cut, must_recompute). What backward reads is then saved where
+    it is MUST_SAVE or a graph input (the layer's input, parameters, RoPE's cos and sin), and otherwise recomputed
+    from such tensors; saved values backward does not read are dropped."""
+    saved: list[Tensor] = []
+    seen: set[int] = set()
+
+    def visit(tensor: Tensor) -> None:
+        root = base(tensor)
+        if id(root) in seen:
+            return
+        seen.add(id(root))
+        made = producer.get(id(root))
+        if id(root) not in own or made is None or id(root) in must_save:
+            saved.append(root)
+            return
+        for source in made.inputs + made.stats:
+            visit(source)
+
+    for op in ops:
+        if op.grad:
+            for tensor in op.saved:
+                visit(tensor)
+    return saved
 
 
 # Sizes are linear forms in (1, tokens, tokens x s, s, s x s): the cut is chosen at 2048 tokens of one sequence.
@@ -421,10 +478,38 @@ SCATTERED = ("index", "topk", "gather")  # gathers: backward scatters into zeros
 PASS_THROUGH = ("add", "add_scalar", "add_", "sub")  # the gradient goes on unchanged (same size and dtype)
 
 
-def _plan_backward(plan: _Plan, ops: list[_Op], out: Tensor, own: set[int], base, frontier) -> None:
+def _plan_backward(plan: _Plan, ops: list[_Op], out: Tensor, own: set[int], base, frontier, producer) -> None:
     """Backward's kernels, in reverse op order (see the module's docstring)."""
     grads: dict[int, _Expr] = {id(out): _Expr(set(), TANGENT)}
     external: dict[int, tuple[Tensor, _Expr]] = {}
+    recomputed = plan.recomputed or {}
+    recompute_reads: dict[_Buf, set] = {}
+    emitted: set = set()
+
+    def read_of(tensor: Tensor) -> set:
+        """Under a selective checkpoint, what backward reads for `tensor`: a saved tensor, the buffer it is
+        recomputed into (an extern op's output or input: a kernel of its own must write it), or the sources of a
+        pointwise chain fused into the kernel that reads it."""
+        root = base(tensor)
+        buf = recomputed.get(id(root))
+        if buf is not None:
+            if buf not in recompute_reads:
+                made = producer[id(root)]
+                recompute_reads[buf] = set().union(*(read_of(t) for t in made.inputs + made.stats))
+            return {buf}
+        if any(root is t for t in plan.saved) or id(root) not in own or id(root) not in producer:
+            return {id(root)}
+        made = producer[id(root)]
+        return set().union(*(read_of(t) for t in made.inputs + made.stats))
+
+    def recompute(reads: set) -> None:
+        """The recompute kernels of the buffers a kernel reads, just before it (the partitioner's
+        reordering_to_mimic_autograd_engine puts each recomputed node before its first use in backward)."""
+        for read in reads:
+            if isinstance(read, _Buf) and read in recompute_reads and read not in emitted:
+                emitted.add(read)
+                recompute(recompute_reads[read])
+                plan.backward.append(([read], set(recompute_reads[read])))
 
     def resolve(reads: set) -> set:
         found: set = set()
@@ -436,7 +521,9 @@ def _plan_backward(plan: _Plan, ops: list[_Op], out: Tensor, own: set[int], base
         return found
 
     def kernel(allocated: list[_Buf], reads: set) -> None:
-        plan.backward.append((allocated, resolve(reads)))
+        reads = resolve(reads)
+        recompute(reads)
+        plan.backward.append((allocated, reads))
 
     made_by = {id(base(op.out)): op for op in ops if not op.view}
 
@@ -457,6 +544,7 @@ def _plan_backward(plan: _Plan, ops: list[_Op], out: Tensor, own: set[int], base
                         if pending is not gradient and pending.buf is None and key in made_by
                         and made_by[key].name in ("linear", "addmm") and unwritten(pending) & shared]
             reads = resolve(gradient.reads)
+            recompute(reads)
             gradient.buf = _Buf(like.elems, like.dtype, name)
             for pending, out in siblings:
                 pending.buf = _Buf(out.elems, out.dtype, "output grad")
@@ -485,6 +573,8 @@ def _plan_backward(plan: _Plan, ops: list[_Op], out: Tensor, own: set[int], base
         flow(target, _Expr(set(), buf))
 
     def saved_reads(op: _Op) -> set:
+        if recomputed:
+            return set().union(*(read_of(s) for s in op.saved))
         return {id(t) for s in op.saved for t in frontier(s)}
 
     for op in reversed(ops):
@@ -504,7 +594,10 @@ def _plan_backward(plan: _Plan, ops: list[_Op], out: Tensor, own: set[int], base
             dtype = g.dtype if isinstance(g, _Buf) else op.out.dtype
             # linear's weight gradient comes first; addmm's (GPT-2's Conv1D, weight as mat2) follows its
             # derivative's order: mat1 (the input), then mat2 (the weight).
-            matmuls = [(weight, "mm grad weight", {g, id(base(x))}), (x, "mm grad input", {g, id(base(weight))})]
+            if recomputed:
+                matmuls = [(weight, "mm grad weight", {g} | read_of(x)), (x, "mm grad input", {g} | read_of(weight))]
+            else:
+                matmuls = [(weight, "mm grad weight", {g, id(base(x))}), (x, "mm grad input", {g, id(base(weight))})]
             for target, name, reads in (matmuls[::-1] if op.name == "addmm" else matmuls):
                 if target.requires_grad:
                     buf = _Buf(target.elems, dtype, name)

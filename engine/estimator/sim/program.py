@@ -366,7 +366,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
 
     def run_layer(hidden: Tensor, layer, sim: Sim = sim, layer_opts: Options = opts) -> Tensor:
         if opts.compiled and sim is outer_sim:
-            return compiled_layer(sim, lambda recorder, h: run_layer(h, layer, recorder, layer_opts), hidden)
+            return compiled_layer(sim, lambda recorder, h: run_layer(h, layer, recorder, layer_opts), hidden,
+                                  policy="selective-op" if in_graph_checkpoint else "")
         if gpt2:
             return gpt2_layer(sim, hidden, layer, d, opts)
         if opts.family == "deepseek_v3":
@@ -374,6 +375,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         return llama_layer(sim, hidden, layer, d, layer_opts, cos, sin)
 
     outer_sim = sim
+    # torchtitan compiles each checkpoint-wrapped block: its op-level policy is traced into the layer's graph
+    in_graph_checkpoint = opts.compiled and opts.checkpointing == "selective-op"
 
     # Layer 0 differs (with a frozen embedding its input needs no gradient); the last layer's
     # output feeds the head, not a layer; the middle one stands for every other layer.
@@ -399,7 +402,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
             holder = sim.alias(previous)
             sim.record("mask holder", holder, [previous], [second_mask], lambda *_args: [])
             sim.drop(holder)
-        if opts.checkpointing != "none":
+        if opts.checkpointing != "none" and not in_graph_checkpoint:
             # transformers passes position embeddings and the mask as kwargs: the checkpoint frame keeps them.
             kept = [tensor for tensor in (cos, sin, mask) if tensor is not None]
             if opts.family == "gpt_oss" and second_mask is not None and segment == holder_segment:
