@@ -148,6 +148,15 @@ MATRIX: list[dict] = [
     {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "optimizer_impl": "fused",
      "logits_upcast": "model", "compile": True, "eager_loss": True},
     {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 4, "seq_len": 1024, "compile": True, "eager_loss": True},
+    # compiled layers inside torchtune's OffloadActivations: the partitioner's saved set is what goes to the host (the
+    # weights it saves are the Parameters themselves, which stay); torchtune-3b-offload's and torchtune-3b-lora's setups
+    {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "compile": True, "activation_offload": True},
+    {"model": "llama-3.2-1b", "precision": "bf16-true", "batch_size": 2, "seq_len": 2048, "lora_rank": 16, "compile": True, "activation_offload": True},
+    {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "loss": "chunked", "checkpointing": "full",
+     "optimizer_in_backward": True, "optimizer_impl": "fused", "compile": True, "activation_offload": True},
+    {"model": "llama-3.2-3b", "precision": "bf16-true", "batch_size": 2, "seq_len": 4096, "loss": "chunked", "checkpointing": "full",
+     "lora_rank": 64, "lora_targets": "q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "optimizer_impl": "fused", "compile": True,
+     "activation_offload": True},
     # torchtitan's op-level selective checkpointing (every other mm kept): flash, biased q/k/v + LoRA, eager
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 8192, "lora_rank": 16, "checkpointing": "selective-op"},
     {"model": "qwen2.5-0.5b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 1024, "lora_rank": 8, "lora_targets": "all-linear", "quant": "nf4", "checkpointing": "selective-op"},

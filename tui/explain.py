@@ -441,7 +441,7 @@ _EXPLAINERS = [
         "Llama-like families (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo 2, Mixtral, Qwen3-MoE; checked "
         "against the trace on all but Qwen3 and Gemma 1, with LoRA and full checkpointing) are modelled; "
         "GPT-2, DeepSeek and gpt-oss layers, eager attention, --quant, selective "
-        "checkpointing, activation offloading and tensor parallelism get eager figures (an upper bound), with "
+        "checkpointing and tensor parallelism get eager figures (an upper bound), with "
         "a note (llama-3.2-1b, bf16-true, batch 2 x 1024 tokens: 1.68 GiB less than eager, the estimate "
         "within 0.001% of the trace). A live run compiles for real on CUDA; on a CPU it skips compile and runs eagerly, "
         "with a note (inductor's CPU code is not what a GPU runs).",
@@ -462,9 +462,13 @@ _EXPLAINERS = [
         "With activation checkpointing (torchtune requires it), the checkpoint's own hooks are innermost inside "
         "each layer: only what the checkpoint saves for itself, the layer's input, goes to the CPU, and the "
         "recompute in backward runs on the GPU. Without checkpointing every saved activation goes.\n\n"
+        "With torch.compile (torchtune compiles each layer inside these hooks) a layer is one autograd node "
+        "that saves what inductor's partitioner chose: those tensors are what goes to the CPU (the weights it "
+        "saves are the Parameters themselves, which stay), all of them come back when the layer's backward "
+        "starts, and each is freed at its last use in the compiled backward.\n\n"
         "memtui runs torchtune's single-stream path; its default use_streams=True overlaps the copies on a "
         "second stream and keeps up to 5 recently offloaded tensors, and the previous node's copies, on the GPU "
-        "a little longer (not modelled). The pinned host memory is reported apart (\"Offloaded to CPU\", "
+        "a little longer (not modelled; compiled, a node is a whole layer). The pinned host memory is reported apart (\"Offloaded to CPU\", "
         "`offloaded_activation_bytes`): it is not GPU memory. In a live run on a CPU the copies are made "
         "within the same memory, so the hook is a no-op in effect there.",
         "Every saved activation crosses PCIe twice: slower steps unless the copies overlap the compute. "

@@ -176,8 +176,6 @@ def unmodelled_compile(config: TrainingConfig, model: ModelSpec) -> str:
         return "selective checkpointing"
     if config.tp > 1:
         return "tensor parallelism"
-    if config.activation_offload:
-        return "activation offloading"
     if config.float8 != "off":
         return "float8 linears"
     return ""

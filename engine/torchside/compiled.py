@@ -216,9 +216,19 @@ class PartitionedLayers:
         if fake_mode is None:  # real tensors (tests): AOTAutograd must trace in that same mode (the loss's passes)
             fake_mode = FakeTensorMode()
             examples = [fake_mode.from_tensor(t) for t in examples]
+        parameters = len(dict(layer.named_parameters()))
+
+        def partition(graph, joint_inputs, **kwargs):
+            # Dynamo marks a module's parameters static inputs (frontend_utils._try_get_metadata_from_dynamo), which
+            # the partitioner saves for free (config.treat_parameters_as_free_to_save): a linear's weight is saved
+            # as the Parameter itself, not as its transpose. Activation offloading's pack hook tells the two apart
+            # (a Parameter stays on the device). Traced without dynamo, the indices are given here.
+            kwargs["static_lifetime_input_indices"] = list(range(parameters))
+            return partition_fn(graph, joint_inputs, **kwargs)
+
         with V.set_fake_mode(fake_mode):
             compiled = aot_module_simplified(LayerFunction(), examples, fw_compiler=compiler("forward"),
-                                             bw_compiler=compiler("backward"), partition_fn=partition_fn,
+                                             bw_compiler=compiler("backward"), partition_fn=partition,
                                              decompositions=select_decomp_table())
 
         def run(*flat):

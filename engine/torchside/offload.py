@@ -12,6 +12,12 @@ the copies on a second stream and so keeps up to max_fwd_stash_size (5) of the l
 forward until their copies are done, and each unpacked tensor until the next node's backward starts; memtui does
 not model those few tensors in flight.
 
+Under --compile (torchtune compiles each layer inside these hooks) a layer is one autograd node: AOTAutograd's
+CompiledFunction saves the partitioner's choice with ctx.save_for_backward, so that set is what is packed, and the
+weights among it are the Parameters themselves (dynamo marks them static inputs, which the partitioner saves for
+free), which stay. Its backward unpacks them all at once (ctx.saved_tensors) and frees each at its last use.
+With use_streams the stash would keep a whole layer's copies, and the previous layer's, until the node is done.
+
 Under activation checkpointing (which torchtune's recipes require with offloading) the checkpoint's own hooks
 are innermost inside a region, so only what the region saves for itself (its inputs) is offloaded; the
 recompute runs in backward, outside these hooks, on the device.

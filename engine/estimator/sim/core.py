@@ -343,11 +343,14 @@ class Sim:
     def _pack(self, tensor: Tensor) -> Tensor:
         """The host copy standing for a saved tensor: it takes no reference on the device tensor."""
         self.offloaded[self.segment] = lf_add(self.offloaded.get(self.segment, ZERO), tensor.nbytes)
-        return Tensor(elems=tensor.elems, dtype=tensor.dtype, alive=False, offloaded=True, name=tensor.name)
+        return Tensor(elems=tensor.elems, dtype=tensor.dtype, alive=False, offloaded=True, name=tensor.name,
+                      requires_grad=tensor.requires_grad)
 
     def _unpack(self, packed: Tensor) -> Tensor:
-        """The copy back to the device, made when backward needs it."""
-        return self.new(packed.elems, packed.dtype, name=f"{packed.name} unpacked")
+        """The copy back to the device, made when backward needs it. SavedVariable::unpack makes the hook's tensor
+        a variable that requires grad as the saved one did: a checkpoint's recompute runs on an input that
+        requires grad, as in forward (a compiled layer's graph then computes that input's gradient again)."""
+        return self.new(packed.elems, packed.dtype, name=f"{packed.name} unpacked", requires_grad=packed.requires_grad)
 
     # ---- autograd -------------------------------------------------------------------------------
     def record(self, name: str, output: Tensor, inputs: list[Tensor], saved: list[Tensor], backward) -> None:
