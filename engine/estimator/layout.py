@@ -464,8 +464,4 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
                 f"not {model.family}")
     if config.uses_lora and config.tp > 1 and config.dp > 1 and config.zero <= 1:
         return _LORA_BESIDE_DDP_AND_TP
-    if config.uses_lora and config.tp > 1 and set(resolve_lora_targets(config, model)) - set(ATTENTION_PROJECTIONS):
-        return ("LoRA on the MLP projections beside tensor parallelism on pipeline stages is not traced (a small "
-                "Llama's first stage: the estimate 1.3% under the trace in a micro-batch's down_proj forward, "
-                "RowwiseParallelLora's whole lora_B output, not modelled yet); on the attention projections it is")
     return None
