@@ -306,7 +306,6 @@ TENSOR_PARALLEL_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MO
 # Phi-3's and GPT-2's fused lora_B rows reordered per part as their base weights are, OLMo 2's whole-width q/k norms
 # and DeepSeek-V3's replicated (NoParallel) modules kept frozen, the MoE experts' stacked weights not adapted.
 LORA_TENSOR_PARALLEL_FAMILIES = TENSOR_PARALLEL_FAMILIES
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Phi-3 and OLMo 2 are cut as the Llama layout is (model.layers); GPT-2's transformer.h likewise, its token and
 # position embeddings on the first stage (Megatron-LM's pre_process), ln_f and the head on the last.
 PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MOE_TENSOR_PARALLEL_FAMILIES)
