@@ -203,6 +203,10 @@ def matrix() -> list[dict]:
             # LoRA-aware plan), alone and with FSDP2
             ("llama-3.2-1b", 4, 2, "1f1b", {"tp": 2, "lora_rank": 16}),
             ("llama-3.2-1b", 8, 2, "1f1b", {"tp": 2, "lora_rank": 16, "zero": 3}),
+            # and on the MLP projections too: RowwiseParallelLora's down_proj holds peft's cast input beside its
+            # whole (Partial) lora_B output, and its lora_B gradient stays Partial (every column) on each stage
+            ("llama-3.2-1b", 4, 2, "1f1b", {"tp": 2, "lora_rank": 16, "lora_targets": "all-linear"}),
+            ("llama-3.2-1b", 8, 2, "1f1b", {"tp": 2, "lora_rank": 16, "lora_targets": "all-linear", "zero": 3}),
             # Phi-3, OLMo 2 (its received input's autocast cast shared by q/k/v) and GPT-2 (embeddings on the first
             # stage as Megatron-LM's pre_process) cut into stages
             ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {}),

@@ -146,3 +146,23 @@ def test_a_live_run_on_a_cpu_without_the_quantization_drops_the_kbit_prep_too():
     plan = make_plan(config, LiveOptions(device="cpu", if_unsupported="skip"), CPU)
     assert not plan.refusal
     assert (plan.config.quant, plan.config.kbit_prep, plan.config.lora_dropout) == ("none", False, 0.1)
+
+
+def test_peft_holds_the_cast_input_until_its_forward_returns():
+    """peft's lora.Linear rebinds `x` to the input cast to the adapter's dtype (fp32 under bf16-mixed): down_proj's
+    and o_proj's 16-bit inputs have an fp32 copy alive until the layer's forward returns, past lora_A, beside
+    lora_B's output and the sum (a small Llama under FSDP2, whose peak is a forward one: 0.6% under before)."""
+    from tests.test_trace_pp_combined import small_llama
+    from memtui.engine.estimator.overhead import cublas_workspace_bytes
+    from memtui.engine.model.presets import resolve_gpu
+    from memtui.engine.trace import trace
+
+    spec = small_llama(layers=2)
+    training = TrainingConfig(model="llama-3.2-1b", batch_size=1, seq_len=128, lora_rank=8, lora_targets="all-linear",
+                              gpus=2, zero=3)
+    traced = trace(training, model=spec)
+    traced_forward = max(p["peak_bytes"] for p in traced.phase_peaks if p["step"] == 2 and p["phase"] == "forward")
+    estimated = estimate(training, model=spec)
+    workspace = cublas_workspace_bytes(resolve_gpu(training.gpu))
+    forward = max(point.bytes for point in estimated.timeline if point.phase == "forward") - workspace
+    assert forward == pytest.approx(traced_forward, rel=1e-3)

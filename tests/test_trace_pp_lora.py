@@ -52,7 +52,7 @@ def test_which_lora_pipelines_are_traced_and_why_the_rest_are_not():
                     {"gpus": 4, "zero": 3, "quant": "nf4"}, {"gpus": 4, "tp": 2}, {"gpus": 8, "tp": 2, "zero": 3}):
         assert pipeline_refusal(config(**options), SPEC) is None, options
     assert "_pre_dp_module_transform" in pipeline_refusal(config(gpus=8, tp=2, zero=0), SPEC)
-    assert "MLP projections" in pipeline_refusal(config(gpus=4, tp=2, lora_targets="all-linear"), SPEC)
+    assert pipeline_refusal(config(gpus=4, tp=2, lora_targets="all-linear"), SPEC) is None
     assert "tensor parallelism" in pipeline_refusal(config(gpus=4, tp=2, quant="nf4"), SPEC)
     assert "Int8Params" in pipeline_refusal(config(gpus=4, zero=3, quant="int8"), SPEC)
 
@@ -91,3 +91,13 @@ def test_lora_stages_beside_tensor_parallelism_follow_nemo_automodels_plan():
     assert any(line.startswith("tensor parallel (traced): DTensor at tp 2") for line in traced.traced), traced.traced
     for traced_peak, estimated in _per_rank(gpus=4, tp=2):
         assert estimated == pytest.approx(traced_peak, rel=2e-3)
+
+
+def test_lora_on_the_mlp_projections_beside_tensor_parallelism_on_stages():
+    """All-linear LoRA beside tp on each stage: down_proj's RowwiseParallelLora forward holds peft's fp32 cast of its
+    16-bit input (peft rebinds `x` to it until forward returns) beside the base output and lora_B's whole Partial
+    output (the first rank's peak: 1.3% under the trace while the estimate let the cast go after lora_A), and a
+    later micro-batch's backward holds the Rowwise lora_B gradients whole, every column (the last rank's: 0.25%
+    under while the stages' gradients counted B's shards)."""
+    for traced_peak, estimated in _per_rank(gpus=4, tp=2, lora_targets="all-linear"):
+        assert estimated == pytest.approx(traced_peak, rel=1.5e-3)

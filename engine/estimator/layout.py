@@ -306,7 +306,6 @@ TENSOR_PARALLEL_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MO
 # Phi-3's and GPT-2's fused lora_B rows reordered per part as their base weights are, OLMo 2's whole-width q/k norms
 # and DeepSeek-V3's replicated (NoParallel) modules kept frozen, the MoE experts' stacked weights not adapted.
 LORA_TENSOR_PARALLEL_FAMILIES = TENSOR_PARALLEL_FAMILIES
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Phi-3 and OLMo 2 are cut as the Llama layout is (model.layers); GPT-2's transformer.h likewise, its token and
 # position embeddings on the first stage (Megatron-LM's pre_process), ln_f and the head on the last.
 PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MOE_TENSOR_PARALLEL_FAMILIES)
@@ -464,8 +463,4 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
                 f"not {model.family}")
     if config.uses_lora and config.tp > 1 and config.dp > 1 and config.zero <= 1:
         return _LORA_BESIDE_DDP_AND_TP
-    if config.uses_lora and config.tp > 1 and set(resolve_lora_targets(config, model)) - set(ATTENTION_PROJECTIONS):
-        return ("LoRA on the MLP projections beside tensor parallelism on pipeline stages is not traced (a small "
-                "Llama's first stage: the estimate 1.3% under the trace in a micro-batch's down_proj forward, "
-                "RowwiseParallelLora's whole lora_B output, not modelled yet); on the attention projections it is")
     return None

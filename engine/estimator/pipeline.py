@@ -28,6 +28,7 @@ from memtui.engine.estimator.layout import (
     pipeline_stages_model,
     pipeline_stage_layers,
     tensor_parallel_embedding_gradient_extra,
+    tensor_parallel_partial_adapter_gradients,
     tensor_parallel_whole_vocabulary_gradient,
 )
 from memtui.engine.estimator.moments import Moment
@@ -425,8 +426,13 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
     ddp_whole, rank_slice = ddp_tensor_parallel_embedding_gradients(config, model)
     reduced: set[int] = set()  # stages whose gradients FSDP2 has reduce-scattered (the step's end)
 
+    # The traced plan's Rowwise lora_B gradients come out of DTensor's backward Partial, every column of B, and
+    # AccumulateGrad keeps them so; the stage program's engine sums each to the shard's shape.
+    partial_extra = {index: tensor_parallel_partial_adapter_gradients(config, model, layers) * config.adapter_bytes
+                     if config.uses_lora else 0 for index, layers, _first, _last in roles}
+
     def stage_gradients(index: int) -> int:
-        whole = programs[index].gradients + vocabulary_extra[index]
+        whole = programs[index].gradients + vocabulary_extra[index] + partial_extra[index]
         if index in reduced:
             return 0 if shards[index].host else whole // shards[index].dp
         return whole

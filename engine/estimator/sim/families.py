@@ -221,8 +221,9 @@ def lora_branch(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor, Ten
     (the rank's columns of B) reduce-scatters inside its matmul."""
     lora_a, lora_b = adapters
     rank = opts.lora_rank
-    x_in = ops.cast(sim, x, lora_a.dtype)  # peft casts the input to the adapter's dtype
-    x_in = chain(sim, x_in, lambda sim_, t: ops.dropout(sim_, t, opts.lora_dropout))
+    # peft rebinds its `x` to the input cast to the adapter's dtype: that copy lives until forward returns
+    held = ops.cast(sim, x, lora_a.dtype)
+    x_in = ops.dropout(sim, held, opts.lora_dropout)
     if strided and x_in is x and (sim.autocast_dtype is None or x.dtype == sim.autocast_dtype):
         x_in = chain(sim, x_in, ops.contiguous_copy)
     if parallel == "column":
@@ -245,7 +246,8 @@ def lora_branch(sim: Sim, x: Tensor, result: Tensor, adapters: tuple[Tensor, Ten
     if total.dtype != result.dtype:
         converted = ops.cast(sim, total, result.dtype)  # peft returns the base layer's dtype
         sim.drop(total)
-        return converted
+        total = converted
+    sim.drop(held)
     return total
 
 
