@@ -206,12 +206,27 @@ def assemble(
     )
 
 
+def assemble_rank(config: TrainingConfig, spec: ModelSpec, gpu: GpuSpec, rank, *, notes: list[str],
+                  alloc_config: AllocatorConfig, modelled: list[str]) -> TraceResult:
+    """A pipeline rank's trace as a budget of its own, but for the traced lines (assemble_pipeline adds them)."""
+    return assemble(config, config, spec, gpu, rank.log, rank.extras, notes=notes, alloc_config=alloc_config,
+                    parallel=([], modelled))
+
+
 def assemble_pipeline(config: TrainingConfig, spec: ModelSpec, gpu: GpuSpec, ranks, *, notes: list[str],
                       alloc_config: AllocatorConfig, parallel: tuple[list[str], list[str]]) -> TraceResult:
     """Every pipeline rank's trace as a budget of its own (`stages`); the result is the rank with the largest
-    tensor peak, as the job needs that much on every GPU."""
-    results = [assemble(config, config, spec, gpu, rank.log, rank.extras, notes=notes, alloc_config=alloc_config,
-                        parallel=parallel) for rank in ranks]
+    tensor peak, as the job needs that much on every GPU. `ranks`: the ranks' traces, or (trace, its
+    assemble_rank result) pairs (trace_pipeline's with `finish`, made before the traced lines, `parallel[0]`,
+    were known: they are added here)."""
+    pairs = [rank if isinstance(rank, tuple) else
+             (rank, assemble_rank(config, spec, gpu, rank, notes=notes, alloc_config=alloc_config,
+                                  modelled=parallel[1]))
+             for rank in ranks]
+    ranks = [rank for rank, _result in pairs]
+    results = [result for _rank, result in pairs]
+    for result in results:
+        result.traced = result.traced + parallel[0]
     stages = [StageBudget(rank=rank.rank, stages=rank.stages, layers=rank.layers, embedding=rank.embedding,
                           head=rank.head, tensor_peak_bytes=result.budget.tensor_peak_bytes,
                           peak_phase=result.peak_phase, per_gpu=result.budget.per_gpu)

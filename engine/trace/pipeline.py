@@ -674,16 +674,21 @@ def _trace_rank(spec: ModelSpec, config: TrainingConfig, rank: int, report, dept
                      actions=actions)
 
 
-def trace_pipeline(spec: ModelSpec, config: TrainingConfig, report=None, *, reuse: bool = True) -> list[RankTrace]:
+def trace_pipeline(spec: ModelSpec, config: TrainingConfig, report=None, *, reuse: bool = True, finish=None) -> list:
     """Every pipeline rank's two steps, one rank after the other. A rank whose step is another's (_rank_role) takes
     that rank's trace, and a rank whose stage is deep enough is traced at a few layers and extended to its own
     (_StageExtension) once that has been checked on a rank of each kind of stage (`reuse=False`: every rank traced
     at every layer). The traces this asks for are independent programs (each rank in its own fake world), made two
-    at a time where this process can fork (_traced_in_two)."""
+    at a time where this process can fork (_traced_in_two).
+
+    `finish`: a function of a rank's trace (the runner's: its budget), which depends on the trace's log and extras
+    only. Given, the result is [(the rank's trace without its log, finish(its trace))], the ranks' logs laid out,
+    extended and finished two at a time as the traces are (_finished_in_two); ranks that share a trace share its
+    result."""
     report = report or (lambda _stage, _fraction: None)
     extension = _StageExtension(spec, config, report) if reuse and extension_refusal(spec, config) is None else None
-    traces: list[RankTrace] = []
-    traced: dict[tuple, RankTrace] = {}
+    entries: list = []  # per rank: a RankTrace, a function making it (_StageExtension.later), or the rank it copies
+    traced: dict[tuple, int] = {}  # role -> the rank whose entry it is
     with _sharding_decisions_across_worlds() if config.tp > 1 or config.dp > 1 else contextlib.nullcontext():
         made = _traced_in_two(spec, config, report, _planned_traces(spec, config, extension, reuse))
 
@@ -696,15 +701,118 @@ def trace_pipeline(spec: ModelSpec, config: TrainingConfig, report=None, *, reus
         for rank in range(config.pp):
             role = _rank_role(spec, config, rank) if reuse else None
             if role in traced:
-                traces.append(dataclasses.replace(traced[role], rank=rank, stages=pipeline_rank_stages(config)[rank]))
+                entries.append(traced[role])
                 continue
-            trace = extension.trace(rank) if extension is not None else None
-            if trace is None:
-                trace = trace_rank(rank)
+            if extension is None:
+                entry = None
+            elif finish is None:
+                entry = extension.trace(rank)
+            else:
+                entry = extension.later(rank)
+            if entry is None:
+                entry = trace_rank(rank)
             if role is not None:
-                traced[role] = trace
-            traces.append(trace)
-    return traces
+                traced[role] = rank
+            entries.append(entry)
+
+        def fallback(rank: int) -> RankTrace:  # a deferred extension that failed, as _StageExtension.trace does it
+            return extension.trace(rank) or trace_rank(rank)
+
+        def copied(trace: RankTrace, rank: int) -> RankTrace:
+            return dataclasses.replace(trace, rank=rank, stages=pipeline_rank_stages(config)[rank])
+
+        if finish is None:
+            traces: list[RankTrace] = []
+            for rank, entry in enumerate(entries):
+                traces.append(copied(traces[entry], rank) if isinstance(entry, int) else entry)
+            return traces
+        own = [rank for rank, entry in enumerate(entries) if not isinstance(entry, int)]
+        finished = _finished_in_two(own, entries, finish, fallback)
+    results: list = []
+    for rank, entry in enumerate(entries):
+        trace, result = finished[entry if isinstance(entry, int) else rank]
+        results.append((copied(trace, rank), copy.copy(result) if isinstance(entry, int) else result))
+    return results
+
+
+@contextlib.contextmanager
+def _collector_off():
+    """Python's cyclic garbage collector off: the logs made and read here are millions of small objects in no
+    cycle, and each full collection would walk all of them again (and, in a forked process, write to every page
+    holding one, copying it). Never around a trace, whose frees may wait for the collector as they do anywhere."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _finished_in_two(ranks: list[int], entries: list, finish, fallback) -> dict[int, tuple]:
+    """{rank: (its trace without its log, finish(its trace))} for `ranks`, each entry a RankTrace or a function
+    making it (raising NotExtensible or NotComposable where `fallback(rank)` makes it instead), half of them in a
+    forked process, which sends back the small results rather than the logs; in turn where this process cannot fork
+    safely or the child fails."""
+    import os
+    import pickle
+    import threading
+
+    from memtui.engine.trace.extend import NotExtensible
+    from memtui.engine.trace.schedule_compose import NotComposable
+
+    def made(rank: int) -> RankTrace | None:
+        entry = entries[rank]
+        if isinstance(entry, RankTrace):
+            return entry
+        try:
+            with _collector_off():
+                return entry()
+        except (NotExtensible, NotComposable):
+            return None
+
+    def done(trace: RankTrace | None, rank: int) -> tuple:
+        if trace is None:  # traced here, the collector on as for every trace
+            trace = fallback(rank)
+        with _collector_off():
+            return dataclasses.replace(trace, log=MemoryLog(), actions=[]), finish(trace)
+
+    theirs = ranks[1::2]
+    data = b""
+    child = None
+    if len(ranks) > 1 and hasattr(os, "fork") and threading.active_count() == 1:
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child: its ranks' results, or None for one the parent makes itself
+            os.close(read)
+            try:
+                results = {rank: done(trace, rank) if (trace := made(rank)) is not None else None for rank in theirs}
+                with _collector_off():
+                    data = pickle.dumps(results)
+            except BaseException:  # the parent finishes these itself, and meets the error there
+                data = pickle.dumps({})
+            with os.fdopen(write, "wb") as pipe:
+                pipe.write(data)
+            os._exit(0)
+        os.close(write)
+    finished: dict[int, tuple] = {}
+    try:
+        for rank in ranks if child is None else ranks[0::2]:
+            finished[rank] = done(made(rank), rank)
+    finally:
+        if child is not None:
+            with os.fdopen(read, "rb") as pipe:
+                data = pipe.read()
+            os.waitpid(child, 0)
+    with _collector_off():
+        theirs_done = pickle.loads(data) if data else {}
+    finished.update((rank, result) for rank, result in theirs_done.items() if result is not None)
+    for rank in ranks:
+        if rank not in finished:
+            finished[rank] = done(made(rank), rank)
+    return finished
 
 
 def _planned_traces(spec: ModelSpec, config: TrainingConfig, extension, reuse: bool) -> list[tuple[int, int | None]]:
@@ -756,8 +864,9 @@ def _traced_in_two(spec: ModelSpec, config: TrainingConfig, report, planned: lis
     if child == 0:  # the child: its traces pickled to the parent, then gone without the parent's exit handlers
         os.close(read)
         try:
-            data = pickle.dumps({job: _trace_rank(spec, config, job[0], lambda *_: None, depth=job[1])
-                                 for job in sorted(theirs)})
+            traces = {job: _trace_rank(spec, config, job[0], lambda *_: None, depth=job[1]) for job in sorted(theirs)}
+            with _collector_off():
+                data = pickle.dumps(traces)
         except BaseException:  # the parent traces these itself, and meets the error there
             data = pickle.dumps({})
         with os.fdopen(write, "wb") as pipe:
@@ -770,7 +879,8 @@ def _traced_in_two(spec: ModelSpec, config: TrainingConfig, report, planned: lis
         with os.fdopen(read, "rb") as pipe:
             data = pipe.read()
         os.waitpid(child, 0)
-    made.update(pickle.loads(data) if data else {})
+    with _collector_off():
+        made.update(pickle.loads(data) if data else {})
     return made
 
 
@@ -838,29 +948,38 @@ class _StageExtension:
         middle stages it serves (it must be traced at one layer more anyway), else `rank`."""
         return self.source if rank in self.composed or rank == self.check else rank
 
+    def _composition_holds(self, depth: int) -> bool:
+        """Whether the check rank's composed log at `depth` layers was its traced one (found out once)."""
+        from memtui.engine.trace.extend import same_log
+        from memtui.engine.trace.schedule_compose import NotComposable
+
+        if self.composable is None:
+            source, check = self._low(self.source, depth), self._low(self.check, depth)
+            try:
+                with _collector_off():
+                    self.composable = same_log(self._composed_log(source, self.check), check.log)
+            except NotComposable:
+                self.composable = False
+        return self.composable
+
+    def _composed_low(self, rank: int, depth: int) -> RankTrace:
+        """Rank `rank`'s trace at `depth` layers laid out from the source rank's (raises NotComposable)."""
+        source = self._low(self.source, depth)
+        return dataclasses.replace(source, rank=rank, stages=[rank], actions=[], log=self._composed_log(source, rank))
+
     def _low(self, rank: int, depth: int) -> RankTrace:
         """Rank `rank`'s trace at `depth` layers: composed from the source rank's once the check rank's composed
         log was its traced one, else traced."""
-        from memtui.engine.trace.extend import same_log
         from memtui.engine.trace.schedule_compose import NotComposable
 
         if rank in self.lows:
             return self.lows[rank]
-        if rank in self.composed and self.composable is None:
-            source, check = self._low(self.source, depth), self._low(self.check, depth)
-            try:
-                self.composable = same_log(self._composed_log(source, self.check), check.log)
-            except NotComposable:
-                self.composable = False
-        if rank in self.composed and self.composable:
-            try:
-                source = self._low(self.source, depth)
-                trace = dataclasses.replace(source, rank=rank, stages=[rank], actions=[],
-                                            log=self._composed_log(source, rank))
+        trace = None
+        if rank in self.composed and self._composition_holds(depth):
+            with contextlib.suppress(NotComposable):
+                trace = self._composed_low(rank, depth)
                 self.laid_out.add(rank)
-            except NotComposable:
-                trace = self.trace_rank(rank, depth)
-        else:
+        if trace is None:
             trace = self.trace_rank(rank, depth)
         self.lows[rank] = trace
         return trace
@@ -875,6 +994,20 @@ class _StageExtension:
 
     def trace(self, rank: int) -> RankTrace | None:
         """Rank `rank`'s trace extended from a few layers, or None where it is traced at every layer."""
+        from memtui.engine.trace.extend import NotExtensible
+
+        made = self.later(rank, defer=False)
+        try:
+            return made() if made is not None else None
+        except NotExtensible:
+            return None
+
+    def later(self, rank: int, *, defer: bool = True):
+        """What `trace` does for `rank`, its kind's check made now and the work on its own log (its layout from the
+        source rank's, its extension) left to the function returned, which returns the extended trace or raises
+        NotExtensible (the rank is then traced at every layer) or, `defer`ring the layout, NotComposable (`trace`
+        then traces its few layers); None where the rank is traced at every layer. The function needs only the
+        traces made so far, so it can run in another process (trace_pipeline's `finish`)."""
         from memtui.engine.trace.extend import NotExtensible, extend_log, same_log
 
         depth, template, kind = self._shape(rank)
@@ -887,7 +1020,9 @@ class _StageExtension:
             low = self._low(checked, depth)
             high = self.trace_rank(checked, depth + 1)
             try:
-                if same_log(extend_log(low.log, depth, depth + 1, template), high.log):
+                with _collector_off():
+                    same = same_log(extend_log(low.log, depth, depth + 1, template), high.log)
+                if same:
                     per_layer = StepExtras(params=high.extras.params - low.extras.params,
                                            trainable_params=high.extras.trainable_params
                                            - low.extras.trainable_params)
@@ -897,22 +1032,27 @@ class _StageExtension:
         per_layer = self.checked[kind]
         if per_layer is None:
             return None
-        low = self._low(rank, depth)
-        try:
+        laid_out = defer and rank in self.composed and rank not in self.lows and self._composition_holds(depth)
+        # the traces it needs made here and now, before the function is called elsewhere
+        traced = self._low(self.source if laid_out else rank, depth)
+
+        def extended() -> RankTrace:
+            low = self._composed_low(rank, depth) if laid_out else traced
             log = extend_log(low.log, depth, layers, template)
-        except NotExtensible:
-            return None
-        added = layers - depth
-        extras = dataclasses.replace(low.extras, params=low.extras.params + added * per_layer.params,
-                                     trainable_params=low.extras.trainable_params + added * per_layer.trainable_params)
-        note = ("decoder layers: a stage traced at 3 layers (the first and the last at 4) and its log extended to the "
-                "stage's layers (memtui.engine.trace.extend), each kind of stage (first, middle, last) once its step "
-                "one layer deeper was rebuilt event by event, exactly")
-        if rank in self.laid_out:
-            note = ("decoder layers: most middle ranks' logs at 3 layers laid out from one middle rank's actions in "
-                    "their own order (memtui.engine.trace.schedule_compose), once another rank's laid-out log was "
-                    "its traced one event by event, and extended as the others")
-        return dataclasses.replace(low, layers=layers, log=log, extras=extras, actions=[], note=note)
+            added = layers - depth
+            extras = dataclasses.replace(low.extras, params=low.extras.params + added * per_layer.params,
+                                         trainable_params=low.extras.trainable_params
+                                         + added * per_layer.trainable_params)
+            note = ("decoder layers: a stage traced at 3 layers (the first and the last at 4) and its log extended to "
+                    "the stage's layers (memtui.engine.trace.extend), each kind of stage (first, middle, last) once "
+                    "its step one layer deeper was rebuilt event by event, exactly")
+            if laid_out or rank in self.laid_out:
+                note = ("decoder layers: most middle ranks' logs at 3 layers laid out from one middle rank's actions "
+                        "in their own order (memtui.engine.trace.schedule_compose), once another rank's laid-out log "
+                        "was its traced one event by event, and extended as the others")
+            return dataclasses.replace(low, layers=layers, log=log, extras=extras, actions=[], note=note)
+
+        return extended
 
 
 def _rank_role(spec: ModelSpec, config: TrainingConfig, rank: int) -> tuple | None:

@@ -113,14 +113,17 @@ def trace(
 
     from memtui.engine.trace.tensor_parallel import tensor_parallel, tensor_parallel_refusal
 
-    from memtui.engine.trace.assemble import assemble, assemble_pipeline
+    from memtui.engine.trace.assemble import assemble, assemble_pipeline, assemble_rank
     from memtui.engine.trace.pipeline import pipeline_lines, pipeline_refusal, trace_pipeline
 
     pp_refusal = pipeline_refusal(config, spec)
     if pp_refusal is None:
-        ranks = trace_pipeline(spec, config, report)
-        lines = pipeline_lines(config, spec) + list(dict.fromkeys(rank.note for rank in ranks if rank.note))
-        result = assemble_pipeline(config, spec, gpu, ranks, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG,
+        allocator = alloc_config or DEFAULT_CONFIG
+        # each rank's budget made as its trace is finished, two at a time (trace_pipeline's `finish`)
+        ranks = trace_pipeline(spec, config, report, finish=lambda rank: assemble_rank(
+            config, spec, gpu, rank, notes=notes, alloc_config=allocator, modelled=[]))
+        lines = pipeline_lines(config, spec) + list(dict.fromkeys(rank.note for rank, _result in ranks if rank.note))
+        result = assemble_pipeline(config, spec, gpu, ranks, notes=notes, alloc_config=allocator,
                                    parallel=(lines, []))
         result.seconds = time.perf_counter() - started
         report("done", 1.0)
