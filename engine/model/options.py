@@ -284,6 +284,10 @@ _OPTIONS = (
            "fp32 gradient reduction and no autocast (MixedPrecisionPolicy, torchtitan's)",
            "--zero 3 --gpus 8 --fsdp-param-dtype compute", ladder={"compute": "FSDP2 gathers in bf16 (no autocast)"},
            baseline="stored"),
+    # ---- whose model code runs the step (issue 11: LitGPT) ---------------------------------------------------
+    Option("modeling", "Model code", MODEL_AND_HARDWARE, "select",
+           "whose model code runs the step: transformers' (adapters by peft) or LitGPT's GPT (one fused qkv "
+           "projection, litgpt/lora.py's adapters)", "--modeling litgpt"),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

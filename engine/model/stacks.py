@@ -40,6 +40,19 @@ def _fsdp_would_cast(view: View) -> bool:
         return False
 
 
+def _litgpt_models(view: View) -> bool:
+    """Whether validation accepts --modeling litgpt with these options."""
+    from memtui.engine.model.presets import resolve_gpu, resolve_model
+    from memtui.engine.model.validation import check_config
+
+    try:
+        config = TrainingConfig(**{**view, "modeling": "litgpt"})
+        check_config(config, resolve_model(config.model), resolve_gpu(config.gpu))
+    except (InputError, ValueError):
+        return False
+    return True
+
+
 # Conditions on the other options, by name: (what it says in the docs, the test, why memtui cannot apply a value
 # that needs it).
 CONDITIONS: dict[str, tuple[str, Callable[[View], bool], str]] = {
@@ -59,6 +72,9 @@ CONDITIONS: dict[str, tuple[str, Callable[[View], bool], str]] = {
                         lambda view: _fsdp_would_cast(view),
                         "memtui models FSDP2's bf16 casting for a full bf16-mixed fine-tune sharded by FSDP2 alone "
                         "(no LoRA, quantized base, offload, tensor or pipeline parallelism); autocast stands in"),
+    "litgpt-model": ("with a model and options --modeling litgpt models", lambda view: _litgpt_models(view),
+                     "memtui models LitGPT's GPT for untied Llama/Mistral configs on one GPU, unquantized, bf16-true "
+                     "or 16-true, with its chunked head and loss"),
     "no-fp16-autocast": ("without --precision 16-mixed", lambda view: view["precision"] != "16-mixed",
                          "under 16-mixed memtui's compute-dtype adapters are fp16, whose gradients the GradScaler "
                          "refuses; the framework's are bf16"),
@@ -265,6 +281,8 @@ _STACKS = (
                     when=("quant",)),
             Default("activation_offload", False, "LitGPT has no activation offloading"),
             Default("optimizer_in_backward", False, "litgpt/finetune/lora.py fit(): optimizer.step() after backward"),
+            Default("modeling", "litgpt", "litgpt/finetune/lora.py setup: GPT(config) from litgpt/lora.py (fused qkv, "
+                    "LoRAQKVLinear)", needs=("litgpt-model",)),
             Default("loss_dtype", "compute",
                     "litgpt/utils.py:326 chunked_cross_entropy: F.cross_entropy on the chunks without .float()",
                     when=("chunked-loss",),

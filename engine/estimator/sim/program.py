@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from memtui.engine.model.architectures import EAGER_ONLY_FAMILIES, GEMMA_FAMILIES, ModelSpec, attention_layer_types
-from memtui.engine.estimator.sim import ops
+from memtui.engine.estimator.sim import litgpt, ops
 from memtui.engine.estimator.sim.core import (
     CATEGORIES,
     LF,
@@ -160,6 +160,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         compiled=config.compile and not unmodelled_compile(config, spec),
         offload_point=offload_point,
         step_in_backward=config.optimizer_in_backward and config.pp == 1,
+        litgpt=config.modeling == "litgpt",
     )
 
 
@@ -254,7 +255,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
                            trainable=not frozen) if first else None)
     segments = segments or _layer_segments(layers, every_layer)
     gpt2 = opts.family == "gpt2"
-    make_params = gpt2_layer_params if gpt2 else llama_layer_params
+    make_params = gpt2_layer_params if gpt2 else litgpt.litgpt_layer_params if opts.litgpt else llama_layer_params
     dense = _dense_segments(segments, layers, opts.dense_layers)
     layer_params = []
     sim.layer_parameters = []  # type: ignore[attr-defined]  # (first, end) of each layer's in sim.parameters
@@ -351,7 +352,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         sim.causal_mask = mask  # type: ignore[attr-defined]
     # OLMo 2's rotary embedding returns fp32 cos and sin (no cast to the hidden states' dtype).
     rotary_dims = replace(d, head_dim=d.latent.rope) if d.latent is not None else d  # DeepSeek: the rotary part
-    cos, sin = (None, None) if gpt2 else rotary(sim, rotary_dims, "f32" if opts.family == "olmo2" else x.dtype,
+    # LitGPT's cos and sin are fp32 buffers (litgpt/model.py build_rope_cache), sliced per forward.
+    cos, sin = (None, None) if gpt2 else rotary(sim, rotary_dims, "f32" if opts.family == "olmo2" or opts.litgpt else x.dtype,
                                                  d.head_dim // 2 if opts.family == "gpt_oss" else 0)
     # Gemma 3: a second (cos, sin) pair for the other kind of layer; the replayed layers use the first, and the
     # layers of the other kind keep the second for their backward (freed with the last of them: the step's end).
@@ -370,6 +372,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
             return gpt2_layer(sim, hidden, layer, d, opts)
         if opts.family == "deepseek_v3":
             return deepseek_layer(sim, hidden, layer, d, opts, cos, sin, dense=dense[[id(one) for one in layer_params].index(id(layer))])
+        if opts.litgpt:
+            return litgpt.layer(sim, hidden, layer, d, layer_opts, cos, sin)
         return llama_layer(sim, hidden, layer, d, layer_opts, cos, sin)
 
     outer_sim = sim
@@ -425,6 +429,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     sim.set_segment("head_fwd")
     if gpt2:
         normed = ops.layer_norm(sim, out, final_norm, final_norm_bias, d.hidden)
+    elif opts.litgpt:
+        normed = litgpt.rms_norm(sim, out, final_norm, d.hidden)
     else:
         normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in GEMMA_FAMILIES,
                           olmo=opts.family in ("olmo2", "gpt_oss"))
