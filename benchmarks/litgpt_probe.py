@@ -31,10 +31,21 @@ def _package(checkout: Path, into: Path) -> None:
     for name in ("model", "config", "lora"):
         (package / f"{name}.py").write_text((checkout / "litgpt" / f"{name}.py").read_text())
     source = (checkout / "litgpt" / "utils.py").read_text()
-    functions = [re.search(rf"^def {name}\(.*?(?=^def |^class |^@|\Z)", source, re.M | re.S).group(0)
-                 for name in _UTILS]
+    # find_multiple moved to config.py in later commits: take the functions utils.py still has
+    functions = [_function(source, name) for name in _UTILS if _function(source, name)]
     (package / "utils.py").write_text("import torch\nfrom typing import Dict, List, Mapping, Union\n\n\n"
                                       + "\n\n".join(functions))
+    converter = checkout / "litgpt" / "scripts" / "convert_hf_checkpoint.py"
+    if converter.exists():  # later commits' model.py and lora.py import qkv_reassemble from it (it imports Lightning)
+        (package / "scripts").mkdir()
+        (package / "scripts" / "__init__.py").write_text("")
+        (package / "scripts" / "convert_hf_checkpoint.py").write_text(
+            "from __future__ import annotations\n\nimport torch\nfrom litgpt.config import Config\n\n\n" + _function(converter.read_text(), "qkv_reassemble"))
+
+
+def _function(source: str, name: str) -> str:
+    found = re.search(rf"^def {name}\(.*?(?=^def |^class |^@|\Z)", source, re.M | re.S)
+    return found.group(0) if found else ""
 
 
 def trace_litgpt(name: str, batch_size: int, seq_len: int, lora_rank: int, micro_batches: int = 2) -> int:
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, folder)
         peak = trace_litgpt(args.name, args.batch_size, args.seq_len, args.lora_rank)
     print(f"{args.name} batch {args.batch_size} x {args.seq_len}, LoRA rank {args.lora_rank}: "
-          f"tensor peak {peak / 1e9:.3f} GB")
+          f"tensor peak {peak / 1e9:.3f} GB ({peak:,} bytes)")
     return 0
 
 
