@@ -40,7 +40,7 @@ def _fsdp_would_cast(view: View) -> bool:
         return False
 
 
-def _litgpt_models(view: View) -> bool:
+def litgpt_modelled(view: View) -> bool:
     """Whether validation accepts --modeling litgpt with these options."""
     from memtui.engine.model.presets import resolve_gpu, resolve_model
     from memtui.engine.model.validation import check_config
@@ -72,7 +72,7 @@ CONDITIONS: dict[str, tuple[str, Callable[[View], bool], str]] = {
                         lambda view: _fsdp_would_cast(view),
                         "memtui models FSDP2's bf16 casting for a full bf16-mixed fine-tune sharded by FSDP2 alone "
                         "(no LoRA, quantized base, offload, tensor or pipeline parallelism); autocast stands in"),
-    "litgpt-model": ("with a model and options --modeling litgpt models", lambda view: _litgpt_models(view),
+    "litgpt-model": ("with a model and options --modeling litgpt models", litgpt_modelled,
                      "memtui models LitGPT's GPT for untied Llama/Mistral configs on one GPU, unquantized, bf16-true "
                      "or 16-true, with its chunked head and loss"),
     "no-fp16-autocast": ("without --precision 16-mixed", lambda view: view["precision"] != "16-mixed",
