@@ -20,7 +20,7 @@ from torch import nn
 
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.validation import resolve_lora_targets
+from memtui.engine.model.validation import adapts_head, resolve_lora_targets
 
 QKV = ("q_proj", "k_proj", "v_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -258,8 +258,6 @@ def build_litgpt(spec: ModelSpec, config: TrainingConfig, dtype: torch.dtype, de
     """The GPT in `dtype` (Fabric's bf16-true init_module), its LoRA as finetune/lora.py sets it up (alpha 16)
     and mark_only_lora_as_trainable; validation has checked the options it models."""
     targets = set(resolve_lora_targets(config, spec)) if config.uses_lora else set()
-    from memtui.engine.model.validation import adapts_head
-
     args = {"r": config.lora_rank, "alpha": 16, "dropout": config.lora_dropout}
     lora = {"targets": targets, "args": args, "off": {"r": 0, "alpha": 1, "dropout": 0.0},
             "head": config.uses_lora and adapts_head(config)}

@@ -11,7 +11,7 @@ memtui.engine.torchside.litgpt.
 
 from __future__ import annotations
 
-from memtui.engine.estimator.sim import ops
+from memtui.engine.estimator.sim import families, ops
 from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_scale
 from memtui.engine.estimator.sim.families import Dims, LayerParams, Options, attention_core, norm_weight
 
@@ -56,23 +56,8 @@ def litgpt_layer_params(sim: Sim, d: Dims, opts: Options) -> LayerParams:
 
 
 def rms_norm(sim: Sim, x: Tensor, weight: Tensor, width: int) -> Tensor:
-    """litgpt/model.py:1315 RMSNorm.forward: x.float(); mean(x * x); x * rsqrt(norm + eps); * weight.float();
-    .to(dtype). The fp32 input, mean and normed tensor are locals until it returns."""
-    x32 = ops.cast(sim, x, "f32")
-    squared = ops.mul(sim, x32, x32)
-    norm = ops.mean_last(sim, squared, width)
-    sim.drop(squared)
-    shifted = ops.add_scalar(sim, norm)
-    inverse = ops.rsqrt(sim, shifted)
-    sim.drop(shifted)
-    normed = ops.mul(sim, x32, inverse)
-    sim.drop(inverse)
-    weight32 = ops.cast(sim, weight, "f32")
-    scaled = ops.mul(sim, normed, weight32)
-    sim.drop(weight32)
-    out = ops.cast(sim, scaled, x.dtype)
-    sim.drop(scaled, normed, norm, x32)
-    return out
+    """litgpt/model.py:1315 RMSNorm.forward."""
+    return families.rms_norm(sim, x, weight, width, litgpt=True)
 
 
 def lora_linear(sim: Sim, x: Tensor, p: LayerParams, name: str, d_in: int, d_out: int, opts: Options) -> Tensor:
@@ -86,6 +71,11 @@ def lora_linear(sim: Sim, x: Tensor, p: LayerParams, name: str, d_in: int, d_out
     sim.drop(dropped)
     delta = ops.linear(sim, hidden, lora_b, d_out, opts.lora_rank)
     sim.drop(hidden)
+    return add_scaled(sim, pretrained, delta)
+
+
+def add_scaled(sim: Sim, pretrained: Tensor, delta: Tensor) -> Tensor:
+    """pretrained + delta * scaling (consumes both)."""
     scaled = ops.mul_scalar(sim, delta)
     sim.drop(delta)
     out = ops.add(sim, pretrained, scaled)
@@ -131,11 +121,7 @@ def lora_qkv(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options) -> Ten
         sim.record("index_copy_", padded, [after_b], [index, after_b], _index_copy_backward)
         sim.drop(index, after_b)
         after_b = padded
-    scaled = ops.mul_scalar(sim, after_b)
-    sim.drop(after_b)
-    out = ops.add(sim, pretrained, scaled)
-    sim.drop(pretrained, scaled)
-    return out
+    return add_scaled(sim, pretrained, after_b)
 
 
 def apply_rope(sim: Sim, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
