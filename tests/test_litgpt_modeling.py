@@ -50,3 +50,14 @@ def test_refuses_unmodelled(tmp_path):
         estimate(_config(tmp_path, model={"tie_word_embeddings": True}))
     with pytest.raises(InputError, match="modeling"):
         estimate(_config(tmp_path, quant="nf4"))
+
+
+def test_stack_sets_it_where_modelled(tmp_path):
+    from memtui.engine.model.stacks import stack_defaults
+
+    config = _config(tmp_path)
+    given = {"model": config.model, "precision": "bf16-true", "lora_rank": 8, "seq_len": 512}
+    assert stack_defaults("litgpt", given)[0]["modeling"] == "litgpt"
+    # bf16-mixed (LitGPT's own default precision) is not modelled: transformers' model stands in, with a note
+    options, notes = stack_defaults("litgpt", {**given, "precision": "bf16-mixed"})
+    assert "modeling" not in options and any("modeling=litgpt not applied" in note for note in notes)

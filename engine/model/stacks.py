@@ -281,13 +281,14 @@ _STACKS = (
                     when=("quant",)),
             Default("activation_offload", False, "LitGPT has no activation offloading"),
             Default("optimizer_in_backward", False, "litgpt/finetune/lora.py fit(): optimizer.step() after backward"),
-            Default("modeling", "litgpt", "litgpt/finetune/lora.py setup: GPT(config) from litgpt/lora.py (fused qkv, "
-                    "LoRAQKVLinear)", needs=("litgpt-model",)),
             Default("loss_dtype", "compute",
                     "litgpt/utils.py:326 chunked_cross_entropy: F.cross_entropy on the chunks without .float()",
                     when=("chunked-loss",),
                     note="the cross-entropy in the logits' dtype, no fp32 upcast (fp32 only where autocast runs "
                          "log_softmax in fp32)"),
+            # last: whether memtui models LitGPT's GPT depends on the values above
+            Default("modeling", "litgpt", "litgpt/finetune/lora.py setup: GPT(config) from litgpt/lora.py (fused qkv, "
+                    "LoRAQKVLinear)", needs=("litgpt-model",)),
         ),
         leaves_to_you="max_seq_length: None trains on the longest sample of the dataset; give --seq-len",
     ),
