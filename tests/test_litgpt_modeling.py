@@ -28,6 +28,8 @@ def _config(tmp_path, **changes) -> TrainingConfig:
 @pytest.mark.parametrize("changes", [
     {},  # q and v adapted: zero_pad's index_copy_ keeps the adapters' output; v's view keeps the whole qkv
     {"model": {"num_key_value_heads": 2}, "lora_targets": "all-linear,lm_head"},  # grouped queries, every linear
+    # Phi-3: the fused qkv_proj and gate_up_proj as LitGPT's slices and fc_1/fc_2; its window masks in each layer
+    {"model": {"model_type": "phi3", "sliding_window": 2047}, "lora_targets": "all-linear,lm_head"},
 ])
 def test_estimate_matches_trace(tmp_path, changes):
     config = _config(tmp_path, **changes)

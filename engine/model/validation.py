@@ -163,8 +163,15 @@ def _rule(*fields: str, broken: Callable[[Facts], bool], message: Text, allowed:
 
 # --modeling litgpt: the families whose LitGPT GPT is modelled (LLaMAMLP, RMSNorm, no biases, no soft-capping), and
 # the linears its lora_mlp adapts together.
-LITGPT_FAMILIES = ("llama", "mistral")
+LITGPT_FAMILIES = ("llama", "mistral", "phi3")
 LITGPT_MLP = ("gate_proj", "up_proj", "down_proj")
+# Phi-3's fused projections, as the separate ones LitGPT's switches name (lora_query/key/value, lora_mlp).
+_LITGPT_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def litgpt_targets(targets: tuple[str, ...]) -> tuple[str, ...]:
+    """The adapted linears as LitGPT's GPT has them: q/k/v slices of its qkv, o_proj (proj), the MLP's three."""
+    return tuple(name for target in targets for name in _LITGPT_NAMES.get(target, (target,)))
 
 # The families whose layers the estimate compiles (engine/estimator/sim/compiled.py), each checked against
 # `memtui trace --compile`.
@@ -298,6 +305,11 @@ RULES: tuple[Rule, ...] = (
           message=lambda f: f"litgpt models LitGPT's GPT for {', '.join(LITGPT_FAMILIES)}; {f.model.id} is "
                             f"{f.model.family}",
           allowed=lambda f: "hf, or litgpt with a " + "/".join(LITGPT_FAMILIES) + " model"),
+    _rule("modeling", "model", broken=lambda f: f.config.modeling == "litgpt" and (
+              f.model.config.get("rope_scaling") or {}).get("type", (f.model.config.get("rope_scaling") or {}).get(
+              "rope_type")) in ("longrope", "su"),
+          message=lambda f: f"litgpt is modelled without LongRoPE; {f.model.id} has it",
+          allowed=lambda f: "hf, or litgpt with a model without LongRoPE"),
     _rule("modeling", "gpus", "tp", "pp", "zero", "quant", "compile", "checkpointing", "activation_offload",
           "optimizer_in_backward",
           broken=lambda f: f.config.modeling == "litgpt" and (
@@ -322,7 +334,7 @@ RULES: tuple[Rule, ...] = (
           allowed=lambda f: "hf, or litgpt with a config.json whose tie_word_embeddings is false"),
     # litgpt/lora.py's Config has one lora_mlp switch for fc_1, fc_2 and proj together.
     _rule("modeling", "lora_targets", broken=lambda f: f.config.modeling == "litgpt" and f.config.uses_lora
-          and len(set(f.lora_targets) & set(LITGPT_MLP)) not in (0, len(LITGPT_MLP)),
+          and len(set(litgpt_targets(f.lora_targets)) & set(LITGPT_MLP)) not in (0, len(LITGPT_MLP)),
           message=lambda f: "LitGPT adapts its MLP's three linears together (lora_mlp); {lora_targets} names "
                             "some of " + ", ".join(LITGPT_MLP),
           allowed=lambda f: "hf, or litgpt with all or none of " + ", ".join(LITGPT_MLP)),

@@ -20,7 +20,7 @@ from torch import nn
 
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.validation import adapts_head, resolve_lora_targets
+from memtui.engine.model.validation import adapts_head, litgpt_targets, resolve_lora_targets
 
 QKV = ("q_proj", "k_proj", "v_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -138,6 +138,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, spec: ModelSpec, lora: dict) -> None:
         super().__init__()
         self.n_head, self.n_query_groups, self.head_size = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        # LitGPT's configs set sliding_window_size where the model's has a window (Mistral 7B v0.1, Phi-3 mini 4k),
+        # on every layer (config.py: sliding_window_indices defaults to all ones).
+        self.window = spec.config.get("sliding_window") or 0
         self.qkv = LoRAQKVLinear(spec.hidden_size, self.head_size, self.n_head, self.n_query_groups,
                                  enable=tuple(name in lora["targets"] for name in QKV), **lora["args"])
         self.proj = LoRALinear(self.head_size * self.n_head, spec.hidden_size,
@@ -162,8 +165,18 @@ class CausalSelfAttention(nn.Module):
             q_per_kv = n_head // n_query_groups
             k = k.repeat_interleave(q_per_kv, dim=1)
             v = v.repeat_interleave(q_per_kv, dim=1)
+        mask = None
+        if self.window:  # litgpt/model.py:552-563
+            mask = torch.ones(T, T, dtype=q.dtype, device=q.device).triu(diagonal=1)
+            mask.masked_fill_(mask.bool(), float("-inf"))
+            mask = mask.view(1, 1, *mask.shape)
+            sliding_window_mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device)
+            for i in range(T):
+                window_start = max(0, i - self.window + 1)
+                sliding_window_mask[i, window_start : i + 1] = 0.0
+            mask = sliding_window_mask.view(1, 1, T, T)
         scale = 1.0 / math.sqrt(head_size)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=scale, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=scale, is_causal=mask is None)
         y = y.transpose(1, 2)
         y = y.reshape(B, T, head_size * n_head)
         return self.proj(y)
@@ -257,7 +270,7 @@ class GPT(nn.Module):
 def build_litgpt(spec: ModelSpec, config: TrainingConfig, dtype: torch.dtype, device) -> GPT:
     """The GPT in `dtype` (Fabric's bf16-true init_module), its LoRA as finetune/lora.py sets it up (alpha 16)
     and mark_only_lora_as_trainable; validation has checked the options it models."""
-    targets = set(resolve_lora_targets(config, spec)) if config.uses_lora else set()
+    targets = set(litgpt_targets(resolve_lora_targets(config, spec))) if config.uses_lora else set()
     args = {"r": config.lora_rank, "alpha": 16, "dropout": config.lora_dropout}
     lora = {"targets": targets, "args": args, "off": {"r": 0, "alpha": 1, "dropout": 0.0},
             "head": config.uses_lora and adapts_head(config)}

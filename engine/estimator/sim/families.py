@@ -90,6 +90,7 @@ class Options:
     dense_layers: int = 0  # DeepSeek-V3: the first layers' MLP is dense (first_k_dense_replace)
     sequence_parallel: int = 1  # ranks of DTensor's sequence-parallel plan (memtui trace's TP): norms on 1/tp
     litgpt: bool = False  # --modeling litgpt: LitGPT's GPT and LoRA layers (memtui.engine.estimator.sim.litgpt)
+    litgpt_window: bool = False  # and its config sets sliding_window_size: each layer builds its T x T masks
 
 
 def fused_linear_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:

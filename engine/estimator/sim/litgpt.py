@@ -12,7 +12,7 @@ memtui.engine.torchside.litgpt.
 from __future__ import annotations
 
 from memtui.engine.estimator.sim import families, ops
-from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_scale
+from memtui.engine.estimator.sim.core import Sim, Tensor, const, lf_scale, per_position_sq
 from memtui.engine.estimator.sim.families import Dims, LayerParams, Options, attention_core, norm_weight
 
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -168,12 +168,30 @@ def attention(sim: Sim, x: Tensor, p: LayerParams, d: Dims, opts: Options, cos: 
         sim.drop(k, v)
         k, v = repeated_k, repeated_v
     # SDPA's output is laid out like q (head-major after the cat): y.reshape(B, T, C) after the transpose copies it.
-    y = attention_core(sim, q, k, v, d, opts)
+    mask = window_masks(sim, q.dtype) if opts.litgpt_window else None  # a local until forward returns
+    if mask is not None:
+        y = ops.flash_attention(sim, q, k, v, d.heads, d.head_dim, mask)
+    else:
+        y = attention_core(sim, q, k, v, d, opts)
     copied = ops.contiguous_copy(sim, y)
     sim.drop(y)
     out = lora_linear(sim, copied, p, "o_proj", d.q_dim, d.hidden, opts)
-    sim.drop(copied, q, k, v)
+    sim.drop(copied, q, k, v, mask)
     return out
+
+
+def window_masks(sim: Sim, dtype: str) -> Tensor:
+    """litgpt/model.py:552-563, a layer with apply_sliding_window_attention and no KV cache: the causal mask
+    (ones(T, T).triu(1), masked_fill_ with -inf through a bool copy), then the window mask torch.full((T, T), -inf)
+    zeroed row by row, which replaces it and goes to SDPA (kept for backward by its memory-efficient kernel)."""
+    ones = sim.new(per_position_sq(1), dtype, name="ones")
+    causal = sim.new(per_position_sq(1), dtype, name="triu")
+    sim.drop(ones)
+    as_bool = sim.new(per_position_sq(1), "bool", name="mask.bool()")
+    sim.drop(as_bool)
+    window = sim.new(per_position_sq(1), dtype, name="sliding_window_mask")
+    sim.drop(causal)
+    return window
 
 
 def split(sim: Sim, x: Tensor, fractions: list[float]) -> list[Tensor]:

@@ -53,7 +53,7 @@ from memtui.engine.estimator.sim.compiled import compiled_layer
 from memtui.engine.estimator.sim.deepseek import deepseek_layer, deepseek_layer_params, latent_dims
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.validation import adapts_head, resolve_lora_targets, unmodelled_compile
+from memtui.engine.model.validation import adapts_head, litgpt_targets, resolve_lora_targets, unmodelled_compile
 
 GRAPH_FREED = "graph_freed"  # the loss dropped after backward: the graph goes, with what its ctx attributes kept
 FORWARD_SEGMENTS = ("inputs", "embed_fwd", "layer_fwd", "head_fwd")
@@ -114,6 +114,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         base = "f32"  # prepare_model_for_kbit_training: every 16-bit parameter that is not 4-bit becomes fp32
     gpt2 = spec.family == "gpt2"
     softcapped = spec.family in ("gemma2", "gemma3")
+    litgpt = config.modeling == "litgpt"
+    targets = resolve_lora_targets(config, spec)
     return Options(
         family=spec.family,
         compute=compute,
@@ -123,7 +125,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         attention="eager" if spec.family in EAGER_ONLY_FAMILIES else config.attention,
         checkpointing=config.checkpointing,
         lora_rank=config.lora_rank,
-        lora_targets=resolve_lora_targets(config, spec),
+        lora_targets=litgpt_targets(targets) if litgpt else targets,
         lora_dtype={"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[config.adapter_dtype],
         lora_dropout=config.lora_dropout if config.uses_lora else 0.0,
         lora_head=adapts_head(config),
@@ -138,7 +140,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         eager_softmax_f32=not gpt2,
         embedding_dropout=float(spec.config.get("embd_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
         batched=batched,
-        window_mask=window_mask,
+        window_mask=window_mask and not litgpt,  # LitGPT builds its window masks in each layer
         # Gemma3Attention passes no softcap to its attention function: only Gemma-2 caps the scores.
         attention_softcap=spec.family == "gemma2" and spec.config.get("attn_logit_softcapping") is not None,
         logit_softcap=softcapped and spec.config.get("final_logit_softcapping") is not None,
@@ -160,7 +162,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         compiled=config.compile and not unmodelled_compile(config, spec),
         offload_point=offload_point,
         step_in_backward=config.optimizer_in_backward and config.pp == 1,
-        litgpt=config.modeling == "litgpt",
+        litgpt=litgpt,
+        litgpt_window=litgpt and bool(spec.config.get("sliding_window")),
     )
 
 
