@@ -156,6 +156,7 @@ MATRIX: list[dict] = [
     {"model": "benchmarks/measured_models/llama-2-7b.json", "precision": "bf16-true", "batch_size": 2, "seq_len": 512, "lora_rank": 32, "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4, "loss_dtype": "compute", "grad_accum": 2, "modeling": "litgpt"},
     {"model": "benchmarks/measured_models/llama-3.2-1b-untied.json", "precision": "bf16-true", "batch_size": 4, "seq_len": 1024, "lora_rank": 16, "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 8, "loss_dtype": "compute", "modeling": "litgpt"},
     {"model": "benchmarks/measured_models/tinyllama-1.1b.json", "precision": "bf16-true", "batch_size": 8, "seq_len": 512, "lora_rank": 32, "lora_targets": "all-linear,lm_head", "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4, "loss_dtype": "compute", "modeling": "litgpt"},
+    {"model": "phi-3-mini", "precision": "bf16-true", "batch_size": 4, "seq_len": 512, "lora_rank": 8, "lora_targets": "all-linear,lm_head", "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4, "loss_dtype": "compute", "grad_accum": 2, "modeling": "litgpt"},
 ]
 
 

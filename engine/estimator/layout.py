@@ -127,6 +127,21 @@ def litgpt_adapter_numels(config: TrainingConfig, linears: tuple[LinearLayer, ..
     return numels
 
 
+def litgpt_buffer_bytes(config: TrainingConfig, model: ModelSpec) -> int:
+    """LitGPT's LoRAQKVLinear where only some of q, k, v are adapted: its _lora_ind index (int64, one per adapted
+    column, litgpt/lora.py:265), made on the first forward and kept as a buffer in every layer."""
+    if config.modeling != "litgpt" or not config.uses_lora:
+        return 0
+    names = litgpt_targets(resolve_lora_targets(config, model))
+    enabled = [name for name in ("q_proj", "k_proj", "v_proj") if name in names]
+    if len(enabled) in (0, 3):
+        return 0
+    q_width = model.num_heads * model.head_dim
+    kv_width = model.num_kv_heads * model.head_dim
+    columns = sum(q_width if name == "q_proj" else kv_width for name in enabled)
+    return 8 * columns * model.num_layers
+
+
 def lora_tensor_parallel_shapes(config: TrainingConfig, model: ModelSpec) -> bool:
     """Whether the adapters are sharded as the traced plan shards them, NeMo Automodel's LoRA-aware styles
     (memtui.engine.trace.tensor_parallel_lora): A's rows on a Colwise linear, B's columns on a Rowwise one, the

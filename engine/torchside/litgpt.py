@@ -84,6 +84,7 @@ class LoRAQKVLinear(nn.Module):
             self.lora_B = nn.Parameter(torch.zeros(sum(self.qkv_shapes), r))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.scaling = alpha / r
+        if self.r > 0 and not all(enable):  # lora.py:265 lora_ind: made on zero_pad's first call, kept as a buffer
             q, kv = head_size * n_head, head_size * n_query_groups
             index: list[int] = []  # lora.py:265 lora_ind
             if enable[0]:
