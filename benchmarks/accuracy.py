@@ -175,6 +175,11 @@ MATRIX: list[dict] = [
      "compile": True, "eager_loss": True},
     {"model": "llama-3.1-8b", "precision": "bf16-true", "batch_size": 2, "seq_len": 8192, "lora_rank": 16, "checkpointing": "selective-op",
      "compile": True},
+    # --modeling litgpt: LitGPT's GPT (fused qkv, its LoRA layers) as its finetune/lora.py runs it
+    {"model": "benchmarks/measured_models/llama-2-7b.json", "precision": "bf16-true", "batch_size": 2, "seq_len": 512, "lora_rank": 32, "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4, "loss_dtype": "compute", "grad_accum": 2, "modeling": "litgpt"},
+    {"model": "benchmarks/measured_models/llama-3.2-1b-untied.json", "precision": "bf16-true", "batch_size": 4, "seq_len": 1024, "lora_rank": 16, "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 8, "loss_dtype": "compute", "modeling": "litgpt"},
+    {"model": "benchmarks/measured_models/tinyllama-1.1b.json", "precision": "bf16-true", "batch_size": 8, "seq_len": 512, "lora_rank": 32, "lora_targets": "all-linear,lm_head", "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4, "loss_dtype": "compute", "modeling": "litgpt"},
+    {"model": "phi-3-mini", "precision": "bf16-true", "batch_size": 4, "seq_len": 512, "lora_rank": 8, "lora_targets": "all-linear,lm_head", "lora_dropout": 0.05, "lora_dtype": "compute", "loss": "chunked", "loss_chunks": 4, "loss_dtype": "compute", "grad_accum": 2, "modeling": "litgpt"},
 ]
 
 
@@ -287,6 +292,11 @@ COMPILE_NOTE = (
     "mechanism to each layer's and the loss's op program (engine/estimator/sim/compiled.py).")
 
 
+def table_line(r: dict) -> str:
+    return (f"| `{r['config']}` | {r['traced'] / 2**30:.3f} | {r['estimated'] / 2**30:.3f} | {100 * r['error']:+.3f}% "
+            f"| {100 * r['fb_error']:+.3f}% | {r['traced_phase']} / {r['estimated_phase']} | {r['method']} | {r['seconds']:.1f} |")
+
+
 def write_markdown(results: list[dict], path: Path, command: str) -> None:
     errors = [abs(r["error"]) for r in results]
     fb_errors = [abs(r["fb_error"]) for r in results]
@@ -315,11 +325,7 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
         "| configuration | traced GiB | estimated GiB | error | fwd/bwd peak error | peak (trace / estimate) | method | trace s |",
         "|---|---:|---:|---:|---:|---|---|---:|",
     ]
-    for r in results:
-        lines.append(
-            f"| `{r['config']}` | {r['traced'] / 2**30:.3f} | {r['estimated'] / 2**30:.3f} | {100 * r['error']:+.3f}% "
-            f"| {100 * r['fb_error']:+.3f}% | {r['traced_phase']} / {r['estimated_phase']} | {r['method']} | {r['seconds']:.1f} |"
-        )
+    lines += [table_line(r) for r in results]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -331,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random", type=int, default=0, metavar="N",
                         help="N random configurations drawn outside the matrix instead (written to docs/accuracy-random.md)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
+    parser.add_argument("--append", action="store_true",
+                        help="with --only: add the rows' lines to docs/accuracy.md's table (its summary stays the last "
+                             "full run's)")
     args = parser.parse_args(argv)
     rows = [row for row in MATRIX if args.only in label(row)]
     if args.random:  # the same draw whatever --only keeps of it
@@ -350,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     fb_errors = [abs(r["fb_error"]) for r in results]
     print(f"\n{len(errors)} configurations: median |error| {100 * statistics.median(errors):.3f}%, max {100 * max(errors):.3f}%;"
           f" forward/backward peak: median {100 * statistics.median(fb_errors):.3f}%, max {100 * max(fb_errors):.3f}%")
+    if args.append and args.only and not args.random:
+        path = Path(__file__).resolve().parent.parent / "docs" / "accuracy.md"
+        path.write_text(path.read_text().rstrip("\n") + "\n" + "\n".join(table_line(r) for r in results) + "\n")
+        print(f"appended {len(results)} rows to {path}")
     if not args.no_write and not args.only and not args.limit:
         name = "accuracy-random.md" if args.random else "accuracy.md"
         command = "uv run python benchmarks/accuracy.py" + (f" --random {args.random} --seed {args.seed}" if args.random else "")

@@ -1,6 +1,6 @@
 """LitGPT's own model and fine-tuning loop, traced on fake tensors with memtui's tracker.
 
-    git clone https://github.com/Lightning-AI/litgpt && git -C litgpt checkout 00af8b0d9
+    git clone https://github.com/Lightning-AI/litgpt && git -C litgpt checkout 26857050f   # or 00af8b0d9
     uv run python benchmarks/litgpt_probe.py --litgpt litgpt Llama-2-7b-hf --batch-size 2 --seq-len 512 --lora-rank 32
 
 What LitGPT's finetune/lora.py allocates, for comparing with memtui's estimate of the same setup (which
@@ -9,7 +9,9 @@ config.py and lora.py are taken from the checkout as they are; from utils.py onl
 loop use (the rest imports Lightning). The loop is fit()'s: bf16-true weights, LoRA on the query and value
 slices of the fused qkv projection with dropout, the head in 128-token chunks, chunked_cross_entropy, torch's
 AdamW, two steps of two micro-batches, `logits` kept between iterations. Prints the tensor peak in GB (1e9),
-without cuBLAS's workspace (memtui's tensor peak has it: subtract `cublas_workspace_bytes` to compare).
+without cuBLAS's workspace (memtui's tensor peak has it: subtract `cublas_workspace_bytes` to compare), and with
+AdamW's step counters (host tensors on CUDA, which memtui leaves out: 512 bytes per trainable tensor here).
+`memtui trace --modeling litgpt` runs memtui's re-implementation of these modules (engine/torchside/litgpt.py).
 """
 
 from __future__ import annotations
@@ -31,10 +33,21 @@ def _package(checkout: Path, into: Path) -> None:
     for name in ("model", "config", "lora"):
         (package / f"{name}.py").write_text((checkout / "litgpt" / f"{name}.py").read_text())
     source = (checkout / "litgpt" / "utils.py").read_text()
-    functions = [re.search(rf"^def {name}\(.*?(?=^def |^class |^@|\Z)", source, re.M | re.S).group(0)
-                 for name in _UTILS]
+    # find_multiple moved to config.py in later commits: take the functions utils.py still has
+    functions = [_function(source, name) for name in _UTILS if _function(source, name)]
     (package / "utils.py").write_text("import torch\nfrom typing import Dict, List, Mapping, Union\n\n\n"
                                       + "\n\n".join(functions))
+    converter = checkout / "litgpt" / "scripts" / "convert_hf_checkpoint.py"
+    if converter.exists():  # later commits' model.py and lora.py import qkv_reassemble from it (it imports Lightning)
+        (package / "scripts").mkdir()
+        (package / "scripts" / "__init__.py").write_text("")
+        (package / "scripts" / "convert_hf_checkpoint.py").write_text(
+            "from __future__ import annotations\n\nimport torch\nfrom litgpt.config import Config\n\n\n" + _function(converter.read_text(), "qkv_reassemble"))
+
+
+def _function(source: str, name: str) -> str:
+    found = re.search(rf"^def {name}\(.*?(?=^def |^class |^@|\Z)", source, re.M | re.S)
+    return found.group(0) if found else ""
 
 
 def trace_litgpt(name: str, batch_size: int, seq_len: int, lora_rank: int, micro_batches: int = 2) -> int:
@@ -87,7 +100,7 @@ def trace_litgpt(name: str, batch_size: int, seq_len: int, lora_rank: int, micro
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--litgpt", type=Path, required=True, help="a LitGPT checkout (00af8b0d9 was traced)")
+    parser.add_argument("--litgpt", type=Path, required=True, help="a LitGPT checkout (26857050f and 00af8b0d9 were traced)")
     parser.add_argument("name", help="a LitGPT model name (Config.from_name), e.g. Llama-2-7b-hf")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, folder)
         peak = trace_litgpt(args.name, args.batch_size, args.seq_len, args.lora_rank)
     print(f"{args.name} batch {args.batch_size} x {args.seq_len}, LoRA rank {args.lora_rank}: "
-          f"tensor peak {peak / 1e9:.3f} GB")
+          f"tensor peak {peak / 1e9:.3f} GB ({peak:,} bytes)")
     return 0
 
 

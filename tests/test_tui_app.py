@@ -777,7 +777,7 @@ async def test_80x24_is_usable_with_the_keyboard_alone():
         from memtui.tui.option_specs import GROUPS
 
         option_ids = [f"opt-{spec.key}" for _, specs in GROUPS for spec in specs]  # the panel's reading order
-        assert option_ids[:7] == ["opt-model", "opt-model_path", "opt-gpu", "opt-gpus", "opt-stack",
+        assert option_ids[:8] == ["opt-model", "opt-model_path", "opt-gpu", "opt-gpus", "opt-stack", "opt-modeling",
                                   "opt-batch_size", "opt-seq_len"]
         assert chain[: len(option_ids)] == option_ids and "ladder-list" in chain[len(option_ids):]
         # Tab walks it.

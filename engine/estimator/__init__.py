@@ -38,6 +38,7 @@ from memtui.engine.estimator.layout import (
     NF4_BYTES_PER_PARAM,
     ParamLayout,
     ddp_tensor_parallel_embedding_gradients,
+    litgpt_buffer_bytes,
     param_layout,
     pipeline_stages_model,
     pipeline_refusal,
@@ -263,6 +264,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
     # ZeRO-Offload runs its stages on one GPU too (its paper's main case); without offload a lone GPU has nothing to shard.
     zero = config.zero if dp > 1 or config.offload != "none" else 0
     base_weights, adapters = _weights_bytes(config, layout)
+    base_weights += litgpt_buffer_bytes(config, model)  # one GPU only (validation): no layer split to follow
     weights_full = base_weights + adapters
     grads_full = layout.trainable_params * trainable_bytes(config)
     states_full, one_state_group, paged = _optimizer_state_bytes(config, model, layout)

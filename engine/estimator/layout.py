@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from memtui.engine.model.architectures import LinearLayer, ModelSpec, attention_layer_types
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.validation import adapts_head, resolve_lora_targets
+from memtui.engine.model.validation import adapts_head, litgpt_targets, resolve_lora_targets
 
 # bitsandbytes NF4 with double quantization: 4 bits per weight, one 8-bit absmax per
 # 64-weight block, and one fp32 absmax per 256 blocks (QLoRA: 0.127 bits of constants).
@@ -99,8 +99,47 @@ def _lora_params(config: TrainingConfig, linears: tuple[LinearLayer, ...], targe
     the traced plan shards them (lora_tensor_parallel_shapes)."""
     if sharded:
         return sum(sum(_adapter_numels(config, _named(linears, name), tp)) for name in targets)
+    if config.modeling == "litgpt":  # one GPU (validation)
+        return sum(litgpt_adapter_numels(config, linears, targets))
     return sum(config.lora_rank * (_named(linears, name).in_features + _named(linears, name).out_features) // tp
                for name in targets)
+
+
+def litgpt_adapter_numels(config: TrainingConfig, linears: tuple[LinearLayer, ...], targets: tuple[str, ...]) -> list[int]:
+    """One layer's adapter tensors as LitGPT's LoRA makes them (litgpt/lora.py): LoRAQKVLinear one lora_A of
+    (r x enabled slices) x in and one lora_B of the enabled slices' widths x r; LoRALinear (proj, the MLP's fc_1,
+    fc_2, proj) r x in and out x r. Phi-3's fused qkv_proj and gate_up_proj become LitGPT's slices and fc_1, fc_2."""
+    rank = config.lora_rank
+    names = litgpt_targets(targets)
+    shapes = {linear.name: (linear.in_features, linear.out_features) for linear in linears}
+    if "qkv_proj" in shapes:  # Phi-3: the fused projections split as LitGPT's model has them
+        hidden, width = shapes.pop("qkv_proj")
+        q_width = next(linear.in_features for linear in linears if linear.name == "o_proj")
+        kv_width = (width - q_width) // 2
+        shapes.update(q_proj=(hidden, q_width), k_proj=(hidden, kv_width), v_proj=(hidden, kv_width))
+        hidden, double = shapes.pop("gate_up_proj")
+        shapes.update(gate_proj=(hidden, double // 2), up_proj=(hidden, double // 2))
+    slices = [shapes[name][1] for name in ("q_proj", "k_proj", "v_proj") if name in names]
+    numels = [rank * len(slices) * shapes["q_proj"][0], sum(slices) * rank] if slices else []
+    for name in ("o_proj", "gate_proj", "up_proj", "down_proj"):
+        if name in names:
+            numels += [rank * shapes[name][0], shapes[name][1] * rank]
+    return numels
+
+
+def litgpt_buffer_bytes(config: TrainingConfig, model: ModelSpec) -> int:
+    """LitGPT's LoRAQKVLinear where only some of q, k, v are adapted: its _lora_ind index (int64, one per adapted
+    column, litgpt/lora.py:265), made on the first forward and kept as a buffer in every layer."""
+    if config.modeling != "litgpt" or not config.uses_lora:
+        return 0
+    names = litgpt_targets(resolve_lora_targets(config, model))
+    enabled = [name for name in ("q_proj", "k_proj", "v_proj") if name in names]
+    if len(enabled) in (0, 3):
+        return 0
+    q_width = model.num_heads * model.head_dim
+    kv_width = model.num_kv_heads * model.head_dim
+    columns = sum(q_width if name == "q_proj" else kv_width for name in enabled)
+    return 8 * columns * model.num_layers
 
 
 def lora_tensor_parallel_shapes(config: TrainingConfig, model: ModelSpec) -> bool:
@@ -248,6 +287,9 @@ def trainable_tensor_numels(config: TrainingConfig, model: ModelSpec, *,
     numels: list[int] = []
     norm_tensors = [model.hidden_size] * (2 if model.norm == "layer" else 1)  # LayerNorm: weight and bias
     for count, linears in model.layer_groups(layers):
+        if config.uses_lora and config.modeling == "litgpt":
+            numels += litgpt_adapter_numels(config, linears, resolve_lora_targets(config, model)) * count
+            continue
         if config.uses_lora:
             per_layer = []
             for name in resolve_lora_targets(config, model):

@@ -27,7 +27,7 @@ from memtui.engine.model.hub import is_hub_id
 from memtui.engine.model.presets import models, resolve_model
 from memtui.engine.model.specs import TrainingConfig
 # Each framework's defaults, for the keys a file leaves out and for what its code does with the keys given.
-from memtui.engine.model.stacks import STACKS, framework_values
+from memtui.engine.model.stacks import STACKS, framework_values, litgpt_modelled
 from memtui.engine.model.validation import HEAD_TARGET
 
 FORMATS = ("hf", "torchtune", "litgpt", "torchtitan", "axolotl")
@@ -649,8 +649,6 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
         reader.set("lora_dropout", "lora_dropout", _or_default(reader.number("lora_dropout"),
                                                                STACKS["litgpt"].value("lora_dropout")))
         reader.options["lora_dtype"] = STACKS["litgpt"].value("lora_dtype")
-        reader.note("LitGPT adapts slices of its fused qkv projection; memtui models adapters on separate q/k/v "
-                    "projections")
     devices = reader.get("devices", 1)
     nodes = reader.int("num_nodes") or 1
     if isinstance(devices, int) and not isinstance(devices, bool):
@@ -678,6 +676,21 @@ def _litgpt(reader: _Reader, _folder: Path) -> None:
     # litgpt/finetune/lora.py: accumulation steps = global_batch_size // (devices x num_nodes) // micro_batch_size
     if _positive(global_batch) and _positive(micro) and global_batch > micro * reader.options.get("gpus", 1):
         reader.set("train.global_batch_size", "grad_accum", global_batch // reader.options.get("gpus", 1) // micro)
+    _litgpt_modeling(reader)
+
+
+def _litgpt_modeling(reader: _Reader) -> None:
+    """litgpt finetune runs LitGPT's own GPT (litgpt/lora.py): --modeling litgpt where memtui models it with the
+    options read, else transformers' model stands in, said in a note."""
+    view = {**{name: field.default for name, field in TrainingConfig.model_fields.items()}, **reader.options}
+    if litgpt_modelled(view):
+        reader.options["modeling"] = "litgpt"
+    else:
+        reader.note("LitGPT's GPT (--modeling litgpt) is modelled for untied Llama/Mistral configs on one GPU, "
+                    "unquantized, bf16-true or 16-true, with its chunked head and loss: transformers' model here")
+        if reader.options.get("lora_rank"):
+            reader.note("LitGPT adapts slices of its fused qkv projection; transformers' model has separate q/k/v "
+                        "projections")
 
 
 # litgpt/finetune/lora.py fit(): model(input_ids, lm_head_chunk_size=128), then chunked_cross_entropy (litgpt/utils.py)

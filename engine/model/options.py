@@ -289,6 +289,10 @@ _OPTIONS = (
            "the decoder's linear layers as torchao Float8Linear (torchtitan's float8 converter): tensorwise-scaled "
            "float8 matmuls, the input and weight cast again in backward", "--float8 tensorwise",
            ladder={"tensorwise": "float8 linears (torchao, tensorwise)"}, baseline="off"),
+    # ---- whose model code runs the step (issue 11: LitGPT) ---------------------------------------------------
+    Option("modeling", "Model code", MODEL_AND_HARDWARE, "select",
+           "whose model code runs the step: transformers' (adapters by peft) or LitGPT's GPT (one fused qkv "
+           "projection, litgpt/lora.py's adapters)", "--modeling litgpt"),
 )
 
 OPTIONS: dict[str, Option] = {option.field: option for option in _OPTIONS}

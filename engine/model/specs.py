@@ -28,6 +28,7 @@ BnbVersion = Literal["current", "legacy"]
 # What FSDP2 gathers the parameters in: as stored (MixedPrecisionPolicy(), autocast casting them for compute), or in
 # the compute dtype (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast: torchtitan's).
 FsdpParamDtype = Literal["stored", "compute"]
+Modeling = Literal["hf", "litgpt"]  # whose model code runs the step
 # The training stacks whose defaults --stack applies (engine/model/stacks.py); none: memtui's own.
 Stack = Literal["none", "hf", "trl", "torchtune", "litgpt", "lightning", "torchtitan", "axolotl"]
 Float8 = Literal["off", "tensorwise"]
@@ -102,6 +103,7 @@ class TrainingConfig(BaseModel):
     microbatches: int = Field(1, ge=1, le=65536, description="pipeline micro-batches the batch is split into")
     fsdp_param_dtype: FsdpParamDtype = "stored"
     float8: Float8 = "off"
+    modeling: Modeling = "hf"
 
     @property
     def dp(self) -> int:

@@ -40,6 +40,19 @@ def _fsdp_would_cast(view: View) -> bool:
         return False
 
 
+def litgpt_modelled(view: View) -> bool:
+    """Whether validation accepts --modeling litgpt with these options."""
+    from memtui.engine.model.presets import resolve_gpu, resolve_model
+    from memtui.engine.model.validation import check_config
+
+    try:
+        config = TrainingConfig(**{**view, "modeling": "litgpt"})
+        check_config(config, resolve_model(config.model), resolve_gpu(config.gpu))
+    except (InputError, ValueError):
+        return False
+    return True
+
+
 # Conditions on the other options, by name: (what it says in the docs, the test, why memtui cannot apply a value
 # that needs it).
 CONDITIONS: dict[str, tuple[str, Callable[[View], bool], str]] = {
@@ -59,6 +72,9 @@ CONDITIONS: dict[str, tuple[str, Callable[[View], bool], str]] = {
                         lambda view: _fsdp_would_cast(view),
                         "memtui models FSDP2's bf16 casting for a full bf16-mixed fine-tune sharded by FSDP2 alone "
                         "(no LoRA, quantized base, offload, tensor or pipeline parallelism); autocast stands in"),
+    "litgpt-model": ("with a model and options --modeling litgpt models", litgpt_modelled,
+                     "memtui models LitGPT's GPT for untied Llama/Mistral configs on one GPU, unquantized, bf16-true "
+                     "or 16-true, with its chunked head and loss"),
     "no-fp16-autocast": ("without --precision 16-mixed", lambda view: view["precision"] != "16-mixed",
                          "under 16-mixed memtui's compute-dtype adapters are fp16, whose gradients the GradScaler "
                          "refuses; the framework's are bf16"),
@@ -270,6 +286,9 @@ _STACKS = (
                     when=("chunked-loss",),
                     note="the cross-entropy in the logits' dtype, no fp32 upcast (fp32 only where autocast runs "
                          "log_softmax in fp32)"),
+            # last: whether memtui models LitGPT's GPT depends on the values above
+            Default("modeling", "litgpt", "litgpt/finetune/lora.py setup: GPT(config) from litgpt/lora.py (fused qkv, "
+                    "LoRAQKVLinear)", needs=("litgpt-model",)),
         ),
         leaves_to_you="max_seq_length: None trains on the longest sample of the dataset; give --seq-len",
     ),

@@ -161,6 +161,18 @@ def _rule(*fields: str, broken: Callable[[Facts], bool], message: Text, allowed:
     return Rule(fields, broken, message, allowed)
 
 
+# --modeling litgpt: the families whose LitGPT GPT is modelled (LLaMAMLP, RMSNorm, no biases, no soft-capping), and
+# the linears its lora_mlp adapts together.
+LITGPT_FAMILIES = ("llama", "mistral", "phi3")
+LITGPT_MLP = ("gate_proj", "up_proj", "down_proj")
+# Phi-3's fused projections, as the separate ones LitGPT's switches name (lora_query/key/value, lora_mlp).
+_LITGPT_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def litgpt_targets(targets: tuple[str, ...]) -> tuple[str, ...]:
+    """The adapted linears as LitGPT's GPT has them: q/k/v slices of its qkv, o_proj (proj), the MLP's three."""
+    return tuple(name for target in targets for name in _LITGPT_NAMES.get(target, (target,)))
+
 # The families whose layers the estimate compiles (engine/estimator/sim/compiled.py), each checked against
 # `memtui trace --compile`.
 COMPILED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "mixtral", "qwen3_moe")
@@ -287,6 +299,45 @@ RULES: tuple[Rule, ...] = (
           message=lambda f: f"{f.config.loss} is modelled on one GPU and under pipeline parallelism without tensor "
                             f"parallelism; {{gpus}} is {f.config.gpus}, {{pp}} {f.config.pp}, {{tp}} {f.config.tp}",
           allowed=lambda f: "standard, or {gpus} 1, or {pp} above 1 with {tp} 1"),
+    # --modeling litgpt: LitGPT's GPT (litgpt/model.py, litgpt/lora.py) is modelled for its Llama-shaped configs,
+    # as its LoRA fine-tune runs them on one GPU (finetune/lora.py: bf16-true, the chunked head and loss).
+    _rule("modeling", "model", broken=lambda f: f.config.modeling == "litgpt" and f.model.family not in LITGPT_FAMILIES,
+          message=lambda f: f"litgpt models LitGPT's GPT for {', '.join(LITGPT_FAMILIES)}; {f.model.id} is "
+                            f"{f.model.family}",
+          allowed=lambda f: "hf, or litgpt with a " + "/".join(LITGPT_FAMILIES) + " model"),
+    _rule("modeling", "model", broken=lambda f: f.config.modeling == "litgpt" and (
+              f.model.config.get("rope_scaling") or {}).get("type", (f.model.config.get("rope_scaling") or {}).get(
+              "rope_type")) in ("longrope", "su"),
+          message=lambda f: f"litgpt is modelled without LongRoPE; {f.model.id} has it",
+          allowed=lambda f: "hf, or litgpt with a model without LongRoPE"),
+    _rule("modeling", "gpus", "tp", "pp", "zero", "quant", "compile", "checkpointing", "activation_offload",
+          "optimizer_in_backward",
+          broken=lambda f: f.config.modeling == "litgpt" and (
+              f.config.gpus > 1 or f.config.quant != "none" or f.config.compile or f.config.checkpointing != "none"
+              or f.config.activation_offload or f.config.optimizer_in_backward),
+          message=lambda f: "litgpt is modelled on one GPU, unquantized, without --compile, checkpointing, "
+                            "activation offload or an optimizer in backward",
+          allowed=lambda f: "hf, or litgpt with {gpus} 1, {quant} none, {checkpointing} none and the others off"),
+    _rule("modeling", "precision", "attention", broken=lambda f: f.config.modeling == "litgpt" and (
+              f.config.precision not in ("bf16-true", "16-true") or f.config.attention != "flash"),
+          message=lambda f: f"litgpt is modelled with 16-bit weights and SDPA (LitGPT's fine-tunes); {{precision}} "
+                            f"is {f.config.precision}, {{attention}} {f.config.attention}",
+          allowed=lambda f: "hf, or litgpt with {precision} bf16-true or 16-true and {attention} flash"),
+    _rule("modeling", "loss", "loss_dtype", broken=lambda f: f.config.modeling == "litgpt" and not (
+              f.config.loss == "chunked" and f.config.loss_dtype == "compute"),
+          message=lambda f: "litgpt is modelled with LitGPT's chunked head and chunked_cross_entropy "
+                            "(finetune/lora.py); full.py's unchunked head is not modelled yet",
+          allowed=lambda f: "hf, or litgpt with {loss} chunked and {loss_dtype} compute"),
+    # litgpt/model.py's GPT keeps lm_head and wte as two weights (its Llama 3.2 configs set no tie_embeddings).
+    _rule("modeling", "model", broken=lambda f: f.config.modeling == "litgpt" and f.model.tie_word_embeddings,
+          message=lambda f: f"LitGPT's GPT ties no head to the embedding; {f.model.id} ties them",
+          allowed=lambda f: "hf, or litgpt with a config.json whose tie_word_embeddings is false"),
+    # litgpt/lora.py's Config has one lora_mlp switch for fc_1, fc_2 and proj together.
+    _rule("modeling", "lora_targets", broken=lambda f: f.config.modeling == "litgpt" and f.config.uses_lora
+          and len(set(litgpt_targets(f.lora_targets)) & set(LITGPT_MLP)) not in (0, len(LITGPT_MLP)),
+          message=lambda f: "LitGPT adapts its MLP's three linears together (lora_mlp); {lora_targets} names "
+                            "some of " + ", ".join(LITGPT_MLP),
+          allowed=lambda f: "hf, or litgpt with all or none of " + ", ".join(LITGPT_MLP)),
     # LitGPT is the stack whose loss stays in the logits' dtype, and only behind its chunked head.
     _rule("loss_dtype", "loss", broken=lambda f: f.config.loss_dtype == "compute" and f.config.loss != "chunked",
           message=lambda f: f"compute is modelled with {{loss}} chunked (LitGPT's chunked head); {{loss}} is "

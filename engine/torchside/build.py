@@ -133,6 +133,12 @@ def build_model(spec: ModelSpec, config: TrainingConfig, *, device: str | torch.
     """
     import torch
 
+    if config.modeling == "litgpt":  # LitGPT's GPT and LoRA layers (validation limits the options)
+        from memtui.engine.torchside.litgpt import build_litgpt
+
+        model = build_litgpt(spec, config, parameter_dtype(config), device)
+        model.memtui_loss = (config.loss, config.loss_chunks, config.loss_dtype)
+        return model
     cls = _causal_lm_class(spec)
     hf = hf_config(spec, config)
     dtype = parameter_dtype(config)

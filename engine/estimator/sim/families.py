@@ -90,6 +90,8 @@ class Options:
     dense_layers: int = 0  # DeepSeek-V3: the first layers' MLP is dense (first_k_dense_replace)
     sequence_parallel: int = 1  # ranks of DTensor's sequence-parallel plan (memtui trace's TP): norms on 1/tp
     float8: bool = False  # --float8 tensorwise: the decoder's linears are torchao Float8Linears (ops.float8_linear)
+    litgpt: bool = False  # --modeling litgpt: LitGPT's GPT and LoRA layers (memtui.engine.estimator.sim.litgpt)
+    litgpt_window: bool = False  # and its config sets sliding_window_size: each layer builds its T x T masks
 
 
 def fused_linear_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
@@ -306,18 +308,28 @@ def quantized_linear(sim: Sim, x: Tensor, weight: Tensor, d_in: int, d_out: int,
     return out
 
 
-def rms_norm(sim: Sim, x: Tensor, weight: Tensor, width: int, *, gemma: bool = False, olmo: bool = False) -> Tensor:
+def rms_norm(sim: Sim, x: Tensor, weight: Tensor, width: int, *, gemma: bool = False, olmo: bool = False,
+             litgpt: bool = False) -> Tensor:
     """LlamaRMSNorm (and GemmaRMSNorm, which scales by 1 + weight in fp32; Olmo2RMSNorm, which multiplies by
-    the weight before casting back: `(weight * x).to(input_dtype)`)."""
+    the weight before casting back: `(weight * x).to(input_dtype)`; LitGPT's RMSNorm (litgpt/model.py:1315),
+    which squares by x * x and multiplies by weight.float() before casting back)."""
     input_dtype = x.dtype
     x32 = ops.cast(sim, x, "f32")
-    squared = ops.pow_(sim, x32)
+    squared = ops.mul(sim, x32, x32) if litgpt else ops.pow_(sim, x32)
     variance = ops.mean_last(sim, squared, width)
     sim.drop(squared)
     shifted = ops.add_scalar(sim, variance)
     inverse = ops.rsqrt(sim, shifted)
     sim.drop(shifted)
     normed = ops.mul(sim, x32, inverse)
+    if litgpt:  # x, norm_x and x_normed are locals until forward returns
+        sim.drop(inverse)
+        weight32 = ops.cast(sim, weight, "f32")
+        scaled = ops.mul(sim, normed, weight32)
+        sim.drop(weight32)
+        out = ops.cast(sim, scaled, input_dtype)
+        sim.drop(scaled, normed, variance, x32)
+        return out
     sim.drop(inverse, x32, variance)
     if gemma:
         weight32 = ops.cast(sim, weight, "f32")

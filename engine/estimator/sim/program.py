@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from memtui.engine.model.architectures import EAGER_ONLY_FAMILIES, GEMMA_FAMILIES, ModelSpec, attention_layer_types
-from memtui.engine.estimator.sim import ops
+from memtui.engine.estimator.sim import litgpt, ops
 from memtui.engine.estimator.sim.core import (
     CATEGORIES,
     LF,
@@ -53,7 +53,7 @@ from memtui.engine.estimator.sim.compiled import compiled_layer
 from memtui.engine.estimator.sim.deepseek import deepseek_layer, deepseek_layer_params, latent_dims
 from memtui.engine.estimator.layout import tensor_parallel_refusal
 from memtui.engine.model.specs import TrainingConfig
-from memtui.engine.model.validation import adapts_head, resolve_lora_targets, unmodelled_compile
+from memtui.engine.model.validation import adapts_head, litgpt_targets, resolve_lora_targets, unmodelled_compile
 
 GRAPH_FREED = "graph_freed"  # the loss dropped after backward: the graph goes, with what its ctx attributes kept
 FORWARD_SEGMENTS = ("inputs", "embed_fwd", "layer_fwd", "head_fwd")
@@ -114,6 +114,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         base = "f32"  # prepare_model_for_kbit_training: every 16-bit parameter that is not 4-bit becomes fp32
     gpt2 = spec.family == "gpt2"
     softcapped = spec.family in ("gemma2", "gemma3")
+    litgpt = config.modeling == "litgpt"
+    targets = resolve_lora_targets(config, spec)
     return Options(
         family=spec.family,
         compute=compute,
@@ -123,7 +125,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         attention="eager" if spec.family in EAGER_ONLY_FAMILIES else config.attention,
         checkpointing=config.checkpointing,
         lora_rank=config.lora_rank,
-        lora_targets=resolve_lora_targets(config, spec),
+        lora_targets=litgpt_targets(targets) if litgpt else targets,
         lora_dtype={"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[config.adapter_dtype],
         lora_dropout=config.lora_dropout if config.uses_lora else 0.0,
         lora_head=adapts_head(config),
@@ -138,7 +140,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         eager_softmax_f32=not gpt2,
         embedding_dropout=float(spec.config.get("embd_pdrop", 0.0) or 0.0) if gpt2 else 0.0,
         batched=batched,
-        window_mask=window_mask,
+        window_mask=window_mask and not litgpt,  # LitGPT builds its window masks in each layer
         # Gemma3Attention passes no softcap to its attention function: only Gemma-2 caps the scores.
         attention_softcap=spec.family == "gemma2" and spec.config.get("attn_logit_softcapping") is not None,
         logit_softcap=softcapped and spec.config.get("final_logit_softcapping") is not None,
@@ -161,6 +163,8 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         offload_point=offload_point,
         step_in_backward=config.optimizer_in_backward and config.pp == 1,
         float8=config.float8 != "off",
+        litgpt=litgpt,
+        litgpt_window=litgpt and bool(spec.config.get("sliding_window")),
     )
 
 
@@ -255,7 +259,7 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
                            trainable=not frozen) if first else None)
     segments = segments or _layer_segments(layers, every_layer)
     gpt2 = opts.family == "gpt2"
-    make_params = gpt2_layer_params if gpt2 else llama_layer_params
+    make_params = gpt2_layer_params if gpt2 else litgpt.litgpt_layer_params if opts.litgpt else llama_layer_params
     dense = _dense_segments(segments, layers, opts.dense_layers)
     layer_params = []
     sim.layer_parameters = []  # type: ignore[attr-defined]  # (first, end) of each layer's in sim.parameters
@@ -352,7 +356,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
         sim.causal_mask = mask  # type: ignore[attr-defined]
     # OLMo 2's rotary embedding returns fp32 cos and sin (no cast to the hidden states' dtype).
     rotary_dims = replace(d, head_dim=d.latent.rope) if d.latent is not None else d  # DeepSeek: the rotary part
-    cos, sin = (None, None) if gpt2 else rotary(sim, rotary_dims, "f32" if opts.family == "olmo2" else x.dtype,
+    # LitGPT's cos and sin are fp32 buffers (litgpt/model.py build_rope_cache), sliced per forward.
+    cos, sin = (None, None) if gpt2 else rotary(sim, rotary_dims, "f32" if opts.family == "olmo2" or opts.litgpt else x.dtype,
                                                  d.head_dim // 2 if opts.family == "gpt_oss" else 0)
     # Gemma 3: a second (cos, sin) pair for the other kind of layer; the replayed layers use the first, and the
     # layers of the other kind keep the second for their backward (freed with the last of them: the step's end).
@@ -372,6 +377,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
             return gpt2_layer(sim, hidden, layer, d, opts)
         if opts.family == "deepseek_v3":
             return deepseek_layer(sim, hidden, layer, d, opts, cos, sin, dense=dense[[id(one) for one in layer_params].index(id(layer))])
+        if opts.litgpt:
+            return litgpt.layer(sim, hidden, layer, d, layer_opts, cos, sin)
         return llama_layer(sim, hidden, layer, d, layer_opts, cos, sin)
 
     outer_sim = sim
@@ -429,6 +436,8 @@ def _replay(d: Dims, opts: Options, *, layers: int = 3, log: bool = False, every
     sim.set_segment("head_fwd")
     if gpt2:
         normed = ops.layer_norm(sim, out, final_norm, final_norm_bias, d.hidden)
+    elif opts.litgpt:
+        normed = litgpt.rms_norm(sim, out, final_norm, d.hidden)
     else:
         normed = rms_norm(sim, out, final_norm, d.hidden, gemma=opts.family in GEMMA_FAMILIES,
                           olmo=opts.family in ("olmo2", "gpt_oss"))
