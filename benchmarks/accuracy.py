@@ -207,6 +207,16 @@ RANDOM_CHOICES = {
 }
 STACK_DEFAULTS = {"loss": "standard", "logits_upcast": "loss", "grad_accum": 1, "optimizer_in_backward": False,
                   "compile": False}
+# The other knobs of issue 11 and after, drawn from a second generator so that the rows above stay the ones the
+# seed always drew; a row they make invalid is kept without them.
+EXTRA_CHOICES = {
+    "lora_dropout": [0.0, 0.0, 0.0, 0.05, 0.1],  # with LoRA
+    "lora_dtype": ["fp32", "fp32", "compute"],  # with LoRA
+    "kbit_prep": [False, False, True],  # with quantized weights
+    "paged": [False, False, False, False, True],  # AdamW or 8-bit AdamW as bitsandbytes' paged one
+    "activation_offload": [False, False, False, False, False, True],
+    "float8": ["off", "off", "off", "off", "off", "off", "tensorwise"],
+}
 _NO_DEFAULT = object()
 
 
@@ -218,7 +228,17 @@ def random_rows(count: int, seed: int) -> list[dict]:
     from memtui.engine.model.validation import check_config
 
     rng = random.Random(seed)
+    extra_rng = random.Random(f"{seed}-extra")
     rows: list[dict] = []
+
+    def valid(row: dict) -> bool:
+        try:
+            config = TrainingConfig(gpu="h100-80gb", **row)
+            check_config(config, resolve_model(config.model), resolve_gpu(config.gpu))
+        except (InputError, ValueError):
+            return False
+        return True
+
     while len(rows) < count:
         row = {key: rng.choice(values) for key, values in RANDOM_CHOICES.items() if key not in ("lora", "quant")}
         # the stacks' knobs at their defaults are left out of the row (and so of its label)
@@ -240,12 +260,22 @@ def random_rows(count: int, seed: int) -> list[dict]:
                 del row["lora_targets"]
             if row["precision"] != "32-true":
                 row["quant"] = rng.choice(RANDOM_CHOICES["quant"])
-        try:
-            config = TrainingConfig(gpu="h100-80gb", **row)
-            check_config(config, resolve_model(config.model), resolve_gpu(config.gpu))
-        except (InputError, ValueError):
+        extra = {key: extra_rng.choice(values) for key, values in EXTRA_CHOICES.items()}
+        if not valid(row):
             continue
-        rows.append(row)
+        extended = dict(row)
+        if "lora_rank" in row:
+            extended.update(lora_dropout=extra["lora_dropout"], lora_dtype=extra["lora_dtype"])
+        if row.get("quant", "none") != "none":
+            extended["kbit_prep"] = extra["kbit_prep"]
+        if extra["paged"] and row["optimizer"] in ("adamw", "adamw-8bit"):
+            extended["optimizer"] = "paged-" + row["optimizer"]
+        extended.update(activation_offload=extra["activation_offload"], float8=extra["float8"])
+        # the knobs at their defaults are left out of the row (and so of its label)
+        defaults = {"lora_dropout": 0.0, "lora_dtype": "fp32", "kbit_prep": False, "activation_offload": False,
+                    "float8": "off"}
+        extended = {key: value for key, value in extended.items() if defaults.get(key, _NO_DEFAULT) != value}
+        rows.append(extended if valid(extended) else row)
     return rows
 
 
