@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import re
+import shlex
 import statistics
 import sys
 import time
@@ -327,6 +329,41 @@ def table_line(r: dict) -> str:
             f"| {100 * r['fb_error']:+.3f}% | {r['traced_phase']} / {r['estimated_phase']} | {r['method']} | {r['seconds']:.1f} |")
 
 
+def append_rows(path: Path, results: list[dict], command: str) -> None:
+    """`--append`: each result's row in place of the table's row of the same configuration, or after the last row;
+    the summary lines recomputed from the whole table, and `command` named in the "Measured" line."""
+    lines = path.read_text().rstrip("\n").split("\n")
+    for index, line in enumerate(lines):
+        if line.startswith("Measured ") and f"`{command}`" not in line:
+            lines[index] = line.rstrip(".") + f" then `{command}`."
+    where = {match.group(1): index for index, line in enumerate(lines) if (match := _ROW.match(line))}
+    for result in results:
+        if result["config"] in where:
+            lines[where[result["config"]]] = table_line(result)
+        else:
+            last = max(where.values())
+            lines.insert(last + 1, table_line(result))
+            where = {key: index + (index > last) for key, index in where.items()} | {result["config"]: last + 1}
+    cells = [[cell.strip() for cell in lines[index].strip("|").split("|")] for index in where.values()]
+    errors = [abs(float(row[3].rstrip("%"))) for row in cells]
+    fb_errors = [abs(float(row[4].rstrip("%"))) for row in cells]
+    full = [abs(float(row[3].rstrip("%"))) for row in cells if row[6] == "simulated"]
+    for index, line in enumerate(lines):
+        if line.startswith("- all ") and "step peak" in line:
+            lines[index] = (f"- all {len(errors)} configurations, step peak: median |error| "
+                            f"{statistics.median(errors):.3f}%, max {max(errors):.3f}%")
+        elif line.startswith("- forward/backward peak alone"):
+            lines[index] = ("- forward/backward peak alone (where activations decide it): median |error| "
+                            f"{statistics.median(fb_errors):.3f}%, max {max(fb_errors):.3f}%")
+        elif "configurations the estimate models in full" in line:
+            lines[index] = (f"- {len(full)} configurations the estimate models in full (the others' notes say they are "
+                            f"eager upper bounds): median {statistics.median(full):.3f}%, max {max(full):.3f}%")
+    path.write_text("\n".join(lines) + "\n")
+
+
+_ROW = re.compile(r"\| `(--model [^`]*)` \|")
+
+
 def write_markdown(results: list[dict], path: Path, command: str) -> None:
     errors = [abs(r["error"]) for r in results]
     fb_errors = [abs(r["fb_error"]) for r in results]
@@ -391,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
           f" forward/backward peak: median {100 * statistics.median(fb_errors):.3f}%, max {100 * max(fb_errors):.3f}%")
     if args.append and args.only and not args.random:
         path = Path(__file__).resolve().parent.parent / "docs" / "accuracy.md"
-        path.write_text(path.read_text().rstrip("\n") + "\n" + "\n".join(table_line(r) for r in results) + "\n")
+        append_rows(path, results, shlex.join(["uv", "run", "python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)]))
         print(f"appended {len(results)} rows to {path}")
     if not args.no_write and not args.only and not args.limit:
         name = "accuracy-random.md" if args.random else "accuracy.md"

@@ -232,3 +232,32 @@ def test_the_checks_kept_for_an_option_set_say_what_every_rule_says(shape):
         checks = validation.checks_at_a_shape(config, model, gpu)
         at = config.model_copy(update={"batch_size": shape[0], "seq_len": shape[1]})
         assert outcome(at, model, gpu, checks) == outcome(at, model, gpu)
+
+
+@pytest.mark.parametrize("base", [
+    # LitGPT's modelled setup (its Phi-3 adapters take their own shapes), and a multi-GPU one
+    TrainingConfig(model="phi-3-mini", precision="bf16-true", batch_size=2, seq_len=512, lora_rank=8,
+                   lora_targets="all-linear", lora_dtype="compute", loss="chunked", loss_chunks=4,
+                   loss_dtype="compute"),
+    TrainingConfig(model="llama-3.2-1b", gpus=8, zero=3, batch_size=2, seq_len=512),
+])
+def test_a_memo_never_answers_for_a_config_differing_in_one_option(base):
+    """Every picker value of every option, estimated right after `base` (whose memos are then warm) and fresh: a
+    memo keyed on fewer fields than its answer reads would give the first config's layout to the second (the
+    layout's key once lacked --modeling: LitGPT's Phi-3 then got peft's adapters after peft's row)."""
+    from memtui.engine.model.options import OPTIONS
+
+    tried = 0
+    for option in OPTIONS.values():
+        for text in option.choices:
+            try:
+                other = base.model_copy(update={option.field: option.from_text(text)})
+                _clear_memos()
+                fresh = estimate(other).model_dump_json()
+            except (InputError, pydantic.ValidationError):
+                continue
+            _clear_memos()
+            estimate(base)
+            assert estimate(other).model_dump_json() == fresh, (option.field, text)
+            tried += 1
+    assert tried > 20

@@ -96,13 +96,15 @@ _BNB_STATES: Cache = {}
 
 
 def _layout(config: TrainingConfig, model: ModelSpec) -> ParamLayout:
-    return _per_model(_LAYOUTS, (config.tp, config.pp, config.lora_rank, config.lora_targets), model,
+    # every field param_layout reads (LitGPT's fused projections take adapters of their own shapes)
+    return _per_model(_LAYOUTS, (config.tp, config.pp, config.lora_rank, config.lora_targets, config.modeling), model,
                       lambda: param_layout(config, model))
 
 
 def _bnb_states(config: TrainingConfig, model: ModelSpec) -> tuple[int, int]:
     """bnb_adam_state_bytes over this GPU's trainable tensors."""
-    return _per_model(_BNB_STATES, (config.optimizer, config.tp, config.pp, config.lora_rank, config.lora_targets),
+    return _per_model(_BNB_STATES, (config.optimizer, config.tp, config.pp, config.lora_rank, config.lora_targets,
+                                    config.modeling),
                       model, lambda: bnb_adam_state_bytes(config.optimizer, trainable_tensor_numels(config, model)))
 
 
