@@ -751,13 +751,43 @@ def _collector_off():
             gc.enable()
 
 
+def _in_two_processes(theirs, mine) -> tuple:
+    """(mine(), theirs()) with `theirs` run in a forked process beside `mine` here: its dict comes back pickled
+    ({} where the child fails: the caller does that part itself, and meets the error there); the child then goes
+    without the parent's exit handlers. The caller has checked that this process can fork safely."""
+    import os
+    import pickle
+
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        try:
+            results = theirs()
+            with _collector_off():
+                data = pickle.dumps(results)
+        except BaseException:
+            data = pickle.dumps({})
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(data)
+        os._exit(0)
+    os.close(write)
+    try:
+        result = mine()
+    finally:
+        with os.fdopen(read, "rb") as pipe:
+            data = pipe.read()
+        os.waitpid(child, 0)
+    with _collector_off():
+        return result, pickle.loads(data) if data else {}
+
+
 def _finished_in_two(ranks: list[int], entries: list, finish, fallback) -> dict[int, tuple]:
     """{rank: (its trace without its log, finish(its trace))} for `ranks`, each entry a RankTrace or a function
     making it (raising NotExtensible or NotComposable where `fallback(rank)` makes it instead), half of them in a
     forked process, which sends back the small results rather than the logs; in turn where this process cannot fork
     safely or the child fails."""
     import os
-    import pickle
     import threading
 
     from memtui.engine.trace.extend import NotExtensible
@@ -779,36 +809,13 @@ def _finished_in_two(ranks: list[int], entries: list, finish, fallback) -> dict[
         with _collector_off():
             return dataclasses.replace(trace, log=MemoryLog(), actions=[]), finish(trace)
 
-    theirs = ranks[1::2]
-    data = b""
-    child = None
-    if len(ranks) > 1 and hasattr(os, "fork") and threading.active_count() == 1:
-        read, write = os.pipe()
-        child = os.fork()
-        if child == 0:  # the child: its ranks' results, or None for one the parent makes itself
-            os.close(read)
-            try:
-                results = {rank: done(trace, rank) if (trace := made(rank)) is not None else None for rank in theirs}
-                with _collector_off():
-                    data = pickle.dumps(results)
-            except BaseException:  # the parent finishes these itself, and meets the error there
-                data = pickle.dumps({})
-            with os.fdopen(write, "wb") as pipe:
-                pipe.write(data)
-            os._exit(0)
-        os.close(write)
     finished: dict[int, tuple] = {}
-    try:
-        for rank in ranks if child is None else ranks[0::2]:
-            finished[rank] = done(made(rank), rank)
-    finally:
-        if child is not None:
-            with os.fdopen(read, "rb") as pipe:
-                data = pipe.read()
-            os.waitpid(child, 0)
-    with _collector_off():
-        theirs_done = pickle.loads(data) if data else {}
-    finished.update((rank, result) for rank, result in theirs_done.items() if result is not None)
+    if len(ranks) > 1 and hasattr(os, "fork") and threading.active_count() == 1:
+        # the child's ranks: their results, or None for one the parent makes itself
+        finished, theirs = _in_two_processes(
+            lambda: {rank: done(trace, rank) if (trace := made(rank)) is not None else None for rank in ranks[1::2]},
+            lambda: {rank: done(made(rank), rank) for rank in ranks[0::2]})
+        finished.update((rank, result) for rank, result in theirs.items() if result is not None)
     for rank in ranks:
         if rank not in finished:
             finished[rank] = done(made(rank), rank)
@@ -844,7 +851,6 @@ def _traced_in_two(spec: ModelSpec, config: TrainingConfig, report, planned: lis
     process cannot fork safely (another thread running, no os.fork) or the child fails (each is then traced in
     turn, as it is asked for)."""
     import os
-    import pickle
     import threading
 
     if len(planned) < 2 or not hasattr(os, "fork") or threading.active_count() > 1:
@@ -859,28 +865,10 @@ def _traced_in_two(spec: ModelSpec, config: TrainingConfig, report, planned: lis
     theirs: list = []
     for job in sorted(planned, key=cost, reverse=True):  # longest first, each to the less loaded side
         (mine if sum(map(cost, mine)) <= sum(map(cost, theirs)) else theirs).append(job)
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child: its traces pickled to the parent, then gone without the parent's exit handlers
-        os.close(read)
-        try:
-            traces = {job: _trace_rank(spec, config, job[0], lambda *_: None, depth=job[1]) for job in sorted(theirs)}
-            with _collector_off():
-                data = pickle.dumps(traces)
-        except BaseException:  # the parent traces these itself, and meets the error there
-            data = pickle.dumps({})
-        with os.fdopen(write, "wb") as pipe:
-            pipe.write(data)
-        os._exit(0)
-    os.close(write)
-    try:
-        made = {job: _trace_rank(spec, config, job[0], report, depth=job[1]) for job in sorted(mine)}
-    finally:
-        with os.fdopen(read, "rb") as pipe:
-            data = pipe.read()
-        os.waitpid(child, 0)
-    with _collector_off():
-        made.update(pickle.loads(data) if data else {})
+    made, theirs_made = _in_two_processes(
+        lambda: {job: _trace_rank(spec, config, job[0], lambda *_: None, depth=job[1]) for job in sorted(theirs)},
+        lambda: {job: _trace_rank(spec, config, job[0], report, depth=job[1]) for job in sorted(mine)})
+    made.update(theirs_made)
     return made
 
 
