@@ -45,6 +45,7 @@ from memtui.engine.estimator.layout import (
     tensor_parallel_embedding_gradient_extra,
     tensor_parallel_embedding_params,
     tensor_parallel_partial_adapter_gradients,
+    tensor_parallel_vocabulary_slice,
     tensor_parallel_whole_vocabulary_gradient,
     trainable_params_total,
     trainable_tensor_numels,
@@ -460,7 +461,7 @@ def _fsdp2_root_moments(config: TrainingConfig, model: ModelSpec, moments: list[
             # A tied weight's two gradients are summed out of place (the step program's sum): the embedding's
             # Shard(0) gradient added is a view of the whole vocabulary's, not cloned out of it as an untied
             # embedding's is, so the program's 1/tp embedding gradient is part of the whole one.
-            vocabulary -= model.vocab_size // config.tp * model.hidden_size * config.weight_bytes
+            vocabulary -= tensor_parallel_vocabulary_slice(config, model)
         moments[-1] = last._replace(weights=on_gpu.resting_weights + root, temporary=last.temporary + vocabulary)
         if config.tp == 1:
             # The root's post-backward: resharded, its gradients (as autograd made them) copied into one flat

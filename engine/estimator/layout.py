@@ -418,12 +418,17 @@ def tensor_parallel_whole_vocabulary_gradient(config: TrainingConfig, model: Mod
     return model.vocab_size * model.hidden_size * config.weight_bytes
 
 
+def tensor_parallel_vocabulary_slice(config: TrainingConfig, model: ModelSpec) -> int:
+    """Bytes of this rank's Shard(0) slice of the embedding gradient (vocab / tp rows)."""
+    return model.vocab_size // config.tp * model.hidden_size * config.weight_bytes
+
+
 def ddp_tensor_parallel_embedding_gradients(config: TrainingConfig, model: ModelSpec) -> tuple[int, int]:
     """(the whole vocabulary's, this rank's slice) bytes of the embedding gradient under DDP or ZeRO-1 beside the
     traced plan (PyTorch's _pre_dp_module_transform): the embedding's backward makes the whole one, and the rank's
     Shard(0) slice is cloned out of it (or added in place). (0, 0) elsewhere."""
     whole = tensor_parallel_whole_vocabulary_gradient(config, model) if config.dp > 1 and config.zero <= 1 else 0
-    return whole, (model.vocab_size // config.tp * model.hidden_size * config.weight_bytes if whole else 0)
+    return whole, (tensor_parallel_vocabulary_slice(config, model) if whole else 0)
 
 
 def tensor_parallel_embedding_gradient_extra(config: TrainingConfig, model: ModelSpec) -> int:

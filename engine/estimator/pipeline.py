@@ -29,6 +29,7 @@ from memtui.engine.estimator.layout import (
     pipeline_stage_layers,
     tensor_parallel_embedding_gradient_extra,
     tensor_parallel_partial_adapter_gradients,
+    tensor_parallel_vocabulary_slice,
     tensor_parallel_whole_vocabulary_gradient,
 )
 from memtui.engine.estimator.moments import Moment
@@ -419,7 +420,7 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
     # Under FSDP2 with gradient sync off it is the unsharded parameter's gradient, kept whole until the reduce-scatter.
     whole = tensor_parallel_whole_vocabulary_gradient(config, model)
     extra = (tensor_parallel_embedding_gradient_extra(config, model) if shards is None
-             else whole - model.vocab_size // config.tp * model.hidden_size * config.weight_bytes if whole else 0)
+             else whole - tensor_parallel_vocabulary_slice(config, model) if whole else 0)
     vocabulary_extra = {index: extra if first else 0 for index, _layers, first, _last in roles}
     # Under DDP (PyTorch's _pre_dp_module_transform) the whole vocabulary's gradient is a temporary of the
     # embedding's backward: the first one clones the rank's slice out of it, a later one adds it in place.
