@@ -219,6 +219,7 @@ EXTRA_CHOICES = {
     "activation_offload": [False, False, False, False, False, True],
     "float8": ["off", "off", "off", "off", "off", "off", "tensorwise"],
 }
+EXTRA_FIELDS = tuple(key for key in EXTRA_CHOICES if key in TrainingConfig.model_fields)  # not "paged"
 _NO_DEFAULT = object()
 
 
@@ -274,9 +275,8 @@ def random_rows(count: int, seed: int) -> list[dict]:
             extended["optimizer"] = "paged-" + row["optimizer"]
         extended.update(activation_offload=extra["activation_offload"], float8=extra["float8"])
         # the knobs at their defaults are left out of the row (and so of its label)
-        defaults = {"lora_dropout": 0.0, "lora_dtype": "fp32", "kbit_prep": False, "activation_offload": False,
-                    "float8": "off"}
-        extended = {key: value for key, value in extended.items() if defaults.get(key, _NO_DEFAULT) != value}
+        extended = {key: value for key, value in extended.items()
+                    if key not in EXTRA_FIELDS or TrainingConfig.model_fields[key].default != value}
         rows.append(extended if valid(extended) else row)
     return rows
 
@@ -341,33 +341,42 @@ def append_rows(path: Path, results: list[dict], command: str) -> None:
         if result["config"] in where:
             lines[where[result["config"]]] = table_line(result)
         else:
-            last = max(where.values())
+            last = max(where.values())  # the new row goes after it: no row's index moves
             lines.insert(last + 1, table_line(result))
-            where = {key: index + (index > last) for key, index in where.items()} | {result["config"]: last + 1}
+            where[result["config"]] = last + 1
     cells = [[cell.strip() for cell in lines[index].strip("|").split("|")] for index in where.values()]
     errors = [abs(float(row[3].rstrip("%"))) for row in cells]
     fb_errors = [abs(float(row[4].rstrip("%"))) for row in cells]
     full = [abs(float(row[3].rstrip("%"))) for row in cells if row[6] == "simulated"]
-    for index, line in enumerate(lines):
-        if line.startswith("- all ") and "step peak" in line:
-            lines[index] = (f"- all {len(errors)} configurations, step peak: median |error| "
-                            f"{statistics.median(errors):.3f}%, max {max(errors):.3f}%")
-        elif line.startswith("- forward/backward peak alone"):
-            lines[index] = ("- forward/backward peak alone (where activations decide it): median |error| "
-                            f"{statistics.median(fb_errors):.3f}%, max {max(fb_errors):.3f}%")
-        elif "configurations the estimate models in full" in line:
-            lines[index] = (f"- {len(full)} configurations the estimate models in full (the others' notes say they are "
-                            f"eager upper bounds): median {statistics.median(full):.3f}%, max {max(full):.3f}%")
+    start = next(index for index, line in enumerate(lines) if line.startswith("- all ") and "step peak" in line)
+    end = start
+    while end < len(lines) and lines[end].startswith("- "):
+        end += 1
+    lines[start:end] = _summary_lines(errors, fb_errors, full)
     path.write_text("\n".join(lines) + "\n")
 
 
 _ROW = re.compile(r"\| `(--model [^`]*)` \|")
 
 
+def _summary_lines(errors: list[float], fb_errors: list[float], full: list[float]) -> list[str]:
+    """The summary under the heading, from every row's |error| (percent), its forward/backward peak's, and those of
+    the rows the estimate models in full."""
+    lines = [
+        f"- all {len(errors)} configurations, step peak: median |error| {statistics.median(errors):.3f}%, "
+        f"max {max(errors):.3f}%",
+        f"- forward/backward peak alone (where activations decide it): median |error| "
+        f"{statistics.median(fb_errors):.3f}%, max {max(fb_errors):.3f}%",
+    ]
+    if full:
+        lines.append(
+            f"- {len(full)} configurations the estimate models in full (the others' notes say they are eager upper "
+            f"bounds): median {statistics.median(full):.3f}%, max {max(full):.3f}%"
+        )
+    return lines
+
+
 def write_markdown(results: list[dict], path: Path, command: str) -> None:
-    errors = [abs(r["error"]) for r in results]
-    fb_errors = [abs(r["fb_error"]) for r in results]
-    sim = [abs(r["error"]) for r in results if r["method"] == "simulated"]
     lines = [
         "# Estimator accuracy: `memtui estimate` vs `memtui trace`",
         "",
@@ -375,16 +384,9 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
         "Traced = tensor peak of two real training steps of the real transformers architecture on fake tensors "
         "(`memtui trace`); estimated = `memtui estimate`'s tensor peak less its modelled cuBLAS workspace.",
         "",
-        f"- all {len(errors)} configurations, step peak: median |error| {100 * statistics.median(errors):.3f}%, "
-        f"max {100 * max(errors):.3f}%",
-        f"- forward/backward peak alone (where activations decide it): median |error| "
-        f"{100 * statistics.median(fb_errors):.3f}%, max {100 * max(fb_errors):.3f}%",
+        *_summary_lines([100 * abs(r["error"]) for r in results], [100 * abs(r["fb_error"]) for r in results],
+                        [100 * abs(r["error"]) for r in results if r["method"] == "simulated"]),
     ]
-    if sim:
-        lines.append(
-            f"- {len(sim)} configurations the estimate models in full (the others' notes say they are eager upper "
-            f"bounds): median {100 * statistics.median(sim):.3f}%, max {100 * max(sim):.3f}%"
-        )
     lines += [
         "",
         COMPILE_NOTE,
