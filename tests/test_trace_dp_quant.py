@@ -60,7 +60,9 @@ def test_which_data_parallel_programs_are_traced_and_why_the_rest_are_not():
         assert data_parallel_refusal(config(**options)) is None, options
     assert "Int8Params" in data_parallel_refusal(config(gpus=2, zero=3, quant="int8"))
     assert data_parallel_refusal(config(gpus=2, zero=3, offload="optimizer+params")) is None
-    assert "CPUOffloadPolicy" in data_parallel_refusal(config(gpus=2, zero=3, offload="optimizer+params", grad_accum=2))
+    assert data_parallel_refusal(config(gpus=2, zero=3, offload="optimizer+params", grad_accum=2)) is None
+    assert "CPUOffloadPolicy" in data_parallel_refusal(config(gpus=2, zero=3, offload="optimizer+params",
+                                                              optimizer_in_backward=True))
     for options in ({"gpus": 2, "zero": 3, "offload": "optimizer"}, {"gpus": 2, "zero": 1, "offload": "optimizer"}):
         assert "ZeRO-Offload" in data_parallel_refusal(config(**options)), options
 

@@ -379,8 +379,7 @@ def _follows_fsdp2(config: TrainingConfig, zero: int) -> bool:
     over several ranks as CPUOffloadPolicy, beside tensor parallelism too (not DeepSpeed's ZeRO-Offload: one GPU).
     Pipeline stages follow it in memtui.engine.estimator.pipeline (StageShards.host)."""
     offload = config.offload == "none" or (config.offload == "optimizer+params" and config.shard_ranks > 1
-                                           and not config.optimizer_in_backward
-                                           and config.grad_accum == 1 and config.precision != "16-mixed")
+                                           and not config.optimizer_in_backward)
     return (zero >= 2 and offload and config.pp == 1
             and (config.quant == "none" or (config.quant == "nf4" and config.tp == 1)))
 

@@ -359,9 +359,9 @@ def cpu_offload_refusal(config: TrainingConfig) -> str | None:
     if config.offload == "optimizer" or config.zero <= 1 or config.shard_ranks == 1:
         return ("--offload optimizer, offloading beside DDP and offloading without data-parallel shards are DeepSpeed's "
                 "ZeRO-Offload (the optimizer states and step on the CPU), which PyTorch's DDP and FSDP2 have no policy for")
-    if config.grad_accum > 1 or config.optimizer_in_backward or config.precision == "16-mixed":
-        return ("gradient accumulation, the optimizer in backward and fp16 loss scaling under CPUOffloadPolicy (their "
-                "gradients added, stepped or unscaled on the CPU) are not traced")
+    if config.optimizer_in_backward:
+        return ("the optimizer in backward under CPUOffloadPolicy (each gradient stepped on the CPU in backward) is "
+                "not traced")
     return None
 
 

@@ -564,8 +564,9 @@ def pipeline_sharded_moments(config: TrainingConfig, model: ModelSpec, rank: int
             kept = 0
             if shards is not None:
                 # each group's 1/dp shard (DTensor's whole-vocabulary embedding gradient is reduce-scattered to the
-                # rank's shard of its slice)
-                carried = {stage: sum(group // shards[stage].dp for group in shards[stage].layer_gradients)
+                # rank's shard of its slice); none under CPUOffloadPolicy, which added them into the host's
+                carried = {stage: 0 if shards[stage].host else
+                           sum(group // shards[stage].dp for group in shards[stage].layer_gradients)
                            + shards[stage].root_gradients // shards[stage].dp for stage in reduced}
                 for state in (done, reduced, previous, backwards):
                     state.clear()

@@ -85,6 +85,19 @@ CPU_OFFLOAD = ("FSDP2 CPUOffloadPolicy (unpinned: fake tensors cannot be pinned,
                "freed), the optimizer stepping on the CPU (none of it in the device's peak)")
 
 
+def cpu_offload_lines(config: TrainingConfig) -> list[str]:
+    """What the trace ran of gradient accumulation and fp16 loss scaling under CPUOffloadPolicy, for `traced`."""
+    lines = []
+    if config.grad_accum > 1:
+        lines.append("gradient accumulation under CPUOffloadPolicy: gradient sync left on (torchtitan's loop), so every "
+                     "reduce-scatter's shards (each micro-batch's; on pipeline stages each schedule step's) are copied "
+                     "to the host and added there into the host gradients (foreach_reduce): the device keeps none")
+    if config.precision == "16-mixed":
+        lines.append("fp16 loss scaling under CPUOffloadPolicy: the GradScaler's scale on the device, unscale_ in place "
+                     "on the host gradients (the inverse scale and the inf flag copied to the CPU)")
+    return lines
+
+
 class DataParallel:
     """The hooks run_fake_steps calls to run one rank of a data-parallel job; says what it traced."""
 
@@ -120,7 +133,7 @@ class DataParallel:
             if config.quant == "nf4":
                 self.traced.append(QLORA_FSDP2)
             if config.offload != "none":
-                self.traced.append(CPU_OFFLOAD)
+                self.traced += [CPU_OFFLOAD, *cpu_offload_lines(config)]
             self.modelled = []
 
     # ---- run_fake_steps' hooks ----------------------------------------------
@@ -359,10 +372,13 @@ def cpu_offload_copies(tracker: MemoryTracker) -> Iterator[None]:
         return [tensor.clone() for tensor in gathered] if fsdp_param.offload_to_cpu else gathered
 
     def reduce_to_host(fsdp_params, *args, **kwargs):
+        # Gradient accumulation: a shard that has a gradient already gets the new one added in place into it (on
+        # the host, from foreach_reduce's copy of the reduced shard); only a new one is a view of the device's output.
+        accumulated = {id(fsdp_param) for fsdp_param in fsdp_params if fsdp_param.sharded_param.grad is not None}
         result = reduce(fsdp_params, *args, **kwargs)
         for fsdp_param in fsdp_params:
             grad = fsdp_param.sharded_param.grad
-            if fsdp_param.offload_to_cpu and grad is not None:
+            if fsdp_param.offload_to_cpu and grad is not None and id(fsdp_param) not in accumulated:
                 with tracker.model_states_on_host():
                     host = grad.to_local().clone()
                 fsdp_param.sharded_param.grad = fsdp_param.to_sharded_dtensor(host)

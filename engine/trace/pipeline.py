@@ -65,8 +65,8 @@ from memtui.engine.model.architectures import ModelSpec, attention_layer_types
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.fake_step import (STEPS, StepExtras, optimizer_state_tensors, quiet_libraries,
                                            tag_optimizer_states, traced_micro_batches, watch_model)
-from memtui.engine.trace.parallel import (CPU_OFFLOAD, cpu_offload_copies, fsdp_storage_resizes, record_stepped_gradients,
-                                         steps_on_the_host)
+from memtui.engine.trace.parallel import (CPU_OFFLOAD, cpu_offload_copies, cpu_offload_lines, fsdp_storage_resizes,
+                                         record_stepped_gradients, steps_on_the_host)
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker, classify
 
 __all__ = ["RankTrace", "pipeline_lines", "pipeline_refusal", "trace_pipeline"]
@@ -1111,6 +1111,7 @@ def pipeline_lines(config: TrainingConfig, spec: ModelSpec) -> list[str]:
                      "gradients unsharded (gradient sync off) and reduce-scatters them after the stage's last backward")
         if config.offload != "none":
             lines.append(f"{CPU_OFFLOAD}, on every stage's groups (torchtitan's enable_cpu_offload on each model part)")
+            lines += cpu_offload_lines(config)
     return lines
 
 
