@@ -153,6 +153,15 @@ def matrix() -> list[dict]:
                                ("llama-3.2-1b", 8, {"pp": 2, "pp_schedule": "1f1b", "microbatches": 4, "tp": 2})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": extra.get("microbatches", 1),
                      "seq_len": 1024, "gpus": gpus, **extra, "offload": "optimizer+params", "zero": 3})
+    # ... with gradient accumulation (each reduced shard added into the host gradient) or fp16 loss scaling (the
+    # GradScaler unscaling the host gradients), alone, beside TP and on pipeline stages
+    for model, gpus, extra, option in (
+            ("llama-3.2-1b", 4, {}, {"grad_accum": 4}), ("qwen2.5-0.5b", 8, {}, {"precision": "16-mixed"}),
+            ("llama-3.2-1b", 4, {"tp": 2}, {"grad_accum": 2}), ("llama-3.1-8b", 4, {"tp": 2}, {"precision": "16-mixed"}),
+            ("llama-3.2-1b", 4, {"pp": 2, "pp_schedule": "1f1b", "microbatches": 4},
+             {"grad_accum": 2, "precision": "16-mixed"})):
+        rows.append({"model": model, "batch_size": extra.get("microbatches", 1), "seq_len": 1024, "gpus": gpus,
+                     **extra, "offload": "optimizer+params", "zero": 3, "precision": "bf16-mixed", **option})
     for gpus in (8, 128):  # torchtitan's Llama 3 8B runs of docs/measured.md
         rows.append({"model": "llama-3.1-8b", "precision": "bf16-mixed", "batch_size": 2, "seq_len": 8192,
                      "gpus": gpus, "zero": 3, "checkpointing": "selective-op", "fsdp_param_dtype": "compute"})
