@@ -206,12 +206,14 @@ def test_qlora_stages_send_their_16_bit_hidden_states():
         assert estimated_rank.tensor_peak_bytes == pytest.approx(traced_rank.tensor_peak_bytes, rel=0.002)
 
 
-def test_pipeline_with_other_parallelism_is_modelled_and_says_why():
+def test_pipeline_with_quantized_weights_beside_tensor_parallelism_is_refused():
+    from tests.refusal import refusal
+
     spec = resolve_model("llama-3.1-8b")
     assert pipeline_refusal(pipeline("1f1b"), SPEC) is None
     combined = TrainingConfig(model="llama-3.1-8b", gpus=8, pp=2, tp=2, batch_size=2, microbatches=2, lora_rank=8,
                               quant="nf4")
-    assert "not traced" in pipeline_refusal(combined, spec)
+    assert "no stack runs quantized weights under tensor parallelism" in refusal(combined, spec)
 
 
 def test_torchtitan_pipeline_settings_are_read(tmp_path, capsys):

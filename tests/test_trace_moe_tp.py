@@ -150,22 +150,27 @@ def test_experts_gate_up_rows_are_reordered_rank_major():
     assert experts.gate_up_proj.requires_grad
 
 
-def test_moe_tensor_parallel_outside_the_plan_is_modelled_and_says_why():
+def test_moe_tensor_parallel_outside_the_plan_is_refused_naming_tp():
     from memtui.engine.estimator.layout import tensor_parallel_refusal
+    from tests.refusal import refusal
 
     training = TrainingConfig(model="mixtral-8x7b", batch_size=1, seq_len=64, gpus=2, tp=2)
     odd = small_moe("mixtral-8x7b", intermediate_size=501)
-    assert "does not divide the experts' intermediate size 501" in tensor_parallel_refusal(training, odd)
+    assert refusal(training, odd).startswith("--tp: 2 does not divide the experts' intermediate size 501")
+    assert refusal(training, small_moe("mixtral-8x7b")) is None
     assert tensor_parallel_refusal(training, small_moe("mixtral-8x7b")) is None
 
 
-def test_moe_plan_beside_ddp_is_modelled_and_says_why():
-    """DDP on the parameters _pre_dp_module_transform makes local does not take the MoE plan's expert weights (the
-    trace failed): refused in one line, so the estimate says modelled instead of the trace crashing."""
+def test_moe_plan_beside_ddp_is_refused_naming_zero():
+    """torchtitan, whose MoE plan this is, refuses DDP beside tensor parallelism (and DDP on the parameters
+    _pre_dp_module_transform makes local does not take the plan's expert weights): refused in one line naming
+    --zero; with FSDP2 it is traced."""
     from memtui.engine.estimator.layout import tensor_parallel_refusal
+    from tests.refusal import refusal
 
     spec = small_moe("mixtral-8x7b")
     for zero in (0, 1):
-        reason = tensor_parallel_refusal(TrainingConfig(model="mixtral-8x7b", gpus=4, tp=2, zero=zero), spec)
-        assert reason is not None and "DDP or ZeRO-1" in reason
+        reason = refusal(TrainingConfig(model="mixtral-8x7b", gpus=4, tp=2, zero=zero), spec)
+        assert reason is not None and reason.startswith(f"--zero: {zero} runs DDP, which torchtitan"), reason
+    assert refusal(TrainingConfig(model="mixtral-8x7b", gpus=4, tp=2, zero=3), spec) is None
     assert tensor_parallel_refusal(TrainingConfig(model="mixtral-8x7b", gpus=4, tp=2, zero=3), spec) is None

@@ -416,13 +416,14 @@ def test_olmo2_is_traced_under_tensor_parallelism_with_its_whole_width_norms_on_
     assert estimated_backward == pytest.approx(traced_backward, rel=3e-4)
 
 
-def test_tensor_parallel_outside_the_plan_is_modelled_and_says_why():
+def test_quantized_weights_beside_tensor_parallelism_are_refused_naming_the_field():
+    """No stack runs QLoRA under tensor parallelism: the trace refuses it (it was modelled on a single-GPU trace)."""
+    from memtui.engine.errors import InputError
     from memtui.engine.trace import trace
 
-    result = trace(config(gpus=2, tp=2, lora_rank=4, quant="nf4"), model=UNTIED)
-    assert any("tensor parallel: modelled, not traced (quantized weights" in line for line in result.modelled), \
-        result.modelled
-    assert not any("tensor parallel (traced)" in line for line in result.traced)
+    with pytest.raises(InputError, match="no stack runs quantized weights under tensor parallelism") as refused:
+        trace(config(gpus=2, tp=2, lora_rank=4, quant="nf4"), model=UNTIED)
+    assert refused.value.fields[:2] == ("quant", "tp")
 
 
 def test_sequence_parallel_activations_are_estimated_as_traced():
@@ -513,22 +514,17 @@ def test_tensor_parallel_for_qwen_is_traced_and_estimated_as_traced(family):
         assert estimated_peak == pytest.approx(traced_peak, rel=0.002), phase
 
 
-def test_a_modelled_tensor_and_pipeline_layout_takes_the_ranks_moment_not_the_single_gpus():
-    """Pipeline with tensor parallelism and DDP where tp does not divide the key/value heads (not traced) is modelled
-    on a single-GPU trace. A single
-    GPU of this model peaks in the optimizer step (no activations alive) while its rank peaks in backward: scaling the traced moment's
-    activations by the estimator's ratio gave absurd figures (405B at TP 8 x PP 16: 72,717 GiB of activations);
-    the rank's own transients and phase are the estimator's, and the cuBLAS workspaces are counted once."""
+def test_tensor_parallelism_not_dividing_the_key_value_heads_is_refused():
+    """The plan splits the key/value projections by whole heads (Megatron-core divides its query groups by tp):
+    tp 4 over 2 key/value heads, which was modelled on a single-GPU trace, is refused, naming tp and what divides."""
+    from memtui.engine.errors import InputError
     from memtui.engine.estimator import estimate
-    from memtui.engine.trace import trace
     from tests.test_pipeline import small_llama
 
     spec = small_llama(layers=4, vocab=65536)
-    config = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=64, gpus=16, tp=4, pp=2, zero=0,
-                            pp_schedule="gpipe", microbatches=2, precision="16-mixed")
-    traced, estimated = trace(config, model=spec), estimate(config, model=spec)
-    assert not any("pipeline" in line and "(traced)" in line for line in traced.traced), traced.traced
-    assert traced.peak_phase == "optimizer" and estimated.peak_phase == "backward"  # the two moments differ
-    assert traced.budget.peak_phase == "backward"
-    assert traced.budget.per_gpu.activations == estimated.per_gpu.activations
-    assert traced.budget.tensor_peak_bytes == pytest.approx(estimated.tensor_peak_bytes, rel=1e-4)
+    assert spec.num_kv_heads == 2 and spec.num_heads % 4 == 0
+    training = TrainingConfig(model="llama-3.2-1b", batch_size=2, seq_len=64, gpus=16, tp=4, pp=2, zero=0,
+                              pp_schedule="gpipe", microbatches=2, precision="16-mixed")
+    with pytest.raises(InputError, match="4 does not divide small-llama's 2 key/value heads") as refused:
+        estimate(training, model=spec)
+    assert refused.value.field == "tp" and refused.value.allowed == "1, 2"

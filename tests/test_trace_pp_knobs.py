@@ -78,11 +78,13 @@ def test_fp16_scales_the_last_stages_loss_and_every_rank_unscales():
 
 
 def test_what_is_not_traced_is_refused_in_one_line():
-    for options, words in (({"optimizer_in_backward": True}, "torchtune refuses optimizer_in_bwd"),
-                           ({"activation_offload": True}, "offloading"),
-                           ({"loss": "chunked", "loss_dtype": "compute"}, "LitGPT"),
+    from tests.refusal import refusal
+
+    for options, words in (({"optimizer_in_backward": True}, "accumulates every gradient over the micro-batches"),
+                           ({"activation_offload": True}, "is modelled on one GPU"),
+                           ({"loss": "chunked", "loss_dtype": "compute"}, "LitGPT has no pipeline parallelism"),
                            ({"loss": "fused-linear", "gpus": 4, "zero": 3}, "ZeRO-3 has resharded")):
-        reason = pipeline_refusal(pipeline(**options), SPEC)
+        reason = refusal(pipeline(**options), SPEC)
         assert reason is not None and words in reason and "\n" not in reason, options
     for options in ({"loss": "chunked"}, {"loss": "fused-linear"}, {"grad_accum": 4}, {"precision": "16-mixed"},
                     {"grad_accum": 2, "gpus": 4, "zero": 3}, {"precision": "16-mixed", "gpus": 4, "zero": 3}):

@@ -51,10 +51,12 @@ def test_which_lora_pipelines_are_traced_and_why_the_rest_are_not():
     for options in ({"gpus": 4, "zero": 2}, {"gpus": 4, "zero": 3}, {"gpus": 8, "zero": 3, "shard_group": 2},
                     {"gpus": 4, "zero": 3, "quant": "nf4"}, {"gpus": 4, "tp": 2}, {"gpus": 8, "tp": 2, "zero": 3}):
         assert pipeline_refusal(config(**options), SPEC) is None, options
-    assert "_pre_dp_module_transform" in pipeline_refusal(config(gpus=8, tp=2, zero=0), SPEC)
+    from tests.refusal import refusal
+
+    assert "_pre_dp_module_transform" in refusal(config(gpus=8, tp=2, zero=0), SPEC)
     assert pipeline_refusal(config(gpus=4, tp=2, lora_targets="all-linear"), SPEC) is None
-    assert "tensor parallelism" in pipeline_refusal(config(gpus=4, tp=2, quant="nf4"), SPEC)
-    assert "Int8Params" in pipeline_refusal(config(gpus=4, zero=3, quant="int8"), SPEC)
+    assert "tensor parallelism" in refusal(config(gpus=4, tp=2, quant="nf4"), SPEC)
+    assert "Int8Params" in refusal(config(gpus=4, zero=3, quant="int8"), SPEC)
 
 
 def test_the_last_stage_gathers_its_frozen_head_again_after_the_loss_backward():

@@ -96,16 +96,20 @@ def test_deepseek_v3_stages_keep_their_layers_kinds():
 
 
 def test_the_routers_load_balancing_loss_is_refused_under_pipeline_parallelism():
-    """output_router_logits sums every layer's router logits into the loss, across the stages: not traced."""
+    """output_router_logits sums every layer's router logits into the loss, across the stages: no stack runs it."""
+    from tests.refusal import refusal
+
     spec = four_layers(small_moe("mixtral-8x7b"), output_router_logits=True)
     config = TrainingConfig(model="mixtral-8x7b", batch_size=4, gpus=2, pp=2, microbatches=4)
-    refusal = pipeline_refusal(config, spec)
-    assert refusal is not None and "output_router_logits" in refusal
-    assert pipeline_refusal(config, MIXTRAL) is None
+    reason = refusal(config, spec)
+    assert reason is not None and reason.startswith("--pp:") and "output_router_logits" in reason
+    assert refusal(config, MIXTRAL) is None and pipeline_refusal(config, MIXTRAL) is None
 
 
 def test_the_moe_plan_beside_ddp_is_refused_under_pipeline_parallelism():
-    """As without stages: the MoE plan with DDP or ZeRO-1 beside it is not traced; with FSDP2 it is."""
+    """As without stages: the MoE plan with DDP or ZeRO-1 beside it is refused; with FSDP2 it is traced."""
+    from tests.refusal import refusal
+
     config = TrainingConfig(model="mixtral-8x7b", batch_size=4, gpus=8, pp=2, tp=2, zero=0, microbatches=4)
-    assert "DDP or ZeRO-1" in pipeline_refusal(config, MIXTRAL)
+    assert "runs DDP, which torchtitan" in refusal(config, MIXTRAL)
     assert pipeline_refusal(config.model_copy(update={"zero": 3}), MIXTRAL) is None

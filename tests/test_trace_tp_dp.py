@@ -53,7 +53,9 @@ def test_tensor_parallel_beside_ddp_zero1_and_hsdp_is_no_longer_refused():
     from memtui.engine.model.architectures import model_spec_from_config
 
     tied_spec = model_spec_from_config(tied, model_id="small-llama-tied", source="test")
-    assert "_pre_dp_module_transform" in tensor_parallel_refusal(config(gpus=4, tp=2, zero=0), tied_spec)
+    from tests.refusal import refusal
+
+    assert "_pre_dp_module_transform" in refusal(config(gpus=4, tp=2, zero=0), tied_spec)
     assert tensor_parallel_refusal(config(gpus=4, tp=2, zero=3), tied_spec) is None
 
 

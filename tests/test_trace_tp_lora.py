@@ -56,9 +56,11 @@ def _adapter_gradient_bytes(training: TrainingConfig, spec=SPEC) -> int:
 def test_which_lora_configurations_the_plan_traces():
     assert tensor_parallel_refusal(config(gpus=2, tp=2), SPEC) is None
     assert tensor_parallel_refusal(config(gpus=4, tp=2, zero=3), SPEC) is None
-    assert "QLoRA" in tensor_parallel_refusal(config(gpus=2, tp=2, quant="nf4"), SPEC)
-    assert "_pre_dp_module_transform" in tensor_parallel_refusal(config(gpus=4, tp=2, zero=0), SPEC)
-    assert "_pre_dp_module_transform" in tensor_parallel_refusal(config(gpus=4, tp=2, zero=1), SPEC)
+    from tests.refusal import refusal
+
+    assert "QLoRA" in refusal(config(gpus=2, tp=2, quant="nf4"), SPEC)
+    assert "_pre_dp_module_transform" in refusal(config(gpus=4, tp=2, zero=0), SPEC)
+    assert "_pre_dp_module_transform" in refusal(config(gpus=4, tp=2, zero=1), SPEC)
     for model in ("phi-3-mini", "olmo-2-7b", "gpt2", "mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b",
                   "moonlight-16b-a3b"):
         assert tensor_parallel_refusal(config(model=model, gpus=2, tp=2), resolve_model(model)) is None, model

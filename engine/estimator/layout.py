@@ -365,26 +365,11 @@ def cpu_offload_refusal(config: TrainingConfig) -> str | None:
     return None
 
 
-# PyTorch's DDP composition with TP: the reasons both refusals give where it is not traced
-_LORA_BESIDE_DDP_AND_TP = ("LoRA with DDP or ZeRO-1 beside tensor parallelism: PyTorch's _pre_dp_module_transform "
-                           "makes every parameter a new, trainable nn.Parameter (the frozen base would train); with "
-                           "FSDP2 (--zero 2|3) it is traced")
-_MOE_BESIDE_DDP_AND_TP = ("the MoE plan with DDP or ZeRO-1 beside tensor parallelism is not traced (with FSDP2, --zero 2 "
-                          "or 3, it is)")
-
-
-def _tensor_plan_shape_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
-    """Why the traced tensor-parallel plan cannot cut this model's heads or experts at tp, or None."""
-    if model.num_kv_heads % config.tp:
-        return f"tp {config.tp} does not divide the {model.num_kv_heads} key/value heads (ColwiseParallel cannot replicate them)"
-    if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.intermediate_size % config.tp:
-        return f"tp {config.tp} does not divide the experts' intermediate size {model.intermediate_size}"
-    return None
-
-
 def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
     """Why `memtui trace` cannot run this configuration's tensor-parallel program (it is then modelled), or None:
-    the estimator's terms for DTensor's sequence-parallel plan apply exactly when it can."""
+    the estimator's terms for DTensor's sequence-parallel plan apply exactly when it can. Layouts no stack runs
+    (tp not dividing the key/value heads, quantized weights, DDP beside TP with LoRA, experts or a tied embedding)
+    are refused before this by memtui.engine.model.validation."""
     if config.tp == 1:
         return "no tensor parallelism"
     if config.pp > 1 and (pipeline := pipeline_refusal(config, model)) is not None:
@@ -392,21 +377,8 @@ def tensor_parallel_refusal(config: TrainingConfig, model: ModelSpec) -> str | N
     if model.family not in TENSOR_PARALLEL_FAMILIES:
         return (f"the {model.family} family has no traced tensor-parallel plan (Llama-layout families, Phi-3, "
                 "OLMo 2, GPT-2 and the MoE families only)")
-    if (shape := _tensor_plan_shape_refusal(config, model)) is not None:
-        return shape
-    if config.quant != "none":
-        return ("quantized weights under tensor parallelism are not traced (QLoRA: no stack found that runs it with "
-                "tensor parallelism; NeMo Automodel's QLoRA recipes run tp_size 1)")
     if config.offload != "none" and (offload := cpu_offload_refusal(config)) is not None:
         return f"offloading under tensor parallelism: {offload}"
-    if config.uses_lora and config.dp > 1 and config.zero <= 1:
-        return _LORA_BESIDE_DDP_AND_TP
-    if config.dp > 1 and config.zero <= 1 and model.family in MOE_TENSOR_PARALLEL_FAMILIES:
-        return _MOE_BESIDE_DDP_AND_TP
-    if config.dp > 1 and config.zero <= 1 and model.tie_word_embeddings and config.pp == 1:
-        return ("tied embeddings with DDP or ZeRO-1 beside tensor parallelism: PyTorch's _pre_dp_module_transform "
-                "makes the tied weight local under one of its two names only, and DDP cannot bucket the other, a "
-                "DTensor")
     return None
 
 
@@ -474,40 +446,18 @@ def pipeline_stages_model(config: TrainingConfig, model: ModelSpec, indices: lis
 
 
 def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
-    """Why `memtui trace` cannot run this configuration's pipeline program (it is then modelled), or None."""
+    """Why `memtui trace` cannot run this configuration's pipeline program (it is then modelled), or None. Layouts
+    no stack runs (the router's load-balancing loss across stages, the optimizer in backward, LitGPT's loss, the
+    fused loss beside ZeRO-3, the tensor-parallel plan's own refusals) are refused before this by
+    memtui.engine.model.validation."""
     if config.pp == 1:
         return "no pipeline parallelism"
     if model.family not in PIPELINE_FAMILIES:
         return (f"the {model.family} family has no traced pipeline split (Llama-layout families, Phi-3, OLMo 2, "
                 "GPT-2 and the MoE families only)")
-    if model.family in MOE_TENSOR_PARALLEL_FAMILIES and model.config.get("output_router_logits"):
-        return ("the router's load-balancing loss (output_router_logits) sums every layer's router logits, across "
-                "the stages: not traced under pipeline parallelism")
-    if config.tp > 1 and (shape := _tensor_plan_shape_refusal(config, model)) is not None:
-        return shape
-    if config.tp > 1 and model.family in MOE_TENSOR_PARALLEL_FAMILIES and config.dp > 1 and config.zero <= 1:
-        return _MOE_BESIDE_DDP_AND_TP
-    if config.activation_offload:
-        return "activation offloading under pipeline parallelism is not traced"
     if config.offload != "none" and (offload := cpu_offload_refusal(config)) is not None:
         return f"offloading under pipeline parallelism: {offload}"
-    if config.optimizer_in_backward:
-        return ("the optimizer in backward steps each parameter when its gradient is made, but a pipeline schedule "
-                "accumulates every gradient over the micro-batches (torchtune refuses optimizer_in_bwd with gradient "
-                "accumulation; torchtitan has no optimizer in backward)")
-    if config.loss == "fused-linear" and config.dp > 1 and config.zero == 3:
-        return ("the fused linear cross-entropy reads the head's weight after the last stage's forward, which FSDP2's "
-                "ZeRO-3 has resharded by then: not traced (with --zero 0, 1 or 2 it is)")
-    if config.loss == "chunked" and config.loss_dtype == "compute":
-        return "LitGPT's chunked loss (--loss-dtype compute) under pipeline parallelism is not traced (LitGPT has none)"
-    if config.quant != "none" and config.tp > 1:
-        return "quantized weights under pipeline parallelism with tensor parallelism are not traced"
-    if config.quant == "int8" and config.dp > 1 and config.zero >= 2:
-        return ("LLM.int8 under FSDP2: bitsandbytes' Int8Params keeps its row scales on the parameter, which FSDP2's "
-                "sharding drops")
     if config.uses_lora and config.tp > 1 and model.family not in LLAMA_LAYOUT_FAMILIES:
         return (f"LoRA beside tensor parallelism on pipeline stages is traced for the Llama-layout families only, "
                 f"not {model.family}")
-    if config.uses_lora and config.tp > 1 and config.dp > 1 and config.zero <= 1:
-        return _LORA_BESIDE_DDP_AND_TP
     return None

@@ -7,6 +7,7 @@ its flags and the planner shows it beside the field in its own words.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -212,13 +213,67 @@ RULES: tuple[Rule, ...] = (
     _rule("gpus", "tp", "pp", broken=lambda f: f.config.gpus % f.ranks != 0,
           message=lambda f: f"{f.config.gpus} is not a multiple of {{tp}} x {{pp}} = {f.ranks}",
           allowed=lambda f: f"multiples of {f.ranks}"),
-    _rule("tp", broken=lambda f: bool(f.model.num_kv_heads % f.config.tp and f.config.tp % f.model.num_kv_heads),
-          message=lambda f: f"{f.config.tp} neither divides nor is a multiple of {f.model.num_kv_heads} "
-                            "key/value heads",
-          allowed=lambda f: _divisors(f.model.num_heads)),
-    _rule("tp",
-          broken=lambda f: not f.model.is_moe and f.config.tp > 1 and f.model.intermediate_size % f.config.tp != 0,
-          message=lambda f: f"{f.config.tp} does not divide intermediate size {f.model.intermediate_size}"),
+    # The plan splits the key/value projections by whole heads, as every stack's does: Megatron-core divides its
+    # query groups by tp (divide() asserts), torchtitan's attention views its Colwise shard as whole heads.
+    _rule("tp", broken=lambda f: f.model.num_kv_heads % f.config.tp != 0,
+          message=lambda f: f"{f.config.tp} does not divide {f.model.id}'s {f.model.num_kv_heads} key/value heads "
+                            "(tensor parallelism splits them by whole heads)",
+          allowed=lambda f: _divisors(math.gcd(f.model.num_heads, f.model.num_kv_heads))),
+    _rule("tp", broken=lambda f: f.config.tp > 1 and f.model.intermediate_size % f.config.tp != 0,
+          message=lambda f: f"{f.config.tp} does not divide " + ("the experts' " if f.model.is_moe else "")
+                            + f"intermediate size {f.model.intermediate_size}",
+          allowed=lambda f: _divisors(math.gcd(f.model.num_heads, f.model.num_kv_heads, f.model.intermediate_size))),
+    # ---- parallel layouts no stack runs (issue 13): refused, where memtui would otherwise model a program nobody
+    # can run (every layout it accepts is traced by `memtui trace`) -------------------------------------------
+    _rule("quant", "tp", broken=lambda f: f.config.quant != "none" and f.config.tp > 1,
+          message=lambda f: f"{f.config.quant} beside {{tp}} {f.config.tp}: no stack runs quantized weights under "
+                            "tensor parallelism (NeMo Automodel's QLoRA recipes run tp_size 1)",
+          allowed=lambda f: "none, or {tp} 1 (QLoRA shards over GPUs with {zero} 2 or 3)"),
+    _rule("zero", "lora_rank", "tp",
+          broken=lambda f: f.config.uses_lora and f.config.tp > 1 and f.config.dp > 1 and f.config.zero <= 1,
+          message=lambda f: f"{f.config.zero} runs DDP, and LoRA with DDP beside {{tp}} {f.config.tp} trains the frozen "
+                            "base: PyTorch's _pre_dp_module_transform makes every parameter a new, trainable one",
+          allowed=lambda f: "2 or 3 (FSDP2), or {tp} 1"),
+    _rule("zero", "tp", "model",
+          broken=lambda f: f.model.is_moe and f.config.tp > 1 and f.config.dp > 1 and f.config.zero <= 1,
+          message=lambda f: f"{f.config.zero} runs DDP, which torchtitan (the MoE plan's stack) refuses beside "
+                            f"{{tp}} {f.config.tp} (\"DDP has not supported > 1D parallelism\")",
+          allowed=lambda f: "2 or 3 (FSDP2), or {tp} 1"),
+    _rule("zero", "tp", "model",
+          broken=lambda f: f.model.tie_word_embeddings and f.config.tp > 1 and f.config.pp == 1 and f.config.dp > 1
+          and f.config.zero <= 1,
+          message=lambda f: f"{f.config.zero} runs DDP, which cannot run {f.model.id}'s tied embedding beside {{tp}} "
+                            f"{f.config.tp}: PyTorch's _pre_dp_module_transform makes the tied weight local under one "
+                            "name only, and DDP cannot bucket the other, a DTensor",
+          allowed=lambda f: "2 or 3 (FSDP2), or {tp} 1"),
+    _rule("quant", "zero", broken=lambda f: f.config.quant == "int8" and f.config.dp > 1 and f.config.zero >= 2,
+          message=lambda f: f"int8 under {{zero}} {f.config.zero} (FSDP2): bitsandbytes' Int8Params keeps its row "
+                            "scales on the parameter, which FSDP2's sharding drops",
+          allowed=lambda f: "none, nf4 (bitsandbytes shards 4-bit weights), or int8 with {zero} 0 or 1"),
+    _rule("offload", "tp", "pp", broken=lambda f: (f.config.tp > 1 or f.config.pp > 1) and f.config.offload != "none"
+          and (f.config.offload == "optimizer" or f.config.zero <= 1 or f.config.shard_ranks == 1),
+          message=lambda f: f"{f.config.offload} here is DeepSpeed's ZeRO-Offload, which no stack runs beside "
+                            "PyTorch's tensor or pipeline parallelism",
+          allowed=lambda f: "none, or optimizer+params with {zero} 2 or 3 over data-parallel ranks (FSDP2's "
+                            "CPUOffloadPolicy)"),
+    _rule("pp", "model", broken=lambda f: f.config.pp > 1 and f.model.is_moe
+          and bool(f.model.config.get("output_router_logits")),
+          message=lambda f: f"{f.model.id}'s router load-balancing loss (output_router_logits) sums every layer's "
+                            "router logits, across the stages: no stack runs it under pipeline parallelism",
+          allowed=lambda f: "1, or a config.json with output_router_logits false"),
+    _rule("optimizer_in_backward", "pp", broken=lambda f: f.config.optimizer_in_backward and f.config.pp > 1,
+          message=lambda f: "steps each parameter when its gradient is made, but a pipeline schedule accumulates "
+                            "every gradient over the micro-batches (no stack runs it under pipeline parallelism)",
+          allowed=lambda f: "off, or {pp} 1"),
+    _rule("loss", "pp", "zero",
+          broken=lambda f: f.config.loss == "fused-linear" and f.config.pp > 1 and f.config.dp > 1
+          and f.config.zero == 3,
+          message=lambda f: "fused-linear reads the head's weight after the last stage's forward, which ZeRO-3 has "
+                            "resharded by then",
+          allowed=lambda f: "standard, chunked, or fused-linear with {zero} 0, 1 or 2"),
+    _rule("loss_dtype", "pp", broken=lambda f: f.config.loss_dtype == "compute" and f.config.pp > 1,
+          message=lambda f: "compute is LitGPT's chunked loss, and LitGPT has no pipeline parallelism",
+          allowed=lambda f: "fp32, or {pp} 1"),
     _rule("pp", broken=lambda f: f.config.pp > f.model.num_layers,
           message=lambda f: f"{f.config.pp} stages for {f.model.num_layers} layers",
           allowed=lambda f: f"1..{f.model.num_layers}"),

@@ -48,11 +48,7 @@ def data_parallel_refusal(config: TrainingConfig) -> str | None:
         return "no data parallelism alone"
     if config.offload != "none" and cpu_offload_refusal(config) is not None:
         return cpu_offload_refusal(config)
-    if config.quant == "int8" and config.zero >= 2:
-        return ("LLM.int8 under FSDP2: bitsandbytes' Int8Params keeps its row scales on the parameter, which FSDP2's "
-                "sharding drops (bitsandbytes shards only 4-bit weights, whose Params4bit keeps its QuantState "
-                "through torch.chunk)")
-    return None
+    return None  # LLM.int8 under FSDP2 is refused before this (memtui.engine.model.validation)
 
 
 def traces_data_parallel(config: TrainingConfig) -> bool:
