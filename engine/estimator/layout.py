@@ -505,9 +505,6 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
     if config.quant == "int8" and config.dp > 1 and config.zero >= 2:
         return ("LLM.int8 under FSDP2: bitsandbytes' Int8Params keeps its row scales on the parameter, which FSDP2's "
                 "sharding drops")
-    if config.uses_lora and config.tp > 1 and model.family not in LLAMA_LAYOUT_FAMILIES:
-        return (f"LoRA beside tensor parallelism on pipeline stages is traced for the Llama-layout families only, "
-                f"not {model.family}")
     if config.uses_lora and config.tp > 1 and config.dp > 1 and config.zero <= 1:
         return _LORA_BESIDE_DDP_AND_TP
     return None
