@@ -215,6 +215,8 @@ def matrix() -> list[dict]:
                             "moonlight-16b-a3b")),
             *(((model, 8, 2, "1f1b", {"lora_targets": "all-linear", "tp": 2, "lora_rank": 16, "zero": 3}))
               for model in ("phi-3-mini", "moonlight-16b-a3b")),
+            # (FSDP2's groups under LoRA each at its own layer's size: Moonlight's dense layer beside its MoE ones)
+            ("moonlight-16b-a3b", 4, 2, "1f1b", {"lora_targets": "all-linear", "lora_rank": 16, "zero": 3}),
             # Phi-3, OLMo 2 (its received input's autocast cast shared by q/k/v) and GPT-2 (embeddings on the first
             # stage as Megatron-LM's pre_process) cut into stages
             ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {}),
