@@ -125,7 +125,7 @@ def _family_specs():
 def test_lora_beside_tensor_parallelism_on_stages_of_every_family_of_the_plan(preset, options):
     """Phi-3's and GPT-2's fused lora_B rows reordered per part, OLMo 2's whole-width q/k norms frozen, the MoE
     families' experts not adapted and DeepSeek-V3's replicated modules on each stage, alone, with FSDP2 or HSDP:
-    traced (refused before), every rank's peak as estimated (measured: 1.5 to 9 KiB apart, the tiny widths'; the tiny
+    traced (refused before), every rank's peak as estimated (measured: 1.5 to 12 KiB apart, the tiny widths'; the tiny
     DeepSeek-V3 10 to 21 KiB, as far as without LoRA). Under FSDP2 each of a stage's layer groups is gathered at its
     own size: DeepSeek-V3's dense layer beside an MoE one (the first rank's estimate was 13% over while every layer
     counted as an MoE one)."""
