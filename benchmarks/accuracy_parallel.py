@@ -216,6 +216,16 @@ def matrix() -> list[dict]:
             # whole (Partial) lora_B output, and its lora_B gradient stays Partial (every column) on each stage
             ("llama-3.2-1b", 4, 2, "1f1b", {"tp": 2, "lora_rank": 16, "lora_targets": "all-linear"}),
             ("llama-3.2-1b", 8, 2, "1f1b", {"tp": 2, "lora_rank": 16, "lora_targets": "all-linear", "zero": 3}),
+            # ... on the other families of the plan (Phi-3's and GPT-2's fused lora_B rows per part, OLMo 2's whole-width
+            # q/k norms frozen, the MoE families' experts not adapted, DeepSeek-V3's replicated modules), alone and
+            # with FSDP2 per stage
+            *(((model, 4, 2, "1f1b", {"lora_targets": "all-linear", "tp": 2, "lora_rank": 16}))
+              for model in ("phi-3-mini", "olmo-2-7b", "gpt2", "mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b",
+                            "moonlight-16b-a3b")),
+            *(((model, 8, 2, "1f1b", {"lora_targets": "all-linear", "tp": 2, "lora_rank": 16, "zero": 3}))
+              for model in ("phi-3-mini", "moonlight-16b-a3b")),
+            # (FSDP2's groups under LoRA each at its own layer's size: Moonlight's dense layer beside its MoE ones)
+            ("moonlight-16b-a3b", 4, 2, "1f1b", {"lora_targets": "all-linear", "lora_rank": 16, "zero": 3}),
             # Phi-3, OLMo 2 (its received input's autocast cast shared by q/k/v) and GPT-2 (embeddings on the first
             # stage as Megatron-LM's pre_process) cut into stages
             ("phi-3-mini", 2, 2, "1f1b", {}), ("olmo-2-7b", 2, 2, "gpipe", {}), ("gpt2", 2, 2, "1f1b", {}),

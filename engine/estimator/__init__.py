@@ -836,14 +836,21 @@ def _stage_shards(config: TrainingConfig, model: ModelSpec, role: tuple[int, int
     host = config.offload != "none"
     if config.uses_lora:
         # A layer gathers its frozen base (QLoRA: the packed 4-bit weights and 16-bit norms) with its adapters, and
-        # only the adapters have gradients; the root group (embedding, final norm, head) is frozen. Every layer is
-        # counted as the stage's largest (DeepSeek-V3's dense layers beside MoE ones are not sized apart here).
-        layout = param_layout(config, stage_model, stage=(layers, first, last))
-        quantized, experts, other, adapters = layout.largest_layer_parts
+        # only the adapters have gradients; the root group (embedding, final norm, head) is frozen. Each layer is
+        # sized as its own kind: DeepSeek-V3's leading dense layers first, far smaller than its MoE ones.
+        kinds = ([(stage_model.dense_layers, stage_model.model_copy(update={"dense_layers": 1})),
+                  (layers - stage_model.dense_layers, stage_model.model_copy(update={"dense_layers": 0}))]
+                 if stage_model.dense_layers else [(layers, stage_model)])
+        layer_weights, layer_gradients = [], []
+        for count, kind in kinds:
+            layout = param_layout(config, kind, stage=(layers, first, last) if kind is stage_model else (1, False, False))
+            quantized, experts, other, adapters = layout.largest_layer_parts
+            gathered = (_fsdp2_layer_bytes(config, layout) if config.quant != "none"
+                        else (quantized + experts + other) * weight + adapters * config.adapter_bytes)
+            layer_weights += [gathered] * count
+            layer_gradients += [adapters * grad] * count
         root_bytes = _unquantized_bytes(config) if config.quant != "none" else weight
-        layer_weights = (_fsdp2_layer_bytes(config, layout) if config.quant != "none"
-                         else (quantized + experts + other) * weight + adapters * config.adapter_bytes)
-        return StageShards(layer_weights=(layer_weights,) * layers, layer_gradients=(adapters * grad,) * layers,
+        return StageShards(layer_weights=tuple(layer_weights), layer_gradients=tuple(layer_gradients),
                            root_weights=root * root_bytes, head_gradients=0, root_gradients=0, dp=dp,
                            reshard=config.zero == 3, head=last, host=host)
     # each layer's own: DeepSeek-V3's leading dense layers, then its MoE ones

@@ -457,7 +457,4 @@ def pipeline_refusal(config: TrainingConfig, model: ModelSpec) -> str | None:
                 "GPT-2 and the MoE families only)")
     if config.offload != "none" and (offload := cpu_offload_refusal(config)) is not None:
         return f"offloading under pipeline parallelism: {offload}"
-    if config.uses_lora and config.tp > 1 and model.family not in LLAMA_LAYOUT_FAMILIES:
-        return (f"LoRA beside tensor parallelism on pipeline stages is traced for the Llama-layout families only, "
-                f"not {model.family}")
     return None
