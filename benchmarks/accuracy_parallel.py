@@ -248,6 +248,14 @@ def matrix() -> list[dict]:
             ("gemma-3-1b", 2, 2, "gpipe", {}), ("gemma-2-9b", 2, 2, "1f1b", {}), ("gemma-3-12b", 4, 2, "1f1b", {"tp": 2})):
         rows.append({"model": model, "precision": "bf16-mixed", "batch_size": 2 * pp, "seq_len": 1024, "gpus": gpus,
                      "pp": pp, "pp_schedule": schedule, "microbatches": 2 * pp, **extra})
+    # FSDP2 (ZeRO-3) holds two layers gathered in the layers' backward, one before it (the root's pre-backward
+    # prefetched the last): frozen MoE experts under LoRA, the layers' backward beside the head's, at short sequences
+    rows += [{"model": "mixtral-8x7b", "lora_targets": "all-linear", "precision": "bf16-mixed", "batch_size": 1,
+              "seq_len": 512, "gpus": 8, "lora_rank": 16, "zero": 3},
+             {"model": "gemma-3-27b", "precision": "bf16-mixed", "batch_size": 1, "seq_len": 512, "gpus": 8, "zero": 3,
+              "shard_group": 4},
+             {"model": "mistral-7b", "precision": "bf16-mixed", "batch_size": 4, "seq_len": 1024, "gpus": 8, "tp": 4,
+              "zero": 3, "attention": "eager"}]
     return rows
 
 

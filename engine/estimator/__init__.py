@@ -61,7 +61,7 @@ from memtui.engine.estimator.optimizers import (
     step_temp_bytes,
 )
 from memtui.engine.estimator.overhead import cublas_workspace_bytes, cuda_context_bytes, reserved_from_allocated
-from memtui.engine.estimator.sim.core import LF, lf_values
+from memtui.engine.estimator.sim.core import BEFORE_LAYERS_BACKWARD, LF, lf_values
 from memtui.engine.estimator.sim.program import GRAD_READY, program_shape
 from memtui.engine.model.presets import resolve_gpu, resolve_model
 from memtui.engine.model.specs import (
@@ -416,20 +416,27 @@ def _fsdp2_root_bytes(config: TrainingConfig, model: ModelSpec, zero: int) -> in
                                                 else _unquantized_bytes(config))
 
 
+def _gathers_layers(config: TrainingConfig, on_gpu: _StatesOnGpu) -> bool:
+    """FSDP2 with ZeRO-3 as _fsdp_gathered_change follows it: each layer gathered for its forward and again for its
+    backward, one layer more in the layers' backward than before it (compile_step's `layer_gathers`)."""
+    return on_gpu.zero >= 3 and _follows_fsdp2(config, on_gpu.zero)
+
+
 def _fsdp_gathered_change(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moment: Moment,
                           on_gpu: _StatesOnGpu) -> int:
     """FSDP2 as `memtui trace --gpus N` runs it, against the steady gathered weights: the root group (embeddings,
     final norm, head) is gathered from forward's start to backward's end, beside the layers. ZeRO-2: the last
     layer's all-gather buffer is freed at the root's post-forward, so backward does not hold it. ZeRO-3: two layers
-    in flight in forward and in backward, one at the loss and at backward's first moments (the last layer,
-    gathered again, before its grads)."""
+    in flight in forward and in the layers' backward, one at the loss and before the layers' backward (the root's
+    pre-backward prefetched the last layer; that layer's pre-backward gathers it and prefetches the next, before
+    it makes a gradient: frozen MoE experts under LoRA make none)."""
     if not _follows_fsdp2(config, on_gpu.zero):
         return 0
-    layer_buffer = on_gpu.layer_weight_bytes if moment.phase == "backward" and moment.gradients == 0 else 0
     if on_gpu.zero == 2:
-        return -layer_buffer
+        return -on_gpu.layer_weight_bytes if moment.phase == "backward" and moment.gradients == 0 else 0
     root_weight_bytes = on_gpu.root_weights
-    in_flight = min(2, layout.layers) if moment.phase == "forward" else 1 if moment.phase == "loss" or layer_buffer else 2
+    before_layers = moment.phase == "loss" or moment.segment in BEFORE_LAYERS_BACKWARD
+    in_flight = min(2, layout.layers) if moment.phase == "forward" else 1 if before_layers else 2
     gathered = on_gpu.computing_weights - on_gpu.states.weights
     return root_weight_bytes + in_flight * on_gpu.layer_weight_bytes - gathered
 
@@ -645,7 +652,7 @@ def _step_figures(config: TrainingConfig, model: ModelSpec, gpu: GpuSpec) -> _St
         plan = memoised(_PLANS, program, model, gpu,
                         lambda: _step_plan(config, model, layout, on_gpu, one_state_group, workspace), limit=1024)
     if plan is None:
-        forms = step_forms(config, model, layers=layout.layers)
+        forms = step_forms(config, model, layers=layout.layers, layer_gathers=_gathers_layers(config, on_gpu))
         moments = _step_moments(config, model, layout, on_gpu, one_state_group, workspace, forms)
         peaks, offloaded = _peaks(moments, on_gpu.states.optimizer_states), forms.offloaded
     else:
@@ -704,7 +711,7 @@ def _step_plan(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, on
     totals where an earlier one of its phase has as much at every shape, and from the temporaries where an earlier
     one has as much temporary: the peak (the first of the largest), each phase's largest and the largest temporary
     stay what they are over every moment."""
-    forms = symbolic_step_forms(config, model, layers=layout.layers)
+    forms = symbolic_step_forms(config, model, layers=layout.layers, layer_gathers=_gathers_layers(config, on_gpu))
     try:
         moments = _step_moments(config, model, layout, on_gpu, one_state_group, workspace, forms)
     except ShapeDependent:

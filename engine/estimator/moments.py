@@ -90,6 +90,7 @@ class Moment(NamedTuple):
     temporary: int
     buffered: int = 0  # --optimizer-in-backward: of `temporary`, gradients still summing in an input buffer
     stepped: int = 0  # --optimizer-in-backward, at a GRAD_READY moment: of `gradients`, those stepped there
+    segment: str = ""  # where in the step (StepCandidate.segment): FSDP2 gathers by place
 
 
 class StepForms(NamedTuple):
@@ -100,33 +101,35 @@ class StepForms(NamedTuple):
     offloaded: int | Shaped  # --activation-offload: host bytes of the saved activations at the forward's end
 
 
-def step_forms(config: TrainingConfig, model: ModelSpec, *, layers: int) -> StepForms:
+def step_forms(config: TrainingConfig, model: ModelSpec, *, layers: int, layer_gathers: bool = False) -> StepForms:
     """The step's moments, held and offloaded bytes at config's shape (one pipeline stage: no micro-batches in
-    flight; memtui.engine.estimator.pipeline schedules those)."""
+    flight; memtui.engine.estimator.pipeline schedules those). `layer_gathers`: FSDP2 with ZeRO-3 (compile_step's)."""
     _one_stage(config)
     dims, options = dims_for(model, config.tp), options_for(config, model)
-    program = compile_step(dims, options, layers)
+    program = compile_step(dims, options, layers, layer_gathers=layer_gathers)
     values = lf_values(config.batch_size * config.seq_len, config.seq_len)
-    return StepForms(list(_evaluate(dims, options, layers, config.batch_size, config.seq_len)),
+    return StepForms(list(_evaluate(dims, options, layers, config.batch_size, config.seq_len, layer_gathers)),
                      int(lf_eval(program.held_after_forward, values)),
                      int(lf_eval(program.offloaded_bytes, values)) if config.activation_offload else 0)
 
 
-def symbolic_step_forms(config: TrainingConfig, model: ModelSpec, *, layers: int) -> StepForms:
+def symbolic_step_forms(config: TrainingConfig, model: ModelSpec, *, layers: int,
+                        layer_gathers: bool = False) -> StepForms:
     """step_forms at every shape that replays config's program (program_shape's), a form where a figure depends on
     the shape."""
     _one_stage(config)
     dims, options = dims_for(model, config.tp), options_for(config, model)
-    program = compile_step(dims, options, layers)
-    return StepForms(list(_symbolic_moments(dims, options, layers)), _shaped(program.held_after_forward),
+    program = compile_step(dims, options, layers, layer_gathers=layer_gathers)
+    return StepForms(list(_symbolic_moments(dims, options, layers, layer_gathers)), _shaped(program.held_after_forward),
                      _shaped(program.offloaded_bytes) if config.activation_offload else 0)
 
 
 @lru_cache(maxsize=256)
-def _symbolic_moments(dims: Dims, options: Options, layers: int) -> tuple[Moment, ...]:
+def _symbolic_moments(dims: Dims, options: Options, layers: int, layer_gathers: bool) -> tuple[Moment, ...]:
     """A program's candidates as Moments of Shaped figures (option sets that differ in ZeRO, GPUs, ... share it)."""
-    return tuple(Moment(row[0], *(_shaped(tuple(row[start:start + 5])) for start in range(1, len(row), 5)))
-                 for row in compile_step(dims, options, layers).rows)
+    program = compile_step(dims, options, layers, layer_gathers=layer_gathers)
+    return tuple(Moment(row[0], *(_shaped(tuple(row[start:start + 5])) for start in range(1, len(row), 5)),
+                        segment=segment) for row, segment in zip(program.rows, program.segments))
 
 
 def _one_stage(config: TrainingConfig) -> None:
@@ -153,12 +156,13 @@ def offloaded_bytes(config: TrainingConfig, model: ModelSpec, *, layers: int) ->
 
 
 @lru_cache(maxsize=4096)
-def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_len: int) -> tuple[Moment, ...]:
-    program = compile_step(dims, options, layers)
+def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_len: int,
+              layer_gathers: bool) -> tuple[Moment, ...]:
+    program = compile_step(dims, options, layers, layer_gathers=layer_gathers)
     if options.step_in_backward:  # rows with the buffered and stepped gradients' figures too
         values = lf_values(batch_size * seq_len, seq_len)
-        return tuple(Moment(row[0], *(int(lf_eval(row[start:start + 5], values)) for start in range(1, len(row), 5)))
-                     for row in program.rows)
+        return tuple(Moment(row[0], *(int(lf_eval(row[start:start + 5], values)) for start in range(1, len(row), 5)),
+                            segment=segment) for row, segment in zip(program.rows, program.segments))
     one, per_token, per_token_seq, per_position, per_position_sq = lf_values(batch_size * seq_len, seq_len)
     # lf_eval written out (the same products and sums, in the same order)
     return tuple(
@@ -168,5 +172,7 @@ def _evaluate(dims: Dims, options: Options, layers: int, batch_size: int, seq_le
             int(g0 * one + g1 * per_token + g2 * per_token_seq + g3 * per_position + g4 * per_position_sq),
             int(a0 * one + a1 * per_token + a2 * per_token_seq + a3 * per_position + a4 * per_position_sq),
             int(t0 * one + t1 * per_token + t2 * per_token_seq + t3 * per_position + t4 * per_position_sq),
+            segment=segment,
         )
-        for phase, w0, w1, w2, w3, w4, g0, g1, g2, g3, g4, a0, a1, a2, a3, a4, t0, t1, t2, t3, t4 in program.rows)
+        for (phase, w0, w1, w2, w3, w4, g0, g1, g2, g3, g4, a0, a1, a2, a3, a4, t0, t1, t2, t3, t4), segment
+        in zip(program.rows, program.segments))

@@ -162,6 +162,12 @@ LOWEST_LAYER_GATHER = "first_bwd_start"  # a candidate: the moment the lowest la
 # Sim.layer_starts: candidates where the other replayed layers' backward begins (FSDP2 gathers each layer there)
 LAYER_BACKWARD_STARTS = {"mid_bwd": "mid_bwd_start", "last_bwd": "last_bwd_start"}
 HEAD_GATHER = "head_bwd_start"  # a candidate: the moment the head's backward begins, after the loss's (Sim.head_gather)
+# compile_step with layer_starts: the middle layer above the lowest one, in its backward (FSDP2 prefetches the layer
+# below it at that layer's own size)
+ABOVE_LOWEST_MIDDLE = "mid_bwd_above_lowest"
+# Backward's candidates before the last layer's pre-backward: FSDP2 (ZeRO-3) holds one layer gathered there, the one
+# its root's pre-backward prefetched, and two in the layers' backward
+BEFORE_LAYERS_BACKWARD = ("loss_bwd", "head_bwd", HEAD_GATHER)
 
 
 @dataclass

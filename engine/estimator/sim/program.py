@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from math import fsum
 
 from memtui.engine.model.architectures import EAGER_ONLY_FAMILIES, GEMMA_FAMILIES, ModelSpec, attention_layer_types
 from memtui.engine.estimator.sim import litgpt, ops
 from memtui.engine.estimator.sim.core import (
+    ABOVE_LOWEST_MIDDLE,
+    BEFORE_LAYERS_BACKWARD,
     CATEGORIES,
     LF,
     LAYER_BACKWARD_STARTS,
@@ -86,6 +89,7 @@ class StepProgram:
     # Each candidate flat: (phase, the weights' five coefficients, the gradients', the activations', the
     # temporaries'), what an estimate at a new shape evaluates.
     rows: tuple[tuple, ...] = ()
+    segments: tuple[str, ...] = ()  # where each row's candidate is (StepCandidate.segment)
 
 
 def program_shape(config: TrainingConfig, spec: ModelSpec) -> tuple[bool, bool, int, tuple[float, float]]:
@@ -798,21 +802,40 @@ _PHASE_OF_SEGMENT = {
     "first_bwd": "backward", LOWEST_LAYER_GATHER: "backward", HEAD_GATHER: "backward", **dict.fromkeys(LAYER_BACKWARD_STARTS.values(), "backward"), "embed_bwd": "backward", GRAPH_FREED: "backward", "end": "backward",
 }
 # A candidate of backward just after a node gave parameters their .grad (Candidate.ready): under
-# --optimizer-in-backward their hooks step them there; kept apart from backward's (_prune compares within a phase).
+# --optimizer-in-backward their hooks step them there; kept apart from backward's (_dominance compares within a phase).
 GRAD_READY = "backward:grad-ready"
 _AFTER_FORWARD = ("last_bwd", "mid_bwd", "first_bwd", "embed_bwd", GRAPH_FREED, "")
 
 
 @lru_cache(maxsize=256)
 def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: bool = True,
-                 accumulating: bool = False, layer_starts: bool = False) -> StepProgram:
+                 accumulating: bool = False, layer_starts: bool = False, layer_gathers: bool = False) -> StepProgram:
     """The step's candidate peaks for `layers` decoder layers (`first` / `last`: a pipeline stage, as _replay;
-    `accumulating`: also the moments a later micro-batch's backward peaks at, see Sim.accumulate).
+    `accumulating`: also the moments a later micro-batch's backward peaks at, see Sim.accumulate; `layer_gathers`:
+    FSDP2 with ZeRO-3, which holds one layer more in the layers' backward than before it, see _prune).
 
     The other L-3 layers sit between the replayed middle and last layers. Each keeps
     R_fwd past the next layer's forward, R_post past the forward, and leaves G once
     its backward is done.
     """
+    program, dominance = _every_candidate(d, opts, layers, first, last, accumulating, layer_starts)
+    kept = tuple(_prune(program.candidates, dominance, layer_gathers))
+    return replace(
+        program,
+        candidates=kept,
+        rows=tuple((candidate.phase, *candidate.live["weights"], *candidate.live["gradients"],
+                    *candidate.live["activations"], *candidate.live["temporary"],
+                    *((*candidate.buffered, *candidate.stepped) if opts.step_in_backward else ()))
+              for candidate in kept),
+        segments=tuple(candidate.segment for candidate in kept),
+    )
+
+
+@lru_cache(maxsize=256)
+def _every_candidate(d: Dims, opts: Options, layers: int, first: bool, last: bool, accumulating: bool,
+                     layer_starts: bool) -> tuple[StepProgram, tuple[tuple[bool, bool], ...]]:
+    """compile_step's program before _prune (its candidates all, no rows) and their _dominance: the replay, which
+    programs that differ only in `layer_gathers` share."""
     sim = _replay(d, opts, layers=layers, first=first, last=last, accumulating=accumulating,
                   layer_starts=layer_starts)
     extra = max(layers - 3, 0)
@@ -847,6 +870,11 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
         elif segment in ("mid_bwd", LAYER_BACKWARD_STARTS["mid_bwd"]):
             candidates.append(StepCandidate(phase, _plus(candidate.live, kept_backward, extra), segment, buffered, stepped))
             candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment, buffered, stepped))
+            if layer_starts and segment == "mid_bwd" and extra > 1:  # (with one, the top middle layer is it)
+                # FSDP2 prefetches the layer below at its own size: the lowest middle layer the stage's first (a
+                # DeepSeek-V3 dense layer, smaller), the one above it a middle one, so that one is a candidate too
+                above = _plus(_plus(candidate.live, left_by_backward, extra - 1), kept_backward, 1)
+                candidates.append(StepCandidate(phase, above, ABOVE_LOWEST_MIDDLE, buffered, stepped))
         elif segment in ("first_bwd", LOWEST_LAYER_GATHER, "embed_bwd", "end"):
             candidates.append(StepCandidate(phase, _plus(candidate.live, left_by_backward, extra), segment, buffered, stepped))
         else:
@@ -867,13 +895,8 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
     # A later pipeline stage under LoRA: the head's forward and backward hold FSDP2's all-gather buffers the loss's
     # moments do not (the last layer's, the root's), and no gradient of the head makes a later moment larger
     gathers = ("head_fwd", "head_bwd") if sim.head_gather else ()
-    kept = tuple(_prune(candidates, accumulating, gathers))
-    return StepProgram(
-        candidates=kept,
-        rows=tuple((candidate.phase, *candidate.live["weights"], *candidate.live["gradients"],
-                    *candidate.live["activations"], *candidate.live["temporary"],
-                    *((*candidate.buffered, *candidate.stepped) if opts.step_in_backward else ()))
-              for candidate in kept),
+    program = StepProgram(
+        candidates=tuple(candidates),
         gradients_end=gradients_end,
         layer_saved=layer_saved,
         layer_gradients=left_by_backward["gradients"],
@@ -881,6 +904,7 @@ def compile_step(d: Dims, opts: Options, layers: int, first: bool = True, last: 
         offloaded_bytes=offloaded,
         held_after_forward=held_bytes,
     )
+    return program, _dominance(candidates, accumulating, gathers)
 
 
 def _dense_extra_layers(layers: int, dense_layers: int) -> int:
@@ -906,31 +930,56 @@ def _total(live: dict[str, LF]) -> LF:
     return total
 
 
-def _prune(candidates: list[StepCandidate], accumulating: bool = False,
-           gathers: tuple[str, ...] = ()) -> list[StepCandidate]:
-    """Drop candidates another one dominates for every batch size and sequence length; `accumulating`: in what
-    they hold beside the gradients too (a later micro-batch's backward holds every gradient from its start);
-    `gathers`: segments whose candidates only one of the same segment can dominate (FSDP2 gathers apart there)."""
+def _dominance(candidates: list[StepCandidate], accumulating: bool = False,
+               gathers: tuple[str, ...] = ()) -> tuple[tuple[bool, bool], ...]:
+    """For each candidate, whether another dominates it for every batch size and sequence length, judged as _prune
+    does without and with `layer_gathers` (one _prune's work serves both)."""
     totals = [_total(candidate.live) for candidate in candidates]
     if accumulating:
         totals = [(*total, *_total({**candidate.live, "gradients": ZERO}))
                   for total, candidate in zip(totals, candidates)]
-    kept = []
+    # Only within a phase (every phase keeps its own peak for the timeline), and only a candidate whose figures add
+    # up to as much can hold as much in each (fsum, correctly rounded, is monotone in its terms): largest first.
+    sums = [fsum(total) for total in totals]
+    by_phase: dict[str, list[int]] = {}
+    for index in sorted(range(len(totals)), key=lambda index: -sums[index]):
+        by_phase.setdefault(candidates[index].phase, []).append(index)
+    dominance = []
     for index, total in enumerate(totals):
-        dominated = False
-        for other_index, other in enumerate(totals):
-            # Only within a phase: every phase keeps its own peak for the timeline.
-            if other_index == index or candidates[other_index].phase != candidates[index].phase:
+        by_any = by_one_gathering_as_much = False
+        in_layers = candidates[index].segment not in BEFORE_LAYERS_BACKWARD
+        for other_index in by_phase[candidates[index].phase]:
+            if sums[other_index] < sums[index]:
+                break
+            other = totals[other_index]
+            if other_index == index:
                 continue
             if candidates[index].segment in gathers and candidates[other_index].segment != candidates[index].segment:
                 continue
             if all(o >= t for o, t in zip(other, total)) and (other != total or other_index < index):
-                dominated = True
-                break
+                by_any = True
+                if not (in_layers and candidates[other_index].segment in BEFORE_LAYERS_BACKWARD):
+                    by_one_gathering_as_much = True
+                    break
+        dominance.append((by_any, by_one_gathering_as_much))
+    return tuple(dominance)
+
+
+def _prune(candidates: tuple[StepCandidate, ...], dominance: tuple[tuple[bool, bool], ...],
+           layer_gathers: bool = False) -> list[StepCandidate]:
+    """Drop candidates another one dominates for every batch size and sequence length (_dominance: in what they hold
+    beside the gradients too where accumulating: a later micro-batch's backward holds every gradient from its start;
+    `gathers`: segments whose candidates only one of the same segment can dominate, FSDP2 gathers apart there);
+    `layer_gathers`: a candidate in the layers' backward is not dropped for one before them (BEFORE_LAYERS_BACKWARD).
+    """
+    kept = []
+    for candidate, (by_any, by_one_gathering_as_much) in zip(candidates, dominance):
+        dominated = by_one_gathering_as_much if layer_gathers else by_any
         # FSDP2's moment, and each step in backward (its temporaries are not in the total): kept for them
-        if (not dominated or candidates[index].segment in (LOWEST_LAYER_GATHER, HEAD_GATHER, *LAYER_BACKWARD_STARTS.values())
-                or candidates[index].phase == GRAD_READY):
-            kept.append(candidates[index])
+        if (not dominated or candidate.segment in (LOWEST_LAYER_GATHER, HEAD_GATHER, ABOVE_LOWEST_MIDDLE,
+                                                   *LAYER_BACKWARD_STARTS.values())
+                or candidate.phase == GRAD_READY):
+            kept.append(candidate)
     return kept
 
 
