@@ -587,24 +587,42 @@ def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: Para
     the held gradients left; the optimizer step on the host, the norms and one-element flags on the device."""
     deepspeed = on_gpu.zero_offload
     resident = on_gpu.states.gradients  # temp_grad_buffer_for_gpu_offload
-    made = _new_gradients(moments, on_gpu.grads_full)
-    # ZeRO-2: a tied head's gradient waits in autograd's input buffer for the embedding's, no hook run on it
-    tied = model.vocab_size * model.hidden_size * trainable_bytes(config) if model.tie_word_embeddings else 0
-    steps, waiting = [], 0
-    for moment, new in zip(moments, made):
-        gradients = resident
-        if moment.phase == "backward" and moment.gradients > 0:
-            gradients += deepspeed.bucket + (moment.gradients if deepspeed.stage == 1 else new + waiting)
-            waiting = tied
-        steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace, gradients=gradients))
+    steps, waited, made, started = [], [], [], False
+    for moment in moments:
+        if deepspeed.stage == 1:  # every gradient kept as made to backward's end
+            gradients = resident + (deepspeed.bucket + moment.gradients if moment.phase == "backward"
+                                    and moment.gradients > 0 else 0)
+            step = _forward_backward_moment(config, model, layout, moment, on_gpu, workspace, gradients=gradients)
+        else:
+            # ZeRO-2 (the replay's GRAD_READY moments: a node has given parameters their .grad, which its hooks copy
+            # into the bucket and free): a gradient still summing in an input buffer (a tied head's) is counted
+            # with the gradients, as _in_backward_moments does
+            ready = moment.phase == GRAD_READY
+            started = started or ready
+            moment = moment._replace(phase="backward" if ready else moment.phase,
+                                     temporary=moment.temporary - moment.buffered)
+            gradients = resident + moment.buffered + (deepspeed.bucket if started else 0)
+            step = _forward_backward_moment(config, model, layout, moment, on_gpu, workspace,
+                                            gradients=gradients + (moment.stepped if ready else 0))
+            made.append(moment.stepped if ready else 0)
+            waited.append(gradients)
+        steps.append(step)
     at_end = []
     for reduction in deepspeed.reductions:
         extra = reduction.held + reduction.norms + reduction.transient
         if deepspeed.stage == 2 and reduction.trigger is not None:
-            made_through = deepspeed.made_through[reduction.trigger]
-            index = next((index for index, moment in enumerate(moments)
-                          if moment.phase == "backward" and moment.gradients >= made_through), len(moments) - 1)
-            steps.append(steps[index]._replace(temporary=steps[index].temporary + extra))
+            # Run by the hook of the gradient made at the GRAD_READY moment its bytes are in: that gradient, the
+            # bucket and what the reduction holds (not the moment's other new gradients, hooked before it or after)
+            through = deepspeed.made_through
+            trigger = through[reduction.trigger] - (through[reduction.trigger - 1] if reduction.trigger else 0)
+            index, total = len(moments) - 1, 0
+            for position, stepped in enumerate(made):
+                total += stepped
+                if stepped and total >= through[reduction.trigger]:
+                    index = position
+                    break
+            steps.append(steps[index]._replace(gradients=waited[index] + trigger,
+                                               temporary=steps[index].temporary + extra))
         else:
             at_end.append(StepMoment("backward", on_gpu.resting_weights, resident + deepspeed.bucket, 0,
                                      workspace + extra))

@@ -363,8 +363,8 @@ def zero_offload_refusal(config: TrainingConfig) -> str | None:
     """Why memtui's stand-in of DeepSpeed's ZeRO-Offload (memtui.engine.trace.zero_offload: ZeRO-1 and 2 as
     DeepSpeedZeroOptimizer runs them, data parallelism alone or one GPU) cannot trace this configuration, or None."""
     if config.zero not in (1, 2):
-        return ("DeepSpeed's ZeRO-3 offload (stage3.py's parameter partitioning and prefetching) is modelled, not "
-                "traced")
+        return ("DeepSpeed's ZeRO-Offload under ZeRO-3 (stage3.py's parameter partitioning and prefetching) is "
+                "modelled, not traced")
     if config.tp > 1 or config.pp > 1:
         return "DeepSpeed's ZeRO-Offload beside tensor or pipeline parallelism is modelled, not traced"
     if (config.grad_accum > 1 or config.optimizer_in_backward or config.precision == "16-mixed" or config.compile

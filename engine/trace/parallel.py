@@ -106,8 +106,7 @@ class DataParallel:
         if deepspeed_offload(config):
             from memtui.engine.trace.zero_offload import DEEPSPEED_OFFLOAD, REDUCE_BUCKET_SIZE
 
-            self.traced = [f"DeepSpeed at world size {dp} (rank 0 of a fake process group): "
-                           + DEEPSPEED_OFFLOAD.format(stage=config.zero, bucket=REDUCE_BUCKET_SIZE)]
+            self.traced = [DEEPSPEED_OFFLOAD.format(stage=config.zero, bucket=REDUCE_BUCKET_SIZE, dp=dp)]
             self.modelled = []
         elif config.zero <= 1:
             self.traced = [f"DDP at world size {dp} (rank 0 of a fake process group): 25 MiB gradient buckets "
@@ -139,7 +138,7 @@ class DataParallel:
         """The model wrapped for this rank. DDP runs under the tracker so its first buckets are logged; FSDP2's
         shards are registered as the weights afterwards (the copies it makes while sharding are not the step's)."""
         self.tracker = tracker
-        if self.traced[0].startswith("DeepSpeed"):
+        if deepspeed_offload(self.config):
             from memtui.engine.trace.zero_offload import ZeroOffloadOptimizer
 
             with tracker:  # deepspeed.initialize: the flat buffer made, the parameters its views

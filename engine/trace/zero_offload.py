@@ -30,9 +30,9 @@ import torch
 REDUCE_BUCKET_SIZE = 500_000_000  # deepspeed/runtime/zero/config.py: reduce_bucket_size (elements)
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: 4-byte alignment of each partition's start, in 16-bit elements
 
-DEEPSPEED_OFFLOAD = ("DeepSpeed ZeRO-Offload (zero_optimization.offload_optimizer.device=cpu), ZeRO-{stage} as "
-                     "DeepSpeed 0.19.6's DeepSpeedZeroOptimizer allocates it (a torch stand-in: DeepSpeed is not "
-                     "installed): the trainable parameters in one flat buffer, the {bucket:,}-element ipg gradient "
+DEEPSPEED_OFFLOAD = ("DeepSpeed ZeRO-Offload (zero_optimization.offload_optimizer.device=cpu), ZeRO-{stage} at "
+                     "world size {dp} (rank 0 of a fake process group) as DeepSpeed 0.19.6's DeepSpeedZeroOptimizer "
+                     "allocates it (a torch stand-in: DeepSpeed is not installed): the trainable parameters in one flat buffer, the {bucket:,}-element ipg gradient "
                      "bucket (reduce_bucket_size's default) through backward, each gradient of this rank's "
                      "partition normed, checked for overflow and copied to the host as fp32; the fp32 masters, "
                      "their gradients and the optimizer's states on the host, the updated 16-bit partition "
@@ -63,11 +63,23 @@ class ZeroOffloadOptimizer:
         self._flatten = _flatten_dense_tensors
         self.device_ids: set[int] = set()  # the flat bucket and temp_grad_buffer_for_gpu_offload: gradients
         alignment = NCCL_START_ALIGNMENT_FACTOR * dp
-        tensors = [parameter.data for parameter in self.params]
-        numel = sum(tensor.numel() for tensor in tensors)
-        if numel % alignment:  # align_dense_tensors
-            tensors.append(torch.zeros(alignment - numel % alignment, dtype=self.dtype))
-        self.flat = _flatten_dense_tensors(tensors).detach()
+        # DeepSpeed flattens on the device only where it has room for the flat copy beside the parameters
+        # (available_memory() >= the flat buffer), else on the CPU: the parameters moved to the host, a one-element
+        # placeholder each, the flat buffer made there and moved to the device. The stand-in takes the CPU path, so
+        # that no setup moment holds the weights twice (on a device with the room the copy does not matter).
+        self.shapes = [parameter.shape for parameter in self.params]  # round_robin_bit16_meta
+        with tracker.model_states_on_host():
+            tensors = [parameter.data.clone() for parameter in self.params]
+        for parameter in self.params:
+            parameter.data = torch.empty(1, dtype=self.dtype)
+        with tracker.model_states_on_host():
+            numel = sum(tensor.numel() for tensor in tensors)
+            if numel % alignment:  # align_dense_tensors
+                tensors.append(torch.zeros(alignment - numel % alignment, dtype=self.dtype))
+            flat = _flatten_dense_tensors(tensors)
+            del tensors
+        self.flat = flat.clone().detach()
+        del flat
         self._update_model_weights()
         self.partition_size = self.flat.numel() // dp
         self.partitions = [self.flat.narrow(0, rank * self.partition_size, self.partition_size) for rank in range(dp)]
@@ -119,8 +131,11 @@ class ZeroOffloadOptimizer:
 
     def _update_model_weights(self) -> None:
         """_update_model_bit16_weights: each parameter a view of the flat buffer."""
-        for parameter, view in zip(self.params, self._unflatten(self.flat, [p.data for p in self.params])):
-            parameter.data = view.data
+        offset = 0
+        for parameter, shape in zip(self.params, self.shapes):
+            numel = shape.numel()
+            parameter.data = self.flat.narrow(0, offset, numel).view(shape)
+            offset += numel
 
     # ---- backward ---------------------------------------------------------------------------------------------
     def _grad_hook(self, parameter: torch.nn.Parameter) -> None:
