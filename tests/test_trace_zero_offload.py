@@ -110,3 +110,11 @@ def test_reductions_during_backward_with_a_small_bucket(monkeypatch, gpus, zero)
     traced = _traced(training, spec)
     tolerance = 12 * 1024 if (gpus, zero) == (1, 2) else 4096
     assert _estimated_peak(training, spec) == pytest.approx(traced.traced_tensor_peak_bytes, abs=tolerance)
+
+
+def test_an_untraced_offload_on_one_gpu_says_why():
+    from memtui.engine.trace import trace
+
+    result = trace(config(gpus=1, zero=3, offload="optimizer+params"), model=wide_vocabulary_llama(vocab=512))
+    assert any(line.startswith("offloading: modelled, not traced (DeepSpeed's ZeRO-Offload under ZeRO-3")
+               for line in result.modelled), result.modelled

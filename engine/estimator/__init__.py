@@ -54,6 +54,7 @@ from memtui.engine.estimator.layout import (
     head_adapter_shapes,
     zero_redundancy_largest_share,
 )
+from memtui.engine.allocator.config import K_MIN_BLOCK_SIZE
 from memtui.engine.estimator.zero_offload import ZeroOffloadOnGpu, zero_offload_on_gpu
 from memtui.engine.estimator.optimizers import (
     BNB_ADAM_OPTIMIZERS,
@@ -575,7 +576,7 @@ def _in_backward_moments(config: TrainingConfig, model: ModelSpec, layout: Param
     return steps
 
 
-_ONE_ELEMENT = 512  # a one-element device tensor, as the caching allocator rounds it
+_ONE_ELEMENT = K_MIN_BLOCK_SIZE  # a one-element device tensor, as the caching allocator rounds it
 
 
 def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moments: list[Moment],

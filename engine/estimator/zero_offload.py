@@ -15,17 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memtui.engine.allocator.config import K_MIN_BLOCK_SIZE
+from memtui.engine.allocator.config import block_rounded as rounded
 from memtui.engine.estimator.layout import trainable_tensor_numels
 from memtui.engine.model.architectures import ModelSpec
 from memtui.engine.model.specs import TrainingConfig
 
 REDUCE_BUCKET_SIZE = 500_000_000  # deepspeed/runtime/zero/config.py: reduce_bucket_size (elements)
-NCCL_START_ALIGNMENT_FACTOR = 2
-_BLOCK = 512  # the caching allocator's rounding, as the trace logs each allocation
-
-
-def rounded(n_bytes: int) -> int:
-    return max(_BLOCK, (n_bytes + _BLOCK - 1) // _BLOCK * _BLOCK) if n_bytes else 0
+NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: each partition's start 4-byte aligned, in 16-bit elements
+_BLOCK = K_MIN_BLOCK_SIZE  # a one-element tensor (a norm), as the caching allocator rounds it
 
 
 def flat_padding(elements: int, dp: int) -> int:
@@ -77,11 +75,11 @@ def reductions(flat: list[int], dp: int, dtype_bytes: int, stage: int) -> list[R
         slices: list[list[int]] = []
         for index in bucket:
             numel = flat[index]
-            reached = [max(rank * size - starts[index], 0) for rank in range(dp)
+            # (partition, offset in the tensor) of every partition it reaches (average_tensor's rank_and_offsets)
+            reached = [(rank, max(rank * size - starts[index], 0)) for rank in range(dp)
                        if starts[index] < (rank + 1) * size and starts[index] + numel > rank * size]
-            ranks = [rank for rank in range(dp) if starts[index] < (rank + 1) * size and starts[index] + numel > rank * size]
-            for position, (rank, offset) in enumerate(zip(ranks, reached)):
-                end = reached[position + 1] if position + 1 < len(reached) else numel
+            for position, (rank, offset) in enumerate(reached):
+                end = reached[position + 1][1] if position + 1 < len(reached) else numel
                 if slices and slices[-1][0] == rank:
                     slices[-1][1] += end - offset
                 else:

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-REDUCE_BUCKET_SIZE = 500_000_000  # deepspeed/runtime/zero/config.py: reduce_bucket_size (elements)
-NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: 4-byte alignment of each partition's start, in 16-bit elements
+# deepspeed/runtime/zero/config.py's reduce_bucket_size, stage_1_and_2.py's nccl_start_alignment_factor
+from memtui.engine.estimator.zero_offload import NCCL_START_ALIGNMENT_FACTOR, REDUCE_BUCKET_SIZE
 
 DEEPSPEED_OFFLOAD = ("DeepSpeed ZeRO-Offload (zero_optimization.offload_optimizer.device=cpu), ZeRO-{stage} at "
                      "world size {dp} (rank 0 of a fake process group) as DeepSpeed 0.19.6's DeepSpeedZeroOptimizer "
