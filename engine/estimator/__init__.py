@@ -590,24 +590,20 @@ def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: Para
     resident = on_gpu.states.gradients  # temp_grad_buffer_for_gpu_offload
     steps, waited, made, started = [], [], [], False
     for moment in moments:
+        # The replay's GRAD_READY moments: a node has given parameters their .grad and their hooks run (the first
+        # makes the bucket; ZeRO-2's copy each into it and free it). A gradient still summing in an input buffer
+        # (a tied head's) is counted with the gradients, as _in_backward_moments does.
+        ready = moment.phase == GRAD_READY
+        started = started or ready
+        moment = moment._replace(phase="backward" if ready else moment.phase,
+                                 temporary=moment.temporary - moment.buffered)
+        gradients = resident + moment.buffered + (deepspeed.bucket if started else 0)
         if deepspeed.stage == 1:  # every gradient kept as made to backward's end
-            gradients = resident + (deepspeed.bucket + moment.gradients if moment.phase == "backward"
-                                    and moment.gradients > 0 else 0)
-            step = _forward_backward_moment(config, model, layout, moment, on_gpu, workspace, gradients=gradients)
-        else:
-            # ZeRO-2 (the replay's GRAD_READY moments: a node has given parameters their .grad, which its hooks copy
-            # into the bucket and free): a gradient still summing in an input buffer (a tied head's) is counted
-            # with the gradients, as _in_backward_moments does
-            ready = moment.phase == GRAD_READY
-            started = started or ready
-            moment = moment._replace(phase="backward" if ready else moment.phase,
-                                     temporary=moment.temporary - moment.buffered)
-            gradients = resident + moment.buffered + (deepspeed.bucket if started else 0)
-            step = _forward_backward_moment(config, model, layout, moment, on_gpu, workspace,
-                                            gradients=gradients + (moment.stepped if ready else 0))
-            made.append(moment.stepped if ready else 0)
-            waited.append(gradients)
-        steps.append(step)
+            gradients += moment.gradients
+        made.append(moment.stepped if ready else 0)
+        waited.append(gradients)
+        steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace, gradients=gradients + (
+            moment.stepped if ready and deepspeed.stage == 2 else 0)))
     at_end = []
     for reduction in deepspeed.reductions:
         extra = reduction.held + reduction.norms + reduction.transient

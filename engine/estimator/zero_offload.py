@@ -119,9 +119,12 @@ def reductions(flat: list[int], dp: int, dtype_bytes: int, stage: int) -> list[R
 
 
 def flat_numels(config: TrainingConfig, model: ModelSpec) -> list[int]:
-    """The trainable tensors' sizes in the order of model.parameters(), as DeepSpeed flattens them (a full
-    fine-tune, one GPU's whole model): the embeddings, each decoder layer's, the final norm, an untied head."""
+    """The trainable tensors' sizes in the order of model.parameters(), as DeepSpeed flattens them (one GPU's
+    whole model): a full fine-tune's embeddings, each decoder layer's, the final norm, an untied head; LoRA's
+    adapters layer by layer."""
     numels = trainable_tensor_numels(config, model)
+    if config.uses_lora:  # each layer's adapters, in its modules' order
+        return numels
     norms = [model.hidden_size] * (2 if model.norm == "layer" else 1)
     embeddings = 1 + (model.positions == "learned")
     head = 1 if model.head_params else 0

@@ -161,8 +161,9 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         activation_offload=config.activation_offload,
         compiled=config.compile and not unmodelled_compile(config, spec),
         offload_point=offload_point,
-        # DeepSpeed's ZeRO-2 offload reduces in its post-accumulate-grad hooks: the moments they run at, too
-        step_in_backward=(config.optimizer_in_backward or (config.zero == 2 and deepspeed_offload(config)
+        # DeepSpeed's ZeRO-Offload works in its post-accumulate-grad hooks (the bucket made by the first, ZeRO-2's
+        # reductions): the moments they run at, too
+        step_in_backward=(config.optimizer_in_backward or (deepspeed_offload(config)
                                                            and zero_offload_refusal(config) is None)) and config.pp == 1,
         float8=config.float8 != "off",
         litgpt=litgpt,
