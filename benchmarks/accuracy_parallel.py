@@ -144,6 +144,14 @@ def matrix() -> list[dict]:
              {"model": "llama-3.2-1b", **base, "gpus": 4, "lora_rank": 16, "quant": "nf4"},
              {"model": "llama-3.1-70b", **base, "precision": "bf16-true", "seq_len": 8192, "gpus": 2,
               "lora_rank": 16, "quant": "nf4", "checkpointing": "full"}]
+    # --offload optimizer with ZeRO-1 or 2, data parallelism alone or one GPU: DeepSpeed's ZeRO-Offload, bf16 weights
+    # with fp32 masters on the host (memtui's stand-in of DeepSpeedZeroOptimizer, memtui.engine.trace.zero_offload)
+    for model, gpus, zero, extra in (("llama-3.2-1b", 2, 2, {}), ("llama-3.2-1b", 1, 2, {}), ("llama-3.2-1b", 4, 1, {}),
+                                     ("qwen2.5-0.5b", 2, 2, {}), ("llama-3.2-1b", 2, 2, {"lora_rank": 16}),
+                                     ("llama-3.1-8b", 1, 2, {"seq_len": 2048, "checkpointing": "full"}),
+                                     ("llama-3.1-8b", 4, 1, {"seq_len": 2048, "checkpointing": "full"})):
+        rows.append({"model": model, "precision": "bf16-true", "batch_size": 1, "seq_len": 1024, **extra,
+                     "gpus": gpus, "zero": zero, "offload": "optimizer", "master_weights": True})
     # and beside tensor and pipeline parallelism: CPUOffloadPolicy on the (dp, tp) mesh and on every pipeline stage
     # (torchtitan's enable_cpu_offload on each model part)
     for model, gpus, extra in (("llama-3.1-8b", 4, {"tp": 2}),

@@ -28,7 +28,7 @@ NUMBERS = {"lora_rank": (0, 0, 8), "grad_accum": (1, 2), "shard_group": (0, 2), 
            "lora_targets": ("q_proj,v_proj", "all-linear"), "loss_chunks": (8,), "galore_rank": (128,),
            "lora_dropout": (0.0, 0.1)}
 # Layouts still modelled while their traces are being written (issue 13's note says which).
-PENDING = ("--offload optimizer, offloading beside DDP and offloading without data-parallel shards are DeepSpeed's",)
+PENDING = ("DeepSpeed's ZeRO-Offload under ZeRO-3", "DeepSpeed's ZeRO-Offload is traced with AdamW")
 FIXED = {"model", "gpu", "gpus", "tp", "pp", "batch_size", "seq_len"}
 
 

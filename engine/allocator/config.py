@@ -13,6 +13,11 @@ from memtui.engine.errors import InputError
 
 MB = 1 << 20
 K_MIN_BLOCK_SIZE = 512  # kMinBlockSize: every size is rounded up to a multiple of 512 bytes
+
+
+def block_rounded(n_bytes: int) -> int:
+    """The bytes of a tensor of `n_bytes` as the caching allocator rounds it (a block's least size, 512)."""
+    return max(K_MIN_BLOCK_SIZE, (n_bytes + K_MIN_BLOCK_SIZE - 1) // K_MIN_BLOCK_SIZE * K_MIN_BLOCK_SIZE) if n_bytes else 0
 K_SMALL_SIZE = 1 << 20  # kSmallSize: the largest request served by the small pool (1 MiB)
 K_SMALL_BUFFER = 2 << 20  # kSmallBuffer: small-pool segments are 2 MiB
 K_MIN_LARGE_ALLOC = 10 << 20  # kMinLargeAlloc: requests under 10 MiB share a large_segment_size segment

@@ -38,6 +38,7 @@ from memtui.engine.estimator.layout import (
     NF4_BYTES_PER_PARAM,
     ParamLayout,
     ddp_tensor_parallel_embedding_gradients,
+    deepspeed_offload,
     litgpt_buffer_bytes,
     param_layout,
     pipeline_stages_model,
@@ -46,12 +47,15 @@ from memtui.engine.estimator.layout import (
     tensor_parallel_embedding_params,
     tensor_parallel_partial_adapter_gradients,
     tensor_parallel_vocabulary_slice,
+    zero_offload_refusal,
     tensor_parallel_whole_vocabulary_gradient,
     trainable_params_total,
     trainable_tensor_numels,
     head_adapter_shapes,
     zero_redundancy_largest_share,
 )
+from memtui.engine.allocator.config import K_MIN_BLOCK_SIZE
+from memtui.engine.estimator.zero_offload import ZeroOffloadOnGpu, zero_offload_on_gpu
 from memtui.engine.estimator.optimizers import (
     BNB_ADAM_OPTIMIZERS,
     adafactor_state_params,
@@ -238,6 +242,7 @@ class _StatesOnGpu:
     reduce_widening: int = 1  # reduced (sharded) gradient bytes per byte autograd made: 2 where FSDP2 reduces bf16 in fp32
     layers_gradients: int = 0  # the decoder layers' gradients as autograd makes them (FSDP2: beyond them, the root's)
     host_shards: bool = False  # FSDP2's CPUOffloadPolicy: the shards and their reduced gradients in host memory
+    zero_offload: ZeroOffloadOnGpu | None = None  # DeepSpeed's ZeRO-Offload with ZeRO-1 or 2, as traced
 
     def gradients_at(self, unsharded: int, offload: str) -> int:
         """Gradients a moment holds: ZeRO-2/3 keep a 1/dp shard plus the bucket being reduced. FSDP2 reduces the
@@ -324,11 +329,18 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         optimizer_states = 0
         if zero >= 2:
             gradients = 0  # ZeRO-Offload streams gradients to the CPU as they are reduced
+    zero_offload = None
+    if deepspeed_offload(config) and zero_offload_refusal(config) is None:
+        # DeepSpeedZeroOptimizer (memtui.engine.estimator.zero_offload): the trainable weights in one padded flat
+        # buffer; between steps only temp_grad_buffer_for_gpu_offload, no gradients, no DDP buckets.
+        zero_offload = zero_offload_on_gpu(config, model, trainable_bytes(config))
+        weights += zero_offload.padding
+        gradients = zero_offload.offload_buffer
     # What stays between steps and through the optimizer step: FSDP2 frees gathered weights after backward.
     resting_weights = shards if zero == 2 and config.offload == "none" else weights
     # PyTorch DDP (ZeRO-0/1 across ranks) copies every gradient into flat bucket buffers for the
     # all-reduce and keeps them from the first backward on (gradient_as_bucket_view=False, the default).
-    ddp_buckets = grads_full if config.dp > 1 and zero <= 1 else 0
+    ddp_buckets = grads_full if config.dp > 1 and zero <= 1 and zero_offload is None else 0
     on_gpu = _StatesOnGpu(
         dp=dp, zero=zero, weights_full=weights_full, unsharded=unsharded, grads_full=grads_full, layer_weight_bytes=layer_weight_bytes,
         layer_grads=layout.largest_layer_params * config.weight_bytes if not config.uses_lora else 0,
@@ -339,7 +351,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         reduce_widening=trainable_bytes(config) // _autograd_gradient_bytes(config),
         layers_gradients=(layout.trainable_params - root_params) * _autograd_gradient_bytes(config)
         if root_weights and not config.uses_lora else grads_full,
-        host_shards=follows_fsdp2 and config.offload != "none",
+        host_shards=follows_fsdp2 and config.offload != "none", zero_offload=zero_offload,
     )
     return on_gpu, one_state_group
 
@@ -570,11 +582,66 @@ def _in_backward_moments(config: TrainingConfig, model: ModelSpec, layout: Param
     return steps
 
 
+_ONE_ELEMENT = K_MIN_BLOCK_SIZE  # a one-element device tensor, as the caching allocator rounds it
+
+
+def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moments: list[Moment],
+                          on_gpu: _StatesOnGpu, workspace: int) -> list[StepMoment]:
+    """DeepSpeed's ZeRO-Offload (memtui.engine.estimator.zero_offload): from the first gradient on, the ipg bucket
+    beside the gradients autograd has made (ZeRO-1: all of them, to backward's end; ZeRO-2: the one just made, copied
+    into the bucket and freed by its hook); a ZeRO-2 reduction run by a gradient's hook beside the moment that makes
+    it; at backward's end (the engine's post-backward hook) the rest reduced, with only the weights, the bucket and
+    the held gradients left; the optimizer step on the host, the norms and one-element flags on the device."""
+    deepspeed = on_gpu.zero_offload
+    resident = on_gpu.states.gradients  # temp_grad_buffer_for_gpu_offload
+    steps, waited, made, started = [], [], [], False
+    for moment in moments:
+        # The replay's GRAD_READY moments: a node has given parameters their .grad and their hooks run (the first
+        # makes the bucket; ZeRO-2's copy each into it and free it). A gradient still summing in an input buffer
+        # (a tied head's) is counted with the gradients, as _in_backward_moments does.
+        ready = moment.phase == GRAD_READY
+        started = started or ready
+        moment = moment._replace(phase="backward" if ready else moment.phase,
+                                 temporary=moment.temporary - moment.buffered)
+        gradients = resident + moment.buffered + (deepspeed.bucket if started else 0)
+        if deepspeed.stage == 1:  # every gradient kept as made to backward's end
+            gradients += moment.gradients
+        made.append(moment.stepped if ready else 0)
+        waited.append(gradients)
+        steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace, gradients=gradients + (
+            moment.stepped if ready and deepspeed.stage == 2 else 0)))
+    at_end = []
+    for reduction in deepspeed.reductions:
+        extra = reduction.held + reduction.norms + reduction.transient
+        if deepspeed.stage == 2 and reduction.trigger is not None:
+            # Run by the hook of the gradient made at the GRAD_READY moment its bytes are in: that gradient, the
+            # bucket and what the reduction holds (not the moment's other new gradients, hooked before it or after)
+            through = deepspeed.made_through
+            trigger = through[reduction.trigger] - (through[reduction.trigger - 1] if reduction.trigger else 0)
+            index, total = len(moments) - 1, 0
+            for position, stepped in enumerate(made):
+                total += stepped
+                if stepped and total >= through[reduction.trigger]:
+                    index = position
+                    break
+            steps.append(steps[index]._replace(gradients=waited[index] + trigger,
+                                               temporary=steps[index].temporary + extra))
+        else:
+            at_end.append(StepMoment("backward", on_gpu.resting_weights, resident + deepspeed.bucket, 0,
+                                     workspace + extra))
+    steps += at_end
+    # The step: the norms beside the one-element overflow flag, then the norm's (the optimizer on the host)
+    steps.append(StepMoment("optimizer", on_gpu.resting_weights, resident, 0, deepspeed.norms + _ONE_ELEMENT + workspace))
+    return steps
+
+
 def _step_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, on_gpu: _StatesOnGpu,
                   one_state_group: int, workspace: int, forms: StepForms) -> list[StepMoment]:
     """The step's candidate peaks from the replayed program's `forms`: at one shape (ints), or at every shape of
     the program (Shaped: the figures only add to what depends on the shape, or raise ShapeDependent)."""
     activations = forms.moments
+    if on_gpu.zero_offload is not None:
+        return _zero_offload_moments(config, model, layout, activations, on_gpu, workspace)
     if config.optimizer_in_backward:
         # Nothing is left for the optimizer phase: every parameter has stepped in backward.
         return _in_backward_moments(config, model, layout, activations, on_gpu, workspace)

@@ -353,10 +353,31 @@ LORA_TENSOR_PARALLEL_FAMILIES = TENSOR_PARALLEL_FAMILIES
 PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MOE_TENSOR_PARALLEL_FAMILIES)
 
 
+def deepspeed_offload(config: TrainingConfig) -> bool:
+    """Whether `--offload` here is DeepSpeed's ZeRO-Offload, which PyTorch has no policy for: optimizer-only,
+    beside DDP (ZeRO-1), or without data-parallel shards (one GPU)."""
+    return config.offload != "none" and (config.offload == "optimizer" or config.zero <= 1 or config.shard_ranks == 1)
+
+
+def zero_offload_refusal(config: TrainingConfig) -> str | None:
+    """Why memtui's stand-in of DeepSpeed's ZeRO-Offload (memtui.engine.trace.zero_offload: ZeRO-1 and 2 as
+    DeepSpeedZeroOptimizer runs them, data parallelism alone or one GPU) cannot trace this configuration, or None."""
+    if config.zero not in (1, 2):
+        return ("DeepSpeed's ZeRO-Offload under ZeRO-3 (stage3.py's parameter partitioning and prefetching) is "
+                "modelled, not traced")
+    if config.tp > 1 or config.pp > 1:
+        return "DeepSpeed's ZeRO-Offload beside tensor or pipeline parallelism is modelled, not traced"
+    if (config.grad_accum > 1 or config.optimizer_in_backward or config.precision == "16-mixed" or config.compile
+            or config.quant != "none" or config.optimizer != "adamw"):
+        return ("DeepSpeed's ZeRO-Offload is traced with AdamW (DeepSpeedCPUAdam), without gradient accumulation, an "
+                "optimizer in backward, fp16 loss scaling, --compile or quantization")
+    return None
+
+
 def cpu_offload_refusal(config: TrainingConfig) -> str | None:
     """Why `--offload` here is not FSDP2's CPUOffloadPolicy as the trace runs it (torchtitan's enable_cpu_offload:
     fully_shard(..., offload_policy=CPUOffloadPolicy()) on every model part, beside TP and PP too), or None."""
-    if config.offload == "optimizer" or config.zero <= 1 or config.shard_ranks == 1:
+    if deepspeed_offload(config):
         return ("--offload optimizer, offloading beside DDP and offloading without data-parallel shards are DeepSpeed's "
                 "ZeRO-Offload (the optimizer states and step on the CPU), which PyTorch's DDP and FSDP2 have no policy for")
     if config.optimizer_in_backward:

@@ -19,7 +19,9 @@ it (memtui.engine.live.distributed):
 
 QLoRA's 4-bit layers (memtui's bitsandbytes replicas) ride along: DDP buckets only the adapters' gradients, and
 FSDP2 shards the packed weights as bitsandbytes' FSDP support does (QLORA_FSDP2). Refused, and then modelled on a
-single-GPU trace (data_parallel_refusal): DeepSpeed's optimizer-only offload and LLM.int8 under FSDP2.
+single-GPU trace (data_parallel_refusal): DeepSpeed's ZeRO-3 offload and LLM.int8 under FSDP2. DeepSpeed's
+ZeRO-Offload with ZeRO-1 or 2 (`--offload optimizer`, one GPU too) runs memtui's stand-in of DeepSpeedZeroOptimizer
+(memtui.engine.trace.zero_offload).
 `--zero 3 --offload optimizer+params` is FSDP2's CPUOffloadPolicy (CPU_OFFLOAD): the shards and the optimizer on
 the host, the host-device copies the CPU device skips made as on a GPU (cpu_offload_copies).
 
@@ -36,7 +38,7 @@ from collections.abc import Iterator
 
 import torch
 
-from memtui.engine.estimator.layout import cpu_offload_refusal
+from memtui.engine.estimator.layout import cpu_offload_refusal, deepspeed_offload, zero_offload_refusal
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
@@ -44,8 +46,10 @@ from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 def data_parallel_refusal(config: TrainingConfig) -> str | None:
     """Why the trace cannot run this configuration's real data-parallel program (it is then modelled), or None.
     Tensor and pipeline parallelism have traces of their own (memtui.engine.trace.tensor_parallel, .pipeline)."""
-    if config.dp == 1 or config.tp > 1 or config.pp > 1:
+    if config.tp > 1 or config.pp > 1 or (config.dp == 1 and not deepspeed_offload(config)):
         return "no data parallelism alone"
+    if deepspeed_offload(config):  # one GPU too: DeepSpeed runs its ZeRO stages (and offload) on a world of one
+        return zero_offload_refusal(config)
     if config.offload != "none" and cpu_offload_refusal(config) is not None:
         return cpu_offload_refusal(config)
     return None  # LLM.int8 under FSDP2 is refused before this (memtui.engine.model.validation)
@@ -107,7 +111,13 @@ class DataParallel:
         self.gathered_ids: set[int] = set()  # FSDP2's unsharded parameters
         self.gradient_ids: set[int] = set()  # gradients as the optimizer finds them (FSDP2's sharded ones)
         dp = config.dp
-        if config.zero <= 1:
+        self.zero_offload = None  # DeepSpeed's ZeRO-Offload stand-in (memtui.engine.trace.zero_offload)
+        if deepspeed_offload(config):
+            from memtui.engine.trace.zero_offload import DEEPSPEED_OFFLOAD, REDUCE_BUCKET_SIZE
+
+            self.traced = [DEEPSPEED_OFFLOAD.format(stage=config.zero, bucket=REDUCE_BUCKET_SIZE, dp=dp)]
+            self.modelled = []
+        elif config.zero <= 1:
             self.traced = [f"DDP at world size {dp} (rank 0 of a fake process group): 25 MiB gradient buckets "
                            "(1 MiB first), gradient_as_bucket_view=False, rebuilt after step 1"]
             if config.zero == 1:
@@ -137,6 +147,12 @@ class DataParallel:
         """The model wrapped for this rank. DDP runs under the tracker so its first buckets are logged; FSDP2's
         shards are registered as the weights afterwards (the copies it makes while sharding are not the step's)."""
         self.tracker = tracker
+        if deepspeed_offload(self.config):
+            from memtui.engine.trace.zero_offload import ZeroOffloadOptimizer
+
+            with tracker:  # deepspeed.initialize: the flat buffer made, the parameters its views
+                self.zero_offload = ZeroOffloadOptimizer(model, tracker, self.config.dp, self.config.zero)
+            return model
         if self.config.zero <= 1:
             with tracker:
                 return self._ddp(model)
@@ -148,6 +164,8 @@ class DataParallel:
 
     def shard_optimizer(self, model: torch.nn.Module, optimizer):
         """Record the gradients the optimizer steps on: FSDP2 assigns its sharded .grad outside autograd."""
+        if self.zero_offload is not None:
+            return self.zero_offload.attach(optimizer)
         if self.config.zero == 1:
             from memtui.engine.torchside.sharding import zero_redundancy
 
@@ -160,7 +178,7 @@ class DataParallel:
         return steps_on_the_host(optimizer, self.tracker) if self.config.offload != "none" else optimizer
 
     def watching(self, tracker: MemoryTracker) -> contextlib.AbstractContextManager:
-        if self.config.zero < 2:
+        if self.config.zero < 2 or self.zero_offload is not None:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         stack.enter_context(fsdp_storage_resizes(tracker, self.gathered_ids))
@@ -176,6 +194,8 @@ class DataParallel:
             log.allocations[alloc_id].category = "gradients"
         for alloc_id in self.bucket_ids:  # the estimator's DDP term is a temporary of every moment
             log.allocations[alloc_id].category = "temporary"
+        for alloc_id in self.zero_offload.device_ids if self.zero_offload is not None else ():
+            log.allocations[alloc_id].category = "gradients"  # DeepSpeed's ipg bucket and offload buffer
         if self.model is not None:
             name_fsdp_streams(self.model, self.tracker)
 

@@ -22,8 +22,9 @@ schedules, memtui.engine.trace.pipeline), alone, with DDP, ZeRO-1, FSDP2 or HSDP
 on each stage, or with that tensor parallelism (and FSDP2) on a (pp, dp, tp)
 mesh (DDP, ZeRO-1 or HSDP beside the tensor parallelism too, with or without
 the pipeline); QLoRA's 4-bit weights under DDP, ZeRO-1 and FSDP2 too, and FSDP2's
-CPUOffloadPolicy for --zero 3 --offload optimizer+params (memtui.engine.trace.parallel).
-DeepSpeed's optimizer-only offload, LLM.int8 under FSDP2 and tensor parallelism
+CPUOffloadPolicy for --zero 3 --offload optimizer+params (memtui.engine.trace.parallel), and DeepSpeed's
+ZeRO-Offload with ZeRO-1 or 2 over data-parallel ranks or on one GPU (a stand-in of DeepSpeedZeroOptimizer:
+memtui.engine.trace.zero_offload). DeepSpeed's ZeRO-3 offload, LLM.int8 under FSDP2 and tensor parallelism
 outside that plan are still modelled by the estimator on top of a single-GPU trace.
 
 A deep single-GPU model of a family whose layers are all alike is traced at 5 and 6 layers, and its log built
@@ -157,6 +158,8 @@ def trace(
             modelled.append(f"pipeline parallel: modelled, not traced ({pp_refusal})")
         if config.dp > 1 and config.tp == 1 and config.pp == 1:
             modelled.append(f"data parallel: modelled, not traced ({dp_refusal})")
+        elif config.offload != "none" and config.tp == 1 and config.pp == 1:  # one GPU: DeepSpeed's ZeRO-Offload
+            modelled.append(f"offloading: modelled, not traced ({dp_refusal})")
         parallel_lines = (parallel_lines[0], modelled)
 
     result = assemble(config, local, spec, gpu, log, extras, notes=notes, alloc_config=alloc_config or DEFAULT_CONFIG,

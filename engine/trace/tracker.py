@@ -19,11 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-BLOCK = 512  # CUDA caching allocator: every block is a multiple of 512 bytes
-
-
-def rounded(n_bytes: int) -> int:
-    return max(BLOCK, (n_bytes + BLOCK - 1) // BLOCK * BLOCK) if n_bytes else 0
+from memtui.engine.allocator.config import block_rounded as rounded  # CUDA's 512-byte blocks
 
 
 @dataclass
