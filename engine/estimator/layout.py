@@ -367,10 +367,10 @@ def zero_offload_refusal(config: TrainingConfig) -> str | None:
                 "modelled, not traced")
     if config.tp > 1 or config.pp > 1:
         return "DeepSpeed's ZeRO-Offload beside tensor or pipeline parallelism is modelled, not traced"
-    if (config.grad_accum > 1 or config.optimizer_in_backward or config.precision == "16-mixed" or config.compile
+    if (config.optimizer_in_backward or config.precision == "16-mixed" or config.compile
             or config.quant != "none" or config.optimizer != "adamw"):
-        return ("DeepSpeed's ZeRO-Offload is traced with AdamW (DeepSpeedCPUAdam), without gradient accumulation, an "
-                "optimizer in backward, fp16 loss scaling, --compile or quantization")
+        return ("DeepSpeed's ZeRO-Offload is traced with AdamW (DeepSpeedCPUAdam), without an optimizer in backward, "
+                "fp16 loss scaling, --compile or quantization")
     return None
 
 

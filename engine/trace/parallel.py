@@ -139,10 +139,12 @@ class DataParallel:
         shards are registered as the weights afterwards (the copies it makes while sharding are not the step's)."""
         self.tracker = tracker
         if deepspeed_offload(self.config):
+            from memtui.engine.trace.fake_step import traced_micro_batches
             from memtui.engine.trace.zero_offload import ZeroOffloadOptimizer
 
             with tracker:  # deepspeed.initialize: the flat buffer made, the parameters its views
-                self.zero_offload = ZeroOffloadOptimizer(model, tracker, self.config.dp, self.config.zero)
+                self.zero_offload = ZeroOffloadOptimizer(model, tracker, self.config.dp, self.config.zero,
+                                                        traced_micro_batches(self.config))
             return model
         if self.config.zero <= 1:
             with tracker:
