@@ -174,3 +174,17 @@ def test_zero2_accumulation_keeps_too_large_gradients_before_the_boundary(monkey
         traced = _traced(training, spec).traced_tensor_peak_bytes
         assert (traced > single + 256 * 256) if gpus == 1 else traced == single  # measured: 127.5 KiB above
         assert _estimated_peak(training, spec) == pytest.approx(traced, abs=4096), gpus
+
+
+def test_fp16_scales_the_loss_as_deepspeeds_engine_does():
+    """16-true is DeepSpeed's fp16 engine: engine.backward multiplies the loss by the dynamic loss scale, a tensor
+    of one element held by backward's caller to its end (the overflow check is the offload path's own, the
+    unscaling the host's): the peak is bf16's plus that block, in the trace and in the estimate."""
+    spec = wide_vocabulary_llama(vocab=4096, layers=3)
+    for options in ({"gpus": 2, "zero": 2}, {"gpus": 1, "zero": 1, "grad_accum": 2}):
+        bf16 = _traced(config(**options), spec)
+        fp16 = _traced(config(precision="16-true", **options), spec)
+        assert any(line.startswith("DeepSpeed's fp16 engine: the loss multiplied") for line in fp16.traced)
+        assert fp16.traced_tensor_peak_bytes - bf16.traced_tensor_peak_bytes == 512, options
+        assert (_estimated_peak(config(precision="16-true", **options), spec)
+                - _estimated_peak(config(**options), spec)) == 512, options

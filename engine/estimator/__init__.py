@@ -596,7 +596,8 @@ def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: Para
         ready = moment.phase == GRAD_READY
         started = started or ready
         moment = moment._replace(phase="backward" if ready else moment.phase,
-                                 temporary=moment.temporary - moment.buffered)
+                                 temporary=moment.temporary - moment.buffered + (
+                                     deepspeed.scaled_loss if ready or moment.phase == "backward" else 0))
         gradients = resident + moment.buffered + (deepspeed.bucket if started else 0)
         if deepspeed.stage == 1:  # every gradient kept as made to backward's end
             gradients += moment.gradients
@@ -630,7 +631,7 @@ def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: Para
                                                     temporary=per_moment[index].temporary + extra))
         else:
             at_end.append(StepMoment("backward", on_gpu.resting_weights, resident + deepspeed.bucket, 0,
-                                     workspace + extra))
+                                     workspace + extra + deepspeed.scaled_loss))
     kept = 0
     for index, step in enumerate(per_moment):  # ZeRO-2 before the boundary: the moments beside what is kept
         kept += kept_from[index]
@@ -642,7 +643,8 @@ def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: Para
         for moment in moments:
             ready = moment.phase == GRAD_READY
             moment = moment._replace(phase="backward" if ready else moment.phase,
-                                     temporary=moment.temporary - moment.buffered)
+                                     temporary=moment.temporary - moment.buffered + (
+                                         deepspeed.scaled_loss if ready or moment.phase == "backward" else 0))
             steps.append(_forward_backward_moment(
                 config, model, layout, moment, on_gpu, workspace,
                 gradients=resident + deepspeed.bucket + deepspeed.gradients + moment.buffered,

@@ -370,7 +370,8 @@ def zero_offload_refusal(config: TrainingConfig) -> str | None:
     if (config.optimizer_in_backward or config.precision == "16-mixed" or config.compile
             or config.quant != "none" or config.optimizer != "adamw"):
         return ("DeepSpeed's ZeRO-Offload is traced with AdamW (DeepSpeedCPUAdam), without an optimizer in backward, "
-                "fp16 loss scaling, --compile or quantization")
+                "fp16 autocast (16-mixed: DeepSpeed's torch_autocast, a bucket per communication dtype and torch's "
+                "GradScaler), --compile or quantization")
     return None
 
 

@@ -155,6 +155,7 @@ class ZeroOffloadOnGpu:
     made_through: tuple[int, ...]  # ZeRO-2: gradient bytes made (in backward's order) through each index
     accumulating: tuple[Reduction, ...] = ()  # ZeRO-2, --grad-accum: a micro-batch's before the boundary
     gradients: int = 0  # every gradient whole (ZeRO-1 accumulates them in .grad until the boundary)
+    scaled_loss: int = 0  # DeepSpeed's fp16 engine: the loss times the loss scale, held by backward's caller
 
 
 def zero_offload_on_gpu(config: TrainingConfig, model: ModelSpec, dtype_bytes: int) -> ZeroOffloadOnGpu:
@@ -174,7 +175,8 @@ def zero_offload_on_gpu(config: TrainingConfig, model: ModelSpec, dtype_bytes: i
                             reductions=tuple(found), made_through=tuple(made),
                             accumulating=tuple(reductions(flat, dp, dtype_bytes, 2, boundary=False))
                             if config.grad_accum > 1 and config.zero == 2 else (),
-                            gradients=sum(rounded(numel * dtype_bytes) for numel in flat))
+                            gradients=sum(rounded(numel * dtype_bytes) for numel in flat),
+                            scaled_loss=_BLOCK if config.precision == "16-true" and dtype_bytes == 2 else 0)
 
 
 def _starts(flat: list[int]) -> list[int]:

@@ -145,6 +145,9 @@ class DataParallel:
             with tracker:  # deepspeed.initialize: the flat buffer made, the parameters its views
                 self.zero_offload = ZeroOffloadOptimizer(model, tracker, self.config.dp, self.config.zero,
                                                         traced_micro_batches(self.config))
+            if self.zero_offload.loss_scaler() is not None:
+                self.traced.append("DeepSpeed's fp16 engine: the loss multiplied by its dynamic loss scale (2^16) "
+                                   "for backward, the overflow checked per gradient, the unscaling on the host")
             return model
         if self.config.zero <= 1:
             with tracker:
@@ -169,6 +172,10 @@ class DataParallel:
             optimizer = sharded
         record_stepped_gradients(model, optimizer, self.tracker, self.gradient_ids)
         return steps_on_the_host(optimizer, self.tracker) if self.config.offload != "none" else optimizer
+
+    def loss_scaler(self):
+        """DeepSpeed's fp16 loss scaler for the training loop (its engine.backward scales the loss), or None."""
+        return self.zero_offload.loss_scaler() if self.zero_offload is not None else None
 
     def watching(self, tracker: MemoryTracker) -> contextlib.AbstractContextManager:
         if self.config.zero < 2 or self.zero_offload is not None:

@@ -44,6 +44,24 @@ DEEPSPEED_OFFLOAD = ("DeepSpeed ZeRO-Offload (zero_optimization.offload_optimize
                      "copied back and all-gathered")
 
 
+class DynamicLossScaler:
+    """DeepSpeed's fp16 engine (fp16.enabled, loss_scale 0: dynamic): engine.backward multiplies the loss by the
+    current scale, a Python float (DynamicLossScaler.scale_loss); the overflow check is the optimizer's own
+    (local_overflow, above), the unscaling is on the host (unscale_and_clip_grads), update_scale is Python."""
+
+    def __init__(self) -> None:
+        self.cur_scale = 2.0 ** 16  # initial_scale_power's default
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.cur_scale
+
+    def step(self, optimizer) -> None:
+        optimizer.step()
+
+    def update(self) -> None:
+        pass
+
+
 def _has_inf_or_nan(x: torch.Tensor) -> torch.Tensor:
     """DeepSpeedZeroOptimizer._has_inf_or_nan, as it allocates (every intermediate alive until it returns)."""
     float_x = x.float()
@@ -133,6 +151,10 @@ class ZeroOffloadOptimizer:
         for parameter in self.params:
             parameter.register_post_accumulate_grad_hook(self._grad_hook)
         return self
+
+    def loss_scaler(self) -> DynamicLossScaler | None:
+        """DeepSpeed's loss scaler where its engine runs in fp16 (bf16 and fp32 need none)."""
+        return DynamicLossScaler() if self.dtype == torch.float16 else None
 
     def _note(self, tensor: torch.Tensor) -> None:
         alloc_id = self.tracker.alloc_id_of(tensor)
@@ -309,7 +331,7 @@ class ZeroOffloadOptimizer:
         with self.tracker.model_states_on_host():
             norm = torch.linalg.vector_norm(torch.stack([torch.zeros((), dtype=torch.float32)]), ord=2)
             clip = torch.clamp(norm + 1e-6, min=1.0)  # unscale_and_clip_grads (gradient_clipping 1.0)
-            self.fp32.grad.mul_(1.0 / clip)
+            self.fp32.grad.mul_(1.0 / (clip * (2.0 ** 16 if self.dtype == torch.float16 else 1.0)))
             self.inner.step()
             self.bit16_buffer.copy_(self.fp32)
         self.partitions[0].copy_(self.bit16_buffer)
