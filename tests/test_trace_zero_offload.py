@@ -188,3 +188,16 @@ def test_fp16_scales_the_loss_as_deepspeeds_engine_does():
         assert fp16.traced_tensor_peak_bytes - bf16.traced_tensor_peak_bytes == 512, options
         assert (_estimated_peak(config(precision="16-true", **options), spec)
                 - _estimated_peak(config(**options), spec)) == 512, options
+
+
+def test_lion_steps_on_the_host_as_deepspeeds_cpu_lion():
+    """DeepSpeed offloads Lion too (DeepSpeedCPULion, the ds-config's "Lion"): its states are the host's, so the device
+    holds what AdamW's offload holds, in the trace and in the estimate; SGD is no optimizer ZeRO supports."""
+    spec = wide_vocabulary_llama(vocab=4096, layers=3)
+    adamw = _traced(config(gpus=2, zero=2), spec)
+    lion = _traced(config(gpus=2, zero=2, optimizer="lion"), spec)
+    assert "the host optimizer: Lion over the fp32 partition (DeepSpeedCPULion's stand-in)" in lion.traced
+    assert "the host optimizer: AdamW over the fp32 partition (DeepSpeedCPUAdam's stand-in)" in adamw.traced
+    assert lion.traced_tensor_peak_bytes == adamw.traced_tensor_peak_bytes
+    assert lion.budget.model_states.optimizer_states == 0
+    assert _estimated_peak(config(gpus=2, zero=2, optimizer="lion"), spec) == _estimated_peak(config(gpus=2, zero=2), spec)

@@ -161,7 +161,11 @@ class DataParallel:
     def shard_optimizer(self, model: torch.nn.Module, optimizer):
         """Record the gradients the optimizer steps on: FSDP2 assigns its sharded .grad outside autograd."""
         if self.zero_offload is not None:
-            return self.zero_offload.attach(optimizer)
+            attached = self.zero_offload.attach(optimizer)
+            host = type(attached.inner).__name__
+            self.traced.append(f"the host optimizer: {host} over the fp32 partition (DeepSpeedCPU"
+                               f"{'Adam' if host == 'AdamW' else host}'s stand-in)")
+            return attached
         if self.config.zero == 1:
             from memtui.engine.torchside.sharding import zero_redundancy
 

@@ -142,12 +142,16 @@ class ZeroOffloadOptimizer:
         return {}  # the host optimizer's states: model states on the host, not the device's
 
     def attach(self, optimizer) -> ZeroOffloadOptimizer:
-        """DeepSpeedCPUAdam's stand-in, AdamW on the host over the fp32 partition with `optimizer`'s
-        hyperparameters; the gradient hooks (after the trace's own, which see autograd's gradients)."""
+        """The host optimizer over the fp32 partition with `optimizer`'s hyperparameters: DeepSpeedCPUAdam's
+        stand-in, AdamW, or DeepSpeedCPULion's, memtui's Lion (the ds-config's "Lion"); the gradient hooks (after
+        the trace's own, which see autograd's gradients)."""
+        from memtui.engine.torchside.optim import Lion
+
         defaults = dict(optimizer.param_groups[0])
+        host = Lion if isinstance(getattr(optimizer, "inner", optimizer), Lion) else torch.optim.AdamW  # MasterWeights wraps
         with self.tracker.model_states_on_host():
-            self.inner = torch.optim.AdamW([self.fp32], lr=defaults.get("lr", 1e-4),
-                                           weight_decay=defaults.get("weight_decay", 0.01), foreach=False)
+            self.inner = host([self.fp32], lr=defaults.get("lr", 1e-4), weight_decay=defaults.get("weight_decay", 0.01),
+                              foreach=False)
         for parameter in self.params:
             parameter.register_post_accumulate_grad_hook(self._grad_hook)
         return self
