@@ -56,6 +56,7 @@ def test_which_deepspeed_offloads_are_traced_and_why_the_rest_are_not():
                     {"gpus": 2, "zero": 2, "lora_rank": 8}, {"gpus": 1, "zero": 2, "grad_accum": 2}):
         assert data_parallel_refusal(config(**options)) is None, options
     for options in ({"gpus": 2, "zero": 3}, {"gpus": 2, "zero": 2, "compile": True},
+                    {"gpus": 2, "zero": 2, "precision": "16-mixed", "master_weights": False},
                     {"gpus": 2, "zero": 2, "lora_rank": 8, "quant": "nf4"}, {"gpus": 2, "zero": 1, "optimizer": "sgd"}):
         assert "ZeRO-Offload" in data_parallel_refusal(config(**options)), options
     assert "ZeRO-Offload" in tensor_parallel_refusal(config(gpus=4, tp=2, zero=2), SPEC)  # stays modelled there
