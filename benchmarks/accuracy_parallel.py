@@ -152,6 +152,14 @@ def matrix() -> list[dict]:
                                      ("llama-3.1-8b", 4, 1, {"seq_len": 2048, "checkpointing": "full"})):
         rows.append({"model": model, "precision": "bf16-true", "batch_size": 1, "seq_len": 1024, **extra,
                      "gpus": gpus, "zero": zero, "offload": "optimizer", "master_weights": True})
+    # with gradient accumulation (ZeRO-1: the bucket and summed gradients kept to the boundary; ZeRO-2: 8B's embedding
+    # and head, larger than the bucket, kept whole through the earlier micro-batches), fp16's loss scaler, Lion
+    for model, gpus, zero, extra in (("llama-3.2-1b", 2, 2, {"grad_accum": 4}), ("llama-3.2-1b", 4, 1, {"grad_accum": 2}),
+                                     ("llama-3.1-8b", 1, 2, {"seq_len": 2048, "checkpointing": "full", "grad_accum": 2}),
+                                     ("llama-3.2-1b", 2, 2, {"precision": "16-true"}),
+                                     ("llama-3.2-1b", 2, 2, {"optimizer": "lion"})):
+        rows.append({"model": model, "precision": "bf16-true", "batch_size": 1, "seq_len": 1024, "gpus": gpus,
+                     "zero": zero, "offload": "optimizer", "master_weights": True, **extra})
     # and beside tensor and pipeline parallelism: CPUOffloadPolicy on the (dp, tp) mesh and on every pipeline stage
     # (torchtitan's enable_cpu_offload on each model part)
     for model, gpus, extra in (("llama-3.1-8b", 4, {"tp": 2}),

@@ -602,7 +602,8 @@ def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: Para
         ready = moment.phase == GRAD_READY
         started = started or ready
         moment = moment._replace(phase="backward" if ready else moment.phase,
-                                 temporary=moment.temporary - moment.buffered)
+                                 temporary=moment.temporary - moment.buffered + (
+                                     deepspeed.scaled_loss if ready or moment.phase == "backward" else 0))
         gradients = resident + moment.buffered + (deepspeed.bucket if started else 0)
         if deepspeed.stage == 1:  # every gradient kept as made to backward's end
             gradients += moment.gradients
@@ -610,25 +611,50 @@ def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: Para
         waited.append(gradients)
         steps.append(_forward_backward_moment(config, model, layout, moment, on_gpu, workspace, gradients=gradients + (
             moment.stepped if ready and deepspeed.stage == 2 else 0)))
+    through = deepspeed.made_through
+
+    def moment_of(trigger: int) -> int:
+        """The GRAD_READY moment whose bytes hold gradient `trigger` (in backward's order)."""
+        total = 0
+        for position, stepped in enumerate(made):
+            total += stepped
+            if stepped and total >= through[trigger]:
+                return position
+        return len(moments) - 1
+
     at_end = []
-    for reduction in deepspeed.reductions:
+    per_moment = list(steps)
+    kept_from = [0] * (len(moments) + 1)  # before the boundary: too-large gradients left whole, from a moment on
+    for reduction in deepspeed.reductions + deepspeed.accumulating:
         extra = reduction.held + reduction.norms + reduction.transient
         if deepspeed.stage == 2 and reduction.trigger is not None:
             # Run by the hook of the gradient made at the GRAD_READY moment its bytes are in: that gradient, the
             # bucket and what the reduction holds (not the moment's other new gradients, hooked before it or after)
-            through = deepspeed.made_through
             trigger = through[reduction.trigger] - (through[reduction.trigger - 1] if reduction.trigger else 0)
-            index, total = len(moments) - 1, 0
-            for position, stepped in enumerate(made):
-                total += stepped
-                if stepped and total >= through[reduction.trigger]:
-                    index = position
-                    break
-            steps.append(steps[index]._replace(gradients=waited[index] + trigger,
-                                               temporary=steps[index].temporary + extra))
+            index = moment_of(reduction.trigger)
+            kept_from[index + 1] += reduction.keeps
+            steps.append(per_moment[index]._replace(gradients=waited[index] + trigger,
+                                                    temporary=per_moment[index].temporary + extra))
         else:
             at_end.append(StepMoment("backward", on_gpu.resting_weights, resident + deepspeed.bucket, 0,
-                                     workspace + extra))
+                                     workspace + extra + deepspeed.scaled_loss))
+    kept = 0
+    for index, step in enumerate(per_moment):  # ZeRO-2 before the boundary: the moments beside what is kept
+        kept += kept_from[index]
+        if kept:
+            steps.append(step._replace(gradients=step.gradients + kept))
+    if deepspeed.stage == 1 and config.grad_accum > 1:
+        # ZeRO-1's later micro-batches: the bucket and every gradient from the first on, each new gradient a
+        # temporary until autograd adds it in place
+        for moment in moments:
+            ready = moment.phase == GRAD_READY
+            moment = moment._replace(phase="backward" if ready else moment.phase,
+                                     temporary=moment.temporary - moment.buffered + (
+                                         deepspeed.scaled_loss if ready or moment.phase == "backward" else 0))
+            steps.append(_forward_backward_moment(
+                config, model, layout, moment, on_gpu, workspace,
+                gradients=resident + deepspeed.bucket + deepspeed.gradients + moment.buffered,
+                extra_temporary=moment.stepped if ready else 0))
     steps += at_end
     # The step: the norms beside the one-element overflow flag, then the norm's (the optimizer on the host)
     steps.append(StepMoment("optimizer", on_gpu.resting_weights, resident, 0, deepspeed.norms + _ONE_ELEMENT + workspace))

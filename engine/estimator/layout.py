@@ -367,10 +367,12 @@ def zero_offload_refusal(config: TrainingConfig) -> str | None:
                 "modelled, not traced")
     if config.tp > 1 or config.pp > 1:
         return "DeepSpeed's ZeRO-Offload beside tensor or pipeline parallelism is modelled, not traced"
-    if (config.grad_accum > 1 or config.optimizer_in_backward or config.precision == "16-mixed" or config.compile
-            or config.quant != "none" or config.optimizer != "adamw"):
-        return ("DeepSpeed's ZeRO-Offload is traced with AdamW (DeepSpeedCPUAdam), without gradient accumulation, an "
-                "optimizer in backward, fp16 loss scaling, --compile or quantization")
+    if (config.optimizer_in_backward or config.precision == "16-mixed" or config.compile
+            or config.quant != "none" or config.optimizer not in ("adamw", "lion")):
+        return ("DeepSpeed's ZeRO-Offload is traced with AdamW or Lion (DeepSpeedCPUAdam, DeepSpeedCPULion: the "
+                "optimizers of memtui's it supports), without an optimizer in backward, "
+                "fp16 autocast (16-mixed: DeepSpeed's torch_autocast, a bucket per communication dtype and torch's "
+                "GradScaler), --compile or quantization")
     return None
 
 

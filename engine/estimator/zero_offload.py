@@ -9,6 +9,9 @@ holds one largest parameter's worth for good. From the first gradient hook to ba
 all at backward's end, in the flat buffer's order). Each reduction of the bucket makes, one after the other, the
 flattened copy of the partitions' slices (where there are several) and, for each gradient in rank 0's partition,
 its fp64 norm (kept to the step), the overflow check's fp32 copy and masks, and its fp32 slice for the host.
+With gradient accumulation ZeRO-1's bucket and whole gradients stay from the first micro-batch to the boundary's
+reductions; ZeRO-2's earlier micro-batches reduce without the checks, a too-large gradient of rank 0's partition
+left whole to backward's end.
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ class Reduction:
     """One reduce_ipg_grads: `trigger`, the index (in the order the gradients reach the bucket) of the gradient
     whose hook ran it (None: backward's end); `held`, gradients alive beside the bucket then (ZeRO-1: those not yet
     copied in, the triggering one's included; a gradient too large for the bucket until it is reduced); `norms`,
-    the fp64 norms kept before it; `transient`, the most it allocates at once beyond them."""
+    the fp64 norms kept before it; `transient`, the most it allocates at once beyond them; `keeps`, before the
+    accumulation boundary, a gradient too large for the bucket in rank 0's partition, left whole to backward's end."""
 
     trigger: int | None
     held: int
     norms: int
     transient: int
+    keeps: int = 0
 
 
 def _check_bytes(numel: int, elements: int, dtype_bytes: int) -> int:
@@ -54,10 +59,13 @@ def _check_bytes(numel: int, elements: int, dtype_bytes: int) -> int:
     return _BLOCK + max(rounded(8 * elements), check, cast)
 
 
-def reductions(flat: list[int], dp: int, dtype_bytes: int, stage: int) -> list[Reduction]:
+def reductions(flat: list[int], dp: int, dtype_bytes: int, stage: int, boundary: bool = True) -> list[Reduction]:
     """The bucket's reductions over one backward, for trainable tensors of `flat` elements in the flat buffer's order
     (rank 0's partition is its first 1/dp). ZeRO-2 takes the gradients in backward's order (the flat order reversed:
-    the head's first, the embedding's last), ZeRO-1 in the flat order at backward's end."""
+    the head's first, the embedding's last), ZeRO-1 in the flat order at backward's end. Before the accumulation
+    boundary (ZeRO-2's earlier micro-batches: ZeRO-1 reduces only at it) copy_grads_in_partition only accumulates
+    each gradient of rank 0's partition on the host (through temp_grad_buffer_for_gpu_offload, in place): no norm,
+    no overflow check, no fp32 copy, and the gradient is not cleared."""
     padded = sum(flat) + flat_padding(sum(flat), dp)
     size = padded // dp
     starts = _starts(flat)
@@ -93,15 +101,16 @@ def reductions(flat: list[int], dp: int, dtype_bytes: int, stage: int) -> list[R
         if count:
             transient = max(transient, rounded(chunk * dtype_bytes) if count > 1 else 0)
         held = waiting + kept + (rounded(flat[extra] * dtype_bytes) if extra is not None else 0)
-        before = norms
+        before, keeps = norms, 0
         for index in bucket:
-            if starts[index] < size:
+            if starts[index] < size and boundary:
                 elements_in = min(flat[index], size - starts[index])
                 transient = max(transient, norms - before + _check_bytes(flat[index], elements_in, dtype_bytes))
                 norms += _BLOCK
-            elif stage == 1 and index == extra:
-                kept += rounded(flat[index] * dtype_bytes)
-        result.append(Reduction(trigger, held, before, transient))
+            elif index == extra and (stage == 1 or starts[index] < size):
+                keeps += rounded(flat[index] * dtype_bytes)  # the epilogue clears it
+        result.append(Reduction(trigger, held, before, transient, keeps if not boundary else 0))
+        kept += keeps
         bucket, elements, extra = [], 0, None
 
     for position, index in enumerate(order):
@@ -144,6 +153,9 @@ class ZeroOffloadOnGpu:
     norms: int  # every fp64 norm kept from its reduction to the step
     reductions: tuple[Reduction, ...]
     made_through: tuple[int, ...]  # ZeRO-2: gradient bytes made (in backward's order) through each index
+    accumulating: tuple[Reduction, ...] = ()  # ZeRO-2, --grad-accum: a micro-batch's before the boundary
+    gradients: int = 0  # every gradient whole (ZeRO-1 accumulates them in .grad until the boundary)
+    scaled_loss: int = 0  # DeepSpeed's fp16 engine: the loss times the loss scale, held by backward's caller
 
 
 def zero_offload_on_gpu(config: TrainingConfig, model: ModelSpec, dtype_bytes: int) -> ZeroOffloadOnGpu:
@@ -160,7 +172,11 @@ def zero_offload_on_gpu(config: TrainingConfig, model: ModelSpec, dtype_bytes: i
     return ZeroOffloadOnGpu(stage=config.zero, padding=flat_padding(sum(flat), dp) * dtype_bytes,
                             offload_buffer=rounded(max(flat) * dtype_bytes),
                             bucket=rounded(REDUCE_BUCKET_SIZE * dtype_bytes), norms=in_partition * _BLOCK,
-                            reductions=tuple(found), made_through=tuple(made))
+                            reductions=tuple(found), made_through=tuple(made),
+                            accumulating=tuple(reductions(flat, dp, dtype_bytes, 2, boundary=False))
+                            if config.grad_accum > 1 and config.zero == 2 else (),
+                            gradients=sum(rounded(numel * dtype_bytes) for numel in flat),
+                            scaled_loss=_BLOCK if config.precision == "16-true" and dtype_bytes == 2 else 0)
 
 
 def _starts(flat: list[int]) -> list[int]:

@@ -195,6 +195,8 @@ def run_fake_steps(spec: ModelSpec, config: TrainingConfig, report=None, *, fake
                 # Whether to skip the step depends on found_inf's value, which fake tensors do not have;
                 # a healthy step (no inf) is the one that allocates, so always take it.
                 scaler._maybe_opt_step = lambda optimizer, _state, *args, **kwargs: optimizer.step(*args, **kwargs)
+        elif hasattr(parallel, "loss_scaler"):
+            scaler = parallel.loss_scaler()  # DeepSpeed's fp16 engine scales the loss itself
 
         autocast_dtype = compute_dtype(config)
 

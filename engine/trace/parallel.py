@@ -148,10 +148,15 @@ class DataParallel:
         shards are registered as the weights afterwards (the copies it makes while sharding are not the step's)."""
         self.tracker = tracker
         if deepspeed_offload(self.config):
+            from memtui.engine.trace.fake_step import traced_micro_batches
             from memtui.engine.trace.zero_offload import ZeroOffloadOptimizer
 
             with tracker:  # deepspeed.initialize: the flat buffer made, the parameters its views
-                self.zero_offload = ZeroOffloadOptimizer(model, tracker, self.config.dp, self.config.zero)
+                self.zero_offload = ZeroOffloadOptimizer(model, tracker, self.config.dp, self.config.zero,
+                                                        traced_micro_batches(self.config))
+            if self.zero_offload.loss_scaler() is not None:
+                self.traced.append("DeepSpeed's fp16 engine: the loss multiplied by its dynamic loss scale (2^16) "
+                                   "for backward, the overflow checked per gradient, the unscaling on the host")
             return model
         if self.config.zero <= 1:
             with tracker:
@@ -165,7 +170,11 @@ class DataParallel:
     def shard_optimizer(self, model: torch.nn.Module, optimizer):
         """Record the gradients the optimizer steps on: FSDP2 assigns its sharded .grad outside autograd."""
         if self.zero_offload is not None:
-            return self.zero_offload.attach(optimizer)
+            attached = self.zero_offload.attach(optimizer)
+            host = type(attached.inner).__name__
+            self.traced.append(f"the host optimizer: {host} over the fp32 partition (DeepSpeedCPU"
+                               f"{'Adam' if host == 'AdamW' else host}'s stand-in)")
+            return attached
         if self.config.zero == 1:
             from memtui.engine.torchside.sharding import zero_redundancy
 
@@ -176,6 +185,10 @@ class DataParallel:
             optimizer = sharded
         record_stepped_gradients(model, optimizer, self.tracker, self.gradient_ids)
         return steps_on_the_host(optimizer, self.tracker) if self.config.offload != "none" else optimizer
+
+    def loss_scaler(self):
+        """DeepSpeed's fp16 loss scaler for the training loop (its engine.backward scales the loss), or None."""
+        return self.zero_offload.loss_scaler() if self.zero_offload is not None else None
 
     def watching(self, tracker: MemoryTracker) -> contextlib.AbstractContextManager:
         if self.config.zero < 2 or self.zero_offload is not None:

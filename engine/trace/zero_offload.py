@@ -4,7 +4,7 @@ stand-in for `memtui trace`: DeepSpeed is no dependency of memtui (its CPU Adam 
 It makes the device allocations DeepSpeedZeroOptimizer makes (deepspeed/runtime/zero/stage_1_and_2.py of
 DeepSpeed 0.19.6, commit edaa722), with the defaults of deepspeed/runtime/zero/config.py (reduce_bucket_size
 5e8 elements, contiguous_gradients, which offload forces on anyway; overlap_comm off for stages 1 and 2;
-reduce_scatter and use_multi_rank_bucket_allreduce on), over one parameter group, without gradient accumulation:
+reduce_scatter and use_multi_rank_bucket_allreduce on), over one parameter group:
 
 - __init__: the trainable parameters flattened into one buffer of the model's dtype, padded to a multiple of
   2 x dp elements (flatten_dense_tensors_aligned; the parameters become views of it), and
@@ -19,6 +19,11 @@ reduce_scatter and use_multi_rank_bucket_allreduce on), over one parameter group
   isnan, isinf, or, fp32 of the whole gradient) and its partition slice cast to fp32 and copied to the host
   partition's gradient, and goes; ZeRO-2 lets the others' go too. A parameter larger than the bucket is reduced
   in place of its own gradient. The post-backward epilogue reduces the rest and frees the bucket;
+- gradient accumulation (gradient_accumulation_steps): ZeRO-1 reduces only at the boundary (the bucket, made by
+  the first micro-batch, and the gradients autograd sums in .grad stay until then); ZeRO-2 reduces each micro-batch,
+  and before the boundary each gradient of rank 0's partition is only summed on the host
+  (async_accumulate_grad_in_cpu_via_gpu: the sum so far brought back through temp_grad_buffer_for_gpu_offload and
+  added in place) and left to the epilogue, which clears .grad;
 - step: the overflow flag and the norm all-reduced through one-element device tensors, the optimizer stepping on
   the host, the updated 16-bit partition copied into its slice of the flat buffer and all-gathered in place.
 """
@@ -39,6 +44,24 @@ DEEPSPEED_OFFLOAD = ("DeepSpeed ZeRO-Offload (zero_optimization.offload_optimize
                      "copied back and all-gathered")
 
 
+class DynamicLossScaler:
+    """DeepSpeed's fp16 engine (fp16.enabled, loss_scale 0: dynamic): engine.backward multiplies the loss by the
+    current scale, a Python float (DynamicLossScaler.scale_loss); the overflow check is the optimizer's own
+    (local_overflow, above), the unscaling is on the host (unscale_and_clip_grads), update_scale is Python."""
+
+    def __init__(self) -> None:
+        self.cur_scale = 2.0 ** 16  # initial_scale_power's default
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.cur_scale
+
+    def step(self, optimizer) -> None:
+        optimizer.step()
+
+    def update(self) -> None:
+        pass
+
+
 def _has_inf_or_nan(x: torch.Tensor) -> torch.Tensor:
     """DeepSpeedZeroOptimizer._has_inf_or_nan, as it allocates (every intermediate alive until it returns)."""
     float_x = x.float()
@@ -53,10 +76,15 @@ class ZeroOffloadOptimizer:
     Made around the model (deepspeed.initialize flattens the parameters); `attach` takes the optimizer built for
     them (its hyperparameters for the host one) and hooks the gradients."""
 
-    def __init__(self, model: torch.nn.Module, tracker, dp: int, stage: int) -> None:
+    def __init__(self, model: torch.nn.Module, tracker, dp: int, stage: int, micro_batches: int = 1) -> None:
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
         self.tracker, self.dp, self.stage = tracker, dp, stage
+        # Gradient accumulation: the engine's micro_steps (backwards so far) against gradient_accumulation_steps,
+        # the optimizer's micro_step_id (INITIAL_MICRO_STEP_ID, -1, raised by each setup_buckets, reset by step)
+        self.micro_batches, self.backwards, self.micro_step_id = micro_batches, 0, -1
+        self.queued = False  # the engine's post-backward hook, queued once a backward
+        self.accumulated: dict[int, torch.Tensor] = {}  # accumulated_grads_in_cpu: each gradient whole, on the host
         self.params = [parameter for parameter in model.parameters() if parameter.requires_grad]
         self.dtype = self.params[0].dtype
         self._unflatten = _unflatten_dense_tensors
@@ -114,15 +142,23 @@ class ZeroOffloadOptimizer:
         return {}  # the host optimizer's states: model states on the host, not the device's
 
     def attach(self, optimizer) -> ZeroOffloadOptimizer:
-        """DeepSpeedCPUAdam's stand-in, AdamW on the host over the fp32 partition with `optimizer`'s
-        hyperparameters; the gradient hooks (after the trace's own, which see autograd's gradients)."""
+        """The host optimizer over the fp32 partition with `optimizer`'s hyperparameters: DeepSpeedCPUAdam's
+        stand-in, AdamW, or DeepSpeedCPULion's, memtui's Lion (the ds-config's "Lion"); the gradient hooks (after
+        the trace's own, which see autograd's gradients)."""
+        from memtui.engine.torchside.optim import Lion
+
         defaults = dict(optimizer.param_groups[0])
+        host = Lion if isinstance(getattr(optimizer, "inner", optimizer), Lion) else torch.optim.AdamW  # MasterWeights wraps
         with self.tracker.model_states_on_host():
-            self.inner = torch.optim.AdamW([self.fp32], lr=defaults.get("lr", 1e-4),
-                                           weight_decay=defaults.get("weight_decay", 0.01), foreach=False)
+            self.inner = host([self.fp32], lr=defaults.get("lr", 1e-4), weight_decay=defaults.get("weight_decay", 0.01),
+                              foreach=False)
         for parameter in self.params:
             parameter.register_post_accumulate_grad_hook(self._grad_hook)
         return self
+
+    def loss_scaler(self) -> DynamicLossScaler | None:
+        """DeepSpeed's loss scaler where its engine runs in fp16 (bf16 and fp32 need none)."""
+        return DynamicLossScaler() if self.dtype == torch.float16 else None
 
     def _note(self, tensor: torch.Tensor) -> None:
         alloc_id = self.tracker.alloc_id_of(tensor)
@@ -142,16 +178,30 @@ class ZeroOffloadOptimizer:
         """create_gradient_handling_hooks' grad_handling_hook: process_gradients, and the engine's post-backward
         hook queued behind backward (queue_post_backward_callback)."""
         if self.buffer is None:  # setup_buckets
+            self.micro_step_id += 1
             self.buffer = torch.empty(REDUCE_BUCKET_SIZE, dtype=self.dtype)
             self._note(self.buffer)
             self.elements = 0
+        if not self.queued:
+            self.queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._post_backward)
         if self.stage == 2:
             self._reduce_independent(parameter)
 
+    @property
+    def boundary(self) -> bool:
+        """The engine's is_gradient_accumulation_boundary: this backward is the step's last."""
+        return (self.backwards + 1) % self.micro_batches == 0
+
     def _post_backward(self) -> None:
         """The engine's allreduce_gradients: ZeRO-1's reduce_gradients (every gradient, in the group's order),
-        then independent_gradient_partition_epilogue (the rest reduced, the bucket released, .grad cleared)."""
+        then independent_gradient_partition_epilogue (the rest reduced, the bucket released, .grad cleared).
+        ZeRO-1 communicates only at the accumulation boundary: before it the bucket stays (setup_buckets is not
+        run again, so micro_step_id stays 0) and autograd adds each micro-batch's gradients into .grad."""
+        self.queued = False
+        if self.stage == 1 and not self.boundary:
+            self.backwards += 1
+            return
         if self.stage == 1:
             for parameter in self.params:
                 if parameter.grad is not None:
@@ -160,6 +210,7 @@ class ZeroOffloadOptimizer:
         self.buffer = None
         for parameter in self.params:
             parameter.grad = None
+        self.backwards += 1
 
     def _reduce_independent(self, parameter: torch.nn.Parameter) -> None:
         """reduce_independent_p_g_buckets_and_remove_grads with contiguous gradients."""
@@ -237,8 +288,14 @@ class ZeroOffloadOptimizer:
                 buffer.copy_(synced)
 
     def _copy_grads_in_partition(self, parameter: torch.nn.Parameter) -> None:
-        """copy_grads_in_partition under CPU offload: set_norm_for_param_grad_in_gpu,
-        update_offload_overflow_tracker_for_param_grad, async_inplace_copy_grad_to_fp32_buffer_from_gpu."""
+        """copy_grads_in_partition under CPU offload: with other backwards in the step (before or after this one)
+        async_accumulate_grad_in_cpu_via_gpu; at the boundary set_norm_for_param_grad_in_gpu,
+        update_offload_overflow_tracker_for_param_grad, async_inplace_copy_grad_to_fp32_buffer_from_gpu. Before
+        the boundary the gradient stays (the epilogue clears .grad): a view of the bucket, or a too-large one whole."""
+        if self.micro_step_id > 0 or not self.boundary:
+            self._accumulate_in_host(parameter)
+        if not self.boundary:
+            return
         start = self.starts[id(parameter)]
         grad = parameter.grad
         elements = min(parameter.numel(), self.partition_size - start)
@@ -250,10 +307,25 @@ class ZeroOffloadOptimizer:
         self.fp32.grad.view(-1).narrow(0, start, elements).copy_(source)
         parameter.grad = None
 
+    def _accumulate_in_host(self, parameter: torch.nn.Parameter) -> None:
+        """async_accumulate_grad_in_cpu_via_gpu (fp32 masters): the host's sum so far brought back through
+        temp_grad_buffer_for_gpu_offload and added into the gradient in place, the sum copied back to the host."""
+        key = id(parameter)
+        if key not in self.accumulated:  # buffer_to_accumulate_to_in_cpu: the whole gradient, in its dtype
+            with self.tracker.model_states_on_host():
+                self.accumulated[key] = torch.zeros(parameter.numel(), dtype=parameter.dtype)
+        grad = parameter.grad.data.view(-1)
+        if self.micro_step_id > 0:
+            dest_buffer = self.temp_grad_buffer_for_gpu_offload.view(-1).narrow(0, 0, parameter.numel())
+            dest_buffer.copy_(self.accumulated[key].view(-1))
+            grad.add_(dest_buffer)
+        self.accumulated[key].data.copy_(grad)
+
     # ---- the step ---------------------------------------------------------------------------------------------
     def step(self) -> None:
         import torch.distributed as dist
 
+        self.micro_step_id = -1
         overflow = torch.zeros(1, dtype=torch.uint8)  # has_overflow: ByteTensor([local_overflow]) all-reduced
         dist.all_reduce(overflow)
         del overflow
@@ -263,7 +335,7 @@ class ZeroOffloadOptimizer:
         with self.tracker.model_states_on_host():
             norm = torch.linalg.vector_norm(torch.stack([torch.zeros((), dtype=torch.float32)]), ord=2)
             clip = torch.clamp(norm + 1e-6, min=1.0)  # unscale_and_clip_grads (gradient_clipping 1.0)
-            self.fp32.grad.mul_(1.0 / clip)
+            self.fp32.grad.mul_(1.0 / (clip * (2.0 ** 16 if self.dtype == torch.float16 else 1.0)))
             self.inner.step()
             self.bit16_buffer.copy_(self.fp32)
         self.partitions[0].copy_(self.bit16_buffer)
