@@ -38,7 +38,6 @@ from memtui.engine.estimator.layout import (
     NF4_BYTES_PER_PARAM,
     ParamLayout,
     ddp_tensor_parallel_embedding_gradients,
-    deepspeed_offload,
     litgpt_buffer_bytes,
     param_layout,
     pipeline_stages_model,
@@ -330,7 +329,7 @@ def _states_on_gpu(config: TrainingConfig, model: ModelSpec, layout: ParamLayout
         if zero >= 2:
             gradients = 0  # ZeRO-Offload streams gradients to the CPU as they are reduced
     zero_offload = None
-    if deepspeed_offload(config) and zero_offload_refusal(config) is None:
+    if config.deepspeed_offload and zero_offload_refusal(config) is None:
         # DeepSpeedZeroOptimizer (memtui.engine.estimator.zero_offload): the trainable weights in one padded flat
         # buffer; between steps only temp_grad_buffer_for_gpu_offload, no gradients, no DDP buckets.
         zero_offload = zero_offload_on_gpu(config, model, trainable_bytes(config))

@@ -353,12 +353,6 @@ LORA_TENSOR_PARALLEL_FAMILIES = TENSOR_PARALLEL_FAMILIES
 PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MOE_TENSOR_PARALLEL_FAMILIES)
 
 
-def deepspeed_offload(config: TrainingConfig) -> bool:
-    """Whether `--offload` here is DeepSpeed's ZeRO-Offload, which PyTorch has no policy for: optimizer-only,
-    beside DDP (ZeRO-1), or without data-parallel shards (one GPU)."""
-    return config.offload != "none" and (config.offload == "optimizer" or config.zero <= 1 or config.shard_ranks == 1)
-
-
 def zero_offload_refusal(config: TrainingConfig) -> str | None:
     """Why memtui's stand-in of DeepSpeed's ZeRO-Offload (memtui.engine.trace.zero_offload: ZeRO-1 and 2 as
     DeepSpeedZeroOptimizer runs them, data parallelism alone or one GPU) cannot trace this configuration, or None."""
@@ -379,7 +373,7 @@ def zero_offload_refusal(config: TrainingConfig) -> str | None:
 def cpu_offload_refusal(config: TrainingConfig) -> str | None:
     """Why `--offload` here is not FSDP2's CPUOffloadPolicy as the trace runs it (torchtitan's enable_cpu_offload:
     fully_shard(..., offload_policy=CPUOffloadPolicy()) on every model part, beside TP and PP too), or None."""
-    if deepspeed_offload(config):
+    if config.deepspeed_offload:
         return ("--offload optimizer, offloading beside DDP and offloading without data-parallel shards are DeepSpeed's "
                 "ZeRO-Offload (the optimizer states and step on the CPU), which PyTorch's DDP and FSDP2 have no policy for")
     if config.optimizer_in_backward:

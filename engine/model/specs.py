@@ -115,6 +115,12 @@ class TrainingConfig(BaseModel):
         return self.shard_group or self.dp
 
     @property
+    def deepspeed_offload(self) -> bool:
+        """Whether `--offload` here is DeepSpeed's ZeRO-Offload, which PyTorch has no policy for: optimizer-only,
+        beside DDP (ZeRO-1), or without data-parallel shards (one GPU); else FSDP2's CPUOffloadPolicy."""
+        return self.offload != "none" and (self.offload == "optimizer" or self.zero <= 1 or self.shard_ranks == 1)
+
+    @property
     def microbatch_size(self) -> int:
         """Sequences per pipeline micro-batch: the batch split into --microbatches (whole, as validation checks)."""
         return self.batch_size // self.microbatches if self.pp > 1 else self.batch_size

@@ -250,8 +250,7 @@ RULES: tuple[Rule, ...] = (
           message=lambda f: f"int8 under {{zero}} {f.config.zero} (FSDP2): bitsandbytes' Int8Params keeps its row "
                             "scales on the parameter, which FSDP2's sharding drops",
           allowed=lambda f: "none, nf4 (bitsandbytes shards 4-bit weights), or int8 with {zero} 0 or 1"),
-    _rule("offload", "tp", "pp", broken=lambda f: (f.config.tp > 1 or f.config.pp > 1) and f.config.offload != "none"
-          and (f.config.offload == "optimizer" or f.config.zero <= 1 or f.config.shard_ranks == 1),
+    _rule("offload", "tp", "pp", broken=lambda f: (f.config.tp > 1 or f.config.pp > 1) and f.config.deepspeed_offload,
           message=lambda f: f"{f.config.offload} here is DeepSpeed's ZeRO-Offload, which no stack runs beside "
                             "PyTorch's tensor or pipeline parallelism",
           allowed=lambda f: "none, or optimizer+params with {zero} 2 or 3 over data-parallel ranks (FSDP2's "

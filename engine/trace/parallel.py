@@ -38,7 +38,7 @@ from collections.abc import Iterator
 
 import torch
 
-from memtui.engine.estimator.layout import cpu_offload_refusal, deepspeed_offload, zero_offload_refusal
+from memtui.engine.estimator.layout import cpu_offload_refusal, zero_offload_refusal
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 
@@ -46,9 +46,9 @@ from memtui.engine.trace.tracker import MemoryLog, MemoryTracker
 def data_parallel_refusal(config: TrainingConfig) -> str | None:
     """Why the trace cannot run this configuration's real data-parallel program (it is then modelled), or None.
     Tensor and pipeline parallelism have traces of their own (memtui.engine.trace.tensor_parallel, .pipeline)."""
-    if config.tp > 1 or config.pp > 1 or (config.dp == 1 and not deepspeed_offload(config)):
+    if config.tp > 1 or config.pp > 1 or (config.dp == 1 and not config.deepspeed_offload):
         return "no data parallelism alone"
-    if deepspeed_offload(config):  # one GPU too: DeepSpeed runs its ZeRO stages (and offload) on a world of one
+    if config.deepspeed_offload:  # one GPU too: DeepSpeed runs its ZeRO stages (and offload) on a world of one
         return zero_offload_refusal(config)
     if config.offload != "none" and cpu_offload_refusal(config) is not None:
         return cpu_offload_refusal(config)
@@ -112,7 +112,7 @@ class DataParallel:
         self.gradient_ids: set[int] = set()  # gradients as the optimizer finds them (FSDP2's sharded ones)
         dp = config.dp
         self.zero_offload = None  # DeepSpeed's ZeRO-Offload stand-in (memtui.engine.trace.zero_offload)
-        if deepspeed_offload(config):
+        if config.deepspeed_offload:
             from memtui.engine.trace.zero_offload import DEEPSPEED_OFFLOAD, REDUCE_BUCKET_SIZE
 
             self.traced = [DEEPSPEED_OFFLOAD.format(stage=config.zero, bucket=REDUCE_BUCKET_SIZE, dp=dp)]
@@ -147,7 +147,7 @@ class DataParallel:
         """The model wrapped for this rank. DDP runs under the tracker so its first buckets are logged; FSDP2's
         shards are registered as the weights afterwards (the copies it makes while sharding are not the step's)."""
         self.tracker = tracker
-        if deepspeed_offload(self.config):
+        if self.config.deepspeed_offload:
             from memtui.engine.trace.fake_step import traced_micro_batches
             from memtui.engine.trace.zero_offload import ZeroOffloadOptimizer
 

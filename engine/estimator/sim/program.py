@@ -54,7 +54,7 @@ from memtui.engine.estimator.sim.families import (
 )
 from memtui.engine.estimator.sim.compiled import compiled_layer
 from memtui.engine.estimator.sim.deepseek import deepseek_layer, deepseek_layer_params, latent_dims
-from memtui.engine.estimator.layout import deepspeed_offload, tensor_parallel_refusal, zero_offload_refusal
+from memtui.engine.estimator.layout import tensor_parallel_refusal, zero_offload_refusal
 from memtui.engine.model.specs import TrainingConfig
 from memtui.engine.model.validation import adapts_head, litgpt_targets, resolve_lora_targets, unmodelled_compile
 
@@ -167,7 +167,7 @@ def options_for(config: TrainingConfig, spec: ModelSpec) -> Options:
         offload_point=offload_point,
         # DeepSpeed's ZeRO-Offload works in its post-accumulate-grad hooks (the bucket made by the first, ZeRO-2's
         # reductions): the moments they run at, too
-        step_in_backward=(config.optimizer_in_backward or (deepspeed_offload(config)
+        step_in_backward=(config.optimizer_in_backward or (config.deepspeed_offload
                                                            and zero_offload_refusal(config) is None)) and config.pp == 1,
         float8=config.float8 != "off",
         litgpt=litgpt,
