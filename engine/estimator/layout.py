@@ -356,17 +356,15 @@ PIPELINE_FAMILIES = (*LLAMA_LAYOUT_FAMILIES, "phi3", "olmo2", "gpt2", *MOE_TENSO
 def zero_offload_refusal(config: TrainingConfig) -> str | None:
     """Why memtui's stand-in of DeepSpeed's ZeRO-Offload (memtui.engine.trace.zero_offload: ZeRO-1 and 2 as
     DeepSpeedZeroOptimizer runs them, data parallelism alone or one GPU) cannot trace this configuration, or None."""
+    # Validation refuses it beside tensor or pipeline parallelism and with the optimizer in backward (ZeRO >= 1).
     if config.zero not in (1, 2):
         return ("DeepSpeed's ZeRO-Offload under ZeRO-3 (stage3.py's parameter partitioning and prefetching) is "
                 "modelled, not traced")
-    if config.tp > 1 or config.pp > 1:
-        return "DeepSpeed's ZeRO-Offload beside tensor or pipeline parallelism is modelled, not traced"
-    if (config.optimizer_in_backward or config.precision == "16-mixed" or config.compile
-            or config.quant != "none" or config.optimizer not in ("adamw", "lion")):
+    if (config.precision == "16-mixed" or config.compile or config.quant != "none"
+            or config.optimizer not in ("adamw", "lion")):
         return ("DeepSpeed's ZeRO-Offload is traced with AdamW or Lion (DeepSpeedCPUAdam, DeepSpeedCPULion: the "
-                "optimizers of memtui's it supports), without an optimizer in backward, "
-                "fp16 autocast (16-mixed: DeepSpeed's torch_autocast, a bucket per communication dtype and torch's "
-                "GradScaler), --compile or quantization")
+                "optimizers of memtui's it supports), without fp16 autocast (16-mixed: DeepSpeed's torch_autocast, a "
+                "bucket per communication dtype and torch's GradScaler), --compile or quantization")
     return None
 
 
