@@ -17,6 +17,7 @@ left whole to backward's end.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 from memtui.engine.allocator.config import K_MIN_BLOCK_SIZE
 from memtui.engine.allocator.config import block_rounded as rounded
@@ -33,6 +34,11 @@ def flat_padding(elements: int, dp: int) -> int:
     """Elements flatten_dense_tensors_aligned adds to the trainable parameters' flat buffer."""
     alignment = NCCL_START_ALIGNMENT_FACTOR * dp
     return -elements % alignment
+
+
+def partition_size(elements: int, dp: int) -> int:
+    """Elements of each rank's partition of the padded flat buffer."""
+    return (elements + flat_padding(elements, dp)) // dp
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,7 @@ def reductions(flat: list[int], dp: int, dtype_bytes: int, stage: int, boundary:
     boundary (ZeRO-2's earlier micro-batches: ZeRO-1 reduces only at it) copy_grads_in_partition only accumulates
     each gradient of rank 0's partition on the host (through temp_grad_buffer_for_gpu_offload, in place): no norm,
     no overflow check, no fp32 copy, and the gradient is not cleared."""
-    padded = sum(flat) + flat_padding(sum(flat), dp)
-    size = padded // dp
+    size = partition_size(sum(flat), dp)
     starts = _starts(flat)
     order = list(range(len(flat)))[::-1] if stage == 2 else list(range(len(flat)))
     result: list[Reduction] = []
@@ -163,11 +168,8 @@ def zero_offload_on_gpu(config: TrainingConfig, model: ModelSpec, dtype_bytes: i
     dp = config.dp
     found = reductions(flat, dp, dtype_bytes, config.zero)
     order = flat[::-1] if config.zero == 2 else flat
-    made, total = [], 0
-    for numel in order:
-        total += numel * dtype_bytes
-        made.append(total)
-    size = (sum(flat) + flat_padding(sum(flat), dp)) // dp
+    made = list(accumulate(numel * dtype_bytes for numel in order))
+    size = partition_size(sum(flat), dp)
     in_partition = sum(1 for start in _starts(flat) if start < size)
     return ZeroOffloadOnGpu(stage=config.zero, padding=flat_padding(sum(flat), dp) * dtype_bytes,
                             offload_buffer=rounded(max(flat) * dtype_bytes),
@@ -180,8 +182,4 @@ def zero_offload_on_gpu(config: TrainingConfig, model: ModelSpec, dtype_bytes: i
 
 
 def _starts(flat: list[int]) -> list[int]:
-    starts, start = [], 0
-    for numel in flat:
-        starts.append(start)
-        start += numel
-    return starts
+    return list(accumulate(flat[:-1], initial=0))

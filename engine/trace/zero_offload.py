@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-# deepspeed/runtime/zero/config.py's reduce_bucket_size, stage_1_and_2.py's nccl_start_alignment_factor
-from memtui.engine.estimator.zero_offload import NCCL_START_ALIGNMENT_FACTOR, REDUCE_BUCKET_SIZE
+# deepspeed/runtime/zero/config.py's reduce_bucket_size; the flat buffer's padding to nccl_start_alignment_factor x dp
+from memtui.engine.estimator.zero_offload import REDUCE_BUCKET_SIZE, flat_padding
 
 DEEPSPEED_OFFLOAD = ("DeepSpeed ZeRO-Offload (zero_optimization.offload_optimizer.device=cpu), ZeRO-{stage} at "
                      "world size {dp} (rank 0 of a fake process group) as DeepSpeed 0.19.6's DeepSpeedZeroOptimizer "
@@ -90,7 +90,6 @@ class ZeroOffloadOptimizer:
         self._unflatten = _unflatten_dense_tensors
         self._flatten = _flatten_dense_tensors
         self.device_ids: set[int] = set()  # the flat bucket and temp_grad_buffer_for_gpu_offload: gradients
-        alignment = NCCL_START_ALIGNMENT_FACTOR * dp
         # DeepSpeed flattens on the device only where it has room for the flat copy beside the parameters
         # (available_memory() >= the flat buffer), else on the CPU: the parameters moved to the host, a one-element
         # placeholder each, the flat buffer made there and moved to the device. The stand-in takes the CPU path, so
@@ -102,8 +101,8 @@ class ZeroOffloadOptimizer:
             parameter.data = torch.empty(1, dtype=self.dtype)
         with tracker.model_states_on_host():
             numel = sum(tensor.numel() for tensor in tensors)
-            if numel % alignment:  # align_dense_tensors
-                tensors.append(torch.zeros(alignment - numel % alignment, dtype=self.dtype))
+            if padding := flat_padding(numel, dp):  # align_dense_tensors
+                tensors.append(torch.zeros(padding, dtype=self.dtype))
             flat = _flatten_dense_tensors(tensors)
             del tensors
         self.flat = flat.clone().detach()
