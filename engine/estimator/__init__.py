@@ -53,8 +53,7 @@ from memtui.engine.estimator.layout import (
     head_adapter_shapes,
     zero_redundancy_largest_share,
 )
-from memtui.engine.allocator.config import K_MIN_BLOCK_SIZE
-from memtui.engine.estimator.zero_offload import ZeroOffloadOnGpu, zero_offload_on_gpu
+from memtui.engine.estimator.zero_offload import ONE_ELEMENT, ZeroOffloadOnGpu, zero_offload_on_gpu
 from memtui.engine.estimator.optimizers import (
     BNB_ADAM_OPTIMIZERS,
     adafactor_state_params,
@@ -581,9 +580,6 @@ def _in_backward_moments(config: TrainingConfig, model: ModelSpec, layout: Param
     return steps
 
 
-_ONE_ELEMENT = K_MIN_BLOCK_SIZE  # a one-element device tensor, as the caching allocator rounds it
-
-
 def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: ParamLayout, moments: list[Moment],
                           on_gpu: _StatesOnGpu, workspace: int) -> list[StepMoment]:
     """DeepSpeed's ZeRO-Offload (memtui.engine.estimator.zero_offload): from the first gradient on, the ipg bucket
@@ -593,16 +589,21 @@ def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: Para
     the held gradients left; the optimizer step on the host, the norms and one-element flags on the device."""
     deepspeed = on_gpu.zero_offload
     resident = on_gpu.states.gradients  # temp_grad_buffer_for_gpu_offload
+
+    def in_backward(moment: Moment) -> tuple[bool, Moment]:
+        """Whether `moment` is one of the replay's GRAD_READY moments (a node has given parameters their .grad and
+        their hooks run: the first makes the bucket; ZeRO-2's copy each into it and free it), and the moment as a
+        backward one: a gradient still summing in an input buffer (a tied head's) counted with the gradients, as
+        _in_backward_moments does, and the fp16 engine's scaled loss held through backward."""
+        ready = moment.phase == GRAD_READY
+        return ready, moment._replace(phase="backward" if ready else moment.phase,
+                                      temporary=moment.temporary - moment.buffered + (
+                                          deepspeed.scaled_loss if ready or moment.phase == "backward" else 0))
+
     steps, waited, made, started = [], [], [], False
     for moment in moments:
-        # The replay's GRAD_READY moments: a node has given parameters their .grad and their hooks run (the first
-        # makes the bucket; ZeRO-2's copy each into it and free it). A gradient still summing in an input buffer
-        # (a tied head's) is counted with the gradients, as _in_backward_moments does.
-        ready = moment.phase == GRAD_READY
+        ready, moment = in_backward(moment)
         started = started or ready
-        moment = moment._replace(phase="backward" if ready else moment.phase,
-                                 temporary=moment.temporary - moment.buffered + (
-                                     deepspeed.scaled_loss if ready or moment.phase == "backward" else 0))
         gradients = resident + moment.buffered + (deepspeed.bucket if started else 0)
         if deepspeed.stage == 1:  # every gradient kept as made to backward's end
             gradients += moment.gradients
@@ -646,17 +647,14 @@ def _zero_offload_moments(config: TrainingConfig, model: ModelSpec, layout: Para
         # ZeRO-1's later micro-batches: the bucket and every gradient from the first on, each new gradient a
         # temporary until autograd adds it in place
         for moment in moments:
-            ready = moment.phase == GRAD_READY
-            moment = moment._replace(phase="backward" if ready else moment.phase,
-                                     temporary=moment.temporary - moment.buffered + (
-                                         deepspeed.scaled_loss if ready or moment.phase == "backward" else 0))
+            ready, moment = in_backward(moment)
             steps.append(_forward_backward_moment(
                 config, model, layout, moment, on_gpu, workspace,
                 gradients=resident + deepspeed.bucket + deepspeed.gradients + moment.buffered,
                 extra_temporary=moment.stepped if ready else 0))
     steps += at_end
     # The step: the norms beside the one-element overflow flag, then the norm's (the optimizer on the host)
-    steps.append(StepMoment("optimizer", on_gpu.resting_weights, resident, 0, deepspeed.norms + _ONE_ELEMENT + workspace))
+    steps.append(StepMoment("optimizer", on_gpu.resting_weights, resident, 0, deepspeed.norms + ONE_ELEMENT + workspace))
     return steps
 
 

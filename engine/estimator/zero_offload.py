@@ -27,7 +27,7 @@ from memtui.engine.model.specs import TrainingConfig
 
 REDUCE_BUCKET_SIZE = 500_000_000  # deepspeed/runtime/zero/config.py: reduce_bucket_size (elements)
 NCCL_START_ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: each partition's start 4-byte aligned, in 16-bit elements
-_BLOCK = K_MIN_BLOCK_SIZE  # a one-element tensor (a norm), as the caching allocator rounds it
+ONE_ELEMENT = K_MIN_BLOCK_SIZE  # a one-element tensor (a norm, a flag), as the caching allocator rounds it
 
 
 def flat_padding(elements: int, dp: int) -> int:
@@ -62,7 +62,7 @@ def _check_bytes(numel: int, elements: int, dtype_bytes: int) -> int:
     isinf, logical_or and its fp32 copy, the slice cast to fp32 for the host (none if fp32); its own norm included."""
     check = 3 * rounded(numel) + rounded(4 * numel) + (rounded(4 * numel) if dtype_bytes != 4 else 0)
     cast = rounded(4 * elements) if dtype_bytes != 4 else 0
-    return _BLOCK + max(rounded(8 * elements), check, cast)
+    return ONE_ELEMENT + max(rounded(8 * elements), check, cast)
 
 
 def reductions(flat: list[int], dp: int, dtype_bytes: int, stage: int, boundary: bool = True) -> list[Reduction]:
@@ -111,7 +111,7 @@ def reductions(flat: list[int], dp: int, dtype_bytes: int, stage: int, boundary:
             if starts[index] < size and boundary:
                 elements_in = min(flat[index], size - starts[index])
                 transient = max(transient, norms - before + _check_bytes(flat[index], elements_in, dtype_bytes))
-                norms += _BLOCK
+                norms += ONE_ELEMENT
             elif index == extra and (stage == 1 or starts[index] < size):
                 keeps += rounded(flat[index] * dtype_bytes)  # the epilogue clears it
         result.append(Reduction(trigger, held, before, transient, keeps if not boundary else 0))
@@ -173,12 +173,12 @@ def zero_offload_on_gpu(config: TrainingConfig, model: ModelSpec, dtype_bytes: i
     in_partition = sum(1 for start in _starts(flat) if start < size)
     return ZeroOffloadOnGpu(stage=config.zero, padding=flat_padding(sum(flat), dp) * dtype_bytes,
                             offload_buffer=rounded(max(flat) * dtype_bytes),
-                            bucket=rounded(REDUCE_BUCKET_SIZE * dtype_bytes), norms=in_partition * _BLOCK,
+                            bucket=rounded(REDUCE_BUCKET_SIZE * dtype_bytes), norms=in_partition * ONE_ELEMENT,
                             reductions=tuple(found), made_through=tuple(made),
                             accumulating=tuple(reductions(flat, dp, dtype_bytes, 2, boundary=False))
                             if config.grad_accum > 1 and config.zero == 2 else (),
                             gradients=sum(rounded(numel * dtype_bytes) for numel in flat),
-                            scaled_loss=_BLOCK if config.precision == "16-true" and dtype_bytes == 2 else 0)
+                            scaled_loss=ONE_ELEMENT if config.precision == "16-true" and dtype_bytes == 2 else 0)
 
 
 def _starts(flat: list[int]) -> list[int]:
