@@ -140,6 +140,11 @@ class Facts:
     def ranks(self) -> int:
         return self.config.tp * self.config.pp
 
+    @property
+    def ddp_beside_tp(self) -> bool:
+        """DDP (ZeRO-0 or 1) over data-parallel ranks beside tensor parallelism (PyTorch's _pre_dp_module_transform)."""
+        return self.config.tp > 1 and self.config.dp > 1 and self.config.zero <= 1
+
 
 Text = Callable[[Facts], str]
 
@@ -198,6 +203,9 @@ def _note(*fields: str, broken: Callable[[Facts], bool], message: Text) -> Rule:
     return Rule(fields, broken, message, refuse=False)
 
 
+_FSDP2_OR_NO_TP: Text = lambda f: "2 or 3 (FSDP2), or {tp} 1"  # where DDP beside tensor parallelism is refused
+
+
 # In the order they are checked; the first refusal wins. "{field}" in a text is that option's name.
 RULES: tuple[Rule, ...] = (
     _rule("tp", broken=lambda f: f.model.num_heads % f.config.tp != 0,
@@ -230,22 +238,21 @@ RULES: tuple[Rule, ...] = (
                             "tensor parallelism (NeMo Automodel's QLoRA recipes run tp_size 1)",
           allowed=lambda f: "none, or {tp} 1 (QLoRA shards over GPUs with {zero} 2 or 3)"),
     _rule("zero", "lora_rank", "tp",
-          broken=lambda f: f.config.uses_lora and f.config.tp > 1 and f.config.dp > 1 and f.config.zero <= 1,
+          broken=lambda f: f.config.uses_lora and f.ddp_beside_tp,
           message=lambda f: f"{f.config.zero} runs DDP, and LoRA with DDP beside {{tp}} {f.config.tp} trains the frozen "
                             "base: PyTorch's _pre_dp_module_transform makes every parameter a new, trainable one",
-          allowed=lambda f: "2 or 3 (FSDP2), or {tp} 1"),
+          allowed=_FSDP2_OR_NO_TP),
     _rule("zero", "tp", "model",
-          broken=lambda f: f.model.is_moe and f.config.tp > 1 and f.config.dp > 1 and f.config.zero <= 1,
+          broken=lambda f: f.model.is_moe and f.ddp_beside_tp,
           message=lambda f: f"{f.config.zero} runs DDP, which torchtitan (the MoE plan's stack) refuses beside "
                             f"{{tp}} {f.config.tp} (\"DDP has not supported > 1D parallelism\")",
-          allowed=lambda f: "2 or 3 (FSDP2), or {tp} 1"),
+          allowed=_FSDP2_OR_NO_TP),
     _rule("zero", "tp", "model",
-          broken=lambda f: f.model.tie_word_embeddings and f.config.tp > 1 and f.config.pp == 1 and f.config.dp > 1
-          and f.config.zero <= 1,
+          broken=lambda f: f.model.tie_word_embeddings and f.config.pp == 1 and f.ddp_beside_tp,
           message=lambda f: f"{f.config.zero} runs DDP, which cannot run {f.model.id}'s tied embedding beside {{tp}} "
                             f"{f.config.tp}: PyTorch's _pre_dp_module_transform makes the tied weight local under one "
                             "name only, and DDP cannot bucket the other, a DTensor",
-          allowed=lambda f: "2 or 3 (FSDP2), or {tp} 1"),
+          allowed=_FSDP2_OR_NO_TP),
     _rule("quant", "zero", broken=lambda f: f.config.quant == "int8" and f.config.dp > 1 and f.config.zero >= 2,
           message=lambda f: f"int8 under {{zero}} {f.config.zero} (FSDP2): bitsandbytes' Int8Params keeps its row "
                             "scales on the parameter, which FSDP2's sharding drops",
